@@ -1,0 +1,97 @@
+"""Settings for every process of the app, read from `SELFTUNE_*` environment variables."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """One place for configuration; nothing else reads os.environ for app settings."""
+
+    model_config = SettingsConfigDict(env_prefix="SELFTUNE_", extra="ignore")
+
+    data_dir: Path = Field(Path("./data"), description="Datasets, runs, caches, SQLite, Redis")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; unset = SQLite in data dir")
+    redis_url: str | None = Field(None, description="Redis URL; unset = embedded Redis server")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_token: SecretStr | None = Field(None, description="Bearer token; unset = no auth")
+    allow_public_without_token: bool = Field(
+        False, description="Bind a non-loopback host without a token (you were warned)"
+    )
+
+    # Upload limits (checked while streaming and while reading the archive).
+    max_upload_bytes: int = Field(4 * 1024**3, ge=1)
+    max_archive_files: int = Field(200_000, ge=1)
+    max_uncompressed_bytes: int = Field(16 * 1024**3, ge=1)
+    max_compression_ratio: float = Field(200.0, gt=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    holdout_seed: int = 0
+
+    # Experiments and workers.
+    max_runs_per_experiment: int = Field(60, ge=1)
+    worker_device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    worker_concurrency: int = Field(1, ge=1, description="training processes per worker")
+    visibility_timeout_s: int = Field(7 * 24 * 3600, ge=60)
+    event_stream_maxlen: int = Field(20_000, ge=100)
+    heartbeat_interval_s: float = Field(10.0, gt=0)
+    stale_after_s: float = Field(120.0, gt=0)
+    sse_heartbeat_s: float = Field(10.0, gt=0)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'selftune.db'}"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        return self.data_dir / "redis" / "redis.sock"
+
+    @property
+    def effective_redis_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        return f"unix://{self.embedded_redis_socket}"
+
+    @property
+    def token(self) -> str | None:
+        return self.api_token.get_secret_value() if self.api_token else None
+
+    def is_loopback_host(self) -> bool:
+        if self.host in ("localhost", ""):
+            return self.host == "localhost"
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,160 @@
+"""Database models: datasets and their images, experiments, runs, run metrics and artifacts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Dataset(Base):
+    """An uploaded, verified image collection stored under `data_dir/datasets/<storage_key>`."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    storage_key: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    # Class names in natural sort order; position = class index.
+    class_names: Mapped[list[Any]] = mapped_column(default=list)
+    # Per class name: {"train": n, "test": n}.
+    class_counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    unlabeled_count: Mapped[int] = mapped_column(default=0)
+    image_count: Mapped[int] = mapped_column(default=0)
+    # "uploaded" when the archive had a test/ (or val/) split, else "holdout".
+    test_source: Mapped[str] = mapped_column(String(16), default="holdout")
+    skipped: Mapped[list[Any]] = mapped_column(default=list)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    images: Mapped[list[DatasetImage]] = relationship(
+        back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class DatasetImage(Base):
+    """One stored image: its split (train/test/unlabeled) and class index where labeled."""
+
+    __tablename__ = "dataset_images"
+    __table_args__ = (Index("ix_dataset_images_dataset_split", "dataset_id", "split"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(String(1024))  # relative to the dataset directory
+    original_path: Mapped[str] = mapped_column(String(1024))  # as named in the archive
+    split: Mapped[str] = mapped_column(String(16))  # train | test | unlabeled
+    label: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(default=0)
+    height: Mapped[int] = mapped_column(default=0)
+
+    dataset: Mapped[Dataset] = relationship(back_populates="images")
+
+
+class Experiment(Base):
+    """One submission: methods x budgets x seeds on a dataset, expanded into runs."""
+
+    __tablename__ = "experiments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    backbone: Mapped[str] = mapped_column(String(200))
+    methods: Mapped[list[Any]] = mapped_column(default=list)
+    budgets: Mapped[list[Any]] = mapped_column(default=list)
+    seeds: Mapped[list[Any]] = mapped_column(default=list)
+    preset: Mapped[str] = mapped_column(String(32))
+    overrides: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    runs: Mapped[list[Run]] = relationship(back_populates="experiment", order_by="Run.id")
+
+
+class Run(Base):
+    """One training job: a method at a budget and seed. queued -> running -> terminal."""
+
+    __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_status", "status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    method: Mapped[str] = mapped_column(String(32))
+    budget: Mapped[Any] = mapped_column(JSON)
+    budget_label: Mapped[str] = mapped_column(String(32))
+    seed: Mapped[int] = mapped_column(default=0)
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    device: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    step: Mapped[int] = mapped_column(default=0)
+    total_steps: Mapped[int] = mapped_column(default=0)
+    attempts: Mapped[int] = mapped_column(default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    celery_task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    images_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    experiment: Mapped[Experiment] = relationship(back_populates="runs")
+    artifacts: Mapped[list[Artifact]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class RunMetric(Base):
+    """One point of a run's time series (a progress or an eval event), unique per step."""
+
+    __tablename__ = "run_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "kind", "step", name="uq_run_metrics_point"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # progress | eval
+    step: Mapped[int] = mapped_column(Integer)
+    values: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Artifact(Base):
+    """A file a run produced, stored under `data_dir/runs/<run id>/`."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("run_id", "name", name="uq_artifacts_run_name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(String(1024))  # relative to the data directory
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    run: Mapped[Run] = relationship(back_populates="artifacts")

@@ -70,14 +70,14 @@ class Settings(BaseSettings):
         return self.data_dir / "tmp"
 
     @property
-    def embedded_redis_socket(self) -> Path:
-        return self.data_dir / "redis" / "redis.sock"
-
-    @property
     def effective_redis_url(self) -> str:
-        if self.redis_url:
-            return self.redis_url
-        return f"unix://{self.embedded_redis_socket}"
+        """The Redis to use; `make run` sets SELFTUNE_REDIS_URL to its embedded server."""
+        if not self.redis_url:
+            raise RuntimeError(
+                "SELFTUNE_REDIS_URL is not set: start the app with `make run` (it starts an "
+                "embedded Redis) or point SELFTUNE_REDIS_URL at a Redis server"
+            )
+        return self.redis_url
 
     @property
     def token(self) -> str | None:

@@ -1,0 +1,38 @@
+"""Redis as the live feed: key names, the client, and per-run event streams."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import redis
+
+WORKER_KEY_PREFIX = "selftune:worker:"
+
+
+def run_stream_key(run_id: int) -> str:
+    return f"selftune:run:{run_id}:events"
+
+
+def experiment_stream_key(experiment_id: int) -> str:
+    return f"selftune:experiment:{experiment_id}:events"
+
+
+@lru_cache
+def get_redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=15,
+        decode_responses=True,
+    )
+
+
+def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
+    """Workers that refreshed their presence key recently, sorted by name."""
+    workers = []
+    for key in client.scan_iter(match=WORKER_KEY_PREFIX + "*", count=100):
+        raw = client.get(key)
+        if raw:
+            info = json.loads(raw)
+            workers.append({"name": info["name"], "device": info["device"]})
+    return sorted(workers, key=lambda w: w["name"])

@@ -1,0 +1,37 @@
+"""The FastAPI application: REST routers under /api, Jinja2 pages, static assets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from app import __version__
+from app.config import Settings, get_settings
+from app.deps import require_token
+from app.routers import health, pages
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+API_ROUTERS = [health.router]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="Self-Tuning Lab",
+        version=__version__,
+        description="Labeling-budget experiments: Self-Tuning vs fine-tuning vs FixMatch.",
+    )
+    app.state.settings = settings
+    for router in API_ROUTERS:
+        app.include_router(router, dependencies=[Depends(require_token)])
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def app_factory() -> FastAPI:
+    """Entry point for `uvicorn --factory app.main:app_factory`."""
+    return create_app()

@@ -1,0 +1,1 @@
+"""REST routers grouped by resource, and the HTML pages."""

@@ -1,0 +1,60 @@
+"""GET /api/health: database, Redis and the workers that are alive, with their devices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import text
+
+from app import __version__
+from app.config import Settings
+from app.db import get_engine
+from app.deps import SettingsDep
+from app.live import get_redis, live_workers
+
+router = APIRouter(tags=["health"])
+
+
+class WorkerOut(BaseModel):
+    name: str
+    device: str
+
+
+class HealthOut(BaseModel):
+    database: str
+    redis: str
+    workers: list[WorkerOut]
+    version: str
+
+
+def check_health(settings: Settings) -> dict[str, Any]:
+    status: dict[str, Any] = {"version": __version__, "workers": []}
+    try:
+        with get_engine(settings.sqlalchemy_url).connect() as connection:
+            connection.execute(text("SELECT 1"))
+        status["database"] = "ok"
+    except Exception as exc:  # any driver error means the database is not usable
+        status["database"] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+    try:
+        client = get_redis(settings.effective_redis_url)
+        client.ping()
+        status["redis"] = "ok"
+        status["workers"] = live_workers(client)
+    except (redis.RedisError, RuntimeError) as exc:
+        status["redis"] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+    return status
+
+
+@router.get(
+    "/api/health",
+    response_model=HealthOut,
+    responses={503: {"model": HealthOut, "description": "database or Redis is down"}},
+)
+def health(settings: SettingsDep) -> JSONResponse:
+    status = check_health(settings)
+    healthy = status["database"] == "ok" and status["redis"] == "ok"
+    return JSONResponse(status, status_code=200 if healthy else 503)

@@ -1,0 +1,78 @@
+"""HTML pages (Jinja2): thin views over the same data the REST API serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlparse
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from app import __version__
+from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_matches
+from app.routers.health import check_health
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
+templates = Jinja2Templates(directory=TEMPLATES_DIR)
+templates.env.globals["version"] = __version__
+
+router = APIRouter(include_in_schema=False)
+
+
+def page_guard(request: Request, settings) -> Response | None:
+    """Redirect to the login form when a token is configured and not presented."""
+    if token_matches(settings, presented_token(request)):
+        return None
+    return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+
+
+def render(request: Request, template: str, **context) -> HTMLResponse:
+    return templates.TemplateResponse(request, template, context)
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, settings: SettingsDep) -> Response:
+    if (redirect := page_guard(request, settings)) is not None:
+        return redirect
+    return render(request, "home.html", health=check_health(settings))
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str = "/") -> Response:
+    return render(request, "login.html", next=next, error=None)
+
+
+def _safe_next(target: str) -> str:
+    parsed = urlparse(target)
+    if parsed.scheme or parsed.netloc or not target.startswith("/"):
+        return "/"
+    return target
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request,
+    settings: SettingsDep,
+    token: Annotated[str, Form()],
+    next: Annotated[str, Form()] = "/",
+) -> Response:
+    if not token_matches(settings, token):
+        return templates.TemplateResponse(
+            request, "login.html", {"next": next, "error": "That token is not right."},
+            status_code=401,
+        )
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(
+        AUTH_COOKIE, token, httponly=True, samesite="strict",
+        secure=request.url.scheme == "https", max_age=30 * 24 * 3600,
+    )
+    return response
+
+
+@router.post("/logout")
+def logout() -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(AUTH_COOKIE)
+    return response

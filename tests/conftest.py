@@ -1,0 +1,103 @@
+"""Shared fixtures: real Redis, migrated SQLite/PostgreSQL, live uvicorn and Celery workers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from app.config import Settings
+from app.db import upgrade_to_head
+from tests.support import LiveServer, app_env, start_server, start_worker, wait_for
+
+REDIS_BASE = os.environ.get("SELFTUNE_TEST_REDIS", "redis://127.0.0.1:6379")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SELFTUNE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis database of its own for this test session (real server, flushed before use)."""
+    url = f"{REDIS_BASE}/{os.environ.get('SELFTUNE_TEST_REDIS_DB', '9')}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.exit(f"Redis is not answering at {url} ({exc}); .ci/run starts one", returncode=3)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def settings(data_dir: Path, redis_url: str) -> Settings:
+    """Settings on a private data directory with a migrated SQLite database."""
+    redis.Redis.from_url(redis_url).flushdb()  # no queued task or presence key from before
+    settings = Settings(data_dir=data_dir, redis_url=redis_url)
+    upgrade_to_head(settings.sqlalchemy_url)
+    return settings
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the local server, dropped afterwards."""
+    name = f"selftune_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 - report why PostgreSQL is unusable
+        pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is not usable: {exc}")
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    from app.db import get_engine
+
+    for engine_url in [url]:
+        try:
+            get_engine(engine_url).dispose()
+        except Exception:  # noqa: BLE001
+            pass
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def live_server(settings: Settings, tmp_path: Path) -> Iterator[LiveServer]:
+    """The app served by a real uvicorn process over HTTP (SQLite, real Redis)."""
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url)
+    url, process = start_server(env, tmp_path / "logs" / "uvicorn.log")
+    server = LiveServer(url, settings.data_dir, settings.sqlalchemy_url,
+                        settings.effective_redis_url, process, env)
+    yield server
+    process.stop()
+
+
+@pytest.fixture
+def celery_worker(live_server: LiveServer, tmp_path: Path):
+    """A real Celery worker process on the live server's Redis, database and data directory."""
+    worker = start_worker(live_server.env, tmp_path / "logs" / "worker.log")
+    with live_server.client() as client:
+        try:
+            wait_for(
+                lambda: client.get("/api/health").json()["workers"], timeout=90,
+                message="the worker to report in /api/health",
+            )
+        except AssertionError:
+            worker.stop()
+            raise AssertionError(f"worker did not come up:\n{worker.log()[-4000:]}") from None
+    yield worker
+    worker.stop()

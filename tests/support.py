@@ -1,0 +1,132 @@
+"""Test helpers: start real uvicorn and Celery worker processes on a private data directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED = PROJECT_ROOT.parent / "shared"
+DATASETS = SHARED / "datasets"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def app_env(data_dir: Path, database_url: str, redis_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFTUNE_")}
+    env.update(
+        SELFTUNE_DATA_DIR=str(data_dir),
+        SELFTUNE_DATABASE_URL=database_url,
+        SELFTUNE_REDIS_URL=redis_url,
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Process:
+    """A child process in its own process group, with its output in a log file."""
+
+    popen: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.popen.pid, sig)
+            self.popen.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(timeout=10)
+
+
+def start_process(args: list[str], env: dict[str, str], log_path: Path) -> Process:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    popen = subprocess.Popen(
+        args, cwd=PROJECT_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    handle.close()
+    return Process(popen, log_path)
+
+
+@dataclass
+class LiveServer:
+    """uvicorn serving the app over real HTTP."""
+
+    url: str
+    data_dir: Path
+    database_url: str
+    redis_url: str
+    process: Process
+    env: dict[str, str] = field(default_factory=dict)
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+
+def start_server(env: dict[str, str], log_path: Path, timeout: float = 60) -> tuple[str, Process]:
+    port = free_port()
+    process = start_process(
+        [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_factory",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env, log_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    headers = {}
+    if env.get("SELFTUNE_API_TOKEN"):
+        headers["Authorization"] = f"Bearer {env['SELFTUNE_API_TOKEN']}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"uvicorn exited early:\n{process.log()}")
+        try:
+            if httpx.get(url + "/api/health", headers=headers, timeout=2).status_code in (200, 503):
+                return url, process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.stop()
+    raise RuntimeError(f"uvicorn did not answer in {timeout}s:\n{process.log()}")
+
+
+def start_worker(env: dict[str, str], log_path: Path, name: str = "test") -> Process:
+    hostname = f"{name}-{os.getpid()}-{free_port()}@localhost"
+    return start_process(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+         "--loglevel", "INFO", "--concurrency", "1", "--hostname", hostname,
+         "--without-gossip", "--without-mingle"],
+        env, log_path,
+    )
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

@@ -1,0 +1,92 @@
+"""The Celery app: Redis broker and result backend, late acks, one training job at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from app.config import Settings, get_settings
+from app.live import WORKER_KEY_PREFIX
+
+log = logging.getLogger(__name__)
+
+def create_celery(settings: Settings) -> Celery:
+    url = settings.effective_redis_url
+    app = Celery("selftune", broker=url, backend=url, include=["worker.tasks"])
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # A fresh child per job: CUDA state and memory never leak from one run to the next.
+        worker_max_tasks_per_child=1,
+        worker_concurrency=settings.worker_concurrency,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=7 * 24 * 3600,
+        worker_hijack_root_logger=False,
+        task_track_started=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+app = create_celery(get_settings())
+
+
+# --- Worker presence: a Redis key per worker, refreshed while it lives ---------------------
+
+_worker_info: dict[str, str] = {}
+_stop_heartbeat = threading.Event()
+
+
+def worker_identity() -> dict[str, str]:
+    return dict(_worker_info)
+
+
+def _heartbeat_loop(hostname: str, info: dict[str, str]) -> None:
+    import redis
+
+    settings = get_settings()
+    interval = settings.heartbeat_interval_s
+    client = redis.Redis.from_url(settings.effective_redis_url, socket_timeout=5)
+    payload = json.dumps({"name": hostname, "device": info["name"], "torch_device": info["device"]})
+    while not _stop_heartbeat.is_set():
+        try:
+            client.set(WORKER_KEY_PREFIX + hostname, payload, ex=max(3, int(interval * 3)))
+        except redis.RedisError as exc:  # Redis restarting: keep trying, training goes on
+            log.warning("worker heartbeat failed: %s", exc)
+        _stop_heartbeat.wait(interval)
+    try:
+        client.delete(WORKER_KEY_PREFIX + hostname)
+    except redis.RedisError:
+        pass
+
+
+@worker_ready.connect
+def _on_worker_ready(sender=None, **_kwargs) -> None:
+    from worker.device import probe_device
+
+    hostname = getattr(sender, "hostname", None) or socket.gethostname()
+    _worker_info.update(probe_device(get_settings().worker_device))
+    _worker_info["hostname"] = hostname
+    threading.Thread(
+        target=_heartbeat_loop, args=(hostname, dict(_worker_info)), daemon=True
+    ).start()
+    log.info("worker %s ready on %s", hostname, _worker_info.get("name"))
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(**_kwargs) -> None:
+    _stop_heartbeat.set()
+    time.sleep(0.1)

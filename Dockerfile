@@ -1,0 +1,18 @@
+# One image for the web, the migrations and the GPU workers.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    SELFTUNE_DATA_DIR=/data
+WORKDIR /srv/app
+
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY worker ./worker
+COPY migrations ./migrations
+COPY templates ./templates
+COPY alembic.ini ./
+# Editable, so templates, static files and migrations are read from this folder.
+RUN pip install -e . && mkdir -p /data
+
+EXPOSE 8000
+CMD ["uvicorn", "--factory", "app.main:app_factory", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,110 @@
+"""Migrations and a create/read round trip on SQLite and on the local PostgreSQL server."""
+
+from __future__ import annotations
+
+import pytest
+from alembic import command
+from sqlalchemy import inspect, select
+
+from app.db import alembic_config, get_engine, session_scope, upgrade_to_head
+from app.models import Artifact, Dataset, DatasetImage, Experiment, Run, RunMetric
+
+TABLES = {"datasets", "dataset_images", "experiments", "runs", "run_metrics", "artifacts"}
+
+
+def round_trip(url: str) -> None:
+    with session_scope(url) as session:
+        dataset = Dataset(
+            name="pets", storage_key="k1", fingerprint="f" * 64, class_names=["cat", "dog"],
+            class_counts={"cat": {"train": 1, "test": 0}}, size_bytes=5 * 1024**3,
+        )
+        dataset.images.append(
+            DatasetImage(path="train/0/0.png", original_path="cat/a.png", split="train",
+                         label=0, sha256="a" * 64, width=28, height=28)
+        )
+        session.add(dataset)
+        session.flush()
+        experiment = Experiment(dataset_id=dataset.id, backbone="tf_efficientnet_lite0",
+                                methods=["self-tuning"], budgets=[0.05], seeds=[0],
+                                preset="quick")
+        session.add(experiment)
+        session.flush()
+        run = Run(experiment_id=experiment.id, dataset_id=dataset.id, method="self-tuning",
+                  budget=0.05, budget_label="5%", config={"iterations": 10})
+        session.add(run)
+        session.flush()
+        session.add(RunMetric(run_id=run.id, kind="eval", step=10, values={"test_top1": 0.5}))
+        session.add(Artifact(run_id=run.id, name="model.safetensors", path="runs/1/m",
+                             sha256="b" * 64, size_bytes=3))
+    with session_scope(url) as session:
+        dataset = session.scalars(select(Dataset)).one()
+        assert dataset.size_bytes == 5 * 1024**3  # BigInteger: archives over 2 GiB fit
+        assert dataset.class_names == ["cat", "dog"]
+        assert [image.label for image in dataset.images] == [0]
+        run = session.scalars(select(Run)).one()
+        assert run.status == "queued" and run.experiment.backbone == "tf_efficientnet_lite0"
+        metric = session.scalars(select(RunMetric)).one()
+        assert metric.values == {"test_top1": 0.5}
+        assert [a.name for a in run.artifacts] == ["model.safetensors"]
+        assert run.created_at.tzinfo is not None or url.startswith("sqlite")
+
+
+def migrate_down_and_up(url: str) -> None:
+    command.downgrade(alembic_config(url), "base")
+    assert set(inspect(get_engine(url)).get_table_names()) & TABLES == set()
+    upgrade_to_head(url)
+    assert TABLES <= set(inspect(get_engine(url)).get_table_names())
+
+
+def test_sqlite_migrates_to_head_and_round_trips(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db' / 'selftune.db'}"
+    upgrade_to_head(url)
+    assert TABLES <= set(inspect(get_engine(url)).get_table_names())
+    round_trip(url)
+    get_engine(url).dispose()
+
+
+def test_sqlite_migrations_downgrade_to_base_and_back(tmp_path):
+    url = f"sqlite:///{tmp_path / 'selftune.db'}"
+    upgrade_to_head(url)
+    migrate_down_and_up(url)
+    get_engine(url).dispose()
+
+
+def test_postgresql_migrates_to_head_and_round_trips(postgres_url):
+    upgrade_to_head(postgres_url)
+    round_trip(postgres_url)
+    migrate_down_and_up(postgres_url)
+
+
+def test_models_and_migrations_agree(tmp_path):
+    """Autogenerate against a migrated database finds nothing to add: no drift."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from app.models import Base
+
+    url = f"sqlite:///{tmp_path / 'drift.db'}"
+    upgrade_to_head(url)
+    with get_engine(url).connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert diff == [], f"models changed without a migration: {diff}"
+
+
+@pytest.mark.parametrize("host,token,allowed,refused", [
+    ("127.0.0.1", None, False, False),
+    ("localhost", None, False, False),
+    ("0.0.0.0", None, False, True),
+    ("0.0.0.0", "s3cret", False, False),
+    ("192.0.2.1", None, True, False),
+])
+def test_non_loopback_bind_without_token_is_refused(host, token, allowed, refused, tmp_path):
+    from app.config import Settings
+    from app.launcher import bind_refusal
+
+    settings = Settings(data_dir=tmp_path, host=host, api_token=token,
+                        allow_public_without_token=allowed)
+    reason = bind_refusal(settings)
+    assert (reason is not None) == refused
+    if refused:
+        assert "SELFTUNE_API_TOKEN" in reason

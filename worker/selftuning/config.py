@@ -1,0 +1,208 @@
+"""The typed configuration of one training run, its validation and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every hyper-parameter of a run; stored as JSON with the run (`to_dict`/`from_dict`).
+
+    The defaults are the `quick` preset (CPU-sized). `lr` is the learning rate of the
+    backbone and the projector; the classifier learns `head_lr_ratio` times faster, as in
+    the authors' code (0.001 and 0.01). `lr_milestones` are fractions of `iterations`, so a
+    shorter run keeps the shape of the schedule.
+    """
+
+    method: str = "self-tuning"
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    image_size: int = 64
+    batch_size: int = 16
+    unlabeled_batch_size: int = 16
+    iterations: int = 400
+    lr: float = 0.001
+    head_lr_ratio: float = 10.0
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)
+    lr_gamma: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    queue_size: int = 32
+    projector_dim: int = 1024
+    temperature: float = 0.07
+    ema_momentum: float = 0.999
+    pseudo_label_threshold: float = 0.0
+    fixmatch_threshold: float = 0.95
+    eval_interval: int = 100
+    checkpoint_interval: int = 100
+    log_interval: int = 10
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_milestones", tuple(float(m) for m in self.lr_milestones))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is out of range."""
+        from worker.selftuning.methods import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {sorted(METHODS)}")
+        if not isinstance(self.backbone, str) or not self.backbone.strip():
+            raise ValueError("backbone must be a timm model name or a .safetensors path")
+        _check_int(self, "image_size", 16, 1024)
+        _check_int(self, "batch_size", 1, 4096)
+        _check_int(self, "unlabeled_batch_size", 0, 4096)
+        _check_int(self, "iterations", 1, 10_000_000)
+        _check_float(self, "lr", 0.0, 10.0, low_open=True)
+        _check_float(self, "head_lr_ratio", 0.0, 1000.0, low_open=True)
+        _check_float(self, "lr_gamma", 0.0, 1.0, low_open=True)
+        _check_float(self, "weight_decay", 0.0, 1.0)
+        _check_float(self, "momentum", 0.0, 1.0, high_open=True)
+        _check_int(self, "queue_size", 1, 65536)
+        _check_int(self, "projector_dim", 2, 65536)
+        _check_float(self, "temperature", 0.0, 100.0, low_open=True)
+        _check_float(self, "ema_momentum", 0.0, 1.0)
+        _check_float(self, "pseudo_label_threshold", 0.0, 1.0)
+        _check_float(self, "fixmatch_threshold", 0.0, 1.0)
+        _check_int(self, "eval_interval", 1, 10_000_000)
+        _check_int(self, "checkpoint_interval", 1, 10_000_000)
+        _check_int(self, "log_interval", 1, 10_000_000)
+        _check_int(self, "seed", 0, 2**31 - 1)
+        _check_int(self, "num_workers", 0, 64)
+        if not isinstance(self.pretrained, bool):
+            raise ValueError(f"pretrained must be true or false, not {self.pretrained!r}")
+        previous = 0.0
+        for milestone in self.lr_milestones:
+            if not previous < milestone < 1 or not math.isfinite(milestone):
+                raise ValueError(
+                    f"lr_milestones {list(self.lr_milestones)} must be increasing fractions of "
+                    "iterations, each in (0, 1)"
+                )
+            previous = milestone
+        if not isinstance(self.device, str) or not _DEVICE_PATTERN.match(self.device):
+            raise ValueError(f"device {self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    def milestone_steps(self) -> list[int]:
+        """The iterations after which the learning rate is multiplied by `lr_gamma`."""
+        return [max(1, round(fraction * self.iterations)) for fraction in self.lr_milestones]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict that `from_dict` turns back into an equal config."""
+        values = dataclasses.asdict(self)
+        values["lr_milestones"] = list(self.lr_milestones)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from a dict (e.g. JSON); unknown keys and wrong types are a ValueError."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a run config must be an object, not {type(values).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown run config key(s) {unknown}; known keys are {sorted(known)}"
+            )
+        return cls(**{name: _coerce(name, known[name].type, v) for name, v in values.items()})
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> RunConfig:
+        """A preset (`quick`, `paper`) with some values replaced."""
+        if name not in PRESETS:
+            raise ValueError(f"preset {name!r} is not one of {sorted(PRESETS)}")
+        values = PRESETS[name]().to_dict()
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(config: RunConfig, name: str, low: int, high: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} = {value} must be between {low} and {high}")
+
+
+def _check_float(
+    config: RunConfig,
+    name: str,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} = {value} must be in {bounds}")
+
+
+def _coerce(name: str, annotation: str, value: Any) -> Any:
+    """Turn JSON values into the field's type where that loses nothing; else leave it to
+    `validate`, which names the field."""
+    if annotation == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation.startswith("tuple"):
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        ):
+            raise ValueError(f"{name} must be a list of numbers, not {value!r}")
+        return tuple(float(v) for v in value)
+    return value
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {}
+
+
+def register_preset(name: str) -> Callable[[Callable[[], RunConfig]], Callable[[], RunConfig]]:
+    """Add a preset factory under `name`."""
+
+    def add(factory: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
+        PRESETS[name] = factory
+        return factory
+
+    return add
+
+
+@register_preset("quick")
+def quick_preset() -> RunConfig:
+    """CPU-sized: 64 px, 16 + 16 images, 400 iterations (a few minutes on 2 cores)."""
+    return RunConfig()
+
+
+@register_preset("paper")
+def paper_preset() -> RunConfig:
+    """The authors' setting: 224 px, 24 + 24, 27k iterations, lr x0.1 at 6k/12k/18k/24k."""
+    return RunConfig(
+        image_size=224,
+        batch_size=24,
+        unlabeled_batch_size=24,
+        iterations=27_000,
+        lr=0.001,
+        head_lr_ratio=10.0,
+        lr_milestones=(6 / 27, 12 / 27, 18 / 27, 24 / 27),
+        eval_interval=1000,
+        checkpoint_interval=1000,
+        log_interval=50,
+        num_workers=4,
+    )
+

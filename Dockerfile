@@ -1,4 +1,9 @@
 # One image for the web, the migrations and the GPU workers.
+FROM node:20-slim AS assets
+WORKDIR /assets
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
@@ -11,6 +16,7 @@ COPY worker ./worker
 COPY migrations ./migrations
 COPY templates ./templates
 COPY alembic.ini ./
+COPY --from=assets /assets/node_modules/chart.js/dist/chart.umd.min.js ./app/static/vendor/
 # Editable, so templates, static files and migrations are read from this folder.
 RUN pip install -e . && mkdir -p /data
 

@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+VENDOR := app/static/vendor/chart.umd.min.js
 
 .PHONY: run test lint bench-engine bench-upload clean
 
@@ -11,10 +12,16 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+# Chart.js comes from the npm registry and is served by the app itself (no CDN).
+$(VENDOR): package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
+	mkdir -p app/static/vendor
+	cp node_modules/chart.js/dist/chart.umd.min.js $(VENDOR)
+
+run: $(STAMP) $(VENDOR)
 	$(VENV)/bin/python -m app.launcher
 
-test: $(STAMP)
+test: $(STAMP) $(VENDOR)
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)

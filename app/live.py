@@ -15,6 +15,10 @@ def run_stream_key(run_id: int) -> str:
     return f"selftune:run:{run_id}:events"
 
 
+def run_cancel_key(run_id: int) -> str:
+    return f"selftune:run:{run_id}:cancel"
+
+
 def experiment_stream_key(experiment_id: int) -> str:
     return f"selftune:experiment:{experiment_id}:events"
 

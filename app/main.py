@@ -10,11 +10,11 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.config import Settings, get_settings
 from app.deps import require_token
-from app.routers import health, pages
+from app.routers import experiments, health, pages, runs
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
-API_ROUTERS = [health.router]
+API_ROUTERS = [health.router, experiments.router, runs.router]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

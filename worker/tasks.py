@@ -21,3 +21,12 @@ def health_probe(self) -> dict:
         "device": worker_identity().get("name"),
         "datasets": datasets,
     }
+
+
+@app.task(name="selftune.train_run", bind=True)
+def train_run(self, run_id: int) -> dict:
+    """Train one run end to end. Redelivered after a worker loss, it resumes from the run's
+    last training checkpoint (the engine finds it in the run's output directory)."""
+    from worker.training import execute_run
+
+    return execute_run(get_settings(), run_id, worker_name=self.request.hostname)

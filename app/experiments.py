@@ -1,0 +1,214 @@
+"""Experiments: validate a sweep, expand it into runs, summarise results per method and budget."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import HTTPException
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.models import Dataset, Experiment, Run
+from app.schemas import TERMINAL_STATUSES, ExperimentIn
+from worker.selftuning.budgets import Budget, BudgetError
+from worker.selftuning.config import RunConfig
+
+TRAIN_TASK = "selftune.train_run"
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+def unprocessable(field: str, message: str) -> HTTPException:
+    detail = [{"loc": ["body", field], "msg": message, "type": "value_error"}]
+    return HTTPException(422, detail=detail)
+
+
+def parse_budgets(raw: list[Any], dataset: Dataset) -> list[Budget]:
+    budgets: list[Budget] = []
+    for index, value in enumerate(raw):
+        if hasattr(value, "model_dump"):
+            value = value.model_dump()
+        try:
+            budget = Budget.parse(value)
+        except BudgetError as exc:
+            raise unprocessable("budgets", f"budgets[{index}]: {exc}") from None
+        if budget in budgets:
+            raise unprocessable("budgets", f"budgets[{index}]: {budget.label} is listed twice")
+        budgets.append(budget)
+    without_labels = [
+        name for name, counts in dataset.class_counts.items() if counts.get("train", 0) < 1
+    ]
+    if without_labels:
+        raise unprocessable(
+            "budgets",
+            f"class(es) {without_labels} have no labeled training image, so no budget can give "
+            "them a label; upload labeled images for them",
+        )
+    return budgets
+
+
+def validate_backbone(name: str) -> None:
+    from worker.selftuning.backbones import check_backbone
+
+    try:
+        check_backbone(name)
+    except ValueError as exc:
+        raise unprocessable("backbone", str(exc)) from None
+
+
+def run_config(payload: ExperimentIn, method: str, seed: int) -> dict[str, Any]:
+    overrides = payload.overrides.model_dump(exclude_none=True)
+    try:
+        config = RunConfig.from_preset(
+            payload.preset, method=method, backbone=payload.backbone, seed=seed, **overrides
+        )
+    except ValueError as exc:
+        raise unprocessable("overrides", str(exc)) from None
+    return config.to_dict()
+
+
+def create_experiment(session: Session, settings: Settings, payload: ExperimentIn) -> Experiment:
+    """Validate, store the experiment and its runs (status queued). The caller enqueues."""
+    dataset = session.get(Dataset, payload.dataset_id)
+    if dataset is None:
+        raise unprocessable("dataset_id", f"dataset {payload.dataset_id} does not exist")
+    if len(set(payload.methods)) != len(payload.methods):
+        raise unprocessable("methods", "a method is listed twice")
+    if len(set(payload.seeds)) != len(payload.seeds):
+        raise unprocessable("seeds", "a seed is listed twice")
+    if any(not 0 <= seed < 2**31 for seed in payload.seeds):
+        raise unprocessable("seeds", "seeds must be between 0 and 2147483647")
+    budgets = parse_budgets(payload.budgets, dataset)
+    total = len(payload.methods) * len(budgets) * len(payload.seeds)
+    if total > settings.max_runs_per_experiment:
+        raise unprocessable(
+            "budgets",
+            f"this sweep has {total} runs (methods x budgets x seeds); the limit is "
+            f"{settings.max_runs_per_experiment} (SELFTUNE_MAX_RUNS_PER_EXPERIMENT)",
+        )
+    validate_backbone(payload.backbone)
+    configs = {
+        (method, seed): run_config(payload, method, seed)
+        for method in payload.methods
+        for seed in payload.seeds
+    }
+    experiment = Experiment(
+        name=payload.name or f"{dataset.name}: {', '.join(payload.methods)}",
+        dataset_id=dataset.id,
+        backbone=payload.backbone,
+        methods=list(payload.methods),
+        budgets=[budget.to_json() for budget in budgets],
+        seeds=list(payload.seeds),
+        preset=payload.preset,
+        overrides=payload.overrides.model_dump(exclude_none=True),
+    )
+    session.add(experiment)
+    session.flush()
+    for budget in budgets:
+        for method in payload.methods:
+            for seed in payload.seeds:
+                config = configs[(method, seed)]
+                session.add(
+                    Run(
+                        experiment_id=experiment.id,
+                        dataset_id=dataset.id,
+                        method=method,
+                        budget=budget.to_json(),
+                        budget_label=budget.label,
+                        seed=seed,
+                        config=config,
+                        total_steps=config["iterations"],
+                    )
+                )
+    session.flush()
+    return experiment
+
+
+def enqueue_runs(session: Session, runs: list[Run]) -> None:
+    """One Celery task per run; the task id is stored so a cancel can revoke it."""
+    from worker.celery_app import app as celery
+
+    for run in runs:
+        result = celery.send_task(TRAIN_TASK, args=[run.id])
+        run.celery_task_id = result.id
+    session.commit()
+
+
+def experiment_status(runs: list[Run]) -> str:
+    counts = Counter(run.status for run in runs)
+    if counts["running"]:
+        return "running"
+    if counts["queued"]:
+        return "queued"
+    if counts["failed"] or counts["lost"]:
+        return "finished with failures"
+    if counts["cancelled"] and not counts["succeeded"]:
+        return "cancelled"
+    return "finished"
+
+
+def budget_sort_key(budget: Any) -> tuple[int, float]:
+    parsed = Budget.parse(budget)
+    if parsed.per_class is not None:
+        return (1, parsed.per_class)
+    if parsed.fraction is not None:
+        return (0, parsed.fraction)
+    return (2, 0.0)
+
+
+def budget_table(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per method and budget: mean and spread (sample std) of final test top-1 over seeds;
+    the best method per budget is flagged."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.method, run.budget_label)].append(run)
+    rows = []
+    for (method, label), members in groups.items():
+        scores = [
+            run.metrics["test_top1"]
+            for run in members
+            if run.status == "succeeded" and run.metrics.get("test_top1") is not None
+        ]
+        rows.append({
+            "method": method,
+            "budget": members[0].budget,
+            "budget_label": label,
+            "runs": len(members),
+            "finished": len(scores),
+            "mean_top1": statistics.fmean(scores) if scores else None,
+            "std_top1": statistics.stdev(scores) if len(scores) > 1 else (0.0 if scores else None),
+            "best": False,
+        })
+    by_budget: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_budget[row["budget_label"]].append(row)
+    for members in by_budget.values():
+        scored = [row for row in members if row["mean_top1"] is not None]
+        if scored:
+            max(scored, key=lambda row: row["mean_top1"])["best"] = True
+    method_order = {"fine-tune": 0, "fixmatch": 1, "self-tuning": 2}
+    rows.sort(key=lambda r: (budget_sort_key(r["budget"]), method_order.get(r["method"], 9)))
+    return rows
+
+
+def queue_position(session: Session, run: Run) -> int | None:
+    """1 for the next run a free worker takes (runs are taken in submission order)."""
+    if run.status != "queued":
+        return None
+    ahead = session.scalar(
+        select(func.count()).select_from(Run).where(Run.status == "queued", Run.id < run.id)
+    )
+    return int(ahead or 0) + 1
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL_STATUSES

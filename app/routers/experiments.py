@@ -1,0 +1,118 @@
+"""REST for experiments: start a budget sweep, list, read with its budget table, follow live."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db import session_scope
+from app.deps import DbDep, SettingsDep
+from app.events import Outcome, stream_events, valid_last_event_id
+from app.experiments import (
+    as_utc,
+    budget_table,
+    create_experiment,
+    enqueue_runs,
+    experiment_status,
+    is_terminal,
+)
+from app.live import experiment_stream_key
+from app.models import Experiment, Run
+from app.routers.runs import SSE_RESPONSES, run_summary
+from app.schemas import ExperimentIn, ExperimentListItem, ExperimentOut
+
+router = APIRouter(prefix="/api/experiments", tags=["experiments"])
+
+
+def get_experiment(session: Session, experiment_id: int) -> Experiment:
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None:
+        raise HTTPException(404, detail=f"experiment {experiment_id} does not exist")
+    return experiment
+
+
+def experiment_out(experiment: Experiment) -> ExperimentOut:
+    runs = list(experiment.runs)
+    return ExperimentOut(
+        id=experiment.id,
+        name=experiment.name,
+        dataset_id=experiment.dataset_id,
+        backbone=experiment.backbone,
+        methods=experiment.methods,
+        budgets=experiment.budgets,
+        seeds=experiment.seeds,
+        preset=experiment.preset,
+        overrides=experiment.overrides,
+        created_at=as_utc(experiment.created_at),
+        status=experiment_status(runs),
+        runs=[run_summary(run) for run in runs],
+        budget_table=budget_table(runs),
+    )
+
+
+@router.post("", status_code=201, response_model=ExperimentOut)
+def start_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDep):
+    """Expand methods x budgets x seeds into runs, one Celery task each."""
+    experiment = create_experiment(session, settings, payload)
+    session.commit()
+    enqueue_runs(session, list(experiment.runs))
+    return experiment_out(experiment)
+
+
+@router.get("", response_model=list[ExperimentListItem])
+def list_experiments(session: DbDep):
+    items = []
+    for experiment in session.scalars(select(Experiment).order_by(Experiment.id.desc())):
+        runs = list(experiment.runs)
+        counts: dict[str, int] = {}
+        for run in runs:
+            counts[run.status] = counts.get(run.status, 0) + 1
+        items.append(ExperimentListItem(
+            id=experiment.id, name=experiment.name, dataset_id=experiment.dataset_id,
+            backbone=experiment.backbone, methods=experiment.methods, preset=experiment.preset,
+            created_at=as_utc(experiment.created_at), status=experiment_status(runs),
+            run_counts=counts,
+        ))
+    return items
+
+
+@router.get("/{experiment_id}", response_model=ExperimentOut)
+def read_experiment(experiment_id: int, session: DbDep):
+    return experiment_out(get_experiment(session, experiment_id))
+
+
+@router.get("/{experiment_id}/events", responses=SSE_RESPONSES, response_class=StreamingResponse)
+async def experiment_events(experiment_id: int, request: Request, settings: SettingsDep):
+    """Live events of every run of the experiment (Server-Sent Events; resumable with
+    `Last-Event-ID`). Ends with an `experiment_end` event once every run has ended."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        get_experiment(session, experiment_id)
+
+    def outcome() -> Outcome:
+        with session_scope(settings.sqlalchemy_url) as session:
+            runs = session.scalars(select(Run).where(Run.experiment_id == experiment_id)).all()
+            finished = all(is_terminal(run.status) for run in runs)
+            final = {
+                "type": "experiment_end",
+                "experiment_id": experiment_id,
+                "runs": {str(run.id): run.status for run in runs},
+            }
+            history = [
+                {"type": "end", "run_id": run.id, "status": run.status, "error": run.error,
+                 "metrics": {"test_top1": run.metrics.get("test_top1")}}
+                for run in runs
+            ]
+        return Outcome(finished, history, final)
+
+    frames = stream_events(
+        settings.effective_redis_url,
+        experiment_stream_key(experiment_id),
+        valid_last_event_id(request.headers.get("last-event-id")),
+        outcome=outcome,
+        heartbeat_s=settings.sse_heartbeat_s,
+        is_disconnected=request.is_disconnected,
+    )
+    return StreamingResponse(frames, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

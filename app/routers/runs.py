@@ -1,0 +1,235 @@
+"""REST for runs: status and metrics, the live feed, cancel, and the downloads."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import redis
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import session_scope
+from app.deps import DbDep, RedisDep, SettingsDep
+from app.events import Outcome, stream_events, valid_last_event_id
+from app.experiments import as_utc, is_terminal, queue_position
+from app.live import run_cancel_key, run_stream_key
+from app.models import Artifact, Run, RunMetric, utcnow
+from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
+
+router = APIRouter(prefix="/api/runs", tags=["runs"])
+
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "training.json")
+DOWNLOADABLE = CHECKPOINT_FILES + ("predictions.csv",)
+SSE_RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "SSE stream"}}
+
+
+def get_run(session: Session, run_id: int) -> Run:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise HTTPException(404, detail=f"run {run_id} does not exist")
+    return run
+
+
+def run_summary(run: Run) -> RunSummary:
+    return RunSummary(
+        id=run.id, experiment_id=run.experiment_id, method=run.method, budget=run.budget,
+        budget_label=run.budget_label, seed=run.seed, status=run.status, step=run.step,
+        total_steps=run.total_steps, test_top1=run.metrics.get("test_top1"),
+        created_at=as_utc(run.created_at), started_at=as_utc(run.started_at),
+        finished_at=as_utc(run.finished_at),
+    )
+
+
+def eta_seconds(run: Run) -> float | None:
+    if run.status != "running" or not run.images_per_s:
+        return None
+    config = run.config
+    images_per_step = config.get("batch_size", 0) + (
+        config.get("unlabeled_batch_size", 0) if run.method != "fine-tune" else 0
+    )
+    remaining = max(0, run.total_steps - run.step)
+    return remaining * images_per_step / run.images_per_s if images_per_step else None
+
+
+@router.get("/{run_id}", response_model=RunOut)
+def read_run(run_id: int, session: DbDep):
+    run = get_run(session, run_id)
+    return RunOut(
+        **run_summary(run).model_dump(),
+        dataset_id=run.dataset_id, config=run.config, metrics=run.metrics, worker=run.worker,
+        device=run.device, error=run.error, attempts=run.attempts,
+        heartbeat_at=as_utc(run.heartbeat_at), images_per_s=run.images_per_s,
+        eta_s=eta_seconds(run), queue_position=queue_position(session, run),
+        cancel_requested=run.cancel_requested,
+        artifacts=[
+            ArtifactOut(name=a.name, size_bytes=a.size_bytes, sha256=a.sha256,
+                        url=f"/api/runs/{run.id}/files/{a.name}")
+            for a in run.artifacts if a.name in DOWNLOADABLE
+        ],
+    )
+
+
+@router.get("/{run_id}/metrics", response_model=RunMetricsOut)
+def read_metrics(run_id: int, session: DbDep):
+    """The recorded time series: progress points (losses, lr, images/s) and evaluations."""
+    get_run(session, run_id)
+    rows = session.scalars(
+        select(RunMetric).where(RunMetric.run_id == run_id).order_by(RunMetric.step, RunMetric.id)
+    )
+    return RunMetricsOut(
+        run_id=run_id,
+        points=[MetricPoint(step=r.step, kind=r.kind, values=r.values) for r in rows],
+    )
+
+
+@router.post("/{run_id}/cancel", response_model=RunOut)
+def cancel_run(run_id: int, session: DbDep, live: RedisDep):
+    """A queued run ends at once; a running one stops within about one iteration."""
+    run = get_run(session, run_id)
+    if is_terminal(run.status):
+        raise HTTPException(409, detail=f"run {run_id} already ended ({run.status})")
+    run.cancel_requested = True
+    if run.status == "queued":
+        run.status = "cancelled"
+        run.finished_at = utcnow()
+    session.commit()
+    try:
+        live.set(run_cancel_key(run_id), "1", ex=7 * 24 * 3600)
+        if run.status == "cancelled":
+            live.xadd(run_stream_key(run_id), {"data": _end_event(run)})
+    except redis.RedisError:
+        pass  # the worker also polls the database flag
+    return read_run(run_id, session)
+
+
+def _end_event(run: Run) -> str:
+    import json
+
+    return json.dumps({"type": "end", "run_id": run.id, "status": run.status, "error": None,
+                       "metrics": None, "step": run.step, "total_steps": run.total_steps})
+
+
+@router.get("/{run_id}/events", responses=SSE_RESPONSES, response_class=StreamingResponse)
+async def run_events(run_id: int, request: Request, settings: SettingsDep):
+    """Live events of a run (Server-Sent Events). Reconnect with `Last-Event-ID` to get what
+    was missed; heartbeats keep the connection open; the `end` event is the last one."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        get_run(session, run_id)
+
+    def outcome() -> Outcome:
+        with session_scope(settings.sqlalchemy_url) as session:
+            run = session.get(Run, run_id)
+            if not is_terminal(run.status):
+                return Outcome(False)
+            history = [
+                {"type": m.kind, "run_id": run_id, "step": m.step,
+                 "total_steps": run.total_steps, **m.values}
+                for m in session.scalars(
+                    select(RunMetric).where(RunMetric.run_id == run_id)
+                    .order_by(RunMetric.step, RunMetric.id)
+                )
+            ]
+            final = {"type": "end", "run_id": run_id, "status": run.status, "error": run.error,
+                     "metrics": {"test_top1": run.metrics.get("test_top1")},
+                     "step": run.step, "total_steps": run.total_steps}
+        return Outcome(True, history, final)
+
+    frames = stream_events(
+        settings.effective_redis_url,
+        run_stream_key(run_id),
+        valid_last_event_id(request.headers.get("last-event-id")),
+        outcome=outcome,
+        heartbeat_s=settings.sse_heartbeat_s,
+        is_disconnected=request.is_disconnected,
+    )
+    return StreamingResponse(frames, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# --- downloads ---------------------------------------------------------------------------
+
+
+def artifact_path(settings: Settings, session: Session, run_id: int, name: str) -> Path:
+    """The file of a recorded artifact, resolved strictly inside the data directory."""
+    run = get_run(session, run_id)
+    artifact = session.scalar(
+        select(Artifact).where(Artifact.run_id == run_id, Artifact.name == name)
+    )
+    if artifact is None:
+        state = "has not finished" if not is_terminal(run.status) else f"ended {run.status}"
+        raise HTTPException(404, detail=f"run {run_id} has no {name} (the run {state})")
+    root = settings.data_dir.resolve()
+    path = (root / artifact.path).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise HTTPException(404, detail=f"{name} of run {run_id} is missing on disk")
+    return path
+
+
+@router.get("/{run_id}/files/{name}", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def download_file(run_id: int, name: str, session: DbDep, settings: SettingsDep):
+    """One exported file: model.safetensors, config.json, training.json or predictions.csv."""
+    if name not in DOWNLOADABLE:
+        raise HTTPException(404, detail=f"no file {name!r}; files are {list(DOWNLOADABLE)}")
+    path = artifact_path(settings, session, run_id, name)
+    return FileResponse(path, filename=name)
+
+
+@router.get("/{run_id}/checkpoint", response_class=FileResponse,
+            responses={200: {"content": {"application/zip": {}}}})
+def download_checkpoint(run_id: int, session: DbDep, settings: SettingsDep):
+    """A zip of model.safetensors, config.json and training.json: a plain timm model."""
+    paths = [artifact_path(settings, session, run_id, name) for name in CHECKPOINT_FILES]
+    bundle = paths[0].parent / f"run-{run_id}-checkpoint.zip"
+    if not bundle.exists():
+        temp = bundle.with_suffix(f".{os.getpid()}.tmp")
+        with zipfile.ZipFile(temp, "w") as archive:
+            for path in paths:
+                compression = zipfile.ZIP_STORED if path.suffix == ".safetensors" else (
+                    zipfile.ZIP_DEFLATED
+                )
+                archive.write(path, arcname=path.name, compress_type=compression)
+        temp.replace(bundle)
+    return FileResponse(bundle, filename=bundle.name, media_type="application/zip")
+
+
+@router.get("/{run_id}/predictions.csv", response_class=FileResponse,
+            responses={200: {"content": {"text/csv": {}}}})
+def download_predictions(run_id: int, session: DbDep, settings: SettingsDep):
+    """The final model's prediction for every unlabeled image (label, confidence, margin)."""
+    path = artifact_path(settings, session, run_id, "predictions.csv")
+    return FileResponse(path, filename=f"run-{run_id}-predictions.csv", media_type="text/csv")
+
+
+def label_next_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows.sort(key=lambda row: (float(row["margin"]), float(row["confidence"])))
+    return rows
+
+
+@router.get("/{run_id}/label-next.csv", responses={200: {"content": {"text/csv": {}}}})
+def download_label_next(run_id: int, session: DbDep, settings: SettingsDep,
+                        limit: int | None = None):
+    """Unlabeled images ranked by uncertainty (smallest top-1/top-2 margin first): the ones
+    whose labels would teach the model most."""
+    rows = label_next_rows(artifact_path(settings, session, run_id, "predictions.csv"))
+    if limit is not None:
+        rows = rows[: max(0, limit)]
+    buffer = io.StringIO()
+    fieldnames = ["rank"] + (list(rows[0].keys()) if rows else ["path"])
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames)
+    writer.writeheader()
+    for rank, row in enumerate(rows, start=1):
+        writer.writerow({"rank": rank, **row})
+    return Response(
+        buffer.getvalue(), media_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="run-{run_id}-label-next.csv"'},
+    )

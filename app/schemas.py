@@ -1,0 +1,147 @@
+"""Pydantic request and response models for experiments and runs (the /docs contract)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MethodName = Literal["self-tuning", "fine-tune", "fixmatch"]
+RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "lost"]
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+class PerClassBudget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    per_class: int = Field(ge=1, le=1_000_000, description="labeled images kept per class")
+
+
+BudgetIn = float | PerClassBudget | Literal["all"]
+
+
+class Overrides(BaseModel):
+    """Values that replace the preset's; anything omitted keeps the preset value."""
+
+    model_config = ConfigDict(extra="forbid")
+    iterations: int | None = Field(None, ge=1, le=1_000_000)
+    image_size: int | None = Field(None, ge=16, le=1024)
+    batch_size: int | None = Field(None, ge=1, le=1024)
+    unlabeled_batch_size: int | None = Field(None, ge=1, le=1024)
+    lr: float | None = Field(None, gt=0, le=10)
+    head_lr_ratio: float | None = Field(None, gt=0, le=1000)
+    weight_decay: float | None = Field(None, ge=0, le=1)
+    queue_size: int | None = Field(None, ge=1, le=4096)
+    projector_dim: int | None = Field(None, ge=2, le=8192)
+    temperature: float | None = Field(None, gt=0, le=100)
+    fixmatch_threshold: float | None = Field(None, ge=0, le=1)
+    eval_interval: int | None = Field(None, ge=1, le=1_000_000)
+    checkpoint_interval: int | None = Field(None, ge=1, le=1_000_000)
+    log_interval: int | None = Field(None, ge=1, le=1_000_000)
+    pretrained: bool | None = Field(
+        None, description="false trains from random init (tests, or models without weights)"
+    )
+
+
+class ExperimentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset_id: int
+    name: str = Field("", max_length=200)
+    backbone: str = Field("tf_efficientnet_lite0", min_length=1, max_length=200)
+    methods: list[MethodName] = Field(min_length=1, max_length=3)
+    budgets: list[BudgetIn] = Field(
+        min_length=1, max_length=20,
+        description='fractions of the labeled pool (0.05), {"per_class": 4}, or "all"',
+    )
+    seeds: list[int] = Field([0], min_length=1, max_length=10)
+    preset: Literal["quick", "paper"] = "quick"
+    overrides: Overrides = Field(default_factory=Overrides)
+
+
+class RunSummary(BaseModel):
+    id: int
+    experiment_id: int
+    method: str
+    budget: Any
+    budget_label: str
+    seed: int
+    status: RunStatus
+    step: int
+    total_steps: int
+    test_top1: float | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class BudgetRow(BaseModel):
+    method: str
+    budget: Any
+    budget_label: str
+    runs: int
+    finished: int
+    mean_top1: float | None
+    std_top1: float | None
+    best: bool = False
+
+
+class ExperimentOut(BaseModel):
+    id: int
+    name: str
+    dataset_id: int
+    backbone: str
+    methods: list[str]
+    budgets: list[Any]
+    seeds: list[int]
+    preset: str
+    overrides: dict[str, Any]
+    created_at: datetime
+    status: str
+    runs: list[RunSummary]
+    budget_table: list[BudgetRow]
+
+
+class ExperimentListItem(BaseModel):
+    id: int
+    name: str
+    dataset_id: int
+    backbone: str
+    methods: list[str]
+    preset: str
+    created_at: datetime
+    status: str
+    run_counts: dict[str, int]
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size_bytes: int
+    sha256: str
+    url: str
+
+
+class RunOut(RunSummary):
+    dataset_id: int
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    worker: str | None
+    device: str | None
+    error: str | None
+    attempts: int
+    heartbeat_at: datetime | None
+    images_per_s: float | None
+    eta_s: float | None
+    queue_position: int | None
+    cancel_requested: bool
+    artifacts: list[ArtifactOut]
+
+
+class MetricPoint(BaseModel):
+    step: int
+    kind: Literal["progress", "eval"]
+    values: dict[str, Any]
+
+
+class RunMetricsOut(BaseModel):
+    run_id: int
+    points: list[MetricPoint]

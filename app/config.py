@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(7 * 24 * 3600, ge=60)
     event_stream_maxlen: int = Field(20_000, ge=100)
     heartbeat_interval_s: float = Field(10.0, gt=0)
-    stale_after_s: float = Field(120.0, gt=0)
+    stale_after_s: float = Field(120.0, gt=0, description="heartbeat silence = lost run")
+    max_attempts: int = Field(3, ge=1, description="automatic requeues of a lost run")
     sse_heartbeat_s: float = Field(10.0, gt=0)
 
     @field_validator("data_dir")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import uuid
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -134,13 +135,22 @@ def create_experiment(session: Session, settings: Settings, payload: ExperimentI
 
 
 def enqueue_runs(session: Session, runs: list[Run]) -> None:
-    """One Celery task per run; the task id is stored so a cancel can revoke it."""
+    """One Celery task per run. The task id is committed before the message is sent, so the
+    worker can tell the run's current task from a stale redelivery."""
     from worker.celery_app import app as celery
 
     for run in runs:
-        result = celery.send_task(TRAIN_TASK, args=[run.id])
-        run.celery_task_id = result.id
+        run.celery_task_id = uuid.uuid4().hex
     session.commit()
+    try:
+        for run in runs:
+            celery.send_task(TRAIN_TASK, args=[run.id], task_id=run.celery_task_id)
+    except Exception as exc:  # broker down: say so, and leave no run waiting forever
+        for run in runs:
+            run.status = "failed"
+            run.error = f"could not be queued: {exc}"
+        session.commit()
+        raise HTTPException(503, detail=f"the queue (Redis) is not reachable: {exc}") from exc
 
 
 def experiment_status(runs: list[Run]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
@@ -19,7 +21,17 @@ API_ROUTERS = [health.router, experiments.router, runs.router]
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        from app.reaper import reap_forever
+
+        reaper = asyncio.create_task(reap_forever(settings))
+        yield
+        reaper.cancel()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Self-Tuning Lab",
         version=__version__,
         description="Labeling-budget experiments: Self-Tuning vs fine-tuning vs FixMatch.",

@@ -29,4 +29,6 @@ def train_run(self, run_id: int) -> dict:
     last training checkpoint (the engine finds it in the run's output directory)."""
     from worker.training import execute_run
 
-    return execute_run(get_settings(), run_id, worker_name=self.request.hostname)
+    return execute_run(
+        get_settings(), run_id, worker_name=self.request.hostname, task_id=self.request.id
+    )

@@ -69,7 +69,9 @@ class _Heartbeat:
         self.stop.set()
 
 
-def execute_run(settings: Settings, run_id: int, worker_name: str) -> dict[str, Any]:
+def execute_run(
+    settings: Settings, run_id: int, worker_name: str, task_id: str | None = None
+) -> dict[str, Any]:
     from worker.selftuning import RunConfig, TrainingCancelled, make_budget_data, train
 
     with session_scope(settings.sqlalchemy_url) as session:
@@ -79,6 +81,9 @@ def execute_run(settings: Settings, run_id: int, worker_name: str) -> dict[str, 
             return {"run_id": run_id, "status": "missing"}
         if run.status in ("succeeded", "failed", "cancelled"):
             return {"run_id": run_id, "status": run.status}
+        if task_id and run.celery_task_id and task_id != run.celery_task_id:
+            # A message from before a requeue came back: the newer task owns the run.
+            return {"run_id": run_id, "status": "superseded"}
         dataset = session.get(Dataset, run.dataset_id)
         experiment_id = run.experiment_id
         recorder = RunRecorder(settings, run_id, experiment_id)

@@ -109,6 +109,22 @@ def cancel_run(run_id: int, session: DbDep, live: RedisDep):
     return read_run(run_id, session)
 
 
+@router.post("/{run_id}/requeue", response_model=RunOut)
+def requeue_run(run_id: int, session: DbDep):
+    """Queue a lost, failed or cancelled run again; it resumes from its last training
+    checkpoint (a finished run is never retrained)."""
+    from app.reaper import requeue
+
+    run = get_run(session, run_id)
+    if run.status not in ("lost", "failed", "cancelled"):
+        raise HTTPException(
+            409, detail=f"run {run_id} is {run.status}; only lost, failed or cancelled runs "
+            "can be requeued",
+        )
+    requeue(session, run)
+    return read_run(run_id, session)
+
+
 def _end_event(run: Run) -> str:
     import json
 

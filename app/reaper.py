@@ -1,0 +1,76 @@
+"""Finds runs whose worker stopped heart-beating, marks them lost, and requeues them.
+
+A worker killed outright (SIGKILL, power loss) leaves its Celery message unacknowledged
+until the broker's visibility timeout, which must outlast the longest run. The heartbeat is
+the faster signal: a run silent for `stale_after_s` is lost; it is requeued with a new task id
+(the old message, if it ever comes back, is then ignored) and resumes from its last training
+checkpoint, up to `max_attempts` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import session_scope
+from app.models import Run, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def stale_runs(session: Session, settings: Settings) -> list[Run]:
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    running = session.scalars(select(Run).where(Run.status == "running")).all()
+    return [run for run in running if _before(run.heartbeat_at or run.started_at, cutoff)]
+
+
+def _before(moment, cutoff) -> bool:
+    if moment is None:
+        return True
+    if moment.tzinfo is None:  # SQLite returns naive UTC
+        cutoff = cutoff.replace(tzinfo=None)
+    return moment < cutoff
+
+
+def requeue(session: Session, run: Run) -> None:
+    """Queue the run again under a new task id; it resumes from its last checkpoint."""
+    from app.experiments import enqueue_runs
+
+    run.status = "queued"
+    run.cancel_requested = False
+    run.finished_at = None
+    run.error = None
+    session.flush()
+    enqueue_runs(session, [run])
+
+
+def reap(settings: Settings) -> list[int]:
+    """Mark stale running runs lost; requeue those with attempts left. Returns their ids."""
+    reaped = []
+    with session_scope(settings.sqlalchemy_url) as session:
+        for run in stale_runs(session, settings):
+            log.warning("run %s lost its worker %s (last heartbeat %s)",
+                        run.id, run.worker, run.heartbeat_at)
+            run.status = "lost"
+            run.error = (
+                f"worker {run.worker} stopped reporting (last heartbeat {run.heartbeat_at})"
+            )
+            reaped.append(run.id)
+            if run.attempts < settings.max_attempts:
+                requeue(session, run)
+    return reaped
+
+
+async def reap_forever(settings: Settings) -> None:
+    interval = max(1.0, min(30.0, settings.stale_after_s / 4))
+    while True:
+        try:
+            await asyncio.to_thread(reap, settings)
+        except Exception:  # noqa: BLE001 - the loop must outlive a database hiccup
+            log.exception("stale-run check failed")
+        await asyncio.sleep(interval)

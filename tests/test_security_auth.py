@@ -1,0 +1,65 @@
+"""With SELFTUNE_API_TOKEN set, nothing is reachable without the token."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from tests.support import app_env, start_server
+
+TOKEN = "correct-horse-battery-staple"
+
+
+@pytest.fixture
+def guarded_server(settings, tmp_path):
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_API_TOKEN=TOKEN)
+    url, process = start_server(env, tmp_path / "uvicorn.log")
+    yield url
+    process.stop()
+
+
+def every_operation(schema: dict) -> list[tuple[str, str]]:
+    operations = []
+    for path, item in schema["paths"].items():
+        concrete = re.sub(r"\{[^}]*name[^}]*\}", "model.safetensors", path)
+        concrete = re.sub(r"\{[^}]+\}", "1", concrete)
+        for method in item:
+            if method in ("get", "post", "put", "patch", "delete"):
+                operations.append((method.upper(), concrete))
+    return operations
+
+
+def test_every_api_route_in_the_openapi_schema_needs_the_token(guarded_server):
+    schema = httpx.get(guarded_server + "/openapi.json", timeout=30).json()
+    operations = every_operation(schema)
+    assert len(operations) >= 12, operations
+    assert ("GET", "/api/runs/1/events") in operations  # SSE too
+    assert ("GET", "/api/runs/1/checkpoint") in operations  # downloads too
+    with httpx.Client(base_url=guarded_server, timeout=30) as client:
+        for method, path in operations:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+                response = client.request(method, path, headers=headers)
+                assert response.status_code == 401, (method, path, headers, response.text)
+                assert response.headers["www-authenticate"] == "Bearer"
+        ok = client.get("/api/health", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200
+
+
+def test_pages_need_a_login_that_sets_an_httponly_samesite_cookie(guarded_server):
+    with httpx.Client(base_url=guarded_server, timeout=30) as client:
+        response = client.get("/")
+        assert response.status_code == 303
+        assert response.headers["location"].startswith("/login")
+        wrong = client.post("/login", data={"token": "nope", "next": "/"})
+        assert wrong.status_code == 401 and "not right" in wrong.text
+        right = client.post("/login", data={"token": TOKEN, "next": "https://evil.example/"})
+        assert right.status_code == 303 and right.headers["location"] == "/"
+        cookie = right.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        home = client.get("/")
+        assert home.status_code == 200 and "System status" in home.text
+        # The cookie opens the API for the browser's own fetches and SSE as well.
+        assert client.get("/api/health").status_code == 200

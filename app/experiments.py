@@ -57,13 +57,35 @@ def parse_budgets(raw: list[Any], dataset: Dataset) -> list[Budget]:
     return budgets
 
 
-def validate_backbone(name: str) -> None:
-    from worker.selftuning.backbones import check_backbone
+def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
+    """The backbone name the engine gets, or a 422 saying what is wrong with it.
 
-    try:
-        check_backbone(name)
-    except ValueError as exc:
-        raise unprocessable("backbone", str(exc)) from None
+    A timm architecture (with offline or hub weights), or a `.safetensors` file inside the
+    data directory (e.g. `runs/12/model.safetensors`, to continue from an earlier run).
+    """
+    name = name.strip()
+    if name.endswith(".safetensors"):
+        root = settings.data_dir.resolve()
+        path = (root / name.rpartition(":")[2]).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise unprocessable(
+                "backbone", f"{name}: a weight file must exist inside the data directory, "
+                "e.g. runs/<run id>/model.safetensors",
+            )
+        return f"{name.rpartition(':')[0]}:{path}" if ":" in name else str(path)
+    import timm  # imported on first use: the web stays light until someone starts a run
+
+    from worker.selftuning.backbones import OFFLINE_WEIGHTS, offline_backbones
+
+    if not timm.is_model(name):
+        raise unprocessable("backbone", f"unknown backbone {name!r}: not a timm architecture")
+    if pretrained and not offline_backbones().get(name) and name not in OFFLINE_WEIGHTS:
+        if not (timm.list_pretrained(name) or timm.list_pretrained(f"{name}.*")):
+            raise unprocessable(
+                "backbone", f"{name!r} has no pre-trained weights; set pretrained to false "
+                "to train it from scratch",
+            )
+    return name
 
 
 def run_config(payload: ExperimentIn, method: str, seed: int) -> dict[str, Any]:
@@ -96,7 +118,8 @@ def create_experiment(session: Session, settings: Settings, payload: ExperimentI
             f"this sweep has {total} runs (methods x budgets x seeds); the limit is "
             f"{settings.max_runs_per_experiment} (SELFTUNE_MAX_RUNS_PER_EXPERIMENT)",
         )
-    validate_backbone(payload.backbone)
+    pretrained = payload.overrides.pretrained is not False
+    payload.backbone = resolve_backbone(payload.backbone, pretrained, settings)
     configs = {
         (method, seed): run_config(payload, method, seed)
         for method in payload.methods

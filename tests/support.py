@@ -130,3 +130,53 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def make_image_archive(
+    path: Path,
+    classes: tuple[str, ...] = ("circle", "square", "triangle"),
+    train_per_class: int = 16,
+    test_per_class: int = 6,
+    unlabeled: int = 12,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
+    """A small learnable dataset as a user would zip it: train/<class>/, train/unlabeled/,
+    test/<class>/. Each class is a differently coloured shape on noise."""
+    import io
+    import random
+    import zipfile
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    colours = [(220, 40, 40), (40, 180, 60), (40, 80, 220), (200, 160, 30), (150, 50, 200)]
+
+    def image_bytes(class_index: int) -> bytes:
+        noise = bytes(rng.randrange(90, 150) for _ in range(size * size * 3))
+        image = Image.frombytes("RGB", (size, size), noise)
+        draw = ImageDraw.Draw(image)
+        margin = rng.randrange(2, size // 4)
+        box = (margin, margin, size - margin, size - margin)
+        colour = colours[class_index % len(colours)]
+        shape = class_index % 3
+        if shape == 0:
+            draw.ellipse(box, fill=colour)
+        elif shape == 1:
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(size // 2, margin), (margin, size - margin),
+                          (size - margin, size - margin)], fill=colour)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for index, name in enumerate(classes):
+            for n in range(train_per_class):
+                archive.writestr(f"train/{name}/{name}_{n:03d}.png", image_bytes(index))
+            for n in range(test_per_class):
+                archive.writestr(f"test/{name}/{name}_{n:03d}.png", image_bytes(index))
+        for n in range(unlabeled):
+            archive.writestr(f"train/unlabeled/u_{n:03d}.png", image_bytes(n % len(classes)))
+    return path

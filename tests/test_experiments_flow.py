@@ -1,0 +1,180 @@
+"""The whole flow over real HTTP with a real Celery worker: upload, sweep, live events,
+results, checkpoint download loaded by plain timm, and cancel."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+
+import httpx
+import pytest
+
+from tests.support import make_image_archive, wait_for
+
+TINY = {
+    "backbone": "test_efficientnet",
+    "preset": "quick",
+    "overrides": {"pretrained": False, "image_size": 32, "batch_size": 8,
+                  "unlabeled_batch_size": 8, "iterations": 24, "eval_interval": 12,
+                  "log_interval": 4, "checkpoint_interval": 12, "lr": 0.01},
+}
+
+
+def read_sse(client: httpx.Client, path: str, last_event_id: str | None = None,
+             timeout: float = 300) -> list[tuple[str | None, dict]]:
+    """(id, event) pairs until the server closes the stream."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events: list[tuple[str | None, dict]] = []
+    event_id, data = None, []
+    with client.stream("GET", path, headers=headers, timeout=timeout) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("id: "):
+                event_id = line[4:]
+            elif line.startswith("data: "):
+                data.append(line[6:])
+            elif line == "" and data:
+                events.append((event_id, json.loads("\n".join(data))))
+                event_id, data = None, []
+    return events
+
+
+@pytest.fixture
+def dataset_id(live_server, tmp_path):
+    archive = make_image_archive(tmp_path / "shapes.zip")
+    with live_server.client() as client, open(archive, "rb") as handle:
+        response = client.post("/api/datasets", files={"file": ("shapes.zip", handle)},
+                               data={"name": "shapes"})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
+    live_server, celery_worker, dataset_id, tmp_path
+):
+    import timm
+    import torch
+    from PIL import Image
+
+    with live_server.client() as client:
+        created = client.post("/api/experiments", json={
+            "dataset_id": dataset_id, "methods": ["self-tuning", "fine-tune"],
+            "budgets": [0.5], "seeds": [0], **TINY,
+        })
+        assert created.status_code == 201, created.text
+        experiment = created.json()
+        assert [(r["method"], r["budget"], r["seed"], r["status"]) for r in experiment["runs"]] == [
+            ("self-tuning", 0.5, 0, "queued"), ("fine-tune", 0.5, 0, "queued")]
+        run_id = experiment["runs"][0]["id"]
+
+        events = read_sse(client, f"/api/runs/{run_id}/events")
+        kinds = [event["type"] for _, event in events]
+        assert kinds[-1] == "end" and events[-1][1]["status"] == "succeeded"
+        assert "progress" in kinds and "eval" in kinds
+        steps = [event["step"] for _, event in events if event["type"] in ("progress", "eval")]
+        assert steps == sorted(steps) and steps[-1] == 24
+        ids = [event_id for event_id, _ in events if event_id]
+        assert len(ids) == len(set(ids)) == len(events)
+
+        # Reconnect after the middle event: exactly the rest comes again.
+        middle = len(events) // 2
+        replay = read_sse(client, f"/api/runs/{run_id}/events", last_event_id=ids[middle])
+        assert [e for _, e in replay] == [e for _, e in events[middle + 1:]]
+        # A late client after the end gets the history and the final event.
+        late = read_sse(client, f"/api/runs/{run_id}/events")
+        assert [e for _, e in late] == [e for _, e in events]
+
+        wait_for(lambda: client.get(f"/api/experiments/{experiment['id']}").json()["status"]
+                 == "finished", timeout=300, message="both runs to finish")
+        summary = client.get(f"/api/experiments/{experiment['id']}").json()
+        assert {row["method"] for row in summary["budget_table"]} == {"self-tuning", "fine-tune"}
+        assert all(row["finished"] == 1 and row["std_top1"] == 0.0
+                   for row in summary["budget_table"])
+        assert sum(row["best"] for row in summary["budget_table"]) == 1
+
+        run = client.get(f"/api/runs/{run_id}").json()
+        assert run["status"] == "succeeded" and run["step"] == 24 and run["attempts"] == 1
+        metrics = run["metrics"]
+        for key in ("test_top1", "test_mean_class_acc", "pseudo_label_acc"):
+            assert 0.0 <= metrics[key] <= 1.0, key
+        assert run["device"] == "cpu" and run["worker"].startswith("test-")
+        series = client.get(f"/api/runs/{run_id}/metrics").json()["points"]
+        assert [p["step"] for p in series if p["kind"] == "eval"] == [12, 24]
+
+        archive = client.get(f"/api/runs/{run_id}/checkpoint")
+        assert archive.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(archive.content)) as bundle:
+            assert sorted(bundle.namelist()) == ["config.json", "model.safetensors",
+                                                 "training.json"]
+            bundle.extractall(tmp_path / "checkpoint")
+        single = client.get(f"/api/runs/{run_id}/files/config.json").json()
+        predictions = client.get(f"/api/runs/{run_id}/predictions.csv").text.splitlines()
+        label_next = client.get(f"/api/runs/{run_id}/label-next.csv").text.splitlines()
+
+    assert single["architecture"] == "test_efficientnet" and single["num_classes"] == 3
+    assert predictions[0].startswith("image_id,path,label,confidence,margin")
+    assert len(predictions) == 1 + 12 + 3 * 8  # unlabeled + hidden-label half of each class
+    assert label_next[0].startswith("rank,image_id,path")
+    margins = [float(row.split(",")[5]) for row in label_next[1:]]
+    assert margins == sorted(margins)
+
+    config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    model = timm.create_model(
+        config["architecture"], pretrained=True, num_classes=config["num_classes"],
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "checkpoint" / "model.safetensors")),
+    ).eval()
+    data_config = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(**data_config)
+    correct = total = 0
+    with zipfile.ZipFile(tmp_path / "shapes.zip") as source:
+        for name in source.namelist():
+            if not name.startswith("test/"):
+                continue
+            label = config["label_names"].index(name.split("/")[1])
+            image = Image.open(io.BytesIO(source.read(name))).convert("RGB")
+            with torch.no_grad():
+                predicted = model(transform(image).unsqueeze(0)).argmax(1).item()
+            correct += predicted == label
+            total += 1
+    assert total == 18
+    assert correct / total == pytest.approx(metrics["test_top1"], abs=1e-9)
+
+
+def test_cancelling_a_running_run_ends_it_as_cancelled(live_server, celery_worker, dataset_id):
+    long = json.loads(json.dumps(TINY))
+    long["overrides"].update(iterations=5000, eval_interval=1000)
+    with live_server.client() as client:
+        experiment = client.post("/api/experiments", json={
+            "dataset_id": dataset_id, "methods": ["self-tuning"], "budgets": ["all"],
+            "seeds": [0], **long,
+        }).json()
+        run_id = experiment["runs"][0]["id"]
+        wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] > 0, timeout=180,
+                 message="the run to make progress")
+        cancelled_at = time.monotonic()
+        response = client.post(f"/api/runs/{run_id}/cancel")
+        assert response.status_code == 200 and response.json()["cancel_requested"]
+        run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
+                       == "cancelled" and r, timeout=60, message="cancelled status")
+        assert time.monotonic() - cancelled_at < 30
+        assert run["step"] < 5000 and run["finished_at"]
+        events = read_sse(client, f"/api/runs/{run_id}/events")
+        assert events[-1][1] == {**events[-1][1], "type": "end", "status": "cancelled"}
+        again = client.post(f"/api/runs/{run_id}/cancel")
+        assert again.status_code == 409
+
+
+def test_cancelling_a_queued_run_ends_it_at_once(live_server, dataset_id):
+    """No worker is running here, so the run stays queued until cancelled."""
+    with live_server.client() as client:
+        experiment = client.post("/api/experiments", json={
+            "dataset_id": dataset_id, "methods": ["fine-tune"], "budgets": [0.5], **TINY,
+        }).json()
+        run_id = experiment["runs"][0]["id"]
+        assert client.get(f"/api/runs/{run_id}").json()["queue_position"] == 1
+        assert client.post(f"/api/runs/{run_id}/cancel").json()["status"] == "cancelled"
+        events = read_sse(client, f"/api/runs/{run_id}/events", timeout=30)
+        assert events[-1][1]["type"] == "end" and events[-1][1]["status"] == "cancelled"

@@ -1,0 +1,133 @@
+"""POST /api/experiments: what a user can get wrong gets a 4xx that says what to fix."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from app.config import Settings
+from app.db import session_scope, upgrade_to_head
+from app.models import Dataset, Experiment, Run
+from tests.support import LiveServer, app_env, start_server
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory, redis_url):
+    """One server for the module: validation never changes what the next test sees."""
+    root = tmp_path_factory.mktemp("validation")
+    redis.Redis.from_url(redis_url).flushdb()
+    settings = Settings(data_dir=root / "data", redis_url=redis_url)
+    upgrade_to_head(settings.sqlalchemy_url)
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, redis_url)
+    url, process = start_server(env, root / "uvicorn.log")
+    yield LiveServer(url, settings.data_dir, settings.sqlalchemy_url, redis_url, process, env)
+    process.stop()
+
+
+@pytest.fixture
+def settings(live_server):
+    return Settings(data_dir=live_server.data_dir, redis_url=live_server.redis_url)
+
+
+def counts(url: str) -> tuple[int, int]:
+    with session_scope(url) as session:
+        return (session.scalar(select(func.count()).select_from(Experiment)),
+                session.scalar(select(func.count()).select_from(Run)))
+
+
+@pytest.fixture
+def dataset_id(settings) -> int:
+    """A dataset row is all validation needs (no images are read before a run starts)."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        dataset = Dataset(name="d", storage_key=f"k{time.time_ns()}", fingerprint="0" * 64,
+                          class_names=["a", "b"],
+                          class_counts={"a": {"train": 10, "test": 2},
+                                        "b": {"train": 10, "test": 2}})
+        session.add(dataset)
+        session.flush()
+        return dataset.id
+
+
+def body(default_dataset_id: int, **changes) -> dict:
+    base = {"dataset_id": default_dataset_id, "backbone": "test_efficientnet",
+            "methods": ["self-tuning"], "budgets": [0.1], "seeds": [0], "preset": "quick",
+            "overrides": {"pretrained": False}}
+    base.update(changes)
+    return base
+
+
+def messages(response) -> str:
+    detail = response.json()["detail"]
+    return detail if isinstance(detail, str) else " | ".join(
+        f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail)
+
+
+@pytest.mark.parametrize("changes,status,expected", [
+    ({"dataset_id": 999}, 422, "dataset 999 does not exist"),
+    ({"backbone": "no_such_net"}, 422, "unknown backbone 'no_such_net'"),
+    ({"backbone": "../../etc/passwd.safetensors"}, 422, "inside the data directory"),
+    ({"methods": ["magic"]}, 422, "methods.0"),
+    ({"methods": []}, 422, "methods"),
+    ({"budgets": [1.5]}, 422, "must be in (0, 1]"),
+    ({"budgets": [0]}, 422, "must be in (0, 1]"),
+    ({"budgets": [{"per_class": 0}]}, 422, "per_class"),
+    ({"budgets": ["most"]}, 422, "budgets"),
+    ({"budgets": [0.1, 0.1]}, 422, "listed twice"),
+    ({"seeds": [0, 0]}, 422, "a seed is listed twice"),
+    ({"seeds": [-1]}, 422, "seeds must be between"),
+    ({"preset": "huge"}, 422, "preset"),
+    ({"overrides": {"iterations": 0}}, 422, "iterations"),
+    ({"overrides": {"lr": -1}}, 422, "lr"),
+    ({"overrides": {"dropout": 0.5}}, 422, "dropout"),
+    ({"methods": ["self-tuning", "fine-tune", "fixmatch"],
+      "budgets": [0.1, 0.2, 0.3, 0.4, 0.5], "seeds": [0, 1, 2, 3, 4]}, 422, "75 runs"),
+])
+def test_bad_experiment_is_rejected_with_a_message_and_stores_nothing(
+    live_server, dataset_id, changes, status, expected
+):
+    before = counts(live_server.database_url)
+    with live_server.client() as client:
+        response = client.post("/api/experiments", json=body(dataset_id, **changes))
+    assert response.status_code == status, response.text
+    assert expected in messages(response)
+    assert counts(live_server.database_url) == before
+
+
+def test_a_class_without_labeled_images_cannot_get_a_budget(live_server, settings):
+    with session_scope(settings.sqlalchemy_url) as session:
+        dataset = Dataset(name="d", storage_key=f"k{time.time_ns()}", fingerprint="0" * 64,
+                          class_names=["a", "b"],
+                          class_counts={"a": {"train": 3, "test": 1},
+                                        "b": {"train": 0, "test": 2}})
+        session.add(dataset)
+        session.flush()
+        dataset_id = dataset.id
+    with live_server.client() as client:
+        response = client.post("/api/experiments", json=body(dataset_id))
+    assert response.status_code == 422
+    assert "['b'] have no labeled training image" in messages(response)
+
+
+def test_sweep_expands_into_methods_x_budgets_x_seeds_runs(live_server, dataset_id):
+    with live_server.client() as client:
+        response = client.post("/api/experiments", json=body(
+            dataset_id, methods=["fine-tune", "fixmatch"],
+            budgets=[0.05, {"per_class": 4}, "all"], seeds=[0, 1],
+            overrides={"pretrained": False, "iterations": 50, "image_size": 48},
+        ))
+        assert response.status_code == 201, response.text
+        experiment = response.json()
+        listed = client.get("/api/experiments").json()
+        run = client.get(f"/api/runs/{experiment['runs'][0]['id']}").json()
+    assert len(experiment["runs"]) == 12
+    assert {(r["method"], str(r["budget"]), r["seed"]) for r in experiment["runs"]} == {
+        (m, str(b), s) for m in ("fine-tune", "fixmatch")
+        for b in (0.05, {"per_class": 4}, "all") for s in (0, 1)}
+    assert {r["status"] for r in experiment["runs"]} == {"queued"}
+    assert listed[0]["id"] == experiment["id"]  # newest first
+    assert run["config"]["iterations"] == 50 and run["config"]["image_size"] == 48
+    assert run["config"]["backbone"] == "test_efficientnet" and run["total_steps"] == 50
+    assert run["queue_position"] >= 1

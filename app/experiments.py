@@ -79,9 +79,14 @@ def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
 
     if not timm.is_model(name):
         raise unprocessable("backbone", f"unknown backbone {name!r}: not a timm architecture")
-    if pretrained and not offline_backbones().get(name) and name not in OFFLINE_WEIGHTS:
-        if not (timm.list_pretrained(name) or timm.list_pretrained(f"{name}.*")):
-            raise unprocessable(
+    has_weights = (
+        name in OFFLINE_WEIGHTS
+        or offline_backbones().get(name)
+        or timm.list_pretrained(name)
+        or timm.list_pretrained(f"{name}.*")
+    )
+    if pretrained and not has_weights:
+        raise unprocessable(
                 "backbone", f"{name!r} has no pre-trained weights; set pretrained to false "
                 "to train it from scratch",
             )

@@ -21,16 +21,37 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 
+CLAIM_KEY = "__selftune_test_session__"
+
+
+def reset_redis(url: str) -> None:
+    """Empty this session's Redis database, keeping the claim on it."""
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.set(CLAIM_KEY, os.getpid(), ex=6 * 3600)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A Redis database of its own for this test session (real server, flushed before use)."""
-    url = f"{REDIS_BASE}/{os.environ.get('SELFTUNE_TEST_REDIS_DB', '9')}"
-    client = redis.Redis.from_url(url)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.exit(f"Redis is not answering at {url} ({exc}); .ci/run starts one", returncode=3)
-    client.flushdb()
+    """A Redis database of its own for this test session on the real server: databases 1-15
+    are claimed atomically, so test sessions running side by side never flush each other."""
+    if os.environ.get("SELFTUNE_TEST_REDIS_DB"):
+        candidates = [int(os.environ["SELFTUNE_TEST_REDIS_DB"])]
+    else:
+        candidates = list(range(1, 16))
+    for db in candidates:
+        url = f"{REDIS_BASE}/{db}"
+        client = redis.Redis.from_url(url)
+        try:
+            claimed = client.set(CLAIM_KEY, os.getpid(), nx=True, ex=6 * 3600)
+        except redis.RedisError as exc:
+            pytest.exit(f"Redis is not answering at {url} ({exc}); .ci/run starts one",
+                        returncode=3)
+        if claimed:
+            break
+    else:
+        pytest.exit("every Redis database 1-15 is claimed by another test session", returncode=3)
+    reset_redis(url)
     yield url
     client.flushdb()
 
@@ -45,7 +66,7 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def settings(data_dir: Path, redis_url: str) -> Settings:
     """Settings on a private data directory with a migrated SQLite database."""
-    redis.Redis.from_url(redis_url).flushdb()  # no queued task or presence key from before
+    reset_redis(redis_url)  # no queued task or presence key from an earlier test
     settings = Settings(data_dir=data_dir, redis_url=redis_url)
     upgrade_to_head(settings.sqlalchemy_url)
     return settings

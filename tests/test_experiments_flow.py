@@ -124,7 +124,9 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
     config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
     model = timm.create_model(
         config["architecture"], pretrained=True, num_classes=config["num_classes"],
-        pretrained_cfg_overlay=dict(file=str(tmp_path / "checkpoint" / "model.safetensors")),
+        pretrained_cfg_overlay=dict(
+            file=str(tmp_path / "checkpoint" / "model.safetensors"), **config["pretrained_cfg"]
+        ),
     ).eval()
     data_config = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**data_config)

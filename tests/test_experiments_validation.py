@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 from sqlalchemy import func, select
 
 from app.config import Settings
 from app.db import session_scope, upgrade_to_head
 from app.models import Dataset, Experiment, Run
+from tests.conftest import reset_redis
 from tests.support import LiveServer, app_env, start_server
 
 
@@ -18,7 +18,7 @@ from tests.support import LiveServer, app_env, start_server
 def live_server(tmp_path_factory, redis_url):
     """One server for the module: validation never changes what the next test sees."""
     root = tmp_path_factory.mktemp("validation")
-    redis.Redis.from_url(redis_url).flushdb()
+    reset_redis(redis_url)
     settings = Settings(data_dir=root / "data", redis_url=redis_url)
     upgrade_to_head(settings.sqlalchemy_url)
     env = app_env(settings.data_dir, settings.sqlalchemy_url, redis_url)

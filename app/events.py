@@ -1,23 +1,30 @@
 """Server-Sent Events from a run's (or an experiment's) Redis stream, resumable by id.
 
 Each SSE `id` is the Redis stream entry id, so a browser that reconnects with
-`Last-Event-ID` gets exactly the events it missed. When the stream is gone (expired, or a
-Redis that lost its data) a finished run's history is rebuilt from the database.
+`Last-Event-ID` gets exactly the events it missed. One reader per stream and web process
+fans new entries out to every connected browser (a hundred viewers of one run cost one
+Redis read, not a hundred). When the stream is gone (expired, or a Redis that lost its data)
+a finished run's history is rebuilt from the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
+log = logging.getLogger(__name__)
+
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+HUB_BUFFER = 5000  # entries a hub keeps for subscribers that fall behind
 
 
 def valid_last_event_id(value: str | None) -> str:
@@ -27,10 +34,29 @@ def valid_last_event_id(value: str | None) -> str:
     return "0"
 
 
+def id_key(entry_id: str) -> tuple[int, int]:
+    millis, _, seq = entry_id.partition("-")
+    return int(millis), int(seq or 0)
+
+
 def sse(data: dict[str, Any], event_id: str | None = None) -> str:
     lines = [f"id: {event_id}"] if event_id else []
     lines.append("data: " + json.dumps(data, separators=(",", ":"), default=float))
     return "\n".join(lines) + "\n\n"
+
+
+@dataclass
+class Entry:
+    """One stream entry, its SSE frame encoded once for every subscriber."""
+
+    id: str
+    event: dict[str, Any]
+    frame: str
+
+
+def to_entry(entry_id: str, fields: dict[str, str]) -> Entry:
+    event = json.loads(fields["data"])
+    return Entry(entry_id, event, f"id: {entry_id}\ndata: {fields['data']}\n\n")
 
 
 @dataclass
@@ -42,65 +68,163 @@ class Outcome:
     final: dict[str, Any] | None = None  # the event that closes the feed
 
 
+class StreamHub:
+    """One Redis reader for one stream key, shared by every subscriber in this process."""
+
+    def __init__(self, client: aioredis.Redis, key: str, start_id: str) -> None:
+        self.client, self.key = client, key
+        self.start_id = start_id
+        self.entries: deque[Entry] = deque(maxlen=HUB_BUFFER)
+        self.changed = asyncio.Condition()
+        self.subscribers = 0
+        self.healthy = True
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        last_id = self.start_id
+        while True:
+            try:
+                result = await self.client.xread({self.key: last_id}, count=1000, block=5000)
+                self.healthy = True
+            except (redis.RedisError, OSError) as exc:
+                if self.healthy:
+                    log.warning("live feed %s: Redis unavailable (%s)", self.key, exc)
+                self.healthy = False
+                await asyncio.sleep(1.0)
+                continue
+            if not result:
+                continue
+            for _stream, messages in result:
+                for entry_id, fields in messages:
+                    self.entries.append(to_entry(entry_id, fields))
+                    last_id = entry_id
+            async with self.changed:
+                self.changed.notify_all()
+
+    def after(self, last_id: str) -> list[Entry] | None:
+        """Buffered entries after `last_id`; None when the buffer no longer reaches back."""
+        if not self.entries:
+            return []
+        wanted = id_key(last_id)
+        if self.entries.maxlen and len(self.entries) == self.entries.maxlen and (
+            id_key(self.entries[0].id) > wanted
+        ):
+            return None
+        return [entry for entry in self.entries if id_key(entry.id) > wanted]
+
+    async def wait(self, timeout: float) -> None:
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout)
+            except TimeoutError:
+                pass
+
+
+class Hubs:
+    """The stream hubs of this web process, created on first subscriber, dropped on last."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        self.hubs: dict[str, StreamHub] = {}
+        self.lock = asyncio.Lock()
+
+    async def subscribe(self, key: str) -> StreamHub:
+        async with self.lock:
+            hub = self.hubs.get(key)
+            if hub is None:
+                try:
+                    newest = await self.client.xrevrange(key, count=1)
+                    start = newest[0][0] if newest else "0-0"
+                except (redis.RedisError, OSError):
+                    start = "0-0"
+                hub = self.hubs[key] = StreamHub(self.client, key, start)
+            hub.subscribers += 1
+            return hub
+
+    async def unsubscribe(self, hub: StreamHub) -> None:
+        async with self.lock:
+            hub.subscribers -= 1
+            if hub.subscribers <= 0 and self.hubs.get(hub.key) is hub:
+                del self.hubs[hub.key]
+                hub.task.cancel()
+
+    async def history(self, key: str, after_id: str, limit: int = 5000) -> list[Entry]:
+        start = "-" if after_id == "0" else f"({after_id}"
+        rows = await self.client.xrange(key, min=start, max="+", count=limit)
+        return [to_entry(entry_id, fields) for entry_id, fields in rows]
+
+    async def close(self) -> None:
+        for hub in self.hubs.values():
+            hub.task.cancel()
+        await self.client.aclose()
+
+
 async def stream_events(
-    redis_url: str,
+    hubs: Hubs,
     key: str,
     last_id: str,
     *,
     outcome: Callable[[], Outcome],
     heartbeat_s: float,
-    is_disconnected: Callable[[], Awaitable[bool]],
 ) -> AsyncIterator[str]:
     """SSE frames: the stream after `last_id`, then live entries, until the database says the
     feed is over and the final event has been sent."""
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    hub = await hubs.subscribe(key)  # before reading history, so nothing falls in between
     yield "retry: 2000\n\n"
-    grace_used = False
     try:
-        while not await is_disconnected():
-            block_ms = 500 if grace_used else int(heartbeat_s * 1000)
-            try:
-                entries = await client.xread({key: last_id}, count=500, block=block_ms)
-            except (redis.RedisError, OSError):
-                yield ": live feed unavailable (Redis), retrying\n\n"
-                await asyncio.sleep(1.0)
-                continue
-            for _stream, messages in entries or []:
-                for entry_id, fields in messages:
-                    last_id = entry_id
-                    event = json.loads(fields["data"])
-                    yield sse(event, event_id=entry_id)
-                    if event.get("type") == "end":
-                        state = await asyncio.to_thread(outcome)
-                        if state.finished:
-                            if state.final and state.final.get("type") != "end":
-                                yield sse(state.final)
-                            return
-            if entries:
-                continue
+        try:
+            pending = await hubs.history(key, last_id)
+        except (redis.RedisError, OSError):
+            pending = []
+        if not pending and last_id == "0":
             state = await asyncio.to_thread(outcome)
-            if not state.finished:
-                yield ": heartbeat\n\n"
-                continue
-            if last_id == "0" and await _stream_is_empty(client, key):
+            if state.finished and await _stream_is_empty(hubs, key):
                 # The live feed is gone: tell the story from the database.
                 for index, event in enumerate(state.history, start=1):
                     yield sse(event, event_id=f"0-{index}")
                 if state.final:
                     yield sse(state.final, event_id=f"0-{len(state.history) + 1}")
                 return
-            if grace_used:
-                # Finished and nothing after last_id: the client saw it all; close the feed.
-                if state.final:
-                    yield sse(state.final)
-                return
-            grace_used = True  # the end event may be a moment behind the database
+        check_outcome = True  # a client that already saw the end must not wait a heartbeat
+        while True:
+            batch: list[str] = []  # entries that arrived together go out in one write
+            for entry in pending:
+                last_id = entry.id
+                batch.append(entry.frame)
+                if entry.event.get("type") == "end":
+                    state = await asyncio.to_thread(outcome)
+                    if state.finished:
+                        if state.final and state.final.get("type") != "end":
+                            batch.append(sse(state.final))
+                        yield "".join(batch)
+                        return
+            if batch:
+                yield "".join(batch)
+            if not pending:
+                if check_outcome:
+                    state = await asyncio.to_thread(outcome)
+                    if state.finished:
+                        await hub.wait(0.5)  # the end event may be a moment behind the database
+                        if not hub.after(last_id):
+                            if state.final:
+                                yield sse(state.final)
+                            return
+                await hub.wait(heartbeat_s)
+                check_outcome = not hub.after(last_id)
+                if check_outcome:
+                    yield ": heartbeat\n\n" if hub.healthy else ": live feed unavailable\n\n"
+            pending = hub.after(last_id)
+            if pending is None:  # fell behind the hub's buffer: read from Redis itself
+                try:
+                    pending = await hubs.history(key, last_id)
+                except (redis.RedisError, OSError):
+                    pending = []
     finally:
-        await client.aclose()
+        await hubs.unsubscribe(hub)
 
 
-async def _stream_is_empty(client: aioredis.Redis, key: str) -> bool:
+async def _stream_is_empty(hubs: Hubs, key: str) -> bool:
     try:
-        return await client.xlen(key) == 0
+        return await hubs.client.xlen(key) == 0
     except (redis.RedisError, OSError):
         return True

@@ -107,12 +107,11 @@ async def experiment_events(experiment_id: int, request: Request, settings: Sett
         return Outcome(finished, history, final)
 
     frames = stream_events(
-        settings.effective_redis_url,
+        request.app.state.hubs,
         experiment_stream_key(experiment_id),
         valid_last_event_id(request.headers.get("last-event-id")),
         outcome=outcome,
         heartbeat_s=settings.sse_heartbeat_s,
-        is_disconnected=request.is_disconnected,
     )
     return StreamingResponse(frames, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -158,12 +158,11 @@ async def run_events(run_id: int, request: Request, settings: SettingsDep):
         return Outcome(True, history, final)
 
     frames = stream_events(
-        settings.effective_redis_url,
+        request.app.state.hubs,
         run_stream_key(run_id),
         valid_last_event_id(request.headers.get("last-event-id")),
         outcome=outcome,
         heartbeat_s=settings.sse_heartbeat_s,
-        is_disconnected=request.is_disconnected,
     )
     return StreamingResponse(frames, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -9,6 +9,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+# The methods registered in `methods.py` (a test keeps the two in step); named here so a
+# config can be validated without importing torch.
+METHOD_NAMES = ("self-tuning", "fine-tune", "fixmatch")
+
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -19,7 +23,8 @@ class RunConfig:
     The defaults are the `quick` preset (CPU-sized). `lr` is the learning rate of the
     backbone and the projector; the classifier learns `head_lr_ratio` times faster, as in
     the authors' code (0.001 and 0.01). `lr_milestones` are fractions of `iterations`, so a
-    shorter run keeps the shape of the schedule.
+    shorter run keeps the shape of the schedule. `cpu_threads` 0 means every core the process
+    may use; fewer helps where other processes share the cores.
     """
 
     method: str = "self-tuning"
@@ -47,6 +52,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(float(m) for m in self.lr_milestones))
@@ -54,10 +60,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
-        from worker.selftuning.methods import METHODS
-
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not one of {sorted(METHODS)}")
+        if self.method not in METHOD_NAMES:
+            raise ValueError(f"method {self.method!r} is not one of {sorted(METHOD_NAMES)}")
         if not isinstance(self.backbone, str) or not self.backbone.strip():
             raise ValueError("backbone must be a timm model name or a .safetensors path")
         _check_int(self, "image_size", 16, 1024)
@@ -80,6 +84,7 @@ class RunConfig:
         _check_int(self, "log_interval", 1, 10_000_000)
         _check_int(self, "seed", 0, 2**31 - 1)
         _check_int(self, "num_workers", 0, 64)
+        _check_int(self, "cpu_threads", 0, 1024)
         if not isinstance(self.pretrained, bool):
             raise ValueError(f"pretrained must be true or false, not {self.pretrained!r}")
         previous = 0.0

@@ -1,0 +1,1163 @@
+"""Dataset ingestion: receive an uploaded archive, read it safely, verify its images, lay them
+out and publish them all-or-nothing (plus thumbnails, deletion and crash clean-up)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import lzma
+import os
+import re
+import shutil
+import stat
+import struct
+import tarfile
+import time
+import uuid
+import warnings
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+import anyio.to_thread
+from PIL import Image, UnidentifiedImageError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.models import Artifact, Dataset, DatasetImage, Experiment, Run, RunMetric
+from worker.selftuning.budgets import split_holdout
+
+log = logging.getLogger(__name__)
+
+# Pillow only warns between MAX_IMAGE_PIXELS and twice that; an upload must fail instead.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+# Registers every plugin now: `Image.open(formats=...)` only knows those already loaded.
+Image.init()
+
+# Pillow format name -> extension of the stored original bytes (MPO: camera JPEGs).
+STORED_FORMATS = {
+    "JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif",
+    "GIF": "gif",
+}
+# What Image.open may try (MPO files are found by the JPEG opener).
+OPEN_FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"]
+IMAGE_SUFFIXES = {
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
+}
+SUPPORTED_TEXT = "JPEG, PNG, WebP, BMP, TIFF or GIF"
+LABELS_CSV = "labels.csv"
+MAX_LABELS_CSV_BYTES = 64 * 1024**2
+SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "test"}
+UNLABELED_FOLDER = "unlabeled"
+# Multipart framing and the small `name` field on top of the archive itself.
+MULTIPART_OVERHEAD_BYTES = 1024**2
+# After a 413 the rest of the body is read and dropped, up to this much, so that clients
+# see the response instead of a reset connection.
+DRAIN_BYTES = 64 * 1024**2
+WRITE_BUFFER_BYTES = 1024**2
+COPY_CHUNK_BYTES = 1024**2
+THUMBNAIL_SIZE = 128
+
+
+class IngestError(Exception):
+    """An upload we refuse; `detail` tells the user what to fix."""
+
+    def __init__(self, detail: str, status_code: int = 422) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status_code = status_code
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str
+    reason: str
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that puts "class2" before "class10"; the name itself breaks ties."""
+    parts = tuple(
+        (0, int(token), "") if token.isdigit() else (1, 0, token.casefold())
+        for token in re.split(r"(\d+)", name)
+        if token
+    )
+    return parts, name
+
+
+def _classes_phrase(names: list[str], singular: str, plural: str) -> str:
+    """"class 'a' has" or "classes 'a', 'b' have"."""
+    if len(names) == 1:
+        return f"class {names[0]!r} {singular}"
+    return f"classes {_quoted_list(names)} {plural}"
+
+
+def _quoted_list(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(item) for item in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# --- Receiving the upload -------------------------------------------------------------------
+
+
+@dataclass
+class ReceivedUpload:
+    """The archive streamed to disk from a multipart request, and the form's other field."""
+
+    path: Path
+    filename: str
+    name: str | None
+    size: int
+
+
+class _MultipartSink:
+    """python-multipart callbacks: the `file` part goes to a buffer flushed to disk by the
+    caller, the `name` part is kept (small), anything else is dropped."""
+
+    MAX_FIELD_BYTES = 64 * 1024
+
+    def __init__(self, max_file_bytes: int) -> None:
+        self.max_file_bytes = max_file_bytes
+        self.pending = bytearray()
+        self.file_bytes = 0
+        self.too_large = False
+        self.filename: str | None = None
+        self.file_parts = 0
+        self.name: str | None = None
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+        self._target: str | None = None
+        self._field = bytearray()
+
+    def callbacks(self) -> dict[str, Callable]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+        }
+
+    def on_part_begin(self) -> None:
+        self._disposition = b""
+        self._target = None
+        self._field = bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = b""
+        self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        field_name = options.get(b"name", b"").decode("utf-8", "replace")
+        if field_name == "file" and b"filename" in options:
+            self.file_parts += 1
+            if self.file_parts > 1:
+                raise IngestError("send one archive per upload (the form has several 'file's)")
+            raw_filename = options[b"filename"].decode("utf-8", "replace")
+            self.filename = PurePosixPath(raw_filename.replace("\\", "/")).name
+            self._target = "file"
+        elif field_name == "name":
+            self._target = "name"
+        else:
+            self._target = None
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._target == "file":
+            self.file_bytes += end - start
+            if self.file_bytes > self.max_file_bytes:
+                self.too_large = True
+            elif not self.too_large:
+                self.pending += data[start:end]
+        elif self._target == "name":
+            self._field += data[start:end]
+            if len(self._field) > self.MAX_FIELD_BYTES:
+                raise IngestError("the 'name' field is too long (at most 200 characters)")
+
+    def on_part_end(self) -> None:
+        if self._target == "name":
+            self.name = self._field.decode("utf-8", "replace")
+
+
+async def _drain(chunks: AsyncIterator[bytes], already: int = 0) -> None:
+    drained = already
+    async for chunk in chunks:
+        drained += len(chunk)
+        if drained > DRAIN_BYTES:
+            return
+
+
+def _too_large(max_bytes: int) -> IngestError:
+    return IngestError(
+        f"the archive is larger than the upload limit of {human_bytes(max_bytes)}: split it "
+        "into smaller archives or raise SELFTUNE_MAX_UPLOAD_BYTES",
+        status_code=413,
+    )
+
+
+async def receive_upload(
+    headers: Mapping[str, str], chunks: AsyncIterator[bytes], destination: Path, max_bytes: int
+) -> ReceivedUpload:
+    """Stream a multipart/form-data body (`file`, optional `name`) to `destination`, never
+    holding the archive in memory and refusing it (413) as soon as it passes `max_bytes`."""
+    content_type = headers.get("content-type", "")
+    media_type, params = parse_options_header(content_type)
+    if media_type != b"multipart/form-data" or b"boundary" not in params:
+        raise IngestError(
+            "send the archive as multipart/form-data in a field named 'file' "
+            "(curl -F file=@photos.zip ...)",
+            status_code=415,
+        )
+    max_body = max_bytes + MULTIPART_OVERHEAD_BYTES
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        await _drain(chunks)
+        raise _too_large(max_bytes)
+
+    sink = _MultipartSink(max_bytes)
+    parser = MultipartParser(params[b"boundary"], sink.callbacks())
+    body_bytes = 0
+    with open(destination, "wb") as out:
+        async for chunk in chunks:
+            body_bytes += len(chunk)
+            try:
+                parser.write(chunk)
+            except IngestError:
+                raise
+            except Exception as exc:  # python-multipart raises several types on bad framing
+                raise IngestError(f"the multipart body is malformed: {exc}", 400) from None
+            if sink.too_large or body_bytes > max_body:
+                await _drain(chunks, body_bytes)
+                raise _too_large(max_bytes)
+            if len(sink.pending) >= WRITE_BUFFER_BYTES:
+                data, sink.pending = bytes(sink.pending), bytearray()
+                await anyio.to_thread.run_sync(out.write, data)
+        try:
+            parser.finalize()
+        except Exception as exc:  # noqa: BLE001 - a truncated body is the client's problem
+            raise IngestError(f"the multipart body is incomplete: {exc}", 400) from None
+        if sink.pending:
+            await anyio.to_thread.run_sync(out.write, bytes(sink.pending))
+    if sink.filename is None:
+        raise IngestError(
+            "no archive in the form: send it in a multipart field named 'file' "
+            "(curl -F file=@photos.zip ...)"
+        )
+    return ReceivedUpload(destination, sink.filename, sink.name, sink.file_bytes)
+
+
+def dataset_name(requested: str | None, filename: str) -> str:
+    """The name given in the form, else the archive's file name without its suffixes."""
+    name = (requested or "").strip()
+    if not name:
+        name = re.sub(r"(\.(zip|tar|tgz|tbz2?|txz|gz|bz2|xz))+$", "", filename, flags=re.I)
+        name = name.strip() or "dataset"
+    if len(name) > 200:
+        raise IngestError("the dataset name is too long (at most 200 characters)")
+    return name
+
+
+# --- Reading archives -----------------------------------------------------------------------
+
+
+def safe_member_path(raw: str) -> str:
+    """The archive path as clean relative components; refuses anything that could escape."""
+    name = raw.replace("\\", "/")
+    if "\x00" in name:
+        raise IngestError(f"archive entry {raw!r} has a NUL byte in its name")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise IngestError(
+            f"archive entry {raw!r} has an absolute path: re-create the archive with "
+            "relative paths (from inside the folder you are uploading)"
+        )
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise IngestError(
+            f"archive entry {raw!r} points outside the archive ('..'): re-create the archive "
+            "without '..' in its paths"
+        )
+    return "/".join(parts)
+
+
+def _link_error(raw: str) -> IngestError:
+    return IngestError(
+        f"archive entry {raw!r} is a link: links are not accepted, archive the files "
+        "themselves (zip: leave out --symlinks; tar: add --dereference --hard-dereference)"
+    )
+
+
+@dataclass
+class _Member:
+    """One archive entry after the structural checks."""
+
+    path: str
+    kind: str  # file | dir | other | encrypted
+    size: int
+    open: Callable[[], IO[bytes]]
+
+
+class _ByteBudget:
+    """Counts the bytes actually extracted and stops at the uncompressed or ratio limit
+    (declared sizes are checked first, but an archive can lie about them)."""
+
+    def __init__(self, settings: Settings, archive_size: int) -> None:
+        self.limit = min(
+            settings.max_uncompressed_bytes,
+            int(settings.max_compression_ratio * max(archive_size, 1)),
+        )
+        self.settings = settings
+        self.archive_size = archive_size
+        self.used = 0
+
+    def check_declared(self, declared_total: int) -> None:
+        _check_expansion(declared_total, self.archive_size, self.settings)
+
+    def consume(self, count: int) -> None:
+        self.used += count
+        if self.used > self.limit:
+            _check_expansion(self.used, self.archive_size, self.settings)
+
+
+def _check_expansion(total: int, archive_size: int, settings: Settings) -> None:
+    if total > settings.max_uncompressed_bytes:
+        raise IngestError(
+            f"the archive expands to more than {human_bytes(settings.max_uncompressed_bytes)}"
+            " (SELFTUNE_MAX_UNCOMPRESSED_BYTES): split it into smaller archives",
+            status_code=413,
+        )
+    if total > settings.max_compression_ratio * max(archive_size, 1):
+        raise IngestError(
+            f"the archive expands more than {settings.max_compression_ratio:g} times its size "
+            f"({human_bytes(archive_size)} to over {human_bytes(total)}), which is how zip "
+            "bombs look; images barely compress, so archive the image files themselves",
+            status_code=413,
+        )
+
+
+def _too_many_files(settings: Settings) -> IngestError:
+    return IngestError(
+        f"the archive has more than {settings.max_archive_files} files "
+        "(SELFTUNE_MAX_ARCHIVE_FILES): split it into smaller datasets",
+        status_code=413,
+    )
+
+
+# Zip records (APPNOTE 4.3): end of central directory, its zip64 locator and record, and
+# the fixed part of one central directory header.
+ZIP_END = struct.Struct("<4s4H2LH")
+ZIP64_LOCATOR = struct.Struct("<4sLQL")
+ZIP64_END = struct.Struct("<4sQ2H2L4Q")
+ZIP_DIRECTORY_ENTRY = struct.Struct("<4s4B4HL2L5H2L")
+
+
+def _check_zip_entry_count(path: Path, settings: Settings) -> None:
+    """Count the central directory's entries by their headers alone: zipfile builds an object
+    per entry on opening, so a zip of millions of tiny entries must be refused first."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        tail_start = max(0, size - ZIP_END.size - 65535)  # the record plus its longest comment
+        handle.seek(tail_start)
+        tail = handle.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < ZIP_END.size:
+            return  # not a readable zip: ZipFile says so
+        directory_end = tail_start + at
+        directory_size = ZIP_END.unpack_from(tail, at)[5]
+        if at >= ZIP64_LOCATOR.size and tail[at - ZIP64_LOCATOR.size:].startswith(b"PK\x06\x07"):
+            # As zipfile does: the zip64 record sits just before its locator.
+            record_at = directory_end - ZIP64_LOCATOR.size - ZIP64_END.size
+            handle.seek(max(record_at, 0))
+            record = handle.read(ZIP64_END.size)
+            if len(record) == ZIP64_END.size and record.startswith(b"PK\x06\x06"):
+                directory_end, directory_size = record_at, ZIP64_END.unpack(record)[8]
+        position = max(0, directory_end - directory_size)
+        handle.seek(position)
+        count = 0
+        while position + ZIP_DIRECTORY_ENTRY.size <= directory_end:
+            header = ZIP_DIRECTORY_ENTRY.unpack(handle.read(ZIP_DIRECTORY_ENTRY.size))
+            if header[0] != b"PK\x01\x02":
+                return  # a damaged directory: ZipFile says so
+            name = handle.read(header[12])
+            handle.seek(header[13] + header[14], os.SEEK_CUR)  # extra field, comment
+            position += ZIP_DIRECTORY_ENTRY.size + header[12] + header[13] + header[14]
+            count += not name.endswith(b"/")  # folders do not count, as below
+            if count > settings.max_archive_files:
+                raise _too_many_files(settings)
+
+
+def _zip_members(archive: zipfile.ZipFile, budget: _ByteBudget, settings: Settings):
+    """Every entry of a zip, after checking all of them (the central directory is read
+    first, so a bad entry is refused before anything is extracted)."""
+    members: list[_Member] = []
+    files = 0
+    declared = 0
+    for info in archive.infolist():
+        path = safe_member_path(info.filename)
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise _link_error(info.filename)
+        if info.is_dir() or stat.S_ISDIR(mode) or not path:
+            members.append(_Member(path, "dir", 0, _no_content))
+            continue
+        files += 1
+        if files > settings.max_archive_files:
+            raise _too_many_files(settings)
+        declared += info.file_size
+        kind = "file"
+        if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
+            kind = "other"
+        elif info.flag_bits & 0x1:
+            kind = "encrypted"
+        members.append(_Member(path, kind, info.file_size, _zip_opener(archive, info)))
+    budget.check_declared(declared)
+    return members
+
+
+def _zip_opener(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:
+    return lambda: archive.open(info)
+
+
+def _no_content() -> IO[bytes]:
+    return io.BytesIO()
+
+
+def _tar_members(path: Path, budget: _ByteBudget, settings: Settings) -> Iterator[_Member]:
+    """Entries of a tar (any compression) in stream order, checked as they come; each must
+    be consumed before the next is read."""
+    try:
+        archive = tarfile.open(path, mode="r|*")  # noqa: SIM115 - closed by `with` below
+    except tarfile.ReadError:
+        raise IngestError(
+            "the upload is not a zip or tar archive (.zip, .tar, .tar.gz, .tgz): "
+            "archive your image folder and upload that",
+            status_code=415,
+        ) from None
+    files = 0
+    declared = 0
+    with archive:
+        for info in archive:
+            # Stream mode still remembers every header; drop them to keep memory flat.
+            archive.members = []
+            member_path = safe_member_path(info.name)
+            if info.issym() or info.islnk():
+                raise _link_error(info.name)
+            if info.isdir() or not member_path:
+                continue
+            files += 1
+            if files > settings.max_archive_files:
+                raise _too_many_files(settings)
+            if not info.isreg():
+                yield _Member(member_path, "other", 0, _no_content)
+                continue
+            declared += info.size
+            budget.check_declared(declared)
+            yield _Member(member_path, "file", info.size, _tar_opener(archive, info))
+
+
+def _tar_opener(archive: tarfile.TarFile, info: tarfile.TarInfo) -> Callable[[], IO[bytes]]:
+    def open_member() -> IO[bytes]:
+        stream = archive.extractfile(info)
+        if stream is None:
+            raise OSError("entry has no content")
+        return stream
+
+    return open_member
+
+
+# --- Verifying entries ----------------------------------------------------------------------
+
+
+@dataclass
+class _Image:
+    """An extracted entry that decodes as a supported image."""
+
+    order: int
+    path: str
+    temp: Path
+    sha256: str
+    size: int
+    width: int
+    height: int
+    suffix: str
+
+
+@dataclass
+class _Extraction:
+    images: list[_Image] = field(default_factory=list)
+    skipped: list[tuple[int, SkippedFile]] = field(default_factory=list)
+    file_paths: set[str] = field(default_factory=set)
+    labels_csvs: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def skip(self, order: int, path: str, reason: str) -> None:
+        self.skipped.append((order, SkippedFile(path, reason)))
+
+
+def _skip_reason_by_name(path: str) -> str | None:
+    parts = path.split("/")
+    if any(part.lower() == "__macosx" for part in parts):
+        return "macOS metadata (__MACOSX)"
+    if any(part.startswith(".") for part in parts):
+        return "hidden file or folder"
+    return None
+
+
+def _copy_member(
+    stream: IO[bytes], destination: Path, budget: _ByteBudget, limit: int | None = None
+) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    written = 0
+    with open(destination, "wb") as out:
+        while chunk := stream.read(COPY_CHUNK_BYTES):
+            written += len(chunk)
+            budget.consume(len(chunk))
+            if limit is not None and written > limit:
+                raise IngestError(f"labels.csv is larger than {human_bytes(limit)}")
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest(), written
+
+
+def inspect_image(path: Path, archive_path: str, max_pixels: int) -> tuple[str, int, int]:
+    """(stored suffix, width, height) of a decodable image; raises IngestError for one over
+    the pixel limit and ValueError (with the reason) for one that does not decode."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with Image.open(path, formats=OPEN_FORMATS) as image:
+            width, height = image.size
+            # The header is all that has been read so far: refuse bombs before decoding.
+            _check_pixels(archive_path, width, height, max_pixels)
+            image.load()  # full decode of the first frame: truncated data fails here
+            return STORED_FORMATS[image.format or ""], width, height
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        amount = f"{int(declared[1]):,} pixels" if declared else "too many pixels"
+        raise IngestError(
+            f"image {archive_path!r} declares {amount}, over the limit of {max_pixels:,} "
+            "(SELFTUNE_MAX_IMAGE_PIXELS); huge dimensions are how decompression bombs look: "
+            "downscale the image or remove it",
+        ) from None
+    except IngestError:
+        raise
+    except UnidentifiedImageError:
+        raise ValueError(f"corrupt or unsupported image (not {SUPPORTED_TEXT})") from None
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types on damaged data
+        message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ValueError(f"corrupt image: {message}") from None
+
+
+def _check_pixels(archive_path: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise IngestError(
+            f"image {archive_path!r} is {width}x{height} = {width * height:,} pixels, over the "
+            f"limit of {max_pixels:,} (SELFTUNE_MAX_IMAGE_PIXELS): downscale it or remove it",
+        )
+
+
+def _extract(archive_path: Path, incoming: Path, settings: Settings) -> _Extraction:
+    """Extract every image candidate to `incoming`, verify it, and note what was skipped."""
+    archive_size = archive_path.stat().st_size
+    if archive_size == 0:
+        raise IngestError("the uploaded file is empty", status_code=415)
+    budget = _ByteBudget(settings, archive_size)
+    result = _Extraction()
+    incoming.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(archive_path):
+        _check_zip_entry_count(archive_path, settings)
+        try:
+            with zipfile.ZipFile(archive_path) as archive:
+                _extract_members(_zip_members(archive, budget, settings), incoming, budget,
+                                 settings, result)
+        except (zipfile.BadZipFile, EOFError) as exc:
+            raise IngestError(f"the zip archive is damaged: {exc}") from None
+    else:
+        try:
+            _extract_members(_tar_members(archive_path, budget, settings), incoming, budget,
+                             settings, result)
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
+            # Decompressors raise OSError without an errno; one with an errno (a full disk)
+            # is ours, not the archive's.
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise
+            raise IngestError(f"the tar archive is damaged or truncated: {exc}") from None
+    return result
+
+
+def _extract_members(
+    members, incoming: Path, budget: _ByteBudget, settings: Settings, result: _Extraction
+) -> None:
+    for order, member in enumerate(members):
+        if member.kind == "dir":
+            continue
+        path = member.path
+        result.file_paths.add(path)
+        if reason := _skip_reason_by_name(path):
+            result.skip(order, path, reason)
+            continue
+        if member.kind == "other":
+            result.skip(order, path, "not a regular file")
+            continue
+        if member.kind == "encrypted":
+            result.skip(order, path, "encrypted entry: archive it without a password")
+            continue
+        is_labels_csv = PurePosixPath(path).name.lower() == LABELS_CSV
+        suffix = PurePosixPath(path).suffix.lower()
+        if not is_labels_csv and suffix not in IMAGE_SUFFIXES:
+            result.skip(order, path, f"not an image ({suffix or 'no extension'}); "
+                                     f"supported: {SUPPORTED_TEXT}")
+            continue
+        temp = incoming / str(order)
+        try:
+            with member.open() as stream:
+                limit = MAX_LABELS_CSV_BYTES if is_labels_csv else None
+                sha256, size = _copy_member(stream, temp, budget, limit)
+        except (zipfile.BadZipFile, NotImplementedError, RuntimeError, zlib.error) as exc:
+            # Only zip entries fail one by one; a broken tar stream fails the whole archive.
+            temp.unlink(missing_ok=True)
+            result.skip(order, path, f"damaged archive entry: {exc}")
+            continue
+        if is_labels_csv:
+            result.labels_csvs.append((path, temp.read_bytes()))
+            temp.unlink()
+            continue
+        try:
+            suffix, width, height = inspect_image(temp, path, settings.max_image_pixels)
+        except ValueError as exc:
+            temp.unlink()
+            result.skip(order, path, str(exc))
+            continue
+        result.images.append(_Image(order, path, temp, sha256, size, width, height, suffix))
+
+
+# --- Layout: which split and class each image belongs to ----------------------------------
+
+
+@dataclass
+class _Placed:
+    image: _Image
+    split: str  # train | test | unlabeled
+    class_name: str | None
+
+
+def _strip_wrappers(paths: list[str]) -> int:
+    """How many leading folders every image shares (single wrapping folders, nested too);
+    a split folder or `unlabeled/` is never a wrapper, and class folders stay."""
+    depth = 0
+    split_paths = [path.split("/") for path in paths]
+    while split_paths and all(len(parts) >= depth + 3 for parts in split_paths):
+        first = {parts[depth] for parts in split_paths}
+        if len(first) != 1:
+            break
+        (name,) = first
+        if name.lower() in SPLIT_FOLDERS or name.lower() == UNLABELED_FOLDER:
+            break
+        depth += 1
+    return depth
+
+
+def _layout_by_folders(images: list[_Image], skip: Callable[[_Image, str], None]):
+    depth = _strip_wrappers([image.path for image in images])
+    relative = {image.order: image.path.split("/")[depth:] for image in images}
+    tops = {parts[0].lower() for parts in relative.values() if len(parts) > 1}
+    if "test" in tops and "val" in tops:
+        raise IngestError(
+            "the archive has both test/ and val/ folders: keep one of them as the test split "
+            "(merge or remove the other)"
+        )
+    has_train = "train" in tops
+    placed: list[_Placed] = []
+    for image in images:
+        parts = relative[image.order]
+        split = "train"
+        top = parts[0].lower() if len(parts) > 1 else ""
+        if top in SPLIT_FOLDERS:
+            split = SPLIT_FOLDERS[top]
+            parts = parts[1:]
+        elif has_train and top != UNLABELED_FOLDER:
+            skip(image, "outside the train/ and test/ folders")
+            continue
+        if len(parts) < 2:
+            skip(image, "not inside a class folder: put it in <class>/ or unlabeled/")
+            continue
+        if parts[0].lower() == UNLABELED_FOLDER:
+            placed.append(_Placed(image, "unlabeled", None))
+        else:
+            placed.append(_Placed(image, split, parts[0]))
+    return placed
+
+
+def _parse_labels_csv(csv_path: str, data: bytes) -> dict[str, tuple[str | None, str]]:
+    """labels.csv rows as {path relative to the csv's folder: (label or None, split)}."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise IngestError(f"{csv_path} is not UTF-8 text: save it as UTF-8 CSV") from None
+    rows: dict[str, tuple[str | None, str]] = {}
+    for line_number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        cells = [cell.strip() for cell in row]
+        if not any(cells):
+            continue
+        if line_number == 1 and [cell.lower() for cell in cells[:2]] == ["path", "label"]:
+            continue
+        if len(cells) not in (2, 3):
+            raise IngestError(
+                f"{csv_path} line {line_number}: expected 'path,label' (or 'path,label,split'),"
+                f" got {len(cells)} columns"
+            )
+        try:
+            path = safe_member_path(cells[0])
+        except IngestError:
+            raise IngestError(
+                f"{csv_path} line {line_number}: path {cells[0]!r} must be relative to the "
+                f"folder of {csv_path}, without '..' or a leading '/'"
+            ) from None
+        split_name = cells[2].lower() if len(cells) == 3 and cells[2] else "train"
+        if split_name not in SPLIT_FOLDERS:
+            raise IngestError(
+                f"{csv_path} line {line_number}: split {cells[2]!r} must be train, test or val"
+            )
+        if path in rows:
+            raise IngestError(f"{csv_path} line {line_number}: {cells[0]!r} is listed twice")
+        rows[path] = (cells[1] or None, SPLIT_FOLDERS[split_name])
+    return rows
+
+
+def _layout_by_csv(
+    images: list[_Image], file_paths: set[str], csv_path: str, data: bytes,
+    skip: Callable[[_Image, str], None],
+) -> list[_Placed]:
+    folder = str(PurePosixPath(csv_path).parent)
+    prefix = "" if folder == "." else folder + "/"
+    rows = _parse_labels_csv(csv_path, data)
+    present = {path[len(prefix):] for path in file_paths if path.startswith(prefix)}
+    missing = sorted(path for path in rows if path not in present)
+    if missing:
+        raise IngestError(
+            f"{csv_path} names {len(missing)} file(s) that are not in the archive: "
+            f"{_quoted_list(missing)}; paths are relative to the folder of {csv_path}"
+        )
+    placed: list[_Placed] = []
+    for image in images:
+        relative = image.path[len(prefix):] if image.path.startswith(prefix) else None
+        if relative is None or relative not in rows:
+            skip(image, f"not listed in {csv_path}")
+            continue
+        label, split = rows[relative]
+        if label is None:
+            placed.append(_Placed(image, "unlabeled", None))
+        else:
+            placed.append(_Placed(image, split, label))
+    return placed
+
+
+# --- Planning the stored dataset ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    path: str  # relative to the dataset directory
+    original_path: str
+    split: str
+    label: int | None
+    sha256: str
+    width: int
+    height: int
+    size: int
+
+
+@dataclass
+class PreparedDataset:
+    """A verified dataset laid out in a private directory, ready to be published."""
+
+    directory: Path
+    class_names: list[str]
+    images: list[StoredImage]
+    skipped: list[SkippedFile]
+    test_source: str
+
+    @property
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        counts = Counter((image.split, image.label) for image in self.images)
+        return {
+            name: {"train": counts[("train", index)], "test": counts[("test", index)]}
+            for index, name in enumerate(self.class_names)
+        }
+
+    @property
+    def unlabeled_count(self) -> int:
+        return sum(1 for image in self.images if image.split == "unlabeled")
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(image.size for image in self.images)
+
+    @property
+    def fingerprint(self) -> str:
+        return dataset_fingerprint(
+            (image.split, self.class_names[image.label] if image.label is not None else "",
+             image.sha256)
+            for image in self.images
+        )
+
+
+def dataset_fingerprint(entries) -> str:
+    """sha256 over the sorted (split, class name, image sha256) entries: the same content
+    gives the same fingerprint whatever the archive looked like."""
+    digest = hashlib.sha256()
+    for split, label, sha256 in sorted(entries):
+        digest.update(f"{split}\t{label}\t{sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def skip_category(reason: str) -> str:
+    """The kind of a skip reason, without the file-specific part ("duplicate of x")."""
+    return re.split(r"[(:;]| of ", reason, maxsplit=1)[0].strip()
+
+
+def _no_usable_images(extraction: _Extraction, skipped: list[SkippedFile]) -> IngestError:
+    reasons = Counter(skip_category(item.reason) for item in skipped)
+    summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common(4))
+    if not extraction.images and not any(reason.startswith("corrupt") for reason in reasons):
+        others = f" ({len(skipped)} other file(s) skipped: {summary})" if skipped else ""
+        return IngestError(
+            f"the archive has no images: add {SUPPORTED_TEXT} files, one folder per class "
+            f"(<class>/<image>){others}"
+        )
+    examples = "; ".join(f"{item.path!r}: {item.reason}" for item in skipped[:3])
+    return IngestError(
+        f"the archive has no usable images ({len(skipped)} skipped: {summary}), for example "
+        f"{examples}"
+    )
+
+
+def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings) -> PreparedDataset:
+    """Read, verify and lay out an archive under `work_dir/dataset` (nothing else is touched).
+    Raises IngestError with what to fix; the caller removes `work_dir` either way."""
+    extraction = _extract(archive_path, work_dir / "incoming", settings)
+    skipped_at: list[tuple[int, SkippedFile]] = list(extraction.skipped)
+
+    def skip(image: _Image, reason: str) -> None:
+        skipped_at.append((image.order, SkippedFile(image.path, reason)))
+
+    if extraction.labels_csvs:
+        csvs = sorted(extraction.labels_csvs, key=lambda item: item[0].count("/"))
+        if len(csvs) > 1 and csvs[0][0].count("/") == csvs[1][0].count("/"):
+            raise IngestError(
+                f"found several {LABELS_CSV} files ({_quoted_list([c[0] for c in csvs])}): "
+                "keep one"
+            )
+        csv_path, data = csvs[0]
+        placed = _layout_by_csv(extraction.images, extraction.file_paths, csv_path, data, skip)
+    else:
+        placed = _layout_by_folders(extraction.images, skip)
+
+    # Exact duplicates: the first in archive order stays.
+    first_by_sha: dict[str, str] = {}
+    kept: list[_Placed] = []
+    for item in sorted(placed, key=lambda item: item.image.order):
+        if item.image.sha256 in first_by_sha:
+            skip(item.image, f"duplicate of {first_by_sha[item.image.sha256]}")
+            continue
+        first_by_sha[item.image.sha256] = item.image.path
+        kept.append(item)
+    skipped = [entry for _, entry in sorted(skipped_at, key=lambda pair: pair[0])]
+    if not kept:
+        raise _no_usable_images(extraction, skipped)
+
+    train_classes = {item.class_name for item in kept if item.split == "train"} - {None}
+    test_classes = {item.class_name for item in kept if item.split == "test"} - {None}
+    if only_in_test := sorted(test_classes - train_classes, key=natural_key):
+        raise IngestError(
+            _classes_phrase(only_in_test, "has", "have") + " test images but no training "
+            "images: add training images or remove them from the test split"
+        )
+    if len(train_classes) < 2:
+        found = f" ({_quoted_list(sorted(train_classes))})" if train_classes else ""
+        raise IngestError(
+            f"found {len(train_classes)} class{'' if len(train_classes) == 1 else 'es'}{found};"
+            " at least two are needed: put labeled images in one folder per class "
+            "(<class>/<image>) or list them in labels.csv"
+        )
+    class_names = sorted(train_classes, key=natural_key)
+    class_index = {name: index for index, name in enumerate(class_names)}
+
+    test_source = "uploaded" if test_classes else "holdout"
+    if test_source == "holdout":
+        kept = _hold_out(kept, class_names, settings)
+
+    directory = work_dir / "dataset"
+    directory.mkdir(parents=True)
+    stored: list[StoredImage] = []
+    for number, item in enumerate(sorted(kept, key=lambda item: item.image.order)):
+        label = class_index[item.class_name] if item.class_name is not None else None
+        folder = item.split if label is None else f"{item.split}/{label}"
+        relative = f"{folder}/{number}.{item.image.suffix}"
+        (directory / folder).mkdir(parents=True, exist_ok=True)
+        os.rename(item.image.temp, directory / relative)
+        stored.append(StoredImage(
+            relative, item.image.path, item.split, label, item.image.sha256,
+            item.image.width, item.image.height, item.image.size,
+        ))
+    return PreparedDataset(directory, class_names, stored, skipped, test_source)
+
+
+def _hold_out(kept: list[_Placed], class_names: list[str], settings: Settings) -> list[_Placed]:
+    """Move a stratified, seeded share of each class to the test split (shared sampler)."""
+    class_index = {name: index for index, name in enumerate(class_names)}
+    labeled = sorted(
+        (item for item in kept if item.split == "train"),
+        # Ordered by content so that the same images give the same split however archived.
+        key=lambda item: (class_index[item.class_name], item.image.sha256),
+    )
+    sizes = Counter(item.class_name for item in labeled)
+    if too_small := [name for name in class_names if sizes[name] < 2]:
+        raise IngestError(
+            _classes_phrase(too_small, "has", "have") + " only one labeled image: without a "
+            "test/ folder a test split is held out of every class, so give each class at "
+            "least two images or upload a test/ folder"
+        )
+    labels = [class_index[item.class_name] for item in labeled]
+    _, held_out = split_holdout(labels, settings.holdout_fraction, settings.holdout_seed)
+    for index in held_out:
+        labeled[index].split = "test"
+    return kept
+
+
+# --- Publishing, deleting, cleaning up ------------------------------------------------------
+
+
+def new_work_dir(settings: Settings) -> Path:
+    """A private directory under tmp/ for one upload (removed by the caller or at startup)."""
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = settings.tmp_dir / f"upload-{uuid.uuid4().hex}"
+    work_dir.mkdir()
+    return work_dir
+
+
+def publish_dataset(session: Session, settings: Settings, prepared: PreparedDataset,
+                    name: str) -> Dataset:
+    """Move the verified tree into datasets/ and commit its rows; either both happen or
+    neither is visible (a directory without rows is an orphan that cleanup removes)."""
+    storage_key = uuid.uuid4().hex
+    dataset = Dataset(
+        name=name, storage_key=storage_key, fingerprint=prepared.fingerprint,
+        class_names=prepared.class_names, class_counts=prepared.class_counts,
+        unlabeled_count=prepared.unlabeled_count, image_count=len(prepared.images),
+        test_source=prepared.test_source,
+        skipped=[{"path": item.path, "reason": item.reason} for item in prepared.skipped],
+        size_bytes=prepared.size_bytes,
+    )
+    target = settings.datasets_dir / storage_key
+    moved = False
+    try:
+        session.add(dataset)
+        session.flush()
+        if prepared.images:
+            session.execute(insert(DatasetImage), [
+                {"dataset_id": dataset.id, "path": image.path,
+                 "original_path": image.original_path[:1024], "split": image.split,
+                 "label": image.label, "sha256": image.sha256, "width": image.width,
+                 "height": image.height}
+                for image in prepared.images
+            ])
+        settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+        # A fresh mtime keeps the not-yet-committed directory inside cleanup's grace period.
+        os.utime(prepared.directory)
+        os.rename(prepared.directory, target)
+        moved = True
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if moved:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return dataset
+
+
+def ingest_archive(session: Session, settings: Settings, archive_path: Path, work_dir: Path,
+                   name: str) -> Dataset:
+    """Verify the archive in `work_dir` and publish it as a new dataset."""
+    started = time.monotonic()
+    prepared = prepare_dataset(archive_path, work_dir, settings)
+    dataset = publish_dataset(session, settings, prepared, name)
+    log.info("dataset %s (%r): %d images, %d classes, %d skipped in %.1fs", dataset.id, name,
+             dataset.image_count, len(dataset.class_names), len(dataset.skipped),
+             time.monotonic() - started)
+    return dataset
+
+
+def dataset_dir(settings: Settings, dataset: Dataset) -> Path:
+    return settings.datasets_dir / dataset.storage_key
+
+
+def thumbnail_dir(settings: Settings, dataset: Dataset) -> Path:
+    return settings.cache_dir / "thumbs" / dataset.storage_key
+
+
+def image_file(settings: Settings, dataset: Dataset, image: DatasetImage) -> Path:
+    """The stored file of an image, resolved strictly inside the dataset's directory."""
+    root = dataset_dir(settings, dataset).resolve()
+    path = (root / image.path).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise FileNotFoundError(image.path)
+    return path
+
+
+def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage) -> Path:
+    """A JPEG of at most THUMBNAIL_SIZE px a side, made on first request and cached."""
+    folder = thumbnail_dir(settings, dataset)
+    cached = folder / f"{image.id}.jpg"
+    if cached.is_file():
+        return cached
+    source = image_file(settings, dataset, image)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+    with Image.open(source, formats=OPEN_FORMATS) as original:
+        original.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        original.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        if original.mode in ("RGBA", "LA", "PA") or "transparency" in original.info:
+            rgba = original.convert("RGBA")
+            small = Image.new("RGB", rgba.size, "white")
+            small.paste(rgba, mask=rgba.getchannel("A"))
+        else:
+            small = original.convert("RGB")
+    # Written aside and renamed so a concurrent request never serves half a file.
+    partial = folder / f".{image.id}.{uuid.uuid4().hex}.jpg"
+    small.save(partial, "JPEG", quality=85)
+    os.replace(partial, cached)
+    return cached
+
+
+def active_run_count(session: Session, dataset_id: int) -> int:
+    return session.scalar(
+        select(func.count()).select_from(Run)
+        .where(Run.dataset_id == dataset_id, Run.status.in_(("queued", "running")))
+    ) or 0
+
+
+def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> None:
+    """Delete a dataset with its images, experiments, runs and their files; refused (409)
+    while a run of it is queued or running."""
+    # Lock the dataset row first so that no run can be queued on it between the check and
+    # the delete: FOR UPDATE on PostgreSQL; SQLite takes its write lock on the first write.
+    session.execute(select(Dataset.id).where(Dataset.id == dataset.id).with_for_update())
+    session.execute(update(Dataset).where(Dataset.id == dataset.id).values(name=Dataset.name))
+    if active := active_run_count(session, dataset.id):
+        session.rollback()
+        raise IngestError(
+            f"dataset {dataset.id} is used by {active} queued or running run(s): cancel them "
+            "or wait for them to finish, then delete it",
+            status_code=409,
+        )
+    experiment_ids = select(Experiment.id).where(Experiment.dataset_id == dataset.id)
+    run_ids = session.scalars(
+        select(Run.id).where(
+            (Run.dataset_id == dataset.id) | Run.experiment_id.in_(experiment_ids)
+        )
+    ).all()
+    if run_ids:
+        session.execute(delete(Artifact).where(Artifact.run_id.in_(run_ids)))
+        session.execute(delete(RunMetric).where(RunMetric.run_id.in_(run_ids)))
+        session.execute(delete(Run).where(Run.id.in_(run_ids)))
+    session.execute(delete(Experiment).where(Experiment.dataset_id == dataset.id))
+    session.execute(delete(DatasetImage).where(DatasetImage.dataset_id == dataset.id))
+    session.execute(delete(Dataset).where(Dataset.id == dataset.id))
+    session.commit()
+    # Files go after the commit: a crash here leaves only invisible orphans for cleanup.
+    shutil.rmtree(dataset_dir(settings, dataset), ignore_errors=True)
+    shutil.rmtree(thumbnail_dir(settings, dataset), ignore_errors=True)
+    for run_id in run_ids:
+        shutil.rmtree(settings.runs_dir / str(run_id), ignore_errors=True)
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+                except FileNotFoundError:
+                    continue
+    return newest
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] | None = None,
+                    grace_s: float = 600.0) -> list[Path]:
+    """Remove what a crash can leave: upload work directories under tmp/, and dataset or
+    thumbnail directories without a database row. Anything touched in the last `grace_s`
+    seconds is kept, since another web process may be publishing it right now."""
+    now = time.time()
+    removed: list[Path] = []
+
+    def stale(path: Path) -> bool:
+        try:
+            return now - _newest_mtime(path) > grace_s
+        except FileNotFoundError:
+            return False
+
+    if settings.tmp_dir.is_dir():
+        for entry in settings.tmp_dir.iterdir():
+            if entry.name.startswith("upload-") and stale(entry):
+                _remove(entry)
+                removed.append(entry)
+
+    candidates = [
+        entry
+        for folder in (settings.datasets_dir, settings.cache_dir / "thumbs")
+        if folder.is_dir()
+        for entry in folder.iterdir()
+        if entry.is_dir()
+    ]
+    if candidates:
+        if session_factory is None:
+            from app.db import get_sessionmaker
+
+            session_factory = get_sessionmaker(settings.sqlalchemy_url)
+        try:
+            with session_factory() as session:
+                known = set(session.scalars(select(Dataset.storage_key)).all())
+        except SQLAlchemyError as exc:
+            # Without the list of datasets nothing can be called an orphan.
+            log.warning("dataset clean-up skipped, the database is not readable: %s", exc)
+            return removed
+        for entry in candidates:
+            if entry.name not in known and stale(entry):
+                _remove(entry)
+                removed.append(entry)
+    for path in removed:
+        log.warning("removed leftover %s", path)
+    return removed

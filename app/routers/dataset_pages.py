@@ -1,0 +1,102 @@
+"""HTML pages for datasets: the list, the upload page and one dataset's overview."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import HTMLResponse, Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.deps import DbDep, SettingsDep
+from app.ingest import human_bytes
+from app.models import Dataset, DatasetImage
+from app.routers.pages import page_guard, render, templates
+
+router = APIRouter(include_in_schema=False)
+
+THUMBS_PER_CLASS = 12
+# Beyond this many classes the page lists counts only; thumbnails stay one API call away.
+MAX_CLASSES_WITH_THUMBS = 100
+MAX_SKIPPED_SHOWN = 500
+
+templates.env.filters.setdefault("bytes", human_bytes)
+
+
+@router.get("/datasets", response_class=HTMLResponse)
+def datasets_page(request: Request, settings: SettingsDep, db: DbDep) -> Response:
+    if (redirect := page_guard(request, settings)) is not None:
+        return redirect
+    datasets = db.scalars(select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc()))
+    return render(request, "datasets.html", datasets=list(datasets))
+
+
+@router.get("/datasets/new", response_class=HTMLResponse)
+def new_dataset_page(request: Request, settings: SettingsDep) -> Response:
+    if (redirect := page_guard(request, settings)) is not None:
+        return redirect
+    return render(request, "dataset_new.html", max_upload=human_bytes(settings.max_upload_bytes),
+                  max_upload_bytes=settings.max_upload_bytes,
+                  holdout_percent=f"{settings.holdout_fraction * 100:g}")
+
+
+def _class_thumbnails(db: Session, dataset_id: int, class_count: int) -> dict[int, list[int]]:
+    """The first THUMBS_PER_CLASS training image ids of each class, in one query."""
+    ranked = (
+        select(
+            DatasetImage.id,
+            DatasetImage.label,
+            func.row_number()
+            .over(partition_by=DatasetImage.label, order_by=DatasetImage.id)
+            .label("rank"),
+        )
+        .where(
+            DatasetImage.dataset_id == dataset_id,
+            DatasetImage.split == "train",
+            DatasetImage.label < min(class_count, MAX_CLASSES_WITH_THUMBS),
+        )
+        .subquery()
+    )
+    rows = db.execute(
+        select(ranked.c.id, ranked.c.label)
+        .where(ranked.c.rank <= THUMBS_PER_CLASS)
+        .order_by(ranked.c.label, ranked.c.id)
+    )
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for image_id, label in rows:
+        by_class[label].append(image_id)
+    return by_class
+
+
+@router.get("/datasets/{dataset_id}", response_class=HTMLResponse)
+def dataset_page(
+    request: Request, dataset_id: Annotated[int, Path()], settings: SettingsDep, db: DbDep
+) -> Response:
+    if (redirect := page_guard(request, settings)) is not None:
+        return redirect
+    dataset = db.get(Dataset, dataset_id)
+    if dataset is None:
+        return templates.TemplateResponse(
+            request, "dataset.html", {"dataset": None, "dataset_id": dataset_id},
+            status_code=404,
+        )
+    thumbs = _class_thumbnails(db, dataset.id, len(dataset.class_names))
+    classes = [
+        {"index": index, "name": name, "thumbs": thumbs.get(index, []),
+         **dataset.class_counts.get(name, {"train": 0, "test": 0})}
+        for index, name in enumerate(dataset.class_names)
+    ]
+    unlabeled_thumbs = db.scalars(
+        select(DatasetImage.id)
+        .where(DatasetImage.dataset_id == dataset.id, DatasetImage.split == "unlabeled")
+        .order_by(DatasetImage.id)
+        .limit(THUMBS_PER_CLASS)
+    ).all()
+    return render(
+        request, "dataset.html", dataset=dataset, classes=classes,
+        totals={"train": sum(c["train"] for c in classes), "test": sum(c["test"] for c in classes)},
+        unlabeled_thumbs=unlabeled_thumbs, skipped=dataset.skipped[:MAX_SKIPPED_SHOWN],
+        thumbs_limited=len(classes) > MAX_CLASSES_WITH_THUMBS,
+    )

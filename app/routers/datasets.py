@@ -1,0 +1,240 @@
+"""REST API for datasets: streaming upload, summaries, image listings, thumbnails, deletion.
+
+The router's lifespan removes what a crash during an upload or a deletion left behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app import ingest
+from app.deps import DbDep, SettingsDep
+from app.models import Dataset, DatasetImage
+
+
+@asynccontextmanager
+async def _cleanup_on_startup(app: FastAPI) -> AsyncIterator[None]:
+    await run_in_threadpool(ingest.cleanup_orphans, app.state.settings)
+    yield
+
+
+router = APIRouter(prefix="/api/datasets", tags=["datasets"], lifespan=_cleanup_on_startup)
+
+DatasetId = Annotated[int, Path(description="Dataset id")]
+Split = Literal["train", "test", "unlabeled"]
+
+
+class UploadForm(BaseModel):
+    """The multipart form of `POST /api/datasets` (read as a stream, so documented here)."""
+
+    file: bytes = Field(
+        json_schema_extra={"format": "binary"},
+        description="zip, tar or tar.gz: <class>/<image> and unlabeled/<image>, optional "
+        "train/ and test/ (or val/) folders, or images plus labels.csv (path,label)",
+    )
+    name: str | None = Field(None, max_length=200, description="Defaults to the file name")
+
+
+class ClassOut(BaseModel):
+    name: str
+    train: int = Field(description="training images (labeled pool)")
+    test: int = Field(description="test images")
+
+
+class SkippedOut(BaseModel):
+    path: str = Field(description="as named in the archive")
+    reason: str
+
+
+class DatasetListItem(BaseModel):
+    id: int
+    name: str
+    created_at: datetime
+    classes: list[ClassOut] = Field(description="in class-index order (natural sort)")
+    unlabeled: int
+    fingerprint: str = Field(description="sha256 over sorted (split, class, image sha256)")
+    test_source: Literal["uploaded", "holdout"]
+    image_count: int
+    size_bytes: int
+    skipped_count: int
+
+
+class DatasetOut(DatasetListItem):
+    skipped: list[SkippedOut]
+
+
+class ImageOut(BaseModel):
+    id: int
+    split: Split
+    label: int | None = Field(description="class index, null for unlabeled images")
+    original_path: str
+    width: int
+    height: int
+
+
+class ImagePage(BaseModel):
+    total: int
+    items: list[ImageOut]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; they were written in UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def list_item(dataset: Dataset) -> DatasetListItem:
+    return DatasetListItem(
+        id=dataset.id, name=dataset.name, created_at=_aware(dataset.created_at),
+        classes=[
+            ClassOut(name=name, **dataset.class_counts.get(name, {"train": 0, "test": 0}))
+            for name in dataset.class_names
+        ],
+        unlabeled=dataset.unlabeled_count, fingerprint=dataset.fingerprint,
+        test_source=dataset.test_source, image_count=dataset.image_count,
+        size_bytes=dataset.size_bytes, skipped_count=len(dataset.skipped),
+    )
+
+
+def summary(dataset: Dataset) -> DatasetOut:
+    return DatasetOut(
+        **list_item(dataset).model_dump(),
+        skipped=[SkippedOut(**item) for item in dataset.skipped],
+    )
+
+
+def get_dataset_or_404(db: Session, dataset_id: int) -> Dataset:
+    dataset = db.get(Dataset, dataset_id)
+    if dataset is None:
+        raise HTTPException(404, f"dataset {dataset_id} does not exist")
+    return dataset
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    responses={
+        400: {"model": ErrorOut, "description": "malformed multipart body"},
+        413: {"model": ErrorOut, "description": "over a size, expansion or file-count limit"},
+        415: {"model": ErrorOut, "description": "not multipart, or not a zip or tar archive"},
+        422: {"model": ErrorOut, "description": "unsafe or unusable content; says what to fix"},
+    },
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": UploadForm.model_json_schema()}}}},
+)
+async def upload_dataset(request: Request, settings: SettingsDep, db: DbDep) -> DatasetOut:
+    """Upload an archive; it is streamed to disk, verified, and stored all-or-nothing."""
+    work_dir = await run_in_threadpool(ingest.new_work_dir, settings)
+    try:
+        upload = await ingest.receive_upload(
+            request.headers, request.stream(), work_dir / "upload.archive",
+            settings.max_upload_bytes,
+        )
+        name = ingest.dataset_name(upload.name, upload.filename)
+        dataset = await run_in_threadpool(
+            ingest.ingest_archive, db, settings, upload.path, work_dir, name
+        )
+    except ingest.IngestError as exc:
+        raise HTTPException(exc.status_code, exc.detail) from None
+    finally:
+        await run_in_threadpool(shutil.rmtree, work_dir, True)
+    return summary(dataset)
+
+
+@router.get("", response_model=list[DatasetListItem])
+def list_datasets(db: DbDep) -> list[DatasetListItem]:
+    """Every dataset, newest first (without the skipped-file lists)."""
+    datasets = db.scalars(select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc()))
+    return [list_item(dataset) for dataset in datasets]
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses={404: {"model": ErrorOut}})
+def get_dataset(dataset_id: DatasetId, db: DbDep) -> DatasetOut:
+    return summary(get_dataset_or_404(db, dataset_id))
+
+
+@router.get(
+    "/{dataset_id}/images", response_model=ImagePage, responses={404: {"model": ErrorOut}}
+)
+def list_images(
+    dataset_id: DatasetId,
+    db: DbDep,
+    split: Annotated[Split | None, Query()] = None,
+    label: Annotated[int | None, Query(ge=0, description="class index")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ImagePage:
+    """A page of a dataset's images in storage order, optionally of one split or class."""
+    get_dataset_or_404(db, dataset_id)
+    conditions = [DatasetImage.dataset_id == dataset_id]
+    if split is not None:
+        conditions.append(DatasetImage.split == split)
+    if label is not None:
+        conditions.append(DatasetImage.label == label)
+    total = db.scalar(select(func.count()).select_from(DatasetImage).where(*conditions)) or 0
+    images = db.scalars(
+        select(DatasetImage).where(*conditions).order_by(DatasetImage.id)
+        .limit(limit).offset(offset)
+    )
+    return ImagePage(total=total, items=[
+        ImageOut(id=image.id, split=image.split, label=image.label,
+                 original_path=image.original_path, width=image.width, height=image.height)
+        for image in images
+    ])
+
+
+@router.get(
+    "/{dataset_id}/images/{image_id}/thumbnail",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorOut}},
+)
+def image_thumbnail(
+    request: Request, dataset_id: DatasetId, image_id: Annotated[int, Path()], db: DbDep,
+    settings: SettingsDep,
+) -> Response:
+    """A JPEG of at most 128 px a side, made on first request and cached."""
+    dataset = get_dataset_or_404(db, dataset_id)
+    image = db.get(DatasetImage, image_id)
+    if image is None or image.dataset_id != dataset.id:
+        raise HTTPException(404, f"dataset {dataset_id} has no image {image_id}")
+    # Ids can be reused after a delete, so browsers revalidate against the image's content.
+    headers = {"Cache-Control": "private, no-cache", "ETag": f'"{image.sha256[:32]}"'}
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    try:
+        path = ingest.thumbnail(settings, dataset, image)
+    except FileNotFoundError:
+        raise HTTPException(404, f"the file of image {image_id} is missing") from None
+    return FileResponse(path, media_type="image/jpeg", headers=headers)
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=204,
+    response_class=Response,
+    responses={404: {"model": ErrorOut},
+               409: {"model": ErrorOut, "description": "a run of it is queued or running"}},
+)
+def delete_dataset(dataset_id: DatasetId, db: DbDep, settings: SettingsDep) -> Response:
+    """Delete the dataset, its files, and its experiments and runs (with their files)."""
+    dataset = get_dataset_or_404(db, dataset_id)
+    try:
+        ingest.delete_dataset(db, settings, dataset)
+    except ingest.IngestError as exc:
+        raise HTTPException(exc.status_code, exc.detail) from None
+    return Response(status_code=204)

@@ -1,0 +1,164 @@
+// Dataset pages: drag-and-drop upload with a progress bar, and deleting a dataset.
+"use strict";
+
+(function () {
+  function formatBytes(count) {
+    const units = ["bytes", "KB", "MB", "GB", "TB"];
+    let unit = 0;
+    while (count >= 1000 && unit < units.length - 1) {
+      count /= 1000;
+      unit += 1;
+    }
+    return unit === 0 ? count + " bytes" : count.toFixed(1) + " " + units[unit];
+  }
+
+  // The API answers {"detail": "..."}; FastAPI validation errors give a list instead.
+  function errorText(status, body) {
+    let parsed = null;
+    try {
+      parsed = JSON.parse(body);
+    } catch (err) {
+      parsed = null;
+    }
+    const detail = parsed && parsed.detail;
+    if (typeof detail === "string") return detail;
+    if (Array.isArray(detail)) {
+      return detail.map(function (item) { return item.msg || JSON.stringify(item); }).join("; ");
+    }
+    if (status === 401) return "Sign in first: this server needs its API token.";
+    if (status === 413) return "The archive is too large for this server.";
+    return "The upload failed (HTTP " + status + ").";
+  }
+
+  function setUpUpload(form) {
+    const input = form.querySelector("#file");
+    const dropzone = form.querySelector("#dropzone");
+    const chosen = form.querySelector("#chosen");
+    const button = form.querySelector("#upload-button");
+    const progressBox = form.querySelector("#upload-progress");
+    const bar = form.querySelector("#progress-bar");
+    const progressText = form.querySelector("#progress-text");
+    const errorBox = form.querySelector("#upload-error");
+    const maxBytes = Number(form.dataset.maxBytes || 0);
+    let file = null;
+
+    function showError(message) {
+      errorBox.textContent = message;
+      errorBox.hidden = !message;
+    }
+
+    function choose(candidate) {
+      file = candidate || null;
+      chosen.textContent = file ? file.name + " (" + formatBytes(file.size) + ")" : "";
+      showError("");
+      if (file && maxBytes && file.size > maxBytes) {
+        showError("This file is " + formatBytes(file.size) + "; the server accepts at most " +
+          formatBytes(maxBytes) + ". Split it into smaller archives.");
+      }
+    }
+
+    input.addEventListener("change", function () { choose(input.files[0]); });
+    ["dragenter", "dragover"].forEach(function (name) {
+      dropzone.addEventListener(name, function (event) {
+        event.preventDefault();
+        dropzone.classList.add("over");
+      });
+    });
+    ["dragleave", "drop"].forEach(function (name) {
+      dropzone.addEventListener(name, function (event) {
+        event.preventDefault();
+        dropzone.classList.remove("over");
+      });
+    });
+    dropzone.addEventListener("drop", function (event) {
+      const files = event.dataTransfer && event.dataTransfer.files;
+      if (files && files.length) {
+        try {
+          input.files = files;  // keeps the native input in step where browsers allow it
+        } catch (err) {
+          // Older browsers refuse; the dropped file is still used below.
+        }
+        choose(files[0]);
+      }
+    });
+
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      if (!file) {
+        showError("Choose or drop an archive first.");
+        return;
+      }
+      if (maxBytes && file.size > maxBytes) return;
+      const data = new FormData();
+      data.append("file", file, file.name);
+      const name = form.querySelector("#name").value.trim();
+      if (name) data.append("name", name);
+
+      const request = new XMLHttpRequest();
+      request.open("POST", "/api/datasets");
+      request.setRequestHeader("Accept", "application/json");
+      request.upload.onprogress = function (progress) {
+        if (!progress.lengthComputable) return;
+        const percent = Math.floor((100 * progress.loaded) / progress.total);
+        bar.value = percent;
+        progressText.textContent = "Uploading: " + formatBytes(progress.loaded) + " of " +
+          formatBytes(progress.total) + " (" + percent + " %)";
+      };
+      request.upload.onload = function () {
+        bar.removeAttribute("value");  // indeterminate while the server verifies
+        progressText.textContent = "Uploaded. Checking every image…";
+      };
+      request.onload = function () {
+        if (request.status === 201) {
+          const dataset = JSON.parse(request.responseText);
+          progressText.textContent = "Done.";
+          window.location.assign("/datasets/" + dataset.id);
+          return;
+        }
+        progressBox.hidden = true;
+        button.disabled = false;
+        showError(errorText(request.status, request.responseText));
+      };
+      request.onerror = function () {
+        progressBox.hidden = true;
+        button.disabled = false;
+        showError("The connection broke during the upload. Check the server and try again.");
+      };
+      showError("");
+      bar.value = 0;
+      progressText.textContent = "Starting…";
+      progressBox.hidden = false;
+      button.disabled = true;
+      request.send(data);
+    });
+  }
+
+  function setUpDelete(button) {
+    const errorBox = document.getElementById("delete-error");
+    button.addEventListener("click", function () {
+      if (!window.confirm(button.dataset.confirm || "Delete?")) return;
+      button.disabled = true;
+      const request = new XMLHttpRequest();
+      request.open("DELETE", button.dataset.deleteUrl);
+      request.onload = function () {
+        if (request.status === 204) {
+          window.location.assign("/datasets");
+          return;
+        }
+        button.disabled = false;
+        errorBox.textContent = errorText(request.status, request.responseText);
+        errorBox.hidden = false;
+      };
+      request.onerror = function () {
+        button.disabled = false;
+        errorBox.textContent = "The server did not answer.";
+        errorBox.hidden = false;
+      };
+      request.send();
+    });
+  }
+
+  const form = document.getElementById("upload-form");
+  if (form) setUpUpload(form);
+  document.querySelectorAll("[data-delete-url]").forEach(setUpDelete);
+})();

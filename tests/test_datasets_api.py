@@ -1,0 +1,233 @@
+"""The datasets REST API and pages over real HTTP: the shared animal-mnist archive, lookups,
+image listings, thumbnails, deletion rules and the HTML pages."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from app.db import get_sessionmaker
+from app.models import Artifact, Dataset, DatasetImage, Experiment, Run, RunMetric
+from tests.support import DATASETS, LiveServer
+from tests.test_datasets_support import (
+    assert_nothing_left,
+    class_entries,
+    dataset_server,
+    image_bytes,
+    upload,
+    zip_bytes,
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, redis_url: str) -> Iterator[LiveServer]:
+    with dataset_server(tmp_path_factory.mktemp("api"), redis_url) as live:
+        yield live
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client() as http:
+        yield http
+
+
+def test_animal_mnist_upload_gives_ten_classes_and_its_own_test_split(
+    server: LiveServer,
+) -> None:
+    with server.client(timeout=120) as client, open(DATASETS / "animal-mnist.zip", "rb") as f:
+        response = client.post("/api/datasets", files={"file": ("animal-mnist.zip", f)})
+        assert response.status_code == 201, response.text
+        summary = response.json()
+        assert summary["name"] == "animal-mnist"
+        assert [item["name"] for item in summary["classes"]] == [
+            "bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra",
+        ]
+        assert sum(item["train"] for item in summary["classes"]) == 7716
+        assert all(item["test"] == 200 for item in summary["classes"])
+        assert summary["test_source"] == "uploaded"
+        assert summary["unlabeled"] == 0 and summary["skipped"] == []
+        assert summary["image_count"] == 9716
+        assert len(summary["fingerprint"]) == 64
+
+        dataset_id = summary["id"]
+        assert client.get(f"/api/datasets/{dataset_id}").json() == summary
+        page = client.get(f"/api/datasets/{dataset_id}/images",
+                          params={"split": "test", "label": 9, "limit": 5}).json()
+        assert page["total"] == 200
+        assert [image["original_path"].split("/")[:2] for image in page["items"]] == [
+            ["test", "zebra"]] * 5
+        thumb = client.get(f"/api/datasets/{dataset_id}/images/{page['items'][0]['id']}/thumbnail")
+        assert thumb.status_code == 200
+        assert Image.open(io.BytesIO(thumb.content)).size == (28, 28)  # never enlarged
+
+        assert client.delete(f"/api/datasets/{dataset_id}").status_code == 204
+        assert client.get(f"/api/datasets/{dataset_id}").status_code == 404
+    assert not any((server.data_dir / "cache" / "thumbs").iterdir())
+    assert_nothing_left(server)
+
+
+def small_dataset(client: httpx.Client, name: str, seed: int = 0) -> dict:
+    entries = {
+        **class_entries(("cat", "dog"), per_class=5, seed=seed),
+        "unlabeled/u.png": image_bytes(90_000 + seed),
+        "cat/notes.txt": b"skipped",
+    }
+    response = upload(client, zip_bytes(entries), name=name)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_unknown_or_malformed_dataset_ids_are_answered_clearly(client: httpx.Client) -> None:
+    for method, path in [("GET", "/api/datasets/4242"), ("DELETE", "/api/datasets/4242"),
+                         ("GET", "/api/datasets/4242/images"),
+                         ("GET", "/api/datasets/4242/images/1/thumbnail")]:
+        response = client.request(method, path)
+        assert response.status_code == 404
+        assert response.json()["detail"] == "dataset 4242 does not exist"
+    assert client.get("/api/datasets/abc").status_code == 422
+    assert client.get("/api/datasets/1/images", params={"split": "holdout"}).status_code == 422
+    page = client.get("/datasets/4242")
+    assert page.status_code == 404 and "There is no dataset 4242" in page.text
+
+
+def test_list_is_newest_first_and_leaves_out_skipped_lists(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    older = small_dataset(client, "older", seed=1)
+    newer = small_dataset(client, "newer", seed=2)
+    listed = client.get("/api/datasets").json()
+    assert [item["name"] for item in listed] == ["newer", "older"]
+    assert "skipped" not in listed[0] and listed[0]["skipped_count"] == 1
+    assert [item["path"] for item in newer["skipped"]] == ["cat/notes.txt"]
+    for dataset in (older, newer):
+        assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
+    assert_nothing_left(server)
+
+
+def test_images_are_listed_by_split_and_label_with_paging(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    dataset = small_dataset(client, "paging", seed=3)
+    base = f"/api/datasets/{dataset['id']}/images"
+    everything = client.get(base).json()
+    assert everything["total"] == 11
+    assert {image["split"] for image in everything["items"]} == {"train", "test", "unlabeled"}
+    cats = client.get(base, params={"split": "train", "label": 0}).json()
+    assert cats["total"] == 4 and {image["label"] for image in cats["items"]} == {0}
+    assert all(image["original_path"].startswith("cat/") for image in cats["items"])
+    first, second = (client.get(base, params={"limit": 6, "offset": offset}).json()
+                     for offset in (0, 6))
+    ids = [image["id"] for image in first["items"] + second["items"]]
+    assert ids == sorted(image["id"] for image in everything["items"])
+    assert client.get(base, params={"limit": 0}).status_code == 422
+    assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
+    assert_nothing_left(server)
+
+
+def test_thumbnail_is_cached_and_refused_for_an_image_of_another_dataset(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    first = small_dataset(client, "first", seed=4)
+    second = small_dataset(client, "second", seed=5)
+    image = client.get(f"/api/datasets/{first['id']}/images", params={"limit": 1}).json()
+    image_id = image["items"][0]["id"]
+    url = f"/api/datasets/{first['id']}/images/{image_id}/thumbnail"
+    assert client.get(url).status_code == 200
+    cached = list((server.data_dir / "cache" / "thumbs").rglob("*.jpg"))
+    assert [path.name for path in cached] == [f"{image_id}.jpg"]
+    again = client.get(url)
+    assert again.content == cached[0].read_bytes()
+    revalidated = client.get(url, headers={"If-None-Match": again.headers["etag"]})
+    assert revalidated.status_code == 304 and revalidated.content == b""
+
+    other = client.get(f"/api/datasets/{second['id']}/images/{image_id}/thumbnail")
+    assert other.status_code == 404
+    assert other.json()["detail"] == f"dataset {second['id']} has no image {image_id}"
+    for dataset in (first, second):
+        assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
+    assert not any((server.data_dir / "cache" / "thumbs").iterdir())
+    assert_nothing_left(server)
+
+
+def add_run(server: LiveServer, dataset_id: int, status: str) -> int:
+    """An experiment with one run on the dataset, a metric, an artifact and a run folder."""
+    with get_sessionmaker(server.database_url)() as session:
+        experiment = Experiment(dataset_id=dataset_id, backbone="resnet18", methods=["finetune"],
+                                budgets=[0.5], seeds=[0], preset="quick")
+        session.add(experiment)
+        session.flush()
+        run = Run(experiment_id=experiment.id, dataset_id=dataset_id, method="finetune",
+                  budget=0.5, budget_label="50%", status=status)
+        session.add(run)
+        session.flush()
+        session.add(RunMetric(run_id=run.id, kind="eval", step=1, values={"top1": 0.5}))
+        session.add(Artifact(run_id=run.id, name="model.safetensors",
+                             path=f"runs/{run.id}/model.safetensors", sha256="0" * 64))
+        session.commit()
+        run_dir = server.data_dir / "runs" / str(run.id)
+        run_dir.mkdir(parents=True)
+        (run_dir / "model.safetensors").write_bytes(b"weights")
+        return run.id
+
+
+def set_status(server: LiveServer, run_id: int, status: str) -> None:
+    with get_sessionmaker(server.database_url)() as session:
+        session.get(Run, run_id).status = status
+        session.commit()
+
+
+def count_rows(server: LiveServer) -> dict[str, int]:
+    with get_sessionmaker(server.database_url)() as session:
+        return {model.__tablename__: session.scalar(select(func.count()).select_from(model))
+                for model in (Dataset, DatasetImage, Experiment, Run, RunMetric, Artifact)}
+
+
+@pytest.mark.parametrize("status", ["queued", "running"])
+def test_delete_is_refused_while_a_run_is_active_then_removes_runs_and_their_files(
+    server: LiveServer, client: httpx.Client, status: str
+) -> None:
+    dataset = small_dataset(client, "busy", seed=6)
+    run_id = add_run(server, dataset["id"], status)
+
+    refused = client.delete(f"/api/datasets/{dataset['id']}")
+    assert refused.status_code == 409
+    assert "1 queued or running run(s)" in refused.json()["detail"]
+    assert client.get(f"/api/datasets/{dataset['id']}").status_code == 200
+
+    set_status(server, run_id, "succeeded")
+    assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
+    assert count_rows(server) == {"datasets": 0, "dataset_images": 0, "experiments": 0,
+                                  "runs": 0, "run_metrics": 0, "artifacts": 0}
+    assert not (server.data_dir / "runs" / str(run_id)).exists()
+    assert_nothing_left(server)
+
+
+def test_pages_list_datasets_offer_the_upload_form_and_show_a_dataset(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    dataset = small_dataset(client, "Pets <b>", seed=7)
+    listing = client.get("/datasets")
+    assert listing.status_code == 200
+    assert f'href="/datasets/{dataset["id"]}">Pets &lt;b&gt;</a>' in listing.text
+
+    form = client.get("/datasets/new")
+    assert form.status_code == 200
+    for part in ('id="dropzone"', 'id="progress-bar"', 'src="/static/upload.js"', 'name="file"'):
+        assert part in form.text
+    script = client.get("/static/upload.js")
+    assert script.status_code == 200 and "upload.onprogress" in script.text
+
+    page = client.get(f"/datasets/{dataset['id']}")
+    assert page.status_code == 200
+    assert f'href="/experiments/new?dataset_id={dataset["id"]}"' in page.text
+    assert page.text.count(f'src="/api/datasets/{dataset["id"]}/images/') == 4 + 4 + 1
+    assert 'loading="lazy"' in page.text
+    assert "cat/notes.txt" in page.text and "not an image (.txt)" in page.text
+    assert '<td id="unlabeled-count">1</td>' in page.text
+    assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
+    assert_nothing_left(server)

@@ -1,0 +1,106 @@
+"""The dataset pages in Chromium: choose or drop an archive, watch it upload, land on the
+dataset page; API errors shown as they are; usable on a phone-sized screen."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.browser import PHONE, open_browser
+from tests.support import LiveServer
+from tests.test_datasets_support import (
+    class_entries,
+    dataset_server,
+    image_bytes,
+    zip_bytes,
+)
+
+pytestmark = pytest.mark.browser
+DATASET_URL = re.compile(r".*/datasets/\d+$")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, redis_url: str) -> Iterator[LiveServer]:
+    with dataset_server(tmp_path_factory.mktemp("browser"), redis_url) as live:
+        yield live
+
+
+def test_chosen_archive_uploads_with_progress_and_opens_the_dataset_page(
+    server: LiveServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    archive = tmp_path / "pets.zip"
+    archive.write_bytes(zip_bytes({
+        **class_entries(("cat", "dog"), per_class=6),
+        "unlabeled/u1.png": image_bytes(501),
+        "cat/notes.txt": b"not an image",
+    }))
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(server.url + "/datasets/new")
+        page.set_input_files("#file", str(archive))
+        assert "pets.zip" in page.inner_text("#chosen")
+        page.fill("#name", "Pets")
+        page.click("#upload-button")
+        page.wait_for_url(DATASET_URL)
+
+        assert page.inner_text("h1") == "Pets"
+        assert "cat" in page.inner_text("#class-counts")
+        assert "not an image (.txt)" in page.inner_text("#skipped")
+        assert page.get_attribute("#start-experiment", "href").startswith(
+            "/experiments/new?dataset_id=")
+        page.wait_for_function(  # lazy thumbnails on screen have loaded and decoded
+            "() => [...document.querySelectorAll('#class-thumbnails img')].slice(0, 4)"
+            ".every((img) => img.complete && img.naturalWidth > 0)"
+        )
+        browser.screenshot("dataset-desktop")
+        browser.assert_no_errors()
+
+
+def test_dropped_bad_archive_shows_the_api_detail_and_stays_on_the_form(
+    server: LiveServer, request: pytest.FixtureRequest
+) -> None:
+    bad = zip_bytes({**class_entries(("cat", "dog")), "../escape.png": image_bytes(7)})
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(server.url + "/datasets/new")
+        page.evaluate(
+            """(encoded) => {
+                const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+                const transfer = new DataTransfer();
+                transfer.items.add(new File([bytes], "bad.zip", {type: "application/zip"}));
+                const zone = document.getElementById("dropzone");
+                zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer}));
+                zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer}));
+            }""",
+            base64.b64encode(bad).decode(),
+        )
+        assert "bad.zip" in page.inner_text("#chosen")
+        page.click("#upload-button")
+        error = page.locator("#upload-error")
+        error.wait_for(state="visible")
+        assert "points outside the archive" in error.inner_text()
+        assert page.url.endswith("/datasets/new")
+        assert page.is_enabled("#upload-button")
+        browser.assert_no_errors(expected=("422",))
+
+
+def test_dataset_pages_fit_a_phone_screen(
+    server: LiveServer, request: pytest.FixtureRequest
+) -> None:
+    with server.client() as client:
+        response = client.post("/api/datasets", files={"file": ("wide.zip", zip_bytes(
+            class_entries(("a-class-with-a-rather-long-name", "another-long-class-name"),
+                          per_class=14, seed=3)))})
+        assert response.status_code == 201, response.text
+        dataset_id = response.json()["id"]
+    with open_browser(request.node.name, viewport=PHONE) as browser:
+        for path, shot in ((f"/datasets/{dataset_id}", "dataset-phone"),
+                           ("/datasets", "list-phone"), ("/datasets/new", "upload-phone")):
+            browser.page.goto(server.url + path)
+            assert browser.horizontal_overflow() == 0, path
+            browser.screenshot(shot)
+        browser.assert_no_errors()

@@ -1,0 +1,58 @@
+"""Dataset upload, rejection and deletion against PostgreSQL (the docker-compose database)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.db import upgrade_to_head
+from tests.test_datasets_support import (
+    assert_nothing_left,
+    class_entries,
+    dataset_server,
+    image_bytes,
+    stored_files,
+    tar_bytes,
+    upload,
+    zip_bytes,
+)
+
+
+def test_upload_rejection_and_delete_work_on_postgresql(
+    tmp_path: Path, redis_url: str, postgres_url: str
+) -> None:
+    upgrade_to_head(postgres_url)
+    with (
+        dataset_server(tmp_path, redis_url, database_url=postgres_url) as server,
+        server.client() as client,
+    ):
+        slip = upload(client, zip_bytes({**class_entries(), "../../evil.png": image_bytes(1)}))
+        assert slip.status_code == 422
+        assert "outside the archive" in slip.json()["detail"]
+        assert_nothing_left(server)
+
+        entries = {
+            **class_entries(("cat", "dog"), per_class=5, prefix="train/"),
+            **class_entries(("cat", "dog"), per_class=2, prefix="test/", seed=1),
+            "train/unlabeled/u.png": image_bytes(4242),
+            ".hidden.png": image_bytes(4243),
+        }
+        created = upload(client, tar_bytes(entries), "pets.tar.gz")
+        assert created.status_code == 201, created.text
+        summary = created.json()
+        assert summary["classes"] == [{"name": "cat", "train": 5, "test": 2},
+                                      {"name": "dog", "train": 5, "test": 2}]
+        assert summary["unlabeled"] == 1 and summary["test_source"] == "uploaded"
+        assert summary["skipped"] == [{"path": ".hidden.png",
+                                       "reason": "hidden file or folder"}]
+        assert client.get(f"/api/datasets/{summary['id']}").json() == summary
+        assert len(stored_files(server, summary["id"])) == 15
+        images = client.get(f"/api/datasets/{summary['id']}/images",
+                            params={"split": "test"}).json()
+        assert images["total"] == 4
+        thumb = client.get(
+            f"/api/datasets/{summary['id']}/images/{images['items'][0]['id']}/thumbnail"
+        )
+        assert thumb.status_code == 200
+
+        assert client.delete(f"/api/datasets/{summary['id']}").status_code == 204
+        assert_nothing_left(server)

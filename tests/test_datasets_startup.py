@@ -1,0 +1,101 @@
+"""Crash safety of dataset storage: publishing is all-or-nothing and leftovers of a crash are
+removed at startup; dataset pages and API honour the API token."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from app import ingest
+from app.config import Settings
+from app.db import get_sessionmaker
+from app.models import Dataset, DatasetImage
+from tests.test_datasets_support import class_entries, dataset_server, upload, zip_bytes
+
+HOUR_AGO = time.time() - 3600
+
+
+def make_dir(path: Path, mtime: float | None = None) -> Path:
+    path.mkdir(parents=True)
+    (path / "file.bin").write_bytes(b"x")
+    if mtime is not None:
+        for target in (path / "file.bin", path):
+            os.utime(target, (mtime, mtime))
+    return path
+
+
+def test_cleanup_removes_crash_leftovers_but_keeps_datasets_and_recent_work(
+    settings: Settings,
+) -> None:
+    with get_sessionmaker(settings.sqlalchemy_url)() as session:
+        session.add(Dataset(name="kept", storage_key="kept", fingerprint="0" * 64))
+        session.commit()
+    kept = make_dir(settings.datasets_dir / "kept", HOUR_AGO)
+    kept_thumbs = make_dir(settings.cache_dir / "thumbs" / "kept", HOUR_AGO)
+    orphan = make_dir(settings.datasets_dir / "orphan", HOUR_AGO)
+    orphan_thumbs = make_dir(settings.cache_dir / "thumbs" / "orphan", HOUR_AGO)
+    stale_upload = make_dir(settings.tmp_dir / "upload-stale", HOUR_AGO)
+    fresh_upload = make_dir(settings.tmp_dir / "upload-fresh")
+    fresh_orphan = make_dir(settings.datasets_dir / "being-published")
+    not_ours = make_dir(settings.tmp_dir / "someone-elses", HOUR_AGO)
+
+    removed = ingest.cleanup_orphans(settings, grace_s=600)
+
+    assert set(removed) == {orphan, orphan_thumbs, stale_upload}
+    for path in (orphan, orphan_thumbs, stale_upload):
+        assert not path.exists()
+    for path in (kept, kept_thumbs, fresh_upload, fresh_orphan, not_ours):
+        assert path.is_dir()
+
+
+def test_failed_commit_removes_the_moved_directory_and_leaves_no_rows(
+    settings: Settings, tmp_path: Path
+) -> None:
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(zip_bytes(class_entries(("cat", "dog"), per_class=3)))
+    work_dir = ingest.new_work_dir(settings)
+    prepared = ingest.prepare_dataset(archive, work_dir, settings)
+    assert len(list(prepared.directory.rglob("*.png"))) == 6
+
+    session = get_sessionmaker(settings.sqlalchemy_url)()
+
+    def failing_commit() -> None:
+        raise RuntimeError("database went away")
+
+    session.commit = failing_commit  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="database went away"):
+        ingest.publish_dataset(session, settings, prepared, "doomed")
+    session.close()
+
+    assert list(settings.datasets_dir.iterdir()) == []
+    with get_sessionmaker(settings.sqlalchemy_url)() as check:
+        assert check.scalar(select(func.count()).select_from(Dataset)) == 0
+        assert check.scalar(select(func.count()).select_from(DatasetImage)) == 0
+
+
+def test_server_start_removes_leftovers_and_dataset_routes_need_the_token(
+    tmp_path: Path, redis_url: str
+) -> None:
+    data_dir = tmp_path / "srv" / "data"
+    stale_upload = make_dir(data_dir / "tmp" / "upload-crashed", HOUR_AGO)
+    orphan = make_dir(data_dir / "datasets" / "half-published", HOUR_AGO)
+    token = "s3cret-token"
+    with dataset_server(tmp_path / "srv", redis_url, SELFTUNE_API_TOKEN=token) as server:
+        assert not stale_upload.exists() and not orphan.exists()
+        with server.client(follow_redirects=False) as anonymous:
+            page = anonymous.get("/datasets/new")
+            assert page.status_code == 303
+            assert page.headers["location"] == "/login?next=/datasets/new"
+            archive = zip_bytes(class_entries(("cat", "dog")))
+            assert upload(anonymous, archive).status_code == 401
+            assert anonymous.get("/api/datasets").status_code == 401
+        with server.client(headers={"Authorization": f"Bearer {token}"}) as client:
+            created = upload(client, archive)
+            assert created.status_code == 201, created.text
+            assert client.get(f"/datasets/{created.json()['id']}").status_code == 200
+        with server.client(cookies={"selftune_token": token}) as browser:
+            assert browser.get("/datasets").status_code == 200

@@ -423,7 +423,8 @@ def _zip_members(archive: zipfile.ZipFile, budget: _ByteBudget, settings: Settin
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
             raise _link_error(info.filename)
-        if info.is_dir() or stat.S_ISDIR(mode) or not path:
+        # An empty name makes zipfile's own is_dir() fail: check the name first.
+        if not path or info.filename.endswith("/") or stat.S_ISDIR(mode):
             members.append(_Member(path, "dir", 0, _no_content))
             continue
         files += 1

@@ -12,11 +12,19 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.config import Settings, get_settings
 from app.deps import require_token
-from app.routers import experiments, health, pages, runs
+from app.routers import (
+    dataset_pages,
+    datasets,
+    experiment_pages,
+    experiments,
+    health,
+    pages,
+    runs,
+)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
-API_ROUTERS = [health.router, experiments.router, runs.router]
+API_ROUTERS = [health.router, datasets.router, experiments.router, runs.router]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -24,11 +32,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        from app.events import Hubs
         from app.reaper import reap_forever
 
         reaper = asyncio.create_task(reap_forever(settings))
+        _app.state.hubs = Hubs(settings.effective_redis_url) if settings.redis_url else None
         yield
         reaper.cancel()
+        if _app.state.hubs is not None:
+            await _app.state.hubs.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -40,6 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_token)])
     app.include_router(pages.router)
+    app.include_router(dataset_pages.router)
+    app.include_router(experiment_pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 

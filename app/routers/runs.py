@@ -19,7 +19,7 @@ from app.db import session_scope
 from app.deps import DbDep, RedisDep, SettingsDep
 from app.events import Outcome, stream_events, valid_last_event_id
 from app.experiments import as_utc, is_terminal, queue_position
-from app.live import run_cancel_key, run_stream_key
+from app.live import experiment_stream_key, run_cancel_key, run_stream_key
 from app.models import Artifact, Run, RunMetric, utcnow
 from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 
@@ -103,7 +103,9 @@ def cancel_run(run_id: int, session: DbDep, live: RedisDep):
     try:
         live.set(run_cancel_key(run_id), "1", ex=7 * 24 * 3600)
         if run.status == "cancelled":
-            live.xadd(run_stream_key(run_id), {"data": _end_event(run)})
+            end = {"data": _end_event(run)}
+            live.xadd(run_stream_key(run_id), end)
+            live.xadd(experiment_stream_key(run.experiment_id), end)  # the experiment page too
     except redis.RedisError:
         pass  # the worker also polls the database flag
     return read_run(run_id, session)

@@ -1,0 +1,134 @@
+"""HTML pages for experiments and runs: the list, the start form, and the live result pages.
+
+The routes only gather what the REST API already serves (same functions, same shapes) and
+hand it to the templates as JSON; the static JS draws it and keeps it live.
+"""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.deps import DbDep, SettingsDep
+from app.models import Dataset, Experiment
+from app.routers.experiments import experiment_out, get_experiment, list_experiments
+from app.routers.pages import page_guard, render
+from app.routers.runs import read_run
+from app.schemas import ExperimentIn, MethodName, Overrides
+from worker.selftuning.config import PRESETS, RunConfig
+
+router = APIRouter(include_in_schema=False)
+
+METHOD_TITLES = {"self-tuning": "Self-Tuning", "fine-tune": "Fine-tuning", "fixmatch": "FixMatch"}
+# What the form starts with: the comparison the product is about, over the paper's budgets.
+DEFAULT_METHODS = ("self-tuning", "fine-tune")
+DEFAULT_BUDGETS = "15%, 30%, 50%, all"
+# Form labels where the field name alone reads poorly; other fields show their name.
+OVERRIDE_LABELS = {
+    "image_size": "Image size (px)",
+    "batch_size": "Labeled batch",
+    "unlabeled_batch_size": "Unlabeled batch",
+    "lr": "Learning rate",
+    "head_lr_ratio": "Classifier lr ratio",
+    "queue_size": "Queue keys per class",
+    "temperature": "Temperature τ",
+    "fixmatch_threshold": "FixMatch threshold",
+    "eval_interval": "Evaluate every",
+    "checkpoint_interval": "Checkpoint every",
+    "log_interval": "Log every",
+    "pretrained": "Start from pre-trained weights",
+}
+OVERRIDE_HELP = {"pretrained": "Untick to train from random init (tests, models without weights)."}
+
+
+def dataset_choices(session: Session) -> list[dict[str, Any]]:
+    return [
+        {"id": d.id, "name": d.name, "classes": len(d.class_names),
+         "labeled": sum(c.get("train", 0) for c in d.class_counts.values()),
+         "unlabeled": d.unlabeled_count}
+        for d in session.scalars(select(Dataset).order_by(Dataset.id.desc()))
+    ]
+
+
+def override_fields() -> list[dict[str, Any]]:
+    """The form's hyper-parameter inputs: exactly the fields the API accepts as overrides."""
+    fields = []
+    for name, info in Overrides.model_fields.items():
+        kind = next(t.__name__ for t in get_args(info.annotation) if t is not type(None))
+        label = OVERRIDE_LABELS.get(name, name.replace("_", " ").capitalize())
+        fields.append({"name": name, "kind": kind, "label": label,
+                       "help": OVERRIDE_HELP.get(name, info.description or "")})
+    return fields
+
+
+@router.get("/experiments", response_class=HTMLResponse)
+def experiments_page(
+    request: Request, settings: SettingsDep, session: DbDep, dataset_id: int | None = None
+) -> Response:
+    """All experiments, or with `?dataset_id=` those on one dataset."""
+    if (redirect := page_guard(request, settings)) is not None:
+        return redirect
+    names = {d.id: d.name for d in session.scalars(select(Dataset))}
+    experiments = [
+        e for e in list_experiments(session) if dataset_id is None or e.dataset_id == dataset_id
+    ]
+    return render(request, "experiments.html", experiments=experiments, dataset_names=names,
+                  dataset_id=dataset_id, method_titles=METHOD_TITLES)
+
+
+@router.get("/experiments/new", response_class=HTMLResponse)
+def new_experiment_page(
+    request: Request, settings: SettingsDep, session: DbDep, dataset_id: int | None = None
+) -> Response:
+    if (redirect := page_guard(request, settings)) is not None:
+        return redirect
+    form = {
+        "datasets": dataset_choices(session),
+        "dataset_id": dataset_id,
+        "presets": {
+            name: {"values": RunConfig.from_preset(name).to_dict(), "about": factory.__doc__}
+            for name, factory in PRESETS.items()
+        },
+        "preset": ExperimentIn.model_fields["preset"].default,
+        "backbone": ExperimentIn.model_fields["backbone"].default,
+        "methods": [
+            {"name": m, "title": METHOD_TITLES.get(m, m), "checked": m in DEFAULT_METHODS}
+            for m in get_args(MethodName)
+        ],
+        "budgets": DEFAULT_BUDGETS,
+        "overrides": override_fields(),
+    }
+    return render(request, "experiment_new.html", form=form)
+
+
+@router.get("/experiments/{experiment_id}", response_class=HTMLResponse)
+def experiment_page(
+    experiment_id: int, request: Request, settings: SettingsDep, session: DbDep
+) -> Response:
+    if (redirect := page_guard(request, settings)) is not None:
+        return redirect
+    experiment = get_experiment(session, experiment_id)
+    dataset = session.get(Dataset, experiment.dataset_id)
+    return render(request, "experiment.html",
+                  experiment=experiment_out(experiment).model_dump(mode="json"),
+                  dataset_name=dataset.name if dataset else f"#{experiment.dataset_id}",
+                  method_titles=METHOD_TITLES)
+
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse)
+def run_page(run_id: int, request: Request, settings: SettingsDep, session: DbDep) -> Response:
+    if (redirect := page_guard(request, settings)) is not None:
+        return redirect
+    run = read_run(run_id, session)
+    dataset = session.get(Dataset, run.dataset_id)
+    experiment = session.get(Experiment, run.experiment_id)
+    return render(request, "run.html",
+                  run=run.model_dump(mode="json"),
+                  class_names=list(dataset.class_names) if dataset else [],
+                  dataset_name=dataset.name if dataset else f"#{run.dataset_id}",
+                  experiment_name=experiment.name,
+                  method_titles=METHOD_TITLES)

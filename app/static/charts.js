@@ -1,0 +1,227 @@
+// Shared helpers of the experiment and run pages: DOM building, number formats, Chart.js
+// set-ups, and a live feed (Server-Sent Events) that survives network drops and restarts.
+/* global Chart */
+
+export function pageData(id) {
+  return JSON.parse(document.getElementById(id).textContent);
+}
+
+// h("td", {class: "num"}, "12") -> <td class="num">12</td>; text children are escaped.
+export function h(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name === "style" && typeof value === "object") Object.assign(node.style, value);
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+export async function getJSON(url, options = {}) {
+  const response = await fetch(url, { headers: { Accept: "application/json" }, ...options });
+  const body = await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = new Error(typeof body?.detail === "string" ? body.detail : response.statusText);
+    error.status = response.status;
+    error.body = body;
+    throw error;
+  }
+  return body;
+}
+
+export const isNumber = (value) => typeof value === "number" && Number.isFinite(value);
+export const pct = (value, digits = 1) => (isNumber(value) ? (value * 100).toFixed(digits) + "%" : "–");
+
+export function duration(seconds) {
+  if (!isNumber(seconds)) return "–";
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+export function bytes(n) {
+  if (!isNumber(n)) return "";
+  const units = ["B", "KB", "MB", "GB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+export function badge(status) {
+  return h("span", { class: `badge ${status.replaceAll(" ", "-")}` }, status);
+}
+
+export const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+// A method has one colour on every chart; other series take the next colour of their chart.
+const PALETTE = ["#2f6fde", "#d9480f", "#2b8a3e", "#ae3ec9", "#0c8599", "#f59f00", "#c2255c",
+  "#495057", "#5c940d", "#1864ab"];
+const METHOD_COLOURS = { "self-tuning": PALETTE[0], "fine-tune": PALETTE[1], fixmatch: PALETTE[2] };
+export function colourFor(name, index = 0) {
+  return METHOD_COLOURS[name] ?? PALETTE[index % PALETTE.length];
+}
+
+// Log axes: label the powers of ten only, the in-between ticks crowd each other.
+const powerOfTen = (value) => Math.abs(Math.log10(value) - Math.round(Math.log10(value))) < 1e-9;
+
+// Error bars for line charts: a dataset with `errorBars: [±value per point]` gets a
+// whisker at every point (Chart.js has no built-in error bars).
+const errorBarsPlugin = {
+  id: "errorBars",
+  afterDatasetsDraw(chart) {
+    const { ctx } = chart;
+    chart.data.datasets.forEach((dataset, index) => {
+      const meta = chart.getDatasetMeta(index);
+      if (!dataset.errorBars || meta.hidden) return;
+      const scale = chart.scales[meta.yAxisID];
+      ctx.save();
+      ctx.strokeStyle = dataset.borderColor;
+      ctx.lineWidth = 1.5;
+      meta.data.forEach((point, i) => {
+        const spread = dataset.errorBars[i];
+        const mean = dataset.data[i];
+        if (!isNumber(spread) || !isNumber(mean) || spread === 0) return;
+        const top = scale.getPixelForValue(mean + spread);
+        const bottom = scale.getPixelForValue(mean - spread);
+        ctx.beginPath();
+        ctx.moveTo(point.x, top); ctx.lineTo(point.x, bottom);
+        ctx.moveTo(point.x - 5, top); ctx.lineTo(point.x + 5, top);
+        ctx.moveTo(point.x - 5, bottom); ctx.lineTo(point.x + 5, bottom);
+        ctx.stroke();
+      });
+      ctx.restore();
+    });
+  },
+};
+
+const percentTicks = { callback: (value) => `${Math.round(value * 100)}%` };
+
+function baseOptions({ percent = false, xTitle, yTitle, yType = "linear" } = {}) {
+  return {
+    responsive: true,
+    maintainAspectRatio: false,
+    animation: false, // live charts redraw often; animating every append only costs CPU
+    interaction: { mode: "nearest", intersect: false },
+    plugins: {
+      legend: { position: "bottom", labels: { boxWidth: 12 } },
+      tooltip: percent ? { callbacks: { label: (c) => `${c.dataset.label}: ${pct(c.parsed.y)}` } } : {},
+    },
+    scales: {
+      x: { title: { display: Boolean(xTitle), text: xTitle } },
+      y: {
+        type: yType,
+        title: { display: Boolean(yTitle), text: yTitle },
+        ...(percent ? { min: 0, max: 1, ticks: percentTicks } : {}),
+        ...(yType === "logarithmic" ? { ticks: { callback: (v) => (powerOfTen(v) ? v : "") } } : {}),
+      },
+    },
+  };
+}
+
+// A chart over training iterations; fill it with setSeries().
+export function stepChart(canvas, { percent = false, yTitle, yType } = {}) {
+  const options = baseOptions({ percent, xTitle: "iteration", yTitle, yType });
+  options.scales.x.type = "linear";
+  options.parsing = false; // points are {x, y} already
+  options.normalized = true;
+  canvas.parentNode.classList.add("empty");
+  return new Chart(canvas, { type: "line", data: { datasets: [] }, options });
+}
+
+// series: Map(name -> [{x, y}] sorted by x). Keeps one dataset per name, in first-seen order.
+export function setSeries(chart, series) {
+  for (const [name, points] of series) {
+    let dataset = chart.data.datasets.find((d) => d.label === name);
+    if (!dataset) {
+      const colour = colourFor(name, chart.data.datasets.length);
+      dataset = { label: name, data: [], borderColor: colour, backgroundColor: colour,
+        borderWidth: 1.5, pointRadius: 0, pointHitRadius: 6, spanGaps: true };
+      chart.data.datasets.push(dataset);
+    }
+    dataset.data = points;
+    dataset.pointRadius = points.length < 30 ? 2.5 : 0; // few points (evals) need markers
+  }
+  chart.canvas.parentNode.classList.toggle("empty", !chart.data.datasets.some((d) => d.data.length));
+  chart.update("none");
+}
+
+// Test accuracy against label budget: one line per method, mean over seeds with error bars.
+export function budgetChart(canvas, labels, methods) {
+  const options = baseOptions({ percent: true, xTitle: "label budget", yTitle: "test top-1" });
+  options.plugins.tooltip.callbacks.label = (c) => {
+    const spread = c.dataset.errorBars[c.dataIndex];
+    return `${c.dataset.label}: ${pct(c.parsed.y)}${isNumber(spread) ? ` ± ${pct(spread)}` : ""}`;
+  };
+  const datasets = methods.map(({ name, title, means, spreads }) => ({
+    label: title, data: means, errorBars: spreads, borderColor: colourFor(name),
+    backgroundColor: colourFor(name), pointRadius: 4, spanGaps: true, borderWidth: 2,
+  }));
+  return new Chart(canvas, { type: "line", data: { labels, datasets }, options,
+    plugins: [errorBarsPlugin] });
+}
+
+export function barChart(canvas, labels, datasets, { percent = false, xTitle, yTitle } = {}) {
+  const options = baseOptions({ percent, xTitle, yTitle });
+  return new Chart(canvas, {
+    type: "bar",
+    data: {
+      labels,
+      datasets: datasets.map((d, i) => ({ backgroundColor: colourFor(d.label, i), ...d })),
+    },
+    options,
+  });
+}
+
+// Follows an SSE URL until `isLast(event)`. The browser's EventSource reconnects by itself
+// and sends Last-Event-ID, so the server resends exactly what was missed. It gives up for
+// good when a reconnect gets an HTTP error (a proxy's 502 while the app restarts); then we
+// open a fresh one after a growing pause. After any interruption `onResync` runs, so the
+// page can re-read the database record in case the live stream itself lost entries.
+export function follow(url, { onEvent, isLast = () => false, onResync = () => {}, onState = () => {} }) {
+  let source = null;
+  let timer = null;
+  let pause = 1000;
+  let interrupted = false;
+  let stopped = false;
+
+  function connect() {
+    source = new EventSource(url);
+    source.onopen = () => {
+      pause = 1000;
+      onState("live");
+      if (interrupted) {
+        interrupted = false;
+        onResync();
+      }
+    };
+    source.onmessage = (message) => {
+      const event = JSON.parse(message.data);
+      onEvent(event);
+      if (isLast(event)) stop();
+    };
+    source.onerror = () => {
+      if (stopped) return;
+      interrupted = true;
+      onState("reconnecting");
+      if (source.readyState === EventSource.CLOSED) {
+        timer = setTimeout(connect, pause);
+        pause = Math.min(pause * 2, 30000);
+      }
+    };
+  }
+
+  function stop() {
+    stopped = true;
+    clearTimeout(timer);
+    if (source) source.close();
+    onState("ended");
+  }
+
+  connect();
+  return { stop };
+}

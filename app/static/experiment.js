@@ -1,0 +1,313 @@
+// The experiment pages: the start form (/experiments/new) and one experiment's live runs
+// table, accuracy-against-budget chart and paper-style table (/experiments/{id}).
+import {
+  badge, budgetChart, follow, getJSON, h, isNumber, pageData, pct, TERMINAL,
+} from "/static/charts.js";
+
+// --- the start form ------------------------------------------------------------------------
+
+// "15%, 0.3, 4/class, all" -> [0.15, 0.3, {per_class: 4}, "all"]. The API takes fractions
+// and {per_class}; the "%" and "/class" spellings are the form's, so their mistakes are
+// reported here, and everything else (0 %, 150 %, a class without labels) by the API.
+function parseBudgets(text) {
+  const budgets = [];
+  const errors = [];
+  for (const token of text.split(",").map((t) => t.trim()).filter(Boolean)) {
+    let match;
+    if (/^all$/i.test(token)) budgets.push("all");
+    else if ((match = token.match(/^(\d+(?:\.\d+)?)\s*%$/))) {
+      budgets.push(Number((Number(match[1]) / 100).toPrecision(12)));
+    } else if ((match = token.match(/^(\d+)\s*(?:\/|per)\s*class$/i))) {
+      budgets.push({ per_class: Number(match[1]) });
+    } else if (token !== "" && Number.isFinite(Number(token))) budgets.push(Number(token));
+    else errors.push(`“${token}” is not a budget: write 15%, 0.15, 4/class or all`);
+  }
+  return { budgets, errors };
+}
+
+// Numbers where they parse; anything else goes as typed so the API names the problem.
+function parseSeeds(text) {
+  return text.split(",").map((t) => t.trim()).filter(Boolean)
+    .map((t) => (/^-?\d+$/.test(t) ? Number(t) : t));
+}
+
+// FastAPI reports a union (budgets) once per branch; keep the branch of the value we sent.
+const UNION_BRANCH = { number: "float", object: "PerClassBudget", string: "literal['all']" };
+
+export function experimentForm() {
+  const form = document.getElementById("experiment-form");
+  const data = pageData("form-data");
+  const overrideInputs = [...form.querySelectorAll("[name^='overrides.']")];
+  const keyOf = (input) => input.name.slice("overrides.".length);
+  const preset = () => data.presets[form.elements.preset.value].values;
+
+  function fillFromPreset() {
+    document.getElementById("preset-about").textContent = data.presets[form.elements.preset.value].about;
+    const values = preset();
+    for (const input of overrideInputs) {
+      if (input.type === "checkbox") input.checked = Boolean(values[keyOf(input)]);
+      else input.value = values[keyOf(input)];
+    }
+  }
+
+  // Only what differs from the preset is sent, so the experiment records what was changed.
+  function overrides() {
+    const values = preset();
+    const changed = {};
+    for (const input of overrideInputs) {
+      const key = keyOf(input);
+      let value;
+      if (input.type === "checkbox") value = input.checked;
+      else if (input.value.trim() === "") continue; // cleared: the preset's value stands
+      else value = Number(input.value);
+      if (value !== values[key]) changed[key] = value;
+    }
+    return changed;
+  }
+
+  function payload() {
+    const methods = [...form.querySelectorAll("input[name=methods]:checked")].map((i) => i.value);
+    const { budgets, errors } = parseBudgets(form.elements.budgets.value);
+    return {
+      errors,
+      body: {
+        dataset_id: Number(form.elements.dataset_id.value),
+        name: form.elements.name.value.trim(),
+        backbone: form.elements.backbone.value.trim(),
+        methods,
+        budgets,
+        seeds: parseSeeds(form.elements.seeds.value),
+        preset: form.elements.preset.value,
+        overrides: overrides(),
+      },
+    };
+  }
+
+  const runCount = document.getElementById("run-count");
+  function countRuns() {
+    const { body } = payload();
+    const total = body.methods.length * body.budgets.length * body.seeds.length;
+    const count = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
+    runCount.textContent = `This sweep is ${count(total, "run")} (${count(body.methods.length, "method")}` +
+      ` × ${count(body.budgets.length, "budget")} × ${count(body.seeds.length, "seed")}).`;
+  }
+
+  function clearErrors() {
+    for (const p of form.querySelectorAll(".field-error, #form-error")) {
+      p.hidden = true;
+      p.textContent = "";
+    }
+    for (const field of form.querySelectorAll(".field.invalid")) field.classList.remove("invalid");
+  }
+
+  function showError(fieldName, message) {
+    const field = fieldName && form.querySelector(`[data-field="${CSS.escape(fieldName)}"]`);
+    const target = field ? field.querySelector(".field-error") : document.getElementById("form-error");
+    if (field) field.classList.add("invalid");
+    target.textContent = target.textContent ? `${target.textContent} ${message}` : message;
+    target.hidden = false;
+  }
+
+  // detail: [{loc: ["body", field, index-or-key, branch?], msg}], shown next to each field.
+  function showApiErrors(detail, sent) {
+    if (!Array.isArray(detail)) {
+      showError(null, typeof detail === "string" ? detail : "The server refused the form.");
+      return;
+    }
+    for (const { loc = [], msg } of detail) {
+      const [, field, sub, branch] = loc;
+      if (typeof sub === "number" && typeof branch === "string") {
+        const value = sent[field]?.[sub];
+        if (branch !== UNION_BRANCH[typeof value]) continue;
+      }
+      if (field === "overrides" && typeof sub === "string") showError(`overrides.${sub}`, msg);
+      else if (typeof sub === "number") showError(field, `${field}[${sub}]: ${msg}`);
+      else showError(field, msg);
+    }
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearErrors();
+    const { body, errors } = payload();
+    if (errors.length) {
+      errors.forEach((message) => showError("budgets", message));
+      return;
+    }
+    const button = document.getElementById("start");
+    button.disabled = true;
+    try {
+      const response = await fetch("/api/experiments", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: JSON.stringify(body),
+      });
+      const answer = await response.json().catch(() => ({}));
+      if (response.status === 201) {
+        window.location.assign(`/experiments/${answer.id}`);
+        return;
+      }
+      if (response.status === 401) {
+        window.location.assign(`/login?next=${encodeURIComponent(location.pathname)}`);
+        return;
+      }
+      showApiErrors(answer.detail ?? `${response.status} ${response.statusText}`, body);
+      form.querySelector(".field.invalid")?.scrollIntoView({ block: "center" });
+    } catch (error) {
+      showError(null, `Could not reach the server (${error.message}); try again.`);
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  form.elements.preset.addEventListener("change", fillFromPreset);
+  form.addEventListener("input", countRuns);
+  form.addEventListener("change", countRuns);
+  fillFromPreset();
+  countRuns();
+}
+
+// --- one experiment ------------------------------------------------------------------------
+
+export function experimentPage() {
+  const { experiment: initial, methodTitles } = pageData("experiment-data");
+  const id = initial.id;
+  const title = (method) => methodTitles[method] ?? method;
+  const runs = new Map(initial.runs.map((run) => [run.id, { ...run }]));
+  let table = initial.budget_table;
+  let chart = null;
+
+  const rows = new Map(); // run id -> {tr, cells}
+  const tbody = document.querySelector("#runs tbody");
+  for (const run of runs.values()) {
+    const cells = {
+      status: h("td"), progress: h("td", { class: "num" }), accuracy: h("td", { class: "num" }),
+    };
+    const tr = h("tr", { "data-run-id": run.id },
+      h("td", {}, h("a", { href: `/runs/${run.id}` }, `#${run.id}`)),
+      h("td", {}, title(run.method)), h("td", {}, run.budget_label), h("td", { class: "num" }, run.seed),
+      cells.status, cells.progress, cells.accuracy);
+    rows.set(run.id, { tr, cells });
+    tbody.append(tr);
+  }
+
+  function drawRun(run) {
+    const { cells } = rows.get(run.id);
+    cells.status.replaceChildren(badge(run.status));
+    const share = run.total_steps ? run.step / run.total_steps : 0;
+    cells.progress.replaceChildren(
+      h("span", { class: "step" }, `${run.step} / ${run.total_steps}`), " ",
+      h("progress", { max: 1, value: share }));
+    // While training, the latest evaluation; once finished, the final score.
+    const accuracy = run.test_top1 ?? run.live_top1;
+    cells.accuracy.textContent = pct(accuracy);
+    cells.accuracy.title = run.test_top1 === null && isNumber(run.live_top1) ? "latest evaluation" : "";
+  }
+
+  // The best finished run of each budget (highest final test top-1) is highlighted.
+  function markBest() {
+    const best = new Map();
+    for (const run of runs.values()) {
+      if (run.status !== "succeeded" || !isNumber(run.test_top1)) continue;
+      const current = best.get(run.budget_label);
+      if (!current || run.test_top1 > current.test_top1) best.set(run.budget_label, run);
+    }
+    const bestIds = new Set([...best.values()].map((run) => run.id));
+    for (const [runId, { tr }] of rows) tr.classList.toggle("best", bestIds.has(runId));
+  }
+
+  function drawResults() {
+    const budgets = [...new Set(table.map((row) => row.budget_label))];
+    const methods = initial.methods;
+    const cell = (method, budget) => table.find((r) => r.method === method && r.budget_label === budget);
+
+    const head = h("tr", {}, h("th", {}, "Method"), budgets.map((b) => h("th", { class: "num" }, b)));
+    const body = methods.map((method) => h("tr", { "data-method": method }, h("th", {}, title(method)),
+      budgets.map((budget) => {
+        const row = cell(method, budget);
+        if (!row || !isNumber(row.mean_top1)) {
+          return h("td", { class: "num muted" }, row ? `${row.finished}/${row.runs} runs` : "");
+        }
+        const spread = row.finished > 1 ? ` ± ${(row.std_top1 * 100).toFixed(1)}` : "";
+        return h("td", { class: `num${row.best ? " best" : ""}`, title: `${row.finished} of ${row.runs} seeds` },
+          `${(row.mean_top1 * 100).toFixed(1)}${spread}`,
+          row.finished < row.runs ? h("small", { class: "muted" }, ` (${row.finished}/${row.runs})`) : null);
+      })));
+    document.querySelector("#budget-table thead").replaceChildren(head);
+    document.querySelector("#budget-table tbody").replaceChildren(...body);
+
+    const series = methods.map((method) => ({
+      name: method,
+      title: title(method),
+      means: budgets.map((b) => cell(method, b)?.mean_top1 ?? null),
+      spreads: budgets.map((b) => cell(method, b)?.std_top1 ?? null),
+    }));
+    if (chart) chart.destroy();
+    chart = budgetChart(document.getElementById("budget-chart"), budgets, series);
+    const anyResult = table.some((row) => isNumber(row.mean_top1));
+    document.getElementById("results-note").hidden = anyResult;
+  }
+
+  function drawStatus(status) {
+    document.getElementById("experiment-status").replaceChildren(badge(status));
+  }
+
+  // The database has the authoritative summary (means, spreads, best); read it again
+  // whenever a run ends, at most once per half second.
+  let refreshTimer = null;
+  function refreshSoon() {
+    clearTimeout(refreshTimer);
+    refreshTimer = setTimeout(async () => {
+      try {
+        const fresh = await getJSON(`/api/experiments/${id}`);
+        for (const summary of fresh.runs) {
+          const run = runs.get(summary.id);
+          if (!run) continue;
+          Object.assign(run, summary, { step: Math.max(run.step, summary.step) });
+          drawRun(run);
+        }
+        table = fresh.budget_table;
+        drawStatus(fresh.status);
+        markBest();
+        drawResults();
+      } catch (error) {
+        console.warn("experiment refresh failed:", error.message);
+      }
+    }, 500);
+  }
+
+  function onEvent(event) {
+    if (event.type === "experiment_end") {
+      refreshSoon();
+      return;
+    }
+    const run = runs.get(event.run_id);
+    if (!run) return;
+    if (isNumber(event.step)) run.step = Math.max(run.step, event.step);
+    if (event.type === "status" && event.status) run.status = event.status;
+    if (["started", "progress", "eval", "checkpoint"].includes(event.type)) run.status = "running";
+    if (event.type === "eval" && isNumber(event.test_top1)) run.live_top1 = event.test_top1;
+    if (event.type === "end") {
+      run.status = event.status;
+      if (isNumber(event.metrics?.test_top1)) run.test_top1 = event.metrics.test_top1;
+    }
+    drawRun(run);
+    // A run that starts or ends changes the summary (means, best, the experiment's status).
+    // The record also settles what a replay of old events showed on the way.
+    if (event.type === "status" || event.type === "end") refreshSoon();
+  }
+
+  drawStatus(initial.status);
+  for (const run of runs.values()) drawRun(run);
+  markBest();
+  drawResults();
+  const liveState = document.getElementById("live-state");
+  if (![...runs.values()].every((run) => TERMINAL.has(run.status))) {
+    follow(`/api/experiments/${id}/events`, {
+      onEvent,
+      isLast: (event) => event.type === "experiment_end",
+      onResync: refreshSoon,
+      onState: (state) => { liveState.textContent = state === "live" ? "● live" : state === "ended" ? "" : "reconnecting…"; },
+    });
+  }
+}

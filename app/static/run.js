@@ -1,0 +1,346 @@
+// One run's page: live curves and status while it trains, then its results and downloads.
+import {
+  barChart, badge, bytes, duration, follow, getJSON, h, isNumber, pageData, pct, setSeries,
+  stepChart, TERMINAL,
+} from "/static/charts.js";
+
+const META_KEYS = new Set(["type", "step", "total_steps", "run_id", "time"]);
+const LABEL_NEXT_SHOWN = 24;
+const POLL_MS = 5000;
+
+// Curve names for the values the engine reports; anything new shows its own name.
+const CURVE_NAMES = {
+  test_top1: "top-1", test_mean_class_acc: "mean per-class", pseudo_label_acc: "pseudo-label accuracy",
+  queue_purity: "queue purity", queue_purity_truth: "queue purity (truth)",
+  fixmatch_mask_rate: "mask rate", mask_rate: "mask rate (training)",
+};
+const curveName = (key) => CURVE_NAMES[key] ?? key.replaceAll("_", " ");
+
+export function runPage() {
+  const { run: initial, classNames } = pageData("run-data");
+  const id = initial.id;
+  let run = initial;
+  let poller = null;
+  let feed = null;
+
+  // --- live curves: one point per (kind, step), whichever way it arrived -------------------
+  const points = { progress: new Map(), eval: new Map() };
+  const charts = {
+    losses: stepChart(document.getElementById("chart-losses"), { yTitle: "loss" }),
+    lr: stepChart(document.getElementById("chart-lr"), { yTitle: "learning rate", yType: "logarithmic" }),
+    accuracy: stepChart(document.getElementById("chart-accuracy"), { percent: true, yTitle: "test set" }),
+    pseudo: stepChart(document.getElementById("chart-pseudo"), { percent: true, yTitle: "share" }),
+  };
+
+  function addPoint(kind, step, values) {
+    if (!points[kind] || !isNumber(step)) return;
+    points[kind].set(step, values);
+    if (step >= run.step && isNumber(values.images_per_s)) run.images_per_s = values.images_per_s;
+    run.step = Math.max(run.step, step);
+    drawSoon();
+  }
+
+  // Tolerant of the engine's field names: every loss term it reports gets a line, every
+  // `test_*` value goes to the accuracy chart and every other eval share to pseudo-labels.
+  function seriesOf() {
+    const series = { losses: new Map(), lr: new Map(), accuracy: new Map(), pseudo: new Map() };
+    const push = (chart, name, x, y) => {
+      if (!isNumber(y)) return;
+      if (!series[chart].has(name)) series[chart].set(name, []);
+      series[chart].get(name).push({ x, y });
+    };
+    const byStep = (map) => [...map.entries()].sort((a, b) => a[0] - b[0]);
+    for (const [step, values] of byStep(points.progress)) {
+      for (const [name, value] of Object.entries(values.losses ?? {})) push("losses", name, step, value);
+      if (isNumber(values.lr)) push("lr", "learning rate", step, values.lr);
+      else for (const [name, value] of Object.entries(values.lr ?? {})) push("lr", name, step, value);
+      if (isNumber(values.mask_rate)) push("pseudo", curveName("mask_rate"), step, values.mask_rate);
+    }
+    for (const [step, values] of byStep(points.eval)) {
+      for (const [name, value] of Object.entries(values)) {
+        push(name.startsWith("test_") ? "accuracy" : "pseudo", curveName(name), step, value);
+      }
+    }
+    return series;
+  }
+
+  let drawPending = false;
+  function drawSoon() {
+    if (drawPending) return;
+    drawPending = true;
+    requestAnimationFrame(() => {
+      drawPending = false;
+      const series = seriesOf();
+      for (const [name, chart] of Object.entries(charts)) setSeries(chart, series[name]);
+    });
+  }
+
+  async function loadHistory() {
+    const { points: recorded } = await getJSON(`/api/runs/${id}/metrics`);
+    for (const point of recorded) addPoint(point.kind, point.step, point.values);
+  }
+
+  // --- status, ETA, queue position, cancel --------------------------------------------------
+  function drawStatus() {
+    document.getElementById("run-status").replaceChildren(badge(run.status));
+    document.getElementById("step").textContent = `${run.step} / ${run.total_steps}`;
+    document.getElementById("step-bar").value = run.total_steps ? run.step / run.total_steps : 0;
+    document.getElementById("eta").textContent = run.status === "running" ? duration(run.eta_s) : "–";
+    document.getElementById("eta-row").hidden = TERMINAL.has(run.status);
+    if (isNumber(run.images_per_s)) {
+      document.getElementById("images-per-s").textContent = run.images_per_s.toFixed(1);
+    }
+    const queued = run.status === "queued";
+    document.getElementById("queue-row").hidden = !queued;
+    document.getElementById("queue-position").textContent = queued && run.queue_position
+      ? `${run.queue_position} (runs are taken in the order they were started)` : "–";
+    document.getElementById("device").textContent = run.device
+      ? `${run.device} on ${run.worker}${run.attempts > 1 ? `, attempt ${run.attempts}` : ""}` : "–";
+    const cancel = document.getElementById("cancel");
+    cancel.hidden = TERMINAL.has(run.status);
+    cancel.disabled = run.cancel_requested;
+    if (run.cancel_requested && !TERMINAL.has(run.status)) cancel.textContent = "Cancelling…";
+    const error = document.getElementById("run-error");
+    error.hidden = !run.error;
+    error.textContent = run.error ?? "";
+  }
+
+  async function refreshRun() {
+    try {
+      // The record is written before the live event is sent, so it is never behind the feed.
+      run = await getJSON(`/api/runs/${id}`);
+      drawStatus();
+      if (TERMINAL.has(run.status)) finished();
+    } catch (error) {
+      console.warn("run refresh failed:", error.message);
+    }
+  }
+
+  document.getElementById("cancel").addEventListener("click", async () => {
+    if (!window.confirm(`Cancel run #${id}? Its training stops within about one iteration.`)) return;
+    try {
+      run = await getJSON(`/api/runs/${id}/cancel`, { method: "POST" });
+      drawStatus();
+    } catch (error) {
+      document.getElementById("cancel-error").textContent = error.message;
+      await refreshRun();
+    }
+  });
+
+  // --- after the end ------------------------------------------------------------------------
+  let finishedDrawn = false;
+  function finished() {
+    if (finishedDrawn) return;
+    finishedDrawn = true;
+    clearInterval(poller);
+    if (feed) feed.stop();
+    drawSoon();
+    if (run.status !== "succeeded") return;
+    const results = document.getElementById("results");
+    results.hidden = false;
+    drawResults(run, classNames);
+    drawLabelNext(run);
+    drawDownloads(run, classNames);
+  }
+
+  function onEvent(event) {
+    if (event.type === "progress" || event.type === "eval") {
+      const values = Object.fromEntries(Object.entries(event).filter(([k]) => !META_KEYS.has(k)));
+      addPoint(event.type, event.step, values);
+    }
+    if (isNumber(event.step)) run.step = Math.max(run.step, event.step);
+    if (event.type === "status" && event.status) run.status = event.status;
+    if (["started", "progress", "eval"].includes(event.type) && run.status === "queued") run.status = "running";
+    drawStatus();
+    // An `end` may be an old one replayed (a requeued run ended before): the record says
+    // whether the run is over; refreshRun() stops the feed when it is.
+    if (event.type === "end") refreshRun();
+  }
+
+  drawStatus();
+  loadHistory().catch((error) => console.warn("could not load the recorded curves:", error.message));
+  if (TERMINAL.has(run.status)) {
+    finished();
+  } else {
+    // Queue position and ETA are not in the event feed; the API computes them.
+    poller = setInterval(refreshRun, POLL_MS);
+    const liveState = document.getElementById("live-state");
+    feed = follow(`/api/runs/${id}/events`, {
+      onEvent,
+      onResync: () => { loadHistory().catch(() => {}); refreshRun(); },
+      onState: (state) => {
+        liveState.textContent = state === "live" ? "● live" : state === "ended" ? "" : "reconnecting…";
+      },
+    });
+  }
+}
+
+// --- results of a finished run ----------------------------------------------------------------
+
+function drawResults(run, classNames) {
+  const m = run.metrics;
+  const q = m.pseudo_label_quality ?? {};
+  const headline = [
+    ["Test top-1", pct(m.test_top1)],
+    ["Mean per-class accuracy", pct(m.test_mean_class_acc)],
+    ["Pseudo-label accuracy (final model, withheld labels)", pct(m.pseudo_label_acc)],
+    ["Pseudo-label accuracy during training", pct(m.train_pseudo_label_acc)],
+  ];
+  if (isNumber(m.fixmatch_mask_rate)) headline.push(["FixMatch mask rate", pct(m.fixmatch_mask_rate)]);
+  document.getElementById("headline").replaceChildren(
+    ...headline.map(([name, value]) => h("tr", {}, h("th", {}, name), h("td", { class: "num" }, value))));
+
+  const confusion = m.confusion_matrix ?? [];
+  const names = classNames.length === confusion.length ? classNames : confusion.map((_, i) => `class ${i}`);
+  drawConfusion(confusion, names);
+  drawPerClass(m.per_class_acc ?? [], confusion, names, q);
+  drawQuality(q, names);
+}
+
+function drawConfusion(confusion, names) {
+  const head = h("tr", {}, h("th", {}, "true ↓ / predicted →"), names.map((n) => h("th", { class: "num" }, n)));
+  const body = confusion.map((row, i) => {
+    const total = row.reduce((a, b) => a + b, 0);
+    return h("tr", {}, h("th", {}, names[i]), row.map((count, j) => {
+      const share = total ? count / total : 0;
+      // Row-normalised colour: the diagonal reads as per-class recall.
+      return h("td", {
+        class: `num cm${i === j ? " diagonal" : ""}`,
+        style: { background: `rgba(47, 111, 222, ${(share * 0.9).toFixed(3)})`, color: share > 0.55 ? "#fff" : "" },
+        title: `true ${names[i]}, predicted ${names[j]}: ${count} of ${total} (${pct(share)})`,
+      }, count);
+    }));
+  });
+  document.getElementById("confusion").replaceChildren(h("thead", {}, head), h("tbody", {}, body));
+}
+
+function drawPerClass(perClass, confusion, names, quality) {
+  const precision = quality.per_class_precision;
+  const recall = quality.per_class_recall;
+  const withPseudo = Array.isArray(precision) && Array.isArray(recall);
+  const head = h("tr", {}, h("th", {}, "Class"), h("th", {}, "Test accuracy"), h("th", { class: "num" }, "Test images"),
+    withPseudo ? [h("th", { class: "num" }, "Pseudo-label precision"), h("th", { class: "num" }, "recall")] : []);
+  const body = names.map((name, i) => {
+    const accuracy = perClass[i];
+    return h("tr", {}, h("td", {}, name),
+      h("td", { class: "nowrap" }, h("span", { class: "bar" }, h("span", { style: { width: `${(accuracy ?? 0) * 100}%` } })), " ", pct(accuracy)),
+      h("td", { class: "num" }, (confusion[i] ?? []).reduce((a, b) => a + b, 0)),
+      withPseudo ? [h("td", { class: "num" }, pct(precision[i])), h("td", { class: "num" }, pct(recall[i]))] : []);
+  });
+  document.getElementById("per-class").replaceChildren(h("thead", {}, head), h("tbody", {}, body));
+}
+
+function drawQuality(q, names) {
+  const facts = [
+    ["Share a 0.95 threshold keeps", pct(q.kept_share_at_095)],
+    ["Accuracy of what it keeps", pct(q.kept_accuracy_at_095)],
+    ["Queue purity (agrees with the model)", pct(q.queue_purity)],
+    ["Queue purity (agrees with the truth)", pct(q.queue_purity_truth)],
+  ];
+  document.getElementById("quality-facts").replaceChildren(
+    ...facts.map(([name, value]) => h("tr", {}, h("th", {}, name), h("td", { class: "num" }, value))));
+
+  const bins = q.confidence_bins ?? [];
+  const judged = bins.some((bin) => isNumber(bin.accuracy));
+  document.getElementById("bins-note").hidden = judged;
+  if (judged) {
+    barChart(document.getElementById("chart-bins"),
+      bins.map((b) => `${b.lo.toFixed(1)}–${b.hi.toFixed(1)} (${b.count})`),
+      [{ label: "pseudo-label accuracy", data: bins.map((b) => b.accuracy) }],
+      { percent: true, xTitle: "confidence (images)" });
+  }
+  if (Array.isArray(q.predicted_distribution)) {
+    barChart(document.getElementById("chart-distribution"), names, [
+      { label: "predicted (unlabeled)", data: q.predicted_distribution },
+      { label: "labeled", data: q.labeled_distribution ?? [] },
+    ], { percent: true });
+  }
+  const histogram = q.confidence_histogram;
+  if (histogram?.counts) {
+    barChart(document.getElementById("chart-confidence"),
+      histogram.counts.map((_, i) => histogram.edges[i].toFixed(2)),
+      [{ label: "unlabeled images", data: histogram.counts }],
+      { xTitle: "confidence of the top class" });
+  }
+}
+
+// "rank,image_id,path,label,...\n" -> [{rank, image_id, ...}]; quoted fields per RFC 4180,
+// since archive paths may hold commas.
+function parseCsv(text) {
+  const rows = [];
+  let row = [];
+  let field = "";
+  let quoted = false;
+  for (let i = 0; i < text.length; i += 1) {
+    const c = text[i];
+    if (quoted) {
+      if (c === '"' && text[i + 1] === '"') { field += '"'; i += 1; } else if (c === '"') quoted = false;
+      else field += c;
+    } else if (c === '"') quoted = true;
+    else if (c === ",") { row.push(field); field = ""; }
+    else if (c === "\n") { row.push(field); rows.push(row); row = []; field = ""; }
+    else if (c !== "\r") field += c;
+  }
+  if (field || row.length) { row.push(field); rows.push(row); }
+  const [header = [], ...body] = rows;
+  return body.map((cells) => Object.fromEntries(header.map((key, i) => [key, cells[i] ?? ""])));
+}
+
+async function drawLabelNext(run) {
+  const box = document.getElementById("label-next-thumbs");
+  const missing = () => box.replaceChildren(h("p", { class: "muted" }, "No predictions for unlabeled images."));
+  if (!run.artifacts.some((a) => a.name === "predictions.csv")) return missing();
+  const response = await fetch(`/api/runs/${run.id}/label-next.csv?limit=500`);
+  if (!response.ok) return missing();
+  // Rows with a withheld label are images the user labeled already (held back by the budget);
+  // the ones worth labeling next are those without any label.
+  const rows = parseCsv(await response.text()).filter((row) => !row.hidden_label).slice(0, LABEL_NEXT_SHOWN);
+  if (!rows.length) {
+    box.replaceChildren(h("p", { class: "muted" }, "No unlabeled images: every image has a label."));
+    return;
+  }
+  box.replaceChildren(...rows.map((row) => h("figure", { class: "thumb" },
+    row.image_id
+      ? h("img", { src: `/api/datasets/${run.dataset_id}/images/${row.image_id}/thumbnail`,
+        alt: row.path, title: row.path, loading: "lazy", width: 72, height: 72 })
+      : h("span", { class: "muted" }, row.path),
+    h("figcaption", {}, row.label, h("br"), pct(Number(row.confidence), 0)))));
+}
+
+async function drawDownloads(run, classNames) {
+  const predictions = run.artifacts.find((a) => a.name === "predictions.csv");
+  const links = [
+    { href: `/api/runs/${run.id}/checkpoint`, text: "Checkpoint (zip: model, config, training record)", id: "download-checkpoint" },
+    ...run.artifacts.filter((a) => a !== predictions).map((a) => ({ href: a.url, text: a.name, size: a.size_bytes })),
+    { href: `/api/runs/${run.id}/predictions.csv`, text: "Predictions for the unlabeled images (CSV)", size: predictions?.size_bytes },
+    { href: `/api/runs/${run.id}/label-next.csv`, text: "Label next: least confident first (CSV)" },
+  ];
+  document.getElementById("downloads").replaceChildren(...links.map((link) => h("li", {},
+    h("a", { href: link.href, download: "", id: link.id }, link.text),
+    link.size ? h("span", { class: "muted" }, ` ${bytes(link.size)}`) : null)));
+
+  // The exported config.json names what timm needs; the run's settings are the fallback.
+  let architecture = run.config.backbone;
+  let numClasses = classNames.length;
+  const config = run.artifacts.find((a) => a.name === "config.json");
+  if (config) {
+    try {
+      const exported = await getJSON(config.url);
+      architecture = exported.architecture ?? architecture;
+      numClasses = exported.num_classes ?? numClasses;
+    } catch (error) {
+      console.warn("config.json unavailable:", error.message);
+    }
+  }
+  document.getElementById("snippet-download").textContent =
+    `curl -o run-${run.id}.zip ${location.origin}/api/runs/${run.id}/checkpoint\nunzip run-${run.id}.zip`;
+  document.getElementById("snippet").textContent = [
+    "import json, timm",
+    "",
+    "model = timm.create_model(",
+    `    ${JSON.stringify(architecture)}, pretrained=True, num_classes=${numClasses},`,
+    `    pretrained_cfg_overlay=dict(file="model.safetensors"),`,
+    ").eval()",
+    `labels = json.load(open("config.json"))["label_names"]  # output index -> class`,
+  ].join("\n");
+}

@@ -1,0 +1,283 @@
+"""The whole product in Chromium against a real server and a real Celery worker: upload on the
+page, start a sweep with the form, watch it live, read the results, download the model; and
+the live run page on a phone, cancelled from its button."""
+
+from __future__ import annotations
+
+import io
+import re
+import signal
+import time
+import zipfile
+
+import pytest
+
+from tests.browser import PHONE, open_browser
+from tests.support import make_image_archive, start_process, wait_for
+
+pytestmark = pytest.mark.browser
+
+# A tiny model on tiny images: a run takes seconds on two CPU cores.
+TINY_FORM = {
+    "#f-backbone": "test_efficientnet",
+    "#f-image_size": "32",
+    "#f-batch_size": "8",
+    "#f-unlabeled_batch_size": "8",
+    "#f-iterations": "30",
+    "#f-eval_interval": "15",
+    "#f-log_interval": "3",
+    "#f-checkpoint_interval": "30",
+    "#f-lr": "0.01",
+}
+TINY_API = {
+    "backbone": "test_efficientnet", "preset": "quick",
+    "overrides": {"pretrained": False, "image_size": 32, "batch_size": 8,
+                  "unlabeled_batch_size": 8, "eval_interval": 20, "log_interval": 5,
+                  "checkpoint_interval": 20, "lr": 0.01},
+}
+# Records every text the runs table shows, so the test can tell the page changed live.
+WATCH_RUNS_TABLE = """() => {
+    window.seenSteps = {};
+    window.sameDocument = true;  // a reload would drop this
+    const record = () => {
+        for (const row of document.querySelectorAll("#runs tbody tr")) {
+            const step = row.querySelector(".step")?.textContent;
+            const seen = (window.seenSteps[row.dataset.runId] ??= []);
+            if (step && seen[seen.length - 1] !== step) seen.push(step);
+        }
+    };
+    new MutationObserver(record).observe(document.querySelector("#runs tbody"),
+        {subtree: true, childList: true, characterData: true});
+    record();
+}"""
+
+
+def test_upload_start_watch_and_take_the_model_in_the_browser(
+    live_server, celery_worker, tmp_path, request
+):
+    archive = make_image_archive(tmp_path / "shapes.zip", train_per_class=12, test_per_class=4,
+                                 unlabeled=9)
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+
+        # Upload on the datasets engineer's page, then follow its link to the form.
+        page.goto(f"{live_server.url}/datasets/new")
+        page.set_input_files("#file", str(archive))
+        page.fill("#name", "shapes")
+        page.click("#upload-button")
+        page.wait_for_url(re.compile(r"/datasets/\d+$"))
+        dataset_id = page.url.rsplit("/", 1)[1]
+        page.click("#start-experiment")
+        page.wait_for_url(re.compile(r"/experiments/new\?dataset_id=\d+$"))
+        assert page.input_value("#f-dataset_id") == dataset_id
+
+        for selector, value in TINY_FORM.items():
+            page.fill(selector, value)
+        page.uncheck("#f-pretrained")
+        page.fill("#f-name", "shapes sweep")
+        page.fill("#f-budgets", "50%, all")
+        assert "4 runs" in page.inner_text("#run-count")
+        browser.screenshot("1-form")
+        page.click("#start")
+        page.wait_for_url(re.compile(r"/experiments/\d+$"))
+        experiment_url = page.url
+
+        # Progress arrives over the experiment's event feed, without a reload.
+        page.wait_for_selector("#runs tbody tr")
+        page.evaluate(WATCH_RUNS_TABLE)
+        assert page.locator("#runs tbody tr").count() == 4
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('#runs tbody .badge')]
+                .every((b) => b.textContent === 'succeeded')""",
+            timeout=240_000,
+        )
+        assert page.evaluate("window.sameDocument") is True
+        seen = page.evaluate("window.seenSteps")
+        assert all(steps[-1] == "30 / 30" for steps in seen.values()), seen
+        # Runs that were still queued when the page opened were seen stepping forward.
+        moving = [steps for steps in seen.values() if len(steps) >= 3]
+        assert moving, f"no run was seen moving: {seen}"
+        assert any(re.fullmatch(r"[1-2]?\d / 30", s) and s != "0 / 30" for s in moving[-1]), seen
+
+        # Results: one accuracy point per method and budget, the paper table, best marked.
+        page.wait_for_selector("#experiment-status .badge:text-is('finished')")
+        points = browser.chart_points("#budget-chart")
+        assert points == {"Self-Tuning": 2, "Fine-tuning": 2}, points
+        table = page.locator("#budget-table")
+        assert table.locator("thead th").all_inner_texts() == ["Method", "50%", "all"]
+        cells = table.locator("tbody td").all_inner_texts()
+        assert len(cells) == 4 and all(re.fullmatch(r"\d{1,3}\.\d", c) for c in cells), cells
+        assert table.locator("td.best").count() == 2  # one per budget
+        assert page.locator("#runs tbody tr.best").count() == 2
+        browser.screenshot("2-experiment-finished")
+
+        # The finished Self-Tuning run: curves, confusion matrix, quality, label next, files.
+        page.click("#runs tbody tr:first-child a")
+        page.wait_for_url(re.compile(r"/runs/\d+$"))
+        page.wait_for_selector("#results:not([hidden])")
+        page.wait_for_selector("#label-next-thumbs img")
+        page.wait_for_function("document.getElementById('snippet').textContent.includes('timm')")
+        losses = browser.chart_points("#chart-losses")
+        assert {"ce", "pgc_labeled", "pgc_unlabeled"} <= set(losses), losses
+        assert set(losses.values()) == {10}, losses  # every 3 of 30 iterations
+        assert browser.chart_points("#chart-lr") == {"learning rate": 10}
+        accuracy = browser.chart_points("#chart-accuracy")
+        assert accuracy["top-1"] == 2, accuracy  # evaluations at 15 and 30
+        assert "pseudo-label accuracy" in browser.chart_points("#chart-pseudo")
+        assert browser.chart_points("#chart-distribution")
+        confusion = page.locator("#confusion tbody td").all_inner_texts()
+        assert len(confusion) == 9 and sum(int(c) for c in confusion) == 12  # 3 x 4 test images
+        assert page.locator("#per-class tbody tr").count() == 3
+        page.locator("#label-next").scroll_into_view_if_needed()  # thumbnails load lazily
+        page.wait_for_function(
+            "[...document.querySelectorAll('#label-next-thumbs img')]"
+            ".every((img) => img.complete && img.naturalWidth > 0)"
+        )
+        snippet = " ".join(page.inner_text("#snippet").split())
+        assert ('timm.create_model( "test_efficientnet", pretrained=True, num_classes=3, '
+                'pretrained_cfg_overlay=dict(file="model.safetensors"), )') in snippet
+        with page.expect_download() as download_info:
+            page.click("#download-checkpoint")
+        with open(download_info.value.path(), "rb") as handle:
+            names = zipfile.ZipFile(io.BytesIO(handle.read())).namelist()
+        assert {"model.safetensors", "config.json", "training.json"} <= set(names)
+        hrefs = page.eval_on_selector_all("#downloads a", "(links) => links.map((a) => a.href)")
+        assert len(hrefs) == 6  # checkpoint, its 3 files, predictions, label next
+        for href in hrefs:
+            response = page.request.get(href)
+            assert response.ok and response.body(), (href, response.status)
+        browser.screenshot("3-run-finished")
+
+        # The same pages on a phone, reached by their links: nothing wider than the screen
+        # except inside cards that scroll.
+        page.set_viewport_size(PHONE)
+        page.reload()
+        page.wait_for_selector("#results:not([hidden])")
+        for name, link in [("4-phone-run-finished", ".crumbs a[href^='/experiments/']"),
+                           ("5-phone-experiment", ".crumbs a[href='/experiments']"),
+                           ("6-phone-experiments", None)]:
+            page.wait_for_load_state("networkidle")
+            assert browser.horizontal_overflow() == 0, name
+            browser.screenshot(name)
+            if link:
+                page.click(link)
+        assert page.url == f"{live_server.url}/experiments"
+        page.goto(f"{live_server.url}/experiments?dataset_id={dataset_id}")
+        assert page.locator("#experiments a", has_text="shapes sweep").get_attribute(
+            "href") == experiment_url.removeprefix(live_server.url)
+        page.goto(f"{live_server.url}/experiments?dataset_id={int(dataset_id) + 1}")
+        assert page.locator("#experiments").count() == 0
+        browser.assert_no_errors()
+
+
+def test_live_run_page_on_a_phone_survives_a_server_restart_and_cancels(
+    live_server, celery_worker, tmp_path, request
+):
+    archive = make_image_archive(tmp_path / "shapes.zip", train_per_class=12, test_per_class=4,
+                                 unlabeled=9)
+    with live_server.client() as client:
+        with open(archive, "rb") as handle:
+            uploaded = client.post("/api/datasets", files={"file": ("shapes.zip", handle)})
+        assert uploaded.status_code == 201, uploaded.text
+        created = client.post("/api/experiments", json={
+            "dataset_id": uploaded.json()["id"],
+            "methods": ["self-tuning", "fixmatch", "fine-tune"],
+            "budgets": [0.5], **{**TINY_API, "overrides": {
+                **TINY_API["overrides"], "iterations": 100_000}},
+        })
+        assert created.status_code == 201, created.text
+    running, queued, last = (run["id"] for run in created.json()["runs"])
+    experiment_url = f"{live_server.url}/experiments/{created.json()['id']}"
+    restarted = None
+
+    def step_shown() -> int:
+        return int(page.inner_text("#step").split(" / ")[0])
+
+    with open_browser(request.node.name, viewport=PHONE) as browser:
+        page = browser.page
+        try:
+            page.goto(f"{live_server.url}/runs/{queued}")  # waits behind the first run
+            page.wait_for_selector("#queue-row:not([hidden])")
+            # Second in line until the worker takes the first run, then next.
+            assert re.match(r"[12] ", page.inner_text("#queue-position"))
+            page.wait_for_function(
+                "document.getElementById('queue-position').textContent.startsWith('1 ')",
+                timeout=30_000,
+            )
+            assert browser.horizontal_overflow() == 0
+            browser.screenshot("1-phone-run-queued")
+
+            page.goto(f"{live_server.url}/runs/{running}")
+            page.wait_for_function(
+                "() => (Chart.getChart(document.getElementById('chart-losses'))"
+                "?.data.datasets[0]?.data.length ?? 0) >= 3",
+                timeout=60_000,
+            )
+            before = step_shown()
+            wait_for(lambda: step_shown() > before, timeout=20, message="the step to move")
+            assert page.inner_text("#images-per-s") != "–"
+            wait_for(lambda: page.inner_text("#eta") != "–", timeout=15, message="an ETA")
+            assert browser.horizontal_overflow() == 0
+            browser.screenshot("2-phone-run-live")
+
+            # The server dies while training goes on; the page waits, then carries on.
+            quiet = len(browser.errors)
+            live_server.process.stop(signal.SIGKILL)
+            wait_for(lambda: page.inner_text("#live-state") == "reconnecting…", timeout=10,
+                     message="the page to notice the server is gone")
+            time.sleep(3)  # let the worker record points the page cannot see yet
+            restarted = start_process(live_server.process.popen.args, live_server.env,
+                                      tmp_path / "logs" / "uvicorn-restarted.log")
+            wait_for(lambda: page.inner_text("#live-state") == "● live", timeout=30,
+                     message="the page to reconnect")
+            after = step_shown()
+            wait_for(lambda: step_shown() > after, timeout=20, message="the step to move again")
+            outage = browser.errors[quiet:]
+            del browser.errors[quiet:]
+            assert all("net::ERR_" in error for error in outage), outage
+
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.click("#cancel")
+            page.wait_for_function(
+                "document.querySelector('#run-status .badge').textContent === 'cancelled'",
+                timeout=30_000,
+            )
+            assert page.locator("#cancel").is_hidden()
+            browser.screenshot("3-phone-run-cancelled")
+
+            # Every recorded point is on the chart once: none lost in the outage, none twice.
+            with live_server.client() as client:
+                recorded = client.get(f"/api/runs/{running}/metrics").json()["points"]
+            steps = [p["step"] for p in recorded if p["kind"] == "progress"]
+            page.wait_for_function(
+                "(n) => Chart.getChart(document.getElementById('chart-losses'))"
+                ".data.datasets[0].data.length === n", arg=len(steps), timeout=10_000,
+            )
+            charted = page.evaluate(
+                "Chart.getChart(document.getElementById('chart-losses'))"
+                ".data.datasets[0].data.map((point) => point.x)"
+            )
+            assert charted == steps
+
+            # Cancels show on the experiment page as they happen, queued runs included.
+            page.goto(experiment_url)
+            page.wait_for_selector("#live-state:text-is('● live')")
+            assert browser.horizontal_overflow() == 0
+            browser.screenshot("4-phone-experiment-live")
+            # Once the next run trains and the page has re-read the record after that start,
+            # only the live feed can tell it about the cancel of the run still queued.
+            page.wait_for_selector(f"#runs tr[data-run-id='{queued}'] .badge:text-is('running')",
+                                   timeout=30_000)
+            page.wait_for_timeout(1500)
+            for run_id in (last, queued):  # the one still queued, then the one training
+                with live_server.client() as client:
+                    assert client.post(f"/api/runs/{run_id}/cancel").status_code == 200
+                page.wait_for_selector(
+                    f"#runs tr[data-run-id='{run_id}'] .badge:text-is('cancelled')")
+            page.wait_for_selector("#experiment-status .badge:text-is('cancelled')")
+            page.wait_for_selector("#live-state:text-is('')", state="attached")
+            browser.screenshot("5-phone-experiment-cancelled")
+            browser.assert_no_errors()
+        finally:
+            if restarted is not None:
+                restarted.stop()

@@ -1,0 +1,114 @@
+"""The start-experiment form in Chromium: preset values, refills, and the API's validation
+messages next to the fields they are about; and the pages behind the API token."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from app.db import session_scope
+from app.deps import AUTH_COOKIE
+from app.models import Dataset
+from tests.browser import open_browser
+from tests.support import app_env, start_server
+
+
+@pytest.fixture
+def dataset_id(live_server) -> int:
+    """A dataset row is all the form needs; no images are read until a run trains."""
+    with session_scope(live_server.database_url) as session:
+        dataset = Dataset(
+            name="shapes", storage_key="shapes-form-test", fingerprint="0" * 64,
+            class_names=["circle", "square"],
+            class_counts={"circle": {"train": 10, "test": 3}, "square": {"train": 10, "test": 3}},
+            unlabeled_count=5, image_count=31,
+        )
+        session.add(dataset)
+        session.flush()
+        return dataset.id
+
+
+def error_next_to(page, field: str) -> str:
+    locator = page.locator(f'[data-field="{field}"] .field-error')
+    locator.wait_for(state="visible")
+    return locator.inner_text()
+
+
+@pytest.mark.browser
+def test_form_fills_presets_and_shows_api_errors_next_to_their_fields(
+    live_server, dataset_id, request
+):
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/new?dataset_id={dataset_id}")
+        assert page.input_value("#f-dataset_id") == str(dataset_id)
+        assert page.input_value("#f-backbone") == "tf_efficientnet_lite0"
+        assert page.input_value("#f-iterations") == "400"
+        assert page.input_value("#f-image_size") == "64"
+        page.select_option("#f-preset", "paper")
+        assert page.input_value("#f-iterations") == "27000"
+        assert page.input_value("#f-image_size") == "224"
+        page.select_option("#f-preset", "quick")
+        assert page.input_value("#f-iterations") == "400"
+        assert "8 runs" in page.inner_text("#run-count")  # 2 methods x 4 budgets x 1 seed
+
+        # Schema errors: all at once, each beside its own field.
+        page.fill("#f-lr", "0")
+        page.uncheck("input[name=methods][value=self-tuning]")
+        page.uncheck("input[name=methods][value=fine-tune]")
+        page.click("#start")
+        assert "greater than 0" in error_next_to(page, "overrides.lr")
+        assert "at least 1 item" in error_next_to(page, "methods")
+        assert page.locator('[data-field="budgets"] .field-error').is_hidden()
+        browser.screenshot("form-schema-errors")
+
+        # The API's own checks, after the schema passes.
+        page.fill("#f-lr", "0.01")
+        page.check("input[name=methods][value=fine-tune]")
+        page.fill("#f-budgets", "30%, 150%")
+        page.click("#start")
+        assert "budgets[1]: budget fraction 1.5 must be in (0, 1]" in error_next_to(page, "budgets")
+        assert page.locator('[data-field="overrides.lr"] .field-error').is_hidden()
+
+        # What the form sends: budgets in the API's terms, only the values that differ from
+        # the preset.
+        page.fill("#f-budgets", "5%, 15%, 4/class, all")
+        page.fill("#f-seeds", "0, 1")
+        page.fill("#f-backbone", "no_such_network")
+        with page.expect_request("**/api/experiments") as sent:
+            page.click("#start")
+        assert sent.value.post_data_json == {
+            "dataset_id": dataset_id, "name": "", "backbone": "no_such_network",
+            "methods": ["fine-tune"], "budgets": [0.05, 0.15, {"per_class": 4}, "all"],
+            "seeds": [0, 1], "preset": "quick", "overrides": {"lr": 0.01},
+        }
+        assert "unknown backbone 'no_such_network'" in error_next_to(page, "backbone")
+        assert "8 runs" in page.inner_text("#run-count")
+
+        # The form's own budget spellings are checked before anything is sent.
+        page.fill("#f-budgets", "30%, lots")
+        page.click("#start")
+        assert "“lots” is not a budget" in error_next_to(page, "budgets")
+        assert page.url.endswith(f"/experiments/new?dataset_id={dataset_id}")
+        browser.screenshot("form-budget-error")
+        browser.assert_no_errors(expected=("status of 422",))
+
+
+def test_pages_ask_for_the_token_and_say_what_is_missing(settings, tmp_path):
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_API_TOKEN="s3cret")
+    url, process = start_server(env, tmp_path / "uvicorn.log")
+    try:
+        for path in ["/experiments", "/experiments/new", "/experiments/7", "/runs/7"]:
+            response = httpx.get(url + path, follow_redirects=False)
+            assert response.status_code == 303, path
+            assert response.headers["location"] == f"/login?next={path}"
+        with httpx.Client(base_url=url, cookies={AUTH_COOKIE: "s3cret"}) as client:
+            assert "No experiments yet" in client.get("/experiments").text
+            assert "There is no dataset yet" in client.get("/experiments/new").text
+            missing = client.get("/experiments/7")
+            assert missing.status_code == 404
+            assert missing.json()["detail"] == "experiment 7 does not exist"
+            assert client.get("/runs/7").json()["detail"] == "run 7 does not exist"
+    finally:
+        process.stop()

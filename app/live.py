@@ -40,3 +40,14 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
             info = json.loads(raw)
             workers.append({"name": info["name"], "device": info["device"]})
     return sorted(workers, key=lambda w: w["name"])
+
+
+def publish_status(client: redis.Redis, run: Any) -> None:
+    """Tell open pages that a run changed state outside the worker (requeued, lost)."""
+    data = {"data": json.dumps({"type": "status", "run_id": run.id, "status": run.status,
+                                "step": run.step, "total_steps": run.total_steps})}
+    try:
+        client.xadd(run_stream_key(run.id), data)
+        client.xadd(experiment_stream_key(run.experiment_id), data)
+    except redis.RedisError:
+        pass  # the database has the state; pages also poll it

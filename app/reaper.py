@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
+from app.live import get_redis, publish_status
 from app.models import Run, utcnow
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def reap(settings: Settings) -> list[int]:
             reaped.append(run.id)
             if run.attempts < settings.max_attempts:
                 requeue(session, run)
+            publish_status(get_redis(settings.effective_redis_url), run)
     return reaped
 
 

@@ -113,11 +113,15 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
         single = client.get(f"/api/runs/{run_id}/files/config.json").json()
         predictions = client.get(f"/api/runs/{run_id}/predictions.csv").text.splitlines()
         label_next = client.get(f"/api/runs/{run_id}/label-next.csv").text.splitlines()
+        with_withheld = client.get(f"/api/runs/{run_id}/label-next.csv",
+                                   params={"include_withheld": "true", "limit": 30})
 
     assert single["architecture"] == "test_efficientnet" and single["num_classes"] == 3
     assert predictions[0].startswith("image_id,path,label,confidence,margin")
     assert len(predictions) == 1 + 12 + 3 * 8  # unlabeled + hidden-label half of each class
     assert label_next[0].startswith("rank,image_id,path")
+    assert len(label_next) == 1 + 12  # only images that have no label at all
+    assert len(with_withheld.text.splitlines()) == 1 + 30
     margins = [float(row.split(",")[5]) for row in label_next[1:]]
     assert margins == sorted(margins)
 

@@ -72,7 +72,9 @@ class _Heartbeat:
 def execute_run(
     settings: Settings, run_id: int, worker_name: str, task_id: str | None = None
 ) -> dict[str, Any]:
-    from worker.selftuning import RunConfig, TrainingCancelled, make_budget_data, train
+    from worker.selftuning.config import RunConfig
+    from worker.selftuning.data import make_budget_data
+    from worker.selftuning.train import TrainingCancelled, train
 
     with session_scope(settings.sqlalchemy_url) as session:
         run = session.get(Run, run_id)

@@ -19,7 +19,7 @@ from app.db import session_scope
 from app.deps import DbDep, RedisDep, SettingsDep
 from app.events import Outcome, stream_events, valid_last_event_id
 from app.experiments import as_utc, is_terminal, queue_position
-from app.live import experiment_stream_key, run_cancel_key, run_stream_key
+from app.live import experiment_stream_key, publish_status, run_cancel_key, run_stream_key
 from app.models import Artifact, Run, RunMetric, utcnow
 from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 
@@ -112,7 +112,7 @@ def cancel_run(run_id: int, session: DbDep, live: RedisDep):
 
 
 @router.post("/{run_id}/requeue", response_model=RunOut)
-def requeue_run(run_id: int, session: DbDep):
+def requeue_run(run_id: int, session: DbDep, live: RedisDep):
     """Queue a lost, failed or cancelled run again; it resumes from its last training
     checkpoint (a finished run is never retrained)."""
     from app.reaper import requeue
@@ -124,6 +124,7 @@ def requeue_run(run_id: int, session: DbDep):
             "can be requeued",
         )
     requeue(session, run)
+    publish_status(live, run)
     return read_run(run_id, session)
 
 
@@ -234,10 +235,13 @@ def label_next_rows(path: Path) -> list[dict[str, str]]:
 
 @router.get("/{run_id}/label-next.csv", responses={200: {"content": {"text/csv": {}}}})
 def download_label_next(run_id: int, session: DbDep, settings: SettingsDep,
-                        limit: int | None = None):
+                        limit: int | None = None, include_withheld: bool = False):
     """Unlabeled images ranked by uncertainty (smallest top-1/top-2 margin first): the ones
-    whose labels would teach the model most."""
+    whose labels would teach the model most. Images whose labels you gave but the budget
+    withheld are left out unless `include_withheld=true`."""
     rows = label_next_rows(artifact_path(settings, session, run_id, "predictions.csv"))
+    if not include_withheld:
+        rows = [row for row in rows if not row.get("hidden_label")]
     if limit is not None:
         rows = rows[: max(0, limit)]
     buffer = io.StringIO()

@@ -4,13 +4,58 @@ with Self-Tuning, plain fine-tuning or FixMatch, and exports a plain timm model.
 Pure PyTorch + timm; the Celery task, the CLI and the benchmarks all call `train`.
 """
 
-from worker.selftuning.backbones import DEFAULT_BACKBONE, BackboneError, offline_backbones
-from worker.selftuning.budgets import Budget, BudgetError, select_labeled, split_holdout
-from worker.selftuning.config import PRESETS, RunConfig
-from worker.selftuning.data import RunData, load_folder_dataset, make_budget_data
-from worker.selftuning.images import open_rgb
-from worker.selftuning.methods import METHODS
-from worker.selftuning.train import TrainingCancelled, train
+import importlib
+import sys
+import types
+from typing import Any
+
+# Where each public name lives. Loaded on first use (PEP 562), so the web can import the
+# torch-free parts (`budgets`, `config`) without paying for torch and timm.
+_EXPORTS = {
+    "DEFAULT_BACKBONE": "backbones",
+    "BackboneError": "backbones",
+    "offline_backbones": "backbones",
+    "Budget": "budgets",
+    "BudgetError": "budgets",
+    "select_labeled": "budgets",
+    "split_holdout": "budgets",
+    "PRESETS": "config",
+    "RunConfig": "config",
+    "RunData": "data",
+    "load_folder_dataset": "data",
+    "make_budget_data": "data",
+    "open_rgb": "images",
+    "METHODS": "methods",
+    "TrainingCancelled": "train",
+    "train": "train",
+}
+
+
+class _EnginePackage(types.ModuleType):
+    """This package, with `train` always the function: importing the submodule of the same
+    name (`worker.selftuning.train`) would otherwise rebind the package attribute to it.
+    (So `import worker.selftuning.train as m` gives the function too; write
+    `from worker.selftuning.train import ...` to reach the module's other names.)"""
+
+    @property
+    def train(self) -> Any:
+        return importlib.import_module(f"{__name__}.train").train
+
+    @train.setter
+    def train(self, _submodule: object) -> None:
+        """The import system sets the submodule here; the function stays the attribute."""
+
+
+sys.modules[__name__].__class__ = _EnginePackage
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_BACKBONE",

@@ -1,0 +1,81 @@
+"""Training views and the evaluation transform."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from timm.data import create_transform, resolve_data_config
+
+from tests.engine.helpers import draw_shape
+from worker.selftuning.augment import Normalize, ViewMaker, build_randaugment_ops
+from worker.selftuning.images import Preprocessing, eval_crop, train_square
+
+PREPROCESSING = Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_posterize_to_zero_bits_gives_black_instead_of_crashing():
+    image = Image.new("RGB", (16, 16), (200, 120, 40))
+    with pytest.raises(ValueError):  # why the guard exists: Pillow 13 refuses 0 bits
+        ImageOps.posterize(image, 0)
+    posterize = next(op for op in build_randaugment_ops(PREPROCESSING)
+                     if op.name.startswith("Posterize"))
+    posterize.prob = 1.0
+    posterize.magnitude, posterize.magnitude_std = 10, 0  # level 10 -> keep 0 bits
+    assert posterize.level_fn(10, posterize.hparams) == (0,)
+
+    result = posterize(image)
+
+    assert result.size == image.size and result.getextrema() == ((0, 0),) * 3
+
+
+def test_randaugment_with_magnitude_noise_asks_posterize_for_zero_bits_and_survives():
+    maker = ViewMaker(PREPROCESSING)
+    # timm's usual magnitude noise around m=10 reaches level 10, i.e. 0 bits, half the time.
+    maker.randaugment_ops = build_randaugment_ops(PREPROCESSING, "rand-m10-n2-mstd0.5-inc1")
+    posterize = next(op for op in maker.randaugment_ops if op.name.startswith("Posterize"))
+    guarded, asked = posterize.aug_fn, []
+
+    def recording(image, bits, **kwargs):
+        asked.append(bits)
+        return guarded(image, bits, **kwargs)
+
+    posterize.aug_fn = recording
+    square = np.asarray(draw_shape("circle", (36, 36), random.Random(0)))
+    for seed in range(400):
+        view = maker.strong(square, random.Random(seed))
+        assert view.shape == (32, 32, 3) and view.dtype == np.uint8
+    assert 0 in asked
+
+
+def test_views_are_a_function_of_the_seed_and_two_draws_differ():
+    maker = ViewMaker(PREPROCESSING)
+    square = np.asarray(draw_shape("square", (36, 36), random.Random(1)))
+    first = random.Random("run/0/5/1")
+    again = random.Random("run/0/5/1")
+    query, key = maker.strong(square, first), maker.strong(square, first)
+    assert np.array_equal(query, maker.strong(square, again))
+    assert not np.array_equal(query, key)
+    assert maker.weak(square, random.Random(3)).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("size", [(50, 30), (31, 77), (32, 32), (200, 150)])
+def test_eval_pixels_equal_timms_eval_transform_bitwise(size):
+    image = draw_shape("triangle", size, random.Random(sum(size))).convert("RGB")
+    pretrained_cfg = PREPROCESSING.pretrained_cfg(num_classes=3)
+    transform = create_transform(**resolve_data_config(pretrained_cfg=pretrained_cfg))
+    expected = transform(image)
+
+    pixels = torch.from_numpy(eval_crop(image, PREPROCESSING))[None].permute(0, 3, 1, 2)
+    ours = Normalize(PREPROCESSING.mean, PREPROCESSING.std)(pixels)[0]
+
+    assert torch.equal(ours, expected)
+
+
+def test_training_square_covers_the_crop_region():
+    image = draw_shape("circle", (60, 40), random.Random(2))
+    square = train_square(image, PREPROCESSING)
+    assert square.shape == (PREPROCESSING.scale_size, PREPROCESSING.scale_size, 3)

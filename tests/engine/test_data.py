@@ -1,0 +1,131 @@
+"""Datasets from folders and archives, label budgets, image decoding and the decode cache."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.engine.helpers import write_shapes_dataset
+from worker.selftuning import load_folder_dataset, make_budget_data, open_rgb
+from worker.selftuning.images import Preprocessing, decode_all
+
+
+def test_folder_dataset_lists_classes_splits_and_unlabeled(shapes_root: Path):
+    class_names, train_items, test_items, unlabeled = load_folder_dataset(shapes_root)
+    assert class_names == ["circle", "square", "triangle"]
+    assert len(train_items) == 30 and len(test_items) == 12 and len(unlabeled) == 4
+    assert all(Path(path).parent.name == class_names[label] for path, label in train_items)
+    assert all(Path(path).parts[-3] == "test" for path, _ in test_items)
+
+
+def test_zip_and_tar_archives_give_the_same_dataset(shapes_root: Path, tmp_path: Path):
+    zip_path = tmp_path / "shapes.zip"
+    with zipfile.ZipFile(zip_path, "w") as bundle:
+        for file in sorted(shapes_root.rglob("*.png")):
+            # A wrapping folder, as zips made by file managers have.
+            bundle.write(file, f"shapes/{file.relative_to(shapes_root)}")
+    tar_path = tmp_path / "shapes.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as bundle:
+        bundle.add(shapes_root, arcname=".")
+
+    expected = load_folder_dataset(shapes_root)
+    for archive in (zip_path, tar_path):
+        class_names, train_items, test_items, unlabeled = load_folder_dataset(archive)
+        assert class_names == expected[0]
+        assert [(Path(p).name, label) for p, label in train_items] == [
+            (Path(p).name, label) for p, label in expected[1]
+        ]
+        assert len(test_items) == len(expected[2]) and len(unlabeled) == len(expected[3])
+
+
+def test_zip_with_a_path_escaping_the_archive_is_refused(tmp_path: Path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("train/a/x.png", b"")
+        bundle.writestr("../../escape.png", b"")
+    with pytest.raises(ValueError, match="escapes the archive"):
+        load_folder_dataset(archive)
+    assert not (tmp_path.parent / "escape.png").exists()
+
+
+def test_budgets_are_class_balanced_nested_and_hide_the_rest(tmp_path: Path):
+    root = write_shapes_dataset(tmp_path / "d", train_per_class=20, unlabeled=3)
+    class_names, train_items, test_items, unlabeled = load_folder_dataset(root)
+    chosen = {}
+    for fraction in (0.15, 0.3, 0.5):
+        data, info = make_budget_data(class_names, train_items, test_items, unlabeled,
+                                      fraction, seed=7)
+        chosen[fraction] = {path for path, _ in data.labeled}
+        assert info["labeled_per_class"] == [round(20 * fraction)] * 3
+        assert len(data.labeled) + info["hidden_label_count"] == len(train_items)
+        hidden = [item for item in data.unlabeled if item[1] is not None]
+        assert {path for path, _ in hidden} | chosen[fraction] == {p for p, _ in train_items}
+        assert sum(1 for _, label in data.unlabeled if label is None) == 3
+    assert chosen[0.15] < chosen[0.3] < chosen[0.5]
+    other_seed, _ = make_budget_data(class_names, train_items, test_items, unlabeled, 0.15, 8)
+    assert {p for p, _ in other_seed.labeled} != chosen[0.15]
+    tiny, info = make_budget_data(class_names, train_items, test_items, unlabeled, 0.001, 7)
+    assert info["labeled_per_class"] == [1, 1, 1]
+
+
+def _save(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("photo.jpg", lambda: _save(Image.new("RGB", (40, 30), (200, 10, 10)), "JPEG")),
+        ("gray.png", lambda: _save(Image.new("L", (30, 40), 128), "PNG")),
+        ("alpha.png", lambda: _save(Image.new("RGBA", (32, 32), (0, 255, 0, 100)), "PNG")),
+        ("pic.webp", lambda: _save(Image.new("RGB", (33, 31), (0, 0, 250)), "WEBP")),
+        ("pic.bmp", lambda: _save(Image.new("RGB", (20, 50), (9, 9, 9)), "BMP")),
+        ("deep.tiff", lambda: _save(Image.fromarray(
+            np.full((30, 30), 40000, dtype=np.uint16)), "TIFF")),
+        ("anim.gif", lambda: _save(Image.new("P", (30, 30), 3), "GIF", save_all=True,
+                                   append_images=[Image.new("P", (30, 30), 7)])),
+        ("cmyk.jpg", lambda: _save(Image.new("CMYK", (30, 30), (0, 100, 100, 0)), "JPEG")),
+    ],
+)
+def test_every_supported_format_decodes_to_rgb(tmp_path: Path, name, make):
+    path = tmp_path / name
+    path.write_bytes(make())
+    image = open_rgb(path)
+    assert image.mode == "RGB"
+    pixels = decode_all([str(path)], "eval", Preprocessing(24, (0.5,) * 3, (0.5,) * 3))
+    assert pixels.array.shape == (1, 24, 24, 3) and pixels.array.dtype == np.uint8
+    if name == "deep.tiff":  # 16-bit scaled down, not clipped to white
+        assert 150 < int(np.asarray(image)[0, 0, 0]) < 160
+
+
+def test_corrupt_image_names_the_file(tmp_path: Path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        decode_all([str(path)], "train", Preprocessing(24, (0.5,) * 3, (0.5,) * 3))
+
+
+def test_decoded_cache_is_reused_from_disk(shapes_data, tmp_path: Path, monkeypatch):
+    import worker.selftuning.images as images
+
+    paths = [path for path, _ in shapes_data.labeled]
+    preprocessing = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+    first = decode_all(paths, "train", preprocessing, tmp_path)
+    assert first.path is not None and first.path.is_file()
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(images, "open_rgb", fail)
+    second = decode_all(paths, "train", preprocessing, tmp_path)
+    assert np.array_equal(np.asarray(first.array), np.asarray(second.array))
+    assert first.array.shape == (len(paths), preprocessing.scale_size,
+                                 preprocessing.scale_size, 3)

@@ -1,0 +1,238 @@
+"""Training runs end to end: events, outputs, cancel, exact resume and the exported model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.data import create_transform, resolve_data_config
+
+from tests.engine.helpers import tiny_config
+from worker.selftuning import RunData, TrainingCancelled, open_rgb, train
+from worker.selftuning.checkpoint import load_checkpoint
+
+
+class Recorder:
+    def __init__(self, stop_at: int | None = None):
+        self.events: list[dict] = []
+        self.stop_at = stop_at
+
+    def __call__(self, event: dict) -> None:
+        json.dumps(event, allow_nan=False)  # every event must be JSON-safe as it is
+        self.events.append(event)
+
+    def of(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e["type"] == kind]
+
+    def should_cancel(self) -> bool:
+        progress = self.of("progress")
+        return self.stop_at is not None and bool(progress) and progress[-1]["step"] >= self.stop_at
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shapes_data: RunData):
+    out = tmp_path_factory.mktemp("run")
+    recorder = Recorder()
+    metrics = train(tiny_config(), shapes_data, out, on_event=recorder,
+                    metadata={"budget": {"per_class": 4}, "note": "test"})
+    return out, recorder, metrics
+
+
+def test_events_follow_the_contract(finished_run):
+    _, recorder, metrics = finished_run
+    assert recorder.events[0] == {"type": "started", "step": 0, "total_steps": 6,
+                                  "resumed_from_step": None}
+    assert all(e["total_steps"] == 6 for e in recorder.events)
+    progress = recorder.of("progress")
+    assert [e["step"] for e in progress] == [2, 4, 6]
+    assert set(progress[0]["losses"]) == {"ce", "pgc_labeled", "pgc_unlabeled"}
+    assert progress[0]["lr"] > 0 and progress[0]["images_per_s"] > 0
+    evals = recorder.of("eval")
+    assert [e["step"] for e in evals] == [3, 6]
+    for event in evals:
+        for key in ("test_top1", "test_mean_class_acc", "pseudo_label_acc", "queue_purity"):
+            assert 0 <= event[key] <= 1
+    assert evals[-1]["test_top1"] == metrics["test_top1"]
+    assert [e["step"] for e in recorder.of("checkpoint")] == [3, 6]
+
+
+def test_outputs_of_a_run(finished_run, shapes_data: RunData):
+    out, _, metrics = finished_run
+    assert {p.name for p in out.iterdir()} >= {
+        "model.safetensors", "config.json", "training.json", "predictions.csv",
+        "test_predictions.json", "state",
+    }
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "test_efficientnet"
+    assert config["num_classes"] == 3 and config["label_names"] == shapes_data.class_names
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert set(config["pretrained_cfg"]) >= {"mean", "std", "interpolation", "crop_pct"}
+
+    training = json.loads((out / "training.json").read_text())
+    assert training["config"]["method"] == "self-tuning"
+    assert training["class_to_idx"] == {"circle": 0, "square": 1, "triangle": 2}
+    assert training["metadata"]["note"] == "test" and training["budget"] == {"per_class": 4}
+    assert set(training["versions"]) >= {"torch", "timm"}
+    assert training["metrics"] == json.loads(json.dumps(metrics))
+    assert len(metrics["confusion_matrix"]) == 3
+    assert sum(map(sum, metrics["confusion_matrix"])) == len(shapes_data.test)
+    assert len(metrics["per_class_acc"]) == 3
+    assert 0 <= metrics["pseudo_label_acc"] <= 1 and 0 <= metrics["train_pseudo_label_acc"] <= 1
+    quality = metrics["pseudo_label_quality"]
+    assert sum(b["count"] for b in quality["confidence_bins"]) == len(shapes_data.unlabeled)
+    assert set(quality) >= {"kept_share_at_095", "kept_accuracy_at_095", "queue_purity",
+                            "queue_purity_truth", "predicted_distribution",
+                            "labeled_distribution", "confidence_histogram"}
+
+    with (out / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["path", "label", "confidence", "margin", "hidden_label"]
+    assert [r["path"] for r in rows] == [p for p, _ in shapes_data.unlabeled]
+    assert all(r["label"] in shapes_data.class_names for r in rows)
+    assert {r["hidden_label"] for r in rows} >= {""}  # the truly unlabeled images
+    test_predictions = json.loads((out / "test_predictions.json").read_text())
+    assert len(test_predictions) == len(shapes_data.test)
+
+
+def test_exported_model_loads_in_plain_timm_with_identical_predictions(finished_run,
+                                                                       shapes_data: RunData):
+    out, _, _ = finished_run
+    config = json.loads((out / "config.json").read_text())
+    classes = config["num_classes"]
+    # timm drops a checkpoint's classifier unless the overlay says how many classes it has.
+    model = timm.create_model(
+        config["architecture"], pretrained=True, num_classes=classes,
+        pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=classes),
+    ).eval()
+    exported = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
+    transform = create_transform(**resolve_data_config(pretrained_cfg=config["pretrained_cfg"]))
+    with torch.no_grad():
+        images = torch.stack([transform(open_rgb(path)) for path, _ in shapes_data.test])
+        predicted = model(images).argmax(dim=1).tolist()
+    assert predicted == json.loads((out / "test_predictions.json").read_text())
+
+    hub_layout = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        assert hub_layout(images).argmax(dim=1).tolist() == predicted
+
+
+@pytest.mark.parametrize(("method", "terms"), [
+    ("fine-tune", {"ce"}),
+    ("fixmatch", {"ce", "fixmatch"}),
+])
+def test_baselines_train_with_their_own_loss_terms(tmp_path: Path, shapes_data: RunData,
+                                                   method, terms):
+    recorder = Recorder()
+    metrics = train(tiny_config(method=method, iterations=4), shapes_data, tmp_path,
+                    on_event=recorder)
+    assert set(recorder.of("progress")[0]["losses"]) == terms
+    final = recorder.of("eval")[-1]
+    assert "queue_purity" not in final
+    if method == "fixmatch":
+        assert "mask_rate" in recorder.of("progress")[0]
+        assert 0 <= final["fixmatch_mask_rate"] <= 1
+        assert 0 <= metrics["fixmatch_mask_rate"] <= 1
+    else:
+        assert final["pseudo_label_acc"] is None and metrics["train_pseudo_label_acc"] is None
+    assert metrics["pseudo_label_acc"] is not None  # the final model on hidden labels
+
+
+def _checkpoint_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(out / "state" / "checkpoint.pt")["model"]
+
+
+@pytest.mark.parametrize("method", ["self-tuning", "fixmatch"])
+def test_resume_after_cancel_gives_bitwise_the_same_weights(tmp_path: Path, shapes_data,
+                                                            method):
+    config = tiny_config(method=method, iterations=6, checkpoint_interval=100, log_interval=1)
+    train(config, shapes_data, tmp_path / "straight")
+
+    recorder = Recorder(stop_at=3)
+    with pytest.raises(TrainingCancelled) as cancelled:
+        train(config, shapes_data, tmp_path / "resumed", on_event=recorder,
+              should_cancel=recorder.should_cancel)
+    assert cancelled.value.step == 3
+    assert recorder.of("checkpoint")[-1]["step"] == 3
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = Recorder()
+    train(config, shapes_data, tmp_path / "resumed", on_event=resumed)
+    assert resumed.events[0]["resumed_from_step"] == 3
+    assert resumed.of("progress")[0]["step"] == 4
+
+    straight_state = _checkpoint_tensors(tmp_path / "straight")
+    resumed_state = _checkpoint_tensors(tmp_path / "resumed")
+    assert straight_state.keys() == resumed_state.keys()
+    for key, value in straight_state.items():  # query and key encoders, queue, pointers
+        assert torch.equal(value, resumed_state[key]), key
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    again = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+
+
+def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path: Path, shapes_data):
+    config = tiny_config(iterations=4, checkpoint_interval=2, log_interval=1, num_workers=1)
+
+    def crash(event: dict) -> None:
+        if event["type"] == "progress" and event["step"] == 3:
+            raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        train(config, shapes_data, tmp_path / "crashed", on_event=crash)
+    assert load_checkpoint(tmp_path / "crashed" / "state" / "checkpoint.pt")["step"] == 2
+    train(config, shapes_data, tmp_path / "crashed")
+    train(config.replace(num_workers=0), shapes_data, tmp_path / "straight")
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    again = load_file(str(tmp_path / "crashed" / "model.safetensors"))
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+
+
+def test_cancel_before_the_first_step_saves_a_resumable_state(tmp_path: Path, shapes_data):
+    events = Recorder()
+    with pytest.raises(TrainingCancelled):
+        train(tiny_config(), shapes_data, tmp_path, on_event=events, should_cancel=lambda: True)
+    assert events.of("checkpoint") == [{"type": "checkpoint", "step": 0, "total_steps": 6,
+                                        "path": str(tmp_path / "state" / "checkpoint.pt")}]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path: Path, shapes_data):
+    with pytest.raises(TrainingCancelled):
+        train(tiny_config(), shapes_data, tmp_path, should_cancel=lambda: True)
+    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
+        train(tiny_config(lr=0.02), shapes_data, tmp_path)
+
+
+def test_each_image_is_decoded_once_per_run(tmp_path: Path, shapes_data, monkeypatch):
+    import worker.selftuning.images as images
+
+    decoded = []
+    original = images.open_rgb
+
+    def counting(path, *args):
+        decoded.append(path)
+        return original(path, *args)
+
+    monkeypatch.setattr(images, "open_rgb", counting)
+    # 20 iterations of 4 labeled images cycle through the 12 labeled ones several times.
+    train(tiny_config(iterations=20, eval_interval=100, checkpoint_interval=100), shapes_data,
+          tmp_path)
+    everything = shapes_data.labeled + shapes_data.unlabeled + shapes_data.test
+    assert sorted(decoded) == sorted(path for path, _ in everything)
+
+
+def test_data_without_hidden_labels_reports_nulls(tmp_path: Path, shapes_data):
+    data = RunData(class_names=shapes_data.class_names, labeled=shapes_data.labeled,
+                   unlabeled=[(p, None) for p, _ in shapes_data.unlabeled],
+                   test=shapes_data.test)
+    metrics = train(tiny_config(iterations=2), data, tmp_path)
+    assert metrics["pseudo_label_acc"] is None and metrics["train_pseudo_label_acc"] is None
+    quality = metrics["pseudo_label_quality"]
+    assert all(b["accuracy"] is None for b in quality["confidence_bins"])
+    assert quality["queue_purity_truth"] is not None  # labeled keys are still known
+    assert np.isclose(sum(quality["predicted_distribution"]), 1.0)

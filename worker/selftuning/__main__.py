@@ -1,0 +1,5 @@
+"""Entry point of `python -m worker.selftuning`."""
+
+from worker.selftuning.cli import main
+
+raise SystemExit(main())

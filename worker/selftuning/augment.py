@@ -1,0 +1,153 @@
+"""Training views of cached images (strong, weak) and the normalisation shared with eval.
+
+Every random choice of a view is drawn from a `random.Random` that the caller seeds per
+image, so a view is a pure function of (run seed, step, slot): batches do not depend on
+worker processes or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from timm.data.auto_augment import AugmentOp, rand_augment_transform
+
+from worker.selftuning.images import Preprocessing
+
+# RandAugment n=2 m=10 as FixMatch (and the Self-Tuning code, which uses FixMatch's) means it:
+# two ops, each applied with probability 0.5 at a magnitude drawn uniformly up to 10 (timm:
+# mstd > 100), with timm's increasing-severity ops so that 10 is the strongest.
+RANDAUGMENT = "rand-m10-n2-mstd101-inc1"
+RANDAUGMENT_LAYERS = 2
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+# FixMatch's cut-out is 16 px, half a CIFAR image; the Self-Tuning code kept 16 px at any size.
+# A quarter of the side keeps the object recognisable on small images (measured on
+# animal-mnist at 64 px, 5% labels, lr 0.001: half-side cut-out with magnitude 10 +- 0.5
+# gave Self-Tuning 65% top-1; this with uniform magnitudes, 76%).
+CUTOUT_FRACTION = 0.25
+VIEW_KINDS = ("strong", "weak")
+
+
+def guarded_posterize(image: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """Posterize that accepts 0 bits: Pillow >= 13 raises there, older Pillow returned an
+    all-black image, which is what timm's RandAugment was tuned with."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def build_randaugment_ops(preprocessing: Preprocessing, spec: str = RANDAUGMENT
+                          ) -> list[AugmentOp]:
+    """timm's RandAugment ops (`spec` in timm's notation) at our image size, with Posterize
+    guarded."""
+    hparams = {
+        "translate_const": int(preprocessing.image_size * 0.45),
+        "img_mean": preprocessing.fill,
+    }
+    ops = rand_augment_transform(spec, hparams).ops
+    for op in ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = guarded_posterize
+    return ops
+
+
+class ViewMaker:
+    """Makes training views at `image_size` from cached uint8 squares."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        self.size = preprocessing.image_size
+        self.fill = preprocessing.fill
+        self.resample = _PIL_RESAMPLE.get(preprocessing.interpolation, Image.BICUBIC)
+        self.randaugment_ops = build_randaugment_ops(preprocessing)
+
+    def __call__(self, kind: str, square: np.ndarray, rng: random.Random) -> np.ndarray:
+        return self.strong(square, rng) if kind == "strong" else self.weak(square, rng)
+
+    def weak(self, square: np.ndarray, rng: random.Random) -> np.ndarray:
+        """Random resized crop and horizontal flip (FixMatch's weak view)."""
+        return np.asarray(self._crop_and_flip(Image.fromarray(square), rng))
+
+    def strong(self, square: np.ndarray, rng: random.Random) -> np.ndarray:
+        """Random resized crop, flip, RandAugment (n=2, m=10) and cut-out."""
+        image = self._crop_and_flip(Image.fromarray(square), rng)
+        chosen = [rng.choice(self.randaugment_ops) for _ in range(RANDAUGMENT_LAYERS)]
+        # timm's ops draw their probability and magnitude noise from the global `random`;
+        # seeding it from this image's generator keeps the view a function of the seed.
+        random.seed(rng.getrandbits(64))
+        for op in chosen:
+            image = op(image)
+        pixels = np.array(image, dtype=np.uint8)
+        self._cutout(pixels, rng)
+        return pixels
+
+    def _crop_and_flip(self, image: Image.Image, rng: random.Random) -> Image.Image:
+        left, top, width, height = random_resized_crop_box(image.size, rng)
+        image = image.resize(
+            (self.size, self.size), self.resample, box=(left, top, left + width, top + height)
+        )
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+    def _cutout(self, pixels: np.ndarray, rng: random.Random) -> None:
+        """Paint a square of CUTOUT_FRACTION of the side, centred anywhere, in the mean colour."""
+        side = int(self.size * CUTOUT_FRACTION)
+        center_y, center_x = rng.uniform(0, self.size), rng.uniform(0, self.size)
+        top, left = int(max(0, center_y - side / 2)), int(max(0, center_x - side / 2))
+        bottom = int(min(self.size, center_y + side / 2))
+        right = int(min(self.size, center_x + side / 2))
+        pixels[top:bottom, left:right] = self.fill
+
+
+def random_resized_crop_box(
+    size: tuple[int, int], rng: random.Random
+) -> tuple[int, int, int, int]:
+    """(left, top, width, height) as torchvision's RandomResizedCrop draws it."""
+    width, height = size
+    area = width * height
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_w = int(round(math.sqrt(target_area * aspect)))
+        crop_h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            return rng.randint(0, width - crop_w), rng.randint(0, height - crop_h), crop_w, crop_h
+    # Fall back to the whole image at a valid aspect ratio, centred.
+    ratio = width / height
+    if ratio < CROP_RATIO[0]:
+        crop_w, crop_h = width, int(round(width / CROP_RATIO[0]))
+    elif ratio > CROP_RATIO[1]:
+        crop_w, crop_h = int(round(height * CROP_RATIO[1])), height
+    else:
+        crop_w, crop_h = width, height
+    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
+
+
+class Normalize(torch.nn.Module):
+    """uint8 [N, 3, H, W] pixels (any memory layout) to normalised float, with the same
+    element-wise operations as torchvision's ToTensor + Normalize, so evaluation tensors are
+    bitwise what timm's eval transform gives."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32)[:, None, None])
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32)[:, None, None])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.float().div(255).sub_(self.mean).div_(self.std)
+
+
+_PIL_RESAMPLE = {
+    "bicubic": Image.BICUBIC,
+    "bilinear": Image.BILINEAR,
+    "nearest": Image.NEAREST,
+    "lanczos": Image.LANCZOS,
+}

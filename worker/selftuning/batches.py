@@ -1,0 +1,166 @@
+"""Every iteration's batch as a pure function of (seed, step), served through a DataLoader.
+
+Sampling order and augmentation are both derived from the step number, so a resumed run
+sees exactly the batches an uninterrupted one would, however many workers build them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from worker.selftuning.augment import Normalize, ViewMaker
+from worker.selftuning.images import ImageArray
+from worker.selftuning.methods import Batch
+
+
+class StepBatches(Dataset):
+    """`dataset[step]` is the uint8 batch of iteration `step`.
+
+    Images are drawn epoch by epoch from seeded permutations of each pool; each image's views
+    come from a generator seeded by (seed, pool, step, position).
+    """
+
+    def __init__(
+        self,
+        *,
+        labeled_squares: ImageArray,
+        labeled_targets: Sequence[int],
+        unlabeled_squares: ImageArray | None,
+        unlabeled_hidden: Sequence[int],
+        labeled_views: Sequence[str],
+        unlabeled_views: Sequence[str],
+        batch_size: int,
+        unlabeled_batch_size: int,
+        seed: int,
+        view_maker: ViewMaker,
+        total_steps: int,
+    ):
+        self.labeled_squares = labeled_squares
+        self.labeled_targets = torch.as_tensor(labeled_targets, dtype=torch.long)
+        self.unlabeled_squares = unlabeled_squares
+        self.unlabeled_hidden = torch.as_tensor(unlabeled_hidden, dtype=torch.long)
+        self.labeled_views = tuple(labeled_views)
+        self.unlabeled_views = tuple(unlabeled_views)
+        has_unlabeled = unlabeled_squares is not None and len(unlabeled_squares) > 0
+        self.batch_size = batch_size
+        self.unlabeled_batch_size = (
+            unlabeled_batch_size if has_unlabeled and self.unlabeled_views else 0
+        )
+        self.seed = seed
+        self.view_maker = view_maker
+        self.total_steps = total_steps
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.total_steps
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        labeled = self._indices(0, step, len(self.labeled_squares), self.batch_size)
+        size = self.view_maker.size
+        batch = {
+            "labeled_index": torch.from_numpy(labeled),
+            "targets": self.labeled_targets[labeled],
+        }
+        saved_state = random.getstate()  # the views reseed `random`; leave the caller's alone
+        try:
+            batch["labeled"] = self._views(0, step, self.labeled_squares, labeled,
+                                           self.labeled_views)
+            if self.unlabeled_batch_size:
+                unlabeled = self._indices(
+                    1, step, len(self.unlabeled_squares), self.unlabeled_batch_size
+                )
+                batch["unlabeled"] = self._views(1, step, self.unlabeled_squares, unlabeled,
+                                                 self.unlabeled_views)
+                # Unlabeled images are numbered after the labeled ones.
+                batch["unlabeled_index"] = torch.from_numpy(unlabeled + len(self.labeled_squares))
+                batch["hidden"] = self.unlabeled_hidden[unlabeled]
+            else:
+                empty = torch.empty(len(self.unlabeled_views), 0, 3, size, size, dtype=torch.uint8)
+                batch["unlabeled"] = empty
+                batch["unlabeled_index"] = torch.empty(0, dtype=torch.long)
+                batch["hidden"] = torch.empty(0, dtype=torch.long)
+        finally:
+            random.setstate(saved_state)
+        return batch
+
+    def _indices(self, pool: int, step: int, pool_size: int, count: int) -> np.ndarray:
+        """Positions step*count .. step*count+count-1 of an endless run of seeded epochs."""
+        start = step * count
+        picked = np.empty(count, dtype=np.int64)
+        for offset in range(count):
+            epoch, position = divmod(start + offset, pool_size)
+            picked[offset] = self._order(pool, epoch, pool_size)[position]
+        return picked
+
+    def _order(self, pool: int, epoch: int, pool_size: int) -> np.ndarray:
+        key = (pool, epoch)
+        if key not in self._orders:
+            if len(self._orders) > 8:
+                self._orders.clear()
+            self._orders[key] = np.random.default_rng([self.seed, pool, epoch]).permutation(
+                pool_size
+            )
+        return self._orders[key]
+
+    def _views(
+        self, pool: int, step: int, squares: ImageArray, indices: np.ndarray,
+        kinds: Sequence[str],
+    ) -> torch.Tensor:
+        """[V, N, 3, H, W] uint8: V independent views of each image."""
+        views = np.empty((len(kinds), len(indices), self.view_maker.size, self.view_maker.size, 3),
+                         dtype=np.uint8)
+        for position, index in enumerate(indices):
+            rng = random.Random(f"{self.seed}/{pool}/{step}/{position}")
+            square = np.asarray(squares.array[index])
+            for view, kind in enumerate(kinds):
+                views[view, position] = self.view_maker(kind, square, rng)
+        return torch.from_numpy(views).permute(0, 1, 4, 2, 3)
+
+
+def make_loader(
+    dataset: StepBatches, start: int, num_workers: int, pin_memory: bool
+) -> DataLoader:
+    """Batches for steps start .. end; worker processes only where the process may fork them."""
+    if multiprocessing.current_process().daemon:
+        # Celery's prefork children are daemonic and may not start processes of their own.
+        num_workers = 0
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(start, len(dataset)),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+        # Its own generator, so creating the loader does not draw from the global torch RNG.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def to_device_batch(
+    raw: dict[str, torch.Tensor],
+    normalize: Normalize,
+    device: torch.device,
+    memory_format: torch.memory_format,
+) -> Batch:
+    """Move a uint8 batch to the device and normalise it there (less to copy than floats)."""
+
+    def images(views: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            normalize(view.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+            for view in views
+        ]
+
+    return Batch(
+        labeled=images(raw["labeled"]),
+        targets=raw["targets"].to(device),
+        labeled_index=raw["labeled_index"].to(device),
+        unlabeled=images(raw["unlabeled"]),
+        hidden=raw["hidden"].to(device),
+        unlabeled_index=raw["unlabeled_index"].to(device),
+    )

@@ -1,0 +1,219 @@
+"""What a run trains on (`RunData`), folder/archive datasets, and applying a label budget."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from worker.selftuning.budgets import Budget, BudgetError, select_labeled
+from worker.selftuning.images import IMAGE_SUFFIXES
+
+Item = tuple[str, int]
+
+
+@dataclass
+class RunData:
+    """The images of one run: labeled, unlabeled (with the withheld label where one exists,
+    else None) and test, as (path, class index) pairs into `class_names`."""
+
+    class_names: list[str]
+    labeled: list[tuple[str, int]]
+    unlabeled: list[tuple[str, int | None]] = field(default_factory=list)
+    test: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.class_names = [str(name) for name in self.class_names]
+        self.labeled = [(str(path), int(label)) for path, label in self.labeled]
+        self.unlabeled = [
+            (str(path), None if label is None else int(label)) for path, label in self.unlabeled
+        ]
+        self.test = [(str(path), int(label)) for path, label in self.test]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_hidden_labels(self) -> bool:
+        return any(label is not None for _, label in self.unlabeled)
+
+    def validate(self) -> None:
+        """Raise ValueError with what to fix."""
+        if len(self.class_names) < 2:
+            raise ValueError("a run needs at least two classes")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class names must be distinct")
+        if not self.labeled:
+            raise ValueError("a run needs at least one labeled image")
+        if not self.test:
+            raise ValueError("a run needs test images to be scored on")
+        for part, items in (("labeled", self.labeled), ("unlabeled", self.unlabeled),
+                            ("test", self.test)):
+            for path, label in items:
+                if label is not None and not 0 <= label < self.num_classes:
+                    raise ValueError(
+                        f"{part} image {path} has label {label}, outside 0..{self.num_classes - 1}"
+                    )
+
+    def fingerprint(self) -> str:
+        """A digest of the image lists and labels: a resumed run must see the same data."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps([self.class_names, self.labeled, self.unlabeled, self.test])
+                      .encode())
+        return digest.hexdigest()[:16]
+
+
+def load_folder_dataset(
+    path: str | os.PathLike,
+) -> tuple[list[str], list[Item], list[Item], list[str]]:
+    """Read a dataset folder, or a .zip/.tar/.tar.gz of one, for the command line.
+
+    Layout: `train/<class>/*`, optional `test/<class>/*` (or `val/`), optional `unlabeled/*`;
+    without `train/`, the class folders sit at the top. One wrapping folder is looked through.
+    Returns (class_names, train_items, test_items, unlabeled_paths); items are (path, index)
+    with classes in sorted order. Archives are unpacked once into the temp folder.
+    """
+    root = Path(path)
+    if root.is_file():
+        root = _unpack(root)
+    if not root.is_dir():
+        raise ValueError(f"dataset {path} is neither a folder nor a .zip/.tar archive")
+    root = _look_through_wrapper(root)
+    train_root = root / "train" if (root / "train").is_dir() else root
+    special = {"train", "test", "val", "unlabeled"}
+    class_names = sorted(
+        entry.name
+        for entry in train_root.iterdir()
+        if entry.is_dir() and not _hidden(entry.name) and entry.name not in special
+        and _images(entry)
+    )
+    if len(class_names) < 2:
+        raise ValueError(
+            f"{path}: found {len(class_names)} class folder(s) with images; need at least two "
+            "(train/<class>/image.png)"
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    train_items = [
+        (str(p), index[name]) for name in class_names for p in _images(train_root / name)
+    ]
+    test_items: list[Item] = []
+    for split in ("test", "val"):
+        split_root = root / split
+        if split_root.is_dir():
+            for entry in sorted(split_root.iterdir()):
+                if not entry.is_dir() or _hidden(entry.name) or not _images(entry):
+                    continue
+                if entry.name not in index:
+                    raise ValueError(f"{split}/{entry.name} is not a class of train/")
+                test_items.extend((str(p), index[entry.name]) for p in _images(entry))
+            break
+    unlabeled_paths: list[str] = []
+    for folder in (root / "unlabeled", train_root / "unlabeled"):
+        if folder.is_dir():
+            unlabeled_paths.extend(str(p) for p in _images(folder, recursive=True))
+    return class_names, train_items, test_items, sorted(set(unlabeled_paths))
+
+
+def make_budget_data(
+    class_names: list[str],
+    train_items: list[Item],
+    test_items: list[Item],
+    unlabeled_paths: list[str],
+    budget: Budget | object,
+    seed: int,
+) -> tuple[RunData, dict]:
+    """Apply a label budget: a class-balanced subset of the labeled pool keeps its labels,
+    the rest joins the unlabeled pool with its labels hidden (they measure pseudo-labels)."""
+    budget = Budget.parse(budget)
+    labels = [label for _, label in train_items]
+    if not labels:
+        raise BudgetError("the labeled pool is empty")
+    chosen = set(select_labeled(labels, budget, seed))
+    labeled = [item for i, item in enumerate(train_items) if i in chosen]
+    hidden = [(path, label) for i, (path, label) in enumerate(train_items) if i not in chosen]
+    unlabeled = hidden + [(path, None) for path in unlabeled_paths]
+    data = RunData(class_names=class_names, labeled=labeled, unlabeled=unlabeled, test=test_items)
+    per_class = Counter(label for _, label in labeled)
+    info = {
+        "budget": budget.to_json(),
+        "budget_label": budget.label,
+        "seed": seed,
+        "labeled_pool_size": len(train_items),
+        "labeled_count": len(labeled),
+        "labeled_per_class": [per_class.get(i, 0) for i in range(len(class_names))],
+        "unlabeled_count": len(unlabeled),
+        "hidden_label_count": len(hidden),
+        "test_count": len(test_items),
+    }
+    return data, info
+
+
+def _images(folder: Path, recursive: bool = False) -> list[Path]:
+    pattern = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p for p in pattern
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p.name)
+        and "__MACOSX" not in p.parts
+    )
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _look_through_wrapper(root: Path) -> Path:
+    """Step into a single wrapping folder (zips often have one) unless it is a split."""
+    while True:
+        entries = [e for e in root.iterdir() if not _hidden(e.name)]
+        if len(entries) == 1 and entries[0].is_dir() and entries[0].name not in {
+            "train", "test", "val", "unlabeled"
+        } and not _images(entries[0]):
+            root = entries[0]
+        else:
+            return root
+
+
+def _unpack(archive: Path) -> Path:
+    """Unpack once into a folder named after the archive's identity; refuse unsafe members."""
+    stat = archive.stat()
+    key = hashlib.sha256(
+        f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / "selftuning-datasets" / key
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=target.parent))
+    name = archive.name.lower()
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as bundle:
+            for member in bundle.infolist():
+                relative = PurePosixPath(member.filename)
+                if relative.is_absolute() or ".." in relative.parts:
+                    raise ValueError(f"{archive}: member {member.filename!r} escapes the archive")
+                if member.is_dir() or "__MACOSX" in relative.parts:
+                    continue
+                bundle.extract(member, staging)
+    elif name.endswith((".tar", ".tar.gz", ".tgz")):
+        with tarfile.open(archive) as bundle:
+            # The 'data' filter refuses absolute paths, '..', links out and device files.
+            bundle.extractall(staging, filter="data")
+    else:
+        raise ValueError(f"{archive}: use a folder, .zip, .tar or .tar.gz")
+    (staging / ".complete").touch()
+    try:
+        os.replace(staging, target)
+    except OSError:
+        # Another process unpacked the same archive first; use theirs.
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / ".complete").is_file():
+            raise
+    return target

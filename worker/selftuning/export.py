@@ -1,0 +1,90 @@
+"""The files a finished run leaves for users: a plain timm model and its reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+from importlib import metadata as package_metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from worker.selftuning.images import Preprocessing
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TRAINING_FILE = "training.json"
+PREDICTIONS_FILE = "predictions.csv"
+TEST_PREDICTIONS_FILE = "test_predictions.json"
+
+
+def architecture_of(model: nn.Module) -> str:
+    return str(model.pretrained_cfg["architecture"])
+
+
+def export_model(
+    out_dir: Path, model: nn.Module, class_names: list[str], preprocessing: Preprocessing
+) -> None:
+    """`model.safetensors` (the state dict of `timm.create_model(arch, num_classes=C)`) and
+    `config.json` in timm's hub layout, so `timm.create_model` loads it as it is."""
+    state = {key: value.detach().cpu().contiguous().clone()
+             for key, value in model.state_dict().items()}
+    temporary = out_dir / f".{MODEL_FILE}.tmp"
+    save_file(state, str(temporary), metadata={"format": "pt"})
+    os.replace(temporary, out_dir / MODEL_FILE)
+    write_json(out_dir / CONFIG_FILE, {
+        "architecture": architecture_of(model),
+        "num_classes": len(class_names),
+        "num_features": int(model.num_features),
+        "label_names": list(class_names),
+        "pretrained_cfg": preprocessing.pretrained_cfg(len(class_names)),
+    })
+
+
+def write_json(path: Path, value: object) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
+    os.replace(temporary, path)
+
+
+def write_predictions(
+    path: Path,
+    paths: list[str],
+    probabilities: torch.Tensor,
+    class_names: list[str],
+    hidden: list[int | None],
+) -> None:
+    """One row per unlabeled image: predicted class name, its probability, the margin to
+    the runner-up and, where the label was withheld, that label."""
+    with_hidden = any(label is not None for label in hidden)
+    columns = ["path", "label", "confidence", "margin"] + (["hidden_label"] if with_hidden else [])
+    temporary = path.with_name(f".{path.name}.tmp")
+    if len(probabilities):
+        top = probabilities.topk(min(2, probabilities.shape[1]), dim=1)
+        values, indices = top.values.tolist(), top.indices.tolist()
+    else:
+        values, indices = [], []
+    with temporary.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for image, probs, classes, label in zip(paths, values, indices, hidden, strict=True):
+            margin = probs[0] - probs[1] if len(probs) > 1 else probs[0]
+            row = [image, class_names[classes[0]], f"{probs[0]:.6f}", f"{margin:.6f}"]
+            if with_hidden:
+                row.append("" if label is None else class_names[label])
+            writer.writerow(row)
+    os.replace(temporary, path)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "timm", "numpy", "pillow", "safetensors"):
+        try:
+            versions[name] = package_metadata.version(name)
+        except package_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

@@ -1,0 +1,195 @@
+"""Decoding images once into uint8 arrays at working resolution, kept in memory or on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+_CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a backbone wants its input: the numbers of timm's `pretrained_cfg` at our size."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+
+    @classmethod
+    def from_model(cls, model: object, image_size: int) -> Preprocessing:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return cls(
+            image_size=image_size,
+            mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
+            std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+            interpolation=str(cfg.get("interpolation") or "bicubic"),
+            crop_pct=float(cfg.get("crop_pct") or 0.875),
+        )
+
+    @property
+    def scale_size(self) -> int:
+        """Shorter side before the centre crop, as timm's eval transform computes it."""
+        return math.floor(self.image_size / self.crop_pct)
+
+    @property
+    def interpolation_mode(self) -> InterpolationMode:
+        return InterpolationMode(self.interpolation)
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """The mean colour as pixels: what cut-out and geometric augmentations paint with."""
+        return tuple(round(255 * m) for m in self.mean)
+
+    def pretrained_cfg(self, num_classes: int) -> dict:
+        """timm's `pretrained_cfg` for the exported model (what config.json carries)."""
+        return {
+            "input_size": [3, self.image_size, self.image_size],
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "crop_mode": "center",
+            "num_classes": num_classes,
+        }
+
+
+def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Decode an image the way a plain timm user does (`Image.open(p).convert('RGB')`), so
+    the exported model sees the same pixels; first frame of GIF/TIFF, 16-bit scaled to 8.
+
+    `draft_size` lets a JPEG decode at a reduced scale that still covers that size (much
+    faster for large photos); evaluation images never use it, so they stay exact.
+    """
+    with Image.open(path) as image:
+        image.seek(0)
+        if draft_size is not None and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            values = np.asarray(image, dtype=np.float32)
+            if values.max(initial=0) > 255:
+                values = values / 257.0
+            image = Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
+        with warnings.catch_warnings():
+            # Palette images with transparency warn on conversion; dropping alpha is intended.
+            warnings.simplefilter("ignore", UserWarning)
+            return image.convert("RGB")
+
+
+def eval_crop(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
+    """timm's eval transform up to ToTensor: resize the shorter side, then centre crop."""
+    image = TF.resize(image, preprocessing.scale_size, preprocessing.interpolation_mode)
+    image = TF.center_crop(image, preprocessing.image_size)
+    return np.array(image, dtype=np.uint8)
+
+
+def train_square(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
+    """The square that training crops are cut from: shorter side to `scale_size`, centre."""
+    image = TF.resize(image, preprocessing.scale_size, preprocessing.interpolation_mode)
+    image = TF.center_crop(image, preprocessing.scale_size)
+    return np.array(image, dtype=np.uint8)
+
+
+def center_crop_array(images: np.ndarray, size: int) -> np.ndarray:
+    """Centre crop a [N, S, S, 3] batch of training squares to `size` (torchvision's rounding)."""
+    height, width = images.shape[1:3]
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return images[:, top : top + size, left : left + size]
+
+
+class ImageArray:
+    """A [N, H, W, 3] uint8 array that survives being sent to DataLoader workers cheaply:
+    a disk-backed one is reopened by path there instead of being pickled whole."""
+
+    def __init__(self, array: np.ndarray, path: Path | None = None):
+        self._array = array
+        self.path = path
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getstate__(self) -> dict:
+        if self.path is not None:
+            return {"_array": None, "path": self.path}
+        return {"_array": self._array, "path": None}
+
+
+def decode_all(
+    paths: Sequence[str],
+    kind: str,
+    preprocessing: Preprocessing,
+    cache_dir: Path | None = None,
+) -> ImageArray:
+    """Decode every image once into a uint8 array: `kind` is 'train' (squares of scale_size
+    for random crops) or 'eval' (timm's centre crop at image_size). With `cache_dir` the
+    array is kept as a .npy file keyed by the files and the preprocessing, and reused."""
+    size = preprocessing.scale_size if kind == "train" else preprocessing.image_size
+    shape = (len(paths), size, size, 3)
+    convert = train_square if kind == "train" else eval_crop
+
+    def decode(index: int) -> np.ndarray:
+        try:
+            draft = preprocessing.scale_size if kind == "train" else None
+            return convert(open_rgb(paths[index], draft), preprocessing)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ValueError(f"cannot decode image {paths[index]}: {exc}") from exc
+
+    if cache_dir is None:
+        array = np.empty(shape, dtype=np.uint8)
+        _fill(array, decode)
+        return ImageArray(array)
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{kind}-{size}-{_fingerprint(paths, kind, preprocessing)}.npy"
+    if target.is_file():
+        return ImageArray(np.load(target, mmap_mode="r"), target)
+    temporary = target.with_suffix(f".{os.getpid()}.tmp")
+    array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
+    try:
+        _fill(array, decode)
+        array.flush()
+        del array
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return ImageArray(np.load(target, mmap_mode="r"), target)
+
+
+def _fill(array: np.ndarray, decode) -> None:
+    # PIL releases the GIL while decoding and resizing, so threads overlap real work.
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for index, pixels in enumerate(pool.map(decode, range(len(array)))):
+            array[index] = pixels
+
+
+def _fingerprint(paths: Sequence[str], kind: str, preprocessing: Preprocessing) -> str:
+    digest = hashlib.sha256()
+    header = {"format": _CACHE_FORMAT, "kind": kind, "preprocessing": repr(preprocessing)}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]

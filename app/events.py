@@ -228,3 +228,19 @@ async def _stream_is_empty(hubs: Hubs, key: str) -> bool:
         return await hubs.client.xlen(key) == 0
     except (redis.RedisError, OSError):
         return True
+
+
+def event_stream_response(request, key: str, outcome: Callable[[], Outcome],
+                          heartbeat_s: float):
+    """The SSE response for one stream key, resuming after the request's Last-Event-ID."""
+    from fastapi.responses import StreamingResponse
+
+    frames = stream_events(
+        request.app.state.hubs,
+        key,
+        valid_last_event_id(request.headers.get("last-event-id")),
+        outcome=outcome,
+        heartbeat_s=heartbeat_s,
+    )
+    return StreamingResponse(frames, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.deps import DbDep, SettingsDep
-from app.events import Outcome, stream_events, valid_last_event_id
+from app.events import Outcome, event_stream_response
 from app.experiments import (
     as_utc,
     budget_table,
@@ -106,12 +106,5 @@ async def experiment_events(experiment_id: int, request: Request, settings: Sett
             ]
         return Outcome(finished, history, final)
 
-    frames = stream_events(
-        request.app.state.hubs,
-        experiment_stream_key(experiment_id),
-        valid_last_event_id(request.headers.get("last-event-id")),
-        outcome=outcome,
-        heartbeat_s=settings.sse_heartbeat_s,
-    )
-    return StreamingResponse(frames, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    key = experiment_stream_key(experiment_id)
+    return event_stream_response(request, key, outcome, settings.sse_heartbeat_s)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import session_scope
 from app.deps import DbDep, RedisDep, SettingsDep
-from app.events import Outcome, stream_events, valid_last_event_id
+from app.events import Outcome, event_stream_response
 from app.experiments import as_utc, is_terminal, queue_position
 from app.live import experiment_stream_key, publish_status, run_cancel_key, run_stream_key
 from app.models import Artifact, Run, RunMetric, utcnow
@@ -160,15 +160,7 @@ async def run_events(run_id: int, request: Request, settings: SettingsDep):
                      "step": run.step, "total_steps": run.total_steps}
         return Outcome(True, history, final)
 
-    frames = stream_events(
-        request.app.state.hubs,
-        run_stream_key(run_id),
-        valid_last_event_id(request.headers.get("last-event-id")),
-        outcome=outcome,
-        heartbeat_s=settings.sse_heartbeat_s,
-    )
-    return StreamingResponse(frames, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return event_stream_response(request, run_stream_key(run_id), outcome, settings.sse_heartbeat_s)
 
 
 # --- downloads ---------------------------------------------------------------------------

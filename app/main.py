@@ -6,8 +6,15 @@ import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.config import Settings, get_settings
@@ -55,7 +62,49 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dataset_pages.router)
     app.include_router(experiment_pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     return app
+
+
+def _wants_page(request: Request) -> bool:
+    """A browser asking for a page (not the API, not an asset) gets errors as HTML."""
+    path = request.url.path
+    return (not path.startswith(("/api/", "/static/"))
+            and "text/html" in request.headers.get("accept", ""))
+
+
+def _error_page(request: Request, status_code: int, title: str, detail: str) -> Response:
+    from app.routers.pages import templates
+
+    return templates.TemplateResponse(
+        request, "error.html", {"title": title, "detail": detail}, status_code=status_code
+    )
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if not _wants_page(request):
+        return await http_exception_handler(request, exc)
+    if exc.status_code == 404:
+        if exc.detail == "Not Found":  # no route at all
+            return _error_page(request, 404, "Not found", "There is no page at this address.")
+        detail = str(exc.detail)
+        return _error_page(request, 404, "Not found",
+                           f"{detail[:1].upper()}{detail[1:]}. It may have been deleted.")
+    return _error_page(request, exc.status_code, f"Error {exc.status_code}", str(exc.detail))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    if not _wants_page(request):
+        return await request_validation_exception_handler(request, exc)
+    if any(error.get("loc", ())[:1] == ("path",) for error in exc.errors()):
+        # /runs/abc: no such page, whatever the reason.
+        return _error_page(request, 404, "Not found", "There is no page at this address.")
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in error.get('loc', ())[1:])}: {error.get('msg')}"
+        for error in exc.errors()
+    )
+    return _error_page(request, 422, "This address has a bad parameter", problems)
 
 
 def app_factory() -> FastAPI:

@@ -30,14 +30,29 @@ class Overrides(BaseModel):
     unlabeled_batch_size: int | None = Field(None, ge=1, le=1024)
     lr: float | None = Field(None, gt=0, le=10)
     head_lr_ratio: float | None = Field(None, gt=0, le=1000)
+    projector_lr_ratio: float | None = Field(
+        None, gt=0, le=1000, description="Self-Tuning's projector lr, as a multiple of lr"
+    )
+    lr_milestones: list[float] | None = Field(
+        None, max_length=20,
+        description="fractions of the iterations after which lr is multiplied by lr_gamma",
+    )
+    lr_gamma: float | None = Field(None, gt=0, le=1)
     weight_decay: float | None = Field(None, ge=0, le=1)
     queue_size: int | None = Field(None, ge=1, le=4096)
     projector_dim: int | None = Field(None, ge=2, le=8192)
     temperature: float | None = Field(None, gt=0, le=100)
+    ema_momentum: float | None = Field(None, ge=0, le=1)
+    pseudo_label_threshold: float | None = Field(
+        None, ge=0, le=1, description="Self-Tuning: drop less confident pseudo-labels (0: keep all)"
+    )
     fixmatch_threshold: float | None = Field(None, ge=0, le=1)
     eval_interval: int | None = Field(None, ge=1, le=1_000_000)
     checkpoint_interval: int | None = Field(None, ge=1, le=1_000_000)
     log_interval: int | None = Field(None, ge=1, le=1_000_000)
+    cpu_threads: int | None = Field(
+        None, ge=0, le=1024, description="torch threads on a CPU worker; 0 uses every core"
+    )
     pretrained: bool | None = Field(
         None, description="false trains from random init (tests, or models without weights)"
     )

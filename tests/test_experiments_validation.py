@@ -82,6 +82,10 @@ def messages(response) -> str:
     ({"overrides": {"iterations": 0}}, 422, "iterations"),
     ({"overrides": {"lr": -1}}, 422, "lr"),
     ({"overrides": {"dropout": 0.5}}, 422, "dropout"),
+    ({"overrides": {"lr_milestones": [0.8, 0.4]}}, 422, "must be increasing fractions"),
+    ({"overrides": {"lr_milestones": ["soon"]}}, 422, "lr_milestones"),
+    ({"overrides": {"cpu_threads": -1}}, 422, "cpu_threads"),
+    ({"overrides": {"ema_momentum": 1.5}}, 422, "ema_momentum"),
     ({"methods": ["self-tuning", "fine-tune", "fixmatch"],
       "budgets": [0.1, 0.2, 0.3, 0.4, 0.5], "seeds": [0, 1, 2, 3, 4]}, 422, "75 runs"),
 ])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import re
 import signal
+import subprocess
+import sys
 import time
 import zipfile
 
@@ -133,14 +135,27 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
             "[...document.querySelectorAll('#label-next-thumbs img')]"
             ".every((img) => img.complete && img.naturalWidth > 0)"
         )
-        snippet = " ".join(page.inner_text("#snippet").split())
-        assert ('timm.create_model( "test_efficientnet", pretrained=True, num_classes=3, '
-                'pretrained_cfg_overlay=dict(file="model.safetensors"), )') in snippet
+        snippet = page.inner_text("#snippet")
+        assert "test_efficientnet, 3 classes" in snippet
         with page.expect_download() as download_info:
             page.click("#download-checkpoint")
         with open(download_info.value.path(), "rb") as handle:
-            names = zipfile.ZipFile(io.BytesIO(handle.read())).namelist()
-        assert {"model.safetensors", "config.json", "training.json"} <= set(names)
+            checkpoint = zipfile.ZipFile(io.BytesIO(handle.read()))
+        assert {"model.safetensors", "config.json", "training.json"} <= set(checkpoint.namelist())
+        # The page's snippet, run as shown next to the unzipped download, loads the trained
+        # classifier (timm would silently drop a head it was not told about).
+        unzipped = tmp_path / "download"
+        checkpoint.extractall(unzipped)
+        check = (snippet + "\nimport torch"
+                 "\nfrom safetensors.torch import load_file"
+                 "\nsaved = load_file('model.safetensors')"
+                 "\nassert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())"
+                 "\ntransform"
+                 "\nprint(len(labels), model.pretrained_cfg['input_size'][-1])")
+        loaded = subprocess.run([sys.executable, "-c", check], cwd=unzipped,
+                                capture_output=True, text=True, timeout=120)
+        assert loaded.returncode == 0, loaded.stderr
+        assert loaded.stdout.split() == ["3", "32"], loaded.stdout  # 3 classes, 32 px
         hrefs = page.eval_on_selector_all("#downloads a", "(links) => links.map((a) => a.href)")
         assert len(hrefs) == 6  # checkpoint, its 3 files, predictions, label next
         for href in hrefs:

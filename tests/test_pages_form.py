@@ -75,14 +75,23 @@ def test_form_fills_presets_and_shows_api_errors_next_to_their_fields(
         page.fill("#f-budgets", "5%, 15%, 4/class, all")
         page.fill("#f-seeds", "0, 1")
         page.fill("#f-backbone", "no_such_network")
+        assert page.input_value("#f-lr_milestones") == "0.75"
+        page.fill("#f-lr_milestones", "0.5, 0.9")
+        page.fill("#f-cpu_threads", "1")
         with page.expect_request("**/api/experiments") as sent:
             page.click("#start")
         assert sent.value.post_data_json == {
             "dataset_id": dataset_id, "name": "", "backbone": "no_such_network",
             "methods": ["fine-tune"], "budgets": [0.05, 0.15, {"per_class": 4}, "all"],
-            "seeds": [0, 1], "preset": "quick", "overrides": {"lr": 0.01},
+            "seeds": [0, 1], "preset": "quick",
+            "overrides": {"lr": 0.01, "lr_milestones": [0.5, 0.9], "cpu_threads": 1},
         }
         assert "unknown backbone 'no_such_network'" in error_next_to(page, "backbone")
+        page.fill("#f-backbone", "tf_efficientnet_lite0")
+        page.fill("#f-lr_milestones", "0.9, 0.5")
+        page.click("#start")
+        assert "must be increasing fractions" in error_next_to(page, "overrides.lr_milestones")
+        page.fill("#f-lr_milestones", "0.5, 0.9")
         assert "8 runs" in page.inner_text("#run-count")
 
         # The form's own budget spellings are checked before anything is sent.
@@ -110,5 +119,20 @@ def test_pages_ask_for_the_token_and_say_what_is_missing(settings, tmp_path):
             assert missing.status_code == 404
             assert missing.json()["detail"] == "experiment 7 does not exist"
             assert client.get("/runs/7").json()["detail"] == "run 7 does not exist"
+            # A browser gets the same answers as pages; the API stays JSON whatever it accepts.
+            html = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+            for path, status, text in [
+                ("/experiments/7", 404, "Experiment 7 does not exist. It may have been deleted."),
+                ("/runs/7", 404, "Run 7 does not exist. It may have been deleted."),
+                ("/runs/seven", 404, "There is no page at this address."),
+                ("/no/such/page", 404, "There is no page at this address."),
+                ("/experiments/new?dataset_id=x", 422, "dataset_id: "),
+            ]:
+                page = client.get(path, headers=html)
+                assert page.status_code == status, path
+                assert page.headers["content-type"].startswith("text/html"), path
+                assert text in page.text and "<h1>" in page.text, (path, page.text)
+            api = client.get("/api/runs/7", headers=html)
+            assert api.status_code == 404 and api.json()["detail"] == "run 7 does not exist"
     finally:
         process.stop()

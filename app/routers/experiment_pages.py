@@ -34,6 +34,12 @@ OVERRIDE_LABELS = {
     "unlabeled_batch_size": "Unlabeled batch",
     "lr": "Learning rate",
     "head_lr_ratio": "Classifier lr ratio",
+    "projector_lr_ratio": "Projector lr ratio",
+    "lr_milestones": "lr steps (fractions)",
+    "lr_gamma": "lr step factor",
+    "ema_momentum": "Key encoder EMA",
+    "pseudo_label_threshold": "Pseudo-label threshold",
+    "cpu_threads": "CPU threads",
     "queue_size": "Queue keys per class",
     "temperature": "Temperature τ",
     "fixmatch_threshold": "FixMatch threshold",
@@ -42,7 +48,10 @@ OVERRIDE_LABELS = {
     "log_interval": "Log every",
     "pretrained": "Start from pre-trained weights",
 }
-OVERRIDE_HELP = {"pretrained": "Untick to train from random init (tests, models without weights)."}
+OVERRIDE_HELP = {
+    "pretrained": "Untick to train from random init (tests, models without weights).",
+    "lr_milestones": "Comma-separated, e.g. 0.5, 0.75.",
+}
 
 
 def dataset_choices(session: Session) -> list[dict[str, Any]]:

@@ -45,8 +45,9 @@ export function experimentForm() {
     document.getElementById("preset-about").textContent = data.presets[form.elements.preset.value].about;
     const values = preset();
     for (const input of overrideInputs) {
-      if (input.type === "checkbox") input.checked = Boolean(values[keyOf(input)]);
-      else input.value = values[keyOf(input)];
+      const value = values[keyOf(input)];
+      if (input.type === "checkbox") input.checked = Boolean(value);
+      else input.value = Array.isArray(value) ? value.join(", ") : value;
     }
   }
 
@@ -58,7 +59,14 @@ export function experimentForm() {
       const key = keyOf(input);
       let value;
       if (input.type === "checkbox") value = input.checked;
-      else if (input.value.trim() === "") continue; // cleared: the preset's value stands
+      else if (input.dataset.kind === "list") {
+        // "0.5, 0.75" -> [0.5, 0.75]; empty means none. A bad number stays as text, so the
+        // API's 422 names the field.
+        value = input.value.split(",").map((s) => s.trim()).filter((s) => s !== "")
+          .map((s) => (Number.isFinite(Number(s)) ? Number(s) : s));
+        if (JSON.stringify(value) !== JSON.stringify(values[key])) changed[key] = value;
+        continue;
+      } else if (input.value.trim() === "") continue; // cleared: the preset's value stands
       else value = Number(input.value);
       if (value !== values[key]) changed[key] = value;
     }

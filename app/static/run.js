@@ -334,13 +334,17 @@ async function drawDownloads(run, classNames) {
   }
   document.getElementById("snippet-download").textContent =
     `curl -o run-${run.id}.zip ${location.origin}/api/runs/${run.id}/checkpoint\nunzip run-${run.id}.zip`;
+  // Same as the README: the exported pretrained_cfg carries the input size, mean and std the
+  // model was trained with, so timm's transform matches the run's evaluation.
   document.getElementById("snippet").textContent = [
     "import json, timm",
     "",
+    `config = json.load(open("config.json"))  # ${architecture}, ${numClasses} classes`,
     "model = timm.create_model(",
-    `    ${JSON.stringify(architecture)}, pretrained=True, num_classes=${numClasses},`,
-    `    pretrained_cfg_overlay=dict(file="model.safetensors"),`,
+    '    config["architecture"], pretrained=True, num_classes=config["num_classes"],',
+    '    pretrained_cfg_overlay=dict(file="model.safetensors", **config["pretrained_cfg"]),',
     ").eval()",
-    `labels = json.load(open("config.json"))["label_names"]  # output index -> class`,
+    "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
+    'labels = config["label_names"]  # output index -> class',
   ].join("\n");
 }

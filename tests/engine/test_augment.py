@@ -21,8 +21,7 @@ def test_posterize_to_zero_bits_gives_black_instead_of_crashing():
     image = Image.new("RGB", (16, 16), (200, 120, 40))
     with pytest.raises(ValueError):  # why the guard exists: Pillow 13 refuses 0 bits
         ImageOps.posterize(image, 0)
-    posterize = next(op for op in build_randaugment_ops(PREPROCESSING)
-                     if op.name.startswith("Posterize"))
+    (posterize,) = build_randaugment_ops(PREPROCESSING, ["PosterizeIncreasing"])
     posterize.prob = 1.0
     posterize.magnitude, posterize.magnitude_std = 10, 0  # level 10 -> keep 0 bits
     assert posterize.level_fn(10, posterize.hparams) == (0,)
@@ -34,9 +33,12 @@ def test_posterize_to_zero_bits_gives_black_instead_of_crashing():
 
 def test_randaugment_with_magnitude_noise_asks_posterize_for_zero_bits_and_survives():
     maker = ViewMaker(PREPROCESSING)
-    # timm's usual magnitude noise around m=10 reaches level 10, i.e. 0 bits, half the time.
-    maker.randaugment_ops = build_randaugment_ops(PREPROCESSING, "rand-m10-n2-mstd0.5-inc1")
-    posterize = next(op for op in maker.randaugment_ops if op.name.startswith("Posterize"))
+    # timm's usual pool and magnitude noise around m=10 reach level 10, i.e. 0 bits, half
+    # the time.
+    maker.randaugment_ops = build_randaugment_ops(
+        PREPROCESSING, ["PosterizeIncreasing", "Rotate", "Invert"], magnitude_std=0.5
+    )
+    posterize = maker.randaugment_ops[0]
     guarded, asked = posterize.aug_fn, []
 
     def recording(image, bits, **kwargs):
@@ -49,6 +51,22 @@ def test_randaugment_with_magnitude_noise_asks_posterize_for_zero_bits_and_survi
         view = maker.strong(square, random.Random(seed))
         assert view.shape == (32, 32, 3) and view.dtype == np.uint8
     assert 0 in asked
+
+
+def test_the_strong_view_draws_from_fixmatchs_pool():
+    ops = build_randaugment_ops(PREPROCESSING)
+    names = {op.name for op in ops}
+    assert len(ops) == 14 and "Identity" in names
+    assert not names & {"Invert", "SolarizeAdd", "PosterizeIncreasing"}
+    posterize = next(op for op in ops if op.name.startswith("Posterize"))
+    kept_bits = {posterize.level_fn(level / 2, posterize.hparams)[0] for level in range(21)}
+    assert kept_bits == {4, 5, 6, 7, 8}  # never fewer than 4 bits, as in FixMatch
+    rotate = next(op for op in ops if op.name == "Rotate")
+    assert all(op.prob == 0.5 and op.magnitude_std == float("inf") for op in ops
+               if op.name != "Identity")
+    assert abs(rotate.level_fn(10, rotate.hparams)[0]) == 30
+    translate = next(op for op in ops if op.name == "TranslateXRel")
+    assert abs(translate.level_fn(10, translate.hparams)[0]) == pytest.approx(0.3)
 
 
 def test_views_are_a_function_of_the_seed_and_two_draws_differ():

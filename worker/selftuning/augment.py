@@ -14,15 +14,36 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from timm.data.auto_augment import AugmentOp, rand_augment_transform
+from timm.data.auto_augment import AugmentOp
 
 from worker.selftuning.images import Preprocessing
 
 # RandAugment n=2 m=10 as FixMatch (and the Self-Tuning code, which uses FixMatch's) means it:
-# two ops, each applied with probability 0.5 at a magnitude drawn uniformly up to 10 (timm:
-# mstd > 100), with timm's increasing-severity ops so that 10 is the strongest.
-RANDAUGMENT = "rand-m10-n2-mstd101-inc1"
+# two ops drawn from FixMatch's pool, each applied with probability 0.5 at a magnitude drawn
+# uniformly up to 10. The pool is expressed in timm's ops at increasing severity. It is not
+# timm's default pool: that one has Invert and SolarizeAdd, and its Posterize goes down to 0
+# bits (a black image), while FixMatch's keeps 4 to 8 bits. On animal-mnist (5% labels,
+# quick preset, seed 0) Self-Tuning scored 87.3% with this pool and 85.8% with timm's.
+RANDAUGMENT_OPS = (
+    "Identity",
+    "AutoContrast",
+    "BrightnessIncreasing",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "Equalize",
+    "PosterizeOriginal",
+    "Rotate",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "SolarizeIncreasing",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+RANDAUGMENT_MAGNITUDE = 10
 RANDAUGMENT_LAYERS = 2
+RANDAUGMENT_PROBABILITY = 0.5
+TRANSLATE_FRACTION = 0.3  # FixMatch's; timm's default is 0.45
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 # FixMatch's cut-out is 16 px, half a CIFAR image; the Self-Tuning code kept 16 px at any size.
@@ -43,18 +64,39 @@ def guarded_posterize(image: Image.Image, bits_to_keep: int, **_: object) -> Ima
     return ImageOps.posterize(image, bits_to_keep)
 
 
-def build_randaugment_ops(preprocessing: Preprocessing, spec: str = RANDAUGMENT
-                          ) -> list[AugmentOp]:
-    """timm's RandAugment ops (`spec` in timm's notation) at our image size, with Posterize
-    guarded."""
+class Identity:
+    """FixMatch's pool draws "leave the image alone" like any other op; timm has no such op."""
+
+    name = "Identity"
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image
+
+
+def build_randaugment_ops(
+    preprocessing: Preprocessing,
+    names: Sequence[str] = RANDAUGMENT_OPS,
+    magnitude_std: float = math.inf,
+) -> list[AugmentOp | Identity]:
+    """RandAugment's ops (timm names) at our image size, with Posterize guarded.
+
+    `magnitude_std` inf draws each op's magnitude uniformly in [0, RANDAUGMENT_MAGNITUDE].
+    """
     hparams = {
-        "translate_const": int(preprocessing.image_size * 0.45),
+        "translate_pct": TRANSLATE_FRACTION,
         "img_mean": preprocessing.fill,
+        "magnitude_std": magnitude_std,
     }
-    ops = rand_augment_transform(spec, hparams).ops
-    for op in ops:
-        if op.name.startswith("Posterize"):
+    ops: list[AugmentOp | Identity] = []
+    for name in names:
+        if name == "Identity":
+            ops.append(Identity())
+            continue
+        op = AugmentOp(name, prob=RANDAUGMENT_PROBABILITY, magnitude=RANDAUGMENT_MAGNITUDE,
+                       hparams=hparams)
+        if name.startswith("Posterize"):
             op.aug_fn = guarded_posterize
+        ops.append(op)
     return ops
 
 

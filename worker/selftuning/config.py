@@ -6,7 +6,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # The methods registered in `methods.py` (a test keeps the two in step); named here so a
@@ -14,6 +14,13 @@ from typing import Any
 METHOD_NAMES = ("self-tuning", "fine-tune", "fixmatch")
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def _bounded(default: float, low: float, high: float, *, low_open: bool = False,
+             high_open: bool = False) -> Any:
+    """A field with its range, checked by `RunConfig.validate` (open ends excluded)."""
+    open_ends = {"low_open": low_open, "high_open": high_open} if low_open or high_open else {}
+    return field(default=default, metadata={"bounds": (low, high), "open": open_ends})
 
 
 @dataclass(frozen=True)
@@ -31,30 +38,30 @@ class RunConfig:
     method: str = "self-tuning"
     backbone: str = "tf_efficientnet_lite0"
     pretrained: bool = True
-    image_size: int = 64
-    batch_size: int = 16
-    unlabeled_batch_size: int = 16
-    iterations: int = 400
-    lr: float = 0.002
-    head_lr_ratio: float = 10.0
-    projector_lr_ratio: float = 10.0
+    image_size: int = _bounded(64, 16, 1024)
+    batch_size: int = _bounded(16, 1, 4096)
+    unlabeled_batch_size: int = _bounded(16, 0, 4096)
+    iterations: int = _bounded(400, 1, 10_000_000)
+    lr: float = _bounded(0.002, 0.0, 10.0, low_open=True)
+    head_lr_ratio: float = _bounded(10.0, 0.0, 1000.0, low_open=True)
+    projector_lr_ratio: float = _bounded(10.0, 0.0, 1000.0, low_open=True)
     lr_milestones: tuple[float, ...] = (0.75,)
-    lr_gamma: float = 0.1
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    queue_size: int = 32
-    projector_dim: int = 1024
-    temperature: float = 0.07
-    ema_momentum: float = 0.999
-    pseudo_label_threshold: float = 0.0
-    fixmatch_threshold: float = 0.95
-    eval_interval: int = 100
-    checkpoint_interval: int = 100
-    log_interval: int = 10
-    seed: int = 0
+    lr_gamma: float = _bounded(0.1, 0.0, 1.0, low_open=True)
+    weight_decay: float = _bounded(1e-4, 0.0, 1.0)
+    momentum: float = _bounded(0.9, 0.0, 1.0, high_open=True)
+    queue_size: int = _bounded(32, 1, 65_536)
+    projector_dim: int = _bounded(1024, 2, 65_536)
+    temperature: float = _bounded(0.07, 0.0, 100.0, low_open=True)
+    ema_momentum: float = _bounded(0.999, 0.0, 1.0)
+    pseudo_label_threshold: float = _bounded(0.0, 0.0, 1.0)
+    fixmatch_threshold: float = _bounded(0.95, 0.0, 1.0)
+    eval_interval: int = _bounded(100, 1, 10_000_000)
+    checkpoint_interval: int = _bounded(100, 1, 10_000_000)
+    log_interval: int = _bounded(10, 1, 10_000_000)
+    seed: int = _bounded(0, 0, 2**31 - 1)
     device: str = "auto"
-    num_workers: int = 0
-    cpu_threads: int = 0
+    num_workers: int = _bounded(0, 0, 64)
+    cpu_threads: int = _bounded(0, 0, 1024)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(float(m) for m in self.lr_milestones))
@@ -66,28 +73,10 @@ class RunConfig:
             raise ValueError(f"method {self.method!r} is not one of {sorted(METHOD_NAMES)}")
         if not isinstance(self.backbone, str) or not self.backbone.strip():
             raise ValueError("backbone must be a timm model name or a .safetensors path")
-        _check_int(self, "image_size", 16, 1024)
-        _check_int(self, "batch_size", 1, 4096)
-        _check_int(self, "unlabeled_batch_size", 0, 4096)
-        _check_int(self, "iterations", 1, 10_000_000)
-        _check_float(self, "lr", 0.0, 10.0, low_open=True)
-        _check_float(self, "head_lr_ratio", 0.0, 1000.0, low_open=True)
-        _check_float(self, "projector_lr_ratio", 0.0, 1000.0, low_open=True)
-        _check_float(self, "lr_gamma", 0.0, 1.0, low_open=True)
-        _check_float(self, "weight_decay", 0.0, 1.0)
-        _check_float(self, "momentum", 0.0, 1.0, high_open=True)
-        _check_int(self, "queue_size", 1, 65536)
-        _check_int(self, "projector_dim", 2, 65536)
-        _check_float(self, "temperature", 0.0, 100.0, low_open=True)
-        _check_float(self, "ema_momentum", 0.0, 1.0)
-        _check_float(self, "pseudo_label_threshold", 0.0, 1.0)
-        _check_float(self, "fixmatch_threshold", 0.0, 1.0)
-        _check_int(self, "eval_interval", 1, 10_000_000)
-        _check_int(self, "checkpoint_interval", 1, 10_000_000)
-        _check_int(self, "log_interval", 1, 10_000_000)
-        _check_int(self, "seed", 0, 2**31 - 1)
-        _check_int(self, "num_workers", 0, 64)
-        _check_int(self, "cpu_threads", 0, 1024)
+        for item in fields(self):
+            if "bounds" in item.metadata:
+                check = _check_int if item.type == "int" else _check_float
+                check(self, item.name, *item.metadata["bounds"], **item.metadata["open"])
         if not isinstance(self.pretrained, bool):
             raise ValueError(f"pretrained must be true or false, not {self.pretrained!r}")
         previous = 0.0

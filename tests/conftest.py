@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from sqlalchemy import create_engine, text
@@ -122,3 +123,22 @@ def celery_worker(live_server: LiveServer, tmp_path: Path):
             raise AssertionError(f"worker did not come up:\n{worker.log()[-4000:]}") from None
     yield worker
     worker.stop()
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, tmp_path_factory, redis_url: str
+           ) -> Iterator[LiveServer]:
+    """A uvicorn process shared by one test module, on its own data directory; the module's
+    `SERVER_ENV` dict, if any, adds environment settings (upload limits, say)."""
+    from tests.test_datasets_support import dataset_server
+
+    extra_env = getattr(request.module, "SERVER_ENV", {})
+    base = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    with dataset_server(base, redis_url, **extra_env) as live:
+        yield live
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client() as http:
+        yield http

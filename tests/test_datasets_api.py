@@ -4,7 +4,6 @@ image listings, thumbnails, deletion rules and the HTML pages."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -17,23 +16,10 @@ from tests.support import DATASETS, LiveServer
 from tests.test_datasets_support import (
     assert_nothing_left,
     class_entries,
-    dataset_server,
     image_bytes,
     upload,
     zip_bytes,
 )
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, redis_url: str) -> Iterator[LiveServer]:
-    with dataset_server(tmp_path_factory.mktemp("api"), redis_url) as live:
-        yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as http:
-        yield http
 
 
 def test_animal_mnist_upload_gives_ten_classes_and_its_own_test_split(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from tests.browser import PHONE, open_browser
 from tests.support import LiveServer
 from tests.test_datasets_support import (
     class_entries,
-    dataset_server,
     image_bytes,
     zip_bytes,
 )
@@ -22,11 +20,6 @@ from tests.test_datasets_support import (
 pytestmark = pytest.mark.browser
 DATASET_URL = re.compile(r".*/datasets/\d+$")
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, redis_url: str) -> Iterator[LiveServer]:
-    with dataset_server(tmp_path_factory.mktemp("browser"), redis_url) as live:
-        yield live
 
 
 def test_chosen_archive_uploads_with_progress_and_opens_the_dataset_page(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,7 +18,6 @@ from tests.support import LiveServer
 from tests.test_datasets_support import (
     assert_nothing_left,
     class_entries,
-    dataset_server,
     image_bytes,
     leftovers,
     png_with_declared_size,
@@ -31,21 +30,12 @@ MAX_FILES = 40
 MAX_PIXELS = 1_000_000
 MAX_UPLOAD = 200_000
 
+SERVER_ENV = {
+    "SELFTUNE_MAX_ARCHIVE_FILES": str(MAX_FILES),
+    "SELFTUNE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
+    "SELFTUNE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+}
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, redis_url: str) -> Iterator[LiveServer]:
-    with dataset_server(
-        tmp_path_factory.mktemp("rejections"), redis_url,
-        SELFTUNE_MAX_ARCHIVE_FILES=str(MAX_FILES), SELFTUNE_MAX_IMAGE_PIXELS=str(MAX_PIXELS),
-        SELFTUNE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
-    ) as live:
-        yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as http:
-        yield http
 
 
 def two_classes(**extra: bytes) -> dict[str, bytes]:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from collections.abc import Iterator
 
 import httpx
-import pytest
 from PIL import Image
 
 from tests.support import LiveServer
 from tests.test_datasets_support import (
     assert_nothing_left,
     class_entries,
-    dataset_server,
     image_bytes,
     stored_files,
     tar_bytes,
@@ -26,16 +23,6 @@ from tests.test_datasets_support import (
 STORED_PATH = re.compile(r"^(train|test)/\d+/\d+\.[a-z]+$|^unlabeled/\d+\.[a-z]+$")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, redis_url: str) -> Iterator[LiveServer]:
-    with dataset_server(tmp_path_factory.mktemp("uploads"), redis_url) as live:
-        yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as http:
-        yield http
 
 
 def uploaded(client: httpx.Client, data: bytes, filename: str = "photos.zip", **kwargs) -> dict:

@@ -46,6 +46,10 @@ class Overrides(BaseModel):
     pseudo_label_threshold: float | None = Field(
         None, ge=0, le=1, description="Self-Tuning: drop less confident pseudo-labels (0: keep all)"
     )
+    labeled_query_view: Literal["strong", "weak"] | None = Field(
+        None, description="Self-Tuning: the view of a labeled image its query encoder and "
+        "cross-entropy see; strong is the authors', weak is fine-tuning's crop + flip"
+    )
     fixmatch_threshold: float | None = Field(None, ge=0, le=1)
     eval_interval: int | None = Field(None, ge=1, le=1_000_000)
     checkpoint_interval: int | None = Field(None, ge=1, le=1_000_000)

@@ -86,6 +86,7 @@ def messages(response) -> str:
     ({"overrides": {"lr_milestones": ["soon"]}}, 422, "lr_milestones"),
     ({"overrides": {"cpu_threads": -1}}, 422, "cpu_threads"),
     ({"overrides": {"ema_momentum": 1.5}}, 422, "ema_momentum"),
+    ({"overrides": {"labeled_query_view": "blurry"}}, 422, "labeled_query_view"),
     ({"methods": ["self-tuning", "fine-tune", "fixmatch"],
       "budgets": [0.1, 0.2, 0.3, 0.4, 0.5], "seeds": [0, 1, 2, 3, 4]}, 422, "75 runs"),
 ])

@@ -77,6 +77,48 @@ def test_postgresql_migrates_to_head_and_round_trips(postgres_url):
     migrate_down_and_up(postgres_url)
 
 
+def runs_recorded_before_labeled_query_view(url: str) -> None:
+    """Migration 0002: configs stored under 0001 gain the strong view they trained with;
+    newer ones keep theirs; downgrading removes the key that older code would reject.
+    (0002 changes data only, so the models describe the 0001 schema too.)"""
+    command.upgrade(alembic_config(url), "0001")
+    with session_scope(url) as session:
+        dataset = Dataset(name="d", storage_key="k", fingerprint="f" * 64, class_names=["a"],
+                          class_counts={}, size_bytes=1)
+        session.add(dataset)
+        session.flush()
+        experiment = Experiment(dataset_id=dataset.id, backbone="b", methods=["self-tuning"],
+                                budgets=[0.05], seeds=[0], preset="quick",
+                                overrides={"labeled_query_view": "weak"})
+        session.add(experiment)
+        session.flush()
+        for config in ({"iterations": 10}, {"iterations": 10, "labeled_query_view": "weak"},
+                       {}):
+            session.add(Run(experiment_id=experiment.id, dataset_id=dataset.id,
+                            method="self-tuning", budget=0.05, budget_label="5%",
+                            config=config))
+    upgrade_to_head(url)
+    with session_scope(url) as session:
+        configs = [run.config for run in session.scalars(select(Run).order_by(Run.id))]
+    assert configs == [{"iterations": 10, "labeled_query_view": "strong"},
+                       {"iterations": 10, "labeled_query_view": "weak"}, {}]
+    command.downgrade(alembic_config(url), "0001")
+    with session_scope(url) as session:
+        configs = [run.config for run in session.scalars(select(Run).order_by(Run.id))]
+        assert configs == [{"iterations": 10}, {"iterations": 10}, {}]
+        assert session.scalars(select(Experiment)).one().overrides == {}
+
+
+def test_sqlite_runs_recorded_before_labeled_query_view_keep_the_strong_view(tmp_path):
+    url = f"sqlite:///{tmp_path / 'selftune.db'}"
+    runs_recorded_before_labeled_query_view(url)
+    get_engine(url).dispose()
+
+
+def test_postgresql_runs_recorded_before_labeled_query_view_keep_the_strong_view(postgres_url):
+    runs_recorded_before_labeled_query_view(postgres_url)
+
+
 def test_models_and_migrations_agree(tmp_path):
     """Autogenerate against a migrated database finds nothing to add: no drift."""
     from alembic.autogenerate import compare_metadata

@@ -45,11 +45,14 @@ def test_form_fills_presets_and_shows_api_errors_next_to_their_fields(
         assert page.input_value("#f-backbone") == "tf_efficientnet_lite0"
         assert page.input_value("#f-iterations") == "400"
         assert page.input_value("#f-image_size") == "64"
+        assert page.input_value("#f-labeled_query_view") == "weak"
         page.select_option("#f-preset", "paper")
         assert page.input_value("#f-iterations") == "27000"
         assert page.input_value("#f-image_size") == "224"
+        assert page.input_value("#f-labeled_query_view") == "strong"
         page.select_option("#f-preset", "quick")
         assert page.input_value("#f-iterations") == "400"
+        assert page.input_value("#f-labeled_query_view") == "weak"
         assert "8 runs" in page.inner_text("#run-count")  # 2 methods x 4 budgets x 1 seed
 
         # Schema errors: all at once, each beside its own field.
@@ -78,13 +81,15 @@ def test_form_fills_presets_and_shows_api_errors_next_to_their_fields(
         assert page.input_value("#f-lr_milestones") == "0.75"
         page.fill("#f-lr_milestones", "0.5, 0.9")
         page.fill("#f-cpu_threads", "1")
+        page.select_option("#f-labeled_query_view", "strong")
         with page.expect_request("**/api/experiments") as sent:
             page.click("#start")
         assert sent.value.post_data_json == {
             "dataset_id": dataset_id, "name": "", "backbone": "no_such_network",
             "methods": ["fine-tune"], "budgets": [0.05, 0.15, {"per_class": 4}, "all"],
             "seeds": [0, 1], "preset": "quick",
-            "overrides": {"lr": 0.01, "lr_milestones": [0.5, 0.9], "cpu_threads": 1},
+            "overrides": {"lr": 0.01, "lr_milestones": [0.5, 0.9], "cpu_threads": 1,
+                          "labeled_query_view": "strong"},
         }
         assert "unknown backbone 'no_such_network'" in error_next_to(page, "backbone")
         page.fill("#f-backbone", "tf_efficientnet_lite0")

@@ -6,7 +6,7 @@ hand it to the templates as JSON; the static JS draws it and keeps it live.
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any, Literal, get_args, get_origin
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
@@ -39,6 +39,7 @@ OVERRIDE_LABELS = {
     "lr_gamma": "lr step factor",
     "ema_momentum": "Key encoder EMA",
     "pseudo_label_threshold": "Pseudo-label threshold",
+    "labeled_query_view": "Labeled query view",
     "cpu_threads": "CPU threads",
     "queue_size": "Queue keys per class",
     "temperature": "Temperature τ",
@@ -67,10 +68,15 @@ def override_fields() -> list[dict[str, Any]]:
     """The form's hyper-parameter inputs: exactly the fields the API accepts as overrides."""
     fields = []
     for name, info in Overrides.model_fields.items():
-        kind = next(t.__name__ for t in get_args(info.annotation) if t is not type(None))
+        annotation = next(t for t in get_args(info.annotation) if t is not type(None))
         label = OVERRIDE_LABELS.get(name, name.replace("_", " ").capitalize())
-        fields.append({"name": name, "kind": kind, "label": label,
-                       "help": OVERRIDE_HELP.get(name, info.description or "")})
+        field = {"name": name, "label": label,
+                 "help": OVERRIDE_HELP.get(name, info.description or "")}
+        if get_origin(annotation) is Literal:
+            field |= {"kind": "choice", "options": list(get_args(annotation))}
+        else:
+            field["kind"] = annotation.__name__
+        fields.append(field)
     return fields
 
 

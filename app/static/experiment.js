@@ -59,6 +59,7 @@ export function experimentForm() {
       const key = keyOf(input);
       let value;
       if (input.type === "checkbox") value = input.checked;
+      else if (input.dataset.kind === "choice") value = input.value;
       else if (input.dataset.kind === "list") {
         // "0.5, 0.75" -> [0.5, 0.75]; empty means none. A bad number stays as text, so the
         // API's 422 names the field.

@@ -39,6 +39,7 @@ def test_unknown_keys_are_rejected_by_name():
         ({"device": "gpu"}, "device 'gpu' must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ({"pretrained": "yes"}, "pretrained must be true or false"),
         ({"image_size": 8}, "image_size = 8 must be between 16"),
+        ({"labeled_query_view": "blurry"}, "labeled_query_view 'blurry' must be one of"),
     ],
 )
 def test_out_of_range_values_name_the_field(change, message):
@@ -55,6 +56,8 @@ def test_presets_and_overrides():
     assert (paper.image_size, paper.batch_size, paper.unlabeled_batch_size) == (224, 24, 24)
     assert paper.milestone_steps() == [6000, 12000, 18000, 24000]
     assert (paper.lr, paper.head_lr_ratio, paper.projector_lr_ratio) == (0.001, 10.0, 1.0)
+    # The authors' strong labeled view in `paper`; fine-tuning's crop + flip in `quick`.
+    assert (paper.labeled_query_view, quick.labeled_query_view) == ("strong", "weak")
     assert RunConfig.from_preset("quick", lr=0.003).lr == 0.003
     with pytest.raises(ValueError, match="preset 'slow' is not one of"):
         RunConfig.from_preset("slow")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 
 from tests.engine.helpers import tiny_config
-from worker.selftuning import RunData, TrainingCancelled, open_rgb, train
+from worker.selftuning import METHODS, RunData, TrainingCancelled, open_rgb, train
 from worker.selftuning.checkpoint import load_checkpoint
 
 
@@ -142,6 +142,32 @@ def test_baselines_train_with_their_own_loss_terms(tmp_path: Path, shapes_data: 
     else:
         assert final["pseudo_label_acc"] is None and metrics["train_pseudo_label_acc"] is None
     assert metrics["pseudo_label_acc"] is not None  # the final model on hidden labels
+
+
+def test_self_tuning_labeled_query_view_is_the_configured_one(tmp_path: Path, shapes_data,
+                                                              monkeypatch):
+    """With `labeled_query_view` weak, Self-Tuning's classifier trains on exactly the labeled
+    views fine-tuning trains on (same seed, same step); with strong, on other ones."""
+    first_views: dict[str, torch.Tensor] = {}
+
+    def recording(method_class):
+        original = method_class.training_step
+
+        def training_step(self, batch):
+            first_views.setdefault(self.name + self.config.labeled_query_view,
+                                   batch.labeled[0].clone())
+            return original(self, batch)
+
+        monkeypatch.setattr(method_class, "training_step", training_step)
+
+    recording(METHODS["fine-tune"])
+    recording(METHODS["self-tuning"])
+    for method, view in [("fine-tune", "weak"), ("self-tuning", "weak"),
+                         ("self-tuning", "strong")]:
+        config = tiny_config(method=method, labeled_query_view=view, iterations=1)
+        train(config, shapes_data, tmp_path / f"{method}-{view}")
+    assert torch.equal(first_views["self-tuningweak"], first_views["fine-tuneweak"])
+    assert not torch.equal(first_views["self-tuningstrong"], first_views["fine-tuneweak"])
 
 
 def _checkpoint_tensors(out: Path) -> dict[str, torch.Tensor]:

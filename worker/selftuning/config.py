@@ -12,6 +12,9 @@ from typing import Any
 # The methods registered in `methods.py` (a test keeps the two in step); named here so a
 # config can be validated without importing torch.
 METHOD_NAMES = ("self-tuning", "fine-tune", "fixmatch")
+# The view of a labeled image that Self-Tuning's query encoder (and so its cross-entropy)
+# sees: the authors' strong view, or fine-tuning's crop + flip. Keys are always strong.
+LABELED_QUERY_VIEWS = ("strong", "weak")
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -32,7 +35,8 @@ class RunConfig:
     `projector_lr_ratio` times (the authors' code: 0.001, x10, x1). `lr_milestones` are
     fractions of `iterations`, so a shorter run keeps the shape of the schedule.
     `cpu_threads` 0 means every core the process may use; fewer helps where other processes
-    share the cores.
+    share the cores. `labeled_query_view` is the view of a labeled image that Self-Tuning's
+    query encoder, and so its cross-entropy, sees (see `quick_preset`).
     """
 
     method: str = "self-tuning"
@@ -54,6 +58,7 @@ class RunConfig:
     temperature: float = _bounded(0.07, 0.0, 100.0, low_open=True)
     ema_momentum: float = _bounded(0.999, 0.0, 1.0)
     pseudo_label_threshold: float = _bounded(0.0, 0.0, 1.0)
+    labeled_query_view: str = "weak"
     fixmatch_threshold: float = _bounded(0.95, 0.0, 1.0)
     eval_interval: int = _bounded(100, 1, 10_000_000)
     checkpoint_interval: int = _bounded(100, 1, 10_000_000)
@@ -77,6 +82,11 @@ class RunConfig:
             if "bounds" in item.metadata:
                 check = _check_int if item.type == "int" else _check_float
                 check(self, item.name, *item.metadata["bounds"], **item.metadata["open"])
+        if self.labeled_query_view not in LABELED_QUERY_VIEWS:
+            raise ValueError(
+                f"labeled_query_view {self.labeled_query_view!r} must be one of "
+                f"{list(LABELED_QUERY_VIEWS)}"
+            )
         if not isinstance(self.pretrained, bool):
             raise ValueError(f"pretrained must be true or false, not {self.pretrained!r}")
         previous = 0.0
@@ -188,6 +198,15 @@ def quick_preset() -> RunConfig:
     0.001 and an earlier decay (x0.1 at 50% and 75%) for both fine-tuning and Self-Tuning.
     The projector starts from random weights and has only 400 steps to become useful, so it
     learns at the classifier's rate (Self-Tuning 85.8% instead of 83.0% there).
+
+    Self-Tuning's labeled query view is fine-tuning's crop + flip, not the authors' strong
+    view, so its cross-entropy trains on the same views as the fine-tuning baseline's and the
+    comparison isolates what the contrastive terms (and the unlabeled images) add. In 400
+    iterations the strong view starves the classifier: on animal-mnist at 5% labels, seeds
+    0-4, Self-Tuning scored 88.2 / 89.1 / 91.3 / 86.9 / 88.1% (mean 88.7) with crop + flip,
+    85.7 / 86.7 / 84.3% with the strong view (seeds 0-2), and fine-tuning 85.9 / 88.8 / 86.1
+    / 84.5 / 86.2% (mean 86.3; 82.9 / 85.3 / 83.0% when it too trains on strong views).
+    The `paper` preset keeps the authors' strong view.
     """
     return RunConfig()
 
@@ -203,6 +222,7 @@ def paper_preset() -> RunConfig:
         lr=0.001,
         head_lr_ratio=10.0,
         projector_lr_ratio=1.0,
+        labeled_query_view="strong",
         lr_milestones=(6 / 27, 12 / 27, 18 / 27, 24 / 27),
         eval_interval=1000,
         checkpoint_interval=1000,

@@ -181,7 +181,8 @@ class SelfTuning(Method):
     """Self-Tuning: cross-entropy plus Pseudo Group Contrast on labeled and unlabeled images.
 
     The key encoder (a copy of backbone + projector) follows the query encoder by EMA; the
-    queue holds K keys per class as a ring with its own write pointer.
+    queue holds K keys per class as a ring with its own write pointer. Views are (query, key);
+    the labeled query view is `config.labeled_query_view` (the authors': strong).
     """
 
     labeled_views = ("strong", "strong")
@@ -189,6 +190,7 @@ class SelfTuning(Method):
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: RunConfig):
         super().__init__(backbone, num_classes, config)
+        self.labeled_views = (config.labeled_query_view, "strong")
         self.projector = nn.Linear(feature_dim(backbone), config.projector_dim)
         self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)

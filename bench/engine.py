@@ -248,11 +248,11 @@ def bench_batch_building(image_size: int, batch: int) -> dict[str, float]:
                                                      preprocessing.scale_size, 3), np.uint8))
     results = {}
     for method in ("fine-tune", "self-tuning", "fixmatch"):
-        cls = METHODS[method]
+        labeled_views, unlabeled_views = METHODS[method].views_for(RunConfig(method=method))
         dataset = StepBatches(
             labeled_squares=squares, labeled_targets=[0] * 64, unlabeled_squares=squares,
-            unlabeled_hidden=[-1] * 64, labeled_views=cls.labeled_views,
-            unlabeled_views=cls.unlabeled_views, batch_size=batch, unlabeled_batch_size=batch,
+            unlabeled_hidden=[-1] * 64, labeled_views=labeled_views,
+            unlabeled_views=unlabeled_views, batch_size=batch, unlabeled_batch_size=batch,
             seed=0, view_maker=ViewMaker(preprocessing), total_steps=1000,
         )
         steps = iter(range(1000))

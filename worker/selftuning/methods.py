@@ -58,15 +58,23 @@ class Method(nn.Module, ABC):
     """A backbone with its timm classifier head, trained by one method."""
 
     name: ClassVar[str]
-    labeled_views: ClassVar[tuple[str, ...]]
-    unlabeled_views: ClassVar[tuple[str, ...]] = ()
+    # The views a batch carries of each labeled and each unlabeled image: the class declares
+    # them, `views_for` may adapt them to a config, an instance holds the ones it trains with.
+    labeled_views: tuple[str, ...]
+    unlabeled_views: tuple[str, ...] = ()
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: RunConfig):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.config = config
+        self.labeled_views, self.unlabeled_views = self.views_for(config)
         reset_head(self.backbone)
+
+    @classmethod
+    def views_for(cls, config: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The views of each labeled and each unlabeled image a batch carries for `config`."""
+        return cls.labeled_views, cls.unlabeled_views
 
     @property
     def classifier(self) -> nn.Module:
@@ -190,7 +198,6 @@ class SelfTuning(Method):
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: RunConfig):
         super().__init__(backbone, num_classes, config)
-        self.labeled_views = (config.labeled_query_view, "strong")
         self.projector = nn.Linear(feature_dim(backbone), config.projector_dim)
         self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
@@ -201,6 +208,10 @@ class SelfTuning(Method):
         # Bookkeeping for queue purity: which image each key came from and its true label.
         self.register_buffer("queue_source", torch.full(shape, -1, dtype=torch.long))
         self.register_buffer("queue_truth", torch.full(shape, -1, dtype=torch.long))
+
+    @classmethod
+    def views_for(cls, config: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return (config.labeled_query_view, "strong"), cls.unlabeled_views
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.projector.parameters())

@@ -148,13 +148,13 @@ def test_self_tuning_labeled_query_view_is_the_configured_one(tmp_path: Path, sh
                                                               monkeypatch):
     """With `labeled_query_view` weak, Self-Tuning's classifier trains on exactly the labeled
     views fine-tuning trains on (same seed, same step); with strong, on other ones."""
-    first_views: dict[str, torch.Tensor] = {}
+    first_views: dict[tuple[str, str], torch.Tensor] = {}
 
     def recording(method_class):
         original = method_class.training_step
 
         def training_step(self, batch):
-            first_views.setdefault(self.name + self.config.labeled_query_view,
+            first_views.setdefault((self.name, self.config.labeled_query_view),
                                    batch.labeled[0].clone())
             return original(self, batch)
 
@@ -166,8 +166,9 @@ def test_self_tuning_labeled_query_view_is_the_configured_one(tmp_path: Path, sh
                          ("self-tuning", "strong")]:
         config = tiny_config(method=method, labeled_query_view=view, iterations=1)
         train(config, shapes_data, tmp_path / f"{method}-{view}")
-    assert torch.equal(first_views["self-tuningweak"], first_views["fine-tuneweak"])
-    assert not torch.equal(first_views["self-tuningstrong"], first_views["fine-tuneweak"])
+    fine_tune = first_views["fine-tune", "weak"]
+    assert torch.equal(first_views["self-tuning", "weak"], fine_tune)
+    assert not torch.equal(first_views["self-tuning", "strong"], fine_tune)
 
 
 def _checkpoint_tensors(out: Path) -> dict[str, torch.Tensor]:

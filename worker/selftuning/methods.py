@@ -193,7 +193,6 @@ class SelfTuning(Method):
     the labeled query view is `config.labeled_query_view` (the authors': strong).
     """
 
-    labeled_views = ("strong", "strong")
     unlabeled_views = ("strong", "strong")
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: RunConfig):

@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MethodName = Literal["self-tuning", "fine-tune", "fixmatch"]
+from worker.selftuning.config import LABELED_QUERY_VIEWS, METHOD_NAMES
+
+MethodName = Literal[METHOD_NAMES]
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "lost"]
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
@@ -46,7 +48,7 @@ class Overrides(BaseModel):
     pseudo_label_threshold: float | None = Field(
         None, ge=0, le=1, description="Self-Tuning: drop less confident pseudo-labels (0: keep all)"
     )
-    labeled_query_view: Literal["strong", "weak"] | None = Field(
+    labeled_query_view: Literal[LABELED_QUERY_VIEWS] | None = Field(
         None, description="Self-Tuning: the view of a labeled image its query encoder and "
         "cross-entropy see; strong is the authors', weak is fine-tuning's crop + flip"
     )

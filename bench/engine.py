@@ -30,6 +30,7 @@ from worker.selftuning import (  # noqa: E402
 from worker.selftuning.augment import ViewMaker  # noqa: E402
 from worker.selftuning.backbones import create_backbone  # noqa: E402
 from worker.selftuning.batches import StepBatches  # noqa: E402
+from worker.selftuning.budgets import split_holdout  # noqa: E402
 from worker.selftuning.images import ImageArray, Preprocessing  # noqa: E402
 from worker.selftuning.methods import METHODS, Batch, build_method  # noqa: E402
 from worker.selftuning.pgc import enqueue, pgc_loss  # noqa: E402
@@ -51,6 +52,9 @@ def main() -> None:
     parser.add_argument("--out", help="keep run folders here (default: a temp folder)")
     parser.add_argument("--cache-dir",
                         default=str(Path(tempfile.gettempdir()) / "selftuning-cache"))
+    parser.add_argument("--validation", type=float, metavar="FRACTION",
+                        help="score on a class-balanced hold-out of this share of the train "
+                             "split instead of the test split (to choose settings)")
     parser.add_argument("--skip-runs", action="store_true")
     parser.add_argument("--skip-micro", action="store_true")
     args = parser.parse_args()
@@ -71,6 +75,11 @@ def main() -> None:
 
 def bench_budgets(args: argparse.Namespace, overrides: dict) -> None:
     class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data)
+    split = "test"
+    if args.validation:
+        kept, held = split_holdout([label for _, label in train_items], args.validation, 0)
+        train_items, test_items = [train_items[i] for i in kept], [train_items[i] for i in held]
+        split = f"validation ({len(test_items)} train images held out)"
     budgets = [float(b) for b in args.budgets.split(",")]
     methods = args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -96,7 +105,8 @@ def bench_budgets(args: argparse.Namespace, overrides: dict) -> None:
                     "wall": time.perf_counter() - started,
                 })
                 print(_row(rows[-1]), flush=True)
-    print(f"\nanimal-mnist, preset {args.preset} {overrides or ''}, runs in {out_root}")
+    print(f"\nanimal-mnist, preset {args.preset} {overrides or ''}, scored on {split}, "
+          f"runs in {out_root}")
     print(f"{'budget':>7} {'method':<12} {'seed':>4} {'labeled':>7} {'top-1':>7} "
           f"{'pseudo':>7} {'train-pl':>8} {'s/it':>6} {'wall s':>7}")
     for row in rows:

@@ -4,6 +4,7 @@ PGC loss and queue, and the cost of a Self-Tuning iteration against a fine-tunin
     python bench/engine.py                                   # everything (about 20 min on CPU)
     python bench/engine.py --budgets 0.05 --methods self-tuning,fine-tune --seeds 0,1
     python bench/engine.py --skip-runs                       # micro-benchmarks only
+    python bench/engine.py --validation 0.2 --set temperature=0.2   # choose a setting
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from worker.selftuning import (  # noqa: E402
 from worker.selftuning.augment import ViewMaker  # noqa: E402
 from worker.selftuning.backbones import create_backbone  # noqa: E402
 from worker.selftuning.batches import StepBatches  # noqa: E402
-from worker.selftuning.budgets import split_holdout  # noqa: E402
+from worker.selftuning.data import hold_out_items  # noqa: E402
 from worker.selftuning.images import ImageArray, Preprocessing  # noqa: E402
 from worker.selftuning.methods import METHODS, Batch, build_method  # noqa: E402
 from worker.selftuning.pgc import enqueue, pgc_loss  # noqa: E402
@@ -78,8 +78,7 @@ def bench_budgets(args: argparse.Namespace, overrides: dict) -> None:
     class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data)
     split = "test"
     if args.validation:
-        kept, held = split_holdout([label for _, label in train_items], args.validation, 0)
-        train_items, test_items = [train_items[i] for i in kept], [train_items[i] for i in held]
+        train_items, test_items = hold_out_items(train_items, args.validation, 0)
         split = f"validation ({len(test_items)} train images held out)"
     budgets = [float(b) for b in args.budgets.split(",")]
     methods = args.methods.split(",")

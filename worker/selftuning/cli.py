@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from worker.selftuning.budgets import Budget, BudgetError, split_holdout
+from worker.selftuning.budgets import Budget, BudgetError
 from worker.selftuning.config import PRESETS, RunConfig
-from worker.selftuning.data import load_folder_dataset, make_budget_data
+from worker.selftuning.data import hold_out_items, load_folder_dataset, make_budget_data
 from worker.selftuning.methods import METHODS
 from worker.selftuning.train import train
 
@@ -74,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not test_items:
-        kept, held = split_holdout([label for _, label in train_items], HOLDOUT_FRACTION,
-                                   HOLDOUT_SEED)
-        test_items = [train_items[i] for i in held]
-        train_items = [train_items[i] for i in kept]
+        train_items, test_items = hold_out_items(train_items, HOLDOUT_FRACTION, HOLDOUT_SEED)
         print(f"no test/ split: holding out {len(test_items)} labeled images for testing")
     data, budget_info = make_budget_data(class_names, train_items, test_items, unlabeled,
                                          budget, config.seed)

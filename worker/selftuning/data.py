@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from worker.selftuning.budgets import Budget, BudgetError, select_labeled
+from worker.selftuning.budgets import Budget, BudgetError, select_labeled, split_holdout
 from worker.selftuning.images import IMAGE_SUFFIXES
 
 Item = tuple[str, int]
@@ -120,6 +120,14 @@ def load_folder_dataset(
         if folder.is_dir():
             unlabeled_paths.extend(str(p) for p in _images(folder, recursive=True))
     return class_names, train_items, test_items, sorted(set(unlabeled_paths))
+
+
+def hold_out_items(
+    train_items: list[Item], fraction: float, seed: int
+) -> tuple[list[Item], list[Item]]:
+    """(kept, held_out) train items: a stratified hold-out (`split_holdout`) to score on."""
+    kept, held = split_holdout([label for _, label in train_items], fraction, seed)
+    return [train_items[i] for i in kept], [train_items[i] for i in held]
 
 
 def make_budget_data(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -17,18 +19,38 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record) -> None:
-            # WAL lets the web read while a worker writes; foreign keys make cascades real.
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.close()
-
+        event.listen(engine, "connect", lambda connection, _record: sqlite_pragmas(connection))
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def sqlite_pragmas(connection: sqlite3.Connection) -> None:
+    """Settings of every SQLite connection: foreign keys make cascades real, and WAL lets the
+    web read while a worker writes."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    _use_wal(cursor)
+    cursor.close()
+
+
+def _use_wal(cursor: sqlite3.Cursor, wait_s: float = 30.0) -> None:
+    """Switch the database to WAL unless it is already (the mode is stored in the file).
+
+    Of two connections switching a new database at once (the web's start-up tasks, the
+    worker), SQLite refuses one straight away with 'database is locked', busy timeout or not,
+    since waiting could deadlock; that one tries again.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")  # ':memory:' answers 'memory'
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 @lru_cache

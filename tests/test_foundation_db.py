@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from alembic import command
 from sqlalchemy import inspect, select
 
-from app.db import alembic_config, get_engine, session_scope, upgrade_to_head
+from app.db import alembic_config, get_engine, session_scope, sqlite_pragmas, upgrade_to_head
 from app.models import Artifact, Dataset, DatasetImage, Experiment, Run, RunMetric
 
 TABLES = {"datasets", "dataset_images", "experiments", "runs", "run_metrics", "artifacts"}
@@ -150,3 +154,28 @@ def test_non_loopback_bind_without_token_is_refused(host, token, allowed, refuse
     assert (reason is not None) == refused
     if refused:
         assert "SELFTUNE_API_TOKEN" in reason
+
+
+def test_sqlite_connections_switching_a_new_database_together_all_succeed(tmp_path):
+    """A new database is in rollback-journal mode until a connection switches it to WAL. The
+    web's start-up tasks and the worker open their first connections at the same moment, and
+    SQLite refuses one of two concurrent switches at once ('database is locked', busy timeout
+    or not): about one start in ten failed so before the switch was retried."""
+    for attempt in range(60):
+        path = tmp_path / f"{attempt}.db"
+        with sqlite3.connect(path) as setup:
+            setup.execute("CREATE TABLE t (a INTEGER)")
+        barrier = threading.Barrier(2)
+
+        def open_and_read(_: int, path=path, barrier=barrier) -> str:
+            connection = sqlite3.connect(path, timeout=30, check_same_thread=False)
+            try:
+                barrier.wait()
+                sqlite_pragmas(connection)
+                connection.execute("SELECT a FROM t").fetchall()
+                return connection.execute("PRAGMA journal_mode").fetchone()[0]
+            finally:
+                connection.close()
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(open_and_read, range(2))) == ["wal", "wal"]

@@ -21,7 +21,7 @@ def test_the_web_app_starts_without_importing_torch():
 
 
 def test_the_engine_imports_nothing_of_the_web_the_queue_or_the_database():
-    modules = imported_after("import worker.selftuning.train, worker.selftuning.cli")
+    modules = imported_after("import worker.selftuning.loop, worker.selftuning.cli")
     assert {"fastapi", "celery", "sqlalchemy", "app", "redis", "starlette"} & modules == set()
 
 

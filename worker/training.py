@@ -74,7 +74,7 @@ def execute_run(
 ) -> dict[str, Any]:
     from worker.selftuning.config import RunConfig
     from worker.selftuning.data import make_budget_data
-    from worker.selftuning.train import TrainingCancelled, train
+    from worker.selftuning.loop import TrainingCancelled, train
 
     with session_scope(settings.sqlalchemy_url) as session:
         run = session.get(Run, run_id)

@@ -5,8 +5,6 @@ Pure PyTorch + timm; the Celery task, the CLI and the benchmarks all call `train
 """
 
 import importlib
-import sys
-import types
 from typing import Any
 
 # Where each public name lives. Loaded on first use (PEP 562), so the web can import the
@@ -26,27 +24,9 @@ _EXPORTS = {
     "make_budget_data": "data",
     "open_rgb": "images",
     "METHODS": "methods",
-    "TrainingCancelled": "train",
-    "train": "train",
+    "TrainingCancelled": "loop",
+    "train": "loop",
 }
-
-
-class _EnginePackage(types.ModuleType):
-    """This package, with `train` always the function: importing the submodule of the same
-    name (`worker.selftuning.train`) would otherwise rebind the package attribute to it.
-    (So `import worker.selftuning.train as m` gives the function too; write
-    `from worker.selftuning.train import ...` to reach the module's other names.)"""
-
-    @property
-    def train(self) -> Any:
-        return importlib.import_module(f"{__name__}.train").train
-
-    @train.setter
-    def train(self, _submodule: object) -> None:
-        """The import system sets the submodule here; the function stays the attribute."""
-
-
-sys.modules[__name__].__class__ = _EnginePackage
 
 
 def __getattr__(name: str) -> Any:

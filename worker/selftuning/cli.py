@@ -10,8 +10,8 @@ from pathlib import Path
 from worker.selftuning.budgets import Budget, BudgetError
 from worker.selftuning.config import PRESETS, RunConfig
 from worker.selftuning.data import hold_out_items, load_folder_dataset, make_budget_data
+from worker.selftuning.loop import train
 from worker.selftuning.methods import METHODS
-from worker.selftuning.train import train
 
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0  # the hold-out belongs to the dataset, not to a run: same for every seed

@@ -1,5 +1,5 @@
-"""The training loop: one run from images to exported model, with events, checkpoints,
-cancellation and exact resume."""
+"""The training loop (`train`): one run from images to exported model, with events,
+checkpoints, cancellation and exact resume."""
 
 from __future__ import annotations
 

@@ -111,9 +111,9 @@ def train(
         preprocessing = Preprocessing.from_model(backbone, config.image_size)
         images = _decode(data, preprocessing, cache_dir)
         model = build_method(config, backbone, data.num_classes)
-        memory_format = torch.contiguous_format
+        precision = precision_for(device)
+        memory_format = precision.memory_format
         if device.type == "cuda":
-            memory_format = torch.channels_last
             torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels
         model.to(device=device, memory_format=memory_format)
         normalize = Normalize(preprocessing.mean, preprocessing.std).to(device)
@@ -151,9 +151,6 @@ def train(
             view_maker=ViewMaker(preprocessing),
             total_steps=config.iterations,
         )
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-        )
         evaluator = _Evaluator(model, images, data, normalize, device, memory_format)
         window = _LogWindow()
         first_step = step
@@ -165,7 +162,7 @@ def train(
                     raise TrainingCancelled(step)
                 batch = to_device_batch(next(batches), normalize, device, memory_format)
                 _set_learning_rate(optimizer, config, step)
-                with autocast:
+                with precision.autocast(device):
                     output = model.training_step(batch)
                 optimizer.zero_grad(set_to_none=True)
                 output.loss.backward()
@@ -213,6 +210,27 @@ def _restore(state_file: Path, config: RunConfig, data: RunData, model: Method,
     tracker.load_state_dict(state["tracker"])
     restore_rng(state["rng"])
     return int(state["step"])
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a device runs the training step: the autocast dtype (None: float32 throughout) and
+    the memory layout of the model and its inputs. Evaluation and export are float32."""
+
+    autocast_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+
+    def autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+
+def precision_for(device: torch.device) -> Precision:
+    """bf16 autocast and channels_last on CUDA (tensor cores); float32 on the CPU."""
+    if device.type == "cuda":
+        return Precision(torch.bfloat16, torch.channels_last)
+    return Precision(None, torch.contiguous_format)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -104,7 +104,7 @@ class Method(nn.Module, ABC):
 
     @abstractmethod
     def training_step(self, batch: Batch) -> StepOutput:
-        """The loss of one iteration (called inside autocast on CUDA)."""
+        """The loss of one iteration (inside bf16 autocast on CUDA: see `loop.precision_for`)."""
 
     def after_step(self, output: StepOutput, batch: Batch) -> None:
         """Called once per iteration after the optimiser step."""
@@ -274,6 +274,6 @@ class SelfTuning(Method):
 
 def _full_precision(device: torch.device):
     """The contrastive scores need float32: at 1/0.07 scale bf16 rounding is visible."""
-    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.autocast("cuda", enabled=False)
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
     return nullcontext()

@@ -27,6 +27,20 @@ from worker.selftuning.loop import Precision, precision_for
 CUDA_SETTINGS = Precision(torch.bfloat16, torch.channels_last)
 
 
+def plain_timm_predictions(out: Path, data: RunData) -> torch.Tensor:
+    """Test-image classes from the export in `out`, loaded on the CPU with plain timm."""
+    config = json.loads((out / "config.json").read_text())
+    model = timm.create_model(
+        config["architecture"], pretrained=True, num_classes=config["num_classes"],
+        pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"),
+                                    **config["pretrained_cfg"]),
+    ).eval()
+    transform = create_transform(**resolve_data_config(pretrained_cfg=config["pretrained_cfg"]))
+    with torch.no_grad():
+        images = torch.stack([transform(open_rgb(path)) for path, _ in data.test])
+        return model(images).argmax(dim=1)
+
+
 def test_cuda_trains_in_bf16_and_channels_last_and_the_cpu_in_float32():
     assert precision_for(torch.device("cuda", 0)) == CUDA_SETTINGS
     assert precision_for(torch.device("cpu")) == Precision(None, torch.contiguous_format)
@@ -82,16 +96,22 @@ def test_a_run_with_the_cuda_settings_keeps_float32_where_it_matters(
 
     exported = load_file(str(tmp_path / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in exported.values() if t.is_floating_point())
-    config = json.loads((tmp_path / "config.json").read_text())
-    model = timm.create_model(
-        config["architecture"], pretrained=True, num_classes=config["num_classes"],
-        pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors"),
-                                    **config["pretrained_cfg"]),
-    ).eval()
-    transform = create_transform(**resolve_data_config(pretrained_cfg=config["pretrained_cfg"]))
-    with torch.no_grad():
-        images = torch.stack([transform(open_rgb(path)) for path, _ in shapes_data.test])
-        predicted = model(images).argmax(dim=1)
+    predicted = plain_timm_predictions(tmp_path, shapes_data)
     assert predicted.tolist() == json.loads((tmp_path / "test_predictions.json").read_text())
     truth = torch.tensor([label for _, label in shapes_data.test])
     assert (predicted == truth).float().mean().item() == pytest.approx(metrics["test_top1"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_run_on_cuda_exports_a_model_that_predicts_alike_on_the_cpu(
+    method: str, tmp_path: Path, shapes_data: RunData
+) -> None:
+    metrics = train(tiny_config(method=method, iterations=4, device="cuda"), shapes_data,
+                    tmp_path)
+    assert 0 <= metrics["test_top1"] <= 1
+    on_cpu = plain_timm_predictions(tmp_path, shapes_data).tolist()
+    on_gpu = json.loads((tmp_path / "test_predictions.json").read_text())
+    # cuDNN may use TF32 and other kernels than the CPU: allow a rare tie to flip.
+    agreement = sum(a == b for a, b in zip(on_cpu, on_gpu, strict=True)) / len(on_gpu)
+    assert agreement >= 0.9

@@ -38,6 +38,11 @@ def run_migrations_online() -> None:
         )
         with context.begin_transaction():
             context.run_migrations()
+        if connection.dialect.name == "sqlite":
+            # The journal mode is stored in the file: set it here, before the web's start-up
+            # threads and the worker open their first connections and race to switch it.
+            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+            connection.commit()
     engine.dispose()
 
 

@@ -157,10 +157,11 @@ def test_non_loopback_bind_without_token_is_refused(host, token, allowed, refuse
 
 
 def test_sqlite_connections_switching_a_new_database_together_all_succeed(tmp_path):
-    """A new database is in rollback-journal mode until a connection switches it to WAL. The
-    web's start-up tasks and the worker open their first connections at the same moment, and
-    SQLite refuses one of two concurrent switches at once ('database is locked', busy timeout
-    or not): about one start in ten failed so before the switch was retried."""
+    """A database file not made by our migrations (which switch it: see the next test) is in
+    rollback-journal mode until a connection switches it to WAL. The web's start-up tasks and
+    the worker open their first connections at the same moment, and SQLite refuses one of two
+    concurrent switches at once ('database is locked', busy timeout or not): about one start
+    in ten failed so before the switch was retried."""
     for attempt in range(60):
         path = tmp_path / f"{attempt}.db"
         with sqlite3.connect(path) as setup:
@@ -179,3 +180,14 @@ def test_sqlite_connections_switching_a_new_database_together_all_succeed(tmp_pa
 
         with ThreadPoolExecutor(2) as pool:
             assert list(pool.map(open_and_read, range(2))) == ["wal", "wal"]
+
+
+def test_sqlite_migrations_leave_the_database_in_wal_mode(tmp_path):
+    """Migrating switches the file to WAL, so the connections that open right after (the web's
+    start-up tasks, the worker) find it switched and do not race to switch it."""
+    path = tmp_path / "selftune.db"
+    upgrade_to_head(f"sqlite:///{path}")
+    with sqlite3.connect(path) as connection:  # a raw connection: no pragmas of ours
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert TABLES <= {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import HTTPException
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.models import Dataset, Experiment, Run
+from app.models import Dataset, Experiment, Run, utcnow
 from app.schemas import TERMINAL_STATUSES, ExperimentIn
 from worker.selftuning.budgets import Budget, BudgetError
 from worker.selftuning.config import RunConfig
@@ -174,6 +174,7 @@ def enqueue_runs(session: Session, runs: list[Run]) -> None:
 
     for run in runs:
         run.celery_task_id = uuid.uuid4().hex
+        run.queued_at = utcnow()
     session.commit()
     try:
         for run in runs:
@@ -244,11 +245,17 @@ def budget_table(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 def queue_position(session: Session, run: Run) -> int | None:
-    """1 for the next run a free worker takes (runs are taken in submission order)."""
+    """1 for the next run a free worker takes: runs are taken in the order they were queued,
+    and a requeued run goes to the back."""
     if run.status != "queued":
         return None
+    if run.queued_at is None:
+        earlier = Run.id < run.id
+    else:
+        earlier = or_(Run.queued_at < run.queued_at,
+                      and_(Run.queued_at == run.queued_at, Run.id < run.id))
     ahead = session.scalar(
-        select(func.count()).select_from(Run).where(Run.status == "queued", Run.id < run.id)
+        select(func.count()).select_from(Run).where(Run.status == "queued", earlier)
     )
     return int(ahead or 0) + 1
 

@@ -42,6 +42,23 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     return sorted(workers, key=lambda w: w["name"])
 
 
+def end_event(run: Any) -> dict[str, str]:
+    """The stream entry that ends a run's feed, for a run ended outside the worker (cancelled
+    while queued, lost for good)."""
+    return {"data": json.dumps({"type": "end", "run_id": run.id, "status": run.status,
+                                "error": run.error, "metrics": None, "step": run.step,
+                                "total_steps": run.total_steps})}
+
+
+def publish_end(client: redis.Redis, run: Any) -> None:
+    """End the run's feed and tell its experiment's page."""
+    try:
+        client.xadd(run_stream_key(run.id), end_event(run))
+        client.xadd(experiment_stream_key(run.experiment_id), end_event(run))
+    except redis.RedisError:
+        pass  # the database has the state; the feeds also check it
+
+
 def publish_status(client: redis.Redis, run: Any) -> None:
     """Tell open pages that a run changed state outside the worker (requeued, lost)."""
     data = {"data": json.dumps({"type": "status", "run_id": run.id, "status": run.status,

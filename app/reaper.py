@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
-from app.live import get_redis, publish_status
+from app.live import get_redis, publish_end, publish_status
 from app.models import Run, utcnow
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,16 @@ def reap(settings: Settings) -> list[int]:
                 f"worker {run.worker} stopped reporting (last heartbeat {run.heartbeat_at})"
             )
             reaped.append(run.id)
+            live = get_redis(settings.effective_redis_url)
             if run.attempts < settings.max_attempts:
                 requeue(session, run)
-            publish_status(get_redis(settings.effective_redis_url), run)
+                publish_status(live, run)
+            else:
+                run.finished_at = utcnow()
+                run.error += (f"; lost {run.attempts} times, so not requeued again "
+                              "(requeue it to resume from its last checkpoint)")
+                session.commit()
+                publish_end(live, run)
     return reaped
 
 

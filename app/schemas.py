@@ -11,7 +11,8 @@ from worker.selftuning.config import LABELED_QUERY_VIEWS, METHOD_NAMES
 
 MethodName = Literal[METHOD_NAMES]
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "lost"]
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+# "lost" stays only once a run has used up its automatic requeues (see app.reaper).
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "lost")
 
 
 class PerClassBudget(BaseModel):

@@ -84,7 +84,7 @@ def test_postgresql_migrates_to_head_and_round_trips(postgres_url):
 def runs_recorded_before_labeled_query_view(url: str) -> None:
     """Migration 0002: configs stored under 0001 gain the strong view they trained with;
     newer ones keep theirs; downgrading removes the key that older code would reject.
-    (0002 changes data only, so the models describe the 0001 schema too.)"""
+    (Runs are written and read column by column: the model has columns added after 0002.)"""
     command.upgrade(alembic_config(url), "0001")
     with session_scope(url) as session:
         dataset = Dataset(name="d", storage_key="k", fingerprint="f" * 64, class_names=["a"],
@@ -98,17 +98,17 @@ def runs_recorded_before_labeled_query_view(url: str) -> None:
         session.flush()
         for config in ({"iterations": 10}, {"iterations": 10, "labeled_query_view": "weak"},
                        {}):
-            session.add(Run(experiment_id=experiment.id, dataset_id=dataset.id,
-                            method="self-tuning", budget=0.05, budget_label="5%",
-                            config=config))
-    upgrade_to_head(url)
+            session.execute(Run.__table__.insert().values(
+                experiment_id=experiment.id, dataset_id=dataset.id, method="self-tuning",
+                budget=0.05, budget_label="5%", config=config))
+    command.upgrade(alembic_config(url), "0002")
     with session_scope(url) as session:
-        configs = [run.config for run in session.scalars(select(Run).order_by(Run.id))]
+        configs = session.scalars(select(Run.config).order_by(Run.id)).all()
     assert configs == [{"iterations": 10, "labeled_query_view": "strong"},
                        {"iterations": 10, "labeled_query_view": "weak"}, {}]
     command.downgrade(alembic_config(url), "0001")
     with session_scope(url) as session:
-        configs = [run.config for run in session.scalars(select(Run).order_by(Run.id))]
+        configs = session.scalars(select(Run.config).order_by(Run.id)).all()
         assert configs == [{"iterations": 10}, {"iterations": 10}, {}]
         assert session.scalars(select(Experiment)).one().overrides == {}
 
@@ -191,3 +191,37 @@ def test_sqlite_migrations_leave_the_database_in_wal_mode(tmp_path):
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert TABLES <= {row[0] for row in connection.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def runs_queued_before_0003_count_as_queued_when_created(url: str) -> None:
+    """Migration 0003: a run's queue position follows `queued_at`; runs recorded before it
+    were queued when they were created."""
+    command.upgrade(alembic_config(url), "0002")
+    with session_scope(url) as session:
+        dataset = Dataset(name="d", storage_key="k", fingerprint="f" * 64, class_names=["a"],
+                          class_counts={}, size_bytes=1)
+        session.add(dataset)
+        session.flush()
+        experiment = Experiment(dataset_id=dataset.id, backbone="b", methods=["fine-tune"],
+                                budgets=[0.05], seeds=[0], preset="quick", overrides={})
+        session.add(experiment)
+        session.flush()
+        session.execute(Run.__table__.insert().values(
+            experiment_id=experiment.id, dataset_id=dataset.id, method="fine-tune",
+            budget=0.05, budget_label="5%", config={}))
+    upgrade_to_head(url)
+    with session_scope(url) as session:
+        run = session.scalars(select(Run)).one()
+        assert run.queued_at is not None and run.queued_at == run.created_at
+    command.downgrade(alembic_config(url), "0002")
+    assert "queued_at" not in {c["name"] for c in inspect(get_engine(url)).get_columns("runs")}
+
+
+def test_sqlite_runs_queued_before_0003_count_as_queued_when_created(tmp_path):
+    url = f"sqlite:///{tmp_path / 'selftune.db'}"
+    runs_queued_before_0003_count_as_queued_when_created(url)
+    get_engine(url).dispose()
+
+
+def test_postgresql_runs_queued_before_0003_count_as_queued_when_created(postgres_url):
+    runs_queued_before_0003_count_as_queued_when_created(postgres_url)

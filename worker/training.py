@@ -13,6 +13,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.db import session_scope
 from app.models import Dataset, DatasetImage, Run
+from app.schemas import TERMINAL_STATUSES
 from worker.runs import RunRecorder, rewrite_predictions, utcnow
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def execute_run(
         if run is None:
             log.warning("run %s no longer exists; dropping its task", run_id)
             return {"run_id": run_id, "status": "missing"}
-        if run.status in ("succeeded", "failed", "cancelled"):
+        if run.status in TERMINAL_STATUSES:  # a lost run trains again only once requeued
             return {"run_id": run_id, "status": run.status}
         if task_id and run.celery_task_id and task_id != run.celery_task_id:
             # A message from before a requeue came back: the newer task owns the run.

@@ -19,7 +19,7 @@ from app.db import session_scope
 from app.deps import DbDep, RedisDep, SettingsDep
 from app.events import Outcome, event_stream_response
 from app.experiments import as_utc, is_terminal, queue_position
-from app.live import experiment_stream_key, publish_status, run_cancel_key, run_stream_key
+from app.live import publish_end, publish_status, run_cancel_key, run_stream_key
 from app.models import Artifact, Run, RunMetric, utcnow
 from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 
@@ -102,12 +102,10 @@ def cancel_run(run_id: int, session: DbDep, live: RedisDep):
     session.commit()
     try:
         live.set(run_cancel_key(run_id), "1", ex=7 * 24 * 3600)
-        if run.status == "cancelled":
-            end = {"data": _end_event(run)}
-            live.xadd(run_stream_key(run_id), end)
-            live.xadd(experiment_stream_key(run.experiment_id), end)  # the experiment page too
     except redis.RedisError:
         pass  # the worker also polls the database flag
+    if run.status == "cancelled":
+        publish_end(live, run)
     return read_run(run_id, session)
 
 
@@ -128,11 +126,6 @@ def requeue_run(run_id: int, session: DbDep, live: RedisDep):
     return read_run(run_id, session)
 
 
-def _end_event(run: Run) -> str:
-    import json
-
-    return json.dumps({"type": "end", "run_id": run.id, "status": run.status, "error": None,
-                       "metrics": None, "step": run.step, "total_steps": run.total_steps})
 
 
 @router.get("/{run_id}/events", responses=SSE_RESPONSES, response_class=StreamingResponse)

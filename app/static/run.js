@@ -7,6 +7,7 @@ import {
 const META_KEYS = new Set(["type", "step", "total_steps", "run_id", "time"]);
 const LABEL_NEXT_SHOWN = 24;
 const POLL_MS = 5000;
+const RERUNNABLE = new Set(["failed", "cancelled", "lost"]); // what /requeue accepts
 
 // Curve names for the values the engine reports; anything new shows its own name.
 const CURVE_NAMES = {
@@ -100,6 +101,10 @@ export function runPage() {
     cancel.hidden = TERMINAL.has(run.status);
     cancel.disabled = run.cancel_requested;
     if (run.cancel_requested && !TERMINAL.has(run.status)) cancel.textContent = "Cancelling…";
+    else cancel.textContent = "Cancel run";
+    const again = RERUNNABLE.has(run.status);
+    document.getElementById("requeue").hidden = !again;
+    document.getElementById("requeue-note").hidden = !again;
     const error = document.getElementById("run-error");
     error.hidden = !run.error;
     error.textContent = run.error ?? "";
@@ -127,13 +132,30 @@ export function runPage() {
     }
   });
 
+  document.getElementById("requeue").addEventListener("click", async () => {
+    document.getElementById("cancel-error").textContent = "";
+    try {
+      run = await getJSON(`/api/runs/${id}/requeue`, { method: "POST" });
+    } catch (error) {
+      document.getElementById("cancel-error").textContent = error.message;
+      await refreshRun();
+      return;
+    }
+    drawStatus();
+    document.getElementById("results").hidden = true;
+    finishedDrawn = false;
+    watch();
+  });
+
   // --- after the end ------------------------------------------------------------------------
   let finishedDrawn = false;
   function finished() {
     if (finishedDrawn) return;
     finishedDrawn = true;
     clearInterval(poller);
+    poller = null;
     if (feed) feed.stop();
+    feed = null;
     drawSoon();
     if (run.status !== "succeeded") return;
     const results = document.getElementById("results");
@@ -157,11 +179,8 @@ export function runPage() {
     if (event.type === "end") refreshRun();
   }
 
-  drawStatus();
-  loadHistory().catch((error) => console.warn("could not load the recorded curves:", error.message));
-  if (TERMINAL.has(run.status)) {
-    finished();
-  } else {
+  // Follow the run live until it ends (again, after a requeue).
+  function watch() {
     // Queue position and ETA are not in the event feed; the API computes them.
     poller = setInterval(refreshRun, POLL_MS);
     const liveState = document.getElementById("live-state");
@@ -173,6 +192,11 @@ export function runPage() {
       },
     });
   }
+
+  drawStatus();
+  loadHistory().catch((error) => console.warn("could not load the recorded curves:", error.message));
+  if (TERMINAL.has(run.status)) finished();
+  else watch();
 }
 
 // --- results of a finished run ----------------------------------------------------------------

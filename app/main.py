@@ -12,7 +12,8 @@ from fastapi.exception_handlers import (
     request_validation_exception_handler,
 )
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,6 +31,7 @@ from app.routers import (
 )
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+VENDOR_URL = "/static/vendor"  # filled by `make` from package.json (no CDN)
 
 API_ROUTERS = [health.router, datasets.router, experiments.router, runs.router]
 
@@ -54,6 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Self-Tuning Lab",
         version=__version__,
         description="Labeling-budget experiments: Self-Tuning vs fine-tuning vs FixMatch.",
+        docs_url=None,  # FastAPI's own /docs and /redoc load a CDN; see _add_docs
+        redoc_url=None,
     )
     app.state.settings = settings
     for router in API_ROUTERS:
@@ -62,9 +66,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dataset_pages.router)
     app.include_router(experiment_pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_docs(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs, public like /openapi.json, from the app's own static files."""
+    openapi_url = app.openapi_url or "/openapi.json"
+    oauth2_redirect_url = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{VENDOR_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{VENDOR_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{VENDOR_URL}/favicon-32x32.png",
+            oauth2_redirect_url=oauth2_redirect_url,
+        )
+
+    @app.get(oauth2_redirect_url, include_in_schema=False)
+    async def swagger_ui_oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
 
 
 def _wants_page(request: Request) -> bool:

@@ -1,0 +1,79 @@
+"""/docs works offline: Swagger UI comes from /static/vendor (filled by make), never a CDN."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+import httpx
+
+TOKEN = "docs-stay-public"
+# The module's shared `server` (conftest) runs with a token: the docs and the schema stay public,
+# as FastAPI's own /docs and /openapi.json were; the API itself does not.
+SERVER_ENV = {"SELFTUNE_API_TOKEN": TOKEN}
+
+# Far below the real sizes (Swagger UI's bundle is ~1.7 MB), far above an error page.
+MIN_BYTES = {".js": 100_000, ".css": 10_000, ".png": 100}
+
+ABSOLUTE_URL = re.compile(r"(?i)\bhttps?://[^\s'\"<>)]*")
+
+
+class _Attributes(HTMLParser):
+    """Collects every src= and href= value of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls.extend(value for name, value in attrs if name in ("src", "href") and value)
+
+
+def references(html: str) -> list[str]:
+    """src= and href= attributes, `url: '...'` in inline scripts and url(...) in inline CSS."""
+    parser = _Attributes()
+    parser.feed(html)
+    scripted = re.findall(r"""\burl\s*:\s*['"]([^'"]+)['"]""", html)
+    styled = re.findall(r"""\burl\(\s*['"]?([^'")\s]+)""", html)
+    return parser.urls + scripted + styled
+
+
+def assert_self_contained(client: httpx.Client, path: str) -> list[str]:
+    """The page names no other host, and every asset it names is served here, in full."""
+    response = client.get(path, headers={"Accept": "text/html"})
+    assert response.status_code == 200, (path, response.status_code, response.text[:500])
+    assert response.headers["content-type"].startswith("text/html")
+    html = response.text
+    assert ABSOLUTE_URL.findall(html) == [], f"{path} loads from another host"
+    urls = references(html)
+    for url in urls:
+        # Same-origin paths only: no scheme, no protocol-relative //host/...
+        assert url.startswith("/") and not url.startswith("//"), (path, url)
+    for url in (u for u in urls if u.startswith("/static/")):
+        asset = client.get(url)
+        assert asset.status_code == 200, f"{url} (from {path}): {asset.status_code}; run make"
+        suffix = url[url.rfind("."):]
+        assert len(asset.content) >= MIN_BYTES.get(suffix, 1), (url, len(asset.content))
+    return urls
+
+
+def test_swagger_ui_at_docs_loads_only_the_apps_own_files(client: httpx.Client):
+    urls = assert_self_contained(client, "/docs")
+    assert "/static/vendor/swagger-ui-bundle.js" in urls
+    assert "/static/vendor/swagger-ui.css" in urls
+    assert "/openapi.json" in urls
+    # Without the token: the docs and the schema they render are public, the API is not.
+    schema = client.get("/openapi.json")
+    assert schema.status_code == 200 and schema.json()["paths"]
+    assert not any(path.startswith("/docs") for path in schema.json()["paths"])
+    assert client.get("/api/health").status_code == 401
+
+
+def test_swagger_ui_oauth2_redirect_page_is_local(client: httpx.Client):
+    assert_self_contained(client, "/docs/oauth2-redirect")
+
+
+def test_no_redoc_page_from_a_cdn(client: httpx.Client):
+    response = client.get("/redoc")
+    assert response.status_code == 404
+    assert ABSOLUTE_URL.findall(response.text) == []

@@ -54,6 +54,12 @@ IMAGE_SUFFIXES = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
 }
 SUPPORTED_TEXT = "JPEG, PNG, WebP, BMP, TIFF or GIF"
+# Enough of a file's start for every signature in `looks_like_image`.
+SNIFF_BYTES = 32
+# The DIB header sizes after a BMP's 14-byte file header that Pillow reads.
+BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}
+TIFF_PREFIXES = (b"II*\x00", b"MM\x00*", b"II\x00*", b"MM*\x00", b"II+\x00", b"MM\x00+")
+NOT_UTF8_REASON = "file or folder name is not valid UTF-8: rename it"
 LABELS_CSV = "labels.csv"
 MAX_LABELS_CSV_BYTES = 64 * 1024**2
 SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "test"}
@@ -306,6 +312,21 @@ def safe_member_path(raw: str) -> str:
     return "/".join(parts)
 
 
+def is_utf8_name(path: str) -> bool:
+    """False for a name that was not valid UTF-8 in the archive: tarfile keeps such bytes as
+    lone surrogates (surrogateescape), which no database, JSON or page can hold."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_name(path: str) -> str:
+    """The name as valid text, each undecodable byte shown as U+FFFD."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _link_error(raw: str) -> IngestError:
     return IngestError(
         f"archive entry {raw!r} is a link: links are not accepted, archive the files "
@@ -453,7 +474,11 @@ def _tar_members(path: Path, budget: _ByteBudget, settings: Settings) -> Iterato
     """Entries of a tar (any compression) in stream order, checked as they come; each must
     be consumed before the next is read."""
     try:
-        archive = tarfile.open(path, mode="r|*")  # noqa: SIM115 - closed by `with` below
+        # Names are UTF-8 whatever the locale; other bytes become lone surrogates, found and
+        # skipped in _extract_members.
+        archive = tarfile.open(  # noqa: SIM115 - closed by `with` below
+            path, mode="r|*", encoding="utf-8", errors="surrogateescape"
+        )
     except tarfile.ReadError:
         raise IngestError(
             "the upload is not a zip or tar archive (.zip, .tar, .tar.gz, .tgz): "
@@ -529,13 +554,28 @@ def _skip_reason_by_name(path: str) -> str | None:
     return None
 
 
+def looks_like_image(head: bytes) -> bool:
+    """Whether a file's first SNIFF_BYTES carry the signature of a supported format (only
+    files without an image extension are asked; Pillow then verifies the whole file)."""
+    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")):
+        return True
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return True
+    if head.startswith(TIFF_PREFIXES):
+        return True
+    # "BM" alone starts plenty of text; the DIB header size after it must make sense too.
+    return head.startswith(b"BM") and int.from_bytes(head[14:18], "little") in BMP_HEADER_SIZES
+
+
 def _copy_member(
-    stream: IO[bytes], destination: Path, budget: _ByteBudget, limit: int | None = None
+    stream: IO[bytes], destination: Path, budget: _ByteBudget, limit: int | None = None,
+    head: bytes = b"",
 ) -> tuple[str, int]:
+    """Write `head` (the start, already read from the stream) and the rest of the stream."""
     digest = hashlib.sha256()
     written = 0
     with open(destination, "wb") as out:
-        while chunk := stream.read(COPY_CHUNK_BYTES):
+        for chunk in _chunks(head, stream):
             written += len(chunk)
             budget.consume(len(chunk))
             if limit is not None and written > limit:
@@ -543,6 +583,13 @@ def _copy_member(
             digest.update(chunk)
             out.write(chunk)
     return digest.hexdigest(), written
+
+
+def _chunks(head: bytes, stream: IO[bytes]) -> Iterator[bytes]:
+    if head:
+        yield head
+    while chunk := stream.read(COPY_CHUNK_BYTES):
+        yield chunk
 
 
 def inspect_image(path: Path, archive_path: str, max_pixels: int) -> tuple[str, int, int]:
@@ -597,6 +644,13 @@ def _extract(archive_path: Path, incoming: Path, settings: Settings) -> _Extract
                                  settings, result)
         except (zipfile.BadZipFile, EOFError) as exc:
             raise IngestError(f"the zip archive is damaged: {exc}") from None
+        except UnicodeDecodeError as exc:
+            # zipfile decodes names flagged as UTF-8 strictly (the others as cp437).
+            raise IngestError(
+                "the zip archive is damaged: a file name is marked as UTF-8 but is not valid "
+                f"UTF-8 ({exc.object[:200].decode('utf-8', 'replace')!r}): re-create the "
+                "archive with a current zip tool"
+            ) from None
     else:
         try:
             _extract_members(_tar_members(archive_path, budget, settings), incoming, budget,
@@ -617,9 +671,15 @@ def _extract_members(
         if member.kind == "dir":
             continue
         path = member.path
+        utf8_name = is_utf8_name(path)
+        if not utf8_name:
+            path = printable_name(path)  # nothing with a surrogate goes further
         result.file_paths.add(path)
         if reason := _skip_reason_by_name(path):
             result.skip(order, path, reason)
+            continue
+        if not utf8_name:
+            result.skip(order, path, NOT_UTF8_REASON)
             continue
         if member.kind == "other":
             result.skip(order, path, "not a regular file")
@@ -629,16 +689,21 @@ def _extract_members(
             continue
         is_labels_csv = PurePosixPath(path).name.lower() == LABELS_CSV
         suffix = PurePosixPath(path).suffix.lower()
-        if not is_labels_csv and suffix not in IMAGE_SUFFIXES:
-            result.skip(order, path, f"not an image ({suffix or 'no extension'}); "
-                                     f"supported: {SUPPORTED_TEXT}")
-            continue
+        # Without an image extension ("photo", "photo.jpg_large") the content decides.
+        sniff = not is_labels_csv and suffix not in IMAGE_SUFFIXES
         temp = incoming / str(order)
         try:
             with member.open() as stream:
+                head = stream.read(SNIFF_BYTES) if sniff else b""
+                if sniff and not looks_like_image(head):
+                    result.skip(order, path, f"not an image ({suffix or 'no extension'}); "
+                                             f"supported: {SUPPORTED_TEXT}")
+                    continue
                 limit = MAX_LABELS_CSV_BYTES if is_labels_csv else None
-                sha256, size = _copy_member(stream, temp, budget, limit)
-        except (zipfile.BadZipFile, NotImplementedError, RuntimeError, zlib.error) as exc:
+                sha256, size = _copy_member(stream, temp, budget, limit, head)
+        except (zipfile.BadZipFile, NotImplementedError, RuntimeError, zlib.error,
+                UnicodeDecodeError) as exc:
+            # UnicodeDecodeError: a local header's name flagged as UTF-8 that is not.
             # Only zip entries fail one by one; a broken tar stream fails the whole archive.
             temp.unlink(missing_ok=True)
             result.skip(order, path, f"damaged archive entry: {exc}")
@@ -751,7 +816,7 @@ def _parse_labels_csv(csv_path: str, data: bytes) -> dict[str, tuple[str | None,
 
 def _layout_by_csv(
     images: list[_Image], file_paths: set[str], csv_path: str, data: bytes,
-    skip: Callable[[_Image, str], None],
+    skip: Callable[[_Image, str], None], hint: str = "",
 ) -> list[_Placed]:
     folder = str(PurePosixPath(csv_path).parent)
     prefix = "" if folder == "." else folder + "/"
@@ -761,7 +826,7 @@ def _layout_by_csv(
     if missing:
         raise IngestError(
             f"{csv_path} names {len(missing)} file(s) that are not in the archive: "
-            f"{_quoted_list(missing)}; paths are relative to the folder of {csv_path}"
+            f"{_quoted_list(missing)}; paths are relative to the folder of {csv_path}{hint}"
         )
     placed: list[_Placed] = []
     for image in images:
@@ -841,7 +906,21 @@ def skip_category(reason: str) -> str:
     return re.split(r"[(:;]| of ", reason, maxsplit=1)[0].strip()
 
 
+def _not_utf8_hint(extraction: _Extraction) -> str:
+    """For errors that names skipped as not UTF-8 may explain (a class folder, say)."""
+    bad = [item.path for _, item in extraction.skipped if item.reason == NOT_UTF8_REASON]
+    if not bad:
+        return ""
+    return (
+        f" ({len(bad)} file(s) skipped because their name or folder name is not valid UTF-8, "
+        f"such as {bad[0]!r}: rename them, or archive them with a tool that stores UTF-8 "
+        "names)"
+    )
+
+
 def _no_usable_images(extraction: _Extraction, skipped: list[SkippedFile]) -> IngestError:
+    if not extraction.images and (hint := _not_utf8_hint(extraction)):
+        return IngestError(f"the archive has no usable images{hint}")
     reasons = Counter(skip_category(item.reason) for item in skipped)
     summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common(4))
     if not extraction.images and not any(reason.startswith("corrupt") for reason in reasons):
@@ -874,7 +953,8 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings) -> P
                 "keep one"
             )
         csv_path, data = csvs[0]
-        placed = _layout_by_csv(extraction.images, extraction.file_paths, csv_path, data, skip)
+        placed = _layout_by_csv(extraction.images, extraction.file_paths, csv_path, data, skip,
+                                _not_utf8_hint(extraction))
     else:
         placed = _layout_by_folders(extraction.images, skip)
 
@@ -903,7 +983,7 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings) -> P
         raise IngestError(
             f"found {len(train_classes)} class{'' if len(train_classes) == 1 else 'es'}{found};"
             " at least two are needed: put labeled images in one folder per class "
-            "(<class>/<image>) or list them in labels.csv"
+            f"(<class>/<image>) or list them in labels.csv{_not_utf8_hint(extraction)}"
         )
     class_names = sorted(train_classes, key=natural_key)
     class_index = {name: index for index, name in enumerate(class_names)}

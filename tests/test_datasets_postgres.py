@@ -10,6 +10,7 @@ from tests.test_datasets_support import (
     class_entries,
     dataset_server,
     image_bytes,
+    legacy_tar,
     stored_files,
     tar_bytes,
     upload,
@@ -54,5 +55,34 @@ def test_upload_rejection_and_delete_work_on_postgresql(
         )
         assert thumb.status_code == 200
 
+        assert client.delete(f"/api/datasets/{summary['id']}").status_code == 204
+        assert_nothing_left(server)
+
+
+def test_names_not_in_utf8_are_skipped_and_the_dataset_stays_readable_on_postgresql(
+    tmp_path: Path, redis_url: str, postgres_url: str
+) -> None:
+    """PostgreSQL refuses text with lone surrogates, which tarfile makes of Latin-1 names."""
+    upgrade_to_head(postgres_url)
+    entries = {name.encode(): data for name, data in class_entries(per_class=3).items()}
+    entries[b"cat/caf\xe9.png"] = image_bytes(91001)
+    entries[b"notes-\xe9t\xe9.txt"] = b"shot in 2023"
+    entries[b"dog/photo"] = image_bytes(91002, fmt="JPEG")  # no extension
+    with (
+        dataset_server(tmp_path, redis_url, database_url=postgres_url) as server,
+        server.client() as client,
+    ):
+        created = upload(client, legacy_tar(entries), "latin1.tar.gz")
+        assert created.status_code == 201, created.text
+        summary = created.json()
+        reason = "file or folder name is not valid UTF-8: rename it"
+        assert summary["skipped"] == [{"path": "cat/caf\ufffd.png", "reason": reason},
+                                      {"path": "notes-\ufffdt\ufffd.txt", "reason": reason}]
+        assert summary["image_count"] == 7
+        assert client.get(f"/api/datasets/{summary['id']}").json() == summary
+        images = client.get(f"/api/datasets/{summary['id']}/images").json()
+        assert "dog/photo" in {image["original_path"] for image in images["items"]}
+        page = client.get(f"/datasets/{summary['id']}")
+        assert page.status_code == 200 and "cat/caf\ufffd.png" in page.text
         assert client.delete(f"/api/datasets/{summary['id']}").status_code == 204
         assert_nothing_left(server)

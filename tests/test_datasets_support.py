@@ -141,3 +141,17 @@ def stored_files(server: LiveServer, dataset_id: int) -> list[Path]:
         ).scalar_one()
     root = server.data_dir / "datasets" / key
     return sorted(path for path in root.rglob("*") if path.is_file())
+
+
+def legacy_tar(entries: dict[bytes, bytes], tar_format: int = tarfile.GNU_FORMAT,
+               gz: bool = True) -> bytes:
+    """A tar whose names are the given bytes, as written by a tool in a Latin-1 locale (PAX
+    stores such names with hdrcharset=BINARY, GNU and ustar as they are)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz" if gz else "w", format=tar_format,
+                      encoding="utf-8", errors="surrogateescape") as archive:
+        for raw_name, data in entries.items():
+            info = tarfile.TarInfo(raw_name.decode("utf-8", "surrogateescape"))
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

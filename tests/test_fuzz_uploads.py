@@ -81,6 +81,29 @@ def test_archives_with_hostile_names_and_contents(server, entries, kind, cut):
     check(server, upload(server[1], data, filename=f"x.{kind}"), accepted_ok=cut is None)
 
 
+# Any bytes as a tar entry's name, as tarfile reads them (not UTF-8: lone surrogates).
+byte_names = st.binary(min_size=1, max_size=40).map(
+    lambda raw: raw.decode("utf-8", "surrogateescape")
+)
+
+
+@FUZZ
+@given(entries=st.dictionaries(byte_names, contents, max_size=6), gz=st.booleans())
+def test_tar_entries_named_with_arbitrary_bytes(server, entries, gz):
+    """Names in any encoding (tarfile keeps non-UTF-8 bytes as lone surrogates): whatever
+    is accepted reads back over the API and as a page."""
+    _, client = server
+    base = class_entries(per_class=2)
+    base.update(entries)
+    response = upload(client, tar_bytes(base, gz=gz), filename="x.tar.gz" if gz else "x.tar")
+    if response.status_code == 201:
+        dataset_id = response.json()["id"]
+        assert client.get(f"/api/datasets/{dataset_id}").json() == response.json()
+        assert client.get(f"/api/datasets/{dataset_id}/images").status_code == 200
+        assert client.get(f"/datasets/{dataset_id}").status_code == 200
+    check(server, response, accepted_ok=True)
+
+
 @FUZZ
 @given(
     boundary=st.text(alphabet="abcdefghij0123456789-'()+_,./:=? ", min_size=0, max_size=72),

@@ -1,0 +1,254 @@
+"""Accepted uploads with awkward file names: names in a legacy encoding (not UTF-8) and
+images whose extension is missing or unknown (recognised by their content)."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+
+import httpx
+import pytest
+
+from tests.support import LiveServer
+from tests.test_datasets_support import (
+    assert_nothing_left,
+    class_entries,
+    image_bytes,
+    legacy_tar,
+    stored_files,
+    tar_bytes,
+    upload,
+    zip_bytes,
+)
+
+NOT_UTF8 = "file or folder name is not valid UTF-8: rename it"
+
+
+def encoded(entries: dict[str, bytes]) -> dict[bytes, bytes]:
+    return {name.encode(): data for name, data in entries.items()}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def accepted(client: httpx.Client, data: bytes, filename: str) -> dict:
+    response = upload(client, data, filename)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def all_images(client: httpx.Client, dataset_id: int) -> list[dict]:
+    response = client.get(f"/api/datasets/{dataset_id}/images", params={"limit": 1000})
+    assert response.status_code == 200, response.text
+    return response.json()["items"]
+
+
+def class_totals(summary: dict) -> dict[str, int]:
+    return {item["name"]: item["train"] + item["test"] for item in summary["classes"]}
+
+
+def assert_readable_everywhere(client: httpx.Client, summary: dict) -> str:
+    """The dataset reads back the same over the API and renders as a page; returns the page."""
+    again = client.get(f"/api/datasets/{summary['id']}")
+    assert again.status_code == 200, again.text
+    assert again.json() == summary
+    listing = client.get("/api/datasets")
+    assert listing.status_code == 200, listing.text
+    all_images(client, summary["id"])
+    page = client.get(f"/datasets/{summary['id']}")
+    assert page.status_code == 200, page.text
+    return page.text
+
+
+def delete(server: LiveServer, client: httpx.Client, summary: dict) -> None:
+    assert client.delete(f"/api/datasets/{summary['id']}").status_code == 204
+    assert_nothing_left(server)
+
+
+@pytest.mark.parametrize(("tar_format", "gz", "filename"), [
+    (tarfile.GNU_FORMAT, True, "legacy.tar.gz"),
+    (tarfile.PAX_FORMAT, False, "legacy.tar"),
+    (tarfile.USTAR_FORMAT, True, "legacy.tgz"),
+], ids=["gnu-gz", "pax", "ustar-gz"])
+def test_tar_image_named_in_latin1_is_skipped_with_a_rename_reason(
+    server: LiveServer, client: httpx.Client, tar_format: int, gz: bool, filename: str
+) -> None:
+    entries = {
+        **encoded(class_entries(("cat", "dog"), per_class=3)),
+        b"cat/caf\xe9.jpg": image_bytes(90101, fmt="JPEG"),
+        # A whole class folder named in Latin-1: its images are skipped the same way.
+        b"r\xe9sum\xe9/0.png": image_bytes(90102),
+        b"r\xe9sum\xe9/1.png": image_bytes(90103),
+    }
+    summary = accepted(client, legacy_tar(entries, tar_format, gz), filename)
+
+    assert summary["skipped"] == [
+        {"path": "cat/caf\ufffd.jpg", "reason": NOT_UTF8},
+        {"path": "r\ufffdsum\ufffd/0.png", "reason": NOT_UTF8},
+        {"path": "r\ufffdsum\ufffd/1.png", "reason": NOT_UTF8},
+    ]
+    assert class_totals(summary) == {"cat": 3, "dog": 3}
+    page = assert_readable_everywhere(client, summary)
+    assert "cat/caf\ufffd.jpg" in page and NOT_UTF8 in page
+    assert {image["original_path"] for image in all_images(client, summary["id"])} == set(
+        class_entries(("cat", "dog"), per_class=3)
+    )
+    delete(server, client, summary)
+
+
+def test_errors_that_names_not_in_utf8_explain_say_so(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    # A wrapping folder named in Latin-1: every image is skipped.
+    wrapped = encoded(class_entries(("cat", "dog"), per_class=3))
+    response = upload(client, legacy_tar({b"Fotos-\xe9t\xe9/" + name: data
+                                          for name, data in wrapped.items()}), "fotos.tar.gz")
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("the archive has no usable images (6 file(s) skipped because")
+    assert "not valid UTF-8, such as 'Fotos-\ufffdt\ufffd/cat/0.png': rename them" in detail
+    assert_nothing_left(server)
+
+    # One of two class folders named in Latin-1: one class is left.
+    entries = {**encoded(class_entries(("cat",), per_class=3)),
+               b"chi\xe9n/0.png": image_bytes(90150), b"chi\xe9n/1.png": image_bytes(90151)}
+    response = upload(client, legacy_tar(entries), "pets.tar.gz")
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("found 1 class ('cat'); at least two are needed")
+    assert "(2 file(s) skipped because their name or folder name is not valid UTF-8" in detail
+    assert_nothing_left(server)
+
+
+def test_tar_whose_only_odd_names_are_skipped_anyway_stores_readable_reports(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    entries = {
+        **encoded(class_entries(("cat", "dog"), per_class=3)),
+        b"notes-\xe9t\xe9.txt": b"shot in 2023",
+        b"cat/.caf\xe9.png": image_bytes(90201),
+        b"__MACOSX/dog/._\xe9.png": b"\0\5\26\7 resource fork",
+    }
+    summary = accepted(client, legacy_tar(entries), "odd.tar.gz")
+
+    assert summary["skipped"] == [
+        {"path": "notes-\ufffdt\ufffd.txt", "reason": NOT_UTF8},
+        {"path": "cat/.caf\ufffd.png", "reason": "hidden file or folder"},
+        {"path": "__MACOSX/dog/._\ufffd.png", "reason": "macOS metadata (__MACOSX)"},
+    ]
+    assert summary["image_count"] == 6
+    page = assert_readable_everywhere(client, summary)
+    assert "notes-\ufffdt\ufffd.txt" in page
+    delete(server, client, summary)
+
+
+def test_tar_with_labels_csv_and_names_not_in_utf8(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    images = {f"data/img/{n}.png": image_bytes(90300 + n) for n in range(6)}
+    images["data/img/raw"] = image_bytes(90306, fmt="JPEG")  # no extension, listed in the csv
+    csv_text = "path,label\n" + "".join(
+        f"img/{n}.png,{'cat' if n < 3 else 'dog'}\n" for n in range(6)
+    ) + "img/raw,dog\n"
+    entries = {
+        **encoded(images),
+        b"data/img/caf\xe9.png": image_bytes(90310),
+        b"data/labels.csv": csv_text.encode(),
+    }
+    summary = accepted(client, legacy_tar(entries), "csv.tar.gz")
+    assert summary["skipped"] == [{"path": "data/img/caf\ufffd.png", "reason": NOT_UTF8}]
+    assert class_totals(summary) == {"cat": 3, "dog": 4}
+    assert "data/img/raw" in {image["original_path"] for image in all_images(client, summary["id"])}
+    assert_readable_everywhere(client, summary)
+    delete(server, client, summary)
+
+    # labels.csv naming the file in UTF-8 while the archive has it in Latin-1.
+    listed = {**entries, b"data/labels.csv": (csv_text + "img/café.png,cat\n").encode()}
+    response = upload(client, legacy_tar(listed), "csv.tar.gz")
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "'img/café.png'" in detail and "not valid UTF-8" in detail
+    assert_nothing_left(server)
+
+    # labels.csv itself in Latin-1.
+    latin1 = {**entries, b"data/labels.csv": csv_text.replace("dog", "chi\xe9n").encode("latin-1")}
+    response = upload(client, legacy_tar(latin1), "csv.tar.gz")
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == "data/labels.csv is not UTF-8 text: save it as UTF-8 CSV"
+    assert_nothing_left(server)
+
+
+def rename_in_zip(data: bytes, old: bytes, new: bytes) -> bytes:
+    """Replaces a name's bytes in both the local and the central header (same length)."""
+    assert len(old) == len(new) and data.count(old) == 2
+    return data.replace(old, new)
+
+
+def test_zip_names_without_the_utf8_flag_are_cp437_and_a_false_flag_is_refused(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    # No UTF-8 flag (an old Windows zip): the bytes are read as cp437, always valid text.
+    data = rename_in_zip(zip_bytes({**class_entries(), "cat/cafX.png": image_bytes(90401)}),
+                         b"cat/cafX.png", b"cat/caf\xe9.png")
+    summary = accepted(client, data, "old.zip")
+    assert summary["skipped"] == []
+    assert "cat/caf\u0398.png" in {image["original_path"]
+                                   for image in all_images(client, summary["id"])}
+    assert_readable_everywhere(client, summary)
+    delete(server, client, summary)
+
+    # The UTF-8 flag set on a name that is not UTF-8: the zip itself is broken.
+    data = rename_in_zip(zip_bytes({**class_entries(), "cat/caf\u00e9.png": image_bytes(90402)}),
+                         "cat/caf\u00e9.png".encode(), b"cat/caf\xe9\xe9.png")
+    response = upload(client, data, "broken.zip")
+    assert response.status_code == 422, response.text
+    assert "not valid UTF-8" in response.json()["detail"]
+    assert_nothing_left(server)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tgz"])
+def test_images_with_a_missing_or_unknown_extension_are_recognised_by_content(
+    server: LiveServer, client: httpx.Client, kind: str
+) -> None:
+    good = class_entries(("cat", "dog"), per_class=3)
+    jpeg = image_bytes(90501, size=24, fmt="JPEG")
+    jpeg_large = image_bytes(90502, size=24, fmt="JPEG")
+    png = image_bytes(90503)
+    tiff = image_bytes(90504, fmt="TIFF")
+    entries = {
+        **good,
+        "cat/photo": jpeg,
+        "dog/photo.jpg_large": jpeg_large,
+        "dog/scan.dat": png,
+        "cat/IMG_0001.raw": tiff,
+        "cat/README": b"read me first",
+        "cat/notes.xyz": b"plain text",
+        "dog/bm.log": b"BM looks like a bitmap signature but is text" * 3,
+        "dog/cut": jpeg[: len(jpeg) // 2],
+    }
+    data = zip_bytes(entries) if kind == "zip" else tar_bytes(entries)
+    summary = accepted(client, data, f"photos.{kind}")
+
+    reasons = {item["path"]: item["reason"] for item in summary["skipped"]}
+    assert set(reasons) == {"cat/README", "cat/notes.xyz", "dog/bm.log", "dog/cut"}
+    assert reasons["cat/README"].startswith("not an image (no extension)")
+    assert reasons["cat/notes.xyz"].startswith("not an image (.xyz)")
+    assert reasons["dog/bm.log"].startswith("not an image (.log)")
+    assert reasons["dog/cut"].startswith("corrupt image")
+    assert class_totals(summary) == {"cat": 5, "dog": 5}
+
+    images = all_images(client, summary["id"])
+    assert {"cat/photo", "dog/photo.jpg_large", "dog/scan.dat", "cat/IMG_0001.raw"} <= {
+        image["original_path"] for image in images
+    }
+    # Stored byte for byte under the suffix of the format found, like any other image.
+    by_sha = {sha256(path.read_bytes()): path.suffix for path in stored_files(server,
+                                                                              summary["id"])}
+    assert by_sha[sha256(jpeg)] == by_sha[sha256(jpeg_large)] == ".jpg"
+    assert by_sha[sha256(png)] == ".png" and by_sha[sha256(tiff)] == ".tif"
+    for image in images:
+        thumb = client.get(f"/api/datasets/{summary['id']}/images/{image['id']}/thumbnail")
+        assert thumb.status_code == 200, image
+    assert_readable_everywhere(client, summary)
+    delete(server, client, summary)

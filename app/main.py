@@ -86,6 +86,7 @@ def _add_docs(app: FastAPI) -> None:
             swagger_css_url=f"{VENDOR_URL}/swagger-ui.css",
             swagger_favicon_url=f"{VENDOR_URL}/favicon-32x32.png",
             oauth2_redirect_url=oauth2_redirect_url,
+            swagger_ui_parameters={"validatorUrl": None},  # its default asks swagger.io
         )
 
     @app.get(oauth2_redirect_url, include_in_schema=False)

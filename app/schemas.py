@@ -30,7 +30,9 @@ class Overrides(BaseModel):
     iterations: int | None = Field(None, ge=1, le=1_000_000)
     image_size: int | None = Field(None, ge=16, le=1024)
     batch_size: int | None = Field(None, ge=1, le=1024)
-    unlabeled_batch_size: int | None = Field(None, ge=1, le=1024)
+    unlabeled_batch_size: int | None = Field(
+        None, ge=0, le=1024, description="0 trains without the unlabeled images (an ablation)"
+    )
     lr: float | None = Field(None, gt=0, le=10)
     head_lr_ratio: float | None = Field(None, gt=0, le=1000)
     projector_lr_ratio: float | None = Field(
@@ -42,6 +44,7 @@ class Overrides(BaseModel):
     )
     lr_gamma: float | None = Field(None, gt=0, le=1)
     weight_decay: float | None = Field(None, ge=0, le=1)
+    momentum: float | None = Field(None, ge=0, lt=1, description="SGD momentum (Nesterov)")
     queue_size: int | None = Field(None, ge=1, le=4096)
     projector_dim: int | None = Field(None, ge=2, le=8192)
     temperature: float | None = Field(None, gt=0, le=100)

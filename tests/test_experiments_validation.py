@@ -86,6 +86,8 @@ def messages(response) -> str:
     ({"overrides": {"lr_milestones": ["soon"]}}, 422, "lr_milestones"),
     ({"overrides": {"cpu_threads": -1}}, 422, "cpu_threads"),
     ({"overrides": {"ema_momentum": 1.5}}, 422, "ema_momentum"),
+    ({"overrides": {"momentum": 1.0}}, 422, "momentum"),
+    ({"overrides": {"unlabeled_batch_size": -1}}, 422, "unlabeled_batch_size"),
     ({"overrides": {"labeled_query_view": "blurry"}}, 422, "labeled_query_view"),
     ({"methods": ["self-tuning", "fine-tune", "fixmatch"],
       "budgets": [0.1, 0.2, 0.3, 0.4, 0.5], "seeds": [0, 1, 2, 3, 4]}, 422, "75 runs"),
@@ -136,3 +138,30 @@ def test_sweep_expands_into_methods_x_budgets_x_seeds_runs(live_server, dataset_
     assert run["config"]["iterations"] == 50 and run["config"]["image_size"] == 48
     assert run["config"]["backbone"] == "test_efficientnet" and run["total_steps"] == 50
     assert run["queue_position"] >= 1
+
+
+# Set by the experiment itself, by the worker, or unused under Celery (its pool processes may
+# not start data loader processes: see worker.selftuning.batches.make_loader).
+NOT_OVERRIDES = {"method", "backbone", "seed", "device", "num_workers"}
+
+
+def test_every_run_setting_of_a_preset_is_editable():
+    """product.md: "a preset ... with every value editable"."""
+    from dataclasses import fields
+
+    from app.schemas import Overrides
+    from worker.selftuning.config import RunConfig
+
+    assert set(Overrides.model_fields) == {f.name for f in fields(RunConfig)} - NOT_OVERRIDES
+
+
+def test_the_ablations_in_the_readme_can_be_started(live_server, dataset_id):
+    """Self-Tuning without unlabeled images (`unlabeled_batch_size: 0`) and another SGD
+    momentum reach the stored run config."""
+    with live_server.client() as client:
+        response = client.post("/api/experiments", json=body(
+            dataset_id, overrides={"pretrained": False, "unlabeled_batch_size": 0,
+                                   "momentum": 0.5}))
+        assert response.status_code == 201, response.text
+        run = client.get(f"/api/runs/{response.json()['runs'][0]['id']}").json()
+    assert run["config"]["unlabeled_batch_size"] == 0 and run["config"]["momentum"] == 0.5

@@ -144,6 +144,22 @@ def test_baselines_train_with_their_own_loss_terms(tmp_path: Path, shapes_data: 
     assert metrics["pseudo_label_acc"] is not None  # the final model on hidden labels
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_without_unlabeled_images(tmp_path: Path, shapes_data: RunData,
+                                                      method):
+    """`unlabeled_batch_size: 0` (the README's ablation, open to users): the unlabeled terms
+    are zero and nothing enters the queue but labeled keys."""
+    recorder = Recorder()
+    metrics = train(tiny_config(method=method, unlabeled_batch_size=0, iterations=4),
+                    shapes_data, tmp_path, on_event=recorder)
+    losses = recorder.of("progress")[-1]["losses"]
+    assert losses.get("pgc_unlabeled", 0.0) == 0.0 and losses.get("fixmatch", 0.0) == 0.0
+    assert all(np.isfinite(value) for value in losses.values())
+    assert 0 <= metrics["test_top1"] <= 1
+    if method == "self-tuning":
+        assert recorder.of("eval")[-1]["queue_purity_truth"] == 1.0  # labeled keys only
+
+
 def test_self_tuning_labeled_query_view_is_the_configured_one(tmp_path: Path, shapes_data,
                                                               monkeypatch):
     """With `labeled_query_view` weak, Self-Tuning's classifier trains on exactly the labeled

@@ -94,7 +94,7 @@ export function runPage() {
     const queued = run.status === "queued";
     document.getElementById("queue-row").hidden = !queued;
     document.getElementById("queue-position").textContent = queued && run.queue_position
-      ? `${run.queue_position} (runs are taken in the order they were started)` : "–";
+      ? `${run.queue_position} (runs are taken in the order they were queued)` : "–";
     document.getElementById("device").textContent = run.device
       ? `${run.device} on ${run.worker}${run.attempts > 1 ? `, attempt ${run.attempts}` : ""}` : "–";
     const cancel = document.getElementById("cancel");

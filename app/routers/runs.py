@@ -126,8 +126,6 @@ def requeue_run(run_id: int, session: DbDep, live: RedisDep):
     return read_run(run_id, session)
 
 
-
-
 @router.get("/{run_id}/events", responses=SSE_RESPONSES, response_class=StreamingResponse)
 async def run_events(run_id: int, request: Request, settings: SettingsDep):
     """Live events of a run (Server-Sent Events). Reconnect with `Last-Event-ID` to get what

@@ -13,12 +13,15 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.estimates import estimate_label_gains
 from app.models import Dataset, Experiment, Run, utcnow
-from app.schemas import TERMINAL_STATUSES, ExperimentIn
+from app.schemas import TERMINAL_STATUSES, ExperimentIn, LabelEstimate
 from worker.selftuning.budgets import Budget, BudgetError
 from worker.selftuning.config import RunConfig
 
 TRAIN_TASK = "selftune.train_run"
+# Results list methods in this order: the baseline first, the method under study last.
+METHOD_ORDER = {"fine-tune": 0, "fixmatch": 1, "self-tuning": 2}
 
 
 def as_utc(moment: datetime | None) -> datetime | None:
@@ -239,9 +242,23 @@ def budget_table(runs: list[Run]) -> list[dict[str, Any]]:
         scored = [row for row in members if row["mean_top1"] is not None]
         if scored:
             max(scored, key=lambda row: row["mean_top1"])["best"] = True
-    method_order = {"fine-tune": 0, "fixmatch": 1, "self-tuning": 2}
-    rows.sort(key=lambda r: (budget_sort_key(r["budget"]), method_order.get(r["method"], 9)))
+    rows.sort(key=lambda r: (budget_sort_key(r["budget"]), METHOD_ORDER.get(r["method"], 9)))
     return rows
+
+
+def label_estimates(runs: list[Run]) -> list[LabelEstimate]:
+    """What more labels would buy per method, fitted on the succeeded runs that recorded how
+    many labeled images their budget kept (the worker stores `labeled_count` in the metrics;
+    runs finished before it did are left out)."""
+    points = [
+        (run.method, run.metrics["labeled_count"], run.metrics["test_top1"])
+        for run in runs
+        if run.status == "succeeded"
+        and isinstance(run.metrics.get("labeled_count"), int)
+        and run.metrics.get("test_top1") is not None
+    ]
+    estimates = estimate_label_gains(points)
+    return sorted(estimates, key=lambda estimate: METHOD_ORDER.get(estimate.method, 9))
 
 
 def queue_position(session: Session, run: Run) -> int | None:

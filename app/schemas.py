@@ -110,6 +110,29 @@ class BudgetRow(BaseModel):
     best: bool = False
 
 
+class LabelEstimate(BaseModel):
+    """What doubling one method's labels would buy, from top-1 = intercept + slope·ln(n)
+    fitted over its succeeded runs (an extrapolation; see app.estimates)."""
+
+    method: str
+    n_max: int = Field(description="labeled images at the largest budget with results")
+    measured_top1: float = Field(description="mean test top-1 (0..1) of the runs at n_max")
+    gain_per_doubling: float = Field(
+        description="top-1 gained (0..1) per doubling of the labeled images: slope·ln 2"
+    )
+    gain_per_doubling_se: float | None = Field(
+        description="standard error of gain_per_doubling from the regression; null with "
+        "only two points"
+    )
+    predicted_top1_at_double: float = Field(
+        description="fitted top-1 at 2·n_max labeled images, clipped to 0..1"
+    )
+    extra_labels: int = Field(description="labels to add to reach 2·n_max (that is, n_max)")
+    n_points: int = Field(description="succeeded runs in the fit (every seed is a point)")
+    intercept: float = Field(description="a in top-1 = a + b·ln(n)")
+    slope: float = Field(description="b in top-1 = a + b·ln(n)")
+
+
 class ExperimentOut(BaseModel):
     id: int
     name: str
@@ -124,6 +147,12 @@ class ExperimentOut(BaseModel):
     status: str
     runs: list[RunSummary]
     budget_table: list[BudgetRow]
+    label_estimates: list[LabelEstimate] = Field(
+        description="per method with results at two or more labeled counts, what doubling "
+        "its largest measured budget's labels would buy (a log-linear extrapolation of the "
+        "accuracy-against-budget curve); runs that did not record their labeled count are "
+        "left out"
+    )
 
 
 class ExperimentListItem(BaseModel):

@@ -94,12 +94,14 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
         assert all(row["finished"] == 1 and row["std_top1"] == 0.0
                    for row in summary["budget_table"])
         assert sum(row["best"] for row in summary["budget_table"]) == 1
+        assert summary["label_estimates"] == []  # one budget: no curve to extend
 
         run = client.get(f"/api/runs/{run_id}").json()
         assert run["status"] == "succeeded" and run["step"] == 24 and run["attempts"] == 1
         metrics = run["metrics"]
         for key in ("test_top1", "test_mean_class_acc", "pseudo_label_acc"):
             assert 0.0 <= metrics[key] <= 1.0, key
+        assert metrics["labeled_count"] == 3 * 8  # half of each class's 16 labeled images
         assert run["device"] == "cpu" and run["worker"].startswith("test-")
         series = client.get(f"/api/runs/{run_id}/metrics").json()["points"]
         assert [p["step"] for p in series if p["kind"] == "eval"] == [12, 24]

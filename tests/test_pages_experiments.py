@@ -111,6 +111,12 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
         assert len(cells) == 4 and all(re.fullmatch(r"\d{1,3}\.\d", c) for c in cells), cells
         assert table.locator("td.best").count() == 2  # one per budget
         assert page.locator("#runs tbody tr.best").count() == 2
+        # Two budgets (18 and 36 of the 36 labeled images): one doubling further per method.
+        estimates = page.locator("#label-estimates tbody tr")
+        assert estimates.locator("th").all_inner_texts() == ["Self-Tuning", "Fine-tuning"]
+        for text in estimates.all_inner_texts():
+            assert re.fullmatch(r"\S+\s+\d{1,3}\.\d% at 36 labels\s+\d{1,3}\.\d% at 72 labels "
+                                r"\(\+36\)\s+[+−]\d{1,3}\.\d points", text), text
         browser.screenshot("2-experiment-finished")
 
         # The finished Self-Tuning run: curves, confusion matrix, quality, label next, files.

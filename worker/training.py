@@ -150,5 +150,7 @@ def execute_run(
     with session_scope(settings.sqlalchemy_url) as session:
         rewrite_predictions(out_dir, session, dataset_root, session.get(Run, run_id))
     recorder.record_artifacts(out_dir)
+    # The labeled count puts the run on the accuracy-against-labels curve (app.estimates).
+    metrics = {**metrics, "labeled_count": budget_info["labeled_count"]}
     recorder.finish("succeeded", metrics=metrics)
     return {"run_id": run_id, "status": "succeeded", "test_top1": metrics.get("test_top1")}

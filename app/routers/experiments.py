@@ -17,6 +17,7 @@ from app.experiments import (
     enqueue_runs,
     experiment_status,
     is_terminal,
+    label_estimates,
 )
 from app.live import experiment_stream_key
 from app.models import Experiment, Run
@@ -49,6 +50,7 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
         status=experiment_status(runs),
         runs=[run_summary(run) for run in runs],
         budget_table=budget_table(runs),
+        label_estimates=label_estimates(runs),
     )
 
 

@@ -1,5 +1,6 @@
 // The experiment pages: the start form (/experiments/new) and one experiment's live runs
-// table, accuracy-against-budget chart and paper-style table (/experiments/{id}).
+// table, accuracy-against-budget chart, paper-style table and what more labels would buy
+// (/experiments/{id}).
 import {
   badge, budgetChart, follow, getJSON, h, isNumber, pageData, pct, TERMINAL,
 } from "/static/charts.js";
@@ -184,6 +185,7 @@ export function experimentPage() {
   const title = (method) => methodTitles[method] ?? method;
   const runs = new Map(initial.runs.map((run) => [run.id, { ...run }]));
   let table = initial.budget_table;
+  let estimates = initial.label_estimates;
   let chart = null;
 
   const rows = new Map(); // run id -> {tr, cells}
@@ -257,6 +259,30 @@ export function experimentPage() {
     document.getElementById("results-note").hidden = anyResult;
   }
 
+  // Per method, the log-linear fit's answer to "what would twice the labels buy?".
+  function drawEstimates() {
+    const labels = (n) => `${n.toLocaleString("en")} labels`;
+    const points = (share) => {
+      const rounded = Math.round(share * 1000) / 10; // no "−0.0"
+      return `${rounded < 0 ? "−" : "+"}${Math.abs(rounded).toFixed(1)}`;
+    };
+    const inTableOrder = initial.methods.flatMap((method) => estimates.filter((e) => e.method === method));
+    const body = inTableOrder.map((e) => h("tr", { "data-method": e.method },
+      h("th", {}, title(e.method)),
+      h("td", { class: "num" }, `${pct(e.measured_top1)} at ${labels(e.n_max)}`),
+      h("td", { class: "num" }, `${pct(e.predicted_top1_at_double)} at ${labels(2 * e.n_max)}`,
+        h("small", { class: "muted" }, ` (+${e.extra_labels.toLocaleString("en")})`)),
+      h("td", { class: "num", title: `fitted on ${e.n_points} runs` },
+        points(e.gain_per_doubling),
+        isNumber(e.gain_per_doubling_se) ? ` ± ${(e.gain_per_doubling_se * 100).toFixed(1)}` : "",
+        " points")));
+    document.querySelector("#label-estimates tbody").replaceChildren(...body);
+    for (const id of ["label-estimates", "estimates-caveat"]) {
+      document.getElementById(id).hidden = estimates.length === 0;
+    }
+    document.getElementById("estimates-note").hidden = estimates.length > 0;
+  }
+
   function drawStatus(status) {
     document.getElementById("experiment-status").replaceChildren(badge(status));
   }
@@ -276,9 +302,11 @@ export function experimentPage() {
           drawRun(run);
         }
         table = fresh.budget_table;
+        estimates = fresh.label_estimates;
         drawStatus(fresh.status);
         markBest();
         drawResults();
+        drawEstimates();
       } catch (error) {
         console.warn("experiment refresh failed:", error.message);
       }
@@ -310,6 +338,7 @@ export function experimentPage() {
   for (const run of runs.values()) drawRun(run);
   markBest();
   drawResults();
+  drawEstimates();
   const liveState = document.getElementById("live-state");
   if (![...runs.values()].every((run) => TERMINAL.has(run.status))) {
     follow(`/api/experiments/${id}/events`, {

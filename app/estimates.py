@@ -1,0 +1,65 @@
+"""What more labels would buy: a log-linear fit of test top-1 against the labeled count."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+
+from app.schemas import LabelEstimate
+
+LN2 = math.log(2)
+
+
+def estimate_label_gains(points: Iterable[tuple[str, int, float]]) -> list[LabelEstimate]:
+    """Per method, what doubling the labels of its largest measured budget would buy.
+
+    `points` are (method, labeled count n, test top-1 in 0..1), one per succeeded run, so
+    every seed counts. For each method with results at two or more distinct counts, fit
+    top-1 = a + b·ln(n) by least squares; a method measured at one count gets no estimate.
+
+    Doubling the labels adds b·ln 2 whatever n is, which is how such curves tend to look
+    over the range that was measured. The standard error of that gain comes from the
+    regression's residuals, so it needs more points than parameters (n_points > 2), and it
+    only reflects the scatter of the runs, not whether the log-linear shape is right.
+
+    This is an extrapolation: it grows less reliable the further 2·n_max lies beyond the
+    measured budgets, and near 100 % where accuracy must flatten while the log keeps
+    rising (the prediction is clipped to 0..1, the gain per doubling is not).
+    """
+    by_method: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for method, labeled_count, top1 in points:
+        if labeled_count >= 1:
+            by_method[method].append((labeled_count, top1))
+    estimates = []
+    for method, measured in by_method.items():
+        counts = {n for n, _ in measured}
+        if len(counts) < 2:
+            continue
+        xs = [math.log(n) for n, _ in measured]
+        ys = [top1 for _, top1 in measured]
+        x_mean, y_mean = statistics.fmean(xs), statistics.fmean(ys)
+        sxx = sum((x - x_mean) ** 2 for x in xs)
+        slope = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True)) / sxx
+        intercept = y_mean - slope * x_mean
+        slope_se = None
+        if len(measured) > 2:
+            residuals = [y - (intercept + slope * x) for x, y in zip(xs, ys, strict=True)]
+            variance = sum(r * r for r in residuals) / (len(measured) - 2)
+            slope_se = math.sqrt(variance / sxx)
+        n_max = max(counts)
+        predicted = intercept + slope * math.log(2 * n_max)
+        estimates.append(LabelEstimate(
+            method=method,
+            n_max=n_max,
+            measured_top1=statistics.fmean(top1 for n, top1 in measured if n == n_max),
+            gain_per_doubling=slope * LN2,
+            gain_per_doubling_se=None if slope_se is None else slope_se * LN2,
+            predicted_top1_at_double=min(1.0, max(0.0, predicted)),
+            extra_labels=n_max,
+            n_points=len(measured),
+            intercept=intercept,
+            slope=slope,
+        ))
+    return estimates

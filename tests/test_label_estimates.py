@@ -1,0 +1,218 @@
+"""What more labels would buy: the log-linear fit on its own, the experiment API that serves
+it, and the experiment page that shows it and keeps it live as runs finish."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import numpy as np
+import pytest
+
+from app.db import session_scope
+from app.estimates import estimate_label_gains
+from app.experiments import label_estimates
+from app.models import Dataset, Experiment, Run
+from tests.browser import open_browser
+
+LN2 = math.log(2)
+
+
+def on_curve(a: float, b: float, n: int) -> float:
+    return a + b * math.log(n)
+
+
+# --- the fit ------------------------------------------------------------------------------
+
+
+def test_noiseless_points_give_back_the_curve_and_a_zero_standard_error():
+    a, b = 0.2, 0.05
+    points = [("self-tuning", n, on_curve(a, b, n)) for n in (12, 24, 48, 96) for _seed in (0, 1)]
+    [estimate] = estimate_label_gains(points)
+    assert estimate.method == "self-tuning"
+    assert estimate.intercept == pytest.approx(a, abs=1e-12)
+    assert estimate.slope == pytest.approx(b, abs=1e-12)
+    assert estimate.gain_per_doubling == pytest.approx(b * LN2, abs=1e-12)
+    assert estimate.gain_per_doubling_se == pytest.approx(0.0, abs=1e-9)
+    assert estimate.n_max == estimate.extra_labels == 96
+    assert estimate.measured_top1 == pytest.approx(on_curve(a, b, 96))
+    assert estimate.predicted_top1_at_double == pytest.approx(on_curve(a, b, 192))
+    assert estimate.n_points == 8
+
+
+def test_two_points_fit_exactly_and_have_no_standard_error():
+    [estimate] = estimate_label_gains([("fine-tune", 10, 0.5), ("fine-tune", 40, 0.7)])
+    assert estimate.gain_per_doubling == pytest.approx(0.1)  # 0.2 over two doublings
+    assert estimate.gain_per_doubling_se is None
+    assert estimate.predicted_top1_at_double == pytest.approx(0.8)
+    assert estimate.n_points == 2
+
+
+def test_the_standard_error_is_the_regression_slope_standard_error():
+    counts = [12, 12, 24, 24, 48, 48]
+    top1 = [0.60, 0.64, 0.70, 0.71, 0.78, 0.75]
+    points = [("fixmatch", n, y) for n, y in zip(counts, top1, strict=True)]
+    [estimate] = estimate_label_gains(points)
+    x = np.log(counts)
+    (slope, intercept), cov = np.polyfit(x, top1, 1, cov="unscaled")
+    residuals = np.array(top1) - (intercept + slope * x)
+    slope_se = math.sqrt(residuals @ residuals / (len(x) - 2) * cov[0, 0])
+    assert estimate.slope == pytest.approx(slope)
+    assert estimate.gain_per_doubling_se == pytest.approx(slope_se * LN2)
+    assert 0 < estimate.gain_per_doubling_se < estimate.gain_per_doubling
+    assert estimate.measured_top1 == pytest.approx((0.78 + 0.75) / 2)
+
+
+def test_a_method_measured_at_one_labeled_count_gets_no_estimate():
+    points = [("fine-tune", 24, 0.61), ("fine-tune", 24, 0.65),  # two seeds, one budget
+              ("self-tuning", 24, 0.7), ("self-tuning", 48, 0.8)]
+    assert [e.method for e in estimate_label_gains(points)] == ["self-tuning"]
+    assert estimate_label_gains([]) == []
+
+
+def test_the_predicted_accuracy_never_passes_100_percent_but_the_gain_is_kept():
+    [estimate] = estimate_label_gains([("self-tuning", 50, 0.90), ("self-tuning", 100, 0.98)])
+    assert estimate.gain_per_doubling == pytest.approx(0.08)
+    assert estimate.predicted_top1_at_double == 1.0
+
+
+def run(method: str, status: str = "succeeded", **metrics) -> Run:
+    return Run(method=method, status=status, metrics=metrics)
+
+
+def test_runs_give_their_recorded_labeled_count_and_the_rest_are_left_out():
+    runs = [
+        run("self-tuning", test_top1=0.6, labeled_count=12),
+        run("self-tuning", test_top1=0.8, labeled_count=48),
+        # Finished before the worker recorded labeled counts: not on the curve.
+        run("self-tuning", test_top1=0.1),
+        run("self-tuning", "failed", labeled_count=6),
+        run("self-tuning", "running", test_top1=0.1, labeled_count=36),
+        run("fine-tune", test_top1=0.5, labeled_count=12),
+        run("fine-tune", test_top1=0.7, labeled_count=48),
+    ]
+    estimates = label_estimates(runs)
+    assert [e.method for e in estimates] == ["fine-tune", "self-tuning"]
+    fine_tune, self_tuning = estimates
+    assert (self_tuning.n_points, self_tuning.n_max) == (2, 48)
+    assert self_tuning.gain_per_doubling == pytest.approx(0.1)  # 0.2 over two doublings
+    assert fine_tune.predicted_top1_at_double == pytest.approx(0.8)
+
+
+# --- the API and the page -----------------------------------------------------------------
+
+BUDGETS = {"4/class": {"per_class": 4}, "50%": 0.5, "all": "all"}
+LABELED = {"4/class": 12, "50%": 24, "all": 48}  # 3 classes of 16 labeled training images
+
+
+def seed_experiment(database_url: str, runs: list[tuple[str, str, str, dict]]) -> tuple[int, dict]:
+    """Write an experiment and its runs straight into the database, as the worker would have
+    left them: training real models is slow, and the estimate only reads the record.
+    `runs` are (method, budget label, status, metrics); returns (experiment id, run ids)."""
+    with session_scope(database_url) as session:
+        dataset = Dataset(name="shapes", storage_key=f"k{time.time_ns()}", fingerprint="0" * 64,
+                          class_names=["a", "b", "c"],
+                          class_counts={c: {"train": 16, "test": 4} for c in "abc"})
+        session.add(dataset)
+        session.flush()
+        methods = list(dict.fromkeys(method for method, *_ in runs))
+        experiment = Experiment(name="estimates", dataset_id=dataset.id,
+                                backbone="test_efficientnet", methods=methods,
+                                budgets=list(BUDGETS.values()), seeds=[0], preset="quick",
+                                overrides={})
+        session.add(experiment)
+        session.flush()
+        ids = {}
+        for method, label, status, metrics in runs:
+            row = Run(experiment_id=experiment.id, dataset_id=dataset.id, method=method,
+                      budget=BUDGETS[label], budget_label=label, seed=0, status=status,
+                      metrics=metrics, total_steps=30, step=30 if status == "succeeded" else 0)
+            session.add(row)
+            session.flush()
+            ids[(method, label)] = row.id
+        return experiment.id, ids
+
+
+def finished(label: str, top1: float) -> dict:
+    return {"test_top1": top1, "labeled_count": LABELED[label]}
+
+
+def test_the_experiment_api_estimates_what_twice_the_labels_would_buy(live_server):
+    """Runs are written to the database as succeeded (see seed_experiment), at a per-class
+    budget, a fraction and "all"; one older run has no labeled count and is left out."""
+    experiment_id, _ = seed_experiment(live_server.database_url, [
+        ("self-tuning", "4/class", "succeeded", finished("4/class", 0.60)),
+        ("self-tuning", "50%", "succeeded", finished("50%", 0.71)),
+        ("self-tuning", "all", "succeeded", finished("all", 0.78)),
+        ("fine-tune", "4/class", "succeeded", finished("4/class", 0.50)),
+        ("fine-tune", "50%", "succeeded", {"test_top1": 0.58}),  # recorded no labeled count
+        ("fine-tune", "all", "failed", {}),
+    ])
+    with live_server.client() as client:
+        response = client.get(f"/api/experiments/{experiment_id}")
+        schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert response.status_code == 200, response.text
+    [estimate] = response.json()["label_estimates"]  # fine-tune has one usable budget
+
+    slope, intercept = np.polyfit(np.log([12, 24, 48]), [0.60, 0.71, 0.78], 1)
+    assert estimate["method"] == "self-tuning"
+    assert estimate["n_max"] == estimate["extra_labels"] == 48
+    assert estimate["n_points"] == 3
+    assert estimate["measured_top1"] == pytest.approx(0.78)
+    assert estimate["gain_per_doubling"] == pytest.approx(slope * LN2)
+    assert estimate["predicted_top1_at_double"] == pytest.approx(intercept + slope * math.log(96))
+    assert 0 < estimate["gain_per_doubling_se"] < 0.05
+    documented = schema["ExperimentOut"]["properties"]["label_estimates"]["description"]
+    assert "extrapolation" in documented
+
+
+@pytest.mark.browser
+def test_the_page_shows_what_more_labels_would_buy_and_updates_it_as_runs_finish(
+    live_server, settings, request
+):
+    from worker.runs import RunRecorder
+
+    experiment_id, ids = seed_experiment(live_server.database_url, [
+        ("self-tuning", "4/class", "succeeded", finished("4/class", 0.60)),
+        ("self-tuning", "50%", "succeeded", finished("50%", 0.70)),
+        ("self-tuning", "all", "running", {}),
+        ("fine-tune", "4/class", "succeeded", finished("4/class", 0.50)),
+        ("fine-tune", "50%", "queued", {}),
+        ("fine-tune", "all", "queued", {}),
+    ])
+    single_budget_id, _ = seed_experiment(live_server.database_url, [
+        ("self-tuning", "4/class", "succeeded", finished("4/class", 0.60)),
+    ])
+    rows = "#label-estimates tbody tr"
+
+    def cells() -> list[str]:
+        return page.locator(f"{rows} > *").all_inner_texts()
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#live-state:text-is('● live')")
+        page.evaluate("window.sameDocument = true")  # a reload would drop this
+        assert page.is_hidden("#estimates-note") and page.is_visible("#estimates-caveat")
+        # Two budgets, two points: the line through them, and no standard error.
+        assert cells() == ["Self-Tuning", "70.0% at 24 labels", "80.0% at 48 labels (+24)",
+                           "+10.0 points"]
+
+        # The "all" run finishes: the worker's own recorder writes it and tells the page.
+        RunRecorder(settings, ids[("self-tuning", "all")], experiment_id).finish(
+            "succeeded", metrics=finished("all", 0.78))
+        page.wait_for_function(
+            "(selector) => document.querySelector(selector).textContent.includes('96 labels')",
+            arg=f"{rows} td:nth-child(3)")
+        assert cells() == ["Self-Tuning", "78.0% at 48 labels", "87.3% at 96 labels (+48)",
+                           "+9.0 ± 0.6 points"]
+        assert page.evaluate("window.sameDocument") is True
+        assert page.locator(rows).count() == 1  # fine-tune still has one budget
+        browser.screenshot("1-estimates")
+
+        page.goto(f"{live_server.url}/experiments/{single_budget_id}")
+        page.wait_for_selector("#budget-table tbody tr")
+        assert page.is_hidden("#label-estimates") and page.is_hidden("#estimates-caveat")
+        assert re.search(r"two or more budgets", page.inner_text("#estimates-note"))
+        browser.assert_no_errors()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import uuid
 from collections import Counter, defaultdict
@@ -212,9 +213,26 @@ def budget_sort_key(budget: Any) -> tuple[int, float]:
     return (2, 0.0)
 
 
-def budget_table(runs: list[Run]) -> list[dict[str, Any]]:
+def budget_labeled_counts(dataset: Dataset | None, runs: list[Run]) -> dict[str, int]:
+    """Labeled images each budget of the runs keeps, by budget label: the engine's rule
+    (`Budget.count_for` on every class's labeled training images), so it is known before any
+    run finishes and is the same for every seed."""
+    if dataset is None:
+        return {}
+    sizes = [counts.get("train", 0) for counts in dataset.class_counts.values()]
+    labeled = {}
+    for run in runs:
+        if run.budget_label not in labeled:
+            budget = Budget.parse(run.budget)
+            labeled[run.budget_label] = sum(budget.count_for(size) for size in sizes if size)
+    return labeled
+
+
+def budget_table(runs: list[Run], labeled: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Per method and budget: mean and spread (sample std) of final test top-1 over seeds;
-    the best method per budget is flagged."""
+    the best method per budget is flagged. With `labeled` (budget_labeled_counts), rows
+    carry their labeled count and budgets run from fewest labels to most."""
+    labeled = labeled or {}
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         groups[(run.method, run.budget_label)].append(run)
@@ -229,6 +247,7 @@ def budget_table(runs: list[Run]) -> list[dict[str, Any]]:
             "method": method,
             "budget": members[0].budget,
             "budget_label": label,
+            "labeled_count": labeled.get(label),
             "runs": len(members),
             "finished": len(scores),
             "mean_top1": statistics.fmean(scores) if scores else None,
@@ -242,21 +261,26 @@ def budget_table(runs: list[Run]) -> list[dict[str, Any]]:
         scored = [row for row in members if row["mean_top1"] is not None]
         if scored:
             max(scored, key=lambda row: row["mean_top1"])["best"] = True
-    rows.sort(key=lambda r: (budget_sort_key(r["budget"]), METHOD_ORDER.get(r["method"], 9)))
+    rows.sort(key=lambda r: (
+        r["labeled_count"] if r["labeled_count"] is not None else math.inf,
+        budget_sort_key(r["budget"]),
+        METHOD_ORDER.get(r["method"], 9),
+    ))
     return rows
 
 
-def label_estimates(runs: list[Run]) -> list[LabelEstimate]:
-    """What more labels would buy per method, fitted on the succeeded runs that recorded how
-    many labeled images their budget kept (the worker stores `labeled_count` in the metrics;
-    runs finished before it did are left out)."""
-    points = [
-        (run.method, run.metrics["labeled_count"], run.metrics["test_top1"])
-        for run in runs
-        if run.status == "succeeded"
-        and isinstance(run.metrics.get("labeled_count"), int)
-        and run.metrics.get("test_top1") is not None
-    ]
+def label_estimates(runs: list[Run], labeled: dict[str, int] | None = None
+                    ) -> list[LabelEstimate]:
+    """What more labels would buy per method, fitted on the succeeded runs: each at the
+    labeled count the worker recorded in its metrics, else its budget's count in `labeled`
+    (budget_labeled_counts); runs with neither are left out."""
+    labeled = labeled or {}
+    points = []
+    for run in runs:
+        count = run.metrics.get("labeled_count", labeled.get(run.budget_label))
+        if (run.status == "succeeded" and isinstance(count, int)
+                and run.metrics.get("test_top1") is not None):
+            points.append((run.method, count, run.metrics["test_top1"]))
     estimates = estimate_label_gains(points)
     return sorted(estimates, key=lambda estimate: METHOD_ORDER.get(estimate.method, 9))
 

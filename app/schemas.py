@@ -103,6 +103,9 @@ class BudgetRow(BaseModel):
     method: str
     budget: Any
     budget_label: str
+    labeled_count: int | None = Field(
+        None, description="labeled images the budget keeps (the same for every seed)"
+    )
     runs: int
     finished: int
     mean_top1: float | None

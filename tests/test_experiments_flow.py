@@ -94,6 +94,7 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
         assert all(row["finished"] == 1 and row["std_top1"] == 0.0
                    for row in summary["budget_table"])
         assert sum(row["best"] for row in summary["budget_table"]) == 1
+        assert {row["labeled_count"] for row in summary["budget_table"]} == {3 * 8}
         assert summary["label_estimates"] == []  # one budget: no curve to extend
 
         run = client.get(f"/api/runs/{run_id}").json()

@@ -81,6 +81,16 @@ def run(method: str, status: str = "succeeded", **metrics) -> Run:
     return Run(method=method, status=status, metrics=metrics)
 
 
+def test_a_run_without_a_recorded_count_takes_its_budgets_count():
+    old = Run(method="fine-tune", status="succeeded", budget_label="50%",
+              metrics={"test_top1": 0.7})
+    recorded = run("fine-tune", test_top1=0.5, labeled_count=12)
+    [estimate] = label_estimates([old, recorded], {"50%": 24})
+    assert (estimate.n_max, estimate.n_points) == (24, 2)
+    assert estimate.gain_per_doubling == pytest.approx(0.2)
+    assert label_estimates([old, recorded]) == []  # no count for the old run: one point left
+
+
 def test_runs_give_their_recorded_labeled_count_and_the_rest_are_left_out():
     runs = [
         run("self-tuning", test_top1=0.6, labeled_count=12),
@@ -140,7 +150,8 @@ def finished(label: str, top1: float) -> dict:
 
 def test_the_experiment_api_estimates_what_twice_the_labels_would_buy(live_server):
     """Runs are written to the database as succeeded (see seed_experiment), at a per-class
-    budget, a fraction and "all"; one older run has no labeled count and is left out."""
+    budget, a fraction and "all"; an older run that recorded no labeled count is placed at its
+    budget's count, worked out from the dataset as the engine does."""
     experiment_id, _ = seed_experiment(live_server.database_url, [
         ("self-tuning", "4/class", "succeeded", finished("4/class", 0.60)),
         ("self-tuning", "50%", "succeeded", finished("50%", 0.71)),
@@ -153,7 +164,13 @@ def test_the_experiment_api_estimates_what_twice_the_labels_would_buy(live_serve
         response = client.get(f"/api/experiments/{experiment_id}")
         schema = client.get("/openapi.json").json()["components"]["schemas"]
     assert response.status_code == 200, response.text
-    [estimate] = response.json()["label_estimates"]  # fine-tune has one usable budget
+    fine_tune, estimate = response.json()["label_estimates"]
+    assert fine_tune["method"] == "fine-tune" and fine_tune["n_max"] == 24
+    assert fine_tune["gain_per_doubling"] == pytest.approx(0.08)  # 12 -> 24 labels: +8 points
+    # Budgets run from fewest labels to most, whatever their kind.
+    table = response.json()["budget_table"]
+    assert [(row["budget_label"], row["labeled_count"]) for row in table] == [
+        (label, LABELED[label]) for label in ("4/class", "4/class", "50%", "50%", "all", "all")]
 
     slope, intercept = np.polyfit(np.log([12, 24, 48]), [0.60, 0.71, 0.78], 1)
     assert estimate["method"] == "self-tuning"

@@ -106,7 +106,8 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
         points = browser.chart_points("#budget-chart")
         assert points == {"Self-Tuning": 2, "Fine-tuning": 2}, points
         table = page.locator("#budget-table")
-        assert table.locator("thead th").all_inner_texts() == ["Method", "50%", "all"]
+        assert table.locator("thead th").all_inner_texts() == [
+            "Method", "50%\n18 labels", "all\n36 labels"]
         cells = table.locator("tbody td").all_inner_texts()
         assert len(cells) == 4 and all(re.fullmatch(r"\d{1,3}\.\d", c) for c in cells), cells
         assert table.locator("td.best").count() == 2  # one per budget

@@ -5,13 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from app.db import session_scope
 from app.deps import DbDep, SettingsDep
 from app.events import Outcome, event_stream_response
 from app.experiments import (
     as_utc,
+    budget_labeled_counts,
     budget_table,
     create_experiment,
     enqueue_runs,
@@ -20,7 +21,7 @@ from app.experiments import (
     label_estimates,
 )
 from app.live import experiment_stream_key
-from app.models import Experiment, Run
+from app.models import Dataset, Experiment, Run
 from app.routers.runs import SSE_RESPONSES, run_summary
 from app.schemas import ExperimentIn, ExperimentListItem, ExperimentOut
 
@@ -36,6 +37,9 @@ def get_experiment(session: Session, experiment_id: int) -> Experiment:
 
 def experiment_out(experiment: Experiment) -> ExperimentOut:
     runs = list(experiment.runs)
+    session = object_session(experiment)
+    labeled = budget_labeled_counts(session.get(Dataset, experiment.dataset_id) if session
+                                    else None, runs)
     return ExperimentOut(
         id=experiment.id,
         name=experiment.name,
@@ -49,8 +53,8 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
         created_at=as_utc(experiment.created_at),
         status=experiment_status(runs),
         runs=[run_summary(run) for run in runs],
-        budget_table=budget_table(runs),
-        label_estimates=label_estimates(runs),
+        budget_table=budget_table(runs, labeled),
+        label_estimates=label_estimates(runs, labeled),
     )
 
 

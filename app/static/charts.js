@@ -153,7 +153,7 @@ export function setSeries(chart, series) {
 
 // Test accuracy against label budget: one line per method, mean over seeds with error bars.
 export function budgetChart(canvas, labels, methods) {
-  const options = baseOptions({ percent: true, xTitle: "label budget", yTitle: "test top-1" });
+  const options = baseOptions({ percent: true, xTitle: "label budget (labeled images)", yTitle: "test top-1" });
   options.plugins.tooltip.callbacks.label = (c) => {
     const spread = c.dataset.errorBars[c.dataIndex];
     return `${c.dataset.label}: ${pct(c.parsed.y)}${isNumber(spread) ? ` ± ${pct(spread)}` : ""}`;

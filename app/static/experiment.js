@@ -228,11 +228,14 @@ export function experimentPage() {
   }
 
   function drawResults() {
+    // The table comes ordered from fewest labels to most.
     const budgets = [...new Set(table.map((row) => row.budget_label))];
+    const labeled = new Map(table.map((row) => [row.budget_label, row.labeled_count]));
     const methods = initial.methods;
     const cell = (method, budget) => table.find((r) => r.method === method && r.budget_label === budget);
 
-    const head = h("tr", {}, h("th", {}, "Method"), budgets.map((b) => h("th", { class: "num" }, b)));
+    const head = h("tr", {}, h("th", {}, "Method"), budgets.map((b) => h("th", { class: "num" }, b,
+      isNumber(labeled.get(b)) ? h("small", { class: "muted labeled-count" }, h("br"), `${labeled.get(b).toLocaleString("en")} labels`) : null)));
     const body = methods.map((method) => h("tr", { "data-method": method }, h("th", {}, title(method)),
       budgets.map((budget) => {
         const row = cell(method, budget);
@@ -254,7 +257,8 @@ export function experimentPage() {
       spreads: budgets.map((b) => cell(method, b)?.std_top1 ?? null),
     }));
     if (chart) chart.destroy();
-    chart = budgetChart(document.getElementById("budget-chart"), budgets, series);
+    const axis = budgets.map((b) => (isNumber(labeled.get(b)) ? `${b} (${labeled.get(b).toLocaleString("en")})` : b));
+    chart = budgetChart(document.getElementById("budget-chart"), axis, series);
     const anyResult = table.some((row) => isNumber(row.mean_top1));
     document.getElementById("results-note").hidden = anyResult;
   }

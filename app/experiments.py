@@ -1,26 +1,32 @@
-"""Experiments: validate a sweep, expand it into runs, summarise results per method and budget."""
+"""Experiments: validate a sweep, expand it into runs, cancel or delete them, summarise results
+per method and budget."""
 
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from fastapi import HTTPException
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.estimates import estimate_label_gains
-from app.models import Dataset, Experiment, Run, utcnow
+from app.live import forget_feeds, publish_ends, run_cancel_key
+from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
 from app.schemas import TERMINAL_STATUSES, ExperimentIn, LabelEstimate
 from worker.selftuning.budgets import Budget, BudgetError
 from worker.selftuning.config import RunConfig
 
 TRAIN_TASK = "selftune.train_run"
+CANCEL_FLAG_TTL_S = 7 * 24 * 3600  # outlives any run; the database flag is the record
 # Results list methods in this order: the baseline first, the method under study last.
 METHOD_ORDER = {"fine-tune": 0, "fixmatch": 1, "self-tuning": 2}
 
@@ -189,6 +195,67 @@ def enqueue_runs(session: Session, runs: list[Run]) -> None:
             run.error = f"could not be queued: {exc}"
         session.commit()
         raise HTTPException(503, detail=f"the queue (Redis) is not reachable: {exc}") from exc
+
+
+def cancel_runs(session: Session, live: redis.Redis, runs: Iterable[Run]) -> list[Run]:
+    """Cancel the runs that have not ended, and commit: a queued run ends at once (its feeds
+    get the end event), a running one stops within about one iteration (its worker checks the
+    flag in Redis and in the database). Ended runs are left alone. Returns the runs it
+    cancelled or flagged."""
+    active = [run for run in runs if not is_terminal(run.status)]
+    if not active:
+        return []
+    for run in active:
+        run.cancel_requested = True
+        if run.status == "queued":
+            run.status = "cancelled"
+            run.finished_at = utcnow()
+    session.commit()
+    try:
+        with live.pipeline(transaction=False) as pipe:
+            for run in active:
+                pipe.set(run_cancel_key(run.id), "1", ex=CANCEL_FLAG_TTL_S)
+            pipe.execute()
+    except redis.RedisError:
+        pass  # the worker also polls the database flag
+    publish_ends(live, [run for run in active if run.status == "cancelled"])
+    return active
+
+
+def delete_experiment_with_runs(session: Session, settings: Settings, live: redis.Redis,
+                                experiment: Experiment) -> None:
+    """Delete an experiment with its runs (metrics, artifacts, run folders) and its live feeds;
+    its dataset stays. Refused (409) while a run of it is queued or running."""
+    experiment_id = experiment.id
+    # Take the locks before the check, so that no run of it can be queued again (requeue)
+    # between the check and the delete: SQLite takes its write lock on the first write;
+    # PostgreSQL locks the run rows, whose statuses are read under that lock.
+    session.execute(
+        update(Experiment).where(Experiment.id == experiment_id).values(name=Experiment.name)
+    )
+    runs = session.execute(
+        select(Run.id, Run.status).where(Run.experiment_id == experiment_id).with_for_update()
+    ).all()
+    if active := sum(1 for run in runs if not is_terminal(run.status)):
+        session.rollback()
+        raise HTTPException(
+            409, detail=f"experiment {experiment_id} has {active} queued or running run(s): "
+            f"cancel them (POST /api/experiments/{experiment_id}/cancel) and wait for them to "
+            "end, then delete it",
+        )
+    run_ids = [run.id for run in runs]
+    if run_ids:
+        session.execute(delete(Artifact).where(Artifact.run_id.in_(run_ids)))
+        session.execute(delete(RunMetric).where(RunMetric.run_id.in_(run_ids)))
+        session.execute(delete(Run).where(Run.id.in_(run_ids)))
+    session.execute(delete(Experiment).where(Experiment.id == experiment_id))
+    session.commit()
+    # Files and feeds go after the commit: a crash here leaves only invisible orphans. They
+    # must go, though: SQLite hands a deleted row's id to the next row, and a new run with
+    # the old id would otherwise find the old checkpoint (and the old feed: forget_feeds).
+    for run_id in run_ids:
+        shutil.rmtree(settings.runs_dir / str(run_id), ignore_errors=True)
+    forget_feeds(live, [experiment_id], run_ids)
 
 
 def experiment_status(runs: list[Run]) -> str:

@@ -1142,9 +1142,11 @@ def active_run_count(session: Session, dataset_id: int) -> int:
     ) or 0
 
 
-def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> None:
+def delete_dataset(session: Session, settings: Settings, dataset: Dataset
+                   ) -> tuple[list[int], list[int]]:
     """Delete a dataset with its images, experiments, runs and their files; refused (409)
-    while a run of it is queued or running."""
+    while a run of it is queued or running. Returns the deleted (experiment ids, run ids),
+    whose live feeds the caller forgets (app.live.forget_feeds)."""
     # Lock the dataset row first so that no run can be queued on it between the check and
     # the delete: FOR UPDATE on PostgreSQL; SQLite takes its write lock on the first write.
     session.execute(select(Dataset.id).where(Dataset.id == dataset.id).with_for_update())
@@ -1156,7 +1158,9 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> No
             "or wait for them to finish, then delete it",
             status_code=409,
         )
-    experiment_ids = select(Experiment.id).where(Experiment.dataset_id == dataset.id)
+    experiment_ids = session.scalars(
+        select(Experiment.id).where(Experiment.dataset_id == dataset.id)
+    ).all()
     run_ids = session.scalars(
         select(Run.id).where(
             (Run.dataset_id == dataset.id) | Run.experiment_id.in_(experiment_ids)
@@ -1175,6 +1179,7 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> No
     shutil.rmtree(thumbnail_dir(settings, dataset), ignore_errors=True)
     for run_id in run_ids:
         shutil.rmtree(settings.runs_dir / str(run_id), ignore_errors=True)
+    return list(experiment_ids), list(run_ids)
 
 
 def _newest_mtime(path: Path) -> float:

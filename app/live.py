@@ -52,11 +52,35 @@ def end_event(run: Any) -> dict[str, str]:
 
 def publish_end(client: redis.Redis, run: Any) -> None:
     """End the run's feed and tell its experiment's page."""
+    publish_ends(client, [run])
+
+
+def publish_ends(client: redis.Redis, runs: list[Any]) -> None:
+    """End each run's feed and tell their experiments' pages, in one round trip."""
+    if not runs:
+        return
     try:
-        client.xadd(run_stream_key(run.id), end_event(run))
-        client.xadd(experiment_stream_key(run.experiment_id), end_event(run))
+        with client.pipeline(transaction=False) as pipe:
+            for run in runs:
+                pipe.xadd(run_stream_key(run.id), end_event(run))
+                pipe.xadd(experiment_stream_key(run.experiment_id), end_event(run))
+            pipe.execute()
     except redis.RedisError:
         pass  # the database has the state; the feeds also check it
+
+
+def forget_feeds(client: redis.Redis, experiment_ids: list[int], run_ids: list[int]) -> None:
+    """Delete the live feeds and cancel flags of deleted experiments and runs. SQLite hands a
+    deleted row's id to the next row: a new run with an old id would otherwise replay the old
+    feed, or find the old cancel flag and stop at once."""
+    keys = [experiment_stream_key(experiment_id) for experiment_id in experiment_ids]
+    keys += [key for run_id in run_ids for key in (run_stream_key(run_id), run_cancel_key(run_id))]
+    if not keys:
+        return
+    try:
+        client.delete(*keys)
+    except redis.RedisError:
+        pass  # best effort: the record is gone; only stale live events would stay behind
 
 
 def publish_status(client: redis.Redis, run: Any) -> None:

@@ -15,6 +15,12 @@ RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "lo
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "lost")
 
 
+class ErrorOut(BaseModel):
+    """What a 4xx answers: a message that says what to fix."""
+
+    detail: str
+
+
 class PerClassBudget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     per_class: int = Field(ge=1, le=1_000_000, description="labeled images kept per class")

@@ -19,8 +19,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import ingest
-from app.deps import DbDep, SettingsDep
+from app.deps import DbDep, RedisDep, SettingsDep
+from app.live import forget_feeds
 from app.models import Dataset, DatasetImage
+from app.schemas import ErrorOut
 
 
 @asynccontextmanager
@@ -86,10 +88,6 @@ class ImageOut(BaseModel):
 class ImagePage(BaseModel):
     total: int
     items: list[ImageOut]
-
-
-class ErrorOut(BaseModel):
-    detail: str
 
 
 def _aware(moment: datetime) -> datetime:
@@ -230,11 +228,13 @@ def image_thumbnail(
     responses={404: {"model": ErrorOut},
                409: {"model": ErrorOut, "description": "a run of it is queued or running"}},
 )
-def delete_dataset(dataset_id: DatasetId, db: DbDep, settings: SettingsDep) -> Response:
+def delete_dataset(dataset_id: DatasetId, db: DbDep, settings: SettingsDep,
+                   live: RedisDep) -> Response:
     """Delete the dataset, its files, and its experiments and runs (with their files)."""
     dataset = get_dataset_or_404(db, dataset_id)
     try:
-        ingest.delete_dataset(db, settings, dataset)
+        experiment_ids, run_ids = ingest.delete_dataset(db, settings, dataset)
     except ingest.IngestError as exc:
         raise HTTPException(exc.status_code, exc.detail) from None
+    forget_feeds(live, experiment_ids, run_ids)
     return Response(status_code=204)

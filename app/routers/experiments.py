@@ -1,20 +1,23 @@
-"""REST for experiments: start a budget sweep, list, read with its budget table, follow live."""
+"""REST for experiments: start a budget sweep, list, read with its budget table, follow live,
+cancel every run, delete."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
 from app.db import session_scope
-from app.deps import DbDep, SettingsDep
+from app.deps import DbDep, RedisDep, SettingsDep
 from app.events import Outcome, event_stream_response
 from app.experiments import (
     as_utc,
     budget_labeled_counts,
     budget_table,
+    cancel_runs,
     create_experiment,
+    delete_experiment_with_runs,
     enqueue_runs,
     experiment_status,
     is_terminal,
@@ -23,7 +26,7 @@ from app.experiments import (
 from app.live import experiment_stream_key
 from app.models import Dataset, Experiment, Run
 from app.routers.runs import SSE_RESPONSES, run_summary
-from app.schemas import ExperimentIn, ExperimentListItem, ExperimentOut
+from app.schemas import ErrorOut, ExperimentIn, ExperimentListItem, ExperimentOut
 
 router = APIRouter(prefix="/api/experiments", tags=["experiments"])
 
@@ -87,6 +90,33 @@ def list_experiments(session: DbDep):
 @router.get("/{experiment_id}", response_model=ExperimentOut)
 def read_experiment(experiment_id: int, session: DbDep):
     return experiment_out(get_experiment(session, experiment_id))
+
+
+@router.post("/{experiment_id}/cancel", response_model=ExperimentOut,
+             responses={404: {"model": ErrorOut}})
+def cancel_experiment(experiment_id: int, session: DbDep, live: RedisDep):
+    """Cancel every run that has not ended: queued runs end at once, running ones stop within
+    about one iteration. Runs already ended are left alone, so with nothing left to cancel
+    this is a no-op that answers 200 with the experiment as it is."""
+    experiment = get_experiment(session, experiment_id)
+    cancel_runs(session, live, experiment.runs)
+    return experiment_out(experiment)
+
+
+@router.delete(
+    "/{experiment_id}",
+    status_code=204,
+    response_class=Response,
+    responses={404: {"model": ErrorOut},
+               409: {"model": ErrorOut, "description": "a run of it is queued or running"}},
+)
+def delete_experiment(experiment_id: int, session: DbDep, settings: SettingsDep,
+                      live: RedisDep) -> Response:
+    """Delete the experiment with its runs, their metrics and files (checkpoints, exports);
+    its dataset stays. Refused (409) while a run of it is queued or running: cancel it
+    first (`POST /api/experiments/{id}/cancel`) and wait for it to end."""
+    delete_experiment_with_runs(session, settings, live, get_experiment(session, experiment_id))
+    return Response(status_code=204)
 
 
 @router.get("/{experiment_id}/events", responses=SSE_RESPONSES, response_class=StreamingResponse)

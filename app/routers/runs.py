@@ -8,7 +8,6 @@ import os
 import zipfile
 from pathlib import Path
 
-import redis
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy import select
@@ -18,9 +17,9 @@ from app.config import Settings
 from app.db import session_scope
 from app.deps import DbDep, RedisDep, SettingsDep
 from app.events import Outcome, event_stream_response
-from app.experiments import as_utc, is_terminal, queue_position
-from app.live import publish_end, publish_status, run_cancel_key, run_stream_key
-from app.models import Artifact, Run, RunMetric, utcnow
+from app.experiments import as_utc, cancel_runs, is_terminal, queue_position
+from app.live import publish_status, run_stream_key
+from app.models import Artifact, Run, RunMetric
 from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
@@ -95,17 +94,7 @@ def cancel_run(run_id: int, session: DbDep, live: RedisDep):
     run = get_run(session, run_id)
     if is_terminal(run.status):
         raise HTTPException(409, detail=f"run {run_id} already ended ({run.status})")
-    run.cancel_requested = True
-    if run.status == "queued":
-        run.status = "cancelled"
-        run.finished_at = utcnow()
-    session.commit()
-    try:
-        live.set(run_cancel_key(run_id), "1", ex=7 * 24 * 3600)
-    except redis.RedisError:
-        pass  # the worker also polls the database flag
-    if run.status == "cancelled":
-        publish_end(live, run)
+    cancel_runs(session, live, [run])
     return read_run(run_id, session)
 
 

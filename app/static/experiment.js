@@ -1,6 +1,6 @@
 // The experiment pages: the start form (/experiments/new) and one experiment's live runs
-// table, accuracy-against-budget chart, paper-style table and what more labels would buy
-// (/experiments/{id}).
+// table, accuracy-against-budget chart, paper-style table, what more labels would buy, and
+// cancel-all and delete (/experiments/{id}).
 import {
   badge, budgetChart, follow, getJSON, h, isNumber, pageData, pct, TERMINAL,
 } from "/static/charts.js";
@@ -291,6 +291,54 @@ export function experimentPage() {
     document.getElementById("experiment-status").replaceChildren(badge(status));
   }
 
+  // Cancel all while a run has not ended; delete once every run has.
+  let cancelling = false; // asked to cancel: running runs stop within about one iteration
+  const active = () => [...runs.values()].filter((run) => !TERMINAL.has(run.status));
+  function drawActions() {
+    const left = active().length;
+    if (left === 0) cancelling = false;
+    const cancelAll = document.getElementById("cancel-all");
+    cancelAll.hidden = left === 0;
+    cancelAll.disabled = cancelling;
+    cancelAll.textContent = cancelling ? "Cancelling…" : "Cancel all runs";
+    document.getElementById("delete-experiment").hidden = left > 0;
+  }
+
+  // Follow the feed while a run has not ended; it ends with the last run, and starts again
+  // when a run is queued again (from its own page, say).
+  let feed = null;
+  const liveState = document.getElementById("live-state");
+  function watch() {
+    if (feed || active().length === 0) return;
+    feed = follow(`/api/experiments/${id}/events`, {
+      onEvent,
+      isLast: (event) => event.type === "experiment_end",
+      onResync: refreshSoon,
+      onState: (state) => {
+        liveState.textContent = state === "live" ? "● live" : state === "ended" ? "" : "reconnecting…";
+        if (state === "ended") feed = null;
+      },
+    });
+  }
+
+  // The API's answer (a read or the cancel) is the record: draw every run and the summary.
+  function applyExperiment(fresh) {
+    for (const summary of fresh.runs) {
+      const run = runs.get(summary.id);
+      if (!run) continue;
+      Object.assign(run, summary, { step: Math.max(run.step, summary.step) });
+      drawRun(run);
+    }
+    table = fresh.budget_table;
+    estimates = fresh.label_estimates;
+    drawStatus(fresh.status);
+    markBest();
+    drawResults();
+    drawEstimates();
+    drawActions();
+    watch();
+  }
+
   // The database has the authoritative summary (means, spreads, best); read it again
   // whenever a run ends, at most once per half second.
   let refreshTimer = null;
@@ -298,24 +346,53 @@ export function experimentPage() {
     clearTimeout(refreshTimer);
     refreshTimer = setTimeout(async () => {
       try {
-        const fresh = await getJSON(`/api/experiments/${id}`);
-        for (const summary of fresh.runs) {
-          const run = runs.get(summary.id);
-          if (!run) continue;
-          Object.assign(run, summary, { step: Math.max(run.step, summary.step) });
-          drawRun(run);
-        }
-        table = fresh.budget_table;
-        estimates = fresh.label_estimates;
-        drawStatus(fresh.status);
-        markBest();
-        drawResults();
-        drawEstimates();
+        applyExperiment(await getJSON(`/api/experiments/${id}`));
       } catch (error) {
         console.warn("experiment refresh failed:", error.message);
       }
     }, 500);
   }
+
+  const actionError = document.getElementById("action-error");
+  const plural = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
+
+  document.getElementById("cancel-all").addEventListener("click", async () => {
+    const left = active();
+    if (left.length === 0) return;
+    const queued = left.filter((run) => run.status === "queued").length;
+    const running = left.length - queued;
+    const what = [
+      queued ? `${queued} queued ${queued === 1 ? "ends" : "end"} at once` : null,
+      running ? `${running} running ${running === 1 ? "stops" : "stop"} within about one iteration` : null,
+    ].filter(Boolean).join("; ");
+    if (!window.confirm(`Cancel the ${plural(left.length, "run")} of this experiment not yet ended? ${what[0].toUpperCase()}${what.slice(1)}.`)) return;
+    actionError.textContent = "";
+    cancelling = true;
+    drawActions();
+    try {
+      applyExperiment(await getJSON(`/api/experiments/${id}/cancel`, { method: "POST" }));
+    } catch (error) {
+      cancelling = false;
+      actionError.textContent = `Could not cancel: ${error.message}`;
+      refreshSoon();
+    }
+  });
+
+  document.getElementById("delete-experiment").addEventListener("click", async () => {
+    if (!window.confirm(`Delete “${initial.name}” with its ${plural(runs.size, "run")}, their ` +
+      "checkpoints and downloads? The dataset stays. This cannot be undone.")) return;
+    actionError.textContent = "";
+    const button = document.getElementById("delete-experiment");
+    button.disabled = true;
+    try {
+      await getJSON(`/api/experiments/${id}`, { method: "DELETE" });
+      window.location.assign("/experiments");
+    } catch (error) {
+      button.disabled = false;
+      actionError.textContent = `Could not delete: ${error.message}`;
+      refreshSoon();
+    }
+  });
 
   function onEvent(event) {
     if (event.type === "experiment_end") {
@@ -333,6 +410,7 @@ export function experimentPage() {
       if (isNumber(event.metrics?.test_top1)) run.test_top1 = event.metrics.test_top1;
     }
     drawRun(run);
+    drawActions();
     // A run that starts or ends changes the summary (means, best, the experiment's status).
     // The record also settles what a replay of old events showed on the way.
     if (event.type === "status" || event.type === "end") refreshSoon();
@@ -343,13 +421,6 @@ export function experimentPage() {
   markBest();
   drawResults();
   drawEstimates();
-  const liveState = document.getElementById("live-state");
-  if (![...runs.values()].every((run) => TERMINAL.has(run.status))) {
-    follow(`/api/experiments/${id}/events`, {
-      onEvent,
-      isLast: (event) => event.type === "experiment_end",
-      onResync: refreshSoon,
-      onState: (state) => { liveState.textContent = state === "live" ? "● live" : state === "ended" ? "" : "reconnecting…"; },
-    });
-  }
+  drawActions();
+  watch();
 }

@@ -1,0 +1,375 @@
+"""Stopping a whole sweep and deleting an experiment: cancel-all ends queued runs at once and
+flags running ones; delete is refused while a run is active and otherwise takes the runs, their
+rows, folders and live feeds with it, leaving the dataset and its other experiments alone.
+Real uvicorn, Redis and SQLite (and PostgreSQL); no worker, so queued runs stay queued and a
+running run is one the test marks running, as a worker would."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from app.db import session_scope
+from app.live import experiment_stream_key, publish_end, run_cancel_key, run_stream_key
+from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
+from tests.browser import open_browser
+from tests.support import app_env, start_server
+from tests.test_datasets_support import dataset_server
+from tests.test_lost_runs import sse_events
+
+SWEEP = {
+    "backbone": "test_efficientnet", "preset": "quick", "methods": ["fine-tune", "self-tuning"],
+    "budgets": [0.5], "seeds": [0, 1],
+    "overrides": {"pretrained": False, "image_size": 32, "batch_size": 8, "iterations": 20},
+}
+
+
+def add_dataset(database_url: str) -> int:
+    """A dataset row is all an experiment needs until a worker trains it."""
+    with session_scope(database_url) as session:
+        dataset = Dataset(name="shapes", storage_key=f"k{time.time_ns()}", fingerprint="0" * 64,
+                          class_names=["a", "b"],
+                          class_counts={"a": {"train": 10, "test": 2},
+                                        "b": {"train": 10, "test": 2}})
+        session.add(dataset)
+        session.flush()
+        return dataset.id
+
+
+def start_sweep(client: httpx.Client, dataset_id: int, **changes) -> tuple[int, list[int]]:
+    created = client.post("/api/experiments", json={"dataset_id": dataset_id, **SWEEP, **changes})
+    assert created.status_code == 201, created.text
+    body = created.json()
+    return body["id"], [run["id"] for run in body["runs"]]
+
+
+def mark_running(database_url: str, run_id: int) -> None:
+    """What a worker does when it takes a run."""
+    with session_scope(database_url) as session:
+        run = session.get(Run, run_id)
+        run.status, run.worker, run.attempts = "running", "test@host", 1
+        run.started_at = run.heartbeat_at = utcnow()
+
+
+def end_as_worker(database_url: str, live: redis.Redis, run_id: int, status: str) -> None:
+    """What a worker does when its run stops: the record first, then the feeds' end event."""
+    with session_scope(database_url) as session:
+        run = session.get(Run, run_id)
+        run.status, run.finished_at = status, utcnow()
+    publish_end(live, run)
+
+
+def add_run_files(data_dir: Path, database_url: str, run_id: int) -> Path:
+    """A run folder with a checkpoint and an export, recorded as the worker records them."""
+    folder = data_dir / "runs" / str(run_id)
+    folder.mkdir(parents=True)
+    (folder / "train_state.pt").write_bytes(b"\0" * 1024)
+    (folder / "model.safetensors").write_bytes(b"\0" * 2048)
+    with session_scope(database_url) as session:
+        session.add(Artifact(run_id=run_id, name="model.safetensors",
+                             path=f"runs/{run_id}/model.safetensors", size_bytes=2048,
+                             sha256="0" * 64))
+        session.add(RunMetric(run_id=run_id, kind="eval", step=10, values={"test_top1": 0.5}))
+    return folder
+
+
+def rows_of_runs(database_url: str, run_ids: list[int]) -> dict[str, int]:
+    with session_scope(database_url) as session:
+        return {
+            model.__name__: session.scalar(
+                select(func.count()).select_from(model).where(column.in_(run_ids)))
+            for model, column in ((Run, Run.id), (RunMetric, RunMetric.run_id),
+                                  (Artifact, Artifact.run_id))
+        }
+
+
+def statuses(client: httpx.Client, experiment_id: int) -> dict[int, str]:
+    body = client.get(f"/api/experiments/{experiment_id}").json()
+    return {run["id"]: run["status"] for run in body["runs"]}
+
+
+def test_cancel_all_ends_queued_runs_at_once_and_flags_the_running_one(live_server):
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset(database_url)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, dataset_id)
+        other_id, other_runs = start_sweep(client, dataset_id, seeds=[0])
+        running, *queued = run_ids
+        mark_running(database_url, running)
+
+        response = client.post(f"/api/experiments/{experiment_id}/cancel")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["id"] == experiment_id and body["status"] == "running"
+        assert {run["id"]: run["status"] for run in body["runs"]} == {
+            running: "running", **{run_id: "cancelled" for run_id in queued}}
+        with session_scope(database_url) as session:
+            runs = {run.id: run for run in session.scalars(
+                select(Run).where(Run.experiment_id == experiment_id))}
+        assert all(run.cancel_requested for run in runs.values())
+        assert all(runs[run_id].finished_at is not None for run_id in queued)
+        assert runs[running].finished_at is None
+        # The running run's worker checks this key every iteration.
+        assert live.get(run_cancel_key(running)) == "1"
+        # Pages learn at once that the queued runs ended.
+        for run_id in queued:
+            [(_, entry)] = live.xrange(run_stream_key(run_id))
+            event = json.loads(entry["data"])
+            assert (event["type"], event["run_id"], event["status"]) == ("end", run_id, "cancelled")
+        assert live.xlen(experiment_stream_key(experiment_id)) == len(queued)
+        # Another experiment on the same dataset is not touched.
+        assert set(statuses(client, other_id).values()) == {"queued"}
+
+        # Again: nothing more to cancel, the same answer.
+        again = client.post(f"/api/experiments/{experiment_id}/cancel")
+        assert again.status_code == 200
+        assert statuses(client, experiment_id) == {
+            running: "running", **{run_id: "cancelled" for run_id in queued}}
+        assert live.xlen(experiment_stream_key(experiment_id)) == len(queued)
+        assert client.post(f"/api/runs/{queued[0]}/cancel").status_code == 409
+
+        # The worker sees the flag and stops: the experiment's feed ends with every run.
+        end_as_worker(database_url, live, running, "cancelled")
+        feed = sse_events(client, f"/api/experiments/{experiment_id}/events")
+        assert feed[-1] == {"type": "experiment_end", "experiment_id": experiment_id,
+                            "runs": {str(run_id): "cancelled" for run_id in run_ids}}
+        assert client.get(f"/api/experiments/{experiment_id}").json()["status"] == "cancelled"
+        assert client.post(f"/api/experiments/{experiment_id}/cancel").json()["status"] == (
+            "cancelled")
+
+        assert client.post("/api/experiments/999999/cancel").status_code == 404
+
+
+def test_a_sweep_of_queued_runs_cancelled_at_once_ends_its_feed(live_server):
+    dataset_id = add_dataset(live_server.database_url)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, dataset_id)
+        assert client.post(f"/api/experiments/{experiment_id}/cancel").json()["status"] == (
+            "cancelled")
+        feed = sse_events(client, f"/api/experiments/{experiment_id}/events")
+        assert feed[0]["type"] == "end" and feed[0]["status"] == "cancelled"
+        assert feed[-1] == {"type": "experiment_end", "experiment_id": experiment_id,
+                            "runs": {str(run_id): "cancelled" for run_id in run_ids}}
+
+
+def test_delete_is_refused_while_a_run_runs_then_takes_runs_files_and_feeds(live_server):
+    database_url, data_dir = live_server.database_url, live_server.data_dir
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset(database_url)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, dataset_id)
+        other_id, other_runs = start_sweep(client, dataset_id, seeds=[0])
+        folders = [add_run_files(data_dir, database_url, run_id) for run_id in run_ids]
+        other_folder = add_run_files(data_dir, database_url, other_runs[0])
+        # The other experiment has live feeds of its own, which must survive.
+        assert client.post(f"/api/runs/{other_runs[0]}/cancel").status_code == 200
+        mark_running(database_url, run_ids[0])
+
+        refused = client.delete(f"/api/experiments/{experiment_id}")
+        assert refused.status_code == 409
+        detail = refused.json()["detail"]
+        assert "4 queued or running run(s)" in detail and "cancel" in detail
+        assert client.get(f"/api/experiments/{experiment_id}").status_code == 200
+        assert all(folder.is_dir() for folder in folders)
+        assert rows_of_runs(database_url, run_ids) == {"Run": 4, "RunMetric": 4, "Artifact": 4}
+
+        client.post(f"/api/experiments/{experiment_id}/cancel")
+        still = client.delete(f"/api/experiments/{experiment_id}")
+        assert still.status_code == 409 and "1 queued or running" in still.json()["detail"]
+
+        end_as_worker(database_url, live, run_ids[0], "cancelled")
+        assert live.exists(run_stream_key(run_ids[0]), experiment_stream_key(experiment_id)) == 2
+        deleted = client.delete(f"/api/experiments/{experiment_id}")
+        assert deleted.status_code == 204, deleted.text
+
+        assert client.get(f"/api/experiments/{experiment_id}").status_code == 404
+        for run_id in run_ids:
+            assert client.get(f"/api/runs/{run_id}").status_code == 404
+            assert client.get(f"/api/runs/{run_id}/events").status_code == 404
+        assert experiment_id not in {e["id"] for e in client.get("/api/experiments").json()}
+        assert rows_of_runs(database_url, run_ids) == {"Run": 0, "RunMetric": 0, "Artifact": 0}
+        assert not any(folder.exists() for folder in folders)
+        keys = [experiment_stream_key(experiment_id)] + [
+            key for run_id in run_ids for key in (run_stream_key(run_id), run_cancel_key(run_id))]
+        assert live.exists(*keys) == 0
+
+        # The dataset and its other experiment stay, with their files and feeds.
+        with session_scope(database_url) as session:
+            assert session.get(Dataset, dataset_id) is not None
+            assert session.get(Experiment, other_id) is not None
+        assert statuses(client, other_id) == {other_runs[0]: "cancelled",
+                                              **{r: "queued" for r in other_runs[1:]}}
+        assert rows_of_runs(database_url, other_runs[:1]) == {
+            "Run": 1, "RunMetric": 1, "Artifact": 1}
+        assert other_folder.is_dir()
+        assert live.exists(run_stream_key(other_runs[0]), experiment_stream_key(other_id)) == 2
+
+        assert client.delete(f"/api/experiments/{experiment_id}").status_code == 404
+        assert client.post(f"/api/experiments/{experiment_id}/cancel").status_code == 404
+
+
+def test_a_sweep_that_gets_the_deleted_ids_starts_clean(live_server):
+    """SQLite gives a deleted row's id to the next row: the new runs must find neither the old
+    checkpoints (they would resume from them) nor the old live events (pages would replay them)."""
+    database_url, data_dir = live_server.database_url, live_server.data_dir
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset(database_url)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, dataset_id)
+        for run_id in run_ids:
+            add_run_files(data_dir, database_url, run_id)
+        client.post(f"/api/experiments/{experiment_id}/cancel")
+        assert client.delete(f"/api/experiments/{experiment_id}").status_code == 204
+
+        again_id, again_runs = start_sweep(client, dataset_id)
+        assert (again_id, again_runs) == (experiment_id, run_ids)  # the same ids
+        assert not any((data_dir / "runs" / str(run_id)).exists() for run_id in again_runs)
+        assert live.exists(experiment_stream_key(again_id),
+                           *[run_stream_key(run_id) for run_id in again_runs],
+                           *[run_cancel_key(run_id) for run_id in again_runs]) == 0
+        assert rows_of_runs(database_url, again_runs) == {"Run": 4, "RunMetric": 0, "Artifact": 0}
+        assert set(statuses(client, again_id).values()) == {"queued"}
+
+
+def test_runs_that_get_the_ids_of_a_deleted_datasets_runs_start_clean(live_server):
+    """The same for a deleted dataset: its runs' cancel flags (a run cancelled while queued
+    keeps one for days) would stop a new run with the same id at once."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset(database_url)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, dataset_id)
+        client.post(f"/api/experiments/{experiment_id}/cancel")
+        assert live.exists(*[run_cancel_key(run_id) for run_id in run_ids]) == len(run_ids)
+        assert client.delete(f"/api/datasets/{dataset_id}").status_code == 204
+
+        again_id, again_runs = start_sweep(client, add_dataset(database_url))
+        assert (again_id, again_runs) == (experiment_id, run_ids)  # the same ids
+        assert live.exists(experiment_stream_key(again_id),
+                           *[run_stream_key(run_id) for run_id in again_runs],
+                           *[run_cancel_key(run_id) for run_id in again_runs]) == 0
+
+
+def test_delete_works_on_postgresql(tmp_path: Path, redis_url: str, postgres_url: str):
+    live = redis.Redis.from_url(redis_url, decode_responses=True)
+    with (
+        dataset_server(tmp_path, redis_url, database_url=postgres_url) as server,
+        server.client() as client,
+    ):
+        dataset_id = add_dataset(postgres_url)
+        experiment_id, run_ids = start_sweep(client, dataset_id)
+        other_id, _ = start_sweep(client, dataset_id, seeds=[0])
+        folders = [add_run_files(server.data_dir, postgres_url, run_id) for run_id in run_ids]
+        mark_running(postgres_url, run_ids[0])
+
+        assert client.delete(f"/api/experiments/{experiment_id}").status_code == 409
+        cancelled = client.post(f"/api/experiments/{experiment_id}/cancel").json()
+        assert [run["status"] for run in cancelled["runs"]] == ["running"] + ["cancelled"] * 3
+        end_as_worker(postgres_url, live, run_ids[0], "failed")
+
+        assert client.delete(f"/api/experiments/{experiment_id}").status_code == 204
+        assert client.get(f"/api/experiments/{experiment_id}").status_code == 404
+        assert rows_of_runs(postgres_url, run_ids) == {"Run": 0, "RunMetric": 0, "Artifact": 0}
+        assert not any(folder.exists() for folder in folders)
+        assert live.exists(experiment_stream_key(experiment_id),
+                           *[run_stream_key(run_id) for run_id in run_ids]) == 0
+        assert set(statuses(client, other_id).values()) == {"queued"}
+
+
+def test_cancel_all_and_delete_need_the_api_token(settings, tmp_path: Path):
+    token = "correct-horse-battery-staple"
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_API_TOKEN=token)
+    url, web = start_server(env, tmp_path / "web.log")
+    dataset_id = add_dataset(settings.sqlalchemy_url)
+    try:
+        with httpx.Client(base_url=url, timeout=60,
+                          headers={"Authorization": f"Bearer {token}"}) as client:
+            experiment_id, run_ids = start_sweep(client, dataset_id)
+        with httpx.Client(base_url=url, timeout=60) as anonymous:
+            for method, path in (("POST", f"/api/experiments/{experiment_id}/cancel"),
+                                 ("DELETE", f"/api/experiments/{experiment_id}")):
+                response = anonymous.request(method, path)
+                assert response.status_code == 401, (method, path, response.text)
+                assert response.headers["www-authenticate"] == "Bearer"
+        with session_scope(settings.sqlalchemy_url) as session:
+            assert {run.status for run in session.scalars(
+                select(Run).where(Run.id.in_(run_ids)))} == {"queued"}
+    finally:
+        web.stop()
+
+
+@pytest.mark.browser
+def test_experiment_page_cancels_every_run_live_then_deletes_the_experiment(
+    live_server, request
+):
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset(database_url)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, dataset_id)
+        other_id, _ = start_sweep(client, dataset_id, seeds=[0])
+    mark_running(database_url, run_ids[0])
+    dialogs: list[str] = []
+    badges = "[...document.querySelectorAll('#runs tbody .badge')].map((b) => b.textContent)"
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#live-state:has-text('live')")
+        page.evaluate("window.sameDocument = true")
+        assert page.is_visible("#cancel-all") and page.is_hidden("#delete-experiment")
+        browser.screenshot("1-active")
+
+        page.click("#cancel-all")
+        page.wait_for_function(f"{badges}.filter((s) => s === 'cancelled').length === 3")
+        assert "Cancel the 4 runs" in dialogs[-1]
+        assert "3 queued end at once" in dialogs[-1] and "1 running stops" in dialogs[-1]
+        assert page.inner_text("#cancel-all") == "Cancelling…"
+        assert page.is_disabled("#cancel-all") and page.is_hidden("#delete-experiment")
+
+        # The worker stops the running run: the page hears it on the live feed.
+        end_as_worker(database_url, live, run_ids[0], "cancelled")
+        page.wait_for_function(f"{badges}.every((s) => s === 'cancelled')")
+        page.wait_for_selector("#delete-experiment:not([hidden])")
+        assert page.is_hidden("#cancel-all")
+        page.wait_for_function("document.getElementById('live-state').textContent === ''")
+        page.wait_for_selector("#experiment-status .badge.cancelled")  # the last refresh
+        assert page.evaluate("window.sameDocument") is True  # no reload
+        browser.screenshot("2-all-cancelled")
+
+        # Someone queued a run again behind the page's back: the delete is refused inline.
+        with live_server.client() as client:
+            assert client.post(f"/api/runs/{run_ids[1]}/requeue").status_code == 200
+        page.click("#delete-experiment")
+        page.wait_for_selector("#action-error:has-text('queued or running')")
+        assert "4 runs" in dialogs[-1]
+        page.wait_for_selector("#cancel-all:not([hidden])")
+        assert page.is_hidden("#delete-experiment")
+        page.wait_for_selector("#live-state:has-text('live')")  # following the run again
+        browser.screenshot("3-delete-refused")
+        page.click("#cancel-all")
+        page.wait_for_selector("#delete-experiment:not([hidden])")
+        assert "Cancel the 1 run " in dialogs[-1]
+        assert page.inner_text("#action-error") == ""
+        page.wait_for_function("document.getElementById('live-state').textContent === ''")
+        assert page.evaluate("window.sameDocument") is True
+
+        page.click("#delete-experiment")
+        page.wait_for_url(f"{live_server.url}/experiments")
+        assert page.locator(f"a[href='/experiments/{experiment_id}']").count() == 0
+        assert page.locator(f"a[href='/experiments/{other_id}']").count() == 1
+        browser.screenshot("4-deleted")
+        browser.assert_no_errors(expected=("status of 409",))
+
+    with live_server.client() as client:
+        assert client.get(f"/api/experiments/{experiment_id}").status_code == 404
+        assert all(client.get(f"/api/runs/{run_id}").status_code == 404 for run_id in run_ids)

@@ -250,9 +250,8 @@ def delete_experiment_with_runs(session: Session, settings: Settings, live: redi
         session.execute(delete(Run).where(Run.id.in_(run_ids)))
     session.execute(delete(Experiment).where(Experiment.id == experiment_id))
     session.commit()
-    # Files and feeds go after the commit: a crash here leaves only invisible orphans. They
-    # must go, though: SQLite hands a deleted row's id to the next row, and a new run with
-    # the old id would otherwise find the old checkpoint (and the old feed: forget_feeds).
+    # Files and feeds go after the commit: a crash here leaves only invisible orphans (ids
+    # are never reused, so no later run can mistake them for its own).
     for run_id in run_ids:
         shutil.rmtree(settings.runs_dir / str(run_id), ignore_errors=True)
     forget_feeds(live, [experiment_id], run_ids)

@@ -70,9 +70,8 @@ def publish_ends(client: redis.Redis, runs: list[Any]) -> None:
 
 
 def forget_feeds(client: redis.Redis, experiment_ids: list[int], run_ids: list[int]) -> None:
-    """Delete the live feeds and cancel flags of deleted experiments and runs. SQLite hands a
-    deleted row's id to the next row: a new run with an old id would otherwise replay the old
-    feed, or find the old cancel flag and stop at once."""
+    """Delete the live feeds and cancel flags of deleted experiments and runs: nothing reads
+    them again, since ids are never handed out twice (migration 0004)."""
     keys = [experiment_stream_key(experiment_id) for experiment_id in experiment_ids]
     keys += [key for run_id in run_ids for key in (run_stream_key(run_id), run_cancel_key(run_id))]
     if not keys:

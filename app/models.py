@@ -20,6 +20,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# SQLite would otherwise give a deleted row's id to the next row (migration 0004).
+NEVER_REUSE_IDS = {"sqlite_autoincrement": True}
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -33,6 +36,7 @@ class Dataset(Base):
     """An uploaded, verified image collection stored under `data_dir/datasets/<storage_key>`."""
 
     __tablename__ = "datasets"
+    __table_args__ = (NEVER_REUSE_IDS,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -59,7 +63,8 @@ class DatasetImage(Base):
     """One stored image: its split (train/test/unlabeled) and class index where labeled."""
 
     __tablename__ = "dataset_images"
-    __table_args__ = (Index("ix_dataset_images_dataset_split", "dataset_id", "split"),)
+    __table_args__ = (Index("ix_dataset_images_dataset_split", "dataset_id", "split"),
+                      NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
@@ -78,6 +83,7 @@ class Experiment(Base):
     """One submission: methods x budgets x seeds on a dataset, expanded into runs."""
 
     __tablename__ = "experiments"
+    __table_args__ = (NEVER_REUSE_IDS,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), default="")
@@ -97,7 +103,7 @@ class Run(Base):
     """One training job: a method at a budget and seed. queued -> running -> terminal."""
 
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_status", "status"),)
+    __table_args__ = (Index("ix_runs_status", "status"), NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"))
@@ -134,7 +140,8 @@ class RunMetric(Base):
     """One point of a run's time series (a progress or an eval event), unique per step."""
 
     __tablename__ = "run_metrics"
-    __table_args__ = (UniqueConstraint("run_id", "kind", "step", name="uq_run_metrics_point"),)
+    __table_args__ = (UniqueConstraint("run_id", "kind", "step", name="uq_run_metrics_point"),
+                      NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
@@ -148,7 +155,8 @@ class Artifact(Base):
     """A file a run produced, stored under `data_dir/runs/<run id>/`."""
 
     __tablename__ = "artifacts"
-    __table_args__ = (UniqueConstraint("run_id", "name", name="uq_artifacts_run_name"),)
+    __table_args__ = (UniqueConstraint("run_id", "name", name="uq_artifacts_run_name"),
+                      NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)

@@ -215,9 +215,10 @@ def test_delete_is_refused_while_a_run_runs_then_takes_runs_files_and_feeds(live
         assert client.post(f"/api/experiments/{experiment_id}/cancel").status_code == 404
 
 
-def test_a_sweep_that_gets_the_deleted_ids_starts_clean(live_server):
-    """SQLite gives a deleted row's id to the next row: the new runs must find neither the old
-    checkpoints (they would resume from them) nor the old live events (pages would replay them)."""
+def test_a_sweep_after_a_delete_gets_new_ids_and_starts_clean(live_server):
+    """Ids are never reused (migration 0004: SQLite would hand the deleted rows' ids to the
+    next ones), and nothing of the deleted runs stays behind under their ids: no checkpoint
+    (a run would resume from it), no live events (a page would replay them), no cancel flag."""
     database_url, data_dir = live_server.database_url, live_server.data_dir
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
     dataset_id = add_dataset(database_url)
@@ -229,18 +230,19 @@ def test_a_sweep_that_gets_the_deleted_ids_starts_clean(live_server):
         assert client.delete(f"/api/experiments/{experiment_id}").status_code == 204
 
         again_id, again_runs = start_sweep(client, dataset_id)
-        assert (again_id, again_runs) == (experiment_id, run_ids)  # the same ids
-        assert not any((data_dir / "runs" / str(run_id)).exists() for run_id in again_runs)
-        assert live.exists(experiment_stream_key(again_id),
-                           *[run_stream_key(run_id) for run_id in again_runs],
-                           *[run_cancel_key(run_id) for run_id in again_runs]) == 0
+        assert again_id > experiment_id and min(again_runs) > max(run_ids)
+        assert client.get(f"/api/runs/{run_ids[-1]}").status_code == 404
+        assert not any((data_dir / "runs" / str(run_id)).exists() for run_id in run_ids)
+        assert live.exists(experiment_stream_key(experiment_id),
+                           *[run_stream_key(run_id) for run_id in run_ids],
+                           *[run_cancel_key(run_id) for run_id in run_ids]) == 0
         assert rows_of_runs(database_url, again_runs) == {"Run": 4, "RunMetric": 0, "Artifact": 0}
         assert set(statuses(client, again_id).values()) == {"queued"}
 
 
-def test_runs_that_get_the_ids_of_a_deleted_datasets_runs_start_clean(live_server):
-    """The same for a deleted dataset: its runs' cancel flags (a run cancelled while queued
-    keeps one for days) would stop a new run with the same id at once."""
+def test_a_deleted_datasets_runs_leave_no_feeds_or_cancel_flags(live_server):
+    """The same for a deleted dataset: its runs' feeds and cancel flags (a run cancelled while
+    queued keeps one for days) go with it, and the ids are not handed out again."""
     database_url = live_server.database_url
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
     dataset_id = add_dataset(database_url)
@@ -250,11 +252,13 @@ def test_runs_that_get_the_ids_of_a_deleted_datasets_runs_start_clean(live_serve
         assert live.exists(*[run_cancel_key(run_id) for run_id in run_ids]) == len(run_ids)
         assert client.delete(f"/api/datasets/{dataset_id}").status_code == 204
 
-        again_id, again_runs = start_sweep(client, add_dataset(database_url))
-        assert (again_id, again_runs) == (experiment_id, run_ids)  # the same ids
-        assert live.exists(experiment_stream_key(again_id),
-                           *[run_stream_key(run_id) for run_id in again_runs],
-                           *[run_cancel_key(run_id) for run_id in again_runs]) == 0
+        assert live.exists(experiment_stream_key(experiment_id),
+                           *[run_stream_key(run_id) for run_id in run_ids],
+                           *[run_cancel_key(run_id) for run_id in run_ids]) == 0
+        new_dataset = add_dataset(database_url)
+        again_id, again_runs = start_sweep(client, new_dataset)
+        assert new_dataset > dataset_id
+        assert again_id > experiment_id and min(again_runs) > max(run_ids)
 
 
 def test_delete_works_on_postgresql(tmp_path: Path, redis_url: str, postgres_url: str):

@@ -225,3 +225,48 @@ def test_sqlite_runs_queued_before_0003_count_as_queued_when_created(tmp_path):
 
 def test_postgresql_runs_queued_before_0003_count_as_queued_when_created(postgres_url):
     runs_queued_before_0003_count_as_queued_when_created(postgres_url)
+
+
+def test_sqlite_never_gives_a_deleted_rows_id_to_a_new_row(tmp_path):
+    """Migration 0004: rows from before it keep their ids, links and indexes; after it, the
+    newest experiment or run deleted does not lend its id to the next one (a bookmark, an API
+    client or a cached thumbnail would meet another row)."""
+    url = f"sqlite:///{tmp_path / 'selftune.db'}"
+    command.upgrade(alembic_config(url), "0003")
+    with session_scope(url) as session:
+        dataset = Dataset(name="d", storage_key="k", fingerprint="f" * 64, class_names=["a"],
+                          class_counts={}, size_bytes=1)
+        session.add(dataset)
+        session.flush()
+        session.add(DatasetImage(dataset_id=dataset.id, path="0.png", original_path="a/0.png",
+                                 split="train", label=0, sha256="0" * 64, width=8, height=8))
+        experiment = Experiment(dataset_id=dataset.id, backbone="b", methods=["fine-tune"],
+                                budgets=[0.05], seeds=[0], preset="quick", overrides={})
+        session.add(experiment)
+        session.flush()
+        session.execute(Run.__table__.insert().values(
+            experiment_id=experiment.id, dataset_id=dataset.id, method="fine-tune",
+            budget=0.05, budget_label="5%", config={}))
+    upgrade_to_head(url)
+    with session_scope(url) as session:
+        run = session.scalars(select(Run)).one()
+        assert (run.id, run.experiment_id, run.dataset_id) == (1, 1, 1)
+        assert session.scalars(select(DatasetImage.dataset_id)).all() == [1]
+        session.delete(run)
+        session.flush()
+        session.delete(session.get(Experiment, 1))
+        session.flush()
+        session.add(Experiment(dataset_id=1, backbone="b", methods=["fine-tune"],
+                               budgets=[0.05], seeds=[0], preset="quick", overrides={}))
+        session.flush()
+        assert session.scalars(select(Experiment.id)).all() == [2]
+    indexes = {index["name"] for table in ("runs", "dataset_images")
+               for index in inspect(get_engine(url)).get_indexes(table)}
+    assert indexes == {"ix_runs_status", "ix_dataset_images_dataset_split"}
+    with session_scope(url) as session:  # cascades still hold: the images go with the dataset
+        session.execute(Experiment.__table__.delete())
+        session.delete(session.get(Dataset, 1))
+    with session_scope(url) as session:
+        assert session.scalars(select(DatasetImage)).all() == []
+    command.downgrade(alembic_config(url), "0003")
+    get_engine(url).dispose()

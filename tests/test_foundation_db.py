@@ -81,26 +81,38 @@ def test_postgresql_migrates_to_head_and_round_trips(postgres_url):
     migrate_down_and_up(postgres_url)
 
 
-def runs_recorded_before_labeled_query_view(url: str) -> None:
-    """Migration 0002: configs stored under 0001 gain the strong view they trained with;
-    newer ones keep theirs; downgrading removes the key that older code would reject.
-    (Runs are written and read column by column: the model has columns added after 0002.)"""
-    command.upgrade(alembic_config(url), "0001")
+def add_rows_at_an_older_schema(url: str, method: str, configs: list[dict],
+                                overrides: dict | None = None) -> int:
+    """A dataset, an experiment and one run per config, as an older schema holds them. Runs
+    are written column by column: the model has columns that older schemas lack. Returns the
+    dataset's id."""
     with session_scope(url) as session:
         dataset = Dataset(name="d", storage_key="k", fingerprint="f" * 64, class_names=["a"],
                           class_counts={}, size_bytes=1)
         session.add(dataset)
         session.flush()
-        experiment = Experiment(dataset_id=dataset.id, backbone="b", methods=["self-tuning"],
+        experiment = Experiment(dataset_id=dataset.id, backbone="b", methods=[method],
                                 budgets=[0.05], seeds=[0], preset="quick",
-                                overrides={"labeled_query_view": "weak"})
+                                overrides=overrides or {})
         session.add(experiment)
         session.flush()
-        for config in ({"iterations": 10}, {"iterations": 10, "labeled_query_view": "weak"},
-                       {}):
+        for config in configs:
             session.execute(Run.__table__.insert().values(
-                experiment_id=experiment.id, dataset_id=dataset.id, method="self-tuning",
+                experiment_id=experiment.id, dataset_id=dataset.id, method=method,
                 budget=0.05, budget_label="5%", config=config))
+        return dataset.id
+
+
+def runs_recorded_before_labeled_query_view(url: str) -> None:
+    """Migration 0002: configs stored under 0001 gain the strong view they trained with;
+    newer ones keep theirs; downgrading removes the key that older code would reject.
+    (Runs are written and read column by column: the model has columns added after 0002.)"""
+    command.upgrade(alembic_config(url), "0001")
+    add_rows_at_an_older_schema(
+        url, "self-tuning",
+        [{"iterations": 10}, {"iterations": 10, "labeled_query_view": "weak"}, {}],
+        overrides={"labeled_query_view": "weak"},
+    )
     command.upgrade(alembic_config(url), "0002")
     with session_scope(url) as session:
         configs = session.scalars(select(Run.config).order_by(Run.id)).all()
@@ -197,18 +209,7 @@ def runs_queued_before_0003_count_as_queued_when_created(url: str) -> None:
     """Migration 0003: a run's queue position follows `queued_at`; runs recorded before it
     were queued when they were created."""
     command.upgrade(alembic_config(url), "0002")
-    with session_scope(url) as session:
-        dataset = Dataset(name="d", storage_key="k", fingerprint="f" * 64, class_names=["a"],
-                          class_counts={}, size_bytes=1)
-        session.add(dataset)
-        session.flush()
-        experiment = Experiment(dataset_id=dataset.id, backbone="b", methods=["fine-tune"],
-                                budgets=[0.05], seeds=[0], preset="quick", overrides={})
-        session.add(experiment)
-        session.flush()
-        session.execute(Run.__table__.insert().values(
-            experiment_id=experiment.id, dataset_id=dataset.id, method="fine-tune",
-            budget=0.05, budget_label="5%", config={}))
+    add_rows_at_an_older_schema(url, "fine-tune", [{}])
     upgrade_to_head(url)
     with session_scope(url) as session:
         run = session.scalars(select(Run)).one()
@@ -233,20 +234,10 @@ def test_sqlite_never_gives_a_deleted_rows_id_to_a_new_row(tmp_path):
     client or a cached thumbnail would meet another row)."""
     url = f"sqlite:///{tmp_path / 'selftune.db'}"
     command.upgrade(alembic_config(url), "0003")
+    dataset_id = add_rows_at_an_older_schema(url, "fine-tune", [{}])
     with session_scope(url) as session:
-        dataset = Dataset(name="d", storage_key="k", fingerprint="f" * 64, class_names=["a"],
-                          class_counts={}, size_bytes=1)
-        session.add(dataset)
-        session.flush()
-        session.add(DatasetImage(dataset_id=dataset.id, path="0.png", original_path="a/0.png",
+        session.add(DatasetImage(dataset_id=dataset_id, path="0.png", original_path="a/0.png",
                                  split="train", label=0, sha256="0" * 64, width=8, height=8))
-        experiment = Experiment(dataset_id=dataset.id, backbone="b", methods=["fine-tune"],
-                                budgets=[0.05], seeds=[0], preset="quick", overrides={})
-        session.add(experiment)
-        session.flush()
-        session.execute(Run.__table__.insert().values(
-            experiment_id=experiment.id, dataset_id=dataset.id, method="fine-tune",
-            budget=0.05, budget_label="5%", config={}))
     upgrade_to_head(url)
     with session_scope(url) as session:
         run = session.scalars(select(Run)).one()

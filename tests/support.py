@@ -180,3 +180,20 @@ def make_image_archive(
         for n in range(unlabeled):
             archive.writestr(f"train/unlabeled/u_{n:03d}.png", image_bytes(n % len(classes)))
     return path
+
+
+def add_dataset_row(database_url: str, class_counts: dict[str, dict[str, int]] | None = None
+                    ) -> int:
+    """A dataset row without images: all that experiments and runs need until a worker trains
+    them (no image is read before that). Two classes of 10 train + 2 test images unless
+    `class_counts` says otherwise. Returns its id."""
+    from app.db import session_scope
+    from app.models import Dataset
+
+    counts = class_counts or {name: {"train": 10, "test": 2} for name in ("a", "b")}
+    with session_scope(database_url) as session:
+        dataset = Dataset(name="shapes", storage_key=f"k{time.time_ns()}", fingerprint="0" * 64,
+                          class_names=list(counts), class_counts=counts)
+        session.add(dataset)
+        session.flush()
+        return dataset.id

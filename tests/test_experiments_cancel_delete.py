@@ -7,7 +7,6 @@ running run is one the test marks running, as a worker would."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ from app.db import session_scope
 from app.live import experiment_stream_key, publish_end, run_cancel_key, run_stream_key
 from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
 from tests.browser import open_browser
-from tests.support import app_env, start_server
+from tests.support import add_dataset_row, app_env, start_server
 from tests.test_datasets_support import dataset_server
 from tests.test_lost_runs import sse_events
 
@@ -28,18 +27,6 @@ SWEEP = {
     "budgets": [0.5], "seeds": [0, 1],
     "overrides": {"pretrained": False, "image_size": 32, "batch_size": 8, "iterations": 20},
 }
-
-
-def add_dataset(database_url: str) -> int:
-    """A dataset row is all an experiment needs until a worker trains it."""
-    with session_scope(database_url) as session:
-        dataset = Dataset(name="shapes", storage_key=f"k{time.time_ns()}", fingerprint="0" * 64,
-                          class_names=["a", "b"],
-                          class_counts={"a": {"train": 10, "test": 2},
-                                        "b": {"train": 10, "test": 2}})
-        session.add(dataset)
-        session.flush()
-        return dataset.id
 
 
 def start_sweep(client: httpx.Client, dataset_id: int, **changes) -> tuple[int, list[int]]:
@@ -97,7 +84,7 @@ def statuses(client: httpx.Client, experiment_id: int) -> dict[int, str]:
 def test_cancel_all_ends_queued_runs_at_once_and_flags_the_running_one(live_server):
     database_url = live_server.database_url
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
-    dataset_id = add_dataset(database_url)
+    dataset_id = add_dataset_row(database_url)
     with live_server.client() as client:
         experiment_id, run_ids = start_sweep(client, dataset_id)
         other_id, other_runs = start_sweep(client, dataset_id, seeds=[0])
@@ -148,7 +135,7 @@ def test_cancel_all_ends_queued_runs_at_once_and_flags_the_running_one(live_serv
 
 
 def test_a_sweep_of_queued_runs_cancelled_at_once_ends_its_feed(live_server):
-    dataset_id = add_dataset(live_server.database_url)
+    dataset_id = add_dataset_row(live_server.database_url)
     with live_server.client() as client:
         experiment_id, run_ids = start_sweep(client, dataset_id)
         assert client.post(f"/api/experiments/{experiment_id}/cancel").json()["status"] == (
@@ -162,7 +149,7 @@ def test_a_sweep_of_queued_runs_cancelled_at_once_ends_its_feed(live_server):
 def test_delete_is_refused_while_a_run_runs_then_takes_runs_files_and_feeds(live_server):
     database_url, data_dir = live_server.database_url, live_server.data_dir
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
-    dataset_id = add_dataset(database_url)
+    dataset_id = add_dataset_row(database_url)
     with live_server.client() as client:
         experiment_id, run_ids = start_sweep(client, dataset_id)
         other_id, other_runs = start_sweep(client, dataset_id, seeds=[0])
@@ -221,7 +208,7 @@ def test_a_sweep_after_a_delete_gets_new_ids_and_starts_clean(live_server):
     (a run would resume from it), no live events (a page would replay them), no cancel flag."""
     database_url, data_dir = live_server.database_url, live_server.data_dir
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
-    dataset_id = add_dataset(database_url)
+    dataset_id = add_dataset_row(database_url)
     with live_server.client() as client:
         experiment_id, run_ids = start_sweep(client, dataset_id)
         for run_id in run_ids:
@@ -245,7 +232,7 @@ def test_a_deleted_datasets_runs_leave_no_feeds_or_cancel_flags(live_server):
     queued keeps one for days) go with it, and the ids are not handed out again."""
     database_url = live_server.database_url
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
-    dataset_id = add_dataset(database_url)
+    dataset_id = add_dataset_row(database_url)
     with live_server.client() as client:
         experiment_id, run_ids = start_sweep(client, dataset_id)
         client.post(f"/api/experiments/{experiment_id}/cancel")
@@ -255,7 +242,7 @@ def test_a_deleted_datasets_runs_leave_no_feeds_or_cancel_flags(live_server):
         assert live.exists(experiment_stream_key(experiment_id),
                            *[run_stream_key(run_id) for run_id in run_ids],
                            *[run_cancel_key(run_id) for run_id in run_ids]) == 0
-        new_dataset = add_dataset(database_url)
+        new_dataset = add_dataset_row(database_url)
         again_id, again_runs = start_sweep(client, new_dataset)
         assert new_dataset > dataset_id
         assert again_id > experiment_id and min(again_runs) > max(run_ids)
@@ -267,7 +254,7 @@ def test_delete_works_on_postgresql(tmp_path: Path, redis_url: str, postgres_url
         dataset_server(tmp_path, redis_url, database_url=postgres_url) as server,
         server.client() as client,
     ):
-        dataset_id = add_dataset(postgres_url)
+        dataset_id = add_dataset_row(postgres_url)
         experiment_id, run_ids = start_sweep(client, dataset_id)
         other_id, _ = start_sweep(client, dataset_id, seeds=[0])
         folders = [add_run_files(server.data_dir, postgres_url, run_id) for run_id in run_ids]
@@ -292,7 +279,7 @@ def test_cancel_all_and_delete_need_the_api_token(settings, tmp_path: Path):
     env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
                   SELFTUNE_API_TOKEN=token)
     url, web = start_server(env, tmp_path / "web.log")
-    dataset_id = add_dataset(settings.sqlalchemy_url)
+    dataset_id = add_dataset_row(settings.sqlalchemy_url)
     try:
         with httpx.Client(base_url=url, timeout=60,
                           headers={"Authorization": f"Bearer {token}"}) as client:
@@ -316,7 +303,7 @@ def test_experiment_page_cancels_every_run_live_then_deletes_the_experiment(
 ):
     database_url = live_server.database_url
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
-    dataset_id = add_dataset(database_url)
+    dataset_id = add_dataset_row(database_url)
     with live_server.client() as client:
         experiment_id, run_ids = start_sweep(client, dataset_id)
         other_id, _ = start_sweep(client, dataset_id, seeds=[0])

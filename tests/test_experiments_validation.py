@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from sqlalchemy import func, select
 
 from app.config import Settings
 from app.db import session_scope, upgrade_to_head
-from app.models import Dataset, Experiment, Run
+from app.models import Experiment, Run
 from tests.conftest import reset_redis
-from tests.support import LiveServer, app_env, start_server
+from tests.support import LiveServer, add_dataset_row, app_env, start_server
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +38,7 @@ def counts(url: str) -> tuple[int, int]:
 
 @pytest.fixture
 def dataset_id(settings) -> int:
-    """A dataset row is all validation needs (no images are read before a run starts)."""
-    with session_scope(settings.sqlalchemy_url) as session:
-        dataset = Dataset(name="d", storage_key=f"k{time.time_ns()}", fingerprint="0" * 64,
-                          class_names=["a", "b"],
-                          class_counts={"a": {"train": 10, "test": 2},
-                                        "b": {"train": 10, "test": 2}})
-        session.add(dataset)
-        session.flush()
-        return dataset.id
+    return add_dataset_row(settings.sqlalchemy_url)
 
 
 def body(default_dataset_id: int, **changes) -> dict:
@@ -104,14 +94,8 @@ def test_bad_experiment_is_rejected_with_a_message_and_stores_nothing(
 
 
 def test_a_class_without_labeled_images_cannot_get_a_budget(live_server, settings):
-    with session_scope(settings.sqlalchemy_url) as session:
-        dataset = Dataset(name="d", storage_key=f"k{time.time_ns()}", fingerprint="0" * 64,
-                          class_names=["a", "b"],
-                          class_counts={"a": {"train": 3, "test": 1},
-                                        "b": {"train": 0, "test": 2}})
-        session.add(dataset)
-        session.flush()
-        dataset_id = dataset.id
+    dataset_id = add_dataset_row(settings.sqlalchemy_url, {"a": {"train": 3, "test": 1},
+                                                           "b": {"train": 0, "test": 2}})
     with live_server.client() as client:
         response = client.post("/api/experiments", json=body(dataset_id))
     assert response.status_code == 422

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 
 import numpy as np
 import pytest
@@ -13,8 +12,9 @@ import pytest
 from app.db import session_scope
 from app.estimates import estimate_label_gains
 from app.experiments import label_estimates
-from app.models import Dataset, Experiment, Run
+from app.models import Experiment, Run
 from tests.browser import open_browser
+from tests.support import add_dataset_row
 
 LN2 = math.log(2)
 
@@ -120,14 +120,10 @@ def seed_experiment(database_url: str, runs: list[tuple[str, str, str, dict]]) -
     """Write an experiment and its runs straight into the database, as the worker would have
     left them: training real models is slow, and the estimate only reads the record.
     `runs` are (method, budget label, status, metrics); returns (experiment id, run ids)."""
+    dataset_id = add_dataset_row(database_url, {c: {"train": 16, "test": 4} for c in "abc"})
     with session_scope(database_url) as session:
-        dataset = Dataset(name="shapes", storage_key=f"k{time.time_ns()}", fingerprint="0" * 64,
-                          class_names=["a", "b", "c"],
-                          class_counts={c: {"train": 16, "test": 4} for c in "abc"})
-        session.add(dataset)
-        session.flush()
         methods = list(dict.fromkeys(method for method, *_ in runs))
-        experiment = Experiment(name="estimates", dataset_id=dataset.id,
+        experiment = Experiment(name="estimates", dataset_id=dataset_id,
                                 backbone="test_efficientnet", methods=methods,
                                 budgets=list(BUDGETS.values()), seeds=[0], preset="quick",
                                 overrides={})
@@ -135,7 +131,7 @@ def seed_experiment(database_url: str, runs: list[tuple[str, str, str, dict]]) -
         session.flush()
         ids = {}
         for method, label, status, metrics in runs:
-            row = Run(experiment_id=experiment.id, dataset_id=dataset.id, method=method,
+            row = Run(experiment_id=experiment.id, dataset_id=dataset_id, method=method,
                       budget=BUDGETS[label], budget_label=label, seed=0, status=status,
                       metrics=metrics, total_steps=30, step=30 if status == "succeeded" else 0)
             session.add(row)

@@ -244,17 +244,27 @@ def delete_experiment_with_runs(session: Session, settings: Settings, live: redi
             "end, then delete it",
         )
     run_ids = [run.id for run in runs]
-    if run_ids:
-        session.execute(delete(Artifact).where(Artifact.run_id.in_(run_ids)))
-        session.execute(delete(RunMetric).where(RunMetric.run_id.in_(run_ids)))
-        session.execute(delete(Run).where(Run.id.in_(run_ids)))
+    delete_run_rows(session, run_ids)
     session.execute(delete(Experiment).where(Experiment.id == experiment_id))
     session.commit()
     # Files and feeds go after the commit: a crash here leaves only invisible orphans (ids
     # are never reused, so no later run can mistake them for its own).
+    remove_run_folders(settings, run_ids)
+    forget_feeds(live, [experiment_id], run_ids)
+
+
+def delete_run_rows(session: Session, run_ids: list[int]) -> None:
+    """The runs' rows with their metrics and artifact records (not committed)."""
+    if run_ids:
+        session.execute(delete(Artifact).where(Artifact.run_id.in_(run_ids)))
+        session.execute(delete(RunMetric).where(RunMetric.run_id.in_(run_ids)))
+        session.execute(delete(Run).where(Run.id.in_(run_ids)))
+
+
+def remove_run_folders(settings: Settings, run_ids: list[int]) -> None:
+    """The runs' folders (checkpoints, exports); call after the rows' delete is committed."""
     for run_id in run_ids:
         shutil.rmtree(settings.runs_dir / str(run_id), ignore_errors=True)
-    forget_feeds(live, [experiment_id], run_ids)
 
 
 def experiment_status(runs: list[Run]) -> str:

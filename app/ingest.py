@@ -33,7 +33,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.models import Artifact, Dataset, DatasetImage, Experiment, Run, RunMetric
+from app.experiments import delete_run_rows, remove_run_folders
+from app.models import Dataset, DatasetImage, Experiment, Run
 from worker.selftuning.budgets import split_holdout
 
 log = logging.getLogger(__name__)
@@ -1166,10 +1167,7 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset
             (Run.dataset_id == dataset.id) | Run.experiment_id.in_(experiment_ids)
         )
     ).all()
-    if run_ids:
-        session.execute(delete(Artifact).where(Artifact.run_id.in_(run_ids)))
-        session.execute(delete(RunMetric).where(RunMetric.run_id.in_(run_ids)))
-        session.execute(delete(Run).where(Run.id.in_(run_ids)))
+    delete_run_rows(session, run_ids)
     session.execute(delete(Experiment).where(Experiment.dataset_id == dataset.id))
     session.execute(delete(DatasetImage).where(DatasetImage.dataset_id == dataset.id))
     session.execute(delete(Dataset).where(Dataset.id == dataset.id))
@@ -1177,8 +1175,7 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset
     # Files go after the commit: a crash here leaves only invisible orphans for cleanup.
     shutil.rmtree(dataset_dir(settings, dataset), ignore_errors=True)
     shutil.rmtree(thumbnail_dir(settings, dataset), ignore_errors=True)
-    for run_id in run_ids:
-        shutil.rmtree(settings.runs_dir / str(run_id), ignore_errors=True)
+    remove_run_folders(settings, run_ids)
     return list(experiment_ids), list(run_ids)
 
 

@@ -7,14 +7,16 @@ running run is one the test marks running, as a worker would."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 
 from app.db import session_scope
+from app.experiments import delete_run_rows
 from app.live import experiment_stream_key, publish_end, run_cancel_key, run_stream_key
 from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
 from tests.browser import open_browser
@@ -364,3 +366,54 @@ def test_experiment_page_cancels_every_run_live_then_deletes_the_experiment(
     with live_server.client() as client:
         assert client.get(f"/api/experiments/{experiment_id}").status_code == 404
         assert all(client.get(f"/api/runs/{run_id}").status_code == 404 for run_id in run_ids)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_requeue_racing_the_delete_of_its_experiment_is_a_404(
+    backend, tmp_path: Path, redis_url: str, request
+):
+    """"Run again" on a run whose experiment someone is deleting at that moment: the delete
+    holds its locks, the requeue waits for them and then finds the run gone (404, nothing
+    queued), instead of failing with a 500 on a row that vanished under it."""
+    database_url = (request.getfixturevalue("postgres_url") if backend == "postgresql"
+                    else None)
+    with (
+        dataset_server(tmp_path, redis_url, database_url=database_url) as server,
+        server.client() as client,
+    ):
+        database_url = server.database_url
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        client.post(f"/api/experiments/{experiment_id}/cancel")
+        requeued: list[httpx.Response] = []
+        with session_scope(database_url) as session:
+            # What the delete does, held open: the requeue arrives while it holds its locks.
+            session.execute(update(Experiment).where(Experiment.id == experiment_id)
+                            .values(name=Experiment.name))
+            session.execute(select(Run.id).where(Run.experiment_id == experiment_id)
+                            .with_for_update()).all()
+            delete_run_rows(session, run_ids)
+            session.execute(delete(Experiment).where(Experiment.id == experiment_id))
+            waiter = threading.Thread(target=lambda: requeued.append(
+                client.post(f"/api/runs/{run_ids[0]}/requeue")))
+            waiter.start()
+            waiter.join(timeout=2)
+            assert waiter.is_alive(), "the requeue did not wait for the delete's locks"
+        waiter.join(timeout=30)
+
+        assert requeued[0].status_code == 404, requeued[0].text
+        assert f"run {run_ids[0]} does not exist" in requeued[0].json()["detail"]
+        assert client.get(f"/api/experiments/{experiment_id}").status_code == 404
+        assert rows_of_runs(database_url, run_ids) == {"Run": 0, "RunMetric": 0, "Artifact": 0}
+
+
+def test_a_run_requeued_twice_is_queued_once(live_server):
+    """A double click on "Run again": the second request finds the run queued (409)."""
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(live_server.database_url),
+                                             seeds=[0])
+        client.post(f"/api/experiments/{experiment_id}/cancel")
+        first = client.post(f"/api/runs/{run_ids[0]}/requeue")
+        second = client.post(f"/api/runs/{run_ids[0]}/requeue")
+        assert first.status_code == 200 and first.json()["status"] == "queued"
+        assert second.status_code == 409 and "is queued" in second.json()["detail"]
+        assert client.post(f"/api/runs/{run_ids[1]}/requeue").json()["status"] == "queued"

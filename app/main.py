@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import (
@@ -36,6 +36,16 @@ VENDOR_URL = "/static/vendor"  # filled by `make` from package.json (no CDN)
 API_ROUTERS = [health.router, datasets.router, experiments.router, runs.router]
 
 
+class StaticAssets(StaticFiles):
+    """The static folder, less hidden files (a name starting with a dot anywhere in the
+    path): build markers and editor leftovers are not assets."""
+
+    async def get_response(self, path: str, scope) -> Response:
+        if any(part.startswith(".") for part in PurePosixPath(path).parts):
+            raise StarletteHTTPException(404)
+        return await super().get_response(path, scope)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -65,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(pages.router)
     app.include_router(dataset_pages.router)
     app.include_router(experiment_pages.router)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", StaticAssets(directory=STATIC_DIR), name="static")
     _add_docs(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

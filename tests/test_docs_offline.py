@@ -7,6 +7,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.testclient import TestClient
+
+from app.main import StaticAssets
 
 TOKEN = "docs-stay-public"
 # The module's shared `server` (conftest) runs with a token: the docs and the schema stay public,
@@ -80,9 +85,23 @@ def test_no_redoc_page_from_a_cdn(client: httpx.Client):
     assert ABSOLUTE_URL.findall(response.text) == []
 
 
+
 def test_static_vendor_holds_only_the_served_files(client: httpx.Client):
-    """The folder make fills holds the copies and nothing else (no build marker to serve)."""
+    """The folder make fills holds the copies and nothing else (no build marker)."""
     folder = Path(__file__).resolve().parents[1] / "app" / "static" / "vendor"
     assert sorted(path.name for path in folder.iterdir()) == [
         "chart.umd.min.js", "favicon-32x32.png", "swagger-ui-bundle.js", "swagger-ui.css"]
-    assert client.get("/static/vendor/.installed").status_code == 404
+
+
+def test_hidden_files_in_the_static_folder_are_not_served(tmp_path: Path):
+    (tmp_path / "app.js").write_text("ok")
+    (tmp_path / ".installed").write_text("")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("secret")
+    (tmp_path / "vendor").mkdir()
+    (tmp_path / "vendor" / ".app.js.swp").write_text("draft")
+    app = Starlette(routes=[Mount("/static", StaticAssets(directory=tmp_path))])
+    with TestClient(app) as local:
+        assert local.get("/static/app.js").text == "ok"
+        for hidden in (".installed", ".git/config", "vendor/.app.js.swp", "vendor/../.installed"):
+            assert local.get(f"/static/{hidden}").status_code == 404, hidden

@@ -69,6 +69,15 @@ def publish_ends(client: redis.Redis, runs: list[Any]) -> None:
         pass  # the database has the state; the feeds also check it
 
 
+def forget_cancel(client: redis.Redis, run_id: int) -> None:
+    """Drop a run's cancel flag before it is queued again, or its worker would stop it at once.
+    Without Redis there is no flag to drop, and no queue either: the enqueue says so."""
+    try:
+        client.delete(run_cancel_key(run_id))
+    except redis.RedisError:
+        pass
+
+
 def forget_feeds(client: redis.Redis, experiment_ids: list[int], run_ids: list[int]) -> None:
     """Delete the live feeds and cancel flags of deleted experiments and runs: nothing reads
     them again, since ids are never handed out twice (migration 0004)."""

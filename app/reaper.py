@@ -51,18 +51,25 @@ def requeue(session: Session, run: Run) -> None:
 
 
 def reap(settings: Settings) -> list[int]:
-    """Mark stale running runs lost; requeue those with attempts left. Returns their ids."""
+    """Mark stale running runs lost; requeue those with attempts left. A stale run whose user
+    had asked it to stop ends cancelled instead: its worker is gone, so it has stopped.
+    Returns their ids."""
     reaped = []
     with session_scope(settings.sqlalchemy_url) as session:
         for run in stale_runs(session, settings):
             log.warning("run %s lost its worker %s (last heartbeat %s)",
                         run.id, run.worker, run.heartbeat_at)
+            reaped.append(run.id)
+            live = get_redis(settings.effective_redis_url)
+            if run.cancel_requested:
+                run.status, run.finished_at = "cancelled", utcnow()
+                session.commit()
+                publish_end(live, run)
+                continue
             run.status = "lost"
             run.error = (
                 f"worker {run.worker} stopped reporting (last heartbeat {run.heartbeat_at})"
             )
-            reaped.append(run.id)
-            live = get_redis(settings.effective_redis_url)
             if run.attempts < settings.max_attempts:
                 requeue(session, run)
                 publish_status(live, run)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -19,10 +20,12 @@ from app.db import session_scope
 from app.experiments import delete_run_rows
 from app.live import experiment_stream_key, publish_end, run_cancel_key, run_stream_key
 from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
+from app.reaper import reap
 from tests.browser import open_browser
 from tests.support import add_dataset_row, app_env, start_server
 from tests.test_datasets_support import dataset_server
 from tests.test_lost_runs import sse_events
+from worker.runs import RunRecorder
 
 SWEEP = {
     "backbone": "test_efficientnet", "preset": "quick", "methods": ["fine-tune", "self-tuning"],
@@ -417,3 +420,43 @@ def test_a_run_requeued_twice_is_queued_once(live_server):
         assert first.status_code == 200 and first.json()["status"] == "queued"
         assert second.status_code == 409 and "is queued" in second.json()["detail"]
         assert client.post(f"/api/runs/{run_ids[1]}/requeue").json()["status"] == "queued"
+
+
+def test_run_again_after_a_cancel_while_queued_trains_instead_of_stopping_at_once(
+    settings, live_server
+):
+    """Cancelling a queued run leaves a cancel flag in Redis for days; "Run again" drops it,
+    or the worker taking the requeued run would find it and stop at step 0."""
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(live_server.database_url),
+                                             seeds=[0])
+        client.post(f"/api/experiments/{experiment_id}/cancel")
+        assert RunRecorder(settings, run_ids[0], experiment_id).should_cancel()
+        assert client.post(f"/api/runs/{run_ids[0]}/requeue").status_code == 200
+
+    assert live.exists(run_cancel_key(run_ids[0])) == 0
+    assert not RunRecorder(settings, run_ids[0], experiment_id).should_cancel()
+    assert RunRecorder(settings, run_ids[1], experiment_id).should_cancel()  # not requeued
+
+
+def test_a_cancelled_run_whose_worker_vanished_ends_cancelled_not_requeued(settings, live_server):
+    """The user cancelled a running run, then its worker went silent: the reaper ends it
+    cancelled (it has stopped, as asked) instead of queueing it again as a lost run."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        mark_running(database_url, run_ids[0])
+        mark_running(database_url, run_ids[1])
+        client.post(f"/api/runs/{run_ids[0]}/cancel")
+    with session_scope(database_url) as session:
+        for run in session.scalars(select(Run).where(Run.id.in_(run_ids))):
+            run.heartbeat_at = utcnow() - timedelta(hours=1)
+            run.attempts = settings.max_attempts  # no automatic requeue: no Celery needed here
+
+    assert sorted(reap(settings)) == run_ids
+    with session_scope(database_url) as session:
+        cancelled, lost = (session.get(Run, run_id) for run_id in run_ids)
+        assert (cancelled.status, cancelled.error) == ("cancelled", None)
+        assert cancelled.finished_at is not None
+        assert lost.status == "lost" and "stopped reporting" in lost.error

@@ -18,7 +18,7 @@ from app.db import session_scope
 from app.deps import DbDep, RedisDep, SettingsDep
 from app.events import Outcome, event_stream_response
 from app.experiments import as_utc, cancel_runs, enqueue_runs, is_terminal, queue_position
-from app.live import publish_status, run_stream_key
+from app.live import forget_cancel, publish_status, run_stream_key
 from app.models import Artifact, Run, RunMetric
 from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 
@@ -119,6 +119,7 @@ def requeue_run(run_id: int, session: DbDep, live: RedisDep):
             "can be requeued",
         )
     run = get_run(session, run_id)
+    forget_cancel(live, run_id)  # a run cancelled while queued keeps its flag for days
     enqueue_runs(session, [run])
     publish_status(live, run)
     return read_run(run_id, session)

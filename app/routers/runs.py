@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -189,14 +189,19 @@ def download_checkpoint(run_id: int, session: DbDep, settings: SettingsDep):
     paths = [artifact_path(settings, session, run_id, name) for name in CHECKPOINT_FILES]
     bundle = paths[0].parent / f"run-{run_id}-checkpoint.zip"
     if not bundle.exists():
-        temp = bundle.with_suffix(f".{os.getpid()}.tmp")
-        with zipfile.ZipFile(temp, "w") as archive:
-            for path in paths:
-                compression = zipfile.ZIP_STORED if path.suffix == ".safetensors" else (
-                    zipfile.ZIP_DEFLATED
-                )
-                archive.write(path, arcname=path.name, compress_type=compression)
-        temp.replace(bundle)
+        # Each request zips into a file of its own and renames it into place, so requests
+        # arriving together never write into one file, and none serves a half-written zip.
+        temp = bundle.with_name(f"{bundle.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with zipfile.ZipFile(temp, "w") as archive:
+                for path in paths:
+                    compression = zipfile.ZIP_STORED if path.suffix == ".safetensors" else (
+                        zipfile.ZIP_DEFLATED
+                    )
+                    archive.write(path, arcname=path.name, compress_type=compression)
+            temp.replace(bundle)
+        finally:
+            temp.unlink(missing_ok=True)
     return FileResponse(bundle, filename=bundle.name, media_type="application/zip")
 
 

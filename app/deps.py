@@ -7,14 +7,22 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import redis
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import get_sessionmaker
 from app.live import get_redis
+from app.models import MAX_ID
 
 AUTH_COOKIE = "selftune_token"
+
+# Past MAX_ID a lookup failed inside the database driver with a 500; now the request is a 422.
+DatasetId = Annotated[int, Path(ge=1, le=MAX_ID, description="Dataset id")]
+ExperimentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Experiment id")]
+RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="Run id")]
+ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="Image id")]
+DatasetFilter = Annotated[int | None, Query(ge=1, le=MAX_ID, description="Dataset id")]
 
 
 def get_app_settings(request: Request) -> Settings:

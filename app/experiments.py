@@ -119,6 +119,12 @@ def run_config(payload: ExperimentIn, method: str, seed: int) -> dict[str, Any]:
     return config.to_dict()
 
 
+def default_name(dataset_name: str, methods: list[str]) -> str:
+    """"<dataset>: <methods>", shortened to fit the 200 characters a name may have."""
+    name = f"{dataset_name}: {', '.join(methods)}"
+    return name if len(name) <= 200 else f"{name[:199]}…"
+
+
 def create_experiment(session: Session, settings: Settings, payload: ExperimentIn) -> Experiment:
     """Validate, store the experiment and its runs (status queued). The caller enqueues."""
     dataset = session.get(Dataset, payload.dataset_id)
@@ -146,7 +152,7 @@ def create_experiment(session: Session, settings: Settings, payload: ExperimentI
         for seed in payload.seeds
     }
     experiment = Experiment(
-        name=payload.name or f"{dataset.name}: {', '.join(payload.methods)}",
+        name=payload.name or default_name(dataset.name, payload.methods),
         dataset_id=dataset.id,
         backbone=payload.backbone,
         methods=list(payload.methods),

@@ -22,6 +22,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # SQLite would otherwise give a deleted row's id to the next row (migration 0004).
 NEVER_REUSE_IDS = {"sqlite_autoincrement": True}
+# The largest id a row can have: PostgreSQL's integer columns stop there (SQLite at 2**63).
+MAX_ID = 2**31 - 1
 
 
 def utcnow() -> datetime:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.models import MAX_ID
 from worker.selftuning.config import LABELED_QUERY_VIEWS, METHOD_NAMES
 
 MethodName = Literal[METHOD_NAMES]
@@ -14,6 +16,8 @@ RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "lo
 # "lost" stays only once a run has used up its automatic requeues (see app.reaper).
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "lost")
 
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 class ErrorOut(BaseModel):
     """What a 4xx answers: a message that says what to fix."""
@@ -76,7 +80,7 @@ class Overrides(BaseModel):
 
 class ExperimentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    dataset_id: int
+    dataset_id: int = Field(ge=1, le=MAX_ID)
     name: str = Field("", max_length=200)
     backbone: str = Field("tf_efficientnet_lite0", min_length=1, max_length=200)
     methods: list[MethodName] = Field(min_length=1, max_length=3)
@@ -87,6 +91,14 @@ class ExperimentIn(BaseModel):
     seeds: list[int] = Field([0], min_length=1, max_length=10)
     preset: Literal["quick", "paper"] = "quick"
     overrides: Overrides = Field(default_factory=Overrides)
+
+    @field_validator("name", "backbone")
+    @classmethod
+    def no_control_characters(cls, value: str) -> str:
+        # PostgreSQL refuses NUL in text (a 500), and none of them belongs in a name.
+        if CONTROL_CHARACTERS.search(value):
+            raise ValueError("must not contain control characters (NUL, tab, line breaks)")
+        return value
 
 
 class RunSummary(BaseModel):

@@ -460,3 +460,36 @@ def test_a_cancelled_run_whose_worker_vanished_ends_cancelled_not_requeued(setti
         assert (cancelled.status, cancelled.error) == ("cancelled", None)
         assert cancelled.finished_at is not None
         assert lost.status == "lost" and "stopped reporting" in lost.error
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_an_experiment_started_while_its_dataset_is_deleted_is_a_422(
+    backend, tmp_path: Path, redis_url: str, request
+):
+    """The dataset is read, then deleted (by someone else) before the experiment's rows are
+    written: the foreign key refuses them, and the answer says the dataset is gone (it was
+    a 500). Nothing is stored."""
+    database_url = (request.getfixturevalue("postgres_url") if backend == "postgresql"
+                    else None)
+    with (
+        dataset_server(tmp_path, redis_url, database_url=database_url) as server,
+        server.client() as client,
+    ):
+        database_url = server.database_url
+        dataset_id = add_dataset_row(database_url)
+        with session_scope(database_url) as session:
+            before = session.scalar(select(func.count()).select_from(Experiment))
+        created: list[httpx.Response] = []
+        with session_scope(database_url) as session:
+            session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+            waiter = threading.Thread(target=lambda: created.append(
+                client.post("/api/experiments", json={"dataset_id": dataset_id, **SWEEP})))
+            waiter.start()
+            waiter.join(timeout=3)
+            assert waiter.is_alive(), "the experiment did not wait for the delete's lock"
+        waiter.join(timeout=30)
+
+        assert created[0].status_code == 422, created[0].text
+        assert f"dataset {dataset_id} does not exist" in created[0].text
+        with session_scope(database_url) as session:
+            assert session.scalar(select(func.count()).select_from(Experiment)) == before

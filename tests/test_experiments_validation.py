@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from app.config import Settings
 from app.db import session_scope, upgrade_to_head
-from app.models import Experiment, Run
+from app.models import Dataset, Experiment, Run
 from tests.conftest import reset_redis
 from tests.support import LiveServer, add_dataset_row, app_env, start_server
 
@@ -57,6 +57,12 @@ def messages(response) -> str:
 
 @pytest.mark.parametrize("changes,status,expected", [
     ({"dataset_id": 999}, 422, "dataset 999 does not exist"),
+    ({"dataset_id": 2**31}, 422, "dataset_id: Input should be less than or equal to 2147483647"),
+    ({"dataset_id": 10**20}, 422, "dataset_id: Input should be less than or equal to"),
+    ({"dataset_id": 0}, 422, "dataset_id: Input should be greater than or equal to 1"),
+    ({"name": "nul\u0000name"}, 422, "name: Value error, must not contain control characters"),
+    ({"name": "two\nlines"}, 422, "must not contain control characters"),
+    ({"backbone": "a\u0000.safetensors"}, 422, "backbone: Value error, must not contain"),
     ({"backbone": "no_such_net"}, 422, "unknown backbone 'no_such_net'"),
     ({"backbone": "../../etc/passwd.safetensors"}, 422, "inside the data directory"),
     ({"methods": ["magic"]}, 422, "methods.0"),
@@ -149,3 +155,36 @@ def test_the_ablations_in_the_readme_can_be_started(live_server, dataset_id):
         assert response.status_code == 201, response.text
         run = client.get(f"/api/runs/{response.json()['runs'][0]['id']}").json()
     assert run["config"]["unlabeled_batch_size"] == 0 and run["config"]["momentum"] == 0.5
+
+
+@pytest.mark.parametrize("path", [
+    "/api/runs/{id}", "/api/runs/{id}/metrics", "/api/runs/{id}/events",
+    "/api/runs/{id}/files/model.safetensors", "/api/runs/{id}/checkpoint",
+    "/api/experiments/{id}", "/api/experiments/{id}/events", "/api/datasets/{id}",
+    "/api/datasets/{id}/images", "/api/datasets/1/images/{id}/thumbnail",
+    "/runs/{id}", "/experiments/{id}", "/datasets/{id}", "/experiments/new?dataset_id={id}",
+    "/api/datasets/1/images?offset={id}",
+])
+@pytest.mark.parametrize("too_big", [2**31, 2**63, 10**20])
+def test_ids_no_row_can_have_are_a_422_not_a_500(live_server, path, too_big):
+    """PostgreSQL's ids stop at 2**31 - 1 and SQLite's at 2**63 - 1: larger ones used to
+    fail inside the driver (a 500)."""
+    with live_server.client() as client:
+        response = client.get(path.format(id=too_big))
+    assert response.status_code == 422, (path, response.status_code, response.text[:300])
+    assert "2147483647" in response.text
+
+
+def test_the_default_name_of_an_experiment_fits_the_200_characters_a_name_has(
+    live_server, settings
+):
+    """A 200-character dataset name plus ": self-tuning, fine-tune" is too long for the
+    column (PostgreSQL refused it with a 500): the default name is shortened."""
+    dataset_id = add_dataset_row(settings.sqlalchemy_url)
+    with session_scope(settings.sqlalchemy_url) as session:
+        session.get(Dataset, dataset_id).name = "d" * 200
+    with live_server.client() as client:
+        response = client.post("/api/experiments", json=body(
+            dataset_id, methods=["self-tuning", "fine-tune"]))
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == "d" * 199 + "…"

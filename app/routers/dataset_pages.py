@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.deps import DbDep, SettingsDep
+from app.deps import DatasetId, DbDep, SettingsDep
 from app.ingest import human_bytes
 from app.models import Dataset, DatasetImage
 from app.routers.pages import page_guard, render, templates
@@ -72,7 +71,7 @@ def _class_thumbnails(db: Session, dataset_id: int, class_count: int) -> dict[in
 
 @router.get("/datasets/{dataset_id}", response_class=HTMLResponse)
 def dataset_page(
-    request: Request, dataset_id: Annotated[int, Path()], settings: SettingsDep, db: DbDep
+    request: Request, dataset_id: DatasetId, settings: SettingsDep, db: DbDep
 ) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import ingest
-from app.deps import DbDep, RedisDep, SettingsDep
+from app.deps import MAX_ID, DatasetId, DbDep, ImageId, RedisDep, SettingsDep
 from app.live import forget_feeds
 from app.models import Dataset, DatasetImage
 from app.schemas import ErrorOut
@@ -33,7 +33,6 @@ async def _cleanup_on_startup(app: FastAPI) -> AsyncIterator[None]:
 
 router = APIRouter(prefix="/api/datasets", tags=["datasets"], lifespan=_cleanup_on_startup)
 
-DatasetId = Annotated[int, Path(description="Dataset id")]
 Split = Literal["train", "test", "unlabeled"]
 
 
@@ -175,7 +174,7 @@ def list_images(
     split: Annotated[Split | None, Query()] = None,
     label: Annotated[int | None, Query(ge=0, description="class index")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> ImagePage:
     """A page of a dataset's images in storage order, optionally of one split or class."""
     get_dataset_or_404(db, dataset_id)
@@ -202,7 +201,7 @@ def list_images(
     responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorOut}},
 )
 def image_thumbnail(
-    request: Request, dataset_id: DatasetId, image_id: Annotated[int, Path()], db: DbDep,
+    request: Request, dataset_id: DatasetId, image_id: ImageId, db: DbDep,
     settings: SettingsDep,
 ) -> Response:
     """A JPEG of at most 128 px a side, made on first request and cached."""

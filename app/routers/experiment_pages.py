@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.deps import DbDep, SettingsDep
+from app.deps import DatasetFilter, DbDep, ExperimentId, RunId, SettingsDep
 from app.models import Dataset, Experiment
 from app.routers.experiments import experiment_out, get_experiment, list_experiments
 from app.routers.pages import page_guard, render
@@ -83,7 +83,7 @@ def override_fields() -> list[dict[str, Any]]:
 
 @router.get("/experiments", response_class=HTMLResponse)
 def experiments_page(
-    request: Request, settings: SettingsDep, session: DbDep, dataset_id: int | None = None
+    request: Request, settings: SettingsDep, session: DbDep, dataset_id: DatasetFilter = None
 ) -> Response:
     """All experiments, or with `?dataset_id=` those on one dataset."""
     if (redirect := page_guard(request, settings)) is not None:
@@ -98,7 +98,7 @@ def experiments_page(
 
 @router.get("/experiments/new", response_class=HTMLResponse)
 def new_experiment_page(
-    request: Request, settings: SettingsDep, session: DbDep, dataset_id: int | None = None
+    request: Request, settings: SettingsDep, session: DbDep, dataset_id: DatasetFilter = None
 ) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
@@ -123,7 +123,7 @@ def new_experiment_page(
 
 @router.get("/experiments/{experiment_id}", response_class=HTMLResponse)
 def experiment_page(
-    experiment_id: int, request: Request, settings: SettingsDep, session: DbDep
+    experiment_id: ExperimentId, request: Request, settings: SettingsDep, session: DbDep
 ) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
@@ -136,7 +136,7 @@ def experiment_page(
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
-def run_page(run_id: int, request: Request, settings: SettingsDep, session: DbDep) -> Response:
+def run_page(run_id: RunId, request: Request, settings: SettingsDep, session: DbDep) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
     run = read_run(run_id, session)

@@ -6,10 +6,11 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
 
 from app.db import session_scope
-from app.deps import DbDep, RedisDep, SettingsDep
+from app.deps import DbDep, ExperimentId, RedisDep, SettingsDep
 from app.events import Outcome, event_stream_response
 from app.experiments import (
     as_utc,
@@ -22,6 +23,7 @@ from app.experiments import (
     experiment_status,
     is_terminal,
     label_estimates,
+    unprocessable,
 )
 from app.live import experiment_stream_key
 from app.models import Dataset, Experiment, Run
@@ -64,8 +66,13 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
 @router.post("", status_code=201, response_model=ExperimentOut)
 def start_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDep):
     """Expand methods x budgets x seeds into runs, one Celery task each."""
-    experiment = create_experiment(session, settings, payload)
-    session.commit()
+    try:
+        experiment = create_experiment(session, settings, payload)
+        session.commit()
+    except IntegrityError:  # its dataset was deleted after it was read: runs need one
+        session.rollback()
+        raise unprocessable("dataset_id", f"dataset {payload.dataset_id} does not exist "
+                            "(it was deleted while the experiment was being created)") from None
     enqueue_runs(session, list(experiment.runs))
     return experiment_out(experiment)
 
@@ -88,13 +95,13 @@ def list_experiments(session: DbDep):
 
 
 @router.get("/{experiment_id}", response_model=ExperimentOut)
-def read_experiment(experiment_id: int, session: DbDep):
+def read_experiment(experiment_id: ExperimentId, session: DbDep):
     return experiment_out(get_experiment(session, experiment_id))
 
 
 @router.post("/{experiment_id}/cancel", response_model=ExperimentOut,
              responses={404: {"model": ErrorOut}})
-def cancel_experiment(experiment_id: int, session: DbDep, live: RedisDep):
+def cancel_experiment(experiment_id: ExperimentId, session: DbDep, live: RedisDep):
     """Cancel every run that has not ended: queued runs end at once, running ones stop within
     about one iteration. Runs already ended are left alone, so with nothing left to cancel
     this is a no-op that answers 200 with the experiment as it is."""
@@ -110,7 +117,7 @@ def cancel_experiment(experiment_id: int, session: DbDep, live: RedisDep):
     responses={404: {"model": ErrorOut},
                409: {"model": ErrorOut, "description": "a run of it is queued or running"}},
 )
-def delete_experiment(experiment_id: int, session: DbDep, settings: SettingsDep,
+def delete_experiment(experiment_id: ExperimentId, session: DbDep, settings: SettingsDep,
                       live: RedisDep) -> Response:
     """Delete the experiment with its runs, their metrics and files (checkpoints, exports);
     its dataset stays. Refused (409) while a run of it is queued or running: cancel it
@@ -120,7 +127,7 @@ def delete_experiment(experiment_id: int, session: DbDep, settings: SettingsDep,
 
 
 @router.get("/{experiment_id}/events", responses=SSE_RESPONSES, response_class=StreamingResponse)
-async def experiment_events(experiment_id: int, request: Request, settings: SettingsDep):
+async def experiment_events(experiment_id: ExperimentId, request: Request, settings: SettingsDep):
     """Live events of every run of the experiment (Server-Sent Events; resumable with
     `Last-Event-ID`). Ends with an `experiment_end` event once every run has ended."""
     with session_scope(settings.sqlalchemy_url) as session:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
-from app.deps import DbDep, RedisDep, SettingsDep
+from app.deps import DbDep, RedisDep, RunId, SettingsDep
 from app.events import Outcome, event_stream_response
 from app.experiments import as_utc, cancel_runs, enqueue_runs, is_terminal, queue_position
 from app.live import forget_cancel, publish_status, run_stream_key
@@ -59,7 +59,7 @@ def eta_seconds(run: Run) -> float | None:
 
 
 @router.get("/{run_id}", response_model=RunOut)
-def read_run(run_id: int, session: DbDep):
+def read_run(run_id: RunId, session: DbDep):
     run = get_run(session, run_id)
     return RunOut(
         **run_summary(run).model_dump(),
@@ -77,7 +77,7 @@ def read_run(run_id: int, session: DbDep):
 
 
 @router.get("/{run_id}/metrics", response_model=RunMetricsOut)
-def read_metrics(run_id: int, session: DbDep):
+def read_metrics(run_id: RunId, session: DbDep):
     """The recorded time series: progress points (losses, lr, images/s) and evaluations."""
     get_run(session, run_id)
     rows = session.scalars(
@@ -90,7 +90,7 @@ def read_metrics(run_id: int, session: DbDep):
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut)
-def cancel_run(run_id: int, session: DbDep, live: RedisDep):
+def cancel_run(run_id: RunId, session: DbDep, live: RedisDep):
     """A queued run ends at once; a running one stops within about one iteration."""
     run = get_run(session, run_id)
     if is_terminal(run.status):
@@ -100,7 +100,7 @@ def cancel_run(run_id: int, session: DbDep, live: RedisDep):
 
 
 @router.post("/{run_id}/requeue", response_model=RunOut)
-def requeue_run(run_id: int, session: DbDep, live: RedisDep):
+def requeue_run(run_id: RunId, session: DbDep, live: RedisDep):
     """Queue a lost, failed or cancelled run again; it resumes from its last training
     checkpoint (a finished run is never retrained)."""
     # One conditional UPDATE checks and claims the run: of two requeues racing, or a requeue
@@ -126,7 +126,7 @@ def requeue_run(run_id: int, session: DbDep, live: RedisDep):
 
 
 @router.get("/{run_id}/events", responses=SSE_RESPONSES, response_class=StreamingResponse)
-async def run_events(run_id: int, request: Request, settings: SettingsDep):
+async def run_events(run_id: RunId, request: Request, settings: SettingsDep):
     """Live events of a run (Server-Sent Events). Reconnect with `Last-Event-ID` to get what
     was missed; heartbeats keep the connection open; the `end` event is the last one."""
     with session_scope(settings.sqlalchemy_url) as session:
@@ -174,7 +174,7 @@ def artifact_path(settings: Settings, session: Session, run_id: int, name: str) 
 
 @router.get("/{run_id}/files/{name}", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}}})
-def download_file(run_id: int, name: str, session: DbDep, settings: SettingsDep):
+def download_file(run_id: RunId, name: str, session: DbDep, settings: SettingsDep):
     """One exported file: model.safetensors, config.json, training.json or predictions.csv."""
     if name not in DOWNLOADABLE:
         raise HTTPException(404, detail=f"no file {name!r}; files are {list(DOWNLOADABLE)}")
@@ -184,7 +184,7 @@ def download_file(run_id: int, name: str, session: DbDep, settings: SettingsDep)
 
 @router.get("/{run_id}/checkpoint", response_class=FileResponse,
             responses={200: {"content": {"application/zip": {}}}})
-def download_checkpoint(run_id: int, session: DbDep, settings: SettingsDep):
+def download_checkpoint(run_id: RunId, session: DbDep, settings: SettingsDep):
     """A zip of model.safetensors, config.json and training.json: a plain timm model."""
     paths = [artifact_path(settings, session, run_id, name) for name in CHECKPOINT_FILES]
     bundle = paths[0].parent / f"run-{run_id}-checkpoint.zip"
@@ -207,7 +207,7 @@ def download_checkpoint(run_id: int, session: DbDep, settings: SettingsDep):
 
 @router.get("/{run_id}/predictions.csv", response_class=FileResponse,
             responses={200: {"content": {"text/csv": {}}}})
-def download_predictions(run_id: int, session: DbDep, settings: SettingsDep):
+def download_predictions(run_id: RunId, session: DbDep, settings: SettingsDep):
     """The final model's prediction for every unlabeled image (label, confidence, margin)."""
     path = artifact_path(settings, session, run_id, "predictions.csv")
     return FileResponse(path, filename=f"run-{run_id}-predictions.csv", media_type="text/csv")
@@ -221,7 +221,7 @@ def label_next_rows(path: Path) -> list[dict[str, str]]:
 
 
 @router.get("/{run_id}/label-next.csv", responses={200: {"content": {"text/csv": {}}}})
-def download_label_next(run_id: int, session: DbDep, settings: SettingsDep,
+def download_label_next(run_id: RunId, session: DbDep, settings: SettingsDep,
                         limit: int | None = None, include_withheld: bool = False):
     """Unlabeled images ranked by uncertainty (smallest top-1/top-2 margin first): the ones
     whose labels would teach the model most. Images whose labels you gave but the budget

@@ -13,7 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """One place for configuration; nothing else reads os.environ for app settings."""
 
-    model_config = SettingsConfigDict(env_prefix="SELFTUNE_", extra="ignore")
+    # An error names the setting but never echoes its value (the token would end up in logs).
+    model_config = SettingsConfigDict(env_prefix="SELFTUNE_", extra="ignore",
+                                      hide_input_in_errors=True)
 
     data_dir: Path = Field(Path("./data"), description="Datasets, runs, caches, SQLite, Redis")
     database_url: str | None = Field(None, description="SQLAlchemy URL; unset = SQLite in data dir")
@@ -44,6 +46,16 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(120.0, gt=0, description="heartbeat silence = lost run")
     max_attempts: int = Field(3, ge=1, description="automatic requeues of a lost run")
     sse_heartbeat_s: float = Field(10.0, gt=0)
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_fits_a_header(cls, value: SecretStr | None) -> SecretStr | None:
+        # It travels in an Authorization header and a cookie: printable ASCII only, or no
+        # client could send it (and the login page could not set its cookie).
+        if value is not None and not all(" " < char < "\x7f" for char in value.get_secret_value()):
+            raise ValueError("must be printable ASCII without spaces (letters, digits, "
+                             "punctuation)")
+        return value
 
     @field_validator("data_dir")
     @classmethod

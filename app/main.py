@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import __version__
 from app.config import Settings, get_settings
 from app.deps import require_token
+from app.guard import BrowserGuard
 from app.routers import (
     dataset_pages,
     datasets,
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.add_middleware(BrowserGuard, settings=settings)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_token)])
     app.include_router(pages.router)

@@ -1,0 +1,54 @@
+"""Refuses what a browser sends on another site's behalf.
+
+Without a token the app listens on loopback only and trusts whoever reaches it. A page on any
+other site can still make the user's browser reach it: a cross-site form POST (cancel a run,
+queue one again, upload an archive) needs no CORS preflight, and a host name an attacker
+points at 127.0.0.1 (DNS rebinding) makes their page same-origin with the app. So state-changing
+requests that the browser marks as coming from another site (`Sec-Fetch-Site`) are refused,
+and a server without a token answers to local host names only. API clients (curl, scripts)
+send neither header and are not affected.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.config import Settings
+
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def host_name(host: str) -> str:
+    """'localhost:8000' -> 'localhost', '[::1]:8000' -> '::1'."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+class BrowserGuard:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.local_only = (settings.token is None and settings.is_loopback_host()
+                           and not settings.allow_public_without_token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (reason := self.refusal(scope)):
+            await JSONResponse({"detail": reason}, status_code=403)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope: Scope) -> str | None:
+        headers = Headers(scope=scope)
+        if scope["method"] in UNSAFE_METHODS and headers.get("sec-fetch-site") in (
+            "cross-site", "same-site"
+        ):
+            return "refused: a page on another site asked your browser to send this request"
+        host = headers.get("host", "")
+        if self.local_only and host_name(host).lower() not in LOCAL_NAMES:
+            return (f"this server answers to localhost only, not to {host!r}: it runs without "
+                    "SELFTUNE_API_TOKEN. Open it as http://localhost:<port>, or set a token to "
+                    "serve it under other names")
+        return None

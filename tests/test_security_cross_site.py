@@ -1,0 +1,73 @@
+"""What another web site can make the user's browser do to a local server without a token:
+nothing. Cross-site form posts (no CORS preflight) are refused, and host names other than
+localhost (DNS rebinding) get no answer. Real uvicorn, Redis, SQLite and Chromium."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.browser import open_browser
+from tests.support import add_dataset_row, app_env, start_server
+from tests.test_experiments_cancel_delete import start_sweep, statuses
+
+
+def test_a_cross_site_post_is_refused_and_changes_nothing(live_server):
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(live_server.database_url),
+                                             seeds=[0])
+        for site in ("cross-site", "same-site"):
+            refused = client.post(f"/api/runs/{run_ids[0]}/cancel",
+                                  headers={"Sec-Fetch-Site": site})
+            assert refused.status_code == 403, refused.text
+            assert "another site" in refused.json()["detail"]
+        assert set(statuses(client, experiment_id).values()) == {"queued"}
+        # The app's own pages (same-origin) and API clients (no such header) are served.
+        own_page = client.post(f"/api/runs/{run_ids[0]}/cancel",
+                               headers={"Sec-Fetch-Site": "same-origin"})
+        assert own_page.status_code == 200 and own_page.json()["status"] == "cancelled"
+        assert client.post(f"/api/runs/{run_ids[1]}/cancel").status_code == 200
+        # Reading is not state-changing: a link from elsewhere still opens a page.
+        assert client.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
+
+
+def test_without_a_token_only_local_host_names_are_served(live_server):
+    port = httpx.URL(live_server.url).port
+    with live_server.client() as client:
+        for host in ("localhost", "127.0.0.1", "[::1]", "LOCALHOST"):
+            response = client.get("/api/health", headers={"Host": f"{host}:{port}"})
+            assert response.status_code == 200, (host, response.text)
+        for host in ("rebound.attacker.example", "192.168.1.20", "localhost.attacker.example"):
+            response = client.get("/", headers={"Host": f"{host}:{port}"})
+            assert response.status_code == 403, (host, response.text)
+            assert "answers to localhost only" in response.json()["detail"]
+
+
+def test_with_a_token_other_host_names_are_served(settings, tmp_path):
+    """A server with a token may sit behind a proxy under any name: the token guards it."""
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_API_TOKEN="correct-horse-battery-staple")
+    url, process = start_server(env, tmp_path / "uvicorn.log")
+    try:
+        response = httpx.get(url + "/login", headers={"Host": "lab.example.org"}, timeout=30)
+        assert response.status_code == 200
+    finally:
+        process.stop()
+
+
+@pytest.mark.browser
+def test_a_form_on_another_site_cannot_cancel_a_run(live_server, request):
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(live_server.database_url),
+                                             seeds=[0])
+    attack = (f'<form method="post" action="{live_server.url}/api/runs/{run_ids[0]}/cancel">'
+              '<button id="go">win a prize</button></form>')
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.set_content(attack)
+        with page.expect_navigation():
+            page.click("#go")
+        assert "another site" in page.content()
+        browser.screenshot("refused")
+    with live_server.client() as client:
+        assert set(statuses(client, experiment_id).values()) == {"queued"}

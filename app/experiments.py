@@ -105,6 +105,17 @@ def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
     return name
 
 
+def check_input_size(backbone: str, image_size: int) -> None:
+    """A 422 for a backbone that cannot train on `image_size` px images (a ViT made for 224
+    px only, a distilled model with two heads), before any run is queued to fail."""
+    from worker.selftuning.backbones import BackboneError, check_image_size
+
+    try:
+        check_image_size(backbone, image_size)
+    except BackboneError as exc:
+        raise unprocessable("backbone", str(exc)) from None
+
+
 def run_config(payload: ExperimentIn, method: str, seed: int) -> dict[str, Any]:
     overrides = payload.overrides.model_dump(exclude_none=True)
     try:
@@ -151,6 +162,7 @@ def create_experiment(session: Session, settings: Settings, payload: ExperimentI
         for method in payload.methods
         for seed in payload.seeds
     }
+    check_input_size(payload.backbone, next(iter(configs.values()))["image_size"])
     experiment = Experiment(
         name=payload.name or default_name(dataset.name, payload.methods),
         dataset_id=dataset.id,

@@ -1102,6 +1102,21 @@ def thumbnail_dir(settings: Settings, dataset: Dataset) -> Path:
     return settings.cache_dir / "thumbs" / dataset.storage_key
 
 
+# The worker's decoded-image cache of a dataset (worker/training.py): one folder per dataset,
+# with one .npy per split and image size.
+_IMAGE_CACHE = re.compile(r"dataset-(?P<id>\d+)-(?P<fingerprint>[0-9a-f]+)")
+
+
+def image_cache_dirs(settings: Settings, dataset_id: int) -> list[Path]:
+    """Every decoded-image cache folder of a dataset id, whatever fingerprint it was made for."""
+    if not settings.cache_dir.is_dir():
+        return []
+    return [
+        entry for entry in settings.cache_dir.glob(f"dataset-{dataset_id}-*")
+        if (match := _IMAGE_CACHE.fullmatch(entry.name)) and int(match["id"]) == dataset_id
+    ]
+
+
 def image_file(settings: Settings, dataset: Dataset, image: DatasetImage) -> Path:
     """The stored file of an image, resolved strictly inside the dataset's directory."""
     root = dataset_dir(settings, dataset).resolve()
@@ -1175,6 +1190,8 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset
     # Files go after the commit: a crash here leaves only invisible orphans for cleanup.
     shutil.rmtree(dataset_dir(settings, dataset), ignore_errors=True)
     shutil.rmtree(thumbnail_dir(settings, dataset), ignore_errors=True)
+    for folder in image_cache_dirs(settings, dataset.id):
+        shutil.rmtree(folder, ignore_errors=True)
     remove_run_folders(settings, run_ids)
     return list(experiment_ids), list(run_ids)
 
@@ -1200,9 +1217,10 @@ def _remove(path: Path) -> None:
 
 def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] | None = None,
                     grace_s: float = 600.0) -> list[Path]:
-    """Remove what a crash can leave: upload work directories under tmp/, and dataset or
-    thumbnail directories without a database row. Anything touched in the last `grace_s`
-    seconds is kept, since another web process may be publishing it right now."""
+    """Remove what a crash can leave: upload work directories under tmp/, and dataset,
+    thumbnail and decoded-image cache directories without a database row (a worker removes
+    the abandoned temporary files of the caches it uses). Anything touched in the last
+    `grace_s` seconds is kept, since another web process may be publishing it right now."""
     now = time.time()
     removed: list[Path] = []
 
@@ -1225,20 +1243,32 @@ def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] |
         for entry in folder.iterdir()
         if entry.is_dir()
     ]
-    if candidates:
+    image_caches = [
+        entry for entry in settings.cache_dir.iterdir()
+        if entry.is_dir() and _IMAGE_CACHE.fullmatch(entry.name)
+    ] if settings.cache_dir.is_dir() else []
+    if candidates or image_caches:
         if session_factory is None:
             from app.db import get_sessionmaker
 
             session_factory = get_sessionmaker(settings.sqlalchemy_url)
         try:
             with session_factory() as session:
-                known = set(session.scalars(select(Dataset.storage_key)).all())
+                rows = session.execute(
+                    select(Dataset.id, Dataset.storage_key, Dataset.fingerprint)
+                ).all()
         except SQLAlchemyError as exc:
             # Without the list of datasets nothing can be called an orphan.
             log.warning("dataset clean-up skipped, the database is not readable: %s", exc)
             return removed
+        known = {row.storage_key for row in rows}
+        known_caches = {f"dataset-{row.id}-{row.fingerprint[:12]}" for row in rows}
         for entry in candidates:
             if entry.name not in known and stale(entry):
+                _remove(entry)
+                removed.append(entry)
+        for entry in image_caches:
+            if entry.name not in known_caches and stale(entry):
                 _remove(entry)
                 removed.append(entry)
     for path in removed:

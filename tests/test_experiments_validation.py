@@ -63,6 +63,8 @@ def messages(response) -> str:
     ({"name": "nul\u0000name"}, 422, "name: Value error, must not contain control characters"),
     ({"name": "two\nlines"}, 422, "must not contain control characters"),
     ({"backbone": "a\u0000.safetensors"}, 422, "backbone: Value error, must not contain"),
+    ({"backbone": "vit_tiny_patch16_224"}, 422, "takes 224 px images only: set image_size"),
+    ({"backbone": "deit_tiny_distilled_patch16_224"}, 422, "has two classifier heads"),
     ({"backbone": "no_such_net"}, 422, "unknown backbone 'no_such_net'"),
     ({"backbone": "../../etc/passwd.safetensors"}, 422, "inside the data directory"),
     ({"methods": ["magic"]}, 422, "methods.0"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from collections import OrderedDict
@@ -111,6 +112,92 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = True) -> 
             f"Backbones that work offline here: {offline}; or train from scratch with "
             "pretrained=false, or give a local .safetensors file."
         ) from exc
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    """Raise `BackboneError` (a ValueError) with a message for users when the backbone
+    `name` (as `create_backbone` takes it) cannot train on `image_size` px square images:
+    a model made for one input size only (timm's ViT, DeiT, Swin, ... at another size), a
+    model that needs larger images, or one with two classifier heads (distilled DeiT, LeViT).
+
+    Nothing is downloaded and no weights are allocated: the model is built on the meta device
+    and one batch goes through it there, which checks every shape as training would.
+    """
+    local = _local_weights(name)
+    architecture = local[0] if local is not None else name
+    _check_image_size(architecture, int(image_size))
+
+
+@functools.lru_cache(maxsize=128)
+def _check_image_size(architecture: str, image_size: int) -> None:
+    cfg = timm.models.get_pretrained_cfg(architecture) if timm.is_model(architecture) else None
+    classifier = getattr(cfg, "classifier", None)
+    if isinstance(classifier, (tuple, list)) and len(classifier) > 1:
+        raise BackboneError(_two_heads(architecture))
+    fixed = _fixed_size(cfg)
+    try:
+        with torch.device("meta"):
+            model = _create(architecture, pretrained=False, num_classes=2)
+    except BackboneError:
+        raise
+    except Exception:  # noqa: BLE001 - cannot build on meta: only timm's config can tell
+        model = None
+    if model is not None and not isinstance(model.get_classifier(), nn.Linear):
+        raise BackboneError(_two_heads(architecture))
+    if model is None:
+        problem = None
+    else:
+        problem = _meta_forward_problem(model, image_size)
+        if problem is None:  # it runs: some fixed-size configs take any size (dynamic_img_size)
+            return
+    dynamic = bool(getattr(model, "dynamic_img_size", False))
+    if fixed is not None and fixed != image_size and not (dynamic and problem is not None):
+        raise BackboneError(
+            f"{architecture} takes {fixed} px images only: set image_size to {fixed}"
+        )
+    if problem is not None:
+        suggestion = fixed or (cfg.input_size[-1] if cfg and cfg.input_size else 224)
+        raise BackboneError(
+            f"{architecture} cannot take {image_size} px images ({problem}): choose another "
+            f"image_size; its default is {suggestion}"
+        )
+
+
+def _fixed_size(cfg: object) -> int | None:
+    """The one square input size a fixed-size model config states, else None."""
+    if cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return None
+    input_size = getattr(cfg, "input_size", None) or ()
+    if len(input_size) != 3:
+        return None
+    return int(input_size[-1])
+
+
+def _two_heads(architecture: str) -> str:
+    return (f"{architecture} has two classifier heads (a distilled model: class and "
+            "distillation token), which is not supported: pick a model with one head, e.g. "
+            "without 'distilled' in its name")
+
+
+def _meta_forward_problem(model: nn.Module, image_size: int) -> str | None:
+    """What goes wrong when a batch of `image_size` images goes through `model` on the meta
+    device, as in a training step; None when it works or the meta device cannot tell."""
+    images = torch.empty(2, 3, image_size, image_size, device="meta")
+    model.train()
+    try:
+        with torch.no_grad():
+            pooled_features(model, images)
+            model(images)
+    except NotImplementedError:
+        return None  # an operation without a meta kernel: nothing learnt about the size
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "meta" in message.lower():
+            return None
+        return message[:200]
+    except Exception:  # noqa: BLE001 - anything else says nothing sure about the size
+        return None
+    return None
 
 
 def load_in_order(

@@ -9,34 +9,94 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worker.selftuning.files import (
+    fsync_directory,
+    remove_abandoned_temporaries,
+    temporary_path,
+)
+
 CHECKPOINT_FORMAT = 1
 # Fields that do not change what is computed, so a run may resume with other values.
 RESUMABLE_CHANGES = {"eval_interval", "checkpoint_interval", "log_interval", "num_workers",
                      "device", "cpu_threads"}
 
 
+class CheckpointUnreadable(ValueError):
+    """No copy of the checkpoint can be read (truncated or corrupt, e.g. after a power loss).
+
+    The unreadable files were renamed to `*.corrupt`, so the run starts again from step 0
+    instead of failing on them at every attempt."""
+
+
 def checkpoint_path(out_dir: Path) -> Path:
     return Path(out_dir) / "state" / "checkpoint.pt"
 
 
+def previous_path(path: Path) -> Path:
+    """The checkpoint before the latest one, kept in case the latest cannot be read."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write the state next to the target, then rename it over: never a half-written file."""
+    """Write the state next to the target, fsync it, keep the last checkpoint as the previous
+    copy and rename the new one over the target, then fsync the folder: after a crash or a
+    power loss the folder holds the old or the new checkpoint, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_abandoned_temporaries(path.parent)
+    temporary = temporary_path(path)
     try:
-        torch.save({"format": CHECKPOINT_FORMAT, "rng": capture_rng(), **state}, temporary)
+        with temporary.open("wb") as handle:
+            torch.save({"format": CHECKPOINT_FORMAT, "rng": capture_rng(), **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _keep_previous(path)
         os.replace(temporary, path)
+        fsync_directory(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load with `weights_only=True`: tensors and plain Python values, no code."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has checkpoint format {state.get('format')!r}, "
-                         f"expected {CHECKPOINT_FORMAT}")
-    return state
+    """Load with `weights_only=True`: tensors and plain Python values, no code.
+
+    When the checkpoint cannot be read, the previous copy is used; when no copy can be read
+    the unreadable files are renamed aside and `CheckpointUnreadable` is raised. A failure to
+    read the file at all (an I/O error) is raised as it is and leaves the files in place.
+    """
+    path = Path(path)
+    remove_abandoned_temporaries(path.parent)
+    problems, unreadable = [], []
+    for candidate in (path, previous_path(path)):
+        if not candidate.is_file():
+            continue
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
+            _raise_if_unreadable_storage(candidate)
+            problems.append(f"{candidate.name}: {type(exc).__name__}: {str(exc)[:200]}")
+            unreadable.append(candidate)
+            continue
+        if not isinstance(state, dict):
+            problems.append(f"{candidate.name}: holds a {type(state).__name__}, not a dict")
+            unreadable.append(candidate)
+            continue
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{candidate} has checkpoint format {state.get('format')!r}, "
+                             f"expected {CHECKPOINT_FORMAT}")
+        if candidate != path:
+            state["recovered_from"] = str(candidate)
+            state["recovery_reason"] = "; ".join(problems)
+        return state
+    for candidate in unreadable:
+        os.replace(candidate, candidate.with_name(candidate.name + ".corrupt"))
+    if unreadable:
+        fsync_directory(path.parent)
+    raise CheckpointUnreadable(
+        f"the checkpoint in {path.parent} cannot be read ({'; '.join(problems) or 'missing'}); "
+        "it was renamed to *.corrupt, so training starts again from step 0"
+    )
 
 
 def check_compatible(saved_config: dict, config: dict, saved_fingerprint: str,
@@ -82,3 +142,26 @@ def restore_rng(state: dict) -> None:
     ))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _keep_previous(path: Path) -> None:
+    """Make the current checkpoint the previous copy, by a hard link so the target keeps
+    existing until the new file replaces it (no copy where links are not supported)."""
+    if not path.is_file():
+        return
+    previous = previous_path(path)
+    link = temporary_path(previous)
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:
+        link.unlink(missing_ok=True)
+
+
+def _raise_if_unreadable_storage(path: Path) -> None:
+    """Re-raise an I/O error of the file system (the file may be fine once it is back)
+    rather than calling the checkpoint corrupt: read it through once."""
+    with path.open("rb") as handle:
+        while handle.read(1 << 24):
+            pass

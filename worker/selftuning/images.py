@@ -17,6 +17,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from worker.selftuning.files import (
+    fsync_directory,
+    remove_abandoned_temporaries,
+    temporary_path,
+)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _CACHE_FORMAT = 1
 
@@ -163,19 +169,39 @@ def decode_all(
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_temporaries(cache_dir)
     target = cache_dir / f"{kind}-{size}-{_fingerprint(paths, kind, preprocessing)}.npy"
-    if target.is_file():
-        return ImageArray(np.load(target, mmap_mode="r"), target)
-    temporary = target.with_suffix(f".{os.getpid()}.tmp")
+    cached = _open_cached(target, shape)
+    if cached is not None:
+        return cached
+    temporary = temporary_path(target)
     array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
     try:
         _fill(array, decode)
         array.flush()
         del array
+        with temporary.open("rb+") as handle:  # on disk before the name says it is whole
+            os.fsync(handle.fileno())
         os.replace(temporary, target)
+        fsync_directory(cache_dir)
     finally:
         temporary.unlink(missing_ok=True)
     return ImageArray(np.load(target, mmap_mode="r"), target)
+
+
+def _open_cached(target: Path, shape: tuple[int, ...]) -> ImageArray | None:
+    """The cached array when it is there and whole; a file that does not hold the expected
+    array (cut short by a crash, say) is removed so that it is decoded again."""
+    if not target.is_file():
+        return None
+    try:
+        array = np.load(target, mmap_mode="r")
+        if array.shape == shape and array.dtype == np.uint8:
+            return ImageArray(array, target)
+    except (OSError, ValueError, EOFError):
+        pass
+    target.unlink(missing_ok=True)
+    return None
 
 
 def _fill(array: np.ndarray, decode) -> None:

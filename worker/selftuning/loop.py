@@ -21,6 +21,7 @@ from worker.selftuning.augment import Normalize, ViewMaker
 from worker.selftuning.backbones import create_backbone
 from worker.selftuning.batches import StepBatches, make_loader, to_device_batch
 from worker.selftuning.checkpoint import (
+    CheckpointUnreadable,
     check_compatible,
     checkpoint_path,
     load_checkpoint,
@@ -120,10 +121,15 @@ def train(
         optimizer = _make_optimizer(model, config)
         tracker = PseudoLabelTracker()
         state_file = checkpoint_path(out_dir)
-        step, resumed_from = 0, None
+        step, resumed_from, unreadable = 0, None, None
         if state_file.is_file():
-            step = resumed_from = _restore(state_file, config, data, model, optimizer, tracker)
-        emit("started", step, resumed_from_step=resumed_from)
+            try:
+                step = resumed_from = _restore(state_file, config, data, model, optimizer,
+                                               tracker)
+            except CheckpointUnreadable as exc:  # set aside, nothing restored: start afresh
+                unreadable = str(exc)
+        extra = {"checkpoint_unreadable": unreadable} if unreadable else {}
+        emit("started", step, resumed_from_step=resumed_from, **extra)
 
         def save(at_step: int) -> None:
             save_checkpoint(state_file, {

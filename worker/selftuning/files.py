@@ -1,0 +1,87 @@
+"""Files that survive a crash: written beside their target, synced, renamed over it; and the
+temporaries a killed writer leaves, told apart from those still being written."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+# A temporary file whose writer cannot be checked (another host, or a name from before the
+# host was part of it) counts as abandoned once untouched this long.
+STALE_TEMPORARY_S = 24 * 3600.0
+# `.<name>.<pid>.<host>.tmp`, or `<...>.<pid>.tmp` as written before the host was added.
+_TEMPORARY = re.compile(r"\.(?P<pid>\d+)(?:\.(?P<host>[A-Za-z0-9_-]+))?\.tmp$")
+
+
+def host_tag() -> str:
+    """This machine's name as it goes into temporary file names."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "localhost"
+
+
+def temporary_path(target: Path) -> Path:
+    """Where `target` is written before the rename: names the writing process and host, so
+    a later clean-up can tell an abandoned file from one being written."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{host_tag()}.tmp")
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make a rename inside `folder` durable (no-op where directories cannot be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the rename is all there is
+    finally:
+        os.close(descriptor)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return True
+    return True
+
+
+def is_abandoned(path: Path, *, max_age_s: float = STALE_TEMPORARY_S,
+                 now: float | None = None) -> bool:
+    """Whether `path` is a temporary file whose writer is gone: a dead process of this host,
+    or (when the writer cannot be checked) untouched for `max_age_s`."""
+    match = _TEMPORARY.search(path.name)
+    if match is None:
+        return False
+    pid, host = int(match["pid"]), match["host"]
+    if host == host_tag() and pid != os.getpid() and not process_alive(pid):
+        return True
+    try:
+        age = (time.time() if now is None else now) - path.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > max_age_s
+
+
+def remove_abandoned_temporaries(folder: Path, *, max_age_s: float = STALE_TEMPORARY_S
+                                 ) -> list[Path]:
+    """Delete the temporary files in `folder` that `is_abandoned`; returns them."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        if entry.name.endswith(".tmp") and entry.is_file() and is_abandoned(
+            entry, max_age_s=max_age_s
+        ):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.experiments import delete_run_rows, remove_run_folders
 from app.models import Dataset, DatasetImage, Experiment, Run
+from app.schemas import CONTROL_CHARACTERS
 from worker.selftuning.budgets import split_holdout
 
 log = logging.getLogger(__name__)
@@ -283,9 +284,12 @@ async def receive_upload(
 def dataset_name(requested: str | None, filename: str) -> str:
     """The name given in the form, else the archive's file name without its suffixes."""
     name = (requested or "").strip()
+    if CONTROL_CHARACTERS.search(name):
+        raise IngestError("the dataset name must not contain control characters (NUL, tab, "
+                          "line breaks)")
     if not name:
         name = re.sub(r"(\.(zip|tar|tgz|tbz2?|txz|gz|bz2|xz))+$", "", filename, flags=re.I)
-        name = name.strip() or "dataset"
+        name = CONTROL_CHARACTERS.sub(" ", name).strip() or "dataset"
     if len(name) > 200:
         raise IngestError("the dataset name is too long (at most 200 characters)")
     return name

@@ -219,3 +219,15 @@ def test_zip_entries_are_counted_before_the_zip_is_opened(tmp_path: Path, entrie
             update={"max_archive_files": entries - 1}))
     assert caught.value.status_code == 413
     assert f"more than {entries - 1} files" in caught.value.detail
+
+
+def test_a_dataset_name_with_control_characters_is_refused(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """PostgreSQL refuses NUL in text (it was a 500 there); no name needs a control character."""
+    archive = zip_bytes(class_entries(("cat", "dog")))
+    for name in ("nul\x00name", "two\nlines"):
+        response = upload(client, archive, name=name)
+        assert response.status_code == 422, response.text
+        assert "must not contain control characters" in response.json()["detail"]
+        assert_nothing_left(server)

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 from sqlalchemy import func, select
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -23,6 +24,35 @@ from app.models import Artifact, DatasetImage, Run, RunMetric
 log = logging.getLogger(__name__)
 
 EXPORTED_FILES = ("model.safetensors", "config.json", "training.json", "predictions.csv")
+
+# The errors of a database that cannot be reached (down, restarting, locked, its file gone):
+# worth trying again later, unlike a bug in a query.
+DATABASE_DOWN = (OperationalError, InterfaceError)
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached to start a run or to record its outcome: the
+    training task retries later (worker/celery_app.py), as nothing else would pick the run up
+    again."""
+
+
+def retry_while_database_down(action, what: str, within_s: float):
+    """`action()`, tried again while the database is unreachable, for up to `within_s`
+    seconds; then its error is raised."""
+    deadline = time.monotonic() + within_s
+    delay = 0.5
+    while True:
+        try:
+            return action()
+        except DATABASE_DOWN as exc:
+            if time.monotonic() + delay > deadline:
+                log.error("%s: gave up after %.0fs, the database is unreachable (%s)",
+                          what, within_s, exc)
+                raise
+            log.warning("%s: the database is unreachable (%s); trying again in %.1fs",
+                        what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def utcnow() -> datetime:
@@ -41,8 +71,14 @@ class RunRecorder:
     """Writes what a run does: the database is the record, Redis streams carry the live feed.
 
     Redis being away (restarting) never stops training: events are then only recorded in the
-    database, and the stream picks up again when Redis is back.
+    database, and the stream picks up again when Redis is back. Nor does the database being
+    away: events still go to Redis, the metric points wait in memory (the newest
+    `MAX_UNSAVED`) and are written with the next point that gets through; only if the database
+    is still away at the end, after `finish_retry_s` of trying, are they and the outcome lost.
     """
+
+    MAX_UNSAVED = 10_000
+    finish_retry_s = 300.0
 
     def __init__(self, settings: Settings, run_id: int, experiment_id: int) -> None:
         self.settings = settings
@@ -51,6 +87,7 @@ class RunRecorder:
         self.redis = get_redis(settings.effective_redis_url)
         self.url = settings.sqlalchemy_url
         self.last_recorded = self._last_recorded_steps()
+        self._unsaved: list[tuple[str, int, dict[str, Any]]] = []  # (kind, step, values)
         self._last_cancel_check = 0.0
         self._cancelled = False
 
@@ -92,15 +129,33 @@ class RunRecorder:
             if step <= self.last_recorded.get(kind, 0):
                 return
             values = {k: v for k, v in event.items() if k not in ("type", "step", "total_steps")}
-            with session_scope(self.url) as session:
-                self._upsert_metric(session, kind, step, values)
-                run = session.get(Run, self.run_id)
-                run.step = max(run.step, step)
-                run.heartbeat_at = utcnow()
-                if kind == "progress" and event.get("images_per_s"):
-                    run.images_per_s = float(event["images_per_s"])
+            self._unsaved.append((kind, step, values))
             self.last_recorded[kind] = step
+            self._save_metrics()
         self.publish(event)
+
+    def _save_metrics(self) -> None:
+        """Write the points not yet in the database; while it is away they wait for the next."""
+        try:
+            with session_scope(self.url) as session:
+                self._write_unsaved(session)
+        except SQLAlchemyError as exc:  # a database outage must not stop training
+            del self._unsaved[:-self.MAX_UNSAVED]
+            log.warning("run %s: %d metric point(s) not recorded yet (%s)",
+                        self.run_id, len(self._unsaved), exc)
+            return
+        self._unsaved.clear()
+
+    def _write_unsaved(self, session: Session) -> None:
+        if not self._unsaved:
+            return
+        run = session.get(Run, self.run_id)
+        for kind, step, values in self._unsaved:
+            self._upsert_metric(session, kind, step, values)
+            run.step = max(run.step, step)
+            if kind == "progress" and values.get("images_per_s"):
+                run.images_per_s = float(values["images_per_s"])
+        run.heartbeat_at = utcnow()
 
     def _upsert_metric(self, session: Session, kind: str, step: int, values: dict) -> None:
         existing = session.scalar(
@@ -126,15 +181,24 @@ class RunRecorder:
         now = time.monotonic()
         if now - self._last_cancel_check > 5:
             self._last_cancel_check = now
-            with session_scope(self.url) as session:
-                run = session.get(Run, self.run_id)
-                run.heartbeat_at = utcnow()
-                self._cancelled = bool(run.cancel_requested)
+            try:
+                with session_scope(self.url) as session:
+                    run = session.get(Run, self.run_id)
+                    run.heartbeat_at = utcnow()
+                    self._cancelled = bool(run.cancel_requested)
+            except SQLAlchemyError as exc:  # training goes on; Redis still carries a cancel
+                log.warning("run %s: cancel check in the database failed (%s)", self.run_id, exc)
         return self._cancelled
 
     # --- outcomes --------------------------------------------------------------------------
 
     def record_artifacts(self, out_dir: Path) -> list[str]:
+        return retry_while_database_down(
+            lambda: self._record_artifacts(out_dir), f"run {self.run_id}: recording artifacts",
+            self.finish_retry_s,
+        )
+
+    def _record_artifacts(self, out_dir: Path) -> list[str]:
         names = []
         with session_scope(self.url) as session:
             for name in EXPORTED_FILES + ("test_predictions.json",):
@@ -155,14 +219,23 @@ class RunRecorder:
         return names
 
     def finish(self, status: str, *, metrics: dict | None = None, error: str | None = None) -> None:
-        with session_scope(self.url) as session:
-            run = session.get(Run, self.run_id)
-            run.status = status
-            run.finished_at = utcnow()
-            run.error = error
-            if metrics is not None:
-                run.metrics = metrics
-                run.step = run.total_steps
+        """Record the outcome (and any metric points still unsaved), trying for up to
+        `finish_retry_s` while the database is unreachable; then end the live feed."""
+
+        def record() -> None:
+            with session_scope(self.url) as session:
+                self._write_unsaved(session)
+                run = session.get(Run, self.run_id)
+                run.status = status
+                run.finished_at = utcnow()
+                run.error = error
+                if metrics is not None:
+                    run.metrics = metrics
+                    run.step = run.total_steps
+
+        retry_while_database_down(record, f"run {self.run_id}: recording it {status}",
+                                  self.finish_retry_s)
+        self._unsaved.clear()
         self.publish({"type": "end", "status": status, "error": error,
                       "metrics": _headline(metrics)})
         try:

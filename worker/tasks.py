@@ -6,8 +6,10 @@ from sqlalchemy import func, select
 
 from app.config import get_settings
 from app.db import session_scope
+from app.experiments import TRAIN_TASK
 from app.models import Dataset
 from worker.celery_app import app, worker_identity
+from worker.runs import DatabaseUnavailable
 
 
 @app.task(name="selftune.health_probe", bind=True)
@@ -23,7 +25,12 @@ def health_probe(self) -> dict:
     }
 
 
-@app.task(name="selftune.train_run", bind=True)
+# A run whose database cannot be reached when its task arrives is neither started nor marked
+# failed (worker.training.execute_run): the task tries again, under the same id, after 5 s,
+# 10 s, ... up to every 5 minutes, for as long as it takes; the run is queued in the
+# database, and nothing else would ever pick it up.
+@app.task(name=TRAIN_TASK, bind=True, autoretry_for=(DatabaseUnavailable,), max_retries=None,
+          retry_backoff=5, retry_backoff_max=300)
 def train_run(self, run_id: int) -> dict:
     """Train one run end to end. Redelivered after a worker loss, it resumes from the run's
     last training checkpoint (the engine finds it in the run's output directory)."""

@@ -1,10 +1,15 @@
-"""The body of the training task: load the run, build the engine's inputs, train, record."""
+"""The body of the training task: check the message, claim the run, train, record."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +19,14 @@ from app.config import Settings
 from app.db import session_scope
 from app.models import Dataset, DatasetImage, Run
 from app.schemas import TERMINAL_STATUSES
-from worker.runs import RunRecorder, rewrite_predictions, utcnow
+from worker.runs import (
+    DATABASE_DOWN,
+    DatabaseUnavailable,
+    RunRecorder,
+    retry_while_database_down,
+    rewrite_predictions,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +37,13 @@ def resolve_device(setting: str) -> tuple[str, str]:
 
     if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
         return "cpu", "cpu"
-    device = "cuda:0" if setting in ("auto", "cuda") else setting
-    return device, torch.cuda.get_device_name(torch.device(device))
+    device = torch.device("cuda:0" if setting in ("auto", "cuda") else setting)
+    if device.type != "cuda" or (device.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"this worker is set to train on {setting!r} (SELFTUNE_WORKER_DEVICE) but has "
+            f"{torch.cuda.device_count()} usable CUDA device(s)"
+        )
+    return str(device), torch.cuda.get_device_name(device)
 
 
 def dataset_items(session, dataset: Dataset, root: Path):
@@ -70,34 +87,172 @@ class _Heartbeat:
         self.stop.set()
 
 
+class _Skip(Exception):
+    """This message does not train the run and leaves it as it is; the status says why."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _End(Exception):
+    """The run ends without training, with this status and error (RunRecorder.finish)."""
+
+    def __init__(self, status: str, error: str | None = None) -> None:
+        super().__init__(status, error)
+        self.status, self.error = status, error
+
+
+@dataclass
+class _Job:
+    """What training a claimed run needs, read from the database while claiming it."""
+
+    config: dict[str, Any]
+    budget: Any
+    seed: int
+    items: tuple  # dataset_items()
+    metadata: dict[str, Any]
+    cache_dir: Path
+    dataset_root: Path
+    status_event: dict[str, Any]  # the live feed's "running" event
+
+
 def execute_run(
     settings: Settings, run_id: int, worker_name: str, task_id: str | None = None
 ) -> dict[str, Any]:
-    from worker.selftuning.config import RunConfig
-    from worker.selftuning.data import make_budget_data
-    from worker.selftuning.loop import TrainingCancelled, train
+    """Train the run this message is for, if it should; returns a summary for the task result.
 
+    A run that cannot start (no such device, its dataset gone, ...) ends "failed" with the
+    reason. Raises DatabaseUnavailable when the database cannot be reached to start the run
+    or to record its outcome: the task then tries again later (worker/celery_app.py).
+    """
+    try:
+        return _execute(settings, run_id, worker_name, task_id)
+    except DATABASE_DOWN as exc:
+        log.warning("run %s: the database is unreachable (%s); the task will retry", run_id, exc)
+        raise DatabaseUnavailable(f"run {run_id}: the database is unreachable: {exc}") from exc
+
+
+def _execute(settings: Settings, run_id: int, worker_name: str, task_id: str | None):
+    out_dir = settings.runs_dir / str(run_id)
+    try:
+        # Checked once before taking the run's folder, so a message for a deleted or ended
+        # run makes no folder, and again under the lock (_claim): it may have changed since.
+        with session_scope(settings.sqlalchemy_url) as session:
+            run = session.get(Run, run_id)
+            _check_message(settings, run, worker_name, task_id)
+            experiment_id = run.experiment_id
+        with _run_dir_lock(out_dir):
+            recorder = RunRecorder(settings, run_id, experiment_id)
+            try:
+                job = _claim(settings, run_id, worker_name, task_id)
+            except (_Skip, *DATABASE_DOWN):
+                raise
+            except _End as end:
+                recorder.finish(end.status, error=end.error)
+                return {"run_id": run_id, "status": end.status, "error": end.error}
+            except Exception as exc:  # noqa: BLE001 - the run ends with the reason
+                return _fail(recorder, exc, f"could not start on worker {worker_name}: ")
+            return _train(settings, recorder, job, out_dir)
+    except _Skip as skip:
+        log.info("run %s: task %s not run (%s)", run_id, task_id, skip.status)
+        return {"run_id": run_id, "status": skip.status}
+
+
+def _check_message(settings: Settings, run: Run | None, worker_name: str,
+                   task_id: str | None) -> None:
+    """Raise _Skip unless this message may train the run now."""
+    if run is None:
+        raise _Skip("missing")
+    if run.status in TERMINAL_STATUSES:  # a lost run trains again only once requeued
+        raise _Skip(run.status)
+    if task_id and run.celery_task_id and task_id != run.celery_task_id:
+        # A message from before a requeue came back: the newer task owns the run.
+        raise _Skip("superseded")
+    if run.status == "running" and run.worker != worker_name and _fresh(run, settings):
+        # The broker gave this message out again (visibility timeout, a worker's connection
+        # lost) while another worker still trains the run. If that worker is dead after all,
+        # its heartbeat goes stale and the reaper requeues the run.
+        log.warning("run %s is still trained by %s; not starting it here", run.id, run.worker)
+        raise _Skip("busy")
+
+
+def _fresh(run: Run, settings: Settings) -> bool:
+    beat = run.heartbeat_at
+    if beat is None:
+        return False
+    if beat.tzinfo is None:  # SQLite returns naive UTC
+        beat = beat.replace(tzinfo=UTC)
+    return utcnow() - beat < timedelta(seconds=settings.stale_after_s)
+
+
+@contextmanager
+def _run_dir_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the run's folder for this process while it trains, or raise _Skip("busy").
+
+    What owns a run is the process training it, not the worker's name: a worker keeps its
+    name when its pool child dies, or when it restarts. An flock names the process, and the
+    operating system drops it when the process dies, however it dies: a redelivered message
+    finds the folder free when the process that had it was killed, and taken while it still
+    trains (on this host, or on any host where a shared data directory supports flock).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s is held by another live process; not training it here", out_dir)
+            raise _Skip("busy") from None
+        except OSError as exc:  # a file system without locks: the heartbeat check remains
+            log.warning("cannot lock %s (%s); training it without the lock", out_dir, exc)
+        yield
+
+
+def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | None) -> _Job:
+    """Mark the run running on this worker and read what training needs. Raises _Skip or
+    _End when this message must not train it; any other error ends the run failed."""
     with session_scope(settings.sqlalchemy_url) as session:
         run = session.get(Run, run_id)
-        if run is None:
-            log.warning("run %s no longer exists; dropping its task", run_id)
-            return {"run_id": run_id, "status": "missing"}
-        if run.status in TERMINAL_STATUSES:  # a lost run trains again only once requeued
-            return {"run_id": run_id, "status": run.status}
-        if task_id and run.celery_task_id and task_id != run.celery_task_id:
-            # A message from before a requeue came back: the newer task owns the run.
-            return {"run_id": run_id, "status": "superseded"}
-        dataset = session.get(Dataset, run.dataset_id)
-        experiment_id = run.experiment_id
-        recorder = RunRecorder(settings, run_id, experiment_id)
+        _check_message(settings, run, worker_name, task_id)
         if run.cancel_requested:
-            run.status = "cancelled"
-            run.finished_at = utcnow()
-            session.commit()
-            recorder.publish({"type": "end", "status": "cancelled", "error": None,
-                              "metrics": None})
-            return {"run_id": run_id, "status": "cancelled"}
+            raise _End("cancelled")
+        # A message that finds its run "running" is a redelivery: the process that started
+        # it died without a word (the OOM killer, a power cut). Enqueueing, by a person or
+        # the reaper, always sets "queued" first, so the cap stops only automatic
+        # redeliveries, with the reaper's rule (attempts counted over the run's life): a
+        # person's requeue of a run that has used its attempts gets one more try.
+        if run.status == "running" and run.attempts >= settings.max_attempts:
+            raise _End("lost", (
+                f"worker {run.worker} stopped during attempt {run.attempts} (last heartbeat "
+                f"{run.heartbeat_at}); lost {run.attempts} times, so not started again "
+                "(requeue it to resume from its last checkpoint)"
+            ))
         device, device_name = resolve_device(settings.worker_device)
+        dataset = session.get(Dataset, run.dataset_id)
+        if dataset is None:
+            raise _End("failed", f"its dataset {run.dataset_id} no longer exists")
+        dataset_root = settings.datasets_dir / dataset.storage_key
+        if not dataset_root.is_dir():
+            raise _End("failed", f"the files of dataset {dataset.id} ({dataset.name!r}) are "
+                                 f"missing from {dataset_root}")
+        job = _Job(
+            config=dict(run.config, device=device),
+            budget=run.budget,
+            seed=run.seed,
+            items=dataset_items(session, dataset, dataset_root),
+            metadata={
+                "run_id": run_id,
+                "experiment_id": run.experiment_id,
+                "dataset_id": dataset.id,
+                "dataset_name": dataset.name,
+                "dataset_fingerprint": dataset.fingerprint,
+            },
+            cache_dir=settings.cache_dir / f"dataset-{dataset.id}-{dataset.fingerprint[:12]}",
+            dataset_root=dataset_root,
+            status_event={"type": "status", "status": "running", "worker": worker_name,
+                          "device": device_name, "attempt": run.attempts + 1, "step": 0,
+                          "total_steps": run.config["iterations"]},
+        )
         run.status = "running"
         run.started_at = run.started_at or utcnow()
         run.heartbeat_at = utcnow()
@@ -105,52 +260,51 @@ def execute_run(
         run.device = device_name
         run.attempts += 1
         run.error = None
-        config_values = dict(run.config, device=device)
-        budget, seed = run.budget, run.seed
-        dataset_root = settings.datasets_dir / dataset.storage_key
-        class_names, train_items, test_items, unlabeled = dataset_items(
-            session, dataset, dataset_root
-        )
-        metadata = {
-            "run_id": run_id,
-            "experiment_id": experiment_id,
-            "dataset_id": dataset.id,
-            "dataset_name": dataset.name,
-            "dataset_fingerprint": dataset.fingerprint,
-        }
-        attempt = run.attempts
-    recorder.publish({"type": "status", "status": "running", "worker": worker_name,
-                      "device": device_name, "attempt": attempt, "step": 0,
-                      "total_steps": config_values["iterations"]})
-    out_dir = settings.runs_dir / str(run_id)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        config = RunConfig.from_dict(config_values)
-        data, budget_info = make_budget_data(
-            class_names, train_items, test_items, unlabeled, budget, seed
-        )
-        metadata["budget"] = budget_info
-        with _Heartbeat(settings, run_id):
+    return job
+
+
+def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path
+           ) -> dict[str, Any]:
+    from worker.selftuning.config import RunConfig
+    from worker.selftuning.data import make_budget_data
+    from worker.selftuning.loop import TrainingCancelled, train
+
+    run_id = recorder.run_id
+    recorder.publish(job.status_event)
+    with _Heartbeat(settings, run_id):  # also while recording: that may wait for the database
+        try:
+            config = RunConfig.from_dict(job.config)
+            data, budget_info = make_budget_data(*job.items, job.budget, job.seed)
             metrics = train(
                 config, data, out_dir,
                 on_event=recorder.on_event,
                 should_cancel=recorder.should_cancel,
-                metadata=metadata,
-                cache_dir=settings.cache_dir / f"dataset-{dataset.id}-{dataset.fingerprint[:12]}",
+                metadata={**job.metadata, "budget": budget_info},
+                cache_dir=job.cache_dir,
             )
-    except TrainingCancelled:
-        recorder.finish("cancelled")
-        return {"run_id": run_id, "status": "cancelled"}
-    except Exception as exc:  # noqa: BLE001 - any failure ends the run with its message
-        log.exception("run %s failed", run_id)
-        detail = "".join(traceback.format_exception_only(exc)).strip()
-        tail = "".join(traceback.format_tb(exc.__traceback__)[-3:])
-        recorder.finish("failed", error=f"{detail}\n\n{tail}"[:8000])
-        return {"run_id": run_id, "status": "failed", "error": detail}
-    with session_scope(settings.sqlalchemy_url) as session:
-        rewrite_predictions(out_dir, session, dataset_root, session.get(Run, run_id))
-    recorder.record_artifacts(out_dir)
-    # The labeled count puts the run on the accuracy-against-labels curve (app.estimates).
-    metrics = {**metrics, "labeled_count": budget_info["labeled_count"]}
-    recorder.finish("succeeded", metrics=metrics)
+        except TrainingCancelled:
+            recorder.finish("cancelled")
+            return {"run_id": run_id, "status": "cancelled"}
+        except Exception as exc:  # noqa: BLE001 - any failure ends the run with its message
+            return _fail(recorder, exc)
+
+        def rewrite() -> None:
+            with session_scope(settings.sqlalchemy_url) as session:
+                rewrite_predictions(out_dir, session, job.dataset_root, session.get(Run, run_id))
+
+        retry_while_database_down(rewrite, f"run {run_id}: rewriting predictions.csv",
+                                  recorder.finish_retry_s)
+        recorder.record_artifacts(out_dir)
+        # The labeled count puts the run on the accuracy-against-labels curve (app.estimates).
+        metrics = {**metrics, "labeled_count": budget_info["labeled_count"]}
+        recorder.finish("succeeded", metrics=metrics)
     return {"run_id": run_id, "status": "succeeded", "test_top1": metrics.get("test_top1")}
+
+
+def _fail(recorder: RunRecorder, exc: Exception, context: str = "") -> dict[str, Any]:
+    """End the run failed, with the error and where it came from."""
+    log.exception("run %s failed", recorder.run_id)
+    detail = context + "".join(traceback.format_exception_only(exc)).strip()
+    tail = "".join(traceback.format_tb(exc.__traceback__)[-3:])
+    recorder.finish("failed", error=f"{detail}\n\n{tail}"[:8000])
+    return {"run_id": recorder.run_id, "status": "failed", "error": detail}

@@ -1,0 +1,315 @@
+"""The training task's life around the training itself: a run that cannot start, a message
+the broker hands out again, a run whose training process keeps dying, the database away.
+
+`execute_run` and `RunRecorder` are called directly, in this process, on a migrated SQLite
+database and the real Redis; one test runs a real Celery worker. A database outage is a
+database file that cannot be opened: `Outage` points the worker modules' sessions at one
+while it is on (and only then)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+import worker.runs
+import worker.training
+from app.config import Settings
+from app.db import get_engine, session_scope, upgrade_to_head
+from app.experiments import create_experiment
+from app.ingest import ingest_archive, new_work_dir
+from app.live import run_stream_key
+from app.models import Run, RunMetric, utcnow
+from app.schemas import ExperimentIn
+from tests.support import app_env, make_image_archive, start_worker, wait_for
+from worker.runs import DatabaseUnavailable, RunRecorder
+from worker.training import execute_run
+
+TASK_ID = "task-1"
+
+
+def add_run(settings: Settings, tmp_path: Path, iterations: int = 6) -> int:
+    """A dataset and a one-run experiment (queued, task TASK_ID), as the web would make them."""
+    archive = make_image_archive(tmp_path / "shapes.zip", train_per_class=6, test_per_class=2,
+                                 unlabeled=3)
+    with session_scope(settings.sqlalchemy_url) as session:
+        dataset = ingest_archive(session, settings, archive, new_work_dir(settings), "shapes")
+        payload = ExperimentIn.model_validate({
+            "dataset_id": dataset.id, "backbone": "test_efficientnet", "methods": ["fine-tune"],
+            "budgets": [0.5],
+            "overrides": {"pretrained": False, "image_size": 32, "batch_size": 4,
+                          "iterations": iterations, "log_interval": 2,
+                          "eval_interval": iterations, "checkpoint_interval": 2},
+        })
+        run = create_experiment(session, settings, payload).runs[0]
+        run.celery_task_id = TASK_ID
+        session.flush()
+        return run.id
+
+
+def update_run(settings: Settings, run_id: int, **values) -> None:
+    with session_scope(settings.sqlalchemy_url) as session:
+        run = session.get(Run, run_id)
+        for name, value in values.items():
+            setattr(run, name, value)
+
+
+def read_run(settings: Settings, run_id: int) -> Run:
+    with session_scope(settings.sqlalchemy_url) as session:
+        return session.get(Run, run_id)
+
+
+def feed(settings: Settings, run_id: int) -> list[dict]:
+    client = redis.Redis.from_url(settings.effective_redis_url, decode_responses=True)
+    return [json.loads(fields["data"]) for _, fields in client.xrange(run_stream_key(run_id))]
+
+
+def progress_steps(settings: Settings, run_id: int) -> list[int]:
+    with session_scope(settings.sqlalchemy_url) as session:
+        return list(session.scalars(select(RunMetric.step).where(
+            RunMetric.run_id == run_id, RunMetric.kind == "progress").order_by(RunMetric.step)))
+
+
+class Outage:
+    """While `down` is set, the sessions of worker.runs and worker.training (the recorder,
+    the task body, the heartbeat) go to a database file that cannot be opened, and fail with
+    SQLite's own OperationalError."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        self.down = threading.Event()
+        unreachable = f"sqlite:///{tmp_path}/no-such-folder/selftune.db"
+
+        def scope(url: str):
+            return session_scope(unreachable if self.down.is_set() else url)
+
+        monkeypatch.setattr(worker.runs, "session_scope", scope)
+        monkeypatch.setattr(worker.training, "session_scope", scope)
+
+
+# --- a run that cannot start ----------------------------------------------------------------
+
+
+def _no_such_device(settings: Settings, run_id: int) -> Settings:
+    # On a CPU-only host as on a GPU one: there is no 100th CUDA device.
+    return settings.model_copy(update={"worker_device": "cuda:99"})
+
+
+def _dataset_row_gone(settings: Settings, run_id: int) -> Settings:
+    # Past the foreign key, as a database edited by hand or restored in part would be.
+    connection = sqlite3.connect(settings.sqlalchemy_url.removeprefix("sqlite:///"))
+    connection.execute("DELETE FROM dataset_images")
+    connection.execute("DELETE FROM datasets")
+    connection.commit()
+    connection.close()
+    return settings
+
+
+def _dataset_files_gone(settings: Settings, run_id: int) -> Settings:
+    for folder in settings.datasets_dir.iterdir():
+        folder.rename(settings.data_dir / f"moved-{folder.name}")
+    return settings
+
+
+@pytest.mark.parametrize(("break_it", "reason"), [
+    (_no_such_device, "'cuda:99' (SELFTUNE_WORKER_DEVICE)"),
+    (_dataset_row_gone, "no longer exists"),
+    (_dataset_files_gone, "are missing from"),
+])
+def test_a_run_that_cannot_start_ends_failed_with_the_reason(settings, tmp_path, break_it,
+                                                              reason):
+    """Before the fix each of these raised before training began: the message was consumed
+    and the run stayed "queued" for ever (the missing files case ended failed, but with a
+    traceback from the image loader instead of the reason)."""
+    run_id = add_run(settings, tmp_path)
+    result = execute_run(break_it(settings, run_id), run_id, "me@host", TASK_ID)
+    run = read_run(settings, run_id)
+    assert result["status"] == run.status == "failed", run.error
+    assert reason in run.error and run.finished_at is not None and run.attempts == 0
+    end = feed(settings, run_id)[-1]
+    assert end["type"] == "end" and end["status"] == "failed" and reason in end["error"]
+
+
+def test_a_task_that_finds_the_database_down_asks_to_retry_and_leaves_the_run_queued(
+    settings, tmp_path, monkeypatch
+):
+    """Before the fix the OperationalError went out as is: the task failed for good (Celery
+    acks a failed task), and nothing would ever pick the queued run up again."""
+    run_id = add_run(settings, tmp_path)
+    outage = Outage(monkeypatch, tmp_path)
+    outage.down.set()
+    with pytest.raises(DatabaseUnavailable):
+        execute_run(settings, run_id, "me@host", TASK_ID)
+    assert read_run(settings, run_id).status == "queued"
+
+
+def test_the_task_of_a_run_waits_out_a_database_outage_then_trains_it(
+    settings, redis_url, tmp_path
+):
+    """A real Celery worker whose database file is not there yet (its folder is missing):
+    the task retries under the same id, and trains the run once the database appears.
+    Before the fix the task failed once and the run stayed queued."""
+    home, later = tmp_path / "db-home", tmp_path / "db-later"
+    ours = settings.model_copy(update={"database_url": f"sqlite:///{home}/selftune.db"})
+    upgrade_to_head(ours.sqlalchemy_url)
+    run_id = add_run(ours, tmp_path)
+    env = app_env(settings.data_dir, f"sqlite:///{later}/selftune.db", redis_url)
+    worker_process = start_worker(env, tmp_path / "logs" / "worker.log", name="patient")
+    client = Celery("client", broker=redis_url, backend=redis_url)
+    try:
+        client.send_task("selftune.train_run", args=[run_id], task_id=TASK_ID)
+        wait_for(lambda: client.AsyncResult(TASK_ID).state == "RETRY", timeout=120,
+                 message=f"the task to retry:\n{worker_process.log()[-3000:]}")
+        get_engine(ours.sqlalchemy_url).dispose()
+        home.rename(later)  # the database is back
+        reached = settings.model_copy(update={"database_url": f"sqlite:///{later}/selftune.db"})
+        run = wait_for(lambda: (r := read_run(reached, run_id)).status
+                       in ("succeeded", "failed") and r, timeout=180,
+                       message=f"the run to end:\n{worker_process.log()[-3000:]}")
+        assert run.status == "succeeded", run.error
+        assert run.attempts == 1
+    finally:
+        worker_process.stop()
+        client.close()
+
+
+# --- who owns a run -----------------------------------------------------------------------
+
+
+def test_a_message_handed_out_again_leaves_a_run_another_worker_trains_alone(settings,
+                                                                             tmp_path):
+    """Before the fix the second worker trained the run too, into the same folder."""
+    run_id = add_run(settings, tmp_path)
+    update_run(settings, run_id, status="running", worker="other@host", attempts=1, step=3,
+               started_at=utcnow(), heartbeat_at=utcnow())
+    result = execute_run(settings, run_id, "me@host", TASK_ID)
+    run = read_run(settings, run_id)
+    assert result["status"] == "busy"
+    assert (run.status, run.worker, run.attempts, run.step) == ("running", "other@host", 1, 3)
+    assert feed(settings, run_id) == [] and not (settings.runs_dir / str(run_id)).exists()
+
+
+def test_a_worker_trains_again_a_run_of_its_own_only_once_its_process_is_gone(settings,
+                                                                                tmp_path):
+    """Same worker name, fresh heartbeat: a live process holding the run's folder (here this
+    test, through the lock the training process takes) means busy; once it lets go (the
+    process died: the OS drops its lock), the redelivered message resumes the run. Before the
+    fix there was no such lock (this test fails on its import)."""
+    from worker.training import _run_dir_lock
+
+    run_id = add_run(settings, tmp_path)
+    update_run(settings, run_id, status="running", worker="me@host", attempts=1,
+               started_at=utcnow(), heartbeat_at=utcnow())
+    with _run_dir_lock(settings.runs_dir / str(run_id)):
+        assert execute_run(settings, run_id, "me@host", TASK_ID)["status"] == "busy"
+    assert read_run(settings, run_id).attempts == 1
+    result = execute_run(settings, run_id, "me@host", TASK_ID)
+    run = read_run(settings, run_id)
+    assert result["status"] == run.status == "succeeded", run.error
+    assert run.attempts == 2
+
+
+def test_a_run_whose_process_keeps_dying_ends_lost_and_a_requeue_trains_it_again(
+    settings, tmp_path
+):
+    """The OOM killer takes the training process at the same point every time: Celery
+    (reject_on_worker_lost) hands the message out again at once, with the heartbeat fresh, so
+    the reaper's cap never applies. Before the fix attempt N+1, N+2, ... went on for ever."""
+    settings = settings.model_copy(update={"max_attempts": 2})
+    run_id = add_run(settings, tmp_path)
+    update_run(settings, run_id, status="running", worker="me@host", attempts=2,
+               started_at=utcnow(), heartbeat_at=utcnow())
+    result = execute_run(settings, run_id, "me@host", TASK_ID)
+    run = read_run(settings, run_id)
+    assert result["status"] == run.status == "lost"
+    assert run.attempts == 2 and run.finished_at is not None
+    assert "me@host" in run.error and "requeue it" in run.error
+    end = feed(settings, run_id)[-1]
+    assert end["type"] == "end" and end["status"] == "lost"
+
+    # What POST /api/runs/{id}/requeue does (app/routers/runs.py): queued, under a new task.
+    new_task = uuid.uuid4().hex
+    update_run(settings, run_id, status="queued", cancel_requested=False, finished_at=None,
+               error=None, celery_task_id=new_task)
+    assert execute_run(settings, run_id, "me@host", TASK_ID)["status"] == "superseded"
+    result = execute_run(settings, run_id, "me@host", new_task)
+    run = read_run(settings, run_id)
+    assert result["status"] == run.status == "succeeded", run.error
+    assert run.attempts == 3
+
+
+# --- the database away while training -----------------------------------------------------
+
+
+def test_training_goes_on_through_a_database_outage_and_records_every_point(
+    settings, tmp_path, monkeypatch
+):
+    """The database is away from the progress event of step 4 until that of step 8 (the
+    recorder's on_event switches the outage, then runs as usual); a cancel check falls in the
+    outage too. Before the fix the first failed write ended the run failed."""
+    run_id = add_run(settings, tmp_path, iterations=12)
+    outage = Outage(monkeypatch, tmp_path)
+    on_event = RunRecorder.on_event
+    cancel_checks_while_down = []
+
+    def switching(recorder, event):
+        if event.get("type") == "progress":
+            if event["step"] == 4:
+                outage.down.set()
+                recorder._last_cancel_check = 0.0  # the next iteration asks the database
+            elif event["step"] == 8:
+                outage.down.clear()
+        on_event(recorder, event)
+
+    should_cancel = RunRecorder.should_cancel
+
+    def checking(recorder):
+        if outage.down.is_set() and recorder._last_cancel_check == 0.0:
+            cancel_checks_while_down.append(True)
+        return should_cancel(recorder)
+
+    monkeypatch.setattr(RunRecorder, "on_event", switching)
+    monkeypatch.setattr(RunRecorder, "should_cancel", checking)
+    result = execute_run(settings, run_id, "me@host", TASK_ID)
+    run = read_run(settings, run_id)
+    assert result["status"] == run.status == "succeeded", run.error
+    assert run.attempts == 1 and run.step == 12 and cancel_checks_while_down
+    assert progress_steps(settings, run_id) == [2, 4, 6, 8, 10, 12]
+    live = [e["step"] for e in feed(settings, run_id) if e["type"] == "progress"]
+    assert live == [2, 4, 6, 8, 10, 12]  # the feed went on during the outage
+
+
+def test_the_outcome_is_recorded_after_a_short_outage_and_given_up_after_a_long_one(
+    settings, tmp_path, monkeypatch
+):
+    """Before the fix `finish` raised at once, leaving the run "running" until the reaper
+    called it lost."""
+    run_id = add_run(settings, tmp_path)
+    update_run(settings, run_id, status="running", worker="me@host", attempts=1)
+    recorder = RunRecorder(settings, run_id, read_run(settings, run_id).experiment_id)
+    outage = Outage(monkeypatch, tmp_path)
+    outage.down.set()
+    recorder.on_event({"type": "progress", "step": 2, "total_steps": 6, "loss": 1.0})
+    assert recorder.should_cancel() is False
+    threading.Timer(1.5, outage.down.clear).start()
+    recorder.finish("succeeded", metrics={"test_top1": 0.5})
+    run = read_run(settings, run_id)
+    assert run.status == "succeeded" and run.metrics == {"test_top1": 0.5}
+    assert progress_steps(settings, run_id) == [2]  # the point held during the outage
+
+    outage.down.set()
+    recorder.finish_retry_s = 2.0
+    started = time.monotonic()
+    with pytest.raises(OperationalError):
+        recorder.finish("failed", error="late")
+    assert time.monotonic() - started < 10
+    assert read_run(settings, run_id).status == "succeeded"
+

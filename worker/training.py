@@ -124,7 +124,7 @@ def execute_run(
 
     A run that cannot start (no such device, its dataset gone, ...) ends "failed" with the
     reason. Raises DatabaseUnavailable when the database cannot be reached to start the run
-    or to record its outcome: the task then tries again later (worker/celery_app.py).
+    or to record its outcome: the task then tries again later (worker/tasks.py).
     """
     try:
         return _execute(settings, run_id, worker_name, task_id)

@@ -313,3 +313,28 @@ def test_the_outcome_is_recorded_after_a_short_outage_and_given_up_after_a_long_
     assert time.monotonic() - started < 10
     assert read_run(settings, run_id).status == "succeeded"
 
+
+
+def test_a_succeeded_run_keeps_its_export_but_not_its_training_state(settings, tmp_path,
+                                                                       monkeypatch):
+    """The training state (model, key encoder, optimiser) is several times the exported model
+    and nothing resumes a finished run; a run that stops before the end keeps it to resume."""
+    run_id = add_run(settings, tmp_path)
+    (tmp_path / "second").mkdir()
+    cancelled_id = add_run(settings, tmp_path / "second")
+    update_run(settings, cancelled_id, celery_task_id="task-2")
+    checks = {"n": 0}
+    should_cancel = RunRecorder.should_cancel
+
+    def cancel_after_a_checkpoint(self):
+        if self.run_id != cancelled_id:
+            return should_cancel(self)
+        checks["n"] += 1
+        return checks["n"] > 3  # checkpoint_interval is 2
+
+    monkeypatch.setattr(RunRecorder, "should_cancel", cancel_after_a_checkpoint)
+    assert execute_run(settings, run_id, "w@host", TASK_ID)["status"] == "succeeded"
+    assert execute_run(settings, cancelled_id, "w@host", "task-2")["status"] == "cancelled"
+    folder = settings.runs_dir / str(run_id)
+    assert (folder / "model.safetensors").is_file() and not (folder / "state").exists()
+    assert (settings.runs_dir / str(cancelled_id) / "state" / "checkpoint.pt").is_file()

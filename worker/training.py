@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import shutil
 import threading
 import traceback
 from collections.abc import Iterator
@@ -265,6 +266,7 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
 
 def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path
            ) -> dict[str, Any]:
+    from worker.selftuning.checkpoint import checkpoint_path
     from worker.selftuning.config import RunConfig
     from worker.selftuning.data import make_budget_data
     from worker.selftuning.loop import TrainingCancelled, train
@@ -298,6 +300,9 @@ def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path
         # The labeled count puts the run on the accuracy-against-labels curve (app.estimates).
         metrics = {**metrics, "labeled_count": budget_info["labeled_count"]}
         recorder.finish("succeeded", metrics=metrics)
+    # Recorded: nothing resumes a finished run, and its training state (model, key encoder,
+    # optimiser: several times the exported model) would stay on disk for good.
+    shutil.rmtree(checkpoint_path(out_dir).parent, ignore_errors=True)
     return {"run_id": run_id, "status": "succeeded", "test_top1": metrics.get("test_top1")}
 
 

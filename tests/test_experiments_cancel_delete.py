@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 import redis
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.experiments import delete_run_rows
@@ -371,40 +373,52 @@ def test_experiment_page_cancels_every_run_live_then_deletes_the_experiment(
         assert all(client.get(f"/api/runs/{run_id}").status_code == 404 for run_id in run_ids)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_requeue_racing_the_delete_of_its_experiment_is_a_404(
-    backend, tmp_path: Path, redis_url: str, request
-):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server_on_each_database(request, tmp_path: Path, redis_url: str):
+    database_url = (request.getfixturevalue("postgres_url") if request.param == "postgresql"
+                    else None)
+    with dataset_server(tmp_path, redis_url, database_url=database_url) as server:
+        yield server
+
+
+def sent_while_held(database_url: str, hold: Callable[[Session], None],
+                    send: Callable[[], httpx.Response]) -> httpx.Response:
+    """`send()` from another thread while a transaction that did `hold` keeps its locks: the
+    request must still be waiting 3 s later; then the transaction commits, and the request's
+    answer is returned."""
+    answers: list[httpx.Response] = []
+    with session_scope(database_url) as session:
+        hold(session)
+        waiter = threading.Thread(target=lambda: answers.append(send()))
+        waiter.start()
+        waiter.join(timeout=3)
+        assert waiter.is_alive(), "the request did not wait for the transaction's locks"
+    waiter.join(timeout=30)
+    return answers[0]
+
+
+def test_a_requeue_racing_the_delete_of_its_experiment_is_a_404(server_on_each_database):
     """"Run again" on a run whose experiment someone is deleting at that moment: the delete
     holds its locks, the requeue waits for them and then finds the run gone (404, nothing
     queued), instead of failing with a 500 on a row that vanished under it."""
-    database_url = (request.getfixturevalue("postgres_url") if backend == "postgresql"
-                    else None)
-    with (
-        dataset_server(tmp_path, redis_url, database_url=database_url) as server,
-        server.client() as client,
-    ):
-        database_url = server.database_url
+    server = server_on_each_database
+    database_url = server.database_url
+    with server.client() as client:
         experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
         client.post(f"/api/experiments/{experiment_id}/cancel")
-        requeued: list[httpx.Response] = []
-        with session_scope(database_url) as session:
-            # What the delete does, held open: the requeue arrives while it holds its locks.
+
+        def delete_experiment(session: Session) -> None:  # what the delete does, held open
             session.execute(update(Experiment).where(Experiment.id == experiment_id)
                             .values(name=Experiment.name))
             session.execute(select(Run.id).where(Run.experiment_id == experiment_id)
                             .with_for_update()).all()
             delete_run_rows(session, run_ids)
             session.execute(delete(Experiment).where(Experiment.id == experiment_id))
-            waiter = threading.Thread(target=lambda: requeued.append(
-                client.post(f"/api/runs/{run_ids[0]}/requeue")))
-            waiter.start()
-            waiter.join(timeout=2)
-            assert waiter.is_alive(), "the requeue did not wait for the delete's locks"
-        waiter.join(timeout=30)
 
-        assert requeued[0].status_code == 404, requeued[0].text
-        assert f"run {run_ids[0]} does not exist" in requeued[0].json()["detail"]
+        requeued = sent_while_held(database_url, delete_experiment,
+                                   lambda: client.post(f"/api/runs/{run_ids[0]}/requeue"))
+        assert requeued.status_code == 404, requeued.text
+        assert f"run {run_ids[0]} does not exist" in requeued.json()["detail"]
         assert client.get(f"/api/experiments/{experiment_id}").status_code == 404
         assert rows_of_runs(database_url, run_ids) == {"Run": 0, "RunMetric": 0, "Artifact": 0}
 
@@ -462,34 +476,22 @@ def test_a_cancelled_run_whose_worker_vanished_ends_cancelled_not_requeued(setti
         assert lost.status == "lost" and "stopped reporting" in lost.error
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_an_experiment_started_while_its_dataset_is_deleted_is_a_422(
-    backend, tmp_path: Path, redis_url: str, request
-):
+def test_an_experiment_started_while_its_dataset_is_deleted_is_a_422(server_on_each_database):
     """The dataset is read, then deleted (by someone else) before the experiment's rows are
     written: the foreign key refuses them, and the answer says the dataset is gone (it was
     a 500). Nothing is stored."""
-    database_url = (request.getfixturevalue("postgres_url") if backend == "postgresql"
-                    else None)
-    with (
-        dataset_server(tmp_path, redis_url, database_url=database_url) as server,
-        server.client() as client,
-    ):
-        database_url = server.database_url
+    server = server_on_each_database
+    database_url = server.database_url
+    with server.client() as client:
         dataset_id = add_dataset_row(database_url)
         with session_scope(database_url) as session:
             before = session.scalar(select(func.count()).select_from(Experiment))
-        created: list[httpx.Response] = []
-        with session_scope(database_url) as session:
-            session.execute(delete(Dataset).where(Dataset.id == dataset_id))
-            waiter = threading.Thread(target=lambda: created.append(
-                client.post("/api/experiments", json={"dataset_id": dataset_id, **SWEEP})))
-            waiter.start()
-            waiter.join(timeout=3)
-            assert waiter.is_alive(), "the experiment did not wait for the delete's lock"
-        waiter.join(timeout=30)
-
-        assert created[0].status_code == 422, created[0].text
-        assert f"dataset {dataset_id} does not exist" in created[0].text
+        created = sent_while_held(
+            database_url,
+            lambda session: session.execute(delete(Dataset).where(Dataset.id == dataset_id)),
+            lambda: client.post("/api/experiments", json={"dataset_id": dataset_id, **SWEEP}),
+        )
+        assert created.status_code == 422, created.text
+        assert f"dataset {dataset_id} does not exist" in created.text
         with session_scope(database_url) as session:
             assert session.scalar(select(func.count()).select_from(Experiment)) == before

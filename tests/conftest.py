@@ -97,6 +97,19 @@ def postgres_url() -> Iterator[str]:
     admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind the app supports: a SQLite file, then PostgreSQL."""
+    if request.param == "postgresql":
+        yield request.getfixturevalue("postgres_url")
+        return
+    url = f"sqlite:///{tmp_path / 'selftune.db'}"
+    yield url
+    from app.db import get_engine
+
+    get_engine(url).dispose()
+
+
 @pytest.fixture
 def live_server(settings: Settings, tmp_path: Path) -> Iterator[LiveServer]:
     """The app served by a real uvicorn process over HTTP (SQLite, real Redis)."""

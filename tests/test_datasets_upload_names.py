@@ -259,29 +259,29 @@ def test_images_with_a_missing_or_unknown_extension_are_recognised_by_content(
     delete(server, client, summary)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_skipped_names_stored_before_the_utf8_check_become_readable(
-    backend, tmp_path: Path, redis_url: str, request
+    database_url: str, tmp_path: Path, redis_url: str
 ):
     """Migration 0005: a dataset stored by the older code with a skipped file whose name was
     not UTF-8 (kept as lone surrogates) gave a 500 on its page and in the API; after the
     upgrade both answer, the bad bytes shown as U+FFFD."""
-    url = (request.getfixturevalue("postgres_url") if backend == "postgresql"
-           else f"sqlite:///{tmp_path / 'selftune.db'}")
-    command.upgrade(alembic_config(url), "0004")
-    dataset_id = add_dataset_row(url)
+    command.upgrade(alembic_config(database_url), "0004")
+    dataset_id = add_dataset_row(database_url)
     stored = [
         {"path": "train/a/notes\udce9.txt", "reason": "not an image (.txt)"},
         {"path": "unlabeled/\udce9t\udce9.png", "reason": "corrupt or unsupported image"},
         {"path": "train/b/fine.txt", "reason": "not an image (.txt)"},
     ]
-    with session_scope(url) as session:
+    with session_scope(database_url) as session:
         session.get(Dataset, dataset_id).skipped = stored
-    get_engine(url).dispose()
+    get_engine(database_url).dispose()
 
-    with dataset_server(tmp_path, redis_url, database_url=url) as server, server.client() as c:
-        body = c.get(f"/api/datasets/{dataset_id}")
-        page = c.get(f"/datasets/{dataset_id}")
+    with (
+        dataset_server(tmp_path, redis_url, database_url=database_url) as server,
+        server.client() as client,
+    ):
+        body = client.get(f"/api/datasets/{dataset_id}")
+        page = client.get(f"/datasets/{dataset_id}")
     assert body.status_code == 200, body.text
     assert [item["path"] for item in body.json()["skipped"]] == [
         "train/a/notes\ufffd.txt", "unlabeled/\ufffdt\ufffd.png", "train/b/fine.txt"]

@@ -373,10 +373,8 @@ def test_experiment_page_cancels_every_run_live_then_deletes_the_experiment(
         assert all(client.get(f"/api/runs/{run_id}").status_code == 404 for run_id in run_ids)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def server_on_each_database(request, tmp_path: Path, redis_url: str):
-    database_url = (request.getfixturevalue("postgres_url") if request.param == "postgresql"
-                    else None)
+@pytest.fixture
+def server_on_each_database(database_url: str, tmp_path: Path, redis_url: str):
     with dataset_server(tmp_path, redis_url, database_url=database_url) as server:
         yield server
 

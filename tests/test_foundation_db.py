@@ -125,14 +125,8 @@ def runs_recorded_before_labeled_query_view(url: str) -> None:
         assert session.scalars(select(Experiment)).one().overrides == {}
 
 
-def test_sqlite_runs_recorded_before_labeled_query_view_keep_the_strong_view(tmp_path):
-    url = f"sqlite:///{tmp_path / 'selftune.db'}"
-    runs_recorded_before_labeled_query_view(url)
-    get_engine(url).dispose()
-
-
-def test_postgresql_runs_recorded_before_labeled_query_view_keep_the_strong_view(postgres_url):
-    runs_recorded_before_labeled_query_view(postgres_url)
+def test_runs_recorded_before_labeled_query_view_keep_the_strong_view(database_url):
+    runs_recorded_before_labeled_query_view(database_url)
 
 
 def test_models_and_migrations_agree(tmp_path):
@@ -218,14 +212,8 @@ def runs_queued_before_0003_count_as_queued_when_created(url: str) -> None:
     assert "queued_at" not in {c["name"] for c in inspect(get_engine(url)).get_columns("runs")}
 
 
-def test_sqlite_runs_queued_before_0003_count_as_queued_when_created(tmp_path):
-    url = f"sqlite:///{tmp_path / 'selftune.db'}"
-    runs_queued_before_0003_count_as_queued_when_created(url)
-    get_engine(url).dispose()
-
-
-def test_postgresql_runs_queued_before_0003_count_as_queued_when_created(postgres_url):
-    runs_queued_before_0003_count_as_queued_when_created(postgres_url)
+def test_runs_queued_before_0003_count_as_queued_when_created(database_url):
+    runs_queued_before_0003_count_as_queued_when_created(database_url)
 
 
 def test_sqlite_never_gives_a_deleted_rows_id_to_a_new_row(tmp_path):

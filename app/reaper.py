@@ -13,12 +13,13 @@ import asyncio
 import logging
 from datetime import timedelta
 
-from sqlalchemy import select
+import redis
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
-from app.live import get_redis, publish_end, publish_status
+from app.live import forget_cancel, get_redis, publish_end, publish_status
 from app.models import Run, utcnow
 
 log = logging.getLogger(__name__)
@@ -38,16 +39,30 @@ def _before(moment, cutoff) -> bool:
     return moment < cutoff
 
 
-def requeue(session: Session, run: Run) -> None:
-    """Queue the run again under a new task id; it resumes from its last checkpoint."""
+REQUEUEABLE = ("lost", "failed", "cancelled")
+
+
+def requeue(session: Session, live: redis.Redis, run_id: int) -> Run | None:
+    """Queue a lost, failed or cancelled run again under a new task id; it resumes from its
+    last checkpoint. Returns it, or None (and rolls back) when it is not one of those.
+
+    One conditional UPDATE checks and claims the run: of two requeues racing, or a requeue
+    racing the delete of its experiment (which holds its locks until it commits), exactly one
+    wins, and no second task is sent nor a row written that is gone."""
     from app.experiments import enqueue_runs
 
-    run.status = "queued"
-    run.cancel_requested = False
-    run.finished_at = None
-    run.error = None
-    session.flush()
+    claimed = session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status.in_(REQUEUEABLE))
+        .values(status="queued", cancel_requested=False, finished_at=None, error=None)
+    ).rowcount
+    if not claimed:
+        session.rollback()
+        return None
+    run = session.get(Run, run_id)
+    forget_cancel(live, run_id)  # a run cancelled while queued keeps its flag for days
     enqueue_runs(session, [run])
+    return run
 
 
 def reap(settings: Settings) -> list[int]:
@@ -71,7 +86,8 @@ def reap(settings: Settings) -> list[int]:
                 f"worker {run.worker} stopped reporting (last heartbeat {run.heartbeat_at})"
             )
             if run.attempts < settings.max_attempts:
-                requeue(session, run)
+                session.flush()  # "lost" is what the requeue's conditional update claims
+                requeue(session, live, run.id)
                 publish_status(live, run)
             else:
                 run.finished_at = utcnow()

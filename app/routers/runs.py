@@ -10,23 +10,23 @@ from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
 from app.deps import DbDep, RedisDep, RunId, SettingsDep
 from app.events import Outcome, event_stream_response
-from app.experiments import as_utc, cancel_runs, enqueue_runs, is_terminal, queue_position
-from app.live import forget_cancel, publish_status, run_stream_key
+from app.experiments import as_utc, cancel_runs, is_terminal, queue_position
+from app.live import publish_status, run_stream_key
 from app.models import Artifact, Run, RunMetric
+from app.reaper import requeue
 from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "training.json")
 DOWNLOADABLE = CHECKPOINT_FILES + ("predictions.csv",)
-REQUEUEABLE = ("lost", "failed", "cancelled")
 SSE_RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "SSE stream"}}
 
 
@@ -103,24 +103,13 @@ def cancel_run(run_id: RunId, session: DbDep, live: RedisDep):
 def requeue_run(run_id: RunId, session: DbDep, live: RedisDep):
     """Queue a lost, failed or cancelled run again; it resumes from its last training
     checkpoint (a finished run is never retrained)."""
-    # One conditional UPDATE checks and claims the run: of two requeues racing, or a requeue
-    # racing the delete of its experiment (which holds its locks until it commits), exactly
-    # one wins and the other gets a 409 or 404, not a second task or a row gone mid-write.
-    claimed = session.execute(
-        update(Run)
-        .where(Run.id == run_id, Run.status.in_(REQUEUEABLE))
-        .values(status="queued", cancel_requested=False, finished_at=None, error=None)
-    ).rowcount
-    if not claimed:
-        session.rollback()
-        run = get_run(session, run_id)
+    run = requeue(session, live, run_id)
+    if run is None:
+        run = get_run(session, run_id)  # a 404 when it is gone
         raise HTTPException(
             409, detail=f"run {run_id} is {run.status}; only lost, failed or cancelled runs "
             "can be requeued",
         )
-    run = get_run(session, run_id)
-    forget_cancel(live, run_id)  # a run cancelled while queued keeps its flag for days
-    enqueue_runs(session, [run])
     publish_status(live, run)
     return read_run(run_id, session)
 

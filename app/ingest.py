@@ -1111,6 +1111,11 @@ def thumbnail_dir(settings: Settings, dataset: Dataset) -> Path:
 _IMAGE_CACHE = re.compile(r"dataset-(?P<id>\d+)-(?P<fingerprint>[0-9a-f]+)")
 
 
+def image_cache_dir(settings: Settings, dataset: Dataset) -> Path:
+    """Where workers keep the dataset's decoded images (worker/training.py)."""
+    return settings.cache_dir / f"dataset-{dataset.id}-{dataset.fingerprint[:12]}"
+
+
 def image_cache_dirs(settings: Settings, dataset_id: int) -> list[Path]:
     """Every decoded-image cache folder of a dataset id, whatever fingerprint it was made for."""
     if not settings.cache_dir.is_dir():
@@ -1266,7 +1271,7 @@ def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] |
             log.warning("dataset clean-up skipped, the database is not readable: %s", exc)
             return removed
         known = {row.storage_key for row in rows}
-        known_caches = {f"dataset-{row.id}-{row.fingerprint[:12]}" for row in rows}
+        known_caches = {image_cache_dir(settings, row).name for row in rows}
         for entry in candidates:
             if entry.name not in known and stale(entry):
                 _remove(entry)

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.db import session_scope
+from app.ingest import image_cache_dir
 from app.models import Dataset, DatasetImage, Run
 from app.schemas import TERMINAL_STATUSES
 from worker.runs import (
@@ -248,7 +249,7 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
                 "dataset_name": dataset.name,
                 "dataset_fingerprint": dataset.fingerprint,
             },
-            cache_dir=settings.cache_dir / f"dataset-{dataset.id}-{dataset.fingerprint[:12]}",
+            cache_dir=image_cache_dir(settings, dataset),
             dataset_root=dataset_root,
             status_event={"type": "status", "status": "running", "worker": worker_name,
                           "device": device_name, "attempt": run.attempts + 1, "step": 0,

@@ -26,14 +26,16 @@ log = logging.getLogger(__name__)
 
 
 def stale_runs(session: Session, settings: Settings) -> list[Run]:
-    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
     running = session.scalars(select(Run).where(Run.status == "running")).all()
-    return [run for run in running if _before(run.heartbeat_at or run.started_at, cutoff)]
+    return [run for run in running if is_stale(run, settings)]
 
 
-def _before(moment, cutoff) -> bool:
+def is_stale(run: Run, settings: Settings) -> bool:
+    """Whether the run's worker has been silent for `stale_after_s` (or never reported)."""
+    moment = run.heartbeat_at or run.started_at
     if moment is None:
         return True
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
     if moment.tzinfo is None:  # SQLite returns naive UTC
         cutoff = cutoff.replace(tzinfo=None)
     return moment < cutoff

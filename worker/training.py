@@ -10,7 +10,6 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.ingest import image_cache_dir
 from app.models import Dataset, DatasetImage, Run
+from app.reaper import is_stale
 from app.schemas import TERMINAL_STATUSES
 from worker.runs import (
     DATABASE_DOWN,
@@ -171,21 +171,12 @@ def _check_message(settings: Settings, run: Run | None, worker_name: str,
     if task_id and run.celery_task_id and task_id != run.celery_task_id:
         # A message from before a requeue came back: the newer task owns the run.
         raise _Skip("superseded")
-    if run.status == "running" and run.worker != worker_name and _fresh(run, settings):
+    if run.status == "running" and run.worker != worker_name and not is_stale(run, settings):
         # The broker gave this message out again (visibility timeout, a worker's connection
         # lost) while another worker still trains the run. If that worker is dead after all,
         # its heartbeat goes stale and the reaper requeues the run.
         log.warning("run %s is still trained by %s; not starting it here", run.id, run.worker)
         raise _Skip("busy")
-
-
-def _fresh(run: Run, settings: Settings) -> bool:
-    beat = run.heartbeat_at
-    if beat is None:
-        return False
-    if beat.tzinfo is None:  # SQLite returns naive UTC
-        beat = beat.replace(tzinfo=UTC)
-    return utcnow() - beat < timedelta(seconds=settings.stale_after_s)
 
 
 @contextmanager

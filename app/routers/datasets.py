@@ -19,9 +19,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import ingest
-from app.deps import MAX_ID, DatasetId, DbDep, ImageId, RedisDep, SettingsDep
+from app.deps import DatasetId, DbDep, ImageId, RedisDep, SettingsDep
 from app.live import forget_feeds
-from app.models import Dataset, DatasetImage
+from app.models import MAX_ID, Dataset, DatasetImage
 from app.schemas import ErrorOut
 
 

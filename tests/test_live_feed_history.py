@@ -37,17 +37,9 @@ def test_a_feed_longer_than_a_page_replays_every_event_in_order(live_server):
 
         replayed = sse_events(client, f"/api/runs/{run_id}/events", within_s=60)
         ids = [entry_id for entry_id, _ in live.xrange(run_stream_key(run_id), count=5)]
-        resumed = resume_after(client, f"/api/runs/{run_id}/events", ids[2])
+        resumed = sse_events(client, f"/api/runs/{run_id}/events", within_s=60,
+                             headers={"Last-Event-ID": ids[2]})  # a browser reconnecting
     assert [event["step"] for event in replayed[:-1]] == list(range(1, EVENTS + 1))
     assert replayed[-1]["type"] == "end" and replayed[-1]["status"] == "succeeded"
     assert [event.get("step") for event in resumed[:-1]] == list(range(4, EVENTS + 1))
 
-
-def resume_after(client, path: str, last_id: str) -> list[dict]:
-    """What a browser reconnecting with Last-Event-ID gets."""
-    events = []
-    with client.stream("GET", path, headers={"Last-Event-ID": last_id}) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(json.loads(line.removeprefix("data: ")))
-    return events

@@ -24,12 +24,13 @@ TINY = {
 }
 
 
-def sse_events(client: httpx.Client, path: str, within_s: float = 30) -> list[dict]:
+def sse_events(client: httpx.Client, path: str, within_s: float = 30,
+               headers: dict[str, str] | None = None) -> list[dict]:
     """Every event of a feed, read until the server ends it; fails if it has not ended
     `within_s` (heartbeats keep an endless feed talking, so a read timeout would not)."""
     events = []
     deadline = time.monotonic() + within_s
-    with client.stream("GET", path) as response:
+    with client.stream("GET", path, headers=headers) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: "):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from timm.data import create_transform, resolve_data_config
 
 from tests.engine.helpers import tiny_config
 from worker.selftuning import METHODS, RunData, TrainingCancelled, open_rgb, train
-from worker.selftuning.checkpoint import load_checkpoint
+from worker.selftuning.checkpoint import load_checkpoint, save_checkpoint
 
 
 class Recorder:
@@ -249,6 +250,49 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path: Path, shapes_da
         train(tiny_config(), shapes_data, tmp_path, should_cancel=lambda: True)
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
         train(tiny_config(lr=0.02), shapes_data, tmp_path)
+
+
+def _moved(data: RunData, old_root: Path, new_root: Path) -> RunData:
+    def move(items):
+        return [(str(new_root / Path(path).relative_to(old_root)), label) for path, label in items]
+    return RunData(class_names=data.class_names, labeled=move(data.labeled),
+                   unlabeled=move(data.unlabeled), test=move(data.test))
+
+
+def test_resume_follows_images_whose_folder_moved(tmp_path: Path, shapes_root: Path,
+                                                  shapes_data):
+    """A data directory mounted elsewhere after a stop: same images, new paths."""
+    with pytest.raises(TrainingCancelled):
+        train(tiny_config(), shapes_data, tmp_path / "run", should_cancel=lambda: True)
+    moved_root = tmp_path / "mounted-elsewhere"
+    shutil.copytree(shapes_root, moved_root)
+    moved = _moved(shapes_data, shapes_root, moved_root)
+    assert moved.fingerprint() == shapes_data.fingerprint()
+    resumed = Recorder()
+    train(tiny_config(), moved, tmp_path / "run", on_event=resumed)
+    assert resumed.events[0]["resumed_from_step"] == 0
+
+    relabeled = RunData(class_names=moved.class_names, labeled=moved.labeled[1:],
+                        unlabeled=moved.unlabeled, test=moved.test)
+    with pytest.raises(TrainingCancelled):
+        train(tiny_config(), shapes_data, tmp_path / "other", should_cancel=lambda: True)
+    with pytest.raises(ValueError, match="other images or labels"):
+        train(tiny_config(), relabeled, tmp_path / "other")
+
+
+def test_resume_accepts_a_checkpoint_fingerprinted_with_full_paths(tmp_path: Path,
+                                                                  shapes_data):
+    """Checkpoints written before the fingerprint dropped the shared folder still resume."""
+    with pytest.raises(TrainingCancelled):
+        train(tiny_config(), shapes_data, tmp_path, should_cancel=lambda: True)
+    state_file = tmp_path / "state" / "checkpoint.pt"
+    state = load_checkpoint(state_file)
+    state["data_fingerprint"] = shapes_data.fingerprint_with_full_paths()
+    assert state["data_fingerprint"] != shapes_data.fingerprint()
+    save_checkpoint(state_file, state)
+    resumed = Recorder()
+    train(tiny_config(), shapes_data, tmp_path, on_event=resumed)
+    assert resumed.events[0]["resumed_from_step"] == 0
 
 
 def test_each_image_is_decoded_once_per_run(tmp_path: Path, shapes_data, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def check_compatible(saved_config: dict, config: dict, saved_fingerprint: str,
-                     fingerprint: str) -> None:
-    """A checkpoint continues only the same run: same data and the same hyper-parameters."""
-    if saved_fingerprint != fingerprint:
+                     fingerprints: Collection[str]) -> None:
+    """A checkpoint continues only the same run: same data (one of the fingerprints the data
+    answers to) and the same hyper-parameters."""
+    if saved_fingerprint not in fingerprints:
         raise ValueError("the checkpoint in this run folder was made with other images or "
                          "labels; use a new output folder")
     changed = sorted(

@@ -64,11 +64,26 @@ class RunData:
                     )
 
     def fingerprint(self) -> str:
-        """A digest of the image lists and labels: a resumed run must see the same data."""
-        digest = hashlib.sha256()
-        digest.update(json.dumps([self.class_names, self.labeled, self.unlabeled, self.test])
-                      .encode())
-        return digest.hexdigest()[:16]
+        """A digest of the image lists and labels: a resumed run must see the same data.
+        Paths count from the folder that holds every image, so the same images in a moved
+        folder (a data directory mounted elsewhere) keep the fingerprint."""
+        parts = (self.labeled, self.unlabeled, self.test)
+        try:
+            root = os.path.commonpath(
+                [os.path.dirname(path) for items in parts for path, _ in items])
+        except ValueError:  # absolute and relative paths mixed: nothing shared to drop
+            return self.fingerprint_with_full_paths()
+        relative = [[(os.path.relpath(path, root), label) for path, label in items]
+                    for items in parts]
+        return _digest([self.class_names, *relative])
+
+    def fingerprint_with_full_paths(self) -> str:
+        """The fingerprint as checkpoints written before 2026-12 carry it (paths as given)."""
+        return _digest([self.class_names, self.labeled, self.unlabeled, self.test])
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
 def load_folder_dataset(

@@ -210,7 +210,7 @@ def _restore(state_file: Path, config: RunConfig, data: RunData, model: Method,
     """Load a training state into the freshly built run; returns the step it had reached."""
     state = load_checkpoint(state_file)
     check_compatible(state["config"], config.to_dict(), state["data_fingerprint"],
-                     data.fingerprint())
+                     {data.fingerprint(), data.fingerprint_with_full_paths()})
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     tracker.load_state_dict(state["tracker"])

@@ -5,14 +5,19 @@ Real uvicorn, Redis and SQLite; the events are written to the stream as the work
 from __future__ import annotations
 
 import json
+import threading
+import time
 
+import pytest
 import redis
+from playwright.sync_api import expect
 
 from app.db import session_scope
 from app.live import run_stream_key
 from app.models import Run, utcnow
+from tests.browser import open_browser
 from tests.support import add_dataset_row
-from tests.test_experiments_cancel_delete import start_sweep
+from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
 from tests.test_lost_runs import sse_events
 
 EVENTS = 12_345  # more than two pages of 5,000
@@ -43,3 +48,73 @@ def test_a_feed_longer_than_a_page_replays_every_event_in_order(live_server):
     assert replayed[-1]["type"] == "end" and replayed[-1]["status"] == "succeeded"
     assert [event.get("step") for event in resumed[:-1]] == list(range(4, EVENTS + 1))
 
+
+
+def test_a_feed_whose_run_is_deleted_while_watched_ends_cleanly(live_server):
+    """The run's row goes while its feed waits for news (a delete straight after the run
+    ended, before the page closed its feed): the feed ends, it does not break off."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        run_id = run_ids[0]
+        watched: list = []
+
+        def watch() -> None:
+            try:
+                watched.append(sse_events(client, f"/api/runs/{run_id}/events", within_s=40))
+            except Exception as exc:  # noqa: BLE001 - the assertion below names it
+                watched.append(exc)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        time.sleep(1.0)  # the feed is open and waiting on the queued run
+        with session_scope(database_url) as session:
+            session.delete(session.get(Run, run_id))
+        watcher.join(timeout=60)
+    assert watched == [[]]
+
+
+@pytest.mark.browser
+def test_a_run_page_says_so_when_its_run_is_deleted_elsewhere(live_server, request):
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+    run_id = run_ids[0]
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        expect(page.locator("#live-state")).to_have_text("● live")
+        expect(page.locator("#cancel")).to_be_visible()
+        with session_scope(database_url) as session:  # another tab deleted it
+            session.delete(session.get(Run, run_id))
+        expect(page.locator("#run-error")).to_have_text(
+            f"Run #{run_id} no longer exists: its experiment was deleted.", timeout=15_000)
+        expect(page.locator("#run-status")).to_have_text("deleted")
+        expect(page.locator("#cancel")).to_be_hidden()
+        expect(page.locator("#live-state")).to_have_text("")
+        browser.screenshot("deleted")
+        browser.assert_no_errors(expected=("404",))
+
+
+@pytest.mark.browser
+def test_an_experiment_page_says_so_when_it_was_deleted_in_another_tab(live_server, request):
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        for run_id in run_ids:
+            end_as_worker(database_url, live, run_id, "failed")
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        expect(page.locator("#delete-experiment")).to_be_visible()
+        with live_server.client() as client:
+            assert client.delete(f"/api/experiments/{experiment_id}").status_code == 204
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#delete-experiment")
+        expect(page.locator("#action-error")).to_have_text(
+            f"Experiment #{experiment_id} no longer exists: it was deleted.")
+        expect(page.locator("#experiment-status")).to_have_text("deleted")
+        expect(page.locator("#delete-experiment")).to_be_hidden()
+        browser.screenshot("deleted")
+        browser.assert_no_errors(expected=("404",))

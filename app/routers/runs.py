@@ -124,6 +124,8 @@ async def run_events(run_id: RunId, request: Request, settings: SettingsDep):
     def outcome() -> Outcome:
         with session_scope(settings.sqlalchemy_url) as session:
             run = session.get(Run, run_id)
+            if run is None:  # deleted while watched: nothing more will come
+                return Outcome(True)
             if not is_terminal(run.status):
                 return Outcome(False)
             history = [

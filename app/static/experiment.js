@@ -348,9 +348,19 @@ export function experimentPage() {
       try {
         applyExperiment(await getJSON(`/api/experiments/${id}`));
       } catch (error) {
-        console.warn("experiment refresh failed:", error.message);
+        if (error.status === 404) gone();
+        else console.warn("experiment refresh failed:", error.message);
       }
     }, 500);
+  }
+
+  // Deleted from another tab: stop following it and say so.
+  function gone() {
+    if (feed) feed.stop();
+    document.getElementById("cancel-all").hidden = true;
+    document.getElementById("delete-experiment").hidden = true;
+    drawStatus("deleted");
+    actionError.textContent = `Experiment #${id} no longer exists: it was deleted.`;
   }
 
   const actionError = document.getElementById("action-error");

@@ -117,8 +117,24 @@ export function runPage() {
       drawStatus();
       if (TERMINAL.has(run.status)) finished();
     } catch (error) {
-      console.warn("run refresh failed:", error.message);
+      if (error.status === 404) gone();
+      else console.warn("run refresh failed:", error.message);
     }
+  }
+
+  // Deleted elsewhere (with its experiment): stop following it and say so.
+  function gone() {
+    clearInterval(poller);
+    poller = null;
+    if (feed) feed.stop();
+    feed = null;
+    for (const name of ["cancel", "requeue", "requeue-note", "eta-row", "results"]) {
+      document.getElementById(name).hidden = true;
+    }
+    document.getElementById("run-status").replaceChildren(badge("deleted"));
+    const error = document.getElementById("run-error");
+    error.hidden = false;
+    error.textContent = `Run #${id} no longer exists: its experiment was deleted.`;
   }
 
   document.getElementById("cancel").addEventListener("click", async () => {

@@ -56,6 +56,11 @@ def parse_budgets(raw: list[Any], dataset: Dataset) -> list[Budget]:
             raise unprocessable("budgets", f"budgets[{index}]: {exc}") from None
         if budget in budgets:
             raise unprocessable("budgets", f"budgets[{index}]: {budget.label} is listed twice")
+        # Results are grouped and shown by label: two budgets that read alike would merge.
+        if alike := next((b for b in budgets if b.label == budget.label), None):
+            raise unprocessable(
+                "budgets", f"budgets[{index}]: {budget.to_json()} and {alike.to_json()} both "
+                f"read {budget.label}; give budgets that differ in their first six digits")
         budgets.append(budget)
     without_labels = [
         name for name, counts in dataset.class_counts.items() if counts.get("train", 0) < 1

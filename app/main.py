@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exception_handlers import (
-    http_exception_handler,
-    request_validation_exception_handler,
-)
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -133,9 +132,22 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     return _error_page(request, exc.status_code, f"Error {exc.status_code}", str(exc.detail))
 
 
+def _json_safe(value):
+    """JSON has no NaN or infinity: name them, so that an error can echo what was sent."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     if not _wants_page(request):
-        return await request_validation_exception_handler(request, exc)
+        # FastAPI's own handler echoes each bad input, and a NaN sent as JSON made it a 500.
+        return JSONResponse(status_code=422,
+                            content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
     if any(error.get("loc", ())[:1] == ("path",) for error in exc.errors()):
         # /runs/abc: no such page, whatever the reason.
         return _error_page(request, 404, "Not found", "There is no page at this address.")

@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.models import MAX_ID
 from worker.selftuning.config import LABELED_QUERY_VIEWS, METHOD_NAMES
@@ -19,6 +19,11 @@ TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "lost")
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
+# What a request body may hold: named fields only, and JSON's own types (no `true` taken as 1,
+# no "5" taken as 5).
+INPUT = ConfigDict(extra="forbid", strict=True)
+
+
 class ErrorOut(BaseModel):
     """What a 4xx answers: a message that says what to fix."""
 
@@ -26,7 +31,7 @@ class ErrorOut(BaseModel):
 
 
 class PerClassBudget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = INPUT
     per_class: int = Field(ge=1, le=1_000_000, description="labeled images kept per class")
 
 
@@ -36,7 +41,7 @@ BudgetIn = float | PerClassBudget | Literal["all"]
 class Overrides(BaseModel):
     """Values that replace the preset's; anything omitted keeps the preset value."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = INPUT
     iterations: int | None = Field(None, ge=1, le=1_000_000)
     image_size: int | None = Field(None, ge=16, le=1024)
     batch_size: int | None = Field(None, ge=1, le=1024)
@@ -79,7 +84,7 @@ class Overrides(BaseModel):
 
 
 class ExperimentIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = INPUT
     dataset_id: int = Field(ge=1, le=MAX_ID)
     name: str = Field("", max_length=200)
     backbone: str = Field("tf_efficientnet_lite0", min_length=1, max_length=200)
@@ -94,10 +99,13 @@ class ExperimentIn(BaseModel):
 
     @field_validator("name", "backbone")
     @classmethod
-    def no_control_characters(cls, value: str) -> str:
+    def no_control_characters(cls, value: str, info: ValidationInfo) -> str:
         # PostgreSQL refuses NUL in text (a 500), and none of them belongs in a name.
         if CONTROL_CHARACTERS.search(value):
             raise ValueError("must not contain control characters (NUL, tab, line breaks)")
+        value = value.strip()  # a name of spaces is no name: the default one is given
+        if info.field_name == "backbone" and not value:
+            raise ValueError("must name a backbone")
         return value
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy import func, select
 
@@ -74,6 +76,13 @@ def messages(response) -> str:
     ({"budgets": [{"per_class": 0}]}, 422, "per_class"),
     ({"budgets": ["most"]}, 422, "budgets"),
     ({"budgets": [0.1, 0.1]}, 422, "listed twice"),
+    ({"budgets": [0.1, 0.1000001]}, 422, "0.1000001 and 0.1 both read 10%"),
+    ({"budgets": [True]}, 422, "budgets.0.float: Input should be a valid number"),
+    ({"seeds": [True]}, 422, "seeds.0: Input should be a valid integer"),
+    ({"seeds": ["3"]}, 422, "seeds.0: Input should be a valid integer"),
+    ({"backbone": "   "}, 422, "backbone: Value error, must name a backbone"),
+    ({"overrides": {"iterations": "400"}}, 422, "overrides.iterations"),
+    ({"overrides": {"pretrained": "no"}}, 422, "overrides.pretrained"),
     ({"seeds": [0, 0]}, 422, "a seed is listed twice"),
     ({"seeds": [-1]}, 422, "seeds must be between"),
     ({"preset": "huge"}, 422, "preset"),
@@ -190,3 +199,31 @@ def test_the_default_name_of_an_experiment_fits_the_200_characters_a_name_has(
             dataset_id, methods=["self-tuning", "fine-tune"]))
     assert response.status_code == 201, response.text
     assert response.json()["name"] == "d" * 199 + "…"
+
+
+@pytest.mark.parametrize("raw,field", [
+    ('"overrides": {"lr": Infinity}', "overrides.lr"),
+    ('"seeds": [NaN]', "seeds.0"),
+    ('"budgets": [{"per_class": -Infinity}]', "budgets.0.PerClassBudget.per_class"),
+])
+def test_nan_and_infinity_sent_as_json_are_a_422_that_names_them(live_server, dataset_id,
+                                                                  raw, field):
+    """Python's json (and so `requests`) writes NaN and Infinity for float('nan'/'inf')."""
+    named = raw.split('"')[1]
+    rest = {key: value for key, value in body(dataset_id).items() if key != named}
+    sent = json.dumps(rest)[:-1] + f", {raw}}}"  # json.dumps writes NaN as NaN too, not "NaN"
+    before = counts(live_server.database_url)
+    with live_server.client() as client:
+        response = client.post("/api/experiments", content=sent,
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    problems = {".".join(map(str, d["loc"][1:])): d["input"] for d in response.json()["detail"]}
+    assert field in problems and problems[field] in ("NaN", "Infinity", "-Infinity")
+    assert counts(live_server.database_url) == before
+
+
+def test_a_name_of_spaces_gets_the_default_name(live_server, dataset_id):
+    with live_server.client() as client:
+        response = client.post("/api/experiments", json=body(dataset_id, name="   "))
+    assert response.status_code == 201, response.text
+    assert response.json()["name"].startswith("shapes")

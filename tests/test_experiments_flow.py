@@ -118,6 +118,8 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
         label_next = client.get(f"/api/runs/{run_id}/label-next.csv").text.splitlines()
         with_withheld = client.get(f"/api/runs/{run_id}/label-next.csv",
                                    params={"include_withheld": "true", "limit": 30})
+        no_rows = client.get(f"/api/runs/{run_id}/label-next.csv", params={"limit": 0})
+        negative = client.get(f"/api/runs/{run_id}/label-next.csv", params={"limit": -5})
 
     assert single["architecture"] == "test_efficientnet" and single["num_classes"] == 3
     assert predictions[0].startswith("image_id,path,label,confidence,margin")
@@ -125,6 +127,8 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
     assert label_next[0].startswith("rank,image_id,path")
     assert len(label_next) == 1 + 12  # only images that have no label at all
     assert len(with_withheld.text.splitlines()) == 1 + 30
+    assert no_rows.text.splitlines() == label_next[:1]  # the same columns without rows
+    assert negative.status_code == 422 and "limit" in negative.text
     margins = [float(row.split(",")[5]) for row in label_next[1:]]
     assert margins == sorted(margins)
 

@@ -7,8 +7,9 @@ import io
 import uuid
 import zipfile
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -204,27 +205,32 @@ def download_predictions(run_id: RunId, session: DbDep, settings: SettingsDep):
     return FileResponse(path, filename=f"run-{run_id}-predictions.csv", media_type="text/csv")
 
 
-def label_next_rows(path: Path) -> list[dict[str, str]]:
+def label_next_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The predictions' columns, and their rows from least to most certain."""
     with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
     rows.sort(key=lambda row: (float(row["margin"]), float(row["confidence"])))
-    return rows
+    return columns, rows
 
 
 @router.get("/{run_id}/label-next.csv", responses={200: {"content": {"text/csv": {}}}})
-def download_label_next(run_id: RunId, session: DbDep, settings: SettingsDep,
-                        limit: int | None = None, include_withheld: bool = False):
+def download_label_next(
+    run_id: RunId, session: DbDep, settings: SettingsDep,
+    limit: Annotated[int | None, Query(ge=0, description="at most this many rows")] = None,
+    include_withheld: bool = False,
+):
     """Unlabeled images ranked by uncertainty (smallest top-1/top-2 margin first): the ones
     whose labels would teach the model most. Images whose labels you gave but the budget
     withheld are left out unless `include_withheld=true`."""
-    rows = label_next_rows(artifact_path(settings, session, run_id, "predictions.csv"))
+    columns, rows = label_next_rows(artifact_path(settings, session, run_id, "predictions.csv"))
     if not include_withheld:
         rows = [row for row in rows if not row.get("hidden_label")]
     if limit is not None:
-        rows = rows[: max(0, limit)]
+        rows = rows[:limit]
     buffer = io.StringIO()
-    fieldnames = ["rank"] + (list(rows[0].keys()) if rows else ["path"])
-    writer = csv.DictWriter(buffer, fieldnames=fieldnames)
+    writer = csv.DictWriter(buffer, fieldnames=["rank", *columns])
     writer.writeheader()
     for rank, row in enumerate(rows, start=1):
         writer.writerow({"rank": rank, **row})

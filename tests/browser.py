@@ -69,10 +69,12 @@ class Browser:
 
 
 @contextmanager
-def open_browser(test_name: str, viewport: dict[str, int] = DESKTOP) -> Iterator[Browser]:
+def open_browser(test_name: str, viewport: dict[str, int] = DESKTOP,
+                 timezone_id: str | None = None) -> Iterator[Browser]:
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = chromium.new_context(viewport=viewport, accept_downloads=True)
+        context = chromium.new_context(viewport=viewport, accept_downloads=True,
+                                       timezone_id=timezone_id)
         context.set_default_timeout(20_000)
         page = context.new_page()
         browser = Browser(page, results_dir(test_name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlparse
@@ -9,6 +10,7 @@ from urllib.parse import urlparse
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
 from app import __version__
 from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_matches
@@ -17,6 +19,17 @@ from app.routers.health import check_health
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
 templates.env.globals["version"] = __version__
+
+
+def moment(value: datetime) -> Markup:
+    """A stored time (UTC; SQLite gives it back without a zone) as a <time> element that says
+    UTC; /static/times.js rewrites it in the reader's own time zone."""
+    utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return Markup('<time datetime="{}">{} UTC</time>').format(
+        utc.isoformat(timespec="seconds").replace("+00:00", "Z"), utc.strftime("%Y-%m-%d %H:%M"))
+
+
+templates.env.filters["moment"] = moment
 
 router = APIRouter(include_in_schema=False)
 

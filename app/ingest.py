@@ -37,6 +37,7 @@ from app.experiments import delete_run_rows, remove_run_folders
 from app.models import Dataset, DatasetImage, Experiment, Run
 from app.schemas import CONTROL_CHARACTERS
 from worker.selftuning.budgets import split_holdout
+from worker.selftuning.pixels import to_8_bit
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +396,9 @@ def _too_many_files(settings: Settings) -> IngestError:
     )
 
 
+# What a zip starts with (APPNOTE 4.3): a local file header, or the end record of an empty
+# zip. `zipfile.is_zipfile` looks for the end record only, which a cut-short zip has lost.
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 # Zip records (APPNOTE 4.3): end of central directory, its zip64 locator and record, and
 # the fixed part of one central directory header.
 ZIP_END = struct.Struct("<4s4H2LH")
@@ -648,7 +652,7 @@ def _extract(archive_path: Path, incoming: Path, settings: Settings) -> _Extract
                 _extract_members(_zip_members(archive, budget, settings), incoming, budget,
                                  settings, result)
         except (zipfile.BadZipFile, EOFError) as exc:
-            raise IngestError(f"the zip archive is damaged: {exc}") from None
+            raise _damaged("zip", str(exc)) from None
         except UnicodeDecodeError as exc:
             # zipfile decodes names flagged as UTF-8 strictly (the others as cp437).
             raise IngestError(
@@ -656,6 +660,8 @@ def _extract(archive_path: Path, incoming: Path, settings: Settings) -> _Extract
                 f"UTF-8 ({exc.object[:200].decode('utf-8', 'replace')!r}): re-create the "
                 "archive with a current zip tool"
             ) from None
+    elif _starts_like_a_zip(archive_path):
+        raise _damaged("zip", "its central directory, at the end of the file, is missing")
     else:
         try:
             _extract_members(_tar_members(archive_path, budget, settings), incoming, budget,
@@ -665,8 +671,21 @@ def _extract(archive_path: Path, incoming: Path, settings: Settings) -> _Extract
             # is ours, not the archive's.
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise
-            raise IngestError(f"the tar archive is damaged or truncated: {exc}") from None
+            raise _damaged("tar", str(exc)) from None
     return result
+
+
+def _starts_like_a_zip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4).startswith(ZIP_SIGNATURES)
+
+
+def _damaged(kind: str, cause: str) -> IngestError:
+    """A damaged archive: most often one cut short by an interrupted download or copy."""
+    return IngestError(
+        f"the {kind} archive is damaged or truncated (cut short by an incomplete download?): "
+        f"{cause}; make or download the archive again"
+    )
 
 
 def _extract_members(
@@ -738,10 +757,13 @@ class _Placed:
 
 def _strip_wrappers(paths: list[str]) -> int:
     """How many leading folders every image shares (single wrapping folders, nested too);
-    a split folder or `unlabeled/` is never a wrapper, and class folders stay."""
+    a split folder or `unlabeled/` is never a wrapper, and class folders stay. A folder with
+    sub-folders is a wrapper even with a stray image of its own (a cover picture, say): that
+    image then lies outside every class folder, as it would without the wrapper."""
     depth = 0
     split_paths = [path.split("/") for path in paths]
-    while split_paths and all(len(parts) >= depth + 3 for parts in split_paths):
+    while (split_paths and all(len(parts) >= depth + 2 for parts in split_paths)
+           and any(len(parts) >= depth + 3 for parts in split_paths)):
         first = {parts[depth] for parts in split_paths}
         if len(first) != 1:
             break
@@ -963,10 +985,12 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings) -> P
     else:
         placed = _layout_by_folders(extraction.images, skip)
 
-    # Exact duplicates: the first in archive order stays.
+    # Exact duplicates: a copy with a class stays over an unlabeled one (zip tools list
+    # unlabeled/ before zebra/, and the class must not vanish); else the first in archive
+    # order, whatever its split.
     first_by_sha: dict[str, str] = {}
     kept: list[_Placed] = []
-    for item in sorted(placed, key=lambda item: item.image.order):
+    for item in sorted(placed, key=lambda item: (item.class_name is None, item.image.order)):
         if item.image.sha256 in first_by_sha:
             skip(item.image, f"duplicate of {first_by_sha[item.image.sha256]}")
             continue
@@ -1144,8 +1168,10 @@ def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage) -> Path
     source = image_file(settings, dataset, image)
     folder.mkdir(parents=True, exist_ok=True)
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
-    with Image.open(source, formats=OPEN_FORMATS) as original:
-        original.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    with Image.open(source, formats=OPEN_FORMATS) as opened:
+        opened.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        # 16-bit images scaled as the worker decodes them; convert("RGB") would clip them.
+        original = to_8_bit(opened)
         original.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         if original.mode in ("RGBA", "LA", "PA") or "transparency" in original.info:
             rgba = original.convert("RGBA")

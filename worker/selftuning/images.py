@@ -22,6 +22,7 @@ from worker.selftuning.files import (
     remove_abandoned_temporaries,
     temporary_path,
 )
+from worker.selftuning.pixels import to_8_bit
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _CACHE_FORMAT = 1
@@ -86,11 +87,7 @@ def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
         image.seek(0)
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            values = np.asarray(image, dtype=np.float32)
-            if values.max(initial=0) > 255:
-                values = values / 257.0
-            image = Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
+        image = to_8_bit(image)
         with warnings.catch_warnings():
             # Palette images with transparency warn on conversion; dropping alpha is intended.
             warnings.simplefilter("ignore", UserWarning)

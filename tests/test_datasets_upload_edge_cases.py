@@ -1,0 +1,245 @@
+"""Uploads at the edges of the formats: one image both labeled and unlabeled, a stray image
+beside the class folders of a wrapping folder, a zip cut short, and 16-bit images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import ingest
+from app.config import Settings
+from tests.support import LiveServer
+from tests.test_datasets_support import (
+    assert_nothing_left,
+    class_entries,
+    image_bytes,
+    tar_bytes,
+    upload,
+    zip_bytes,
+)
+
+NOT_IN_A_CLASS_FOLDER = "not inside a class folder: put it in <class>/ or unlabeled/"
+
+
+def uploaded(client: httpx.Client, data: bytes, filename: str = "photos.zip") -> dict:
+    response = upload(client, data, filename)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def totals(summary: dict) -> dict[str, int]:
+    return {item["name"]: item["train"] + item["test"] for item in summary["classes"]}
+
+
+def delete_all(server: LiveServer, client: httpx.Client) -> None:
+    for dataset in client.get("/api/datasets").json():
+        assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
+    assert_nothing_left(server)
+
+
+def prepared(tmp_path: Path, entries: dict[str, bytes]) -> ingest.PreparedDataset:
+    """The dataset an archive of `entries` becomes, without a server."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    archive = tmp_path / "photos.zip"
+    archive.write_bytes(zip_bytes(entries))
+    return ingest.prepare_dataset(archive, tmp_path / "work", Settings(data_dir=tmp_path))
+
+
+# --- Duplicates: a labeled copy wins over an unlabeled one ----------------------------------
+
+
+def test_an_image_both_in_a_class_and_in_unlabeled_keeps_its_class(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    # Zip tools list entries alphabetically, so unlabeled/ comes before zebra/.
+    classes = class_entries(("ant", "bee", "zebra"), per_class=6)
+    zebra = [data for path, data in classes.items() if path.startswith("zebra/")]
+    entries = {
+        **classes,
+        **{f"unlabeled/u{n}.png": image_bytes(9000 + n) for n in range(4)},
+        **{f"unlabeled/z{n}.png": data for n, data in enumerate(zebra)},
+    }
+    summary = uploaded(client, zip_bytes(dict(sorted(entries.items()))))
+
+    assert totals(summary) == {"ant": 6, "bee": 6, "zebra": 6}
+    assert summary["unlabeled"] == 4
+    assert summary["skipped"] == [
+        {"path": f"unlabeled/z{n}.png", "reason": f"duplicate of zebra/{n}.png"} for n in range(6)
+    ]
+    delete_all(server, client)
+
+
+def test_labeled_copies_win_over_unlabeled_ones_in_every_split_and_in_labels_csv(
+    tmp_path: Path,
+) -> None:
+    shared = image_bytes(8000)
+    folders = prepared(tmp_path / "folders", {  # in this order, as a tar may list them
+        "train/unlabeled/shared.png": shared,
+        **class_entries(("ant", "bee"), per_class=2, prefix="train/"),
+        **class_entries(("ant", "bee"), per_class=1, prefix="test/", seed=1),
+        "test/bee/shared.png": shared,
+    })
+    assert [(item.path, item.reason) for item in folders.skipped] == [
+        ("train/unlabeled/shared.png", "duplicate of test/bee/shared.png"),
+    ]
+    assert folders.unlabeled_count == 0
+
+    csv_text = "path,label\na.png,\nb.png,bee\nc.png,ant\nd.png,bee\ne.png,ant\n"
+    by_csv = prepared(tmp_path / "csv", {
+        "a.png": shared, "b.png": shared, "c.png": image_bytes(8001),
+        "d.png": image_bytes(8002), "e.png": image_bytes(8003),
+        "labels.csv": csv_text.encode(),
+    })
+    assert [(item.path, item.reason) for item in by_csv.skipped] == [
+        ("a.png", "duplicate of b.png"),
+    ]
+    assert by_csv.unlabeled_count == 0
+    assert {name: sum(split.values()) for name, split in by_csv.class_counts.items()} == {
+        "ant": 2, "bee": 2,
+    }
+
+
+# --- Wrapping folders: a stray image beside the class folders -------------------------------
+
+
+def test_a_stray_image_in_a_wrapping_folder_is_skipped_not_made_the_only_class(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    classes = class_entries(("ant", "zebra"), per_class=6)
+    cover = image_bytes(9100)
+    wrapped = uploaded(client, zip_bytes({
+        "photos/cover.png": cover, **{f"photos/{path}": data for path, data in classes.items()},
+    }))
+    unwrapped = uploaded(client, zip_bytes({"cover.png": cover, **classes}))
+
+    for summary, prefix in ((wrapped, "photos/"), (unwrapped, "")):
+        assert totals(summary) == {"ant": 6, "zebra": 6}
+        assert summary["skipped"] == [
+            {"path": f"{prefix}cover.png", "reason": NOT_IN_A_CLASS_FOLDER}
+        ]
+    delete_all(server, client)
+
+
+SPLITS = {
+    **class_entries(("ant", "bee"), per_class=2, prefix="train/"),
+    **class_entries(("ant", "bee"), per_class=1, prefix="test/", seed=1),
+    "train/unlabeled/u.png": image_bytes(9200),
+}
+
+
+@pytest.mark.parametrize(("entries", "classes", "unlabeled", "skipped"), [
+    pytest.param(class_entries(("ant", "zebra")), {"ant": 3, "zebra": 3}, 0, {},
+                 id="class-folders-at-the-top"),
+    pytest.param({**class_entries(("ant", "zebra")), "unlabeled/u.png": image_bytes(9201)},
+                 {"ant": 3, "zebra": 3}, 1, {}, id="class-folders-and-unlabeled-at-the-top"),
+    pytest.param({"data/cover.png": image_bytes(9202),
+                  **{f"data/{path}": data for path, data in SPLITS.items()}},
+                 {"ant": 3, "bee": 3}, 1,
+                 {"data/cover.png": "outside the train/ and test/ folders"},
+                 id="stray-beside-split-folders"),
+    pytest.param({"a/b/cover.png": image_bytes(9203),
+                  **{f"a/b/{path}": data for path, data in class_entries(("ant", "bee")).items()}},
+                 {"ant": 3, "bee": 3}, 0, {"a/b/cover.png": NOT_IN_A_CLASS_FOLDER},
+                 id="stray-in-the-inner-of-nested-wrappers"),
+    pytest.param({"photos/unlabeled/u.png": image_bytes(9204), "photos/cover.png":
+                  image_bytes(9205), **{f"photos/{path}": data for path, data
+                                        in class_entries(("ant", "bee")).items()}},
+                 {"ant": 3, "bee": 3}, 1, {"photos/cover.png": NOT_IN_A_CLASS_FOLDER},
+                 id="stray-beside-classes-and-unlabeled"),
+    pytest.param({"data/cover.png": image_bytes(9206),
+                  "data/img/a.png": image_bytes(9207), "data/img/b.png": image_bytes(9208),
+                  "data/img/c.png": image_bytes(9209), "data/img/d.png": image_bytes(9210),
+                  "data/labels.csv": b"path,label\nimg/a.png,ant\nimg/b.png,ant\n"
+                                     b"img/c.png,bee\nimg/d.png,bee\n"},
+                 {"ant": 2, "bee": 2}, 0, {"data/cover.png": "not listed in data/labels.csv"},
+                 id="labels-csv-in-a-wrapper"),
+])
+def test_layouts_around_wrapping_folders(
+    tmp_path: Path, entries: dict[str, bytes], classes: dict[str, int], unlabeled: int,
+    skipped: dict[str, str],
+) -> None:
+    dataset = prepared(tmp_path, entries)
+    assert {name: sum(split.values()) for name, split in dataset.class_counts.items()} == classes
+    assert dataset.unlabeled_count == unlabeled
+    assert {item.path: item.reason for item in dataset.skipped} == skipped
+
+
+def test_a_single_folder_of_images_without_class_folders_is_still_one_class(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ingest.IngestError) as caught:
+        prepared(tmp_path, {"photos/a.png": image_bytes(9300), "photos/b.png": image_bytes(9301)})
+    assert caught.value.detail.startswith("found 1 class ('photos'); at least two are needed")
+
+
+# --- Archives cut short -------------------------------------------------------------------
+
+
+def good_zip() -> bytes:
+    return zip_bytes(class_entries(("ant", "zebra"), per_class=6))
+
+
+def good_tar(gz: bool) -> bytes:
+    return tar_bytes(class_entries(("ant", "zebra"), per_class=6), gz=gz)
+
+
+@pytest.mark.parametrize(("build", "filename"), [
+    pytest.param(lambda: good_zip()[:-100], "a.zip", id="zip-without-its-last-100-bytes"),
+    pytest.param(lambda: good_zip()[:len(good_zip()) // 2], "a.zip", id="zip-cut-in-half"),
+    pytest.param(lambda: zip_bytes({})[:10], "a.zip", id="empty-zip-cut-short"),
+    pytest.param(lambda: good_tar(gz=True)[:-100], "a.tar.gz",
+                 id="tar-gz-without-its-last-100-bytes"),
+    pytest.param(lambda: good_tar(gz=False)[:3000], "a.tar", id="tar-cut-inside-an-image"),
+])
+def test_an_archive_cut_short_is_refused_as_damaged_and_leaves_nothing(
+    server: LiveServer, client: httpx.Client, build, filename: str
+) -> None:
+    response = upload(client, build(), filename)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    kind = "zip" if filename.endswith(".zip") else "tar"
+    assert detail.startswith(f"the {kind} archive is damaged or truncated (cut short by an "
+                             "incomplete download?): ")
+    assert detail.endswith("make or download the archive again")
+    assert_nothing_left(server)
+
+
+# --- 16-bit images ------------------------------------------------------------------------
+
+
+def png16(seed: int) -> bytes:
+    """A 16-bit grayscale PNG holding 12-bit values (0..4095), as scientific cameras write."""
+    values = np.random.default_rng(seed).integers(0, 4096, size=(48, 64), dtype=np.uint16)
+    values[0, 0], values[0, 1] = 0, 4095
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_16_bit_image_thumbnail_shows_what_the_worker_trains_on(
+    server: LiveServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    from worker.selftuning.images import open_rgb  # the worker's decoder (imports torch)
+
+    originals = {f"{name}/{n}.png": png16(100 * index + n)
+                 for index, name in enumerate(("cellA", "cellB")) for n in range(3)}
+    assert Image.open(io.BytesIO(originals["cellA/0.png"])).mode in ("I;16", "I")
+    summary = uploaded(client, zip_bytes(originals))
+    images = client.get(f"/api/datasets/{summary['id']}/images").json()["items"]
+    assert len(images) == len(originals)
+
+    for image in images:
+        source = tmp_path / "original.png"
+        source.write_bytes(originals[image["original_path"]])
+        trained_on = np.asarray(open_rgb(source), dtype=np.float64).mean()
+        response = client.get(f"/api/datasets/{summary['id']}/images/{image['id']}/thumbnail")
+        assert response.status_code == 200
+        thumbnail = Image.open(io.BytesIO(response.content))
+        assert thumbnail.mode == "RGB"
+        assert abs(np.asarray(thumbnail, dtype=np.float64).mean() - trained_on) < 3
+    delete_all(server, client)

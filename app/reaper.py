@@ -44,19 +44,22 @@ def is_stale(run: Run, settings: Settings) -> bool:
 REQUEUEABLE = ("lost", "failed", "cancelled")
 
 
-def requeue(session: Session, live: redis.Redis, run_id: int) -> Run | None:
+def requeue(session: Session, live: redis.Redis, run_id: int, *, by_person: bool) -> Run | None:
     """Queue a lost, failed or cancelled run again under a new task id; it resumes from its
-    last checkpoint. Returns it, or None (and rolls back) when it is not one of those.
+    last checkpoint. Returns it, or None (and rolls back) when it is not one of those. A
+    person's requeue starts the count of attempts afresh, so the run again gets
+    `max_attempts` automatic ones; the reaper's continues it.
 
     One conditional UPDATE checks and claims the run: of two requeues racing, or a requeue
     racing the delete of its experiment (which holds its locks until it commits), exactly one
     wins, and no second task is sent nor a row written that is gone."""
     from app.experiments import enqueue_runs
 
+    fresh = {"attempts": 0} if by_person else {}
     claimed = session.execute(
         update(Run)
         .where(Run.id == run_id, Run.status.in_(REQUEUEABLE))
-        .values(status="queued", cancel_requested=False, finished_at=None, error=None)
+        .values(status="queued", cancel_requested=False, finished_at=None, error=None, **fresh)
     ).rowcount
     if not claimed:
         session.rollback()
@@ -89,7 +92,7 @@ def reap(settings: Settings) -> list[int]:
             )
             if run.attempts < settings.max_attempts:
                 session.flush()  # "lost" is what the requeue's conditional update claims
-                requeue(session, live, run.id)
+                requeue(session, live, run.id, by_person=False)
                 publish_status(live, run)
             else:
                 run.finished_at = utcnow()

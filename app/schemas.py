@@ -210,7 +210,8 @@ class RunOut(RunSummary):
     worker: str | None
     device: str | None
     error: str | None
-    attempts: int
+    attempts: int = Field(description="times a worker took the run since it was queued "
+                          "(by its sweep, or by a person's requeue)")
     heartbeat_at: datetime | None
     images_per_s: float | None
     eta_s: float | None

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +23,13 @@ from sqlalchemy.exc import OperationalError
 
 import worker.runs
 import worker.training
-from app.config import Settings
+from app.config import Settings, get_settings
 from app.db import get_engine, session_scope, upgrade_to_head
 from app.experiments import create_experiment
 from app.ingest import ingest_archive, new_work_dir
 from app.live import run_stream_key
 from app.models import Run, RunMetric, utcnow
+from app.reaper import requeue
 from app.schemas import ExperimentIn
 from tests.support import app_env, make_image_archive, start_worker, wait_for
 from worker.runs import DatabaseUnavailable, RunRecorder
@@ -54,6 +55,19 @@ def add_run(settings: Settings, tmp_path: Path, iterations: int = 6) -> int:
         run.celery_task_id = TASK_ID
         session.flush()
         return run.id
+
+
+@pytest.fixture
+def queue(settings, monkeypatch) -> Iterator[redis.Redis]:
+    """The web's Celery app sending to this test's Redis (tasks go to the `celery` list)."""
+    monkeypatch.setenv("SELFTUNE_REDIS_URL", settings.effective_redis_url)
+    monkeypatch.setenv("SELFTUNE_DATA_DIR", str(settings.data_dir))
+    get_settings.cache_clear()
+    import worker.celery_app
+
+    monkeypatch.setattr(worker.celery_app, "app", worker.celery_app.create_celery(settings))
+    yield redis.Redis.from_url(settings.effective_redis_url)
+    get_settings.cache_clear()
 
 
 def update_run(settings: Settings, run_id: int, **values) -> None:
@@ -218,11 +232,12 @@ def test_a_worker_trains_again_a_run_of_its_own_only_once_its_process_is_gone(se
 
 
 def test_a_run_whose_process_keeps_dying_ends_lost_and_a_requeue_trains_it_again(
-    settings, tmp_path
+    settings, tmp_path, queue
 ):
     """The OOM killer takes the training process at the same point every time: Celery
     (reject_on_worker_lost) hands the message out again at once, with the heartbeat fresh, so
-    the reaper's cap never applies. Before the fix attempt N+1, N+2, ... went on for ever."""
+    the reaper's cap never applies. Before the fix attempt N+1, N+2, ... went on for ever.
+    A person's requeue then gives the run its automatic attempts again."""
     settings = settings.model_copy(update={"max_attempts": 2})
     run_id = add_run(settings, tmp_path)
     update_run(settings, run_id, status="running", worker="me@host", attempts=2,
@@ -235,15 +250,27 @@ def test_a_run_whose_process_keeps_dying_ends_lost_and_a_requeue_trains_it_again
     end = feed(settings, run_id)[-1]
     assert end["type"] == "end" and end["status"] == "lost"
 
-    # What POST /api/runs/{id}/requeue does (app/routers/runs.py): queued, under a new task.
-    new_task = uuid.uuid4().hex
-    update_run(settings, run_id, status="queued", cancel_requested=False, finished_at=None,
-               error=None, celery_task_id=new_task)
+    # POST /api/runs/{id}/requeue: queued under a new task, sent to this test's Redis.
+    with session_scope(settings.sqlalchemy_url) as session:
+        assert requeue(session, queue, run_id, by_person=True).attempts == 0
+    new_task = read_run(settings, run_id).celery_task_id
+    assert new_task != TASK_ID and queue.llen("celery") == 1
     assert execute_run(settings, run_id, "me@host", TASK_ID)["status"] == "superseded"
+    # Its process dies once more: within the fresh allowance, the redelivery trains it.
+    update_run(settings, run_id, status="running", worker="me@host", attempts=1,
+               heartbeat_at=utcnow())
     result = execute_run(settings, run_id, "me@host", new_task)
     run = read_run(settings, run_id)
     assert result["status"] == run.status == "succeeded", run.error
-    assert run.attempts == 3
+    assert run.attempts == 2
+
+
+def test_the_reaper_requeue_keeps_counting_attempts(settings, tmp_path, queue):
+    run_id = add_run(settings, tmp_path)
+    update_run(settings, run_id, status="lost", attempts=2)
+    with session_scope(settings.sqlalchemy_url) as session:
+        assert requeue(session, queue, run_id, by_person=False).attempts == 2
+    assert read_run(settings, run_id).status == "queued" and queue.llen("celery") == 1
 
 
 # --- the database away while training -----------------------------------------------------

@@ -212,8 +212,8 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
         # A message that finds its run "running" is a redelivery: the process that started
         # it died without a word (the OOM killer, a power cut). Enqueueing, by a person or
         # the reaper, always sets "queued" first, so the cap stops only automatic
-        # redeliveries, with the reaper's rule (attempts counted over the run's life): a
-        # person's requeue of a run that has used its attempts gets one more try.
+        # redeliveries, with the reaper's rule (attempts counted since a person last queued
+        # the run).
         if run.status == "running" and run.attempts >= settings.max_attempts:
             raise _End("lost", (
                 f"worker {run.worker} stopped during attempt {run.attempts} (last heartbeat "

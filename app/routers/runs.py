@@ -104,7 +104,7 @@ def cancel_run(run_id: RunId, session: DbDep, live: RedisDep):
 def requeue_run(run_id: RunId, session: DbDep, live: RedisDep):
     """Queue a lost, failed or cancelled run again; it resumes from its last training
     checkpoint (a finished run is never retrained)."""
-    run = requeue(session, live, run_id)
+    run = requeue(session, live, run_id, by_person=True)
     if run is None:
         run = get_run(session, run_id)  # a 404 when it is gone
         raise HTTPException(

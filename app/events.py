@@ -210,7 +210,8 @@ async def stream_events(
                             if state.final:
                                 yield sse(state.final)
                             return
-                await hub.wait(heartbeat_s)
+                if hub.after(last_id) == []:  # what came during the check is not waited for
+                    await hub.wait(heartbeat_s)
                 check_outcome = not hub.after(last_id)
                 if check_outcome:
                     yield ": heartbeat\n\n" if hub.healthy else ": live feed unavailable\n\n"

@@ -4,6 +4,7 @@ Real uvicorn, Redis and SQLite; the events are written to the stream as the work
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ import redis
 from playwright.sync_api import expect
 
 from app.db import session_scope
+from app.events import Hubs, Outcome, stream_events
 from app.live import run_stream_key
 from app.models import Run, utcnow
 from tests.browser import open_browser
@@ -118,3 +120,34 @@ def test_an_experiment_page_says_so_when_it_was_deleted_in_another_tab(live_serv
         expect(page.locator("#delete-experiment")).to_be_hidden()
         browser.screenshot("deleted")
         browser.assert_no_errors(expected=("404",))
+
+
+def test_an_event_that_arrives_while_the_feed_asks_the_database_is_sent_at_once(redis_url):
+    """The feed checks the database when it has nothing to send; an event the hub reads
+    meanwhile must go out then, not after the next heartbeat (10 s by default)."""
+    live = redis.Redis.from_url(redis_url, decode_responses=True)
+    key = "selftune:test:feed-during-check"
+    live.delete(key)
+    checks = []
+
+    def outcome() -> Outcome:
+        checks.append(time.monotonic())
+        if len(checks) == 1:
+            live.xadd(key, {"data": json.dumps({"type": "progress", "step": 1})})
+            time.sleep(0.5)  # the hub reads the entry while the feed waits on this answer
+        return Outcome(False)
+
+    async def first_event_after() -> float:
+        hubs = Hubs(redis_url)
+        frames = stream_events(hubs, key, "0", outcome=outcome, heartbeat_s=30)
+        try:
+            assert await anext(frames) == "retry: 2000\n\n"
+            frame = await asyncio.wait_for(anext(frames), timeout=60)
+            assert '"step":1' in frame.replace(" ", "")
+            return time.monotonic() - checks[0]
+        finally:
+            await frames.aclose()
+            await hubs.close()
+
+    assert asyncio.run(first_event_after()) < 5
+    live.delete(key)

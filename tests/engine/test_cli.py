@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.engine.helpers import write_shapes_dataset
+from worker.selftuning.budgets import BudgetError
 from worker.selftuning.cli import main, parse_budget
 
 ROOT = Path(__file__).resolve().parents[2]
+# A run of seconds: a tiny random-init model at 32 px for one iteration, on one CPU thread.
+TINY = ["--device", "cpu", "--cpu-threads", "1", "--iterations", "1", "--image-size", "32"]
+TEST_BACKBONE = ["--backbone", "test_efficientnet", "--no-pretrained"]
 
 
 def test_cli_trains_with_a_held_out_test_split(tmp_path: Path, capsys):
@@ -47,3 +57,163 @@ def test_module_entry_point_shows_usage():
                                              ("4/class", "4/class"), ("all", "all")])
 def test_budget_spellings(text, label):
     assert parse_budget(text).label == label
+
+
+@pytest.mark.parametrize("text", ["4 / class", "abc%", "150%", "0/class", "lots"])
+def test_a_bad_budget_names_the_value_and_the_command_line_forms(text):
+    with pytest.raises(BudgetError) as refused:
+        parse_budget(text)
+    message = str(refused.value)
+    assert repr(text) in message
+    assert all(form in message for form in ("0.05", "5%", "4/class", "all"))
+    assert "per_class" not in message
+
+
+def _last_error(capsys) -> str:
+    """The one line the command printed on stderr (no traceback)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_a_class_with_one_image_and_no_test_split_is_refused_before_training(
+    tmp_path: Path, capsys
+):
+    data = write_shapes_dataset(tmp_path / "data", train_per_class=3, with_test=False)
+    for extra in sorted((data / "train" / "square").iterdir())[1:]:
+        extra.unlink()
+    out = tmp_path / "out"
+    code = main(["train", "--data", str(data), "--out", str(out), *TINY, *TEST_BACKBONE])
+    assert code == 2
+    assert ("class 'square' has 1 image: with no test/ split each class needs at least 2 "
+            "(one to train on, one to test)") in _last_error(capsys)
+    assert not out.exists()
+
+
+def _broken_tar(tmp_path: Path) -> Path:
+    archive = tmp_path / "photos.tar.gz"
+    archive.write_bytes(gzip.compress(b"not a tar"))
+    return archive
+
+
+def _tar_with_a_link_out(tmp_path: Path) -> Path:
+    archive = tmp_path / "photos.tar.gz"
+    with tarfile.open(archive, "w:gz") as bundle:
+        link = tarfile.TarInfo("train/a/link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        bundle.addfile(link)
+    return archive
+
+
+def _not_a_zip(tmp_path: Path) -> Path:
+    archive = tmp_path / "photos.zip"
+    archive.write_bytes(b"PK but not really")
+    return archive
+
+
+def _undecodable_image(tmp_path: Path) -> Path:
+    data = write_shapes_dataset(tmp_path / "data", train_per_class=2, test_per_class=1)
+    (data / "train" / "circle" / "broken.png").write_bytes(b"not a png")
+    return data
+
+
+def _shapes(tmp_path: Path) -> Path:
+    return write_shapes_dataset(tmp_path / "data", train_per_class=2, test_per_class=1)
+
+
+@pytest.mark.parametrize(
+    ("make_data", "flags", "message"),
+    [
+        (_not_a_zip, TEST_BACKBONE, "photos.zip is not a readable .zip archive"),
+        (_broken_tar, TEST_BACKBONE, "photos.tar.gz is not a readable .tar or .tar.gz"),
+        (_tar_with_a_link_out, TEST_BACKBONE, "is a link to an absolute path"),
+        (_undecodable_image, TEST_BACKBONE, "cannot decode image"),
+        (_shapes, ["--backbone", "no_such_net"], "train from scratch with --no-pretrained"),
+        (_shapes, ["--backbone", "no_such_net", "--no-pretrained"], "unknown backbone"),
+        pytest.param(_shapes, [*TEST_BACKBONE, "--device", "cuda"], "no CUDA GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+    ],
+    ids=["not-a-zip", "broken-tar", "tar-link-out", "undecodable-image", "unknown-backbone",
+         "unknown-backbone-no-pretrained", "cuda-without-gpu"],
+)
+def test_user_errors_are_one_line_and_leave_no_out_folder(
+    tmp_path: Path, capsys, monkeypatch, make_data, flags, message
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # archives unpack here
+    out = tmp_path / "runs" / "first"
+    code = main(["train", "--data", str(make_data(tmp_path)), "--out", str(out),
+                 *TINY, *flags])
+    assert code == 2
+    error = _last_error(capsys)
+    assert message in error and "pretrained=false" not in error
+    assert not (tmp_path / "runs").exists()
+    assert not any((tmp_path / "selftuning-datasets").glob("*"))
+
+
+def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    out.write_text("my notes")
+    code = main(["train", "--data", str(_shapes(tmp_path)), "--out", str(out), *TINY,
+                 *TEST_BACKBONE])
+    assert code == 2
+    assert f"{out} is a file" in _last_error(capsys)
+    assert out.read_text() == "my notes"
+
+
+def test_out_folder_with_other_files_is_refused_and_left_alone(tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code = main(["train", "--data", str(_shapes(tmp_path)), "--out", str(out), *TINY,
+                 *TEST_BACKBONE])
+    assert code == 2
+    error = _last_error(capsys)
+    assert str(out) in error and "use a new or empty folder" in error
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_resuming_with_other_settings_is_a_one_line_error(tmp_path: Path, capsys):
+    data, out = _shapes(tmp_path), tmp_path / "out"
+    command = ["train", "--data", str(data), "--out", str(out), *TINY, *TEST_BACKBONE]
+    assert main(command) == 0
+    capsys.readouterr()
+    assert main([*command, "--image-size", "40"]) == 2
+    assert "made with other settings (image_size); use a new output folder" in _last_error(capsys)
+    assert (out / "state" / "checkpoint.pt").is_file() and (out / "training.json").is_file()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path: Path):
+    data = write_shapes_dataset(tmp_path / "data", train_per_class=4, test_per_class=1)
+    out = tmp_path / "out"
+    # The quick preset reports progress every 10 steps and checkpoints every 100, so the
+    # checkpoint found after Ctrl-C is the one the interrupt saved.
+    command = [sys.executable, "-m", "worker.selftuning", "train", "--data", str(data),
+               "--out", str(out), "--method", "fine-tune", *TINY, "--iterations", "60",
+               "--num-workers", "1", *TEST_BACKBONE]
+    # A terminal sends Ctrl-C to the whole process group, data loader workers included.
+    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        for line in run.stdout:
+            if line.startswith("[10/60]"):
+                os.killpg(run.pid, signal.SIGINT)
+                break
+        printed, errors = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, errors
+    assert "Traceback" not in errors
+    stopped = printed.strip().splitlines()[-1]
+    assert stopped.startswith("stopped at step ")
+    step = int(stopped.removeprefix("stopped at step ").split()[0])
+    assert 10 <= step < 60
+    assert stopped == f"stopped at step {step} of 60; run the same command again to resume"
+    state = torch.load(out / "state" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == step
+    assert not (out / "training.json").exists()
+
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"[{step}/60] resumed" in resumed.stdout
+    assert json.loads((out / "training.json").read_text())["metrics"]["steps"] == 60

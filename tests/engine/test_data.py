@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import re
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -52,6 +55,125 @@ def test_zip_with_a_path_escaping_the_archive_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="escapes the archive"):
         load_folder_dataset(archive)
     assert not (tmp_path.parent / "escape.png").exists()
+
+
+def _write_images(folder: Path, names: list[str]) -> None:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(folder / name)
+
+
+def test_labels_csv_gives_the_classes_not_the_folders(tmp_path: Path):
+    photos = tmp_path / "upload" / "photos"  # a wrapping folder, looked through
+    _write_images(photos, ["batch1/a.png", "batch1/b.png", "batch2/c.png", "batch2/d.png",
+                           "batch2/e.png", "batch2/not_listed.png"])
+    (photos / "labels.csv").write_text(
+        "path,label\nbatch2/e.png,dog\nbatch1/a.png,cat\nbatch1/b.png,dog\n"
+        "batch2/c.png,cat\nbatch2/d.png,\n")
+
+    class_names, train_items, test_items, unlabeled = load_folder_dataset(tmp_path / "upload")
+
+    assert class_names == ["cat", "dog"]
+    assert [(Path(path).relative_to(photos).as_posix(), label)
+            for path, label in train_items] == [
+        ("batch1/a.png", 0), ("batch2/c.png", 0), ("batch1/b.png", 1), ("batch2/e.png", 1)]
+    assert test_items == []  # no split column: the caller holds some out
+    assert unlabeled == [str(photos / "batch2" / "d.png")]
+
+
+def test_labels_csv_without_header_and_with_a_split_column_reads_as_the_web_does(
+    tmp_path: Path,
+):
+    _write_images(tmp_path, ["a.png", "b.png", "c.png", "d.png", "e.png"])
+    (tmp_path / "labels.csv").write_text("a.png,cat\nb.png,dog\nc.png,cat,test\n"
+                                         "d.png,dog,VAL\ne.png,\n")
+    class_names, train_items, test_items, unlabeled = load_folder_dataset(tmp_path)
+    assert class_names == ["cat", "dog"]
+    assert train_items == [(str(tmp_path / "a.png"), 0), (str(tmp_path / "b.png"), 1)]
+    assert test_items == [(str(tmp_path / "c.png"), 0), (str(tmp_path / "d.png"), 1)]
+    assert unlabeled == [str(tmp_path / "e.png")]
+
+
+@pytest.mark.parametrize(
+    ("csv_text", "message"),
+    [
+        ("path,label\na.png,cat\nb.png,dog\nmissing.png,dog\n",
+         "line 4: 'missing.png' does not exist"),
+        ("path,label\na.png,cat\nb.png,dog\nnotes.txt,dog\n",
+         "line 4: 'notes.txt' is not an image"),
+        ("path,label\na.png,cat\nb.png,dog\n./a.png,dog\n", "line 4: './a.png' is listed twice"),
+        ("path,label\na.png,cat\n../b.png,dog\n", "must be relative to the folder of labels.csv"),
+        ("file,class\na.png,cat\nb.png,dog\n", "line 1: 'file' does not exist"),
+        ("path,label\na.png,cat,dog,x\n", "line 2: expected 'path,label' (or"),
+        ("path,label\na.png,cat\nb.png,dog,holdout\n",
+         "line 3: split 'holdout' must be train, test or val"),
+        ("path,label\na.png,cat\nb.png,dog\nc.png,,test\n",
+         "line 4: 'c.png' is in the test split without a label"),
+        ("path,label\na.png,cat\nb.png,cat\nc.png,\n",
+         "found 1 class(es) with training images ('cat'); need at least two"),
+        ("path,label\na.png,cat\nb.png,dog\nc.png,bird,val\n",
+         "'bird' only in the test split"),
+    ],
+    ids=["missing", "not-an-image", "twice", "escaping", "other-header", "columns",
+         "bad-split", "unlabeled-test", "one-class", "class-only-tested"],
+)
+def test_labels_csv_mistakes_are_refused_with_what_to_fix(tmp_path: Path, csv_text, message):
+    _write_images(tmp_path / "data", ["a.png", "b.png", "c.png"])
+    (tmp_path / "b.png").write_bytes((tmp_path / "data" / "b.png").read_bytes())
+    (tmp_path / "data" / "notes.txt").write_text("not an image")
+    (tmp_path / "data" / "labels.csv").write_text(csv_text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_folder_dataset(tmp_path / "data")
+
+
+def _truncated_zip(shapes_root: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        for file in sorted(shapes_root.rglob("*.png")):
+            bundle.write(file, file.relative_to(shapes_root).as_posix())
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+def _tar_with_link_out() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as bundle:
+        link = tarfile.TarInfo("train/a/link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        bundle.addfile(link)
+    return buffer.getvalue()
+
+
+def _zip_escaping() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        bundle.writestr("train/a/x.png", b"")
+        bundle.writestr("../../escape.png", b"")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "message"),
+    [
+        ("photos.zip", lambda root: b"not a zip at all", "not a readable .zip"),
+        ("photos.zip", _truncated_zip, "not a readable .zip"),
+        ("photos.tar.gz", lambda root: gzip.compress(b"garbage"), "not a readable .tar"),
+        ("photos.tar.gz", lambda root: _tar_with_link_out()[:40], "not a readable .tar"),
+        ("photos.tar.gz", lambda root: _tar_with_link_out(), "link to an absolute path"),
+        ("photos.zip", lambda root: _zip_escaping(), "escapes the archive"),
+    ],
+    ids=["not-a-zip", "truncated-zip", "not-a-tar", "truncated-tar", "link-out", "escaping"],
+)
+def test_damaged_or_unsafe_archives_are_refused_and_leave_no_staging_folder(
+    shapes_root: Path, tmp_path: Path, monkeypatch, name, make, message
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    archive = tmp_path / name
+    archive.write_bytes(make(shapes_root))
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        load_folder_dataset(archive)
+    assert name in str(refused.value)
+    assert list((tmp_path / "tmp" / "selftuning-datasets").iterdir()) == []
 
 
 def test_budgets_are_class_balanced_nested_and_hide_the_rest(tmp_path: Path):

@@ -4,30 +4,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
 import sys
+from collections import Counter
 from pathlib import Path
 
+from worker.selftuning.backbones import BackboneError
 from worker.selftuning.budgets import Budget, BudgetError
 from worker.selftuning.config import PRESETS, RunConfig
-from worker.selftuning.data import hold_out_items, load_folder_dataset, make_budget_data
-from worker.selftuning.loop import train
+from worker.selftuning.data import Item, hold_out_items, load_folder_dataset, make_budget_data
+from worker.selftuning.export import TRAINING_FILE
+from worker.selftuning.loop import TrainingCancelled, train
 from worker.selftuning.methods import METHODS
 
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0  # the hold-out belongs to the dataset, not to a run: same for every seed
+BUDGET_FORMS = ("a fraction in (0, 1] such as 0.05, a percentage such as 5%, N/class such as "
+                "4/class, or all")
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def parse_budget(text: str) -> Budget:
     """'0.05', '5%', '10/class' or 'all'."""
-    text = text.strip()
-    if text.endswith("/class"):
-        count = text.removesuffix("/class")
-        if not count.isdigit():
-            raise BudgetError(f"budget {text!r}: write N/class with a whole number N")
-        return Budget.parse({"per_class": int(count)})
-    if text.endswith("%"):
-        return Budget.parse(float(text[:-1]) / 100)
-    return Budget.parse(text)
+    cleaned = text.strip()
+    try:
+        if cleaned.endswith("/class") and cleaned.removesuffix("/class").isdigit():
+            return Budget.parse({"per_class": int(cleaned.removesuffix("/class"))})
+        if cleaned.endswith("%"):
+            return Budget.parse(float(cleaned[:-1]) / 100)
+        return Budget.parse(cleaned)
+    except ValueError:  # a BudgetError in the API's words, or not a number at all
+        raise BudgetError(f"budget {text!r}: use {BUDGET_FORMS}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +63,77 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        config = RunConfig.from_preset(args.preset, **_overrides(args))
+        budget = parse_budget(args.budget)
+        check_out_folder(out)
+        class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data)
+        if not test_items:
+            check_holdout_possible(class_names, train_items)
+            train_items, test_items = hold_out_items(train_items, HOLDOUT_FRACTION,
+                                                     HOLDOUT_SEED)
+            print(f"no test/ split: holding out {len(test_items)} labeled images for testing")
+        data, budget_info = make_budget_data(class_names, train_items, test_items, unlabeled,
+                                             budget, config.seed)
+    except ValueError as exc:
+        return _user_error(exc)
+    print(f"{len(class_names)} classes, {budget_info['labeled_count']} labeled "
+          f"({budget.label}), {budget_info['unlabeled_count']} unlabeled, "
+          f"{budget_info['test_count']} test; {config.method} on {config.backbone}")
+    created = _first_missing(out)
+    progress = _Progress()
+    with _StopOnCtrlC() as ctrl_c:
+        try:
+            metrics = train(config, data, out, on_event=progress, should_cancel=ctrl_c,
+                            metadata={"budget": budget_info, "dataset": str(args.data)},
+                            cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+        except TrainingCancelled as stopped:
+            print(f"stopped at step {stopped.step} of {config.iterations}; run the same "
+                  "command again to resume", flush=True)
+            return EXIT_INTERRUPTED
+        except KeyboardInterrupt:
+            print("stopped at once; run the same command again to resume from the last "
+                  "checkpoint", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except ValueError as exc:
+            # Set-up (device, backbone, images, checkpoint) reports what the user gave as a
+            # ValueError; one raised once training has begun is a bug: keep its traceback.
+            if progress.started:
+                raise
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            return _user_error(exc)
+    summary = {key: metrics[key] for key in ("test_top1", "test_mean_class_acc",
+                                              "pseudo_label_acc", "train_pseudo_label_acc",
+                                              "seconds_per_iteration")}
+    print("final " + json.dumps(summary))
+    return 0
+
+
+def check_out_folder(out: Path) -> None:
+    """--out must be new, empty, or a run folder of this engine (which resumes or re-exports),
+    so that nothing else in it is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a new or empty folder")
+    is_run = (out / "state").is_dir() or (out / TRAINING_FILE).is_file()
+    if out.is_dir() and not is_run and any(out.iterdir()):
+        raise ValueError(f"--out {out} holds other files and no run of this engine (no state/ "
+                         f"or {TRAINING_FILE}): use a new or empty folder")
+
+
+def check_holdout_possible(class_names: list[str], train_items: list[Item]) -> None:
+    """Without a test split every class gives one image to the hold-out and needs another
+    to train on."""
+    counts = Counter(label for _, label in train_items)
+    too_few = [f"class {name!r} has {counts[index]} image"
+               for index, name in enumerate(class_names) if counts[index] < 2]
+    if too_few:
+        raise ValueError(f"{', '.join(too_few)}: with no test/ split each class needs at "
+                         "least 2 (one to train on, one to test)")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
     overrides = {
         "method": args.method,
         "iterations": args.iterations,
@@ -66,29 +147,67 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if args.no_pretrained:
         overrides["pretrained"] = False
-    try:
-        config = RunConfig.from_preset(args.preset, **overrides)
-        budget = parse_budget(args.budget)
-        class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not test_items:
-        train_items, test_items = hold_out_items(train_items, HOLDOUT_FRACTION, HOLDOUT_SEED)
-        print(f"no test/ split: holding out {len(test_items)} labeled images for testing")
-    data, budget_info = make_budget_data(class_names, train_items, test_items, unlabeled,
-                                         budget, config.seed)
-    print(f"{len(class_names)} classes, {budget_info['labeled_count']} labeled "
-          f"({budget.label}), {budget_info['unlabeled_count']} unlabeled, "
-          f"{budget_info['test_count']} test; {config.method} on {config.backbone}")
-    metrics = train(config, data, Path(args.out), on_event=print_event,
-                    metadata={"budget": budget_info, "dataset": str(args.data)},
-                    cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-    summary = {key: metrics[key] for key in ("test_top1", "test_mean_class_acc",
-                                              "pseudo_label_acc", "train_pseudo_label_acc",
-                                              "seconds_per_iteration")}
-    print("final " + json.dumps(summary))
-    return 0
+    return overrides
+
+
+def _user_error(exc: ValueError) -> int:
+    message = str(exc)
+    if isinstance(exc, BackboneError):  # the engine's advice names the API's field
+        message = message.replace("pretrained=false", "--no-pretrained")
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost of `folder` and its parents that does not exist yet: what creating
+    `folder` creates."""
+    missing = None
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+class _Progress:
+    """Prints the run's events and notes when training has begun (set-up is over)."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def __call__(self, event: dict) -> None:
+        self.started = self.started or event["type"] == "started"
+        print_event(event)
+
+
+class _StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop, which saves a resumable checkpoint first;
+    a second one stops at once. Data loader workers (forked, so they inherit the handler)
+    leave the decision to the main process."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.pid = os.getpid()
+
+    def __enter__(self) -> _StopOnCtrlC:
+        self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        if os.getpid() != self.pid:
+            return
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        # os.write: print() here could re-enter a print the signal interrupted.
+        os.write(sys.stderr.fileno(), b"stopping after this step and saving; "
+                                      b"Ctrl-C again to stop at once\n")
 
 
 def print_event(event: dict) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -17,6 +20,7 @@ from worker.selftuning.budgets import Budget, BudgetError, select_labeled, split
 from worker.selftuning.images import IMAGE_SUFFIXES
 
 Item = tuple[str, int]
+LABELS_CSV = "labels.csv"
 
 
 @dataclass
@@ -92,9 +96,11 @@ def load_folder_dataset(
     """Read a dataset folder, or a .zip/.tar/.tar.gz of one, for the command line.
 
     Layout: `train/<class>/*`, optional `test/<class>/*` (or `val/`), optional `unlabeled/*`;
-    without `train/`, the class folders sit at the top. One wrapping folder is looked through.
-    Returns (class_names, train_items, test_items, unlabeled_paths); items are (path, index)
-    with classes in sorted order. Archives are unpacked once into the temp folder.
+    without `train/`, the class folders sit at the top. Or images anywhere plus a top-level
+    `labels.csv` (see `read_labels_csv`), which then decides alone. One wrapping folder is
+    looked through. Returns (class_names, train_items, test_items, unlabeled_paths); items
+    are (path, index) with classes in sorted order. Archives are unpacked once into the temp
+    folder.
     """
     root = Path(path)
     if root.is_file():
@@ -102,6 +108,8 @@ def load_folder_dataset(
     if not root.is_dir():
         raise ValueError(f"dataset {path} is neither a folder nor a .zip/.tar archive")
     root = _look_through_wrapper(root)
+    if (root / LABELS_CSV).is_file():
+        return read_labels_csv(root / LABELS_CSV)
     train_root = root / "train" if (root / "train").is_dir() else root
     special = {"train", "test", "val", "unlabeled"}
     class_names = sorted(
@@ -135,6 +143,68 @@ def load_folder_dataset(
         if folder.is_dir():
             unlabeled_paths.extend(str(p) for p in _images(folder, recursive=True))
     return class_names, train_items, test_items, sorted(set(unlabeled_paths))
+
+
+def read_labels_csv(
+    csv_path: Path,
+) -> tuple[list[str], list[Item], list[Item], list[str]]:
+    """`path,label[,split]` rows (a `path,label` header line is optional), read as the web
+    reads an upload's labels.csv: paths relative to the CSV's folder, an empty label for an
+    unlabeled image, split `train` (the default), `test` or `val`. Returns what
+    `load_folder_dataset` does; images the CSV does not list are not used."""
+    folder = csv_path.parent
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{csv_path} is not UTF-8 text: save it as UTF-8 CSV") from None
+    rows: dict[str, tuple[str, str]] = {}  # relative path -> (label or "", train | test)
+    for line_number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        cells = [cell.strip() for cell in row]
+        if not any(cells):
+            continue
+        if line_number == 1 and [cell.lower() for cell in cells[:2]] == ["path", "label"]:
+            continue
+        where = f"{csv_path} line {line_number}"
+        if len(cells) not in (2, 3):
+            raise ValueError(f"{where}: expected 'path,label' (or 'path,label,split'), got "
+                             f"{len(cells)} columns")
+        name, label = cells[0], cells[1]
+        split = (cells[2] if len(cells) == 3 else "").lower() or "train"
+        if split not in ("train", "test", "val"):
+            raise ValueError(f"{where}: split {cells[2]!r} must be train, test or val")
+        if split != "train" and not label:
+            raise ValueError(f"{where}: {name!r} is in the {split} split without a label")
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ValueError(f"{where}: path {name!r} must be relative to the folder of "
+                             f"{LABELS_CSV}, without '..' or a leading '/'")
+        if not (folder / relative).is_file():
+            raise ValueError(f"{where}: {name!r} does not exist in {folder}")
+        if relative.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"{where}: {name!r} is not an image ({', '.join(IMAGE_SUFFIXES)})")
+        if str(relative) in rows:
+            raise ValueError(f"{where}: {name!r} is listed twice")
+        rows[str(relative)] = (label, "train" if split == "train" else "test")
+
+    class_names = sorted({label for label, split in rows.values() if label and split == "train"})
+    if len(class_names) < 2:
+        found = ", ".join(repr(name) for name in class_names)
+        raise ValueError(f"{csv_path}: found {len(class_names)} class(es) with training images "
+                         f"({found}); need at least two")
+    if only_tested := sorted({label for label, split in rows.values() if split == "test"}
+                             - set(class_names)):
+        raise ValueError(f"{csv_path}: {', '.join(map(repr, only_tested))} only in the test "
+                         "split: add training images for them or remove them")
+    index = {name: i for i, name in enumerate(class_names)}
+
+    def items(part: str) -> list[Item]:
+        return sorted(((str(folder / relative), index[label])
+                       for relative, (label, split) in rows.items() if label and split == part),
+                      key=lambda item: (item[1], item[0]))
+
+    unlabeled = sorted(str(folder / relative) for relative, (label, _) in rows.items()
+                       if not label)
+    return class_names, items("train"), items("test"), unlabeled
 
 
 def hold_out_items(
@@ -215,28 +285,42 @@ def _unpack(archive: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=target.parent))
-    name = archive.name.lower()
-    if name.endswith(".zip"):
-        with zipfile.ZipFile(archive) as bundle:
-            for member in bundle.infolist():
-                relative = PurePosixPath(member.filename)
-                if relative.is_absolute() or ".." in relative.parts:
-                    raise ValueError(f"{archive}: member {member.filename!r} escapes the archive")
-                if member.is_dir() or "__MACOSX" in relative.parts:
-                    continue
-                bundle.extract(member, staging)
-    elif name.endswith((".tar", ".tar.gz", ".tgz")):
-        with tarfile.open(archive) as bundle:
-            # The 'data' filter refuses absolute paths, '..', links out and device files.
-            bundle.extractall(staging, filter="data")
-    else:
-        raise ValueError(f"{archive}: use a folder, .zip, .tar or .tar.gz")
-    (staging / ".complete").touch()
     try:
-        os.replace(staging, target)
-    except OSError:
-        # Another process unpacked the same archive first; use theirs.
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / ".complete").is_file():
-            raise
+        _extract(archive, staging)
+        (staging / ".complete").touch()
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process unpacked the same archive first; use theirs.
+            if not (target / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it became the target
     return target
+
+
+def _extract(archive: Path, destination: Path) -> None:
+    """Unpack a .zip or .tar(.gz); a damaged or unsafe archive is a ValueError naming it."""
+    name = archive.name.lower()
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as bundle:
+                for member in bundle.infolist():
+                    relative = PurePosixPath(member.filename)
+                    if relative.is_absolute() or ".." in relative.parts:
+                        raise ValueError(
+                            f"{archive}: member {member.filename!r} escapes the archive")
+                    if member.is_dir() or "__MACOSX" in relative.parts:
+                        continue
+                    bundle.extract(member, destination)
+        elif name.endswith((".tar", ".tar.gz", ".tgz")):
+            with tarfile.open(archive) as bundle:
+                # The 'data' filter refuses absolute paths, '..', links out and device files.
+                bundle.extractall(destination, filter="data")
+        else:
+            raise ValueError(f"{archive}: use a folder, .zip, .tar or .tar.gz")
+    except tarfile.FilterError as exc:
+        raise ValueError(f"{archive}: {exc}; an archive may not reach outside itself") from exc
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
+        kind = ".zip" if name.endswith(".zip") else ".tar or .tar.gz"
+        raise ValueError(f"{archive} is not a readable {kind} archive: is it complete?") from exc

@@ -55,7 +55,12 @@ def test_a_run_with_the_cuda_settings_keeps_float32_where_it_matters(
     method_class = METHODS[method]
     training_step = method_class.training_step
 
+    projected: list[tuple] = []  # Self-Tuning's key projector: what it gets and gives
+
     def observed_step(self, batch):
+        if method == "self-tuning" and not projected:
+            self.key_projector.register_forward_hook(lambda module, inputs, out: projected.append(
+                (inputs[0].dtype, out.dtype, torch.is_autocast_enabled("cpu"))))
         output = training_step(self, batch)
         steps.append({
             "autocast": torch.is_autocast_enabled("cpu")
@@ -85,6 +90,8 @@ def test_a_run_with_the_cuda_settings_keeps_float32_where_it_matters(
     if method == "self-tuning":
         # Scores at 1/0.07 scale: the contrastive loss leaves autocast for float32.
         assert scored == [(torch.float32, torch.float32, torch.float32, False)] * 4
+        # Keys are projected in float32 like the queries, not rounded to bf16 on the way in.
+        assert projected == [(torch.float32, torch.float32, False)] * 4
     for event in events:
         if event["type"] == "progress":
             assert all(math.isfinite(value) for value in event["losses"].values())

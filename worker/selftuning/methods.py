@@ -223,7 +223,8 @@ class SelfTuning(Method):
         logits = self.classifier(features).float()
         with torch.no_grad():
             key_features = pooled_features(self.key_backbone, torch.cat([labeled_k, unlabeled_k]))
-            keys = F.normalize(self.key_projector(key_features).float(), dim=1)
+            with _full_precision(features.device):  # keys enter the scores as queries do
+                keys = F.normalize(self.key_projector(key_features.float()), dim=1)
         pseudo_logits = logits[count:].detach()
         confidence, pseudo_labels = pseudo_logits.softmax(dim=1).max(dim=1)
         used = confidence >= self.config.pseudo_label_threshold

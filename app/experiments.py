@@ -298,8 +298,8 @@ def experiment_status(runs: list[Run]) -> str:
         return "queued"
     if counts["failed"] or counts["lost"]:
         return "finished with failures"
-    if counts["cancelled"] and not counts["succeeded"]:
-        return "cancelled"
+    if counts["cancelled"]:
+        return "partly cancelled" if counts["succeeded"] else "cancelled"
     return "finished"
 
 
@@ -328,9 +328,10 @@ def budget_labeled_counts(dataset: Dataset | None, runs: list[Run]) -> dict[str,
 
 
 def budget_table(runs: list[Run], labeled: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """Per method and budget: mean and spread (sample std) of final test top-1 over seeds;
-    the best method per budget is flagged. With `labeled` (budget_labeled_counts), rows
-    carry their labeled count and budgets run from fewest labels to most."""
+    """Per method and budget: mean and spread (sample std, None below two seeds) of final
+    test top-1 over the succeeded seeds; the best methods per budget are flagged (see
+    `flag_best`). With `labeled` (budget_labeled_counts), rows carry their labeled count and
+    budgets run from fewest labels to most."""
     labeled = labeled or {}
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
@@ -350,22 +351,34 @@ def budget_table(runs: list[Run], labeled: dict[str, int] | None = None) -> list
             "runs": len(members),
             "finished": len(scores),
             "mean_top1": statistics.fmean(scores) if scores else None,
-            "std_top1": statistics.stdev(scores) if len(scores) > 1 else (0.0 if scores else None),
+            "std_top1": statistics.stdev(scores) if len(scores) > 1 else None,
             "best": False,
         })
     by_budget: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_budget[row["budget_label"]].append(row)
     for members in by_budget.values():
-        scored = [row for row in members if row["mean_top1"] is not None]
-        if scored:
-            max(scored, key=lambda row: row["mean_top1"])["best"] = True
+        flag_best(members)
     rows.sort(key=lambda r: (
         r["labeled_count"] if r["labeled_count"] is not None else math.inf,
         budget_sort_key(r["budget"]),
         METHOD_ORDER.get(r["method"], 9),
     ))
     return rows
+
+
+def flag_best(rows: list[dict[str, Any]]) -> None:
+    """Flag the best methods of one budget: the highest mean top-1 as the page shows it (to
+    0.1 point; a tie flags each), among the methods with the most succeeded seeds, so that a
+    method with one lucky seed does not win over one whose every seed has finished."""
+    scored = [row for row in rows if row["mean_top1"] is not None]
+    if not scored:
+        return
+    most = max(row["finished"] for row in scored)
+    contenders = [row for row in scored if row["finished"] == most]
+    top = max(round(row["mean_top1"], 3) for row in contenders)
+    for row in contenders:
+        row["best"] = round(row["mean_top1"], 3) == top
 
 
 def label_estimates(runs: list[Run], labeled: dict[str, int] | None = None

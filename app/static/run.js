@@ -12,7 +12,7 @@ const RERUNNABLE = new Set(["failed", "cancelled", "lost"]); // what /requeue ac
 // Curve names for the values the engine reports; anything new shows its own name.
 const CURVE_NAMES = {
   test_top1: "top-1", test_mean_class_acc: "mean per-class", pseudo_label_acc: "pseudo-label accuracy",
-  queue_purity: "queue purity", queue_purity_truth: "queue purity (truth)",
+  queue_purity: "queue purity", queue_purity_truth: "queue pseudo-labels right",
   fixmatch_mask_rate: "mask rate", mask_rate: "mask rate (training)",
 };
 const curveName = (key) => CURVE_NAMES[key] ?? key.replaceAll("_", " ");
@@ -275,7 +275,7 @@ function drawQuality(q, names) {
     ["Share a 0.95 threshold keeps", pct(q.kept_share_at_095)],
     ["Accuracy of what it keeps", pct(q.kept_accuracy_at_095)],
     ["Queue purity (agrees with the model)", pct(q.queue_purity)],
-    ["Queue purity (agrees with the truth)", pct(q.queue_purity_truth)],
+    ["Pseudo-labeled queue keys that are right (withheld labels)", pct(q.queue_purity_truth)],
   ];
   document.getElementById("quality-facts").replaceChildren(
     ...facts.map(([name, value]) => h("tr", {}, h("th", {}, name), h("td", { class: "num" }, value))));
@@ -285,9 +285,10 @@ function drawQuality(q, names) {
   document.getElementById("bins-note").hidden = judged;
   if (judged) {
     barChart(document.getElementById("chart-bins"),
-      bins.map((b) => `${b.lo.toFixed(1)}–${b.hi.toFixed(1)} (${b.count})`),
+      // The accuracy of a bin is over its images with a withheld label (older runs: all).
+      bins.map((b) => `${b.lo.toFixed(1)}–${b.hi.toFixed(1)} (${b.judged ?? b.count})`),
       [{ label: "pseudo-label accuracy", data: bins.map((b) => b.accuracy) }],
-      { percent: true, xTitle: "confidence (images)" });
+      { percent: true, xTitle: "confidence (images with a withheld label)" });
   }
   if (Array.isArray(q.predicted_distribution)) {
     barChart(document.getElementById("chart-distribution"), names, [

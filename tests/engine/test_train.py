@@ -17,6 +17,7 @@ from timm.data import create_transform, resolve_data_config
 from tests.engine.helpers import tiny_config
 from worker.selftuning import METHODS, RunData, TrainingCancelled, open_rgb, train
 from worker.selftuning.checkpoint import load_checkpoint, save_checkpoint
+from worker.selftuning.metrics import queue_purity
 
 
 class Recorder:
@@ -87,6 +88,8 @@ def test_outputs_of_a_run(finished_run, shapes_data: RunData):
     assert 0 <= metrics["pseudo_label_acc"] <= 1 and 0 <= metrics["train_pseudo_label_acc"] <= 1
     quality = metrics["pseudo_label_quality"]
     assert sum(b["count"] for b in quality["confidence_bins"]) == len(shapes_data.unlabeled)
+    assert sum(b["judged"] for b in quality["confidence_bins"]) == sum(
+        label is not None for _, label in shapes_data.unlabeled)  # what the accuracy is of
     assert set(quality) >= {"kept_share_at_095", "kept_accuracy_at_095", "queue_purity",
                             "queue_purity_truth", "predicted_distribution",
                             "labeled_distribution", "confidence_histogram"}
@@ -158,7 +161,8 @@ def test_every_method_trains_without_unlabeled_images(tmp_path: Path, shapes_dat
     assert all(np.isfinite(value) for value in losses.values())
     assert 0 <= metrics["test_top1"] <= 1
     if method == "self-tuning":
-        assert recorder.of("eval")[-1]["queue_purity_truth"] == 1.0  # labeled keys only
+        # Only labeled keys in the queue: no pseudo-label there to check.
+        assert recorder.of("eval")[-1]["queue_purity_truth"] is None
 
 
 def test_self_tuning_labeled_query_view_is_the_configured_one(tmp_path: Path, shapes_data,
@@ -313,6 +317,16 @@ def test_each_image_is_decoded_once_per_run(tmp_path: Path, shapes_data, monkeyp
     assert sorted(decoded) == sorted(path for path, _ in everything)
 
 
+def test_queue_purity_against_the_truth_checks_pseudo_labeled_keys_only():
+    classes = torch.tensor([0, 1, 0, 1, 2])
+    predicted = torch.tensor([0, 1, 1, 1, 2])
+    truth = torch.tensor([0, 1, -1, 0, 2])  # -1: no withheld label
+    pseudo = torch.tensor([False, True, True, True, False])  # the others are labeled keys
+    assert queue_purity(classes, predicted, truth, pseudo) == (0.8, 0.5)
+    # Only labeled keys (a budget of "all"): nothing to check, not 100 %.
+    assert queue_purity(classes, predicted, truth, torch.zeros(5, dtype=torch.bool))[1] is None
+
+
 def test_data_without_hidden_labels_reports_nulls(tmp_path: Path, shapes_data):
     data = RunData(class_names=shapes_data.class_names, labeled=shapes_data.labeled,
                    unlabeled=[(p, None) for p, _ in shapes_data.unlabeled],
@@ -321,5 +335,5 @@ def test_data_without_hidden_labels_reports_nulls(tmp_path: Path, shapes_data):
     assert metrics["pseudo_label_acc"] is None and metrics["train_pseudo_label_acc"] is None
     quality = metrics["pseudo_label_quality"]
     assert all(b["accuracy"] is None for b in quality["confidence_bins"])
-    assert quality["queue_purity_truth"] is not None  # labeled keys are still known
+    assert quality["queue_purity_truth"] is None  # no withheld label to check a key against
     assert np.isclose(sum(quality["predicted_distribution"]), 1.0)

@@ -358,7 +358,8 @@ class _Evaluator:
             classes, sources, truth = classes[chosen], sources[chosen], truth[chosen]
         unique, position = torch.unique(sources, return_inverse=True)
         predicted = self.predict_train_images(unique.numpy()).argmax(dim=1)
-        return queue_purity(classes, predicted[position], truth)
+        pseudo = sources >= len(self.data.labeled)  # unlabeled images follow the labeled ones
+        return queue_purity(classes, predicted[position], truth, pseudo)
 
     def interim(self, tracker: PseudoLabelTracker) -> dict:
         scores, _ = self.test_scores()

@@ -101,6 +101,7 @@ def pseudo_label_quality(
             "lo": round(float(low), 4),
             "hi": round(float(high), 4),
             "count": int(inside.sum()),
+            "judged": int(judged.sum()),  # of those, with a withheld label: what accuracy is of
             "accuracy": _share(correct[judged]),
         })
     kept = confidence >= KEEP_THRESHOLD
@@ -132,14 +133,17 @@ def pseudo_label_quality(
 
 
 def queue_purity(
-    classes: torch.Tensor, predicted: torch.Tensor, truth: torch.Tensor
+    classes: torch.Tensor, predicted: torch.Tensor, truth: torch.Tensor, pseudo: torch.Tensor
 ) -> tuple[float | None, float | None]:
     """(share of queued keys whose class is the model's current prediction for their image,
-    share whose class is the image's true label among those with a known label)."""
+    share of the pseudo-labeled keys (`pseudo`: queued by an unlabeled image) whose class is
+    the image's withheld label, among those with one). Labeled keys are right by
+    construction, so they are left out of the second: it says how clean the pseudo-labels in
+    the queue are, None where none can be checked."""
     if len(classes) == 0:
         return None, None
-    known = truth >= 0
-    return _share(classes == predicted), _share(classes[known] == truth[known])
+    checked = pseudo & (truth >= 0)
+    return _share(classes == predicted), _share(classes[checked] == truth[checked])
 
 
 def _share(flags: torch.Tensor) -> float | None:

@@ -1,0 +1,66 @@
+"""The budget table's summary: spreads, the best method of each budget, the sweep's status."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.experiments import budget_table, experiment_status
+from app.models import Run
+
+
+def run(method: str, status: str = "succeeded", top1: float | None = None,
+        budget: float = 0.15) -> Run:
+    metrics = {"test_top1": top1} if top1 is not None else {}
+    return Run(method=method, budget=budget, budget_label=f"{budget * 100:g}%", seed=0,
+               status=status, metrics=metrics)
+
+
+def best_methods(runs: list[Run]) -> set[str]:
+    return {row["method"] for row in budget_table(runs) if row["best"]}
+
+
+def test_one_seed_has_no_spread_and_two_have_the_sample_one():
+    rows = {row["method"]: row for row in budget_table([
+        run("fine-tune", top1=0.80),
+        run("self-tuning", top1=0.80), run("self-tuning", top1=0.90),
+    ])}
+    assert rows["fine-tune"]["std_top1"] is None
+    assert rows["self-tuning"]["std_top1"] == pytest.approx(0.0707107, abs=1e-6)
+
+
+def test_methods_that_read_alike_are_each_the_best():
+    assert best_methods([run("fine-tune", top1=0.80), run("self-tuning", top1=0.80)]) == {
+        "fine-tune", "self-tuning"}
+    # 80.04% and 80.01% both show as 80.0%
+    assert best_methods([run("fine-tune", top1=0.8004), run("self-tuning", top1=0.8001)]) == {
+        "fine-tune", "self-tuning"}
+    assert best_methods([run("fine-tune", top1=0.80), run("self-tuning", top1=0.81)]) == {
+        "self-tuning"}
+
+
+def test_one_lucky_seed_does_not_beat_a_method_whose_seeds_all_finished():
+    runs = [
+        run("fine-tune", top1=0.90), run("fine-tune", status="failed"),
+        run("fine-tune", status="running"),
+        *(run("self-tuning", top1=top1) for top1 in (0.85, 0.86, 0.87)),
+    ]
+    assert best_methods(runs) == {"self-tuning"}
+
+
+def test_each_budget_has_its_own_best():
+    runs = [run("fine-tune", top1=0.7, budget=0.05), run("self-tuning", top1=0.8, budget=0.05),
+            run("fine-tune", top1=0.9, budget=0.5), run("self-tuning", top1=0.85, budget=0.5)]
+    assert {(row["budget_label"], row["method"]) for row in budget_table(runs) if row["best"]} \
+        == {("5%", "self-tuning"), ("50%", "fine-tune")}
+
+
+@pytest.mark.parametrize(("statuses", "expected"), [
+    (["succeeded", "succeeded"], "finished"),
+    (["succeeded", "cancelled"], "partly cancelled"),
+    (["cancelled", "cancelled"], "cancelled"),
+    (["succeeded", "failed", "cancelled"], "finished with failures"),
+    (["succeeded", "queued"], "queued"),
+    (["running", "queued"], "running"),
+])
+def test_a_sweep_with_cancelled_runs_does_not_read_finished(statuses, expected):
+    assert experiment_status([run("fine-tune", status=status) for status in statuses]) == expected

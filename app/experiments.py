@@ -327,6 +327,14 @@ def budget_labeled_counts(dataset: Dataset | None, runs: list[Run]) -> dict[str,
     return labeled
 
 
+def budget_unlabeled_count(dataset: Dataset, budget: Any) -> int:
+    """Unlabeled images a run at this budget draws from: the dataset's unlabeled ones and the
+    labeled ones the budget leaves out."""
+    sizes = [counts.get("train", 0) for counts in dataset.class_counts.values()]
+    kept = sum(Budget.parse(budget).count_for(size) for size in sizes if size)
+    return dataset.unlabeled_count + sum(sizes) - kept
+
+
 def budget_table(runs: list[Run], labeled: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Per method and budget: mean and spread (sample std, None below two seeds) of final
     test top-1 over the succeeded seeds; the best methods per budget are flagged (see

@@ -18,9 +18,15 @@ from app.config import Settings
 from app.db import session_scope
 from app.deps import DbDep, RedisDep, RunId, SettingsDep
 from app.events import Outcome, event_stream_response
-from app.experiments import as_utc, cancel_runs, is_terminal, queue_position
+from app.experiments import (
+    as_utc,
+    budget_unlabeled_count,
+    cancel_runs,
+    is_terminal,
+    queue_position,
+)
 from app.live import publish_status, run_stream_key
-from app.models import Artifact, Run, RunMetric
+from app.models import Artifact, Dataset, Run, RunMetric
 from app.reaper import requeue
 from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 
@@ -48,12 +54,16 @@ def run_summary(run: Run) -> RunSummary:
     )
 
 
-def eta_seconds(run: Run) -> float | None:
+def eta_seconds(run: Run, dataset: Dataset | None) -> float | None:
+    """Training time left at the last reported speed (evaluations not counted)."""
     if run.status != "running" or not run.images_per_s:
         return None
     config = run.config
+    # The engine draws no unlabeled batch when the budget leaves no unlabeled image.
+    draws_unlabeled = run.method != "fine-tune" and (
+        dataset is None or budget_unlabeled_count(dataset, run.budget) > 0)
     images_per_step = config.get("batch_size", 0) + (
-        config.get("unlabeled_batch_size", 0) if run.method != "fine-tune" else 0
+        config.get("unlabeled_batch_size", 0) if draws_unlabeled else 0
     )
     remaining = max(0, run.total_steps - run.step)
     return remaining * images_per_step / run.images_per_s if images_per_step else None
@@ -67,7 +77,8 @@ def read_run(run_id: RunId, session: DbDep):
         dataset_id=run.dataset_id, config=run.config, metrics=run.metrics, worker=run.worker,
         device=run.device, error=run.error, attempts=run.attempts,
         heartbeat_at=as_utc(run.heartbeat_at), images_per_s=run.images_per_s,
-        eta_s=eta_seconds(run), queue_position=queue_position(session, run),
+        eta_s=eta_seconds(run, session.get(Dataset, run.dataset_id)),
+        queue_position=queue_position(session, run),
         cancel_requested=run.cancel_requested,
         artifacts=[
             ArtifactOut(name=a.name, size_bytes=a.size_bytes, sha256=a.sha256,

@@ -1,11 +1,13 @@
-"""The budget table's summary: spreads, the best method of each budget, the sweep's status."""
+"""The numbers of a sweep's pages: spreads, the best method of each budget, the sweep's
+status, a run's time left."""
 
 from __future__ import annotations
 
 import pytest
 
 from app.experiments import budget_table, experiment_status
-from app.models import Run
+from app.models import Dataset, Run
+from app.routers.runs import eta_seconds
 
 
 def run(method: str, status: str = "succeeded", top1: float | None = None,
@@ -64,3 +66,19 @@ def test_each_budget_has_its_own_best():
 ])
 def test_a_sweep_with_cancelled_runs_does_not_read_finished(statuses, expected):
     assert experiment_status([run("fine-tune", status=status) for status in statuses]) == expected
+
+
+def test_the_eta_counts_the_unlabeled_batch_only_where_there_are_unlabeled_images():
+    dataset = Dataset(name="d", storage_key="k", fingerprint="0" * 64, unlabeled_count=0,
+                      class_counts={"a": {"train": 10, "test": 2}, "b": {"train": 10, "test": 2}})
+    config = {"batch_size": 16, "unlabeled_batch_size": 16}
+
+    def eta(method: str, budget) -> float:
+        running = Run(method=method, budget=budget, status="running", images_per_s=32.0,
+                      step=0, total_steps=1000, config=config)
+        return eta_seconds(running, dataset)
+
+    assert eta("self-tuning", 0.5) == eta("fixmatch", 0.5) == 1000.0  # 16 + 16 images a step
+    assert eta("self-tuning", "all") == eta("fine-tune", 0.5) == 500.0  # 16 images a step
+    dataset.unlabeled_count = 5  # an unlabeled/ folder: drawn from at every budget
+    assert eta("self-tuning", "all") == 1000.0

@@ -110,7 +110,13 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
             "Method", "50%\n18 labels", "all\n36 labels"]
         cells = table.locator("tbody td").all_inner_texts()
         assert len(cells) == 4 and all(re.fullmatch(r"\d{1,3}\.\d", c) for c in cells), cells
-        assert table.locator("td.best").count() == 2  # one per budget
+        # The best of each budget (column): its highest mean as shown, each if tied.
+        rows = table.locator("tbody tr")
+        shown = [[float(t) for t in rows.nth(i).locator("td").all_inner_texts()] for i in range(2)]
+        marked = [[rows.nth(i).locator("td").nth(j).evaluate("c => c.classList.contains('best')")
+                   for j in range(2)] for i in range(2)]
+        assert marked == [[shown[i][j] == max(shown[0][j], shown[1][j]) for j in range(2)]
+                          for i in range(2)], (shown, marked)
         assert page.locator("#runs tbody tr.best").count() == 2
         # Two budgets (18 and 36 of the 36 labeled images): one doubling further per method.
         estimates = page.locator("#label-estimates tbody tr")

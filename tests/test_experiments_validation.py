@@ -227,3 +227,10 @@ def test_a_name_of_spaces_gets_the_default_name(live_server, dataset_id):
         response = client.post("/api/experiments", json=body(dataset_id, name="   "))
     assert response.status_code == 201, response.text
     assert response.json()["name"].startswith("shapes")
+
+
+@pytest.mark.parametrize("too_big", [2**63, 10**20])
+def test_a_class_index_no_row_can_have_is_a_422_not_a_500(live_server, dataset_id, too_big):
+    with live_server.client() as client:
+        response = client.get(f"/api/datasets/{dataset_id}/images", params={"label": too_big})
+    assert response.status_code == 422, response.text[:300]

@@ -172,7 +172,7 @@ def list_images(
     dataset_id: DatasetId,
     db: DbDep,
     split: Annotated[Split | None, Query()] = None,
-    label: Annotated[int | None, Query(ge=0, description="class index")] = None,
+    label: Annotated[int | None, Query(ge=0, le=MAX_ID, description="class index")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> ImagePage:

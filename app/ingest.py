@@ -3,7 +3,6 @@ out and publish them all-or-nothing (plus thumbnails, deletion and crash clean-u
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import logging
@@ -37,6 +36,7 @@ from app.experiments import delete_run_rows, remove_run_folders
 from app.models import Dataset, DatasetImage, Experiment, Run
 from app.schemas import CONTROL_CHARACTERS
 from worker.selftuning.budgets import split_holdout
+from worker.selftuning.labels_csv import LABELS_CSV, SPLITS, LabelsRow, parse_labels_csv
 from worker.selftuning.pixels import to_8_bit
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ SNIFF_BYTES = 32
 BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}
 TIFF_PREFIXES = (b"II*\x00", b"MM\x00*", b"II\x00*", b"MM*\x00", b"II+\x00", b"MM\x00+")
 NOT_UTF8_REASON = "file or folder name is not valid UTF-8: rename it"
-LABELS_CSV = "labels.csv"
 MAX_LABELS_CSV_BYTES = 64 * 1024**2
-SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "test"}
 UNLABELED_FOLDER = "unlabeled"
 # Multipart framing and the small `name` field on top of the archive itself.
 MULTIPART_OVERHEAD_BYTES = 1024**2
@@ -768,7 +766,7 @@ def _strip_wrappers(paths: list[str]) -> int:
         if len(first) != 1:
             break
         (name,) = first
-        if name.lower() in SPLIT_FOLDERS or name.lower() == UNLABELED_FOLDER:
+        if name.lower() in SPLITS or name.lower() == UNLABELED_FOLDER:
             break
         depth += 1
     return depth
@@ -789,8 +787,8 @@ def _layout_by_folders(images: list[_Image], skip: Callable[[_Image, str], None]
         parts = relative[image.order]
         split = "train"
         top = parts[0].lower() if len(parts) > 1 else ""
-        if top in SPLIT_FOLDERS:
-            split = SPLIT_FOLDERS[top]
+        if top in SPLITS:
+            split = SPLITS[top]
             parts = parts[1:]
         elif has_train and top != UNLABELED_FOLDER:
             skip(image, "outside the train/ and test/ folders")
@@ -805,40 +803,20 @@ def _layout_by_folders(images: list[_Image], skip: Callable[[_Image, str], None]
     return placed
 
 
-def _parse_labels_csv(csv_path: str, data: bytes) -> dict[str, tuple[str | None, str]]:
-    """labels.csv rows as {path relative to the csv's folder: (label or None, split)}."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise IngestError(f"{csv_path} is not UTF-8 text: save it as UTF-8 CSV") from None
-    rows: dict[str, tuple[str | None, str]] = {}
-    for line_number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        cells = [cell.strip() for cell in row]
-        if not any(cells):
-            continue
-        if line_number == 1 and [cell.lower() for cell in cells[:2]] == ["path", "label"]:
-            continue
-        if len(cells) not in (2, 3):
-            raise IngestError(
-                f"{csv_path} line {line_number}: expected 'path,label' (or 'path,label,split'),"
-                f" got {len(cells)} columns"
-            )
+def _parse_labels_csv(csv_path: str, data: bytes) -> dict[str, LabelsRow]:
+    """labels.csv rows by path relative to the csv's folder (`parse_labels_csv`)."""
+
+    def inside_archive(raw: str) -> str:
         try:
-            path = safe_member_path(cells[0])
+            return safe_member_path(raw)
         except IngestError:
-            raise IngestError(
-                f"{csv_path} line {line_number}: path {cells[0]!r} must be relative to the "
-                f"folder of {csv_path}, without '..' or a leading '/'"
-            ) from None
-        split_name = cells[2].lower() if len(cells) == 3 and cells[2] else "train"
-        if split_name not in SPLIT_FOLDERS:
-            raise IngestError(
-                f"{csv_path} line {line_number}: split {cells[2]!r} must be train, test or val"
-            )
-        if path in rows:
-            raise IngestError(f"{csv_path} line {line_number}: {cells[0]!r} is listed twice")
-        rows[path] = (cells[1] or None, SPLIT_FOLDERS[split_name])
-    return rows
+            raise ValueError(f"path {raw!r} must be relative to the folder of {csv_path}, "
+                             "without '..' or a leading '/'") from None
+
+    try:
+        return parse_labels_csv(data, csv_path, inside_archive)
+    except ValueError as exc:
+        raise IngestError(str(exc)) from None
 
 
 def _layout_by_csv(
@@ -861,11 +839,11 @@ def _layout_by_csv(
         if relative is None or relative not in rows:
             skip(image, f"not listed in {csv_path}")
             continue
-        label, split = rows[relative]
-        if label is None:
+        row = rows[relative]
+        if row.label is None:
             placed.append(_Placed(image, "unlabeled", None))
         else:
-            placed.append(_Placed(image, split, label))
+            placed.append(_Placed(image, row.split, row.label))
     return placed
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -18,9 +16,9 @@ from pathlib import Path, PurePosixPath
 
 from worker.selftuning.budgets import Budget, BudgetError, select_labeled, split_holdout
 from worker.selftuning.images import IMAGE_SUFFIXES
+from worker.selftuning.labels_csv import LABELS_CSV, parse_labels_csv
 
 Item = tuple[str, int]
-LABELS_CSV = "labels.csv"
 
 
 @dataclass
@@ -148,62 +146,48 @@ def load_folder_dataset(
 def read_labels_csv(
     csv_path: Path,
 ) -> tuple[list[str], list[Item], list[Item], list[str]]:
-    """`path,label[,split]` rows (a `path,label` header line is optional), read as the web
-    reads an upload's labels.csv: paths relative to the CSV's folder, an empty label for an
-    unlabeled image, split `train` (the default), `test` or `val`. Returns what
-    `load_folder_dataset` does; images the CSV does not list are not used."""
+    """A labels.csv dataset (`parse_labels_csv`), read as the web reads an upload's: paths
+    relative to the CSV's folder. Returns what `load_folder_dataset` does; images the CSV does
+    not list are not used."""
     folder = csv_path.parent
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise ValueError(f"{csv_path} is not UTF-8 text: save it as UTF-8 CSV") from None
-    rows: dict[str, tuple[str, str]] = {}  # relative path -> (label or "", train | test)
-    for line_number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        cells = [cell.strip() for cell in row]
-        if not any(cells):
-            continue
-        if line_number == 1 and [cell.lower() for cell in cells[:2]] == ["path", "label"]:
-            continue
-        where = f"{csv_path} line {line_number}"
-        if len(cells) not in (2, 3):
-            raise ValueError(f"{where}: expected 'path,label' (or 'path,label,split'), got "
-                             f"{len(cells)} columns")
-        name, label = cells[0], cells[1]
-        split = (cells[2] if len(cells) == 3 else "").lower() or "train"
-        if split not in ("train", "test", "val"):
-            raise ValueError(f"{where}: split {cells[2]!r} must be train, test or val")
-        if split != "train" and not label:
-            raise ValueError(f"{where}: {name!r} is in the {split} split without a label")
-        relative = PurePosixPath(name)
-        if relative.is_absolute() or ".." in relative.parts:
-            raise ValueError(f"{where}: path {name!r} must be relative to the folder of "
-                             f"{LABELS_CSV}, without '..' or a leading '/'")
-        if not (folder / relative).is_file():
-            raise ValueError(f"{where}: {name!r} does not exist in {folder}")
-        if relative.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ValueError(f"{where}: {name!r} is not an image ({', '.join(IMAGE_SUFFIXES)})")
-        if str(relative) in rows:
-            raise ValueError(f"{where}: {name!r} is listed twice")
-        rows[str(relative)] = (label, "train" if split == "train" else "test")
 
-    class_names = sorted({label for label, split in rows.values() if label and split == "train"})
+    def inside_folder(raw: str) -> str:
+        relative = PurePosixPath(raw)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ValueError(f"path {raw!r} must be relative to the folder of {LABELS_CSV}, "
+                             "without '..' or a leading '/'")
+        return str(relative)
+
+    rows = parse_labels_csv(csv_path.read_bytes(), str(csv_path), inside_folder)
+    for relative, row in rows.items():
+        where = f"{csv_path} line {row.line}"
+        if row.split != "train" and not row.label:
+            raise ValueError(f"{where}: {relative!r} is in the {row.split} split without a "
+                             "label")
+        if not (folder / relative).is_file():
+            raise ValueError(f"{where}: {relative!r} does not exist in {folder}")
+        if PurePosixPath(relative).suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"{where}: {relative!r} is not an image "
+                             f"({', '.join(IMAGE_SUFFIXES)})")
+
+    class_names = sorted({row.label for row in rows.values() if row.label and row.split == "train"})
     if len(class_names) < 2:
         found = ", ".join(repr(name) for name in class_names)
         raise ValueError(f"{csv_path}: found {len(class_names)} class(es) with training images "
                          f"({found}); need at least two")
-    if only_tested := sorted({label for label, split in rows.values() if split == "test"}
+    if only_tested := sorted({row.label for row in rows.values() if row.split == "test"}
                              - set(class_names)):
         raise ValueError(f"{csv_path}: {', '.join(map(repr, only_tested))} only in the test "
                          "split: add training images for them or remove them")
     index = {name: i for i, name in enumerate(class_names)}
 
     def items(part: str) -> list[Item]:
-        return sorted(((str(folder / relative), index[label])
-                       for relative, (label, split) in rows.items() if label and split == part),
+        return sorted(((str(folder / relative), index[row.label])
+                       for relative, row in rows.items() if row.label and row.split == part),
                       key=lambda item: (item[1], item[0]))
 
-    unlabeled = sorted(str(folder / relative) for relative, (label, _) in rows.items()
-                       if not label)
+    unlabeled = sorted(str(folder / relative) for relative, row in rows.items()
+                       if not row.label)
     return class_names, items("train"), items("test"), unlabeled
 
 

@@ -1,0 +1,55 @@
+"""labels.csv, one of the dataset layouts (`path,label[,split]`), read the same way by the
+web's uploads and the command line. Without torch, so the web can import it."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from typing import NamedTuple
+
+LABELS_CSV = "labels.csv"
+# The split names a dataset may use (as folders, or in the split column) and what each means.
+SPLITS = {"train": "train", "test": "test", "val": "test"}
+
+
+class LabelsRow(NamedTuple):
+    label: str | None  # None: an unlabeled image
+    split: str  # train | test
+    line: int
+
+
+def parse_labels_csv(
+    data: bytes, name: str, clean_path: Callable[[str], str]
+) -> dict[str, LabelsRow]:
+    """The rows of a labels.csv (`path,label[,split]`; a `path,label` header line is
+    optional; an empty label for an unlabeled image; split train, test or val) by path,
+    for the web's uploads and the command line alike. `clean_path` gives a path's normal
+    form or a ValueError saying why it is refused. A mistake is a ValueError naming `name`
+    and the line."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{name} is not UTF-8 text: save it as UTF-8 CSV") from None
+    rows: dict[str, LabelsRow] = {}
+    for line_number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        cells = [cell.strip() for cell in row]
+        if not any(cells):
+            continue
+        if line_number == 1 and [cell.lower() for cell in cells[:2]] == ["path", "label"]:
+            continue
+        where = f"{name} line {line_number}"
+        if len(cells) not in (2, 3):
+            raise ValueError(f"{where}: expected 'path,label' (or 'path,label,split'), got "
+                             f"{len(cells)} columns")
+        try:
+            path = clean_path(cells[0])
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        split = cells[2].lower() if len(cells) == 3 and cells[2] else "train"
+        if split not in SPLITS:
+            raise ValueError(f"{where}: split {cells[2]!r} must be train, test or val")
+        if path in rows:
+            raise ValueError(f"{where}: {cells[0]!r} is listed twice")
+        rows[path] = LabelsRow(cells[1] or None, SPLITS[split], line_number)
+    return rows

@@ -318,21 +318,27 @@ def budget_labeled_counts(dataset: Dataset | None, runs: list[Run]) -> dict[str,
     run finishes and is the same for every seed."""
     if dataset is None:
         return {}
-    sizes = [counts.get("train", 0) for counts in dataset.class_counts.values()]
     labeled = {}
     for run in runs:
         if run.budget_label not in labeled:
-            budget = Budget.parse(run.budget)
-            labeled[run.budget_label] = sum(budget.count_for(size) for size in sizes if size)
+            labeled[run.budget_label] = budget_labeled_count(dataset, run.budget)
     return labeled
+
+
+def budget_labeled_count(dataset: Dataset, budget: Any) -> int:
+    return sum(Budget.parse(budget).count_for(size) for size in _train_sizes(dataset) if size)
 
 
 def budget_unlabeled_count(dataset: Dataset, budget: Any) -> int:
     """Unlabeled images a run at this budget draws from: the dataset's unlabeled ones and the
     labeled ones the budget leaves out."""
-    sizes = [counts.get("train", 0) for counts in dataset.class_counts.values()]
-    kept = sum(Budget.parse(budget).count_for(size) for size in sizes if size)
-    return dataset.unlabeled_count + sum(sizes) - kept
+    return (dataset.unlabeled_count + sum(_train_sizes(dataset))
+            - budget_labeled_count(dataset, budget))
+
+
+def _train_sizes(dataset: Dataset) -> list[int]:
+    """Labeled training images per class: the pool a budget draws its labels from."""
+    return [counts.get("train", 0) for counts in dataset.class_counts.values()]
 
 
 def budget_table(runs: list[Run], labeled: dict[str, int] | None = None) -> list[dict[str, Any]]:

@@ -27,7 +27,10 @@ def test_folder_dataset_lists_classes_splits_and_unlabeled(shapes_root: Path):
     assert all(Path(path).parts[-3] == "test" for path, _ in test_items)
 
 
-def test_zip_and_tar_archives_give_the_same_dataset(shapes_root: Path, tmp_path: Path):
+def test_zip_and_tar_archives_give_the_same_dataset(
+    shapes_root: Path, tmp_path: Path, monkeypatch
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # archives unpack here
     zip_path = tmp_path / "shapes.zip"
     with zipfile.ZipFile(zip_path, "w") as bundle:
         for file in sorted(shapes_root.rglob("*.png")):
@@ -45,6 +48,7 @@ def test_zip_and_tar_archives_give_the_same_dataset(shapes_root: Path, tmp_path:
             (Path(p).name, label) for p, label in expected[1]
         ]
         assert len(test_items) == len(expected[2]) and len(unlabeled) == len(expected[3])
+    assert len(list((tmp_path / "selftuning-datasets").iterdir())) == 2  # each unpacked once
 
 
 def test_zip_with_a_path_escaping_the_archive_is_refused(tmp_path: Path):

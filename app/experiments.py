@@ -10,6 +10,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -267,6 +268,9 @@ def delete_experiment_with_runs(session: Session, settings: Settings, live: redi
             "end, then delete it",
         )
     run_ids = [run.id for run in runs]
+    if reason := weights_in_use(session, settings, run_ids, f"experiment {experiment_id}"):
+        session.rollback()
+        raise HTTPException(409, detail=reason)
     delete_run_rows(session, run_ids)
     session.execute(delete(Experiment).where(Experiment.id == experiment_id))
     session.commit()
@@ -274,6 +278,37 @@ def delete_experiment_with_runs(session: Session, settings: Settings, live: redi
     # are never reused, so no later run can mistake them for its own).
     remove_run_folders(settings, run_ids)
     forget_feeds(live, [experiment_id], run_ids)
+
+
+def weight_file(config: dict[str, Any]) -> Path | None:
+    """The `.safetensors` file a run's backbone loads (`resolve_backbone` stored it absolute),
+    or None for a timm architecture."""
+    backbone = str(config.get("backbone", ""))
+    return Path(backbone.rpartition(":")[2]) if backbone.endswith(".safetensors") else None
+
+
+def weights_in_use(session: Session, settings: Settings, run_ids: Iterable[int],
+                   what: str) -> str | None:
+    """Why deleting `what` (with the folders of `run_ids`) must wait, or None: queued or
+    running runs, other than those, whose backbone is a weight file inside those folders
+    would fail for want of it."""
+    deleted = set(run_ids)
+    folders = [settings.runs_dir.resolve() / str(run_id) for run_id in deleted]
+    if not folders:
+        return None
+    active = session.execute(
+        select(Run.id, Run.config).where(Run.status.in_(("queued", "running")))
+    ).all()
+    users = sorted(
+        run_id for run_id, config in active
+        if run_id not in deleted and (path := weight_file(config)) is not None
+        and any(path.is_relative_to(folder) for folder in folders)
+    )
+    if not users:
+        return None
+    return (f"{what} holds the model that queued or running run(s) "
+            f"{', '.join(map(str, users))} start from (their backbone): cancel them or let "
+            "them finish, then delete it")
 
 
 def delete_run_rows(session: Session, run_ids: list[int]) -> None:

@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.experiments import delete_run_rows, remove_run_folders
+from app.experiments import delete_run_rows, remove_run_folders, weights_in_use
 from app.models import Dataset, DatasetImage, Experiment, Run
 from app.schemas import CONTROL_CHARACTERS
 from worker.selftuning.budgets import split_holdout
@@ -1195,6 +1195,9 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset
             (Run.dataset_id == dataset.id) | Run.experiment_id.in_(experiment_ids)
         )
     ).all()
+    if reason := weights_in_use(session, settings, run_ids, f"dataset {dataset.id}"):
+        session.rollback()
+        raise IngestError(reason, status_code=409)
     delete_run_rows(session, run_ids)
     session.execute(delete(Experiment).where(Experiment.dataset_id == dataset.id))
     session.execute(delete(DatasetImage).where(DatasetImage.dataset_id == dataset.id))

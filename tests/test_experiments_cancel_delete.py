@@ -209,6 +209,35 @@ def test_delete_is_refused_while_a_run_runs_then_takes_runs_files_and_feeds(live
         assert client.post(f"/api/experiments/{experiment_id}/cancel").status_code == 404
 
 
+def test_a_model_that_queued_runs_start_from_stays_until_they_end(live_server):
+    """An experiment may start from an earlier run's model (`runs/<id>/model.safetensors`).
+    Deleting that run's experiment or dataset would pull the weights from under the queued
+    runs: refused (409) naming them; once they end it goes, and a requeue of one of them is
+    then a 409 saying why instead of a run that fails."""
+    database_url, data_dir = live_server.database_url, live_server.data_dir
+    source_dataset, other_dataset = add_dataset_row(database_url), add_dataset_row(database_url)
+    with live_server.client() as client:
+        source_id, source_runs = start_sweep(client, source_dataset, seeds=[0])
+        folder = add_run_files(data_dir, database_url, source_runs[0])
+        client.post(f"/api/experiments/{source_id}/cancel")
+        backbone = f"test_efficientnet:runs/{source_runs[0]}/model.safetensors"
+        user_id, user_runs = start_sweep(client, other_dataset, seeds=[0], backbone=backbone)
+
+        for url in (f"/api/experiments/{source_id}", f"/api/datasets/{source_dataset}"):
+            refused = client.delete(url)
+            assert refused.status_code == 409, refused.text
+            detail = refused.json()["detail"]
+            assert f"run(s) {user_runs[0]}, {user_runs[1]} start from" in detail, detail
+        assert folder.is_dir() and client.get(f"/api/experiments/{source_id}").status_code == 200
+
+        client.post(f"/api/experiments/{user_id}/cancel")
+        assert client.delete(f"/api/experiments/{source_id}").status_code == 204
+        assert not folder.exists()
+        requeued = client.post(f"/api/runs/{user_runs[0]}/requeue")
+        assert requeued.status_code == 409 and "which is gone" in requeued.json()["detail"]
+        assert statuses(client, user_id)[user_runs[0]] == "cancelled"
+
+
 def test_a_sweep_after_a_delete_gets_new_ids_and_starts_clean(live_server):
     """Ids are never reused (migration 0004: SQLite would hand the deleted rows' ids to the
     next ones), and nothing of the deleted runs stays behind under their ids: no checkpoint

@@ -24,6 +24,7 @@ from app.experiments import (
     cancel_runs,
     is_terminal,
     queue_position,
+    weight_file,
 )
 from app.live import publish_status, run_stream_key
 from app.models import Artifact, Dataset, Run, RunMetric
@@ -115,6 +116,12 @@ def cancel_run(run_id: RunId, session: DbDep, live: RedisDep):
 def requeue_run(run_id: RunId, session: DbDep, live: RedisDep):
     """Queue a lost, failed or cancelled run again; it resumes from its last training
     checkpoint (a finished run is never retrained)."""
+    backbone = weight_file(get_run(session, run_id).config)
+    if backbone is not None and not backbone.is_file():
+        raise HTTPException(
+            409, detail=f"run {run_id} starts from the weight file {backbone}, which is gone "
+            "(deleted with its run?): start a new experiment from another backbone",
+        )
     run = requeue(session, live, run_id, by_person=True)
     if run is None:
         run = get_run(session, run_id)  # a 404 when it is gone

@@ -15,7 +15,6 @@ import struct
 import tarfile
 import time
 import uuid
-import warnings
 import zipfile
 import zlib
 from collections import Counter
@@ -41,8 +40,11 @@ from worker.selftuning.pixels import to_8_bit
 
 log = logging.getLogger(__name__)
 
-# Pillow only warns between MAX_IMAGE_PIXELS and twice that; an upload must fail instead.
-warnings.simplefilter("error", Image.DecompressionBombWarning)
+# Uploads are held to SELFTUNE_MAX_IMAGE_PIXELS by `_check_pixels`, on the header before any
+# decoding. Pillow's own limit is process-wide and would also refuse the thumbnail of an image
+# accepted before the setting was lowered (and, above 179 M pixels, the workers' decoding of
+# one accepted under a higher setting): it is off in each process that imports this module.
+Image.MAX_IMAGE_PIXELS = None
 # Registers every plugin now: `Image.open(formats=...)` only knows those already loaded.
 Image.init()
 
@@ -602,7 +604,6 @@ def _chunks(head: bytes, stream: IO[bytes]) -> Iterator[bytes]:
 def inspect_image(path: Path, archive_path: str, max_pixels: int) -> tuple[str, int, int]:
     """(stored suffix, width, height) of a decodable image; raises IngestError for one over
     the pixel limit and ValueError (with the reason) for one that does not decode."""
-    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with Image.open(path, formats=OPEN_FORMATS) as image:
             width, height = image.size
@@ -610,14 +611,6 @@ def inspect_image(path: Path, archive_path: str, max_pixels: int) -> tuple[str, 
             _check_pixels(archive_path, width, height, max_pixels)
             image.load()  # full decode of the first frame: truncated data fails here
             return STORED_FORMATS[image.format or ""], width, height
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        declared = re.search(r"\((\d+) pixels\)", str(exc))
-        amount = f"{int(declared[1]):,} pixels" if declared else "too many pixels"
-        raise IngestError(
-            f"image {archive_path!r} declares {amount}, over the limit of {max_pixels:,} "
-            "(SELFTUNE_MAX_IMAGE_PIXELS); huge dimensions are how decompression bombs look: "
-            "downscale the image or remove it",
-        ) from None
     except IngestError:
         raise
     except UnidentifiedImageError:
@@ -630,8 +623,9 @@ def inspect_image(path: Path, archive_path: str, max_pixels: int) -> tuple[str, 
 def _check_pixels(archive_path: str, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise IngestError(
-            f"image {archive_path!r} is {width}x{height} = {width * height:,} pixels, over the "
-            f"limit of {max_pixels:,} (SELFTUNE_MAX_IMAGE_PIXELS): downscale it or remove it",
+            f"image {archive_path!r} declares {width}x{height} = {width * height:,} pixels, "
+            f"over the limit of {max_pixels:,} (SELFTUNE_MAX_IMAGE_PIXELS); huge dimensions "
+            "are how decompression bombs look: downscale the image or remove it",
         )
 
 
@@ -1145,7 +1139,6 @@ def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage) -> Path
         return cached
     source = image_file(settings, dataset, image)
     folder.mkdir(parents=True, exist_ok=True)
-    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
     with Image.open(source, formats=OPEN_FORMATS) as opened:
         opened.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         # 16-bit images scaled as the worker decodes them; convert("RGB") would clip them.

@@ -1,5 +1,5 @@
 """Uploads at the edges of the formats: one image both labeled and unlabeled, a stray image
-beside the class folders of a wrapping folder, a zip cut short, and 16-bit images."""
+beside the class folders of a wrapping folder, a zip cut short, 16-bit images, and thumbnails under a lowered pixel limit."""
 
 from __future__ import annotations
 
@@ -243,3 +243,26 @@ def test_a_16_bit_image_thumbnail_shows_what_the_worker_trains_on(
         assert thumbnail.mode == "RGB"
         assert abs(np.asarray(thumbnail, dtype=np.float64).mean() - trained_on) < 3
     delete_all(server, client)
+
+
+def test_thumbnails_of_images_accepted_before_the_pixel_limit_was_lowered(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """SELFTUNE_MAX_IMAGE_PIXELS guards uploads; images stored under a higher setting keep
+    their thumbnails after a restart with a lower one (they were a plain-text 500)."""
+    from tests.test_datasets_support import dataset_server
+
+    entries = class_entries(per_class=2)  # 16 x 16 = 256 pixels each
+    with dataset_server(tmp_path, redis_url) as server, server.client() as client:
+        dataset_id = uploaded(client, zip_bytes(entries))["id"]
+    with (dataset_server(tmp_path, redis_url, SELFTUNE_MAX_IMAGE_PIXELS="100") as server,
+          server.client() as client):
+        images = client.get(f"/api/datasets/{dataset_id}/images").json()["items"]
+        assert len(images) == len(entries)
+        for image in images:
+            response = client.get(f"/api/datasets/{dataset_id}/images/{image['id']}/thumbnail")
+            assert response.status_code == 200, response.text
+            assert Image.open(io.BytesIO(response.content)).size == (16, 16)
+        refused = upload(client, zip_bytes(class_entries(per_class=2, prefix="again/")))
+        assert refused.status_code == 422
+        assert "declares 16x16 = 256 pixels, over the limit of 100" in refused.text

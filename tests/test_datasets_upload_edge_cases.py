@@ -1,5 +1,6 @@
 """Uploads at the edges of the formats: one image both labeled and unlabeled, a stray image
-beside the class folders of a wrapping folder, a zip cut short, 16-bit images, and thumbnails under a lowered pixel limit."""
+beside the class folders of a wrapping folder, a zip cut short, 16-bit images, and thumbnails
+under a lowered pixel limit."""
 
 from __future__ import annotations
 

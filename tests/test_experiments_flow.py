@@ -124,7 +124,7 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
         negative = client.get(f"/api/runs/{run_id}/label-next.csv", params={"limit": -5})
 
     assert single["architecture"] == "test_efficientnet" and single["num_classes"] == 3
-    assert predictions[0].startswith("image_id,path,label,confidence,margin")
+    assert predictions[0] == "image_id,path,label,confidence,margin,hidden_label"
     assert len(predictions) == 1 + 12 + 3 * 8  # unlabeled + hidden-label half of each class
     assert label_next[0].startswith("rank,image_id,path")
     assert len(label_next) == 1 + 12  # only images that have no label at all

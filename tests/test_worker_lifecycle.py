@@ -38,15 +38,16 @@ from worker.training import execute_run
 TASK_ID = "task-1"
 
 
-def add_run(settings: Settings, tmp_path: Path, iterations: int = 6) -> int:
+def add_run(settings: Settings, tmp_path: Path, iterations: int = 6, unlabeled: int = 3,
+            budget: float | str = 0.5) -> int:
     """A dataset and a one-run experiment (queued, task TASK_ID), as the web would make them."""
     archive = make_image_archive(tmp_path / "shapes.zip", train_per_class=6, test_per_class=2,
-                                 unlabeled=3)
+                                 unlabeled=unlabeled)
     with session_scope(settings.sqlalchemy_url) as session:
         dataset = ingest_archive(session, settings, archive, new_work_dir(settings), "shapes")
         payload = ExperimentIn.model_validate({
             "dataset_id": dataset.id, "backbone": "test_efficientnet", "methods": ["fine-tune"],
-            "budgets": [0.5],
+            "budgets": [budget],
             "overrides": {"pretrained": False, "image_size": 32, "batch_size": 4,
                           "iterations": iterations, "log_interval": 2,
                           "eval_interval": iterations, "checkpoint_interval": 2},
@@ -365,3 +366,23 @@ def test_a_succeeded_run_keeps_its_export_but_not_its_training_state(settings, t
     folder = settings.runs_dir / str(run_id)
     assert (folder / "model.safetensors").is_file() and not (folder / "state").exists()
     assert (settings.runs_dir / str(cancelled_id) / "state" / "checkpoint.pt").is_file()
+
+
+PREDICTION_COLUMNS = "image_id,path,label,confidence,margin,hidden_label"
+
+
+@pytest.mark.parametrize(("unlabeled", "budget", "rows"), [
+    (3, 0.5, 3 + 3 * 3),  # unlabeled images and withheld labels
+    (3, "all", 3),  # unlabeled images only
+    (0, "all", 0),  # nothing to predict
+], ids=["withheld", "unlabeled-only", "none"])
+def test_predictions_csv_has_the_same_columns_for_every_run(settings, tmp_path, unlabeled,
+                                                           budget, rows):
+    """Scripts read the file's columns by name: a run without unlabeled images got no
+    image_id column, and one without withheld labels no hidden_label column."""
+    run_id = add_run(settings, tmp_path, unlabeled=unlabeled, budget=budget)
+    assert execute_run(settings, run_id, "w@host", TASK_ID)["status"] == "succeeded"
+    lines = (settings.runs_dir / str(run_id) / "predictions.csv").read_text().splitlines()
+    assert lines[0] == PREDICTION_COLUMNS
+    assert len(lines) == 1 + rows
+    assert all(line.split(",")[0].isdigit() for line in lines[1:])  # every image known

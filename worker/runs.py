@@ -263,10 +263,13 @@ def rewrite_predictions(out_dir: Path, session: Session, dataset_root: Path, run
         )
     }
     with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "image_id" in rows[0]:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    if "image_id" in columns:
         return
-    fieldnames = ["image_id", "path"] + [k for k in rows[0] if k != "path"]
+    # The header is rewritten even without rows: every run's file has the same columns.
+    fieldnames = ["image_id", "path"] + [k for k in columns if k != "path"]
     temp = path.with_suffix(".tmp")
     with open(temp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fieldnames)

@@ -59,9 +59,9 @@ def write_predictions(
     hidden: list[int | None],
 ) -> None:
     """One row per unlabeled image: predicted class name, its probability, the margin to
-    the runner-up and, where the label was withheld, that label."""
-    with_hidden = any(label is not None for label in hidden)
-    columns = ["path", "label", "confidence", "margin"] + (["hidden_label"] if with_hidden else [])
+    the runner-up and, where the budget withheld the image's label, that label (empty for an
+    image without one). The columns are the same for every run."""
+    columns = ["path", "label", "confidence", "margin", "hidden_label"]
     temporary = path.with_name(f".{path.name}.tmp")
     if len(probabilities):
         top = probabilities.topk(min(2, probabilities.shape[1]), dim=1)
@@ -73,10 +73,8 @@ def write_predictions(
         writer.writerow(columns)
         for image, probs, classes, label in zip(paths, values, indices, hidden, strict=True):
             margin = probs[0] - probs[1] if len(probs) > 1 else probs[0]
-            row = [image, class_names[classes[0]], f"{probs[0]:.6f}", f"{margin:.6f}"]
-            if with_hidden:
-                row.append("" if label is None else class_names[label])
-            writer.writerow(row)
+            writer.writerow([image, class_names[classes[0]], f"{probs[0]:.6f}", f"{margin:.6f}",
+                             "" if label is None else class_names[label]])
     os.replace(temporary, path)
 
 

@@ -186,11 +186,13 @@ class _MultipartSink:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         field_name = options.get(b"name", b"").decode("utf-8", "replace")
-        if field_name == "file" and b"filename" in options:
+        if field_name == "file":
+            # Without a filename too: `curl -F 'file=<photos.zip'` sends the bytes without one
+            # (the archive is recognised by its content; the dataset name falls back then).
             self.file_parts += 1
             if self.file_parts > 1:
                 raise IngestError("send one archive per upload (the form has several 'file's)")
-            raw_filename = options[b"filename"].decode("utf-8", "replace")
+            raw_filename = options.get(b"filename", b"").decode("utf-8", "replace")
             self.filename = PurePosixPath(raw_filename.replace("\\", "/")).name
             self._target = "file"
         elif field_name == "name":

@@ -267,3 +267,21 @@ def test_thumbnails_of_images_accepted_before_the_pixel_limit_was_lowered(
         refused = upload(client, zip_bytes(class_entries(per_class=2, prefix="again/")))
         assert refused.status_code == 422
         assert "declares 16x16 = 256 pixels, over the limit of 100" in refused.text
+
+
+def test_an_archive_sent_without_a_filename_is_taken_by_its_content(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """`curl -F 'file=<photos.zip'` sends the bytes of a `file` part without a filename
+    (it was refused as 'no archive in the form'); the dataset gets the default name."""
+    boundary = "selftune-no-filename"
+    archive = zip_bytes(class_entries(per_class=2))
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + archive + (
+        f"\r\n--{boundary}--\r\n").encode()
+    response = client.post("/api/datasets", content=body,
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 201, response.text
+    summary = response.json()
+    assert summary["name"] == "dataset" and totals(summary) == {"cat": 2, "dog": 2}
+    delete_all(server, client)

@@ -89,7 +89,7 @@ def test_server_start_removes_leftovers_and_dataset_routes_need_the_token(
         with server.client(follow_redirects=False) as anonymous:
             page = anonymous.get("/datasets/new")
             assert page.status_code == 303
-            assert page.headers["location"] == "/login?next=/datasets/new"
+            assert page.headers["location"] == "/login?next=%2Fdatasets%2Fnew"
             archive = zip_bytes(class_entries(("cat", "dog")))
             assert upload(anonymous, archive).status_code == 401
             assert anonymous.get("/api/datasets").status_code == 401

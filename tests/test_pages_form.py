@@ -113,10 +113,13 @@ def test_pages_ask_for_the_token_and_say_what_is_missing(settings, tmp_path):
                   SELFTUNE_API_TOKEN="s3cret")
     url, process = start_server(env, tmp_path / "uvicorn.log")
     try:
-        for path in ["/experiments", "/experiments/new", "/experiments/7", "/runs/7"]:
+        for path in ["/experiments", "/experiments/new", "/experiments/7", "/runs/7",
+                     "/experiments/new?dataset_id=5&seeds=0%2C1"]:
             response = httpx.get(url + path, follow_redirects=False)
             assert response.status_code == 303, path
-            assert response.headers["location"] == f"/login?next={path}"
+            location = httpx.URL(response.headers["location"])
+            # The whole address, query included, comes back after the login.
+            assert location.path == "/login" and location.params["next"] == path
         with httpx.Client(base_url=url, cookies={AUTH_COOKIE: "s3cret"}) as client:
             assert "No experiments yet" in client.get("/experiments").text
             assert "There is no dataset yet" in client.get("/experiments/new").text

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlparse
+from urllib.parse import urlencode, urlparse
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -38,7 +38,9 @@ def page_guard(request: Request, settings) -> Response | None:
     """Redirect to the login form when a token is configured and not presented."""
     if token_matches(settings, presented_token(request)):
         return None
-    return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+    # The whole address comes back after the login (a form's ?dataset_id=5 included).
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
 
 
 def render(request: Request, template: str, **context) -> HTMLResponse:

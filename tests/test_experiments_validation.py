@@ -119,6 +119,24 @@ def test_a_class_without_labeled_images_cannot_get_a_budget(live_server, setting
     assert "['b'] have no labeled training image" in messages(response)
 
 
+def test_the_experiment_list_filters_by_dataset(live_server, dataset_id, settings):
+    other = add_dataset_row(settings.sqlalchemy_url)
+    with live_server.client() as client:
+        ids = {}
+        for dataset in (dataset_id, other, dataset_id):
+            created = client.post("/api/experiments", json=body(dataset))
+            assert created.status_code == 201, created.text
+            ids.setdefault(dataset, []).append(created.json()["id"])
+        mine = client.get("/api/experiments", params={"dataset_id": dataset_id}).json()
+        theirs = client.get("/api/experiments", params={"dataset_id": other}).json()
+        everything = client.get("/api/experiments").json()
+        bad = client.get("/api/experiments", params={"dataset_id": "abc"})
+    assert [e["id"] for e in mine] == ids[dataset_id][::-1]  # newest first
+    assert [e["id"] for e in theirs] == ids[other]
+    assert len(everything) == 3
+    assert bad.status_code == 422 and "dataset_id" in bad.text
+
+
 def test_sweep_expands_into_methods_x_budgets_x_seeds_runs(live_server, dataset_id):
     with live_server.client() as client:
         response = client.post("/api/experiments", json=body(

@@ -89,9 +89,7 @@ def experiments_page(
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
     names = {d.id: d.name for d in session.scalars(select(Dataset))}
-    experiments = [
-        e for e in list_experiments(session) if dataset_id is None or e.dataset_id == dataset_id
-    ]
+    experiments = list_experiments(session, dataset_id)
     return render(request, "experiments.html", experiments=experiments, dataset_names=names,
                   dataset_id=dataset_id, method_titles=METHOD_TITLES)
 

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
 
 from app.db import session_scope
-from app.deps import DbDep, ExperimentId, RedisDep, SettingsDep
+from app.deps import DatasetFilter, DbDep, ExperimentId, RedisDep, SettingsDep
 from app.events import Outcome, event_stream_response
 from app.experiments import (
     as_utc,
@@ -78,9 +78,13 @@ def start_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDe
 
 
 @router.get("", response_model=list[ExperimentListItem])
-def list_experiments(session: DbDep):
+def list_experiments(session: DbDep, dataset_id: DatasetFilter = None):
+    """Every experiment, newest first, or with `?dataset_id=` those on one dataset."""
+    query = select(Experiment).order_by(Experiment.id.desc())
+    if dataset_id is not None:
+        query = query.where(Experiment.dataset_id == dataset_id)
     items = []
-    for experiment in session.scalars(select(Experiment).order_by(Experiment.id.desc())):
+    for experiment in session.scalars(query):
         runs = list(experiment.runs)
         counts: dict[str, int] = {}
         for run in runs:

@@ -46,6 +46,22 @@ class StaticAssets(StaticFiles):
         return await super().get_response(path, scope)
 
 
+class ApiWithoutTrailingSlash:
+    """`/api/datasets/` is `/api/datasets`. FastAPI would answer 307 to the address without
+    the slash, which `curl -F` does not follow: the upload was lost without a word."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] in ("http", "websocket") and path.startswith("/api/") and (
+                path.endswith("/")):
+            raw = scope.get("raw_path") or path.encode()
+            scope = {**scope, "path": path.rstrip("/"), "raw_path": raw.rstrip(b"/")}
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -71,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.add_middleware(BrowserGuard, settings=settings)
+    app.add_middleware(ApiWithoutTrailingSlash)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_token)])
     app.include_router(pages.router)

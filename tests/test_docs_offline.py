@@ -105,3 +105,19 @@ def test_hidden_files_in_the_static_folder_are_not_served(tmp_path: Path):
         assert local.get("/static/app.js").text == "ok"
         for hidden in (".installed", ".git/config", "vendor/.app.js.swp", "vendor/../.installed"):
             assert local.get(f"/static/{hidden}").status_code == 404, hidden
+
+
+def test_the_schema_has_one_operation_per_route_and_no_warnings(tmp_path: Path):
+    """FastAPI warns (and Swagger UI mixes up operations) when two share an id, as a route
+    declared for GET and HEAD together does; downloads declare HEAD as a hidden route."""
+    import warnings
+
+    from app.config import Settings
+    from app.main import create_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schema = create_app(Settings(data_dir=tmp_path)).openapi()
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids))
+    assert list(schema["paths"]["/api/runs/{run_id}/checkpoint"]) == ["get"]

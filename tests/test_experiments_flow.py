@@ -111,6 +111,19 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
 
         archive = client.get(f"/api/runs/{run_id}/checkpoint")
         assert archive.status_code == 200
+        # Download managers ask HEAD first, and come back with the version they hold.
+        for download in ("checkpoint", "files/model.safetensors", "predictions.csv",
+                         "label-next.csv"):
+            head = client.head(f"/api/runs/{run_id}/{download}")
+            assert head.status_code == 200 and head.content == b"", download
+        head = client.head(f"/api/runs/{run_id}/checkpoint")
+        assert head.headers["content-length"] == str(len(archive.content))
+        assert head.headers["etag"] == archive.headers["etag"]
+        unchanged = client.get(f"/api/runs/{run_id}/checkpoint",
+                               headers={"If-None-Match": archive.headers["etag"]})
+        assert unchanged.status_code == 304 and unchanged.content == b""
+        stale = client.get(f"/api/runs/{run_id}/checkpoint", headers={"If-None-Match": '"x"'})
+        assert stale.status_code == 200 and stale.content == archive.content
         with zipfile.ZipFile(io.BytesIO(archive.content)) as bundle:
             assert sorted(bundle.namelist()) == ["config.json", "model.safetensors",
                                                  "training.json"]

@@ -182,19 +182,36 @@ def artifact_path(settings: Settings, session: Session, run_id: int, name: str) 
     return path
 
 
+def send_file(request: Request, path: Path, filename: str, media_type: str | None = None
+              ) -> Response:
+    """A download as Starlette sends files (ranges, HEAD), answering a client that already
+    holds this version (If-None-Match) with a 304 instead of the whole file again."""
+    response = FileResponse(path, filename=filename, media_type=media_type,
+                            stat_result=path.stat())
+    held = {tag.strip().removeprefix("W/") for tag in
+            request.headers.get("if-none-match", "").split(",")}
+    if response.headers["etag"] in held or "*" in held:
+        return Response(status_code=304, headers={
+            name: response.headers[name] for name in ("etag", "last-modified")})
+    return response
+
+
+# Downloads answer HEAD too (download managers and `wget --spider` ask it first).
 @router.get("/{run_id}/files/{name}", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}}})
-def download_file(run_id: RunId, name: str, session: DbDep, settings: SettingsDep):
+@router.head("/{run_id}/files/{name}", include_in_schema=False)
+def download_file(run_id: RunId, name: str, request: Request, session: DbDep,
+                  settings: SettingsDep):
     """One exported file: model.safetensors, config.json, training.json or predictions.csv."""
     if name not in DOWNLOADABLE:
         raise HTTPException(404, detail=f"no file {name!r}; files are {list(DOWNLOADABLE)}")
-    path = artifact_path(settings, session, run_id, name)
-    return FileResponse(path, filename=name)
+    return send_file(request, artifact_path(settings, session, run_id, name), name)
 
 
 @router.get("/{run_id}/checkpoint", response_class=FileResponse,
             responses={200: {"content": {"application/zip": {}}}})
-def download_checkpoint(run_id: RunId, session: DbDep, settings: SettingsDep):
+@router.head("/{run_id}/checkpoint", include_in_schema=False)
+def download_checkpoint(run_id: RunId, request: Request, session: DbDep, settings: SettingsDep):
     """A zip of model.safetensors, config.json and training.json: a plain timm model."""
     paths = [artifact_path(settings, session, run_id, name) for name in CHECKPOINT_FILES]
     bundle = paths[0].parent / f"run-{run_id}-checkpoint.zip"
@@ -212,15 +229,16 @@ def download_checkpoint(run_id: RunId, session: DbDep, settings: SettingsDep):
             temp.replace(bundle)
         finally:
             temp.unlink(missing_ok=True)
-    return FileResponse(bundle, filename=bundle.name, media_type="application/zip")
+    return send_file(request, bundle, bundle.name, "application/zip")
 
 
 @router.get("/{run_id}/predictions.csv", response_class=FileResponse,
             responses={200: {"content": {"text/csv": {}}}})
-def download_predictions(run_id: RunId, session: DbDep, settings: SettingsDep):
+@router.head("/{run_id}/predictions.csv", include_in_schema=False)
+def download_predictions(run_id: RunId, request: Request, session: DbDep, settings: SettingsDep):
     """The final model's prediction for every unlabeled image (label, confidence, margin)."""
     path = artifact_path(settings, session, run_id, "predictions.csv")
-    return FileResponse(path, filename=f"run-{run_id}-predictions.csv", media_type="text/csv")
+    return send_file(request, path, f"run-{run_id}-predictions.csv", "text/csv")
 
 
 def label_next_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -234,6 +252,7 @@ def label_next_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 @router.get("/{run_id}/label-next.csv", responses={200: {"content": {"text/csv": {}}}})
+@router.head("/{run_id}/label-next.csv", include_in_schema=False)
 def download_label_next(
     run_id: RunId, session: DbDep, settings: SettingsDep,
     limit: Annotated[int | None, Query(ge=0, description="at most this many rows")] = None,

@@ -72,6 +72,18 @@ def parse_budgets(raw: list[Any], dataset: Dataset) -> list[Budget]:
             f"class(es) {without_labels} have no labeled training image, so no budget can give "
             "them a label; upload labeled images for them",
         )
+    # On this dataset two budgets may keep the same labels (1% and 2% of 40 images: one per
+    # class); their runs would train on the same subset, twice, under two names.
+    sizes = _train_sizes(dataset)
+    kept: dict[tuple[int, ...], Budget] = {}
+    for index, budget in enumerate(budgets):
+        counts = tuple(budget.count_for(size) for size in sizes)
+        if same := kept.get(counts):
+            raise unprocessable(
+                "budgets", f"budgets[{index}]: {budget.label} keeps the same {sum(counts):,} "
+                f"labeled images as {same.label} on this dataset (as many in every class), so "
+                "their runs would train on the same subset: leave one out")
+        kept[counts] = budget
     return budgets
 
 

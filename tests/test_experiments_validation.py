@@ -77,6 +77,9 @@ def messages(response) -> str:
     ({"budgets": ["most"]}, 422, "budgets"),
     ({"budgets": [0.1, 0.1]}, 422, "listed twice"),
     ({"budgets": [0.1, 0.1000001]}, 422, "0.1000001 and 0.1 both read 10%"),
+    # Two classes of 10 labeled images: both keep one image of each, or every image.
+    ({"budgets": [0.01, 0.02]}, 422, "budgets[1]: 2% keeps the same 2 labeled images as 1%"),
+    ({"budgets": ["all", {"per_class": 10}]}, 422, "keeps the same 20 labeled images as all"),
     ({"budgets": [True]}, 422, "budgets.0.float: Input should be a valid number"),
     ({"seeds": [True]}, 422, "seeds.0: Input should be a valid integer"),
     ({"seeds": ["3"]}, 422, "seeds.0: Input should be a valid integer"),

@@ -266,9 +266,12 @@ def delete_experiment_with_runs(session: Session, settings: Settings, live: redi
     # Take the locks before the check, so that no run of it can be queued again (requeue)
     # between the check and the delete: SQLite takes its write lock on the first write;
     # PostgreSQL locks the run rows, whose statuses are read under that lock.
-    session.execute(
+    locked = session.execute(
         update(Experiment).where(Experiment.id == experiment_id).values(name=Experiment.name)
-    )
+    ).rowcount
+    if not locked:  # a delete running alongside this one took it first
+        session.rollback()
+        raise HTTPException(404, detail=f"experiment {experiment_id} does not exist")
     runs = session.execute(
         select(Run.id, Run.status).where(Run.experiment_id == experiment_id).with_for_update()
     ).all()

@@ -1173,8 +1173,13 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset
     whose live feeds the caller forgets (app.live.forget_feeds)."""
     # Lock the dataset row first so that no run can be queued on it between the check and
     # the delete: FOR UPDATE on PostgreSQL; SQLite takes its write lock on the first write.
-    session.execute(select(Dataset.id).where(Dataset.id == dataset.id).with_for_update())
-    session.execute(update(Dataset).where(Dataset.id == dataset.id).values(name=Dataset.name))
+    dataset_id = dataset.id
+    session.execute(select(Dataset.id).where(Dataset.id == dataset_id).with_for_update())
+    locked = session.execute(
+        update(Dataset).where(Dataset.id == dataset_id).values(name=Dataset.name)).rowcount
+    if not locked:  # a delete running alongside this one took it first
+        session.rollback()
+        raise IngestError(f"dataset {dataset_id} does not exist", status_code=404)
     if active := active_run_count(session, dataset.id):
         session.rollback()
         raise IngestError(

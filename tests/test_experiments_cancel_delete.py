@@ -522,3 +522,37 @@ def test_an_experiment_started_while_its_dataset_is_deleted_is_a_422(server_on_e
         assert f"dataset {dataset_id} does not exist" in created.text
         with session_scope(database_url) as session:
             assert session.scalar(select(func.count()).select_from(Experiment)) == before
+
+
+def test_two_deletes_of_one_experiment_or_dataset_racing_give_one_204_and_one_404(
+    server_on_each_database,
+):
+    """A double click on Delete: the second request waits for the first's locks and then
+    finds nothing to delete (it answered 204 as if it had deleted it)."""
+    server = server_on_each_database
+    database_url = server.database_url
+    with server.client() as client:
+        dataset_id = add_dataset_row(database_url)
+        experiment_id, run_ids = start_sweep(client, dataset_id, seeds=[0])
+        client.post(f"/api/experiments/{experiment_id}/cancel")
+
+        def delete_experiment(session: Session) -> None:  # the first delete, held open
+            session.execute(update(Experiment).where(Experiment.id == experiment_id)
+                            .values(name=Experiment.name))
+            delete_run_rows(session, run_ids)
+            session.execute(delete(Experiment).where(Experiment.id == experiment_id))
+
+        second = sent_while_held(database_url, delete_experiment,
+                                 lambda: client.delete(f"/api/experiments/{experiment_id}"))
+        assert second.status_code == 404, second.text
+        assert second.json()["detail"] == f"experiment {experiment_id} does not exist"
+
+        def delete_dataset(session: Session) -> None:
+            session.execute(update(Dataset).where(Dataset.id == dataset_id)
+                            .values(name=Dataset.name))
+            session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+
+        second = sent_while_held(database_url, delete_dataset,
+                                 lambda: client.delete(f"/api/datasets/{dataset_id}"))
+        assert second.status_code == 404, second.text
+        assert second.json()["detail"] == f"dataset {dataset_id} does not exist"

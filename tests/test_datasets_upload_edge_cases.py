@@ -1,6 +1,7 @@
-"""Uploads at the edges of the formats: one image both labeled and unlabeled, a stray image
-beside the class folders of a wrapping folder, a zip cut short, 16-bit images, and thumbnails
-under a lowered pixel limit."""
+"""Uploads at the edges of the formats and of HTTP: one image both labeled and unlabeled, a
+stray image beside the class folders of a wrapping folder, a zip cut short, 16-bit images,
+thumbnails under a lowered pixel limit, a part without a filename, a trailing slash, and an
+upload the client abandons."""
 
 from __future__ import annotations
 
@@ -299,3 +300,32 @@ def test_api_addresses_with_a_trailing_slash_are_the_same_addresses(
     assert client.get(f"/api/datasets/{dataset_id}/").json()["id"] == dataset_id
     assert [d["id"] for d in client.get("/api/datasets/").json()] == [dataset_id]
     delete_all(server, client)
+
+
+def test_an_upload_the_client_abandons_leaves_nothing_and_logs_no_traceback(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """Closing the tab mid-upload: the half-received archive goes, and the server log says
+    nothing alarming (it held a ClientDisconnect traceback)."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    log = server.data_dir.parent / "uvicorn.log"
+    logged_before = log.read_text()
+    boundary = "selftune-abandoned"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            "filename=\"photos.zip\"\r\n\r\n").encode() + zip_bytes(class_entries())[:200]
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port)) as connection:
+        connection.sendall(
+            (f"POST /api/datasets HTTP/1.1\r\nHost: {address.netloc}\r\n"
+             f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+             "Content-Length: 1000000\r\n\r\n").encode() + head)
+        time.sleep(1)  # the server is reading the body
+    deadline = time.monotonic() + 20
+    while (server.data_dir / "tmp").exists() and any((server.data_dir / "tmp").iterdir()):
+        assert time.monotonic() < deadline, list((server.data_dir / "tmp").rglob("*"))
+        time.sleep(0.2)
+    assert client.get("/api/datasets").json() == []
+    assert "Traceback" not in log.read_text()[len(logged_before):]

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from starlette.requests import ClientDisconnect
 
 from app import ingest
 from app.deps import DatasetId, DbDep, ImageId, RedisDep, SettingsDep
@@ -148,6 +149,8 @@ async def upload_dataset(request: Request, settings: SettingsDep, db: DbDep) -> 
         )
     except ingest.IngestError as exc:
         raise HTTPException(exc.status_code, exc.detail) from None
+    except ClientDisconnect:  # the user cancelled the upload: nobody reads the answer
+        raise HTTPException(400, "the connection closed before the upload ended") from None
     finally:
         await run_in_threadpool(shutil.rmtree, work_dir, True)
     return summary(dataset)

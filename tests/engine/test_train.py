@@ -241,6 +241,25 @@ def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path: Path,
     assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 
+def test_loader_processes_stop_before_the_export(tmp_path: Path, shapes_data, monkeypatch):
+    """The export predicts every unlabeled image; the data loader's processes (memory, and
+    on a GPU host pinned buffers) must be gone by then, not at garbage collection."""
+    import multiprocessing
+
+    import worker.selftuning.loop as loop
+
+    alive_at_export = []
+    finish = loop._finish
+
+    def spy(*args, **kwargs):
+        alive_at_export.extend(multiprocessing.active_children())
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_finish", spy)
+    train(tiny_config(iterations=2, num_workers=2), shapes_data, tmp_path)
+    assert alive_at_export == []
+
+
 def test_cancel_before_the_first_step_saves_a_resumable_state(tmp_path: Path, shapes_data):
     events = Recorder()
     with pytest.raises(TrainingCancelled):

@@ -487,5 +487,8 @@ def _batches(dataset: StepBatches, start: int, config: RunConfig, device: torch.
     try:
         yield iterator
     finally:
-        # Stops worker processes now rather than at garbage collection.
-        del iterator
+        # Stops the worker processes now: the caller still holds the iterator through the
+        # export and the final predictions, and garbage collection would wait for that.
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process loaders only
+        if shutdown is not None:
+            shutdown()

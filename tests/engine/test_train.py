@@ -260,6 +260,34 @@ def test_loader_processes_stop_before_the_export(tmp_path: Path, shapes_data, mo
     assert alive_at_export == []
 
 
+def test_training_time_counts_across_resumes_and_survives_a_re_export(tmp_path: Path,
+                                                                      shapes_data):
+    """seconds_per_iteration covers the whole run: a resumed run adds to its checkpoint's
+    time, and running a finished run again (the export is rewritten, nothing is trained)
+    keeps the figure instead of writing null."""
+    config = tiny_config(iterations=4, checkpoint_interval=2, log_interval=1)
+
+    def crash(event: dict) -> None:
+        if event["type"] == "progress" and event["step"] == 3:
+            raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError):
+        train(config, shapes_data, tmp_path, on_event=crash)
+    timing = load_checkpoint(tmp_path / "state" / "checkpoint.pt")["timing"]
+    assert timing["iterations"] == 2 and timing["seconds"] > 0
+
+    def seconds_per_iteration() -> float:
+        return json.loads((tmp_path / "training.json").read_text())["metrics"][
+            "seconds_per_iteration"]
+
+    train(config, shapes_data, tmp_path)
+    resumed = load_checkpoint(tmp_path / "state" / "checkpoint.pt")["timing"]
+    assert resumed["iterations"] == 4 and resumed["seconds"] > timing["seconds"]
+    assert seconds_per_iteration() == resumed["seconds"] / 4
+    train(config, shapes_data, tmp_path)
+    assert seconds_per_iteration() == resumed["seconds"] / 4
+
+
 def test_cancel_before_the_first_step_saves_a_resumable_state(tmp_path: Path, shapes_data):
     events = Recorder()
     with pytest.raises(TrainingCancelled):

@@ -121,11 +121,11 @@ def train(
         optimizer = _make_optimizer(model, config)
         tracker = PseudoLabelTracker()
         state_file = checkpoint_path(out_dir)
-        step, resumed_from, unreadable = 0, None, None
+        step, resumed_from, unreadable, timing = 0, None, None, {}
         if state_file.is_file():
             try:
-                step = resumed_from = _restore(state_file, config, data, model, optimizer,
-                                               tracker)
+                step, timing = _restore(state_file, config, data, model, optimizer, tracker)
+                resumed_from = step
             except CheckpointUnreadable as exc:  # set aside, nothing restored: start afresh
                 unreadable = str(exc)
         extra = {"checkpoint_unreadable": unreadable} if unreadable else {}
@@ -141,6 +141,7 @@ def train(
                 "scheduler": {"milestones": config.milestone_steps(), "gamma": config.lr_gamma},
                 "tracker": tracker.state_dict(),
                 "data_order": {"seed": config.seed, "next_step": at_step},
+                "timing": window.timing(),
             })
             emit("checkpoint", at_step, path=str(state_file))
 
@@ -158,8 +159,7 @@ def train(
             total_steps=config.iterations,
         )
         evaluator = _Evaluator(model, images, data, normalize, device, memory_format)
-        window = _LogWindow()
-        first_step = step
+        window = _LogWindow(**timing)
         model.train()
         with _batches(dataset, step, config, device) as batches:
             while step < config.iterations:
@@ -184,11 +184,8 @@ def train(
                         emit("eval", step, **evaluator.interim(tracker))
                     if step % config.checkpoint_interval == 0 or step == config.iterations:
                         save(step)
-        seconds_per_iteration = (
-            window.training_seconds / (step - first_step) if step > first_step else None
-        )
         return _finish(out_dir, config, data, model, preprocessing, evaluator, tracker, emit,
-                       metadata, seconds_per_iteration)
+                       metadata, window.seconds_per_iteration)
 
 
 def _make_optimizer(model: Method, config: RunConfig) -> torch.optim.Optimizer:
@@ -206,8 +203,10 @@ def _make_optimizer(model: Method, config: RunConfig) -> torch.optim.Optimizer:
 
 
 def _restore(state_file: Path, config: RunConfig, data: RunData, model: Method,
-             optimizer: torch.optim.Optimizer, tracker: PseudoLabelTracker) -> int:
-    """Load a training state into the freshly built run; returns the step it had reached."""
+             optimizer: torch.optim.Optimizer, tracker: PseudoLabelTracker
+             ) -> tuple[int, dict]:
+    """Load a training state into the freshly built run; returns the step it had reached
+    and the training time up to it (`_LogWindow.timing`)."""
     state = load_checkpoint(state_file)
     check_compatible(state["config"], config.to_dict(), state["data_fingerprint"],
                      {data.fingerprint(), data.fingerprint_with_full_paths()})
@@ -215,7 +214,7 @@ def _restore(state_file: Path, config: RunConfig, data: RunData, model: Method,
     optimizer.load_state_dict(state["optimizer"])
     tracker.load_state_dict(state["tracker"])
     restore_rng(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), state.get("timing", {})  # older states have none
 
 
 @dataclass(frozen=True)
@@ -265,9 +264,21 @@ class _LogWindow:
     """Loss terms and throughput since the last progress event; also adds up the run's
     training time, leaving out the time spent `paused()` (evaluation, checkpoints)."""
 
-    def __init__(self) -> None:
-        self.training_seconds = 0.0
+    def __init__(self, seconds: float = 0.0, iterations: int = 0) -> None:
+        # Training time and the iterations it covers, since the run began (a resumed run
+        # starts from its checkpoint's figures).
+        self.training_seconds = seconds
+        self.timed_iterations = iterations
         self._reset()
+
+    def timing(self) -> dict:
+        return {"seconds": self.training_seconds, "iterations": self.timed_iterations}
+
+    @property
+    def seconds_per_iteration(self) -> float | None:
+        if not self.timed_iterations:
+            return None
+        return self.training_seconds / self.timed_iterations
 
     def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -295,6 +306,7 @@ class _LogWindow:
         losses = {name: float(total) / self.iterations for name, total in self.sums.items()}
         elapsed = time.perf_counter() - self.started - self.paused_seconds
         self.training_seconds += elapsed
+        self.timed_iterations += self.iterations
         bad = [name for name, value in losses.items() if not math.isfinite(value)]
         if bad:
             raise FloatingPointError(

@@ -126,6 +126,16 @@ def test_exported_model_loads_in_plain_timm_with_identical_predictions(finished_
     with torch.no_grad():
         assert hub_layout(images).argmax(dim=1).tolist() == predicted
 
+    # predictions.csv holds what plain timm says of the unlabeled images too.
+    with torch.no_grad():
+        unlabeled = torch.stack([transform(open_rgb(path)) for path, _ in shapes_data.unlabeled])
+        confidence, label = model(unlabeled).softmax(dim=1).max(dim=1)
+    with (out / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["label"] for row in rows] == [config["label_names"][i] for i in label.tolist()]
+    written = torch.tensor([float(row["confidence"]) for row in rows])
+    assert torch.allclose(written, confidence, rtol=0, atol=1e-6)  # 6 decimals are written
+
 
 @pytest.mark.parametrize(("method", "terms"), [
     ("fine-tune", {"ce"}),

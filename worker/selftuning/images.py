@@ -7,7 +7,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,14 +150,9 @@ def decode_all(
     array is kept as a .npy file keyed by the files and the preprocessing, and reused."""
     size = preprocessing.scale_size if kind == "train" else preprocessing.image_size
     shape = (len(paths), size, size, 3)
-    convert = train_square if kind == "train" else eval_crop
 
     def decode(index: int) -> np.ndarray:
-        try:
-            draft = preprocessing.scale_size if kind == "train" else None
-            return convert(open_rgb(paths[index], draft), preprocessing)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise ValueError(f"cannot decode image {paths[index]}: {exc}") from exc
+        return _decode_one(paths[index], kind, preprocessing)
 
     if cache_dir is None:
         array = np.empty(shape, dtype=np.uint8)
@@ -184,6 +179,29 @@ def decode_all(
     finally:
         temporary.unlink(missing_ok=True)
     return ImageArray(np.load(target, mmap_mode="r"), target)
+
+
+def eval_crops_in_chunks(paths: Sequence[str], preprocessing: Preprocessing,
+                         chunk_size: int = 512) -> Iterator[np.ndarray]:
+    """timm's eval crops of `paths` (the pixels a plain timm user's model sees), decoded
+    `chunk_size` at a time and not kept: for predictions made once, over many images."""
+    size = preprocessing.image_size
+    for start in range(0, len(paths), chunk_size):
+        chunk = paths[start : start + chunk_size]
+        array = np.empty((len(chunk), size, size, 3), dtype=np.uint8)
+        _fill(array, lambda index, chunk=chunk: _decode_one(chunk[index], "eval", preprocessing))
+        yield array
+
+
+def _decode_one(path: str, kind: str, preprocessing: Preprocessing) -> np.ndarray:
+    """One image as a training square ('train', JPEGs drafted at reduced scale) or as timm's
+    exact eval crop ('eval')."""
+    try:
+        if kind == "train":
+            return train_square(open_rgb(path, preprocessing.scale_size), preprocessing)
+        return eval_crop(open_rgb(path), preprocessing)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"cannot decode image {path}: {exc}") from exc
 
 
 def _open_cached(target: Path, shape: tuple[int, ...]) -> ImageArray | None:

@@ -40,7 +40,13 @@ from worker.selftuning.export import (
     write_json,
     write_predictions,
 )
-from worker.selftuning.images import ImageArray, Preprocessing, center_crop_array, decode_all
+from worker.selftuning.images import (
+    ImageArray,
+    Preprocessing,
+    center_crop_array,
+    decode_all,
+    eval_crops_in_chunks,
+)
 from worker.selftuning.methods import Method, build_method
 from worker.selftuning.metrics import (
     PseudoLabelTracker,
@@ -360,6 +366,16 @@ class _Evaluator:
             return torch.empty(0, self.data.num_classes)
         return torch.cat(chunks)
 
+    def predict_files(self, paths: list[str], preprocessing: Preprocessing,
+                      memory_format: torch.memory_format | None = None) -> torch.Tensor:
+        """Probabilities for image files decoded as timm's eval transform decodes them (the
+        training squares' centre crops differ slightly: JPEGs drafted, crops rounded twice)."""
+        chunks = [self.predict(pixels, memory_format)
+                  for pixels in eval_crops_in_chunks(paths, preprocessing)]
+        if not chunks:
+            return torch.empty(0, self.data.num_classes)
+        return torch.cat(chunks)
+
     def queue_purity(self) -> tuple[float | None, float | None]:
         entries = self.model.queue_entries()
         if entries is None:
@@ -402,9 +418,9 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
     scores, test_predicted = evaluator.test_scores(torch.contiguous_format)
     write_json(out_dir / TEST_PREDICTIONS_FILE, test_predicted.tolist())
 
-    unlabeled_count = len(data.unlabeled)
-    unlabeled_indices = np.arange(len(data.labeled), len(data.labeled) + unlabeled_count)
-    probabilities = evaluator.predict_train_images(unlabeled_indices, torch.contiguous_format)
+    # The exported model's answers for the unlabeled images, as a timm user would get them.
+    probabilities = evaluator.predict_files([path for path, _ in data.unlabeled], preprocessing,
+                                            torch.contiguous_format)
     hidden_labels = [label for _, label in data.unlabeled]
     hidden = torch.tensor([-1 if label is None else label for label in hidden_labels],
                           dtype=torch.long)
@@ -441,7 +457,7 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
         "data": {
             "fingerprint": data.fingerprint(),
             "labeled_count": len(data.labeled),
-            "unlabeled_count": unlabeled_count,
+            "unlabeled_count": len(data.unlabeled),
             "hidden_label_count": int((hidden >= 0).sum()),
             "test_count": len(data.test),
         },

@@ -356,7 +356,11 @@ def test_resume_accepts_a_checkpoint_fingerprinted_with_full_paths(tmp_path: Pat
     assert resumed.events[0]["resumed_from_step"] == 0
 
 
-def test_each_image_is_decoded_once_per_run(tmp_path: Path, shapes_data, monkeypatch):
+def test_each_image_is_decoded_once_for_training_and_the_unlabeled_again_for_predictions(
+    tmp_path: Path, shapes_data, monkeypatch
+):
+    """Training reads the decoded cache, never the files, however many times it cycles through
+    them; the final predictions read each unlabeled file once more, as plain timm would."""
     import worker.selftuning.images as images
 
     decoded = []
@@ -370,7 +374,7 @@ def test_each_image_is_decoded_once_per_run(tmp_path: Path, shapes_data, monkeyp
     # 20 iterations of 4 labeled images cycle through the 12 labeled ones several times.
     train(tiny_config(iterations=20, eval_interval=100, checkpoint_interval=100), shapes_data,
           tmp_path)
-    everything = shapes_data.labeled + shapes_data.unlabeled + shapes_data.test
+    everything = shapes_data.labeled + 2 * shapes_data.unlabeled + shapes_data.test
     assert sorted(decoded) == sorted(path for path, _ in everything)
 
 

@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,49 @@ def test_predictions_csv_has_the_same_columns_for_every_run(settings, tmp_path, 
     assert lines[0] == PREDICTION_COLUMNS
     assert len(lines) == 1 + rows
     assert all(line.split(",")[0].isdigit() for line in lines[1:])  # every image known
+
+
+def test_a_task_that_cannot_take_its_run_ends_the_run_failed_not_queued(settings, tmp_path,
+                                                                         monkeypatch):
+    """Before execute_run can take the run (and end it itself on an error) the task may fail:
+    the training code does not load on a half-upgraded worker, the data directory cannot be
+    written. The run was left queued forever; now it ends failed with the reason, and its
+    feed ends."""
+    monkeypatch.setenv("SELFTUNE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("SELFTUNE_REDIS_URL", settings.effective_redis_url)
+    get_settings.cache_clear()
+    from worker.tasks import train_run
+
+    run_id = add_run(settings, tmp_path)
+
+    @contextmanager
+    def disk_full(folder: Path):
+        raise OSError(28, "No space left on device")
+        yield
+
+    monkeypatch.setattr(worker.training, "_run_dir_lock", disk_full)
+    try:
+        result = train_run.apply(args=[run_id], task_id=TASK_ID)
+    finally:
+        get_settings.cache_clear()
+    assert result.failed()
+    run = read_run(settings, run_id)
+    assert run.status == "failed" and run.finished_at is not None
+    assert "could not start on worker" in run.error and "No space left on device" in run.error
+    assert feed(settings, run_id)[-1]["type"] == "end"
+    assert feed(settings, run_id)[-1]["status"] == "failed"
+
+    # A message for a run that is no longer queued for it leaves the run alone.
+    def broken(*args, **kwargs):
+        raise ImportError("cannot import name 'weights_in_use' from 'app.experiments'")
+
+    monkeypatch.setattr(worker.training, "execute_run", broken)
+    update_run(settings, run_id, status="queued", error=None, celery_task_id="task-newer")
+    try:
+        assert train_run.apply(args=[run_id], task_id=TASK_ID).failed()
+        assert read_run(settings, run_id).status == "queued"
+        assert train_run.apply(args=[run_id], task_id="task-newer").failed()
+    finally:
+        get_settings.cache_clear()
+    run = read_run(settings, run_id)
+    assert run.status == "failed" and "cannot import name 'weights_in_use'" in run.error

@@ -12,13 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
-from app.live import experiment_stream_key, get_redis, run_cancel_key, run_stream_key
+from app.live import (
+    experiment_stream_key,
+    get_redis,
+    publish_end,
+    run_cancel_key,
+    run_stream_key,
+)
 from app.models import Artifact, DatasetImage, Run, RunMetric
 
 log = logging.getLogger(__name__)
@@ -242,6 +248,25 @@ class RunRecorder:
             self.redis.delete(run_cancel_key(self.run_id))
         except redis.RedisError:
             pass
+
+
+def fail_unstarted_run(settings: Settings, run_id: int, task_id: str | None,
+                       error: str) -> bool:
+    """The task's last resort when it could not even take its run (the worker cannot load its
+    training code, the data directory cannot be written, ...): end the run failed with the
+    reason instead of leaving it queued, where nothing would ever pick it up. Only a run
+    still queued for this task is touched; returns whether it was."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        ended = session.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.status == "queued",
+                   (Run.celery_task_id == task_id) | Run.celery_task_id.is_(None))
+            .values(status="failed", error=error[:8000], finished_at=utcnow())
+        ).rowcount
+        run = session.get(Run, run_id) if ended else None
+        if run is not None:
+            publish_end(get_redis(settings.effective_redis_url), run)
+    return bool(ended)
 
 
 def _headline(metrics: dict | None) -> dict | None:

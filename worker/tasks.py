@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 from sqlalchemy import func, select
 
 from app.config import get_settings
@@ -9,7 +11,7 @@ from app.db import session_scope
 from app.experiments import TRAIN_TASK
 from app.models import Dataset
 from worker.celery_app import app, worker_identity
-from worker.runs import DatabaseUnavailable
+from worker.runs import DatabaseUnavailable, fail_unstarted_run
 
 
 @app.task(name="selftune.health_probe", bind=True)
@@ -34,8 +36,18 @@ def health_probe(self) -> dict:
 def train_run(self, run_id: int) -> dict:
     """Train one run end to end. Redelivered after a worker loss, it resumes from the run's
     last training checkpoint (the engine finds it in the run's output directory)."""
-    from worker.training import execute_run
+    settings = get_settings()
+    try:
+        from worker.training import execute_run
 
-    return execute_run(
-        get_settings(), run_id, worker_name=self.request.hostname, task_id=self.request.id
-    )
+        return execute_run(settings, run_id, worker_name=self.request.hostname,
+                           task_id=self.request.id)
+    except DatabaseUnavailable:
+        raise
+    except Exception as exc:
+        # execute_run ends a run that fails to start or to train itself; this is for what
+        # happens before it can (see fail_unstarted_run).
+        reason = "".join(traceback.format_exception_only(exc)).strip()
+        fail_unstarted_run(settings, run_id, self.request.id,
+                           f"could not start on worker {self.request.hostname}: {reason}")
+        raise

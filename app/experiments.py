@@ -414,6 +414,7 @@ def budget_table(runs: list[Run], labeled: dict[str, int] | None = None) -> list
             "labeled_count": labeled.get(label),
             "runs": len(members),
             "finished": len(scores),
+            "pending": sum(not is_terminal(run.status) for run in members),
             "mean_top1": statistics.fmean(scores) if scores else None,
             "std_top1": statistics.stdev(scores) if len(scores) > 1 else None,
             "best": False,

@@ -133,7 +133,8 @@ class BudgetRow(BaseModel):
         None, description="labeled images the budget keeps (the same for every seed)"
     )
     runs: int
-    finished: int
+    finished: int = Field(description="runs that succeeded with a result")
+    pending: int = Field(0, description="runs queued or running")
     mean_top1: float | None
     std_top1: float | None
     best: bool = False

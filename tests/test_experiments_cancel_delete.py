@@ -354,6 +354,8 @@ def test_experiment_page_cancels_every_run_live_then_deletes_the_experiment(
         page.wait_for_selector("#live-state:has-text('live')")
         page.evaluate("window.sameDocument = true")
         assert page.is_visible("#cancel-all") and page.is_hidden("#delete-experiment")
+        cells = "[...document.querySelectorAll('#budget-table tbody td')].map((c) => c.textContent)"
+        assert page.evaluate(cells) == ["0/2 runs", "0/2 runs"]  # results still to come
         browser.screenshot("1-active")
 
         page.click("#cancel-all")
@@ -370,6 +372,7 @@ def test_experiment_page_cancels_every_run_live_then_deletes_the_experiment(
         assert page.is_hidden("#cancel-all")
         page.wait_for_function("document.getElementById('live-state').textContent === ''")
         page.wait_for_selector("#experiment-status .badge.cancelled")  # the last refresh
+        page.wait_for_function(f"{cells}.every((text) => text === 'no result')")  # never
         assert page.evaluate("window.sameDocument") is True  # no reload
         browser.screenshot("2-all-cancelled")
 

@@ -94,6 +94,8 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
             page.evaluate("window.sameDocument = true")
             assert page.is_hidden("#cancel") and page.is_visible("#requeue")
             assert "requeue it" in page.inner_text("#run-error")
+            # Lost before any step: nothing to resume from, and the page does not claim it.
+            assert page.inner_text("#requeue-note") == "starts from the beginning"
             page.click("#requeue")
             page.wait_for_selector("#run-status .badge.queued")
             page.wait_for_selector("#queue-row:not([hidden])")

@@ -239,8 +239,12 @@ export function experimentPage() {
     const body = methods.map((method) => h("tr", { "data-method": method }, h("th", {}, title(method)),
       budgets.map((budget) => {
         const row = cell(method, budget);
-        if (!row || !isNumber(row.mean_top1)) {
-          return h("td", { class: "num muted" }, row ? `${row.finished}/${row.runs} runs` : "");
+        if (!row) return h("td", { class: "num muted" }, "");
+        if (!isNumber(row.mean_top1)) {
+          // Still to come, or never: every run of the cell ended without a result.
+          return row.pending > 0
+            ? h("td", { class: "num muted" }, `${row.finished}/${row.runs} runs`)
+            : h("td", { class: "num muted", title: `${row.runs} run(s) ended without a result (cancelled, failed or lost)` }, "no result");
         }
         const spread = row.finished > 1 ? ` ± ${(row.std_top1 * 100).toFixed(1)}` : "";
         return h("td", { class: `num${row.best ? " best" : ""}`, title: `${row.finished} of ${row.runs} seeds` },

@@ -104,7 +104,10 @@ export function runPage() {
     else cancel.textContent = "Cancel run";
     const again = RERUNNABLE.has(run.status);
     document.getElementById("requeue").hidden = !again;
-    document.getElementById("requeue-note").hidden = !again;
+    const note = document.getElementById("requeue-note");
+    note.hidden = !again;
+    // A run stopped before its first checkpoint has nothing to resume from.
+    note.textContent = run.step > 0 ? "resumes from its last checkpoint" : "starts from the beginning";
     const error = document.getElementById("run-error");
     error.hidden = !run.error;
     error.textContent = run.error ?? "";

@@ -345,7 +345,8 @@ def experiment_status(runs: list[Run]) -> str:
     if counts["running"]:
         return "running"
     if counts["queued"]:
-        return "queued"
+        # Some runs done and the rest waiting for a worker: under way, though none trains now.
+        return "in progress" if counts["queued"] < len(runs) else "queued"
     if counts["failed"] or counts["lost"]:
         return "finished with failures"
     if counts["cancelled"]:

@@ -125,6 +125,13 @@ class RunSummary(BaseModel):
     finished_at: datetime | None = None
 
 
+EXPERIMENT_STATUS = (
+    "running (a run trains), queued (no run has started), in progress (some runs ended, the "
+    "rest wait for a worker), finished, finished with failures (a run failed or was lost), "
+    "partly cancelled, cancelled"
+)
+
+
 class BudgetRow(BaseModel):
     method: str
     budget: Any
@@ -174,7 +181,7 @@ class ExperimentOut(BaseModel):
     preset: str
     overrides: dict[str, Any]
     created_at: datetime
-    status: str
+    status: str = Field(description=EXPERIMENT_STATUS)
     runs: list[RunSummary]
     budget_table: list[BudgetRow]
     label_estimates: list[LabelEstimate] = Field(
@@ -193,7 +200,7 @@ class ExperimentListItem(BaseModel):
     methods: list[str]
     preset: str
     created_at: datetime
-    status: str
+    status: str = Field(description=EXPERIMENT_STATUS)
     run_counts: dict[str, int]
 
 

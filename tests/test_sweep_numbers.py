@@ -61,7 +61,8 @@ def test_each_budget_has_its_own_best():
     (["succeeded", "cancelled"], "partly cancelled"),
     (["cancelled", "cancelled"], "cancelled"),
     (["succeeded", "failed", "cancelled"], "finished with failures"),
-    (["succeeded", "queued"], "queued"),
+    (["succeeded", "queued"], "in progress"),  # between two runs: not "queued" again
+    (["queued", "queued"], "queued"),
     (["running", "queued"], "running"),
 ])
 def test_a_sweep_with_cancelled_runs_does_not_read_finished(statuses, expected):

@@ -191,6 +191,10 @@ def test_cancelling_a_running_run_ends_it_as_cancelled(live_server, celery_worke
         assert run["step"] < 5000 and run["finished_at"]
         events = read_sse(client, f"/api/runs/{run_id}/events")
         assert events[-1][1] == {**events[-1][1], "type": "end", "status": "cancelled"}
+        # The record says where "Run again" resumes: the state saved on the cancel, which
+        # may be past the last progress point (pages showed two different steps).
+        saved = [event["step"] for _, event in events if event["type"] == "checkpoint"]
+        assert run["step"] == saved[-1] > 0
         again = client.post(f"/api/runs/{run_id}/cancel")
         assert again.status_code == 409
 

@@ -96,6 +96,7 @@ class RunRecorder:
         self._unsaved: list[tuple[str, int, dict[str, Any]]] = []  # (kind, step, values)
         self._last_cancel_check = 0.0
         self._cancelled = False
+        self.saved_step = 0  # the step of the newest training state (a checkpoint event)
 
     def _last_recorded_steps(self) -> dict[str, int]:
         """Per kind (progress, eval), the last step already in the database."""
@@ -129,6 +130,8 @@ class RunRecorder:
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         step = int(event.get("step", 0))
+        if kind == "checkpoint":
+            self.saved_step = max(self.saved_step, step)
         if kind in ("progress", "eval"):
             # After a resume the engine repeats the steps since its last checkpoint; the
             # record and the feed keep their first copy so the series stays continuous.
@@ -235,6 +238,9 @@ class RunRecorder:
                 run.status = status
                 run.finished_at = utcnow()
                 run.error = error
+                # A cancel saves the state at the step reached, which may be past the last
+                # progress point: the record says where a "Run again" resumes, as the feed did.
+                run.step = max(run.step, self.saved_step)
                 if metrics is not None:
                     run.metrics = metrics
                     run.step = run.total_steps

@@ -22,8 +22,8 @@ from app.config import Settings
 from app.estimates import estimate_label_gains
 from app.live import forget_feeds, publish_ends, run_cancel_key
 from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
-from app.schemas import TERMINAL_STATUSES, ExperimentIn, LabelEstimate
-from worker.selftuning.budgets import Budget, BudgetError
+from app.schemas import TERMINAL_STATUSES, ExperimentIn, LabelEstimate, parse_budget_values
+from worker.selftuning.budgets import Budget
 from worker.selftuning.config import RunConfig
 
 TRAIN_TASK = "selftune.train_run"
@@ -47,22 +47,10 @@ def unprocessable(field: str | tuple[str, ...], message: str) -> HTTPException:
 
 
 def parse_budgets(raw: list[Any], dataset: Dataset) -> list[Budget]:
-    budgets: list[Budget] = []
-    for index, value in enumerate(raw):
-        if hasattr(value, "model_dump"):
-            value = value.model_dump()
-        try:
-            budget = Budget.parse(value)
-        except BudgetError as exc:
-            raise unprocessable("budgets", f"budgets[{index}]: {exc}") from None
-        if budget in budgets:
-            raise unprocessable("budgets", f"budgets[{index}]: {budget.label} is listed twice")
-        # Results are grouped and shown by label: two budgets that read alike would merge.
-        if alike := next((b for b in budgets if b.label == budget.label), None):
-            raise unprocessable(
-                "budgets", f"budgets[{index}]: {budget.to_json()} and {alike.to_json()} both "
-                f"read {budget.label}; give budgets that differ in their first six digits")
-        budgets.append(budget)
+    try:
+        budgets = parse_budget_values(raw)
+    except ValueError as exc:
+        raise unprocessable("budgets", str(exc)) from None
     without_labels = [
         name for name, counts in dataset.class_counts.items() if counts.get("train", 0) < 1
     ]

@@ -7,8 +7,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from app.models import MAX_ID
+from worker.selftuning.budgets import Budget, BudgetError
 from worker.selftuning.config import LABELED_QUERY_VIEWS, METHOD_NAMES
 
 MethodName = Literal[METHOD_NAMES]
@@ -36,6 +38,27 @@ class PerClassBudget(BaseModel):
 
 
 BudgetIn = float | PerClassBudget | Literal["all"]
+
+
+def parse_budget_values(raw: list[Any]) -> list[Budget]:
+    """The budgets of a sweep, or a ValueError saying which one is wrong: out of range,
+    listed twice, or reading like another (results are grouped by their label)."""
+    budgets: list[Budget] = []
+    for index, value in enumerate(raw):
+        if hasattr(value, "model_dump"):
+            value = value.model_dump()
+        try:
+            budget = Budget.parse(value)
+        except BudgetError as exc:
+            raise ValueError(f"budgets[{index}]: {exc}") from None
+        if budget in budgets:
+            raise ValueError(f"budgets[{index}]: {budget.label} is listed twice")
+        if alike := next((b for b in budgets if b.label == budget.label), None):
+            raise ValueError(
+                f"budgets[{index}]: {budget.to_json()} and {alike.to_json()} both read "
+                f"{budget.label}; give budgets that differ in their first six digits")
+        budgets.append(budget)
+    return budgets
 
 
 class Overrides(BaseModel):
@@ -96,6 +119,17 @@ class ExperimentIn(BaseModel):
     seeds: list[int] = Field([0], min_length=1, max_length=10)
     preset: Literal["quick", "paper"] = "quick"
     overrides: Overrides = Field(default_factory=Overrides)
+
+    @field_validator("budgets")
+    @classmethod
+    def readable_budgets(cls, values: list[Any]) -> list[Any]:
+        # Checked with the other fields, so a form hears of every mistake at once; what
+        # depends on the dataset is checked when the experiment is created.
+        try:
+            parse_budget_values(values)
+        except ValueError as exc:
+            raise PydanticCustomError("budget", "{reason}", {"reason": str(exc)}) from None
+        return values
 
     @field_validator("name", "backbone")
     @classmethod

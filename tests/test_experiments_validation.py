@@ -122,6 +122,18 @@ def test_a_class_without_labeled_images_cannot_get_a_budget(live_server, setting
     assert "['b'] have no labeled training image" in messages(response)
 
 
+def test_every_mistake_of_a_form_comes_back_at_once(live_server, dataset_id):
+    """A budget out of range used to be reported only once the other fields were right, so
+    a form learnt of its mistakes in rounds."""
+    with live_server.client() as client:
+        response = client.post("/api/experiments", json=body(
+            dataset_id, budgets=[0.15, 2.0], seeds=[0, "x"], overrides={"iterations": -5}))
+    assert response.status_code == 422
+    found = {".".join(map(str, error["loc"])): error["msg"] for error in response.json()["detail"]}
+    assert found["body.budgets"] == "budgets[1]: budget fraction 2.0 must be in (0, 1]"
+    assert "body.seeds.1" in found and "body.overrides.iterations" in found
+
+
 def test_the_experiment_list_filters_by_dataset(live_server, dataset_id, settings):
     other = add_dataset_row(settings.sqlalchemy_url)
     with live_server.client() as client:

@@ -63,15 +63,17 @@ def test_form_fills_presets_and_shows_api_errors_next_to_their_fields(
         assert "greater than 0" in error_next_to(page, "overrides.lr")
         assert "at least 1 item" in error_next_to(page, "methods")
         assert page.locator('[data-field="budgets"] .field-error').is_hidden()
+        # The keyboard lands on the first field to fix.
+        assert page.evaluate("document.activeElement.name") == "methods"
         browser.screenshot("form-schema-errors")
 
-        # The API's own checks, after the schema passes.
         page.fill("#f-lr", "0.01")
         page.check("input[name=methods][value=fine-tune]")
         page.fill("#f-budgets", "30%, 150%")
         page.click("#start")
         assert "budgets[1]: budget fraction 1.5 must be in (0, 1]" in error_next_to(page, "budgets")
         assert page.locator('[data-field="overrides.lr"] .field-error').is_hidden()
+        assert page.evaluate("document.activeElement.id") == "f-budgets"
 
         # What the form sends: budgets in the API's terms, only the values that differ from
         # the preset.

@@ -118,6 +118,15 @@ export function experimentForm() {
     target.hidden = false;
   }
 
+  // Keyboard users land on the first field to fix (the disabled Start button lost focus);
+  // an error of the whole form keeps focus on Start.
+  function focusFirstError() {
+    const field = form.querySelector(".field.invalid");
+    const input = field?.querySelector("input, select, textarea") ?? document.getElementById("start");
+    input.focus({ preventScroll: true });
+    (field ?? document.getElementById("form-error")).scrollIntoView({ block: "center" });
+  }
+
   // detail: [{loc: ["body", field, index-or-key, branch?], msg}], shown next to each field.
   function showApiErrors(detail, sent) {
     if (!Array.isArray(detail)) {
@@ -142,6 +151,7 @@ export function experimentForm() {
     const { body, errors } = payload();
     if (errors.length) {
       errors.forEach((message) => showError("budgets", message));
+      focusFirstError();
       return;
     }
     const button = document.getElementById("start");
@@ -158,16 +168,16 @@ export function experimentForm() {
         return;
       }
       if (response.status === 401) {
-        window.location.assign(`/login?next=${encodeURIComponent(location.pathname)}`);
+        window.location.assign(`/login?next=${encodeURIComponent(location.pathname + location.search)}`);
         return;
       }
       showApiErrors(answer.detail ?? `${response.status} ${response.statusText}`, body);
-      form.querySelector(".field.invalid")?.scrollIntoView({ block: "center" });
     } catch (error) {
       showError(null, `Could not reach the server (${error.message}); try again.`);
     } finally {
       button.disabled = false;
     }
+    focusFirstError();
   });
 
   form.elements.preset.addEventListener("change", fillFromPreset);

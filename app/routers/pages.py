@@ -19,6 +19,7 @@ from app.routers.health import check_health
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
 templates.env.globals["version"] = __version__
+templates.env.globals["auth_cookie"] = AUTH_COOKIE  # signed in through the login page
 
 
 def moment(value: datetime) -> Markup:

@@ -169,6 +169,8 @@ def create_experiment(session: Session, settings: Settings, payload: ExperimentI
         for seed in payload.seeds
     }
     check_input_size(payload.backbone, next(iter(configs.values()))["image_size"])
+    if missing := hold_weight_source(session, settings, payload.backbone):
+        raise unprocessable("backbone", missing)
     experiment = Experiment(
         name=payload.name or default_name(dataset.name, payload.methods),
         dataset_id=dataset.id,
@@ -288,6 +290,25 @@ def weight_file(config: dict[str, Any]) -> Path | None:
     or None for a timm architecture."""
     backbone = str(config.get("backbone", ""))
     return Path(backbone.rpartition(":")[2]) if backbone.endswith(".safetensors") else None
+
+
+def hold_weight_source(session: Session, settings: Settings, backbone: str) -> str | None:
+    """What is missing for a run to start from the weight file `backbone`, or None. When
+    the file is another run's model, that run's row is locked first (a no-op update), so a
+    delete of it either has committed (the row is gone) or waits until this transaction
+    ends and then sees the runs that start from it (`weights_in_use`)."""
+    path = weight_file({"backbone": backbone})
+    if path is None:
+        return None
+    runs_dir = settings.runs_dir.resolve()
+    if path.is_relative_to(runs_dir) and (source := path.relative_to(runs_dir).parts[0]).isdigit():
+        held = session.execute(
+            update(Run).where(Run.id == int(source)).values(step=Run.step)).rowcount
+        if not held:
+            return f"run {source}, whose model {path} is the backbone, was deleted"
+    if not path.is_file():
+        return f"the backbone weight file {path} is gone"
+    return None
 
 
 def weights_in_use(session: Session, settings: Settings, run_ids: Iterable[int],

@@ -234,8 +234,39 @@ def test_a_model_that_queued_runs_start_from_stays_until_they_end(live_server):
         assert client.delete(f"/api/experiments/{source_id}").status_code == 204
         assert not folder.exists()
         requeued = client.post(f"/api/runs/{user_runs[0]}/requeue")
-        assert requeued.status_code == 409 and "which is gone" in requeued.json()["detail"]
+        assert requeued.status_code == 409
+        assert requeued.json()["detail"].startswith(
+            f"run {user_runs[0]} cannot run again: run {source_runs[0]}, whose model ")
         assert statuses(client, user_id)[user_runs[0]] == "cancelled"
+
+
+def test_an_experiment_started_from_a_model_being_deleted_is_refused(server_on_each_database):
+    """The delete of the run whose model is the backbone holds its locks while the new
+    experiment checks the model: the experiment waits, then hears that run is gone (it was
+    queued on weights about to vanish)."""
+    server = server_on_each_database
+    database_url, data_dir = server.database_url, server.data_dir
+    with server.client() as client:
+        source_id, source_runs = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        add_run_files(data_dir, database_url, source_runs[0])
+        client.post(f"/api/experiments/{source_id}/cancel")
+        other_dataset = add_dataset_row(database_url)
+
+        def delete_source(session: Session) -> None:  # the delete, held open
+            session.execute(update(Experiment).where(Experiment.id == source_id)
+                            .values(name=Experiment.name))
+            session.execute(select(Run.id).where(Run.experiment_id == source_id)
+                            .with_for_update()).all()
+            delete_run_rows(session, source_runs)
+            session.execute(delete(Experiment).where(Experiment.id == source_id))
+
+        backbone = f"test_efficientnet:runs/{source_runs[0]}/model.safetensors"
+        created = sent_while_held(database_url, delete_source, lambda: client.post(
+            "/api/experiments", json={"dataset_id": other_dataset, **SWEEP, "backbone": backbone}))
+        assert created.status_code == 422, created.text
+        detail = created.json()["detail"][0]["msg"]
+        assert detail.startswith(f"run {source_runs[0]}, whose model") and "was deleted" in detail
+        assert client.get("/api/experiments", params={"dataset_id": other_dataset}).json() == []
 
 
 def test_a_sweep_after_a_delete_gets_new_ids_and_starts_clean(live_server):

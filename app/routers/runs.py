@@ -22,13 +22,13 @@ from app.experiments import (
     as_utc,
     budget_unlabeled_count,
     cancel_runs,
+    hold_weight_source,
     is_terminal,
     queue_position,
-    weight_file,
 )
 from app.live import publish_status, run_stream_key
 from app.models import Artifact, Dataset, Run, RunMetric
-from app.reaper import requeue
+from app.reaper import REQUEUEABLE, requeue
 from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
@@ -113,15 +113,15 @@ def cancel_run(run_id: RunId, session: DbDep, live: RedisDep):
 
 
 @router.post("/{run_id}/requeue", response_model=RunOut)
-def requeue_run(run_id: RunId, session: DbDep, live: RedisDep):
+def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: RedisDep):
     """Queue a lost, failed or cancelled run again; it resumes from its last training
     checkpoint (a finished run is never retrained)."""
-    backbone = weight_file(get_run(session, run_id).config)
-    if backbone is not None and not backbone.is_file():
-        raise HTTPException(
-            409, detail=f"run {run_id} starts from the weight file {backbone}, which is gone "
-            "(deleted with its run?): start a new experiment from another backbone",
-        )
+    run = get_run(session, run_id)
+    if run.status in REQUEUEABLE and (
+            missing := hold_weight_source(session, settings, run.config.get("backbone", ""))):
+        session.rollback()
+        raise HTTPException(409, detail=f"run {run_id} cannot run again: {missing}; start a "
+                            "new experiment from another backbone")
     run = requeue(session, live, run_id, by_person=True)
     if run is None:
         run = get_run(session, run_id)  # a 404 when it is gone

@@ -259,6 +259,8 @@ class RunOut(RunSummary):
     eta_s: float | None
     queue_position: int | None
     cancel_requested: bool
+    resumable: bool = Field(False, description="a training state is saved: run again, it "
+                            "continues from there instead of from the first step")
     artifacts: list[ArtifactOut]
 
 

@@ -194,7 +194,7 @@ def test_cancelling_a_running_run_ends_it_as_cancelled(live_server, celery_worke
         # The record says where "Run again" resumes: the state saved on the cancel, which
         # may be past the last progress point (pages showed two different steps).
         saved = [event["step"] for _, event in events if event["type"] == "checkpoint"]
-        assert run["step"] == saved[-1] > 0
+        assert run["step"] == saved[-1] > 0 and run["resumable"] is True
         again = client.post(f"/api/runs/{run_id}/cancel")
         assert again.status_code == 409
 

@@ -76,6 +76,7 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
                                            "runs": {str(run_id): "lost"}}
             lost = client.get(f"/api/runs/{run_id}").json()
             assert lost["status"] == "lost" and lost["finished_at"] is not None
+            assert lost["resumable"] is False  # no training state was ever saved
             assert "gone@host" in lost["error"] and "requeue" in lost["error"]
             assert client.get(f"/api/experiments/{first}").json()["status"] == (
                 "finished with failures")

@@ -258,9 +258,9 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
 
 def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path
            ) -> dict[str, Any]:
-    from worker.selftuning.checkpoint import checkpoint_path
     from worker.selftuning.config import RunConfig
     from worker.selftuning.data import make_budget_data
+    from worker.selftuning.files import checkpoint_path
     from worker.selftuning.loop import TrainingCancelled, train
 
     run_id = recorder.run_id

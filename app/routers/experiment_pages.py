@@ -137,7 +137,7 @@ def experiment_page(
 def run_page(run_id: RunId, request: Request, settings: SettingsDep, session: DbDep) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
-    run = read_run(run_id, session)
+    run = read_run(run_id, session, settings)
     dataset = session.get(Dataset, run.dataset_id)
     experiment = session.get(Experiment, run.experiment_id)
     return render(request, "run.html",

@@ -30,6 +30,7 @@ from app.live import publish_status, run_stream_key
 from app.models import Artifact, Dataset, Run, RunMetric
 from app.reaper import REQUEUEABLE, requeue
 from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
+from worker.selftuning.files import checkpoint_path
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
@@ -71,7 +72,7 @@ def eta_seconds(run: Run, dataset: Dataset | None) -> float | None:
 
 
 @router.get("/{run_id}", response_model=RunOut)
-def read_run(run_id: RunId, session: DbDep):
+def read_run(run_id: RunId, session: DbDep, settings: SettingsDep):
     run = get_run(session, run_id)
     return RunOut(
         **run_summary(run).model_dump(),
@@ -81,6 +82,7 @@ def read_run(run_id: RunId, session: DbDep):
         eta_s=eta_seconds(run, session.get(Dataset, run.dataset_id)),
         queue_position=queue_position(session, run),
         cancel_requested=run.cancel_requested,
+        resumable=checkpoint_path(settings.runs_dir / str(run.id)).is_file(),
         artifacts=[
             ArtifactOut(name=a.name, size_bytes=a.size_bytes, sha256=a.sha256,
                         url=f"/api/runs/{run.id}/files/{a.name}")
@@ -103,13 +105,13 @@ def read_metrics(run_id: RunId, session: DbDep):
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut)
-def cancel_run(run_id: RunId, session: DbDep, live: RedisDep):
+def cancel_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: RedisDep):
     """A queued run ends at once; a running one stops within about one iteration."""
     run = get_run(session, run_id)
     if is_terminal(run.status):
         raise HTTPException(409, detail=f"run {run_id} already ended ({run.status})")
     cancel_runs(session, live, [run])
-    return read_run(run_id, session)
+    return read_run(run_id, session, settings)
 
 
 @router.post("/{run_id}/requeue", response_model=RunOut)
@@ -130,7 +132,7 @@ def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redi
             "can be requeued",
         )
     publish_status(live, run)
-    return read_run(run_id, session)
+    return read_run(run_id, session, settings)
 
 
 @router.get("/{run_id}/events", responses=SSE_RESPONSES, response_class=StreamingResponse)

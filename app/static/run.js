@@ -106,8 +106,8 @@ export function runPage() {
     document.getElementById("requeue").hidden = !again;
     const note = document.getElementById("requeue-note");
     note.hidden = !again;
-    // A run stopped before its first checkpoint has nothing to resume from.
-    note.textContent = run.step > 0 ? "resumes from its last checkpoint" : "starts from the beginning";
+    // A run stopped before its first saved training state has nothing to resume from.
+    note.textContent = run.resumable ? "resumes from its last checkpoint" : "starts from the beginning";
     const error = document.getElementById("run-error");
     error.hidden = !run.error;
     error.textContent = run.error ?? "";

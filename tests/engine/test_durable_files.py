@@ -19,12 +19,11 @@ from tests.engine.helpers import tiny_config
 from worker.selftuning import RunData, train
 from worker.selftuning.checkpoint import (
     CheckpointUnreadable,
-    checkpoint_path,
     load_checkpoint,
     previous_path,
     save_checkpoint,
 )
-from worker.selftuning.files import host_tag, temporary_path
+from worker.selftuning.files import checkpoint_path, host_tag, temporary_path
 from worker.selftuning.images import Preprocessing, decode_all
 
 DAYS_AGO = time.time() - 3 * 24 * 3600

@@ -29,10 +29,6 @@ class CheckpointUnreadable(ValueError):
     instead of failing on them at every attempt."""
 
 
-def checkpoint_path(out_dir: Path) -> Path:
-    return Path(out_dir) / "state" / "checkpoint.pt"
-
-
 def previous_path(path: Path) -> Path:
     """The checkpoint before the latest one, kept in case the latest cannot be read."""
     return path.with_name(f"{path.stem}.previous{path.suffix}")

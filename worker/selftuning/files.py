@@ -16,6 +16,12 @@ STALE_TEMPORARY_S = 24 * 3600.0
 _TEMPORARY = re.compile(r"\.(?P<pid>\d+)(?:\.(?P<host>[A-Za-z0-9_-]+))?\.tmp$")
 
 
+def checkpoint_path(out_dir: Path) -> Path:
+    """Where a run's training state lives in its output folder (here, torch-free, because
+    the web asks whether a run has one to resume from)."""
+    return Path(out_dir) / "state" / "checkpoint.pt"
+
+
 def host_tag() -> str:
     """This machine's name as it goes into temporary file names."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "localhost"

@@ -23,7 +23,6 @@ from worker.selftuning.batches import StepBatches, make_loader, to_device_batch
 from worker.selftuning.checkpoint import (
     CheckpointUnreadable,
     check_compatible,
-    checkpoint_path,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -40,6 +39,7 @@ from worker.selftuning.export import (
     write_json,
     write_predictions,
 )
+from worker.selftuning.files import checkpoint_path
 from worker.selftuning.images import (
     ImageArray,
     Preprocessing,

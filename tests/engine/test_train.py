@@ -377,6 +377,16 @@ def test_each_image_is_decoded_once_for_training_and_the_unlabeled_again_for_pre
     everything = shapes_data.labeled + 2 * shapes_data.unlabeled + shapes_data.test
     assert sorted(decoded) == sorted(path for path, _ in everything)
 
+    # With a cache folder, a second run on the same images decodes none of them.
+    decoded.clear()
+    for out in ("cached-1", "cached-2"):
+        train(tiny_config(iterations=2, eval_interval=100, checkpoint_interval=100), shapes_data,
+              tmp_path / out, cache_dir=tmp_path / "cache")
+        if out == "cached-1":
+            assert sorted(decoded) == sorted(path for path, _ in everything)
+            decoded.clear()
+    assert decoded == []
+
 
 def test_queue_purity_against_the_truth_checks_pseudo_labeled_keys_only():
     classes = torch.tensor([0, 1, 0, 1, 2])

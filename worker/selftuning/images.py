@@ -1,4 +1,6 @@
-"""Decoding images once into uint8 arrays at working resolution, kept in memory or on disk."""
+"""Decoding images once into uint8 arrays at working resolution, kept in memory or on disk:
+training squares for the random crops, timm's exact eval crops for test images (and, at the
+end of a run, for the unlabeled images the exported model labels)."""
 
 from __future__ import annotations
 

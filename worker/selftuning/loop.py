@@ -191,7 +191,7 @@ def train(
                     if step % config.checkpoint_interval == 0 or step == config.iterations:
                         save(step)
         return _finish(out_dir, config, data, model, preprocessing, evaluator, tracker, emit,
-                       metadata, window.seconds_per_iteration)
+                       metadata, window.seconds_per_iteration, cache_dir)
 
 
 def _make_optimizer(model: Method, config: RunConfig) -> torch.optim.Optimizer:
@@ -367,11 +367,18 @@ class _Evaluator:
         return torch.cat(chunks)
 
     def predict_files(self, paths: list[str], preprocessing: Preprocessing,
-                      memory_format: torch.memory_format | None = None) -> torch.Tensor:
+                      cache_dir: Path | None, memory_format: torch.memory_format | None = None
+                      ) -> torch.Tensor:
         """Probabilities for image files decoded as timm's eval transform decodes them (the
-        training squares' centre crops differ slightly: JPEGs drafted, crops rounded twice)."""
-        chunks = [self.predict(pixels, memory_format)
-                  for pixels in eval_crops_in_chunks(paths, preprocessing)]
+        training squares' centre crops differ slightly: JPEGs drafted, crops rounded twice).
+        With a cache folder the crops are kept there like the test set's, for the other runs
+        on these images; without one they are decoded a chunk at a time and dropped."""
+        if cache_dir is not None:
+            crops = decode_all(paths, "eval", preprocessing, cache_dir).array
+            pixels = (crops[start : start + 512] for start in range(0, len(crops), 512))
+        else:
+            pixels = eval_crops_in_chunks(paths, preprocessing)
+        chunks = [self.predict(chunk, memory_format) for chunk in pixels]
         if not chunks:
             return torch.empty(0, self.data.num_classes)
         return torch.cat(chunks)
@@ -409,7 +416,8 @@ class _Evaluator:
 
 def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
             preprocessing: Preprocessing, evaluator: _Evaluator, tracker: PseudoLabelTracker,
-            emit: _Emitter, metadata: dict | None, seconds_per_iteration: float | None) -> dict:
+            emit: _Emitter, metadata: dict | None, seconds_per_iteration: float | None,
+            cache_dir: Path | None) -> dict:
     """Final scores with the model as exported (fp32, timm's own memory layout), the exported
     files, and the last eval event."""
     backbone = model.backbone
@@ -420,7 +428,7 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
 
     # The exported model's answers for the unlabeled images, as a timm user would get them.
     probabilities = evaluator.predict_files([path for path, _ in data.unlabeled], preprocessing,
-                                            torch.contiguous_format)
+                                            cache_dir, torch.contiguous_format)
     hidden_labels = [label for _, label in data.unlabeled]
     hidden = torch.tensor([-1 if label is None else label for label in hidden_labels],
                           dtype=torch.long)

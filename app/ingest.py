@@ -1142,6 +1142,9 @@ def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage) -> Path
     source = image_file(settings, dataset, image)
     folder.mkdir(parents=True, exist_ok=True)
     with Image.open(source, formats=OPEN_FORMATS) as opened:
+        if image.width and opened.size != (image.width, image.height):
+            # Not the image whose size was checked at upload (Pillow's own limit is off).
+            raise FileNotFoundError(f"{image.path} is not the file that was uploaded")
         opened.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         # 16-bit images scaled as the worker decodes them; convert("RGB") would clip them.
         original = to_8_bit(opened)

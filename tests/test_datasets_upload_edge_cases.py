@@ -251,8 +251,12 @@ def test_thumbnails_of_images_accepted_before_the_pixel_limit_was_lowered(
     tmp_path: Path, redis_url: str
 ) -> None:
     """SELFTUNE_MAX_IMAGE_PIXELS guards uploads; images stored under a higher setting keep
-    their thumbnails after a restart with a lower one (they were a plain-text 500)."""
-    from tests.test_datasets_support import dataset_server
+    their thumbnails after a restart with a lower one (they were a plain-text 500). Only
+    files of the size checked at upload are decoded: one replaced behind the app's back by
+    a huge one is not."""
+    from app.db import session_scope
+    from app.models import Dataset, DatasetImage
+    from tests.test_datasets_support import dataset_server, png_with_declared_size
 
     entries = class_entries(per_class=2)  # 16 x 16 = 256 pixels each
     with dataset_server(tmp_path, redis_url) as server, server.client() as client:
@@ -261,13 +265,23 @@ def test_thumbnails_of_images_accepted_before_the_pixel_limit_was_lowered(
           server.client() as client):
         images = client.get(f"/api/datasets/{dataset_id}/images").json()["items"]
         assert len(images) == len(entries)
-        for image in images:
+        replaced, kept = images[0], images[1:]
+        for image in kept:
             response = client.get(f"/api/datasets/{dataset_id}/images/{image['id']}/thumbnail")
             assert response.status_code == 200, response.text
             assert Image.open(io.BytesIO(response.content)).size == (16, 16)
         refused = upload(client, zip_bytes(class_entries(per_class=2, prefix="again/")))
         assert refused.status_code == 422
         assert "declares 16x16 = 256 pixels, over the limit of 100" in refused.text
+
+        with session_scope(server.database_url) as session:
+            stored = session.get(DatasetImage, replaced["id"])
+            storage_key = session.get(Dataset, dataset_id).storage_key
+            path = server.data_dir / "datasets" / storage_key / stored.path
+        path.write_bytes(png_with_declared_size(100_000, 100_000))
+        response = client.get(f"/api/datasets/{dataset_id}/images/{replaced['id']}/thumbnail")
+        assert response.status_code == 404
+        assert response.json()["detail"].endswith("is missing or was replaced")
 
 
 def test_an_archive_sent_without_a_filename_is_taken_by_its_content(

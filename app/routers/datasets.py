@@ -219,7 +219,8 @@ def image_thumbnail(
     try:
         path = ingest.thumbnail(settings, dataset, image)
     except FileNotFoundError:
-        raise HTTPException(404, f"the file of image {image_id} is missing") from None
+        raise HTTPException(404, f"the file of image {image_id} is missing or was replaced"
+                            ) from None
     return FileResponse(path, media_type="image/jpeg", headers=headers)
 
 

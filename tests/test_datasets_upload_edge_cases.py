@@ -331,15 +331,24 @@ def test_an_upload_the_client_abandons_leaves_nothing_and_logs_no_traceback(
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
             "filename=\"photos.zip\"\r\n\r\n").encode() + zip_bytes(class_entries())[:200]
     address = urlsplit(server.url)
+    work = server.data_dir / "tmp"
+
+    def receiving() -> bool:
+        return work.is_dir() and any(work.iterdir())
+
     with socket.create_connection((address.hostname, address.port)) as connection:
         connection.sendall(
             (f"POST /api/datasets HTTP/1.1\r\nHost: {address.netloc}\r\n"
              f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
              "Content-Length: 1000000\r\n\r\n").encode() + head)
-        time.sleep(1)  # the server is reading the body
+        deadline = time.monotonic() + 20
+        while not receiving():  # the server has begun to store the upload
+            assert time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.05)
     deadline = time.monotonic() + 20
-    while (server.data_dir / "tmp").exists() and any((server.data_dir / "tmp").iterdir()):
-        assert time.monotonic() < deadline, list((server.data_dir / "tmp").rglob("*"))
+    while receiving():
+        assert time.monotonic() < deadline, list(work.rglob("*"))
         time.sleep(0.2)
     assert client.get("/api/datasets").json() == []
+    time.sleep(1)  # what the server logs on the way out comes after the clean-up
     assert "Traceback" not in log.read_text()[len(logged_before):]

@@ -115,7 +115,9 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
         for download in ("checkpoint", "files/model.safetensors", "predictions.csv",
                          "label-next.csv"):
             head = client.head(f"/api/runs/{run_id}/{download}")
-            assert head.status_code == 200 and head.content == b"", download
+            full = client.get(f"/api/runs/{run_id}/{download}")
+            assert head.status_code == 200, download
+            assert head.headers["content-length"] == str(len(full.content)), download
         head = client.head(f"/api/runs/{run_id}/checkpoint")
         assert head.headers["content-length"] == str(len(archive.content))
         assert head.headers["etag"] == archive.headers["etag"]

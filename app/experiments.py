@@ -251,7 +251,8 @@ def cancel_runs(session: Session, live: redis.Redis, runs: Iterable[Run]) -> lis
 def delete_experiment_with_runs(session: Session, settings: Settings, live: redis.Redis,
                                 experiment: Experiment) -> None:
     """Delete an experiment with its runs (metrics, artifacts, run folders) and its live feeds;
-    its dataset stays. Refused (409) while a run of it is queued or running."""
+    its dataset stays. Refused (409) while a run of it is queued or running, or while
+    queued or running runs start from one of its runs' models (`weights_in_use`)."""
     experiment_id = experiment.id
     # Take the locks before the check, so that no run of it can be queued again (requeue)
     # between the check and the delete: SQLite takes its write lock on the first write;

@@ -1172,7 +1172,8 @@ def active_run_count(session: Session, dataset_id: int) -> int:
 def delete_dataset(session: Session, settings: Settings, dataset: Dataset
                    ) -> tuple[list[int], list[int]]:
     """Delete a dataset with its images, experiments, runs and their files; refused (409)
-    while a run of it is queued or running. Returns the deleted (experiment ids, run ids),
+    while a run of it is queued or running, or while queued or running runs start from one
+    of its runs' models. Returns the deleted (experiment ids, run ids),
     whose live feeds the caller forgets (app.live.forget_feeds)."""
     # Lock the dataset row first so that no run can be queued on it between the check and
     # the delete: FOR UPDATE on PostgreSQL; SQLite takes its write lock on the first write.

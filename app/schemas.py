@@ -160,9 +160,9 @@ class RunSummary(BaseModel):
 
 
 EXPERIMENT_STATUS = (
-    "running (a run trains), queued (no run has started), in progress (some runs ended, the "
-    "rest wait for a worker), finished, finished with failures (a run failed or was lost), "
-    "partly cancelled, cancelled"
+    "queued (every run waits for a worker), running (a run trains), in progress (some runs "
+    "ended, the rest wait for a worker), finished, finished with failures (a run failed or "
+    "was lost), partly cancelled, cancelled"
 )
 
 

@@ -9,6 +9,7 @@ import sys
 import httpx
 import pytest
 
+from app.deps import AUTH_COOKIE
 from tests.support import app_env, start_server
 
 TOKEN = "correct-horse-battery-staple"
@@ -72,6 +73,8 @@ def test_pages_need_a_login_that_sets_an_httponly_samesite_cookie(guarded_server
         out = client.post("/logout")
         assert out.status_code == 303 and out.headers["location"] == "/login"
         assert client.get("/").status_code == 303
+        assert "Sign out" not in client.get("/login").text
+        client.cookies.set(AUTH_COOKIE, "a-token-of-before")  # the token changed since
         assert "Sign out" not in client.get("/login").text
 
 

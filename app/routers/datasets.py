@@ -229,7 +229,8 @@ def image_thumbnail(
     status_code=204,
     response_class=Response,
     responses={404: {"model": ErrorOut},
-               409: {"model": ErrorOut, "description": "a run of it is queued or running"}},
+               409: {"model": ErrorOut, "description": "a run of it is queued or running, or "
+                    "queued or running runs start from one of its runs' models"}},
 )
 def delete_dataset(dataset_id: DatasetId, db: DbDep, settings: SettingsDep,
                    live: RedisDep) -> Response:

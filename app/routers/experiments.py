@@ -119,7 +119,8 @@ def cancel_experiment(experiment_id: ExperimentId, session: DbDep, live: RedisDe
     status_code=204,
     response_class=Response,
     responses={404: {"model": ErrorOut},
-               409: {"model": ErrorOut, "description": "a run of it is queued or running"}},
+               409: {"model": ErrorOut, "description": "a run of it is queued or running, or "
+                    "queued or running runs start from one of its runs' models"}},
 )
 def delete_experiment(experiment_id: ExperimentId, session: DbDep, settings: SettingsDep,
                       live: RedisDep) -> Response:

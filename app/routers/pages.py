@@ -19,7 +19,17 @@ from app.routers.health import check_health
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
 templates.env.globals["version"] = __version__
-templates.env.globals["auth_cookie"] = AUTH_COOKIE  # signed in through the login page
+
+
+def signed_in(request: Request) -> bool:
+    """Signed in through the login page with the token in force (a cookie from before the
+    token changed does not count): then the pages offer to sign out."""
+    settings = request.app.state.settings
+    cookie = request.cookies.get(AUTH_COOKIE)
+    return settings.token is not None and bool(cookie) and token_matches(settings, cookie)
+
+
+templates.env.globals["signed_in"] = signed_in
 
 
 def moment(value: datetime) -> Markup:

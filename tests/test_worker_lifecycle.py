@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -433,3 +434,14 @@ def test_a_task_that_cannot_take_its_run_ends_the_run_failed_not_queued(settings
         get_settings.cache_clear()
     run = read_run(settings, run_id)
     assert run.status == "failed" and "cannot import name 'weights_in_use'" in run.error
+
+    # With the database away as well, the task still reports the error that stopped it.
+    def database_away(*args, **kwargs):
+        raise OperationalError("UPDATE runs", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(sys.modules["worker.tasks"], "fail_unstarted_run", database_away)
+    try:
+        result = train_run.apply(args=[run_id], task_id=TASK_ID)
+    finally:
+        get_settings.cache_clear()
+    assert isinstance(result.result, ImportError)

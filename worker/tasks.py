@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import traceback
 
 from sqlalchemy import func, select
@@ -12,6 +13,8 @@ from app.experiments import TRAIN_TASK
 from app.models import Dataset
 from worker.celery_app import app, worker_identity
 from worker.runs import DatabaseUnavailable, fail_unstarted_run
+
+log = logging.getLogger(__name__)
 
 
 @app.task(name="selftune.health_probe", bind=True)
@@ -48,6 +51,9 @@ def train_run(self, run_id: int) -> dict:
         # execute_run ends a run that fails to start or to train itself; this is for what
         # happens before it can (see fail_unstarted_run).
         reason = "".join(traceback.format_exception_only(exc)).strip()
-        fail_unstarted_run(settings, run_id, self.request.id,
-                           f"could not start on worker {self.request.hostname}: {reason}")
+        try:
+            fail_unstarted_run(settings, run_id, self.request.id,
+                               f"could not start on worker {self.request.hostname}: {reason}")
+        except Exception:  # the database is away too: the first error is the one to report
+            log.exception("run %s: could not record that it failed to start", run_id)
         raise

@@ -87,6 +87,12 @@ def test_a_run_page_says_so_when_its_run_is_deleted_elsewhere(live_server, reque
         page.goto(f"{live_server.url}/runs/{run_id}")
         expect(page.locator("#live-state")).to_have_text("● live")
         expect(page.locator("#cancel")).to_be_visible()
+        with session_scope(database_url) as session:  # a worker took it to its last step
+            run = session.get(Run, run_id)
+            run.status, run.step, run.images_per_s = "running", run.total_steps, 50.0
+        # No time left to count: the final evaluation and the export are under way.
+        expect(page.locator("#eta")).to_have_text("finishing: final evaluation and export",
+                                                  timeout=15_000)
         with session_scope(database_url) as session:  # another tab deleted it
             session.delete(session.get(Run, run_id))
         expect(page.locator("#run-error")).to_have_text(

@@ -86,7 +86,10 @@ export function runPage() {
     document.getElementById("run-status").replaceChildren(badge(run.status));
     document.getElementById("step").textContent = `${run.step} / ${run.total_steps}`;
     document.getElementById("step-bar").value = run.total_steps ? run.step / run.total_steps : 0;
-    document.getElementById("eta").textContent = run.status === "running" ? duration(run.eta_s) : "–";
+    // After the last step the run still evaluates, predicts every unlabeled image and exports.
+    const finishing = run.status === "running" && run.total_steps && run.step >= run.total_steps;
+    document.getElementById("eta").textContent = finishing ? "finishing: final evaluation and export"
+      : run.status === "running" ? duration(run.eta_s) : "–";
     document.getElementById("eta-row").hidden = TERMINAL.has(run.status);
     if (isNumber(run.images_per_s)) {
       document.getElementById("images-per-s").textContent = run.images_per_s.toFixed(1);

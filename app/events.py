@@ -69,6 +69,9 @@ class Outcome:
     final: dict[str, Any] | None = None  # the event that closes the feed
 
 
+BLOCK_MS = 5000  # how long one XREAD waits for new entries
+
+
 class StreamHub:
     """One Redis reader for one stream key, shared by every subscriber in this process."""
 
@@ -85,7 +88,7 @@ class StreamHub:
         last_id = self.start_id
         while True:
             try:
-                result = await self.client.xread({self.key: last_id}, count=1000, block=5000)
+                result = await self.client.xread({self.key: last_id}, count=1000, block=BLOCK_MS)
                 self.healthy = True
             except (redis.RedisError, OSError) as exc:
                 if self.healthy:
@@ -125,7 +128,11 @@ class Hubs:
     """The stream hubs of this web process, created on first subscriber, dropped on last."""
 
     def __init__(self, redis_url: str) -> None:
-        self.client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        # XREAD blocks up to BLOCK_MS; a socket timeout below that (redis-py's async default is
+        # 5 s) turned every quiet feed into "Redis unavailable" and a 1 s pause.
+        self.client = aioredis.Redis.from_url(
+            redis_url, decode_responses=True, socket_timeout=BLOCK_MS / 1000 + 10,
+            socket_connect_timeout=5)
         self.hubs: dict[str, StreamHub] = {}
         self.lock = asyncio.Lock()
 

@@ -157,3 +157,31 @@ def test_an_event_that_arrives_while_the_feed_asks_the_database_is_sent_at_once(
 
     assert asyncio.run(first_event_after()) < 5
     live.delete(key)
+
+
+def test_a_quiet_feed_stays_healthy_and_delivers_at_once(redis_url: str):
+    """The hub's XREAD blocks 5 s; redis-py's async client timed out reads at 5 s too, so
+    every quiet feed logged "Redis unavailable", sent "live feed unavailable" instead of
+    heartbeats and paused a second before the next event."""
+    live = redis.Redis.from_url(redis_url, decode_responses=True)
+    key = "selftune:test:quiet-feed"
+    live.delete(key)
+
+    async def watch() -> tuple[bool, float]:
+        hubs = Hubs(redis_url)
+        try:
+            hub = await hubs.subscribe(key)
+            await asyncio.sleep(7)  # longer than one blocking read
+            healthy = hub.healthy
+            sent = time.monotonic()
+            live.xadd(key, {"data": json.dumps({"type": "progress", "step": 1})})
+            while not hub.after("0-0"):
+                await asyncio.sleep(0.02)
+            return healthy, time.monotonic() - sent
+        finally:
+            await hubs.close()
+
+    healthy, delay = asyncio.run(watch())
+    live.delete(key)
+    assert healthy
+    assert delay < 0.5

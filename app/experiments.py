@@ -232,11 +232,20 @@ def cancel_runs(session: Session, live: redis.Redis, runs: Iterable[Run]) -> lis
     if not active:
         return []
     for run in active:
-        run.cancel_requested = True
-        if run.status == "queued":
-            run.status = "cancelled"
-            run.finished_at = utcnow()
+        # Conditional updates: a worker may take a queued run at this very moment, and then
+        # it is running (its flag stops it), not cancelled behind the worker's back.
+        ended = session.execute(
+            update(Run).where(Run.id == run.id, Run.status == "queued")
+            .values(status="cancelled", finished_at=utcnow(), cancel_requested=True)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not ended:
+            session.execute(
+                update(Run).where(Run.id == run.id, Run.status.not_in(TERMINAL_STATUSES))
+                .values(cancel_requested=True).execution_options(synchronize_session=False))
     session.commit()
+    for run in active:
+        session.refresh(run)  # what the database holds now, for the answer and the feeds
     try:
         with live.pipeline(transaction=False) as pipe:
             for run in active:

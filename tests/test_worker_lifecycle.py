@@ -445,3 +445,25 @@ def test_a_task_that_cannot_take_its_run_ends_the_run_failed_not_queued(settings
     finally:
         get_settings.cache_clear()
     assert isinstance(result.result, ImportError)
+
+
+def test_a_cancel_between_the_workers_read_and_claim_wins(settings, tmp_path, monkeypatch):
+    """The worker read the run as queued; a person cancelled it before the worker marked it
+    running. The cancel stands (it was overwritten: the page said "cancelled", then the run
+    trained)."""
+    from app.experiments import cancel_runs
+
+    run_id = add_run(settings, tmp_path)
+    real = worker.training.resolve_device
+
+    def cancel_meanwhile(name):
+        with session_scope(settings.sqlalchemy_url) as session:
+            live = redis.Redis.from_url(settings.effective_redis_url, decode_responses=True)
+            cancel_runs(session, live, [session.get(Run, run_id)])
+        return real(name)
+
+    monkeypatch.setattr(worker.training, "resolve_device", cancel_meanwhile)
+    outcome = execute_run(settings, run_id, "w@host", TASK_ID)
+    assert outcome["status"] in ("changed", "cancelled")
+    run = read_run(settings, run_id)
+    assert run.status == "cancelled" and run.attempts == 0 and run.worker is None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.config import Settings
 from app.db import session_scope
@@ -246,13 +246,20 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
                           "device": device_name, "attempt": run.attempts + 1, "step": 0,
                           "total_steps": run.config["iterations"]},
         )
-        run.status = "running"
-        run.started_at = run.started_at or utcnow()
-        run.heartbeat_at = utcnow()
-        run.worker = worker_name
-        run.device = device_name
-        run.attempts += 1
-        run.error = None
+        # Only if nobody changed the run since it was read: a cancel (or a delete) that got
+        # in between wins, instead of being overwritten with "running" (it was, and the run
+        # trained after the page had said "cancelled").
+        taken = session.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.status == run.status, Run.attempts == run.attempts,
+                   Run.cancel_requested.is_(False))
+            .values(status="running", started_at=run.started_at or utcnow(),
+                    heartbeat_at=utcnow(), worker=worker_name, device=device_name,
+                    attempts=Run.attempts + 1, error=None)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not taken:
+            raise _Skip("changed")
     return job
 
 

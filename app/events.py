@@ -191,18 +191,23 @@ async def stream_events(
                     yield sse(state.final, event_id=f"0-{len(state.history) + 1}")
                 return
         check_outcome = True  # a client that already saw the end must not wait a heartbeat
+        ended: Outcome | None = None  # the database said "over" at an end event
         while True:
             batch: list[str] = []  # entries that arrived together go out in one write
             for entry in pending:
                 last_id = entry.id
                 batch.append(entry.frame)
-                if entry.event.get("type") == "end":
+                if entry.event.get("type") == "end" and ended is None:
                     state = await asyncio.to_thread(outcome)
                     if state.finished:
-                        if state.final and state.final.get("type") != "end":
-                            batch.append(sse(state.final))
-                        yield "".join(batch)
-                        return
+                        ended = state
+            # An end is the last word only once the stream holds nothing after it: an
+            # experiment's feed has one per run, a requeued run's the end of an earlier try.
+            if ended is not None and not more_history and not hub.after(last_id):
+                if ended.final and ended.final.get("type") != "end":
+                    batch.append(sse(ended.final))
+                yield "".join(batch)
+                return
             if batch:
                 yield "".join(batch)
             if more_history:  # the hub only holds what came after it started: page on

@@ -185,3 +185,23 @@ def test_a_quiet_feed_stays_healthy_and_delivers_at_once(redis_url: str):
     live.delete(key)
     assert healthy
     assert delay < 0.5
+
+
+def test_a_finished_experiments_feed_replays_every_run_to_its_end(live_server):
+    """An experiment's feed holds one end per run, and a requeued run's feed the end of its
+    earlier try: the replay stopped at the first of them."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        first, second = run_ids
+        end_as_worker(database_url, live, first, "cancelled")
+        assert client.post(f"/api/runs/{first}/requeue").status_code == 200
+        for run_id in run_ids:
+            end_as_worker(database_url, live, run_id, "failed")
+        run_feed = sse_events(client, f"/api/runs/{first}/events")
+        experiment_feed = sse_events(client, f"/api/experiments/{experiment_id}/events")
+    assert [e["status"] for e in run_feed if e["type"] == "end"] == ["cancelled", "failed"]
+    ends = [(e["run_id"], e["status"]) for e in experiment_feed if e["type"] == "end"]
+    assert ends == [(first, "cancelled"), (first, "failed"), (second, "failed")]
+    assert experiment_feed[-1]["type"] == "experiment_end"

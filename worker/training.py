@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import shutil
+import signal
 import threading
 import traceback
 from collections.abc import Iterator
@@ -89,6 +90,40 @@ class _Heartbeat:
         self.stop.set()
 
 
+# What execute_run returns when the worker stopped before the run could finish: the run is
+# queued again and its message must go back to the broker (worker/tasks.py).
+REQUEUED = "requeued"
+
+
+class StopSignal:
+    """SIGTERM while this process holds a run: the worker is stopping (`make run`'s Ctrl-C,
+    `docker compose stop`, systemd; the worker's main process passes its own shutdown on,
+    worker/celery_app.py). Training stops at its next iteration, saves its state and hands the
+    run back to the queue, instead of dying mid-step when the worker's time to stop runs out.
+
+    Without it the pool process dies at once: its run stays "running" until its heartbeat goes
+    stale (`stale_after_s`), then counts the attempt as lost.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self.previous = None
+
+    def _handle(self, _signum, _frame) -> None:
+        self.received = True
+
+    def __enter__(self) -> StopSignal:
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (execute_run called by a test's thread)
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 class _Skip(Exception):
     """This message does not train the run and leaves it as it is; the status says why."""
 
@@ -144,7 +179,9 @@ def _execute(settings: Settings, run_id: int, worker_name: str, task_id: str | N
             run = session.get(Run, run_id)
             _check_message(settings, run, worker_name, task_id)
             experiment_id = run.experiment_id
-        with _run_dir_lock(out_dir):
+        with StopSignal() as stop, _run_dir_lock(out_dir):
+            if stop.received:  # stopping before the run was taken: it stays queued as it is
+                return {"run_id": run_id, "status": REQUEUED}
             recorder = RunRecorder(settings, run_id, experiment_id)
             try:
                 job = _claim(settings, run_id, worker_name, task_id)
@@ -155,7 +192,7 @@ def _execute(settings: Settings, run_id: int, worker_name: str, task_id: str | N
                 return {"run_id": run_id, "status": end.status, "error": end.error}
             except Exception as exc:  # noqa: BLE001 - the run ends with the reason
                 return _fail(recorder, exc, f"could not start on worker {worker_name}: ")
-            return _train(settings, recorder, job, out_dir)
+            return _train(settings, recorder, job, out_dir, stop)
     except _Skip as skip:
         log.info("run %s: task %s not run (%s)", run_id, task_id, skip.status)
         return {"run_id": run_id, "status": skip.status}
@@ -263,8 +300,8 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
     return job
 
 
-def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path
-           ) -> dict[str, Any]:
+def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
+           stop: StopSignal) -> dict[str, Any]:
     from worker.selftuning.config import RunConfig
     from worker.selftuning.data import make_budget_data
     from worker.selftuning.files import checkpoint_path
@@ -279,11 +316,17 @@ def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path
             metrics = train(
                 config, data, out_dir,
                 on_event=recorder.on_event,
-                should_cancel=recorder.should_cancel,
+                should_cancel=lambda: recorder.should_cancel() or stop.received,
                 metadata={**job.metadata, "budget": budget_info},
                 cache_dir=job.cache_dir,
             )
         except TrainingCancelled:
+            # A person's cancel wins over the worker stopping: the run ends as they asked.
+            if stop.received and not recorder.should_cancel():
+                log.info("run %s: the worker is stopping; back to the queue at step %d",
+                         run_id, recorder.saved_step)
+                recorder.step_aside()
+                return {"run_id": run_id, "status": REQUEUED, "step": recorder.saved_step}
             recorder.finish("cancelled")
             return {"run_id": run_id, "status": "cancelled"}
         except Exception as exc:  # noqa: BLE001 - any failure ends the run with its message

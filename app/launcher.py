@@ -23,7 +23,10 @@ from app.db import upgrade_to_head
 
 
 def log(message: str) -> None:
-    print(f"[selftune] {message}", flush=True)
+    """A line on the terminal, if there still is one: once it is closed (SIGHUP) writing to it
+    fails, and the launcher must still stop everything."""
+    with contextlib.suppress(OSError):
+        print(f"[selftune] {message}", flush=True)
 
 
 def free_loopback_port() -> int:
@@ -48,7 +51,7 @@ class AlreadyRunning(Exception):
 
 
 class Supervisor:
-    """Child processes in their own sessions, stopped in reverse start order.
+    """Child processes in their own sessions, stopped in STOP_ORDER.
 
     The launcher holds `launcher.lock` in the data directory while it runs and lists its
     children in `launcher.json`. A second launch on the same data directory is refused while
@@ -80,7 +83,7 @@ class Supervisor:
             earlier = json.loads(self.record.read_text())["children"]
         except (OSError, ValueError, KeyError, TypeError):
             return
-        for entry in reversed(earlier):
+        for entry in sorted(earlier, key=lambda entry: _stop_rank(entry.get("name"))):
             try:
                 process = psutil.Process(entry["pid"])
                 if abs(process.create_time() - entry["started"]) > 0.5:
@@ -116,11 +119,20 @@ class Supervisor:
         """SIGTERM to each child's main process, never its whole group: the worker passes the
         stop on to the training process it chooses (worker/celery_app.py), whose data loader
         processes must not die first. What is left of a group after that is killed."""
-        for name, process in reversed(self.children):
+        for name, process in sorted(self.children, key=lambda child: _stop_rank(child[0])):
             with contextlib.suppress(psutil.Error):
                 _stop(name, psutil.Process(process.pid), grace_s)
             process.wait()
         self.record.unlink(missing_ok=True)
+
+
+# The worker stops first: it hands its run back to the queue, which needs Redis, and open
+# pages see the run go back to "queued" while the web is still there to tell them.
+STOP_ORDER = ("worker", "web", "redis")
+
+
+def _stop_rank(name: str | None) -> int:
+    return STOP_ORDER.index(name) if name in STOP_ORDER else len(STOP_ORDER)
 
 
 def _stop(name: str, process: psutil.Process, grace_s: float) -> None:
@@ -148,7 +160,10 @@ def port_refusal(settings: Settings) -> str | None:
     except OSError:
         return None  # uvicorn says what is wrong with the host
     with socket.socket(family, kind) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        # As uvicorn's socket (asyncio's create_server): an IPv6 address covers IPv6 only.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             sock.bind(address)
         except OSError as exc:

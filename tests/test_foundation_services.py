@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pty
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from select import select as wait_readable
 
 import httpx
 import psutil
@@ -121,6 +126,61 @@ def run_launcher(env: dict[str, str]) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+class TerminalLauncher:
+    """`make run` in a terminal of its own (a pseudo-terminal), which the test can close as a
+    person closes a terminal window. What it prints is copied to `log_path`."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the terminal is its stdin, stdout and stderr
+            os.chdir(PROJECT_ROOT)
+            os.execve(sys.executable, [sys.executable, "-m", "app.launcher"], env)
+        self.stop = threading.Event()
+        self.reader = threading.Thread(target=self._copy, daemon=True)
+        self.reader.start()
+        self.status: int | None = None
+
+    def _copy(self) -> None:
+        with open(self.log_path, "ab") as out:
+            while not self.stop.is_set():
+                if wait_readable([self.fd], [], [], 0.2)[0]:
+                    try:
+                        out.write(os.read(self.fd, 65536))
+                        out.flush()
+                    except OSError:
+                        return
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def hang_up(self, timeout: float) -> int:
+        """Close the terminal; the launcher's exit code."""
+        self.stop.set()
+        self.reader.join()
+        os.close(self.fd)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = os.waitstatus_to_exitcode(status)
+                return self.status
+            time.sleep(0.2)
+        raise AssertionError(f"the launcher did not exit within {timeout}s of the hang-up")
+
+    def kill(self) -> None:
+        """The launcher and whatever it started, however the test ended."""
+        if self.status is None:
+            kill_groups(psutil.Process(self.pid).children())
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+        if not self.stop.is_set():
+            self.stop.set()
+            self.reader.join()
+            os.close(self.fd)
+
+
 def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes_its_run(
     tmp_path,
 ):
@@ -128,11 +188,12 @@ def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes
     data directory is refused while the first lives; once it is gone, the next launch stops
     what it left (the worker first, which hands its run back to the queue while Redis is still
     there), starts afresh on the same port, and the run resumes without counting the stop as
-    an attempt. SIGHUP (the terminal closed) stops everything."""
+    an attempt. Closing the terminal of a launch (SIGHUP, and every later write to it fails)
+    stops everything."""
     port = free_port()
     env = launcher_env(tmp_path / "data", port)
     first = start_process([sys.executable, "-m", "app.launcher"], env, tmp_path / "first.log")
-    second = None
+    second, left = None, []
     try:
         wait_for(lambda: _health(port), timeout=120, message=f"first launch:\n{first.log()}")
         refused = run_launcher(env)
@@ -144,16 +205,17 @@ def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes
             }).json()["runs"][0]["id"]
             wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
                      timeout=180, message="progress before the kill")
-            left = psutil.Process(first.popen.pid).children()
+            left[:] = psutil.Process(first.popen.pid).children()
             first.stop(signal.SIGKILL)  # the launcher alone: its children have own sessions
             assert left and all(child.is_running() for child in left)
             assert client.get("/api/health").status_code == 200  # still served
 
-            second = start_process([sys.executable, "-m", "app.launcher"], env,
-                                   tmp_path / "second.log")
+            second = TerminalLauncher(env, tmp_path / "second.log")
             wait_for(lambda: not any(_alive(child) for child in left), timeout=120,
                      message=f"the leftovers to stop:\n{second.log()}")
-            assert "an earlier launch left its worker running" in second.log()
+            stops = [line.split()[-1] for line in second.log().splitlines()
+                     if line.startswith("[selftune] stopping ")]
+            assert stops == ["worker", "web", "redis"]  # the worker hands back, Redis is there
             wait_for(lambda: _health(port), timeout=120, message=f"relaunch:\n{second.log()}")
             run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
                            in ("succeeded", "failed", "lost") and r, timeout=300,
@@ -167,14 +229,14 @@ def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes
         assert resumed[0] is None and resumed[1] >= 6 and len(resumed) == 2
         assert [e["status"] for e in events if e["type"] == "status"] == [
             "running", "queued", "running"]
-        family = psutil.Process(second.popen.pid).children()
-        second.popen.send_signal(signal.SIGHUP)
-        assert second.popen.wait(timeout=90) == 0
+        family = psutil.Process(second.pid).children()
+        assert second.hang_up(timeout=90) == 0, second.log()
         assert not any(_alive(child) for child in family)
     finally:
+        kill_groups(left or psutil.Process(first.popen.pid).children())
         first.stop(signal.SIGKILL)
         if second:
-            second.stop()
+            second.kill()
 
 
 def test_the_launcher_names_the_setting_when_its_port_is_taken(tmp_path):
@@ -186,6 +248,31 @@ def test_the_launcher_names_the_setting_when_its_port_is_taken(tmp_path):
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stdout
     assert "SELFTUNE_PORT" in result.stdout
+
+
+def test_the_port_check_refuses_what_uvicorn_would_refuse_and_no_more(tmp_path):
+    """An IPv4 listener on the port blocks an IPv4 launch, not an IPv6 one: uvicorn's IPv6
+    socket covers IPv6 only."""
+    from app.config import Settings
+    from app.launcher import port_refusal
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host, refused in (("127.0.0.1", True), ("0.0.0.0", True), ("::", False)):
+            if ":" in host and not socket.has_ipv6:
+                continue
+            settings = Settings(data_dir=tmp_path, host=host, port=port,
+                                allow_public_without_token=True)
+            assert (port_refusal(settings) is not None) == refused, host
+
+
+def kill_groups(processes: list[psutil.Process]) -> None:
+    """SIGKILL the process groups these launcher children lead (each has its own session)."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _alive(process: psutil.Process) -> bool:

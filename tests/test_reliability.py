@@ -144,9 +144,15 @@ def test_a_worker_told_to_stop_hands_its_run_back_and_the_next_resumes_it_where_
             }).json()["runs"][0]["id"]
             wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
                      timeout=180, message="progress before the stop")
+            waiting_id = client.post("/api/experiments", json={
+                "dataset_id": dataset_id, **tiny_run(iterations=4, checkpoint_interval=1000)
+            }).json()["runs"][0]["id"]
             first.popen.send_signal(signal.SIGTERM)
             assert first.popen.wait(timeout=60) == 0, first.log()[-4000:]
             stopped = client.get(f"/api/runs/{run_id}").json()
+            # The broker puts it behind the run that was waiting; the page says so.
+            assert stopped["queue_position"] == 2
+            assert client.get(f"/api/runs/{waiting_id}").json()["queue_position"] == 1
             saved = [e for e in run_events(settings, run_id) if e["type"] == "checkpoint"]
             assert stopped["status"] == "queued" and stopped["attempts"] == 0, stopped
             assert len(saved) == 1 and 6 <= saved[0]["step"] < 80
@@ -157,10 +163,14 @@ def test_a_worker_told_to_stop_hands_its_run_back_and_the_next_resumes_it_where_
             run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
                            in ("succeeded", "failed", "lost") and r, timeout=300,
                            message="the run to finish on the next worker")
+            waiting = client.get(f"/api/runs/{waiting_id}").json()
         assert run["status"] == "succeeded", run["error"]
         assert run["attempts"] == 1 and run["worker"].startswith("second-")
+        assert waiting["status"] == "succeeded"
         events = run_events(settings, run_id)
         started = [e for e in events if e["type"] == "started"]
+        waiting_end = [e for e in run_events(settings, waiting_id) if e["type"] == "end"]
+        assert waiting_end[0]["time"] < started[1]["time"], "taken out of queue order"
         assert [e["resumed_from_step"] for e in started] == [None, saved[0]["step"]]
         assert [e["status"] for e in events if e["type"] == "status"] == [
             "running", "queued", "running"]

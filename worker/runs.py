@@ -259,9 +259,10 @@ class RunRecorder:
 
     def step_aside(self) -> bool:
         """The worker is stopping (see worker.training.StopSignal): the run, its training state
-        saved at `saved_step`, goes back to the queue under the same task, to resume from there
-        on the next worker. The stop is not the run's doing, so this attempt does not count
-        against it. Returns whether the run was still this worker's to hand back."""
+        saved at `saved_step`, goes back to the queue under the same task, behind the runs
+        already waiting, to resume from there on the next worker. The stop is not the run's
+        doing, so this attempt does not count against it. Returns whether the run was still
+        this worker's to hand back."""
 
         def record() -> Run | None:
             with session_scope(self.url) as session:
@@ -270,6 +271,7 @@ class RunRecorder:
                     return None
                 self._write_unsaved(session)
                 run.status = "queued"
+                run.queued_at = utcnow()  # where the broker puts it: behind those waiting
                 run.attempts = max(run.attempts - 1, 0)
                 run.step = max(run.step, self.saved_step)
                 return run

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import traceback
 
-from celery.exceptions import Reject
 from sqlalchemy import func, select
 
 from app.config import get_settings
@@ -59,7 +58,10 @@ def train_run(self, run_id: int) -> dict:
             log.exception("run %s: could not record that it failed to start", run_id)
         raise
     if outcome["status"] == REQUEUED:
-        # The worker is stopping and the run is queued again: its message goes back to the
-        # broker (late acks), for the next worker to resume it from its saved state.
-        raise Reject(f"run {run_id}: the worker stopped; back to the queue", requeue=True)
+        # The worker is stopping and the run is queued again: the task goes back to the broker
+        # under the same id, behind the runs already waiting, for the next worker to resume it
+        # from its saved state. (A retry, not a Reject: Celery logs a Reject as a warning with
+        # a traceback, though nothing went wrong.)
+        log.info("run %s: handed back to the queue at step %s", run_id, outcome.get("step", 0))
+        raise self.retry(countdown=0, max_retries=None)
     return outcome

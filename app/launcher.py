@@ -92,7 +92,8 @@ class Supervisor:
                 continue
             log(f"an earlier launch left its {entry.get('name', 'process')} running "
                 f"(pid {process.pid}); stopping it")
-            _stop(entry.get("name", "process"), process, grace_s)
+            with contextlib.suppress(psutil.Error):  # it ended meanwhile
+                _stop(entry.get("name", "process"), process, grace_s)
         self.record.unlink(missing_ok=True)
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -102,9 +103,11 @@ class Supervisor:
         return process
 
     def _write_record(self) -> None:
-        children = [{"name": name, "pid": process.pid,
-                     "started": psutil.Process(process.pid).create_time()}
-                    for name, process in self.children if process.poll() is None]
+        children = []
+        for name, process in self.children:
+            with contextlib.suppress(psutil.Error):  # one that ended at once is not listed
+                children.append({"name": name, "pid": process.pid,
+                                 "started": psutil.Process(process.pid).create_time()})
         temp = self.record.with_suffix(".tmp")
         temp.write_text(json.dumps({"launcher": os.getpid(), "children": children}))
         temp.replace(self.record)

@@ -256,7 +256,6 @@ class RunRecorder:
         except redis.RedisError:
             pass
 
-
     def step_aside(self) -> bool:
         """The worker is stopping (see worker.training.StopSignal): the run, its training state
         saved at `saved_step`, goes back to the queue under the same task, behind the runs

@@ -323,8 +323,6 @@ def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
         except TrainingCancelled:
             # A person's cancel wins over the worker stopping: the run ends as they asked.
             if stop.received and not recorder.should_cancel():
-                log.info("run %s: the worker is stopping; back to the queue at step %d",
-                         run_id, recorder.saved_step)
                 recorder.step_aside()
                 return {"run_id": run_id, "status": REQUEUED, "step": recorder.saved_step}
             recorder.finish("cancelled")

@@ -67,6 +67,7 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
             with session_scope(settings.sqlalchemy_url) as session:
                 run = session.get(Run, run_id)
                 run.status, run.attempts, run.worker = "running", 1, "gone@host"
+                run.device = "cpu"
                 run.started_at = run.heartbeat_at = utcnow() - timedelta(hours=1)
 
             run_feed = sse_events(client, f"/api/runs/{run_id}/events")
@@ -95,6 +96,7 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
             page.evaluate("window.sameDocument = true")
             assert page.is_hidden("#cancel") and page.is_visible("#requeue")
             assert "requeue it" in page.inner_text("#run-error")
+            assert page.inner_text("#device") == "cpu on gone@host"
             # Lost before any step: nothing to resume from, and the page does not claim it.
             assert page.inner_text("#requeue-note") == "starts from the beginning"
             page.click("#requeue")
@@ -103,6 +105,8 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
             assert page.inner_text("#queue-position").startswith("2 ")
             assert page.is_hidden("#requeue") and page.is_visible("#cancel")
             assert page.is_hidden("#run-error")
+            # Any free worker takes it now: where it ran is history.
+            assert page.inner_text("#device") == "– (last ran on cpu on gone@host)"
             assert page.evaluate("window.sameDocument") is True  # no reload
             wait_for(lambda: page.inner_text("#live-state") == "● live", timeout=15,
                      message="the page to follow the run again")

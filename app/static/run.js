@@ -98,8 +98,12 @@ export function runPage() {
     document.getElementById("queue-row").hidden = !queued;
     document.getElementById("queue-position").textContent = queued && run.queue_position
       ? `${run.queue_position} (runs are taken in the order they were queued)` : "–";
-    document.getElementById("device").textContent = run.device
-      ? `${run.device} on ${run.worker}${run.attempts > 1 ? `, attempt ${run.attempts}` : ""}` : "–";
+    // A queued run that trained before (handed back by a stopping worker, or lost) waits for
+    // any free worker: where it ran last is history, not where it runs.
+    const where = run.device ? `${run.device} on ${run.worker}` : null;
+    document.getElementById("device").textContent = !where ? "–"
+      : queued ? `– (last ran on ${where})`
+      : `${where}${run.attempts > 1 ? `, attempt ${run.attempts}` : ""}`;
     const cancel = document.getElementById("cancel");
     cancel.hidden = TERMINAL.has(run.status);
     cancel.disabled = run.cancel_requested;

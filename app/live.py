@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -45,9 +46,9 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
 def end_event(run: Any) -> dict[str, str]:
     """The stream entry that ends a run's feed, for a run ended outside the worker (cancelled
     while queued, lost for good)."""
-    return {"data": json.dumps({"type": "end", "run_id": run.id, "status": run.status,
-                                "error": run.error, "metrics": None, "step": run.step,
-                                "total_steps": run.total_steps})}
+    return {"data": json.dumps({"type": "end", "run_id": run.id, "time": time.time(),
+                                "status": run.status, "error": run.error, "metrics": None,
+                                "step": run.step, "total_steps": run.total_steps})}
 
 
 def publish_end(client: redis.Redis, run: Any) -> None:
@@ -93,8 +94,9 @@ def forget_feeds(client: redis.Redis, experiment_ids: list[int], run_ids: list[i
 
 def publish_status(client: redis.Redis, run: Any) -> None:
     """Tell open pages that a run changed state outside the worker (requeued, lost)."""
-    data = {"data": json.dumps({"type": "status", "run_id": run.id, "status": run.status,
-                                "step": run.step, "total_steps": run.total_steps})}
+    data = {"data": json.dumps({"type": "status", "run_id": run.id, "time": time.time(),
+                                "status": run.status, "step": run.step,
+                                "total_steps": run.total_steps})}
     try:
         client.xadd(run_stream_key(run.id), data)
         client.xadd(experiment_stream_key(run.experiment_id), data)

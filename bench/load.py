@@ -50,7 +50,8 @@ async def follow(client: httpx.AsyncClient, path: str, connected: asyncio.Event,
                     connected.set()
             if line.startswith("data: "):
                 event = json.loads(line[6:])
-                receipts.append((event.get("step", -1), time.time() - event["time"]))
+                if "time" in event:  # when it was published
+                    receipts.append((event.get("step", -1), time.time() - event["time"]))
                 if event["type"] == "end":
                     return
 

@@ -117,9 +117,9 @@ def test_run_of_a_killed_worker_resumes_from_its_checkpoint_on_the_next_worker(
         web.stop()
 
 
-def run_events(settings, run_id: int) -> list[dict]:
+def run_events(redis_url: str, run_id: int) -> list[dict]:
     return [json.loads(fields["data"]) for _, fields in
-            redis.Redis.from_url(settings.effective_redis_url, decode_responses=True)
+            redis.Redis.from_url(redis_url, decode_responses=True)
             .xrange(f"selftune:run:{run_id}:events")]
 
 
@@ -153,7 +153,8 @@ def test_a_worker_told_to_stop_hands_its_run_back_and_the_next_resumes_it_where_
             # The broker puts it behind the run that was waiting; the page says so.
             assert stopped["queue_position"] == 2
             assert client.get(f"/api/runs/{waiting_id}").json()["queue_position"] == 1
-            saved = [e for e in run_events(settings, run_id) if e["type"] == "checkpoint"]
+            saved = [e for e in run_events(settings.effective_redis_url, run_id)
+                     if e["type"] == "checkpoint"]
             assert stopped["status"] == "queued" and stopped["attempts"] == 0, stopped
             assert len(saved) == 1 and 6 <= saved[0]["step"] < 80
             assert stopped["step"] == saved[0]["step"]
@@ -167,9 +168,10 @@ def test_a_worker_told_to_stop_hands_its_run_back_and_the_next_resumes_it_where_
         assert run["status"] == "succeeded", run["error"]
         assert run["attempts"] == 1 and run["worker"].startswith("second-")
         assert waiting["status"] == "succeeded"
-        events = run_events(settings, run_id)
+        events = run_events(settings.effective_redis_url, run_id)
         started = [e for e in events if e["type"] == "started"]
-        waiting_end = [e for e in run_events(settings, waiting_id) if e["type"] == "end"]
+        waiting_end = [e for e in run_events(settings.effective_redis_url, waiting_id)
+                       if e["type"] == "end"]
         assert waiting_end[0]["time"] < started[1]["time"], "taken out of queue order"
         assert [e["resumed_from_step"] for e in started] == [None, saved[0]["step"]]
         assert [e["status"] for e in events if e["type"] == "status"] == [
@@ -252,6 +254,56 @@ def test_training_goes_on_through_a_redis_restart_and_the_record_is_complete(
         worker.stop()
         web.stop()
         server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_a_run_handed_back_while_redis_is_down_is_not_left_queued_for_ever(settings, tmp_path):
+    """Redis dies, then the worker is told to stop (as `make run` does when its embedded
+    Redis dies): the hand-back cannot send the task again. Left "queued", nothing would ever
+    take the run; it is set back to "running", so once Redis is back the reaper finds it
+    silent and queues it again, and it resumes from the state it saved."""
+    port = free_port()
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    redis_dir = tmp_path / "redis"
+    server = redis_server(port, redis_dir, tmp_path / "redis.log")
+    wait_redis(redis_url)
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, redis_url, **FAST_BEATS)
+    url, web = start(env, tmp_path, "web")
+    first = start_worker(env, tmp_path / "logs" / "first.log", name="first")
+    second = None
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_for_worker(client, "first-")
+            dataset_id = upload(client, tmp_path)
+            run_id = client.post("/api/experiments", json={
+                "dataset_id": dataset_id, **tiny_run(iterations=80, checkpoint_interval=1000)
+            }).json()["runs"][0]["id"]
+            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
+                     timeout=180, message="progress before Redis goes")
+            server.kill()
+            server.wait(timeout=30)
+            first.popen.send_signal(signal.SIGTERM)
+            first.popen.wait(timeout=90)
+            assert "could not go back to the broker" in first.log(), first.log()[-4000:]
+            stopped = client.get(f"/api/runs/{run_id}").json()
+            assert stopped["status"] == "running" and stopped["attempts"] == 0, stopped
+
+            server = redis_server(port, redis_dir, tmp_path / "redis.log")
+            wait_redis(redis_url)
+            second = start_worker(env, tmp_path / "logs" / "second.log", name="second")
+            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
+                           in ("succeeded", "failed") and r, timeout=300,
+                           message="the reaper to queue the run again and a worker to end it")
+        assert run["status"] == "succeeded", run["error"]
+        assert run["worker"].startswith("second-")
+        started = [e for e in run_events(redis_url, run_id) if e["type"] == "started"]
+        assert started[-1]["resumed_from_step"] == stopped["step"] > 0
+    finally:
+        first.stop(signal.SIGKILL)
+        if second:
+            second.stop()
+        web.stop()
+        server.kill()
         server.wait(timeout=30)
 
 

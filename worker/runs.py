@@ -283,6 +283,20 @@ class RunRecorder:
         return run is not None
 
 
+def undo_hand_back(settings: Settings, run_id: int, task_id: str | None) -> bool:
+    """The run was handed back (`RunRecorder.step_aside`) but its task could not be sent to
+    the broker again (Redis is away): as "queued" nothing would ever take it. It is set back
+    to "running", its heartbeat left to go stale, so the reaper finds it silent and queues it
+    again with a new task once the broker is back; it resumes from the state it saved. Only
+    a run still queued under this task is touched; returns whether it was."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        return bool(session.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.status == "queued", Run.celery_task_id == task_id)
+            .values(status="running")
+        ).rowcount)
+
+
 def fail_unstarted_run(settings: Settings, run_id: int, task_id: str | None,
                        error: str) -> bool:
     """The task's last resort when it could not even take its run (the worker cannot load its

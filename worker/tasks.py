@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import traceback
 
+from celery.exceptions import Retry
 from sqlalchemy import func, select
 
 from app.config import get_settings
@@ -12,7 +13,7 @@ from app.db import session_scope
 from app.experiments import TRAIN_TASK
 from app.models import Dataset
 from worker.celery_app import app, worker_identity
-from worker.runs import DatabaseUnavailable, fail_unstarted_run
+from worker.runs import DatabaseUnavailable, fail_unstarted_run, undo_hand_back
 
 log = logging.getLogger(__name__)
 
@@ -63,5 +64,13 @@ def train_run(self, run_id: int) -> dict:
         # from its saved state. (A retry, not a Reject: Celery logs a Reject as a warning with
         # a traceback, though nothing went wrong.)
         log.info("run %s: handed back to the queue at step %s", run_id, outcome.get("step", 0))
-        raise self.retry(countdown=0, max_retries=None)
+        try:
+            raise self.retry(countdown=0, max_retries=None)
+        except Retry:
+            raise
+        except Exception:
+            log.exception("run %s: its task could not go back to the broker; the reaper will "
+                          "queue it again once it finds the run silent", run_id)
+            undo_hand_back(settings, run_id, self.request.id)
+            raise
     return outcome

@@ -50,6 +50,11 @@ def test_animal_mnist_upload_gives_ten_classes_and_its_own_test_split(
         thumb = client.get(f"/api/datasets/{dataset_id}/images/{page['items'][0]['id']}/thumbnail")
         assert thumb.status_code == 200
         assert Image.open(io.BytesIO(thumb.content)).size == (28, 28)  # never enlarged
+        # No unlabeled/ folder, yet the semi-supervised methods have images below "all":
+        # the page must not say they have nothing to use.
+        shown = " ".join(client.get(f"/datasets/{dataset_id}").text.split())
+        assert ("the labeled images a budget leaves out are what Self-Tuning and FixMatch use "
+                "as unlabeled") in shown
 
         assert client.delete(f"/api/datasets/{dataset_id}").status_code == 204
         assert client.get(f"/api/datasets/{dataset_id}").status_code == 404

@@ -347,7 +347,13 @@ async function drawLabelNext(run) {
   // the ones worth labeling next are those without any label.
   const rows = parseCsv(await response.text()).filter((row) => !row.hidden_label).slice(0, LABEL_NEXT_SHOWN);
   if (!rows.length) {
-    box.replaceChildren(h("p", { class: "muted" }, "No unlabeled images: every image has a label."));
+    // The labels this budget withheld are the user's own: say how to rank those images anyway.
+    const ranked = `/api/runs/${run.id}/label-next.csv?include_withheld=true`;
+    const any = await fetch(`${ranked}&limit=1`);
+    const withheld = any.ok && parseCsv(await any.text()).length > 0;
+    box.replaceChildren(h("p", { class: "muted" }, "No unlabeled images: every image has a label.",
+      withheld ? [" The budget only hid some of them, to score the pseudo-labels; ",
+        h("a", { href: ranked }, "those images ranked the same way"), " (CSV)."] : []));
     return;
   }
   box.replaceChildren(...rows.map((row) => h("figure", { class: "thumb" },

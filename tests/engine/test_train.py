@@ -70,6 +70,11 @@ def test_outputs_of_a_run(finished_run, shapes_data: RunData):
         "model.safetensors", "config.json", "training.json", "predictions.csv",
         "test_predictions.json", "state",
     }
+    # Every export has the mode of any new file there (safetensors alone would make the model
+    # private, and so the copy a user unzips from the checkpoint download).
+    modes = {name: (out / name).stat().st_mode & 0o777 for name in (
+        "model.safetensors", "config.json", "training.json", "predictions.csv")}
+    assert len(set(modes.values())) == 1, modes
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "test_efficientnet"
     assert config["num_classes"] == 3 and config["label_names"] == shapes_data.class_names

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from worker.selftuning.files import new_file_mode
 from worker.selftuning.images import Preprocessing
 
 MODEL_FILE = "model.safetensors"
@@ -35,6 +36,9 @@ def export_model(
              for key, value in model.state_dict().items()}
     temporary = out_dir / f".{MODEL_FILE}.tmp"
     save_file(state, str(temporary), metadata={"format": "pt"})
+    # safetensors writes its files private (0600): the model is a download like the others,
+    # so it gets the mode any new file gets here (0644 under the usual umask).
+    os.chmod(temporary, new_file_mode(out_dir))
     os.replace(temporary, out_dir / MODEL_FILE)
     write_json(out_dir / CONFIG_FILE, {
         "architecture": architecture_of(model),

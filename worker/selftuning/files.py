@@ -33,6 +33,17 @@ def temporary_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}.{host_tag()}.tmp")
 
 
+def new_file_mode(folder: Path) -> int:
+    """The permission bits a file created in `folder` gets (0o666 less the umask), found by
+    creating one: reading the umask means setting it, which other threads would see."""
+    probe = folder / f".mode.{os.getpid()}.{host_tag()}.tmp"
+    probe.touch()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+
+
 def fsync_directory(folder: Path) -> None:
     """Make a rename inside `folder` durable (no-op where directories cannot be opened)."""
     try:

@@ -1,0 +1,67 @@
+"""The run page's "label next" on a dataset without images of its own to label: the budget
+only withheld labels the user gave. Real uvicorn, Redis and SQLite in Chromium; the run's
+predictions are written as the worker writes them."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+
+import pytest
+import redis
+
+from app.db import session_scope
+from app.models import Artifact
+from tests.browser import open_browser
+from tests.support import add_dataset_row
+from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
+
+pytestmark = pytest.mark.browser
+
+
+def record_predictions(data_dir, database_url: str, run_id: int, hidden: list[str]) -> None:
+    """predictions.csv with one row per image the budget left unlabeled, as rewritten by
+    the worker (image ids and the archive's paths)."""
+    folder = data_dir / "runs" / str(run_id)
+    folder.mkdir(parents=True)
+    path = folder / "predictions.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "path", "label", "confidence", "margin", "hidden_label"])
+        for index, label in enumerate(hidden):
+            writer.writerow(["", f"cat/{index}.png", "cat", 0.6, 0.2 + index / 10, label])
+    with session_scope(database_url) as session:
+        session.add(Artifact(run_id=run_id, name="predictions.csv",
+                             path=f"runs/{run_id}/predictions.csv",
+                             size_bytes=path.stat().st_size,
+                             sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
+
+
+@pytest.mark.parametrize("hidden", [["cat", "dog"], []], ids=["withheld", "none"])
+def test_label_next_offers_the_withheld_images_only_when_the_budget_hid_some(
+    live_server, request, hidden
+):
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        record_predictions(live_server.data_dir, database_url, run_ids[0], hidden)
+        end_as_worker(database_url, live, run_ids[0], "succeeded")
+        ranked = client.get(f"/api/runs/{run_ids[0]}/label-next.csv",
+                            params={"include_withheld": "true"}).text.splitlines()
+    assert len(ranked) == 1 + len(hidden)
+
+    with open_browser(request.node.name) as browser:
+        browser.page.goto(f"{live_server.url}/runs/{run_ids[0]}")
+        box = browser.page.wait_for_selector("#label-next-thumbs p")  # set once, when known
+        text = box.inner_text()
+        assert text.startswith("No unlabeled images: every image has a label.")
+        link = browser.page.query_selector("#label-next-thumbs a")
+        if hidden:
+            assert "The budget only hid some of them" in text
+            assert link.get_attribute("href") == (
+                f"/api/runs/{run_ids[0]}/label-next.csv?include_withheld=true")
+        else:
+            assert link is None and "hid" not in text
+        browser.screenshot("label-next")
+        browser.assert_no_errors()

@@ -63,6 +63,7 @@ class Supervisor:
 
     def __init__(self, data_dir: Path) -> None:
         self.children: list[tuple[str, subprocess.Popen]] = []
+        self._commands: dict[str, tuple[list[str], dict[str, str]]] = {}
         self.record = data_dir / "launcher.json"
         self._lock = open(data_dir / "launcher.lock", "a")  # noqa: SIM115 - held for life
         try:
@@ -99,6 +100,18 @@ class Supervisor:
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         process = subprocess.Popen(args, env=env, start_new_session=True)
         self.children.append((name, process))
+        self._commands[name] = (args, env)
+        self._write_record()
+        return process
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start the child `name` again, as it was started, in its place in the order."""
+        args, env = self._commands[name]
+        index = next(i for i, (child, _) in enumerate(self.children) if child == name)
+        with contextlib.suppress(psutil.Error):  # what is left of its group
+            _stop(name, psutil.Process(self.children[index][1].pid), grace_s=5)
+        process = subprocess.Popen(args, env=env, start_new_session=True)
+        self.children[index] = (name, process)
         self._write_record()
         return process
 
@@ -203,16 +216,38 @@ def start_embedded_redis(supervisor: Supervisor, settings: Settings) -> str:
         dict(os.environ),
     )
     url = f"redis://127.0.0.1:{port}/0"
+    wait_for_redis(url, settings)
+    return url
+
+
+def wait_for_redis(url: str, settings: Settings, within_s: float = 30) -> None:
     import redis
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
             redis.Redis.from_url(url, socket_timeout=1).ping()
-            return url
+            return
         except redis.RedisError:
             time.sleep(0.1)
-    raise RuntimeError(f"embedded Redis did not start; see {redis_dir / 'redis.log'}")
+    raise RuntimeError(
+        f"embedded Redis did not start; see {settings.data_dir / 'redis' / 'redis.log'}")
+
+
+class Restarts:
+    """How often a child may be started again: at most `limit` times in `window_s`."""
+
+    def __init__(self, limit: int = 3, window_s: float = 300.0) -> None:
+        self.limit, self.window_s = limit, window_s
+        self.times: list[float] = []
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.times = [moment for moment in self.times if now - moment < self.window_s]
+        if len(self.times) >= self.limit:
+            return False
+        self.times.append(now)
+        return True
 
 
 def main() -> int:
@@ -300,9 +335,23 @@ def main() -> int:
         )
         shown_host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
         log(f"open http://{shown_host}:{settings.port}/  (Ctrl-C stops everything)")
+        redis_restarts = Restarts()
         while not stop_requested:
             if (exited := supervisor.first_exited()) is not None:
-                log(f"{exited[0]} exited with status {exited[1]}; stopping the rest")
+                name, status = exited
+                # The embedded Redis comes back on its port with its append-only file: the
+                # worker and the web reconnect by themselves and training goes on, as with a
+                # Redis of one's own that restarts.
+                if name == "redis" and not settings.redis_url and redis_restarts.allow():
+                    log(f"redis exited with status {status}; starting it again")
+                    supervisor.restart("redis")
+                    try:
+                        wait_for_redis(redis_url, settings)
+                    except RuntimeError as exc:
+                        log(f"{exc}; stopping the rest")
+                        return 1
+                    continue
+                log(f"{name} exited with status {status}; stopping the rest")
                 return 1
             time.sleep(0.3)
         log("stopping")

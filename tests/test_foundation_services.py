@@ -239,6 +239,45 @@ def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes
             second.kill()
 
 
+def test_the_embedded_redis_dying_is_started_again_and_training_goes_on(tmp_path):
+    """kill -9 of `make run`'s own redis-server mid-run: the launcher starts it again on its
+    port with its append-only file; worker and web reconnect, and the run ends in the same
+    attempt instead of the whole app stopping."""
+    port = free_port()
+    launcher = start_process([sys.executable, "-m", "app.launcher"],
+                             launcher_env(tmp_path / "data", port), tmp_path / "run.log")
+    family = []
+    try:
+        wait_for(lambda: _health(port), timeout=120, message=f"launch:\n{launcher.log()}")
+        family[:] = psutil.Process(launcher.popen.pid).children()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            dataset_id = upload(client, tmp_path)
+            run_id = client.post("/api/experiments", json={
+                "dataset_id": dataset_id, **tiny_run(iterations=120, checkpoint_interval=1000)
+            }).json()["runs"][0]["id"]
+            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
+                     timeout=180, message="progress before Redis dies")
+            server = next(p for p in family if "redis-server" in " ".join(p.cmdline()))
+            server.kill()
+            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
+                           in ("succeeded", "failed", "lost") and r, timeout=300,
+                           message=f"the run to finish:\n{launcher.log()}")
+            assert client.get("/api/health").status_code == 200
+        assert run["status"] == "succeeded", run["error"]
+        assert run["attempts"] == 1
+        assert "redis exited with status -9; starting it again" in launcher.log()
+        assert launcher.popen.poll() is None  # still running
+        family += psutil.Process(launcher.popen.pid).children()
+        launcher.popen.send_signal(signal.SIGINT)
+        assert launcher.popen.wait(timeout=90) == 0
+        assert not any(_alive(child) for child in family)
+    finally:
+        with contextlib.suppress(psutil.Error):  # the Redis started again is a new child
+            family += psutil.Process(launcher.popen.pid).children()
+        kill_groups(family)
+        launcher.stop(signal.SIGKILL)
+
+
 def test_the_launcher_names_the_setting_when_its_port_is_taken(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

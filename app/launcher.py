@@ -108,8 +108,7 @@ class Supervisor:
         """Start the child `name` again, as it was started, in its place in the order."""
         args, env = self._commands[name]
         index = next(i for i, (child, _) in enumerate(self.children) if child == name)
-        with contextlib.suppress(psutil.Error):  # what is left of its group
-            _stop(name, psutil.Process(self.children[index][1].pid), grace_s=5)
+        _kill_group(self.children[index][1].pid)  # anything the one that exited left
         process = subprocess.Popen(args, env=env, start_new_session=True)
         self.children[index] = (name, process)
         self._write_record()
@@ -136,8 +135,10 @@ class Supervisor:
         stop on to the training process it chooses (worker/celery_app.py), whose data loader
         processes must not die first. What is left of a group after that is killed."""
         for name, process in sorted(self.children, key=lambda child: _stop_rank(child[0])):
-            with contextlib.suppress(psutil.Error):
-                _stop(name, psutil.Process(process.pid), grace_s)
+            if process.poll() is None:  # an exited one's pid may be another process's now
+                with contextlib.suppress(psutil.Error):
+                    _stop(name, psutil.Process(process.pid), grace_s)
+            _kill_group(process.pid)
             process.wait()
         self.record.unlink(missing_ok=True)
 
@@ -160,12 +161,16 @@ def _stop(name: str, process: psutil.Process, grace_s: float) -> None:
             process.wait(timeout=grace_s)
         except psutil.TimeoutExpired:
             log(f"{name} did not stop in {grace_s:.0f}s, killing it")
-    # The group's id is the leader's pid (start_new_session): Celery's pool processes and a
-    # data loader's workers are in it, the leader too if it did not stop in time.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+    _kill_group(process.pid)  # the leader too, if it did not stop in time
     with contextlib.suppress(psutil.Error):
         process.wait(timeout=10)
+
+
+def _kill_group(leader_pid: int) -> None:
+    """SIGKILL what is left of the process group a child leads: its id is the child's pid
+    (start_new_session); Celery's pool processes and a data loader's workers are in it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(leader_pid, signal.SIGKILL)
 
 
 def port_refusal(settings: Settings) -> str | None:

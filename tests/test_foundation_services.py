@@ -134,8 +134,11 @@ class TerminalLauncher:
         self.log_path = log_path
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the terminal is its stdin, stdout and stderr
-            os.chdir(PROJECT_ROOT)
-            os.execve(sys.executable, [sys.executable, "-m", "app.launcher"], env)
+            try:
+                os.chdir(PROJECT_ROOT)
+                os.execve(sys.executable, [sys.executable, "-m", "app.launcher"], env)
+            finally:
+                os._exit(127)  # never back into the test's code
         self.stop = threading.Event()
         self.reader = threading.Thread(target=self._copy, daemon=True)
         self.reader.start()
@@ -171,7 +174,8 @@ class TerminalLauncher:
     def kill(self) -> None:
         """The launcher and whatever it started, however the test ended."""
         if self.status is None:
-            kill_groups(psutil.Process(self.pid).children())
+            with contextlib.suppress(psutil.Error):
+                kill_groups(psutil.Process(self.pid).children())
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
@@ -233,7 +237,9 @@ def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes
         assert second.hang_up(timeout=90) == 0, second.log()
         assert not any(_alive(child) for child in family)
     finally:
-        kill_groups(left or psutil.Process(first.popen.pid).children())
+        with contextlib.suppress(psutil.Error):  # the first launcher may be gone already
+            left += psutil.Process(first.popen.pid).children()
+        kill_groups(left)
         first.stop(signal.SIGKILL)
         if second:
             second.kill()

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.models import Dataset
 from tests.support import PROJECT_ROOT, app_env, free_port, start_process, start_server, wait_for
-from tests.test_reliability import tiny_run, upload
+from tests.test_reliability import start_tiny_run, upload, wait_for_end, wait_for_step
 
 
 def test_health_reports_database_redis_and_the_worker_device(live_server, celery_worker):
@@ -204,11 +204,8 @@ def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes
         assert refused.returncode == 2 and "already running from" in refused.stdout
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             dataset_id = upload(client, tmp_path)
-            run_id = client.post("/api/experiments", json={
-                "dataset_id": dataset_id, **tiny_run(iterations=160, checkpoint_interval=1000)
-            }).json()["runs"][0]["id"]
-            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
-                     timeout=180, message="progress before the kill")
+            run_id = start_tiny_run(client, dataset_id, iterations=160, checkpoint_interval=1000)
+            wait_for_step(client, run_id, 6, "progress before the kill")
             left[:] = psutil.Process(first.popen.pid).children()
             first.stop(signal.SIGKILL)  # the launcher alone: its children have own sessions
             assert left and all(child.is_running() for child in left)
@@ -221,9 +218,8 @@ def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes
                      if line.startswith("[selftune] stopping ")]
             assert stops == ["worker", "web", "redis"]  # the worker hands back, Redis is there
             wait_for(lambda: _health(port), timeout=120, message=f"relaunch:\n{second.log()}")
-            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
-                           in ("succeeded", "failed", "lost") and r, timeout=300,
-                           message=f"the run to finish after the relaunch:\n{second.log()}")
+            run = wait_for_end(client, run_id,
+                               f"the run to finish after the relaunch:\n{second.log()}")
             with client.stream("GET", f"/api/runs/{run_id}/events") as response:
                 events = [json.loads(line[5:]) for line in response.iter_lines()
                           if line.startswith("data:")]
@@ -258,16 +254,11 @@ def test_the_embedded_redis_dying_is_started_again_and_training_goes_on(tmp_path
         family[:] = psutil.Process(launcher.popen.pid).children()
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             dataset_id = upload(client, tmp_path)
-            run_id = client.post("/api/experiments", json={
-                "dataset_id": dataset_id, **tiny_run(iterations=120, checkpoint_interval=1000)
-            }).json()["runs"][0]["id"]
-            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
-                     timeout=180, message="progress before Redis dies")
+            run_id = start_tiny_run(client, dataset_id, iterations=120, checkpoint_interval=1000)
+            wait_for_step(client, run_id, 6, "progress before Redis dies")
             server = next(p for p in family if "redis-server" in " ".join(p.cmdline()))
             server.kill()
-            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
-                           in ("succeeded", "failed", "lost") and r, timeout=300,
-                           message=f"the run to finish:\n{launcher.log()}")
+            run = wait_for_end(client, run_id, f"the run to finish:\n{launcher.log()}")
             assert client.get("/api/health").status_code == 200
         assert run["status"] == "succeeded", run["error"]
         assert run["attempts"] == 1

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Artifact, RunMetric
+from app.schemas import TERMINAL_STATUSES
 from tests.support import (
     Process,
     app_env,
@@ -32,15 +33,30 @@ from tests.support import (
 FAST_BEATS = {"SELFTUNE_HEARTBEAT_INTERVAL_S": "1", "SELFTUNE_STALE_AFTER_S": "6"}
 
 
-def tiny_run(iterations: int, checkpoint_interval: int) -> dict:
-    return {
-        "backbone": "test_efficientnet", "preset": "quick", "methods": ["self-tuning"],
-        "budgets": [0.5], "seeds": [0],
+def start_tiny_run(client: httpx.Client, dataset_id: int, iterations: int,
+                   checkpoint_interval: int) -> int:
+    """A one-run Self-Tuning experiment on a tiny model and 32 px images; the run's id."""
+    created = client.post("/api/experiments", json={
+        "dataset_id": dataset_id, "backbone": "test_efficientnet", "preset": "quick",
+        "methods": ["self-tuning"], "budgets": [0.5], "seeds": [0],
         "overrides": {"pretrained": False, "image_size": 32, "batch_size": 8,
                       "unlabeled_batch_size": 8, "iterations": iterations,
                       "eval_interval": iterations, "log_interval": 2,
                       "checkpoint_interval": checkpoint_interval},
-    }
+    })
+    assert created.status_code == 201, created.text
+    return created.json()["runs"][0]["id"]
+
+
+def wait_for_step(client: httpx.Client, run_id: int, step: int, message: str) -> None:
+    wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= step,
+             timeout=180, message=message)
+
+
+def wait_for_end(client: httpx.Client, run_id: int, message: str) -> dict:
+    """The run's record once it has ended, however it ended."""
+    return wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
+                    in TERMINAL_STATUSES and r, timeout=300, message=message)
 
 
 def upload(client: httpx.Client, tmp_path: Path) -> int:
@@ -74,9 +90,7 @@ def test_run_of_a_killed_worker_resumes_from_its_checkpoint_on_the_next_worker(
         with httpx.Client(base_url=url, timeout=60) as client:
             wait_for_worker(client, "first-")
             dataset_id = upload(client, tmp_path)
-            experiment = client.post("/api/experiments", json={
-                "dataset_id": dataset_id, **tiny_run(iterations=60, checkpoint_interval=10)})
-            run_id = experiment.json()["runs"][0]["id"]
+            run_id = start_tiny_run(client, dataset_id, iterations=60, checkpoint_interval=10)
             checkpoint = settings.runs_dir / str(run_id) / "state" / "checkpoint.pt"
             wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 14
                      and checkpoint.exists(), timeout=180, message="a checkpoint and progress")
@@ -84,9 +98,7 @@ def test_run_of_a_killed_worker_resumes_from_its_checkpoint_on_the_next_worker(
             first.stop(signal.SIGKILL)  # the whole worker, main process and pool child
 
             second = start_worker(env, tmp_path / "logs" / "second.log", name="second")
-            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
-                           in ("succeeded", "failed") and r, timeout=300,
-                           message="the run to finish on the second worker")
+            run = wait_for_end(client, run_id, "the run to finish on the second worker")
         assert run["status"] == "succeeded", run["error"]
         assert run["attempts"] == 2 and run["worker"].startswith("second-")
         assert run["step"] == 60 and step_at_kill < 60
@@ -139,14 +151,9 @@ def test_a_worker_told_to_stop_hands_its_run_back_and_the_next_resumes_it_where_
         with httpx.Client(base_url=url, timeout=60) as client:
             wait_for_worker(client, "first-")
             dataset_id = upload(client, tmp_path)
-            run_id = client.post("/api/experiments", json={
-                "dataset_id": dataset_id, **tiny_run(iterations=80, checkpoint_interval=1000)
-            }).json()["runs"][0]["id"]
-            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
-                     timeout=180, message="progress before the stop")
-            waiting_id = client.post("/api/experiments", json={
-                "dataset_id": dataset_id, **tiny_run(iterations=4, checkpoint_interval=1000)
-            }).json()["runs"][0]["id"]
+            run_id = start_tiny_run(client, dataset_id, iterations=80, checkpoint_interval=1000)
+            wait_for_step(client, run_id, 6, "progress before the stop")
+            waiting_id = start_tiny_run(client, dataset_id, iterations=4, checkpoint_interval=1000)
             first.popen.send_signal(signal.SIGTERM)
             assert first.popen.wait(timeout=60) == 0, first.log()[-4000:]
             stopped = client.get(f"/api/runs/{run_id}").json()
@@ -161,9 +168,7 @@ def test_a_worker_told_to_stop_hands_its_run_back_and_the_next_resumes_it_where_
             assert (settings.runs_dir / str(run_id) / "state" / "checkpoint.pt").is_file()
 
             second = start_worker(env, tmp_path / "logs" / "second.log", name="second")
-            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
-                           in ("succeeded", "failed", "lost") and r, timeout=300,
-                           message="the run to finish on the next worker")
+            run = wait_for_end(client, run_id, "the run to finish on the next worker")
             waiting = client.get(f"/api/runs/{waiting_id}").json()
         assert run["status"] == "succeeded", run["error"]
         assert run["attempts"] == 1 and run["worker"].startswith("second-")
@@ -223,11 +228,8 @@ def test_training_goes_on_through_a_redis_restart_and_the_record_is_complete(
         with httpx.Client(base_url=url, timeout=60) as client:
             wait_for_worker(client, "steady-")
             dataset_id = upload(client, tmp_path)
-            run_id = client.post("/api/experiments", json={
-                "dataset_id": dataset_id, **tiny_run(iterations=80, checkpoint_interval=40)
-            }).json()["runs"][0]["id"]
-            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
-                     timeout=180, message="progress before the restart")
+            run_id = start_tiny_run(client, dataset_id, iterations=80, checkpoint_interval=40)
+            wait_for_step(client, run_id, 6, "progress before the restart")
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
             down_at = client.get(f"/api/runs/{run_id}").json()["step"]
@@ -235,9 +237,7 @@ def test_training_goes_on_through_a_redis_restart_and_the_record_is_complete(
             assert client.get("/api/health").status_code == 503
             server = redis_server(port, redis_dir, tmp_path / "redis.log")
             wait_redis(redis_url)
-            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
-                           in ("succeeded", "failed") and r, timeout=300,
-                           message="the run to finish after the restart")
+            run = wait_for_end(client, run_id, "the run to finish after the restart")
             # The live feed is back: a client reading now gets the end of the run.
             with client.stream("GET", f"/api/runs/{run_id}/events") as response:
                 frames = [line for line in response.iter_lines() if line.startswith("data:")]
@@ -275,11 +275,8 @@ def test_a_run_handed_back_while_redis_is_down_is_not_left_queued_for_ever(setti
         with httpx.Client(base_url=url, timeout=60) as client:
             wait_for_worker(client, "first-")
             dataset_id = upload(client, tmp_path)
-            run_id = client.post("/api/experiments", json={
-                "dataset_id": dataset_id, **tiny_run(iterations=80, checkpoint_interval=1000)
-            }).json()["runs"][0]["id"]
-            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 6,
-                     timeout=180, message="progress before Redis goes")
+            run_id = start_tiny_run(client, dataset_id, iterations=80, checkpoint_interval=1000)
+            wait_for_step(client, run_id, 6, "progress before Redis goes")
             server.kill()
             server.wait(timeout=30)
             first.popen.send_signal(signal.SIGTERM)
@@ -291,9 +288,8 @@ def test_a_run_handed_back_while_redis_is_down_is_not_left_queued_for_ever(setti
             server = redis_server(port, redis_dir, tmp_path / "redis.log")
             wait_redis(redis_url)
             second = start_worker(env, tmp_path / "logs" / "second.log", name="second")
-            run = wait_for(lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"]
-                           in ("succeeded", "failed") and r, timeout=300,
-                           message="the reaper to queue the run again and a worker to end it")
+            run = wait_for_end(client, run_id,
+                               "the reaper to queue the run again and a worker to end it")
         assert run["status"] == "succeeded", run["error"]
         assert run["worker"].startswith("second-")
         started = [e for e in run_events(redis_url, run_id) if e["type"] == "started"]
@@ -324,9 +320,7 @@ def test_live_feed_picks_up_after_a_web_restart_without_losing_events(
             wait_for(lambda: _up(client), timeout=60, message="web")
             wait_for_worker(client, "feed-")
             dataset_id = upload(client, tmp_path)
-            run_id = client.post("/api/experiments", json={
-                "dataset_id": dataset_id, **tiny_run(iterations=40, checkpoint_interval=40)
-            }).json()["runs"][0]["id"]
+            run_id = start_tiny_run(client, dataset_id, iterations=40, checkpoint_interval=40)
             seen: list[tuple[str, dict]] = []
             last_id = None
             try:

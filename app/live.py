@@ -46,9 +46,15 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
 def end_event(run: Any) -> dict[str, str]:
     """The stream entry that ends a run's feed, for a run ended outside the worker (cancelled
     while queued, lost for good)."""
-    return {"data": json.dumps({"type": "end", "run_id": run.id, "time": time.time(),
-                                "status": run.status, "error": run.error, "metrics": None,
-                                "step": run.step, "total_steps": run.total_steps})}
+    return _run_event(run, "end", error=run.error, metrics=None)
+
+
+def _run_event(run: Any, kind: str, **extra: Any) -> dict[str, str]:
+    """A stream entry about a run's state, written by the web or the reaper (the worker's
+    own events carry the same fields, worker.runs.RunRecorder.publish)."""
+    return {"data": json.dumps({"type": kind, "run_id": run.id, "time": time.time(),
+                                "status": run.status, "step": run.step,
+                                "total_steps": run.total_steps, **extra})}
 
 
 def publish_end(client: redis.Redis, run: Any) -> None:
@@ -94,9 +100,7 @@ def forget_feeds(client: redis.Redis, experiment_ids: list[int], run_ids: list[i
 
 def publish_status(client: redis.Redis, run: Any) -> None:
     """Tell open pages that a run changed state outside the worker (requeued, lost)."""
-    data = {"data": json.dumps({"type": "status", "run_id": run.id, "time": time.time(),
-                                "status": run.status, "step": run.step,
-                                "total_steps": run.total_steps})}
+    data = _run_event(run, "status")
     try:
         client.xadd(run_stream_key(run.id), data)
         client.xadd(experiment_stream_key(run.experiment_id), data)

@@ -111,15 +111,22 @@ def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
     return name
 
 
-def check_input_size(backbone: str, image_size: int) -> None:
+def check_input_size(backbone: str, image_size: int, batch_size: int) -> None:
     """A 422 for a backbone that cannot train on `image_size` px images (a ViT made for 224
-    px only, a distilled model with two heads), before any run is queued to fail."""
-    from worker.selftuning.backbones import BackboneError, check_image_size
+    px only, a distilled model with two heads), or on `batch_size` of them at a time (one
+    image whose last feature map is 1x1: batch norm fails), before any run is queued to fail.
+    A labeled batch alone is the smallest forward of every method (fine-tuning's, and the
+    others' on a dataset with no unlabeled image left)."""
+    from worker.selftuning.backbones import BackboneError, check_forward_batch, check_image_size
 
     try:
         check_image_size(backbone, image_size)
     except BackboneError as exc:
         raise unprocessable("backbone", str(exc)) from None
+    try:
+        check_forward_batch(backbone, image_size, batch_size)
+    except BackboneError as exc:
+        raise unprocessable(("overrides", "batch_size"), str(exc)) from None
 
 
 def run_config(payload: ExperimentIn, method: str, seed: int) -> dict[str, Any]:
@@ -168,7 +175,8 @@ def create_experiment(session: Session, settings: Settings, payload: ExperimentI
         for method in payload.methods
         for seed in payload.seeds
     }
-    check_input_size(payload.backbone, next(iter(configs.values()))["image_size"])
+    first = next(iter(configs.values()))
+    check_input_size(payload.backbone, first["image_size"], first["batch_size"])
     if missing := hold_weight_source(session, settings, payload.backbone):
         raise unprocessable("backbone", missing)
     experiment = Experiment(

@@ -150,11 +150,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 
 
 def _json_safe(value):
-    """JSON has no NaN or infinity: name them, so that an error can echo what was sent."""
+    """JSON has no NaN or infinity, UTF-8 no lone surrogate (JSON's "\\ud800"): name them, so
+    that an error can echo what was sent."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [_json_safe(item) for item in value]
     return value

@@ -20,6 +20,8 @@ TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "lost")
 
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# JSON's "\ud800" escapes decode to half a character, which UTF-8 (a database, a page) cannot hold.
+LONE_SURROGATES = re.compile(r"[\ud800-\udfff]")
 
 # What a request body may hold: named fields only, and JSON's own types (no `true` taken as 1,
 # no "5" taken as 5).
@@ -137,6 +139,9 @@ class ExperimentIn(BaseModel):
         # PostgreSQL refuses NUL in text (a 500), and none of them belongs in a name.
         if CONTROL_CHARACTERS.search(value):
             raise ValueError("must not contain control characters (NUL, tab, line breaks)")
+        if LONE_SURROGATES.search(value):
+            raise ValueError("must be Unicode text: it holds half of a UTF-16 surrogate pair "
+                             "(an escape such as \\ud800 without its other half)")
         value = value.strip()  # a name of spaces is no name: the default one is given
         if info.field_name == "backbone" and not value:
             raise ValueError("must name a backbone")

@@ -99,6 +99,9 @@ def messages(response) -> str:
     ({"overrides": {"momentum": 1.0}}, 422, "momentum"),
     ({"overrides": {"unlabeled_batch_size": -1}}, 422, "unlabeled_batch_size"),
     ({"overrides": {"labeled_query_view": "blurry"}}, 422, "labeled_query_view"),
+    # A 1x1 last feature map of one image: batch norm fails at the first step of every run.
+    ({"overrides": {"batch_size": 1, "image_size": 32}}, 422,
+     "overrides.batch_size: batch_size 1 at 32 px cannot train test_efficientnet"),
     ({"methods": ["self-tuning", "fine-tune", "fixmatch"],
       "budgets": [0.1, 0.2, 0.3, 0.4, 0.5], "seeds": [0, 1, 2, 3, 4]}, 422, "75 runs"),
 ])
@@ -252,6 +255,29 @@ def test_nan_and_infinity_sent_as_json_are_a_422_that_names_them(live_server, da
     assert response.status_code == 422, response.text
     problems = {".".join(map(str, d["loc"][1:])): d["input"] for d in response.json()["detail"]}
     assert field in problems and problems[field] in ("NaN", "Infinity", "-Infinity")
+    assert counts(live_server.database_url) == before
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"name": "caf\ud800"}, "name"),
+    ({"backbone": "\udc80net"}, "backbone"),
+    ({"methods": ["\ud800"]}, "methods.0"),
+    ({"budgets": ["\udfff"]}, "budgets"),
+    ({"overrides": {"labeled_query_view": "\ud800"}}, "overrides.labeled_query_view"),
+    ({"overrides": {"\ud800": 1}}, "overrides"),
+])
+def test_half_a_surrogate_pair_in_a_string_is_a_422_not_a_500(live_server, dataset_id,
+                                                              changes, field):
+    """JSON may escape half of a UTF-16 pair ("\\ud800"); Python decodes it into a string
+    UTF-8 cannot encode, and echoing it back in the 422 made a 500."""
+    sent = json.dumps(body(dataset_id, **changes))  # ensure_ascii: sent as \ud800 escapes
+    before = counts(live_server.database_url)
+    with live_server.client() as client:
+        response = client.post("/api/experiments", content=sent,
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text[:300]
+    locs = {".".join(map(str, d["loc"][1:])) for d in response.json()["detail"]}
+    assert any(loc.startswith(field) for loc in locs), locs
     assert counts(live_server.database_url) == before
 
 

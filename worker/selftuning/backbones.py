@@ -128,6 +128,29 @@ def check_image_size(name: str, image_size: int) -> None:
     _check_image_size(architecture, int(image_size))
 
 
+def check_forward_batch(name: str, image_size: int, batch: int) -> None:
+    """Raise `BackboneError` when `batch` images of `image_size` px (what one training forward
+    holds) cannot go through the backbone in training mode: batch norm needs more than one
+    value per channel, so one image whose last feature map is 1x1 fails every step. Call
+    after `check_image_size`, which has ruled out the size alone."""
+    if batch >= 2:
+        return
+    local = _local_weights(name)
+    architecture = local[0] if local is not None else name
+    try:
+        with torch.device("meta"):
+            model = _create(architecture, pretrained=False, num_classes=2)
+    except Exception:  # noqa: BLE001 - cannot build on meta: nothing to learn here
+        return
+    problem = _meta_forward_problem(model, int(image_size), batch=int(batch))
+    if problem is not None:
+        raise BackboneError(
+            f"batch_size 1 at {image_size} px cannot train {architecture}: one image per "
+            "step leaves its batch norm a single value per channel, which it cannot "
+            "normalise; use batch_size 2 or more, or larger images"
+        )
+
+
 @functools.lru_cache(maxsize=128)
 def _check_image_size(architecture: str, image_size: int) -> None:
     cfg = timm.models.get_pretrained_cfg(architecture) if timm.is_model(architecture) else None
@@ -179,10 +202,10 @@ def _two_heads(architecture: str) -> str:
             "without 'distilled' in its name")
 
 
-def _meta_forward_problem(model: nn.Module, image_size: int) -> str | None:
-    """What goes wrong when a batch of `image_size` images goes through `model` on the meta
+def _meta_forward_problem(model: nn.Module, image_size: int, batch: int = 2) -> str | None:
+    """What goes wrong when `batch` images of `image_size` px go through `model` on the meta
     device, as in a training step; None when it works or the meta device cannot tell."""
-    images = torch.empty(2, 3, image_size, image_size, device="meta")
+    images = torch.empty(batch, 3, image_size, image_size, device="meta")
     model.train()
     try:
         with torch.no_grad():

@@ -117,9 +117,15 @@ def check_input_size(backbone: str, image_size: int, batch_size: int) -> None:
     image whose last feature map is 1x1: batch norm fails), before any run is queued to fail.
     A labeled batch alone is the smallest forward of every method (fine-tuning's, and the
     others' on a dataset with no unlabeled image left)."""
-    from worker.selftuning.backbones import BackboneError, check_forward_batch, check_image_size
+    from worker.selftuning.backbones import (
+        BackboneError,
+        check_forward_batch,
+        check_image_size,
+        check_local_weights,
+    )
 
     try:
+        check_local_weights(backbone)  # a weight file made for another architecture
         check_image_size(backbone, image_size)
     except BackboneError as exc:
         raise unprocessable("backbone", str(exc)) from None

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import timm
+from safetensors.torch import save_file
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
@@ -60,14 +62,17 @@ def end_as_worker(database_url: str, live: redis.Redis, run_id: int, status: str
 
 
 def add_run_files(data_dir: Path, database_url: str, run_id: int) -> Path:
-    """A run folder with a checkpoint and an export, recorded as the worker records them."""
+    """A run folder with a checkpoint and an export (test_efficientnet's weights, which an
+    experiment can start from), recorded as the worker records them."""
     folder = data_dir / "runs" / str(run_id)
     folder.mkdir(parents=True)
     (folder / "train_state.pt").write_bytes(b"\0" * 1024)
-    (folder / "model.safetensors").write_bytes(b"\0" * 2048)
+    model = timm.create_model("test_efficientnet", num_classes=2)
+    save_file(model.state_dict(), folder / "model.safetensors")
     with session_scope(database_url) as session:
         session.add(Artifact(run_id=run_id, name="model.safetensors",
-                             path=f"runs/{run_id}/model.safetensors", size_bytes=2048,
+                             path=f"runs/{run_id}/model.safetensors",
+                             size_bytes=(folder / "model.safetensors").stat().st_size,
                              sha256="0" * 64))
         session.add(RunMetric(run_id=run_id, kind="eval", step=10, values={"test_top1": 0.5}))
     return folder

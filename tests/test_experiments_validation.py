@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
+from safetensors.torch import save_file
 from sqlalchemy import func, select
 
 from app.config import Settings
@@ -279,6 +281,32 @@ def test_half_a_surrogate_pair_in_a_string_is_a_422_not_a_500(live_server, datas
     locs = {".".join(map(str, d["loc"][1:])) for d in response.json()["detail"]}
     assert any(loc.startswith(field) for loc in locs), locs
     assert counts(live_server.database_url) == before
+
+
+def test_a_weight_file_made_for_another_architecture_is_refused_at_creation(
+    live_server, dataset_id
+):
+    """`resnet18:runs/1/model.safetensors` holding an EfficientNet used to queue runs that
+    all failed when the worker loaded it; the file's header already tells."""
+    folder = live_server.data_dir / "runs" / "weights-check"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(timm.create_model("test_efficientnet", num_classes=3).state_dict(),
+              folder / "model.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
+    before = counts(live_server.database_url)
+    with live_server.client() as client:
+        for backbone, expected in [
+            ("resnet18:runs/weights-check/model.safetensors",
+             "holds 88 tensors but ResNet has 122: it was made for another architecture"),
+            ("test_efficientnet:runs/weights-check/broken.safetensors",
+             "is not a readable .safetensors file"),
+        ]:
+            response = client.post("/api/experiments", json=body(dataset_id, backbone=backbone))
+            assert response.status_code == 422, response.text
+            assert expected in messages(response), messages(response)
+        assert counts(live_server.database_url) == before
+        fits = body(dataset_id, backbone="test_efficientnet:runs/weights-check/model.safetensors")
+        assert client.post("/api/experiments", json=fits).status_code == 201
 
 
 def test_a_name_of_spaces_gets_the_default_name(live_server, dataset_id):

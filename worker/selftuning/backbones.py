@@ -12,6 +12,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -256,7 +257,38 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
 
     The classifier is left as it is when its shape differs (a different number of classes).
     """
-    source = load_file(str(path))
+    _load_by_name_or_position(model, load_file(str(path)), source_name=str(path))
+
+
+def check_local_weights(name: str) -> None:
+    """Raise `BackboneError` when `name` is a local weight file that will not load into its
+    architecture (a file made for another model, or an architecture named wrong), without
+    reading a tensor: the file's header gives the shapes, the model is built on the meta
+    device, and the same matching as `load_local_weights` runs on them."""
+    local = _local_weights(name)
+    if local is None:
+        return
+    architecture, path, _ = local
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            keys = weights.keys()  # noqa: SIM118 - safe_open is not iterable
+            shapes = {key: weights.get_slice(key).get_shape() for key in keys}
+    except Exception as exc:  # noqa: BLE001 - any unreadable header means the same here
+        raise BackboneError(f"{path} is not a readable .safetensors file ({exc})") from None
+    with torch.device("meta"):
+        model = _create(architecture, pretrained=False, num_classes=2)
+        source = {key: torch.empty(shape) for key, shape in shapes.items()}
+    try:
+        _load_by_name_or_position(model, source, source_name=str(path))
+    except RuntimeError as exc:  # load_state_dict's own shape complaint
+        raise BackboneError(
+            f"{path} does not fit {architecture}: {str(exc).splitlines()[-1].strip()}"
+        ) from None
+
+
+def _load_by_name_or_position(
+    model: nn.Module, source: Mapping[str, torch.Tensor], *, source_name: str
+) -> None:
     target = model.state_dict()
     head = _classifier_keys(model)
     usable = {
@@ -268,7 +300,7 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
     if all(key in usable for key in needed):
         model.load_state_dict(usable, strict=False)
         return
-    load_in_order(model, source, source_name=str(path))
+    load_in_order(model, source, source_name=source_name)
 
 
 def feature_dim(model: nn.Module) -> int:

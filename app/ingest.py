@@ -35,7 +35,14 @@ from app.experiments import delete_run_rows, remove_run_folders, weights_in_use
 from app.models import Dataset, DatasetImage, Experiment, Run
 from app.schemas import CONTROL_CHARACTERS
 from worker.selftuning.budgets import split_holdout
-from worker.selftuning.labels_csv import LABELS_CSV, SPLITS, LabelsRow, parse_labels_csv
+from worker.selftuning.labels_csv import (
+    LABELS_CSV,
+    SPLITS,
+    LabelsRow,
+    class_name,
+    natural_key,
+    parse_labels_csv,
+)
 from worker.selftuning.pixels import to_8_bit
 
 log = logging.getLogger(__name__)
@@ -98,16 +105,6 @@ def human_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} TiB"
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that puts "class2" before "class10"; the name itself breaks ties."""
-    parts = tuple(
-        (0, int(token), "") if token.isdigit() else (1, 0, token.casefold())
-        for token in re.split(r"(\d+)", name)
-        if token
-    )
-    return parts, name
 
 
 def _classes_phrase(names: list[str], singular: str, plural: str) -> str:
@@ -792,10 +789,13 @@ def _layout_by_folders(images: list[_Image], skip: Callable[[_Image, str], None]
         if len(parts) < 2:
             skip(image, "not inside a class folder: put it in <class>/ or unlabeled/")
             continue
-        if parts[0].lower() == UNLABELED_FOLDER:
+        if parts[0].lower() == UNLABELED_FOLDER and split == "test":
+            skip(image, "an unlabeled image in the test split: accuracy is scored on test "
+                 "images, so each needs a class folder; put unlabeled images in unlabeled/")
+        elif parts[0].lower() == UNLABELED_FOLDER:
             placed.append(_Placed(image, "unlabeled", None))
         else:
-            placed.append(_Placed(image, split, parts[0]))
+            placed.append(_Placed(image, split, class_name(parts[0])))
     return placed
 
 

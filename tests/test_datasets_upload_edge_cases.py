@@ -6,6 +6,7 @@ upload the client abandons."""
 from __future__ import annotations
 
 import io
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ from tests.test_datasets_support import (
     upload,
     zip_bytes,
 )
+from worker.selftuning import load_folder_dataset
 
 NOT_IN_A_CLASS_FOLDER = "not inside a class folder: put it in <class>/ or unlabeled/"
 
@@ -352,3 +354,60 @@ def test_an_upload_the_client_abandons_leaves_nothing_and_logs_no_traceback(
     assert client.get("/api/datasets").json() == []
     time.sleep(1)  # what the server logs on the way out comes after the clean-up
     assert "Traceback" not in log.read_text()[len(logged_before):]
+
+
+# --- The web and the command line read one layout alike -----------------------------------
+
+
+def test_the_web_and_the_command_line_read_one_layout_alike(tmp_path: Path) -> None:
+    """Class names in both Unicode spellings ("café" composed, and "cafe" plus a combining
+    accent as macOS writes it) are one class; `Unlabeled/` in capitals is the unlabeled
+    folder; classes are numbered in natural order (class2 before class10), so one seed draws
+    the same labeled subset from an upload and from `python -m worker.selftuning`; and an
+    unlabeled image in the test split is left out by the web, as the command line refuses it
+    (test images are what accuracy is scored on)."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    entries = {
+        **class_entries((composed, "class10", "class2"), per_class=2, prefix="train/"),
+        **class_entries((decomposed,), per_class=2, prefix="train/", seed=1),
+        **class_entries((decomposed, "class10", "class2"), per_class=1, prefix="test/", seed=2),
+        "Unlabeled/u.png": image_bytes(9400),
+    }
+    web = prepared(tmp_path / "web", entries)
+    assert web.class_names == [composed, "class2", "class10"]
+    assert web.class_counts[composed] == {"train": 4, "test": 1}
+    assert web.unlabeled_count == 1 and web.skipped == []
+
+    folder = tmp_path / "cli"
+    for path, data in entries.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(data)
+    class_names, train, test, unlabeled = load_folder_dataset(folder)
+    assert class_names == web.class_names
+    assert Counter(label for _, label in train) == {0: 4, 1: 2, 2: 2}
+    assert Counter(label for _, label in test) == {0: 1, 1: 1, 2: 1}
+    assert [Path(path).name for path in unlabeled] == ["u.png"]
+
+    entries["test/unlabeled/t.png"] = image_bytes(9401)
+    with_test_unlabeled = prepared(tmp_path / "web-test-unlabeled", entries)
+    assert [(item.path, item.reason.split(":")[0]) for item in with_test_unlabeled.skipped] == [
+        ("test/unlabeled/t.png", "an unlabeled image in the test split")]
+    assert with_test_unlabeled.unlabeled_count == 1
+    (folder / "test" / "unlabeled").mkdir()
+    (folder / "test" / "unlabeled" / "t.png").write_bytes(entries["test/unlabeled/t.png"])
+    with pytest.raises(ValueError, match="test/unlabeled is not a class of train/"):
+        load_folder_dataset(folder)
+
+
+def test_a_test_image_without_a_label_in_labels_csv_is_refused_with_its_line(
+    tmp_path: Path,
+) -> None:
+    """It used to join the unlabeled training images without a word."""
+    with pytest.raises(ingest.IngestError) as caught:
+        prepared(tmp_path, {
+            "a.png": image_bytes(9500), "b.png": image_bytes(9501), "c.png": image_bytes(9502),
+            "labels.csv": b"path,label,split\na.png,ant\nb.png,bee\nc.png,,test\n",
+        })
+    assert caught.value.detail.startswith(
+        "labels.csv line 4: 'c.png' is in the test split without a label: accuracy is scored "
+        "on test images, so each needs one")

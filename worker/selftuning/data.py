@@ -16,9 +16,10 @@ from pathlib import Path, PurePosixPath
 
 from worker.selftuning.budgets import Budget, BudgetError, select_labeled, split_holdout
 from worker.selftuning.images import IMAGE_SUFFIXES
-from worker.selftuning.labels_csv import LABELS_CSV, parse_labels_csv
+from worker.selftuning.labels_csv import LABELS_CSV, class_name, natural_key, parse_labels_csv
 
 Item = tuple[str, int]
+SPECIAL_FOLDERS = {"train", "test", "val", "unlabeled"}  # in any letter case
 
 
 @dataclass
@@ -96,9 +97,11 @@ def load_folder_dataset(
     Layout: `train/<class>/*`, optional `test/<class>/*` (or `val/`), optional `unlabeled/*`;
     without `train/`, the class folders sit at the top. Or images anywhere plus a top-level
     `labels.csv` (see `read_labels_csv`), which then decides alone. One wrapping folder is
-    looked through. Returns (class_names, train_items, test_items, unlabeled_paths); items
-    are (path, index) with classes in sorted order. Archives are unpacked once into the temp
-    folder.
+    looked through. Folder names are read as uploads read them: split and `unlabeled/` in
+    any letter case, class names in Unicode's composed form, classes numbered in natural
+    order (`natural_key`), so a seed draws the same labeled subset here as on the web.
+    Returns (class_names, train_items, test_items, unlabeled_paths); items are (path, index).
+    Archives are unpacked once into the temp folder.
     """
     root = Path(path)
     if root.is_file():
@@ -108,14 +111,13 @@ def load_folder_dataset(
     root = _look_through_wrapper(root)
     if (root / LABELS_CSV).is_file():
         return read_labels_csv(root / LABELS_CSV)
-    train_root = root / "train" if (root / "train").is_dir() else root
-    special = {"train", "test", "val", "unlabeled"}
-    class_names = sorted(
-        entry.name
-        for entry in train_root.iterdir()
-        if entry.is_dir() and not _hidden(entry.name) and entry.name not in special
-        and _images(entry)
-    )
+    train_root = _folder(root, "train") or root
+    folders: dict[str, list[Path]] = {}  # by class: "café" and "cafe\u0301" are one
+    for entry in sorted(train_root.iterdir()):
+        if (entry.is_dir() and not _hidden(entry.name)
+                and entry.name.lower() not in SPECIAL_FOLDERS and _images(entry)):
+            folders.setdefault(class_name(entry.name), []).append(entry)
+    class_names = sorted(folders, key=natural_key)
     if len(class_names) < 2:
         raise ValueError(
             f"{path}: found {len(class_names)} class folder(s) with images; need at least two "
@@ -123,24 +125,32 @@ def load_folder_dataset(
         )
     index = {name: i for i, name in enumerate(class_names)}
     train_items = [
-        (str(p), index[name]) for name in class_names for p in _images(train_root / name)
+        (str(p), index[name]) for name in class_names for folder in folders[name]
+        for p in _images(folder)
     ]
     test_items: list[Item] = []
-    for split in ("test", "val"):
-        split_root = root / split
-        if split_root.is_dir():
-            for entry in sorted(split_root.iterdir()):
-                if not entry.is_dir() or _hidden(entry.name) or not _images(entry):
-                    continue
-                if entry.name not in index:
-                    raise ValueError(f"{split}/{entry.name} is not a class of train/")
-                test_items.extend((str(p), index[entry.name]) for p in _images(entry))
-            break
+    test_root, val_root = _folder(root, "test"), _folder(root, "val")
+    if test_root and val_root:
+        raise ValueError(f"{path} has both {test_root.name}/ and {val_root.name}/ folders: "
+                         "keep one of them as the test split")
+    if split_root := test_root or val_root:
+        for entry in sorted(split_root.iterdir()):
+            if not entry.is_dir() or _hidden(entry.name) or not _images(entry):
+                continue
+            if class_name(entry.name) not in index:
+                raise ValueError(f"{split_root.name}/{entry.name} is not a class of train/")
+            test_items.extend((str(p), index[class_name(entry.name)]) for p in _images(entry))
     unlabeled_paths: list[str] = []
-    for folder in (root / "unlabeled", train_root / "unlabeled"):
-        if folder.is_dir():
-            unlabeled_paths.extend(str(p) for p in _images(folder, recursive=True))
+    for folder in {_folder(root, "unlabeled"), _folder(train_root, "unlabeled")} - {None}:
+        unlabeled_paths.extend(str(p) for p in _images(folder, recursive=True))
     return class_names, train_items, test_items, sorted(set(unlabeled_paths))
+
+
+def _folder(root: Path, name: str) -> Path | None:
+    """The sub-folder of `root` called `name` in any letter case (Train/, TEST/), as uploads
+    read them."""
+    return next((entry for entry in sorted(root.iterdir())
+                 if entry.is_dir() and entry.name.lower() == name), None)
 
 
 def read_labels_csv(
@@ -161,16 +171,14 @@ def read_labels_csv(
     rows = parse_labels_csv(csv_path.read_bytes(), str(csv_path), inside_folder)
     for relative, row in rows.items():
         where = f"{csv_path} line {row.line}"
-        if row.split != "train" and not row.label:
-            raise ValueError(f"{where}: {relative!r} is in the {row.split} split without a "
-                             "label")
         if not (folder / relative).is_file():
             raise ValueError(f"{where}: {relative!r} does not exist in {folder}")
         if PurePosixPath(relative).suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"{where}: {relative!r} is not an image "
                              f"({', '.join(IMAGE_SUFFIXES)})")
 
-    class_names = sorted({row.label for row in rows.values() if row.label and row.split == "train"})
+    class_names = sorted({row.label for row in rows.values() if row.label and row.split == "train"},
+                         key=natural_key)
     if len(class_names) < 2:
         found = ", ".join(repr(name) for name in class_names)
         raise ValueError(f"{csv_path}: found {len(class_names)} class(es) with training images "
@@ -250,9 +258,8 @@ def _look_through_wrapper(root: Path) -> Path:
     """Step into a single wrapping folder (zips often have one) unless it is a split."""
     while True:
         entries = [e for e in root.iterdir() if not _hidden(e.name)]
-        if len(entries) == 1 and entries[0].is_dir() and entries[0].name not in {
-            "train", "test", "val", "unlabeled"
-        } and not _images(entries[0]):
+        if (len(entries) == 1 and entries[0].is_dir()
+                and entries[0].name.lower() not in SPECIAL_FOLDERS and not _images(entries[0])):
             root = entries[0]
         else:
             return root

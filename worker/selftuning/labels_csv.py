@@ -1,16 +1,37 @@
 """labels.csv, one of the dataset layouts (`path,label[,split]`), read the same way by the
-web's uploads and the command line. Without torch, so the web can import it."""
+web's uploads and the command line, and how both name and order classes. Without torch, so
+the web can import it."""
 
 from __future__ import annotations
 
 import csv
 import io
+import re
+import unicodedata
 from collections.abc import Callable
 from typing import NamedTuple
 
 LABELS_CSV = "labels.csv"
 # The split names a dataset may use (as folders, or in the split column) and what each means.
 SPLITS = {"train": "train", "test": "test", "val": "test"}
+
+
+def class_name(raw: str) -> str:
+    """A class as named by a folder or a label cell, in Unicode's composed form (NFC): macOS
+    writes "café" as "cafe" plus a combining accent, and those two spellings are one class."""
+    return unicodedata.normalize("NFC", raw)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that puts "class2" before "class10"; the name itself breaks ties. Classes
+    are numbered in this order, so a seed draws the same labeled subset on the web and on
+    the command line."""
+    parts = tuple(
+        (0, int(token), "") if token.isdigit() else (1, 0, token.casefold())
+        for token in re.split(r"(\d+)", name)
+        if token
+    )
+    return parts, name
 
 
 class LabelsRow(NamedTuple):
@@ -51,5 +72,11 @@ def parse_labels_csv(
             raise ValueError(f"{where}: split {cells[2]!r} must be train, test or val")
         if path in rows:
             raise ValueError(f"{where}: {cells[0]!r} is listed twice")
-        rows[path] = LabelsRow(cells[1] or None, SPLITS[split], line_number)
+        if not cells[1] and SPLITS[split] == "test":
+            raise ValueError(
+                f"{where}: {cells[0]!r} is in the {split} split without a label: accuracy is "
+                "scored on test images, so each needs one; for an unlabeled image leave the "
+                "split empty")
+        rows[path] = LabelsRow(class_name(cells[1]) if cells[1] else None, SPLITS[split],
+                               line_number)
     return rows

@@ -17,7 +17,7 @@ from timm.data import create_transform, resolve_data_config
 from tests.engine.helpers import tiny_config
 from worker.selftuning import METHODS, RunData, TrainingCancelled, open_rgb, train
 from worker.selftuning.checkpoint import load_checkpoint, save_checkpoint
-from worker.selftuning.metrics import queue_purity
+from worker.selftuning.metrics import pseudo_label_quality, queue_purity
 
 
 class Recorder:
@@ -413,3 +413,12 @@ def test_data_without_hidden_labels_reports_nulls(tmp_path: Path, shapes_data):
     assert all(b["accuracy"] is None for b in quality["confidence_bins"])
     assert quality["queue_purity_truth"] is None  # no withheld label to check a key against
     assert np.isclose(sum(quality["predicted_distribution"]), 1.0)
+
+
+def test_quality_without_unlabeled_images_has_no_predicted_distribution():
+    """It was [0, 0, 0]: read as "no image of any class" rather than "no images"."""
+    quality = pseudo_label_quality(torch.empty(0, 3), torch.empty(0, dtype=torch.long),
+                                   torch.tensor([0, 1, 2, 2]), num_classes=3)
+    assert quality["predicted_distribution"] is None
+    assert quality["labeled_distribution"] == [0.25, 0.25, 0.5]
+    assert quality["kept_share_at_095"] is None

@@ -151,10 +151,12 @@ def _share(flags: torch.Tensor) -> float | None:
     return int(flags.sum()) / len(flags) if len(flags) else None
 
 
-def _distribution(labels: torch.Tensor, num_classes: int) -> list[float]:
+def _distribution(labels: torch.Tensor, num_classes: int) -> list[float] | None:
+    """The share of each class among `labels`; None without labels (no images to share out,
+    which zeros would misreport as none of any class)."""
     counts = torch.bincount(labels.long(), minlength=num_classes).tolist()
     total = sum(counts)
-    return [c / total if total else 0.0 for c in counts]
+    return [c / total for c in counts] if total else None
 
 
 class PseudoLabelTracker:

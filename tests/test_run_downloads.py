@@ -61,3 +61,22 @@ def test_checkpoint_zips_asked_for_together_are_all_whole(live_server):
     folder = live_server.data_dir / "runs" / str(run_ids[0])
     assert sorted(path.name for path in folder.iterdir()) == sorted(
         [*files, f"run-{run_ids[0]}-checkpoint.zip"])  # no temporary zips left behind
+
+
+def test_ranges_of_bytes_are_honoured_and_of_other_units_ignored(live_server):
+    """`Range: items=0-5` was a 400; RFC 9110 says to ignore a unit one does not know."""
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        files = record_export(live_server.data_dir, database_url, run_ids[0])
+        end_as_worker(database_url, live, run_ids[0], "succeeded")
+        url = f"/api/runs/{run_ids[0]}/files/config.json"
+        part = client.get(url, headers={"Range": "bytes=2-9"})
+        assert part.status_code == 206 and part.content == files["config.json"][2:10]
+        for header in ("items=0-5", "Pages=1-2"):
+            whole = client.get(url, headers={"Range": header})
+            assert whole.status_code == 200, (header, whole.text[:200])
+            assert whole.content == files["config.json"]
+        beyond = client.get(url, headers={"Range": f"bytes={10**6}-"})
+        assert beyond.status_code == 416

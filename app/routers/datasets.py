@@ -23,6 +23,7 @@ from app import ingest
 from app.deps import DatasetId, DbDep, ImageId, RedisDep, SettingsDep
 from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
+from app.responses import Download
 from app.schemas import ErrorOut
 
 
@@ -221,7 +222,7 @@ def image_thumbnail(
     except FileNotFoundError:
         raise HTTPException(404, f"the file of image {image_id} is missing or was replaced"
                             ) from None
-    return FileResponse(path, media_type="image/jpeg", headers=headers)
+    return Download(path, media_type="image/jpeg", headers=headers)
 
 
 @router.delete(

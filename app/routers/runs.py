@@ -29,6 +29,7 @@ from app.experiments import (
 from app.live import publish_status, run_stream_key
 from app.models import Artifact, Dataset, Run, RunMetric
 from app.reaper import REQUEUEABLE, requeue
+from app.responses import Download
 from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 from worker.selftuning.files import checkpoint_path
 
@@ -188,8 +189,8 @@ def send_file(request: Request, path: Path, filename: str, media_type: str | Non
               ) -> Response:
     """A download as Starlette sends files (ranges, HEAD), answering a client that already
     holds this version (If-None-Match) with a 304 instead of the whole file again."""
-    response = FileResponse(path, filename=filename, media_type=media_type,
-                            stat_result=path.stat())
+    response = Download(path, filename=filename, media_type=media_type,
+                        stat_result=path.stat())
     held = {tag.strip().removeprefix("W/") for tag in
             request.headers.get("if-none-match", "").split(",")}
     if response.headers["etag"] in held or "*" in held:

@@ -121,3 +121,26 @@ def test_the_schema_has_one_operation_per_route_and_no_warnings(tmp_path: Path):
     ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
     assert len(ids) == len(set(ids))
     assert list(schema["paths"]["/api/runs/{run_id}/checkpoint"]) == ["get"]
+
+
+def test_the_schema_documents_the_statuses_a_client_must_handle(tmp_path: Path):
+    """Each status below is one the route really answers (see the tests of each); a client
+    generated from the schema learns of them only if the schema lists them."""
+    from app.config import Settings
+    from app.main import create_app
+
+    paths = create_app(Settings(data_dir=tmp_path)).openapi()["paths"]
+    expected = {
+        ("/api/experiments", "post"): {"201", "422", "503"},
+        ("/api/experiments/{experiment_id}", "get"): {"200", "404", "422"},
+        ("/api/experiments/{experiment_id}", "delete"): {"204", "404", "409", "422"},
+        ("/api/experiments/{experiment_id}/events", "get"): {"200", "404", "422"},
+        ("/api/runs/{run_id}", "get"): {"200", "404", "422"},
+        ("/api/runs/{run_id}/cancel", "post"): {"200", "404", "409", "422"},
+        ("/api/runs/{run_id}/requeue", "post"): {"200", "404", "409", "422"},
+        ("/api/runs/{run_id}/files/{name}", "get"): {"200", "206", "304", "404", "416", "422"},
+        ("/api/runs/{run_id}/checkpoint", "get"): {"200", "206", "304", "404", "416", "422"},
+        ("/api/runs/{run_id}/label-next.csv", "get"): {"200", "404", "422"},
+    }
+    documented = {key: set(paths[key[0]][key[1]]["responses"]) for key in expected}
+    assert documented == expected

@@ -63,7 +63,9 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
     )
 
 
-@router.post("", status_code=201, response_model=ExperimentOut)
+@router.post("", status_code=201, response_model=ExperimentOut, responses={
+    503: {"model": ErrorOut, "description": "the queue (Redis) is not reachable: the runs are "
+          "stored as failed, with the reason"}})
 def start_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDep):
     """Expand methods x budgets x seeds into runs, one Celery task each."""
     try:
@@ -98,7 +100,8 @@ def list_experiments(session: DbDep, dataset_id: DatasetFilter = None):
     return items
 
 
-@router.get("/{experiment_id}", response_model=ExperimentOut)
+@router.get("/{experiment_id}", response_model=ExperimentOut,
+            responses={404: {"model": ErrorOut}})
 def read_experiment(experiment_id: ExperimentId, session: DbDep):
     return experiment_out(get_experiment(session, experiment_id))
 
@@ -131,7 +134,8 @@ def delete_experiment(experiment_id: ExperimentId, session: DbDep, settings: Set
     return Response(status_code=204)
 
 
-@router.get("/{experiment_id}/events", responses=SSE_RESPONSES, response_class=StreamingResponse)
+@router.get("/{experiment_id}/events", responses={**SSE_RESPONSES, 404: {"model": ErrorOut}},
+            response_class=StreamingResponse)
 async def experiment_events(experiment_id: ExperimentId, request: Request, settings: SettingsDep):
     """Live events of every run of the experiment (Server-Sent Events; resumable with
     `Last-Event-ID`). Ends with an `experiment_end` event once every run has ended."""

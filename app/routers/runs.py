@@ -30,7 +30,7 @@ from app.live import publish_status, run_stream_key
 from app.models import Artifact, Dataset, Run, RunMetric
 from app.reaper import REQUEUEABLE, requeue
 from app.responses import Download
-from app.schemas import ArtifactOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
+from app.schemas import ArtifactOut, ErrorOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 from worker.selftuning.files import checkpoint_path
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
@@ -38,6 +38,20 @@ router = APIRouter(prefix="/api/runs", tags=["runs"])
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "training.json")
 DOWNLOADABLE = CHECKPOINT_FILES + ("predictions.csv",)
 SSE_RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "SSE stream"}}
+NO_RUN = {404: {"model": ErrorOut, "description": "no such run"}}
+
+
+def file_responses(media_type: str) -> dict:
+    """What a download may answer besides the whole file (and a HEAD, the same headers)."""
+    return {
+        200: {"content": {media_type: {}}},
+        206: {"description": "the part a `Range: bytes=...` asked for"},
+        304: {"description": "not modified: `If-None-Match` holds this file's ETag"},
+        404: {"model": ErrorOut, "description": "no such run, or it has not exported the file "
+              "(it has not finished)"},
+        416: {"description": "the byte range asked for lies outside the file"},
+    }
+
 
 
 def get_run(session: Session, run_id: int) -> Run:
@@ -72,7 +86,7 @@ def eta_seconds(run: Run, dataset: Dataset | None) -> float | None:
     return remaining * images_per_step / run.images_per_s if images_per_step else None
 
 
-@router.get("/{run_id}", response_model=RunOut)
+@router.get("/{run_id}", response_model=RunOut, responses=NO_RUN)
 def read_run(run_id: RunId, session: DbDep, settings: SettingsDep):
     run = get_run(session, run_id)
     return RunOut(
@@ -92,7 +106,7 @@ def read_run(run_id: RunId, session: DbDep, settings: SettingsDep):
     )
 
 
-@router.get("/{run_id}/metrics", response_model=RunMetricsOut)
+@router.get("/{run_id}/metrics", response_model=RunMetricsOut, responses=NO_RUN)
 def read_metrics(run_id: RunId, session: DbDep):
     """The recorded time series: progress points (losses, lr, images/s) and evaluations."""
     get_run(session, run_id)
@@ -105,7 +119,8 @@ def read_metrics(run_id: RunId, session: DbDep):
     )
 
 
-@router.post("/{run_id}/cancel", response_model=RunOut)
+@router.post("/{run_id}/cancel", response_model=RunOut, responses={
+    **NO_RUN, 409: {"model": ErrorOut, "description": "the run already ended"}})
 def cancel_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: RedisDep):
     """A queued run ends at once; a running one stops within about one iteration."""
     run = get_run(session, run_id)
@@ -115,7 +130,9 @@ def cancel_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redis
     return read_run(run_id, session, settings)
 
 
-@router.post("/{run_id}/requeue", response_model=RunOut)
+@router.post("/{run_id}/requeue", response_model=RunOut, responses={
+    **NO_RUN, 409: {"model": ErrorOut, "description": "the run is queued, running or "
+                    "succeeded, or the model it starts from was deleted"}})
 def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: RedisDep):
     """Queue a lost, failed or cancelled run again; it resumes from its last training
     checkpoint (a finished run is never retrained)."""
@@ -136,7 +153,8 @@ def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redi
     return read_run(run_id, session, settings)
 
 
-@router.get("/{run_id}/events", responses=SSE_RESPONSES, response_class=StreamingResponse)
+@router.get("/{run_id}/events", responses={**SSE_RESPONSES, **NO_RUN},
+            response_class=StreamingResponse)
 async def run_events(run_id: RunId, request: Request, settings: SettingsDep):
     """Live events of a run (Server-Sent Events). Reconnect with `Last-Event-ID` to get what
     was missed; heartbeats keep the connection open; the `end` event is the last one."""
@@ -201,7 +219,7 @@ def send_file(request: Request, path: Path, filename: str, media_type: str | Non
 
 # Downloads answer HEAD too (download managers and `wget --spider` ask it first).
 @router.get("/{run_id}/files/{name}", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}})
+            responses=file_responses("application/octet-stream"))
 @router.head("/{run_id}/files/{name}", include_in_schema=False)
 def download_file(run_id: RunId, name: str, request: Request, session: DbDep,
                   settings: SettingsDep):
@@ -212,7 +230,7 @@ def download_file(run_id: RunId, name: str, request: Request, session: DbDep,
 
 
 @router.get("/{run_id}/checkpoint", response_class=FileResponse,
-            responses={200: {"content": {"application/zip": {}}}})
+            responses=file_responses("application/zip"))
 @router.head("/{run_id}/checkpoint", include_in_schema=False)
 def download_checkpoint(run_id: RunId, request: Request, session: DbDep, settings: SettingsDep):
     """A zip of model.safetensors, config.json and training.json: a plain timm model."""
@@ -236,7 +254,7 @@ def download_checkpoint(run_id: RunId, request: Request, session: DbDep, setting
 
 
 @router.get("/{run_id}/predictions.csv", response_class=FileResponse,
-            responses={200: {"content": {"text/csv": {}}}})
+            responses=file_responses("text/csv"))
 @router.head("/{run_id}/predictions.csv", include_in_schema=False)
 def download_predictions(run_id: RunId, request: Request, session: DbDep, settings: SettingsDep):
     """The final model's prediction for every unlabeled image (label, confidence, margin)."""
@@ -254,7 +272,8 @@ def label_next_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return columns, rows
 
 
-@router.get("/{run_id}/label-next.csv", responses={200: {"content": {"text/csv": {}}}})
+@router.get("/{run_id}/label-next.csv", responses={
+    200: {"content": {"text/csv": {}}}, 404: file_responses("text/csv")[404]})
 @router.head("/{run_id}/label-next.csv", include_in_schema=False)
 def download_label_next(
     run_id: RunId, session: DbDep, settings: SettingsDep,

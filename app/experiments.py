@@ -240,9 +240,10 @@ def enqueue_runs(session: Session, runs: list[Run]) -> None:
 def cancel_runs(session: Session, live: redis.Redis, runs: Iterable[Run]) -> list[Run]:
     """Cancel the runs that have not ended, and commit: a queued run ends at once (its feeds
     get the end event), a running one stops within about one iteration (its worker checks the
-    flag in Redis and in the database). Ended runs are left alone. Returns the runs it
+    flag in Redis and in the database). Ended runs are left alone, and so are runs past their
+    last training step (`is_finishing`): they end succeeded in moments. Returns the runs it
     cancelled or flagged."""
-    active = [run for run in runs if not is_terminal(run.status)]
+    active = [run for run in runs if not is_terminal(run.status) and not is_finishing(run)]
     if not active:
         return []
     for run in active:
@@ -521,3 +522,9 @@ def queue_position(session: Session, run: Run) -> int | None:
 
 def is_terminal(status: str) -> bool:
     return status in TERMINAL_STATUSES
+
+
+def is_finishing(run: Run) -> bool:
+    """A running run past its last training step: it scores and exports its model, which a
+    cancel would not stop (the engine checks the flag between training steps)."""
+    return run.status == "running" and run.step >= run.total_steps

@@ -589,3 +589,31 @@ def test_two_deletes_of_one_experiment_or_dataset_racing_give_one_204_and_one_40
                                  lambda: client.delete(f"/api/datasets/{dataset_id}"))
         assert second.status_code == 404, second.text
         assert second.json()["detail"] == f"dataset {dataset_id} does not exist"
+
+
+def test_a_run_past_its_last_step_is_not_cancelled_but_told_so(live_server):
+    """The engine checks the cancel flag between training steps; a run scoring and exporting
+    its model ends succeeded whatever the flag says, and the answer was a 200 "cancel
+    requested" all the same."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url))
+        finishing, training = run_ids[0], run_ids[1]
+        for run_id in (finishing, training):
+            mark_running(database_url, run_id)
+        with session_scope(database_url) as session:
+            run = session.get(Run, finishing)
+            run.step = run.total_steps
+
+        refused = client.post(f"/api/runs/{finishing}/cancel")
+        assert refused.status_code == 409, refused.text
+        assert "has trained all 20 steps and is scoring and exporting" in refused.json()["detail"]
+
+        answer = client.post(f"/api/experiments/{experiment_id}/cancel")
+        assert answer.status_code == 200
+        runs = {run["id"]: run for run in answer.json()["runs"]}
+        assert runs[finishing]["status"] == "running"
+        assert {runs[run_id]["status"] for run_id in run_ids[2:]} == {"cancelled"}
+        flags = {run_id: client.get(f"/api/runs/{run_id}").json()["cancel_requested"]
+                 for run_id in (finishing, training)}
+        assert flags == {finishing: False, training: True}

@@ -110,8 +110,9 @@ def read_experiment(experiment_id: ExperimentId, session: DbDep):
              responses={404: {"model": ErrorOut}})
 def cancel_experiment(experiment_id: ExperimentId, session: DbDep, live: RedisDep):
     """Cancel every run that has not ended: queued runs end at once, running ones stop within
-    about one iteration. Runs already ended are left alone, so with nothing left to cancel
-    this is a no-op that answers 200 with the experiment as it is."""
+    about one iteration. Runs already ended are left alone, and so are runs past their last
+    training step, which score and export their model and end succeeded in moments; with
+    nothing left to cancel this is a no-op that answers 200 with the experiment as it is."""
     experiment = get_experiment(session, experiment_id)
     cancel_runs(session, live, experiment.runs)
     return experiment_out(experiment)

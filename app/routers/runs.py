@@ -23,6 +23,7 @@ from app.experiments import (
     budget_unlabeled_count,
     cancel_runs,
     hold_weight_source,
+    is_finishing,
     is_terminal,
     queue_position,
 )
@@ -120,12 +121,19 @@ def read_metrics(run_id: RunId, session: DbDep):
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut, responses={
-    **NO_RUN, 409: {"model": ErrorOut, "description": "the run already ended"}})
+    **NO_RUN, 409: {"model": ErrorOut, "description": "the run already ended, or has trained "
+                    "every step and is scoring and exporting its model"}})
 def cancel_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: RedisDep):
-    """A queued run ends at once; a running one stops within about one iteration."""
+    """A queued run ends at once; a running one stops within about one iteration. A run past
+    its last training step (scoring and exporting) is not stopped: a 409 says so."""
     run = get_run(session, run_id)
     if is_terminal(run.status):
         raise HTTPException(409, detail=f"run {run_id} already ended ({run.status})")
+    if is_finishing(run):
+        raise HTTPException(
+            409, detail=f"run {run_id} has trained all {run.total_steps} steps and is scoring "
+            "and exporting its model: it ends in moments; delete its experiment afterwards if "
+            "you do not want it")
     cancel_runs(session, live, [run])
     return read_run(run_id, session, settings)
 

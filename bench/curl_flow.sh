@@ -53,7 +53,12 @@ echo "4. results"
 curl -sSf "${AUTH[@]}" "$BASE/api/runs/$RUN" > "$WORK/run.json"
 json '"   status %s, test top-1 %.4f, mean per-class %.4f, pseudo-label acc %s" % (d["status"], d["metrics"]["test_top1"], d["metrics"]["test_mean_class_acc"], d["metrics"].get("pseudo_label_acc"))' < "$WORK/run.json"
 curl -sSf "${AUTH[@]}" -o "$WORK/label-next.csv" "$BASE/api/runs/$RUN/label-next.csv"
-echo "   least confident unlabeled image: $(sed -n 2p "$WORK/label-next.csv")"
+FIRST=$(sed -n 2p "$WORK/label-next.csv")
+if [ -n "$FIRST" ]; then
+  echo "   unlabeled image to label first (smallest margin): $FIRST"
+else
+  echo "   no unlabeled image to rank (the dataset and budget leave none)"
+fi
 
 echo "5. download the checkpoint and load it with plain timm"
 curl -sSf "${AUTH[@]}" -o "$WORK/checkpoint.zip" "$BASE/api/runs/$RUN/checkpoint"

@@ -31,7 +31,7 @@ from worker.selftuning import (  # noqa: E402
 from worker.selftuning.augment import ViewMaker  # noqa: E402
 from worker.selftuning.backbones import create_backbone  # noqa: E402
 from worker.selftuning.batches import StepBatches  # noqa: E402
-from worker.selftuning.data import hold_out_items  # noqa: E402
+from worker.selftuning.data import drop_duplicates, hold_out_items  # noqa: E402
 from worker.selftuning.images import ImageArray, Preprocessing  # noqa: E402
 from worker.selftuning.methods import METHODS, Batch, build_method  # noqa: E402
 from worker.selftuning.pgc import enqueue, pgc_loss  # noqa: E402
@@ -76,6 +76,10 @@ def main() -> None:
 
 def bench_budgets(args: argparse.Namespace, overrides: dict) -> None:
     class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data)
+    train_items, test_items, unlabeled, dropped = drop_duplicates(
+        train_items, test_items, unlabeled)
+    if dropped:
+        print(f"left out {len(dropped)} image(s) with the same bytes as another")
     split = "test"
     if args.validation:
         train_items, test_items = hold_out_items(train_items, args.validation, 0)

@@ -40,6 +40,23 @@ def test_cli_trains_with_a_held_out_test_split(tmp_path: Path, capsys):
     assert training["budget"]["labeled_per_class"] == [3, 3, 3]  # half of the 6 kept
 
 
+def test_cli_leaves_out_copies_of_images_as_uploads_do(tmp_path: Path, capsys):
+    """A test image that is also a training image scored the model on what it learnt."""
+    data = write_shapes_dataset(tmp_path / "data", train_per_class=8)
+    trained = sorted((data / "train").glob("*/*.png"))[0]
+    copy = data / "test" / trained.parent.name / "copy.png"
+    copy.write_bytes(trained.read_bytes())
+    tests = len(list((data / "test").glob("*/*.png")))
+    code = main(["train", "--data", str(data), "--method", "fine-tune", "--budget", "all",
+                 *TINY, *TEST_BACKBONE, "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"left out 1 image(s) with the same bytes as another (e.g. {copy}, a copy of " \
+        f"{trained})" in printed
+    training = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert training["budget"]["test_count"] == tests - 1
+
+
 def test_cli_rejects_a_bad_budget_with_a_message(tmp_path: Path, capsys):
     code = main(["train", "--data", str(tmp_path), "--budget", "lots",
                  "--out", str(tmp_path / "out")])

@@ -98,6 +98,19 @@ def test_labels_csv_without_header_and_with_a_split_column_reads_as_the_web_does
     assert unlabeled == [str(tmp_path / "e.png")]
 
 
+def test_labels_csv_written_on_windows_reads_as_the_web_does(tmp_path: Path):
+    """Backslashes separate folders, as uploads read them; classes number naturally."""
+    _write_images(tmp_path, ["img/a.png", "img/b.png", "img/c.png", "img/d.png"])
+    (tmp_path / "labels.csv").write_text(
+        "img\\a.png,class10\nimg\\b.png,class2\nimg\\c.png,class10,test\nimg/d.png,\n")
+    class_names, train_items, test_items, unlabeled = load_folder_dataset(tmp_path)
+    assert class_names == ["class2", "class10"]
+    assert train_items == [(str(tmp_path / "img" / "b.png"), 0),
+                           (str(tmp_path / "img" / "a.png"), 1)]
+    assert test_items == [(str(tmp_path / "img" / "c.png"), 1)]
+    assert unlabeled == [str(tmp_path / "img" / "d.png")]
+
+
 @pytest.mark.parametrize(
     ("csv_text", "message"),
     [
@@ -107,6 +120,8 @@ def test_labels_csv_without_header_and_with_a_split_column_reads_as_the_web_does
          "line 4: 'notes.txt' is not an image"),
         ("path,label\na.png,cat\nb.png,dog\n./a.png,dog\n", "line 4: './a.png' is listed twice"),
         ("path,label\na.png,cat\n../b.png,dog\n", "must be relative to the folder of labels.csv"),
+        ("path,label\na.png,cat\n..\\b.png,dog\n", "must be relative to the folder of labels.csv"),
+        ("path,label\na.png,cat\nC:\\b.png,dog\n", "must be relative to the folder of labels.csv"),
         ("file,class\na.png,cat\nb.png,dog\n", "line 1: 'file' does not exist"),
         ("path,label\na.png,cat,dog,x\n", "line 2: expected 'path,label' (or"),
         ("path,label\na.png,cat\nb.png,dog,holdout\n",
@@ -118,8 +133,9 @@ def test_labels_csv_without_header_and_with_a_split_column_reads_as_the_web_does
         ("path,label\na.png,cat\nb.png,dog\nc.png,bird,val\n",
          "'bird' only in the test split"),
     ],
-    ids=["missing", "not-an-image", "twice", "escaping", "other-header", "columns",
-         "bad-split", "unlabeled-test", "one-class", "class-only-tested"],
+    ids=["missing", "not-an-image", "twice", "escaping", "escaping-backslash", "drive",
+         "other-header", "columns", "bad-split", "unlabeled-test", "one-class",
+         "class-only-tested"],
 )
 def test_labels_csv_mistakes_are_refused_with_what_to_fix(tmp_path: Path, csv_text, message):
     _write_images(tmp_path / "data", ["a.png", "b.png", "c.png"])

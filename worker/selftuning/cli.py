@@ -14,7 +14,13 @@ from pathlib import Path
 from worker.selftuning.backbones import BackboneError
 from worker.selftuning.budgets import Budget, BudgetError
 from worker.selftuning.config import PRESETS, RunConfig
-from worker.selftuning.data import Item, hold_out_items, load_folder_dataset, make_budget_data
+from worker.selftuning.data import (
+    Item,
+    drop_duplicates,
+    hold_out_items,
+    load_folder_dataset,
+    make_budget_data,
+)
 from worker.selftuning.export import TRAINING_FILE
 from worker.selftuning.loop import TrainingCancelled, train
 from worker.selftuning.methods import METHODS
@@ -69,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         budget = parse_budget(args.budget)
         check_out_folder(out)
         class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data)
+        train_items, test_items, unlabeled, dropped = drop_duplicates(
+            train_items, test_items, unlabeled)
+        if dropped:
+            path, kept = dropped[0]
+            print(f"left out {len(dropped)} image(s) with the same bytes as another "
+                  f"(e.g. {path}, a copy of {kept})")
         if not test_items:
             check_holdout_possible(class_names, train_items)
             train_items, test_items = hold_out_items(train_items, HOLDOUT_FRACTION,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -153,6 +154,30 @@ def _folder(root: Path, name: str) -> Path | None:
                  if entry.is_dir() and entry.name.lower() == name), None)
 
 
+def drop_duplicates(
+    train_items: list[Item], test_items: list[Item], unlabeled_paths: list[str],
+) -> tuple[list[Item], list[Item], list[str], list[tuple[str, str]]]:
+    """The dataset without files whose bytes repeat an earlier one, as uploads store it: a
+    test image that is also a training image would score the model on what it learnt, and an
+    unlabeled copy of a labeled image would give it back its own label. Training images come
+    first, then test, then unlabeled. Returns the kept lists and (dropped, kept copy) pairs."""
+    first: dict[str, str] = {}
+    dropped: list[tuple[str, str]] = []
+
+    def new(path: str) -> bool:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if digest in first:
+            dropped.append((path, first[digest]))
+            return False
+        first[digest] = path
+        return True
+
+    train = [item for item in train_items if new(item[0])]
+    test = [item for item in test_items if new(item[0])]
+    unlabeled = [path for path in unlabeled_paths if new(path)]
+    return train, test, unlabeled, dropped
+
+
 def read_labels_csv(
     csv_path: Path,
 ) -> tuple[list[str], list[Item], list[Item], list[str]]:
@@ -162,8 +187,9 @@ def read_labels_csv(
     folder = csv_path.parent
 
     def inside_folder(raw: str) -> str:
-        relative = PurePosixPath(raw)
-        if relative.is_absolute() or ".." in relative.parts:
+        # As uploads read it: Windows' backslashes are folder separators.
+        relative = PurePosixPath(raw.replace("\\", "/"))
+        if relative.is_absolute() or ".." in relative.parts or re.match(r"^[A-Za-z]:", raw):
             raise ValueError(f"path {raw!r} must be relative to the folder of {LABELS_CSV}, "
                              "without '..' or a leading '/'")
         return str(relative)

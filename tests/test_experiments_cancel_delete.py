@@ -406,10 +406,15 @@ def test_experiment_page_cancels_every_run_live_then_deletes_the_experiment(
         browser.screenshot("2-all-cancelled")
 
         # Someone queued a run again behind the page's back: the delete is refused inline.
+        # The page looks for such a run every few seconds while it is shown (see
+        # tests/test_pages_fixes.py); it reads as hidden here, so the click meets it stale.
+        page.evaluate("Object.defineProperty(document, 'hidden', "
+                      "{value: true, configurable: true})")
         with live_server.client() as client:
             assert client.post(f"/api/runs/{run_ids[1]}/requeue").status_code == 200
         page.click("#delete-experiment")
         page.wait_for_selector("#action-error:has-text('queued or running')")
+        page.evaluate("delete document.hidden")
         assert "4 runs" in dialogs[-1]
         page.wait_for_selector("#cancel-all:not([hidden])")
         assert page.is_hidden("#delete-experiment")

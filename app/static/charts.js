@@ -21,6 +21,21 @@ export function h(tag, attrs = {}, ...children) {
   return node;
 }
 
+// A 401 on an open page means the sign-in cookie expired (or the token changed). The
+// server's text is written for API clients (it names the Authorization header); a person
+// needs the sign-in page, which brings them back here.
+export function signInAgain() {
+  const next = location.pathname + location.search;
+  return ["Your sign-in expired: ",
+    h("a", { href: `/login?next=${encodeURIComponent(next)}`, class: "sign-in-again" }, "sign in again"),
+    ", then try once more."];
+}
+
+// What to show for a failed request of an action ("Could not cancel").
+export function failure(action, error) {
+  return error.status === 401 ? signInAgain() : [`${action}: ${error.message}`];
+}
+
 export async function getJSON(url, options = {}) {
   const response = await fetch(url, { headers: { Accept: "application/json" }, ...options });
   const body = await response.json().catch(() => null);
@@ -44,9 +59,10 @@ export function duration(seconds) {
   return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
 }
 
+// The units of the server's own messages (app.ingest.human_bytes): "512 bytes", "1.5 KiB".
 export function bytes(n) {
   if (!isNumber(n)) return "";
-  const units = ["B", "KB", "MB", "GB"];
+  const units = ["bytes", "KiB", "MiB", "GiB"];
   let i = 0;
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
@@ -152,15 +168,39 @@ export function setSeries(chart, series) {
 }
 
 // Test accuracy against label budget: one line per method, mean over seeds with error bars.
-export function budgetChart(canvas, labels, methods) {
-  const options = baseOptions({ percent: true, xTitle: "label budget (labeled images)", yTitle: "test top-1" });
+// `budgets`: [{label, count}] from fewest labels to most; each method's `means` and `spreads`
+// follow them. x is the labeled image count on a log axis, as the label estimates fit it
+// (3, 6 and 61 images are not evenly spaced), ticked at the budgets measured; only when a
+// count is unknown (its dataset was deleted) are the budgets evenly spaced categories. A
+// budget without a result breaks the line: joining its neighbours would draw a result
+// nobody measured.
+export function budgetChart(canvas, budgets, methods) {
+  const name = (b) => (isNumber(b.count) ? `${b.label} (${b.count.toLocaleString("en")})` : b.label);
+  const byCount = budgets.length > 0 && budgets.every((b) => isNumber(b.count) && b.count > 0);
+  const options = baseOptions({
+    percent: true, yTitle: "test top-1",
+    xTitle: byCount ? "label budget (labeled images, log scale)" : "label budget (labeled images)",
+  });
+  let labels = budgets.map(name);
+  if (byCount) {
+    labels = budgets.map((b) => b.count);
+    const names = new Map(budgets.map((b) => [b.count, name(b)]));
+    Object.assign(options.scales.x, {
+      type: "logarithmic",
+      min: Math.min(...labels) / 1.5, // a margin, so the end points are not on the frame
+      max: Math.max(...labels) * 1.5,
+      afterBuildTicks: (scale) => { scale.ticks = labels.map((value) => ({ value })); },
+      ticks: { callback: (value) => names.get(value) ?? "" },
+    });
+    options.plugins.tooltip.callbacks.title = (items) => names.get(items[0]?.parsed.x) ?? "";
+  }
   options.plugins.tooltip.callbacks.label = (c) => {
     const spread = c.dataset.errorBars[c.dataIndex];
     return `${c.dataset.label}: ${pct(c.parsed.y)}${isNumber(spread) ? ` ± ${pct(spread)}` : ""}`;
   };
-  const datasets = methods.map(({ name, title, means, spreads }) => ({
-    label: title, data: means, errorBars: spreads, borderColor: colourFor(name),
-    backgroundColor: colourFor(name), pointRadius: 4, spanGaps: true, borderWidth: 2,
+  const datasets = methods.map(({ name: method, title, means, spreads }) => ({
+    label: title, data: means, errorBars: spreads, borderColor: colourFor(method),
+    backgroundColor: colourFor(method), pointRadius: 4, spanGaps: false, borderWidth: 2,
   }));
   return new Chart(canvas, { type: "line", data: { labels, datasets }, options,
     plugins: [errorBarsPlugin] });

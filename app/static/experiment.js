@@ -2,7 +2,7 @@
 // table, accuracy-against-budget chart, paper-style table, what more labels would buy, and
 // cancel-all and delete (/experiments/{id}).
 import {
-  badge, budgetChart, follow, getJSON, h, isNumber, pageData, pct, TERMINAL,
+  badge, budgetChart, failure, follow, getJSON, h, isNumber, pageData, pct, signInAgain, TERMINAL,
 } from "/static/charts.js";
 
 // --- the start form ------------------------------------------------------------------------
@@ -53,7 +53,9 @@ export function experimentForm() {
   }
 
   // Only what differs from the preset is sent, so the experiment records what was changed.
-  function overrides() {
+  // A number the browser cannot read ("1e-") is an error: its input's value is "", which
+  // would otherwise pass for a cleared field and run with the preset's value.
+  function overrides(errors = []) {
     const values = preset();
     const changed = {};
     for (const input of overrideInputs) {
@@ -68,6 +70,9 @@ export function experimentForm() {
           .map((s) => (Number.isFinite(Number(s)) ? Number(s) : s));
         if (JSON.stringify(value) !== JSON.stringify(values[key])) changed[key] = value;
         continue;
+      } else if (input.validity.badInput) {
+        errors.push({ field: input.name, message: "Not a number: write it like 0.01 or 1e-3." });
+        continue;
       } else if (input.value.trim() === "") continue; // cleared: the preset's value stands
       else value = Number(input.value);
       if (value !== values[key]) changed[key] = value;
@@ -75,9 +80,12 @@ export function experimentForm() {
     return changed;
   }
 
+  // errors: [{field, message}] found before anything is sent.
   function payload() {
     const methods = [...form.querySelectorAll("input[name=methods]:checked")].map((i) => i.value);
-    const { budgets, errors } = parseBudgets(form.elements.budgets.value);
+    const parsed = parseBudgets(form.elements.budgets.value);
+    const errors = parsed.errors.map((message) => ({ field: "budgets", message }));
+    const { budgets } = parsed;
     return {
       errors,
       body: {
@@ -88,7 +96,7 @@ export function experimentForm() {
         budgets,
         seeds: parseSeeds(form.elements.seeds.value),
         preset: form.elements.preset.value,
-        overrides: overrides(),
+        overrides: overrides(errors),
       },
     };
   }
@@ -150,7 +158,7 @@ export function experimentForm() {
     clearErrors();
     const { body, errors } = payload();
     if (errors.length) {
-      errors.forEach((message) => showError("budgets", message));
+      errors.forEach(({ field, message }) => showError(field, message));
       focusFirstError();
       return;
     }
@@ -168,6 +176,8 @@ export function experimentForm() {
         return;
       }
       if (response.status === 401) {
+        // The sign-in expired: keep what was typed for the way back from the sign-in page.
+        saveDraft();
         window.location.assign(`/login?next=${encodeURIComponent(location.pathname + location.search)}`);
         return;
       }
@@ -180,14 +190,54 @@ export function experimentForm() {
     focusFirstError();
   });
 
+  // The form as typed, kept in this tab's sessionStorage across a sign-in: every named input
+  // by name (a checkbox by name and value, as the methods share one name).
+  const draftKey = `experiment-form-draft:${location.pathname}${location.search}`;
+  const draftName = (input) => (input.type === "checkbox" ? `${input.name}=${input.value}` : input.name);
+  function saveDraft() {
+    const fields = [...form.elements].filter((input) => input.name)
+      .map((input) => [draftName(input), input.type === "checkbox" ? input.checked : input.value]);
+    try {
+      sessionStorage.setItem(draftKey, JSON.stringify(fields));
+    } catch (error) {
+      console.warn("could not keep the form:", error.message);
+    }
+  }
+  function restoreDraft() {
+    let fields;
+    try {
+      fields = JSON.parse(sessionStorage.getItem(draftKey));
+      sessionStorage.removeItem(draftKey);
+    } catch (error) {
+      return;
+    }
+    if (!Array.isArray(fields)) return;
+    const saved = new Map(fields);
+    // The preset first: choosing it fills in the hyper-parameters the draft then overwrites.
+    if (saved.has("preset") && data.presets[saved.get("preset")]) {
+      form.elements.preset.value = saved.get("preset");
+      fillFromPreset();
+    }
+    for (const input of form.elements) {
+      if (!input.name || !saved.has(draftName(input))) continue;
+      const value = saved.get(draftName(input));
+      if (input.type === "checkbox") input.checked = Boolean(value);
+      else input.value = value;
+    }
+    document.getElementById("draft-note").hidden = false;
+  }
+
   form.elements.preset.addEventListener("change", fillFromPreset);
   form.addEventListener("input", countRuns);
   form.addEventListener("change", countRuns);
   fillFromPreset();
+  restoreDraft();
   countRuns();
 }
 
 // --- one experiment ------------------------------------------------------------------------
+
+const IDLE_POLL_MS = 5000; // how often a page whose runs all ended looks for a requeued one
 
 export function experimentPage() {
   const { experiment: initial, methodTitles } = pageData("experiment-data");
@@ -237,6 +287,21 @@ export function experimentPage() {
     for (const [runId, { tr }] of rows) tr.classList.toggle("best", bestIds.has(runId));
   }
 
+  // The runs of a cell without a result, by status: "1 running, 1 cancelled".
+  const STATUS_ORDER = ["running", "queued", "succeeded", "cancelled", "failed", "lost"];
+  function withoutResult(method, budget) {
+    const counts = new Map();
+    for (const run of runs.values()) {
+      if (run.method !== method || run.budget_label !== budget) continue;
+      if (run.status === "succeeded" && isNumber(run.test_top1)) continue;
+      // A success without a score is rare (an old record): say it has none.
+      const status = run.status === "succeeded" ? "without a score" : run.status;
+      counts.set(status, (counts.get(status) ?? 0) + 1);
+    }
+    const rank = (status) => (STATUS_ORDER.includes(status) ? STATUS_ORDER.indexOf(status) : 99);
+    return [...counts].sort((a, b) => rank(a[0]) - rank(b[0])).map(([status, n]) => `${n} ${status}`);
+  }
+
   function drawResults() {
     // The table comes ordered from fewest labels to most.
     const budgets = [...new Set(table.map((row) => row.budget_label))];
@@ -250,16 +315,22 @@ export function experimentPage() {
       budgets.map((budget) => {
         const row = cell(method, budget);
         if (!row) return h("td", { class: "num muted" }, "");
+        const others = withoutResult(method, budget);
         if (!isNumber(row.mean_top1)) {
-          // Still to come, or never: every run of the cell ended without a result.
+          // Still to come, or never: every run of the cell ended without a result. Runs that
+          // ended (cancelled, say) are named, or "0/2 runs" reads as two still to come.
+          const ended = row.runs - row.finished - row.pending;
           return row.pending > 0
-            ? h("td", { class: "num muted" }, `${row.finished}/${row.runs} runs`)
-            : h("td", { class: "num muted", title: `${row.runs} run(s) ended without a result (cancelled, failed or lost)` }, "no result");
+            ? h("td", { class: "num muted" }, `${row.finished}/${row.runs} runs`,
+              ended > 0 ? ` (${others.join(", ")})` : null)
+            : h("td", { class: "num muted", title: `${row.runs} run(s) ended without a result: ${others.join(", ")}` }, "no result");
         }
         const spread = row.finished > 1 ? ` ± ${(row.std_top1 * 100).toFixed(1)}` : "";
-        return h("td", { class: `num${row.best ? " best" : ""}`, title: `${row.finished} of ${row.runs} seeds` },
+        // A mean over fewer seeds than asked for says which, and why: "(1 of 2; 1 cancelled)".
+        const note = others.length ? `; ${others.join(", ")}` : "";
+        return h("td", { class: `num${row.best ? " best" : ""}`, title: `mean of ${row.finished} of ${row.runs} seeds` },
           `${(row.mean_top1 * 100).toFixed(1)}${spread}`,
-          row.finished < row.runs ? h("small", { class: "muted" }, ` (${row.finished}/${row.runs})`) : null);
+          row.finished < row.runs ? h("small", { class: "muted" }, ` (${row.finished} of ${row.runs}${note})`) : null);
       })));
     document.querySelector("#budget-table thead").replaceChildren(head);
     document.querySelector("#budget-table tbody").replaceChildren(...body);
@@ -271,8 +342,8 @@ export function experimentPage() {
       spreads: budgets.map((b) => cell(method, b)?.std_top1 ?? null),
     }));
     if (chart) chart.destroy();
-    const axis = budgets.map((b) => (isNumber(labeled.get(b)) ? `${b} (${labeled.get(b).toLocaleString("en")})` : b));
-    chart = budgetChart(document.getElementById("budget-chart"), axis, series);
+    chart = budgetChart(document.getElementById("budget-chart"),
+      budgets.map((label) => ({ label, count: labeled.get(label) })), series);
     const anyResult = table.some((row) => isNumber(row.mean_top1));
     document.getElementById("results-note").hidden = anyResult;
   }
@@ -318,22 +389,57 @@ export function experimentPage() {
     document.getElementById("delete-experiment").hidden = left > 0;
   }
 
-  // Follow the feed while a run has not ended; it ends with the last run, and starts again
-  // when a run is queued again (from its own page, say).
+  // Follow the feed while a run has not ended; the server closes it after the last run.
+  // Then a run may be queued again (from its own page, another tab or the API), which no
+  // open feed tells this page: look at the record every few seconds while the tab is shown,
+  // and at once when it is shown again. A run found active brings the feed back.
   let feed = null;
+  let idlePoller = null;
+  let deleted = false;
   const liveState = document.getElementById("live-state");
   function watch() {
-    if (feed || active().length === 0) return;
+    if (feed || deleted) return;
+    if (active().length === 0) {
+      pollWhileIdle();
+      return;
+    }
+    clearInterval(idlePoller);
+    idlePoller = null;
     feed = follow(`/api/experiments/${id}/events`, {
       onEvent,
       isLast: (event) => event.type === "experiment_end",
       onResync: refreshSoon,
       onState: (state) => {
         liveState.textContent = state === "live" ? "● live" : state === "ended" ? "" : "reconnecting…";
-        if (state === "ended") feed = null;
+        if (state === "ended") {
+          feed = null;
+          pollWhileIdle(); // also if the read after the end fails
+        }
       },
     });
   }
+
+  function pollWhileIdle() {
+    if (idlePoller !== null || deleted) return;
+    idlePoller = setInterval(lookForActivity, IDLE_POLL_MS);
+  }
+
+  // Redraw only when a run changed (queued again, or queued and ended again between two
+  // looks): an ended experiment's page otherwise stays still.
+  async function lookForActivity() {
+    if (document.hidden || feed || deleted) return;
+    try {
+      const fresh = await getJSON(`/api/experiments/${id}`);
+      const changed = (summary) => {
+        const run = runs.get(summary.id);
+        return run && (run.status !== summary.status || run.finished_at !== summary.finished_at);
+      };
+      if (fresh.runs.some(changed)) applyExperiment(fresh);
+    } catch (error) {
+      refreshFailed(error);
+    }
+  }
+  document.addEventListener("visibilitychange", lookForActivity);
 
   // The API's answer (a read or the cancel) is the record: draw every run and the summary.
   function applyExperiment(fresh) {
@@ -362,14 +468,21 @@ export function experimentPage() {
       try {
         applyExperiment(await getJSON(`/api/experiments/${id}`));
       } catch (error) {
-        if (error.status === 404) gone();
-        else console.warn("experiment refresh failed:", error.message);
+        refreshFailed(error);
       }
     }, 500);
   }
 
+  function refreshFailed(error) {
+    if (error.status === 404) gone();
+    else if (error.status === 401) actionError.replaceChildren(...signInAgain());
+    else console.warn("experiment refresh failed:", error.message);
+  }
+
   // Deleted from another tab: stop following it and say so.
   function gone() {
+    deleted = true;
+    clearInterval(idlePoller);
     if (feed) feed.stop();
     document.getElementById("cancel-all").hidden = true;
     document.getElementById("delete-experiment").hidden = true;
@@ -396,8 +509,10 @@ export function experimentPage() {
     try {
       applyExperiment(await getJSON(`/api/experiments/${id}/cancel`, { method: "POST" }));
     } catch (error) {
+      // The buttons come back as the page knows the runs; the refresh corrects them if it can.
       cancelling = false;
-      actionError.textContent = `Could not cancel: ${error.message}`;
+      drawActions();
+      actionError.replaceChildren(...failure("Could not cancel", error));
       refreshSoon();
     }
   });
@@ -413,7 +528,7 @@ export function experimentPage() {
       window.location.assign("/experiments");
     } catch (error) {
       button.disabled = false;
-      actionError.textContent = `Could not delete: ${error.message}`;
+      actionError.replaceChildren(...failure("Could not delete", error));
       refreshSoon();
     }
   });

@@ -1,7 +1,7 @@
 // One run's page: live curves and status while it trains, then its results and downloads.
 import {
-  barChart, badge, bytes, duration, follow, getJSON, h, isNumber, pageData, pct, setSeries,
-  stepChart, TERMINAL,
+  barChart, badge, bytes, duration, failure, follow, getJSON, h, isNumber, pageData, pct,
+  setSeries, signInAgain, stepChart, TERMINAL,
 } from "/static/charts.js";
 
 const META_KEYS = new Set(["type", "step", "total_steps", "run_id", "time"]);
@@ -17,9 +17,21 @@ const CURVE_NAMES = {
 };
 const curveName = (key) => CURVE_NAMES[key] ?? key.replaceAll("_", " ");
 
+// The confidence below which a method drops a pseudo-label in training (FixMatch always,
+// Self-Tuning when set), or null when it keeps them all. The accuracy of the pseudo-labels
+// during training is then measured on the kept ones only, and says so.
+function keptAbove(run) {
+  const threshold = run.method === "fixmatch" ? run.config.fixmatch_threshold
+    : run.method === "self-tuning" ? run.config.pseudo_label_threshold : null;
+  return isNumber(threshold) && threshold > 0 ? threshold : null;
+}
+
 export function runPage() {
   const { run: initial, classNames } = pageData("run-data");
   const id = initial.id;
+  const threshold = keptAbove(initial);
+  const pseudoAccuracy = threshold === null ? curveName("pseudo_label_acc")
+    : `${curveName("pseudo_label_acc")} (kept: confidence ≥ ${threshold})`;
   let run = initial;
   let poller = null;
   let feed = null;
@@ -59,7 +71,8 @@ export function runPage() {
     }
     for (const [step, values] of byStep(points.eval)) {
       for (const [name, value] of Object.entries(values)) {
-        push(name.startsWith("test_") ? "accuracy" : "pseudo", curveName(name), step, value);
+        const curve = name === "pseudo_label_acc" ? pseudoAccuracy : curveName(name);
+        push(name.startsWith("test_") ? "accuracy" : "pseudo", curve, step, value);
       }
     }
     return series;
@@ -128,7 +141,9 @@ export function runPage() {
       if (TERMINAL.has(run.status)) finished();
     } catch (error) {
       if (error.status === 404) gone();
-      else console.warn("run refresh failed:", error.message);
+      else if (error.status === 401) {
+        document.getElementById("cancel-error").replaceChildren(...signInAgain());
+      } else console.warn("run refresh failed:", error.message);
     }
   }
 
@@ -153,7 +168,7 @@ export function runPage() {
       run = await getJSON(`/api/runs/${id}/cancel`, { method: "POST" });
       drawStatus();
     } catch (error) {
-      document.getElementById("cancel-error").textContent = error.message;
+      document.getElementById("cancel-error").replaceChildren(...failure("Could not cancel", error));
       await refreshRun();
     }
   });
@@ -163,7 +178,7 @@ export function runPage() {
     try {
       run = await getJSON(`/api/runs/${id}/requeue`, { method: "POST" });
     } catch (error) {
-      document.getElementById("cancel-error").textContent = error.message;
+      document.getElementById("cancel-error").replaceChildren(...failure("Could not run it again", error));
       await refreshRun();
       return;
     }
@@ -230,12 +245,18 @@ export function runPage() {
 function drawResults(run, classNames) {
   const m = run.metrics;
   const q = m.pseudo_label_quality ?? {};
+  const threshold = keptAbove(run);
   const headline = [
     ["Test top-1", pct(m.test_top1)],
     ["Mean per-class accuracy", pct(m.test_mean_class_acc)],
     ["Pseudo-label accuracy (final model, withheld labels)", pct(m.pseudo_label_acc)],
-    ["Pseudo-label accuracy during training", pct(m.train_pseudo_label_acc)],
   ];
+  // Fine-tuning trains on the labeled images only: it has no pseudo-labels in training.
+  if (run.method !== "fine-tune") {
+    headline.push([threshold === null ? "Pseudo-label accuracy during training"
+      : `Pseudo-label accuracy during training, of the kept pseudo-labels (confidence ≥ ${threshold})`,
+    pct(m.train_pseudo_label_acc)]);
+  }
   if (isNumber(m.fixmatch_mask_rate)) headline.push(["FixMatch mask rate", pct(m.fixmatch_mask_rate)]);
   document.getElementById("headline").replaceChildren(
     ...headline.map(([name, value]) => h("tr", {}, h("th", {}, name), h("td", { class: "num" }, value))));
@@ -370,7 +391,7 @@ async function drawDownloads(run, classNames) {
     { href: `/api/runs/${run.id}/checkpoint`, text: "Checkpoint (zip: model, config, training record)", id: "download-checkpoint" },
     ...run.artifacts.filter((a) => a !== predictions).map((a) => ({ href: a.url, text: a.name, size: a.size_bytes })),
     { href: `/api/runs/${run.id}/predictions.csv`, text: "Predictions for the unlabeled images (CSV)", size: predictions?.size_bytes },
-    { href: `/api/runs/${run.id}/label-next.csv`, text: "Label next: least confident first (CSV)" },
+    { href: `/api/runs/${run.id}/label-next.csv`, text: "Label next: smallest margin between the top two classes first (CSV)" },
   ];
   document.getElementById("downloads").replaceChildren(...links.map((link) => h("li", {},
     h("a", { href: link.href, download: "", id: link.id }, link.text),

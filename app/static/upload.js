@@ -2,14 +2,26 @@
 "use strict";
 
 (function () {
+  // The units of the server's own messages (app.ingest.human_bytes), so the page's "this
+  // file is 4.2 GiB" and the server's "the upload limit of 4.0 GiB" compare.
   function formatBytes(count) {
-    const units = ["bytes", "KB", "MB", "GB", "TB"];
+    const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
     let unit = 0;
-    while (count >= 1000 && unit < units.length - 1) {
-      count /= 1000;
+    while (count >= 1024 && unit < units.length - 1) {
+      count /= 1024;
       unit += 1;
     }
     return unit === 0 ? count + " bytes" : count.toFixed(1) + " " + units[unit];
+  }
+
+  // A 401 on an open page: the sign-in expired (or the token changed). The server's text is
+  // for API clients; a person gets a link to sign in again that comes back to this page.
+  function signInAgain(then) {
+    const link = document.createElement("a");
+    link.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
+    link.className = "sign-in-again";
+    link.textContent = "sign in again";
+    return ["Your sign-in expired: ", link, then];
   }
 
   // The API answers {"detail": "..."}; FastAPI validation errors give a list instead.
@@ -25,7 +37,6 @@
     if (Array.isArray(detail)) {
       return detail.map(function (item) { return item.msg || JSON.stringify(item); }).join("; ");
     }
-    if (status === 401) return "Sign in first: this server needs its API token.";
     if (status === 413) return "The archive is too large for this server.";
     return "The upload failed (HTTP " + status + ").";
   }
@@ -42,8 +53,9 @@
     const maxBytes = Number(form.dataset.maxBytes || 0);
     let file = null;
 
+    // message: a text, or a list of texts and nodes (a link).
     function showError(message) {
-      errorBox.textContent = message;
+      errorBox.replaceChildren(...[].concat(message));
       errorBox.hidden = !message;
     }
 
@@ -117,7 +129,8 @@
         }
         progressBox.hidden = true;
         button.disabled = false;
-        showError(errorText(request.status, request.responseText));
+        showError(request.status === 401 ? signInAgain(", then upload the archive once more.")
+          : errorText(request.status, request.responseText));
       };
       request.onerror = function () {
         progressBox.hidden = true;
@@ -146,7 +159,8 @@
           return;
         }
         button.disabled = false;
-        errorBox.textContent = errorText(request.status, request.responseText);
+        errorBox.replaceChildren(...(request.status === 401 ? signInAgain(", then delete it.")
+          : [errorText(request.status, request.responseText)]));
         errorBox.hidden = false;
       };
       request.onerror = function () {

@@ -1,0 +1,457 @@
+"""Page fixes in Chromium against a real uvicorn, Redis and SQLite (no worker: the tests write
+what a worker would): an ended experiment's page notices a run queued again; a failed cancel
+gives its button back; the budget chart's x axis is the labeled count on a log scale; an
+expired sign-in links to the sign-in page and keeps the start form; a number the form cannot
+read is reported; the run page names what its pseudo-label numbers measure; the results table
+says which runs have no result; sizes in the units of the server's messages."""
+
+from __future__ import annotations
+
+import math
+import re
+from urllib.parse import quote
+
+import httpx
+import pytest
+import redis
+
+from app.db import session_scope
+from app.live import publish_end
+from app.models import Artifact, Run, RunMetric, utcnow
+from tests.browser import open_browser
+from tests.support import add_dataset_row, app_env, start_server
+from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
+
+pytestmark = pytest.mark.browser
+
+TOKEN = "correct-horse-battery-staple"
+BADGES = "[...document.querySelectorAll('#runs tbody .badge')].map((b) => b.textContent)"
+CELLS = "[...document.querySelectorAll('#budget-table tbody td')].map((c) => c.textContent)"
+
+
+def finish(database_url: str, live: redis.Redis, run_id: int, metrics: dict | None = None,
+           status: str = "succeeded") -> None:
+    """What a worker records when a run ends (its final metrics), then the feeds' end event."""
+    with session_scope(database_url) as session:
+        run = session.get(Run, run_id)
+        run.status, run.finished_at = status, utcnow()
+        run.step = run.total_steps
+        if metrics is not None:
+            run.metrics = metrics
+    publish_end(live, run)
+
+
+def runs_by(client, experiment_id: int) -> dict[tuple[str, str, int], int]:
+    """Run ids by (method, budget label, seed)."""
+    body = client.get(f"/api/experiments/{experiment_id}").json()
+    return {(r["method"], r["budget_label"], r["seed"]): r["id"] for r in body["runs"]}
+
+
+@pytest.fixture
+def guarded(settings, tmp_path):
+    """A server with an API token: pages need a sign-in, API calls the token."""
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_API_TOKEN=TOKEN)
+    url, process = start_server(env, tmp_path / "uvicorn.log")
+    yield url, settings.sqlalchemy_url
+    process.stop()
+
+
+def sign_in(page, url: str, next_path: str) -> None:
+    page.goto(f"{url}/login?next={quote(next_path, safe='')}")
+    page.fill("#token", TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{url}{next_path}")
+
+
+# --- 1. an ended experiment's page follows a run queued again -----------------------------
+
+def test_ended_experiment_page_shows_a_run_queued_again_elsewhere_without_a_reload(
+    live_server, request
+):
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(
+            client, add_dataset_row(live_server.database_url), seeds=[0])
+        assert client.post(f"/api/experiments/{experiment_id}/cancel").status_code == 200
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#experiment-status .badge:text-is('cancelled')")
+        page.wait_for_selector("#delete-experiment:not([hidden])")
+        assert page.is_hidden("#cancel-all") and page.inner_text("#live-state") == ""
+        page.evaluate("window.sameDocument = true")
+
+        # "Run again" in another tab (here: the API).
+        with live_server.client() as client:
+            assert client.post(f"/api/runs/{run_ids[0]}/requeue").status_code == 200
+        page.wait_for_selector(f"#runs tr[data-run-id='{run_ids[0]}'] .badge:text-is('queued')",
+                               timeout=15_000)
+        assert page.is_visible("#cancel-all") and page.is_hidden("#delete-experiment")
+        page.wait_for_selector("#experiment-status .badge:text-is('in progress')")
+        page.wait_for_selector("#live-state:text-is('● live')")  # following it again
+        browser.screenshot("1-requeued-run-shown")
+
+        # Followed live: its end shows as it happens, and the page is idle again after it.
+        end_as_worker(live_server.database_url, live, run_ids[0], "cancelled")
+        page.wait_for_function(f"{BADGES}.every((s) => s === 'cancelled')")
+        page.wait_for_selector("#delete-experiment:not([hidden])")
+        page.wait_for_selector("#live-state:text-is('')", state="attached")
+        # And a second requeue is noticed as well.
+        with live_server.client() as client:
+            assert client.post(f"/api/runs/{run_ids[1]}/requeue").status_code == 200
+        page.wait_for_selector(f"#runs tr[data-run-id='{run_ids[1]}'] .badge:text-is('queued')",
+                               timeout=15_000)
+        assert page.evaluate("window.sameDocument") is True  # no reload
+        browser.assert_no_errors()
+
+
+# --- 2. a cancel that fails, and the refresh after it too -----------------------------------
+
+def test_cancel_all_failing_with_its_refresh_shows_the_error_and_gives_the_buttons_back(
+    live_server, request
+):
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(
+            client, add_dataset_row(live_server.database_url), seeds=[0])
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#live-state:text-is('● live')")
+        page.route(re.compile(rf"/api/experiments/{experiment_id}/cancel$"), lambda route:
+                   route.fulfill(status=500, json={"detail": "the database is unavailable"}))
+        page.route(re.compile(rf"/api/experiments/{experiment_id}$"), lambda route:
+                   route.fulfill(status=503, json={"detail": "the database is unavailable"}))
+
+        with page.expect_response(re.compile(rf"/api/experiments/{experiment_id}$")):
+            page.click("#cancel-all")  # the cancel fails, then the refresh after it
+        page.wait_for_timeout(300)
+        assert page.inner_text("#action-error") == "Could not cancel: the database is unavailable"
+        assert page.inner_text("#cancel-all") == "Cancel all runs"
+        assert page.is_enabled("#cancel-all") and page.is_hidden("#delete-experiment")
+        assert page.evaluate(BADGES) == ["queued", "queued"]
+        browser.screenshot("cancel-failed")
+
+        # The server answers again: the same button cancels.
+        page.unroute(re.compile(rf"/api/experiments/{experiment_id}/cancel$"))
+        page.unroute(re.compile(rf"/api/experiments/{experiment_id}$"))
+        page.click("#cancel-all")
+        page.wait_for_function(f"{BADGES}.every((s) => s === 'cancelled')")
+        page.wait_for_selector("#delete-experiment:not([hidden])")
+        browser.assert_no_errors(expected=("status of 500", "status of 503"))
+    with live_server.client() as client:
+        assert {r["status"] for r in client.get(f"/api/experiments/{experiment_id}").json()[
+            "runs"]} == {"cancelled"}
+
+
+# --- 3. the budget chart's x axis ------------------------------------------------------------
+
+def test_budget_chart_places_budgets_by_labeled_count_on_a_log_axis_and_leaves_gaps(
+    live_server, request
+):
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset_row(database_url, {name: {"train": 30, "test": 2}
+                                                for name in ("a", "b")})
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, dataset_id, seeds=[0],
+                                       budgets=[{"per_class": 1}, {"per_class": 3}, 0.5])
+        ids = runs_by(client, experiment_id)
+    # 2, 6 and 30 labeled images. Fine-tuning has no result at 3/class.
+    for (method, budget, _), run_id in ids.items():
+        if (method, budget) == ("fine-tune", "3/class"):
+            finish(database_url, live, run_id, status="cancelled")
+        else:
+            finish(database_url, live, run_id, {"test_top1": 0.6 if budget == "1/class" else 0.8})
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#experiment-status .badge:text-is('partly cancelled')")
+        axis = page.evaluate("""() => {
+            const chart = Chart.getChart(document.getElementById('budget-chart'));
+            const x = chart.scales.x;
+            return {type: x.type, ticks: x.ticks.map((t) => t.label),
+                    pixels: [2, 6, 30].map((n) => x.getPixelForValue(n)),
+                    points: chart.getDatasetMeta(chart.data.datasets.findIndex(
+                        (d) => d.label === 'Self-Tuning')).data.map((p) => p.x)};
+        }""")
+        assert axis["type"] == "logarithmic"
+        assert axis["ticks"] == ["1/class (2)", "3/class (6)", "50% (30)"]
+        # Distances follow log(labeled images): 2 -> 6 is log 3, 6 -> 30 is log 5.
+        left, middle, right = axis["pixels"]
+        assert (middle - left) / (right - middle) == pytest.approx(math.log(3) / math.log(5),
+                                                                   rel=0.02)
+        assert axis["points"] == pytest.approx(axis["pixels"], abs=0.5)  # Self-Tuning's points
+
+        # Fine-tuning's line stops at the missing budget instead of joining 2 and 30.
+        segments = page.evaluate("""() => {
+            const chart = Chart.getChart(document.getElementById('budget-chart'));
+            const index = chart.data.datasets.findIndex((d) => d.label === 'Fine-tuning');
+            return chart.getDatasetMeta(index).dataset.segments
+                .map((s) => [s.start, s.end]);
+        }""")
+        assert not any(start < 1 < end for start, end in segments), segments
+        assert browser.chart_points("#budget-chart") == {"Self-Tuning": 3, "Fine-tuning": 2}
+        browser.screenshot("budget-chart")
+        browser.assert_no_errors()
+
+
+# --- 4. an expired sign-in ------------------------------------------------------------------
+
+def test_an_expired_sign_in_links_to_the_sign_in_page_and_the_form_keeps_what_was_typed(
+    guarded, tmp_path, request
+):
+    url, database_url = guarded
+    dataset_id = add_dataset_row(database_url)
+    with httpx.Client(base_url=url, timeout=60,
+                      headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        experiment_id, run_ids = start_sweep(client, dataset_id, seeds=[0])
+    experiment_path = f"/experiments/{experiment_id}"
+    link = "#action-error a.sign-in-again"
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("dialog", lambda dialog: dialog.accept())
+        sign_in(page, url, experiment_path)
+
+        # Cancel all after the sign-in expired: a link to sign in again, the button back.
+        page.wait_for_selector("#cancel-all:not([hidden])")
+        page.context.clear_cookies()
+        page.click("#cancel-all")
+        page.wait_for_selector(link)
+        assert page.inner_text("#action-error") == (
+            "Your sign-in expired: sign in again, then try once more.")
+        assert page.get_attribute(link, "href") == f"/login?next={quote(experiment_path, safe='')}"
+        assert page.inner_text("#cancel-all") == "Cancel all runs"
+        assert page.is_enabled("#cancel-all")
+        browser.screenshot("1-cancel-all-expired")
+        page.click(link)  # ... and back here once signed in
+        page.fill("#token", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{url}{experiment_path}")
+
+        # The same on a run's page.
+        page.goto(f"{url}/runs/{run_ids[0]}")
+        page.wait_for_selector("#cancel:not([hidden])")
+        page.context.clear_cookies()
+        page.click("#cancel")
+        page.wait_for_selector("#cancel-error a.sign-in-again")
+        assert "Authorization" not in page.inner_text("#cancel-error")
+        assert page.get_attribute("#cancel-error a", "href") == (
+            f"/login?next={quote(f'/runs/{run_ids[0]}', safe='')}")
+
+        # The upload page.
+        sign_in(page, url, "/datasets/new")
+        page.set_input_files("#file", {"name": "photos.zip", "mimeType": "application/zip",
+                                       "buffer": b"PK\x05\x06" + b"\0" * 18})
+        page.context.clear_cookies()
+        page.click("#upload-button")
+        page.wait_for_selector("#upload-error a.sign-in-again")
+        assert page.inner_text("#upload-error") == (
+            "Your sign-in expired: sign in again, then upload the archive once more.")
+        assert page.get_attribute("#upload-error a", "href") == "/login?next=%2Fdatasets%2Fnew"
+        assert page.is_enabled("#upload-button")
+        browser.screenshot("2-upload-expired")
+
+        # The start form: sent after the sign-in expired, it goes to the sign-in page and
+        # comes back as it was typed.
+        form_path = f"/experiments/new?dataset_id={dataset_id}"
+        sign_in(page, url, form_path)
+        page.select_option("#f-preset", "paper")
+        page.fill("#f-name", "kept across the sign-in")
+        page.fill("#f-budgets", "1/class, all")
+        page.fill("#f-seeds", "3, 4")
+        page.check("input[name=methods][value=fixmatch]")
+        page.uncheck("input[name=methods][value=self-tuning]")
+        page.fill("#f-iterations", "12")
+        page.uncheck("#f-pretrained")
+        page.context.clear_cookies()
+        page.click("#start")
+        page.wait_for_url(re.compile(r"/login\?"))
+        page.fill("#token", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{url}{form_path}")
+        page.wait_for_selector("#draft-note:not([hidden])")
+        assert page.input_value("#f-preset") == "paper"
+        assert page.input_value("#f-name") == "kept across the sign-in"
+        assert page.input_value("#f-budgets") == "1/class, all"
+        assert page.input_value("#f-seeds") == "3, 4"
+        assert page.input_value("#f-iterations") == "12"
+        assert page.input_value("#f-image_size") == "224"  # the paper preset's, not quick's
+        assert not page.is_checked("#f-pretrained")
+        assert page.is_checked("input[name=methods][value=fixmatch]")
+        assert not page.is_checked("input[name=methods][value=self-tuning]")
+        assert page.is_checked("input[name=methods][value=fine-tune]")
+        assert "8 runs" in page.inner_text("#run-count")  # 2 methods x 2 budgets x 2 seeds
+        browser.screenshot("3-form-restored")
+        with page.expect_request("**/api/experiments") as sent:
+            page.click("#start")
+        page.wait_for_url(re.compile(r"/experiments/\d+$"))
+        body = sent.value.post_data_json
+        assert body["name"] == "kept across the sign-in" and body["preset"] == "paper"
+        assert body["methods"] == ["fine-tune", "fixmatch"] and body["seeds"] == [3, 4]
+        assert body["overrides"] == {"iterations": 12, "pretrained": False}
+        # Restored once: the form opened again starts afresh.
+        page.goto(f"{url}{form_path}")
+        assert page.input_value("#f-name") == "" and page.is_hidden("#draft-note")
+        browser.assert_no_errors(expected=("status of 401",))
+
+
+# --- 5. a number the form cannot read -------------------------------------------------------
+
+def test_a_malformed_hyper_parameter_is_an_error_next_to_it_and_nothing_is_sent(
+    live_server, request
+):
+    dataset_id = add_dataset_row(live_server.database_url)
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        sent = []
+        page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
+        page.goto(f"{live_server.url}/experiments/new?dataset_id={dataset_id}")
+        page.fill("#f-lr", "")
+        page.locator("#f-lr").press_sequentially("1e-")
+        page.click("#start")
+        error = page.locator('[data-field="overrides.lr"] .field-error')
+        error.wait_for(state="visible")
+        assert error.inner_text().startswith("Not a number")
+        assert page.evaluate("document.activeElement.id") == "f-lr"
+        page.wait_for_timeout(500)
+        assert sent == [] and page.url.endswith(f"/experiments/new?dataset_id={dataset_id}")
+        browser.screenshot("lr-not-a-number")
+
+        # Written right, it goes.
+        page.fill("#f-lr", "1e-3")
+        with page.expect_request("**/api/experiments") as request_sent:
+            page.click("#start")
+        assert request_sent.value.post_data_json["overrides"] == {"lr": 0.001}
+        page.wait_for_url(re.compile(r"/experiments/\d+$"))
+        browser.assert_no_errors()
+
+
+# --- 6, 7, 8 (fine-tuning's chart), 9 (heading, sizes): the run page -------------------------
+
+def test_run_pages_say_what_their_pseudo_label_numbers_measure(live_server, request):
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, add_dataset_row(database_url), seeds=[0],
+                                       methods=["fixmatch", "fine-tune"],
+                                       budgets=[{"per_class": 1}])
+        ids = runs_by(client, experiment_id)
+    fixmatch, fine_tune = ids[("fixmatch", "1/class", 0)], ids[("fine-tune", "1/class", 0)]
+    for run_id, pseudo in ((fixmatch, 0.9), (fine_tune, None)):
+        with session_scope(database_url) as session:
+            session.add(RunMetric(run_id=run_id, kind="eval", step=10, values={
+                "test_top1": 0.5, "test_mean_class_acc": 0.5, "pseudo_label_acc": pseudo}))
+            session.add(Artifact(run_id=run_id, name="model.safetensors",
+                                 path=f"runs/{run_id}/model.safetensors", size_bytes=1536,
+                                 sha256="0" * 64))
+        finish(database_url, live, run_id, {
+            "test_top1": 0.5, "test_mean_class_acc": 0.5, "pseudo_label_acc": 0.7,
+            "train_pseudo_label_acc": pseudo, "confusion_matrix": [[1, 1], [0, 2]],
+            "per_class_acc": [0.5, 1.0], "pseudo_label_quality": {},
+            **({"fixmatch_mask_rate": 0.4} if pseudo else {})})
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{fixmatch}")
+        page.wait_for_selector("#results:not([hidden])")
+        assert page.inner_text("h1 #budget") == "1 labeled image per class"
+        headline = page.locator("#headline th").all_inner_texts()
+        assert ("Pseudo-label accuracy during training, of the kept pseudo-labels "
+                "(confidence ≥ 0.95)") in headline
+        page.wait_for_function(
+            "Chart.getChart(document.getElementById('chart-pseudo')).data.datasets.length > 0")
+        assert browser.chart_points("#chart-pseudo") == {
+            "pseudo-label accuracy (kept: confidence ≥ 0.95)": 1}
+        # Label next ranks by the margin between the top two classes, and says so.
+        text = page.inner_text("main")
+        assert "least confident" not in text
+        assert "smallest margin between their top two classes first" in page.inner_text(
+            "#label-next h2")
+        assert "smallest margin between the top two classes first" in page.inner_text(
+            "#downloads")
+        # Sizes in the server's units (its messages say "4.0 GiB").
+        page.wait_for_selector("#downloads li:has-text('model.safetensors')")
+        assert page.inner_text("#downloads li:has-text('model.safetensors')") == (
+            "model.safetensors 1.5 KiB")
+        browser.screenshot("1-fixmatch")
+
+        page.goto(f"{live_server.url}/runs/{fine_tune}")
+        page.wait_for_selector("#results:not([hidden])")
+        page.wait_for_function(
+            "Chart.getChart(document.getElementById('chart-accuracy')).data.datasets.length > 0")
+        said = page.evaluate("getComputedStyle(document.getElementById('chart-pseudo')"
+                             ".parentNode, '::after').content")
+        assert said == '"none: fine-tuning trains on the labeled images only"'
+        assert not any("during training" in th
+                       for th in page.locator("#headline th").all_inner_texts())
+        browser.screenshot("2-fine-tune")
+        browser.assert_no_errors()
+
+
+# --- 8. the results table: what became of the runs without a result -------------------------
+
+def cells_by_method(page) -> dict[str, str]:
+    return dict(zip(page.locator("#budget-table tbody th").all_inner_texts(),
+                    page.evaluate(CELLS), strict=True))
+
+
+def test_results_table_names_the_cancelled_runs_of_a_cell(live_server, request):
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, add_dataset_row(database_url))  # seeds 0, 1
+        ids = runs_by(client, experiment_id)
+    finish(database_url, live, ids[("fine-tune", "50%", 0)], {"test_top1": 0.8})
+    finish(database_url, live, ids[("fine-tune", "50%", 1)], status="cancelled")
+    finish(database_url, live, ids[("self-tuning", "50%", 0)], status="cancelled")
+    # Self-Tuning's seed 1 stays queued.
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#live-state:text-is('● live')")
+        page.wait_for_function(f"{CELLS}.length === 2")
+        assert cells_by_method(page) == {"Self-Tuning": "0/2 runs (1 queued, 1 cancelled)",
+                                         "Fine-tuning": "80.0 (1 of 2; 1 cancelled)"}
+
+        with live_server.client() as client:
+            assert client.post(f"/api/experiments/{experiment_id}/cancel").status_code == 200
+        page.wait_for_selector("#experiment-status .badge:text-is('partly cancelled')")
+        page.wait_for_function(f"{CELLS}.includes('no result')")
+        assert cells_by_method(page) == {"Self-Tuning": "no result",
+                                         "Fine-tuning": "80.0 (1 of 2; 1 cancelled)"}
+        browser.screenshot("results-table")
+        browser.assert_no_errors()
+
+
+# --- 9. sizes on the upload page ------------------------------------------------------------
+
+def test_upload_page_gives_sizes_in_the_units_of_the_servers_messages(settings, tmp_path,
+                                                                       request):
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_MAX_UPLOAD_BYTES=str(1024 * 1024))
+    url, process = start_server(env, tmp_path / "uvicorn.log")
+    try:
+        with open_browser(request.node.name) as browser:
+            page = browser.page
+            page.goto(f"{url}/datasets/new")
+            assert "up to 1.0 MiB" in page.inner_text(".lead")  # the server's text
+            page.set_input_files("#file", {"name": "big.zip", "mimeType": "application/zip",
+                                           "buffer": b"\0" * (1536 * 1024)})
+            assert page.inner_text("#chosen") == "big.zip (1.5 MiB)"
+            assert page.inner_text("#upload-error") == (
+                "This file is 1.5 MiB; the server accepts at most 1.0 MiB. "
+                "Split it into smaller archives.")
+            page.set_input_files("#file", {"name": "small.zip", "mimeType": "application/zip",
+                                           "buffer": b"\0" * 1000})
+            assert page.inner_text("#chosen") == "small.zip (1000 bytes)"
+            browser.screenshot("upload-sizes")
+            browser.assert_no_errors()
+    finally:
+        process.stop()

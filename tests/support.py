@@ -87,8 +87,10 @@ class LiveServer:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
 
 
-def start_server(env: dict[str, str], log_path: Path, timeout: float = 60) -> tuple[str, Process]:
-    port = free_port()
+def start_server(env: dict[str, str], log_path: Path, timeout: float = 60,
+                 port: int | None = None) -> tuple[str, Process]:
+    """uvicorn on `port` (a free one by default: give the old one to restart a server)."""
+    port = port or free_port()
     process = start_process(
         [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_factory",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],

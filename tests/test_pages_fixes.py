@@ -301,6 +301,49 @@ def test_an_expired_sign_in_links_to_the_sign_in_page_and_the_form_keeps_what_wa
         browser.assert_no_errors(expected=("status of 401",))
 
 
+def test_a_live_feed_refused_for_an_expired_sign_in_says_so_and_links_to_sign_in(
+    settings, tmp_path, request
+):
+    """The experiment page's feed reconnects after a drop (here: the server restarts);
+    refused (401) it said only "reconnecting…", for ever. It reads the record then, which
+    says why."""
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_API_TOKEN=TOKEN)
+    url, process = start_server(env, tmp_path / "uvicorn.log")
+    try:
+        with httpx.Client(base_url=url, timeout=60,
+                          headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+            experiment_id, _ = start_sweep(client, add_dataset_row(settings.sqlalchemy_url),
+                                           seeds=[0])
+        experiment_path = f"/experiments/{experiment_id}"
+        with open_browser(request.node.name) as browser:
+            page = browser.page
+            sign_in(page, url, experiment_path)
+            page.wait_for_selector("#live-state:text-is('● live')")
+            page.context.clear_cookies()
+            process.stop()  # the connection drops ...
+            page.wait_for_selector("#live-state:text-is('reconnecting…')")
+            _, process = start_server(env, tmp_path / "uvicorn-2.log",
+                                      port=int(url.rsplit(":", 1)[1]))
+            # ... and the next try is refused: the page says why.
+            page.wait_for_selector("#action-error a.sign-in-again", timeout=30_000)
+            assert page.inner_text("#action-error") == (
+                "Your sign-in expired: sign in again, then try once more.")
+            browser.screenshot("feed-refused")
+
+            # Signed in again (as in another tab): the feed comes back, the message goes.
+            sign_in_tab = page.context.new_page()
+            sign_in(sign_in_tab, url, experiment_path)
+            sign_in_tab.close()
+            page.wait_for_selector("#live-state:text-is('● live')", timeout=60_000)
+            page.wait_for_function(
+                "document.getElementById('action-error').textContent === ''")
+            browser.assert_no_errors(expected=(  # the restart cuts the stream, then refuses
+                "status of 401", "ERR_INCOMPLETE_CHUNKED_ENCODING", "ERR_CONNECTION_REFUSED"))
+    finally:
+        process.stop()
+
+
 # --- 5. a number the form cannot read -------------------------------------------------------
 
 def test_a_malformed_hyper_parameter_is_an_error_next_to_it_and_nothing_is_sent(

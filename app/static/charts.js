@@ -223,7 +223,11 @@ export function barChart(canvas, labels, datasets, { percent = false, xTitle, yT
 // good when a reconnect gets an HTTP error (a proxy's 502 while the app restarts); then we
 // open a fresh one after a growing pause. After any interruption `onResync` runs, so the
 // page can re-read the database record in case the live stream itself lost entries.
-export function follow(url, { onEvent, isLast = () => false, onResync = () => {}, onState = () => {} }) {
+// `onClosed` hears each time the browser gives the stream up (the server refused it, e.g. an
+// expired sign-in, or is down) before the next try: a read of the record tells which.
+export function follow(url, {
+  onEvent, isLast = () => false, onResync = () => {}, onState = () => {}, onClosed = () => {},
+}) {
   let source = null;
   let timer = null;
   let pause = 1000;
@@ -250,6 +254,7 @@ export function follow(url, { onEvent, isLast = () => false, onResync = () => {}
       interrupted = true;
       onState("reconnecting");
       if (source.readyState === EventSource.CLOSED) {
+        onClosed();
         timer = setTimeout(connect, pause);
         pause = Math.min(pause * 2, 30000);
       }

@@ -409,6 +409,7 @@ export function experimentPage() {
       onEvent,
       isLast: (event) => event.type === "experiment_end",
       onResync: refreshSoon,
+      onClosed: refreshSoon, // an expired sign-in or a deleted experiment says so there
       onState: (state) => {
         liveState.textContent = state === "live" ? "● live" : state === "ended" ? "" : "reconnecting…";
         if (state === "ended") {
@@ -467,6 +468,8 @@ export function experimentPage() {
     refreshTimer = setTimeout(async () => {
       try {
         applyExperiment(await getJSON(`/api/experiments/${id}`));
+        // Signed in again (in another tab, say): the link to do so has had its day.
+        if (actionError.querySelector(".sign-in-again")) actionError.replaceChildren();
       } catch (error) {
         refreshFailed(error);
       }

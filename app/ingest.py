@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import lzma
 import os
@@ -43,7 +44,7 @@ from worker.selftuning.labels_csv import (
     natural_key,
     parse_labels_csv,
 )
-from worker.selftuning.pixels import to_8_bit
+from worker.selftuning.pixels import to_8_bit, white_level_of
 
 log = logging.getLogger(__name__)
 
@@ -1133,10 +1134,36 @@ def image_file(settings: Settings, dataset: Dataset, image: DatasetImage) -> Pat
     return path
 
 
+WHITE_LEVEL_FILE = "white-level.json"
+
+
+def dataset_white_level(settings: Settings, dataset: Dataset) -> int | None:
+    """The white level a worker scales this dataset's images of more than 8 bits by
+    (`pixels.white_level_of` over every image of it, as a run's are), worked out once and
+    kept with the thumbnails. Thumbnails made before it was known are made again."""
+    folder = thumbnail_dir(settings, dataset)
+    record = folder / WHITE_LEVEL_FILE
+    try:
+        return json.loads(record.read_text())["white_level"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    root = dataset_dir(settings, dataset)
+    level = white_level_of(root / image.path for image in dataset.images)
+    folder.mkdir(parents=True, exist_ok=True)
+    if level is not None:
+        for old in folder.glob("*.jpg"):
+            old.unlink(missing_ok=True)
+    partial = folder / f".{WHITE_LEVEL_FILE}.{uuid.uuid4().hex}"
+    partial.write_text(json.dumps({"white_level": level}))
+    os.replace(partial, record)
+    return level
+
+
 def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage) -> Path:
     """A JPEG of at most THUMBNAIL_SIZE px a side, made on first request and cached."""
     folder = thumbnail_dir(settings, dataset)
     cached = folder / f"{image.id}.jpg"
+    white_level = dataset_white_level(settings, dataset)
     if cached.is_file():
         return cached
     source = image_file(settings, dataset, image)
@@ -1147,7 +1174,7 @@ def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage) -> Path
             raise FileNotFoundError(f"{image.path} is not the file that was uploaded")
         opened.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         # 16-bit images scaled as the worker decodes them; convert("RGB") would clip them.
-        original = to_8_bit(opened)
+        original = to_8_bit(opened, white_level)
         original.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         if original.mode in ("RGBA", "LA", "PA") or "transparency" in original.info:
             rgba = original.convert("RGBA")

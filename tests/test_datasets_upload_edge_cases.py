@@ -240,9 +240,13 @@ def test_a_16_bit_image_thumbnail_shows_what_the_worker_trains_on(
     for image in images:
         source = tmp_path / "original.png"
         source.write_bytes(originals[image["original_path"]])
-        trained_on = np.asarray(open_rgb(source), dtype=np.float64).mean()
+        # Scaled by the dataset's white level, 12 bits (see test_data's white level tests):
+        # values of 0..4095 average mid-grey, not the near black of 16-bit scaling.
+        trained_on = np.asarray(open_rgb(source, white_level=4095), dtype=np.float64).mean()
+        assert 120 < trained_on < 135
         response = client.get(f"/api/datasets/{summary['id']}/images/{image['id']}/thumbnail")
         assert response.status_code == 200
+        assert response.headers["etag"].endswith('-w4095"')  # made with the white level
         thumbnail = Image.open(io.BytesIO(response.content))
         assert thumbnail.mode == "RGB"
         assert abs(np.asarray(thumbnail, dtype=np.float64).mean() - trained_on) < 3

@@ -213,8 +213,11 @@ def image_thumbnail(
     image = db.get(DatasetImage, image_id)
     if image is None or image.dataset_id != dataset.id:
         raise HTTPException(404, f"dataset {dataset_id} has no image {image_id}")
-    # Ids can be reused after a delete, so browsers revalidate against the image's content.
-    headers = {"Cache-Control": "private, no-cache", "ETag": f'"{image.sha256[:32]}"'}
+    # Ids can be reused after a delete, so browsers revalidate against the image's content
+    # and how it is made 8-bit (a thumbnail made before the dataset's white level was known).
+    level = ingest.dataset_white_level(settings, dataset)
+    version = image.sha256[:32] if level is None else f"{image.sha256[:32]}-w{level}"
+    headers = {"Cache-Control": "private, no-cache", "ETag": f'"{version}"'}
     if request.headers.get("if-none-match") == headers["ETag"]:
         return Response(status_code=304, headers=headers)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import re
 import tarfile
 import tempfile
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.engine.helpers import write_shapes_dataset
-from worker.selftuning import load_folder_dataset, make_budget_data, open_rgb
+from tests.engine.helpers import tiny_config, write_shapes_dataset
+from worker.selftuning import RunData, load_folder_dataset, make_budget_data, open_rgb, train
 from worker.selftuning.images import Preprocessing, decode_all
+from worker.selftuning.pixels import white_level_of
 
 
 def test_folder_dataset_lists_classes_splits_and_unlabeled(shapes_root: Path):
@@ -271,3 +273,67 @@ def test_decoded_cache_is_reused_from_disk(shapes_data, tmp_path: Path, monkeypa
     assert np.array_equal(np.asarray(first.array), np.asarray(second.array))
     assert first.array.shape == (len(paths), preprocessing.scale_size,
                                  preprocessing.scale_size, 3)
+
+
+def _gray16(path: Path, values: np.ndarray) -> str:
+    Image.fromarray(values.astype(np.uint16)).save(path)
+    return str(path)
+
+
+def test_the_white_level_is_the_datasets_not_each_images(tmp_path: Path):
+    """12-bit cameras write 16-bit files whose values end at 4095: read as 16-bit values
+    (divided by 257) they were nearly black. The fewest bits holding the brightest value of
+    any image decide, so a dark image stays darker than a bright one."""
+    bright = _gray16(tmp_path / "bright.png", np.full((8, 8), 4095))
+    dark = _gray16(tmp_path / "dark.png", np.full((8, 8), 1000))
+    plain = str(tmp_path / "plain.png")
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(plain)
+    assert white_level_of([plain]) is None
+    assert white_level_of([plain, dark]) == 1023
+    assert white_level_of([plain, dark, bright]) == 4095
+    assert white_level_of([dark, _gray16(tmp_path / "deep.png", np.full((8, 8), 40000))]) == 65535
+
+    def brightness(path: str, white_level: int | None) -> int:
+        return int(np.asarray(open_rgb(path, white_level=white_level))[0, 0, 0])
+
+    assert brightness(bright, 4095) == 255 and brightness(dark, 4095) == 62
+    assert brightness(bright, None) == 16  # what it was: 4095 / 257
+    assert brightness(plain, 4095) == 10  # 8-bit images as they are
+    eval_pixels = decode_all([bright, dark], "eval", Preprocessing(
+        8, (0.5,) * 3, (0.5,) * 3, crop_pct=1.0, white_level=4095)).array
+    assert eval_pixels[:, 0, 0, 0].tolist() == [255, 62]
+
+
+def test_a_run_on_12_bit_images_trains_on_them_scaled_by_their_white_level(tmp_path: Path):
+    rng = np.random.default_rng(0)
+
+    def items(split: str, count: int) -> list[tuple[str, int]]:
+        folder = tmp_path / split
+        folder.mkdir()
+        return [(_gray16(folder / f"{label}-{n}.png",
+                         rng.integers(0, 2048, (40, 40)) + 2047 * label), label)
+                for label in (0, 1) for n in range(count)]
+
+    data = RunData(class_names=["dim", "lit"], labeled=items("train", 4),
+                   unlabeled=[(path, None) for path, _ in items("unlabeled", 2)],
+                   test=items("test", 2))
+    out = tmp_path / "out"
+    train(tiny_config(iterations=2), data, out)
+    training = json.loads((out / "training.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert training["input_white_level"] == config["input_white_level"] == 4095
+    # 8-bit data exports no white level: config.json stays timm's own.
+    plain = tmp_path / "plain"
+    for split in ("train", "test"):
+        (plain / split).mkdir(parents=True)
+    eight_bit = RunData(class_names=["a", "b"], test=[], labeled=[])
+    for label, colour in enumerate(((20, 20, 20), (200, 200, 200))):
+        for split, target in (("train", eight_bit.labeled), ("test", eight_bit.test)):
+            for n in range(2):
+                path = plain / split / f"{label}-{n}.png"
+                Image.new("RGB", (40, 40), colour).save(path)
+                target.append((str(path), label))
+    train(tiny_config(iterations=2, method="fine-tune"), eight_bit, tmp_path / "out-8")
+    assert "input_white_level" not in json.loads((tmp_path / "out-8" / "config.json").read_text())
+    assert json.loads((tmp_path / "out-8" / "training.json").read_text())[
+        "input_white_level"] is None

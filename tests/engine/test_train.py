@@ -371,9 +371,9 @@ def test_each_image_is_decoded_once_for_training_and_the_unlabeled_again_for_pre
     decoded = []
     original = images.open_rgb
 
-    def counting(path, *args):
+    def counting(path, *args, **kwargs):
         decoded.append(path)
-        return original(path, *args)
+        return original(path, *args, **kwargs)
 
     monkeypatch.setattr(images, "open_rgb", counting)
     # 20 iterations of 4 labeled images cycle through the 12 labeled ones several times.

@@ -46,6 +46,10 @@ def export_model(
         "num_features": int(model.num_features),
         "label_names": list(class_names),
         "pretrained_cfg": preprocessing.pretrained_cfg(len(class_names)),
+        # Images of more than 8 bits were scaled by this before training (pixels.to_8_bit):
+        # scale yours the same way, e.g. 12-bit values by 255 / 4095.
+        **({"input_white_level": preprocessing.white_level}
+           if preprocessing.white_level not in (None, 255) else {}),
     })
 
 

@@ -39,6 +39,9 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
+    # How images of more than 8 bits become 8-bit ones (`pixels.to_8_bit`): the dataset's
+    # white level, or None to read values above 255 as 16-bit.
+    white_level: int | None = None
 
     @classmethod
     def from_model(cls, model: object, image_size: int) -> Preprocessing:
@@ -78,9 +81,11 @@ class Preprocessing:
         }
 
 
-def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+def open_rgb(path: str | os.PathLike, draft_size: int | None = None,
+             white_level: int | None = None) -> Image.Image:
     """Decode an image the way a plain timm user does (`Image.open(p).convert('RGB')`), so
-    the exported model sees the same pixels; first frame of GIF/TIFF, 16-bit scaled to 8.
+    the exported model sees the same pixels; first frame of GIF/TIFF, high-bit-depth images
+    scaled to 8 bits by `white_level` (`pixels.to_8_bit`).
 
     `draft_size` lets a JPEG decode at a reduced scale that still covers that size (much
     faster for large photos); evaluation images never use it, so they stay exact.
@@ -89,7 +94,7 @@ def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
         image.seek(0)
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
-        image = to_8_bit(image)
+        image = to_8_bit(image, white_level)
         with warnings.catch_warnings():
             # Palette images with transparency warn on conversion; dropping alpha is intended.
             warnings.simplefilter("ignore", UserWarning)
@@ -199,9 +204,10 @@ def _decode_one(path: str, kind: str, preprocessing: Preprocessing) -> np.ndarra
     """One image as a training square ('train', JPEGs drafted at reduced scale) or as timm's
     exact eval crop ('eval')."""
     try:
+        white = preprocessing.white_level
         if kind == "train":
-            return train_square(open_rgb(path, preprocessing.scale_size), preprocessing)
-        return eval_crop(open_rgb(path), preprocessing)
+            return train_square(open_rgb(path, preprocessing.scale_size, white), preprocessing)
+        return eval_crop(open_rgb(path, white_level=white), preprocessing)
     except (OSError, ValueError, SyntaxError) as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from exc
 

@@ -3,6 +3,7 @@ checkpoints, cancellation and exact resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -56,6 +57,7 @@ from worker.selftuning.metrics import (
     pseudo_label_quality,
     queue_purity,
 )
+from worker.selftuning.pixels import white_level_of
 
 EventHandler = Callable[[dict], None]
 # Queue purity re-predicts the queued images; beyond this many keys it uses an even sample.
@@ -115,7 +117,11 @@ def train(
     with _thread_budget(device, config.cpu_threads):
         _seed_everything(config.seed)
         backbone = create_backbone(config.backbone, data.num_classes, pretrained=config.pretrained)
-        preprocessing = Preprocessing.from_model(backbone, config.image_size)
+        preprocessing = dataclasses.replace(
+            Preprocessing.from_model(backbone, config.image_size),
+            white_level=white_level_of(
+                path for items in (data.labeled, data.unlabeled, data.test) for path, _ in items),
+        )
         images = _decode(data, preprocessing, cache_dir)
         model = build_method(config, backbone, data.num_classes)
         precision = precision_for(device)
@@ -468,6 +474,7 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
         "architecture": architecture_of(backbone),
         "class_to_idx": {name: i for i, name in enumerate(data.class_names)},
         "pretrained_cfg": preprocessing.pretrained_cfg(data.num_classes),
+        "input_white_level": preprocessing.white_level,  # null: no image of more than 8 bits
         "data": {
             "fingerprint": data.fingerprint(),
             "labeled_count": len(data.labeled),

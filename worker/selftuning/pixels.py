@@ -3,6 +3,10 @@ so that a preview shows the pixels a model is trained on."""
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Iterable
+
 import numpy as np
 from PIL import Image
 
@@ -10,12 +14,42 @@ from PIL import Image
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 
 
-def to_8_bit(image: Image.Image) -> Image.Image:
-    """A high-bit-depth image as 8-bit grayscale ("L"), scaled rather than clipped: values
-    above 255 are read as 16-bit (divided by 257), smaller ones kept. Other images as they are."""
+# The white levels high-bit-depth images are written with: 8, 10, 12, 14 and 16 bits.
+WHITE_LEVELS = (255, 1023, 4095, 16383, 65535)
+
+
+def to_8_bit(image: Image.Image, white_level: int | None = None) -> Image.Image:
+    """A high-bit-depth image as 8-bit grayscale ("L"), scaled rather than clipped: by
+    `white_level`, the brightest value its dataset can hold (`white_level_of`), or without
+    one, values above 255 read as 16-bit (divided by 257) and smaller ones kept. Other images
+    as they are."""
     if image.mode not in HIGH_BIT_DEPTH_MODES:
         return image
     values = np.asarray(image, dtype=np.float32)
-    if values.max(initial=0) > 255:
+    if white_level is not None:
+        values = values * (255.0 / white_level)
+    elif values.max(initial=0) > 255:
         values = values / 257.0
     return Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
+
+
+def white_level_of(paths: Iterable[str | os.PathLike]) -> int | None:
+    """The white level of a dataset's high-bit-depth images: the fewest bits (8, 10, 12, 14
+    or 16) that hold the brightest value of any of them, as 2**bits - 1. A 12-bit camera
+    writes 16-bit files whose values end at 4095; divided as 16-bit values they would train
+    nearly black. None when no image has more than 8 bits (only those are read whole; the
+    others' headers say so)."""
+    brightest: float | None = None
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.seek(0)
+                if image.mode not in HIGH_BIT_DEPTH_MODES:
+                    continue
+                high = float(np.asarray(image, dtype=np.float32).max(initial=0))
+        except (OSError, ValueError, SyntaxError):
+            continue  # an image that does not decode: its decoder says so, naming it
+        brightest = high if brightest is None else max(brightest, high)
+    if brightest is None:
+        return None
+    return next((level for level in WHITE_LEVELS if brightest <= level), math.ceil(brightest))

@@ -498,3 +498,60 @@ def test_upload_page_gives_sizes_in_the_units_of_the_servers_messages(settings, 
             browser.assert_no_errors()
     finally:
         process.stop()
+
+
+# --- The pseudo-label quality card says what it has nothing about ---------------------------
+
+def quality(unlabeled: int, queue: bool) -> dict:
+    """pseudo_label_quality as the engine records it (worker/selftuning/metrics.py)."""
+    counts = [0] * 9 + [unlabeled]
+    recorded = {
+        "confidence_bins": [{"lo": 0.9, "hi": 1.0, "count": unlabeled, "judged": unlabeled,
+                             "accuracy": 0.75 if unlabeled else None}],
+        "kept_share_at_095": 0.5 if unlabeled else None,
+        "kept_accuracy_at_095": 0.8 if unlabeled else None,
+        "predicted_distribution": [0.5, 0.5] if unlabeled else None,
+        "labeled_distribution": [0.5, 0.5],
+        "confidence_histogram": {"edges": [i / 10 for i in range(11)], "counts": counts},
+    }
+    if queue:
+        recorded.update(queue_purity=0.9, queue_purity_truth=0.7 if unlabeled else None)
+    return recorded
+
+
+def test_the_quality_card_shows_queue_rows_for_self_tuning_only_and_says_when_it_has_nothing(
+    live_server, request
+):
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, add_dataset_row(database_url), seeds=[0, 1])
+        ids = runs_by(client, experiment_id)
+    finished = {
+        "fine-tune": (ids[("fine-tune", "50%", 0)], quality(4, queue=False)),
+        "self-tuning": (ids[("self-tuning", "50%", 0)], quality(4, queue=True)),
+        "nothing": (ids[("self-tuning", "50%", 1)], quality(0, queue=True)),
+    }
+    for run_id, recorded in finished.values():
+        finish(database_url, live, run_id, {
+            "test_top1": 0.5, "test_mean_class_acc": 0.5, "confusion_matrix": [[1, 1], [0, 2]],
+            "per_class_acc": [0.5, 1.0], "pseudo_label_quality": recorded})
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+
+        def facts(key: str) -> list[str]:
+            page.goto(f"{live_server.url}/runs/{finished[key][0]}")
+            page.wait_for_selector("#results:not([hidden])")
+            return page.locator("#quality-facts th").all_inner_texts()
+
+        assert facts("fine-tune") == ["Share a 0.95 threshold keeps", "Accuracy of what it keeps"]
+        assert page.is_hidden("#quality-none") and page.is_visible("#quality-details")
+        assert facts("self-tuning")[2:] == [
+            "Queue purity (agrees with the model)",
+            "Pseudo-labeled queue keys that are right (withheld labels)"]
+        facts("nothing")
+        assert page.is_visible("#quality-none") and page.is_hidden("#quality-details")
+        assert "nothing to pseudo-label" in page.inner_text("#quality-none")
+        browser.screenshot("no-unlabeled-images")
+        browser.assert_no_errors()

@@ -302,12 +302,19 @@ function drawPerClass(perClass, confusion, names, quality) {
 }
 
 function drawQuality(q, names) {
+  // A run without unlabeled images (every label kept, none uploaded) has nothing to judge.
+  const unlabeled = (q.confidence_histogram?.counts ?? []).reduce((a, b) => a + b, 0);
+  document.getElementById("quality-none").hidden = unlabeled > 0;
+  document.getElementById("quality-details").hidden = unlabeled === 0;
+  if (unlabeled === 0) return;
   const facts = [
     ["Share a 0.95 threshold keeps", pct(q.kept_share_at_095)],
     ["Accuracy of what it keeps", pct(q.kept_accuracy_at_095)],
-    ["Queue purity (agrees with the model)", pct(q.queue_purity)],
-    ["Pseudo-labeled queue keys that are right (withheld labels)", pct(q.queue_purity_truth)],
   ];
+  if ("queue_purity" in q) { // Self-Tuning's queue of keys; the other methods have none
+    facts.push(["Queue purity (agrees with the model)", pct(q.queue_purity)],
+      ["Pseudo-labeled queue keys that are right (withheld labels)", pct(q.queue_purity_truth)]);
+  }
   document.getElementById("quality-facts").replaceChildren(
     ...facts.map(([name, value]) => h("tr", {}, h("th", {}, name), h("td", { class: "num" }, value))));
 

@@ -24,7 +24,7 @@ from app.live import forget_feeds, publish_ends, run_cancel_key
 from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
 from app.schemas import TERMINAL_STATUSES, ExperimentIn, LabelEstimate, parse_budget_values
 from worker.selftuning.budgets import Budget
-from worker.selftuning.config import RunConfig
+from worker.selftuning.config import RunConfig, backbone_in
 
 TRAIN_TASK = "selftune.train_run"
 CANCEL_FLAG_TTL_S = 7 * 24 * 3600  # outlives any run; the database flag is the record
@@ -90,7 +90,10 @@ def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
                 "backbone", f"{name}: a weight file must exist inside the data directory, "
                 "e.g. runs/<run id>/model.safetensors",
             )
-        return f"{name.rpartition(':')[0]}:{path}" if ":" in name else str(path)
+        # Stored relative to the data directory (`backbone_in` resolves it): what a person
+        # wrote, and still right when the data directory moves.
+        relative = path.relative_to(root).as_posix()
+        return f"{name.rpartition(':')[0]}:{relative}" if ":" in name else relative
     import timm  # imported on first use: the web stays light until someone starts a run
 
     from worker.selftuning.backbones import OFFLINE_WEIGHTS, offline_backbones
@@ -116,7 +119,8 @@ def check_input_size(backbone: str, image_size: int, batch_size: int) -> None:
     px only, a distilled model with two heads), or on `batch_size` of them at a time (one
     image whose last feature map is 1x1: batch norm fails), before any run is queued to fail.
     A labeled batch alone is the smallest forward of every method (fine-tuning's, and the
-    others' on a dataset with no unlabeled image left)."""
+    others' on a dataset with no unlabeled image left). `backbone` is named as the engine
+    opens it (`backbone_in`)."""
     from worker.selftuning.backbones import (
         BackboneError,
         check_forward_batch,
@@ -182,7 +186,8 @@ def create_experiment(session: Session, settings: Settings, payload: ExperimentI
         for seed in payload.seeds
     }
     first = next(iter(configs.values()))
-    check_input_size(payload.backbone, first["image_size"], first["batch_size"])
+    check_input_size(backbone_in(payload.backbone, settings.data_dir.resolve()),
+                     first["image_size"], first["batch_size"])
     if missing := hold_weight_source(session, settings, payload.backbone):
         raise unprocessable("backbone", missing)
     experiment = Experiment(
@@ -310,10 +315,13 @@ def delete_experiment_with_runs(session: Session, settings: Settings, live: redi
     forget_feeds(live, [experiment_id], run_ids)
 
 
-def weight_file(backbone: str) -> Path | None:
-    """The `.safetensors` file a backbone name loads (`resolve_backbone` stored it absolute),
-    or None for a timm architecture."""
-    return Path(backbone.rpartition(":")[2]) if backbone.endswith(".safetensors") else None
+def weight_file(settings: Settings, backbone: str) -> Path | None:
+    """The `.safetensors` file a backbone name loads (`resolve_backbone` stores it relative
+    to the data directory; experiments from before, absolute), or None for a timm
+    architecture."""
+    if not backbone.endswith(".safetensors"):
+        return None
+    return Path(backbone_in(backbone, settings.data_dir.resolve()).rpartition(":")[2])
 
 
 def source_run(settings: Settings, path: Path) -> int | None:
@@ -330,7 +338,7 @@ def hold_weight_source(session: Session, settings: Settings, backbone: str) -> s
     the file is another run's model, that run's row is locked first (a no-op update), so a
     delete of it either has committed (the row is gone) or waits until this transaction
     ends and then sees the runs that start from it (`weights_in_use`)."""
-    path = weight_file(backbone)
+    path = weight_file(settings, backbone)
     if path is None:
         return None
     if (source := source_run(settings, path)) is not None:
@@ -357,7 +365,7 @@ def weights_in_use(session: Session, settings: Settings, run_ids: Iterable[int],
     users = sorted(
         run_id for run_id, config in active
         if run_id not in deleted
-        and (path := weight_file(str(config.get("backbone", "")))) is not None
+        and (path := weight_file(settings, str(config.get("backbone", "")))) is not None
         and source_run(settings, path) in deleted
     )
     if not users:

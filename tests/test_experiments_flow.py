@@ -172,6 +172,22 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
     assert total == 18
     assert correct / total == pytest.approx(metrics["test_top1"], abs=1e-9)
 
+    # An experiment can start from this run's model. It is stored as named, relative to the
+    # data directory (it was the server's absolute path), and the worker finds the file.
+    backbone = f"test_efficientnet:runs/{run_id}/model.safetensors"
+    with live_server.client() as client:
+        created = client.post("/api/experiments", json={
+            "dataset_id": dataset_id, "methods": ["fine-tune"], "budgets": [0.5], "seeds": [0],
+            **{**TINY, "backbone": backbone}})
+        assert created.status_code == 201, created.text
+        assert created.json()["backbone"] == backbone
+        follow_up = created.json()["runs"][0]["id"]
+        run = wait_for(lambda: (r := client.get(f"/api/runs/{follow_up}").json())["status"]
+                       in ("succeeded", "failed") and r, timeout=300,
+                       message="the run from the model to end")
+    assert run["status"] == "succeeded", run["error"]
+    assert run["config"]["backbone"] == backbone
+
 
 def test_cancelling_a_running_run_ends_it_as_cancelled(live_server, celery_worker, dataset_id):
     long = json.loads(json.dumps(TINY))

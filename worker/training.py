@@ -302,7 +302,7 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
 
 def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
            stop: StopSignal) -> dict[str, Any]:
-    from worker.selftuning.config import RunConfig
+    from worker.selftuning.config import RunConfig, backbone_in
     from worker.selftuning.data import make_budget_data
     from worker.selftuning.files import checkpoint_path
     from worker.selftuning.loop import TrainingCancelled, train
@@ -311,7 +311,9 @@ def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
     recorder.publish(job.status_event)
     with _Heartbeat(settings, run_id):  # also while recording: that may wait for the database
         try:
-            config = RunConfig.from_dict(job.config)
+            # A weight file is stored relative to the data directory (app.experiments).
+            backbone = backbone_in(job.config["backbone"], settings.data_dir.resolve())
+            config = RunConfig.from_dict({**job.config, "backbone": backbone})
             data, budget_info = make_budget_data(*job.items, job.budget, job.seed)
             metrics = train(
                 config, data, out_dir,

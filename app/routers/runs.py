@@ -54,7 +54,6 @@ def file_responses(media_type: str) -> dict:
     }
 
 
-
 def get_run(session: Session, run_id: int) -> Run:
     run = session.get(Run, run_id)
     if run is None:

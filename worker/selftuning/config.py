@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 # The methods registered in `methods.py` (a test keeps the two in step); named here so a
@@ -134,6 +135,16 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def backbone_in(backbone: str, data_dir: Path) -> str:
+    """`backbone` as the engine opens it: a weight file named relative to the data directory
+    (`[ARCH:]runs/12/model.safetensors`, as the web stores it, so that the data directory can
+    move) with its absolute path; an absolute path or a timm name as it is."""
+    if not backbone.endswith(".safetensors"):
+        return backbone
+    architecture, colon, location = backbone.rpartition(":")
+    return f"{architecture}{colon}{Path(data_dir) / location}"
 
 
 def _check_int(config: RunConfig, name: str, low: int, high: int) -> None:

@@ -115,6 +115,9 @@ def bench_budgets(args: argparse.Namespace, overrides: dict) -> None:
           f"{'pseudo':>7} {'train-pl':>8} {'s/it':>6} {'wall s':>7}")
     for row in rows:
         print(_row(row))
+    cache = [path for path in Path(args.cache_dir).glob("*.npy")]
+    print(f"decoded-image cache {args.cache_dir}: {len(cache)} files, "
+          f"{sum(path.stat().st_size for path in cache) / 2**20:.0f} MiB")
     if len(seeds) > 1:
         print("\nmean over seeds")
         for budget in budgets:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.engine.helpers import tiny_config, write_shapes_dataset
 from worker.selftuning import RunData, load_folder_dataset, make_budget_data, open_rgb, train
-from worker.selftuning.images import Preprocessing, decode_all
+from worker.selftuning.images import Preprocessing, decode_all, decode_pool
 from worker.selftuning.pixels import white_level_of
 
 
@@ -273,6 +273,57 @@ def test_decoded_cache_is_reused_from_disk(shapes_data, tmp_path: Path, monkeypa
     assert np.array_equal(np.asarray(first.array), np.asarray(second.array))
     assert first.array.shape == (len(paths), preprocessing.scale_size,
                                  preprocessing.scale_size, 3)
+
+
+def test_runs_on_other_budgets_and_seeds_share_one_decoded_pool(
+    shapes_root: Path, tmp_path: Path, monkeypatch
+):
+    import pickle
+
+    import worker.selftuning.images as images
+
+    class_names, train_items, test_items, unlabeled = load_folder_dataset(shapes_root)
+    splits = [make_budget_data(class_names, train_items, test_items, unlabeled, budget,
+                               seed=seed)[0]
+              for budget, seed in (({"per_class": 2}, 0), ({"per_class": 4}, 1), ("all", 0))]
+    preprocessing = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+
+    def parts(data: RunData) -> list[list[str]]:
+        return [[path for path, _ in data.labeled], [path for path, _ in data.unlabeled]]
+
+    first = decode_pool(parts(splits[0]), "train", preprocessing, tmp_path)
+    monkeypatch.setattr(images, "open_rgb", lambda *_args, **_kwargs: pytest.fail("decoded"))
+    later = [decode_pool(parts(data), "train", preprocessing, tmp_path) for data in splits[1:]]
+    monkeypatch.undo()
+
+    # One file holds the whole pool; each run's subsets are selections of it, in their order.
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    for data, selections in zip(splits, [first, *later], strict=True):
+        for paths, selection in zip(parts(data), selections, strict=True):
+            alone = decode_all(paths, "train", preprocessing).array
+            assert len(selection) == len(paths)
+            assert np.array_equal(selection.array, alone)
+            assert all(np.array_equal(selection[row], alone[row]) for row in range(len(paths)))
+            assert np.array_equal(selection[1:3], alone[1:3])
+            # DataLoader workers get the selection by path, not the pool's pixels.
+            sent = pickle.loads(pickle.dumps(selection))
+            assert len(pickle.dumps(selection)) < 4096
+            assert np.array_equal(sent.array, alone)
+
+
+def test_a_second_run_on_another_budget_writes_no_new_decoded_images(
+    shapes_root: Path, tmp_path: Path
+):
+    class_names, train_items, test_items, unlabeled = load_folder_dataset(shapes_root)
+    cache = tmp_path / "cache"
+    for budget, seed in (({"per_class": 2}, 0), ({"per_class": 4}, 1)):
+        data, _ = make_budget_data(class_names, train_items, test_items, unlabeled, budget,
+                                   seed=seed)
+        train(tiny_config(iterations=2, seed=seed), data, tmp_path / f"run-{seed}",
+              cache_dir=cache)
+        # Training squares and eval crops of the training pool, eval crops of the test set.
+        assert sorted(path.name.split("-")[0] for path in cache.glob("*.npy")) == [
+            "eval", "eval", "train"]
 
 
 def _gray16(path: Path, values: np.ndarray) -> str:

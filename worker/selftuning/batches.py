@@ -117,7 +117,7 @@ class StepBatches(Dataset):
                          dtype=np.uint8)
         for position, index in enumerate(indices):
             rng = random.Random(f"{self.seed}/{pool}/{step}/{position}")
-            square = np.asarray(squares.array[index])
+            square = np.asarray(squares[index])
             for view, kind in enumerate(kinds):
                 views[view, position] = self.view_maker(kind, square, rng)
         return torch.from_numpy(views).permute(0, 1, 4, 2, 3)

@@ -124,26 +124,44 @@ def center_crop_array(images: np.ndarray, size: int) -> np.ndarray:
 
 
 class ImageArray:
-    """A [N, H, W, 3] uint8 array that survives being sent to DataLoader workers cheaply:
-    a disk-backed one is reopened by path there instead of being pickled whole."""
+    """A [N, H, W, 3] uint8 array, or some of its rows (`select`), that survives being sent
+    to DataLoader workers cheaply: a disk-backed one is reopened by path there instead of
+    being pickled whole. Index it for images (`images[i]`, `images[a:b]`)."""
 
-    def __init__(self, array: np.ndarray, path: Path | None = None):
+    def __init__(self, array: np.ndarray, path: Path | None = None,
+                 rows: np.ndarray | None = None):
         self._array = array
         self.path = path
+        self.rows = rows
 
     @property
     def array(self) -> np.ndarray:
+        """All of its images as one array (a copy when it is a selection)."""
+        return self._stored() if self.rows is None else self._stored()[self.rows]
+
+    def _stored(self) -> np.ndarray:
         if self._array is None:
             self._array = np.load(self.path, mmap_mode="r")
         return self._array
 
+    def select(self, rows: Sequence[int]) -> ImageArray:
+        """These rows of the array, without copying it: one run's subset of a cached pool."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.rows is not None:
+            rows = self.rows[rows]
+        return ImageArray(self._array, self.path, rows)
+
+    def __getitem__(self, index: int | slice) -> np.ndarray:
+        """One image (an int) or a run of them (a slice, copied from a selection)."""
+        return self._stored()[index if self.rows is None else self.rows[index]]
+
     def __len__(self) -> int:
-        return len(self.array)
+        return len(self._stored()) if self.rows is None else len(self.rows)
 
     def __getstate__(self) -> dict:
         if self.path is not None:
-            return {"_array": None, "path": self.path}
-        return {"_array": self._array, "path": None}
+            return {"_array": None, "path": self.path, "rows": self.rows}
+        return {"_array": self._array, "path": None, "rows": self.rows}
 
 
 def decode_all(
@@ -186,6 +204,25 @@ def decode_all(
     finally:
         temporary.unlink(missing_ok=True)
     return ImageArray(np.load(target, mmap_mode="r"), target)
+
+
+def decode_pool(
+    subsets: Sequence[Sequence[str]],
+    kind: str,
+    preprocessing: Preprocessing,
+    cache_dir: Path | None = None,
+) -> list[ImageArray]:
+    """`decode_all` of each subset of one pool of images. With `cache_dir` the pool (every
+    path of the subsets, sorted) is decoded once into one cache file and each subset is a
+    selection of it, so that runs on other subsets of the pool (every budget and seed of a
+    dataset splits its training images differently) share that file instead of writing
+    their own; without one, each subset is decoded in memory on its own."""
+    if cache_dir is None:
+        return [decode_all(paths, kind, preprocessing) for paths in subsets]
+    pool = sorted({path for paths in subsets for path in paths})
+    position = {path: row for row, path in enumerate(pool)}
+    images = decode_all(pool, kind, preprocessing, cache_dir)
+    return [images.select([position[path] for path in paths]) for paths in subsets]
 
 
 def eval_crops_in_chunks(paths: Sequence[str], preprocessing: Preprocessing,

@@ -46,6 +46,7 @@ from worker.selftuning.images import (
     Preprocessing,
     center_crop_array,
     decode_all,
+    decode_pool,
     eval_crops_in_chunks,
 )
 from worker.selftuning.methods import Method, build_method
@@ -86,7 +87,7 @@ class RunImages:
         """Centre crops of training images by train index (labeled first, then unlabeled)."""
         count = len(self.labeled)
         crops = [
-            self.labeled.array[index] if index < count else self.unlabeled.array[index - count]
+            self.labeled[index] if index < count else self.unlabeled[index - count]
             for index in train_indices.tolist()
         ]
         if not crops:
@@ -360,7 +361,7 @@ class _Evaluator:
 
     def test_scores(self, memory_format: torch.memory_format | None = None
                     ) -> tuple[dict, torch.Tensor]:
-        probabilities = self.predict(self.images.test.array, memory_format)
+        probabilities = self.predict(self.images.test[:], memory_format)
         predicted = probabilities.argmax(dim=1)
         return (classification_metrics(predicted, self.test_truth, self.data.num_classes),
                 predicted)
@@ -372,15 +373,17 @@ class _Evaluator:
             (self.images.eval_pixels(train_indices[start : start + PREDICT_CHUNK])
              for start in range(0, len(train_indices), PREDICT_CHUNK)), memory_format)
 
-    def predict_files(self, paths: list[str], preprocessing: Preprocessing,
-                      cache_dir: Path | None, memory_format: torch.memory_format | None = None
-                      ) -> torch.Tensor:
-        """Probabilities for image files decoded as timm's eval transform decodes them (the
-        training squares' centre crops differ slightly: JPEGs drafted, crops rounded twice).
-        With a cache folder the crops are kept there like the test set's, for the other runs
-        on these images; without one they are decoded a chunk at a time and dropped."""
+    def predict_unlabeled(self, preprocessing: Preprocessing, cache_dir: Path | None,
+                          memory_format: torch.memory_format | None = None) -> torch.Tensor:
+        """Probabilities for the unlabeled image files decoded as timm's eval transform
+        decodes them (the training squares' centre crops differ slightly: JPEGs drafted,
+        crops rounded twice). With a cache folder the crops of the whole training pool are
+        kept there like the test set's, for the other runs on these images, whatever their
+        budget; without one they are decoded a chunk at a time and dropped."""
+        paths = [path for path, _ in self.data.unlabeled]
         if cache_dir is not None:
-            crops = decode_all(paths, "eval", preprocessing, cache_dir).array
+            labeled = [path for path, _ in self.data.labeled]
+            crops = decode_pool([labeled, paths], "eval", preprocessing, cache_dir)[1]
             pixels = (crops[start : start + PREDICT_CHUNK]
                       for start in range(0, len(crops), PREDICT_CHUNK))
         else:
@@ -439,8 +442,8 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
     write_json(out_dir / TEST_PREDICTIONS_FILE, test_predicted.tolist())
 
     # The exported model's answers for the unlabeled images, as a timm user would get them.
-    probabilities = evaluator.predict_files([path for path, _ in data.unlabeled], preprocessing,
-                                            cache_dir, torch.contiguous_format)
+    probabilities = evaluator.predict_unlabeled(preprocessing, cache_dir,
+                                                torch.contiguous_format)
     hidden_labels = [label for _, label in data.unlabeled]
     hidden = torch.tensor([-1 if label is None else label for label in hidden_labels],
                           dtype=torch.long)
@@ -494,9 +497,11 @@ def _decode(data: RunData, preprocessing: Preprocessing, cache_dir: Path | None)
     def paths(items: list) -> list[str]:
         return [path for path, _ in items]
 
+    labeled, unlabeled = decode_pool([paths(data.labeled), paths(data.unlabeled)], "train",
+                                     preprocessing, cache_dir)
     return RunImages(
-        labeled=decode_all(paths(data.labeled), "train", preprocessing, cache_dir),
-        unlabeled=decode_all(paths(data.unlabeled), "train", preprocessing, cache_dir),
+        labeled=labeled,
+        unlabeled=unlabeled,
         test=decode_all(paths(data.test), "eval", preprocessing, cache_dir),
         image_size=preprocessing.image_size,
     )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
+import shutil
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
 
@@ -97,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_docs(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OSError, _disk_full)
     return app
 
 
@@ -147,6 +150,20 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         return _error_page(request, 404, "Not found",
                            f"{detail[:1].upper()}{detail[1:]}. It may have been deleted.")
     return _error_page(request, exc.status_code, f"Error {exc.status_code}", str(exc.detail))
+
+
+async def _disk_full(request: Request, exc: OSError) -> Response:
+    """A full disk is a 507 that says so (routes that write remove what they wrote); any
+    other OSError stays the server error it is."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise exc
+    settings: Settings = request.app.state.settings
+    free = shutil.disk_usage(settings.data_dir).free
+    detail = (f"the server's disk is full ({exc.strerror}; {free / 2**20:,.0f} MiB free in its "
+              "data directory): nothing was kept; free some space and try again")
+    if _wants_page(request):
+        return _error_page(request, 507, "Disk full", detail)
+    return JSONResponse(status_code=507, content={"detail": detail})
 
 
 def _json_safe(value):

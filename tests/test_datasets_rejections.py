@@ -9,15 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from app import ingest
 from app.config import Settings
-from tests.support import LiveServer
+from tests.support import LiveServer, small_disk
 from tests.test_datasets_support import (
     assert_nothing_left,
     class_entries,
+    dataset_server,
     image_bytes,
     leftovers,
     png_with_declared_size,
@@ -231,3 +233,32 @@ def test_a_dataset_name_with_control_characters_is_refused(
         assert response.status_code == 422, response.text
         assert "must not contain control characters" in response.json()["detail"]
         assert_nothing_left(server)
+
+
+def test_an_upload_that_fills_the_disk_is_a_507_that_says_so_and_keeps_nothing(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The data directory on a real 3 MiB file system: the archive (1.8 MiB of noise that
+    does not compress) fits, it and its extracted images together do not."""
+    noise = {
+        f"{'cat' if n % 2 else 'dog'}/{n}.png": noise_png(n) for n in range(16)
+    }
+    archive = zip_bytes(noise, compression=zipfile.ZIP_STORED)
+    assert 1.5 * 2**20 < len(archive) < 3 * 2**20
+    with small_disk(tmp_path / "base" / "data", "3m"), dataset_server(
+        tmp_path / "base", redis_url, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}"
+    ) as server, server.client() as client:
+        response = upload(client, archive)
+        assert response.status_code == 507, response.text
+        detail = response.json()["detail"]
+        assert "disk is full" in detail and "MiB free" in detail
+        assert_nothing_left(server)
+        # The space is given back: the server goes on, and a small upload is whole.
+        assert upload(client, zip_bytes(class_entries())).status_code == 201
+
+
+def noise_png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()

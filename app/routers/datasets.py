@@ -132,6 +132,7 @@ def get_dataset_or_404(db: Session, dataset_id: int) -> Dataset:
         413: {"model": ErrorOut, "description": "over a size, expansion or file-count limit"},
         415: {"model": ErrorOut, "description": "not multipart, or not a zip or tar archive"},
         422: {"model": ErrorOut, "description": "unsafe or unusable content; says what to fix"},
+        507: {"model": ErrorOut, "description": "the server's disk is full; nothing was kept"},
     },
     openapi_extra={"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": UploadForm.model_json_schema()}}}},

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.engine.helpers import tiny_config
+from tests.support import PROJECT_ROOT, small_disk
 from worker.selftuning import RunData, train
 from worker.selftuning.checkpoint import (
     CheckpointUnreadable,
@@ -91,6 +92,37 @@ def test_decoding_removes_abandoned_temporaries_and_redoes_a_truncated_cache(
     target.write_bytes(target.read_bytes()[:200])
     again = decode_all(paths, "eval", preprocessing, tmp_path)
     assert np.array_equal(again.array, expected)
+
+
+DECODE_ON_A_FULL_DISK = """
+import sys
+from worker.selftuning.images import Preprocessing, decode_all
+paths, cache = sys.argv[2:], sys.argv[1]
+try:
+    decode_all(paths, "train", Preprocessing(128, (0.5,) * 3, (0.5,) * 3), cache)
+except OSError as exc:
+    print(exc)
+small = decode_all(paths[:2], "train", Preprocessing(32, (0.5,) * 3, (0.5,) * 3), cache)
+print("then", len(small))
+"""
+
+
+def test_a_cache_that_does_not_fit_on_the_disk_is_a_clear_error_not_a_crash(
+    tmp_path: Path, shapes_root: Path
+) -> None:
+    """On a real 1 MiB file system, 46 squares of 146 px (2.9 MiB) do not fit. Writing into a
+    sparse memory-mapped file killed the process with SIGBUS (a worker, on every retry)."""
+    paths = [str(path) for path in sorted(shapes_root.rglob("*.png"))]
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        done = subprocess.run([sys.executable, "-c", DECODE_ON_A_FULL_DISK, str(disk), *paths],
+                              capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+        assert done.returncode == 0, (done.returncode, done.stderr)
+        error, then = done.stdout.splitlines()
+        assert "[Errno 28] not enough disk space for the decoded images of 46 files" in error
+        assert "3 MiB needed, 1 MiB free" in error
+        # Nothing of it stays to fill the disk: the smaller cache after it fits.
+        assert then == "then 2"
+        assert [path.name.split("-")[0] for path in disk.iterdir()] == ["train"]
 
 
 # --- checkpoints ---------------------------------------------------------------------------

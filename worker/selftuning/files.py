@@ -3,8 +3,10 @@ temporaries a killed writer leaves, told apart from those still being written.""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -31,6 +33,24 @@ def temporary_path(target: Path) -> Path:
     """Where `target` is written before the rename: names the writing process and host, so
     a later clean-up can tell an abandoned file from one being written."""
     return target.with_name(f".{target.name}.{os.getpid()}.{host_tag()}.tmp")
+
+
+def reserve_disk_space(path: Path, what: str) -> None:
+    """Give the file at `path` real disk blocks for its whole size, or raise a clear OSError
+    (ENOSPC) saying how much `what` needs and how much is free. A memory-mapped file is
+    sparse: a write into it that finds the disk full kills the process with SIGBUS instead
+    of raising, which a queue worker would meet again on every retry."""
+    size = path.stat().st_size
+    with path.open("rb+") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return  # a file system that cannot reserve (EINVAL): write as before
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(exc.errno, f"not enough disk space for {what} in {path.parent}: "
+                          f"{size / 2**20:,.0f} MiB needed, {free / 2**20:,.0f} MiB free; "
+                          "free some space and start the run again") from None
 
 
 def new_file_mode(folder: Path) -> int:

@@ -22,6 +22,7 @@ from torchvision.transforms import InterpolationMode
 from worker.selftuning.files import (
     fsync_directory,
     remove_abandoned_temporaries,
+    reserve_disk_space,
     temporary_path,
 )
 from worker.selftuning.pixels import to_8_bit
@@ -194,6 +195,7 @@ def decode_all(
     temporary = temporary_path(target)
     array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
     try:
+        reserve_disk_space(temporary, f"the decoded images of {len(paths):,} files")
         _fill(array, decode)
         array.flush()
         del array

@@ -14,6 +14,7 @@ import shutil
 import stat
 import struct
 import tarfile
+import threading
 import time
 import uuid
 import zipfile
@@ -44,7 +45,7 @@ from worker.selftuning.labels_csv import (
     natural_key,
     parse_labels_csv,
 )
-from worker.selftuning.pixels import to_8_bit, white_level_of
+from worker.selftuning.pixels import brightest_value, to_8_bit, white_level_for, white_level_of
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +542,7 @@ class _Image:
     width: int
     height: int
     suffix: str
+    brightest: float | None = None  # images of more than 8 bits (`pixels.brightest_value`)
 
 
 @dataclass
@@ -601,16 +603,18 @@ def _chunks(head: bytes, stream: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-def inspect_image(path: Path, archive_path: str, max_pixels: int) -> tuple[str, int, int]:
-    """(stored suffix, width, height) of a decodable image; raises IngestError for one over
-    the pixel limit and ValueError (with the reason) for one that does not decode."""
+def inspect_image(path: Path, archive_path: str, max_pixels: int
+                  ) -> tuple[str, int, int, float | None]:
+    """(stored suffix, width, height, brightest value of more than 8 bits or None) of a
+    decodable image; raises IngestError for one over the pixel limit and ValueError (with
+    the reason) for one that does not decode."""
     try:
         with Image.open(path, formats=OPEN_FORMATS) as image:
             width, height = image.size
             # The header is all that has been read so far: refuse bombs before decoding.
             _check_pixels(archive_path, width, height, max_pixels)
             image.load()  # full decode of the first frame: truncated data fails here
-            return STORED_FORMATS[image.format or ""], width, height
+            return STORED_FORMATS[image.format or ""], width, height, brightest_value(image)
     except IngestError:
         raise
     except UnidentifiedImageError:
@@ -729,12 +733,14 @@ def _extract_members(
             temp.unlink()
             continue
         try:
-            suffix, width, height = inspect_image(temp, path, settings.max_image_pixels)
+            suffix, width, height, brightest = inspect_image(temp, path,
+                                                             settings.max_image_pixels)
         except ValueError as exc:
             temp.unlink()
             result.skip(order, path, str(exc))
             continue
-        result.images.append(_Image(order, path, temp, sha256, size, width, height, suffix))
+        result.images.append(_Image(order, path, temp, sha256, size, width, height, suffix,
+                                    brightest))
 
 
 # --- Layout: which split and class each image belongs to ----------------------------------
@@ -868,6 +874,8 @@ class PreparedDataset:
     images: list[StoredImage]
     skipped: list[SkippedFile]
     test_source: str
+    # How its images of more than 8 bits become 8-bit ones (`pixels.white_level_of`).
+    white_level: int | None = None
 
     @property
     def class_counts(self) -> dict[str, dict[str, int]]:
@@ -1009,7 +1017,9 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings) -> P
             relative, item.image.path, item.split, label, item.image.sha256,
             item.image.width, item.image.height, item.image.size,
         ))
-    return PreparedDataset(directory, class_names, stored, skipped, test_source)
+    brightest = [item.image.brightest for item in kept if item.image.brightest is not None]
+    return PreparedDataset(directory, class_names, stored, skipped, test_source,
+                           white_level_for(max(brightest, default=None)))
 
 
 def _hold_out(kept: list[_Placed], class_names: list[str], settings: Settings) -> list[_Placed]:
@@ -1091,6 +1101,10 @@ def ingest_archive(session: Session, settings: Settings, archive_path: Path, wor
     started = time.monotonic()
     prepared = prepare_dataset(archive_path, work_dir, settings)
     dataset = publish_dataset(session, settings, prepared, name)
+    try:  # known now, so that the first thumbnails need not read every image for it
+        record_white_level(settings, dataset, prepared.white_level)
+    except OSError:
+        log.warning("dataset %s: white level not recorded; thumbnails work it out", dataset.id)
     log.info("dataset %s (%r): %d images, %d classes, %d skipped in %.1fs", dataset.id, name,
              dataset.image_count, len(dataset.class_names), len(dataset.skipped),
              time.monotonic() - started)
@@ -1135,35 +1149,56 @@ def image_file(settings: Settings, dataset: Dataset, image: DatasetImage) -> Pat
 
 
 WHITE_LEVEL_FILE = "white-level.json"
+# One request at a time works a dataset's white level out (it reads every image of more than
+# 8 bits); the others wait for its record instead of each reading them all again.
+_WHITE_LEVEL_LOCKS: dict[str, threading.Lock] = {}
+_WHITE_LEVEL_LOCKS_GUARD = threading.Lock()
 
 
 def dataset_white_level(settings: Settings, dataset: Dataset) -> int | None:
     """The white level a worker scales this dataset's images of more than 8 bits by
-    (`pixels.white_level_of` over every image of it, as a run's are), worked out once and
-    kept with the thumbnails. Thumbnails made before it was known are made again."""
-    folder = thumbnail_dir(settings, dataset)
-    record = folder / WHITE_LEVEL_FILE
-    try:
-        return json.loads(record.read_text())["white_level"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    root = dataset_dir(settings, dataset)
-    level = white_level_of(root / image.path for image in dataset.images)
-    folder.mkdir(parents=True, exist_ok=True)
-    if level is not None:
-        for old in folder.glob("*.jpg"):
-            old.unlink(missing_ok=True)
-    partial = folder / f".{WHITE_LEVEL_FILE}.{uuid.uuid4().hex}"
+    (`pixels.white_level_of` over every image of it, as a run's are): recorded with the
+    thumbnails at upload, worked out here for a dataset without the record."""
+    record = thumbnail_dir(settings, dataset) / WHITE_LEVEL_FILE
+    known, level = _read_white_level(record)
+    if known:
+        return level
+    with _WHITE_LEVEL_LOCKS_GUARD:
+        lock = _WHITE_LEVEL_LOCKS.setdefault(dataset.storage_key, threading.Lock())
+    with lock:
+        known, level = _read_white_level(record)  # worked out while this request waited
+        if known:
+            return level
+        # Datasets uploaded before uploads recorded it.
+        root = dataset_dir(settings, dataset)
+        level = white_level_of(root / image.path for image in dataset.images)
+        record_white_level(settings, dataset, level)
+    return level
+
+
+def record_white_level(settings: Settings, dataset: Dataset, level: int | None) -> None:
+    record = thumbnail_dir(settings, dataset) / WHITE_LEVEL_FILE
+    record.parent.mkdir(parents=True, exist_ok=True)
+    partial = record.with_name(f".{WHITE_LEVEL_FILE}.{uuid.uuid4().hex}")
     partial.write_text(json.dumps({"white_level": level}))
     os.replace(partial, record)
-    return level
+
+
+def _read_white_level(record: Path) -> tuple[bool, int | None]:
+    try:
+        return True, json.loads(record.read_text())["white_level"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False, None
 
 
 def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage) -> Path:
     """A JPEG of at most THUMBNAIL_SIZE px a side, made on first request and cached."""
     folder = thumbnail_dir(settings, dataset)
-    cached = folder / f"{image.id}.jpg"
     white_level = dataset_white_level(settings, dataset)
+    # Named by how it was made 8-bit: one made before the white level was known (an older
+    # version) is not this one, and nothing is deleted under a request serving it.
+    cached = folder / (f"{image.id}.jpg" if white_level is None
+                       else f"{image.id}-w{white_level}.jpg")
     if cached.is_file():
         return cached
     source = image_file(settings, dataset, image)

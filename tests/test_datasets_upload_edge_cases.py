@@ -6,7 +6,10 @@ upload the client abandons."""
 from __future__ import annotations
 
 import io
+import json
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -250,6 +253,69 @@ def test_a_16_bit_image_thumbnail_shows_what_the_worker_trains_on(
         thumbnail = Image.open(io.BytesIO(response.content))
         assert thumbnail.mode == "RGB"
         assert abs(np.asarray(thumbnail, dtype=np.float64).mean() - trained_on) < 3
+    delete_all(server, client)
+
+
+def test_an_upload_of_8_bit_images_records_that_it_has_no_white_level(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    from app.db import get_sessionmaker
+    from app.models import Dataset
+
+    summary = uploaded(client, zip_bytes(class_entries()))
+    settings = Settings(data_dir=server.data_dir, database_url=server.database_url)
+    with get_sessionmaker(server.database_url)() as session:
+        dataset = session.get(Dataset, summary["id"])
+        record = ingest.thumbnail_dir(settings, dataset) / ingest.WHITE_LEVEL_FILE
+        assert json.loads(record.read_text()) == {"white_level": None}
+    delete_all(server, client)
+
+
+def test_thumbnails_made_while_the_white_level_is_worked_out_are_not_deleted(
+    server: LiveServer, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload records its white level for the thumbnails. A dataset uploaded before it
+    did gets it worked out by the first thumbnail requests, which a dataset page sends
+    together: each request that worked it out deleted the thumbnails made so far, under the
+    requests serving them (500s and 404s, broken images on the page). Here the server's code
+    runs in this process, on the uploaded dataset less its record, with working the level
+    out slowed down so that the second request is still at it when the first has made its
+    thumbnail."""
+    from sqlalchemy.orm import selectinload
+
+    from app.db import get_sessionmaker
+    from app.models import Dataset
+
+    originals = {f"{name}/{n}.png": png16(1000 + 100 * index + n)
+                 for index, name in enumerate(("cellA", "cellB")) for n in range(3)}
+    summary = uploaded(client, zip_bytes(originals))
+    settings = Settings(data_dir=server.data_dir, database_url=server.database_url)
+    with get_sessionmaker(server.database_url)() as session:
+        dataset = session.get(Dataset, summary["id"], options=[selectinload(Dataset.images)])
+        first, second = dataset.images[:2]
+        record = ingest.thumbnail_dir(settings, dataset) / ingest.WHITE_LEVEL_FILE
+        assert json.loads(record.read_text()) == {"white_level": 4095}  # from the upload
+        record.unlink()
+        slow = ingest.white_level_of
+        calls = []
+
+        def slowly(paths):
+            calls.append(1)
+            time.sleep(0.3)
+            return slow(paths)
+
+        monkeypatch.setattr(ingest, "white_level_of", slowly)
+        with ThreadPoolExecutor(2) as pool:
+            made = pool.submit(ingest.thumbnail, settings, dataset, first)
+            time.sleep(0.1)
+            also = pool.submit(ingest.thumbnail, settings, dataset, second)
+            first_path, second_path = made.result(), also.result()
+        assert first_path.is_file() and second_path.is_file()
+        assert len(calls) == 1  # the second request waited for the first one's answer
+        assert json.loads(record.read_text()) == {"white_level": 4095}
+    response = client.get(f"/api/datasets/{summary['id']}/images/{first.id}/thumbnail")
+    assert response.status_code == 200
+    assert response.content == first_path.read_bytes()
     delete_all(server, client)
 
 

@@ -44,12 +44,25 @@ def white_level_of(paths: Iterable[str | os.PathLike]) -> int | None:
         try:
             with Image.open(path) as image:
                 image.seek(0)
-                if image.mode not in HIGH_BIT_DEPTH_MODES:
-                    continue
-                high = float(np.asarray(image, dtype=np.float32).max(initial=0))
+                high = brightest_value(image)
         except (OSError, ValueError, SyntaxError):
             continue  # an image that does not decode: its decoder says so, naming it
-        brightest = high if brightest is None else max(brightest, high)
+        if high is not None:
+            brightest = high if brightest is None else max(brightest, high)
+    return white_level_for(brightest)
+
+
+def brightest_value(image: Image.Image) -> float | None:
+    """The largest value of a high-bit-depth image (what `white_level_for` takes), None for
+    an image of 8 bits."""
+    if image.mode not in HIGH_BIT_DEPTH_MODES:
+        return None
+    return float(np.asarray(image, dtype=np.float32).max(initial=0))
+
+
+def white_level_for(brightest: float | None) -> int | None:
+    """The white level holding `brightest`, the largest value of a dataset's high-bit-depth
+    images (None when it has none)."""
     if brightest is None:
         return None
     return next((level for level in WHITE_LEVELS if brightest <= level), math.ceil(brightest))

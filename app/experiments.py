@@ -111,6 +111,16 @@ def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
                 "backbone", f"{name!r} has no pre-trained weights; set pretrained to false "
                 "to train it from scratch",
             )
+    if pretrained and not offline_backbones().get(name):
+        from worker.selftuning.backbones import hub_weights_problem
+
+        if problem := hub_weights_problem(name):
+            offline = ", ".join(n for n, ok in offline_backbones().items() if ok)
+            raise unprocessable(
+                "backbone", f"cannot get the pre-trained weights of {name!r}: {problem}. "
+                f"Backbones that work offline here: {offline}; or name a .safetensors file "
+                "in the data directory, or set pretrained to false to train from scratch",
+            )
     return name
 
 

@@ -23,7 +23,11 @@ def live_server(tmp_path_factory, redis_url):
     reset_redis(redis_url)
     settings = Settings(data_dir=root / "data", redis_url=redis_url)
     upgrade_to_head(settings.sqlalchemy_url)
-    env = app_env(settings.data_dir, settings.sqlalchemy_url, redis_url)
+    # A model hub that does not answer (whatever this machine's network), and a Hugging Face
+    # cache of the module's own.
+    env = {**app_env(settings.data_dir, settings.sqlalchemy_url, redis_url),
+           "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(root / "hub"),
+           "HF_HUB_OFFLINE": "0"}
     url, process = start_server(env, root / "uvicorn.log")
     yield LiveServer(url, settings.data_dir, settings.sqlalchemy_url, redis_url, process, env)
     process.stop()
@@ -72,7 +76,9 @@ def messages(response) -> str:
     ({"backbone": "no_such_net"}, 422, "unknown backbone 'no_such_net'"),
     ({"backbone": "../../etc/passwd.safetensors"}, 422, "inside the data directory"),
     ({"methods": ["magic"]}, 422, "methods.0"),
-    ({"methods": []}, 422, "methods"),
+    ({"methods": []}, 422, "methods: choose at least one method"),
+    ({"budgets": []}, 422, "budgets: give at least one label budget (15%, 0.15, 4/class or all)"),
+    ({"seeds": []}, 422, "seeds: give at least one seed"),
     ({"budgets": [1.5]}, 422, "must be in (0, 1]"),
     ({"budgets": [0]}, 422, "must be in (0, 1]"),
     ({"budgets": [{"per_class": 0}]}, 422, "per_class"),
@@ -94,7 +100,8 @@ def messages(response) -> str:
     ({"overrides": {"iterations": 0}}, 422, "iterations"),
     ({"overrides": {"lr": -1}}, 422, "lr"),
     ({"overrides": {"dropout": 0.5}}, 422, "dropout"),
-    ({"overrides": {"lr_milestones": [0.8, 0.4]}}, 422, "must be increasing fractions"),
+    ({"overrides": {"lr_milestones": [0.8, 0.4], "pretrained": False}}, 422,
+     "must be increasing fractions"),
     ({"overrides": {"lr_milestones": ["soon"]}}, 422, "lr_milestones"),
     ({"overrides": {"cpu_threads": -1}}, 422, "cpu_threads"),
     ({"overrides": {"ema_momentum": 1.5}}, 422, "ema_momentum"),
@@ -102,7 +109,7 @@ def messages(response) -> str:
     ({"overrides": {"unlabeled_batch_size": -1}}, 422, "unlabeled_batch_size"),
     ({"overrides": {"labeled_query_view": "blurry"}}, 422, "labeled_query_view"),
     # A 1x1 last feature map of one image: batch norm fails at the first step of every run.
-    ({"overrides": {"batch_size": 1, "image_size": 32}}, 422,
+    ({"overrides": {"batch_size": 1, "image_size": 32, "pretrained": False}}, 422,
      "overrides.batch_size: batch_size 1 at 32 px cannot train test_efficientnet"),
     ({"methods": ["self-tuning", "fine-tune", "fixmatch"],
       "budgets": [0.1, 0.2, 0.3, 0.4, 0.5], "seeds": [0, 1, 2, 3, 4]}, 422, "75 runs"),
@@ -116,6 +123,35 @@ def test_bad_experiment_is_rejected_with_a_message_and_stores_nothing(
     assert response.status_code == status, response.text
     assert expected in messages(response)
     assert counts(live_server.database_url) == before
+
+
+def test_hub_weights_the_server_cannot_get_are_refused_and_cached_ones_accepted(
+    live_server, dataset_id
+):
+    """Every run of such a model failed, each after a minute of download retries."""
+    hub_model = body(dataset_id, backbone="resnet18", methods=["fine-tune"],
+                     overrides={"pretrained": True, "image_size": 64})
+    before = counts(live_server.database_url)
+    with live_server.client() as client:
+        refused = client.post("/api/experiments", json=hub_model)
+        assert refused.status_code == 422, refused.text
+        assert counts(live_server.database_url) == before
+        text = messages(refused)
+        assert "cannot get the pre-trained weights of 'resnet18': the model hub " in text
+        assert "(http://127.0.0.1:9) cannot be reached from this server" in text
+        assert "Backbones that work offline here: tf_efficientnet_lite0" in text
+
+        # Weights in the server's Hugging Face cache (as a download once left them) do.
+        snapshot = live_server.data_dir.parent / "hub" / "models--timm--resnet18.a1_in1k"
+        (snapshot / "refs").mkdir(parents=True)
+        (snapshot / "refs" / "main").write_text("0" * 40)
+        (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        (snapshot / "snapshots" / ("0" * 40) / "model.safetensors").write_bytes(b"{}")
+        created = client.post("/api/experiments", json=hub_model)
+        assert created.status_code == 201, created.text
+        experiment = created.json()["id"]
+        assert client.post(f"/api/experiments/{experiment}/cancel").status_code == 200
+        assert client.delete(f"/api/experiments/{experiment}").status_code == 204
 
 
 def test_a_class_without_labeled_images_cannot_get_a_budget(live_server, settings):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import urllib.error
+import urllib.request
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -78,6 +80,37 @@ register_offline_weights(
 def offline_backbones() -> dict[str, bool]:
     """Registered offline backbones and whether their weight package is installed."""
     return {name: source.locate() is not None for name, source in OFFLINE_WEIGHTS.items()}
+
+
+# What timm loads from a model's hub repository (safetensors first, as timm does).
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+                    "open_clip_pytorch_model.bin")
+
+
+def hub_weights_problem(name: str, timeout_s: float = 3.0) -> str | None:
+    """Why timm's hub weights of `name` cannot be had here, or None when they are in the
+    local Hugging Face cache or the hub answers. Without them every run of the model would
+    fail, each after the download's retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    repository = getattr(cfg, "hf_hub_id", None)
+    if repository:
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else HUB_WEIGHT_FILES
+        if any(isinstance(try_to_load_from_cache(repository, file), str) for file in files):
+            return None
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and they are not in the local cache"
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                               timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return (f"the model hub ({constants.ENDPOINT}) cannot be reached from this server "
+                f"({reason}) and they are not in its cache")
+    return None
 
 
 def create_backbone(name: str, num_classes: int, *, pretrained: bool = True) -> nn.Module:

@@ -108,19 +108,35 @@ class Overrides(BaseModel):
     )
 
 
+EMPTY = {
+    "methods": "choose at least one method",
+    "budgets": "give at least one label budget (15%, 0.15, 4/class or all)",
+    "seeds": "give at least one seed",
+}
+
+
 class ExperimentIn(BaseModel):
     model_config = INPUT
     dataset_id: int = Field(ge=1, le=MAX_ID)
     name: str = Field("", max_length=200)
     backbone: str = Field("tf_efficientnet_lite0", min_length=1, max_length=200)
-    methods: list[MethodName] = Field(min_length=1, max_length=3)
+    methods: list[MethodName] = Field(max_length=3)
     budgets: list[BudgetIn] = Field(
-        min_length=1, max_length=20,
+        max_length=20,
         description='fractions of the labeled pool (0.05), {"per_class": 4}, or "all"',
     )
-    seeds: list[int] = Field([0], min_length=1, max_length=10)
+    seeds: list[int] = Field([0], max_length=10)
     preset: Literal["quick", "paper"] = "quick"
     overrides: Overrides = Field(default_factory=Overrides)
+
+    @field_validator("methods", "budgets", "seeds")
+    @classmethod
+    def not_empty(cls, values: list[Any], info: ValidationInfo) -> list[Any]:
+        # In words a form can show (pydantic's: "List should have at least 1 item after
+        # validation, not 0").
+        if not values:
+            raise PydanticCustomError("too_short", "{what}", {"what": EMPTY[info.field_name]})
+        return values
 
     @field_validator("budgets")
     @classmethod

@@ -411,6 +411,16 @@ def test_run_pages_say_what_their_pseudo_label_numbers_measure(live_server, requ
             "Chart.getChart(document.getElementById('chart-pseudo')).data.datasets.length > 0")
         assert browser.chart_points("#chart-pseudo") == {
             "pseudo-label accuracy (kept: confidence ≥ 0.95)": 1}
+        # One evaluation: the axis still runs from iteration 0 to the run's last, in whole
+        # iterations (it was 9.5-10.5 around the point), as the loss chart's does.
+        with live_server.client() as client:
+            total = client.get(f"/api/runs/{fixmatch}").json()["total_steps"]
+        assert total > 10
+        axis = page.evaluate("""() => {
+            const x = Chart.getChart(document.getElementById('chart-accuracy')).scales.x;
+            return [x.min, x.max, x.ticks.every((tick) => Number.isInteger(tick.value))];
+        }""")
+        assert axis == [0, total, True]
         # Label next ranks by the margin between the top two classes, and says so.
         text = page.inner_text("main")
         assert "least confident" not in text

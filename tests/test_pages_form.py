@@ -54,6 +54,11 @@ def test_form_fills_presets_and_shows_api_errors_next_to_their_fields(
         assert page.input_value("#f-iterations") == "400"
         assert page.input_value("#f-labeled_query_view") == "weak"
         assert "8 runs" in page.inner_text("#run-count")  # 2 methods x 4 budgets x 1 seed
+        # The preset in a sentence, as text (it was its whole docstring, backticks and all).
+        assert page.inner_text("#preset-about") == (
+            "CPU-sized: 64 px, 16 + 16 images, 400 iterations (a few minutes on 2 cores).")
+        # A cleared number runs with the preset's value, and the field says so.
+        assert page.get_attribute("#f-iterations", "placeholder") == "400 (preset)"
 
         # Schema errors: all at once, each beside its own field.
         page.fill("#f-lr", "0")
@@ -61,7 +66,7 @@ def test_form_fills_presets_and_shows_api_errors_next_to_their_fields(
         page.uncheck("input[name=methods][value=fine-tune]")
         page.click("#start")
         assert "greater than 0" in error_next_to(page, "overrides.lr")
-        assert "at least 1 item" in error_next_to(page, "methods")
+        assert error_next_to(page, "methods") == "choose at least one method"
         assert page.locator('[data-field="budgets"] .field-error').is_hidden()
         # The keyboard lands on the first field to fix.
         assert page.evaluate("document.activeElement.name") == "methods"

@@ -94,6 +94,13 @@ def experiments_page(
                   dataset_id=dataset_id, method_titles=METHOD_TITLES)
 
 
+def preset_summary(factory) -> str:
+    """A preset's first paragraph, as the form shows it: the rest of its docstring is why
+    its values were chosen (in code, README), and it reads as plain text (no `code` marks)."""
+    first = (factory.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(first.replace("`", "").split())
+
+
 @router.get("/experiments/new", response_class=HTMLResponse)
 def new_experiment_page(
     request: Request, settings: SettingsDep, session: DbDep, dataset_id: DatasetFilter = None
@@ -104,7 +111,8 @@ def new_experiment_page(
         "datasets": dataset_choices(session),
         "dataset_id": dataset_id,
         "presets": {
-            name: {"values": RunConfig.from_preset(name).to_dict(), "about": factory.__doc__}
+            name: {"values": RunConfig.from_preset(name).to_dict(),
+                   "about": preset_summary(factory)}
             for name, factory in PRESETS.items()
         },
         "preset": ExperimentIn.model_fields["preset"].default,

@@ -143,7 +143,8 @@ function baseOptions({ percent = false, xTitle, yTitle, yType = "linear" } = {})
 // A chart over training iterations; fill it with setSeries().
 export function stepChart(canvas, { percent = false, yTitle, yType } = {}) {
   const options = baseOptions({ percent, xTitle: "iteration", yTitle, yType });
-  options.scales.x.type = "linear";
+  // From iteration 0, whole iterations: one evaluation alone is not a 95-105 axis.
+  Object.assign(options.scales.x, { type: "linear", min: 0, ticks: { precision: 0 } });
   options.parsing = false; // points are {x, y} already
   options.normalized = true;
   canvas.parentNode.classList.add("empty");
@@ -151,13 +152,16 @@ export function stepChart(canvas, { percent = false, yTitle, yType } = {}) {
 }
 
 // series: Map(name -> [{x, y}] sorted by x). Keeps one dataset per name, in first-seen order.
-export function setSeries(chart, series) {
+// `lastStep` (the run's iterations), when known, ends the x axis there on every chart alike.
+export function setSeries(chart, series, lastStep) {
+  if (lastStep > 0) chart.options.scales.x.max = lastStep;
   for (const [name, points] of series) {
     let dataset = chart.data.datasets.find((d) => d.label === name);
     if (!dataset) {
       const colour = colourFor(name, chart.data.datasets.length);
       dataset = { label: name, data: [], borderColor: colour, backgroundColor: colour,
-        borderWidth: 1.5, pointRadius: 0, pointHitRadius: 6, spanGaps: true };
+        borderWidth: 1.5, pointRadius: 0, pointHitRadius: 6, spanGaps: true,
+        clip: 6 }; // a point on the frame (100 %, the last step) is drawn whole
       chart.data.datasets.push(dataset);
     }
     dataset.data = points;

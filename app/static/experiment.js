@@ -48,7 +48,11 @@ export function experimentForm() {
     for (const input of overrideInputs) {
       const value = values[keyOf(input)];
       if (input.type === "checkbox") input.checked = Boolean(value);
-      else input.value = Array.isArray(value) ? value.join(", ") : value;
+      else {
+        input.value = Array.isArray(value) ? value.join(", ") : value;
+        // A cleared number field runs with the preset's value: shown where it was typed.
+        if (input.type === "number") input.placeholder = `${input.value} (preset)`;
+      }
     }
   }
 

@@ -85,7 +85,9 @@ export function runPage() {
     requestAnimationFrame(() => {
       drawPending = false;
       const series = seriesOf();
-      for (const [name, chart] of Object.entries(charts)) setSeries(chart, series[name]);
+      for (const [name, chart] of Object.entries(charts)) {
+        setSeries(chart, series[name], run.total_steps);
+      }
     });
   }
 

@@ -18,7 +18,7 @@ import redis
 from app.db import session_scope
 from app.live import publish_end
 from app.models import Artifact, Run, RunMetric, utcnow
-from tests.browser import open_browser
+from tests.browser import PHONE, open_browser
 from tests.support import add_dataset_row, app_env, start_server
 from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
 
@@ -565,3 +565,28 @@ def test_the_quality_card_shows_queue_rows_for_self_tuning_only_and_says_when_it
         assert "nothing to pseudo-label" in page.inner_text("#quality-none")
         browser.screenshot("no-unlabeled-images")
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_long_names_without_spaces_do_not_widen_the_pages(live_server, request):
+    """A 175-character dataset and experiment name made the dataset, experiment and run
+    pages 2,955 px wide, on a desktop too."""
+    name = "wildlife_camera_traps_2024_11_final_cleaned_" * 4
+    dataset_id = add_dataset_row(live_server.database_url)
+    with session_scope(live_server.database_url) as session:
+        from app.models import Dataset
+
+        session.get(Dataset, dataset_id).name = name
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, dataset_id, name=name, seeds=[0],
+                                             methods=["fine-tune"], budgets=[0.5])
+    with open_browser(request.node.name, viewport=PHONE) as browser:
+        page = browser.page
+        for path in (f"/datasets/{dataset_id}", f"/experiments/{experiment_id}",
+                     f"/runs/{run_ids[0]}"):
+            page.goto(f"{live_server.url}{path}")
+            page.wait_for_selector("h1")
+            assert name[:40] in page.inner_text("main")
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= PHONE["width"], (path, width)
+        browser.screenshot("run-on-a-phone")

@@ -971,13 +971,19 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings) -> P
     # Exact duplicates: a copy with a class stays over an unlabeled one (zip tools list
     # unlabeled/ before zebra/, and the class must not vanish); else the first in archive
     # order, whatever its split.
-    first_by_sha: dict[str, str] = {}
+    # A copy labeled with another class says so: one of the two labels is wrong.
+    first_by_sha: dict[str, _Placed] = {}
     kept: list[_Placed] = []
     for item in sorted(placed, key=lambda item: (item.class_name is None, item.image.order)):
-        if item.image.sha256 in first_by_sha:
-            skip(item.image, f"duplicate of {first_by_sha[item.image.sha256]}")
+        if (first := first_by_sha.get(item.image.sha256)) is not None:
+            conflict = (item.class_name is not None and first.class_name is not None
+                        and item.class_name != first.class_name)
+            skip(item.image, f"duplicate of {first.image.path}" + (
+                f", which is labeled {first.class_name!r}: kept as {first.class_name!r}, "
+                f"not {item.class_name!r} (conflicting labels: check which is right)"
+                if conflict else ""))
             continue
-        first_by_sha[item.image.sha256] = item.image.path
+        first_by_sha[item.image.sha256] = item
         kept.append(item)
     skipped = [entry for _, entry in sorted(skipped_at, key=lambda pair: pair[0])]
     if not kept:

@@ -80,7 +80,10 @@ def test_upload_skips_and_reports_corrupt_non_image_macos_hidden_and_duplicate_f
     assert reasons["__MACOSX/cat/._0.png"] == "macOS metadata (__MACOSX)"
     assert reasons[".DS_Store"] == reasons["cat/.hidden.png"] == "hidden file or folder"
     assert reasons[".git/objects/ab.png"] == "hidden file or folder"
-    assert reasons["dog/copy-of-cat.png"] == "duplicate of cat/0.png"
+    # The same image in two class folders: one label is wrong, and the reason says so.
+    assert reasons["dog/copy-of-cat.png"] == (
+        "duplicate of cat/0.png, which is labeled 'cat': kept as 'cat', not 'dog' "
+        "(conflicting labels: check which is right)")
     assert summary["skipped_count"] == 8
 
     # Three images a class; without test/ one of each (20 %, at least one) is held out.

@@ -96,13 +96,16 @@ def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
         return f"{name.rpartition(':')[0]}:{relative}" if ":" in name else relative
     import timm  # imported on first use: the web stays light until someone starts a run
 
-    from worker.selftuning.backbones import OFFLINE_WEIGHTS, offline_backbones
+    from worker.selftuning.backbones import (
+        OFFLINE_WEIGHTS,
+        hub_weights_problem,
+        installed_offline_backbones,
+    )
 
     if not timm.is_model(name):
         raise unprocessable("backbone", f"unknown backbone {name!r}: not a timm architecture")
     has_weights = (
         name in OFFLINE_WEIGHTS
-        or offline_backbones().get(name)
         or timm.list_pretrained(name)
         or timm.list_pretrained(f"{name}.*")
     )
@@ -111,16 +114,14 @@ def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
                 "backbone", f"{name!r} has no pre-trained weights; set pretrained to false "
                 "to train it from scratch",
             )
-    if pretrained and not offline_backbones().get(name):
-        from worker.selftuning.backbones import hub_weights_problem
-
-        if problem := hub_weights_problem(name):
-            offline = ", ".join(n for n, ok in offline_backbones().items() if ok)
-            raise unprocessable(
-                "backbone", f"cannot get the pre-trained weights of {name!r}: {problem}. "
-                f"Backbones that work offline here: {offline}; or name a .safetensors file "
-                "in the data directory, or set pretrained to false to train from scratch",
-            )
+    installed = installed_offline_backbones()
+    if pretrained and name not in installed and (problem := hub_weights_problem(name)):
+        raise unprocessable(
+            "backbone", f"cannot get the pre-trained weights of {name!r}: {problem}. "
+            f"Backbones that work offline here: {', '.join(installed)}; or name a "
+            ".safetensors file in the data directory, or set pretrained to false to train "
+            "from scratch",
+        )
     return name
 
 

@@ -1197,10 +1197,11 @@ def _read_white_level(record: Path) -> tuple[bool, int | None]:
         return False, None
 
 
-def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage) -> Path:
-    """A JPEG of at most THUMBNAIL_SIZE px a side, made on first request and cached."""
+def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage,
+              white_level: int | None) -> Path:
+    """A JPEG of at most THUMBNAIL_SIZE px a side, made on first request and cached;
+    `white_level` is the dataset's (`dataset_white_level`)."""
     folder = thumbnail_dir(settings, dataset)
-    white_level = dataset_white_level(settings, dataset)
     # Named by how it was made 8-bit: one made before the white level was known (an older
     # version) is not this one, and nothing is deleted under a request serving it.
     cached = folder / (f"{image.id}.jpg" if white_level is None

@@ -304,11 +304,15 @@ def test_thumbnails_made_while_the_white_level_is_worked_out_are_not_deleted(
             time.sleep(0.3)
             return slow(paths)
 
+        def request(image):  # what the thumbnail route does
+            level = ingest.dataset_white_level(settings, dataset)
+            return ingest.thumbnail(settings, dataset, image, level)
+
         monkeypatch.setattr(ingest, "white_level_of", slowly)
         with ThreadPoolExecutor(2) as pool:
-            made = pool.submit(ingest.thumbnail, settings, dataset, first)
+            made = pool.submit(request, first)
             time.sleep(0.1)
-            also = pool.submit(ingest.thumbnail, settings, dataset, second)
+            also = pool.submit(request, second)
             first_path, second_path = made.result(), also.result()
         assert first_path.is_file() and second_path.is_file()
         assert len(calls) == 1  # the second request waited for the first one's answer

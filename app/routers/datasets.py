@@ -222,7 +222,7 @@ def image_thumbnail(
     if request.headers.get("if-none-match") == headers["ETag"]:
         return Response(status_code=304, headers=headers)
     try:
-        path = ingest.thumbnail(settings, dataset, image)
+        path = ingest.thumbnail(settings, dataset, image, level)
     except FileNotFoundError:
         raise HTTPException(404, f"the file of image {image_id} is missing or was replaced"
                             ) from None

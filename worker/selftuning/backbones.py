@@ -82,6 +82,11 @@ def offline_backbones() -> dict[str, bool]:
     return {name: source.locate() is not None for name, source in OFFLINE_WEIGHTS.items()}
 
 
+def installed_offline_backbones() -> list[str]:
+    """The backbones whose ImageNet weights are installed here: they work offline."""
+    return [name for name, installed in offline_backbones().items() if installed]
+
+
 # What timm loads from a model's hub repository (safetensors first, as timm does).
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
                     "open_clip_pytorch_model.bin")
@@ -140,7 +145,7 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = True) -> 
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes)
     except Exception as exc:  # noqa: BLE001 - any download failure means the same to a user
-        offline = [n for n, ok in offline_backbones().items() if ok]
+        offline = installed_offline_backbones()
         raise BackboneError(
             f"could not get pre-trained weights for {name!r} ({type(exc).__name__}: {exc}). "
             f"Backbones that work offline here: {offline}; or train from scratch with "

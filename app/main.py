@@ -6,6 +6,7 @@ import asyncio
 import errno
 import math
 import shutil
+import sqlite3
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
 
@@ -16,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
@@ -100,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OSError, _disk_full)
+    app.add_exception_handler(OperationalError, _database_full)
     return app
 
 
@@ -161,6 +164,26 @@ async def _disk_full(request: Request, exc: OSError) -> Response:
     free = shutil.disk_usage(settings.data_dir).free
     detail = (f"the server's disk is full ({exc.strerror}; {free / 2**20:,.0f} MiB free in its "
               "data directory): nothing was kept; free some space and try again")
+    return _insufficient_storage(request, detail)
+
+
+# SQLite's SQLITE_FULL ("database or disk is full") and PostgreSQL's disk_full.
+DATABASE_FULL = {sqlite3.SQLITE_FULL, "53100"}
+
+
+async def _database_full(request: Request, exc: OperationalError) -> Response:
+    """The database's disk is full: a 507 like a full data directory (the write was rolled
+    back, and routes that write files remove them); any other database error stays a 500."""
+    cause = exc.orig
+    code = getattr(cause, "sqlite_errorcode", None) or getattr(cause, "sqlstate", None)
+    if code not in DATABASE_FULL:
+        raise exc
+    detail = (f"the database's disk is full ({str(cause).strip()}): nothing was kept; free "
+              "some space where the database keeps its files and try again")
+    return _insufficient_storage(request, detail)
+
+
+def _insufficient_storage(request: Request, detail: str) -> Response:
     if _wants_page(request):
         return _error_page(request, 507, "Disk full", detail)
     return JSONResponse(status_code=507, content={"detail": detail})

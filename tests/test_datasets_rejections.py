@@ -257,6 +257,30 @@ def test_an_upload_that_fills_the_disk_is_a_507_that_says_so_and_keeps_nothing(
         assert upload(client, zip_bytes(class_entries())).status_code == 201
 
 
+def test_an_upload_when_the_database_disk_is_full_is_a_507_that_says_so_and_keeps_nothing(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The SQLite file on a real 1 MiB file system, filled up after the migrations: the images
+    fit in the data directory, the rows do not (SQLite's "database or disk is full" was a 500)."""
+    with small_disk(tmp_path / "db", "1m") as db_dir, dataset_server(
+        tmp_path / "base", redis_url, database_url=f"sqlite:///{db_dir / 'db.sqlite'}"
+    ) as server, server.client() as client:
+        filler = db_dir / "filler"
+        with open(filler, "wb", buffering=0) as handle, pytest.raises(OSError):
+            while True:  # to the last block
+                handle.write(b"\0" * 4096)
+        response = upload(client, zip_bytes(class_entries(per_class=20)))
+        assert response.status_code == 507, response.text
+        detail = response.json()["detail"]
+        assert "database's disk is full" in detail and "nothing was kept" in detail
+        filler.unlink()
+        assert_nothing_left(server)
+        # The space is back: the server goes on, and the same upload is whole.
+        response = upload(client, zip_bytes(class_entries(per_class=20)))
+        assert response.status_code == 201, response.text
+        assert response.json()["image_count"] == 40
+
+
 def noise_png(seed: int) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 255, (200, 200, 3), dtype=np.uint8)
     buffer = io.BytesIO()

@@ -364,7 +364,7 @@ def test_cancel_all_and_delete_need_the_api_token(settings, tmp_path: Path):
 
 @pytest.mark.browser
 def test_experiment_page_cancels_every_run_live_then_deletes_the_experiment(
-    live_server, request
+    live_server, settings, request
 ):
     database_url = live_server.database_url
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
@@ -387,6 +387,13 @@ def test_experiment_page_cancels_every_run_live_then_deletes_the_experiment(
         assert page.evaluate(cells) == ["0/2 runs", "0/2 runs"]  # results still to come
         browser.screenshot("1-active")
 
+        # The running run evaluates once: its row shows that latest evaluation.
+        accuracy = f"document.querySelector('tr[data-run-id=\"{run_ids[0]}\"] td:last-child')"
+        RunRecorder(settings, run_ids[0], experiment_id).on_event(
+            {"type": "eval", "step": 10, "total_steps": 20, "test_top1": 0.467})
+        page.wait_for_function(f"{accuracy}.textContent === '46.7%'")
+        assert page.evaluate(f"{accuracy}.title") == "latest evaluation"
+
         page.click("#cancel-all")
         page.wait_for_function(f"{badges}.filter((s) => s === 'cancelled').length === 3")
         assert "Cancel the 4 runs" in dialogs[-1]
@@ -402,6 +409,9 @@ def test_experiment_page_cancels_every_run_live_then_deletes_the_experiment(
         page.wait_for_function("document.getElementById('live-state').textContent === ''")
         page.wait_for_selector("#experiment-status .badge.cancelled")  # the last refresh
         page.wait_for_function(f"{cells}.every((text) => text === 'no result')")  # never
+        # A run that ended without a result has no accuracy (it showed its last evaluation).
+        assert page.evaluate(f"{accuracy}.textContent") == "–"
+        assert page.evaluate(f"{accuracy}.title") == ""
         assert page.evaluate("window.sameDocument") is True  # no reload
         browser.screenshot("2-all-cancelled")
 

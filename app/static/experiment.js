@@ -273,10 +273,11 @@ export function experimentPage() {
     cells.progress.replaceChildren(
       h("span", { class: "step" }, `${run.step} / ${run.total_steps}`), " ",
       h("progress", { max: 1, value: share }));
-    // While training, the latest evaluation; once finished, the final score.
-    const accuracy = run.test_top1 ?? run.live_top1;
-    cells.accuracy.textContent = pct(accuracy);
-    cells.accuracy.title = run.test_top1 === null && isNumber(run.live_top1) ? "latest evaluation" : "";
+    // While training, the latest evaluation; once finished, the final score. A run that
+    // ended without one (cancelled, failed) has none: its last evaluation is not a result.
+    const latest = run.status === "running" && isNumber(run.live_top1) ? run.live_top1 : null;
+    cells.accuracy.textContent = pct(run.test_top1 ?? latest);
+    cells.accuracy.title = !isNumber(run.test_top1) && latest !== null ? "latest evaluation" : "";
   }
 
   // The best finished run of each budget (highest final test top-1) is highlighted.
@@ -549,6 +550,7 @@ export function experimentPage() {
     if (!run) return;
     if (isNumber(event.step)) run.step = Math.max(run.step, event.step);
     if (event.type === "status" && event.status) run.status = event.status;
+    if (run.status === "queued") delete run.live_top1; // queued again: a new attempt's numbers
     if (["started", "progress", "eval", "checkpoint"].includes(event.type)) run.status = "running";
     if (event.type === "eval" && isNumber(event.test_top1)) run.live_top1 = event.test_top1;
     if (event.type === "end") {

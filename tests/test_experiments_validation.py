@@ -163,6 +163,31 @@ def test_a_class_without_labeled_images_cannot_get_a_budget(live_server, setting
     assert "['b'] have no labeled training image" in messages(response)
 
 
+def test_a_count_per_class_no_class_has_and_a_vanishing_fraction_are_refused(
+    live_server, settings
+):
+    """{"per_class": 30} on classes of 20 and 12 kept every label while every page called it
+    "30/class"; 1e-300 kept one per class under the name "1e-298%"."""
+    dataset_id = add_dataset_row(settings.sqlalchemy_url, {"a": {"train": 20, "test": 2},
+                                                           "b": {"train": 12, "test": 2}})
+    with live_server.client() as client:
+        too_many = client.post("/api/experiments", json=body(
+            dataset_id, budgets=[0.5, {"per_class": 30}]))
+        vanishing = client.post("/api/experiments", json=body(dataset_id, budgets=[1e-300]))
+        assert (too_many.status_code, vanishing.status_code) == (422, 422)
+        assert messages(too_many) == (
+            "body.budgets: budgets[1]: 30/class is more than any class holds (the largest has "
+            "20 labeled training images), so it keeps every label: use \"all\", or at most 20 "
+            "per class")
+        assert messages(vanishing) == (
+            "body.budgets: budgets[0]: budget fraction 1e-300 is below 0.0001 %: for the fewest "
+            "labels use {'per_class': 1}")
+        # A count more than some classes hold keeps all of those, and is as asked elsewhere.
+        capped = client.post("/api/experiments", json=body(
+            dataset_id, budgets=[{"per_class": 15}, {"per_class": 20}, 0.000001]))
+        assert capped.status_code == 201, capped.text
+
+
 def test_every_mistake_of_a_form_comes_back_at_once(live_server, dataset_id):
     """A budget out of range used to be reported only once the other fields were right, so
     a form learnt of its mistakes in rounds."""

@@ -16,6 +16,10 @@ class BudgetError(ValueError):
     """A budget that cannot be drawn from the given pool (message is shown to users)."""
 
 
+# The smallest fraction a budget can be: 0.0001 % (a label in a million).
+MIN_FRACTION = 1e-6
+
+
 @dataclass(frozen=True)
 class Budget:
     """How many labels to keep: a fraction of each class, a count per class, or all of them."""
@@ -42,6 +46,9 @@ class Budget:
         if isinstance(value, int | float):
             if not 0 < float(value) <= 1:
                 raise BudgetError(f"budget fraction {value} must be in (0, 1]")
+            if float(value) < MIN_FRACTION:  # named "1e-298%" it would keep one per class
+                raise BudgetError(f"budget fraction {value} is below {MIN_FRACTION * 100:g} %: "
+                                  "for the fewest labels use {'per_class': 1}")
             return cls(fraction=None if float(value) == 1 else float(value))
         if isinstance(value, dict):
             if set(value) == {"per_class"}:

@@ -567,6 +567,32 @@ def test_the_quality_card_shows_queue_rows_for_self_tuning_only_and_says_when_it
         browser.assert_no_errors()
 
 
+def test_the_run_page_describes_the_batches_a_run_draws(live_server):
+    """Self-Tuning and FixMatch with every label kept on a dataset without unlabeled images
+    were described as drawing "8 + 16 unlabeled" images a step."""
+    dataset_id = add_dataset_row(live_server.database_url)  # labeled images only
+    overrides = {"pretrained": False, "image_size": 32, "batch_size": 8, "iterations": 20}
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, dataset_id, budgets=["all", 0.5], seeds=[0],
+                                       methods=["self-tuning", "fixmatch", "fine-tune"])
+        ids = runs_by(client, experiment_id)
+        _, (left_out,) = start_sweep(client, dataset_id, methods=["self-tuning"], seeds=[0],
+                                     overrides={**overrides, "unlabeled_batch_size": 0})
+
+        def batches(run_id: int) -> str:
+            page = client.get(f"/runs/{run_id}")
+            assert page.status_code == 200
+            return " ".join(re.search(r"batches (.*?), lr", page.text, re.S).group(1).split())
+
+        assert batches(ids[("self-tuning", "all", 0)]) == (
+            "8 (no unlabeled image to draw: every image has its label)")
+        assert batches(ids[("fixmatch", "all", 0)]) == batches(ids[("self-tuning", "all", 0)])
+        assert batches(ids[("fine-tune", "all", 0)]) == "8"
+        assert batches(ids[("self-tuning", "50%", 0)]) == "8 + 16 unlabeled"
+        assert batches(ids[("fixmatch", "50%", 0)]) == "8 + 16 unlabeled"
+        assert batches(left_out) == "8 (unlabeled images left out)"
+
+
 @pytest.mark.browser
 def test_long_names_without_spaces_do_not_widen_the_pages(live_server, request):
     """A 175-character dataset and experiment name made the dataset, experiment and run

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.deps import DatasetFilter, DbDep, ExperimentId, RunId, SettingsDep
+from app.experiments import budget_unlabeled_count
 from app.models import Dataset, Experiment
 from app.routers.experiments import experiment_out, get_experiment, list_experiments
 from app.routers.pages import page_guard, render
@@ -153,4 +154,6 @@ def run_page(run_id: RunId, request: Request, settings: SettingsDep, session: Db
                   class_names=list(dataset.class_names) if dataset else [],
                   dataset_name=dataset.name if dataset else f"#{run.dataset_id}",
                   experiment_name=experiment.name,
+                  # None when the dataset is gone (its runs go with it, but a page may race).
+                  unlabeled_images=budget_unlabeled_count(dataset, run.budget) if dataset else None,
                   method_titles=METHOD_TITLES)

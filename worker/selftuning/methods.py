@@ -165,19 +165,18 @@ class FixMatch(Method):
         strong_logits = logits[count + unlabeled_count :]
         confidence, pseudo_labels = weak_logits.softmax(dim=1).max(dim=1)
         used = confidence >= self.config.fixmatch_threshold
-        if unlabeled_count:
-            per_sample = F.cross_entropy(strong_logits, pseudo_labels, reduction="none")
-            # Normalised by the whole unlabeled batch, not by the kept ones, as in FixMatch.
-            unlabeled_loss = (per_sample * used).mean()
-            mask_rate = used.float().mean()
-        else:
-            unlabeled_loss = mask_rate = logits.new_zeros(())
+        if not unlabeled_count:  # no unlabeled image to draw: a term never computed is not 0
+            return StepOutput(loss=ce, terms={"ce": ce.detach()},
+                              pseudo_labels=pseudo_labels, pseudo_used=used)
+        per_sample = F.cross_entropy(strong_logits, pseudo_labels, reduction="none")
+        # Normalised by the whole unlabeled batch, not by the kept ones, as in FixMatch.
+        unlabeled_loss = (per_sample * used).mean()
         return StepOutput(
             loss=ce + unlabeled_loss,
             terms={
                 "ce": ce.detach(),
                 "fixmatch": unlabeled_loss.detach(),
-                "mask_rate": mask_rate,
+                "mask_rate": used.float().mean(),
             },
             pseudo_labels=pseudo_labels,
             pseudo_used=used,
@@ -237,13 +236,12 @@ class SelfTuning(Method):
         pgc_labeled = per_sample[:count].mean()
         unlabeled_terms = per_sample[count:] * used
         pgc_unlabeled = unlabeled_terms.sum() / used.sum().clamp(min=1)
+        terms = {"ce": ce.detach(), "pgc_labeled": pgc_labeled.detach()}
+        if len(unlabeled_q):  # without unlabeled images the term is not computed, not 0
+            terms["pgc_unlabeled"] = pgc_unlabeled.detach()
         return StepOutput(
             loss=ce + pgc_labeled + pgc_unlabeled,
-            terms={
-                "ce": ce.detach(),
-                "pgc_labeled": pgc_labeled.detach(),
-                "pgc_unlabeled": pgc_unlabeled.detach(),
-            },
+            terms=terms,
             pseudo_labels=pseudo_labels,
             pseudo_used=used,
             pending={"keys": keys, "labels": labels},

@@ -358,7 +358,7 @@ def test_a_weight_file_made_for_another_architecture_is_refused_at_creation(
     with live_server.client() as client:
         for backbone, expected in [
             ("resnet18:runs/weights-check/model.safetensors",
-             "holds 88 tensors but ResNet has 122: it was made for another architecture"),
+             "holds 88 tensors but resnet18 has 122: it was made for another architecture"),
             ("test_efficientnet:runs/weights-check/broken.safetensors",
              "is not a readable .safetensors file"),
         ]:

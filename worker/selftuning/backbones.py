@@ -272,8 +272,12 @@ def load_in_order(
     """
     target = model.state_dict()
     if len(source) != len(target):
+        # The architecture asked for: timm's class names are shared (mobilenetv2_100 is an
+        # "EfficientNet"), so naming the class named the wrong model.
+        architecture = (getattr(model, "pretrained_cfg", None) or {}).get(
+            "architecture", type(model).__name__)
         raise BackboneError(
-            f"{source_name} holds {len(source)} tensors but {type(model).__name__} has "
+            f"{source_name} holds {len(source)} tensors but {architecture} has "
             f"{len(target)}: it was made for another architecture"
         )
     matched: OrderedDict[str, torch.Tensor] = OrderedDict()

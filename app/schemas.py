@@ -274,7 +274,8 @@ class RunOut(RunSummary):
     device: str | None
     error: str | None
     attempts: int = Field(description="times a worker took the run since it was queued "
-                          "(by its sweep, or by a person's requeue)")
+                          "(by its sweep, or by a person's requeue); 0 when it ended before "
+                          "any worker could start it (its dataset's files missing, say)")
     heartbeat_at: datetime | None
     images_per_s: float | None
     eta_s: float | None

@@ -268,6 +268,17 @@ def test_a_run_whose_process_keeps_dying_ends_lost_and_a_requeue_trains_it_again
     assert run.attempts == 2
 
 
+def test_a_run_queued_again_announces_the_step_its_record_stands_at(settings, tmp_path):
+    """A run cancelled at step 4 and queued again: its worker's first event said step 0, then
+    training went on from 4, so a client following the feed saw 4 -> 0 -> 4."""
+    run_id = add_run(settings, tmp_path)
+    update_run(settings, run_id, step=4)
+    assert execute_run(settings, run_id, "me@host", TASK_ID)["status"] == "succeeded"
+    status = feed(settings, run_id)[0]
+    assert status["type"] == "status" and status["status"] == "running"
+    assert (status["step"], status["attempt"]) == (4, 1)
+
+
 def test_the_reaper_requeue_keeps_counting_attempts(settings, tmp_path, queue):
     run_id = add_run(settings, tmp_path)
     update_run(settings, run_id, status="lost", attempts=2)

@@ -280,7 +280,9 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
             cache_dir=image_cache_dir(settings, dataset),
             dataset_root=dataset_root,
             status_event={"type": "status", "status": "running", "worker": worker_name,
-                          "device": device_name, "attempt": run.attempts + 1, "step": 0,
+                          # Where the record stands (a run queued again keeps its step),
+                          # as the web's status events say: not 0 before a resume.
+                          "device": device_name, "attempt": run.attempts + 1, "step": run.step,
                           "total_steps": run.config["iterations"]},
         )
         # Only if nobody changed the run since it was read: a cancel (or a delete) that got

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import uuid
 import zipfile
 from pathlib import Path
@@ -244,8 +245,10 @@ def download_checkpoint(run_id: RunId, request: Request, session: DbDep, setting
     paths = [artifact_path(settings, session, run_id, name) for name in CHECKPOINT_FILES]
     bundle = paths[0].parent / f"run-{run_id}-checkpoint.zip"
     if not bundle.exists():
-        # Each request zips into a file of its own and renames it into place, so requests
-        # arriving together never write into one file, and none serves a half-written zip.
+        # Each request zips into a file of its own and links it into place unless another
+        # got there first: requests arriving together never write into one file, none
+        # serves a half-written zip, and all serve the one that stays (one ETag; a rename
+        # over it gave each request the tag of its own file).
         temp = bundle.with_name(f"{bundle.name}.{uuid.uuid4().hex}.tmp")
         try:
             with zipfile.ZipFile(temp, "w") as archive:
@@ -254,7 +257,12 @@ def download_checkpoint(run_id: RunId, request: Request, session: DbDep, setting
                         zipfile.ZIP_DEFLATED
                     )
                     archive.write(path, arcname=path.name, compress_type=compression)
-            temp.replace(bundle)
+            try:
+                os.link(temp, bundle)
+            except FileExistsError:
+                pass  # another request's zip is in place: this one serves it too
+            except OSError:  # a file system without hard links
+                temp.replace(bundle)
         finally:
             temp.unlink(missing_ok=True)
     return send_file(request, bundle, bundle.name, "application/zip")

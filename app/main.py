@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app import __version__
 from app.config import Settings, get_settings
@@ -66,6 +67,36 @@ class ApiWithoutTrailingSlash:
         await self.app(scope, receive, send)
 
 
+class HeadAsGet:
+    """HEAD is GET without the body (RFC 9110), wherever GET is answered: FastAPI's routes
+    take only the methods they declare, so pages, JSON and thumbnails answered HEAD with 405
+    (link checkers and uptime monitors ask HEAD). Routes that declare HEAD themselves (the
+    downloads, which then skip reading the file) keep it; live feeds never end, so they have
+    none."""
+
+    def __init__(self, app, router) -> None:
+        self.app = app
+        self.router = router
+
+    def _declared(self, scope) -> bool:
+        return any(route.matches(scope)[0] == Match.FULL for route in self.router.routes)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (scope["type"] != "http" or scope["method"] != "HEAD"
+                or scope["path"].endswith("/events") or self._declared(scope)):
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -92,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(ApiWithoutTrailingSlash)
+    app.add_middleware(HeadAsGet, router=app.router)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_token)])
     app.include_router(pages.router)

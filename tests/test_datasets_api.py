@@ -178,6 +178,27 @@ def count_rows(server: LiveServer) -> dict[str, int]:
                 for model in (Dataset, DatasetImage, Experiment, Run, RunMetric, Artifact)}
 
 
+def test_head_is_answered_wherever_get_is_with_the_same_headers_and_no_body(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """Link checkers and uptime monitors ask HEAD; pages, JSON and thumbnails answered 405."""
+    dataset = small_dataset(client, "heads", seed=6)
+    image_id = client.get(f"/api/datasets/{dataset['id']}/images").json()["items"][0]["id"]
+    for path in ["/", "/datasets", f"/datasets/{dataset['id']}", "/api/health",
+                 f"/api/datasets/{dataset['id']}", "/api/experiments",
+                 f"/api/datasets/{dataset['id']}/images/{image_id}/thumbnail"]:
+        got, head = client.get(path), client.head(path)
+        assert (got.status_code, head.status_code) == (200, 200), path
+        assert head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        if "content-length" in got.headers and path != "/api/health":  # health: live figures
+            assert head.headers["content-length"] == got.headers["content-length"], path
+    # An address without a page, or a method a route does not take, is answered as for GET.
+    assert client.head("/no-such-page").status_code == 404
+    assert client.head(f"/api/datasets/{dataset['id']}/images/999999/thumbnail").status_code == 404
+    assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
+
+
 @pytest.mark.parametrize("status", ["queued", "running"])
 def test_delete_is_refused_while_a_run_is_active_then_removes_runs_and_their_files(
     server: LiveServer, client: httpx.Client, status: str

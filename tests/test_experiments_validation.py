@@ -186,6 +186,10 @@ def test_a_count_per_class_no_class_has_and_a_vanishing_fraction_are_refused(
         capped = client.post("/api/experiments", json=body(
             dataset_id, budgets=[{"per_class": 15}, {"per_class": 20}, 0.000001]))
         assert capped.status_code == 201, capped.text
+        # The module's server is shared: leave no experiment behind.
+        experiment = capped.json()["id"]
+        assert client.post(f"/api/experiments/{experiment}/cancel").status_code == 200
+        assert client.delete(f"/api/experiments/{experiment}").status_code == 204
 
 
 def test_every_mistake_of_a_form_comes_back_at_once(live_server, dataset_id):

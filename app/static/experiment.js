@@ -361,15 +361,23 @@ export function experimentPage() {
       return `${rounded < 0 ? "−" : "+"}${Math.abs(rounded).toFixed(1)}`;
     };
     const inTableOrder = initial.methods.flatMap((method) => estimates.filter((e) => e.method === method));
+    // A line that does not rise predicts nothing (one unlucky seed can tilt it), and a gain
+    // smaller than its standard error is within the scatter of the runs: say so.
+    const rises = (e) => Math.round(e.gain_per_doubling * 1000) > 0;
+    const withinScatter = (e) => isNumber(e.gain_per_doubling_se)
+      && e.gain_per_doubling_se >= Math.abs(e.gain_per_doubling);
     const body = inTableOrder.map((e) => h("tr", { "data-method": e.method },
       h("th", {}, title(e.method)),
       h("td", { class: "num" }, `${pct(e.measured_top1)} at ${labels(e.n_max)}`),
-      h("td", { class: "num" }, `${pct(e.predicted_top1_at_double)} at ${labels(2 * e.n_max)}`,
-        h("small", { class: "muted" }, ` (+${e.extra_labels.toLocaleString("en")})`)),
+      rises(e)
+        ? h("td", { class: "num" }, `${pct(e.predicted_top1_at_double)} at ${labels(2 * e.n_max)}`,
+          h("small", { class: "muted" }, ` (+${e.extra_labels.toLocaleString("en")})`))
+        : h("td", { class: "num muted" }, "none: top-1 did not rise with labels in these runs"),
       h("td", { class: "num", title: `fitted on ${e.n_points} runs` },
         points(e.gain_per_doubling),
         isNumber(e.gain_per_doubling_se) ? ` ± ${(e.gain_per_doubling_se * 100).toFixed(1)}` : "",
-        " points")));
+        " points",
+        withinScatter(e) ? h("small", { class: "muted" }, " (within the scatter of the runs)") : "")));
     document.querySelector("#label-estimates tbody").replaceChildren(...body);
     for (const id of ["label-estimates", "estimates-caveat"]) {
       document.getElementById(id).hidden = estimates.length === 0;

@@ -4,7 +4,8 @@ Without a token the app listens on loopback only and trusts whoever reaches it. 
 other site can still make the user's browser reach it: a cross-site form POST (cancel a run,
 queue one again, upload an archive) needs no CORS preflight, and a host name an attacker
 points at 127.0.0.1 (DNS rebinding) makes their page same-origin with the app. So state-changing
-requests that the browser marks as coming from another site (`Sec-Fetch-Site`) are refused,
+requests that the browser marks as coming from another site (`Sec-Fetch-Site`, or `Origin`
+from browsers too old for it) are refused,
 and a server without a token answers to local host names only. API clients (curl, scripts)
 send neither header and are not affected.
 """
@@ -40,11 +41,22 @@ class BrowserGuard:
             return
         await self.app(scope, receive, send)
 
+    @staticmethod
+    def from_another_site(headers: Headers) -> bool:
+        """What the browser says of the page that sent the request: Sec-Fetch-Site, or from a
+        browser too old for it, Origin (sent with every cross-origin POST; "null" from a
+        sandboxed or local page) against the address it was sent to."""
+        site = headers.get("sec-fetch-site")
+        if site is not None:
+            return site in ("cross-site", "same-site")
+        origin = headers.get("origin")
+        if origin is None:
+            return False  # API clients (curl, scripts) send neither
+        return origin.partition("://")[2].lower() != headers.get("host", "").lower()
+
     def refusal(self, scope: Scope) -> str | None:
         headers = Headers(scope=scope)
-        if scope["method"] in UNSAFE_METHODS and headers.get("sec-fetch-site") in (
-            "cross-site", "same-site"
-        ):
+        if scope["method"] in UNSAFE_METHODS and self.from_another_site(headers):
             return "refused: a page on another site asked your browser to send this request"
         host = headers.get("host", "")
         if self.local_only and host_name(host).lower() not in LOCAL_NAMES:

@@ -16,16 +16,22 @@ def test_a_cross_site_post_is_refused_and_changes_nothing(live_server):
     with live_server.client() as client:
         experiment_id, run_ids = start_sweep(client, add_dataset_row(live_server.database_url),
                                              seeds=[0])
-        for site in ("cross-site", "same-site"):
-            refused = client.post(f"/api/runs/{run_ids[0]}/cancel",
-                                  headers={"Sec-Fetch-Site": site})
-            assert refused.status_code == 403, refused.text
+        # A browser too old to send Sec-Fetch-Site still names the page's site in Origin.
+        own_origin = {"Origin": str(client.base_url).rstrip("/")}
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                        {"Origin": "http://evil.example"}, {"Origin": "null"},
+                        {"Origin": own_origin["Origin"].replace("127.0.0.1", "localhost")}):
+            refused = client.post(f"/api/runs/{run_ids[0]}/cancel", headers=headers)
+            assert refused.status_code == 403, (headers, refused.text)
             assert "another site" in refused.json()["detail"]
         assert set(statuses(client, experiment_id).values()) == {"queued"}
         # The app's own pages (same-origin) and API clients (no such header) are served.
         own_page = client.post(f"/api/runs/{run_ids[0]}/cancel",
-                               headers={"Sec-Fetch-Site": "same-origin"})
+                               headers={"Sec-Fetch-Site": "same-origin", **own_origin})
         assert own_page.status_code == 200 and own_page.json()["status"] == "cancelled"
+        old_browser = client.post(f"/api/runs/{run_ids[0]}/requeue", headers=own_origin)
+        assert old_browser.status_code == 200, old_browser.text
+        assert client.post(f"/api/runs/{run_ids[0]}/cancel").status_code == 200
         assert client.post(f"/api/runs/{run_ids[1]}/cancel").status_code == 200
         # Reading is not state-changing: a link from elsewhere still opens a page.
         assert client.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200

@@ -5,9 +5,8 @@ other site can still make the user's browser reach it: a cross-site form POST (c
 queue one again, upload an archive) needs no CORS preflight, and a host name an attacker
 points at 127.0.0.1 (DNS rebinding) makes their page same-origin with the app. So state-changing
 requests that the browser marks as coming from another site (`Sec-Fetch-Site`, or `Origin`
-from browsers too old for it) are refused,
-and a server without a token answers to local host names only. API clients (curl, scripts)
-send neither header and are not affected.
+from browsers too old for it) are refused, and a server without a token answers to local host
+names only. API clients (curl, scripts) send neither header and are not affected.
 """
 
 from __future__ import annotations

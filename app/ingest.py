@@ -16,6 +16,7 @@ import struct
 import tarfile
 import threading
 import time
+import unicodedata
 import uuid
 import zipfile
 import zlib
@@ -284,14 +285,15 @@ async def receive_upload(
 
 
 def dataset_name(requested: str | None, filename: str) -> str:
-    """The name given in the form, else the archive's file name without its suffixes."""
-    name = (requested or "").strip()
+    """The name given in the form, else the archive's file name without its suffixes;
+    composed (NFC) as class names are, so its length counts what a person sees."""
+    name = unicodedata.normalize("NFC", (requested or "").strip())
     if CONTROL_CHARACTERS.search(name):
         raise IngestError("the dataset name must not contain control characters (NUL, tab, "
                           "line breaks)")
     if not name:
         name = re.sub(r"(\.(zip|tar|tgz|tbz2?|txz|gz|bz2|xz))+$", "", filename, flags=re.I)
-        name = CONTROL_CHARACTERS.sub(" ", name).strip() or "dataset"
+        name = unicodedata.normalize("NFC", CONTROL_CHARACTERS.sub(" ", name).strip()) or "dataset"
     if len(name) > 200:
         raise IngestError("the dataset name is too long (at most 200 characters)")
     return name

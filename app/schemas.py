@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime
 from typing import Any, Literal
 
@@ -148,6 +149,13 @@ class ExperimentIn(BaseModel):
         except ValueError as exc:
             raise PydanticCustomError("budget", "{reason}", {"reason": str(exc)}) from None
         return values
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def composed(cls, value: Any) -> Any:
+        # "e" + a combining accent is one character to a person: kept composed (NFC), as
+        # names of datasets and classes are, it counts once against the 200.
+        return unicodedata.normalize("NFC", value) if isinstance(value, str) else value
 
     @field_validator("name", "backbone")
     @classmethod

@@ -286,3 +286,20 @@ def test_skipped_names_stored_before_the_utf8_check_become_readable(
     assert [item["path"] for item in body.json()["skipped"]] == [
         "train/a/notes\ufffd.txt", "unlabeled/\ufffdt\ufffd.png", "train/b/fine.txt"]
     assert page.status_code == 200 and "notes\ufffd.txt" in page.text
+
+
+def test_a_name_typed_in_decomposed_unicode_counts_its_characters_once_composed(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """150 accented letters typed as letter + combining accent (as macOS file names and some
+    keyboards give them) were 300 code points, refused as over the 200 a name may have; the
+    same name typed composed was accepted. Names are kept composed (NFC), as class names are."""
+    decomposed, composed = "e\u0301" * 150, "\u00e9" * 150
+    response = upload(client, zip_bytes(class_entries(("cat", "dog"))), name=decomposed)
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == composed
+    assert client.delete(f"/api/datasets/{response.json()['id']}").status_code == 204
+    # One code point over, composed or not: still refused.
+    too_long = upload(client, zip_bytes(class_entries(("cat", "dog"))), name="e\u0301" * 201)
+    assert too_long.status_code == 422 and "at most 200 characters" in too_long.text
+    assert_nothing_left(server)

@@ -374,6 +374,20 @@ def test_a_weight_file_made_for_another_architecture_is_refused_at_creation(
         assert client.post("/api/experiments", json=fits).status_code == 201
 
 
+def test_a_name_typed_in_decomposed_unicode_is_kept_composed(live_server, dataset_id):
+    """"e" + combining accent, 150 times: 300 code points, refused as over 200 characters."""
+    with live_server.client() as client:
+        created = client.post("/api/experiments",
+                              json=body(dataset_id, name="e\u0301" * 150))
+        assert created.status_code == 201, created.text
+        assert created.json()["name"] == "\u00e9" * 150
+        experiment = created.json()["id"]
+        assert client.post(f"/api/experiments/{experiment}/cancel").status_code == 200
+        assert client.delete(f"/api/experiments/{experiment}").status_code == 204
+        too_long = client.post("/api/experiments", json=body(dataset_id, name="e\u0301" * 201))
+        assert too_long.status_code == 422
+
+
 def test_a_name_of_spaces_gets_the_default_name(live_server, dataset_id):
     with live_server.client() as client:
         response = client.post("/api/experiments", json=body(dataset_id, name="   "))

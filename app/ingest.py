@@ -284,6 +284,21 @@ async def receive_upload(
     return ReceivedUpload(destination, sink.filename, sink.name, sink.file_bytes)
 
 
+def class_name_warnings(class_names: list[str]) -> list[str]:
+    """Class folders whose names differ only in letter case (`Dog/`, `dog/`): two classes
+    here, one folder on macOS and Windows, so most likely one class split by accident. They
+    are kept as they came (a person may mean them), and said."""
+    by_folding: dict[str, list[str]] = {}
+    for name in class_names:
+        by_folding.setdefault(name.casefold(), []).append(name)
+    return [
+        f"classes {' and '.join(repr(name) for name in names)} differ only in letter case: "
+        f"they are {'two' if len(names) == 2 else len(names)} classes here (macOS and Windows "
+        "keep one folder for both); if they are one class, merge their folders and upload again"
+        for names in by_folding.values() if len(names) > 1
+    ]
+
+
 def dataset_name(requested: str | None, filename: str) -> str:
     """The name given in the form, else the archive's file name without its suffixes;
     composed (NFC) as class names are, so its length counts what a person sees."""

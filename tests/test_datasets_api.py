@@ -243,3 +243,27 @@ def test_pages_list_datasets_offer_the_upload_form_and_show_a_dataset(
     assert '<td id="unlabeled-count">1</td>' in page.text
     assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
     assert_nothing_left(server)
+
+
+def test_class_folders_that_differ_only_in_case_are_kept_apart_with_a_warning(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """`Dog/` and `dog/` are two classes on Linux and one folder on macOS and Windows: likely
+    one class split by accident, so the upload says so (it trained as two, silently)."""
+    archive = zip_bytes(class_entries(("Dog", "dog", "cat"), seed=8))
+    response = upload(client, archive, name="cases")
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert [c["name"] for c in dataset["classes"]] == ["cat", "Dog", "dog"]
+    warning = ("classes 'Dog' and 'dog' differ only in letter case: they are two classes "
+               "here (macOS and Windows keep one folder for both); if they are one class, "
+               "merge their folders and upload again")
+    assert dataset["warnings"] == [warning]
+    assert client.get(f"/api/datasets/{dataset['id']}").json()["warnings"] == [warning]
+    page = client.get(f"/datasets/{dataset['id']}").text
+    assert "differ only in letter case" in page and "&#39;Dog&#39;" in page
+    plain = small_dataset(client, "plain", seed=9)
+    assert plain["warnings"] == []
+    assert "differ only in letter case" not in client.get(f"/datasets/{plain['id']}").text
+    for item in (dataset, plain):
+        assert client.delete(f"/api/datasets/{item['id']}").status_code == 204

@@ -75,6 +75,10 @@ class DatasetListItem(BaseModel):
 
 class DatasetOut(DatasetListItem):
     skipped: list[SkippedOut]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what was stored but looks like a mistake (class folders whose names "
+                    "differ only in letter case)")
 
 
 class ImageOut(BaseModel):
@@ -113,6 +117,7 @@ def summary(dataset: Dataset) -> DatasetOut:
     return DatasetOut(
         **list_item(dataset).model_dump(),
         skipped=[SkippedOut(**item) for item in dataset.skipped],
+        warnings=ingest.class_name_warnings(dataset.class_names),
     )
 
 

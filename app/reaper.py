@@ -55,11 +55,13 @@ def requeue(session: Session, live: redis.Redis, run_id: int, *, by_person: bool
     wins, and no second task is sent nor a row written that is gone."""
     from app.experiments import enqueue_runs
 
-    fresh = {"attempts": 0} if by_person else {}
+    # A person's requeue starts afresh; the reaper's keeps the reason it wrote (the worker
+    # went silent) for the pages to show until a worker takes the run.
+    fresh = {"attempts": 0, "error": None} if by_person else {}
     claimed = session.execute(
         update(Run)
         .where(Run.id == run_id, Run.status.in_(REQUEUEABLE))
-        .values(status="queued", cancel_requested=False, finished_at=None, error=None, **fresh)
+        .values(status="queued", cancel_requested=False, finished_at=None, **fresh)
     ).rowcount
     if not claimed:
         session.rollback()
@@ -91,6 +93,8 @@ def reap(settings: Settings) -> list[int]:
                 f"worker {run.worker} stopped reporting (last heartbeat {run.heartbeat_at})"
             )
             if run.attempts < settings.max_attempts:
+                run.error += (f"; queued again to resume from its last checkpoint (attempt "
+                              f"{run.attempts + 1} of {settings.max_attempts})")
                 session.flush()  # "lost" is what the requeue's conditional update claims
                 requeue(session, live, run.id, by_person=False)
                 publish_status(live, run)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from app.experiments import create_experiment
 from app.ingest import ingest_archive, new_work_dir
 from app.live import run_stream_key
 from app.models import Run, RunMetric, utcnow
-from app.reaper import requeue
+from app.reaper import reap, requeue
 from app.schemas import ExperimentIn
 from tests.support import app_env, make_image_archive, start_worker, wait_for
 from worker.runs import DatabaseUnavailable, RunRecorder
@@ -277,6 +278,26 @@ def test_a_run_queued_again_announces_the_step_its_record_stands_at(settings, tm
     status = feed(settings, run_id)[0]
     assert status["type"] == "status" and status["status"] == "running"
     assert (status["step"], status["attempt"]) == (4, 1)
+
+
+def test_a_run_the_reaper_queues_again_says_why_until_a_worker_takes_it(settings, tmp_path,
+                                                                        queue):
+    """Its worker went silent: the run went from "running" back to "queued" with no word
+    (the requeue cleared the reason the reaper had just written)."""
+    run_id = add_run(settings, tmp_path)
+    update_run(settings, run_id, status="running", worker="gone@host", attempts=1,
+               started_at=utcnow() - timedelta(hours=1),
+               heartbeat_at=utcnow() - timedelta(hours=1))
+    assert reap(settings) == [run_id]
+    run = read_run(settings, run_id)
+    assert run.status == "queued" and queue.llen("celery") == 1
+    assert run.error.startswith("worker gone@host stopped reporting (last heartbeat ")
+    assert run.error.endswith(
+        f"queued again to resume from its last checkpoint (attempt 2 of {settings.max_attempts})")
+    # A worker takes it: the note has done its work.
+    result = execute_run(settings, run_id, "me@host", read_run(settings, run_id).celery_task_id)
+    run = read_run(settings, run_id)
+    assert result["status"] == run.status == "succeeded" and run.error is None
 
 
 def test_the_reaper_requeue_keeps_counting_attempts(settings, tmp_path, queue):

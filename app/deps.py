@@ -8,6 +8,7 @@ from typing import Annotated
 
 import redis
 from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -67,7 +68,14 @@ def presented_token(request: Request) -> str | None:
     return request.cookies.get(AUTH_COOKIE)
 
 
-def require_token(request: Request, settings: SettingsDep) -> None:
+# Declares the token in the OpenAPI schema (Swagger UI's "Authorize"); the check itself is
+# require_token's, which also takes the login page's cookie.
+BEARER = HTTPBearer(auto_error=False,
+                    description="the server's SELFTUNE_API_TOKEN (when it has one)")
+
+
+def require_token(request: Request, settings: SettingsDep,
+                  _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
     """With SELFTUNE_API_TOKEN set, every API route needs `Authorization: Bearer <token>`
     (or the HttpOnly cookie the login page sets)."""
     if not token_matches(settings, presented_token(request)):

@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HeadAsGet, router=app.router)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_token)])
+    app.include_router(health.public_router)
     app.include_router(pages.router)
     app.include_router(dataset_pages.router)
     app.include_router(experiment_pages.router)

@@ -24,9 +24,14 @@ def guarded_server(settings, tmp_path):
     process.stop()
 
 
+PUBLIC = ("/healthz",)  # the liveness check: no details, no token
+
+
 def every_operation(schema: dict) -> list[tuple[str, str]]:
     operations = []
     for path, item in schema["paths"].items():
+        if path in PUBLIC:
+            continue
         concrete = re.sub(r"\{[^}]*name[^}]*\}", "model.safetensors", path)
         concrete = re.sub(r"\{[^}]+\}", "1", concrete)
         for method in item:
@@ -51,6 +56,24 @@ def test_every_api_route_in_the_openapi_schema_needs_the_token(guarded_server):
         assert client.head("/api/runs/1/checkpoint").status_code == 401
         ok = client.get("/api/health", headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 200
+    # The schema says so: Swagger UI (/docs) offers "Authorize" for the bearer token, and
+    # every API operation asks for it (it declared none, so "Try it out" could only fail).
+    assert schema["components"]["securitySchemes"] == {
+        "HTTPBearer": {"type": "http", "scheme": "bearer",
+                       "description": "the server's SELFTUNE_API_TOKEN (when it has one)"}}
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            expected = [] if path in PUBLIC else [{"HTTPBearer": []}]
+            assert operation.get("security", []) == expected, (method, path)
+
+
+def test_the_liveness_check_needs_no_token_and_tells_nothing_more(guarded_server):
+    """An uptime monitor or load balancer cannot hold the secret: /api/health was 401."""
+    with httpx.Client(base_url=guarded_server, timeout=30) as client:
+        alive = client.get("/healthz")
+        assert alive.status_code == 200 and alive.json() == {"status": "ok"}
+        assert client.head("/healthz").status_code == 200
+        assert client.get("/api/health").status_code == 401  # the details stay guarded
 
 
 def test_pages_need_a_login_that_sets_an_httponly_samesite_cookie(guarded_server):

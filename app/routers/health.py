@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from fastapi import APIRouter
@@ -17,6 +17,8 @@ from app.deps import SettingsDep
 from app.live import get_redis, live_workers
 
 router = APIRouter(tags=["health"])
+# Without the token: what an uptime monitor or a load balancer may know, and no more.
+public_router = APIRouter(tags=["health"])
 
 
 class WorkerOut(BaseModel):
@@ -58,3 +60,21 @@ def health(settings: SettingsDep) -> JSONResponse:
     status = check_health(settings)
     healthy = status["database"] == "ok" and status["redis"] == "ok"
     return JSONResponse(status, status_code=200 if healthy else 503)
+
+
+class LivenessOut(BaseModel):
+    status: Literal["ok", "unavailable"]
+
+
+@public_router.get(
+    "/healthz",
+    response_model=LivenessOut,
+    responses={503: {"model": LivenessOut, "description": "database or Redis is down"}},
+)
+def liveness(settings: SettingsDep) -> JSONResponse:
+    """For uptime monitors and load balancers: needs no token, and says only whether the
+    database and Redis answer (/api/health has the details)."""
+    status = check_health(settings)
+    healthy = status["database"] == "ok" and status["redis"] == "ok"
+    return JSONResponse({"status": "ok" if healthy else "unavailable"},
+                        status_code=200 if healthy else 503)

@@ -46,7 +46,16 @@ from worker.selftuning.labels_csv import (
     natural_key,
     parse_labels_csv,
 )
-from worker.selftuning.pixels import brightest_value, to_8_bit, white_level_for, white_level_of
+from worker.selftuning.pixels import (
+    IMAGE_SUFFIXES,
+    SNIFF_BYTES,
+    SUPPORTED_TEXT,
+    brightest_value,
+    looks_like_image,
+    to_8_bit,
+    white_level_for,
+    white_level_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +74,6 @@ STORED_FORMATS = {
 }
 # What Image.open may try (MPO files are found by the JPEG opener).
 OPEN_FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"]
-IMAGE_SUFFIXES = {
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
-}
-SUPPORTED_TEXT = "JPEG, PNG, WebP, BMP, TIFF or GIF"
-# Enough of a file's start for every signature in `looks_like_image`.
-SNIFF_BYTES = 32
-# The DIB header sizes after a BMP's 14-byte file header that Pillow reads.
-BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}
-TIFF_PREFIXES = (b"II*\x00", b"MM\x00*", b"II\x00*", b"MM*\x00", b"II+\x00", b"MM\x00+")
 NOT_UTF8_REASON = "file or folder name is not valid UTF-8: rename it"
 MAX_LABELS_CSV_BYTES = 64 * 1024**2
 UNLABELED_FOLDER = "unlabeled"
@@ -580,19 +580,6 @@ def _skip_reason_by_name(path: str) -> str | None:
     if any(part.startswith(".") for part in parts):
         return "hidden file or folder"
     return None
-
-
-def looks_like_image(head: bytes) -> bool:
-    """Whether a file's first SNIFF_BYTES carry the signature of a supported format (only
-    files without an image extension are asked; Pillow then verifies the whole file)."""
-    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")):
-        return True
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return True
-    if head.startswith(TIFF_PREFIXES):
-        return True
-    # "BM" alone starts plenty of text; the DIB header size after it must make sense too.
-    return head.startswith(b"BM") and int.from_bytes(head[14:18], "little") in BMP_HEADER_SIZES
 
 
 def _copy_member(

@@ -113,13 +113,26 @@ def test_labels_csv_written_on_windows_reads_as_the_web_does(tmp_path: Path):
     assert unlabeled == [str(tmp_path / "img" / "d.png")]
 
 
+def test_labels_csv_rows_that_are_not_images_are_left_out_with_the_reason(tmp_path: Path):
+    """As an upload leaves them out: a listed text file, and an image that does not open."""
+    _write_images(tmp_path / "data", ["a.png", "b.png", "c.png"])
+    (tmp_path / "data" / "notes.txt").write_text("not an image")
+    (tmp_path / "data" / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n and then nothing")
+    (tmp_path / "data" / "labels.csv").write_text(
+        "path,label\na.png,cat\nb.png,dog\nc.png,dog\nnotes.txt,dog\nd.png,cat\n")
+    skipped: dict[str, str] = {}
+    class_names, train, _, _ = load_folder_dataset(tmp_path / "data", skipped)
+    assert class_names == ["cat", "dog"]
+    assert sorted(Path(path).name for path, _ in train) == ["a.png", "b.png", "c.png"]
+    assert {Path(path).name: reason.split(" (")[0] for path, reason in skipped.items()} == {
+        "notes.txt": "not an image", "d.png": "corrupt or unsupported image"}
+
+
 @pytest.mark.parametrize(
     ("csv_text", "message"),
     [
         ("path,label\na.png,cat\nb.png,dog\nmissing.png,dog\n",
          "line 4: 'missing.png' does not exist"),
-        ("path,label\na.png,cat\nb.png,dog\nnotes.txt,dog\n",
-         "line 4: 'notes.txt' is not an image"),
         ("path,label\na.png,cat\nb.png,dog\n./a.png,dog\n", "line 4: './a.png' is listed twice"),
         ("path,label\na.png,cat\n../b.png,dog\n", "must be relative to the folder of labels.csv"),
         ("path,label\na.png,cat\n..\\b.png,dog\n", "must be relative to the folder of labels.csv"),
@@ -135,7 +148,7 @@ def test_labels_csv_written_on_windows_reads_as_the_web_does(tmp_path: Path):
         ("path,label\na.png,cat\nb.png,dog\nc.png,bird,val\n",
          "'bird' only in the test split"),
     ],
-    ids=["missing", "not-an-image", "twice", "escaping", "escaping-backslash", "drive",
+    ids=["missing", "twice", "escaping", "escaping-backslash", "drive",
          "other-header", "columns", "bad-split", "unlabeled-test", "one-class",
          "class-only-tested"],
 )

@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         config = RunConfig.from_preset(args.preset, **_overrides(args))
         budget = parse_budget(args.budget)
         check_out_folder(out)
-        class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data)
+        skipped: dict[str, str] = {}
+        class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data,
+                                                                              skipped)
+        if skipped:
+            path, reason = next(iter(skipped.items()))
+            print(f"skipped {len(skipped)} file(s) that are not images it can read, as an "
+                  f"upload does (e.g. {path}: {reason})")
         train_items, test_items, unlabeled, dropped = drop_duplicates(
             train_items, test_items, unlabeled)
         if dropped:

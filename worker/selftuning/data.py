@@ -13,11 +13,19 @@ import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path, PurePosixPath
 
+from PIL import Image
+
 from worker.selftuning.budgets import Budget, BudgetError, select_labeled, split_holdout
-from worker.selftuning.images import IMAGE_SUFFIXES
 from worker.selftuning.labels_csv import LABELS_CSV, class_name, natural_key, parse_labels_csv
+from worker.selftuning.pixels import (
+    IMAGE_SUFFIXES,
+    SNIFF_BYTES,
+    SUPPORTED_TEXT,
+    looks_like_image,
+)
 
 Item = tuple[str, int]
 SPECIAL_FOLDERS = {"train", "test", "val", "unlabeled"}  # in any letter case
@@ -91,7 +99,7 @@ def _digest(value) -> str:
 
 
 def load_folder_dataset(
-    path: str | os.PathLike,
+    path: str | os.PathLike, skipped: dict[str, str] | None = None,
 ) -> tuple[list[str], list[Item], list[Item], list[str]]:
     """Read a dataset folder, or a .zip/.tar/.tar.gz of one, for the command line.
 
@@ -100,7 +108,9 @@ def load_folder_dataset(
     `labels.csv` (see `read_labels_csv`), which then decides alone. One wrapping folder is
     looked through. Folder names are read as uploads read them: split and `unlabeled/` in
     any letter case, class names in Unicode's composed form, classes numbered in natural
-    order (`natural_key`), so a seed draws the same labeled subset here as on the web.
+    order (`natural_key`), so a seed draws the same labeled subset here as on the web. Files
+    too: images without an image extension are known by their content, and files that are
+    not images or do not open are left out, with the reason in `skipped` (path: reason).
     Returns (class_names, train_items, test_items, unlabeled_paths); items are (path, index).
     Archives are unpacked once into the temp folder.
     """
@@ -111,12 +121,16 @@ def load_folder_dataset(
         raise ValueError(f"dataset {path} is neither a folder nor a .zip/.tar archive")
     root = _look_through_wrapper(root)
     if (root / LABELS_CSV).is_file():
-        return read_labels_csv(root / LABELS_CSV)
+        return read_labels_csv(root / LABELS_CSV, skipped)
+
+    def images(folder: Path, recursive: bool = False) -> list[Path]:
+        return _images(folder, recursive, skipped)
+
     train_root = _folder(root, "train") or root
     folders: dict[str, list[Path]] = {}  # by class: "café" and "cafe\u0301" are one
     for entry in sorted(train_root.iterdir()):
         if (entry.is_dir() and not _hidden(entry.name)
-                and entry.name.lower() not in SPECIAL_FOLDERS and _images(entry)):
+                and entry.name.lower() not in SPECIAL_FOLDERS and images(entry)):
             folders.setdefault(class_name(entry.name), []).append(entry)
     class_names = sorted(folders, key=natural_key)
     if len(class_names) < 2:
@@ -127,7 +141,7 @@ def load_folder_dataset(
     index = {name: i for i, name in enumerate(class_names)}
     train_items = [
         (str(p), index[name]) for name in class_names for folder in folders[name]
-        for p in _images(folder)
+        for p in images(folder)
     ]
     test_items: list[Item] = []
     test_root, val_root = _folder(root, "test"), _folder(root, "val")
@@ -136,14 +150,14 @@ def load_folder_dataset(
                          "keep one of them as the test split")
     if split_root := test_root or val_root:
         for entry in sorted(split_root.iterdir()):
-            if not entry.is_dir() or _hidden(entry.name) or not _images(entry):
+            if not entry.is_dir() or _hidden(entry.name) or not images(entry):
                 continue
             if class_name(entry.name) not in index:
                 raise ValueError(f"{split_root.name}/{entry.name} is not a class of train/")
-            test_items.extend((str(p), index[class_name(entry.name)]) for p in _images(entry))
+            test_items.extend((str(p), index[class_name(entry.name)]) for p in images(entry))
     unlabeled_paths: list[str] = []
     for folder in {_folder(root, "unlabeled"), _folder(train_root, "unlabeled")} - {None}:
-        unlabeled_paths.extend(str(p) for p in _images(folder, recursive=True))
+        unlabeled_paths.extend(str(p) for p in images(folder, recursive=True))
     return class_names, train_items, test_items, sorted(set(unlabeled_paths))
 
 
@@ -179,11 +193,12 @@ def drop_duplicates(
 
 
 def read_labels_csv(
-    csv_path: Path,
+    csv_path: Path, skipped: dict[str, str] | None = None,
 ) -> tuple[list[str], list[Item], list[Item], list[str]]:
     """A labels.csv dataset (`parse_labels_csv`), read as the web reads an upload's: paths
-    relative to the CSV's folder. Returns what `load_folder_dataset` does; images the CSV does
-    not list are not used."""
+    relative to the CSV's folder; listed files that are not images, or do not open, are left
+    out with the reason in `skipped`. Returns what `load_folder_dataset` does; images the CSV
+    does not list are not used."""
     folder = csv_path.parent
 
     def inside_folder(raw: str) -> str:
@@ -196,12 +211,14 @@ def read_labels_csv(
 
     rows = parse_labels_csv(csv_path.read_bytes(), str(csv_path), inside_folder)
     for relative, row in rows.items():
-        where = f"{csv_path} line {row.line}"
         if not (folder / relative).is_file():
-            raise ValueError(f"{where}: {relative!r} does not exist in {folder}")
-        if PurePosixPath(relative).suffix.lower() not in IMAGE_SUFFIXES:
-            raise ValueError(f"{where}: {relative!r} is not an image "
-                             f"({', '.join(IMAGE_SUFFIXES)})")
+            raise ValueError(f"{csv_path} line {row.line}: {relative!r} does not exist in "
+                             f"{folder}")
+    unusable = {relative: problem for relative in rows
+                if (problem := _image_problem(str(folder / relative)))}
+    if skipped is not None:
+        skipped.update({str(folder / relative): problem for relative, problem in unusable.items()})
+    rows = {relative: row for relative, row in rows.items() if relative not in unusable}
 
     class_names = sorted({row.label for row in rows.values() if row.label and row.split == "train"},
                          key=natural_key)
@@ -267,13 +284,44 @@ def make_budget_data(
     return data, info
 
 
-def _images(folder: Path, recursive: bool = False) -> list[Path]:
+def _images(folder: Path, recursive: bool = False,
+            skipped: dict[str, str] | None = None) -> list[Path]:
+    """The images in `folder`, as uploads find them (`_image_problem`); the other files,
+    less hidden ones and macOS metadata, go into `skipped` with the reason."""
     pattern = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(
-        p for p in pattern
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p.name)
-        and "__MACOSX" not in p.parts
-    )
+    found = []
+    for p in sorted(pattern):
+        if not p.is_file() or _hidden(p.name) or "__MACOSX" in p.parts:
+            continue
+        if problem := _image_problem(str(p)):
+            if skipped is not None:
+                skipped[str(p)] = problem
+        else:
+            found.append(p)
+    return found
+
+
+def _image_problem(path: str) -> str | None:
+    """Why the file at `path` is not an image to train on, as an upload would say it; None
+    for an image. Without an image extension its content decides; Pillow must open it.
+    Asked once per version of a file (folders are scanned more than once)."""
+    stat = os.stat(path)
+    return _file_problem(path, stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _file_problem(path: str, _size: int, _mtime_ns: int) -> str | None:
+    suffix = PurePosixPath(path).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        with open(path, "rb") as handle:
+            if not looks_like_image(handle.read(SNIFF_BYTES)):
+                return f"not an image ({suffix or 'no extension'}); supported: {SUPPORTED_TEXT}"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for a damaged file
+        return f"corrupt or unsupported image ({str(exc).strip() or type(exc).__name__})"
+    return None
 
 
 def _hidden(name: str) -> bool:
@@ -285,7 +333,8 @@ def _look_through_wrapper(root: Path) -> Path:
     while True:
         entries = [e for e in root.iterdir() if not _hidden(e.name)]
         if (len(entries) == 1 and entries[0].is_dir()
-                and entries[0].name.lower() not in SPECIAL_FOLDERS and not _images(entries[0])):
+                and entries[0].name.lower() not in SPECIAL_FOLDERS
+                and ((entries[0] / LABELS_CSV).is_file() or not _images(entries[0]))):
             root = entries[0]
         else:
             return root

@@ -27,7 +27,6 @@ from worker.selftuning.files import (
 )
 from worker.selftuning.pixels import to_8_bit
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _CACHE_FORMAT = 1
 
 

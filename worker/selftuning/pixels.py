@@ -10,6 +10,32 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
+# Files taken as images by their extension; others by their content (`looks_like_image`).
+# Uploads and the command line read a dataset alike.
+IMAGE_SUFFIXES = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
+)
+SUPPORTED_TEXT = "JPEG, PNG, WebP, BMP, TIFF or GIF"
+# Enough of a file's start for every signature in `looks_like_image`.
+SNIFF_BYTES = 32
+# The DIB header sizes after a BMP's 14-byte file header that Pillow reads.
+BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}
+TIFF_PREFIXES = (b"II*\x00", b"MM\x00*", b"II\x00*", b"MM*\x00", b"II+\x00", b"MM\x00+")
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether a file's first SNIFF_BYTES carry the signature of a supported format (only
+    files without an image extension are asked; Pillow then verifies the whole file)."""
+    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")):
+        return True
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return True
+    if head.startswith(TIFF_PREFIXES):
+        return True
+    # "BM" alone starts plenty of text; the DIB header size after it must make sense too.
+    return head.startswith(b"BM") and int.from_bytes(head[14:18], "little") in BMP_HEADER_SIZES
+
+
 # Modes whose values can exceed 8 bits: 16-bit and 32-bit integer, and float.
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 

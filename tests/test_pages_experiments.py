@@ -156,6 +156,13 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
         )
         snippet = page.inner_text("#snippet")
         assert "test_efficientnet, 3 classes" in snippet
+        # The download command as shown fetches the zip under the name it then unzips.
+        fetch_line, unzip_line = page.inner_text("#snippet-download").splitlines()
+        (tmp_path / "curl").mkdir()
+        fetched = subprocess.run(["bash", "-c", fetch_line], cwd=tmp_path / "curl",
+                                 capture_output=True, text=True, timeout=60)
+        assert fetched.returncode == 0, fetched.stderr
+        assert zipfile.ZipFile(tmp_path / "curl" / unzip_line.split()[-1]).testzip() is None
         with page.expect_download() as download_info:
             page.click("#download-checkpoint")
         with open(download_info.value.path(), "rb") as handle:

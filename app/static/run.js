@@ -419,8 +419,11 @@ async function drawDownloads(run, classNames) {
       console.warn("config.json unavailable:", error.message);
     }
   }
+  // The name the server gives the zip, and the token when the server asks for one.
+  const zip = `run-${run.id}-checkpoint.zip`;
+  const auth = document.querySelector(".signout") ? ' -H "Authorization: Bearer $SELFTUNE_API_TOKEN"' : "";
   document.getElementById("snippet-download").textContent =
-    `curl -o run-${run.id}.zip ${location.origin}/api/runs/${run.id}/checkpoint\nunzip run-${run.id}.zip`;
+    `curl${auth} -o ${zip} ${location.origin}/api/runs/${run.id}/checkpoint\nunzip ${zip}`;
   // Same as the README: the exported pretrained_cfg carries the input size, mean and std the
   // model was trained with, so timm's transform matches the run's evaluation.
   document.getElementById("snippet").textContent = [

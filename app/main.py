@@ -176,7 +176,24 @@ def _error_page(request: Request, status_code: int, title: str, detail: str) -> 
     )
 
 
+# API answers that are files: a browser sent to sign in would save the sign-in page as one.
+DOWNLOADS = ("/checkpoint", "/events", "/thumbnail", ".csv")
+
+
+def _browser_opening_api(request: Request) -> bool:
+    """A person's browser opening an API address (a page's "API" link): it asks for HTML."""
+    path = request.url.path
+    return (request.method == "GET" and path.startswith("/api/")
+            and "/files/" not in path and not path.endswith(DOWNLOADS)
+            and "text/html" in request.headers.get("accept", ""))
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if exc.status_code == 401 and _browser_opening_api(request):
+        from app.routers.pages import page_guard  # sign in, then back to this address
+
+        if (redirect := page_guard(request, request.app.state.settings)) is not None:
+            return redirect
     if not _wants_page(request):
         return await http_exception_handler(request, exc)
     if exc.status_code == 404:

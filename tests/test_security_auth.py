@@ -115,3 +115,24 @@ def test_a_token_no_header_can_carry_is_refused_at_start_without_echoing_it(
     assert result.returncode == 2, output
     assert "SELFTUNE_API_TOKEN: must be printable ASCII" in output
     assert token not in output and "Traceback" not in output
+
+
+def test_a_browser_opening_an_api_address_without_the_token_is_sent_to_sign_in(
+    guarded_server
+):
+    """The pages' "API" links showed a person {"detail": "missing or wrong API token: send
+    'Authorization: Bearer <token>'"} once the sign-in was gone. A browser opening such an
+    address (it asks for HTML) is sent to sign in and back; scripts still get the 401."""
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    with httpx.Client(base_url=guarded_server, timeout=30) as client:
+        opened = client.get("/api/datasets?x=1", headers=browser)
+        assert opened.status_code == 303
+        assert opened.headers["location"] == "/login?next=%2Fapi%2Fdatasets%3Fx%3D1"
+        assert client.get("/api/datasets").status_code == 401  # a script
+        # Downloads stay a 401: a browser would save the sign-in page as the file.
+        assert client.get("/api/runs/1/checkpoint", headers=browser).status_code == 401
+        assert client.post("/api/runs/1/cancel", headers=browser).status_code == 401
+        signed_in = client.post("/login", data={"token": TOKEN, "next": "/api/datasets?x=1"})
+        assert signed_in.status_code == 303
+        assert signed_in.headers["location"] == "/api/datasets?x=1"
+        assert client.get("/api/datasets?x=1", headers=browser).status_code == 200

@@ -287,6 +287,10 @@ class RunOut(RunSummary):
     heartbeat_at: datetime | None
     images_per_s: float | None
     eta_s: float | None
+    silent_s: float | None = Field(None, description="seconds since a running run's worker "
+                                   "last reported, once longer than three heartbeats (a worker "
+                                   "that stopped; the run is queued again after "
+                                   "SELFTUNE_STALE_AFTER_S)")
     queue_position: int | None
     cancel_requested: bool
     resumable: bool = Field(False, description="a training state is saved: run again, it "

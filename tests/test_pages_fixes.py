@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import timedelta
 from urllib.parse import quote
 
 import httpx
@@ -591,6 +592,34 @@ def test_the_run_page_describes_the_batches_a_run_draws(live_server):
         assert batches(ids[("self-tuning", "50%", 0)]) == "8 + 16 unlabeled"
         assert batches(ids[("fixmatch", "50%", 0)]) == "8 + 16 unlabeled"
         assert batches(left_out) == "8 (unlabeled images left out)"
+
+
+@pytest.mark.browser
+def test_a_run_whose_worker_went_silent_says_so_before_it_is_queued_again(live_server, request):
+    """A killed worker left its run "running" with a frozen "Training time left 1 min 33 s"
+    for two minutes, until the server gave up on it."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        _, (silent, fresh) = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        with session_scope(database_url) as session:
+            for run_id, age in ((silent, 75), (fresh, 2)):
+                run = session.get(Run, run_id)
+                run.status, run.worker, run.device, run.attempts = "running", "w@host", "cpu", 1
+                run.started_at = utcnow() - timedelta(minutes=5)
+                run.heartbeat_at = utcnow() - timedelta(seconds=age)
+                run.images_per_s, run.step = 20.0, 5
+        assert 75 <= client.get(f"/api/runs/{silent}").json()["silent_s"] < 100
+        assert client.get(f"/api/runs/{fresh}").json()["silent_s"] is None
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{silent}")
+        page.wait_for_selector("#eta:has-text('no word from its worker for 1 min')")
+        assert "it may have stopped" in page.inner_text("#eta")
+        browser.screenshot("silent-worker")
+        page.goto(f"{live_server.url}/runs/{fresh}")
+        page.wait_for_selector("#run-status .badge.running")
+        assert "no word" not in page.inner_text("#eta")
+        browser.assert_no_errors()
 
 
 @pytest.mark.browser

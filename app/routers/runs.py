@@ -29,7 +29,7 @@ from app.experiments import (
     queue_position,
 )
 from app.live import publish_status, run_stream_key
-from app.models import Artifact, Dataset, Run, RunMetric
+from app.models import Artifact, Dataset, Run, RunMetric, utcnow
 from app.reaper import REQUEUEABLE, requeue
 from app.responses import Download
 from app.schemas import ArtifactOut, ErrorOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
@@ -87,6 +87,16 @@ def eta_seconds(run: Run, dataset: Dataset | None) -> float | None:
     return remaining * images_per_step / run.images_per_s if images_per_step else None
 
 
+def silent_seconds(run: Run, settings: Settings) -> float | None:
+    """How long a running run's worker has said nothing, once that is longer than three of
+    its heartbeats: a worker that died keeps its run "running" until the reaper notices
+    (`stale_after_s`), and the page should not look as if all were well meanwhile."""
+    if run.status != "running" or run.heartbeat_at is None:
+        return None
+    silent = (utcnow() - as_utc(run.heartbeat_at)).total_seconds()
+    return round(silent, 1) if silent > 3 * settings.heartbeat_interval_s else None
+
+
 @router.get("/{run_id}", response_model=RunOut, responses=NO_RUN)
 def read_run(run_id: RunId, session: DbDep, settings: SettingsDep):
     run = get_run(session, run_id)
@@ -96,6 +106,7 @@ def read_run(run_id: RunId, session: DbDep, settings: SettingsDep):
         device=run.device, error=run.error, attempts=run.attempts,
         heartbeat_at=as_utc(run.heartbeat_at), images_per_s=run.images_per_s,
         eta_s=eta_seconds(run, session.get(Dataset, run.dataset_id)),
+        silent_s=silent_seconds(run, settings),
         queue_position=queue_position(session, run),
         cancel_requested=run.cancel_requested,
         resumable=checkpoint_path(settings.runs_dir / str(run.id)).is_file(),

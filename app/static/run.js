@@ -103,7 +103,12 @@ export function runPage() {
     document.getElementById("step-bar").value = run.total_steps ? run.step / run.total_steps : 0;
     // After the last step the run still evaluates, predicts every unlabeled image and exports.
     const finishing = run.status === "running" && run.total_steps && run.step >= run.total_steps;
-    document.getElementById("eta").textContent = finishing ? "finishing: final evaluation and export"
+    // A worker that died leaves its run "running" until the server gives up on it.
+    const silent = run.status === "running" && isNumber(run.silent_s);
+    document.getElementById("eta").textContent = silent
+      ? `no word from its worker for ${duration(run.silent_s)}: it may have stopped (the run `
+        + "is queued again if the silence lasts)"
+      : finishing ? "finishing: final evaluation and export"
       : run.status === "running" ? duration(run.eta_s) : "–";
     document.getElementById("eta-row").hidden = TERMINAL.has(run.status);
     if (isNumber(run.images_per_s)) {

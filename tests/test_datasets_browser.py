@@ -53,6 +53,44 @@ def test_chosen_archive_uploads_with_progress_and_opens_the_dataset_page(
         browser.assert_no_errors()
 
 
+def test_an_upload_can_be_cancelled_and_leaving_during_one_asks_first(
+    server: LiveServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """There was no way to stop an upload, and leaving the page cut it off without a word.
+    The upload is held in the browser (never answered) so it stays in progress."""
+    archive = tmp_path / "held.zip"
+    archive.write_bytes(zip_bytes(class_entries(("cat", "dog"))))
+    before = server_datasets(server)
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.route("**/api/datasets", lambda route: None)  # held: no answer ever comes
+        dialogs: list[str] = []
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.dismiss()))
+        page.goto(server.url + "/datasets/new")
+        page.set_input_files("#file", str(archive))
+        page.click("#upload-button")
+        page.wait_for_selector("#upload-progress:not([hidden])")
+        assert page.is_disabled("#upload-button")
+
+        page.evaluate("() => { location.href = '/datasets'; }")  # leaving: the browser asks
+        page.wait_for_timeout(500)
+        assert dialogs == ["beforeunload"] and page.url.endswith("/datasets/new")
+
+        page.click("#upload-cancel")
+        page.wait_for_selector("#upload-cancelled:not([hidden])")
+        assert page.is_hidden("#upload-progress") and page.is_enabled("#upload-button")
+        browser.screenshot("upload-cancelled")
+        page.evaluate("() => { location.href = '/datasets'; }")  # nothing runs: no question
+        page.wait_for_url(re.compile(r".*/datasets$"))
+        assert dialogs == ["beforeunload"]
+    assert server_datasets(server) == before
+
+
+def server_datasets(server: LiveServer) -> list[int]:
+    with server.client() as client:
+        return [dataset["id"] for dataset in client.get("/api/datasets").json()]
+
+
 def test_dropped_bad_archive_shows_the_api_detail_and_stays_on_the_form(
     server: LiveServer, request: pytest.FixtureRequest
 ) -> None:

@@ -94,6 +94,18 @@
       }
     });
 
+    // An upload can be stopped; leaving the page while one runs asks first.
+    let uploading = null;
+    const cancelled = document.getElementById("upload-cancelled");
+    form.querySelector("#upload-cancel").addEventListener("click", function () {
+      if (uploading) uploading.abort();
+    });
+    window.addEventListener("beforeunload", function (event) {
+      if (!uploading) return;
+      event.preventDefault();
+      event.returnValue = "";  // older browsers ask only when this is set
+    });
+
     form.addEventListener("submit", function (event) {
       event.preventDefault();
       if (!file) {
@@ -107,6 +119,13 @@
       if (name) data.append("name", name);
 
       const request = new XMLHttpRequest();
+      uploading = request;
+      request.onloadend = function () { uploading = null; };
+      request.onabort = function () {
+        progressBox.hidden = true;
+        button.disabled = false;
+        cancelled.hidden = false;  // the server keeps nothing of an upload cut short
+      };
       request.open("POST", "/api/datasets");
       request.setRequestHeader("Accept", "application/json");
       request.upload.onprogress = function (progress) {
@@ -138,6 +157,7 @@
         showError("The connection broke during the upload. Check the server and try again.");
       };
       showError("");
+      cancelled.hidden = true;
       bar.value = 0;
       progressText.textContent = "Starting…";
       progressBox.hidden = false;

@@ -302,13 +302,14 @@ def class_name_warnings(class_names: list[str]) -> list[str]:
 def dataset_name(requested: str | None, filename: str) -> str:
     """The name given in the form, else the archive's file name without its suffixes;
     composed (NFC) as class names are, so its length counts what a person sees."""
-    name = unicodedata.normalize("NFC", (requested or "").strip())
+    name = (requested or "").strip()
     if CONTROL_CHARACTERS.search(name):
         raise IngestError("the dataset name must not contain control characters (NUL, tab, "
                           "line breaks)")
     if not name:
         name = re.sub(r"(\.(zip|tar|tgz|tbz2?|txz|gz|bz2|xz))+$", "", filename, flags=re.I)
-        name = unicodedata.normalize("NFC", CONTROL_CHARACTERS.sub(" ", name).strip()) or "dataset"
+        name = CONTROL_CHARACTERS.sub(" ", name).strip() or "dataset"
+    name = unicodedata.normalize("NFC", name)
     if len(name) > 200:
         raise IngestError("the dataset name is too long (at most 200 characters)")
     return name

@@ -51,6 +51,11 @@ def check_health(settings: Settings) -> dict[str, Any]:
     return status
 
 
+def is_healthy(status: dict[str, Any]) -> bool:
+    """Whether `check_health` found the database and Redis answering."""
+    return status["database"] == "ok" and status["redis"] == "ok"
+
+
 @router.get(
     "/api/health",
     response_model=HealthOut,
@@ -58,8 +63,7 @@ def check_health(settings: Settings) -> dict[str, Any]:
 )
 def health(settings: SettingsDep) -> JSONResponse:
     status = check_health(settings)
-    healthy = status["database"] == "ok" and status["redis"] == "ok"
-    return JSONResponse(status, status_code=200 if healthy else 503)
+    return JSONResponse(status, status_code=200 if is_healthy(status) else 503)
 
 
 class LivenessOut(BaseModel):
@@ -74,7 +78,6 @@ class LivenessOut(BaseModel):
 def liveness(settings: SettingsDep) -> JSONResponse:
     """For uptime monitors and load balancers: needs no token, and says only whether the
     database and Redis answer (/api/health has the details)."""
-    status = check_health(settings)
-    healthy = status["database"] == "ok" and status["redis"] == "ok"
+    healthy = is_healthy(check_health(settings))
     return JSONResponse({"status": "ok" if healthy else "unavailable"},
                         status_code=200 if healthy else 503)

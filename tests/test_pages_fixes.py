@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 import httpx
@@ -645,3 +645,43 @@ def test_long_names_without_spaces_do_not_widen_the_pages(live_server, request):
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= PHONE["width"], (path, width)
         browser.screenshot("run-on-a-phone")
+
+
+@pytest.mark.browser
+def test_an_ended_run_says_when_it_ran_and_its_mean_speed(live_server, request):
+    """A finished run's page showed the images/s of its last logged steps as its speed, and
+    neither when it started nor when it ended."""
+    database_url = live_server.database_url
+    started = datetime(2026, 3, 1, 22, 30, tzinfo=UTC)  # the next day in Tokyo
+    with live_server.client() as client:
+        _, (ended, running) = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+    with session_scope(database_url) as session:
+        for run_id in (ended, running):
+            run = session.get(Run, run_id)
+            run.status, run.worker, run.device, run.attempts = "running", "w@host", "cpu", 2
+            run.started_at, run.heartbeat_at = started, utcnow()
+            run.images_per_s, run.step = 30.0, 3
+            for step, speed in ((1, 10.0), (2, 20.0), (3, 30.0)):
+                session.add(RunMetric(run_id=run_id, kind="progress", step=step,
+                                      values={"losses": {"ce": 1.0}, "images_per_s": speed}))
+    with session_scope(database_url) as session:
+        session.get(Run, ended).status = "cancelled"
+        session.get(Run, ended).finished_at = started + timedelta(minutes=6, seconds=12)
+
+    with open_browser(request.node.name, timezone_id="Asia/Tokyo") as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{ended}")
+        page.wait_for_selector("#images-per-s:has-text('on average')")
+        assert page.inner_text("#images-per-s") == "20.0 on average while training"
+        assert page.inner_text("#started") == "2026-03-02 07:30"
+        assert page.get_attribute("#started", "title") == "2026-03-01 22:30:00 UTC"
+        assert page.inner_text("#ended") == (
+            "2026-03-02 07:36 (6 min 12 s after it started, over 2 attempts)")
+        browser.screenshot("ended")
+
+        page.goto(f"{live_server.url}/runs/{running}")
+        page.wait_for_selector("#run-status .badge.running")
+        assert page.inner_text("#images-per-s") == "30.0"
+        assert page.inner_text("#started") == "2026-03-02 07:30"
+        assert not page.is_visible("#ended-row")
+        browser.assert_no_errors()

@@ -3,6 +3,7 @@ import {
   barChart, badge, bytes, duration, failure, follow, getJSON, h, isNumber, pageData, pct,
   setSeries, signInAgain, stepChart, TERMINAL,
 } from "/static/charts.js";
+import { localTime } from "/static/times.js";
 
 const META_KEYS = new Set(["type", "step", "total_steps", "run_id", "time"]);
 const LABEL_NEXT_SHOWN = 24;
@@ -84,6 +85,7 @@ export function runPage() {
     drawPending = true;
     requestAnimationFrame(() => {
       drawPending = false;
+      drawSpeed();
       const series = seriesOf();
       for (const [name, chart] of Object.entries(charts)) {
         setSeries(chart, series[name], run.total_steps);
@@ -111,9 +113,8 @@ export function runPage() {
       : finishing ? "finishing: final evaluation and export"
       : run.status === "running" ? duration(run.eta_s) : "–";
     document.getElementById("eta-row").hidden = TERMINAL.has(run.status);
-    if (isNumber(run.images_per_s)) {
-      document.getElementById("images-per-s").textContent = run.images_per_s.toFixed(1);
-    }
+    drawSpeed();
+    drawTimes();
     const queued = run.status === "queued";
     document.getElementById("queue-row").hidden = !queued;
     document.getElementById("queue-position").textContent = queued && run.queue_position
@@ -138,6 +139,38 @@ export function runPage() {
     const error = document.getElementById("run-error");
     error.hidden = !run.error;
     error.textContent = run.error ?? "";
+  }
+
+  // While training, the speed of the last steps; once the run has ended, the mean over its
+  // logged steps (the last value says little about the run as a whole).
+  function drawSpeed() {
+    const node = document.getElementById("images-per-s");
+    const logged = [...points.progress.values()].map((v) => v.images_per_s).filter(isNumber);
+    if (TERMINAL.has(run.status) && logged.length) {
+      const mean = logged.reduce((a, b) => a + b, 0) / logged.length;
+      node.textContent = `${mean.toFixed(1)} on average while training`;
+    } else if (isNumber(run.images_per_s)) {
+      node.textContent = run.images_per_s.toFixed(1);
+    }
+  }
+
+  // When it first started and when it ended; the UTC time is in the tooltip.
+  function drawTimes() {
+    const show = (name, iso, text) => {
+      document.getElementById(`${name}-row`).hidden = !iso;
+      const cell = document.getElementById(name);
+      cell.textContent = iso ? text : "";
+      cell.title = iso ? `${iso.replace("T", " ").slice(0, 19)} UTC` : "";
+    };
+    show("started", run.started_at, localTime(run.started_at));
+    const ended = TERMINAL.has(run.status) ? run.finished_at : null;
+    let took = "";
+    if (ended && run.started_at) {
+      const seconds = (new Date(ended) - new Date(run.started_at)) / 1000;
+      const attempts = run.attempts > 1 ? `, over ${run.attempts} attempts` : "";
+      took = ` (${duration(seconds)} after it started${attempts})`;
+    }
+    show("ended", ended, `${localTime(ended)}${took}`);
   }
 
   async function refreshRun() {

@@ -2,10 +2,17 @@
 // keeping the UTC time in the tooltip.
 const pad = (n) => String(n).padStart(2, "0");
 
-for (const node of document.querySelectorAll("time[datetime]")) {
-  const when = new Date(node.getAttribute("datetime"));
-  if (Number.isNaN(when.getTime())) continue;
-  node.title = node.textContent;
-  node.textContent = `${when.getFullYear()}-${pad(when.getMonth() + 1)}-${pad(when.getDate())} ` +
+// "2026-12-03 14:05" in the reader's time zone, or null for what is not a time.
+export function localTime(value) {
+  const when = new Date(value);
+  if (Number.isNaN(when.getTime())) return null;
+  return `${when.getFullYear()}-${pad(when.getMonth() + 1)}-${pad(when.getDate())} ` +
     `${pad(when.getHours())}:${pad(when.getMinutes())}`;
+}
+
+for (const node of document.querySelectorAll("time[datetime]")) {
+  const local = localTime(node.getAttribute("datetime"));
+  if (local === null) continue;
+  node.title = node.textContent;
+  node.textContent = local;
 }

@@ -3,6 +3,7 @@ per method and budget."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import shutil
 import statistics
@@ -15,7 +16,7 @@ from typing import Any
 
 import redis
 from fastapi import HTTPException
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -531,17 +532,28 @@ def label_estimates(runs: list[Run], labeled: dict[str, int] | None = None
 def queue_position(session: Session, run: Run) -> int | None:
     """1 for the next run a free worker takes: runs are taken in the order they were queued,
     and a requeued run goes to the back."""
-    if run.status != "queued":
-        return None
-    if run.queued_at is None:
-        earlier = Run.id < run.id
-    else:
-        earlier = or_(Run.queued_at < run.queued_at,
-                      and_(Run.queued_at == run.queued_at, Run.id < run.id))
-    ahead = session.scalar(
-        select(func.count()).select_from(Run).where(Run.status == "queued", earlier)
-    )
-    return int(ahead or 0) + 1
+    return queue_positions(session, [run]).get(run.id)
+
+
+def queue_positions(session: Session, runs: Iterable[Run]) -> dict[int, int]:
+    """The queue position of each queued run among `runs` (see queue_position), reading the
+    queue once however many there are."""
+    wanted = [run for run in runs if run.status == "queued"]
+    if not wanted:
+        return {}
+    line = session.execute(select(Run.id, Run.queued_at).where(Run.status == "queued")).all()
+    # Ordered by when they were queued, then by id; a run not yet stamped (between its
+    # creation and its task's sending) counts the runs created before it.
+    stamped = sorted((as_utc(queued_at), run_id) for run_id, queued_at in line
+                     if queued_at is not None)
+    positions = {}
+    for run in wanted:
+        if run.queued_at is None:
+            ahead = sum(1 for run_id, _ in line if run_id < run.id)
+        else:
+            ahead = bisect.bisect_left(stamped, (as_utc(run.queued_at), run.id))
+        positions[run.id] = ahead + 1
+    return positions
 
 
 def is_terminal(status: str) -> bool:

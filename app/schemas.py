@@ -186,6 +186,9 @@ class RunSummary(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    queue_position: int | None = Field(
+        None, description="for a queued run, 1 when it is the next a free worker takes (runs "
+        "are taken in the order they were queued, and one queued again goes to the back)")
 
 
 EXPERIMENT_STATUS = (
@@ -291,7 +294,6 @@ class RunOut(RunSummary):
                                    "last reported, once longer than three heartbeats (a worker "
                                    "that stopped; the run is queued again after "
                                    "SELFTUNE_STALE_AFTER_S)")
-    queue_position: int | None
     cancel_requested: bool
     resumable: bool = Field(False, description="a training state is saved: run again, it "
                             "continues from there instead of from the first step")

@@ -21,7 +21,7 @@ from app.live import publish_end
 from app.models import Artifact, Run, RunMetric, utcnow
 from tests.browser import PHONE, open_browser
 from tests.support import add_dataset_row, app_env, start_server
-from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
+from tests.test_experiments_cancel_delete import end_as_worker, mark_running, start_sweep
 
 pytestmark = pytest.mark.browser
 
@@ -685,3 +685,39 @@ def test_an_ended_run_says_when_it_ran_and_its_mean_speed(live_server, request):
         assert page.inner_text("#started") == "2026-03-02 07:30"
         assert not page.is_visible("#ended-row")
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_the_experiment_page_shows_where_its_queued_runs_stand_in_the_shared_queue(
+    live_server, request
+):
+    """Only a run's own page said where a queued run stood; the experiment page showed a row
+    of "queued" badges, though another experiment's runs might all go first."""
+    dataset_id = add_dataset_row(live_server.database_url)
+    with live_server.client() as client:
+        _, first = start_sweep(client, dataset_id, seeds=[0])  # two runs, queued first
+        experiment_id, later = start_sweep(client, dataset_id, seeds=[0])
+        runs = {r["id"]: r for r in client.get(f"/api/experiments/{experiment_id}").json()["runs"]}
+        assert [runs[i]["queue_position"] for i in later] == [3, 4]
+        # The same numbers as each run's own record gives.
+        assert [client.get(f"/api/runs/{i}").json()["queue_position"] for i in later] == [3, 4]
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        position = ("(id) => document.querySelector("
+                    "`#runs tr[data-run-id='${id}'] .queue-position`)?.textContent")
+        page.wait_for_selector(".queue-position")
+        assert [page.evaluate(position, i) for i in later] == [" position 3", " position 4"]
+        # The other experiment's first run starts: nothing on this page's feed says so.
+        mark_running(live_server.database_url, first[0])
+        page.wait_for_function(f"({position})({later[0]}) === ' position 2'", timeout=20_000)
+        assert page.evaluate(position, later[1]) == " position 3"
+        mark_running(live_server.database_url, first[1])
+        page.wait_for_function(f"({position})({later[0]}) === ' next'", timeout=20_000)
+        browser.screenshot("queue-positions")
+        browser.assert_no_errors()
+    with live_server.client() as client:  # a running run has no position
+        assert client.get(f"/api/experiments/{experiment_id}").json()["runs"][0][
+            "queue_position"] == 1
+        assert client.get(f"/api/runs/{first[0]}").json()["queue_position"] is None

@@ -23,6 +23,7 @@ from app.experiments import (
     experiment_status,
     is_terminal,
     label_estimates,
+    queue_positions,
     unprocessable,
 )
 from app.live import experiment_stream_key
@@ -45,6 +46,7 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
     session = object_session(experiment)
     labeled = budget_labeled_counts(session.get(Dataset, experiment.dataset_id) if session
                                     else None, runs)
+    positions = queue_positions(session, runs) if session else {}
     return ExperimentOut(
         id=experiment.id,
         name=experiment.name,
@@ -57,7 +59,7 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
         overrides=experiment.overrides,
         created_at=as_utc(experiment.created_at),
         status=experiment_status(runs),
-        runs=[run_summary(run) for run in runs],
+        runs=[run_summary(run, positions.get(run.id)) for run in runs],
         budget_table=budget_table(runs, labeled),
         label_estimates=label_estimates(runs, labeled),
     )

@@ -62,13 +62,13 @@ def get_run(session: Session, run_id: int) -> Run:
     return run
 
 
-def run_summary(run: Run) -> RunSummary:
+def run_summary(run: Run, queue_position: int | None = None) -> RunSummary:
     return RunSummary(
         id=run.id, experiment_id=run.experiment_id, method=run.method, budget=run.budget,
         budget_label=run.budget_label, seed=run.seed, status=run.status, step=run.step,
         total_steps=run.total_steps, test_top1=run.metrics.get("test_top1"),
         created_at=as_utc(run.created_at), started_at=as_utc(run.started_at),
-        finished_at=as_utc(run.finished_at),
+        finished_at=as_utc(run.finished_at), queue_position=queue_position,
     )
 
 
@@ -101,13 +101,12 @@ def silent_seconds(run: Run, settings: Settings) -> float | None:
 def read_run(run_id: RunId, session: DbDep, settings: SettingsDep):
     run = get_run(session, run_id)
     return RunOut(
-        **run_summary(run).model_dump(),
+        **run_summary(run, queue_position(session, run)).model_dump(),
         dataset_id=run.dataset_id, config=run.config, metrics=run.metrics, worker=run.worker,
         device=run.device, error=run.error, attempts=run.attempts,
         heartbeat_at=as_utc(run.heartbeat_at), images_per_s=run.images_per_s,
         eta_s=eta_seconds(run, session.get(Dataset, run.dataset_id)),
         silent_s=silent_seconds(run, settings),
-        queue_position=queue_position(session, run),
         cancel_requested=run.cancel_requested,
         resumable=checkpoint_path(settings.runs_dir / str(run.id)).is_file(),
         artifacts=[

@@ -242,6 +242,9 @@ export function experimentForm() {
 // --- one experiment ------------------------------------------------------------------------
 
 const IDLE_POLL_MS = 5000; // how often a page whose runs all ended looks for a requeued one
+// How often a page with queued runs reads their queue positions again: runs of other
+// experiments ahead of them start and end without a word on this page's feed.
+const QUEUE_POLL_MS = 10000;
 
 export function experimentPage() {
   const { experiment: initial, methodTitles } = pageData("experiment-data");
@@ -268,7 +271,12 @@ export function experimentPage() {
 
   function drawRun(run) {
     const { cells } = rows.get(run.id);
-    cells.status.replaceChildren(badge(run.status));
+    // Where a queued run stands in the queue, which all experiments share.
+    const position = run.status === "queued" && isNumber(run.queue_position)
+      ? h("small", { class: "muted queue-position", title: "runs are taken in the order they were queued" },
+        run.queue_position === 1 ? " next" : ` position ${run.queue_position}`)
+      : null;
+    cells.status.replaceChildren(badge(run.status), position);
     const share = run.total_steps ? run.step / run.total_steps : 0;
     cells.progress.replaceChildren(
       h("span", { class: "step" }, `${run.step} / ${run.total_steps}`), " ",
@@ -571,6 +579,11 @@ export function experimentPage() {
     // The record also settles what a replay of old events showed on the way.
     if (event.type === "status" || event.type === "end") refreshSoon();
   }
+
+  setInterval(() => {
+    const waiting = [...runs.values()].some((run) => run.status === "queued");
+    if (waiting && !document.hidden && !deleted) refreshSoon();
+  }, QUEUE_POLL_MS);
 
   drawStatus(initial.status);
   for (const run of runs.values()) drawRun(run);

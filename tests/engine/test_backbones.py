@@ -116,3 +116,19 @@ def test_unknown_backbone_and_failed_download_say_what_to_do(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline_create_model)
     with pytest.raises(BackboneError, match="work offline here: .*tf_efficientnet_lite0"):
         create_backbone("test_resnet.r160_in1k", 3, pretrained=True)
+
+
+def test_hub_weights_out_of_reach_fail_at_once_saying_why(monkeypatch, tmp_path: Path):
+    """Offline, a hub backbone went through timm's download retries (about 45 s on the
+    command line) before its error; the hub is now asked once, as the web does."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    asked = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: asked.append(a) or 1 / 0)
+    with pytest.raises(BackboneError, match=r"cannot get the pre-trained weights of "
+                       r"'test_resnet': HF_HUB_OFFLINE is set and they are not in the local "
+                       r"cache\. Backbones that work offline here: .*tf_efficientnet_lite0"):
+        create_backbone("test_resnet", 3, pretrained=True)
+    assert asked == []  # no download was tried

@@ -142,15 +142,22 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = True) -> 
         load_in_order(model, state, source_name=str(weight_file))
         model.reset_classifier(num_classes)
         return model
+    # Offline, timm's download retries for most of a minute before it gives up.
+    if timm.is_model(name) and (problem := hub_weights_problem(name)):
+        raise BackboneError(f"cannot get the pre-trained weights of {name!r}: {problem}. "
+                            f"{_without_the_hub()}")
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes)
     except Exception as exc:  # noqa: BLE001 - any download failure means the same to a user
-        offline = installed_offline_backbones()
         raise BackboneError(
             f"could not get pre-trained weights for {name!r} ({type(exc).__name__}: {exc}). "
-            f"Backbones that work offline here: {offline}; or train from scratch with "
-            "pretrained=false, or give a local .safetensors file."
+            f"{_without_the_hub()}"
         ) from exc
+
+
+def _without_the_hub() -> str:
+    return (f"Backbones that work offline here: {installed_offline_backbones()}; or train "
+            "from scratch with pretrained=false, or give a local .safetensors file.")
 
 
 def check_image_size(name: str, image_size: int) -> None:

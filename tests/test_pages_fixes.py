@@ -7,6 +7,7 @@ says which runs have no result; sizes in the units of the server's messages."""
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import redis
+from PIL import Image
 
 from app.db import session_scope
 from app.live import publish_end
@@ -721,3 +723,45 @@ def test_the_experiment_page_shows_where_its_queued_runs_stand_in_the_shared_que
         assert client.get(f"/api/experiments/{experiment_id}").json()["runs"][0][
             "queue_position"] == 1
         assert client.get(f"/api/runs/{first[0]}").json()["queue_position"] is None
+
+
+def edge_shades(page, card) -> tuple[int, int]:
+    """How dark (0 white .. 255 black) the card's first and last pixel columns inside its
+    border are, halfway down it."""
+    card.scroll_into_view_if_needed()
+    box = card.bounding_box()
+    shot = Image.open(io.BytesIO(page.screenshot(clip={
+        "x": box["x"] + 2, "y": box["y"] + box["height"] / 2, "width": box["width"] - 4,
+        "height": 1}))).convert("L")
+    return 255 - shot.getpixel((0, 0)), 255 - shot.getpixel((shot.width - 1, 0))
+
+
+@pytest.mark.browser
+def test_a_card_that_scrolls_sideways_on_a_phone_shades_the_edge_with_more_beyond(
+    live_server, request
+):
+    """At 375 px the runs table scrolled inside its card with nothing to say its last
+    columns were there."""
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, add_dataset_row(live_server.database_url),
+                                       seeds=[0])
+    with open_browser(request.node.name, viewport=PHONE) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#runs tbody tr .badge")
+        card = page.locator("section.card:has(#runs)")
+        assert card.evaluate("(c) => c.scrollWidth > c.clientWidth")  # it does scroll
+        left, right = edge_shades(page, card)
+        assert left < 4 and right > 12, (left, right)  # more to the right only
+        card.evaluate("(c) => { c.scrollLeft = (c.scrollWidth - c.clientWidth) / 2; }")
+        left, right = edge_shades(page, card)
+        assert left > 12 and right > 12, (left, right)  # both ways
+        card.evaluate("(c) => { c.scrollLeft = c.scrollWidth; }")
+        left, right = edge_shades(page, card)
+        assert left > 12 and right < 4, (left, right)  # the end: more to the left only
+        # A card that fits has no shade.
+        fits = page.locator("section.card:has(#runs) ~ section.card, section.card").first
+        assert fits.evaluate("(c) => c.scrollWidth <= c.clientWidth")
+        assert max(edge_shades(page, fits)) < 4
+        browser.screenshot("phone-runs-card")
+        browser.assert_no_errors()

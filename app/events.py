@@ -135,6 +135,16 @@ class Hubs:
             socket_connect_timeout=5)
         self.hubs: dict[str, StreamHub] = {}
         self.lock = asyncio.Lock()
+        self.stopping = False  # the server is shutting down: open feeds end
+
+    async def stop(self) -> None:
+        """End every open feed now: the server is going down, and a feed held open would
+        only be cut when its graceful-shutdown time runs out (a traceback per feed in the
+        log). Browsers reconnect to the next server by themselves."""
+        self.stopping = True
+        for hub in list(self.hubs.values()):
+            async with hub.changed:
+                hub.changed.notify_all()
 
     async def subscribe(self, key: str) -> StreamHub:
         async with self.lock:
@@ -192,7 +202,7 @@ async def stream_events(
                 return
         check_outcome = True  # a client that already saw the end must not wait a heartbeat
         ended: Outcome | None = None  # the database said "over" at an end event
-        while True:
+        while not hubs.stopping:
             batch: list[str] = []  # entries that arrived together go out in one write
             for entry in pending:
                 last_id = entry.id

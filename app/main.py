@@ -6,9 +6,13 @@ import asyncio
 import errno
 import math
 import shutil
+import signal
 import sqlite3
+import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
+from types import FrameType
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -97,6 +101,35 @@ class HeadAsGet:
         await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
+def on_exit_signal(callback: Callable[[], object]) -> Callable[[], None] | None:
+    """Have `callback` run in the event loop when SIGINT or SIGTERM arrives, before the
+    handler already installed (uvicorn's, which starts its graceful shutdown); returns what
+    puts the previous handlers back, or None where signals cannot be caught (not the main
+    thread: an in-process test client)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    loop = asyncio.get_running_loop()
+    previous = {}
+
+    def handle(sig: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(callback)
+        handler = previous[sig]
+        if callable(handler):
+            handler(sig, frame)
+        elif handler == signal.SIG_DFL:  # what the signal would have done
+            signal.signal(sig, handler)
+            signal.raise_signal(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handle)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -106,8 +139,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from app.reaper import reap_forever
 
         reaper = asyncio.create_task(reap_forever(settings))
-        _app.state.hubs = Hubs(settings.effective_redis_url) if settings.redis_url else None
+        hubs = _app.state.hubs = Hubs(settings.effective_redis_url) if settings.redis_url else None
+        restore = on_exit_signal(lambda: asyncio.create_task(hubs.stop())) if hubs else None
         yield
+        if restore is not None:
+            restore()
         reaper.cancel()
         if _app.state.hubs is not None:
             await _app.state.hubs.close()

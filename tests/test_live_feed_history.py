@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 
@@ -205,3 +206,33 @@ def test_a_finished_experiments_feed_replays_every_run_to_its_end(live_server):
     ends = [(e["run_id"], e["status"]) for e in experiment_feed if e["type"] == "end"]
     assert ends == [(first, "cancelled"), (first, "failed"), (second, "failed")]
     assert experiment_feed[-1]["type"] == "experiment_end"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_open_feeds_end_at_once_when_the_server_is_stopped(live_server, sig):
+    """A stopping server kept every open feed until its graceful-shutdown time ran out (the
+    launcher's 3 s; without one, for ever), then cut them with a CancelledError traceback
+    each in the log. Now the feeds end cleanly and the server exits."""
+    with live_server.client() as client:
+        experiment_id, (run_id, _) = start_sweep(client, add_dataset_row(live_server.database_url),
+                                                 seeds=[0])
+    ended = {}
+
+    def follow(path: str) -> None:
+        with live_server.client() as client, client.stream("GET", path) as response:
+            ended[path] = [line for line in response.iter_lines() if line.startswith("retry")]
+
+    paths = [f"/api/runs/{run_id}/events", f"/api/experiments/{experiment_id}/events"]
+    readers = [threading.Thread(target=follow, args=(path,)) for path in paths]
+    for reader in readers:
+        reader.start()
+    time.sleep(2)  # both feeds are open and waiting: their queued runs say nothing
+    assert not ended
+    live_server.process.popen.send_signal(sig)
+    # It exits by itself (uvicorn then raises the signal again: it ends as the signal says).
+    live_server.process.popen.wait(timeout=30)
+    for reader in readers:
+        reader.join(timeout=10)
+    assert ended == {path: ["retry: 2000"] for path in paths}  # read to their end, no error
+    log = live_server.process.log()
+    assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]

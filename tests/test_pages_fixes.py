@@ -718,10 +718,16 @@ def test_the_experiment_page_shows_where_its_queued_runs_stand_in_the_shared_que
         mark_running(live_server.database_url, first[1])
         page.wait_for_function(f"({position})({later[0]}) === ' next'", timeout=20_000)
         browser.screenshot("queue-positions")
+        # A run that is not queued shows its status alone.
+        mark_running(live_server.database_url, later[0])
+        status = f"#runs tr[data-run-id='{later[0]}'] td:nth-child(5)"
+        page.wait_for_selector(f"{status} .badge:text-is('running')", timeout=20_000)
+        assert page.inner_text(status) == "running"
+        assert page.evaluate(position, later[1]) == " next"
         browser.assert_no_errors()
     with live_server.client() as client:  # a running run has no position
-        assert client.get(f"/api/experiments/{experiment_id}").json()["runs"][0][
-            "queue_position"] == 1
+        summaries = client.get(f"/api/experiments/{experiment_id}").json()["runs"]
+        assert [run["queue_position"] for run in summaries] == [None, 1]
         assert client.get(f"/api/runs/{first[0]}").json()["queue_position"] is None
 
 

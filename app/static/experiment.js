@@ -276,7 +276,7 @@ export function experimentPage() {
       ? h("small", { class: "muted queue-position", title: "runs are taken in the order they were queued" },
         run.queue_position === 1 ? " next" : ` position ${run.queue_position}`)
       : null;
-    cells.status.replaceChildren(badge(run.status), position);
+    cells.status.replaceChildren(...[badge(run.status), position].filter(Boolean));
     const share = run.total_steps ? run.step / run.total_steps : 0;
     cells.progress.replaceChildren(
       h("span", { class: "step" }, `${run.step} / ${run.total_steps}`), " ",

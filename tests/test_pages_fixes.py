@@ -771,3 +771,45 @@ def test_a_card_that_scrolls_sideways_on_a_phone_shades_the_edge_with_more_beyon
         assert max(edge_shades(page, fits)) < 4
         browser.screenshot("phone-runs-card")
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_budgets_that_keep_as_many_labels_stand_apart_on_the_budget_chart(live_server, request):
+    """3/class and 10% of classes of 40 and 20 images both keep 6 labels (3 + 3 against
+    4 + 2): their results were drawn at one x, joined like an error bar, and the tick named
+    only one of them."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset_row(database_url, {"a": {"train": 40, "test": 2},
+                                                "b": {"train": 20, "test": 2}})
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, dataset_id, seeds=[0], methods=["fine-tune"],
+                                       budgets=[{"per_class": 3}, 0.1])
+        body = client.get(f"/api/experiments/{experiment_id}").json()
+        assert [(row["budget_label"], row["labeled_count"]) for row in body["budget_table"]] == [
+            ("10%", 6), ("3/class", 6)]
+        ids = runs_by(client, experiment_id)
+    finish(database_url, live, ids[("fine-tune", "3/class", 0)], {"test_top1": 0.625})
+    finish(database_url, live, ids[("fine-tune", "10%", 0)], {"test_top1": 0.792})
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#experiment-status .badge:text-is('finished')")
+        chart = page.evaluate("""() => {
+            const chart = Chart.getChart(document.getElementById('budget-chart'));
+            const points = chart.getDatasetMeta(0).data;
+            const title = chart.options.plugins.tooltip.callbacks.title;
+            return {ticks: chart.scales.x.ticks.map((t) => t.label),
+                    xs: points.map((p) => p.x),
+                    titles: points.map((p, i) => title([{dataIndex: i, parsed: {x: p.x}}]))};
+        }""")
+        assert chart["ticks"] == ["10% · 3/class (6)"]  # in the results table's order
+        assert chart["xs"][1] - chart["xs"][0] > 8  # pixels apart
+        assert chart["titles"] == ["10% (6)", "3/class (6)"]
+        # One labeled count is not enough to fit a line through, and the page says why.
+        assert page.inner_text("#estimates-note") == (
+            "An estimate appears here for each method once it has results at two or more "
+            "budgets that keep different numbers of labels.")
+        browser.screenshot("same-count-budgets")
+        browser.assert_no_errors()

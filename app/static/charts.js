@@ -178,6 +178,9 @@ export function setSeries(chart, series, lastStep) {
 // count is unknown (its dataset was deleted) are the budgets evenly spaced categories. A
 // budget without a result breaks the line: joining its neighbours would draw a result
 // nobody measured.
+// How far apart (a factor on the log axis) budgets with the same labeled count are drawn.
+const SAME_COUNT_STEP = 1.08;
+
 export function budgetChart(canvas, budgets, methods) {
   const name = (b) => (isNumber(b.count) ? `${b.label} (${b.count.toLocaleString("en")})` : b.label);
   const byCount = budgets.length > 0 && budgets.every((b) => isNumber(b.count) && b.count > 0);
@@ -187,16 +190,29 @@ export function budgetChart(canvas, budgets, methods) {
   });
   let labels = budgets.map(name);
   if (byCount) {
-    labels = budgets.map((b) => b.count);
-    const names = new Map(budgets.map((b) => [b.count, name(b)]));
+    // Budgets that keep as many labels (2/class and 6% of classes of 7, 64 and 24 images)
+    // stand a little apart, so two results do not read as one with a spread; their tick
+    // names both.
+    const before = new Map();
+    labels = budgets.map((b) => {
+      const k = before.get(b.count) ?? 0;
+      before.set(b.count, k + 1);
+      return b.count * SAME_COUNT_STEP ** k;
+    });
+    const names = new Map();
+    for (const b of budgets) names.set(b.count, [...(names.get(b.count) ?? []), b.label]);
+    const tickName = (count) => `${names.get(count).join(" · ")} (${count.toLocaleString("en")})`;
     Object.assign(options.scales.x, {
       type: "logarithmic",
       min: Math.min(...labels) / 1.5, // a margin, so the end points are not on the frame
       max: Math.max(...labels) * 1.5,
-      afterBuildTicks: (scale) => { scale.ticks = labels.map((value) => ({ value })); },
-      ticks: { callback: (value) => names.get(value) ?? "" },
+      afterBuildTicks: (scale) => { scale.ticks = [...names.keys()].map((value) => ({ value })); },
+      ticks: { callback: (value) => (names.has(value) ? tickName(value) : "") },
     });
-    options.plugins.tooltip.callbacks.title = (items) => names.get(items[0]?.parsed.x) ?? "";
+    options.plugins.tooltip.callbacks.title = (items) => {
+      const budget = budgets[items[0]?.dataIndex];
+      return budget ? name(budget) : "";
+    };
   }
   options.plugins.tooltip.callbacks.label = (c) => {
     const spread = c.dataset.errorBars[c.dataIndex];

@@ -144,7 +144,7 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
         assert browser.chart_points("#chart-lr") == {"learning rate": 10}
         accuracy = browser.chart_points("#chart-accuracy")
         assert accuracy["top-1"] == 2, accuracy  # evaluations at 15 and 30
-        assert "pseudo-label accuracy" in browser.chart_points("#chart-pseudo")
+        assert "training's pseudo-labels right" in browser.chart_points("#chart-pseudo")
         assert browser.chart_points("#chart-distribution")
         confusion = page.locator("#confusion tbody td").all_inner_texts()
         assert len(confusion) == 9 and sum(int(c) for c in confusion) == 12  # 3 x 4 test images

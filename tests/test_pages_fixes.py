@@ -392,7 +392,8 @@ def test_run_pages_say_what_their_pseudo_label_numbers_measure(live_server, requ
     for run_id, pseudo in ((fixmatch, 0.9), (fine_tune, None)):
         with session_scope(database_url) as session:
             session.add(RunMetric(run_id=run_id, kind="eval", step=10, values={
-                "test_top1": 0.5, "test_mean_class_acc": 0.5, "pseudo_label_acc": pseudo}))
+                "test_top1": 0.5, "test_mean_class_acc": 0.5, "pseudo_label_acc": pseudo,
+                **({"fixmatch_mask_rate": 0.3} if pseudo else {})}))
             session.add(Artifact(run_id=run_id, name="model.safetensors",
                                  path=f"runs/{run_id}/model.safetensors", size_bytes=1536,
                                  sha256="0" * 64))
@@ -412,8 +413,12 @@ def test_run_pages_say_what_their_pseudo_label_numbers_measure(live_server, requ
                 "(confidence ≥ 0.95)") in headline
         page.wait_for_function(
             "Chart.getChart(document.getElementById('chart-pseudo')).data.datasets.length > 0")
+        # What training used since the last evaluation, which the note under it says (the
+        # final model's accuracy was drawn under the same name). The mask rate since the
+        # last evaluation is left to the progress points' own line.
         assert browser.chart_points("#chart-pseudo") == {
-            "pseudo-label accuracy (kept: confidence ≥ 0.95)": 1}
+            "training's pseudo-labels right (kept: confidence ≥ 0.95)": 1}
+        assert "since the previous one" in page.inner_text("#curves .chart-note")
         # One evaluation: the axis still runs from iteration 0 to the run's last, in whole
         # iterations (it was 9.5-10.5 around the point), as the loss chart's does.
         with live_server.client() as client:
@@ -435,6 +440,13 @@ def test_run_pages_say_what_their_pseudo_label_numbers_measure(live_server, requ
         page.wait_for_selector("#downloads li:has-text('model.safetensors')")
         assert page.inner_text("#downloads li:has-text('model.safetensors')") == (
             "model.safetensors 1.5 KiB")
+        # Without a token the command has no header; the note names the one to add as the
+        # command does when there is one (it said $TOKEN).
+        page.wait_for_selector("#snippet-download:has-text('curl')")
+        assert "Authorization" not in page.inner_text("#snippet-download")
+        assert page.is_visible("#snippet-token-note")
+        assert '-H "Authorization: Bearer $SELFTUNE_API_TOKEN"' in page.inner_text(
+            "#snippet-token-note")
         browser.screenshot("1-fixmatch")
 
         page.goto(f"{live_server.url}/runs/{fine_tune}")
@@ -679,6 +691,10 @@ def test_an_ended_run_says_when_it_ran_and_its_mean_speed(live_server, request):
         assert page.get_attribute("#started", "title") == "2026-03-01 22:30:00 UTC"
         assert page.inner_text("#ended") == (
             "2026-03-02 07:36 (6 min 12 s after it started, over 2 attempts)")
+        # No evaluation came before the end, and none will.
+        empty = ("getComputedStyle(document.getElementById('chart-accuracy').parentNode, "
+                 "'::after').content")
+        assert page.evaluate(empty) == '"none: the run ended before its first"'
         browser.screenshot("ended")
 
         page.goto(f"{live_server.url}/runs/{running}")
@@ -686,6 +702,7 @@ def test_an_ended_run_says_when_it_ran_and_its_mean_speed(live_server, request):
         assert page.inner_text("#images-per-s") == "30.0"
         assert page.inner_text("#started") == "2026-03-02 07:30"
         assert not page.is_visible("#ended-row")
+        assert page.evaluate(empty) == '"no points yet"'
         browser.assert_no_errors()
 
 

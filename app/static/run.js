@@ -11,8 +11,10 @@ const POLL_MS = 5000;
 const RERUNNABLE = new Set(["failed", "cancelled", "lost"]); // what /requeue accepts
 
 // Curve names for the values the engine reports; anything new shows its own name.
+// An evaluation's pseudo-label numbers are about the pseudo-labels training used since the
+// previous evaluation, not the model's answers then (the final model's are under Scores).
 const CURVE_NAMES = {
-  test_top1: "top-1", test_mean_class_acc: "mean per-class", pseudo_label_acc: "pseudo-label accuracy",
+  test_top1: "top-1", test_mean_class_acc: "mean per-class", pseudo_label_acc: "training's pseudo-labels right",
   queue_purity: "queue purity", queue_purity_truth: "queue pseudo-labels right",
   fixmatch_mask_rate: "mask rate", mask_rate: "mask rate (training)",
 };
@@ -72,6 +74,9 @@ export function runPage() {
     }
     for (const [step, values] of byStep(points.eval)) {
       for (const [name, value] of Object.entries(values)) {
+        // FixMatch's mask rate since the last evaluation: the progress points' mask rate
+        // already draws it, step by step.
+        if (name === "fixmatch_mask_rate") continue;
         const curve = name === "pseudo_label_acc" ? pseudoAccuracy : curveName(name);
         push(name.startsWith("test_") ? "accuracy" : "pseudo", curve, step, value);
       }
@@ -113,6 +118,7 @@ export function runPage() {
       : finishing ? "finishing: final evaluation and export"
       : run.status === "running" ? duration(run.eta_s) : "–";
     document.getElementById("eta-row").hidden = TERMINAL.has(run.status);
+    document.getElementById("curves").classList.toggle("ended", TERMINAL.has(run.status));
     drawSpeed();
     drawTimes();
     const queued = run.status === "queued";
@@ -459,7 +465,9 @@ async function drawDownloads(run, classNames) {
   }
   // The name the server gives the zip, and the token when the server asks for one.
   const zip = `run-${run.id}-checkpoint.zip`;
-  const auth = document.querySelector(".signout") ? ' -H "Authorization: Bearer $SELFTUNE_API_TOKEN"' : "";
+  const signedIn = Boolean(document.querySelector(".signout"));
+  const auth = signedIn ? ' -H "Authorization: Bearer $SELFTUNE_API_TOKEN"' : "";
+  document.getElementById("snippet-token-note").hidden = signedIn; // the command has it
   document.getElementById("snippet-download").textContent =
     `curl${auth} -o ${zip} ${location.origin}/api/runs/${run.id}/checkpoint\nunzip ${zip}`;
   // Same as the README: the exported pretrained_cfg carries the input size, mean and std the

@@ -830,3 +830,40 @@ def test_budgets_that_keep_as_many_labels_stand_apart_on_the_budget_chart(live_s
             "budgets that keep different numbers of labels.")
         browser.screenshot("same-count-budgets")
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_long_class_names_leave_the_distribution_chart_its_bars(live_server, request):
+    """Ten class names of about 45 characters took the chart box for their rotated ticks,
+    leaving the bars a corner of it; they are cut on the axis and whole in the tooltip."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    names = [f"{animal} — a rather long class name number {i}"
+             for i, animal in enumerate(["elephant", "giraffe", "zebra", "lion", "tiger",
+                                         "bear", "wolf", "fox", "deer", "moose"])]
+    dataset_id = add_dataset_row(database_url, {n: {"train": 4, "test": 1} for n in names})
+    with live_server.client() as client:
+        _, (run_id, _) = start_sweep(client, dataset_id, seeds=[0])
+    recorded = {**quality(10, queue=False), "predicted_distribution": [0.1] * 10,
+                "labeled_distribution": [0.1] * 10}
+    finish(database_url, live, run_id, {
+        "test_top1": 0.5, "test_mean_class_acc": 0.5, "confusion_matrix": [[1] * 10] * 10,
+        "per_class_acc": [0.1] * 10, "pseudo_label_quality": recorded})
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_selector("#results:not([hidden])")
+        page.wait_for_function("Chart.getChart(document.getElementById('chart-distribution'))")
+        chart = page.evaluate("""() => {
+            const chart = Chart.getChart(document.getElementById('chart-distribution'));
+            chart.tooltip.setActiveElements([{datasetIndex: 0, index: 0}], {x: 0, y: 0});
+            chart.update();
+            return {ticks: chart.scales.x.ticks.map((t) => t.label), area: chart.chartArea,
+                    height: chart.height, title: chart.tooltip.title};
+        }""")
+        assert all(len(tick) <= 16 for tick in chart["ticks"]), chart["ticks"]
+        assert chart["ticks"][0] == "elephant — a ra…"
+        assert chart["area"]["bottom"] - chart["area"]["top"] > chart["height"] / 3
+        assert chart["title"] == [names[0]]  # whole in the tooltip
+        browser.screenshot("long-class-names")
+        browser.assert_no_errors()

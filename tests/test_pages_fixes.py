@@ -17,6 +17,7 @@ import httpx
 import pytest
 import redis
 from PIL import Image
+from playwright.sync_api import expect
 
 from app.db import session_scope
 from app.live import publish_end
@@ -866,4 +867,31 @@ def test_long_class_names_leave_the_distribution_chart_its_bars(live_server, req
         assert chart["area"]["bottom"] - chart["area"]["top"] > chart["height"] / 3
         assert chart["title"] == [names[0]]  # whole in the tooltip
         browser.screenshot("long-class-names")
+        browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_status_changes_are_announced_to_screen_readers(live_server, request):
+    """The run's and the experiment's status badges changed without a live region: a screen
+    reader user waiting on the page was never told the run had ended."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, (run_id, other) = start_sweep(client, add_dataset_row(database_url),
+                                                     seeds=[0])
+    with open_browser(request.node.name) as browser:
+        browser.page.goto(f"{live_server.url}/runs/{run_id}")
+        experiment_page = browser.page.context.new_page()
+        experiment_page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        run_status = browser.page.get_by_role("status")
+        experiment_status = experiment_page.get_by_role("status")
+        expect(run_status).to_have_text("queued")
+        expect(experiment_status).to_have_text("queued")
+        mark_running(database_url, run_id)
+        expect(run_status).to_have_text("running", timeout=15_000)
+        expect(experiment_status).to_have_text("running", timeout=15_000)
+        for ended in (run_id, other):
+            finish(database_url, live, ended, {"test_top1": 0.5})
+        expect(run_status).to_have_text("succeeded", timeout=15_000)
+        expect(experiment_status).to_have_text("finished", timeout=15_000)
         browser.assert_no_errors()

@@ -895,3 +895,32 @@ def test_status_changes_are_announced_to_screen_readers(live_server, request):
         expect(run_status).to_have_text("succeeded", timeout=15_000)
         expect(experiment_status).to_have_text("finished", timeout=15_000)
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_a_pseudo_label_accuracy_that_cannot_be_measured_says_why(live_server, request):
+    """At budget "all" Self-Tuning's pseudo-label accuracies showed a bare "–"."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, add_dataset_row(database_url), seeds=[0],
+                                       methods=["self-tuning", "fixmatch"],
+                                       budgets=["all", 0.5])
+        ids = runs_by(client, experiment_id)
+    cases = {
+        ids[("self-tuning", "all", 0)]: (None, ["– (no image with a withheld label)"] * 2),
+        ids[("fixmatch", "50%", 0)]: (0.7, ["70.0%", "– (none reached confidence 0.95)"]),
+    }
+    for run_id, (final, _) in cases.items():
+        finish(database_url, live, run_id, {
+            "test_top1": 0.5, "test_mean_class_acc": 0.5, "pseudo_label_acc": final,
+            "train_pseudo_label_acc": None, "confusion_matrix": [[1, 1], [0, 2]],
+            "per_class_acc": [0.5, 1.0], "pseudo_label_quality": {}})
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        for run_id, (_, shown) in cases.items():
+            page.goto(f"{live_server.url}/runs/{run_id}")
+            page.wait_for_selector("#results:not([hidden])")
+            values = page.locator("#headline td").all_inner_texts()
+            assert values[2:4] == shown, values
+        browser.assert_no_errors()

@@ -292,16 +292,23 @@ function drawResults(run, classNames) {
   const m = run.metrics;
   const q = m.pseudo_label_quality ?? {};
   const threshold = keptAbove(run);
+  // A pseudo-label accuracy needs images whose labels the budget withheld, and during
+  // training, with a threshold, pseudo-labels that reached it.
+  const noWithheld = !isNumber(m.pseudo_label_acc);
+  const withheld = (value, why = "no image with a withheld label") =>
+    (isNumber(value) ? pct(value) : `– (${why})`);
   const headline = [
     ["Test top-1", pct(m.test_top1)],
     ["Mean per-class accuracy", pct(m.test_mean_class_acc)],
-    ["Pseudo-label accuracy (final model, withheld labels)", pct(m.pseudo_label_acc)],
+    ["Pseudo-label accuracy (final model, withheld labels)", withheld(m.pseudo_label_acc)],
   ];
   // Fine-tuning trains on the labeled images only: it has no pseudo-labels in training.
   if (run.method !== "fine-tune") {
     headline.push([threshold === null ? "Pseudo-label accuracy during training"
       : `Pseudo-label accuracy during training, of the kept pseudo-labels (confidence ≥ ${threshold})`,
-    pct(m.train_pseudo_label_acc)]);
+    withheld(m.train_pseudo_label_acc, noWithheld ? undefined
+      : threshold !== null ? `none reached confidence ${threshold}`
+      : "no unlabeled image in training")]);
   }
   if (isNumber(m.fixmatch_mask_rate)) headline.push(["FixMatch mask rate", pct(m.fixmatch_mask_rate)]);
   document.getElementById("headline").replaceChildren(

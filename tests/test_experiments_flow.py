@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import zipfile
 
 import httpx
 import pytest
 
-from tests.support import make_image_archive, wait_for
+from tests.support import make_image_archive, start_worker, wait_for
+from tests.test_experiments_cancel_delete import start_sweep
 
 TINY = {
     "backbone": "test_efficientnet",
@@ -228,3 +230,27 @@ def test_cancelling_a_queued_run_ends_it_at_once(live_server, dataset_id):
         assert client.post(f"/api/runs/{run_id}/cancel").json()["status"] == "cancelled"
         events = read_sse(client, f"/api/runs/{run_id}/events", timeout=30)
         assert events[-1][1]["type"] == "end" and events[-1][1]["status"] == "cancelled"
+
+
+def test_messages_of_cancelled_runs_are_dropped_without_a_process_each(
+    live_server, dataset_id, tmp_path
+):
+    """A cancelled sweep's messages each took a fresh pool process (1-3 s) to be found dead:
+    450 cancelled runs kept the next one waiting 14 minutes while its page said "next". The
+    worker's own process now drops them; the run queued after them trains at once."""
+    with live_server.client() as client:
+        cancelled_id, cancelled = start_sweep(client, dataset_id, seeds=[0, 1, 2, 3, 4])
+        assert client.post(f"/api/experiments/{cancelled_id}/cancel").status_code == 200
+        _, (waiting,) = start_sweep(client, dataset_id, methods=["fine-tune"], seeds=[0],
+                                    overrides={"pretrained": False, "image_size": 32,
+                                               "batch_size": 8, "iterations": 4})
+        assert client.get(f"/api/runs/{waiting}").json()["queue_position"] == 1
+        worker = start_worker(live_server.env, tmp_path / "worker.log")
+        try:
+            wait_for(lambda: client.get(f"/api/runs/{waiting}").json()["status"] == "succeeded",
+                     timeout=180, message="the run queued after the cancelled ones to succeed")
+        finally:
+            worker.stop()
+    dropped = re.findall(r"INFO/(\w+)\] run (\d+): task \w+ not run \(cancelled\)", worker.log())
+    assert sorted(int(run_id) for _, run_id in dropped) == sorted(cancelled)
+    assert {process for process, _ in dropped} == {"MainProcess"}

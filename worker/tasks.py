@@ -6,6 +6,7 @@ import logging
 import traceback
 
 from celery.exceptions import Retry
+from celery.worker.request import Request
 from sqlalchemy import func, select
 
 from app.config import get_settings
@@ -14,6 +15,7 @@ from app.experiments import TRAIN_TASK
 from app.models import Dataset
 from worker.celery_app import app, worker_identity
 from worker.runs import DatabaseUnavailable, fail_unstarted_run, undo_hand_back
+from worker.training import not_to_train
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +33,30 @@ def health_probe(self) -> dict:
     }
 
 
+class TrainRequest(Request):
+    """A training message, discarded in the worker's own process when its run is not to be
+    trained: deleted, ended (a queued run cancelled), or queued again under a newer task. Each
+    such message used to take a fresh pool process (one per task) to find that out: after a
+    sweep of 450 queued runs was cancelled, the next run waited 14 minutes behind them."""
+
+    def revoked(self) -> bool:
+        if super().revoked():
+            return True
+        run_id = self.args[0] if self.args else self.kwargs.get("run_id")
+        reason = not_to_train(get_settings(), run_id, self.id)
+        if reason is None:
+            return False
+        log.info("run %s: task %s not run (%s)", run_id, self.id, reason)
+        self._announce_revoked(reason, False, None, False)
+        return True
+
+
 # A run whose database cannot be reached when its task arrives is neither started nor marked
 # failed (worker.training.execute_run): the task tries again, under the same id, after 5 s,
 # 10 s, ... up to every 5 minutes, for as long as it takes; the run is queued in the
 # database, and nothing else would ever pick it up.
 @app.task(name=TRAIN_TASK, bind=True, autoretry_for=(DatabaseUnavailable,), max_retries=None,
-          retry_backoff=5, retry_backoff_max=300)
+          retry_backoff=5, retry_backoff_max=300, Request=TrainRequest)
 def train_run(self, run_id: int) -> dict:
     """Train one run end to end. Redelivered after a worker loss, it resumes from the run's
     last training checkpoint (the engine finds it in the run's output directory)."""

@@ -198,9 +198,25 @@ def _execute(settings: Settings, run_id: int, worker_name: str, task_id: str | N
         return {"run_id": run_id, "status": skip.status}
 
 
+def not_to_train(settings: Settings, run_id: object, task_id: str) -> str | None:
+    """Why a message for `run_id` will not train it whatever worker takes it (the run is
+    deleted or ended, or a newer task owns it), or None: let the task look closer. Also None
+    when the database cannot say: the task then waits for it."""
+    try:
+        with session_scope(settings.sqlalchemy_url) as session:
+            run = session.get(Run, int(run_id))
+            _check_message(settings, run, worker_name="", task_id=task_id, busy=False)
+    except _Skip as skip:
+        return skip.status
+    except Exception:  # noqa: BLE001 - a question the training task asks again, properly
+        return None
+    return None
+
+
 def _check_message(settings: Settings, run: Run | None, worker_name: str,
-                   task_id: str | None) -> None:
-    """Raise _Skip unless this message may train the run now."""
+                   task_id: str | None, busy: bool = True) -> None:
+    """Raise _Skip unless this message may train the run now (with `busy` false, whatever
+    another worker does with it)."""
     if run is None:
         raise _Skip("missing")
     if run.status in TERMINAL_STATUSES:  # a lost run trains again only once requeued
@@ -208,7 +224,8 @@ def _check_message(settings: Settings, run: Run | None, worker_name: str,
     if task_id and run.celery_task_id and task_id != run.celery_task_id:
         # A message from before a requeue came back: the newer task owns the run.
         raise _Skip("superseded")
-    if run.status == "running" and run.worker != worker_name and not is_stale(run, settings):
+    if busy and run.status == "running" and run.worker != worker_name and not is_stale(
+            run, settings):
         # The broker gave this message out again (visibility timeout, a worker's connection
         # lost) while another worker still trains the run. If that worker is dead after all,
         # its heartbeat goes stale and the reaper requeues the run.

@@ -10,7 +10,9 @@ checkpoint, up to `max_attempts` times.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from datetime import timedelta
 
 import redis
@@ -107,11 +109,84 @@ def reap(settings: Settings) -> list[int]:
     return reaped
 
 
+# Where Celery's Redis transport (kombu) keeps messages: the queue's list, one more list per
+# priority, and the hash of those a worker has taken but not yet acknowledged.
+QUEUE = "celery"
+PRIORITY_SEPARATOR = "\x06\x16"
+UNACKED = "unacked"
+
+
+def broker_task_ids(live: redis.Redis) -> set[str]:
+    """The task ids of every message waiting in the queue or held by a worker."""
+    keys = [QUEUE, *(f"{QUEUE}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10))]
+    with live.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(UNACKED)
+        *queued, held = pipe.execute()
+    messages = [entry for entries in queued for entry in entries]
+    ids = {_task_id(raw, held=False) for raw in messages} | {_task_id(raw, held=True)
+                                                              for raw in held}
+    ids.discard(None)
+    return ids
+
+
+def _task_id(raw: str | bytes, held: bool) -> str | None:
+    """The task id in a queued message, or in a held one ([message, exchange, routing key])."""
+    try:
+        message = json.loads(raw)
+        return (message[0] if held else message)["headers"]["id"]
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+
+
+def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]:
+    """Send again the task of each run queued in the database (for longer than
+    `stale_after_s`) whose message the broker no longer has: a Redis that lost its data
+    (restarted without persistence, flushed) left such runs "queued, position 1" for good.
+    A message is looked for twice, `pause_s` apart: a worker taking it moves it from the queue
+    to its unacknowledged ones, and may be between the two at the first look. Returns the
+    ids of the runs queued again."""
+    from app.experiments import enqueue_runs
+
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    with session_scope(settings.sqlalchemy_url) as session:
+        waiting = [run for run in session.scalars(select(Run).where(Run.status == "queued"))
+                   if run.queued_at is not None and _naive(run.queued_at) < _naive(cutoff)]
+        if not waiting:
+            return []
+        live = get_redis(settings.effective_redis_url)
+        missing = {run.id for run in waiting} - _owned(waiting, broker_task_ids(live))
+        if missing:
+            time.sleep(pause_s)
+            missing -= _owned(waiting, broker_task_ids(live))
+        lost = [run for run in waiting if run.id in missing]
+        for run in lost:
+            log.warning("run %s: its task %s is no longer in the queue; sending it again",
+                        run.id, run.celery_task_id)
+            run.error = ("its message in the queue was lost (Redis lost its data?): queued "
+                         "again")
+        if lost:
+            enqueue_runs(session, lost)
+            for run in lost:
+                publish_status(live, run)
+        return [run.id for run in lost]
+
+
+def _owned(runs: list[Run], task_ids: set[str]) -> set[int]:
+    return {run.id for run in runs if run.celery_task_id in task_ids}
+
+
+def _naive(moment):
+    return moment.replace(tzinfo=None) if moment.tzinfo else moment
+
+
 async def reap_forever(settings: Settings) -> None:
     interval = max(1.0, min(30.0, settings.stale_after_s / 4))
     while True:
-        try:
-            await asyncio.to_thread(reap, settings)
-        except Exception:  # noqa: BLE001 - the loop must outlive a database hiccup
-            log.exception("stale-run check failed")
+        for check in (reap, requeue_lost_messages):
+            try:
+                await asyncio.to_thread(check, settings)
+            except Exception:  # noqa: BLE001 - the loop must outlive a database hiccup
+                log.exception("%s failed", check.__name__)
         await asyncio.sleep(interval)

@@ -28,11 +28,19 @@ import worker.runs
 import worker.training
 from app.config import Settings, get_settings
 from app.db import get_engine, session_scope, upgrade_to_head
-from app.experiments import create_experiment
+from app.experiments import create_experiment, enqueue_runs
 from app.ingest import ingest_archive, new_work_dir
 from app.live import run_stream_key
 from app.models import Run, RunMetric, utcnow
-from app.reaper import reap, requeue
+from app.reaper import (
+    QUEUE,
+    UNACKED,
+    _task_id,
+    broker_task_ids,
+    reap,
+    requeue,
+    requeue_lost_messages,
+)
 from app.schemas import ExperimentIn
 from tests.support import app_env, make_image_archive, start_worker, wait_for
 from worker.runs import DatabaseUnavailable, RunRecorder
@@ -499,3 +507,32 @@ def test_a_cancel_between_the_workers_read_and_claim_wins(settings, tmp_path, mo
     assert outcome["status"] in ("changed", "cancelled")
     run = read_run(settings, run_id)
     assert run.status == "cancelled" and run.attempts == 0 and run.worker is None
+
+
+def test_a_queued_run_whose_message_the_broker_lost_is_sent_again(settings, tmp_path, queue):
+    """A Redis that lost its data (restarted without persistence, flushed) left its queued
+    runs "queued, position 1" for good: nothing looked for their messages."""
+    lost, held = add_run(settings, tmp_path), add_run(settings, tmp_path)
+    with session_scope(settings.sqlalchemy_url) as session:
+        enqueue_runs(session, [session.get(Run, lost), session.get(Run, held)])
+    live = redis.Redis.from_url(settings.effective_redis_url, decode_responses=True)
+    messages = {_task_id(raw, held=False): raw for raw in live.lrange(QUEUE, 0, -1)}
+    old_task, held_task = read_run(settings, lost).celery_task_id, read_run(
+        settings, held).celery_task_id
+    assert set(messages) == {old_task, held_task} == broker_task_ids(live)
+    # One message gone with Redis's data; the other taken by a worker, not yet acknowledged.
+    live.lrem(QUEUE, 0, messages[old_task])
+    live.lrem(QUEUE, 0, messages[held_task])
+    live.hset(UNACKED, "tag-1", json.dumps([json.loads(messages[held_task]), "", QUEUE]))
+    assert broker_task_ids(live) == {held_task}
+
+    impatient = settings.model_copy(update={"stale_after_s": 0.01})
+    time.sleep(0.05)  # queued for longer than stale_after_s
+    assert requeue_lost_messages(impatient, pause_s=0.1) == [lost]
+    again = read_run(settings, lost)
+    assert again.status == "queued" and again.celery_task_id != old_task
+    assert again.celery_task_id in broker_task_ids(live)
+    assert "its message in the queue was lost" in again.error
+    assert read_run(settings, held).celery_task_id == held_task
+    assert read_run(settings, held).error is None
+    assert requeue_lost_messages(impatient, pause_s=0.1) == []  # both accounted for now

@@ -171,7 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OSError, _disk_full)
-    app.add_exception_handler(OperationalError, _database_full)
+    app.add_exception_handler(OperationalError, _database_error)
     return app
 
 
@@ -255,18 +255,34 @@ async def _disk_full(request: Request, exc: OSError) -> Response:
 
 # SQLite's SQLITE_FULL ("database or disk is full") and PostgreSQL's disk_full.
 DATABASE_FULL = {sqlite3.SQLITE_FULL, "53100"}
+# A database that cannot be reached or used for now: SQLite's file cannot be opened or stays
+# locked; PostgreSQL refuses or drops the connection (SQLSTATE class 08, 57P: shutting down,
+# not accepting connections), or none could be made at all (no SQLSTATE).
+SQLITE_UNAVAILABLE = {sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
 
-async def _database_full(request: Request, exc: OperationalError) -> Response:
+async def _database_error(request: Request, exc: OperationalError) -> Response:
     """The database's disk is full: a 507 like a full data directory (the write was rolled
-    back, and routes that write files remove them); any other database error stays a 500."""
+    back, and routes that write files remove them). The database unreachable: a 503 that
+    says so (it was a bare 500, text for the API too). Any other database error stays a 500."""
     cause = exc.orig
-    code = getattr(cause, "sqlite_errorcode", None) or getattr(cause, "sqlstate", None)
-    if code not in DATABASE_FULL:
+    sqlite_code = getattr(cause, "sqlite_errorcode", None)
+    sqlstate = getattr(cause, "sqlstate", None)
+    if (sqlite_code or sqlstate) in DATABASE_FULL:
+        detail = (f"the database's disk is full ({str(cause).strip()}): nothing was kept; free "
+                  "some space where the database keeps its files and try again")
+        return _insufficient_storage(request, detail)
+    unavailable = (sqlite_code in SQLITE_UNAVAILABLE if sqlite_code is not None
+                   else sqlstate is None or sqlstate.startswith(("08", "57P")))
+    if not unavailable:
         raise exc
-    detail = (f"the database's disk is full ({str(cause).strip()}): nothing was kept; free "
-              "some space where the database keeps its files and try again")
-    return _insufficient_storage(request, detail)
+    reason = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else type(cause)
+    detail = (f"the database cannot be reached ({reason}): nothing was changed; try again "
+              "in a moment")
+    if _wants_page(request):
+        return _error_page(request, 503, "Database unavailable", detail)
+    return JSONResponse(status_code=503, content={"detail": detail},
+                        headers={"Retry-After": "5"})
 
 
 def _insufficient_storage(request: Request, detail: str) -> Response:

@@ -74,11 +74,23 @@ def test_health_is_503_when_the_database_is_down(settings, tmp_path, redis_url):
     url, process = start_server(env, tmp_path / "uvicorn.log")
     try:
         response = httpx.get(url + "/api/health", timeout=30)
+        # Every other route says it too, as JSON for the API (they were bare text 500s).
+        with httpx.Client(base_url=url, timeout=30) as client:
+            answers = [client.get("/api/experiments"), client.get("/api/runs/1"),
+                       client.post("/api/experiments", json={
+                           "dataset_id": 1, "methods": ["fine-tune"], "budgets": [0.5]})]
+            page = client.get("/experiments", headers={"Accept": "text/html"})
     finally:
         process.stop()
     assert response.status_code == 503
     assert response.json()["database"].startswith("error:")
     assert response.json()["redis"] == "ok"
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["detail"].startswith("the database cannot be reached (")
+        assert answer.headers["retry-after"] == "5"
+    assert page.status_code == 503 and "Database unavailable" in page.text
+    assert "Traceback" not in process.log()
 
 
 def test_launcher_starts_everything_with_embedded_redis_and_stops_it_all(tmp_path):

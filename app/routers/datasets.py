@@ -5,6 +5,7 @@ The router's lifespan removes what a crash during an upload or a deletion left b
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
@@ -27,14 +29,22 @@ from app.models import MAX_ID, Dataset, DatasetImage
 from app.responses import Download
 from app.schemas import ErrorOut
 
+log = logging.getLogger(__name__)
+
 
 @asynccontextmanager
 async def _cleanup_on_startup(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     # The cleanup removes dataset folders the database does not list: only in the data
-    # directory of this database (another's refuses to start).
-    await run_in_threadpool(claim_data_dir, settings.data_dir, settings.sqlalchemy_url)
-    await run_in_threadpool(ingest.cleanup_orphans, settings)
+    # directory of this database (another's refuses to start). A database that cannot be
+    # read now is checked at the next start; the web serves meanwhile (health says 503).
+    try:
+        await run_in_threadpool(claim_data_dir, settings.data_dir, settings.sqlalchemy_url)
+    except SQLAlchemyError as exc:
+        log.warning("data directory check and clean-up skipped, the database is not "
+                    "readable: %s", exc)
+    else:
+        await run_in_threadpool(ingest.cleanup_orphans, settings)
     yield
 
 

@@ -22,6 +22,7 @@ from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import OperationalError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -69,6 +70,62 @@ class ApiWithoutTrailingSlash:
             raw = scope.get("raw_path") or path.encode()
             scope = {**scope, "path": path.rstrip("/"), "raw_path": raw.rstrip(b"/")}
         await self.app(scope, receive, send)
+
+
+# The largest body a request other than an upload may send: an experiment's JSON is a few
+# kB. Parsing a 40 MB one held the whole server for 20 s (health checks included).
+MAX_BODY_BYTES = 1 << 20
+UPLOADS = ("/api/datasets",)
+
+
+class BodyLimit:
+    """413 for a body over MAX_BODY_BYTES on any route but the upload (which has its own
+    limit, SELFTUNE_MAX_UPLOAD_BYTES): by its Content-Length before anything is read, or
+    while it streams in without one."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"].rstrip("/") in UPLOADS:
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            await self._refuse(scope, receive, send)
+            return
+        # Without a Content-Length (chunked), read it here, up to the limit.
+        if declared == "" and scope["method"] in ("POST", "PUT", "PATCH"):
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                size += len(message.get("body", b""))
+                if size > MAX_BODY_BYTES:
+                    await self._refuse(scope, receive, send)
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            replayed = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+            async def replay():
+                nonlocal replayed
+                if replayed is not None:
+                    message, replayed = replayed, None
+                    return message
+                return await receive()
+
+            await self.app(scope, replay, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope, receive, send) -> None:
+        detail = (f"the request body is over {MAX_BODY_BYTES // 1024} KiB, the most this "
+                  "route takes (only dataset uploads are larger)")
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
 class HeadAsGet:
@@ -157,6 +214,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.add_middleware(BodyLimit)
     app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(ApiWithoutTrailingSlash)
     app.add_middleware(HeadAsGet, router=app.router)
@@ -305,11 +363,33 @@ def _json_safe(value):
     return value
 
 
+# How much of a refused input a 422 echoes: a 100 MB name came back whole.
+ECHO_CHARS, ECHO_ITEMS = 200, 20
+
+
+def _echo(value):
+    """A refused input as an error shows it: long text and long lists cut, saying so."""
+    if isinstance(value, str) and len(value) > ECHO_CHARS:
+        return f"{value[:ECHO_CHARS]}… ({len(value):,} characters)"
+    if isinstance(value, list) and len(value) > ECHO_ITEMS:
+        return [*map(_echo, value[:ECHO_ITEMS]), f"… ({len(value):,} items)"]
+    if isinstance(value, list):
+        return [_echo(item) for item in value]
+    if isinstance(value, dict):
+        shown = {key: _echo(item) for key, item in list(value.items())[:ECHO_ITEMS]}
+        if len(value) > ECHO_ITEMS:
+            shown["…"] = f"{len(value):,} keys"
+        return shown
+    return value
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     if not _wants_page(request):
         # FastAPI's own handler echoes each bad input, and a NaN sent as JSON made it a 500.
+        errors = [{**error, "input": _echo(error["input"])} if "input" in error else error
+                  for error in exc.errors()]
         return JSONResponse(status_code=422,
-                            content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
+                            content={"detail": _json_safe(jsonable_encoder(errors))})
     if any(error.get("loc", ())[:1] == ("path",) for error in exc.errors()):
         # /runs/abc: no such page, whatever the reason.
         return _error_page(request, 404, "Not found", "There is no page at this address.")

@@ -400,3 +400,34 @@ def test_a_class_index_no_row_can_have_is_a_422_not_a_500(live_server, dataset_i
     with live_server.client() as client:
         response = client.get(f"/api/datasets/{dataset_id}/images", params={"label": too_big})
     assert response.status_code == 422, response.text[:300]
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_parsed(live_server, dataset_id):
+    """A 40 MB experiment body held the whole server for 20 s while it was parsed."""
+    big = json.dumps(body(dataset_id, budgets=[0.1] * 300_000)).encode()
+    assert len(big) > 1 << 20
+    with live_server.client() as client:
+        declared = client.post("/api/experiments", content=big,
+                               headers={"Content-Type": "application/json"})
+        chunked = client.post("/api/experiments", content=iter([big[:4096], big[4096:]]),
+                              headers={"Content-Type": "application/json"})
+        # Uploads have their own, larger limit: 1.5 MiB that is no archive is a 415.
+        upload = client.post("/api/datasets", files={"file": ("a.zip", b"x" * (3 << 19))})
+        assert client.get("/api/experiments").status_code == 200  # nothing was stored
+    for refused in (declared, chunked):
+        assert refused.status_code == 413, refused.text
+        assert refused.json()["detail"].startswith("the request body is over 1024 KiB")
+    assert "content-length" not in chunked.request.headers
+    assert upload.status_code == 415, upload.text
+
+
+def test_a_refused_long_input_is_echoed_cut(live_server, dataset_id):
+    """A 422 echoed each refused input whole: a 100 MB name came back as 100 MB."""
+    with live_server.client() as client:
+        refused = client.post("/api/experiments",
+                              json=body(dataset_id, name="x" * 300_000, seeds=["a"] * 50))
+    assert refused.status_code == 422
+    assert len(refused.content) < 5000
+    inputs = {error["loc"][-1]: error["input"] for error in refused.json()["detail"]}
+    assert inputs["name"] == "x" * 200 + "… (300,000 characters)"
+    assert inputs["seeds"] == ["a"] * 20 + ["… (50 items)"]

@@ -388,6 +388,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
         # FastAPI's own handler echoes each bad input, and a NaN sent as JSON made it a 500.
         errors = [{**error, "input": _echo(error["input"])} if "input" in error else error
                   for error in exc.errors()]
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind != "application/json" and any(
+                tuple(error.get("loc", ())) == ("body",) for error in errors):
+            # A JSON body sent as a form (`curl -d` without the header) reads as no object.
+            said = f"Content-Type {kind}" if kind else "no Content-Type"
+            errors = [{"type": "json_content_type", "loc": ["body"],
+                       "msg": f"send the body as JSON with the header Content-Type: "
+                              f"application/json (it came with {said})"}]
         return JSONResponse(status_code=422,
                             content={"detail": _json_safe(jsonable_encoder(errors))})
     if any(error.get("loc", ())[:1] == ("path",) for error in exc.errors()):

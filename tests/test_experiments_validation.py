@@ -431,3 +431,18 @@ def test_a_refused_long_input_is_echoed_cut(live_server, dataset_id):
     inputs = {error["loc"][-1]: error["input"] for error in refused.json()["detail"]}
     assert inputs["name"] == "x" * 200 + "… (300,000 characters)"
     assert inputs["seeds"] == ["a"] * 20 + ["… (50 items)"]
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", None])
+def test_json_sent_without_its_content_type_says_which_header_to_add(live_server, dataset_id,
+                                                                    content_type):
+    """`curl -d '{...}'` (a form's Content-Type) got "Input should be a valid dictionary or
+    object to extract fields from"."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    with live_server.client() as client:
+        refused = client.post("/api/experiments", content=json.dumps(body(dataset_id)),
+                              headers=headers)
+    assert refused.status_code == 422
+    said = f"Content-Type {content_type}" if content_type else "no Content-Type"
+    assert messages(refused) == ("body: send the body as JSON with the header Content-Type: "
+                                 f"application/json (it came with {said})")

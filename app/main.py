@@ -128,6 +128,36 @@ class BodyLimit:
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
+# On every answer: no other site may frame the pages (one click in an invisible frame
+# queued a run again), browsers take content types as sent, and addresses (run ids, dataset
+# names in query strings) do not leak to other sites through Referer.
+SECURITY_HEADERS = [
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+]
+
+
+class SecurityHeaders:
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                added = [(n, v) for n, v in SECURITY_HEADERS if n not in present]
+                message = {**message, "headers": [*message.get("headers", []), *added]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 class HeadAsGet:
     """HEAD is GET without the body (RFC 9110), wherever GET is answered: FastAPI's routes
     take only the methods they declare, so pages, JSON and thumbnails answered HEAD with 405
@@ -197,7 +227,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         reaper = asyncio.create_task(reap_forever(settings))
         hubs = _app.state.hubs = Hubs(settings.effective_redis_url) if settings.redis_url else None
-        restore = on_exit_signal(lambda: asyncio.create_task(hubs.stop())) if hubs else None
+
+        def stop_feeds() -> None:  # the task is kept: the loop holds tasks only weakly
+            _app.state.stopping_feeds = asyncio.create_task(hubs.stop())
+
+        restore = on_exit_signal(stop_feeds) if hubs else None
         yield
         if restore is not None:
             restore()
@@ -218,6 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(ApiWithoutTrailingSlash)
     app.add_middleware(HeadAsGet, router=app.router)
+    app.add_middleware(SecurityHeaders)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_token)])
     app.include_router(health.public_router)

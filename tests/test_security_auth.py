@@ -136,3 +136,38 @@ def test_a_browser_opening_an_api_address_without_the_token_is_sent_to_sign_in(
         assert signed_in.status_code == 303
         assert signed_in.headers["location"] == "/api/datasets?x=1"
         assert client.get("/api/datasets?x=1", headers=browser).status_code == 200
+
+
+@pytest.mark.parametrize("target", ["///evil.example/", "////evil.example", "/\\evil.example",
+                                    "/\t/evil.example", "/\n/evil.example", "https:evil.example"])
+def test_signing_in_never_sends_the_browser_to_another_site(guarded_server, target):
+    """`next=///evil.example` (no host to Python's urlparse, another site to a browser) sent a
+    user who typed the right token on to another site."""
+    with httpx.Client(base_url=guarded_server, timeout=30) as client:
+        right = client.post("/login", data={"token": TOKEN, "next": target})
+        assert right.status_code == 303 and right.headers["location"] == "/"
+        kept = client.post("/login", data={"token": TOKEN, "next": "/runs/3?tab=a//b"})
+        assert kept.headers["location"] == "/runs/3?tab=a//b"
+
+
+def test_no_other_site_may_frame_the_pages_and_answers_carry_hardening_headers(
+    guarded_server, request
+):
+    """A page on another site framed a run page nearly invisibly: one click on its hidden
+    "Run again" button queued the run again."""
+    from tests.browser import open_browser
+
+    with httpx.Client(base_url=guarded_server, timeout=30) as client:
+        answers = [client.get("/login"), client.get("/"), client.get("/api/datasets"),
+                   client.get("/static/app.css"), client.get("/healthz"),
+                   client.get("/no/such/page")]
+    for answer in answers:
+        assert answer.headers["x-frame-options"] == "DENY", answer.url
+        assert answer.headers["content-security-policy"] == "frame-ancestors 'none'"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["referrer-policy"] == "same-origin"
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.set_content(f'<iframe id="f" src="{guarded_server}/login"></iframe>')
+        frame = page.frame_locator("#f")
+        assert frame.locator("#token").count() == 0  # the sign-in form never showed

@@ -71,8 +71,13 @@ def login_form(request: Request, next: str = "/") -> Response:
 
 
 def _safe_next(target: str) -> str:
+    """Where to go after signing in: an address on this server, else "/". Browsers read
+    "///host", "/\\host" and "/<tab>/host" as another site (Python's urlparse does not)."""
+    if (not target.startswith("/") or target.startswith(("//", "/\\"))
+            or any(ord(c) < 32 or c == "\x7f" for c in target)):
+        return "/"
     parsed = urlparse(target)
-    if parsed.scheme or parsed.netloc or not target.startswith("/"):
+    if parsed.scheme or parsed.netloc:
         return "/"
     return target
 

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import redis
 from sqlalchemy import select, update
@@ -179,7 +179,8 @@ def _owned(runs: list[Run], task_ids: set[str]) -> set[int]:
 
 
 def _naive(moment):
-    return moment.replace(tzinfo=None) if moment.tzinfo else moment
+    """A time as naive UTC (SQLite hands them back naive; PostgreSQL in its session's zone)."""
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 async def reap_forever(settings: Settings) -> None:

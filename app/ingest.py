@@ -407,6 +407,18 @@ def _check_expansion(total: int, archive_size: int, settings: Settings) -> None:
         )
 
 
+def _too_many_folders(settings: Settings) -> IngestError:
+    """Folder entries do not count as files, but each costs time and memory to read: an
+    archive may hold as many of them as files (3 million empty folder entries in a 282 MB
+    zip took 2 GB of the web's memory)."""
+    return IngestError(
+        f"the archive has more than {settings.max_archive_files} folder entries (as many as "
+        "it may have files, SELFTUNE_MAX_ARCHIVE_FILES): a dataset needs one folder per "
+        "class and split",
+        status_code=413,
+    )
+
+
 def _too_many_files(settings: Settings) -> IngestError:
     return IngestError(
         f"the archive has more than {settings.max_archive_files} files "
@@ -448,7 +460,7 @@ def _check_zip_entry_count(path: Path, settings: Settings) -> None:
                 directory_end, directory_size = record_at, ZIP64_END.unpack(record)[8]
         position = max(0, directory_end - directory_size)
         handle.seek(position)
-        count = 0
+        count = folders = 0
         while position + ZIP_DIRECTORY_ENTRY.size <= directory_end:
             header = ZIP_DIRECTORY_ENTRY.unpack(handle.read(ZIP_DIRECTORY_ENTRY.size))
             if header[0] != b"PK\x01\x02":
@@ -456,7 +468,12 @@ def _check_zip_entry_count(path: Path, settings: Settings) -> None:
             name = handle.read(header[12])
             handle.seek(header[13] + header[14], os.SEEK_CUR)  # extra field, comment
             position += ZIP_DIRECTORY_ENTRY.size + header[12] + header[13] + header[14]
-            count += not name.endswith(b"/")  # folders do not count, as below
+            if name.endswith(b"/"):  # folders are counted apart, as below
+                folders += 1
+                if folders > settings.max_archive_files:
+                    raise _too_many_folders(settings)
+                continue
+            count += 1
             if count > settings.max_archive_files:
                 raise _too_many_files(settings)
 
@@ -465,7 +482,7 @@ def _zip_members(archive: zipfile.ZipFile, budget: _ByteBudget, settings: Settin
     """Every entry of a zip, after checking all of them (the central directory is read
     first, so a bad entry is refused before anything is extracted)."""
     members: list[_Member] = []
-    files = 0
+    files = folders = 0
     declared = 0
     for info in archive.infolist():
         path = safe_member_path(info.filename)
@@ -474,6 +491,9 @@ def _zip_members(archive: zipfile.ZipFile, budget: _ByteBudget, settings: Settin
             raise _link_error(info.filename)
         # An empty name makes zipfile's own is_dir() fail: check the name first.
         if not path or info.filename.endswith("/") or stat.S_ISDIR(mode):
+            folders += 1
+            if folders > settings.max_archive_files:
+                raise _too_many_folders(settings)
             members.append(_Member(path, "dir", 0, _no_content))
             continue
         files += 1
@@ -513,7 +533,7 @@ def _tar_members(path: Path, budget: _ByteBudget, settings: Settings) -> Iterato
             "archive your image folder and upload that",
             status_code=415,
         ) from None
-    files = 0
+    files = folders = 0
     declared = 0
     with archive:
         for info in archive:
@@ -523,6 +543,9 @@ def _tar_members(path: Path, budget: _ByteBudget, settings: Settings) -> Iterato
             if info.issym() or info.islnk():
                 raise _link_error(info.name)
             if info.isdir() or not member_path:
+                folders += 1
+                if folders > settings.max_archive_files:
+                    raise _too_many_folders(settings)
                 continue
             files += 1
             if files > settings.max_archive_files:

@@ -63,7 +63,10 @@ class Dataset(Base):
     image_count: Mapped[int] = mapped_column(default=0)
     # "uploaded" when the archive had a test/ (or val/) split, else "holdout".
     test_source: Mapped[str] = mapped_column(String(16), default="holdout")
-    skipped: Mapped[list[Any]] = mapped_column(default=list)
+    # The first MAX_SKIPPED_KEPT files the upload skipped, with why (read only when asked for:
+    # lists count with `skipped_count`).
+    skipped: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
+    skipped_count: Mapped[int] = mapped_column(default=0, server_default="0")
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 
     images: Mapped[list[DatasetImage]] = relationship(

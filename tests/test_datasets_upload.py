@@ -232,3 +232,21 @@ def test_hold_out_is_stratified_seeded_and_the_same_for_the_same_images(
     assert test_paths[0] == test_paths[1]
     assert len(test_paths[0]) == 6
     delete_all(server, client)
+
+
+def test_a_dataset_keeps_the_first_thousand_skipped_files_and_counts_them_all(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """199,000 skipped files were all kept: a 47 MB upload answer, and every dataset listing
+    50 times slower for good (it read each list to count it)."""
+    notes = {f"notes/{n}.txt": b"x" for n in range(1205)}
+    summary = uploaded(client, zip_bytes({**class_entries(("cat", "dog")), **notes}))
+    assert summary["skipped_count"] == 1205
+    assert [item["path"] for item in summary["skipped"]] == [f"notes/{n}.txt" for n in range(1000)]
+    listed = client.get("/api/datasets").json()
+    assert [item["skipped_count"] for item in listed] == [1205]
+    page = client.get(f"/datasets/{summary['id']}").text
+    assert "Skipped files: 1205" in page
+    assert re.search(r"And 705 more:\s+<a href=\"/api/datasets/\d+\">the API</a> names the "
+                     r"first 1000\.", page)
+    delete_all(server, client)

@@ -7,11 +7,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from sqlalchemy import inspect, select
 
 from app.db import alembic_config, get_engine, session_scope, sqlite_pragmas, upgrade_to_head
-from app.models import Artifact, Dataset, DatasetImage, Experiment, Run, RunMetric
+from app.models import Artifact, Dataset, DatasetImage, Experiment, Run, RunMetric, utcnow
 
 TABLES = {"datasets", "dataset_images", "experiments", "runs", "run_metrics", "artifacts"}
 
@@ -82,25 +83,32 @@ def test_postgresql_migrates_to_head_and_round_trips(postgres_url):
 
 
 def add_rows_at_an_older_schema(url: str, method: str, configs: list[dict],
-                                overrides: dict | None = None) -> int:
-    """A dataset, an experiment and one run per config, as an older schema holds them. Runs
-    are written column by column: the model has columns that older schemas lack. Returns the
-    dataset's id."""
+                                overrides: dict | None = None,
+                                skipped: list[dict] | None = None) -> int:
+    """A dataset, an experiment and one run per config, as an older schema holds them. Rows
+    are written column by column: the models have columns that older schemas lack (runs since
+    0002, datasets since 0007). Returns the dataset's id."""
+    columns = ("name", "storage_key", "created_at", "fingerprint", "class_names",
+               "class_counts", "unlabeled_count", "image_count", "test_source", "skipped",
+               "size_bytes")
+    old_datasets = sa.table("datasets", *(sa.column(name, Dataset.__table__.c[name].type)
+                                          for name in columns))
     with session_scope(url) as session:
-        dataset = Dataset(name="d", storage_key="k", fingerprint="f" * 64, class_names=["a"],
-                          class_counts={}, size_bytes=1)
-        session.add(dataset)
-        session.flush()
-        experiment = Experiment(dataset_id=dataset.id, backbone="b", methods=[method],
+        session.execute(old_datasets.insert().values(
+            name="d", storage_key="k", created_at=utcnow(), fingerprint="f" * 64,
+            class_names=["a"], class_counts={}, unlabeled_count=0, image_count=0,
+            test_source="holdout", skipped=skipped or [], size_bytes=1))
+        dataset_id = session.scalar(select(Dataset.id).where(Dataset.storage_key == "k"))
+        experiment = Experiment(dataset_id=dataset_id, backbone="b", methods=[method],
                                 budgets=[0.05], seeds=[0], preset="quick",
                                 overrides=overrides or {})
         session.add(experiment)
         session.flush()
         for config in configs:
             session.execute(Run.__table__.insert().values(
-                experiment_id=experiment.id, dataset_id=dataset.id, method=method,
+                experiment_id=experiment.id, dataset_id=dataset_id, method=method,
                 budget=0.05, budget_label="5%", config=config))
-        return dataset.id
+        return dataset_id
 
 
 def runs_recorded_before_labeled_query_view(url: str) -> None:
@@ -249,3 +257,18 @@ def test_sqlite_never_gives_a_deleted_rows_id_to_a_new_row(tmp_path):
         assert session.scalars(select(DatasetImage)).all() == []
     command.downgrade(alembic_config(url), "0003")
     get_engine(url).dispose()
+
+
+def test_datasets_stored_before_0007_count_their_skipped_files(database_url):
+    """Migration 0007: the skipped-file count moves to a column of its own (lists read it only
+    to count it), filled from the lists stored before."""
+    command.upgrade(alembic_config(database_url), "0006")
+    skipped = [{"path": f"{n}.txt", "reason": "not an image"} for n in range(3)]
+    dataset_id = add_rows_at_an_older_schema(database_url, "fine-tune", [], skipped=skipped)
+    upgrade_to_head(database_url)
+    with session_scope(database_url) as session:
+        dataset = session.get(Dataset, dataset_id)
+        assert (dataset.skipped_count, dataset.skipped) == (3, skipped)
+    command.downgrade(alembic_config(database_url), "0006")
+    columns = {c["name"] for c in inspect(get_engine(database_url)).get_columns("datasets")}
+    assert "skipped_count" not in columns and "skipped" in columns

@@ -89,7 +89,9 @@ class DatasetListItem(BaseModel):
 
 
 class DatasetOut(DatasetListItem):
-    skipped: list[SkippedOut]
+    skipped: list[SkippedOut] = Field(
+        description=f"the first {ingest.MAX_SKIPPED_KEPT:,} files the upload skipped, with "
+                    "why (skipped_count counts them all)")
     warnings: list[str] = Field(
         default_factory=list,
         description="what was stored but looks like a mistake (class folders whose names "
@@ -124,7 +126,7 @@ def list_item(dataset: Dataset) -> DatasetListItem:
         ],
         unlabeled=dataset.unlabeled_count, fingerprint=dataset.fingerprint,
         test_source=dataset.test_source, image_count=dataset.image_count,
-        size_bytes=dataset.size_bytes, skipped_count=len(dataset.skipped),
+        size_bytes=dataset.size_bytes, skipped_count=dataset.skipped_count,
     )
 
 

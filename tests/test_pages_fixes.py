@@ -924,3 +924,35 @@ def test_a_pseudo_label_accuracy_that_cannot_be_measured_says_why(live_server, r
             values = page.locator("#headline td").all_inner_texts()
             assert values[2:4] == shown, values
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_many_classes_list_their_most_frequent_confusions_instead_of_a_matrix(
+    live_server, request
+):
+    """1,000 classes drew a million-cell confusion matrix, which took the page a minute."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    names = [f"class {n:02d}" for n in range(40)]
+    dataset_id = add_dataset_row(database_url, {n: {"train": 4, "test": 10} for n in names})
+    with live_server.client() as client:
+        _, (run_id, _) = start_sweep(client, dataset_id, seeds=[0])
+    confusion = [[10 if i == j else 0 for j in range(40)] for i in range(40)]
+    for (i, j, n) in ((3, 7, 4), (12, 5, 6), (0, 39, 1)):
+        confusion[i][i] -= n
+        confusion[i][j] = n
+    finish(database_url, live, run_id, {
+        "test_top1": 0.9725, "test_mean_class_acc": 0.9725, "confusion_matrix": confusion,
+        "per_class_acc": [row[i] / 10 for i, row in enumerate(confusion)],
+        "pseudo_label_quality": {}})
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_selector("#results:not([hidden])")
+        assert page.inner_text("#confusion-title").startswith("Most frequent confusions (40")
+        rows = [page.locator("#confusion tbody tr").nth(k).locator("td").all_inner_texts()
+                for k in range(page.locator("#confusion tbody tr").count())]
+        assert rows == [["class 12", "class 05", "6", "60.0%"],
+                        ["class 03", "class 07", "4", "40.0%"],
+                        ["class 00", "class 39", "1", "10.0%"]]
+        browser.assert_no_errors()

@@ -321,7 +321,18 @@ function drawResults(run, classNames) {
   drawQuality(q, names);
 }
 
+// Over this many classes a matrix is no longer read (1,000 classes: a million cells, a
+// minute to draw): the page lists the most frequent confusions instead.
+const MATRIX_CLASSES = 30;
+const CONFUSIONS_LISTED = 25;
+
 function drawConfusion(confusion, names) {
+  const title = document.getElementById("confusion-title");
+  if (names.length > MATRIX_CLASSES) {
+    title.textContent = `Most frequent confusions (${names.length} classes: the full matrix is in the API and training.json)`;
+    drawConfusions(confusion, names);
+    return;
+  }
   const head = h("tr", {}, h("th", {}, "true ↓ / predicted →"), names.map((n) => h("th", { class: "num" }, n)));
   const body = confusion.map((row, i) => {
     const total = row.reduce((a, b) => a + b, 0);
@@ -336,6 +347,25 @@ function drawConfusion(confusion, names) {
     }));
   });
   document.getElementById("confusion").replaceChildren(h("thead", {}, head), h("tbody", {}, body));
+}
+
+// The largest off-diagonal cells: which class is taken for which, most often first.
+function drawConfusions(confusion, names) {
+  const cells = [];
+  confusion.forEach((row, i) => {
+    const total = row.reduce((a, b) => a + b, 0);
+    row.forEach((count, j) => { if (i !== j && count > 0) cells.push({ i, j, count, total }); });
+  });
+  cells.sort((a, b) => b.count - a.count || a.i - b.i || a.j - b.j);
+  const head = h("tr", {}, h("th", {}, "True class"), h("th", {}, "Predicted as"),
+    h("th", { class: "num" }, "Test images"), h("th", { class: "num" }, "Share of the class"));
+  const body = cells.slice(0, CONFUSIONS_LISTED).map(({ i, j, count, total }) => h("tr", {},
+    h("td", {}, names[i]), h("td", {}, names[j]), h("td", { class: "num" }, count),
+    h("td", { class: "num" }, pct(count / total))));
+  const table = document.getElementById("confusion");
+  table.classList.remove("confusion");
+  table.replaceChildren(h("thead", {}, head), h("tbody", {},
+    body.length ? body : h("tr", {}, h("td", { colspan: 4 }, "None: every test image was classified right."))));
 }
 
 function drawPerClass(perClass, confusion, names, quality) {

@@ -4,6 +4,7 @@ cancel every run, delete."""
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -142,8 +143,12 @@ def delete_experiment(experiment_id: ExperimentId, session: DbDep, settings: Set
 async def experiment_events(experiment_id: ExperimentId, request: Request, settings: SettingsDep):
     """Live events of every run of the experiment (Server-Sent Events; resumable with
     `Last-Event-ID`). Ends with an `experiment_end` event once every run has ended."""
-    with session_scope(settings.sqlalchemy_url) as session:
-        get_experiment(session, experiment_id)
+    def check_exists() -> None:
+        with session_scope(settings.sqlalchemy_url) as session:
+            get_experiment(session, experiment_id)
+
+    # Off the event loop: thousands of feeds opening at once held every other request.
+    await run_in_threadpool(check_exists)
 
     def outcome() -> Outcome:
         with session_scope(settings.sqlalchemy_url) as session:

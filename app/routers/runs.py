@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -176,8 +177,12 @@ def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redi
 async def run_events(run_id: RunId, request: Request, settings: SettingsDep):
     """Live events of a run (Server-Sent Events). Reconnect with `Last-Event-ID` to get what
     was missed; heartbeats keep the connection open; the `end` event is the last one."""
-    with session_scope(settings.sqlalchemy_url) as session:
-        get_run(session, run_id)
+    def check_exists() -> None:
+        with session_scope(settings.sqlalchemy_url) as session:
+            get_run(session, run_id)
+
+    # Off the event loop: thousands of feeds opening at once held every other request.
+    await run_in_threadpool(check_exists)
 
     def outcome() -> Outcome:
         with session_scope(settings.sqlalchemy_url) as session:

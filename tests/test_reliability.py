@@ -102,7 +102,9 @@ def test_run_of_a_killed_worker_resumes_from_its_checkpoint_on_the_next_worker(
         assert run["status"] == "succeeded", run["error"]
         assert run["attempts"] == 2 and run["worker"].startswith("second-")
         assert run["step"] == 60 and step_at_kill < 60
-        assert not checkpoint.parent.exists()  # the training state goes once it is recorded
+        # The training state goes once the outcome is recorded: just after the record says so.
+        wait_for(lambda: not checkpoint.parent.exists(), timeout=30,
+                 message="the training state to be removed")
         with session_scope(settings.sqlalchemy_url) as session:
             steps = session.scalars(select(RunMetric.step).where(
                 RunMetric.run_id == run_id, RunMetric.kind == "progress")

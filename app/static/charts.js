@@ -171,6 +171,9 @@ export function setSeries(chart, series, lastStep) {
   chart.update("none");
 }
 
+// How far apart (a factor on the log axis) budgets with the same labeled count are drawn.
+const SAME_COUNT_STEP = 1.08;
+
 // Test accuracy against label budget: one line per method, mean over seeds with error bars.
 // `budgets`: [{label, count}] from fewest labels to most; each method's `means` and `spreads`
 // follow them. x is the labeled image count on a log axis, as the label estimates fit it
@@ -178,9 +181,6 @@ export function setSeries(chart, series, lastStep) {
 // count is unknown (its dataset was deleted) are the budgets evenly spaced categories. A
 // budget without a result breaks the line: joining its neighbours would draw a result
 // nobody measured.
-// How far apart (a factor on the log axis) budgets with the same labeled count are drawn.
-const SAME_COUNT_STEP = 1.08;
-
 export function budgetChart(canvas, budgets, methods) {
   const name = (b) => (isNumber(b.count) ? `${b.label} (${b.count.toLocaleString("en")})` : b.label);
   const byCount = budgets.length > 0 && budgets.every((b) => isNumber(b.count) && b.count > 0);

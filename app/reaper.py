@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from datetime import UTC, timedelta
+from datetime import timedelta
 
 import redis
 from sqlalchemy import select, update
@@ -148,12 +148,12 @@ def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]
     A message is looked for twice, `pause_s` apart: a worker taking it moves it from the queue
     to its unacknowledged ones, and may be between the two at the first look. Returns the
     ids of the runs queued again."""
-    from app.experiments import enqueue_runs
+    from app.experiments import as_utc, enqueue_runs
 
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
     with session_scope(settings.sqlalchemy_url) as session:
         waiting = [run for run in session.scalars(select(Run).where(Run.status == "queued"))
-                   if run.queued_at is not None and _naive(run.queued_at) < _naive(cutoff)]
+                   if run.queued_at is not None and as_utc(run.queued_at) < cutoff]
         if not waiting:
             return []
         live = get_redis(settings.effective_redis_url)
@@ -176,11 +176,6 @@ def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]
 
 def _owned(runs: list[Run], task_ids: set[str]) -> set[int]:
     return {run.id for run in runs if run.celery_task_id in task_ids}
-
-
-def _naive(moment):
-    """A time as naive UTC (SQLite hands them back naive; PostgreSQL in its session's zone)."""
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 async def reap_forever(settings: Settings) -> None:

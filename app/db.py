@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, make_url, select
+from sqlalchemy import Engine, create_engine, event, inspect, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +125,12 @@ def claim_data_dir(data_dir: Path, url: str) -> None:
     from app.models import Installation
 
     with session_scope(url) as session:
+        if not inspect(session.connection()).has_table(Installation.__tablename__):
+            raise StartupRefused(
+                f"the database {shown_url(url)} has not been migrated (no "
+                f"{Installation.__tablename__} table): start the web or `make run` once, or "
+                "run `alembic upgrade head`, with this SELFTUNE_DATABASE_URL. Nothing was "
+                "changed.")
         database_id = session.scalar(select(Installation.database_id))
     marker = data_dir / DATABASE_ID_FILE
     try:

@@ -14,7 +14,7 @@ from app import ingest
 from app.config import Settings
 from app.db import DATABASE_ID_FILE, StartupRefused, get_sessionmaker, upgrade_to_head
 from app.models import Dataset, DatasetImage
-from tests.support import app_env, free_port, start_server
+from tests.support import app_env, free_port, start_server, start_worker, wait_for
 from tests.test_datasets_support import class_entries, dataset_server, upload, zip_bytes
 from tests.test_foundation_services import launcher_env, run_launcher
 
@@ -128,6 +128,17 @@ def test_a_data_directory_refuses_another_database_and_keeps_its_files(
     assert launcher.returncode == 2
     assert "cannot start: the data directory" in launcher.stdout
     assert "Traceback" not in launcher.stdout + launcher.stderr
+    # A worker started alone (the compose layout) refuses too, before taking any message: it
+    # would drop the runs its database does not know and write into the other's run folders.
+    worker = start_worker(env, tmp_path / "other-worker.log", name="other")
+    try:
+        wait_for(lambda: worker.popen.poll() is not None, timeout=60,
+                 message="the worker on another database's data directory to exit")
+    finally:
+        worker.stop()
+    assert worker.popen.returncode == 2, worker.log()
+    assert "worker cannot start: the data directory" in worker.log()
+    assert "ready" not in worker.log()
     assert all(path.exists() for path in stored)  # nothing removed
 
     # With its own database it starts, and the dataset is whole.
@@ -153,3 +164,18 @@ def test_a_database_migrated_by_a_newer_version_is_refused_in_one_line(tmp_path:
     assert launcher.returncode == 2
     assert "cannot start: the database" in launcher.stdout
     assert "Traceback" not in launcher.stdout + launcher.stderr
+
+
+def test_a_worker_refuses_a_database_that_was_never_migrated(tmp_path: Path,
+                                                             redis_url: str) -> None:
+    never_migrated = f"sqlite:///{tmp_path / 'empty.db'}"
+    worker = start_worker(app_env(tmp_path / "data", never_migrated, redis_url),
+                          tmp_path / "worker.log", name="unmigrated")
+    try:
+        wait_for(lambda: worker.popen.poll() is not None, timeout=60,
+                 message="the worker on a database never migrated to exit")
+    finally:
+        worker.stop()
+    assert worker.popen.returncode == 2, worker.log()
+    assert "has not been migrated (no installation table)" in worker.log()
+    assert not (tmp_path / "data" / DATABASE_ID_FILE).exists()

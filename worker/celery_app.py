@@ -12,7 +12,7 @@ import threading
 import time
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from app.config import Settings, get_settings
 from app.experiments import TRAIN_TASK
@@ -75,6 +75,28 @@ def _heartbeat_loop(hostname: str, info: dict[str, str]) -> None:
         client.delete(WORKER_KEY_PREFIX + hostname)
     except redis.RedisError:
         pass
+
+
+@worker_init.connect
+def _on_worker_init(**_kwargs) -> None:
+    """Refuse to start on another database's data directory (or on a database not migrated),
+    before taking any message: such a worker would drop the runs its database does not know
+    and write run folders, resume checkpoints included, that belong to the other database's
+    runs of the same ids. A database that does not answer yet is not a refusal: runs wait for
+    it (worker.training), and the check is left to the web, which makes it on each start."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.db import StartupRefused, claim_data_dir
+
+    settings = get_settings()
+    try:
+        claim_data_dir(settings.data_dir, settings.sqlalchemy_url)
+    except StartupRefused as exc:
+        log.critical("worker cannot start: %s", exc)
+        raise SystemExit(2) from None
+    except OperationalError as exc:
+        log.warning("worker could not check its data directory against the database "
+                    "(%s); starting anyway", str(exc).splitlines()[0])
 
 
 @worker_ready.connect

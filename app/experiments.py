@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 from fastapi import HTTPException
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -531,8 +531,18 @@ def label_estimates(runs: list[Run], labeled: dict[str, int] | None = None
 
 def queue_position(session: Session, run: Run) -> int | None:
     """1 for the next run a free worker takes: runs are taken in the order they were queued,
-    and a requeued run goes to the back."""
-    return queue_positions(session, [run]).get(run.id)
+    and a requeued run goes to the back. Counted by the database (a run page polls this),
+    in the order queue_positions gives."""
+    if run.status != "queued":
+        return None
+    queued = Run.status == "queued"
+    if run.queued_at is None:
+        ahead = queued & (Run.id < run.id)
+    else:
+        ahead = queued & Run.queued_at.is_not(None) & (
+            (Run.queued_at < run.queued_at)
+            | ((Run.queued_at == run.queued_at) & (Run.id < run.id)))
+    return session.scalar(select(func.count()).select_from(Run).where(ahead)) + 1
 
 
 def queue_positions(session: Session, runs: Iterable[Run]) -> dict[int, int]:

@@ -272,3 +272,41 @@ def test_datasets_stored_before_0007_count_their_skipped_files(database_url):
     command.downgrade(alembic_config(database_url), "0006")
     columns = {c["name"] for c in inspect(get_engine(database_url)).get_columns("datasets")}
     assert "skipped_count" not in columns and "skipped" in columns
+
+
+def test_a_runs_queue_position_counted_by_the_database_matches_the_whole_queues_order(
+    database_url: str,
+) -> None:
+    """The run page's one-run count (a query) and the experiment page's ranking of them all
+    agree: by queue time, ties by id, and a run not yet stamped counts those created before."""
+    from datetime import timedelta
+
+    from app.experiments import queue_position, queue_positions
+    from tests.support import add_dataset_row
+
+    upgrade_to_head(database_url)
+    dataset_id = add_dataset_row(database_url)
+    now = utcnow()
+    queue_times = [now, now - timedelta(seconds=5), None, now, now + timedelta(seconds=1),
+                   None, now - timedelta(seconds=5)]
+    with session_scope(database_url) as session:
+        experiment = Experiment(dataset_id=dataset_id, backbone="b", methods=["fine-tune"],
+                                budgets=[0.5], seeds=[0], preset="quick")
+        session.add(experiment)
+        session.flush()
+        for index, queued_at in enumerate(queue_times):
+            session.add(Run(experiment_id=experiment.id, dataset_id=dataset_id,
+                            method="fine-tune", budget=0.5, budget_label=f"b{index}",
+                            queued_at=queued_at))
+        session.add(Run(experiment_id=experiment.id, dataset_id=dataset_id, method="fine-tune",
+                        budget=0.5, budget_label="done", status="succeeded", queued_at=now))
+    with session_scope(database_url) as session:
+        runs = session.scalars(select(Run).order_by(Run.id)).all()
+        ranked = queue_positions(session, runs)
+        one_by_one = {run.id: queue_position(session, run) for run in runs}
+    ids = [run.id for run in runs]
+    # Stamped in queue-time order: ids[1] and ids[6] (5 s early, by id), ids[0] and ids[3]
+    # (now, by id), ids[4]; unstamped ids[2] has two queued runs before it, ids[5] five.
+    assert ranked == {ids[1]: 1, ids[6]: 2, ids[0]: 3, ids[3]: 4, ids[4]: 5,
+                      ids[2]: 3, ids[5]: 6}
+    assert one_by_one == {**ranked, ids[7]: None}

@@ -9,7 +9,7 @@ import shutil
 import statistics
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -406,13 +406,14 @@ def remove_run_folders(settings: Settings, run_ids: list[int]) -> None:
         shutil.rmtree(settings.runs_dir / str(run_id), ignore_errors=True)
 
 
-def experiment_status(runs: list[Run]) -> str:
-    counts = Counter(run.status for run in runs)
+def experiment_status(run_counts: Mapping[str, int]) -> str:
+    """An experiment's status from how many of its runs are in each status."""
+    counts = Counter(run_counts)
     if counts["running"]:
         return "running"
     if counts["queued"]:
         # Some runs done and the rest waiting for a worker: under way, though none trains now.
-        return "in progress" if counts["queued"] < len(runs) else "queued"
+        return "in progress" if counts["queued"] < counts.total() else "queued"
     if counts["failed"] or counts["lost"]:
         return "finished with failures"
     if counts["cancelled"]:

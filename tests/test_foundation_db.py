@@ -310,3 +310,36 @@ def test_a_runs_queue_position_counted_by_the_database_matches_the_whole_queues_
     assert ranked == {ids[1]: 1, ids[6]: 2, ids[0]: 3, ids[3]: 4, ids[4]: 5,
                       ids[2]: 3, ids[5]: 6}
     assert one_by_one == {**ranked, ids[7]: None}
+
+
+def test_the_experiment_list_counts_each_experiments_runs_by_status(database_url: str) -> None:
+    from app.routers.experiments import list_experiments
+    from tests.support import add_dataset_row
+
+    upgrade_to_head(database_url)
+    first, second = add_dataset_row(database_url), add_dataset_row(database_url)
+    statuses = {first: [["succeeded", "succeeded", "failed"], ["queued", "running", "queued"]],
+                second: [["cancelled", "succeeded"], []]}
+    with session_scope(database_url) as session:
+        for dataset_id, experiments in statuses.items():
+            for run_statuses in experiments:
+                experiment = Experiment(dataset_id=dataset_id, backbone="b",
+                                        methods=["fine-tune"], budgets=[0.5], seeds=[0],
+                                        preset="quick")
+                session.add(experiment)
+                session.flush()
+                for status in run_statuses:
+                    session.add(Run(experiment_id=experiment.id, dataset_id=dataset_id,
+                                    method="fine-tune", budget=0.5, budget_label="50%",
+                                    status=status))
+    with session_scope(database_url) as session:
+        listed = [(item.dataset_id, item.run_counts, item.status)
+                  for item in list_experiments(session, None)]
+        on_first = [item.run_counts for item in list_experiments(session, first)]
+    assert listed == [  # newest first
+        (second, {}, "finished"),
+        (second, {"cancelled": 1, "succeeded": 1}, "partly cancelled"),
+        (first, {"queued": 2, "running": 1}, "running"),
+        (first, {"succeeded": 2, "failed": 1}, "finished with failures"),
+    ]
+    assert on_first == [{"queued": 2, "running": 1}, {"succeeded": 2, "failed": 1}]

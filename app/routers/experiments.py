@@ -3,10 +3,12 @@ cancel every run, delete."""
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
 
@@ -59,7 +61,7 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
         preset=experiment.preset,
         overrides=experiment.overrides,
         created_at=as_utc(experiment.created_at),
-        status=experiment_status(runs),
+        status=experiment_status(Counter(run.status for run in runs)),
         runs=[run_summary(run, positions.get(run.id)) for run in runs],
         budget_table=budget_table(runs, labeled),
         label_estimates=label_estimates(runs, labeled),
@@ -86,19 +88,24 @@ def start_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDe
 def list_experiments(session: DbDep, dataset_id: DatasetFilter = None):
     """Every experiment, newest first, or with `?dataset_id=` those on one dataset."""
     query = select(Experiment).order_by(Experiment.id.desc())
+    counting = select(Run.experiment_id, Run.status, func.count()).group_by(
+        Run.experiment_id, Run.status)
     if dataset_id is not None:
         query = query.where(Experiment.dataset_id == dataset_id)
+        counting = counting.where(Run.dataset_id == dataset_id)
+    # Counted by the database: loading every run (metrics, confusion matrices) of every
+    # experiment took 2.6 s for 1,000 experiments of 12 runs.
+    counts: dict[int, dict[str, int]] = defaultdict(dict)
+    for experiment_id, status, count in session.execute(counting):
+        counts[experiment_id][status] = count
     items = []
     for experiment in session.scalars(query):
-        runs = list(experiment.runs)
-        counts: dict[str, int] = {}
-        for run in runs:
-            counts[run.status] = counts.get(run.status, 0) + 1
+        run_counts = counts[experiment.id]
         items.append(ExperimentListItem(
             id=experiment.id, name=experiment.name, dataset_id=experiment.dataset_id,
             backbone=experiment.backbone, methods=experiment.methods, preset=experiment.preset,
-            created_at=as_utc(experiment.created_at), status=experiment_status(runs),
-            run_counts=counts,
+            created_at=as_utc(experiment.created_at), status=experiment_status(run_counts),
+            run_counts=run_counts,
         ))
     return items
 

@@ -1,0 +1,129 @@
+"""Every page, in the states a user meets, audited by axe-core (WCAG 2.1 A and AA rules and
+axe's best practices) in Chromium, on a desktop and a phone window, against a real uvicorn,
+Redis and SQLite. No worker: the test writes what a worker would (a finished run with its
+curves and pseudo-label quality, a running one, a failed one with its traceback)."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from app.db import session_scope
+from app.models import Artifact, Run, RunMetric
+from tests.browser import DESKTOP, PHONE, open_browser
+from tests.support import PROJECT_ROOT, app_env, make_image_archive, start_server
+from tests.test_datasets_support import upload
+from tests.test_experiments_cancel_delete import mark_running, start_sweep
+from tests.test_pages_fixes import finish, quality
+
+pytestmark = pytest.mark.browser
+
+AXE = PROJECT_ROOT / "node_modules" / "axe-core" / "axe.min.js"  # package.json, `make test`
+RULES = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
+TOKEN = "correct-horse-battery-staple"
+
+
+def violations(page) -> list[str]:
+    """What axe finds on the page as it is now: rule, impact and the elements, one line each."""
+    page.add_script_tag(path=str(AXE))
+    return page.evaluate("""async (rules) => {
+        const found = await axe.run(document, {runOnly: rules});
+        return found.violations.map((v) => `${v.id} (${v.impact}): ${v.help}: `
+            + v.nodes.map((n) => n.target.join(" ")).join(", "));
+    }""", RULES)
+
+
+@pytest.fixture
+def lab(settings, tmp_path):
+    """A token-guarded server with an uploaded dataset and a sweep of four runs: one
+    succeeded, one running, one queued and one failed. Returns (url, pages to audit)."""
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_API_TOKEN=TOKEN)
+    url, process = start_server(env, tmp_path / "uvicorn.log")
+    database_url = settings.sqlalchemy_url
+    live = redis.Redis.from_url(settings.effective_redis_url)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    import httpx
+
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+        created = upload(client, make_image_archive(tmp_path / "shapes.zip").read_bytes())
+        assert created.status_code == 201, created.text
+        dataset_id = created.json()["id"]
+        experiment_id, (done, running, queued, failed) = start_sweep(client, dataset_id)
+    with session_scope(database_url) as session:
+        for step in (10, 20):
+            session.add(RunMetric(run_id=done, kind="train", step=step, values={
+                "loss_ce": 1 / step, "loss_pgc_labeled": 2 / step, "lr": 0.01,
+                "images_per_s": 50.0}))
+            session.add(RunMetric(run_id=done, kind="eval", step=step, values={
+                "test_top1": 0.5, "test_mean_class_acc": 0.5, "pseudo_label_acc": 0.6,
+                "queue_purity": 0.8}))
+        session.add(Artifact(run_id=done, name="model.safetensors",
+                             path=f"runs/{done}/model.safetensors", size_bytes=1536,
+                             sha256="0" * 64))
+    for run_id in (done, running, failed):
+        mark_running(database_url, run_id)
+    finish(database_url, live, done, {
+        "test_top1": 0.5, "test_mean_class_acc": 0.5, "pseudo_label_acc": 0.7,
+        "confusion_matrix": [[1, 1, 0], [0, 2, 0], [0, 0, 2]],
+        "per_class_acc": [0.5, 1.0, 1.0], "pseudo_label_quality": quality(8, True)})
+    with session_scope(database_url) as session:
+        session.get(Run, failed).error = "RuntimeError: out of memory\n\n" + (
+            '  File "worker/training.py", line 1, in train\n' * 30)
+    finish(database_url, live, failed, status="failed")
+    pages = {  # path: what shows once the page has drawn itself
+        "/": "main h1",
+        "/datasets": "#datasets",
+        "/datasets/new": "#file",
+        f"/datasets/{dataset_id}": "#class-thumbnails img",
+        "/experiments": "#experiments",
+        f"/experiments/new?dataset_id={dataset_id}": "#f-backbone",
+        f"/experiments/{experiment_id}": "#runs tbody tr",
+        f"/runs/{done}": "#results:not([hidden]) #confusion td",
+        f"/runs/{running}": "#run-status:has-text('running')",
+        f"/runs/{queued}": "#run-status:has-text('queued')",
+        f"/runs/{failed}": "#run-error:not([hidden])",
+        "/runs/999999": "main h1",  # the error page
+    }
+    yield url, pages
+    process.stop()
+
+
+@pytest.mark.parametrize("window", ["desktop", "phone"])
+def test_every_page_passes_an_accessibility_audit(lab, window, request):
+    url, pages = lab
+    found: dict[str, list[str]] = {}
+    with open_browser(request.node.name, {"desktop": DESKTOP, "phone": PHONE}[window]) as browser:
+        page = browser.page
+        page.goto(f"{url}/login?next=/")
+        page.fill("#token", "wrong")
+        page.click("button[type=submit]")
+        page.wait_for_selector("text=That token is not right.")
+        found["/login, wrong token"] = violations(page)
+        page.fill("#token", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{url}/")
+
+        for path, ready in pages.items():
+            page.goto(url + path)
+            page.wait_for_selector(ready)
+            found[path] = violations(page)
+
+        # The form with the API's messages beside its fields.
+        page.goto(url + next(path for path in pages if path.startswith("/experiments/new")))
+        page.fill("#f-lr", "0")
+        page.fill("#f-budgets", "30%, lots")
+        page.click("#start")
+        page.wait_for_selector('[data-field="budgets"] .field-error:visible')
+        found["/experiments/new, errors"] = violations(page)
+
+        # An upload the server refuses, with its message.
+        page.goto(url + "/datasets/new")
+        page.set_input_files("#file", {"name": "notes.zip", "mimeType": "application/zip",
+                                       "buffer": b"not a zip archive"})
+        page.click("#upload-button")
+        page.wait_for_selector("#upload-error:not([hidden])")
+        found["/datasets/new, refused"] = violations(page)
+        browser.screenshot("last-audited")
+    assert {where: lines for where, lines in found.items() if lines} == {}
+    assert len(found) == len(pages) + 3  # every page was audited

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-from collections.abc import Iterator
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import redis
@@ -60,6 +64,71 @@ def token_matches(settings: Settings, presented: str | None) -> bool:
     return hmac.compare_digest(presented.encode(), expected.encode())
 
 
+class WrongTokens:
+    """The wrong tokens each client address presented lately. Past `limit` different ones
+    within `window_s`, that address's token checks are refused, the right token's too, until
+    enough of its guesses are older than the window. Different ones: a browser tab with a
+    cookie from before the token changed repeats one token, a guesser does not. Kept in the
+    web process (the app runs one); behind a proxy, uvicorn's --proxy-headers gives the
+    client's address."""
+
+    def __init__(self, limit: int = 10, window_s: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.window_s, self.clock = limit, window_s, clock
+        self._guesses: dict[str, dict[str, float]] = {}  # address -> token digest -> when
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> dict[str, float]:
+        guesses = self._guesses.get(address, {})
+        recent = {digest: at for digest, at in guesses.items() if now - at < self.window_s}
+        if recent:
+            self._guesses[address] = recent
+        else:
+            self._guesses.pop(address, None)
+        return recent
+
+    def retry_after(self, address: str) -> int:
+        """Seconds until `address` may present a token again (0: now)."""
+        with self._lock:
+            now = self.clock()
+            recent = self._recent(address, now)
+            if len(recent) < self.limit:
+                return 0
+            # Refused ones are not recorded: the count falls below the limit once the
+            # oldest guesses leave the window.
+            times = sorted(recent.values())
+            return max(1, math.ceil(times[len(times) - self.limit] + self.window_s - now))
+
+    def record(self, address: str, token: str) -> None:
+        digest = hashlib.sha256(token.encode(errors="replace")).hexdigest()
+        with self._lock:
+            now = self.clock()
+            if len(self._guesses) > 100_000:  # many addresses: forget the stale ones
+                for stale in list(self._guesses):
+                    self._recent(stale, now)
+            self._recent(address, now)
+            self._guesses.setdefault(address, {})[digest] = now
+
+
+def token_accepted(request: Request, settings: Settings, presented: str | None) -> bool:
+    """token_matches, counting the wrong tokens a client presents (WrongTokens): a client
+    past the limit gets a 429 that says when to try again."""
+    if settings.token is None:
+        return True
+    wrong_tokens: WrongTokens = request.app.state.wrong_tokens
+    address = request.client.host if request.client else "unknown"
+    if wait_s := wrong_tokens.retry_after(address):
+        raise HTTPException(
+            status_code=429, headers={"Retry-After": str(wait_s)},
+            detail=f"too many wrong tokens from this address ({wrong_tokens.limit} different "
+                   f"ones): try again in {wait_s} s")
+    if token_matches(settings, presented):
+        return True
+    if presented:
+        wrong_tokens.record(address, presented)
+    return False
+
+
 def presented_token(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
@@ -78,7 +147,7 @@ def require_token(request: Request, settings: SettingsDep,
                   _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
     """With SELFTUNE_API_TOKEN set, every API route needs `Authorization: Bearer <token>`
     (or the HttpOnly cookie the login page sets)."""
-    if not token_matches(settings, presented_token(request)):
+    if not token_accepted(request, settings, presented_token(request)):
         raise HTTPException(
             status_code=401,
             detail="missing or wrong API token: send 'Authorization: Bearer <token>'",

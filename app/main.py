@@ -28,7 +28,7 @@ from starlette.routing import Match
 
 from app import __version__
 from app.config import Settings, get_settings
-from app.deps import require_token
+from app.deps import WrongTokens, require_token
 from app.guard import BrowserGuard
 from app.routers import (
     dataset_pages,
@@ -248,6 +248,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.wrong_tokens = WrongTokens()
     app.add_middleware(BodyLimit)
     app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(ApiWithoutTrailingSlash)

@@ -9,7 +9,7 @@ import sys
 import httpx
 import pytest
 
-from app.deps import AUTH_COOKIE
+from app.deps import AUTH_COOKIE, WrongTokens
 from tests.support import app_env, start_server
 
 TOKEN = "correct-horse-battery-staple"
@@ -171,3 +171,48 @@ def test_no_other_site_may_frame_the_pages_and_answers_carry_hardening_headers(
         page.set_content(f'<iframe id="f" src="{guarded_server}/login"></iframe>')
         frame = page.frame_locator("#f")
         assert frame.locator("#token").count() == 0  # the sign-in form never showed
+
+
+def test_wrong_tokens_are_counted_per_address_and_only_different_ones():
+    now = [1000.0]
+    wrong = WrongTokens(limit=3, window_s=60, clock=lambda: now[0])
+    for _ in range(20):  # a tab with a cookie from before the token changed: one guess
+        wrong.record("10.0.0.1", "stale")
+    assert wrong.retry_after("10.0.0.1") == 0
+    now[0] += 10
+    wrong.record("10.0.0.1", "guess-1")
+    assert wrong.retry_after("10.0.0.1") == 0
+    now[0] += 10
+    wrong.record("10.0.0.1", "guess-2")  # the third different one
+    assert wrong.retry_after("10.0.0.1") == 40  # until "stale" (t=1000) is a minute old
+    assert wrong.retry_after("10.0.0.2") == 0  # another address is not held
+    now[0] += 39.5
+    assert wrong.retry_after("10.0.0.1") == 1
+    now[0] += 0.5
+    assert wrong.retry_after("10.0.0.1") == 0
+
+
+def test_an_address_guessing_tokens_is_held_off_and_a_stale_cookie_is_not(guarded_server):
+    """No limit on wrong tokens let a client on the network try tokens as fast as the
+    server answered (the README's random token makes that hopeless, a short one does not)."""
+    with httpx.Client(base_url=guarded_server, timeout=30,
+                      cookies={AUTH_COOKIE: "old-token"}) as tab:
+        for _ in range(25):  # a browser tab after the token changed repeats one cookie
+            assert tab.get("/api/experiments").status_code == 401
+    with httpx.Client(base_url=guarded_server, timeout=30) as client:
+        right = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.get("/api/experiments", headers=right).status_code == 200
+        for guess in range(9):  # with "old-token", ten different wrong tokens
+            answer = client.get("/api/experiments", headers={"Authorization": f"Bearer g{guess}"})
+            assert answer.status_code == 401
+        held = client.get("/api/experiments", headers=right)  # the right one too, now
+        assert held.status_code == 429
+        assert 590 <= int(held.headers["retry-after"]) <= 600
+        assert held.json()["detail"].startswith(
+            "too many wrong tokens from this address (10 different ones): try again in ")
+        page = client.post("/login", data={"token": TOKEN, "next": "/"})
+        assert page.status_code == 429 and "Too many wrong tokens" in page.text
+        assert "set-cookie" not in page.headers
+    with httpx.Client(base_url=guarded_server, timeout=30,
+                      cookies={AUTH_COOKIE: TOKEN}) as signed_in:
+        assert signed_in.get("/datasets").status_code == 429

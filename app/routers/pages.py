@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode, urlparse
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from app import __version__
-from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_matches
+from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, token_matches
 from app.routers.health import check_health
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
@@ -47,7 +47,7 @@ router = APIRouter(include_in_schema=False)
 
 def page_guard(request: Request, settings) -> Response | None:
     """Redirect to the login form when a token is configured and not presented."""
-    if token_matches(settings, presented_token(request)):
+    if token_accepted(request, settings, presented_token(request)):
         return None
     # The whole address comes back after the login (a form's ?dataset_id=5 included).
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -89,7 +89,15 @@ def login(
     token: Annotated[str, Form()],
     next: Annotated[str, Form()] = "/",
 ) -> Response:
-    if not token_matches(settings, token):
+    try:
+        accepted = token_accepted(request, settings, token)
+    except HTTPException as exc:  # too many wrong tokens: the form says so
+        return templates.TemplateResponse(
+            request, "login.html", {"next": next, "error": f"{exc.detail[:1].upper()}"
+                                    f"{exc.detail[1:]}."},
+            status_code=exc.status_code, headers=exc.headers,
+        )
+    if not accepted:
         return templates.TemplateResponse(
             request, "login.html", {"next": next, "error": "That token is not right."},
             status_code=401,

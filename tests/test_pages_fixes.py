@@ -956,3 +956,71 @@ def test_many_classes_list_their_most_frequent_confusions_instead_of_a_matrix(
                         ["class 03", "class 07", "4", "40.0%"],
                         ["class 00", "class 39", "1", "10.0%"]]
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_an_experiments_results_and_runs_download_as_csv_from_its_page(live_server, request):
+    """The results lived on the page and in the API's JSON only: a table for a paper or a
+    notebook had to be copied by hand."""
+    import csv
+
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset_row(database_url, {"a": {"train": 10, "test": 2},
+                                                "b": {"train": 10, "test": 2}})
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, dataset_id)  # 2 methods x 50% x seeds 0, 1
+        ids = runs_by(client, experiment_id)
+    for seed, top1 in ((0, 0.8), (1, 0.9)):
+        run_id = ids[("self-tuning", "50%", seed)]
+        mark_running(database_url, run_id)
+        finish(database_url, live, run_id, {
+            "test_top1": top1, "test_mean_class_acc": top1 - 0.05, "pseudo_label_acc": 0.75,
+            "train_pseudo_label_acc": 0.6, "labeled_count": 10})
+    failed = ids[("fine-tune", "50%", 0)]
+    mark_running(database_url, failed)
+    with session_scope(database_url) as session:
+        session.get(Run, failed).error = "RuntimeError: out of memory\n\nTraceback ..."
+    finish(database_url, live, failed, status="failed")
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        with page.expect_download() as summary_download:
+            page.click("#result-downloads a:text-is('this table')")
+        assert summary_download.value.suggested_filename == (
+            f"experiment-{experiment_id}-summary.csv")
+        summary = list(csv.DictReader(io.StringIO(summary_download.value.path().read_text())))
+        with page.expect_download() as runs_download:
+            page.click("#result-downloads a:text-is('every run')")
+        assert runs_download.value.suggested_filename == f"experiment-{experiment_id}-runs.csv"
+        runs = list(csv.DictReader(io.StringIO(runs_download.value.path().read_text())))
+        browser.assert_no_errors()
+
+    assert [(row["method"], row["budget_label"], row["labeled_count"], row["runs"],
+             row["finished"], row["pending"], row["best"]) for row in summary] == [
+        ("fine-tune", "50%", "10", "2", "0", "1", "False"),  # the page's order
+        ("self-tuning", "50%", "10", "2", "2", "0", "True")]
+    assert summary[0]["mean_top1"] == summary[0]["std_top1"] == ""
+    assert float(summary[1]["mean_top1"]) == pytest.approx(0.85)
+    assert float(summary[1]["std_top1"]) == pytest.approx(0.0707, abs=1e-4)
+
+    by_id = {int(row["run_id"]): row for row in runs}
+    assert sorted(by_id) == sorted(ids.values())
+    best = by_id[ids[("self-tuning", "50%", 1)]]
+    assert (best["method"], best["seed"], best["status"], best["labeled_count"]) == (
+        "self-tuning", "1", "succeeded", "10")
+    assert [float(best[key]) for key in ("test_top1", "test_mean_class_acc",
+                                         "pseudo_label_acc", "train_pseudo_label_acc")] == \
+        pytest.approx([0.9, 0.85, 0.75, 0.6])
+    assert datetime.fromisoformat(best["finished_at"]).tzinfo is not None
+    assert float(best["seconds"]) >= 0 and best["error"] == ""
+    assert by_id[failed]["status"] == "failed"
+    assert by_id[failed]["error"] == "RuntimeError: out of memory"
+    waiting = by_id[ids[("fine-tune", "50%", 1)]]
+    assert (waiting["status"], waiting["test_top1"], waiting["started_at"], waiting["seconds"],
+            waiting["labeled_count"]) == ("queued", "", "", "", "10")
+    with live_server.client() as client:
+        assert client.get("/api/experiments/999999/runs.csv").status_code == 404
+        head = client.head(f"/api/experiments/{experiment_id}/summary.csv")
+        assert head.status_code == 200 and head.headers["content-type"].startswith("text/csv")

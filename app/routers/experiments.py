@@ -3,7 +3,11 @@ cancel every run, delete."""
 
 from __future__ import annotations
 
+import csv
+import io
 from collections import Counter, defaultdict
+from datetime import datetime
+from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -114,6 +118,80 @@ def list_experiments(session: DbDep, dataset_id: DatasetFilter = None):
             responses={404: {"model": ErrorOut}})
 def read_experiment(experiment_id: ExperimentId, session: DbDep):
     return experiment_out(get_experiment(session, experiment_id))
+
+
+RUN_COLUMNS = [
+    "run_id", "method", "budget_label", "labeled_count", "seed", "status", "test_top1",
+    "test_mean_class_acc", "pseudo_label_acc", "train_pseudo_label_acc", "iterations",
+    "step", "attempts", "queued_at", "started_at", "finished_at", "seconds", "backbone",
+    "device", "error",
+]
+SUMMARY_COLUMNS = ["budget_label", "labeled_count", "method", "runs", "finished", "pending",
+                   "mean_top1", "std_top1", "best"]
+CSV_FILE = {200: {"content": {"text/csv": {}}}, 404: {"model": ErrorOut}}
+
+
+def csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    return value
+
+
+def csv_download(rows: list[dict], columns: list[str], filename: str) -> Response:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({key: csv_value(value) for key, value in row.items()} for row in rows)
+    return Response(buffer.getvalue(), media_type="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+def run_rows(experiment: Experiment, session: Session) -> list[dict]:
+    """One row per run: what it was and what it scored, scores as fractions (0-1)."""
+    runs = list(experiment.runs)
+    labeled = budget_labeled_counts(session.get(Dataset, experiment.dataset_id), runs)
+    rows = []
+    for run in runs:
+        metrics = run.metrics or {}
+        started, finished = as_utc(run.started_at), as_utc(run.finished_at)
+        rows.append({
+            **{key: metrics.get(key) for key in RUN_COLUMNS if key in metrics},
+            "run_id": run.id, "method": run.method, "budget_label": run.budget_label,
+            "labeled_count": metrics.get("labeled_count", labeled.get(run.budget_label)),
+            "seed": run.seed, "status": run.status, "iterations": run.total_steps,
+            "step": run.step, "attempts": run.attempts,
+            "queued_at": as_utc(run.queued_at), "started_at": started, "finished_at": finished,
+            "seconds": round((finished - started).total_seconds(), 1)
+            if started and finished else None,
+            "backbone": experiment.backbone, "device": run.device,
+            "error": (run.error or "").strip().splitlines()[0][:300] if run.error else None,
+        })
+    return rows
+
+
+@router.get("/{experiment_id}/runs.csv", responses=CSV_FILE, response_class=Response)
+@router.head("/{experiment_id}/runs.csv", include_in_schema=False)
+def download_runs(experiment_id: ExperimentId, session: DbDep) -> Response:
+    """Every run of the experiment, one row each: method, budget, labeled count, seed,
+    status, final scores (fractions: test top-1, mean per-class accuracy, the final model's
+    pseudo-label accuracy on the images whose labels the budget withheld, and training's
+    own), iterations, times (UTC) and the first line of a failure."""
+    experiment = get_experiment(session, experiment_id)
+    return csv_download(run_rows(experiment, session), RUN_COLUMNS,
+                        f"experiment-{experiment_id}-runs.csv")
+
+
+@router.get("/{experiment_id}/summary.csv", responses=CSV_FILE, response_class=Response)
+@router.head("/{experiment_id}/summary.csv", include_in_schema=False)
+def download_summary(experiment_id: ExperimentId, session: DbDep) -> Response:
+    """The results table: per budget (fewest labels first) and method, the mean and sample
+    standard deviation of final test top-1 over the succeeded seeds, and which methods are
+    the best of their budget (the page's bold cells)."""
+    body = experiment_out(get_experiment(session, experiment_id))
+    return csv_download([row.model_dump() for row in body.budget_table], SUMMARY_COLUMNS,
+                        f"experiment-{experiment_id}-summary.csv")
 
 
 @router.post("/{experiment_id}/cancel", response_model=ExperimentOut,

@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import OperationalError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.routing import Match
 
 from app import __version__
@@ -158,6 +159,24 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+class Compressed:
+    """gzip for pages, JSON and static assets when the client accepts it (a run's metrics
+    are a few hundred kB of JSON, Chart.js 200 kB). Downloads pass as they are: files a
+    person saves keep their size for the progress bar, their ranges and their ETags; images,
+    archives and live feeds are left alone by content type."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.gzip = GZipMiddleware(app, minimum_size=1024, compresslevel=6)
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and not ("/files/" in path or path.endswith(DOWNLOADS)):
+            await self.gzip(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 class HeadAsGet:
     """HEAD is GET without the body (RFC 9110), wherever GET is answered: FastAPI's routes
     take only the methods they declare, so pages, JSON and thumbnails answered HEAD with 405
@@ -254,6 +273,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ApiWithoutTrailingSlash)
     app.add_middleware(HeadAsGet, router=app.router)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(Compressed)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_token)])
     app.include_router(health.public_router)

@@ -52,7 +52,7 @@ def lab(settings, tmp_path):
         experiment_id, (done, running, queued, failed) = start_sweep(client, dataset_id)
     with session_scope(database_url) as session:
         for step in (10, 20):
-            session.add(RunMetric(run_id=done, kind="train", step=step, values={
+            session.add(RunMetric(run_id=done, kind="progress", step=step, values={
                 "loss_ce": 1 / step, "loss_pgc_labeled": 2 / step, "lr": 0.01,
                 "images_per_s": 50.0}))
             session.add(RunMetric(run_id=done, kind="eval", step=step, values={
@@ -125,5 +125,9 @@ def test_every_page_passes_an_accessibility_audit(lab, window, request):
         page.wait_for_selector("#upload-error:not([hidden])")
         found["/datasets/new, refused"] = violations(page)
         browser.screenshot("last-audited")
+        # Only the refusals the test provokes: wrong token, no such run, not an archive, and
+        # the form's invalid values.
+        browser.assert_no_errors(expected=tuple(f"status of {code}" for code in (401, 404,
+                                                                                  415, 422)))
     assert {where: lines for where, lines in found.items() if lines} == {}
     assert len(found) == len(pages) + 3  # every page was audited

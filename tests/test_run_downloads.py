@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 
 from app.db import session_scope
-from app.models import Artifact
+from app.models import Artifact, RunMetric
 from tests.support import add_dataset_row
 from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
 
@@ -84,3 +84,57 @@ def test_ranges_of_bytes_are_honoured_and_of_other_units_ignored(live_server):
             assert whole.content == files["config.json"]
         beyond = client.get(url, headers={"Range": f"bytes={10**6}-"})
         assert beyond.status_code == 416
+
+
+def test_pages_json_and_assets_come_compressed_and_downloads_as_they_are(live_server):
+    """Nothing was compressed: a run's metrics (a few hundred kB of JSON for a long run) and
+    every page crossed the network whole."""
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+    run_id = run_ids[0]
+    files = {"model.safetensors": bytes(200_000),  # compressible, yet sent as it is
+             "config.json": json.dumps({"label_names": ["cat"] * 2000}).encode(),
+             "training.json": json.dumps({"metrics": {"test_top1": 0.5}}).encode(),
+             "predictions.csv": b"image_id,path,label,confidence,margin,hidden_label\n"
+             + b"1,unlabeled/a.png,cat,0.9,0.5,\n" * 3000}
+    folder = live_server.data_dir / "runs" / str(run_id)
+    folder.mkdir(parents=True)
+    with session_scope(database_url) as session:
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+            session.add(Artifact(run_id=run_id, name=name, path=f"runs/{run_id}/{name}",
+                                 size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+        for step in range(1, 301):
+            session.add(RunMetric(run_id=run_id, kind="progress", step=step,
+                                  values={"loss_ce": 1 / step, "lr": 0.01, "images_per_s": 40.0}))
+    end_as_worker(database_url, live, run_id, "succeeded")
+
+    gzip_ok = {"Accept-Encoding": "gzip"}
+    with live_server.client() as client:
+        for path in (f"/runs/{run_id}", f"/experiments/{experiment_id}",
+                     f"/api/runs/{run_id}/metrics", f"/api/experiments/{experiment_id}",
+                     "/static/vendor/chart.umd.min.js", "/static/app.css"):
+            packed = client.get(path, headers=gzip_ok)
+            plain = client.get(path, headers={"Accept-Encoding": "identity"})
+            assert packed.status_code == plain.status_code == 200, path
+            assert packed.headers.get("content-encoding") == "gzip", path
+            assert packed.num_bytes_downloaded < len(plain.content) / 2, path
+            assert "content-encoding" not in plain.headers, path
+            if path.startswith("/api/") or path.startswith("/static/"):
+                assert packed.content == plain.content, path  # httpx unpacked it
+        assert len(client.get(f"/api/runs/{run_id}/metrics").json()["points"]) >= 300
+
+        for name, data in files.items():
+            sent = client.get(f"/api/runs/{run_id}/files/{name}", headers=gzip_ok)
+            assert sent.status_code == 200 and "content-encoding" not in sent.headers, name
+            assert int(sent.headers["content-length"]) == len(data) and sent.content == data
+        for path in (f"/api/runs/{run_id}/checkpoint", f"/api/runs/{run_id}/predictions.csv",
+                     f"/api/runs/{run_id}/label-next.csv"):
+            sent = client.get(path, headers=gzip_ok)
+            assert sent.status_code == 200 and "content-encoding" not in sent.headers, path
+        with client.stream("GET", f"/api/runs/{run_id}/events", headers=gzip_ok) as feed:
+            assert feed.headers["content-type"].startswith("text/event-stream")
+            assert "content-encoding" not in feed.headers
+            assert any(line.startswith("data: {") for line in feed.iter_lines())

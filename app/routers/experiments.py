@@ -166,7 +166,7 @@ def run_rows(experiment: Experiment, session: Session) -> list[dict]:
             "seconds": round((finished - started).total_seconds(), 1)
             if started and finished else None,
             "backbone": experiment.backbone, "device": run.device,
-            "error": (run.error or "").strip().splitlines()[0][:300] if run.error else None,
+            "error": next(iter((run.error or "").strip().splitlines()), "")[:300],
         })
     return rows
 

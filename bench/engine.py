@@ -40,7 +40,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "animal-mnist.zip"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--budgets", default="0.01,0.05,0.15")
     parser.add_argument("--methods", default="self-tuning,fine-tune,fixmatch")

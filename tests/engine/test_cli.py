@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 
 from tests.engine.helpers import write_shapes_dataset
 from worker.selftuning.budgets import BudgetError
-from worker.selftuning.cli import main, parse_budget
+from worker.selftuning.cli import _Progress, main, parse_budget
 
 ROOT = Path(__file__).resolve().parents[2]
 # A run of seconds: a tiny random-init model at 32 px for one iteration, on one CPU thread.
@@ -181,13 +182,18 @@ def _shapes(tmp_path: Path) -> Path:
         (_not_a_zip, TEST_BACKBONE, "photos.zip is not a readable .zip archive"),
         (_broken_tar, TEST_BACKBONE, "photos.tar.gz is not a readable .tar or .tar.gz"),
         (_tar_with_a_link_out, TEST_BACKBONE, "is a link to an absolute path"),
-        (_shapes, ["--backbone", "no_such_net"], "train from scratch with --no-pretrained"),
+        # It advised --no-pretrained, which then failed with "unknown backbone".
+        (_shapes, ["--backbone", "no_such_net"],
+         "unknown backbone 'no_such_net': not a timm architecture"),
         (_shapes, ["--backbone", "no_such_net", "--no-pretrained"], "unknown backbone"),
+        # A 30-line AssertionError from inside the model, after the images were read.
+        (_shapes, ["--backbone", "vit_tiny_patch16_224", "--no-pretrained"],
+         "vit_tiny_patch16_224 takes 224 px images only: set image_size to 224"),
         pytest.param(_shapes, [*TEST_BACKBONE, "--device", "cuda"], "no CUDA GPU",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
     ],
     ids=["not-a-zip", "broken-tar", "tar-link-out", "unknown-backbone",
-         "unknown-backbone-no-pretrained", "cuda-without-gpu"],
+         "unknown-backbone-no-pretrained", "fixed-size-backbone", "cuda-without-gpu"],
 )
 def test_user_errors_are_one_line_and_leave_no_out_folder(
     tmp_path: Path, capsys, monkeypatch, make_data, flags, message
@@ -270,3 +276,102 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path: Path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"[{step}/60] resumed" in resumed.stdout
     assert json.loads((out / "training.json").read_text())["metrics"]["steps"] == 60
+
+
+def test_a_finished_run_whose_state_was_deleted_takes_only_the_same_run_again(
+    tmp_path: Path, capsys
+):
+    """The README says to delete state/ once a run is done; after that any other run with
+    the same --out replaced its model and training.json without a word."""
+    data, out = _shapes(tmp_path), tmp_path / "out"
+    command = ["train", "--data", str(data), "--out", str(out), "--method", "fine-tune",
+               *TINY, *TEST_BACKBONE]
+    assert main(command) == 0
+    shutil.rmtree(out / "state")
+    finished = (out / "training.json").read_bytes()
+    model = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([*command, "--method", "self-tuning", "--seed", "3"]) == 2
+    assert _last_error(capsys) == (
+        f"error: the finished run in --out {out} was made with other settings (method, seed); "
+        "use a new output folder")
+    other = write_shapes_dataset(tmp_path / "other", train_per_class=3, test_per_class=1)
+    assert main(["train", "--data", str(other), *command[3:]]) == 2
+    assert "was made with other images or labels" in _last_error(capsys)
+    assert (out / "training.json").read_bytes() == finished
+    assert (out / "model.safetensors").read_bytes() == model
+    assert main(command) == 0  # the same run again exports the same model
+    assert (out / "model.safetensors").read_bytes() == model
+
+
+def test_a_class_whose_training_images_all_copy_another_class_is_refused(
+    tmp_path: Path, capsys
+):
+    """Its images left out as copies, the class trained on nothing and was still scored."""
+    data = _shapes(tmp_path)
+    copies = data / "train" / "zebra"
+    copies.mkdir()
+    for source in sorted((data / "train" / "circle").iterdir()):
+        shutil.copy(source, copies / source.name)
+    (data / "test" / "zebra").mkdir()
+    write_shapes_dataset(tmp_path / "more", train_per_class=1, test_per_class=0, seed=9)
+    shutil.copy(next((tmp_path / "more" / "train" / "square").iterdir()),
+                data / "test" / "zebra" / "z.png")
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(data), "--out", str(out), *TINY, *TEST_BACKBONE]) == 2
+    assert _last_error(capsys) == (
+        "error: class(es) 'zebra' have no training image left once images with the same bytes "
+        "as another were left out: their images are copies of other classes' images; remove "
+        "the copies or the class")
+    assert not out.exists()
+
+
+def test_a_dataset_that_does_not_exist_is_called_missing(tmp_path: Path, capsys):
+    missing = tmp_path / "photos"
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "out"), *TINY,
+                 *TEST_BACKBONE]) == 2
+    assert _last_error(capsys) == f"error: dataset {missing} does not exist"
+
+
+def test_progress_lines_give_the_time_taken_and_left_and_name_trainings_pseudo_labels(
+    capsys,
+):
+    clock = iter([100.0, 130.0, 160.0])
+    progress = _Progress(clock=lambda: next(clock))
+    progress({"type": "started", "step": 100, "total_steps": 400, "resumed_from_step": 100})
+    progress({"type": "progress", "step": 110, "total_steps": 400, "losses": {"ce": 1.0},
+              "lr": 0.01, "images_per_s": 32.0})
+    progress({"type": "progress", "step": 120, "total_steps": 400, "losses": {"ce": 0.5},
+              "lr": 0.01, "images_per_s": 32.0})
+    progress({"type": "eval", "step": 120, "total_steps": 400, "test_top1": 0.5,
+              "pseudo_label_acc": 0.25})
+    assert capsys.readouterr().out.splitlines() == [
+        "[100/400] resumed",
+        "[110/400] ce=1.0000 lr=0.01 32.0 img/s, 30 s, 14 min 30 s left",  # from the resume
+        "[120/400] ce=0.5000 lr=0.01 32.0 img/s, 1 min 0 s, 14 min 0 s left",
+        # As the final line names it: its pseudo_label_acc is the final model's.
+        "[120/400] eval test_top1=0.5000 train_pseudo_label_acc=0.2500",
+    ]
+
+
+def test_a_second_ctrl_c_inside_a_checkpoint_save_stops_with_the_exit_code_and_no_traceback(
+    tmp_path: Path, capfd, monkeypatch
+):
+    """torch.save turns the KeyboardInterrupt of a second Ctrl-C into a RuntimeError, which
+    ended the command with a traceback and exit 1."""
+    def interrupted_save(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this step
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the second, while the state is written
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected "
+                               "pos 14652608 vs 14652496") from exc
+        raise AssertionError("the second Ctrl-C did not interrupt")
+
+    monkeypatch.setattr("worker.selftuning.cli.train", interrupted_save)
+    code = main(["train", "--data", str(_shapes(tmp_path)), "--out", str(tmp_path / "out"),
+                 *TINY, *TEST_BACKBONE])
+    assert code == 130
+    assert capfd.readouterr().err.splitlines() == [
+        "stopping after this step and saving; Ctrl-C again to stop at once",
+        "stopped at once, before the first checkpoint: the same command starts over"]

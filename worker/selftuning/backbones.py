@@ -132,7 +132,7 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = True) -> 
         load_local_weights(model, path)
         model.pretrained_cfg = {**model.pretrained_cfg, **pretrained_cfg}
         return model
-    if not pretrained:
+    if not pretrained or not timm.is_model(name):  # an unknown name says so, not "weights"
         return _create(name, pretrained=False, num_classes=num_classes)
     source = OFFLINE_WEIGHTS.get(name)
     weight_file = source.locate() if source else None

@@ -97,19 +97,21 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def check_compatible(saved_config: dict, config: dict, saved_fingerprint: str,
-                     fingerprints: Collection[str]) -> None:
+                     fingerprints: Collection[str],
+                     what: str = "the checkpoint in this run folder") -> None:
     """A checkpoint continues only the same run: same data (one of the fingerprints the data
-    answers to) and the same hyper-parameters."""
-    if saved_fingerprint not in fingerprints:
-        raise ValueError("the checkpoint in this run folder was made with other images or "
-                         "labels; use a new output folder")
+    answers to) and the same hyper-parameters. Settings are named first: another seed also
+    draws other labeled images."""
     changed = sorted(
         key for key in set(saved_config) | set(config)
         if key not in RESUMABLE_CHANGES and saved_config.get(key) != config.get(key)
     )
     if changed:
-        raise ValueError(f"the checkpoint in this run folder was made with other settings "
-                         f"({', '.join(changed)}); use a new output folder")
+        raise ValueError(f"{what} was made with other settings ({', '.join(changed)}); use a "
+                         "new output folder")
+    if saved_fingerprint not in fingerprints:
+        raise ValueError(f"{what} was made with other images or labels; use a new output "
+                         "folder")
 
 
 def capture_rng() -> dict:

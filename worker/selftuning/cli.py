@@ -8,20 +8,24 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
-from worker.selftuning.backbones import BackboneError
+from worker.selftuning.backbones import BackboneError, check_forward_batch, check_image_size
 from worker.selftuning.budgets import Budget, BudgetError
+from worker.selftuning.checkpoint import check_compatible
 from worker.selftuning.config import PRESETS, RunConfig
 from worker.selftuning.data import (
     Item,
+    RunData,
     drop_duplicates,
     hold_out_items,
     load_folder_dataset,
     make_budget_data,
 )
 from worker.selftuning.export import TRAINING_FILE
+from worker.selftuning.files import checkpoint_path
 from worker.selftuning.loop import TrainingCancelled, train
 from worker.selftuning.methods import METHODS
 
@@ -74,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         config = RunConfig.from_preset(args.preset, **_overrides(args))
         budget = parse_budget(args.budget)
         check_out_folder(out)
+        # Before the images are read: a model that cannot take this size (ViT at 64 px), a
+        # batch batch norm cannot train on, or a name timm does not know.
+        check_image_size(config.backbone, config.image_size)
+        check_forward_batch(config.backbone, config.image_size, config.batch_size)
         skipped: dict[str, str] = {}
         class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data,
                                                                               skipped)
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             path, kept = dropped[0]
             print(f"left out {len(dropped)} image(s) with the same bytes as another "
                   f"(e.g. {path}, a copy of {kept})")
+            check_every_class_trains(class_names, train_items, test_items)
         if not test_items:
             check_holdout_possible(class_names, train_items)
             train_items, test_items = hold_out_items(train_items, HOLDOUT_FRACTION,
@@ -94,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no test/ split: holding out {len(test_items)} labeled images for testing")
         data, budget_info = make_budget_data(class_names, train_items, test_items, unlabeled,
                                              budget, config.seed)
+        check_finished_run(out, config, data)
     except ValueError as exc:
         return _user_error(exc)
+    except KeyboardInterrupt:  # while the images were read: nothing to save yet
+        print("stopped before training began", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"{len(class_names)} classes, {budget_info['labeled_count']} labeled "
           f"({budget.label}), {budget_info['unlabeled_count']} unlabeled, "
           f"{budget_info['test_count']} test; {config.method} on {config.backbone}")
@@ -110,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped at step {stopped.step} of {config.iterations}; run the same "
                   "command again to resume", flush=True)
             return EXIT_INTERRUPTED
-        except KeyboardInterrupt:
-            print("stopped at once; run the same command again to resume from the last "
-                  "checkpoint", file=sys.stderr)
+        except (KeyboardInterrupt, RuntimeError) as exc:
+            # A second Ctrl-C: wherever it landed, torch.save too (which reports it as a
+            # RuntimeError; the checkpoint being written is then left unfinished, unused).
+            if isinstance(exc, RuntimeError) and not ctrl_c.stopped_at_once:
+                raise
+            print(_stopped_at_once(out), file=sys.stderr)
             return EXIT_INTERRUPTED
         except ValueError as exc:
             # Set-up (device, backbone, images, checkpoint) reports what the user gave as a
@@ -138,6 +154,45 @@ def check_out_folder(out: Path) -> None:
     if out.is_dir() and not is_run and any(out.iterdir()):
         raise ValueError(f"--out {out} holds other files and no run of this engine (no state/ "
                          f"or {TRAINING_FILE}): use a new or empty folder")
+
+
+def check_every_class_trains(class_names: list[str], train_items: list[Item],
+                             test_items: list[Item]) -> None:
+    """Every class keeps a training image once copies of other images are left out (a class
+    whose images all copy another class's would be scored without ever being learnt)."""
+    counts = Counter(label for _, label in train_items)
+    empty = [name for index, name in enumerate(class_names) if not counts[index]]
+    if empty:
+        raise ValueError(
+            f"class(es) {', '.join(map(repr, empty))} have no training image left once images "
+            "with the same bytes as another were left out: their images are copies of other "
+            "classes' images; remove the copies or the class")
+
+
+def check_finished_run(out: Path, config: RunConfig, data: RunData) -> None:
+    """A finished run's folder whose training state was deleted (as the README suggests)
+    takes only the same run again, which exports the same model; another run would replace
+    its model and numbers without a word. (With the state, the loop checks the checkpoint.)"""
+    if (out / "state").is_dir():
+        return
+    try:
+        recorded = json.loads((out / TRAINING_FILE).read_text())
+        saved_config, fingerprint = recorded["config"], recorded["data"]["fingerprint"]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--out {out} holds a {TRAINING_FILE} this engine cannot read "
+                         f"({type(exc).__name__}): use a new or empty folder") from None
+    check_compatible(saved_config, config.to_dict(), fingerprint,
+                     {data.fingerprint(), data.fingerprint_with_full_paths()},
+                     what=f"the finished run in --out {out}")
+
+
+def _stopped_at_once(out: Path) -> str:
+    if checkpoint_path(out).is_file():
+        return ("stopped at once; run the same command again to resume from the last "
+                "checkpoint")
+    return "stopped at once, before the first checkpoint: the same command starts over"
 
 
 def check_holdout_possible(class_names: list[str], train_items: list[Item]) -> None:
@@ -188,14 +243,39 @@ def _first_missing(folder: Path) -> Path | None:
 
 
 class _Progress:
-    """Prints the run's events and notes when training has begun (set-up is over)."""
+    """Prints the run's events, with the time taken and left, and notes when training has
+    begun (set-up is over)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.monotonic) -> None:
         self.started = False
+        self.clock = clock
+        self.since: tuple[float, int] | None = None  # (time, step) training began or resumed
 
     def __call__(self, event: dict) -> None:
-        self.started = self.started or event["type"] == "started"
-        print_event(event)
+        if event["type"] == "started":
+            self.started = True
+            self.since = (self.clock(), event["step"])
+        print_event(event, self.timing(event))
+
+    def timing(self, event: dict) -> str:
+        """'2 min 10 s, 4 min 30 s left' on progress lines (evaluations included)."""
+        if event["type"] != "progress" or self.since is None:
+            return ""
+        began, first = self.since
+        elapsed, done = self.clock() - began, event["step"] - first
+        if done <= 0:
+            return ""
+        left = elapsed / done * (event["total_steps"] - event["step"])
+        return f", {_duration(elapsed)}, {_duration(left)} left"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 class _StopOnCtrlC:
@@ -205,6 +285,7 @@ class _StopOnCtrlC:
 
     def __init__(self) -> None:
         self.requested = False
+        self.stopped_at_once = False
         self.pid = os.getpid()
 
     def __enter__(self) -> _StopOnCtrlC:
@@ -221,6 +302,7 @@ class _StopOnCtrlC:
         if os.getpid() != self.pid:
             return
         if self.requested:
+            self.stopped_at_once = True
             raise KeyboardInterrupt
         self.requested = True
         # os.write: print() here could re-enter a print the signal interrupted.
@@ -228,14 +310,18 @@ class _StopOnCtrlC:
                                       b"Ctrl-C again to stop at once\n")
 
 
-def print_event(event: dict) -> None:
+def print_event(event: dict, timing: str = "") -> None:
     where = f"[{event['step']}/{event['total_steps']}]"
     if event["type"] == "progress":
         losses = " ".join(f"{name}={value:.4f}" for name, value in event["losses"].items())
-        print(f"{where} {losses} lr={event['lr']:.2g} {event['images_per_s']:.1f} img/s",
-              flush=True)
+        print(f"{where} {losses} lr={event['lr']:.2g} {event['images_per_s']:.1f} img/s"
+              f"{timing}", flush=True)
     elif event["type"] == "eval":
         shown = {k: v for k, v in event.items() if k not in ("type", "step", "total_steps")}
+        # Training's pseudo-labels (since the previous evaluation), as the final line names
+        # them; its pseudo_label_acc is the final model's, on the images the budget hid.
+        shown = {("train_pseudo_label_acc" if k == "pseudo_label_acc" else k): v
+                 for k, v in shown.items()}
         print(f"{where} eval " + " ".join(f"{k}={_fmt(v)}" for k, v in shown.items()),
               flush=True)
     elif event["type"] == "started" and event.get("resumed_from_step") is not None:

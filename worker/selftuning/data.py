@@ -115,6 +115,8 @@ def load_folder_dataset(
     Archives are unpacked once into the temp folder.
     """
     root = Path(path)
+    if not root.exists():
+        raise ValueError(f"dataset {path} does not exist")
     if root.is_file():
         root = _unpack(root)
     if not root.is_dir():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -375,3 +376,21 @@ def test_a_second_ctrl_c_inside_a_checkpoint_save_stops_with_the_exit_code_and_n
     assert capfd.readouterr().err.splitlines() == [
         "stopping after this step and saving; Ctrl-C again to stop at once",
         "stopped at once, before the first checkpoint: the same command starts over"]
+
+
+def test_predictions_of_an_archive_name_its_images_as_the_archive_does(
+    tmp_path: Path, capsys, monkeypatch
+):
+    """They named the unpacked copy in the temp folder, which may be deleted."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    data = write_shapes_dataset(tmp_path / "photos", train_per_class=4, test_per_class=1)
+    archive = shutil.make_archive(str(tmp_path / "photos"), "zip", tmp_path, "photos")
+    out = tmp_path / "out"
+    assert main(["train", "--data", archive, "--out", str(out), "--budget", "0.5", *TINY,
+                 *TEST_BACKBONE]) == 0
+    with (out / "predictions.csv").open(newline="") as handle:
+        named = [row["path"] for row in csv.DictReader(handle)]
+    members = {path.relative_to(tmp_path).as_posix() for path in data.rglob("*.png")}
+    assert len(named) == 4 + 6  # the unlabeled images and the labeled ones the budget hid
+    assert set(named) <= members
+    assert any(name.startswith("photos/unlabeled/") for name in named)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -23,8 +24,9 @@ from worker.selftuning.data import (
     hold_out_items,
     load_folder_dataset,
     make_budget_data,
+    unpacked_folder,
 )
-from worker.selftuning.export import TRAINING_FILE
+from worker.selftuning.export import PREDICTIONS_FILE, TRAINING_FILE
 from worker.selftuning.files import checkpoint_path
 from worker.selftuning.loop import TrainingCancelled, train
 from worker.selftuning.methods import METHODS
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)
             return _user_error(exc)
+    if Path(args.data).is_file():
+        name_images_as_in_the_archive(out / PREDICTIONS_FILE, unpacked_folder(Path(args.data)))
     summary = {key: metrics[key] for key in ("test_top1", "test_mean_class_acc",
                                               "pseudo_label_acc", "train_pseudo_label_acc",
                                               "seconds_per_iteration")}
@@ -186,6 +190,21 @@ def check_finished_run(out: Path, config: RunConfig, data: RunData) -> None:
     check_compatible(saved_config, config.to_dict(), fingerprint,
                      {data.fingerprint(), data.fingerprint_with_full_paths()},
                      what=f"the finished run in --out {out}")
+
+
+def name_images_as_in_the_archive(predictions: Path, unpacked: Path) -> None:
+    """predictions.csv names an archive's images by their paths in the archive: the engine
+    read them from the unpacked copy in the temp folder, which may be deleted."""
+    with predictions.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    for row in rows[1:]:
+        image = Path(row[0])
+        if image.is_relative_to(unpacked):
+            row[0] = image.relative_to(unpacked).as_posix()
+    temporary = predictions.with_name(f".{predictions.name}.tmp")
+    with temporary.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    os.replace(temporary, predictions)
 
 
 def _stopped_at_once(out: Path) -> str:

@@ -342,6 +342,12 @@ def _look_through_wrapper(root: Path) -> Path:
             return root
 
 
+def unpacked_folder(archive: Path) -> Path:
+    """Where `load_folder_dataset` reads `archive` from: its unpacked copy in the temp folder
+    (unpacked now if it is not there)."""
+    return _unpack(archive)
+
+
 def _unpack(archive: Path) -> Path:
     """Unpack once into a folder named after the archive's identity; refuse unsafe members."""
     stat = archive.stat()

@@ -271,9 +271,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit)
     app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(ApiWithoutTrailingSlash)
+    app.add_middleware(Compressed)  # inside HeadAsGet: HEAD gets GET's encoding and length
     app.add_middleware(HeadAsGet, router=app.router)
     app.add_middleware(SecurityHeaders)
-    app.add_middleware(Compressed)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_token)])
     app.include_router(health.public_router)

@@ -191,6 +191,7 @@ def test_head_is_answered_wherever_get_is_with_the_same_headers_and_no_body(
         assert (got.status_code, head.status_code) == (200, 200), path
         assert head.content == b"", path
         assert head.headers["content-type"] == got.headers["content-type"], path
+        assert head.headers.get("content-encoding") == got.headers.get("content-encoding"), path
         if "content-length" in got.headers and path != "/api/health":  # health: live figures
             assert head.headers["content-length"] == got.headers["content-length"], path
     # An address without a page, or a method a route does not take, is answered as for GET.

@@ -32,6 +32,11 @@ class Recorder:
     def of(self, kind: str) -> list[dict]:
         return [e for e in self.events if e["type"] == kind]
 
+    def has_started(self) -> bool:
+        """A cancel flag raised once the images are decoded: the run stops before its first
+        step with a state saved (a cancel while decoding keeps nothing)."""
+        return bool(self.of("started"))
+
     def should_cancel(self) -> bool:
         progress = self.of("progress")
         return self.stop_at is not None and bool(progress) and progress[-1]["step"] >= self.stop_at
@@ -308,14 +313,16 @@ def test_training_time_counts_across_resumes_and_survives_a_re_export(tmp_path: 
 def test_cancel_before_the_first_step_saves_a_resumable_state(tmp_path: Path, shapes_data):
     events = Recorder()
     with pytest.raises(TrainingCancelled):
-        train(tiny_config(), shapes_data, tmp_path, on_event=events, should_cancel=lambda: True)
+        train(tiny_config(), shapes_data, tmp_path, on_event=events,
+              should_cancel=events.has_started)
     assert events.of("checkpoint") == [{"type": "checkpoint", "step": 0, "total_steps": 6,
                                         "path": str(tmp_path / "state" / "checkpoint.pt")}]
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path: Path, shapes_data):
     with pytest.raises(TrainingCancelled):
-        train(tiny_config(), shapes_data, tmp_path, should_cancel=lambda: True)
+        train(tiny_config(), shapes_data, tmp_path, on_event=(started := Recorder()),
+              should_cancel=started.has_started)
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
         train(tiny_config(lr=0.02), shapes_data, tmp_path)
 
@@ -331,7 +338,8 @@ def test_resume_follows_images_whose_folder_moved(tmp_path: Path, shapes_root: P
                                                   shapes_data):
     """A data directory mounted elsewhere after a stop: same images, new paths."""
     with pytest.raises(TrainingCancelled):
-        train(tiny_config(), shapes_data, tmp_path / "run", should_cancel=lambda: True)
+        train(tiny_config(), shapes_data, tmp_path / "run", on_event=(started := Recorder()),
+              should_cancel=started.has_started)
     moved_root = tmp_path / "mounted-elsewhere"
     shutil.copytree(shapes_root, moved_root)
     moved = _moved(shapes_data, shapes_root, moved_root)
@@ -343,7 +351,8 @@ def test_resume_follows_images_whose_folder_moved(tmp_path: Path, shapes_root: P
     relabeled = RunData(class_names=moved.class_names, labeled=moved.labeled[1:],
                         unlabeled=moved.unlabeled, test=moved.test)
     with pytest.raises(TrainingCancelled):
-        train(tiny_config(), shapes_data, tmp_path / "other", should_cancel=lambda: True)
+        train(tiny_config(), shapes_data, tmp_path / "other", on_event=(started := Recorder()),
+              should_cancel=started.has_started)
     with pytest.raises(ValueError, match="other images or labels"):
         train(tiny_config(), relabeled, tmp_path / "other")
 
@@ -352,7 +361,8 @@ def test_resume_accepts_a_checkpoint_fingerprinted_with_full_paths(tmp_path: Pat
                                                                   shapes_data):
     """Checkpoints written before the fingerprint dropped the shared folder still resume."""
     with pytest.raises(TrainingCancelled):
-        train(tiny_config(), shapes_data, tmp_path, should_cancel=lambda: True)
+        train(tiny_config(), shapes_data, tmp_path, on_event=(started := Recorder()),
+              should_cancel=started.has_started)
     state_file = tmp_path / "state" / "checkpoint.pt"
     state = load_checkpoint(state_file)
     state["data_fingerprint"] = shapes_data.fingerprint_with_full_paths()
@@ -427,3 +437,27 @@ def test_quality_without_unlabeled_images_has_no_predicted_distribution():
     assert quality["predicted_distribution"] is None
     assert quality["labeled_distribution"] == [0.25, 0.25, 0.5]
     assert quality["kept_share_at_095"] is None
+
+
+def test_a_cancel_while_the_images_are_decoded_stops_the_decoding_and_keeps_nothing(
+    tmp_path: Path, shapes_data, monkeypatch
+):
+    """The flag was read only between training steps: a run decoding a large pool at a large
+    size (minutes, and tens of GB of cache) could not be cancelled until it was done."""
+    from worker.selftuning import images
+
+    decoded = []
+    original = images._decode_one
+    monkeypatch.setattr(images, "_decode_one",
+                        lambda *args: decoded.append(args[0]) or original(*args))
+    asked = []
+    events = Recorder()
+    with pytest.raises(TrainingCancelled) as stopped:
+        train(tiny_config(), shapes_data, tmp_path / "run", on_event=events,
+              cache_dir=tmp_path / "cache", should_cancel=lambda: asked.append(1) or True)
+    assert stopped.value.step == 0 and asked
+    pool = len(shapes_data.labeled) + len(shapes_data.unlabeled)
+    assert len(decoded) < pool  # stopped part way
+    assert events.events == []  # nothing started, nothing saved
+    assert not (tmp_path / "run" / "state").exists()
+    assert list((tmp_path / "cache").iterdir()) == []  # its half-written cache removed

@@ -9,7 +9,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,15 +164,22 @@ class ImageArray:
         return {"_array": self._array, "path": None, "rows": self.rows}
 
 
+class DecodingStopped(Exception):
+    """`should_stop` answered True while images were being decoded (nothing was kept)."""
+
+
 def decode_all(
     paths: Sequence[str],
     kind: str,
     preprocessing: Preprocessing,
     cache_dir: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ImageArray:
     """Decode every image once into a uint8 array: `kind` is 'train' (squares of scale_size
     for random crops) or 'eval' (timm's centre crop at image_size). With `cache_dir` the
-    array is kept as a .npy file keyed by the files and the preprocessing, and reused."""
+    array is kept as a .npy file keyed by the files and the preprocessing, and reused.
+    `should_stop` is asked every few dozen images (decoding a large pool at a large size
+    takes minutes): True raises DecodingStopped."""
     size = preprocessing.scale_size if kind == "train" else preprocessing.image_size
     shape = (len(paths), size, size, 3)
 
@@ -181,7 +188,7 @@ def decode_all(
 
     if cache_dir is None:
         array = np.empty(shape, dtype=np.uint8)
-        _fill(array, decode)
+        _fill(array, decode, should_stop)
         return ImageArray(array)
 
     cache_dir = Path(cache_dir)
@@ -195,7 +202,7 @@ def decode_all(
     array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
     try:
         reserve_disk_space(temporary, f"the decoded images of {len(paths):,} files")
-        _fill(array, decode)
+        _fill(array, decode, should_stop)
         array.flush()
         del array
         with temporary.open("rb+") as handle:  # on disk before the name says it is whole
@@ -212,6 +219,7 @@ def decode_pool(
     kind: str,
     preprocessing: Preprocessing,
     cache_dir: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[ImageArray]:
     """`decode_all` of each subset of one pool of images. With `cache_dir` the pool (every
     path of the subsets, sorted) is decoded once into one cache file and each subset is a
@@ -219,10 +227,11 @@ def decode_pool(
     dataset splits its training images differently) share that file instead of writing
     their own; without one, each subset is decoded in memory on its own."""
     if cache_dir is None:
-        return [decode_all(paths, kind, preprocessing) for paths in subsets]
+        return [decode_all(paths, kind, preprocessing, should_stop=should_stop)
+                for paths in subsets]
     pool = sorted({path for paths in subsets for path in paths})
     position = {path: row for row, path in enumerate(pool)}
-    images = decode_all(pool, kind, preprocessing, cache_dir)
+    images = decode_all(pool, kind, preprocessing, cache_dir, should_stop)
     return [images.select([position[path] for path in paths]) for paths in subsets]
 
 
@@ -265,11 +274,19 @@ def _open_cached(target: Path, shape: tuple[int, ...]) -> ImageArray | None:
     return None
 
 
-def _fill(array: np.ndarray, decode) -> None:
+STOP_CHECK_EVERY = 32  # images
+
+
+def _fill(array: np.ndarray, decode, should_stop: Callable[[], bool] | None = None) -> None:
     # PIL releases the GIL while decoding and resizing, so threads overlap real work.
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    try:
         for index, pixels in enumerate(pool.map(decode, range(len(array)))):
             array[index] = pixels
+            if should_stop is not None and index % STOP_CHECK_EVERY == 0 and should_stop():
+                raise DecodingStopped
+    finally:
+        pool.shutdown(cancel_futures=True)  # a stop or an error: the images not yet begun
 
 
 def _fingerprint(paths: Sequence[str], kind: str, preprocessing: Preprocessing) -> str:

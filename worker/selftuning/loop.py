@@ -42,6 +42,7 @@ from worker.selftuning.export import (
 )
 from worker.selftuning.files import checkpoint_path
 from worker.selftuning.images import (
+    DecodingStopped,
     ImageArray,
     Preprocessing,
     center_crop_array,
@@ -123,7 +124,10 @@ def train(
             white_level=white_level_of(
                 path for items in (data.labeled, data.unlabeled, data.test) for path, _ in items),
         )
-        images = _decode(data, preprocessing, cache_dir)
+        try:
+            images = _decode(data, preprocessing, cache_dir, should_cancel)
+        except DecodingStopped:
+            raise TrainingCancelled(0) from None
         model = build_method(config, backbone, data.num_classes)
         precision = precision_for(device)
         memory_format = precision.memory_format
@@ -493,16 +497,17 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
     return metrics
 
 
-def _decode(data: RunData, preprocessing: Preprocessing, cache_dir: Path | None) -> RunImages:
+def _decode(data: RunData, preprocessing: Preprocessing, cache_dir: Path | None,
+            should_stop: Callable[[], bool] | None = None) -> RunImages:
     def paths(items: list) -> list[str]:
         return [path for path, _ in items]
 
     labeled, unlabeled = decode_pool([paths(data.labeled), paths(data.unlabeled)], "train",
-                                     preprocessing, cache_dir)
+                                     preprocessing, cache_dir, should_stop)
     return RunImages(
         labeled=labeled,
         unlabeled=unlabeled,
-        test=decode_all(paths(data.test), "eval", preprocessing, cache_dir),
+        test=decode_all(paths(data.test), "eval", preprocessing, cache_dir, should_stop),
         image_size=preprocessing.image_size,
     )
 

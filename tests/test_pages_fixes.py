@@ -976,7 +976,7 @@ def test_an_experiments_results_and_runs_download_as_csv_from_its_page(live_serv
         mark_running(database_url, run_id)
         finish(database_url, live, run_id, {
             "test_top1": top1, "test_mean_class_acc": top1 - 0.05, "pseudo_label_acc": 0.75,
-            "train_pseudo_label_acc": 0.6, "labeled_count": 10})
+            "train_pseudo_label_acc": 0.6, "labeled_count": 10, "seconds_per_iteration": 0.25})
     failed = ids[("fine-tune", "50%", 0)]
     mark_running(database_url, failed)
     with session_scope(database_url) as session:
@@ -1010,16 +1010,20 @@ def test_an_experiments_results_and_runs_download_as_csv_from_its_page(live_serv
     best = by_id[ids[("self-tuning", "50%", 1)]]
     assert (best["method"], best["seed"], best["status"], best["labeled_count"]) == (
         "self-tuning", "1", "succeeded", "10")
-    assert [float(best[key]) for key in ("test_top1", "test_mean_class_acc",
-                                         "pseudo_label_acc", "train_pseudo_label_acc")] == \
-        pytest.approx([0.9, 0.85, 0.75, 0.6])
-    assert datetime.fromisoformat(best["finished_at"]).tzinfo is not None
-    assert float(best["seconds"]) >= 0 and best["error"] == ""
+    # Rounded: 0.9 - 0.05 is 0.8500000000000001 in floating point.
+    assert [best[key] for key in ("test_top1", "test_mean_class_acc", "pseudo_label_acc",
+                                  "train_pseudo_label_acc", "seconds_per_iteration")] == [
+        "0.9", "0.85", "0.75", "0.6", "0.25"]
+    assert datetime.fromisoformat(best["finished_at"]) >= datetime.fromisoformat(
+        best["first_started_at"])
+    assert datetime.fromisoformat(best["last_queued_at"]).tzinfo is not None
+    assert best["error"] == ""
     assert by_id[failed]["status"] == "failed"
     assert by_id[failed]["error"] == "RuntimeError: out of memory"
     waiting = by_id[ids[("fine-tune", "50%", 1)]]
-    assert (waiting["status"], waiting["test_top1"], waiting["started_at"], waiting["seconds"],
-            waiting["labeled_count"]) == ("queued", "", "", "", "10")
+    assert (waiting["status"], waiting["test_top1"], waiting["first_started_at"],
+            waiting["seconds_per_iteration"], waiting["labeled_count"]) == (
+        "queued", "", "", "", "10")
     with live_server.client() as client:
         assert client.get("/api/experiments/999999/runs.csv").status_code == 404
         head = client.head(f"/api/experiments/{experiment_id}/summary.csv")

@@ -123,8 +123,8 @@ def read_experiment(experiment_id: ExperimentId, session: DbDep):
 RUN_COLUMNS = [
     "run_id", "method", "budget_label", "labeled_count", "seed", "status", "test_top1",
     "test_mean_class_acc", "pseudo_label_acc", "train_pseudo_label_acc", "iterations",
-    "step", "attempts", "queued_at", "started_at", "finished_at", "seconds", "backbone",
-    "device", "error",
+    "step", "seconds_per_iteration", "attempts", "first_started_at", "last_queued_at",
+    "finished_at", "backbone", "device", "error",
 ]
 SUMMARY_COLUMNS = ["budget_label", "labeled_count", "method", "runs", "finished", "pending",
                    "mean_top1", "std_top1", "best"]
@@ -136,6 +136,8 @@ def csv_value(value: Any) -> Any:
         return ""
     if isinstance(value, datetime):
         return value.isoformat(timespec="seconds")
+    if isinstance(value, float):  # 0.388, not 0.38799999999999996
+        return round(value, 6)
     return value
 
 
@@ -155,16 +157,15 @@ def run_rows(experiment: Experiment, session: Session) -> list[dict]:
     rows = []
     for run in runs:
         metrics = run.metrics or {}
-        started, finished = as_utc(run.started_at), as_utc(run.finished_at)
         rows.append({
             **{key: metrics.get(key) for key in RUN_COLUMNS if key in metrics},
             "run_id": run.id, "method": run.method, "budget_label": run.budget_label,
             "labeled_count": metrics.get("labeled_count", labeled.get(run.budget_label)),
             "seed": run.seed, "status": run.status, "iterations": run.total_steps,
             "step": run.step, "attempts": run.attempts,
-            "queued_at": as_utc(run.queued_at), "started_at": started, "finished_at": finished,
-            "seconds": round((finished - started).total_seconds(), 1)
-            if started and finished else None,
+            # A run queued again resumes: its first start stays, its last queueing moves.
+            "first_started_at": as_utc(run.started_at), "last_queued_at": as_utc(run.queued_at),
+            "finished_at": as_utc(run.finished_at),
             "backbone": experiment.backbone, "device": run.device,
             "error": next(iter((run.error or "").strip().splitlines()), "")[:300],
         })
@@ -177,7 +178,8 @@ def download_runs(experiment_id: ExperimentId, session: DbDep) -> Response:
     """Every run of the experiment, one row each: method, budget, labeled count, seed,
     status, final scores (fractions: test top-1, mean per-class accuracy, the final model's
     pseudo-label accuracy on the images whose labels the budget withheld, and training's
-    own), iterations, times (UTC) and the first line of a failure."""
+    own), iterations, seconds per training iteration, times (UTC; a run queued again keeps
+    its first start) and the first line of a failure."""
     experiment = get_experiment(session, experiment_id)
     return csv_download(run_rows(experiment, session), RUN_COLUMNS,
                         f"experiment-{experiment_id}-runs.csv")

@@ -1028,3 +1028,36 @@ def test_an_experiments_results_and_runs_download_as_csv_from_its_page(live_serv
         assert client.get("/api/experiments/999999/runs.csv").status_code == 404
         head = client.head(f"/api/experiments/{experiment_id}/summary.csv")
         assert head.status_code == 200 and head.headers["content-type"].startswith("text/csv")
+
+
+@pytest.mark.browser
+def test_a_finishing_run_offers_no_cancel_and_a_silent_cancelled_one_says_how_it_ends(
+    live_server, request
+):
+    """Past its last step the page offered "Cancel run" ("stops within about one
+    iteration"), which the server then refused; a silent run whose cancel was asked said it
+    would be queued again, while the server ends it cancelled."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        _, (finishing, silent) = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        total = client.get(f"/api/runs/{finishing}").json()["total_steps"]
+        with session_scope(database_url) as session:
+            for run_id, age in ((finishing, 1), (silent, 75)):
+                run = session.get(Run, run_id)
+                run.status, run.worker, run.device, run.attempts = "running", "w@host", "cpu", 1
+                run.started_at = utcnow() - timedelta(minutes=5)
+                run.heartbeat_at = utcnow() - timedelta(seconds=age)
+            session.get(Run, finishing).step = total
+            session.get(Run, silent).cancel_requested = True
+        refused = client.post(f"/api/runs/{finishing}/cancel")
+        assert refused.status_code == 409 and "it ends when that is done" in refused.text
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{finishing}")
+        page.wait_for_selector("#eta:has-text('finishing: final evaluation and export')")
+        assert "past cancelling" in page.inner_text("#eta")
+        assert page.locator("#cancel").is_hidden()
+        page.goto(f"{live_server.url}/runs/{silent}")
+        page.wait_for_selector("#eta:has-text('no word from its worker')")
+        assert "(the run ends cancelled if the silence lasts)" in page.inner_text("#eta")
+        browser.assert_no_errors(expected=("status of 409",))

@@ -143,8 +143,9 @@ def cancel_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redis
     if is_finishing(run):
         raise HTTPException(
             409, detail=f"run {run_id} has trained all {run.total_steps} steps and is scoring "
-            "and exporting its model: it ends in moments; delete its experiment afterwards if "
-            "you do not want it")
+            "and exporting its model (the final evaluation reads every test and unlabeled "
+            "image): it ends when that is done; delete its experiment afterwards if you do "
+            "not want it")
     cancel_runs(session, live, [run])
     return read_run(run_id, session, settings)
 

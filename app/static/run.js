@@ -114,8 +114,8 @@ export function runPage() {
     const silent = run.status === "running" && isNumber(run.silent_s);
     document.getElementById("eta").textContent = silent
       ? `no word from its worker for ${duration(run.silent_s)}: it may have stopped (the run `
-        + "is queued again if the silence lasts)"
-      : finishing ? "finishing: final evaluation and export"
+        + (run.cancel_requested ? "ends cancelled" : "is queued again") + " if the silence lasts)"
+      : finishing ? "finishing: final evaluation and export (past cancelling: it ends when they are done)"
       : run.status === "running" ? duration(run.eta_s) : "–";
     document.getElementById("eta-row").hidden = TERMINAL.has(run.status);
     document.getElementById("curves").classList.toggle("ended", TERMINAL.has(run.status));
@@ -132,7 +132,8 @@ export function runPage() {
       : queued ? `– (last ran on ${where})`
       : `${where}${run.attempts > 1 ? `, attempt ${run.attempts}` : ""}`;
     const cancel = document.getElementById("cancel");
-    cancel.hidden = TERMINAL.has(run.status);
+    // Past its last step a run is not stopped (the server refuses): it scores and exports.
+    cancel.hidden = TERMINAL.has(run.status) || finishing;
     cancel.disabled = run.cancel_requested;
     if (run.cancel_requested && !TERMINAL.has(run.status)) cancel.textContent = "Cancelling…";
     else cancel.textContent = "Cancel run";

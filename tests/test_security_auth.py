@@ -216,3 +216,13 @@ def test_an_address_guessing_tokens_is_held_off_and_a_stale_cookie_is_not(guarde
     with httpx.Client(base_url=guarded_server, timeout=30,
                       cookies={AUTH_COOKIE: TOKEN}) as signed_in:
         assert signed_in.get("/datasets").status_code == 429
+
+
+def test_without_a_token_the_sign_in_page_sends_people_on_and_sets_no_cookie(live_server):
+    """It said "This server is protected by an API token" and any token signed in."""
+    with live_server.client() as client:
+        form = client.get("/login?next=/datasets")
+        assert form.status_code == 303 and form.headers["location"] == "/datasets"
+        signed = client.post("/login", data={"token": "anything", "next": "//evil.example"})
+        assert signed.status_code == 303 and signed.headers["location"] == "/"
+        assert "set-cookie" not in signed.headers

@@ -66,7 +66,9 @@ def home(request: Request, settings: SettingsDep) -> Response:
 
 
 @router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request, next: str = "/") -> Response:
+def login_form(request: Request, settings: SettingsDep, next: str = "/") -> Response:
+    if settings.token is None:  # nothing to sign in to (the form said "protected")
+        return RedirectResponse(_safe_next(next), status_code=303)
     return render(request, "login.html", next=next, error=None)
 
 
@@ -89,6 +91,8 @@ def login(
     token: Annotated[str, Form()],
     next: Annotated[str, Form()] = "/",
 ) -> Response:
+    if settings.token is None:  # any token "signed in" and set a cookie
+        return RedirectResponse(_safe_next(next), status_code=303)
     try:
         accepted = token_accepted(request, settings, token)
     except HTTPException as exc:  # too many wrong tokens: the form says so

@@ -358,7 +358,12 @@ export function experimentPage() {
     chart = budgetChart(document.getElementById("budget-chart"),
       budgets.map((label) => ({ label, count: labeled.get(label) })), series);
     const anyResult = table.some((row) => isNumber(row.mean_top1));
-    document.getElementById("results-note").hidden = anyResult;
+    const note = document.getElementById("results-note");
+    note.hidden = anyResult;
+    // Every run ended without a result (cancelled, failed): none will appear.
+    if (!anyResult && table.length && table.every((row) => row.pending === 0)) {
+      note.textContent = "No run of this experiment ended with a result: see the runs below.";
+    }
   }
 
   // Per method, the log-linear fit's answer to "what would twice the labels buy?".

@@ -47,8 +47,14 @@ def test_label_next_offers_the_withheld_images_only_when_the_budget_hid_some(
         _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
         record_predictions(live_server.data_dir, database_url, run_ids[0], hidden)
         end_as_worker(database_url, live, run_ids[0], "succeeded")
-        ranked = client.get(f"/api/runs/{run_ids[0]}/label-next.csv",
-                            params={"include_withheld": "true"}).text.splitlines()
+        answer = client.get(f"/api/runs/{run_ids[0]}/label-next.csv",
+                            params={"include_withheld": "true"})
+        ranked = answer.text.splitlines()
+        # Its own file name: both lists were saved as run-N-label-next.csv.
+        assert answer.headers["content-disposition"] == (
+            f'attachment; filename="run-{run_ids[0]}-label-next-with-withheld.csv"')
+        assert client.get(f"/api/runs/{run_ids[0]}/label-next.csv").headers[
+            "content-disposition"] == f'attachment; filename="run-{run_ids[0]}-label-next.csv"'
     assert len(ranked) == 1 + len(hidden)
 
     with open_browser(request.node.name) as browser:

@@ -326,5 +326,7 @@ def download_label_next(
         writer.writerow({"rank": rank, **row})
     return Response(
         buffer.getvalue(), media_type="text/csv",
-        headers={"Content-Disposition": f'attachment; filename="run-{run_id}-label-next.csv"'},
+        # The two lists in one folder must not collide ("run-7-label-next (1).csv").
+        headers={"Content-Disposition": f'attachment; filename="run-{run_id}-label-next'
+                 f'{"-with-withheld" if include_withheld else ""}.csv"'},
     )

@@ -40,7 +40,23 @@ class PerClassBudget(BaseModel):
     per_class: int = Field(ge=1, le=1_000_000, description="labeled images kept per class")
 
 
-BudgetIn = float | PerClassBudget | Literal["all"]
+# The spellings of the form and the command line: "5%", "4/class", "all".
+BudgetIn = float | PerClassBudget | str
+PERCENT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")
+PER_CLASS = re.compile(r"\s*(\d+)\s*/\s*class\s*", re.IGNORECASE)
+BUDGET_FORMS = ("a fraction such as 0.05, \"5%\", {\"per_class\": 4}, \"4/class\" or "
+                "\"all\"")
+
+
+def budget_from_text(text: str) -> Budget:
+    """"all", "5%" or "4/class" (a number in quotes is not taken: JSON has numbers)."""
+    if text.strip().lower() == "all":
+        return Budget()
+    if percent := PERCENT.fullmatch(text):
+        return Budget.parse(float(percent.group(1)) / 100)
+    if per_class := PER_CLASS.fullmatch(text):
+        return Budget.parse({"per_class": int(per_class.group(1))})
+    raise BudgetError(f"budget {text[:40]!r}: use {BUDGET_FORMS}")
 
 
 def parse_budget_values(raw: list[Any]) -> list[Budget]:
@@ -51,11 +67,15 @@ def parse_budget_values(raw: list[Any]) -> list[Budget]:
         if hasattr(value, "model_dump"):
             value = value.model_dump()
         try:
-            budget = Budget.parse(value)
+            budget = budget_from_text(value) if isinstance(value, str) else Budget.parse(value)
         except BudgetError as exc:
             raise ValueError(f"budgets[{index}]: {exc}") from None
         if budget in budgets:
-            raise ValueError(f"budgets[{index}]: {budget.label} is listed twice")
+            first = budgets.index(budget)
+            if raw[first] == raw[index]:
+                raise ValueError(f"budgets[{index}]: {budget.label} is listed twice")
+            raise ValueError(  # 1.0 and "all", or 0.05 and "5%"
+                f"budgets[{index}]: the same budget as budgets[{first}] ({budget.label})")
         if alike := next((b for b in budgets if b.label == budget.label), None):
             raise ValueError(
                 f"budgets[{index}]: {budget.to_json()} and {alike.to_json()} both read "
@@ -124,7 +144,8 @@ class ExperimentIn(BaseModel):
     methods: list[MethodName] = Field(max_length=3)
     budgets: list[BudgetIn] = Field(
         max_length=20,
-        description='fractions of the labeled pool (0.05), {"per_class": 4}, or "all"',
+        description='fractions of the labeled pool (0.05, or "5%"), {"per_class": 4} (or '
+                    '"4/class"), or "all"',
     )
     seeds: list[int] = Field([0], max_length=10)
     preset: Literal["quick", "paper"] = "quick"

@@ -82,8 +82,15 @@ def messages(response) -> str:
     ({"budgets": [1.5]}, 422, "must be in (0, 1]"),
     ({"budgets": [0]}, 422, "must be in (0, 1]"),
     ({"budgets": [{"per_class": 0}]}, 422, "per_class"),
-    ({"budgets": ["most"]}, 422, "budgets"),
+    ({"budgets": ["most"]}, 422, "budgets[0]: budget 'most': use a fraction such as 0.05, "
+     '"5%", {"per_class": 4}, "4/class" or "all"'),
+    ({"budgets": ["0.05"]}, 422, "budget '0.05': use"),  # JSON has numbers
+    ({"budgets": ["150%"]}, 422, "budget fraction 1.5 must be in (0, 1]"),
+    ({"budgets": ["0/class"]}, 422, "per_class 0 must be an integer >= 1"),
     ({"budgets": [0.1, 0.1]}, 422, "listed twice"),
+    # Not "all is listed twice": nobody typed it twice.
+    ({"budgets": [1.0, "all"]}, 422, "budgets[1]: the same budget as budgets[0] (all)"),
+    ({"budgets": [0.05, "5%"]}, 422, "budgets[1]: the same budget as budgets[0] (5%)"),
     ({"budgets": [0.1, 0.1000001]}, 422, "0.1000001 and 0.1 both read 10%"),
     # Two classes of 10 labeled images: both keep one image of each, or every image.
     ({"budgets": [0.01, 0.02]}, 422, "budgets[1]: 2% keeps the same 2 labeled images as 1%"),
@@ -220,6 +227,18 @@ def test_the_experiment_list_filters_by_dataset(live_server, dataset_id, setting
     assert [e["id"] for e in theirs] == ids[other]
     assert len(everything) == 3
     assert bad.status_code == 422 and "dataset_id" in bad.text
+
+
+def test_budgets_take_the_spellings_of_the_form_and_the_command_line(live_server,
+                                                                     dataset_id):
+    """"5%" got three type errors from the API while the form and the CLI take it."""
+    with live_server.client() as client:
+        response = client.post("/api/experiments", json=body(
+            dataset_id, methods=["fine-tune"], budgets=["5%", " 2 / class", "ALL"]))
+        assert response.status_code == 201, response.text
+        created = response.json()
+    assert created["budgets"] == [0.05, {"per_class": 2}, "all"]
+    assert sorted(run["budget_label"] for run in created["runs"]) == ["2/class", "5%", "all"]
 
 
 def test_sweep_expands_into_methods_x_budgets_x_seeds_runs(live_server, dataset_id):

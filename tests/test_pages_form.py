@@ -151,3 +151,31 @@ def test_pages_ask_for_the_token_and_say_what_is_missing(settings, tmp_path):
             assert api.status_code == 404 and api.json()["detail"] == "run 7 does not exist"
     finally:
         process.stop()
+
+
+@pytest.mark.browser
+def test_the_form_counts_distinct_runs_and_reports_every_mistake_at_once(
+    live_server, dataset_id, request
+):
+    """With budgets "5%, 5%, abc" and seeds "0, x" it said 8 runs, showed the budget's error
+    only, and the seed's came later as pydantic's text."""
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/new?dataset_id={dataset_id}")
+        page.fill("#f-budgets", "5%, 5%, abc")
+        page.fill("#f-seeds", "0, x")
+        page.dispatch_event("#f-seeds", "input")
+        assert "This sweep is 2 runs (2 methods × 1 budget × 1 seed)." in page.inner_text(
+            "#run-count")
+        page.fill("#f-seeds", "0, 1, 1")
+        page.dispatch_event("#f-seeds", "input")
+        assert "(2 methods × 1 budget × 2 seeds)" in page.inner_text("#run-count")
+        page.fill("#f-seeds", "0, x")
+        sent = []
+        page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
+        page.click("#start")
+        assert "“abc” is not a budget" in error_next_to(page, "budgets")
+        assert error_next_to(page, "seeds") == (
+            "“x” is not a seed: write whole numbers such as 0, 1, 2")
+        assert sent == []  # found in the page: nothing was sent
+        browser.assert_no_errors()

@@ -26,14 +26,19 @@ function parseBudgets(text) {
   return { budgets, errors };
 }
 
-// Numbers where they parse; anything else goes as typed so the API names the problem.
+// Whole numbers; anything else is an error reported with the budgets' (all at once).
 function parseSeeds(text) {
-  return text.split(",").map((t) => t.trim()).filter(Boolean)
-    .map((t) => (/^-?\d+$/.test(t) ? Number(t) : t));
+  const seeds = [];
+  const errors = [];
+  for (const token of text.split(",").map((t) => t.trim()).filter(Boolean)) {
+    if (/^-?\d+$/.test(token)) seeds.push(Number(token));
+    else errors.push(`“${token}” is not a seed: write whole numbers such as 0, 1, 2`);
+  }
+  return { seeds, errors };
 }
 
 // FastAPI reports a union (budgets) once per branch; keep the branch of the value we sent.
-const UNION_BRANCH = { number: "float", object: "PerClassBudget", string: "literal['all']" };
+const UNION_BRANCH = { number: "float", object: "PerClassBudget", string: "str" };
 
 export function experimentForm() {
   const form = document.getElementById("experiment-form");
@@ -88,7 +93,11 @@ export function experimentForm() {
   function payload() {
     const methods = [...form.querySelectorAll("input[name=methods]:checked")].map((i) => i.value);
     const parsed = parseBudgets(form.elements.budgets.value);
-    const errors = parsed.errors.map((message) => ({ field: "budgets", message }));
+    const seeds = parseSeeds(form.elements.seeds.value);
+    const errors = [
+      ...parsed.errors.map((message) => ({ field: "budgets", message })),
+      ...seeds.errors.map((message) => ({ field: "seeds", message })),
+    ];
     const { budgets } = parsed;
     return {
       errors,
@@ -98,7 +107,7 @@ export function experimentForm() {
         backbone: form.elements.backbone.value.trim(),
         methods,
         budgets,
-        seeds: parseSeeds(form.elements.seeds.value),
+        seeds: seeds.seeds,
         preset: form.elements.preset.value,
         overrides: overrides(errors),
       },
@@ -108,10 +117,13 @@ export function experimentForm() {
   const runCount = document.getElementById("run-count");
   function countRuns() {
     const { body } = payload();
-    const total = body.methods.length * body.budgets.length * body.seeds.length;
+    // A value given twice is one run (the server refuses the repeat and says so).
+    const budgets = new Set(body.budgets.map((b) => JSON.stringify(b === 1 ? "all" : b))).size;
+    const seeds = new Set(body.seeds).size;
+    const total = body.methods.length * budgets * seeds;
     const count = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
     runCount.textContent = `This sweep is ${count(total, "run")} (${count(body.methods.length, "method")}` +
-      ` × ${count(body.budgets.length, "budget")} × ${count(body.seeds.length, "seed")}).`;
+      ` × ${count(budgets, "budget")} × ${count(seeds, "seed")}).`;
   }
 
   function clearErrors() {

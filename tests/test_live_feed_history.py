@@ -92,8 +92,10 @@ def test_a_run_page_says_so_when_its_run_is_deleted_elsewhere(live_server, reque
             run = session.get(Run, run_id)
             run.status, run.step, run.images_per_s = "running", run.total_steps, 50.0
         # No time left to count: the final evaluation and the export are under way.
-        expect(page.locator("#eta")).to_have_text("finishing: final evaluation and export",
-                                                  timeout=15_000)
+        expect(page.locator("#eta")).to_have_text(
+            "finishing: final evaluation and export (past cancelling: it ends when they are "
+            "done)", timeout=15_000)
+        expect(page.locator("#cancel")).to_be_hidden()
         with session_scope(database_url) as session:  # another tab deleted it
             session.delete(session.get(Run, run_id))
         expect(page.locator("#run-error")).to_have_text(

@@ -179,3 +179,33 @@ def test_a_worker_refuses_a_database_that_was_never_migrated(tmp_path: Path,
     assert worker.popen.returncode == 2, worker.log()
     assert "has not been migrated (no installation table)" in worker.log()
     assert not (tmp_path / "data" / DATABASE_ID_FILE).exists()
+
+
+def test_a_starting_worker_removes_image_caches_whose_writer_died(settings, tmp_path: Path
+                                                                  ) -> None:
+    """A killed worker's half-written cache (30 GB for one run at 1024 px in an exploratory
+    pass) stayed until a run of the same dataset decoded again."""
+    import subprocess
+    import sys
+
+    from worker.selftuning.files import host_tag
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    folder = settings.cache_dir / "dataset-1-abc"
+    folder.mkdir(parents=True)
+    abandoned = folder / f".train-72-f00.npy.{dead_pid}.{host_tag()}.tmp"
+    being_written = folder / f".train-72-f00.npy.{os.getpid()}.{host_tag()}.tmp"
+    whole = folder / "train-72-f00.npy"
+    for path in (abandoned, being_written, whole):
+        path.write_bytes(b"x" * 1000)
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url)
+    worker = start_worker(env, tmp_path / "worker.log", name="sweeper")
+    try:
+        wait_for(lambda: "ready" in worker.log(), timeout=90, message="the worker to start")
+    finally:
+        worker.stop()
+    assert not abandoned.exists(), worker.log()
+    assert being_written.exists() and whole.exists()
+    assert f"removed an image cache left unfinished: {abandoned}" in worker.log()

@@ -97,6 +97,22 @@ def _on_worker_init(**_kwargs) -> None:
     except OperationalError as exc:
         log.warning("worker could not check its data directory against the database "
                     "(%s); starting anyway", str(exc).splitlines()[0])
+    remove_abandoned_caches(settings)
+
+
+def remove_abandoned_caches(settings: Settings) -> None:
+    """Half-written image caches whose writer died (a killed worker: one run at 1024 px
+    reserves tens of GB) would stay until a run of the same dataset decodes again. Another
+    worker's cache being written is left alone (`is_abandoned` checks its process)."""
+    from worker.selftuning.files import remove_abandoned_temporaries
+
+    try:
+        folders = [path for path in settings.cache_dir.iterdir() if path.is_dir()]
+    except FileNotFoundError:
+        return
+    for folder in folders:
+        for removed in remove_abandoned_temporaries(folder):
+            log.warning("removed an image cache left unfinished: %s", removed)
 
 
 @worker_ready.connect

@@ -78,6 +78,9 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
         assert "progress" in kinds and "eval" in kinds
         steps = [event["step"] for _, event in events if event["type"] in ("progress", "eval")]
         assert steps == sorted(steps) and steps[-1] == 24
+        # A checkpoint's step, not where the worker keeps it (an absolute path of its disk).
+        saved = [event for _, event in events if event["type"] == "checkpoint"]
+        assert saved and not any("path" in event for event in saved)
         ids = [event_id for event_id, _ in events if event_id]
         assert len(ids) == len(set(ids)) == len(events)
 

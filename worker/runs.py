@@ -133,6 +133,9 @@ class RunRecorder:
         step = int(event.get("step", 0))
         if kind == "checkpoint":
             self.saved_step = max(self.saved_step, step)
+            # Where the worker keeps the state is its own business (an absolute path on its
+            # file system, gone once the run succeeds): the feed says the step.
+            event = {key: value for key, value in event.items() if key != "path"}
         if kind in ("progress", "eval"):
             # After a resume the engine repeats the steps since its last checkpoint; the
             # record and the feed keep their first copy so the series stays continuous.

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from worker.selftuning.backbones import BackboneError, check_forward_batch, check_image_size
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             path, kept = dropped[0]
             print(f"left out {len(dropped)} image(s) with the same bytes as another "
                   f"(e.g. {path}, a copy of {kept})")
-            check_every_class_trains(class_names, train_items, test_items)
+            check_every_class_trains(class_names, train_items)
         if not test_items:
             check_holdout_possible(class_names, train_items)
             train_items, test_items = hold_out_items(train_items, HOLDOUT_FRACTION,
@@ -160,8 +161,7 @@ def check_out_folder(out: Path) -> None:
                          f"or {TRAINING_FILE}): use a new or empty folder")
 
 
-def check_every_class_trains(class_names: list[str], train_items: list[Item],
-                             test_items: list[Item]) -> None:
+def check_every_class_trains(class_names: list[str], train_items: list[Item]) -> None:
     """Every class keeps a training image once copies of other images are left out (a class
     whose images all copy another class's would be scored without ever being learnt)."""
     counts = Counter(label for _, label in train_items)
@@ -265,7 +265,7 @@ class _Progress:
     """Prints the run's events, with the time taken and left, and notes when training has
     begun (set-up is over)."""
 
-    def __init__(self, clock=time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.started = False
         self.clock = clock
         self.since: tuple[float, int] | None = None  # (time, step) training began or resumed

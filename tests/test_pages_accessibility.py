@@ -5,6 +5,7 @@ curves and pseudo-label quality, a running one, a failed one with its traceback)
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import redis
 
@@ -43,8 +44,15 @@ def lab(settings, tmp_path):
     database_url = settings.sqlalchemy_url
     live = redis.Redis.from_url(settings.effective_redis_url)
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    import httpx
+    try:
+        pages = _fill_the_lab(url, headers, database_url, live, tmp_path)
+        yield url, pages
+    finally:
+        process.stop()
 
+
+def _fill_the_lab(url: str, headers: dict, database_url: str, live: redis.Redis,
+                  tmp_path) -> dict[str, str]:
     with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
         created = upload(client, make_image_archive(tmp_path / "shapes.zip").read_bytes())
         assert created.status_code == 201, created.text
@@ -85,8 +93,7 @@ def lab(settings, tmp_path):
         f"/runs/{failed}": "#run-error:not([hidden])",
         "/runs/999999": "main h1",  # the error page
     }
-    yield url, pages
-    process.stop()
+    return pages
 
 
 @pytest.mark.parametrize("window", ["desktop", "phone"])

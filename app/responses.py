@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi.responses import FileResponse
+import csv
+import io
+from datetime import datetime
+from typing import Any
+
+from fastapi.responses import FileResponse, Response
 from starlette.datastructures import Headers
 
 
@@ -16,3 +21,23 @@ class Download(FileResponse):
             scope = {**scope, "headers": [
                 (key, value) for key, value in scope["headers"] if key.lower() != b"range"]}
         await super().__call__(scope, receive, send)
+
+
+def csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, float):  # 0.388, not 0.38799999999999996
+        return round(value, 6)
+    return value
+
+
+def csv_download(rows: list[dict], columns: list[str], filename: str) -> Response:
+    """`rows` as a CSV file to save as `filename` (keys outside `columns` left out)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({key: csv_value(value) for key, value in row.items()} for row in rows)
+    return Response(buffer.getvalue(), media_type="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="{filename}"'})

@@ -3,11 +3,7 @@ cancel every run, delete."""
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import Counter, defaultdict
-from datetime import datetime
-from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -35,6 +31,7 @@ from app.experiments import (
 )
 from app.live import experiment_stream_key
 from app.models import Dataset, Experiment, Run
+from app.responses import csv_download
 from app.routers.runs import SSE_RESPONSES, run_summary
 from app.schemas import ErrorOut, ExperimentIn, ExperimentListItem, ExperimentOut
 
@@ -129,25 +126,6 @@ RUN_COLUMNS = [
 SUMMARY_COLUMNS = ["budget_label", "labeled_count", "method", "runs", "finished", "pending",
                    "mean_top1", "std_top1", "best"]
 CSV_FILE = {200: {"content": {"text/csv": {}}}, 404: {"model": ErrorOut}}
-
-
-def csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
-    if isinstance(value, float):  # 0.388, not 0.38799999999999996
-        return round(value, 6)
-    return value
-
-
-def csv_download(rows: list[dict], columns: list[str], filename: str) -> Response:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({key: csv_value(value) for key, value in row.items()} for row in rows)
-    return Response(buffer.getvalue(), media_type="text/csv", headers={
-        "Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 def run_rows(experiment: Experiment, session: Session) -> list[dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import os
 import uuid
 import zipfile
@@ -32,7 +31,7 @@ from app.experiments import (
 from app.live import publish_status, run_stream_key
 from app.models import Artifact, Dataset, Run, RunMetric, utcnow
 from app.reaper import REQUEUEABLE, requeue
-from app.responses import Download
+from app.responses import Download, csv_download
 from app.schemas import ArtifactOut, ErrorOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 from worker.selftuning.files import checkpoint_path
 
@@ -319,14 +318,7 @@ def download_label_next(
         rows = [row for row in rows if not row.get("hidden_label")]
     if limit is not None:
         rows = rows[:limit]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["rank", *columns])
-    writer.writeheader()
-    for rank, row in enumerate(rows, start=1):
-        writer.writerow({"rank": rank, **row})
-    return Response(
-        buffer.getvalue(), media_type="text/csv",
-        # The two lists in one folder must not collide ("run-7-label-next (1).csv").
-        headers={"Content-Disposition": f'attachment; filename="run-{run_id}-label-next'
-                 f'{"-with-withheld" if include_withheld else ""}.csv"'},
-    )
+    # The two lists in one folder must not collide ("run-7-label-next (1).csv").
+    return csv_download(
+        [{"rank": rank, **row} for rank, row in enumerate(rows, start=1)], ["rank", *columns],
+        f"run-{run_id}-label-next{'-with-withheld' if include_withheld else ''}.csv")

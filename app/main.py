@@ -170,8 +170,7 @@ class Compressed:
         self.gzip = GZipMiddleware(app, minimum_size=1024, compresslevel=6)
 
     async def __call__(self, scope, receive, send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and not ("/files/" in path or path.endswith(DOWNLOADS)):
+        if scope["type"] == "http" and not is_download(scope.get("path", "")):
             await self.gzip(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -330,11 +329,15 @@ def _error_page(request: Request, status_code: int, title: str, detail: str) -> 
 DOWNLOADS = ("/checkpoint", "/events", "/thumbnail", ".csv")
 
 
+def is_download(path: str) -> bool:
+    return "/files/" in path or path.endswith(DOWNLOADS)
+
+
 def _browser_opening_api(request: Request) -> bool:
     """A person's browser opening an API address (a page's "API" link): it asks for HTML."""
     path = request.url.path
     return (request.method == "GET" and path.startswith("/api/")
-            and "/files/" not in path and not path.endswith(DOWNLOADS)
+            and not is_download(path)
             and "text/html" in request.headers.get("accept", ""))
 
 

@@ -188,7 +188,7 @@ def check_finished_run(out: Path, config: RunConfig, data: RunData) -> None:
         raise ValueError(f"--out {out} holds a {TRAINING_FILE} this engine cannot read "
                          f"({type(exc).__name__}): use a new or empty folder") from None
     check_compatible(saved_config, config.to_dict(), fingerprint,
-                     {data.fingerprint(), data.fingerprint_with_full_paths()},
+                     data.fingerprints(),
                      what=f"the finished run in --out {out}")
 
 

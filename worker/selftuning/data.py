@@ -93,6 +93,11 @@ class RunData:
         """The fingerprint as checkpoints written before 2026-12 carry it (paths as given)."""
         return _digest([self.class_names, self.labeled, self.unlabeled, self.test])
 
+    def fingerprints(self) -> set[str]:
+        """Every fingerprint a recorded run of these data may carry (a checkpoint, a
+        training.json), older ones included."""
+        return {self.fingerprint(), self.fingerprint_with_full_paths()}
+
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]

@@ -226,7 +226,7 @@ def _restore(state_file: Path, config: RunConfig, data: RunData, model: Method,
     and the training time up to it (`_LogWindow.timing`)."""
     state = load_checkpoint(state_file)
     check_compatible(state["config"], config.to_dict(), state["data_fingerprint"],
-                     {data.fingerprint(), data.fingerprint_with_full_paths()})
+                     data.fingerprints())
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     tracker.load_state_dict(state["tracker"])

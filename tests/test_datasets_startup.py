@@ -103,6 +103,18 @@ def test_server_start_removes_leftovers_and_dataset_routes_need_the_token(
             assert browser.get("/datasets").status_code == 200
 
 
+def refused_worker(env: dict[str, str], log_path: Path) -> str:
+    """Start a worker that must refuse to start: waits for it to exit 2; returns its log."""
+    worker = start_worker(env, log_path, name="refused")
+    try:
+        wait_for(lambda: worker.popen.poll() is not None, timeout=60,
+                 message="the worker to refuse to start and exit")
+    finally:
+        worker.stop()
+    assert worker.popen.returncode == 2, worker.log()
+    return worker.log()
+
+
 def test_a_data_directory_refuses_another_database_and_keeps_its_files(
     tmp_path: Path, redis_url: str
 ) -> None:
@@ -130,15 +142,9 @@ def test_a_data_directory_refuses_another_database_and_keeps_its_files(
     assert "Traceback" not in launcher.stdout + launcher.stderr
     # A worker started alone (the compose layout) refuses too, before taking any message: it
     # would drop the runs its database does not know and write into the other's run folders.
-    worker = start_worker(env, tmp_path / "other-worker.log", name="other")
-    try:
-        wait_for(lambda: worker.popen.poll() is not None, timeout=60,
-                 message="the worker on another database's data directory to exit")
-    finally:
-        worker.stop()
-    assert worker.popen.returncode == 2, worker.log()
-    assert "worker cannot start: the data directory" in worker.log()
-    assert "ready" not in worker.log()
+    refusal = refused_worker(env, tmp_path / "other-worker.log")
+    assert "worker cannot start: the data directory" in refusal
+    assert "ready" not in refusal
     assert all(path.exists() for path in stored)  # nothing removed
 
     # With its own database it starts, and the dataset is whole.
@@ -169,15 +175,9 @@ def test_a_database_migrated_by_a_newer_version_is_refused_in_one_line(tmp_path:
 def test_a_worker_refuses_a_database_that_was_never_migrated(tmp_path: Path,
                                                              redis_url: str) -> None:
     never_migrated = f"sqlite:///{tmp_path / 'empty.db'}"
-    worker = start_worker(app_env(tmp_path / "data", never_migrated, redis_url),
-                          tmp_path / "worker.log", name="unmigrated")
-    try:
-        wait_for(lambda: worker.popen.poll() is not None, timeout=60,
-                 message="the worker on a database never migrated to exit")
-    finally:
-        worker.stop()
-    assert worker.popen.returncode == 2, worker.log()
-    assert "has not been migrated (no installation table)" in worker.log()
+    refusal = refused_worker(app_env(tmp_path / "data", never_migrated, redis_url),
+                             tmp_path / "worker.log")
+    assert "has not been migrated (no installation table)" in refusal
     assert not (tmp_path / "data" / DATABASE_ID_FILE).exists()
 
 

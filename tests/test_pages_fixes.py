@@ -609,6 +609,15 @@ def test_the_run_page_describes_the_batches_a_run_draws(live_server):
         assert batches(left_out) == "8 (unlabeled images left out)"
 
 
+def running_for_5_min(session, run_id: int, heartbeat_age_s: float) -> Run:
+    """A run a worker took 5 minutes ago, its last heartbeat `heartbeat_age_s` old."""
+    run = session.get(Run, run_id)
+    run.status, run.worker, run.device, run.attempts = "running", "w@host", "cpu", 1
+    run.started_at = utcnow() - timedelta(minutes=5)
+    run.heartbeat_at = utcnow() - timedelta(seconds=heartbeat_age_s)
+    return run
+
+
 @pytest.mark.browser
 def test_a_run_whose_worker_went_silent_says_so_before_it_is_queued_again(live_server, request):
     """A killed worker left its run "running" with a frozen "Training time left 1 min 33 s"
@@ -618,10 +627,7 @@ def test_a_run_whose_worker_went_silent_says_so_before_it_is_queued_again(live_s
         _, (silent, fresh) = start_sweep(client, add_dataset_row(database_url), seeds=[0])
         with session_scope(database_url) as session:
             for run_id, age in ((silent, 75), (fresh, 2)):
-                run = session.get(Run, run_id)
-                run.status, run.worker, run.device, run.attempts = "running", "w@host", "cpu", 1
-                run.started_at = utcnow() - timedelta(minutes=5)
-                run.heartbeat_at = utcnow() - timedelta(seconds=age)
+                run = running_for_5_min(session, run_id, heartbeat_age_s=age)
                 run.images_per_s, run.step = 20.0, 5
         assert 75 <= client.get(f"/api/runs/{silent}").json()["silent_s"] < 100
         assert client.get(f"/api/runs/{fresh}").json()["silent_s"] is None
@@ -1042,12 +1048,8 @@ def test_a_finishing_run_offers_no_cancel_and_a_silent_cancelled_one_says_how_it
         _, (finishing, silent) = start_sweep(client, add_dataset_row(database_url), seeds=[0])
         total = client.get(f"/api/runs/{finishing}").json()["total_steps"]
         with session_scope(database_url) as session:
-            for run_id, age in ((finishing, 1), (silent, 75)):
-                run = session.get(Run, run_id)
-                run.status, run.worker, run.device, run.attempts = "running", "w@host", "cpu", 1
-                run.started_at = utcnow() - timedelta(minutes=5)
-                run.heartbeat_at = utcnow() - timedelta(seconds=age)
-            session.get(Run, finishing).step = total
+            running_for_5_min(session, finishing, heartbeat_age_s=1).step = total
+            running_for_5_min(session, silent, heartbeat_age_s=75)
             session.get(Run, silent).cancel_requested = True
         refused = client.post(f"/api/runs/{finishing}/cancel")
         assert refused.status_code == 409 and "it ends when that is done" in refused.text

@@ -21,9 +21,11 @@ from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
 MODEL_BYTES = 48 * 1024 * 1024  # big enough that zipping it takes a while
 
 
-def record_export(data_dir, database_url: str, run_id: int) -> dict[str, bytes]:
-    """The exported files of a finished run, on disk and recorded as artifacts."""
-    files = {
+def record_export(data_dir, database_url: str, run_id: int,
+                  files: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """The exported files of a finished run (a large random model unless `files` are
+    given), on disk and recorded as artifacts."""
+    files = files or {
         "model.safetensors": os.urandom(MODEL_BYTES),
         "config.json": json.dumps({"architecture": "test_efficientnet"}).encode(),
         "training.json": json.dumps({"metrics": {"test_top1": 0.5}}).encode(),
@@ -99,13 +101,8 @@ def test_pages_json_and_assets_come_compressed_and_downloads_as_they_are(live_se
              "training.json": json.dumps({"metrics": {"test_top1": 0.5}}).encode(),
              "predictions.csv": b"image_id,path,label,confidence,margin,hidden_label\n"
              + b"1,unlabeled/a.png,cat,0.9,0.5,\n" * 3000}
-    folder = live_server.data_dir / "runs" / str(run_id)
-    folder.mkdir(parents=True)
+    record_export(live_server.data_dir, database_url, run_id, files)
     with session_scope(database_url) as session:
-        for name, data in files.items():
-            (folder / name).write_bytes(data)
-            session.add(Artifact(run_id=run_id, name=name, path=f"runs/{run_id}/{name}",
-                                 size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
         for step in range(1, 301):
             session.add(RunMetric(run_id=run_id, kind="progress", step=step,
                                   values={"loss_ce": 1 / step, "lr": 0.01, "images_per_s": 40.0}))

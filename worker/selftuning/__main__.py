@@ -1,11 +1,5 @@
 """Entry point of `python -m worker.selftuning`."""
 
-import sys
-
-try:
-    from worker.selftuning.cli import main
-except KeyboardInterrupt:  # Ctrl-C while torch loads: nothing has begun
-    print("stopped before training began", file=sys.stderr)
-    raise SystemExit(130) from None
+from worker.selftuning.cli import main
 
 raise SystemExit(main())

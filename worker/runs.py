@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from app.live import (
     run_stream_key,
 )
 from app.models import Artifact, DatasetImage, Run, RunMetric
+from worker.selftuning.export import read_csv, replace_csv
 
 log = logging.getLogger(__name__)
 
@@ -337,21 +337,11 @@ def rewrite_predictions(out_dir: Path, session: Session, dataset_root: Path, run
             select(DatasetImage).where(DatasetImage.dataset_id == run.dataset_id)
         )
     }
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        columns = list(reader.fieldnames or [])
+    columns, rows = read_csv(path)
     if "image_id" in columns:
         return
-    # The header is rewritten even without rows: every run's file has the same columns.
-    fieldnames = ["image_id", "path"] + [k for k in columns if k != "path"]
-    temp = path.with_suffix(".tmp")
-    with open(temp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fieldnames)
-        writer.writeheader()
-        for row in rows:
-            image = images.get(str(Path(row["path"]).resolve()))
-            row["image_id"] = image.id if image else ""
-            row["path"] = image.original_path if image else Path(row["path"]).name
-            writer.writerow(row)
-    temp.replace(path)
+    for row in rows:
+        image = images.get(str(Path(row["path"]).resolve()))
+        row["image_id"] = image.id if image else ""
+        row["path"] = image.original_path if image else Path(row["path"]).name
+    replace_csv(path, ["image_id", "path"] + [k for k in columns if k != "path"], rows)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from worker.selftuning.data import (
     make_budget_data,
     unpacked_folder,
 )
-from worker.selftuning.export import PREDICTIONS_FILE, TRAINING_FILE
+from worker.selftuning.export import PREDICTIONS_FILE, TRAINING_FILE, read_csv, replace_csv
 from worker.selftuning.files import checkpoint_path
 from worker.selftuning.loop import TrainingCancelled, train
 from worker.selftuning.methods import METHODS
@@ -195,16 +194,12 @@ def check_finished_run(out: Path, config: RunConfig, data: RunData) -> None:
 def name_images_as_in_the_archive(predictions: Path, unpacked: Path) -> None:
     """predictions.csv names an archive's images by their paths in the archive: the engine
     read them from the unpacked copy in the temp folder, which may be deleted."""
-    with predictions.open(newline="") as handle:
-        rows = list(csv.reader(handle))
-    for row in rows[1:]:
-        image = Path(row[0])
+    columns, rows = read_csv(predictions)
+    for row in rows:
+        image = Path(row["path"])
         if image.is_relative_to(unpacked):
-            row[0] = image.relative_to(unpacked).as_posix()
-    temporary = predictions.with_name(f".{predictions.name}.tmp")
-    with temporary.open("w", newline="") as handle:
-        csv.writer(handle).writerows(rows)
-    os.replace(temporary, predictions)
+            row["path"] = image.relative_to(unpacked).as_posix()
+    replace_csv(predictions, columns, rows)
 
 
 def _stopped_at_once(out: Path) -> str:

@@ -59,6 +59,9 @@ def write_json(path: Path, value: object) -> None:
     os.replace(temporary, path)
 
 
+PREDICTION_COLUMNS = ["path", "label", "confidence", "margin", "hidden_label"]
+
+
 def write_predictions(
     path: Path,
     paths: list[str],
@@ -69,20 +72,36 @@ def write_predictions(
     """One row per unlabeled image: predicted class name, its probability, the margin to
     the runner-up and, where the budget withheld the image's label, that label (empty for an
     image without one). The columns are the same for every run."""
-    columns = ["path", "label", "confidence", "margin", "hidden_label"]
-    temporary = path.with_name(f".{path.name}.tmp")
     if len(probabilities):
         top = probabilities.topk(min(2, probabilities.shape[1]), dim=1)
         values, indices = top.values.tolist(), top.indices.tolist()
     else:
         values, indices = [], []
+    rows = []
+    for image, probs, classes, label in zip(paths, values, indices, hidden, strict=True):
+        margin = probs[0] - probs[1] if len(probs) > 1 else probs[0]
+        rows.append({"path": image, "label": class_names[classes[0]],
+                     "confidence": f"{probs[0]:.6f}", "margin": f"{margin:.6f}",
+                     "hidden_label": "" if label is None else class_names[label]})
+    replace_csv(path, PREDICTION_COLUMNS, rows)
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV file's columns and rows, as `replace_csv` takes them back."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def replace_csv(path: Path, columns: list[str], rows: list[dict[str, object]]) -> None:
+    """Write the file beside `path` and rename it over, so a reader never sees half of it.
+    The header is written even without rows."""
+    temporary = path.with_name(f".{path.name}.tmp")
     with temporary.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for image, probs, classes, label in zip(paths, values, indices, hidden, strict=True):
-            margin = probs[0] - probs[1] if len(probs) > 1 else probs[0]
-            writer.writerow([image, class_names[classes[0]], f"{probs[0]:.6f}", f"{margin:.6f}",
-                             "" if label is None else class_names[label]])
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
     os.replace(temporary, path)
 
 

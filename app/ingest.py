@@ -786,7 +786,9 @@ class _Placed:
 
 def _strip_wrappers(paths: list[str]) -> int:
     """How many leading folders every image shares (single wrapping folders, nested too);
-    a split folder or `unlabeled/` is never a wrapper, and class folders stay. A folder with
+    `train/` or `unlabeled/` is never a wrapper, and class folders stay. A test split folder
+    (`test/`, `val/`) holding everything is one: a test split alone has nothing to train on,
+    so such an archive is a dataset's val/ folder zipped on its own. A folder with
     sub-folders is a wrapper even with a stray image of its own (a cover picture, say): that
     image then lies outside every class folder, as it would without the wrapper."""
     depth = 0
@@ -797,7 +799,7 @@ def _strip_wrappers(paths: list[str]) -> int:
         if len(first) != 1:
             break
         (name,) = first
-        if name.lower() in SPLITS or name.lower() == UNLABELED_FOLDER:
+        if SPLITS.get(name.lower()) == "train" or name.lower() == UNLABELED_FOLDER:
             break
         depth += 1
     return depth

@@ -176,6 +176,22 @@ def test_layouts_around_wrapping_folders(
     assert {item.path: item.reason for item in dataset.skipped} == skipped
 
 
+@pytest.mark.parametrize("top", ["val", "test", "Val"])
+def test_an_archive_of_one_test_split_folder_is_a_wrapper_not_a_test_split_alone(
+    tmp_path: Path, top: str,
+) -> None:
+    """Zipping the `val/` folder of a dataset gives an archive with nothing to train on if
+    `val/` is read as the test split: it is read as a wrapping folder instead, so its class
+    folders train, with a hold-out for testing as for any archive without a test split."""
+    entries = {f"{top}/{path}": data for path, data in class_entries(("ant", "bee")).items()}
+    dataset = prepared(tmp_path, {**entries, f"{top}/unlabeled/u.png": image_bytes(9310)})
+    assert {name: sum(split.values()) for name, split in dataset.class_counts.items()} == {
+        "ant": 3, "bee": 3}
+    assert dataset.unlabeled_count == 1
+    assert dataset.test_source == "holdout"
+    assert dataset.skipped == []
+
+
 def test_a_single_folder_of_images_without_class_folders_is_still_one_class(
     tmp_path: Path,
 ) -> None:

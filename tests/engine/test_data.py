@@ -69,6 +69,19 @@ def _write_images(folder: Path, names: list[str]) -> None:
         Image.new("RGB", (8, 8), (200, 30, 30)).save(folder / name)
 
 
+@pytest.mark.parametrize("top", ["val", "Test"])
+def test_a_folder_that_is_one_test_split_alone_is_looked_through_as_uploads_do(
+    tmp_path: Path, top: str,
+):
+    _write_images(tmp_path / "upload" / top, ["ant/a.png", "ant/b.png", "bee/c.png",
+                                              "bee/d.png", "unlabeled/e.png"])
+    class_names, train_items, test_items, unlabeled = load_folder_dataset(tmp_path / "upload")
+    assert class_names == ["ant", "bee"]
+    assert [label for _, label in train_items] == [0, 0, 1, 1]
+    assert test_items == []  # nothing to train on were it the test split: the caller holds out
+    assert [Path(path).name for path in unlabeled] == ["e.png"]
+
+
 def test_labels_csv_gives_the_classes_not_the_folders(tmp_path: Path):
     photos = tmp_path / "upload" / "photos"  # a wrapping folder, looked through
     _write_images(photos, ["batch1/a.png", "batch1/b.png", "batch2/c.png", "batch2/d.png",

@@ -10,6 +10,10 @@ from collections.abc import Iterable
 from app.schemas import LabelEstimate
 
 LN2 = math.log(2)
+# A fit whose gain per doubling is below this (it shows as +0.0 points or less) predicts no
+# accuracy: a line that does not rise says more labels buy nothing, which one unlucky seed
+# can make it say.
+RISES_BY = 0.0005
 
 
 def estimate_label_gains(points: Iterable[tuple[str, int, float]]) -> list[LabelEstimate]:
@@ -26,7 +30,8 @@ def estimate_label_gains(points: Iterable[tuple[str, int, float]]) -> list[Label
 
     This is an extrapolation: it grows less reliable the further 2·n_max lies beyond the
     measured budgets, and near 100 % where accuracy must flatten while the log keeps
-    rising (the prediction is clipped to 0..1, the gain per doubling is not).
+    rising (the prediction is clipped to 0..1, the gain per doubling is not). A line that
+    does not rise (gain below RISES_BY) predicts no accuracy at all.
     """
     by_method: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for method, labeled_count, top1 in points:
@@ -56,7 +61,8 @@ def estimate_label_gains(points: Iterable[tuple[str, int, float]]) -> list[Label
             measured_top1=statistics.fmean(top1 for n, top1 in measured if n == n_max),
             gain_per_doubling=slope * LN2,
             gain_per_doubling_se=None if slope_se is None else slope_se * LN2,
-            predicted_top1_at_double=min(1.0, max(0.0, predicted)),
+            predicted_top1_at_double=(min(1.0, max(0.0, predicted))
+                                      if slope * LN2 >= RISES_BY else None),
             extra_labels=n_max,
             n_points=len(measured),
             intercept=intercept,

@@ -248,8 +248,9 @@ class LabelEstimate(BaseModel):
         description="standard error of gain_per_doubling from the regression; null with "
         "only two points"
     )
-    predicted_top1_at_double: float = Field(
-        description="fitted top-1 at 2·n_max labeled images, clipped to 0..1"
+    predicted_top1_at_double: float | None = Field(
+        description="fitted top-1 at 2·n_max labeled images, clipped to 0..1; null when the "
+        "fit does not rise (gain_per_doubling below 0.0005): it then predicts nothing"
     )
     extra_labels: int = Field(description="labels to add to reach 2·n_max (that is, n_max)")
     n_points: int = Field(description="succeeded runs in the fit (every seed is a point)")

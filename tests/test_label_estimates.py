@@ -77,6 +77,18 @@ def test_the_predicted_accuracy_never_passes_100_percent_but_the_gain_is_kept():
     assert estimate.predicted_top1_at_double == 1.0
 
 
+@pytest.mark.parametrize(("top1_at_20", "predicts"), [
+    (0.70, False),  # falls with labels
+    (0.80, False),  # flat
+    (0.8003, False),  # +0.03 points per doubling: shown as +0.0
+    (0.8006, True),  # +0.06: shown as +0.1
+])
+def test_a_fit_that_does_not_rise_predicts_no_accuracy(top1_at_20: float, predicts: bool):
+    [estimate] = estimate_label_gains([("fixmatch", 10, 0.80), ("fixmatch", 20, top1_at_20)])
+    assert estimate.gain_per_doubling == pytest.approx(top1_at_20 - 0.80)
+    assert (estimate.predicted_top1_at_double is not None) == predicts
+
+
 def run(method: str, status: str = "succeeded", **metrics) -> Run:
     return Run(method=method, status=status, metrics=metrics)
 

@@ -386,9 +386,10 @@ export function experimentPage() {
       return `${rounded < 0 ? "−" : "+"}${Math.abs(rounded).toFixed(1)}`;
     };
     const inTableOrder = initial.methods.flatMap((method) => estimates.filter((e) => e.method === method));
-    // A line that does not rise predicts nothing (one unlucky seed can tilt it), and a gain
-    // smaller than its standard error is within the scatter of the runs: say so.
-    const rises = (e) => Math.round(e.gain_per_doubling * 1000) > 0;
+    // A line that does not rise predicts nothing (one unlucky seed can tilt it; the server
+    // then gives no prediction), and a gain smaller than its standard error is within the
+    // scatter of the runs: say so.
+    const rises = (e) => isNumber(e.predicted_top1_at_double);
     const withinScatter = (e) => isNumber(e.gain_per_doubling_se)
       && e.gain_per_doubling_se >= Math.abs(e.gain_per_doubling);
     const body = inTableOrder.map((e) => h("tr", { "data-method": e.method },

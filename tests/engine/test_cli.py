@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -394,3 +395,37 @@ def test_predictions_of_an_archive_name_its_images_as_the_archive_does(
     assert len(named) == 4 + 6  # the unlabeled images and the labeled ones the budget hid
     assert set(named) <= members
     assert any(name.startswith("photos/unlabeled/") for name in named)
+
+
+def _wait_for_torch_to_load(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Until a torch library is mapped into `process`: it is then inside the imports of the
+    command line, which go on for seconds (torch, then timm)."""
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + timeout_s
+    while "/torch/" not in maps.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, "torch never loaded"
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc")
+def test_a_ctrl_c_while_torch_loads_stops_the_command_without_a_traceback(tmp_path: Path):
+    """Torch takes seconds to load: a Ctrl-C then printed a 40-line KeyboardInterrupt. The
+    signal is sent once torch is being loaded, not after a fixed wait: sooner, Python is
+    still starting up (its own traceback), later the command may have ended."""
+    started = subprocess.Popen(
+        [sys.executable, "-m", "worker.selftuning", "train", "--data", str(_shapes(tmp_path)),
+         "--out", str(tmp_path / "out"), *TINY, *TEST_BACKBONE],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_torch_to_load(started)
+        started.send_signal(signal.SIGINT)
+        printed, errors = started.communicate(timeout=120)
+    finally:
+        if started.poll() is None:
+            started.kill()
+    assert started.returncode == 130, errors
+    assert "Traceback" not in errors
+    assert errors.strip().splitlines()[-1] in (
+        "stopped before training began",  # in the imports, or while the images were read
+        "stopping after this step and saving; Ctrl-C again to stop at once")
+    assert not (tmp_path / "out" / "training.json").exists()

@@ -184,9 +184,12 @@ async def stream_events(
     *,
     outcome: Callable[[], Outcome],
     heartbeat_s: float,
+    earlier_ends: bool = False,
 ) -> AsyncIterator[str]:
     """SSE frames: the stream after `last_id`, then live entries, until the database says the
-    feed is over and the final event has been sent."""
+    feed is over and the final event has been sent. With `earlier_ends` (a run's feed), an
+    `end` that the stream already holds more after (a run run again) goes out as
+    `earlier_end`, so that `end` is always a feed's last event."""
     hub = await hubs.subscribe(key)  # before reading history, so nothing falls in between
     yield "retry: 2000\n\n"
     try:
@@ -204,8 +207,12 @@ async def stream_events(
         ended: Outcome | None = None  # the database said "over" at an end event
         while not hubs.stopping:
             batch: list[str] = []  # entries that arrived together go out in one write
-            for entry in pending:
+            for index, entry in enumerate(pending):
                 last_id = entry.id
+                if (earlier_ends and entry.event.get("type") == "end"
+                        and (index + 1 < len(pending) or more_history or hub.after(last_id) != [])):
+                    batch.append(sse({**entry.event, "type": "earlier_end"}, event_id=entry.id))
+                    continue
                 batch.append(entry.frame)
                 if entry.event.get("type") == "end" and ended is None:
                     state = await asyncio.to_thread(outcome)
@@ -262,7 +269,7 @@ async def _stream_is_empty(hubs: Hubs, key: str) -> bool:
 
 
 def event_stream_response(request, key: str, outcome: Callable[[], Outcome],
-                          heartbeat_s: float):
+                          heartbeat_s: float, earlier_ends: bool = False):
     """The SSE response for one stream key, resuming after the request's Last-Event-ID."""
     from fastapi.responses import StreamingResponse
 
@@ -272,6 +279,7 @@ def event_stream_response(request, key: str, outcome: Callable[[], Outcome],
         valid_last_event_id(request.headers.get("last-event-id")),
         outcome=outcome,
         heartbeat_s=heartbeat_s,
+        earlier_ends=earlier_ends,
     )
     return StreamingResponse(frames, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -192,7 +192,9 @@ def test_a_quiet_feed_stays_healthy_and_delivers_at_once(redis_url: str):
 
 def test_a_finished_experiments_feed_replays_every_run_to_its_end(live_server):
     """An experiment's feed holds one end per run, and a requeued run's feed the end of its
-    earlier try: the replay stopped at the first of them."""
+    earlier try: the replay stopped at the first of them. The run's feed sends that earlier
+    one as `earlier_end`: `end` is its last event, as documented (a script that stopped at
+    `end` reported a run that then succeeded as cancelled)."""
     database_url = live_server.database_url
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
     with live_server.client() as client:
@@ -204,7 +206,11 @@ def test_a_finished_experiments_feed_replays_every_run_to_its_end(live_server):
             end_as_worker(database_url, live, run_id, "failed")
         run_feed = sse_events(client, f"/api/runs/{first}/events")
         experiment_feed = sse_events(client, f"/api/experiments/{experiment_id}/events")
-    assert [e["status"] for e in run_feed if e["type"] == "end"] == ["cancelled", "failed"]
+    assert [(e["type"], e["status"]) for e in run_feed if e["type"].endswith("end")] == [
+        ("earlier_end", "cancelled"), ("end", "failed")]
+    assert run_feed[-1]["type"] == "end"
+    after = run_feed[[e["type"] for e in run_feed].index("earlier_end") + 1]
+    assert (after["type"], after["status"]) == ("status", "queued")  # the run again
     ends = [(e["run_id"], e["status"]) for e in experiment_feed if e["type"] == "end"]
     assert ends == [(first, "cancelled"), (first, "failed"), (second, "failed")]
     assert experiment_feed[-1]["type"] == "experiment_end"

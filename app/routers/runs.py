@@ -176,7 +176,9 @@ def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redi
             response_class=StreamingResponse)
 async def run_events(run_id: RunId, request: Request, settings: SettingsDep):
     """Live events of a run (Server-Sent Events). Reconnect with `Last-Event-ID` to get what
-    was missed; heartbeats keep the connection open; the `end` event is the last one."""
+    was missed; heartbeats keep the connection open; the `end` event is the last one. A run
+    that was run again (requeue) replays the end of each earlier try as `earlier_end`,
+    followed by the new try's events."""
     def check_exists() -> None:
         with session_scope(settings.sqlalchemy_url) as session:
             get_run(session, run_id)
@@ -204,7 +206,8 @@ async def run_events(run_id: RunId, request: Request, settings: SettingsDep):
                      "step": run.step, "total_steps": run.total_steps}
         return Outcome(True, history, final)
 
-    return event_stream_response(request, run_stream_key(run_id), outcome, settings.sse_heartbeat_s)
+    return event_stream_response(request, run_stream_key(run_id), outcome, settings.sse_heartbeat_s,
+                                 earlier_ends=True)
 
 
 # --- downloads ---------------------------------------------------------------------------

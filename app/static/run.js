@@ -262,8 +262,9 @@ export function runPage() {
     if (event.type === "status" && event.status) run.status = event.status;
     if (["started", "progress", "eval"].includes(event.type) && run.status === "queued") run.status = "running";
     drawStatus();
-    // An `end` may be an old one replayed (a requeued run ended before): the record says
-    // whether the run is over; refreshRun() stops the feed when it is.
+    // The record says whether the run is over (the feed sends an earlier try's end as
+    // `earlier_end`, but a run may be requeued the moment it ends); refreshRun() stops the
+    // feed when it is.
     if (event.type === "end") refreshRun();
   }
 

@@ -454,6 +454,29 @@ def budget_unlabeled_count(dataset: Dataset, budget: Any) -> int:
             - budget_labeled_count(dataset, budget))
 
 
+SEMI_SUPERVISED = {"self-tuning": "Self-Tuning trains on the labeled images alone",
+                   "fixmatch": "FixMatch trains as fine-tuning does"}
+
+
+def unlabeled_warnings(dataset: Dataset | None, runs: list[Run],
+                       overrides: dict[str, Any]) -> list[str]:
+    """What to know before reading a comparison: a semi-supervised run with no unlabeled
+    image to use (a budget that keeps every label on a dataset without unlabeled images, or
+    `unlabeled_batch_size` 0) uses labeled images only. It runs, as a baseline may want it."""
+    methods = [method for method in SEMI_SUPERVISED if any(run.method == method for run in runs)]
+    if not methods:
+        return []
+    what = "; ".join(SEMI_SUPERVISED[method] for method in methods)
+    if overrides.get("unlabeled_batch_size") == 0:
+        return [f"unlabeled_batch_size 0 leaves every unlabeled image out: {what}"]
+    if dataset is None:
+        return []
+    budgets = {run.budget_label: run.budget for run in runs if run.method in methods}
+    return [f"at budget {label!r} no image is unlabeled (the budget keeps every label and the "
+            f"dataset has no unlabeled images): {what}"
+            for label, budget in budgets.items() if budget_unlabeled_count(dataset, budget) == 0]
+
+
 def _train_sizes(dataset: Dataset) -> list[int]:
     """Labeled training images per class: the pool a budget draws its labels from."""
     return [counts.get("train", 0) for counts in dataset.class_counts.values()]

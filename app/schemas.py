@@ -278,6 +278,11 @@ class ExperimentOut(BaseModel):
         "accuracy-against-budget curve); runs that did not record their labeled count are "
         "left out"
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what to know before comparing its methods, such as Self-Tuning or "
+        "FixMatch runs that have no unlabeled image to use (they then use labeled images only)",
+    )
 
 
 class ExperimentListItem(BaseModel):

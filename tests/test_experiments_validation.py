@@ -290,6 +290,32 @@ def test_the_ablations_in_the_readme_can_be_started(live_server, dataset_id):
     assert run["config"]["unlabeled_batch_size"] == 0 and run["config"]["momentum"] == 0.5
 
 
+def test_semi_supervised_runs_with_no_unlabeled_image_start_with_a_warning(live_server,
+                                                                          dataset_id):
+    """On a dataset without unlabeled images, 'all' leaves Self-Tuning and FixMatch nothing
+    unlabeled: they run (a baseline may want that) but the experiment says what they are."""
+    methods = ["fine-tune", "self-tuning", "fixmatch"]
+    with live_server.client() as client:
+        created = client.post("/api/experiments", json=body(
+            dataset_id, methods=methods, budgets=["50%", "all"])).json()
+        page = client.get(f"/experiments/{created['id']}").text
+        left_out = client.post("/api/experiments", json=body(dataset_id, overrides={
+            "pretrained": False, "unlabeled_batch_size": 0})).json()
+        baseline = client.post("/api/experiments", json=body(
+            dataset_id, methods=["fine-tune"], budgets=["all"])).json()
+        below_all = client.post("/api/experiments", json=body(
+            dataset_id, methods=methods, budgets=["50%"])).json()
+    assert created["warnings"] == [
+        "at budget 'all' no image is unlabeled (the budget keeps every label and the dataset "
+        "has no unlabeled images): Self-Tuning trains on the labeled images alone; FixMatch "
+        "trains as fine-tuning does"]
+    assert "At budget &#39;all&#39; no image is unlabeled" in page
+    assert left_out["warnings"] == [
+        "unlabeled_batch_size 0 leaves every unlabeled image out: Self-Tuning trains on the "
+        "labeled images alone"]
+    assert baseline["warnings"] == below_all["warnings"] == []
+
+
 @pytest.mark.parametrize("path", [
     "/api/runs/{id}", "/api/runs/{id}/metrics", "/api/runs/{id}/events",
     "/api/runs/{id}/files/model.safetensors", "/api/runs/{id}/checkpoint",

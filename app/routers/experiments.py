@@ -27,6 +27,7 @@ from app.experiments import (
     is_terminal,
     label_estimates,
     queue_positions,
+    unlabeled_warnings,
     unprocessable,
 )
 from app.live import experiment_stream_key
@@ -48,8 +49,8 @@ def get_experiment(session: Session, experiment_id: int) -> Experiment:
 def experiment_out(experiment: Experiment) -> ExperimentOut:
     runs = list(experiment.runs)
     session = object_session(experiment)
-    labeled = budget_labeled_counts(session.get(Dataset, experiment.dataset_id) if session
-                                    else None, runs)
+    dataset = session.get(Dataset, experiment.dataset_id) if session else None
+    labeled = budget_labeled_counts(dataset, runs)
     positions = queue_positions(session, runs) if session else {}
     return ExperimentOut(
         id=experiment.id,
@@ -66,6 +67,7 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
         runs=[run_summary(run, positions.get(run.id)) for run in runs],
         budget_table=budget_table(runs, labeled),
         label_estimates=label_estimates(runs, labeled),
+        warnings=unlabeled_warnings(dataset, runs, experiment.overrides or {}),
     )
 
 

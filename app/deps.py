@@ -19,6 +19,7 @@ from app.config import Settings
 from app.db import get_sessionmaker
 from app.live import get_redis
 from app.models import MAX_ID
+from app.schemas import ErrorOut
 
 AUTH_COOKIE = "selftune_token"
 
@@ -141,6 +142,18 @@ def presented_token(request: Request) -> str | None:
 # require_token's, which also takes the login page's cookie.
 BEARER = HTTPBearer(auto_error=False,
                     description="the server's SELFTUNE_API_TOKEN (when it has one)")
+
+
+# What every API route may answer because of the token, for the OpenAPI schema.
+TOKEN_RESPONSES = {
+    401: {"model": ErrorOut, "description": "missing or wrong API token (only when the server "
+          "has one)", "headers": {"WWW-Authenticate": {"schema": {"type": "string"},
+                                                      "description": "Bearer"}}},
+    429: {"model": ErrorOut, "description": "this client address presented too many different "
+          "wrong tokens; every request from it is refused, the right token's too, until then",
+          "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                      "description": "seconds to wait"}}},
+}
 
 
 def require_token(request: Request, settings: SettingsDep,

@@ -29,7 +29,7 @@ from starlette.routing import Match
 
 from app import __version__
 from app.config import Settings, get_settings
-from app.deps import WrongTokens, require_token
+from app.deps import TOKEN_RESPONSES, WrongTokens, require_token
 from app.guard import BrowserGuard
 from app.routers import (
     dataset_pages,
@@ -274,7 +274,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HeadAsGet, router=app.router)
     app.add_middleware(SecurityHeaders)
     for router in API_ROUTERS:
-        app.include_router(router, dependencies=[Depends(require_token)])
+        app.include_router(router, dependencies=[Depends(require_token)],
+                           responses=TOKEN_RESPONSES)
     app.include_router(health.public_router)
     app.include_router(pages.router)
     app.include_router(dataset_pages.router)

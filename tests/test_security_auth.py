@@ -65,6 +65,10 @@ def test_every_api_route_in_the_openapi_schema_needs_the_token(guarded_server):
         for method, operation in item.items():
             expected = [] if path in PUBLIC else [{"HTTPBearer": []}]
             assert operation.get("security", []) == expected, (method, path)
+            # ... and the answers the token can bring, for clients generated from it.
+            if path not in PUBLIC:
+                assert {"401", "429"} <= set(operation["responses"]), (method, path)
+                assert "Retry-After" in operation["responses"]["429"]["headers"]
 
 
 def test_the_liveness_check_needs_no_token_and_tells_nothing_more(guarded_server):

@@ -43,6 +43,7 @@ from worker.selftuning.labels_csv import (
     SPLITS,
     LabelsRow,
     class_name,
+    header_hint,
     natural_key,
     parse_labels_csv,
 )
@@ -867,7 +868,8 @@ def _layout_by_csv(
     if missing:
         raise IngestError(
             f"{csv_path} names {len(missing)} file(s) that are not in the archive: "
-            f"{_quoted_list(missing)}; paths are relative to the folder of {csv_path}{hint}"
+            f"{_quoted_list(missing)}; paths are relative to the folder of {csv_path}"
+            f"{header_hint(rows[path] for path in missing)}{hint}"
         )
     placed: list[_Placed] = []
     for image in images:

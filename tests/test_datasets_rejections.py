@@ -97,6 +97,11 @@ REJECTIONS: list = [
                                     "labels.csv": b"../x.png,cat\na.png,cat\nb.png,dog\n"}),
                  "a.zip", 422, "labels.csv line 1: path '../x.png' must be relative",
                  id="labels-csv-escaping-path"),
+    pytest.param(lambda: zip_bytes({"a.png": image_bytes(1), "b.png": image_bytes(2),
+                                    "labels.csv": b"filename,class\na.png,cat\nb.png,dog\n"}),
+                 "a.zip", 422, "'filename'; paths are relative to the folder of labels.csv; "
+                 "line 1 is read as an image and its label: a header line must be 'path,label'",
+                 id="labels-csv-other-header"),
     pytest.param(lambda: os.urandom(5000), "a.zip", 415, "not a zip or tar archive",
                  id="random-bytes"),
     pytest.param(lambda: image_bytes(5), "photo.png", 415, "not a zip or tar archive",

@@ -150,7 +150,8 @@ def test_labels_csv_rows_that_are_not_images_are_left_out_with_the_reason(tmp_pa
         ("path,label\na.png,cat\n../b.png,dog\n", "must be relative to the folder of labels.csv"),
         ("path,label\na.png,cat\n..\\b.png,dog\n", "must be relative to the folder of labels.csv"),
         ("path,label\na.png,cat\nC:\\b.png,dog\n", "must be relative to the folder of labels.csv"),
-        ("file,class\na.png,cat\nb.png,dog\n", "line 1: 'file' does not exist"),
+        ("file,class\na.png,cat\nb.png,dog\n", "line 1: 'file' does not exist in "),
+        ("file,class\na.png,cat\nb.png,dog\n", "a header line must be 'path,label' (or"),
         ("path,label\na.png,cat,dog,x\n", "line 2: expected 'path,label' (or"),
         ("path,label\na.png,cat\nb.png,dog,holdout\n",
          "line 3: split 'holdout' must be train, test or val"),
@@ -162,7 +163,7 @@ def test_labels_csv_rows_that_are_not_images_are_left_out_with_the_reason(tmp_pa
          "'bird' only in the test split"),
     ],
     ids=["missing", "twice", "escaping", "escaping-backslash", "drive",
-         "other-header", "columns", "bad-split", "unlabeled-test", "one-class",
+         "other-header", "other-header-hint", "columns", "bad-split", "unlabeled-test", "one-class",
          "class-only-tested"],
 )
 def test_labels_csv_mistakes_are_refused_with_what_to_fix(tmp_path: Path, csv_text, message):

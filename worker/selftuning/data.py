@@ -19,7 +19,13 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from worker.selftuning.budgets import Budget, BudgetError, select_labeled, split_holdout
-from worker.selftuning.labels_csv import LABELS_CSV, class_name, natural_key, parse_labels_csv
+from worker.selftuning.labels_csv import (
+    LABELS_CSV,
+    class_name,
+    header_hint,
+    natural_key,
+    parse_labels_csv,
+)
 from worker.selftuning.pixels import (
     IMAGE_SUFFIXES,
     SNIFF_BYTES,
@@ -220,7 +226,7 @@ def read_labels_csv(
     for relative, row in rows.items():
         if not (folder / relative).is_file():
             raise ValueError(f"{csv_path} line {row.line}: {relative!r} does not exist in "
-                             f"{folder}")
+                             f"{folder}{header_hint([row])}")
     unusable = {relative: problem for relative in rows
                 if (problem := _image_problem(str(folder / relative)))}
     if skipped is not None:

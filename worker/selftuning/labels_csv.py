@@ -8,7 +8,7 @@ import csv
 import io
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 LABELS_CSV = "labels.csv"
@@ -80,3 +80,12 @@ def parse_labels_csv(
         rows[path] = LabelsRow(class_name(cells[1]) if cells[1] else None, SPLITS[split],
                                line_number)
     return rows
+
+
+def header_hint(missing: Iterable[LabelsRow]) -> str:
+    """For a labels.csv that names files that are not there: when line 1 is one of them, it
+    is most likely a header under other names (`filename,class`), read as an image."""
+    if any(row.line == 1 for row in missing):
+        return ("; line 1 is read as an image and its label: a header line must be "
+                "'path,label' (or 'path,label,split')")
+    return ""

@@ -358,13 +358,14 @@ def hold_weight_source(session: Session, settings: Settings, backbone: str) -> s
     path = weight_file(settings, backbone)
     if path is None:
         return None
+    shown = backbone.rpartition(":")[2]  # as stored: inside the data directory, relative to it
     if (source := source_run(settings, path)) is not None:
         held = session.execute(
             update(Run).where(Run.id == source).values(step=Run.step)).rowcount
         if not held:
-            return f"run {source}, whose model {path} is the backbone, was deleted"
+            return f"run {source}, whose model {shown} is the backbone, was deleted"
     if not path.is_file():
-        return f"the backbone weight file {path} is gone"
+        return f"the backbone weight file {shown} is gone"
     return None
 
 

@@ -241,7 +241,9 @@ def test_a_model_that_queued_runs_start_from_stays_until_they_end(live_server):
         requeued = client.post(f"/api/runs/{user_runs[0]}/requeue")
         assert requeued.status_code == 409
         assert requeued.json()["detail"].startswith(
-            f"run {user_runs[0]} cannot run again: run {source_runs[0]}, whose model ")
+            f"run {user_runs[0]} cannot run again: run {source_runs[0]}, whose model "
+            f"runs/{source_runs[0]}/model.safetensors is the backbone, was deleted")
+        assert str(data_dir.resolve()) not in requeued.text  # the server's own folders
         assert statuses(client, user_id)[user_runs[0]] == "cancelled"
 
 

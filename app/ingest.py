@@ -303,6 +303,24 @@ def class_name_warnings(class_names: list[str]) -> list[str]:
     ]
 
 
+def dataset_warnings(session: Session, dataset: Dataset) -> list[str]:
+    """What was stored but looks like a mistake: class names that differ only in letter case
+    (`class_name_warnings`), and the same images, labels and splits as another dataset (an
+    upload sent twice: its runs would compare nothing new and its images take the space
+    again)."""
+    twins = session.execute(
+        select(Dataset.id, Dataset.name).where(Dataset.fingerprint == dataset.fingerprint,
+                                               Dataset.id != dataset.id)
+        .order_by(Dataset.id).limit(4)
+    ).all()
+    same = [] if not twins else [
+        f"the same images, labels and splits as dataset "
+        f"{', '.join(f'{twin.id} ({twin.name!r})' for twin in twins[:3])}"
+        f"{' and others' if len(twins) > 3 else ''}: delete one of them if it was uploaded "
+        "twice by mistake"]
+    return class_name_warnings(dataset.class_names) + same
+
+
 def dataset_name(requested: str | None, filename: str) -> str:
     """The name given in the form, else the archive's file name without its suffixes;
     composed (NFC) as class names are, so its length counts what a person sees."""

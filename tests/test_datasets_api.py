@@ -268,3 +268,27 @@ def test_class_folders_that_differ_only_in_case_are_kept_apart_with_a_warning(
     assert "differ only in letter case" not in client.get(f"/datasets/{plain['id']}").text
     for item in (dataset, plain):
         assert client.delete(f"/api/datasets/{item['id']}").status_code == 204
+
+
+def test_an_upload_with_the_same_content_as_another_dataset_is_kept_with_a_warning(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """A script that retries an upload after a timeout stores it twice; so does a person
+    who forgot the first. Both are kept (a copy may be meant), and each names the other."""
+    archive = zip_bytes(class_entries(("cat", "dog"), seed=21))
+    first = upload(client, archive, name="first").json()
+    second = upload(client, archive, name="again").json()
+    other = small_dataset(client, "other", seed=22)
+    assert first["fingerprint"] == second["fingerprint"] != other["fingerprint"]
+    assert second["warnings"] == [
+        f"the same images, labels and splits as dataset {first['id']} ('first'): delete one "
+        "of them if it was uploaded twice by mistake"]
+    assert client.get(f"/api/datasets/{first['id']}").json()["warnings"] == [
+        f"the same images, labels and splits as dataset {second['id']} ('again'): delete one "
+        "of them if it was uploaded twice by mistake"]
+    assert "uploaded twice by mistake" in client.get(f"/datasets/{second['id']}").text
+    assert other["warnings"] == []
+    assert client.delete(f"/api/datasets/{second['id']}").status_code == 204
+    assert client.get(f"/api/datasets/{first['id']}").json()["warnings"] == []
+    for item in (first, other):
+        assert client.delete(f"/api/datasets/{item['id']}").status_code == 204

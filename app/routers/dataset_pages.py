@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.deps import DatasetId, DbDep, SettingsDep
-from app.ingest import class_name_warnings, human_bytes
+from app.ingest import dataset_warnings, human_bytes
 from app.models import Dataset, DatasetImage, Experiment, Run
 from app.routers.pages import page_guard, render, templates
 
@@ -102,6 +102,6 @@ def dataset_page(
         experiment_count=experiments, run_count=runs,
         totals={"train": sum(c["train"] for c in classes), "test": sum(c["test"] for c in classes)},
         unlabeled_thumbs=unlabeled_thumbs, skipped=dataset.skipped[:MAX_SKIPPED_SHOWN],
-        warnings=class_name_warnings(dataset.class_names),
+        warnings=dataset_warnings(db, dataset),
         thumbs_limited=len(classes) > MAX_CLASSES_WITH_THUMBS,
     )

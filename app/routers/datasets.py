@@ -95,7 +95,8 @@ class DatasetOut(DatasetListItem):
     warnings: list[str] = Field(
         default_factory=list,
         description="what was stored but looks like a mistake (class folders whose names "
-                    "differ only in letter case)")
+                    "differ only in letter case; the same images, labels and splits as "
+                    "another dataset)")
 
 
 class ImageOut(BaseModel):
@@ -130,11 +131,11 @@ def list_item(dataset: Dataset) -> DatasetListItem:
     )
 
 
-def summary(dataset: Dataset) -> DatasetOut:
+def summary(db: Session, dataset: Dataset) -> DatasetOut:
     return DatasetOut(
         **list_item(dataset).model_dump(),
         skipped=[SkippedOut(**item) for item in dataset.skipped],
-        warnings=ingest.class_name_warnings(dataset.class_names),
+        warnings=ingest.dataset_warnings(db, dataset),
     )
 
 
@@ -177,7 +178,7 @@ async def upload_dataset(request: Request, settings: SettingsDep, db: DbDep) -> 
         raise HTTPException(400, "the connection closed before the upload ended") from None
     finally:
         await run_in_threadpool(shutil.rmtree, work_dir, True)
-    return summary(dataset)
+    return await run_in_threadpool(summary, db, dataset)
 
 
 @router.get("", response_model=list[DatasetListItem])
@@ -189,7 +190,7 @@ def list_datasets(db: DbDep) -> list[DatasetListItem]:
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses={404: {"model": ErrorOut}})
 def get_dataset(dataset_id: DatasetId, db: DbDep) -> DatasetOut:
-    return summary(get_dataset_or_404(db, dataset_id))
+    return summary(db, get_dataset_or_404(db, dataset_id))
 
 
 @router.get(

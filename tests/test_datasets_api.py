@@ -276,7 +276,9 @@ def test_an_upload_with_the_same_content_as_another_dataset_is_kept_with_a_warni
     """A script that retries an upload after a timeout stores it twice; so does a person
     who forgot the first. Both are kept (a copy may be meant), and each names the other."""
     archive = zip_bytes(class_entries(("cat", "dog"), seed=21))
-    first = upload(client, archive, name="first").json()
+    answer = upload(client, archive, name="first")
+    first = answer.json()
+    assert answer.headers["location"] == f"/api/datasets/{first['id']}"  # where it now lives
     second = upload(client, archive, name="again").json()
     other = small_dataset(client, "other", seed=22)
     assert first["fingerprint"] == second["fingerprint"] != other["fingerprint"]

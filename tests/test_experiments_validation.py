@@ -250,6 +250,7 @@ def test_sweep_expands_into_methods_x_budgets_x_seeds_runs(live_server, dataset_
         ))
         assert response.status_code == 201, response.text
         experiment = response.json()
+        assert response.headers["location"] == f"/api/experiments/{experiment['id']}"
         listed = client.get("/api/experiments").json()
         run = client.get(f"/api/runs/{experiment['runs'][0]['id']}").json()
     assert len(experiment["runs"]) == 12

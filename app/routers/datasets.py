@@ -160,7 +160,8 @@ def get_dataset_or_404(db: Session, dataset_id: int) -> Dataset:
     openapi_extra={"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": UploadForm.model_json_schema()}}}},
 )
-async def upload_dataset(request: Request, settings: SettingsDep, db: DbDep) -> DatasetOut:
+async def upload_dataset(request: Request, response: Response, settings: SettingsDep,
+                         db: DbDep) -> DatasetOut:
     """Upload an archive; it is streamed to disk, verified, and stored all-or-nothing."""
     work_dir = await run_in_threadpool(ingest.new_work_dir, settings)
     try:
@@ -178,6 +179,7 @@ async def upload_dataset(request: Request, settings: SettingsDep, db: DbDep) -> 
         raise HTTPException(400, "the connection closed before the upload ended") from None
     finally:
         await run_in_threadpool(shutil.rmtree, work_dir, True)
+    response.headers["Location"] = f"/api/datasets/{dataset.id}"
     return await run_in_threadpool(summary, db, dataset)
 
 

@@ -74,7 +74,8 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
 @router.post("", status_code=201, response_model=ExperimentOut, responses={
     503: {"model": ErrorOut, "description": "the queue (Redis) is not reachable: the runs are "
           "stored as failed, with the reason"}})
-def start_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDep):
+def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
+                     settings: SettingsDep):
     """Expand methods x budgets x seeds into runs, one Celery task each."""
     try:
         experiment = create_experiment(session, settings, payload)
@@ -84,6 +85,7 @@ def start_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDe
         raise unprocessable("dataset_id", f"dataset {payload.dataset_id} does not exist "
                             "(it was deleted while the experiment was being created)") from None
     enqueue_runs(session, list(experiment.runs))
+    response.headers["Location"] = f"/api/experiments/{experiment.id}"
     return experiment_out(experiment)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import redis
-from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi import Depends, HTTPException, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -29,6 +29,28 @@ ExperimentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Experiment id")
 RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="Run id")]
 ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="Image id")]
 DatasetFilter = Annotated[int | None, Query(ge=1, le=MAX_ID, description="Dataset id")]
+# Lists: everything unless a client asks for a page (their answer was always the whole list).
+PageLimit = Annotated[int | None, Query(
+    ge=1, le=1000, description="at most this many items (all when absent); X-Total-Count "
+    "counts every item, and a Link header gives the next and previous pages")]
+PageOffset = Annotated[int, Query(ge=0, le=MAX_ID, description="items to skip")]
+
+
+def page_headers(request: Request, response: Response, total: int, limit: int | None,
+                 offset: int) -> None:
+    """X-Total-Count, and RFC 8288 Link headers to the pages around this one."""
+    response.headers["X-Total-Count"] = str(total)
+    if limit is None:
+        return
+    links = []
+    if offset + limit < total:
+        links.append((offset + limit, "next"))
+    if offset > 0:
+        links.append((max(0, offset - limit), "prev"))
+    if links:
+        response.headers["Link"] = ", ".join(
+            f'<{request.url.path}?{request.url.include_query_params(offset=at).query}>; '
+            f'rel="{rel}"' for at, rel in links)
 
 
 def get_app_settings(request: Request) -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import timm
@@ -492,3 +493,46 @@ def test_json_sent_without_its_content_type_says_which_header_to_add(live_server
     said = f"Content-Type {content_type}" if content_type else "no Content-Type"
     assert messages(refused) == ("body: send the body as JSON with the header Content-Type: "
                                  f"application/json (it came with {said})")
+
+
+def test_lists_come_a_page_at_a_time_when_asked(live_server, settings):
+    """The API lists everything unless given `limit` (X-Total-Count and Link headers say
+    what is left); the pages show 100 rows at a time, with links to the others."""
+    dataset_id = add_dataset_row(settings.sqlalchemy_url)
+    with session_scope(settings.sqlalchemy_url) as session:
+        session.add_all(Experiment(name=f"sweep {number}", dataset_id=dataset_id, backbone="b",
+                                   methods=["fine-tune"], budgets=[0.5], seeds=[0],
+                                   preset="quick") for number in range(105))
+        datasets = session.scalar(select(func.count()).select_from(Dataset))
+    mine = f"/api/experiments?dataset_id={dataset_id}"
+    with live_server.client() as client:
+        everything = client.get(mine)
+        page = client.get(f"{mine}&limit=40&offset=40")
+        last = client.get(f"{mine}&limit=40&offset=80")
+        refused = [client.get(f"{mine}&limit={limit}").status_code for limit in (0, 1001)]
+        first_dataset = client.get("/api/datasets?limit=1")
+        pages = [client.get(f"/experiments?dataset_id={dataset_id}&page={n}").text
+                 for n in (1, 2, 3)]
+    names = [item["name"] for item in everything.json()]
+    assert names == [f"sweep {number}" for number in range(104, -1, -1)]  # newest first
+    assert everything.headers["x-total-count"] == "105" and "link" not in everything.headers
+    assert [item["name"] for item in page.json()] == names[40:80]
+    assert page.headers["x-total-count"] == "105"
+    assert page.headers["link"] == (
+        f'</api/experiments?dataset_id={dataset_id}&limit=40&offset=80>; rel="next", '
+        f'</api/experiments?dataset_id={dataset_id}&limit=40&offset=0>; rel="prev"')
+    assert [item["name"] for item in last.json()] == names[80:]
+    assert last.headers["link"] == (
+        f'</api/experiments?dataset_id={dataset_id}&limit=40&offset=40>; rel="prev"')
+    assert refused == [422, 422]
+    assert len(first_dataset.json()) == 1 and first_dataset.json()[0]["id"] == dataset_id
+    assert first_dataset.headers["x-total-count"] == str(datasets)
+
+    shown = [re.findall(r'<a href="/experiments/\d+">(sweep \d+)</a>', text) for text in pages]
+    assert shown == [names[:100], names[100:], []]
+    assert "1–100 of 105, newest first" in pages[0] and "101–105 of 105" in pages[1]
+    assert f'href="/experiments?dataset_id={dataset_id}&amp;page=2" rel="next"' in pages[0]
+    assert f'href="/experiments?dataset_id={dataset_id}&amp;page=1" rel="prev"' in pages[1]
+    assert 'rel="next"' not in pages[1]
+    assert "Page 3 is past the end of the list (105)" in pages[2]
+    assert f'href="/experiments?dataset_id={dataset_id}&amp;page=2" rel="prev"' in pages[2]

@@ -313,7 +313,7 @@ def test_a_runs_queue_position_counted_by_the_database_matches_the_whole_queues_
 
 
 def test_the_experiment_list_counts_each_experiments_runs_by_status(database_url: str) -> None:
-    from app.routers.experiments import list_experiments
+    from app.routers.experiments import experiment_items
     from tests.support import add_dataset_row
 
     upgrade_to_head(database_url)
@@ -333,9 +333,17 @@ def test_the_experiment_list_counts_each_experiments_runs_by_status(database_url
                                     method="fine-tune", budget=0.5, budget_label="50%",
                                     status=status))
     with session_scope(database_url) as session:
-        listed = [(item.dataset_id, item.run_counts, item.status)
-                  for item in list_experiments(session, None)]
-        on_first = [item.run_counts for item in list_experiments(session, first)]
+        total, items = experiment_items(session, None, None, 0)
+        listed = [(item.dataset_id, item.run_counts, item.status) for item in items]
+        on_first = [item.run_counts for item in experiment_items(session, first, None, 0)[1]]
+        # A page counts every experiment, and its own experiments' runs only.
+        paged = experiment_items(session, None, 2, 1)
+        paged_on_first = experiment_items(session, first, 1, 1)
+        past_the_end = experiment_items(session, second, 5, 2)
+    assert total == 4 and paged[0] == 4 and paged_on_first[0] == 2
+    assert [(item.dataset_id, item.run_counts, item.status) for item in paged[1]] == listed[1:3]
+    assert [item.run_counts for item in paged_on_first[1]] == [{"succeeded": 2, "failed": 1}]
+    assert past_the_end == (2, [])
     assert listed == [  # newest first
         (second, {}, "finished"),
         (second, {"cancelled": 1, "succeeded": 1}, "partly cancelled"),

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 from app.deps import DatasetId, DbDep, SettingsDep
 from app.ingest import dataset_warnings, human_bytes
 from app.models import Dataset, DatasetImage, Experiment, Run
-from app.routers.pages import page_guard, render, templates
+from app.routers.datasets import newest_datasets
+from app.routers.pages import LIST_PAGE_SIZE, PageNumber, Pager, page_guard, render, templates
 
 router = APIRouter(include_in_schema=False)
 
@@ -25,11 +26,12 @@ templates.env.filters.setdefault("bytes", human_bytes)
 
 
 @router.get("/datasets", response_class=HTMLResponse)
-def datasets_page(request: Request, settings: SettingsDep, db: DbDep) -> Response:
+def datasets_page(request: Request, settings: SettingsDep, db: DbDep,
+                  page: PageNumber = 1) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
-    datasets = db.scalars(select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc()))
-    return render(request, "datasets.html", datasets=list(datasets))
+    total, datasets = newest_datasets(db, LIST_PAGE_SIZE, (page - 1) * LIST_PAGE_SIZE)
+    return render(request, "datasets.html", datasets=datasets, pager=Pager(request, page, total))
 
 
 @router.get("/datasets/new", response_class=HTMLResponse)

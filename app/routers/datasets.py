@@ -18,12 +18,21 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 from starlette.requests import ClientDisconnect
 
 from app import ingest
 from app.db import claim_data_dir
-from app.deps import DatasetId, DbDep, ImageId, RedisDep, SettingsDep
+from app.deps import (
+    DatasetId,
+    DbDep,
+    ImageId,
+    PageLimit,
+    PageOffset,
+    RedisDep,
+    SettingsDep,
+    page_headers,
+)
 from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
 from app.responses import Download
@@ -184,10 +193,23 @@ async def upload_dataset(request: Request, response: Response, settings: Setting
 
 
 @router.get("", response_model=list[DatasetListItem])
-def list_datasets(db: DbDep) -> list[DatasetListItem]:
-    """Every dataset, newest first (without the skipped-file lists)."""
-    datasets = db.scalars(select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc()))
+def list_datasets(request: Request, response: Response, db: DbDep, limit: PageLimit = None,
+                  offset: PageOffset = 0) -> list[DatasetListItem]:
+    """Every dataset, newest first (without the skipped-file lists); a page of them with
+    `limit` and `offset`."""
+    total, datasets = newest_datasets(db, limit, offset)
+    page_headers(request, response, total, limit, offset)
     return [list_item(dataset) for dataset in datasets]
+
+
+def newest_datasets(db: Session, limit: int | None, offset: int) -> tuple[int, list[Dataset]]:
+    """How many datasets there are, and one page of them, newest first (their skipped-file
+    lists, up to 1,000 entries each, left unread)."""
+    total = db.scalar(select(func.count()).select_from(Dataset)) or 0
+    datasets = db.scalars(
+        select(Dataset).options(defer(Dataset.skipped))
+        .order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit).offset(offset))
+    return total, list(datasets)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses={404: {"model": ErrorOut}})

@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from app.deps import DatasetFilter, DbDep, ExperimentId, RunId, SettingsDep
 from app.experiments import budget_unlabeled_count
 from app.models import Dataset, Experiment
-from app.routers.experiments import experiment_out, get_experiment, list_experiments
-from app.routers.pages import page_guard, render
+from app.routers.experiments import experiment_items, experiment_out, get_experiment
+from app.routers.pages import LIST_PAGE_SIZE, PageNumber, Pager, page_guard, render
 from app.routers.runs import read_run
 from app.schemas import ExperimentIn, MethodName, Overrides
 from worker.selftuning.config import PRESETS, RunConfig
@@ -84,15 +84,20 @@ def override_fields() -> list[dict[str, Any]]:
 
 @router.get("/experiments", response_class=HTMLResponse)
 def experiments_page(
-    request: Request, settings: SettingsDep, session: DbDep, dataset_id: DatasetFilter = None
+    request: Request, settings: SettingsDep, session: DbDep, dataset_id: DatasetFilter = None,
+    page: PageNumber = 1,
 ) -> Response:
-    """All experiments, or with `?dataset_id=` those on one dataset."""
+    """All experiments, or with `?dataset_id=` those on one dataset, a page at a time."""
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
-    names = {d.id: d.name for d in session.scalars(select(Dataset))}
-    experiments = list_experiments(session, dataset_id)
+    total, experiments = experiment_items(session, dataset_id, LIST_PAGE_SIZE,
+                                          (page - 1) * LIST_PAGE_SIZE)
+    shown = {e.dataset_id for e in experiments} | ({dataset_id} - {None})
+    names = dict(session.execute(select(Dataset.id, Dataset.name)
+                                 .where(Dataset.id.in_(shown))).tuples().all())
     return render(request, "experiments.html", experiments=experiments, dataset_names=names,
-                  dataset_id=dataset_id, method_titles=METHOD_TITLES)
+                  dataset_id=dataset_id, method_titles=METHOD_TITLES,
+                  pager=Pager(request, page, total))
 
 
 def preset_summary(factory) -> str:

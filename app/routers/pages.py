@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode, urlparse
 
-from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from app import __version__
 from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, token_matches
+from app.models import MAX_ID
 from app.routers.health import check_health
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
@@ -43,6 +46,48 @@ def moment(value: datetime) -> Markup:
 templates.env.filters["moment"] = moment
 
 router = APIRouter(include_in_schema=False)
+
+LIST_PAGE_SIZE = 100  # rows of the dataset and experiment lists per page
+PageNumber = Annotated[int, Query(ge=1, le=MAX_ID, description="page of the list, from 1")]
+
+
+@dataclass(frozen=True)
+class Pager:
+    """One page of a list, newest first, and the addresses of the pages beside it."""
+
+    request: Request
+    page: int
+    total: int
+    size: int = LIST_PAGE_SIZE
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.size
+
+    @property
+    def pages(self) -> int:
+        return max(1, math.ceil(self.total / self.size))
+
+    @property
+    def first_item(self) -> int:
+        return min(self.offset + 1, self.total)
+
+    @property
+    def last_item(self) -> int:
+        return min(self.offset + self.size, self.total)
+
+    @property
+    def newer(self) -> int | None:
+        """The page before this one (the last page, from past the end)."""
+        return min(self.page - 1, self.pages) if self.page > 1 else None
+
+    @property
+    def older(self) -> int | None:
+        return self.page + 1 if self.page < self.pages else None
+
+    def url(self, page: int) -> str:
+        """This list's address at another page (its other parameters kept)."""
+        return f"{self.request.url.path}?{self.request.url.include_query_params(page=page).query}"
 
 
 def page_guard(request: Request, settings) -> Response | None:

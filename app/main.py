@@ -264,6 +264,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Labeling-budget experiments: Self-Tuning vs fine-tuning vs FixMatch.",
         docs_url=None,  # FastAPI's own /docs and /redoc load a CDN; see _add_docs
         redoc_url=None,
+        # Operation ids are the functions' names (upload_dataset, not FastAPI's
+        # upload_dataset_api_datasets_post): clients generated from the schema read them.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.settings = settings
     app.state.wrong_tokens = WrongTokens()

@@ -141,13 +141,18 @@ class ExperimentIn(BaseModel):
     dataset_id: int = Field(ge=1, le=MAX_ID)
     name: str = Field("", max_length=200)
     backbone: str = Field("tf_efficientnet_lite0", min_length=1, max_length=200)
-    methods: list[MethodName] = Field(max_length=3)
+    # minItems in the schema only: `not_empty` says it in words a form can show.
+    methods: list[MethodName] = Field(max_length=3, json_schema_extra={"minItems": 1,
+                                                                       "uniqueItems": True})
     budgets: list[BudgetIn] = Field(
         max_length=20,
         description='fractions of the labeled pool (0.05, or "5%"), {"per_class": 4} (or '
-                    '"4/class"), or "all"',
+                    '"4/class"), or "all"; each a different number of labels',
+        json_schema_extra={"minItems": 1},
     )
-    seeds: list[int] = Field([0], max_length=10)
+    seeds: list[int] = Field([0], max_length=10, json_schema_extra={
+        "minItems": 1, "uniqueItems": True,
+        "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}})
     preset: Literal["quick", "paper"] = "quick"
     overrides: Overrides = Field(default_factory=Overrides)
 

@@ -120,6 +120,14 @@ def test_the_schema_has_one_operation_per_route_and_no_warnings(tmp_path: Path):
         schema = create_app(Settings(data_dir=tmp_path)).openapi()
     ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
     assert len(ids) == len(set(ids))
+    # Named as the functions are, for generated clients (upload_dataset_api_datasets_post).
+    assert schema["paths"]["/api/datasets"]["post"]["operationId"] == "upload_dataset"
+    assert schema["paths"]["/api/runs/{run_id}/label-next.csv"]["get"]["responses"]["200"][
+        "content"] == {"text/csv": {}}  # never JSON
+    # What the server refuses, a generated client can check first: empty or repeated lists.
+    sweep = schema["components"]["schemas"]["ExperimentIn"]["properties"]
+    assert [sweep[name]["minItems"] for name in ("methods", "budgets", "seeds")] == [1, 1, 1]
+    assert sweep["seeds"]["uniqueItems"] and sweep["seeds"]["items"]["minimum"] == 0
     assert list(schema["paths"]["/api/runs/{run_id}/checkpoint"]) == ["get"]
 
 
@@ -142,5 +150,6 @@ def test_the_schema_documents_the_statuses_a_client_must_handle(tmp_path: Path):
         ("/api/runs/{run_id}/checkpoint", "get"): {"200", "206", "304", "404", "416", "422"},
         ("/api/runs/{run_id}/label-next.csv", "get"): {"200", "404", "422"},
     }
+    token = {"401", "429"}  # every API route: a missing or wrong token, too many wrong ones
     documented = {key: set(paths[key[0]][key[1]]["responses"]) for key in expected}
-    assert documented == expected
+    assert documented == {key: statuses | token for key, statuses in expected.items()}

@@ -305,7 +305,7 @@ def label_next_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return columns, rows
 
 
-@router.get("/{run_id}/label-next.csv", responses={
+@router.get("/{run_id}/label-next.csv", response_class=Response, responses={
     200: {"content": {"text/csv": {}}}, 404: file_responses("text/csv")[404]})
 @router.head("/{run_id}/label-next.csv", include_in_schema=False)
 def download_label_next(

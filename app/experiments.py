@@ -23,6 +23,7 @@ from app.config import Settings
 from app.estimates import estimate_label_gains
 from app.live import forget_feeds, publish_ends, run_cancel_key
 from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
+from app.responses import human_bytes
 from app.schemas import TERMINAL_STATUSES, ExperimentIn, LabelEstimate, parse_budget_values
 from worker.selftuning.budgets import Budget
 from worker.selftuning.config import RunConfig, backbone_in
@@ -453,6 +454,41 @@ def budget_unlabeled_count(dataset: Dataset, budget: Any) -> int:
     labeled ones the budget leaves out."""
     return (dataset.unlabeled_count + sum(_train_sizes(dataset))
             - budget_labeled_count(dataset, budget))
+
+
+# Decoded images above this size get a warning: the worker's disk holds them for as long as
+# the dataset lives, and decoding them takes long before the first step.
+LARGE_CACHE_BYTES = 10 * 2**30
+CROP_PCT = 0.875  # timm's usual: training images are kept at image_size / 0.875 a side
+
+
+def experiment_warnings(dataset: Dataset | None, runs: list[Run],
+                        overrides: dict[str, Any]) -> list[str]:
+    """What to know about an experiment before trusting or waiting for it."""
+    image_size = next((run.config.get("image_size") for run in runs if run.config), None)
+    return unlabeled_warnings(dataset, runs, overrides) + (
+        cache_warnings(dataset, image_size) if dataset is not None and image_size else [])
+
+
+def decoded_bytes(dataset: Dataset, image_size: int) -> int:
+    """About what a dataset's decoded images take at `image_size` (the engine's cache):
+    training images (labeled and unlabeled) at image_size / crop_pct a side, test and
+    unlabeled images (scored at the end) at image_size, 3 bytes a pixel."""
+    train = sum(_train_sizes(dataset)) + dataset.unlabeled_count
+    evaluated = sum(counts.get("test", 0) for counts in dataset.class_counts.values()) + (
+        dataset.unlabeled_count)
+    scale = math.floor(image_size / CROP_PCT)
+    return 3 * (train * scale * scale + evaluated * image_size * image_size)
+
+
+def cache_warnings(dataset: Dataset, image_size: int) -> list[str]:
+    size = decoded_bytes(dataset, image_size)
+    if size < LARGE_CACHE_BYTES:
+        return []
+    return [f"at image_size {image_size} the decoded images take about {human_bytes(size)} "
+            "of the worker's disk (kept for every run of this dataset at this size), and "
+            "decoding them comes before the first step: a smaller image_size takes a "
+            "fraction of that"]
 
 
 SEMI_SUPERVISED = {"self-tuning": "Self-Tuning trains on the labeled images alone",

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.experiments import delete_run_rows, remove_run_folders, weights_in_use
 from app.models import Dataset, DatasetImage, Experiment, Run
+from app.responses import human_bytes
 from app.schemas import CONTROL_CHARACTERS
 from worker.selftuning.budgets import split_holdout
 from worker.selftuning.labels_csv import (
@@ -104,14 +105,6 @@ class IngestError(Exception):
 class SkippedFile:
     path: str
     reason: str
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
 
 
 def _classes_phrase(names: list[str], singular: str, plural: str) -> str:

@@ -11,6 +11,14 @@ from fastapi.responses import FileResponse, Response
 from starlette.datastructures import Headers
 
 
+def human_bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
 class Download(FileResponse):
     """Starlette's file response, less its 400 for a Range of another unit than bytes
     (`Range: items=0-5`): RFC 9110 (14.2) says to ignore such a header and send the file."""

@@ -10,8 +10,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.deps import DatasetId, DbDep, SettingsDep
-from app.ingest import dataset_warnings, human_bytes
+from app.ingest import dataset_warnings
 from app.models import Dataset, DatasetImage, Experiment, Run
+from app.responses import human_bytes
 from app.routers.datasets import newest_datasets
 from app.routers.pages import LIST_PAGE_SIZE, PageNumber, Pager, page_guard, render, templates
 

@@ -33,10 +33,10 @@ from app.experiments import (
     delete_experiment_with_runs,
     enqueue_runs,
     experiment_status,
+    experiment_warnings,
     is_terminal,
     label_estimates,
     queue_positions,
-    unlabeled_warnings,
     unprocessable,
 )
 from app.live import experiment_stream_key
@@ -76,7 +76,7 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
         runs=[run_summary(run, positions.get(run.id)) for run in runs],
         budget_table=budget_table(runs, labeled),
         label_estimates=label_estimates(runs, labeled),
-        warnings=unlabeled_warnings(dataset, runs, experiment.overrides or {}),
+        warnings=experiment_warnings(dataset, runs, experiment.overrides or {}),
     )
 
 

@@ -59,7 +59,7 @@ export function duration(seconds) {
   return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
 }
 
-// The units of the server's own messages (app.ingest.human_bytes): "512 bytes", "1.5 KiB".
+// The units of the server's own messages (app.responses.human_bytes): "512 bytes", "1.5 KiB".
 export function bytes(n) {
   if (!isNumber(n)) return "";
   const units = ["bytes", "KiB", "MiB", "GiB"];

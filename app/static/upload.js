@@ -2,7 +2,7 @@
 "use strict";
 
 (function () {
-  // The units of the server's own messages (app.ingest.human_bytes), so the page's "this
+  // The units of the server's own messages (app.responses.human_bytes), so the page's "this
   // file is 4.2 GiB" and the server's "the upload limit of 4.0 GiB" compare.
   function formatBytes(count) {
     const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];

@@ -6,13 +6,16 @@ import json
 import re
 
 import pytest
+import redis
 import timm
 from safetensors.torch import save_file
 from sqlalchemy import func, select
 
+from app import idempotency
 from app.config import Settings
 from app.db import session_scope, upgrade_to_head
 from app.models import Dataset, Experiment, Run
+from app.schemas import ExperimentIn
 from tests.conftest import reset_redis
 from tests.support import LiveServer, add_dataset_row, app_env, start_server
 
@@ -558,3 +561,50 @@ def test_lists_come_a_page_at_a_time_when_asked(live_server, settings):
     assert 'rel="next"' not in pages[1]
     assert "Page 3 is past the end of the list (105)" in pages[2]
     assert f'href="/experiments?dataset_id={dataset_id}&amp;page=2" rel="prev"' in pages[2]
+
+
+def test_a_retry_with_the_same_idempotency_key_gets_the_first_experiment(live_server,
+                                                                         dataset_id, settings):
+    """A script whose POST timed out after the sweep was made retries: with the same
+    Idempotency-Key it gets that sweep back instead of queuing a second one."""
+    sweep = body(dataset_id, methods=["fine-tune", "fixmatch"], budgets=[0.5, "all"])
+    key = {"Idempotency-Key": f"retry-{dataset_id}"}
+    with live_server.client() as client:
+        first = client.post("/api/experiments", json=sweep, headers=key)
+        experiments, runs = counts(settings.sqlalchemy_url)
+        again = client.post("/api/experiments", json=sweep, headers=key)
+        after_retry = counts(settings.sqlalchemy_url)
+        other_body = client.post("/api/experiments", json={**sweep, "seeds": [1]}, headers=key)
+        without_key = client.post("/api/experiments", json=sweep)
+        refused = client.post("/api/experiments", json={**sweep, "budgets": []},
+                              headers={"Idempotency-Key": f"refused-{dataset_id}"})
+        after_refusal = client.post("/api/experiments", json=sweep,
+                                    headers={"Idempotency-Key": f"refused-{dataset_id}"})
+        client.post(f"/api/experiments/{first.json()['id']}/cancel")
+        deleted = client.delete(f"/api/experiments/{first.json()['id']}")
+        after_delete = client.post("/api/experiments", json=sweep, headers=key)
+        bad_key = client.post("/api/experiments", json=sweep, headers={"Idempotency-Key": "a b"})
+        # Another request with the key is still making its experiment.
+        live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+        digest = idempotency.request_digest(ExperimentIn.model_validate(sweep).model_dump_json())
+        assert idempotency.claim(live, f"held-{dataset_id}", digest) is None
+        held = client.post("/api/experiments", json=sweep,
+                           headers={"Idempotency-Key": f"held-{dataset_id}"})
+    assert first.status_code == 201 and "idempotent-replayed" not in first.headers
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["location"] == f"/api/experiments/{first.json()['id']}"
+    assert [run["id"] for run in again.json()["runs"]] == [r["id"] for r in first.json()["runs"]]
+    assert after_retry == (experiments, runs)  # nothing new queued
+    assert other_body.status_code == 422
+    assert other_body.json()["detail"] == (
+        "this Idempotency-Key came with another request body: use a new key for a new "
+        "experiment")
+    assert without_key.status_code == 201 and without_key.json()["id"] != first.json()["id"]
+    # A refused request keeps nothing under its key: the corrected retry is made.
+    assert refused.status_code == 422 and after_refusal.status_code == 201
+    # Once its experiment is deleted, the key makes a new one.
+    assert deleted.status_code == 204
+    assert after_delete.status_code == 201 and after_delete.json()["id"] != first.json()["id"]
+    assert bad_key.status_code == 422
+    assert held.status_code == 409 and "still being handled" in held.json()["detail"]

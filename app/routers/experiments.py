@@ -4,14 +4,17 @@ cancel every run, delete."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Request, Response
+import redis
+from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
 
+from app import idempotency
 from app.db import session_scope
 from app.deps import (
     DatasetFilter,
@@ -80,20 +83,53 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
     )
 
 
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+    description="any string of yours (a UUID, say): a retry with the same key and body within "
+    "a day gets the experiment the first request made (with Idempotent-Replayed: true) "
+    "instead of a second sweep")]
+
+
 @router.post("", status_code=201, response_model=ExperimentOut, responses={
+    200: {"model": ExperimentOut, "description": "the experiment an earlier request with this "
+          "Idempotency-Key and body made (Idempotent-Replayed: true)"},
+    409: {"model": ErrorOut, "description": "the first request with this Idempotency-Key is "
+          "still being handled"},
     503: {"model": ErrorOut, "description": "the queue (Redis) is not reachable: the runs are "
           "stored as failed, with the reason"}})
 def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
-                     settings: SettingsDep):
+                     settings: SettingsDep, live: RedisDep,
+                     idempotency_key: IdempotencyKey = None):
     """Expand methods x budgets x seeds into runs, one Celery task each."""
+    digest = idempotency.request_digest(payload.model_dump_json())
+    if idempotency_key is not None:
+        try:
+            made = idempotency.claim(live, idempotency_key, digest)
+        except (redis.RedisError, OSError) as exc:
+            raise HTTPException(503, detail="the queue (Redis) is not reachable, so this "
+                                f"Idempotency-Key cannot be checked: {exc}") from exc
+        if made is not None and (experiment := session.get(Experiment, made)) is not None:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
+            response.headers["Location"] = f"/api/experiments/{experiment.id}"
+            return experiment_out(experiment)
+        if made is not None:  # deleted since: this request makes a new one
+            idempotency.take_over(live, idempotency_key, digest)
     try:
-        experiment = create_experiment(session, settings, payload)
-        session.commit()
-    except IntegrityError:  # its dataset was deleted after it was read: runs need one
-        session.rollback()
-        raise unprocessable("dataset_id", f"dataset {payload.dataset_id} does not exist "
-                            "(it was deleted while the experiment was being created)") from None
-    enqueue_runs(session, list(experiment.runs))
+        try:
+            experiment = create_experiment(session, settings, payload)
+            session.commit()
+        except IntegrityError:  # its dataset was deleted after it was read: runs need one
+            session.rollback()
+            raise unprocessable("dataset_id", f"dataset {payload.dataset_id} does not exist "
+                                "(it was deleted while the experiment was being created)") from None
+        enqueue_runs(session, list(experiment.runs))
+    except BaseException:
+        if idempotency_key is not None:
+            idempotency.release(live, idempotency_key)
+        raise
+    if idempotency_key is not None:
+        idempotency.remember(live, idempotency_key, digest, experiment.id)
     response.headers["Location"] = f"/api/experiments/{experiment.id}"
     return experiment_out(experiment)
 

@@ -1,0 +1,63 @@
+"""`Idempotency-Key` for POST /api/experiments: a script that retries after a timeout (the
+sweep was made, the answer lost) gets the experiment its first try made, not a second sweep
+of queued runs. The key lives in Redis for a day, with a digest of the request it came with."""
+
+from __future__ import annotations
+
+import hashlib
+
+import redis
+from fastapi import HTTPException
+
+KEY_TTL_S = 24 * 3600  # how long a key names its experiment
+CLAIM_TTL_S = 120  # how long a request may hold a key while it makes the experiment
+PENDING = "pending"
+
+
+def _redis_key(key: str) -> str:
+    return "selftune:idempotency:experiments:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def request_digest(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def claim(live: redis.Redis, key: str, digest: str) -> int | None:
+    """The experiment an earlier request with `key` made, or None once this request holds the
+    key (it then makes the experiment and calls `remember`, or `release` if it fails).
+    The same key with another request body is a 422; while the first request with it is
+    still being handled, a 409."""
+    name = _redis_key(key)
+    for _ in range(3):  # a claim that expires between SET and GET is taken again
+        if live.set(name, f"{PENDING} {digest}", nx=True, ex=CLAIM_TTL_S):
+            return None
+        value = live.get(name)
+        if value is None:
+            continue
+        state, _, stored_digest = value.partition(" ")
+        if stored_digest != digest:
+            raise HTTPException(422, detail="this Idempotency-Key came with another request "
+                                "body: use a new key for a new experiment")
+        if state == PENDING:
+            raise HTTPException(409, detail="a request with this Idempotency-Key is still "
+                                "being handled: ask again in a moment")
+        return int(state)
+    raise HTTPException(409, detail="this Idempotency-Key is changing hands: ask again")
+
+
+def take_over(live: redis.Redis, key: str, digest: str) -> None:
+    """Hold `key` again: the experiment it named was deleted since."""
+    live.set(_redis_key(key), f"{PENDING} {digest}", ex=CLAIM_TTL_S)
+
+
+def remember(live: redis.Redis, key: str, digest: str, experiment_id: int) -> None:
+    live.set(_redis_key(key), f"{experiment_id} {digest}", ex=KEY_TTL_S)
+
+
+def release(live: redis.Redis, key: str) -> None:
+    """Free the key of a request that made nothing to return (refused, or the queue down):
+    a retry then tries again."""
+    try:
+        live.delete(_redis_key(key))
+    except (redis.RedisError, OSError):
+        pass  # the claim expires by itself

@@ -33,7 +33,7 @@ run: $(STAMP) $(VENDOR)
 	$(VENV)/bin/python -m app.launcher
 
 test: $(STAMP) $(VENDOR)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -17,7 +17,14 @@ from app.deps import DatasetFilter, DbDep, ExperimentId, RunId, SettingsDep
 from app.experiments import budget_unlabeled_count
 from app.models import Dataset, Experiment
 from app.routers.experiments import experiment_items, experiment_out, get_experiment
-from app.routers.pages import LIST_PAGE_SIZE, PageNumber, Pager, page_guard, render
+from app.routers.pages import (
+    LIST_PAGE_SIZE,
+    PageNumber,
+    Pager,
+    list_offset,
+    page_guard,
+    render,
+)
 from app.routers.runs import read_run
 from app.schemas import ExperimentIn, MethodName, Overrides
 from worker.selftuning.config import PRESETS, RunConfig
@@ -91,7 +98,7 @@ def experiments_page(
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
     total, experiments = experiment_items(session, dataset_id, LIST_PAGE_SIZE,
-                                          (page - 1) * LIST_PAGE_SIZE)
+                                          list_offset(page))
     shown = {e.dataset_id for e in experiments} | ({dataset_id} - {None})
     names = dict(session.execute(select(Dataset.id, Dataset.name)
                                  .where(Dataset.id.in_(shown))).tuples().all())

@@ -51,6 +51,11 @@ LIST_PAGE_SIZE = 100  # rows of the dataset and experiment lists per page
 PageNumber = Annotated[int, Query(ge=1, le=MAX_ID, description="page of the list, from 1")]
 
 
+def list_offset(page: int, size: int = LIST_PAGE_SIZE) -> int:
+    """Rows of a list before its page `page` (from 1)."""
+    return (page - 1) * size
+
+
 @dataclass(frozen=True)
 class Pager:
     """One page of a list, newest first, and the addresses of the pages beside it."""
@@ -62,7 +67,7 @@ class Pager:
 
     @property
     def offset(self) -> int:
-        return (self.page - 1) * self.size
+        return list_offset(self.page, self.size)
 
     @property
     def pages(self) -> int:

@@ -26,7 +26,7 @@ from app.live import (
     run_stream_key,
 )
 from app.models import Artifact, DatasetImage, Run, RunMetric
-from worker.selftuning.export import read_csv, replace_csv
+from worker.selftuning.files import read_csv, replace_csv
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from worker.selftuning.data import (
     make_budget_data,
     unpacked_folder,
 )
-from worker.selftuning.export import PREDICTIONS_FILE, TRAINING_FILE, read_csv, replace_csv
-from worker.selftuning.files import checkpoint_path
+from worker.selftuning.export import PREDICTIONS_FILE, TRAINING_FILE
+from worker.selftuning.files import checkpoint_path, read_csv, replace_csv
 from worker.selftuning.loop import TrainingCancelled, train
 from worker.selftuning.methods import METHODS
 

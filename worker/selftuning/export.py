@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from worker.selftuning.files import new_file_mode
+from worker.selftuning.files import new_file_mode, replace_csv
 from worker.selftuning.images import Preprocessing
 
 MODEL_FILE = "model.safetensors"
@@ -84,25 +83,6 @@ def write_predictions(
                      "confidence": f"{probs[0]:.6f}", "margin": f"{margin:.6f}",
                      "hidden_label": "" if label is None else class_names[label]})
     replace_csv(path, PREDICTION_COLUMNS, rows)
-
-
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """A CSV file's columns and rows, as `replace_csv` takes them back."""
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
-
-
-def replace_csv(path: Path, columns: list[str], rows: list[dict[str, object]]) -> None:
-    """Write the file beside `path` and rename it over, so a reader never sees half of it.
-    The header is written even without rows."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
 
 
 def package_versions() -> dict[str, str]:

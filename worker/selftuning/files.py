@@ -3,6 +3,7 @@ temporaries a killed writer leaves, told apart from those still being written.""
 
 from __future__ import annotations
 
+import csv
 import errno
 import os
 import re
@@ -122,3 +123,22 @@ def remove_abandoned_temporaries(folder: Path, *, max_age_s: float = STALE_TEMPO
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV file's columns and rows, as `replace_csv` takes them back."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def replace_csv(path: Path, columns: list[str], rows: list[dict[str, object]]) -> None:
+    """Write the file beside `path` and rename it over, so a reader never sees half of it.
+    The header is written even without rows."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)

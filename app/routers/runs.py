@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import uuid
 import zipfile
@@ -33,7 +32,7 @@ from app.models import Artifact, Dataset, Run, RunMetric, utcnow
 from app.reaper import REQUEUEABLE, requeue
 from app.responses import Download, csv_download
 from app.schemas import ArtifactOut, ErrorOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
-from worker.selftuning.files import checkpoint_path
+from worker.selftuning.files import checkpoint_path, read_csv
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
@@ -297,10 +296,7 @@ def download_predictions(run_id: RunId, request: Request, session: DbDep, settin
 
 def label_next_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """The predictions' columns, and their rows from least to most certain."""
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        columns = list(reader.fieldnames or [])
+    columns, rows = read_csv(path)
     rows.sort(key=lambda row: (float(row["margin"]), float(row["confidence"])))
     return columns, rows
 

@@ -14,15 +14,7 @@ from app.ingest import dataset_warnings
 from app.models import Dataset, DatasetImage, Experiment, Run
 from app.responses import human_bytes
 from app.routers.datasets import newest_datasets
-from app.routers.pages import (
-    LIST_PAGE_SIZE,
-    PageNumber,
-    Pager,
-    list_offset,
-    page_guard,
-    render,
-    templates,
-)
+from app.routers.pages import PageNumber, Pager, page_guard, render, templates
 
 router = APIRouter(include_in_schema=False)
 
@@ -39,8 +31,9 @@ def datasets_page(request: Request, settings: SettingsDep, db: DbDep,
                   page: PageNumber = 1) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
-    total, datasets = newest_datasets(db, LIST_PAGE_SIZE, list_offset(page))
-    return render(request, "datasets.html", datasets=datasets, pager=Pager(request, page, total))
+    pager, datasets = Pager.fetch(request, page, lambda limit, offset: newest_datasets(
+        db, limit, offset))
+    return render(request, "datasets.html", datasets=datasets, pager=pager)
 
 
 @router.get("/datasets/new", response_class=HTMLResponse)

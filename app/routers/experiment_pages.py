@@ -17,14 +17,7 @@ from app.deps import DatasetFilter, DbDep, ExperimentId, RunId, SettingsDep
 from app.experiments import budget_unlabeled_count
 from app.models import Dataset, Experiment
 from app.routers.experiments import experiment_items, experiment_out, get_experiment
-from app.routers.pages import (
-    LIST_PAGE_SIZE,
-    PageNumber,
-    Pager,
-    list_offset,
-    page_guard,
-    render,
-)
+from app.routers.pages import PageNumber, Pager, page_guard, render
 from app.routers.runs import read_run
 from app.schemas import ExperimentIn, MethodName, Overrides
 from worker.selftuning.config import PRESETS, RunConfig
@@ -97,14 +90,14 @@ def experiments_page(
     """All experiments, or with `?dataset_id=` those on one dataset, a page at a time."""
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
-    total, experiments = experiment_items(session, dataset_id, LIST_PAGE_SIZE,
-                                          list_offset(page))
+    pager, experiments = Pager.fetch(request, page, lambda limit, offset: experiment_items(
+        session, dataset_id, limit, offset))
     shown = {e.dataset_id for e in experiments} | ({dataset_id} - {None})
     names = dict(session.execute(select(Dataset.id, Dataset.name)
                                  .where(Dataset.id.in_(shown))).tuples().all())
     return render(request, "experiments.html", experiments=experiments, dataset_names=names,
                   dataset_id=dataset_id, method_titles=METHOD_TITLES,
-                  pager=Pager(request, page, total))
+                  pager=pager)
 
 
 def preset_summary(factory) -> str:

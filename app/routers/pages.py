@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlencode, urlparse
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
@@ -51,11 +52,6 @@ LIST_PAGE_SIZE = 100  # rows of the dataset and experiment lists per page
 PageNumber = Annotated[int, Query(ge=1, le=MAX_ID, description="page of the list, from 1")]
 
 
-def list_offset(page: int, size: int = LIST_PAGE_SIZE) -> int:
-    """Rows of a list before its page `page` (from 1)."""
-    return (page - 1) * size
-
-
 @dataclass(frozen=True)
 class Pager:
     """One page of a list, newest first, and the addresses of the pages beside it."""
@@ -65,9 +61,16 @@ class Pager:
     total: int
     size: int = LIST_PAGE_SIZE
 
+    @classmethod
+    def fetch(cls, request: Request, page: int,
+              rows: Callable[[int, int], tuple[int, list[Any]]]) -> tuple[Pager, list[Any]]:
+        """Page `page` of a list: `rows(limit, offset)` gives its total and that page's rows."""
+        total, items = rows(LIST_PAGE_SIZE, (page - 1) * LIST_PAGE_SIZE)
+        return cls(request, page, total), items
+
     @property
     def offset(self) -> int:
-        return list_offset(self.page, self.size)
+        return (self.page - 1) * self.size
 
     @property
     def pages(self) -> int:

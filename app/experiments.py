@@ -177,8 +177,11 @@ def default_name(dataset_name: str, methods: list[str]) -> str:
     return name if len(name) <= 200 else f"{name[:199]}…"
 
 
-def create_experiment(session: Session, settings: Settings, payload: ExperimentIn) -> Experiment:
-    """Validate, store the experiment and its runs (status queued). The caller enqueues."""
+def plan_experiment(session: Session, settings: Settings, payload: ExperimentIn, *,
+                    hold: bool = True) -> tuple[Dataset, Experiment]:
+    """Validate, and build the experiment and its runs without storing them. With `hold`, a
+    backbone that is another run's model has that run's row locked until the transaction
+    ends (see `hold_weight_source`); without it, only checked."""
     dataset = session.get(Dataset, payload.dataset_id)
     if dataset is None:
         raise unprocessable("dataset_id", f"dataset {payload.dataset_id} does not exist")
@@ -206,7 +209,7 @@ def create_experiment(session: Session, settings: Settings, payload: ExperimentI
     first = next(iter(configs.values()))
     check_input_size(backbone_in(payload.backbone, settings.data_dir.resolve()),
                      first["image_size"], first["batch_size"])
-    if missing := hold_weight_source(session, settings, payload.backbone):
+    if missing := hold_weight_source(session, settings, payload.backbone, hold=hold):
         raise unprocessable("backbone", missing)
     experiment = Experiment(
         name=payload.name or default_name(dataset.name, payload.methods),
@@ -217,25 +220,28 @@ def create_experiment(session: Session, settings: Settings, payload: ExperimentI
         seeds=list(payload.seeds),
         preset=payload.preset,
         overrides=payload.overrides.model_dump(exclude_none=True),
+        runs=[
+            Run(
+                dataset_id=dataset.id,
+                method=method,
+                budget=budget.to_json(),
+                budget_label=budget.label,
+                seed=seed,
+                config=configs[(method, seed)],
+                total_steps=configs[(method, seed)]["iterations"],
+            )
+            for budget in budgets
+            for method in payload.methods
+            for seed in payload.seeds
+        ],
     )
-    session.add(experiment)
-    session.flush()
-    for budget in budgets:
-        for method in payload.methods:
-            for seed in payload.seeds:
-                config = configs[(method, seed)]
-                session.add(
-                    Run(
-                        experiment_id=experiment.id,
-                        dataset_id=dataset.id,
-                        method=method,
-                        budget=budget.to_json(),
-                        budget_label=budget.label,
-                        seed=seed,
-                        config=config,
-                        total_steps=config["iterations"],
-                    )
-                )
+    return dataset, experiment
+
+
+def create_experiment(session: Session, settings: Settings, payload: ExperimentIn) -> Experiment:
+    """Validate, store the experiment and its runs (status queued). The caller enqueues."""
+    _, experiment = plan_experiment(session, settings, payload)
+    session.add(experiment)  # its runs with it, in the order above (their ids follow it)
     session.flush()
     return experiment
 
@@ -351,18 +357,23 @@ def source_run(settings: Settings, path: Path) -> int | None:
     return int(folder) if folder.isdigit() else None
 
 
-def hold_weight_source(session: Session, settings: Settings, backbone: str) -> str | None:
+def hold_weight_source(session: Session, settings: Settings, backbone: str,
+                       hold: bool = True) -> str | None:
     """What is missing for a run to start from the weight file `backbone`, or None. When
     the file is another run's model, that run's row is locked first (a no-op update), so a
     delete of it either has committed (the row is gone) or waits until this transaction
-    ends and then sees the runs that start from it (`weights_in_use`)."""
+    ends and then sees the runs that start from it (`weights_in_use`). Without `hold` the
+    row is only looked for."""
     path = weight_file(settings, backbone)
     if path is None:
         return None
     shown = backbone.rpartition(":")[2]  # as stored: inside the data directory, relative to it
     if (source := source_run(settings, path)) is not None:
-        held = session.execute(
-            update(Run).where(Run.id == source).values(step=Run.step)).rowcount
+        if hold:
+            held = session.execute(
+                update(Run).where(Run.id == source).values(step=Run.step)).rowcount
+        else:
+            held = session.get(Run, source) is not None
         if not held:
             return f"run {source}, whose model {shown} is the backbone, was deleted"
     if not path.is_file():

@@ -290,6 +290,16 @@ class ExperimentOut(BaseModel):
     )
 
 
+class ExperimentCheckOut(BaseModel):
+    """What POST /api/experiments would make of a body (POST /api/experiments/check)."""
+
+    runs: int = Field(description="the training runs it would queue (methods x budgets x "
+                      "seeds)")
+    backbone: str = Field(description="the backbone as it would be stored (a file as its "
+                          "path)")
+    warnings: list[str] = Field(description="as ExperimentOut's warnings")
+
+
 class ExperimentListItem(BaseModel):
     id: int
     name: str

@@ -244,7 +244,36 @@ def test_a_model_that_queued_runs_start_from_stays_until_they_end(live_server):
             f"run {user_runs[0]} cannot run again: run {source_runs[0]}, whose model "
             f"runs/{source_runs[0]}/model.safetensors is the backbone, was deleted")
         assert str(data_dir.resolve()) not in requeued.text  # the server's own folders
+        # A new experiment on it is refused, and the start form's check says so first.
+        again = {"dataset_id": other_dataset, **SWEEP, "backbone": backbone}
+        checked = client.post("/api/experiments/check", json=again)
+        started = client.post("/api/experiments", json=again)
+        assert checked.status_code == started.status_code == 422
+        assert checked.json() == started.json()
+        assert "a weight file must exist" in checked.json()["detail"][0]["msg"]
         assert statuses(client, user_id)[user_runs[0]] == "cancelled"
+
+
+def test_a_check_on_a_model_whose_run_is_being_deleted_says_so_without_holding_it(
+        live_server):
+    """The run's row is gone and its folder not yet (a delete between its two steps): the
+    start form's check refuses the backbone in the words a start would."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        source_id, source_runs = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        add_run_files(live_server.data_dir, database_url, source_runs[0])
+        client.post(f"/api/experiments/{source_id}/cancel")
+        with session_scope(database_url) as session:
+            delete_run_rows(session, [source_runs[0]])
+        again = {"dataset_id": add_dataset_row(database_url), **SWEEP,
+                 "backbone": f"test_efficientnet:runs/{source_runs[0]}/model.safetensors"}
+        checked = client.post("/api/experiments/check", json=again)
+        started = client.post("/api/experiments", json=again)
+    assert checked.status_code == started.status_code == 422
+    assert checked.json() == started.json()
+    assert checked.json()["detail"][0]["msg"] == (
+        f"run {source_runs[0]}, whose model runs/{source_runs[0]}/model.safetensors is the "
+        "backbone, was deleted")
 
 
 def test_an_experiment_started_from_a_model_being_deleted_is_refused(server_on_each_database):

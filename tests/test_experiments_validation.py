@@ -131,9 +131,12 @@ def test_bad_experiment_is_rejected_with_a_message_and_stores_nothing(
     before = counts(live_server.database_url)
     with live_server.client() as client:
         response = client.post("/api/experiments", json=body(dataset_id, **changes))
+        checked = client.post("/api/experiments/check", json=body(dataset_id, **changes))
     assert response.status_code == status, response.text
     assert expected in messages(response)
     assert counts(live_server.database_url) == before
+    # The start form's check refuses it in the same words.
+    assert (checked.status_code, checked.json()) == (status, response.json())
 
 
 def test_hub_weights_the_server_cannot_get_are_refused_and_cached_ones_accepted(
@@ -319,6 +322,29 @@ def test_semi_supervised_runs_with_no_unlabeled_image_start_with_a_warning(live_
         "unlabeled_batch_size 0 leaves every unlabeled image out: Self-Tuning trains on the "
         "labeled images alone"]
     assert baseline["warnings"] == below_all["warnings"] == []
+
+
+def test_a_check_says_what_a_start_would_make_and_stores_and_queues_nothing(live_server,
+                                                                           dataset_id):
+    """POST /api/experiments/check (the start form asks it as it is filled in): the runs
+    and warnings the same body would start with, and nothing made."""
+    queue = redis.Redis.from_url(live_server.redis_url)
+    sweep = body(dataset_id, methods=["fine-tune", "self-tuning"], budgets=["50%", "all"],
+                 seeds=[0, 1])
+    before, queued = counts(live_server.database_url), queue.llen("celery")
+    with live_server.client() as client:
+        checked = [client.post("/api/experiments/check", json=sweep) for _ in range(2)]
+        plain = client.post("/api/experiments/check", json=body(dataset_id))
+        assert counts(live_server.database_url) == before and queue.llen("celery") == queued
+        created = client.post("/api/experiments", json=sweep).json()
+    assert queue.llen("celery") == queued + 8  # where a start puts its runs (no worker here)
+    assert [c.status_code for c in checked] == [200, 200]
+    assert checked[0].json() == checked[1].json() == {
+        "runs": 8, "backbone": "test_efficientnet", "warnings": created["warnings"]}
+    assert len(created["runs"]) == 8 and created["warnings"] == [
+        "at budget 'all' no image is unlabeled (the budget keeps every label and the dataset "
+        "has no unlabeled images): Self-Tuning trains on the labeled images alone"]
+    assert plain.json() == {"runs": 1, "backbone": "test_efficientnet", "warnings": []}
 
 
 @pytest.mark.parametrize("path", [

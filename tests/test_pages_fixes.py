@@ -356,8 +356,9 @@ def test_a_malformed_hyper_parameter_is_an_error_next_to_it_and_nothing_is_sent(
     dataset_id = add_dataset_row(live_server.database_url)
     with open_browser(request.node.name) as browser:
         page = browser.page
-        sent = []
-        page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
+        sent = []  # starts (the form's checks as it is filled in go to /api/experiments/check)
+        page.on("request", lambda r: sent.append(r.url) if r.method == "POST"
+                and r.url.endswith("/api/experiments") else None)
         page.goto(f"{live_server.url}/experiments/new?dataset_id={dataset_id}")
         page.fill("#f-lr", "")
         page.locator("#f-lr").press_sequentially("1e-")

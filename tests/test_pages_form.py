@@ -171,11 +171,49 @@ def test_the_form_counts_distinct_runs_and_reports_every_mistake_at_once(
         page.dispatch_event("#f-seeds", "input")
         assert "(2 methods × 1 budget × 2 seeds)" in page.inner_text("#run-count")
         page.fill("#f-seeds", "0, x")
-        sent = []
-        page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
+        sent = []  # starts (the form's checks as it is filled in go to /api/experiments/check)
+        page.on("request", lambda r: sent.append(r.url) if r.method == "POST"
+                and r.url.endswith("/api/experiments") else None)
         page.click("#start")
         assert "“abc” is not a budget" in error_next_to(page, "budgets")
         assert error_next_to(page, "seeds") == (
             "“x” is not a seed: write whole numbers such as 0, 1, 2")
         assert sent == []  # found in the page: nothing was sent
+        browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_the_form_shows_the_experiments_warnings_before_it_starts(live_server, request):
+    """What the experiment page would warn about shows under the form as it is filled in
+    (from POST /api/experiments/check), and goes when the form changes; nothing is made
+    until Start."""
+    with session_scope(live_server.database_url) as session:
+        dataset = Dataset(
+            name="no unlabeled", storage_key="form-warnings-test", fingerprint="1" * 64,
+            class_names=["circle", "square"],
+            class_counts={"circle": {"train": 10, "test": 3}, "square": {"train": 10, "test": 3}},
+            unlabeled_count=0, image_count=26,
+        )
+        session.add(dataset)
+        session.flush()
+        dataset_id = dataset.id
+    warnings = "#form-warnings .warning"
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/new?dataset_id={dataset_id}")
+        page.fill("#f-budgets", "50%, all")
+        page.wait_for_selector(f"{warnings}:has-text('no image is unlabeled')")
+        assert page.locator(warnings).all_inner_texts() == [
+            "At budget 'all' no image is unlabeled (the budget keeps every label and the "
+            "dataset has no unlabeled images): Self-Tuning trains on the labeled images alone."]
+        browser.screenshot("warning-before-start")
+
+        page.fill("#f-budgets", "50%")
+        page.wait_for_selector(warnings, state="detached")
+        page.fill("#f-unlabeled_batch_size", "0")
+        page.wait_for_selector(f"{warnings}:has-text('leaves every unlabeled image out')")
+        page.uncheck("input[name=methods][value=self-tuning]")  # fine-tuning alone: nothing
+        page.wait_for_selector(warnings, state="detached")
+        with httpx.Client(base_url=live_server.url) as client:
+            assert client.get("/api/experiments").json() == []
         browser.assert_no_errors()

@@ -39,6 +39,7 @@ from app.experiments import (
     experiment_warnings,
     is_terminal,
     label_estimates,
+    plan_experiment,
     queue_positions,
     unprocessable,
 )
@@ -46,7 +47,13 @@ from app.live import experiment_stream_key
 from app.models import Dataset, Experiment, Run
 from app.responses import csv_download
 from app.routers.runs import SSE_RESPONSES, run_summary
-from app.schemas import ErrorOut, ExperimentIn, ExperimentListItem, ExperimentOut
+from app.schemas import (
+    ErrorOut,
+    ExperimentCheckOut,
+    ExperimentIn,
+    ExperimentListItem,
+    ExperimentOut,
+)
 
 router = APIRouter(prefix="/api/experiments", tags=["experiments"])
 
@@ -132,6 +139,19 @@ def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
         idempotency.remember(live, idempotency_key, digest, experiment.id)
     response.headers["Location"] = f"/api/experiments/{experiment.id}"
     return experiment_out(experiment)
+
+
+@router.post("/check", response_model=ExperimentCheckOut, responses={
+    422: {"model": ErrorOut, "description": "what POST /api/experiments would refuse, in "
+          "the same words"}})
+def check_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDep):
+    """What POST /api/experiments would make of this body, without making it: the same
+    checks and refusals, the number of runs and the experiment's warnings. Nothing is stored
+    or queued (the start form asks as it is filled in)."""
+    dataset, experiment = plan_experiment(session, settings, payload, hold=False)
+    return ExperimentCheckOut(
+        runs=len(experiment.runs), backbone=experiment.backbone,
+        warnings=experiment_warnings(dataset, experiment.runs, experiment.overrides or {}))
 
 
 @router.get("", response_model=list[ExperimentListItem])

@@ -243,12 +243,47 @@ export function experimentForm() {
     document.getElementById("draft-note").hidden = false;
   }
 
+  // What the server would make of the form (POST /api/experiments/check), asked a moment
+  // after the last change: its warnings (a method left without unlabeled images, an image
+  // size that fills the worker's disk) show before the experiment starts. Refusals are left
+  // to Start, which puts them next to their fields; the answer to an older form is dropped.
+  const warningsBox = document.getElementById("form-warnings");
+  let checksAsked = 0;
+  let checkTimer;
+  async function checkForm() {
+    const { body, errors } = payload();
+    const asked = ++checksAsked;
+    let warnings = [];
+    if (!errors.length && body.methods.length && body.budgets.length && body.seeds.length) {
+      try {
+        const response = await fetch("/api/experiments/check", {
+          method: "POST",
+          headers: { "Content-Type": "application/json", Accept: "application/json" },
+          body: JSON.stringify(body),
+        });
+        if (response.ok) ({ warnings } = await response.json());
+      } catch (error) {
+        console.warn("could not check the form:", error.message); // Start says it, if it lasts
+      }
+    }
+    if (asked !== checksAsked) return;
+    warningsBox.replaceChildren(...warnings.map((warning) => h(
+      "p", { class: "warning" }, `${warning[0].toUpperCase()}${warning.slice(1)}.`)));
+  }
+  function checkSoon() {
+    clearTimeout(checkTimer);
+    checkTimer = setTimeout(checkForm, 400);
+  }
+
   form.elements.preset.addEventListener("change", fillFromPreset);
-  form.addEventListener("input", countRuns);
-  form.addEventListener("change", countRuns);
+  for (const type of ["input", "change"]) {
+    form.addEventListener(type, countRuns);
+    form.addEventListener(type, checkSoon);
+  }
   fillFromPreset();
   restoreDraft();
   countRuns();
+  checkForm();
 }
 
 // --- one experiment ------------------------------------------------------------------------

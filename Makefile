@@ -32,8 +32,13 @@ $(VENDOR) &: package.json package-lock.json
 run: $(STAMP) $(VENDOR)
 	$(VENV)/bin/python -m app.launcher
 
+# The suite in TEST_WORKERS processes (pytest-xdist); `make test TEST_WORKERS=0` runs it in
+# this one. Tests use their own data directories and ports; each process claims a Redis
+# database of its own (1-15).
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(VENDOR)
-	$(VENV)/bin/python -m pytest -q --durations=15
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

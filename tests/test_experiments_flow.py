@@ -54,6 +54,7 @@ def dataset_id(live_server, tmp_path):
     return response.json()["id"]
 
 
+@pytest.mark.slow
 def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
     live_server, celery_worker, dataset_id, tmp_path
 ):
@@ -235,6 +236,7 @@ def test_cancelling_a_queued_run_ends_it_at_once(live_server, dataset_id):
         assert events[-1][1]["type"] == "end" and events[-1][1]["status"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_messages_of_cancelled_runs_are_dropped_without_a_process_each(
     live_server, dataset_id, tmp_path
 ):

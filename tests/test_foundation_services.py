@@ -17,6 +17,7 @@ from select import select as wait_readable
 
 import httpx
 import psutil
+import pytest
 import yaml
 from sqlalchemy import select
 
@@ -93,6 +94,7 @@ def test_health_is_503_when_the_database_is_down(settings, tmp_path, redis_url):
     assert "Traceback" not in process.log()
 
 
+@pytest.mark.slow
 def test_launcher_starts_everything_with_embedded_redis_and_stops_it_all(tmp_path):
     """`make run` in miniature: SQLite and the bundled redis-server, no SELFTUNE_REDIS_URL."""
     port = free_port()
@@ -197,6 +199,7 @@ class TerminalLauncher:
             os.close(self.fd)
 
 
+@pytest.mark.slow
 def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes_its_run(
     tmp_path,
 ):
@@ -253,6 +256,7 @@ def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes
             second.kill()
 
 
+@pytest.mark.slow
 def test_the_embedded_redis_dying_is_started_again_and_training_goes_on(tmp_path):
     """kill -9 of `make run`'s own redis-server mid-run: the launcher starts it again on its
     port with its append-only file; worker and web reconnect, and the run ends in the same

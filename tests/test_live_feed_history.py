@@ -53,6 +53,7 @@ def test_a_feed_longer_than_a_page_replays_every_event_in_order(live_server):
 
 
 
+@pytest.mark.slow
 def test_a_feed_whose_run_is_deleted_while_watched_ends_cleanly(live_server):
     """The run's row goes while its feed waits for news (a delete straight after the run
     ended, before the page closed its feed): the feed ends, it does not break off."""
@@ -77,6 +78,7 @@ def test_a_feed_whose_run_is_deleted_while_watched_ends_cleanly(live_server):
     assert watched == [[]]
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_a_run_page_says_so_when_its_run_is_deleted_elsewhere(live_server, request):
     database_url = live_server.database_url

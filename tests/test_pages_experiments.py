@@ -54,6 +54,7 @@ WATCH_RUNS_TABLE = """() => {
 }"""
 
 
+@pytest.mark.slow
 def test_upload_start_watch_and_take_the_model_in_the_browser(
     live_server, celery_worker, tmp_path, request
 ):
@@ -211,6 +212,7 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
         browser.assert_no_errors()
 
 
+@pytest.mark.slow
 def test_live_run_page_on_a_phone_survives_a_server_restart_and_cancels(
     live_server, celery_worker, tmp_path, request
 ):

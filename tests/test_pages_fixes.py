@@ -714,6 +714,7 @@ def test_an_ended_run_says_when_it_ran_and_its_mean_speed(live_server, request):
         browser.assert_no_errors()
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_experiment_page_shows_where_its_queued_runs_stand_in_the_shared_queue(
     live_server, request
@@ -877,6 +878,7 @@ def test_long_class_names_leave_the_distribution_chart_its_bars(live_server, req
         browser.assert_no_errors()
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_status_changes_are_announced_to_screen_readers(live_server, request):
     """The run's and the experiment's status badges changed without a live region: a screen

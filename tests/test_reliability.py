@@ -32,6 +32,8 @@ from tests.support import (
 
 FAST_BEATS = {"SELFTUNE_HEARTBEAT_INTERVAL_S": "1", "SELFTUNE_STALE_AFTER_S": "6"}
 
+pytestmark = pytest.mark.slow  # real workers and restarts: 35-60 s each
+
 
 def start_tiny_run(client: httpx.Client, dataset_id: int, iterations: int,
                    checkpoint_interval: int) -> int:

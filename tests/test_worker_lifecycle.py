@@ -177,6 +177,7 @@ def test_a_task_that_finds_the_database_down_asks_to_retry_and_leaves_the_run_qu
     assert read_run(settings, run_id).status == "queued"
 
 
+@pytest.mark.slow
 def test_the_task_of_a_run_waits_out_a_database_outage_then_trains_it(
     settings, redis_url, tmp_path
 ):

@@ -243,6 +243,7 @@ def test_resuming_with_other_settings_is_a_one_line_error(tmp_path: Path, capsys
     assert (out / "state" / "checkpoint.pt").is_file() and (out / "training.json").is_file()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path: Path):
     data = write_shapes_dataset(tmp_path / "data", train_per_class=4, test_per_class=1)
     out = tmp_path / "out"

@@ -10,7 +10,7 @@ from app.db import session_scope
 from app.deps import AUTH_COOKIE
 from app.models import Dataset
 from tests.browser import open_browser
-from tests.support import app_env, start_server
+from tests.support import add_dataset_row, app_env, start_server
 
 
 @pytest.fixture
@@ -187,16 +187,7 @@ def test_the_form_shows_the_experiments_warnings_before_it_starts(live_server, r
     """What the experiment page would warn about shows under the form as it is filled in
     (from POST /api/experiments/check), and goes when the form changes; nothing is made
     until Start."""
-    with session_scope(live_server.database_url) as session:
-        dataset = Dataset(
-            name="no unlabeled", storage_key="form-warnings-test", fingerprint="1" * 64,
-            class_names=["circle", "square"],
-            class_counts={"circle": {"train": 10, "test": 3}, "square": {"train": 10, "test": 3}},
-            unlabeled_count=0, image_count=26,
-        )
-        session.add(dataset)
-        session.flush()
-        dataset_id = dataset.id
+    dataset_id = add_dataset_row(live_server.database_url)  # no unlabeled image
     warnings = "#form-warnings .warning"
     with open_browser(request.node.name) as browser:
         page = browser.page

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi.responses import FileResponse, Response
@@ -34,8 +34,9 @@ class Download(FileResponse):
 def csv_value(value: Any) -> Any:
     if value is None:
         return ""
-    if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
+    if isinstance(value, datetime):  # UTC with a Z, as the JSON API writes its times
+        utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return utc.isoformat(timespec="seconds").replace("+00:00", "Z")
     if isinstance(value, float):  # 0.388, not 0.38799999999999996
         return round(value, 6)
     return value

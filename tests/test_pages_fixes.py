@@ -1026,6 +1026,9 @@ def test_an_experiments_results_and_runs_download_as_csv_from_its_page(live_serv
     assert datetime.fromisoformat(best["finished_at"]) >= datetime.fromisoformat(
         best["first_started_at"])
     assert datetime.fromisoformat(best["last_queued_at"]).tzinfo is not None
+    # In UTC with a Z, as the JSON API gives its times (a sheet sorts them as text).
+    assert all(best[key].endswith("Z") and len(best[key]) == 20
+               for key in ("first_started_at", "finished_at", "last_queued_at"))
     assert best["error"] == ""
     assert by_id[failed]["status"] == "failed"
     assert by_id[failed]["error"] == "RuntimeError: out of memory"

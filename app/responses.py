@@ -31,12 +31,21 @@ class Download(FileResponse):
         await super().__call__(scope, receive, send)
 
 
+def in_utc(value: datetime) -> datetime:
+    """A stored time in UTC (SQLite gives it back without a zone; everything stored is UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utc_text(value: datetime) -> str:
+    """`2026-12-04T05:35:54Z`: to the second, in UTC, with a Z."""
+    return in_utc(value).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def csv_value(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, datetime):  # UTC with a Z, as the JSON API writes its times
-        utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        return utc.isoformat(timespec="seconds").replace("+00:00", "Z")
+        return utc_text(value)
     if isinstance(value, float):  # 0.388, not 0.38799999999999996
         return round(value, 6)
     return value

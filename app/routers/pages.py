@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode, urlparse
@@ -18,6 +18,7 @@ from markupsafe import Markup
 from app import __version__
 from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, token_matches
 from app.models import MAX_ID
+from app.responses import in_utc, utc_text
 from app.routers.health import check_health
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
@@ -39,9 +40,8 @@ templates.env.globals["signed_in"] = signed_in
 def moment(value: datetime) -> Markup:
     """A stored time (UTC; SQLite gives it back without a zone) as a <time> element that says
     UTC; /static/times.js rewrites it in the reader's own time zone."""
-    utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     return Markup('<time datetime="{}">{} UTC</time>').format(
-        utc.isoformat(timespec="seconds").replace("+00:00", "Z"), utc.strftime("%Y-%m-%d %H:%M"))
+        utc_text(value), in_utc(value).strftime("%Y-%m-%d %H:%M"))
 
 
 templates.env.filters["moment"] = moment

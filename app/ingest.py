@@ -39,6 +39,7 @@ from app.models import Dataset, DatasetImage, Experiment, Run
 from app.responses import human_bytes
 from app.schemas import CONTROL_CHARACTERS
 from worker.selftuning.budgets import split_holdout
+from worker.selftuning.data import zip_entry_name
 from worker.selftuning.labels_csv import (
     LABELS_CSV,
     SPLITS,
@@ -500,12 +501,13 @@ def _zip_members(archive: zipfile.ZipFile, budget: _ByteBudget, settings: Settin
     files = folders = 0
     declared = 0
     for info in archive.infolist():
-        path = safe_member_path(info.filename)
+        name = zip_entry_name(info)
+        path = safe_member_path(name)
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
-            raise _link_error(info.filename)
+            raise _link_error(name)
         # An empty name makes zipfile's own is_dir() fail: check the name first.
-        if not path or info.filename.endswith("/") or stat.S_ISDIR(mode):
+        if not path or name.endswith("/") or stat.S_ISDIR(mode):
             folders += 1
             if folders > settings.max_archive_files:
                 raise _too_many_folders(settings)
@@ -737,6 +739,11 @@ def _extract_members(
         utf8_name = is_utf8_name(path)
         if not utf8_name:
             path = printable_name(path)  # nothing with a surrogate goes further
+        if utf8_name and path in result.file_paths:
+            # Unpacking would keep one of the two; which one the user meant is unknown.
+            result.skip(order, path, "a second file with the same path in the archive (added "
+                                     "twice?): the first one is kept")
+            continue
         result.file_paths.add(path)
         if reason := _skip_reason_by_name(path):
             result.skip(order, path, reason)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 import time
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -198,6 +200,36 @@ def test_a_single_folder_of_images_without_class_folders_is_still_one_class(
     with pytest.raises(ingest.IngestError) as caught:
         prepared(tmp_path, {"photos/a.png": image_bytes(9300), "photos/b.png": image_bytes(9301)})
     assert caught.value.detail.startswith("found 1 class ('photos'); at least two are needed")
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_second_file_with_the_same_path_is_skipped_and_listed(
+    server: LiveServer, client: httpx.Client, kind: str
+) -> None:
+    # `tar -r` and `zip` appends can store one path twice; unpacking keeps one of them, and
+    # two images with one path would make predictions.csv ambiguous.
+    entries = [*class_entries().items(), ("cat/0.png", image_bytes(90601))]
+    buffer = io.BytesIO()
+    if kind == "zip":
+        with zipfile.ZipFile(buffer, "w") as archive, pytest.warns(UserWarning, match="Duplicate"):
+            for name, data in entries:
+                archive.writestr(name, data)
+    else:
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            for name, data in entries:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    summary = uploaded(client, buffer.getvalue(), f"twice.{kind}")
+    assert summary["skipped"] == [{
+        "path": "cat/0.png",
+        "reason": "a second file with the same path in the archive (added twice?): "
+                  "the first one is kept"}]
+    assert totals(summary) == {"cat": 3, "dog": 3}
+    images = client.get(f"/api/datasets/{summary['id']}/images", params={"limit": 100}).json()
+    paths = [image["original_path"] for image in images["items"]]
+    assert len(paths) == len(set(paths)) == 6
+    delete_all(server, client)
 
 
 # --- Archives cut short -------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tests.test_datasets_support import (
     upload,
     zip_bytes,
 )
+from worker.selftuning import load_folder_dataset
 
 NOT_UTF8 = "file or folder name is not valid UTF-8: rename it"
 
@@ -210,6 +211,40 @@ def test_zip_names_without_the_utf8_flag_are_cp437_and_a_false_flag_is_refused(
     assert response.status_code == 422, response.text
     assert "not valid UTF-8" in response.json()["detail"]
     assert_nothing_left(server)
+
+
+def infozip_bytes() -> bytes:
+    """A zip as Linux's `zip` (Info-ZIP 3.0) writes it: UTF-8 names without the UTF-8 flag
+    (written in ASCII, so unflagged, and their bytes then made UTF-8 of the same length)."""
+    data = zip_bytes(class_entries(("cafX1", "dog")) | {"unlabeled/uuX.png": image_bytes(90403)})
+    assert data.count(b"cafX1/") == 6
+    return (data.replace(b"cafX1/", "caf\u00e9/".encode())
+            .replace(b"unlabeled/uuX.png", "unlabeled/\u00fcX.png".encode()))
+
+
+def test_zip_names_in_utf8_without_the_flag_are_read_as_utf8(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    # Read as cp437, the class would be "caf\u251c\u2310", and so would the exported model's label.
+    data = infozip_bytes()
+    summary = accepted(client, data, "infozip.zip")
+    assert summary["skipped"] == []
+    assert class_totals(summary) == {"caf\u00e9": 3, "dog": 3}
+    paths = {image["original_path"] for image in all_images(client, summary["id"])}
+    assert {"caf\u00e9/0.png", "unlabeled/\u00fcX.png"} <= paths
+    assert "caf\u00e9" in assert_readable_everywhere(client, summary)
+    delete(server, client, summary)
+
+
+def test_the_command_line_reads_utf8_zip_names_without_the_flag_as_the_web_does(
+    tmp_path: Path,
+) -> None:
+    archive = tmp_path / "infozip.zip"
+    archive.write_bytes(infozip_bytes())
+    class_names, train, _, unlabeled = load_folder_dataset(archive)
+    assert class_names == ["caf\u00e9", "dog"]
+    assert len(train) == 6
+    assert [Path(path).name for path in unlabeled] == ["\u00fcX.png"]
 
 
 @pytest.mark.parametrize("kind", ["zip", "tgz"])

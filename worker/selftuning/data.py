@@ -386,6 +386,20 @@ def _unpack(archive: Path) -> Path:
     return target
 
 
+def zip_entry_name(info: zipfile.ZipInfo) -> str:
+    """An entry's name as its bytes were meant. zipfile reads a name not flagged as UTF-8 as
+    cp437, the zip format's old encoding, but Linux's `zip` (Info-ZIP) and many other tools
+    store UTF-8 without the flag ("café/" would come out "caf├⌐/"): bytes that are valid
+    UTF-8 are read as UTF-8, others as cp437. cp437 maps every byte, so nothing is lost."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    raw = info.filename.encode("cp437")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return info.filename
+
+
 def _extract(archive: Path, destination: Path) -> None:
     """Unpack a .zip or .tar(.gz); a damaged or unsafe archive is a ValueError naming it."""
     name = archive.name.lower()
@@ -393,6 +407,7 @@ def _extract(archive: Path, destination: Path) -> None:
         if name.endswith(".zip"):
             with zipfile.ZipFile(archive) as bundle:
                 for member in bundle.infolist():
+                    member.filename = zip_entry_name(member)  # where extract() writes it
                     relative = PurePosixPath(member.filename)
                     if relative.is_absolute() or ".." in relative.parts:
                         raise ValueError(

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from fastapi.responses import FileResponse, Response
+import anyio.to_thread
+from fastapi import HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import Headers
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 
 def human_bytes(count: float) -> str:
@@ -20,15 +25,67 @@ def human_bytes(count: float) -> str:
 
 
 class Download(FileResponse):
-    """Starlette's file response, less its 400 for a Range of another unit than bytes
-    (`Range: items=0-5`): RFC 9110 (14.2) says to ignore such a header and send the file."""
+    """Starlette's file response, and:
+    - a Range it cannot use is ignored and the whole file sent, as RFC 9110 (14.2) allows:
+      another unit than bytes (`Range: items=0-5`) and a malformed one (`bytes=9-0`,
+      `bytes=abc`), which Starlette answered with a bare text 400;
+    - a file deleted since the route found it (its run or dataset deleted that moment) is a
+      404 with the API's `detail`, not a 500."""
 
     async def __call__(self, scope, receive, send) -> None:
-        unit = Headers(scope=scope).get("range", "").partition("=")[0].strip().lower()
-        if unit and unit != "bytes":
+        if self.stat_result is None:
+            try:
+                self.stat_result = await anyio.to_thread.run_sync(os.stat, self.path)
+            except FileNotFoundError:
+                await JSONResponse({"detail": FILE_DELETED}, status_code=404)(
+                    scope, receive, send)
+                return
+            self.set_stat_headers(self.stat_result)
+        value = Headers(scope=scope).get("range", "")
+        if value and not self._usable_range(value):
             scope = {**scope, "headers": [
-                (key, value) for key, value in scope["headers"] if key.lower() != b"range"]}
+                (key, header) for key, header in scope["headers"] if key.lower() != b"range"]}
         await super().__call__(scope, receive, send)
+
+    def _usable_range(self, value: str) -> bool:
+        if value.partition("=")[0].strip().lower() != "bytes":
+            return False
+        try:
+            self._parse_range_header(value, self.stat_result.st_size)
+        except MalformedRangeHeader:
+            return False
+        except RangeNotSatisfiable:
+            return True  # well formed, past the end: Starlette's 416 says so
+        return True
+
+
+FILE_DELETED = "the file was deleted (its run or dataset was deleted a moment ago)"
+
+
+def send_file(request: Request, path: Path, filename: str | None = None,
+              media_type: str | None = None, headers: dict[str, str] | None = None
+              ) -> Response:
+    """A download as Starlette sends files (ranges, HEAD), answering a client that already
+    holds this version (If-None-Match: the tag, one of a list, weak or `*`) with a 304
+    instead of the whole file again. `headers` may set the ETag."""
+    try:
+        stat_result = path.stat()
+    except FileNotFoundError:
+        raise HTTPException(404, detail=FILE_DELETED) from None
+    response = Download(path, filename=filename, media_type=media_type, headers=headers,
+                        stat_result=stat_result)
+    if client_holds(request, response.headers["etag"]):
+        return Response(status_code=304, headers={
+            name: response.headers[name] for name in ("etag", "last-modified", "cache-control")
+            if name in response.headers})
+    return response
+
+
+def client_holds(request: Request, etag: str) -> bool:
+    """Whether If-None-Match names `etag`: alone, in a list, weak (`W/"..."`) or as `*`."""
+    held = {tag.strip().removeprefix("W/") for tag in
+            request.headers.get("if-none-match", "").split(",")}
+    return etag in held or "*" in held
 
 
 def in_utc(value: datetime) -> datetime:

@@ -133,8 +133,17 @@ def test_thumbnail_is_cached_and_refused_for_an_image_of_another_dataset(
     assert [path.name for path in cached] == [f"{image_id}.jpg"]
     again = client.get(url)
     assert again.content == cached[0].read_bytes()
-    revalidated = client.get(url, headers={"If-None-Match": again.headers["etag"]})
-    assert revalidated.status_code == 304 and revalidated.content == b""
+    etag = again.headers["etag"]
+    # As run files answer it: the tag alone, weak, in a list, or `*` (these sent it all).
+    for held in (etag, f"W/{etag}", f'"x", {etag}', "*"):
+        revalidated = client.get(url, headers={"If-None-Match": held})
+        assert revalidated.status_code == 304 and revalidated.content == b"", held
+        assert revalidated.headers["etag"] == etag
+    assert client.get(url, headers={"If-None-Match": '"x"'}).content == cached[0].read_bytes()
+    # A Range Starlette cannot parse is ignored (it was a bare text/plain 400).
+    for malformed in ("bytes=9-0", "bytes=abc", "bytes="):
+        whole = client.get(url, headers={"Range": malformed})
+        assert whole.status_code == 200 and whole.content == cached[0].read_bytes(), malformed
 
     other = client.get(f"/api/datasets/{second['id']}/images/{image_id}/thumbnail")
     assert other.status_code == 404

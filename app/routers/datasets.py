@@ -35,7 +35,7 @@ from app.deps import (
 )
 from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
-from app.responses import Download
+from app.responses import client_holds, send_file
 from app.schemas import ErrorOut
 
 log = logging.getLogger(__name__)
@@ -266,14 +266,14 @@ def image_thumbnail(
     level = ingest.dataset_white_level(settings, dataset)
     version = image.sha256[:32] if level is None else f"{image.sha256[:32]}-w{level}"
     headers = {"Cache-Control": "private, no-cache", "ETag": f'"{version}"'}
-    if request.headers.get("if-none-match") == headers["ETag"]:
+    if client_holds(request, headers["ETag"]):  # before making the thumbnail
         return Response(status_code=304, headers=headers)
     try:
         path = ingest.thumbnail(settings, dataset, image, level)
     except FileNotFoundError:
         raise HTTPException(404, f"the file of image {image_id} is missing or was replaced"
                             ) from None
-    return Download(path, media_type="image/jpeg", headers=headers)
+    return send_file(request, path, media_type="image/jpeg", headers=headers)
 
 
 @router.delete(

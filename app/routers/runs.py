@@ -30,7 +30,7 @@ from app.experiments import (
 from app.live import publish_status, run_stream_key
 from app.models import Artifact, Dataset, Run, RunMetric, utcnow
 from app.reaper import REQUEUEABLE, requeue
-from app.responses import Download, csv_download
+from app.responses import FILE_DELETED, csv_download, send_file
 from app.schemas import ArtifactOut, ErrorOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
 from worker.selftuning.files import checkpoint_path, read_csv
 
@@ -228,20 +228,6 @@ def artifact_path(settings: Settings, session: Session, run_id: int, name: str) 
     return path
 
 
-def send_file(request: Request, path: Path, filename: str, media_type: str | None = None
-              ) -> Response:
-    """A download as Starlette sends files (ranges, HEAD), answering a client that already
-    holds this version (If-None-Match) with a 304 instead of the whole file again."""
-    response = Download(path, filename=filename, media_type=media_type,
-                        stat_result=path.stat())
-    held = {tag.strip().removeprefix("W/") for tag in
-            request.headers.get("if-none-match", "").split(",")}
-    if response.headers["etag"] in held or "*" in held:
-        return Response(status_code=304, headers={
-            name: response.headers[name] for name in ("etag", "last-modified")})
-    return response
-
-
 # Downloads answer HEAD too (download managers and `wget --spider` ask it first).
 @router.get("/{run_id}/files/{name}", response_class=FileResponse,
             responses=file_responses("application/octet-stream"))
@@ -274,10 +260,15 @@ def download_checkpoint(run_id: RunId, request: Request, session: DbDep, setting
                         zipfile.ZIP_DEFLATED
                     )
                     archive.write(path, arcname=path.name, compress_type=compression)
+        except FileNotFoundError:  # the run deleted while zipping
+            raise HTTPException(404, detail=FILE_DELETED) from None
+        else:
             try:
                 os.link(temp, bundle)
             except FileExistsError:
                 pass  # another request's zip is in place: this one serves it too
+            except FileNotFoundError:  # the run's folder deleted meanwhile
+                raise HTTPException(404, detail=FILE_DELETED) from None
             except OSError:  # a file system without hard links
                 temp.replace(bundle)
         finally:
@@ -296,7 +287,10 @@ def download_predictions(run_id: RunId, request: Request, session: DbDep, settin
 
 def label_next_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """The predictions' columns, and their rows from least to most certain."""
-    columns, rows = read_csv(path)
+    try:
+        columns, rows = read_csv(path)
+    except FileNotFoundError:  # the run deleted since its artifact was looked up
+        raise HTTPException(404, detail=FILE_DELETED) from None
     rows.sort(key=lambda row: (float(row["margin"]), float(row["confidence"])))
     return columns, rows
 

@@ -272,9 +272,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.wrong_tokens = WrongTokens()
     app.add_middleware(BodyLimit)
     app.add_middleware(BrowserGuard, settings=settings)
-    app.add_middleware(ApiWithoutTrailingSlash)
     app.add_middleware(Compressed)  # inside HeadAsGet: HEAD gets GET's encoding and length
     app.add_middleware(HeadAsGet, router=app.router)
+    # Outside HeadAsGet, which then sees `/events/` as `/events` (a feed: no HEAD).
+    app.add_middleware(ApiWithoutTrailingSlash)
     app.add_middleware(SecurityHeaders)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_token)],

@@ -206,6 +206,13 @@ def test_head_is_answered_wherever_get_is_with_the_same_headers_and_no_body(
     # An address without a page, or a method a route does not take, is answered as for GET.
     assert client.head("/no-such-page").status_code == 404
     assert client.head(f"/api/datasets/{dataset['id']}/images/999999/thumbnail").status_code == 404
+    # Live feeds never end, so they have no HEAD, with a trailing slash too: that one ran
+    # the feed (the run's whole history) and held the connection.
+    run_id = add_run(server, dataset["id"], "succeeded")
+    experiment_id = client.get(f"/api/runs/{run_id}").json()["experiment_id"]
+    for feed in (f"/api/runs/{run_id}/events", f"/api/experiments/{experiment_id}/events"):
+        for path in (feed, f"{feed}/"):
+            assert client.head(path, timeout=10).status_code == 405, path
     assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
 
 

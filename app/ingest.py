@@ -212,7 +212,11 @@ class _MultipartSink:
 
     def on_part_end(self) -> None:
         if self._target == "name":
-            self.name = self._field.decode("utf-8", "replace")
+            try:
+                self.name = self._field.decode("utf-8")
+            except UnicodeDecodeError:  # kept as U+FFFD before, the name silently changed
+                raise IngestError("the 'name' field is not UTF-8 text: send the name in UTF-8 "
+                                  "(browsers and curl do)") from None
 
 
 async def _drain(chunks: AsyncIterator[bytes], already: int = 0) -> None:
@@ -325,6 +329,9 @@ def dataset_name(requested: str | None, filename: str) -> str:
     if not name:
         name = re.sub(r"(\.(zip|tar|tgz|tbz2?|txz|gz|bz2|xz))+$", "", filename, flags=re.I)
         name = CONTROL_CHARACTERS.sub(" ", name).strip() or "dataset"
+        name = unicodedata.normalize("NFC", name)
+        if len(name) > 200:  # a name nobody typed is shortened, not refused
+            name = f"{name[:199].rstrip()}\u2026"
     name = unicodedata.normalize("NFC", name)
     if len(name) > 200:
         raise IngestError("the dataset name is too long (at most 200 characters)")
@@ -853,6 +860,9 @@ def _layout_by_folders(images: list[_Image], skip: Callable[[_Image, str], None]
                  "images, so each needs a class folder; put unlabeled images in unlabeled/")
         elif parts[0].lower() == UNLABELED_FOLDER:
             placed.append(_Placed(image, "unlabeled", None))
+        elif CONTROL_CHARACTERS.search(parts[0]):
+            skip(image, "its class folder's name has a control character (a tab or line "
+                 "break): rename the folder")
         else:
             placed.append(_Placed(image, split, class_name(parts[0])))
     return placed

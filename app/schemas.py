@@ -13,6 +13,7 @@ from pydantic_core import PydanticCustomError
 from app.models import MAX_ID
 from worker.selftuning.budgets import Budget, BudgetError
 from worker.selftuning.config import LABELED_QUERY_VIEWS, METHOD_NAMES
+from worker.selftuning.labels_csv import CONTROL_CHARACTERS
 
 MethodName = Literal[METHOD_NAMES]
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "lost"]
@@ -20,7 +21,6 @@ RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "lo
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "lost")
 
 
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 # JSON's "\ud800" escapes decode to half a character, which UTF-8 (a database, a page) cannot hold.
 LONE_SURROGATES = re.compile(r"[\ud800-\udfff]")
 

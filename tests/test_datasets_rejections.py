@@ -241,6 +241,27 @@ def test_a_dataset_name_with_control_characters_is_refused(
         assert_nothing_left(server)
 
 
+def test_a_dataset_name_not_in_utf8_is_refused_and_a_long_file_name_shortened(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """A name field in another encoding was kept with U+FFFD for its letters ("caf\ufffd");
+    an archive's file name, the name when none is given, over 200 characters refused the
+    upload for a name the user never typed."""
+    archive = zip_bytes(class_entries(("cat", "dog")))
+    for raw in (b"caf\xe9", b"\xff\xfe"):
+        response = client.post("/api/datasets", files={
+            "file": ("photos.zip", archive), "name": (None, raw)})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"].startswith("the 'name' field is not UTF-8 text")
+        assert_nothing_left(server)
+        assert client.get("/api/datasets").json() == []
+
+    response = upload(client, archive, filename=f"{'n' * 230}.zip")
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == f"{'n' * 199}\u2026"
+    assert client.delete(f"/api/datasets/{response.json()['id']}").status_code == 204
+
+
 def test_an_upload_that_fills_the_disk_is_a_507_that_says_so_and_keeps_nothing(
     tmp_path: Path, redis_url: str
 ) -> None:

@@ -533,3 +533,23 @@ def test_a_test_image_without_a_label_in_labels_csv_is_refused_with_its_line(
     assert caught.value.detail.startswith(
         "labels.csv line 4: 'c.png' is in the test split without a label: accuracy is scored "
         "on test images, so each needs one")
+
+
+def test_class_names_with_control_characters_are_refused_or_skipped(tmp_path: Path) -> None:
+    """A NUL in a class name made the upload a 500 on PostgreSQL, which cannot store one; a
+    tab or line break in a label is a mistake, and would reach the exported model's labels."""
+    images = {"a.png": image_bytes(9510), "b.png": image_bytes(9511), "c.png": image_bytes(9512)}
+    for label in ("b\x00ee", "b\tee", "b\nee"):
+        cell = '"b\nee"' if "\n" in label else label
+        with pytest.raises(ingest.IngestError) as caught:
+            csv_text = f"path,label\na.png,ant\nb.png,{cell}\nc.png,ant\n"
+            prepared(tmp_path / str(ord(label[1])), {**images, "labels.csv": csv_text.encode()})
+        assert caught.value.detail == (
+            f"labels.csv line 3: the label {label!r} has a control character (a tab, line break "
+            "or NUL): class names may not")
+
+    dataset = prepared(tmp_path / "folders", {**class_entries(("ant", "bee", "b\tee"))})
+    assert dataset.class_names == ["ant", "bee"]
+    assert {item.path: item.reason for item in dataset.skipped} == {
+        f"b\tee/{n}.png": "its class folder's name has a control character (a tab or line "
+                          "break): rename the folder" for n in range(3)}

@@ -14,6 +14,8 @@ from typing import NamedTuple
 LABELS_CSV = "labels.csv"
 # The split names a dataset may use (as folders, or in the split column) and what each means.
 SPLITS = {"train": "train", "test": "test", "val": "test"}
+# Not in a class name: a NUL cannot be stored in PostgreSQL, and none belongs in a label.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def class_name(raw: str) -> str:
@@ -72,6 +74,9 @@ def parse_labels_csv(
             raise ValueError(f"{where}: split {cells[2]!r} must be train, test or val")
         if path in rows:
             raise ValueError(f"{where}: {cells[0]!r} is listed twice")
+        if CONTROL_CHARACTERS.search(cells[1]):
+            raise ValueError(f"{where}: the label {cells[1]!r} has a control character (a tab, "
+                             "line break or NUL): class names may not")
         if not cells[1] and SPLITS[split] == "test":
             raise ValueError(
                 f"{where}: {cells[0]!r} is in the {split} split without a label: accuracy is "

@@ -536,8 +536,8 @@ def test_a_test_image_without_a_label_in_labels_csv_is_refused_with_its_line(
 
 
 def test_class_names_with_control_characters_are_refused_or_skipped(tmp_path: Path) -> None:
-    """A NUL in a class name made the upload a 500 on PostgreSQL, which cannot store one; a
-    tab or line break in a label is a mistake, and would reach the exported model's labels."""
+    """A NUL, tab or line break in a class name is a mistake (a stray quote in labels.csv, a
+    mangled folder name) that was kept, and reached the exported model's label names."""
     images = {"a.png": image_bytes(9510), "b.png": image_bytes(9511), "c.png": image_bytes(9512)}
     for label in ("b\x00ee", "b\tee", "b\nee"):
         cell = '"b\nee"' if "\n" in label else label

@@ -14,7 +14,7 @@ from typing import NamedTuple
 LABELS_CSV = "labels.csv"
 # The split names a dataset may use (as folders, or in the split column) and what each means.
 SPLITS = {"train": "train", "test": "test", "val": "test"}
-# Not in a class name: a NUL cannot be stored in PostgreSQL, and none belongs in a label.
+# Not in a class name (nor a dataset's name: PostgreSQL text cannot hold a NUL).
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 

@@ -45,8 +45,8 @@ def page_headers(request: Request, response: Response, total: int, limit: int | 
     links = []
     if offset + limit < total:
         links.append((offset + limit, "next"))
-    if offset > 0:
-        links.append((max(0, offset - limit), "prev"))
+    if offset > 0:  # from past the end, the page that ends with the last item
+        links.append((max(0, min(offset - limit, total - limit)), "prev"))
     if links:
         response.headers["Link"] = ", ".join(
             f'<{request.url.path}?{request.url.include_query_params(offset=at).query}>; '

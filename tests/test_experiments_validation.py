@@ -560,6 +560,7 @@ def test_lists_come_a_page_at_a_time_when_asked(live_server, settings):
         everything = client.get(mine)
         page = client.get(f"{mine}&limit=40&offset=40")
         last = client.get(f"{mine}&limit=40&offset=80")
+        beyond = client.get(f"{mine}&limit=40&offset=300")
         refused = [client.get(f"{mine}&limit={limit}").status_code for limit in (0, 1001)]
         first_dataset = client.get("/api/datasets?limit=1")
         pages = [client.get(f"/experiments?dataset_id={dataset_id}&page={n}").text
@@ -575,6 +576,9 @@ def test_lists_come_a_page_at_a_time_when_asked(live_server, settings):
     assert [item["name"] for item in last.json()] == names[80:]
     assert last.headers["link"] == (
         f'</api/experiments?dataset_id={dataset_id}&limit=40&offset=40>; rel="prev"')
+    # Past the end, "prev" is the last page's items, not another empty page (offset 260).
+    assert beyond.json() == [] and beyond.headers["link"] == (
+        f'</api/experiments?dataset_id={dataset_id}&limit=40&offset=65>; rel="prev"')
     assert refused == [422, 422]
     assert len(first_dataset.json()) == 1 and first_dataset.json()[0]["id"] == dataset_id
     assert first_dataset.headers["x-total-count"] == str(datasets)

@@ -326,13 +326,13 @@ def dataset_name(requested: str | None, filename: str) -> str:
     if CONTROL_CHARACTERS.search(name):
         raise IngestError("the dataset name must not contain control characters (NUL, tab, "
                           "line breaks)")
-    if not name:
+    typed = bool(name)
+    if not typed:
         name = re.sub(r"(\.(zip|tar|tgz|tbz2?|txz|gz|bz2|xz))+$", "", filename, flags=re.I)
         name = CONTROL_CHARACTERS.sub(" ", name).strip() or "dataset"
-        name = unicodedata.normalize("NFC", name)
-        if len(name) > 200:  # a name nobody typed is shortened, not refused
-            name = f"{name[:199].rstrip()}\u2026"
     name = unicodedata.normalize("NFC", name)
+    if len(name) > 200 and not typed:  # a name nobody typed is shortened, not refused
+        name = f"{name[:199].rstrip()}\u2026"
     if len(name) > 200:
         raise IngestError("the dataset name is too long (at most 200 characters)")
     return name

@@ -346,7 +346,27 @@ def _browser_opening_api(request: Request) -> bool:
             and "text/html" in request.headers.get("accept", ""))
 
 
+# FastAPI's whole answer to a body it could not decode for another reason than its JSON
+# syntax (a 422 says that one).
+UNREADABLE_BODY = "There was an error parsing the body"
+
+
+def _unreadable_body(cause: BaseException | None) -> str:
+    """UNREADABLE_BODY, saying what was wrong."""
+    if isinstance(cause, UnicodeDecodeError):
+        reason = "it is not UTF-8 text, which JSON must be"
+    elif isinstance(cause, RecursionError):
+        reason = "its JSON is nested too deeply"
+    elif isinstance(cause, ValueError):  # an integer of more than 4,300 digits
+        reason = str(cause).split(";")[0]
+    else:
+        reason = type(cause).__name__ if cause else "no reason given"
+    return f"the request body could not be read: {reason}"
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if exc.status_code == 400 and exc.detail == UNREADABLE_BODY:
+        exc = StarletteHTTPException(400, _unreadable_body(exc.__cause__))
     if exc.status_code == 401 and _browser_opening_api(request):
         from app.routers.pages import page_guard  # sign in, then back to this address
 

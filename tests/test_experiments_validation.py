@@ -497,6 +497,24 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_parsed(live_server, dataset
     assert upload.status_code == 415, upload.text
 
 
+def test_a_body_that_cannot_be_decoded_says_why(live_server, dataset_id):
+    """These were a 400 "There was an error parsing the body", which says nothing to fix."""
+    sent = json.dumps(body(dataset_id, name="caf\u00e9"), ensure_ascii=False)
+    cases = {
+        sent.encode("latin-1"): "it is not UTF-8 text, which JSON must be",
+        b"[" * 5000 + b"]" * 5000: "its JSON is nested too deeply",
+        sent.replace('"seeds": [0]', f'"seeds": [{"9" * 5000}]').encode():
+            "Exceeds the limit (4300 digits) for integer string conversion",
+    }
+    with live_server.client() as client:
+        for content, reason in cases.items():
+            response = client.post("/api/experiments/check", content=content,
+                                   headers={"Content-Type": "application/json"})
+            assert response.status_code == 400, response.text[:300]
+            assert response.json()["detail"].startswith(
+                f"the request body could not be read: {reason}"), response.text[:300]
+
+
 def test_a_refused_long_input_is_echoed_cut(live_server, dataset_id):
     """A 422 echoed each refused input whole: a 100 MB name came back as 100 MB."""
     with live_server.client() as client:

@@ -1095,9 +1095,10 @@ def test_a_datasets_delete_asks_with_what_it_takes_along(live_server):
 def test_an_experiment_whose_runs_all_ended_without_a_result_says_none_will_appear(
     live_server, request
 ):
-    """A cancelled sweep still said "Results appear here as runs finish"."""
+    """A cancelled sweep still said "Results appear here as runs finish"; and once it did not,
+    a run queued again (Run again, in another tab) left "No run ... ended with a result"."""
     with live_server.client() as client:
-        experiment_id, _ = start_sweep(client, add_dataset_row(live_server.database_url))
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(live_server.database_url))
         assert client.post(f"/api/experiments/{experiment_id}/cancel").status_code == 200
     with open_browser(request.node.name) as browser:
         page = browser.page
@@ -1105,4 +1106,90 @@ def test_an_experiment_whose_runs_all_ended_without_a_result_says_none_will_appe
         page.wait_for_selector("#experiment-status .badge:text-is('cancelled')")
         expect(page.locator("#results-note")).to_have_text(
             "No run of this experiment ended with a result: see the runs below.")
+
+        with live_server.client() as client:
+            assert client.post(f"/api/runs/{run_ids[0]}/requeue").status_code == 200
+        page.wait_for_selector("#experiment-status .badge:text-is('in progress')",
+                               timeout=15_000)
+        expect(page.locator("#results-note")).to_have_text(re.compile(
+            r"^Results appear here as runs finish: mean over seeds,\s+with the spread"))
+        browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_runs_tied_for_the_best_result_of_a_budget_are_all_highlighted(live_server, request):
+    """Two runs of one budget with the same final top-1: the results table highlighted both
+    methods (it says "ties each"), the runs table only the first of the two runs."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, add_dataset_row(database_url))  # seeds 0, 1
+        ids = runs_by(client, experiment_id)
+    for (_, _, seed), run_id in ids.items():
+        finish(database_url, live, run_id, {"test_top1": 0.75 if seed == 0 else 0.5})
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#runs tbody tr.best")
+        best = page.evaluate("[...document.querySelectorAll('#runs tbody tr.best')]"
+                             ".map((tr) => Number(tr.dataset.runId))")
+        assert sorted(best) == sorted([ids[("fine-tune", "50%", 0)],
+                                       ids[("self-tuning", "50%", 0)]])
+        assert page.locator("#budget-table td.best").count() == 2
+        browser.screenshot("tied-best")
+        browser.assert_no_errors()
+
+
+LONG_CLASS_NAMES = [(f"c{i}_" + "camera_trap_site_" * 4)[:61] for i in range(6)]
+
+
+def cards_scrolling_sideways(page) -> list[str]:
+    """The cards whose content is wider than they are (they scroll sideways), by heading."""
+    return page.evaluate("""[...document.querySelectorAll('section.card')]
+        .filter((card) => card.scrollWidth > card.clientWidth)
+        .map((card) => card.querySelector('h2')?.textContent || card.querySelector('[id]').id)""")
+
+
+@pytest.mark.browser
+def test_long_names_in_tables_wrap_and_the_confusion_matrix_shortens_its_column_names(
+    live_server, request
+):
+    """At 1280 px, a 200-character experiment name without spaces made the experiments list
+    scroll sideways, a 61-character class name the dataset page's classes table, and the
+    confusion matrix, headed by full class names, showed one column at a time."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset_row(database_url, {name: {"train": 10, "test": 2}
+                                                for name in LONG_CLASS_NAMES})
+    experiment_name = ("wildlife_camera_traps_2024_11_final_cleaned_" * 5)[:200]
+    with live_server.client() as client:
+        experiment_id, (run_id,) = start_sweep(
+            client, dataset_id, name=experiment_name, seeds=[0], methods=["fine-tune"],
+            budgets=[0.5])
+    classes = len(LONG_CLASS_NAMES)
+    finish(database_url, live, run_id, {
+        "test_top1": 1.0, "test_mean_class_acc": 1.0,
+        "confusion_matrix": [[2 if i == j else 0 for j in range(classes)]
+                             for i in range(classes)],
+        "per_class_acc": [1.0] * classes, "pseudo_label_quality": {}})
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        for path, ready in (("/experiments", "#experiments"),
+                            (f"/datasets/{dataset_id}", "#class-counts"),
+                            (f"/runs/{run_id}", "#results:not([hidden]) #confusion td")):
+            page.goto(f"{live_server.url}{path}")
+            page.wait_for_selector(ready)
+            assert cards_scrolling_sideways(page) == [], path
+            assert browser.horizontal_overflow() == 0, path
+            browser.screenshot(path.strip("/").replace("/", "-"))
+
+        # The matrix's columns are named as the charts name classes, cut to 16 characters;
+        # the whole name is the header's tooltip and what a screen reader reads.
+        first = page.locator("#confusion thead th").nth(1)
+        assert first.locator("[aria-hidden=true]").inner_text() == f"{LONG_CLASS_NAMES[0][:15]}…"
+        assert first.get_attribute("title") == LONG_CLASS_NAMES[0]
+        for name in LONG_CLASS_NAMES:
+            assert page.get_by_role("columnheader", name=name, exact=True).count() == 1
         browser.assert_no_errors()

@@ -3,6 +3,8 @@ messages next to the fields they are about; and the pages behind the API token."
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 
@@ -207,4 +209,28 @@ def test_the_form_shows_the_experiments_warnings_before_it_starts(live_server, r
         page.wait_for_selector(warnings, state="detached")
         with httpx.Client(base_url=live_server.url) as client:
             assert client.get("/api/experiments").json() == []
+        browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_the_form_for_a_dataset_that_is_gone_says_so_and_chooses_none_in_its_place(
+    live_server, dataset_id, request
+):
+    """/experiments/new?dataset_id=9999 (a dataset deleted in another tab) chose the newest
+    dataset without a word: Start would have trained on data the user had not asked for."""
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/new?dataset_id=9999")
+        assert page.inner_text("#dataset-missing") == (
+            "Dataset 9999 does not exist (deleted?); choose one below.")
+        assert page.input_value("#f-dataset_id") == ""
+        page.click("#start")
+        assert error_next_to(page, "dataset_id") == "Choose a dataset."
+        with httpx.Client(base_url=live_server.url) as client:
+            assert client.get("/api/experiments").json() == []
+
+        page.select_option("#f-dataset_id", str(dataset_id))  # a deliberate choice starts
+        page.click("#start")
+        page.wait_for_url(re.compile(r".*/experiments/\d+$"))
+        browser.screenshot("started-on-the-chosen-dataset")
         browser.assert_no_errors()

@@ -113,8 +113,13 @@ def new_experiment_page(
 ) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
+    datasets = dataset_choices(session)
+    # A dataset deleted since the link was made (in another tab): the form says so and
+    # chooses none, rather than the newest in its place.
+    missing_dataset_id = (dataset_id if dataset_id is not None
+                          and dataset_id not in {d["id"] for d in datasets} else None)
     form = {
-        "datasets": dataset_choices(session),
+        "datasets": datasets,
         "dataset_id": dataset_id,
         "presets": {
             name: {"values": RunConfig.from_preset(name).to_dict(),
@@ -130,7 +135,8 @@ def new_experiment_page(
         "budgets": DEFAULT_BUDGETS,
         "overrides": override_fields(),
     }
-    return render(request, "experiment_new.html", form=form)
+    return render(request, "experiment_new.html", form=form,
+                  missing_dataset_id=missing_dataset_id)
 
 
 @router.get("/experiments/{experiment_id}", response_class=HTMLResponse)

@@ -227,15 +227,16 @@ export function budgetChart(canvas, budgets, methods) {
 }
 
 // Category names longer than this are cut on the axis (the tooltip has them whole): ten
-// class names of 45 characters left the bars a corner of the chart.
+// class names of 45 characters left the bars a corner of the chart. The confusion matrix
+// cuts its column names the same way.
 const TICK_CHARS = 16;
+export const shortName = (label) => (label.length > TICK_CHARS ? `${label.slice(0, TICK_CHARS - 1)}…` : label);
 
 export function barChart(canvas, labels, datasets, { percent = false, xTitle, yTitle } = {}) {
   const options = baseOptions({ percent, xTitle, yTitle });
   options.scales.x.ticks = {
     callback(value) {
-      const label = String(this.getLabelForValue(value));
-      return label.length > TICK_CHARS ? `${label.slice(0, TICK_CHARS - 1)}…` : label;
+      return shortName(String(this.getLabelForValue(value)));
     },
   };
   return new Chart(canvas, {

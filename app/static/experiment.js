@@ -98,6 +98,8 @@ export function experimentForm() {
       ...parsed.errors.map((message) => ({ field: "budgets", message })),
       ...seeds.errors.map((message) => ({ field: "seeds", message })),
     ];
+    // None is chosen when the dataset the link named is gone (the page says so).
+    if (!form.elements.dataset_id.value) errors.push({ field: "dataset_id", message: "Choose a dataset." });
     const { budgets } = parsed;
     return {
       errors,
@@ -301,6 +303,8 @@ export function experimentPage() {
   let table = initial.budget_table;
   let estimates = initial.label_estimates;
   let chart = null;
+  const resultsNote = document.getElementById("results-note");
+  const waitingForResults = resultsNote.textContent; // "Results appear here as runs finish…"
 
   const rows = new Map(); // run id -> {tr, cells}
   const tbody = document.querySelector("#runs tbody");
@@ -335,15 +339,16 @@ export function experimentPage() {
     cells.accuracy.title = !isNumber(run.test_top1) && latest !== null ? "latest evaluation" : "";
   }
 
-  // The best finished run of each budget (highest final test top-1) is highlighted.
+  // The best finished runs of each budget (highest final test top-1, ties each) are
+  // highlighted, as the results table highlights its best methods.
   function markBest() {
-    const best = new Map();
-    for (const run of runs.values()) {
-      if (run.status !== "succeeded" || !isNumber(run.test_top1)) continue;
-      const current = best.get(run.budget_label);
-      if (!current || run.test_top1 > current.test_top1) best.set(run.budget_label, run);
+    const finished = [...runs.values()].filter((run) => run.status === "succeeded" && isNumber(run.test_top1));
+    const top = new Map(); // budget label -> its highest final test top-1
+    for (const run of finished) {
+      top.set(run.budget_label, Math.max(top.get(run.budget_label) ?? -Infinity, run.test_top1));
     }
-    const bestIds = new Set([...best.values()].map((run) => run.id));
+    const isBest = (run) => run.test_top1 === top.get(run.budget_label);
+    const bestIds = new Set(finished.filter(isBest).map((run) => run.id));
     for (const [runId, { tr }] of rows) tr.classList.toggle("best", bestIds.has(runId));
   }
 
@@ -405,12 +410,12 @@ export function experimentPage() {
     chart = budgetChart(document.getElementById("budget-chart"),
       budgets.map((label) => ({ label, count: labeled.get(label) })), series);
     const anyResult = table.some((row) => isNumber(row.mean_top1));
-    const note = document.getElementById("results-note");
-    note.hidden = anyResult;
-    // Every run ended without a result (cancelled, failed): none will appear.
-    if (!anyResult && table.length && table.every((row) => row.pending === 0)) {
-      note.textContent = "No run of this experiment ended with a result: see the runs below.";
-    }
+    resultsNote.hidden = anyResult;
+    // Every run ended without a result (cancelled, failed): none will appear, until one is
+    // queued again.
+    const noneToCome = table.length && table.every((row) => row.pending === 0);
+    resultsNote.textContent = !anyResult && noneToCome
+      ? "No run of this experiment ended with a result: see the runs below." : waitingForResults;
   }
 
   // Per method, the log-linear fit's answer to "what would twice the labels buy?".

@@ -1,7 +1,7 @@
 // One run's page: live curves and status while it trains, then its results and downloads.
 import {
   barChart, badge, bytes, duration, failure, follow, getJSON, h, isNumber, pageData, pct,
-  setSeries, signInAgain, stepChart, TERMINAL,
+  setSeries, shortName, signInAgain, stepChart, TERMINAL,
 } from "/static/charts.js";
 import { localTime } from "/static/times.js";
 
@@ -335,10 +335,10 @@ function drawConfusion(confusion, names) {
     drawConfusions(confusion, names);
     return;
   }
-  const head = h("tr", {}, h("th", {}, "true ↓ / predicted →"), names.map((n) => h("th", { class: "num" }, n)));
+  const head = h("tr", {}, h("th", {}, "true ↓ / predicted →"), names.map(columnName));
   const body = confusion.map((row, i) => {
     const total = row.reduce((a, b) => a + b, 0);
-    return h("tr", {}, h("th", {}, names[i]), row.map((count, j) => {
+    return h("tr", {}, h("th", { class: "name" }, names[i]), row.map((count, j) => {
       const share = total ? count / total : 0;
       // Row-normalised colour: the diagonal reads as per-class recall.
       return h("td", {
@@ -349,6 +349,15 @@ function drawConfusion(confusion, names) {
     }));
   });
   document.getElementById("confusion").replaceChildren(h("thead", {}, head), h("tbody", {}, body));
+}
+
+// A column of the matrix is named as the charts name classes, cut short (whole names left
+// one column on screen); the tooltip and screen readers have the whole name.
+function columnName(name) {
+  const short = shortName(name);
+  if (short === name) return h("th", { class: "num" }, name);
+  return h("th", { class: "num", title: name },
+    h("span", { "aria-hidden": "true" }, short), h("span", { class: "sr-only" }, name));
 }
 
 // The largest off-diagonal cells: which class is taken for which, most often first.
@@ -362,7 +371,7 @@ function drawConfusions(confusion, names) {
   const head = h("tr", {}, h("th", {}, "True class"), h("th", {}, "Predicted as"),
     h("th", { class: "num" }, "Test images"), h("th", { class: "num" }, "Share of the class"));
   const body = cells.slice(0, CONFUSIONS_LISTED).map(({ i, j, count, total }) => h("tr", {},
-    h("td", {}, names[i]), h("td", {}, names[j]), h("td", { class: "num" }, count),
+    h("td", { class: "name" }, names[i]), h("td", { class: "name" }, names[j]), h("td", { class: "num" }, count),
     h("td", { class: "num" }, pct(count / total))));
   const table = document.getElementById("confusion");
   table.classList.remove("confusion");
@@ -378,7 +387,7 @@ function drawPerClass(perClass, confusion, names, quality) {
     withPseudo ? [h("th", { class: "num" }, "Pseudo-label precision"), h("th", { class: "num" }, "recall")] : []);
   const body = names.map((name, i) => {
     const accuracy = perClass[i];
-    return h("tr", {}, h("td", {}, name),
+    return h("tr", {}, h("td", { class: "name" }, name),
       h("td", { class: "nowrap" }, h("span", { class: "bar" }, h("span", { style: { width: `${(accuracy ?? 0) * 100}%` } })), " ", pct(accuracy)),
       h("td", { class: "num" }, (confusion[i] ?? []).reduce((a, b) => a + b, 0)),
       withPseudo ? [h("td", { class: "num" }, pct(precision[i])), h("td", { class: "num" }, pct(recall[i]))] : []);

@@ -143,6 +143,7 @@
         if (request.status === 201) {
           const dataset = JSON.parse(request.responseText);
           progressText.textContent = "Done.";
+          uploading = null;  // onloadend comes after this: leaving now must not ask first
           window.location.assign("/datasets/" + dataset.id);
           return;
         }

@@ -4,6 +4,7 @@ image listings, thumbnails, deletion rules and the HTML pages."""
 from __future__ import annotations
 
 import io
+import re
 
 import httpx
 import pytest
@@ -260,6 +261,26 @@ def test_pages_list_datasets_offer_the_upload_form_and_show_a_dataset(
     assert '<td id="unlabeled-count">1</td>' in page.text
     assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
     assert_nothing_left(server)
+
+
+def test_the_dataset_page_says_when_its_thumbnails_are_the_first_few(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """Twelve thumbnails of more images showed as though they were all of them."""
+    entries = {**class_entries(("cat", "dog"), per_class=3, seed=9),
+               **{f"cat/more{n}.png": image_bytes(9700 + n) for n in range(17)},
+               **{f"unlabeled/u{n}.png": image_bytes(9800 + n) for n in range(14)}}
+    response = upload(client, zip_bytes(entries), name="many")
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    page = client.get(f"/datasets/{dataset['id']}").text
+    cat = next(item for item in dataset["classes"] if item["name"] == "cat")
+    assert cat["train"] > 12
+    assert f'({cat["train"]} train: the first 12)' in page
+    dog = next(item for item in dataset["classes"] if item["name"] == "dog")
+    assert f'({dog["train"]} train)' in page
+    assert re.search(r'Unlabeled images: 14</h2>\s*<p class="muted">The first 12\.</p>', page)
+    assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
 
 
 def test_class_folders_that_differ_only_in_case_are_kept_apart_with_a_warning(

@@ -211,6 +211,38 @@ def test_user_errors_are_one_line_and_leave_no_out_folder(
     assert not any((tmp_path / "selftuning-datasets").glob("*"))
 
 
+@pytest.mark.parametrize("case", ["junk-weights", "cache-dir-is-a-file", "out-under-a-file"])
+def test_file_system_mistakes_are_one_line_and_leave_no_out_folder(
+    tmp_path: Path, capsys, monkeypatch, case
+):
+    """Each was a traceback (exit 1), the first two after the images were read and leaving
+    an empty --out behind; the third blamed a training.json that does not exist."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("junk")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    out = tmp_path / "runs" / "first"
+    flags, message = {
+        "junk-weights": (["--backbone", f"test_efficientnet:{junk}"],
+                         f"{junk} is not a readable .safetensors file"),
+        "cache-dir-is-a-file": ([*TEST_BACKBONE, "--cache-dir", str(a_file)], "File exists"),
+        "out-under-a-file": (TEST_BACKBONE, f"{a_file} is a file, so the folder cannot be made"),
+    }[case]
+    if case == "out-under-a-file":
+        out = a_file / "run"
+    code = main(["train", "--data", str(_shapes(tmp_path)), "--out", str(out), *TINY, *flags])
+    assert code == 2
+    assert message in _last_error(capsys)
+    assert not (tmp_path / "runs").exists() and a_file.read_text() == "mine"
+
+
+def test_a_budget_below_the_smallest_fraction_says_so(capsys):
+    """It said "use a fraction in (0, 1]" of 5e-7, which is one."""
+    with pytest.raises(BudgetError, match=r"below 0\.0001 %: for the fewest labels use 1/class"):
+        parse_budget("5e-7")
+
+
 def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys):
     out = tmp_path / "out"
     out.write_text("my notes")
@@ -430,3 +462,14 @@ def test_a_ctrl_c_while_torch_loads_stops_the_command_without_a_traceback(tmp_pa
         "stopped before training began",  # in the imports, or while the images were read
         "stopping after this step and saving; Ctrl-C again to stop at once")
     assert not (tmp_path / "out" / "training.json").exists()
+
+
+def test_a_checkpoint_that_could_not_be_read_is_said_when_training_starts_over(capsys):
+    """The loop set the unreadable state aside and began at step 0; the command said nothing,
+    so a Ctrl-C'd run that should have resumed seemed to have forgotten its progress."""
+    _Progress()({"type": "started", "step": 0, "total_steps": 6, "resumed_from_step": None,
+                 "checkpoint_unreadable": "the checkpoint in out/state cannot be read "
+                                          "(truncated); ... starts again from step 0"})
+    assert capsys.readouterr().out == (
+        "[0/6] the checkpoint in out/state cannot be read (truncated); ... starts again from "
+        "step 0\n")

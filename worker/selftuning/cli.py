@@ -13,7 +13,12 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from worker.selftuning.backbones import BackboneError, check_forward_batch, check_image_size
+from worker.selftuning.backbones import (
+    BackboneError,
+    check_forward_batch,
+    check_image_size,
+    check_local_weights,
+)
 from worker.selftuning.budgets import Budget, BudgetError
 from worker.selftuning.checkpoint import check_compatible
 from worker.selftuning.config import PRESETS, RunConfig
@@ -48,7 +53,12 @@ def parse_budget(text: str) -> Budget:
         if cleaned.endswith("%"):
             return Budget.parse(float(cleaned[:-1]) / 100)
         return Budget.parse(cleaned)
-    except ValueError:  # a BudgetError in the API's words, or not a number at all
+    except ValueError as exc:  # a BudgetError in the API's words, or not a number at all
+        # A fraction too small to keep a label says so, in this command line's words (it
+        # read "use a fraction in (0, 1]" of 5e-7, which is one).
+        if "below" in str(exc):
+            reason = str(exc).replace("{'per_class': 1}", "1/class")
+            raise BudgetError(f"budget {text!r}: {reason}") from None
         raise BudgetError(f"budget {text!r}: use {BUDGET_FORMS}") from None
 
 
@@ -84,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         # batch batch norm cannot train on, or a name timm does not know.
         check_image_size(config.backbone, config.image_size)
         check_forward_batch(config.backbone, config.image_size, config.batch_size)
+        check_local_weights(config.backbone)  # a junk or foreign .safetensors file
         skipped: dict[str, str] = {}
         class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data,
                                                                               skipped)
@@ -132,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(_stopped_at_once(out), file=sys.stderr)
             return EXIT_INTERRUPTED
-        except ValueError as exc:
-            # Set-up (device, backbone, images, checkpoint) reports what the user gave as a
-            # ValueError; one raised once training has begun is a bug: keep its traceback.
+        except (ValueError, OSError) as exc:
+            # Set-up (device, backbone, images, checkpoint, folders) reports what the user
+            # gave as a ValueError or the file system's OSError; one raised once training
+            # has begun is a bug or a full disk: keep its traceback.
             if progress.started:
                 raise
             if created is not None:
@@ -154,6 +166,11 @@ def check_out_folder(out: Path) -> None:
     so that nothing else in it is overwritten."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a new or empty folder")
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} cannot be written to")
     is_run = (out / "state").is_dir() or (out / TRAINING_FILE).is_file()
     if out.is_dir() and not is_run and any(out.iterdir()):
         raise ValueError(f"--out {out} holds other files and no run of this engine (no state/ "
@@ -237,7 +254,7 @@ def _overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def _user_error(exc: ValueError) -> int:
+def _user_error(exc: ValueError | OSError) -> int:
     message = str(exc)
     if isinstance(exc, BackboneError):  # the engine's advice names the API's field
         message = message.replace("pretrained=false", "--no-pretrained")
@@ -340,6 +357,8 @@ def print_event(event: dict, timing: str = "") -> None:
               flush=True)
     elif event["type"] == "started" and event.get("resumed_from_step") is not None:
         print(f"{where} resumed", flush=True)
+    elif event["type"] == "started" and event.get("checkpoint_unreadable"):
+        print(f"{where} {event['checkpoint_unreadable']}", flush=True)  # "...from step 0"
 
 
 def _fmt(value: object) -> str:

@@ -473,3 +473,16 @@ def test_a_checkpoint_that_could_not_be_read_is_said_when_training_starts_over(c
     assert capsys.readouterr().out == (
         "[0/6] the checkpoint in out/state cannot be read (truncated); ... starts again from "
         "step 0\n")
+
+
+def test_a_count_per_class_over_every_class_is_refused_as_on_the_web(tmp_path: Path, capsys):
+    """100/class of 8 a class trained as "all" under the label "100/class"."""
+    data = write_shapes_dataset(tmp_path / "data", train_per_class=8)
+    out = tmp_path / "out"
+    code = main(["train", "--data", str(data), "--budget", "100/class", *TINY, *TEST_BACKBONE,
+                 "--out", str(out)])
+    assert code == 2
+    assert _last_error(capsys) == (
+        "error: budget 100/class is more than any class holds (the largest has 8 labeled "
+        "training images), so it keeps every label: use all, or at most 8/class")
+    assert not out.exists()

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             train_items, test_items = hold_out_items(train_items, HOLDOUT_FRACTION,
                                                      HOLDOUT_SEED)
             print(f"no test/ split: holding out {len(test_items)} labeled images for testing")
+        check_budget_fits(budget, train_items)
         data, budget_info = make_budget_data(class_names, train_items, test_items, unlabeled,
                                              budget, config.seed)
         check_finished_run(out, config, data)
@@ -175,6 +176,16 @@ def check_out_folder(out: Path) -> None:
     if out.is_dir() and not is_run and any(out.iterdir()):
         raise ValueError(f"--out {out} holds other files and no run of this engine (no state/ "
                          f"or {TRAINING_FILE}): use a new or empty folder")
+
+
+def check_budget_fits(budget: Budget, train_items: list[Item]) -> None:
+    """N/class over every class's count keeps every label under another name, as the web
+    refuses it too."""
+    largest = max(Counter(label for _, label in train_items).values(), default=0)
+    if budget.per_class is not None and largest and budget.per_class > largest:
+        raise ValueError(f"budget {budget.label} is more than any class holds (the largest has "
+                         f"{largest:,} labeled training images), so it keeps every label: use "
+                         f"all, or at most {largest:,}/class")
 
 
 def check_every_class_trains(class_names: list[str], train_items: list[Item]) -> None:

@@ -260,17 +260,16 @@ def download_checkpoint(run_id: RunId, request: Request, session: DbDep, setting
                         zipfile.ZIP_DEFLATED
                     )
                     archive.write(path, arcname=path.name, compress_type=compression)
-        except FileNotFoundError:  # the run deleted while zipping
-            raise HTTPException(404, detail=FILE_DELETED) from None
-        else:
             try:
                 os.link(temp, bundle)
             except FileExistsError:
                 pass  # another request's zip is in place: this one serves it too
-            except FileNotFoundError:  # the run's folder deleted meanwhile
-                raise HTTPException(404, detail=FILE_DELETED) from None
+            except FileNotFoundError:  # the run's folder deleted meanwhile: a 404 below
+                raise
             except OSError:  # a file system without hard links
                 temp.replace(bundle)
+        except FileNotFoundError:  # the run deleted while zipping or linking
+            raise HTTPException(404, detail=FILE_DELETED) from None
         finally:
             temp.unlink(missing_ok=True)
     return send_file(request, bundle, bundle.name, "application/zip")

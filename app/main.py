@@ -59,15 +59,16 @@ class StaticAssets(StaticFiles):
 
 class ApiWithoutTrailingSlash:
     """`/api/datasets/` is `/api/datasets`. FastAPI would answer 307 to the address without
-    the slash, which `curl -F` does not follow: the upload was lost without a word."""
+    the slash, which `curl -F` does not follow: the upload was lost without a word. The same
+    for `/healthz/`: many load balancers count a redirect as down (or as up, unchecked)."""
 
     def __init__(self, app) -> None:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
-        if scope["type"] in ("http", "websocket") and path.startswith("/api/") and (
-                path.endswith("/")):
+        if scope["type"] in ("http", "websocket") and path.endswith("/") and (
+                path.startswith("/api/") or path == "/healthz/"):
             raw = scope.get("raw_path") or path.encode()
             scope = {**scope, "path": path.rstrip("/"), "raw_path": raw.rstrip(b"/")}
         await self.app(scope, receive, send)

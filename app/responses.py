@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from datetime import UTC, datetime
@@ -108,11 +109,19 @@ def csv_value(value: Any) -> Any:
     return value
 
 
-def csv_download(rows: list[dict], columns: list[str], filename: str) -> Response:
-    """`rows` as a CSV file to save as `filename` (keys outside `columns` left out)."""
+def csv_download(request: Request, rows: list[dict], columns: list[str], filename: str
+                 ) -> Response:
+    """`rows` as a CSV file to save as `filename` (keys outside `columns` left out), tagged
+    by its content: a client that holds this version (If-None-Match) gets a 304, and
+    `no-cache` makes caches ask each time, since a run finishing changes the table."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows({key: csv_value(value) for key, value in row.items()} for row in rows)
-    return Response(buffer.getvalue(), media_type="text/csv", headers={
-        "Content-Disposition": f'attachment; filename="{filename}"'})
+    body = buffer.getvalue().encode("utf-8")
+    headers = {"ETag": f'"{hashlib.sha256(body).hexdigest()[:32]}"',
+               "Cache-Control": "no-cache"}
+    if client_holds(request, headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="text/csv", headers={
+        **headers, "Content-Disposition": f'attachment; filename="{filename}"'})

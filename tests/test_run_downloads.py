@@ -137,3 +137,42 @@ def test_pages_json_and_assets_come_compressed_and_downloads_as_they_are(live_se
             assert feed.headers["content-type"].startswith("text/event-stream")
             assert "content-encoding" not in feed.headers
             assert any(line.startswith("data: {") for line in feed.iter_lines())
+
+
+def test_csv_lists_are_tagged_by_content_and_a_held_version_is_a_304(live_server):
+    """runs.csv, summary.csv and label-next.csv had no ETag: a client polling them (a
+    notebook, a sheet's import, a monitor) downloaded the whole table every time."""
+    from tests.test_pages_label_next import record_predictions
+
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        lists = [f"/api/experiments/{experiment_id}/runs.csv",
+                 f"/api/experiments/{experiment_id}/summary.csv"]
+        before = {url: client.get(url) for url in lists}
+        for url, response in before.items():
+            tag = response.headers["etag"]
+            assert response.status_code == 200 and response.headers["cache-control"] == "no-cache"
+            for held in (tag, f"W/{tag}", f'"other", {tag}', "*"):
+                again = client.get(url, headers={"If-None-Match": held})
+                assert again.status_code == 304 and again.content == b"", (url, held)
+                assert again.headers["etag"] == tag
+            assert client.get(url, headers={"If-None-Match": '"other"'}).text == response.text
+            assert client.head(url, headers={"If-None-Match": tag}).status_code == 304
+
+        record_predictions(live_server.data_dir, database_url, run_ids[0], ["cat", "dog"])
+        end_as_worker(database_url, live, run_ids[0], "succeeded")
+        for url, response in before.items():  # a run ended: the tables changed, so do tags
+            after = client.get(url, headers={"If-None-Match": response.headers["etag"]})
+            assert after.status_code == 200 and after.text != response.text
+            assert after.headers["etag"] != response.headers["etag"]
+
+        label_next = f"/api/runs/{run_ids[0]}/label-next.csv"
+        ranked = client.get(label_next, params={"include_withheld": "true"})
+        assert len(ranked.text.splitlines()) == 3
+        tag = ranked.headers["etag"]
+        assert client.get(label_next, params={"include_withheld": "true"},
+                          headers={"If-None-Match": tag}).status_code == 304
+        # Another list (the withheld images left out) is another version.
+        assert client.get(label_next, headers={"If-None-Match": tag}).status_code == 200

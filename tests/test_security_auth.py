@@ -77,6 +77,9 @@ def test_the_liveness_check_needs_no_token_and_tells_nothing_more(guarded_server
         alive = client.get("/healthz")
         assert alive.status_code == 200 and alive.json() == {"status": "ok"}
         assert client.head("/healthz").status_code == 200
+        # With a slash too, answered, not redirected: a load balancer took the 307 as down.
+        slash = client.get("/healthz/")
+        assert slash.status_code == 200 and slash.json() == {"status": "ok"}
         assert client.get("/api/health").status_code == 401  # the details stay guarded
 
 

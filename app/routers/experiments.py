@@ -211,7 +211,8 @@ RUN_COLUMNS = [
 ]
 SUMMARY_COLUMNS = ["budget_label", "labeled_count", "method", "runs", "finished", "pending",
                    "mean_top1", "std_top1", "best"]
-CSV_FILE = {200: {"content": {"text/csv": {}}}, 404: {"model": ErrorOut}}
+CSV_FILE = {200: {"content": {"text/csv": {}}}, 404: {"model": ErrorOut},
+            304: {"description": "not modified: `If-None-Match` holds this table's ETag"}}
 
 
 def run_rows(experiment: Experiment, session: Session) -> list[dict]:
@@ -238,26 +239,27 @@ def run_rows(experiment: Experiment, session: Session) -> list[dict]:
 
 @router.get("/{experiment_id}/runs.csv", responses=CSV_FILE, response_class=Response)
 @router.head("/{experiment_id}/runs.csv", include_in_schema=False)
-def download_runs(experiment_id: ExperimentId, session: DbDep) -> Response:
+def download_runs(experiment_id: ExperimentId, request: Request, session: DbDep) -> Response:
     """Every run of the experiment, one row each: method, budget, labeled count, seed,
     status, final scores (fractions: test top-1, mean per-class accuracy, the final model's
     pseudo-label accuracy on the images whose labels the budget withheld, and training's
     own), iterations, seconds per training iteration, times (UTC; a run queued again keeps
     its first start) and the first line of a failure."""
     experiment = get_experiment(session, experiment_id)
-    return csv_download(run_rows(experiment, session), RUN_COLUMNS,
+    return csv_download(request, run_rows(experiment, session), RUN_COLUMNS,
                         f"experiment-{experiment_id}-runs.csv")
 
 
 @router.get("/{experiment_id}/summary.csv", responses=CSV_FILE, response_class=Response)
 @router.head("/{experiment_id}/summary.csv", include_in_schema=False)
-def download_summary(experiment_id: ExperimentId, session: DbDep) -> Response:
+def download_summary(experiment_id: ExperimentId, request: Request, session: DbDep
+                     ) -> Response:
     """The results table: per budget (fewest labels first) and method, the mean and sample
     standard deviation of final test top-1 over the succeeded seeds, and which methods are
     the best of their budget (the page's bold cells)."""
     body = experiment_out(get_experiment(session, experiment_id))
-    return csv_download([row.model_dump() for row in body.budget_table], SUMMARY_COLUMNS,
-                        f"experiment-{experiment_id}-summary.csv")
+    return csv_download(request, [row.model_dump() for row in body.budget_table],
+                        SUMMARY_COLUMNS, f"experiment-{experiment_id}-summary.csv")
 
 
 @router.post("/{experiment_id}/cancel", response_model=ExperimentOut,

@@ -54,6 +54,9 @@ def file_responses(media_type: str) -> dict:
     }
 
 
+CSV_NOT_MODIFIED = {"description": "not modified: `If-None-Match` holds this list's ETag"}
+
+
 def get_run(session: Session, run_id: int) -> Run:
     run = session.get(Run, run_id)
     if run is None:
@@ -295,10 +298,11 @@ def label_next_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 @router.get("/{run_id}/label-next.csv", response_class=Response, responses={
-    200: {"content": {"text/csv": {}}}, 404: file_responses("text/csv")[404]})
+    200: {"content": {"text/csv": {}}}, 304: CSV_NOT_MODIFIED,
+    404: file_responses("text/csv")[404]})
 @router.head("/{run_id}/label-next.csv", include_in_schema=False)
 def download_label_next(
-    run_id: RunId, session: DbDep, settings: SettingsDep,
+    run_id: RunId, request: Request, session: DbDep, settings: SettingsDep,
     limit: Annotated[int | None, Query(ge=0, description="at most this many rows")] = None,
     include_withheld: bool = False,
 ):
@@ -312,5 +316,6 @@ def download_label_next(
         rows = rows[:limit]
     # The two lists in one folder must not collide ("run-7-label-next (1).csv").
     return csv_download(
-        [{"rank": rank, **row} for rank, row in enumerate(rows, start=1)], ["rank", *columns],
+        request, [{"rank": rank, **row} for rank, row in enumerate(rows, start=1)],
+        ["rank", *columns],
         f"run-{run_id}-label-next{'-with-withheld' if include_withheld else ''}.csv")

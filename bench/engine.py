@@ -1,8 +1,9 @@
-"""Benchmarks of the training engine: label budgets x methods on animal-mnist, the cost of the
-PGC loss and queue, and the cost of a Self-Tuning iteration against a fine-tuning one.
+"""Benchmarks of the training engine: label budgets x methods on a dataset (animal-mnist
+unless --data says otherwise), the cost of the PGC loss and queue, and the cost of a
+Self-Tuning iteration against a fine-tuning one.
 
     python bench/engine.py                                   # everything (about 20 min on CPU)
-    python bench/engine.py --budgets 0.05 --methods self-tuning,fine-tune --seeds 0,1
+    python bench/engine.py --budgets 0.05,4/class --methods self-tuning,fine-tune --seeds 0,1
     python bench/engine.py --skip-runs                       # micro-benchmarks only
     python bench/engine.py --validation 0.2 --set temperature=0.2   # choose a setting
 """
@@ -31,6 +32,15 @@ from worker.selftuning import (  # noqa: E402
 from worker.selftuning.augment import ViewMaker  # noqa: E402
 from worker.selftuning.backbones import create_backbone  # noqa: E402
 from worker.selftuning.batches import StepBatches  # noqa: E402
+from worker.selftuning.budgets import Budget, BudgetError  # noqa: E402
+from worker.selftuning.cli import (  # noqa: E402
+    BUDGET_FORMS,
+    HOLDOUT_FRACTION,
+    HOLDOUT_SEED,
+    check_budget_fits,
+    check_holdout_possible,
+    parse_budget,
+)
 from worker.selftuning.data import drop_duplicates, hold_out_items  # noqa: E402
 from worker.selftuning.images import ImageArray, Preprocessing  # noqa: E402
 from worker.selftuning.methods import METHODS, Batch, build_method  # noqa: E402
@@ -43,7 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--budgets", default="0.01,0.05,0.15")
+    parser.add_argument("--budgets", default="0.01,0.05,0.15",
+                        help=f"comma-separated, each {BUDGET_FORMS}")
     parser.add_argument("--methods", default="self-tuning,fine-tune,fixmatch")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--preset", default="quick")
@@ -60,6 +71,10 @@ def main() -> None:
     parser.add_argument("--skip-runs", action="store_true")
     parser.add_argument("--skip-micro", action="store_true")
     args = parser.parse_args()
+    try:  # before the micro-benchmarks, which take minutes
+        budgets = [parse_budget(text) for text in args.budgets.split(",")]
+    except BudgetError as exc:
+        parser.error(str(exc))
 
     if not args.skip_micro:
         bench_pgc()
@@ -72,10 +87,14 @@ def main() -> None:
             overrides["iterations"] = args.iterations
         if args.backbone:
             overrides["backbone"] = args.backbone
-        bench_budgets(args, overrides)
+        try:
+            bench_budgets(args, budgets, overrides)
+        except ValueError as exc:  # the dataset or a budget does not fit: as the CLI says it
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
-def bench_budgets(args: argparse.Namespace, overrides: dict) -> None:
+def bench_budgets(args: argparse.Namespace, budgets: list[Budget], overrides: dict) -> None:
     class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data)
     train_items, test_items, unlabeled, dropped = drop_duplicates(
         train_items, test_items, unlabeled)
@@ -85,7 +104,14 @@ def bench_budgets(args: argparse.Namespace, overrides: dict) -> None:
     if args.validation:
         train_items, test_items = hold_out_items(train_items, args.validation, 0)
         split = f"validation ({len(test_items)} train images held out)"
-    budgets = [float(b) for b in args.budgets.split(",")]
+    elif not test_items:
+        # As the command line does, so that its numbers and these compare.
+        check_holdout_possible(class_names, train_items)
+        train_items, test_items = hold_out_items(train_items, HOLDOUT_FRACTION, HOLDOUT_SEED)
+        split = (f"a hold-out of {len(test_items)} train images (the dataset has no test/ "
+                 "split)")
+    for budget in budgets:
+        check_budget_fits(budget, train_items)
     methods = args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     out_root = Path(args.out or tempfile.mkdtemp(prefix="selftuning-bench-"))
@@ -96,12 +122,12 @@ def bench_budgets(args: argparse.Namespace, overrides: dict) -> None:
                                           budget, seed)
             for method in methods:
                 config = RunConfig.from_preset(args.preset, method=method, seed=seed, **overrides)
-                out = out_root / f"{method}-{budget:g}-seed{seed}"
+                out = out_root / f"{method}-{budget.label.replace('/', '-per-')}-seed{seed}"
                 started = time.perf_counter()
                 metrics = train(config, data, out, metadata={"budget": info},
                                 cache_dir=Path(args.cache_dir))
                 rows.append({
-                    "budget": budget, "method": method, "seed": seed,
+                    "budget": budget.label, "method": method, "seed": seed,
                     "labeled": info["labeled_count"],
                     "top1": metrics["test_top1"],
                     "pseudo": metrics["pseudo_label_acc"],
@@ -110,7 +136,7 @@ def bench_budgets(args: argparse.Namespace, overrides: dict) -> None:
                     "wall": time.perf_counter() - started,
                 })
                 print(_row(rows[-1]), flush=True)
-    print(f"\nanimal-mnist, preset {args.preset} {overrides or ''}, scored on {split}, "
+    print(f"\n{args.data}, preset {args.preset} {overrides or ''}, scored on {split}, "
           f"runs in {out_root}")
     print(f"{'budget':>7} {'method':<12} {'seed':>4} {'labeled':>7} {'top-1':>7} "
           f"{'pseudo':>7} {'train-pl':>8} {'s/it':>6} {'wall s':>7}")
@@ -123,8 +149,9 @@ def bench_budgets(args: argparse.Namespace, overrides: dict) -> None:
         print("\nmean over seeds")
         for budget in budgets:
             for method in methods:
-                top1 = [r["top1"] for r in rows if r["budget"] == budget and r["method"] == method]
-                print(f"{budget:>7.0%} {method:<12} top-1 {statistics.mean(top1):.2%} "
+                top1 = [r["top1"] for r in rows
+                        if r["budget"] == budget.label and r["method"] == method]
+                print(f"{budget.label:>7} {method:<12} top-1 {statistics.mean(top1):.2%} "
                       f"(min {min(top1):.2%}, max {max(top1):.2%})")
 
 
@@ -132,7 +159,7 @@ def _row(row: dict) -> str:
     def pct(value: float | None) -> str:
         return "   n/a" if value is None else f"{value:.1%}"
 
-    return (f"{row['budget']:>7.0%} {row['method']:<12} {row['seed']:>4} {row['labeled']:>7} "
+    return (f"{row['budget']:>7} {row['method']:<12} {row['seed']:>4} {row['labeled']:>7} "
             f"{pct(row['top1']):>7} {pct(row['pseudo']):>7} {pct(row['train_pseudo']):>8} "
             f"{row['s_per_it'] or 0:>6.3f} {row['wall']:>7.0f}")
 

@@ -20,7 +20,7 @@ import torch
 
 from tests.engine.helpers import write_shapes_dataset
 from worker.selftuning.budgets import BudgetError
-from worker.selftuning.cli import _Progress, main, parse_budget
+from worker.selftuning.cli import FINISHING, _Progress, _StopOnCtrlC, main, parse_budget
 
 ROOT = Path(__file__).resolve().parents[2]
 # A run of seconds: a tiny random-init model at 32 px for one iteration, on one CPU thread.
@@ -394,7 +394,8 @@ def test_a_second_ctrl_c_inside_a_checkpoint_save_stops_with_the_exit_code_and_n
 ):
     """torch.save turns the KeyboardInterrupt of a second Ctrl-C into a RuntimeError, which
     ended the command with a traceback and exit 1."""
-    def interrupted_save(*_args, **_kwargs):
+    def interrupted_save(*_args, on_event, **_kwargs):
+        on_event({"type": "started", "step": 0, "total_steps": 1, "resumed_from_step": None})
         os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this step
         try:
             os.kill(os.getpid(), signal.SIGINT)  # the second, while the state is written
@@ -458,8 +459,9 @@ def test_a_ctrl_c_while_torch_loads_stops_the_command_without_a_traceback(tmp_pa
             started.kill()
     assert started.returncode == 130, errors
     assert "Traceback" not in errors
-    assert errors.strip().splitlines()[-1] in (
-        "stopped before training began",  # in the imports, or while the images were read
+    last = errors.strip().splitlines()[-1]
+    # In the imports, while the images were read, or once training had begun.
+    assert last.startswith("stopped before training began") or last == (
         "stopping after this step and saving; Ctrl-C again to stop at once")
     assert not (tmp_path / "out" / "training.json").exists()
 
@@ -486,3 +488,128 @@ def test_a_count_per_class_over_every_class_is_refused_as_on_the_web(tmp_path: P
         "error: budget 100/class is more than any class holds (the largest has 8 labeled "
         "training images), so it keeps every label: use all, or at most 8/class")
     assert not out.exists()
+
+
+def _paused_at(function: str, announce: str) -> str:
+    """A `python -c` program that runs the command line with `worker.selftuning.loop.<function>`
+    held until its stdin closes, having printed `announce`: a test then knows the run is
+    there when it sends a real Ctrl-C, instead of guessing how long to wait."""
+    return f"""
+import sys
+from worker.selftuning import cli, loop
+
+held = loop.{function}
+
+def wait_then_go_on(*args):
+    print({announce!r}, flush=True)
+    sys.stdin.read()
+    return held(*args)
+
+loop.{function} = wait_then_go_on
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _ctrl_c_at(program: str, announce: str, arguments: list[str]) -> tuple[int, str, str]:
+    """Runs `program` with `arguments`, sends SIGINT once it prints `announce`, then lets it
+    go on; its exit status, stdout and stderr."""
+    run = subprocess.Popen([sys.executable, "-c", program, *arguments], cwd=ROOT,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        printed = []
+        for line in run.stdout:
+            printed.append(line)
+            if line == announce + "\n":
+                run.send_signal(signal.SIGINT)
+                break
+        rest, errors = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    return run.returncode, "".join(printed) + rest, errors
+
+
+@pytest.mark.parametrize("out_folder", ["new", "mine-and-empty"])
+def test_ctrl_c_while_the_images_are_decoded_says_nothing_was_saved_and_leaves_no_out_folder(
+    tmp_path: Path, out_folder: str
+):
+    """The images are decoded inside training's set-up: a Ctrl-C there said "stopping after
+    this step and saving" and "run the same command again to resume", though nothing was
+    saved, and left the empty --out it had made. An --out the user made stays."""
+    if out_folder == "new":
+        out = tmp_path / "runs" / "first"
+    else:
+        out = tmp_path / "mine"
+        out.mkdir()
+    code, printed, errors = _ctrl_c_at(
+        _paused_at("_decode", "decoding"), "decoding",
+        ["train", "--data", str(_shapes(tmp_path)), "--out", str(out), *TINY, *TEST_BACKBONE])
+    assert code == 130, errors
+    assert errors.splitlines() == [
+        "stopping before training begins, with nothing to save; Ctrl-C again to stop at once",
+        "stopped before training began: nothing was saved"]
+    assert "resume" not in printed
+    if out_folder == "new":
+        assert not (tmp_path / "runs").exists()
+    else:
+        assert out.is_dir() and not any(out.iterdir())
+
+
+def test_ctrl_c_during_the_final_export_stops_and_the_same_command_only_exports(
+    tmp_path: Path, capsys
+):
+    """After the last step a Ctrl-C was ignored: the command went on evaluating and exporting
+    and exited 0 as if it had not been interrupted."""
+    out = tmp_path / "out"
+    command = ["train", "--data", str(_shapes(tmp_path)), "--out", str(out), *TINY,
+               *TEST_BACKBONE]
+    code, printed, errors = _ctrl_c_at(_paused_at("export_model", "exporting"), "exporting",
+                                       command)
+    assert code == 130, errors
+    assert errors.splitlines()[-1] == (
+        f"stopped during the final evaluation and export: the training state after all 1 "
+        f"steps is saved in {out / 'state' / 'checkpoint.pt'}, so the same command again only "
+        "evaluates and exports")
+    assert "final " not in printed and not (out / "training.json").exists()
+    assert torch.load(out / "state" / "checkpoint.pt", weights_only=True)["step"] == 1
+
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "[1/1] resumed" in printed and "[1/1] eval " in printed
+    assert not any(line.startswith("[1/1] ce=") for line in printed.splitlines())  # no step
+    assert json.loads((out / "training.json").read_text())["metrics"]["steps"] == 1
+
+
+def test_a_ctrl_c_during_the_last_step_stops_once_its_state_is_saved():
+    """The loop asks whether to stop before each step only: one asked during the last step
+    went on to the final evaluation and export."""
+    ctrl_c = _StopOnCtrlC()
+    ctrl_c.follow({"type": "started", "step": 0, "total_steps": 6})
+    ctrl_c.requested = True  # what the first Ctrl-C sets
+    ctrl_c.follow({"type": "checkpoint", "step": 3, "total_steps": 6})  # a step still to go
+    with pytest.raises(KeyboardInterrupt):
+        ctrl_c.follow({"type": "checkpoint", "step": 6, "total_steps": 6})
+    assert ctrl_c.stage == FINISHING and ctrl_c.stopped_at_once
+
+
+@pytest.mark.parametrize(("method", "warning"), [
+    ("self-tuning", "Self-Tuning trains on the labeled images alone"),
+    ("fixmatch", "FixMatch trains as fine-tuning does"),
+    ("fine-tune", None),
+])
+def test_a_semi_supervised_run_with_no_unlabeled_image_is_warned_as_on_the_web(
+    tmp_path: Path, capsys, method: str, warning: str | None
+):
+    """Budget "all" on a dataset without unlabeled images leaves nothing unlabeled: the
+    method runs as plain fine-tuning at extra cost, which the command line did not say."""
+    data = write_shapes_dataset(tmp_path / "data", train_per_class=2, test_per_class=1,
+                                unlabeled=0)
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "out"), "--method",
+                 method, "--budget", "all", *TINY, *TEST_BACKBONE])
+    assert code == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning: ")]
+    expected = ("warning: at budget 'all' no image is unlabeled (the budget keeps every label "
+                f"and the dataset has no unlabeled images): {warning}")
+    assert warnings == ([expected] if warning else [])

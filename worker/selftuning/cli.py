@@ -42,6 +42,10 @@ BUDGET_FORMS = ("a fraction in (0, 1] such as 0.05, a percentage such as 5%, N/c
                 "4/class, or all")
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+STOPPED_BEFORE_TRAINING = "stopped before training began: nothing was saved"
+# What a semi-supervised method does without an unlabeled image, as the web warns it.
+SEMI_SUPERVISED = {"self-tuning": "Self-Tuning trains on the labeled images alone",
+                   "fixmatch": "FixMatch trains as fine-tuning does"}
 
 
 def parse_budget(text: str) -> Budget:
@@ -120,29 +124,46 @@ def main(argv: list[str] | None = None) -> int:
         check_finished_run(out, config, data)
     except ValueError as exc:
         return _user_error(exc)
-    except KeyboardInterrupt:  # while the images were read: nothing to save yet
-        print("stopped before training began", file=sys.stderr)
+    except KeyboardInterrupt:  # while the dataset was read: --out is not made yet
+        print(STOPPED_BEFORE_TRAINING, file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"{len(class_names)} classes, {budget_info['labeled_count']} labeled "
           f"({budget.label}), {budget_info['unlabeled_count']} unlabeled, "
           f"{budget_info['test_count']} test; {config.method} on {config.backbone}")
+    if config.method in SEMI_SUPERVISED and budget_info["unlabeled_count"] == 0:
+        print(f"warning: at budget {budget.label!r} no image is unlabeled (the budget keeps "
+              "every label and the dataset has no unlabeled images): "
+              f"{SEMI_SUPERVISED[config.method]}", file=sys.stderr)
     created = _first_missing(out)
     progress = _Progress()
-    with _StopOnCtrlC() as ctrl_c:
+    ctrl_c = _StopOnCtrlC()
+
+    def on_event(event: dict) -> None:
+        ctrl_c.follow(event)
+        progress(event)
+
+    with ctrl_c:
         try:
-            metrics = train(config, data, out, on_event=progress, should_cancel=ctrl_c,
+            metrics = train(config, data, out, on_event=on_event, should_cancel=ctrl_c,
                             metadata={"budget": budget_info, "dataset": str(args.data)},
                             cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+            if Path(args.data).is_file():  # part of the export, which a Ctrl-C may stop
+                name_images_as_in_the_archive(out / PREDICTIONS_FILE,
+                                              unpacked_folder(Path(args.data)))
         except TrainingCancelled as stopped:
+            if ctrl_c.stage == SETUP:  # the images were being decoded
+                return _stopped_before_training(out, created)
             print(f"stopped at step {stopped.step} of {config.iterations}; run the same "
                   "command again to resume", flush=True)
             return EXIT_INTERRUPTED
         except (KeyboardInterrupt, RuntimeError) as exc:
-            # A second Ctrl-C: wherever it landed, torch.save too (which reports it as a
+            # Stopped at once: wherever it landed, torch.save too (which reports it as a
             # RuntimeError; the checkpoint being written is then left unfinished, unused).
             if isinstance(exc, RuntimeError) and not ctrl_c.stopped_at_once:
                 raise
-            print(_stopped_at_once(out), file=sys.stderr)
+            if ctrl_c.stage == SETUP:
+                return _stopped_before_training(out, created)
+            print(_stopped_at_once(out, ctrl_c.stage, config.iterations), file=sys.stderr)
             return EXIT_INTERRUPTED
         except (ValueError, OSError) as exc:
             # Set-up (device, backbone, images, checkpoint, folders) reports what the user
@@ -153,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)
             return _user_error(exc)
-    if Path(args.data).is_file():
-        name_images_as_in_the_archive(out / PREDICTIONS_FILE, unpacked_folder(Path(args.data)))
     summary = {key: metrics[key] for key in ("test_top1", "test_mean_class_acc",
                                               "pseudo_label_acc", "train_pseudo_label_acc",
                                               "seconds_per_iteration")}
@@ -230,11 +249,38 @@ def name_images_as_in_the_archive(predictions: Path, unpacked: Path) -> None:
     replace_csv(predictions, columns, rows)
 
 
-def _stopped_at_once(out: Path) -> str:
+def _stopped_at_once(out: Path, stage: str, iterations: int) -> str:
+    if stage == FINISHING:
+        return (f"stopped during the final evaluation and export: the training state after "
+                f"all {iterations} steps is saved in {checkpoint_path(out)}, so the same "
+                "command again only evaluates and exports")
     if checkpoint_path(out).is_file():
         return ("stopped at once; run the same command again to resume from the last "
                 "checkpoint")
     return "stopped at once, before the first checkpoint: the same command starts over"
+
+
+def _stopped_before_training(out: Path, created: Path | None) -> int:
+    _remove_folders_made_for(out, created)
+    message = STOPPED_BEFORE_TRAINING
+    if checkpoint_path(out).is_file():
+        message += f"; the checkpoint already in {out} is kept: the same command resumes from it"
+    print(message, file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _remove_folders_made_for(out: Path, created: Path | None) -> None:
+    """--out and the parents this run made for it (up to `created`), innermost first, while
+    they are empty: a folder the user had, and anything in one, is not ours to delete."""
+    if created is None:
+        return
+    for folder in (out, *out.parents):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or not there
+            return
+        if folder == created:
+            return
 
 
 def check_holdout_possible(class_names: list[str], train_items: list[Item]) -> None:
@@ -320,15 +366,35 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
+SETUP, TRAINING, FINISHING = "set-up", "training", "finishing"
+
+
 class _StopOnCtrlC:
-    """The first Ctrl-C asks the loop to stop, which saves a resumable checkpoint first;
-    a second one stops at once. Data loader workers (forked, so they inherit the handler)
-    leave the decision to the main process."""
+    """What Ctrl-C does depends on the stage the run is in, which it follows from the loop's
+    events. In set-up (model, images) there is nothing to save: the first Ctrl-C stops the
+    decoding and training never begins. In training the first asks the loop to stop, which
+    saves a resumable checkpoint first. Once the last step's state is saved only the final
+    evaluation and export are left, which the same command redoes from it: the first stops
+    at once. A second Ctrl-C always stops at once. Data loader workers (forked, so they
+    inherit the handler) leave the decision to the main process."""
 
     def __init__(self) -> None:
+        self.stage = SETUP
         self.requested = False
         self.stopped_at_once = False
         self.pid = os.getpid()
+
+    def follow(self, event: dict) -> None:
+        """Moves to the stage `event` begins, and stops there if a Ctrl-C came before it."""
+        at_end = event["step"] == event["total_steps"]
+        if event["type"] == "started":
+            if self.requested:  # still in set-up: stop before a step 0 checkpoint is saved
+                self._stop_at_once()
+            self.stage = FINISHING if at_end else TRAINING
+        elif event["type"] == "checkpoint" and at_end:
+            self.stage = FINISHING
+            if self.requested:  # asked during the last step, whose state is now saved
+                self._stop_at_once()
 
     def __enter__(self) -> _StopOnCtrlC:
         self.previous = signal.signal(signal.SIGINT, self._on_sigint)
@@ -343,13 +409,17 @@ class _StopOnCtrlC:
     def _on_sigint(self, signum: int, frame: object) -> None:
         if os.getpid() != self.pid:
             return
-        if self.requested:
-            self.stopped_at_once = True
-            raise KeyboardInterrupt
+        if self.requested or self.stage == FINISHING:
+            self._stop_at_once()
         self.requested = True
+        doing = (b"stopping after this step and saving" if self.stage == TRAINING
+                 else b"stopping before training begins, with nothing to save")
         # os.write: print() here could re-enter a print the signal interrupted.
-        os.write(sys.stderr.fileno(), b"stopping after this step and saving; "
-                                      b"Ctrl-C again to stop at once\n")
+        os.write(sys.stderr.fileno(), doing + b"; Ctrl-C again to stop at once\n")
+
+    def _stop_at_once(self) -> None:
+        self.stopped_at_once = True
+        raise KeyboardInterrupt
 
 
 def print_event(event: dict, timing: str = "") -> None:

@@ -67,7 +67,7 @@ def parse_budgets(raw: list[Any], dataset: Dataset) -> list[Budget]:
     sizes = _train_sizes(dataset)
     kept: dict[tuple[int, ...], Budget] = {}
     for index, budget in enumerate(budgets):
-        if budget.per_class is not None and sizes and budget.per_class > max(sizes):
+        if budget.over_every_class(sizes):
             raise unprocessable(
                 "budgets", f"budgets[{index}]: {budget.label} is more than any class holds (the "
                 f"largest has {max(sizes):,} labeled training images), so it keeps every label: "

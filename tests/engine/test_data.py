@@ -245,6 +245,18 @@ def test_budgets_are_class_balanced_nested_and_hide_the_rest(tmp_path: Path):
     assert info["labeled_per_class"] == [1, 1, 1]
 
 
+def test_a_count_per_class_over_every_class_is_told_apart_from_one_that_fits():
+    """The check the web and the command line both refuse a budget with."""
+    from worker.selftuning.budgets import Budget
+
+    sizes = [3, 8, 5]
+    assert Budget(per_class=9).over_every_class(sizes)
+    assert not Budget(per_class=8).over_every_class(sizes)  # the largest class fits it
+    assert not Budget(fraction=1e-6).over_every_class(sizes)
+    assert not Budget().over_every_class(sizes)  # "all"
+    assert not Budget(per_class=9).over_every_class([])  # nothing to compare with
+
+
 def _save(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)

@@ -82,6 +82,12 @@ class Budget:
             return self.fraction
         return "all"
 
+    def over_every_class(self, class_sizes: Sequence[int]) -> bool:
+        """A count per class over every class's size: it keeps every label, as "all" does,
+        under another name (the web and the command line refuse it)."""
+        return self.per_class is not None and bool(class_sizes) and (
+            self.per_class > max(class_sizes))
+
     def count_for(self, class_size: int) -> int:
         """Labels kept from a class of `class_size` images (at least one)."""
         if self.per_class is not None:

@@ -200,8 +200,9 @@ def check_out_folder(out: Path) -> None:
 def check_budget_fits(budget: Budget, train_items: list[Item]) -> None:
     """N/class over every class's count keeps every label under another name, as the web
     refuses it too."""
-    largest = max(Counter(label for _, label in train_items).values(), default=0)
-    if budget.per_class is not None and largest and budget.per_class > largest:
+    sizes = list(Counter(label for _, label in train_items).values())
+    if budget.over_every_class(sizes):
+        largest = max(sizes)
         raise ValueError(f"budget {budget.label} is more than any class holds (the largest has "
                          f"{largest:,} labeled training images), so it keeps every label: use "
                          f"all, or at most {largest:,}/class")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from worker.selftuning import RunConfig
+from worker.selftuning import RunConfig, RunData
 
 CLASS_COLOURS = {"circle": (220, 40, 40), "square": (40, 180, 60), "triangle": (40, 70, 220)}
 SHARED_DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
@@ -78,3 +79,11 @@ def tiny_config(**overrides: object) -> RunConfig:
     }
     values.update(overrides)
     return RunConfig(**values)
+
+
+def predicted_classes(out: Path, data: RunData) -> list[int]:
+    """The class index the run's exported model gave each test image, from
+    test_predictions.json (which names them), in `data.test`'s order."""
+    rows = json.loads((out / "test_predictions.json").read_text())
+    assert [row["path"] for row in rows] == [path for path, _ in data.test]
+    return [data.class_names.index(row["predicted"]) for row in rows]

@@ -429,6 +429,10 @@ def test_predictions_of_an_archive_name_its_images_as_the_archive_does(
     assert len(named) == 4 + 6  # the unlabeled images and the labeled ones the budget hid
     assert set(named) <= members
     assert any(name.startswith("photos/unlabeled/") for name in named)
+    tested = json.loads((out / "test_predictions.json").read_text())
+    assert sorted(row["path"] for row in tested) == sorted(
+        member for member in members if member.startswith("photos/test/"))
+    assert all(row["path"].split("/")[2] == row["label"] for row in tested)
 
 
 def _wait_for_torch_to_load(process: subprocess.Popen, timeout_s: float = 60.0) -> None:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 
-from tests.engine.helpers import tiny_config
+from tests.engine.helpers import predicted_classes, tiny_config
 from worker.selftuning import METHODS, RunData, TrainingCancelled, open_rgb, train
 from worker.selftuning.checkpoint import load_checkpoint, save_checkpoint
 from worker.selftuning.metrics import pseudo_label_quality, queue_purity
@@ -111,7 +111,10 @@ def test_outputs_of_a_run(finished_run, shapes_data: RunData):
     assert all(r["label"] in shapes_data.class_names for r in rows)
     assert {r["hidden_label"] for r in rows} >= {""}  # the truly unlabeled images
     test_predictions = json.loads((out / "test_predictions.json").read_text())
-    assert len(test_predictions) == len(shapes_data.test)
+    # Each test image by its path, with its class and the model's answer by name.
+    assert [(row["path"], row["label"]) for row in test_predictions] == [
+        (path, shapes_data.class_names[label]) for path, label in shapes_data.test]
+    assert {row["predicted"] for row in test_predictions} <= set(shapes_data.class_names)
 
 
 def test_exported_model_loads_in_plain_timm_with_identical_predictions(finished_run,
@@ -130,7 +133,7 @@ def test_exported_model_loads_in_plain_timm_with_identical_predictions(finished_
     with torch.no_grad():
         images = torch.stack([transform(open_rgb(path)) for path, _ in shapes_data.test])
         predicted = model(images).argmax(dim=1).tolist()
-    assert predicted == json.loads((out / "test_predictions.json").read_text())
+    assert predicted == predicted_classes(out, shapes_data)
 
     hub_layout = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     with torch.no_grad():

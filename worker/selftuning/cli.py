@@ -31,7 +31,12 @@ from worker.selftuning.data import (
     make_budget_data,
     unpacked_folder,
 )
-from worker.selftuning.export import PREDICTIONS_FILE, TRAINING_FILE
+from worker.selftuning.export import (
+    PREDICTIONS_FILE,
+    TEST_PREDICTIONS_FILE,
+    TRAINING_FILE,
+    write_json,
+)
 from worker.selftuning.files import checkpoint_path, read_csv, replace_csv
 from worker.selftuning.loop import TrainingCancelled, train
 from worker.selftuning.methods import METHODS
@@ -148,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                             metadata={"budget": budget_info, "dataset": str(args.data)},
                             cache_dir=Path(args.cache_dir) if args.cache_dir else None)
             if Path(args.data).is_file():  # part of the export, which a Ctrl-C may stop
-                name_images_as_in_the_archive(out / PREDICTIONS_FILE,
-                                              unpacked_folder(Path(args.data)))
+                name_images_as_in_the_archive(out, unpacked_folder(Path(args.data)))
         except TrainingCancelled as stopped:
             if ctrl_c.stage == SETUP:  # the images were being decoded
                 return _stopped_before_training(out, created)
@@ -239,15 +243,21 @@ def check_finished_run(out: Path, config: RunConfig, data: RunData) -> None:
                      what=f"the finished run in --out {out}")
 
 
-def name_images_as_in_the_archive(predictions: Path, unpacked: Path) -> None:
-    """predictions.csv names an archive's images by their paths in the archive: the engine
-    read them from the unpacked copy in the temp folder, which may be deleted."""
-    columns, rows = read_csv(predictions)
+def name_images_as_in_the_archive(out: Path, unpacked: Path) -> None:
+    """predictions.csv and test_predictions.json name an archive's images by their paths in
+    the archive: the engine read them from the unpacked copy in the temp folder, which may
+    be deleted."""
+    def in_archive(path: str) -> str:
+        image = Path(path)
+        return image.relative_to(unpacked).as_posix() if image.is_relative_to(unpacked) else path
+
+    columns, rows = read_csv(out / PREDICTIONS_FILE)
     for row in rows:
-        image = Path(row["path"])
-        if image.is_relative_to(unpacked):
-            row["path"] = image.relative_to(unpacked).as_posix()
-    replace_csv(predictions, columns, rows)
+        row["path"] = in_archive(row["path"])
+    replace_csv(out / PREDICTIONS_FILE, columns, rows)
+    tested = json.loads((out / TEST_PREDICTIONS_FILE).read_text())
+    write_json(out / TEST_PREDICTIONS_FILE,
+               [{**row, "path": in_archive(row["path"])} for row in tested])
 
 
 def _stopped_at_once(out: Path, stage: str, iterations: int) -> str:

@@ -443,7 +443,11 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
     backbone.to(memory_format=torch.contiguous_format)
     export_model(out_dir, backbone, data.class_names, preprocessing)
     scores, test_predicted = evaluator.test_scores(torch.contiguous_format)
-    write_json(out_dir / TEST_PREDICTIONS_FILE, test_predicted.tolist())
+    # Per test image: its path, its class and the exported model's answer, by name.
+    write_json(out_dir / TEST_PREDICTIONS_FILE, [
+        {"path": path, "label": data.class_names[label],
+         "predicted": data.class_names[predicted]}
+        for (path, label), predicted in zip(data.test, test_predicted.tolist(), strict=True)])
 
     # The exported model's answers for the unlabeled images, as a timm user would get them.
     probabilities = evaluator.predict_unlabeled(preprocessing, cache_dir,

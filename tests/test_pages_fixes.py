@@ -1071,26 +1071,6 @@ def test_a_finishing_run_offers_no_cancel_and_a_silent_cancelled_one_says_how_it
         browser.assert_no_errors(expected=("status of 409",))
 
 
-def test_a_datasets_delete_asks_with_what_it_takes_along(live_server):
-    """It asked "Delete shapes with its experiments and runs?" while the experiment's delete
-    counted runs and named their models; a dataset's takes every model trained on it."""
-    import html
-
-    database_url = live_server.database_url
-    with live_server.client() as client:
-        used, unused = add_dataset_row(database_url), add_dataset_row(database_url)
-        start_sweep(client, used)  # 2 methods x 2 seeds
-
-        def confirm(dataset_id: int) -> str:
-            page = client.get(f"/datasets/{dataset_id}").text
-            return html.unescape(re.search(r'data-confirm="([^"]*)"', page).group(1))
-
-        assert confirm(used) == ("Delete “shapes” with its 1 experiment and 4 runs, their "
-                                 "trained models, checkpoints and downloads? This cannot be "
-                                 "undone.")
-        assert confirm(unused) == "Delete “shapes” and its images? This cannot be undone."
-
-
 @pytest.mark.browser
 def test_an_experiment_whose_runs_all_ended_without_a_result_says_none_will_appear(
     live_server, request

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.deps import DatasetId, DbDep, SettingsDep
 from app.ingest import dataset_warnings
-from app.models import Dataset, DatasetImage, Experiment, Run
+from app.models import Dataset, DatasetImage
 from app.responses import human_bytes
 from app.routers.datasets import newest_datasets
 from app.routers.pages import PageNumber, Pager, page_guard, render, templates
@@ -97,13 +97,9 @@ def dataset_page(
         .order_by(DatasetImage.id)
         .limit(THUMBS_PER_CLASS)
     ).all()
-    # What a delete takes with it, for its confirmation.
-    experiments = db.scalar(select(func.count()).select_from(Experiment)
-                            .where(Experiment.dataset_id == dataset.id))
-    runs = db.scalar(select(func.count()).select_from(Run).where(Run.dataset_id == dataset.id))
+    # What a delete takes with it is counted when Delete is clicked (upload.js).
     return render(
         request, "dataset.html", dataset=dataset, classes=classes,
-        experiment_count=experiments, run_count=runs,
         totals={"train": sum(c["train"] for c in classes), "test": sum(c["test"] for c in classes)},
         unlabeled_thumbs=unlabeled_thumbs, skipped=dataset.skipped[:MAX_SKIPPED_SHOWN],
         warnings=dataset_warnings(db, dataset),

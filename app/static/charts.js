@@ -31,6 +31,14 @@ export function signInAgain() {
     ", then try once more."];
 }
 
+// Signed out in another tab: the page stops following and says how to start again.
+export function signedOutNotice(following) {
+  const next = location.pathname + location.search;
+  return ["You signed out in another tab: ",
+    h("a", { href: `/login?next=${encodeURIComponent(next)}`, class: "sign-in-again" }, "sign in again"),
+    ` to follow ${following} live.`];
+}
+
 // What to show for a failed request of an action ("Could not cancel").
 export function failure(action, error) {
   return error.status === 401 ? signInAgain() : [`${action}: ${error.message}`];

@@ -2,8 +2,10 @@
 // table, accuracy-against-budget chart, paper-style table, what more labels would buy, and
 // cancel-all and delete (/experiments/{id}).
 import {
-  badge, budgetChart, failure, follow, getJSON, h, isNumber, pageData, pct, signInAgain, TERMINAL,
+  badge, budgetChart, failure, follow, getJSON, h, isNumber, pageData, pct, signedOutNotice,
+  signInAgain, TERMINAL,
 } from "/static/charts.js";
+import { onSession } from "/static/session.js";
 
 // --- the start form ------------------------------------------------------------------------
 
@@ -153,35 +155,68 @@ export function experimentForm() {
     (field ?? document.getElementById("form-error")).scrollIntoView({ block: "center" });
   }
 
-  // detail: [{loc: ["body", field, index-or-key, branch?], msg}], shown next to each field.
-  function showApiErrors(detail, sent) {
+  // detail: [{loc: ["body", field, index-or-key, branch?], msg}] -> [{field, message}].
+  function apiErrors(detail, sent) {
     if (!Array.isArray(detail)) {
-      showError(null, typeof detail === "string" ? detail : "The server refused the form.");
-      return;
+      return [{ field: null, message: typeof detail === "string" ? detail : "The server refused the form." }];
     }
+    const errors = [];
     for (const { loc = [], msg } of detail) {
       const [, field, sub, branch] = loc;
       if (typeof sub === "number" && typeof branch === "string") {
         const value = sent[field]?.[sub];
         if (branch !== UNION_BRANCH[typeof value]) continue;
       }
-      if (field === "overrides" && typeof sub === "string") showError(`overrides.${sub}`, msg);
-      else if (typeof sub === "number") showError(field, `${field}[${sub}]: ${msg}`);
-      else showError(field, msg);
+      if (field === "overrides" && typeof sub === "string") errors.push({ field: `overrides.${sub}`, message: msg });
+      else if (typeof sub === "number") errors.push({ field, message: `${field}[${sub}]: ${msg}` });
+      else errors.push({ field, message: msg });
     }
+    return errors;
+  }
+
+  // What Start would refuse ([{field, message}]), each beside its field, and Start greyed
+  // with the reason (its description) while any stands. It is not disabled: pressed, it puts
+  // the keyboard on the first field to fix, and the server, which has the last word, answers
+  // in the same places. The same refusals again are left as they are, so a screen reader
+  // does not hear them at every keystroke.
+  const start = document.getElementById("start");
+  const startBlocked = document.getElementById("start-blocked");
+  let refusalsShown = "[]";
+  function showRefusals(errors, { again = false } = {}) {
+    const key = JSON.stringify(errors);
+    if (key === refusalsShown && !again) return;
+    refusalsShown = key;
+    clearErrors();
+    errors.forEach(({ field, message }) => showError(field, message));
+    const places = [];
+    const general = [];
+    for (const { field, message } of errors) {
+      const label = field && form.querySelector(`[data-field="${CSS.escape(field)}"]`)
+        ?.querySelector("label, legend")?.textContent.replace("(optional)", "").trim();
+      if (label) {
+        if (!places.includes(label)) places.push(label);
+      } else general.push(message);
+    }
+    const fix = places.length
+      ? `fix ${places.length > 1 ? `${places.slice(0, -1).join(", ")} and ${places.at(-1)}` : places[0]} above`
+      : null;
+    const reason = [...general, fix].filter(Boolean).join("; ");
+    startBlocked.textContent = errors.length ? `Cannot start yet: ${reason.replace(/\.$/, "")}.` : "";
+    startBlocked.hidden = !errors.length;
+    start.classList.toggle("refused", errors.length > 0);
   }
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    clearErrors();
+    checksAsked += 1; // a check still on its way answers an older form: Start's answer counts
+    clearTimeout(checkTimer);
     const { body, errors } = payload();
     if (errors.length) {
-      errors.forEach(({ field, message }) => showError(field, message));
+      showRefusals(errors, { again: true });
       focusFirstError();
       return;
     }
-    const button = document.getElementById("start");
-    button.disabled = true;
+    start.disabled = true;
     try {
       const response = await fetch("/api/experiments", {
         method: "POST",
@@ -199,11 +234,17 @@ export function experimentForm() {
         window.location.assign(`/login?next=${encodeURIComponent(location.pathname + location.search)}`);
         return;
       }
-      showApiErrors(answer.detail ?? `${response.status} ${response.statusText}`, body);
+      const refused = apiErrors(answer.detail ?? `${response.status} ${response.statusText}`, body);
+      if (response.status === 422) showRefusals(refused, { again: true });
+      else { // not the form's fault (the queue is down, say): Start stays on
+        showRefusals([], { again: true });
+        refused.forEach(({ field, message }) => showError(field, message));
+      }
     } catch (error) {
+      showRefusals([], { again: true });
       showError(null, `Could not reach the server (${error.message}); try again.`);
     } finally {
-      button.disabled = false;
+      start.disabled = false;
     }
     focusFirstError();
   });
@@ -247,8 +288,10 @@ export function experimentForm() {
 
   // What the server would make of the form (POST /api/experiments/check), asked a moment
   // after the last change: its warnings (a method left without unlabeled images, an image
-  // size that fills the worker's disk) show before the experiment starts. Refusals are left
-  // to Start, which puts them next to their fields; the answer to an older form is dropped.
+  // size that fills the worker's disk) show under the form, and its refusals (an unknown
+  // backbone, a budget that leaves a class without labels) and the form's own (a budget it
+  // cannot read) beside their fields, before Start is pressed. The answer to an older form
+  // is dropped.
   const warningsBox = document.getElementById("form-warnings");
   let checksAsked = 0;
   let checkTimer;
@@ -256,14 +299,18 @@ export function experimentForm() {
     const { body, errors } = payload();
     const asked = ++checksAsked;
     let warnings = [];
-    if (!errors.length && body.methods.length && body.budgets.length && body.seeds.length) {
+    let refusals = errors;
+    if (!errors.length) {
       try {
         const response = await fetch("/api/experiments/check", {
           method: "POST",
           headers: { "Content-Type": "application/json", Accept: "application/json" },
           body: JSON.stringify(body),
         });
-        if (response.ok) ({ warnings } = await response.json());
+        const answer = await response.json().catch(() => ({}));
+        if (response.ok) ({ warnings } = answer);
+        else if (response.status === 422) refusals = apiErrors(answer.detail, body);
+        // Anything else (an expired sign-in, the server down) is not the form's: Start says it.
       } catch (error) {
         console.warn("could not check the form:", error.message); // Start says it, if it lasts
       }
@@ -271,8 +318,10 @@ export function experimentForm() {
     if (asked !== checksAsked) return;
     warningsBox.replaceChildren(...warnings.map((warning) => h(
       "p", { class: "warning" }, `${warning[0].toUpperCase()}${warning.slice(1)}.`)));
+    showRefusals(refusals);
   }
   function checkSoon() {
+    checksAsked += 1; // the form changed: an answer on its way is about the old one
     clearTimeout(checkTimer);
     checkTimer = setTimeout(checkForm, 400);
   }
@@ -475,9 +524,12 @@ export function experimentPage() {
   let feed = null;
   let idlePoller = null;
   let deleted = false;
+  // Signed out (in another tab, or the feed or a read was refused): nothing is followed
+  // until a sign-in, which the page hears of from the tab that signs in.
+  let signedOut = false;
   const liveState = document.getElementById("live-state");
   function watch() {
-    if (feed || deleted) return;
+    if (feed || deleted || signedOut) return;
     if (active().length === 0) {
       pollWhileIdle();
       return;
@@ -500,14 +552,14 @@ export function experimentPage() {
   }
 
   function pollWhileIdle() {
-    if (idlePoller !== null || deleted) return;
+    if (idlePoller !== null || deleted || signedOut) return;
     idlePoller = setInterval(lookForActivity, IDLE_POLL_MS);
   }
 
   // Redraw only when a run changed (queued again, or queued and ended again between two
   // looks): an ended experiment's page otherwise stays still.
   async function lookForActivity() {
-    if (document.hidden || feed || deleted) return;
+    if (document.hidden || feed || deleted || signedOut) return;
     try {
       const fresh = await getJSON(`/api/experiments/${id}`);
       const changed = (summary) => {
@@ -557,9 +609,27 @@ export function experimentPage() {
 
   function refreshFailed(error) {
     if (error.status === 404) gone();
-    else if (error.status === 401) actionError.replaceChildren(...signInAgain());
+    else if (error.status === 401) stopForSignIn(signInAgain());
     else console.warn("experiment refresh failed:", error.message);
   }
+
+  function stopForSignIn(message) {
+    if (deleted || signedOut) return; // the first word on it stays
+    signedOut = true;
+    clearInterval(idlePoller);
+    idlePoller = null;
+    if (feed) feed.stop();
+    actionError.replaceChildren(...message);
+  }
+
+  onSession({
+    signedOut: () => stopForSignIn(signedOutNotice("this experiment")),
+    signedIn: () => {
+      if (!signedOut) return;
+      signedOut = false;
+      refreshSoon(); // the record, then the feed again; the sign-in link goes
+    },
+  });
 
   // Deleted from another tab: stop following it and say so.
   function gone() {
@@ -640,7 +710,7 @@ export function experimentPage() {
 
   setInterval(() => {
     const waiting = [...runs.values()].some((run) => run.status === "queued");
-    if (waiting && !document.hidden && !deleted) refreshSoon();
+    if (waiting && !document.hidden && !deleted && !signedOut) refreshSoon();
   }, QUEUE_POLL_MS);
 
   drawStatus(initial.status);

@@ -1,8 +1,9 @@
 // One run's page: live curves and status while it trains, then its results and downloads.
 import {
   barChart, badge, bytes, duration, failure, follow, getJSON, h, isNumber, pageData, pct,
-  setSeries, shortName, signInAgain, stepChart, TERMINAL,
+  setSeries, shortName, signedOutNotice, signInAgain, stepChart, TERMINAL,
 } from "/static/charts.js";
+import { onSession } from "/static/session.js";
 import { localTime } from "/static/times.js";
 
 const META_KEYS = new Set(["type", "step", "total_steps", "run_id", "time"]);
@@ -38,6 +39,10 @@ export function runPage() {
   let run = initial;
   let poller = null;
   let feed = null;
+  let deleted = false;
+  // Signed out (in another tab, or a read was refused): nothing is followed until a sign-in,
+  // which the page hears of from the tab that signs in.
+  let signedOut = false;
 
   // --- live curves: one point per (kind, step), whichever way it arrived -------------------
   const points = { progress: new Map(), eval: new Map() };
@@ -188,14 +193,38 @@ export function runPage() {
       if (TERMINAL.has(run.status)) finished();
     } catch (error) {
       if (error.status === 404) gone();
-      else if (error.status === 401) {
-        document.getElementById("cancel-error").replaceChildren(...signInAgain());
-      } else console.warn("run refresh failed:", error.message);
+      else if (error.status === 401) stopForSignIn(signInAgain());
+      else console.warn("run refresh failed:", error.message);
     }
   }
 
+  function stopForSignIn(message) {
+    if (deleted || signedOut) return; // the first word on it stays
+    signedOut = true;
+    clearInterval(poller);
+    poller = null;
+    if (feed) feed.stop();
+    feed = null;
+    document.getElementById("cancel-error").replaceChildren(...message);
+  }
+
+  onSession({
+    signedOut: () => {
+      if (feed || poller) stopForSignIn(signedOutNotice("this run"));
+    },
+    signedIn: async () => {
+      if (!signedOut) return;
+      signedOut = false;
+      const error = document.getElementById("cancel-error");
+      if (error.querySelector(".sign-in-again")) error.replaceChildren();
+      await refreshRun();
+      if (!TERMINAL.has(run.status)) watch();
+    },
+  });
+
   // Deleted elsewhere (with its experiment): stop following it and say so.
   function gone() {
+    deleted = true;
     clearInterval(poller);
     poller = null;
     if (feed) feed.stop();
@@ -270,12 +299,14 @@ export function runPage() {
 
   // Follow the run live until it ends (again, after a requeue).
   function watch() {
+    if (feed || deleted || signedOut) return;
     // Queue position and ETA are not in the event feed; the API computes them.
     poller = setInterval(refreshRun, POLL_MS);
     const liveState = document.getElementById("live-state");
     feed = follow(`/api/runs/${id}/events`, {
       onEvent,
       onResync: () => { loadHistory().catch(() => {}); refreshRun(); },
+      onClosed: refreshRun, // a refused feed (an expired sign-in) is said there, and stopped
       onState: (state) => {
         liveState.textContent = state === "live" ? "● live" : state === "ended" ? "" : "reconnecting…";
       },

@@ -167,10 +167,62 @@
     });
   }
 
+  const plural = function (count, noun) { return count + " " + noun + (count === 1 ? "" : "s"); };
+
+  // A JSON read of the API; a refusal throws an Error with its status and the server's text.
+  async function readJSON(url) {
+    const response = await fetch(url, { headers: { Accept: "application/json" } });
+    if (response.ok) return response.json();
+    const error = new Error(errorText(response.status, await response.text()));
+    error.status = response.status;
+    throw error;
+  }
+
+  // The question before a dataset is deleted, with what goes with it as it is now (an
+  // experiment started on it in another tab since this page loaded counts). Where the count
+  // cannot be read, a question that says so; where the dataset is gone or the sign-in
+  // expired, no question: {refusal} says why.
+  async function deleteQuestion(button) {
+    const id = button.dataset.datasetId;
+    const name = "“" + button.dataset.datasetName + "”";
+    const undone = " This cannot be undone.";
+    let experiments;
+    try {
+      [, experiments] = await Promise.all([
+        readJSON("/api/datasets/" + id),
+        readJSON("/api/experiments?dataset_id=" + id),
+      ]);
+    } catch (error) {
+      if (error.status === 401) return { refusal: signInAgain(", then delete it.") };
+      if (error.status === 404) return { refusal: "This dataset no longer exists: it was deleted." };
+      console.warn("could not count what the dataset's delete takes with it:", error.message);
+      return { question: "Delete " + name + " with every experiment and run made on it, " +
+        "their trained models, checkpoints and downloads? (How many there are now could not " +
+        "be checked.)" + undone };
+    }
+    if (!experiments.length) return { question: "Delete " + name + " and its images?" + undone };
+    const runs = experiments.reduce(function (sum, experiment) {
+      return sum + Object.values(experiment.run_counts).reduce(function (a, b) { return a + b; }, 0);
+    }, 0);
+    return { question: "Delete " + name + " with its " + plural(experiments.length, "experiment") +
+      " and " + plural(runs, "run") + ", their trained models, checkpoints and downloads?" + undone };
+  }
+
   function setUpDelete(button) {
     const errorBox = document.getElementById("delete-error");
-    button.addEventListener("click", function () {
-      if (!window.confirm(button.dataset.confirm || "Delete?")) return;
+    function showError(message) {
+      errorBox.replaceChildren(...[].concat(message));
+      errorBox.hidden = false;
+    }
+    let asking = false;  // a second click while the count is read asks nothing more
+    button.addEventListener("click", async function () {
+      if (asking) return;
+      asking = true;
+      errorBox.hidden = true;
+      const { question, refusal } = await deleteQuestion(button);
+      asking = false;
+      if (refusal) showError(refusal);
+      if (refusal || !window.confirm(question)) return;
       button.disabled = true;
       const request = new XMLHttpRequest();
       request.open("DELETE", button.dataset.deleteUrl);
@@ -180,14 +232,12 @@
           return;
         }
         button.disabled = false;
-        errorBox.replaceChildren(...(request.status === 401 ? signInAgain(", then delete it.")
-          : [errorText(request.status, request.responseText)]));
-        errorBox.hidden = false;
+        showError(request.status === 401 ? signInAgain(", then delete it.")
+          : errorText(request.status, request.responseText));
       };
       request.onerror = function () {
         button.disabled = false;
-        errorBox.textContent = "The server did not answer.";
-        errorBox.hidden = false;
+        showError("The server did not answer.");
       };
       request.send();
     });

@@ -1,0 +1,235 @@
+"""Pages that act on the server as it is now, not as it was when they loaded, in Chromium
+against a real uvicorn, Redis and SQLite (no worker): a dataset's delete counts what it takes
+along when it is clicked; signing out in one tab stops the live feeds of the others, and a
+feed refused for its sign-in stops retrying; the start form shows what Start would refuse
+while it is filled in."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from tests.browser import open_browser
+from tests.support import add_dataset_row, app_env, start_server
+from tests.test_experiments_cancel_delete import start_sweep
+from tests.test_pages_fixes import TOKEN, sign_in
+
+pytestmark = pytest.mark.browser
+
+# Every EventSource a page opens, so a test can tell whether the page closed its feed.
+TRACK_FEEDS = """
+    window.feeds = [];
+    const Original = window.EventSource;
+    window.EventSource = class extends Original {
+        constructor(...args) { super(...args); window.feeds.push(this); }
+    };
+"""
+OPEN_FEEDS = "window.feeds.filter((f) => f.readyState !== EventSource.CLOSED).length"
+
+
+@pytest.fixture
+def guarded(settings, tmp_path):
+    """A server with an API token: pages need a sign-in, API calls the token."""
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_API_TOKEN=TOKEN)
+    url, process = start_server(env, tmp_path / "uvicorn.log")
+    yield url, settings.sqlalchemy_url
+    process.stop()
+
+
+def delete_question(page) -> str:
+    """What Delete asks (answered Cancel: nothing is deleted)."""
+    asked: list[str] = []
+
+    def answer(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.dismiss()
+
+    page.once("dialog", answer)
+    page.click("button[data-delete-url]")
+    for _ in range(100):  # the question comes once the count is read
+        if asked:
+            return asked[0]
+        page.wait_for_timeout(100)
+    raise AssertionError("Delete asked nothing")
+
+
+def test_a_datasets_delete_counts_what_it_takes_along_when_it_is_clicked(live_server, request):
+    """The question was written when the page loaded: an experiment started on the dataset in
+    another tab afterwards was not in it, though the delete takes it along."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        used, unused = add_dataset_row(database_url), add_dataset_row(database_url)
+        start_sweep(client, used)  # 2 methods x 2 seeds
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/datasets/{used}")
+        page.wait_for_selector("button[data-delete-url]")
+        with live_server.client() as client:  # "another tab", after the page loaded
+            start_sweep(client, used, seeds=[0])  # 2 runs more
+        assert delete_question(page) == (
+            "Delete “shapes” with its 2 experiments and 6 runs, their trained models, "
+            "checkpoints and downloads? This cannot be undone.")
+        assert page.is_enabled("button[data-delete-url]")
+
+        page.goto(f"{live_server.url}/datasets/{unused}")
+        assert delete_question(page) == "Delete “shapes” and its images? This cannot be undone."
+
+        # The count cannot be read: the question says what may go, and that it is not counted.
+        page.route(re.compile(r"/api/experiments\?"), lambda route: route.fulfill(
+            status=503, json={"detail": "the database is unavailable"}))
+        assert delete_question(page) == (
+            "Delete “shapes” with every experiment and run made on it, their trained models, "
+            "checkpoints and downloads? (How many there are now could not be checked.) This "
+            "cannot be undone.")
+        page.unroute(re.compile(r"/api/experiments\?"))
+
+        # Deleted in another tab: no question, and the page says so.
+        with live_server.client() as client:
+            assert client.delete(f"/api/datasets/{unused}").status_code == 204
+            assert client.get(f"/api/datasets/{used}").status_code == 200  # Cancel kept it
+        page.click("button[data-delete-url]")
+        page.wait_for_selector("#delete-error:not([hidden])")
+        assert page.inner_text("#delete-error") == (
+            "This dataset no longer exists: it was deleted.")
+        browser.screenshot("deleted-elsewhere")
+        browser.assert_no_errors(expected=("status of 503", "status of 404"))
+
+
+def test_signing_out_in_one_tab_stops_the_live_feeds_of_the_others(guarded, request):
+    """An experiment's and a run's page kept their feeds open and said "● live" after a
+    sign-out in another tab (an open stream outlives its cookie)."""
+    url, database_url = guarded
+    with httpx.Client(base_url=url, timeout=60,
+                      headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+    experiment_path, run_path = f"/experiments/{experiment_id}", f"/runs/{run_ids[0]}"
+
+    with open_browser(request.node.name) as browser:
+        experiment_page = browser.page
+        context = experiment_page.context
+        context.add_init_script(TRACK_FEEDS)
+        sign_in(experiment_page, url, experiment_path)
+        experiment_page.wait_for_selector("#live-state:text-is('● live')")
+        run_page = context.new_page()
+        run_page.goto(f"{url}{run_path}")
+        run_page.wait_for_selector("#live-state:text-is('● live')")
+
+        other = context.new_page()
+        other.goto(f"{url}/datasets")
+        other.click("form.signout button")
+        other.wait_for_url(re.compile(r"/login"))
+
+        for page, error, path, what in ((experiment_page, "#action-error", experiment_path,
+                                         "this experiment"),
+                                        (run_page, "#cancel-error", run_path, "this run")):
+            page.wait_for_selector(f"{error} a.sign-in-again", timeout=10_000)
+            assert page.inner_text(error) == (
+                f"You signed out in another tab: sign in again to follow {what} live.")
+            assert page.get_attribute(f"{error} a", "href") == (
+                f"/login?next={quote(path, safe='')}")
+            assert page.inner_text("#live-state") == ""
+            assert page.evaluate(OPEN_FEEDS) == 0
+            assert page.is_hidden("form.signout")
+        run_page.wait_for_timeout(2500)  # nothing reconnects
+        assert run_page.evaluate("window.feeds.length") == 1
+        assert experiment_page.evaluate("window.feeds.length") == 1
+        browser.screenshot("1-signed-out-elsewhere")
+
+        # Signed in again from one of them: the other follows its run again by itself.
+        experiment_page.click("#action-error a.sign-in-again")
+        experiment_page.fill("#token", TOKEN)
+        experiment_page.click("button[type=submit]")
+        experiment_page.wait_for_url(f"{url}{experiment_path}")
+        experiment_page.wait_for_selector("#live-state:text-is('● live')")
+        run_page.wait_for_selector("#live-state:text-is('● live')", timeout=15_000)
+        run_page.wait_for_function("document.getElementById('cancel-error').textContent === ''")
+        assert run_page.is_visible("form.signout")
+        browser.assert_no_errors()
+
+
+def test_a_live_feed_refused_for_its_sign_in_stops_instead_of_retrying(live_server, request):
+    """A feed the server refused (401) was opened again every 1 to 30 s for as long as the
+    page stayed open, the run's page read every 5 s, and both said "reconnecting…"."""
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(
+            client, add_dataset_row(live_server.database_url), seeds=[0])
+    refused = {"detail": "missing or wrong API token"}
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.context.add_init_script(TRACK_FEEDS)
+        # The sign-in expired after the page was served: its feed and reads are refused.
+        for path, error in ((f"/experiments/{experiment_id}", "#action-error"),
+                            (f"/runs/{run_ids[0]}", "#cancel-error")):
+            page.route(re.compile(rf"/api{re.escape(path)}(/events)?$"),
+                       lambda route: route.fulfill(status=401, json=refused))
+            page.goto(f"{live_server.url}{path}")
+            page.wait_for_selector(f"{error} a.sign-in-again", timeout=10_000)
+            assert page.inner_text(error) == (
+                "Your sign-in expired: sign in again, then try once more.")
+            page.wait_for_timeout(4000)  # the feed's retries came after 1, 2 and 4 s
+            assert page.evaluate("window.feeds.length") == 1, path
+            assert page.evaluate(OPEN_FEEDS) == 0
+            assert page.inner_text("#live-state") == ""
+        browser.screenshot("feed-refused")
+        browser.assert_no_errors(expected=("401",))
+
+
+def test_the_start_form_shows_what_start_would_refuse_while_it_is_filled_in(
+    live_server, request
+):
+    """The form showed the server's warnings as it was filled in, but its refusals (an
+    unknown backbone, a budget out of range) only after Start."""
+    dataset_id = add_dataset_row(live_server.database_url)
+    backbone_error = '[data-field="backbone"] .field-error'
+    budgets_error = '[data-field="budgets"] .field-error'
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        sent = []  # starts (the form's checks go to /api/experiments/check)
+        page.on("request", lambda r: sent.append(r.url) if r.method == "POST"
+                and r.url.endswith("/api/experiments") else None)
+        page.goto(f"{live_server.url}/experiments/new?dataset_id={dataset_id}")
+        page.wait_for_selector("#run-count:has-text('runs')")
+        assert page.get_attribute("#start", "class") in (None, "")
+        assert page.is_hidden("#start-blocked")
+
+        page.fill("#f-backbone", "no_such_network")
+        page.wait_for_selector(backbone_error, state="visible", timeout=10_000)
+        assert "unknown backbone 'no_such_network'" in page.inner_text(backbone_error)
+        assert page.get_attribute("#start", "class") == "refused"
+        assert page.get_attribute("#start", "aria-describedby") == "start-blocked"
+        assert page.inner_text("#start-blocked") == "Cannot start yet: fix Backbone above."
+        browser.screenshot("1-refused-before-start")
+
+        # The form's own refusals show as well, and the reason names every field.
+        page.fill("#f-budgets", "50%, lots")
+        page.wait_for_selector(budgets_error, state="visible")
+        assert page.inner_text(budgets_error) == (
+            "“lots” is not a budget: write 15%, 0.15, 4/class or all")
+        page.fill("#f-budgets", "50%, 150%")
+        page.wait_for_selector(f"{budgets_error}:has-text('must be in (0, 1]')")
+        page.fill("#f-backbone", "tf_efficientnet_lite0")
+        page.wait_for_selector(backbone_error, state="hidden")
+        assert page.inner_text("#start-blocked") == "Cannot start yet: fix Label budgets above."
+
+        # Start stays reachable (greyed, not disabled): it puts the keyboard on the field to
+        # fix, and the server refuses the experiment.
+        page.click("#start")
+        page.wait_for_function("document.activeElement.id === 'f-budgets'")
+        with live_server.client() as client:
+            assert client.get("/api/experiments").json() == []
+
+        # Fixed: the refusal goes and Start is on again.
+        page.fill("#f-budgets", "50%")
+        page.wait_for_selector("#start-blocked", state="hidden")
+        assert page.get_attribute("#start", "class") == ""
+        assert page.is_hidden(budgets_error) and page.is_hidden(backbone_error)
+        assert len(sent) == 1  # the Start above, which the server refused
+        page.click("#start")
+        page.wait_for_url(re.compile(r"/experiments/\d+$"))
+        browser.assert_no_errors(expected=("status of 422",))

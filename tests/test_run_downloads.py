@@ -10,6 +10,7 @@ import json
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import redis
 
@@ -176,3 +177,46 @@ def test_csv_lists_are_tagged_by_content_and_a_held_version_is_a_304(live_server
                           headers={"If-None-Match": tag}).status_code == 304
         # Another list (the withheld images left out) is another version.
         assert client.get(label_next, headers={"If-None-Match": tag}).status_code == 200
+
+
+def test_a_checkpoint_of_a_run_folder_the_server_cannot_write_still_downloads(live_server):
+    """The zip is made in the run's folder: where that folder is read-only (a read-only
+    mount, its permissions) the download was a bare 500. It is made in the temp folder for
+    that request instead, with one tag for one version, and deleted once sent."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from tests.support import small_disk
+
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        files = record_export(live_server.data_dir, database_url, run_ids[0], files={
+            "model.safetensors": os.urandom(256 * 1024),
+            "config.json": b'{"architecture": "test_efficientnet"}',
+            "training.json": b'{"metrics": {"test_top1": 0.5}}'})
+        end_as_worker(database_url, live, run_ids[0], "succeeded")
+        folder = live_server.data_dir / "runs" / str(run_ids[0])
+        shutil.rmtree(folder)
+        temps_before = set(Path(tempfile.gettempdir()).glob("selftune-checkpoint-*"))
+        with small_disk(folder, "4m"):
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+            url = f"/api/runs/{run_ids[0]}/checkpoint"
+            first, second = client.get(url), client.get(url)
+            assert first.status_code == 200, first.text[:300]
+            with zipfile.ZipFile(io.BytesIO(first.content)) as archive:
+                assert {name: archive.read(name) for name in archive.namelist()} == files
+            assert first.headers["etag"] == second.headers["etag"]
+            assert first.headers["content-disposition"].endswith(
+                f'filename="run-{run_ids[0]}-checkpoint.zip"')
+            part = client.get(url, headers={"Range": "bytes=100-199"})
+            assert part.status_code == 206 and part.content == first.content[100:200]
+            held = client.get(url, headers={"If-None-Match": first.headers["etag"]})
+            assert held.status_code == 304
+            assert sorted(path.name for path in folder.iterdir()) == sorted(files)
+        # Each request's zip went once it was sent.
+        assert set(Path(tempfile.gettempdir()).glob("selftune-checkpoint-*")) == temps_before

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import tempfile
 import uuid
 import zipfile
 from pathlib import Path
@@ -13,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
 
 from app.config import Settings
 from app.db import session_scope
@@ -257,12 +261,7 @@ def download_checkpoint(run_id: RunId, request: Request, session: DbDep, setting
         # over it gave each request the tag of its own file).
         temp = bundle.with_name(f"{bundle.name}.{uuid.uuid4().hex}.tmp")
         try:
-            with zipfile.ZipFile(temp, "w") as archive:
-                for path in paths:
-                    compression = zipfile.ZIP_STORED if path.suffix == ".safetensors" else (
-                        zipfile.ZIP_DEFLATED
-                    )
-                    archive.write(path, arcname=path.name, compress_type=compression)
+            write_checkpoint_zip(paths, temp)
             try:
                 os.link(temp, bundle)
             except FileExistsError:
@@ -273,9 +272,54 @@ def download_checkpoint(run_id: RunId, request: Request, session: DbDep, setting
                 temp.replace(bundle)
         except FileNotFoundError:  # the run deleted while zipping or linking
             raise HTTPException(404, detail=FILE_DELETED) from None
+        except OSError as exc:
+            if exc.errno not in READ_ONLY:
+                raise
+            # The run's folder cannot be written (a read-only mount, say): this request's
+            # own zip in the temp folder, deleted once sent.
+            return send_checkpoint_zip_once(request, paths, bundle.name)
         finally:
-            temp.unlink(missing_ok=True)
+            if temp.exists():  # (on a read-only mount, unlinking even a missing file fails)
+                temp.unlink(missing_ok=True)
     return send_file(request, bundle, bundle.name, "application/zip")
+
+
+# A folder the server may read but not write: its permissions, or a read-only mount.
+READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_checkpoint_zip(paths: list[Path], target: Path) -> None:
+    with zipfile.ZipFile(target, "w") as archive:
+        for path in paths:
+            compression = zipfile.ZIP_STORED if path.suffix == ".safetensors" else (
+                zipfile.ZIP_DEFLATED
+            )
+            archive.write(path, arcname=path.name, compress_type=compression)
+
+
+def send_checkpoint_zip_once(request: Request, paths: list[Path], filename: str) -> Response:
+    """The checkpoint zip built for one request in the temp folder, tagged by the files in it
+    (so a download resumed with a Range gets the same bytes from the next request's zip)."""
+    try:
+        versions = [f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+                    for path in paths]
+    except FileNotFoundError:
+        raise HTTPException(404, detail=FILE_DELETED) from None
+    etag = '"' + hashlib.sha256("|".join(versions).encode()).hexdigest()[:32] + '"'
+    handle, name = tempfile.mkstemp(prefix="selftune-checkpoint-", suffix=".zip")
+    os.close(handle)
+    temp = Path(name)
+    try:
+        write_checkpoint_zip(paths, temp)
+        response = send_file(request, temp, filename, "application/zip", headers={"ETag": etag})
+    except FileNotFoundError:
+        temp.unlink(missing_ok=True)
+        raise HTTPException(404, detail=FILE_DELETED) from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    response.background = BackgroundTask(temp.unlink, missing_ok=True)
+    return response
 
 
 @router.get("/{run_id}/predictions.csv", response_class=FileResponse,

@@ -1373,8 +1373,12 @@ def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] |
                     grace_s: float = 600.0) -> list[Path]:
     """Remove what a crash can leave: upload work directories under tmp/, and dataset,
     thumbnail and decoded-image cache directories without a database row (a worker removes
-    the abandoned temporary files of the caches it uses). Anything touched in the last
-    `grace_s` seconds is kept, since another web process may be publishing it right now."""
+    the abandoned temporary files of the caches it uses), and run folders (runs/<id>) of runs
+    that no longer exist (one a worker that missed the delete made again, say). Anything
+    touched in the last `grace_s` seconds is kept, since another web process may be
+    publishing it right now. Only what the database, read now, does not list goes: the web
+    calls this once it has checked that the data directory is this database's
+    (app.db.claim_data_dir)."""
     now = time.time()
     removed: list[Path] = []
 
@@ -1401,7 +1405,13 @@ def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] |
         entry for entry in settings.cache_dir.iterdir()
         if entry.is_dir() and _IMAGE_CACHE.fullmatch(entry.name)
     ] if settings.cache_dir.is_dir() else []
-    if candidates or image_caches:
+    # Run ids are never handed out again (migration 0004): a folder named after an id that
+    # is not in the database is a deleted run's, not a run still to come.
+    run_folders = [
+        entry for entry in settings.runs_dir.iterdir()
+        if entry.is_dir() and not entry.is_symlink() and re.fullmatch(r"[1-9][0-9]*", entry.name)
+    ] if settings.runs_dir.is_dir() else []
+    if candidates or image_caches or run_folders:
         if session_factory is None:
             from app.db import get_sessionmaker
 
@@ -1411,8 +1421,9 @@ def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] |
                 rows = session.execute(
                     select(Dataset.id, Dataset.storage_key, Dataset.fingerprint)
                 ).all()
+                run_ids = set(session.scalars(select(Run.id)))
         except SQLAlchemyError as exc:
-            # Without the list of datasets nothing can be called an orphan.
+            # Without the list of datasets and runs nothing can be called an orphan.
             log.warning("dataset clean-up skipped, the database is not readable: %s", exc)
             return removed
         known = {row.storage_key for row in rows}
@@ -1423,6 +1434,10 @@ def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] |
                 removed.append(entry)
         for entry in image_caches:
             if entry.name not in known_caches and stale(entry):
+                _remove(entry)
+                removed.append(entry)
+        for entry in run_folders:
+            if int(entry.name) not in run_ids and stale(entry):
                 _remove(entry)
                 removed.append(entry)
     for path in removed:

@@ -1,5 +1,6 @@
 """Disk hygiene: a dataset's decoded-image caches go with it, and caches of deleted datasets
-are swept at start-up (the engine's own durable files: tests/engine/test_durable_files.py)."""
+and folders of deleted runs are swept at start-up (the engine's own durable files:
+tests/engine/test_durable_files.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tests.test_datasets_support import (
     upload,
     zip_bytes,
 )
+from tests.test_worker_lifecycle import add_run
 from worker.selftuning.images import Preprocessing, decode_all
 
 
@@ -107,3 +109,32 @@ def test_server_start_sweeps_the_image_cache(tmp_path: Path, redis_url: str) -> 
         with server.client() as client:
             assert client.get(f"/api/datasets/{dataset['id']}").status_code == 200
     assert folder.is_dir()  # its dataset is still there
+
+
+# --- run folders -----------------------------------------------------------------------------
+
+
+def test_startup_clean_up_removes_the_folders_of_deleted_runs_only(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A worker paused through its run's delete could make the run's folder again (its
+    checkpoint); nothing removed it. Only numbered folders of runs the database, read
+    now, does not have go, and only once untouched for the grace period."""
+    run_id = add_run(settings, tmp_path)
+    runs = settings.runs_dir
+    kept = age(touch(runs / str(run_id) / "state" / "checkpoint.pt").parent.parent, HOUR_AGO)
+    deleted = age(touch(runs / str(run_id + 5) / "state" / "checkpoint.pt").parent.parent,
+                  HOUR_AGO)
+    recent = touch(runs / str(run_id + 6) / "state" / "checkpoint.pt").parent.parent
+    not_runs = [age(touch(runs / name / "file").parent, HOUR_AGO)
+                for name in ("notes", "0", f"0{run_id + 5}", f"{run_id + 5}a")]
+    a_file = touch(runs / str(run_id + 7), HOUR_AGO)
+
+    unreadable = get_sessionmaker(f"sqlite:///{tmp_path}/no-such-folder/selftune.db")
+    assert ingest.cleanup_orphans(settings, unreadable, grace_s=600) == []
+    assert deleted.is_dir()  # without the list of runs nothing is an orphan
+
+    assert ingest.cleanup_orphans(settings, grace_s=600) == [deleted]
+    assert not deleted.exists()
+    assert (kept / "state" / "checkpoint.pt").is_file() and recent.is_dir()
+    assert all(folder.is_dir() for folder in not_runs) and a_file.is_file()

@@ -6,11 +6,15 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -19,6 +23,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.live import (
     experiment_stream_key,
+    forget_feeds,
     get_redis,
     publish_end,
     publish_status,
@@ -35,6 +40,16 @@ EXPORTED_FILES = ("model.safetensors", "config.json", "training.json", "predicti
 # The errors of a database that cannot be reached (down, restarting, locked, its file gone):
 # worth trying again later, unlike a bug in a query.
 DATABASE_DOWN = (OperationalError, InterfaceError)
+
+
+class RunDeleted(Exception):
+    """The run's row is gone: it was deleted (with its experiment or dataset) while this
+    worker still held it, say paused or silent long enough for the reaper to end it first.
+    Nothing more is recorded or published for it; worker.training removes its folder."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(f"run {run_id} no longer exists (deleted)")
+        self.run_id = run_id
 
 
 class DatabaseUnavailable(Exception):
@@ -74,29 +89,88 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+T = TypeVar("T")
+
+
+@lru_cache
+def _feed_client(url: str) -> redis.Redis:
+    """The worker's own client for what it asks Redis during training. app.live's client
+    waits 10 s for an answer and tries 3 more times: against a Redis that hangs (stopped,
+    its connections neither answered nor refused) that was 10-40 s at every step."""
+    return redis.Redis.from_url(
+        url, socket_timeout=LiveFeed.timeout_s, socket_connect_timeout=LiveFeed.timeout_s,
+        retry=Retry(NoBackoff(), 0), decode_responses=True,
+    )
+
+
+class LiveFeed:
+    """Redis as training uses it, at most every iteration: a call costs at most `timeout_s`,
+    and after a failed one Redis is left alone for `pause_s`, so a Redis that is down or
+    hangs costs training at most `timeout_s` every `pause_s`. One warning per outage."""
+
+    timeout_s = 0.5
+    pause_s = 5.0
+
+    def __init__(self, url: str, run_id: int) -> None:
+        self.client = _feed_client(url)
+        self.run_id = run_id
+        self._skip_until = 0.0
+        self._away_since: float | None = None
+
+    def call(self, action: Callable[[redis.Redis], T], default: T, *, now: bool = False) -> T:
+        """`action(client)`, or `default` when Redis fails or is being left alone (`now`:
+        tried all the same, for what happens once in a run)."""
+        if not now and time.monotonic() < self._skip_until:
+            return default
+        try:
+            result = action(self.client)
+        except redis.RedisError as exc:
+            failed_at = time.monotonic()
+            self._skip_until = failed_at + self.pause_s
+            if self._away_since is None:
+                self._away_since = failed_at
+                log.warning("run %s: Redis is not answering (%s); training goes on without "
+                            "the live feed (metrics are recorded in the database, which also "
+                            "carries a cancel), trying Redis again every %.0fs",
+                            self.run_id, exc, self.pause_s)
+            return default
+        if self._away_since is not None:
+            log.info("run %s: Redis answers again, after %.0fs", self.run_id,
+                     time.monotonic() - self._away_since)
+            self._away_since = None
+        return result
+
+
 class RunRecorder:
     """Writes what a run does: the database is the record, Redis streams carry the live feed.
 
-    Redis being away (restarting) never stops training: events are then only recorded in the
-    database, and the stream picks up again when Redis is back. Nor does the database being
+    Redis being away (restarting, or hanging) never stops training: events are then only
+    recorded in the database, and the stream picks up again when Redis is back (`LiveFeed`
+    keeps what each iteration asks of it short). Nor does the database being
     away: events still go to Redis, the metric points wait in memory (the newest
     `MAX_UNSAVED`) and are written with the next point that gets through; only if the database
     is still away at the end, after `finish_retry_s` of trying, are they and the outcome lost.
+
+    A run whose row is gone was deleted: the recorder then raises `RunDeleted` (the cancel
+    check, writing a point, recording an outcome) and writes and publishes nothing more.
     """
 
     MAX_UNSAVED = 10_000
     finish_retry_s = 300.0
+    database_check_s = 5.0  # how often `should_cancel` asks the database
 
     def __init__(self, settings: Settings, run_id: int, experiment_id: int) -> None:
         self.settings = settings
         self.run_id = run_id
         self.experiment_id = experiment_id
-        self.redis = get_redis(settings.effective_redis_url)
+        self.live = LiveFeed(settings.effective_redis_url, run_id)
+        self.redis = self.live.client
         self.url = settings.sqlalchemy_url
         self.last_recorded = self._last_recorded_steps()
         self._unsaved: list[tuple[str, int, dict[str, Any]]] = []  # (kind, step, values)
         self._last_cancel_check = 0.0
         self._cancelled = False
+        self.deleted = False
         self.saved_step = 0  # the step of the newest training state (a checkpoint event)
 
     def _last_recorded_steps(self) -> dict[str, int]:
@@ -109,22 +183,50 @@ class RunRecorder:
             ).all()
         return {kind: int(step) for kind, step in rows}
 
+    def _row(self, session: Session, **options: Any) -> Run:
+        """The run's row, or RunDeleted."""
+        run = session.get(Run, self.run_id, **options)
+        if run is None:
+            self.deleted = True
+            raise RunDeleted(self.run_id)
+        return run
+
+    def check_not_deleted(self) -> None:
+        """Raise RunDeleted if the run's row is gone (an error from its folder, removed with
+        it, is no failure to record); a database that cannot say is taken as a no."""
+        if self.deleted:
+            raise RunDeleted(self.run_id)
+        try:
+            with session_scope(self.url) as session:
+                self._row(session)
+        except SQLAlchemyError:
+            pass
+
     # --- live feed -------------------------------------------------------------------------
 
-    def publish(self, event: dict[str, Any]) -> None:
+    def publish(self, event: dict[str, Any], *, now: bool = False) -> None:
+        """Add the event to the run's and its experiment's streams (see `LiveFeed.call`)."""
+        if self.deleted:  # its feed was deleted with it: an event would only bring it back
+            return
         event = {"run_id": self.run_id, "time": time.time(), **event}
         data = json.dumps(event, default=float)
         maxlen = self.settings.event_stream_maxlen
-        try:
-            pipe = self.redis.pipeline(transaction=False)
+
+        def send(client: redis.Redis) -> None:
+            pipe = client.pipeline(transaction=False)
             pipe.xadd(run_stream_key(self.run_id), {"data": data}, maxlen=maxlen, approximate=True)
             pipe.xadd(
                 experiment_stream_key(self.experiment_id), {"data": data},
                 maxlen=maxlen, approximate=True,
             )
             pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("run %s: live event not published (%s)", self.run_id, exc)
+
+        self.live.call(send, None, now=now)
+
+    def forget_feed(self) -> None:
+        """Delete the run's live feed and cancel flag again, once it is known to be deleted:
+        events published before that brought them back."""
+        forget_feeds(self.redis, [], [self.run_id])
 
     # --- engine callbacks ------------------------------------------------------------------
 
@@ -162,7 +264,7 @@ class RunRecorder:
     def _write_unsaved(self, session: Session) -> None:
         if not self._unsaved:
             return
-        run = session.get(Run, self.run_id)
+        run = self._row(session)
         for kind, step, values in self._unsaved:
             self._upsert_metric(session, kind, step, values)
             run.step = max(run.step, step)
@@ -182,21 +284,22 @@ class RunRecorder:
             existing.values = values
 
     def should_cancel(self) -> bool:
-        """Checked every iteration: a Redis key (cheap), with the database as a fallback."""
+        """Checked every iteration: a Redis key (cheap, skipped while Redis is away), and every
+        `database_check_s` the database, which also carries a cancel. Raises RunDeleted once
+        the run's row is gone: the engine stops there, without saving its state."""
+        if self.deleted:
+            raise RunDeleted(self.run_id)
         if self._cancelled:
             return True
-        try:
-            if self.redis.exists(run_cancel_key(self.run_id)):
-                self._cancelled = True
-                return True
-        except redis.RedisError:
-            pass
+        if self.live.call(lambda client: client.exists(run_cancel_key(self.run_id)), 0):
+            self._cancelled = True
+            return True
         now = time.monotonic()
-        if now - self._last_cancel_check > 5:
+        if now - self._last_cancel_check > self.database_check_s:
             self._last_cancel_check = now
             try:
                 with session_scope(self.url) as session:
-                    run = session.get(Run, self.run_id)
+                    run = self._row(session)
                     run.heartbeat_at = utcnow()
                     self._cancelled = bool(run.cancel_requested)
             except SQLAlchemyError as exc:  # training goes on; Redis still carries a cancel
@@ -214,6 +317,7 @@ class RunRecorder:
     def _record_artifacts(self, out_dir: Path) -> list[str]:
         names = []
         with session_scope(self.url) as session:
+            self._row(session)
             for name in EXPORTED_FILES + ("test_predictions.json",):
                 path = out_dir / name
                 if not path.is_file():
@@ -237,8 +341,8 @@ class RunRecorder:
 
         def record() -> None:
             with session_scope(self.url) as session:
+                run = self._row(session)
                 self._write_unsaved(session)
-                run = session.get(Run, self.run_id)
                 run.status = status
                 run.finished_at = utcnow()
                 run.error = error
@@ -253,23 +357,20 @@ class RunRecorder:
                                   self.finish_retry_s)
         self._unsaved.clear()
         self.publish({"type": "end", "status": status, "error": error,
-                      "metrics": _headline(metrics)})
-        try:
-            self.redis.delete(run_cancel_key(self.run_id))
-        except redis.RedisError:
-            pass
+                      "metrics": _headline(metrics)}, now=True)
+        self.live.call(lambda client: client.delete(run_cancel_key(self.run_id)), None, now=True)
 
     def step_aside(self) -> bool:
         """The worker is stopping (see worker.training.StopSignal): the run, its training state
         saved at `saved_step`, goes back to the queue under the same task, behind the runs
         already waiting, to resume from there on the next worker. The stop is not the run's
         doing, so this attempt does not count against it. Returns whether the run was still
-        this worker's to hand back."""
+        this worker's to hand back (RunDeleted when it is gone)."""
 
         def record() -> Run | None:
             with session_scope(self.url) as session:
-                run = session.get(Run, self.run_id, with_for_update=True)
-                if run is None or run.status != "running":  # deleted, or reaped meanwhile
+                run = self._row(session, with_for_update=True)
+                if run.status != "running":  # reaped meanwhile
                     return None
                 self._write_unsaved(session)
                 run.status = "queued"

@@ -25,6 +25,7 @@ from app.schemas import TERMINAL_STATUSES
 from worker.runs import (
     DATABASE_DOWN,
     DatabaseUnavailable,
+    RunDeleted,
     RunRecorder,
     retry_while_database_down,
     rewrite_predictions,
@@ -78,7 +79,10 @@ class _Heartbeat:
         while not self.stop.wait(self.settings.heartbeat_interval_s):
             try:
                 with session_scope(self.settings.sqlalchemy_url) as session:
-                    session.get(Run, self.run_id).heartbeat_at = utcnow()
+                    # An update, not a read: a deleted run has no row to beat for (the
+                    # recorder notices and stops the training).
+                    session.execute(update(Run).where(Run.id == self.run_id)
+                                    .values(heartbeat_at=utcnow()))
             except Exception as exc:  # noqa: BLE001 - a missed beat must not stop training
                 log.warning("run %s: heartbeat failed: %s", self.run_id, exc)
 
@@ -184,15 +188,22 @@ def _execute(settings: Settings, run_id: int, worker_name: str, task_id: str | N
                 return {"run_id": run_id, "status": REQUEUED}
             recorder = RunRecorder(settings, run_id, experiment_id)
             try:
-                job = _claim(settings, run_id, worker_name, task_id)
-            except (_Skip, *DATABASE_DOWN):
+                try:
+                    job = _claim(settings, run_id, worker_name, task_id)
+                except (_Skip, *DATABASE_DOWN):
+                    raise
+                except _End as end:
+                    recorder.finish(end.status, error=end.error)
+                    return {"run_id": run_id, "status": end.status, "error": end.error}
+                except Exception as exc:  # noqa: BLE001 - the run ends with the reason
+                    return _fail(recorder, exc, f"could not start on worker {worker_name}: ")
+                return _train(settings, recorder, job, out_dir, stop)
+            except RunDeleted:
+                return _forget_deleted(recorder, out_dir)
+            except _Skip as skip:
+                if skip.status == "missing":  # deleted since the first look: the lock above
+                    shutil.rmtree(out_dir, ignore_errors=True)  # made its folder again
                 raise
-            except _End as end:
-                recorder.finish(end.status, error=end.error)
-                return {"run_id": run_id, "status": end.status, "error": end.error}
-            except Exception as exc:  # noqa: BLE001 - the run ends with the reason
-                return _fail(recorder, exc, f"could not start on worker {worker_name}: ")
-            return _train(settings, recorder, job, out_dir, stop)
     except _Skip as skip:
         log.info("run %s: task %s not run (%s)", run_id, task_id, skip.status)
         return {"run_id": run_id, "status": skip.status}
@@ -348,12 +359,19 @@ def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
                 return {"run_id": run_id, "status": REQUEUED, "step": recorder.saved_step}
             recorder.finish("cancelled")
             return {"run_id": run_id, "status": "cancelled"}
+        except RunDeleted:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure ends the run with its message
+            # Unless the run was deleted: its folder went with it, hence the error.
+            recorder.check_not_deleted()
             return _fail(recorder, exc)
 
         def rewrite() -> None:
             with session_scope(settings.sqlalchemy_url) as session:
-                rewrite_predictions(out_dir, session, job.dataset_root, session.get(Run, run_id))
+                run = session.get(Run, run_id)
+                if run is None:
+                    raise RunDeleted(run_id)
+                rewrite_predictions(out_dir, session, job.dataset_root, run)
 
         retry_while_database_down(rewrite, f"run {run_id}: rewriting predictions.csv",
                                   recorder.finish_retry_s)
@@ -365,6 +383,16 @@ def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
     # optimiser: several times the exported model) would stay on disk for good.
     shutil.rmtree(checkpoint_path(out_dir).parent, ignore_errors=True)
     return {"run_id": run_id, "status": "succeeded", "test_top1": metrics.get("test_top1")}
+
+
+def _forget_deleted(recorder: RunRecorder, out_dir: Path) -> dict[str, Any]:
+    """The run was deleted while this process had it: remove what it may have made again
+    since (its folder, its live feed), and say so; nothing failed."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    recorder.forget_feed()
+    log.info("run %s was deleted while this worker had it: stopped, and its folder removed",
+             recorder.run_id)
+    return {"run_id": recorder.run_id, "status": "deleted"}
 
 
 def _fail(recorder: RunRecorder, exc: Exception, context: str = "") -> dict[str, Any]:

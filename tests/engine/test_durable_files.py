@@ -4,7 +4,9 @@ are swept without touching those still being written."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -169,6 +171,43 @@ def test_saving_removes_temporaries_of_dead_writers_only(tmp_path: Path, live_pi
     assert live.exists()
     assert sorted(p.name for p in path.parent.iterdir()) == sorted(
         ["checkpoint.pt", live.name])
+
+
+def test_a_checkpoint_does_not_make_again_a_run_folder_deleted_meanwhile(tmp_path: Path) -> None:
+    """A worker paused through its run's delete made the folder again on its next save (a
+    27 MB checkpoint nobody would ever remove): the run's folder is made when training
+    starts, and a later save only makes its own `state` folder inside it."""
+    out_dir = tmp_path / "runs" / "7"
+    out_dir.mkdir(parents=True)
+    path = checkpoint_path(out_dir)
+    save_checkpoint(path, {"step": 1})
+    shutil.rmtree(out_dir)
+    with pytest.raises(FileNotFoundError, match=f"the output folder {out_dir} is gone"):
+        save_checkpoint(path, {"step": 2})
+    assert not out_dir.exists()
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_is_a_clear_error_and_keeps_the_last_ones(
+    tmp_path: Path
+) -> None:
+    """On a real 3 MiB file system holding two 1 MiB checkpoints, a 4 MiB one does not fit.
+    torch said only `RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos
+    11073408 vs 11073304`."""
+    with small_disk(tmp_path / "disk", "3m") as disk:
+        path = checkpoint_path(disk)
+        for step in (1, 2):
+            save_checkpoint(path, {"step": step, "model": torch.zeros(256, 1024)})
+        with pytest.raises(OSError) as raised:
+            save_checkpoint(path, {"step": 3, "model": torch.zeros(1024, 1024)})
+        assert raised.value.errno == errno.ENOSPC
+        message = str(raised.value)
+        assert message.startswith(f"[Errno 28] not enough disk space for the training state "
+                                  f"(checkpoint) in {path.parent}: 4 MiB needed, "), message
+        assert message.endswith(" MiB free; free some space and start the run again"), message
+        assert sorted(p.name for p in path.parent.iterdir()) == [
+            "checkpoint.previous.pt", "checkpoint.pt"]  # no temporary left to fill the disk
+        assert load_checkpoint(path)["step"] == 2
+        assert load_checkpoint(previous_path(path))["step"] == 1
 
 
 def test_a_truncated_checkpoint_resumes_from_the_previous_one(tmp_path: Path,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 from collections.abc import Collection
 from pathlib import Path
 
@@ -37,15 +39,31 @@ def previous_path(path: Path) -> Path:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write the state next to the target, fsync it, keep the last checkpoint as the previous
     copy and rename the new one over the target, then fsync the folder: after a crash or a
-    power loss the folder holds the old or the new checkpoint, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    power loss the folder holds the old or the new checkpoint, whole.
+
+    The folder above the checkpoint's own (the run's output folder) must exist: it is made
+    when training starts, and gone since means the run was deleted, which a late save must
+    not undo. A save that finds the disk full raises a plain OSError (ENOSPC) saying how much
+    it needs; either way the checkpoints already there are left as they were."""
+    try:
+        path.parent.mkdir(exist_ok=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT, f"the output folder {path.parent.parent} is gone (deleted while "
+            "training?): the training state is not saved, nor the folder made again") from None
     remove_abandoned_temporaries(path.parent)
     temporary = temporary_path(path)
+    checkpoint = {"format": CHECKPOINT_FORMAT, "rng": capture_rng(), **state}
     try:
-        with temporary.open("wb") as handle:
-            torch.save({"format": CHECKPOINT_FORMAT, "rng": capture_rng(), **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with temporary.open("wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except (OSError, RuntimeError) as exc:
+            temporary.unlink(missing_ok=True)  # first: what it took counts as free below
+            _raise_if_disk_full(exc, path.parent, _storage_bytes(checkpoint))
+            raise
         _keep_previous(path)
         os.replace(temporary, path)
         fsync_directory(path.parent)
@@ -157,6 +175,46 @@ def _keep_previous(path: Path) -> None:
         os.replace(link, previous)
     except OSError:
         link.unlink(missing_ok=True)
+
+
+def _storage_bytes(value: object) -> int:
+    """About what `torch.save` writes for `value`: the bytes of the tensors' storages (each
+    once), which dwarf the rest."""
+    seen: dict[int, int] = {}
+
+    def walk(item: object) -> None:
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(item, dict):
+            for element in item.values():
+                walk(element)
+        elif isinstance(item, list | tuple):
+            for element in item:
+                walk(element)
+
+    walk(value)
+    return sum(seen.values())
+
+
+def _raise_if_disk_full(exc: BaseException, folder: Path, needed: int) -> None:
+    """Raise a plain ENOSPC error for a save that failed on a full disk. torch reports its
+    failed write as `RuntimeError: [enforce fail at inline_container.cc:672] . unexpected
+    pos ...`, the OSError that caused it only in the exception's context."""
+    full = False
+    cause: BaseException | None = exc
+    while cause is not None and not full:
+        full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        cause = cause.__cause__ or cause.__context__
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if full or free < needed:
+        raise OSError(errno.ENOSPC, f"not enough disk space for the training state "
+                      f"(checkpoint) in {folder}: {needed / 2**20:,.0f} MiB needed, "
+                      f"{free / 2**20:,.0f} MiB free; free some space and start the run "
+                      "again") from None
 
 
 def _raise_if_unreadable_storage(path: Path) -> None:

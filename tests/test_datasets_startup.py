@@ -4,6 +4,7 @@ removed at startup; dataset pages and API honour the API token."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -209,3 +210,68 @@ def test_a_starting_worker_removes_image_caches_whose_writer_died(settings, tmp_
     assert not abandoned.exists(), worker.log()
     assert being_written.exists() and whole.exists()
     assert f"removed an image cache left unfinished: {abandoned}" in worker.log()
+
+
+def test_an_upload_cut_by_the_servers_shutdown_leaves_no_work_directory(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Stopping the server mid-upload (as `make run` and the compose file stop it, with a
+    graceful-shutdown limit) cancelled the request before its clean-up could run: the
+    partial upload stayed in tmp/, and a start only removes what is over 10 minutes old."""
+    import signal
+    import threading
+
+    import httpx
+
+    from tests.support import start_process
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    database_url = f"sqlite:///{data_dir / 'selftune.db'}"
+    upgrade_to_head(database_url)
+    port = free_port()
+    server = start_process(
+        [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_factory", "--host",
+         "127.0.0.1", "--port", str(port), "--timeout-graceful-shutdown", "1"],
+        app_env(data_dir, database_url, redis_url), tmp_path / "uvicorn.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(url), 60, message="the server to answer")
+        stop_sending = threading.Event()
+
+        def body():
+            yield (b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.zip"'
+                   b"\r\nContent-Type: application/zip\r\n\r\n")
+            while not stop_sending.wait(0.05):
+                yield b"\0" * 65536
+
+        def send() -> None:
+            try:
+                httpx.post(f"{url}/api/datasets", content=body(), timeout=60, headers={
+                    "Content-Type": "multipart/form-data; boundary=b"})
+            except httpx.HTTPError:
+                pass  # the server went away: expected
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        uploads = data_dir / "tmp"
+        wait_for(lambda: any(path.stat().st_size > 0
+                             for path in uploads.glob("upload-*/upload.archive")), 30,
+                 message="the upload to reach the disk")
+        server.popen.send_signal(signal.SIGTERM)
+        server.popen.wait(timeout=20)  # uvicorn ends by its signal, once the request is cut
+        assert "timeout graceful shutdown exceeded" in server.log()
+        stop_sending.set()
+        sender.join(timeout=30)
+        assert list(uploads.glob("upload-*")) == []
+    finally:
+        server.stop()
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
+import anyio
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
@@ -186,8 +187,15 @@ async def upload_dataset(request: Request, response: Response, settings: Setting
         raise HTTPException(exc.status_code, exc.detail) from None
     except ClientDisconnect:  # the user cancelled the upload: nobody reads the answer
         raise HTTPException(400, "the connection closed before the upload ended") from None
+    except anyio.get_cancelled_exc_class():
+        # Cut by the server's shutdown (its graceful time ran out): uvicorn exits without
+        # waiting for a thread, which left the partial upload in tmp/ (kept 10 minutes by
+        # the next start), so it goes now, on the event loop.
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
     finally:
-        await run_in_threadpool(shutil.rmtree, work_dir, True)
+        if work_dir.exists():
+            await run_in_threadpool(shutil.rmtree, work_dir, True)
     response.headers["Location"] = f"/api/datasets/{dataset.id}"
     return await run_in_threadpool(summary, db, dataset)
 

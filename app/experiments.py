@@ -246,24 +246,64 @@ def create_experiment(session: Session, settings: Settings, payload: ExperimentI
     return experiment
 
 
-def enqueue_runs(session: Session, runs: list[Run]) -> None:
-    """One Celery task per run. The task id is committed before the message is sent, so the
-    worker can tell the run's current task from a stale redelivery."""
-    from worker.celery_app import app as celery
+class QueueUnavailable(Exception):
+    """The queue (Redis) did not take a run's task. `reason` says why in one plain line;
+    `unsent` are the runs whose tasks were not sent (those before them were)."""
 
+    def __init__(self, reason: str, unsent: list[Run]) -> None:
+        super().__init__(f"the queue (Redis) did not answer: {reason}")
+        self.reason, self.unsent = reason, unsent
+
+
+def broker_error_reason(exc: BaseException) -> str:
+    """One plain line on why the broker did not take a task: Redis's own error where the
+    chain holds one (it names the server and what went wrong). Celery's result backend, its
+    reconnection retries spent, says "The Celery application must be restarted", which is
+    not so: the next send connects afresh."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    shown = next((error for error in chain if isinstance(error, redis.RedisError)), exc)
+    lines = [line.strip() for line in str(shown).splitlines() if line.strip()]
+    return lines[0] if lines else type(shown).__name__
+
+
+def stamp_runs(session: Session, runs: list[Run]) -> None:
+    """Give each run a new task id and queue time, and commit: the id is committed before
+    the message is sent, so the worker can tell the run's current task from a stale
+    redelivery."""
     for run in runs:
         run.celery_task_id = uuid.uuid4().hex
         run.queued_at = utcnow()
     session.commit()
-    try:
-        for run in runs:
+
+
+def send_tasks(runs: list[Run]) -> None:
+    """Send each stamped run's task; raises QueueUnavailable at the first the broker does
+    not take."""
+    from worker.celery_app import app as celery
+
+    for index, run in enumerate(runs):
+        try:
             celery.send_task(TRAIN_TASK, args=[run.id], task_id=run.celery_task_id)
-    except Exception as exc:  # broker down: say so, and leave no run waiting forever
+        except Exception as exc:  # noqa: BLE001 - kombu's, redis's or the result backend's
+            raise QueueUnavailable(broker_error_reason(exc), runs[index:]) from exc
+
+
+def enqueue_runs(session: Session, runs: list[Run]) -> None:
+    """One Celery task per run, for a person's request. When the broker is down the runs
+    end failed with the reason and the request answers 503: the person sees it at once, and
+    no run waits forever. (The reaper's requeue waits for the broker instead.)"""
+    stamp_runs(session, runs)
+    try:
+        send_tasks(runs)
+    except QueueUnavailable as exc:
         for run in runs:
             run.status = "failed"
             run.error = f"could not be queued: {exc}"
         session.commit()
-        raise HTTPException(503, detail=f"the queue (Redis) is not reachable: {exc}") from exc
+        raise HTTPException(
+            503, detail=f"the queue (Redis) is not reachable: {exc.reason}") from exc
 
 
 def cancel_runs(session: Session, live: redis.Redis, runs: Iterable[Run]) -> list[Run]:

@@ -4,7 +4,8 @@ A worker killed outright (SIGKILL, power loss) leaves its Celery message unackno
 until the broker's visibility timeout, which must outlast the longest run. The heartbeat is
 the faster signal: a run silent for `stale_after_s` is lost; it is requeued with a new task id
 (the old message, if it ever comes back, is then ignored) and resumes from its last training
-checkpoint, up to `max_attempts` times.
+checkpoint, up to `max_attempts` times. A requeue the broker does not take (Redis down) leaves
+the run queued, saying so, and `requeue_lost_messages` sends it once Redis answers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
+from app.experiments import QueueUnavailable, as_utc, enqueue_runs, send_tasks, stamp_runs
 from app.live import forget_cancel, get_redis, publish_end, publish_status
 from app.models import Run, utcnow
 
@@ -45,6 +47,9 @@ def is_stale(run: Run, settings: Settings) -> bool:
 
 
 REQUEUEABLE = ("lost", "failed", "cancelled")
+# Ends the note of a run whose task the broker did not take: `requeue_lost_messages` finds
+# such runs (queued in the database, no message in the broker) and drops it when it sends them.
+WAITING_FOR_QUEUE = "; waiting for the queue (Redis) to come back"
 
 
 def requeue(session: Session, live: redis.Redis, run_id: int, *, by_person: bool) -> Run | None:
@@ -53,11 +58,25 @@ def requeue(session: Session, live: redis.Redis, run_id: int, *, by_person: bool
     person's requeue starts the count of attempts afresh, so the run again gets
     `max_attempts` automatic ones; the reaper's continues it.
 
+    When the broker does not take the task, a person's requeue fails the run and answers 503
+    (`enqueue_runs`): they see it at once. The reaper's leaves the run queued, its message
+    unsent and the reason in its note (`send_or_wait`)."""
+    run = claim_for_requeue(session, live, run_id, by_person=by_person)
+    if run is not None and by_person:
+        enqueue_runs(session, [run])
+    elif run is not None:
+        send_or_wait(session, [run])
+    return run
+
+
+def claim_for_requeue(session: Session, live: redis.Redis, run_id: int, *,
+                      by_person: bool) -> Run | None:
+    """Mark a lost, failed or cancelled run queued (not committed: the caller stamps it with
+    a new task id first); None, rolled back, when it is not one of those.
+
     One conditional UPDATE checks and claims the run: of two requeues racing, or a requeue
     racing the delete of its experiment (which holds its locks until it commits), exactly one
     wins, and no second task is sent nor a row written that is gone."""
-    from app.experiments import enqueue_runs
-
     # A person's requeue starts afresh; the reaper's keeps the reason it wrote (the worker
     # went silent) for the pages to show until a worker takes the run.
     fresh = {"attempts": 0, "error": None} if by_person else {}
@@ -69,17 +88,39 @@ def requeue(session: Session, live: redis.Redis, run_id: int, *, by_person: bool
     if not claimed:
         session.rollback()
         return None
-    run = session.get(Run, run_id)
     forget_cancel(live, run_id)  # a run cancelled while queued keeps its flag for days
-    enqueue_runs(session, [run])
-    return run
+    return session.get(Run, run_id)
+
+
+def send_or_wait(session: Session, runs: list[Run],
+                 queue_down: QueueUnavailable | None = None) -> QueueUnavailable | None:
+    """Stamp the runs with new task ids and send their tasks. Those the broker does not take
+    (or all, given `queue_down`) stay queued, their messages unsent, with a note that says
+    so: `requeue_lost_messages` sends them once Redis answers. Returns the broker's failure,
+    or None. Not sending costs no attempt: a run's attempts count the times a worker took it."""
+    stamp_runs(session, runs)
+    unsent = runs
+    if queue_down is None:
+        try:
+            send_tasks(runs)
+            return None
+        except QueueUnavailable as exc:
+            queue_down, unsent = exc, exc.unsent
+    for run in unsent:
+        log.warning("run %s stays queued until Redis answers: %s", run.id, queue_down)
+        run.error = (f"{run.error or ''}{WAITING_FOR_QUEUE} "
+                     f"(it did not answer: {queue_down.reason})")
+    session.commit()
+    return queue_down
 
 
 def reap(settings: Settings) -> list[int]:
-    """Mark stale running runs lost; requeue those with attempts left. A stale run whose user
-    had asked it to stop ends cancelled instead: its worker is gone, so it has stopped.
-    Returns their ids."""
+    """Mark stale running runs lost; requeue those with attempts left (with Redis down they
+    stay queued until it answers, see `send_or_wait`). A stale run whose user had asked it
+    to stop ends cancelled instead: its worker is gone, so it has stopped. Returns their
+    ids."""
     reaped = []
+    queue_down = None  # once the broker has failed, the rest of this pass does not wait on it
     with session_scope(settings.sqlalchemy_url) as session:
         for run in stale_runs(session, settings):
             log.warning("run %s lost its worker %s (last heartbeat %s)",
@@ -99,7 +140,8 @@ def reap(settings: Settings) -> list[int]:
                 run.error += (f"; queued again to resume from its last checkpoint (attempt "
                               f"{run.attempts + 1} of {settings.max_attempts})")
                 session.flush()  # "lost" is what the requeue's conditional update claims
-                requeue(session, live, run.id, by_person=False)
+                if claim_for_requeue(session, live, run.id, by_person=False) is not None:
+                    queue_down = send_or_wait(session, [run], queue_down)
                 publish_status(live, run)
             else:
                 run.finished_at = utcnow()
@@ -146,10 +188,9 @@ def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]
     `stale_after_s`) whose message the broker no longer has: a Redis that lost its data
     (restarted without persistence, flushed) left such runs "queued, position 1" for good.
     A message is looked for twice, `pause_s` apart: a worker taking it moves it from the queue
-    to its unacknowledged ones, and may be between the two at the first look. Returns the
-    ids of the runs queued again."""
-    from app.experiments import as_utc, enqueue_runs
-
+    to its unacknowledged ones, and may be between the two at the first look. This also sends
+    the runs the reaper queued again while Redis was down (`send_or_wait`); should Redis fail
+    once more, they wait for the next pass. Returns the ids of the runs queued again."""
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
     with session_scope(settings.sqlalchemy_url) as session:
         waiting = [run for run in session.scalars(select(Run).where(Run.status == "queued"))
@@ -163,12 +204,15 @@ def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]
             missing -= _owned(waiting, broker_task_ids(live))
         lost = [run for run in waiting if run.id in missing]
         for run in lost:
-            log.warning("run %s: its task %s is no longer in the queue; sending it again",
+            log.warning("run %s: its task %s is not in the queue; sending it again",
                         run.id, run.celery_task_id)
-            run.error = ("its message in the queue was lost (Redis lost its data?): queued "
-                         "again")
+            if WAITING_FOR_QUEUE in (run.error or ""):  # never sent: Redis was down
+                run.error = run.error.partition(WAITING_FOR_QUEUE)[0] or None
+            else:
+                run.error = ("its message in the queue was lost (Redis lost its data?): "
+                             "queued again")
         if lost:
-            enqueue_runs(session, lost)
+            send_or_wait(session, lost)
             for run in lost:
                 publish_status(live, run)
         return [run.id for run in lost]

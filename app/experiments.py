@@ -285,7 +285,10 @@ def send_tasks(runs: list[Run]) -> None:
 
     for index, run in enumerate(runs):
         try:
-            celery.send_task(TRAIN_TASK, args=[run.id], task_id=run.celery_task_id)
+            # ignore_result: the web never waits for a task's result, and subscribing to it
+            # made each send with Redis down wait out the result backend's 20 reconnections.
+            celery.send_task(TRAIN_TASK, args=[run.id], task_id=run.celery_task_id,
+                             ignore_result=True)
         except Exception as exc:  # noqa: BLE001 - kombu's, redis's or the result backend's
             raise QueueUnavailable(broker_error_reason(exc), runs[index:]) from exc
 

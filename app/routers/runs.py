@@ -157,7 +157,9 @@ def cancel_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redis
 
 @router.post("/{run_id}/requeue", response_model=RunOut, responses={
     **NO_RUN, 409: {"model": ErrorOut, "description": "the run is queued, running or "
-                    "succeeded, or the model it starts from was deleted"}})
+                    "succeeded, or the model it starts from was deleted"},
+    503: {"model": ErrorOut, "description": "the queue (Redis) is not reachable: the run is "
+          "stored failed with the reason; run it again once Redis is back"}})
 def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: RedisDep):
     """Queue a lost, failed or cancelled run again; it resumes from its last training
     checkpoint (a finished run is never retrained)."""

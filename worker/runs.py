@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -50,6 +50,32 @@ class RunDeleted(Exception):
     def __init__(self, run_id: int) -> None:
         super().__init__(f"run {run_id} no longer exists (deleted)")
         self.run_id = run_id
+
+
+class RunTakenAway(Exception):
+    """The run is no longer this process's: while it was paused (SIGSTOP, a VM freeze, a long
+    stall) past `stale_after_s`, the reaper ended it or queued it again under a new task, which
+    another worker may have claimed since. Nothing more is recorded or published for it, and its
+    folder stays for the attempt that has it (see `RunRecorder.hold`)."""
+
+    def __init__(self, run_id: int, state: str) -> None:
+        super().__init__(f"run {run_id} was taken from this worker (it is now {state})")
+        self.run_id = run_id
+
+
+def held_by(worker: str, task_id: str | None) -> ColumnElement[bool]:
+    """Where a run is still the one `worker` claimed for `task_id` (`holds`, in SQL)."""
+    held = (Run.status == "running") & (Run.worker == worker)
+    if task_id is not None:
+        held &= Run.celery_task_id.is_(None) | (Run.celery_task_id == task_id)
+    return held
+
+
+def holds(run: Run, worker: str, task_id: str | None) -> bool:
+    """Whether the run is still "running" as `worker` claimed it for `task_id`: a requeue
+    stamps a new task id (the reaper's, or a person's), and a claim writes its worker's name."""
+    return (run.status == "running" and run.worker == worker
+            and (task_id is None or run.celery_task_id in (None, task_id)))
 
 
 class DatabaseUnavailable(Exception):
@@ -152,7 +178,9 @@ class RunRecorder:
     is still away at the end, after `finish_retry_s` of trying, are they and the outcome lost.
 
     A run whose row is gone was deleted: the recorder then raises `RunDeleted` (the cancel
-    check, writing a point, recording an outcome) and writes and publishes nothing more.
+    check, writing a point, recording an outcome) and writes and publishes nothing more. Once
+    the task has claimed the run (`hold`), a run taken from this process is treated alike
+    (`RunTakenAway`), but keeps its folder.
     """
 
     MAX_UNSAVED = 10_000
@@ -172,6 +200,38 @@ class RunRecorder:
         self._cancelled = False
         self.deleted = False
         self.saved_step = 0  # the step of the newest training state (a checkpoint event)
+        # Set by `hold` once the run is claimed; until then nothing is checked.
+        self.worker: str | None = None
+        self.task_id: str | None = None
+        self.folder_locked = False
+        self.taken_away: str | None = None  # what the run had become, once it was taken
+        self.save_when_taken = False  # whether the engine saves its state as it stops then
+
+    def hold(self, worker: str, task_id: str | None, *, folder_locked: bool) -> None:
+        """The task has claimed the run (worker/training.py `_claim`): from now on the recorder
+        writes only while the run is still "running" for this worker and task (`holds`).
+
+        One taken away is noticed at the database check (`should_cancel`) or when a point
+        would be written. At the check, the engine is told to stop, so it saves its training
+        state first, if nobody else can be writing the run's folder: this process holds its
+        lock (`folder_locked`), so the new attempt cannot have started training, and the run
+        is not "running" for another worker (one that claimed it would have had to pass the
+        lock, so the lock would not be worth trusting). Every point until then is recorded, so
+        the new attempt resumes there losing no work and leaving no hole in the series. At a
+        point that could not be recorded, the engine has gone past what the record holds: it
+        stops at once (`RunTakenAway`), without saving, so the new attempt resumes from the
+        training state before and records that point itself."""
+        self.worker, self.task_id, self.folder_locked = worker, task_id, folder_locked
+
+    def _check_held(self, run: Run) -> None:
+        """Raise RunTakenAway unless the run is still this process's (once `hold` was called)."""
+        if self.taken_away is None and (
+                self.worker is None or holds(run, self.worker, self.task_id)):
+            return
+        if self.taken_away is None:
+            self.taken_away = (f"{run.status}, task {run.celery_task_id}, worker {run.worker}, "
+                               f"attempt {run.attempts}")
+        raise RunTakenAway(self.run_id, self.taken_away)
 
     def _last_recorded_steps(self) -> dict[str, int]:
         """Per kind (progress, eval), the last step already in the database."""
@@ -191,6 +251,13 @@ class RunRecorder:
             raise RunDeleted(self.run_id)
         return run
 
+    def _own_row(self, session: Session) -> Run:
+        """The run's row, locked, while it is this process's; else RunDeleted or
+        RunTakenAway."""
+        run = self._row(session, with_for_update=True)
+        self._check_held(run)
+        return run
+
     def check_not_deleted(self) -> None:
         """Raise RunDeleted if the run's row is gone (an error from its folder, removed with
         it, is no failure to record); a database that cannot say is taken as a no."""
@@ -207,6 +274,8 @@ class RunRecorder:
     def publish(self, event: dict[str, Any], *, now: bool = False) -> None:
         """Add the event to the run's and its experiment's streams (see `LiveFeed.call`)."""
         if self.deleted:  # its feed was deleted with it: an event would only bring it back
+            return
+        if self.taken_away:  # the feed is the new attempt's now
             return
         event = {"run_id": self.run_id, "time": time.time(), **event}
         data = json.dumps(event, default=float)
@@ -264,7 +333,7 @@ class RunRecorder:
     def _write_unsaved(self, session: Session) -> None:
         if not self._unsaved:
             return
-        run = self._row(session)
+        run = self._own_row(session)
         for kind, step, values in self._unsaved:
             self._upsert_metric(session, kind, step, values)
             run.step = max(run.step, step)
@@ -286,9 +355,12 @@ class RunRecorder:
     def should_cancel(self) -> bool:
         """Checked every iteration: a Redis key (cheap, skipped while Redis is away), and every
         `database_check_s` the database, which also carries a cancel. Raises RunDeleted once
-        the run's row is gone: the engine stops there, without saving its state."""
+        the run's row is gone: the engine stops there, without saving its state. A run taken
+        from this process stops it too, saving its state when that is safe (see `hold`)."""
         if self.deleted:
             raise RunDeleted(self.run_id)
+        if self.taken_away:
+            return self._stop_taken()
         if self._cancelled:
             return True
         if self.live.call(lambda client: client.exists(run_cancel_key(self.run_id)), 0):
@@ -299,12 +371,23 @@ class RunRecorder:
             self._last_cancel_check = now
             try:
                 with session_scope(self.url) as session:
-                    run = self._row(session)
+                    run = self._row(session, with_for_update=True)
+                    if self.worker is not None and not holds(run, self.worker, self.task_id):
+                        self.save_when_taken = self.folder_locked and run.status != "running"
+                        self._check_held(run)  # raises, before any heartbeat is written
                     run.heartbeat_at = utcnow()
                     self._cancelled = bool(run.cancel_requested)
+            except RunTakenAway:
+                return self._stop_taken()
             except SQLAlchemyError as exc:  # training goes on; Redis still carries a cancel
                 log.warning("run %s: cancel check in the database failed (%s)", self.run_id, exc)
         return self._cancelled
+
+    def _stop_taken(self) -> bool:
+        """Stop the engine on a run taken away: with its state saved when that is safe."""
+        if self.save_when_taken:
+            return True
+        raise RunTakenAway(self.run_id, self.taken_away)
 
     # --- outcomes --------------------------------------------------------------------------
 
@@ -317,7 +400,7 @@ class RunRecorder:
     def _record_artifacts(self, out_dir: Path) -> list[str]:
         names = []
         with session_scope(self.url) as session:
-            self._row(session)
+            self._own_row(session)
             for name in EXPORTED_FILES + ("test_predictions.json",):
                 path = out_dir / name
                 if not path.is_file():
@@ -341,7 +424,7 @@ class RunRecorder:
 
         def record() -> None:
             with session_scope(self.url) as session:
-                run = self._row(session)
+                run = self._own_row(session)
                 self._write_unsaved(session)
                 run.status = status
                 run.finished_at = utcnow()
@@ -365,11 +448,12 @@ class RunRecorder:
         saved at `saved_step`, goes back to the queue under the same task, behind the runs
         already waiting, to resume from there on the next worker. The stop is not the run's
         doing, so this attempt does not count against it. Returns whether the run was still
-        this worker's to hand back (RunDeleted when it is gone)."""
+        this worker's to hand back (RunDeleted when it is gone; RunTakenAway, once `hold` was
+        called, when the reaper or another worker has it now)."""
 
         def record() -> Run | None:
             with session_scope(self.url) as session:
-                run = self._row(session, with_for_update=True)
+                run = self._own_row(session)
                 if run.status != "running":  # reaped meanwhile
                     return None
                 self._write_unsaved(session)

@@ -7,9 +7,10 @@ import logging
 import shutil
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from worker.runs import (
     DatabaseUnavailable,
     RunDeleted,
     RunRecorder,
+    RunTakenAway,
+    held_by,
     retry_while_database_down,
     rewrite_predictions,
     utcnow,
@@ -70,8 +73,10 @@ def dataset_items(session, dataset: Dataset, root: Path):
 class _Heartbeat:
     """Refreshes the run's heartbeat while training, so a dead worker shows up as stale."""
 
-    def __init__(self, settings: Settings, run_id: int) -> None:
+    def __init__(self, settings: Settings, run_id: int, worker: str,
+                 task_id: str | None) -> None:
         self.settings, self.run_id = settings, run_id
+        self.worker, self.task_id = worker, task_id
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -79,9 +84,12 @@ class _Heartbeat:
         while not self.stop.wait(self.settings.heartbeat_interval_s):
             try:
                 with session_scope(self.settings.sqlalchemy_url) as session:
-                    # An update, not a read: a deleted run has no row to beat for (the
-                    # recorder notices and stops the training).
-                    session.execute(update(Run).where(Run.id == self.run_id)
+                    # A conditional update, not a read: a deleted run has no row to beat for,
+                    # and one taken from this process (requeued while it was paused, say) is
+                    # not its to beat for (the recorder notices either and stops training).
+                    session.execute(update(Run)
+                                    .where(Run.id == self.run_id,
+                                           held_by(self.worker, self.task_id))
                                     .values(heartbeat_at=utcnow()))
             except Exception as exc:  # noqa: BLE001 - a missed beat must not stop training
                 log.warning("run %s: heartbeat failed: %s", self.run_id, exc)
@@ -97,6 +105,15 @@ class _Heartbeat:
 # What execute_run returns when the worker stopped before the run could finish: the run is
 # queued again and its message must go back to the broker (worker/tasks.py).
 REQUEUED = "requeued"
+
+# How long a message for a run queued under it waits for the run's folder, when a process
+# still holds that: one the run was taken from (paused past `stale_after_s`, its run queued
+# again by the reaper), which lets go at its next check, within RunRecorder.database_check_s
+# of resuming, plus a step and a save. Dropped at once instead, the message left the run
+# queued until the reaper's `requeue_lost_messages` sent it again. One still frozen after
+# this keeps the folder; the message is then dropped, and that pass remains.
+FOLDER_WAIT_S = 60.0
+FOLDER_POLL_S = 0.2
 
 
 class StopSignal:
@@ -183,7 +200,10 @@ def _execute(settings: Settings, run_id: int, worker_name: str, task_id: str | N
             run = session.get(Run, run_id)
             _check_message(settings, run, worker_name, task_id)
             experiment_id = run.experiment_id
-        with StopSignal() as stop, _run_dir_lock(out_dir):
+            # The run's current message: whoever holds its folder is about to let go of it.
+            wait_s = FOLDER_WAIT_S if run.status == "queued" else 0.0
+        with StopSignal() as stop, ExitStack() as folder:
+            folder_locked = _hold_folder(folder, out_dir, wait_s, stop)
             if stop.received:  # stopping before the run was taken: it stays queued as it is
                 return {"run_id": run_id, "status": REQUEUED}
             recorder = RunRecorder(settings, run_id, experiment_id)
@@ -197,9 +217,12 @@ def _execute(settings: Settings, run_id: int, worker_name: str, task_id: str | N
                     return {"run_id": run_id, "status": end.status, "error": end.error}
                 except Exception as exc:  # noqa: BLE001 - the run ends with the reason
                     return _fail(recorder, exc, f"could not start on worker {worker_name}: ")
+                recorder.hold(worker_name, task_id, folder_locked=folder_locked)
                 return _train(settings, recorder, job, out_dir, stop)
             except RunDeleted:
                 return _forget_deleted(recorder, out_dir)
+            except RunTakenAway:
+                return _let_go(recorder)
             except _Skip as skip:
                 if skip.status == "missing":  # deleted since the first look: the lock above
                     shutil.rmtree(out_dir, ignore_errors=True)  # made its folder again
@@ -244,9 +267,30 @@ def _check_message(settings: Settings, run: Run | None, worker_name: str,
         raise _Skip("busy")
 
 
+def _hold_folder(stack: ExitStack, out_dir: Path, wait_s: float, stop: StopSignal) -> bool:
+    """Take the run's folder (`_run_dir_lock`) for as long as `stack` is open, waiting up to
+    `wait_s` for it while another process holds it; returns whether it is locked. Raises
+    _Skip("busy") when it stays held, or _Skip(REQUEUED) if the worker stops meanwhile."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return bool(stack.enter_context(_run_dir_lock(out_dir)))
+        except _Skip as skip:
+            if skip.status != "busy":
+                raise
+            if stop.received:
+                raise _Skip(REQUEUED) from None
+            if time.monotonic() >= deadline:
+                log.warning("%s is held by another live process; not training it here",
+                            out_dir)
+                raise
+        time.sleep(FOLDER_POLL_S)
+
+
 @contextmanager
-def _run_dir_lock(out_dir: Path) -> Iterator[None]:
-    """Hold the run's folder for this process while it trains, or raise _Skip("busy").
+def _run_dir_lock(out_dir: Path) -> Iterator[bool]:
+    """Hold the run's folder for this process while it trains, or raise _Skip("busy"); yields
+    whether it is locked (not on a file system without locks).
 
     What owns a run is the process training it, not the worker's name: a worker keeps its
     name when its pool child dies, or when it restarts. An flock names the process, and the
@@ -259,11 +303,12 @@ def _run_dir_lock(out_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.warning("%s is held by another live process; not training it here", out_dir)
             raise _Skip("busy") from None
         except OSError as exc:  # a file system without locks: the heartbeat check remains
             log.warning("cannot lock %s (%s); training it without the lock", out_dir, exc)
-        yield
+            yield False
+            return
+        yield True
 
 
 def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | None) -> _Job:
@@ -339,7 +384,8 @@ def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
 
     run_id = recorder.run_id
     recorder.publish(job.status_event)
-    with _Heartbeat(settings, run_id):  # also while recording: that may wait for the database
+    # Also while recording: that may wait for the database.
+    with _Heartbeat(settings, run_id, recorder.worker, recorder.task_id):
         try:
             # A weight file is stored relative to the data directory (app.experiments).
             backbone = backbone_in(job.config["backbone"], settings.data_dir.resolve())
@@ -353,13 +399,15 @@ def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
                 cache_dir=job.cache_dir,
             )
         except TrainingCancelled:
+            if recorder.taken_away:  # its state saved (RunRecorder.hold)
+                raise RunTakenAway(run_id, recorder.taken_away) from None
             # A person's cancel wins over the worker stopping: the run ends as they asked.
             if stop.received and not recorder.should_cancel():
                 recorder.step_aside()
                 return {"run_id": run_id, "status": REQUEUED, "step": recorder.saved_step}
             recorder.finish("cancelled")
             return {"run_id": run_id, "status": "cancelled"}
-        except RunDeleted:
+        except (RunDeleted, RunTakenAway):
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends the run with its message
             # Unless the run was deleted: its folder went with it, hence the error.
@@ -393,6 +441,18 @@ def _forget_deleted(recorder: RunRecorder, out_dir: Path) -> dict[str, Any]:
     log.info("run %s was deleted while this worker had it: stopped, and its folder removed",
              recorder.run_id)
     return {"run_id": recorder.run_id, "status": "deleted"}
+
+
+def _let_go(recorder: RunRecorder) -> dict[str, Any]:
+    """The run was taken from this process (see RunRecorder.hold): nothing more is recorded,
+    and its folder stays, with its training state, for the attempt that has it now; leaving
+    here releases the folder's lock for it."""
+    saved = (f"newest training state saved here: step {recorder.saved_step}"
+             if recorder.saved_step else "no training state saved here")
+    log.warning("run %s was taken from this worker while it was paused or cut off (it is now "
+                "%s): stopped without recording anything more; its folder stays for the "
+                "attempt that has it (%s)", recorder.run_id, recorder.taken_away, saved)
+    return {"run_id": recorder.run_id, "status": "taken"}
 
 
 def _fail(recorder: RunRecorder, exc: Exception, context: str = "") -> dict[str, Any]:

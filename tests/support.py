@@ -105,12 +105,13 @@ class LiveServer:
 
 
 def start_server(env: dict[str, str], log_path: Path, timeout: float = 60,
-                 port: int | None = None) -> tuple[str, Process]:
-    """uvicorn on `port` (a free one by default: give the old one to restart a server)."""
+                 port: int | None = None, options: tuple[str, ...] = ()) -> tuple[str, Process]:
+    """uvicorn on `port` (a free one by default: give the old one to restart a server), with
+    more of its command-line `options` if given."""
     port = port or free_port()
     process = start_process(
         [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_factory",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *options],
         env, log_path,
     )
     url = f"http://127.0.0.1:{port}"

@@ -187,7 +187,6 @@ def test_a_starting_worker_removes_image_caches_whose_writer_died(settings, tmp_
     """A killed worker's half-written cache (30 GB for one run at 1024 px in an exploratory
     pass) stayed until a run of the same dataset decoded again."""
     import subprocess
-    import sys
 
     from worker.selftuning.files import host_tag
 
@@ -223,20 +222,14 @@ def test_an_upload_cut_by_the_servers_shutdown_leaves_no_work_directory(
 
     import httpx
 
-    from tests.support import start_process
-
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     database_url = f"sqlite:///{data_dir / 'selftune.db'}"
     upgrade_to_head(database_url)
-    port = free_port()
-    server = start_process(
-        [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_factory", "--host",
-         "127.0.0.1", "--port", str(port), "--timeout-graceful-shutdown", "1"],
-        app_env(data_dir, database_url, redis_url), tmp_path / "uvicorn.log")
-    url = f"http://127.0.0.1:{port}"
+    url, server = start_server(app_env(data_dir, database_url, redis_url),
+                               tmp_path / "uvicorn.log",
+                               options=("--timeout-graceful-shutdown", "1"))
     try:
-        wait_for(lambda: _answers(url), 60, message="the server to answer")
         stop_sending = threading.Event()
 
         def body():
@@ -266,12 +259,3 @@ def test_an_upload_cut_by_the_servers_shutdown_leaves_no_work_directory(
         assert list(uploads.glob("upload-*")) == []
     finally:
         server.stop()
-
-
-def _answers(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url + "/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False

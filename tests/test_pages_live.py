@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from tests.browser import open_browser
-from tests.support import add_dataset_row, app_env, start_server
+from tests.support import add_dataset_row
 from tests.test_experiments_cancel_delete import start_sweep
-from tests.test_pages_fixes import TOKEN, sign_in
+from tests.test_pages_fixes import TOKEN, guarded, sign_in  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.browser
 
@@ -28,16 +28,6 @@ TRACK_FEEDS = """
     };
 """
 OPEN_FEEDS = "window.feeds.filter((f) => f.readyState !== EventSource.CLOSED).length"
-
-
-@pytest.fixture
-def guarded(settings, tmp_path):
-    """A server with an API token: pages need a sign-in, API calls the token."""
-    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
-                  SELFTUNE_API_TOKEN=TOKEN)
-    url, process = start_server(env, tmp_path / "uvicorn.log")
-    yield url, settings.sqlalchemy_url
-    process.stop()
 
 
 def delete_question(page) -> str:
@@ -100,7 +90,7 @@ def test_a_datasets_delete_counts_what_it_takes_along_when_it_is_clicked(live_se
         browser.assert_no_errors(expected=("status of 503", "status of 404"))
 
 
-def test_signing_out_in_one_tab_stops_the_live_feeds_of_the_others(guarded, request):
+def test_signing_out_in_one_tab_stops_the_live_feeds_of_the_others(guarded, request):  # noqa: F811
     """An experiment's and a run's page kept their feeds open and said "● live" after a
     sign-out in another tab (an open stream outlives its cookie)."""
     url, database_url = guarded

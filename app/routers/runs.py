@@ -303,8 +303,8 @@ def send_checkpoint_zip_once(request: Request, paths: list[Path], filename: str)
     """The checkpoint zip built for one request in the temp folder, tagged by the files in it
     (so a download resumed with a Range gets the same bytes from the next request's zip)."""
     try:
-        versions = [f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
-                    for path in paths]
+        versions = [f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+                    for path, stat in ((path, path.stat()) for path in paths)]
     except FileNotFoundError:
         raise HTTPException(404, detail=FILE_DELETED) from None
     etag = '"' + hashlib.sha256("|".join(versions).encode()).hexdigest()[:32] + '"'

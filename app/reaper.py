@@ -49,7 +49,16 @@ def is_stale(run: Run, settings: Settings) -> bool:
 REQUEUEABLE = ("lost", "failed", "cancelled")
 # Ends the note of a run whose task the broker did not take: `requeue_lost_messages` finds
 # such runs (queued in the database, no message in the broker) and drops it when it sends them.
-WAITING_FOR_QUEUE = "; waiting for the queue (Redis) to come back"
+WAITING_FOR_QUEUE = "waiting for the queue (Redis) to come back"
+# Ends the note of a queued run whose message a worker let go because another process still
+# held the run's folder (worker/training.py); `requeue_lost_messages` sends it again.
+FOLDER_HELD = ("its message was let go while another process still held its folder: "
+               "it is sent again shortly")
+
+
+def with_note(error: str | None, note: str) -> str:
+    """A run's note (`Run.error`) with `note` added at its end."""
+    return f"{error}; {note}" if error else note
 
 
 def requeue(session: Session, live: redis.Redis, run_id: int, *, by_person: bool) -> Run | None:
@@ -108,8 +117,8 @@ def send_or_wait(session: Session, runs: list[Run],
             queue_down, unsent = exc, exc.unsent
     for run in unsent:
         log.warning("run %s stays queued until Redis answers: %s", run.id, queue_down)
-        run.error = (f"{run.error or ''}{WAITING_FOR_QUEUE} "
-                     f"(it did not answer: {queue_down.reason})")
+        run.error = with_note(run.error, f"{WAITING_FOR_QUEUE} "
+                                         f"(it did not answer: {queue_down.reason})")
     session.commit()
     return queue_down
 
@@ -189,7 +198,8 @@ def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]
     (restarted without persistence, flushed) left such runs "queued, position 1" for good.
     A message is looked for twice, `pause_s` apart: a worker taking it moves it from the queue
     to its unacknowledged ones, and may be between the two at the first look. This also sends
-    the runs the reaper queued again while Redis was down (`send_or_wait`); should Redis fail
+    the runs the reaper queued again while Redis was down (`send_or_wait`), and those whose
+    message a worker let go while their folder stayed held (FOLDER_HELD); should Redis fail
     once more, they wait for the next pass. Returns the ids of the runs queued again."""
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
     with session_scope(settings.sqlalchemy_url) as session:
@@ -206,8 +216,10 @@ def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]
         for run in lost:
             log.warning("run %s: its task %s is not in the queue; sending it again",
                         run.id, run.celery_task_id)
-            if WAITING_FOR_QUEUE in (run.error or ""):  # never sent: Redis was down
-                run.error = run.error.partition(WAITING_FOR_QUEUE)[0] or None
+            for note in (WAITING_FOR_QUEUE, FOLDER_HELD):  # never sent, or let go: known
+                if note in (run.error or ""):
+                    run.error = run.error.partition(note)[0].removesuffix("; ") or None
+                    break
             else:
                 run.error = ("its message in the queue was lost (Redis lost its data?): "
                              "queued again")

@@ -403,7 +403,7 @@ def test_a_message_whose_run_folder_stays_held_waits_a_while_then_leaves_the_run
     """The process the run was taken from is still frozen: the run's current message waits
     for the folder (FOLDER_WAIT_S), then goes, and the run stays queued; the reaper's
     requeue_lost_messages sends it again, and it trains once the folder is free."""
-    from app.reaper import requeue_lost_messages
+    from app.reaper import FOLDER_HELD, requeue_lost_messages
     from worker.training import _run_dir_lock
 
     monkeypatch.setattr(worker.training, "FOLDER_WAIT_S", 0.6)
@@ -415,10 +415,13 @@ def test_a_message_whose_run_folder_stays_held_waits_a_while_then_leaves_the_run
         assert 0.6 <= time.monotonic() - started < 5
     run = read_run(settings, run_id)
     assert (run.status, run.attempts, run.celery_task_id) == ("queued", 0, TASK_ID)
+    assert run.error == FOLDER_HELD  # says why it waits, not that Redis lost it
 
     impatient = settings.model_copy(update={"stale_after_s": 0.01})
     assert requeue_lost_messages(impatient, pause_s=0.05) == [run_id]
-    task = read_run(settings, run_id).celery_task_id
-    assert task != TASK_ID
+    resent = read_run(settings, run_id)
+    assert resent.celery_task_id != TASK_ID
+    assert resent.error is None  # sent again: nothing to explain any more
+    task = resent.celery_task_id
     result = execute_run(settings, run_id, "me@host", task)
     assert result["status"] == read_run(settings, run_id).status == "succeeded"

@@ -21,7 +21,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.ingest import image_cache_dir
 from app.models import Dataset, DatasetImage, Run
-from app.reaper import is_stale
+from app.reaper import FOLDER_HELD, is_stale, with_note
 from app.schemas import TERMINAL_STATUSES
 from worker.runs import (
     DATABASE_DOWN,
@@ -203,7 +203,12 @@ def _execute(settings: Settings, run_id: int, worker_name: str, task_id: str | N
             # The run's current message: whoever holds its folder is about to let go of it.
             wait_s = FOLDER_WAIT_S if run.status == "queued" else 0.0
         with StopSignal() as stop, ExitStack() as folder:
-            folder_locked = _hold_folder(folder, out_dir, wait_s, stop)
+            try:
+                folder_locked = _hold_folder(folder, out_dir, wait_s, stop)
+            except _Skip as skip:
+                if skip.status == "busy" and wait_s:
+                    _note_let_go(settings, run_id, task_id)
+                raise
             if stop.received:  # stopping before the run was taken: it stays queued as it is
                 return {"run_id": run_id, "status": REQUEUED}
             recorder = RunRecorder(settings, run_id, experiment_id)
@@ -285,6 +290,20 @@ def _hold_folder(stack: ExitStack, out_dir: Path, wait_s: float, stop: StopSigna
                             out_dir)
                 raise
         time.sleep(FOLDER_POLL_S)
+
+
+def _note_let_go(settings: Settings, run_id: int, task_id: str | None) -> None:
+    """Say in the note of the queued run that its message was let go because its folder
+    stayed held (FOLDER_HELD): the reaper's resend then says nothing of a lost queue."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        run = session.get(Run, run_id)
+        if run is None or FOLDER_HELD in (run.error or ""):
+            return
+        session.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.status == "queued", Run.celery_task_id == task_id)
+            .values(error=with_note(run.error, FOLDER_HELD))
+        )
 
 
 @contextmanager

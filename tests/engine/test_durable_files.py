@@ -210,6 +210,26 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_is_a_clear_error_and_keeps_t
         assert load_checkpoint(previous_path(path))["step"] == 1
 
 
+def test_a_checkpoint_that_fails_for_another_reason_on_a_nearly_full_disk_says_that_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error is not a full disk, even where the disk could not have held the state.
+    The disk is real (3 MiB); the I/O error is simulated, as a failing device cannot be made
+    here."""
+    def failing_save(obj: object, handle: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with small_disk(tmp_path / "disk", "3m") as disk:
+        path = checkpoint_path(disk)
+        save_checkpoint(path, {"step": 1, "model": torch.zeros(256, 1024)})
+        monkeypatch.setattr(torch, "save", failing_save)
+        with pytest.raises(OSError) as raised:
+            save_checkpoint(path, {"step": 2, "model": torch.zeros(1024, 1024)})  # 4 MiB
+        assert (raised.value.errno, raised.value.strerror) == (errno.EIO, "Input/output error")
+        assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.pt"]
+        assert load_checkpoint(path)["step"] == 1
+
+
 def test_a_truncated_checkpoint_resumes_from_the_previous_one(tmp_path: Path,
                                                               shapes_data: RunData) -> None:
     config = tiny_config(iterations=6, checkpoint_interval=3, eval_interval=100)

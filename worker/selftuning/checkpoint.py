@@ -200,17 +200,19 @@ def _storage_bytes(value: object) -> int:
 def _raise_if_disk_full(exc: BaseException, folder: Path, needed: int) -> None:
     """Raise a plain ENOSPC error for a save that failed on a full disk. torch reports its
     failed write as `RuntimeError: [enforce fail at inline_container.cc:672] . unexpected
-    pos ...`, the OSError that caused it only in the exception's context."""
-    full = False
+    pos ...`, the OSError that caused it only in the exception's context, if at all: with
+    none to say, a disk with less free than the state needs is taken to be the cause. Any
+    other OSError (an I/O error, a read-only file system) is left to say what it is."""
     cause: BaseException | None = exc
-    while cause is not None and not full:
-        full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+    while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return
-    if full or free < needed:
+    if cause is not None or free < needed:
         raise OSError(errno.ENOSPC, f"not enough disk space for the training state "
                       f"(checkpoint) in {folder}: {needed / 2**20:,.0f} MiB needed, "
                       f"{free / 2**20:,.0f} MiB free; free some space and start the run "

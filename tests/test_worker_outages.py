@@ -231,6 +231,25 @@ def test_a_run_deleted_under_its_worker_stops_it_quietly_and_leaves_nothing_behi
                for r in caplog.records)
 
 
+def test_events_sent_between_a_delete_and_the_worker_noticing_it_leave_no_feed_behind(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A run's events between the delete of its experiment and the worker's next look at the
+    database made both feeds again; only the run's own was removed, the experiment's stayed
+    in Redis for good."""
+    run_id = add_run(settings, tmp_path)
+    experiment_id = read_run(settings, run_id).experiment_id
+    recorder = RunRecorder(settings, run_id, experiment_id)
+    delete_experiment_of(settings, run_id)
+    recorder.publish(progress(3), now=True)  # not noticed yet
+    live = redis.Redis.from_url(settings.effective_redis_url)
+    assert live.exists(run_stream_key(run_id), experiment_stream_key(experiment_id)) == 2
+
+    recorder.forget_feed()
+
+    assert_nothing_left(settings, run_id, experiment_id)
+
+
 def test_a_run_deleted_between_the_workers_first_look_and_its_claim_leaves_no_folder(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

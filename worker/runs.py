@@ -30,7 +30,7 @@ from app.live import (
     run_cancel_key,
     run_stream_key,
 )
-from app.models import Artifact, DatasetImage, Run, RunMetric
+from app.models import Artifact, DatasetImage, Experiment, Run, RunMetric
 from worker.selftuning.files import read_csv, replace_csv
 
 log = logging.getLogger(__name__)
@@ -293,9 +293,15 @@ class RunRecorder:
         self.live.call(send, None, now=now)
 
     def forget_feed(self) -> None:
-        """Delete the run's live feed and cancel flag again, once it is known to be deleted:
-        events published before that brought them back."""
-        forget_feeds(self.redis, [], [self.run_id])
+        """Delete the run's live feed and cancel flag again, once it is known to be deleted,
+        and its experiment's feed once that is gone too (a run is deleted with its
+        experiment): events published before that brought them back."""
+        try:
+            with session_scope(self.url) as session:
+                gone = [] if session.get(Experiment, self.experiment_id) else [self.experiment_id]
+        except SQLAlchemyError:
+            gone = []  # the database cannot say: the experiment's feed may be in use
+        forget_feeds(self.redis, gone, [self.run_id])
 
     # --- engine callbacks ------------------------------------------------------------------
 

@@ -185,7 +185,8 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
         assert loaded.returncode == 0, loaded.stderr
         assert loaded.stdout.split() == ["3", "32"], loaded.stdout  # 3 classes, 32 px
         hrefs = page.eval_on_selector_all("#downloads a", "(links) => links.map((a) => a.href)")
-        assert len(hrefs) == 6  # checkpoint, its 3 files, predictions, label next
+        assert len(hrefs) == 7  # checkpoint, its 3 files, test and unlabeled predictions,
+        # label next
         for href in hrefs:
             response = page.request.get(href)
             assert response.ok and response.body(), (href, response.status)

@@ -103,7 +103,10 @@ def test_pages_json_and_assets_come_compressed_and_downloads_as_they_are(live_se
              "config.json": json.dumps({"label_names": ["cat"] * 2000}).encode(),
              "training.json": json.dumps({"metrics": {"test_top1": 0.5}}).encode(),
              "predictions.csv": b"image_id,path,label,confidence,margin,hidden_label\n"
-             + b"1,unlabeled/a.png,cat,0.9,0.5,\n" * 3000}
+             + b"1,unlabeled/a.png,cat,0.9,0.5,\n" * 3000,
+             "test_predictions.json": json.dumps([{
+                 "image_id": 2, "path": "test/cat/b.png", "label": "cat", "predicted": "cat",
+             }] * 500).encode()}
     record_export(live_server.data_dir, database_url, run_id, files)
     with session_scope(database_url) as session:
         for step in range(1, 301):

@@ -31,7 +31,7 @@ from app.db import get_engine, session_scope, upgrade_to_head
 from app.experiments import create_experiment, enqueue_runs
 from app.ingest import ingest_archive, new_work_dir
 from app.live import run_stream_key
-from app.models import Run, RunMetric, utcnow
+from app.models import Dataset, DatasetImage, Run, RunMetric, utcnow
 from app.reaper import (
     QUEUE,
     UNACKED,
@@ -43,7 +43,7 @@ from app.reaper import (
 )
 from app.schemas import ExperimentIn
 from tests.support import app_env, make_image_archive, start_worker, wait_for
-from worker.runs import DatabaseUnavailable, RunRecorder
+from worker.runs import DatabaseUnavailable, RunRecorder, rewrite_predictions
 from worker.training import execute_run
 
 TASK_ID = "task-1"
@@ -429,6 +429,31 @@ def test_predictions_csv_has_the_same_columns_for_every_run(settings, tmp_path, 
     assert lines[0] == PREDICTION_COLUMNS
     assert len(lines) == 1 + rows
     assert all(line.split(",")[0].isdigit() for line in lines[1:])  # every image known
+
+
+def test_test_predictions_name_the_uploaded_images_not_where_the_server_keeps_them(
+        settings, tmp_path):
+    """test_predictions.json (downloadable) said where the server stores each test image."""
+    run_id = add_run(settings, tmp_path)
+    assert execute_run(settings, run_id, "w@host", TASK_ID)["status"] == "succeeded"
+    rows = json.loads((settings.runs_dir / str(run_id) / "test_predictions.json").read_text())
+    with session_scope(settings.sqlalchemy_url) as session:
+        dataset_id = read_run(settings, run_id).dataset_id
+        tested = {image.id: image for image in session.scalars(select(DatasetImage).where(
+            DatasetImage.dataset_id == dataset_id, DatasetImage.split == "test"))}
+        names = session.get(Dataset, dataset_id).class_names
+    assert sorted(row["image_id"] for row in rows) == sorted(tested)
+    for row in rows:
+        image = tested[row["image_id"]]
+        assert row["path"] == image.original_path and row["path"].startswith("test/")
+        assert row["label"] == names[image.label] and row["predicted"] in names
+    # A retry of the rewrite (the database was away) leaves it as it is.
+    with session_scope(settings.sqlalchemy_url) as session:
+        root = settings.datasets_dir / session.get(Dataset, dataset_id).storage_key
+        rewrite_predictions(settings.runs_dir / str(run_id), session, root,
+                            session.get(Run, run_id))
+    assert json.loads((settings.runs_dir / str(run_id) / "test_predictions.json")
+                      .read_text()) == rows
 
 
 def test_a_task_that_cannot_take_its_run_ends_the_run_failed_not_queued(settings, tmp_path,

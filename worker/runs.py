@@ -31,7 +31,13 @@ from app.live import (
     run_stream_key,
 )
 from app.models import Artifact, DatasetImage, Experiment, Run, RunMetric
-from worker.selftuning.files import read_csv, replace_csv
+from worker.selftuning.files import (
+    PREDICTIONS_FILE,
+    TEST_PREDICTIONS_FILE,
+    read_csv,
+    replace_csv,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -518,21 +524,28 @@ def _headline(metrics: dict | None) -> dict | None:
 
 
 def rewrite_predictions(out_dir: Path, session: Session, dataset_root: Path, run: Run) -> None:
-    """Give predictions.csv the archive's own paths and image ids instead of storage paths."""
-    path = out_dir / "predictions.csv"
-    if not path.is_file():
-        return
+    """Give predictions.csv and test_predictions.json the archive's own paths and image ids
+    instead of storage paths (again after a retry: each says whether it was done)."""
     images = {
         str((dataset_root / image.path).resolve()): image
         for image in session.scalars(
             select(DatasetImage).where(DatasetImage.dataset_id == run.dataset_id)
         )
     }
-    columns, rows = read_csv(path)
-    if "image_id" in columns:
-        return
-    for row in rows:
+
+    def as_uploaded(row: dict) -> dict:
         image = images.get(str(Path(row["path"]).resolve()))
-        row["image_id"] = image.id if image else ""
-        row["path"] = image.original_path if image else Path(row["path"]).name
-    replace_csv(path, ["image_id", "path"] + [k for k in columns if k != "path"], rows)
+        return {"image_id": image.id if image else "",
+                **row, "path": image.original_path if image else Path(row["path"]).name}
+
+    path = out_dir / PREDICTIONS_FILE
+    if path.is_file():
+        columns, rows = read_csv(path)
+        if "image_id" not in columns:
+            replace_csv(path, ["image_id", "path"] + [k for k in columns if k != "path"],
+                        [as_uploaded(row) for row in rows])
+    path = out_dir / TEST_PREDICTIONS_FILE
+    if path.is_file():
+        rows = json.loads(path.read_text())
+        if rows and "image_id" not in rows[0]:
+            write_json(path, [as_uploaded(row) for row in rows])

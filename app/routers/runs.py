@@ -41,7 +41,7 @@ from worker.selftuning.files import checkpoint_path, read_csv
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "training.json")
-DOWNLOADABLE = CHECKPOINT_FILES + ("predictions.csv",)
+DOWNLOADABLE = CHECKPOINT_FILES + ("predictions.csv", "test_predictions.json")
 SSE_RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "SSE stream"}}
 NO_RUN = {404: {"model": ErrorOut, "description": "no such run"}}
 
@@ -243,7 +243,9 @@ def artifact_path(settings: Settings, session: Session, run_id: int, name: str) 
 @router.head("/{run_id}/files/{name}", include_in_schema=False)
 def download_file(run_id: RunId, name: str, request: Request, session: DbDep,
                   settings: SettingsDep):
-    """One exported file: model.safetensors, config.json, training.json or predictions.csv."""
+    """One exported file: model.safetensors, config.json, training.json, predictions.csv (the
+    unlabeled images) or test_predictions.json (each test image's `image_id`, `path` as
+    uploaded, `label` and the exported model's `predicted` class)."""
     if name not in DOWNLOADABLE:
         raise HTTPException(404, detail=f"no file {name!r}; files are {list(DOWNLOADABLE)}")
     return send_file(request, artifact_path(settings, session, run_id, name), name)

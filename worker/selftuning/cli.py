@@ -31,13 +31,15 @@ from worker.selftuning.data import (
     make_budget_data,
     unpacked_folder,
 )
-from worker.selftuning.export import (
+from worker.selftuning.files import (
     PREDICTIONS_FILE,
     TEST_PREDICTIONS_FILE,
     TRAINING_FILE,
+    checkpoint_path,
+    read_csv,
+    replace_csv,
     write_json,
 )
-from worker.selftuning.files import checkpoint_path, read_csv, replace_csv
 from worker.selftuning.loop import TrainingCancelled, train
 from worker.selftuning.methods import METHODS
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from importlib import metadata as package_metadata
@@ -12,14 +11,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from worker.selftuning.files import new_file_mode, replace_csv
+from worker.selftuning.files import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    new_file_mode,
+    replace_csv,
+    write_json,
+)
 from worker.selftuning.images import Preprocessing
-
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-TRAINING_FILE = "training.json"
-PREDICTIONS_FILE = "predictions.csv"
-TEST_PREDICTIONS_FILE = "test_predictions.json"
 
 
 def architecture_of(model: nn.Module) -> str:
@@ -50,12 +49,6 @@ def export_model(
         **({"input_white_level": preprocessing.white_level}
            if preprocessing.white_level not in (None, 255) else {}),
     })
-
-
-def write_json(path: Path, value: object) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
 
 
 PREDICTION_COLUMNS = ["path", "label", "confidence", "margin", "hidden_label"]

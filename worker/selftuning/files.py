@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,13 @@ from pathlib import Path
 # A temporary file whose writer cannot be checked (another host, or a name from before the
 # host was part of it) counts as abandoned once untouched this long.
 STALE_TEMPORARY_S = 24 * 3600.0
+
+# What a finished run leaves in its output folder (worker.selftuning.export).
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TRAINING_FILE = "training.json"
+PREDICTIONS_FILE = "predictions.csv"
+TEST_PREDICTIONS_FILE = "test_predictions.json"
 # `.<name>.<pid>.<host>.tmp`, or `<...>.<pid>.tmp` as written before the host was added.
 _TEMPORARY = re.compile(r"\.(?P<pid>\d+)(?:\.(?P<host>[A-Za-z0-9_-]+))?\.tmp$")
 
@@ -131,6 +139,13 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         reader = csv.DictReader(handle)
         rows = list(reader)
         return list(reader.fieldnames or []), rows
+
+
+def write_json(path: Path, value: object) -> None:
+    """Write the file beside `path` and rename it over, so a reader never sees half of it."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
+    os.replace(temporary, path)
 
 
 def replace_csv(path: Path, columns: list[str], rows: list[dict[str, object]]) -> None:

@@ -31,16 +31,18 @@ from worker.selftuning.checkpoint import (
 from worker.selftuning.config import RunConfig
 from worker.selftuning.data import RunData
 from worker.selftuning.export import (
-    PREDICTIONS_FILE,
-    TEST_PREDICTIONS_FILE,
-    TRAINING_FILE,
     architecture_of,
     export_model,
     package_versions,
-    write_json,
     write_predictions,
 )
-from worker.selftuning.files import checkpoint_path
+from worker.selftuning.files import (
+    PREDICTIONS_FILE,
+    TEST_PREDICTIONS_FILE,
+    TRAINING_FILE,
+    checkpoint_path,
+    write_json,
+)
 from worker.selftuning.images import (
     DecodingStopped,
     ImageArray,

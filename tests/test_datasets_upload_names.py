@@ -4,7 +4,10 @@ images whose extension is missing or unknown (recognised by their content)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import httpx
@@ -233,6 +236,54 @@ def test_zip_names_in_utf8_without_the_flag_are_read_as_utf8(
     paths = {image["original_path"] for image in all_images(client, summary["id"])}
     assert {"caf\u00e9/0.png", "unlabeled/\u00fcX.png"} <= paths
     assert "caf\u00e9" in assert_readable_everywhere(client, summary)
+    delete(server, client, summary)
+
+
+KOT = "\u043a\u043e\u0442"  # a class name in Cyrillic
+KOT_AS_CP437 = "\u00ac\u00ab\u0393"  # its cp866 bytes (aa ae e2) read as cp437
+
+
+def winzip_bytes(stale: bool = False) -> bytes:
+    """A zip as WinZip (or Windows with a Russian code page) writes it: the class folder
+    KOT in cp866 bytes, unflagged, each entry with the UTF-8 name in a Unicode Path
+    field. `stale`: the fields hold a name from before the entries were renamed."""
+    legacy = KOT.encode("cp866")
+    entries = class_entries(("koX", "dog"))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            info = zipfile.ZipInfo(name)
+            if name.startswith("koX/"):
+                raw = name.encode().replace(b"koX", legacy)
+                utf8 = name.replace("koX", KOT).encode()
+                crc = zlib.crc32(b"old" + raw if stale else raw)
+                field = bytes([1]) + crc.to_bytes(4, "little") + utf8
+                info.extra = (0x7075).to_bytes(2, "little") + len(field).to_bytes(
+                    2, "little") + field
+            archive.writestr(info, data)
+    data = buffer.getvalue()
+    assert data.count(b"koX/") == 6  # 3 local headers and 3 central ones
+    return data.replace(b"koX/", legacy + b"/")
+
+
+def test_zip_names_in_a_legacy_code_page_are_read_from_their_unicode_path_field(
+    server: LiveServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    """Without the field's name the class was KOT_AS_CP437 (its cp866 bytes read as cp437), on
+    the pages and as the exported model's label."""
+    summary = accepted(client, winzip_bytes(), "winzip.zip")
+    assert class_totals(summary) == {KOT: 3, "dog": 3}
+    assert f"{KOT}/0.png" in {image["original_path"]
+                              for image in all_images(client, summary["id"])}
+    assert KOT in assert_readable_everywhere(client, summary)
+    delete(server, client, summary)
+    archive = tmp_path / "winzip.zip"
+    archive.write_bytes(winzip_bytes())
+    assert load_folder_dataset(archive)[0] == ["dog", KOT]
+
+    # A field written for another name (the entry renamed since) is not believed.
+    summary = accepted(client, winzip_bytes(stale=True), "renamed.zip")
+    assert class_totals(summary) == {KOT_AS_CP437: 3, "dog": 3}
     delete(server, client, summary)
 
 

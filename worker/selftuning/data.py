@@ -386,18 +386,47 @@ def _unpack(archive: Path) -> Path:
     return target
 
 
+UNICODE_PATH_FIELD = 0x7075  # Info-ZIP's Unicode Path extra field (APPNOTE 4.6.9)
+
+
 def zip_entry_name(info: zipfile.ZipInfo) -> str:
     """An entry's name as its bytes were meant. zipfile reads a name not flagged as UTF-8 as
     cp437, the zip format's old encoding, but Linux's `zip` (Info-ZIP) and many other tools
     store UTF-8 without the flag ("café/" would come out "caf├⌐/"): bytes that are valid
-    UTF-8 are read as UTF-8, others as cp437. cp437 maps every byte, so nothing is lost."""
+    UTF-8 are read as UTF-8. Tools that write a legacy code page (WinZip, older Windows)
+    add the name in UTF-8 in a Unicode Path field, used while it still matches the name
+    (its CRC). Others are read as cp437, which maps every byte, so nothing is lost."""
     if info.flag_bits & 0x800:
         return info.filename
-    raw = info.filename.encode("cp437")
+    raw = info.orig_filename.encode("cp437")
+    unicode_name = _unicode_path(info.extra, raw)
+    if unicode_name is not None:
+        return unicode_name
     try:
-        return raw.decode("utf-8")
+        return info.filename.encode("cp437").decode("utf-8")
     except UnicodeDecodeError:
         return info.filename
+
+
+def _unicode_path(extra: bytes, raw_name: bytes) -> str | None:
+    """The UTF-8 name of a Unicode Path field in `extra` written for `raw_name` (a field
+    left from before a tool renamed the entry has another CRC: it is ignored), or None."""
+    at = 0
+    while at + 4 <= len(extra):
+        kind, size = int.from_bytes(extra[at:at + 2], "little"), int.from_bytes(
+            extra[at + 2:at + 4], "little")
+        field = extra[at + 4:at + 4 + size]
+        at += 4 + size
+        if kind != UNICODE_PATH_FIELD or len(field) < 5 or field[0] != 1:
+            continue
+        if int.from_bytes(field[1:5], "little") != zlib.crc32(raw_name):
+            continue
+        try:
+            name = field[5:].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return name.split("\x00")[0] or None
+    return None
 
 
 def _extract(archive: Path, destination: Path) -> None:

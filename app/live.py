@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -43,10 +44,39 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     return sorted(workers, key=lambda w: w["name"])
 
 
+# The final scores an `end` event carries (the rest are in the run's record).
+HEADLINE_METRICS = ("test_top1", "test_mean_class_acc", "pseudo_label_acc",
+                    "train_pseudo_label_acc")
+
+
+def headline(metrics: dict | None) -> dict | None:
+    """The `metrics` of an `end` event: None for a run without final scores."""
+    if not metrics:
+        return None
+    return {key: metrics.get(key) for key in HEADLINE_METRICS}
+
+
 def end_event(run: Any) -> dict[str, str]:
     """The stream entry that ends a run's feed, for a run ended outside the worker (cancelled
     while queued, lost for good)."""
-    return _run_event(run, "end", error=run.error, metrics=None)
+    return {"data": json.dumps(ended(run, time.time()))}
+
+
+def ended(run: Any, moment: float | None = None) -> dict[str, Any]:
+    """A run's `end` event from its record, at `moment` (else when it finished): what the
+    worker's own says (worker.runs.RunRecorder.finish), for feeds rebuilt or ended by the
+    web."""
+    return {"type": "end", "run_id": run.id,
+            "time": moment if moment is not None else timestamp(run.finished_at),
+            "status": run.status, "step": run.step, "total_steps": run.total_steps,
+            "error": run.error, "metrics": headline(run.metrics)}
+
+
+def timestamp(moment: datetime | None) -> float | None:
+    """Seconds since the epoch of a recorded moment (SQLite's are naive UTC)."""
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _run_event(run: Any, kind: str, **extra: Any) -> dict[str, str]:

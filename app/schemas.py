@@ -29,6 +29,73 @@ LONE_SURROGATES = re.compile(r"[\ud800-\udfff]")
 INPUT = ConfigDict(extra="forbid", strict=True)
 
 
+# The live feeds' events (/api/runs/{id}/events, /api/experiments/{id}/events): each SSE
+# `data` line is one JSON object with a `type`. Every type but `experiment_end` carries the
+# common fields; these are the others each type may carry.
+FEED_COMMON_FIELDS = {
+    "type": "the kind of event, below",
+    "run_id": "the run it is about",
+    "time": "when it was sent (seconds since the epoch; a feed rebuilt from the database "
+            "gives when it was recorded)",
+    "step": "the run's step then",
+    "total_steps": "its number of iterations",
+}
+FEED_EVENTS: dict[str, tuple[str, dict[str, str]]] = {
+    "status": ("The run changed state outside its training: taken by a worker, queued "
+               "again, lost.", {
+                   "status": "queued, running, lost, ...",
+                   "worker": "the worker that took it (running only)",
+                   "device": "what it trains on, such as cpu or cuda:0 (running only)",
+                   "attempt": "how many times a worker has taken it (running only)"}),
+    "started": ("Training began, or resumed from a checkpoint.", {
+        "resumed_from_step": "the checkpoint's step, or null for a fresh start",
+        "checkpoint_unreadable": "why a saved state could not be used, so the run started "
+                                 "over (only then)"}),
+    "progress": ("Means since the last progress event.", {
+        "losses": "loss terms by name: ce; pgc_labeled and pgc_unlabeled (Self-Tuning); "
+                  "fixmatch (FixMatch)",
+        "lr": "the learning rate of the backbone",
+        "images_per_s": "training throughput",
+        "mask_rate": "share of unlabeled images above the FixMatch threshold (FixMatch)"}),
+    "eval": ("Scores on the test images.", {
+        "test_top1": "top-1 accuracy (0 to 1)",
+        "test_mean_class_acc": "mean per-class accuracy",
+        "pseudo_label_acc": "accuracy of the pseudo-labels on hidden-label images since "
+                            "the last eval (null without hidden labels)",
+        "queue_purity": "share of queued keys whose class is the model's current "
+                        "prediction for their image (Self-Tuning)",
+        "queue_purity_truth": "share of the keys queued by unlabeled images whose class is "
+                              "their hidden label (Self-Tuning; null without hidden labels)",
+        "fixmatch_mask_rate": "share of unlabeled images used since the last eval "
+                              "(FixMatch)"}),
+    "checkpoint": ("The training state at `step` is saved: a requeue resumes from here.",
+                   {}),
+    "end": ("The run ended: the last event of its feed.", {
+        "status": "succeeded, failed, cancelled or lost",
+        "error": "why, for a run that did not succeed (else null)",
+        "metrics": "final test_top1, test_mean_class_acc, pseudo_label_acc and "
+                   "train_pseudo_label_acc, or null"}),
+    "earlier_end": ("The end of an earlier try of a run queued again (a run's feed "
+                    "replaying); the new try's events follow.", {}),
+    "experiment_end": ("Every run of the experiment has ended: the last event of its "
+                       "feed. Only `type` and these fields.", {
+                           "experiment_id": "the experiment",
+                           "runs": "each run's status, by run id"}),
+}
+FEED_EVENTS["earlier_end"][1].update(FEED_EVENTS["end"][1])
+
+
+def feed_events_description() -> str:
+    """The events, as the OpenAPI description of the feeds' responses."""
+    lines = ["Server-Sent Events; each `data` is a JSON object. Fields of every event "
+             "(not `experiment_end`): " + "; ".join(
+                 f"`{name}`: {text}" for name, text in FEED_COMMON_FIELDS.items()) + ".", ""]
+    for kind, (text, fields) in FEED_EVENTS.items():
+        extra = "; ".join(f"`{name}`: {about}" for name, about in fields.items())
+        lines.append(f"- `{kind}`: {text}" + (f" Fields: {extra}." if extra else ""))
+    return "\n".join(lines)
+
+
 class ErrorOut(BaseModel):
     """What a 4xx answers: a message that says what to fix."""
 

@@ -11,9 +11,12 @@ import zipfile
 
 import httpx
 import pytest
+import redis
 
+from app.live import experiment_stream_key, run_stream_key
 from tests.support import make_image_archive, start_worker, wait_for
 from tests.test_experiments_cancel_delete import start_sweep
+from tests.test_worker_lifecycle import assert_documented
 
 TINY = {
     "backbone": "test_efficientnet",
@@ -42,6 +45,10 @@ def read_sse(client: httpx.Client, path: str, last_event_id: str | None = None,
                 events.append((event_id, json.loads("\n".join(data))))
                 event_id, data = None, []
     return events
+
+
+def untimed(event: dict) -> dict:
+    return {name: value for name, value in event.items() if name != "time"}
 
 
 @pytest.fixture
@@ -92,10 +99,27 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
         # A late client after the end gets the history and the final event.
         late = read_sse(client, f"/api/runs/{run_id}/events")
         assert [e for _, e in late] == [e for _, e in events]
+        # Its stream gone from Redis, the feed rebuilt from the database tells the same story
+        # in the same, documented words: the scores and the whole end event.
+        live = redis.Redis.from_url(live_server.redis_url)
+        live.delete(run_stream_key(run_id))
+        rebuilt = [e for _, e in read_sse(client, f"/api/runs/{run_id}/events")]
+        recorded = [e for _, e in events if e["type"] in ("progress", "eval", "end")]
+        assert [untimed(e) for e in rebuilt] == [untimed(e) for e in recorded]
+        for event in [e for _, e in events] + rebuilt:
+            assert_documented(event)
+            assert event["time"] > 0
 
         wait_for(lambda: client.get(f"/api/experiments/{experiment['id']}").json()["status"]
                  == "finished", timeout=300, message="both runs to finish")
         summary = client.get(f"/api/experiments/{experiment['id']}").json()
+        feed = [e for _, e in read_sse(client, f"/api/experiments/{experiment['id']}/events")]
+        live.delete(experiment_stream_key(experiment["id"]))
+        again = [e for _, e in read_sse(client, f"/api/experiments/{experiment['id']}/events")]
+        for event in feed + again:
+            assert_documented(event)
+        assert [untimed(e) for e in again] == [
+            untimed(e) for e in feed if e["type"] in ("end", "experiment_end")]
         assert {row["method"] for row in summary["budget_table"]} == {"self-tuning", "fine-tune"}
         assert all(row["finished"] == 1 and row["std_top1"] is None  # one seed: no spread
                    for row in summary["budget_table"])

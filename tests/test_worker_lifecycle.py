@@ -9,6 +9,7 @@ while it is on (and only then)."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import sys
 import threading
@@ -30,7 +31,7 @@ from app.config import Settings, get_settings
 from app.db import get_engine, session_scope, upgrade_to_head
 from app.experiments import create_experiment, enqueue_runs
 from app.ingest import ingest_archive, new_work_dir
-from app.live import run_stream_key
+from app.live import get_redis, run_stream_key
 from app.models import Dataset, DatasetImage, Run, RunMetric, utcnow
 from app.reaper import (
     QUEUE,
@@ -41,7 +42,7 @@ from app.reaper import (
     requeue,
     requeue_lost_messages,
 )
-from app.schemas import ExperimentIn
+from app.schemas import FEED_COMMON_FIELDS, FEED_EVENTS, ExperimentIn
 from tests.support import app_env, make_image_archive, start_worker, wait_for
 from worker.runs import DatabaseUnavailable, RunRecorder, rewrite_predictions
 from worker.training import execute_run
@@ -50,14 +51,14 @@ TASK_ID = "task-1"
 
 
 def add_run(settings: Settings, tmp_path: Path, iterations: int = 6, unlabeled: int = 3,
-            budget: float | str = 0.5) -> int:
+            budget: float | str = 0.5, method: str = "fine-tune") -> int:
     """A dataset and a one-run experiment (queued, task TASK_ID), as the web would make them."""
     archive = make_image_archive(tmp_path / "shapes.zip", train_per_class=6, test_per_class=2,
                                  unlabeled=unlabeled)
     with session_scope(settings.sqlalchemy_url) as session:
         dataset = ingest_archive(session, settings, archive, new_work_dir(settings), "shapes")
         payload = ExperimentIn.model_validate({
-            "dataset_id": dataset.id, "backbone": "test_efficientnet", "methods": ["fine-tune"],
+            "dataset_id": dataset.id, "backbone": "test_efficientnet", "methods": [method],
             "budgets": [budget],
             "overrides": {"pretrained": False, "image_size": 32, "batch_size": 4,
                           "iterations": iterations, "log_interval": 2,
@@ -429,6 +430,35 @@ def test_predictions_csv_has_the_same_columns_for_every_run(settings, tmp_path, 
     assert lines[0] == PREDICTION_COLUMNS
     assert len(lines) == 1 + rows
     assert all(line.split(",")[0].isdigit() for line in lines[1:])  # every image known
+
+
+def assert_documented(event: dict) -> None:
+    """The event and each of its fields are in the feeds' documentation (app.schemas,
+    shown in /docs), as are its loss terms."""
+    kind = event["type"]
+    assert kind in FEED_EVENTS, event
+    fields = FEED_EVENTS[kind][1]
+    common = {"type"} if kind == "experiment_end" else set(FEED_COMMON_FIELDS)
+    assert common <= set(event) <= common | set(fields), (kind, sorted(event))
+    for term in event.get("losses", {}):
+        assert re.search(rf"\b{term}\b", fields["losses"]), term
+
+
+@pytest.mark.usefixtures("queue")
+@pytest.mark.parametrize("method", ["self-tuning", "fixmatch", "fine-tune"])
+def test_every_event_a_run_sends_is_documented(settings, tmp_path, method):
+    run_id = add_run(settings, tmp_path, method=method, iterations=4)
+    update_run(settings, run_id, status="lost")  # its first try: a status event, then a resume
+    with session_scope(settings.sqlalchemy_url) as session:
+        requeue(session, get_redis(settings.effective_redis_url), run_id, by_person=True)
+    assert execute_run(settings, run_id, "w@host",
+                       read_run(settings, run_id).celery_task_id)["status"] == "succeeded"
+    events = feed(settings, run_id)
+    assert {event["type"] for event in events} == {
+        "status", "started", "progress", "eval", "checkpoint", "end"}
+    for event in events:
+        assert_documented(event)
+    assert events[-1]["metrics"]["test_top1"] == read_run(settings, run_id).metrics["test_top1"]
 
 
 def test_test_predictions_name_the_uploaded_images_not_where_the_server_keeps_them(

@@ -25,6 +25,7 @@ from app.live import (
     experiment_stream_key,
     forget_feeds,
     get_redis,
+    headline,
     publish_end,
     publish_status,
     run_cancel_key,
@@ -434,7 +435,7 @@ class RunRecorder:
         """Record the outcome (and any metric points still unsaved), trying for up to
         `finish_retry_s` while the database is unreachable; then end the live feed."""
 
-        def record() -> None:
+        def record() -> dict[str, int]:
             with session_scope(self.url) as session:
                 run = self._own_row(session)
                 self._write_unsaved(session)
@@ -447,12 +448,13 @@ class RunRecorder:
                 if metrics is not None:
                     run.metrics = metrics
                     run.step = run.total_steps
+                return {"step": run.step, "total_steps": run.total_steps}
 
-        retry_while_database_down(record, f"run {self.run_id}: recording it {status}",
-                                  self.finish_retry_s)
+        steps = retry_while_database_down(record, f"run {self.run_id}: recording it {status}",
+                                          self.finish_retry_s)
         self._unsaved.clear()
-        self.publish({"type": "end", "status": status, "error": error,
-                      "metrics": _headline(metrics)}, now=True)
+        self.publish({"type": "end", "status": status, **steps, "error": error,
+                      "metrics": headline(metrics)}, now=True)
         self.live.call(lambda client: client.delete(run_cancel_key(self.run_id)), None, now=True)
 
     def step_aside(self) -> bool:
@@ -514,13 +516,6 @@ def fail_unstarted_run(settings: Settings, run_id: int, task_id: str | None,
     if run is not None:  # after the commit: a page reading the record sees the end
         publish_end(get_redis(settings.effective_redis_url), run)
     return run is not None
-
-
-def _headline(metrics: dict | None) -> dict | None:
-    if not metrics:
-        return None
-    keys = ("test_top1", "test_mean_class_acc", "pseudo_label_acc", "train_pseudo_label_acc")
-    return {key: metrics.get(key) for key in keys}
 
 
 def rewrite_predictions(out_dir: Path, session: Session, dataset_root: Path, run: Run) -> None:

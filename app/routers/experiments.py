@@ -43,7 +43,7 @@ from app.experiments import (
     queue_positions,
     unprocessable,
 )
-from app.live import experiment_stream_key
+from app.live import ended, experiment_stream_key
 from app.models import Dataset, Experiment, Run
 from app.responses import csv_download
 from app.routers.runs import SSE_RESPONSES, run_summary
@@ -305,18 +305,15 @@ async def experiment_events(experiment_id: ExperimentId, request: Request, setti
 
     def outcome() -> Outcome:
         with session_scope(settings.sqlalchemy_url) as session:
-            runs = session.scalars(select(Run).where(Run.experiment_id == experiment_id)).all()
+            runs = session.scalars(select(Run).where(Run.experiment_id == experiment_id)
+                                   .order_by(Run.id)).all()
             finished = all(is_terminal(run.status) for run in runs)
             final = {
                 "type": "experiment_end",
                 "experiment_id": experiment_id,
                 "runs": {str(run.id): run.status for run in runs},
             }
-            history = [
-                {"type": "end", "run_id": run.id, "status": run.status, "error": run.error,
-                 "metrics": {"test_top1": run.metrics.get("test_top1")}}
-                for run in runs
-            ]
+            history = [ended(run) for run in runs]
         return Outcome(finished, history, final)
 
     key = experiment_stream_key(experiment_id)

@@ -31,18 +31,27 @@ from app.experiments import (
     is_terminal,
     queue_position,
 )
-from app.live import publish_status, run_stream_key
+from app.live import ended, publish_status, run_stream_key, timestamp
 from app.models import Artifact, Dataset, Run, RunMetric, utcnow
 from app.reaper import REQUEUEABLE, requeue
 from app.responses import FILE_DELETED, csv_download, send_file
-from app.schemas import ArtifactOut, ErrorOut, MetricPoint, RunMetricsOut, RunOut, RunSummary
+from app.schemas import (
+    ArtifactOut,
+    ErrorOut,
+    MetricPoint,
+    RunMetricsOut,
+    RunOut,
+    RunSummary,
+    feed_events_description,
+)
 from worker.selftuning.files import checkpoint_path, read_csv
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "training.json")
 DOWNLOADABLE = CHECKPOINT_FILES + ("predictions.csv", "test_predictions.json")
-SSE_RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "SSE stream"}}
+SSE_RESPONSES = {200: {"content": {"text/event-stream": {}},
+                       "description": feed_events_description()}}
 NO_RUN = {404: {"model": ErrorOut, "description": "no such run"}}
 
 
@@ -201,18 +210,16 @@ async def run_events(run_id: RunId, request: Request, settings: SettingsDep):
                 return Outcome(True)
             if not is_terminal(run.status):
                 return Outcome(False)
+            # As the worker sent them (app.schemas.FEED_EVENTS), from the record.
             history = [
-                {"type": m.kind, "run_id": run_id, "step": m.step,
-                 "total_steps": run.total_steps, **m.values}
+                {"type": m.kind, "run_id": run_id, "time": timestamp(m.created_at),
+                 "step": m.step, "total_steps": run.total_steps, **m.values}
                 for m in session.scalars(
                     select(RunMetric).where(RunMetric.run_id == run_id)
                     .order_by(RunMetric.step, RunMetric.id)
                 )
             ]
-            final = {"type": "end", "run_id": run_id, "status": run.status, "error": run.error,
-                     "metrics": {"test_top1": run.metrics.get("test_top1")},
-                     "step": run.step, "total_steps": run.total_steps}
-        return Outcome(True, history, final)
+            return Outcome(True, history, ended(run))
 
     return event_stream_response(request, run_stream_key(run_id), outcome, settings.sse_heartbeat_s,
                                  earlier_ends=True)

@@ -11,6 +11,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -623,9 +624,15 @@ def flag_best(rows: list[dict[str, Any]]) -> None:
         return
     most = max(row["finished"] for row in scored)
     contenders = [row for row in scored if row["finished"] == most]
-    top = max(round(row["mean_top1"], 3) for row in contenders)
+    top = max(as_shown(row["mean_top1"]) for row in contenders)
     for row in contenders:
-        row["best"] = round(row["mean_top1"], 3) == top
+        row["best"] = as_shown(row["mean_top1"]) == top
+
+
+def as_shown(share: float) -> Decimal:
+    """A share as the pages print it, in percent to 0.1 (JavaScript's toFixed rounds the
+    double's exact value half up, where Python's round() goes half to even)."""
+    return Decimal(share * 100).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
 
 
 def label_estimates(runs: list[Run], labeled: dict[str, int] | None = None

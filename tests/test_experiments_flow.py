@@ -13,6 +13,7 @@ import httpx
 import pytest
 import redis
 
+from app.experiments import as_shown
 from app.live import experiment_stream_key, run_stream_key
 from tests.support import make_image_archive, start_worker, wait_for
 from tests.test_experiments_cancel_delete import start_sweep
@@ -124,7 +125,7 @@ def test_sweep_streams_events_and_ends_with_a_checkpoint_plain_timm_loads(
         assert all(row["finished"] == 1 and row["std_top1"] is None  # one seed: no spread
                    for row in summary["budget_table"])
         best = max(row["mean_top1"] for row in summary["budget_table"])
-        assert all(row["best"] == (round(row["mean_top1"], 3) == round(best, 3))
+        assert all(row["best"] == (as_shown(row["mean_top1"]) == as_shown(best))
                    for row in summary["budget_table"])
         assert {row["labeled_count"] for row in summary["budget_table"]} == {3 * 8}
         assert summary["label_estimates"] == []  # one budget: no curve to extend

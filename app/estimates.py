@@ -16,7 +16,8 @@ LN2 = math.log(2)
 RISES_BY = 0.0005
 
 
-def estimate_label_gains(points: Iterable[tuple[str, int, float]]) -> list[LabelEstimate]:
+def estimate_label_gains(points: Iterable[tuple[str, int, float]],
+                         images: int | None = None) -> list[LabelEstimate]:
     """Per method, what doubling the labels of its largest measured budget would buy.
 
     `points` are (method, labeled count n, test top-1 in 0..1), one per succeeded run, so
@@ -32,6 +33,11 @@ def estimate_label_gains(points: Iterable[tuple[str, int, float]]) -> list[Label
     measured budgets, and near 100 % where accuracy must flatten while the log keeps
     rising (the prediction is clipped to 0..1, the gain per doubling is not). A line that
     does not rise (gain below RISES_BY) predicts no accuracy at all.
+
+    The prediction is the measured top-1 at n_max plus that gain, so the figures shown side
+    by side agree: the fit's own value at 2·n_max could lie below what was measured at
+    n_max while the gain is positive. `images`, the dataset's training images, says how many
+    more this dataset holds beyond n_max (doubling may need more than it has).
     """
     by_method: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for method, labeled_count, top1 in points:
@@ -54,16 +60,18 @@ def estimate_label_gains(points: Iterable[tuple[str, int, float]]) -> list[Label
             variance = sum(r * r for r in residuals) / (len(measured) - 2)
             slope_se = math.sqrt(variance / sxx)
         n_max = max(counts)
-        predicted = intercept + slope * math.log(2 * n_max)
+        measured_top1 = statistics.fmean(top1 for n, top1 in measured if n == n_max)
+        predicted = measured_top1 + slope * LN2
         estimates.append(LabelEstimate(
             method=method,
             n_max=n_max,
-            measured_top1=statistics.fmean(top1 for n, top1 in measured if n == n_max),
+            measured_top1=measured_top1,
             gain_per_doubling=slope * LN2,
             gain_per_doubling_se=None if slope_se is None else slope_se * LN2,
             predicted_top1_at_double=(min(1.0, max(0.0, predicted))
                                       if slope * LN2 >= RISES_BY else None),
             extra_labels=n_max,
+            images_left=None if images is None else max(0, images - n_max),
             n_points=len(measured),
             intercept=intercept,
             slope=slope,

@@ -635,11 +635,12 @@ def as_shown(share: float) -> Decimal:
     return Decimal(share * 100).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
 
 
-def label_estimates(runs: list[Run], labeled: dict[str, int] | None = None
-                    ) -> list[LabelEstimate]:
+def label_estimates(runs: list[Run], labeled: dict[str, int] | None = None,
+                    dataset: Dataset | None = None) -> list[LabelEstimate]:
     """What more labels would buy per method, fitted on the succeeded runs: each at the
     labeled count the worker recorded in its metrics, else its budget's count in `labeled`
-    (budget_labeled_counts); runs with neither are left out."""
+    (budget_labeled_counts); runs with neither are left out. With the runs' `dataset`, each
+    estimate says how many more images it holds."""
     labeled = labeled or {}
     points = []
     for run in runs:
@@ -647,7 +648,8 @@ def label_estimates(runs: list[Run], labeled: dict[str, int] | None = None
         if (run.status == "succeeded" and isinstance(count, int)
                 and run.metrics.get("test_top1") is not None):
             points.append((run.method, count, run.metrics["test_top1"]))
-    estimates = estimate_label_gains(points)
+    images = None if dataset is None else dataset.unlabeled_count + sum(_train_sizes(dataset))
+    estimates = estimate_label_gains(points, images)
     return sorted(estimates, key=lambda estimate: METHOD_ORDER.get(estimate.method, 9))
 
 

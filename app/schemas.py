@@ -321,10 +321,14 @@ class LabelEstimate(BaseModel):
         "only two points"
     )
     predicted_top1_at_double: float | None = Field(
-        description="fitted top-1 at 2·n_max labeled images, clipped to 0..1; null when the "
-        "fit does not rise (gain_per_doubling below 0.0005): it then predicts nothing"
+        description="top-1 expected at 2·n_max labeled images: measured_top1 + "
+        "gain_per_doubling, clipped to 0..1; null when the fit does not rise "
+        "(gain_per_doubling below 0.0005): it then predicts nothing"
     )
     extra_labels: int = Field(description="labels to add to reach 2·n_max (that is, n_max)")
+    images_left: int | None = Field(
+        None, description="training images of the dataset beyond n_max: the most labels it "
+        "can still give (fewer than extra_labels means more images would be needed)")
     n_points: int = Field(description="succeeded runs in the fit (every seed is a point)")
     intercept: float = Field(description="a in top-1 = a + b·ln(n)")
     slope: float = Field(description="b in top-1 = a + b·ln(n)")

@@ -64,6 +64,22 @@ def test_the_standard_error_is_the_regression_slope_standard_error():
     assert estimate.measured_top1 == pytest.approx((0.78 + 0.75) / 2)
 
 
+def test_the_prediction_is_what_was_measured_plus_the_gain_so_they_never_disagree():
+    """The fit's own value at 2·n_max (63.3%) was shown beside 70% measured at n_max and a
+    gain of +5 points."""
+    [estimate] = estimate_label_gains([("m", 10, 0.6), ("m", 20, 0.3), ("m", 40, 0.7)])
+    assert estimate.gain_per_doubling == pytest.approx(0.05)
+    assert estimate.predicted_top1_at_double == pytest.approx(0.75)
+
+
+def test_an_estimate_says_how_many_more_images_the_dataset_holds():
+    points = [("m", 30, 0.3), ("m", 360, 0.5)]  # "all" of 360 labeled images, 100 unlabeled
+    [estimate] = estimate_label_gains(points, images=460)
+    assert (estimate.extra_labels, estimate.images_left) == (360, 100)
+    assert estimate_label_gains(points)[0].images_left is None  # not told
+    assert estimate_label_gains(points, images=300)[0].images_left == 0
+
+
 def test_a_method_measured_at_one_labeled_count_gets_no_estimate():
     points = [("fine-tune", 24, 0.61), ("fine-tune", 24, 0.65),  # two seeds, one budget
               ("self-tuning", 24, 0.7), ("self-tuning", 48, 0.8)]
@@ -180,13 +196,14 @@ def test_the_experiment_api_estimates_what_twice_the_labels_would_buy(live_serve
     assert [(row["budget_label"], row["labeled_count"]) for row in table] == [
         (label, LABELED[label]) for label in ("4/class", "4/class", "50%", "50%", "all", "all")]
 
-    slope, intercept = np.polyfit(np.log([12, 24, 48]), [0.60, 0.71, 0.78], 1)
+    slope, _ = np.polyfit(np.log([12, 24, 48]), [0.60, 0.71, 0.78], 1)
     assert estimate["method"] == "self-tuning"
     assert estimate["n_max"] == estimate["extra_labels"] == 48
     assert estimate["n_points"] == 3
     assert estimate["measured_top1"] == pytest.approx(0.78)
     assert estimate["gain_per_doubling"] == pytest.approx(slope * LN2)
-    assert estimate["predicted_top1_at_double"] == pytest.approx(intercept + slope * math.log(96))
+    assert estimate["predicted_top1_at_double"] == pytest.approx(0.78 + slope * LN2)
+    assert estimate["images_left"] == 0 and fine_tune["images_left"] == 24  # of 48
     assert 0 < estimate["gain_per_doubling_se"] < 0.05
     documented = schema["ExperimentOut"]["properties"]["label_estimates"]["description"]
     assert "extrapolation" in documented
@@ -237,7 +254,8 @@ def test_the_page_shows_what_more_labels_would_buy_and_updates_it_as_runs_finish
         page.wait_for_function(
             "(selector) => document.querySelector(selector).textContent.includes('96 labels')",
             arg=f"{rows} td:nth-child(3)")
-        assert cells() == ["Self-Tuning", "78.0% at 48 labels", "87.3% at 96 labels (+48)",
+        assert cells() == ["Self-Tuning", "78.0% at 48 labels",
+                           "87.0% at 96 labels (+48; this dataset has no more images)",
                            "+9.0 ± 0.6 points"]
         assert page.evaluate("window.sameDocument") is True
         assert page.locator(rows).count() == 1  # fine-tune still has one budget
@@ -250,7 +268,8 @@ def test_the_page_shows_what_more_labels_would_buy_and_updates_it_as_runs_finish
         assert cells() == [
             "Fine-tuning", "50.0% at 24 labels",
             "none: top-1 did not rise with labels in these runs", "−10.0 points",
-            "Self-Tuning", "62.0% at 48 labels", "66.0% at 96 labels (+48)",
+            "Self-Tuning", "62.0% at 48 labels",
+            "63.0% at 96 labels (+48; this dataset has no more images)",
             "+1.0 ± 5.2 points (within the scatter of the runs)"]
         browser.screenshot("2-noisy-estimates")
 

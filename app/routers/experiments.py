@@ -85,7 +85,7 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
         status=experiment_status(Counter(run.status for run in runs)),
         runs=[run_summary(run, positions.get(run.id)) for run in runs],
         budget_table=budget_table(runs, labeled),
-        label_estimates=label_estimates(runs, labeled),
+        label_estimates=label_estimates(runs, labeled, dataset),
         warnings=experiment_warnings(dataset, runs, experiment.overrides or {}),
     )
 

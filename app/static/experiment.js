@@ -479,14 +479,18 @@ export function experimentPage() {
     // then gives no prediction), and a gain smaller than its standard error is within the
     // scatter of the runs: say so.
     const rises = (e) => isNumber(e.predicted_top1_at_double);
-    const withinScatter = (e) => isNumber(e.gain_per_doubling_se)
+    const withinScatter = (e) => isNumber(e.gain_per_doubling_se) && e.gain_per_doubling_se > 0
       && e.gain_per_doubling_se >= Math.abs(e.gain_per_doubling);
+    // Twice the labels may be more than the dataset holds: say so.
+    const short = (e) => !isNumber(e.images_left) || e.images_left >= e.extra_labels ? ""
+      : e.images_left === 0 ? "; this dataset has no more images"
+        : `; this dataset has ${e.images_left.toLocaleString("en")} more images`;
     const body = inTableOrder.map((e) => h("tr", { "data-method": e.method },
       h("th", {}, title(e.method)),
       h("td", { class: "num" }, `${pct(e.measured_top1)} at ${labels(e.n_max)}`),
       rises(e)
         ? h("td", { class: "num" }, `${pct(e.predicted_top1_at_double)} at ${labels(2 * e.n_max)}`,
-          h("small", { class: "muted" }, ` (+${e.extra_labels.toLocaleString("en")})`))
+          h("small", { class: "muted" }, ` (+${e.extra_labels.toLocaleString("en")}${short(e)})`))
         : h("td", { class: "num muted" }, "none: top-1 did not rise with labels in these runs"),
       h("td", { class: "num", title: `fitted on ${e.n_points} runs` },
         points(e.gain_per_doubling),

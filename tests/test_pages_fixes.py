@@ -529,14 +529,16 @@ def test_upload_page_gives_sizes_in_the_units_of_the_servers_messages(settings, 
 
 # --- The pseudo-label quality card says what it has nothing about ---------------------------
 
-def quality(unlabeled: int, queue: bool) -> dict:
-    """pseudo_label_quality as the engine records it (worker/selftuning/metrics.py)."""
+def quality(unlabeled: int, queue: bool, withheld: bool = True) -> dict:
+    """pseudo_label_quality as the engine records it (worker/selftuning/metrics.py);
+    `withheld`: some unlabeled images have a withheld label."""
     counts = [0] * 9 + [unlabeled]
+    judged = unlabeled if withheld else 0
     recorded = {
-        "confidence_bins": [{"lo": 0.9, "hi": 1.0, "count": unlabeled, "judged": unlabeled,
-                             "accuracy": 0.75 if unlabeled else None}],
+        "confidence_bins": [{"lo": 0.9, "hi": 1.0, "count": unlabeled, "judged": judged,
+                             "accuracy": 0.75 if judged else None}],
         "kept_share_at_095": 0.5 if unlabeled else None,
-        "kept_accuracy_at_095": 0.8 if unlabeled else None,
+        "kept_accuracy_at_095": 0.8 if judged else None,
         "predicted_distribution": [0.5, 0.5] if unlabeled else None,
         "labeled_distribution": [0.5, 0.5],
         "confidence_histogram": {"edges": [i / 10 for i in range(11)], "counts": counts},
@@ -558,6 +560,8 @@ def test_the_quality_card_shows_queue_rows_for_self_tuning_only_and_says_when_it
         "fine-tune": (ids[("fine-tune", "50%", 0)], quality(4, queue=False)),
         "self-tuning": (ids[("self-tuning", "50%", 0)], quality(4, queue=True)),
         "nothing": (ids[("self-tuning", "50%", 1)], quality(0, queue=True)),
+        "no withheld labels": (ids[("fine-tune", "50%", 1)],
+                               quality(6, queue=False, withheld=False)),
     }
     for run_id, recorded in finished.values():
         finish(database_url, live, run_id, {
@@ -572,7 +576,13 @@ def test_the_quality_card_shows_queue_rows_for_self_tuning_only_and_says_when_it
             page.wait_for_selector("#results:not([hidden])")
             return page.locator("#quality-facts th").all_inner_texts()
 
-        assert facts("fine-tune") == ["Share a 0.95 threshold keeps", "Accuracy of what it keeps"]
+        def values() -> list[str]:
+            return page.locator("#quality-facts td").all_inner_texts()
+
+        assert facts("fine-tune") == ["Images a 0.95 threshold keeps", "Accuracy of what it keeps"]
+        assert values() == ["2 of 4 (50.0%)", "80.0%"]
+        facts("no withheld labels")
+        assert values() == ["3 of 6 (50.0%)", "– (none of them has a withheld label)"]
         assert page.is_hidden("#quality-none") and page.is_visible("#quality-details")
         assert facts("self-tuning")[2:] == [
             "Queue purity (agrees with the model)",

@@ -432,9 +432,15 @@ function drawQuality(q, names) {
   document.getElementById("quality-none").hidden = unlabeled > 0;
   document.getElementById("quality-details").hidden = unlabeled === 0;
   if (unlabeled === 0) return;
+  // What a 0.95 threshold keeps: how many images, and how right they are where a withheld
+  // label can tell (none can under the "all" budget).
+  const kept = Math.round((q.kept_share_at_095 ?? 0) * unlabeled);
+  const count = (n) => n.toLocaleString("en");
   const facts = [
-    ["Share a 0.95 threshold keeps", pct(q.kept_share_at_095)],
-    ["Accuracy of what it keeps", pct(q.kept_accuracy_at_095)],
+    ["Images a 0.95 threshold keeps", isNumber(q.kept_share_at_095)
+      ? `${count(kept)} of ${count(unlabeled)} (${pct(q.kept_share_at_095)})` : "–"],
+    ["Accuracy of what it keeps", isNumber(q.kept_accuracy_at_095) ? pct(q.kept_accuracy_at_095)
+      : kept === 0 ? "– (it keeps none)" : "– (none of them has a withheld label)"],
   ];
   if ("queue_purity" in q) { // Self-Tuning's queue of keys; the other methods have none
     facts.push(["Queue purity (agrees with the model)", pct(q.queue_purity)],

@@ -486,6 +486,21 @@ def test_test_predictions_name_the_uploaded_images_not_where_the_server_keeps_th
                       .read_text()) == rows
 
 
+def test_a_worker_whose_training_code_does_not_load_ends_the_run_failed_with_the_reason(
+        settings, tmp_path, monkeypatch):
+    """The run stayed "running" at step 0, the ImportError only in the worker's log, until
+    the reaper called the worker silent and the run ended lost, for another reason."""
+    run_id = add_run(settings, tmp_path)
+    monkeypatch.delitem(sys.modules, "worker.selftuning.loop", raising=False)
+    monkeypatch.setitem(sys.modules, "worker.selftuning.loop", None)  # importing it fails
+    assert execute_run(settings, run_id, "w@host", TASK_ID)["status"] == "failed"
+    run = read_run(settings, run_id)
+    assert run.status == "failed" and run.finished_at is not None
+    assert run.error.startswith("could not start on worker w@host: ModuleNotFoundError: import of "
+                                "worker.selftuning.loop halted"), run.error
+    assert feed(settings, run_id)[-1]["type"] == "end"
+
+
 def test_a_task_that_cannot_take_its_run_ends_the_run_failed_not_queued(settings, tmp_path,
                                                                          monkeypatch):
     """Before execute_run can take the run (and end it itself on an error) the task may fail:

@@ -396,10 +396,15 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
 
 def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
            stop: StopSignal) -> dict[str, Any]:
-    from worker.selftuning.config import RunConfig, backbone_in
-    from worker.selftuning.data import make_budget_data
-    from worker.selftuning.files import checkpoint_path
-    from worker.selftuning.loop import TrainingCancelled, train
+    try:
+        from worker.selftuning.config import RunConfig, backbone_in
+        from worker.selftuning.data import make_budget_data
+        from worker.selftuning.files import checkpoint_path
+        from worker.selftuning.loop import TrainingCancelled, train
+    except Exception as exc:  # noqa: BLE001 - a worker whose training code does not load
+        # (a package missing, an upgrade half done): the run it took ends failed, saying so,
+        # rather than sitting "running" until the reaper calls its worker silent.
+        return _fail(recorder, exc, f"could not start on worker {recorder.worker}: ")
 
     run_id = recorder.run_id
     recorder.publish(job.status_event)

@@ -525,6 +525,32 @@ def experiment_warnings(dataset: Dataset | None, runs: list[Run],
         cache_warnings(dataset, image_size) if dataset is not None and image_size else [])
 
 
+# A run this many times the quick preset's work (iterations x images a step x pixels) is
+# sized for a GPU: the paper preset is about 1,200 times.
+GPU_SIZED = 20
+
+
+def device_warnings(workers: list[dict[str, Any]], runs: list[Run]) -> list[str]:
+    """Runs sized for a GPU when every worker that answers trains on its CPU (`workers`:
+    app.live.live_workers): the paper preset takes days a run there."""
+    if not workers or any(worker.get("torch_device") != "cpu" for worker in workers):
+        return []
+    quick = _work(RunConfig().to_dict())
+    largest = max((run.config for run in runs if run.config), key=_work, default=None)
+    if largest is None or _work(largest) < GPU_SIZED * quick:
+        return []
+    return [f"every worker that answers trains on its CPU, and these runs are sized for a GPU "
+            f"({largest['iterations']:,} iterations of {largest['batch_size']} + "
+            f"{largest['unlabeled_batch_size']} images at {largest['image_size']} px, "
+            f"{_work(largest) / quick:,.0f} times the quick preset's work): expect days a "
+            "run; the quick preset is sized for a CPU"]
+
+
+def _work(config: dict[str, Any]) -> int:
+    images = config["batch_size"] + config["unlabeled_batch_size"]
+    return config["iterations"] * images * config["image_size"] ** 2
+
+
 def decoded_bytes(dataset: Dataset, image_size: int) -> int:
     """About what a dataset's decoded images take at `image_size` (the engine's cache):
     training images (labeled and unlabeled) at image_size / crop_pct a side, test and

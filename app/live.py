@@ -40,7 +40,8 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
         raw = client.get(key)
         if raw:
             info = json.loads(raw)
-            workers.append({"name": info["name"], "device": info["device"]})
+            workers.append({"name": info["name"], "device": info["device"],
+                            "torch_device": info.get("torch_device")})
     return sorted(workers, key=lambda w: w["name"])
 
 

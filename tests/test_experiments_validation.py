@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from app import idempotency
 from app.config import Settings
 from app.db import session_scope, upgrade_to_head
+from app.live import WORKER_KEY_PREFIX
 from app.models import Dataset, Experiment, Run
 from app.schemas import ExperimentIn
 from tests.conftest import reset_redis
@@ -345,6 +346,39 @@ def test_a_check_says_what_a_start_would_make_and_stores_and_queues_nothing(live
         "at budget 'all' no image is unlabeled (the budget keeps every label and the dataset "
         "has no unlabeled images): Self-Tuning trains on the labeled images alone"]
     assert plain.json() == {"runs": 1, "backbone": "test_efficientnet", "warnings": []}
+
+
+def test_runs_sized_for_a_gpu_are_flagged_when_every_worker_trains_on_its_cpu(live_server,
+                                                                             dataset_id):
+    """The paper preset (27,000 iterations at 224 px) was accepted without a word by CPU-only
+    workers, at days a run. Workers are known by the presence keys they refresh in Redis
+    (worker/celery_app.py), written here as they write them."""
+    live = redis.Redis.from_url(live_server.redis_url)
+    paper = body(dataset_id, preset="paper")
+
+    def warnings(request: dict, *workers: str) -> list[str]:
+        live.delete(*live.keys(f"{WORKER_KEY_PREFIX}*") or ["-"])
+        for index, device in enumerate(workers):
+            live.set(f"{WORKER_KEY_PREFIX}w{index}", json.dumps(
+                {"name": f"w{index}", "device": device, "torch_device": device}), ex=60)
+        with live_server.client() as client:
+            response = client.post("/api/experiments/check", json=request)
+        assert response.status_code == 200, response.text
+        return response.json()["warnings"]
+
+    try:
+        assert warnings(paper, "cpu", "cpu") == [
+            "every worker that answers trains on its CPU, and these runs are sized for a GPU "
+            "(27,000 iterations of 24 + 24 images at 224 px, 1,240 times the quick preset's "
+            "work): expect days a run; the quick preset is sized for a CPU"]
+        assert warnings(paper, "cpu", "cuda:0") == []  # a GPU worker takes its share
+        assert warnings(paper) == []  # no worker yet: nothing known about them
+        assert warnings(body(dataset_id), "cpu") == []  # the quick preset
+        with live_server.client() as client:  # a start says it too
+            started = client.post("/api/experiments", json=paper).json()
+        assert started["warnings"][-1].startswith("every worker that answers trains on its CPU")
+    finally:
+        live.delete(*live.keys(f"{WORKER_KEY_PREFIX}*") or ["-"])
 
 
 @pytest.mark.parametrize("path", [

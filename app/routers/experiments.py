@@ -34,6 +34,7 @@ from app.experiments import (
     cancel_runs,
     create_experiment,
     delete_experiment_with_runs,
+    device_warnings,
     enqueue_runs,
     experiment_status,
     experiment_warnings,
@@ -43,7 +44,7 @@ from app.experiments import (
     queue_positions,
     unprocessable,
 )
-from app.live import ended, experiment_stream_key
+from app.live import ended, experiment_stream_key, live_workers
 from app.models import Dataset, Experiment, Run
 from app.responses import csv_download
 from app.routers.runs import SSE_RESPONSES, run_summary
@@ -138,20 +139,33 @@ def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
     if idempotency_key is not None:
         idempotency.remember(live, idempotency_key, digest, experiment.id)
     response.headers["Location"] = f"/api/experiments/{experiment.id}"
-    return experiment_out(experiment)
+    started = experiment_out(experiment)
+    started.warnings += device_warnings(workers_now(live), experiment.runs)
+    return started
+
+
+def workers_now(live: redis.Redis) -> list[dict]:
+    """The workers that answer now; none known when Redis does not answer."""
+    try:
+        return live_workers(live)
+    except redis.RedisError:
+        return []
 
 
 @router.post("/check", response_model=ExperimentCheckOut, responses={
     422: {"model": ErrorOut, "description": "what POST /api/experiments would refuse, in "
           "the same words"}})
-def check_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDep):
+def check_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDep,
+                     live: RedisDep):
     """What POST /api/experiments would make of this body, without making it: the same
-    checks and refusals, the number of runs and the experiment's warnings. Nothing is stored
-    or queued (the start form asks as it is filled in)."""
+    checks and refusals, the number of runs and the experiment's warnings (with runs sized
+    for a GPU when every worker trains on its CPU). Nothing is stored or queued (the start
+    form asks as it is filled in)."""
     dataset, experiment = plan_experiment(session, settings, payload, hold=False)
     return ExperimentCheckOut(
         runs=len(experiment.runs), backbone=experiment.backbone,
-        warnings=experiment_warnings(dataset, experiment.runs, experiment.overrides or {}))
+        warnings=experiment_warnings(dataset, experiment.runs, experiment.overrides or {})
+        + device_warnings(workers_now(live), experiment.runs))
 
 
 @router.get("", response_model=list[ExperimentListItem])

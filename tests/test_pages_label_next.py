@@ -63,11 +63,14 @@ def test_label_next_offers_the_withheld_images_only_when_the_budget_hid_some(
         text = box.inner_text()
         assert text.startswith("No unlabeled images: every image has a label.")
         link = browser.page.query_selector("#label-next-thumbs a")
+        # The images the budget hid, ranked as label next ranks: smallest margin first.
+        shown = browser.page.locator("#label-next-thumbs figcaption").all_inner_texts()
         if hidden:
             assert "The budget only hid some of them" in text
             assert link.get_attribute("href") == (
                 f"/api/runs/{run_ids[0]}/label-next.csv?include_withheld=true")
+            assert shown == ["cat\nmargin 20%", "cat\nmargin 30%"]
         else:
-            assert link is None and "hid" not in text
+            assert link is None and "hid" not in text and shown == []
         browser.screenshot("label-next")
         browser.assert_no_errors()

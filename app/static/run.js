@@ -505,23 +505,29 @@ async function drawLabelNext(run) {
   // Rows with a withheld label are images the user labeled already (held back by the budget);
   // the ones worth labeling next are those without any label.
   const rows = parseCsv(await response.text()).filter((row) => !row.hidden_label).slice(0, LABEL_NEXT_SHOWN);
-  if (!rows.length) {
-    // The labels this budget withheld are the user's own: say how to rank those images anyway.
-    const ranked = `/api/runs/${run.id}/label-next.csv?include_withheld=true`;
-    const any = await fetch(`${ranked}&limit=1`);
-    const withheld = any.ok && parseCsv(await any.text()).length > 0;
-    box.replaceChildren(h("p", { class: "muted" }, "No unlabeled images: every image has a label.",
-      withheld ? [" The budget only hid some of them, to score the pseudo-labels; ",
-        h("a", { href: ranked }, "those images ranked the same way"), " (CSV)."] : []));
+  if (rows.length) {
+    box.replaceChildren(...rows.map(thumbnail(run)));
     return;
   }
-  box.replaceChildren(...rows.map((row) => h("figure", { class: "thumb" },
-    row.image_id
-      ? h("img", { src: `/api/datasets/${run.dataset_id}/images/${row.image_id}/thumbnail`,
-        alt: row.path, title: row.path, loading: "lazy", width: 72, height: 72 })
-      : h("span", { class: "muted" }, row.path),
-    h("figcaption", {}, row.label, h("br"), pct(Number(row.confidence), 0)))));
+  // The labels this budget withheld are the user's own: show those images ranked the same
+  // way (what this run would have asked for), and say that is what they are.
+  const ranked = `/api/runs/${run.id}/label-next.csv?include_withheld=true`;
+  const any = await fetch(`${ranked}&limit=${LABEL_NEXT_SHOWN}`);
+  const withheld = any.ok ? parseCsv(await any.text()) : [];
+  box.replaceChildren(h("p", { class: "muted" }, "No unlabeled images: every image has a label.",
+    withheld.length ? [" The budget only hid some of them, to score the pseudo-labels; ranked the same way, "
+      + "these would come first (", h("a", { href: ranked }, "all of them"), ", CSV):"] : []),
+  ...withheld.map(thumbnail(run)));
 }
+
+// One image to label: its thumbnail, the model's label and the margin it was ranked by (its
+// confidence on hover).
+const thumbnail = (run) => (row) => h("figure", { class: "thumb", title: `${row.path}: confidence ${pct(Number(row.confidence), 0)}` },
+  row.image_id
+    ? h("img", { src: `/api/datasets/${run.dataset_id}/images/${row.image_id}/thumbnail`,
+      alt: row.path, loading: "lazy", width: 72, height: 72 })
+    : h("span", { class: "muted" }, row.path),
+  h("figcaption", {}, row.label, h("br"), `margin ${pct(Number(row.margin), 0)}`));
 
 async function drawDownloads(run, classNames) {
   const predictions = run.artifacts.find((a) => a.name === "predictions.csv");

@@ -119,7 +119,11 @@ def load_folder_dataset(
     `labels.csv` (see `read_labels_csv`), which then decides alone. One wrapping folder is
     looked through. Folder names are read as uploads read them: split and `unlabeled/` in
     any letter case, class names in Unicode's composed form, classes numbered in natural
-    order (`natural_key`), so a seed draws the same labeled subset here as on the web. Files
+    order (`natural_key`) as on the web. Images are listed in path order; the web lists them
+    in the archive's order, so a seed draws the same labeled subset here and there only from
+    an archive that stores its images in path order (as `zip -r` and `tar` of a folder
+    usually do), and a dataset without `test/` is held out differently (the web by content
+    hash). Files
     too: images without an image extension are known by their content, and files that are
     not images or do not open are left out, with the reason in `skipped` (path: reason).
     Returns (class_names, train_items, test_items, unlabeled_paths); items are (path, index).

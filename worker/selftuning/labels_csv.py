@@ -26,8 +26,8 @@ def class_name(raw: str) -> str:
 
 def natural_key(name: str) -> tuple:
     """Sort key that puts "class2" before "class10"; the name itself breaks ties. Classes
-    are numbered in this order, so a seed draws the same labeled subset on the web and on
-    the command line."""
+    are numbered in this order on the web and on the command line, so both give a class the
+    same index."""
     parts = tuple(
         (0, int(token), "") if token.isdigit() else (1, 0, token.casefold())
         for token in re.split(r"(\d+)", name)

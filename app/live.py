@@ -67,8 +67,9 @@ def ended(run: Any, moment: float | None = None) -> dict[str, Any]:
     """A run's `end` event from its record, at `moment` (else when it finished): what the
     worker's own says (worker.runs.RunRecorder.finish), for feeds rebuilt or ended by the
     web."""
-    return {"type": "end", "run_id": run.id,
-            "time": moment if moment is not None else timestamp(run.finished_at),
+    if moment is None:
+        moment = timestamp(run.finished_at) or time.time()
+    return {"type": "end", "run_id": run.id, "time": moment,
             "status": run.status, "step": run.step, "total_steps": run.total_steps,
             "error": run.error, "metrics": headline(run.metrics)}
 

@@ -223,6 +223,8 @@ def test_the_page_shows_what_more_labels_would_buy_and_updates_it_as_runs_finish
         ("fine-tune", "50%", "queued", {}),
         ("fine-tune", "all", "queued", {}),
     ])
+    flat_id, _ = seed_experiment(live_server.database_url, [
+        ("fine-tune", label, "succeeded", finished(label, 0.60)) for label in LABELED])
     single_budget_id, _ = seed_experiment(live_server.database_url, [
         ("self-tuning", "4/class", "succeeded", finished("4/class", 0.60)),
     ])
@@ -272,6 +274,13 @@ def test_the_page_shows_what_more_labels_would_buy_and_updates_it_as_runs_finish
             "63.0% at 96 labels (+48; this dataset has no more images)",
             "+1.0 ± 5.2 points (within the scatter of the runs)"]
         browser.screenshot("2-noisy-estimates")
+
+        # Three runs on one flat line: no scatter at all, so nothing is "within" it.
+        page.goto(f"{live_server.url}/experiments/{flat_id}")
+        page.wait_for_selector(rows)
+        assert cells() == [
+            "Fine-tuning", "60.0% at 48 labels",
+            "none: top-1 did not rise with labels in these runs", "+0.0 ± 0.0 points"]
 
         page.goto(f"{live_server.url}/experiments/{single_budget_id}")
         page.wait_for_selector("#budget-table tbody tr")

@@ -36,8 +36,10 @@ def claim(live: redis.Redis, key: str, digest: str) -> int | None:
             continue
         state, _, stored_digest = value.partition(" ")
         if stored_digest != digest:
-            raise HTTPException(422, detail="this Idempotency-Key came with another request "
-                                "body: use a new key for a new experiment")
+            raise HTTPException(422, detail=[{
+                "loc": ["header", "Idempotency-Key"], "type": "value_error",
+                "msg": "this Idempotency-Key came with another request body: use a new key "
+                       "for a new experiment"}])
         if state == PENDING:
             raise HTTPException(409, detail="a request with this Idempotency-Key is still "
                                 "being handled: ask again in a moment")

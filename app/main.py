@@ -352,6 +352,21 @@ def _browser_opening_api(request: Request) -> bool:
 UNREADABLE_BODY = "There was an error parsing the body"
 
 
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers at this path (RFC 9110: a 405 lists them all). The
+    router names only those of the first route that matched the path, and a download's HEAD
+    and GET are two routes."""
+    routes = request.app.router.routes
+    allowed = {method for method in HTTP_METHODS if any(
+        route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)}
+    if "GET" in allowed and not request.url.path.endswith("/events"):
+        allowed.add("HEAD")  # HeadAsGet
+    return ", ".join(sorted(allowed))
+
+
 def _unreadable_body(cause: BaseException | None) -> str:
     """UNREADABLE_BODY, saying what was wrong."""
     if isinstance(cause, UnicodeDecodeError):
@@ -368,6 +383,9 @@ def _unreadable_body(cause: BaseException | None) -> str:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     if exc.status_code == 400 and exc.detail == UNREADABLE_BODY:
         exc = StarletteHTTPException(400, _unreadable_body(exc.__cause__))
+    if exc.status_code == 405:
+        exc = StarletteHTTPException(405, exc.detail, headers={
+            **(exc.headers or {}), "Allow": _allowed_methods(request)})
     if exc.status_code == 401 and _browser_opening_api(request):
         from app.routers.pages import page_guard  # sign in, then back to this address
 

@@ -102,6 +102,24 @@ class ErrorOut(BaseModel):
     detail: str
 
 
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="where: body, query, path or header, then the "
+                                 "field's path")
+    msg: str = Field(description="what to fix")
+    type: str
+
+
+class FieldErrorsOut(BaseModel):
+    """What a refused request body answers: one entry per field to fix."""
+
+    detail: list[FieldError]
+
+
+# A JSON body that cannot be read at all (not UTF-8, nested too deeply).
+UNREADABLE_BODY_OUT = {400: {"model": ErrorOut, "description": "the body could not be read "
+                             "(not UTF-8, or nested too deeply)"}}
+
+
 class PerClassBudget(BaseModel):
     model_config = INPUT
     per_class: int = Field(ge=1, le=1_000_000, description="labeled images kept per class")

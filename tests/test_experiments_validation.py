@@ -16,7 +16,7 @@ from app.config import Settings
 from app.db import session_scope, upgrade_to_head
 from app.live import WORKER_KEY_PREFIX
 from app.models import Dataset, Experiment, Run
-from app.schemas import ExperimentIn
+from app.schemas import ErrorOut, ExperimentIn, FieldErrorsOut
 from tests.conftest import reset_redis
 from tests.support import LiveServer, add_dataset_row, app_env, start_server
 
@@ -346,6 +346,53 @@ def test_a_check_says_what_a_start_would_make_and_stores_and_queues_nothing(live
         "at budget 'all' no image is unlabeled (the budget keeps every label and the dataset "
         "has no unlabeled images): Self-Tuning trains on the labeled images alone"]
     assert plain.json() == {"runs": 1, "backbone": "test_efficientnet", "warnings": []}
+
+
+def test_refusals_come_with_a_status_and_body_shape_the_api_documents(live_server, dataset_id):
+    """/docs promised an ErrorOut (a string) for the check's 422s, which are lists of fields;
+    the start's Idempotency-Key refusal was a string where lists were documented; a body
+    that is not UTF-8 got an undocumented 400."""
+    with live_server.client() as client:
+        schema = client.get("/openapi.json").json()
+        answers = {
+            ("/api/experiments/check", "no body"): client.post("/api/experiments/check"),
+            ("/api/experiments/check", "no such dataset"): client.post(
+                "/api/experiments/check", json=body(10**9)),
+            ("/api/experiments/check", "not UTF-8"): client.post(
+                "/api/experiments/check", content=b"\xff\x01",
+                headers={"Content-Type": "application/json"}),
+            ("/api/experiments", "not UTF-8"): client.post(
+                "/api/experiments", content=b"\xff\x01",
+                headers={"Content-Type": "application/json"}),
+        }
+        key = {"Idempotency-Key": f"shape-{dataset_id}"}
+        assert client.post("/api/experiments", json=body(dataset_id), headers=key).is_success
+        answers[("/api/experiments", "key with another body")] = client.post(
+            "/api/experiments", json=body(dataset_id, seeds=[1]), headers=key)
+    models = {"ErrorOut": ErrorOut, "FieldErrorsOut": FieldErrorsOut}
+    for (path, case), response in answers.items():
+        documented = schema["paths"][path]["post"]["responses"]
+        assert str(response.status_code) in documented, (case, response.status_code)
+        reference = documented[str(response.status_code)]["content"]["application/json"][
+            "schema"]["$ref"]
+        models[reference.rsplit("/", 1)[1]].model_validate(response.json())
+    assert [response.status_code for response in answers.values()] == [422, 422, 400, 400, 422]
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("PUT", "/api/datasets/1", "DELETE, GET, HEAD"),
+    ("POST", "/api/runs/1/checkpoint", "GET, HEAD"),
+    ("OPTIONS", "/api/datasets", "GET, HEAD, POST"),
+    ("HEAD", "/api/runs/1/events", "GET"),  # a live feed has no HEAD
+])
+def test_a_method_a_path_does_not_take_is_a_405_naming_every_one_it_does(
+        live_server, method, path, allowed):
+    """The 405's Allow header named the first route's methods only: GET and HEAD are two
+    routes for a download, so a client was told to use HEAD alone."""
+    with live_server.client() as client:
+        response = client.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed
 
 
 def test_runs_sized_for_a_gpu_are_flagged_when_every_worker_trains_on_its_cpu(live_server,
@@ -679,9 +726,10 @@ def test_a_retry_with_the_same_idempotency_key_gets_the_first_experiment(live_se
     assert [run["id"] for run in again.json()["runs"]] == [r["id"] for r in first.json()["runs"]]
     assert after_retry == (experiments, runs)  # nothing new queued
     assert other_body.status_code == 422
-    assert other_body.json()["detail"] == (
-        "this Idempotency-Key came with another request body: use a new key for a new "
-        "experiment")
+    assert other_body.json()["detail"] == [{  # the shape of every 422 of this route
+        "loc": ["header", "Idempotency-Key"], "type": "value_error",
+        "msg": "this Idempotency-Key came with another request body: use a new key for a new "
+               "experiment"}]
     assert without_key.status_code == 201 and without_key.json()["id"] != first.json()["id"]
     # A refused request keeps nothing under its key: the corrected retry is made.
     assert refused.status_code == 422 and after_refusal.status_code == 201

@@ -49,11 +49,13 @@ from app.models import Dataset, Experiment, Run
 from app.responses import csv_download
 from app.routers.runs import SSE_RESPONSES, run_summary
 from app.schemas import (
+    UNREADABLE_BODY_OUT,
     ErrorOut,
     ExperimentCheckOut,
     ExperimentIn,
     ExperimentListItem,
     ExperimentOut,
+    FieldErrorsOut,
 )
 
 router = APIRouter(prefix="/api/experiments", tags=["experiments"])
@@ -103,8 +105,10 @@ IdempotencyKey = Annotated[str | None, Header(
           "Idempotency-Key and body made (Idempotent-Replayed: true)"},
     409: {"model": ErrorOut, "description": "the first request with this Idempotency-Key is "
           "still being handled"},
+    422: {"model": FieldErrorsOut, "description": "what to fix in the body (or the "
+          "Idempotency-Key, sent before with another body)"},
     503: {"model": ErrorOut, "description": "the queue (Redis) is not reachable: the runs are "
-          "stored as failed, with the reason"}})
+          "stored as failed, with the reason"}, **UNREADABLE_BODY_OUT})
 def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
                      settings: SettingsDep, live: RedisDep,
                      idempotency_key: IdempotencyKey = None):
@@ -153,8 +157,8 @@ def workers_now(live: redis.Redis) -> list[dict]:
 
 
 @router.post("/check", response_model=ExperimentCheckOut, responses={
-    422: {"model": ErrorOut, "description": "what POST /api/experiments would refuse, in "
-          "the same words"}})
+    422: {"model": FieldErrorsOut, "description": "what POST /api/experiments would refuse, "
+          "in the same words"}, **UNREADABLE_BODY_OUT})
 def check_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDep,
                      live: RedisDep):
     """What POST /api/experiments would make of this body, without making it: the same

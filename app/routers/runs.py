@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy import select
@@ -53,12 +54,14 @@ DOWNLOADABLE = CHECKPOINT_FILES + ("predictions.csv", "test_predictions.json")
 SSE_RESPONSES = {200: {"content": {"text/event-stream": {}},
                        "description": feed_events_description()}}
 NO_RUN = {404: {"model": ErrorOut, "description": "no such run"}}
+FileName = Annotated[str, PathParam(description="one of " + ", ".join(DOWNLOADABLE),
+                                    examples=list(DOWNLOADABLE))]
 
 
-def file_responses(media_type: str) -> dict:
+def file_responses(*media_types: str) -> dict:
     """What a download may answer besides the whole file (and a HEAD, the same headers)."""
     return {
-        200: {"content": {media_type: {}}},
+        200: {"content": {media_type: {} for media_type in media_types}},
         206: {"description": "the part a `Range: bytes=...` asked for"},
         304: {"description": "not modified: `If-None-Match` holds this file's ETag"},
         404: {"model": ErrorOut, "description": "no such run, or it has not exported the file "
@@ -246,9 +249,10 @@ def artifact_path(settings: Settings, session: Session, run_id: int, name: str) 
 
 # Downloads answer HEAD too (download managers and `wget --spider` ask it first).
 @router.get("/{run_id}/files/{name}", response_class=FileResponse,
-            responses=file_responses("application/octet-stream"))
+            responses=file_responses("application/octet-stream", "application/json",
+                                     "text/csv"))
 @router.head("/{run_id}/files/{name}", include_in_schema=False)
-def download_file(run_id: RunId, name: str, request: Request, session: DbDep,
+def download_file(run_id: RunId, name: FileName, request: Request, session: DbDep,
                   settings: SettingsDep):
     """One exported file: model.safetensors, config.json, training.json, predictions.csv (the
     unlabeled images) or test_predictions.json (each test image's `image_id`, `path` as

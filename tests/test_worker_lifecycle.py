@@ -448,7 +448,8 @@ def assert_documented(event: dict) -> None:
 @pytest.mark.parametrize("method", ["self-tuning", "fixmatch", "fine-tune"])
 def test_every_event_a_run_sends_is_documented(settings, tmp_path, method):
     run_id = add_run(settings, tmp_path, method=method, iterations=4)
-    update_run(settings, run_id, status="lost")  # its first try: a status event, then a resume
+    update_run(settings, run_id, status="lost")  # queued again by a person: the web's
+    # "status" event joins the worker's in the feed
     with session_scope(settings.sqlalchemy_url) as session:
         requeue(session, get_redis(settings.effective_redis_url), run_id, by_person=True)
     assert execute_run(settings, run_id, "w@host",

@@ -69,9 +69,7 @@ def ended(run: Any, moment: float | None = None) -> dict[str, Any]:
     web."""
     if moment is None:
         moment = timestamp(run.finished_at) or time.time()
-    return {"type": "end", "run_id": run.id, "time": moment,
-            "status": run.status, "step": run.step, "total_steps": run.total_steps,
-            "error": run.error, "metrics": headline(run.metrics)}
+    return _run_fields(run, "end", moment, error=run.error, metrics=headline(run.metrics))
 
 
 def timestamp(moment: datetime | None) -> float | None:
@@ -84,9 +82,13 @@ def timestamp(moment: datetime | None) -> float | None:
 def _run_event(run: Any, kind: str, **extra: Any) -> dict[str, str]:
     """A stream entry about a run's state, written by the web or the reaper (the worker's
     own events carry the same fields, worker.runs.RunRecorder.publish)."""
-    return {"data": json.dumps({"type": kind, "run_id": run.id, "time": time.time(),
-                                "status": run.status, "step": run.step,
-                                "total_steps": run.total_steps, **extra})}
+    return {"data": json.dumps(_run_fields(run, kind, time.time(), **extra))}
+
+
+def _run_fields(run: Any, kind: str, moment: float, **extra: Any) -> dict[str, Any]:
+    """An event about a run's state, from its record, sent (or recorded) at `moment`."""
+    return {"type": kind, "run_id": run.id, "time": moment, "status": run.status,
+            "step": run.step, "total_steps": run.total_steps, **extra}
 
 
 def publish_end(client: redis.Redis, run: Any) -> None:

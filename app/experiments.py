@@ -507,8 +507,7 @@ def budget_labeled_count(dataset: Dataset, budget: Any) -> int:
 def budget_unlabeled_count(dataset: Dataset, budget: Any) -> int:
     """Unlabeled images a run at this budget draws from: the dataset's unlabeled ones and the
     labeled ones the budget leaves out."""
-    return (dataset.unlabeled_count + sum(_train_sizes(dataset))
-            - budget_labeled_count(dataset, budget))
+    return training_images(dataset) - budget_labeled_count(dataset, budget)
 
 
 # Decoded images above this size get a warning: the worker's disk holds them for as long as
@@ -555,7 +554,7 @@ def decoded_bytes(dataset: Dataset, image_size: int) -> int:
     """About what a dataset's decoded images take at `image_size` (the engine's cache):
     training images (labeled and unlabeled) at image_size / crop_pct a side, test and
     unlabeled images (scored at the end) at image_size, 3 bytes a pixel."""
-    train = sum(_train_sizes(dataset)) + dataset.unlabeled_count
+    train = training_images(dataset)
     evaluated = sum(counts.get("test", 0) for counts in dataset.class_counts.values()) + (
         dataset.unlabeled_count)
     scale = math.floor(image_size / CROP_PCT)
@@ -598,6 +597,12 @@ def unlabeled_warnings(dataset: Dataset | None, runs: list[Run],
 def _train_sizes(dataset: Dataset) -> list[int]:
     """Labeled training images per class: the pool a budget draws its labels from."""
     return [counts.get("train", 0) for counts in dataset.class_counts.values()]
+
+
+def training_images(dataset: Dataset) -> int:
+    """The dataset's training images, labeled and unlabeled: the most labels a budget of it
+    can have."""
+    return sum(_train_sizes(dataset)) + dataset.unlabeled_count
 
 
 def budget_table(runs: list[Run], labeled: dict[str, int] | None = None) -> list[dict[str, Any]]:
@@ -674,7 +679,7 @@ def label_estimates(runs: list[Run], labeled: dict[str, int] | None = None,
         if (run.status == "succeeded" and isinstance(count, int)
                 and run.metrics.get("test_top1") is not None):
             points.append((run.method, count, run.metrics["test_top1"]))
-    images = None if dataset is None else dataset.unlabeled_count + sum(_train_sizes(dataset))
+    images = None if dataset is None else training_images(dataset)
     estimates = estimate_label_gains(points, images)
     return sorted(estimates, key=lambda estimate: METHOD_ORDER.get(estimate.method, 9))
 

@@ -188,12 +188,17 @@ class HeadAsGet:
         self.app = app
         self.router = router
 
+    @staticmethod
+    def covers(path: str) -> bool:
+        """Whether HEAD is answered as GET at `path` (not the live feeds)."""
+        return not path.endswith("/events")
+
     def _declared(self, scope) -> bool:
         return any(route.matches(scope)[0] == Match.FULL for route in self.router.routes)
 
     async def __call__(self, scope, receive, send) -> None:
         if (scope["type"] != "http" or scope["method"] != "HEAD"
-                or scope["path"].endswith("/events") or self._declared(scope)):
+                or not self.covers(scope["path"]) or self._declared(scope)):
             await self.app(scope, receive, send)
             return
 
@@ -362,8 +367,8 @@ def _allowed_methods(request: Request) -> str:
     routes = request.app.router.routes
     allowed = {method for method in HTTP_METHODS if any(
         route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)}
-    if "GET" in allowed and not request.url.path.endswith("/events"):
-        allowed.add("HEAD")  # HeadAsGet
+    if "GET" in allowed and HeadAsGet.covers(request.scope["path"]):
+        allowed.add("HEAD")
     return ", ".join(sorted(allowed))
 
 

@@ -33,8 +33,11 @@ from app.live import (
 )
 from app.models import Artifact, DatasetImage, Experiment, Run, RunMetric
 from worker.selftuning.files import (
+    CONFIG_FILE,
+    MODEL_FILE,
     PREDICTIONS_FILE,
     TEST_PREDICTIONS_FILE,
+    TRAINING_FILE,
     read_csv,
     replace_csv,
     write_json,
@@ -42,7 +45,7 @@ from worker.selftuning.files import (
 
 log = logging.getLogger(__name__)
 
-EXPORTED_FILES = ("model.safetensors", "config.json", "training.json", "predictions.csv")
+EXPORTED_FILES = (MODEL_FILE, CONFIG_FILE, TRAINING_FILE, PREDICTIONS_FILE, TEST_PREDICTIONS_FILE)
 
 # The errors of a database that cannot be reached (down, restarting, locked, its file gone):
 # worth trying again later, unlike a bug in a query.
@@ -414,7 +417,7 @@ class RunRecorder:
         names = []
         with session_scope(self.url) as session:
             self._own_row(session)
-            for name in EXPORTED_FILES + ("test_predictions.json",):
+            for name in EXPORTED_FILES:
                 path = out_dir / name
                 if not path.is_file():
                     continue

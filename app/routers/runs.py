@@ -45,12 +45,20 @@ from app.schemas import (
     RunSummary,
     feed_events_description,
 )
-from worker.selftuning.files import checkpoint_path, read_csv
+from worker.selftuning.files import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    PREDICTIONS_FILE,
+    TEST_PREDICTIONS_FILE,
+    TRAINING_FILE,
+    checkpoint_path,
+    read_csv,
+)
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
-CHECKPOINT_FILES = ("model.safetensors", "config.json", "training.json")
-DOWNLOADABLE = CHECKPOINT_FILES + ("predictions.csv", "test_predictions.json")
+CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, TRAINING_FILE)
+DOWNLOADABLE = CHECKPOINT_FILES + (PREDICTIONS_FILE, TEST_PREDICTIONS_FILE)
 SSE_RESPONSES = {200: {"content": {"text/event-stream": {}},
                        "description": feed_events_description()}}
 NO_RUN = {404: {"model": ErrorOut, "description": "no such run"}}
@@ -342,7 +350,7 @@ def send_checkpoint_zip_once(request: Request, paths: list[Path], filename: str)
 @router.head("/{run_id}/predictions.csv", include_in_schema=False)
 def download_predictions(run_id: RunId, request: Request, session: DbDep, settings: SettingsDep):
     """The final model's prediction for every unlabeled image (label, confidence, margin)."""
-    path = artifact_path(settings, session, run_id, "predictions.csv")
+    path = artifact_path(settings, session, run_id, PREDICTIONS_FILE)
     return send_file(request, path, f"run-{run_id}-predictions.csv", "text/csv")
 
 
@@ -368,7 +376,7 @@ def download_label_next(
     """Unlabeled images ranked by uncertainty (smallest top-1/top-2 margin first): the ones
     whose labels would teach the model most. Images whose labels you gave but the budget
     withheld are left out unless `include_withheld=true`."""
-    columns, rows = label_next_rows(artifact_path(settings, session, run_id, "predictions.csv"))
+    columns, rows = label_next_rows(artifact_path(settings, session, run_id, PREDICTIONS_FILE))
     if not include_withheld:
         rows = [row for row in rows if not row.get("hidden_label")]
     if limit is not None:

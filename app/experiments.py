@@ -42,10 +42,12 @@ def as_utc(moment: datetime | None) -> datetime | None:
     return moment
 
 
-def unprocessable(field: str | tuple[str, ...], message: str) -> HTTPException:
-    """A 422 in FastAPI's shape; `field` is a body field or a path into one."""
+def unprocessable(field: str | tuple[str, ...], message: str,
+                  where: str = "body") -> HTTPException:
+    """A 422 in FastAPI's shape; `field` is a field of the body (or of `where`: header,
+    query) or a path into one."""
     loc = [field] if isinstance(field, str) else list(field)
-    detail = [{"loc": ["body", *loc], "msg": message, "type": "value_error"}]
+    detail = [{"loc": [where, *loc], "msg": message, "type": "value_error"}]
     return HTTPException(422, detail=detail)
 
 

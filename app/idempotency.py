@@ -9,6 +9,8 @@ import hashlib
 import redis
 from fastapi import HTTPException
 
+from app.experiments import unprocessable
+
 KEY_TTL_S = 24 * 3600  # how long a key names its experiment
 CLAIM_TTL_S = 120  # how long a request may hold a key while it makes the experiment
 PENDING = "pending"
@@ -36,10 +38,8 @@ def claim(live: redis.Redis, key: str, digest: str) -> int | None:
             continue
         state, _, stored_digest = value.partition(" ")
         if stored_digest != digest:
-            raise HTTPException(422, detail=[{
-                "loc": ["header", "Idempotency-Key"], "type": "value_error",
-                "msg": "this Idempotency-Key came with another request body: use a new key "
-                       "for a new experiment"}])
+            raise unprocessable("Idempotency-Key", "this Idempotency-Key came with another "
+                                "request body: use a new key for a new experiment", "header")
         if state == PENDING:
             raise HTTPException(409, detail="a request with this Idempotency-Key is still "
                                 "being handled: ask again in a moment")

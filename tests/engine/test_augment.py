@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from tests.engine.helpers import draw_shape
@@ -18,9 +18,9 @@ PREPROCESSING = Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_posterize_to_zero_bits_gives_black_instead_of_crashing():
+    # Why the guard exists: Pillow >= 13 refuses 0 bits (older Pillow gives black). The
+    # engine allows pillow >= 10, so the outcome is checked, not Pillow's own behaviour.
     image = Image.new("RGB", (16, 16), (200, 120, 40))
-    with pytest.raises(ValueError):  # why the guard exists: Pillow 13 refuses 0 bits
-        ImageOps.posterize(image, 0)
     (posterize,) = build_randaugment_ops(PREPROCESSING, ["PosterizeIncreasing"])
     posterize.prob = 1.0
     posterize.magnitude, posterize.magnitude_std = 10, 0  # level 10 -> keep 0 bits

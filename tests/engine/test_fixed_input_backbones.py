@@ -52,9 +52,11 @@ def test_size_free_models_pass_and_too_small_images_are_refused():
     for name, size in (("tf_efficientnet_lite0", 64), ("test_efficientnet", 32),
                        ("mobilenetv2_100", 64), ("resnet18", 32), ("convnext_atto", 32)):
         check_image_size(name, size)
-    # The stem and the downsampling leave nothing for the last 2x2 convolution.
-    with pytest.raises(BackboneError, match=r"convnext_atto cannot take 16 px images \(.*"
-                                            r"Kernel size can't be greater"):
+    # The stem and the downsampling leave nothing for the last 2x2 convolution. torch's own
+    # words for that differ between versions (2.14: "Kernel size can't be greater ...",
+    # 2.11: "Output size is too small"), so only that they are passed on is checked.
+    with pytest.raises(BackboneError, match=r"^convnext_atto cannot take 16 px images \(.+\): "
+                                            r"choose another image_size; its default is 224$"):
         check_image_size("convnext_atto", 16)
 
 

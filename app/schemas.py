@@ -209,6 +209,10 @@ class Overrides(BaseModel):
     cpu_threads: int | None = Field(
         None, ge=0, le=1024, description="torch threads on a CPU worker; 0 uses every core"
     )
+    num_workers: int | None = Field(
+        None, ge=0, le=64, description="processes that build the batches beside the training "
+        "process (0: it builds them itself); the batches are the same whatever the number"
+    )
     pretrained: bool | None = Field(
         None, description="false trains from random init (tests, or models without weights)"
     )

@@ -272,9 +272,8 @@ def test_sweep_expands_into_methods_x_budgets_x_seeds_runs(live_server, dataset_
     assert run["queue_position"] >= 1
 
 
-# Set by the experiment itself, by the worker, or unused under Celery (its pool processes may
-# not start data loader processes: see worker.selftuning.batches.make_loader).
-NOT_OVERRIDES = {"method", "backbone", "seed", "device", "num_workers"}
+# Set by the experiment itself or by the worker.
+NOT_OVERRIDES = {"method", "backbone", "seed", "device"}
 
 
 def test_every_run_setting_of_a_preset_is_editable():

@@ -2,12 +2,13 @@
 the broker hands out again, a run whose training process keeps dying, the database away.
 
 `execute_run` and `RunRecorder` are called directly, in this process, on a migrated SQLite
-database and the real Redis; one test runs a real Celery worker. A database outage is a
+database and the real Redis; two tests run a real Celery worker. A database outage is a
 database file that cannot be opened: `Outage` points the worker modules' sessions at one
 while it is on (and only then)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 from celery import Celery
@@ -51,8 +53,9 @@ TASK_ID = "task-1"
 
 
 def add_run(settings: Settings, tmp_path: Path, iterations: int = 6, unlabeled: int = 3,
-            budget: float | str = 0.5, method: str = "fine-tune") -> int:
-    """A dataset and a one-run experiment (queued, task TASK_ID), as the web would make them."""
+            budget: float | str = 0.5, method: str = "fine-tune", **overrides) -> int:
+    """A dataset and a one-run experiment (queued, task TASK_ID), as the web would make them;
+    `overrides` add to the run settings."""
     archive = make_image_archive(tmp_path / "shapes.zip", train_per_class=6, test_per_class=2,
                                  unlabeled=unlabeled)
     with session_scope(settings.sqlalchemy_url) as session:
@@ -62,7 +65,7 @@ def add_run(settings: Settings, tmp_path: Path, iterations: int = 6, unlabeled: 
             "budgets": [budget],
             "overrides": {"pretrained": False, "image_size": 32, "batch_size": 4,
                           "iterations": iterations, "log_interval": 2,
-                          "eval_interval": iterations, "checkpoint_interval": 2},
+                          "eval_interval": iterations, "checkpoint_interval": 2, **overrides},
         })
         run = create_experiment(session, settings, payload).runs[0]
         run.celery_task_id = TASK_ID
@@ -204,6 +207,38 @@ def test_the_task_of_a_run_waits_out_a_database_outage_then_trains_it(
                        message=f"the run to end:\n{worker_process.log()[-3000:]}")
         assert run.status == "succeeded", run.error
         assert run.attempts == 1
+    finally:
+        worker_process.stop()
+        client.close()
+
+
+@pytest.mark.slow
+def test_a_celery_worker_builds_the_batches_in_loader_processes(settings, redis_url,
+                                                                 tmp_path):
+    """`num_workers` loader processes start under the real worker's pool process (a daemonic
+    process, where multiprocessing refuses children) and are gone when the run ends. They
+    used to be dropped there: a GPU worker built every batch on one core."""
+    run_id = add_run(settings, tmp_path, iterations=200, num_workers=2)
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, redis_url)
+    worker_process = start_worker(env, tmp_path / "logs" / "worker.log", name="loaders")
+    client = Celery("client", broker=redis_url, backend=redis_url)
+    seen: set[int] = set()  # processes found below a pool process while the run trained
+
+    def ended() -> Run | None:
+        for pool_process in psutil.Process(worker_process.popen.pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                seen.update(child.pid for child in pool_process.children())
+        run = read_run(settings, run_id)
+        return run if run.status in ("succeeded", "failed") else None
+
+    try:
+        client.send_task("selftune.train_run", args=[run_id], task_id=TASK_ID)
+        run = wait_for(ended, timeout=240, interval=0.05,
+                       message=f"the run to end:\n{worker_process.log()[-3000:]}")
+        assert run.status == "succeeded", run.error
+        assert len(seen) == 2
+        assert not [pid for pid in seen if psutil.pid_exists(pid)
+                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     finally:
         worker_process.stop()
         client.close()

@@ -42,6 +42,7 @@ OVERRIDE_LABELS = {
     "pseudo_label_threshold": "Pseudo-label threshold",
     "labeled_query_view": "Labeled query view",
     "cpu_threads": "CPU threads",
+    "num_workers": "Loader processes",
     "momentum": "SGD momentum",
     "queue_size": "Queue keys per class",
     "temperature": "Temperature τ",

@@ -285,6 +285,43 @@ def test_loader_processes_stop_before_the_export(tmp_path: Path, shapes_data, mo
     assert alive_at_export == []
 
 
+def _train_as_a_celery_task(config, data, out: Path, children) -> None:
+    """The body of a daemonic process, as Celery's prefork pool runs a task: counts the
+    processes alive under it while it trains."""
+    import multiprocessing
+
+    def count(event: dict) -> None:
+        if event["type"] == "progress":
+            children.put(len(multiprocessing.active_children()))
+
+    train(config, data, out, on_event=count)
+
+
+def test_a_daemonic_process_like_a_celery_task_builds_batches_in_loader_processes(
+    tmp_path: Path, shapes_data
+):
+    """Celery runs each task in a daemonic process, where multiprocessing refuses children:
+    the loader's processes used to be dropped there (every batch built on one core). They
+    start now, and the weights equal those of batches built in the training process."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    children = context.Queue()
+    config = tiny_config(iterations=4, log_interval=1, num_workers=2)
+    task = context.Process(target=_train_as_a_celery_task, daemon=True,
+                           args=(config, shapes_data, tmp_path / "task", children))
+    task.start()
+    task.join(timeout=120)
+    assert task.exitcode == 0
+    counts = [children.get(timeout=5) for _ in range(4)]
+    assert counts == [2, 2, 2, 2]
+
+    train(config.replace(num_workers=0), shapes_data, tmp_path / "alone")
+    in_task = load_file(str(tmp_path / "task" / "model.safetensors"))
+    alone = load_file(str(tmp_path / "alone" / "model.safetensors"))
+    assert all(torch.equal(in_task[k], alone[k]) for k in alone)
+
+
 def test_training_time_counts_across_resumes_and_survives_a_re_export(tmp_path: Path,
                                                                       shapes_data):
     """seconds_per_iteration covers the whole run: a resumed run adds to its checkpoint's

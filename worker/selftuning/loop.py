@@ -20,7 +20,7 @@ import torch
 
 from worker.selftuning.augment import Normalize, ViewMaker
 from worker.selftuning.backbones import create_backbone
-from worker.selftuning.batches import StepBatches, make_loader, to_device_batch
+from worker.selftuning.batches import StepBatches, start_batches, to_device_batch
 from worker.selftuning.checkpoint import (
     CheckpointUnreadable,
     check_compatible,
@@ -547,8 +547,8 @@ def _thread_budget(device: torch.device, threads: int) -> Iterator[None]:
 @contextmanager
 def _batches(dataset: StepBatches, start: int, config: RunConfig, device: torch.device
              ) -> Iterator[Iterator[dict]]:
-    loader = make_loader(dataset, start, config.num_workers, pin_memory=device.type == "cuda")
-    iterator = iter(loader)
+    iterator = start_batches(dataset, start, config.num_workers,
+                             pin_memory=device.type == "cuda")
     try:
         yield iterator
     finally:

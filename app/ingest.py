@@ -3,6 +3,8 @@ out and publish them all-or-nothing (plus thumbnails, deletion and crash clean-u
 
 from __future__ import annotations
 
+import bz2
+import contextlib
 import hashlib
 import io
 import json
@@ -82,6 +84,11 @@ MAX_LABELS_CSV_BYTES = 64 * 1024**2
 # Skipped files a dataset keeps by name (with the reason); all are counted. 199,000 kept made
 # every upload answer 47 MB and every dataset listing 50 times slower.
 MAX_SKIPPED_KEPT = 1000
+# A path as stored (an image's original path, a skipped file's) and as quoted in a refusal.
+MAX_PATH_CHARS = 1024
+MAX_QUOTED_CHARS = 300
+# Tar's extended headers (a long name, pax records) are read whole into memory by tarfile.
+MAX_TAR_HEADER_BYTES = 1024**2
 UNLABELED_FOLDER = "unlabeled"
 # Multipart framing and the small `name` field on top of the archive itself.
 MULTIPART_OVERHEAD_BYTES = 1024**2
@@ -106,6 +113,9 @@ class IngestError(Exception):
 class SkippedFile:
     path: str
     reason: str
+
+    def __post_init__(self) -> None:  # kept and shown: a name of megabytes is cut
+        object.__setattr__(self, "path", self.path[:MAX_PATH_CHARS])
 
 
 def _classes_phrase(names: list[str], singular: str, plural: str) -> str:
@@ -341,21 +351,28 @@ def dataset_name(requested: str | None, filename: str) -> str:
 # --- Reading archives -----------------------------------------------------------------------
 
 
+def quoted(name: str) -> str:
+    """A name as a refusal quotes it: repr, cut after MAX_QUOTED_CHARS characters."""
+    if len(name) > MAX_QUOTED_CHARS:
+        return f"{name[:MAX_QUOTED_CHARS]!r}\u2026 ({len(name):,} characters)"
+    return repr(name)
+
+
 def safe_member_path(raw: str) -> str:
     """The archive path as clean relative components; refuses anything that could escape."""
     name = raw.replace("\\", "/")
     if "\x00" in name:
-        raise IngestError(f"archive entry {raw!r} has a NUL byte in its name")
+        raise IngestError(f"archive entry {quoted(raw)} has a NUL byte in its name")
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
         raise IngestError(
-            f"archive entry {raw!r} has an absolute path: re-create the archive with "
+            f"archive entry {quoted(raw)} has an absolute path: re-create the archive with "
             "relative paths (from inside the folder you are uploading)"
         )
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise IngestError(
-            f"archive entry {raw!r} points outside the archive ('..'): re-create the archive "
-            "without '..' in its paths"
+            f"archive entry {quoted(raw)} points outside the archive ('..'): re-create the "
+            "archive without '..' in its paths"
         )
     return "/".join(parts)
 
@@ -377,7 +394,7 @@ def printable_name(path: str) -> str:
 
 def _link_error(raw: str) -> IngestError:
     return IngestError(
-        f"archive entry {raw!r} is a link: links are not accepted, archive the files "
+        f"archive entry {quoted(raw)} is a link: links are not accepted, archive the files "
         "themselves (zip: leave out --symlinks; tar: add --dereference --hard-dereference)"
     )
 
@@ -387,9 +404,10 @@ class _Member:
     """One archive entry after the structural checks."""
 
     path: str
-    kind: str  # file | dir | other | encrypted
+    kind: str  # file | dir | other | encrypted | compression (one that is not read)
     size: int
     open: Callable[[], IO[bytes]]
+    compression: int = 0  # a zip entry's method
 
 
 class _ByteBudget:
@@ -469,7 +487,12 @@ def _check_zip_entry_count(path: Path, settings: Settings) -> None:
         tail_start = max(0, size - ZIP_END.size - 65535)  # the record plus its longest comment
         handle.seek(tail_start)
         tail = handle.read()
-        at = tail.rfind(b"PK\x05\x06")
+        # Where zipfile finds the record: the last 22 bytes when they are one without a
+        # comment, else the last signature. The record's own fields can hold the signature's
+        # bytes, so searching alone could read fields as a record and count nothing.
+        at = len(tail) - ZIP_END.size
+        if at < 0 or not (tail.startswith(b"PK\x05\x06", at) and tail.endswith(b"\0\0")):
+            at = tail.rfind(b"PK\x05\x06")
         if at < 0 or len(tail) - at < ZIP_END.size:
             return  # not a readable zip: ZipFile says so
         directory_end = tail_start + at
@@ -529,9 +552,26 @@ def _zip_members(archive: zipfile.ZipFile, budget: _ByteBudget, settings: Settin
             kind = "other"
         elif info.flag_bits & 0x1:
             kind = "encrypted"
-        members.append(_Member(path, kind, info.file_size, _zip_opener(archive, info)))
+        elif info.compress_type not in ZIP_METHODS_READ:
+            kind = "compression"
+        members.append(_Member(path, kind, info.file_size, _zip_opener(archive, info),
+                               info.compress_type))
     budget.check_declared(declared)
     return members
+
+
+# zipfile decompresses a bzip2 or LZMA entry a whole read buffer at a time, whatever it
+# expands to (a 3 KB entry to gigabytes in memory); stored and deflated entries are read in
+# bounded pieces. The others are skipped, named.
+ZIP_METHODS_READ = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+ZIP_METHOD_NAMES = {9: "Deflate64", 12: "bzip2", 14: "LZMA", 93: "Zstandard", 95: "xz",
+                    98: "PPMd", 99: "AES encryption"}
+
+
+def zip_method_reason(method: int) -> str:
+    name = ZIP_METHOD_NAMES.get(method, f"method {method}")
+    return (f"compressed with {name}, which uploads do not read: re-create the zip with the "
+            "usual deflate compression (zip -r, or Windows' Send to > Compressed folder)")
 
 
 def _zip_opener(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:
@@ -542,44 +582,130 @@ def _no_content() -> IO[bytes]:
     return io.BytesIO()
 
 
+# A compressed tar's first bytes, and how to decompress it.
+TAR_COMPRESSIONS: dict[bytes, Callable[[], object]] = {
+    b"\x1f\x8b": lambda: zlib.decompressobj(wbits=31),  # gzip
+    b"BZh": bz2.BZ2Decompressor,
+    b"\xfd7zXZ\x00": lzma.LZMADecompressor,
+}
+
+
+class _Decompressed(io.RawIOBase):
+    """A compressed file read in bounded pieces: each read decompresses no more than it
+    returns. tarfile's own stream mode decompresses a whole read buffer at once, and bzip2
+    or xz expand a few kilobytes to gigabytes. Streams written one after another (pigz,
+    pbzip2) are read on; what follows the last one (zero padding) is not."""
+
+    def __init__(self, raw: IO[bytes], magic: bytes) -> None:
+        self._raw, self._magic = raw, magic
+        self._decompressor = TAR_COMPRESSIONS[magic]()
+        self._input = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while True:
+            decompressor = self._decompressor
+            if decompressor.eof:
+                rest = decompressor.unused_data + self._input or self._raw.read(COPY_CHUNK_BYTES)
+                if not rest.startswith(self._magic):
+                    return 0
+                self._decompressor, self._input = TAR_COMPRESSIONS[self._magic](), rest
+                continue
+            if not self._input and getattr(decompressor, "needs_input", True):
+                self._input = self._raw.read(COPY_CHUNK_BYTES)
+            out = decompressor.decompress(self._input, len(buffer))
+            # zlib hands back what it did not read; bzip2 and xz keep it themselves.
+            self._input = getattr(decompressor, "unconsumed_tail", b"")
+            if out:
+                buffer[: len(out)] = out
+                return len(out)
+            if not self._input and not decompressor.eof and not self._raw_left():
+                raise EOFError("the compressed data ends early")
+
+    def _raw_left(self) -> bool:
+        self._input = self._raw.read(COPY_CHUNK_BYTES)
+        return bool(self._input)
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Refuses an extended header (a long name, pax records) over MAX_TAR_HEADER_BYTES
+    before tarfile reads it whole into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in EXTENDED_TAR_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
+            raise IngestError(
+                f"the tar archive has an extended header (a file name or pax record) of "
+                f"{human_bytes(self.size)}, over {human_bytes(MAX_TAR_HEADER_BYTES)}: no real "
+                "archive needs one; re-create it", status_code=413)
+        return super()._proc_member(tarfile_)
+
+
+EXTENDED_TAR_HEADERS = {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                        tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}
+
+
+def _open_tar(path: Path, stack: contextlib.ExitStack) -> tarfile.TarFile:
+    """The tar stream of `path`, decompressed in bounded pieces where it is compressed."""
+    raw = stack.enter_context(open(path, "rb"))  # noqa: SIM115 - the stack closes it
+    head = raw.read(8)
+    raw.seek(0)
+    stream: IO[bytes] = raw
+    for magic in TAR_COMPRESSIONS:
+        if head.startswith(magic):
+            stream = io.BufferedReader(_Decompressed(raw, magic), COPY_CHUNK_BYTES)
+            break
+    # Names are UTF-8 whatever the locale; other bytes become lone surrogates, found and
+    # skipped in _extract_members.
+    return stack.enter_context(tarfile.open(
+        fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape",
+        tarinfo=_TarInfo))
+
+
 def _tar_members(path: Path, budget: _ByteBudget, settings: Settings) -> Iterator[_Member]:
     """Entries of a tar (any compression) in stream order, checked as they come; each must
     be consumed before the next is read."""
-    try:
-        # Names are UTF-8 whatever the locale; other bytes become lone surrogates, found and
-        # skipped in _extract_members.
-        archive = tarfile.open(  # noqa: SIM115 - closed by `with` below
-            path, mode="r|*", encoding="utf-8", errors="surrogateescape"
-        )
-    except tarfile.ReadError:
-        raise IngestError(
-            "the upload is not a zip or tar archive (.zip, .tar, .tar.gz, .tgz): "
-            "archive your image folder and upload that",
-            status_code=415,
-        ) from None
+    with contextlib.ExitStack() as stack:
+        try:
+            archive = _open_tar(path, stack)
+        except (tarfile.ReadError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise
+            raise IngestError(
+                "the upload is not a zip or tar archive (.zip, .tar, .tar.gz, .tgz): "
+                "archive your image folder and upload that",
+                status_code=415,
+            ) from None
+        yield from _checked_tar_members(archive, budget, settings)
+
+
+def _checked_tar_members(archive: tarfile.TarFile, budget: _ByteBudget, settings: Settings
+                         ) -> Iterator[_Member]:
+    """The entries of an open tar stream, checked as they come."""
     files = folders = 0
     declared = 0
-    with archive:
-        for info in archive:
-            # Stream mode still remembers every header; drop them to keep memory flat.
-            archive.members = []
-            member_path = safe_member_path(info.name)
-            if info.issym() or info.islnk():
-                raise _link_error(info.name)
-            if info.isdir() or not member_path:
-                folders += 1
-                if folders > settings.max_archive_files:
-                    raise _too_many_folders(settings)
-                continue
-            files += 1
-            if files > settings.max_archive_files:
-                raise _too_many_files(settings)
-            if not info.isreg():
-                yield _Member(member_path, "other", 0, _no_content)
-                continue
-            declared += info.size
-            budget.check_declared(declared)
-            yield _Member(member_path, "file", info.size, _tar_opener(archive, info))
+    for info in archive:
+        # Stream mode still remembers every header; drop them to keep memory flat.
+        archive.members = []
+        member_path = safe_member_path(info.name)
+        if info.issym() or info.islnk():
+            raise _link_error(info.name)
+        if info.isdir() or not member_path:
+            folders += 1
+            if folders > settings.max_archive_files:
+                raise _too_many_folders(settings)
+            continue
+        files += 1
+        if files > settings.max_archive_files:
+            raise _too_many_files(settings)
+        # Counted for every kind: tarfile reads through the data of one it skips too.
+        declared += info.size
+        budget.check_declared(declared)
+        if not info.isreg():
+            yield _Member(member_path, "other", 0, _no_content)
+            continue
+        yield _Member(member_path, "file", info.size, _tar_opener(archive, info))
 
 
 def _tar_opener(archive: tarfile.TarFile, info: tarfile.TarInfo) -> Callable[[], IO[bytes]]:
@@ -763,6 +889,9 @@ def _extract_members(
             continue
         if member.kind == "encrypted":
             result.skip(order, path, "encrypted entry: archive it without a password")
+            continue
+        if member.kind == "compression":
+            result.skip(order, path, zip_method_reason(member.compression))
             continue
         is_labels_csv = PurePosixPath(path).name.lower() == LABELS_CSV
         suffix = PurePosixPath(path).suffix.lower()
@@ -1147,7 +1276,7 @@ def publish_dataset(session: Session, settings: Settings, prepared: PreparedData
         if prepared.images:
             session.execute(insert(DatasetImage), [
                 {"dataset_id": dataset.id, "path": image.path,
-                 "original_path": image.original_path[:1024], "split": image.split,
+                 "original_path": image.original_path[:MAX_PATH_CHARS], "split": image.split,
                  "label": image.label, "sha256": image.sha256, "width": image.width,
                  "height": image.height}
                 for image in prepared.images

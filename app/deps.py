@@ -183,8 +183,12 @@ def require_token(request: Request, settings: SettingsDep,
     """With SELFTUNE_API_TOKEN set, every API route needs `Authorization: Bearer <token>`
     (or the HttpOnly cookie the login page sets)."""
     if not token_accepted(request, settings, presented_token(request)):
-        raise HTTPException(
-            status_code=401,
-            detail="missing or wrong API token: send 'Authorization: Bearer <token>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise token_refused()
+
+
+def token_refused() -> HTTPException:
+    return HTTPException(
+        status_code=401,
+        detail="missing or wrong API token: send 'Authorization: Bearer <token>'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )

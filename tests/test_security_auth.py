@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 
@@ -69,6 +70,28 @@ def test_every_api_route_in_the_openapi_schema_needs_the_token(guarded_server):
             if path not in PUBLIC:
                 assert {"401", "429"} <= set(operation["responses"]), (method, path)
                 assert "Retry-After" in operation["responses"]["429"]["headers"]
+
+
+def test_an_api_request_body_is_not_read_before_the_token_is_checked(guarded_server):
+    """FastAPI reads and parses a route's JSON body before its dependencies run: without the
+    token, a malformed body got a 422 saying what was wrong, and anyone could make the server
+    parse a megabyte of JSON. Now a body that has not even arrived is answered 401."""
+    host, port = guarded_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"POST /api/experiments/check HTTP/1.1\r\nHost: " + host.encode()
+                           + b"\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000000\r\n\r\n[[],[],")  # the rest never comes
+        answer = connection.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
+    assert b"www-authenticate: Bearer" in answer.lower().replace(b"bearer", b"Bearer")
+    with httpx.Client(base_url=guarded_server, timeout=30) as client:
+        json_headers = {"Content-Type": "application/json"}
+        refused = client.post("/api/experiments", content=b"{bad", headers=json_headers)
+        assert refused.status_code == 401 and refused.json() == {
+            "detail": "missing or wrong API token: send 'Authorization: Bearer <token>'"}
+        read = client.post("/api/experiments", content=b"{bad",
+                           headers={**json_headers, "Authorization": f"Bearer {TOKEN}"})
+        assert read.status_code == 422  # with the token the body is read, and refused
 
 
 def test_the_liveness_check_needs_no_token_and_tells_nothing_more(guarded_server):

@@ -100,6 +100,7 @@ class WrongTokens:
         self.limit, self.window_s, self.clock = limit, window_s, clock
         self._guesses: dict[str, dict[str, float]] = {}  # address -> token digest -> when
         self._lock = threading.Lock()
+        self._swept_at = -math.inf
 
     def _recent(self, address: str, now: float) -> dict[str, float]:
         guesses = self._guesses.get(address, {})
@@ -126,7 +127,10 @@ class WrongTokens:
         digest = hashlib.sha256(token.encode(errors="replace")).hexdigest()
         with self._lock:
             now = self.clock()
-            if len(self._guesses) > 100_000:  # many addresses: forget the stale ones
+            # Many addresses: forget the stale ones, at most once a minute (each sweep reads
+            # them all, and while they are recent a sweep on every guess held the lock).
+            if len(self._guesses) > 100_000 and now - self._swept_at >= 60:
+                self._swept_at = now
                 for stale in list(self._guesses):
                     self._recent(stale, now)
             self._recent(address, now)

@@ -222,6 +222,25 @@ def test_wrong_tokens_are_counted_per_address_and_only_different_ones():
     assert wrong.retry_after("10.0.0.1") == 0
 
 
+def test_many_guessing_addresses_are_swept_once_a_minute_not_on_every_guess():
+    """Past 100,000 addresses every wrong token read them all, under the lock every token
+    check takes (0.08 s a guess): now at most once a minute, and stale ones still go."""
+    now = [1000.0]
+    wrong = WrongTokens(window_s=600, clock=lambda: now[0])
+    for i in range(100_001):
+        wrong.record(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", "guess")
+    reads = []
+    recent = wrong._recent
+    wrong._recent = lambda address, at: reads.append(address) or recent(address, at)
+    for i in range(50):
+        wrong.record(f"11.0.0.{i}", "guess")
+    assert 100_000 < len(reads) < 100_200  # one sweep, then one read per guess
+    now[0] += 601  # the first ones are stale now, and the minute is over
+    reads.clear()
+    wrong.record("12.0.0.1", "guess")
+    assert len(reads) > 100_000 and len(wrong._guesses) == 1
+
+
 def test_an_address_guessing_tokens_is_held_off_and_a_stale_cookie_is_not(guarded_server):
     """No limit on wrong tokens let a client on the network try tokens as fast as the
     server answered (the README's random token makes that hopeless, a short one does not)."""

@@ -100,6 +100,15 @@ COPY_CHUNK_BYTES = 1024**2
 THUMBNAIL_SIZE = 128
 
 
+class UploadAbandoned(Exception):
+    """The client went away while its upload was being verified: nothing is kept."""
+
+
+def _check_wanted(abandoned: threading.Event | None) -> None:
+    if abandoned is not None and abandoned.is_set():
+        raise UploadAbandoned
+
+
 class IngestError(Exception):
     """An upload we refuse; `detail` tells the user what to fix."""
 
@@ -811,7 +820,8 @@ def _check_pixels(archive_path: str, width: int, height: int, max_pixels: int) -
         )
 
 
-def _extract(archive_path: Path, incoming: Path, settings: Settings) -> _Extraction:
+def _extract(archive_path: Path, incoming: Path, settings: Settings,
+             abandoned: threading.Event | None = None) -> _Extraction:
     """Extract every image candidate to `incoming`, verify it, and note what was skipped."""
     archive_size = archive_path.stat().st_size
     if archive_size == 0:
@@ -824,7 +834,7 @@ def _extract(archive_path: Path, incoming: Path, settings: Settings) -> _Extract
         try:
             with zipfile.ZipFile(archive_path) as archive:
                 _extract_members(_zip_members(archive, budget, settings), incoming, budget,
-                                 settings, result)
+                                 settings, result, abandoned)
         except (zipfile.BadZipFile, EOFError) as exc:
             raise _damaged("zip", str(exc)) from None
         except UnicodeDecodeError as exc:
@@ -839,7 +849,7 @@ def _extract(archive_path: Path, incoming: Path, settings: Settings) -> _Extract
     else:
         try:
             _extract_members(_tar_members(archive_path, budget, settings), incoming, budget,
-                             settings, result)
+                             settings, result, abandoned)
         except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
             # Decompressors raise OSError without an errno; one with an errno (a full disk)
             # is ours, not the archive's.
@@ -863,9 +873,11 @@ def _damaged(kind: str, cause: str) -> IngestError:
 
 
 def _extract_members(
-    members, incoming: Path, budget: _ByteBudget, settings: Settings, result: _Extraction
+    members, incoming: Path, budget: _ByteBudget, settings: Settings, result: _Extraction,
+    abandoned: threading.Event | None = None,
 ) -> None:
     for order, member in enumerate(members):
+        _check_wanted(abandoned)
         if member.kind == "dir":
             continue
         path = member.path
@@ -1138,10 +1150,12 @@ def _no_usable_images(extraction: _Extraction, skipped: list[SkippedFile]) -> In
     )
 
 
-def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings) -> PreparedDataset:
+def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
+                    abandoned: threading.Event | None = None) -> PreparedDataset:
     """Read, verify and lay out an archive under `work_dir/dataset` (nothing else is touched).
-    Raises IngestError with what to fix; the caller removes `work_dir` either way."""
-    extraction = _extract(archive_path, work_dir / "incoming", settings)
+    Raises IngestError with what to fix, or UploadAbandoned once `abandoned` is set; the
+    caller removes `work_dir` either way."""
+    extraction = _extract(archive_path, work_dir / "incoming", settings, abandoned)
     skipped_at: list[tuple[int, SkippedFile]] = list(extraction.skipped)
 
     def skip(image: _Image, reason: str) -> None:
@@ -1296,10 +1310,12 @@ def publish_dataset(session: Session, settings: Settings, prepared: PreparedData
 
 
 def ingest_archive(session: Session, settings: Settings, archive_path: Path, work_dir: Path,
-                   name: str) -> Dataset:
-    """Verify the archive in `work_dir` and publish it as a new dataset."""
+                   name: str, abandoned: threading.Event | None = None) -> Dataset:
+    """Verify the archive in `work_dir` and publish it as a new dataset, unless `abandoned`
+    is set first (UploadAbandoned)."""
     started = time.monotonic()
-    prepared = prepare_dataset(archive_path, work_dir, settings)
+    prepared = prepare_dataset(archive_path, work_dir, settings, abandoned)
+    _check_wanted(abandoned)
     dataset = publish_dataset(session, settings, prepared, name)
     try:  # known now, so that the first thumbnails need not read every image for it
         record_white_level(settings, dataset, prepared.white_level)

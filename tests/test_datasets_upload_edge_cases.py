@@ -478,6 +478,46 @@ def test_an_upload_the_client_abandons_leaves_nothing_and_logs_no_traceback(
     assert "Traceback" not in log.read_text()[len(logged_before):]
 
 
+def test_an_upload_the_client_leaves_while_it_is_verified_is_not_stored(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """Verifying a large upload takes minutes: a client that went away meanwhile (the tab
+    closed, curl interrupted) still got its dataset stored. It is dropped now."""
+    import socket
+    from urllib.parse import urlsplit
+
+    log = server.data_dir.parent / "uvicorn.log"
+    logged_before = log.read_text()
+    boundary = "selftune-left"
+    archive = zip_bytes(class_entries([f"class{c}" for c in range(20)], per_class=100))
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            "filename=\"photos.zip\"\r\n\r\n").encode() + archive + (
+            f"\r\n--{boundary}--\r\n").encode()
+    address = urlsplit(server.url)
+    work = server.data_dir / "tmp"
+
+    def verifying() -> bool:
+        return any(work.glob("*/incoming/*"))
+
+    with socket.create_connection((address.hostname, address.port)) as connection:
+        connection.sendall(
+            (f"POST /api/datasets HTTP/1.1\r\nHost: {address.netloc}\r\n"
+             f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+             f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        deadline = time.monotonic() + 30
+        while not verifying():  # the whole body is in; its images are being checked
+            assert time.monotonic() < deadline, "the verification never started"
+            time.sleep(0.02)
+    deadline = time.monotonic() + 60
+    while any(work.iterdir()):
+        assert time.monotonic() < deadline, list(work.rglob("*"))[:5]
+        time.sleep(0.2)
+    assert client.get("/api/datasets").json() == []
+    assert not any((server.data_dir / "datasets").glob("*"))
+    time.sleep(1)
+    assert "Traceback" not in log.read_text()[len(logged_before):]
+
+
 # --- The web and the command line read one layout alike -----------------------------------
 
 

@@ -5,8 +5,10 @@ The router's lifespan removes what a crash during an upload or a deletion left b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -180,13 +182,21 @@ async def upload_dataset(request: Request, response: Response, settings: Setting
             settings.max_upload_bytes,
         )
         name = ingest.dataset_name(upload.name, upload.filename)
-        dataset = await run_in_threadpool(
-            ingest.ingest_archive, db, settings, upload.path, work_dir, name
-        )
+        abandoned = threading.Event()
+        watching = asyncio.create_task(_note_disconnect(request, abandoned))
+        try:
+            dataset = await run_in_threadpool(
+                ingest.ingest_archive, db, settings, upload.path, work_dir, name, abandoned
+            )
+        finally:
+            watching.cancel()
     except ingest.IngestError as exc:
         raise HTTPException(exc.status_code, exc.detail) from None
-    except ClientDisconnect:  # the user cancelled the upload: nobody reads the answer
-        raise HTTPException(400, "the connection closed before the upload ended") from None
+    except (ClientDisconnect, ingest.UploadAbandoned):
+        # The user cancelled the upload (or closed the page) before it was stored: nothing
+        # is kept, and nobody reads the answer.
+        raise HTTPException(400, "the connection closed before the upload was stored"
+                            ) from None
     except anyio.get_cancelled_exc_class():
         # Cut by the server's shutdown (its graceful time ran out): uvicorn exits without
         # waiting for a thread, which left the partial upload in tmp/ (kept 10 minutes by
@@ -198,6 +208,14 @@ async def upload_dataset(request: Request, response: Response, settings: Setting
             await run_in_threadpool(shutil.rmtree, work_dir, True)
     response.headers["Location"] = f"/api/datasets/{dataset.id}"
     return await run_in_threadpool(summary, db, dataset)
+
+
+async def _note_disconnect(request: Request, abandoned: threading.Event) -> None:
+    """Sets `abandoned` when the client goes away once its body has been read (verifying a
+    large upload takes minutes, and a dataset nobody waits for used to be stored anyway)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    abandoned.set()
 
 
 @router.get("", response_model=list[DatasetListItem])

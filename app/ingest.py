@@ -87,6 +87,8 @@ MAX_SKIPPED_KEPT = 1000
 # A path as stored (an image's original path, a skipped file's) and as quoted in a refusal.
 MAX_PATH_CHARS = 1024
 MAX_QUOTED_CHARS = 300
+# One file or folder name (a class name among them): what ext4, NTFS and APFS allow.
+MAX_NAME_CHARS = 255
 # Tar's extended headers (a long name, pax records) are read whole into memory by tarfile.
 MAX_TAR_HEADER_BYTES = 1024**2
 UNLABELED_FOLDER = "unlabeled"
@@ -382,6 +384,12 @@ def safe_member_path(raw: str) -> str:
         raise IngestError(
             f"archive entry {quoted(raw)} points outside the archive ('..'): re-create the "
             "archive without '..' in its paths"
+        )
+    if (longest := max((len(part) for part in parts), default=0)) > MAX_NAME_CHARS:
+        raise IngestError(
+            f"archive entry {quoted(raw)} has a file or folder name of {longest:,} characters; "
+            f"no file system keeps more than {MAX_NAME_CHARS}: re-create the archive from "
+            "the files on disk"
         )
     return "/".join(parts)
 
@@ -814,7 +822,7 @@ def inspect_image(path: Path, archive_path: str, max_pixels: int
 def _check_pixels(archive_path: str, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise IngestError(
-            f"image {archive_path!r} declares {width}x{height} = {width * height:,} pixels, "
+            f"image {quoted(archive_path)} declares {width}x{height} = {width * height:,} pixels, "
             f"over the limit of {max_pixels:,} (SELFTUNE_MAX_IMAGE_PIXELS); huge dimensions "
             "are how decompression bombs look: downscale the image or remove it",
         )
@@ -1016,7 +1024,7 @@ def _parse_labels_csv(csv_path: str, data: bytes) -> dict[str, LabelsRow]:
         try:
             return safe_member_path(raw)
         except IngestError:
-            raise ValueError(f"path {raw!r} must be relative to the folder of {csv_path}, "
+            raise ValueError(f"path {quoted(raw)} must be relative to the folder of {csv_path}, "
                              "without '..' or a leading '/'") from None
 
     try:
@@ -1127,7 +1135,7 @@ def _not_utf8_hint(extraction: _Extraction) -> str:
         return ""
     return (
         f" ({len(bad)} file(s) skipped because their name or folder name is not valid UTF-8, "
-        f"such as {bad[0]!r}: rename them, or archive them with a tool that stores UTF-8 "
+        f"such as {quoted(bad[0])}: rename them, or archive them with a tool that stores UTF-8 "
         "names)"
     )
 

@@ -199,18 +199,33 @@ def test_the_entry_count_is_checked_when_the_end_record_holds_the_signature_byte
     assert caught.value.status_code == 413
 
 
-def test_a_skipped_file_keeps_and_quotes_a_name_of_bounded_length(tmp_path, settings):
-    long_name = "train/a/" + "n" * 100_000 + ".txt"
+def test_a_skipped_file_keeps_a_path_of_bounded_length(tmp_path, settings):
+    """A 63 MB dataset record came from 60 skipped files with 1 MiB names."""
+    deep_name = "train/a/" + "/".join(["d" * 200] * 50) + "/notes.txt"  # 10,000+ characters
     archive = write_tar(tmp_path / "names.tar", [
         *images(["train/a/1.png", "train/b/1.png", "test/a/1.png", "test/b/1.png"]),
-        (member(long_name, 3), io.BytesIO(b"abc"))], lambda data: data)
+        (member(deep_name, 3), io.BytesIO(b"abc"))], lambda data: data)
 
     prepared = prepare_dataset(archive, tmp_path / "work", settings)
 
     (skipped,) = prepared.skipped
-    assert skipped.path == long_name[:1024]
-    assert len(ingest.quoted("x" * 5000)) < 400
-    assert ingest.quoted("x" * 5000).endswith("\u2026 (5,000 characters)")
+    assert skipped.path == deep_name[:1024]
+
+
+def test_a_name_no_file_system_keeps_is_refused_and_quoted_in_part(tmp_path, settings):
+    long_name = "train/" + "c" * 100_000 + "/1.png"
+    archive = write_tar(tmp_path / "names.tar", [
+        *images(["train/a/1.png", "train/b/1.png", long_name])], lambda data: data)
+
+    with pytest.raises(IngestError) as caught:
+        prepare_dataset(archive, tmp_path / "work", settings)
+
+    detail = caught.value.detail
+    assert detail.startswith("archive entry 'train/ccc")
+    assert detail.endswith("\u2026 (100,012 characters) has a file or folder name of 100,000 "
+                           "characters; no file system keeps more than 255: re-create the "
+                           "archive from the files on disk")
+    assert len(detail) < 500
 
 
 @pytest.mark.parametrize("compress", [

@@ -686,12 +686,14 @@ def _tar_members(path: Path, budget: _ByteBudget, settings: Settings) -> Iterato
     with contextlib.ExitStack() as stack:
         try:
             archive = _open_tar(path, stack)
-        except (tarfile.ReadError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
+        except EOFError as exc:  # compressed data cut short before the first entry ended
+            raise _damaged("tar", str(exc)) from None
+        except (tarfile.ReadError, OSError, zlib.error, lzma.LZMAError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise
             raise IngestError(
-                "the upload is not a zip or tar archive (.zip, .tar, .tar.gz, .tgz): "
-                "archive your image folder and upload that",
+                "the upload is not a zip or tar archive (.zip, .tar, .tar.gz, .tgz, .tar.bz2, "
+                ".tar.xz): archive your image folder and upload that",
                 status_code=415,
             ) from None
         yield from _checked_tar_members(archive, budget, settings)

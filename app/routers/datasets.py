@@ -70,8 +70,9 @@ class UploadForm(BaseModel):
 
     file: bytes = Field(
         json_schema_extra={"format": "binary"},
-        description="zip, tar or tar.gz: <class>/<image> and unlabeled/<image>, optional "
-        "train/ and test/ (or val/) folders, or images plus labels.csv (path,label)",
+        description="zip, tar, tar.gz, tar.bz2 or tar.xz: <class>/<image> and "
+        "unlabeled/<image>, optional train/ and test/ (or val/) folders, or images plus "
+        "labels.csv (path,label)",
     )
     name: str | None = Field(None, max_length=200, description="Defaults to the file name")
 

@@ -207,6 +207,7 @@ async def stream_events(
         ended: Outcome | None = None  # the database said "over" at an end event
         while not hubs.stopping:
             batch: list[str] = []  # entries that arrived together go out in one write
+            any_end = False
             for index, entry in enumerate(pending):
                 last_id = entry.id
                 if (earlier_ends and entry.event.get("type") == "end"
@@ -214,10 +215,13 @@ async def stream_events(
                     batch.append(sse({**entry.event, "type": "earlier_end"}, event_id=entry.id))
                     continue
                 batch.append(entry.frame)
-                if entry.event.get("type") == "end" and ended is None:
-                    state = await asyncio.to_thread(outcome)
-                    if state.finished:
-                        ended = state
+                any_end = any_end or entry.event.get("type") == "end"
+            # Asked once for the whole batch: a replay of an experiment's history holds an end
+            # per run, and asking at each read every run that many times.
+            if any_end and ended is None:
+                state = await asyncio.to_thread(outcome)
+                if state.finished:
+                    ended = state
             # An end is the last word only once the stream holds nothing after it: an
             # experiment's feed has one per run, a requeued run's the end of an earlier try.
             if ended is not None and not more_history and not hub.after(last_id):

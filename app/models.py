@@ -143,12 +143,30 @@ class Run(Base):
     celery_task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What only the run's own record shows (DETAILED_METRICS: the confusion matrix, classes²
+    # numbers, 3 MB at 1,000 classes), kept apart from `metrics`, which every read of an
+    # experiment loads for each of its runs; loaded only when asked for.
+    details: Mapped[dict[str, Any]] = mapped_column(server_default="{}", deferred=True)
     images_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    def all_metrics(self) -> dict[str, Any]:
+        """The final metrics as the engine reported them (`metrics` with `details`)."""
+        return {**(self.metrics or {}), **(self.details or {})}
 
     experiment: Mapped[Experiment] = relationship(back_populates="runs")
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="run", cascade="all, delete-orphan", passive_deletes=True
     )
+
+
+# Final metrics kept in Run.details rather than Run.metrics.
+DETAILED_METRICS = ("confusion_matrix",)
+
+
+def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, details) as a run keeps them."""
+    return ({key: value for key, value in metrics.items() if key not in DETAILED_METRICS},
+            {key: metrics[key] for key in DETAILED_METRICS if key in metrics})
 
 
 class RunMetric(Base):

@@ -274,6 +274,34 @@ def test_datasets_stored_before_0007_count_their_skipped_files(database_url):
     assert "skipped_count" not in columns and "skipped" in columns
 
 
+def test_runs_stored_before_0008_keep_their_confusion_matrix_apart(database_url):
+    """Migration 0008: a run's confusion matrix leaves `metrics` (which every experiment
+    read loads) for `details`; the run's record shows the same metrics; downgrading puts
+    it back."""
+    command.upgrade(alembic_config(database_url), "0007")
+    add_rows_at_an_older_schema(database_url, "fine-tune", [{}, {}])
+    old_runs = sa.table("runs", sa.column("id", sa.Integer), sa.column("metrics", sa.JSON))
+    stored = [{"test_top1": 0.5, "confusion_matrix": [[1, 1], [0, 2]]}, {"test_top1": 0.25}]
+    with session_scope(database_url) as session:
+        ids = session.scalars(sa.select(old_runs.c.id).order_by(old_runs.c.id)).all()
+        for run_id, metrics in zip(ids, stored, strict=True):
+            session.execute(old_runs.update().where(old_runs.c.id == run_id)
+                            .values(metrics=metrics))
+    upgrade_to_head(database_url)
+    with session_scope(database_url) as session:
+        runs = [session.get(Run, run_id) for run_id in ids]
+        assert [run.metrics for run in runs] == [{"test_top1": 0.5}, {"test_top1": 0.25}]
+        assert [run.details for run in runs] == [{"confusion_matrix": [[1, 1], [0, 2]]}, {}]
+        assert [run.all_metrics() for run in runs] == stored
+    command.downgrade(alembic_config(database_url), "0007")
+    with session_scope(database_url) as session:
+        assert session.scalars(sa.select(old_runs.c.metrics).order_by(old_runs.c.id)
+                               ).all() == stored
+    columns = {c["name"] for c in inspect(get_engine(database_url)).get_columns("runs")}
+    assert "details" not in columns
+    get_engine(database_url).dispose()
+
+
 def test_a_runs_queue_position_counted_by_the_database_matches_the_whole_queues_order(
     database_url: str,
 ) -> None:

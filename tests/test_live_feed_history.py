@@ -164,6 +164,38 @@ def test_an_event_that_arrives_while_the_feed_asks_the_database_is_sent_at_once(
     live.delete(key)
 
 
+def test_a_replay_of_many_ended_runs_asks_the_database_once_not_at_each_end(redis_url):
+    """An experiment's feed holds an end per run. Replaying one still in progress asked the
+    database at every end, each time for every run: 393 s before the first event at 60 runs
+    of 1,000 classes. The history arrives as one batch and is asked about once."""
+    live = redis.Redis.from_url(redis_url, decode_responses=True)
+    key = "selftune:test:many-ends"
+    live.delete(key)
+    for run_id in range(1, 61):
+        live.xadd(key, {"data": json.dumps({"type": "progress", "run_id": run_id, "step": 1})})
+        live.xadd(key, {"data": json.dumps({"type": "end", "run_id": run_id})})
+    checks = []
+
+    def outcome() -> Outcome:
+        checks.append(time.monotonic())
+        return Outcome(False)  # one run is still to come
+
+    async def replay() -> str:
+        hubs = Hubs(redis_url)
+        frames = stream_events(hubs, key, "0", outcome=outcome, heartbeat_s=30)
+        try:
+            assert await anext(frames) == "retry: 2000\n\n"
+            return await asyncio.wait_for(anext(frames), timeout=60)
+        finally:
+            await frames.aclose()
+            await hubs.close()
+
+    history = asyncio.run(replay())
+    live.delete(key)
+    assert history.count('"type": "end"') + history.count('"type":"end"') == 60
+    assert len(checks) == 1
+
+
 def test_a_quiet_feed_stays_healthy_and_delivers_at_once(redis_url: str):
     """The hub's XREAD blocks 5 s; redis-py's async client timed out reads at 5 s too, so
     every quiet feed logged "Redis unavailable", sent "live feed unavailable" instead of

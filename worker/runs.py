@@ -31,7 +31,7 @@ from app.live import (
     run_cancel_key,
     run_stream_key,
 )
-from app.models import Artifact, DatasetImage, Experiment, Run, RunMetric
+from app.models import Artifact, DatasetImage, Experiment, Run, RunMetric, split_metrics
 from worker.selftuning.files import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -449,7 +449,7 @@ class RunRecorder:
                 # progress point: the record says where a "Run again" resumes, as the feed did.
                 run.step = max(run.step, self.saved_step)
                 if metrics is not None:
-                    run.metrics = metrics
+                    run.metrics, run.details = split_metrics(metrics)
                     run.step = run.total_steps
                 return {"step": run.step, "total_steps": run.total_steps}
 

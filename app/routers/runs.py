@@ -128,8 +128,8 @@ def read_run(run_id: RunId, session: DbDep, settings: SettingsDep):
     run = get_run(session, run_id)
     return RunOut(
         **run_summary(run, queue_position(session, run)).model_dump(),
-        dataset_id=run.dataset_id, config=run.config, metrics=run.metrics, worker=run.worker,
-        device=run.device, error=run.error, attempts=run.attempts,
+        dataset_id=run.dataset_id, config=run.config, metrics=run.all_metrics(),
+        worker=run.worker, device=run.device, error=run.error, attempts=run.attempts,
         heartbeat_at=as_utc(run.heartbeat_at), images_per_s=run.images_per_s,
         eta_s=eta_seconds(run, session.get(Dataset, run.dataset_id)),
         silent_s=silent_seconds(run, settings),

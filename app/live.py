@@ -25,6 +25,21 @@ def experiment_stream_key(experiment_id: int) -> str:
     return f"selftune:experiment:{experiment_id}:events"
 
 
+# A feed no event has reached for this long goes from Redis: its story is in the database,
+# from which a feed that is missing is told again (app.events). Kept until their experiment
+# was deleted, feeds grew Redis by megabytes per experiment for good.
+FEED_KEEP_S = 7 * 24 * 3600
+
+
+def add_to_feeds(pipe: Any, run_id: int, experiment_id: int, data: dict[str, str],
+                 maxlen: int | None = None) -> None:
+    """Queue on `pipe` the event `data` for the run's and its experiment's feeds, each kept
+    FEED_KEEP_S after its last event."""
+    for key in (run_stream_key(run_id), experiment_stream_key(experiment_id)):
+        pipe.xadd(key, data, maxlen=maxlen, approximate=True)
+        pipe.expire(key, FEED_KEEP_S)
+
+
 @lru_cache
 def get_redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(
@@ -103,8 +118,7 @@ def publish_ends(client: redis.Redis, runs: list[Any]) -> None:
     try:
         with client.pipeline(transaction=False) as pipe:
             for run in runs:
-                pipe.xadd(run_stream_key(run.id), end_event(run))
-                pipe.xadd(experiment_stream_key(run.experiment_id), end_event(run))
+                add_to_feeds(pipe, run.id, run.experiment_id, end_event(run))
             pipe.execute()
     except redis.RedisError:
         pass  # the database has the state; the feeds also check it
@@ -134,9 +148,9 @@ def forget_feeds(client: redis.Redis, experiment_ids: list[int], run_ids: list[i
 
 def publish_status(client: redis.Redis, run: Any) -> None:
     """Tell open pages that a run changed state outside the worker (requeued, lost)."""
-    data = _run_event(run, "status")
     try:
-        client.xadd(run_stream_key(run.id), data)
-        client.xadd(experiment_stream_key(run.experiment_id), data)
+        with client.pipeline(transaction=False) as pipe:
+            add_to_feeds(pipe, run.id, run.experiment_id, _run_event(run, "status"))
+            pipe.execute()
     except redis.RedisError:
         pass  # the database has the state; pages also poll it

@@ -473,6 +473,27 @@ def test_the_confusion_matrix_is_kept_apart_and_no_experiment_read_loads_it(sett
     assert record.metrics["test_top1"] == run.metrics["test_top1"]
 
 
+def test_live_feeds_go_from_redis_a_week_after_their_last_event(settings, tmp_path):
+    """Feeds stayed in Redis until their experiment was deleted (megabytes per experiment,
+    for good). Each event now keeps its feeds a week; after that the pages tell the story
+    from the database."""
+    from app.live import FEED_KEEP_S, experiment_stream_key, publish_status
+
+    run_id = add_run(settings, tmp_path)
+    assert execute_run(settings, run_id, "w@host", TASK_ID)["status"] == "succeeded"
+    client = redis.Redis.from_url(settings.effective_redis_url)
+    run = read_run(settings, run_id)
+    keys = [run_stream_key(run_id), experiment_stream_key(run.experiment_id)]
+    for key in keys:  # the worker's events
+        assert FEED_KEEP_S - 60 < client.ttl(key) <= FEED_KEEP_S, key
+    client.expire(keys[0], 100)
+    client.expire(keys[1], 100)
+    publish_status(client, run)  # the web's (a requeue, a lost run)
+    for key in keys:
+        assert FEED_KEEP_S - 60 < client.ttl(key) <= FEED_KEEP_S, key
+    client.close()
+
+
 PREDICTION_COLUMNS = "image_id,path,label,confidence,margin,hidden_label"
 
 

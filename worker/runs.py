@@ -22,14 +22,13 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import session_scope
 from app.live import (
-    experiment_stream_key,
+    add_to_feeds,
     forget_feeds,
     get_redis,
     headline,
     publish_end,
     publish_status,
     run_cancel_key,
-    run_stream_key,
 )
 from app.models import Artifact, DatasetImage, Experiment, Run, RunMetric, split_metrics
 from worker.selftuning.files import (
@@ -293,11 +292,7 @@ class RunRecorder:
 
         def send(client: redis.Redis) -> None:
             pipe = client.pipeline(transaction=False)
-            pipe.xadd(run_stream_key(self.run_id), {"data": data}, maxlen=maxlen, approximate=True)
-            pipe.xadd(
-                experiment_stream_key(self.experiment_id), {"data": data},
-                maxlen=maxlen, approximate=True,
-            )
+            add_to_feeds(pipe, self.run_id, self.experiment_id, {"data": data}, maxlen)
             pipe.execute()
 
         self.live.call(send, None, now=now)

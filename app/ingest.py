@@ -622,6 +622,8 @@ class _Decompressed(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
+        if not len(buffer):  # zlib takes a max_length of 0 as no limit
+            return 0
         while True:
             decompressor = self._decompressor
             if decompressor.eof:

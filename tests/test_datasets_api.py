@@ -43,9 +43,16 @@ def test_animal_mnist_upload_gives_ten_classes_and_its_own_test_split(
 
         dataset_id = summary["id"]
         assert client.get(f"/api/datasets/{dataset_id}").json() == summary
-        page = client.get(f"/api/datasets/{dataset_id}/images",
-                          params={"split": "test", "label": 9, "limit": 5}).json()
+        answer = client.get(f"/api/datasets/{dataset_id}/images",
+                            params={"split": "test", "label": 9, "limit": 5, "offset": 5})
+        page = answer.json()
         assert page["total"] == 200
+        # Paged as the other lists are (the headers were missing here alone).
+        assert answer.headers["X-Total-Count"] == "200"
+        assert answer.headers["Link"] == (
+            f'</api/datasets/{dataset_id}/images?split=test&label=9&limit=5&offset=10>; '
+            f'rel="next", </api/datasets/{dataset_id}/images?split=test&label=9&limit=5'
+            '&offset=0>; rel="prev"')
         assert [image["original_path"].split("/")[:2] for image in page["items"]] == [
             ["test", "zebra"]] * 5
         thumb = client.get(f"/api/datasets/{dataset_id}/images/{page['items'][0]['id']}/thumbnail")

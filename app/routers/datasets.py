@@ -249,13 +249,16 @@ def get_dataset(dataset_id: DatasetId, db: DbDep) -> DatasetOut:
 )
 def list_images(
     dataset_id: DatasetId,
+    request: Request,
+    response: Response,
     db: DbDep,
     split: Annotated[Split | None, Query()] = None,
     label: Annotated[int | None, Query(ge=0, le=MAX_ID, description="class index")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> ImagePage:
-    """A page of a dataset's images in storage order, optionally of one split or class."""
+    """A page of a dataset's images in storage order, optionally of one split or class
+    (`total` counts them all; X-Total-Count and Link headers as on the other lists)."""
     get_dataset_or_404(db, dataset_id)
     conditions = [DatasetImage.dataset_id == dataset_id]
     if split is not None:
@@ -263,6 +266,7 @@ def list_images(
     if label is not None:
         conditions.append(DatasetImage.label == label)
     total = db.scalar(select(func.count()).select_from(DatasetImage).where(*conditions)) or 0
+    page_headers(request, response, total, limit, offset)
     images = db.scalars(
         select(DatasetImage).where(*conditions).order_by(DatasetImage.id)
         .limit(limit).offset(offset)

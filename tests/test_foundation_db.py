@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -205,6 +206,27 @@ def test_sqlite_migrations_leave_the_database_in_wal_mode(tmp_path):
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert TABLES <= {row[0] for row in connection.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def test_the_sqlite_log_shrinks_back_after_a_large_write(tmp_path):
+    """The write-ahead log kept the size of the largest write for good (183 MB after a big
+    upload and delete); once written back it now goes back to its limit."""
+    from app.db import WAL_SIZE_LIMIT_BYTES
+
+    path = tmp_path / "selftune.db"
+    engine = get_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE blobs (data BLOB)")
+        for _ in range(100):  # 100 MiB in one transaction: all of it goes through the log
+            connection.exec_driver_sql("INSERT INTO blobs VALUES (zeroblob(1048576))")
+    wal = Path(f"{path}-wal")
+    assert wal.stat().st_size > 100 * 1024**2
+    with engine.begin() as connection:
+        connection.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)")
+    with engine.begin() as connection:  # the next write starts the log again, cut back
+        connection.exec_driver_sql("INSERT INTO blobs VALUES (zeroblob(10))")
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT_BYTES
+    engine.dispose()
 
 
 def runs_queued_before_0003_count_as_queued_when_created(url: str) -> None:

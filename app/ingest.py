@@ -1461,11 +1461,12 @@ def active_run_count(session: Session, dataset_id: int) -> int:
 
 
 def delete_dataset(session: Session, settings: Settings, dataset: Dataset
-                   ) -> tuple[list[int], list[int]]:
+                   ) -> tuple[list[int], list[int], list[Path]]:
     """Delete a dataset with its images, experiments, runs and their files; refused (409)
     while a run of it is queued or running, or while queued or running runs start from one
-    of its runs' models. Returns the deleted (experiment ids, run ids),
-    whose live feeds the caller forgets (app.live.forget_feeds)."""
+    of its runs' models. Returns the deleted (experiment ids, run ids), whose live feeds the
+    caller forgets (app.live.forget_feeds), and the folders of its images, moved aside for the
+    caller to remove (`empty_trash`) once it has answered."""
     # Lock the dataset row first so that no run can be queued on it between the check and
     # the delete: FOR UPDATE on PostgreSQL; SQLite takes its write lock on the first write.
     dataset_id = dataset.id
@@ -1499,12 +1500,40 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset
     session.execute(delete(Dataset).where(Dataset.id == dataset.id))
     session.commit()
     # Files go after the commit: a crash here leaves only invisible orphans for cleanup.
-    shutil.rmtree(dataset_dir(settings, dataset), ignore_errors=True)
-    shutil.rmtree(thumbnail_dir(settings, dataset), ignore_errors=True)
-    for folder in image_cache_dirs(settings, dataset.id):
-        shutil.rmtree(folder, ignore_errors=True)
+    aside = move_to_trash(settings, [dataset_dir(settings, dataset),
+                                     thumbnail_dir(settings, dataset),
+                                     *image_cache_dirs(settings, dataset.id)])
     remove_run_folders(settings, run_ids)
-    return list(experiment_ids), list(run_ids)
+    return list(experiment_ids), list(run_ids), aside
+
+
+def trash_dir(settings: Settings) -> Path:
+    return settings.data_dir / "trash"
+
+
+def move_to_trash(settings: Settings, folders: list[Path]) -> list[Path]:
+    """Rename the folders into trash/ (at once, whatever they hold) and return where they
+    went; one that cannot be moved there (another file system) is removed now. Removing the
+    100,000 images of a dataset inside its delete request took 4-20 s, once 132 s."""
+    trash = trash_dir(settings)
+    trash.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for folder in folders:
+        target = trash / uuid.uuid4().hex
+        try:
+            folder.rename(target)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        moved.append(target)
+    return moved
+
+
+def empty_trash(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _newest_mtime(path: Path) -> float:
@@ -1550,6 +1579,10 @@ def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] |
             if entry.name.startswith("upload-") and stale(entry):
                 _remove(entry)
                 removed.append(entry)
+    if trash_dir(settings).is_dir():  # deleted already: its removal was cut short
+        for entry in trash_dir(settings).iterdir():
+            _remove(entry)
+            removed.append(entry)
 
     candidates = [
         entry

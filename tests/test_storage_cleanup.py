@@ -5,6 +5,7 @@ tests/engine/test_durable_files.py)."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +72,49 @@ def test_deleting_a_dataset_removes_its_decoded_image_caches_of_every_size(
     assert not image_cache(server.data_dir, doomed).exists()
     assert len(list(image_cache(server.data_dir, kept).glob("*.npy"))) == 4
     assert neighbour.is_dir()
+
+
+def test_a_dataset_delete_moves_its_images_aside_to_be_removed_after_the_answer(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Removing 100,000 image files inside the request took 4-20 s (once 132 s), longer than
+    clients and proxies wait. The delete moves the folders aside (a rename) and the answer
+    goes before they are removed."""
+    from app.db import session_scope
+    from tests.support import make_image_archive
+
+    archive = make_image_archive(tmp_path / "shapes.zip")
+    with session_scope(settings.sqlalchemy_url) as session:
+        dataset = ingest.ingest_archive(session, settings, archive,
+                                        ingest.new_work_dir(settings), "shapes")
+        folder = ingest.dataset_dir(settings, dataset)
+        images = sorted(path.name for path in folder.rglob("*") if path.is_file())
+        _, _, aside = ingest.delete_dataset(session, settings, dataset)
+    assert not folder.exists()
+    assert sorted(path.name for f in aside for path in f.rglob("*") if path.is_file()
+                  if path.suffix != ".json") == images  # moved, not removed yet
+    ingest.empty_trash(aside)
+    assert not any(ingest.trash_dir(settings).iterdir())
+
+
+def test_a_deleted_datasets_images_are_gone_soon_after_the_answer(server: LiveServer) -> None:
+    with server.client() as client:
+        dataset = upload(client, zip_bytes(class_entries(("cat", "dog"), seed=9)),
+                         name="gone").json()
+        folder = stored_files(server, dataset["id"])[0].parent
+        assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
+    assert not folder.exists()
+    trash = server.data_dir / "trash"
+    deadline = time.monotonic() + 30
+    while trash.exists() and any(trash.iterdir()):
+        assert time.monotonic() < deadline, list(trash.rglob("*"))[:5]
+        time.sleep(0.1)
+
+
+def test_startup_clean_up_finishes_a_removal_cut_short(settings: Settings) -> None:
+    left = touch(ingest.trash_dir(settings) / "0123abcd" / "images" / "1.png")
+    assert ingest.cleanup_orphans(settings, grace_s=600) == [left.parents[1]]
+    assert not any(ingest.trash_dir(settings).iterdir())
 
 
 def test_startup_clean_up_sweeps_caches_of_deleted_datasets(settings: Settings) -> None:

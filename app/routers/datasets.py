@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, defer
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from app import ingest
@@ -320,8 +321,9 @@ def delete_dataset(dataset_id: DatasetId, db: DbDep, settings: SettingsDep,
     """Delete the dataset, its files, and its experiments and runs (with their files)."""
     dataset = get_dataset_or_404(db, dataset_id)
     try:
-        experiment_ids, run_ids = ingest.delete_dataset(db, settings, dataset)
+        experiment_ids, run_ids, aside = ingest.delete_dataset(db, settings, dataset)
     except ingest.IngestError as exc:
         raise HTTPException(exc.status_code, exc.detail) from None
     forget_feeds(live, experiment_ids, run_ids)
-    return Response(status_code=204)
+    # Its image folders were moved aside: they are removed once the answer has gone.
+    return Response(status_code=204, background=BackgroundTask(ingest.empty_trash, aside))

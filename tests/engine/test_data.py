@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import lzma
 import re
 import tarfile
 import tempfile
@@ -38,19 +39,21 @@ def test_zip_and_tar_archives_give_the_same_dataset(
         for file in sorted(shapes_root.rglob("*.png")):
             # A wrapping folder, as zips made by file managers have.
             bundle.write(file, f"shapes/{file.relative_to(shapes_root)}")
-    tar_path = tmp_path / "shapes.tar.gz"
-    with tarfile.open(tar_path, "w:gz") as bundle:
-        bundle.add(shapes_root, arcname=".")
+    tars = []
+    for suffix, mode in ((".tar.gz", "w:gz"), (".tar.bz2", "w:bz2"), (".tar.xz", "w:xz")):
+        tars.append(tmp_path / f"shapes{suffix}")  # every compression the web takes
+        with tarfile.open(tars[-1], mode) as bundle:
+            bundle.add(shapes_root, arcname=".")
 
     expected = load_folder_dataset(shapes_root)
-    for archive in (zip_path, tar_path):
+    for archive in (zip_path, *tars):
         class_names, train_items, test_items, unlabeled = load_folder_dataset(archive)
         assert class_names == expected[0]
         assert [(Path(p).name, label) for p, label in train_items] == [
             (Path(p).name, label) for p, label in expected[1]
         ]
         assert len(test_items) == len(expected[2]) and len(unlabeled) == len(expected[3])
-    assert len(list((tmp_path / "selftuning-datasets").iterdir())) == 2  # each unpacked once
+    assert len(list((tmp_path / "selftuning-datasets").iterdir())) == 4  # each unpacked once
 
 
 def test_zip_with_a_path_escaping_the_archive_is_refused(tmp_path: Path):
@@ -209,8 +212,12 @@ def _zip_escaping() -> bytes:
         ("photos.tar.gz", lambda root: _tar_with_link_out()[:40], "not a readable .tar"),
         ("photos.tar.gz", lambda root: _tar_with_link_out(), "link to an absolute path"),
         ("photos.zip", lambda root: _zip_escaping(), "escapes the archive"),
+        ("photos.tar.bz2", lambda root: b"BZh9" + b"garbage" * 10, "not a readable .tar"),
+        ("photos.tar.xz", lambda root: lzma.compress(_tar_with_link_out())[:60],
+         "not a readable .tar"),
     ],
-    ids=["not-a-zip", "truncated-zip", "not-a-tar", "truncated-tar", "link-out", "escaping"],
+    ids=["not-a-zip", "truncated-zip", "not-a-tar", "truncated-tar", "link-out", "escaping",
+         "not-a-tar-bz2", "truncated-tar-xz"],
 )
 def test_damaged_or_unsafe_archives_are_refused_and_leave_no_staging_folder(
     shapes_root: Path, tmp_path: Path, monkeypatch, name, make, message

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worker.selftuning")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("train", help="train one run and export the model")
-    run.add_argument("--data", required=True, help="folder, .zip or .tar(.gz) dataset")
+    run.add_argument("--data", required=True,
+                     help="folder, .zip or .tar (.gz, .bz2, .xz) dataset")
     run.add_argument("--out", required=True, help="output folder (resumes if it has a state)")
     run.add_argument("--method", default="self-tuning", choices=sorted(METHODS))
     run.add_argument("--budget", default="0.05", help="0.05, 5%%, 10/class or all")

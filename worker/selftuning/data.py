@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
@@ -112,7 +113,8 @@ def _digest(value) -> str:
 def load_folder_dataset(
     path: str | os.PathLike, skipped: dict[str, str] | None = None,
 ) -> tuple[list[str], list[Item], list[Item], list[str]]:
-    """Read a dataset folder, or a .zip/.tar/.tar.gz of one, for the command line.
+    """Read a dataset folder, or a .zip/.tar/.tar.gz/.tar.bz2/.tar.xz of one, for the
+    command line.
 
     Layout: `train/<class>/*`, optional `test/<class>/*` (or `val/`), optional `unlabeled/*`;
     without `train/`, the class folders sit at the top. Or images anywhere plus a top-level
@@ -433,6 +435,10 @@ def _unicode_path(extra: bytes, raw_name: bytes) -> str | None:
     return None
 
 
+# As the web's upload takes them (tarfile reads each compression).
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
 def _extract(archive: Path, destination: Path) -> None:
     """Unpack a .zip or .tar(.gz); a damaged or unsafe archive is a ValueError naming it."""
     name = archive.name.lower()
@@ -448,14 +454,20 @@ def _extract(archive: Path, destination: Path) -> None:
                     if member.is_dir() or "__MACOSX" in relative.parts:
                         continue
                     bundle.extract(member, destination)
-        elif name.endswith((".tar", ".tar.gz", ".tgz")):
+        elif name.endswith(TAR_SUFFIXES):
             with tarfile.open(archive) as bundle:
                 # The 'data' filter refuses absolute paths, '..', links out and device files.
                 bundle.extractall(destination, filter="data")
         else:
-            raise ValueError(f"{archive}: use a folder, .zip, .tar or .tar.gz")
+            raise ValueError(f"{archive}: use a folder, .zip, .tar, .tar.gz, .tar.bz2 or "
+                             ".tar.xz")
     except tarfile.FilterError as exc:
         raise ValueError(f"{archive}: {exc}; an archive may not reach outside itself") from exc
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
-        kind = ".zip" if name.endswith(".zip") else ".tar or .tar.gz"
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
+            OSError) as exc:
+        # bzip2 says "Invalid data stream" as an OSError without an errno; one with an errno
+        # (a full disk) is not the archive's.
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        kind = ".zip" if name.endswith(".zip") else ".tar (.gz, .bz2, .xz)"
         raise ValueError(f"{archive} is not a readable {kind} archive: is it complete?") from exc

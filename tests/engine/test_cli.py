@@ -182,7 +182,7 @@ def _shapes(tmp_path: Path) -> Path:
     ("make_data", "flags", "message"),
     [
         (_not_a_zip, TEST_BACKBONE, "photos.zip is not a readable .zip archive"),
-        (_broken_tar, TEST_BACKBONE, "photos.tar.gz is not a readable .tar or .tar.gz"),
+        (_broken_tar, TEST_BACKBONE, "photos.tar.gz is not a readable .tar (.gz, .bz2, .xz)"),
         (_tar_with_a_link_out, TEST_BACKBONE, "is a link to an absolute path"),
         # It advised --no-pretrained, which then failed with "unknown backbone".
         (_shapes, ["--backbone", "no_such_net"],

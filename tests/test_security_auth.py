@@ -83,7 +83,7 @@ def test_an_api_request_body_is_not_read_before_the_token_is_checked(guarded_ser
                            b"Content-Length: 1000000\r\n\r\n[[],[],")  # the rest never comes
         answer = connection.recv(4096)
     assert answer.startswith(b"HTTP/1.1 401 "), answer
-    assert b"www-authenticate: Bearer" in answer.lower().replace(b"bearer", b"Bearer")
+    assert b"www-authenticate: bearer" in answer.lower()
     with httpx.Client(base_url=guarded_server, timeout=30) as client:
         json_headers = {"Content-Type": "application/json"}
         refused = client.post("/api/experiments", content=b"{bad", headers=json_headers)

@@ -465,24 +465,34 @@ def _check_expansion(total: int, archive_size: int, settings: Settings) -> None:
         )
 
 
-def _too_many_folders(settings: Settings) -> IngestError:
-    """Folder entries do not count as files, but each costs time and memory to read: an
-    archive may hold as many of them as files (3 million empty folder entries in a 282 MB
-    zip took 2 GB of the web's memory)."""
-    return IngestError(
-        f"the archive has more than {settings.max_archive_files} folder entries (as many as "
-        "it may have files, SELFTUNE_MAX_ARCHIVE_FILES): a dataset needs one folder per "
-        "class and split",
-        status_code=413,
-    )
+class _EntryCount:
+    """An archive's file and folder entries, each kind refused past SELFTUNE_MAX_ARCHIVE_FILES.
+    Folder entries do not count as files, but each costs time and memory to read: an archive
+    may hold as many of them as files (3 million empty folder entries in a 282 MB zip took
+    2 GB of the web's memory)."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.limit = settings.max_archive_files
+        self.files = self.folders = 0
 
-def _too_many_files(settings: Settings) -> IngestError:
-    return IngestError(
-        f"the archive has more than {settings.max_archive_files} files "
-        "(SELFTUNE_MAX_ARCHIVE_FILES): split it into smaller datasets",
-        status_code=413,
-    )
+    def folder(self) -> None:
+        self.folders += 1
+        if self.folders > self.limit:
+            raise IngestError(
+                f"the archive has more than {self.limit} folder entries (as many as it may "
+                "have files, SELFTUNE_MAX_ARCHIVE_FILES): a dataset needs one folder per "
+                "class and split",
+                status_code=413,
+            )
+
+    def file(self) -> None:
+        self.files += 1
+        if self.files > self.limit:
+            raise IngestError(
+                f"the archive has more than {self.limit} files "
+                "(SELFTUNE_MAX_ARCHIVE_FILES): split it into smaller datasets",
+                status_code=413,
+            )
 
 
 # What a zip starts with (APPNOTE 4.3): a local file header, or the end record of an empty
@@ -523,7 +533,7 @@ def _check_zip_entry_count(path: Path, settings: Settings) -> None:
                 directory_end, directory_size = record_at, ZIP64_END.unpack(record)[8]
         position = max(0, directory_end - directory_size)
         handle.seek(position)
-        count = folders = 0
+        entries = _EntryCount(settings)
         while position + ZIP_DIRECTORY_ENTRY.size <= directory_end:
             header = ZIP_DIRECTORY_ENTRY.unpack(handle.read(ZIP_DIRECTORY_ENTRY.size))
             if header[0] != b"PK\x01\x02":
@@ -532,20 +542,16 @@ def _check_zip_entry_count(path: Path, settings: Settings) -> None:
             handle.seek(header[13] + header[14], os.SEEK_CUR)  # extra field, comment
             position += ZIP_DIRECTORY_ENTRY.size + header[12] + header[13] + header[14]
             if name.endswith(b"/"):  # folders are counted apart, as below
-                folders += 1
-                if folders > settings.max_archive_files:
-                    raise _too_many_folders(settings)
-                continue
-            count += 1
-            if count > settings.max_archive_files:
-                raise _too_many_files(settings)
+                entries.folder()
+            else:
+                entries.file()
 
 
 def _zip_members(archive: zipfile.ZipFile, budget: _ByteBudget, settings: Settings):
     """Every entry of a zip, after checking all of them (the central directory is read
     first, so a bad entry is refused before anything is extracted)."""
     members: list[_Member] = []
-    files = folders = 0
+    entries = _EntryCount(settings)
     declared = 0
     for info in archive.infolist():
         name = zip_entry_name(info)
@@ -555,14 +561,10 @@ def _zip_members(archive: zipfile.ZipFile, budget: _ByteBudget, settings: Settin
             raise _link_error(name)
         # An empty name makes zipfile's own is_dir() fail: check the name first.
         if not path or name.endswith("/") or stat.S_ISDIR(mode):
-            folders += 1
-            if folders > settings.max_archive_files:
-                raise _too_many_folders(settings)
+            entries.folder()
             members.append(_Member(path, "dir", 0, _no_content))
             continue
-        files += 1
-        if files > settings.max_archive_files:
-            raise _too_many_files(settings)
+        entries.file()
         declared += info.file_size
         kind = "file"
         if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
@@ -704,7 +706,7 @@ def _tar_members(path: Path, budget: _ByteBudget, settings: Settings) -> Iterato
 def _checked_tar_members(archive: tarfile.TarFile, budget: _ByteBudget, settings: Settings
                          ) -> Iterator[_Member]:
     """The entries of an open tar stream, checked as they come."""
-    files = folders = 0
+    entries = _EntryCount(settings)
     declared = 0
     for info in archive:
         # Stream mode still remembers every header; drop them to keep memory flat.
@@ -713,13 +715,9 @@ def _checked_tar_members(archive: tarfile.TarFile, budget: _ByteBudget, settings
         if info.issym() or info.islnk():
             raise _link_error(info.name)
         if info.isdir() or not member_path:
-            folders += 1
-            if folders > settings.max_archive_files:
-                raise _too_many_folders(settings)
+            entries.folder()
             continue
-        files += 1
-        if files > settings.max_archive_files:
-            raise _too_many_files(settings)
+        entries.file()
         # Counted for every kind: tarfile reads through the data of one it skips too.
         declared += info.size
         budget.check_declared(declared)

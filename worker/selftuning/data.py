@@ -440,7 +440,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 
 
 def _extract(archive: Path, destination: Path) -> None:
-    """Unpack a .zip or .tar(.gz); a damaged or unsafe archive is a ValueError naming it."""
+    """Unpack a .zip or .tar (TAR_SUFFIXES); a damaged or unsafe archive is a ValueError
+    naming it."""
     name = archive.name.lower()
     try:
         if name.endswith(".zip"):

@@ -50,7 +50,9 @@ FEED_EVENTS: dict[str, tuple[str, dict[str, str]]] = {
     "started": ("Training began, or resumed from a checkpoint.", {
         "resumed_from_step": "the checkpoint's step, or null for a fresh start",
         "checkpoint_unreadable": "why a saved state could not be used, so the run started "
-                                 "over (only then)"}),
+                                 "over (only then)",
+        "loader_processes": "how many processes build its batches beside the training "
+                            "process (the setting num_workers, or what -1 chose)"}),
     "progress": ("Means since the last progress event.", {
         "losses": "loss terms by name: ce; pgc_labeled and pgc_unlabeled (Self-Tuning); "
                   "fixmatch (FixMatch)",
@@ -210,8 +212,9 @@ class Overrides(BaseModel):
         None, ge=0, le=1024, description="torch threads on a CPU worker; 0 uses every core"
     )
     num_workers: int | None = Field(
-        None, ge=0, le=64, description="processes that build the batches beside the training "
-        "process (0: it builds them itself); the batches are the same whatever the number"
+        None, ge=-1, le=64, description="processes that build the batches beside the training "
+        "process (0: it builds them itself; -1, the presets: one per core of a GPU worker less "
+        "one, at most 16, and none on a CPU); the batches are the same whatever the number"
     )
     pretrained: bool | None = Field(
         None, description="false trains from random init (tests, or models without weights)"

@@ -116,6 +116,7 @@ def messages(response) -> str:
      "must be increasing fractions"),
     ({"overrides": {"lr_milestones": ["soon"]}}, 422, "lr_milestones"),
     ({"overrides": {"cpu_threads": -1}}, 422, "cpu_threads"),
+    ({"overrides": {"num_workers": -2}}, 422, "num_workers"),
     ({"overrides": {"ema_momentum": 1.5}}, 422, "ema_momentum"),
     ({"overrides": {"momentum": 1.0}}, 422, "momentum"),
     ({"overrides": {"unlabeled_batch_size": -1}}, 422, "unlabeled_batch_size"),

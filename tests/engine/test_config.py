@@ -7,6 +7,7 @@ import json
 import pytest
 
 from worker.selftuning import PRESETS, RunConfig
+from worker.selftuning.config import AUTO_LOADERS
 
 
 def test_config_round_trips_through_json():
@@ -40,6 +41,7 @@ def test_unknown_keys_are_rejected_by_name():
         ({"pretrained": "yes"}, "pretrained must be true or false"),
         ({"image_size": 8}, "image_size = 8 must be between 16"),
         ({"labeled_query_view": "blurry"}, "labeled_query_view 'blurry' must be one of"),
+        ({"num_workers": -2}, "num_workers = -2 must be between -1"),
     ],
 )
 def test_out_of_range_values_name_the_field(change, message):
@@ -58,6 +60,8 @@ def test_presets_and_overrides():
     assert (paper.lr, paper.head_lr_ratio, paper.projector_lr_ratio) == (0.001, 10.0, 1.0)
     # The authors' strong labeled view in `paper`; fine-tuning's crop + flip in `quick`.
     assert (paper.labeled_query_view, quick.labeled_query_view) == ("strong", "weak")
+    # Both leave the number of loader processes to the device the run lands on.
+    assert paper.num_workers == quick.num_workers == AUTO_LOADERS
     assert RunConfig.from_preset("quick", lr=0.003).lr == 0.003
     with pytest.raises(ValueError, match="preset 'slow' is not one of"):
         RunConfig.from_preset("slow")

@@ -16,7 +16,9 @@ from timm.data import create_transform, resolve_data_config
 
 from tests.engine.helpers import predicted_classes, tiny_config
 from worker.selftuning import METHODS, RunData, TrainingCancelled, open_rgb, train
+from worker.selftuning.batches import MOST_AUTO_LOADERS, loader_processes
 from worker.selftuning.checkpoint import load_checkpoint, save_checkpoint
+from worker.selftuning.config import AUTO_LOADERS
 from worker.selftuning.metrics import pseudo_label_quality, queue_purity
 
 
@@ -54,7 +56,7 @@ def finished_run(tmp_path_factory, shapes_data: RunData):
 def test_events_follow_the_contract(finished_run):
     _, recorder, metrics = finished_run
     assert recorder.events[0] == {"type": "started", "step": 0, "total_steps": 6,
-                                  "resumed_from_step": None}
+                                  "resumed_from_step": None, "loader_processes": 0}
     assert all(e["total_steps"] == 6 for e in recorder.events)
     progress = recorder.of("progress")
     assert [e["step"] for e in progress] == [2, 4, 6]
@@ -283,6 +285,47 @@ def test_loader_processes_stop_before_the_export(tmp_path: Path, shapes_data, mo
     monkeypatch.setattr(loop, "_finish", spy)
     train(tiny_config(iterations=2, num_workers=2), shapes_data, tmp_path)
     assert alive_at_export == []
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "cores", "chosen"),
+    [
+        (3, "cuda", 16, 3),  # a number is kept, on any device
+        (0, "cuda:1", 16, 0),
+        (2, "cpu", 16, 2),
+        (AUTO_LOADERS, "cpu", 16, 0),  # a CPU's cores train
+        (AUTO_LOADERS, "cuda", 16, 15),  # a GPU's: every core but the training process's
+        (AUTO_LOADERS, "cuda:0", 2, 1),
+        (AUTO_LOADERS, "cuda", 1, 1),
+        (AUTO_LOADERS, "cuda", 128, MOST_AUTO_LOADERS),
+    ],
+)
+def test_the_presets_choose_the_loader_processes_for_the_device(requested, device, cores,
+                                                                 chosen):
+    assert loader_processes(requested, torch.device(device), cores) == chosen
+
+
+def test_a_cpu_run_of_a_preset_builds_its_batches_in_the_training_process(
+    tmp_path: Path, shapes_data, monkeypatch
+):
+    """The presets' -1 on a CPU: no loader processes, and the run says how many it used."""
+    import multiprocessing
+
+    import worker.selftuning.loop as loop
+
+    alive = []
+    step = loop.to_device_batch
+
+    def spy(*args, **kwargs):
+        alive.append(len(multiprocessing.active_children()))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "to_device_batch", spy)
+    recorder = Recorder()
+    config = tiny_config(iterations=2, num_workers=AUTO_LOADERS, device="cpu")
+    train(config, shapes_data, tmp_path, on_event=recorder)
+    assert recorder.of("started")[0]["loader_processes"] == 0
+    assert alive == [0, 0]
 
 
 def _train_as_a_celery_task(config, data, out: Path, children) -> None:

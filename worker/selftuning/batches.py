@@ -7,6 +7,7 @@ sees exactly the batches an uninterrupted one would, however many workers build 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 from collections.abc import Iterator, Sequence
 
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from worker.selftuning.augment import Normalize, ViewMaker
+from worker.selftuning.config import AUTO_LOADERS
 from worker.selftuning.images import ImageArray
 from worker.selftuning.methods import Batch
 
@@ -121,6 +123,25 @@ class StepBatches(Dataset):
             for view, kind in enumerate(kinds):
                 views[view, position] = self.view_maker(kind, square, rng)
         return torch.from_numpy(views).permute(0, 1, 4, 2, 3)
+
+
+MOST_AUTO_LOADERS = 16
+
+
+def loader_processes(requested: int, device: torch.device, cores: int | None = None) -> int:
+    """How many processes build the batches: `requested`, or for `AUTO_LOADERS` (the
+    presets) what the device wants. A GPU step waits on its batches unless most cores build
+    them: on an H200 with 16 cores, Self-Tuning at 224 px took 61 ms a step with 4 loader
+    processes, 29 ms with 8, against a 22 ms step on the GPU. So there one per core the
+    process may use beyond its own, at most `MOST_AUTO_LOADERS`. On a CPU the cores train
+    (torch's threads) and the training process builds the batches between steps.
+    """
+    if requested != AUTO_LOADERS:
+        return requested
+    if device.type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    return max(1, min(cores - 1, MOST_AUTO_LOADERS))
 
 
 def start_batches(

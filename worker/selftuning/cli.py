@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backbone")
     run.add_argument("--no-pretrained", action="store_true", help="random initialisation")
     run.add_argument("--device")
-    run.add_argument("--num-workers", type=int)
+    run.add_argument("--num-workers", type=int,
+                     help="processes building the batches (0: none; -1: chosen for the device)")
     run.add_argument("--cpu-threads", type=int, help="torch threads on CPU (0: all cores)")
     run.add_argument("--cache-dir", help="keep decoded images here between runs")
     return parser

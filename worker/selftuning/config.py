@@ -16,6 +16,8 @@ METHOD_NAMES = ("self-tuning", "fine-tune", "fixmatch")
 # The view of a labeled image that Self-Tuning's query encoder (and so its cross-entropy)
 # sees: the authors' strong view, or fine-tuning's crop + flip. Keys are always strong.
 LABELED_QUERY_VIEWS = ("strong", "weak")
+# `num_workers` that lets the engine choose for the device (`batches.loader_processes`).
+AUTO_LOADERS = -1
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -36,7 +38,9 @@ class RunConfig:
     `projector_lr_ratio` times (the authors' code: 0.001, x10, x1). `lr_milestones` are
     fractions of `iterations`, so a shorter run keeps the shape of the schedule.
     `cpu_threads` 0 means every core the process may use; fewer helps where other processes
-    share the cores. `labeled_query_view` is the view of a labeled image that Self-Tuning's
+    share the cores. `num_workers` is how many processes build the batches beside the
+    training process (0: it builds them itself); `AUTO_LOADERS` (-1, the presets) chooses
+    for the device. `labeled_query_view` is the view of a labeled image that Self-Tuning's
     query encoder, and so its cross-entropy, sees (see `quick_preset`).
     """
 
@@ -66,7 +70,7 @@ class RunConfig:
     log_interval: int = _bounded(10, 1, 10_000_000)
     seed: int = _bounded(0, 0, 2**31 - 1)
     device: str = "auto"
-    num_workers: int = _bounded(0, 0, 64)
+    num_workers: int = _bounded(AUTO_LOADERS, AUTO_LOADERS, 64)
     cpu_threads: int = _bounded(0, 0, 1024)
 
     def __post_init__(self) -> None:
@@ -239,6 +243,5 @@ def paper_preset() -> RunConfig:
         eval_interval=1000,
         checkpoint_interval=1000,
         log_interval=50,
-        num_workers=4,
     )
 

@@ -20,7 +20,12 @@ import torch
 
 from worker.selftuning.augment import Normalize, ViewMaker
 from worker.selftuning.backbones import create_backbone
-from worker.selftuning.batches import StepBatches, start_batches, to_device_batch
+from worker.selftuning.batches import (
+    StepBatches,
+    loader_processes,
+    start_batches,
+    to_device_batch,
+)
 from worker.selftuning.checkpoint import (
     CheckpointUnreadable,
     check_compatible,
@@ -148,7 +153,8 @@ def train(
             except CheckpointUnreadable as exc:  # set aside, nothing restored: start afresh
                 unreadable = str(exc)
         extra = {"checkpoint_unreadable": unreadable} if unreadable else {}
-        emit("started", step, resumed_from_step=resumed_from, **extra)
+        loaders = loader_processes(config.num_workers, device)
+        emit("started", step, resumed_from_step=resumed_from, loader_processes=loaders, **extra)
 
         def save(at_step: int) -> None:
             save_checkpoint(state_file, {
@@ -180,7 +186,7 @@ def train(
         evaluator = _Evaluator(model, images, data, normalize, device, memory_format)
         window = _LogWindow(**timing)
         model.train()
-        with _batches(dataset, step, config, device) as batches:
+        with _batches(dataset, step, loaders, device) as batches:
             while step < config.iterations:
                 if should_cancel is not None and should_cancel():
                     save(step)
@@ -545,10 +551,9 @@ def _thread_budget(device: torch.device, threads: int) -> Iterator[None]:
 
 
 @contextmanager
-def _batches(dataset: StepBatches, start: int, config: RunConfig, device: torch.device
+def _batches(dataset: StepBatches, start: int, loaders: int, device: torch.device
              ) -> Iterator[Iterator[dict]]:
-    iterator = start_batches(dataset, start, config.num_workers,
-                             pin_memory=device.type == "cuda")
+    iterator = start_batches(dataset, start, loaders, pin_memory=device.type == "cuda")
     try:
         yield iterator
     finally:

@@ -54,7 +54,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--budgets", default="0.01,0.05,0.15",
-                        help=f"comma-separated, each {BUDGET_FORMS}")
+                        # argparse formats help with %: "5%" would end it.
+                        help=f"comma-separated, each {BUDGET_FORMS.replace('%', '%%')}")
     parser.add_argument("--methods", default="self-tuning,fine-tune,fixmatch")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--preset", default="quick")

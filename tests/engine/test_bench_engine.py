@@ -57,3 +57,11 @@ def test_bench_refuses_a_budget_the_command_line_refuses_before_running_anything
         "engine.py: error: budget '4 per class': use a fraction in (0, 1] such as 0.05, a "
         "percentage such as 5%, N/class such as 4/class, or all")
     assert result.stdout == ""
+
+
+def test_bench_explains_itself():
+    """--help crashed: the budgets' help says "5%", which argparse read as a format."""
+    result = subprocess.run([sys.executable, "bench/engine.py", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "a percentage such as 5%," in " ".join(result.stdout.split())

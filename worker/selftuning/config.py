@@ -229,7 +229,8 @@ def quick_preset() -> RunConfig:
 
 @register_preset("paper")
 def paper_preset() -> RunConfig:
-    """The authors' setting: 224 px, 24 + 24, 27k iterations, lr x0.1 at 6k/12k/18k/24k."""
+    """The authors' setting: 224 px, 24 + 24, 27k iterations, lr x0.1 at 6k/12k/18k/24k, on
+    the experiment's backbone (the authors' was ResNet-50: `resnet50`, with hub weights)."""
     return RunConfig(
         image_size=224,
         batch_size=24,

@@ -135,8 +135,8 @@ def claim_data_dir(data_dir: Path, url: str) -> None:
         if not inspect(session.connection()).has_table(Installation.__tablename__):
             raise StartupRefused(
                 f"the database {shown_url(url)} has not been migrated (no "
-                f"{Installation.__tablename__} table): start the web or `make run` once, or "
-                "run `alembic upgrade head`, with this SELFTUNE_DATABASE_URL. Nothing was "
+                f"{Installation.__tablename__} table): run `alembic upgrade head` (or start "
+                "`make run` once, which migrates) with this SELFTUNE_DATABASE_URL. Nothing was "
                 "changed.")
         database_id = session.scalar(select(Installation.database_id))
     marker = data_dir / DATABASE_ID_FILE

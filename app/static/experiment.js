@@ -528,6 +528,9 @@ export function experimentPage() {
   let feed = null;
   let idlePoller = null;
   let deleted = false;
+  // This page's delete is under way: it reads nothing more, since a read answered once the
+  // delete is done is a 404 (the browser logs it) and the page is about to leave.
+  let deleting = false;
   // Signed out (in another tab, or the feed or a read was refused): nothing is followed
   // until a sign-in, which the page hears of from the tab that signs in.
   let signedOut = false;
@@ -563,7 +566,7 @@ export function experimentPage() {
   // Redraw only when a run changed (queued again, or queued and ended again between two
   // looks): an ended experiment's page otherwise stays still.
   async function lookForActivity() {
-    if (document.hidden || feed || deleted || signedOut) return;
+    if (document.hidden || feed || deleted || deleting || signedOut) return;
     try {
       const fresh = await getJSON(`/api/experiments/${id}`);
       const changed = (summary) => {
@@ -601,6 +604,7 @@ export function experimentPage() {
   function refreshSoon() {
     clearTimeout(refreshTimer);
     refreshTimer = setTimeout(async () => {
+      if (deleting) return;
       try {
         applyExperiment(await getJSON(`/api/experiments/${id}`));
         // Signed in again (in another tab, say): the link to do so has had its day.
@@ -679,10 +683,13 @@ export function experimentPage() {
     actionError.textContent = "";
     const button = document.getElementById("delete-experiment");
     button.disabled = true;
+    deleting = true;
+    clearTimeout(refreshTimer);
     try {
       await getJSON(`/api/experiments/${id}`, { method: "DELETE" });
       window.location.assign("/experiments");
     } catch (error) {
+      deleting = false;
       button.disabled = false;
       actionError.replaceChildren(...failure("Could not delete", error));
       refreshSoon();

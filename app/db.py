@@ -123,16 +123,6 @@ def shown_url(url: str) -> str:
 DATABASE_ID_FILE = "database-id"
 
 
-def _sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite database URL; None for other databases and in-memory ones."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    if parsed.database.startswith("file:"):  # a URI filename: SQLite reads it itself
-        return None
-    return Path(parsed.database)
-
-
 def claim_data_dir(data_dir: Path, url: str) -> None:
     """Check that `data_dir` holds the files of the database at `url` (migrated), recording
     the database's id there the first time. Raises StartupRefused for another database's data
@@ -141,14 +131,6 @@ def claim_data_dir(data_dir: Path, url: str) -> None:
     empty SQLite database) lost every dataset's files."""
     from app.models import Installation
 
-    sqlite_file = _sqlite_file(url)
-    if sqlite_file is not None and not sqlite_file.parent.is_dir():
-        # Not a database that is down for now (the web serves 503s until it answers): this
-        # one never comes, since SQLite makes a file but not its folder.
-        raise StartupRefused(
-            f"the database {shown_url(url)} does not exist, nor its folder {sqlite_file.parent}: "
-            "start `make run` once (it makes and migrates it), or make the folder and run "
-            "`alembic upgrade head` with this SELFTUNE_DATABASE_URL. Nothing was changed.")
     with session_scope(url) as session:
         if not inspect(session.connection()).has_table(Installation.__tablename__):
             raise StartupRefused(

@@ -182,21 +182,6 @@ def test_a_worker_refuses_a_database_that_was_never_migrated(tmp_path: Path,
     assert not (tmp_path / "data" / DATABASE_ID_FILE).exists()
 
 
-def test_the_web_and_a_worker_refuse_a_sqlite_database_whose_folder_does_not_exist(
-    tmp_path: Path, redis_url: str
-) -> None:
-    """The web started alone (uvicorn, as the compose file starts it) on a data directory that
-    does not exist served 503s for good: "unable to open database file" read as a database
-    down for now, and SQLite never makes the folder. A worker waited for it the same way."""
-    data_dir = tmp_path / "not-made" / "data"
-    env = app_env(data_dir, f"sqlite:///{data_dir / 'selftune.db'}", redis_url)
-    with pytest.raises(RuntimeError, match="does not exist, nor its folder") as refused:
-        start_server(env, tmp_path / "uvicorn.log")
-    assert "alembic upgrade head" in str(refused.value)
-    assert "nor its folder" in refused_worker(env, tmp_path / "worker.log")
-    assert not (tmp_path / "not-made").exists()  # nothing made on the way
-
-
 def test_a_starting_worker_removes_image_caches_whose_writer_died(settings, tmp_path: Path
                                                                   ) -> None:
     """A killed worker's half-written cache (30 GB for one run at 1024 px in an exploratory

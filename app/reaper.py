@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from datetime import timedelta
 
 import redis
-from sqlalchemy import select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import func, or_, select, text, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -44,6 +45,21 @@ def is_stale(run: Run, settings: Settings) -> bool:
     if moment.tzinfo is None:  # SQLite returns naive UTC
         cutoff = cutoff.replace(tzinfo=None)
     return moment < cutoff
+
+
+def end_silent_run(session: Session, settings: Settings, run_id: int, **values) -> bool:
+    """Write `values` (lost, or cancelled) on a run that is still running and still silent
+    for `stale_after_s`; returns whether it was. One conditional UPDATE: a heartbeat or an
+    outcome its worker wrote after the reaper read the run keeps the run the worker's, where
+    a plain write would mark lost (and queue again) a run that had just succeeded."""
+    moment = func.coalesce(Run.heartbeat_at, Run.started_at)
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    return bool(session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status == "running", or_(moment.is_(None), moment < cutoff))
+        .values(**values)
+        .execution_options(synchronize_session="fetch")
+    ).rowcount)
 
 
 REQUEUEABLE = ("lost", "failed", "cancelled")
@@ -132,32 +148,40 @@ def reap(settings: Settings) -> list[int]:
     queue_down = None  # once the broker has failed, the rest of this pass does not wait on it
     with session_scope(settings.sqlalchemy_url) as session:
         for run in stale_runs(session, settings):
+            live = get_redis(settings.effective_redis_url)
+            if run.cancel_requested:
+                if end_silent_run(session, settings, run.id, status="cancelled",
+                                  finished_at=utcnow()):
+                    log.warning("run %s lost its worker %s (last heartbeat %s) after a cancel",
+                                run.id, run.worker, run.heartbeat_at)
+                    reaped.append(run.id)
+                    session.commit()
+                    publish_end(live, run)
+                continue
+            error = f"worker {run.worker} stopped reporting (last heartbeat {run.heartbeat_at})"
+            requeued = run.attempts < settings.max_attempts
+            if requeued:
+                error += (f"; queued again to resume from its last checkpoint (attempt "
+                          f"{run.attempts + 1} of {settings.max_attempts})")
+                ended = {}
+            else:
+                error += (f"; lost {run.attempts} times, so not requeued again "
+                          "(requeue it to resume from its last checkpoint)")
+                ended = {"finished_at": utcnow()}
+            if not end_silent_run(session, settings, run.id, status="lost", error=error,
+                                  **ended):
+                continue  # its worker reported after all
             log.warning("run %s lost its worker %s (last heartbeat %s)",
                         run.id, run.worker, run.heartbeat_at)
             reaped.append(run.id)
-            live = get_redis(settings.effective_redis_url)
-            if run.cancel_requested:
-                run.status, run.finished_at = "cancelled", utcnow()
+            if not requeued:
                 session.commit()
                 publish_end(live, run)
                 continue
-            run.status = "lost"
-            run.error = (
-                f"worker {run.worker} stopped reporting (last heartbeat {run.heartbeat_at})"
-            )
-            if run.attempts < settings.max_attempts:
-                run.error += (f"; queued again to resume from its last checkpoint (attempt "
-                              f"{run.attempts + 1} of {settings.max_attempts})")
-                session.flush()  # "lost" is what the requeue's conditional update claims
-                if claim_for_requeue(session, live, run.id, by_person=False) is not None:
-                    queue_down = send_or_wait(session, [run], queue_down)
-                publish_status(live, run)
-            else:
-                run.finished_at = utcnow()
-                run.error += (f"; lost {run.attempts} times, so not requeued again "
-                              "(requeue it to resume from its last checkpoint)")
-                session.commit()
-                publish_end(live, run)
+            # "lost", not yet committed, is what the requeue's conditional update claims
+            if claim_for_requeue(session, live, run.id, by_person=False) is not None:
+                queue_down = send_or_wait(session, [run], queue_down)
+            publish_status(live, run)
     return reaped
 
 
@@ -234,14 +258,49 @@ def _owned(runs: list[Run], task_ids: set[str]) -> set[int]:
     return {run.id for run in runs if run.celery_task_id in task_ids}
 
 
-async def reap_forever(settings: Settings) -> None:
-    interval = max(1.0, min(30.0, settings.stale_after_s / 4))
-    while True:
+def database_answers(settings: Settings) -> bool:
+    try:
+        with session_scope(settings.sqlalchemy_url) as session:
+            session.execute(text("SELECT 1"))
+        return True
+    except SQLAlchemyError:
+        return False
+
+
+class Reaper:
+    """The web's reaper: every `interval` s, `reap` and `requeue_lost_messages`.
+
+    While the database is away, the workers' heartbeats fail too, and their runs train on
+    (worker/runs.py): when it answers again, every run looks silent. So after a pass finds it
+    away, `reap` waits until the database has answered for `stale_after_s`, the time a worker
+    is given to report, and only runs silent through that are lost."""
+
+    def __init__(self, settings: Settings, clock=time.monotonic) -> None:
+        self.settings, self.clock = settings, clock
+        self.interval = max(1.0, min(30.0, settings.stale_after_s / 4))
+        self.database_away = False
+        self.reap_from = -math.inf  # the clock's time before which `reap` waits
+
+    def run_once(self) -> None:
         for check in (reap, requeue_lost_messages):
+            if check is reap and (self.database_away or self.clock() < self.reap_from):
+                continue
             try:
-                await asyncio.to_thread(check, settings)
+                check(self.settings)
             except (OperationalError, redis.RedisError) as exc:  # away for now: one line
                 log.warning("%s skipped: %s", check.__name__, str(exc).splitlines()[0])
+                self.database_away |= isinstance(exc, OperationalError)
             except Exception:  # noqa: BLE001 - the loop must outlive a database hiccup
                 log.exception("%s failed", check.__name__)
-        await asyncio.sleep(interval)
+        if self.database_away and database_answers(self.settings):
+            self.database_away = False
+            self.reap_from = self.clock() + self.settings.stale_after_s
+            log.warning("the database answers again: its workers have %s s to report before "
+                        "a silent run is lost", self.settings.stale_after_s)
+
+
+async def reap_forever(settings: Settings) -> None:
+    reaper = Reaper(settings)
+    while True:
+        await asyncio.to_thread(reaper.run_once)
+        await asyncio.sleep(reaper.interval)

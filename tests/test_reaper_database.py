@@ -1,0 +1,101 @@
+"""The reaper and the database: after an outage, the workers' heartbeats (which failed while
+it was away, training going on) get `stale_after_s` to arrive before a run counts as lost;
+and a heartbeat or an outcome a worker writes after the reaper has read its run keeps the
+run the worker's.
+
+The reaper runs in this process on a migrated SQLite database whose folder is renamed away
+and back, as the worker's outage test does (tests/test_worker_lifecycle.py). Each run here
+has used its attempts, so a lost one ends "lost" without a task sent to the broker."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from app import reaper as reaper_module
+from app.db import get_engine, upgrade_to_head
+from app.models import utcnow
+from app.reaper import Reaper, reap
+from tests.test_worker_lifecycle import add_run, read_run, update_run
+
+SILENT = timedelta(minutes=10)  # far past stale_after_s
+
+
+def running_run(settings, folder) -> int:
+    folder.mkdir(exist_ok=True)
+    run_id = add_run(settings, folder)
+    update_run(settings, run_id, status="running", worker="gpu0@host",
+               started_at=utcnow() - SILENT, heartbeat_at=utcnow() - SILENT,
+               attempts=settings.max_attempts)
+    return run_id
+
+
+def test_after_a_database_outage_a_silent_run_is_lost_only_once_its_worker_had_time_to_report(
+    settings, tmp_path
+):
+    """Before the fix, the first pass once the database answered again marked every running
+    run lost: their heartbeats had failed through the outage, however well they trained."""
+    home, away = tmp_path / "db-home", tmp_path / "db-away"
+    ours = settings.model_copy(update={"database_url": f"sqlite:///{home}/selftune.db"})
+    upgrade_to_head(ours.sqlalchemy_url)
+    beating, silent = running_run(ours, tmp_path / "a"), running_run(ours, tmp_path / "b")
+    now = [1000.0]
+    reaper = Reaper(ours, clock=lambda: now[0])
+
+    get_engine(ours.sqlalchemy_url).dispose()
+    home.rename(away)  # the database is away
+    reaper.run_once()
+    assert reaper.database_away
+
+    away.rename(home)  # and back, the runs' last heartbeats long past
+    now[0] += reaper.interval
+    reaper.run_once()
+    assert not reaper.database_away
+    assert [read_run(ours, run_id).status for run_id in (beating, silent)] == ["running"] * 2
+
+    now[0] += ours.stale_after_s - 1
+    update_run(ours, beating, heartbeat_at=utcnow())  # one worker reports, the other is gone
+    reaper.run_once()
+    assert [read_run(ours, run_id).status for run_id in (beating, silent)] == ["running"] * 2
+
+    now[0] += 1
+    reaper.run_once()
+    assert read_run(ours, beating).status == "running"
+    lost = read_run(ours, silent)
+    assert lost.status == "lost" and "gpu0@host stopped reporting" in lost.error
+
+
+def test_without_an_outage_a_silent_run_is_lost_at_the_first_pass(settings, tmp_path):
+    run_id = running_run(settings, tmp_path)
+    Reaper(settings, clock=lambda: 0.0).run_once()
+    assert read_run(settings, run_id).status == "lost"
+
+
+@pytest.mark.parametrize("worker_writes", [
+    {"heartbeat_at": "now"},
+    {"status": "succeeded"},
+], ids=["heartbeat", "outcome"])
+def test_a_worker_that_reports_after_the_reaper_read_its_run_keeps_it(
+    settings, database_url, tmp_path, monkeypatch, worker_writes
+):
+    """The worker's write lands between the reaper's read of the silent run and its write.
+    Before the fix the reaper wrote "lost" over it (over "succeeded", too, then queued the run
+    again to train once more from step 0, its state already deleted). On SQLite and on
+    PostgreSQL."""
+    settings = settings.model_copy(update={"database_url": database_url})
+    upgrade_to_head(settings.sqlalchemy_url)
+    run_id = running_run(settings, tmp_path / "run")
+    values = {name: utcnow() if value == "now" else value for name, value in worker_writes.items()}
+    read_silent = reaper_module.stale_runs
+
+    def worker_reports_meanwhile(session, settings):
+        runs = read_silent(session, settings)
+        update_run(settings, run_id, **values)  # another connection: the worker's
+        return runs
+
+    monkeypatch.setattr(reaper_module, "stale_runs", worker_reports_meanwhile)
+    assert reap(settings) == []
+    run = read_run(settings, run_id)
+    assert run.status == values.get("status", "running")
+    assert run.error is None

@@ -41,7 +41,7 @@ from app.models import Dataset, DatasetImage, Experiment, Run
 from app.responses import human_bytes
 from app.schemas import CONTROL_CHARACTERS
 from worker.selftuning.budgets import split_holdout
-from worker.selftuning.data import zip_entry_name
+from worker.selftuning.data import UNLABELED_IN_TEST, zip_entry_name
 from worker.selftuning.labels_csv import (
     LABELS_CSV,
     SPLITS,
@@ -1007,8 +1007,7 @@ def _layout_by_folders(images: list[_Image], skip: Callable[[_Image, str], None]
             skip(image, "not inside a class folder: put it in <class>/ or unlabeled/")
             continue
         if parts[0].lower() == UNLABELED_FOLDER and split == "test":
-            skip(image, "an unlabeled image in the test split: accuracy is scored on test "
-                 "images, so each needs a class folder; put unlabeled images in unlabeled/")
+            skip(image, UNLABELED_IN_TEST)
         elif parts[0].lower() == UNLABELED_FOLDER:
             placed.append(_Placed(image, "unlabeled", None))
         elif CONTROL_CHARACTERS.search(parts[0]):

@@ -31,6 +31,7 @@ from tests.test_datasets_support import (
     zip_bytes,
 )
 from worker.selftuning import load_folder_dataset
+from worker.selftuning.data import UNLABELED_IN_TEST
 
 NOT_IN_A_CLASS_FOLDER = "not inside a class folder: put it in <class>/ or unlabeled/"
 
@@ -525,40 +526,45 @@ def test_the_web_and_the_command_line_read_one_layout_alike(tmp_path: Path) -> N
     """Class names in both Unicode spellings ("café" composed, and "cafe" plus a combining
     accent as macOS writes it) are one class; `Unlabeled/` in capitals is the unlabeled
     folder; classes are numbered in natural order (class2 before class10), so one seed draws
-    the same labeled subset from an upload and from `python -m worker.selftuning`; and an
-    unlabeled image in the test split is left out by the web, as the command line refuses it
-    (test images are what accuracy is scored on)."""
+    the same labeled subset from an upload and from `python -m worker.selftuning`; a class's
+    images in folders inside its folder are its own; hidden folders are left out; and an
+    unlabeled image in the test split is skipped, saying why (test images are what accuracy
+    is scored on). The command line used to ignore the images in a class's inner folders
+    (a class of only those vanished), take hidden folders' images, and refuse
+    `test/unlabeled/` as "not a class of train/"."""
     composed, decomposed = "caf\u00e9", "cafe\u0301"
     entries = {
         **class_entries((composed, "class10", "class2"), per_class=2, prefix="train/"),
         **class_entries((decomposed,), per_class=2, prefix="train/", seed=1),
         **class_entries((decomposed, "class10", "class2"), per_class=1, prefix="test/", seed=2),
+        **class_entries(("2019", "2020"), per_class=1, prefix="train/class2/", seed=3),
+        **class_entries(("summer",), per_class=2, prefix="train/deep/", seed=4),
+        "test/deep/1.png": image_bytes(9402),
         "Unlabeled/u.png": image_bytes(9400),
+        "Unlabeled/.thumbnails/h.png": image_bytes(9403),
+        "test/unlabeled/t.png": image_bytes(9401),
     }
     web = prepared(tmp_path / "web", entries)
-    assert web.class_names == [composed, "class2", "class10"]
+    assert web.class_names == [composed, "class2", "class10", "deep"]
     assert web.class_counts[composed] == {"train": 4, "test": 1}
-    assert web.unlabeled_count == 1 and web.skipped == []
+    assert web.class_counts["class2"] == {"train": 4, "test": 1}
+    assert web.class_counts["deep"] == {"train": 2, "test": 1}
+    assert web.unlabeled_count == 1
+    web_skipped = {item.path: item.reason for item in web.skipped}
+    assert web_skipped == {"Unlabeled/.thumbnails/h.png": "hidden file or folder",
+                           "test/unlabeled/t.png": UNLABELED_IN_TEST}
 
     folder = tmp_path / "cli"
     for path, data in entries.items():
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
         (folder / path).write_bytes(data)
-    class_names, train, test, unlabeled = load_folder_dataset(folder)
+    skipped: dict[str, str] = {}
+    class_names, train, test, unlabeled = load_folder_dataset(folder, skipped)
     assert class_names == web.class_names
-    assert Counter(label for _, label in train) == {0: 4, 1: 2, 2: 2}
-    assert Counter(label for _, label in test) == {0: 1, 1: 1, 2: 1}
+    assert Counter(label for _, label in train) == {0: 4, 1: 4, 2: 2, 3: 2}
+    assert Counter(label for _, label in test) == {0: 1, 1: 1, 2: 1, 3: 1}
     assert [Path(path).name for path in unlabeled] == ["u.png"]
-
-    entries["test/unlabeled/t.png"] = image_bytes(9401)
-    with_test_unlabeled = prepared(tmp_path / "web-test-unlabeled", entries)
-    assert [(item.path, item.reason.split(":")[0]) for item in with_test_unlabeled.skipped] == [
-        ("test/unlabeled/t.png", "an unlabeled image in the test split")]
-    assert with_test_unlabeled.unlabeled_count == 1
-    (folder / "test" / "unlabeled").mkdir()
-    (folder / "test" / "unlabeled" / "t.png").write_bytes(entries["test/unlabeled/t.png"])
-    with pytest.raises(ValueError, match="test/unlabeled is not a class of train/"):
-        load_folder_dataset(folder)
+    assert skipped == {str(folder / "test/unlabeled/t.png"): UNLABELED_IN_TEST}
 
 
 def test_a_test_image_without_a_label_in_labels_csv_is_refused_with_its_line(

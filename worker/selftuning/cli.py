@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                               skipped)
         if skipped:
             path, reason = next(iter(skipped.items()))
-            print(f"skipped {len(skipped)} file(s) that are not images it can read, as an "
-                  f"upload does (e.g. {path}: {reason})")
+            print(f"skipped {len(skipped)} file(s), as an upload does (e.g. {path}: {reason})")
         train_items, test_items, unlabeled, dropped = drop_duplicates(
             train_items, test_items, unlabeled)
         if dropped:

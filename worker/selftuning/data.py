@@ -36,6 +36,9 @@ from worker.selftuning.pixels import (
 
 Item = tuple[str, int]
 SPECIAL_FOLDERS = {"train", "test", "val", "unlabeled"}  # in any letter case
+# Why the images of test/unlabeled/ are skipped, here and by uploads (app/ingest.py).
+UNLABELED_IN_TEST = ("an unlabeled image in the test split: accuracy is scored on test images, "
+                     "so each needs a class folder; put unlabeled images in unlabeled/")
 
 
 @dataclass
@@ -117,17 +120,18 @@ def load_folder_dataset(
     command line.
 
     Layout: `train/<class>/*`, optional `test/<class>/*` (or `val/`), optional `unlabeled/*`;
-    without `train/`, the class folders sit at the top. Or images anywhere plus a top-level
-    `labels.csv` (see `read_labels_csv`), which then decides alone. One wrapping folder is
-    looked through. Folder names are read as uploads read them: split and `unlabeled/` in
-    any letter case, class names in Unicode's composed form, classes numbered in natural
-    order (`natural_key`) as on the web. Images are listed in path order; the web lists them
-    in the archive's order, so a seed draws the same labeled subset here and there only from
-    an archive that stores its images in path order (as `zip -r` and `tar` of a folder
-    usually do), and a dataset without `test/` is held out differently (the web by content
-    hash). Files
-    too: images without an image extension are known by their content, and files that are
-    not images or do not open are left out, with the reason in `skipped` (path: reason).
+    without `train/`, the class folders sit at the top. As in uploads, a class folder's
+    images may sit in folders of their own inside it, and `test/unlabeled/` is skipped. Or
+    images anywhere plus a top-level `labels.csv` (see `read_labels_csv`), which then decides
+    alone. One wrapping folder is looked through. Folder names are read as uploads read them:
+    split and `unlabeled/` in any letter case, class names in Unicode's composed form,
+    classes numbered in natural order (`natural_key`) as on the web. Images are listed in
+    path order; the web lists them in the archive's order, so a seed draws the same labeled
+    subset here and there only from an archive that stores its images in path order (as
+    `zip -r` and `tar` of a folder usually do), and a dataset without `test/` is held out
+    differently (the web by content hash). Files too: images without an image extension are
+    known by their content; files that are not images or do not open are left out with the
+    reason in `skipped` (path: reason), and hidden files and folders at any depth without.
     Returns (class_names, train_items, test_items, unlabeled_paths); items are (path, index).
     Archives are unpacked once into the temp folder.
     """
@@ -149,7 +153,7 @@ def load_folder_dataset(
     folders: dict[str, list[Path]] = {}  # by class: "café" and "cafe\u0301" are one
     for entry in sorted(train_root.iterdir()):
         if (entry.is_dir() and not _hidden(entry.name)
-                and entry.name.lower() not in SPECIAL_FOLDERS and images(entry)):
+                and entry.name.lower() not in SPECIAL_FOLDERS and images(entry, True)):
             folders.setdefault(class_name(entry.name), []).append(entry)
     class_names = sorted(folders, key=natural_key)
     if len(class_names) < 2:
@@ -160,7 +164,7 @@ def load_folder_dataset(
     index = {name: i for i, name in enumerate(class_names)}
     train_items = [
         (str(p), index[name]) for name in class_names for folder in folders[name]
-        for p in images(folder)
+        for p in images(folder, True)
     ]
     test_items: list[Item] = []
     test_root, val_root = _folder(root, "test"), _folder(root, "val")
@@ -169,11 +173,17 @@ def load_folder_dataset(
                          "keep one of them as the test split")
     if split_root := test_root or val_root:
         for entry in sorted(split_root.iterdir()):
-            if not entry.is_dir() or _hidden(entry.name) or not images(entry):
+            if not entry.is_dir() or _hidden(entry.name) or not images(entry, True):
+                continue
+            if entry.name.lower() == "unlabeled":
+                for p in images(entry, True):
+                    if skipped is not None:
+                        skipped[str(p)] = UNLABELED_IN_TEST
                 continue
             if class_name(entry.name) not in index:
                 raise ValueError(f"{split_root.name}/{entry.name} is not a class of train/")
-            test_items.extend((str(p), index[class_name(entry.name)]) for p in images(entry))
+            test_items.extend((str(p), index[class_name(entry.name)])
+                              for p in images(entry, True))
     unlabeled_paths: list[str] = []
     for folder in {_folder(root, "unlabeled"), _folder(train_root, "unlabeled")} - {None}:
         unlabeled_paths.extend(str(p) for p in images(folder, recursive=True))
@@ -310,7 +320,7 @@ def _images(folder: Path, recursive: bool = False,
     pattern = folder.rglob("*") if recursive else folder.iterdir()
     found = []
     for p in sorted(pattern):
-        if not p.is_file() or _hidden(p.name) or "__MACOSX" in p.parts:
+        if not p.is_file() or any(_hidden(part) for part in p.relative_to(folder).parts):
             continue
         if problem := _image_problem(str(p)):
             if skipped is not None:
@@ -344,7 +354,7 @@ def _file_problem(path: str, _size: int, _mtime_ns: int) -> str | None:
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
+    return name.startswith(".") or name.lower() == "__macosx"
 
 
 def _look_through_wrapper(root: Path) -> Path:

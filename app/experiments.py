@@ -554,11 +554,12 @@ def _work(config: dict[str, Any]) -> int:
 
 def decoded_bytes(dataset: Dataset, image_size: int) -> int:
     """About what a dataset's decoded images take at `image_size` (the engine's cache):
-    training images (labeled and unlabeled) at image_size / crop_pct a side, test and
-    unlabeled images (scored at the end) at image_size, 3 bytes a pixel."""
+    training images (labeled and unlabeled) at image_size / crop_pct a side, and again as
+    centre crops at image_size with the test images (the end of a run predicts the unlabeled
+    ones from crops of the whole training pool, kept for every budget's runs), 3 bytes a
+    pixel."""
     train = training_images(dataset)
-    evaluated = sum(counts.get("test", 0) for counts in dataset.class_counts.values()) + (
-        dataset.unlabeled_count)
+    evaluated = sum(counts.get("test", 0) for counts in dataset.class_counts.values()) + train
     scale = math.floor(image_size / CROP_PCT)
     return 3 * (train * scale * scale + evaluated * image_size * image_size)
 

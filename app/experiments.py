@@ -10,7 +10,7 @@ import statistics
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from app.config import Settings
 from app.estimates import estimate_label_gains
 from app.live import forget_feeds, publish_ends, run_cancel_key
 from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
-from app.responses import human_bytes
+from app.responses import human_bytes, in_utc
 from app.schemas import TERMINAL_STATUSES, ExperimentIn, LabelEstimate, parse_budget_values
 from worker.selftuning.budgets import Budget
 from worker.selftuning.config import RunConfig, backbone_in
@@ -36,10 +36,8 @@ METHOD_ORDER = {"fine-tune": 0, "fixmatch": 1, "self-tuning": 2}
 
 
 def as_utc(moment: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment
+    """A stored moment in UTC, or None (see `in_utc`)."""
+    return None if moment is None else in_utc(moment)
 
 
 def unprocessable(field: str | tuple[str, ...], message: str,

@@ -90,7 +90,8 @@ def client_holds(request: Request, etag: str) -> bool:
 
 
 def in_utc(value: datetime) -> datetime:
-    """A stored time in UTC (SQLite gives it back without a zone; everything stored is UTC)."""
+    """A stored time in UTC: everything stored is UTC, but SQLite gives it back without a
+    zone and PostgreSQL in its session's time zone (the server's, unless set)."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 

@@ -11,7 +11,7 @@ import shutil
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Literal
 
 import anyio
@@ -39,7 +39,7 @@ from app.deps import (
 )
 from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
-from app.responses import client_holds, send_file
+from app.responses import client_holds, in_utc, send_file
 from app.schemas import ErrorOut
 
 log = logging.getLogger(__name__)
@@ -127,14 +127,9 @@ class ImagePage(BaseModel):
     items: list[ImageOut]
 
 
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; they were written in UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def list_item(dataset: Dataset) -> DatasetListItem:
     return DatasetListItem(
-        id=dataset.id, name=dataset.name, created_at=_aware(dataset.created_at),
+        id=dataset.id, name=dataset.name, created_at=in_utc(dataset.created_at),
         classes=[
             ClassOut(name=name, **dataset.class_counts.get(name, {"train": 0, "test": 0}))
             for name in dataset.class_names

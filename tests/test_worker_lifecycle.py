@@ -422,6 +422,27 @@ def test_the_outcome_is_recorded_after_a_short_outage_and_given_up_after_a_long_
 
 
 
+def test_a_resumed_run_gives_its_eta_from_the_speed_of_this_attempt(settings, tmp_path):
+    """A run lost on a fast worker and resumed on a slow one kept the speed of the attempt
+    before, and so an ETA far too short, until it passed the step of its last recorded
+    progress point: up to a checkpoint interval later (1,000 steps in the paper preset)."""
+    run_id = add_run(settings, tmp_path)
+    update_run(settings, run_id, attempts=1, step=4, images_per_s=1000.0)
+    with session_scope(settings.sqlalchemy_url) as session:  # the attempt before got to 4
+        session.add(RunMetric(run_id=run_id, kind="progress", step=4,
+                              values={"loss": 1.0, "images_per_s": 1000.0}))
+    worker.training._claim(settings, run_id, "slow@host", TASK_ID)
+    assert read_run(settings, run_id).images_per_s is None  # no ETA rather than a wrong one
+
+    recorder = RunRecorder(settings, run_id, read_run(settings, run_id).experiment_id)
+    recorder.hold("slow@host", TASK_ID, folder_locked=True)
+    recorder.on_event({"type": "progress", "step": 2, "total_steps": 6, "loss": 1.5,
+                       "images_per_s": 10.0})  # repeated from the last checkpoint
+    run = read_run(settings, run_id)
+    assert (run.status, run.images_per_s) == ("running", 10.0)
+    assert progress_steps(settings, run_id) == [4]  # the series keeps its first copy
+
+
 def test_a_succeeded_run_keeps_its_export_but_not_its_training_state(settings, tmp_path,
                                                                        monkeypatch):
     """The training state (model, key encoder, optimiser) is several times the exported model

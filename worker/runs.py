@@ -320,14 +320,26 @@ class RunRecorder:
             event = {key: value for key, value in event.items() if key != "path"}
         if kind in ("progress", "eval"):
             # After a resume the engine repeats the steps since its last checkpoint; the
-            # record and the feed keep their first copy so the series stays continuous.
+            # record and the feed keep their first copy so the series stays continuous, but
+            # the speed is this attempt's, for the ETA.
             if step <= self.last_recorded.get(kind, 0):
+                if kind == "progress" and event.get("images_per_s"):
+                    self._record_speed(float(event["images_per_s"]))
                 return
             values = {k: v for k, v in event.items() if k not in ("type", "step", "total_steps")}
             self._unsaved.append((kind, step, values))
             self.last_recorded[kind] = step
             self._save_metrics()
         self.publish(event)
+
+    def _record_speed(self, images_per_s: float) -> None:
+        try:
+            with session_scope(self.url) as session:
+                run = self._own_row(session)
+                run.images_per_s = images_per_s
+                run.heartbeat_at = utcnow()
+        except SQLAlchemyError as exc:  # a database outage must not stop training
+            log.warning("run %s: speed not recorded (%s)", self.run_id, exc)
 
     def _save_metrics(self) -> None:
         """Write the points not yet in the database; while it is away they wait for the next."""

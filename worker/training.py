@@ -386,7 +386,8 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
                    Run.cancel_requested.is_(False))
             .values(status="running", started_at=run.started_at or utcnow(),
                     heartbeat_at=utcnow(), worker=worker_name, device=device_name,
-                    attempts=Run.attempts + 1, error=None)
+                    attempts=Run.attempts + 1, error=None,
+                    images_per_s=None)  # an attempt before (on a GPU, say) is no guide
             .execution_options(synchronize_session=False)
         ).rowcount
         if not taken:

@@ -191,8 +191,8 @@ async def stream_events(
     `end` that the stream already holds more after (a run run again) goes out as
     `earlier_end`, so that `end` is always a feed's last event."""
     hub = await hubs.subscribe(key)  # before reading history, so nothing falls in between
-    yield "retry: 2000\n\n"
-    try:
+    try:  # from here on: a client gone at the first frame leaves no subscription behind
+        yield "retry: 2000\n\n"
         pending, more_history = await _history_page(hubs, key, last_id)
         if not pending and last_id == "0":
             state = await asyncio.to_thread(outcome)

@@ -164,6 +164,26 @@ def test_an_event_that_arrives_while_the_feed_asks_the_database_is_sent_at_once(
     live.delete(key)
 
 
+def test_a_client_gone_at_the_first_frame_leaves_no_subscription_behind(redis_url):
+    """The first frame went out before the part that unsubscribes on the way out: a client
+    gone then left the stream's reader running for good, with its Redis connection and up
+    to 5,000 buffered entries."""
+    key = "selftune:test:gone-at-once"
+
+    async def leave_at_the_first_frame() -> dict:
+        hubs = Hubs(redis_url)
+        frames = stream_events(hubs, key, "0", outcome=lambda: Outcome(False), heartbeat_s=30)
+        try:
+            assert await anext(frames) == "retry: 2000\n\n"
+            assert key in hubs.hubs
+            await frames.aclose()
+            return dict(hubs.hubs)
+        finally:
+            await hubs.close()
+
+    assert asyncio.run(leave_at_the_first_frame()) == {}
+
+
 def test_a_replay_of_many_ended_runs_asks_the_database_once_not_at_each_end(redis_url):
     """An experiment's feed holds an end per run. Replaying one still in progress asked the
     database at every end, each time for every run: 393 s before the first event at 60 runs

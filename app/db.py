@@ -21,8 +21,24 @@ def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", lambda connection, _record: sqlite_pragmas(connection))
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    _ENGINES.append(engine)
+    return engine
+
+
+_ENGINES: list[Engine] = []  # every engine this process made (`get_engine`)
+
+
+def _leave_the_parents_connections() -> None:
+    """In a forked process (a Celery worker's pool process, a loader process): the pooled
+    connections are the parent's, and on PostgreSQL one server session for both, so each
+    engine starts a pool of its own. Not closed: closing would end the parent's sessions."""
+    for engine in _ENGINES:
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_leave_the_parents_connections)
 
 
 # The write-ahead log goes back to this size once it has been written back, after a large

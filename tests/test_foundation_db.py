@@ -401,3 +401,37 @@ def test_the_experiment_list_counts_each_experiments_runs_by_status(database_url
         (first, {"succeeded": 2, "failed": 1}, "finished with failures"),
     ]
     assert on_first == [{"queued": 2, "running": 1}, {"succeeded": 2, "failed": 1}]
+
+
+def _queries_in_a_forked_child(url: str, results) -> None:
+    try:
+        for _ in range(8):  # psycopg prepares a statement from its fifth run on
+            with session_scope(url) as session:
+                session.scalar(select(sa.func.count()).select_from(Run))
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - the child reports what went wrong
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_forked_processes_open_connections_of_their_own(database_url):
+    """A Celery worker's pool processes are forked from its main process, which has used the
+    database (the data directory's claim, each message's check): on PostgreSQL they shared
+    its open connection, one server session, and from the second on failed with "prepared
+    statement "_pg3_0" already exists" (runs failed to start, or stayed running once
+    trained). Each forked process now connects anew, and the parent's connection stays
+    good."""
+    import multiprocessing
+
+    upgrade_to_head(database_url)
+    with session_scope(database_url) as session:
+        session.scalar(select(sa.func.count()).select_from(Run))
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    for _ in range(3):
+        child = fork.Process(target=_queries_in_a_forked_child, args=(database_url, results))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+    assert [results.get(timeout=10) for _ in range(3)] == ["ok"] * 3
+    with session_scope(database_url) as session:
+        assert session.scalar(select(sa.func.count()).select_from(Run)) == 0

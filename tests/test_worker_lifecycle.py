@@ -212,6 +212,36 @@ def test_the_task_of_a_run_waits_out_a_database_outage_then_trains_it(
         client.close()
 
 
+def test_a_celery_worker_on_postgresql_trains_run_after_run(settings, postgres_url, redis_url,
+                                                            tmp_path):
+    """Each run is trained in a pool process forked from the worker's main process, which
+    has used the database: on PostgreSQL they shared its connection, and from the second
+    run on the process failed with "prepared statement "_pg3_0" already exists" (the run
+    failed to start, or stayed running once trained until the reaper called it lost)."""
+    ours = settings.model_copy(update={"database_url": postgres_url})
+    upgrade_to_head(postgres_url)
+    run_ids = []
+    for number in range(3):
+        (tmp_path / f"run{number}").mkdir()
+        run_ids.append(add_run(ours, tmp_path / f"run{number}"))
+        update_run(ours, run_ids[-1], celery_task_id=f"task-{number}")
+    env = app_env(settings.data_dir, postgres_url, redis_url)
+    worker_process = start_worker(env, tmp_path / "logs" / "worker.log", name="postgres")
+    client = Celery("client", broker=redis_url, backend=redis_url)
+    try:
+        for number, run_id in enumerate(run_ids):
+            client.send_task("selftune.train_run", args=[run_id], task_id=f"task-{number}")
+        runs = wait_for(lambda: (runs := [read_run(ours, run_id) for run_id in run_ids])
+                        and all(run.status not in ("queued", "running") for run in runs)
+                        and runs, timeout=150,
+                        message=f"the runs to end:\n{worker_process.log()[-3000:]}")
+        assert [(run.status, run.error) for run in runs] == [("succeeded", None)] * 3
+        assert "DuplicatePreparedStatement" not in worker_process.log()
+    finally:
+        worker_process.stop()
+        client.close()
+
+
 @pytest.mark.slow
 def test_a_celery_worker_builds_the_batches_in_loader_processes(settings, redis_url,
                                                                  tmp_path):

@@ -174,4 +174,6 @@ def claim_data_dir(data_dir: Path, url: str) -> None:
             f"the data directory {data_dir} holds the files of another database (its "
             f"{DATABASE_ID_FILE} is {recorded}; {shown_url(url)} is {database_id}): start "
             "with the SELFTUNE_DATABASE_URL it was used with, or give this database a data "
-            "directory of its own (SELFTUNE_DATA_DIR). Nothing was changed.")
+            "directory of its own (SELFTUNE_DATA_DIR). Nothing was changed. (A database "
+            "migrated down past revision 0006 and up again has a new id: if it is this "
+            f"directory's database, delete {marker} and start again.)")

@@ -259,3 +259,27 @@ def test_an_upload_cut_by_the_servers_shutdown_leaves_no_work_directory(
         assert list(uploads.glob("upload-*")) == []
     finally:
         server.stop()
+
+
+def test_a_database_migrated_down_past_0006_and_up_again_says_how_to_reclaim_its_directory(
+    tmp_path: Path,
+) -> None:
+    """The round trip gives the database a new id, and the refusal blamed a wrong
+    SELFTUNE_DATABASE_URL only; it now also says what to delete (as the README does)."""
+    from alembic import command
+
+    from app.db import alembic_config, claim_data_dir
+
+    url, data_dir = f"sqlite:///{tmp_path / 'selftune.db'}", tmp_path / "data"
+    upgrade_to_head(url)
+    claim_data_dir(data_dir, url)
+    command.downgrade(alembic_config(url), "0005")
+    upgrade_to_head(url)
+    with pytest.raises(StartupRefused) as refused:
+        claim_data_dir(data_dir, url)
+    marker = data_dir / DATABASE_ID_FILE
+    assert (f"A database migrated down past revision 0006 and up again has a new id: if it is "
+            f"this directory's database, delete {marker} and start again.") in str(refused.value)
+    marker.unlink()
+    claim_data_dir(data_dir, url)  # claimed again
+    assert marker.is_file()

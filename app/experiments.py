@@ -315,7 +315,8 @@ def cancel_runs(session: Session, live: redis.Redis, runs: Iterable[Run]) -> lis
     get the end event), a running one stops within about one iteration (its worker checks the
     flag in Redis and in the database). Ended runs are left alone, and so are runs past their
     last training step (`is_finishing`): they end succeeded in moments. Returns the runs it
-    cancelled or flagged."""
+    cancelled or flagged. Runs deleted (with their experiment) as they were cancelled make it
+    a 404."""
     active = [run for run in runs if not is_terminal(run.status) and not is_finishing(run)]
     if not active:
         return []
@@ -332,8 +333,14 @@ def cancel_runs(session: Session, live: redis.Redis, runs: Iterable[Run]) -> lis
                 update(Run).where(Run.id == run.id, Run.status.not_in(TERMINAL_STATUSES))
                 .values(cancel_requested=True).execution_options(synchronize_session=False))
     session.commit()
-    for run in active:
-        session.refresh(run)  # what the database holds now, for the answer and the feeds
+    # What the database holds now, for the answer and the feeds; a delete of the experiment
+    # may have come in since the commit (a refresh of a row gone was a 500).
+    ids = [run.id for run in active]
+    active = list(session.scalars(select(Run).where(Run.id.in_(ids)).order_by(Run.id)
+                                  .execution_options(populate_existing=True)))
+    if gone := sorted(set(ids) - {run.id for run in active}):
+        raise HTTPException(404, detail=f"run {gone[0]} was deleted, with its experiment, "
+                                        "while it was being cancelled")
     try:
         with live.pipeline(transaction=False) as pipe:
             for run in active:

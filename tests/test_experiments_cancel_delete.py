@@ -663,3 +663,50 @@ def test_a_run_past_its_last_step_is_not_cancelled_but_told_so(live_server):
         flags = {run_id: client.get(f"/api/runs/{run_id}").json()["cancel_requested"]
                  for run_id in (finishing, training)}
         assert flags == {finishing: False, training: True}
+
+
+def test_a_cancel_whose_runs_are_deleted_as_it_commits_is_a_404(database_url, redis_url,
+                                                                 tmp_path):
+    """Cancel-all and a delete of the experiment at once: the delete landed between the
+    cancel's commit and its re-read of the runs, and the refresh of a row gone answered 500
+    ("Could not refresh instance"). Seen with 8 cancels and 8 deletes of one experiment."""
+    from fastapi import HTTPException
+
+    from app.config import Settings
+    from app.db import get_sessionmaker, upgrade_to_head
+    from app.experiments import cancel_runs, delete_experiment_with_runs
+
+    upgrade_to_head(database_url)
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url,
+                        database_url=database_url)
+    dataset_id = add_dataset_row(database_url)
+    with session_scope(database_url) as session:
+        experiment = Experiment(name="raced", dataset_id=dataset_id, backbone="b",
+                                methods=["fine-tune"], budgets=[0.5], seeds=[0], preset="quick")
+        session.add(experiment)
+        session.flush()
+        session.add(Run(experiment_id=experiment.id, dataset_id=dataset_id, method="fine-tune",
+                        budget=0.5, budget_label="50%", seed=0, config={}, status="queued"))
+        experiment_id = experiment.id
+    live = redis.Redis.from_url(redis_url)
+    cancelling = get_sessionmaker(database_url)()
+    runs = list(cancelling.get(Experiment, experiment_id).runs)
+    commit = cancelling.commit
+
+    def commit_then_the_delete_lands():
+        commit()
+        with session_scope(database_url) as deleting:
+            delete_experiment_with_runs(deleting, settings, live,
+                                        deleting.get(Experiment, experiment_id))
+
+    cancelling.commit = commit_then_the_delete_lands
+    try:
+        with pytest.raises(HTTPException) as refused:
+            cancel_runs(cancelling, live, runs)
+    finally:
+        cancelling.close()
+    assert refused.value.status_code == 404
+    assert refused.value.detail == (f"run {runs[0].id} was deleted, with its experiment, while "
+                                    "it was being cancelled")
+    with session_scope(database_url) as session:
+        assert session.get(Experiment, experiment_id) is None

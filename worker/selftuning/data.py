@@ -150,22 +150,20 @@ def load_folder_dataset(
         return _images(folder, recursive, skipped)
 
     train_root = _folder(root, "train") or root
-    folders: dict[str, list[Path]] = {}  # by class: "café" and "cafe\u0301" are one
+    found: dict[str, list[Path]] = {}  # images by class: "café" and "cafe\u0301" are one
     for entry in sorted(train_root.iterdir()):
         if (entry.is_dir() and not _hidden(entry.name)
-                and entry.name.lower() not in SPECIAL_FOLDERS and images(entry, True)):
-            folders.setdefault(class_name(entry.name), []).append(entry)
-    class_names = sorted(folders, key=natural_key)
+                and entry.name.lower() not in SPECIAL_FOLDERS
+                and (in_folder := images(entry, True))):
+            found.setdefault(class_name(entry.name), []).extend(in_folder)
+    class_names = sorted(found, key=natural_key)
     if len(class_names) < 2:
         raise ValueError(
             f"{path}: found {len(class_names)} class folder(s) with images; need at least two "
             "(train/<class>/image.png)"
         )
     index = {name: i for i, name in enumerate(class_names)}
-    train_items = [
-        (str(p), index[name]) for name in class_names for folder in folders[name]
-        for p in images(folder, True)
-    ]
+    train_items = [(str(p), index[name]) for name in class_names for p in found[name]]
     test_items: list[Item] = []
     test_root, val_root = _folder(root, "test"), _folder(root, "val")
     if test_root and val_root:
@@ -173,17 +171,18 @@ def load_folder_dataset(
                          "keep one of them as the test split")
     if split_root := test_root or val_root:
         for entry in sorted(split_root.iterdir()):
-            if not entry.is_dir() or _hidden(entry.name) or not images(entry, True):
+            if not entry.is_dir() or _hidden(entry.name):
+                continue
+            in_folder = images(entry, True)
+            if not in_folder:
                 continue
             if entry.name.lower() == "unlabeled":
-                for p in images(entry, True):
-                    if skipped is not None:
-                        skipped[str(p)] = UNLABELED_IN_TEST
+                if skipped is not None:
+                    skipped.update((str(p), UNLABELED_IN_TEST) for p in in_folder)
                 continue
             if class_name(entry.name) not in index:
                 raise ValueError(f"{split_root.name}/{entry.name} is not a class of train/")
-            test_items.extend((str(p), index[class_name(entry.name)])
-                              for p in images(entry, True))
+            test_items.extend((str(p), index[class_name(entry.name)]) for p in in_folder)
     unlabeled_paths: list[str] = []
     for folder in {_folder(root, "unlabeled"), _folder(train_root, "unlabeled")} - {None}:
         unlabeled_paths.extend(str(p) for p in images(folder, recursive=True))

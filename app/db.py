@@ -10,31 +10,34 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect, make_url, select
+from sqlalchemy import Engine, create_engine, event, inspect, make_url, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-@lru_cache
+_ENGINES: dict[str, Engine] = {}  # this process's engine for each database URL
+
+
 def get_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-        event.listen(engine, "connect", lambda connection, _record: sqlite_pragmas(connection))
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
-    _ENGINES.append(engine)
+    if (engine := _ENGINES.get(url)) is None:
+        engine = _ENGINES.setdefault(url, _new_engine(url))  # of two made at once, one stays
     return engine
 
 
-_ENGINES: list[Engine] = []  # every engine this process made (`get_engine`)
+def _new_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", lambda connection, _record: sqlite_pragmas(connection))
+        return engine
+    return create_engine(url, pool_pre_ping=True)
 
 
 def _leave_the_parents_connections() -> None:
     """In a forked process (a Celery worker's pool process, a loader process): the pooled
     connections are the parent's, and on PostgreSQL one server session for both, so each
     engine starts a pool of its own. Not closed: closing would end the parent's sessions."""
-    for engine in _ENGINES:
+    for engine in _ENGINES.values():
         engine.dispose(close=False)
 
 
@@ -75,6 +78,13 @@ def _use_wal(cursor: sqlite3.Cursor, wait_s: float = 30.0) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def ping_database(url: str) -> None:
+    """Ask the database at `url` something trivial; raises what the driver raises when it
+    does not answer."""
+    with get_engine(url).connect() as connection:
+        connection.execute(text("SELECT 1"))
 
 
 @lru_cache

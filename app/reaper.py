@@ -18,12 +18,12 @@ import time
 from datetime import timedelta
 
 import redis
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import session_scope
+from app.db import ping_database, session_scope
 from app.experiments import QueueUnavailable, as_utc, enqueue_runs, send_tasks, stamp_runs
 from app.live import forget_cancel, get_redis, publish_end, publish_status
 from app.models import Run, utcnow
@@ -258,15 +258,6 @@ def _owned(runs: list[Run], task_ids: set[str]) -> set[int]:
     return {run.id for run in runs if run.celery_task_id in task_ids}
 
 
-def database_answers(settings: Settings) -> bool:
-    try:
-        with session_scope(settings.sqlalchemy_url) as session:
-            session.execute(text("SELECT 1"))
-        return True
-    except SQLAlchemyError:
-        return False
-
-
 class Reaper:
     """The web's reaper: every `interval` s, `reap` and `requeue_lost_messages`.
 
@@ -278,25 +269,36 @@ class Reaper:
     def __init__(self, settings: Settings, clock=time.monotonic) -> None:
         self.settings, self.clock = settings, clock
         self.interval = max(1.0, min(30.0, settings.stale_after_s / 4))
-        self.database_away = False
-        self.reap_from = -math.inf  # the clock's time before which `reap` waits
+        # The clock's time before which `reap` waits: never while the database is away.
+        self.reap_from = -math.inf
+
+    @property
+    def database_away(self) -> bool:
+        return self.reap_from == math.inf
 
     def run_once(self) -> None:
         for check in (reap, requeue_lost_messages):
-            if check is reap and (self.database_away or self.clock() < self.reap_from):
+            if check is reap and self.clock() < self.reap_from:
                 continue
             try:
                 check(self.settings)
             except (OperationalError, redis.RedisError) as exc:  # away for now: one line
                 log.warning("%s skipped: %s", check.__name__, str(exc).splitlines()[0])
-                self.database_away |= isinstance(exc, OperationalError)
+                if isinstance(exc, OperationalError):
+                    self.reap_from = math.inf
             except Exception:  # noqa: BLE001 - the loop must outlive a database hiccup
                 log.exception("%s failed", check.__name__)
-        if self.database_away and database_answers(self.settings):
-            self.database_away = False
+        if self.database_away and self._database_answers():
             self.reap_from = self.clock() + self.settings.stale_after_s
             log.warning("the database answers again: its workers have %s s to report before "
                         "a silent run is lost", self.settings.stale_after_s)
+
+    def _database_answers(self) -> bool:
+        try:
+            ping_database(self.settings.sqlalchemy_url)
+            return True
+        except SQLAlchemyError:
+            return False
 
 
 async def reap_forever(settings: Settings) -> None:

@@ -8,11 +8,10 @@ import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import text
 
 from app import __version__
 from app.config import Settings
-from app.db import get_engine
+from app.db import ping_database
 from app.deps import SettingsDep
 from app.live import get_redis, live_workers
 
@@ -36,8 +35,7 @@ class HealthOut(BaseModel):
 def check_health(settings: Settings) -> dict[str, Any]:
     status: dict[str, Any] = {"version": __version__, "workers": []}
     try:
-        with get_engine(settings.sqlalchemy_url).connect() as connection:
-            connection.execute(text("SELECT 1"))
+        ping_database(settings.sqlalchemy_url)
         status["database"] = "ok"
     except Exception as exc:  # any driver error means the database is not usable
         status["database"] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:300]

@@ -333,6 +333,14 @@ def _run_dir_lock(out_dir: Path) -> Iterator[bool]:
 def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | None) -> _Job:
     """Mark the run running on this worker and read what training needs. Raises _Skip or
     _End when this message must not train it; any other error ends the run failed."""
+    # Found before the transaction opens: the first call imports torch and starts CUDA
+    # (seconds), which held the run's row read meanwhile ("idle in transaction" on
+    # PostgreSQL, in the way of a migration). A bad setting still ends the run only where
+    # it did, after the checks that skip or end this message for other reasons.
+    try:
+        device = resolve_device(settings.worker_device)
+    except Exception as exc:  # noqa: BLE001 - raised below, in its place
+        device = exc
     with session_scope(settings.sqlalchemy_url) as session:
         run = session.get(Run, run_id)
         _check_message(settings, run, worker_name, task_id)
@@ -349,7 +357,9 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
                 f"{run.heartbeat_at}); lost {run.attempts} times, so not started again "
                 "(requeue it to resume from its last checkpoint)"
             ))
-        device, device_name = resolve_device(settings.worker_device)
+        if isinstance(device, Exception):
+            raise device
+        device, device_name = device
         dataset = session.get(Dataset, run.dataset_id)
         if dataset is None:
             raise _End("failed", f"its dataset {run.dataset_id} no longer exists")

@@ -410,6 +410,32 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path: Path, shapes_da
         train(tiny_config(lr=0.02), shapes_data, tmp_path)
 
 
+@pytest.mark.parametrize(("view", "resumes"), [("strong", True), ("weak", False)])
+def test_a_checkpoint_from_before_labeled_query_view_resumes_on_the_strong_view(
+    tmp_path: Path, shapes_data, view, resumes
+):
+    """An older release saved no `labeled_query_view` (it trained on the strong view, and
+    migration 0002 records "strong" for its runs): every resume of such a run failed on
+    "other settings (labeled_query_view)", whatever was tried."""
+    stopping = Recorder(stop_at=3)
+    with pytest.raises(TrainingCancelled):
+        train(tiny_config(labeled_query_view="strong", checkpoint_interval=100), shapes_data,
+              tmp_path, on_event=stopping, should_cancel=stopping.should_cancel)
+    path = tmp_path / "state" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    del state["config"]["labeled_query_view"]
+    save_checkpoint(path, state)
+    if resumes:
+        resumed = Recorder()
+        train(tiny_config(labeled_query_view=view, checkpoint_interval=100), shapes_data,
+              tmp_path, on_event=resumed)
+        assert resumed.events[0]["resumed_from_step"] == state["step"] > 0
+    else:
+        with pytest.raises(ValueError, match="other settings \\(labeled_query_view\\)"):
+            train(tiny_config(labeled_query_view=view, checkpoint_interval=100), shapes_data,
+                  tmp_path)
+
+
 def _moved(data: RunData, old_root: Path, new_root: Path) -> RunData:
     def move(items):
         return [(str(new_root / Path(path).relative_to(old_root)), label) for path, label in items]

@@ -114,12 +114,19 @@ def load_checkpoint(path: Path) -> dict:
     )
 
 
+# Settings added after checkpoints were first written, with the value a run trained with
+# before it had them: a checkpoint saved by an older release lacks the key (the database's
+# copy of its run settings gained it in migration 0002, with the same value).
+ADDED_SETTINGS = {"labeled_query_view": "strong"}
+
+
 def check_compatible(saved_config: dict, config: dict, saved_fingerprint: str,
                      fingerprints: Collection[str],
                      what: str = "the checkpoint in this run folder") -> None:
     """A checkpoint continues only the same run: same data (one of the fingerprints the data
     answers to) and the same hyper-parameters. Settings are named first: another seed also
     draws other labeled images."""
+    saved_config = {**ADDED_SETTINGS, **saved_config}
     changed = sorted(
         key for key in set(saved_config) | set(config)
         if key not in RESUMABLE_CHANGES and saved_config.get(key) != config.get(key)

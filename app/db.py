@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect, make_url, select, text
+from sqlalchemy import Engine, create_engine, event, make_url, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +146,31 @@ def shown_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def check_revision(connection, url: str) -> None:
+    """Raise StartupRefused unless the database is at this version's migration: one an
+    older release left behind lacks columns this code reads (every run page answered 500),
+    one a newer release migrated has some this code does not write."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    revision = MigrationContext.configure(connection).get_current_revision()
+    script = ScriptDirectory.from_config(alembic_config(url))
+    head = script.get_current_head()
+    if revision == head:
+        return
+    migrate = ("run `alembic upgrade head` (or start `make run` once, which migrates) with this "
+               "SELFTUNE_DATABASE_URL. Nothing was changed.")
+    if revision is None:
+        raise StartupRefused(f"the database {shown_url(url)} has not been migrated: {migrate}")
+    if revision not in {known.revision for known in script.walk_revisions()}:
+        raise StartupRefused(
+            f"the database {shown_url(url)} was migrated by a newer version of this app (to "
+            f"revision {revision}; this version knows revisions up to {head}): run that "
+            "version, or point SELFTUNE_DATABASE_URL at another database. Nothing was changed.")
+    raise StartupRefused(f"the database {shown_url(url)} is at migration {revision} and this "
+                         f"version needs {head}: {migrate}")
+
+
 DATABASE_ID_FILE = "database-id"
 
 
@@ -158,12 +183,7 @@ def claim_data_dir(data_dir: Path, url: str) -> None:
     from app.models import Installation
 
     with session_scope(url) as session:
-        if not inspect(session.connection()).has_table(Installation.__tablename__):
-            raise StartupRefused(
-                f"the database {shown_url(url)} has not been migrated (no "
-                f"{Installation.__tablename__} table): run `alembic upgrade head` (or start "
-                "`make run` once, which migrates) with this SELFTUNE_DATABASE_URL. Nothing was "
-                "changed.")
+        check_revision(session.connection(), url)
         database_id = session.scalar(select(Installation.database_id))
     marker = data_dir / DATABASE_ID_FILE
     try:

@@ -284,6 +284,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from app.events import Hubs
         from app.reaper import reap_forever
 
+        # First: a start refused here (another database's data directory, a database not at
+        # this version) changes nothing; the reaper had requeued runs before it.
+        await datasets.check_data_dir_and_clean(settings)
         reaper = asyncio.create_task(reap_forever(settings))
         hubs = _app.state.hubs = Hubs(settings.effective_redis_url) if settings.redis_url else None
 

@@ -6,18 +6,29 @@ from __future__ import annotations
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import redis
+from alembic import command
 from sqlalchemy import func, select, text
 
 from app import ingest
 from app.config import Settings
-from app.db import DATABASE_ID_FILE, StartupRefused, get_sessionmaker, upgrade_to_head
-from app.models import Dataset, DatasetImage
+from app.db import (
+    DATABASE_ID_FILE,
+    StartupRefused,
+    alembic_config,
+    claim_data_dir,
+    get_sessionmaker,
+    upgrade_to_head,
+)
+from app.models import Dataset, DatasetImage, utcnow
 from tests.support import app_env, free_port, start_server, start_worker, wait_for
 from tests.test_datasets_support import class_entries, dataset_server, upload, zip_bytes
 from tests.test_foundation_services import launcher_env, run_launcher
+from tests.test_worker_lifecycle import add_run, read_run, update_run
 
 HOUR_AGO = time.time() - 3600
 
@@ -178,8 +189,51 @@ def test_a_worker_refuses_a_database_that_was_never_migrated(tmp_path: Path,
     never_migrated = f"sqlite:///{tmp_path / 'empty.db'}"
     refusal = refused_worker(app_env(tmp_path / "data", never_migrated, redis_url),
                              tmp_path / "worker.log")
-    assert "has not been migrated (no installation table)" in refusal
+    assert "has not been migrated: run `alembic upgrade head`" in refusal
     assert not (tmp_path / "data" / DATABASE_ID_FILE).exists()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_database_an_older_release_migrated_is_refused_by_the_web_and_the_worker(
+    tmp_path: Path, redis_url: str, request, database
+) -> None:
+    """A database at 0007 (an older release's, not migrated since) was let through, since it
+    has the installation table: every run page and new experiment then answered 500
+    (no column runs.details)."""
+    url = (request.getfixturevalue("postgres_url") if database == "postgresql"
+           else f"sqlite:///{tmp_path / 'selftune.db'}")
+    upgrade_to_head(url)
+    command.downgrade(alembic_config(url), "-1")
+    env = app_env(tmp_path / "data", url, redis_url)
+    with pytest.raises(RuntimeError, match="is at migration 0007 and this version needs 0008: "
+                                           "run `alembic upgrade head`"):
+        start_server(env, tmp_path / "uvicorn.log")
+    assert "is at migration 0007" in refused_worker(env, tmp_path / "worker.log")
+    upgrade_to_head(url)
+    _, process = start_server(env, tmp_path / "uvicorn-after.log")  # and at head it starts
+    process.stop()
+
+
+def test_a_refused_start_leaves_the_runs_and_the_queue_as_they_were(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The web's reaper started before the data directory check: a start refused as "nothing
+    was changed" had already queued a silent run again (an attempt used, a new task) and
+    sent its message to the broker."""
+    run_id = add_run(settings, tmp_path)
+    update_run(settings, run_id, status="running", attempts=1, worker="gone@host",
+               heartbeat_at=utcnow() - timedelta(hours=1))
+    before = read_run(settings, run_id)
+    other_url = f"sqlite:///{tmp_path / 'other.db'}"
+    upgrade_to_head(other_url)
+    claim_data_dir(settings.data_dir, other_url)  # the directory is the other database's
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url)
+    with pytest.raises(RuntimeError, match="holds the files of another database"):
+        start_server(env, tmp_path / "uvicorn.log")
+    after = read_run(settings, run_id)
+    assert (after.status, after.attempts, after.celery_task_id, after.error) == (
+        "running", 1, before.celery_task_id, None)
+    assert redis.Redis.from_url(settings.effective_redis_url).llen("celery") == 0
 
 
 def test_a_starting_worker_removes_image_caches_whose_writer_died(settings, tmp_path: Path

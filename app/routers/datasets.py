@@ -1,6 +1,7 @@
 """REST API for datasets: streaming upload, summaries, image listings, thumbnails, deletion.
 
-The router's lifespan removes what a crash during an upload or a deletion left behind.
+`check_data_dir_and_clean`, run as the web starts, removes what a crash during an upload or
+a deletion left behind.
 """
 
 from __future__ import annotations
@@ -9,13 +10,11 @@ import asyncio
 import logging
 import shutil
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
@@ -26,6 +25,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from app import ingest
+from app.config import Settings
 from app.db import claim_data_dir
 from app.deps import (
     DatasetId,
@@ -45,12 +45,12 @@ from app.schemas import ErrorOut
 log = logging.getLogger(__name__)
 
 
-@asynccontextmanager
-async def _cleanup_on_startup(app: FastAPI) -> AsyncIterator[None]:
-    settings = app.state.settings
-    # The cleanup removes dataset folders the database does not list: only in the data
-    # directory of this database (another's refuses to start). A database that cannot be
-    # read now is checked at the next start; the web serves meanwhile (health says 503).
+async def check_data_dir_and_clean(settings: Settings) -> None:
+    """As the web starts (app.main), before anything acts on the database: refuse another
+    database's data directory, or a database not at this version (StartupRefused), then
+    remove crash leftovers. The cleanup removes dataset folders the database does not list:
+    only in the data directory of this database. A database that cannot be read now is
+    checked at the next start; the web serves meanwhile (health says 503)."""
     try:
         await run_in_threadpool(claim_data_dir, settings.data_dir, settings.sqlalchemy_url)
     except SQLAlchemyError as exc:
@@ -58,10 +58,9 @@ async def _cleanup_on_startup(app: FastAPI) -> AsyncIterator[None]:
                     "readable: %s", exc)
     else:
         await run_in_threadpool(ingest.cleanup_orphans, settings)
-    yield
 
 
-router = APIRouter(prefix="/api/datasets", tags=["datasets"], lifespan=_cleanup_on_startup)
+router = APIRouter(prefix="/api/datasets", tags=["datasets"])
 
 Split = Literal["train", "test", "unlabeled"]
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +100,42 @@ def test_training_square_covers_the_crop_region():
     image = draw_shape("circle", (60, 40), random.Random(2))
     square = train_square(image, PREPROCESSING)
     assert square.shape == (PREPROCESSING.scale_size, PREPROCESSING.scale_size, 3)
+
+
+@pytest.mark.parametrize("size", [(3000, 17), (23, 2500)])
+def test_very_elongated_images_are_cut_as_timm_cuts_them(size):
+    """Past MOST_RESIZED_CROPS only the centre crop's part is resized: the pixels of timm's
+    whole resize and crop, within rounding (Pillow's filter windows fall a little otherwise
+    when it enlarges: up to 20 levels at a few pixels of random noise)."""
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    pretrained_cfg = PREPROCESSING.pretrained_cfg(num_classes=3)
+    transform = create_transform(**resolve_data_config(pretrained_cfg=pretrained_cfg))
+    expected = (transform(image) * torch.tensor(PREPROCESSING.std)[:, None, None]
+                + torch.tensor(PREPROCESSING.mean)[:, None, None]) * 255
+    ours = torch.from_numpy(eval_crop(image, PREPROCESSING)).permute(2, 0, 1).float()
+    assert (ours - expected).abs().mean() < 0.5
+    square = train_square(image, PREPROCESSING)
+    assert square.shape == (PREPROCESSING.scale_size, PREPROCESSING.scale_size, 3)
+
+
+def test_a_very_long_strip_decodes_in_little_memory(tmp_path):
+    """A 2 KB PNG of 1,000,000 x 1 px passes the upload's pixel limit; resized whole at
+    32 px it became a 36 x 36,000,000 strip (3.9 GB), at 224 px hundreds of GB."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (1_000_000, 1), (90, 160, 30)).save(path)
+    script = (
+        "import resource, sys\n"
+        "from worker.selftuning.images import Preprocessing, _decode_one\n"
+        "p = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "crops = [_decode_one(sys.argv[1], kind, p) for kind in ('eval', 'train')]\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "print(grown // 1024, [c.shape for c in crops], crops[0][0, 0].tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    grown_mb, described = done.stdout.split(" ", 1)
+    assert int(grown_mb) < 200, done.stdout
+    assert described.strip() == "[(32, 32, 3), (36, 36, 3)] [90, 160, 30]"

@@ -103,15 +103,38 @@ def open_rgb(path: str | os.PathLike, draft_size: int | None = None,
 
 def eval_crop(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     """timm's eval transform up to ToTensor: resize the shorter side, then centre crop."""
-    image = TF.resize(image, preprocessing.scale_size, preprocessing.interpolation_mode)
-    image = TF.center_crop(image, preprocessing.image_size)
-    return np.array(image, dtype=np.uint8)
+    return _resized_centre(image, preprocessing, preprocessing.image_size)
 
 
 def train_square(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     """The square that training crops are cut from: shorter side to `scale_size`, centre."""
-    image = TF.resize(image, preprocessing.scale_size, preprocessing.interpolation_mode)
-    image = TF.center_crop(image, preprocessing.scale_size)
+    return _resized_centre(image, preprocessing, preprocessing.scale_size)
+
+
+# Resizing the shorter side to `scale_size` keeps the whole longer side: an image far longer
+# than wide became a strip of that many crops (one 20000 x 1 image took 6 GB at 224 px, and
+# a 2 KB PNG of 4,000,000 x 1, within the upload's pixel limit, would take hundreds). Beyond
+# this many crops' length only what the centre crop keeps is resized.
+MOST_RESIZED_CROPS = 64
+
+
+def _resized_centre(image: Image.Image, preprocessing: Preprocessing, crop: int) -> np.ndarray:
+    """torchvision's resize of the shorter side to `scale_size`, then its centre crop of
+    `crop`. For a very elongated image (MOST_RESIZED_CROPS), Pillow resizes the crop's part
+    alone (`box`) at the same scale, with the same filter: a pixel may differ by a few levels
+    from a whole resize (the filter's positions are rounded otherwise)."""
+    size, mode = preprocessing.scale_size, preprocessing.interpolation_mode
+    width, height = image.size
+    longer = int(size * max(width, height) / min(width, height))  # torchvision's rounding
+    if longer <= MOST_RESIZED_CROPS * size or crop > size:
+        image = TF.center_crop(TF.resize(image, size, mode), crop)
+        return np.array(image, dtype=np.uint8)
+    new_width, new_height = (size, longer) if width <= height else (longer, size)
+    left = int(round((new_width - crop) / 2.0))  # TF.center_crop's offsets
+    top = int(round((new_height - crop) / 2.0))
+    x_scale, y_scale = width / new_width, height / new_height
+    box = (left * x_scale, top * y_scale, (left + crop) * x_scale, (top + crop) * y_scale)
+    image = image.resize((crop, crop), TF.pil_modes_mapping[mode], box=box)
     return np.array(image, dtype=np.uint8)
 
 

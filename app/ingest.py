@@ -57,7 +57,7 @@ from worker.selftuning.pixels import (
     SUPPORTED_TEXT,
     brightest_value,
     looks_like_image,
-    to_8_bit,
+    to_rgb,
     white_level_for,
     white_level_of,
 )
@@ -1416,15 +1416,25 @@ def _read_white_level(record: Path) -> tuple[bool, int | None]:
         return False, None
 
 
+# How thumbnails are made, in their names and ETags, so that a change makes them again:
+# 2 drops transparency as the worker does (1 painted it white).
+THUMBNAIL_RECIPE = 2
+
+
+def thumbnail_version(white_level: int | None) -> str:
+    """How a thumbnail is made: its recipe and how it is made 8-bit (the dataset's white
+    level, unknown at first in an older version)."""
+    return f"t{THUMBNAIL_RECIPE}" + ("" if white_level is None else f"-w{white_level}")
+
+
 def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage,
               white_level: int | None) -> Path:
     """A JPEG of at most THUMBNAIL_SIZE px a side, made on first request and cached;
     `white_level` is the dataset's (`dataset_white_level`)."""
     folder = thumbnail_dir(settings, dataset)
-    # Named by how it was made 8-bit: one made before the white level was known (an older
-    # version) is not this one, and nothing is deleted under a request serving it.
-    cached = folder / (f"{image.id}.jpg" if white_level is None
-                       else f"{image.id}-w{white_level}.jpg")
+    # Named by how it was made: one made otherwise (an older version) is not this one, and
+    # nothing is deleted under a request serving it.
+    cached = folder / f"{image.id}-{thumbnail_version(white_level)}.jpg"
     if cached.is_file():
         return cached
     source = image_file(settings, dataset, image)
@@ -1434,15 +1444,10 @@ def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage,
             # Not the image whose size was checked at upload (Pillow's own limit is off).
             raise FileNotFoundError(f"{image.path} is not the file that was uploaded")
         opened.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-        # 16-bit images scaled as the worker decodes them; convert("RGB") would clip them.
-        original = to_8_bit(opened, white_level)
-        original.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-        if original.mode in ("RGBA", "LA", "PA") or "transparency" in original.info:
-            rgba = original.convert("RGBA")
-            small = Image.new("RGB", rgba.size, "white")
-            small.paste(rgba, mask=rgba.getchannel("A"))
-        else:
-            small = original.convert("RGB")
+        # The pixels the worker trains on, then made small: transparency dropped (a white
+        # logo on a transparent black ground trains white on black, and shows so).
+        small = to_rgb(opened, white_level)
+        small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     # Written aside and renamed so a concurrent request never serves half a file.
     partial = folder / f".{image.id}.{uuid.uuid4().hex}.jpg"
     small.save(partial, "JPEG", quality=85)

@@ -138,7 +138,7 @@ def test_thumbnail_is_cached_and_refused_for_an_image_of_another_dataset(
     url = f"/api/datasets/{first['id']}/images/{image_id}/thumbnail"
     assert client.get(url).status_code == 200
     cached = list((server.data_dir / "cache" / "thumbs").rglob("*.jpg"))
-    assert [path.name for path in cached] == [f"{image_id}.jpg"]
+    assert [path.name for path in cached] == [f"{image_id}-t2.jpg"]
     again = client.get(url)
     assert again.content == cached[0].read_bytes()
     etag = again.headers["etag"]

@@ -305,6 +305,43 @@ def test_a_16_bit_image_thumbnail_shows_what_the_worker_trains_on(
     delete_all(server, client)
 
 
+def transparent_logo(mode: str, shift: int) -> bytes:
+    """A white opaque square on a black ground that is wholly transparent."""
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    rgba.paste((255, 255, 255, 255), (24 + shift, 24, 40 + shift, 40))
+    image = {"RGBA": rgba, "LA": rgba.convert("LA"),
+             "P": rgba.convert("RGB").convert("P")}[mode]
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **({"transparency": 0} if mode == "P" else {}))
+    return buffer.getvalue()
+
+
+def test_thumbnails_of_transparent_images_show_what_the_worker_trains_on(
+    server: LiveServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    """Thumbnails painted transparency white while the worker, as timm's convert("RGB"),
+    drops it: a white logo on a transparent black ground showed all white and trained white
+    on black (107-187 levels apart on average)."""
+    from worker.selftuning.images import open_rgb  # the worker's decoder (imports torch)
+
+    originals = {f"{mode}/{n}.png": transparent_logo(mode, n) for mode in ("RGBA", "LA", "P")
+                 for n in range(2)}
+    summary = uploaded(client, zip_bytes(originals))
+    images = client.get(f"/api/datasets/{summary['id']}/images").json()["items"]
+    assert len(images) == len(originals)
+    for image in images:
+        source = tmp_path / "original.png"
+        source.write_bytes(originals[image["original_path"]])
+        trained_on = np.asarray(open_rgb(source), dtype=np.float64)
+        assert trained_on[0, 0].tolist() == [0, 0, 0] and trained_on[32, 32].tolist() == [
+            255, 255, 255]
+        response = client.get(f"/api/datasets/{summary['id']}/images/{image['id']}/thumbnail")
+        thumbnail = np.asarray(Image.open(io.BytesIO(response.content)), dtype=np.float64)
+        assert thumbnail.shape == trained_on.shape
+        assert np.abs(thumbnail - trained_on).mean() < 3, image["original_path"]
+    delete_all(server, client)
+
+
 def test_an_upload_of_8_bit_images_records_that_it_has_no_white_level(
     server: LiveServer, client: httpx.Client
 ) -> None:

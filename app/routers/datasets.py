@@ -288,9 +288,9 @@ def image_thumbnail(
     if image is None or image.dataset_id != dataset.id:
         raise HTTPException(404, f"dataset {dataset_id} has no image {image_id}")
     # Ids can be reused after a delete, so browsers revalidate against the image's content
-    # and how it is made 8-bit (a thumbnail made before the dataset's white level was known).
+    # and how its thumbnail is made.
     level = ingest.dataset_white_level(settings, dataset)
-    version = image.sha256[:32] if level is None else f"{image.sha256[:32]}-w{level}"
+    version = f"{image.sha256[:32]}-{ingest.thumbnail_version(level)}"
     headers = {"Cache-Control": "private, no-cache", "ETag": f'"{version}"'}
     if client_holds(request, headers["ETag"]):  # before making the thumbnail
         return Response(status_code=304, headers=headers)

@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from worker.selftuning.files import (
     reserve_disk_space,
     temporary_path,
 )
-from worker.selftuning.pixels import to_8_bit
+from worker.selftuning.pixels import to_rgb
 
 _CACHE_FORMAT = 1
 
@@ -94,11 +93,7 @@ def open_rgb(path: str | os.PathLike, draft_size: int | None = None,
         image.seek(0)
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
-        image = to_8_bit(image, white_level)
-        with warnings.catch_warnings():
-            # Palette images with transparency warn on conversion; dropping alpha is intended.
-            warnings.simplefilter("ignore", UserWarning)
-            return image.convert("RGB")
+        return to_rgb(image, white_level)
 
 
 def eval_crop(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:

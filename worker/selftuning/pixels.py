@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -57,6 +58,18 @@ def to_8_bit(image: Image.Image, white_level: int | None = None) -> Image.Image:
     elif values.max(initial=0) > 255:
         values = values / 257.0
     return Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(image: Image.Image, white_level: int | None = None) -> Image.Image:
+    """The RGB pixels a plain timm user's `Image.open(p).convert('RGB')` gives, high-bit-depth
+    images scaled to 8 bits first (`to_8_bit`): what a model trains on, and what a preview
+    shows. Transparency is dropped, not painted over a background: a transparent pixel shows
+    the colour it stores."""
+    image = to_8_bit(image, white_level)
+    with warnings.catch_warnings():
+        # Palette images with transparency warn on conversion; dropping alpha is intended.
+        warnings.simplefilter("ignore", UserWarning)
+        return image.convert("RGB")
 
 
 def white_level_of(paths: Iterable[str | os.PathLike]) -> int | None:

@@ -401,6 +401,21 @@ def test_the_white_level_is_the_datasets_not_each_images(tmp_path: Path):
     assert eval_pixels[:, 0, 0, 0].tolist() == [255, 62]
 
 
+def test_floating_point_images_of_0_to_1_are_scaled_to_white(tmp_path: Path):
+    """TIFFs of 32-bit floats hold 0-1 as a rule: read as 8-bit values they trained black
+    (and showed black), with no word of it."""
+    paths = []
+    for n, top in enumerate((1.0, 0.5)):
+        paths.append(str(tmp_path / f"{n}.tif"))
+        Image.fromarray(np.linspace(0, top, 64, dtype=np.float32).reshape(8, 8)).save(paths[-1])
+    assert Image.open(paths[0]).mode == "F"
+    assert white_level_of(paths) == 1
+    assert np.asarray(open_rgb(paths[0], white_level=1))[-1, -1].tolist() == [255, 255, 255]
+    assert np.asarray(open_rgb(paths[1], white_level=1))[-1, -1].tolist() == [128, 128, 128]
+    masks = _gray16(tmp_path / "mask.png", np.eye(8))  # 16-bit 0/1 masks: black before too
+    assert white_level_of([masks]) == 1
+
+
 def test_a_run_on_12_bit_images_trains_on_them_scaled_by_their_white_level(tmp_path: Path):
     rng = np.random.default_rng(0)
 

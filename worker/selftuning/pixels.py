@@ -41,8 +41,10 @@ def looks_like_image(head: bytes) -> bool:
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 
 
-# The white levels high-bit-depth images are written with: 8, 10, 12, 14 and 16 bits.
-WHITE_LEVELS = (255, 1023, 4095, 16383, 65535)
+# The white levels high-bit-depth images are written with: 8, 10, 12, 14 and 16 bits, and
+# 1 for floating-point images of 0-1 (and masks of 0 and 1), which read as 8-bit values
+# trained black.
+WHITE_LEVELS = (1, 255, 1023, 4095, 16383, 65535)
 
 
 def to_8_bit(image: Image.Image, white_level: int | None = None) -> Image.Image:
@@ -73,8 +75,8 @@ def to_rgb(image: Image.Image, white_level: int | None = None) -> Image.Image:
 
 
 def white_level_of(paths: Iterable[str | os.PathLike]) -> int | None:
-    """The white level of a dataset's high-bit-depth images: the fewest bits (8, 10, 12, 14
-    or 16) that hold the brightest value of any of them, as 2**bits - 1. A 12-bit camera
+    """The white level of a dataset's high-bit-depth images: the fewest bits (1, 8, 10, 12,
+    14 or 16) that hold the brightest value of any of them, as 2**bits - 1. A 12-bit camera
     writes 16-bit files whose values end at 4095; divided as 16-bit values they would train
     nearly black. None when no image has more than 8 bits (only those are read whole; the
     others' headers say so)."""

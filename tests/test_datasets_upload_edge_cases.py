@@ -31,7 +31,7 @@ from tests.test_datasets_support import (
     zip_bytes,
 )
 from worker.selftuning import load_folder_dataset
-from worker.selftuning.data import UNLABELED_IN_TEST
+from worker.selftuning.data import UNLABELED_IN_TEST, drop_duplicates
 
 NOT_IN_A_CLASS_FOLDER = "not inside a class folder: put it in <class>/ or unlabeled/"
 
@@ -571,7 +571,10 @@ def test_the_web_and_the_command_line_read_one_layout_alike(tmp_path: Path) -> N
     `test/unlabeled/` as "not a class of train/"."""
     composed, decomposed = "caf\u00e9", "cafe\u0301"
     entries = {
+        # One image twice, first in the test split: the copy in test/ stays on both sides.
+        "test/class10/twice.png": image_bytes(9404),
         **class_entries((composed, "class10", "class2"), per_class=2, prefix="train/"),
+        "train/class10/twice.png": image_bytes(9404),
         **class_entries((decomposed,), per_class=2, prefix="train/", seed=1),
         **class_entries((decomposed, "class10", "class2"), per_class=1, prefix="test/", seed=2),
         **class_entries(("2019", "2020"), per_class=1, prefix="train/class2/", seed=3),
@@ -586,10 +589,12 @@ def test_the_web_and_the_command_line_read_one_layout_alike(tmp_path: Path) -> N
     assert web.class_counts[composed] == {"train": 4, "test": 1}
     assert web.class_counts["class2"] == {"train": 4, "test": 1}
     assert web.class_counts["deep"] == {"train": 2, "test": 1}
+    assert web.class_counts["class10"] == {"train": 2, "test": 2}
     assert web.unlabeled_count == 1
     web_skipped = {item.path: item.reason for item in web.skipped}
     assert web_skipped == {"Unlabeled/.thumbnails/h.png": "hidden file or folder",
-                           "test/unlabeled/t.png": UNLABELED_IN_TEST}
+                           "test/unlabeled/t.png": UNLABELED_IN_TEST,
+                           "train/class10/twice.png": "duplicate of test/class10/twice.png"}
 
     folder = tmp_path / "cli"
     for path, data in entries.items():
@@ -597,9 +602,12 @@ def test_the_web_and_the_command_line_read_one_layout_alike(tmp_path: Path) -> N
         (folder / path).write_bytes(data)
     skipped: dict[str, str] = {}
     class_names, train, test, unlabeled = load_folder_dataset(folder, skipped)
+    train, test, unlabeled, dropped = drop_duplicates(train, test, unlabeled)
     assert class_names == web.class_names
     assert Counter(label for _, label in train) == {0: 4, 1: 4, 2: 2, 3: 2}
-    assert Counter(label for _, label in test) == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert Counter(label for _, label in test) == {0: 1, 1: 1, 2: 2, 3: 1}
+    assert dropped == [(str(folder / "train/class10/twice.png"),
+                        str(folder / "test/class10/twice.png"))]
     assert [Path(path).name for path in unlabeled] == ["u.png"]
     assert skipped == {str(folder / "test/unlabeled/t.png"): UNLABELED_IN_TEST}
 

@@ -13,6 +13,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -44,20 +45,24 @@ def test_cli_trains_with_a_held_out_test_split(tmp_path: Path, capsys):
 
 
 def test_cli_leaves_out_copies_of_images_as_uploads_do(tmp_path: Path, capsys):
-    """A test image that is also a training image scored the model on what it learnt."""
+    """A test image that is also a training image scored the model on what it learnt. Of
+    the two, the first in path order stays, as an upload keeps the first in archive order
+    (the command line kept the training copy, an upload of the folder the test one)."""
     data = write_shapes_dataset(tmp_path / "data", train_per_class=8)
     trained = sorted((data / "train").glob("*/*.png"))[0]
     copy = data / "test" / trained.parent.name / "copy.png"
     copy.write_bytes(trained.read_bytes())
     tests = len(list((data / "test").glob("*/*.png")))
+    trains = len(list((data / "train").glob("*/*.png")))
     code = main(["train", "--data", str(data), "--method", "fine-tune", "--budget", "all",
                  *TINY, *TEST_BACKBONE, "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert f"left out 1 image(s) with the same bytes as another (e.g. {copy}, a copy of " \
-        f"{trained})" in printed
+    assert f"left out 1 image(s) with the same bytes as another (e.g. {trained}, a copy of " \
+        f"{copy})" in printed
     training = json.loads((tmp_path / "out" / "training.json").read_text())
-    assert training["budget"]["test_count"] == tests - 1
+    assert training["budget"]["test_count"] == tests
+    assert training["budget"]["labeled_count"] == trains - 1
 
 
 def test_cli_reads_files_as_uploads_do(tmp_path: Path, capsys):
@@ -178,12 +183,26 @@ def _shapes(tmp_path: Path) -> Path:
     return write_shapes_dataset(tmp_path / "data", train_per_class=2, test_per_class=1)
 
 
+def _long_names(tmp_path: Path) -> Path:
+    """Folder names of 100 characters, 300 bytes in UTF-8: macOS and Windows make them (they
+    count characters), Linux keeps 255 bytes. The web takes them (its files have names of
+    their own); the command line stopped with a traceback."""
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for name in ("鳥" * 100, "熊" * 100):
+            for n in range(2):
+                bundle.writestr(f"train/{name}/{n}.png", b"")
+    return archive
+
+
 @pytest.mark.parametrize(
     ("make_data", "flags", "message"),
     [
         (_not_a_zip, TEST_BACKBONE, "photos.zip is not a readable .zip archive"),
         (_broken_tar, TEST_BACKBONE, "photos.tar.gz is not a readable .tar (.gz, .bz2, .xz)"),
         (_tar_with_a_link_out, TEST_BACKBONE, "is a link to an absolute path"),
+        (_long_names, TEST_BACKBONE, "has a file or folder name longer than this file system "
+                                     "keeps (255 bytes in UTF-8): rename it shorter, or upload"),
         # It advised --no-pretrained, which then failed with "unknown backbone".
         (_shapes, ["--backbone", "no_such_net"],
          "unknown backbone 'no_such_net': not a timm architecture"),
@@ -194,7 +213,7 @@ def _shapes(tmp_path: Path) -> Path:
         pytest.param(_shapes, [*TEST_BACKBONE, "--device", "cuda"], "no CUDA GPU",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
     ],
-    ids=["not-a-zip", "broken-tar", "tar-link-out", "unknown-backbone",
+    ids=["not-a-zip", "broken-tar", "tar-link-out", "long-names", "unknown-backbone",
          "unknown-backbone-no-pretrained", "fixed-size-backbone", "cuda-without-gpu"],
 )
 def test_user_errors_are_one_line_and_leave_no_out_folder(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import lzma
@@ -201,23 +202,23 @@ def drop_duplicates(
 ) -> tuple[list[Item], list[Item], list[str], list[tuple[str, str]]]:
     """The dataset without files whose bytes repeat an earlier one, as uploads store it: a
     test image that is also a training image would score the model on what it learnt, and an
-    unlabeled copy of a labeled image would give it back its own label. Training images come
-    first, then test, then unlabeled. Returns the kept lists and (dropped, kept copy) pairs."""
+    unlabeled copy of a labeled image would give it back its own label. As an upload keeps
+    the first copy in archive order, a labeled one before an unlabeled one: the first in path
+    order of the labeled images (training and test alike), then of the unlabeled ones.
+    Returns the kept lists, in their order, and (dropped, kept copy) pairs."""
     first: dict[str, str] = {}
     dropped: list[tuple[str, str]] = []
-
-    def new(path: str) -> bool:
+    labeled = sorted(path for path, _ in [*train_items, *test_items])
+    for path in [*labeled, *unlabeled_paths]:
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         if digest in first:
             dropped.append((path, first[digest]))
-            return False
-        first[digest] = path
-        return True
-
-    train = [item for item in train_items if new(item[0])]
-    test = [item for item in test_items if new(item[0])]
-    unlabeled = [path for path in unlabeled_paths if new(path)]
-    return train, test, unlabeled, dropped
+        else:
+            first[digest] = path
+    gone = {path for path, _ in dropped}
+    return ([item for item in train_items if item[0] not in gone],
+            [item for item in test_items if item[0] not in gone],
+            [path for path in unlabeled_paths if path not in gone], dropped)
 
 
 def read_labels_csv(
@@ -475,6 +476,12 @@ def _extract(archive: Path, destination: Path) -> None:
         raise ValueError(f"{archive}: {exc}; an archive may not reach outside itself") from exc
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
             OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+            # 255 characters may take up to 1,020 bytes, and file systems keep 255 bytes.
+            raise ValueError(
+                f"{archive}: {exc.filename or 'a member'} has a file or folder name longer than "
+                "this file system keeps (255 bytes in UTF-8): rename it shorter, or upload the "
+                "archive on the web page, which stores files under names of its own") from None
         # bzip2 says "Invalid data stream" as an OSError without an errno; one with an errno
         # (a full disk) is not the archive's.
         if isinstance(exc, OSError) and exc.errno is not None:

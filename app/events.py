@@ -79,7 +79,9 @@ class StreamHub:
         self.client, self.key = client, key
         self.start_id = start_id
         self.entries: deque[Entry] = deque(maxlen=HUB_BUFFER)
-        self.changed = asyncio.Condition()
+        # Set when entries arrive, then replaced: waiting on it takes no lock, so a feed
+        # cancelled while it waits (a browser gone) cannot leave one held.
+        self.arrived = asyncio.Event()
         self.subscribers = 0
         self.healthy = True
         self.task = asyncio.create_task(self._read())
@@ -102,8 +104,12 @@ class StreamHub:
                 for entry_id, fields in messages:
                     self.entries.append(to_entry(entry_id, fields))
                     last_id = entry_id
-            async with self.changed:
-                self.changed.notify_all()
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake every feed waiting on this hub."""
+        arrived, self.arrived = self.arrived, asyncio.Event()
+        arrived.set()
 
     def after(self, last_id: str) -> list[Entry] | None:
         """Buffered entries after `last_id`; None when the buffer no longer reaches back."""
@@ -117,11 +123,12 @@ class StreamHub:
         return [entry for entry in self.entries if id_key(entry.id) > wanted]
 
     async def wait(self, timeout: float) -> None:
-        async with self.changed:
-            try:
-                await asyncio.wait_for(self.changed.wait(), timeout)
-            except TimeoutError:
-                pass
+        """Until entries arrive (or the server stops), at most `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.arrived.wait()
+        except TimeoutError:
+            pass
 
 
 class Hubs:
@@ -143,10 +150,11 @@ class Hubs:
         log). Browsers reconnect to the next server by themselves."""
         self.stopping = True
         for hub in list(self.hubs.values()):
-            async with hub.changed:
-                hub.changed.notify_all()
+            hub.wake()
 
     async def subscribe(self, key: str) -> StreamHub:
+        # The lock makes one hub of feeds that open a quiet stream at once; the count goes up
+        # with no wait after it, so a feed cancelled here has nothing to undo.
         async with self.lock:
             hub = self.hubs.get(key)
             if hub is None:
@@ -159,12 +167,15 @@ class Hubs:
             hub.subscribers += 1
             return hub
 
-    async def unsubscribe(self, hub: StreamHub) -> None:
-        async with self.lock:
-            hub.subscribers -= 1
-            if hub.subscribers <= 0 and self.hubs.get(hub.key) is hub:
-                del self.hubs[hub.key]
-                hub.task.cancel()
+    def unsubscribe(self, hub: StreamHub) -> None:
+        """Without a wait: a feed leaves as its browser goes, while Starlette cancels it at
+        every wait. It waited for the lock, held by a feed opening another stream, and was
+        cancelled there: its hub's reader ran on, one Redis connection each, until the pool's
+        100 were taken and no feed got an event (1,200 feeds opened and dropped)."""
+        hub.subscribers -= 1
+        if hub.subscribers <= 0 and self.hubs.get(hub.key) is hub:
+            del self.hubs[hub.key]
+            hub.task.cancel()
 
     async def history(self, key: str, after_id: str, limit: int = HISTORY_PAGE) -> list[Entry]:
         start = "-" if after_id == "0" else f"({after_id}"
@@ -252,7 +263,7 @@ async def stream_events(
             if pending is None:  # fell behind the hub's buffer: read from Redis itself
                 pending, more_history = await _history_page(hubs, key, last_id)
     finally:
-        await hubs.unsubscribe(hub)
+        hubs.unsubscribe(hub)
 
 
 async def _history_page(hubs: Hubs, key: str, after_id: str) -> tuple[list[Entry], bool]:

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
+import socket
 import threading
 import time
 
+import anyio
 import pytest
 import redis
 from playwright.sync_api import expect
@@ -297,3 +300,93 @@ def test_open_feeds_end_at_once_when_the_server_is_stopped(live_server):
     assert ended == {path: ["retry: 2000"] for path in paths}  # read to their end, no error
     log = live_server.process.log()
     assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+
+
+def test_a_feed_cancelled_while_another_opens_leaves_no_reader_behind(redis_url):
+    """A browser gone while another feed opened a quiet stream: Starlette cancels the feed at
+    every wait until it ends, and its way out waited for the lock that the opening feed held
+    across a Redis read. Cancelled there, it left its stream's reader running for good, one
+    Redis connection each: after about 1,200 feeds opened and dropped the web's pool of 100
+    was taken, and no feed got an event."""
+    left, opening = "selftune:test:feed-left", "selftune:test:feed-opening"
+
+    async def scenario() -> set[str]:
+        hubs = Hubs(redis_url)
+        real = hubs.client.xrevrange
+
+        async def slow_for_one(key, count):  # a Redis slow to answer the opening feed
+            if key == opening:
+                await asyncio.sleep(1.0)
+            return await real(key, count=count)
+
+        hubs.client.xrevrange = slow_for_one
+        frames = stream_events(hubs, left, "0", outcome=lambda: Outcome(False), heartbeat_s=30)
+        scopes = []
+
+        async def watch() -> None:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                async for _ in frames:
+                    pass
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(watch)
+                await asyncio.sleep(0.3)  # the feed waits for entries
+                group.start_soon(hubs.subscribe, opening)
+                await asyncio.sleep(0.2)  # the opening feed holds the lock
+                scopes[0].cancel()  # the browser goes, as Starlette cancels its response
+            return set(hubs.hubs)
+        finally:
+            await hubs.close()
+
+    assert asyncio.run(scenario()) == {opening}
+
+
+def blocked_readers(live: redis.Redis, database: int) -> int:
+    """Connections of this Redis database waiting in XREAD: the web's stream readers."""
+    return sum(1 for client in live.client_list()
+               if int(client["db"]) == database and client["cmd"] == "xread"
+               and "b" in client["flags"])
+
+
+def test_feeds_dropped_together_leave_no_reader_behind(live_server):
+    """Real uvicorn and Redis: browsers opening and dropping feeds of several runs at once,
+    as tabs opened and closed, left some streams' readers running with no one to read to
+    (5 bursts of 10 left 5 in a soak, seen from Redis's client list)."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    database = live.connection_pool.connection_kwargs.get("db", 0)
+    with live_server.client() as client:
+        _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0, 1, 2, 3])
+    host, port = live_server.url.removeprefix("http://").split(":")
+    rng = random.Random(0)
+
+    def open_and_drop(run_id: int, after_s: float, for_s: float) -> None:
+        time.sleep(after_s)
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(f"GET /api/runs/{run_id}/events HTTP/1.1\r\nHost: {host}\r\n"
+                               "Accept: text/event-stream\r\n\r\n".encode())
+            assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(for_s)  # then the browser goes, without a word
+
+    for _ in range(3):
+        threads = [threading.Thread(target=open_and_drop, args=(
+            rng.choice(run_ids), rng.uniform(0, 0.3), rng.uniform(0, 0.3))) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    # A reader whose feeds are all gone stops at once; one left behind reads on.
+    time.sleep(7)  # longer than one blocking read
+    assert blocked_readers(live, database) == 0
+    events = []
+    with live_server.client() as client, client.stream(
+            "GET", f"/api/runs/{run_ids[0]}/events") as response:
+        live.xadd(run_stream_key(run_ids[0]), {"data": json.dumps(
+            {"type": "progress", "run_id": run_ids[0], "step": 1})})
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+                break
+    assert events and events[0]["step"] == 1

@@ -96,9 +96,15 @@ class WrongTokens:
     client's address."""
 
     def __init__(self, limit: int = 10, window_s: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 most_addresses: int = 150_000) -> None:
         self.limit, self.window_s, self.clock = limit, window_s, clock
-        self._guesses: dict[str, dict[str, float]] = {}  # address -> token digest -> when
+        # Addresses remembered at most (about 1.4 KB each): past it, those whose last guess
+        # is oldest are forgotten. Guesses from more addresses than that within the window
+        # (an IPv6 network has billions) grew the record without bound.
+        self.most_addresses = most_addresses
+        # address -> token digest -> when; in the order of each address's last guess
+        self._guesses: dict[str, dict[str, float]] = {}
         self._lock = threading.Lock()
         self._swept_at = -math.inf
 
@@ -133,8 +139,11 @@ class WrongTokens:
                 self._swept_at = now
                 for stale in list(self._guesses):
                     self._recent(stale, now)
-            self._recent(address, now)
-            self._guesses.setdefault(address, {})[digest] = now
+            recent = self._recent(address, now)
+            self._guesses.pop(address, None)
+            self._guesses[address] = {**recent, digest: now}
+            while len(self._guesses) > self.most_addresses:
+                del self._guesses[next(iter(self._guesses))]
 
 
 def token_accepted(request: Request, settings: Settings, presented: str | None) -> bool:

@@ -241,6 +241,22 @@ def test_many_guessing_addresses_are_swept_once_a_minute_not_on_every_guess():
     assert len(reads) > 100_000 and len(wrong._guesses) == 1
 
 
+def test_guesses_from_more_addresses_than_it_keeps_forget_the_longest_quiet_ones():
+    """Guesses from many addresses within the window (an IPv6 network's) grew the record by
+    about 1.4 KB an address, without bound."""
+    now = [1000.0]
+    wrong = WrongTokens(limit=3, window_s=600, clock=lambda: now[0], most_addresses=3)
+    for guess in ("a", "b"):
+        wrong.record("10.0.0.1", guess)
+    for i in range(2, 5):
+        now[0] += 1
+        wrong.record(f"10.0.0.{i}", "a")
+        wrong.record("10.0.0.1", "c")  # the address that guessed last is kept
+    assert len(wrong._guesses) == 3
+    assert list(wrong._guesses) == ["10.0.0.3", "10.0.0.4", "10.0.0.1"]
+    assert wrong.retry_after("10.0.0.1") > 0
+
+
 def test_an_address_guessing_tokens_is_held_off_and_a_stale_cookie_is_not(guarded_server):
     """No limit on wrong tokens let a client on the network try tokens as fast as the
     server answered (the README's random token makes that hopeless, a short one does not)."""

@@ -1422,8 +1422,8 @@ THUMBNAIL_RECIPE = 2
 
 
 def thumbnail_version(white_level: int | None) -> str:
-    """How a thumbnail is made: its recipe and how it is made 8-bit (the dataset's white
-    level, unknown at first in an older version)."""
+    """How a thumbnail is made: its recipe, and the white level it was made 8-bit with
+    where the dataset has one."""
     return f"t{THUMBNAIL_RECIPE}" + ("" if white_level is None else f"-w{white_level}")
 
 

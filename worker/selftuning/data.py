@@ -203,8 +203,8 @@ def drop_duplicates(
     """The dataset without files whose bytes repeat an earlier one, as uploads store it: a
     test image that is also a training image would score the model on what it learnt, and an
     unlabeled copy of a labeled image would give it back its own label. As an upload keeps
-    the first copy in archive order, a labeled one before an unlabeled one: the first in path
-    order of the labeled images (training and test alike), then of the unlabeled ones.
+    the first copy in archive order, a labeled one before an unlabeled one: the labeled
+    images (training and test alike) in path order, then the unlabeled ones in theirs.
     Returns the kept lists, in their order, and (dropped, kept copy) pairs."""
     first: dict[str, str] = {}
     dropped: list[tuple[str, str]] = []

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, make_url, select, text
+from sqlalchemy import Engine, create_engine, event, func, make_url, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -171,6 +172,31 @@ def check_revision(connection, url: str) -> None:
                          f"version needs {head}: {migrate}")
 
 
+# Heartbeats are written by each worker's clock and judged by the web's: hosts whose clocks
+# differ by more than this would call a live run lost (a worker's behind) again and again,
+# or notice a dead one late (a worker's ahead).
+MOST_CLOCK_SKEW_S = 60
+
+
+def check_clock(connection, url: str, clock: Callable[[], datetime] | None = None) -> None:
+    """Raise StartupRefused when this host's clock is more than MOST_CLOCK_SKEW_S away from
+    the database server's, the clock every web and worker host is held to. Not for SQLite:
+    its file and every process using it are on this host."""
+    if connection.dialect.name == "sqlite":
+        return
+    server = connection.scalar(select(func.now()))
+    if not isinstance(server, datetime) or server.tzinfo is None:
+        return  # a server that does not say its time zone: nothing to compare safely
+    skew = ((clock or (lambda: datetime.now(UTC)))() - server).total_seconds()
+    if abs(skew) > MOST_CLOCK_SKEW_S:
+        raise StartupRefused(
+            f"this host's clock is {abs(skew):,.0f} s {'ahead of' if skew > 0 else 'behind'} "
+            f"the database server's ({shown_url(url)}): runs are judged silent by their "
+            "heartbeats' times, so a worker whose clock is behind has its runs called lost "
+            "while they train. Set the clocks right (NTP) and start again. Nothing was "
+            "changed.")
+
+
 DATABASE_ID_FILE = "database-id"
 
 
@@ -184,6 +210,7 @@ def claim_data_dir(data_dir: Path, url: str) -> None:
 
     with session_scope(url) as session:
         check_revision(session.connection(), url)
+        check_clock(session.connection(), url)
         database_id = session.scalar(select(Installation.database_id))
     marker = data_dir / DATABASE_ID_FILE
     try:

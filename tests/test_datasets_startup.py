@@ -20,7 +20,9 @@ from app.db import (
     DATABASE_ID_FILE,
     StartupRefused,
     alembic_config,
+    check_clock,
     claim_data_dir,
+    get_engine,
     get_sessionmaker,
     upgrade_to_head,
 )
@@ -212,6 +214,23 @@ def test_a_database_an_older_release_migrated_is_refused_by_the_web_and_the_work
     upgrade_to_head(url)
     _, process = start_server(env, tmp_path / "uvicorn-after.log")  # and at head it starts
     process.stop()
+
+
+def test_a_host_whose_clock_is_far_from_the_database_servers_is_refused(postgres_url):
+    """Heartbeats carry each worker's clock and the web's reaper judges them by its own: a
+    worker host 3 minutes behind had every run it trained called lost, queued again and lost
+    again, until its attempts ran out."""
+    upgrade_to_head(postgres_url)
+    engine = get_engine(postgres_url)
+    with engine.connect() as connection:
+        check_clock(connection, postgres_url)  # this host's own clock: no refusal
+        server = connection.scalar(text("SELECT now()"))
+        for skew_s, words in ((-180, "180 s behind"), (90, "90 s ahead of")):
+            with pytest.raises(StartupRefused, match=f"this host's clock is {words} the "
+                                                     "database server's"):
+                check_clock(connection, postgres_url,
+                            clock=lambda skew_s=skew_s: server + timedelta(seconds=skew_s))
+        check_clock(connection, postgres_url, clock=lambda: server + timedelta(seconds=45))
 
 
 def test_a_refused_start_leaves_the_runs_and_the_queue_as_they_were(

@@ -84,11 +84,12 @@ class StreamHub:
         self.arrived = asyncio.Event()
         self.subscribers = 0
         self.healthy = True
+        self.closed = False  # its last feed left: the reader stops (`close`)
         self.task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         last_id = self.start_id
-        while True:
+        while not self.closed:
             try:
                 result = await self.client.xread({self.key: last_id}, count=1000, block=BLOCK_MS)
                 self.healthy = True
@@ -105,6 +106,14 @@ class StreamHub:
                     self.entries.append(to_entry(entry_id, fields))
                     last_id = entry_id
             self.wake()
+
+    def close(self) -> None:
+        """Stop the reader. A cancel alone did not always: on Python 3.11 one that lands while
+        redis-py sends a command (a new hub's first read) is lost in its `asyncio.wait_for`
+        (CPython gh-86296), and the reader read on for good, a Redis connection each, until
+        the pool's 100 were taken. The flag stops it after that read at the latest."""
+        self.closed = True
+        self.task.cancel()
 
     def wake(self) -> None:
         """Wake every feed waiting on this hub."""
@@ -175,7 +184,7 @@ class Hubs:
         hub.subscribers -= 1
         if hub.subscribers <= 0 and self.hubs.get(hub.key) is hub:
             del self.hubs[hub.key]
-            hub.task.cancel()
+            hub.close()
 
     async def history(self, key: str, after_id: str, limit: int = HISTORY_PAGE) -> list[Entry]:
         start = "-" if after_id == "0" else f"({after_id}"
@@ -184,7 +193,7 @@ class Hubs:
 
     async def close(self) -> None:
         for hub in self.hubs.values():
-            hub.task.cancel()
+            hub.close()
         await self.client.aclose()
 
 

@@ -343,6 +343,35 @@ def test_a_feed_cancelled_while_another_opens_leaves_no_reader_behind(redis_url)
     assert asyncio.run(scenario()) == {opening}
 
 
+def test_readers_of_feeds_that_end_at_once_stop(redis_url):
+    """A finished run's feed ends a moment after it opens, as its stream's reader sends its
+    first read: the reader's cancel was lost there (Python 3.11's `asyncio.wait_for`, which
+    redis-py sends commands through, drops a cancel that lands as it completes), and it read
+    on for good. Each feed of a finished run left one more: the pool's 100 connections were
+    taken after about 2,000 feeds."""
+    key = "selftune:test:ends-at-once"
+    live = redis.Redis.from_url(redis_url, decode_responses=True)
+    live.delete(key)
+    live.xadd(key, {"data": json.dumps({"type": "end"})})
+
+    async def open_and_leave() -> list[asyncio.Task]:
+        hubs = Hubs(redis_url)
+        readers = []
+        try:
+            for attempt in range(60):
+                hub = await hubs.subscribe(key)
+                readers.append(hub.task)
+                await asyncio.sleep((attempt % 6) / 2000)  # 0-2.5 ms: as the first read goes
+                hubs.unsubscribe(hub)
+            await asyncio.wait(readers, timeout=8)  # a lost cancel: stopped after one read
+            return [reader for reader in readers if not reader.done()]
+        finally:
+            await hubs.close()
+
+    assert asyncio.run(open_and_leave()) == []
+    live.delete(key)
+
+
 def blocked_readers(live: redis.Redis, database: int) -> int:
     """Connections of this Redis database waiting in XREAD: the web's stream readers."""
     return sum(1 for client in live.client_list()

@@ -136,10 +136,15 @@ def upgrade_to_head(url: str) -> None:
         if "Can't locate revision" not in str(exc):
             raise
         head = ScriptDirectory.from_config(config).get_current_head()
-        raise StartupRefused(
-            f"the database {shown_url(url)} was migrated by a newer version of this app "
-            f"({exc}; this version knows revisions up to {head}): run that version, or "
-            "point SELFTUNE_DATABASE_URL at another database") from None
+        raise newer_version(url, str(exc), head) from None
+
+
+def newer_version(url: str, detail: str, head: str) -> StartupRefused:
+    """The refusal of a database a newer version of the app migrated (`detail`: to what)."""
+    return StartupRefused(
+        f"the database {shown_url(url)} was migrated by a newer version of this app ({detail}; "
+        f"this version knows revisions up to {head}): run that version, or point "
+        "SELFTUNE_DATABASE_URL at another database. Nothing was changed.")
 
 
 def shown_url(url: str) -> str:
@@ -164,10 +169,7 @@ def check_revision(connection, url: str) -> None:
     if revision is None:
         raise StartupRefused(f"the database {shown_url(url)} has not been migrated: {migrate}")
     if revision not in {known.revision for known in script.walk_revisions()}:
-        raise StartupRefused(
-            f"the database {shown_url(url)} was migrated by a newer version of this app (to "
-            f"revision {revision}; this version knows revisions up to {head}): run that "
-            "version, or point SELFTUNE_DATABASE_URL at another database. Nothing was changed.")
+        raise newer_version(url, f"to revision {revision}", head)
     raise StartupRefused(f"the database {shown_url(url)} is at migration {revision} and this "
                          f"version needs {head}: {migrate}")
 

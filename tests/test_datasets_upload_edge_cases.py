@@ -11,6 +11,7 @@ import tarfile
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -277,31 +278,41 @@ def png16(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_a_16_bit_image_thumbnail_shows_what_the_worker_trains_on(
-    server: LiveServer, client: httpx.Client, tmp_path: Path
-) -> None:
+def thumbnails_and_trained_pixels(
+    client: httpx.Client, originals: dict[str, bytes], tmp_path: Path,
+    white_level: int | None = None,
+) -> Iterator[tuple[dict, np.ndarray, httpx.Response]]:
+    """Upload `originals` (archive path -> bytes); for each stored image, the pixels the
+    worker's decoder gives it (with `white_level`) and the answer for its thumbnail."""
     from worker.selftuning.images import open_rgb  # the worker's decoder (imports torch)
 
-    originals = {f"{name}/{n}.png": png16(100 * index + n)
-                 for index, name in enumerate(("cellA", "cellB")) for n in range(3)}
-    assert Image.open(io.BytesIO(originals["cellA/0.png"])).mode in ("I;16", "I")
     summary = uploaded(client, zip_bytes(originals))
     images = client.get(f"/api/datasets/{summary['id']}/images").json()["items"]
     assert len(images) == len(originals)
-
+    source = tmp_path / "original.png"
     for image in images:
-        source = tmp_path / "original.png"
         source.write_bytes(originals[image["original_path"]])
-        # Scaled by the dataset's white level, 12 bits (see test_data's white level tests):
-        # values of 0..4095 average mid-grey, not the near black of 16-bit scaling.
-        trained_on = np.asarray(open_rgb(source, white_level=4095), dtype=np.float64).mean()
-        assert 120 < trained_on < 135
+        trained_on = np.asarray(open_rgb(source, white_level=white_level), dtype=np.float64)
         response = client.get(f"/api/datasets/{summary['id']}/images/{image['id']}/thumbnail")
         assert response.status_code == 200
+        yield image, trained_on, response
+
+
+def test_a_16_bit_image_thumbnail_shows_what_the_worker_trains_on(
+    server: LiveServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    originals = {f"{name}/{n}.png": png16(100 * index + n)
+                 for index, name in enumerate(("cellA", "cellB")) for n in range(3)}
+    assert Image.open(io.BytesIO(originals["cellA/0.png"])).mode in ("I;16", "I")
+    # Scaled by the dataset's white level, 12 bits (see test_data's white level tests):
+    # values of 0..4095 average mid-grey, not the near black of 16-bit scaling.
+    for _, trained_on, response in thumbnails_and_trained_pixels(client, originals, tmp_path,
+                                                                 white_level=4095):
+        assert 120 < trained_on.mean() < 135
         assert response.headers["etag"].endswith('-w4095"')  # made with the white level
         thumbnail = Image.open(io.BytesIO(response.content))
         assert thumbnail.mode == "RGB"
-        assert abs(np.asarray(thumbnail, dtype=np.float64).mean() - trained_on) < 3
+        assert abs(np.asarray(thumbnail, dtype=np.float64).mean() - trained_on.mean()) < 3
     delete_all(server, client)
 
 
@@ -322,20 +333,12 @@ def test_thumbnails_of_transparent_images_show_what_the_worker_trains_on(
     """Thumbnails painted transparency white while the worker, as timm's convert("RGB"),
     drops it: a white logo on a transparent black ground showed all white and trained white
     on black (107-187 levels apart on average)."""
-    from worker.selftuning.images import open_rgb  # the worker's decoder (imports torch)
-
     originals = {f"{mode}/{n}.png": transparent_logo(mode, n) for mode in ("RGBA", "LA", "P")
                  for n in range(2)}
-    summary = uploaded(client, zip_bytes(originals))
-    images = client.get(f"/api/datasets/{summary['id']}/images").json()["items"]
-    assert len(images) == len(originals)
-    for image in images:
-        source = tmp_path / "original.png"
-        source.write_bytes(originals[image["original_path"]])
-        trained_on = np.asarray(open_rgb(source), dtype=np.float64)
+    for image, trained_on, response in thumbnails_and_trained_pixels(client, originals,
+                                                                     tmp_path):
         assert trained_on[0, 0].tolist() == [0, 0, 0] and trained_on[32, 32].tolist() == [
             255, 255, 255]
-        response = client.get(f"/api/datasets/{summary['id']}/images/{image['id']}/thumbnail")
         thumbnail = np.asarray(Image.open(io.BytesIO(response.content)), dtype=np.float64)
         assert thumbnail.shape == trained_on.shape
         assert np.abs(thumbnail - trained_on).mean() < 3, image["original_path"]

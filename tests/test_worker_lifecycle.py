@@ -532,6 +532,42 @@ def test_a_succeeded_run_keeps_its_export_but_not_its_training_state(settings, t
     assert (settings.runs_dir / str(cancelled_id) / "state" / "checkpoint.pt").is_file()
 
 
+@pytest.mark.usefixtures("queue")
+def test_a_run_whose_results_cannot_be_written_ends_failed_and_run_again_only_exports(
+        settings, tmp_path, monkeypatch):
+    """Trained, but its results could not be written for another reason than the database
+    being away (the disk filling as predictions.csv is rewritten with the archive's paths):
+    the error left the task with the run "running" until the reaper called it lost, again on
+    each attempt, never saying why. It now ends failed with the reason, its training state
+    kept, and Run again evaluates and exports without training again. (The full disk is
+    injected: it must strike after training and before the export is recorded.)"""
+    run_id = add_run(settings, tmp_path)
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker.training, "rewrite_predictions", disk_full)
+        assert execute_run(settings, run_id, "w@host", TASK_ID)["status"] == "failed"
+    run = read_run(settings, run_id)
+    assert (run.status, run.metrics) == ("failed", {}) and run.finished_at is not None
+    assert run.error.startswith("trained, but its results could not be recorded: OSError: "
+                                "[Errno 28] No space left on device"), run.error
+    assert feed(settings, run_id)[-1]["status"] == "failed"
+    assert (settings.runs_dir / str(run_id) / "state" / "checkpoint.pt").is_file()
+
+    with session_scope(settings.sqlalchemy_url) as session:  # Run again
+        requeue(session, get_redis(settings.effective_redis_url), run_id, by_person=True)
+    assert execute_run(settings, run_id, "w@host",
+                       read_run(settings, run_id).celery_task_id)["status"] == "succeeded"
+    run = read_run(settings, run_id)
+    assert run.status == "succeeded" and run.error is None and "test_top1" in run.metrics
+    events = feed(settings, run_id)
+    again = [i for i, event in enumerate(events) if event["type"] == "started"][-1]
+    assert events[again]["resumed_from_step"] == 6
+    assert [event["type"] for event in events[again + 1:]] == ["end"]  # no step trained
+
+
 def test_the_confusion_matrix_is_kept_apart_and_no_experiment_read_loads_it(settings,
                                                                             tmp_path):
     """classes² numbers (3 MB a run at 1,000 classes) were in the metrics every experiment

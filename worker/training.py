@@ -456,12 +456,21 @@ def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
                     raise RunDeleted(run_id)
                 rewrite_predictions(out_dir, session, job.dataset_root, run)
 
-        retry_while_database_down(rewrite, f"run {run_id}: rewriting predictions.csv",
-                                  recorder.finish_retry_s)
-        recorder.record_artifacts(out_dir)
-        # The labeled count puts the run on the accuracy-against-labels curve (app.estimates).
-        metrics = {**metrics, "labeled_count": budget_info["labeled_count"]}
-        recorder.finish("succeeded", metrics=metrics)
+        try:
+            retry_while_database_down(rewrite, f"run {run_id}: rewriting predictions.csv",
+                                      recorder.finish_retry_s)
+            recorder.record_artifacts(out_dir)
+            # The labeled count puts the run on the accuracy-against-labels curve
+            # (app.estimates).
+            metrics = {**metrics, "labeled_count": budget_info["labeled_count"]}
+            recorder.finish("succeeded", metrics=metrics)
+        except (RunDeleted, RunTakenAway, *DATABASE_DOWN):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a full disk, say: the run ends saying so
+            # rather than "running" until the reaper calls it lost, attempt after attempt. Its
+            # training state stays: "Run again" only evaluates and exports.
+            recorder.check_not_deleted()
+            return _fail(recorder, exc, "trained, but its results could not be recorded: ")
     # Recorded: nothing resumes a finished run, and its training state (model, key encoder,
     # optimiser: several times the exported model) would stay on disk for good.
     shutil.rmtree(checkpoint_path(out_dir).parent, ignore_errors=True)

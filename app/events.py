@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import re
+import resource
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,15 @@ class Outcome:
 
 
 BLOCK_MS = 5000  # how long one XREAD waits for new entries
+
+
+def most_connections() -> int:
+    """How many Redis connections the feeds of one web process may hold: each stream
+    watched holds one in XREAD for as long as it is watched, so redis-py's default of 100 let
+    100 runs' pages open at once starve every other feed ("Too many connections"). A quarter
+    of the process's file limit, leaving the rest to the browsers' own connections."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 5000 if soft == resource.RLIM_INFINITY else max(100, soft // 4)
 
 
 class StreamHub:
@@ -148,7 +158,7 @@ class Hubs:
         # 5 s) turned every quiet feed into "Redis unavailable" and a 1 s pause.
         self.client = aioredis.Redis.from_url(
             redis_url, decode_responses=True, socket_timeout=BLOCK_MS / 1000 + 10,
-            socket_connect_timeout=5)
+            socket_connect_timeout=5, max_connections=most_connections())
         self.hubs: dict[str, StreamHub] = {}
         self.lock = asyncio.Lock()
         self.stopping = False  # the server is shutting down: open feeds end
@@ -263,7 +273,9 @@ async def stream_events(
                             if state.final:
                                 yield sse(state.final)
                             return
-                if hub.after(last_id) == []:  # what came during the check is not waited for
+                # What came during the check is not waited for, nor a stop that came then:
+                # Hubs.stop wakes only the feeds waiting at that moment.
+                if hub.after(last_id) == [] and not hubs.stopping:
                     await hub.wait(heartbeat_s)
                 check_outcome = not hub.after(last_id)
                 if check_outcome:

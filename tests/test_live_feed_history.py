@@ -419,3 +419,78 @@ def test_feeds_dropped_together_leave_no_reader_behind(live_server):
                 events.append(json.loads(line.removeprefix("data: ")))
                 break
     assert events and events[0]["step"] == 1
+
+
+def test_a_hundred_watched_streams_do_not_starve_the_next_feed(redis_url):
+    """Each watched stream's reader holds a connection of the feeds' pool in XREAD, and
+    redis-py's default pool holds 100: with 100 runs' pages open at once the next run's page
+    got no event, only ': live feed unavailable' ("Too many connections")."""
+    keys = [f"selftune:test:pool:{index}" for index in range(101)]
+    live = redis.Redis.from_url(redis_url, decode_responses=True)
+    live.delete(*keys)
+
+    async def scenario() -> list[str]:
+        hubs = Hubs(redis_url)
+        held = [await hubs.subscribe(key) for key in keys[:100]]
+        await asyncio.sleep(1.0)  # every reader blocks in XREAD
+        frames: list[str] = []
+
+        async def follow() -> None:
+            async for frame in stream_events(hubs, keys[100], "0",
+                                             outcome=lambda: Outcome(False), heartbeat_s=1.0):
+                frames.append(frame)
+
+        task = asyncio.create_task(follow())
+        await asyncio.sleep(0.5)
+        for step in range(3):
+            live.xadd(keys[100], {"data": json.dumps({"type": "progress", "step": step})})
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(2.0)
+        task.cancel()
+        for hub in held:
+            hubs.unsubscribe(hub)
+        await hubs.close()
+        return frames
+
+    try:
+        frames = asyncio.run(scenario())
+    finally:
+        live.delete(*keys)
+    assert len([frame for frame in frames if frame.startswith("id:")]) == 3, frames
+
+
+def test_a_feed_asking_the_database_as_the_server_stops_ends_at_once(redis_url):
+    """Hubs.stop wakes the feeds waiting on a hub at that moment: a feed asking the database
+    then (its outcome, in a thread) went on to wait a whole heartbeat before it saw the stop,
+    holding up the server's shutdown."""
+    key = "selftune:test:stop-race"
+    live = redis.Redis.from_url(redis_url, decode_responses=True)
+    live.delete(key)
+    live.xadd(key, {"data": json.dumps({"type": "progress", "step": 1})})
+
+    async def scenario() -> float:
+        hubs = Hubs(redis_url)
+        asking = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def outcome() -> Outcome:
+            loop.call_soon_threadsafe(asking.set)
+            time.sleep(0.3)  # a busy database
+            return Outcome(False)
+
+        async def follow() -> None:
+            async for _ in stream_events(hubs, key, "0", outcome=outcome, heartbeat_s=10.0):
+                pass
+
+        task = asyncio.create_task(follow())
+        await asyncio.wait_for(asking.wait(), 5)
+        stopped = time.monotonic()
+        await hubs.stop()
+        await asyncio.wait_for(task, 30)
+        await hubs.close()
+        return time.monotonic() - stopped
+
+    try:
+        assert asyncio.run(scenario()) < 2.0
+    finally:
+        live.delete(key)

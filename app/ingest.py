@@ -55,6 +55,7 @@ from worker.selftuning.pixels import (
     IMAGE_SUFFIXES,
     SNIFF_BYTES,
     SUPPORTED_TEXT,
+    WHITE_LEVELS,
     brightest_value,
     looks_like_image,
     to_rgb,
@@ -1405,14 +1406,22 @@ def record_white_level(settings: Settings, dataset: Dataset, level: int | None) 
     record = thumbnail_dir(settings, dataset) / WHITE_LEVEL_FILE
     record.parent.mkdir(parents=True, exist_ok=True)
     partial = record.with_name(f".{WHITE_LEVEL_FILE}.{uuid.uuid4().hex}")
-    partial.write_text(json.dumps({"white_level": level}))
+    partial.write_text(json.dumps({"white_level": level, "levels": list(WHITE_LEVELS)}))
     os.replace(partial, record)
 
 
 def _read_white_level(record: Path) -> tuple[bool, int | None]:
+    """(known, level) from the record. A level chosen among other WHITE_LEVELS is not known:
+    before 1 was one, 0-1 float images recorded 255 and their thumbnails showed black, while
+    the worker, which works the level out from the files, trains them at 1. A dataset of
+    8-bit images alone has none whatever the levels."""
     try:
-        return True, json.loads(record.read_text())["white_level"]
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(record.read_text())
+        level = saved["white_level"]
+        if level is not None and saved.get("levels") != list(WHITE_LEVELS):
+            return False, None
+        return True, level
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False, None
 
 

@@ -316,6 +316,54 @@ def test_a_16_bit_image_thumbnail_shows_what_the_worker_trains_on(
     delete_all(server, client)
 
 
+def float_tiff(seed: int, poison: float | None = None) -> bytes:
+    """A 32-bit float TIFF of values in 0-1, its first pixel `poison` when given."""
+    values = np.random.default_rng(seed).random((16, 16), dtype=np.float32)
+    if poison is not None:
+        values[0, 0] = poison
+    buffer = io.BytesIO()
+    Image.fromarray(values, "F").save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_float_images_marking_no_data_with_nan_or_infinity_are_taken(
+    server: LiveServer, client: httpx.Client, tmp_path: Path, poison: float
+) -> None:
+    """Scientific float TIFFs mark "no data" with NaN (or an infinity): working out the
+    white level took math.ceil of it, and the upload was a 500."""
+    originals = {f"{name}/{n}.tif": float_tiff(10 * index + n, poison if n == 0 else None)
+                 for index, name in enumerate(("a", "b")) for n in range(3)}
+    for image, trained_on, response in thumbnails_and_trained_pixels(client, originals,
+                                                                     tmp_path, white_level=1):
+        assert response.headers["etag"].endswith('-w1"')  # 0-1 values: white is 1
+        thumbnail = np.asarray(Image.open(io.BytesIO(response.content)), dtype=np.float64)
+        assert abs(thumbnail.mean() - trained_on.mean()) < 3, image["original_path"]
+        if image["original_path"].endswith("/0.tif"):  # no data reads black, inf white
+            assert trained_on[0, 0, 0] == (0 if poison != poison else 255)
+    delete_all(server, client)
+
+
+def test_a_white_level_recorded_by_an_older_version_is_worked_out_again(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """Before 1 was a white level, an upload of 0-1 float images recorded 255, and the web
+    kept that record for good: the thumbnails stayed black while every run, which works the
+    level out from the files, trained on them at 1."""
+    delete_all(server, client)  # this upload's record is the only one
+    originals = {f"{name}/{n}.tif": float_tiff(10 * index + n)
+                 for index, name in enumerate(("a", "b")) for n in range(3)}
+    summary = uploaded(client, zip_bytes(originals))
+    (record,) = (server.data_dir / "cache" / "thumbs").glob(f"*/{ingest.WHITE_LEVEL_FILE}")
+    assert json.loads(record.read_text())["white_level"] == 1
+    record.write_text(json.dumps({"white_level": 255}))  # as the older version wrote it
+    image = client.get(f"/api/datasets/{summary['id']}/images").json()["items"][0]
+    response = client.get(f"/api/datasets/{summary['id']}/images/{image['id']}/thumbnail")
+    assert response.headers["etag"].endswith('-w1"')
+    assert json.loads(record.read_text())["white_level"] == 1
+    delete_all(server, client)
+
+
 def transparent_logo(mode: str, shift: int) -> bytes:
     """A white opaque square on a black ground that is wholly transparent."""
     rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
@@ -356,7 +404,7 @@ def test_an_upload_of_8_bit_images_records_that_it_has_no_white_level(
     with get_sessionmaker(server.database_url)() as session:
         dataset = session.get(Dataset, summary["id"])
         record = ingest.thumbnail_dir(settings, dataset) / ingest.WHITE_LEVEL_FILE
-        assert json.loads(record.read_text()) == {"white_level": None}
+        assert json.loads(record.read_text())["white_level"] is None
     delete_all(server, client)
 
 
@@ -383,7 +431,7 @@ def test_thumbnails_made_while_the_white_level_is_worked_out_are_not_deleted(
         dataset = session.get(Dataset, summary["id"], options=[selectinload(Dataset.images)])
         first, second = dataset.images[:2]
         record = ingest.thumbnail_dir(settings, dataset) / ingest.WHITE_LEVEL_FILE
-        assert json.loads(record.read_text()) == {"white_level": 4095}  # from the upload
+        assert json.loads(record.read_text())["white_level"] == 4095  # from the upload
         record.unlink()
         slow = ingest.white_level_of
         calls = []
@@ -405,7 +453,7 @@ def test_thumbnails_made_while_the_white_level_is_worked_out_are_not_deleted(
             first_path, second_path = made.result(), also.result()
         assert first_path.is_file() and second_path.is_file()
         assert len(calls) == 1  # the second request waited for the first one's answer
-        assert json.loads(record.read_text()) == {"white_level": 4095}
+        assert json.loads(record.read_text())["white_level"] == 4095
     response = client.get(f"/api/datasets/{summary['id']}/images/{first.id}/thumbnail")
     assert response.status_code == 200
     assert response.content == first_path.read_bytes()

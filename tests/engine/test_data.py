@@ -416,6 +416,23 @@ def test_floating_point_images_of_0_to_1_are_scaled_to_white(tmp_path: Path):
     assert white_level_of([masks]) == 1
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_float_images_marking_no_data_with_nan_or_infinity_have_a_white_level(
+        tmp_path: Path, poison: float):
+    """A run works out its images' white level at its start: math.ceil of NaN or of an
+    infinity failed it ("cannot convert float NaN to integer")."""
+    paths = []
+    for n in range(3):
+        values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+        values[0, 0] = poison if n == 0 else 0
+        paths.append(str(tmp_path / f"{n}.tif"))
+        Image.fromarray(values).save(paths[-1])
+    assert white_level_of(paths) == 1
+    pixels = np.asarray(open_rgb(paths[0], white_level=1))
+    assert pixels[0, 0, 0] == (255 if poison == float("inf") else 0)  # NaN reads black
+    assert pixels[-1, -1].tolist() == [255, 255, 255]
+
+
 def test_a_run_on_12_bit_images_trains_on_them_scaled_by_their_white_level(tmp_path: Path):
     rng = np.random.default_rng(0)
 

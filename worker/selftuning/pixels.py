@@ -54,7 +54,9 @@ def to_8_bit(image: Image.Image, white_level: int | None = None) -> Image.Image:
     as they are."""
     if image.mode not in HIGH_BIT_DEPTH_MODES:
         return image
-    values = np.asarray(image, dtype=np.float32)
+    # NaN ("no data" in scientific float images) reads as black; infinities clip.
+    values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=np.inf,
+                           neginf=-np.inf)
     if white_level is not None:
         values = values * (255.0 / white_level)
     elif values.max(initial=0) > 255:
@@ -98,7 +100,10 @@ def brightest_value(image: Image.Image) -> float | None:
     an image of 8 bits."""
     if image.mode not in HIGH_BIT_DEPTH_MODES:
         return None
-    return float(np.asarray(image, dtype=np.float32).max(initial=0))
+    values = np.asarray(image, dtype=np.float32)
+    # Only finite values: NaN or an infinity (float TIFFs' "no data") made the white level
+    # math.ceil(nan) or math.ceil(inf), a 500 on upload and a failed run.
+    return float(values.max(initial=0, where=np.isfinite(values)))
 
 
 def white_level_for(brightest: float | None) -> int | None:

@@ -394,3 +394,20 @@ def test_a_name_typed_in_decomposed_unicode_counts_its_characters_once_composed(
     too_long = upload(client, zip_bytes(class_entries(("cat", "dog"))), name="e\u0301" * 201)
     assert too_long.status_code == 422 and "at most 200 characters" in too_long.text
     assert_nothing_left(server)
+
+
+def test_class_names_of_digit_like_characters_upload_and_number_as_on_the_command_line(
+    server: LiveServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    """Python calls "①" and "²" digits (str.isdigit) but int() refuses them: class folders
+    named so were a 500 on upload, and "invalid literal for int()" on the command line."""
+    names = ["②", "①", "size_10²", "10", "2", "٣"]  # "٣" is the Arabic-Indic 3, a number
+    data = zip_bytes(class_entries(names, per_class=2))
+    summary = accepted(client, data, "digits.zip")
+    order = [item["name"] for item in summary["classes"]]
+    assert order[:3] == ["2", "٣", "10"] and set(order[3:]) == {"②", "①", "size_10²"}
+    assert_readable_everywhere(client, summary)
+    archive = tmp_path / "digits.zip"
+    archive.write_bytes(data)
+    assert load_folder_dataset(archive)[0] == order
+    delete(server, client, summary)

@@ -28,9 +28,11 @@ def natural_key(name: str) -> tuple:
     """Sort key that puts "class2" before "class10"; the name itself breaks ties. Classes
     are numbered in this order on the web and on the command line, so both give a class the
     same index."""
+    # The split's group puts the runs of digits at odd positions: \d takes the decimal digits
+    # int() reads, where str.isdigit() also takes "①" or "²", which it refuses (a 500).
     parts = tuple(
-        (0, int(token), "") if token.isdigit() else (1, 0, token.casefold())
-        for token in re.split(r"(\d+)", name)
+        (0, int(token), "") if position % 2 else (1, 0, token.casefold())
+        for position, token in enumerate(re.split(r"(\d+)", name))
         if token
     )
     return parts, name

@@ -19,7 +19,7 @@ from worker.selftuning import METHODS, RunData, TrainingCancelled, open_rgb, tra
 from worker.selftuning.batches import MOST_AUTO_LOADERS, loader_processes
 from worker.selftuning.checkpoint import load_checkpoint, save_checkpoint
 from worker.selftuning.config import AUTO_LOADERS
-from worker.selftuning.metrics import pseudo_label_quality, queue_purity
+from worker.selftuning.metrics import pseudo_label_quality, queue_purity, top_classes
 
 
 class Recorder:
@@ -541,7 +541,8 @@ def test_data_without_hidden_labels_reports_nulls(tmp_path: Path, shapes_data):
 
 def test_quality_without_unlabeled_images_has_no_predicted_distribution():
     """It was [0, 0, 0]: read as "no image of any class" rather than "no images"."""
-    quality = pseudo_label_quality(torch.empty(0, 3), torch.empty(0, dtype=torch.long),
+    quality = pseudo_label_quality(top_classes(torch.empty(0, 3)),
+                                   torch.empty(0, dtype=torch.long),
                                    torch.tensor([0, 1, 2, 2]), num_classes=3)
     assert quality["predicted_distribution"] is None
     assert quality["labeled_distribution"] == [0.25, 0.25, 0.5]

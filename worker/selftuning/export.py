@@ -7,7 +7,6 @@ import platform
 from importlib import metadata as package_metadata
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -19,6 +18,7 @@ from worker.selftuning.files import (
     write_json,
 )
 from worker.selftuning.images import Preprocessing
+from worker.selftuning.metrics import TopClasses
 
 
 def architecture_of(model: nn.Module) -> str:
@@ -57,18 +57,14 @@ PREDICTION_COLUMNS = ["path", "label", "confidence", "margin", "hidden_label"]
 def write_predictions(
     path: Path,
     paths: list[str],
-    probabilities: torch.Tensor,
+    top: TopClasses,
     class_names: list[str],
     hidden: list[int | None],
 ) -> None:
     """One row per unlabeled image: predicted class name, its probability, the margin to
     the runner-up and, where the budget withheld the image's label, that label (empty for an
     image without one). The columns are the same for every run."""
-    if len(probabilities):
-        top = probabilities.topk(min(2, probabilities.shape[1]), dim=1)
-        values, indices = top.values.tolist(), top.indices.tolist()
-    else:
-        values, indices = [], []
+    values, indices = top.values.tolist(), top.indices.tolist()
     rows = []
     for image, probs, classes, label in zip(paths, values, indices, hidden, strict=True):
         margin = probs[0] - probs[1] if len(probs) > 1 else probs[0]

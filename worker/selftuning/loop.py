@@ -60,11 +60,13 @@ from worker.selftuning.images import (
 from worker.selftuning.methods import Method, build_method
 from worker.selftuning.metrics import (
     PseudoLabelTracker,
+    TopClasses,
     accuracy,
     classification_metrics,
     predict,
     pseudo_label_quality,
     queue_purity,
+    top_classes,
 )
 from worker.selftuning.pixels import white_level_of
 
@@ -386,12 +388,12 @@ class _Evaluator:
              for start in range(0, len(train_indices), PREDICT_CHUNK)), memory_format)
 
     def predict_unlabeled(self, preprocessing: Preprocessing, cache_dir: Path | None,
-                          memory_format: torch.memory_format | None = None) -> torch.Tensor:
-        """Probabilities for the unlabeled image files decoded as timm's eval transform
-        decodes them (the training squares' centre crops differ slightly: JPEGs drafted,
-        crops rounded twice). With a cache folder the crops of the whole training pool are
-        kept there like the test set's, for the other runs on these images, whatever their
-        budget; without one they are decoded a chunk at a time and dropped."""
+                          memory_format: torch.memory_format | None = None) -> TopClasses:
+        """The two most probable classes of each unlabeled image file, decoded as timm's
+        eval transform decodes them (the training squares' centre crops differ slightly:
+        JPEGs drafted, crops rounded twice). With a cache folder the crops of the whole
+        training pool are kept there like the test set's, for the other runs on these images,
+        whatever their budget; without one they are decoded a chunk at a time and dropped."""
         paths = [path for path, _ in self.data.unlabeled]
         if cache_dir is not None:
             labeled = [path for path, _ in self.data.labeled]
@@ -400,7 +402,17 @@ class _Evaluator:
                       for start in range(0, len(crops), PREDICT_CHUNK))
         else:
             pixels = eval_crops_in_chunks(paths, preprocessing, PREDICT_CHUNK)
-        return self._predict_chunks(pixels, memory_format)
+        # Filled in place: small results kept between the chunks' large probabilities stopped
+        # the allocator from reusing their memory, which then grew as if all were kept.
+        k = min(2, self.data.num_classes)
+        top = TopClasses(torch.empty(len(paths), k), torch.empty(len(paths), k, dtype=torch.long))
+        start = 0
+        for chunk in pixels:
+            values, indices = top_classes(self.predict(chunk, memory_format), k)
+            top.values[start : start + len(values)] = values
+            top.indices[start : start + len(values)] = indices
+            start += len(values)
+        return top
 
     def _predict_chunks(self, pixels: Iterator[np.ndarray],
                         memory_format: torch.memory_format | None) -> torch.Tensor:
@@ -458,20 +470,19 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
         for (path, label), predicted in zip(data.test, test_predicted.tolist(), strict=True)])
 
     # The exported model's answers for the unlabeled images, as a timm user would get them.
-    probabilities = evaluator.predict_unlabeled(preprocessing, cache_dir,
-                                                torch.contiguous_format)
+    top = evaluator.predict_unlabeled(preprocessing, cache_dir, torch.contiguous_format)
     hidden_labels = [label for _, label in data.unlabeled]
     hidden = torch.tensor([-1 if label is None else label for label in hidden_labels],
                           dtype=torch.long)
     write_predictions(out_dir / PREDICTIONS_FILE, [path for path, _ in data.unlabeled],
-                      probabilities, data.class_names, hidden_labels)
+                      top, data.class_names, hidden_labels)
     labeled_targets = torch.tensor([label for _, label in data.labeled], dtype=torch.long)
-    quality = pseudo_label_quality(probabilities, hidden, labeled_targets, data.num_classes)
+    quality = pseudo_label_quality(top, hidden, labeled_targets, data.num_classes)
     final_event = evaluator.event(scores, tracker)
     if model.name == "self-tuning":
         quality["queue_purity"] = final_event["queue_purity"]
         quality["queue_purity_truth"] = final_event["queue_purity_truth"]
-    predicted = probabilities.argmax(dim=1) if len(probabilities) else hidden.new_empty(0)
+    predicted = top.indices[:, 0]
     training_summary = tracker.summary("total")
     metrics = {
         **scores,

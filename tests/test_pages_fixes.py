@@ -9,6 +9,7 @@ units of the server's messages."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,7 @@ from PIL import Image
 from playwright.sync_api import expect
 
 from app.db import session_scope
-from app.live import publish_end
+from app.live import publish_end, run_stream_key
 from app.models import Artifact, Run, RunMetric, utcnow
 from tests.browser import PHONE, open_browser
 from tests.support import add_dataset_row, app_env, start_server
@@ -754,6 +755,15 @@ def test_an_ended_run_says_when_it_ran_and_its_mean_speed(live_server, request):
         assert page.inner_text("#started") == "2026-03-02 07:30"
         assert not page.is_visible("#ended-row")
         assert page.evaluate(empty) == '"no points yet"'
+        # A resumed attempt logs step 3 again: its point replaces the first in the mean (the
+        # page keeps a running sum, not a pass over every point at each event).
+        live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+        live.xadd(run_stream_key(running), {"data": json.dumps({
+            "type": "progress", "run_id": running, "step": 3, "total_steps": 10,
+            "losses": {"ce": 1.0}, "lr": 0.01, "images_per_s": 90.0})})
+        expect(page.locator("#images-per-s")).to_have_text("90.0")
+        end_as_worker(database_url, live, running, "failed")
+        expect(page.locator("#images-per-s")).to_have_text("40.0 on average while training")
         browser.assert_no_errors()
 
 

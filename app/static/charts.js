@@ -155,6 +155,8 @@ export function stepChart(canvas, { percent = false, yTitle, yType } = {}) {
   Object.assign(options.scales.x, { type: "linear", min: 0, ticks: { precision: 0 } });
   options.parsing = false; // points are {x, y} already
   options.normalized = true;
+  // A long run logs 100,000 points a line: draw at most a few per pixel column.
+  options.plugins.decimation = { enabled: true, algorithm: "min-max" };
   canvas.parentNode.classList.add("empty");
   return new Chart(canvas, { type: "line", data: { datasets: [] }, options });
 }

@@ -53,8 +53,17 @@ export function runPage() {
     pseudo: stepChart(document.getElementById("chart-pseudo"), { percent: true, yTitle: "share" }),
   };
 
+  // The mean speed over the logged steps, kept as a running sum: recomputed from every point at
+  // each event, it made opening a long run's page quadratic (20,000 replayed events over
+  // 100,000 points froze the tab for most of a minute).
+  const speed = { sum: 0, count: 0 };
   function addPoint(kind, step, values) {
     if (!points[kind] || !isNumber(step)) return;
+    if (kind === "progress") {
+      const old = points.progress.get(step);
+      if (old && isNumber(old.images_per_s)) { speed.sum -= old.images_per_s; speed.count -= 1; }
+      if (isNumber(values.images_per_s)) { speed.sum += values.images_per_s; speed.count += 1; }
+    }
     points[kind].set(step, values);
     if (step >= run.step && isNumber(values.images_per_s)) run.images_per_s = values.images_per_s;
     run.step = Math.max(run.step, step);
@@ -89,18 +98,26 @@ export function runPage() {
     return series;
   }
 
+  // One redraw per frame at most, and no more often than twice the time the last one took
+  // (a long run's charts hold 100,000 points a line): events arriving meanwhile are drawn
+  // together, instead of every event (a replay of 20,000) costing a full redraw.
   let drawPending = false;
+  let nextDraw = 0;
   function drawSoon() {
     if (drawPending) return;
     drawPending = true;
-    requestAnimationFrame(() => {
+    const frame = () => {
+      if (performance.now() < nextDraw) { requestAnimationFrame(frame); return; }
       drawPending = false;
-      drawSpeed();
+      const started = performance.now();
+      drawStatus();
       const series = seriesOf();
       for (const [name, chart] of Object.entries(charts)) {
         setSeries(chart, series[name], run.total_steps);
       }
-    });
+      nextDraw = performance.now() + 2 * (performance.now() - started);
+    };
+    requestAnimationFrame(frame);
   }
 
   async function loadHistory() {
@@ -157,9 +174,8 @@ export function runPage() {
   // logged steps (the last value says little about the run as a whole).
   function drawSpeed() {
     const node = document.getElementById("images-per-s");
-    const logged = [...points.progress.values()].map((v) => v.images_per_s).filter(isNumber);
-    if (TERMINAL.has(run.status) && logged.length) {
-      const mean = logged.reduce((a, b) => a + b, 0) / logged.length;
+    if (TERMINAL.has(run.status) && speed.count) {
+      const mean = speed.sum / speed.count;
       node.textContent = `${mean.toFixed(1)} on average while training`;
     } else if (isNumber(run.images_per_s)) {
       node.textContent = run.images_per_s.toFixed(1);
@@ -290,7 +306,7 @@ export function runPage() {
     if (isNumber(event.step)) run.step = Math.max(run.step, event.step);
     if (event.type === "status" && event.status) run.status = event.status;
     if (["started", "progress", "eval"].includes(event.type) && run.status === "queued") run.status = "running";
-    drawStatus();
+    drawSoon(); // the status with the curves, once a frame: not once per replayed event
     // The record says whether the run is over (the feed sends an earlier try's end as
     // `earlier_end`, but a run may be requeued the moment it ends); refreshRun() stops the
     // feed when it is.

@@ -4,7 +4,8 @@ Each SSE `id` is the Redis stream entry id, so a browser that reconnects with
 `Last-Event-ID` gets exactly the events it missed. One reader per stream and web process
 fans new entries out to every connected browser (a hundred viewers of one run cost one
 Redis read, not a hundred). When the stream is gone (expired, or a Redis that lost its data)
-a finished run's history is rebuilt from the database.
+a finished run's history is rebuilt from the database. Where Redis trimmed a long run's oldest
+entries, a feed that would skip some says so first (`dropped`).
 """
 
 from __future__ import annotations
@@ -215,11 +216,18 @@ async def stream_events(
     outcome: Callable[[], Outcome],
     heartbeat_s: float,
     earlier_ends: bool = False,
+    maxlen: int | None = None,
+    record: str | None = None,
 ) -> AsyncIterator[str]:
     """SSE frames: the stream after `last_id`, then live entries, until the database says the
     feed is over and the final event has been sent. With `earlier_ends` (a run's feed), an
     `end` that the stream already holds more after (a run run again) goes out as
-    `earlier_end`, so that `end` is always a feed's last event."""
+    `earlier_end`, so that `end` is always a feed's last event.
+
+    Redis trims a stream at `maxlen` entries (a long run's): a feed that would go on past
+    entries trimmed after `last_id` (read from the start, resumed, or reading slower than
+    the stream grows) first says so, with a `dropped` event naming `record`, where the whole
+    story is."""
     hub = await hubs.subscribe(key)  # before reading history, so nothing falls in between
     try:  # from here on: a client gone at the first frame leaves no subscription behind
         yield "retry: 2000\n\n"
@@ -233,6 +241,8 @@ async def stream_events(
                 if state.final:
                     yield sse(state.final, event_id=f"0-{len(state.history) + 1}")
                 return
+        if pending and await _trimmed_after(hubs, key, last_id, maxlen):
+            yield _dropped(last_id, pending[0].id, record)
         check_outcome = True  # a client that already saw the end must not wait a heartbeat
         ended: Outcome | None = None  # the database said "over" at an end event
         while not hubs.stopping:
@@ -263,6 +273,8 @@ async def stream_events(
                 yield "".join(batch)
             if more_history:  # the hub only holds what came after it started: page on
                 pending, more_history = await _history_page(hubs, key, last_id)
+                if pending and await _trimmed_after(hubs, key, last_id, maxlen):
+                    yield _dropped(last_id, pending[0].id, record)  # trimmed as it paged
                 continue
             if not pending:
                 if check_outcome:
@@ -283,6 +295,8 @@ async def stream_events(
             pending = hub.after(last_id)
             if pending is None:  # fell behind the hub's buffer: read from Redis itself
                 pending, more_history = await _history_page(hubs, key, last_id)
+                if pending and await _trimmed_after(hubs, key, last_id, maxlen):
+                    yield _dropped(last_id, pending[0].id, record)
     finally:
         hubs.unsubscribe(hub)
 
@@ -297,6 +311,32 @@ async def _history_page(hubs: Hubs, key: str, after_id: str) -> tuple[list[Entry
     return page, len(page) == HISTORY_PAGE
 
 
+async def _trimmed_after(hubs: Hubs, key: str, after_id: str, maxlen: int | None) -> bool:
+    """Whether Redis trimmed entries of the stream that came after `after_id`: the oldest it
+    keeps is younger, and entries were trimmed. Redis 7 counts the entries ever added; an
+    older one (the embedded Redis is 6.2) only says how long the stream is, and one at its
+    cap may have lost its oldest. A client that had read up to the very entry before the
+    oldest kept is told of a gap it does not have."""
+    if not maxlen:
+        return False
+    try:
+        info = await hubs.client.xinfo_stream(key)
+    except (redis.RedisError, OSError):
+        return False
+    first = info.get("first-entry")
+    if not first or id_key(after_id) >= id_key(first[0]):
+        return False
+    if info.get("entries-added") is not None:
+        return int(info["entries-added"]) > int(info["length"])
+    return int(info["length"]) >= maxlen
+
+
+def _dropped(after_id: str, until_id: str, record: str | None) -> str:
+    """The event saying the feed skips the entries Redis trimmed after the client's last
+    one, and where the story is whole (app.schemas.FEED_EVENTS)."""
+    return sse({"type": "dropped", "after": after_id, "until": until_id, "read": record})
+
+
 async def _stream_is_empty(hubs: Hubs, key: str) -> bool:
     try:
         return await hubs.client.xlen(key) == 0
@@ -305,7 +345,8 @@ async def _stream_is_empty(hubs: Hubs, key: str) -> bool:
 
 
 def event_stream_response(request, key: str, outcome: Callable[[], Outcome],
-                          heartbeat_s: float, earlier_ends: bool = False):
+                          heartbeat_s: float, earlier_ends: bool = False, *,
+                          maxlen: int | None = None, record: str | None = None):
     """The SSE response for one stream key, resuming after the request's Last-Event-ID."""
     from fastapi.responses import StreamingResponse
 
@@ -316,6 +357,8 @@ def event_stream_response(request, key: str, outcome: Callable[[], Outcome],
         outcome=outcome,
         heartbeat_s=heartbeat_s,
         earlier_ends=earlier_ends,
+        maxlen=maxlen,
+        record=record,
     )
     return StreamingResponse(frames, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

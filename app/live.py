@@ -32,10 +32,13 @@ FEED_KEEP_S = 7 * 24 * 3600
 
 
 def add_to_feeds(pipe: Any, run_id: int, experiment_id: int, data: dict[str, str],
-                 maxlen: int | None = None) -> None:
-    """Queue on `pipe` the event `data` for the run's and its experiment's feeds, each kept
-    FEED_KEEP_S after its last event."""
-    for key in (run_stream_key(run_id), experiment_stream_key(experiment_id)):
+                 maxlen: int | None = None, *, to_experiment: bool = True) -> None:
+    """Queue on `pipe` the event `data` for the run's and (unless not `to_experiment`) its
+    experiment's feeds, each kept FEED_KEEP_S after its last event."""
+    keys = [run_stream_key(run_id)]
+    if to_experiment:
+        keys.append(experiment_stream_key(experiment_id))
+    for key in keys:
         pipe.xadd(key, data, maxlen=maxlen, approximate=True)
         pipe.expire(key, FEED_KEEP_S)
 

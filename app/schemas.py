@@ -30,8 +30,8 @@ INPUT = ConfigDict(extra="forbid", strict=True)
 
 
 # The live feeds' events (/api/runs/{id}/events, /api/experiments/{id}/events): each SSE
-# `data` line is one JSON object with a `type`. Every type but `experiment_end` carries the
-# common fields; these are the others each type may carry.
+# `data` line is one JSON object with a `type`. Every type but those of FEED_OWN_EVENTS (about
+# the feed, not a run) carries the common fields; these are the others each type may carry.
 FEED_COMMON_FIELDS = {
     "type": "the kind of event, below",
     "run_id": "the run it is about",
@@ -83,14 +83,25 @@ FEED_EVENTS: dict[str, tuple[str, dict[str, str]]] = {
                        "feed. Only `type` and these fields.", {
                            "experiment_id": "the experiment",
                            "runs": "each run's status, by run id"}),
+    "dropped": ("Events are missing here: Redis no longer keeps some that followed the "
+                "last one the client had (read from the start, resumed with "
+                "`Last-Event-ID`, or reading too slowly, after a long run's oldest were "
+                "trimmed: SELFTUNE_EVENT_STREAM_MAXLEN). The feed goes on with the oldest "
+                "it keeps. Only `type` and these fields.", {
+                    "after": "the id of the last event the client had (0: none)",
+                    "until": "the id of the event that follows, the oldest kept",
+                    "read": "where the whole story is: the run's recorded points "
+                            "(/api/runs/{id}/metrics) or the experiment's runs "
+                            "(/api/experiments/{id})"}),
 }
+FEED_OWN_EVENTS = ("experiment_end", "dropped")
 FEED_EVENTS["earlier_end"][1].update(FEED_EVENTS["end"][1])
 
 
 def feed_events_description() -> str:
     """The events, as the OpenAPI description of the feeds' responses."""
     lines = ["Server-Sent Events; each `data` is a JSON object. Fields of every event "
-             "(not `experiment_end`): " + "; ".join(
+             "(not `experiment_end` nor `dropped`): " + "; ".join(
                  f"`{name}`: {text}" for name, text in FEED_COMMON_FIELDS.items()) + ".", ""]
     for kind, (text, fields) in FEED_EVENTS.items():
         extra = "; ".join(f"`{name}`: {about}" for name, about in fields.items())

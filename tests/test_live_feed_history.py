@@ -19,11 +19,11 @@ from playwright.sync_api import expect
 
 from app.db import session_scope
 from app.events import Hubs, Outcome, stream_events
-from app.live import run_stream_key
-from app.models import Run, utcnow
+from app.live import experiment_stream_key, run_stream_key
+from app.models import Run, RunMetric, utcnow
 from tests.browser import open_browser
 from tests.support import add_dataset_row
-from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
+from tests.test_experiments_cancel_delete import SWEEP, end_as_worker, start_sweep
 from tests.test_lost_runs import sse_events
 
 EVENTS = 12_345  # more than two pages of 5,000
@@ -54,6 +54,114 @@ def test_a_feed_longer_than_a_page_replays_every_event_in_order(live_server):
     assert replayed[-1]["type"] == "end" and replayed[-1]["status"] == "succeeded"
     assert [event.get("step") for event in resumed[:-1]] == list(range(4, EVENTS + 1))
 
+
+
+LONG_RUN = 600  # steps of a run whose feed Redis trims to its last TRIMMED_TO events
+TRIMMED_TO = 200
+
+
+def record_long_run(database_url: str, live: redis.Redis, run_id: int,
+                    experiment_id: int) -> list[str]:
+    """A run that trained LONG_RUN steps, as its worker records and publishes it (to its
+    experiment's feed too): a progress point each step and an eval every 50 up to step 300;
+    then Redis trims its stream to the newest TRIMMED_TO events (progress 401-600) and it
+    ends. Returns its stream's ids before the trim, one per event."""
+    events = [{"type": "status", "status": "running", "step": 0},
+              {"type": "started", "step": 0, "resumed_from_step": None}]
+    with session_scope(database_url) as session:
+        for step in range(1, LONG_RUN + 1):
+            kinds = ["progress"] + (["eval"] if step % 50 == 0 and step <= 300 else [])
+            for kind in kinds:
+                values = {"lr": 0.01} if kind == "progress" else {"test_top1": step / 1000}
+                session.add(RunMetric(run_id=run_id, kind=kind, step=step, values=values))
+                events.append({"type": kind, "step": step, **values})
+    with live.pipeline(transaction=False) as pipe:
+        for event in events:
+            data = {"data": json.dumps(
+                {"run_id": run_id, "time": time.time(), "total_steps": LONG_RUN, **event})}
+            pipe.xadd(run_stream_key(run_id), data)
+            pipe.xadd(experiment_stream_key(experiment_id), data)
+        ids = pipe.execute()[::2]
+    live.xtrim(run_stream_key(run_id), maxlen=TRIMMED_TO, approximate=False)
+    end_as_worker(database_url, live, run_id, "succeeded")
+    return ids
+
+
+def test_a_feed_that_would_skip_events_redis_trimmed_says_so_first(live_server):
+    """Redis keeps a run's newest events only (SELFTUNE_EVENT_STREAM_MAXLEN): a long run's
+    feed read from the start began where the stream did (at progress step 7,036 in the
+    audit), and one resumed with the id of an event trimmed since went on at the oldest
+    kept, neither saying that events were missing. A `dropped` event now says so first,
+    and where the whole story is."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(
+            client, add_dataset_row(database_url), seeds=[0],
+            overrides={**SWEEP["overrides"], "iterations": LONG_RUN})
+        for run_id in run_ids:
+            ids = record_long_run(database_url, live, run_id, experiment_id)
+        oldest_kept = live.xrange(run_stream_key(run_id), count=1)[0][0]
+        from_start = sse_events(client, f"/api/runs/{run_id}/events", within_s=60)
+        seen = ids[100]  # a client that had read this far
+        resumed = sse_events(client, f"/api/runs/{run_id}/events", within_s=60,
+                             headers={"Last-Event-ID": seen})
+        untrimmed = sse_events(client, f"/api/runs/{run_id}/events", within_s=60,
+                               headers={"Last-Event-ID": oldest_kept})
+        shared = experiment_stream_key(experiment_id)  # its experiment's, trimmed too
+        seen_there = live.xrange(shared, count=101)[-1][0]
+        live.xtrim(shared, maxlen=100, approximate=False)  # the last run's last events
+        oldest_there = live.xrange(shared, count=1)[0][0]
+        resumed_experiment = sse_events(client, f"/api/experiments/{experiment_id}/events",
+                                        headers={"Last-Event-ID": seen_there})
+    read = f"/api/runs/{run_id}/metrics"
+    assert from_start[0] == {"type": "dropped", "after": "0", "until": oldest_kept,
+                             "read": read}
+    assert resumed[0] == {"type": "dropped", "after": seen, "until": oldest_kept, "read": read}
+    for events in (from_start, resumed):
+        assert events[1]["step"] == 401 and events[-1]["type"] == "end"
+        assert len(events) == 1 + TRIMMED_TO + 1
+    assert untrimmed[0]["type"] == "progress" and untrimmed[0]["step"] == 402  # none missed
+    assert resumed_experiment[0] == {"type": "dropped", "after": seen_there,
+                                     "until": oldest_there,
+                                     "read": f"/api/experiments/{experiment_id}"}
+    assert [e["step"] for e in resumed_experiment[1:-2]] == list(range(502, 601))
+    assert [e["type"] for e in resumed_experiment[-2:]] == ["end", "experiment_end"]
+
+
+def test_a_redis_that_does_not_count_added_entries_takes_a_stream_at_its_cap_as_trimmed(
+        redis_url):
+    """Redis 6.2 (the embedded one of `make run`) does not say how many entries a stream
+    ever had, only how many it keeps: a stream at its cap (SELFTUNE_EVENT_STREAM_MAXLEN) may
+    have lost its oldest, one below it has lost none."""
+    from app.events import _trimmed_after
+
+    live = redis.Redis.from_url(redis_url, decode_responses=True)
+    key = "selftune:test:redis-6"
+    live.delete(key)
+    for step in range(10):
+        live.xadd(key, {"data": json.dumps({"type": "progress", "step": step})}, maxlen=5,
+                  approximate=False)
+
+    async def trimmed() -> list[bool]:
+        hubs = Hubs(redis_url)
+        real = hubs.client.xinfo_stream
+
+        async def as_redis_6(name: str) -> dict:
+            info = await real(name)
+            return {field: value for field, value in info.items() if field not in (
+                "max-deleted-entry-id", "entries-added", "recorded-first-entry-id")}
+
+        hubs.client.xinfo_stream = as_redis_6
+        try:
+            return [await _trimmed_after(hubs, key, "0", maxlen) for maxlen in (5, 6, None)]
+        finally:
+            await hubs.close()
+
+    try:
+        assert asyncio.run(trimmed()) == [True, False, False]
+    finally:
+        live.delete(key)
 
 
 @pytest.mark.slow

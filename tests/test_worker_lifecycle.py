@@ -44,7 +44,7 @@ from app.reaper import (
     requeue,
     requeue_lost_messages,
 )
-from app.schemas import FEED_COMMON_FIELDS, FEED_EVENTS, ExperimentIn
+from app.schemas import FEED_COMMON_FIELDS, FEED_EVENTS, FEED_OWN_EVENTS, ExperimentIn
 from tests.support import app_env, make_image_archive, start_worker, wait_for
 from worker.runs import DatabaseUnavailable, RunRecorder, rewrite_predictions
 from worker.training import execute_run
@@ -56,21 +56,32 @@ def add_run(settings: Settings, tmp_path: Path, iterations: int = 6, unlabeled: 
             budget: float | str = 0.5, method: str = "fine-tune", **overrides) -> int:
     """A dataset and a one-run experiment (queued, task TASK_ID), as the web would make them;
     `overrides` add to the run settings."""
+    _, (run_id,) = add_sweep(settings, tmp_path, iterations, unlabeled, budget, method,
+                             **overrides)
+    return run_id
+
+
+def add_sweep(settings: Settings, tmp_path: Path, iterations: int = 6, unlabeled: int = 3,
+              budget: float | str = 0.5, method: str = "fine-tune", seeds: tuple = (0,),
+              **overrides) -> tuple[int, list[int]]:
+    """A dataset and an experiment of one run per seed (queued, task TASK_ID): its id and
+    its runs'."""
     archive = make_image_archive(tmp_path / "shapes.zip", train_per_class=6, test_per_class=2,
                                  unlabeled=unlabeled)
     with session_scope(settings.sqlalchemy_url) as session:
         dataset = ingest_archive(session, settings, archive, new_work_dir(settings), "shapes")
         payload = ExperimentIn.model_validate({
             "dataset_id": dataset.id, "backbone": "test_efficientnet", "methods": [method],
-            "budgets": [budget],
+            "budgets": [budget], "seeds": list(seeds),
             "overrides": {"pretrained": False, "image_size": 32, "batch_size": 4,
                           "iterations": iterations, "log_interval": 2,
                           "eval_interval": iterations, "checkpoint_interval": 2, **overrides},
         })
-        run = create_experiment(session, settings, payload).runs[0]
-        run.celery_task_id = TASK_ID
+        experiment = create_experiment(session, settings, payload)
+        for run in experiment.runs:
+            run.celery_task_id = TASK_ID
         session.flush()
-        return run.id
+        return experiment.id, sorted(run.id for run in experiment.runs)
 
 
 @pytest.fixture
@@ -615,6 +626,44 @@ def test_live_feeds_go_from_redis_a_week_after_their_last_event(settings, tmp_pa
     client.close()
 
 
+def test_an_experiments_feed_keeps_the_end_of_every_run_however_long_its_runs(
+        settings, tmp_path):
+    """Each run sent every event to its experiment's stream too, which Redis trims at the
+    length of one run's: after 60 runs of 27,000 steps, a point every 10, it held the end
+    of 7. Its page only draws each run's step and last score: it now gets a run's progress,
+    eval and checkpoint events once per 1 % of the steps, and keeps every end."""
+    from app.live import experiment_stream_key
+
+    settings = settings.model_copy(update={"event_stream_maxlen": 2000})
+    iterations = 300
+    experiment_id, run_ids = add_sweep(settings, tmp_path, iterations, seeds=range(6))
+    for run_id in run_ids:
+        recorder = RunRecorder(settings, run_id, experiment_id)
+        recorder.publish({"type": "status", "status": "running", "step": 0,
+                          "total_steps": iterations})
+        recorder.publish({"type": "started", "step": 0, "total_steps": iterations})
+        for step in range(1, iterations + 1):
+            for kind in ("progress", "eval", "checkpoint"):
+                recorder.publish({"type": kind, "step": step, "total_steps": iterations})
+        recorder.publish({"type": "end", "status": "succeeded", "step": iterations,
+                          "total_steps": iterations}, now=True)
+    client = redis.Redis.from_url(settings.effective_redis_url, decode_responses=True)
+    shared = [json.loads(fields["data"])
+              for _, fields in client.xrange(experiment_stream_key(experiment_id))]
+    assert [event["run_id"] for event in shared if event["type"] == "end"] == run_ids
+    for run_id in run_ids:
+        steps = [event["step"] for event in shared
+                 if event["run_id"] == run_id and event["type"] == "progress"]
+        assert steps[0] == 1 and steps[-1] == iterations and len(steps) <= 101
+        between = [b - a for a, b in zip(steps[:-2], steps[1:-1], strict=True)]
+        assert min(between) == 3  # 1 % of the steps; the last step's is sent all the same
+        assert {event["type"] for event in shared if event["run_id"] == run_id} == {
+            "status", "started", "progress", "eval", "checkpoint", "end"}
+    # The run's own feed has every event.
+    assert len(feed(settings, run_ids[-1])) == 3 + 3 * iterations
+    client.close()
+
+
 PREDICTION_COLUMNS = "image_id,path,label,confidence,margin,hidden_label"
 
 
@@ -641,7 +690,7 @@ def assert_documented(event: dict) -> None:
     kind = event["type"]
     assert kind in FEED_EVENTS, event
     fields = FEED_EVENTS[kind][1]
-    common = {"type"} if kind == "experiment_end" else set(FEED_COMMON_FIELDS)
+    common = {"type"} if kind in FEED_OWN_EVENTS else set(FEED_COMMON_FIELDS)
     assert common <= set(event) <= common | set(fields), (kind, sorted(event))
     for term in event.get("losses", {}):
         assert re.search(rf"\b{term}\b", fields["losses"]), term

@@ -176,6 +176,11 @@ class LiveFeed:
         return result
 
 
+# The events an experiment's feed gets of each run only once per this share of its steps.
+THINNED_FOR_EXPERIMENT = ("progress", "eval", "checkpoint")
+EXPERIMENT_FEED_SHARE = 0.01
+
+
 class RunRecorder:
     """Writes what a run does: the database is the record, Redis streams carry the live feed.
 
@@ -214,6 +219,8 @@ class RunRecorder:
         self.task_id: str | None = None
         self.folder_locked = False
         self.taken_away: str | None = None  # what the run had become, once it was taken
+        # Per kind of event thinned for the experiment's feed, the step of the last sent there.
+        self._sent_to_experiment: dict[str, int] = {}
         self.save_when_taken = False  # whether the engine saves its state as it stops then
 
     def hold(self, worker: str, task_id: str | None, *, folder_locked: bool) -> None:
@@ -281,7 +288,8 @@ class RunRecorder:
     # --- live feed -------------------------------------------------------------------------
 
     def publish(self, event: dict[str, Any], *, now: bool = False) -> None:
-        """Add the event to the run's and its experiment's streams (see `LiveFeed.call`)."""
+        """Add the event to the run's stream and, if it is one for its page
+        (`_for_experiment`), to its experiment's (see `LiveFeed.call`)."""
         if self.deleted:  # its feed was deleted with it: an event would only bring it back
             return
         if self.taken_away:  # the feed is the new attempt's now
@@ -289,13 +297,32 @@ class RunRecorder:
         event = {"run_id": self.run_id, "time": time.time(), **event}
         data = json.dumps(event, default=float)
         maxlen = self.settings.event_stream_maxlen
+        to_experiment = self._for_experiment(event)
 
         def send(client: redis.Redis) -> None:
             pipe = client.pipeline(transaction=False)
-            add_to_feeds(pipe, self.run_id, self.experiment_id, {"data": data}, maxlen)
+            add_to_feeds(pipe, self.run_id, self.experiment_id, {"data": data}, maxlen,
+                         to_experiment=to_experiment)
             pipe.execute()
 
         self.live.call(send, None, now=now)
+
+    def _for_experiment(self, event: dict[str, Any]) -> bool:
+        """Whether the event goes to the experiment's feed too. Its stream is shared by up to
+        60 runs and trimmed at the length of one run's (`event_stream_maxlen`): with each
+        run's every point in it, the earlier runs' events were trimmed away, their ends
+        too (7 ends of 60 were left after 60 runs of 27,000 steps with a point every 10).
+        Its page only draws each run's step and last score, so it gets a progress, eval or
+        checkpoint event of a run once per EXPERIMENT_FEED_SHARE of its steps at most (and
+        at the last step); the run's own feed has every one."""
+        kind, step, total = event.get("type"), event.get("step"), event.get("total_steps")
+        if kind not in THINNED_FOR_EXPERIMENT or not isinstance(step, int) or not total:
+            return True
+        last = self._sent_to_experiment.get(kind)
+        if last is not None and step < total and step - last < total * EXPERIMENT_FEED_SHARE:
+            return False
+        self._sent_to_experiment[kind] = step
+        return True
 
     def forget_feed(self) -> None:
         """Delete the run's live feed and cancel flag again, once it is known to be deleted,

@@ -313,7 +313,10 @@ def delete_experiment(experiment_id: ExperimentId, session: DbDep, settings: Set
             response_class=StreamingResponse)
 async def experiment_events(experiment_id: ExperimentId, request: Request, settings: SettingsDep):
     """Live events of every run of the experiment (Server-Sent Events; resumable with
-    `Last-Event-ID`). Ends with an `experiment_end` event once every run has ended."""
+    `Last-Event-ID`): each run's status, started and end events, and its progress, eval and
+    checkpoint events at most once per 1 % of its steps (its own feed has every one). Ends
+    with an `experiment_end` event once every run has ended. A feed that would skip events
+    Redis trimmed first says so (`dropped`)."""
     def check_exists() -> None:
         with session_scope(settings.sqlalchemy_url) as session:
             get_experiment(session, experiment_id)
@@ -335,4 +338,6 @@ async def experiment_events(experiment_id: ExperimentId, request: Request, setti
         return Outcome(finished, history, final)
 
     key = experiment_stream_key(experiment_id)
-    return event_stream_response(request, key, outcome, settings.sse_heartbeat_s)
+    return event_stream_response(request, key, outcome, settings.sse_heartbeat_s,
+                                 maxlen=settings.event_stream_maxlen,
+                                 record=f"/api/experiments/{experiment_id}")

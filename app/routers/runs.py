@@ -206,7 +206,10 @@ async def run_events(run_id: RunId, request: Request, settings: SettingsDep):
     """Live events of a run (Server-Sent Events). Reconnect with `Last-Event-ID` to get what
     was missed; heartbeats keep the connection open; the `end` event is the last one. A run
     that was run again (requeue) replays the end of each earlier try as `earlier_end`,
-    followed by the new try's events."""
+    followed by the new try's events. Redis keeps a run's newest events only
+    (`SELFTUNE_EVENT_STREAM_MAXLEN`): a feed that would skip some it trimmed (read from the
+    start of a long run, or resumed after an event trimmed since) first says so (`dropped`);
+    /api/runs/{id}/metrics has every recorded point."""
     def check_exists() -> None:
         with session_scope(settings.sqlalchemy_url) as session:
             get_run(session, run_id)
@@ -233,7 +236,8 @@ async def run_events(run_id: RunId, request: Request, settings: SettingsDep):
             return Outcome(True, history, ended(run))
 
     return event_stream_response(request, run_stream_key(run_id), outcome, settings.sse_heartbeat_s,
-                                 earlier_ends=True)
+                                 earlier_ends=True, maxlen=settings.event_stream_maxlen,
+                                 record=f"/api/runs/{run_id}/metrics")
 
 
 # --- downloads ---------------------------------------------------------------------------

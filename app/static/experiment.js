@@ -697,7 +697,8 @@ export function experimentPage() {
   });
 
   function onEvent(event) {
-    if (event.type === "experiment_end") {
+    // experiment_end, or events Redis no longer kept are missing: the record says it all.
+    if (event.type === "experiment_end" || event.type === "dropped") {
       refreshSoon();
       return;
     }

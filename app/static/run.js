@@ -299,6 +299,9 @@ export function runPage() {
   }
 
   function onEvent(event) {
+    // Events Redis no longer kept are missing from the feed: the record has every point (read
+    // as the page opened, when the feed started past them).
+    if (event.type === "dropped" && event.after !== "0") loadHistory().catch(() => {});
     if (event.type === "progress" || event.type === "eval") {
       const values = Object.fromEntries(Object.entries(event).filter(([k]) => !META_KEYS.has(k)));
       addPoint(event.type, event.step, values);

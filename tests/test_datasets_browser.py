@@ -140,3 +140,39 @@ def test_dataset_pages_fit_a_phone_screen(
             assert browser.horizontal_overflow() == 0, path
             browser.screenshot(shot)
         browser.assert_no_errors()
+
+
+def test_every_class_of_a_dataset_of_many_has_its_thumbnails_a_click_away(
+    server: LiveServer, client, request: pytest.FixtureRequest
+) -> None:
+    """Only the first 100 classes had thumbnails, and nothing on the page showed the others'
+    (CUB has 200 classes; a dataset of 1,000 had 900 never shown). They come 100 classes a
+    page now, and a class's name in the table opens its page at its thumbnails."""
+    names = [f"species{n}" for n in range(205)]
+    archive = zip_bytes({**class_entries(names, per_class=1, prefix="train/"),
+                         **class_entries(names, per_class=1, prefix="test/", seed=1)})
+    response = client.post("/api/datasets", files={"file": ("birds.zip", archive)},
+                           data={"name": "Birds"})
+    assert response.status_code == 201, response.text
+    dataset_id = response.json()["id"]
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/datasets/{dataset_id}")
+        headings = "#class-thumbnails h3"
+        assert page.locator(headings).count() == 100
+        assert page.inner_text("#class-thumbnails nav").startswith("Classes 1–100 of 205")
+        page.click("#class-counts a:text-is('species150')")
+        page.wait_for_url(f"**/datasets/{dataset_id}?thumbs=2#class-150")
+        assert page.locator(headings).first.inner_text().startswith("species100")
+        assert page.locator("#class-150").is_visible()
+        page.wait_for_function(  # its thumbnail loads (lazily, now on screen)
+            "() => [...document.querySelectorAll('#class-thumbnails img[alt=species150]')]"
+            ".every((img) => img.complete && img.naturalWidth > 0)")
+        page.click("#class-thumbnails nav >> nth=0 >> a[rel=next]")
+        assert page.locator(headings).count() == 5
+        assert page.inner_text("#class-thumbnails nav").startswith("Classes 201–205 of 205")
+        page.goto(f"{server.url}/datasets/{dataset_id}?thumbs=9")
+        assert page.locator(headings).count() == 0
+        assert "Page 9 is past the last class (205)" in page.inner_text("#class-thumbnails")
+        browser.assert_no_errors()
+    assert client.delete(f"/api/datasets/{dataset_id}").status_code == 204

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.deps import DatasetId, DbDep, SettingsDep
 from app.ingest import dataset_warnings
-from app.models import Dataset, DatasetImage
+from app.models import MAX_ID, Dataset, DatasetImage
 from app.responses import human_bytes
 from app.routers.datasets import newest_datasets
 from app.routers.pages import PageNumber, Pager, page_guard, render, templates
@@ -19,8 +21,8 @@ from app.routers.pages import PageNumber, Pager, page_guard, render, templates
 router = APIRouter(include_in_schema=False)
 
 THUMBS_PER_CLASS = 12
-# Beyond this many classes the page lists counts only; thumbnails stay one API call away.
-MAX_CLASSES_WITH_THUMBS = 100
+# The thumbnails of this many classes a page (a dataset of 1,000 classes: ten pages of them).
+CLASSES_PER_THUMBS_PAGE = 100
 MAX_SKIPPED_SHOWN = 500
 
 templates.env.filters.setdefault("bytes", human_bytes)
@@ -45,8 +47,9 @@ def new_dataset_page(request: Request, settings: SettingsDep) -> Response:
                   holdout_percent=f"{settings.holdout_fraction * 100:g}")
 
 
-def _class_thumbnails(db: Session, dataset_id: int, class_count: int) -> dict[int, list[int]]:
-    """The first THUMBS_PER_CLASS training image ids of each class, in one query."""
+def _class_thumbnails(db: Session, dataset_id: int, classes: range) -> dict[int, list[int]]:
+    """The first THUMBS_PER_CLASS training image ids of each class in `classes`, in one
+    query."""
     ranked = (
         select(
             DatasetImage.id,
@@ -58,7 +61,8 @@ def _class_thumbnails(db: Session, dataset_id: int, class_count: int) -> dict[in
         .where(
             DatasetImage.dataset_id == dataset_id,
             DatasetImage.split == "train",
-            DatasetImage.label < min(class_count, MAX_CLASSES_WITH_THUMBS),
+            DatasetImage.label >= classes.start,
+            DatasetImage.label < classes.stop,
         )
         .subquery()
     )
@@ -75,7 +79,8 @@ def _class_thumbnails(db: Session, dataset_id: int, class_count: int) -> dict[in
 
 @router.get("/datasets/{dataset_id}", response_class=HTMLResponse)
 def dataset_page(
-    request: Request, dataset_id: DatasetId, settings: SettingsDep, db: DbDep
+    request: Request, dataset_id: DatasetId, settings: SettingsDep, db: DbDep,
+    thumbs: Annotated[int, Query(ge=1, le=MAX_ID, description="page of class thumbnails")] = 1,
 ) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
@@ -85,9 +90,12 @@ def dataset_page(
             request, "dataset.html", {"dataset": None, "dataset_id": dataset_id},
             status_code=404,
         )
-    thumbs = _class_thumbnails(db, dataset.id, len(dataset.class_names))
+    class_count = len(dataset.class_names)
+    shown = range(min((thumbs - 1) * CLASSES_PER_THUMBS_PAGE, class_count),
+                  min(thumbs * CLASSES_PER_THUMBS_PAGE, class_count))
+    thumbnails = _class_thumbnails(db, dataset.id, shown)
     classes = [
-        {"index": index, "name": name, "thumbs": thumbs.get(index, []),
+        {"index": index, "name": name, "thumbs": thumbnails.get(index, []),
          **dataset.class_counts.get(name, {"train": 0, "test": 0})}
         for index, name in enumerate(dataset.class_names)
     ]
@@ -103,5 +111,6 @@ def dataset_page(
         totals={"train": sum(c["train"] for c in classes), "test": sum(c["test"] for c in classes)},
         unlabeled_thumbs=unlabeled_thumbs, skipped=dataset.skipped[:MAX_SKIPPED_SHOWN],
         warnings=dataset_warnings(db, dataset),
-        thumbs_limited=len(classes) > MAX_CLASSES_WITH_THUMBS,
+        thumbs_page=thumbs, thumbs_pages=math.ceil(class_count / CLASSES_PER_THUMBS_PAGE),
+        thumbs_shown=shown, classes_per_page=CLASSES_PER_THUMBS_PAGE,
     )

@@ -236,7 +236,7 @@ def test_live_run_page_on_a_phone_survives_a_server_restart_and_cancels(
     restarted = None
 
     def step_shown() -> int:
-        return int(page.inner_text("#step").split(" / ")[0])
+        return int(page.inner_text("#step").split(" / ")[0].replace(",", ""))
 
     with open_browser(request.node.name, viewport=PHONE) as browser:
         page = browser.page

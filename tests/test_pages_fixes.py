@@ -1226,3 +1226,25 @@ def test_long_names_in_tables_wrap_and_the_confusion_matrix_shortens_its_column_
         for name in LONG_CLASS_NAMES:
             assert page.get_by_role("columnheader", name=name, exact=True).count() == 1
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_a_long_runs_steps_and_time_left_read_at_a_glance(live_server, request):
+    """A run of a million steps showed "990190 / 1000000", and days left as "109 h 0 min"."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        experiment_id, (run_id, _) = start_sweep(client, add_dataset_row(database_url),
+                                                 seeds=[0])
+    with session_scope(database_url) as session:
+        run = session.get(Run, run_id)  # fine-tuning, 8 images a step
+        run.status, run.worker, run.device, run.attempts = "running", "w@host", "cpu", 1
+        run.started_at = run.heartbeat_at = utcnow()
+        run.step, run.total_steps, run.images_per_s = 990_190, 1_000_000, 0.2
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        expect(page.locator("#step")).to_have_text("990,190 / 1,000,000")
+        expect(page.locator("#eta")).to_have_text("4 d 13 h")  # 9,810 steps x 8 / 0.2 a second
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        expect(page.locator("span.step").first).to_have_text("990,190 / 1,000,000")
+        browser.assert_no_errors()

@@ -64,7 +64,13 @@ export function duration(seconds) {
   const s = Math.round(seconds);
   if (s < 60) return `${s} s`;
   if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
-  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  if (s < 2 * 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`; // not "177 h 46 min"
+}
+
+// A whole number with thousands separated, as the server's pages write them: "990,190".
+export function count(n) {
+  return isNumber(n) ? n.toLocaleString("en-US") : "–";
 }
 
 // The units of the server's own messages (app.responses.human_bytes): "512 bytes", "1.5 KiB".

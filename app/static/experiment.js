@@ -2,7 +2,7 @@
 // table, accuracy-against-budget chart, paper-style table, what more labels would buy, and
 // cancel-all and delete (/experiments/{id}).
 import {
-  badge, budgetChart, failure, follow, getJSON, h, isNumber, pageData, pct, signedOutNotice,
+  badge, budgetChart, count, failure, follow, getJSON, h, isNumber, pageData, pct, signedOutNotice,
   signInAgain, TERMINAL,
 } from "/static/charts.js";
 import { onSession } from "/static/session.js";
@@ -125,9 +125,9 @@ export function experimentForm() {
     const budgets = new Set(body.budgets.map((b) => JSON.stringify(b === 1 ? "all" : b))).size;
     const seeds = new Set(body.seeds).size;
     const total = body.methods.length * budgets * seeds;
-    const count = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
-    runCount.textContent = `This sweep is ${count(total, "run")} (${count(body.methods.length, "method")}` +
-      ` × ${count(budgets, "budget")} × ${count(seeds, "seed")}).`;
+    const plural = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
+    runCount.textContent = `This sweep is ${plural(total, "run")} (${plural(body.methods.length, "method")}` +
+      ` × ${plural(budgets, "budget")} × ${plural(seeds, "seed")}).`;
   }
 
   function clearErrors() {
@@ -379,7 +379,7 @@ export function experimentPage() {
     cells.status.replaceChildren(...[badge(run.status), position].filter(Boolean));
     const share = run.total_steps ? run.step / run.total_steps : 0;
     cells.progress.replaceChildren(
-      h("span", { class: "step" }, `${run.step} / ${run.total_steps}`), " ",
+      h("span", { class: "step" }, `${count(run.step)} / ${count(run.total_steps)}`), " ",
       h("progress", { max: 1, value: share }));
     // While training, the latest evaluation; once finished, the final score. A run that
     // ended without one (cancelled, failed) has none: its last evaluation is not a result.

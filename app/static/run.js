@@ -1,6 +1,6 @@
 // One run's page: live curves and status while it trains, then its results and downloads.
 import {
-  barChart, badge, bytes, duration, failure, follow, getJSON, h, isNumber, pageData, pct,
+  barChart, badge, bytes, count, duration, failure, follow, getJSON, h, isNumber, pageData, pct,
   setSeries, shortName, signedOutNotice, signInAgain, stepChart, TERMINAL,
 } from "/static/charts.js";
 import { onSession } from "/static/session.js";
@@ -128,7 +128,7 @@ export function runPage() {
   // --- status, ETA, queue position, cancel --------------------------------------------------
   function drawStatus() {
     document.getElementById("run-status").replaceChildren(badge(run.status));
-    document.getElementById("step").textContent = `${run.step} / ${run.total_steps}`;
+    document.getElementById("step").textContent = `${count(run.step)} / ${count(run.total_steps)}`;
     document.getElementById("step-bar").value = run.total_steps ? run.step / run.total_steps : 0;
     // After the last step the run still evaluates, predicts every unlabeled image and exports.
     const finishing = run.status === "running" && run.total_steps && run.step >= run.total_steps;

@@ -79,7 +79,7 @@ class TopClasses(NamedTuple):
     """Each image's most probable classes, best first: their probabilities and their
     indices, [images, k]. All that the predictions and their quality read: every image's
     probability for every class took images x classes x 4 bytes, twice while put together
-    (100,000 unlabeled images of 1,000 classes: 381 MiB, and 1.5 GB at the peak)."""
+    (100,000 unlabeled images of 1,000 classes: 381 MiB, and 1.1 GiB more at the peak)."""
 
     values: torch.Tensor
     indices: torch.Tensor

@@ -527,8 +527,30 @@ def experiment_warnings(dataset: Dataset | None, runs: list[Run],
                         overrides: dict[str, Any]) -> list[str]:
     """What to know about an experiment before trusting or waiting for it."""
     image_size = next((run.config.get("image_size") for run in runs if run.config), None)
-    return unlabeled_warnings(dataset, runs, overrides) + (
+    return unlabeled_warnings(dataset, runs, overrides) + queue_warnings(dataset, runs) + (
         cache_warnings(dataset, image_size) if dataset is not None and image_size else [])
+
+
+def queue_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:
+    """Self-Tuning runs too short to fill their key queue: it starts as random vectors, one
+    row of `queue_size` a class, and each step puts at most its labeled and unlabeled keys in
+    it. Every slot of a class is a positive in the PGC loss, so the slots never filled stay
+    noise to the end (the quick preset at 1,000 classes: 12,800 keys for 32,000 slots)."""
+    if dataset is None:
+        return []
+    classes = len(dataset.class_names)
+    warnings = set()  # the runs of a sweep differ in budget and seed only
+    for config in (run.config for run in runs if run.method == "self-tuning" and run.config):
+        slots = classes * config["queue_size"]
+        keys = config["iterations"] * (config["batch_size"] + config["unlabeled_batch_size"])
+        if keys < slots:
+            warnings.add(
+                f"Self-Tuning's queue has {slots:,} slots ({classes:,} classes × "
+                f"{config['queue_size']} keys), and {config['iterations']:,} iterations put at "
+                f"most {keys:,} keys in it: at least {1 - keys / slots:.0%} of it stays the "
+                "random vectors it starts with, which the PGC loss counts as each class's "
+                "positives; more iterations or a smaller queue_size fill it")
+    return sorted(warnings)
 
 
 # A run this many times the quick preset's work (iterations x images a step x pixels) is

@@ -527,8 +527,28 @@ def experiment_warnings(dataset: Dataset | None, runs: list[Run],
                         overrides: dict[str, Any]) -> list[str]:
     """What to know about an experiment before trusting or waiting for it."""
     image_size = next((run.config.get("image_size") for run in runs if run.config), None)
-    return unlabeled_warnings(dataset, runs, overrides) + queue_warnings(dataset, runs) + (
-        cache_warnings(dataset, image_size) if dataset is not None and image_size else [])
+    return (budget_warnings(dataset, runs) + unlabeled_warnings(dataset, runs, overrides)
+            + queue_warnings(dataset, runs)
+            + (cache_warnings(dataset, image_size) if dataset is not None and image_size else []))
+
+
+def budget_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:
+    """Fractions that keep more than twice the labels asked for: every class keeps at least
+    one, so 1 % of a dataset of 1,000 classes of 4 images keeps 1,000 labels, 25 % of them,
+    and only the chart's label count said so."""
+    if dataset is None:
+        return []
+    pool = sum(_train_sizes(dataset))
+    warnings = []
+    for label, budget in {run.budget_label: run.budget for run in runs}.items():
+        fraction = Budget.parse(budget).fraction
+        kept = budget_labeled_count(dataset, budget)
+        if fraction is not None and pool and kept > 2 * fraction * pool:
+            warnings.append(
+                f"budget {label!r} keeps {kept:,} of the {pool:,} labeled images, "
+                f"{kept / pool:.1%} rather than {fraction:.1%}: every class keeps at least one "
+                "(a count per class such as '1/class' says so plainly)")
+    return warnings
 
 
 def queue_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:

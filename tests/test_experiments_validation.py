@@ -790,3 +790,17 @@ def test_self_tuning_too_short_to_fill_its_key_queue_starts_with_a_warning(live_
         "which the PGC loss counts as each class's positives; more iterations or a smaller "
         "queue_size fill it"]
     assert filled["warnings"] == baseline["warnings"] == []
+
+
+def test_a_fraction_that_keeps_far_more_labels_than_asked_starts_with_a_warning(live_server,
+                                                                              settings):
+    """Every class keeps at least one label: 1 % of 1,000 classes of 4 images kept 1,000 labels
+    (25 %) with no word of it but the chart's label count."""
+    classes = {f"species{n}": {"train": 4, "test": 1} for n in range(1000)}
+    many = add_dataset_row(settings.sqlalchemy_url, classes)
+    sweep = body(many, methods=["fine-tune"], budgets=["1%", "50%"])
+    with live_server.client() as client:
+        checked = client.post("/api/experiments/check", json=sweep).json()
+    assert checked["warnings"] == [
+        "budget '1%' keeps 1,000 of the 4,000 labeled images, 25.0% rather than 1.0%: every "
+        "class keeps at least one (a count per class such as '1/class' says so plainly)"]

@@ -231,7 +231,7 @@ async def stream_events(
     hub = await hubs.subscribe(key)  # before reading history, so nothing falls in between
     try:  # from here on: a client gone at the first frame leaves no subscription behind
         yield "retry: 2000\n\n"
-        pending, more_history = await _history_page(hubs, key, last_id)
+        pending, more_history, gap = await _history_page(hubs, key, last_id, maxlen, record)
         if not pending and last_id == "0":
             state = await asyncio.to_thread(outcome)
             if state.finished and await _stream_is_empty(hubs, key):
@@ -241,12 +241,12 @@ async def stream_events(
                 if state.final:
                     yield sse(state.final, event_id=f"0-{len(state.history) + 1}")
                 return
-        if pending and await _trimmed_after(hubs, key, last_id, maxlen):
-            yield _dropped(last_id, pending[0].id, record)
         check_outcome = True  # a client that already saw the end must not wait a heartbeat
         ended: Outcome | None = None  # the database said "over" at an end event
         while not hubs.stopping:
-            batch: list[str] = []  # entries that arrived together go out in one write
+            # Entries that arrived together go out in one write, after a `dropped` frame where
+            # Redis trimmed some before them.
+            batch, gap = [gap] if gap else [], ""
             any_end = False
             for index, entry in enumerate(pending):
                 last_id = entry.id
@@ -272,9 +272,8 @@ async def stream_events(
             if batch:
                 yield "".join(batch)
             if more_history:  # the hub only holds what came after it started: page on
-                pending, more_history = await _history_page(hubs, key, last_id)
-                if pending and await _trimmed_after(hubs, key, last_id, maxlen):
-                    yield _dropped(last_id, pending[0].id, record)  # trimmed as it paged
+                pending, more_history, gap = await _history_page(hubs, key, last_id, maxlen,
+                                                                 record)
                 continue
             if not pending:
                 if check_outcome:
@@ -294,21 +293,25 @@ async def stream_events(
                     yield ": heartbeat\n\n" if hub.healthy else ": live feed unavailable\n\n"
             pending = hub.after(last_id)
             if pending is None:  # fell behind the hub's buffer: read from Redis itself
-                pending, more_history = await _history_page(hubs, key, last_id)
-                if pending and await _trimmed_after(hubs, key, last_id, maxlen):
-                    yield _dropped(last_id, pending[0].id, record)
+                pending, more_history, gap = await _history_page(hubs, key, last_id, maxlen,
+                                                                 record)
     finally:
         hubs.unsubscribe(hub)
 
 
-async def _history_page(hubs: Hubs, key: str, after_id: str) -> tuple[list[Entry], bool]:
-    """The stream's entries after `after_id`, a page at a time, and whether more may follow
-    (the page is full)."""
+async def _history_page(hubs: Hubs, key: str, after_id: str, maxlen: int | None,
+                        record: str | None) -> tuple[list[Entry], bool, str]:
+    """The stream's entries after `after_id`, a page at a time, whether more may follow (the
+    page is full), and the `dropped` frame that goes before them when Redis trimmed entries
+    after `after_id` ("" when it did not)."""
     try:
         page = await hubs.history(key, after_id)
     except (redis.RedisError, OSError):
-        return [], False
-    return page, len(page) == HISTORY_PAGE
+        return [], False, ""
+    gap = ""
+    if page and await _trimmed_after(hubs, key, after_id, maxlen):
+        gap = _dropped(after_id, page[0].id, record)
+    return page, len(page) == HISTORY_PAGE, gap
 
 
 async def _trimmed_after(hubs: Hubs, key: str, after_id: str, maxlen: int | None) -> bool:

@@ -562,7 +562,7 @@ def queue_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:
     warnings = set()  # the runs of a sweep differ in budget and seed only
     for config in (run.config for run in runs if run.method == "self-tuning" and run.config):
         slots = classes * config["queue_size"]
-        keys = config["iterations"] * (config["batch_size"] + config["unlabeled_batch_size"])
+        keys = _images_drawn(config)
         if keys < slots:
             warnings.add(
                 f"Self-Tuning's queue has {slots:,} slots ({classes:,} classes × "
@@ -595,8 +595,12 @@ def device_warnings(workers: list[dict[str, Any]], runs: list[Run]) -> list[str]
 
 
 def _work(config: dict[str, Any]) -> int:
-    images = config["batch_size"] + config["unlabeled_batch_size"]
-    return config["iterations"] * images * config["image_size"] ** 2
+    return _images_drawn(config) * config["image_size"] ** 2
+
+
+def _images_drawn(config: dict[str, Any]) -> int:
+    """Labeled and unlabeled images a run's steps draw in all (keys, for Self-Tuning)."""
+    return config["iterations"] * (config["batch_size"] + config["unlabeled_batch_size"])
 
 
 def decoded_bytes(dataset: Dataset, image_size: int) -> int:

@@ -538,17 +538,63 @@ def budget_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:
     and only the chart's label count said so."""
     if dataset is None:
         return []
-    pool = sum(_train_sizes(dataset))
+    sizes = _train_sizes(dataset)
+    pool = sum(sizes)
     warnings = []
     for label, budget in {run.budget_label: run.budget for run in runs}.items():
-        fraction = Budget.parse(budget).fraction
-        kept = budget_labeled_count(dataset, budget)
-        if fraction is not None and pool and kept > 2 * fraction * pool:
+        parsed = Budget.parse(budget)
+        if _keeps_over_twice(parsed, sizes):
+            kept = budget_labeled_count(dataset, budget)
             warnings.append(
                 f"budget {label!r} keeps {kept:,} of the {pool:,} labeled images, "
-                f"{kept / pool:.1%} rather than {fraction:.1%}: every class keeps at least one "
-                "(a count per class such as '1/class' says so plainly)")
+                f"{kept / pool:.1%} rather than {parsed.fraction:.1%}: every class keeps at "
+                "least one (a count per class such as '1/class' says so plainly)")
     return warnings
+
+
+def _keeps_over_twice(budget: Budget, sizes: list[int]) -> bool:
+    """A fraction keeping more than twice the labels it asks for (see `budget_warnings`)."""
+    pool = sum(sizes)
+    kept = sum(budget.count_for(size) for size in sizes if size)
+    return budget.fraction is not None and pool > 0 and kept > 2 * budget.fraction * pool
+
+
+# The start form's budgets: the paper's ladder of shares of each class, and counts per class
+# for datasets with too few labeled images a class for those shares to differ.
+FORM_BUDGETS = (Budget(fraction=0.15), Budget(fraction=0.3), Budget(fraction=0.5), Budget())
+FORM_COUNT_BUDGETS = (Budget(per_class=1), Budget(per_class=2), Budget(per_class=4),
+                      Budget(per_class=8), Budget())
+
+
+def suggested_budgets(dataset: Dataset | None) -> str:
+    """The budgets the start form offers for a dataset, as the user would type them.
+
+    `FORM_BUDGETS` less each budget this dataset would refuse (one keeping the same labels as
+    a larger one, a count over every class) or warn about (a share keeping over twice the
+    labels it asks, as every class keeps one). Where fewer than three are left (classes of
+    one or two labeled images), `FORM_COUNT_BUDGETS` read the same way, if they keep more.
+    The paper's ladder stands for a dataset every budget is refused on (a class without
+    labels): the form then says why."""
+    sizes = _train_sizes(dataset) if dataset is not None else []
+    if not sizes or min(sizes) < 1:
+        return ", ".join(budget.label for budget in FORM_BUDGETS)
+
+    def fitting(ladder: tuple[Budget, ...]) -> list[Budget]:
+        kept: set[tuple[int, ...]] = set()
+        chosen = []
+        for budget in reversed(ladder):  # "all" and the larger shares win a tie
+            counts = tuple(budget.count_for(size) for size in sizes)
+            if (counts in kept or budget.over_every_class(sizes)
+                    or _keeps_over_twice(budget, sizes)):
+                continue
+            kept.add(counts)
+            chosen.insert(0, budget)
+        return chosen
+
+    shares = fitting(FORM_BUDGETS)
+    if len(shares) < 3 and len(counts := fitting(FORM_COUNT_BUDGETS)) >= len(shares):
+        shares = counts
+    return ", ".join(budget.label for budget in shares)
 
 
 def queue_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:

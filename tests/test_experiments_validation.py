@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -804,3 +805,28 @@ def test_a_fraction_that_keeps_far_more_labels_than_asked_starts_with_a_warning(
     assert checked["warnings"] == [
         "budget '1%' keeps 1,000 of the 4,000 labeled images, 25.0% rather than 1.0%: every "
         "class keeps at least one (a count per class such as '1/class' says so plainly)"]
+
+
+@pytest.mark.parametrize(("train_per_class", "suggested"), [
+    ([10, 10], "15%, 30%, 50%, all"),
+    ([40, 2], "15%, 30%, 50%, all"),
+    ([4] * 1000, "30%, 50%, all"),  # 15 % and 30 % of 4 both keep one
+    ([3, 3], "30%, 50%, all"),
+    ([2, 2, 2], "1/class, all"),    # every share keeps one, or both
+    ([1, 1], "all"),
+])
+def test_the_start_form_offers_budgets_its_dataset_takes_without_a_word(
+        live_server, settings, train_per_class, suggested):
+    """The form offered 15%, 30%, 50%, all on every dataset, so one of three labeled images a
+    class opened with a refusal (15 % and 30 % keep the same one image). It now offers the
+    budgets the chosen dataset tells apart, and a check of them is neither refused nor
+    warned about."""
+    classes = {f"c{n}": {"train": size, "test": 1} for n, size in enumerate(train_per_class)}
+    dataset = add_dataset_row(settings.sqlalchemy_url, classes)
+    with live_server.client() as client:
+        page = client.get(f"/experiments/new?dataset_id={dataset}").text
+        offered = html.unescape(re.search(r'id="f-budgets"[^>]* value="([^"]*)"', page)[1])
+        checked = client.post("/api/experiments/check", json=body(
+            dataset, methods=["fine-tune"], budgets=offered.split(", ")))
+    assert offered == suggested
+    assert checked.status_code == 200 and checked.json()["warnings"] == []

@@ -234,3 +234,30 @@ def test_the_form_for_a_dataset_that_is_gone_says_so_and_chooses_none_in_its_pla
         page.wait_for_url(re.compile(r".*/experiments/\d+$"))
         browser.screenshot("started-on-the-chosen-dataset")
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_the_budgets_follow_the_chosen_dataset_until_the_user_types_some(
+    live_server, dataset_id, request
+):
+    """Classes of three labeled images keep the same one at 15 % and at 30 %: the form offered
+    those on every dataset and opened such a dataset with a refusal. The offer follows the
+    dataset chosen; budgets the user typed stay when the dataset changes."""
+    small = add_dataset_row(live_server.database_url,
+                            {name: {"train": 3, "test": 1} for name in ("x", "y")})
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        with page.expect_response("**/api/experiments/check") as checked:
+            page.goto(f"{live_server.url}/experiments/new?dataset_id={small}")
+        assert checked.value.status == 200
+        assert page.input_value("#f-budgets") == "30%, 50%, all"
+        assert "6 runs" in page.inner_text("#run-count")
+        assert page.locator('[data-field="budgets"] .field-error').is_hidden()
+
+        page.select_option("#f-dataset_id", str(dataset_id))  # ten a class: the whole ladder
+        assert page.input_value("#f-budgets") == "15%, 30%, 50%, all"
+        assert "8 runs" in page.inner_text("#run-count")
+        page.fill("#f-budgets", "10%, all")
+        page.select_option("#f-dataset_id", str(small))
+        assert page.input_value("#f-budgets") == "10%, all"
+        browser.assert_no_errors()

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.deps import DatasetFilter, DbDep, ExperimentId, RunId, SettingsDep
-from app.experiments import budget_unlabeled_count
+from app.experiments import budget_unlabeled_count, suggested_budgets
 from app.models import Dataset, Experiment
 from app.routers.experiments import experiment_items, experiment_out, get_experiment
 from app.routers.pages import PageNumber, Pager, page_guard, render
@@ -25,9 +25,9 @@ from worker.selftuning.config import PRESETS, RunConfig
 router = APIRouter(include_in_schema=False)
 
 METHOD_TITLES = {"self-tuning": "Self-Tuning", "fine-tune": "Fine-tuning", "fixmatch": "FixMatch"}
-# What the form starts with: the comparison the product is about, over the paper's budgets.
+# What the form starts with: the comparison the product is about, over the paper's budgets
+# (those the chosen dataset can tell apart: `suggested_budgets`).
 DEFAULT_METHODS = ("self-tuning", "fine-tune")
-DEFAULT_BUDGETS = "15%, 30%, 50%, all"
 # Form labels where the field name alone reads poorly; other fields show their name.
 OVERRIDE_LABELS = {
     "image_size": "Image size (px)",
@@ -62,7 +62,7 @@ def dataset_choices(session: Session) -> list[dict[str, Any]]:
     return [
         {"id": d.id, "name": d.name, "classes": len(d.class_names),
          "labeled": sum(c.get("train", 0) for c in d.class_counts.values()),
-         "unlabeled": d.unlabeled_count}
+         "unlabeled": d.unlabeled_count, "budgets": suggested_budgets(d)}
         for d in session.scalars(select(Dataset).order_by(Dataset.id.desc()))
     ]
 
@@ -133,7 +133,10 @@ def new_experiment_page(
             {"name": m, "title": METHOD_TITLES.get(m, m), "checked": m in DEFAULT_METHODS}
             for m in get_args(MethodName)
         ],
-        "budgets": DEFAULT_BUDGETS,
+        # The browser chooses the first dataset when the link names none.
+        "budgets": next((d["budgets"] for d in datasets if d["id"] == dataset_id),
+                        datasets[0]["budgets"] if datasets and dataset_id is None
+                        else suggested_budgets(None)),
         "overrides": override_fields(),
     }
     return render(request, "experiment_new.html", form=form,

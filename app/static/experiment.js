@@ -326,6 +326,18 @@ export function experimentForm() {
     checkTimer = setTimeout(checkForm, 400);
   }
 
+  // The budgets start as the chosen dataset's (the paper's ladder, less the budgets that
+  // dataset cannot tell apart: classes of three labeled images keep one at 15 % and at
+  // 30 %). Choosing another dataset swaps them while they are still the suggestion; what the
+  // user typed stays. This runs before the form's own listeners count and check it.
+  const suggestedBudgets = new Map(data.datasets.map((d) => [String(d.id), d.budgets]));
+  let suggestion = form.elements.budgets.value;
+  form.elements.dataset_id.addEventListener("change", () => {
+    const next = suggestedBudgets.get(form.elements.dataset_id.value) ?? suggestion;
+    if (form.elements.budgets.value.trim() === suggestion.trim()) form.elements.budgets.value = next;
+    suggestion = next;
+  });
+
   form.elements.preset.addEventListener("change", fillFromPreset);
   for (const type of ["input", "change"]) {
     form.addEventListener(type, countRuns);
@@ -333,6 +345,7 @@ export function experimentForm() {
   }
   fillFromPreset();
   restoreDraft();
+  suggestion = suggestedBudgets.get(form.elements.dataset_id.value) ?? suggestion; // the draft's
   countRuns();
   checkForm();
 }

@@ -5,6 +5,7 @@ are swept without touching those still being written."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from worker.selftuning.checkpoint import (
     previous_path,
     save_checkpoint,
 )
-from worker.selftuning.files import checkpoint_path, host_tag, temporary_path
+from worker.selftuning.files import checkpoint_path, host_tag, temporary_path, write_json
 from worker.selftuning.images import Preprocessing, decode_all
 
 DAYS_AGO = time.time() - 3 * 24 * 3600
@@ -305,3 +306,18 @@ def test_previous_copy_is_used_only_when_the_latest_is_unreadable(tmp_path: Path
     assert recovered["step"] == 1 and "checkpoint.pt" in recovered["recovery_reason"]
     assert path.is_file()  # only set aside when no copy can be read
 
+
+
+@pytest.mark.parametrize("value", [
+    {}, [], [[]], "café", {"a": [1, 2.5, [3, {"b": None}]], "m": [[1, 2], [3, 4]], "e": {}},
+    {1: True, None: "x", 2.5: [], False: (1, 2)},
+])
+def test_json_files_read_back_as_json_dumps_writes_them(tmp_path: Path, value) -> None:
+    write_json(tmp_path / "v.json", value)
+    assert json.loads((tmp_path / "v.json").read_text()) == json.loads(json.dumps(value))
+
+
+def test_json_files_refuse_nan_as_json_does(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_json(tmp_path / "v.json", {"loss": [float("nan")]})
+    assert not (tmp_path / "v.json").exists()

@@ -96,6 +96,9 @@ def test_outputs_of_a_run(finished_run, shapes_data: RunData):
     assert training["metrics"] == json.loads(json.dumps(metrics))
     assert len(metrics["confusion_matrix"]) == 3
     assert sum(map(sum, metrics["confusion_matrix"])) == len(shapes_data.test)
+    # The matrix reads as rows, a line a class (indent=2 gave each count its own line).
+    rows = [f"      {json.dumps(row)}" for row in metrics["confusion_matrix"]]
+    assert "\n".join(f"{row}," for row in rows)[:-1] in (out / "training.json").read_text()
     assert len(metrics["per_class_acc"]) == 3
     assert 0 <= metrics["pseudo_label_acc"] <= 1 and 0 <= metrics["train_pseudo_label_acc"] <= 1
     quality = metrics["pseudo_label_quality"]

@@ -144,8 +144,25 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 def write_json(path: Path, value: object) -> None:
     """Write the file beside `path` and rename it over, so a reader never sees half of it."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
+    temporary.write_text(readable_json(value) + "\n")
     os.replace(temporary, path)
+
+
+def readable_json(value: object, depth: int = 0) -> str:
+    """JSON indented by two spaces a level, as `json.dumps(indent=2)` writes it, except that a
+    list of plain values (numbers, strings) stays on one line: a confusion matrix reads as
+    rows, one line a class, where `indent=2` gave each count a line of its own (a million
+    lines, 11 MB, at 1,000 classes; 3 MB now)."""
+    inner, outer = "  " * (depth + 1), "  " * depth
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(key if isinstance(key, str) else json.dumps(key))}: "
+                 f"{readable_json(item, depth + 1)}" for key, item in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{outer}}}"
+    if isinstance(value, list | tuple) and any(isinstance(item, dict | list | tuple)
+                                               for item in value):
+        items = [inner + readable_json(item, depth + 1) for item in value]
+        return "[\n" + ",\n".join(items) + f"\n{outer}]"
+    return json.dumps(value, allow_nan=False)
 
 
 def replace_csv(path: Path, columns: list[str], rows: list[dict[str, object]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 import shutil
 import statistics
 import uuid
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.estimates import estimate_label_gains
 from app.live import forget_feeds, publish_ends, run_cancel_key
-from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
+from app.models import MAX_ID, Artifact, Dataset, Experiment, Run, RunMetric, utcnow
 from app.responses import human_bytes, in_utc
 from app.schemas import TERMINAL_STATUSES, ExperimentIn, LabelEstimate, parse_budget_values
 from worker.selftuning.budgets import Budget
@@ -400,12 +401,16 @@ def weight_file(settings: Settings, backbone: str) -> Path | None:
 
 
 def source_run(settings: Settings, path: Path) -> int | None:
-    """The run whose folder holds the weight file `path`, if it is another run's model."""
+    """The run whose folder holds the weight file `path`, if it is another run's model: a
+    folder named as runs are (`runs/12`), not any Python reads as a number (`²` was a 500,
+    `012` and `١٢` were run 12's)."""
     runs_dir = settings.runs_dir.resolve()
     if not path.is_relative_to(runs_dir):
         return None
     folder = path.relative_to(runs_dir).parts[0]
-    return int(folder) if folder.isdigit() else None
+    if not re.fullmatch(r"[1-9][0-9]{0,9}", folder) or int(folder) > MAX_ID:
+        return None
+    return int(folder)
 
 
 def hold_weight_source(session: Session, settings: Settings, backbone: str,

@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.db import session_scope
-from app.experiments import delete_run_rows
+from app.experiments import delete_run_rows, source_run
 from app.live import experiment_stream_key, publish_end, run_cancel_key, run_stream_key
 from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
 from app.reaper import reap
@@ -710,3 +711,18 @@ def test_a_cancel_whose_runs_are_deleted_as_it_commits_is_a_404(database_url, re
                                     "it was being cancelled")
     with session_scope(database_url) as session:
         assert session.get(Experiment, experiment_id) is None
+
+
+@pytest.mark.parametrize(("folder", "run_id"), [
+    ("12", 12), ("2147483647", 2147483647),
+    ("²", None), ("012", None), ("١٢", None), ("0", None), ("2147483648", None),
+    ("99999999999999999999", None), ("shared", None),
+])
+def test_a_weight_file_is_a_runs_model_only_in_a_folder_named_as_runs_are(tmp_path: Path,
+                                                                          folder, run_id):
+    """A weight file under runs/ in a folder an administrator made (`²` was a 500 when an
+    experiment started from it; `012` and `١٢` counted as run 12's model, so deleting run 12
+    waited on it)."""
+    settings = Settings(data_dir=tmp_path)
+    path = settings.runs_dir.resolve() / folder / "model.safetensors"
+    assert source_run(settings, path) == run_id

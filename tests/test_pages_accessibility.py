@@ -1,7 +1,8 @@
 """Every page, in the states a user meets, audited by axe-core (WCAG 2.1 A and AA rules and
 axe's best practices) in Chromium, on a desktop and a phone window, against a real uvicorn,
 Redis and SQLite. No worker: the test writes what a worker would (a finished run with its
-curves and pseudo-label quality, a running one, a failed one with its traceback). One class
+curves and pseudo-label quality, one of 60 classes whose per-class table has its sort buttons,
+find box and show-all button, a running one, a failed one with its traceback). One class
 has a 61-character name without spaces, as folder names can: tables that grow wider than
 their card scroll sideways, and a keyboard must reach them."""
 
@@ -14,7 +15,7 @@ import redis
 from app.db import session_scope
 from app.models import Artifact, Run, RunMetric
 from tests.browser import DESKTOP, PHONE, open_browser
-from tests.support import PROJECT_ROOT, app_env, make_image_archive, start_server
+from tests.support import PROJECT_ROOT, add_dataset_row, app_env, make_image_archive, start_server
 from tests.test_datasets_support import upload
 from tests.test_experiments_cancel_delete import mark_running, start_sweep
 from tests.test_pages_fixes import finish, quality
@@ -25,6 +26,7 @@ AXE = PROJECT_ROOT / "node_modules" / "axe-core" / "axe.min.js"  # package.json,
 RULES = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
 TOKEN = "correct-horse-battery-staple"
 LONG_CLASS = ("camera_trap_site_" * 4)[:61]
+MANY = 60  # classes: more than the per-class table shows at first (run.js's PER_CLASS_SHOWN)
 
 
 def violations(page) -> list[str]:
@@ -63,6 +65,9 @@ def _fill_the_lab(url: str, headers: dict, database_url: str, live: redis.Redis,
         assert created.status_code == 201, created.text
         dataset_id = created.json()["id"]
         experiment_id, (done, running, queued, failed) = start_sweep(client, dataset_id)
+        many_id = add_dataset_row(database_url, {f"species {n:02d}": {"train": 4, "test": 5}
+                                                 for n in range(MANY)})
+        _, (many,) = start_sweep(client, many_id, seeds=[0], methods=["fine-tune"])
     with session_scope(database_url) as session:
         for step in (10, 20):
             session.add(RunMetric(run_id=done, kind="progress", step=step, values={
@@ -80,6 +85,7 @@ def _fill_the_lab(url: str, headers: dict, database_url: str, live: redis.Redis,
         "test_top1": 0.5, "test_mean_class_acc": 0.5, "pseudo_label_acc": 0.7,
         "confusion_matrix": [[1, 1, 0], [0, 2, 0], [0, 0, 2]],
         "per_class_acc": [0.5, 1.0, 1.0], "pseudo_label_quality": quality(8, True)})
+    finish(database_url, live, many, many_class_metrics())
     with session_scope(database_url) as session:
         session.get(Run, failed).error = "RuntimeError: out of memory\n\n" + (
             '  File "worker/training.py", line 1, in train\n' * 30)
@@ -93,12 +99,32 @@ def _fill_the_lab(url: str, headers: dict, database_url: str, live: redis.Redis,
         f"/experiments/new?dataset_id={dataset_id}": "#f-backbone",
         f"/experiments/{experiment_id}": "#runs tbody tr",
         f"/runs/{done}": "#results:not([hidden]) #confusion td",
+        f"/runs/{many}": "#results:not([hidden]) #per-class-more",
         f"/runs/{running}": "#run-status:has-text('running')",
         f"/runs/{queued}": "#run-status:has-text('queued')",
         f"/runs/{failed}": "#run-error:not([hidden])",
         "/runs/999999": "main h1",  # the error page
     }
     return pages
+
+
+def many_class_metrics() -> dict:
+    """A finished run of MANY classes, some confused with the next: the per-class table opens
+    worst first on its first rows, the confusions are a list, the distribution chart a few
+    classes of them."""
+    confusion = [[5 if i == j else 0 for j in range(MANY)] for i in range(MANY)]
+    for i in range(0, MANY, 3):
+        confusion[i][i], confusion[i][(i + 1) % MANY] = 3, 2
+    shares = [1 / MANY] * MANY
+    return {
+        "test_top1": 0.87, "test_mean_class_acc": 0.87, "confusion_matrix": confusion,
+        "per_class_acc": [row[i] / 5 for i, row in enumerate(confusion)],
+        "pseudo_label_quality": {
+            **quality(8, True), "labeled_distribution": shares,
+            "predicted_distribution": [share * (1 + (i % 5 - 2) / 4)
+                                       for i, share in enumerate(shares)],
+            "per_class_precision": [0.9] * MANY, "per_class_recall": [0.8] * MANY},
+    }
 
 
 @pytest.mark.parametrize("window", ["desktop", "phone"])

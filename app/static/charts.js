@@ -248,8 +248,17 @@ export function budgetChart(canvas, budgets, methods) {
 const TICK_CHARS = 16;
 export const shortName = (label) => (label.length > TICK_CHARS ? `${label.slice(0, TICK_CHARS - 1)}…` : label);
 
-export function barChart(canvas, labels, datasets, { percent = false, xTitle, yTitle } = {}) {
+// `fit` (with `percent`): the axis ends at the largest bar rather than at 100 %, and its ticks
+// and tooltips have the digits to tell such bars apart: the classes' shares of a 1,000-class
+// dataset are tenths of a percent, which a 0-100 % axis draws flat and calls "0.1%" alike.
+export function barChart(canvas, labels, datasets, { percent = false, fit = false, xTitle, yTitle } = {}) {
   const options = baseOptions({ percent, xTitle, yTitle });
+  if (percent && fit) {
+    const share = (value, digits) => `${Number((value * 100).toPrecision(digits))}%`;
+    delete options.scales.y.max;
+    options.scales.y.ticks = { callback: (value) => share(value, 2) };
+    options.plugins.tooltip.callbacks.label = (c) => `${c.dataset.label}: ${share(c.parsed.y, 3)}`;
+  }
   options.scales.x.ticks = {
     callback(value) {
       return shortName(String(this.getLabelForValue(value)));

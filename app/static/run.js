@@ -381,7 +381,7 @@ const CONFUSIONS_LISTED = 25;
 function drawConfusion(confusion, names) {
   const title = document.getElementById("confusion-title");
   if (names.length > MATRIX_CLASSES) {
-    title.textContent = `Most frequent confusions (${names.length} classes: the full matrix is in the API and training.json)`;
+    title.textContent = `Most frequent confusions (${count(names.length)} classes: the full matrix is in the API and training.json)`;
     drawConfusions(confusion, names);
     return;
   }
@@ -410,39 +410,185 @@ function columnName(name) {
     h("span", { "aria-hidden": "true" }, short), h("span", { class: "sr-only" }, name));
 }
 
-// The largest off-diagonal cells: which class is taken for which, most often first.
+// The largest off-diagonal cells: which class is taken for which, most often first. At many
+// classes and few test images a class, most counts tie (1,000 classes of 5 test images: nearly
+// all are 1 or 2), so ties go to what says more: the larger share of the true class's test
+// images (2 of 4 before 2 of 10), then a pair also confused the other way round (two classes
+// the model cannot tell apart, not one stray answer), then the classes' names (class order is
+// the names' natural order).
 function drawConfusions(confusion, names) {
   const cells = [];
   confusion.forEach((row, i) => {
     const total = row.reduce((a, b) => a + b, 0);
-    row.forEach((count, j) => { if (i !== j && count > 0) cells.push({ i, j, count, total }); });
+    row.forEach((count, j) => {
+      if (i !== j && count > 0) cells.push({ i, j, count, total, back: confusion[j]?.[i] ?? 0 });
+    });
   });
-  cells.sort((a, b) => b.count - a.count || a.i - b.i || a.j - b.j);
+  // Shares compared as cross products: the same fraction of different totals ties exactly.
+  cells.sort((a, b) => b.count - a.count || b.count * a.total - a.count * b.total
+    || b.back - a.back || a.i - b.i || a.j - b.j);
   const head = h("tr", {}, h("th", {}, "True class"), h("th", {}, "Predicted as"),
     h("th", { class: "num" }, "Test images"), h("th", { class: "num" }, "Share of the class"));
-  const body = cells.slice(0, CONFUSIONS_LISTED).map(({ i, j, count, total }) => h("tr", {},
+  const listed = cells.slice(0, CONFUSIONS_LISTED);
+  const body = listed.map(({ i, j, count, total }) => h("tr", {},
     h("td", { class: "name" }, names[i]), h("td", { class: "name" }, names[j]), h("td", { class: "num" }, count),
     h("td", { class: "num" }, pct(count / total))));
   const table = document.getElementById("confusion");
   table.classList.remove("confusion");
   table.replaceChildren(h("thead", {}, head), h("tbody", {},
     body.length ? body : h("tr", {}, h("td", { colspan: 4 }, "None: every test image was classified right."))));
+  const note = document.getElementById("confusion-note");
+  note.hidden = cells.length === 0;
+  if (!cells.length) return;
+  // Where the list ends inside a tie, the ones left out are as frequent as the last listed.
+  const last = listed.at(-1).count;
+  const alike = cells.slice(listed.length).filter((cell) => cell.count === last).length;
+  note.textContent = `${listed.length === cells.length ? `All ${count(cells.length)}`
+    : `The ${listed.length} most frequent of ${count(cells.length)}`} confusions (a pair of a true `
+    + "class and the class predicted for it). Equally frequent ones are ordered by the share of "
+    + "the true class's test images, then pairs also confused the other way round first, then "
+    + "by class name."
+    + (alike ? ` ${count(alike)} more, not listed, have ${last} test image${last === 1 ? "" : "s"} too.` : "");
 }
 
+// Over this many classes a table or chart of every class in class order is searched rather
+// than read: the per-class table opens worst first and the distribution chart draws the
+// classes whose predicted share strays most from their labeled one.
+const MANY_CLASSES = 20;
+// The per-class rows drawn until the user asks for every class: at 5,000 classes the whole
+// table is 40,000 elements, which took 1.7 s to draw in headless Chromium; a sort of 50 rows
+// takes tens of milliseconds.
+const PER_CLASS_SHOWN = 50;
+const DISTRIBUTION_SHOWN = 20;
+
+// How each column of the per-class table sorts and reads in the note; rows without a value
+// (no test image of the class, a class never pseudo-labeled) go last either way, and rows
+// that tie stay in class order.
+const ORDERS = {
+  class: { up: "in class order", down: "in reverse class order" },
+  accuracy: { up: "by test accuracy, lowest first", down: "by test accuracy, highest first" },
+  images: { up: "by test images, fewest first", down: "by test images, most first" },
+  precision: { up: "by pseudo-label precision, lowest first", down: "by pseudo-label precision, highest first" },
+  recall: { up: "by pseudo-label recall, lowest first", down: "by pseudo-label recall, highest first" },
+};
+
+// Per-class accuracy, sortable by every column. Over MANY_CLASSES classes it opens on the
+// lowest accuracy first (the classes that fail are what a long table is read for), and over
+// PER_CLASS_SHOWN it draws that many rows with a button for all of them and a box to find a
+// class by name: sorting and filtering rebuild at most those rows, so a 5,000-class run's page
+// opens and sorts as fast as a small one's, and nothing is out of reach.
 function drawPerClass(perClass, confusion, names, quality) {
   const precision = quality.per_class_precision;
   const recall = quality.per_class_recall;
   const withPseudo = Array.isArray(precision) && Array.isArray(recall);
-  const head = h("tr", {}, h("th", {}, "Class"), h("th", {}, "Test accuracy"), h("th", { class: "num" }, "Test images"),
-    withPseudo ? [h("th", { class: "num" }, "Pseudo-label precision"), h("th", { class: "num" }, "recall")] : []);
-  const body = names.map((name, i) => {
-    const accuracy = perClass[i];
-    return h("tr", {}, h("td", { class: "name" }, name),
-      h("td", { class: "nowrap" }, h("span", { class: "bar" }, h("span", { style: { width: `${(accuracy ?? 0) * 100}%` } })), " ", pct(accuracy)),
-      h("td", { class: "num" }, (confusion[i] ?? []).reduce((a, b) => a + b, 0)),
-      withPseudo ? [h("td", { class: "num" }, pct(precision[i])), h("td", { class: "num" }, pct(recall[i]))] : []);
+  const rows = names.map((name, index) => ({
+    index, name, folded: name.toLocaleLowerCase(), class: index, accuracy: perClass[index],
+    images: (confusion[index] ?? []).reduce((a, b) => a + b, 0),
+    precision: withPseudo ? precision[index] : null, recall: withPseudo ? recall[index] : null,
+  }));
+  const columns = [
+    { key: "class", title: "Class" },
+    { key: "accuracy", title: "Test accuracy" },
+    { key: "images", title: "Test images", num: true },
+    ...(withPseudo ? [{ key: "precision", title: "Pseudo-label precision", num: true },
+      { key: "recall", title: "recall", num: true }] : []),
+  ];
+  const bounded = rows.length > PER_CLASS_SHOWN;
+  const state = {
+    key: rows.length > MANY_CLASSES ? "accuracy" : "class", up: true, all: false, filter: "",
+  };
+  let sorted = rows;
+
+  // Rows are built once, when first shown, and moved afterwards.
+  const built = new Map();
+  const rowNode = (row) => {
+    if (!built.has(row.index)) {
+      built.set(row.index, h("tr", {}, h("td", { class: "name" }, row.name),
+        h("td", { class: "nowrap" }, h("span", { class: "bar" }, h("span", { style: { width: `${(row.accuracy ?? 0) * 100}%` } })), " ", pct(row.accuracy)),
+        h("td", { class: "num" }, row.images),
+        withPseudo ? [h("td", { class: "num" }, pct(row.precision)), h("td", { class: "num" }, pct(row.recall))] : []));
+    }
+    return built.get(row.index);
+  };
+
+  const headers = columns.map((column) => {
+    const mark = h("span", { class: "sort-mark", "aria-hidden": "true" });
+    const button = h("button", { type: "button", class: "sort" }, column.title, mark);
+    button.addEventListener("click", () => {
+      state.up = state.key === column.key ? !state.up : true;
+      state.key = column.key;
+      sort();
+      draw();
+    });
+    return { column, mark, th: h("th", { class: column.num ? "num" : null, scope: "col" }, button) };
   });
-  document.getElementById("per-class").replaceChildren(h("thead", {}, head), h("tbody", {}, body));
+
+  function sort() {
+    const { key, up } = state;
+    const missing = (value) => !isNumber(value);
+    sorted = rows.slice().sort((a, b) => {
+      if (missing(a[key]) || missing(b[key])) return missing(a[key]) - missing(b[key]) || a.index - b.index;
+      return (up ? a[key] - b[key] : b[key] - a[key]) || a.index - b.index;
+    });
+  }
+
+  const tbody = h("tbody");
+  const more = document.getElementById("per-class-more");
+  const note = document.getElementById("per-class-note");
+  const filter = document.getElementById("per-class-filter");
+  function draw() {
+    for (const { column, mark, th } of headers) {
+      const sortedHere = column.key === state.key;
+      if (sortedHere) th.setAttribute("aria-sort", state.up ? "ascending" : "descending");
+      else th.removeAttribute("aria-sort");
+      mark.textContent = !sortedHere ? " ↕" : state.up ? " ▲" : " ▼";
+    }
+    const matching = state.filter ? sorted.filter((row) => row.folded.includes(state.filter)) : sorted;
+    const shown = state.all ? matching : matching.slice(0, PER_CLASS_SHOWN);
+    tbody.replaceChildren(...shown.map(rowNode));
+    if (!bounded) return;
+    const order = ORDERS[state.key][state.up ? "up" : "down"];
+    const typed = filter.value.trim();
+    note.textContent = !state.filter
+      ? `${shown.length === rows.length ? "All" : count(shown.length)} of ${count(rows.length)} classes, ${order}.`
+      : !matching.length ? `No class name holds “${typed}”.`
+      : `${shown.length === matching.length ? "All" : count(shown.length)} of the ${count(matching.length)} `
+        + `class${matching.length === 1 ? "" : "es"} whose name holds “${typed}”, ${order}.`;
+    more.parentElement.hidden = matching.length <= PER_CLASS_SHOWN;
+    more.textContent = state.all ? `Show the first ${PER_CLASS_SHOWN} only`
+      : `Show all ${count(matching.length)} ${state.filter ? "matching " : ""}classes`;
+  }
+
+  document.getElementById("per-class").replaceChildren(
+    h("thead", {}, h("tr", {}, headers.map(({ th }) => th))), tbody);
+  document.getElementById("per-class-controls").hidden = !bounded;
+  note.hidden = !bounded;
+  more.parentElement.hidden = !bounded;
+  // Handlers set, not added: a run that is run again and ends again draws its table anew.
+  filter.value = "";
+  more.onclick = () => { state.all = !state.all; draw(); };
+  filter.oninput = () => { state.filter = filter.value.trim().toLocaleLowerCase(); draw(); };
+  sort();
+  draw();
+}
+
+// The classes the predicted-against-labeled chart draws: every class, in class order, up to
+// MANY_CLASSES; beyond, a bar pair a class is a few pixels wide and unreadable, so it draws the
+// DISTRIBUTION_SHOWN classes whose predicted share differs most from their labeled share
+// (those the model over- or under-predicts), the largest difference first, and says so.
+function distributionShown(predicted, labeled) {
+  const every = predicted.map((_, i) => i);
+  const note = document.getElementById("distribution-note");
+  note.hidden = every.length <= MANY_CLASSES;
+  if (every.length <= MANY_CLASSES) return every;
+  const gap = (i) => Math.abs((predicted[i] ?? 0) - (labeled[i] ?? 0));
+  const shown = every.sort((a, b) => gap(b) - gap(a) || a - b).slice(0, DISTRIBUTION_SHOWN);
+  document.getElementById("chart-distribution").setAttribute("aria-label",
+    `class distributions of the ${shown.length} classes that differ most`);
+  note.textContent = `The ${shown.length} of ${count(predicted.length)} classes whose share of the `
+    + "predictions differs most from their share of the labeled images, largest difference first "
+    + "(every class's shares are in the API, under pseudo_label_quality).";
+  return shown;
 }
 
 function drawQuality(q, names) {
@@ -479,10 +625,12 @@ function drawQuality(q, names) {
       { percent: true, xTitle: "confidence (images with a withheld label)" });
   }
   if (Array.isArray(q.predicted_distribution)) {
-    barChart(document.getElementById("chart-distribution"), names, [
-      { label: "predicted (unlabeled)", data: q.predicted_distribution },
-      { label: "labeled", data: q.labeled_distribution ?? [] },
-    ], { percent: true });
+    const labeled = q.labeled_distribution ?? [];
+    const shown = distributionShown(q.predicted_distribution, labeled);
+    barChart(document.getElementById("chart-distribution"), shown.map((i) => names[i] ?? `class ${i}`), [
+      { label: "predicted (unlabeled)", data: shown.map((i) => q.predicted_distribution[i]) },
+      { label: "labeled", data: shown.map((i) => labeled[i]) },
+    ], { percent: true, fit: shown.length < q.predicted_distribution.length });
   }
   const histogram = q.confidence_histogram;
   if (histogram?.counts) {

@@ -1,0 +1,231 @@
+"""A finished run's per-class results at 1,000 classes, and at 3, in Chromium against a real
+uvicorn, Redis and SQLite (no worker: the run's end is recorded as a worker records it).
+
+At 1,000 classes the per-class table was in class order with every row (the failing classes
+somewhere among a thousand), the predicted-against-labeled chart drew 2,000 bars, and the
+most frequent confusions that tied came in class order. Now the table opens worst first on 50
+rows, sorts by any column, shows every row or finds a class on request; the chart draws the 20
+classes whose predicted share strays most from their labeled share and says so; ties among
+the confusions go to the larger share of the true class, then to pairs confused both ways,
+then to class names. A 3-class run's page shows every class in class order, as before."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from tests.browser import open_browser
+from tests.support import add_dataset_row
+from tests.test_experiments_cancel_delete import start_sweep
+from tests.test_pages_fixes import finish, quality
+
+pytestmark = pytest.mark.browser
+
+CLASSES = 1000
+NAMES = [f"class {n:04d}" for n in range(CLASSES)]
+NO_TEST_IMAGE = 999  # a class whose test images all went: no accuracy to sort
+# (true, predicted, test images): the confusions the run makes, each class of 5 test images
+# but class 300 of 4. Of those taken twice, 300 -> 301 is the largest share of its class;
+# 100 and 101 are confused both ways; 50 -> 51 and 700 -> 701 tie on everything but names.
+CONFUSIONS = [(900, 3, 3), (700, 701, 2), (300, 301, 2), (100, 101, 2), (50, 51, 2),
+              (101, 100, 1)] + [(400 + k, 500 + k, 1) for k in range(30)]
+# Classes whose share of the predictions strays from their share of the labeled images
+# (0.1 % each), over and under in turn, by 0.004 % more for each one: the last 20 stray most.
+STRAYING = [37 * k for k in range(25)]
+READY = "#results:not([hidden]) #per-class tbody tr"
+
+
+def first_cells(page, column: int = 0) -> list[str]:
+    cells = page.locator(f"#per-class tbody td:nth-child({column + 1})").all_inner_texts()
+    return [cell.strip() for cell in cells]  # the accuracy's text follows its bar
+
+
+def sorted_headers(page) -> dict[str, str]:
+    """The per-class table's headers that say how the table is sorted: name -> aria-sort."""
+    return page.evaluate("""Object.fromEntries([...document.querySelectorAll(
+        '#per-class th[aria-sort]')].map((th) => [th.querySelector('button').firstChild
+        .textContent, th.getAttribute('aria-sort')]))""")
+
+
+def run_metrics() -> dict:
+    totals = [5] * CLASSES
+    totals[300], totals[NO_TEST_IMAGE] = 4, 0
+    confusion = [[0] * CLASSES for _ in range(CLASSES)]
+    for i, total in enumerate(totals):
+        confusion[i][i] = total
+    for true, predicted, n in CONFUSIONS:
+        confusion[true][true] -= n
+        confusion[true][predicted] = n
+    labeled = [1 / CLASSES] * CLASSES
+    predicted = list(labeled)
+    for k, c in enumerate(STRAYING):
+        predicted[c] += (k + 1) * 4e-5 * (-1) ** k
+    return {
+        "test_top1": 0.99, "test_mean_class_acc": 0.99, "confusion_matrix": confusion,
+        "per_class_acc": [row[i] / totals[i] if totals[i] else None
+                          for i, row in enumerate(confusion)],
+        "pseudo_label_quality": {**quality(100, queue=False), "predicted_distribution": predicted,
+                                 "labeled_distribution": labeled},
+    }
+
+
+@pytest.fixture(scope="module")
+def thousand(server) -> str:
+    """The page of a finished run of 1,000 classes."""
+    counts = {name: {"train": 4, "test": 5} for name in NAMES}
+    dataset_id = add_dataset_row(server.database_url, counts)
+    with server.client() as client:
+        _, (run_id,) = start_sweep(client, dataset_id, seeds=[0], methods=["fine-tune"])
+    live = redis.Redis.from_url(server.redis_url, decode_responses=True)
+    finish(server.database_url, live, run_id, run_metrics())
+    return f"{server.url}/runs/{run_id}"
+
+
+def test_the_per_class_table_opens_worst_first_on_50_rows_and_sorts_by_its_headers(
+    thousand, request
+):
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(thousand)
+        page.wait_for_selector(READY)
+        # Lowest accuracy first, ties in class order; the class without test images last.
+        worst = ["class 0900", "class 0300", "class 0050", "class 0100", "class 0700",
+                 "class 0101"] + [f"class {400 + k:04d}" for k in range(30)]
+        perfect = [name for n, name in enumerate(NAMES)
+                   if n not in {c for c, *_ in CONFUSIONS} | {NO_TEST_IMAGE}]
+        assert first_cells(page) == worst + perfect[:14]
+        assert first_cells(page, 1)[:3] == ["40.0%", "50.0%", "60.0%"]
+        assert sorted_headers(page) == {"Test accuracy": "ascending"}
+        assert page.inner_text("#per-class-note") == (
+            "50 of 1,000 classes, by test accuracy, lowest first.")
+        browser.screenshot("worst-first")
+
+        # A header's button sorts by its column, the other way round at a second press.
+        accuracy = page.get_by_role("button", name="Test accuracy", exact=True)
+        accuracy.click()
+        assert sorted_headers(page) == {"Test accuracy": "descending"}
+        assert first_cells(page)[:3] == perfect[:3]
+        assert page.inner_text("#per-class-note").endswith("by test accuracy, highest first.")
+        page.get_by_role("button", name="Test images", exact=True).click()
+        assert sorted_headers(page) == {"Test images": "ascending"}
+        assert first_cells(page)[:2] == [NAMES[NO_TEST_IMAGE], "class 0300"]
+        assert first_cells(page, 2)[:3] == ["0", "4", "5"]
+        page.get_by_role("button", name="Class", exact=True).click()
+        assert sorted_headers(page) == {"Class": "ascending"}
+        assert first_cells(page) == NAMES[:50]
+
+        # Every row on request, and back; the class without a test image is last by accuracy.
+        more = page.locator("#per-class-more")
+        assert more.inner_text() == "Show all 1,000 classes"
+        accuracy.click()
+        more.click()
+        assert page.locator("#per-class tbody tr").count() == CLASSES
+        assert first_cells(page)[-1] == NAMES[NO_TEST_IMAGE]
+        assert first_cells(page, 1)[-1] == "–"
+        assert page.inner_text("#per-class-note") == (
+            "All of 1,000 classes, by test accuracy, lowest first.")
+        assert more.inner_text() == "Show the first 50 only"
+        more.click()
+        assert page.locator("#per-class tbody tr").count() == 50
+
+        # A class found by name among the 1,000.
+        page.get_by_label("Find a class").fill("class 070")
+        assert first_cells(page) == ["class 0700"] + [f"class {n:04d}" for n in range(701, 710)]
+        assert page.inner_text("#per-class-note") == (
+            "All of the 10 classes whose name holds “class 070”, by test accuracy, lowest first.")
+        assert page.is_hidden("#per-class-more")
+        page.get_by_label("Find a class").fill("no such class")
+        assert page.locator("#per-class tbody tr").count() == 0
+        assert page.inner_text("#per-class-note") == "No class name holds “no such class”."
+        browser.assert_no_errors()
+
+
+def test_the_distribution_chart_draws_the_classes_that_stray_most_and_says_so(thousand, request):
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(thousand)
+        page.wait_for_selector(READY)
+        page.wait_for_function("Chart.getChart(document.getElementById('chart-distribution'))")
+        labels = page.evaluate(
+            "Chart.getChart(document.getElementById('chart-distribution')).data.labels")
+        assert labels == [NAMES[STRAYING[k]] for k in range(24, 4, -1)]
+        assert page.inner_text("#distribution-note").startswith(
+            "The 20 of 1,000 classes whose share of the predictions differs most from their "
+            "share of the labeled images, largest difference first")
+        assert browser.chart_points("#chart-distribution") == {
+            "predicted (unlabeled)": 20, "labeled": 20}
+        # Shares of about 0.1 %: the axis ends near the largest bar (0.2 %), not at 100 %,
+        # and its ticks and tooltips tell hundredths of a percent apart.
+        axis = page.evaluate("""() => {
+            const chart = Chart.getChart(document.getElementById('chart-distribution'));
+            chart.tooltip.setActiveElements([{datasetIndex: 0, index: 2}], {x: 0, y: 0});
+            chart.update();
+            return {max: chart.scales.y.max, ticks: chart.scales.y.ticks.map((t) => t.label),
+                    tooltip: chart.tooltip.body.map((b) => b.lines).flat()};
+        }""")
+        assert 0.002 <= axis["max"] < 0.003, axis
+        assert axis["ticks"][-1] == "0.2%" and len(set(axis["ticks"])) == len(axis["ticks"]), axis
+        assert axis["tooltip"] == ["predicted (unlabeled): 0.192%"]
+        browser.screenshot("distribution")
+        browser.assert_no_errors()
+
+
+def test_equally_frequent_confusions_come_by_share_then_both_ways_then_name(thousand, request):
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(thousand)
+        page.wait_for_selector(READY)
+        rows = page.locator("#confusion tbody tr")
+        listed = [rows.nth(k).locator("td").all_inner_texts()[:3] for k in range(rows.count())]
+        assert listed[:6] == [["class 0900", "class 0003", "3"],
+                              ["class 0300", "class 0301", "2"],  # 50 % of its class
+                              ["class 0100", "class 0101", "2"],  # 40 %, and the other way
+                              ["class 0050", "class 0051", "2"],
+                              ["class 0700", "class 0701", "2"],
+                              ["class 0101", "class 0100", "1"]]  # the other way round
+        assert listed[6:] == [[f"class {400 + k:04d}", f"class {500 + k:04d}", "1"]
+                              for k in range(19)]
+        assert page.inner_text("#confusion-note") == (
+            "The 25 most frequent of 36 confusions (a pair of a true class and the class "
+            "predicted for it). Equally frequent ones are ordered by the share of the true "
+            "class's test images, then pairs also confused the other way round first, then by "
+            "class name. 11 more, not listed, have 1 test image too.")
+        browser.assert_no_errors()
+
+
+def test_a_three_class_run_shows_every_class_in_class_order(server, request):
+    names = ["cat", "dog", "fox"]
+    dataset_id = add_dataset_row(server.database_url,
+                                 {name: {"train": 10, "test": 4} for name in names})
+    with server.client() as client:
+        _, (run_id,) = start_sweep(client, dataset_id, seeds=[0], methods=["fine-tune"])
+    live = redis.Redis.from_url(server.redis_url, decode_responses=True)
+    finish(server.database_url, live, run_id, {
+        "test_top1": 0.75, "test_mean_class_acc": 0.75,
+        "confusion_matrix": [[3, 1, 0], [0, 4, 0], [2, 0, 2]],
+        "per_class_acc": [0.75, 1.0, 0.5],
+        "pseudo_label_quality": {**quality(8, queue=False),
+                                 "predicted_distribution": [0.5, 0.25, 0.25],
+                                 "labeled_distribution": [1 / 3] * 3}})
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/runs/{run_id}")
+        page.wait_for_selector(READY)
+        page.wait_for_function("Chart.getChart(document.getElementById('chart-distribution'))")
+        assert first_cells(page) == names
+        assert first_cells(page, 1) == ["75.0%", "100.0%", "50.0%"]
+        assert sorted_headers(page) == {"Class": "ascending"}
+        for hidden in ("#per-class-controls", "#per-class-note", "#per-class-more",
+                       "#distribution-note", "#confusion-note"):
+            assert page.is_hidden(hidden), hidden
+        chart = page.evaluate("""() => {
+            const chart = Chart.getChart(document.getElementById('chart-distribution'));
+            return {labels: chart.data.labels, max: chart.scales.y.max};
+        }""")
+        assert chart == {"labels": names, "max": 1}  # every class, on a 0-100 % axis
+        assert page.locator("#confusion tbody tr").count() == 3  # the matrix, as before
+        browser.screenshot("three-classes")
+        # Sortable all the same.
+        page.get_by_role("button", name="Test accuracy", exact=True).click()
+        assert first_cells(page) == ["fox", "cat", "dog"]
+        browser.assert_no_errors()

@@ -173,11 +173,14 @@ class RunMetric(Base):
     """One point of a run's time series (a progress or an eval event), unique per step."""
 
     __tablename__ = "run_metrics"
+    # A run's points in their order, (step, id), which a page of them starts in (migration
+    # 0009); its first column serves the lookups by run too.
     __table_args__ = (UniqueConstraint("run_id", "kind", "step", name="uq_run_metrics_point"),
+                      Index("ix_run_metrics_run_step", "run_id", "step", "id"),
                       NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(16))  # progress | eval
     step: Mapped[int] = mapped_column(Integer)
     values: Mapped[dict[str, Any]] = mapped_column(default=dict)

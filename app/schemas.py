@@ -457,4 +457,8 @@ class MetricPoint(BaseModel):
 
 class RunMetricsOut(BaseModel):
     run_id: int
-    points: list[MetricPoint]
+    points: list[MetricPoint] = Field(description="in the order of their step, then of "
+                                      "their recording")
+    # Left out of an answer that was not asked for a page: it was always {run_id, points}.
+    next: str | None = Field(None, description="only in a page (`limit` or `after` given): "
+                             "the address of the next page, null on the last")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import tempfile
 import uuid
 import zipfile
@@ -15,7 +16,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
@@ -31,9 +32,10 @@ from app.experiments import (
     is_finishing,
     is_terminal,
     queue_position,
+    unprocessable,
 )
 from app.live import ended, publish_status, run_stream_key, timestamp
-from app.models import Artifact, Dataset, Run, RunMetric, utcnow
+from app.models import MAX_ID, Artifact, Dataset, Run, RunMetric, utcnow
 from app.reaper import REQUEUEABLE, requeue
 from app.responses import FILE_DELETED, csv_download, send_file
 from app.schemas import (
@@ -143,17 +145,61 @@ def read_run(run_id: RunId, session: DbDep, settings: SettingsDep):
     )
 
 
-@router.get("/{run_id}/metrics", response_model=RunMetricsOut, responses=NO_RUN)
-def read_metrics(run_id: RunId, session: DbDep):
-    """The recorded time series: progress points (losses, lr, images/s) and evaluations."""
+# A page of a run's record: a paper-length run holds 110,000 points (23 MB in one answer).
+METRICS_PAGE_MAX = 10_000
+METRICS_CURSOR = re.compile(r"([0-9]{1,10}):([0-9]{1,10})")
+MetricsLimit = Annotated[int | None, Query(
+    ge=1, le=METRICS_PAGE_MAX, description="read a page of at most this many points, "
+    "in the same order (without `limit` and `after`: every point at once)")]
+MetricsAfter = Annotated[str | None, Query(
+    description="where the page starts: after the point this cursor (`<step>:<id>`) names; "
+    "take it from the `next` of the page before. A page of "
+    f"{METRICS_PAGE_MAX:,} points unless `limit` says less", examples=["1200:5531"])]
+
+
+def metrics_cursor(after: str) -> tuple[int, int]:
+    """The (step, id) of the point a page starts after, or a 422."""
+    match = METRICS_CURSOR.fullmatch(after)
+    if match is None or max(int(match[1]), int(match[2])) > MAX_ID:
+        raise unprocessable(
+            "after", "not a cursor: give the `next` of the page before (`after=<step>:<id>`, "
+            "e.g. `after=1200:5531`), or leave `after` out to start at the first point",
+            where="query")
+    return int(match[1]), int(match[2])
+
+
+def metric_point(row: RunMetric) -> MetricPoint:
+    return MetricPoint(step=row.step, kind=row.kind, values=row.values)
+
+
+@router.get("/{run_id}/metrics", response_model=RunMetricsOut, response_model_exclude_unset=True,
+            responses=NO_RUN)
+def read_metrics(run_id: RunId, session: DbDep, response: Response,
+                 limit: MetricsLimit = None, after: MetricsAfter = None):
+    """The recorded time series: progress points (losses, lr, images/s) and evaluations, in
+    the order of their step, then of their recording. With `limit` (or `after`), a page of
+    them and in `next` the address of the page after it (null on the last; also a Link
+    header), read while the run trains: the cursor is the last point's step and id, and a
+    run records its new points at later steps (a resumed run keeps the points of the steps
+    it repeats as first recorded), so they come in a later page."""
+    cursor = None if after is None else metrics_cursor(after)
     get_run(session, run_id)
-    rows = session.scalars(
-        select(RunMetric).where(RunMetric.run_id == run_id).order_by(RunMetric.step, RunMetric.id)
-    )
-    return RunMetricsOut(
-        run_id=run_id,
-        points=[MetricPoint(step=r.step, kind=r.kind, values=r.values) for r in rows],
-    )
+    query = (select(RunMetric).where(RunMetric.run_id == run_id)
+             .order_by(RunMetric.step, RunMetric.id))
+    if limit is None and cursor is None:  # as before paging: all of them, and no `next`
+        return RunMetricsOut(run_id=run_id,
+                             points=[metric_point(r) for r in session.scalars(query)])
+    if cursor is not None:  # in SQL, on the index of (run_id, step, id): no page reads the rest
+        query = query.where(tuple_(RunMetric.step, RunMetric.id) > tuple_(*cursor))
+    size = limit or METRICS_PAGE_MAX
+    rows = list(session.scalars(query.limit(size + 1)))  # one more: is there a next page?
+    next_page = None
+    if len(rows) > size:
+        last = rows[size - 1]
+        next_page = f"/api/runs/{run_id}/metrics?limit={size}&after={last.step}:{last.id}"
+        response.headers["Link"] = f'<{next_page}>; rel="next"'
+    return RunMetricsOut(run_id=run_id, points=[metric_point(r) for r in rows[:size]],
+                         next=next_page)
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut, responses={

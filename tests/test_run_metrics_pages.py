@@ -1,0 +1,169 @@
+"""A run's record read a page at a time (`/api/runs/{id}/metrics?limit=...`): a paper-length
+run holds 110,000 points, 23 MB in one answer, which the run page waited for before it drew
+a line. Real uvicorn and Redis, SQLite and PostgreSQL; the points are written as the worker
+writes them, without training."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import insert, select
+
+from app.db import session_scope
+from app.models import RunMetric, utcnow
+from tests.support import LiveServer, add_dataset_row
+from tests.test_datasets_support import dataset_server
+from tests.test_experiments_cancel_delete import start_sweep
+
+STEPS = 600
+EVAL_EVERY = 50
+PAGE_CAP = 10_000
+
+
+@pytest.fixture
+def metrics_server(database_url: str, tmp_path: Path, redis_url: str) -> Iterator[LiveServer]:
+    """uvicorn on SQLite, then on PostgreSQL (the row-value cursor is SQL on both)."""
+    with dataset_server(tmp_path, redis_url, database_url=database_url) as live:
+        yield live
+
+
+def new_run(client: httpx.Client, database_url: str) -> int:
+    _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0],
+                             methods=["fine-tune"])
+    return run_ids[0]
+
+
+def record(database_url: str, run_id: int, kind: str, steps: range) -> None:
+    """Points of one kind, written in one go as a worker writes them one at a time."""
+    rows = [{"run_id": run_id, "kind": kind, "step": step, "created_at": utcnow(),
+             "values": ({"losses": {"ce": 1 / step}, "lr": 0.01} if kind == "progress"
+                        else {"test_top1": step / 1000})} for step in steps]
+    with session_scope(database_url) as session:
+        session.execute(insert(RunMetric), rows)
+
+
+def record_run(database_url: str, run_id: int) -> None:
+    """A progress point each step, then an eval every EVAL_EVERY steps recorded after them
+    all: ids do not follow steps, so a page that went by id would come out of order."""
+    record(database_url, run_id, "progress", range(1, STEPS + 1))
+    record(database_url, run_id, "eval", range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+
+
+def read_pages(client: httpx.Client, first: str) -> list[dict]:
+    """Each page's body, following `next` from `first` until it is null."""
+    pages, url = [], first
+    while url is not None:
+        response = client.get(url)
+        assert response.status_code == 200, response.text
+        pages.append(response.json())
+        url = pages[-1]["next"]
+        # The same address in a Link header, as the other lists give theirs.
+        assert response.headers.get("link") == (None if url is None else f'<{url}>; rel="next"')
+    return pages
+
+
+def test_pages_put_together_are_the_whole_record_in_its_order(metrics_server):
+    server = metrics_server
+    with server.client() as client:
+        run_id = new_run(client, server.database_url)
+        record_run(server.database_url, run_id)
+        read = f"/api/runs/{run_id}/metrics"
+        whole = client.get(read).json()
+        # Without a paging parameter the answer is what it always was: every point, no `next`.
+        assert list(whole) == ["run_id", "points"] and whole["run_id"] == run_id
+        assert len(whole["points"]) == STEPS + STEPS // EVAL_EVERY
+        assert whole["points"][:3] == [
+            {"step": 1, "kind": "progress", "values": {"losses": {"ce": 1.0}, "lr": 0.01}},
+            {"step": 2, "kind": "progress", "values": {"losses": {"ce": 0.5}, "lr": 0.01}},
+            {"step": 3, "kind": "progress", "values": {"losses": {"ce": 1 / 3}, "lr": 0.01}}]
+        assert [(p["step"], p["kind"]) for p in whole["points"][49:52]] == [
+            (50, "progress"), (50, "eval"), (51, "progress")]
+
+        # 7 splits steps that hold two points; 612 and 613 are the whole record in one page.
+        for limit in (7, 50, 612, 613, PAGE_CAP):
+            pages = read_pages(client, f"{read}?limit={limit}")
+            assert [point for page in pages for point in page["points"]] == whole["points"]
+            assert len(pages) == -(-len(whole["points"]) // limit)  # no empty last page
+            assert all(len(page["points"]) == limit for page in pages[:-1])
+            assert all(page["run_id"] == run_id for page in pages)
+            first = pages[0]["next"]
+            assert first is None or re.fullmatch(
+                rf"/api/runs/{run_id}/metrics\?limit={limit}&after=\d+:\d+", first)
+
+        # `after` alone reads on from there, a page of the cap at most.
+        cursor = read_pages(client, f"{read}?limit=50")[0]["next"].split("after=")[1]
+        rest = client.get(read, params={"after": cursor}).json()
+        assert rest["points"] == whole["points"][50:] and rest["next"] is None
+        # A run without points has one empty page; a run that does not exist is a 404.
+        empty = new_run(client, server.database_url)
+        assert client.get(f"/api/runs/{empty}/metrics", params={"limit": 10}).json() == {
+            "run_id": empty, "points": [], "next": None}
+        missing = client.get("/api/runs/424242/metrics", params={"limit": 10})
+        assert missing.status_code == 404
+
+
+def test_a_point_recorded_between_two_pages_comes_in_a_later_one(metrics_server):
+    """The cursor is the last point's (step, id): a training run records at higher steps
+    only (a resumed one keeps the points of the steps it repeats, as they were first
+    recorded), and its new points come after it."""
+    database_url = metrics_server.database_url
+    with metrics_server.client() as client:
+        run_id = new_run(client, database_url)
+        record(database_url, run_id, "progress", range(1, 101))
+        first = client.get(f"/api/runs/{run_id}/metrics", params={"limit": 40}).json()
+        assert [p["step"] for p in first["points"]] == list(range(1, 41))
+
+        record(database_url, run_id, "progress", range(101, 120))
+        record(database_url, run_id, "eval", range(119, 120))
+        with session_scope(database_url) as session:  # a point read already, written again
+            point = session.scalar(select(RunMetric).where(
+                RunMetric.run_id == run_id, RunMetric.step == 5))
+            point.values = {"losses": {"ce": 9.0}, "lr": 0.01}
+
+        later = read_pages(client, first["next"])
+        assert len(later) == 2  # 80 points: 40, 40, and the last says so
+        read = first["points"] + [p for page in later for p in page["points"]]
+        whole = client.get(f"/api/runs/{run_id}/metrics").json()["points"]
+    assert [(p["step"], p["kind"]) for p in read] == [(p["step"], p["kind"]) for p in whole]
+    assert read[-2:] == whole[-2:] and read[-1] == {
+        "step": 119, "kind": "eval", "values": {"test_top1": 0.119}}
+    assert read[4]["values"]["losses"]["ce"] == 0.2  # as it was when its page was read
+    assert [p for p in read if p["step"] != 5] == [p for p in whole if p["step"] != 5]
+
+
+REFUSED = [  # (query, the parameter refused, what its message says)
+    ({"limit": 0}, "limit", "greater than or equal to 1"),
+    ({"limit": -5}, "limit", "greater than or equal to 1"),
+    ({"limit": "ten"}, "limit", "valid integer"),
+    ({"limit": ""}, "limit", "valid integer"),
+    ({"limit": PAGE_CAP + 1}, "limit", f"less than or equal to {PAGE_CAP}"),
+    ({"limit": 10**30}, "limit", f"less than or equal to {PAGE_CAP}"),
+    ({"after": "abc"}, "after", "`next`"),
+    ({"after": ""}, "after", "`next`"),
+    ({"after": "12"}, "after", "`next`"),
+    ({"after": "-1:3"}, "after", "`next`"),
+    ({"after": "1:-3"}, "after", "`next`"),
+    ({"after": "1:2:3"}, "after", "`next`"),
+    ({"after": "1.5:2"}, "after", "`next`"),
+    ({"after": "\u0661:\u0662"}, "after", "`next`"),  # digits, but not ASCII ones
+    ({"after": "99999999999:1"}, "after", "`next`"),  # past what a step or an id can be
+    ({"after": f"1:{2**31}"}, "after", "`next`"),
+    ({"limit": 10, "after": "9" * 5000}, "after", "`next`"),
+]
+
+
+def test_paging_parameters_it_cannot_use_are_422s_that_say_why(live_server):
+    with live_server.client() as client:
+        run_id = new_run(client, live_server.database_url)
+        record(live_server.database_url, run_id, "progress", range(1, 11))
+        answers = [client.get(f"/api/runs/{run_id}/metrics", params=params)
+                   for params, _, _ in REFUSED]
+    for (params, field, says), response in zip(REFUSED, answers, strict=True):
+        assert response.status_code == 422, (params, response.text)
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["query", field], params
+        assert says in error["msg"], (params, error)

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import insert, select
 
 from app.db import session_scope
 from app.models import RunMetric, utcnow
+from tests.browser import open_browser
 from tests.support import LiveServer, add_dataset_row
 from tests.test_datasets_support import dataset_server
-from tests.test_experiments_cancel_delete import start_sweep
+from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
 
 STEPS = 600
 EVAL_EVERY = 50
@@ -167,3 +169,53 @@ def test_paging_parameters_it_cannot_use_are_422s_that_say_why(live_server):
         [error] = response.json()["detail"]
         assert error["loc"] == ["query", field], params
         assert says in error["msg"], (params, error)
+
+
+@pytest.mark.browser
+def test_a_run_page_draws_a_long_history_a_page_at_a_time(live_server, request):
+    """12,000 steps: the page asks for three pages of 5,000 points, draws the first before
+    the others arrive (held back here), and ends with every point on its charts."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        run_id = new_run(client, database_url)
+        record(database_url, run_id, "progress", range(1, 12_001))
+        record(database_url, run_id, "eval", range(500, 12_001, 500))
+        end_as_worker(database_url, live, run_id, "succeeded")
+        whole = client.get(f"/api/runs/{run_id}/metrics").json()["points"]
+    on_first_page = sum(point["kind"] == "progress" for point in whole[:5000])
+
+    asked: list[str] = []
+    held = []
+    let_through = False
+
+    def hold_later_pages(route) -> None:
+        if let_through:
+            route.continue_()
+        else:
+            held.append(route)
+
+    ce_points = """() => {
+        const chart = Chart.getChart(document.getElementById('chart-losses'));
+        const line = chart && chart.data.datasets.find((d) => d.label === 'ce');
+        return line ? (line._decimated ? line._data : line.data).length : 0;
+    }"""
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("request", lambda r: asked.append(r.url) if "/metrics" in r.url else None)
+        page.route(re.compile(r"/metrics\?.*after="), hold_later_pages)
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_function(f"({ce_points})() === {on_first_page}")
+        assert len(held) == 1  # the first page is drawn while the second is on its way
+        browser.screenshot("1-first-page")
+        let_through = True
+        for route in held:
+            route.continue_()
+        page.wait_for_function(f"({ce_points})() === 12000")
+        points = browser.chart_points("#chart-accuracy")
+        assert points == {"top-1": 24}
+        browser.screenshot("2-every-page")
+        browser.assert_no_errors()
+    paths = [url.removeprefix(live_server.url) for url in asked]
+    assert paths[0] == f"/api/runs/{run_id}/metrics?limit=5000"
+    assert len(paths) == 3 and all("after=" in path for path in paths[1:])

@@ -1,0 +1,60 @@
+"""Pages as people browse them, in Chromium against a real uvicorn, Redis and SQLite (no
+worker: the tests write what a worker would): a phone's window and one that narrows, Back to a
+page the browser kept, and printing."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from tests.browser import PHONE, open_browser
+from tests.support import add_dataset_row
+from tests.test_experiments_cancel_delete import start_sweep
+from tests.test_pages_fixes import finish, quality
+
+pytestmark = pytest.mark.browser
+
+LONG_CLASS = "triangle_with_a_longer_name"  # over the 16 characters a column's name shows
+
+
+def finished_run(live_server, classes: tuple[str, ...] = ("circle", "square", LONG_CLASS)) -> int:
+    """A succeeded run with its scores, confusion matrix and pseudo-label charts."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset_row(database_url, {name: {"train": 10, "test": 2}
+                                                for name in classes})
+    with live_server.client() as client:
+        _, (run_id,) = start_sweep(client, dataset_id, seeds=[0], methods=["self-tuning"],
+                                   budgets=[0.5])
+    finish(database_url, live, run_id, {
+        "test_top1": 0.75, "test_mean_class_acc": 0.75, "pseudo_label_acc": 0.7,
+        "train_pseudo_label_acc": 0.6, "confusion_matrix": [[2, 0, 0], [0, 1, 1], [0, 0, 2]],
+        "per_class_acc": [1.0, 0.5, 1.0], "pseudo_label_quality": {
+            **quality(12, queue=True), "predicted_distribution": [0.25, 0.25, 0.5],
+            "labeled_distribution": [0.3, 0.3, 0.4]}})
+    return run_id
+
+
+def canvases_wider_than_their_cards(page) -> list[str]:
+    return page.evaluate("""[...document.querySelectorAll('canvas')]
+        .filter((canvas) => canvas.offsetParent)
+        .filter((canvas) => canvas.getBoundingClientRect().right
+            > canvas.closest('.card').getBoundingClientRect().right)
+        .map((canvas) => canvas.id)""")
+
+
+def test_a_run_page_on_a_phone_is_not_widened_by_its_class_names_read_aloud(
+    live_server, request
+):
+    """The whole name of a confusion matrix column cut short, there for screen readers, was
+    placed against the page rather than its card: at 375 px it stuck out past the scrolling
+    card and made the run page 398 px wide."""
+    run_id = finished_run(live_server)
+    with open_browser(request.node.name, viewport=PHONE) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_selector("#results:not([hidden]) #confusion td")
+        assert page.locator("#confusion thead .sr-only").all_inner_texts() == [LONG_CLASS]
+        assert browser.horizontal_overflow() == 0
+        browser.screenshot("run-on-a-phone")
+        browser.assert_no_errors()

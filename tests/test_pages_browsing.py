@@ -10,7 +10,7 @@ import redis
 from tests.browser import PHONE, open_browser
 from tests.support import add_dataset_row
 from tests.test_experiments_cancel_delete import start_sweep
-from tests.test_pages_fixes import finish, quality
+from tests.test_pages_fixes import cards_scrolling_sideways, finish, quality
 
 pytestmark = pytest.mark.browser
 
@@ -57,4 +57,24 @@ def test_a_run_page_on_a_phone_is_not_widened_by_its_class_names_read_aloud(
         assert page.locator("#confusion thead .sr-only").all_inner_texts() == [LONG_CLASS]
         assert browser.horizontal_overflow() == 0
         browser.screenshot("run-on-a-phone")
+        browser.assert_no_errors()
+
+
+def test_side_by_side_charts_shrink_with_the_window(live_server, request):
+    """The pseudo-label quality charts sat in columns at least 320 px wide, and a canvas
+    drawn wider held its column: a run page opened on a desktop and narrowed to a phone's
+    375 px kept them 336 px wide in a 315 px card, cut off at its edge."""
+    run_id = finished_run(live_server)
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_selector("#results:not([hidden]) #confusion td")
+        page.wait_for_function("Chart.getChart(document.getElementById('chart-bins'))")
+        for width in (768, PHONE["width"], 320):
+            page.set_viewport_size({"width": width, "height": 800})
+            page.wait_for_timeout(400)  # Chart.js resizes on the next frames
+            assert canvases_wider_than_their_cards(page) == [], width
+            assert "quality" not in cards_scrolling_sideways(page), width
+            assert browser.horizontal_overflow() == 0, width
+        browser.screenshot("narrowed-to-320")
         browser.assert_no_errors()

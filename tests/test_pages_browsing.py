@@ -4,11 +4,13 @@ page the browser kept, and printing."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import redis
 
 from tests.browser import PHONE, open_browser
-from tests.support import add_dataset_row
+from tests.support import add_dataset_row, make_image_archive
 from tests.test_experiments_cancel_delete import start_sweep
 from tests.test_pages_fixes import cards_scrolling_sideways, finish, quality
 
@@ -77,4 +79,27 @@ def test_side_by_side_charts_shrink_with_the_window(live_server, request):
             assert "quality" not in cards_scrolling_sideways(page), width
             assert browser.horizontal_overflow() == 0, width
         browser.screenshot("narrowed-to-320")
+        browser.assert_no_errors()
+
+
+def test_back_to_the_upload_page_after_an_upload_offers_the_next_one(
+    live_server, request, tmp_path
+):
+    """Back from the new dataset's page, Chromium showed the upload page as it was left:
+    "Done." under a full bar, and Upload greyed until the page was reloaded."""
+    archive = make_image_archive(tmp_path / "shapes.zip", train_per_class=4, test_per_class=2,
+                                 unlabeled=2)
+    with open_browser(request.node.name, back_forward_cache=True) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/datasets/new")
+        page.evaluate("window.keptByTheBrowser = true")
+        page.set_input_files("#file", str(archive))
+        page.click("#upload-button")
+        page.wait_for_url(re.compile(r"/datasets/\d+$"))
+        page.wait_for_selector("h1")
+        page.go_back(wait_until="commit")  # a page from the cache fires no load event
+        page.wait_for_function("window.keptByTheBrowser === true")  # not loaded afresh
+        page.wait_for_selector("#upload-button:enabled")
+        assert page.is_hidden("#upload-progress")
+        browser.screenshot("back-to-upload")
         browser.assert_no_errors()

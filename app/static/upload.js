@@ -105,6 +105,13 @@
       event.preventDefault();
       event.returnValue = "";  // older browsers ask only when this is set
     });
+    // Back from the new dataset's page, the browser may show this page as it was left ("Done.",
+    // Upload greyed): it is ready for the next archive instead.
+    window.addEventListener("pageshow", function (event) {
+      if (!event.persisted || uploading) return;
+      progressBox.hidden = true;
+      button.disabled = false;
+    });
 
     form.addEventListener("submit", function (event) {
       event.preventDefault();

@@ -17,6 +17,8 @@ from tests.test_pages_fixes import cards_scrolling_sideways, finish, quality
 pytestmark = pytest.mark.browser
 
 LONG_CLASS = "triangle_with_a_longer_name"  # over the 16 characters a column's name shows
+# What Chromium lays a page out at to print it on A4 with its default margins.
+A4_WIDTH = {"width": 718, "height": 1000}
 
 
 def finished_run(live_server, classes: tuple[str, ...] = ("circle", "square", LONG_CLASS)) -> int:
@@ -102,4 +104,31 @@ def test_back_to_the_upload_page_after_an_upload_offers_the_next_one(
         page.wait_for_selector("#upload-button:enabled")
         assert page.is_hidden("#upload-progress")
         browser.screenshot("back-to-upload")
+        browser.assert_no_errors()
+
+
+def test_a_printed_experiment_keeps_every_column_of_its_results(live_server, request):
+    """Printed on A4, the results card cut the label estimates' table after "Estimated with
+    twice the labels": a card scrolls its wide tables sideways, which paper cannot."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(
+            client, add_dataset_row(database_url), seeds=[0, 1], methods=["fine-tune"],
+            budgets=[0.2, 0.5])
+    for index, run_id in enumerate(run_ids):
+        finish(database_url, live, run_id, {"test_top1": 0.5 + index / 10})
+    with open_browser(request.node.name, viewport=A4_WIDTH) as browser:
+        page = browser.page
+        page.emulate_media(media="print")
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#label-estimates:not([hidden]) tbody tr")
+        assert cards_scrolling_sideways(page) == []
+        right = page.evaluate("""() => Math.max(...[...document.querySelectorAll(
+            '#label-estimates th, #label-estimates td')]
+            .map((cell) => cell.getBoundingClientRect().right))""")
+        card = page.evaluate(
+            "document.getElementById('results').getBoundingClientRect().right")
+        assert right <= card
+        browser.screenshot("printed")
         browser.assert_no_errors()

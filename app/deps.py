@@ -34,6 +34,12 @@ PageLimit = Annotated[int | None, Query(
     ge=1, le=1000, description="at most this many items (all when absent); X-Total-Count "
     "counts every item, and a Link header gives the next and previous pages")]
 PageOffset = Annotated[int, Query(ge=0, le=MAX_ID, description="items to skip")]
+# An EventSource cannot set `Last-Event-ID` on a feed it opens anew (a page that let its feed
+# go while hidden): it names the event to go on after here. The header, sent by the browser's
+# own reconnects, wins over it.
+LastEventId = Annotated[str | None, Query(
+    description="resume after this event id, as the `Last-Event-ID` header does (which wins "
+    "when both are sent); a malformed id reads from the start", examples=["1733389200000-0"])]
 
 
 def page_headers(request: Request, response: Response, total: int, limit: int | None,

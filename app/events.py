@@ -349,14 +349,16 @@ async def _stream_is_empty(hubs: Hubs, key: str) -> bool:
 
 def event_stream_response(request, key: str, outcome: Callable[[], Outcome],
                           heartbeat_s: float, earlier_ends: bool = False, *,
-                          maxlen: int | None = None, record: str | None = None):
-    """The SSE response for one stream key, resuming after the request's Last-Event-ID."""
+                          maxlen: int | None = None, record: str | None = None,
+                          last_event_id: str | None = None):
+    """The SSE response for one stream key, resuming after the request's Last-Event-ID
+    header, or else after `last_event_id` (the query's)."""
     from fastapi.responses import StreamingResponse
 
     frames = stream_events(
         request.app.state.hubs,
         key,
-        valid_last_event_id(request.headers.get("last-event-id")),
+        valid_last_event_id(request.headers.get("last-event-id") or last_event_id),
         outcome=outcome,
         heartbeat_s=heartbeat_s,
         earlier_ends=earlier_ends,

@@ -56,6 +56,40 @@ def test_a_feed_longer_than_a_page_replays_every_event_in_order(live_server):
 
 
 
+def test_a_feed_opened_anew_resumes_after_the_event_its_query_names(live_server):
+    """A page that let its feed go (hidden) opens a new EventSource, which cannot send
+    `Last-Event-ID`: `?last_event_id=` says where it was. The header, which the browser's own
+    reconnects send with a later id, wins; an id that is not one reads from the start."""
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        experiment_id, (run_id, *_) = start_sweep(client, add_dataset_row(database_url),
+                                                  seeds=[0])
+        for step in range(1, 6):
+            live.xadd(run_stream_key(run_id), {"data": json.dumps(
+                {"type": "progress", "run_id": run_id, "step": step})})
+            live.xadd(experiment_stream_key(experiment_id), {"data": json.dumps(
+                {"type": "progress", "run_id": run_id, "step": step})})
+        ids = [entry_id for entry_id, _ in live.xrange(run_stream_key(run_id))]
+        with session_scope(database_url) as session:
+            for run in session.query(Run).filter_by(experiment_id=experiment_id):
+                run.status, run.finished_at = "cancelled", utcnow()
+        end_as_worker(database_url, live, run_id, "cancelled")
+
+        def steps(path: str, **headers: str) -> list[int | None]:
+            return [event.get("step") for event in sse_events(client, path, headers=headers)
+                    if event["type"] == "progress"]
+
+        feed = f"/api/runs/{run_id}/events"
+        experiment_ids = [i for i, _ in live.xrange(experiment_stream_key(experiment_id))]
+        assert steps(f"{feed}?last_event_id={ids[1]}") == [3, 4, 5]
+        assert steps(f"{feed}?last_event_id={ids[1]}", **{"Last-Event-ID": ids[3]}) == [5]
+        assert steps(f"{feed}?last_event_id=yesterday") == [1, 2, 3, 4, 5]
+        assert steps(f"/api/experiments/{experiment_id}/events"
+                     f"?last_event_id={experiment_ids[3]}") == [5]
+
+
+
 LONG_RUN = 600  # steps of a run whose feed Redis trims to its last TRIMMED_TO events
 TRIMMED_TO = 200
 

@@ -6,15 +6,18 @@ while it is filled in."""
 
 from __future__ import annotations
 
+import json
 import re
 from urllib.parse import quote
 
 import httpx
 import pytest
+import redis
 
+from app.live import run_stream_key
 from tests.browser import open_browser
 from tests.support import add_dataset_row
-from tests.test_experiments_cancel_delete import start_sweep
+from tests.test_experiments_cancel_delete import mark_running, start_sweep
 from tests.test_pages_fixes import TOKEN, guarded, sign_in  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.browser
@@ -223,3 +226,89 @@ def test_the_start_form_shows_what_start_would_refuse_while_it_is_filled_in(
         page.click("#start")
         page.wait_for_url(re.compile(r"/experiments/\d+$"))
         browser.assert_no_errors(expected=("status of 422",))
+
+
+# The test says whether a page is shown (`window.setShown(false)`): headless, every page is.
+EMULATE_VISIBILITY = """
+    let hidden = false;
+    Object.defineProperty(document, "visibilityState",
+                          { configurable: true, get: () => (hidden ? "hidden" : "visible") });
+    Object.defineProperty(document, "hidden", { configurable: true, get: () => hidden });
+    window.setShown = (shown) => {
+        hidden = !shown;
+        document.dispatchEvent(new Event("visibilitychange"));
+    };
+"""
+
+
+def test_hidden_pages_let_their_feeds_go_so_a_seventh_tab_of_the_app_loads(live_server, request):
+    """A browser opens at most six connections to a server (HTTP/1.1) and every live page held
+    one: with six run pages open, a seventh page of the app never loaded. A page hidden for
+    10 s lets its feed go, and takes it up again when shown, from the last event it had: what
+    came meanwhile arrives, once."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, (run_id, _) = start_sweep(client, add_dataset_row(database_url),
+                                                 seeds=[0])
+    mark_running(database_url, run_id)
+
+    def progress(step: int) -> None:
+        live.xadd(run_stream_key(run_id), {"data": json.dumps({
+            "type": "progress", "run_id": run_id, "step": step, "total_steps": 20,
+            "losses": {"ce": 1.0 / step}, "lr": 0.01, "images_per_s": 30.0})})
+
+    progress(1)
+    with open_browser(request.node.name) as browser:
+        context = browser.page.context
+        context.add_init_script(TRACK_FEEDS + EMULATE_VISIBILITY)
+        tabs = [browser.page] + [context.new_page() for _ in range(5)]
+        for tab in tabs:
+            tab.goto(f"{live_server.url}/runs/{run_id}")
+            tab.wait_for_selector("#live-state:text-is('● live')")
+        for tab in tabs:
+            tab.evaluate("window.setShown(false)")
+        for tab in tabs:
+            tab.wait_for_function(f"({OPEN_FEEDS}) === 0", timeout=20_000)
+        progress(2)  # while every page is hidden
+
+        seventh = context.new_page()
+        seventh.goto(f"{live_server.url}/experiments/{experiment_id}", timeout=15_000)
+        seventh.wait_for_selector("#live-state:text-is('● live')")
+
+        page = tabs[0]
+        page.evaluate("window.setShown(true)")
+        page.wait_for_function(f"({OPEN_FEEDS}) === 1")
+        resumed = page.evaluate("window.feeds.at(-1).url")
+        assert re.search(r"/events\?last_event_id=\d+-\d+$", resumed), resumed
+        losses = ("Chart.getChart(document.querySelector('#chart-losses'))"
+                  ".data.datasets[0].data.map((point) => point.x).join()")
+        page.wait_for_function(f"{losses} === '1,2'")  # step 2 came while it was hidden
+        progress(3)
+        page.wait_for_function(f"{losses} === '1,2,3'")
+        # A glance away and back keeps the feed.
+        page.evaluate("window.setShown(false); window.setShown(true)")
+        page.wait_for_timeout(500)
+        assert page.evaluate("window.feeds.length") == 2
+        browser.assert_no_errors()
+
+
+def test_a_page_opened_in_a_background_tab_opens_its_feed_when_first_shown(live_server,
+                                                                         request):
+    with live_server.client() as client:
+        _, (run_id, _) = start_sweep(client, add_dataset_row(live_server.database_url),
+                                     seeds=[0])
+    mark_running(live_server.database_url, run_id)
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.context.add_init_script(
+            EMULATE_VISIBILITY.replace("let hidden = false", "let hidden = true") + TRACK_FEEDS)
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_selector("#run-status .badge.running")
+        page.wait_for_timeout(500)
+        assert page.evaluate("window.feeds.length") == 0
+        page.evaluate("window.setShown(true)")
+        page.wait_for_selector("#live-state:text-is('● live')")
+        assert page.evaluate("window.feeds.map((feed) => feed.url)") == [
+            f"{live_server.url}/api/runs/{run_id}/events"]
+        browser.assert_no_errors()

@@ -20,6 +20,7 @@ from app.deps import (
     DatasetFilter,
     DbDep,
     ExperimentId,
+    LastEventId,
     PageLimit,
     PageOffset,
     RedisDep,
@@ -311,12 +312,13 @@ def delete_experiment(experiment_id: ExperimentId, session: DbDep, settings: Set
 
 @router.get("/{experiment_id}/events", responses={**SSE_RESPONSES, 404: {"model": ErrorOut}},
             response_class=StreamingResponse)
-async def experiment_events(experiment_id: ExperimentId, request: Request, settings: SettingsDep):
+async def experiment_events(experiment_id: ExperimentId, request: Request,
+                            settings: SettingsDep, last_event_id: LastEventId = None):
     """Live events of every run of the experiment (Server-Sent Events; resumable with
-    `Last-Event-ID`): each run's status, started and end events, and its progress, eval and
-    checkpoint events at most once per 1 % of its steps (its own feed has every one). Ends
-    with an `experiment_end` event once every run has ended. A feed that would skip events
-    Redis trimmed first says so (`dropped`)."""
+    `Last-Event-ID` or `?last_event_id=`): each run's status, started and end events, and
+    its progress, eval and checkpoint events at most once per 1 % of its steps (its own feed
+    has every one). Ends with an `experiment_end` event once every run has ended. A feed
+    that would skip events Redis trimmed first says so (`dropped`)."""
     def check_exists() -> None:
         with session_scope(settings.sqlalchemy_url) as session:
             get_experiment(session, experiment_id)
@@ -340,4 +342,5 @@ async def experiment_events(experiment_id: ExperimentId, request: Request, setti
     key = experiment_stream_key(experiment_id)
     return event_stream_response(request, key, outcome, settings.sse_heartbeat_s,
                                  maxlen=settings.event_stream_maxlen,
-                                 record=f"/api/experiments/{experiment_id}")
+                                 record=f"/api/experiments/{experiment_id}",
+                                 last_event_id=last_event_id)

@@ -22,7 +22,7 @@ from starlette.background import BackgroundTask
 
 from app.config import Settings
 from app.db import session_scope
-from app.deps import DbDep, RedisDep, RunId, SettingsDep
+from app.deps import DbDep, LastEventId, RedisDep, RunId, SettingsDep
 from app.events import Outcome, event_stream_response
 from app.experiments import (
     as_utc,
@@ -248,14 +248,15 @@ def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redi
 
 @router.get("/{run_id}/events", responses={**SSE_RESPONSES, **NO_RUN},
             response_class=StreamingResponse)
-async def run_events(run_id: RunId, request: Request, settings: SettingsDep):
-    """Live events of a run (Server-Sent Events). Reconnect with `Last-Event-ID` to get what
-    was missed; heartbeats keep the connection open; the `end` event is the last one. A run
-    that was run again (requeue) replays the end of each earlier try as `earlier_end`,
-    followed by the new try's events. Redis keeps a run's newest events only
-    (`SELFTUNE_EVENT_STREAM_MAXLEN`): a feed that would skip some it trimmed (read from the
-    start of a long run, or resumed after an event trimmed since) first says so (`dropped`);
-    /api/runs/{id}/metrics has every recorded point."""
+async def run_events(run_id: RunId, request: Request, settings: SettingsDep,
+                     last_event_id: LastEventId = None):
+    """Live events of a run (Server-Sent Events). Reconnect with `Last-Event-ID` (or
+    `?last_event_id=`) to get what was missed; heartbeats keep the connection open; the `end`
+    event is the last one. A run that was run again (requeue) replays the end of each earlier
+    try as `earlier_end`, followed by the new try's events. Redis keeps a run's newest events
+    only (`SELFTUNE_EVENT_STREAM_MAXLEN`): a feed that would skip some it trimmed (read from
+    the start of a long run, or resumed after an event trimmed since) first says so
+    (`dropped`); /api/runs/{id}/metrics has every recorded point."""
     def check_exists() -> None:
         with session_scope(settings.sqlalchemy_url) as session:
             get_run(session, run_id)
@@ -283,7 +284,8 @@ async def run_events(run_id: RunId, request: Request, settings: SettingsDep):
 
     return event_stream_response(request, run_stream_key(run_id), outcome, settings.sse_heartbeat_s,
                                  earlier_ends=True, maxlen=settings.event_stream_maxlen,
-                                 record=f"/api/runs/{run_id}/metrics")
+                                 record=f"/api/runs/{run_id}/metrics",
+                                 last_event_id=last_event_id)
 
 
 # --- downloads ---------------------------------------------------------------------------

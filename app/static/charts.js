@@ -274,6 +274,12 @@ export function barChart(canvas, labels, datasets, { percent = false, fit = fals
   });
 }
 
+// A browser opens at most six connections to one server over HTTP/1.1, and a live page holds
+// one for its feed: with six run pages open in tabs, a seventh page of the app never loaded,
+// nor did the six pages' own requests. A page hidden this long lets its feed go, and opens it
+// again when shown, from the last event it had; a glance at another tab keeps it.
+const HIDDEN_FOR_MS = 10000;
+
 // Follows an SSE URL until `isLast(event)`. The browser's EventSource reconnects by itself
 // and sends Last-Event-ID, so the server resends exactly what was missed. It gives up for
 // good when a reconnect gets an HTTP error (a proxy's 502 while the app restarts); then we
@@ -281,6 +287,9 @@ export function barChart(canvas, labels, datasets, { percent = false, fit = fals
 // page can re-read the database record in case the live stream itself lost entries.
 // `onClosed` hears each time the browser gives the stream up (the server refused it, e.g. an
 // expired sign-in, or is down) before the next try: a read of the record tells which.
+// A hidden page's feed rests (HIDDEN_FOR_MS; a page opened in a background tab opens it when
+// first shown). A feed opened anew names the last event it had (`?last_event_id=`: an
+// EventSource cannot send the header itself), so it too gets exactly what it missed.
 export function follow(url, {
   onEvent, isLast = () => false, onResync = () => {}, onState = () => {}, onClosed = () => {},
 }) {
@@ -289,9 +298,13 @@ export function follow(url, {
   let pause = 1000;
   let interrupted = false;
   let stopped = false;
+  let lastId = "";
+  let resting = false;
+  let hiddenTimer = null;
 
   function connect() {
-    source = new EventSource(url);
+    const resumed = lastId ? `${url}${url.includes("?") ? "&" : "?"}last_event_id=${encodeURIComponent(lastId)}` : url;
+    source = new EventSource(resumed);
     source.onopen = () => {
       pause = 1000;
       onState("live");
@@ -301,6 +314,7 @@ export function follow(url, {
       }
     };
     source.onmessage = (message) => {
+      if (message.lastEventId) lastId = message.lastEventId;
       const event = JSON.parse(message.data);
       onEvent(event);
       if (isLast(event)) stop();
@@ -317,13 +331,34 @@ export function follow(url, {
     };
   }
 
+  function rest() {
+    resting = true;
+    clearTimeout(timer);
+    if (source) source.close();
+  }
+
+  function onVisibility() {
+    clearTimeout(hiddenTimer);
+    if (stopped) return;
+    if (document.visibilityState === "hidden") {
+      if (!resting) hiddenTimer = setTimeout(rest, HIDDEN_FOR_MS);
+    } else if (resting) {
+      resting = false;
+      connect();
+    }
+  }
+
   function stop() {
     stopped = true;
     clearTimeout(timer);
+    clearTimeout(hiddenTimer);
+    document.removeEventListener("visibilitychange", onVisibility);
     if (source) source.close();
     onState("ended");
   }
 
-  connect();
+  document.addEventListener("visibilitychange", onVisibility);
+  if (document.visibilityState === "hidden") resting = true;
+  else connect();
   return { stop };
 }

@@ -8,11 +8,16 @@ their card scroll sideways, and a keyboard must reach them."""
 
 from __future__ import annotations
 
+import json
+import time
+
 import httpx
 import pytest
 import redis
+from playwright.sync_api import expect
 
 from app.db import session_scope
+from app.live import experiment_stream_key, run_stream_key
 from app.models import Artifact, Run, RunMetric
 from tests.browser import DESKTOP, PHONE, open_browser
 from tests.support import PROJECT_ROOT, add_dataset_row, app_env, make_image_archive, start_server
@@ -169,3 +174,61 @@ def test_every_page_passes_an_accessibility_audit(lab, window, request):
                                                                                   415, 422)))
     assert {where: lines for where, lines in found.items() if lines} == {}
     assert len(found) == len(pages) + 3  # every page was audited
+
+
+# --- with a keyboard and a screen reader ----------------------------------------------------
+# What axe cannot see: what a live region says while the page follows a run, and where the
+# keyboard is after an action.
+
+# The texts a live region took, one per change of its content (childList or text), from now.
+WATCH_LIVE = """(selector) => {
+    window.heard = [];
+    const node = document.querySelector(selector);
+    new MutationObserver(() => window.heard.push(node.textContent))
+        .observe(node, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def send_events(live: redis.Redis, experiment_id: int, run_id: int, *events: dict) -> None:
+    """Events as a training worker sends them, on the run's and the experiment's feeds."""
+    for event in events:
+        data = {"data": json.dumps({"run_id": run_id, "time": time.time(), "total_steps": 20,
+                                    **event})}
+        live.xadd(run_stream_key(run_id), data)
+        live.xadd(experiment_stream_key(experiment_id), data)
+
+
+def test_a_running_status_is_announced_once_not_at_every_event(live_server, request):
+    """The run's and the experiment's status (live regions) were drawn anew at every event
+    and poll with the same word: a screen reader heard "running" every few seconds all
+    through a run."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url)
+    with live_server.client() as client:
+        experiment_id, (run_id, _) = start_sweep(client, add_dataset_row(database_url),
+                                                 seeds=[0])
+    mark_running(database_url, run_id)
+    with open_browser(request.node.name) as browser:
+        run_page = browser.page
+        run_page.goto(f"{live_server.url}/runs/{run_id}")
+        experiment_page = run_page.context.new_page()
+        experiment_page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        for page, status in ((run_page, "#run-status"), (experiment_page, "#experiment-status")):
+            expect(page.locator(status)).to_have_text("running")
+            expect(page.locator("#live-state")).to_have_text("● live")
+            page.evaluate(WATCH_LIVE, status)
+        # A status event makes the experiment page read its record again; progress redraws
+        # the run page's status with its curves, and the run page polls every 5 s.
+        send_events(live, experiment_id, run_id, {"type": "status", "status": "running",
+                                                  "step": 0},
+                    *({"type": "progress", "step": step, "lr": 0.01} for step in (1, 2, 3)))
+        expect(run_page.locator("#step")).to_have_text("3 / 20")
+        expect(experiment_page.locator(f'#runs tr[data-run-id="{run_id}"] .step')
+               ).to_have_text("3 / 20")
+        run_page.wait_for_timeout(6_000)  # a poll of the run page, a read of the experiment
+        assert run_page.evaluate("window.heard") == []
+        assert experiment_page.evaluate("window.heard") == []
+        finish(database_url, live, run_id, {"test_top1": 0.5})
+        expect(run_page.locator("#run-status")).to_have_text("succeeded")
+        assert run_page.evaluate("window.heard") == ["succeeded"]  # said once
+        browser.assert_no_errors()

@@ -86,6 +86,15 @@ export function badge(status) {
   return h("span", { class: `badge ${status.replaceAll(" ", "-")}` }, status);
 }
 
+// The status badge of a page's live region (role=status): drawn anew only when the status
+// changes. A screen reader reads the region again whenever its content is replaced, the same
+// word too, and the pages redraw their status at every event and every poll: "running" was
+// heard every few seconds all through a run.
+export function showStatus(node, status) {
+  if (node.firstElementChild?.textContent === status) return;
+  node.replaceChildren(badge(status));
+}
+
 // "lost" lasts only once a run has used up its automatic requeues.
 export const TERMINAL = new Set(["succeeded", "failed", "cancelled", "lost"]);
 

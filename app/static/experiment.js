@@ -3,7 +3,7 @@
 // cancel-all and delete (/experiments/{id}).
 import {
   badge, budgetChart, count, failure, follow, getJSON, h, isNumber, pageData, pct, signedOutNotice,
-  signInAgain, TERMINAL,
+  showStatus, signInAgain, TERMINAL,
 } from "/static/charts.js";
 import { onSession } from "/static/session.js";
 
@@ -518,7 +518,7 @@ export function experimentPage() {
   }
 
   function drawStatus(status) {
-    document.getElementById("experiment-status").replaceChildren(badge(status));
+    showStatus(document.getElementById("experiment-status"), status);
   }
 
   // Cancel all while a run has not ended; delete once every run has.

@@ -1,7 +1,7 @@
 // One run's page: live curves and status while it trains, then its results and downloads.
 import {
-  barChart, badge, bytes, count, duration, failure, follow, getJSON, h, isNumber, pageData, pct,
-  setSeries, shortName, signedOutNotice, signInAgain, stepChart, TERMINAL,
+  barChart, bytes, count, duration, failure, follow, getJSON, h, isNumber, pageData, pct,
+  setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, TERMINAL,
 } from "/static/charts.js";
 import { onSession } from "/static/session.js";
 import { localTime } from "/static/times.js";
@@ -135,7 +135,7 @@ export function runPage() {
 
   // --- status, ETA, queue position, cancel --------------------------------------------------
   function drawStatus() {
-    document.getElementById("run-status").replaceChildren(badge(run.status));
+    showStatus(document.getElementById("run-status"), run.status);
     document.getElementById("step").textContent = `${count(run.step)} / ${count(run.total_steps)}`;
     document.getElementById("step-bar").value = run.total_steps ? run.step / run.total_steps : 0;
     // After the last step the run still evaluates, predicts every unlabeled image and exports.
@@ -256,7 +256,7 @@ export function runPage() {
     for (const name of ["cancel", "requeue", "requeue-note", "eta-row", "results"]) {
       document.getElementById(name).hidden = true;
     }
-    document.getElementById("run-status").replaceChildren(badge("deleted"));
+    showStatus(document.getElementById("run-status"), "deleted");
     const error = document.getElementById("run-error");
     error.hidden = false;
     error.textContent = `Run #${id} no longer exists: its experiment was deleted.`;

@@ -232,3 +232,45 @@ def test_a_running_status_is_announced_once_not_at_every_event(live_server, requ
         expect(run_page.locator("#run-status")).to_have_text("succeeded")
         assert run_page.evaluate("window.heard") == ["succeeded"]  # said once
         browser.assert_no_errors()
+
+
+def test_a_button_that_hides_itself_hands_the_keyboard_on(live_server, request):
+    """Run again, Cancel run and Cancel all hide themselves or turn off once pressed, and
+    Chromium then put the keyboard on <body>: Tab went on from the top of the page, and a
+    screen reader said nothing of where the user was. The button shown in their place has the
+    focus, else the page's heading with its status."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url)
+    with live_server.client() as client:
+        experiment_id, (failed, running) = start_sweep(client, add_dataset_row(database_url),
+                                                       seeds=[0])
+        mark_running(database_url, failed)
+        finish(database_url, live, failed, status="failed")
+        mark_running(database_url, running)
+        with open_browser(request.node.name) as browser:
+            page = browser.page
+            page.on("dialog", lambda dialog: dialog.accept())
+            page.goto(f"{live_server.url}/runs/{failed}")
+            page.focus("#requeue")
+            page.keyboard.press("Enter")
+            expect(page.locator("#run-status")).to_have_text("queued")
+            expect(page.locator("#cancel")).to_be_focused()
+            page.keyboard.press("Enter")  # a queued run ends at once
+            expect(page.locator("#run-status")).to_have_text("cancelled")
+            expect(page.locator("#requeue")).to_be_focused()
+
+            page.goto(f"{live_server.url}/runs/{running}")
+            page.focus("#cancel")
+            page.keyboard.press("Enter")
+            expect(page.locator("#cancel")).to_have_text("Cancelling…")
+            expect(page.locator("main h1")).to_be_focused()
+
+            assert client.post(f"/api/runs/{failed}/requeue").status_code == 200
+            finish(database_url, live, running, status="cancelled")
+            page.goto(f"{live_server.url}/experiments/{experiment_id}")
+            page.focus("#cancel-all")
+            page.keyboard.press("Enter")  # "Cancelling…", off while the server answers
+            expect(page.locator("#experiment-status")).to_have_text("cancelled")
+            expect(page.locator("#delete-experiment")).to_be_visible()
+            expect(page.locator("main h1")).to_be_focused()
+            browser.assert_no_errors()

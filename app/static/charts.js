@@ -95,6 +95,17 @@ export function showStatus(node, status) {
   node.replaceChildren(badge(status));
 }
 
+// Where the keyboard goes when the button it was on (`focused` before a redraw) hid itself or
+// turned off: Run again once pressed, Cancel once pressed or once the run ended. To the first
+// of `others` shown and on, the button that took its place, else to the page's heading
+// (tabindex=-1), which holds the status; Chromium put it on <body>, so Tab went on from the
+// top of the page and a screen reader was told nothing.
+export function handFocus(focused, button, others) {
+  if (focused !== button || (!button.hidden && !button.disabled)) return;
+  const next = others.find((other) => !other.hidden && !other.disabled);
+  (next ?? document.querySelector("main h1")).focus();
+}
+
 // "lost" lasts only once a run has used up its automatic requeues.
 export const TERMINAL = new Set(["succeeded", "failed", "cancelled", "lost"]);
 

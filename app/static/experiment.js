@@ -2,8 +2,8 @@
 // table, accuracy-against-budget chart, paper-style table, what more labels would buy, and
 // cancel-all and delete (/experiments/{id}).
 import {
-  badge, budgetChart, count, failure, follow, getJSON, h, isNumber, pageData, pct, signedOutNotice,
-  showStatus, signInAgain, TERMINAL,
+  badge, budgetChart, count, failure, follow, getJSON, h, handFocus, isNumber, pageData, pct,
+  showStatus, signedOutNotice, signInAgain, TERMINAL,
 } from "/static/charts.js";
 import { onSession } from "/static/session.js";
 
@@ -525,6 +525,7 @@ export function experimentPage() {
   let cancelling = false; // asked to cancel: running runs stop within about one iteration
   const active = () => [...runs.values()].filter((run) => !TERMINAL.has(run.status));
   function drawActions() {
+    const focused = document.activeElement;
     const left = active().length;
     if (left === 0) cancelling = false;
     const cancelAll = document.getElementById("cancel-all");
@@ -532,6 +533,7 @@ export function experimentPage() {
     cancelAll.disabled = cancelling;
     cancelAll.textContent = cancelling ? "Cancelling…" : "Cancel all runs";
     document.getElementById("delete-experiment").hidden = left > 0;
+    handFocus(focused, cancelAll, [document.getElementById("delete-experiment")]);
   }
 
   // Follow the feed while a run has not ended; the server closes it after the last run.

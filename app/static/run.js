@@ -1,6 +1,6 @@
 // One run's page: live curves and status while it trains, then its results and downloads.
 import {
-  barChart, bytes, count, duration, failure, follow, getJSON, h, isNumber, pageData, pct,
+  barChart, bytes, count, duration, failure, follow, getJSON, h, handFocus, isNumber, pageData, pct,
   setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, TERMINAL,
 } from "/static/charts.js";
 import { onSession } from "/static/session.js";
@@ -135,6 +135,7 @@ export function runPage() {
 
   // --- status, ETA, queue position, cancel --------------------------------------------------
   function drawStatus() {
+    const focused = document.activeElement;
     showStatus(document.getElementById("run-status"), run.status);
     document.getElementById("step").textContent = `${count(run.step)} / ${count(run.total_steps)}`;
     document.getElementById("step-bar").value = run.total_steps ? run.step / run.total_steps : 0;
@@ -173,6 +174,9 @@ export function runPage() {
     note.hidden = !again;
     // A run stopped before its first saved training state has nothing to resume from.
     note.textContent = run.resumable ? "resumes from its last checkpoint" : "starts from the beginning";
+    const requeue = document.getElementById("requeue");
+    handFocus(focused, cancel, [requeue]);
+    handFocus(focused, requeue, [cancel]);
     const error = document.getElementById("run-error");
     error.hidden = !run.error;
     error.textContent = run.error ?? "";

@@ -274,3 +274,51 @@ def test_a_button_that_hides_itself_hands_the_keyboard_on(live_server, request):
             expect(page.locator("#delete-experiment")).to_be_visible()
             expect(page.locator("main h1")).to_be_focused()
             browser.assert_no_errors()
+
+
+# Every XMLHttpRequest the page sends, kept where the test can make its upload progress.
+KEEP_REQUESTS = """const send = XMLHttpRequest.prototype.send;
+XMLHttpRequest.prototype.send = function (...args) {
+    window.sent = this;
+    return send.apply(this, args);
+};"""
+# What the upload form's live regions say, one entry per change (a region emptied says nothing).
+WATCH_FORM = """() => {
+    window.heard = [];
+    for (const node of document.querySelectorAll('#upload-form [aria-live], #upload-form [role]')) {
+        new MutationObserver(() => node.textContent && window.heard.push(node.textContent))
+            .observe(node, {childList: true, subtree: true, characterData: true});
+    }
+}"""
+
+
+def test_an_upload_is_told_in_steps_and_keeps_the_keyboard(live_server, request):
+    """The upload's progress text was a live region changed at every progress event (several
+    a second): a screen reader read byte counts all through the upload. And Upload (off while
+    it runs) and Cancel upload (gone once pressed) left the keyboard on <body>."""
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.add_init_script(KEEP_REQUESTS)
+        held = []  # the upload never reaches the server: it stays under way
+        page.route("**/api/datasets", lambda route: held.append(route))
+        page.goto(f"{live_server.url}/datasets/new")
+        page.set_input_files("#file", {"name": "shapes.zip", "mimeType": "application/zip",
+                                       "buffer": b"PK" + bytes(100_000)})
+        page.evaluate(WATCH_FORM)
+        page.focus("#upload-button")
+        page.keyboard.press("Enter")
+        expect(page.locator("#upload-cancel")).to_be_focused()
+        page.evaluate("""async () => { for (let loaded = 1; loaded <= 100; loaded += 1) {
+            window.sent.upload.dispatchEvent(new ProgressEvent("progress",
+                {lengthComputable: true, loaded: loaded * 1000, total: 100_000}));
+            await new Promise((resolve) => setTimeout(resolve));  // one event a task
+        } }""")
+        expect(page.locator("#progress-text")).to_contain_text("(100 %)")
+        heard = page.evaluate("window.heard")
+        assert heard == ["Uploading.", "Uploading: 25 %", "Uploading: 50 %", "Uploading: 75 %",
+                         "Uploading: 100 %"], heard
+        page.keyboard.press("Enter")
+        expect(page.locator("#upload-cancelled")).to_be_visible()
+        expect(page.locator("#upload-button")).to_be_focused()
+        assert page.evaluate("window.heard").pop() == "Upload cancelled: nothing was kept."
+        browser.assert_no_errors()

@@ -97,6 +97,8 @@
     // An upload can be stopped; leaving the page while one runs asks first.
     let uploading = null;
     const cancelled = document.getElementById("upload-cancelled");
+    const said = document.getElementById("upload-said");
+    let saidPercent = 0;
     form.querySelector("#upload-cancel").addEventListener("click", function () {
       if (uploading) uploading.abort();
     });
@@ -111,6 +113,7 @@
       if (!event.persisted || uploading) return;
       progressBox.hidden = true;
       button.disabled = false;
+      said.textContent = "";
     });
 
     form.addEventListener("submit", function (event) {
@@ -125,13 +128,21 @@
       const name = form.querySelector("#name").value.trim();
       if (name) data.append("name", name);
 
+      // The keyboard on Cancel upload while the upload runs (Upload turns off), and back on
+      // Upload when it stops: Chromium put it on <body> as each button went.
+      const stopped = function () {
+        const hadFocus = progressBox.contains(document.activeElement);
+        progressBox.hidden = true;
+        button.disabled = false;
+        if (hadFocus) button.focus();
+      };
       const request = new XMLHttpRequest();
       uploading = request;
       request.onloadend = function () { uploading = null; };
       request.onabort = function () {
-        progressBox.hidden = true;
-        button.disabled = false;
+        stopped();
         cancelled.hidden = false;  // the server keeps nothing of an upload cut short
+        said.textContent = cancelled.textContent;
       };
       request.open("POST", "/api/datasets");
       request.setRequestHeader("Accept", "application/json");
@@ -141,35 +152,43 @@
         bar.value = percent;
         progressText.textContent = "Uploading: " + formatBytes(progress.loaded) + " of " +
           formatBytes(progress.total) + " (" + percent + " %)";
+        if (percent >= saidPercent + 25) {
+          saidPercent = percent - (percent % 25);
+          said.textContent = "Uploading: " + saidPercent + " %";
+        }
       };
       request.upload.onload = function () {
         bar.removeAttribute("value");  // indeterminate while the server verifies
         progressText.textContent = "Uploaded. Checking every image…";
+        said.textContent = progressText.textContent;
       };
       request.onload = function () {
         if (request.status === 201) {
           const dataset = JSON.parse(request.responseText);
           progressText.textContent = "Done.";
+          said.textContent = "Done. Opening the dataset…";
           uploading = null;  // onloadend comes after this: leaving now must not ask first
           window.location.assign("/datasets/" + dataset.id);
           return;
         }
-        progressBox.hidden = true;
-        button.disabled = false;
+        stopped();
         showError(request.status === 401 ? signInAgain(", then upload the archive once more.")
           : errorText(request.status, request.responseText));
       };
       request.onerror = function () {
-        progressBox.hidden = true;
-        button.disabled = false;
+        stopped();
         showError("The connection broke during the upload. Check the server and try again.");
       };
       showError("");
       cancelled.hidden = true;
       bar.value = 0;
       progressText.textContent = "Starting…";
+      said.textContent = "Uploading.";
+      saidPercent = 0;
+      const fromButton = document.activeElement === button;
       progressBox.hidden = false;
       button.disabled = true;
+      if (fromButton) form.querySelector("#upload-cancel").focus();
       request.send(data);
     });
   }

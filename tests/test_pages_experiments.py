@@ -140,6 +140,10 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
         page.wait_for_selector("#results:not([hidden])")
         page.wait_for_selector("#label-next-thumbs img")
         page.wait_for_function("document.getElementById('snippet').textContent.includes('timm')")
+        # The curves are drawn at the next frame after the record is read (on a loaded
+        # machine, after the results): wait for them rather than read them half drawn.
+        page.wait_for_function("(Chart.getChart(document.getElementById('chart-losses'))"
+                               "?.data.datasets ?? []).some((d) => d.data.length >= 10)")
         losses = browser.chart_points("#chart-losses")
         assert {"ce", "pgc_labeled", "pgc_unlabeled"} <= set(losses), losses
         assert set(losses.values()) == {10}, losses  # every 3 of 30 iterations

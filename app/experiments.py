@@ -513,7 +513,12 @@ def budget_labeled_counts(dataset: Dataset | None, runs: list[Run]) -> dict[str,
 
 
 def budget_labeled_count(dataset: Dataset, budget: Any) -> int:
-    return sum(Budget.parse(budget).count_for(size) for size in _train_sizes(dataset) if size)
+    return _labels_kept(Budget.parse(budget), _train_sizes(dataset))
+
+
+def _labels_kept(budget: Budget, sizes: list[int]) -> int:
+    """Labeled images `budget` keeps of classes of `sizes` labeled training images."""
+    return sum(budget.count_for(size) for size in sizes if size)
 
 
 def budget_unlabeled_count(dataset: Dataset, budget: Any) -> int:
@@ -560,8 +565,8 @@ def budget_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:
 def _keeps_over_twice(budget: Budget, sizes: list[int]) -> bool:
     """A fraction keeping more than twice the labels it asks for (see `budget_warnings`)."""
     pool = sum(sizes)
-    kept = sum(budget.count_for(size) for size in sizes if size)
-    return budget.fraction is not None and pool > 0 and kept > 2 * budget.fraction * pool
+    return (budget.fraction is not None and pool > 0
+            and _labels_kept(budget, sizes) > 2 * budget.fraction * pool)
 
 
 # The start form's budgets: the paper's ladder of shares of each class, and counts per class

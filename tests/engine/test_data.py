@@ -6,9 +6,12 @@ import gzip
 import io
 import json
 import lzma
+import os
 import re
+import shutil
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -230,6 +233,88 @@ def test_damaged_or_unsafe_archives_are_refused_and_leave_no_staging_folder(
         load_folder_dataset(archive)
     assert name in str(refused.value)
     assert list((tmp_path / "tmp" / "selftuning-datasets").iterdir()) == []
+
+
+def _archive_of_zeros(path: Path, megabytes: int) -> Path:
+    """A dataset archive that unpacks to `megabytes` MiB from a few KiB (a photo of zeros)."""
+    payload = bytes(megabytes * 2**20)
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bundle:
+            bundle.writestr("cats/a.bmp", payload)
+    else:
+        with tarfile.open(path, "w:gz") as bundle:
+            member = tarfile.TarInfo("cats/a.bmp")
+            member.size = len(payload)
+            bundle.addfile(member, io.BytesIO(payload))
+    return path
+
+
+@pytest.mark.parametrize("name", ["zeros.zip", "zeros.tar.gz"])
+def test_an_archive_the_temp_folder_has_no_room_for_is_refused_before_it_is_unpacked(
+    tmp_path: Path, monkeypatch, name
+):
+    # The temp folder's disk is said to have 8 MiB free (a real disk cannot be filled in a
+    # test); unpacking writes through the real file system.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    archive = _archive_of_zeros(tmp_path / name, 16)
+    real_disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: real_disk_usage(folder)._replace(
+        free=8 * 2**20))
+    with pytest.raises(ValueError, match="needs more than 16 MiB unpacked and the temp "
+                                         "folder .* has 8 MiB free") as refused:
+        load_folder_dataset(archive)
+    assert str(archive) in str(refused.value) and "TMPDIR" in str(refused.value)
+    assert list((tmp_path / "tmp" / "selftuning-datasets").iterdir()) == []
+
+    small = _archive_of_zeros(tmp_path / name.replace("zeros", "small"), 1)
+    with pytest.raises(ValueError, match="found 0 class folder"):
+        load_folder_dataset(small)  # unpacked (it fits), then found to hold no usable image
+    assert len(list((tmp_path / "tmp" / "selftuning-datasets").iterdir())) == 1
+
+
+def test_copies_of_archives_gone_or_changed_are_removed_once_unused_for_a_week(
+    shapes_root: Path, tmp_path: Path, monkeypatch
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    copies = tmp_path / "tmp" / "selftuning-datasets"
+    archives = {}
+    for name in ("kept", "changed", "gone", "changed-lately"):
+        archives[name] = tmp_path / f"{name}.tar"
+        with tarfile.open(archives[name], "w") as bundle:
+            bundle.add(shapes_root, arcname=".")
+        load_folder_dataset(archives[name])
+    copy_of = {name: copies / next(
+        entry.name for entry in copies.iterdir()
+        if json.loads((entry / ".complete").read_text())["path"] == str(archive.resolve())
+    ) for name, archive in archives.items()}
+    staging_left = copies / "0123456789abcdef-killed"  # what a killed unpack leaves
+    (staging_left / "train").mkdir(parents=True)
+    old_copy = copies / "fedcba9876543210"  # unpacked before copies named their archive
+    (old_copy / "train").mkdir(parents=True)
+    (old_copy / ".complete").touch()
+
+    a_week_ago = time.time() - 7 * 24 * 3600 - 60
+    for marker in [copy_of[name] / ".complete" for name in ("kept", "changed", "gone")]:
+        os.utime(marker, (a_week_ago, a_week_ago))
+    for folder in (staging_left, old_copy / ".complete"):
+        os.utime(folder, (a_week_ago, a_week_ago))
+    for name in ("changed", "changed-lately"):
+        with archives[name].open("ab") as handle:
+            handle.write(bytes(10240))  # still a tar, with another size
+    archives["gone"].unlink()
+
+    load_folder_dataset(archives["changed"])  # a new copy of the changed archive
+    left = {entry.name for entry in copies.iterdir()}
+    assert copy_of["kept"].name in left  # its archive is as it was, however old the copy
+    assert copy_of["changed-lately"].name in left  # changed, but used within the week
+    assert not {copy_of["changed"].name, copy_of["gone"].name, staging_left.name,
+                old_copy.name} & left
+    assert len(left) == 3  # and the changed archive's new copy
+
+    # A copy in use is marked so: a run of "kept" keeps it fresh.
+    load_folder_dataset(archives["kept"])
+    assert time.time() - (copy_of["kept"] / ".complete").stat().st_mtime < 60
 
 
 def test_budgets_are_class_balanced_nested_and_hide_the_rest(tmp_path: Path):

@@ -11,6 +11,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 import zipfile
 import zlib
 from collections import Counter
@@ -377,29 +378,76 @@ def unpacked_folder(archive: Path) -> Path:
     return _unpack(archive)
 
 
+# Unpacked copies are kept for the next run of the same archive. One whose archive has gone
+# or changed since (a new copy is made under another name), or a staging folder a killed
+# unpack left, is removed by a later unpack once unused this long: a run touches its copy's
+# marker as it starts and ends, and has decoded every image it reads by then.
+UNUSED_COPY_S = 7 * 24 * 3600.0
+UNPACKED_MARKER = ".complete"  # holds the identity of the archive the copy came from
+
+
 def _unpack(archive: Path) -> Path:
-    """Unpack once into a folder named after the archive's identity; refuse unsafe members."""
+    """Unpack once into a folder named after the archive's identity; refuse unsafe members
+    and archives the temp folder has no room for."""
     stat = archive.stat()
+    source = {"path": str(archive.resolve()), "size": stat.st_size,
+              "mtime_ns": stat.st_mtime_ns}
     key = hashlib.sha256(
-        f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+        f"{source['path']}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
     ).hexdigest()[:16]
     target = Path(tempfile.gettempdir()) / "selftuning-datasets" / key
-    if (target / ".complete").is_file():
+    if (target / UNPACKED_MARKER).is_file():
+        _mark_used(target / UNPACKED_MARKER)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_unused_copies(target.parent)
     staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=target.parent))
     try:
         _extract(archive, staging)
-        (staging / ".complete").touch()
+        (staging / UNPACKED_MARKER).write_text(json.dumps(source))
         try:
             os.replace(staging, target)
         except OSError:
             # Another process unpacked the same archive first; use theirs.
-            if not (target / ".complete").is_file():
+            if not (target / UNPACKED_MARKER).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when it became the target
     return target
+
+
+def _mark_used(marker: Path) -> None:
+    try:
+        os.utime(marker)
+    except OSError:
+        pass  # a temp folder shared read-only: the copy is only kept less surely
+
+
+def _remove_unused_copies(folder: Path) -> None:
+    """Remove the copies of archives that are gone or changed, and staging folders, unused
+    for UNUSED_COPY_S (see there). A copy of an archive still as it was stays however old."""
+    now = time.time()
+    for entry in folder.iterdir():
+        marker = entry / UNPACKED_MARKER
+        try:
+            used = (marker if marker.is_file() else entry).stat().st_mtime
+            if now - used < UNUSED_COPY_S or _archive_unchanged(marker):
+                continue
+            shutil.rmtree(entry)
+        except OSError:
+            continue  # removed by another process meanwhile, or not ours to remove
+
+
+def _archive_unchanged(marker: Path) -> bool:
+    """Whether the archive a copy's marker names is still there as it was unpacked. A
+    staging folder has no marker; a copy unpacked before markers named their archive has an
+    empty one: neither can tell."""
+    try:
+        source = json.loads(marker.read_text())
+        stat = Path(source["path"]).stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (stat.st_size, stat.st_mtime_ns) == (source["size"], source["mtime_ns"])
 
 
 UNICODE_PATH_FIELD = 0x7075  # Info-ZIP's Unicode Path extra field (APPNOTE 4.6.9)
@@ -449,10 +497,40 @@ def _unicode_path(extra: bytes, raw_name: bytes) -> str | None:
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
+# What a file costs a file system beyond its bytes (a part-filled block, its entry): counted
+# so that an archive of many small files is not let through to fill the disk after all.
+FILE_OVERHEAD_BYTES = 4096
+
+
+class _Room:
+    """The free space where an archive unpacks, claimed member by member: one that would fill
+    the disk is refused before it does (zip and tar state each member's size, and unpacking
+    writes no more than that)."""
+
+    def __init__(self, archive: Path, folder: Path) -> None:
+        self.archive, self.folder = archive, folder
+        self.free = shutil.disk_usage(folder).free
+        self.needed = 0
+
+    def take(self, size: int) -> None:
+        self.needed += size + FILE_OVERHEAD_BYTES
+        if self.needed > self.free:
+            raise ValueError(
+                f"{self.archive} needs more than {self.needed / 2**20:,.0f} MiB unpacked and "
+                f"the temp folder {self.folder.parent} has {self.free / 2**20:,.0f} MiB free: "
+                "free some space, point TMPDIR at a disk with room, or unpack the archive "
+                "yourself and give its folder")
+
+    def took(self, member: tarfile.TarInfo) -> tarfile.TarInfo:
+        self.take(member.size)
+        return member
+
+
 def _extract(archive: Path, destination: Path) -> None:
     """Unpack a .zip or .tar (TAR_SUFFIXES); a damaged or unsafe archive is a ValueError
     naming it."""
     name = archive.name.lower()
+    room = _Room(archive, destination)
     try:
         if name.endswith(".zip"):
             with zipfile.ZipFile(archive) as bundle:
@@ -464,11 +542,13 @@ def _extract(archive: Path, destination: Path) -> None:
                             f"{archive}: member {member.filename!r} escapes the archive")
                     if member.is_dir() or "__MACOSX" in relative.parts:
                         continue
+                    room.take(member.file_size)
                     bundle.extract(member, destination)
         elif name.endswith(TAR_SUFFIXES):
             with tarfile.open(archive) as bundle:
                 # The 'data' filter refuses absolute paths, '..', links out and device files.
-                bundle.extractall(destination, filter="data")
+                bundle.extractall(destination, filter="data",
+                                  members=(room.took(member) for member in bundle))
         else:
             raise ValueError(f"{archive}: use a folder, .zip, .tar, .tar.gz, .tar.bz2 or "
                              ".tar.xz")

@@ -426,10 +426,26 @@ class ArtifactOut(BaseModel):
     url: str
 
 
+CONFUSION_FORMS = (
+    "the form of a finished run's confusion matrix in `metrics` (the number of test images of "
+    "each true class, a row, given each predicted class, a column; classes in the dataset's "
+    "order): `dense` (the default), `confusion_matrix`, every row in full, classes² numbers "
+    "(50 MB of JSON at 5,000 classes); `sparse`, `confusion_sparse` instead: {`size`: the "
+    "classes, `diagonal`: each class's test images predicted right, `row_totals`: each class's "
+    "test images, `cells`: [[true, predicted, count], ...] for each cell off the diagonal that "
+    "is not 0, by true class then predicted class}, at most a cell a test image; `none`: "
+    "neither")
+
+
 class RunOut(RunSummary):
     dataset_id: int
     config: dict[str, Any]
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] = Field(description=(
+        "the final metrics as the engine reported them (as in training.json), once the run "
+        "has succeeded: test_top1, test_mean_class_acc, per_class_acc, confusion_matrix, "
+        "pseudo_label_quality, ...; empty until then. The confusion matrix "
+        "comes in the form `?confusion=` asks for: dense by default, `confusion_sparse` "
+        "with `confusion=sparse`, neither with `confusion=none`"))
     worker: str | None
     device: str | None
     error: str | None

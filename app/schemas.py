@@ -445,7 +445,7 @@ class RunOut(RunSummary):
         "has succeeded: test_top1, test_mean_class_acc, per_class_acc, confusion_matrix, "
         "pseudo_label_quality, ...; empty until then. The confusion matrix "
         "comes in the form `?confusion=` asks for: dense by default, `confusion_sparse` "
-        "with `confusion=sparse`, neither with `confusion=none`"))
+        "with `confusion=sparse` (a run page's way), neither with `confusion=none`"))
     worker: str | None
     device: str | None
     error: str | None

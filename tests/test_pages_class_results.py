@@ -11,9 +11,13 @@ then to class names. A 3-class run's page shows every class in class order, as b
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import redis
 
+from app.db import session_scope
+from app.models import Run, split_metrics
 from tests.browser import open_browser
 from tests.support import add_dataset_row
 from tests.test_experiments_cancel_delete import start_sweep
@@ -223,9 +227,65 @@ def test_a_three_class_run_shows_every_class_in_class_order(server, request):
             return {labels: chart.data.labels, max: chart.scales.y.max};
         }""")
         assert chart == {"labels": names, "max": 1}  # every class, on a 0-100 % axis
-        assert page.locator("#confusion tbody tr").count() == 3  # the matrix, as before
+        # The whole matrix, as before: counts, each row's colour by its share of the class.
+        cells = page.evaluate("""[...document.querySelectorAll('#confusion tbody tr')].map(
+            (tr) => [...tr.querySelectorAll('td')].map((td) => [td.textContent, td.className,
+                td.style.backgroundColor, td.title]))""")
+        assert [[text for text, *_ in row] for row in cells] == [
+            ["3", "1", "0"], ["0", "4", "0"], ["2", "0", "2"]]
+        assert [[kind for _, kind, *_ in row] for row in cells] == [
+            ["num cm diagonal" if i == j else "num cm" for j in range(3)] for i in range(3)]
+        assert cells[2][0][2:] == ["rgba(47, 111, 222, 0.45)",
+                                   "true fox, predicted cat: 2 of 4 (50.0%)"]
+        assert cells[1][1][2:] == ["rgba(47, 111, 222, 0.9)",
+                                   "true dog, predicted dog: 4 of 4 (100.0%)"]
+        assert cells[0][2][2:] == ["rgba(47, 111, 222, 0)",
+                                   "true cat, predicted fox: 0 of 4 (0.0%)"]
         browser.screenshot("three-classes")
         # Sortable all the same.
         page.get_by_role("button", name="Test accuracy", exact=True).click()
         assert first_cells(page) == ["fox", "cat", "dog"]
         browser.assert_no_errors()
+
+
+def test_the_page_reads_the_matrix_in_its_sparse_form(server, request):
+    """The page's own data and its reads of the run (here at the run's end) hold the sparse
+    form of the matrix (`?confusion=sparse`): the dense one made a 1,000-class run's page
+    3 MB, a 5,000-class one's 75 MB. What the page draws from it is the same."""
+    dataset_id = add_dataset_row(server.database_url,
+                                 {name: {"train": 4, "test": 5} for name in NAMES})
+    with server.client() as client:
+        _, (run_id,) = start_sweep(client, dataset_id, seeds=[0], methods=["fine-tune"])
+    live = redis.Redis.from_url(server.redis_url, decode_responses=True)
+    record = re.compile(rf"/api/runs/{run_id}(\?.*)?")  # the run, not its points or feed
+    asked: list[str] = []
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("request", lambda r: asked.append(path) if record.fullmatch(
+            path := r.url.removeprefix(server.url)) else None)
+        page.goto(f"{server.url}/runs/{run_id}")
+        page.wait_for_selector("#live-state:text-is('● live')")
+        # The run ends as a worker records it: its matrix in `details`.
+        with session_scope(server.database_url) as session:
+            run = session.get(Run, run_id)
+            run.metrics, run.details = split_metrics(run_metrics())
+        finish(server.database_url, live, run_id)
+        page.wait_for_selector(READY)
+        assert asked and set(asked) == {f"/api/runs/{run_id}?confusion=sparse"}, asked
+        rows = page.locator("#confusion tbody tr")
+        assert rows.nth(0).locator("td").all_inner_texts() == [
+            "class 0900", "class 0003", "3", "60.0%"]
+        assert first_cells(page)[:2] == ["class 0900", "class 0300"]
+
+        page.reload()
+        page.wait_for_selector(READY)
+        metrics = page.evaluate(
+            "JSON.parse(document.getElementById('run-data').textContent).run.metrics")
+        assert "confusion_matrix" not in metrics
+        assert metrics["confusion_sparse"]["size"] == CLASSES
+        assert len(metrics["confusion_sparse"]["cells"]) == len(CONFUSIONS)
+        assert rows.nth(0).locator("td").all_inner_texts()[:3] == [
+            "class 0900", "class 0003", "3"]
+        browser.assert_no_errors()
+    with server.client() as client:
+        assert len(client.get(f"/runs/{run_id}").content) < 300_000  # 3.1 MB when dense

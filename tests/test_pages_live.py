@@ -159,7 +159,8 @@ def test_a_live_feed_refused_for_its_sign_in_stops_instead_of_retrying(live_serv
         # The sign-in expired after the page was served: its feed and reads are refused.
         for path, error in ((f"/experiments/{experiment_id}", "#action-error"),
                             (f"/runs/{run_ids[0]}", "#cancel-error")):
-            page.route(re.compile(rf"/api{re.escape(path)}(/events)?$"),
+            # (a run page reads its run with `?confusion=sparse`)
+            page.route(re.compile(rf"/api{re.escape(path)}(/events)?(\?[^/]*)?$"),
                        lambda route: route.fulfill(status=401, json=refused))
             page.goto(f"{live_server.url}{path}")
             page.wait_for_selector(f"{error} a.sign-in-again", timeout=10_000)

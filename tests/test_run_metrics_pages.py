@@ -6,12 +6,14 @@ writes them, without training."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from playwright.sync_api import expect
 from sqlalchemy import insert, select
 
 from app.db import session_scope
@@ -219,3 +221,78 @@ def test_a_run_page_draws_a_long_history_a_page_at_a_time(live_server, request):
     paths = [url.removeprefix(live_server.url) for url in asked]
     assert paths[0] == f"/api/runs/{run_id}/metrics?limit=5000"
     assert len(paths) == 3 and all("after=" in path for path in paths[1:])
+
+
+@pytest.mark.browser
+def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
+    """The feed is refused once (a proxy's 502 while the app restarts) and comes back while the
+    page reads the record's last page: its resync asks for the record again. Two reads side by
+    side each read every page (a long run's 22, twice); the one running now reads on, and its
+    last page, answered before points recorded meanwhile, once more: one request at a time,
+    and every point, those too, on the charts."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        run_id = new_run(client, database_url)  # queued: the page follows its feed
+    record(database_url, run_id, "progress", range(1, 7_001))  # two pages of 5,000
+
+    asked: list[str] = []
+    in_flight = most_in_flight = 0
+
+    def sent(req) -> None:
+        nonlocal in_flight, most_in_flight
+        if "/metrics" in req.url:
+            asked.append(req.url.removeprefix(live_server.url))
+            in_flight += 1
+            most_in_flight = max(most_in_flight, in_flight)
+
+    def done(req) -> None:
+        nonlocal in_flight
+        in_flight -= "/metrics" in req.url
+
+    last_page = []  # the route and the server's answer to it, which the browser gets later
+
+    def answer_last_page_later(route) -> None:
+        if last_page:
+            route.continue_()
+        else:
+            last_page.append((route, route.fetch()))
+
+    feed_tries = []  # the first is refused, the next held until told
+
+    def refuse_then_hold_the_feed(route) -> None:
+        feed_tries.append(route)
+        if len(feed_tries) == 1:
+            route.fulfill(status=502, body="bad gateway")
+        elif len(feed_tries) > 2:
+            route.continue_()
+
+    ce_points = """() => {
+        const chart = Chart.getChart(document.getElementById('chart-losses'));
+        const line = chart && chart.data.datasets.find((d) => d.label === 'ce');
+        return line ? (line._decimated ? line._data : line.data).length : 0;
+    }"""
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("request", sent)
+        page.on("requestfinished", done)
+        page.on("requestfailed", done)
+        page.route(re.compile(r"/metrics\?.*after="), answer_last_page_later)
+        page.route(re.compile(rf"/api/runs/{run_id}/events"), refuse_then_hold_the_feed)
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_function(f"({ce_points})() === 5000")
+        deadline = time.monotonic() + 20
+        while not (last_page and len(feed_tries) == 2):  # the page runs the routes meanwhile
+            assert time.monotonic() < deadline, "the last page asked for, the feed tried again"
+            page.wait_for_timeout(50)
+        # Recorded after the server answered the last page: on no page the read has.
+        record(database_url, run_id, "progress", range(7_001, 7_011))
+        feed_tries[1].continue_()
+        expect(page.locator("#live-state")).to_have_text("● live")  # it resynced
+        route, answer = last_page[0]
+        route.fulfill(response=answer)
+        page.wait_for_function(f"({ce_points})() === 7010")
+        browser.assert_no_errors(expected=("502",))
+    first = f"/api/runs/{run_id}/metrics?limit=5000"
+    assert most_in_flight == 1, asked
+    assert asked[0] == first and len(asked) == 3, asked
+    assert asked[2] == asked[1] and "after=" in asked[1], asked  # the last page, once more

@@ -128,12 +128,29 @@ export function runPage() {
   // The record a page at a time, each drawn as it arrives (drawSoon paces the redraws): in one
   // answer a paper-length run's 110,000 points were 23 MB, and the curves waited for all of
   // them. A point recorded while the pages are read comes in a later page.
-  async function loadHistory() {
-    let next = `/api/runs/${id}/metrics?limit=${HISTORY_PAGE}`;
-    while (next) {
-      const page = await getJSON(next);
-      for (const point of page.points) addPoint(point.kind, point.step, point.values);
-      next = page.next;
+  // One read at a time: a read asked for while one runs (a `dropped` event, a resync) joins
+  // it. Its pages asked for after that hold every point recorded until then; only the one on
+  // its way may have been read before, and is read again if it was the last. Side by side,
+  // each read asked for every page (a paper-length run's 22, twice or more).
+  let historyRead = null; // the read going on, its promise
+  let historyAsked = false; // asked for while the page on its way was read
+  function loadHistory() {
+    if (historyRead) historyAsked = true;
+    else historyRead = readHistory();
+    return historyRead;
+  }
+
+  async function readHistory() {
+    let address = `/api/runs/${id}/metrics?limit=${HISTORY_PAGE}`;
+    try {
+      while (address) {
+        historyAsked = false;
+        const page = await getJSON(address);
+        for (const point of page.points) addPoint(point.kind, point.step, point.values);
+        if (page.next || !historyAsked) address = page.next;
+      }
+    } finally {
+      historyRead = null; // in the step that ends the read: an ask after it starts a new one
     }
   }
 

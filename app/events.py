@@ -4,8 +4,8 @@ Each SSE `id` is the Redis stream entry id, so a browser that reconnects with
 `Last-Event-ID` gets exactly the events it missed. One reader per stream and web process
 fans new entries out to every connected browser (a hundred viewers of one run cost one
 Redis read, not a hundred). When the stream is gone (expired, or a Redis that lost its data)
-a finished run's history is rebuilt from the database. Where Redis trimmed a long run's oldest
-entries, a feed that would skip some says so first (`dropped`).
+a finished run's history is rebuilt from the database, a page at a time. Where Redis trimmed a
+long run's oldest entries, a feed that would skip some says so first (`dropped`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import logging
 import re
 import resource
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -67,7 +67,10 @@ class Outcome:
     """What the database says now: whether the feed is over, and how to tell its story."""
 
     finished: bool
-    history: list[dict[str, Any]] = field(default_factory=list)  # rebuilt from the database
+    # The feed rebuilt from the database, in pages of events that are read as they are sent
+    # (and only when the stream is gone): a long run's record is 110,000 points, which were
+    # read in one query and held, however slow the client, at every check of the outcome.
+    history: Iterable[list[dict[str, Any]]] = ()
     final: dict[str, Any] | None = None  # the event that closes the feed
 
 
@@ -236,10 +239,13 @@ async def stream_events(
             state = await asyncio.to_thread(outcome)
             if state.finished and await _stream_is_empty(hubs, key):
                 # The live feed is gone: tell the story from the database.
-                for index, event in enumerate(state.history, start=1):
-                    yield sse(event, event_id=f"0-{index}")
+                told = 0
+                async for events in _pages(state.history):
+                    yield "".join(sse(event, event_id=f"0-{index}")
+                                  for index, event in enumerate(events, start=told + 1))
+                    told += len(events)
                 if state.final:
-                    yield sse(state.final, event_id=f"0-{len(state.history) + 1}")
+                    yield sse(state.final, event_id=f"0-{told + 1}")
                 return
         check_outcome = True  # a client that already saw the end must not wait a heartbeat
         ended: Outcome | None = None  # the database said "over" at an end event
@@ -297,6 +303,14 @@ async def stream_events(
                                                                  record)
     finally:
         hubs.unsubscribe(hub)
+
+
+async def _pages(history: Iterable[list[dict[str, Any]]]) -> AsyncIterator[list[dict[str, Any]]]:
+    """The pages of a rebuilt history, each read off the event loop (reading one may be a
+    query), and the next only once the one before has been sent."""
+    pages = iter(history)
+    while (page := await asyncio.to_thread(next, pages, None)) is not None:
+        yield page
 
 
 async def _history_page(hubs: Hubs, key: str, after_id: str, maxlen: int | None,

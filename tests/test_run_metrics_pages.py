@@ -5,6 +5,8 @@ writes them, without training."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import re
 import time
 from collections.abc import Iterator
@@ -14,10 +16,14 @@ import httpx
 import pytest
 import redis
 from playwright.sync_api import expect
-from sqlalchemy import insert, select
+from sqlalchemy import event, insert, select
 
 from app.db import session_scope
-from app.models import RunMetric, utcnow
+from app.events import sse
+from app.live import ended, run_stream_key, timestamp
+from app.main import create_app
+from app.models import Experiment, Run, RunMetric, utcnow
+from app.routers.runs import FEED_PAGE
 from tests.browser import open_browser
 from tests.support import LiveServer, add_dataset_row
 from tests.test_datasets_support import dataset_server
@@ -296,3 +302,110 @@ def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
     assert most_in_flight == 1, asked
     assert asked[0] == first and len(asked) == 3, asked
     assert asked[2] == asked[1] and "after=" in asked[1], asked  # the last page, once more
+
+
+def retold_as_before(database_url: str, run_id: int) -> str:
+    """The feed of a finished run whose stream is gone as it was told when the whole record
+    was read in one query: each point as the event its worker sent, `0-1` on, then the end."""
+    with session_scope(database_url) as session:
+        run = session.get(Run, run_id)
+        events = [{"type": m.kind, "run_id": run_id, "time": timestamp(m.created_at),
+                   "step": m.step, "total_steps": run.total_steps, **m.values}
+                  for m in session.scalars(select(RunMetric).where(RunMetric.run_id == run_id)
+                                           .order_by(RunMetric.step, RunMetric.id))]
+        events.append(ended(run))
+    return "retry: 2000\n\n" + "".join(sse(event, event_id=f"0-{index}")
+                                       for index, event in enumerate(events, start=1))
+
+
+def finished_run_without_stream(database_url: str, redis_url: str) -> int:
+    """A run of 12,000 progress points and an eval each 500 steps (two pages and a bit),
+    ended, whose Redis stream has expired since."""
+    with session_scope(database_url) as session:
+        experiment = Experiment(name="long", dataset_id=add_dataset_row(database_url),
+                                backbone="b", methods=["fine-tune"], budgets=[0.5], seeds=[0],
+                                preset="quick")
+        session.add(experiment)
+        session.flush()
+        run = Run(experiment_id=experiment.id, dataset_id=experiment.dataset_id,
+                  method="fine-tune", budget=0.5, budget_label="50%", status="succeeded",
+                  total_steps=12_000, step=12_000, started_at=utcnow(), finished_at=utcnow(),
+                  metrics={"test_top1": 0.5})
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    record(database_url, run_id, "progress", range(1, 12_001))
+    record(database_url, run_id, "eval", range(500, 12_001, 500))
+    redis.Redis.from_url(redis_url).delete(run_stream_key(run_id))
+    return run_id
+
+
+def test_a_feed_retold_from_the_record_in_pages_is_the_feed_told_at_once(metrics_server):
+    """A run's feed without its stream is read from the database a page at a time now: what
+    a client gets is byte for byte what one query for the whole record gave."""
+    server = metrics_server
+    with server.client() as client:
+        run_id = finished_run_without_stream(server.database_url, server.redis_url)
+        with client.stream("GET", f"/api/runs/{run_id}/events") as response:
+            assert response.status_code == 200
+            told = "".join(response.iter_text())
+    expected = retold_as_before(server.database_url, run_id)
+    assert told.count("\ndata: ") == 12_000 + 24 + 1
+    assert told == expected
+
+
+def test_a_feed_retold_from_the_record_reads_no_further_than_it_has_sent(settings):
+    """The feed of a finished run whose stream expired read the whole record in one query
+    and held it while it was sent (27,000-110,000 events on a long run). Now each page of it
+    goes out before the next is read: served in-process (the app's own routes and
+    middleware, real Redis and SQLite) to count the points loaded at each write."""
+    database_url = settings.sqlalchemy_url
+    loaded = [0]
+
+    def count_load(_target, _context) -> None:
+        loaded[0] += 1
+
+    async def tell(run_id: int) -> list[tuple[int, int]]:
+        """(events in each write that has some, points loaded so far then)."""
+        app = create_app(settings)
+        writes: list[tuple[int, int]] = []
+        asked, done = [], asyncio.Event()
+
+        async def receive() -> dict:
+            if not asked:
+                asked.append(True)
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await done.wait()  # the client stays until the feed ends
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                assert message["status"] == 200
+            elif message["type"] == "http.response.body":
+                if events := message.get("body", b"").count(b"\ndata: "):
+                    writes.append((events, loaded[0]))
+                if not message.get("more_body"):
+                    done.set()
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "GET", "scheme": "http", "path": f"/api/runs/{run_id}/events",
+                 "raw_path": f"/api/runs/{run_id}/events".encode(), "query_string": b"",
+                 "root_path": "", "headers": [(b"host", b"127.0.0.1")],
+                 "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(app(scope, receive, send), timeout=120)
+        return writes
+
+    run_id = finished_run_without_stream(database_url, settings.effective_redis_url)
+    event.listen(RunMetric, "load", count_load)
+    try:
+        writes = asyncio.run(tell(run_id))
+    finally:
+        event.remove(RunMetric, "load", count_load)
+    points = 12_000 + 24
+    sent = list(itertools.accumulate(events for events, _ in writes))
+    assert sent[-1] == points + 1  # and the end
+    # Each write went out with no point read beyond it: the first at one page, not all.
+    assert writes[0][1] <= FEED_PAGE, writes[:3]
+    assert [read for _, read in writes] == [min(total, points) for total in sent], writes
+    assert loaded[0] == points  # each point read once

@@ -336,7 +336,7 @@ async def experiment_events(experiment_id: ExperimentId, request: Request,
                 "experiment_id": experiment_id,
                 "runs": {str(run.id): run.status for run in runs},
             }
-            history = [ended(run) for run in runs]
+            history = [[ended(run) for run in runs]]  # one page: an end event a run
         return Outcome(finished, history, final)
 
     key = experiment_stream_key(experiment_id)

@@ -9,6 +9,8 @@ import re
 import tempfile
 import uuid
 import zipfile
+from collections.abc import Iterator
+from functools import partial
 from itertools import compress
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
@@ -17,7 +19,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
-from sqlalchemy import select, tuple_
+from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
@@ -214,6 +216,16 @@ def metrics_cursor(after: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def points_after(run_id: int, cursor: tuple[int, int] | None) -> Select[tuple[RunMetric]]:
+    """A run's recorded points in their order, after the point at `cursor` (step, id) if
+    given: in SQL, on the index of (run_id, step, id), so no page reads the ones before."""
+    query = (select(RunMetric).where(RunMetric.run_id == run_id)
+             .order_by(RunMetric.step, RunMetric.id))
+    if cursor is not None:
+        query = query.where(tuple_(RunMetric.step, RunMetric.id) > tuple_(*cursor))
+    return query
+
+
 def metric_point(row: RunMetric) -> MetricPoint:
     return MetricPoint(step=row.step, kind=row.kind, values=row.values)
 
@@ -230,13 +242,10 @@ def read_metrics(run_id: RunId, session: DbDep, response: Response,
     it repeats as first recorded), so they come in a later page."""
     cursor = None if after is None else metrics_cursor(after)
     get_run(session, run_id)
-    query = (select(RunMetric).where(RunMetric.run_id == run_id)
-             .order_by(RunMetric.step, RunMetric.id))
+    query = points_after(run_id, cursor)
     if limit is None and cursor is None:  # as before paging: all of them, and no `next`
         return RunMetricsOut(run_id=run_id,
                              points=[metric_point(r) for r in session.scalars(query)])
-    if cursor is not None:  # in SQL, on the index of (run_id, step, id): no page reads the rest
-        query = query.where(tuple_(RunMetric.step, RunMetric.id) > tuple_(*cursor))
     size = limit or METRICS_PAGE_MAX
     rows = list(session.scalars(query.limit(size + 1)))  # one more: is there a next page?
     next_page = None
@@ -292,6 +301,39 @@ def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redi
     return read_run(run_id, session, settings)
 
 
+# Recorded points read at a time to retell the feed of a run whose stream is gone.
+FEED_PAGE = 5_000
+
+
+def run_outcome(database_url: str, run_id: int) -> Outcome:
+    """Whether the run's feed is over, its record (read when it is retold), its end event."""
+    with session_scope(database_url) as session:
+        run = session.get(Run, run_id)
+        if run is None:  # deleted while watched: nothing more will come
+            return Outcome(True)
+        if not is_terminal(run.status):
+            return Outcome(False)
+        history = recorded_events(database_url, run_id, run.total_steps)
+        return Outcome(True, history, ended(run))
+
+
+def recorded_events(database_url: str, run_id: int,
+                    total_steps: int) -> Iterator[list[dict[str, Any]]]:
+    """The run's recorded points as the worker sent them (app.schemas.FEED_EVENTS), FEED_PAGE
+    at a time, each page read in a session of its own when the one before has been sent."""
+    cursor = None
+    while True:
+        with session_scope(database_url) as session:
+            rows = session.scalars(points_after(run_id, cursor).limit(FEED_PAGE)).all()
+            events = [{"type": m.kind, "run_id": run_id, "time": timestamp(m.created_at),
+                       "step": m.step, "total_steps": total_steps, **m.values} for m in rows]
+            cursor = (rows[-1].step, rows[-1].id) if rows else None
+        if events:
+            yield events
+        if len(events) < FEED_PAGE:
+            return
+
+
 @router.get("/{run_id}/events", responses={**SSE_RESPONSES, **NO_RUN},
             response_class=StreamingResponse)
 async def run_events(run_id: RunId, request: Request, settings: SettingsDep,
@@ -310,25 +352,9 @@ async def run_events(run_id: RunId, request: Request, settings: SettingsDep,
     # Off the event loop: thousands of feeds opening at once held every other request.
     await run_in_threadpool(check_exists)
 
-    def outcome() -> Outcome:
-        with session_scope(settings.sqlalchemy_url) as session:
-            run = session.get(Run, run_id)
-            if run is None:  # deleted while watched: nothing more will come
-                return Outcome(True)
-            if not is_terminal(run.status):
-                return Outcome(False)
-            # As the worker sent them (app.schemas.FEED_EVENTS), from the record.
-            history = [
-                {"type": m.kind, "run_id": run_id, "time": timestamp(m.created_at),
-                 "step": m.step, "total_steps": run.total_steps, **m.values}
-                for m in session.scalars(
-                    select(RunMetric).where(RunMetric.run_id == run_id)
-                    .order_by(RunMetric.step, RunMetric.id)
-                )
-            ]
-            return Outcome(True, history, ended(run))
-
-    return event_stream_response(request, run_stream_key(run_id), outcome, settings.sse_heartbeat_s,
+    return event_stream_response(request, run_stream_key(run_id),
+                                 partial(run_outcome, settings.sqlalchemy_url, run_id),
+                                 settings.sse_heartbeat_s,
                                  earlier_ends=True, maxlen=settings.event_stream_maxlen,
                                  record=f"/api/runs/{run_id}/metrics",
                                  last_event_id=last_event_id)

@@ -6,8 +6,12 @@ import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The heartbeats a run's worker may miss, or send late, before its run is called lost: the run
+# page says "no word from its worker" past as many (app.routers.runs.silent_seconds).
+MISSED_HEARTBEATS = 3
 
 
 class Settings(BaseSettings):
@@ -43,7 +47,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(7 * 24 * 3600, ge=60)
     event_stream_maxlen: int = Field(20_000, ge=100)
     heartbeat_interval_s: float = Field(10.0, gt=0)
-    stale_after_s: float = Field(120.0, gt=0, description="heartbeat silence = lost run")
+    stale_after_s: float = Field(120.0, gt=0, description="heartbeat silence = lost run; at "
+                                 f"least {MISSED_HEARTBEATS} heartbeats")
     max_attempts: int = Field(3, ge=1, description="automatic requeues of a lost run")
     sse_heartbeat_s: float = Field(10.0, gt=0)
 
@@ -55,6 +60,24 @@ class Settings(BaseSettings):
         if value is not None and not all(" " < char < "\x7f" for char in value.get_secret_value()):
             raise ValueError("must be printable ASCII without spaces (letters, digits, "
                              "punctuation)")
+        return value
+
+    @field_validator("stale_after_s")
+    @classmethod
+    def _stale_after_some_heartbeats(cls, value: float, info: ValidationInfo) -> float:
+        # Refused, not warned of: at one heartbeat or less every run still training is called
+        # lost between two of them, under three at the first one late (a busy database, a
+        # paused process), and queued again until its attempts are spent, then lost for good,
+        # hours into a run; a warning at start is long gone from the log by then. Nothing
+        # needs it: to find lost runs sooner, lower both.
+        interval = info.data.get("heartbeat_interval_s")  # absent when it was refused itself
+        if interval is not None and value < MISSED_HEARTBEATS * interval:
+            raise ValueError(
+                f"must be at least {MISSED_HEARTBEATS} heartbeats, "
+                f"{MISSED_HEARTBEATS * interval:g} s with SELFTUNE_HEARTBEAT_INTERVAL_S at "
+                f"{interval:g} s: a run whose worker is silent this long is declared lost and "
+                "queued again, and a heartbeat can be late under load (to find lost runs "
+                "sooner, lower both)")
         return value
 
     @field_validator("data_dir")

@@ -5,17 +5,28 @@ Real uvicorn, Redis and SQLite; no worker, so queued runs stay queued."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from app.config import Settings
 from app.db import session_scope
 from app.models import Run, utcnow
 from tests.browser import open_browser
-from tests.support import app_env, make_image_archive, start_server, wait_for
+from tests.support import (
+    app_env,
+    free_port,
+    make_image_archive,
+    start_process,
+    start_server,
+    wait_for,
+)
 
 TINY = {
     "backbone": "test_efficientnet", "preset": "quick", "methods": ["fine-tune"],
@@ -51,6 +62,7 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
 ):
     env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
                   SELFTUNE_MAX_ATTEMPTS="1", SELFTUNE_STALE_AFTER_S="2",
+                  SELFTUNE_HEARTBEAT_INTERVAL_S="0.5",
                   SELFTUNE_SSE_HEARTBEAT_S="1")
     url, web = start_server(env, tmp_path / "logs" / "web.log")
     archive = make_image_archive(tmp_path / "shapes.zip", train_per_class=6, test_per_class=2,
@@ -120,3 +132,59 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
             assert client.get(f"/api/runs/{waiting}").json()["queue_position"] == 1
     finally:
         web.stop()
+
+
+@pytest.mark.parametrize(("heartbeat", "stale", "accepted"), [
+    (10.0, 120.0, True),  # the defaults
+    (10.0, 30.0, True),
+    (1.0, 6.0, True),
+    (10.0, 29.9, False),
+    (10.0, 10.0, False),
+    (10.0, 2.0, False),
+    (0.5, 1.0, False),
+])
+def test_stale_after_must_be_a_few_heartbeats(heartbeat, stale, accepted):
+    """A run is called lost after SELFTUNE_STALE_AFTER_S of silence; a worker speaks every
+    SELFTUNE_HEARTBEAT_INTERVAL_S, and a heartbeat can be late under load. Set at or near the
+    heartbeat, every run still training was declared lost and queued again."""
+    if accepted:
+        assert Settings(heartbeat_interval_s=heartbeat, stale_after_s=stale).stale_after_s == stale
+        return
+    with pytest.raises(ValidationError) as refused:
+        Settings(heartbeat_interval_s=heartbeat, stale_after_s=stale)
+    [error] = refused.value.errors()
+    assert error["loc"] == ("stale_after_s",)
+    assert f"at least 3 heartbeats, {3 * heartbeat:g} s" in error["msg"]
+
+
+def exit_and_output(env: dict[str, str], args: list[str], log_path: Path) -> tuple[int | None, str]:
+    """How a process started with `args` exited (None: it ran on, and was stopped at 60 s
+    with what it started) and what it printed."""
+    process = start_process([sys.executable, *args], env, log_path)
+    try:
+        returncode = process.popen.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        returncode = None
+    finally:
+        process.stop()  # SIGTERM: a launcher that started stops its web and worker too
+    return returncode, process.log()
+
+
+def test_a_run_called_lost_at_the_first_late_heartbeat_is_refused_at_start(settings, tmp_path):
+    """`make run`, the web alone and a worker alone (docker-compose) refuse to start with
+    SELFTUNE_STALE_AFTER_S under three heartbeats, and say which setting and what it needs."""
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_HEARTBEAT_INTERVAL_S="10", SELFTUNE_STALE_AFTER_S="15",
+                  SELFTUNE_PORT=str(free_port()))
+    says = ("must be at least 3 heartbeats, 30 s with SELFTUNE_HEARTBEAT_INTERVAL_S at 10 s: "
+            "a run whose worker is silent this long is declared lost")
+    returncode, output = exit_and_output(env, ["-m", "app.launcher"], tmp_path / "run.log")
+    assert returncode == 2, output
+    assert f"SELFTUNE_STALE_AFTER_S: {says}" in output and "Traceback" not in output
+    for name, command in [
+        ("web", ["-m", "uvicorn", "--factory", "app.main:app_factory", "--port", str(free_port())]),
+        ("worker", ["-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo"]),
+    ]:
+        returncode, output = exit_and_output(env, command, tmp_path / f"{name}.log")
+        assert returncode not in (0, None), (name, output)
+        assert "stale_after_s" in output and says in output, (name, output)

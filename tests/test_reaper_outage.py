@@ -78,7 +78,8 @@ def broker(tmp_path: Path) -> Iterator[PrivateRedis]:
 def outage_settings(data_dir: Path, broker: PrivateRedis, monkeypatch) -> Iterator[Settings]:
     """Settings on a migrated SQLite database and the test's Redis, with the web's Celery app
     sending there."""
-    settings = Settings(data_dir=data_dir, redis_url=broker.url, stale_after_s=0.5)
+    settings = Settings(data_dir=data_dir, redis_url=broker.url, stale_after_s=0.5,
+                        heartbeat_interval_s=0.1)
     upgrade_to_head(settings.sqlalchemy_url)
     monkeypatch.setenv("SELFTUNE_REDIS_URL", broker.url)
     monkeypatch.setenv("SELFTUNE_DATA_DIR", str(data_dir))

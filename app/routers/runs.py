@@ -23,7 +23,7 @@ from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from app.config import Settings
+from app.config import MISSED_HEARTBEATS, Settings
 from app.db import session_scope
 from app.deps import DbDep, LastEventId, RedisDep, RunId, SettingsDep
 from app.events import Outcome, event_stream_response
@@ -126,7 +126,7 @@ def silent_seconds(run: Run, settings: Settings) -> float | None:
     if run.status != "running" or run.heartbeat_at is None:
         return None
     silent = (utcnow() - as_utc(run.heartbeat_at)).total_seconds()
-    return round(silent, 1) if silent > 3 * settings.heartbeat_interval_s else None
+    return round(silent, 1) if silent > MISSED_HEARTBEATS * settings.heartbeat_interval_s else None
 
 
 # The forms of a finished run's confusion matrix (`?confusion=`): the matrix holds classes²

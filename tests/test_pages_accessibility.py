@@ -322,3 +322,24 @@ def test_an_upload_is_told_in_steps_and_keeps_the_keyboard(live_server, request)
         expect(page.locator("#upload-button")).to_be_focused()
         assert page.evaluate("window.heard").pop() == "Upload cancelled: nothing was kept."
         browser.assert_no_errors()
+
+
+def test_a_skip_link_takes_the_keyboard_past_the_header(live_server, request):
+    """Without one, a keyboard went through the header's five links and buttons on every page
+    before reaching the page. The skip link is the first stop of Tab, shown only then, and
+    Enter moves the keyboard to <main>: the next Tab is the page's first link."""
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        for path, first_in_main in (("/datasets", "Upload a dataset"), ("/", "Upload a dataset"),
+                                    ("/experiments", "Start an experiment")):
+            page.goto(live_server.url + path)
+            skip = page.get_by_role("link", name="Skip to main content")
+            expect(skip).not_to_be_in_viewport()
+            page.keyboard.press("Tab")
+            expect(skip).to_be_focused()
+            expect(skip).to_be_in_viewport(ratio=1)
+            page.keyboard.press("Enter")
+            expect(page.locator("main")).to_be_focused()
+            page.keyboard.press("Tab")
+            expect(page.get_by_role("link", name=first_in_main, exact=True)).to_be_focused()
+        browser.assert_no_errors()

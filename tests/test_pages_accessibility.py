@@ -343,3 +343,25 @@ def test_a_skip_link_takes_the_keyboard_past_the_header(live_server, request):
             page.keyboard.press("Tab")
             expect(page.get_by_role("link", name=first_in_main, exact=True)).to_be_focused()
         browser.assert_no_errors()
+
+
+def test_progress_bars_say_whose_progress_they_show(live_server, request):
+    """A run's progress bar, on its page and in its row of the experiment's runs, had no name:
+    a screen reader said "progress bar, 25 %" and not of what, nor which run's."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+    mark_running(database_url, run_ids[0])
+    send_events(live, experiment_id, run_ids[0], {"type": "progress", "step": 5, "lr": 0.01})
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_ids[0]}")
+        expect(page.get_by_role("progressbar", name="Training progress", exact=True)
+               ).to_have_js_property("value", 0.25)
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        for run_id, share in zip(run_ids, (0.25, 0), strict=True):
+            bar = page.get_by_role("progressbar", name=f"Training progress of run #{run_id}",
+                                   exact=True)
+            expect(bar).to_have_js_property("value", share)
+        browser.assert_no_errors()

@@ -393,7 +393,7 @@ export function experimentPage() {
     const share = run.total_steps ? run.step / run.total_steps : 0;
     cells.progress.replaceChildren(
       h("span", { class: "step" }, `${count(run.step)} / ${count(run.total_steps)}`), " ",
-      h("progress", { max: 1, value: share }));
+      h("progress", { max: 1, value: share, "aria-label": `Training progress of run #${run.id}` }));
     // While training, the latest evaluation; once finished, the final score. A run that
     // ended without one (cancelled, failed) has none: its last evaluation is not a result.
     const latest = run.status === "running" && isNumber(run.live_top1) ? run.live_top1 : null;

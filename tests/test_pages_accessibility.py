@@ -365,3 +365,25 @@ def test_progress_bars_say_whose_progress_they_show(live_server, request):
                                    exact=True)
             expect(bar).to_have_js_property("value", share)
         browser.assert_no_errors()
+
+
+def test_links_to_runs_say_which_run(live_server, request):
+    """The runs table's links read "#1", "#2": in a screen reader's list of links, out of the
+    table, nothing said which run each one opens. The column still shows "#1"."""
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(live_server.database_url))
+        runs = {run["id"]: run for run in client.get(f"/api/experiments/{experiment_id}").json()[
+            "runs"]}
+    titles = {"fine-tune": "Fine-tuning", "self-tuning": "Self-Tuning"}
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        for run_id in run_ids:
+            run = runs[run_id]
+            name = (f"Run #{run_id}: {titles[run['method']]}, {run['budget_label']}, "
+                    f"seed {run['seed']}")
+            link = page.get_by_role("link", name=name, exact=True)
+            expect(link).to_have_text(f"#{run_id}")
+            expect(link).to_have_attribute("href", f"/runs/{run_id}")
+        assert len(run_ids) == 4 and page.get_by_role("link", name="Run #").count() == 4
+        browser.assert_no_errors()

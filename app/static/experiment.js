@@ -374,8 +374,11 @@ export function experimentPage() {
     const cells = {
       status: h("td"), progress: h("td", { class: "num" }), accuracy: h("td", { class: "num" }),
     };
+    // "#12" is what the column shows; a screen reader's list of links, out of the table, needs
+    // which run it is (the name holds "#12" too, so speech input still finds it).
+    const name = `Run #${run.id}: ${title(run.method)}, ${run.budget_label}, seed ${run.seed}`;
     const tr = h("tr", { "data-run-id": run.id },
-      h("td", {}, h("a", { href: `/runs/${run.id}` }, `#${run.id}`)),
+      h("td", {}, h("a", { href: `/runs/${run.id}`, "aria-label": name }, `#${run.id}`)),
       h("td", {}, title(run.method)), h("td", {}, run.budget_label), h("td", { class: "num" }, run.seed),
       cells.status, cells.progress, cells.accuracy);
     rows.set(run.id, { tr, cells });

@@ -166,7 +166,7 @@ def test_every_class_of_a_dataset_of_many_has_its_thumbnails_a_click_away(
         assert page.locator(headings).first.inner_text().startswith("species100")
         assert page.locator("#class-150").is_visible()
         page.wait_for_function(  # its thumbnail loads (lazily, now on screen)
-            "() => [...document.querySelectorAll('#class-thumbnails img[alt=species150]')]"
+            "() => [...document.querySelectorAll('#class-150 + .thumbs img')]"
             ".every((img) => img.complete && img.naturalWidth > 0)")
         page.click("#class-thumbnails nav >> nth=0 >> a[rel=next]")
         assert page.locator(headings).count() == 5

@@ -387,3 +387,25 @@ def test_links_to_runs_say_which_run(live_server, request):
             expect(link).to_have_attribute("href", f"/runs/{run_id}")
         assert len(run_ids) == 4 and page.get_by_role("link", name="Run #").count() == 4
         browser.assert_no_errors()
+
+
+def test_thumbnails_are_told_apart_by_their_file_names(live_server, tmp_path, request):
+    """Every thumbnail's alt text was its class's name, already the heading above them (or
+    "unlabeled"): a screen reader heard "circle, circle, circle…" and nothing that tells one
+    image from another. Each is named by its file's name in the archive."""
+    archive = make_image_archive(tmp_path / "shapes.zip", classes=("circle", "square"),
+                                 train_per_class=3, test_per_class=1, unlabeled=2)
+    with live_server.client() as client:
+        created = upload(client, archive.read_bytes())
+    assert created.status_code == 201, created.text
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/datasets/{created.json()['id']}")
+        thumbnails = page.locator("#class-thumbnails, #unlabeled").get_by_role("img")
+        expect(thumbnails).to_have_count(8)
+        names = [image.get_attribute("alt") for image in thumbnails.all()]
+        assert names == [f"{name}_{n:03d}.png" for name in ("circle", "square") for n in range(3)
+                         ] + ["u_000.png", "u_001.png"], names
+        expect(page.locator("#class-thumbnails h3 + .thumbs").first.get_by_role(
+            "img", name="circle_002.png", exact=True)).to_be_visible()
+        browser.assert_no_errors()

@@ -47,13 +47,22 @@ def new_dataset_page(request: Request, settings: SettingsDep) -> Response:
                   holdout_percent=f"{settings.holdout_fraction * 100:g}")
 
 
-def _class_thumbnails(db: Session, dataset_id: int, classes: range) -> dict[int, list[int]]:
-    """The first THUMBS_PER_CLASS training image ids of each class in `classes`, in one
-    query."""
+def _file_name(original_path: str) -> str:
+    """A thumbnail's alt text: its file's name in the archive. The class is the heading above
+    the thumbnails (alt text that said it again was all a screen reader heard of each image);
+    the name tells one image from the next and finds it in the user's folder."""
+    return original_path.rsplit("/", 1)[-1]
+
+
+def _class_thumbnails(db: Session, dataset_id: int, classes: range
+                      ) -> dict[int, list[tuple[int, str]]]:
+    """The first THUMBS_PER_CLASS training images of each class in `classes` (id and file
+    name), in one query."""
     ranked = (
         select(
             DatasetImage.id,
             DatasetImage.label,
+            DatasetImage.original_path,
             func.row_number()
             .over(partition_by=DatasetImage.label, order_by=DatasetImage.id)
             .label("rank"),
@@ -67,13 +76,13 @@ def _class_thumbnails(db: Session, dataset_id: int, classes: range) -> dict[int,
         .subquery()
     )
     rows = db.execute(
-        select(ranked.c.id, ranked.c.label)
+        select(ranked.c.id, ranked.c.label, ranked.c.original_path)
         .where(ranked.c.rank <= THUMBS_PER_CLASS)
         .order_by(ranked.c.label, ranked.c.id)
     )
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for image_id, label in rows:
-        by_class[label].append(image_id)
+    by_class: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for image_id, label, original_path in rows:
+        by_class[label].append((image_id, _file_name(original_path)))
     return by_class
 
 
@@ -99,12 +108,13 @@ def dataset_page(
          **dataset.class_counts.get(name, {"train": 0, "test": 0})}
         for index, name in enumerate(dataset.class_names)
     ]
-    unlabeled_thumbs = db.scalars(
-        select(DatasetImage.id)
+    unlabeled = db.execute(
+        select(DatasetImage.id, DatasetImage.original_path)
         .where(DatasetImage.dataset_id == dataset.id, DatasetImage.split == "unlabeled")
         .order_by(DatasetImage.id)
         .limit(THUMBS_PER_CLASS)
-    ).all()
+    )
+    unlabeled_thumbs = [(image_id, _file_name(path)) for image_id, path in unlabeled]
     # What a delete takes with it is counted when Delete is clicked (upload.js).
     return render(
         request, "dataset.html", dataset=dataset, classes=classes,

@@ -409,3 +409,48 @@ def test_thumbnails_are_told_apart_by_their_file_names(live_server, tmp_path, re
         expect(page.locator("#class-thumbnails h3 + .thumbs").first.get_by_role(
             "img", name="circle_002.png", exact=True)).to_be_visible()
         browser.assert_no_errors()
+
+
+# After each key in the find box: how many rows the table had, and how often the note spoke.
+WATCH_FIND = """() => {
+    window.afterKeys = [];
+    document.getElementById("per-class-filter").addEventListener("input", () => window.afterKeys
+        .push([document.querySelectorAll("#per-class tbody tr").length, window.heard.length]));
+}"""
+
+
+def test_finding_a_class_is_announced_once_typing_pauses(live_server, request):
+    """The per-class table's note, a live region, was rewritten at each key typed into "Find
+    a class": a screen reader spoke after every letter ("…holds “s”", "…holds “sp”", …). The
+    rows still follow each key at once; the note says it once typing pauses."""
+    database_url = live_server.database_url
+    dataset_id = add_dataset_row(database_url, {f"species {n:02d}": {"train": 4, "test": 5}
+                                                for n in range(MANY)})
+    with live_server.client() as client:
+        _, (run_id,) = start_sweep(client, dataset_id, seeds=[0], methods=["fine-tune"])
+    mark_running(database_url, run_id)
+    finish(database_url, redis.Redis.from_url(live_server.redis_url), run_id,
+           many_class_metrics())
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        note = page.locator("#per-class-note")
+        expect(note).to_have_text("50 of 60 classes, by test accuracy, lowest first.")
+        page.evaluate(WATCH_LIVE, "#per-class-note")
+        page.evaluate(WATCH_FIND)
+        page.get_by_role("searchbox", name="Find a class").focus()
+        page.keyboard.type("species 1")  # as fast as keys come
+        found = ("All of the 10 classes whose name holds “species 1”, by test accuracy, lowest "
+                 "first.")
+        expect(note).to_have_text(found)
+        assert page.evaluate("window.heard") == [found]
+        # Each key redrew the rows before the note said anything: 60 classes hold "s" (50
+        # shown), 10 "species 1".
+        after_keys = page.evaluate("window.afterKeys")
+        assert after_keys[0] == [50, 0] and after_keys[-1] == [10, 0], after_keys
+        assert len(after_keys) == len("species 1")
+
+        # A press of a button (a sort) is said at once, as before.
+        page.get_by_role("button", name="Test accuracy", exact=True).click()
+        assert page.evaluate("window.heard").pop() == found.replace("lowest", "highest")
+        browser.assert_no_errors()

@@ -497,6 +497,10 @@ const MANY_CLASSES = 20;
 // takes tens of milliseconds.
 const PER_CLASS_SHOWN = 50;
 const DISTRIBUTION_SHOWN = 20;
+// The per-class note is a live region: typed into the find box, it is rewritten once typing
+// pauses this long, not at each letter (a screen reader spoke after every one, "…holds “s”",
+// "…holds “sp”", …). The rows follow every letter at once.
+const NOTE_PAUSE_MS = 700;
 
 // How each column of the per-class table sorts and reads in the note; rows without a value
 // (no test image of the class, a class never pseudo-labeled) go last either way, and rows
@@ -573,7 +577,17 @@ function drawPerClass(perClass, totals, names, quality) {
   const more = document.getElementById("per-class-more");
   const note = document.getElementById("per-class-note");
   const filter = document.getElementById("per-class-filter");
-  function draw() {
+  // The note, now or (`typing`) once typing pauses; the same words again are left alone, as
+  // a screen reader reads a live region anew when its text is replaced, the same text too.
+  let noteTimer;
+  function say(text, typing) {
+    clearTimeout(noteTimer);
+    const write = () => { if (note.textContent !== text) note.textContent = text; };
+    if (typing) noteTimer = setTimeout(write, NOTE_PAUSE_MS);
+    else write();
+  }
+
+  function draw({ typing = false } = {}) {
     for (const { column, mark, th } of headers) {
       const sortedHere = column.key === state.key;
       if (sortedHere) th.setAttribute("aria-sort", state.up ? "ascending" : "descending");
@@ -586,11 +600,11 @@ function drawPerClass(perClass, totals, names, quality) {
     if (!bounded) return;
     const order = ORDERS[state.key][state.up ? "up" : "down"];
     const typed = filter.value.trim();
-    note.textContent = !state.filter
+    say(!state.filter
       ? `${shown.length === rows.length ? "All" : count(shown.length)} of ${count(rows.length)} classes, ${order}.`
       : !matching.length ? `No class name holds “${typed}”.`
       : `${shown.length === matching.length ? "All" : count(shown.length)} of the ${count(matching.length)} `
-        + `class${matching.length === 1 ? "" : "es"} whose name holds “${typed}”, ${order}.`;
+        + `class${matching.length === 1 ? "" : "es"} whose name holds “${typed}”, ${order}.`, typing);
     more.parentElement.hidden = matching.length <= PER_CLASS_SHOWN;
     more.textContent = state.all ? `Show the first ${PER_CLASS_SHOWN} only`
       : `Show all ${count(matching.length)} ${state.filter ? "matching " : ""}classes`;
@@ -604,7 +618,7 @@ function drawPerClass(perClass, totals, names, quality) {
   // Handlers set, not added: a run that is run again and ends again draws its table anew.
   filter.value = "";
   more.onclick = () => { state.all = !state.all; draw(); };
-  filter.oninput = () => { state.filter = filter.value.trim().toLocaleLowerCase(); draw(); };
+  filter.oninput = () => { state.filter = filter.value.trim().toLocaleLowerCase(); draw({ typing: true }); };
   sort();
   draw();
 }

@@ -9,6 +9,7 @@ their card scroll sideways, and a keyboard must reach them."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -23,7 +24,7 @@ from tests.browser import DESKTOP, PHONE, open_browser
 from tests.support import PROJECT_ROOT, add_dataset_row, app_env, make_image_archive, start_server
 from tests.test_datasets_support import upload
 from tests.test_experiments_cancel_delete import mark_running, start_sweep
-from tests.test_pages_fixes import finish, quality
+from tests.test_pages_fixes import finish, quality, runs_by
 
 pytestmark = pytest.mark.browser
 
@@ -453,4 +454,37 @@ def test_finding_a_class_is_announced_once_typing_pauses(live_server, request):
         # A press of a button (a sort) is said at once, as before.
         page.get_by_role("button", name="Test accuracy", exact=True).click()
         assert page.evaluate("window.heard").pop() == found.replace("lowest", "highest")
+        browser.assert_no_errors()
+
+
+def test_the_best_results_are_marked_in_words_not_by_colour_alone(live_server, request):
+    """The results table marked each budget's best method, and the runs table each budget's
+    best run, by a cell's colour (and weight) only: a screen reader said nothing of it and a
+    colour-blind eye could miss it. A star shows it, and a screen reader hears "best"."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url)
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, add_dataset_row(database_url))  # seeds 0, 1
+        ids = runs_by(client, experiment_id)
+    top1 = {("self-tuning", 0): 0.9, ("self-tuning", 1): 0.7, ("fine-tune", 0): 0.6,
+            ("fine-tune", 1): 0.6}
+    for (method, _, seed), run_id in ids.items():
+        finish(database_url, live, run_id, {"test_top1": top1[method, seed]})
+    best_run = ids["self-tuning", "50%", 0]
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        result = page.locator("#budget-table tbody td")
+        expect(result).to_have_count(2)
+        self_tuning = result.and_(page.locator('tr[data-method="self-tuning"] td'))
+        expect(self_tuning).to_have_accessible_name(re.compile(r"^best: 80\.0 ± \d+\.\d$"))
+        star = self_tuning.locator(".best-mark [aria-hidden=true]")  # seen, not heard
+        expect(star).to_be_visible()
+        expect(star).to_have_text("★")
+        expect(result.and_(page.locator('tr[data-method="fine-tune"] td'))
+               ).to_have_accessible_name("60.0 ± 0.0")
+        for (method, _, seed), run_id in ids.items():
+            shown = f"{top1[method, seed] * 100:.1f}%"
+            expect(page.locator(f'#runs tr[data-run-id="{run_id}"] td').last
+                   ).to_have_accessible_name(f"best: {shown}" if run_id == best_run else shown)
         browser.assert_no_errors()

@@ -522,14 +522,14 @@ def test_results_table_names_the_cancelled_runs_of_a_cell(live_server, request):
         page.wait_for_selector("#live-state:text-is('● live')")
         page.wait_for_function(f"{CELLS}.length === 2")
         assert cells_by_method(page) == {"Self-Tuning": "0/2 runs (1 queued, 1 cancelled)",
-                                         "Fine-tuning": "80.0 (1 of 2; 1 cancelled)"}
+                                         "Fine-tuning": "★ best: 80.0 (1 of 2; 1 cancelled)"}
 
         with live_server.client() as client:
             assert client.post(f"/api/experiments/{experiment_id}/cancel").status_code == 200
         page.wait_for_selector("#experiment-status .badge:text-is('partly cancelled')")
         page.wait_for_function(f"{CELLS}.includes('no result')")
         assert cells_by_method(page) == {"Self-Tuning": "no result",
-                                         "Fine-tuning": "80.0 (1 of 2; 1 cancelled)"}
+                                         "Fine-tuning": "★ best: 80.0 (1 of 2; 1 cancelled)"}
         browser.screenshot("results-table")
         browser.assert_no_errors()
 

@@ -352,6 +352,12 @@ export function experimentForm() {
 
 // --- one experiment ------------------------------------------------------------------------
 
+// The best of a budget (a method in the results table, a run in the runs table) is marked in
+// words, not by the cell's colour alone, which a screen reader does not say and not every
+// eye tells apart: a star to see, "best" to hear.
+const bestMark = () => h("span", { class: "best-mark" },
+  h("span", { "aria-hidden": "true" }, "★ "), h("span", { class: "sr-only" }, "best: "));
+
 const IDLE_POLL_MS = 5000; // how often a page whose runs all ended looks for a requeued one
 // How often a page with queued runs reads their queue positions again: runs of other
 // experiments ahead of them start and end without a word on this page's feed.
@@ -397,15 +403,22 @@ export function experimentPage() {
     cells.progress.replaceChildren(
       h("span", { class: "step" }, `${count(run.step)} / ${count(run.total_steps)}`), " ",
       h("progress", { max: 1, value: share, "aria-label": `Training progress of run #${run.id}` }));
-    // While training, the latest evaluation; once finished, the final score. A run that
-    // ended without one (cancelled, failed) has none: its last evaluation is not a result.
+    drawAccuracy(run);
+  }
+
+  // While training, the latest evaluation; once finished, the final score. A run that
+  // ended without one (cancelled, failed) has none: its last evaluation is not a result.
+  function drawAccuracy(run) {
+    const { cells } = rows.get(run.id);
     const latest = run.status === "running" && isNumber(run.live_top1) ? run.live_top1 : null;
-    cells.accuracy.textContent = pct(run.test_top1 ?? latest);
+    cells.accuracy.replaceChildren(...[bestIds.has(run.id) ? bestMark() : null,
+      pct(run.test_top1 ?? latest)].filter(Boolean));
     cells.accuracy.title = !isNumber(run.test_top1) && latest !== null ? "latest evaluation" : "";
   }
 
   // The best finished runs of each budget (highest final test top-1, ties each) are
-  // highlighted, as the results table highlights its best methods.
+  // highlighted and marked, as the results table marks its best methods.
+  let bestIds = new Set();
   function markBest() {
     const finished = [...runs.values()].filter((run) => run.status === "succeeded" && isNumber(run.test_top1));
     const top = new Map(); // budget label -> its highest final test top-1
@@ -413,8 +426,9 @@ export function experimentPage() {
       top.set(run.budget_label, Math.max(top.get(run.budget_label) ?? -Infinity, run.test_top1));
     }
     const isBest = (run) => run.test_top1 === top.get(run.budget_label);
-    const bestIds = new Set(finished.filter(isBest).map((run) => run.id));
+    bestIds = new Set(finished.filter(isBest).map((run) => run.id));
     for (const [runId, { tr }] of rows) tr.classList.toggle("best", bestIds.has(runId));
+    for (const run of runs.values()) drawAccuracy(run);
   }
 
   // The runs of a cell without a result, by status: "1 running, 1 cancelled".
@@ -459,7 +473,7 @@ export function experimentPage() {
         // A mean over fewer seeds than asked for says which, and why: "(1 of 2; 1 cancelled)".
         const note = others.length ? `; ${others.join(", ")}` : "";
         return h("td", { class: `num${row.best ? " best" : ""}`, title: `mean of ${row.finished} of ${row.runs} seeds` },
-          `${(row.mean_top1 * 100).toFixed(1)}${spread}`,
+          row.best ? bestMark() : null, `${(row.mean_top1 * 100).toFixed(1)}${spread}`,
           row.finished < row.runs ? h("small", { class: "muted" }, ` (${row.finished} of ${row.runs}${note})`) : null);
       })));
     document.querySelector("#budget-table thead").replaceChildren(head);

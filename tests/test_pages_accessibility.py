@@ -488,3 +488,71 @@ def test_the_best_results_are_marked_in_words_not_by_colour_alone(live_server, r
             expect(page.locator(f'#runs tr[data-run-id="{run_id}"] td').last
                    ).to_have_accessible_name(f"best: {shown}" if run_id == best_run else shown)
         browser.assert_no_errors()
+
+
+# Whether anything on the way up from the node is a live region (a screen reader speaks its
+# changes).
+IN_LIVE_REGION = """(node) => node.closest(
+    '[aria-live]:not([aria-live=off]), [role=status], [role=alert], [role=log], [role=marquee]'
+) !== null"""
+
+
+def test_charts_are_named_and_summed_up_as_their_points_arrive(live_server, request):
+    """A chart (a canvas) was only a name such as "loss terms over iterations": a screen reader
+    learnt nothing of what it showed. Its name now sums it up (how far it goes, each line's
+    latest and best value), written anew as points arrive, but not as a live region: it is
+    read when the reader reaches the chart, not spoken at each point."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url)
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        ids = runs_by(client, experiment_id)
+    running, ended = ids["self-tuning", "50%", 0], ids["fine-tune", "50%", 0]
+    mark_running(database_url, running)
+    mark_running(database_url, ended)
+    finish(database_url, live, ended, {"test_top1": 0.8, "pseudo_label_quality": quality(8, True)})
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{running}")
+        losses = page.get_by_role("img", name=re.compile("^loss terms over iterations"))
+        expect(losses).to_have_accessible_name("loss terms over iterations: no points yet.")
+        send_events(live, experiment_id, running,
+                    *({"type": "progress", "step": step, "lr": 0.01,
+                       "losses": {"ce": loss, "pgc": loss / 2}}
+                      for step, loss in ((1, 2.0), (2, 1.25), (3, 1.5))),
+                    {"type": "eval", "step": 3, "test_top1": 0.25})
+        expect(losses).to_have_accessible_name(
+            "loss terms over iterations: 2 lines up to iteration 3 of 20. ce: latest 1.5, lowest"
+            " 1.25 at iteration 2; pgc: latest 0.75, lowest 0.625 at iteration 2.")
+        accuracy = page.get_by_role("img", name=re.compile("^test accuracy over iterations"))
+        expect(accuracy).to_have_accessible_name(
+            "test accuracy over iterations: 1 line up to iteration 3 of 20. top-1: latest 25.0%.")
+        send_events(live, experiment_id, running,
+                    {"type": "progress", "step": 4, "lr": 0.005, "losses": {"ce": 1.0}},
+                    {"type": "eval", "step": 4, "test_top1": 0.5})
+        expect(accuracy).to_have_accessible_name(
+            "test accuracy over iterations: 1 line up to iteration 4 of 20. top-1: latest 50.0%,"
+            " highest 50.0% at iteration 4.")
+        expect(page.get_by_role("img", name=re.compile("^learning rate over iterations"))
+               ).to_have_accessible_name("learning rate over iterations: 1 line up to iteration"
+                                         " 4 of 20. learning rate: latest 0.005.")
+        for canvas in page.locator("canvas").all():
+            assert canvas.get_attribute("role") == "img"
+            assert not canvas.evaluate(IN_LIVE_REGION)
+
+        # A finished run's pseudo-label quality: bar charts.
+        page.goto(f"{live_server.url}/runs/{ended}")
+        expect(page.get_by_role("img", name=re.compile("^confidence histogram"))
+               ).to_have_accessible_name("confidence histogram: 10 bars. unlabeled images:"
+                                         " highest 8 at 0.90, lowest 0 at 0.00.")
+        expect(page.get_by_role("img", name=re.compile("^pseudo-label accuracy by"))
+               ).to_have_accessible_name("pseudo-label accuracy by confidence: 1 bar."
+                                         " pseudo-label accuracy: 75.0% at 0.9–1.0 (8).")
+
+        # The experiment's accuracy against label budget.
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        expect(page.get_by_role("img", name=re.compile("^test accuracy against label budget"))
+               ).to_have_accessible_name(re.compile(
+                   r"per method: Fine-tuning: highest 80\.0% at 50% \(\d+ labels\), 1 of 1 budget"
+                   r" measured; Self-Tuning: no result\. The table below has every value\.$"))
+        browser.assert_no_errors()

@@ -174,8 +174,39 @@ function baseOptions({ percent = false, xTitle, yTitle, yType = "linear" } = {})
   };
 }
 
-// A chart over training iterations; fill it with setSeries().
-export function stepChart(canvas, { percent = false, yTitle, yType } = {}) {
+// --- what a screen reader is told of a chart ---------------------------------------------
+// A chart's canvas has role=img; its aria-label is its name (the page's, kept here) and a
+// short summary of what it draws, written anew as points arrive. A label, not a live region:
+// it is read when the reader reaches the chart, never spoken at each point.
+const chartNames = new WeakMap(); // canvas -> the name the page gave it
+const stepCharts = new WeakMap(); // canvas -> how its summary reads its values
+
+function describe(canvas, summary, name = null) {
+  if (name !== null) chartNames.set(canvas, name);
+  else if (!chartNames.has(canvas)) chartNames.set(canvas, canvas.getAttribute("aria-label"));
+  canvas.setAttribute("aria-label", `${chartNames.get(canvas)}: ${summary}`);
+}
+
+// A value as the chart's axis reads it: a share in percent, else three significant digits.
+const valueText = (value, percent) => (percent ? pct(value) : String(Number(value.toPrecision(3))));
+
+// "top-1: latest 50.0%, highest 52.0% at iteration 10": the latest point of a line and its
+// extreme (`extreme`: "lowest" for losses, "highest" for accuracies, none for a schedule).
+function lineSummary(name, points, { percent, extreme }) {
+  const latest = points.at(-1);
+  let text = `${name}: latest ${valueText(latest.y, percent)}`;
+  if (extreme && points.length > 1) {
+    const better = extreme === "lowest" ? (a, b) => a.y < b.y : (a, b) => a.y > b.y;
+    const best = points.reduce((kept, point) => (better(point, kept) ? point : kept));
+    text += `, ${extreme} ${valueText(best.y, percent)} at iteration ${count(best.x)}`;
+  }
+  return text;
+}
+
+// A chart over training iterations; fill it with setSeries(). `extreme`: which end of its
+// values its summary names ("lowest", "highest"; none by default).
+export function stepChart(canvas, { percent = false, yTitle, yType, extreme = null } = {}) {
+  stepCharts.set(canvas, { percent, extreme });
   const options = baseOptions({ percent, xTitle: "iteration", yTitle, yType });
   // From iteration 0, whole iterations: one evaluation alone is not a 95-105 axis.
   Object.assign(options.scales.x, { type: "linear", min: 0, ticks: { precision: 0 } });
@@ -184,6 +215,7 @@ export function stepChart(canvas, { percent = false, yTitle, yType } = {}) {
   // A long run logs 100,000 points a line: draw at most a few per pixel column.
   options.plugins.decimation = { enabled: true, algorithm: "min-max" };
   canvas.parentNode.classList.add("empty");
+  describe(canvas, "no points yet.");
   return new Chart(canvas, { type: "line", data: { datasets: [] }, options });
 }
 
@@ -203,8 +235,20 @@ export function setSeries(chart, series, lastStep) {
     dataset.data = points;
     dataset.pointRadius = points.length < 30 ? 2.5 : 0; // few points (evals) need markers
   }
-  chart.canvas.parentNode.classList.toggle("empty", !chart.data.datasets.some((d) => d.data.length));
+  const box = chart.canvas.parentNode;
+  box.classList.toggle("empty", !chart.data.datasets.some((d) => d.data.length));
   chart.update("none");
+  const lines = [...series].filter(([, points]) => points.length);
+  if (!lines.length) { // what the empty chart shows (app.css)
+    const ended = box.closest(".ended") ? "none: the run ended before its first" : "no points yet";
+    describe(chart.canvas, `${box.dataset.empty ?? ended}.`);
+    return;
+  }
+  const last = Math.max(...lines.map(([, points]) => points.at(-1).x));
+  const how = stepCharts.get(chart.canvas);
+  describe(chart.canvas, `${lines.length} line${lines.length === 1 ? "" : "s"} up to iteration `
+    + `${count(last)}${lastStep > 0 ? ` of ${count(lastStep)}` : ""}. `
+    + `${lines.map(([name, points]) => lineSummary(name, points, how)).join("; ")}.`);
 }
 
 // How far apart (a factor on the log axis) budgets with the same labeled count are drawn.
@@ -258,8 +302,33 @@ export function budgetChart(canvas, budgets, methods) {
     label: title, data: means, errorBars: spreads, borderColor: colourFor(method),
     backgroundColor: colourFor(method), pointRadius: 4, spanGaps: false, borderWidth: 2,
   }));
+  // Each method's best budget; the table under the chart has every value.
+  const budgetName = (b) => (isNumber(b.count) ? `${b.label} (${count(b.count)} labels)` : b.label);
+  const best = methods.map(({ title, means }) => {
+    const measured = budgets.map((budget, i) => ({ budget, mean: means[i] })).filter((r) => isNumber(r.mean));
+    if (!measured.length) return `${title}: no result`;
+    const top = measured.reduce((kept, r) => (r.mean > kept.mean ? r : kept));
+    return `${title}: highest ${pct(top.mean)} at ${budgetName(top.budget)}, `
+      + `${measured.length} of ${budgets.length} budget${budgets.length === 1 ? "" : "s"} measured`;
+  });
+  describe(canvas, `${best.join("; ")}. The table below has every value.`);
   return new Chart(canvas, { type: "line", data: { labels, datasets }, options,
     plugins: [errorBarsPlugin] });
+}
+
+// "2 series of 20 bars. predicted: highest 2.5% at species 03, lowest 0.8% at species 00; …"
+function barsSummary(labels, datasets, format) {
+  const bars = `${count(labels.length)} bar${labels.length === 1 ? "" : "s"}`;
+  const each = datasets.map(({ label, data }) => {
+    const values = data.map((value, i) => ({ value, at: labels[i] })).filter((bar) => isNumber(bar.value));
+    if (!values.length) return `${label}: none`;
+    const high = values.reduce((kept, bar) => (bar.value > kept.value ? bar : kept));
+    const low = values.reduce((kept, bar) => (bar.value < kept.value ? bar : kept));
+    if (values.length === 1) return `${label}: ${format(high.value)} at ${high.at}`;
+    if (high.value === low.value) return `${label}: ${format(high.value)} each`;
+    return `${label}: highest ${format(high.value)} at ${high.at}, lowest ${format(low.value)} at ${low.at}`;
+  });
+  return `${datasets.length > 1 ? `${datasets.length} series of ${bars}` : bars}. ${each.join("; ")}.`;
 }
 
 // Category names longer than this are cut on the axis (the tooltip has them whole): ten
@@ -273,8 +342,9 @@ export const shortName = (label) => (label.length > TICK_CHARS ? `${label.slice(
 // dataset are tenths of a percent, which a 0-100 % axis draws flat and calls "0.1%" alike.
 export function barChart(canvas, labels, datasets, { percent = false, fit = false, xTitle, yTitle } = {}) {
   const options = baseOptions({ percent, xTitle, yTitle });
+  const share = (value, digits) => `${Number((value * 100).toPrecision(digits))}%`;
+  describe(canvas, barsSummary(labels, datasets, percent && fit ? (v) => share(v, 3) : (v) => valueText(v, percent)));
   if (percent && fit) {
-    const share = (value, digits) => `${Number((value * 100).toPrecision(digits))}%`;
     delete options.scales.y.max;
     options.scales.y.ticks = { callback: (value) => share(value, 2) };
     options.plugins.tooltip.callbacks.label = (c) => `${c.dataset.label}: ${share(c.parsed.y, 3)}`;

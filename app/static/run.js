@@ -52,10 +52,10 @@ export function runPage() {
   // --- live curves: one point per (kind, step), whichever way it arrived -------------------
   const points = { progress: new Map(), eval: new Map() };
   const charts = {
-    losses: stepChart(document.getElementById("chart-losses"), { yTitle: "loss" }),
+    losses: stepChart(document.getElementById("chart-losses"), { yTitle: "loss", extreme: "lowest" }),
     lr: stepChart(document.getElementById("chart-lr"), { yTitle: "learning rate", yType: "logarithmic" }),
-    accuracy: stepChart(document.getElementById("chart-accuracy"), { percent: true, yTitle: "test set" }),
-    pseudo: stepChart(document.getElementById("chart-pseudo"), { percent: true, yTitle: "share" }),
+    accuracy: stepChart(document.getElementById("chart-accuracy"), { percent: true, yTitle: "test set", extreme: "highest" }),
+    pseudo: stepChart(document.getElementById("chart-pseudo"), { percent: true, yTitle: "share", extreme: "highest" }),
   };
 
   // The mean speed over the logged steps, kept as a running sum: recomputed from every point at

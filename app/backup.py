@@ -1,0 +1,155 @@
+"""`python -m app.backup DEST`: a copy of the installation while it runs, which the app serves
+when started with `SELFTUNE_DATA_DIR=DEST` (see README, Backing up and moving).
+
+The database is copied first, then the files: a dataset or run added meanwhile has files the
+copy's database does not list (the copy's first start removes them), and one the copy's
+database lists was on disk when the copy began. Only one deleted during the copy is missing,
+and the check at the end names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sqlite3
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from app.config import Settings, get_settings
+from app.db import DATABASE_ID_FILE
+
+SQLITE_FILE = "selftune.db"  # the name the default SQLALCHEMY URL gives it (app.config)
+# What the copy needs; caches, uploads in progress, deletes not finished, the embedded
+# Redis's files and the launcher's bookkeeping are made again, or are not needed, at start.
+COPIED_FOLDERS = ("datasets", "runs")
+
+
+class BackupRefused(Exception):
+    """A destination the backup will not write to; nothing was written."""
+
+
+@dataclass
+class Backup:
+    """What a backup copied, and what its database lists that is not in it."""
+
+    destination: Path
+    uncopied_database: str | None = None  # not SQLite: its URL, without the password
+    datasets: int = 0
+    runs: int = 0
+    missing: list[str] = field(default_factory=list)
+
+
+def check_destination(destination: Path, data_dir: Path) -> None:
+    if destination.is_relative_to(data_dir):
+        raise BackupRefused(f"{destination} is inside the data directory {data_dir}: "
+                            "choose a folder outside it")
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise BackupRefused(f"{destination} exists and is not an empty folder: name a new "
+                            "one, so that no earlier backup's files are mixed into this one")
+
+
+def copy_sqlite(source: Path, target: Path) -> None:
+    """A consistent copy of the SQLite database at `source`, written while the app may be
+    writing it: SQLite's online backup reads one snapshot (a file copy could catch a page
+    half-written, or miss what the write-ahead log holds)."""
+    if not source.is_file():
+        raise BackupRefused(f"no SQLite database at {source}: is SELFTUNE_DATA_DIR (or "
+                            "SELFTUNE_DATABASE_URL) the running app's?")
+    reading = sqlite3.connect(source, timeout=30)
+    writing = sqlite3.connect(target)
+    try:
+        reading.backup(writing)
+        # One file, no write-ahead log beside it to lose (the app turns WAL on again).
+        writing.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        writing.close()
+        reading.close()
+
+
+def copy_files(data_dir: Path, destination: Path) -> None:
+    """The dataset and run folders and the database-id file. A file deleted during the copy
+    (a dataset or run deleted meanwhile, a checkpoint replaced) is skipped: whether the copy
+    misses something is for `missing_from` to say, from the copy's own database."""
+    for name in COPIED_FOLDERS:
+        source = data_dir / name
+        if not source.is_dir():
+            continue
+        try:
+            shutil.copytree(source, destination / name, symlinks=True,
+                            ignore=shutil.ignore_patterns("*.tmp"),
+                            dirs_exist_ok=True)
+        except shutil.Error:
+            pass  # copytree copies all it can before it raises
+    shutil.copy2(data_dir / DATABASE_ID_FILE, destination / DATABASE_ID_FILE)
+
+
+def missing_from(destination: Path) -> tuple[int, int, list[str]]:
+    """The datasets and runs the copy's database lists, and the folders and exported files
+    among them that are not in `destination` (paths relative to it)."""
+    connection = sqlite3.connect(f"file:{destination / SQLITE_FILE}?mode=ro", uri=True)
+    try:
+        datasets = [key for (key,) in connection.execute("SELECT storage_key FROM datasets")]
+        runs = connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        exports = [path for (path,) in connection.execute("SELECT path FROM artifacts")]
+    finally:
+        connection.close()
+    listed = [f"datasets/{key}" for key in datasets] + exports
+    return len(datasets), runs, sorted(path for path in listed
+                                       if not (destination / path).exists())
+
+
+def backup(settings: Settings, destination: Path) -> Backup:
+    data_dir = settings.data_dir
+    destination = destination.expanduser().resolve()
+    check_destination(destination, data_dir)
+    url = make_url(settings.sqlalchemy_url)
+    sqlite = url.get_backend_name() == "sqlite"
+    if not (data_dir / DATABASE_ID_FILE).is_file():
+        raise BackupRefused(f"{data_dir} has no {DATABASE_ID_FILE}: it is not a data "
+                            "directory the app has started with")
+    destination.mkdir(parents=True, exist_ok=True)
+    if sqlite:
+        copy_sqlite(Path(url.database or ""), destination / SQLITE_FILE)
+    copy_files(data_dir, destination)
+    if not sqlite:  # pg_dump takes the URL without SQLAlchemy's driver name
+        shown = url.set(drivername=url.get_backend_name())
+        return Backup(destination, shown.render_as_string(hide_password=True))
+    datasets, runs, missing = missing_from(destination)
+    return Backup(destination, None, datasets, runs, missing)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.backup",
+        description="Copy the installation (SELFTUNE_DATA_DIR, its SQLite database) to DEST "
+                    "while the app runs; start a copy with SELFTUNE_DATA_DIR=DEST.")
+    parser.add_argument("dest", type=Path, help="a new or empty folder outside the data dir")
+    args = parser.parse_args(argv)
+    try:
+        done = backup(get_settings(), args.dest)
+    except BackupRefused as exc:
+        print(f"backup refused: {exc}", file=sys.stderr)
+        return 2
+    if done.uncopied_database:
+        print(f"copied the datasets and runs to {done.destination}. The database was not "
+              f"copied: back it up with `pg_dump -Fc -d {done.uncopied_database} > "
+              f"{done.destination / 'selftune.dump'}` (with the password the app has), "
+              "taken before the files are copied: a dump taken after may list datasets and "
+              "runs added meanwhile, whose files this copy lacks. See README, Backing up "
+              "and moving.")
+        return 0
+    if done.missing:
+        print(f"{len(done.missing)} of the files the copied database lists were deleted "
+              f"during the copy: {', '.join(done.missing)}. Back up again (to a new folder).",
+              file=sys.stderr)
+        return 1
+    print(f"backed up {done.datasets} dataset(s) and {done.runs} run(s) to "
+          f"{done.destination}; start it with SELFTUNE_DATA_DIR={done.destination}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

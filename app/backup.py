@@ -22,6 +22,7 @@ from app.config import Settings, get_settings
 from app.db import DATABASE_ID_FILE
 
 SQLITE_FILE = "selftune.db"  # the name the default SQLALCHEMY URL gives it (app.config)
+DUMP_FILE = "selftune.dump"  # where a PostgreSQL installation's dump goes, before the files
 # What the copy needs; caches, uploads in progress, deletes not finished, the embedded
 # Redis's files and the launcher's bookkeeping are made again, or are not needed, at start.
 COPIED_FOLDERS = ("datasets", "runs")
@@ -36,17 +37,19 @@ class Backup:
     """What a backup copied, and what its database lists that is not in it."""
 
     destination: Path
-    uncopied_database: str | None = None  # not SQLite: its URL, without the password
+    uncopied_database: str | None = None  # not SQLite: the dump beside the files
     datasets: int = 0
     runs: int = 0
     missing: list[str] = field(default_factory=list)
 
 
-def check_destination(destination: Path, data_dir: Path) -> None:
+def check_destination(destination: Path, data_dir: Path, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse a folder inside the data directory, or one holding anything but `allowed`."""
     if destination.is_relative_to(data_dir):
         raise BackupRefused(f"{destination} is inside the data directory {data_dir}: "
                             "choose a folder outside it")
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+    if destination.exists() and (not destination.is_dir() or any(
+            entry.name not in allowed for entry in destination.iterdir())):
         raise BackupRefused(f"{destination} exists and is not an empty folder: name a new "
                             "one, so that no earlier backup's files are mixed into this one")
 
@@ -81,8 +84,16 @@ def copy_files(data_dir: Path, destination: Path) -> None:
             shutil.copytree(source, destination / name, symlinks=True,
                             ignore=shutil.ignore_patterns("*.tmp"),
                             dirs_exist_ok=True)
-        except shutil.Error:
-            pass  # copytree copies all it can before it raises
+        except shutil.Error as exc:
+            # copytree copies all it can, then raises with every file it could not. One
+            # deleted meanwhile is for `missing_from`; one still there (a full disk, a file
+            # it may not read) means the copy is not whole.
+            failed = [(src, why) for src, _, why in exc.args[0] if Path(src).exists()]
+            if failed:
+                src, why = failed[0]
+                raise BackupRefused(f"{len(failed)} file(s) could not be copied, the first "
+                                    f"{src}: {why}; the copy in {destination} is not whole"
+                                    ) from None
     shutil.copy2(data_dir / DATABASE_ID_FILE, destination / DATABASE_ID_FILE)
 
 
@@ -104,19 +115,27 @@ def missing_from(destination: Path) -> tuple[int, int, list[str]]:
 def backup(settings: Settings, destination: Path) -> Backup:
     data_dir = settings.data_dir
     destination = destination.expanduser().resolve()
-    check_destination(destination, data_dir)
     url = make_url(settings.sqlalchemy_url)
     sqlite = url.get_backend_name() == "sqlite"
+    # PostgreSQL's dump is taken first, into DEST (see the module's docstring for the order).
+    check_destination(destination, data_dir, allowed=() if sqlite else (DUMP_FILE,))
     if not (data_dir / DATABASE_ID_FILE).is_file():
         raise BackupRefused(f"{data_dir} has no {DATABASE_ID_FILE}: it is not a data "
                             "directory the app has started with")
+    if not sqlite and not (destination / DUMP_FILE).is_file():
+        shown = url.set(drivername=url.get_backend_name())  # pg_dump names no driver
+        raise BackupRefused(
+            f"the database is PostgreSQL, which this command cannot copy: dump it into "
+            f"{destination} first, `mkdir -p {destination} && pg_dump -Fc -d "
+            f"{shown.render_as_string(hide_password=True)} > {destination / DUMP_FILE}` (with "
+            "the password the app has), then run this again to copy the files; the files "
+            "after the dump, so that every dataset and run it lists has its files")
     destination.mkdir(parents=True, exist_ok=True)
-    if sqlite:
-        copy_sqlite(Path(url.database or ""), destination / SQLITE_FILE)
+    if not sqlite:
+        copy_files(data_dir, destination)
+        return Backup(destination, uncopied_database=DUMP_FILE)
+    copy_sqlite(Path(url.database or ""), destination / SQLITE_FILE)
     copy_files(data_dir, destination)
-    if not sqlite:  # pg_dump takes the URL without SQLAlchemy's driver name
-        shown = url.set(drivername=url.get_backend_name())
-        return Backup(destination, shown.render_as_string(hide_password=True))
     datasets, runs, missing = missing_from(destination)
     return Backup(destination, None, datasets, runs, missing)
 
@@ -134,12 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backup refused: {exc}", file=sys.stderr)
         return 2
     if done.uncopied_database:
-        print(f"copied the datasets and runs to {done.destination}. The database was not "
-              f"copied: back it up with `pg_dump -Fc -d {done.uncopied_database} > "
-              f"{done.destination / 'selftune.dump'}` (with the password the app has), "
-              "taken before the files are copied: a dump taken after may list datasets and "
-              "runs added meanwhile, whose files this copy lacks. See README, Backing up "
-              "and moving.")
+        print(f"copied the datasets and runs to {done.destination}, beside the database's "
+              f"dump {done.uncopied_database}; restore the dump with pg_restore (see README, "
+              "Backing up and moving)")
         return 0
     if done.missing:
         print(f"{len(done.missing)} of the files the copied database lists were deleted "

@@ -7,6 +7,7 @@ backbone. Real uvicorn, Redis and SQLite; the run's files are written as the wor
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -225,7 +226,9 @@ def test_a_backup_refuses_a_folder_in_use_or_inside_the_data_directory(settings,
     assert not (settings.data_dir / "backups").exists()
 
 
-def test_on_postgresql_a_backup_copies_the_files_and_names_the_dump_to_take(tmp_path):
+def test_on_postgresql_a_backup_asks_for_the_dump_first_then_copies_the_files_beside_it(
+    tmp_path,
+):
     data_dir = tmp_path / "data"
     (data_dir / "runs" / "3").mkdir(parents=True)
     (data_dir / "runs" / "3" / "model.safetensors").write_bytes(b"weights")
@@ -233,9 +236,34 @@ def test_on_postgresql_a_backup_copies_the_files_and_names_the_dump_to_take(tmp_
     (data_dir / DATABASE_ID_FILE).write_text("0" * 32)
     env = app_env(data_dir, "postgresql+psycopg://selftune:secret@db.example:5432/selftune",
                   "redis://127.0.0.1:1")  # neither is reached: the files are all it copies
-    done = run_backup(env, tmp_path / "copy")
+    copy = tmp_path / "copy"
+    asked = run_backup(env, copy)
+    assert asked.returncode == 2, asked.stdout
+    assert (f"pg_dump -Fc -d postgresql://selftune:***@db.example:5432/selftune > "
+            f"{copy / 'selftune.dump'}") in asked.stderr
+    assert "secret" not in asked.stderr + asked.stdout
+    assert not copy.exists()  # nothing copied before the dump
+
+    copy.mkdir()
+    (copy / "selftune.dump").write_bytes(b"a dump")  # as pg_dump leaves it
+    done = run_backup(env, copy)
     assert done.returncode == 0, done.stderr
-    assert "pg_dump -Fc -d postgresql://selftune:***@db.example:5432/selftune" in done.stdout
-    assert "secret" not in done.stdout
-    assert (tmp_path / "copy" / "runs" / "3" / "model.safetensors").read_bytes() == b"weights"
-    assert sorted(path.name for path in (tmp_path / "copy").iterdir()) == ["database-id", "runs"]
+    assert "selftune.dump" in done.stdout
+    assert (copy / "runs" / "3" / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(path.name for path in copy.iterdir()) == [
+        "database-id", "runs", "selftune.dump"]
+
+
+def test_a_file_the_backup_cannot_copy_stops_it_naming_the_file(settings, tmp_path):
+    """A file still there that cannot be copied (a full disk, say) is not taken for one
+    deleted during the copy: the backup stops and says the copy is not whole. Here the file
+    is a named pipe, which copying refuses (a disk cannot be filled in a test)."""
+    add_dataset_row(settings.sqlalchemy_url)  # a database to copy
+    (settings.data_dir / DATABASE_ID_FILE).write_text("0" * 32)
+    folder = settings.data_dir / "runs" / "4"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    os.mkfifo(folder / "predictions.csv")
+    with pytest.raises(BackupRefused, match=r"1 file\(s\) could not be copied, the first "
+                                            r".*runs/4/predictions.csv.*is not whole"):
+        backup(settings, tmp_path / "copy")

@@ -20,6 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from app.confusion import dense_confusion, sparse_confusion
+
 # SQLite would otherwise give a deleted row's id to the next row (migration 0004).
 NEVER_REUSE_IDS = {"sqlite_autoincrement": True}
 # The largest id a row can have: PostgreSQL's integer columns stop there (SQLite at 2**63).
@@ -143,15 +145,20 @@ class Run(Base):
     celery_task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    # What only the run's own record shows (DETAILED_METRICS: the confusion matrix, classes²
-    # numbers, 3 MB at 1,000 classes), kept apart from `metrics`, which every read of an
-    # experiment loads for each of its runs; loaded only when asked for.
+    # What only the run's own record shows (the confusion matrix, sparse: CONFUSION_KEYS),
+    # kept apart from `metrics`, which every read of an experiment loads for each of its
+    # runs; loaded only when asked for.
     details: Mapped[dict[str, Any]] = mapped_column(server_default="{}", deferred=True)
     images_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
-    def all_metrics(self) -> dict[str, Any]:
-        """The final metrics as the engine reported them (`metrics` with `details`)."""
+    def stored_metrics(self) -> dict[str, Any]:
+        """The final metrics as the run keeps them: `metrics` with `details`, the confusion
+        matrix sparse, or dense where an older version recorded it (`CONFUSION_KEYS`)."""
         return {**(self.metrics or {}), **(self.details or {})}
+
+    def all_metrics(self) -> dict[str, Any]:
+        """The final metrics as the engine reported them, the confusion matrix whole."""
+        return with_dense_confusion(self.stored_metrics())
 
     experiment: Mapped[Experiment] = relationship(back_populates="runs")
     artifacts: Mapped[list[Artifact]] = relationship(
@@ -159,14 +166,31 @@ class Run(Base):
     )
 
 
-# Final metrics kept in Run.details rather than Run.metrics.
-DETAILED_METRICS = ("confusion_matrix",)
+# The confusion matrix as the engine reports it (dense), and as Run.details keeps it since
+# migration 0010 (sparse, app.confusion): dense, it was 75 MB of JSON in one row at 5,000
+# classes, parsed again (1.0-1.4 s) on every read of the run's record. A row may still hold
+# the dense key: a run recorded before 0008 (in `metrics`) or by an older worker.
+DENSE_CONFUSION = "confusion_matrix"
+SPARSE_CONFUSION = "confusion_sparse"
+CONFUSION_KEYS = (DENSE_CONFUSION, SPARSE_CONFUSION)
 
 
 def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics, details) as a run keeps them."""
-    return ({key: value for key, value in metrics.items() if key not in DETAILED_METRICS},
-            {key: metrics[key] for key in DETAILED_METRICS if key in metrics})
+    """(metrics, details) as a run keeps the engine's final metrics: the confusion matrix in
+    `details`, sparse."""
+    details = ({SPARSE_CONFUSION: sparse_confusion(metrics[DENSE_CONFUSION])}
+               if DENSE_CONFUSION in metrics else {})
+    return {key: value for key, value in metrics.items() if key != DENSE_CONFUSION}, details
+
+
+def with_dense_confusion(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` with a sparse confusion matrix made whole again, under the engine's key and
+    in the same place, so the answer is the one the dense row gave."""
+    if SPARSE_CONFUSION not in metrics:
+        return metrics
+    return {DENSE_CONFUSION if key == SPARSE_CONFUSION else key:
+            dense_confusion(value) if key == SPARSE_CONFUSION else value
+            for key, value in metrics.items()}
 
 
 class RunMetric(Base):

@@ -313,7 +313,9 @@ def test_runs_stored_before_0008_keep_their_confusion_matrix_apart(database_url)
     with session_scope(database_url) as session:
         runs = [session.get(Run, run_id) for run_id in ids]
         assert [run.metrics for run in runs] == [{"test_top1": 0.5}, {"test_top1": 0.25}]
-        assert [run.details for run in runs] == [{"confusion_matrix": [[1, 1], [0, 2]]}, {}]
+        # Sparse since 0010.
+        assert [run.details for run in runs] == [{"confusion_sparse": {
+            "size": 2, "diagonal": [1, 2], "row_totals": [2, 2], "cells": [[0, 1, 1]]}}, {}]
         assert [run.all_metrics() for run in runs] == stored
     command.downgrade(alembic_config(database_url), "0007")
     with session_scope(database_url) as session:
@@ -321,6 +323,40 @@ def test_runs_stored_before_0008_keep_their_confusion_matrix_apart(database_url)
                                ).all() == stored
     columns = {c["name"] for c in inspect(get_engine(database_url)).get_columns("runs")}
     assert "details" not in columns
+    get_engine(database_url).dispose()
+
+
+def test_runs_stored_before_0010_keep_their_confusion_matrix_sparse(database_url):
+    """Migration 0010: each run's dense matrix in `details` (75 MB of JSON at 5,000 classes)
+    becomes the sparse form, which the run's record makes dense again equal; downgrading
+    rebuilds the dense matrices as they were."""
+    command.upgrade(alembic_config(database_url), "0009")
+    add_rows_at_an_older_schema(database_url, "fine-tune", [{}, {}, {}, {}])
+    old_runs = sa.table("runs", sa.column("id", sa.Integer), sa.column("metrics", sa.JSON),
+                        sa.column("details", sa.JSON))
+    matrices = [[[5, 0, 0, 0], [2, 3, 0, 1], [0, 0, 0, 0], [4, 0, 0, 0]], [[7]], [], None]
+    stored = [{} if matrix is None else {"confusion_matrix": matrix} for matrix in matrices]
+    with session_scope(database_url) as session:
+        ids = session.scalars(sa.select(old_runs.c.id).order_by(old_runs.c.id)).all()
+        for run_id, details in zip(ids, stored, strict=True):
+            session.execute(old_runs.update().where(old_runs.c.id == run_id)
+                            .values(metrics={"test_top1": 0.5}, details=details))
+    command.upgrade(alembic_config(database_url), "0010")
+    with session_scope(database_url) as session:
+        runs = [session.get(Run, run_id) for run_id in ids]
+        assert [run.details for run in runs] == [
+            {"confusion_sparse": {"size": 4, "diagonal": [5, 3, 0, 0], "row_totals": [5, 6, 0, 4],
+                                  "cells": [[1, 0, 2], [1, 3, 1], [3, 0, 4]]}},
+            {"confusion_sparse": {"size": 1, "diagonal": [7], "row_totals": [7], "cells": []}},
+            {"confusion_sparse": {"size": 0, "diagonal": [], "row_totals": [], "cells": []}},
+            {}]
+        assert [run.all_metrics() for run in runs] == [{"test_top1": 0.5, **details}
+                                                       for details in stored]
+    command.downgrade(alembic_config(database_url), "0009")
+    with session_scope(database_url) as session:
+        assert session.execute(sa.select(old_runs.c.metrics, old_runs.c.details)
+                               .order_by(old_runs.c.id)).all() == [
+            ({"test_top1": 0.5}, details) for details in stored]
     get_engine(database_url).dispose()
 
 

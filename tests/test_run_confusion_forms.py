@@ -6,6 +6,7 @@ worker records them, without training."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from app.confusion import dense_confusion, sparse_confusion
 from app.db import session_scope
 from app.models import Run, split_metrics
 from tests.support import LiveServer, add_dataset_row
@@ -36,14 +38,22 @@ def server(database_url: str, tmp_path: Path, redis_url: str) -> Iterator[LiveSe
         yield live
 
 
-def finished_run(server: LiveServer, client: httpx.Client, *, apart: bool = True) -> int:
-    """A succeeded run with METRICS: its matrix in `details` as the worker records it, or
-    (`apart=False`) in `metrics`, as a run recorded before migration 0008 was left."""
+# How a run may keep its matrix: sparse in `details`, as the worker records it since 0010;
+# dense in `details`, as an older worker recorded it (before 0010, or during an upgrade);
+# dense in `metrics`, as a run recorded before migration 0008 was left.
+STORED = {"sparse": split_metrics(METRICS),
+          "dense": ({k: v for k, v in METRICS.items() if k != "confusion_matrix"},
+                    {"confusion_matrix": MATRIX}),
+          "in-metrics": (METRICS, {})}
+
+
+def finished_run(server: LiveServer, client: httpx.Client, *, stored: str = "sparse") -> int:
+    """A succeeded run with METRICS, kept as STORED[stored] says."""
     _, (run_id,) = start_sweep(client, add_dataset_row(server.database_url), seeds=[0],
                                methods=["fine-tune"])
     with session_scope(server.database_url) as session:
         run = session.get(Run, run_id)
-        run.metrics, run.details = split_metrics(METRICS) if apart else (METRICS, {})
+        run.metrics, run.details = STORED[stored]
         run.step = run.total_steps
     end_as_worker(server.database_url, redis.Redis.from_url(server.redis_url), run_id,
                   "succeeded")
@@ -59,10 +69,10 @@ def expanded(sparse: dict) -> list[list[int]]:
     return matrix
 
 
-@pytest.mark.parametrize("apart", [True, False], ids=["in-details", "in-metrics"])
-def test_each_form_of_the_matrix_says_the_same(server, apart):
+@pytest.mark.parametrize("stored", STORED)
+def test_each_form_of_the_matrix_says_the_same(server, stored):
     with server.client() as client:
-        run_id = finished_run(server, client, apart=apart)
+        run_id = finished_run(server, client, stored=stored)
         read = f"/api/runs/{run_id}"
         plain = client.get(read)
         asked = {form: client.get(read, params={"confusion": form})
@@ -86,6 +96,31 @@ def test_each_form_of_the_matrix_says_the_same(server, apart):
     for body in bodies:
         del body["metrics"]
     assert all(body == bodies[0] for body in bodies)
+
+
+def test_a_run_kept_sparse_answers_each_form_as_a_run_kept_dense(server):
+    """Byte for byte: the metrics of a run recorded since 0010 and of one recorded before it
+    (or not yet migrated) read the same in every form; a run recorded before 0008 the same
+    values, its matrix where it always was among them."""
+    with server.client() as client:
+        runs = {stored: finished_run(server, client, stored=stored) for stored in STORED}
+        answers = {(stored, form): client.get(f"/api/runs/{run_id}", params=params).json()
+                   for stored, run_id in runs.items()
+                   for form, params in (("plain", {}), ("dense", {"confusion": "dense"}),
+                                        ("sparse", {"confusion": "sparse"}),
+                                        ("none", {"confusion": "none"}))}
+    for form in ("plain", "dense", "sparse", "none"):
+        sparse, dense, old = (answers[stored, form]["metrics"] for stored in STORED)
+        assert json.dumps(sparse) == json.dumps(dense), form  # same keys, order and numbers
+        assert old == dense, form
+    assert answers["sparse", "plain"]["metrics"]["confusion_matrix"] == MATRIX
+
+
+@pytest.mark.parametrize("matrix", [
+    [], [[0]], [[7]], [[0, 0], [0, 0]], [[0, 3], [4, 0]],
+    [[(true * 7 + predicted * 3) % 5 for predicted in range(9)] for true in range(9)]])
+def test_the_sparse_form_makes_the_same_dense_matrix_again(matrix):
+    assert dense_confusion(sparse_confusion(matrix)) == matrix
 
 
 def test_a_run_without_a_matrix_has_none_in_any_form(server):

@@ -85,6 +85,19 @@ def start_from_model(client: httpx.Client, ids: dict[str, int]) -> httpx.Respons
         "backbone": f"runs/{ids['run']}/model.safetensors"})
 
 
+def served_from(data_dir: Path, settings, tmp_path: Path,
+                ids: dict[str, int]) -> tuple[dict[str, object], httpx.Response]:
+    """What a server started on the copy `data_dir` answers, and its answer to an experiment
+    started from the run's model there."""
+    new = serve(data_dir, settings.effective_redis_url, tmp_path / "new.log")
+    try:
+        with new.client() as client:
+            return answers(client, ids), start_from_model(client, ids)
+    finally:
+        new.process.stop()
+        get_engine(new.database_url).dispose()
+
+
 def move(data_dir: Path, to: Path) -> Path:
     """`cp -a` the stopped installation's data directory to `to`, then delete the original."""
     get_engine(f"sqlite:///{data_dir / 'selftune.db'}").dispose()
@@ -107,14 +120,7 @@ def test_a_data_directory_copied_elsewhere_while_stopped_serves_the_same(setting
 
     moved = move(settings.data_dir, tmp_path / "elsewhere" / "data")
 
-    new = serve(moved, settings.effective_redis_url, tmp_path / "new.log")
-    try:
-        with new.client() as client:
-            after = answers(client, ids)
-            started = start_from_model(client, ids)
-    finally:
-        new.process.stop()
-    get_engine(new.database_url).dispose()
+    after, started = served_from(moved, settings, tmp_path, ids)
     assert after == before
     assert started.status_code == 201, started.text
     assert started.json()["backbone"] == f"runs/{ids['run']}/model.safetensors"
@@ -187,14 +193,7 @@ def test_a_backup_taken_while_the_app_runs_serves_the_same(settings, tmp_path):
     assert sorted(path.name for path in destination.iterdir()) == [
         "database-id", "datasets", "runs", "selftune.db"]
 
-    new = serve(destination, settings.effective_redis_url, tmp_path / "new.log")
-    try:
-        with new.client() as client:
-            after = answers(client, ids)
-            started = start_from_model(client, ids)
-    finally:
-        new.process.stop()
-    get_engine(new.database_url).dispose()
+    after, started = served_from(destination, settings, tmp_path, ids)
     assert after == before
     assert started.status_code == 201, started.text
 

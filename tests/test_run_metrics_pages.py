@@ -179,6 +179,14 @@ def test_paging_parameters_it_cannot_use_are_422s_that_say_why(live_server):
         assert says in error["msg"], (params, error)
 
 
+# How many points the run page's loss chart holds on its `ce` line (before decimation).
+CE_POINTS = """() => {
+    const chart = Chart.getChart(document.getElementById('chart-losses'));
+    const line = chart && chart.data.datasets.find((d) => d.label === 'ce');
+    return line ? (line._decimated ? line._data : line.data).length : 0;
+}"""
+
+
 @pytest.mark.browser
 def test_a_run_page_draws_a_long_history_a_page_at_a_time(live_server, request):
     """12,000 steps: the page asks for three pages of 5,000 points, draws the first before
@@ -203,23 +211,18 @@ def test_a_run_page_draws_a_long_history_a_page_at_a_time(live_server, request):
         else:
             held.append(route)
 
-    ce_points = """() => {
-        const chart = Chart.getChart(document.getElementById('chart-losses'));
-        const line = chart && chart.data.datasets.find((d) => d.label === 'ce');
-        return line ? (line._decimated ? line._data : line.data).length : 0;
-    }"""
     with open_browser(request.node.name) as browser:
         page = browser.page
         page.on("request", lambda r: asked.append(r.url) if "/metrics" in r.url else None)
         page.route(re.compile(r"/metrics\?.*after="), hold_later_pages)
         page.goto(f"{live_server.url}/runs/{run_id}")
-        page.wait_for_function(f"({ce_points})() === {on_first_page}")
+        page.wait_for_function(f"({CE_POINTS})() === {on_first_page}")
         assert len(held) == 1  # the first page is drawn while the second is on its way
         browser.screenshot("1-first-page")
         let_through = True
         for route in held:
             route.continue_()
-        page.wait_for_function(f"({ce_points})() === 12000")
+        page.wait_for_function(f"({CE_POINTS})() === 12000")
         points = browser.chart_points("#chart-accuracy")
         assert points == {"top-1": 24}
         browser.screenshot("2-every-page")
@@ -272,11 +275,6 @@ def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
         elif len(feed_tries) > 2:
             route.continue_()
 
-    ce_points = """() => {
-        const chart = Chart.getChart(document.getElementById('chart-losses'));
-        const line = chart && chart.data.datasets.find((d) => d.label === 'ce');
-        return line ? (line._decimated ? line._data : line.data).length : 0;
-    }"""
     with open_browser(request.node.name) as browser:
         page = browser.page
         page.on("request", sent)
@@ -285,7 +283,7 @@ def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
         page.route(re.compile(r"/metrics\?.*after="), answer_last_page_later)
         page.route(re.compile(rf"/api/runs/{run_id}/events"), refuse_then_hold_the_feed)
         page.goto(f"{live_server.url}/runs/{run_id}")
-        page.wait_for_function(f"({ce_points})() === 5000")
+        page.wait_for_function(f"({CE_POINTS})() === 5000")
         deadline = time.monotonic() + 20
         while not (last_page and len(feed_tries) == 2):  # the page runs the routes meanwhile
             assert time.monotonic() < deadline, "the last page asked for, the feed tried again"
@@ -296,7 +294,7 @@ def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
         expect(page.locator("#live-state")).to_have_text("● live")  # it resynced
         route, answer = last_page[0]
         route.fulfill(response=answer)
-        page.wait_for_function(f"({ce_points})() === 7010")
+        page.wait_for_function(f"({CE_POINTS})() === 7010")
         browser.assert_no_errors(expected=("502",))
     first = f"/api/runs/{run_id}/metrics?limit=5000"
     assert most_in_flight == 1, asked

@@ -18,10 +18,9 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from app.config import Settings, get_settings
+from app.config import SQLITE_FILE, Settings, get_settings
 from app.db import DATABASE_ID_FILE
 
-SQLITE_FILE = "selftune.db"  # the name the default SQLALCHEMY URL gives it (app.config)
 DUMP_FILE = "selftune.dump"  # where a PostgreSQL installation's dump goes, before the files
 # What the copy needs; caches, uploads in progress, deletes not finished, the embedded
 # Redis's files and the launcher's bookkeeping are made again, or are not needed, at start.

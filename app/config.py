@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The heartbeats a run's worker may miss, or send late, before its run is called lost: the run
 # page says "no word from its worker" past as many (app.routers.runs.silent_seconds).
 MISSED_HEARTBEATS = 3
+# The SQLite database's file in the data directory, unless SELFTUNE_DATABASE_URL names another.
+SQLITE_FILE = "selftune.db"
 
 
 class Settings(BaseSettings):
@@ -87,7 +89,7 @@ class Settings(BaseSettings):
 
     @property
     def sqlalchemy_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'selftune.db'}"
+        return self.database_url or f"sqlite:///{self.data_dir / SQLITE_FILE}"
 
     @property
     def datasets_dir(self) -> Path:

@@ -181,9 +181,8 @@ function baseOptions({ percent = false, xTitle, yTitle, yType = "linear" } = {})
 const chartNames = new WeakMap(); // canvas -> the name the page gave it
 const stepCharts = new WeakMap(); // canvas -> how its summary reads its values
 
-function describe(canvas, summary, name = null) {
-  if (name !== null) chartNames.set(canvas, name);
-  else if (!chartNames.has(canvas)) chartNames.set(canvas, canvas.getAttribute("aria-label"));
+function describe(canvas, summary) {
+  if (!chartNames.has(canvas)) chartNames.set(canvas, canvas.getAttribute("aria-label"));
   canvas.setAttribute("aria-label", `${chartNames.get(canvas)}: ${summary}`);
 }
 

@@ -28,7 +28,8 @@ COPIED_FOLDERS = ("datasets", "runs")
 
 
 class BackupRefused(Exception):
-    """A destination the backup will not write to; nothing was written."""
+    """A backup not made (a destination it will not write to, a database dump not yet taken:
+    nothing written) or not finished (a file it could not copy: the copy is not whole)."""
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Backup:
     """What a backup copied, and what its database lists that is not in it."""
 
     destination: Path
-    uncopied_database: str | None = None  # not SQLite: the dump beside the files
+    dump: Path | None = None  # PostgreSQL: the dump taken first, the files beside it
     datasets: int = 0
     runs: int = 0
     missing: list[str] = field(default_factory=list)
@@ -132,7 +133,7 @@ def backup(settings: Settings, destination: Path) -> Backup:
     destination.mkdir(parents=True, exist_ok=True)
     if not sqlite:
         copy_files(data_dir, destination)
-        return Backup(destination, uncopied_database=DUMP_FILE)
+        return Backup(destination, dump=destination / DUMP_FILE)
     copy_sqlite(Path(url.database or ""), destination / SQLITE_FILE)
     copy_files(data_dir, destination)
     datasets, runs, missing = missing_from(destination)
@@ -151,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     except BackupRefused as exc:
         print(f"backup refused: {exc}", file=sys.stderr)
         return 2
-    if done.uncopied_database:
+    if done.dump:
         print(f"copied the datasets and runs to {done.destination}, beside the database's "
-              f"dump {done.uncopied_database}; restore the dump with pg_restore (see README, "
+              f"dump {done.dump}; restore the dump with pg_restore (see README, "
               "Backing up and moving)")
         return 0
     if done.missing:

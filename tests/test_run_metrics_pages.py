@@ -232,6 +232,23 @@ def test_a_run_page_draws_a_long_history_a_page_at_a_time(live_server, request):
     assert len(paths) == 3 and all("after=" in path for path in paths[1:])
 
 
+def refuse_the_feed_once_then_hold_it(page, run_id: int) -> list:
+    """The run's feed refused at its first try (a proxy's 502 while the app restarts) and held
+    at its second until the test lets it through (`continue_()`): the page then resyncs. The
+    tries' routes, as they come."""
+    tries = []
+
+    def route_feed(route) -> None:
+        tries.append(route)
+        if len(tries) == 1:
+            route.fulfill(status=502, body="bad gateway")
+        elif len(tries) > 2:
+            route.continue_()
+
+    page.route(re.compile(rf"/api/runs/{run_id}/events"), route_feed)
+    return tries
+
+
 @pytest.mark.browser
 def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
     """The feed is refused once (a proxy's 502 while the app restarts) and comes back while the
@@ -266,22 +283,13 @@ def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
         else:
             last_page.append((route, route.fetch()))
 
-    feed_tries = []  # the first is refused, the next held until told
-
-    def refuse_then_hold_the_feed(route) -> None:
-        feed_tries.append(route)
-        if len(feed_tries) == 1:
-            route.fulfill(status=502, body="bad gateway")
-        elif len(feed_tries) > 2:
-            route.continue_()
-
     with open_browser(request.node.name) as browser:
         page = browser.page
         page.on("request", sent)
         page.on("requestfinished", done)
         page.on("requestfailed", done)
         page.route(re.compile(r"/metrics\?.*after="), answer_last_page_later)
-        page.route(re.compile(rf"/api/runs/{run_id}/events"), refuse_then_hold_the_feed)
+        feed_tries = refuse_the_feed_once_then_hold_it(page, run_id)
         page.goto(f"{live_server.url}/runs/{run_id}")
         page.wait_for_function(f"({CE_POINTS})() === 5000")
         deadline = time.monotonic() + 20
@@ -300,6 +308,59 @@ def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
     assert most_in_flight == 1, asked
     assert asked[0] == first and len(asked) == 3, asked
     assert asked[2] == asked[1] and "after=" in asked[1], asked  # the last page, once more
+
+
+@pytest.mark.browser
+def test_a_history_read_that_fails_is_asked_again_for_what_joined_it(live_server, request):
+    """The record's last page fails (a proxy's 502) after the feed's resync joined the read:
+    the read ended there, the resync's with it, and the page kept the first page's points
+    with nothing to ask again. The page asks for the page again after a pause, once: its
+    answer holds the points recorded before the resync too, and every point is drawn. The
+    first page, which gets no answer at all the first time, is asked for again too."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        run_id = new_run(client, database_url)  # queued: the page follows its feed
+    record(database_url, run_id, "progress", range(1, 7_001))  # two pages of 5,000
+
+    asked: list[str] = []
+    last_page = []  # the first try is held, then failed; the next go through
+
+    def hold_the_first_try(route) -> None:
+        last_page.append(route)
+        if len(last_page) > 1:
+            route.continue_()
+
+    first_page = []
+
+    def no_answer_the_first_time(route) -> None:
+        first_page.append(route)
+        if len(first_page) == 1:
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("request", lambda r: asked.append(r.url.removeprefix(live_server.url))
+                if "/metrics" in r.url else None)
+        page.route(re.compile(r"/metrics\?limit=5000$"), no_answer_the_first_time)
+        page.route(re.compile(r"/metrics\?.*after="), hold_the_first_try)
+        feed_tries = refuse_the_feed_once_then_hold_it(page, run_id)
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_function(f"({CE_POINTS})() === 5000")
+        deadline = time.monotonic() + 20
+        while not (last_page and len(feed_tries) == 2):  # the page runs the routes meanwhile
+            assert time.monotonic() < deadline, "the last page asked for, the feed tried again"
+            page.wait_for_timeout(50)
+        record(database_url, run_id, "progress", range(7_001, 7_011))
+        feed_tries[1].continue_()
+        expect(page.locator("#live-state")).to_have_text("● live")  # its resync joined
+        last_page[0].fulfill(status=502, body="bad gateway")
+        page.wait_for_function(f"({CE_POINTS})() === 7010")
+        browser.assert_no_errors(expected=("502", "ERR_CONNECTION_RESET"))
+    first = f"/api/runs/{run_id}/metrics?limit=5000"
+    assert len(asked) == 4 and asked[:2] == [first, first], asked
+    assert asked[3] == asked[2] and "after=" in asked[2], asked  # the failed page, again
 
 
 def retold_as_before(database_url: str, run_id: int) -> str:

@@ -10,6 +10,10 @@ const META_KEYS = new Set(["type", "step", "total_steps", "run_id", "time"]);
 const LABEL_NEXT_SHOWN = 24;
 const POLL_MS = 5000;
 const HISTORY_PAGE = 5000; // recorded points a read asks for (the API takes up to 10,000)
+// A page of the record that failed is asked for again after this pause, doubled at each
+// failure up to the most (as the live feed reconnects).
+const HISTORY_RETRY_MS = 1000;
+const HISTORY_RETRY_MAX_MS = 30000;
 const RERUNNABLE = new Set(["failed", "cancelled", "lost"]); // what /requeue accepts
 // The confusion matrix as the page reads it (the page's own data holds the same form): its
 // diagonal, row totals and the cells off the diagonal that are not 0, all the page shows.
@@ -34,6 +38,12 @@ function keptAbove(run) {
     : run.method === "self-tuning" ? run.config.pseudo_label_threshold : null;
   return isNumber(threshold) && threshold > 0 ? threshold : null;
 }
+
+// A failed request that may succeed when asked again: no answer at all (fetch gives no
+// status), the server's trouble (5xx), or a 408 or 429 that says to come back later. Any
+// other 4xx answers the same the next time (a 404: the run was deleted).
+const worthRetrying = (error) => !isNumber(error.status) || error.status >= 500
+  || error.status === 408 || error.status === 429;
 
 export function runPage() {
   const { run: initial, classNames } = pageData("run-data");
@@ -132,20 +142,42 @@ export function runPage() {
   // it. Its pages asked for after that hold every point recorded until then; only the one on
   // its way may have been read before, and is read again if it was the last. Side by side,
   // each read asked for every page (a paper-length run's 22, twice or more).
+  // A page that fails with no answer or the server's trouble (the app restarting behind its
+  // proxy) is asked for again after a pause, at once if a read is asked for meanwhile (a
+  // resync: the server answers again). The read ended at the first failure, and the reads
+  // that had joined it with it: the curves lacked every page after, and nothing asked again.
   let historyRead = null; // the read going on, its promise
   let historyAsked = false; // asked for while the page on its way was read
+  let retryNow = () => {}; // ends the pause before a failed page is asked for again
   function loadHistory() {
-    if (historyRead) historyAsked = true;
-    else historyRead = readHistory();
+    if (historyRead) {
+      historyAsked = true;
+      retryNow();
+    } else historyRead = readHistory();
     return historyRead;
   }
 
   async function readHistory() {
     let address = `/api/runs/${id}/metrics?limit=${HISTORY_PAGE}`;
+    let pause = HISTORY_RETRY_MS;
     try {
       while (address) {
         historyAsked = false;
-        const page = await getJSON(address);
+        let page;
+        try {
+          page = await getJSON(address);
+        } catch (error) {
+          if (!worthRetrying(error) || deleted) throw error;
+          console.warn(`could not read the recorded curves (${error.message}): asking again`);
+          await new Promise((resolve) => {
+            const timer = setTimeout(resolve, pause);
+            retryNow = () => { clearTimeout(timer); resolve(); };
+          });
+          retryNow = () => {};
+          pause = Math.min(pause * 2, HISTORY_RETRY_MAX_MS);
+          continue; // the same page, which also holds what was recorded meanwhile
+        }
+        pause = HISTORY_RETRY_MS;
         for (const point of page.points) addPoint(point.kind, point.step, point.values);
         if (page.next || !historyAsked) address = page.next;
       }

@@ -108,6 +108,11 @@ def test_pages_put_together_are_the_whole_record_in_its_order(metrics_server):
         cursor = read_pages(client, f"{read}?limit=50")[0]["next"].split("after=")[1]
         rest = client.get(read, params={"after": cursor}).json()
         assert rest["points"] == whole["points"][50:] and rest["next"] is None
+        # `<step>:0` starts at a step's first point: what a client that has read the record
+        # up to step 50 asks for later (the run page, at a resync).
+        from_step = client.get(read, params={"after": "50:0", "limit": 10}).json()
+        assert from_step["points"] == whole["points"][49:59]
+        assert "&after=58:" in from_step["next"]
         # A run without points has one empty page; a run that does not exist is a 404.
         empty = new_run(client, server.database_url)
         assert client.get(f"/api/runs/{empty}/metrics", params={"limit": 10}).json() == {
@@ -253,9 +258,9 @@ def refuse_the_feed_once_then_hold_it(page, run_id: int) -> list:
 def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
     """The feed is refused once (a proxy's 502 while the app restarts) and comes back while the
     page reads the record's last page: its resync asks for the record again. Two reads side by
-    side each read every page (a long run's 22, twice); the one running now reads on, and its
-    last page, answered before points recorded meanwhile, once more: one request at a time,
-    and every point, those too, on the charts."""
+    side each read every page (a long run's 22, twice); the one running now reads on, and as
+    its last page was answered before points recorded meanwhile, on from that page's last
+    step: one request at a time, and every point, those too, on the charts."""
     database_url = live_server.database_url
     with live_server.client() as client:
         run_id = new_run(client, database_url)  # queued: the page follows its feed
@@ -307,7 +312,8 @@ def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
     first = f"/api/runs/{run_id}/metrics?limit=5000"
     assert most_in_flight == 1, asked
     assert asked[0] == first and len(asked) == 3, asked
-    assert asked[2] == asked[1] and "after=" in asked[1], asked  # the last page, once more
+    assert "after=5000:" in asked[1], asked
+    assert asked[2] == f"{first}&after=7000:0", asked  # on from the last step read
 
 
 @pytest.mark.browser
@@ -361,6 +367,46 @@ def test_a_history_read_that_fails_is_asked_again_for_what_joined_it(live_server
     first = f"/api/runs/{run_id}/metrics?limit=5000"
     assert len(asked) == 4 and asked[:2] == [first, first], asked
     assert asked[3] == asked[2] and "after=" in asked[2], asked  # the failed page, again
+
+
+@pytest.mark.browser
+def test_a_resync_after_the_history_was_read_reads_only_what_is_newer(live_server, request):
+    """The feed comes back after the page had read the whole record: its resync read every
+    page again from the first (here 2 requests and 7,010 points for 10 new ones; a
+    paper-length run's 22 pages, 23 MB, at each reconnect). It reads on from the step of the
+    last point it has (`after=<step>:0`: that step's points again, then the new ones)."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        run_id = new_run(client, database_url)  # queued: the page follows its feed
+    record(database_url, run_id, "progress", range(1, 7_001))  # two pages of 5,000
+
+    # Each page's answer, as it comes (its body is read at the end: a handler that waits for
+    # it lets the test run on before the answer is counted).
+    answers = []
+
+    def read() -> list[tuple[str, int]]:
+        """Each page asked for, and how many points it held."""
+        return [(answer.url.removeprefix(live_server.url), len(answer.json()["points"]))
+                for answer in answers]
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("response", lambda r: answers.append(r) if "/metrics" in r.url else None)
+        feed_tries = refuse_the_feed_once_then_hold_it(page, run_id)
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_function(f"({CE_POINTS})() === 7000")
+        deadline = time.monotonic() + 20
+        while len(feed_tries) < 2:  # the page runs the routes meanwhile
+            assert time.monotonic() < deadline, "the feed tried again"
+            page.wait_for_timeout(50)
+        assert len(answers) == 2  # the whole record, read before the feed came back
+        record(database_url, run_id, "progress", range(7_001, 7_011))
+        feed_tries[1].continue_()
+        expect(page.locator("#live-state")).to_have_text("● live")
+        page.wait_for_function(f"({CE_POINTS})() === 7010")
+        browser.assert_no_errors(expected=("502",))
+        pages = read()
+    assert pages[2:] == [(f"/api/runs/{run_id}/metrics?limit=5000&after=7000:0", 11)], pages
 
 
 def retold_as_before(database_url: str, run_id: int) -> str:

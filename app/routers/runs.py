@@ -191,7 +191,9 @@ MetricsLimit = Annotated[int | None, Query(
     "in the same order (without `limit` and `after`: every point at once)")]
 MetricsAfter = Annotated[str | None, Query(
     description="where the page starts: after the point this cursor (`<step>:<id>`) names; "
-    "take it from the `next` of the page before. A page of "
+    "take it from the `next` of the page before, or give `<step>:0` to start at the first "
+    "point of a step (a client that has read the record up to a step reads on from there: "
+    "that step's points again, then those recorded since). A page of "
     f"{METRICS_PAGE_MAX:,} points unless `limit` says less", examples=["1200:5531"])]
 
 

@@ -138,14 +138,22 @@ export function runPage() {
   // The record a page at a time, each drawn as it arrives (drawSoon paces the redraws): in one
   // answer a paper-length run's 110,000 points were 23 MB, and the curves waited for all of
   // them. A point recorded while the pages are read comes in a later page.
+  // A read after the first starts at the step of the last point read (`after=<step>:0`, that
+  // step's points again): the record comes in step order and a run records its new points at
+  // that step or later (a run run again rewrites the steps it repeats, which its feed brings
+  // as they come; a page that lost those events too keeps their earlier values). A resync or a `dropped` event read the whole record again from its
+  // first page (a paper-length run's 22, 23 MB, at each reconnect) for the few points new.
   // One read at a time: a read asked for while one runs (a `dropped` event, a resync) joins
   // it. Its pages asked for after that hold every point recorded until then; only the one on
-  // its way may have been read before, and is read again if it was the last. Side by side,
-  // each read asked for every page (a paper-length run's 22, twice or more).
+  // its way may have been read before, and if it was the last the read goes on from its last
+  // step. Side by side, each read asked for every page (a paper-length run's 22, twice).
   // A page that fails with no answer or the server's trouble (the app restarting behind its
   // proxy) is asked for again after a pause, at once if a read is asked for meanwhile (a
   // resync: the server answers again). The read ended at the first failure, and the reads
   // that had joined it with it: the curves lacked every page after, and nothing asked again.
+  let recordStep = null; // the step of the last point read from the record
+  const recordAddress = () => `/api/runs/${id}/metrics?limit=${HISTORY_PAGE}`
+    + (recordStep === null ? "" : `&after=${recordStep}:0`);
   let historyRead = null; // the read going on, its promise
   let historyAsked = false; // asked for while the page on its way was read
   let retryNow = () => {}; // ends the pause before a failed page is asked for again
@@ -158,7 +166,7 @@ export function runPage() {
   }
 
   async function readHistory() {
-    let address = `/api/runs/${id}/metrics?limit=${HISTORY_PAGE}`;
+    let address = recordAddress();
     let pause = HISTORY_RETRY_MS;
     try {
       while (address) {
@@ -179,7 +187,8 @@ export function runPage() {
         }
         pause = HISTORY_RETRY_MS;
         for (const point of page.points) addPoint(point.kind, point.step, point.values);
-        if (page.next || !historyAsked) address = page.next;
+        if (page.points.length) recordStep = page.points.at(-1).step;
+        address = page.next ?? (historyAsked ? recordAddress() : null);
       }
     } finally {
       historyRead = null; // in the step that ends the read: an ask after it starts a new one

@@ -22,9 +22,11 @@ from app.events import Hubs, Outcome, stream_events
 from app.live import experiment_stream_key, run_stream_key
 from app.models import Run, RunMetric, utcnow
 from tests.browser import open_browser
-from tests.support import add_dataset_row
-from tests.test_experiments_cancel_delete import SWEEP, end_as_worker, start_sweep
+from tests.support import add_dataset_row, start_server
+from tests.test_experiments_cancel_delete import SWEEP, end_as_worker, mark_running, start_sweep
 from tests.test_lost_runs import sse_events
+from tests.test_pages_live import EMULATE_VISIBILITY
+from tests.test_run_metrics_pages import CE_POINTS, record
 
 EVENTS = 12_345  # more than two pages of 5,000
 
@@ -161,6 +163,124 @@ def test_a_feed_that_would_skip_events_redis_trimmed_says_so_first(live_server):
                                      "read": f"/api/experiments/{experiment_id}"}
     assert [e["step"] for e in resumed_experiment[1:-2]] == list(range(502, 601))
     assert [e["type"] for e in resumed_experiment[-2:]] == ["end", "experiment_end"]
+
+
+def train(database_url: str, live: redis.Redis, run_id: int, steps: range) -> None:
+    """A progress point at each of `steps`, recorded, then sent to the run's feed, as its
+    worker does."""
+    record(database_url, run_id, "progress", steps)
+    with live.pipeline(transaction=False) as pipe:
+        for step in steps:
+            pipe.xadd(run_stream_key(run_id), {"data": json.dumps({
+                "type": "progress", "run_id": run_id, "time": time.time(), "step": step,
+                "total_steps": 1000, "losses": {"ce": 1 / step}, "lr": 0.01})})
+        pipe.execute()
+
+
+def running_run(database_url: str, client) -> int:
+    _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+    mark_running(database_url, run_ids[0])
+    return run_ids[0]
+
+
+@pytest.mark.browser
+def test_a_run_page_shown_after_redis_trimmed_what_it_had_not_read_reads_it(live_server,
+                                                                           request):
+    """A page opened in a background tab reads the record at once and opens its feed when
+    first shown. Shown after the run trained on past what Redis keeps, its feed, read from the
+    start, begins with `dropped` (after 0), which the page took for the one of a page just
+    opened, whose first read of the record is to come: steps 301-400 were neither in its
+    record nor in its feed, and never drawn. It reads the record on from where it had it."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        run_id = running_run(database_url, client)
+    train(database_url, live, run_id, range(1, 301))
+    pages = []
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("request", lambda r: pages.append(r.url.removeprefix(live_server.url))
+                if "/metrics" in r.url else None)
+        page.context.add_init_script(
+            EMULATE_VISIBILITY.replace("let hidden = false", "let hidden = true"))
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_function(f"({CE_POINTS})() === 300")
+        train(database_url, live, run_id, range(301, 601))
+        live.xtrim(run_stream_key(run_id), maxlen=200, approximate=False)  # 401-600 kept
+        page.evaluate("window.setShown(true)")
+        expect(page.locator("#live-state")).to_have_text("● live")
+        page.wait_for_function(f"({CE_POINTS})() === 600")
+        browser.assert_no_errors()
+    first = f"/api/runs/{run_id}/metrics?limit=5000"
+    assert pages == [first, f"{first}&after=300:0"]
+
+
+# The id of the last event each feed the page opens has had (`window.lastEventIds`).
+TRACK_LAST_EVENT_IDS = """
+    window.lastEventIds = [];
+    const Original = window.EventSource;
+    window.EventSource = class extends Original {
+        constructor(...args) {
+            super(...args);
+            const index = window.lastEventIds.push(null) - 1;
+            this.addEventListener("message", (message) => {
+                window.lastEventIds[index] = message.lastEventId;
+            });
+        }
+    };
+"""
+
+
+@pytest.mark.browser
+def test_a_run_page_back_after_redis_trimmed_what_it_missed_reads_it_from_the_record(
+        live_server, request, tmp_path):
+    """The server restarts while the run trains on past what Redis keeps of its feed: the
+    page's feed comes back with the id of the last event it had, older than any Redis keeps,
+    and begins with `dropped`, then steps 401-600. The page reads the record on from the last
+    step it had read (not again from its first page), and ends with every point."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        run_id = running_run(database_url, client)
+    train(database_url, live, run_id, range(1, 301))
+    last_had = live.xrevrange(run_stream_key(run_id), count=1)[0][0]  # step 300's
+    feeds: list[tuple[str, str | None]] = []  # each feed asked for: its address, its header
+    pages = []
+
+    def sent(req) -> None:
+        path = req.url.removeprefix(live_server.url)
+        if "/metrics" in path:
+            pages.append(path)
+        elif "/events" in path:  # the header the browser adds is in all_headers() only
+            feeds.append((path, req.all_headers().get("last-event-id")))
+
+    restarted = None
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("request", sent)
+        page.context.add_init_script(TRACK_LAST_EVENT_IDS)
+        try:
+            page.goto(f"{live_server.url}/runs/{run_id}")
+            page.wait_for_function(f"({CE_POINTS})() === 300")
+            page.wait_for_function(f"window.lastEventIds.at(-1) === {json.dumps(last_had)}")
+            live_server.process.stop()  # the feed ends ...
+            expect(page.locator("#live-state")).to_have_text("reconnecting…")
+            train(database_url, live, run_id, range(301, 601))
+            live.xtrim(run_stream_key(run_id), maxlen=200, approximate=False)  # 401-600 kept
+            _, restarted = start_server(live_server.env, tmp_path / "uvicorn-restarted.log",
+                                        port=int(live_server.url.rsplit(":", 1)[1]))
+            expect(page.locator("#live-state")).to_have_text("● live", timeout=30_000)
+            page.wait_for_function(f"({CE_POINTS})() === 600")
+            browser.assert_no_errors(expected=("ERR_CONNECTION_REFUSED",
+                                               "ERR_INCOMPLETE_CHUNKED_ENCODING"))
+        finally:
+            if restarted is not None:
+                restarted.stop()
+    path, header = feeds[-1]  # ... and comes back after the last event it had
+    assert header == last_had or path.endswith(f"last_event_id={last_had}"), feeds
+    first = f"/api/runs/{run_id}/metrics?limit=5000"
+    assert pages[:2] == [first, f"{first}&after=300:0"], pages
+    assert all(later == f"{first}&after=600:0" for later in pages[2:]), pages
 
 
 def test_a_redis_that_does_not_count_added_entries_takes_a_stream_at_its_cap_as_trimmed(

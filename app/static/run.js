@@ -373,9 +373,10 @@ export function runPage() {
   }
 
   function onEvent(event) {
-    // Events Redis no longer kept are missing from the feed: the record has every point (read
-    // as the page opened, when the feed started past them).
-    if (event.type === "dropped" && event.after !== "0") loadHistory().catch(() => {});
+    // Events Redis no longer kept are missing from the feed: the record has every point. Read
+    // on from where the page has it, also for a feed read from the start (after 0): a page
+    // opened in a background tab opens its feed only when shown, long after its first read.
+    if (event.type === "dropped") loadHistory().catch(() => {});
     if (event.type === "progress" || event.type === "eval") {
       const values = Object.fromEntries(Object.entries(event).filter(([k]) => !META_KEYS.has(k)));
       addPoint(event.type, event.step, values);

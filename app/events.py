@@ -4,7 +4,8 @@ Each SSE `id` is the Redis stream entry id, so a browser that reconnects with
 `Last-Event-ID` gets exactly the events it missed. One reader per stream and web process
 fans new entries out to every connected browser (a hundred viewers of one run cost one
 Redis read, not a hundred). When the stream is gone (expired, or a Redis that lost its data)
-a finished run's history is rebuilt from the database, a page at a time. Where Redis trimmed a
+a finished run's history is rebuilt from the database, a page at a time, with ids that count
+its events, so that a client cut off in it resumes there too. Where Redis trimmed a
 long run's oldest entries, a feed that would skip some says so first (`dropped`).
 """
 
@@ -35,6 +36,16 @@ def valid_last_event_id(value: str | None) -> str:
     if value and STREAM_ID.match(value.strip()):
         return value.strip()
     return "0"
+
+
+def retold_before(last_id: str) -> int | None:
+    """How many events of a feed told from the database (whose ids count them, `0-1` on) a
+    client had: 0 for one that had none, None for an id of the stream's (Redis never gives
+    an entry an id of 0 milliseconds)."""
+    if last_id == "0":
+        return 0
+    millis, _, seq = last_id.partition("-")
+    return int(seq) if int(millis) == 0 else None
 
 
 def id_key(entry_id: str) -> tuple[int, int]:
@@ -235,16 +246,21 @@ async def stream_events(
     try:  # from here on: a client gone at the first frame leaves no subscription behind
         yield "retry: 2000\n\n"
         pending, more_history, gap = await _history_page(hubs, key, last_id, maxlen, record)
-        if not pending and last_id == "0":
+        had = retold_before(last_id)
+        if not pending and had is not None:
             state = await asyncio.to_thread(outcome)
             if state.finished and await _stream_is_empty(hubs, key):
-                # The live feed is gone: tell the story from the database.
+                # The live feed is gone: tell the story from the database, after the events
+                # a client cut off in it had (it got the end alone, and missed the rest).
                 told = 0
                 async for events in _pages(state.history):
-                    yield "".join(sse(event, event_id=f"0-{index}")
-                                  for index, event in enumerate(events, start=told + 1))
+                    frames = "".join(sse(event, event_id=f"0-{index}")
+                                     for index, event in enumerate(events, start=told + 1)
+                                     if index > had)
+                    if frames:
+                        yield frames
                     told += len(events)
-                if state.final:
+                if state.final:  # also to a client that had it, as a live feed's end is
                     yield sse(state.final, event_id=f"0-{told + 1}")
                 return
         check_outcome = True  # a client that already saw the end must not wait a heartbeat

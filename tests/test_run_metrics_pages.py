@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from sqlalchemy import event, insert, select
 
 from app.db import session_scope
 from app.events import sse
-from app.live import ended, run_stream_key, timestamp
+from app.live import ended, experiment_stream_key, run_stream_key, timestamp
 from app.main import create_app
 from app.models import Experiment, Run, RunMetric, utcnow
 from app.routers.runs import FEED_PAGE
@@ -409,9 +410,10 @@ def test_a_resync_after_the_history_was_read_reads_only_what_is_newer(live_serve
     assert pages[2:] == [(f"/api/runs/{run_id}/metrics?limit=5000&after=7000:0", 11)], pages
 
 
-def retold_as_before(database_url: str, run_id: int) -> str:
+def retold_as_before(database_url: str, run_id: int, after: int = 0) -> str:
     """The feed of a finished run whose stream is gone as it was told when the whole record
-    was read in one query: each point as the event its worker sent, `0-1` on, then the end."""
+    was read in one query: each point as the event its worker sent, `0-1` on, then the end;
+    the events after the `after`-th only."""
     with session_scope(database_url) as session:
         run = session.get(Run, run_id)
         events = [{"type": m.kind, "run_id": run_id, "time": timestamp(m.created_at),
@@ -420,7 +422,8 @@ def retold_as_before(database_url: str, run_id: int) -> str:
                                            .order_by(RunMetric.step, RunMetric.id))]
         events.append(ended(run))
     return "retry: 2000\n\n" + "".join(sse(event, event_id=f"0-{index}")
-                                       for index, event in enumerate(events, start=1))
+                                       for index, event in enumerate(events, start=1)
+                                       if index > after)
 
 
 def finished_run_without_stream(database_url: str, redis_url: str) -> int:
@@ -457,6 +460,50 @@ def test_a_feed_retold_from_the_record_in_pages_is_the_feed_told_at_once(metrics
     expected = retold_as_before(server.database_url, run_id)
     assert told.count("\ndata: ") == 12_000 + 24 + 1
     assert told == expected
+
+
+def test_a_feed_retold_from_the_record_resumes_after_the_last_event_its_client_had(
+        metrics_server):
+    """A feed told from the record counts its events in their ids (`0-1` on). A client cut off
+    in it that came back with the id of the last event it had (`Last-Event-ID: 0-5000`) got
+    the end alone, missing the 7,024 points after it with nothing said; an experiment's, the
+    ends of the runs after. Each now goes on after that event."""
+    server = metrics_server
+    live = redis.Redis.from_url(server.redis_url, decode_responses=True)
+    with server.client() as client:
+        run_id = finished_run_without_stream(server.database_url, server.redis_url)
+
+        def told(path: str, last_event_id: str) -> str:
+            with client.stream("GET", path, headers={"Last-Event-ID": last_event_id}) as answer:
+                assert answer.status_code == 200
+                return "".join(answer.iter_text())
+
+        resumed = told(f"/api/runs/{run_id}/events", "0-5000")
+        had_the_end = told(f"/api/runs/{run_id}/events", "0-12025")
+
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(server.database_url),
+                                             seeds=[0])
+        for other in run_ids:
+            end_as_worker(server.database_url, live, other, "failed")
+        live.delete(experiment_stream_key(experiment_id), *map(run_stream_key, run_ids))
+        experiment_feed = f"/api/experiments/{experiment_id}/events"
+        whole = sse_frames(told(experiment_feed, "0"))
+        after_first = sse_frames(told(experiment_feed, "0-1"))
+    assert resumed == retold_as_before(server.database_url, run_id, after=5000)
+    assert resumed.count("\ndata: ") == 12_024 - 5000 + 1
+    assert had_the_end == retold_as_before(server.database_url, run_id, after=12_024)
+    assert [frame["type"] for frame in whole] == ["end", "end", "experiment_end"]
+    assert after_first == whole[1:]
+
+
+def sse_frames(text: str) -> list[dict]:
+    """The events of a feed's text, each with its `id`."""
+    frames = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "data" in fields:
+            frames.append({**json.loads(fields["data"]), "id": fields.get("id")})
+    return frames
 
 
 def test_a_feed_retold_from_the_record_reads_no_further_than_it_has_sent(settings):

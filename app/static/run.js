@@ -141,8 +141,9 @@ export function runPage() {
   // A read after the first starts at the step of the last point read (`after=<step>:0`, that
   // step's points again): the record comes in step order and a run records its new points at
   // that step or later (a run run again rewrites the steps it repeats, which its feed brings
-  // as they come; a page that lost those events too keeps their earlier values). A resync or a `dropped` event read the whole record again from its
-  // first page (a paper-length run's 22, 23 MB, at each reconnect) for the few points new.
+  // as they come; a page that lost those events too keeps their earlier values). A resync or
+  // a `dropped` event read the whole record again from its first page (a paper-length run's
+  // 22, 23 MB, at each reconnect) for the few points new.
   // One read at a time: a read asked for while one runs (a `dropped` event, a resync) joins
   // it. Its pages asked for after that hold every point recorded until then; only the one on
   // its way may have been read before, and if it was the last the read goes on from its last

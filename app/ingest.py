@@ -36,10 +36,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.experiments import delete_run_rows, remove_run_folders, weights_in_use
+from app.experiments import delete_run_rows, run_folders, weights_in_use
 from app.models import Dataset, DatasetImage, Experiment, Run
 from app.responses import human_bytes
 from app.schemas import CONTROL_CHARACTERS
+from app.trash import move_to_trash, trash_dir
 from worker.selftuning.budgets import split_holdout
 from worker.selftuning.data import UNLABELED_IN_TEST, zip_entry_name
 from worker.selftuning.labels_csv import (
@@ -1476,8 +1477,8 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset
     """Delete a dataset with its images, experiments, runs and their files; refused (409)
     while a run of it is queued or running, or while queued or running runs start from one
     of its runs' models. Returns the deleted (experiment ids, run ids), whose live feeds the
-    caller forgets (app.live.forget_feeds), and the folders of its images, moved aside for the
-    caller to remove (`empty_trash`) once it has answered."""
+    caller forgets (app.live.forget_feeds), and the folders of its images and runs, moved aside
+    for the caller to remove (`app.trash.empty_trash`) once it has answered."""
     # Lock the dataset row first so that no run can be queued on it between the check and
     # the delete: FOR UPDATE on PostgreSQL; SQLite takes its write lock on the first write.
     dataset_id = dataset.id
@@ -1513,38 +1514,9 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset
     # Files go after the commit: a crash here leaves only invisible orphans for cleanup.
     aside = move_to_trash(settings, [dataset_dir(settings, dataset),
                                      thumbnail_dir(settings, dataset),
-                                     *image_cache_dirs(settings, dataset.id)])
-    remove_run_folders(settings, run_ids)
+                                     *image_cache_dirs(settings, dataset.id),
+                                     *run_folders(settings, run_ids)])
     return list(experiment_ids), list(run_ids), aside
-
-
-def trash_dir(settings: Settings) -> Path:
-    return settings.data_dir / "trash"
-
-
-def move_to_trash(settings: Settings, folders: list[Path]) -> list[Path]:
-    """Rename the folders into trash/ (at once, whatever they hold) and return where they
-    went; one that cannot be moved there (another file system) is removed now. Removing the
-    100,000 images of a dataset inside its delete request took 4-20 s, once 132 s."""
-    trash = trash_dir(settings)
-    trash.mkdir(parents=True, exist_ok=True)
-    moved = []
-    for folder in folders:
-        target = trash / uuid.uuid4().hex
-        try:
-            folder.rename(target)
-        except FileNotFoundError:
-            continue
-        except OSError:
-            shutil.rmtree(folder, ignore_errors=True)
-            continue
-        moved.append(target)
-    return moved
-
-
-def empty_trash(folders: list[Path]) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _newest_mtime(path: Path) -> float:

@@ -41,6 +41,7 @@ from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
 from app.responses import client_holds, in_utc, send_file
 from app.schemas import ErrorOut
+from app.trash import empty_trash
 
 log = logging.getLogger(__name__)
 
@@ -319,5 +320,5 @@ def delete_dataset(dataset_id: DatasetId, db: DbDep, settings: SettingsDep,
     except ingest.IngestError as exc:
         raise HTTPException(exc.status_code, exc.detail) from None
     forget_feeds(live, experiment_ids, run_ids)
-    # Its image folders were moved aside: they are removed once the answer has gone.
-    return Response(status_code=204, background=BackgroundTask(ingest.empty_trash, aside))
+    # Its image and run folders were moved aside: they are removed once the answer has gone.
+    return Response(status_code=204, background=BackgroundTask(empty_trash, aside))

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
+from starlette.background import BackgroundTask
 
 from app import idempotency
 from app.db import session_scope
@@ -58,6 +59,7 @@ from app.schemas import (
     ExperimentOut,
     FieldErrorsOut,
 )
+from app.trash import empty_trash
 
 router = APIRouter(prefix="/api/experiments", tags=["experiments"])
 
@@ -306,8 +308,10 @@ def delete_experiment(experiment_id: ExperimentId, session: DbDep, settings: Set
     """Delete the experiment with its runs, their metrics and files (checkpoints, exports);
     its dataset stays. Refused (409) while a run of it is queued or running: cancel it
     first (`POST /api/experiments/{id}/cancel`) and wait for it to end."""
-    delete_experiment_with_runs(session, settings, live, get_experiment(session, experiment_id))
-    return Response(status_code=204)
+    aside = delete_experiment_with_runs(session, settings, live,
+                                        get_experiment(session, experiment_id))
+    # The run folders were moved aside: they are removed once the answer has gone.
+    return Response(status_code=204, background=BackgroundTask(empty_trash, aside))
 
 
 @router.get("/{experiment_id}/events", responses={**SSE_RESPONSES, 404: {"model": ErrorOut}},

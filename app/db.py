@@ -53,13 +53,24 @@ WAL_SIZE_LIMIT_BYTES = 64 * 1024**2
 
 def sqlite_pragmas(connection: sqlite3.Connection) -> None:
     """Settings of every SQLite connection: foreign keys make cascades real, WAL lets the
-    web read while a worker writes, and the log does not keep its largest size."""
+    web read while a worker writes, the log does not keep its largest size, and a new
+    database can give deleted rows' space back (`incremental_auto_vacuum`)."""
     cursor = connection.cursor()
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
+    incremental_auto_vacuum(cursor)
     _use_wal(cursor)
     cursor.close()
+
+
+def incremental_auto_vacuum(cursor: sqlite3.Cursor | sqlite3.Connection) -> None:
+    """Put a new SQLite database in incremental auto-vacuum mode, in which its free pages
+    can be given back to the disk (app.compact): without it the file kept its largest size
+    for good, whatever was deleted. The mode can only be set before the file's first page
+    is written (switching to WAL writes it), or by a VACUUM: on an existing database this
+    only says what a VACUUM should make it (`python -m app.compact` runs one)."""
+    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
 
 
 def _use_wal(cursor: sqlite3.Cursor, wait_s: float = 30.0) -> None:

@@ -8,6 +8,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from app.config import get_settings
+from app.db import incremental_auto_vacuum
 from app.models import Base
 
 config = context.config
@@ -33,6 +34,9 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = create_engine(database_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Before the first table: only a new database can take the mode (see app.db).
+            incremental_auto_vacuum(connection.connection.driver_connection)
         context.configure(
             connection=connection, target_metadata=target_metadata, render_as_batch=True
         )

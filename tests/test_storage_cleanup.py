@@ -5,20 +5,24 @@ start-up (the engine's own durable files: tests/engine/test_durable_files.py).""
 from __future__ import annotations
 
 import os
+import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import func, insert, select
 
 from app import ingest, trash
 from app.config import Settings
 from app.db import get_sessionmaker, session_scope
 from app.experiments import delete_experiment_with_runs
-from app.models import Dataset, Experiment, Run
+from app.models import Dataset, Experiment, Run, RunMetric
 from tests.engine.test_durable_files import HOUR_AGO, MEAN_STD, touch
-from tests.support import LiveServer, add_dataset_row
+from tests.support import LiveServer, add_dataset_row, app_env
 from tests.test_datasets_support import (
     class_entries,
     dataset_server,
@@ -270,3 +274,123 @@ def test_deleted_run_folders_are_out_of_runs_at_the_answer_and_gone_soon_after(
     while trash_folder.exists() and any(trash_folder.iterdir()):
         assert time.monotonic() < deadline, list(trash_folder.rglob("*"))[:5]
         time.sleep(0.1)
+
+
+# --- the database file -----------------------------------------------------------------------
+
+
+def record_points(database_url: str, run_id: int, count: int) -> None:
+    """`count` progress points of a run, as its worker records one a logged step."""
+    with session_scope(database_url) as session:
+        for start in range(0, count, 20_000):
+            session.execute(insert(RunMetric), [
+                {"run_id": run_id, "kind": "progress", "step": step,
+                 "values": {"loss": 1.0 / step, "ce": 0.5 / step, "pgc": 0.25 / step,
+                            "lr": 0.001, "images_per_s": 412.5}}
+                for step in range(start + 1, min(start + 20_000, count) + 1)])
+
+
+def database_file(database_url: str) -> Path:
+    return Path(database_url.removeprefix("sqlite:///"))
+
+
+def checkpointed_size(database_url: str) -> int:
+    """The database file's size once its write-ahead log is copied back into it."""
+    with sqlite3.connect(database_file(database_url), timeout=30) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    return database_file(database_url).stat().st_size
+
+
+def point_count(database_url: str, run_id: int) -> int:
+    with session_scope(database_url) as session:
+        return session.scalar(select(func.count()).select_from(RunMetric)
+                              .where(RunMetric.run_id == run_id))
+
+
+def test_deleting_an_experiment_gives_its_metric_points_space_back_to_the_disk(
+    server: LiveServer
+) -> None:
+    """The SQLite file kept its largest size for good: an experiment's 120,000 metric points
+    deleted left their pages in it, free for later rows but never given back."""
+    url = server.database_url
+    dataset_id = add_dataset_row(url)
+    doomed, _ = ended_run_with_files(url, server.data_dir, dataset_id)
+    kept, kept_folder = ended_run_with_files(url, server.data_dir, dataset_id)
+    with session_scope(url) as session:
+        doomed_run = session.scalar(select(Run.id).where(Run.experiment_id == doomed))
+    kept_run = int(kept_folder.name)
+    record_points(url, doomed_run, 120_000)
+    record_points(url, kept_run, 1_000)
+    peak = checkpointed_size(url)
+    assert peak > 20 * 2**20
+
+    with server.client() as client:
+        assert client.delete(f"/api/experiments/{doomed}").status_code == 204
+        deadline = time.monotonic() + 60
+        while (size := database_file(url).stat().st_size) > peak // 5:
+            assert time.monotonic() < deadline, f"{size:,} bytes of {peak:,} left"
+            time.sleep(0.1)
+        assert client.get(f"/api/experiments/{kept}").status_code == 200
+    assert point_count(url, kept_run) == 1_000
+    with sqlite3.connect(database_file(url)) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def test_compact_converts_a_database_made_before_and_gives_its_space_back_while_the_app_runs(
+    live_server: LiveServer
+) -> None:
+    """A database made before new ones were put in incremental auto-vacuum mode needs one
+    full VACUUM to take it: `python -m app.compact` runs it, with the web serving, which
+    reads and writes as before afterwards."""
+    url = live_server.database_url
+    with sqlite3.connect(database_file(url), isolation_level=None) as connection:
+        assert connection.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # made now
+        connection.execute("PRAGMA auto_vacuum=NONE")
+        connection.execute("VACUUM")  # as versions before this one made it
+        assert connection.execute("PRAGMA auto_vacuum").fetchone() == (0,)
+    dataset_id = add_dataset_row(url)
+    doomed, _ = ended_run_with_files(url, live_server.data_dir, dataset_id)
+    kept, kept_folder = ended_run_with_files(url, live_server.data_dir, dataset_id)
+    with session_scope(url) as session:
+        doomed_run = session.scalar(select(Run.id).where(Run.experiment_id == doomed))
+    kept_run = int(kept_folder.name)
+    record_points(url, doomed_run, 120_000)
+    record_points(url, kept_run, 1_000)
+    with live_server.client() as client:
+        assert client.delete(f"/api/experiments/{doomed}").status_code == 204
+        assert client.get(f"/api/experiments/{doomed}").status_code == 404
+        left = checkpointed_size(url)
+        assert left > 20 * 2**20  # the delete alone gives nothing back in this mode
+
+        done = subprocess.run([sys.executable, "-m", "app.compact"], env=live_server.env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        after = database_file(url).stat().st_size
+        assert after < left // 5, (left, after)
+        assert f"{database_file(url)}: " in done.stdout and "(converted" in done.stdout
+
+        assert client.get(f"/api/experiments/{kept}").json()["status"] == "finished"
+        assert client.delete(f"/api/experiments/{kept}").status_code == 204
+    assert point_count(url, kept_run) == 0
+    with sqlite3.connect(database_file(url)) as connection:
+        assert connection.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+    again = subprocess.run([sys.executable, "-m", "app.compact"], env=live_server.env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "converted" not in again.stdout, again.stdout
+
+
+def test_compact_has_nothing_to_do_on_postgresql_and_refuses_a_missing_file(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    env = app_env(tmp_path / "data", postgres_url, "redis://127.0.0.1:9/0")
+    done = subprocess.run([sys.executable, "-m", "app.compact"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "nothing to do" in done.stdout, done.stderr
+    missing = f"sqlite:///{tmp_path / 'nowhere' / 'selftune.db'}"
+    refused = subprocess.run([sys.executable, "-m", "app.compact"], capture_output=True,
+                             env=app_env(tmp_path / "data", missing, "redis://127.0.0.1:9/0"),
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "no SQLite database at" in refused.stderr
+    assert not (tmp_path / "nowhere").exists()

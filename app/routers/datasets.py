@@ -21,10 +21,11 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, defer
-from starlette.background import BackgroundTask
+from starlette.background import BackgroundTasks
 from starlette.requests import ClientDisconnect
 
 from app import ingest
+from app.compact import release_free_pages
 from app.config import Settings
 from app.db import claim_data_dir
 from app.deps import (
@@ -320,5 +321,9 @@ def delete_dataset(dataset_id: DatasetId, db: DbDep, settings: SettingsDep,
     except ingest.IngestError as exc:
         raise HTTPException(exc.status_code, exc.detail) from None
     forget_feeds(live, experiment_ids, run_ids)
-    # Its image and run folders were moved aside: they are removed once the answer has gone.
-    return Response(status_code=204, background=BackgroundTask(empty_trash, aside))
+    # Its image and run folders were moved aside: they are removed once the answer has gone,
+    # and the database's pages of its images' rows and runs' metric points are given back.
+    after = BackgroundTasks()
+    after.add_task(empty_trash, aside)
+    after.add_task(release_free_pages, settings.sqlalchemy_url)
+    return Response(status_code=204, background=after)

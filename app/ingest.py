@@ -20,6 +20,7 @@ import threading
 import time
 import unicodedata
 import uuid
+import weakref
 import zipfile
 import zlib
 from collections import Counter
@@ -1377,8 +1378,11 @@ def image_file(settings: Settings, dataset: Dataset, image: DatasetImage) -> Pat
 
 WHITE_LEVEL_FILE = "white-level.json"
 # One request at a time works a dataset's white level out (it reads every image of more than
-# 8 bits); the others wait for its record instead of each reading them all again.
-_WHITE_LEVEL_LOCKS: dict[str, threading.Lock] = {}
+# 8 bits); the others wait for its record instead of each reading them all again. A dataset's
+# lock lasts while a request holds it (weak values; each request keeps it in a variable), not
+# for the life of the process: one a dataset ever shown added up.
+_WHITE_LEVEL_LOCKS: weakref.WeakValueDictionary[str, threading.Lock] = (
+    weakref.WeakValueDictionary())
 _WHITE_LEVEL_LOCKS_GUARD = threading.Lock()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import threading
 import time
 import zipfile
 from collections import Counter
@@ -457,6 +458,45 @@ def test_thumbnails_made_while_the_white_level_is_worked_out_are_not_deleted(
     response = client.get(f"/api/datasets/{summary['id']}/images/{first.id}/thumbnail")
     assert response.status_code == 200
     assert response.content == first_path.read_bytes()
+    delete_all(server, client)
+
+
+def test_a_datasets_white_level_lock_lasts_only_while_a_request_holds_it(
+    server: LiveServer, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock that lets one request at a time work a dataset's white level out stayed in
+    the web process for good, one for every dataset ever shown. It goes once the requests
+    that held it have their answer."""
+    from sqlalchemy.orm import selectinload
+
+    from app.db import get_sessionmaker
+    from app.models import Dataset
+
+    originals = {f"cell{name}/{n}.png": png16(2000 + 10 * index + n)
+                 for index, name in enumerate("AB") for n in range(2)}
+    summary = uploaded(client, zip_bytes(originals))
+    settings = Settings(data_dir=server.data_dir, database_url=server.database_url)
+    with get_sessionmaker(server.database_url)() as session:
+        dataset = session.get(Dataset, summary["id"], options=[selectinload(Dataset.images)])
+    (ingest.thumbnail_dir(settings, dataset) / ingest.WHITE_LEVEL_FILE).unlink()
+    working, finish = threading.Event(), threading.Event()
+    real = ingest.white_level_of
+
+    def held(paths):
+        working.set()
+        assert finish.wait(30)
+        return real(paths)
+
+    monkeypatch.setattr(ingest, "white_level_of", held)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(ingest.dataset_white_level, settings, dataset)
+        assert working.wait(30)
+        second = pool.submit(ingest.dataset_white_level, settings, dataset)
+        assert ingest._WHITE_LEVEL_LOCKS[dataset.storage_key].locked()
+        finish.set()
+        assert first.result(30) == second.result(30) == 4095
+    assert dataset.storage_key not in ingest._WHITE_LEVEL_LOCKS
+    assert ingest.dataset_white_level(settings, dataset) == 4095  # from its record now
     delete_all(server, client)
 
 

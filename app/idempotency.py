@@ -1,6 +1,8 @@
 """`Idempotency-Key` for POST /api/experiments: a script that retries after a timeout (the
 sweep was made, the answer lost) gets the experiment its first try made, not a second sweep
-of queued runs. The key lives in Redis for a day, with a digest of the request it came with."""
+of queued runs. The key lives in Redis for a day, with a digest of the request it came with,
+naming its experiment even once deleted (a retry is then told so rather than making it
+again)."""
 
 from __future__ import annotations
 
@@ -45,11 +47,6 @@ def claim(live: redis.Redis, key: str, digest: str) -> int | None:
                                 "being handled: ask again in a moment")
         return int(state)
     raise HTTPException(409, detail="this Idempotency-Key is changing hands: ask again")
-
-
-def take_over(live: redis.Redis, key: str, digest: str) -> None:
-    """Hold `key` again: the experiment it named was deleted since."""
-    live.set(_redis_key(key), f"{PENDING} {digest}", ex=CLAIM_TTL_S)
 
 
 def remember(live: redis.Redis, key: str, digest: str, experiment_id: int) -> None:

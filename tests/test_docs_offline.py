@@ -139,7 +139,7 @@ def test_the_schema_documents_the_statuses_a_client_must_handle(tmp_path: Path):
 
     paths = create_app(Settings(data_dir=tmp_path)).openapi()["paths"]
     expected = {
-        ("/api/experiments", "post"): {"200", "201", "400", "409", "422", "503"},
+        ("/api/experiments", "post"): {"200", "201", "400", "409", "410", "422", "503"},
         ("/api/experiments/check", "post"): {"200", "400", "422"},
         ("/api/experiments/{experiment_id}", "get"): {"200", "404", "422"},
         ("/api/experiments/{experiment_id}", "delete"): {"204", "404", "409", "422"},

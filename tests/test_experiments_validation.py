@@ -5,7 +5,9 @@ from __future__ import annotations
 import html
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import redis
 import timm
@@ -738,9 +740,6 @@ def test_a_retry_with_the_same_idempotency_key_gets_the_first_experiment(live_se
                               headers={"Idempotency-Key": f"refused-{dataset_id}"})
         after_refusal = client.post("/api/experiments", json=sweep,
                                     headers={"Idempotency-Key": f"refused-{dataset_id}"})
-        client.post(f"/api/experiments/{first.json()['id']}/cancel")
-        deleted = client.delete(f"/api/experiments/{first.json()['id']}")
-        after_delete = client.post("/api/experiments", json=sweep, headers=key)
         bad_key = client.post("/api/experiments", json=sweep, headers={"Idempotency-Key": "a b"})
         # Another request with the key is still making its experiment.
         live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
@@ -762,11 +761,42 @@ def test_a_retry_with_the_same_idempotency_key_gets_the_first_experiment(live_se
     assert without_key.status_code == 201 and without_key.json()["id"] != first.json()["id"]
     # A refused request keeps nothing under its key: the corrected retry is made.
     assert refused.status_code == 422 and after_refusal.status_code == 201
-    # Once its experiment is deleted, the key makes a new one.
-    assert deleted.status_code == 204
-    assert after_delete.status_code == 201 and after_delete.json()["id"] != first.json()["id"]
     assert bad_key.status_code == 422
     assert held.status_code == 409 and "still being handled" in held.json()["detail"]
+
+
+def test_a_retry_whose_experiment_was_deleted_is_a_410_and_starts_nothing(live_server,
+                                                                          dataset_id, settings):
+    """A key names its experiment for a day, deleted or not, and a retry after the delete
+    made a new sweep: one that someone had cancelled and deleted started again behind their
+    back, where a retry is never to make a second sweep. Every retry, those sent together
+    too, is told that its experiment is gone; a new key starts the sweep again."""
+    sweep = body(dataset_id)
+    key = {"Idempotency-Key": f"deleted-{dataset_id}"}
+
+    def retry(_) -> httpx.Response:
+        with live_server.client() as client:
+            return client.post("/api/experiments", json=sweep, headers=key)
+
+    with live_server.client() as client:
+        first = client.post("/api/experiments", json=sweep, headers=key)
+        assert first.status_code == 201
+        made = first.json()["id"]
+        client.post(f"/api/experiments/{made}/cancel")
+        assert client.delete(f"/api/experiments/{made}").status_code == 204
+        before = counts(settings.sqlalchemy_url)
+        with ThreadPoolExecutor(4) as pool:
+            retries = list(pool.map(retry, range(4)))
+        after = counts(settings.sqlalchemy_url)
+        again = client.post("/api/experiments", json=sweep,
+                            headers={"Idempotency-Key": f"again-{dataset_id}"})
+    assert [response.status_code for response in retries] == [410] * 4, [
+        (response.status_code, response.text[:200]) for response in retries]
+    assert retries[0].json() == {"detail": (
+        f"experiment {made}, which the first request with this Idempotency-Key made, was "
+        "deleted since: to start the sweep again, send it with a new key")}
+    assert after == before  # nothing queued
+    assert again.status_code == 201 and again.json()["id"] != made
 
 
 def test_self_tuning_too_short_to_fill_its_key_queue_starts_with_a_warning(live_server,

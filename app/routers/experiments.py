@@ -101,7 +101,7 @@ IdempotencyKey = Annotated[str | None, Header(
     alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
     description="any string of yours (a UUID, say): a retry with the same key and body within "
     "a day gets the experiment the first request made (with Idempotent-Replayed: true) "
-    "instead of a second sweep")]
+    "instead of a second sweep, or a 410 once that experiment has been deleted")]
 
 
 @router.post("", status_code=201, response_model=ExperimentOut, responses={
@@ -109,6 +109,9 @@ IdempotencyKey = Annotated[str | None, Header(
           "Idempotency-Key and body made (Idempotent-Replayed: true)"},
     409: {"model": ErrorOut, "description": "the first request with this Idempotency-Key is "
           "still being handled"},
+    410: {"model": ErrorOut, "description": "the experiment the first request with this "
+          "Idempotency-Key made was deleted since: nothing is made (a new key starts it "
+          "again)"},
     422: {"model": FieldErrorsOut, "description": "what to fix in the body (or the "
           "Idempotency-Key, sent before with another body)"},
     503: {"model": ErrorOut, "description": "the queue (Redis) is not reachable: the runs are "
@@ -129,8 +132,12 @@ def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
             response.headers["Idempotent-Replayed"] = "true"
             response.headers["Location"] = f"/api/experiments/{experiment.id}"
             return experiment_out(experiment)
-        if made is not None:  # deleted since: this request makes a new one
-            idempotency.take_over(live, idempotency_key, digest)
+        if made is not None:
+            # Deleted since, by someone who cancelled or saw it through: a retry that made
+            # it again would be the second sweep the key is there to prevent.
+            raise HTTPException(410, detail=f"experiment {made}, which the first request "
+                                "with this Idempotency-Key made, was deleted since: to start "
+                                "the sweep again, send it with a new key")
     try:
         try:
             experiment = create_experiment(session, settings, payload)

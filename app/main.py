@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import math
 import shutil
 import signal
@@ -15,13 +16,14 @@ from pathlib import Path, PurePosixPath
 from types import FrameType
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
@@ -47,6 +49,9 @@ from app.routers import (
     pages,
     runs,
 )
+from app.startup import DataDirCheck, refuse_work
+
+log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 VENDOR_URL = "/static/vendor"  # filled by `make` from package.json (no CDN)
@@ -285,9 +290,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from app.reaper import reap_forever
 
         # First: a start refused here (another database's data directory, a database not at
-        # this version) changes nothing; the reaper had requeued runs before it.
-        await datasets.check_data_dir_and_clean(settings)
-        reaper = asyncio.create_task(reap_forever(settings))
+        # this version) changes nothing; the reaper had requeued runs before it. A database
+        # that does not answer yet is checked when it does, before the reaper acts on it.
+        check = _app.state.data_dir_check
+        try:
+            await run_in_threadpool(check.make)
+        except SQLAlchemyError as exc:
+            log.warning("data directory check and clean-up wait for the database, which does "
+                        "not answer: %s", str(exc).splitlines()[0])
+        reaper = asyncio.create_task(reap_forever(settings, check))
         hubs = _app.state.hubs = Hubs(settings.effective_redis_url) if settings.redis_url else None
 
         def stop_feeds() -> None:  # the task is kept: the loop holds tasks only weakly
@@ -311,8 +322,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Operation ids are the functions' names (upload_dataset, not FastAPI's
         # upload_dataset_api_datasets_post): clients generated from the schema read them.
         generate_unique_id_function=lambda route: route.name,
+        dependencies=[Depends(refuse_work)],
     )
     app.state.settings = settings
+    app.state.data_dir_check = DataDirCheck(settings)
     app.state.wrong_tokens = WrongTokens()
     app.add_middleware(BodyLimit)
     app.add_middleware(TokenBeforeBody, settings=settings)  # outside: before any body is read

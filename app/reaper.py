@@ -23,10 +23,11 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import ping_database, session_scope
+from app.db import StartupRefused, ping_database, session_scope
 from app.experiments import QueueUnavailable, as_utc, enqueue_runs, send_tasks, stamp_runs
 from app.live import forget_cancel, get_redis, publish_end, publish_status
 from app.models import Run, utcnow
+from app.startup import DataDirCheck
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +267,9 @@ class Reaper:
     away, `reap` waits until the database has answered for `stale_after_s`, the time a worker
     is given to report, and only runs silent through that are lost."""
 
-    def __init__(self, settings: Settings, clock=time.monotonic) -> None:
-        self.settings, self.clock = settings, clock
+    def __init__(self, settings: Settings, data_dir_check: DataDirCheck | None = None,
+                 clock=time.monotonic) -> None:
+        self.settings, self.data_dir_check, self.clock = settings, data_dir_check, clock
         self.interval = max(1.0, min(30.0, settings.stale_after_s / 4))
         # The clock's time before which `reap` waits: never while the database is away.
         self.reap_from = -math.inf
@@ -277,6 +279,8 @@ class Reaper:
         return self.reap_from == math.inf
 
     def run_once(self) -> None:
+        if not self._data_dir_checked():
+            return
         for check in (reap, requeue_lost_messages):
             if check is reap and self.clock() < self.reap_from:
                 continue
@@ -293,6 +297,32 @@ class Reaper:
             log.warning("the database answers again: its workers have %s s to report before "
                         "a silent run is lost", self.settings.stale_after_s)
 
+    def _data_dir_checked(self) -> bool:
+        """Whether the web's data directory check has passed, making it when the database
+        did not answer before: until it passes, a database that may be another's (or not
+        migrated) is neither reaped nor sent runs, and after a refusal never is."""
+        check = self.data_dir_check
+        if check is None or check.passed:
+            return True
+        if check.refusal is not None:
+            return False
+        try:
+            check.make()
+        except StartupRefused as exc:
+            log.critical("the web refuses to serve: %s", exc)
+            return False
+        except SQLAlchemyError as exc:
+            log.warning("data directory check still waits for the database: %s",
+                        str(exc).splitlines()[0])
+            self.reap_from = math.inf
+            return False
+        # Workers whose heartbeats failed through the outage get their time to report.
+        self.reap_from = self.clock() + self.settings.stale_after_s
+        log.warning("the database answers: data directory checked and cleaned; its workers "
+                    "have %s s to report before a silent run is lost",
+                    self.settings.stale_after_s)
+        return True
+
     def _database_answers(self) -> bool:
         try:
             ping_database(self.settings.sqlalchemy_url)
@@ -301,8 +331,8 @@ class Reaper:
             return False
 
 
-async def reap_forever(settings: Settings) -> None:
-    reaper = Reaper(settings)
+async def reap_forever(settings: Settings, data_dir_check: DataDirCheck | None = None) -> None:
+    reaper = Reaper(settings, data_dir_check)
     while True:
         await asyncio.to_thread(reaper.run_once)
         await asyncio.sleep(reaper.interval)

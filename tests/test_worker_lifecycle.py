@@ -30,11 +30,11 @@ from sqlalchemy.exc import OperationalError
 import worker.runs
 import worker.training
 from app.config import Settings, get_settings
-from app.db import get_engine, session_scope, upgrade_to_head
+from app.db import DATABASE_ID_FILE, get_engine, session_scope, upgrade_to_head
 from app.experiments import create_experiment, enqueue_runs
 from app.ingest import ingest_archive, new_work_dir
 from app.live import get_redis, run_stream_key
-from app.models import Dataset, DatasetImage, Run, RunMetric, utcnow
+from app.models import Dataset, DatasetImage, Installation, Run, RunMetric, utcnow
 from app.reaper import (
     QUEUE,
     UNACKED,
@@ -252,6 +252,11 @@ def test_the_task_of_a_run_waits_out_a_database_outage_then_trains_it(
                        message=f"the run to end:\n{worker_process.log()[-3000:]}")
         assert run.status == "succeeded", run.error
         assert run.attempts == 1
+        # The data directory check the worker could not make at start was made before the
+        # run trained: the directory is this database's now.
+        with session_scope(reached.sqlalchemy_url) as session:
+            database_id = session.scalar(select(Installation.database_id))
+        assert (settings.data_dir / DATABASE_ID_FILE).read_text().strip() == database_id
     finally:
         worker_process.stop()
         client.close()

@@ -77,26 +77,44 @@ def _heartbeat_loop(hostname: str, info: dict[str, str]) -> None:
         pass
 
 
+# Whether this process has checked its data directory against the database: at start, or,
+# when the database did not answer then, before the first run it takes (worker.tasks).
+_data_dir_checked = False
+
+
+def check_data_dir(settings: Settings) -> None:
+    """Check, once per process, that the data directory is the database's and the database at
+    this version (app.db.claim_data_dir). Raises StartupRefused, or what the driver raises
+    when the database does not answer: then the next run's arrival tries again."""
+    global _data_dir_checked
+    if not _data_dir_checked:
+        from app.db import claim_data_dir
+
+        claim_data_dir(settings.data_dir, settings.sqlalchemy_url)
+        _data_dir_checked = True
+
+
 @worker_init.connect
 def _on_worker_init(**_kwargs) -> None:
     """Refuse to start on another database's data directory (or on a database not migrated),
     before taking any message: such a worker would drop the runs its database does not know
     and write run folders, resume checkpoints included, that belong to the other database's
-    runs of the same ids. A database that does not answer yet is not a refusal: runs wait for
-    it (worker.training), and the check is left to the web, which makes it on each start."""
+    runs of the same ids. A database that does not answer yet is not a refusal: the check is
+    made when a run arrives (worker.tasks.TrainRequest), and a refusal then stops the worker
+    as it would have stopped here."""
     from sqlalchemy.exc import OperationalError
 
-    from app.db import StartupRefused, claim_data_dir
+    from app.db import StartupRefused
 
     settings = get_settings()
     try:
-        claim_data_dir(settings.data_dir, settings.sqlalchemy_url)
+        check_data_dir(settings)
     except StartupRefused as exc:
         log.critical("worker cannot start: %s", exc)
         raise SystemExit(2) from None
     except OperationalError as exc:
         log.warning("worker could not check its data directory against the database "
-                    "(%s); starting anyway", str(exc).splitlines()[0])
+                    "(%s); it does so before it takes a run", str(exc).splitlines()[0])
     remove_abandoned_caches(settings)
 
 

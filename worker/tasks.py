@@ -6,14 +6,17 @@ import logging
 import traceback
 
 from celery.exceptions import Retry
+from celery.worker import state as worker_state
 from celery.worker.request import Request
+from celery.worker.state import task_ready
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from app.config import get_settings
-from app.db import session_scope
+from app.db import StartupRefused, session_scope
 from app.experiments import TRAIN_TASK
 from app.models import Dataset
-from worker.celery_app import app, worker_identity
+from worker.celery_app import app, check_data_dir, worker_identity
 from worker.runs import DatabaseUnavailable, fail_unstarted_run, undo_hand_back
 from worker.training import not_to_train
 
@@ -43,11 +46,33 @@ class TrainRequest(Request):
         if super().revoked():
             return True
         run_id = self.args[0] if self.args else self.kwargs.get("run_id")
+        if not self._may_take_runs(run_id):
+            return True
         reason = not_to_train(get_settings(), run_id, self.id)
         if reason is None:
             return False
         log.info("run %s: task %s not run (%s)", run_id, self.id, reason)
         self._announce_revoked(reason, False, None, False)
+        return True
+
+    def _may_take_runs(self, run_id: object) -> bool:
+        """Whether this worker's data directory check (made here, in the worker's own process,
+        when the database did not answer at start) lets it take runs. The check not made for
+        want of a database is no refusal: the task waits for the database and checks again in
+        its process (`train_run`). A refusal puts the message back in the queue, the run
+        queued for a worker on the right database, and stops the worker with exit status 2,
+        as at start; a worker on another database would otherwise write run folders of that
+        database's runs."""
+        try:
+            check_data_dir(get_settings())
+        except OperationalError:
+            return True
+        except StartupRefused as exc:
+            log.critical("worker stops taking runs: %s (run %s stays queued)", exc, run_id)
+            self.reject(requeue=True)
+            task_ready(self)
+            worker_state.should_stop = 2  # the worker's loop stops, and the process exits 2
+            return False
         return True
 
 
@@ -61,6 +86,14 @@ def train_run(self, run_id: int) -> dict:
     """Train one run end to end. Redelivered after a worker loss, it resumes from the run's
     last training checkpoint (the engine finds it in the run's output directory)."""
     settings = get_settings()
+    try:  # the worker's process checked when the message came, unless the database was away
+        check_data_dir(settings)
+    except OperationalError:
+        raise DatabaseUnavailable(run_id) from None
+    except StartupRefused:
+        # Back to the broker under the same id: the worker's process checks again when it
+        # comes, and refuses there (TrainRequest).
+        raise self.retry(countdown=0, max_retries=None) from None
     try:
         from worker.training import REQUEUED, execute_run
 

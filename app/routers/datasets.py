@@ -1,7 +1,7 @@
 """REST API for datasets: streaming upload, summaries, image listings, thumbnails, deletion.
 
-`check_data_dir_and_clean`, run as the web starts, removes what a crash during an upload or
-a deletion left behind.
+What a crash during an upload or a deletion left behind is removed once the web has checked
+its data directory against its database (app.startup).
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, defer
 from starlette.background import BackgroundTasks
 from starlette.requests import ClientDisconnect
 
 from app import ingest
 from app.compact import release_free_pages
-from app.config import Settings
-from app.db import claim_data_dir
 from app.deps import (
     DatasetId,
     DbDep,
@@ -45,21 +42,6 @@ from app.schemas import ErrorOut
 from app.trash import empty_trash
 
 log = logging.getLogger(__name__)
-
-
-async def check_data_dir_and_clean(settings: Settings) -> None:
-    """As the web starts (app.main), before anything acts on the database: refuse another
-    database's data directory, or a database not at this version (StartupRefused), then
-    remove crash leftovers. The cleanup removes dataset folders the database does not list:
-    only in the data directory of this database. A database that cannot be read now is
-    checked at the next start; the web serves meanwhile (health says 503)."""
-    try:
-        await run_in_threadpool(claim_data_dir, settings.data_dir, settings.sqlalchemy_url)
-    except SQLAlchemyError as exc:
-        log.warning("data directory check and clean-up skipped, the database is not "
-                    "readable: %s", exc)
-    else:
-        await run_in_threadpool(ingest.cleanup_orphans, settings)
 
 
 router = APIRouter(prefix="/api/datasets", tags=["datasets"])

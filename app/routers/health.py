@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import redis
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -32,11 +32,13 @@ class HealthOut(BaseModel):
     version: str
 
 
-def check_health(settings: Settings) -> dict[str, Any]:
+def check_health(settings: Settings, refusal: str | None = None) -> dict[str, Any]:
+    """What answers; `refusal`: why the web refused its database (app.startup), which is
+    then the database's status even though it answers."""
     status: dict[str, Any] = {"version": __version__, "workers": []}
     try:
         ping_database(settings.sqlalchemy_url)
-        status["database"] = "ok"
+        status["database"] = "ok" if refusal is None else f"refused: {refusal}"
     except Exception as exc:  # any driver error means the database is not usable
         status["database"] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:300]
     try:
@@ -59,8 +61,8 @@ def is_healthy(status: dict[str, Any]) -> bool:
     response_model=HealthOut,
     responses={503: {"model": HealthOut, "description": "database or Redis is down"}},
 )
-def health(settings: SettingsDep) -> JSONResponse:
-    status = check_health(settings)
+def health(request: Request, settings: SettingsDep) -> JSONResponse:
+    status = check_health(settings, request.app.state.data_dir_check.refusal)
     return JSONResponse(status, status_code=200 if is_healthy(status) else 503)
 
 
@@ -73,9 +75,9 @@ class LivenessOut(BaseModel):
     response_model=LivenessOut,
     responses={503: {"model": LivenessOut, "description": "database or Redis is down"}},
 )
-def liveness(settings: SettingsDep) -> JSONResponse:
+def liveness(request: Request, settings: SettingsDep) -> JSONResponse:
     """For uptime monitors and load balancers: needs no token, and says only whether the
     database and Redis answer (/api/health has the details)."""
-    healthy = is_healthy(check_health(settings))
+    healthy = is_healthy(check_health(settings, request.app.state.data_dir_check.refusal))
     return JSONResponse({"status": "ok" if healthy else "unavailable"},
                         status_code=200 if healthy else 503)

@@ -26,16 +26,25 @@ import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
-STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+# A feed's closing event, when it is not an entry of the stream, has the id of the event
+# before it with this added: a reconnect that names it had the end (`client_had_the_end`).
+END_MARK = ".end"
+LAST_EVENT_ID = re.compile(r"^(\d{1,20}-\d{1,20}|0)(\.end)?$")
 HUB_BUFFER = 5000  # entries a hub keeps for subscribers that fall behind
 HISTORY_PAGE = 5000  # entries read from Redis at a time when catching up
 
 
 def valid_last_event_id(value: str | None) -> str:
     """The stream id to read after; '0' (everything) for a missing or malformed id."""
-    if value and STREAM_ID.match(value.strip()):
-        return value.strip()
-    return "0"
+    return parse_last_event_id(value)[0]
+
+
+def parse_last_event_id(value: str | None) -> tuple[str, bool]:
+    """The stream id to read after ('0', everything, for a missing or malformed id), and
+    whether the id was a closing event's (END_MARK)."""
+    if value and (match := LAST_EVENT_ID.match(value.strip())):
+        return match[1], match[2] is not None
+    return "0", False
 
 
 def retold_before(last_id: str) -> int | None:
@@ -260,8 +269,8 @@ async def stream_events(
                     if frames:
                         yield frames
                     told += len(events)
-                if state.final:  # also to a client that had it, as a live feed's end is
-                    yield sse(state.final, event_id=f"0-{told + 1}")
+                if state.final:
+                    yield sse(state.final, event_id=f"0-{told}{END_MARK}")
                 return
         check_outcome = True  # a client that already saw the end must not wait a heartbeat
         ended: Outcome | None = None  # the database said "over" at an end event
@@ -288,7 +297,7 @@ async def stream_events(
             # experiment's feed has one per run, a requeued run's the end of an earlier try.
             if ended is not None and not more_history and not hub.after(last_id):
                 if ended.final and ended.final.get("type") != "end":
-                    batch.append(sse(ended.final))
+                    batch.append(sse(ended.final, event_id=f"{last_id}{END_MARK}"))
                 yield "".join(batch)
                 return
             if batch:
@@ -304,7 +313,7 @@ async def stream_events(
                         await hub.wait(0.5)  # the end event may be a moment behind the database
                         if not hub.after(last_id):
                             if state.final:
-                                yield sse(state.final)
+                                yield sse(state.final, event_id=f"{last_id}{END_MARK}")
                             return
                 # What came during the check is not waited for, nor a stop that came then:
                 # Hubs.stop wakes only the feeds waiting at that moment.
@@ -377,18 +386,48 @@ async def _stream_is_empty(hubs: Hubs, key: str) -> bool:
         return True
 
 
-def event_stream_response(request, key: str, outcome: Callable[[], Outcome],
-                          heartbeat_s: float, earlier_ends: bool = False, *,
-                          maxlen: int | None = None, record: str | None = None,
-                          last_event_id: str | None = None):
-    """The SSE response for one stream key, resuming after the request's Last-Event-ID
-    header, or else after `last_event_id` (the query's)."""
-    from fastapi.responses import StreamingResponse
+async def client_had_the_end(hubs: Hubs, key: str, last_id: str, had_end_mark: bool,
+                             outcome: Callable[[], Outcome], end_entries_close: bool) -> bool:
+    """Whether a client resuming after `last_id` already had the end of a feed that is over
+    (the database says so, and the stream holds nothing after it): its last event was the
+    closing one (`had_end_mark`), or, where an `end` entry closes the feed
+    (`end_entries_close`: a run's, not an experiment's, which has one per run), that entry.
+    Such a feed would only send its end again, and an EventSource left open (a dashboard's)
+    would reconnect for that every 2 s for ever. Where Redis cannot say, no."""
+    try:
+        if not had_end_mark:
+            if not end_entries_close or retold_before(last_id) is not None:
+                return False  # a feed told from the database marks its end: not had
+            entry = await hubs.client.xrange(key, min=last_id, max=last_id)
+            if not entry or json.loads(entry[0][1]["data"]).get("type") != "end":
+                return False
+        if await hubs.client.xrange(key, min=f"({last_id}", max="+", count=1):
+            return False  # more came after it (the run was run again)
+    except (redis.RedisError, OSError, ValueError, KeyError):
+        return False
+    return (await asyncio.to_thread(outcome)).finished
 
+
+async def event_stream_response(request, key: str, outcome: Callable[[], Outcome],
+                                heartbeat_s: float, earlier_ends: bool = False, *,
+                                maxlen: int | None = None, record: str | None = None,
+                                last_event_id: str | None = None):
+    """The SSE response for one stream key, resuming after the request's Last-Event-ID
+    header, or else after `last_event_id` (the query's). A client that already had the end
+    of a feed that is over gets 204 No Content, which stops an EventSource for good (HTML
+    spec); one that reads it from the start still gets the whole story and its end."""
+    from fastapi.responses import Response, StreamingResponse
+
+    last_id, had_end_mark = parse_last_event_id(
+        request.headers.get("last-event-id") or last_event_id)
+    hubs = request.app.state.hubs
+    if (last_id != "0" or had_end_mark) and await client_had_the_end(
+            hubs, key, last_id, had_end_mark, outcome, end_entries_close=earlier_ends):
+        return Response(status_code=204, headers={"Cache-Control": "no-cache"})
     frames = stream_events(
-        request.app.state.hubs,
+        hubs,
         key,
-        valid_last_event_id(request.headers.get("last-event-id") or last_event_id),
+        last_id,
         outcome=outcome,
         heartbeat_s=heartbeat_s,
         earlier_ends=earlier_ends,

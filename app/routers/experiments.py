@@ -356,7 +356,7 @@ async def experiment_events(experiment_id: ExperimentId, request: Request,
         return Outcome(finished, history, final)
 
     key = experiment_stream_key(experiment_id)
-    return event_stream_response(request, key, outcome, settings.sse_heartbeat_s,
+    return await event_stream_response(request, key, outcome, settings.sse_heartbeat_s,
                                  maxlen=settings.event_stream_maxlen,
                                  record=f"/api/experiments/{experiment_id}",
                                  last_event_id=last_event_id)

@@ -76,7 +76,9 @@ router = APIRouter(prefix="/api/runs", tags=["runs"])
 CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, TRAINING_FILE)
 DOWNLOADABLE = CHECKPOINT_FILES + (PREDICTIONS_FILE, TEST_PREDICTIONS_FILE)
 SSE_RESPONSES = {200: {"content": {"text/event-stream": {}},
-                       "description": feed_events_description()}}
+                       "description": feed_events_description()},
+                 204: {"description": "the Last-Event-ID sent was the end of a feed that is "
+                                      "over: nothing more will come (an EventSource stops)"}}
 NO_RUN = {404: {"model": ErrorOut, "description": "no such run"}}
 FileName = Annotated[str, PathParam(description="one of " + ", ".join(DOWNLOADABLE),
                                     examples=list(DOWNLOADABLE))]
@@ -344,7 +346,7 @@ async def run_events(run_id: RunId, request: Request, settings: SettingsDep,
     # Off the event loop: thousands of feeds opening at once held every other request.
     await run_in_threadpool(check_exists)
 
-    return event_stream_response(request, run_stream_key(run_id),
+    return await event_stream_response(request, run_stream_key(run_id),
                                  partial(run_outcome, settings.sqlalchemy_url, run_id),
                                  settings.sse_heartbeat_s,
                                  earlier_ends=True, maxlen=settings.event_stream_maxlen,

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Collection
 from datetime import timedelta
 
 import redis
@@ -193,19 +194,42 @@ PRIORITY_SEPARATOR = "\x06\x16"
 UNACKED = "unacked"
 
 
-def broker_task_ids(live: redis.Redis) -> set[str]:
-    """The task ids of every message waiting in the queue or held by a worker."""
-    keys = [QUEUE, *(f"{QUEUE}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10))]
-    with live.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.lrange(key, 0, -1)
-        pipe.hvals(UNACKED)
-        *queued, held = pipe.execute()
-    messages = [entry for entries in queued for entry in entries]
-    ids = {_task_id(raw, held=False) for raw in messages} | {_task_id(raw, held=True)
-                                                              for raw in held}
-    ids.discard(None)
-    return ids
+# Messages read from the broker at a time: 10,000 queued runs read at once were every
+# message body in the web's memory together, at each pass that found a run queued long.
+BROKER_PAGE = 500
+
+
+def broker_task_ids(live: redis.Redis, wanted: Collection[str] | None = None) -> set[str]:
+    """The task ids of the messages waiting in the queue or held by a worker: all of them,
+    or those in `wanted` only (it stops reading once it has found them all). Read
+    BROKER_PAGE messages at a time: each list by LRANGE pages from its head, then the hash
+    of held ones by HSCAN. Reading in pages skips none still in a list: Celery adds at a
+    list's head (which only moves the rest on, to be read twice) and takes from its tail.
+    One taken meanwhile is in the hash, read last, or on its way there: the two looks of
+    `requeue_lost_messages` are for that moment, as they were with one read of it all."""
+    found: set[str] = set()
+    wanted = None if wanted is None else set(wanted)
+
+    def done() -> bool:
+        return wanted is not None and len(found) == len(wanted)
+
+    def keep(task_id: str | None) -> None:
+        if task_id is not None and (wanted is None or task_id in wanted):
+            found.add(task_id)
+
+    for key in [QUEUE, *(f"{QUEUE}{PRIORITY_SEPARATOR}{p}" for p in range(1, 10))]:
+        start = 0
+        while not done():
+            page = live.lrange(key, start, start + BROKER_PAGE - 1)
+            for raw in page:
+                keep(_task_id(raw, held=False))
+            if len(page) < BROKER_PAGE:
+                break
+            start += BROKER_PAGE
+    if not done():
+        for _, raw in live.hscan_iter(UNACKED, count=BROKER_PAGE):
+            keep(_task_id(raw, held=True))
+    return found
 
 
 def _task_id(raw: str | bytes, held: bool) -> str | None:
@@ -233,10 +257,12 @@ def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]
         if not waiting:
             return []
         live = get_redis(settings.effective_redis_url)
-        missing = {run.id for run in waiting} - _owned(waiting, broker_task_ids(live))
+        missing = {run.id for run in waiting} - _owned(
+            waiting, broker_task_ids(live, _task_ids(waiting)))
         if missing:
             time.sleep(pause_s)
-            missing -= _owned(waiting, broker_task_ids(live))
+            looked_for = [run for run in waiting if run.id in missing]
+            missing -= _owned(looked_for, broker_task_ids(live, _task_ids(looked_for)))
         lost = [run for run in waiting if run.id in missing]
         for run in lost:
             log.warning("run %s: its task %s is not in the queue; sending it again",
@@ -257,6 +283,10 @@ def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]
 
 def _owned(runs: list[Run], task_ids: set[str]) -> set[int]:
     return {run.id for run in runs if run.celery_task_id in task_ids}
+
+
+def _task_ids(runs: list[Run]) -> set[str]:
+    return {run.celery_task_id for run in runs if run.celery_task_id}
 
 
 class Reaper:

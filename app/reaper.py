@@ -346,6 +346,9 @@ class Reaper:
                         str(exc).splitlines()[0])
             self.reap_from = math.inf
             return False
+        except Exception:  # noqa: BLE001 - a clean-up that failed ended the reaper for good
+            log.exception("data directory check failed; it is made again at the next pass")
+            return False
         # Workers whose heartbeats failed through the outage get their time to report.
         self.reap_from = self.clock() + self.settings.stale_after_s
         log.warning("the database answers: data directory checked and cleaned; its workers "

@@ -99,3 +99,31 @@ def test_a_worker_that_reports_after_the_reaper_read_its_run_keeps_it(
     run = read_run(settings, run_id)
     assert run.status == values.get("status", "running")
     assert run.error is None
+
+
+def test_a_late_data_directory_check_that_fails_unexpectedly_is_tried_again(
+    settings, tmp_path, monkeypatch
+):
+    """The reaper makes the web's data directory check once the database answers. An error
+    other than the database's (its clean-up of crash leftovers meeting a file it cannot
+    remove) ended the reaper's thread for good: no run was ever reaped or sent again.
+    Injected here because a file root cannot remove is hard to make for real."""
+    from app import ingest
+    from app.startup import DataDirCheck
+
+    upgrade_to_head(settings.sqlalchemy_url)
+    run_id = running_run(settings, tmp_path / "a")
+    check = DataDirCheck(settings)
+    reaper = Reaper(settings, check, clock=lambda: 0.0)
+    real_cleanup = ingest.cleanup_orphans
+
+    def refused(_settings):
+        raise PermissionError(13, "Permission denied", str(settings.datasets_dir / "x"))
+
+    monkeypatch.setattr(ingest, "cleanup_orphans", refused)
+    reaper.run_once()  # logged, not raised
+    assert check.pending and read_run(settings, run_id).status == "running"
+
+    monkeypatch.setattr(ingest, "cleanup_orphans", real_cleanup)
+    reaper.run_once()
+    assert check.passed

@@ -1,7 +1,8 @@
 """How much memory and time the reaper's look for queued runs' messages takes
 (app.reaper.broker_task_ids) with many messages waiting in the Celery queue.
 
-Fills a Redis database (SELFTUNE_REDIS_URL, or redis://127.0.0.1:6379/14: it is FLUSHED) with
+Fills an empty Redis database (SELFTUNE_REDIS_URL, or redis://127.0.0.1:6379/14; one that
+holds any key is refused, and what the bench wrote is removed at the end) with
 --messages copies of a real train_run message as Celery sends it, each under its own task id,
 plus --held of them in the unacknowledged hash as a worker holds them; then measures, in
 this process, the peak of Python's allocations (tracemalloc: reply buffers and parsed bodies)
@@ -35,7 +36,9 @@ from app.reaper import QUEUE, UNACKED, broker_task_ids  # noqa: E402
 def fill(url: str, messages: int, held: int) -> list[str]:
     """The queue with `messages` train_run messages and the hash with `held`; their ids."""
     live = get_redis(url)
-    live.flushdb()
+    if keys := live.dbsize():
+        sys.exit(f"{url} holds {keys:,} key(s): name an empty Redis database in "
+                 "SELFTUNE_REDIS_URL (the bench fills it, then empties it)")
     sender = Celery("bench", broker=url)
     sender.send_task("selftune.train_run", args=[1], task_id="template")
     template = json.loads(live.rpop(QUEUE))
@@ -74,7 +77,7 @@ def main() -> None:
     measure("every task id", lambda: broker_task_ids(live))
     if "wanted" in inspect.signature(broker_task_ids).parameters:
         measure("the queued runs' ids", lambda: broker_task_ids(live, set(ids)))
-    live.flushdb()
+    live.delete(QUEUE, UNACKED, *live.scan_iter("_kombu.*"))  # Celery's bindings too
 
 
 if __name__ == "__main__":

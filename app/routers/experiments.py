@@ -357,6 +357,6 @@ async def experiment_events(experiment_id: ExperimentId, request: Request,
 
     key = experiment_stream_key(experiment_id)
     return await event_stream_response(request, key, outcome, settings.sse_heartbeat_s,
-                                 maxlen=settings.event_stream_maxlen,
-                                 record=f"/api/experiments/{experiment_id}",
-                                 last_event_id=last_event_id)
+                                       maxlen=settings.event_stream_maxlen,
+                                       record=f"/api/experiments/{experiment_id}",
+                                       last_event_id=last_event_id)

@@ -347,11 +347,11 @@ async def run_events(run_id: RunId, request: Request, settings: SettingsDep,
     await run_in_threadpool(check_exists)
 
     return await event_stream_response(request, run_stream_key(run_id),
-                                 partial(run_outcome, settings.sqlalchemy_url, run_id),
-                                 settings.sse_heartbeat_s,
-                                 earlier_ends=True, maxlen=settings.event_stream_maxlen,
-                                 record=f"/api/runs/{run_id}/metrics",
-                                 last_event_id=last_event_id)
+                                       partial(run_outcome, settings.sqlalchemy_url, run_id),
+                                       settings.sse_heartbeat_s,
+                                       earlier_ends=True, maxlen=settings.event_stream_maxlen,
+                                       record=f"/api/runs/{run_id}/metrics",
+                                       last_event_id=last_event_id)
 
 
 # --- downloads ---------------------------------------------------------------------------

@@ -539,6 +539,15 @@ const MANY_CLASSES = 20;
 // table is 40,000 elements, which took 1.7 s to draw in headless Chromium; a sort of 50 rows
 // takes tens of milliseconds.
 const PER_CLASS_SHOWN = 50;
+// Every row, asked for, came in one task: at 5,000 classes 0.7-1.7 s with the tab frozen,
+// most of it the table's layout (building the rows is a tenth of it, however they are built).
+// Past FIRST_ROWS the rows come over frames, FIRST_ROWS at once, then each frame half as many
+// again as the last, up to ROWS_A_FRAME: the first rows show in the next frame, the longest
+// frame is about a third as long, and a sort or a key in the find box waits for one frame,
+// not for every row. In all the rows take as long or somewhat longer (bench/run_classes.py);
+// batches of one small size took two to three times as long (250 a frame: 2-3 s).
+const FIRST_ROWS = 200;
+const ROWS_A_FRAME = 1000;
 const DISTRIBUTION_SHOWN = 20;
 // The per-class note is a live region: typed into the find box, it is rewritten once typing
 // pauses this long, not at each letter (a screen reader spoke after every one, "…holds “s”",
@@ -583,12 +592,14 @@ function drawPerClass(perClass, totals, names, quality) {
   };
   let sorted = rows;
 
-  // Rows are built once, when first shown, and moved afterwards.
+  // Rows are built once, when first shown, and moved afterwards. The accuracy's bar is its
+  // cell's background (app.css, td.share), not elements of its own.
   const built = new Map();
   const rowNode = (row) => {
     if (!built.has(row.index)) {
-      built.set(row.index, h("tr", {}, h("td", { class: "name" }, row.name),
-        h("td", { class: "nowrap" }, h("span", { class: "bar" }, h("span", { style: { width: `${(row.accuracy ?? 0) * 100}%` } })), " ", pct(row.accuracy)),
+      const accuracy = h("td", { class: "share" }, pct(row.accuracy));
+      accuracy.style.setProperty("--share", `${(row.accuracy ?? 0) * 100}%`);
+      built.set(row.index, h("tr", {}, h("td", { class: "name" }, row.name), accuracy,
         h("td", { class: "num" }, row.images),
         withPseudo ? [h("td", { class: "num" }, pct(row.precision)), h("td", { class: "num" }, pct(row.recall))] : []));
     }
@@ -616,6 +627,7 @@ function drawPerClass(perClass, totals, names, quality) {
     });
   }
 
+  const table = document.getElementById("per-class");
   const tbody = h("tbody");
   const more = document.getElementById("per-class-more");
   const note = document.getElementById("per-class-note");
@@ -630,6 +642,25 @@ function drawPerClass(perClass, totals, names, quality) {
     else write();
   }
 
+  // The rows a draw still has to add, a frame at a time (see FIRST_ROWS); a new draw (a sort,
+  // a key in the find box) drops them, and so does a table drawn anew (the run ran again and
+  // ended again). While they come the table is aria-busy, and the note says what is shown
+  // once they are all there.
+  let adding = 0;
+  function addRows(shown, from, batch, done) {
+    if (!tbody.isConnected) return;
+    const added = shown.slice(from, from + batch).map(rowNode);
+    if (from === 0) tbody.replaceChildren(...added);
+    else tbody.append(...added);
+    if (from + batch >= shown.length) {
+      table.removeAttribute("aria-busy");
+      done();
+      return;
+    }
+    const next = Math.min(Math.ceil(batch * 1.5), ROWS_A_FRAME);
+    adding = requestAnimationFrame(() => addRows(shown, from + batch, next, done));
+  }
+
   function draw({ typing = false } = {}) {
     for (const { column, mark, th } of headers) {
       const sortedHere = column.key === state.key;
@@ -639,22 +670,27 @@ function drawPerClass(perClass, totals, names, quality) {
     }
     const matching = state.filter ? sorted.filter((row) => row.folded.includes(state.filter)) : sorted;
     const shown = state.all ? matching : matching.slice(0, PER_CLASS_SHOWN);
-    tbody.replaceChildren(...shown.map(rowNode));
-    if (!bounded) return;
     const order = ORDERS[state.key][state.up ? "up" : "down"];
     const typed = filter.value.trim();
-    say(!state.filter
-      ? `${shown.length === rows.length ? "All" : count(shown.length)} of ${count(rows.length)} classes, ${order}.`
-      : !matching.length ? `No class name holds “${typed}”.`
-      : `${shown.length === matching.length ? "All" : count(shown.length)} of the ${count(matching.length)} `
-        + `class${matching.length === 1 ? "" : "es"} whose name holds “${typed}”, ${order}.`, typing);
+    const tell = () => {
+      if (!bounded) return;
+      say(!state.filter
+        ? `${shown.length === rows.length ? "All" : count(shown.length)} of ${count(rows.length)} classes, ${order}.`
+        : !matching.length ? `No class name holds “${typed}”.`
+        : `${shown.length === matching.length ? "All" : count(shown.length)} of the ${count(matching.length)} `
+          + `class${matching.length === 1 ? "" : "es"} whose name holds “${typed}”, ${order}.`, typing);
+    };
+    cancelAnimationFrame(adding);
+    clearTimeout(noteTimer); // a note on its way is about rows no longer drawn
+    if (shown.length > FIRST_ROWS) table.setAttribute("aria-busy", "true");
+    addRows(shown, 0, FIRST_ROWS, tell);
+    if (!bounded) return;
     more.parentElement.hidden = matching.length <= PER_CLASS_SHOWN;
     more.textContent = state.all ? `Show the first ${PER_CLASS_SHOWN} only`
       : `Show all ${count(matching.length)} ${state.filter ? "matching " : ""}classes`;
   }
 
-  document.getElementById("per-class").replaceChildren(
-    h("thead", {}, h("tr", {}, headers.map(({ th }) => th))), tbody);
+  table.replaceChildren(h("thead", {}, h("tr", {}, headers.map(({ th }) => th))), tbody);
   document.getElementById("per-class-controls").hidden = !bounded;
   note.hidden = !bounded;
   more.parentElement.hidden = !bounded;

@@ -161,13 +161,15 @@ def experiment_page(
 def run_page(run_id: RunId, request: Request, settings: SettingsDep, session: DbDep) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
-    # The page draws the matrix from its sparse form (a 5,000-class run's dense one made the
-    # page 75 MB); run.js asks the API for the same.
-    run = read_run(run_id, session, settings, confusion="sparse")
+    # The page holds the run without its metrics: run.js reads them from the API
+    # (`?confusion=sparse`, as at the end of a run it follows live) while the page paints.
+    # Their per-class lists were 0.66 MB of a 5,000-class run's page and put its first paint
+    # 0.05-0.3 s later, the more the busier the machine (bench/run_classes.py).
+    run = read_run(run_id, session, settings, confusion="none")
     dataset = session.get(Dataset, run.dataset_id)
     experiment = session.get(Experiment, run.experiment_id)
     return render(request, "run.html",
-                  run=run.model_dump(mode="json"),
+                  run=run.model_dump(mode="json", exclude={"metrics"}),
                   class_names=list(dataset.class_names) if dataset else [],
                   dataset_name=dataset.name if dataset else f"#{run.dataset_id}",
                   experiment_name=experiment.name,

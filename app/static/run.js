@@ -15,8 +15,8 @@ const HISTORY_PAGE = 5000; // recorded points a read asks for (the API takes up 
 const HISTORY_RETRY_MS = 1000;
 const HISTORY_RETRY_MAX_MS = 30000;
 const RERUNNABLE = new Set(["failed", "cancelled", "lost"]); // what /requeue accepts
-// The confusion matrix as the page reads it (the page's own data holds the same form): its
-// diagonal, row totals and the cells off the diagonal that are not 0, all the page shows.
+// The confusion matrix as the page reads it: its diagonal, row totals and the cells off the
+// diagonal that are not 0, all the page shows.
 // Dense, a 5,000-class run's was 50 MB of JSON, 3.8 s of the page's main thread.
 const CONFUSION_FORM = "sparse";
 
@@ -408,9 +408,30 @@ export function runPage() {
     });
   }
 
+  // The page's own data is the run without its metrics (app/routers/experiment_pages.py): a
+  // finished run's results, with their per-class lists, come from this read, which the
+  // browser starts as the page loads (run.html preloads it) and the page paints meanwhile.
+  async function readResults() {
+    try {
+      run = await getJSON(`/api/runs/${id}?confusion=${CONFUSION_FORM}`);
+    } catch (error) {
+      if (error.status === 404) gone();
+      else if (error.status === 401) stopForSignIn(signInAgain());
+      else {
+        document.getElementById("cancel-error").replaceChildren(
+          ...failure("Could not read the run's results", error), " (reload the page to try again)");
+      }
+      return;
+    }
+    drawStatus();
+    if (TERMINAL.has(run.status)) finished();
+    else watch(); // run again since the page was served
+  }
+
   drawStatus();
   loadHistory().catch((error) => console.warn("could not load the recorded curves:", error.message));
-  if (TERMINAL.has(run.status)) finished();
+  if (run.status === "succeeded") readResults();
+  else if (TERMINAL.has(run.status)) finished();
   else watch();
 }
 

@@ -8,10 +8,11 @@ import re
 
 import pytest
 import redis
+from playwright.sync_api import expect
 
 from tests.browser import PHONE, open_browser
 from tests.support import add_dataset_row, make_image_archive
-from tests.test_experiments_cancel_delete import start_sweep
+from tests.test_experiments_cancel_delete import mark_running, start_sweep
 from tests.test_pages_fixes import cards_scrolling_sideways, finish, quality
 
 pytestmark = pytest.mark.browser
@@ -105,6 +106,70 @@ def test_back_to_the_upload_page_after_an_upload_offers_the_next_one(
         assert page.is_hidden("#upload-progress")
         browser.screenshot("back-to-upload")
         browser.assert_no_errors()
+
+
+def test_back_to_a_page_whose_item_was_deleted_says_it_is_gone(live_server, request):
+    """Deleted from its page, an experiment (and with it its runs) or a dataset came back on
+    Back from the browser's back/forward cache as it was left: the experiment with Delete
+    greyed for ever, its failed run with Run again, the dataset with Start an experiment. A
+    page shown again from that cache reads what it shows and, where that is gone, says so
+    and offers nothing more; where it is still there, nothing changes."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset_row(database_url)
+    with live_server.client() as client:
+        experiment_id, (run_id, other_run) = start_sweep(client, dataset_id, seeds=[0])
+    for run in (run_id, other_run):
+        mark_running(database_url, run)
+        finish(database_url, live, run, status="failed")
+    restored = "window.keptByTheBrowser === true"  # shown from the cache, not loaded afresh
+    with open_browser(request.node.name, back_forward_cache=True) as browser:
+        page = browser.page
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        expect(page.locator("#requeue")).to_be_visible()
+        page.evaluate("window.keptByTheBrowser = true")
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.evaluate("window.keptByTheBrowser = true")
+        page.click("#delete-experiment")
+        page.wait_for_url(re.compile(r"/experiments$"))
+
+        page.go_back(wait_until="commit")  # a page from the cache fires no load event
+        page.wait_for_function(restored)
+        expect(page.locator("#action-error")).to_have_text(
+            f"Experiment #{experiment_id} no longer exists: it was deleted.")
+        expect(page.locator("#experiment-status")).to_have_text("deleted")
+        assert page.is_hidden("#delete-experiment") and page.is_hidden("#cancel-all")
+        browser.screenshot("experiment-gone")
+
+        page.go_back(wait_until="commit")
+        page.wait_for_function(restored)
+        expect(page.locator("#run-error")).to_have_text(
+            f"Run #{run_id} no longer exists: its experiment was deleted.")
+        expect(page.locator("#run-status")).to_have_text("deleted")
+        assert page.is_hidden("#requeue")
+
+        # A dataset that is still there: its page comes back as it was.
+        dataset_page = f"{live_server.url}/datasets/{dataset_id}"
+        page.goto(dataset_page)
+        page.evaluate("window.keptByTheBrowser = true")
+        page.get_by_role("link", name="All datasets", exact=True).click()
+        page.wait_for_url(re.compile(r"/datasets$"))
+        with page.expect_response(f"{live_server.url}/api/datasets/{dataset_id}") as read:
+            page.go_back(wait_until="commit")
+        assert read.value.status == 200
+        page.wait_for_function(restored)
+        assert page.is_hidden("#delete-error") and page.is_enabled("button[data-delete-url]")
+
+        page.click("button[data-delete-url]")
+        page.wait_for_url(re.compile(r"/datasets$"))
+        page.go_back(wait_until="commit")
+        page.wait_for_function(restored)
+        expect(page.locator("#delete-error")).to_have_text(
+            "This dataset no longer exists: it was deleted.")
+        assert page.is_hidden("button[data-delete-url]") and page.is_hidden("#start-experiment")
+        browser.screenshot("dataset-gone")
+        browser.assert_no_errors(expected=("status of 404",))
 
 
 def test_a_printed_experiment_keeps_every_column_of_its_results(live_server, request):

@@ -106,6 +106,14 @@ export function handFocus(focused, button, others) {
   (next ?? document.querySelector("main h1")).focus();
 }
 
+// Back or Forward to a page the browser kept (its back/forward cache) shows it as it was left,
+// scripts and all, with no load: what it shows may have been deleted since, on this very page
+// before it moved on (Delete, then the list) or elsewhere, and its buttons still offered it.
+// `check` reads it again; the dataset page (upload.js, not a module) does the same.
+export function onRestored(check) {
+  window.addEventListener("pageshow", (event) => { if (event.persisted) check(); });
+}
+
 // "lost" lasts only once a run has used up its automatic requeues.
 export const TERMINAL = new Set(["succeeded", "failed", "cancelled", "lost"]);
 

@@ -2,8 +2,8 @@
 // table, accuracy-against-budget chart, paper-style table, what more labels would buy, and
 // cancel-all and delete (/experiments/{id}).
 import {
-  badge, budgetChart, count, failure, follow, getJSON, h, handFocus, isNumber, pageData, pct,
-  showStatus, signedOutNotice, signInAgain, TERMINAL,
+  badge, budgetChart, count, failure, follow, getJSON, h, handFocus, isNumber, onRestored, pageData,
+  pct, showStatus, signedOutNotice, signInAgain, TERMINAL,
 } from "/static/charts.js";
 import { onSession } from "/static/session.js";
 
@@ -635,16 +635,18 @@ export function experimentPage() {
   let refreshTimer = null;
   function refreshSoon() {
     clearTimeout(refreshTimer);
-    refreshTimer = setTimeout(async () => {
-      if (deleting) return;
-      try {
-        applyExperiment(await getJSON(`/api/experiments/${id}`));
-        // Signed in again (in another tab, say): the link to do so has had its day.
-        if (actionError.querySelector(".sign-in-again")) actionError.replaceChildren();
-      } catch (error) {
-        refreshFailed(error);
-      }
-    }, 500);
+    refreshTimer = setTimeout(refresh, 500);
+  }
+
+  async function refresh() {
+    if (deleting) return;
+    try {
+      applyExperiment(await getJSON(`/api/experiments/${id}`));
+      // Signed in again (in another tab, say): the link to do so has had its day.
+      if (actionError.querySelector(".sign-in-again")) actionError.replaceChildren();
+    } catch (error) {
+      refreshFailed(error);
+    }
   }
 
   function refreshFailed(error) {
@@ -751,6 +753,15 @@ export function experimentPage() {
     // The record also settles what a replay of old events showed on the way.
     if (event.type === "status" || event.type === "end") refreshSoon();
   }
+
+  // Deleted while the page was kept (from here: Delete, then the list), it says so (gone());
+  // still there, it shows the experiment as it is now. Its Delete was left greyed.
+  onRestored(() => {
+    if (deleted || signedOut) return;
+    deleting = false;
+    document.getElementById("delete-experiment").disabled = false;
+    refresh();
+  });
 
   setInterval(() => {
     const waiting = [...runs.values()].some((run) => run.status === "queued");

@@ -1,7 +1,7 @@
 // One run's page: live curves and status while it trains, then its results and downloads.
 import {
-  barChart, bytes, count, duration, failure, follow, getJSON, h, handFocus, isNumber, pageData, pct,
-  setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, TERMINAL,
+  barChart, bytes, count, duration, failure, follow, getJSON, h, handFocus, isNumber, onRestored,
+  pageData, pct, setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, TERMINAL,
 } from "/static/charts.js";
 import { onSession } from "/static/session.js";
 import { localTime } from "/static/times.js";
@@ -427,6 +427,14 @@ export function runPage() {
     if (TERMINAL.has(run.status)) finished();
     else watch(); // run again since the page was served
   }
+
+  // Deleted (with its experiment) while the page was kept, it says so (refreshRun: gone());
+  // still there, it shows the run as it is now.
+  onRestored(async () => {
+    if (deleted || signedOut) return;
+    await refreshRun();
+    if (!TERMINAL.has(run.status)) watch();
+  });
 
   drawStatus();
   loadHistory().catch((error) => console.warn("could not load the recorded curves:", error.message));

@@ -204,6 +204,8 @@
     throw error;
   }
 
+  const GONE = "This dataset no longer exists: it was deleted.";
+
   // The question before a dataset is deleted, with what goes with it as it is now (an
   // experiment started on it in another tab since this page loaded counts). Where the count
   // cannot be read, a question that says so; where the dataset is gone or the sign-in
@@ -220,7 +222,7 @@
       ]);
     } catch (error) {
       if (error.status === 401) return { refusal: signInAgain(", then delete it.") };
-      if (error.status === 404) return { refusal: "This dataset no longer exists: it was deleted." };
+      if (error.status === 404) return { refusal: GONE };
       console.warn("could not count what the dataset's delete takes with it:", error.message);
       return { question: "Delete " + name + " with every experiment and run made on it, " +
         "their trained models, checkpoints and downloads? (How many there are now could not " +
@@ -266,6 +268,25 @@
         showError("The server did not answer.");
       };
       request.send();
+    });
+
+    // Back or Forward to this page kept by the browser (its back/forward cache) shows it as it
+    // was left, with no load: after its Delete (which then opened the list), Delete greyed and
+    // Start an experiment offered for a dataset that is gone. It reads the dataset again and,
+    // gone, says so and offers neither (as charts.js onRestored does on the other pages).
+    window.addEventListener("pageshow", async function (event) {
+      if (!event.persisted) return;
+      try {
+        await readJSON("/api/datasets/" + button.dataset.datasetId);
+      } catch (error) {
+        if (error.status !== 404) return; // unknown: the Delete's own read says more
+        button.hidden = true;
+        document.getElementById("start-experiment").hidden = true;
+        showError(GONE);
+        return;
+      }
+      button.disabled = false;
+      errorBox.hidden = true;
     });
   }
 

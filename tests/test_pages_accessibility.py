@@ -268,13 +268,80 @@ def test_a_button_that_hides_itself_hands_the_keyboard_on(live_server, request):
 
             assert client.post(f"/api/runs/{failed}/requeue").status_code == 200
             finish(database_url, live, running, status="cancelled")
-            page.goto(f"{live_server.url}/experiments/{experiment_id}")
+            # The feed replays the runs' ends (the failed run's before its requeue: for a
+            # moment none is left to cancel), then the page reads the record: settled.
+            record = f"{live_server.url}/api/experiments/{experiment_id}"
+            with page.expect_response(record):
+                page.goto(record.replace("/api", ""))
             page.focus("#cancel-all")
-            page.keyboard.press("Enter")  # "Cancelling…", off while the server answers
+            page.keyboard.press("Enter")  # the queued run ends at once: Delete in its place
             expect(page.locator("#experiment-status")).to_have_text("cancelled")
-            expect(page.locator("#delete-experiment")).to_be_visible()
-            expect(page.locator("main h1")).to_be_focused()
+            expect(page.locator("#delete-experiment")).to_be_focused()
             browser.assert_no_errors()
+
+
+def test_cancel_all_keeps_the_keyboard_until_the_server_answers(live_server, request):
+    """Cancel all turned itself off as it was pressed, which put the keyboard on the page's
+    heading before the server had answered: a screen reader read the heading with the
+    status it had ("running"), and where the answer was a refusal, the button came back with
+    the keyboard left on the heading. The button now keeps the keyboard, saying
+    "Cancelling…" and off, until the answer: a refusal is said (an alert) with the keyboard
+    still on it; once the runs have ended, the status says so once and Delete experiment,
+    shown in its place, has the keyboard."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url)
+    with live_server.client() as client:
+        experiment_id, (running, queued) = start_sweep(client, add_dataset_row(database_url),
+                                                       seeds=[0])
+    mark_running(database_url, running)
+    cancel = re.compile(rf".*/api/experiments/{experiment_id}/cancel")
+    asked: list[str] = []
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept()))
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        expect(page.locator("#experiment-status")).to_have_text("running")
+        expect(page.locator("#live-state")).to_have_text("● live")
+        page.evaluate(WATCH_LIVE, "#experiment-status")
+        button = page.locator("#cancel-all")
+
+        page.route(cancel, lambda route: route.fulfill(
+            status=503, json={"detail": "the database did not answer"}))
+        button.focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#action-error")).to_have_text(
+            "Could not cancel: the database did not answer")
+        expect(button).to_have_text("Cancel all runs")
+        expect(button).to_be_focused()
+        assert button.get_attribute("aria-disabled") != "true"
+        page.unroute(cancel)
+
+        held = []
+        page.route(cancel, lambda route: held.append(route))
+        page.keyboard.press("Enter")
+        deadline = time.monotonic() + 20
+        while not held and time.monotonic() < deadline:
+            page.wait_for_timeout(20)  # the route's handler runs while Playwright waits
+        assert len(held) == 1
+        expect(button).to_have_text("Cancelling…")
+        expect(button).to_be_focused()
+        assert button.get_attribute("aria-disabled") == "true"
+        page.keyboard.press("Enter")  # off: it asks nothing more
+        assert len(asked) == 2 and page.inner_text("#action-error") == ""
+        assert page.evaluate("window.heard") == []  # nothing said before the answer
+        held[0].continue_()
+
+        # The queued run ends at once, the running one within an iteration: until then the
+        # keyboard stays on the button.
+        expect(page.locator(f'#runs tr[data-run-id="{queued}"] .badge')).to_have_text(
+            "cancelled")
+        expect(button).to_have_text("Cancelling…")
+        expect(button).to_be_focused()
+        finish(database_url, live, running, status="cancelled")
+        expect(page.locator("#experiment-status")).to_have_text("cancelled")
+        expect(page.locator("#delete-experiment")).to_be_focused()
+        assert page.evaluate("window.heard") == ["cancelled"]
+        browser.assert_no_errors(expected=("status of 503",))
 
 
 # Every XMLHttpRequest the page sends, kept where the test can make its upload progress.

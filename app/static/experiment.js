@@ -547,7 +547,11 @@ export function experimentPage() {
     if (left === 0) cancelling = false;
     const cancelAll = document.getElementById("cancel-all");
     cancelAll.hidden = left === 0;
-    cancelAll.disabled = cancelling;
+    // Off while cancelling, but aria-disabled rather than disabled, so that it keeps the
+    // keyboard until the runs have ended (then Delete, in its place, takes it): disabled as
+    // it was pressed, it sent the keyboard to the heading before the server had answered,
+    // and left it there when the answer was a refusal.
+    cancelAll.setAttribute("aria-disabled", cancelling);
     cancelAll.textContent = cancelling ? "Cancelling…" : "Cancel all runs";
     document.getElementById("delete-experiment").hidden = left > 0;
     handFocus(focused, cancelAll, [document.getElementById("delete-experiment")]);
@@ -689,7 +693,7 @@ export function experimentPage() {
 
   document.getElementById("cancel-all").addEventListener("click", async () => {
     const left = active();
-    if (left.length === 0) return;
+    if (left.length === 0 || cancelling) return;
     const queued = left.filter((run) => run.status === "queued").length;
     const running = left.length - queued;
     const what = [

@@ -412,18 +412,19 @@ def test_a_resync_after_the_history_was_read_reads_only_what_is_newer(live_serve
 
 def retold_as_before(database_url: str, run_id: int, after: int = 0) -> str:
     """The feed of a finished run whose stream is gone as it was told when the whole record
-    was read in one query: each point as the event its worker sent, `0-1` on, then the end;
-    the events after the `after`-th only."""
+    was read in one query: each point as the event its worker sent, `0-1` on, then the end,
+    whose id is the last point's marked as the end (`0-<n>.end`, app.events.END_MARK); the
+    events after the `after`-th only."""
     with session_scope(database_url) as session:
         run = session.get(Run, run_id)
         events = [{"type": m.kind, "run_id": run_id, "time": timestamp(m.created_at),
                    "step": m.step, "total_steps": run.total_steps, **m.values}
                   for m in session.scalars(select(RunMetric).where(RunMetric.run_id == run_id)
                                            .order_by(RunMetric.step, RunMetric.id))]
-        events.append(ended(run))
-    return "retry: 2000\n\n" + "".join(sse(event, event_id=f"0-{index}")
-                                       for index, event in enumerate(events, start=1)
-                                       if index > after)
+        end = sse(ended(run), event_id=f"0-{len(events)}.end")
+    frames = [sse(event, event_id=f"0-{index}")
+              for index, event in enumerate(events, start=1) if index > after]
+    return "retry: 2000\n\n" + "".join(frames) + end
 
 
 def finished_run_without_stream(database_url: str, redis_url: str) -> int:
@@ -479,7 +480,12 @@ def test_a_feed_retold_from_the_record_resumes_after_the_last_event_its_client_h
                 return "".join(answer.iter_text())
 
         resumed = told(f"/api/runs/{run_id}/events", "0-5000")
+        # An id from before ends were marked (the end's was `0-<n + 1>`) gets the end again;
+        # the end's own id, nothing more (204: an EventSource stops).
         had_the_end = told(f"/api/runs/{run_id}/events", "0-12025")
+        with client.stream("GET", f"/api/runs/{run_id}/events",
+                           headers={"Last-Event-ID": "0-12024.end"}) as answer:
+            assert answer.status_code == 204
 
         experiment_id, run_ids = start_sweep(client, add_dataset_row(server.database_url),
                                              seeds=[0])

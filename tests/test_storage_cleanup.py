@@ -307,20 +307,27 @@ def point_count(database_url: str, run_id: int) -> int:
                               .where(RunMetric.run_id == run_id))
 
 
+def doomed_and_kept(database_url: str, data_dir: Path) -> tuple[int, int, int]:
+    """Two ended experiments on one dataset: (the one to delete, whose run recorded 120,000
+    points, the one kept, whose run recorded 1,000, that run)."""
+    dataset_id = add_dataset_row(database_url)
+    doomed, _ = ended_run_with_files(database_url, data_dir, dataset_id)
+    kept, kept_folder = ended_run_with_files(database_url, data_dir, dataset_id)
+    with session_scope(database_url) as session:
+        doomed_run = session.scalar(select(Run.id).where(Run.experiment_id == doomed))
+    kept_run = int(kept_folder.name)
+    record_points(database_url, doomed_run, 120_000)
+    record_points(database_url, kept_run, 1_000)
+    return doomed, kept, kept_run
+
+
 def test_deleting_an_experiment_gives_its_metric_points_space_back_to_the_disk(
     server: LiveServer
 ) -> None:
     """The SQLite file kept its largest size for good: an experiment's 120,000 metric points
     deleted left their pages in it, free for later rows but never given back."""
     url = server.database_url
-    dataset_id = add_dataset_row(url)
-    doomed, _ = ended_run_with_files(url, server.data_dir, dataset_id)
-    kept, kept_folder = ended_run_with_files(url, server.data_dir, dataset_id)
-    with session_scope(url) as session:
-        doomed_run = session.scalar(select(Run.id).where(Run.experiment_id == doomed))
-    kept_run = int(kept_folder.name)
-    record_points(url, doomed_run, 120_000)
-    record_points(url, kept_run, 1_000)
+    doomed, kept, kept_run = doomed_and_kept(url, server.data_dir)
     peak = checkpointed_size(url)
     assert peak > 20 * 2**20
 
@@ -348,14 +355,7 @@ def test_compact_converts_a_database_made_before_and_gives_its_space_back_while_
         connection.execute("PRAGMA auto_vacuum=NONE")
         connection.execute("VACUUM")  # as versions before this one made it
         assert connection.execute("PRAGMA auto_vacuum").fetchone() == (0,)
-    dataset_id = add_dataset_row(url)
-    doomed, _ = ended_run_with_files(url, live_server.data_dir, dataset_id)
-    kept, kept_folder = ended_run_with_files(url, live_server.data_dir, dataset_id)
-    with session_scope(url) as session:
-        doomed_run = session.scalar(select(Run.id).where(Run.experiment_id == doomed))
-    kept_run = int(kept_folder.name)
-    record_points(url, doomed_run, 120_000)
-    record_points(url, kept_run, 1_000)
+    doomed, kept, kept_run = doomed_and_kept(url, live_server.data_dir)
     with live_server.client() as client:
         assert client.delete(f"/api/experiments/{doomed}").status_code == 204
         assert client.get(f"/api/experiments/{doomed}").status_code == 404

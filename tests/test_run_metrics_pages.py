@@ -255,6 +255,23 @@ def refuse_the_feed_once_then_hold_it(page, run_id: int) -> list:
     return tries
 
 
+def resync_while_the_last_page_is_held(page, base: str, database_url: str, run_id: int,
+                                       last_page: list, feed_tries: list) -> None:
+    """Open the run's page on its record of 7,000 points (two pages) and wait until its read
+    has asked for the last page (held by the test's route, which fills `last_page`) and its
+    feed has tried again (held, `refuse_the_feed_once_then_hold_it`); record 10 points more,
+    on no page the read has, then let the feed through: the page resyncs, its read running."""
+    page.goto(f"{base}/runs/{run_id}")
+    page.wait_for_function(f"({CE_POINTS})() === 5000")
+    deadline = time.monotonic() + 20
+    while not (last_page and len(feed_tries) == 2):  # the page runs the routes meanwhile
+        assert time.monotonic() < deadline, "the last page asked for, the feed tried again"
+        page.wait_for_timeout(50)
+    record(database_url, run_id, "progress", range(7_001, 7_011))
+    feed_tries[1].continue_()
+    expect(page.locator("#live-state")).to_have_text("● live")  # it resynced
+
+
 @pytest.mark.browser
 def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
     """The feed is refused once (a proxy's 502 while the app restarts) and comes back while the
@@ -296,16 +313,9 @@ def test_a_history_read_asked_for_while_one_runs_joins_it(live_server, request):
         page.on("requestfailed", done)
         page.route(re.compile(r"/metrics\?.*after="), answer_last_page_later)
         feed_tries = refuse_the_feed_once_then_hold_it(page, run_id)
-        page.goto(f"{live_server.url}/runs/{run_id}")
-        page.wait_for_function(f"({CE_POINTS})() === 5000")
-        deadline = time.monotonic() + 20
-        while not (last_page and len(feed_tries) == 2):  # the page runs the routes meanwhile
-            assert time.monotonic() < deadline, "the last page asked for, the feed tried again"
-            page.wait_for_timeout(50)
-        # Recorded after the server answered the last page: on no page the read has.
-        record(database_url, run_id, "progress", range(7_001, 7_011))
-        feed_tries[1].continue_()
-        expect(page.locator("#live-state")).to_have_text("● live")  # it resynced
+        # Its 10 points more are recorded after the server answered the last page.
+        resync_while_the_last_page_is_held(page, live_server.url, database_url, run_id,
+                                           last_page, feed_tries)
         route, answer = last_page[0]
         route.fulfill(response=answer)
         page.wait_for_function(f"({CE_POINTS})() === 7010")
@@ -353,15 +363,8 @@ def test_a_history_read_that_fails_is_asked_again_for_what_joined_it(live_server
         page.route(re.compile(r"/metrics\?limit=5000$"), no_answer_the_first_time)
         page.route(re.compile(r"/metrics\?.*after="), hold_the_first_try)
         feed_tries = refuse_the_feed_once_then_hold_it(page, run_id)
-        page.goto(f"{live_server.url}/runs/{run_id}")
-        page.wait_for_function(f"({CE_POINTS})() === 5000")
-        deadline = time.monotonic() + 20
-        while not (last_page and len(feed_tries) == 2):  # the page runs the routes meanwhile
-            assert time.monotonic() < deadline, "the last page asked for, the feed tried again"
-            page.wait_for_timeout(50)
-        record(database_url, run_id, "progress", range(7_001, 7_011))
-        feed_tries[1].continue_()
-        expect(page.locator("#live-state")).to_have_text("● live")  # its resync joined
+        resync_while_the_last_page_is_held(page, live_server.url, database_url, run_id,
+                                           last_page, feed_tries)
         last_page[0].fulfill(status=502, body="bad gateway")
         page.wait_for_function(f"({CE_POINTS})() === 7010")
         browser.assert_no_errors(expected=("502", "ERR_CONNECTION_RESET"))

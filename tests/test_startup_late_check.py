@@ -10,13 +10,12 @@ from pathlib import Path
 
 import httpx
 import redis
-from celery import Celery
 
 from app.config import Settings
-from app.db import DATABASE_ID_FILE, claim_data_dir, get_engine, upgrade_to_head
+from app.db import DATABASE_ID_FILE, claim_data_dir, upgrade_to_head
 from app.reaper import broker_task_ids
-from tests.support import app_env, start_server, start_worker, wait_for
-from tests.test_worker_lifecycle import TASK_ID, add_run, read_run
+from tests.support import app_env, start_server, wait_for
+from tests.test_worker_lifecycle import TASK_ID, a_task_waiting_for_its_database, read_run
 
 HOUR_AGO = time.time() - 3600
 
@@ -116,29 +115,15 @@ def test_a_worker_started_before_another_databases_answers_stops_and_leaves_the_
     when its database answers, the worker stops before it trains the run it was given (exit
     status 2, as at start), its message back in the queue and the run queued, untouched."""
     claim_data_dir(settings.data_dir, settings.sqlalchemy_url)  # the directory's own database
-    home, later = tmp_path / "db-home", tmp_path / "db-later"
-    ours = settings.model_copy(update={"database_url": f"sqlite:///{home}/selftune.db"})
-    upgrade_to_head(ours.sqlalchemy_url)
-    run_id = add_run(ours, tmp_path)
-    env = app_env(settings.data_dir, f"sqlite:///{later}/selftune.db", redis_url)
-    worker = start_worker(env, tmp_path / "logs" / "worker.log", name="late-check")
-    client = Celery("client", broker=redis_url, backend=redis_url)
-    try:
-        client.send_task("selftune.train_run", args=[run_id], task_id=TASK_ID)
-        # The database away, the run waits for it (the task retries) without a check made.
-        wait_for(lambda: client.AsyncResult(TASK_ID).state == "RETRY", timeout=120,
-                 message=f"the task to retry:\n{worker.log()[-3000:]}")
-        get_engine(ours.sqlalchemy_url).dispose()
-        home.rename(later)  # the database answers
+    # The database away, the run waits for it (the task retries) without a check made.
+    with a_task_waiting_for_its_database(settings, redis_url, tmp_path, "late-check") as (
+            run_id, worker, database_answers):
+        reached = database_answers()
         wait_for(lambda: worker.popen.poll() is not None, timeout=120,
                  message=f"the worker to stop:\n{worker.log()[-3000:]}")
-    finally:
-        worker.stop()
-        client.close()
     assert worker.popen.returncode == 2, worker.log()
     assert "worker stops taking runs: the data directory" in worker.log()
     assert "holds the files of another database" in worker.log()
-    reached = settings.model_copy(update={"database_url": f"sqlite:///{later}/selftune.db"})
     run = read_run(reached, run_id)
     assert (run.status, run.attempts, run.celery_task_id) == ("queued", 0, TASK_ID)
     assert TASK_ID in broker_task_ids(redis.Redis.from_url(redis_url))

@@ -15,7 +15,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -45,7 +45,7 @@ from app.reaper import (
     requeue_lost_messages,
 )
 from app.schemas import FEED_COMMON_FIELDS, FEED_EVENTS, FEED_OWN_EVENTS, ExperimentIn
-from tests.support import app_env, make_image_archive, start_worker, wait_for
+from tests.support import Process, app_env, make_image_archive, start_worker, wait_for
 from worker.runs import DatabaseUnavailable, RunRecorder, rewrite_predictions
 from worker.training import execute_run
 
@@ -226,6 +226,36 @@ def test_a_task_that_finds_the_database_down_asks_to_retry_and_leaves_the_run_qu
     assert read_run(settings, run_id).status == "queued"
 
 
+@contextmanager
+def a_task_waiting_for_its_database(settings: Settings, redis_url: str, tmp_path: Path,
+                                    name: str) -> Iterator[tuple[int, Process, Callable]]:
+    """A run in a migrated database that a real Celery worker cannot reach yet (it looks in a
+    folder that does not exist), and the run's task sent to that worker, retrying. Yields the
+    run's id, the worker, and `database_answers`, which puts the database where the worker
+    looks and returns the settings that reach it there."""
+    home, later = tmp_path / "db-home", tmp_path / "db-later"
+    ours = settings.model_copy(update={"database_url": f"sqlite:///{home}/selftune.db"})
+    upgrade_to_head(ours.sqlalchemy_url)
+    run_id = add_run(ours, tmp_path)
+    env = app_env(settings.data_dir, f"sqlite:///{later}/selftune.db", redis_url)
+    worker_process = start_worker(env, tmp_path / "logs" / "worker.log", name=name)
+    client = Celery("client", broker=redis_url, backend=redis_url)
+
+    def database_answers() -> Settings:
+        get_engine(ours.sqlalchemy_url).dispose()
+        home.rename(later)
+        return settings.model_copy(update={"database_url": f"sqlite:///{later}/selftune.db"})
+
+    try:
+        client.send_task("selftune.train_run", args=[run_id], task_id=TASK_ID)
+        wait_for(lambda: client.AsyncResult(TASK_ID).state == "RETRY", timeout=120,
+                 message=f"the task to retry:\n{worker_process.log()[-3000:]}")
+        yield run_id, worker_process, database_answers
+    finally:
+        worker_process.stop()
+        client.close()
+
+
 @pytest.mark.slow
 def test_the_task_of_a_run_waits_out_a_database_outage_then_trains_it(
     settings, redis_url, tmp_path
@@ -233,20 +263,9 @@ def test_the_task_of_a_run_waits_out_a_database_outage_then_trains_it(
     """A real Celery worker whose database file is not there yet (its folder is missing):
     the task retries under the same id, and trains the run once the database appears.
     Before the fix the task failed once and the run stayed queued."""
-    home, later = tmp_path / "db-home", tmp_path / "db-later"
-    ours = settings.model_copy(update={"database_url": f"sqlite:///{home}/selftune.db"})
-    upgrade_to_head(ours.sqlalchemy_url)
-    run_id = add_run(ours, tmp_path)
-    env = app_env(settings.data_dir, f"sqlite:///{later}/selftune.db", redis_url)
-    worker_process = start_worker(env, tmp_path / "logs" / "worker.log", name="patient")
-    client = Celery("client", broker=redis_url, backend=redis_url)
-    try:
-        client.send_task("selftune.train_run", args=[run_id], task_id=TASK_ID)
-        wait_for(lambda: client.AsyncResult(TASK_ID).state == "RETRY", timeout=120,
-                 message=f"the task to retry:\n{worker_process.log()[-3000:]}")
-        get_engine(ours.sqlalchemy_url).dispose()
-        home.rename(later)  # the database is back
-        reached = settings.model_copy(update={"database_url": f"sqlite:///{later}/selftune.db"})
+    with a_task_waiting_for_its_database(settings, redis_url, tmp_path, "patient") as (
+            run_id, worker_process, database_answers):
+        reached = database_answers()  # the database is back
         run = wait_for(lambda: (r := read_run(reached, run_id)).status
                        in ("succeeded", "failed") and r, timeout=180,
                        message=f"the run to end:\n{worker_process.log()[-3000:]}")
@@ -257,9 +276,6 @@ def test_the_task_of_a_run_waits_out_a_database_outage_then_trains_it(
         with session_scope(reached.sqlalchemy_url) as session:
             database_id = session.scalar(select(Installation.database_id))
         assert (settings.data_dir / DATABASE_ID_FILE).read_text().strip() == database_id
-    finally:
-        worker_process.stop()
-        client.close()
 
 
 def test_a_celery_worker_on_postgresql_trains_run_after_run(settings, postgres_url, redis_url,

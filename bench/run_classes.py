@@ -19,26 +19,18 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import redis
-from playwright.sync_api import sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_record import finished_run  # noqa: E402
+from run_record import print_table, served_runs  # noqa: E402
 
-from app.config import Settings  # noqa: E402
-from app.db import upgrade_to_head  # noqa: E402
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP  # noqa: E402
-from tests.support import app_env, start_server  # noqa: E402
+from tests.browser import DESKTOP  # noqa: E402
 
 # Registered before the page's scripts: every main-thread task over 50 ms, and the frame
 # after the Scores and the per-class table first hold rows (what a person sees then).
@@ -148,36 +140,17 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="page openings a class count")
     args = parser.parse_args()
 
-    data_dir = Path(tempfile.mkdtemp(prefix="selftune-run-classes-"))
-    redis_url = os.environ.get("SELFTUNE_REDIS_URL", "redis://127.0.0.1:6379/14")
-    settings = Settings(data_dir=data_dir, redis_url=redis_url)
-    redis.Redis.from_url(redis_url).ping()
-    server = None
-    try:
-        upgrade_to_head(settings.sqlalchemy_url)
-        runs = {classes: finished_run(settings, classes) for classes in args.classes}
-        env = app_env(data_dir, settings.sqlalchemy_url, redis_url)
-        base, server = start_server(env, data_dir / "uvicorn.log")
-        rows = []
-        with sync_playwright() as playwright:
-            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            for classes, run_id in runs.items():
-                tries = [measure(chromium, base, run_id, classes) for _ in range(args.repeat)]
-                rows.append({"classes": classes, **page_weight(base, run_id),
-                             **{key: statistics.median(t[key] for t in tries)
-                                for key in tries[0]}})
-            chromium.close()
-        print("  ".join(f"{heading:>{len(fmt.format(0))}}" for _, heading, fmt in COLUMNS))
-        for row in rows:
-            print("  ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS))
-        print("FCP, scores and table: ms from the navigation's start (scores and table: the "
-              "frame after they\nhold rows); busy: the main thread's work, ms; longest: its "
-              "longest task, ms (0: none over 50 ms)")
-        return 0
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+    rows = []
+    with served_runs(args.classes, "selftune-run-classes-") as (_, base, runs, chromium):
+        for classes, run_id in runs.items():
+            tries = [measure(chromium, base, run_id, classes) for _ in range(args.repeat)]
+            rows.append({"classes": classes, **page_weight(base, run_id),
+                         **{key: statistics.median(t[key] for t in tries) for key in tries[0]}})
+    print_table(COLUMNS, rows)
+    print("FCP, scores and table: ms from the navigation's start (scores and table: the "
+          "frame after they\nhold rows); busy: the main thread's work, ms; longest: its "
+          "longest task, ms (0: none over 50 ms)")
+    return 0
 
 
 if __name__ == "__main__":

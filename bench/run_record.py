@@ -26,6 +26,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -174,6 +176,42 @@ COLUMNS = [  # key, heading, format
 ]
 
 
+@contextmanager
+def served_runs(class_counts: list[int], prefix: str) -> Iterator[tuple]:
+    """(settings, the server's base URL, {classes: run id}, headless Chromium): a uvicorn on a
+    temporary data directory (SQLite; the Redis named by SELFTUNE_REDIS_URL or
+    redis://127.0.0.1:6379/14) holding a finished run of each class count. The server stops
+    and the directory goes afterwards."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    redis_url = os.environ.get("SELFTUNE_REDIS_URL", "redis://127.0.0.1:6379/14")
+    settings = Settings(data_dir=data_dir, redis_url=redis_url)
+    redis.Redis.from_url(redis_url).ping()
+    server = None
+    try:
+        upgrade_to_head(settings.sqlalchemy_url)
+        runs = {classes: finished_run(settings, classes) for classes in class_counts}
+        env = app_env(data_dir, settings.sqlalchemy_url, redis_url)
+        base, server = start_server(env, data_dir / "uvicorn.log")
+        with sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                yield settings, base, runs, chromium
+            finally:
+                chromium.close()
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def print_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
+    """`rows` under the headings of `columns` (key, heading, format), each as wide as its
+    format makes a value."""
+    print("  ".join(f"{heading:>{len(fmt.format(0))}}" for _, heading, fmt in columns))
+    for row in rows:
+        print("  ".join(fmt.format(row[key]) for key, _, fmt in columns))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, nargs="+", default=[1000, 5000])
@@ -181,40 +219,22 @@ def main() -> int:
                         choices=["dense", "sparse", "none"])
     args = parser.parse_args()
 
-    data_dir = Path(tempfile.mkdtemp(prefix="selftune-run-record-"))
-    redis_url = os.environ.get("SELFTUNE_REDIS_URL", "redis://127.0.0.1:6379/14")
-    settings = Settings(data_dir=data_dir, redis_url=redis_url)
-    redis.Redis.from_url(redis_url).ping()
-    server = None
-    try:
-        upgrade_to_head(settings.sqlalchemy_url)
-        runs = {classes: finished_run(settings, classes) for classes in args.classes}
-        env = app_env(data_dir, settings.sqlalchemy_url, redis_url)
-        base, server = start_server(env, data_dir / "uvicorn.log")
-        rows = []
-        with sync_playwright() as playwright:
-            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            for classes, run_id in runs.items():
-                page = in_chromium(chromium, base, run_id)
-                print(f"{classes:,} classes: the page asked for {page.pop('page_asked')}",
-                      flush=True)
-                for form in args.forms:
-                    rows.append({"classes": classes, "form": form, **page,
-                                 **in_process(settings, run_id, form),
-                                 **over_http(base, run_id, form)})
-            chromium.close()
-        print("  ".join(f"{heading:>{len(fmt.format(0))}}" for _, heading, fmt in COLUMNS))
-        for row in rows:
-            print("  ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS))
-        print("SQL ms and parse ms: the read of `runs.details` and its JSON parse, which read_run"
-              " ms (the\nwhole record, read and built) includes for dense and sparse; page MB,"
-              " page HTTP ms, drawn ms,\nmain thread ms and script ms are the run page's own,"
-              " the same on each row of a class count")
-        return 0
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+    rows = []
+    with served_runs(args.classes, "selftune-run-record-") as (settings, base, runs, chromium):
+        for classes, run_id in runs.items():
+            page = in_chromium(chromium, base, run_id)
+            print(f"{classes:,} classes: the page asked for {page.pop('page_asked')}",
+                  flush=True)
+            for form in args.forms:
+                rows.append({"classes": classes, "form": form, **page,
+                             **in_process(settings, run_id, form),
+                             **over_http(base, run_id, form)})
+    print_table(COLUMNS, rows)
+    print("SQL ms and parse ms: the read of `runs.details` and its JSON parse, which read_run"
+          " ms (the\nwhole record, read and built) includes for dense and sparse; page MB,"
+          " page HTTP ms, drawn ms,\nmain thread ms and script ms are the run page's own,"
+          " the same on each row of a class count")
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
-from starlette.background import BackgroundTasks
 from starlette.requests import ClientDisconnect
 
 from app import ingest
-from app.compact import release_free_pages
 from app.deps import (
     DatasetId,
     DbDep,
@@ -39,7 +37,7 @@ from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
 from app.responses import client_holds, in_utc, send_file
 from app.schemas import ErrorOut
-from app.trash import empty_trash
+from app.trash import deleted_answer
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +303,4 @@ def delete_dataset(dataset_id: DatasetId, db: DbDep, settings: SettingsDep,
     forget_feeds(live, experiment_ids, run_ids)
     # Its image and run folders were moved aside: they are removed once the answer has gone,
     # and the database's pages of its images' rows and runs' metric points are given back.
-    after = BackgroundTasks()
-    after.add_task(empty_trash, aside)
-    after.add_task(release_free_pages, settings.sqlalchemy_url)
-    return Response(status_code=204, background=after)
+    return deleted_answer(settings, aside)

@@ -13,10 +13,8 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
-from starlette.background import BackgroundTasks
 
 from app import idempotency
-from app.compact import release_free_pages
 from app.db import session_scope
 from app.deps import (
     DatasetFilter,
@@ -60,7 +58,7 @@ from app.schemas import (
     ExperimentOut,
     FieldErrorsOut,
 )
-from app.trash import empty_trash
+from app.trash import deleted_answer
 
 router = APIRouter(prefix="/api/experiments", tags=["experiments"])
 
@@ -320,10 +318,7 @@ def delete_experiment(experiment_id: ExperimentId, session: DbDep, settings: Set
                                         get_experiment(session, experiment_id))
     # The run folders were moved aside: they are removed once the answer has gone, and the
     # database's pages of the runs' metric points are given back to the disk.
-    after = BackgroundTasks()
-    after.add_task(empty_trash, aside)
-    after.add_task(release_free_pages, settings.sqlalchemy_url)
-    return Response(status_code=204, background=after)
+    return deleted_answer(settings, aside)
 
 
 @router.get("/{experiment_id}/events", responses={**SSE_RESPONSES, 404: {"model": ErrorOut}},

@@ -344,6 +344,51 @@ def test_cancel_all_keeps_the_keyboard_until_the_server_answers(live_server, req
         browser.assert_no_errors(expected=("status of 503",))
 
 
+
+def test_a_cancel_answered_after_the_feed_does_not_bring_an_ended_run_back(live_server, request):
+    """The cancel's answer is written while the running run still runs. Where it reached
+    the page after the feed had said the run ended, the page drew the run running again:
+    Delete experiment hid itself with the keyboard on it, and the status said "running"
+    with every run ended. Such an answer now gives way to a read asked after it."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url)
+    with live_server.client() as client:
+        experiment_id, (running, queued) = start_sweep(client, add_dataset_row(database_url),
+                                                       seeds=[0])
+    mark_running(database_url, running)
+    cancel = re.compile(rf".*/api/experiments/{experiment_id}/cancel")
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        expect(page.locator("#live-state")).to_have_text("● live")
+        page.evaluate(WATCH_LIVE, "#experiment-status")
+        held = []
+        page.route(cancel, lambda route: held.append(route))
+        page.locator("#cancel-all").focus()
+        page.keyboard.press("Enter")
+        deadline = time.monotonic() + 20
+        while not held and time.monotonic() < deadline:
+            page.wait_for_timeout(20)  # the route's handler runs while Playwright waits
+        answer = held[0].fetch()  # the server cancels now; the page has not heard yet
+        assert {run["id"]: run["status"] for run in answer.json()["runs"]} == {
+            running: "running", queued: "cancelled"}
+
+        finish(database_url, live, running, status="cancelled")  # the feed says it first
+        expect(page.locator("#experiment-status")).to_have_text("cancelled")
+        expect(page.locator("#delete-experiment")).to_be_focused()
+        read_again = re.compile(rf".*/api/experiments/{experiment_id}$")
+        with page.expect_response(lambda response: read_again.match(response.url)
+                                  and response.request.method == "GET", timeout=10_000):
+            held[0].fulfill(response=answer)  # then the cancel's answer arrives
+        expect(page.locator(f'#runs tr[data-run-id="{running}"] .badge')).to_have_text(
+            "cancelled")
+        expect(page.locator("#delete-experiment")).to_be_visible()
+        expect(page.locator("#delete-experiment")).to_be_focused()
+        assert page.inner_text("#experiment-status") == "cancelled"
+        assert page.evaluate("window.heard") == ["cancelled"]
+        browser.assert_no_errors()
+
 # Every XMLHttpRequest the page sends, kept where the test can make its upload progress.
 KEEP_REQUESTS = """const send = XMLHttpRequest.prototype.send;
 XMLHttpRequest.prototype.send = function (...args) {

@@ -599,17 +599,24 @@ export function experimentPage() {
     idlePoller = setInterval(lookForActivity, IDLE_POLL_MS);
   }
 
+  // How many times the feed has changed a run's status. An answer asked for before the last
+  // change may be older than what the page shows: the cancel's, sent while a run still ran,
+  // can arrive after the feed said the run ended, and drawn it would bring the run back (and
+  // hide Delete with the keyboard on it). Such an answer gives way to a read asked after.
+  let statusNews = 0;
+
   // Redraw only when a run changed (queued again, or queued and ended again between two
   // looks): an ended experiment's page otherwise stays still.
   async function lookForActivity() {
     if (document.hidden || feed || deleted || deleting || signedOut) return;
     try {
+      const asked = statusNews;
       const fresh = await getJSON(`/api/experiments/${id}`);
       const changed = (summary) => {
         const run = runs.get(summary.id);
         return run && (run.status !== summary.status || run.finished_at !== summary.finished_at);
       };
-      if (fresh.runs.some(changed)) applyExperiment(fresh);
+      if (fresh.runs.some(changed)) applyExperiment(fresh, asked);
     } catch (error) {
       refreshFailed(error);
     }
@@ -617,7 +624,11 @@ export function experimentPage() {
   document.addEventListener("visibilitychange", lookForActivity);
 
   // The API's answer (a read or the cancel) is the record: draw every run and the summary.
-  function applyExperiment(fresh) {
+  function applyExperiment(fresh, asked) {
+    if (asked !== statusNews) {
+      refreshSoon();
+      return;
+    }
     for (const summary of fresh.runs) {
       const run = runs.get(summary.id);
       if (!run) continue;
@@ -645,7 +656,8 @@ export function experimentPage() {
   async function refresh() {
     if (deleting) return;
     try {
-      applyExperiment(await getJSON(`/api/experiments/${id}`));
+      const asked = statusNews;
+      applyExperiment(await getJSON(`/api/experiments/${id}`), asked);
       // Signed in again (in another tab, say): the link to do so has had its day.
       if (actionError.querySelector(".sign-in-again")) actionError.replaceChildren();
     } catch (error) {
@@ -705,7 +717,8 @@ export function experimentPage() {
     cancelling = true;
     drawActions();
     try {
-      applyExperiment(await getJSON(`/api/experiments/${id}/cancel`, { method: "POST" }));
+      const asked = statusNews;
+      applyExperiment(await getJSON(`/api/experiments/${id}/cancel`, { method: "POST" }), asked);
     } catch (error) {
       // The buttons come back as the page knows the runs; the refresh corrects them if it can.
       cancelling = false;
@@ -742,6 +755,7 @@ export function experimentPage() {
     }
     const run = runs.get(event.run_id);
     if (!run) return;
+    const before = run.status;
     if (isNumber(event.step)) run.step = Math.max(run.step, event.step);
     if (event.type === "status" && event.status) run.status = event.status;
     if (run.status === "queued") delete run.live_top1; // queued again: a new attempt's numbers
@@ -751,6 +765,7 @@ export function experimentPage() {
       run.status = event.status;
       if (isNumber(event.metrics?.test_top1)) run.test_top1 = event.metrics.test_top1;
     }
+    if (run.status !== before) statusNews += 1;
     drawRun(run);
     drawActions();
     // A run that starts or ends changes the summary (means, best, the experiment's status).

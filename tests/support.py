@@ -64,6 +64,27 @@ class Process:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def ended(self, timeout: float) -> int:
+        """The exit status once the process has ended by itself. One still running after
+        `timeout` fails the test with what each of its processes was doing: a Celery worker
+        writes its threads' stacks to the log on SIGUSR1, and its pool processes (Python
+        started with faulthandler, see start_worker) theirs on SIGABRT, which ends them."""
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            import psutil
+
+            before = len(self.log())
+            children = psutil.Process(self.popen.pid).children(recursive=True)
+            self.popen.send_signal(signal.SIGUSR1)
+            for child in children:
+                child.send_signal(signal.SIGABRT)
+            time.sleep(3)
+            log = self.log()
+            pytest.fail(f"{self.popen.args[:3]} still ran after {timeout} s; the end of its "
+                        f"log:\n{log[max(0, before - 6000):before]}\nthen its stacks:\n"
+                        f"{log[before:before + 40000]}")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         if self.popen.poll() is not None:
             return
@@ -138,7 +159,7 @@ def start_worker(env: dict[str, str], log_path: Path, name: str = "test") -> Pro
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
          "--loglevel", "INFO", "--concurrency", "1", "--hostname", hostname,
          "--without-gossip", "--without-mingle"],
-        env, log_path,
+        {**env, "PYTHONFAULTHANDLER": "1"}, log_path,
     )
 
 

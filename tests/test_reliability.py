@@ -159,7 +159,7 @@ def test_a_worker_told_to_stop_hands_its_run_back_and_the_next_resumes_it_where_
             wait_for_step(client, run_id, 6, "progress before the stop")
             waiting_id = start_tiny_run(client, dataset_id, iterations=4, checkpoint_interval=1000)
             first.popen.send_signal(signal.SIGTERM)
-            assert first.popen.wait(timeout=60) == 0, first.log()[-4000:]
+            assert first.ended(timeout=60) == 0, first.log()[-4000:]
             stopped = client.get(f"/api/runs/{run_id}").json()
             # The broker puts it behind the run that was waiting; the page says so.
             assert stopped["queue_position"] == 2
@@ -284,7 +284,7 @@ def test_a_run_handed_back_while_redis_is_down_is_not_left_queued_for_ever(setti
             server.kill()
             server.wait(timeout=30)
             first.popen.send_signal(signal.SIGTERM)
-            first.popen.wait(timeout=90)
+            first.ended(timeout=90)
             assert "could not go back to the broker" in first.log(), first.log()[-4000:]
             stopped = client.get(f"/api/runs/{run_id}").json()
             assert stopped["status"] == "running" and stopped["attempts"] == 0, stopped

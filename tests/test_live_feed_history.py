@@ -375,6 +375,46 @@ def test_a_run_page_says_so_when_its_run_is_deleted_elsewhere(live_server, reque
 
 
 @pytest.mark.browser
+def test_a_cancel_answered_after_the_feed_leaves_the_run_page_ended(live_server, request):
+    """The cancel's answer is written while the run still runs. Where it reached the run page
+    after the feed had said the run ended, the page showed the run running again, with
+    "Cancelling…", and nothing (the feed and the polling stop at the end) corrected it. Such
+    an answer now gives way to a read asked after it."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url)
+    with live_server.client() as client:
+        _, (run_id, _) = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+    mark_running(database_url, run_id)
+    cancel = f"{live_server.url}/api/runs/{run_id}/cancel"
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        expect(page.locator("#live-state")).to_have_text("● live")
+        held = []
+        page.route(cancel, lambda route: held.append(route))
+        page.click("#cancel")
+        deadline = time.monotonic() + 20
+        while not held and time.monotonic() < deadline:
+            page.wait_for_timeout(20)  # the route's handler runs while Playwright waits
+        answer = held[0].fetch()  # the server asks the run to stop; the page has not heard
+        assert answer.json()["status"] == "running" and answer.json()["cancel_requested"]
+
+        end_as_worker(database_url, live, run_id, "cancelled")  # the feed says it first
+        expect(page.locator("#run-status")).to_have_text("cancelled")
+        expect(page.locator("#requeue")).to_be_visible()
+        with page.expect_response(cancel):
+            held[0].fulfill(response=answer)  # then the cancel's answer arrives
+        # Two frames on, the page has taken the answer in (its handler runs as it arrives).
+        page.evaluate("new Promise((done) => requestAnimationFrame(() => "
+                      "requestAnimationFrame(done)))")
+        expect(page.locator("#run-status")).to_have_text("cancelled")
+        expect(page.locator("#cancel")).to_be_hidden()
+        expect(page.locator("#requeue")).to_be_visible()
+        browser.assert_no_errors()
+
+
+@pytest.mark.browser
 def test_an_experiment_page_says_so_when_it_was_deleted_in_another_tab(live_server, request):
     database_url = live_server.database_url
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)

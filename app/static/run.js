@@ -276,10 +276,22 @@ export function runPage() {
     show("ended", ended, `${localTime(ended)}${took}`);
   }
 
+  // How many times the feed has told of a new status or an end. The record is written before
+  // the live event is sent, so a read asked for after an event is never behind it; one asked
+  // for before may be (the cancel's answer, sent while the run still ran, can arrive after
+  // the feed said it ended, and would show it running again with nothing left to correct
+  // it): such an answer gives way to a read asked after.
+  let statusNews = 0;
+
   async function refreshRun() {
     try {
-      // The record is written before the live event is sent, so it is never behind the feed.
-      run = await getJSON(`/api/runs/${id}?confusion=${CONFUSION_FORM}`);
+      const asked = statusNews;
+      const fresh = await getJSON(`/api/runs/${id}?confusion=${CONFUSION_FORM}`);
+      if (asked !== statusNews) {
+        await refreshRun();
+        return;
+      }
+      run = fresh;
       drawStatus();
       if (TERMINAL.has(run.status)) finished();
     } catch (error) {
@@ -332,7 +344,13 @@ export function runPage() {
   document.getElementById("cancel").addEventListener("click", async () => {
     if (!window.confirm(`Cancel run #${id}? Its training stops within about one iteration.`)) return;
     try {
-      run = await getJSON(`/api/runs/${id}/cancel`, { method: "POST" });
+      const asked = statusNews;
+      const answer = await getJSON(`/api/runs/${id}/cancel`, { method: "POST" });
+      if (asked !== statusNews) {
+        await refreshRun();
+        return;
+      }
+      run = answer;
       drawStatus();
     } catch (error) {
       document.getElementById("cancel-error").replaceChildren(...failure("Could not cancel", error));
@@ -382,9 +400,11 @@ export function runPage() {
       const values = Object.fromEntries(Object.entries(event).filter(([k]) => !META_KEYS.has(k)));
       addPoint(event.type, event.step, values);
     }
+    const before = run.status;
     if (isNumber(event.step)) run.step = Math.max(run.step, event.step);
     if (event.type === "status" && event.status) run.status = event.status;
     if (["started", "progress", "eval"].includes(event.type) && run.status === "queued") run.status = "running";
+    if (run.status !== before || event.type === "end") statusNews += 1;
     drawSoon(); // the status with the curves, once a frame: not once per replayed event
     // The record says whether the run is over (the feed sends an earlier try's end as
     // `earlier_end`, but a run may be requeued the moment it ends); refreshRun() stops the

@@ -389,6 +389,66 @@ def test_a_cancel_answered_after_the_feed_does_not_bring_an_ended_run_back(live_
         assert page.evaluate("window.heard") == ["cancelled"]
         browser.assert_no_errors()
 
+
+def hold(page, url: str, method: str) -> list:
+    """Requests to `url` by `method` held until the test answers them (others go on)."""
+    held = []
+    page.route(url, lambda route: held.append(route) if route.request.method == method
+               else route.continue_())
+    return held
+
+
+def wait_until_held(page, held: list) -> None:
+    deadline = time.monotonic() + 20
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(20)  # the route's handler runs while Playwright waits
+    assert len(held) == 1
+
+
+def test_a_refused_delete_leaves_the_keyboard_on_delete(live_server, request):
+    """Delete experiment and a dataset's Delete turned themselves off as they were pressed,
+    which sent the keyboard to <body>: where the server refused, the refusal was said with
+    the keyboard at the top of the page. They now stay where they are, off (aria-disabled)
+    and focused, until the answer."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url)
+    dataset_id = add_dataset_row(database_url)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, dataset_id, seeds=[0])
+    for run_id in run_ids:
+        mark_running(database_url, run_id)
+        finish(database_url, live, run_id, status="failed")
+    pages = [
+        (f"/experiments/{experiment_id}", "#delete-experiment",
+         f"/api/experiments/{experiment_id}", "#action-error"),
+        (f"/datasets/{dataset_id}", "button[data-delete-url]",
+         f"/api/datasets/{dataset_id}", "#delete-error"),
+    ]
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.on("dialog", lambda dialog: dialog.accept())
+        for path, selector, api, error in pages:
+            page.goto(live_server.url + path)
+            held = hold(page, live_server.url + api, "DELETE")
+            button = page.locator(selector)
+            button.focus()
+            page.keyboard.press("Enter")
+            wait_until_held(page, held)
+            expect(button).to_be_focused()
+            assert button.get_attribute("aria-disabled") == "true"
+            page.keyboard.press("Enter")  # off: it asks nothing more, sends nothing more
+            page.wait_for_timeout(200)
+            assert len(held) == 1
+            held[0].fulfill(status=503, json={"detail": "the database did not answer"})
+            expect(page.locator(error)).to_contain_text("the database did not answer")
+            expect(button).to_be_focused()
+            assert button.get_attribute("aria-disabled") == "false"
+            page.unroute(live_server.url + api)
+        browser.assert_no_errors(expected=("status of 503",))
+    with live_server.client() as client:  # nothing was deleted
+        assert client.get(f"/api/experiments/{experiment_id}").status_code == 200
+        assert client.get(f"/api/datasets/{dataset_id}").status_code == 200
+
 # Every XMLHttpRequest the page sends, kept where the test can make its upload progress.
 KEEP_REQUESTS = """const send = XMLHttpRequest.prototype.send;
 XMLHttpRequest.prototype.send = function (...args) {

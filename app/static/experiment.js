@@ -728,12 +728,15 @@ export function experimentPage() {
     }
   });
 
+  // Off while the delete is under way, as Cancel all while cancelling: aria-disabled, so that
+  // the keyboard stays on it, and on it still when a refusal is said.
   document.getElementById("delete-experiment").addEventListener("click", async () => {
+    if (deleting) return;
     if (!window.confirm(`Delete “${initial.name}” with its ${plural(runs.size, "run")}, their ` +
       "checkpoints and downloads? The dataset stays. This cannot be undone.")) return;
     actionError.textContent = "";
     const button = document.getElementById("delete-experiment");
-    button.disabled = true;
+    button.setAttribute("aria-disabled", "true");
     deleting = true;
     clearTimeout(refreshTimer);
     try {
@@ -741,7 +744,7 @@ export function experimentPage() {
       window.location.assign("/experiments");
     } catch (error) {
       deleting = false;
-      button.disabled = false;
+      button.setAttribute("aria-disabled", "false");
       actionError.replaceChildren(...failure("Could not delete", error));
       refreshSoon();
     }
@@ -778,7 +781,7 @@ export function experimentPage() {
   onRestored(() => {
     if (deleted || signedOut) return;
     deleting = false;
-    document.getElementById("delete-experiment").disabled = false;
+    document.getElementById("delete-experiment").setAttribute("aria-disabled", "false");
     refresh();
   });
 

@@ -243,15 +243,22 @@
       errorBox.hidden = false;
     }
     let asking = false;  // a second click while the count is read asks nothing more
+    // Off while the delete is under way: aria-disabled, so that the keyboard stays on it, and
+    // on it still when a refusal is said.
+    let deleting = false;
+    function inFlight(state) {
+      deleting = state;
+      button.setAttribute("aria-disabled", String(state));
+    }
     button.addEventListener("click", async function () {
-      if (asking) return;
+      if (asking || deleting) return;
       asking = true;
       errorBox.hidden = true;
       const { question, refusal } = await deleteQuestion(button);
       asking = false;
       if (refusal) showError(refusal);
       if (refusal || !window.confirm(question)) return;
-      button.disabled = true;
+      inFlight(true);
       const request = new XMLHttpRequest();
       request.open("DELETE", button.dataset.deleteUrl);
       request.onload = function () {
@@ -259,12 +266,12 @@
           window.location.assign("/datasets");
           return;
         }
-        button.disabled = false;
+        inFlight(false);
         showError(request.status === 401 ? signInAgain(", then delete it.")
           : errorText(request.status, request.responseText));
       };
       request.onerror = function () {
-        button.disabled = false;
+        inFlight(false);
         showError("The server did not answer.");
       };
       request.send();
@@ -285,7 +292,7 @@
         showError(GONE);
         return;
       }
-      button.disabled = false;
+      inFlight(false);
       errorBox.hidden = true;
     });
   }

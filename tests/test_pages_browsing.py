@@ -172,6 +172,39 @@ def test_back_to_a_page_whose_item_was_deleted_says_it_is_gone(live_server, requ
         browser.assert_no_errors(expected=("status of 404",))
 
 
+def test_back_to_a_list_shows_it_without_what_was_deleted_since(live_server, request):
+    """Back to the list of experiments (or of datasets) from the page of one deleted since,
+    Chromium showed the list as it was left, from its back/forward cache: the deleted one
+    still listed, its link to a page that is gone. A list shown again is read again."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset_row(database_url)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, dataset_id, seeds=[0])
+    for run in run_ids:
+        mark_running(database_url, run)
+        finish(database_url, live, run, status="failed")
+    with open_browser(request.node.name, back_forward_cache=True) as browser:
+        page = browser.page
+        page.on("dialog", lambda dialog: dialog.accept())
+        for listing, item, delete in [
+            ("/experiments", f"/experiments/{experiment_id}", "#delete-experiment"),
+            ("/datasets", f"/datasets/{dataset_id}", "button[data-delete-url]"),
+        ]:
+            link = page.locator(f'main a[href="{item}"]')
+            page.goto(live_server.url + listing)
+            expect(link).to_have_count(1)
+            link.first.click()
+            page.click(delete)
+            page.wait_for_url(re.compile(f"{listing}$"))
+            expect(link).to_have_count(0)
+            page.go_back(wait_until="commit")  # the deleted item's page, which says so
+            page.wait_for_url(re.compile(f"{item}$"), wait_until="commit")
+            page.go_back(wait_until="commit")  # the list as it was left, from the cache
+            page.wait_for_url(re.compile(f"{listing}$"), wait_until="commit")
+            expect(link).to_have_count(0)
+        browser.assert_no_errors(expected=("status of 404",))
+
 def test_a_printed_experiment_keeps_every_column_of_its_results(live_server, request):
     """Printed on A4, the results card cut the label estimates' table after "Estimated with
     twice the labels": a card scrolls its wide tables sideways, which paper cannot."""

@@ -27,6 +27,7 @@ from app.models import Artifact, Run, RunMetric, utcnow
 from tests.browser import PHONE, open_browser
 from tests.support import add_dataset_row, app_env, start_server
 from tests.test_experiments_cancel_delete import end_as_worker, mark_running, start_sweep
+from tests.test_run_metrics_pages import record
 
 pytestmark = pytest.mark.browser
 
@@ -381,6 +382,43 @@ def test_a_live_feed_refused_for_an_expired_sign_in_says_so_and_links_to_sign_in
     finally:
         process.stop()
 
+
+def test_recorded_curves_refused_for_a_sign_in_are_read_once_signed_in_again(
+    guarded, request
+):
+    """The run page reads its recorded curves as it opens. Refused (401: the sign-in expired
+    meanwhile), the read ended there: the page said nothing of it, and signed in again (in
+    another tab) it went on live with the curves' first points missing for good. The page
+    now says why, and reads them once signed in again."""
+    url, database_url = guarded
+    with httpx.Client(base_url=url, timeout=60,
+                      headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        _, (run_id, _) = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+    mark_running(database_url, run_id)
+    record(database_url, run_id, "progress", range(1, 11))
+    run_path = f"/runs/{run_id}"
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        held = []
+        page.route(re.compile(rf".*/api/runs/{run_id}/metrics.*"), lambda r: held.append(r))
+        sign_in(page, url, run_path)
+        page.wait_for_selector("#live-state:text-is('● live')")
+        assert len(held) == 1
+        page.context.clear_cookies()  # the sign-in expires ...
+        held[0].continue_()  # ... and the server refuses the read
+        page.unroute(re.compile(rf".*/api/runs/{run_id}/metrics.*"))
+        expect(page.locator("#cancel-error")).to_have_text(
+            "Your sign-in expired: sign in again, then try once more.")
+        losses = page.get_by_role("img", name=re.compile("^loss terms over iterations"))
+        expect(losses).to_have_accessible_name("loss terms over iterations: no points yet.")
+
+        sign_in_tab = page.context.new_page()  # signed in again, as in another tab
+        sign_in(sign_in_tab, url, run_path)
+        sign_in_tab.close()
+        expect(losses).to_have_accessible_name(re.compile(
+            r"^loss terms over iterations: 1 line up to iteration 10 of \d+\."))
+        expect(page.locator("#cancel-error")).to_have_text("")
+        browser.assert_no_errors(expected=("status of 401",))
 
 # --- 5. a number the form cannot read -------------------------------------------------------
 

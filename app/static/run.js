@@ -158,6 +158,7 @@ export function runPage() {
   let historyRead = null; // the read going on, its promise
   let historyAsked = false; // asked for while the page on its way was read
   let retryNow = () => {}; // ends the pause before a failed page is asked for again
+  let historyOwed = false; // refused for a sign-in: read once signed in again (onSession)
   function loadHistory() {
     if (historyRead) {
       historyAsked = true;
@@ -176,6 +177,10 @@ export function runPage() {
         try {
           page = await getJSON(address);
         } catch (error) {
+          if (error.status === 401) {
+            historyOwed = true;
+            stopForSignIn(signInAgain());
+          }
           if (!worthRetrying(error) || deleted) throw error;
           console.warn(`could not read the recorded curves (${error.message}): asking again`);
           await new Promise((resolve) => {
@@ -320,6 +325,10 @@ export function runPage() {
       signedOut = false;
       const error = document.getElementById("cancel-error");
       if (error.querySelector(".sign-in-again")) error.replaceChildren();
+      if (historyOwed) {
+        historyOwed = false;
+        loadHistory().catch(() => {});
+      }
       await refreshRun();
       if (!TERMINAL.has(run.status)) watch();
     },

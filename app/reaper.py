@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import StartupRefused, ping_database, session_scope
-from app.experiments import QueueUnavailable, as_utc, enqueue_runs, send_tasks, stamp_runs
+from app.experiments import QueueUnavailable, enqueue_runs, send_tasks, stamp_runs
 from app.live import forget_cancel, get_redis, publish_end, publish_status
 from app.models import Run, utcnow
 from app.startup import DataDirCheck
@@ -252,18 +252,24 @@ def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]
     once more, they wait for the next pass. Returns the ids of the runs queued again."""
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
     with session_scope(settings.sqlalchemy_url) as session:
-        waiting = [run for run in session.scalars(select(Run).where(Run.status == "queued"))
-                   if run.queued_at is not None and as_utc(run.queued_at) < cutoff]
+        # Ids and task ids only, at every pass: a sweep queues thousands of runs, whose rows
+        # (configs, notes) this does not need unless their message is lost.
+        waiting = dict(session.execute(
+            select(Run.id, Run.celery_task_id)
+            .where(Run.status == "queued", Run.queued_at < cutoff)
+        ).all())
         if not waiting:
             return []
         live = get_redis(settings.effective_redis_url)
-        missing = {run.id for run in waiting} - _owned(
-            waiting, broker_task_ids(live, _task_ids(waiting)))
+        missing = _not_in_broker(live, waiting)
         if missing:
             time.sleep(pause_s)
-            looked_for = [run for run in waiting if run.id in missing]
-            missing -= _owned(looked_for, broker_task_ids(live, _task_ids(looked_for)))
-        lost = [run for run in waiting if run.id in missing]
+            missing = _not_in_broker(live, {run_id: waiting[run_id] for run_id in missing})
+        lost = []
+        if missing:  # their rows, still queued under the same task (else taken, or sent anew)
+            queued = session.scalars(select(Run).where(Run.status == "queued").order_by(Run.id))
+            lost = [run for run in queued
+                    if run.id in missing and run.celery_task_id == waiting[run.id]]
         for run in lost:
             log.warning("run %s: its task %s is not in the queue; sending it again",
                         run.id, run.celery_task_id)
@@ -281,12 +287,10 @@ def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]
         return [run.id for run in lost]
 
 
-def _owned(runs: list[Run], task_ids: set[str]) -> set[int]:
-    return {run.id for run in runs if run.celery_task_id in task_ids}
-
-
-def _task_ids(runs: list[Run]) -> set[str]:
-    return {run.celery_task_id for run in runs if run.celery_task_id}
+def _not_in_broker(live: redis.Redis, task_ids: dict[int, str | None]) -> set[int]:
+    """The runs (of run id: task id) whose message is neither queued nor held by a worker."""
+    found = broker_task_ids(live, {task_id for task_id in task_ids.values() if task_id})
+    return {run_id for run_id, task_id in task_ids.items() if task_id not in found}
 
 
 class Reaper:

@@ -9,7 +9,9 @@ import tracemalloc
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
+import app.reaper
 from app.config import Settings, get_settings
 from app.live import get_redis
 from app.models import utcnow
@@ -68,6 +70,35 @@ def test_a_lost_message_is_found_and_present_ones_left_among_pages_of_others(
     assert resent.celery_task_id in broker_task_ids(live, {resent.celery_task_id})
     assert live.llen(QUEUE) == 3 * BROKER_PAGE + 2
 
+
+def test_a_run_taken_or_sent_anew_between_the_two_looks_is_not_sent_again(
+    settings: Settings, tmp_path: Path, monkeypatch
+) -> None:
+    """The two looks for a message are a pause apart; a run a worker took meanwhile, or one
+    queued again under a new task, has no lost message. Sent again from the rows read before
+    the pause, the taken run's task id was overwritten (its own worker's task then looked
+    stale) and a second message sent for it. The pass now reads, after the pause, the rows
+    still queued under the task it looked for."""
+    monkeypatch.setenv("SELFTUNE_REDIS_URL", settings.effective_redis_url)
+    get_settings.cache_clear()
+    import worker.celery_app
+
+    monkeypatch.setattr(worker.celery_app, "app", worker.celery_app.create_celery(settings))
+    _, (taken, sent_anew, lost) = add_sweep(settings, tmp_path, seeds=(0, 1, 2))
+    for run_id in (taken, sent_anew, lost):
+        update_run(settings, run_id, celery_task_id=f"task-of-{run_id}",
+                   queued_at=utcnow() - timedelta(hours=1))
+
+    def meanwhile(_seconds: float) -> None:  # the pause between the looks
+        update_run(settings, taken, status="running", worker="w@host")
+        update_run(settings, sent_anew, celery_task_id="a-new-task", queued_at=utcnow())
+
+    monkeypatch.setattr(app.reaper, "time", SimpleNamespace(sleep=meanwhile))
+    assert requeue_lost_messages(settings, pause_s=0.1) == [lost]
+    assert read_run(settings, taken).celery_task_id == f"task-of-{taken}"
+    assert read_run(settings, sent_anew).celery_task_id == "a-new-task"
+    live = get_redis(settings.effective_redis_url)
+    assert broker_task_ids(live) == {read_run(settings, lost).celery_task_id}
 
 def test_looking_through_ten_thousand_queued_messages_holds_a_page_of_them_at_a_time(
     settings: Settings,

@@ -2,7 +2,8 @@
 sweep was made, the answer lost) gets the experiment its first try made, not a second sweep
 of queued runs. The key lives in Redis for a day, with a digest of the request it came with,
 naming its experiment even once deleted (a retry is then told so rather than making it
-again)."""
+again). It also holds when that experiment was made: a database restored from a backup gives
+its ids out again, and a retry must not be answered with another experiment of the same id."""
 
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ def request_digest(body: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def claim(live: redis.Redis, key: str, digest: str) -> int | None:
-    """The experiment an earlier request with `key` made, or None once this request holds the
-    key (it then makes the experiment and calls `remember`, or `release` if it fails).
+def claim(live: redis.Redis, key: str, digest: str) -> tuple[int, str | None] | None:
+    """The experiment an earlier request with `key` made, as (its id, when it was made: the
+    ISO time `remember` was given, None from a version that kept the id alone), or None once
+    this request holds the key (it then makes the experiment and calls `remember`, or
+    `release` if it fails).
     The same key with another request body is a 422; while the first request with it is
     still being handled, a 409."""
     name = _redis_key(key)
@@ -45,12 +48,14 @@ def claim(live: redis.Redis, key: str, digest: str) -> int | None:
         if state == PENDING:
             raise HTTPException(409, detail="a request with this Idempotency-Key is still "
                                 "being handled: ask again in a moment")
-        return int(state)
+        made, _, created = state.partition("@")
+        return int(made), created or None
     raise HTTPException(409, detail="this Idempotency-Key is changing hands: ask again")
 
 
-def remember(live: redis.Redis, key: str, digest: str, experiment_id: int) -> None:
-    live.set(_redis_key(key), f"{experiment_id} {digest}", ex=KEY_TTL_S)
+def remember(live: redis.Redis, key: str, digest: str, experiment_id: int,
+             created: str) -> None:
+    live.set(_redis_key(key), f"{experiment_id}@{created} {digest}", ex=KEY_TTL_S)
 
 
 def release(live: redis.Redis, key: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 import redis
 import timm
 from safetensors.torch import save_file
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app import idempotency
 from app.config import Settings
@@ -797,6 +797,30 @@ def test_a_retry_whose_experiment_was_deleted_is_a_410_and_starts_nothing(live_s
         "deleted since: to start the sweep again, send it with a new key")}
     assert after == before  # nothing queued
     assert again.status_code == 201 and again.json()["id"] != made
+
+
+def test_a_retry_is_not_answered_with_another_experiment_under_the_same_id(
+        live_server, dataset_id, settings):
+    """A database restored from a backup gives out again the ids made after the backup: a
+    retry within the day of a key that named such an experiment was answered with the new
+    experiment of that id, someone else's sweep. A key keeps when its experiment was made,
+    and a retry whose experiment is not that one is told it is gone."""
+    sweep = body(dataset_id)
+    key = {"Idempotency-Key": f"restored-{dataset_id}"}
+    with live_server.client() as client:
+        first = client.post("/api/experiments", json=sweep, headers=key)
+        assert first.status_code == 201
+        made = first.json()["id"]
+        client.post(f"/api/experiments/{made}/cancel")
+        assert client.delete(f"/api/experiments/{made}").status_code == 204
+        with session_scope(settings.sqlalchemy_url) as session:  # as the backup has it
+            session.execute(text("UPDATE sqlite_sequence SET seq = :seq "
+                                 "WHERE name = 'experiments'"), {"seq": made - 1})
+        other = client.post("/api/experiments", json={**sweep, "name": "someone else's"})
+        assert other.status_code == 201 and other.json()["id"] == made
+        retry = client.post("/api/experiments", json=sweep, headers=key)
+    assert retry.status_code == 410, retry.text
+    assert retry.json()["detail"].startswith(f"experiment {made}, which the first request")
 
 
 def test_self_tuning_too_short_to_fill_its_key_queue_starts_with_a_warning(live_server,

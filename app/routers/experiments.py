@@ -125,7 +125,10 @@ def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
         except (redis.RedisError, OSError) as exc:
             raise HTTPException(503, detail="the queue (Redis) is not reachable, so this "
                                 f"Idempotency-Key cannot be checked: {exc}") from exc
-        if made is not None and (experiment := session.get(Experiment, made)) is not None:
+        experiment = None if made is None else session.get(Experiment, made[0])
+        if experiment is not None and made[1] not in (None, made_at(experiment)):
+            experiment = None  # another experiment under its id (a restored backup's)
+        if experiment is not None:
             response.status_code = 200
             response.headers["Idempotent-Replayed"] = "true"
             response.headers["Location"] = f"/api/experiments/{experiment.id}"
@@ -133,7 +136,7 @@ def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
         if made is not None:
             # Deleted since, by someone who cancelled or saw it through: a retry that made
             # it again would be the second sweep the key is there to prevent.
-            raise HTTPException(410, detail=f"experiment {made}, which the first request "
+            raise HTTPException(410, detail=f"experiment {made[0]}, which the first request "
                                 "with this Idempotency-Key made, was deleted since: to start "
                                 "the sweep again, send it with a new key")
     try:
@@ -150,11 +153,18 @@ def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
             idempotency.release(live, idempotency_key)
         raise
     if idempotency_key is not None:
-        idempotency.remember(live, idempotency_key, digest, experiment.id)
+        idempotency.remember(live, idempotency_key, digest, experiment.id,
+                             made_at(experiment))
     response.headers["Location"] = f"/api/experiments/{experiment.id}"
     started = experiment_out(experiment)
     started.warnings += device_warnings(workers_now(live), experiment.runs)
     return started
+
+
+def made_at(experiment: Experiment) -> str:
+    """When the experiment was made, as its Idempotency-Key keeps it (to the microsecond, as
+    both databases store it)."""
+    return as_utc(experiment.created_at).isoformat()
 
 
 def workers_now(live: redis.Redis) -> list[dict]:

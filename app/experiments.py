@@ -542,7 +542,7 @@ def experiment_warnings(dataset: Dataset | None, runs: list[Run],
     """What to know about an experiment before trusting or waiting for it."""
     image_size = next((run.config.get("image_size") for run in runs if run.config), None)
     return (budget_warnings(dataset, runs) + unlabeled_warnings(dataset, runs, overrides)
-            + queue_warnings(dataset, runs)
+            + queue_warnings(dataset, runs) + logging_warnings(dataset, runs)
             + (cache_warnings(dataset, image_size) if dataset is not None and image_size else []))
 
 
@@ -630,6 +630,43 @@ def queue_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:
                 f"most {keys:,} keys in it: at least {1 - keys / slots:.0%} of it stays the "
                 "random vectors it starts with, which the PGC loss counts as each class's "
                 "positives; more iterations or a smaller queue_size fill it")
+    return sorted(warnings)
+
+
+# Points of its curves a run records (a progress point every log_interval steps, an
+# evaluation every eval_interval) past which recording them takes minutes a run (about 5 ms a
+# point on SQLite) and its page reads them all: the presets record under 600.
+MANY_POINTS = 100_000
+
+
+def logging_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:
+    """Runs that would spend their time on their curves rather than on training: points by the
+    hundred thousand, or evaluations that score more test images than the steps draw."""
+    warnings = set()  # the runs of a sweep differ in budget and seed only
+    tests = (sum(counts.get("test", 0) for counts in dataset.class_counts.values())
+             if dataset is not None else 0)
+    for run in runs:
+        if not run.config:
+            continue
+        config = run.config
+        iterations, log_every, eval_every = (
+            config["iterations"], config["log_interval"], config["eval_interval"])
+        drawn = iterations * (config["batch_size"] + (
+            config["unlabeled_batch_size"] if run.method != "fine-tune" else 0))
+        points = iterations // log_every + iterations // eval_every
+        if points > MANY_POINTS:
+            warnings.add(
+                f"each run records about {points:,} points of its curves (progress every "
+                f"{log_every:,} and an evaluation every {eval_every:,} of {iterations:,} "
+                "iterations): writing them takes minutes a run, and its page reads them all; "
+                "a larger log_interval or eval_interval records fewer")
+        evaluations = (iterations - 1) // eval_every  # the last step's is the final score
+        if evaluations * tests > drawn:
+            warnings.add(
+                f"an evaluation every {eval_every:,} iterations scores the {tests:,} test images "
+                f"{evaluations:,} times, {evaluations * tests:,} images in all, more than the "
+                f"{drawn:,} images a {run.method} run's steps draw: a larger eval_interval "
+                "leaves more of each run to training")
     return sorted(warnings)
 
 

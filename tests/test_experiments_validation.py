@@ -847,6 +847,33 @@ def test_self_tuning_too_short_to_fill_its_key_queue_starts_with_a_warning(live_
     assert filled["warnings"] == baseline["warnings"] == []
 
 
+def test_runs_that_would_spend_their_time_on_their_curves_start_with_a_warning(live_server,
+                                                                             settings):
+    """log_interval 1 on a long run recorded a point a step (minutes of writes a run, and a
+    page that reads them all), and a small eval_interval on a large test split scored more
+    test images than the steps trained on, with no word of either until the runs crawled."""
+    classes = {name: {"train": 10, "test": 500} for name in ("a", "b")}  # 1,000 test images
+    dataset = add_dataset_row(settings.sqlalchemy_url, classes)
+    sweep = body(dataset, methods=["fine-tune"], budgets=[0.5])
+
+    def warnings(**overrides) -> list[str]:
+        with live_server.client() as client:
+            answer = client.post("/api/experiments/check", json={
+                **sweep, "overrides": {"pretrained": False, **overrides}})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["warnings"]
+
+    assert warnings() == []  # the quick preset: 3 evaluations of 1,000 for 6,400 drawn
+    assert warnings(eval_interval=50) == [
+        "an evaluation every 50 iterations scores the 1,000 test images 7 times, 7,000 images "
+        "in all, more than the 6,400 images a fine-tune run's steps draw: a larger "
+        "eval_interval leaves more of each run to training"]
+    assert warnings(iterations=200_000, log_interval=1, eval_interval=200_000) == [
+        "each run records about 200,001 points of its curves (progress every 1 and an "
+        "evaluation every 200,000 of 200,000 iterations): writing them takes minutes a run, "
+        "and its page reads them all; a larger log_interval or eval_interval records fewer"]
+    assert warnings(iterations=200_000, log_interval=4, eval_interval=200_000) == []
+
 def test_a_fraction_that_keeps_far_more_labels_than_asked_starts_with_a_warning(live_server,
                                                                               settings):
     """Every class keeps at least one label: 1 % of 1,000 classes of 4 images kept 1,000 labels

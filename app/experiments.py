@@ -637,11 +637,15 @@ def queue_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:
 # evaluation every eval_interval) past which recording them takes minutes a run (about 5 ms a
 # point on SQLite) and its page reads them all: the presets record under 600.
 MANY_POINTS = 100_000
+# A training image costs about three times an evaluated one (a forward pass and a backward
+# pass of twice its cost): interim evaluations scoring this many times the images the steps
+# draw take about as long as the training.
+EVALUATED_PER_TRAINED = 3
 
 
 def logging_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:
     """Runs that would spend their time on their curves rather than on training: points by the
-    hundred thousand, or evaluations that score more test images than the steps draw."""
+    hundred thousand, or evaluations that take as long as the training steps."""
     warnings = set()  # the runs of a sweep differ in budget and seed only
     tests = (sum(counts.get("test", 0) for counts in dataset.class_counts.values())
              if dataset is not None else 0)
@@ -661,12 +665,14 @@ def logging_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:
                 "iterations): writing them takes minutes a run, and its page reads them all; "
                 "a larger log_interval or eval_interval records fewer")
         evaluations = (iterations - 1) // eval_every  # the last step's is the final score
-        if evaluations * tests > drawn:
+        if evaluations * tests > EVALUATED_PER_TRAINED * drawn:
+            every = "every iteration" if eval_every == 1 else f"every {eval_every:,} iterations"
             warnings.add(
-                f"an evaluation every {eval_every:,} iterations scores the {tests:,} test images "
-                f"{evaluations:,} times, {evaluations * tests:,} images in all, more than the "
-                f"{drawn:,} images a {run.method} run's steps draw: a larger eval_interval "
-                "leaves more of each run to training")
+                f"an evaluation {every} scores the {tests:,} test images {evaluations:,} "
+                f"times, {evaluations * tests:,} images in all, over {EVALUATED_PER_TRAINED} "
+                f"times the {drawn:,} a {run.method} run's steps train on: evaluating takes "
+                "longer than training; a larger eval_interval leaves more of each run to "
+                "training")
     return sorted(warnings)
 
 

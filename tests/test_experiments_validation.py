@@ -864,10 +864,12 @@ def test_runs_that_would_spend_their_time_on_their_curves_start_with_a_warning(l
         return answer.json()["warnings"]
 
     assert warnings() == []  # the quick preset: 3 evaluations of 1,000 for 6,400 drawn
-    assert warnings(eval_interval=50) == [
-        "an evaluation every 50 iterations scores the 1,000 test images 7 times, 7,000 images "
-        "in all, more than the 6,400 images a fine-tune run's steps draw: a larger "
-        "eval_interval leaves more of each run to training"]
+    assert warnings(eval_interval=20) == []  # 19,000: under 3 times 6,400
+    assert warnings(eval_interval=10) == [
+        "an evaluation every 10 iterations scores the 1,000 test images 39 times, 39,000 "
+        "images in all, over 3 times the 6,400 a fine-tune run's steps train on: evaluating "
+        "takes longer than training; a larger eval_interval leaves more of each run to "
+        "training"]
     assert warnings(iterations=200_000, log_interval=1, eval_interval=200_000) == [
         "each run records about 200,001 points of its curves (progress every 1 and an "
         "evaluation every 200,000 of 200,000 iterations): writing them takes minutes a run, "

@@ -794,7 +794,10 @@ def test_an_ended_run_says_when_it_ran_and_its_mean_speed(live_server, request):
         assert not page.is_visible("#ended-row")
         assert page.evaluate(empty) == '"no points yet"'
         # A resumed attempt logs step 3 again: its point replaces the first in the mean (the
-        # page keeps a running sum, not a pass over every point at each event).
+        # page keeps a running sum, not a pass over every point at each event). The page has
+        # read the record's first: a read answered after the live point would put it back.
+        losses = page.get_by_role("img", name=re.compile("^loss terms over iterations"))
+        expect(losses).to_have_accessible_name(re.compile(r"up to iteration 3 of "))
         live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
         live.xadd(run_stream_key(running), {"data": json.dumps({
             "type": "progress", "run_id": running, "step": 3, "total_steps": 10,

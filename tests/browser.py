@@ -4,6 +4,7 @@ kept under test-results/<test name>/ (gitignored) so a person can look at them."
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -97,3 +98,12 @@ def open_browser(test_name: str, viewport: dict[str, int] = DESKTOP,
         finally:
             context.close()
             chromium.close()
+
+
+def wait_until_held(page: Page, held: list) -> None:
+    """Wait (up to 20 s) for a request a route holds in `held`: the route's handler runs only
+    while Playwright waits. Exactly one must come."""
+    deadline = time.monotonic() + 20
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(20)
+    assert len(held) == 1

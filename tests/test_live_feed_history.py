@@ -21,7 +21,7 @@ from app.db import session_scope
 from app.events import Hubs, Outcome, stream_events
 from app.live import experiment_stream_key, run_stream_key
 from app.models import Run, RunMetric, utcnow
-from tests.browser import open_browser
+from tests.browser import open_browser, wait_until_held
 from tests.support import add_dataset_row, start_server
 from tests.test_experiments_cancel_delete import SWEEP, end_as_worker, mark_running, start_sweep
 from tests.test_lost_runs import sse_events
@@ -394,9 +394,7 @@ def test_a_cancel_answered_after_the_feed_leaves_the_run_page_ended(live_server,
         held = []
         page.route(cancel, lambda route: held.append(route))
         page.click("#cancel")
-        deadline = time.monotonic() + 20
-        while not held and time.monotonic() < deadline:
-            page.wait_for_timeout(20)  # the route's handler runs while Playwright waits
+        wait_until_held(page, held)
         answer = held[0].fetch()  # the server asks the run to stop; the page has not heard
         assert answer.json()["status"] == "running" and answer.json()["cancel_requested"]
 

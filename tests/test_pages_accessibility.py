@@ -20,7 +20,7 @@ from playwright.sync_api import expect
 from app.db import session_scope
 from app.live import experiment_stream_key, run_stream_key
 from app.models import Artifact, Run, RunMetric
-from tests.browser import DESKTOP, PHONE, open_browser
+from tests.browser import DESKTOP, PHONE, open_browser, wait_until_held
 from tests.support import PROJECT_ROOT, add_dataset_row, app_env, make_image_archive, start_server
 from tests.test_datasets_support import upload
 from tests.test_experiments_cancel_delete import mark_running, start_sweep
@@ -319,10 +319,7 @@ def test_cancel_all_keeps_the_keyboard_until_the_server_answers(live_server, req
         held = []
         page.route(cancel, lambda route: held.append(route))
         page.keyboard.press("Enter")
-        deadline = time.monotonic() + 20
-        while not held and time.monotonic() < deadline:
-            page.wait_for_timeout(20)  # the route's handler runs while Playwright waits
-        assert len(held) == 1
+        wait_until_held(page, held)
         expect(button).to_have_text("Cancelling…")
         expect(button).to_be_focused()
         assert button.get_attribute("aria-disabled") == "true"
@@ -367,9 +364,7 @@ def test_a_cancel_answered_after_the_feed_does_not_bring_an_ended_run_back(live_
         page.route(cancel, lambda route: held.append(route))
         page.locator("#cancel-all").focus()
         page.keyboard.press("Enter")
-        deadline = time.monotonic() + 20
-        while not held and time.monotonic() < deadline:
-            page.wait_for_timeout(20)  # the route's handler runs while Playwright waits
+        wait_until_held(page, held)
         answer = held[0].fetch()  # the server cancels now; the page has not heard yet
         assert {run["id"]: run["status"] for run in answer.json()["runs"]} == {
             running: "running", queued: "cancelled"}
@@ -396,13 +391,6 @@ def hold(page, url: str, method: str) -> list:
     page.route(url, lambda route: held.append(route) if route.request.method == method
                else route.continue_())
     return held
-
-
-def wait_until_held(page, held: list) -> None:
-    deadline = time.monotonic() + 20
-    while not held and time.monotonic() < deadline:
-        page.wait_for_timeout(20)  # the route's handler runs while Playwright waits
-    assert len(held) == 1
 
 
 def test_a_refused_delete_leaves_the_keyboard_on_delete(live_server, request):

@@ -32,11 +32,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
-def reset_redis(url: str) -> None:
-    """Empty this session's Redis database, keeping the claim on it."""
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.set(CLAIM_KEY, os.getpid(), ex=6 * 3600)
+CLAIM_S = 6 * 3600
+
+
+def claim_redis_database(candidates: list[int], holder: str) -> str | None:
+    """The URL of the first of Redis databases `candidates` that no other test session
+    holds, now held by `holder`; None when every one is held."""
+    for db in candidates:
+        url = f"{REDIS_BASE}/{db}"
+        client = redis.Redis.from_url(url)
+        try:
+            if client.set(CLAIM_KEY, holder, nx=True, ex=CLAIM_S):
+                return url
+        except redis.RedisError as exc:
+            pytest.exit(f"Redis is not answering at {url} ({exc}); .ci/run starts one",
+                        returncode=3)
+    return None
+
+
+def reset_redis(url: str, holder: str | None = None) -> None:
+    """Empty this session's Redis database, keeping the claim on it. The flush and the claim
+    are one transaction: flushed first and claimed after, the database was free for a moment,
+    and a test session starting beside this one (pytest-xdist's other process) could claim it
+    too. The two then shared their feeds and flushed each other's keys mid-test."""
+    holder = holder or str(os.getpid())
+    with redis.Redis.from_url(url).pipeline() as pipe:
+        pipe.watch(CLAIM_KEY)
+        held_by = pipe.get(CLAIM_KEY)
+        if held_by is not None and held_by.decode() != holder:
+            raise RuntimeError(f"the Redis database {url} is held by test session {held_by!r}")
+        pipe.multi()
+        pipe.flushdb()
+        pipe.set(CLAIM_KEY, holder, ex=CLAIM_S)
+        pipe.execute()
 
 
 @pytest.fixture(scope="session")
@@ -47,21 +75,12 @@ def redis_url() -> Iterator[str]:
         candidates = [int(os.environ["SELFTUNE_TEST_REDIS_DB"])]
     else:
         candidates = list(range(1, 16))
-    for db in candidates:
-        url = f"{REDIS_BASE}/{db}"
-        client = redis.Redis.from_url(url)
-        try:
-            claimed = client.set(CLAIM_KEY, os.getpid(), nx=True, ex=6 * 3600)
-        except redis.RedisError as exc:
-            pytest.exit(f"Redis is not answering at {url} ({exc}); .ci/run starts one",
-                        returncode=3)
-        if claimed:
-            break
-    else:
+    url = claim_redis_database(candidates, str(os.getpid()))
+    if url is None:
         pytest.exit("every Redis database 1-15 is claimed by another test session", returncode=3)
     reset_redis(url)
     yield url
-    client.flushdb()
+    redis.Redis.from_url(url).flushdb()
 
 
 @pytest.fixture

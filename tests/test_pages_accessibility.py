@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -20,7 +23,7 @@ from playwright.sync_api import expect
 from app.db import session_scope
 from app.live import experiment_stream_key, run_stream_key
 from app.models import Artifact, Run, RunMetric
-from tests.browser import DESKTOP, PHONE, open_browser, wait_until_held
+from tests.browser import DESKTOP, PHONE, Browser, open_browser, wait_until_held
 from tests.support import PROJECT_ROOT, add_dataset_row, app_env, make_image_archive, start_server
 from tests.test_datasets_support import upload
 from tests.test_experiments_cancel_delete import mark_running, start_sweep
@@ -199,6 +202,39 @@ def send_events(live: redis.Redis, experiment_id: int, run_id: int, *events: dic
         live.xadd(experiment_stream_key(experiment_id), data)
 
 
+@dataclass
+class CancelAllPage:
+    """The experiment page of a sweep with one run running and one queued, followed live,
+    with its status watched (WATCH_LIVE); each confirm dialog accepted, its text in `asked`."""
+    browser: Browser
+    live: redis.Redis
+    experiment_id: int
+    running: int
+    queued: int
+    cancel: re.Pattern  # the page's request to cancel every run
+    asked: list[str]
+
+
+@contextmanager
+def cancel_all_page(live_server, test_name: str) -> Iterator[CancelAllPage]:
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        experiment_id, (running, queued) = start_sweep(client, add_dataset_row(database_url),
+                                                       seeds=[0])
+    mark_running(database_url, running)
+    with open_browser(test_name) as browser:
+        opened = CancelAllPage(browser, redis.Redis.from_url(live_server.redis_url),
+                               experiment_id, running, queued,
+                               re.compile(rf".*/api/experiments/{experiment_id}/cancel"), [])
+        page = browser.page
+        page.on("dialog", lambda dialog: (opened.asked.append(dialog.message), dialog.accept()))
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        expect(page.locator("#experiment-status")).to_have_text("running")
+        expect(page.locator("#live-state")).to_have_text("● live")
+        page.evaluate(WATCH_LIVE, "#experiment-status")
+        yield opened
+
+
 def test_a_running_status_is_announced_once_not_at_every_event(live_server, request):
     """The run's and the experiment's status (live regions) were drawn anew at every event
     and poll with the same word: a screen reader heard "running" every few seconds all
@@ -288,21 +324,8 @@ def test_cancel_all_keeps_the_keyboard_until_the_server_answers(live_server, req
     "Cancelling…" and off, until the answer: a refusal is said (an alert) with the keyboard
     still on it; once the runs have ended, the status says so once and Delete experiment,
     shown in its place, has the keyboard."""
-    database_url = live_server.database_url
-    live = redis.Redis.from_url(live_server.redis_url)
-    with live_server.client() as client:
-        experiment_id, (running, queued) = start_sweep(client, add_dataset_row(database_url),
-                                                       seeds=[0])
-    mark_running(database_url, running)
-    cancel = re.compile(rf".*/api/experiments/{experiment_id}/cancel")
-    asked: list[str] = []
-    with open_browser(request.node.name) as browser:
-        page = browser.page
-        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept()))
-        page.goto(f"{live_server.url}/experiments/{experiment_id}")
-        expect(page.locator("#experiment-status")).to_have_text("running")
-        expect(page.locator("#live-state")).to_have_text("● live")
-        page.evaluate(WATCH_LIVE, "#experiment-status")
+    with cancel_all_page(live_server, request.node.name) as opened:
+        page, cancel, asked = opened.browser.page, opened.cancel, opened.asked
         button = page.locator("#cancel-all")
 
         page.route(cancel, lambda route: route.fulfill(
@@ -330,16 +353,15 @@ def test_cancel_all_keeps_the_keyboard_until_the_server_answers(live_server, req
 
         # The queued run ends at once, the running one within an iteration: until then the
         # keyboard stays on the button.
-        expect(page.locator(f'#runs tr[data-run-id="{queued}"] .badge')).to_have_text(
+        expect(page.locator(f'#runs tr[data-run-id="{opened.queued}"] .badge')).to_have_text(
             "cancelled")
         expect(button).to_have_text("Cancelling…")
         expect(button).to_be_focused()
-        finish(database_url, live, running, status="cancelled")
+        finish(live_server.database_url, opened.live, opened.running, status="cancelled")
         expect(page.locator("#experiment-status")).to_have_text("cancelled")
         expect(page.locator("#delete-experiment")).to_be_focused()
         assert page.evaluate("window.heard") == ["cancelled"]
-        browser.assert_no_errors(expected=("status of 503",))
-
+        opened.browser.assert_no_errors(expected=("status of 503",))
 
 
 def test_a_cancel_answered_after_the_feed_does_not_bring_an_ended_run_back(live_server, request):
@@ -347,19 +369,9 @@ def test_a_cancel_answered_after_the_feed_does_not_bring_an_ended_run_back(live_
     the page after the feed had said the run ended, the page drew the run running again:
     Delete experiment hid itself with the keyboard on it, and the status said "running"
     with every run ended. Such an answer now gives way to a read asked after it."""
-    database_url = live_server.database_url
-    live = redis.Redis.from_url(live_server.redis_url)
-    with live_server.client() as client:
-        experiment_id, (running, queued) = start_sweep(client, add_dataset_row(database_url),
-                                                       seeds=[0])
-    mark_running(database_url, running)
-    cancel = re.compile(rf".*/api/experiments/{experiment_id}/cancel")
-    with open_browser(request.node.name) as browser:
-        page = browser.page
-        page.on("dialog", lambda dialog: dialog.accept())
-        page.goto(f"{live_server.url}/experiments/{experiment_id}")
-        expect(page.locator("#live-state")).to_have_text("● live")
-        page.evaluate(WATCH_LIVE, "#experiment-status")
+    with cancel_all_page(live_server, request.node.name) as opened:
+        browser, page, cancel = opened.browser, opened.browser.page, opened.cancel
+        experiment_id, running, queued = opened.experiment_id, opened.running, opened.queued
         held = []
         page.route(cancel, lambda route: held.append(route))
         page.locator("#cancel-all").focus()
@@ -369,7 +381,7 @@ def test_a_cancel_answered_after_the_feed_does_not_bring_an_ended_run_back(live_
         assert {run["id"]: run["status"] for run in answer.json()["runs"]} == {
             running: "running", queued: "cancelled"}
 
-        finish(database_url, live, running, status="cancelled")  # the feed says it first
+        finish(live_server.database_url, opened.live, running, status="cancelled")  # first
         expect(page.locator("#experiment-status")).to_have_text("cancelled")
         expect(page.locator("#delete-experiment")).to_be_focused()
         read_again = re.compile(rf".*/api/experiments/{experiment_id}$")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import threading
 import time
@@ -94,12 +95,12 @@ def token_matches(settings: Settings, presented: str | None) -> bool:
 
 
 class WrongTokens:
-    """The wrong tokens each client address presented lately. Past `limit` different ones
-    within `window_s`, that address's token checks are refused, the right token's too, until
-    enough of its guesses are older than the window. Different ones: a browser tab with a
-    cookie from before the token changed repeats one token, a guesser does not. Kept in the
-    web process (the app runs one); behind a proxy, uvicorn's --proxy-headers gives the
-    client's address."""
+    """The wrong tokens each client address (each IPv6 /64 network, see guessing_address)
+    presented lately. Past `limit` different ones within `window_s`, that address's token
+    checks are refused, the right token's too, until enough of its guesses are older than
+    the window. Different ones: a browser tab with a cookie from before the token changed
+    repeats one token, a guesser does not. Kept in the web process (the app runs one);
+    behind a proxy, uvicorn's --proxy-headers gives the client's address."""
 
     def __init__(self, limit: int = 10, window_s: float = 600.0,
                  clock: Callable[[], float] = time.monotonic,
@@ -107,7 +108,7 @@ class WrongTokens:
         self.limit, self.window_s, self.clock = limit, window_s, clock
         # Addresses remembered at most (about 1.4 KB each): past it, those whose last guess
         # is oldest are forgotten. Guesses from more addresses than that within the window
-        # (an IPv6 network has billions) grew the record without bound.
+        # (a botnet's, say) grew the record without bound.
         self.most_addresses = most_addresses
         # address -> token digest -> when; in the order of each address's last guess
         self._guesses: dict[str, dict[str, float]] = {}
@@ -152,13 +153,28 @@ class WrongTokens:
                 del self._guesses[next(iter(self._guesses))]
 
 
+def guessing_address(host: str) -> str:
+    """Whom WrongTokens counts a guess against: an IPv4 address, or an IPv6 address's /64
+    network. One network (a home's, a host's) hands out its 2^64 addresses at will, so one
+    guesser counted per IPv6 address had a fresh allowance of guesses with each."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an address (a Unix socket's client, say): as it is
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 def token_accepted(request: Request, settings: Settings, presented: str | None) -> bool:
     """token_matches, counting the wrong tokens a client presents (WrongTokens): a client
     past the limit gets a 429 that says when to try again."""
     if settings.token is None:
         return True
     wrong_tokens: WrongTokens = request.app.state.wrong_tokens
-    address = request.client.host if request.client else "unknown"
+    address = guessing_address(request.client.host) if request.client else "unknown"
     if wait_s := wrong_tokens.retry_after(address):
         raise HTTPException(
             status_code=429, headers={"Retry-After": str(wait_s)},

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from app.deps import AUTH_COOKIE, WrongTokens
+from app.deps import AUTH_COOKIE, WrongTokens, guessing_address
 from tests.support import app_env, start_server
 
 TOKEN = "correct-horse-battery-staple"
@@ -281,6 +281,37 @@ def test_an_address_guessing_tokens_is_held_off_and_a_stale_cookie_is_not(guarde
     with httpx.Client(base_url=guarded_server, timeout=30,
                       cookies={AUTH_COOKIE: TOKEN}) as signed_in:
         assert signed_in.get("/datasets").status_code == 429
+
+
+def test_guesses_from_one_ipv6_network_count_together(guarded_server):
+    """Counted per IPv6 address, a guesser on one network (2^64 addresses of its own) took a
+    new address every ten guesses and was never held off. Its /64 network is counted now;
+    the addresses come from a proxy on this machine (X-Forwarded-For, which uvicorn takes
+    from 127.0.0.1 only), as real clients' addresses do behind one."""
+    with httpx.Client(base_url=guarded_server, timeout=30) as client:
+        def get(address: str, token: str) -> httpx.Response:
+            return client.get("/api/experiments", headers={
+                "Authorization": f"Bearer {token}", "X-Forwarded-For": address})
+
+        for guess in range(10):  # ten different tokens, each from a new address
+            assert get(f"2001:db8:1:2::{guess + 1:x}", f"g{guess}").status_code == 401
+        held = get("2001:db8:1:2:ffff::1", TOKEN)  # the right one, from that network
+        assert held.status_code == 429, held.text
+        assert get("2001:db8:1:3::1", TOKEN).status_code == 200  # the next network is not
+        assert get("10.0.0.1", TOKEN).status_code == 200
+        for guess in range(10):  # IPv4 as ever: per address; mapped into IPv6, the same
+            address = "10.0.0.2" if guess % 2 else "::ffff:10.0.0.2"
+            assert get(address, f"g{guess}").status_code == 401
+        assert get("10.0.0.2", TOKEN).status_code == 429
+        assert get("10.0.0.3", TOKEN).status_code == 200
+
+
+def test_an_address_is_counted_as_itself_or_its_ipv6_network():
+    assert guessing_address("192.0.2.7") == "192.0.2.7"
+    assert guessing_address("2001:DB8:0:0:1::7") == "2001:db8::/64"
+    assert guessing_address("::ffff:192.0.2.7") == "192.0.2.7"
+    assert guessing_address("::1") == "::/64"
+    assert guessing_address("unknown") == "unknown"
 
 
 def test_without_a_token_the_sign_in_page_sends_people_on_and_sets_no_cookie(live_server):

@@ -8,8 +8,9 @@ import hashlib
 import json
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,11 +297,20 @@ STOP_CHECK_EVERY = 32  # images
 
 
 def _fill(array: np.ndarray, decode, should_stop: Callable[[], bool] | None = None) -> None:
-    # PIL releases the GIL while decoding and resizing, so threads overlap real work.
-    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    # PIL releases the GIL while decoding and resizing, so threads overlap real work. Each
+    # thread keeps about two images ahead of the one stored next: all of them handed to the
+    # pool at once (Executor.map), a stop was seen only once the threads had decoded far past
+    # it (a whole small pool on a busy machine), and the images decoded before their turn to
+    # be stored waited in memory, as many as the threads outran the writes.
+    threads = min(4, os.cpu_count() or 1)
+    ahead = 2 * threads
+    pool = ThreadPoolExecutor(max_workers=threads)
+    pending: deque[Future[np.ndarray]] = deque()
     try:
-        for index, pixels in enumerate(pool.map(decode, range(len(array)))):
-            array[index] = pixels
+        for index in range(len(array)):
+            while len(pending) < ahead and index + len(pending) < len(array):
+                pending.append(pool.submit(decode, index + len(pending)))
+            array[index] = pending.popleft().result()
             if should_stop is not None and index % STOP_CHECK_EVERY == 0 and should_stop():
                 raise DecodingStopped
     finally:

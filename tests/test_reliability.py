@@ -8,6 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -80,57 +83,79 @@ def start(env: dict, tmp_path: Path, name: str) -> tuple[str, Process]:
     return start_server(env, tmp_path / "logs" / f"{name}.log")
 
 
+@dataclass
+class Handover:
+    """A web server and a first worker, with a tiny dataset uploaded; a second worker starts
+    when the test asks, to take over the first one's run."""
+    env: dict
+    tmp_path: Path
+    client: httpx.Client
+    dataset_id: int
+    first: Process
+    second: Process | None = None
+
+    def start_second(self) -> None:
+        self.second = start_worker(self.env, self.tmp_path / "logs" / "second.log",
+                                   name="second")
+
+
+@contextmanager
+def handover(env: dict, tmp_path: Path) -> Iterator[Handover]:
+    """Every process it started is stopped when the test ends, the first worker killed."""
+    url, web = start(env, tmp_path, "web")
+    first = start_worker(env, tmp_path / "logs" / "first.log", name="first")
+    lab = None
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_for_worker(client, "first-")
+            lab = Handover(env, tmp_path, client, upload(client, tmp_path), first)
+            yield lab
+    finally:
+        first.stop(signal.SIGKILL)
+        if lab and lab.second:
+            lab.second.stop()
+        web.stop()
+
+
 def test_run_of_a_killed_worker_resumes_from_its_checkpoint_on_the_next_worker(
     settings, tmp_path
 ):
     env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
                   **FAST_BEATS)
-    url, web = start(env, tmp_path, "web")
-    first = start_worker(env, tmp_path / "logs" / "first.log", name="first")
-    second = None
-    try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            wait_for_worker(client, "first-")
-            dataset_id = upload(client, tmp_path)
-            run_id = start_tiny_run(client, dataset_id, iterations=60, checkpoint_interval=10)
-            checkpoint = settings.runs_dir / str(run_id) / "state" / "checkpoint.pt"
-            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 14
-                     and checkpoint.exists(), timeout=180, message="a checkpoint and progress")
-            step_at_kill = client.get(f"/api/runs/{run_id}").json()["step"]
-            first.stop(signal.SIGKILL)  # the whole worker, main process and pool child
+    with handover(env, tmp_path) as lab:
+        client = lab.client
+        run_id = start_tiny_run(client, lab.dataset_id, iterations=60, checkpoint_interval=10)
+        checkpoint = settings.runs_dir / str(run_id) / "state" / "checkpoint.pt"
+        wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["step"] >= 14
+                 and checkpoint.exists(), timeout=180, message="a checkpoint and progress")
+        step_at_kill = client.get(f"/api/runs/{run_id}").json()["step"]
+        lab.first.stop(signal.SIGKILL)  # the whole worker, main process and pool child
 
-            second = start_worker(env, tmp_path / "logs" / "second.log", name="second")
-            run = wait_for_end(client, run_id, "the run to finish on the second worker")
+        lab.start_second()
+        run = wait_for_end(client, run_id, "the run to finish on the second worker")
         assert run["status"] == "succeeded", run["error"]
         assert run["attempts"] == 2 and run["worker"].startswith("second-")
         assert run["step"] == 60 and step_at_kill < 60
         # The training state goes once the outcome is recorded: just after the record says so.
         wait_for(lambda: not checkpoint.parent.exists(), timeout=30,
                  message="the training state to be removed")
-        with session_scope(settings.sqlalchemy_url) as session:
-            steps = session.scalars(select(RunMetric.step).where(
-                RunMetric.run_id == run_id, RunMetric.kind == "progress")
-                .order_by(RunMetric.step)).all()
-            artifacts = session.scalars(select(Artifact.name).where(
-                Artifact.run_id == run_id)).all()
-            evals = session.scalars(select(RunMetric.values).where(
-                RunMetric.run_id == run_id, RunMetric.kind == "eval")).all()
-        assert steps == list(range(2, 61, 2)), "the step series has a gap or a repeat"
-        assert sorted(artifacts) == sorted(set(artifacts)) and "model.safetensors" in artifacts
-        assert len(evals) == 1
-        events = [json.loads(fields["data"]) for _, fields in
-                  redis.Redis.from_url(settings.effective_redis_url, decode_responses=True)
-                  .xrange(f"selftune:run:{run_id}:events")]
-        started = [e for e in events if e["type"] == "started"]
-        assert len(started) == 2 and started[1]["resumed_from_step"] >= 10
-        # It lost at most one checkpoint interval of training.
-        assert step_at_kill - started[1]["resumed_from_step"] <= 10 + 4
-        assert [e["type"] for e in events].count("end") == 1
-    finally:
-        first.stop(signal.SIGKILL)
-        if second:
-            second.stop()
-        web.stop()
+    with session_scope(settings.sqlalchemy_url) as session:
+        steps = session.scalars(select(RunMetric.step).where(
+            RunMetric.run_id == run_id, RunMetric.kind == "progress")
+            .order_by(RunMetric.step)).all()
+        artifacts = session.scalars(select(Artifact.name).where(
+            Artifact.run_id == run_id)).all()
+        evals = session.scalars(select(RunMetric.values).where(
+            RunMetric.run_id == run_id, RunMetric.kind == "eval")).all()
+    assert steps == list(range(2, 61, 2)), "the step series has a gap or a repeat"
+    assert sorted(artifacts) == sorted(set(artifacts)) and "model.safetensors" in artifacts
+    assert len(evals) == 1
+    events = run_events(settings.effective_redis_url, run_id)
+    started = [e for e in events if e["type"] == "started"]
+    assert len(started) == 2 and started[1]["resumed_from_step"] >= 10
+    # It lost at most one checkpoint interval of training.
+    assert step_at_kill - started[1]["resumed_from_step"] <= 10 + 4
+    assert [e["type"] for e in events].count("end") == 1
 
 
 def run_events(redis_url: str, run_id: int) -> list[dict]:
@@ -148,53 +173,43 @@ def test_a_worker_told_to_stop_hands_its_run_back_and_the_next_resumes_it_where_
     that very step. Checkpoints are otherwise rare here, so a resume from anywhere else
     would show."""
     env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url)
-    url, web = start(env, tmp_path, "web")
-    first = start_worker(env, tmp_path / "logs" / "first.log", name="first")
-    second = None
-    try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            wait_for_worker(client, "first-")
-            dataset_id = upload(client, tmp_path)
-            run_id = start_tiny_run(client, dataset_id, iterations=80, checkpoint_interval=1000)
-            wait_for_step(client, run_id, 6, "progress before the stop")
-            waiting_id = start_tiny_run(client, dataset_id, iterations=4, checkpoint_interval=1000)
-            first.popen.send_signal(signal.SIGTERM)
-            assert first.ended(timeout=60) == 0, first.log()[-4000:]
-            stopped = client.get(f"/api/runs/{run_id}").json()
-            # The broker puts it behind the run that was waiting; the page says so.
-            assert stopped["queue_position"] == 2
-            assert client.get(f"/api/runs/{waiting_id}").json()["queue_position"] == 1
-            saved = [e for e in run_events(settings.effective_redis_url, run_id)
-                     if e["type"] == "checkpoint"]
-            assert stopped["status"] == "queued" and stopped["attempts"] == 0, stopped
-            assert len(saved) == 1 and 6 <= saved[0]["step"] < 80
-            assert stopped["step"] == saved[0]["step"]
-            assert (settings.runs_dir / str(run_id) / "state" / "checkpoint.pt").is_file()
+    with handover(env, tmp_path) as lab:
+        client, dataset_id, first = lab.client, lab.dataset_id, lab.first
+        run_id = start_tiny_run(client, dataset_id, iterations=80, checkpoint_interval=1000)
+        wait_for_step(client, run_id, 6, "progress before the stop")
+        waiting_id = start_tiny_run(client, dataset_id, iterations=4, checkpoint_interval=1000)
+        first.popen.send_signal(signal.SIGTERM)
+        assert first.ended(timeout=60) == 0, first.log()[-4000:]
+        stopped = client.get(f"/api/runs/{run_id}").json()
+        # The broker puts it behind the run that was waiting; the page says so.
+        assert stopped["queue_position"] == 2
+        assert client.get(f"/api/runs/{waiting_id}").json()["queue_position"] == 1
+        saved = [e for e in run_events(settings.effective_redis_url, run_id)
+                 if e["type"] == "checkpoint"]
+        assert stopped["status"] == "queued" and stopped["attempts"] == 0, stopped
+        assert len(saved) == 1 and 6 <= saved[0]["step"] < 80
+        assert stopped["step"] == saved[0]["step"]
+        assert (settings.runs_dir / str(run_id) / "state" / "checkpoint.pt").is_file()
 
-            second = start_worker(env, tmp_path / "logs" / "second.log", name="second")
-            run = wait_for_end(client, run_id, "the run to finish on the next worker")
-            waiting = client.get(f"/api/runs/{waiting_id}").json()
-        assert run["status"] == "succeeded", run["error"]
-        assert run["attempts"] == 1 and run["worker"].startswith("second-")
-        assert waiting["status"] == "succeeded"
-        events = run_events(settings.effective_redis_url, run_id)
-        started = [e for e in events if e["type"] == "started"]
-        waiting_end = [e for e in run_events(settings.effective_redis_url, waiting_id)
-                       if e["type"] == "end"]
-        assert waiting_end[0]["time"] < started[1]["time"], "taken out of queue order"
-        assert [e["resumed_from_step"] for e in started] == [None, saved[0]["step"]]
-        assert [e["status"] for e in events if e["type"] == "status"] == [
-            "running", "queued", "running"]
-        with session_scope(settings.sqlalchemy_url) as session:
-            steps = session.scalars(select(RunMetric.step).where(
-                RunMetric.run_id == run_id, RunMetric.kind == "progress")
-                .order_by(RunMetric.step)).all()
-        assert steps == list(range(2, 81, 2)), "the step series has a gap or a repeat"
-    finally:
-        first.stop(signal.SIGKILL)
-        if second:
-            second.stop()
-        web.stop()
+        lab.start_second()
+        run = wait_for_end(client, run_id, "the run to finish on the next worker")
+        waiting = client.get(f"/api/runs/{waiting_id}").json()
+    assert run["status"] == "succeeded", run["error"]
+    assert run["attempts"] == 1 and run["worker"].startswith("second-")
+    assert waiting["status"] == "succeeded"
+    events = run_events(settings.effective_redis_url, run_id)
+    started = [e for e in events if e["type"] == "started"]
+    waiting_end = [e for e in run_events(settings.effective_redis_url, waiting_id)
+                   if e["type"] == "end"]
+    assert waiting_end[0]["time"] < started[1]["time"], "taken out of queue order"
+    assert [e["resumed_from_step"] for e in started] == [None, saved[0]["step"]]
+    assert [e["status"] for e in events if e["type"] == "status"] == [
+        "running", "queued", "running"]
+    with session_scope(settings.sqlalchemy_url) as session:
+        steps = session.scalars(select(RunMetric.step).where(
+            RunMetric.run_id == run_id, RunMetric.kind == "progress")
+            .order_by(RunMetric.step)).all()
+    assert steps == list(range(2, 81, 2)), "the step series has a gap or a repeat"
 
 
 def redis_server(port: int, directory: Path, log: Path) -> subprocess.Popen:
@@ -272,14 +287,11 @@ def test_a_run_handed_back_while_redis_is_down_is_not_left_queued_for_ever(setti
     server = redis_server(port, redis_dir, tmp_path / "redis.log")
     wait_redis(redis_url)
     env = app_env(settings.data_dir, settings.sqlalchemy_url, redis_url, **FAST_BEATS)
-    url, web = start(env, tmp_path, "web")
-    first = start_worker(env, tmp_path / "logs" / "first.log", name="first")
-    second = None
     try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            wait_for_worker(client, "first-")
-            dataset_id = upload(client, tmp_path)
-            run_id = start_tiny_run(client, dataset_id, iterations=80, checkpoint_interval=1000)
+        with handover(env, tmp_path) as lab:
+            client, first = lab.client, lab.first
+            run_id = start_tiny_run(client, lab.dataset_id, iterations=80,
+                                    checkpoint_interval=1000)
             wait_for_step(client, run_id, 6, "progress before Redis goes")
             server.kill()
             server.wait(timeout=30)
@@ -291,7 +303,7 @@ def test_a_run_handed_back_while_redis_is_down_is_not_left_queued_for_ever(setti
 
             server = redis_server(port, redis_dir, tmp_path / "redis.log")
             wait_redis(redis_url)
-            second = start_worker(env, tmp_path / "logs" / "second.log", name="second")
+            lab.start_second()
             run = wait_for_end(client, run_id,
                                "the reaper to queue the run again and a worker to end it")
         assert run["status"] == "succeeded", run["error"]
@@ -299,10 +311,6 @@ def test_a_run_handed_back_while_redis_is_down_is_not_left_queued_for_ever(setti
         started = [e for e in run_events(redis_url, run_id) if e["type"] == "started"]
         assert started[-1]["resumed_from_step"] == stopped["step"] > 0
     finally:
-        first.stop(signal.SIGKILL)
-        if second:
-            second.stop()
-        web.stop()
         server.kill()
         server.wait(timeout=30)
 

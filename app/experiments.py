@@ -655,8 +655,7 @@ def logging_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:
         config = run.config
         iterations, log_every, eval_every = (
             config["iterations"], config["log_interval"], config["eval_interval"])
-        drawn = iterations * (config["batch_size"] + (
-            config["unlabeled_batch_size"] if run.method != "fine-tune" else 0))
+        drawn = _images_drawn(config, run.method)
         points = iterations // log_every + iterations // eval_every
         if points > MANY_POINTS:
             warnings.add(
@@ -701,9 +700,11 @@ def _work(config: dict[str, Any]) -> int:
     return _images_drawn(config) * config["image_size"] ** 2
 
 
-def _images_drawn(config: dict[str, Any]) -> int:
-    """Labeled and unlabeled images a run's steps draw in all (keys, for Self-Tuning)."""
-    return config["iterations"] * (config["batch_size"] + config["unlabeled_batch_size"])
+def _images_drawn(config: dict[str, Any], method: str | None = None) -> int:
+    """Labeled and unlabeled images a run's steps draw in all (keys, for Self-Tuning); a
+    fine-tuning `method` draws labeled ones only."""
+    unlabeled = 0 if method == "fine-tune" else config["unlabeled_batch_size"]
+    return config["iterations"] * (config["batch_size"] + unlabeled)
 
 
 def decoded_bytes(dataset: Dataset, image_size: int) -> int:

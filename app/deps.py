@@ -161,11 +161,11 @@ def guessing_address(host: str) -> str:
         address = ipaddress.ip_address(host)
     except ValueError:
         return host  # not an address (a Unix socket's client, say): as it is
-    if address.version == 6 and address.ipv4_mapped is not None:
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
-    if address.version == 6:
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
 
 
 def token_accepted(request: Request, settings: Settings, presented: str | None) -> bool:

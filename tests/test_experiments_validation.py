@@ -876,6 +876,7 @@ def test_runs_that_would_spend_their_time_on_their_curves_start_with_a_warning(l
         "and its page reads them all; a larger log_interval or eval_interval records fewer"]
     assert warnings(iterations=200_000, log_interval=4, eval_interval=200_000) == []
 
+
 def test_a_fraction_that_keeps_far_more_labels_than_asked_starts_with_a_warning(live_server,
                                                                               settings):
     """Every class keeps at least one label: 1 % of 1,000 classes of 4 images kept 1,000 labels

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -580,7 +579,7 @@ def test_a_cancel_while_the_images_are_decoded_stops_the_decoding_and_keeps_noth
     pool = len(shapes_data.labeled) + len(shapes_data.unlabeled)
     # Stopped part way: at most the images the threads had been given (two each, of 34).
     # All of them given at once, the threads had decoded the whole pool by the answer.
-    assert len(decoded) <= 2 * min(4, os.cpu_count() or 1) < pool
+    assert len(decoded) <= images.DECODED_AHEAD_PER_THREAD * images.decoding_threads() < pool
     assert events.events == []  # nothing started, nothing saved
     assert not (tmp_path / "run" / "state").exists()
     assert list((tmp_path / "cache").iterdir()) == []  # its half-written cache removed

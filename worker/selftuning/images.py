@@ -294,6 +294,11 @@ def _open_cached(target: Path, shape: tuple[int, ...]) -> ImageArray | None:
 
 
 STOP_CHECK_EVERY = 32  # images
+DECODED_AHEAD_PER_THREAD = 2  # images handed to a decoding thread before their turn to be stored
+
+
+def decoding_threads() -> int:
+    return min(4, os.cpu_count() or 1)
 
 
 def _fill(array: np.ndarray, decode, should_stop: Callable[[], bool] | None = None) -> None:
@@ -302,8 +307,8 @@ def _fill(array: np.ndarray, decode, should_stop: Callable[[], bool] | None = No
     # pool at once (Executor.map), a stop was seen only once the threads had decoded far past
     # it (a whole small pool on a busy machine), and the images decoded before their turn to
     # be stored waited in memory, as many as the threads outran the writes.
-    threads = min(4, os.cpu_count() or 1)
-    ahead = 2 * threads
+    threads = decoding_threads()
+    ahead = DECODED_AHEAD_PER_THREAD * threads
     pool = ThreadPoolExecutor(max_workers=threads)
     pending: deque[Future[np.ndarray]] = deque()
     try:

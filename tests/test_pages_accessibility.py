@@ -272,10 +272,10 @@ def test_a_running_status_is_announced_once_not_at_every_event(live_server, requ
 
 
 def test_a_button_that_hides_itself_hands_the_keyboard_on(live_server, request):
-    """Run again, Cancel run and Cancel all hide themselves or turn off once pressed, and
-    Chromium then put the keyboard on <body>: Tab went on from the top of the page, and a
-    screen reader said nothing of where the user was. The button shown in their place has the
-    focus, else the page's heading with its status."""
+    """Run again hides itself once pressed, Cancel run and Cancel all once the runs they
+    cancel have ended, and Chromium then put the keyboard on <body>: Tab went on from the top
+    of the page, and a screen reader said nothing of where the user was. The button shown in
+    their place has the focus, else the page's heading with its status."""
     database_url = live_server.database_url
     live = redis.Redis.from_url(live_server.redis_url)
     with live_server.client() as client:
@@ -300,10 +300,12 @@ def test_a_button_that_hides_itself_hands_the_keyboard_on(live_server, request):
             page.focus("#cancel")
             page.keyboard.press("Enter")
             expect(page.locator("#cancel")).to_have_text("Cancelling…")
-            expect(page.locator("main h1")).to_be_focused()
+            expect(page.locator("#cancel")).to_be_focused()  # until the run has ended
+            finish(database_url, live, running, status="cancelled", step=0)  # where it stopped
+            expect(page.locator("#run-status")).to_have_text("cancelled")
+            expect(page.locator("#requeue")).to_be_focused()
 
             assert client.post(f"/api/runs/{failed}/requeue").status_code == 200
-            finish(database_url, live, running, status="cancelled")
             # The feed replays the runs' ends (the failed run's before its requeue: for a
             # moment none is left to cancel), then the page reads the record: settled.
             record = f"{live_server.url}/api/experiments/{experiment_id}"
@@ -362,6 +364,64 @@ def test_cancel_all_keeps_the_keyboard_until_the_server_answers(live_server, req
         expect(page.locator("#delete-experiment")).to_be_focused()
         assert page.evaluate("window.heard") == ["cancelled"]
         opened.browser.assert_no_errors(expected=("status of 503",))
+
+
+def test_cancel_run_keeps_the_keyboard_until_the_run_has_ended(live_server, request):
+    """Cancel run turned itself off (disabled) once the cancel was asked, which put the
+    keyboard on the page's heading before the server had answered, and left it there where
+    the answer was a refusal. It now keeps the keyboard, saying "Cancelling…" and off
+    (aria-disabled), until the answer: a refusal is said with the keyboard still on it, and a
+    second press asks nothing. Once the run has ended, Run again, shown in its place, has
+    the keyboard."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url)
+    with live_server.client() as client:
+        _, (running, _) = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+    mark_running(database_url, running)
+    with open_browser(request.node.name) as browser:
+        page, asked = browser.page, []
+        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept()))
+        page.goto(f"{live_server.url}/runs/{running}")
+        expect(page.locator("#run-status")).to_have_text("running")
+        expect(page.locator("#live-state")).to_have_text("● live")
+        page.evaluate(WATCH_LIVE, "#run-status")
+        button, cancel = page.locator("#cancel"), f"**/api/runs/{running}/cancel"
+
+        page.route(cancel, lambda route: route.fulfill(
+            status=503, json={"detail": "the database did not answer"}))
+        button.focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#cancel-error")).to_have_text(
+            "Could not cancel: the database did not answer")
+        expect(button).to_have_text("Cancel run")
+        expect(button).to_be_focused()
+        assert button.get_attribute("aria-disabled") != "true"
+        page.unroute(cancel)
+
+        held = []
+        page.route(cancel, lambda route: held.append(route))
+        page.keyboard.press("Enter")
+        wait_until_held(page, held)
+        expect(button).to_have_text("Cancelling…")
+        expect(button).to_be_focused()
+        assert button.get_attribute("aria-disabled") == "true"
+        assert page.inner_text("#cancel-error") == ""  # the refusal's word went with the ask
+        page.keyboard.press("Enter")  # off: it asks nothing more
+        assert len(asked) == 2
+        held[0].continue_()
+
+        # Asked, the run stops within an iteration: until then the keyboard stays on Cancel.
+        page.wait_for_timeout(1_000)
+        expect(button).to_have_text("Cancelling…")
+        expect(button).to_be_focused()
+        assert button.get_attribute("aria-disabled") == "true"
+        with session_scope(database_url) as session:
+            assert session.get(Run, running).cancel_requested
+        finish(database_url, live, running, status="cancelled", step=3)  # where it stopped
+        expect(page.locator("#run-status")).to_have_text("cancelled")
+        expect(page.locator("#requeue")).to_be_focused()
+        assert page.evaluate("window.heard") == ["cancelled"]
+        browser.assert_no_errors(expected=("status of 503",))
 
 
 def test_a_cancel_answered_after_the_feed_does_not_bring_an_ended_run_back(live_server, request):

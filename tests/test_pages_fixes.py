@@ -37,12 +37,13 @@ CELLS = "[...document.querySelectorAll('#budget-table tbody td')].map((c) => c.t
 
 
 def finish(database_url: str, live: redis.Redis, run_id: int, metrics: dict | None = None,
-           status: str = "succeeded") -> None:
-    """What a worker records when a run ends (its final metrics), then the feeds' end event."""
+           status: str = "succeeded", step: int | None = None) -> None:
+    """What a worker records when a run ends (its final metrics), then the feeds' end event.
+    The run ends at `step`, else at its last (a cancelled run ends where it stopped)."""
     with session_scope(database_url) as session:
         run = session.get(Run, run_id)
         run.status, run.finished_at = status, utcnow()
-        run.step = run.total_steps
+        run.step = run.total_steps if step is None else step
         if metrics is not None:
             run.metrics = metrics
     publish_end(live, run)

@@ -202,6 +202,8 @@ export function runPage() {
   }
 
   // --- status, ETA, queue position, cancel --------------------------------------------------
+  // The cancel asked and not yet answered: the button says "Cancelling…" and asks nothing more.
+  let cancelling = false;
   function drawStatus() {
     const focused = document.activeElement;
     showStatus(document.getElementById("run-status"), run.status);
@@ -233,9 +235,13 @@ export function runPage() {
     const cancel = document.getElementById("cancel");
     // Past its last step a run is not stopped (the server refuses): it scores and exports.
     cancel.hidden = TERMINAL.has(run.status) || finishing;
-    cancel.disabled = run.cancel_requested;
-    if (run.cancel_requested && !TERMINAL.has(run.status)) cancel.textContent = "Cancelling…";
-    else cancel.textContent = "Cancel run";
+    // Off once pressed, but aria-disabled rather than disabled, so that it keeps the keyboard
+    // until the run has ended (then Run again, in its place, takes it): disabled, it sent the
+    // keyboard to the heading before the server had answered, and left it there when the
+    // answer was a refusal.
+    const off = cancelling || run.cancel_requested;
+    cancel.setAttribute("aria-disabled", off);
+    cancel.textContent = off ? "Cancelling…" : "Cancel run";
     const again = RERUNNABLE.has(run.status);
     document.getElementById("requeue").hidden = !again;
     const note = document.getElementById("requeue-note");
@@ -351,10 +357,15 @@ export function runPage() {
   }
 
   document.getElementById("cancel").addEventListener("click", async () => {
+    if (cancelling || run.cancel_requested) return;
     if (!window.confirm(`Cancel run #${id}? Its training stops within about one iteration.`)) return;
+    document.getElementById("cancel-error").textContent = "";
+    cancelling = true;
+    drawStatus();
     try {
       const asked = statusNews;
       const answer = await getJSON(`/api/runs/${id}/cancel`, { method: "POST" });
+      cancelling = false;
       if (asked !== statusNews) {
         await refreshRun();
         return;
@@ -362,6 +373,9 @@ export function runPage() {
       run = answer;
       drawStatus();
     } catch (error) {
+      // The button comes back as the page knows the run; the read corrects it if it can.
+      cancelling = false;
+      drawStatus();
       document.getElementById("cancel-error").replaceChildren(...failure("Could not cancel", error));
       await refreshRun();
     }

@@ -318,12 +318,16 @@ def test_a_celery_worker_builds_the_batches_in_loader_processes(settings, redis_
     env = app_env(settings.data_dir, settings.sqlalchemy_url, redis_url)
     worker_process = start_worker(env, tmp_path / "logs" / "worker.log", name="loaders")
     client = Celery("client", broker=redis_url, backend=redis_url)
-    seen: set[int] = set()  # processes found below a pool process while the run trained
+    seen: set[int] = set()  # processes forked by a pool process while the run trained
 
     def ended() -> Run | None:
+        # Forks of a pool process, as loader processes are: the worker's device probe, also
+        # a child of the worker, runs `ldconfig` as it imports torch, once counted here.
         for pool_process in psutil.Process(worker_process.popen.pid).children():
             with contextlib.suppress(psutil.NoSuchProcess):
-                seen.update(child.pid for child in pool_process.children())
+                command = pool_process.cmdline()
+                seen.update(child.pid for child in pool_process.children()
+                            if child.cmdline() == command)
         run = read_run(settings, run_id)
         return run if run.status in ("succeeded", "failed") else None
 

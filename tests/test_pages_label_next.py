@@ -19,17 +19,21 @@ from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
 pytestmark = pytest.mark.browser
 
 
-def record_predictions(data_dir, database_url: str, run_id: int, hidden: list[str]) -> None:
+def record_predictions(data_dir, database_url: str, run_id: int, hidden: list[str],
+                       label: str = "cat", margins: list[float] | None = None) -> None:
     """predictions.csv with one row per image the budget left unlabeled, as rewritten by
-    the worker (image ids and the archive's paths)."""
+    the worker (image ids and the archive's paths), each predicted `label` with its margin
+    (by default 0.2, 0.3, ...)."""
+    if margins is None:
+        margins = [0.2 + index / 10 for index in range(len(hidden))]
     folder = data_dir / "runs" / str(run_id)
     folder.mkdir(parents=True)
     path = folder / "predictions.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "path", "label", "confidence", "margin", "hidden_label"])
-        for index, label in enumerate(hidden):
-            writer.writerow(["", f"cat/{index}.png", "cat", 0.6, 0.2 + index / 10, label])
+        for index, (hidden_label, margin) in enumerate(zip(hidden, margins, strict=True)):
+            writer.writerow(["", f"cat/{index}.png", label, 0.6, margin, hidden_label])
     with session_scope(database_url) as session:
         session.add(Artifact(run_id=run_id, name="predictions.csv",
                              path=f"runs/{run_id}/predictions.csv",
@@ -73,4 +77,42 @@ def test_label_next_offers_the_withheld_images_only_when_the_budget_hid_some(
         else:
             assert link is None and "hid" not in text and shown == []
         browser.screenshot("label-next")
+        browser.assert_no_errors()
+
+
+def test_a_thumbnails_margin_is_shown_whole_and_a_long_label_is_cut(live_server, request):
+    """A thumbnail's caption was one line cut to the thumbnail's width: "margin 100%" read
+    "margin 10…", a sure prediction shown as any other. The label (a folder name, any length)
+    is still cut to one line, whole on hover; the margin is shown whole."""
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    database_url = live_server.database_url
+    label = "camera_trap_site_" * 3
+    with live_server.client() as client:
+        _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        record_predictions(live_server.data_dir, database_url, run_ids[0], ["cat", "dog"],
+                           label=label, margins=[1.0, 0.05])
+        end_as_worker(database_url, live, run_ids[0], "succeeded")
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_ids[0]}")
+        page.wait_for_selector("#label-next-thumbs figure")
+        captions = page.evaluate("""() => [...document.querySelectorAll(
+            '#label-next-thumbs figure')].map((figure) => {
+                const part = (name) => {
+                    const node = figure.querySelector(`figcaption .${name}`);
+                    return {text: node.textContent, cut: node.scrollWidth > node.clientWidth,
+                            lines: Math.round(node.getBoundingClientRect().height
+                                              / parseFloat(getComputedStyle(node).lineHeight))};
+                };
+                return {label: part("label"), margin: part("margin"), title: figure.title,
+                        width: figure.getBoundingClientRect().width};
+            })""")
+        browser.screenshot("margins")
+        assert [caption["margin"]["text"] for caption in captions] == ["margin 5%", "margin 100%"]
+        assert not any(caption["margin"]["cut"] for caption in captions)
+        assert all(caption["label"] == {"text": label, "cut": True, "lines": 1}
+                   for caption in captions)
+        assert all(caption["width"] == 76 for caption in captions)  # the thumbnails' grid
+        assert captions[1]["title"] == f"cat/0.png: {label}, confidence 60%"
         browser.assert_no_errors()

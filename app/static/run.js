@@ -889,14 +889,17 @@ async function drawLabelNext(run) {
   ...withheld.map(thumbnail(run)));
 }
 
-// One image to label: its thumbnail, the model's label and the margin it was ranked by (its
-// confidence on hover).
-const thumbnail = (run) => (row) => h("figure", { class: "thumb", title: `${row.path}: confidence ${pct(Number(row.confidence), 0)}` },
+// One image to label: its thumbnail, the model's label and the margin it was ranked by (the
+// whole label and its confidence on hover). A long label is cut to the thumbnail's width, the
+// margin never: cut, "margin 100%" read "margin 10…".
+const thumbnail = (run) => (row) => h("figure", { class: "thumb",
+  title: `${row.path}: ${row.label}, confidence ${pct(Number(row.confidence), 0)}` },
   row.image_id
     ? h("img", { src: `/api/datasets/${run.dataset_id}/images/${row.image_id}/thumbnail`,
       alt: row.path, loading: "lazy", width: 72, height: 72 })
     : h("span", { class: "muted" }, row.path),
-  h("figcaption", {}, row.label, h("br"), `margin ${pct(Number(row.margin), 0)}`));
+  h("figcaption", {}, h("span", { class: "label" }, row.label),
+    h("span", { class: "margin" }, `margin ${pct(Number(row.margin), 0)}`)));
 
 async function drawDownloads(run, classNames) {
   const predictions = run.artifacts.find((a) => a.name === "predictions.csv");

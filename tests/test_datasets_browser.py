@@ -38,6 +38,8 @@ def test_chosen_archive_uploads_with_progress_and_opens_the_dataset_page(
         dialogs: list[str] = []
         page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.dismiss()))
         page.goto(server.url + "/datasets/new")
+        # Both pages say where they stand, as the experiment and run pages do.
+        assert page.inner_text(".crumbs") == "Datasets › upload"
         page.set_input_files("#file", str(archive))
         assert "pets.zip" in page.inner_text("#chosen")
         page.fill("#name", "Pets")
@@ -46,6 +48,9 @@ def test_chosen_archive_uploads_with_progress_and_opens_the_dataset_page(
         assert dialogs == []
 
         assert page.inner_text("h1") == "Pets"
+        dataset_id = page.url.rsplit("/", 1)[1]
+        assert page.inner_text(".crumbs") == f"Datasets › #{dataset_id}"
+        assert page.get_attribute(".crumbs a", "href") == "/datasets"
         assert "cat" in page.inner_text("#class-counts")
         assert "not an image (.txt)" in page.inner_text("#skipped")
         assert page.get_attribute("#start-experiment", "href").startswith(

@@ -318,6 +318,35 @@ def test_a_button_that_hides_itself_hands_the_keyboard_on(live_server, request):
             browser.assert_no_errors()
 
 
+def refused_then_held(page, button, cancel, error: str, idle_text: str) -> list:
+    """Press the cancel `button` (focused, confirmed) twice: the server refuses the first
+    (said in `error`, the button back as `idle_text` with the keyboard on it); the second
+    ask (to `cancel`) is held and returned, the button off ("Cancelling…", aria-disabled)
+    with the keyboard on it, the refusal's word gone, and a third press asks nothing."""
+    page.route(cancel, lambda route: route.fulfill(
+        status=503, json={"detail": "the database did not answer"}))
+    button.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator(error)).to_have_text("Could not cancel: the database did not answer")
+    expect(button).to_have_text(idle_text)
+    expect(button).to_be_focused()
+    assert button.get_attribute("aria-disabled") != "true"
+    page.unroute(cancel)
+
+    held = []
+    page.route(cancel, lambda route: held.append(route))
+    page.keyboard.press("Enter")
+    wait_until_held(page, held)
+    expect(button).to_have_text("Cancelling…")
+    expect(button).to_be_focused()
+    assert button.get_attribute("aria-disabled") == "true"
+    assert page.inner_text(error) == ""
+    page.keyboard.press("Enter")  # off: it asks nothing more
+    page.wait_for_timeout(200)
+    assert len(held) == 1
+    return held
+
+
 def test_cancel_all_keeps_the_keyboard_until_the_server_answers(live_server, request):
     """Cancel all turned itself off as it was pressed, which put the keyboard on the page's
     heading before the server had answered: a screen reader read the heading with the
@@ -329,27 +358,8 @@ def test_cancel_all_keeps_the_keyboard_until_the_server_answers(live_server, req
     with cancel_all_page(live_server, request.node.name) as opened:
         page, cancel, asked = opened.browser.page, opened.cancel, opened.asked
         button = page.locator("#cancel-all")
-
-        page.route(cancel, lambda route: route.fulfill(
-            status=503, json={"detail": "the database did not answer"}))
-        button.focus()
-        page.keyboard.press("Enter")
-        expect(page.locator("#action-error")).to_have_text(
-            "Could not cancel: the database did not answer")
-        expect(button).to_have_text("Cancel all runs")
-        expect(button).to_be_focused()
-        assert button.get_attribute("aria-disabled") != "true"
-        page.unroute(cancel)
-
-        held = []
-        page.route(cancel, lambda route: held.append(route))
-        page.keyboard.press("Enter")
-        wait_until_held(page, held)
-        expect(button).to_have_text("Cancelling…")
-        expect(button).to_be_focused()
-        assert button.get_attribute("aria-disabled") == "true"
-        page.keyboard.press("Enter")  # off: it asks nothing more
-        assert len(asked) == 2 and page.inner_text("#action-error") == ""
+        held = refused_then_held(page, button, cancel, "#action-error", "Cancel all runs")
+        assert len(asked) == 2
         assert page.evaluate("window.heard") == []  # nothing said before the answer
         held[0].continue_()
 
@@ -385,28 +395,9 @@ def test_cancel_run_keeps_the_keyboard_until_the_run_has_ended(live_server, requ
         expect(page.locator("#run-status")).to_have_text("running")
         expect(page.locator("#live-state")).to_have_text("● live")
         page.evaluate(WATCH_LIVE, "#run-status")
-        button, cancel = page.locator("#cancel"), f"**/api/runs/{running}/cancel"
-
-        page.route(cancel, lambda route: route.fulfill(
-            status=503, json={"detail": "the database did not answer"}))
-        button.focus()
-        page.keyboard.press("Enter")
-        expect(page.locator("#cancel-error")).to_have_text(
-            "Could not cancel: the database did not answer")
-        expect(button).to_have_text("Cancel run")
-        expect(button).to_be_focused()
-        assert button.get_attribute("aria-disabled") != "true"
-        page.unroute(cancel)
-
-        held = []
-        page.route(cancel, lambda route: held.append(route))
-        page.keyboard.press("Enter")
-        wait_until_held(page, held)
-        expect(button).to_have_text("Cancelling…")
-        expect(button).to_be_focused()
-        assert button.get_attribute("aria-disabled") == "true"
-        assert page.inner_text("#cancel-error") == ""  # the refusal's word went with the ask
-        page.keyboard.press("Enter")  # off: it asks nothing more
+        button = page.locator("#cancel")
+        held = refused_then_held(page, button, f"**/api/runs/{running}/cancel",
+                                 "#cancel-error", "Cancel run")
         assert len(asked) == 2
         held[0].continue_()
 

@@ -318,26 +318,27 @@ def test_a_button_that_hides_itself_hands_the_keyboard_on(live_server, request):
             browser.assert_no_errors()
 
 
-def refused_then_held(page, button, cancel, error: str, idle_text: str) -> list:
-    """Press the cancel `button` (focused, confirmed) twice: the server refuses the first
-    (said in `error`, the button back as `idle_text` with the keyboard on it); the second
-    ask (to `cancel`) is held and returned, the button off ("Cancelling…", aria-disabled)
-    with the keyboard on it, the refusal's word gone, and a third press asks nothing."""
-    page.route(cancel, lambda route: route.fulfill(
+def refused_then_held(page, button, url: str, error: str, idle: str,
+                      busy: str = "Cancelling…", refused: str = "Could not cancel") -> list:
+    """Press `button` (focused, confirmed) twice: the server refuses the first (said in
+    `error` after `refused`, the button back as `idle` with the keyboard on it); the second
+    ask (to `url`) is held and returned, the button off (`busy`, aria-disabled) with the
+    keyboard on it, the refusal's word gone, and a third press asks nothing."""
+    page.route(url, lambda route: route.fulfill(
         status=503, json={"detail": "the database did not answer"}))
     button.focus()
     page.keyboard.press("Enter")
-    expect(page.locator(error)).to_have_text("Could not cancel: the database did not answer")
-    expect(button).to_have_text(idle_text)
+    expect(page.locator(error)).to_have_text(f"{refused}: the database did not answer")
+    expect(button).to_have_text(idle)
     expect(button).to_be_focused()
     assert button.get_attribute("aria-disabled") != "true"
-    page.unroute(cancel)
+    page.unroute(url)
 
     held = []
-    page.route(cancel, lambda route: held.append(route))
+    page.route(url, lambda route: held.append(route))
     page.keyboard.press("Enter")
     wait_until_held(page, held)
-    expect(button).to_have_text("Cancelling…")
+    expect(button).to_have_text(busy)
     expect(button).to_be_focused()
     assert button.get_attribute("aria-disabled") == "true"
     assert page.inner_text(error) == ""
@@ -412,6 +413,46 @@ def test_cancel_run_keeps_the_keyboard_until_the_run_has_ended(live_server, requ
         expect(page.locator("#run-status")).to_have_text("cancelled")
         expect(page.locator("#requeue")).to_be_focused()
         assert page.evaluate("window.heard") == ["cancelled"]
+        browser.assert_no_errors(expected=("status of 503",))
+
+
+def test_run_again_pressed_twice_queues_the_run_once_and_says_no_failure(live_server, request):
+    """Run again stayed on until the server answered: a double click asked twice, and the
+    second ask, refused since the first had queued the run, was said as "Could not run it
+    again" under a run that was queued. It now turns off ("Queuing…", aria-disabled, keeping
+    the keyboard) until the answer, and comes back after a refusal; once the run is queued,
+    Cancel run, shown in its place, has the keyboard."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url)
+    with live_server.client() as client:
+        _, (failed, _) = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+    mark_running(database_url, failed)
+    finish(database_url, live, failed, status="failed", step=0)
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{failed}")
+        expect(page.locator("#run-status")).to_have_text("failed")
+        button, requeue = page.locator("#requeue"), f"**/api/runs/{failed}/requeue"
+        held = refused_then_held(page, button, requeue, "#cancel-error", "Run again",
+                                 busy="Queuing…", refused="Could not run it again")
+        held[0].continue_()
+        expect(page.locator("#run-status")).to_have_text("queued")
+        expect(page.locator("#cancel")).to_be_focused()
+        assert page.inner_text("#cancel-error") == ""
+        page.unroute(requeue)
+
+        # With the mouse: a double click queues the run once.
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.locator("#cancel").press("Enter")  # a queued run ends at once
+        expect(page.locator("#run-status")).to_have_text("cancelled")
+        asked = []
+        page.on("request", lambda sent: asked.append(sent.method)
+                if sent.url.endswith(f"/api/runs/{failed}/requeue") else None)
+        button.dblclick()
+        expect(page.locator("#run-status")).to_have_text("queued")
+        page.wait_for_timeout(500)
+        assert asked == ["POST"]
+        assert page.inner_text("#cancel-error") == ""
         browser.assert_no_errors(expected=("status of 503",))
 
 

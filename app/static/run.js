@@ -204,6 +204,9 @@ export function runPage() {
   // --- status, ETA, queue position, cancel --------------------------------------------------
   // The cancel asked and not yet answered: the button says "Cancelling…" and asks nothing more.
   let cancelling = false;
+  // The same for Run again ("Queuing…"): a double click asked twice, and the second ask, refused
+  // as the first had queued the run, was said as a failure ("Could not run it again").
+  let requeueing = false;
   function drawStatus() {
     const focused = document.activeElement;
     showStatus(document.getElementById("run-status"), run.status);
@@ -243,12 +246,14 @@ export function runPage() {
     cancel.setAttribute("aria-disabled", off);
     cancel.textContent = off ? "Cancelling…" : "Cancel run";
     const again = RERUNNABLE.has(run.status);
-    document.getElementById("requeue").hidden = !again;
+    const requeue = document.getElementById("requeue");
+    requeue.hidden = !again;
+    requeue.setAttribute("aria-disabled", requeueing);
+    requeue.textContent = requeueing ? "Queuing…" : "Run again";
     const note = document.getElementById("requeue-note");
     note.hidden = !again;
     // A run stopped before its first saved training state has nothing to resume from.
     note.textContent = run.resumable ? "resumes from its last checkpoint" : "starts from the beginning";
-    const requeue = document.getElementById("requeue");
     handFocus(focused, cancel, [requeue]);
     handFocus(focused, requeue, [cancel]);
     const error = document.getElementById("run-error");
@@ -382,14 +387,20 @@ export function runPage() {
   });
 
   document.getElementById("requeue").addEventListener("click", async () => {
+    if (requeueing) return;
     document.getElementById("cancel-error").textContent = "";
+    requeueing = true;
+    drawStatus();
     try {
       run = await getJSON(`/api/runs/${id}/requeue`, { method: "POST" });
     } catch (error) {
+      requeueing = false;
+      drawStatus();
       document.getElementById("cancel-error").replaceChildren(...failure("Could not run it again", error));
       await refreshRun();
       return;
     }
+    requeueing = false;
     drawStatus();
     document.getElementById("results").hidden = true;
     finishedDrawn = false;

@@ -33,6 +33,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 CLAIM_S = 6 * 3600
+SESSION = str(os.getpid())  # this test session (one per pytest-xdist process), as a claim names it
 
 
 def claim_redis_database(candidates: list[int], holder: str) -> str | None:
@@ -50,20 +51,19 @@ def claim_redis_database(candidates: list[int], holder: str) -> str | None:
     return None
 
 
-def reset_redis(url: str, holder: str | None = None) -> None:
+def reset_redis(url: str) -> None:
     """Empty this session's Redis database, keeping the claim on it. The flush and the claim
     are one transaction: flushed first and claimed after, the database was free for a moment,
     and a test session starting beside this one (pytest-xdist's other process) could claim it
     too. The two then shared their feeds and flushed each other's keys mid-test."""
-    holder = holder or str(os.getpid())
     with redis.Redis.from_url(url).pipeline() as pipe:
         pipe.watch(CLAIM_KEY)
         held_by = pipe.get(CLAIM_KEY)
-        if held_by is not None and held_by.decode() != holder:
+        if held_by is not None and held_by.decode() != SESSION:
             raise RuntimeError(f"the Redis database {url} is held by test session {held_by!r}")
         pipe.multi()
         pipe.flushdb()
-        pipe.set(CLAIM_KEY, holder, ex=CLAIM_S)
+        pipe.set(CLAIM_KEY, SESSION, ex=CLAIM_S)
         pipe.execute()
 
 
@@ -75,7 +75,7 @@ def redis_url() -> Iterator[str]:
         candidates = [int(os.environ["SELFTUNE_TEST_REDIS_DB"])]
     else:
         candidates = list(range(1, 16))
-    url = claim_redis_database(candidates, str(os.getpid()))
+    url = claim_redis_database(candidates, SESSION)
     if url is None:
         pytest.exit("every Redis database 1-15 is claimed by another test session", returncode=3)
     reset_redis(url)

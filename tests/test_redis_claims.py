@@ -3,13 +3,12 @@ one of databases 1-15, and no other session may take it while it empties it betw
 
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
 import redis
 
-from tests.conftest import CLAIM_KEY, claim_redis_database, reset_redis
+from tests.conftest import CLAIM_KEY, SESSION, claim_redis_database, reset_redis
 
 
 def db_number(url: str) -> int:
@@ -39,7 +38,7 @@ def test_a_database_being_emptied_cannot_be_claimed_by_another_session(redis_url
     finally:
         stop.set()
         claimer.join()
-        redis.Redis.from_url(redis_url).set(CLAIM_KEY, os.getpid())  # ours, whatever happened
+        redis.Redis.from_url(redis_url).set(CLAIM_KEY, SESSION)  # ours, whatever happened
     assert taken == []
 
 
@@ -52,4 +51,4 @@ def test_a_database_held_by_another_session_is_not_emptied(redis_url):
             reset_redis(redis_url)
         assert client.get("kept") == b"1"
     finally:
-        client.set(CLAIM_KEY, os.getpid())
+        client.set(CLAIM_KEY, SESSION)

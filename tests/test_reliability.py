@@ -32,6 +32,7 @@ from tests.support import (
     start_worker,
     wait_for,
 )
+from tests.test_worker_lifecycle import progress_steps
 
 FAST_BEATS = {"SELFTUNE_HEARTBEAT_INTERVAL_S": "1", "SELFTUNE_STALE_AFTER_S": "6"}
 
@@ -139,10 +140,8 @@ def test_run_of_a_killed_worker_resumes_from_its_checkpoint_on_the_next_worker(
         # The training state goes once the outcome is recorded: just after the record says so.
         wait_for(lambda: not checkpoint.parent.exists(), timeout=30,
                  message="the training state to be removed")
+    steps = progress_steps(settings, run_id)
     with session_scope(settings.sqlalchemy_url) as session:
-        steps = session.scalars(select(RunMetric.step).where(
-            RunMetric.run_id == run_id, RunMetric.kind == "progress")
-            .order_by(RunMetric.step)).all()
         artifacts = session.scalars(select(Artifact.name).where(
             Artifact.run_id == run_id)).all()
         evals = session.scalars(select(RunMetric.values).where(
@@ -205,11 +204,8 @@ def test_a_worker_told_to_stop_hands_its_run_back_and_the_next_resumes_it_where_
     assert [e["resumed_from_step"] for e in started] == [None, saved[0]["step"]]
     assert [e["status"] for e in events if e["type"] == "status"] == [
         "running", "queued", "running"]
-    with session_scope(settings.sqlalchemy_url) as session:
-        steps = session.scalars(select(RunMetric.step).where(
-            RunMetric.run_id == run_id, RunMetric.kind == "progress")
-            .order_by(RunMetric.step)).all()
-    assert steps == list(range(2, 81, 2)), "the step series has a gap or a repeat"
+    assert progress_steps(settings, run_id) == list(range(2, 81, 2)), (
+        "the step series has a gap or a repeat")
 
 
 def redis_server(port: int, directory: Path, log: Path) -> subprocess.Popen:
@@ -264,11 +260,7 @@ def test_training_goes_on_through_a_redis_restart_and_the_record_is_complete(
         assert run["attempts"] == 1, "training restarted instead of going on"
         assert down_at < 80
         assert json.loads(frames[-1][5:])["type"] == "end"
-        with session_scope(settings.sqlalchemy_url) as session:
-            steps = session.scalars(select(RunMetric.step).where(
-                RunMetric.run_id == run_id, RunMetric.kind == "progress")
-                .order_by(RunMetric.step)).all()
-        assert steps == list(range(2, 81, 2))
+        assert progress_steps(settings, run_id) == list(range(2, 81, 2))
     finally:
         worker.stop()
         web.stop()

@@ -83,14 +83,17 @@ def test_label_next_offers_the_withheld_images_only_when_the_budget_hid_some(
 def test_a_thumbnails_margin_is_shown_whole_and_a_long_label_is_cut(live_server, request):
     """A thumbnail's caption was one line cut to the thumbnail's width: "margin 100%" read
     "margin 10…", a sure prediction shown as any other. The label (a folder name, any length)
-    is still cut to one line, whole on hover; the margin is shown whole."""
+    is still cut to one line, whole on hover; the margin is shown whole, and to two decimals
+    below 1 %: the images first in line all read "margin 0%". On hover, an image whose label
+    the budget withheld also says that label."""
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
     database_url = live_server.database_url
     label = "camera_trap_site_" * 3
     with live_server.client() as client:
         _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
-        record_predictions(live_server.data_dir, database_url, run_ids[0], ["cat", "dog"],
-                           label=label, margins=[1.0, 0.05])
+        record_predictions(live_server.data_dir, database_url, run_ids[0],
+                           ["cat", "dog", "cat", "dog", "cat"], label=label,
+                           margins=[1.0, 0.05, 0.0042, 0.00003, 0.0])
         end_as_worker(database_url, live, run_ids[0], "succeeded")
 
     with open_browser(request.node.name) as browser:
@@ -109,10 +112,12 @@ def test_a_thumbnails_margin_is_shown_whole_and_a_long_label_is_cut(live_server,
                         width: figure.getBoundingClientRect().width};
             })""")
         browser.screenshot("margins")
-        assert [caption["margin"]["text"] for caption in captions] == ["margin 5%", "margin 100%"]
+        assert [caption["margin"]["text"] for caption in captions] == [
+            "margin 0%", "margin <0.01%", "margin 0.42%", "margin 5%", "margin 100%"]
         assert not any(caption["margin"]["cut"] for caption in captions)
         assert all(caption["label"] == {"text": label, "cut": True, "lines": 1}
                    for caption in captions)
         assert all(caption["width"] == 76 for caption in captions)  # the thumbnails' grid
-        assert captions[1]["title"] == f"cat/0.png: {label}, confidence 60%"
+        assert captions[4]["title"] == f"cat/0.png: {label}, confidence 60%; labeled cat"
+        assert captions[1]["title"] == f"cat/3.png: {label}, confidence 60%; labeled dog"
         browser.assert_no_errors()

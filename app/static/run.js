@@ -900,17 +900,23 @@ async function drawLabelNext(run) {
   ...withheld.map(thumbnail(run)));
 }
 
+// The images first in line have margins near 0: in whole percents all of them read "margin 0%".
+const marginText = (margin) => (margin === 0 || !(margin < 0.01) ? pct(margin, 0)
+  : margin >= 0.0001 ? pct(margin, 2) : "<0.01%");
+
 // One image to label: its thumbnail, the model's label and the margin it was ranked by (the
-// whole label and its confidence on hover). A long label is cut to the thumbnail's width, the
-// margin never: cut, "margin 100%" read "margin 10…".
+// whole label, its confidence and, for an image whose label the budget withheld, that label on
+// hover). A long label is cut to the thumbnail's width, the margin never: cut, "margin 100%"
+// read "margin 10…".
 const thumbnail = (run) => (row) => h("figure", { class: "thumb",
-  title: `${row.path}: ${row.label}, confidence ${pct(Number(row.confidence), 0)}` },
+  title: `${row.path}: ${row.label}, confidence ${pct(Number(row.confidence), 0)}`
+    + (row.hidden_label ? `; labeled ${row.hidden_label}` : "") },
   row.image_id
     ? h("img", { src: `/api/datasets/${run.dataset_id}/images/${row.image_id}/thumbnail`,
       alt: row.path, loading: "lazy", width: 72, height: 72 })
     : h("span", { class: "muted" }, row.path),
   h("figcaption", {}, h("span", { class: "label" }, row.label),
-    h("span", { class: "margin" }, `margin ${pct(Number(row.margin), 0)}`)));
+    h("span", { class: "margin" }, `margin ${marginText(Number(row.margin))}`)));
 
 async function drawDownloads(run, classNames) {
   const predictions = run.artifacts.find((a) => a.name === "predictions.csv");

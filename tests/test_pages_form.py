@@ -11,7 +11,7 @@ import pytest
 from app.db import session_scope
 from app.deps import AUTH_COOKIE
 from app.models import Dataset
-from tests.browser import open_browser
+from tests.browser import DESKTOP, PHONE, open_browser
 from tests.support import add_dataset_row, app_env, start_server
 
 
@@ -260,4 +260,44 @@ def test_the_budgets_follow_the_chosen_dataset_until_the_user_types_some(
         page.fill("#f-budgets", "10%, all")
         page.select_option("#f-dataset_id", str(small))
         assert page.input_value("#f-budgets") == "10%, all"
+        browser.assert_no_errors()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("window", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_the_chosen_dataset_is_read_whole_where_the_window_has_room(
+    live_server, request, window
+):
+    """The dataset's name and counts ("animal-mnist — 10 classes, 7,716 labeled, 0 unlabe")
+    were cut at the width of the other fields; a select cannot wrap. On a phone it stays
+    inside the window."""
+    with session_scope(live_server.database_url) as session:
+        dataset = Dataset(
+            name="camera-traps-north", storage_key="camera-traps-form-test",
+            fingerprint="1" * 64, class_names=[f"species-{n}" for n in range(12)],
+            class_counts={f"species-{n}": {"train": 1000, "test": 200} for n in range(12)},
+            unlabeled_count=67890, image_count=82290,
+        )
+        session.add(dataset)
+        session.flush()
+        dataset_id = dataset.id
+    with open_browser(request.node.name, viewport=window) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/new?dataset_id={dataset_id}")
+        fit = page.evaluate("""() => {
+            const select = document.querySelector('#f-dataset_id');
+            const style = getComputedStyle(select);
+            const pen = document.createElement('canvas').getContext('2d');
+            pen.font = style.font;
+            return {text: select.options[select.selectedIndex].text,
+                    needs: pen.measureText(select.options[select.selectedIndex].text).width,
+                    room: select.clientWidth - parseFloat(style.paddingLeft)
+                          - parseFloat(style.paddingRight) - 20};  // 20: the arrow
+        }""")
+        browser.screenshot("dataset-choice")
+        assert fit["text"] == ("camera-traps-north — 12 classes, 12,000 labeled, "
+                               "67,890 unlabeled")
+        if window == DESKTOP:
+            assert fit["needs"] <= fit["room"], fit
+        assert browser.horizontal_overflow() == 0
         browser.assert_no_errors()

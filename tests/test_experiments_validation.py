@@ -93,7 +93,11 @@ def messages(response) -> str:
     ({"budgets": [{"per_class": 0}]}, 422, "per_class"),
     ({"budgets": ["most"]}, 422, "budgets[0]: budget 'most': use a fraction such as 0.05, "
      '"5%", {"per_class": 4}, "4/class" or "all"'),
-    ({"budgets": ["0.05"]}, 422, "budget '0.05': use"),  # JSON has numbers
+    # JSON has numbers; the message said "use a fraction such as 0.05" of "0.05".
+    ({"budgets": ["0.05"]}, 422,
+     "budgets[0]: budget '0.05': a fraction is a JSON number, 0.05 without quotes (or \"5%\")"),
+    ({"budgets": [" .5 "]}, 422, "a fraction is a JSON number, 0.5 without quotes (or \"50%\")"),
+    ({"budgets": ["5"]}, 422, "budgets[0]: budget '5': use a fraction such as 0.05, "),
     ({"budgets": ["150%"]}, 422, "budget fraction 1.5 must be in (0, 1]"),
     ({"budgets": ["0/class"]}, 422, "per_class 0 must be an integer >= 1"),
     ({"budgets": [0.1, 0.1]}, 422, "listed twice"),

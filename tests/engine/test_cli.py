@@ -6,6 +6,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -119,6 +120,22 @@ def test_module_entry_point_shows_usage():
     result = subprocess.run([sys.executable, "-m", "worker.selftuning", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_every_train_option_says_what_it_does_when_left_out(capsys):
+    """`train --help` listed --seed, --device, --iterations and others by name alone: what a
+    run does without them was in the code."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    described = {block.split()[0]: " ".join(block.split())
+                 for block in re.split(r"\n(?=  -)", text.split("options:")[1]) if block}
+    left_out = set(described) - {"-h,", "--data", "--out", "--no-pretrained"}
+    assert len(left_out) == 11
+    assert [name for name in left_out if "default: " not in described[name]] == []
+    assert "quick: 64 px, 400 iterations (default: quick)" in described["--preset"]
+    assert "(default: tf_efficientnet_lite0, whose weights load offline)" in described[
+        "--backbone"]
 
 
 @pytest.mark.parametrize(("text", "label"), [("0.05", "5%"), ("15%", "15%"),

@@ -77,22 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worker.selftuning")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("train", help="train one run and export the model")
+    # Each option says what it does when left out (the preset's value where it has one).
+    presets = {name: make() for name, make in PRESETS.items()}
+    defaults = RunConfig()
     run.add_argument("--data", required=True,
                      help="folder, .zip or .tar (.gz, .bz2, .xz) dataset")
     run.add_argument("--out", required=True, help="output folder (resumes if it has a state)")
-    run.add_argument("--method", default="self-tuning", choices=sorted(METHODS))
-    run.add_argument("--budget", default="0.05", help="0.05, 5%%, 10/class or all")
-    run.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-    run.add_argument("--iterations", type=int)
-    run.add_argument("--image-size", type=int)
-    run.add_argument("--seed", type=int)
-    run.add_argument("--backbone")
+    run.add_argument("--method", default="self-tuning", choices=sorted(METHODS),
+                     help="default: %(default)s")
+    run.add_argument("--budget", default="0.05",
+                     help="0.05, 5%%, 10/class or all (default: %(default)s)")
+    run.add_argument("--preset", default="quick", choices=sorted(PRESETS), help=(
+        "; ".join(f"{name}: {config.image_size} px, {config.iterations:,} iterations"
+                  for name, config in sorted(presets.items()))
+        + " (default: %(default)s); the options below replace its values"))
+    run.add_argument("--iterations", type=int, help="default: the preset's")
+    run.add_argument("--image-size", type=int, help="in pixels (default: the preset's)")
+    run.add_argument("--seed", type=int, help="which images the budget labels, and every "
+                     f"random draw of the training (default: {defaults.seed})")
+    run.add_argument("--backbone", help="a timm architecture, or a .safetensors file: "
+                     "ARCH:FILE, or FILE with timm's config.json beside it "
+                     f"(default: {defaults.backbone}, whose weights load offline)")
     run.add_argument("--no-pretrained", action="store_true", help="random initialisation")
-    run.add_argument("--device")
+    run.add_argument("--device", help="auto (a CUDA GPU when there is one, else the CPU), cpu, "
+                     f"cuda or cuda:N (default: {defaults.device})")
     run.add_argument("--num-workers", type=int,
-                     help="processes building the batches (0: none; -1: chosen for the device)")
-    run.add_argument("--cpu-threads", type=int, help="torch threads on CPU (0: all cores)")
-    run.add_argument("--cache-dir", help="keep decoded images here between runs")
+                     help="processes building the batches (0: none; -1: chosen for the device; "
+                     f"default: {defaults.num_workers})")
+    run.add_argument("--cpu-threads", type=int, help="torch threads on CPU (0: all cores; "
+                     f"default: {defaults.cpu_threads})")
+    run.add_argument("--cache-dir", help="keep decoded images here between runs (default: "
+                     "none, they are decoded again)")
     return parser
 
 

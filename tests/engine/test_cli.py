@@ -416,12 +416,16 @@ def test_progress_lines_give_the_time_taken_and_left_and_name_trainings_pseudo_l
               "lr": 0.01, "images_per_s": 32.0})
     progress({"type": "eval", "step": 120, "total_steps": 400, "test_top1": 0.5,
               "pseudo_label_acc": 0.25})
+    # Fine-tuning has no pseudo-labels: said by leaving the score out, not as "=None".
+    progress({"type": "eval", "step": 120, "total_steps": 400, "test_top1": 0.5,
+              "pseudo_label_acc": None})
     assert capsys.readouterr().out.splitlines() == [
         "[100/400] resumed",
         "[110/400] ce=1.0000 lr=0.01 32.0 img/s, 30 s, 14 min 30 s left",  # from the resume
         "[120/400] ce=0.5000 lr=0.01 32.0 img/s, 1 min 0 s, 14 min 0 s left",
         # As the final line names it: its pseudo_label_acc is the final model's.
         "[120/400] eval test_top1=0.5000 train_pseudo_label_acc=0.2500",
+        "[120/400] eval test_top1=0.5000",
     ]
 
 

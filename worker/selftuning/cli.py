@@ -458,7 +458,9 @@ def print_event(event: dict, timing: str = "") -> None:
         print(f"{where} {losses} lr={event['lr']:.2g} {event['images_per_s']:.1f} img/s"
               f"{timing}", flush=True)
     elif event["type"] == "eval":
-        shown = {k: v for k, v in event.items() if k not in ("type", "step", "total_steps")}
+        # A score the method has none of (fine-tuning's pseudo-labels) is left out, not "None".
+        shown = {k: v for k, v in event.items()
+                 if k not in ("type", "step", "total_steps") and v is not None}
         # Training's pseudo-labels (since the previous evaluation), as the final line names
         # them; its pseudo_label_acc is the final model's, on the images the budget hid.
         shown = {("train_pseudo_label_acc" if k == "pseudo_label_acc" else k): v

@@ -155,9 +155,8 @@ def budget_from_text(text: str) -> Budget:
         return Budget.parse(float(percent.group(1)) / 100)
     if per_class := PER_CLASS.fullmatch(text):
         return Budget.parse({"per_class": int(per_class.group(1))})
-    if (number := QUOTED_NUMBER.fullmatch(text)) and 0 < float(number.group(1)) <= 1:
+    if (number := QUOTED_NUMBER.fullmatch(text)) and 0 < (fraction := float(number[1])) <= 1:
         # "use a fraction such as 0.05" of "0.05" read as if 0.05 were not one.
-        fraction = float(number.group(1))
         raise BudgetError(f"budget {text[:40]!r}: a fraction is a JSON number, {fraction:g} "
                           f"without quotes (or \"{fraction * 100:g}%\")")
     raise BudgetError(f"budget {text[:40]!r}: use {BUDGET_FORMS}")

@@ -223,8 +223,8 @@ def make_image_archive(
     return path
 
 
-def add_dataset_row(database_url: str, class_counts: dict[str, dict[str, int]] | None = None
-                    ) -> int:
+def add_dataset_row(database_url: str, class_counts: dict[str, dict[str, int]] | None = None,
+                    name: str = "shapes", unlabeled_count: int = 0) -> int:
     """A dataset row without images: all that experiments and runs need until a worker trains
     them (no image is read before that). Two classes of 10 train + 2 test images unless
     `class_counts` says otherwise. Returns its id."""
@@ -233,8 +233,9 @@ def add_dataset_row(database_url: str, class_counts: dict[str, dict[str, int]] |
 
     counts = class_counts or {name: {"train": 10, "test": 2} for name in ("a", "b")}
     with session_scope(database_url) as session:
-        dataset = Dataset(name="shapes", storage_key=f"k{time.time_ns()}", fingerprint="0" * 64,
-                          class_names=list(counts), class_counts=counts)
+        dataset = Dataset(name=name, storage_key=f"k{time.time_ns()}", fingerprint="0" * 64,
+                          class_names=list(counts), class_counts=counts,
+                          unlabeled_count=unlabeled_count)
         session.add(dataset)
         session.flush()
         return dataset.id

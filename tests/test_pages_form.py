@@ -271,16 +271,10 @@ def test_the_chosen_dataset_is_read_whole_where_the_window_has_room(
     """The dataset's name and counts ("animal-mnist — 10 classes, 7,716 labeled, 0 unlabe")
     were cut at the width of the other fields; a select cannot wrap. On a phone it stays
     inside the window."""
-    with session_scope(live_server.database_url) as session:
-        dataset = Dataset(
-            name="camera-traps-north", storage_key="camera-traps-form-test",
-            fingerprint="1" * 64, class_names=[f"species-{n}" for n in range(12)],
-            class_counts={f"species-{n}": {"train": 1000, "test": 200} for n in range(12)},
-            unlabeled_count=67890, image_count=82290,
-        )
-        session.add(dataset)
-        session.flush()
-        dataset_id = dataset.id
+    dataset_id = add_dataset_row(
+        live_server.database_url,
+        {f"species-{n}": {"train": 1000, "test": 200} for n in range(12)},
+        name="camera-traps-north", unlabeled_count=67890)
     with open_browser(request.node.name, viewport=window) as browser:
         page = browser.page
         page.goto(f"{live_server.url}/experiments/new?dataset_id={dataset_id}")

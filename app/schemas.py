@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -17,6 +17,7 @@ from worker.selftuning.labels_csv import CONTROL_CHARACTERS
 
 MethodName = Literal[METHOD_NAMES]
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "lost"]
+RUN_STATUSES = get_args(RunStatus)  # in the order a run goes through them
 # "lost" stays only once a run has used up its automatic requeues (see app.reaper).
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "lost")
 

@@ -437,6 +437,9 @@ def test_the_experiment_list_counts_each_experiments_runs_by_status(database_url
         (first, {"succeeded": 2, "failed": 1}, "finished with failures"),
     ]
     assert on_first == [{"queued": 2, "running": 1}, {"succeeded": 2, "failed": 1}]
+    # In the order a run goes through them, as the experiments page lists them.
+    assert [list(counts) for _, counts, _ in listed] == [
+        [], ["succeeded", "cancelled"], ["queued", "running"], ["succeeded", "failed"]]
 
 
 def _queries_in_a_forked_child(url: str, results) -> None:

@@ -50,6 +50,7 @@ from app.models import Dataset, Experiment, Run
 from app.responses import csv_download
 from app.routers.runs import SSE_RESPONSES, run_summary
 from app.schemas import (
+    RUN_STATUSES,
     UNREADABLE_BODY_OUT,
     ErrorOut,
     ExperimentCheckOut,
@@ -224,7 +225,9 @@ def experiment_items(session: Session, dataset_id: int | None, limit: int | None
             counts[experiment_id][status] = count
     items = []
     for experiment in experiments:
-        run_counts = counts[experiment.id]
+        # In the order a run goes through them: "1 running, 2 succeeded, 1 failed".
+        run_counts = {status: counts[experiment.id][status] for status in RUN_STATUSES
+                      if status in counts[experiment.id]}
         items.append(ExperimentListItem(
             id=experiment.id, name=experiment.name, dataset_id=experiment.dataset_id,
             backbone=experiment.backbone, methods=experiment.methods, preset=experiment.preset,

@@ -30,6 +30,7 @@ ExperimentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Experiment id")
 RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="Run id")]
 ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="Image id")]
 DatasetFilter = Annotated[int | None, Query(ge=1, le=MAX_ID, description="Dataset id")]
+ExperimentFilter = Annotated[int | None, Query(ge=1, le=MAX_ID, description="Experiment id")]
 # Lists: everything unless a client asks for a page (their answer was always the whole list).
 PageLimit = Annotated[int | None, Query(
     ge=1, le=1000, description="at most this many items (all when absent); X-Total-Count "

@@ -295,3 +295,79 @@ def test_the_chosen_dataset_is_read_whole_where_the_window_has_room(
             assert fit["needs"] <= fit["room"], fit
         assert browser.horizontal_overflow() == 0
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_a_similar_experiment_starts_from_the_settings_of_the_one_it_is_like(
+    live_server, dataset_id, request
+):
+    """Running a sweep again with one thing changed (more seeds, say) meant typing every
+    method, budget and hyper-parameter in again. The experiment page's link opens the form
+    with its settings, and Start sends them back as they were, less what was changed."""
+    other = add_dataset_row(live_server.database_url,
+                            {name: {"train": 8, "test": 2} for name in ("x", "y")})
+    first = {"dataset_id": dataset_id, "name": "first try", "backbone": "tf_efficientnet_lite0",
+             "methods": ["fine-tune", "fixmatch"], "budgets": [0.3, {"per_class": 2}, "all"],
+             "seeds": [3, 5], "preset": "quick",
+             "overrides": {"iterations": 40, "lr": 0.01, "lr_milestones": [0.5, 0.9],
+                           "labeled_query_view": "strong", "pretrained": False}}
+    with httpx.Client(base_url=live_server.url) as client:
+        created = client.post("/api/experiments", json=first)
+        assert created.status_code == 201, created.text
+        first_id = created.json()["id"]
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{first_id}")
+        page.click("#start-similar")
+        page.wait_for_url(f"**/experiments/new?like={first_id}")
+        browser.screenshot("similar-experiment-form")
+        assert page.inner_text("#like-note") == (
+            f"The settings of experiment #{first_id} “first try”: change what you want to try, "
+            "then start.")
+        assert page.input_value("#f-dataset_id") == str(dataset_id)
+        assert page.input_value("#f-name") == ""
+        assert [m for m in ("self-tuning", "fine-tune", "fixmatch")
+                if page.is_checked(f"input[name=methods][value={m}]")] == ["fine-tune", "fixmatch"]
+        assert page.input_value("#f-budgets") == "30%, 2/class, all"
+        assert page.input_value("#f-seeds") == "3, 5"
+        assert page.input_value("#f-iterations") == "40"
+        assert page.input_value("#f-image_size") == "64"  # the preset's, as before
+        assert page.input_value("#f-lr_milestones") == "0.5, 0.9"
+        assert page.input_value("#f-labeled_query_view") == "strong"
+        assert not page.is_checked("#f-pretrained")
+        # A cleared field runs with the preset's value, not the experiment's.
+        assert page.get_attribute("#f-iterations", "placeholder") == "400 (preset)"
+        assert "12 runs" in page.inner_text("#run-count")  # 2 methods x 3 budgets x 2 seeds
+        # Its budgets were chosen, not suggested: another dataset keeps them.
+        page.select_option("#f-dataset_id", str(other))
+        assert page.input_value("#f-budgets") == "30%, 2/class, all"
+        page.select_option("#f-dataset_id", str(dataset_id))
+
+        page.fill("#f-seeds", "7")
+        with page.expect_request("**/api/experiments") as sent:
+            page.click("#start")
+        page.wait_for_url(re.compile(r".*/experiments/\d+$"))
+        assert sent.value.post_data_json == {**first, "name": "", "seeds": [7]}
+        second_id = int(page.url.rsplit("/", 1)[1])
+        browser.assert_no_errors()
+    with httpx.Client(base_url=live_server.url) as client:
+        second = client.get(f"/api/experiments/{second_id}").json()
+    assert second_id != first_id
+    assert {key: second[key] for key in first} == {**first, "name": second["name"],
+                                                   "seeds": [7]}
+
+
+@pytest.mark.browser
+def test_a_similar_experiment_of_one_that_is_gone_opens_the_usual_form(
+    live_server, dataset_id, request
+):
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/new?like=9999")
+        assert page.inner_text("#like-missing") == (
+            "Experiment 9999 does not exist (deleted?); the form has its usual values.")
+        assert page.input_value("#f-dataset_id") == str(dataset_id)
+        assert page.input_value("#f-seeds") == "0"
+        assert page.input_value("#f-iterations") == "400"
+        assert page.locator("#like-note").count() == 0
+        browser.assert_no_errors()

@@ -13,13 +13,14 @@ from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.deps import DatasetFilter, DbDep, ExperimentId, RunId, SettingsDep
+from app.deps import DatasetFilter, DbDep, ExperimentFilter, ExperimentId, RunId, SettingsDep
 from app.experiments import budget_unlabeled_count, suggested_budgets
 from app.models import Dataset, Experiment
 from app.routers.experiments import experiment_items, experiment_out, get_experiment
 from app.routers.pages import PageNumber, Pager, page_guard, render
 from app.routers.runs import read_run
 from app.schemas import ExperimentIn, MethodName, Overrides
+from worker.selftuning.budgets import Budget
 from worker.selftuning.config import PRESETS, RunConfig
 
 router = APIRouter(include_in_schema=False)
@@ -108,12 +109,27 @@ def preset_summary(factory) -> str:
     return " ".join(first.replace("`", "").split())
 
 
+def budget_text(value: Any) -> str:
+    """A recorded budget as the form's user would type it: "15%", "4/class" or "all" (to
+    twelve digits: a label's six would start another experiment on other labels)."""
+    budget = Budget.parse(value)
+    if budget.fraction is not None:
+        return f"{budget.fraction * 100:.12g}%"
+    return budget.label
+
+
 @router.get("/experiments/new", response_class=HTMLResponse)
 def new_experiment_page(
-    request: Request, settings: SettingsDep, session: DbDep, dataset_id: DatasetFilter = None
+    request: Request, settings: SettingsDep, session: DbDep, dataset_id: DatasetFilter = None,
+    like: ExperimentFilter = None,
 ) -> Response:
+    """The start form: the usual values, or with `?like=` an experiment's own (its dataset
+    unless `?dataset_id=` names another), to run it again with something changed."""
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
+    model = session.get(Experiment, like) if like is not None else None
+    if model is not None and dataset_id is None:
+        dataset_id = model.dataset_id
     datasets = dataset_choices(session)
     # A dataset deleted since the link was made (in another tab): the form says so and
     # chooses none, rather than the newest in its place.
@@ -138,9 +154,23 @@ def new_experiment_page(
                         datasets[0]["budgets"] if datasets and dataset_id is None
                         else suggested_budgets(None)),
         "overrides": override_fields(),
+        "seeds": "0",
+        "changed": {},  # hyper-parameters set over the preset's values
     }
+    if model is not None:
+        checked = set(model.methods)
+        form |= {
+            "backbone": model.backbone,
+            "methods": [m | {"checked": m["name"] in checked} for m in form["methods"]],
+            "budgets": ", ".join(budget_text(b) for b in model.budgets),
+            "seeds": ", ".join(str(seed) for seed in model.seeds),
+            "preset": model.preset if model.preset in PRESETS else form["preset"],
+            "changed": model.overrides,
+            "like": {"id": model.id, "name": model.name},
+        }
     return render(request, "experiment_new.html", form=form,
-                  missing_dataset_id=missing_dataset_id)
+                  missing_dataset_id=missing_dataset_id, missing_like=like if like is not None
+                  and model is None else None)
 
 
 @router.get("/experiments/{experiment_id}", response_class=HTMLResponse)

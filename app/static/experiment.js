@@ -49,16 +49,18 @@ export function experimentForm() {
   const keyOf = (input) => input.name.slice("overrides.".length);
   const preset = () => data.presets[form.elements.preset.value].values;
 
-  function fillFromPreset() {
+  // The preset's values, and over them `changed` (an experiment's own, the form opened with
+  // its settings: ?like=).
+  function fillFromPreset(changed = {}) {
     document.getElementById("preset-about").textContent = data.presets[form.elements.preset.value].about;
-    const values = preset();
+    const values = { ...preset(), ...changed };
     for (const input of overrideInputs) {
       const value = values[keyOf(input)];
       if (input.type === "checkbox") input.checked = Boolean(value);
       else {
         input.value = Array.isArray(value) ? value.join(", ") : value;
         // A cleared number field runs with the preset's value: shown where it was typed.
-        if (input.type === "number") input.placeholder = `${input.value} (preset)`;
+        if (input.type === "number") input.placeholder = `${preset()[keyOf(input)]} (preset)`;
       }
     }
   }
@@ -330,22 +332,26 @@ export function experimentForm() {
   // dataset cannot tell apart: classes of three labeled images keep one at 15 % and at
   // 30 %). Choosing another dataset swaps them while they are still the suggestion; what the
   // user typed stays. This runs before the form's own listeners count and check it.
+  // An experiment's budgets (?like=) were chosen, not suggested: they stay.
   const suggestedBudgets = new Map(data.datasets.map((d) => [String(d.id), d.budgets]));
-  let suggestion = form.elements.budgets.value;
+  let suggestion = data.like ? null : form.elements.budgets.value;
   form.elements.dataset_id.addEventListener("change", () => {
+    if (suggestion === null) return;
     const next = suggestedBudgets.get(form.elements.dataset_id.value) ?? suggestion;
     if (form.elements.budgets.value.trim() === suggestion.trim()) form.elements.budgets.value = next;
     suggestion = next;
   });
 
-  form.elements.preset.addEventListener("change", fillFromPreset);
+  form.elements.preset.addEventListener("change", () => fillFromPreset());
   for (const type of ["input", "change"]) {
     form.addEventListener(type, countRuns);
     form.addEventListener(type, checkSoon);
   }
-  fillFromPreset();
+  fillFromPreset(data.changed);
   restoreDraft();
-  suggestion = suggestedBudgets.get(form.elements.dataset_id.value) ?? suggestion; // the draft's
+  if (suggestion !== null) { // the draft's dataset
+    suggestion = suggestedBudgets.get(form.elements.dataset_id.value) ?? suggestion;
+  }
   countRuns();
   checkForm();
 }

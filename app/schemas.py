@@ -5,9 +5,16 @@ from __future__ import annotations
 import re
 import unicodedata
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from app.models import MAX_ID
@@ -245,10 +252,48 @@ EMPTY = {
 }
 
 
+def composed(value: Any) -> Any:
+    """"e" + a combining accent is one character to a person: kept composed (NFC), as names
+    of datasets and classes are, it counts once against the 200."""
+    return unicodedata.normalize("NFC", value) if isinstance(value, str) else value
+
+
+Name = Annotated[str, BeforeValidator(composed)]
+
+
+def plain_text(value: str) -> str:
+    """A name as typed, without the spaces around it; a ValueError for what no name holds."""
+    # PostgreSQL refuses NUL in text (a 500), and none of them belongs in a name.
+    if CONTROL_CHARACTERS.search(value):
+        raise ValueError("must not contain control characters (NUL, tab, line breaks)")
+    if LONE_SURROGATES.search(value):
+        raise ValueError("must be Unicode text: it holds half of a UTF-16 surrogate pair "
+                         "(an escape such as \\ud800 without its other half)")
+    return value.strip()
+
+
+class RenameIn(BaseModel):
+    """A new name for a dataset or an experiment (`PATCH`)."""
+
+    model_config = INPUT
+    name: Name = Field(max_length=200, description="1 to 200 characters, spaces around it "
+                      "left out", examples=["camera traps, spring"])
+
+    @field_validator("name")
+    @classmethod
+    def named(cls, value: str) -> str:
+        try:
+            if not (value := plain_text(value)):
+                raise ValueError("must not be empty")
+        except ValueError as exc:  # said as it is, without pydantic's "Value error, "
+            raise PydanticCustomError("name", "{reason}", {"reason": str(exc)}) from None
+        return value
+
+
 class ExperimentIn(BaseModel):
     model_config = INPUT
     dataset_id: int = Field(ge=1, le=MAX_ID)
-    name: str = Field("", max_length=200)
+    name: Name = Field("", max_length=200)
     backbone: str = Field("tf_efficientnet_lite0", min_length=1, max_length=200)
     # minItems in the schema only: `not_empty` says it in words a form can show.
     methods: list[MethodName] = Field(max_length=3, json_schema_extra={"minItems": 1,
@@ -285,23 +330,10 @@ class ExperimentIn(BaseModel):
             raise PydanticCustomError("budget", "{reason}", {"reason": str(exc)}) from None
         return values
 
-    @field_validator("name", mode="before")
-    @classmethod
-    def composed(cls, value: Any) -> Any:
-        # "e" + a combining accent is one character to a person: kept composed (NFC), as
-        # names of datasets and classes are, it counts once against the 200.
-        return unicodedata.normalize("NFC", value) if isinstance(value, str) else value
-
     @field_validator("name", "backbone")
     @classmethod
     def no_control_characters(cls, value: str, info: ValidationInfo) -> str:
-        # PostgreSQL refuses NUL in text (a 500), and none of them belongs in a name.
-        if CONTROL_CHARACTERS.search(value):
-            raise ValueError("must not contain control characters (NUL, tab, line breaks)")
-        if LONE_SURROGATES.search(value):
-            raise ValueError("must be Unicode text: it holds half of a UTF-16 surrogate pair "
-                             "(an escape such as \\ud800 without its other half)")
-        value = value.strip()  # a name of spaces is no name: the default one is given
+        value = plain_text(value)  # a name of spaces is no name: the default one is given
         if info.field_name == "backbone" and not value:
             raise ValueError("must name a backbone")
         return value

@@ -143,6 +143,8 @@ def test_the_schema_documents_the_statuses_a_client_must_handle(tmp_path: Path):
         ("/api/experiments/check", "post"): {"200", "400", "422"},
         ("/api/experiments/{experiment_id}", "get"): {"200", "404", "422"},
         ("/api/experiments/{experiment_id}", "delete"): {"204", "404", "409", "422"},
+        ("/api/experiments/{experiment_id}", "patch"): {"200", "400", "404", "422"},
+        ("/api/datasets/{dataset_id}", "patch"): {"200", "400", "404", "422"},
         ("/api/experiments/{experiment_id}/events", "get"): {"200", "204", "404", "422"},
         ("/api/runs/{run_id}", "get"): {"200", "404", "422"},
         ("/api/runs/{run_id}/cancel", "post"): {"200", "404", "409", "422"},

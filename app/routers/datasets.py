@@ -36,7 +36,7 @@ from app.deps import (
 from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
 from app.responses import client_holds, in_utc, send_file
-from app.schemas import ErrorOut
+from app.schemas import UNREADABLE_BODY_OUT, ErrorOut, FieldErrorsOut, RenameIn
 from app.trash import deleted_answer
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,16 @@ def newest_datasets(db: Session, limit: int | None, offset: int) -> tuple[int, l
 @router.get("/{dataset_id}", response_model=DatasetOut, responses={404: {"model": ErrorOut}})
 def get_dataset(dataset_id: DatasetId, db: DbDep) -> DatasetOut:
     return summary(db, get_dataset_or_404(db, dataset_id))
+
+
+@router.patch("/{dataset_id}", response_model=DatasetOut, responses={
+    404: {"model": ErrorOut}, 422: {"model": FieldErrorsOut}, **UNREADABLE_BODY_OUT})
+def rename_dataset(dataset_id: DatasetId, change: RenameIn, db: DbDep) -> DatasetOut:
+    """Give the dataset another name (its images, experiments and runs stay as they are)."""
+    dataset = get_dataset_or_404(db, dataset_id)
+    dataset.name = change.name
+    db.commit()
+    return summary(db, dataset)
 
 
 @router.get(

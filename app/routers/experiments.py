@@ -58,6 +58,7 @@ from app.schemas import (
     ExperimentListItem,
     ExperimentOut,
     FieldErrorsOut,
+    RenameIn,
 )
 from app.trash import deleted_answer
 
@@ -241,6 +242,16 @@ def experiment_items(session: Session, dataset_id: int | None, limit: int | None
             responses={404: {"model": ErrorOut}})
 def read_experiment(experiment_id: ExperimentId, session: DbDep):
     return experiment_out(get_experiment(session, experiment_id))
+
+
+@router.patch("/{experiment_id}", response_model=ExperimentOut, responses={
+    404: {"model": ErrorOut}, 422: {"model": FieldErrorsOut}, **UNREADABLE_BODY_OUT})
+def rename_experiment(experiment_id: ExperimentId, change: RenameIn, session: DbDep):
+    """Give the experiment another name (its runs and results stay as they are)."""
+    experiment = get_experiment(session, experiment_id)
+    experiment.name = change.name
+    session.commit()
+    return experiment_out(experiment)
 
 
 RUN_COLUMNS = [

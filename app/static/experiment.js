@@ -5,6 +5,7 @@ import {
   badge, budgetChart, count, failure, follow, getJSON, h, handFocus, isNumber, onRestored, pageData,
   pct, showStatus, signedOutNotice, signInAgain, TERMINAL,
 } from "/static/charts.js";
+import { renamer } from "/static/rename.js";
 import { onSession } from "/static/session.js";
 
 // --- the start form ------------------------------------------------------------------------
@@ -372,6 +373,7 @@ const QUEUE_POLL_MS = 10000;
 export function experimentPage() {
   const { experiment: initial, methodTitles } = pageData("experiment-data");
   const id = initial.id;
+  renamer(`/api/experiments/${id}`, (name) => { initial.name = name; });
   const title = (method) => methodTitles[method] ?? method;
   const runs = new Map(initial.runs.map((run) => [run.id, { ...run }]));
   let table = initial.budget_table;

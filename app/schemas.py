@@ -253,8 +253,8 @@ EMPTY = {
 
 
 def composed(value: Any) -> Any:
-    """"e" + a combining accent is one character to a person: kept composed (NFC), as names
-    of datasets and classes are, it counts once against the 200."""
+    """A name composed (NFC), as names of datasets and classes are: "e" + a combining accent
+    is one character to a person, and counts once against the 200."""
     return unicodedata.normalize("NFC", value) if isinstance(value, str) else value
 
 

@@ -311,7 +311,7 @@ def test_a_similar_experiment_starts_from_the_settings_of_the_one_it_is_like(
              "seeds": [3, 5], "preset": "quick",
              "overrides": {"iterations": 40, "lr": 0.01, "lr_milestones": [0.5, 0.9],
                            "labeled_query_view": "strong", "pretrained": False}}
-    with httpx.Client(base_url=live_server.url) as client:
+    with live_server.client() as client:
         created = client.post("/api/experiments", json=first)
         assert created.status_code == 201, created.text
         first_id = created.json()["id"]
@@ -350,7 +350,7 @@ def test_a_similar_experiment_starts_from_the_settings_of_the_one_it_is_like(
         assert sent.value.post_data_json == {**first, "name": "", "seeds": [7]}
         second_id = int(page.url.rsplit("/", 1)[1])
         browser.assert_no_errors()
-    with httpx.Client(base_url=live_server.url) as client:
+    with live_server.client() as client:
         second = client.get(f"/api/experiments/{second_id}").json()
     assert second_id != first_id
     assert {key: second[key] for key in first} == {**first, "name": second["name"],

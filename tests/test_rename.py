@@ -3,7 +3,6 @@ title of their pages in Chromium."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from tests.browser import open_browser
@@ -17,7 +16,7 @@ EXPERIMENT = {"methods": ["fine-tune"], "budgets": [0.5], "seeds": [0],
 def named(live_server) -> tuple[int, int]:
     """A dataset "shapes" and an experiment "first try" on it (its run stays queued)."""
     dataset_id = add_dataset_row(live_server.database_url)
-    with httpx.Client(base_url=live_server.url, timeout=30) as client:
+    with live_server.client() as client:
         created = client.post("/api/experiments", json={
             **EXPERIMENT, "dataset_id": dataset_id, "name": "first try"})
     assert created.status_code == 201, created.text
@@ -28,7 +27,7 @@ def named(live_server) -> tuple[int, int]:
 def test_a_name_is_changed_and_a_bad_one_is_refused_leaving_the_old(live_server, named, kind):
     dataset_id, experiment_id = named
     url = f"/api/{kind}/{dataset_id if kind == 'datasets' else experiment_id}"
-    with httpx.Client(base_url=live_server.url, timeout=30) as client:
+    with live_server.client() as client:
         before = client.get(url).json()
         renamed = client.patch(url, json={"name": "  camera traps, spring  "})
         assert renamed.status_code == 200, renamed.text

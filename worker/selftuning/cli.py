@@ -1,8 +1,10 @@
-"""Command line: `python -m worker.selftuning train --data PATH --out DIR ...`."""
+"""Command line: `python -m worker.selftuning train --data PATH --out DIR ...` trains a run;
+`python -m worker.selftuning predict --model DIR --images PATH ...` labels images with one."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -12,6 +14,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from worker.selftuning.backbones import (
     BackboneError,
@@ -40,8 +44,15 @@ from worker.selftuning.files import (
     replace_csv,
     write_json,
 )
-from worker.selftuning.loop import TrainingCancelled, train
+from worker.selftuning.loop import TrainingCancelled, resolve_device, train
 from worker.selftuning.methods import METHODS
+from worker.selftuning.predict import (
+    PREDICT_COLUMNS,
+    exported_files,
+    image_files,
+    load_exported,
+    predict,
+)
 
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0  # the hold-out belongs to the dataset, not to a run: same for every seed
@@ -108,11 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
                      f"default: {defaults.cpu_threads})")
     run.add_argument("--cache-dir", help="keep decoded images here between runs (default: "
                      "none, they are decoded again)")
+
+    label = commands.add_parser("predict", help="label images with a run's exported model")
+    label.add_argument("--model", required=True, help="a run's --out folder, the checkpoint "
+                       "zip a run's page downloads, or a folder with its config.json and "
+                       "model.safetensors")
+    label.add_argument("--images", required=True, nargs="+", help="image files, or folders "
+                       "whose images (sub-folders' too) are labeled")
+    label.add_argument("--out", help="write the CSV (path, label, confidence, margin) here "
+                       "(default: print it)")
+    label.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, "
+                       "else the CPU), cpu, cuda or cuda:N (default: %(default)s)")
+    label.add_argument("--batch-size", type=int, default=64,
+                       help="images per forward pass (default: %(default)s)")
+    label.add_argument("--cpu-threads", type=int, default=0,
+                       help="torch threads on CPU (0: all cores; default: %(default)s)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "predict":
+        return label_images(args)
     out = Path(args.out)
     try:
         config = RunConfig.from_preset(args.preset, **_overrides(args))
@@ -200,6 +228,51 @@ def main(argv: list[str] | None = None) -> int:
                                               "pseudo_label_acc", "train_pseudo_label_acc",
                                               "seconds_per_iteration")}
     print("final " + json.dumps(summary))
+    return 0
+
+
+def label_images(args: argparse.Namespace) -> int:
+    """`predict`: the CSV of the model's label for each image, printed or written to --out
+    (whole or not at all); what was skipped and how long it took on stderr."""
+    began = time.monotonic()
+    out = Path(args.out) if args.out else None
+    skipped: dict[str, str] = {}
+    try:
+        if out is not None and out.is_dir():
+            raise ValueError(f"--out {out} is a folder: give the CSV file to write")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: give 1 or more")
+        device = resolve_device(args.device)
+        if args.cpu_threads > 0:
+            torch.set_num_threads(args.cpu_threads)
+        files = image_files([Path(path) for path in args.images], skipped)
+        if not files:
+            raise ValueError(f"no image in --images {' '.join(args.images)}")
+        with exported_files(Path(args.model)) as folder:
+            exported = load_exported(folder, device)
+        rows = list(predict(exported, files, device, args.batch_size, skipped))
+        if not rows:  # files named one by one are read only now
+            path, reason = next(iter(skipped.items()))
+            raise ValueError(f"none of the {len(files)} file(s) given opens as an image "
+                             f"(e.g. {path}: {reason})")
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            replace_csv(out, PREDICT_COLUMNS, rows)
+    except (ValueError, OSError) as exc:
+        return _user_error(exc)
+    except KeyboardInterrupt:
+        print("stopped: nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if out is None:
+        writer = csv.DictWriter(sys.stdout, fieldnames=PREDICT_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    if skipped:
+        path, reason = next(iter(skipped.items()))
+        print(f"skipped {len(skipped)} file(s) (e.g. {path}: {reason})", file=sys.stderr)
+    print(f"labeled {len(rows):,} image(s) into {len(exported.label_names)} classes in "
+          f"{_duration(time.monotonic() - began)}" + (f"; wrote {out}" if out else ""),
+          file=sys.stderr)
     return 0
 
 

@@ -314,6 +314,11 @@ def make_budget_data(
     return data, info
 
 
+def find_images(folder: Path, skipped: dict[str, str] | None = None) -> list[Path]:
+    """Every image in `folder` and its sub-folders, as an upload finds them (`_images`)."""
+    return _images(folder, recursive=True, skipped=skipped)
+
+
 def _images(folder: Path, recursive: bool = False,
             skipped: dict[str, str] | None = None) -> list[Path]:
     """The images in `folder`, as uploads find them (`_image_problem`); the other files,

@@ -1,0 +1,103 @@
+"""`python -m worker.selftuning predict` labels images with a run's exported model, as plain
+timm loaded from the export labels them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.engine.helpers import tiny_config
+from worker.selftuning import RunData
+from worker.selftuning.cli import main
+from worker.selftuning.loop import train
+
+CPU = ["--device", "cpu", "--cpu-threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, shapes_data: RunData) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train(tiny_config(iterations=2), shapes_data, out)
+    return out
+
+
+def answers(out: Path) -> dict[str, str]:
+    """What the run's own evaluation predicted for each test image, by path."""
+    return {row["path"]: row["predicted"]
+            for row in json.loads((out / "test_predictions.json").read_text())}
+
+
+def test_a_run_folder_labels_its_test_images_as_the_run_scored_them(
+        exported: Path, shapes_root: Path, tmp_path: Path, capsys):
+    written = tmp_path / "labels" / "test.csv"  # its folder is made
+    code = main(["predict", "--model", str(exported), "--images", str(shapes_root / "test"),
+                 "--out", str(written), "--batch-size", "5", *CPU])
+    assert code == 0
+    with written.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["path", "label", "confidence", "margin"]
+    assert {row["path"]: row["label"] for row in rows} == answers(exported)  # 12 images
+    for row in rows:
+        confidence, margin = float(row["confidence"]), float(row["margin"])
+        assert 1 / 3 <= confidence <= 1 and 0 <= margin <= confidence
+    assert capsys.readouterr().err.startswith("labeled 12 image(s) into 3 classes in ")
+
+
+def test_the_checkpoint_zip_of_a_runs_page_labels_files_and_prints_them(
+        exported: Path, tmp_path: Path, capsys):
+    zipped = tmp_path / "run-1-checkpoint.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        for name in ("model.safetensors", "config.json", "training.json"):
+            archive.write(exported / name, name)
+    chosen = sorted(answers(exported))[::4]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(chosen[0], folder / "photo")  # an image without an extension is one
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"")  # hidden files are left out, as uploads do
+    code = main(["predict", "--model", str(zipped), "--images", *chosen[1:], str(folder), *CPU])
+    printed = capsys.readouterr()
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(printed.out)))
+    # The files in the order given, then the folder's images.
+    assert [row["path"] for row in rows] == [*chosen[1:], str(folder / "photo")]
+    assert [row["label"] for row in rows] == [answers(exported)[path]
+                                              for path in (*chosen[1:], chosen[0])]
+    assert printed.err.splitlines()[0] == (
+        f"skipped 1 file(s) (e.g. {folder / 'notes.txt'}: not an image (.txt); supported: "
+        "JPEG, PNG, WebP, BMP, TIFF or GIF)")
+    assert printed.err.splitlines()[1].startswith("labeled 3 image(s) into 3 classes")
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"model": "empty"}, "--model {tmp}/empty has no config.json or model.safetensors: give a "
+     "run's --out folder, the checkpoint zip a run's page downloads, or a folder with its "
+     "config.json and model.safetensors"),
+    ({"model": "notes.txt"}, "--model {tmp}/notes.txt is not a zip or a folder: give a run's"),
+    ({"images": "nowhere"}, "--images {tmp}/nowhere does not exist"),
+    ({"images": "empty"}, "no image in --images {tmp}/empty"),
+    ({"out": "empty"}, "--out {tmp}/empty is a folder: give the CSV file to write"),
+    ({"batch": "0"}, "--batch-size 0: give 1 or more"),
+    ({"images": "notes.txt"}, "none of the 1 file(s) given opens as an image (e.g. "
+     "{tmp}/notes.txt: not an image Pillow can read (UnidentifiedImageError))"),
+])
+def test_a_mistake_is_one_line_and_writes_nothing(exported: Path, shapes_root: Path,
+                                                  tmp_path: Path, capsys, given, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a model")
+    model = tmp_path / given["model"] if "model" in given else exported
+    images = tmp_path / given["images"] if "images" in given else shapes_root / "test"
+    out = tmp_path / given.get("out", "labels.csv")
+    code = main(["predict", "--model", str(model), "--images", str(images), "--out", str(out),
+                 "--batch-size", given.get("batch", "8"), *CPU])
+    printed = capsys.readouterr().err
+    assert code == 2
+    assert printed.startswith("error: " + message.format(tmp=tmp_path))
+    assert len(printed.splitlines()) == 1
+    assert not (tmp_path / "labels.csv").exists()

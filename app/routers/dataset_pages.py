@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.deps import DatasetId, DbDep, SettingsDep
 from app.ingest import dataset_warnings
-from app.models import MAX_ID, Dataset, DatasetImage
+from app.models import MAX_ID, Dataset, DatasetImage, Experiment
 from app.responses import human_bytes
 from app.routers.datasets import newest_datasets
 from app.routers.pages import PageNumber, Pager, page_guard, render, templates
@@ -115,6 +115,8 @@ def dataset_page(
         .limit(THUMBS_PER_CLASS)
     )
     unlabeled_thumbs = [(image_id, _file_name(path)) for image_id, path in unlabeled]
+    experiments = db.scalar(select(func.count()).select_from(Experiment)
+                            .where(Experiment.dataset_id == dataset.id)) or 0
     # What a delete takes with it is counted when Delete is clicked (upload.js).
     return render(
         request, "dataset.html", dataset=dataset, classes=classes,
@@ -122,5 +124,5 @@ def dataset_page(
         unlabeled_thumbs=unlabeled_thumbs, skipped=dataset.skipped[:MAX_SKIPPED_SHOWN],
         warnings=dataset_warnings(db, dataset),
         thumbs_page=thumbs, thumbs_pages=math.ceil(class_count / CLASSES_PER_THUMBS_PAGE),
-        thumbs_shown=shown, classes_per_page=CLASSES_PER_THUMBS_PAGE,
+        thumbs_shown=shown, classes_per_page=CLASSES_PER_THUMBS_PAGE, experiments=experiments,
     )

@@ -388,7 +388,7 @@ def test_refusals_come_with_a_status_and_body_shape_the_api_documents(live_serve
 
 
 @pytest.mark.parametrize(("method", "path", "allowed"), [
-    ("PUT", "/api/datasets/1", "DELETE, GET, HEAD"),
+    ("PUT", "/api/datasets/1", "DELETE, GET, HEAD, PATCH"),
     ("POST", "/api/runs/1/checkpoint", "GET, HEAD"),
     ("OPTIONS", "/api/datasets", "GET, HEAD, POST"),
     ("HEAD", "/api/runs/1/events", "GET"),  # a live feed has no HEAD

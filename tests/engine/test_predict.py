@@ -75,6 +75,29 @@ def test_the_checkpoint_zip_of_a_runs_page_labels_files_and_prints_them(
     assert printed.err.splitlines()[1].startswith("labeled 3 image(s) into 3 classes")
 
 
+@pytest.mark.parametrize(("damage", "message"), [
+    ({"model.safetensors": b"junk"}, "model.safetensors does not load as timm's "
+     "'test_efficientnet' with 3 classes: Error while deserializing header"),
+    ({"config.json": b"{"}, "config.json is not a run's export (JSONDecodeError: "),
+    ({"config.json": json.dumps({"architecture": "no_such_net", "num_classes": 3,
+                                 "label_names": ["a", "b", "c"], "pretrained_cfg": {}}).encode()},
+     "model.safetensors does not load as timm's 'no_such_net' with 3 classes: Unknown model"),
+    ({"config.json": json.dumps({"architecture": "test_efficientnet", "num_classes": 3,
+                                 "label_names": ["a"], "pretrained_cfg": {}}).encode()},
+     "config.json names 1 labels for 3 classes"),
+])
+def test_an_export_that_does_not_load_is_one_line(exported: Path, shapes_root: Path,
+                                                  tmp_path: Path, capsys, damage, message):
+    model = tmp_path / "model"
+    shutil.copytree(exported, model, ignore=shutil.ignore_patterns("state"))
+    for name, content in damage.items():
+        (model / name).write_bytes(content)
+    code = main(["predict", "--model", str(model), "--images", str(shapes_root / "test"), *CPU])
+    printed = capsys.readouterr()
+    assert code == 2 and printed.out == ""
+    assert printed.err.startswith("error: " + message) and len(printed.err.splitlines()) == 1
+
+
 @pytest.mark.parametrize(("given", "message"), [
     ({"model": "empty"}, "--model {tmp}/empty has no config.json or model.safetensors: give a "
      "run's --out folder, the checkpoint zip a run's page downloads, or a folder with its "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
@@ -80,7 +81,7 @@ def load_exported(folder: Path, device: torch.device) -> Exported:
         model = timm.create_model(
             architecture, pretrained=True, num_classes=classes,
             pretrained_cfg_overlay=dict(file=str(folder / MODEL_FILE), **pretrained_cfg))
-    except RuntimeError as exc:  # an architecture timm does not know, or other weights
+    except (RuntimeError, SafetensorError) as exc:  # an unknown architecture, other weights
         raise ValueError(f"{MODEL_FILE} does not load as timm's {architecture!r} with "
                          f"{classes} classes: {str(exc).splitlines()[0]}") from None
     transform = create_transform(**resolve_data_config({}, model=model))

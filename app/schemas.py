@@ -18,7 +18,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from app.models import MAX_ID
-from worker.selftuning.budgets import Budget, BudgetError
+from worker.selftuning.budgets import PER_CLASS_TEXT, Budget, BudgetError
 from worker.selftuning.config import LABELED_QUERY_VIEWS, METHOD_NAMES
 from worker.selftuning.labels_csv import CONTROL_CHARACTERS
 
@@ -149,7 +149,6 @@ class PerClassBudget(BaseModel):
 # The spellings of the form and the command line: "5%", "4/class", "all".
 BudgetIn = float | PerClassBudget | str
 PERCENT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")
-PER_CLASS = re.compile(r"\s*(\d+)\s*/\s*class\s*", re.IGNORECASE)
 QUOTED_NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")
 BUDGET_FORMS = ("a fraction such as 0.05, \"5%\", {\"per_class\": 4}, \"4/class\" or "
                 "\"all\"")
@@ -161,7 +160,7 @@ def budget_from_text(text: str) -> Budget:
         return Budget()
     if percent := PERCENT.fullmatch(text):
         return Budget.parse(float(percent.group(1)) / 100)
-    if per_class := PER_CLASS.fullmatch(text):
+    if per_class := PER_CLASS_TEXT.fullmatch(text):
         return Budget.parse({"per_class": int(per_class.group(1))})
     if (number := QUOTED_NUMBER.fullmatch(text)) and 0 < (fraction := float(number[1])) <= 1:
         # "use a fraction such as 0.05" of "0.05" read as if 0.05 were not one.

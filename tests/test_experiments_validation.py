@@ -251,11 +251,13 @@ def test_budgets_take_the_spellings_of_the_form_and_the_command_line(live_server
     """"5%" got three type errors from the API while the form and the CLI take it."""
     with live_server.client() as client:
         response = client.post("/api/experiments", json=body(
-            dataset_id, methods=["fine-tune"], budgets=["5%", " 2 / class", "ALL"]))
+            dataset_id, methods=["fine-tune"],
+            budgets=["5%", " 2 / class", "3 per Class", "ALL"]))
         assert response.status_code == 201, response.text
         created = response.json()
-    assert created["budgets"] == [0.05, {"per_class": 2}, "all"]
-    assert sorted(run["budget_label"] for run in created["runs"]) == ["2/class", "5%", "all"]
+    assert created["budgets"] == [0.05, {"per_class": 2}, {"per_class": 3}, "all"]
+    assert sorted(run["budget_label"] for run in created["runs"]) == [
+        "2/class", "3/class", "5%", "all"]
 
 
 def test_sweep_expands_into_methods_x_budgets_x_seeds_runs(live_server, dataset_id):

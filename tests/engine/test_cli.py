@@ -138,13 +138,14 @@ def test_every_train_option_says_what_it_does_when_left_out(capsys):
         "--backbone"]
 
 
-@pytest.mark.parametrize(("text", "label"), [("0.05", "5%"), ("15%", "15%"),
-                                             ("4/class", "4/class"), ("all", "all")])
+@pytest.mark.parametrize(("text", "label"), [
+    ("0.05", "5%"), ("15%", "15%"), ("4/class", "4/class"), ("4 / class", "4/class"),
+    ("4 per class", "4/class"), ("all", "all")])
 def test_budget_spellings(text, label):
     assert parse_budget(text).label == label
 
 
-@pytest.mark.parametrize("text", ["4 / class", "abc%", "150%", "0/class", "lots"])
+@pytest.mark.parametrize("text", ["4 classes", "abc%", "150%", "0/class", "lots"])
 def test_a_bad_budget_names_the_value_and_the_command_line_forms(text):
     with pytest.raises(BudgetError) as refused:
         parse_budget(text)

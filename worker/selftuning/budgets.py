@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ class BudgetError(ValueError):
 
 # The smallest fraction a budget can be: 0.0001 % (a label in a million).
 MIN_FRACTION = 1e-6
+# A count per class as people write it: "4/class", "4 / class", "4 per class".
+PER_CLASS_TEXT = re.compile(r"\s*(\d+)\s*(?:/|per)\s*class\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

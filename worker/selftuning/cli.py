@@ -23,7 +23,7 @@ from worker.selftuning.backbones import (
     check_image_size,
     check_local_weights,
 )
-from worker.selftuning.budgets import Budget, BudgetError
+from worker.selftuning.budgets import PER_CLASS_TEXT, Budget, BudgetError
 from worker.selftuning.checkpoint import check_compatible
 from worker.selftuning.config import PRESETS, RunConfig
 from worker.selftuning.data import (
@@ -70,8 +70,8 @@ def parse_budget(text: str) -> Budget:
     """'0.05', '5%', '10/class' or 'all'."""
     cleaned = text.strip()
     try:
-        if cleaned.endswith("/class") and cleaned.removesuffix("/class").isdigit():
-            return Budget.parse({"per_class": int(cleaned.removesuffix("/class"))})
+        if per_class := PER_CLASS_TEXT.fullmatch(cleaned):
+            return Budget.parse({"per_class": int(per_class[1])})
         if cleaned.endswith("%"):
             return Budget.parse(float(cleaned[:-1]) / 100)
         return Budget.parse(cleaned)

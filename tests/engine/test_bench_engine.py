@@ -51,10 +51,10 @@ def test_bench_refuses_a_budget_the_command_line_refuses_before_running_anything
     tmp_path: Path,
 ):
     data = write_shapes_dataset(tmp_path / "shapes", train_per_class=2, test_per_class=1)
-    result = _bench(tmp_path, "--data", str(data), "--budgets", "0.05,4 per class")
+    result = _bench(tmp_path, "--data", str(data), "--budgets", "0.05,4 classes")
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
-        "engine.py: error: budget '4 per class': use a fraction in (0, 1] such as 0.05, a "
+        "engine.py: error: budget '4 classes': use a fraction in (0, 1] such as 0.05, a "
         "percentage such as 5%, N/class such as 4/class, or all")
     assert result.stdout == ""
 

@@ -54,6 +54,16 @@ def export_model(
 PREDICTION_COLUMNS = ["path", "label", "confidence", "margin", "hidden_label"]
 
 
+def prediction_row(path: str, probs: list[float], classes: list[int],
+                   class_names: list[str]) -> dict[str, str]:
+    """The columns every prediction file shares, from an image's top two classes: the
+    predicted class name, its probability and the margin to the runner-up (the probability
+    itself when the model has one class)."""
+    margin = probs[0] - probs[1] if len(probs) > 1 else probs[0]
+    return {"path": path, "label": class_names[classes[0]],
+            "confidence": f"{probs[0]:.6f}", "margin": f"{margin:.6f}"}
+
+
 def write_predictions(
     path: Path,
     paths: list[str],
@@ -67,9 +77,7 @@ def write_predictions(
     values, indices = top.values.tolist(), top.indices.tolist()
     rows = []
     for image, probs, classes, label in zip(paths, values, indices, hidden, strict=True):
-        margin = probs[0] - probs[1] if len(probs) > 1 else probs[0]
-        rows.append({"path": image, "label": class_names[classes[0]],
-                     "confidence": f"{probs[0]:.6f}", "margin": f"{margin:.6f}",
+        rows.append({**prediction_row(image, probs, classes, class_names),
                      "hidden_label": "" if label is None else class_names[label]})
     replace_csv(path, PREDICTION_COLUMNS, rows)
 

@@ -23,6 +23,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from worker.selftuning.data import find_images
+from worker.selftuning.export import prediction_row
 from worker.selftuning.files import CONFIG_FILE, MODEL_FILE
 from worker.selftuning.images import open_rgb
 
@@ -117,9 +118,7 @@ def predict(exported: Exported, files: list[Path], device: torch.device, batch_s
         top = probabilities.topk(min(2, probabilities.shape[1]), dim=1)
         for (path, _), values, indices in zip(batch, top.values.tolist(),
                                               top.indices.tolist(), strict=True):
-            margin = values[0] - values[1] if len(values) > 1 else values[0]
-            yield {"path": str(path), "label": exported.label_names[indices[0]],
-                   "confidence": f"{values[0]:.6f}", "margin": f"{margin:.6f}"}
+            yield prediction_row(str(path), values, indices, exported.label_names)
 
     for path in files:
         try:

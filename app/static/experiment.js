@@ -54,14 +54,15 @@ export function experimentForm() {
   // its settings: ?like=).
   function fillFromPreset(changed = {}) {
     document.getElementById("preset-about").textContent = data.presets[form.elements.preset.value].about;
-    const values = { ...preset(), ...changed };
+    const defaults = preset();
+    const values = { ...defaults, ...changed };
     for (const input of overrideInputs) {
       const value = values[keyOf(input)];
       if (input.type === "checkbox") input.checked = Boolean(value);
       else {
         input.value = Array.isArray(value) ? value.join(", ") : value;
         // A cleared number field runs with the preset's value: shown where it was typed.
-        if (input.type === "number") input.placeholder = `${preset()[keyOf(input)]} (preset)`;
+        if (input.type === "number") input.placeholder = `${defaults[keyOf(input)]} (preset)`;
       }
     }
   }

@@ -4,7 +4,9 @@ the live run page on a phone, cancelled from its button."""
 
 from __future__ import annotations
 
+import csv
 import io
+import os
 import re
 import signal
 import subprocess
@@ -15,7 +17,7 @@ import zipfile
 import pytest
 
 from tests.browser import PHONE, open_browser
-from tests.support import make_image_archive, start_process, wait_for
+from tests.support import PROJECT_ROOT, make_image_archive, start_process, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -179,6 +181,24 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
                                  capture_output=True, text=True, timeout=60)
         assert fetched.returncode == 0, fetched.stderr
         assert zipfile.ZipFile(tmp_path / "curl" / unzip_line.split()[-1]).testzip() is None
+        # The predict command as shown labels a folder of new images with that zip.
+        with zipfile.ZipFile(archive) as uploaded:
+            new_images = [name for name in uploaded.namelist() if name.startswith("test/")
+                          and not name.endswith("/")]
+            uploaded.extractall(tmp_path / "curl" / "new-images", members=new_images)
+        predict_line = page.inner_text("#snippet-predict")
+        python, command = predict_line.split(maxsplit=1)
+        assert python == ".venv/bin/python", predict_line
+        assert command.startswith("-m worker.selftuning predict "), predict_line
+        predicted = subprocess.run(
+            [sys.executable, *command.split()], cwd=tmp_path / "curl",
+            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, capture_output=True, text=True,
+            timeout=120)
+        assert predicted.returncode == 0, predicted.stderr
+        with open(tmp_path / "curl" / "labels.csv", newline="") as handle:
+            labels = list(csv.DictReader(handle))
+        assert len(labels) == len(new_images) == 12  # 3 classes x 4 test images
+        assert {row["label"] for row in labels} <= {"circle", "square", "triangle"}
         with page.expect_download() as download_info:
             page.click("#download-checkpoint")
         with open(download_info.value.path(), "rb") as handle:

@@ -963,4 +963,7 @@ async function drawDownloads(run, classNames) {
     "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
     'labels = config["label_names"]  # output index -> class',
   ].join("\n");
+  // The command line's `predict` (README) takes the zip as downloaded.
+  document.getElementById("snippet-predict").textContent =
+    `.venv/bin/python -m worker.selftuning predict --model ${zip} --images new-images/ --out labels.csv`;
 }

@@ -106,4 +106,8 @@ def wait_until_held(page: Page, held: list) -> None:
     deadline = time.monotonic() + 20
     while not held and time.monotonic() < deadline:
         page.wait_for_timeout(20)
-    assert len(held) == 1
+    # Where none came (seen once under load): what the page had then, to tell a press that
+    # did not land from an ask that was not made.
+    assert len(held) == 1, (len(held), page.evaluate(
+        "({focused: document.activeElement?.id, text: document.activeElement?.textContent,"
+        " off: document.activeElement?.getAttribute('aria-disabled')})"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.process
 import os
 import signal
 import socket
@@ -58,7 +60,7 @@ def app_env(data_dir: Path, database_url: str, redis_url: str, **extra: str) -> 
 class Process:
     """A child process in its own process group, with its output in a log file."""
 
-    popen: subprocess.Popen
+    popen: subprocess.Popen | ForkedPopen
     log_path: Path
 
     def log(self) -> str:
@@ -125,14 +127,84 @@ class LiveServer:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
 
 
+# What every web process imports before it answers its first experiment (the backbone check
+# builds the model): each server forked from a process that has them costs a fork, where a new
+# interpreter spent about 5 s of CPU on them (a third of the suite's time went there).
+# Not timm: it imports huggingface_hub, which reads HF_ENDPOINT and HF_HUB_OFFLINE once, as
+# it is imported, and servers differ in them.
+SERVER_PRELOAD = ["app.main", "uvicorn.main", "torch", "torchvision"]
+
+
+class ForkedPopen:
+    """The part of `subprocess.Popen` the tests use, for a process the fork server started."""
+
+    def __init__(self, process: multiprocessing.Process, args: list[str]) -> None:
+        self.process, self.args, self.pid = process, args, process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def run_uvicorn(args: list[str], env: dict[str, str], log_path: str) -> None:
+    """In the forked child: what `python -m uvicorn ARGS` in the project folder with `env`
+    does, in a session of its own and with its output in `log_path` (as `start_process`)."""
+    os.setsid()
+    os.chdir(PROJECT_ROOT)
+    os.environ.clear()
+    os.environ.update(env)
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process's own
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.argv = ["uvicorn", *args]
+    from uvicorn.main import main
+
+    main(args=args, prog_name="uvicorn")  # exits with uvicorn's status
+
+
+def start_forked(args: list[str], env: dict[str, str], log_path: Path) -> Process:
+    """A real `python -m uvicorn` process, forked from a server that has already imported the
+    app and torch (multiprocessing's fork server, one per test process)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(SERVER_PRELOAD)
+    process = context.Process(target=run_uvicorn, args=(args, env, str(log_path)),
+                              name="uvicorn")
+    process.start()
+    # Stopped by its test, not joined when the test process exits (as a subprocess would be).
+    multiprocessing.process._children.discard(process)
+    return Process(ForkedPopen(process, ["uvicorn", *args]), log_path)
+
+
 def start_server(env: dict[str, str], log_path: Path, timeout: float = 60,
                  port: int | None = None, options: tuple[str, ...] = ()) -> tuple[str, Process]:
     """uvicorn on `port` (a free one by default: give the old one to restart a server), with
     more of its command-line `options` if given."""
     port = port or free_port()
-    process = start_process(
-        [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_factory",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *options],
+    process = start_forked(
+        ["--factory", "app.main:app_factory", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning", *options],
         env, log_path,
     )
     url = f"http://127.0.0.1:{port}"

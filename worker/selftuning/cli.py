@@ -35,6 +35,7 @@ from worker.selftuning.data import (
     make_budget_data,
     unpacked_folder,
 )
+from worker.selftuning.export import PREDICTION_ROW_COLUMNS
 from worker.selftuning.files import (
     PREDICTIONS_FILE,
     TEST_PREDICTIONS_FILE,
@@ -47,7 +48,6 @@ from worker.selftuning.files import (
 from worker.selftuning.loop import TrainingCancelled, resolve_device, train
 from worker.selftuning.methods import METHODS
 from worker.selftuning.predict import (
-    PREDICT_COLUMNS,
     exported_files,
     image_files,
     load_exported,
@@ -257,14 +257,14 @@ def label_images(args: argparse.Namespace) -> int:
                              f"(e.g. {path}: {reason})")
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
-            replace_csv(out, PREDICT_COLUMNS, rows)
+            replace_csv(out, PREDICTION_ROW_COLUMNS, rows)
     except (ValueError, OSError) as exc:
         return _user_error(exc)
     except KeyboardInterrupt:
         print("stopped: nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     if out is None:
-        writer = csv.DictWriter(sys.stdout, fieldnames=PREDICT_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(sys.stdout, fieldnames=PREDICTION_ROW_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     if skipped:

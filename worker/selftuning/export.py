@@ -51,7 +51,9 @@ def export_model(
     })
 
 
-PREDICTION_COLUMNS = ["path", "label", "confidence", "margin", "hidden_label"]
+# The columns of `prediction_row`, which every prediction file starts with.
+PREDICTION_ROW_COLUMNS = ["path", "label", "confidence", "margin"]
+PREDICTION_COLUMNS = [*PREDICTION_ROW_COLUMNS, "hidden_label"]
 
 
 def prediction_row(path: str, probs: list[float], classes: list[int],

@@ -26,8 +26,8 @@ from worker.selftuning.data import find_images
 from worker.selftuning.export import prediction_row
 from worker.selftuning.files import CONFIG_FILE, MODEL_FILE
 from worker.selftuning.images import open_rgb
+from worker.selftuning.metrics import top_classes
 
-PREDICT_COLUMNS = ["path", "label", "confidence", "margin"]
 WHAT_A_MODEL_IS = (f"give a run's --out folder, the checkpoint zip a run's page downloads, or "
                    f"a folder with its {CONFIG_FILE} and {MODEL_FILE}")
 
@@ -115,7 +115,7 @@ def predict(exported: Exported, files: list[Path], device: torch.device, batch_s
     def label(batch: list[tuple[Path, torch.Tensor]]) -> Iterator[dict[str, str]]:
         images = torch.stack([tensor for _, tensor in batch]).to(device)
         probabilities = exported.model(images).float().softmax(dim=1)
-        top = probabilities.topk(min(2, probabilities.shape[1]), dim=1)
+        top = top_classes(probabilities)
         for (path, _), values, indices in zip(batch, top.values.tolist(),
                                               top.indices.tolist(), strict=True):
             yield prediction_row(str(path), values, indices, exported.label_names)

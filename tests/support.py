@@ -126,6 +126,10 @@ class LiveServer:
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
 
+    def restart(self, log_path: Path) -> Process:
+        """uvicorn again on this server's port and settings, once its process has ended."""
+        return start_server(self.env, log_path, port=int(self.url.rsplit(":", 1)[1]))[1]
+
 
 # What every web process imports before it answers its first experiment (the backbone check
 # builds the model): each server forked from a process that has them costs a fork, where a new

@@ -22,7 +22,7 @@ from app.events import Hubs, Outcome, stream_events
 from app.live import experiment_stream_key, run_stream_key
 from app.models import Run, RunMetric, utcnow
 from tests.browser import open_browser, wait_until_held
-from tests.support import add_dataset_row, start_server
+from tests.support import add_dataset_row
 from tests.test_experiments_cancel_delete import SWEEP, end_as_worker, mark_running, start_sweep
 from tests.test_lost_runs import sse_events
 from tests.test_pages_live import EMULATE_VISIBILITY
@@ -267,8 +267,7 @@ def test_a_run_page_back_after_redis_trimmed_what_it_missed_reads_it_from_the_re
             expect(page.locator("#live-state")).to_have_text("reconnecting…")
             train(database_url, live, run_id, range(301, 601))
             live.xtrim(run_stream_key(run_id), maxlen=200, approximate=False)  # 401-600 kept
-            _, restarted = start_server(live_server.env, tmp_path / "uvicorn-restarted.log",
-                                        port=int(live_server.url.rsplit(":", 1)[1]))
+            restarted = live_server.restart(tmp_path / "uvicorn-restarted.log")
             expect(page.locator("#live-state")).to_have_text("● live", timeout=30_000)
             page.wait_for_function(f"({CE_POINTS})() === 600")
             browser.assert_no_errors(expected=("ERR_CONNECTION_REFUSED",

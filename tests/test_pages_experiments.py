@@ -17,7 +17,7 @@ import zipfile
 import pytest
 
 from tests.browser import PHONE, open_browser
-from tests.support import PROJECT_ROOT, make_image_archive, start_server, wait_for
+from tests.support import PROJECT_ROOT, make_image_archive, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -305,9 +305,7 @@ def test_live_run_page_on_a_phone_survives_a_server_restart_and_cancels(
             wait_for(lambda: page.inner_text("#live-state") == "reconnecting…", timeout=10,
                      message="the page to notice the server is gone")
             time.sleep(3)  # let the worker record points the page cannot see yet
-            _, restarted = start_server(live_server.env,
-                                        tmp_path / "logs" / "uvicorn-restarted.log",
-                                        port=int(live_server.url.rsplit(":", 1)[1]))
+            restarted = live_server.restart(tmp_path / "logs" / "uvicorn-restarted.log")
             wait_for(lambda: page.inner_text("#live-state") == "● live", timeout=30,
                      message="the page to reconnect")
             after = step_shown()

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
                                  f"least {MISSED_HEARTBEATS} heartbeats")
     max_attempts: int = Field(3, ge=1, description="automatic requeues of a lost run")
     sse_heartbeat_s: float = Field(10.0, gt=0)
+    preload_engine: bool = Field(
+        True, description="the web imports torch and timm as it starts, not on its first "
+        "experiment check")
 
     @field_validator("api_token")
     @classmethod

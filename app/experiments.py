@@ -21,6 +21,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.engine_preload import wait_for_preload
 from app.estimates import estimate_label_gains
 from app.live import forget_feeds, publish_ends, run_cancel_key
 from app.models import MAX_ID, Artifact, Dataset, Experiment, Run, RunMetric, utcnow
@@ -103,7 +104,8 @@ def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
         # wrote, and still right when the data directory moves.
         relative = path.relative_to(root).as_posix()
         return f"{name.rpartition(':')[0]}:{relative}" if ":" in name else relative
-    import timm  # imported on first use: the web stays light until someone starts a run
+    wait_for_preload()
+    import timm  # imported at start (app.engine_preload) or on first use
 
     from worker.selftuning.backbones import (
         OFFLINE_WEIGHTS,
@@ -141,6 +143,7 @@ def check_input_size(backbone: str, image_size: int, batch_size: int) -> None:
     A labeled batch alone is the smallest forward of every method (fine-tuning's, and the
     others' on a dataset with no unlabeled image left). `backbone` is named as the engine
     opens it (`backbone_in`)."""
+    wait_for_preload()
     from worker.selftuning.backbones import (
         BackboneError,
         check_forward_batch,

@@ -39,6 +39,7 @@ from app.deps import (
     token_accepted,
     token_refused,
 )
+from app.engine_preload import start_preload
 from app.guard import BrowserGuard
 from app.routers import (
     dataset_pages,
@@ -298,6 +299,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except SQLAlchemyError as exc:
             log.warning("data directory check and clean-up wait for the database, which does "
                         "not answer: %s", str(exc).splitlines()[0])
+        if settings.preload_engine:  # once the start is not refused
+            start_preload()
         reaper = asyncio.create_task(reap_forever(settings, check))
         hubs = _app.state.hubs = Hubs(settings.effective_redis_url) if settings.redis_url else None
 

@@ -16,6 +16,9 @@ from app.config import Settings
 from app.db import upgrade_to_head
 from tests.support import LiveServer, app_env, start_server, start_worker, wait_for
 
+# The apps the tests make in this process import the engine when a test asks them, as this
+# process does (app.engine_preload; tests/test_engine_preload.py turns it on).
+os.environ["SELFTUNE_PRELOAD_ENGINE"] = "0"
 REDIS_BASE = os.environ.get("SELFTUNE_TEST_REDIS", "redis://127.0.0.1:6379")
 POSTGRES_ADMIN_URL = os.environ.get(
     "SELFTUNE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

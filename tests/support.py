@@ -51,6 +51,9 @@ def app_env(data_dir: Path, database_url: str, redis_url: str, **extra: str) -> 
         SELFTUNE_REDIS_URL=redis_url,
         PYTHONUNBUFFERED="1",
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+        # Most test servers never check a backbone: importing timm at each start would cost
+        # the suite about a second of CPU a server (tests/test_engine_preload.py turns it on).
+        SELFTUNE_PRELOAD_ENGINE="0",
     )
     env.update(extra)
     return env

@@ -444,6 +444,15 @@ class ExperimentCheckOut(BaseModel):
     warnings: list[str] = Field(description="as ExperimentOut's warnings")
 
 
+class BestRunOut(BaseModel):
+    """An experiment's succeeded run with the highest test top-1: the model to take from it."""
+    id: int
+    method: str
+    budget_label: str
+    seed: int
+    test_top1: float
+
+
 class ExperimentListItem(BaseModel):
     id: int
     name: str
@@ -454,6 +463,9 @@ class ExperimentListItem(BaseModel):
     created_at: datetime
     status: str = Field(description=EXPERIMENT_STATUS)
     run_counts: dict[str, int]
+    best_run: BestRunOut | None = Field(description=(
+        "the succeeded run with the highest test top-1 (of those tied, the first made); "
+        "null until a run has succeeded"))
 
 
 class ArtifactOut(BaseModel):

@@ -442,6 +442,54 @@ def test_the_experiment_list_counts_each_experiments_runs_by_status(database_url
         [], ["succeeded", "cancelled"], ["queued", "running"], ["succeeded", "failed"]]
 
 
+def test_the_experiment_list_names_each_experiments_best_run(database_url: str) -> None:
+    """Each listed experiment names its succeeded run with the highest test top-1, read out of
+    the runs' stored metrics by the database (SQLite's JSON functions, PostgreSQL's)."""
+    from app.routers.experiments import experiment_items
+    from tests.support import add_dataset_row
+
+    upgrade_to_head(database_url)
+    dataset_id = add_dataset_row(database_url)
+    # (status, budget label, seed, metrics) of each experiment's runs, in the order made.
+    sweeps = [
+        [("succeeded", "10%", 0, {"test_top1": 0.8}),
+         ("succeeded", "50%", 0, {"test_top1": 0.91, "pseudo_label_acc": 0.7}),
+         ("failed", "50%", 1, {"test_top1": 0.99}),  # not a model to take
+         ("succeeded", "50%", 1, {"test_top1": 0.91}),  # tied: the first made stays
+         ("succeeded", "all", 0, {}),  # recorded without its score
+         ("running", "all", 1, {})],
+        [("queued", "10%", 0, {}), ("cancelled", "10%", 1, {"test_top1": 0.5})],
+        [("succeeded", "all", 2, {"test_top1": 1, "confusion_matrix": [[2, 0], [0, 2]]})],
+    ]
+    run_ids = []
+    with session_scope(database_url) as session:
+        for runs in sweeps:
+            experiment = Experiment(dataset_id=dataset_id, backbone="b", methods=["self-tuning"],
+                                    budgets=[0.1], seeds=[0], preset="quick")
+            session.add(experiment)
+            session.flush()
+            made = [Run(experiment_id=experiment.id, dataset_id=dataset_id, method="self-tuning",
+                        budget=0.1, budget_label=label, seed=seed, status=status,
+                        metrics=metrics)
+                    for status, label, seed, metrics in runs]
+            session.add_all(made)
+            session.flush()
+            run_ids.append([run.id for run in made])
+    with session_scope(database_url) as session:
+        listed = [item.best_run for item in experiment_items(session, None, None, 0)[1]]
+        on_dataset = [item.best_run for item in experiment_items(session, dataset_id, None, 0)[1]]
+        paged = [item.best_run for item in experiment_items(session, None, 1, 1)[1]]
+    expected = [  # newest first
+        {"id": run_ids[2][0], "method": "self-tuning", "budget_label": "all", "seed": 2,
+         "test_top1": 1.0},
+        None,
+        {"id": run_ids[0][1], "method": "self-tuning", "budget_label": "50%", "seed": 0,
+         "test_top1": 0.91},
+    ]
+    assert [best and best.model_dump() for best in listed] == expected
+    assert on_dataset == listed and paged == listed[1:2]
+
+
 def _queries_in_a_forked_child(url: str, results) -> None:
     try:
         for _ in range(8):  # psycopg prepares a statement from its fifth run on

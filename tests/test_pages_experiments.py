@@ -243,6 +243,15 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
         page.goto(f"{live_server.url}/experiments?dataset_id={dataset_id}")
         assert page.locator("#experiments a", has_text="shapes sweep").get_attribute(
             "href") == experiment_url.removeprefix(live_server.url)
+        # The list names the model to take: the run with the best test top-1.
+        runs = page.request.get(experiment_url.replace("/experiments/", "/api/experiments/")
+                                ).json()["runs"]
+        best = max(runs, key=lambda run: (run["test_top1"], -run["id"]))
+        cell = page.locator("#experiments tbody tr", has_text="shapes sweep").locator(".best-run")
+        assert cell.locator("a").get_attribute("href") == f"/runs/{best['id']}"
+        title = {"self-tuning": "Self-Tuning", "fine-tune": "Fine-tuning"}[best["method"]]
+        assert " ".join(cell.inner_text().split()) == (
+            f"{best['test_top1'] * 100:.1f}% {title}, {best['budget_label']}, seed 0")
         page.goto(f"{live_server.url}/experiments?dataset_id={int(dataset_id) + 1}")
         assert page.locator("#experiments").count() == 0
         browser.assert_no_errors()

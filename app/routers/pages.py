@@ -17,6 +17,7 @@ from markupsafe import Markup
 
 from app import __version__
 from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, token_matches
+from app.experiments import as_shown
 from app.models import MAX_ID
 from app.responses import in_utc, utc_text
 from app.routers.health import check_health
@@ -44,7 +45,13 @@ def moment(value: datetime) -> Markup:
         utc_text(value), in_utc(value).strftime("%Y-%m-%d %H:%M"))
 
 
+def percent(share: float) -> str:
+    """A share as the pages' scripts write it (`pct` in /static/charts.js): "91.7%"."""
+    return f"{as_shown(share)}%"
+
+
 templates.env.filters["moment"] = moment
+templates.env.filters["percent"] = percent
 
 router = APIRouter(include_in_schema=False)
 

@@ -329,18 +329,24 @@ def refused_then_held(page, button, url: str, error: str, idle: str,
     `error` after `refused`, the button back as `idle` with the keyboard on it); the second
     ask (to `url`) is held and returned, the button off (`busy`, aria-disabled) with the
     keyboard on it, the refusal's word gone, and a third press asks nothing."""
-    page.route(url, lambda route: route.fulfill(
-        status=503, json={"detail": "the database did not answer"}))
+    refusals, held = [], []
+
+    def answer(route) -> None:  # one route for both asks: none goes by between two
+        if refusals:
+            held.append(route)
+        else:
+            refusals.append(route)
+            route.fulfill(status=503, json={"detail": "the database did not answer"})
+
+    page.route(url, answer)
     button.focus()
     page.keyboard.press("Enter")
     expect(page.locator(error)).to_have_text(f"{refused}: the database did not answer")
     expect(button).to_have_text(idle)
     expect(button).to_be_focused()
     assert button.get_attribute("aria-disabled") != "true"
-    page.unroute(url)
+    assert len(refusals) == 1 and not held
 
-    held = []
-    page.route(url, lambda route: held.append(route))
     page.keyboard.press("Enter")
     wait_until_held(page, held)
     expect(button).to_have_text(busy)

@@ -39,10 +39,16 @@ TINY_API = {
                   "unlabeled_batch_size": 8, "eval_interval": 20, "log_interval": 5,
                   "checkpoint_interval": 20, "lr": 0.01},
 }
-# Records every text the runs table shows, so the test can tell the page changed live.
+# Records every text the runs table shows, and every title of the tab, so the test can tell
+# the page changed live.
 WATCH_RUNS_TABLE = """() => {
     window.seenSteps = {};
+    window.seenTitles = [document.title];
     window.sameDocument = true;  // a reload would drop this
+    new MutationObserver(() => {
+        if (window.seenTitles.at(-1) !== document.title) window.seenTitles.push(document.title);
+    }).observe(document.querySelector("title"),
+        {subtree: true, childList: true, characterData: true});
     const record = () => {
         for (const row of document.querySelectorAll("#runs tbody tr")) {
             const step = row.querySelector(".step")?.textContent;
@@ -112,6 +118,13 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
 
         # Results: one accuracy point per method and budget, the paper table, best marked.
         page.wait_for_selector("#experiment-status .badge:text-is('finished')")
+        # The tab counted the runs that had ended while they trained, then said how it ended.
+        assert page.title() == "finished · shapes sweep — Self-Tuning Lab"
+        titles = page.evaluate("window.seenTitles")
+        assert all(title.endswith(" · shapes sweep — Self-Tuning Lab") for title in titles)
+        counted = [title.split(" · ")[0] for title in titles[:-1]]
+        assert counted and all(re.fullmatch(r"queued|[0-4]/4", c) for c in counted), titles
+        assert counted == sorted(counted, key=lambda c: -1 if c == "queued" else int(c[0])), titles
         points = browser.chart_points("#budget-chart")
         assert points == {"Self-Tuning": 2, "Fine-tuning": 2}, points
         table = page.locator("#budget-table")
@@ -150,6 +163,7 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
         page.click("#runs tbody tr:first-child a")
         page.wait_for_url(re.compile(r"/runs/\d+$"))
         page.wait_for_selector("#results:not([hidden])")
+        assert page.title() == f"succeeded · Run #{page.url.rsplit('/', 1)[1]} — Self-Tuning Lab"
         page.wait_for_selector("#label-next-thumbs img")
         page.wait_for_function("document.getElementById('snippet').textContent.includes('timm')")
         # The curves are drawn at the next frame after the record is read (on a loaded
@@ -293,6 +307,7 @@ def test_live_run_page_on_a_phone_survives_a_server_restart_and_cancels(
                 timeout=30_000,
             )
             assert browser.horizontal_overflow() == 0
+            assert page.title() == f"queued · Run #{queued} — Self-Tuning Lab"
             browser.screenshot("1-phone-run-queued")
 
             page.goto(f"{live_server.url}/runs/{running}")
@@ -304,6 +319,7 @@ def test_live_run_page_on_a_phone_survives_a_server_restart_and_cancels(
             before = step_shown()
             wait_for(lambda: step_shown() > before, timeout=20, message="the step to move")
             assert page.inner_text("#images-per-s") != "–"
+            assert re.fullmatch(rf"\d% · Run #{running} — Self-Tuning Lab", page.title())
             wait_for(lambda: page.inner_text("#eta") != "–", timeout=15, message="an ETA")
             assert browser.horizontal_overflow() == 0
             browser.screenshot("2-phone-run-live")
@@ -330,6 +346,7 @@ def test_live_run_page_on_a_phone_survives_a_server_restart_and_cancels(
                 timeout=30_000,
             )
             assert page.locator("#cancel").is_hidden()
+            assert page.title() == f"cancelled · Run #{running} — Self-Tuning Lab"
             browser.screenshot("3-phone-run-cancelled")
 
             # Every recorded point is on the chart once: none lost in the outage, none twice.

@@ -114,6 +114,16 @@ export function onRestored(check) {
   window.addEventListener("pageshow", (event) => { if (event.persisted) check(); });
 }
 
+// The tab's title: the page's own, after how its work stands ("3/12 · animals quick — Self-Tuning
+// Lab", "succeeded · Run #7 — …"), so that a sweep can be followed from another tab. `state`
+// and `name` (after a rename) each stay until changed.
+const SITE = " — Self-Tuning Lab";
+const tab = { state: "", name: document.title.endsWith(SITE) ? document.title.slice(0, -SITE.length) : document.title };
+export function tabTitle({ state = tab.state, name = tab.name } = {}) {
+  Object.assign(tab, { state, name });
+  document.title = `${state ? `${state} · ` : ""}${name}${SITE}`;
+}
+
 // "lost" lasts only once a run has used up its automatic requeues.
 export const TERMINAL = new Set(["succeeded", "failed", "cancelled", "lost"]);
 

@@ -3,7 +3,7 @@
 // cancel-all and delete (/experiments/{id}).
 import {
   badge, budgetChart, count, failure, follow, getJSON, h, handFocus, isNumber, onRestored, pageData,
-  pct, showStatus, signedOutNotice, signInAgain, TERMINAL,
+  pct, showStatus, signedOutNotice, signInAgain, tabTitle, TERMINAL,
 } from "/static/charts.js";
 import { renamer } from "/static/rename.js";
 import { onSession } from "/static/session.js";
@@ -543,8 +543,21 @@ export function experimentPage() {
     document.getElementById("estimates-note").hidden = estimates.length > 0;
   }
 
+  let shownStatus = initial.status;
   function drawStatus(status) {
+    shownStatus = status;
     showStatus(document.getElementById("experiment-status"), status);
+    drawTitle();
+  }
+
+  // The tab says how the sweep stands: "queued", runs ended of all ("3/12") while any trains,
+  // then how it ended ("finished with failures"); the counts until the record says so.
+  const STILL_GOING = new Set(["queued", "running", "in progress"]);
+  function drawTitle() {
+    const ended = [...runs.values()].filter((run) => TERMINAL.has(run.status)).length;
+    const waiting = [...runs.values()].every((run) => run.status === "queued");
+    tabTitle({ state: shownStatus === "deleted" || (ended === runs.size && !STILL_GOING.has(shownStatus))
+      ? shownStatus : waiting ? "queued" : `${ended}/${runs.size}` });
   }
 
   // Cancel all while a run has not ended; delete once every run has.
@@ -564,6 +577,7 @@ export function experimentPage() {
     cancelAll.textContent = cancelling ? "Cancelling…" : "Cancel all runs";
     document.getElementById("delete-experiment").hidden = left > 0;
     handFocus(focused, cancelAll, [document.getElementById("delete-experiment")]);
+    drawTitle();
   }
 
   // Follow the feed while a run has not ended; the server closes it after the last run.

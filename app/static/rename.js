@@ -1,7 +1,7 @@
 // Renaming a dataset or an experiment where it is shown: Rename opens a one-field form under
 // the title; Save sends the name (PATCH) and the page shows the one the server kept (its
 // heading and the tab's title); Cancel or Escape closes it as it was.
-import { failure, getJSON } from "/static/charts.js";
+import { failure, getJSON, tabTitle } from "/static/charts.js";
 
 export function renamer(url, onRenamed = () => {}) {
   const button = document.getElementById("rename");
@@ -41,7 +41,7 @@ export function renamer(url, onRenamed = () => {}) {
         body: JSON.stringify({ name: input.value }),
       });
       title.textContent = name;
-      document.title = `${name} — Self-Tuning Lab`;
+      tabTitle({ name });
       onRenamed(name);
       close();
     } catch (problem) {

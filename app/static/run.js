@@ -1,7 +1,7 @@
 // One run's page: live curves and status while it trains, then its results and downloads.
 import {
   barChart, bytes, count, duration, failure, follow, getJSON, h, handFocus, isNumber, onRestored,
-  pageData, pct, setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, TERMINAL,
+  pageData, pct, setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, tabTitle, TERMINAL,
 } from "/static/charts.js";
 import { onSession } from "/static/session.js";
 import { localTime } from "/static/times.js";
@@ -259,6 +259,9 @@ export function runPage() {
     const error = document.getElementById("run-error");
     error.hidden = !run.error;
     error.textContent = run.error ?? "";
+    // The tab says how the run stands: "queued", its share of steps done, "finishing", how it ended.
+    tabTitle({ state: run.status !== "running" ? run.status : finishing ? "finishing"
+      : run.total_steps ? `${Math.floor((100 * run.step) / run.total_steps)}%` : "running" });
   }
 
   // While training, the speed of the last steps; once the run has ended, the mean over its
@@ -356,6 +359,7 @@ export function runPage() {
       document.getElementById(name).hidden = true;
     }
     showStatus(document.getElementById("run-status"), "deleted");
+    tabTitle({ state: "deleted" });
     const error = document.getElementById("run-error");
     error.hidden = false;
     error.textContent = `Run #${id} no longer exists: its experiment was deleted.`;

@@ -807,6 +807,26 @@ def budget_table(runs: list[Run], labeled: dict[str, int] | None = None) -> list
     return rows
 
 
+def compare_budget_tables(tables: list[list[dict[str, Any]]]
+                          ) -> tuple[list[str], list[list[dict[str, Any]]]]:
+    """Experiments' budget tables side by side: the budget labels of any of them, fewest labels
+    first, and a copy of each table with `best` flagged per budget label across all of them
+    (`flag_best`), where each alone flagged its own best."""
+    copies = [[{**row, "best": False} for row in table] for table in tables]
+    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in (row for table in copies for row in table):
+        by_label[row["budget_label"]].append(row)
+    for members in by_label.values():
+        flag_best(members)
+
+    def order(label: str) -> tuple[float, tuple[int, float]]:
+        counts = [row["labeled_count"] for row in by_label[label]
+                  if row["labeled_count"] is not None]
+        return (min(counts) if counts else math.inf, budget_sort_key(by_label[label][0]["budget"]))
+
+    return sorted(by_label, key=order), copies
+
+
 def flag_best(rows: list[dict[str, Any]]) -> None:
     """Flag the best methods of one budget: the highest mean top-1 as the page shows it (to
     0.1 point; a tie flags each), among the methods with the most succeeded seeds, so that a

@@ -76,7 +76,8 @@ def _fill_the_lab(url: str, headers: dict, database_url: str, live: redis.Redis,
         experiment_id, (done, running, queued, failed) = start_sweep(client, dataset_id)
         many_id = add_dataset_row(database_url, {f"species {n:02d}": {"train": 4, "test": 5}
                                                  for n in range(MANY)})
-        _, (many,) = start_sweep(client, many_id, seeds=[0], methods=["fine-tune"])
+        many_experiment, (many,) = start_sweep(client, many_id, seeds=[0],
+                                               methods=["fine-tune"])
     with session_scope(database_url) as session:
         for step in (10, 20):
             session.add(RunMetric(run_id=done, kind="progress", step=step, values={
@@ -108,6 +109,7 @@ def _fill_the_lab(url: str, headers: dict, database_url: str, live: redis.Redis,
         f"/experiments/new?dataset_id={dataset_id}": "#f-backbone",
         f"/experiments/new?like={experiment_id}": "#like-note",
         f"/experiments/{experiment_id}": "#runs tbody tr",
+        f"/experiments/compare?ids={experiment_id}&ids={many_experiment}": "#budget-table td",
         f"/runs/{done}": "#results:not([hidden]) #confusion td",
         f"/runs/{many}": "#results:not([hidden]) #per-class-more",
         f"/runs/{running}": "#run-status:has-text('running')",

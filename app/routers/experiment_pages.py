@@ -6,16 +6,25 @@ hand it to the templates as JSON; the static JS draws it and keeps it live.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args, get_origin
+from collections import Counter
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
+from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.deps import DatasetFilter, DbDep, ExperimentFilter, ExperimentId, RunId, SettingsDep
-from app.experiments import budget_unlabeled_count, suggested_budgets
-from app.models import Dataset, Experiment
+from app.experiments import (
+    budget_labeled_counts,
+    budget_table,
+    budget_unlabeled_count,
+    compare_budget_tables,
+    experiment_status,
+    suggested_budgets,
+)
+from app.models import MAX_ID, Dataset, Experiment
 from app.routers.experiments import experiment_items, experiment_out, get_experiment
 from app.routers.pages import PageNumber, Pager, page_guard, render
 from app.routers.runs import read_run
@@ -99,7 +108,7 @@ def experiments_page(
                                  .where(Dataset.id.in_(shown))).tuples().all())
     return render(request, "experiments.html", experiments=experiments, dataset_names=names,
                   dataset_id=dataset_id, method_titles=METHOD_TITLES,
-                  pager=pager)
+                  pager=pager, most_compared=MOST_COMPARED)
 
 
 def preset_summary(factory) -> str:
@@ -171,6 +180,66 @@ def new_experiment_page(
     return render(request, "experiment_new.html", form=form,
                   missing_dataset_id=missing_dataset_id, missing_like=like if like is not None
                   and model is None else None)
+
+
+# How many experiments one comparison holds: each adds a line per method to one chart.
+MOST_COMPARED = 6
+# The line of each compared experiment (its methods keep the colours of the experiment page).
+COMPARED_DASHES = ([], [8, 4], [2, 3], [12, 4, 2, 4], [4, 8], [16, 6])
+DASH_NAMES = ("solid line", "dashed line", "dotted line", "dash-dot line", "sparse dashes",
+              "long dashes")
+ComparedIds = Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None, Query(
+    description="the experiments to compare")]
+
+
+@router.get("/experiments/compare", response_class=HTMLResponse)
+def compare_page(request: Request, settings: SettingsDep, session: DbDep,
+                 ids: ComparedIds = None) -> Response:
+    """Experiments side by side (`?ids=3&ids=5`, as the list's check boxes send them): one
+    accuracy-against-budget chart with a line per experiment and method, and one table."""
+    if (redirect := page_guard(request, settings)) is not None:
+        return redirect
+    chosen = list(dict.fromkeys(ids or []))
+    if not 2 <= len(chosen) <= MOST_COMPARED:
+        raise HTTPException(422, f"Choose 2 to {MOST_COMPARED} experiments to compare "
+                                 f"({len(chosen)} chosen): tick them in the experiments list.")
+    experiments = [get_experiment(session, experiment_id) for experiment_id in chosen]
+    datasets = {e.dataset_id: session.get(Dataset, e.dataset_id) for e in experiments}
+    labels, tables = compare_budget_tables([
+        budget_table(list(e.runs), budget_labeled_counts(datasets[e.dataset_id], list(e.runs)))
+        for e in experiments])
+    compared = []
+    for experiment, table in zip(experiments, tables, strict=True):
+        dataset = datasets[experiment.dataset_id]
+        cells: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in experiment.methods}
+        for row in table:
+            cells.setdefault(row["method"], {})[row["budget_label"]] = row
+        compared.append({
+            "id": experiment.id, "name": experiment.name, "dataset_id": experiment.dataset_id,
+            "dataset_name": dataset.name if dataset else f"#{experiment.dataset_id}",
+            "backbone": experiment.backbone, "preset": experiment.preset,
+            "overrides": experiment.overrides or {}, "seeds": experiment.seeds,
+            "status": experiment_status(Counter(run.status for run in experiment.runs)),
+            "cells": cells,
+        })
+    # The chart's budgets: each label at each labeled count it keeps (on two datasets, "5%"
+    # keeps two), fewest labels first; a line per experiment and method, through its own.
+    points = sorted({(row["budget_label"], row["labeled_count"]) for table in tables
+                     for row in table},
+                    key=lambda point: (labels.index(point[0]), point[1] or 0))
+
+    def line(cells: dict[str, dict[str, Any]], key: str) -> list[float | None]:
+        return [cells[label][key] if label in cells and cells[label]["labeled_count"] == count
+                else None for label, count in points]
+
+    series = [{"name": method, "title": f"{e['name']} · {METHOD_TITLES.get(method, method)}",
+               "dash": COMPARED_DASHES[index], "spanGaps": True,
+               "means": line(cells, "mean_top1"), "spreads": line(cells, "std_top1")}
+              for index, e in enumerate(compared) for method, cells in e["cells"].items()]
+    return render(request, "compare.html", compared=compared, labels=labels,
+                  method_titles=METHOD_TITLES, dashes=COMPARED_DASHES, dash_names=DASH_NAMES,
+                  chart={"budgets": [{"label": label, "count": count} for label, count in points],
+                         "series": series})
 
 
 @router.get("/experiments/{experiment_id}", response_class=HTMLResponse)

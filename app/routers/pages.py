@@ -45,9 +45,9 @@ def moment(value: datetime) -> Markup:
         utc_text(value), in_utc(value).strftime("%Y-%m-%d %H:%M"))
 
 
-def percent(share: float) -> str:
+def percent(share: float, unit: str = "%") -> str:
     """A share as the pages' scripts write it (`pct` in /static/charts.js): "91.7%"."""
-    return f"{as_shown(share)}%"
+    return f"{as_shown(share)}{unit}"
 
 
 templates.env.filters["moment"] = moment

@@ -277,7 +277,8 @@ const SAME_COUNT_STEP = 1.08;
 // (3, 6 and 61 images are not evenly spaced), ticked at the budgets measured; only when a
 // count is unknown (its dataset was deleted) are the budgets evenly spaced categories. A
 // budget without a result breaks the line: joining its neighbours would draw a result
-// nobody measured.
+// nobody measured. Experiments compared (`spanGaps`) join their own points: the chart's
+// budgets are those of all of them, and another dataset's "5%" is none of this line's.
 export function budgetChart(canvas, budgets, methods) {
   const name = (b) => (isNumber(b.count) ? `${b.label} (${b.count.toLocaleString("en")})` : b.label);
   const byCount = budgets.length > 0 && budgets.every((b) => isNumber(b.count) && b.count > 0);
@@ -315,9 +316,11 @@ export function budgetChart(canvas, budgets, methods) {
     const spread = c.dataset.errorBars[c.dataIndex];
     return `${c.dataset.label}: ${pct(c.parsed.y)}${isNumber(spread) ? ` ± ${pct(spread)}` : ""}`;
   };
-  const datasets = methods.map(({ name: method, title, means, spreads }) => ({
+  // A line per method; where experiments are compared, per experiment (`dash`) and method,
+  // drawn through the budgets it has no result at (`spanGaps`: the others' budgets).
+  const datasets = methods.map(({ name: method, title, means, spreads, dash = [], spanGaps = false }) => ({
     label: title, data: means, errorBars: spreads, borderColor: colourFor(method),
-    backgroundColor: colourFor(method), pointRadius: 4, spanGaps: false, borderWidth: 2,
+    backgroundColor: colourFor(method), pointRadius: 4, spanGaps, borderWidth: 2, borderDash: dash,
   }));
   // Each method's best budget; the table under the chart has every value.
   const budgetName = (b) => (isNumber(b.count) ? `${b.label} (${count(b.count)} labels)` : b.label);

@@ -1,0 +1,87 @@
+"""Experiments side by side: ticked in the list, one chart and one table (/experiments/compare)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import redis
+
+from app.db import session_scope
+from app.models import Run
+from tests.browser import open_browser
+from tests.support import add_dataset_row
+from tests.test_experiments_cancel_delete import mark_running, start_sweep
+from tests.test_pages_fixes import finish
+
+pytestmark = pytest.mark.browser
+
+# Two classes of 10 labeled training images: 1/class keeps 2 labels, 50% 10, all 20.
+SCORES = {  # (experiment, method, budget label, seed): test top-1
+    ("first", "fine-tune", "50%", 0): 0.60, ("first", "fine-tune", "50%", 1): 0.70,
+    ("first", "self-tuning", "50%", 0): 0.80, ("first", "self-tuning", "50%", 1): 0.70,
+    ("first", "fine-tune", "all", 0): 0.85, ("first", "fine-tune", "all", 1): 0.95,
+    ("first", "self-tuning", "all", 0): 0.90,  # its seed 1 is still queued
+    ("second", "fine-tune", "1/class", 0): 0.55, ("second", "fine-tune", "50%", 0): 0.75,
+}
+
+
+def cells(page) -> list[list[str]]:
+    return [[" ".join(cell.split()) for cell in row.locator("th, td").all_inner_texts()]
+            for row in page.locator("#budget-table tbody tr").all()]
+
+
+def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server, request):
+    database_url, live = live_server.database_url, redis.Redis.from_url(live_server.redis_url)
+    dataset_id = add_dataset_row(database_url)
+    with live_server.client() as client:
+        first, _ = start_sweep(client, dataset_id, name="first", budgets=["50%", "all"])
+        second, _ = start_sweep(client, dataset_id, name="second", budgets=["1/class", "50%"],
+                                methods=["fine-tune"], seeds=[0])
+        start_sweep(client, dataset_id, name="not ticked", seeds=[0])
+    names = {first: "first", second: "second"}
+    with session_scope(database_url) as session:
+        runs = {(names[run.experiment_id], run.method, run.budget_label, run.seed): run.id
+                for run in session.query(Run).filter(Run.experiment_id.in_(names))}
+    for key, score in SCORES.items():
+        mark_running(database_url, runs[key])
+        finish(database_url, live, runs[key], {"test_top1": score})
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments")
+        page.check("#experiments input[aria-label='Compare first']")
+        page.check("#experiments input[aria-label='Compare second']")
+        page.click("#compare")
+        page.wait_for_url(re.compile(r"/experiments/compare\?ids=\d+&ids=\d+$"))
+        assert page.title() == "Comparing 2 experiments — Self-Tuning Lab"
+        assert page.locator("#compared tbody a[href^='/experiments/']").all_inner_texts() == [
+            "second", "first"]  # the list's order: newest first
+
+        # Budgets from fewest labels to most; each experiment's methods; the best of each
+        # budget across both marked (among the most finished seeds: 50%'s two-seed methods).
+        assert page.locator("#budget-table thead th").all_inner_texts() == [
+            "Experiment", "Method", "1/class", "50%", "all"]
+        assert cells(page) == [
+            ["second", "Fine-tuning", "★ best: 55.0 2 labels", "75.0 10 labels", ""],
+            ["first", "Fine-tuning", "", "65.0 ± 7.1 10 labels", "★ best: 90.0 ± 7.1 20 labels"],
+            ["first", "Self-Tuning", "", "★ best: 75.0 ± 7.1 10 labels",
+             "90.0 (1 of 2) 20 labels"],
+        ]
+        # One line per experiment and method, each through its own budgets.
+        page.wait_for_function("Chart.getChart(document.getElementById('budget-chart'))")
+        assert browser.chart_points("#budget-chart") == {
+            "second · Fine-tuning": 2, "first · Fine-tuning": 2, "first · Self-Tuning": 2}
+        dashes = page.evaluate("Chart.getChart(document.getElementById('budget-chart'))"
+                               ".data.datasets.map((d) => d.borderDash.length > 0)")
+        assert dashes == [False, True, True]  # the second experiment's lines are dashed
+        browser.assert_no_errors()
+
+        # One ticked, or one that does not exist, is said on the page.
+        shown = page.goto(f"{live_server.url}/experiments/compare?ids={first}")
+        assert shown.status == 422
+        assert page.inner_text("#error-detail") == (
+            "Choose 2 to 6 experiments to compare (1 chosen): tick them in the experiments list.")
+        shown = page.goto(f"{live_server.url}/experiments/compare?ids={first}&ids=999999")
+        assert shown.status == 404
+        assert "999999" in page.inner_text("#error-detail")

@@ -63,15 +63,17 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
         assert page.locator("#budget-table thead th").all_inner_texts() == [
             "Experiment", "Method", "1/class", "50%", "all"]
         assert cells(page) == [
-            ["second", "Fine-tuning", "★ best: 55.0 2 labels", "75.0 10 labels", ""],
-            ["first", "Fine-tuning", "", "65.0 ± 7.1 10 labels", "★ best: 90.0 ± 7.1 20 labels"],
-            ["first", "Self-Tuning", "", "★ best: 75.0 ± 7.1 10 labels",
+            [f"second #{second}", "Fine-tuning", "★ best: 55.0 2 labels", "75.0 10 labels", ""],
+            [f"first #{first}", "Fine-tuning", "", "65.0 ± 7.1 10 labels",
+             "★ best: 90.0 ± 7.1 20 labels"],
+            [f"first #{first}", "Self-Tuning", "", "★ best: 75.0 ± 7.1 10 labels",
              "90.0 (1 of 2) 20 labels"],
         ]
         # One line per experiment and method, each through its own budgets.
         page.wait_for_function("Chart.getChart(document.getElementById('budget-chart'))")
         assert browser.chart_points("#budget-chart") == {
-            "second · Fine-tuning": 2, "first · Fine-tuning": 2, "first · Self-Tuning": 2}
+            f"second (#{second}) · Fine-tuning": 2, f"first (#{first}) · Fine-tuning": 2,
+            f"first (#{first}) · Self-Tuning": 2}
         dashes = page.evaluate("Chart.getChart(document.getElementById('budget-chart'))"
                                ".data.datasets.map((d) => d.borderDash.length > 0)")
         assert dashes == [False, True, True]  # the second experiment's lines are dashed

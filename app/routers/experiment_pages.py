@@ -232,7 +232,9 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
         return [cells[label][key] if label in cells and cells[label]["labeled_count"] == count
                 else None for label, count in points]
 
-    series = [{"name": method, "title": f"{e['name']} · {METHOD_TITLES.get(method, method)}",
+    # Named with their ids too: "Start a similar experiment" keeps the name it is given.
+    series = [{"name": method,
+               "title": f"{e['name']} (#{e['id']}) · {METHOD_TITLES.get(method, method)}",
                "dash": COMPARED_DASHES[index], "spanGaps": True,
                "means": line(cells, "mean_top1"), "spreads": line(cells, "std_top1")}
               for index, e in enumerate(compared) for method, cells in e["cells"].items()]

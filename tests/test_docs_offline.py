@@ -153,6 +153,7 @@ def test_the_schema_documents_the_statuses_a_client_must_handle(tmp_path: Path):
         ("/api/runs/{run_id}/checkpoint", "get"): {"200", "206", "304", "404", "416", "422"},
         ("/api/runs/{run_id}/label-next.csv", "get"): {"200", "304", "404", "422"},
         ("/api/experiments/{experiment_id}/runs.csv", "get"): {"200", "304", "404", "422"},
+        ("/api/experiments/compare.csv", "get"): {"200", "304", "404", "422"},
     }
     token = {"401", "429"}  # every API route: a missing or wrong token, too many wrong ones
     documented = {key: set(paths[key[0]][key[1]]["responses"]) for key in expected}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 
 import pytest
@@ -77,13 +79,34 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
         dashes = page.evaluate("Chart.getChart(document.getElementById('budget-chart'))"
                                ".data.datasets.map((d) => d.borderDash.length > 0)")
         assert dashes == [False, True, True]  # the second experiment's lines are dashed
+        # The table as CSV, from the page's link: the same values, fractions.
+        href = page.get_attribute("#result-downloads a", "href")
+        assert href == f"/api/experiments/compare.csv?ids={second}&ids={first}"
+        table = list(csv.DictReader(io.StringIO(page.request.get(live_server.url + href).text())))
+        assert [(row["experiment_id"], row["experiment_name"], row["budget_label"],
+                 row["labeled_count"], row["method"], row["finished"], row["mean_top1"],
+                 row["best"]) for row in table] == [
+            (str(second), "second", "1/class", "2", "fine-tune", "1", "0.55", "True"),
+            (str(second), "second", "50%", "10", "fine-tune", "1", "0.75", "False"),
+            (str(first), "first", "50%", "10", "fine-tune", "2", "0.65", "False"),
+            (str(first), "first", "50%", "10", "self-tuning", "2", "0.75", "True"),
+            (str(first), "first", "all", "20", "fine-tune", "2", "0.9", "True"),
+            (str(first), "first", "all", "20", "self-tuning", "1", "0.9", "False"),
+        ]
         browser.assert_no_errors()
 
         # One ticked, or one that does not exist, is said on the page.
         shown = page.goto(f"{live_server.url}/experiments/compare?ids={first}")
         assert shown.status == 422
         assert page.inner_text("#error-detail") == (
-            "Choose 2 to 6 experiments to compare (1 chosen): tick them in the experiments list.")
+            "choose 2 to 6 experiments to compare: 1 chosen")
         shown = page.goto(f"{live_server.url}/experiments/compare?ids={first}&ids=999999")
         assert shown.status == 404
         assert "999999" in page.inner_text("#error-detail")
+    with live_server.client() as client:  # the API's answers to the same
+        alone = client.get("/api/experiments/compare.csv", params={"ids": [first, first]})
+        gone = client.get("/api/experiments/compare.csv", params={"ids": [first, 999999]})
+    assert (alone.status_code, alone.json()) == (
+        422, {"detail": "choose 2 to 6 experiments to compare: 1 chosen"})
+    assert (gone.status_code, gone.json()) == (
+        404, {"detail": "experiment 999999 does not exist"})

@@ -7,25 +7,28 @@ hand it to the templates as JSON; the static JS draws it and keeps it live.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
-from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.deps import DatasetFilter, DbDep, ExperimentFilter, ExperimentId, RunId, SettingsDep
 from app.experiments import (
-    budget_labeled_counts,
-    budget_table,
     budget_unlabeled_count,
-    compare_budget_tables,
     experiment_status,
     suggested_budgets,
 )
-from app.models import MAX_ID, Dataset, Experiment
-from app.routers.experiments import experiment_items, experiment_out, get_experiment
+from app.models import Dataset, Experiment
+from app.routers.experiments import (
+    MOST_COMPARED,
+    ComparedIds,
+    compared_experiments,
+    experiment_items,
+    experiment_out,
+    get_experiment,
+)
 from app.routers.pages import PageNumber, Pager, page_guard, render
 from app.routers.runs import read_run
 from app.schemas import ExperimentIn, MethodName, Overrides
@@ -182,14 +185,10 @@ def new_experiment_page(
                   and model is None else None)
 
 
-# How many experiments one comparison holds: each adds a line per method to one chart.
-MOST_COMPARED = 6
 # The line of each compared experiment (its methods keep the colours of the experiment page).
 COMPARED_DASHES = ([], [8, 4], [2, 3], [12, 4, 2, 4], [4, 8], [16, 6])
 DASH_NAMES = ("solid line", "dashed line", "dotted line", "dash-dot line", "sparse dashes",
               "long dashes")
-ComparedIds = Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None, Query(
-    description="the experiments to compare")]
 
 
 @router.get("/experiments/compare", response_class=HTMLResponse)
@@ -199,18 +198,10 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
     accuracy-against-budget chart with a line per experiment and method, and one table."""
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
-    chosen = list(dict.fromkeys(ids or []))
-    if not 2 <= len(chosen) <= MOST_COMPARED:
-        raise HTTPException(422, f"Choose 2 to {MOST_COMPARED} experiments to compare "
-                                 f"({len(chosen)} chosen): tick them in the experiments list.")
-    experiments = [get_experiment(session, experiment_id) for experiment_id in chosen]
-    datasets = {e.dataset_id: session.get(Dataset, e.dataset_id) for e in experiments}
-    labels, tables = compare_budget_tables([
-        budget_table(list(e.runs), budget_labeled_counts(datasets[e.dataset_id], list(e.runs)))
-        for e in experiments])
+    experiments, labels, tables = compared_experiments(session, ids)
     compared = []
     for experiment, table in zip(experiments, tables, strict=True):
-        dataset = datasets[experiment.dataset_id]
+        dataset = session.get(Dataset, experiment.dataset_id)
         cells: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in experiment.methods}
         for row in table:
             cells.setdefault(row["method"], {})[row["budget_label"]] = row
@@ -240,6 +231,7 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
               for index, e in enumerate(compared) for method, cells in e["cells"].items()]
     return render(request, "compare.html", compared=compared, labels=labels,
                   method_titles=METHOD_TITLES, dashes=COMPARED_DASHES, dash_names=DASH_NAMES,
+                  ids=[e.id for e in experiments],
                   chart={"budgets": [{"label": label, "count": count} for label, count in points],
                          "series": series})
 

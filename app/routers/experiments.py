@@ -7,9 +7,10 @@ from collections import Counter, defaultdict
 from typing import Annotated
 
 import redis
-from fastapi import APIRouter, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from pydantic import Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
@@ -33,6 +34,7 @@ from app.experiments import (
     budget_labeled_counts,
     budget_table,
     cancel_runs,
+    compare_budget_tables,
     create_experiment,
     delete_experiment_with_runs,
     device_warnings,
@@ -46,7 +48,7 @@ from app.experiments import (
     unprocessable,
 )
 from app.live import ended, experiment_stream_key, live_workers
-from app.models import Dataset, Experiment, Run
+from app.models import MAX_ID, Dataset, Experiment, Run
 from app.responses import csv_download
 from app.routers.runs import SSE_RESPONSES, run_summary
 from app.schemas import (
@@ -250,6 +252,64 @@ def experiment_items(session: Session, dataset_id: int | None, limit: int | None
     return total, items
 
 
+RUN_COLUMNS = [
+    "run_id", "method", "budget_label", "labeled_count", "seed", "status", "test_top1",
+    "test_mean_class_acc", "pseudo_label_acc", "train_pseudo_label_acc", "iterations",
+    "step", "seconds_per_iteration", "attempts", "first_started_at", "last_queued_at",
+    "finished_at", "backbone", "device", "error",
+]
+SUMMARY_COLUMNS = ["budget_label", "labeled_count", "method", "runs", "finished", "pending",
+                   "mean_top1", "std_top1", "best"]
+CSV_FILE = {200: {"content": {"text/csv": {}}}, 404: {"model": ErrorOut},
+            304: {"description": "not modified: `If-None-Match` holds this table's ETag"}}
+
+
+# How many experiments one comparison holds: each adds a line per method to one chart.
+MOST_COMPARED = 6
+ComparedIds = Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None, Query(
+    description=f"the experiments to compare, 2 to {MOST_COMPARED}: `?ids=3&ids=5`")]
+
+
+def compared_experiments(session: Session, ids: list[int] | None
+                         ) -> tuple[list[Experiment], list[str], list[list[dict]]]:
+    """The experiments `ids` names (each once, in its order), the budget labels of any of
+    them and their results tables, with the best of each budget across them flagged
+    (`compare_budget_tables`); a 422 for too few or too many, a 404 for one that is gone."""
+    chosen = list(dict.fromkeys(ids or []))
+    if not 2 <= len(chosen) <= MOST_COMPARED:
+        raise HTTPException(422, f"choose 2 to {MOST_COMPARED} experiments to compare: "
+                                 f"{len(chosen)} chosen")
+    experiments = [get_experiment(session, experiment_id) for experiment_id in chosen]
+    tables = []
+    for experiment in experiments:
+        runs = list(experiment.runs)
+        dataset = session.get(Dataset, experiment.dataset_id)
+        tables.append(budget_table(runs, budget_labeled_counts(dataset, runs)))
+    labels, tables = compare_budget_tables(tables)
+    return experiments, labels, tables
+
+
+COMPARE_COLUMNS = ["experiment_id", "experiment_name", "dataset_id", "backbone",
+                   *SUMMARY_COLUMNS]
+
+
+@router.get("/compare.csv", response_class=Response,
+            responses={**CSV_FILE, 422: {"model": ErrorOut}})
+@router.head("/compare.csv", include_in_schema=False)
+def download_comparison(request: Request, session: DbDep, ids: ComparedIds = None
+                        ) -> Response:
+    """Experiments' results tables in one, as the compare page shows them: per experiment
+    (in the order asked), budget (fewest labels first) and method, the mean and sample
+    standard deviation of final test top-1 over the succeeded seeds; `best` flags the best
+    of each budget label across them all."""
+    experiments, _, tables = compared_experiments(session, ids)
+    rows = [{"experiment_id": experiment.id, "experiment_name": experiment.name,
+             "dataset_id": experiment.dataset_id, "backbone": experiment.backbone, **row}
+            for experiment, table in zip(experiments, tables, strict=True) for row in table]
+    return csv_download(request, rows, COMPARE_COLUMNS,
+                        f"experiments-{'-'.join(str(e.id) for e in experiments)}-compared.csv")
+
+
 @router.get("/{experiment_id}", response_model=ExperimentOut,
             responses={404: {"model": ErrorOut}})
 def read_experiment(experiment_id: ExperimentId, session: DbDep):
@@ -264,18 +324,6 @@ def rename_experiment(experiment_id: ExperimentId, change: RenameIn, session: Db
     experiment.name = change.name
     session.commit()
     return experiment_out(experiment)
-
-
-RUN_COLUMNS = [
-    "run_id", "method", "budget_label", "labeled_count", "seed", "status", "test_top1",
-    "test_mean_class_acc", "pseudo_label_acc", "train_pseudo_label_acc", "iterations",
-    "step", "seconds_per_iteration", "attempts", "first_started_at", "last_queued_at",
-    "finished_at", "backbone", "device", "error",
-]
-SUMMARY_COLUMNS = ["budget_label", "labeled_count", "method", "runs", "finished", "pending",
-                   "mean_top1", "std_top1", "best"]
-CSV_FILE = {200: {"content": {"text/csv": {}}}, 404: {"model": ErrorOut},
-            304: {"description": "not modified: `If-None-Match` holds this table's ETag"}}
 
 
 def run_rows(experiment: Experiment, session: Session) -> list[dict]:

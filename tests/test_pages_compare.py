@@ -8,6 +8,7 @@ import re
 
 import pytest
 import redis
+from playwright.sync_api import expect
 
 from app.db import session_scope
 from app.models import Run
@@ -49,7 +50,7 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
         mark_running(database_url, runs[key])
         finish(database_url, live, runs[key], {"test_top1": score})
 
-    with open_browser(request.node.name) as browser:
+    with open_browser(request.node.name, back_forward_cache=True) as browser:
         page = browser.page
         page.goto(f"{live_server.url}/experiments")
         page.check("#experiments input[aria-label='Compare first']")
@@ -93,6 +94,16 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
             (str(first), "first", "all", "20", "fine-tune", "2", "0.9", "True"),
             (str(first), "first", "all", "20", "self-tuning", "1", "0.9", "False"),
         ]
+        # Back from an experiment's page once a run has finished since: read again, not the
+        # page as it was left (the browser's back/forward cache).
+        page.click(f"#budget-table a[href='/experiments/{first}']")
+        page.wait_for_url(re.compile(rf"/experiments/{first}$"))
+        mark_running(database_url, runs[("first", "self-tuning", "all", 1)])
+        finish(database_url, live, runs[("first", "self-tuning", "all", 1)], {"test_top1": 0.8})
+        page.go_back(wait_until="commit")
+        page.wait_for_url(re.compile(r"/experiments/compare\?"), wait_until="commit")
+        expect(page.locator("#budget-table tbody tr").nth(2).locator("td").nth(2)).to_have_text(
+            "85.0 ± 7.1 20 labels", use_inner_text=True)
         browser.assert_no_errors()
 
         # One ticked, or one that does not exist, is said on the page.

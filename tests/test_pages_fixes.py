@@ -1242,6 +1242,8 @@ def test_long_names_in_tables_wrap_and_the_confusion_matrix_shortens_its_column_
         experiment_id, (run_id,) = start_sweep(
             client, dataset_id, name=experiment_name, seeds=[0], methods=["fine-tune"],
             budgets=[0.5])
+        again, _ = start_sweep(client, dataset_id, name=experiment_name, seeds=[0],
+                               methods=["fine-tune"], budgets=[0.5])
     classes = len(LONG_CLASS_NAMES)
     finish(database_url, live, run_id, {
         "test_top1": 1.0, "test_mean_class_acc": 1.0,
@@ -1252,6 +1254,8 @@ def test_long_names_in_tables_wrap_and_the_confusion_matrix_shortens_its_column_
     with open_browser(request.node.name) as browser:
         page = browser.page
         for path, ready in (("/experiments", "#experiments"),
+                            (f"/experiments/compare?ids={experiment_id}&ids={again}",
+                             "#budget-table td"),
                             (f"/datasets/{dataset_id}", "#class-counts"),
                             (f"/runs/{run_id}", "#results:not([hidden]) #confusion td")):
             page.goto(f"{live_server.url}{path}")

@@ -15,6 +15,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -318,7 +319,8 @@ def test_a_celery_worker_builds_the_batches_in_loader_processes(settings, redis_
     env = app_env(settings.data_dir, settings.sqlalchemy_url, redis_url)
     worker_process = start_worker(env, tmp_path / "logs" / "worker.log", name="loaders")
     client = Celery("client", broker=redis_url, backend=redis_url)
-    seen: set[int] = set()  # processes forked by a pool process while the run trained
+    # Processes forked by a pool process while the run trained: in how many looks each.
+    seen: Counter[int] = Counter()
 
     def ended() -> Run | None:
         # Forks of a pool process, as loader processes are: the worker's device probe, also
@@ -336,7 +338,11 @@ def test_a_celery_worker_builds_the_batches_in_loader_processes(settings, redis_
         run = wait_for(ended, timeout=240, interval=0.05,
                        message=f"the run to end:\n{worker_process.log()[-3000:]}")
         assert run.status == "succeeded", run.error
-        assert len(seen) == 2
+        # A loader process lasts the whole training, over hundreds of looks. A fork that runs
+        # another program (a library's subprocess) has the pool process's command line only
+        # until its exec: one was seen once, in one CI run of many.
+        loaders = [pid for pid, looks in seen.items() if looks >= 3]
+        assert len(loaders) == 2, seen
         assert not [pid for pid in seen if psutil.pid_exists(pid)
                     and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     finally:

@@ -231,7 +231,6 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
               for index, e in enumerate(compared) for method, cells in e["cells"].items()]
     return render(request, "compare.html", compared=compared, labels=labels,
                   method_titles=METHOD_TITLES, dashes=COMPARED_DASHES, dash_names=DASH_NAMES,
-                  ids=[e.id for e in experiments],
                   chart={"budgets": [{"label": label, "count": count} for label, count in points],
                          "series": series})
 

@@ -136,15 +136,28 @@ def _classes_phrase(names: list[str], singular: str, plural: str) -> str:
     """"class 'a' has" or "classes 'a', 'b' have"."""
     if len(names) == 1:
         return f"class {names[0]!r} {singular}"
-    return f"classes {_quoted_list(names)} {plural}"
+    return f"classes {quoted_list(names)} {plural}"
 
 
-def _quoted_list(items: list[str], limit: int = 5) -> str:
+def quoted_list(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(repr(item) for item in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 # --- Receiving the upload -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadOf:
+    """What a multipart upload carries in its `file` field, as its refusals name it."""
+
+    what: str  # "archive"
+    example: str  # the file in the curl example: "photos.zip"
+    too_large_hint: str  # what to do about a file over the limit
+
+
+ARCHIVE = UploadOf("archive", "photos.zip",
+                   "split it into smaller archives or raise SELFTUNE_MAX_UPLOAD_BYTES")
 
 
 @dataclass
@@ -163,8 +176,9 @@ class _MultipartSink:
 
     MAX_FIELD_BYTES = 64 * 1024
 
-    def __init__(self, max_file_bytes: int) -> None:
+    def __init__(self, max_file_bytes: int, upload: UploadOf = ARCHIVE) -> None:
         self.max_file_bytes = max_file_bytes
+        self.upload = upload
         self.pending = bytearray()
         self.file_bytes = 0
         self.too_large = False
@@ -213,7 +227,8 @@ class _MultipartSink:
             # (the archive is recognised by its content; the dataset name falls back then).
             self.file_parts += 1
             if self.file_parts > 1:
-                raise IngestError("send one archive per upload (the form has several 'file's)")
+                raise IngestError(f"send one {self.upload.what} per upload (the form has "
+                                  "several 'file's)")
             raw_filename = options.get(b"filename", b"").decode("utf-8", "replace")
             self.filename = PurePosixPath(raw_filename.replace("\\", "/")).name
             self._target = "file"
@@ -251,34 +266,35 @@ async def _drain(chunks: AsyncIterator[bytes], already: int = 0) -> None:
             return
 
 
-def _too_large(max_bytes: int) -> IngestError:
+def _too_large(max_bytes: int, upload: UploadOf) -> IngestError:
     return IngestError(
-        f"the archive is larger than the upload limit of {human_bytes(max_bytes)}: split it "
-        "into smaller archives or raise SELFTUNE_MAX_UPLOAD_BYTES",
+        f"the {upload.what} is larger than the upload limit of {human_bytes(max_bytes)}: "
+        f"{upload.too_large_hint}",
         status_code=413,
     )
 
 
 async def receive_upload(
-    headers: Mapping[str, str], chunks: AsyncIterator[bytes], destination: Path, max_bytes: int
+    headers: Mapping[str, str], chunks: AsyncIterator[bytes], destination: Path, max_bytes: int,
+    upload: UploadOf = ARCHIVE,
 ) -> ReceivedUpload:
     """Stream a multipart/form-data body (`file`, optional `name`) to `destination`, never
-    holding the archive in memory and refusing it (413) as soon as it passes `max_bytes`."""
+    holding the file in memory and refusing it (413) as soon as it passes `max_bytes`."""
     content_type = headers.get("content-type", "")
     media_type, params = parse_options_header(content_type)
     if media_type != b"multipart/form-data" or b"boundary" not in params:
         raise IngestError(
-            "send the archive as multipart/form-data in a field named 'file' "
-            "(curl -F file=@photos.zip ...)",
+            f"send the {upload.what} as multipart/form-data in a field named 'file' "
+            f"(curl -F file=@{upload.example} ...)",
             status_code=415,
         )
     max_body = max_bytes + MULTIPART_OVERHEAD_BYTES
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         await _drain(chunks)
-        raise _too_large(max_bytes)
+        raise _too_large(max_bytes, upload)
 
-    sink = _MultipartSink(max_bytes)
+    sink = _MultipartSink(max_bytes, upload)
     parser = MultipartParser(params[b"boundary"], sink.callbacks())
     body_bytes = 0
     with open(destination, "wb") as out:
@@ -292,7 +308,7 @@ async def receive_upload(
                 raise IngestError(f"the multipart body is malformed: {exc}", 400) from None
             if sink.too_large or body_bytes > max_body:
                 await _drain(chunks, body_bytes)
-                raise _too_large(max_bytes)
+                raise _too_large(max_bytes, upload)
             if len(sink.pending) >= WRITE_BUFFER_BYTES:
                 data, sink.pending = bytes(sink.pending), bytearray()
                 await anyio.to_thread.run_sync(out.write, data)
@@ -304,8 +320,8 @@ async def receive_upload(
             await anyio.to_thread.run_sync(out.write, bytes(sink.pending))
     if sink.filename is None:
         raise IngestError(
-            "no archive in the form: send it in a multipart field named 'file' "
-            "(curl -F file=@photos.zip ...)"
+            f"no {upload.what} in the form: send it in a multipart field named 'file' "
+            f"(curl -F file=@{upload.example} ...)"
         )
     return ReceivedUpload(destination, sink.filename, sink.name, sink.file_bytes)
 
@@ -1049,7 +1065,7 @@ def _layout_by_csv(
     if missing:
         raise IngestError(
             f"{csv_path} names {len(missing)} file(s) that are not in the archive: "
-            f"{_quoted_list(missing)}; paths are relative to the folder of {csv_path}"
+            f"{quoted_list(missing)}; paths are relative to the folder of {csv_path}"
             f"{header_hint(rows[path] for path in missing)}{hint}"
         )
     placed: list[_Placed] = []
@@ -1092,6 +1108,9 @@ class PreparedDataset:
     test_source: str
     # How its images of more than 8 bits become 8-bit ones (`pixels.white_level_of`).
     white_level: int | None = None
+    # A dataset made from another by adding labels (app.add_labels): that one, and how many.
+    derived_from_id: int | None = None
+    labels_added: int = 0
 
     @property
     def class_counts(self) -> dict[str, dict[str, int]]:
@@ -1177,7 +1196,7 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
         csvs = sorted(extraction.labels_csvs, key=lambda item: item[0].count("/"))
         if len(csvs) > 1 and csvs[0][0].count("/") == csvs[1][0].count("/"):
             raise IngestError(
-                f"found several {LABELS_CSV} files ({_quoted_list([c[0] for c in csvs])}): "
+                f"found several {LABELS_CSV} files ({quoted_list([c[0] for c in csvs])}): "
                 "keep one"
             )
         csv_path, data = csvs[0]
@@ -1215,7 +1234,7 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
             "images: add training images or remove them from the test split"
         )
     if len(train_classes) < 2:
-        found = f" ({_quoted_list(sorted(train_classes))})" if train_classes else ""
+        found = f" ({quoted_list(sorted(train_classes))})" if train_classes else ""
         raise IngestError(
             f"found {len(train_classes)} class{'' if len(train_classes) == 1 else 'es'}{found};"
             " at least two are needed: put labeled images in one folder per class "
@@ -1293,6 +1312,7 @@ def publish_dataset(session: Session, settings: Settings, prepared: PreparedData
                  for item in prepared.skipped[:MAX_SKIPPED_KEPT]],
         skipped_count=len(prepared.skipped),
         size_bytes=prepared.size_bytes,
+        derived_from_id=prepared.derived_from_id, labels_added=prepared.labels_added,
     )
     target = settings.datasets_dir / storage_key
     moved = False

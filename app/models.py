@@ -70,6 +70,10 @@ class Dataset(Base):
     skipped: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
     skipped_count: Mapped[int] = mapped_column(default=0, server_default="0")
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The dataset this one was made from by adding labels (app.add_labels), and how many it
+    # added. The id stays once that dataset is deleted: ids are never given again.
+    derived_from_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    labels_added: Mapped[int] = mapped_column(default=0, server_default="0")
 
     images: Mapped[list[DatasetImage]] = relationship(
         back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True

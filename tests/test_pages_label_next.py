@@ -121,3 +121,25 @@ def test_a_thumbnails_margin_is_shown_whole_and_a_long_label_is_cut(live_server,
         assert captions[4]["title"] == f"cat/0.png: {label}, confidence 60%; labeled cat"
         assert captions[1]["title"] == f"cat/3.png: {label}, confidence 60%; labeled dog"
         browser.assert_no_errors()
+
+
+def test_label_next_with_images_to_label_points_to_adding_their_labels(live_server, request):
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    database_url = live_server.database_url
+    dataset_id = add_dataset_row(database_url)
+    with live_server.client() as client:
+        _, run_ids = start_sweep(client, dataset_id, seeds=[0])
+        record_predictions(live_server.data_dir, database_url, run_ids[0], ["", ""])
+        end_as_worker(database_url, live, run_ids[0], "succeeded")
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_ids[0]}")
+        hint = page.wait_for_selector("#add-labels-hint")
+        assert page.locator("#label-next-thumbs figure").count() == 2
+        assert hint.inner_text() == ("Labeled some? Add the labels to the dataset (a CSV of "
+                                     "path,label lines): that makes a new dataset with the "
+                                     "same test split.")
+        assert hint.query_selector("a").get_attribute("href") == (
+            f"/datasets/{dataset_id}#add-labels-title")
+        browser.assert_no_errors()

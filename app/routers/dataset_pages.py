@@ -117,9 +117,10 @@ def dataset_page(
     unlabeled_thumbs = [(image_id, _file_name(path)) for image_id, path in unlabeled]
     experiments = db.scalar(select(func.count()).select_from(Experiment)
                             .where(Experiment.dataset_id == dataset.id)) or 0
+    source = db.get(Dataset, dataset.derived_from_id) if dataset.derived_from_id else None
     # What a delete takes with it is counted when Delete is clicked (upload.js).
     return render(
-        request, "dataset.html", dataset=dataset, classes=classes,
+        request, "dataset.html", dataset=dataset, source=source, classes=classes,
         totals={"train": sum(c["train"] for c in classes), "test": sum(c["test"] for c in classes)},
         unlabeled_thumbs=unlabeled_thumbs, skipped=dataset.skipped[:MAX_SKIPPED_SHOWN],
         warnings=dataset_warnings(db, dataset),

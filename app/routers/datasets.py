@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 from starlette.requests import ClientDisconnect
 
-from app import ingest
+from app import add_labels, ingest
 from app.deps import (
     DatasetId,
     DbDep,
@@ -35,7 +35,7 @@ from app.deps import (
 )
 from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
-from app.responses import client_holds, in_utc, send_file
+from app.responses import client_holds, human_bytes, in_utc, send_file
 from app.schemas import UNREADABLE_BODY_OUT, ErrorOut, FieldErrorsOut, RenameIn
 from app.trash import deleted_answer
 
@@ -81,6 +81,12 @@ class DatasetListItem(BaseModel):
     image_count: int
     size_bytes: int
     skipped_count: int
+    derived_from: int | None = Field(
+        description="the dataset this one was made from by adding labels (POST "
+                    "/api/datasets/{id}/labels), null for an upload; the id stays once that "
+                    "dataset is deleted")
+    labels_added: int = Field(description="how many labels were added to make it (0 for an "
+                                          "upload)")
 
 
 class DatasetOut(DatasetListItem):
@@ -118,6 +124,7 @@ def list_item(dataset: Dataset) -> DatasetListItem:
         unlabeled=dataset.unlabeled_count, fingerprint=dataset.fingerprint,
         test_source=dataset.test_source, image_count=dataset.image_count,
         size_bytes=dataset.size_bytes, skipped_count=dataset.skipped_count,
+        derived_from=dataset.derived_from_id, labels_added=dataset.labels_added,
     )
 
 
@@ -184,6 +191,63 @@ async def upload_dataset(request: Request, response: Response, settings: Setting
     finally:
         if work_dir.exists():
             await run_in_threadpool(shutil.rmtree, work_dir, True)
+    response.headers["Location"] = f"/api/datasets/{dataset.id}"
+    return await run_in_threadpool(summary, db, dataset)
+
+
+class LabelsForm(BaseModel):
+    """The multipart form of `POST /api/datasets/{id}/labels` (read as a stream)."""
+
+    file: bytes = Field(
+        json_schema_extra={"format": "binary"},
+        description="a CSV of 'path,label' lines (a 'path,label' header is optional): the "
+        "path of an unlabeled image as the dataset names it (the path column of "
+        "predictions.csv and label-next.csv) and one of the dataset's classes; lines with an "
+        "empty label are left out")
+    name: str | None = Field(None, max_length=200,
+                             description='Defaults to "<dataset name> + <N> labels"')
+
+
+@router.post(
+    "/{dataset_id}/labels",
+    status_code=201,
+    response_model=DatasetOut,
+    responses={
+        400: {"model": ErrorOut, "description": "malformed multipart body"},
+        404: {"model": ErrorOut},
+        409: {"model": ErrorOut, "description": "an image file of the dataset is missing"},
+        413: {"model": ErrorOut, "description": "the CSV is over "
+              f"{human_bytes(ingest.MAX_LABELS_CSV_BYTES)}"},
+        415: {"model": ErrorOut, "description": "not multipart"},
+        422: {"model": ErrorOut, "description": "a line the dataset cannot take (a path it "
+              "does not have, a class it does not have, an image labeled otherwise); says "
+              "which"},
+        507: {"model": ErrorOut, "description": "the server's disk is full; nothing was kept"},
+    },
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": LabelsForm.model_json_schema()}}}},
+)
+async def add_labels_to_dataset(dataset_id: DatasetId, request: Request, response: Response,
+                                settings: SettingsDep, db: DbDep) -> DatasetOut:
+    """Give some of the dataset's unlabeled images a class (the images "Label next" lists,
+    say): the answer is a new dataset with those images among the training images of their
+    class and everything else the same, its test split included, so that experiments on it
+    compare with the earlier dataset's. The earlier dataset stays as it was."""
+    source = await run_in_threadpool(get_dataset_or_404, db, dataset_id)
+    work_dir = await run_in_threadpool(ingest.new_work_dir, settings)
+    try:
+        upload = await ingest.receive_upload(
+            request.headers, request.stream(), work_dir / "labels.csv",
+            ingest.MAX_LABELS_CSV_BYTES, add_labels.UPLOAD)
+        dataset = await run_in_threadpool(
+            add_labels.add_labels, db, settings, source, upload.path, upload.name)
+    except ingest.IngestError as exc:
+        raise HTTPException(exc.status_code, exc.detail) from None
+    except ClientDisconnect:
+        raise HTTPException(400, "the connection closed before the labels were received"
+                            ) from None
+    finally:
+        await run_in_threadpool(shutil.rmtree, work_dir, True)
     response.headers["Location"] = f"/api/datasets/{dataset.id}"
     return await run_in_threadpool(summary, db, dataset)
 

@@ -890,7 +890,9 @@ async function drawLabelNext(run) {
   // the ones worth labeling next are those without any label.
   const rows = parseCsv(await response.text()).filter((row) => !row.hidden_label).slice(0, LABEL_NEXT_SHOWN);
   if (rows.length) {
-    box.replaceChildren(...rows.map(thumbnail(run)));
+    box.replaceChildren(...rows.map(thumbnail(run)), h("p", { class: "muted", id: "add-labels-hint" },
+      "Labeled some? ", h("a", { href: `/datasets/${run.dataset_id}#add-labels-title` }, "Add the labels"),
+      " to the dataset (a CSV of path,label lines): that makes a new dataset with the same test split."));
     return;
   }
   // The labels this budget withheld are the user's own: show those images ranked the same

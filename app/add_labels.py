@@ -1,0 +1,171 @@
+"""Adding labels to a dataset: a `path,label` CSV gives some of its unlabeled images a class,
+and the result is a new dataset that keeps the old one's test split, so that experiments on
+the two score on the same images and their results compare.
+
+The old dataset is left as it was (its experiments stay true to what they trained on). The
+new one's files are hard links to the old one's where the disk allows, so it costs its rows,
+not a second copy of the images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import ingest
+from app.config import Settings
+from app.models import Dataset, DatasetImage
+from worker.selftuning.labels_csv import LabelsRow, header_hint, parse_labels_csv
+
+log = logging.getLogger(__name__)
+
+CSV_NAME = "the labels CSV"
+UPLOAD = ingest.UploadOf(
+    "labels CSV", "labels.csv",
+    "split it: each CSV makes a new dataset, and the next one can add its labels to that")
+
+
+def _labels_by_path(data: bytes) -> dict[str, LabelsRow]:
+    """The CSV's rows by image path, but those with an empty label (their images stay
+    unlabeled)."""
+    try:
+        rows = parse_labels_csv(data, CSV_NAME, str.strip)
+    except ValueError as exc:
+        message = str(exc)
+        if re.search(r"got \d+ columns$", message):  # the app's CSVs have more: which two
+            message += ("; keep two: the path column of predictions.csv or label-next.csv "
+                        "and a label column you write (their label column is the model's "
+                        "guess)")
+        raise ingest.IngestError(message) from None
+    labels: dict[str, LabelsRow] = {}
+    for path, row in rows.items():
+        if row.split == "test":
+            raise ingest.IngestError(
+                f"{CSV_NAME} line {row.line}: {path!r} is put in the test split: added labels "
+                "join the training images, and the test split stays as it is so that results "
+                "compare with the earlier dataset's (leave the split column out)")
+        if row.label is not None:
+            labels[path] = row
+    if not labels:
+        raise ingest.IngestError(f"{CSV_NAME} gives no labels: write one 'path,label' line "
+                                 "per image, the class name after the image's path")
+    return labels
+
+
+def _new_labels(source: Dataset, images: list[DatasetImage],
+                labels: dict[str, LabelsRow]) -> dict[int, int]:
+    """Class index by image id for the unlabeled images the CSV labels; a 4xx for a path
+    that is not in the dataset, a class it does not have or an image labeled otherwise."""
+    by_path = {image.original_path: image for image in images}
+    if missing := [path for path in labels if path not in by_path]:
+        raise ingest.IngestError(
+            f"{CSV_NAME} names {len(missing):,} image(s) that dataset {source.id} does not have: "
+            f"{ingest.quoted_list(missing)}; use the paths of its predictions.csv or "
+            "label-next.csv (as named in the uploaded archive)"
+            f"{header_hint(labels[path] for path in missing)}")
+    class_index = {name: index for index, name in enumerate(source.class_names)}
+    if unknown := sorted({row.label for row in labels.values() if row.label not in class_index}):
+        raise ingest.IngestError(
+            f"{CSV_NAME} uses {len(unknown):,} label(s) that are not classes of dataset "
+            f"{source.id}: {ingest.quoted_list(unknown)}; its classes are "
+            f"{ingest.quoted_list(source.class_names, limit=20)} (a new class needs an "
+            "upload of its own, with test images of it)")
+    added: dict[int, int] = {}
+    for path, row in labels.items():
+        image = by_path[path]
+        if image.split == "unlabeled":
+            added[image.id] = class_index[row.label]
+        elif image.label != class_index[row.label]:
+            held = source.class_names[image.label]
+            raise ingest.IngestError(
+                f"{CSV_NAME} line {row.line}: {path!r} is already labeled {held!r} "
+                f"({image.split} split), not {row.label!r}: only unlabeled images take labels "
+                "here; to correct a label, upload the dataset again")
+    if not added:
+        raise ingest.IngestError(f"{CSV_NAME} labels no unlabeled image: each image it names "
+                                 "already has that label")
+    return added
+
+
+def _place(source_file: Path, target: Path) -> None:
+    """A hard link to the old dataset's file, or a copy where the disk refuses one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source_file, target)
+    except FileNotFoundError:
+        raise
+    except OSError:  # a file system without hard links, or one file's links at their limit
+        shutil.copyfile(source_file, target)
+
+
+def prepare_labeled_copy(settings: Settings, source: Dataset, images: list[DatasetImage],
+                         added: dict[int, int], work_dir: Path) -> ingest.PreparedDataset:
+    """The source's images laid out under `work_dir/dataset`, those in `added` moved from
+    the unlabeled images to the training images of their class; every other image keeps its
+    split, label and stored name (so the test split is the same one)."""
+    source_dir = ingest.dataset_dir(settings, source)
+    directory = work_dir / "dataset"
+    directory.mkdir()
+    stored: list[ingest.StoredImage] = []
+    for image in images:
+        label, split, relative = image.label, image.split, image.path
+        if image.id in added:
+            label, split = added[image.id], "train"
+            relative = f"train/{label}/{PurePosixPath(image.path).name}"
+        try:
+            _place(source_dir / image.path, directory / relative)
+        except FileNotFoundError:
+            raise ingest.IngestError(
+                f"the file of image {image.id} ({image.original_path!r}) is missing from "
+                f"dataset {source.id}: it was deleted meanwhile, or its folder was changed by "
+                "hand", status_code=409) from None
+        stored.append(ingest.StoredImage(
+            relative, image.original_path, split, label, image.sha256, image.width,
+            image.height, (directory / relative).stat().st_size))
+    return ingest.PreparedDataset(
+        directory, list(source.class_names), stored, [], source.test_source,
+        ingest.dataset_white_level(settings, source), derived_from_id=source.id,
+        labels_added=len(added))
+
+
+def labeled_name(source: Dataset, added: int) -> str:
+    """"pets + 120 labels", cut to fit the 200 characters of a name."""
+    suffix = f" + {added:,} label{'s' if added != 1 else ''}"
+    base = source.name
+    if len(base) + len(suffix) > 200:
+        base = f"{base[:199 - len(suffix)].rstrip()}\u2026"
+    return base + suffix
+
+
+def add_labels(session: Session, settings: Settings, source: Dataset, csv_path: Path,
+               name: str | None = None) -> Dataset:
+    """A new dataset: `source` with the labels of the CSV at `csv_path` (`path,label`) given
+    to its unlabeled images. Raises IngestError with what to fix; nothing is kept then."""
+    started = time.monotonic()
+    labels = _labels_by_path(csv_path.read_bytes())
+    images = list(session.scalars(
+        select(DatasetImage).where(DatasetImage.dataset_id == source.id)
+        .order_by(DatasetImage.id)))
+    added = _new_labels(source, images, labels)
+    name = ingest.dataset_name(name, "") if name and name.strip() else labeled_name(
+        source, len(added))
+    work_dir = ingest.new_work_dir(settings)
+    try:
+        prepared = prepare_labeled_copy(settings, source, images, added, work_dir)
+        dataset = ingest.publish_dataset(session, settings, prepared, name)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    try:
+        ingest.record_white_level(settings, dataset, prepared.white_level)
+    except OSError:
+        log.warning("dataset %s: white level not recorded; thumbnails work it out", dataset.id)
+    log.info("dataset %s (%r): dataset %s with %d labels added, in %.1fs", dataset.id, name,
+             source.id, len(added), time.monotonic() - started)
+    return dataset

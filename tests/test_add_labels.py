@@ -1,0 +1,207 @@
+"""Adding labels to a dataset (`POST /api/datasets/{id}/labels`) over real HTTP: the new
+dataset it makes, what the worker then trains and tests on, what it refuses, and the form on
+the dataset page in Chromium."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.db import session_scope
+from app.models import Dataset
+from tests.browser import open_browser
+from tests.support import LiveServer, wait_for
+from tests.test_datasets_support import (
+    class_entries,
+    image_bytes,
+    leftovers,
+    stored_files,
+    upload,
+    zip_bytes,
+)
+from worker.training import dataset_items
+
+# Three labeled images of each class (one of each held out for testing) and four unlabeled.
+UNLABELED = {f"unlabeled/u{n}.png": image_bytes(5_000 + n) for n in range(4)}
+ENTRIES = {**class_entries(("cat", "dog"), per_class=3), **UNLABELED}
+
+
+def labels(client, dataset_id: int, text: str | bytes, name: str | None = None):
+    data = {"name": name} if name is not None else None
+    return client.post(f"/api/datasets/{dataset_id}/labels",
+                       files={"file": ("labels.csv", text)}, data=data)
+
+
+@pytest.fixture
+def photos(server: LiveServer) -> dict:
+    """A fresh upload of ENTRIES named "photos"."""
+    with server.client() as client:
+        response = upload(client, zip_bytes(ENTRIES), name="photos")
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def in_tmp(server: LiveServer) -> list[str]:
+    """What requests left in the data directory's tmp/ (each removes its own folder there)."""
+    return [item for item in leftovers(server) if item.startswith("tmp/")]
+
+
+def training_view(server: LiveServer, dataset_id: int):
+    """What a worker trains and tests on: per split, (file content, class index) sorted."""
+    with session_scope(server.database_url) as session:
+        dataset = session.get(Dataset, dataset_id)
+        root = server.data_dir / "datasets" / dataset.storage_key
+        _, train, test, unlabeled = dataset_items(session, dataset, root)
+    return ({"train": sorted((path.read_bytes(), label) for path, label in train),
+             "test": sorted((path.read_bytes(), label) for path, label in test)},
+            sorted(path.read_bytes() for path in unlabeled))
+
+
+def test_labels_make_a_new_dataset_with_the_same_test_split_and_the_old_one_stays(
+    server: LiveServer, photos: dict,
+) -> None:
+    source = photos["id"]
+    before_view, before_unlabeled = training_view(server, source)
+    with server.client() as client:
+        made = labels(client, source, "path,label\n"
+                      "unlabeled/u0.png,dog\n"
+                      "unlabeled/u1.png, cat \n"
+                      "unlabeled/u2.png,\n"  # left unlabeled
+                      "cat/0.png,cat\n")  # already that: nothing to do
+        assert made.status_code == 201, made.text
+        dataset = made.json()
+        assert made.headers["Location"] == f"/api/datasets/{dataset['id']}"
+        assert dataset["id"] != source
+        assert dataset["name"] == "photos + 2 labels"
+        assert (dataset["derived_from"], dataset["labels_added"]) == (source, 2)
+        assert (photos["derived_from"], photos["labels_added"]) == (None, 0)
+        assert dataset["unlabeled"] == 2 and dataset["image_count"] == photos["image_count"]
+        assert dataset["classes"] == [{"name": "cat", "train": 3, "test": 1},
+                                      {"name": "dog", "train": 3, "test": 1}]
+        assert photos["classes"] == [{"name": "cat", "train": 2, "test": 1},
+                                     {"name": "dog", "train": 2, "test": 1}]
+        assert dataset["test_source"] == photos["test_source"] == "holdout"
+        assert dataset["fingerprint"] != photos["fingerprint"]
+        assert dataset["skipped"] == [] and dataset["warnings"] == []
+        assert client.get(f"/api/datasets/{source}").json() == photos  # as it was
+
+        # The worker tests on the same images, and trains on the two more with their labels.
+        view, unlabeled = training_view(server, dataset["id"])
+        assert view["test"] == before_view["test"]
+        assert view["train"] == sorted(before_view["train"] + [
+            (UNLABELED["unlabeled/u0.png"], 1), (UNLABELED["unlabeled/u1.png"], 0)])
+        assert unlabeled == sorted(UNLABELED[f"unlabeled/u{n}.png"] for n in (2, 3))
+        assert training_view(server, source) == (before_view, before_unlabeled)
+        listed = client.get(f"/api/datasets/{dataset['id']}/images",
+                            params={"split": "unlabeled"}).json()
+        assert sorted(item["original_path"] for item in listed["items"]) == [
+            "unlabeled/u2.png", "unlabeled/u3.png"]
+
+        # Hard links, not copies: the files are the old dataset's until that one is deleted.
+        new_files = stored_files(server, dataset["id"])
+        assert len(new_files) == photos["image_count"]
+        assert {path.stat().st_nlink for path in new_files} == {2}
+        page = client.get(f"/datasets/{dataset['id']}").text
+        assert f'Made from\n  <a href="/datasets/{source}">photos</a>' in page
+        assert client.delete(f"/api/datasets/{source}").status_code == 204
+        # (its files go once the answer has gone)
+        wait_for(lambda: {path.stat().st_nlink for path in new_files} == {1}, timeout=10,
+                 message="the deleted dataset's links to be removed")
+        assert training_view(server, dataset["id"]) == (view, unlabeled)
+        image_id = listed["items"][0]["id"]
+        thumbnail = client.get(f"/api/datasets/{dataset['id']}/images/{image_id}/thumbnail")
+        assert thumbnail.status_code == 200
+        page = client.get(f"/datasets/{dataset['id']}").text
+        assert f"dataset #{source}, since deleted," in page
+        assert client.get(f"/api/datasets/{dataset['id']}").json()["derived_from"] == source
+
+        # A name of one's own, and labels added to a dataset made that way.
+        again = labels(client, dataset["id"], "unlabeled/u3.png,cat\n", name=" all four ")
+        assert again.status_code == 201, again.text
+        assert (again.json()["name"], again.json()["unlabeled"]) == ("all four", 1)
+        assert (again.json()["derived_from"], again.json()["labels_added"]) == (dataset["id"], 1)
+    assert in_tmp(server) == []
+
+
+@pytest.mark.parametrize(("csv", "status", "message"), [
+    ("path,label\nunlabeled/u9.png,cat\n", 422,
+     "names 1 image(s) that dataset {id} does not have: 'unlabeled/u9.png'; use the paths of "
+     "its predictions.csv or label-next.csv"),
+    ("filename,class\nunlabeled/u0.png,cat\n", 422, "line 1 is read as an image"),
+    ("unlabeled/u0.png,lion\nunlabeled/u1.png,cat\n", 422,
+     "uses 1 label(s) that are not classes of dataset {id}: 'lion'; its classes are 'cat', "
+     "'dog'"),
+    ("cat/0.png,dog\n", 422, "line 1: 'cat/0.png' is already labeled 'cat' ("),
+    ("unlabeled/u0.png,cat,test\n", 422, "is put in the test split"),
+    ("path,label\nunlabeled/u0.png,\n", 422, "gives no labels"),
+    ("cat/0.png,cat\n", 422, "labels no unlabeled image"),
+    ("unlabeled/u0.png,cat\nunlabeled/u0.png,dog\n", 422, "'unlabeled/u0.png' is listed twice"),
+    ("rank,image_id,path,label,confidence,margin,hidden_label\n"
+     "1,7,unlabeled/u0.png,cat,0.5,0.01,\n", 422,
+     "got 7 columns; keep two: the path column of predictions.csv or label-next.csv and a "
+     "label column you write (their label column is the model's guess)"),
+    (b"unlabeled/u0.png,caf\xe9\n", 422, "is not UTF-8 text"),
+])
+def test_labels_a_dataset_cannot_take_are_refused_and_nothing_is_made(
+    server: LiveServer, photos: dict, csv, status: int, message: str,
+) -> None:
+    with server.client() as client:
+        datasets = client.get("/api/datasets").json()
+        refused = labels(client, photos["id"], csv)
+        assert refused.status_code == status, refused.text
+        assert message.format(id=photos["id"]) in refused.json()["detail"]
+        assert client.get("/api/datasets").json() == datasets
+    assert in_tmp(server) == []
+
+
+def test_labels_sent_the_wrong_way_are_refused(server: LiveServer, photos: dict) -> None:
+    url = f"/api/datasets/{photos['id']}/labels"
+    with server.client() as client:
+        raw = client.post(url, content=b"unlabeled/u0.png,cat\n",
+                          headers={"Content-Type": "text/csv"})
+        assert raw.status_code == 415
+        assert raw.json()["detail"] == ("send the labels CSV as multipart/form-data in a field "
+                                        "named 'file' (curl -F file=@labels.csv ...)")
+        nothing = client.post(url, files={"other": ("x.csv", b"a,b\n")})
+        assert nothing.status_code == 422
+        assert nothing.json()["detail"].startswith("no labels CSV in the form")
+        missing = labels(client, 999999, "unlabeled/u0.png,cat\n")
+        assert missing.status_code == 404
+        assert missing.json()["detail"] == "dataset 999999 does not exist"
+        forged = client.post(url, files={"file": ("l.csv", b"unlabeled/u0.png,cat\n")},
+                             headers={"Sec-Fetch-Site": "cross-site"})
+        assert forged.status_code == 403
+
+
+@pytest.mark.browser
+def test_add_labels_on_the_dataset_page_opens_the_new_dataset(
+    server: LiveServer, photos: dict, request, tmp_path,
+) -> None:
+    good, bad = tmp_path / "labels.csv", tmp_path / "wrong.csv"
+    good.write_text("path,label\nunlabeled/u0.png,dog\n")
+    bad.write_text("path,label\nunlabeled/u0.png,lion\n")
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/datasets/{photos['id']}")
+        error = page.locator("#add-labels-form .field-error")
+        page.click("#add-labels-form button[type=submit]")
+        assert error.inner_text() == "Choose the CSV file of labels first."
+
+        page.set_input_files("#labels-file", str(bad))
+        with page.expect_response(f"**/api/datasets/{photos['id']}/labels") as answer:
+            page.click("#add-labels-form button[type=submit]")
+        assert answer.value.status == 422
+        error.wait_for(state="visible")
+        assert error.inner_text().startswith(
+            "Could not add the labels: the labels CSV uses 1 label(s) that are not classes")
+        browser.screenshot("refused")
+
+        page.set_input_files("#labels-file", str(good))
+        page.fill("#labels-name", "photos, one more dog")
+        page.click("#add-labels-form button[type=submit]")
+        page.wait_for_selector("#derived-from")
+        assert page.inner_text("h1") == "photos, one more dog"
+        assert " ".join(page.inner_text("#derived-from").split()) == (
+            "Made from photos with 1 label added: the same images and test split.")
+        assert page.locator("#unlabeled h2").inner_text() == "Unlabeled images: 3"
+        browser.screenshot("made")
+        browser.assert_no_errors(expected=("status of 422",))

@@ -75,6 +75,13 @@ def get_experiment(session: Session, experiment_id: int) -> Experiment:
     return experiment
 
 
+def experiment_budget_table(session: Session, experiment: Experiment) -> list[dict]:
+    """The experiment's results table (`budget_table`), each budget with its labeled count."""
+    runs = list(experiment.runs)
+    dataset = session.get(Dataset, experiment.dataset_id)
+    return budget_table(runs, budget_labeled_counts(dataset, runs))
+
+
 def experiment_out(experiment: Experiment) -> ExperimentOut:
     runs = list(experiment.runs)
     session = object_session(experiment)
@@ -280,12 +287,8 @@ def compared_experiments(session: Session, ids: list[int] | None
         raise HTTPException(422, f"choose 2 to {MOST_COMPARED} experiments to compare: "
                                  f"{len(chosen)} chosen")
     experiments = [get_experiment(session, experiment_id) for experiment_id in chosen]
-    tables = []
-    for experiment in experiments:
-        runs = list(experiment.runs)
-        dataset = session.get(Dataset, experiment.dataset_id)
-        tables.append(budget_table(runs, budget_labeled_counts(dataset, runs)))
-    labels, tables = compare_budget_tables(tables)
+    labels, tables = compare_budget_tables(
+        [experiment_budget_table(session, experiment) for experiment in experiments])
     return experiments, labels, tables
 
 
@@ -368,9 +371,9 @@ def download_summary(experiment_id: ExperimentId, request: Request, session: DbD
     """The results table: per budget (fewest labels first) and method, the mean and sample
     standard deviation of final test top-1 over the succeeded seeds, and which methods are
     the best of their budget (the page's bold cells)."""
-    body = experiment_out(get_experiment(session, experiment_id))
-    return csv_download(request, [row.model_dump() for row in body.budget_table],
-                        SUMMARY_COLUMNS, f"experiment-{experiment_id}-summary.csv")
+    table = experiment_budget_table(session, get_experiment(session, experiment_id))
+    return csv_download(request, table, SUMMARY_COLUMNS,
+                        f"experiment-{experiment_id}-summary.csv")
 
 
 @router.post("/{experiment_id}/cancel", response_model=ExperimentOut,

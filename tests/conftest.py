@@ -140,9 +140,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
-def live_server(settings: Settings, tmp_path: Path) -> Iterator[LiveServer]:
-    """The app served by a real uvicorn process over HTTP (SQLite, real Redis)."""
-    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url)
+def live_server(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path
+                ) -> Iterator[LiveServer]:
+    """The app served by a real uvicorn process over HTTP (SQLite, real Redis); a test's
+    `server_env` marker adds environment settings to it."""
+    marker = request.node.get_closest_marker("server_env")
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  **(marker.kwargs if marker else {}))
     url, process = start_server(env, tmp_path / "logs" / "uvicorn.log")
     server = LiveServer(url, settings.data_dir, settings.sqlalchemy_url,
                         settings.effective_redis_url, process, env)

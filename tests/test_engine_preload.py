@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 
-from tests.support import LiveServer, add_dataset_row, app_env, start_server
+import pytest
+
+from tests.support import LiveServer, add_dataset_row, app_env
 
 # A fresh interpreter: this one has imported torch and timm long ago.
 STARTED_APP = """
@@ -42,28 +44,24 @@ def test_the_web_imports_torch_and_timm_as_it_starts_unless_told_not_to(settings
     assert started_app(settings, "0") == {"before": [], "healthy": 200, "after": []}
 
 
-def test_a_check_asked_while_the_engine_is_loading_waits_for_it_and_answers(settings, tmp_path):
+@pytest.mark.server_env(SELFTUNE_PRELOAD_ENGINE="1")
+def test_a_check_asked_while_the_engine_is_loading_waits_for_it_and_answers(
+    live_server: LiveServer,
+) -> None:
     """Asked as the server starts, the check waits for the background import instead of
     importing torch and timm a second time at once, and answers as any check does."""
-    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
-                  SELFTUNE_PRELOAD_ENGINE="1")
-    url, process = start_server(env, tmp_path / "uvicorn.log")
-    server = LiveServer(url, settings.data_dir, settings.sqlalchemy_url,
-                        settings.effective_redis_url, process, env)
-    try:
-        dataset_id = add_dataset_row(settings.sqlalchemy_url)
-        sweep = {"dataset_id": dataset_id, "backbone": "tf_efficientnet_lite0",
-                 "methods": ["fine-tune", "self-tuning"], "budgets": ["50%"], "seeds": [0],
-                 "preset": "quick"}
-        with server.client() as client:
-            checked = client.post("/api/experiments/check", json=sweep)
-            refused = client.post("/api/experiments/check",
-                                  json={**sweep, "backbone": "no_such_net"})
-        assert checked.status_code == 200, checked.text
-        assert checked.json()["runs"] == 2
-        assert checked.json()["backbone"] == "tf_efficientnet_lite0"
-        assert refused.status_code == 422
-        assert "unknown backbone 'no_such_net'" in refused.text
-        assert "Traceback" not in process.log()
-    finally:
-        process.stop()
+    assert live_server.env["SELFTUNE_PRELOAD_ENGINE"] == "1"  # the marker's setting
+    dataset_id = add_dataset_row(live_server.database_url)
+    sweep = {"dataset_id": dataset_id, "backbone": "tf_efficientnet_lite0",
+             "methods": ["fine-tune", "self-tuning"], "budgets": ["50%"], "seeds": [0],
+             "preset": "quick"}
+    with live_server.client() as client:
+        checked = client.post("/api/experiments/check", json=sweep)
+        refused = client.post("/api/experiments/check",
+                              json={**sweep, "backbone": "no_such_net"})
+    assert checked.status_code == 200, checked.text
+    assert checked.json()["runs"] == 2
+    assert checked.json()["backbone"] == "tf_efficientnet_lite0"
+    assert refused.status_code == 422
+    assert "unknown backbone 'no_such_net'" in refused.text
+    assert "Traceback" not in live_server.process.log()

@@ -27,7 +27,7 @@ from app.live import experiment_stream_key, publish_end, run_cancel_key, run_str
 from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
 from app.reaper import reap
 from tests.browser import open_browser
-from tests.support import add_dataset_row, app_env, start_server
+from tests.support import add_dataset_row
 from tests.test_datasets_support import dataset_server
 from tests.test_lost_runs import sse_events
 from worker.runs import RunRecorder
@@ -371,27 +371,25 @@ def test_delete_works_on_postgresql(tmp_path: Path, redis_url: str, postgres_url
         assert set(statuses(client, other_id).values()) == {"queued"}
 
 
-def test_cancel_all_and_delete_need_the_api_token(settings, tmp_path: Path):
-    token = "correct-horse-battery-staple"
-    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
-                  SELFTUNE_API_TOKEN=token)
-    url, web = start_server(env, tmp_path / "web.log")
+API_TOKEN = "correct-horse-battery-staple"
+
+
+@pytest.mark.server_env(SELFTUNE_API_TOKEN=API_TOKEN)
+def test_cancel_all_and_delete_need_the_api_token(live_server, settings):
+    url = live_server.url
     dataset_id = add_dataset_row(settings.sqlalchemy_url)
-    try:
-        with httpx.Client(base_url=url, timeout=60,
-                          headers={"Authorization": f"Bearer {token}"}) as client:
-            experiment_id, run_ids = start_sweep(client, dataset_id)
-        with httpx.Client(base_url=url, timeout=60) as anonymous:
-            for method, path in (("POST", f"/api/experiments/{experiment_id}/cancel"),
-                                 ("DELETE", f"/api/experiments/{experiment_id}")):
-                response = anonymous.request(method, path)
-                assert response.status_code == 401, (method, path, response.text)
-                assert response.headers["www-authenticate"] == "Bearer"
-        with session_scope(settings.sqlalchemy_url) as session:
-            assert {run.status for run in session.scalars(
-                select(Run).where(Run.id.in_(run_ids)))} == {"queued"}
-    finally:
-        web.stop()
+    with httpx.Client(base_url=url, timeout=60,
+                      headers={"Authorization": f"Bearer {API_TOKEN}"}) as client:
+        experiment_id, run_ids = start_sweep(client, dataset_id)
+    with httpx.Client(base_url=url, timeout=60) as anonymous:
+        for method, path in (("POST", f"/api/experiments/{experiment_id}/cancel"),
+                             ("DELETE", f"/api/experiments/{experiment_id}")):
+            response = anonymous.request(method, path)
+            assert response.status_code == 401, (method, path, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+    with session_scope(settings.sqlalchemy_url) as session:
+        assert {run.status for run in session.scalars(
+            select(Run).where(Run.id.in_(run_ids)))} == {"queued"}
 
 
 @pytest.mark.browser

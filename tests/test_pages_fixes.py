@@ -575,29 +575,24 @@ def test_results_table_names_the_cancelled_runs_of_a_cell(live_server, request):
 
 # --- 9. sizes on the upload page ------------------------------------------------------------
 
-def test_upload_page_gives_sizes_in_the_units_of_the_servers_messages(settings, tmp_path,
-                                                                       request):
-    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
-                  SELFTUNE_MAX_UPLOAD_BYTES=str(1024 * 1024))
-    url, process = start_server(env, tmp_path / "uvicorn.log")
-    try:
-        with open_browser(request.node.name) as browser:
-            page = browser.page
-            page.goto(f"{url}/datasets/new")
-            assert "up to 1.0 MiB" in page.inner_text(".lead")  # the server's text
-            page.set_input_files("#file", {"name": "big.zip", "mimeType": "application/zip",
-                                           "buffer": b"\0" * (1536 * 1024)})
-            assert page.inner_text("#chosen") == "big.zip (1.5 MiB)"
-            assert page.inner_text("#upload-error") == (
-                "This file is 1.5 MiB; the server accepts at most 1.0 MiB. "
-                "Split it into smaller archives.")
-            page.set_input_files("#file", {"name": "small.zip", "mimeType": "application/zip",
-                                           "buffer": b"\0" * 1000})
-            assert page.inner_text("#chosen") == "small.zip (1000 bytes)"
-            browser.screenshot("upload-sizes")
-            browser.assert_no_errors()
-    finally:
-        process.stop()
+@pytest.mark.server_env(SELFTUNE_MAX_UPLOAD_BYTES=str(1024 * 1024))
+def test_upload_page_gives_sizes_in_the_units_of_the_servers_messages(live_server, request):
+    url = live_server.url
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{url}/datasets/new")
+        assert "up to 1.0 MiB" in page.inner_text(".lead")  # the server's text
+        page.set_input_files("#file", {"name": "big.zip", "mimeType": "application/zip",
+                                       "buffer": b"\0" * (1536 * 1024)})
+        assert page.inner_text("#chosen") == "big.zip (1.5 MiB)"
+        assert page.inner_text("#upload-error") == (
+            "This file is 1.5 MiB; the server accepts at most 1.0 MiB. "
+            "Split it into smaller archives.")
+        page.set_input_files("#file", {"name": "small.zip", "mimeType": "application/zip",
+                                       "buffer": b"\0" * 1000})
+        assert page.inner_text("#chosen") == "small.zip (1000 bytes)"
+        browser.screenshot("upload-sizes")
+        browser.assert_no_errors()
 
 
 # --- The pseudo-label quality card says what it has nothing about ---------------------------

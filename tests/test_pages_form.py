@@ -12,7 +12,7 @@ from app.db import session_scope
 from app.deps import AUTH_COOKIE
 from app.models import Dataset
 from tests.browser import DESKTOP, PHONE, open_browser
-from tests.support import add_dataset_row, app_env, start_server
+from tests.support import add_dataset_row
 
 
 @pytest.fixture
@@ -117,42 +117,38 @@ def test_form_fills_presets_and_shows_api_errors_next_to_their_fields(
         browser.assert_no_errors(expected=("status of 422",))
 
 
-def test_pages_ask_for_the_token_and_say_what_is_missing(settings, tmp_path):
-    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
-                  SELFTUNE_API_TOKEN="s3cret")
-    url, process = start_server(env, tmp_path / "uvicorn.log")
-    try:
-        for path in ["/experiments", "/experiments/new", "/experiments/7", "/runs/7",
-                     "/experiments/new?dataset_id=5&seeds=0%2C1"]:
-            response = httpx.get(url + path, follow_redirects=False)
-            assert response.status_code == 303, path
-            location = httpx.URL(response.headers["location"])
-            # The whole address, query included, comes back after the login.
-            assert location.path == "/login" and location.params["next"] == path
-        with httpx.Client(base_url=url, cookies={AUTH_COOKIE: "s3cret"}) as client:
-            assert "No experiments yet" in client.get("/experiments").text
-            assert "There is no dataset yet" in client.get("/experiments/new").text
-            missing = client.get("/experiments/7")
-            assert missing.status_code == 404
-            assert missing.json()["detail"] == "experiment 7 does not exist"
-            assert client.get("/runs/7").json()["detail"] == "run 7 does not exist"
-            # A browser gets the same answers as pages; the API stays JSON whatever it accepts.
-            html = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
-            for path, status, text in [
-                ("/experiments/7", 404, "Experiment 7 does not exist. It may have been deleted."),
-                ("/runs/7", 404, "Run 7 does not exist. It may have been deleted."),
-                ("/runs/seven", 404, "There is no page at this address."),
-                ("/no/such/page", 404, "There is no page at this address."),
-                ("/experiments/new?dataset_id=x", 422, "dataset_id: "),
-            ]:
-                page = client.get(path, headers=html)
-                assert page.status_code == status, path
-                assert page.headers["content-type"].startswith("text/html"), path
-                assert text in page.text and "<h1>" in page.text, (path, page.text)
-            api = client.get("/api/runs/7", headers=html)
-            assert api.status_code == 404 and api.json()["detail"] == "run 7 does not exist"
-    finally:
-        process.stop()
+@pytest.mark.server_env(SELFTUNE_API_TOKEN="s3cret")
+def test_pages_ask_for_the_token_and_say_what_is_missing(live_server):
+    url = live_server.url
+    for path in ["/experiments", "/experiments/new", "/experiments/7", "/runs/7",
+                 "/experiments/new?dataset_id=5&seeds=0%2C1"]:
+        response = httpx.get(url + path, follow_redirects=False)
+        assert response.status_code == 303, path
+        location = httpx.URL(response.headers["location"])
+        # The whole address, query included, comes back after the login.
+        assert location.path == "/login" and location.params["next"] == path
+    with httpx.Client(base_url=url, cookies={AUTH_COOKIE: "s3cret"}) as client:
+        assert "No experiments yet" in client.get("/experiments").text
+        assert "There is no dataset yet" in client.get("/experiments/new").text
+        missing = client.get("/experiments/7")
+        assert missing.status_code == 404
+        assert missing.json()["detail"] == "experiment 7 does not exist"
+        assert client.get("/runs/7").json()["detail"] == "run 7 does not exist"
+        # A browser gets the same answers as pages; the API stays JSON whatever it accepts.
+        html = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+        for path, status, text in [
+            ("/experiments/7", 404, "Experiment 7 does not exist. It may have been deleted."),
+            ("/runs/7", 404, "Run 7 does not exist. It may have been deleted."),
+            ("/runs/seven", 404, "There is no page at this address."),
+            ("/no/such/page", 404, "There is no page at this address."),
+            ("/experiments/new?dataset_id=x", 422, "dataset_id: "),
+        ]:
+            page = client.get(path, headers=html)
+            assert page.status_code == status, path
+            assert page.headers["content-type"].startswith("text/html"), path
+            assert text in page.text and "<h1>" in page.text, (path, page.text)
+        api = client.get("/api/runs/7", headers=html)
+        assert api.status_code == 404 and api.json()["detail"] == "run 7 does not exist"
 
 
 @pytest.mark.browser

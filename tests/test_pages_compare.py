@@ -79,7 +79,12 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
             f"first (#{first}) · Self-Tuning": 2}
         dashes = page.evaluate("Chart.getChart(document.getElementById('budget-chart'))"
                                ".data.datasets.map((d) => d.borderDash.length > 0)")
-        assert dashes == [False, True, True]  # the second experiment's lines are dashed
+        assert dashes == [False, True, True]  # those of the experiment listed second are dashed
+        # and so are their keys in the legend (a stretch of line each, not a filled box)
+        keys = ("Chart.getChart(document.getElementById('budget-chart')).legend.legendItems"
+                ".map((item) => [item.pointStyle, item.lineDash?.length > 0])")
+        assert page.evaluate(keys) == [["line", False], ["line", True], ["line", True]]
+        browser.screenshot("compared")
         # The table as CSV, from the page's link: the same values, fractions.
         href = page.get_attribute("#result-downloads a", "href")
         assert href == f"/api/experiments/compare.csv?ids={second}&ids={first}"

@@ -322,6 +322,18 @@ export function budgetChart(canvas, budgets, methods) {
     label: title, data: means, errorBars: spreads, borderColor: colourFor(method),
     backgroundColor: colourFor(method), pointRadius: 4, spanGaps, borderWidth: 2, borderDash: dash,
   }));
+  // Lines told apart by their dashes are keyed by a stretch of line each, dashed as theirs
+  // (a filled box of the method's colour showed two experiments' lines alike).
+  if (datasets.some((dataset) => dataset.borderDash.length)) {
+    // With point styles Chart.js takes a key's style from the line's first point, which has
+    // no dashes: they come from the line itself.
+    const keys = Chart.defaults.plugins.legend.labels.generateLabels;
+    Object.assign(options.plugins.legend.labels, {
+      usePointStyle: true, pointStyle: "line", pointStyleWidth: 36,
+      generateLabels: (chart) => keys(chart).map((key) => (
+        { ...key, lineDash: chart.data.datasets[key.datasetIndex].borderDash })),
+    });
+  }
   // Each method's best budget; the table under the chart has every value.
   const budgetName = (b) => (isNumber(b.count) ? `${b.label} (${count(b.count)} labels)` : b.label);
   const best = methods.map(({ title, means }) => {

@@ -5,6 +5,7 @@ the dataset page in Chromium."""
 from __future__ import annotations
 
 import pytest
+import redis
 
 from app.db import session_scope
 from app.models import Dataset
@@ -18,6 +19,8 @@ from tests.test_datasets_support import (
     upload,
     zip_bytes,
 )
+from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
+from tests.test_pages_label_next import record_predictions
 from worker.training import dataset_items
 
 # Three labeled images of each class (one of each held out for testing) and four unlabeled.
@@ -205,3 +208,44 @@ def test_add_labels_on_the_dataset_page_opens_the_new_dataset(
         assert page.locator("#unlabeled h2").inner_text() == "Unlabeled images: 3"
         browser.screenshot("made")
         browser.assert_no_errors(expected=("status of 422",))
+
+
+@pytest.mark.browser
+def test_labels_chosen_under_label_next_on_a_run_page_make_a_new_dataset(
+    server: LiveServer, photos: dict, request,
+) -> None:
+    """A run's Label next offers a class under each image to label; the labels chosen there
+    make a new dataset, as a CSV on the dataset page does."""
+    with server.client() as client:
+        _, (run_id, *_) = start_sweep(client, photos["id"], seeds=[0])
+        unlabeled = client.get(f"/api/datasets/{photos['id']}/images",
+                               params={"split": "unlabeled"}).json()["items"]
+    images = [(image["id"], image["original_path"]) for image in unlabeled]
+    record_predictions(server.data_dir, server.database_url, run_id, [""] * len(images),
+                       images=images)
+    end_as_worker(server.database_url, redis.Redis.from_url(server.redis_url), run_id,
+                  "succeeded")
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/runs/{run_id}")
+        send = page.locator("#label-next-form button[type=submit]")
+        send.wait_for()
+        assert page.locator("#label-next-thumbs figure select").count() == 4
+        assert send.is_disabled()  # nothing chosen yet: the captions are the model's guesses
+        # Ranked by margin: u0 first (0.2), then u1, u2, u3.
+        page.select_option("select[aria-label='Label of unlabeled/u0.png']", "dog")
+        page.select_option("select[aria-label='Label of unlabeled/u2.png']", "cat")
+        assert page.inner_text("#label-next-form span") == (
+            "2 labeled: the new dataset has the same images and test split")
+        browser.screenshot("chosen")
+        send.click()
+        page.wait_for_selector("#derived-from")
+        assert page.inner_text("h1") == "photos + 2 labels"
+        assert page.locator("#unlabeled h2").inner_text() == "Unlabeled images: 2"
+        browser.assert_no_errors()
+    new_id = int(page.url.rsplit("/", 1)[1])
+    view, unlabeled_left = training_view(server, new_id)
+    assert (UNLABELED["unlabeled/u0.png"], 1) in view["train"]
+    assert (UNLABELED["unlabeled/u2.png"], 0) in view["train"]
+    assert unlabeled_left == sorted(UNLABELED[f"unlabeled/u{n}.png"] for n in (1, 3))

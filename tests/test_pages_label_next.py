@@ -20,20 +20,25 @@ pytestmark = pytest.mark.browser
 
 
 def record_predictions(data_dir, database_url: str, run_id: int, hidden: list[str],
-                       label: str = "cat", margins: list[float] | None = None) -> None:
+                       label: str = "cat", margins: list[float] | None = None,
+                       images: list[tuple[int | str, str]] | None = None) -> None:
     """predictions.csv with one row per image the budget left unlabeled, as rewritten by
-    the worker (image ids and the archive's paths), each predicted `label` with its margin
-    (by default 0.2, 0.3, ...)."""
+    the worker (image ids and the archive's paths: `images`, by default no id and
+    cat/0.png, cat/1.png, ...), each predicted `label` with its margin (by default 0.2,
+    0.3, ...)."""
     if margins is None:
         margins = [0.2 + index / 10 for index in range(len(hidden))]
+    if images is None:
+        images = [("", f"cat/{index}.png") for index in range(len(hidden))]
     folder = data_dir / "runs" / str(run_id)
     folder.mkdir(parents=True)
     path = folder / "predictions.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "path", "label", "confidence", "margin", "hidden_label"])
-        for index, (hidden_label, margin) in enumerate(zip(hidden, margins, strict=True)):
-            writer.writerow(["", f"cat/{index}.png", label, 0.6, margin, hidden_label])
+        for (image_id, image_path), hidden_label, margin in zip(images, hidden, margins,
+                                                                strict=True):
+            writer.writerow([image_id, image_path, label, 0.6, margin, hidden_label])
     with session_scope(database_url) as session:
         session.add(Artifact(run_id=run_id, name="predictions.csv",
                              path=f"runs/{run_id}/predictions.csv",
@@ -137,9 +142,8 @@ def test_label_next_with_images_to_label_points_to_adding_their_labels(live_serv
         page.goto(f"{live_server.url}/runs/{run_ids[0]}")
         hint = page.wait_for_selector("#add-labels-hint")
         assert page.locator("#label-next-thumbs figure").count() == 2
-        assert hint.inner_text() == ("Labeled some? Add the labels to the dataset (a CSV of "
-                                     "path,label lines): that makes a new dataset with the "
-                                     "same test split.")
+        assert hint.inner_text() == ("Labeled others? Add their labels to the dataset as a "
+                                     "CSV of path,label lines.")
         assert hint.query_selector("a").get_attribute("href") == (
             f"/datasets/{dataset_id}#add-labels-title")
         browser.assert_no_errors()

@@ -425,7 +425,7 @@ export function runPage() {
     const results = document.getElementById("results");
     results.hidden = false;
     drawResults(run, classNames);
-    drawLabelNext(run);
+    drawLabelNext(run, classNames);
     drawDownloads(run, classNames);
   }
 
@@ -880,7 +880,7 @@ function parseCsv(text) {
   return body.map((cells) => Object.fromEntries(header.map((key, i) => [key, cells[i] ?? ""])));
 }
 
-async function drawLabelNext(run) {
+async function drawLabelNext(run, classNames) {
   const box = document.getElementById("label-next-thumbs");
   const missing = () => box.replaceChildren(h("p", { class: "muted" }, "No predictions for unlabeled images."));
   if (!run.artifacts.some((a) => a.name === "predictions.csv")) return missing();
@@ -890,9 +890,12 @@ async function drawLabelNext(run) {
   // the ones worth labeling next are those without any label.
   const rows = parseCsv(await response.text()).filter((row) => !row.hidden_label).slice(0, LABEL_NEXT_SHOWN);
   if (rows.length) {
-    box.replaceChildren(...rows.map(thumbnail(run)), h("p", { class: "muted", id: "add-labels-hint" },
-      "Labeled some? ", h("a", { href: `/datasets/${run.dataset_id}#add-labels-title` }, "Add the labels"),
-      " to the dataset (a CSV of path,label lines): that makes a new dataset with the same test split."));
+    const choices = rows.map((row) => labelChoice(row, classNames));
+    box.replaceChildren(...rows.map((row, i) => thumbnail(run)(row, choices[i])),
+      labelingForm(run, rows, choices),
+      h("p", { class: "muted", id: "add-labels-hint" }, "Labeled others? ",
+        h("a", { href: `/datasets/${run.dataset_id}#add-labels-title` }, "Add their labels"),
+        " to the dataset as a CSV of path,label lines."));
     return;
   }
   // The labels this budget withheld are the user's own: show those images ranked the same
@@ -912,9 +915,9 @@ const marginText = (margin) => (margin === 0 || !(margin < 0.01) ? pct(margin, 0
 
 // One image to label: its thumbnail, the model's label and the margin it was ranked by (the
 // whole label, its confidence and, for an image whose label the budget withheld, that label on
-// hover). A long label is cut to the thumbnail's width, the margin never: cut, "margin 100%"
-// read "margin 10…".
-const thumbnail = (run) => (row) => h("figure", { class: "thumb",
+// hover), and the `choice` of a label for it where it has none. A long label is cut to the
+// thumbnail's width, the margin never: cut, "margin 100%" read "margin 10…".
+const thumbnail = (run) => (row, choice = null) => h("figure", { class: "thumb",
   title: `${row.path}: ${row.label}, confidence ${pct(Number(row.confidence), 0)}`
     + (row.hidden_label ? `; labeled ${row.hidden_label}` : "") },
   row.image_id
@@ -922,7 +925,49 @@ const thumbnail = (run) => (row) => h("figure", { class: "thumb",
       alt: row.path, loading: "lazy", width: 72, height: 72 })
     : h("span", { class: "muted" }, row.path),
   h("figcaption", {}, h("span", { class: "label" }, row.label),
-    h("span", { class: "margin" }, `margin ${marginText(Number(row.margin))}`)));
+    h("span", { class: "margin" }, `margin ${marginText(Number(row.margin))}`)), choice);
+
+// The class a person gives an image to label next, under its thumbnail: none at first (the
+// model's guess is the caption above, not a label).
+const labelChoice = (row, classNames) => h("select", { class: "give-label", "aria-label": `Label of ${row.path}` },
+  h("option", { value: "" }, "label…"), ...classNames.map((name) => h("option", { value: name }, name)));
+
+const csvCell = (text) => (/[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text);
+
+// The labels given under the thumbnails make a new dataset (POST /api/datasets/{id}/labels,
+// as the dataset page's Add labels does) whose page then opens.
+function labelingForm(run, rows, choices) {
+  const send = h("button", { type: "submit", disabled: true }, "Make a dataset with these labels");
+  const note = h("span", { class: "muted", "aria-live": "polite" });
+  const error = h("p", { class: "field-error", role: "alert", hidden: true });
+  const chosen = () => rows.map((row, i) => [row.path, choices[i].value]).filter(([, label]) => label);
+  const form = h("form", { class: "add-labels", id: "label-next-form" }, send, note, error);
+  for (const choice of choices) {
+    choice.addEventListener("change", () => {
+      const given = chosen().length;
+      send.disabled = given === 0;
+      note.textContent = given ? `${given} labeled: the new dataset has the same images and test split` : "";
+    });
+  }
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (send.disabled) return;
+    send.disabled = true;
+    error.hidden = true;
+    const csv = ["path,label", ...chosen().map((cells) => cells.map(csvCell).join(","))].join("\n");
+    const body = new FormData();
+    body.append("file", new Blob([csv + "\n"], { type: "text/csv" }), "labels.csv");
+    try {
+      const dataset = await getJSON(`/api/datasets/${run.dataset_id}/labels`, { method: "POST", body });
+      location.assign(`/datasets/${dataset.id}`);
+    } catch (problem) {
+      error.replaceChildren(...failure("Could not make the dataset", problem));
+      error.hidden = false;
+      send.disabled = false;
+    }
+  });
+  return form;
+}
 
 async function drawDownloads(run, classNames) {
   const predictions = run.artifacts.find((a) => a.name === "predictions.csv");

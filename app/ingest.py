@@ -103,6 +103,7 @@ DRAIN_BYTES = 64 * 1024**2
 WRITE_BUFFER_BYTES = 1024**2
 COPY_CHUNK_BYTES = 1024**2
 THUMBNAIL_SIZE = 128
+PREVIEW_SIZE = 512  # a thumbnail large enough to tell what an image shows, to label it
 
 
 class UploadAbandoned(Exception):
@@ -1462,13 +1463,14 @@ def thumbnail_version(white_level: int | None) -> str:
 
 
 def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage,
-              white_level: int | None) -> Path:
-    """A JPEG of at most THUMBNAIL_SIZE px a side, made on first request and cached;
-    `white_level` is the dataset's (`dataset_white_level`)."""
+              white_level: int | None, size: int = THUMBNAIL_SIZE) -> Path:
+    """A JPEG of at most `size` px a side, made on first request and cached; `white_level`
+    is the dataset's (`dataset_white_level`)."""
     folder = thumbnail_dir(settings, dataset)
     # Named by how it was made: one made otherwise (an older version) is not this one, and
     # nothing is deleted under a request serving it.
-    cached = folder / f"{image.id}-{thumbnail_version(white_level)}.jpg"
+    larger = "" if size == THUMBNAIL_SIZE else f"-{size}px"
+    cached = folder / f"{image.id}-{thumbnail_version(white_level)}{larger}.jpg"
     if cached.is_file():
         return cached
     source = image_file(settings, dataset, image)
@@ -1477,11 +1479,11 @@ def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage,
         if image.width and opened.size != (image.width, image.height):
             # Not the image whose size was checked at upload (Pillow's own limit is off).
             raise FileNotFoundError(f"{image.path} is not the file that was uploaded")
-        opened.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        opened.draft("RGB", (size, size))
         # The pixels the worker trains on, then made small: transparency dropped (a white
         # logo on a transparent black ground trains white on black, and shows so).
         small = to_rgb(opened, white_level)
-        small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        small.thumbnail((size, size))
     # Written aside and renamed so a concurrent request never serves half a file.
     partial = folder / f".{image.id}.{uuid.uuid4().hex}.jpg"
     small.save(partial, "JPEG", quality=85)

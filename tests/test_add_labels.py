@@ -185,6 +185,9 @@ def test_add_labels_on_the_dataset_page_opens_the_new_dataset(
     with open_browser(request.node.name) as browser:
         page = browser.page
         page.goto(f"{server.url}/datasets/{photos['id']}")
+        larger = page.locator("#unlabeled a.enlarge").evaluate_all(
+            "(links) => links.map((link) => [link.href.split('?')[1], link.target])")
+        assert larger == [["size=512", "_blank"]] * 4
         error = page.locator("#add-labels-form .field-error")
         page.click("#add-labels-form button[type=submit]")
         assert error.inner_text() == "Choose the CSV file of labels first."
@@ -233,6 +236,9 @@ def test_labels_chosen_under_label_next_on_a_run_page_make_a_new_dataset(
         send.wait_for()
         assert page.locator("#label-next-thumbs figure select").count() == 4
         assert send.is_disabled()  # nothing chosen yet: the captions are the model's guesses
+        # Clicked, an image opens larger (a thumbnail is too small to label a photo by).
+        assert page.get_attribute("#label-next-thumbs figure a.enlarge", "href") == (
+            f"/api/datasets/{photos['id']}/images/{images[0][0]}/thumbnail?size=512")
         # Ranked by margin: u0 first (0.2), then u1, u2, u3.
         page.select_option("select[aria-label='Label of unlabeled/u0.png']", "dog")
         page.select_option("select[aria-label='Label of unlabeled/u2.png']", "cat")

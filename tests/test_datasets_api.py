@@ -162,6 +162,36 @@ def test_thumbnail_is_cached_and_refused_for_an_image_of_another_dataset(
     assert_nothing_left(server)
 
 
+def test_a_larger_thumbnail_shows_what_an_image_is_and_is_cached_apart(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """128 px is too small to label a photo by: `size=512` gives a larger one (for the
+    images to label next), cached and revalidated on its own."""
+    entries = {**class_entries(per_class=2, seed=6), "cat/wide.png": image_bytes(7, size=600)}
+    dataset = upload(client, zip_bytes(entries), name="wide").json()
+    images = client.get(f"/api/datasets/{dataset['id']}/images").json()["items"]
+    wide = next(image for image in images if image["original_path"] == "cat/wide.png")
+    url = f"/api/datasets/{dataset['id']}/images/{wide['id']}/thumbnail"
+    small, large = client.get(url), client.get(url, params={"size": 512})
+    assert Image.open(io.BytesIO(small.content)).size == (128, 128)
+    assert Image.open(io.BytesIO(large.content)).size == (512, 512)
+    assert large.headers["content-type"] == "image/jpeg"
+    assert large.headers["etag"] != small.headers["etag"]
+    assert client.get(url, params={"size": 512},
+                      headers={"If-None-Match": large.headers["etag"]}).status_code == 304
+    assert client.get(url, headers={"If-None-Match": large.headers["etag"]}).status_code == 200
+    cached = sorted(path.name for path in (server.data_dir / "cache" / "thumbs").rglob("*.jpg"))
+    assert cached == [f"{wide['id']}-t2-512px.jpg", f"{wide['id']}-t2.jpg"]
+    tiny = next(image for image in images if image["original_path"] != "cat/wide.png")
+    never_enlarged = client.get(f"/api/datasets/{dataset['id']}/images/{tiny['id']}/thumbnail",
+                                params={"size": 512})
+    assert Image.open(io.BytesIO(never_enlarged.content)).size == (16, 16)
+    refused = client.get(url, params={"size": 300})
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == "size must be 128 or 512, not 300"
+    assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
+
+
 def add_run(server: LiveServer, dataset_id: int, status: str) -> int:
     """An experiment with one run on the dataset, a metric, an artifact and a run folder."""
     with get_sessionmaker(server.database_url)() as session:

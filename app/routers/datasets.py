@@ -337,8 +337,14 @@ def list_images(
 def image_thumbnail(
     request: Request, dataset_id: DatasetId, image_id: ImageId, db: DbDep,
     settings: SettingsDep,
+    size: Annotated[int, Query(
+        description="px a side at most: 128, or 512 to see what the image shows")] = 128,
 ) -> Response:
-    """A JPEG of at most 128 px a side, made on first request and cached."""
+    """A JPEG of at most `size` px a side (never enlarged), made on first request and
+    cached."""
+    if size not in (ingest.THUMBNAIL_SIZE, ingest.PREVIEW_SIZE):  # each size is cached
+        raise HTTPException(422, f"size must be {ingest.THUMBNAIL_SIZE} or "
+                                 f"{ingest.PREVIEW_SIZE}, not {size}")
     dataset = get_dataset_or_404(db, dataset_id)
     image = db.get(DatasetImage, image_id)
     if image is None or image.dataset_id != dataset.id:
@@ -346,12 +352,13 @@ def image_thumbnail(
     # Ids can be reused after a delete, so browsers revalidate against the image's content
     # and how its thumbnail is made.
     level = ingest.dataset_white_level(settings, dataset)
-    version = f"{image.sha256[:32]}-{ingest.thumbnail_version(level)}"
+    larger = "" if size == ingest.THUMBNAIL_SIZE else f"-{size}px"
+    version = f"{image.sha256[:32]}-{ingest.thumbnail_version(level)}{larger}"
     headers = {"Cache-Control": "private, no-cache", "ETag": f'"{version}"'}
     if client_holds(request, headers["ETag"]):  # before making the thumbnail
         return Response(status_code=304, headers=headers)
     try:
-        path = ingest.thumbnail(settings, dataset, image, level)
+        path = ingest.thumbnail(settings, dataset, image, level, size)
     except FileNotFoundError:
         raise HTTPException(404, f"the file of image {image_id} is missing or was replaced"
                             ) from None

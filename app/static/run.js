@@ -915,14 +915,16 @@ const marginText = (margin) => (margin === 0 || !(margin < 0.01) ? pct(margin, 0
 
 // One image to label: its thumbnail, the model's label and the margin it was ranked by (the
 // whole label, its confidence and, for an image whose label the budget withheld, that label on
-// hover), and the `choice` of a label for it where it has none. A long label is cut to the
-// thumbnail's width, the margin never: cut, "margin 100%" read "margin 10…".
+// hover), and the `choice` of a label for it where it has none; clicked, the image opens
+// larger (512 px), to tell what it shows. A long label is cut to the thumbnail's width, the
+// margin never: cut, "margin 100%" read "margin 10…".
+const imageUrl = (run, row) => `/api/datasets/${run.dataset_id}/images/${row.image_id}/thumbnail`;
 const thumbnail = (run) => (row, choice = null) => h("figure", { class: "thumb",
   title: `${row.path}: ${row.label}, confidence ${pct(Number(row.confidence), 0)}`
     + (row.hidden_label ? `; labeled ${row.hidden_label}` : "") },
   row.image_id
-    ? h("img", { src: `/api/datasets/${run.dataset_id}/images/${row.image_id}/thumbnail`,
-      alt: row.path, loading: "lazy", width: 72, height: 72 })
+    ? h("a", { class: "enlarge", href: `${imageUrl(run, row)}?size=512`, target: "_blank", rel: "noopener" },
+      h("img", { src: imageUrl(run, row), alt: row.path, loading: "lazy", width: 72, height: 72 }))
     : h("span", { class: "muted" }, row.path),
   h("figcaption", {}, h("span", { class: "label" }, row.label),
     h("span", { class: "margin" }, `margin ${marginText(Number(row.margin))}`)), choice);

@@ -182,6 +182,8 @@ def test_add_labels_on_the_dataset_page_opens_the_new_dataset(
     good, bad = tmp_path / "labels.csv", tmp_path / "wrong.csv"
     good.write_text("path,label\nunlabeled/u0.png,dog\n")
     bad.write_text("path,label\nunlabeled/u0.png,lion\n")
+    with server.client() as client:
+        baseline, _ = start_sweep(client, photos["id"], name="baseline", seeds=[0, 1])
     with open_browser(request.node.name) as browser:
         page = browser.page
         page.goto(f"{server.url}/datasets/{photos['id']}")
@@ -210,6 +212,13 @@ def test_add_labels_on_the_dataset_page_opens_the_new_dataset(
             "Made from photos with 1 label added: the same images and test split.")
         assert page.locator("#unlabeled h2").inner_text() == "Unlabeled images: 3"
         browser.screenshot("made")
+        # What ran on the first dataset runs again on this one, to compare the two.
+        assert page.inner_text("#run-again") == "Run again on this dataset, to compare: baseline."
+        new_id = int(page.url.rsplit("/", 1)[1])
+        page.click("#run-again a")
+        page.wait_for_url(f"**/experiments/new?like={baseline}&dataset_id={new_id}")
+        assert page.input_value("#f-dataset_id") == str(new_id)
+        assert page.input_value("#f-seeds") == "0, 1"
         browser.assert_no_errors(expected=("status of 422",))
 
 

@@ -21,6 +21,8 @@ from app.routers.pages import PageNumber, Pager, page_guard, render, templates
 router = APIRouter(include_in_schema=False)
 
 THUMBS_PER_CLASS = 12
+# A dataset made by adding labels offers to run again the newest experiments of its source.
+SOURCE_EXPERIMENTS_SHOWN = 5
 # The thumbnails of this many classes a page (a dataset of 1,000 classes: ten pages of them).
 CLASSES_PER_THUMBS_PAGE = 100
 MAX_SKIPPED_SHOWN = 500
@@ -118,9 +120,15 @@ def dataset_page(
     experiments = db.scalar(select(func.count()).select_from(Experiment)
                             .where(Experiment.dataset_id == dataset.id)) or 0
     source = db.get(Dataset, dataset.derived_from_id) if dataset.derived_from_id else None
+    # What was run on the dataset it was made from, to run again on this one and compare.
+    source_experiments = list(db.scalars(
+        select(Experiment).where(Experiment.dataset_id == source.id)
+        .order_by(Experiment.id.desc()).limit(SOURCE_EXPERIMENTS_SHOWN))) if source else []
     # What a delete takes with it is counted when Delete is clicked (upload.js).
     return render(
-        request, "dataset.html", dataset=dataset, source=source, classes=classes,
+        request, "dataset.html", dataset=dataset, source=source,
+        source_experiments=source_experiments, source_experiments_shown=SOURCE_EXPERIMENTS_SHOWN,
+        classes=classes,
         totals={"train": sum(c["train"] for c in classes), "test": sum(c["test"] for c in classes)},
         unlabeled_thumbs=unlabeled_thumbs, skipped=dataset.skipped[:MAX_SKIPPED_SHOWN],
         warnings=dataset_warnings(db, dataset),

@@ -54,8 +54,16 @@ def test_upload_rejection_and_delete_work_on_postgresql(
             f"/api/datasets/{summary['id']}/images/{images['items'][0]['id']}/thumbnail"
         )
         assert thumb.status_code == 200
+        # Labels added make a second dataset (its images' rows and the source's id).
+        labeled = client.post(f"/api/datasets/{summary['id']}/labels",
+                              files={"file": ("labels.csv", b"train/unlabeled/u.png,dog\n")})
+        assert labeled.status_code == 201, labeled.text
+        assert labeled.json()["classes"][1] == {"name": "dog", "train": 6, "test": 2}
+        assert (labeled.json()["derived_from"], labeled.json()["unlabeled"]) == (summary["id"], 0)
+        assert client.get(f"/api/datasets/{labeled.json()['id']}/images").json()["total"] == 15
 
-        assert client.delete(f"/api/datasets/{summary['id']}").status_code == 204
+        for dataset_id in (summary["id"], labeled.json()["id"]):
+            assert client.delete(f"/api/datasets/{dataset_id}").status_code == 204
         assert_nothing_left(server)
 
 

@@ -10,6 +10,7 @@ and the check at the end names it.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sqlite3
 import sys
@@ -72,10 +73,34 @@ def copy_sqlite(source: Path, target: Path) -> None:
         reading.close()
 
 
+class LinkedCopies:
+    """A copy function for copytree that keeps hard links: the datasets made by adding labels
+    share their images' files with the dataset they were made from (app.add_labels), and a
+    copy of each would take the space of every dataset of them again."""
+
+    def __init__(self) -> None:
+        self.copied: dict[tuple[int, int], str] = {}  # (device, inode) -> its first copy
+
+    def __call__(self, source: str, target: str) -> str:
+        found = os.stat(source)
+        if found.st_nlink > 1:
+            key = (found.st_dev, found.st_ino)
+            if (first := self.copied.get(key)) is not None:
+                try:
+                    os.link(first, target)
+                    return target
+                except OSError:  # a file system without hard links: a copy, as before
+                    pass
+            else:
+                self.copied[key] = target
+        return shutil.copy2(source, target)
+
+
 def copy_files(data_dir: Path, destination: Path) -> None:
     """The dataset and run folders and the database-id file. A file deleted during the copy
     (a dataset or run deleted meanwhile, a checkpoint replaced) is skipped: whether the copy
     misses something is for `missing_from` to say, from the copy's own database."""
+    linked = LinkedCopies()
     for name in COPIED_FOLDERS:
         source = data_dir / name
         if not source.is_dir():
@@ -83,7 +108,7 @@ def copy_files(data_dir: Path, destination: Path) -> None:
         try:
             shutil.copytree(source, destination / name, symlinks=True,
                             ignore=shutil.ignore_patterns("*.tmp"),
-                            dirs_exist_ok=True)
+                            copy_function=linked, dirs_exist_ok=True)
         except shutil.Error as exc:
             # copytree copies all it can, then raises with every file it could not. One
             # deleted meanwhile is for `missing_from`; one still there (a full disk, a file

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from app.backup import BackupRefused, backup, missing_from
+from app.backup import BackupRefused, backup, copy_files, missing_from
 from app.db import DATABASE_ID_FILE, get_engine, session_scope, upgrade_to_head
 from app.models import Artifact, Dataset, Experiment, Run, utcnow
 from tests.support import PROJECT_ROOT, LiveServer, add_dataset_row, app_env, start_server
@@ -210,6 +210,25 @@ def test_a_backup_names_what_its_database_lists_and_the_copy_lacks(settings, tmp
 
     shutil.rmtree(destination / "datasets" / key)  # as a delete during the copy leaves it
     assert missing_from(destination) == (1, 0, [f"datasets/{key}"])
+
+
+def test_a_backup_keeps_the_files_datasets_share_as_one(tmp_path):
+    """A dataset made by adding labels shares its images' files with its source (hard
+    links): the copy shares them too, instead of holding them twice."""
+    data_dir, destination = tmp_path / "data", tmp_path / "copy"
+    (data_dir / "datasets" / "source").mkdir(parents=True)
+    (data_dir / "datasets" / "labeled" / "train").mkdir(parents=True)
+    (data_dir / "datasets" / "source" / "0.png").write_bytes(b"shared image")
+    (data_dir / "datasets" / "source" / "1.png").write_bytes(b"its own image")
+    os.link(data_dir / "datasets" / "source" / "0.png",
+            data_dir / "datasets" / "labeled" / "train" / "0.png")
+    (data_dir / DATABASE_ID_FILE).write_text("0" * 32)
+    copy_files(data_dir, destination)
+    shared = [destination / "datasets" / "source" / "0.png",
+              destination / "datasets" / "labeled" / "train" / "0.png"]
+    assert [path.read_bytes() for path in shared] == [b"shared image"] * 2
+    assert shared[0].samefile(shared[1]) and shared[0].stat().st_nlink == 2
+    assert (destination / "datasets" / "source" / "1.png").stat().st_nlink == 1
 
 
 def test_a_backup_refuses_a_folder_in_use_or_inside_the_data_directory(settings, tmp_path):

@@ -105,6 +105,7 @@ def test_labels_make_a_new_dataset_with_the_same_test_split_and_the_old_one_stay
         assert {path.stat().st_nlink for path in new_files} == {2}
         page = client.get(f"/datasets/{dataset['id']}").text
         assert f'Made from\n  <a href="/datasets/{source}">photos</a>' in page
+        assert "(shares its files with photos: no extra disk space)" in page
         assert client.delete(f"/api/datasets/{source}").status_code == 204
         # (its files go once the answer has gone)
         wait_for(lambda: {path.stat().st_nlink for path in new_files} == {1}, timeout=10,
@@ -114,7 +115,7 @@ def test_labels_make_a_new_dataset_with_the_same_test_split_and_the_old_one_stay
         thumbnail = client.get(f"/api/datasets/{dataset['id']}/images/{image_id}/thumbnail")
         assert thumbnail.status_code == 200
         page = client.get(f"/datasets/{dataset['id']}").text
-        assert f"dataset #{source}, since deleted," in page
+        assert f"dataset #{source}, since deleted," in page and "shares its files" not in page
         assert client.get(f"/api/datasets/{dataset['id']}").json()["derived_from"] == source
 
         # A name of one's own, and labels added to a dataset made that way.

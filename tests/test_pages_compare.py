@@ -11,7 +11,7 @@ import redis
 from playwright.sync_api import expect
 
 from app.db import session_scope
-from app.models import Run
+from app.models import Experiment, Run
 from tests.browser import open_browser
 from tests.support import add_dataset_row
 from tests.test_experiments_cancel_delete import mark_running, start_sweep
@@ -126,3 +126,43 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
         422, {"detail": "choose 2 to 6 experiments to compare: 1 chosen"})
     assert (gone.status_code, gone.json()) == (
         404, {"detail": "experiment 999999 does not exist"})
+
+
+def test_experiments_ticked_on_two_pages_of_the_list_are_compared_together(live_server, request):
+    """The list shows 100 experiments a page, and a tick was lost with its page: two
+    experiments 100 apart could not be compared from the list. Ticks are kept for the tab."""
+    dataset_id = add_dataset_row(live_server.database_url)
+    with session_scope(live_server.database_url) as session:
+        session.add_all(Experiment(name=f"sweep {number}", dataset_id=dataset_id, backbone="b",
+                                   methods=["fine-tune"], budgets=[0.5], seeds=[0],
+                                   preset="quick") for number in range(101))
+    with session_scope(live_server.database_url) as session:
+        ids = {experiment.name: experiment.id for experiment in session.query(Experiment)}
+    newest, oldest = ids["sweep 100"], ids["sweep 0"]
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments")
+        page.check("input[aria-label='Compare sweep 100']")  # the newest: page 1
+        assert page.is_hidden("#ticked-elsewhere")
+        page.click("nav.pager a[rel=next] >> nth=0")
+        page.wait_for_url(re.compile(r"/experiments\?page=2$"))
+        expect(page.locator("#ticked-elsewhere")).to_have_text(
+            "Also ticked on other pages: sweep 100 Untick them")
+        page.check("input[aria-label='Compare sweep 0']")  # the oldest: page 2
+        browser.screenshot("ticked-on-two-pages")
+        page.click("#compare")
+        page.wait_for_url(re.compile(rf"/experiments/compare\?ids={oldest}&ids={newest}$"))
+        assert page.locator("#compared tbody a[href^='/experiments/']").all_inner_texts() == [
+            "sweep 0", "sweep 100"]
+
+        page.go_back()  # the list's page 2 as it was left: its tick, and the other page's
+        page.wait_for_url(re.compile(r"/experiments\?page=2$"))
+        expect(page.locator("input[aria-label='Compare sweep 0']")).to_be_checked()
+        page.click("#ticked-elsewhere button")
+        assert page.is_hidden("#ticked-elsewhere")
+        page.goto(f"{live_server.url}/experiments")
+        expect(page.locator("input[aria-label='Compare sweep 100']")).not_to_be_checked()
+        expect(page.locator("#ticked-elsewhere")).to_have_text(
+            "Also ticked on other pages: sweep 0 Untick them")
+        browser.assert_no_errors()

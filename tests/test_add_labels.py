@@ -265,3 +265,21 @@ def test_labels_chosen_under_label_next_on_a_run_page_make_a_new_dataset(
     assert (UNLABELED["unlabeled/u0.png"], 1) in view["train"]
     assert (UNLABELED["unlabeled/u2.png"], 0) in view["train"]
     assert unlabeled_left == sorted(UNLABELED[f"unlabeled/u{n}.png"] for n in (1, 3))
+
+
+def test_a_dataset_missing_a_file_is_refused_and_nothing_is_made(
+    server: LiveServer, photos: dict,
+) -> None:
+    """A file gone from the source (its folder changed by hand, or the dataset deleted while
+    its files were linked) makes no dataset with a hole in it."""
+    gone = stored_files(server, photos["id"])[0]
+    gone.unlink()
+    with server.client() as client:
+        datasets = client.get("/api/datasets").json()
+        refused = labels(client, photos["id"], "unlabeled/u0.png,cat\n")
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["detail"].endswith(
+            f"is missing from dataset {photos['id']}: it was deleted meanwhile, or its folder "
+            "was changed by hand")
+        assert client.get("/api/datasets").json() == datasets
+    assert in_tmp(server) == []

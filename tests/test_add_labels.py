@@ -106,6 +106,8 @@ def test_labels_make_a_new_dataset_with_the_same_test_split_and_the_old_one_stay
         page = client.get(f"/datasets/{dataset['id']}").text
         assert f'Made from\n  <a href="/datasets/{source}">photos</a>' in page
         assert "(shares its files with photos: no extra disk space)" in page
+        datasets_page = client.get("/datasets").text  # the list says where it came from
+        assert f'<span class="muted derived">(#{source} + 2 labels)</span>' in datasets_page
         assert client.delete(f"/api/datasets/{source}").status_code == 204
         # (its files go once the answer has gone)
         wait_for(lambda: {path.stat().st_nlink for path in new_files} == {1}, timeout=10,

@@ -1456,10 +1456,11 @@ def _read_white_level(record: Path) -> tuple[bool, int | None]:
 THUMBNAIL_RECIPE = 2
 
 
-def thumbnail_version(white_level: int | None) -> str:
-    """How a thumbnail is made: its recipe, and the white level it was made 8-bit with
-    where the dataset has one."""
-    return f"t{THUMBNAIL_RECIPE}" + ("" if white_level is None else f"-w{white_level}")
+def thumbnail_version(white_level: int | None, size: int = THUMBNAIL_SIZE) -> str:
+    """How a thumbnail is made: its recipe, the white level it was made 8-bit with where the
+    dataset has one, and its size where it is not the usual one."""
+    return (f"t{THUMBNAIL_RECIPE}" + ("" if white_level is None else f"-w{white_level}")
+            + ("" if size == THUMBNAIL_SIZE else f"-{size}px"))
 
 
 def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage,
@@ -1469,8 +1470,7 @@ def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage,
     folder = thumbnail_dir(settings, dataset)
     # Named by how it was made: one made otherwise (an older version) is not this one, and
     # nothing is deleted under a request serving it.
-    larger = "" if size == THUMBNAIL_SIZE else f"-{size}px"
-    cached = folder / f"{image.id}-{thumbnail_version(white_level)}{larger}.jpg"
+    cached = folder / f"{image.id}-{thumbnail_version(white_level, size)}.jpg"
     if cached.is_file():
         return cached
     source = image_file(settings, dataset, image)

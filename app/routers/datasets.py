@@ -352,8 +352,7 @@ def image_thumbnail(
     # Ids can be reused after a delete, so browsers revalidate against the image's content
     # and how its thumbnail is made.
     level = ingest.dataset_white_level(settings, dataset)
-    larger = "" if size == ingest.THUMBNAIL_SIZE else f"-{size}px"
-    version = f"{image.sha256[:32]}-{ingest.thumbnail_version(level)}{larger}"
+    version = f"{image.sha256[:32]}-{ingest.thumbnail_version(level, size)}"
     headers = {"Cache-Control": "private, no-cache", "ETag": f'"{version}"'}
     if client_holds(request, headers["ETag"]):  # before making the thumbnail
         return Response(status_code=304, headers=headers)

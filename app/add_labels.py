@@ -145,9 +145,10 @@ def labeled_name(source: Dataset, added: int) -> str:
 
 
 def add_labels(session: Session, settings: Settings, source: Dataset, csv_path: Path,
-               name: str | None = None) -> Dataset:
+               work_dir: Path, name: str | None = None) -> Dataset:
     """A new dataset: `source` with the labels of the CSV at `csv_path` (`path,label`) given
-    to its unlabeled images. Raises IngestError with what to fix; nothing is kept then."""
+    to its unlabeled images, laid out in `work_dir` (which the caller removes). Raises
+    IngestError with what to fix; nothing is kept then."""
     started = time.monotonic()
     labels = _labels_by_path(csv_path.read_bytes())
     images = list(session.scalars(
@@ -156,12 +157,8 @@ def add_labels(session: Session, settings: Settings, source: Dataset, csv_path: 
     added = _new_labels(source, images, labels)
     name = ingest.dataset_name(name, "") if name and name.strip() else labeled_name(
         source, len(added))
-    work_dir = ingest.new_work_dir(settings)
-    try:
-        prepared = prepare_labeled_copy(settings, source, images, added, work_dir)
-        dataset = ingest.publish_dataset(session, settings, prepared, name)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    prepared = prepare_labeled_copy(settings, source, images, added, work_dir)
+    dataset = ingest.publish_dataset(session, settings, prepared, name)
     try:
         ingest.record_white_level(settings, dataset, prepared.white_level)
     except OSError:

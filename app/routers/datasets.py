@@ -240,7 +240,7 @@ async def add_labels_to_dataset(dataset_id: DatasetId, request: Request, respons
             request.headers, request.stream(), work_dir / "labels.csv",
             ingest.MAX_LABELS_CSV_BYTES, add_labels.UPLOAD)
         dataset = await run_in_threadpool(
-            add_labels.add_labels, db, settings, source, upload.path, upload.name)
+            add_labels.add_labels, db, settings, source, upload.path, work_dir, upload.name)
     except ingest.IngestError as exc:
         raise HTTPException(exc.status_code, exc.detail) from None
     except ClientDisconnect:

@@ -143,19 +143,32 @@ def get_dataset_or_404(db: Session, dataset_id: int) -> Dataset:
     return dataset
 
 
+# What a route that streams a multipart form (`ingest.receive_upload`) may answer besides its
+# own refusals.
+MULTIPART_ANSWERS = {
+    400: {"model": ErrorOut, "description": "malformed multipart body"},
+    507: {"model": ErrorOut, "description": "the server's disk is full; nothing was kept"},
+}
+
+
+def multipart_body(form: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that reads its multipart form as a stream, which
+    FastAPI cannot see: `form` documents it."""
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form.model_json_schema()}}}}
+
+
 @router.post(
     "",
     status_code=201,
     response_model=DatasetOut,
     responses={
-        400: {"model": ErrorOut, "description": "malformed multipart body"},
+        **MULTIPART_ANSWERS,
         413: {"model": ErrorOut, "description": "over a size, expansion or file-count limit"},
         415: {"model": ErrorOut, "description": "not multipart, or not a zip or tar archive"},
         422: {"model": ErrorOut, "description": "unsafe or unusable content; says what to fix"},
-        507: {"model": ErrorOut, "description": "the server's disk is full; nothing was kept"},
     },
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": UploadForm.model_json_schema()}}}},
+    openapi_extra=multipart_body(UploadForm),
 )
 async def upload_dataset(request: Request, response: Response, settings: SettingsDep,
                          db: DbDep) -> DatasetOut:
@@ -213,7 +226,7 @@ class LabelsForm(BaseModel):
     status_code=201,
     response_model=DatasetOut,
     responses={
-        400: {"model": ErrorOut, "description": "malformed multipart body"},
+        **MULTIPART_ANSWERS,
         404: {"model": ErrorOut},
         409: {"model": ErrorOut, "description": "an image file of the dataset is missing"},
         413: {"model": ErrorOut, "description": "the CSV is over "
@@ -222,10 +235,8 @@ class LabelsForm(BaseModel):
         422: {"model": ErrorOut, "description": "a line the dataset cannot take (a path it "
               "does not have, a class it does not have, an image labeled otherwise); says "
               "which"},
-        507: {"model": ErrorOut, "description": "the server's disk is full; nothing was kept"},
     },
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": LabelsForm.model_json_schema()}}}},
+    openapi_extra=multipart_body(LabelsForm),
 )
 async def add_labels_to_dataset(dataset_id: DatasetId, request: Request, response: Response,
                                 settings: SettingsDep, db: DbDep) -> DatasetOut:

@@ -1,9 +1,15 @@
-// Add labels, on a dataset's page: the chosen CSV goes to POST /api/datasets/{id}/labels, and
-// the page of the new dataset it makes opens; a refusal shows under the form, which keeps
-// the file and the name for another try.
+// Add labels, on a dataset's page (and under a run's Label next): the chosen CSV goes to POST
+// /api/datasets/{id}/labels, and the page of the new dataset it makes opens; a refusal shows
+// under the form, which keeps the file and the name for another try.
 import { failure, getJSON } from "/static/charts.js";
 
-export function labelAdder(url) {
+// Sends a form with a labels CSV (`file`) and opens the dataset it makes; a refusal rejects.
+export async function makeLabeledDataset(datasetId, body) {
+  const dataset = await getJSON(`/api/datasets/${datasetId}/labels`, { method: "POST", body });
+  location.assign(`/datasets/${dataset.id}`);
+}
+
+export function labelAdder(datasetId) {
   const form = document.getElementById("add-labels-form");
   if (!form) return; // a dataset without unlabeled images has nothing to label
   const error = form.querySelector(".field-error");
@@ -23,8 +29,7 @@ export function labelAdder(url) {
     send.disabled = true;
     error.hidden = true;
     try {
-      const dataset = await getJSON(url, { method: "POST", body: new FormData(form) });
-      location.assign(`/datasets/${dataset.id}`);
+      await makeLabeledDataset(datasetId, new FormData(form));
     } catch (problem) {
       refuse(failure("Could not add the labels", problem));
       send.disabled = false;

@@ -3,6 +3,7 @@ import {
   barChart, bytes, count, duration, failure, follow, getJSON, h, handFocus, isNumber, onRestored,
   pageData, pct, setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, tabTitle, TERMINAL,
 } from "/static/charts.js";
+import { makeLabeledDataset } from "/static/add_labels.js";
 import { onSession } from "/static/session.js";
 import { localTime } from "/static/times.js";
 
@@ -936,8 +937,8 @@ const labelChoice = (row, classNames) => h("select", { class: "give-label", "ari
 
 const csvCell = (text) => (/[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text);
 
-// The labels given under the thumbnails make a new dataset (POST /api/datasets/{id}/labels,
-// as the dataset page's Add labels does) whose page then opens.
+// The labels given under the thumbnails make a new dataset, as the dataset page's Add labels
+// does, whose page then opens.
 function labelingForm(run, rows, choices) {
   const send = h("button", { type: "submit", disabled: true }, "Make a dataset with these labels");
   const note = h("span", { class: "muted", "aria-live": "polite" });
@@ -960,8 +961,7 @@ function labelingForm(run, rows, choices) {
     const body = new FormData();
     body.append("file", new Blob([csv + "\n"], { type: "text/csv" }), "labels.csv");
     try {
-      const dataset = await getJSON(`/api/datasets/${run.dataset_id}/labels`, { method: "POST", body });
-      location.assign(`/datasets/${dataset.id}`);
+      await makeLabeledDataset(run.dataset_id, body);
     } catch (problem) {
       error.replaceChildren(...failure("Could not make the dataset", problem));
       error.hidden = false;

@@ -166,3 +166,64 @@ def test_experiments_ticked_on_two_pages_of_the_list_are_compared_together(live_
         expect(page.locator("#ticked-elsewhere")).to_have_text(
             "Also ticked on other pages: sweep 0 Untick them")
         browser.assert_no_errors()
+
+
+def test_ticks_of_deleted_experiments_are_forgotten_and_left_out_of_the_comparison(
+        live_server, request):
+    """Ticks are kept for the tab, so one may outlive its experiment: comparing it answered a
+    404 for the whole comparison, and the list kept showing it ticked."""
+    dataset_id = add_dataset_row(live_server.database_url)
+    with session_scope(live_server.database_url) as session:
+        session.add_all(Experiment(name=f"sweep {number}", dataset_id=dataset_id, backbone="b",
+                                   methods=["fine-tune"], budgets=[0.5], seeds=[0],
+                                   preset="quick") for number in range(103))
+    with session_scope(live_server.database_url) as session:
+        ids = {experiment.name: experiment.id for experiment in session.query(Experiment)}
+
+    def delete(name: str) -> None:
+        with live_server.client() as client:
+            assert client.delete(f"/api/experiments/{ids[name]}").status_code == 204
+
+    with live_server.client() as client:  # the list's `ids` leaves out what does not exist
+        listed = client.get("/api/experiments", params={"ids": [ids["sweep 1"], 999999,
+                                                                ids["sweep 0"]]})
+        too_many = client.get("/api/experiments", params={"ids": list(range(1, 102))})
+    assert listed.status_code == 200
+    assert [item["name"] for item in listed.json()] == ["sweep 1", "sweep 0"]
+    assert listed.headers["X-Total-Count"] == "2"
+    assert too_many.status_code == 422
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments?page=2")  # the oldest three
+        for number in range(3):
+            page.check(f"input[aria-label='Compare sweep {number}']")
+        page.goto(f"{live_server.url}/experiments")
+        page.check("input[aria-label='Compare sweep 102']")
+        expect(page.locator("#ticked-elsewhere")).to_have_text(
+            "Also ticked on other pages: sweep 0, sweep 1, sweep 2 Untick them")
+
+        delete("sweep 0")
+        page.reload()  # the list asks after the ticks of other pages
+        expect(page.locator("#ticked-elsewhere")).to_have_text(
+            "Also ticked on other pages: sweep 1, sweep 2 Untick them")
+
+        delete("sweep 1")  # deleted after the list was read: the comparison leaves it out
+        page.click("#compare")
+        page.wait_for_url(re.compile(r"/experiments/compare\?"))
+        assert page.locator("#compared tbody a[href^='/experiments/']").all_inner_texts() == [
+            "sweep 102", "sweep 2"]
+        assert page.inner_text("#compare-gone") == (
+            f"Experiment {ids['sweep 1']} does not exist (deleted?): compared without it.")
+        page.goto(f"{live_server.url}/experiments")  # and the compare page forgot its tick
+        expect(page.locator("#ticked-elsewhere")).to_have_text(
+            "Also ticked on other pages: sweep 2 Untick them")
+
+        delete("sweep 2")  # one left to compare: said so, with what to do
+        shown = page.goto(f"{live_server.url}/experiments/compare?ids={ids['sweep 102']}"
+                          f"&ids={ids['sweep 2']}")
+        assert shown.status == 404
+        assert page.inner_text("#error-detail") == (
+            f"Experiment {ids['sweep 2']} does not exist: tick another to compare with. It may "
+            "have been deleted.")
+        browser.assert_no_errors(expected=("404",))

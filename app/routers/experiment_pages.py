@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Literal, get_args, get_origin
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -198,7 +198,15 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
     accuracy-against-budget chart with a line per experiment and method, and one table."""
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
-    experiments, labels, tables = compared_experiments(session, ids)
+    # The list's ticks are kept for the tab (compare_ticks.js): one may name an experiment
+    # deleted since. The others are compared, and the page says which was left out.
+    chosen = list(dict.fromkeys(ids or []))
+    gone = [experiment_id for experiment_id in chosen
+            if session.get(Experiment, experiment_id) is None]
+    if gone and len(chosen) >= 2 and len(chosen) - len(gone) < 2:
+        raise HTTPException(404, detail=f"{gone_words(gone)}: tick another to compare with")
+    experiments, labels, tables = compared_experiments(
+        session, [experiment_id for experiment_id in chosen if experiment_id not in gone])
     compared = []
     for experiment, table in zip(experiments, tables, strict=True):
         dataset = session.get(Dataset, experiment.dataset_id)
@@ -230,9 +238,17 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
                "means": line(cells, "mean_top1"), "spreads": line(cells, "std_top1")}
               for index, e in enumerate(compared) for method, cells in e["cells"].items()]
     return render(request, "compare.html", compared=compared, labels=labels,
+                  gone=gone, gone_words=gone_words(gone).capitalize() if gone else None,
                   method_titles=METHOD_TITLES, dashes=COMPARED_DASHES, dash_names=DASH_NAMES,
                   chart={"budgets": [{"label": label, "count": count} for label, count in points],
                          "series": series})
+
+
+def gone_words(ids: list[int]) -> str:
+    """"experiment 7 does not exist", or "experiments 7 and 9 do not exist"."""
+    if len(ids) == 1:
+        return f"experiment {ids[0]} does not exist"
+    return f"experiments {', '.join(map(str, ids[:-1]))} and {ids[-1]} do not exist"
 
 
 @router.get("/experiments/{experiment_id}", response_class=HTMLResponse)

@@ -203,21 +203,31 @@ def check_experiment(payload: ExperimentIn, session: DbDep, settings: SettingsDe
         + device_warnings(workers_now(live), experiment.runs))
 
 
+MOST_LISTED_IDS = 100
+ListedIds = Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None, Query(
+    max_length=MOST_LISTED_IDS, description="only the experiments of these ids that exist "
+    f"(`?ids=3&ids=5`, up to {MOST_LISTED_IDS}): those deleted are left out, without a 404")]
+
+
 @router.get("", response_model=list[ExperimentListItem])
 def list_experiments(request: Request, response: Response, session: DbDep,
-                     dataset_id: DatasetFilter = None, limit: PageLimit = None,
-                     offset: PageOffset = 0):
-    """Every experiment, newest first, or with `?dataset_id=` those on one dataset; a page of
-    them with `limit` and `offset`."""
-    total, items = experiment_items(session, dataset_id, limit, offset)
+                     dataset_id: DatasetFilter = None, ids: ListedIds = None,
+                     limit: PageLimit = None, offset: PageOffset = 0):
+    """Every experiment, newest first, or with `?dataset_id=` those on one dataset, or with
+    `?ids=` those of some ids; a page of them with `limit` and `offset`."""
+    total, items = experiment_items(session, dataset_id, limit, offset, ids)
     page_headers(request, response, total, limit, offset)
     return items
 
 
 def experiment_items(session: Session, dataset_id: int | None, limit: int | None,
-                     offset: int) -> tuple[int, list[ExperimentListItem]]:
-    """How many experiments there are (on one dataset, or all), and those of one page."""
+                     offset: int, ids: list[int] | None = None
+                     ) -> tuple[int, list[ExperimentListItem]]:
+    """How many experiments there are (on one dataset, of some ids, or all), and those of one
+    page."""
     where = [] if dataset_id is None else [Experiment.dataset_id == dataset_id]
+    if ids is not None:
+        where.append(Experiment.id.in_(ids))
     total = session.scalar(select(func.count()).select_from(Experiment).where(*where)) or 0
     experiments = list(session.scalars(
         select(Experiment).where(*where).order_by(Experiment.id.desc())
@@ -228,7 +238,7 @@ def experiment_items(session: Session, dataset_id: int | None, limit: int | None
     best: dict[int, BestRunOut] = {}
     if experiments:
         def listed_runs(query):
-            if limit is not None or offset:  # one page: its experiments' runs only
+            if limit is not None or offset or ids is not None:  # those experiments' runs only
                 return query.where(Run.experiment_id.in_([e.id for e in experiments]))
             return query if dataset_id is None else query.where(Run.dataset_id == dataset_id)
 

@@ -1,6 +1,7 @@
 // The experiments list's Compare ticks, kept for this tab across the list's pages (100
 // experiments a page): experiments ticked on one page and on another are compared together,
-// and a page opened again shows its own ticks.
+// and a page opened again shows its own ticks. Ticks of experiments deleted since are
+// forgotten: by the list, which asks after those of other pages, and by the compare page.
 const KEY = "selftune-compare-ticks";
 
 const load = () => {
@@ -60,4 +61,31 @@ export function carryTicks() {
     }
   });
   show();
+  forgetDeleted(ticks.filter((tick) => !here.has(tick.id)).map((tick) => tick.id)).then((gone) => {
+    if (!gone.length) return;
+    ticks = ticks.filter((tick) => !gone.includes(tick.id));
+    show();
+  });
+}
+
+// Forget the ticks of `ids` (experiments the compare page found deleted).
+export function forgetTicks(ids) {
+  save(load().filter((tick) => !ids.includes(tick.id)));
+}
+
+// The ids of `ids` whose experiments are gone, forgotten; when the list cannot be read, none.
+async function forgetDeleted(ids) {
+  if (!ids.length) return [];
+  const query = ids.map((id) => `ids=${encodeURIComponent(id)}`).join("&");
+  let listed;
+  try {
+    const response = await fetch(`/api/experiments?${query}`);
+    if (!response.ok) return [];
+    listed = new Set((await response.json()).map((experiment) => String(experiment.id)));
+  } catch {
+    return []; // offline, or signed out: the ticks stay
+  }
+  const gone = ids.filter((id) => !listed.has(id));
+  if (gone.length) forgetTicks(gone);
+  return gone;
 }

@@ -1,40 +1,70 @@
-"""`Idempotency-Key` for POST /api/experiments: a script that retries after a timeout (the
-sweep was made, the answer lost) gets the experiment its first try made, not a second sweep
-of queued runs. The key lives in Redis for a day, with a digest of the request it came with,
-naming its experiment even once deleted (a retry is then told so rather than making it
-again). It also holds when that experiment was made: a database restored from a backup gives
-its ids out again, and a retry must not be answered with another experiment of the same id."""
+"""`Idempotency-Key` for the requests that make something (POST /api/experiments, a dataset's
+upload, adding labels to one): a script that retries after a timeout (the thing was made, the
+answer lost) gets what its first try made, not a second sweep of queued runs or a second copy
+of a dataset. The key lives in Redis for a day, with a digest of the request it came with,
+naming what it made even once deleted (a retry is then told so rather than making it again).
+It also holds when that was made: a database restored from a backup gives its ids out again,
+and a retry must not be answered with another experiment or dataset of the same id."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Protocol, TypeVar
 
 import redis
-from fastapi import HTTPException
+from fastapi import Header
+from starlette.concurrency import run_in_threadpool
 
-from app.experiments import unprocessable
+from app.experiments import as_utc
 
-KEY_TTL_S = 24 * 3600  # how long a key names its experiment
-CLAIM_TTL_S = 120  # how long a request may hold a key while it makes the experiment
+KEY_TTL_S = 24 * 3600  # how long a key names what it made
+CLAIM_TTL_S = 120  # how long a request may hold a key without saying it still works on it
 PENDING = "pending"
 
 
-def _redis_key(key: str) -> str:
-    return "selftune:idempotency:experiments:" + hashlib.sha256(key.encode()).hexdigest()
+
+class Row(Protocol):  # an Experiment or a Dataset
+    id: int
+    created_at: datetime
+
+
+Made = TypeVar("Made", bound=Row)
+
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+    description="any string of yours (a UUID, say): a retry with the same key and request "
+    "within a day gets what the first request made (with Idempotent-Replayed: true) instead "
+    "of making it again, or a 410 once that has been deleted")]
+
+
+class KeyRefused(Exception):
+    """A request its Idempotency-Key stops: `status_code` 409, 410, 422 or 503."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+def _redis_key(key: str, noun: str) -> str:
+    return f"selftune:idempotency:{noun}s:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def request_digest(body: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def claim(live: redis.Redis, key: str, digest: str) -> tuple[int, str | None] | None:
-    """The experiment an earlier request with `key` made, as (its id, when it was made: the
-    ISO time `remember` was given, None from a version that kept the id alone), or None once
-    this request holds the key (it then makes the experiment and calls `remember`, or
-    `release` if it fails).
-    The same key with another request body is a 422; while the first request with it is
-    still being handled, a 409."""
-    name = _redis_key(key)
+def claim(live: redis.Redis, key: str, digest: str, noun: str = "experiment"
+          ) -> tuple[int, str | None] | None:
+    """The id of the `noun` an earlier request with `key` made, and when it was made (the ISO
+    time `remember` was given, None from a version that kept the id alone), or None once this
+    request holds the key (it then makes it and calls `remember`, or `release` if it fails).
+    The same key with another request is a 422; while the first request with it is still
+    being handled, a 409 (KeyRefused both)."""
+    name = _redis_key(key, noun)
     for _ in range(3):  # a claim that expires between SET and GET is taken again
         if live.set(name, f"{PENDING} {digest}", nx=True, ex=CLAIM_TTL_S):
             return None
@@ -43,25 +73,66 @@ def claim(live: redis.Redis, key: str, digest: str) -> tuple[int, str | None] | 
             continue
         state, _, stored_digest = value.partition(" ")
         if stored_digest != digest:
-            raise unprocessable("Idempotency-Key", "this Idempotency-Key came with another "
-                                "request body: use a new key for a new experiment", "header")
+            raise KeyRefused(422, "this Idempotency-Key came with another request body: use "
+                             f"a new key for a new {noun}")
         if state == PENDING:
-            raise HTTPException(409, detail="a request with this Idempotency-Key is still "
-                                "being handled: ask again in a moment")
+            raise KeyRefused(409, "a request with this Idempotency-Key is still being handled: "
+                             "ask again in a moment")
         made, _, created = state.partition("@")
         return int(made), created or None
-    raise HTTPException(409, detail="this Idempotency-Key is changing hands: ask again")
+    raise KeyRefused(409, "this Idempotency-Key is changing hands: ask again")
 
 
-def remember(live: redis.Redis, key: str, digest: str, experiment_id: int,
-             created: str) -> None:
-    live.set(_redis_key(key), f"{experiment_id}@{created} {digest}", ex=KEY_TTL_S)
+def made_before(live: redis.Redis, key: str, digest: str, noun: str,
+                find: Callable[[int], Made | None]) -> Made | None:
+    """What an earlier request with `key` made (`find` reads it by id), to be answered again;
+    or None once this request holds the key (`claim`). KeyRefused when it was deleted since
+    (410: making it again is what the key is there to prevent) and when Redis does not
+    answer (503)."""
+    try:
+        made = claim(live, key, digest, noun)
+    except (redis.RedisError, OSError) as exc:
+        raise KeyRefused(503, "the queue (Redis) is not reachable, so this Idempotency-Key "
+                         f"cannot be checked: {exc}") from exc
+    if made is None:
+        return None
+    found = find(made[0])
+    if found is not None and made[1] in (None, made_at(found)):
+        return found
+    # Gone, or another under its id (a restored backup's).
+    raise KeyRefused(410, f"{noun} {made[0]}, which the first request with this "
+                     f"Idempotency-Key made, was deleted since: to make it again, send it with "
+                     "a new key")
 
 
-def release(live: redis.Redis, key: str) -> None:
+async def keep_claim(live: redis.Redis, key: str, noun: str) -> None:
+    """Hold the key of a request that takes longer than CLAIM_TTL_S (verifying a large
+    upload takes minutes) until cancelled; a server that stops holding it frees it by
+    itself."""
+    name = _redis_key(key, noun)
+    while True:
+        await asyncio.sleep(CLAIM_TTL_S / 4)
+        try:
+            await run_in_threadpool(live.expire, name, CLAIM_TTL_S, xx=True)
+        except (redis.RedisError, OSError):
+            pass  # asked again next time round
+
+
+def made_at(made: Row) -> str:
+    """When `made` was made, as its key keeps it (to the microsecond, as both databases store
+    it)."""
+    return as_utc(made.created_at).isoformat()
+
+
+def remember(live: redis.Redis, key: str, digest: str, made: Row,
+             noun: str = "experiment") -> None:
+    live.set(_redis_key(key, noun), f"{made.id}@{made_at(made)} {digest}", ex=KEY_TTL_S)
+
+
+def release(live: redis.Redis, key: str, noun: str = "experiment") -> None:
     """Free the key of a request that made nothing to return (refused, or the queue down):
     a retry then tries again."""
     try:
-        live.delete(_redis_key(key))
+        live.delete(_redis_key(key, noun))
     except (redis.RedisError, OSError):
         pass  # the claim expires by itself

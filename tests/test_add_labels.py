@@ -4,11 +4,16 @@ the dataset page in Chromium."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 import redis
 
+from app import idempotency
 from app.db import session_scope
 from app.models import Dataset
+from app.routers.datasets import form_digest
 from tests.browser import open_browser
 from tests.support import LiveServer, wait_for
 from tests.test_datasets_support import (
@@ -285,3 +290,103 @@ def test_a_dataset_missing_a_file_is_refused_and_nothing_is_made(
             "was changed by hand")
         assert client.get("/api/datasets").json() == datasets
     assert in_tmp(server) == []
+
+
+def test_a_retry_with_the_same_idempotency_key_gets_the_dataset_the_first_request_made(
+        server: LiveServer, photos: dict) -> None:
+    """A script whose answer was lost (a timeout) and that sends its labels again made a
+    second, identical dataset. With an Idempotency-Key it gets the first one back."""
+    url = f"/api/datasets/{photos['id']}/labels"
+    csv = b"unlabeled/u0.png,cat\n"
+    key = {"Idempotency-Key": f"labels-{photos['id']}"}
+
+    def send(text: bytes, headers: dict, name: str | None = None):
+        return client.post(url, files={"file": ("labels.csv", text)}, headers=headers,
+                           data={"name": name} if name is not None else None)
+
+    with server.client() as client:
+        first = send(csv, key)
+        datasets = client.get("/api/datasets").json()
+        again = send(csv, key)
+        other_csv = send(b"unlabeled/u1.png,dog\n", key)
+        other_name = send(csv, key, name="renamed")
+        assert client.get("/api/datasets").json() == datasets  # nothing new made
+        # A refused request keeps nothing under its key: the corrected one is made.
+        refused = send(b"unlabeled/u1.png,horse\n", {"Idempotency-Key": f"fix-{photos['id']}"})
+        corrected = send(b"unlabeled/u1.png,dog\n", {"Idempotency-Key": f"fix-{photos['id']}"})
+        # Another request with the key is still making its dataset.
+        live = redis.Redis.from_url(server.redis_url, decode_responses=True)
+        (server.data_dir / "held.csv").write_bytes(csv)
+        digest = form_digest(server.data_dir / "held.csv", photos["id"], None)
+        (server.data_dir / "held.csv").unlink()
+        assert idempotency.claim(live, f"held-{photos['id']}", digest, "dataset") is None
+        held = send(csv, {"Idempotency-Key": f"held-{photos['id']}"})
+        # Deleted since: a retry is told so, and makes nothing.
+        assert client.delete(f"/api/datasets/{first.json()['id']}").status_code == 204
+        after_delete = client.get("/api/datasets").json()
+        gone = send(csv, key)
+        assert client.get("/api/datasets").json() == after_delete
+
+    assert first.status_code == 201 and "idempotent-replayed" not in first.headers
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.headers["location"] == f"/api/datasets/{first.json()['id']}"
+    assert again.json() == first.json()
+    for changed in (other_csv, other_name):
+        assert (changed.status_code, changed.json()) == (422, {"detail": (
+            "this Idempotency-Key came with another request body: use a new key for a new "
+            "dataset")})
+    assert refused.status_code == 422 and corrected.status_code == 201
+    assert corrected.json()["labels_added"] == 1
+    assert held.status_code == 409 and "still being handled" in held.json()["detail"]
+    assert (gone.status_code, gone.json()) == (410, {"detail": (
+        f"dataset {first.json()['id']}, which the first request with this Idempotency-Key "
+        "made, was deleted since: to make it again, send it with a new key")})
+    assert in_tmp(server) == []
+
+
+def test_an_upload_retried_with_its_idempotency_key_is_stored_once(server: LiveServer) -> None:
+    archive = zip_bytes({**ENTRIES, "unlabeled/only-here.png": image_bytes(9_999)})
+    key = {"Idempotency-Key": "upload-once"}
+    with server.client() as client:
+        first = client.post("/api/datasets", files={"file": ("photos.zip", archive)},
+                            headers=key)
+        stored = [item for item in leftovers(server) if item.startswith("datasets/")]
+        again = client.post("/api/datasets", files={"file": ("photos.zip", archive)},
+                            headers=key)
+        renamed = client.post("/api/datasets", files={"file": ("other.zip", archive)},
+                              headers=key)
+        assert [item for item in leftovers(server) if item.startswith("datasets/")] == stored
+        without_key = upload(client, archive)
+    assert first.status_code == 201
+    assert (again.status_code, again.headers["idempotent-replayed"]) == (200, "true")
+    assert again.json() == first.json()
+    assert renamed.status_code == 422
+    # Without a key the same upload is stored again, and said to be a twin.
+    assert without_key.status_code == 201 and without_key.json()["id"] != first.json()["id"]
+    assert without_key.json()["warnings"] == [
+        f"the same images, labels and splits as dataset {first.json()['id']} ('photos'): "
+        "delete one of them if it was uploaded twice by mistake"]
+    assert in_tmp(server) == []
+
+
+def test_a_request_that_takes_long_keeps_its_idempotency_key_claimed(monkeypatch,
+                                                                      redis_url: str) -> None:
+    """Verifying a large upload takes minutes, longer than a claim lasts by itself: a retry
+    meanwhile would have claimed the key and stored the upload twice."""
+    monkeypatch.setattr(idempotency, "CLAIM_TTL_S", 1)
+    live = redis.Redis.from_url(redis_url, decode_responses=True)
+    key = f"long-{time.time_ns()}"
+    assert idempotency.claim(live, key, "digest", "dataset") is None
+
+    async def hold_for(seconds: float) -> None:
+        keeping = asyncio.create_task(idempotency.keep_claim(live, key, "dataset"))
+        await asyncio.sleep(seconds)
+        keeping.cancel()
+
+    asyncio.run(hold_for(2.5))
+    with pytest.raises(idempotency.KeyRefused) as still_held:
+        idempotency.claim(live, key, "digest", "dataset")
+    assert still_held.value.status_code == 409
+    time.sleep(1.2)  # no longer kept: it frees itself
+    assert idempotency.claim(live, key, "digest", "dataset") is None
+    idempotency.release(live, key, "dataset")

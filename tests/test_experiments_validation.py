@@ -800,7 +800,7 @@ def test_a_retry_whose_experiment_was_deleted_is_a_410_and_starts_nothing(live_s
         (response.status_code, response.text[:200]) for response in retries]
     assert retries[0].json() == {"detail": (
         f"experiment {made}, which the first request with this Idempotency-Key made, was "
-        "deleted since: to start the sweep again, send it with a new key")}
+        "deleted since: to make it again, send it with a new key")}
     assert after == before  # nothing queued
     assert again.status_code == 201 and again.json()["id"] != made
 

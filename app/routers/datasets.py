@@ -7,13 +7,16 @@ its data directory against its database (app.startup).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import shutil
 import threading
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Literal
 
 import anyio
+import redis
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
@@ -22,7 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 from starlette.requests import ClientDisconnect
 
-from app import add_labels, ingest
+from app import add_labels, idempotency, ingest
 from app.deps import (
     DatasetId,
     DbDep,
@@ -151,6 +154,70 @@ MULTIPART_ANSWERS = {
 }
 
 
+# What a route that takes an Idempotency-Key may answer besides what it makes.
+KEYED_ANSWERS = {
+    200: {"model": DatasetOut, "description": "the dataset an earlier request with this "
+          "Idempotency-Key and the same form made (Idempotent-Replayed: true)"},
+    409: {"model": ErrorOut, "description": "the first request with this Idempotency-Key is "
+          "still being handled"},
+    410: {"model": ErrorOut, "description": "the dataset the first request with this "
+          "Idempotency-Key made was deleted since: nothing is made (a new key makes it "
+          "again)"},
+    503: {"model": ErrorOut, "description": "an Idempotency-Key was sent and Redis, which "
+          "keeps them, is not reachable: nothing is made"},
+}
+
+
+def form_digest(path: Path, *fields: object) -> str:
+    """A digest of a received form: its file's bytes and its other fields (a retry with the
+    same Idempotency-Key must send the same)."""
+    digest = hashlib.sha256(repr(fields).encode())
+    with open(path, "rb") as received:
+        while chunk := received.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def made_before(db: Session, live: redis.Redis, key: str, digest: str) -> Dataset | None:
+    """The dataset an earlier request with `key` made (`idempotency.made_before`), or None
+    once this request holds the key."""
+    try:
+        return await run_in_threadpool(idempotency.made_before, live, key, digest, "dataset",
+                                       lambda made: db.get(Dataset, made))
+    except idempotency.KeyRefused as exc:
+        raise HTTPException(exc.status_code, exc.message) from None
+
+
+async def replayed(db: Session, response: Response, dataset: Dataset) -> DatasetOut:
+    response.status_code = 200
+    response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/api/datasets/{dataset.id}"
+    return await run_in_threadpool(summary, db, dataset)
+
+
+async def making(live: redis.Redis, key: str | None, digest: str, make) -> Dataset:
+    """`await make()`, the dataset a request holding `key` makes (if it sent one): the key is
+    held while it takes (minutes for a large upload), remembered once it is made, and freed
+    when nothing is."""
+    if key is None:
+        return await make()
+    keeping = asyncio.create_task(idempotency.keep_claim(live, key, "dataset"))
+    try:
+        dataset = await make()
+    except BaseException:
+        keeping.cancel()
+        with anyio.CancelScope(shield=True):  # also when the server's shutdown cut it
+            await run_in_threadpool(idempotency.release, live, key, "dataset")
+        raise
+    keeping.cancel()
+    try:
+        await run_in_threadpool(idempotency.remember, live, key, digest, dataset, "dataset")
+    except (redis.RedisError, OSError) as exc:
+        # Made and kept: a retry with this key is refused (409) until the claim expires.
+        log.warning("dataset %s: Idempotency-Key not remembered: %s", dataset.id, exc)
+    return dataset
+
+
 def multipart_body(form: type[BaseModel]) -> dict:
     """The OpenAPI request body of a route that reads its multipart form as a stream, which
     FastAPI cannot see: `form` documents it."""
@@ -163,7 +230,7 @@ def multipart_body(form: type[BaseModel]) -> dict:
     status_code=201,
     response_model=DatasetOut,
     responses={
-        **MULTIPART_ANSWERS,
+        **MULTIPART_ANSWERS, **KEYED_ANSWERS,
         413: {"model": ErrorOut, "description": "over a size, expansion or file-count limit"},
         415: {"model": ErrorOut, "description": "not multipart, or not a zip or tar archive"},
         422: {"model": ErrorOut, "description": "unsafe or unusable content; says what to fix"},
@@ -171,7 +238,8 @@ def multipart_body(form: type[BaseModel]) -> dict:
     openapi_extra=multipart_body(UploadForm),
 )
 async def upload_dataset(request: Request, response: Response, settings: SettingsDep,
-                         db: DbDep) -> DatasetOut:
+                         db: DbDep, live: RedisDep,
+                         idempotency_key: idempotency.IdempotencyKey = None) -> DatasetOut:
     """Upload an archive; it is streamed to disk, verified, and stored all-or-nothing."""
     work_dir = await run_in_threadpool(ingest.new_work_dir, settings)
     try:
@@ -180,14 +248,22 @@ async def upload_dataset(request: Request, response: Response, settings: Setting
             settings.max_upload_bytes,
         )
         name = ingest.dataset_name(upload.name, upload.filename)
-        abandoned = threading.Event()
-        watching = asyncio.create_task(_note_disconnect(request, abandoned))
-        try:
-            dataset = await run_in_threadpool(
-                ingest.ingest_archive, db, settings, upload.path, work_dir, name, abandoned
-            )
-        finally:
-            watching.cancel()
+        digest = ""
+        if idempotency_key is not None:
+            digest = await run_in_threadpool(form_digest, upload.path, upload.filename, name)
+            if (earlier := await made_before(db, live, idempotency_key, digest)) is not None:
+                return await replayed(db, response, earlier)
+
+        async def ingest_upload() -> Dataset:
+            abandoned = threading.Event()
+            watching = asyncio.create_task(_note_disconnect(request, abandoned))
+            try:
+                return await run_in_threadpool(
+                    ingest.ingest_archive, db, settings, upload.path, work_dir, name, abandoned)
+            finally:
+                watching.cancel()
+
+        dataset = await making(live, idempotency_key, digest, ingest_upload)
     except ingest.IngestError as exc:
         raise HTTPException(exc.status_code, exc.detail) from None
     except (ClientDisconnect, ingest.UploadAbandoned):
@@ -226,9 +302,10 @@ class LabelsForm(BaseModel):
     status_code=201,
     response_model=DatasetOut,
     responses={
-        **MULTIPART_ANSWERS,
+        **MULTIPART_ANSWERS, **KEYED_ANSWERS,
         404: {"model": ErrorOut},
-        409: {"model": ErrorOut, "description": "an image file of the dataset is missing"},
+        409: {"model": ErrorOut, "description": "an image file of the dataset is missing, or "
+              "the first request with this Idempotency-Key is still being handled"},
         413: {"model": ErrorOut, "description": "the CSV is over "
               f"{human_bytes(ingest.MAX_LABELS_CSV_BYTES)}"},
         415: {"model": ErrorOut, "description": "not multipart"},
@@ -239,7 +316,9 @@ class LabelsForm(BaseModel):
     openapi_extra=multipart_body(LabelsForm),
 )
 async def add_labels_to_dataset(dataset_id: DatasetId, request: Request, response: Response,
-                                settings: SettingsDep, db: DbDep) -> DatasetOut:
+                                settings: SettingsDep, db: DbDep, live: RedisDep,
+                                idempotency_key: idempotency.IdempotencyKey = None
+                                ) -> DatasetOut:
     """Give some of the dataset's unlabeled images a class (the images "Label next" lists,
     say): the answer is a new dataset with those images among the training images of their
     class and everything else the same, its test split included, so that experiments on it
@@ -250,8 +329,13 @@ async def add_labels_to_dataset(dataset_id: DatasetId, request: Request, respons
         upload = await ingest.receive_upload(
             request.headers, request.stream(), work_dir / "labels.csv",
             ingest.MAX_LABELS_CSV_BYTES, add_labels.UPLOAD)
-        dataset = await run_in_threadpool(
-            add_labels.add_labels, db, settings, source, upload.path, work_dir, upload.name)
+        digest = ""
+        if idempotency_key is not None:
+            digest = await run_in_threadpool(form_digest, upload.path, source.id, upload.name)
+            if (earlier := await made_before(db, live, idempotency_key, digest)) is not None:
+                return await replayed(db, response, earlier)
+        dataset = await making(live, idempotency_key, digest, lambda: run_in_threadpool(
+            add_labels.add_labels, db, settings, source, upload.path, work_dir, upload.name))
     except ingest.IngestError as exc:
         raise HTTPException(exc.status_code, exc.detail) from None
     except ClientDisconnect:

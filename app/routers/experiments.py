@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from typing import Annotated
 
 import redis
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import Field
@@ -107,13 +107,6 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
     )
 
 
-IdempotencyKey = Annotated[str | None, Header(
-    alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
-    description="any string of yours (a UUID, say): a retry with the same key and body within "
-    "a day gets the experiment the first request made (with Idempotent-Replayed: true) "
-    "instead of a second sweep, or a 410 once that experiment has been deleted")]
-
-
 @router.post("", status_code=201, response_model=ExperimentOut, responses={
     200: {"model": ExperimentOut, "description": "the experiment an earlier request with this "
           "Idempotency-Key and body made (Idempotent-Replayed: true)"},
@@ -128,29 +121,23 @@ IdempotencyKey = Annotated[str | None, Header(
           "stored as failed, with the reason"}, **UNREADABLE_BODY_OUT})
 def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
                      settings: SettingsDep, live: RedisDep,
-                     idempotency_key: IdempotencyKey = None):
+                     idempotency_key: idempotency.IdempotencyKey = None):
     """Expand methods x budgets x seeds into runs, one Celery task each."""
     digest = idempotency.request_digest(payload.model_dump_json())
     if idempotency_key is not None:
         try:
-            made = idempotency.claim(live, idempotency_key, digest)
-        except (redis.RedisError, OSError) as exc:
-            raise HTTPException(503, detail="the queue (Redis) is not reachable, so this "
-                                f"Idempotency-Key cannot be checked: {exc}") from exc
-        experiment = None if made is None else session.get(Experiment, made[0])
-        if experiment is not None and made[1] not in (None, made_at(experiment)):
-            experiment = None  # another experiment under its id (a restored backup's)
+            experiment = idempotency.made_before(
+                live, idempotency_key, digest, "experiment",
+                lambda made: session.get(Experiment, made))
+        except idempotency.KeyRefused as exc:
+            if exc.status_code == 422:
+                raise unprocessable("Idempotency-Key", exc.message, "header") from None
+            raise HTTPException(exc.status_code, detail=exc.message) from None
         if experiment is not None:
             response.status_code = 200
             response.headers["Idempotent-Replayed"] = "true"
             response.headers["Location"] = f"/api/experiments/{experiment.id}"
             return experiment_out(experiment)
-        if made is not None:
-            # Deleted since, by someone who cancelled or saw it through: a retry that made
-            # it again would be the second sweep the key is there to prevent.
-            raise HTTPException(410, detail=f"experiment {made[0]}, which the first request "
-                                "with this Idempotency-Key made, was deleted since: to start "
-                                "the sweep again, send it with a new key")
     try:
         try:
             experiment = create_experiment(session, settings, payload)
@@ -165,18 +152,11 @@ def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
             idempotency.release(live, idempotency_key)
         raise
     if idempotency_key is not None:
-        idempotency.remember(live, idempotency_key, digest, experiment.id,
-                             made_at(experiment))
+        idempotency.remember(live, idempotency_key, digest, experiment)
     response.headers["Location"] = f"/api/experiments/{experiment.id}"
     started = experiment_out(experiment)
     started.warnings += device_warnings(workers_now(live), experiment.runs)
     return started
-
-
-def made_at(experiment: Experiment) -> str:
-    """When the experiment was made, as its Idempotency-Key keeps it (to the microsecond, as
-    both databases store it)."""
-    return as_utc(experiment.created_at).isoformat()
 
 
 def workers_now(live: redis.Redis) -> list[dict]:

@@ -9,6 +9,7 @@ import hashlib
 
 import pytest
 import redis
+from playwright.sync_api import expect
 
 from app.db import session_scope
 from app.models import Artifact
@@ -146,4 +147,47 @@ def test_label_next_with_images_to_label_points_to_adding_their_labels(live_serv
                                      "CSV of path,label lines.")
         assert hint.query_selector("a").get_attribute("href") == (
             f"/datasets/{dataset_id}#add-labels-title")
+        browser.assert_no_errors()
+
+
+def test_label_next_shows_more_images_to_label_on_request(live_server, request):
+    """Label next showed the first 24 images and no more: someone labeling a hundred had to
+    write the rest into a CSV by hand. "Show more" adds 24 at a time, each with its choice,
+    up to the 500 the page reads; the CSV has the rest."""
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        record_predictions(live_server.data_dir, database_url, run_ids[0], [""] * 510,
+                           margins=[index / 1000 for index in range(510)])
+        end_as_worker(database_url, live, run_ids[0], "succeeded")
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_ids[0]}")
+        more = page.locator("#label-next-more")
+        expect(more).to_have_text("Show 24 more")
+        figures = page.locator("#label-next-thumbs figure")
+        assert figures.count() == 24
+        browser.screenshot("first-24")
+        more.click()
+        assert figures.count() == 48
+        # On to the first image shown, in rank order after the others.
+        assert page.evaluate("document.activeElement.getAttribute('aria-label')") == (
+            "Label of cat/24.png")
+        page.select_option("select[aria-label='Label of cat/30.png']", "b")
+        for _ in range(18):
+            more.click()
+        expect(more).to_have_text("Show 20 more")
+        more.click()
+        assert figures.count() == 500
+        assert more.is_hidden()
+        assert page.inner_text("#label-next-rest") == (
+            "These are the first 500; the rest are in the CSV.")
+        page.select_option("select[aria-label='Label of cat/499.png']", "a")
+        assert page.inner_text("#label-next-form span") == (
+            "2 labeled: the new dataset has the same images and test split")
+        assert page.locator("#label-next-thumbs figcaption .margin").nth(499).inner_text() == (
+            "margin 50%")  # the 500th, in rank order
+        browser.screenshot("shown-more")
         browser.assert_no_errors()

@@ -8,7 +8,8 @@ import { onSession } from "/static/session.js";
 import { localTime } from "/static/times.js";
 
 const META_KEYS = new Set(["type", "step", "total_steps", "run_id", "time"]);
-const LABEL_NEXT_SHOWN = 24;
+const LABEL_NEXT_SHOWN = 24; // images to label shown at first, and at each "Show more"
+const LABEL_NEXT_READ = 500; // the most the page reads of the ranking (the CSV has them all)
 const POLL_MS = 5000;
 const HISTORY_PAGE = 5000; // recorded points a read asks for (the API takes up to 10,000)
 // A page of the record that failed is asked for again after this pause, doubled at each
@@ -885,18 +886,46 @@ async function drawLabelNext(run, classNames) {
   const box = document.getElementById("label-next-thumbs");
   const missing = () => box.replaceChildren(h("p", { class: "muted" }, "No predictions for unlabeled images."));
   if (!run.artifacts.some((a) => a.name === "predictions.csv")) return missing();
-  const response = await fetch(`/api/runs/${run.id}/label-next.csv?limit=500`);
+  const response = await fetch(`/api/runs/${run.id}/label-next.csv?limit=${LABEL_NEXT_READ}`);
   if (!response.ok) return missing();
   // Rows with a withheld label are images the user labeled already (held back by the budget);
   // the ones worth labeling next are those without any label.
-  const rows = parseCsv(await response.text()).filter((row) => !row.hidden_label).slice(0, LABEL_NEXT_SHOWN);
+  const read = parseCsv(await response.text());
+  const rows = read.filter((row) => !row.hidden_label);
   if (rows.length) {
-    const choices = rows.map((row) => labelChoice(row, classNames));
-    box.replaceChildren(...rows.map((row, i) => thumbnail(run)(row, choices[i])),
-      labelingForm(run, rows, choices),
+    // LABEL_NEXT_SHOWN at first, as many more at each "Show more", each with its choice.
+    const shown = [];
+    const choices = [];
+    const { form, watch } = labelingForm(run, shown, choices);
+    const more = h("button", { type: "button", class: "secondary", id: "label-next-more" });
+    const rest = h("p", { class: "muted", id: "label-next-rest" }, more);
+    const showMore = () => {
+      const next = rows.slice(shown.length, shown.length + LABEL_NEXT_SHOWN);
+      rest.before(...next.map((row) => {
+        const choice = labelChoice(row, classNames);
+        watch(choice);
+        shown.push(row);
+        choices.push(choice);
+        return thumbnail(run)(row, choice);
+      }));
+      const left = rows.length - shown.length;
+      more.hidden = left === 0;
+      more.textContent = `Show ${Math.min(left, LABEL_NEXT_SHOWN)} more`;
+      // Those past the first LABEL_NEXT_READ are in the CSV only.
+      rest.hidden = left === 0 && read.length < LABEL_NEXT_READ;
+      if (left === 0 && !rest.hidden) rest.replaceChildren(`These are the first ${shown.length}; the rest are in `,
+        h("a", { href: `/api/runs/${run.id}/label-next.csv` }, "the CSV"), ".");
+    };
+    more.addEventListener("click", () => {
+      const first = shown.length;
+      showMore();
+      choices[first]?.focus(); // on to the first new image, for the keyboard too
+    });
+    box.replaceChildren(rest, form,
       h("p", { class: "muted", id: "add-labels-hint" }, "Labeled others? ",
         h("a", { href: `/datasets/${run.dataset_id}#add-labels-title` }, "Add their labels"),
         " to the dataset as a CSV of path,label lines."));
+    showMore();
     return;
   }
   // The labels this budget withheld are the user's own: show those images ranked the same
@@ -938,20 +967,19 @@ const labelChoice = (row, classNames) => h("select", { class: "give-label", "ari
 const csvCell = (text) => (/[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text);
 
 // The labels given under the thumbnails make a new dataset, as the dataset page's Add labels
-// does, whose page then opens.
+// does, whose page then opens. `rows` and `choices` grow as more images are shown: `watch`
+// each new choice.
 function labelingForm(run, rows, choices) {
   const send = h("button", { type: "submit", disabled: true }, "Make a dataset with these labels");
   const note = h("span", { class: "muted", "aria-live": "polite" });
   const error = h("p", { class: "field-error", role: "alert", hidden: true });
   const chosen = () => rows.map((row, i) => [row.path, choices[i].value]).filter(([, label]) => label);
   const form = h("form", { class: "add-labels", id: "label-next-form" }, send, note, error);
-  for (const choice of choices) {
-    choice.addEventListener("change", () => {
-      const given = chosen().length;
-      send.disabled = given === 0;
-      note.textContent = given ? `${given} labeled: the new dataset has the same images and test split` : "";
-    });
-  }
+  const watch = (choice) => choice.addEventListener("change", () => {
+    const given = chosen().length;
+    send.disabled = given === 0;
+    note.textContent = given ? `${given} labeled: the new dataset has the same images and test split` : "";
+  });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     if (send.disabled) return;
@@ -968,7 +996,7 @@ function labelingForm(run, rows, choices) {
       send.disabled = false;
     }
   });
-  return form;
+  return { form, watch };
 }
 
 async function drawDownloads(run, classNames) {

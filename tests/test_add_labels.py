@@ -9,6 +9,7 @@ import time
 
 import pytest
 import redis
+from playwright.sync_api import expect
 
 from app import idempotency
 from app.db import session_scope
@@ -390,3 +391,71 @@ def test_a_request_that_takes_long_keeps_its_idempotency_key_claimed(monkeypatch
     time.sleep(1.2)  # no longer kept: it frees itself
     assert idempotency.claim(live, key, "digest", "dataset") is None
     idempotency.release(live, key, "dataset")
+
+
+@pytest.mark.browser
+def test_images_to_label_open_larger_and_digit_keys_label_them_one_after_another(
+    server: LiveServer, photos: dict, request,
+) -> None:
+    """A 72 px thumbnail is too small to label a photo by, and its larger view opened in a new
+    tab, away from the choice. It opens on the page now, with the choice, and a digit key
+    chooses a class and goes on to the next image."""
+    with server.client() as client:
+        _, (run_id, *_) = start_sweep(client, photos["id"], seeds=[0])
+        unlabeled = client.get(f"/api/datasets/{photos['id']}/images",
+                               params={"split": "unlabeled"}).json()["items"]
+    images = [(image["id"], image["original_path"]) for image in unlabeled]
+    record_predictions(server.data_dir, server.database_url, run_id, [""] * len(images),
+                       images=images)
+    end_as_worker(server.database_url, redis.Redis.from_url(server.redis_url), run_id,
+                  "succeeded")
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/runs/{run_id}")
+        page.click("#label-next-thumbs figure a.enlarge >> nth=0")
+        viewer = page.locator("#image-viewer")
+        expect(viewer).to_be_visible()
+        assert page.inner_text("#viewer-position") == "1 of 4"
+        assert page.inner_text("#viewer-caption") == (
+            "unlabeled/u0.png: cat, confidence 60%")
+        assert page.get_attribute("#viewer-image", "src").endswith(
+            f"/images/{images[0][0]}/thumbnail?size=512")
+        page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
+        assert page.inner_text("#viewer-choice small") == (
+            " keys 1–2: 1 cat, 2 dog, and on to the next")
+        browser.screenshot("viewer")
+
+        page.keyboard.press("2")  # u0 is a dog; on to u1
+        assert page.inner_text("#viewer-position") == "2 of 4"
+        page.keyboard.press("ArrowRight")  # u1 left unlabeled
+        page.select_option("#viewer-label", "cat")  # u2, by the dialog's own choice
+        page.keyboard.press("Escape")
+        expect(viewer).to_be_hidden()
+        # Back on the thumbnail the dialog closed on, with the labels given under each.
+        page.wait_for_function("document.activeElement.closest('figure')?.title"
+                               ".startsWith('unlabeled/u2.png')")
+        assert [page.input_value(f"select[aria-label='Label of unlabeled/u{n}.png']")
+                for n in range(4)] == ["dog", "", "cat", ""]
+        assert page.inner_text("#label-next-form span") == (
+            "2 labeled: the new dataset has the same images and test split")
+        page.click("#label-next-form button[type=submit]")
+        page.wait_for_selector("#derived-from")
+
+        # On a dataset page, a class's thumbnails open larger as well, without a choice.
+        page.click("#class-thumbnails .thumbs a.enlarge >> nth=0")
+        expect(viewer).to_be_visible()
+        # The cat images to train on: two uploaded, one just labeled.
+        assert page.inner_text("#viewer-position") == "1 of 3"
+        assert page.locator("#viewer-choice select").count() == 0
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowRight")
+        assert page.inner_text("#viewer-position") == "3 of 3"
+        assert page.is_disabled("#viewer-next")
+        page.click("#viewer-close")
+        expect(viewer).to_be_hidden()
+        browser.assert_no_errors()
+    view, unlabeled_left = training_view(server, int(page.url.rsplit("/", 1)[1]))
+    assert (UNLABELED["unlabeled/u0.png"], 1) in view["train"]
+    assert (UNLABELED["unlabeled/u2.png"], 0) in view["train"]
+    assert unlabeled_left == sorted(UNLABELED[f"unlabeled/u{n}.png"] for n in (1, 3))

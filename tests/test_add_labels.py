@@ -423,7 +423,7 @@ def test_images_to_label_open_larger_and_digit_keys_label_them_one_after_another
             f"/images/{images[0][0]}/thumbnail?size=512")
         page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
         assert page.inner_text("#viewer-choice small") == (
-            " keys 1–2: 1 cat, 2 dog, and on to the next")
+            "Keys: 1\u00a0cat, 2\u00a0dog (and on to the next)")
         browser.screenshot("viewer")
 
         page.keyboard.press("2")  # u0 is a dog; on to u1
@@ -459,3 +459,47 @@ def test_images_to_label_open_larger_and_digit_keys_label_them_one_after_another
     assert (UNLABELED["unlabeled/u0.png"], 1) in view["train"]
     assert (UNLABELED["unlabeled/u2.png"], 0) in view["train"]
     assert unlabeled_left == sorted(UNLABELED[f"unlabeled/u{n}.png"] for n in (1, 3))
+
+
+@pytest.mark.browser
+def test_the_larger_view_labels_ten_classes_by_key_and_goes_on_into_images_not_yet_shown(
+    server: LiveServer, request,
+) -> None:
+    """Ten classes (CIFAR-10's, animal-mnist's) had no keys, and the larger view stopped at the
+    24th image while Label next had more."""
+    classes = [f"class{n}" for n in range(10)]
+    entries = {**class_entries(classes, per_class=3),
+               **{f"unlabeled/v{n:02}.png": image_bytes(7_000 + n) for n in range(30)}}
+    with server.client() as client:
+        uploaded = upload(client, zip_bytes(entries), name="ten")
+        assert uploaded.status_code == 201, uploaded.text
+        dataset_id = uploaded.json()["id"]
+        _, (run_id, *_) = start_sweep(client, dataset_id, seeds=[0])
+        unlabeled = client.get(f"/api/datasets/{dataset_id}/images",
+                               params={"split": "unlabeled"}).json()["items"]
+    images = sorted((image["id"], image["original_path"]) for image in unlabeled)
+    record_predictions(server.data_dir, server.database_url, run_id, [""] * len(images),
+                       images=images, margins=[n / 100 for n in range(len(images))])
+    end_as_worker(server.database_url, redis.Redis.from_url(server.redis_url), run_id,
+                  "succeeded")
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/runs/{run_id}")
+        page.click("#label-next-thumbs figure a.enlarge >> nth=23")  # the last one shown
+        assert page.inner_text("#viewer-position") == "24 of 24"
+        assert page.inner_text("#viewer-choice small") == (
+            "Keys: " + ", ".join(f"{(n + 1) % 10}\u00a0class{n}" for n in range(10))
+            + " (and on to the next)")
+        assert page.is_enabled("#viewer-next")  # Label next has more to show
+        page.keyboard.press("0")  # the tenth class, and on
+        assert page.inner_text("#viewer-position") == "25 of 30"
+        assert page.inner_text("#viewer-caption").startswith("unlabeled/v24.png")
+        page.keyboard.press("3")
+        assert page.inner_text("#viewer-position") == "26 of 30"
+        page.keyboard.press("Escape")
+        assert page.locator("#label-next-thumbs figure").count() == 30
+        assert page.input_value("select[aria-label='Label of unlabeled/v23.png']") == "class9"
+        assert page.input_value("select[aria-label='Label of unlabeled/v24.png']") == "class2"
+        assert page.is_hidden("#label-next-more")
+        browser.assert_no_errors()

@@ -897,7 +897,7 @@ async function drawLabelNext(run, classNames) {
     const shown = [];
     const choices = [];
     const { form, watch } = labelingForm(run, shown, choices);
-    const more = h("button", { type: "button", class: "secondary", id: "label-next-more" });
+    const more = h("button", { type: "button", class: "secondary", id: "label-next-more", "data-more": "" });
     const rest = h("p", { class: "muted", id: "label-next-rest" }, more);
     const showMore = () => {
       const next = rows.slice(shown.length, shown.length + LABEL_NEXT_SHOWN);

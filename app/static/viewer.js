@@ -1,10 +1,12 @@
 // Images opened larger on the page: a thumbnail's link (a.enlarge) opens its image at 512 px in
 // a dialog, where ← and → go through the thumbnails around it and Escape closes. An image to
 // label (under a run's Label next) brings its class choice along: the dialog's choice sets the
-// one under its thumbnail, and a digit key chooses that class and goes on to the next image.
+// one under its thumbnail, and a digit key chooses that class and goes on to the next image
+// (past the last one shown, into those its "Show more" shows).
 // A modified click (a new tab, a download) is left to the browser.
 
 let viewer = null; // built on first use
+const DIGITS = [..."1234567890"];
 
 function build() {
   const make = (tag, props = {}, ...children) => {
@@ -24,8 +26,11 @@ function build() {
   dialog.setAttribute("aria-label", "Image, larger");
   document.body.append(dialog);
 
-  const state = { links: [], index: 0, digits: false };
+  const state = { group: document, links: [], index: 0, keys: [] };
   const choiceOf = (link) => link.closest("figure")?.querySelector("select.give-label") ?? null;
+  // A group's "Show more" button (data-more), where it has more thumbnails to show.
+  const moreButton = () => [...state.group.querySelectorAll("button[data-more]")]
+    .find((button) => !button.hidden && !button.closest("[hidden]")) ?? null;
   function show(index) {
     state.index = index;
     const link = state.links[index];
@@ -36,13 +41,13 @@ function build() {
     caption.textContent = figure?.title || thumbnail?.alt || "";
     position.textContent = `${index + 1} of ${state.links.length}`;
     previous.disabled = index === 0;
-    next.disabled = index === state.links.length - 1;
+    next.disabled = index === state.links.length - 1 && !moreButton();
     if (dialog.open && (document.activeElement === document.body || document.activeElement?.disabled)) {
       (next.disabled ? close : next).focus(); // the button pressed was the last
     }
     const choice = choiceOf(link);
-    state.digits = false;
     if (!choice) {
+      state.keys = [];
       choiceBox.replaceChildren();
       return;
     }
@@ -55,13 +60,18 @@ function build() {
       choice.value = copy.value;
       choice.dispatchEvent(new Event("change"));
     });
-    const classes = [...choice.options].filter((option) => option.value);
-    state.digits = classes.length <= 9;
-    choiceBox.replaceChildren(copy, state.digits ? make("small", { className: "muted" },
-      ` keys 1–${classes.length}: ${classes.map((option, i) => `${i + 1} ${option.value}`).join(", ")}, and on to the next`) : "");
+    // Keys 1 to 9, then 0, for up to 10 classes (as a keyboard's top row reads).
+    const classes = [...choice.options].map((option) => option.value).filter(Boolean);
+    state.keys = classes.length <= DIGITS.length ? classes : [];
+    choiceBox.replaceChildren(copy, state.keys.length ? make("small", { className: "muted" },
+      `Keys: ${classes.map((name, i) => `${DIGITS[i]}\u00a0${name}`).join(", ")} (and on to the next)`) : "");
   }
   const go = (step) => {
     const index = state.index + step;
+    if (index === state.links.length && moreButton()) {
+      moreButton().click();
+      state.links = [...state.group.querySelectorAll("a.enlarge")];
+    }
     if (index >= 0 && index < state.links.length) show(index);
   };
   previous.addEventListener("click", () => go(-1));
@@ -80,11 +90,9 @@ function build() {
     if (event.target.tagName === "SELECT") return; // its arrows change the class
     if (event.key === "ArrowLeft") go(-1);
     else if (event.key === "ArrowRight") go(1);
-    else if (state.digits && /^[1-9]$/.test(event.key)) {
+    else if (state.keys[DIGITS.indexOf(event.key)] !== undefined) {
       const copy = choiceBox.querySelector("select");
-      const option = [...copy.options].filter((o) => o.value)[Number(event.key) - 1];
-      if (!option) return;
-      copy.value = option.value;
+      copy.value = state.keys[DIGITS.indexOf(event.key)];
       copy.dispatchEvent(new Event("change"));
       go(1);
     } else return;
@@ -98,8 +106,8 @@ document.addEventListener("click", (event) => {
   if (!link || event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey || event.altKey) return;
   event.preventDefault();
   viewer ??= build();
-  const group = link.closest(".thumbs") ?? document;
-  viewer.state.links = [...group.querySelectorAll("a.enlarge")];
+  viewer.state.group = link.closest(".thumbs") ?? document;
+  viewer.state.links = [...viewer.state.group.querySelectorAll("a.enlarge")];
   viewer.show(viewer.state.links.indexOf(link));
   if (!viewer.dialog.open) viewer.dialog.showModal();
   viewer.dialog.querySelector("#viewer-next:not(:disabled), #viewer-close").focus();

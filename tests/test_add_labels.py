@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import pytest
 import redis
 from playwright.sync_api import expect
@@ -16,7 +17,7 @@ from app.db import session_scope
 from app.models import Dataset
 from app.routers.datasets import form_digest
 from tests.browser import open_browser
-from tests.support import LiveServer, wait_for
+from tests.support import LiveServer, app_env, free_port, start_server, wait_for
 from tests.test_datasets_support import (
     class_entries,
     image_bytes,
@@ -503,3 +504,82 @@ def test_the_larger_view_labels_ten_classes_by_key_and_goes_on_into_images_not_y
         assert page.input_value("select[aria-label='Label of unlabeled/v24.png']") == "class2"
         assert page.is_hidden("#label-next-more")
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_labels_sent_again_after_a_lost_answer_open_the_dataset_the_first_try_made(
+    server: LiveServer, photos: dict, request, tmp_path,
+) -> None:
+    """The answer to Add labels lost on its way (the dataset made): sent again, the same labels
+    made a second dataset. The page sends an Idempotency-Key for each set of labels, and gets
+    the first dataset back."""
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("path,label\nunlabeled/u1.png,cat\n")
+    made = []
+
+    def lose_the_first_answer(route) -> None:
+        if made:
+            route.continue_()
+            return
+        # The server makes the dataset; the page never hears. (Playwright hands over a
+        # form's file parts empty: the file goes back in, as Chromium sent it.)
+        part = b'filename="labels.csv"\r\nContent-Type: text/csv\r\n\r\n'
+        body = route.request.post_data_buffer.replace(part, part + labels_csv.read_bytes(), 1)
+        made.append(route.fetch(post_data=body))
+        route.abort("connectionreset")
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.route(f"**/api/datasets/{photos['id']}/labels", lose_the_first_answer)
+        page.goto(f"{server.url}/datasets/{photos['id']}")
+        page.set_input_files("#labels-file", str(labels_csv))
+        page.click("#add-labels-form button[type=submit]")
+        error = page.locator("#add-labels-form .field-error")
+        error.wait_for(state="visible")
+        assert error.inner_text().startswith("Could not add the labels")
+        assert made[0].status == 201, made[0].text()
+        with server.client() as client:
+            datasets = client.get("/api/datasets").json()
+        page.click("#add-labels-form button[type=submit]")  # again, the same labels
+        page.wait_for_selector("#derived-from")
+        assert page.url.endswith(f"/datasets/{made[0].json()['id']}")
+        browser.assert_no_errors(expected=("ERR_CONNECTION_RESET",))
+    with server.client() as client:
+        assert client.get("/api/datasets").json() == datasets  # no second dataset
+
+
+@pytest.mark.browser
+def test_with_redis_down_labels_are_added_without_a_key_and_a_keyed_request_is_told(
+    settings, tmp_path, request,
+) -> None:
+    """Redis keeps the Idempotency-Keys: while it is down, a request with one cannot be
+    checked and makes nothing (503), and the page, whose key is its own, sends the labels
+    without one rather than fail."""
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, dead_redis)
+    url, process = start_server(env, tmp_path / "uvicorn.log")
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("path,label\nunlabeled/u3.png,dog\n")
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            source = upload(client, zip_bytes(ENTRIES), name="photos")
+            assert source.status_code == 201, source.text
+            source_id = source.json()["id"]
+            keyed = client.post(f"/api/datasets/{source_id}/labels",
+                                files={"file": ("labels.csv", labels_csv.read_bytes())},
+                                headers={"Idempotency-Key": "redis-down"})
+            assert len(client.get("/api/datasets").json()) == 1  # nothing made
+        assert keyed.status_code == 503
+        assert keyed.json()["detail"].startswith(
+            "the queue (Redis) is not reachable, so this Idempotency-Key cannot be checked")
+
+        with open_browser(request.node.name) as browser:
+            page = browser.page
+            page.goto(f"{url}/datasets/{source_id}")
+            page.set_input_files("#labels-file", str(labels_csv))
+            page.click("#add-labels-form button[type=submit]")
+            page.wait_for_selector("#derived-from")
+            assert page.inner_text("h1") == "photos + 1 label"
+            browser.assert_no_errors(expected=("status of 503",))
+    finally:
+        process.stop()

@@ -3,7 +3,7 @@ import {
   barChart, bytes, count, duration, failure, follow, getJSON, h, handFocus, isNumber, onRestored,
   pageData, pct, setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, tabTitle, TERMINAL,
 } from "/static/charts.js";
-import { makeLabeledDataset } from "/static/add_labels.js";
+import { labelsKey, makeLabeledDataset } from "/static/add_labels.js";
 import { onSession } from "/static/session.js";
 import { localTime } from "/static/times.js";
 
@@ -975,7 +975,9 @@ function labelingForm(run, rows, choices) {
   const error = h("p", { class: "field-error", role: "alert", hidden: true });
   const chosen = () => rows.map((row, i) => [row.path, choices[i].value]).filter(([, label]) => label);
   const form = h("form", { class: "add-labels", id: "label-next-form" }, send, note, error);
+  const key = labelsKey();
   const watch = (choice) => choice.addEventListener("change", () => {
+    key.renew();
     const given = chosen().length;
     send.disabled = given === 0;
     note.textContent = given ? `${given} labeled: the new dataset has the same images and test split` : "";
@@ -989,7 +991,7 @@ function labelingForm(run, rows, choices) {
     const body = new FormData();
     body.append("file", new Blob([csv + "\n"], { type: "text/csv" }), "labels.csv");
     try {
-      await makeLabeledDataset(run.dataset_id, body);
+      await makeLabeledDataset(run.dataset_id, body, key);
     } catch (problem) {
       error.replaceChildren(...failure("Could not make the dataset", problem));
       error.hidden = false;

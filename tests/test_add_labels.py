@@ -5,6 +5,7 @@ the dataset page in Chromium."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import httpx
@@ -27,6 +28,7 @@ from tests.test_datasets_support import (
     zip_bytes,
 )
 from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
+from tests.test_pages_accessibility import violations
 from tests.test_pages_label_next import record_predictions
 from worker.training import dataset_items
 
@@ -426,6 +428,7 @@ def test_images_to_label_open_larger_and_digit_keys_label_them_one_after_another
         assert page.inner_text("#viewer-choice small") == (
             "Keys: 1\u00a0cat, 2\u00a0dog (and on to the next)")
         browser.screenshot("viewer")
+        assert violations(page) == []  # axe-core, as every page is audited
 
         page.keyboard.press("2")  # u0 is a dog; on to u1
         assert page.inner_text("#viewer-position") == "2 of 4"
@@ -583,3 +586,42 @@ def test_with_redis_down_labels_are_added_without_a_key_and_a_keyed_request_is_t
             browser.assert_no_errors(expected=("status of 503",))
     finally:
         process.stop()
+
+
+@pytest.mark.browser
+def test_an_experiment_on_a_dataset_with_labels_added_compares_with_the_one_before(
+    server: LiveServer, photos: dict, request,
+) -> None:
+    """Labels were added to learn what they buy, and the experiment run again on the new
+    dataset did not say which results to hold it against: its page links the experiments on
+    the dataset it was made from, the one with its settings first."""
+    with server.client() as client:
+        other, _ = start_sweep(client, photos["id"], name="other settings", seeds=[0])
+        same, _ = start_sweep(client, photos["id"], name="before")
+        newest, _ = start_sweep(client, photos["id"], name="newest", budgets=[0.25])
+        made = labels(client, photos["id"], "unlabeled/u0.png,cat\nunlabeled/u1.png,dog\n")
+        assert made.status_code == 201, made.text
+        after, _ = start_sweep(client, made.json()["id"], name="after")
+        unrelated, _ = start_sweep(client, photos["id"], name="later", seeds=[1])
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/experiments/{after}")
+        before = page.locator("#compare-before")
+        browser.screenshot("compare-before")
+        assert " ".join(before.inner_text().split()) == (
+            "What the added labels bought: compare with before (same settings), "
+            "later, newest, other settings, on photos.")
+        assert before.locator("a").evaluate_all("(links) => links.map((a) => a.href)") == [
+            f"{server.url}/experiments/compare?ids={e}&ids={after}"
+            for e in (same, unrelated, newest, other)]
+        assert page.locator("td.name small").inner_text() == (
+            "(made from photos with 2 labels added)")
+        before.locator("a").first.click()
+        page.wait_for_url(re.compile(r"/experiments/compare\?"))
+        assert page.locator("#compared tbody a[href^='/experiments/']").all_inner_texts() == [
+            "before", "after"]
+        # An experiment on an uploaded dataset has nothing to compare with.
+        page.goto(f"{server.url}/experiments/{same}")
+        assert page.locator("#compare-before").count() == 0
+        browser.assert_no_errors()

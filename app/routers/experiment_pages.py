@@ -259,10 +259,41 @@ def experiment_page(
         return redirect
     experiment = get_experiment(session, experiment_id)
     dataset = session.get(Dataset, experiment.dataset_id)
+    source, before = before_labels_added(session, experiment, dataset)
     return render(request, "experiment.html",
                   experiment=experiment_out(experiment).model_dump(mode="json"),
                   dataset_name=dataset.name if dataset else f"#{experiment.dataset_id}",
-                  method_titles=METHOD_TITLES)
+                  method_titles=METHOD_TITLES, source=source, labels_added=dataset.labels_added
+                  if dataset else 0, before=before)
+
+
+# Experiments of a dataset's source (the dataset it was made from by adding labels) that an
+# experiment page offers to compare with.
+BEFORE_SHOWN = 5
+BEFORE_READ = 500  # the newest, among which those with the same settings are found
+
+
+def before_labels_added(session: Session, experiment: Experiment, dataset: Dataset | None
+                        ) -> tuple[Dataset | None, list[tuple[Experiment, bool]]]:
+    """The dataset `experiment`'s dataset was made from by adding labels, and the experiments
+    on it to compare with, each with whether it has the same settings (backbone, methods,
+    budgets, seeds, preset and changes): those first, then the newest. What the added labels
+    bought is the difference."""
+    source = (session.get(Dataset, dataset.derived_from_id)
+              if dataset is not None and dataset.derived_from_id else None)
+    if source is None:
+        return None, []
+    settings = _settings_of(experiment)
+    on_source = [(other, _settings_of(other) == settings) for other in session.scalars(
+        select(Experiment).where(Experiment.dataset_id == source.id)
+        .order_by(Experiment.id.desc()).limit(BEFORE_READ))]
+    on_source.sort(key=lambda item: not item[1])  # stable: the newest first within each
+    return source, on_source[:BEFORE_SHOWN]
+
+
+def _settings_of(experiment: Experiment) -> tuple:
+    return (experiment.backbone, sorted(experiment.methods), experiment.budgets,
+            sorted(experiment.seeds), experiment.preset, experiment.overrides or {})
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)

@@ -594,7 +594,8 @@ def test_an_experiment_on_a_dataset_with_labels_added_compares_with_the_one_befo
 ) -> None:
     """Labels were added to learn what they buy, and the experiment run again on the new
     dataset did not say which results to hold it against: its page links the experiments on
-    the dataset it was made from, the one with its settings first."""
+    the dataset it was made from, the one with its settings first, and that one's page links
+    it back."""
     with server.client() as client:
         other, _ = start_sweep(client, photos["id"], name="other settings", seeds=[0])
         same, _ = start_sweep(client, photos["id"], name="before")
@@ -621,7 +622,13 @@ def test_an_experiment_on_a_dataset_with_labels_added_compares_with_the_one_befo
         page.wait_for_url(re.compile(r"/experiments/compare\?"))
         assert page.locator("#compared tbody a[href^='/experiments/']").all_inner_texts() == [
             "before", "after"]
-        # An experiment on an uploaded dataset has nothing to compare with.
+        # The experiment on the first dataset links the one run since, with its settings.
         page.goto(f"{server.url}/experiments/{same}")
         assert page.locator("#compare-before").count() == 0
+        assert " ".join(page.inner_text("#compare-after").split()) == (
+            "Run again since with labels added, to compare: after (on photos + 2 labels).")
+        assert page.get_attribute("#compare-after a", "href") == (
+            f"/experiments/compare?ids={same}&ids={after}")
+        page.goto(f"{server.url}/experiments/{other}")  # other settings: nothing since
+        assert page.locator("#compare-after, #compare-before").count() == 0
         browser.assert_no_errors()

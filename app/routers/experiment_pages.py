@@ -264,7 +264,8 @@ def experiment_page(
                   experiment=experiment_out(experiment).model_dump(mode="json"),
                   dataset_name=dataset.name if dataset else f"#{experiment.dataset_id}",
                   method_titles=METHOD_TITLES, source=source, labels_added=dataset.labels_added
-                  if dataset else 0, before=before)
+                  if dataset else 0, before=before,
+                  after=after_labels_added(session, experiment))
 
 
 # Experiments of a dataset's source (the dataset it was made from by adding labels) that an
@@ -289,6 +290,20 @@ def before_labels_added(session: Session, experiment: Experiment, dataset: Datas
         .order_by(Experiment.id.desc()).limit(BEFORE_READ))]
     on_source.sort(key=lambda item: not item[1])  # stable: the newest first within each
     return source, on_source[:BEFORE_SHOWN]
+
+
+def after_labels_added(session: Session, experiment: Experiment
+                       ) -> list[tuple[Experiment, Dataset]]:
+    """The experiments with `experiment`'s settings run since on datasets made from its
+    dataset by adding labels (the other way of `before_labels_added`), newest first, each
+    with its dataset."""
+    settings = _settings_of(experiment)
+    since = session.execute(
+        select(Experiment, Dataset).join(Dataset, Experiment.dataset_id == Dataset.id)
+        .where(Dataset.derived_from_id == experiment.dataset_id)
+        .order_by(Experiment.id.desc()).limit(BEFORE_READ)).tuples()
+    return [(other, dataset) for other, dataset in since
+            if _settings_of(other) == settings][:BEFORE_SHOWN]
 
 
 def _settings_of(experiment: Experiment) -> tuple:

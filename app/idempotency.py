@@ -25,7 +25,6 @@ CLAIM_TTL_S = 120  # how long a request may hold a key without saying it still w
 PENDING = "pending"
 
 
-
 class Row(Protocol):  # an Experiment or a Dataset
     id: int
     created_at: datetime

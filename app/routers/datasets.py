@@ -178,12 +178,18 @@ def form_digest(path: Path, *fields: object) -> str:
     return digest.hexdigest()
 
 
-async def made_before(db: Session, live: redis.Redis, key: str, digest: str) -> Dataset | None:
-    """The dataset an earlier request with `key` made (`idempotency.made_before`), or None
-    once this request holds the key."""
+async def made_before(db: Session, live: redis.Redis, key: str | None, path: Path,
+                      *fields: object) -> tuple[str, Dataset | None]:
+    """The digest of a form received with `key` (`form_digest`: the file at `path`, the other
+    `fields`), and the dataset an earlier request with that key made (`idempotency.
+    made_before`), or None once this request holds the key; without a key, ("", None)."""
+    if key is None:
+        return "", None
+    digest = await run_in_threadpool(form_digest, path, *fields)
     try:
-        return await run_in_threadpool(idempotency.made_before, live, key, digest, "dataset",
-                                       lambda made: db.get(Dataset, made))
+        return digest, await run_in_threadpool(
+            idempotency.made_before, live, key, digest, "dataset",
+            lambda made: db.get(Dataset, made))
     except idempotency.KeyRefused as exc:
         raise HTTPException(exc.status_code, exc.message) from None
 
@@ -248,11 +254,10 @@ async def upload_dataset(request: Request, response: Response, settings: Setting
             settings.max_upload_bytes,
         )
         name = ingest.dataset_name(upload.name, upload.filename)
-        digest = ""
-        if idempotency_key is not None:
-            digest = await run_in_threadpool(form_digest, upload.path, upload.filename, name)
-            if (earlier := await made_before(db, live, idempotency_key, digest)) is not None:
-                return await replayed(db, response, earlier)
+        digest, earlier = await made_before(db, live, idempotency_key, upload.path,
+                                            upload.filename, name)
+        if earlier is not None:
+            return await replayed(db, response, earlier)
 
         async def ingest_upload() -> Dataset:
             abandoned = threading.Event()
@@ -329,11 +334,10 @@ async def add_labels_to_dataset(dataset_id: DatasetId, request: Request, respons
         upload = await ingest.receive_upload(
             request.headers, request.stream(), work_dir / "labels.csv",
             ingest.MAX_LABELS_CSV_BYTES, add_labels.UPLOAD)
-        digest = ""
-        if idempotency_key is not None:
-            digest = await run_in_threadpool(form_digest, upload.path, source.id, upload.name)
-            if (earlier := await made_before(db, live, idempotency_key, digest)) is not None:
-                return await replayed(db, response, earlier)
+        digest, earlier = await made_before(db, live, idempotency_key, upload.path,
+                                            source.id, upload.name)
+        if earlier is not None:
+            return await replayed(db, response, earlier)
         dataset = await making(live, idempotency_key, digest, lambda: run_in_threadpool(
             add_labels.add_labels, db, settings, source, upload.path, work_dir, upload.name))
     except ingest.IngestError as exc:

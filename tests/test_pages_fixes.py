@@ -507,7 +507,7 @@ def test_run_pages_say_what_their_pseudo_label_numbers_measure(live_server, requ
         # Label next ranks by the margin between the top two classes, and says so.
         text = page.inner_text("main")
         assert "least confident" not in text
-        assert "smallest margin between their top two classes first" in page.inner_text(
+        assert "the smallest margin between its top two classes" in page.inner_text(
             "#label-next h2")
         assert "smallest margin between the top two classes first" in page.inner_text(
             "#downloads")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import re
 
 import pytest
 import redis
@@ -21,12 +23,13 @@ pytestmark = pytest.mark.browser
 
 
 def record_predictions(data_dir, database_url: str, run_id: int, hidden: list[str],
-                       label: str = "cat", margins: list[float] | None = None,
+                       label: str | list[str] = "cat", margins: list[float] | None = None,
                        images: list[tuple[int | str, str]] | None = None) -> None:
     """predictions.csv with one row per image the budget left unlabeled, as rewritten by
     the worker (image ids and the archive's paths: `images`, by default no id and
-    cat/0.png, cat/1.png, ...), each predicted `label` with its margin (by default 0.2,
-    0.3, ...)."""
+    cat/0.png, cat/1.png, ...), each predicted `label` (one for all, or one each) with its
+    margin (by default 0.2, 0.3, ...)."""
+    labels = [label] * len(hidden) if isinstance(label, str) else label
     if margins is None:
         margins = [0.2 + index / 10 for index in range(len(hidden))]
     if images is None:
@@ -37,9 +40,9 @@ def record_predictions(data_dir, database_url: str, run_id: int, hidden: list[st
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "path", "label", "confidence", "margin", "hidden_label"])
-        for (image_id, image_path), hidden_label, margin in zip(images, hidden, margins,
-                                                                strict=True):
-            writer.writerow([image_id, image_path, label, 0.6, margin, hidden_label])
+        for (image_id, image_path), hidden_label, margin, predicted in zip(
+                images, hidden, margins, labels, strict=True):
+            writer.writerow([image_id, image_path, predicted, 0.6, margin, hidden_label])
     with session_scope(database_url) as session:
         session.add(Artifact(run_id=run_id, name="predictions.csv",
                              path=f"runs/{run_id}/predictions.csv",
@@ -190,4 +193,50 @@ def test_label_next_shows_more_images_to_label_on_request(live_server, request):
         assert page.locator("#label-next-thumbs figcaption .margin").nth(499).inner_text() == (
             "margin 50%")  # the 500th, in rank order
         browser.screenshot("shown-more")
+        browser.assert_no_errors()
+
+
+def test_label_next_can_spread_its_images_over_the_predicted_classes(live_server, request):
+    """The least certain images are often all of the two classes the model confuses most:
+    `order=spread` takes the least certain of each predicted class in turn. On the page the
+    order is chosen above the images, and the labels given stay through a change of order."""
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        _, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
+        record_predictions(live_server.data_dir, database_url, run_ids[0], [""] * 6,
+                           label=["a", "a", "a", "b", "b", "a"],
+                           margins=[0.1, 0.2, 0.3, 0.4, 0.5, 0.05])
+        end_as_worker(database_url, live, run_ids[0], "succeeded")
+        url = f"/api/runs/{run_ids[0]}/label-next.csv"
+        by_margin = client.get(url)
+        spread = client.get(url, params={"order": "spread", "limit": 3})
+        unknown = client.get(url, params={"order": "random"})
+
+    def paths(answer) -> list[str]:
+        return [row["path"] for row in csv.DictReader(io.StringIO(answer.text))]
+
+    assert paths(by_margin) == [f"cat/{n}.png" for n in (5, 0, 1, 2, 3, 4)]
+    # Each round the next of each class, least certain first: (a 0.05, b 0.4), (a 0.1, ...
+    assert paths(spread) == ["cat/5.png", "cat/3.png", "cat/0.png"]
+    assert [row["rank"] for row in csv.DictReader(io.StringIO(spread.text))] == ["1", "2", "3"]
+    assert spread.headers["content-disposition"] == (
+        f'attachment; filename="run-{run_ids[0]}-label-next-spread.csv"')
+    assert unknown.status_code == 422
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_ids[0]}")
+        figures = page.locator("#label-next-thumbs figure")
+        expect(figures).to_have_count(6)
+        page.select_option("select[aria-label='Label of cat/1.png']", "b")
+        page.select_option("#label-next-order", "spread")
+        expect(figures.first).to_have_attribute("title", re.compile(r"^cat/5\.png"))
+        assert [title.split(":")[0] for title in figures.evaluate_all(
+            "(all) => all.map((figure) => figure.title)")] == [
+            f"cat/{n}.png" for n in (5, 3, 0, 4, 1, 2)]
+        assert page.input_value("select[aria-label='Label of cat/1.png']") == "b"
+        assert page.inner_text("#label-next-form span") == (
+            "1 labeled: the new dataset has the same images and test split")
+        browser.screenshot("spread")
         browser.assert_no_errors()

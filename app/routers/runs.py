@@ -478,8 +478,27 @@ def label_next_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         columns, rows = read_csv(path)
     except FileNotFoundError:  # the run deleted since its artifact was looked up
         raise HTTPException(404, detail=FILE_DELETED) from None
-    rows.sort(key=lambda row: (float(row["margin"]), float(row["confidence"])))
+    rows.sort(key=rows_order)
     return columns, rows
+
+
+def spread_over_classes(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`rows` (least certain first) taken in rounds over their predicted labels: each round
+    the next least certain image of every class that has one left, least certain first."""
+    by_label: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    spread = []
+    for depth in range(max(map(len, by_label.values()), default=0)):
+        spread.extend(sorted((queue[depth] for queue in by_label.values() if depth < len(queue)),
+                             key=rows_order))
+    return spread
+
+
+def rows_order(row: dict[str, str]) -> tuple[float, float]:
+    """Least certain first: the smallest margin between the top two classes, then the lowest
+    confidence."""
+    return float(row["margin"]), float(row["confidence"])
 
 
 @router.get("/{run_id}/label-next.csv", response_class=Response, responses={
@@ -490,6 +509,11 @@ def download_label_next(
     run_id: RunId, request: Request, session: DbDep, settings: SettingsDep,
     limit: Annotated[int | None, Query(ge=0, description="at most this many rows")] = None,
     include_withheld: bool = False,
+    order: Annotated[Literal["margin", "spread"], Query(
+        description="`margin`: the least certain first, whatever the model predicts; "
+        "`spread`: the least certain of each predicted class in turn (the least certain of "
+        "each class, then the second of each, ...), so that the first rows are not all of "
+        "the classes the model confuses most")] = "margin",
 ):
     """Unlabeled images ranked by uncertainty (smallest top-1/top-2 margin first): the ones
     whose labels would teach the model most. Images whose labels you gave but the budget
@@ -497,10 +521,13 @@ def download_label_next(
     columns, rows = label_next_rows(artifact_path(settings, session, run_id, PREDICTIONS_FILE))
     if not include_withheld:
         rows = [row for row in rows if not row.get("hidden_label")]
+    if order == "spread":
+        rows = spread_over_classes(rows)
     if limit is not None:
         rows = rows[:limit]
     # The two lists in one folder must not collide ("run-7-label-next (1).csv").
     return csv_download(
         request, [{"rank": rank, **row} for rank, row in enumerate(rows, start=1)],
         ["rank", *columns],
-        f"run-{run_id}-label-next{'-with-withheld' if include_withheld else ''}.csv")
+        f"run-{run_id}-label-next{'-with-withheld' if include_withheld else ''}"
+        f"{'-spread' if order == 'spread' else ''}.csv")

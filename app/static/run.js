@@ -886,42 +886,63 @@ async function drawLabelNext(run, classNames) {
   const box = document.getElementById("label-next-thumbs");
   const missing = () => box.replaceChildren(h("p", { class: "muted" }, "No predictions for unlabeled images."));
   if (!run.artifacts.some((a) => a.name === "predictions.csv")) return missing();
-  const response = await fetch(`/api/runs/${run.id}/label-next.csv?limit=${LABEL_NEXT_READ}`);
-  if (!response.ok) return missing();
-  // Rows with a withheld label are images the user labeled already (held back by the budget);
-  // the ones worth labeling next are those without any label.
-  const read = parseCsv(await response.text());
-  const rows = read.filter((row) => !row.hidden_label);
+  const ranking = (order) => `/api/runs/${run.id}/label-next.csv${order === "spread" ? "?order=spread" : ""}`;
+  const read = async (order) => {
+    const response = await fetch(`${ranking(order)}${order === "spread" ? "&" : "?"}limit=${LABEL_NEXT_READ}`);
+    if (!response.ok) throw new Error(response.statusText);
+    return parseCsv(await response.text());
+  };
+  let rows;
+  try {
+    rows = await read("margin");
+  } catch {
+    return missing();
+  }
   if (rows.length) {
+    // The labels given, by image path: they stay through another order and "Show more".
+    const given = new Map();
+    const { form, watch } = labelingForm(run, given);
+    const order = h("select", { id: "label-next-order" },
+      h("option", { value: "margin" }, "the least certain first"),
+      h("option", { value: "spread" }, "the least certain of each predicted class in turn"));
+    const orderRow = h("p", { id: "label-next-order-row" }, h("label", { for: "label-next-order" }, "Order: "), order);
     // LABEL_NEXT_SHOWN at first, as many more at each "Show more", each with its choice.
-    const shown = [];
-    const choices = [];
-    const { form, watch } = labelingForm(run, shown, choices);
+    let shown = [];
     const more = h("button", { type: "button", class: "secondary", id: "label-next-more", "data-more": "" });
-    const rest = h("p", { class: "muted", id: "label-next-rest" }, more);
+    const rest = h("p", { class: "muted", id: "label-next-rest" });
     const showMore = () => {
       const next = rows.slice(shown.length, shown.length + LABEL_NEXT_SHOWN);
+      shown = shown.concat(next);
       rest.before(...next.map((row) => {
-        const choice = labelChoice(row, classNames);
-        watch(choice);
-        shown.push(row);
-        choices.push(choice);
+        const choice = labelChoice(row, classNames, given);
+        watch(choice, row.path);
         return thumbnail(run)(row, choice);
       }));
       const left = rows.length - shown.length;
-      more.hidden = left === 0;
       more.textContent = `Show ${Math.min(left, LABEL_NEXT_SHOWN)} more`;
       // Those past the first LABEL_NEXT_READ are in the CSV only.
-      rest.hidden = left === 0 && read.length < LABEL_NEXT_READ;
-      if (left === 0 && !rest.hidden) rest.replaceChildren(`These are the first ${shown.length}; the rest are in `,
-        h("a", { href: `/api/runs/${run.id}/label-next.csv` }, "the CSV"), ".");
+      rest.hidden = left === 0 && rows.length < LABEL_NEXT_READ;
+      rest.replaceChildren(...(left ? [more] : [`These are the first ${shown.length}; the rest are in `,
+        h("a", { href: ranking(order.value) }, "the CSV"), "."]));
     };
     more.addEventListener("click", () => {
       const first = shown.length;
       showMore();
-      choices[first]?.focus(); // on to the first new image, for the keyboard too
+      box.querySelectorAll("select.give-label")[first]?.focus(); // on to the first new image
     });
-    box.replaceChildren(rest, form,
+    order.addEventListener("change", async () => {
+      order.disabled = true;
+      try {
+        rows = await read(order.value);
+      } catch {
+        // kept as it was: the next change asks again
+      }
+      order.disabled = false;
+      box.querySelectorAll("figure").forEach((figure) => figure.remove());
+      shown = [];
+      showMore();
+    });
+    box.replaceChildren(orderRow, rest, form,
       h("p", { class: "muted", id: "add-labels-hint" }, "Labeled others? ",
         h("a", { href: `/datasets/${run.dataset_id}#add-labels-title` }, "Add their labels"),
         " to the dataset as a CSV of path,label lines."));
@@ -960,27 +981,28 @@ const thumbnail = (run) => (row, choice = null) => h("figure", { class: "thumb",
     h("span", { class: "margin" }, `margin ${marginText(Number(row.margin))}`)), choice);
 
 // The class a person gives an image to label next, under its thumbnail: none at first (the
-// model's guess is the caption above, not a label).
-const labelChoice = (row, classNames) => h("select", { class: "give-label", "aria-label": `Label of ${row.path}` },
-  h("option", { value: "" }, "label…"), ...classNames.map((name) => h("option", { value: name }, name)));
+// model's guess is the caption above, not a label), or the one `given` it already.
+const labelChoice = (row, classNames, given) => h("select", { class: "give-label", "aria-label": `Label of ${row.path}` },
+  h("option", { value: "" }, "label…"),
+  ...classNames.map((name) => h("option", { value: name, selected: given.get(row.path) === name }, name)));
 
 const csvCell = (text) => (/[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text);
 
-// The labels given under the thumbnails make a new dataset, as the dataset page's Add labels
-// does, whose page then opens. `rows` and `choices` grow as more images are shown: `watch`
-// each new choice.
-function labelingForm(run, rows, choices) {
+// The labels `given` (path -> class) make a new dataset, as the dataset page's Add labels
+// does, whose page then opens. `watch` each choice as it is shown.
+function labelingForm(run, given) {
   const send = h("button", { type: "submit", disabled: true }, "Make a dataset with these labels");
   const note = h("span", { class: "muted", "aria-live": "polite" });
   const error = h("p", { class: "field-error", role: "alert", hidden: true });
-  const chosen = () => rows.map((row, i) => [row.path, choices[i].value]).filter(([, label]) => label);
+  const chosen = () => [...given];
   const form = h("form", { class: "add-labels", id: "label-next-form" }, send, note, error);
   const key = labelsKey();
-  const watch = (choice) => choice.addEventListener("change", () => {
+  const watch = (choice, path) => choice.addEventListener("change", () => {
+    if (choice.value) given.set(path, choice.value);
+    else given.delete(path);
     key.renew();
-    const given = chosen().length;
-    send.disabled = given === 0;
-    note.textContent = given ? `${given} labeled: the new dataset has the same images and test split` : "";
+    send.disabled = given.size === 0;
+    note.textContent = given.size ? `${given.size} labeled: the new dataset has the same images and test split` : "";
   });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();

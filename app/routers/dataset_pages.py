@@ -23,6 +23,7 @@ router = APIRouter(include_in_schema=False)
 THUMBS_PER_CLASS = 12
 # A dataset made by adding labels offers to run again the newest experiments of its source.
 SOURCE_EXPERIMENTS_SHOWN = 5
+DERIVED_SHOWN = 5  # datasets made from this one, linked from its page
 # The thumbnails of this many classes a page (a dataset of 1,000 classes: ten pages of them).
 CLASSES_PER_THUMBS_PAGE = 100
 MAX_SKIPPED_SHOWN = 500
@@ -124,9 +125,15 @@ def dataset_page(
     source_experiments = list(db.scalars(
         select(Experiment).where(Experiment.dataset_id == source.id)
         .order_by(Experiment.id.desc()).limit(SOURCE_EXPERIMENTS_SHOWN))) if source else []
+    # The datasets made from this one by adding labels, newest first.
+    made_from = list(db.execute(
+        select(Dataset.id, Dataset.name, Dataset.labels_added)
+        .where(Dataset.derived_from_id == dataset.id)
+        .order_by(Dataset.id.desc()).limit(DERIVED_SHOWN + 1)))
     # What a delete takes with it is counted when Delete is clicked (upload.js).
     return render(
         request, "dataset.html", dataset=dataset, source=source,
+        made_from=made_from[:DERIVED_SHOWN], more_made_from=len(made_from) > DERIVED_SHOWN,
         source_experiments=source_experiments, source_experiments_shown=SOURCE_EXPERIMENTS_SHOWN,
         classes=classes,
         totals={"train": sum(c["train"] for c in classes), "test": sum(c["test"] for c in classes)},

@@ -664,3 +664,46 @@ def test_an_experiment_on_a_dataset_with_labels_added_compares_with_the_one_befo
         page.goto(f"{server.url}/experiments/{other}")  # other settings: nothing since
         assert page.locator("#compare-after, #compare-before").count() == 0
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_unlabeled_images_on_the_dataset_page_are_labeled_there(server: LiveServer,
+                                                                 request) -> None:
+    """Labels could be added to a dataset's images only as a CSV, or under a run's Label next:
+    a dataset not yet trained on could not be labeled in the browser. Its unlabeled images
+    each have a class to choose, 24 at a time."""
+    unlabeled = {f"unlabeled/w{n:02}.png": image_bytes(8_000 + n) for n in range(30)}
+    with server.client() as client:
+        uploaded = upload(client, zip_bytes({**class_entries(("cat", "dog")), **unlabeled}),
+                          name="fresh")
+    assert uploaded.status_code == 201, uploaded.text
+    dataset_id = uploaded.json()["id"]
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/datasets/{dataset_id}")
+        figures = page.locator("#unlabeled-thumbs figure")
+        expect(figures).to_have_count(24)
+        assert page.inner_text("#unlabeled-note") == (
+            "Give some of them a class to make a dataset with those labels (24 of 30 shown).")
+        page.select_option("select[aria-label='Label of unlabeled/w00.png']", "dog")
+        page.click("#unlabeled-more")
+        expect(figures).to_have_count(30)
+        assert page.is_hidden("#unlabeled-more")
+        assert page.inner_text("#unlabeled-note").endswith("(30 of 30 shown).")
+        # Opened larger, the last image takes its class by key.
+        page.click("#unlabeled-thumbs figure a.enlarge >> nth=29")
+        assert page.inner_text("#viewer-caption") == "unlabeled/w29.png"
+        page.keyboard.press("1")
+        page.keyboard.press("Escape")
+        assert page.inner_text("#label-images-form span") == (
+            "2 labeled: the new dataset has the same images and test split")
+        browser.screenshot("labeled")
+        page.click("#label-images-form button[type=submit]")
+        page.wait_for_selector("#derived-from")
+        assert page.inner_text("h1") == "fresh + 2 labels"
+        browser.assert_no_errors()
+    view, unlabeled_left = training_view(server, int(page.url.rsplit("/", 1)[1]))
+    assert (unlabeled["unlabeled/w00.png"], 1) in view["train"]
+    assert (unlabeled["unlabeled/w29.png"], 0) in view["train"]
+    assert len(unlabeled_left) == 28

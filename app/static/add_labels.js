@@ -1,7 +1,10 @@
-// Add labels, on a dataset's page (and under a run's Label next): the chosen CSV goes to POST
-// /api/datasets/{id}/labels, and the page of the new dataset it makes opens; a refusal shows
-// under the form, which keeps the file and the name for another try.
-import { failure, getJSON } from "/static/charts.js";
+// Add labels, on a dataset's page (and under a run's Label next): the chosen CSV, or the
+// classes chosen under the images, go to POST /api/datasets/{id}/labels, and the page of the
+// new dataset they make opens; a refusal shows under the form, which keeps what was chosen for
+// another try.
+import { failure, getJSON, h } from "/static/charts.js";
+
+const IMAGES_SHOWN = 24; // unlabeled images on a dataset's page at first, and at each "Show more"
 
 // The Idempotency-Key of one set of labels: sent again with the same labels (the first answer
 // lost to the network, say), it opens the dataset the first try made instead of making a
@@ -61,4 +64,97 @@ export function labelAdder(datasetId) {
       send.disabled = false;
     }
   });
+}
+
+// The class a person gives an image, under its thumbnail: none at first (a caption above it
+// may be the model's guess, not a label), or the one `given` it already (path -> class).
+export const labelChoice = (path, classNames, given) => h("select", { class: "give-label", "aria-label": `Label of ${path}` },
+  h("option", { value: "" }, "label…"),
+  ...classNames.map((name) => h("option", { value: name, selected: given.get(path) === name }, name)));
+
+const csvCell = (text) => (/[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text);
+
+// The labels `given` (path -> class) make a new dataset of `datasetId`, as Add labels does,
+// whose page then opens. `watch` each choice as it is shown.
+export function labelingForm(datasetId, given, id) {
+  const send = h("button", { type: "submit", disabled: true }, "Make a dataset with these labels");
+  const note = h("span", { class: "muted", "aria-live": "polite" });
+  const error = h("p", { class: "field-error", role: "alert", hidden: true });
+  const form = h("form", { class: "add-labels", id }, send, note, error);
+  const key = labelsKey();
+  const watch = (choice, path) => choice.addEventListener("change", () => {
+    if (choice.value) given.set(path, choice.value);
+    else given.delete(path);
+    key.renew();
+    send.disabled = given.size === 0;
+    note.textContent = given.size ? `${given.size} labeled: the new dataset has the same images and test split` : "";
+  });
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (send.disabled) return;
+    send.disabled = true;
+    error.hidden = true;
+    const csv = ["path,label", ...[...given].map((cells) => cells.map(csvCell).join(","))].join("\n");
+    const body = new FormData();
+    body.append("file", new Blob([csv + "\n"], { type: "text/csv" }), "labels.csv");
+    try {
+      await makeLabeledDataset(datasetId, body, key);
+    } catch (problem) {
+      error.replaceChildren(...failure("Could not make the dataset", problem));
+      error.hidden = false;
+      send.disabled = false;
+    }
+  });
+  return { form, watch };
+}
+
+// The dataset page's unlabeled images, in storage order, each with a class to choose (the
+// page shows the first few without it): IMAGES_SHOWN at a time, and the labels chosen make a
+// new dataset. The images a run ranks (Label next) are the ones worth labeling first; this
+// is for labeling any of them.
+export function imageLabeler(datasetId, classNames) {
+  const box = document.getElementById("unlabeled-thumbs");
+  if (!box) return; // no unlabeled image
+  const given = new Map();
+  const { form, watch } = labelingForm(datasetId, given, "label-images-form");
+  const more = h("button", { type: "button", class: "secondary", id: "unlabeled-more", "data-more": "" });
+  const rest = h("p", { class: "muted", id: "unlabeled-rest" });
+  const error = h("p", { class: "field-error", role: "alert", hidden: true });
+  let shown = 0;
+  let total = Infinity;
+  const image = (item) => {
+    const src = `/api/datasets/${datasetId}/images/${item.id}/thumbnail`;
+    const name = item.original_path.split("/").pop();
+    const choice = labelChoice(item.original_path, classNames, given);
+    watch(choice, item.original_path);
+    return h("figure", { class: "thumb", title: item.original_path },
+      h("a", { class: "enlarge", href: `${src}?size=512`, target: "_blank", rel: "noopener" },
+        h("img", { src, alt: name, loading: "lazy", width: 72, height: 72 })),
+      h("figcaption", {}, h("span", { class: "label" }, name)), choice);
+  };
+  const showMore = async () => {
+    more.disabled = true;
+    try {
+      const page = await getJSON(`/api/datasets/${datasetId}/images?split=unlabeled&limit=${IMAGES_SHOWN}&offset=${shown}`);
+      total = page.total;
+      if (shown === 0) box.replaceChildren(rest, form); // the first ones, now with a choice each
+      rest.before(...page.items.map(image));
+      shown += page.items.length;
+      error.hidden = true;
+    } catch (problem) {
+      error.replaceChildren(...failure("Could not show more images", problem));
+      error.hidden = false;
+    }
+    more.disabled = false;
+    const left = total - shown;
+    more.textContent = `Show ${Math.min(left, IMAGES_SHOWN)} more`;
+    rest.replaceChildren(...(left > 0 ? [more] : []), error);
+    document.getElementById("unlabeled-note").textContent = `Give some of them a class to make a dataset with those labels (${shown.toLocaleString("en-US")} of ${total.toLocaleString("en-US")} shown).`;
+  };
+  more.addEventListener("click", async () => {
+    const first = shown;
+    await showMore();
+    box.querySelectorAll("select.give-label")[first]?.focus(); // on to the first new image
+  });
+  showMore();
 }

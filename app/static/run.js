@@ -3,7 +3,7 @@ import {
   barChart, bytes, count, duration, failure, follow, getJSON, h, handFocus, isNumber, onRestored,
   pageData, pct, setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, tabTitle, TERMINAL,
 } from "/static/charts.js";
-import { labelsKey, makeLabeledDataset } from "/static/add_labels.js";
+import { labelChoice, labelingForm } from "/static/add_labels.js";
 import { onSession } from "/static/session.js";
 import { localTime } from "/static/times.js";
 
@@ -901,7 +901,7 @@ async function drawLabelNext(run, classNames) {
   if (rows.length) {
     // The labels given, by image path: they stay through another order and "Show more".
     const given = new Map();
-    const { form, watch } = labelingForm(run, given);
+    const { form, watch } = labelingForm(run.dataset_id, given, "label-next-form");
     const order = h("select", { id: "label-next-order" },
       h("option", { value: "margin" }, "the least certain first"),
       h("option", { value: "spread" }, "the least certain of each predicted class in turn"));
@@ -914,7 +914,7 @@ async function drawLabelNext(run, classNames) {
       const next = rows.slice(shown.length, shown.length + LABEL_NEXT_SHOWN);
       shown = shown.concat(next);
       rest.before(...next.map((row) => {
-        const choice = labelChoice(row, classNames, given);
+        const choice = labelChoice(row.path, classNames, given);
         watch(choice, row.path);
         return thumbnail(run)(row, choice);
       }));
@@ -979,49 +979,6 @@ const thumbnail = (run) => (row, choice = null) => h("figure", { class: "thumb",
     : h("span", { class: "muted" }, row.path),
   h("figcaption", {}, h("span", { class: "label" }, row.label),
     h("span", { class: "margin" }, `margin ${marginText(Number(row.margin))}`)), choice);
-
-// The class a person gives an image to label next, under its thumbnail: none at first (the
-// model's guess is the caption above, not a label), or the one `given` it already.
-const labelChoice = (row, classNames, given) => h("select", { class: "give-label", "aria-label": `Label of ${row.path}` },
-  h("option", { value: "" }, "label…"),
-  ...classNames.map((name) => h("option", { value: name, selected: given.get(row.path) === name }, name)));
-
-const csvCell = (text) => (/[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text);
-
-// The labels `given` (path -> class) make a new dataset, as the dataset page's Add labels
-// does, whose page then opens. `watch` each choice as it is shown.
-function labelingForm(run, given) {
-  const send = h("button", { type: "submit", disabled: true }, "Make a dataset with these labels");
-  const note = h("span", { class: "muted", "aria-live": "polite" });
-  const error = h("p", { class: "field-error", role: "alert", hidden: true });
-  const chosen = () => [...given];
-  const form = h("form", { class: "add-labels", id: "label-next-form" }, send, note, error);
-  const key = labelsKey();
-  const watch = (choice, path) => choice.addEventListener("change", () => {
-    if (choice.value) given.set(path, choice.value);
-    else given.delete(path);
-    key.renew();
-    send.disabled = given.size === 0;
-    note.textContent = given.size ? `${given.size} labeled: the new dataset has the same images and test split` : "";
-  });
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    if (send.disabled) return;
-    send.disabled = true;
-    error.hidden = true;
-    const csv = ["path,label", ...chosen().map((cells) => cells.map(csvCell).join(","))].join("\n");
-    const body = new FormData();
-    body.append("file", new Blob([csv + "\n"], { type: "text/csv" }), "labels.csv");
-    try {
-      await makeLabeledDataset(run.dataset_id, body, key);
-    } catch (problem) {
-      error.replaceChildren(...failure("Could not make the dataset", problem));
-      error.hidden = false;
-      send.disabled = false;
-    }
-  });
-  return { form, watch };
-}
 
 async function drawDownloads(run, classNames) {
   const predictions = run.artifacts.find((a) => a.name === "predictions.csv");

@@ -687,7 +687,12 @@ def test_unlabeled_images_on_the_dataset_page_are_labeled_there(server: LiveServ
         assert page.inner_text("#unlabeled-note") == (
             "Give some of them a class to make a dataset with those labels (24 of 30 shown).")
         page.select_option("select[aria-label='Label of unlabeled/w00.png']", "dog")
-        page.click("#unlabeled-more")
+        # Opened larger, the last image shown goes on into those the server sends next.
+        page.click("#unlabeled-thumbs figure a.enlarge >> nth=23")
+        page.keyboard.press("ArrowRight")
+        expect(page.locator("#viewer-position")).to_have_text("25 of 30")
+        assert page.inner_text("#viewer-caption") == "unlabeled/w24.png"
+        page.keyboard.press("Escape")
         expect(figures).to_have_count(30)
         assert page.is_hidden("#unlabeled-more")
         assert page.inner_text("#unlabeled-note").endswith("(30 of 30 shown).")

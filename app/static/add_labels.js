@@ -133,6 +133,7 @@ export function imageLabeler(datasetId, classNames) {
       h("figcaption", {}, h("span", { class: "label" }, name)), choice);
   };
   const showMore = async () => {
+    if (more.disabled) return; // asked already: the same images would come twice
     more.disabled = true;
     try {
       const page = await getJSON(`/api/datasets/${datasetId}/images?split=unlabeled&limit=${IMAGES_SHOWN}&offset=${shown}`);

@@ -66,13 +66,29 @@ function build() {
     choiceBox.replaceChildren(copy, state.keys.length ? make("small", { className: "muted" },
       `Keys: ${classes.map((name, i) => `${DIGITS[i]}\u00a0${name}`).join(", ")} (and on to the next)`) : "");
   }
-  const go = (step) => {
+  const linksNow = () => [...state.group.querySelectorAll("a.enlarge")];
+  // Past the last image shown, "Show more" is pressed, and the images it adds (at once, or
+  // once the server sends them) are waited for, 10 s at most.
+  const shownMore = (before) => new Promise((resolve) => {
+    if (!moreButton()?.disabled) moreButton()?.click(); // disabled: already asked
+    const grew = () => linksNow().length > before;
+    if (grew()) return resolve();
+    const watching = new MutationObserver(() => grew() && done());
+    const timer = setTimeout(() => done(), 10000);
+    function done() {
+      watching.disconnect();
+      clearTimeout(timer);
+      resolve();
+    }
+    watching.observe(state.group, { childList: true, subtree: true });
+  });
+  const go = async (step) => {
     const index = state.index + step;
     if (index === state.links.length && moreButton()) {
-      moreButton().click();
-      state.links = [...state.group.querySelectorAll("a.enlarge")];
+      await shownMore(state.links.length);
+      state.links = linksNow();
     }
-    if (index >= 0 && index < state.links.length) show(index);
+    if (index >= 0 && index < state.links.length && dialog.open) show(index);
   };
   previous.addEventListener("click", () => go(-1));
   next.addEventListener("click", () => go(1));
@@ -107,7 +123,7 @@ document.addEventListener("click", (event) => {
   event.preventDefault();
   viewer ??= build();
   viewer.state.group = link.closest(".thumbs") ?? document;
-  viewer.state.links = [...viewer.state.group.querySelectorAll("a.enlarge")];
+  viewer.state.links = [...viewer.state.group.querySelectorAll("a.enlarge")]; // as linksNow
   viewer.show(viewer.state.links.indexOf(link));
   if (!viewer.dialog.open) viewer.dialog.showModal();
   viewer.dialog.querySelector("#viewer-next:not(:disabled), #viewer-close").focus();

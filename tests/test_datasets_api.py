@@ -316,7 +316,8 @@ def test_the_dataset_page_says_when_its_thumbnails_are_the_first_few(
     assert f'({cat["train"]} train: the first 12)' in page
     dog = next(item for item in dataset["classes"] if item["name"] == "dog")
     assert f'({dog["train"]} train)' in page
-    assert re.search(r'Unlabeled images: 14</h2>\s*<p class="muted">The first 12\.</p>', page)
+    assert re.search(r'Unlabeled images: 14</h2>\s*<p class="muted" id="unlabeled-note">The '
+                     r'first 12\.</p>', page)
     assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
 
 

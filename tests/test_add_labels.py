@@ -40,10 +40,29 @@ UNLABELED = {f"unlabeled/u{n}.png": image_bytes(5_000 + n) for n in range(4)}
 ENTRIES = {**class_entries(("cat", "dog"), per_class=3), **UNLABELED}
 
 
-def labels(client, dataset_id: int, text: str | bytes, name: str | None = None):
+def labels(client, dataset_id: int, text: str | bytes, name: str | None = None,
+           headers: dict | None = None):
     data = {"name": name} if name is not None else None
     return client.post(f"/api/datasets/{dataset_id}/labels",
-                       files={"file": ("labels.csv", text)}, data=data)
+                       files={"file": ("labels.csv", text)}, data=data, headers=headers)
+
+
+def run_ranking_unlabeled(server: LiveServer, dataset_id: int, margins=None
+                          ) -> tuple[int, list[tuple[int, str]]]:
+    """A succeeded run on the dataset whose predictions.csv ranks its unlabeled images, in
+    storage order (margins 0.2, 0.3, ... unless `margins(n)` gives the n-th): its id, and the
+    images' (id, path)."""
+    with server.client() as client:
+        _, (run_id, *_) = start_sweep(client, dataset_id, seeds=[0])
+        unlabeled = client.get(f"/api/datasets/{dataset_id}/images",
+                               params={"split": "unlabeled"}).json()["items"]
+    images = sorted((image["id"], image["original_path"]) for image in unlabeled)
+    record_predictions(server.data_dir, server.database_url, run_id, [""] * len(images),
+                       images=images, margins=None if margins is None
+                       else [margins(n) for n in range(len(images))])
+    end_as_worker(server.database_url, redis.Redis.from_url(server.redis_url), run_id,
+                  "succeeded")
+    return run_id, images
 
 
 @pytest.fixture
@@ -249,15 +268,7 @@ def test_labels_chosen_under_label_next_on_a_run_page_make_a_new_dataset(
 ) -> None:
     """A run's Label next offers a class under each image to label; the labels chosen there
     make a new dataset, as a CSV on the dataset page does."""
-    with server.client() as client:
-        _, (run_id, *_) = start_sweep(client, photos["id"], seeds=[0])
-        unlabeled = client.get(f"/api/datasets/{photos['id']}/images",
-                               params={"split": "unlabeled"}).json()["items"]
-    images = [(image["id"], image["original_path"]) for image in unlabeled]
-    record_predictions(server.data_dir, server.database_url, run_id, [""] * len(images),
-                       images=images)
-    end_as_worker(server.database_url, redis.Redis.from_url(server.redis_url), run_id,
-                  "succeeded")
+    run_id, images = run_ranking_unlabeled(server, photos["id"])
 
     with open_browser(request.node.name) as browser:
         page = browser.page
@@ -309,13 +320,11 @@ def test_a_retry_with_the_same_idempotency_key_gets_the_dataset_the_first_reques
         server: LiveServer, photos: dict) -> None:
     """A script whose answer was lost (a timeout) and that sends its labels again made a
     second, identical dataset. With an Idempotency-Key it gets the first one back."""
-    url = f"/api/datasets/{photos['id']}/labels"
     csv = b"unlabeled/u0.png,cat\n"
     key = {"Idempotency-Key": f"labels-{photos['id']}"}
 
     def send(text: bytes, headers: dict, name: str | None = None):
-        return client.post(url, files={"file": ("labels.csv", text)}, headers=headers,
-                           data={"name": name} if name is not None else None)
+        return labels(client, photos["id"], text, name, headers)
 
     with server.client() as client:
         first = send(csv, key)
@@ -435,15 +444,7 @@ def test_images_to_label_open_larger_and_digit_keys_label_them_one_after_another
     """A 72 px thumbnail is too small to label a photo by, and its larger view opened in a new
     tab, away from the choice. It opens on the page now, with the choice, and a digit key
     chooses a class and goes on to the next image."""
-    with server.client() as client:
-        _, (run_id, *_) = start_sweep(client, photos["id"], seeds=[0])
-        unlabeled = client.get(f"/api/datasets/{photos['id']}/images",
-                               params={"split": "unlabeled"}).json()["items"]
-    images = [(image["id"], image["original_path"]) for image in unlabeled]
-    record_predictions(server.data_dir, server.database_url, run_id, [""] * len(images),
-                       images=images)
-    end_as_worker(server.database_url, redis.Redis.from_url(server.redis_url), run_id,
-                  "succeeded")
+    run_id, images = run_ranking_unlabeled(server, photos["id"])
 
     with open_browser(request.node.name) as browser:
         page = browser.page
@@ -508,16 +509,8 @@ def test_the_larger_view_labels_ten_classes_by_key_and_goes_on_into_images_not_y
                **{f"unlabeled/v{n:02}.png": image_bytes(7_000 + n) for n in range(30)}}
     with server.client() as client:
         uploaded = upload(client, zip_bytes(entries), name="ten")
-        assert uploaded.status_code == 201, uploaded.text
-        dataset_id = uploaded.json()["id"]
-        _, (run_id, *_) = start_sweep(client, dataset_id, seeds=[0])
-        unlabeled = client.get(f"/api/datasets/{dataset_id}/images",
-                               params={"split": "unlabeled"}).json()["items"]
-    images = sorted((image["id"], image["original_path"]) for image in unlabeled)
-    record_predictions(server.data_dir, server.database_url, run_id, [""] * len(images),
-                       images=images, margins=[n / 100 for n in range(len(images))])
-    end_as_worker(server.database_url, redis.Redis.from_url(server.redis_url), run_id,
-                  "succeeded")
+    assert uploaded.status_code == 201, uploaded.text
+    run_id, _ = run_ranking_unlabeled(server, uploaded.json()["id"], margins=lambda n: n / 100)
 
     with open_browser(request.node.name) as browser:
         page = browser.page

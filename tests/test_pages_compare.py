@@ -128,16 +128,23 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
         404, {"detail": "experiment 999999 does not exist"})
 
 
+def add_sweeps(database_url: str, count: int) -> dict[str, int]:
+    """`count` experiments named "sweep 0", "sweep 1", ... (oldest first) on a dataset of their
+    own, without runs; their ids by name."""
+    dataset_id = add_dataset_row(database_url)
+    with session_scope(database_url) as session:
+        session.add_all(Experiment(name=f"sweep {number}", dataset_id=dataset_id, backbone="b",
+                                   methods=["fine-tune"], budgets=[0.5], seeds=[0],
+                                   preset="quick") for number in range(count))
+    with session_scope(database_url) as session:
+        return {experiment.name: experiment.id for experiment in session.query(Experiment)
+                if experiment.dataset_id == dataset_id}
+
+
 def test_experiments_ticked_on_two_pages_of_the_list_are_compared_together(live_server, request):
     """The list shows 100 experiments a page, and a tick was lost with its page: two
     experiments 100 apart could not be compared from the list. Ticks are kept for the tab."""
-    dataset_id = add_dataset_row(live_server.database_url)
-    with session_scope(live_server.database_url) as session:
-        session.add_all(Experiment(name=f"sweep {number}", dataset_id=dataset_id, backbone="b",
-                                   methods=["fine-tune"], budgets=[0.5], seeds=[0],
-                                   preset="quick") for number in range(101))
-    with session_scope(live_server.database_url) as session:
-        ids = {experiment.name: experiment.id for experiment in session.query(Experiment)}
+    ids = add_sweeps(live_server.database_url, 101)
     newest, oldest = ids["sweep 100"], ids["sweep 0"]
 
     with open_browser(request.node.name) as browser:
@@ -172,13 +179,7 @@ def test_ticks_of_deleted_experiments_are_forgotten_and_left_out_of_the_comparis
         live_server, request):
     """Ticks are kept for the tab, so one may outlive its experiment: comparing it answered a
     404 for the whole comparison, and the list kept showing it ticked."""
-    dataset_id = add_dataset_row(live_server.database_url)
-    with session_scope(live_server.database_url) as session:
-        session.add_all(Experiment(name=f"sweep {number}", dataset_id=dataset_id, backbone="b",
-                                   methods=["fine-tune"], budgets=[0.5], seeds=[0],
-                                   preset="quick") for number in range(103))
-    with session_scope(live_server.database_url) as session:
-        ids = {experiment.name: experiment.id for experiment in session.query(Experiment)}
+    ids = add_sweeps(live_server.database_url, 103)
 
     def delete(name: str) -> None:
         with live_server.client() as client:

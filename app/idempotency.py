@@ -15,10 +15,12 @@ from datetime import datetime
 from typing import Annotated, Protocol, TypeVar
 
 import redis
-from fastapi import Header
+from fastapi import Header, Response
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from app.experiments import as_utc
+from app.schemas import ErrorOut
 
 KEY_TTL_S = 24 * 3600  # how long a key names what it made
 CLAIM_TTL_S = 120  # how long a request may hold a key without saying it still works on it
@@ -37,6 +39,27 @@ IdempotencyKey = Annotated[str | None, Header(
     description="any string of yours (a UUID, say): a retry with the same key and request "
     "within a day gets what the first request made (with Idempotent-Replayed: true) instead "
     "of making it again, or a 410 once that has been deleted")]
+
+
+def keyed_answers(model: type[BaseModel], noun: str, sent: str) -> dict:
+    """The OpenAPI answers a route that takes an Idempotency-Key gives besides its own, for
+    the `noun` it makes from the request (`sent`: "body", "form")."""
+    return {
+        200: {"model": model, "description": f"the {noun} an earlier request with this "
+              f"Idempotency-Key and the same {sent} made (Idempotent-Replayed: true)"},
+        409: {"model": ErrorOut, "description": "the first request with this Idempotency-Key "
+              "is still being handled"},
+        410: {"model": ErrorOut, "description": f"the {noun} the first request with this "
+              "Idempotency-Key made was deleted since: nothing is made (a new key makes it "
+              "again)"},
+    }
+
+
+def replayed(response: Response, location: str) -> None:
+    """Answer what an earlier request with the key made: 200, Idempotent-Replayed."""
+    response.status_code = 200
+    response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = location
 
 
 class KeyRefused(Exception):

@@ -156,13 +156,7 @@ MULTIPART_ANSWERS = {
 
 # What a route that takes an Idempotency-Key may answer besides what it makes.
 KEYED_ANSWERS = {
-    200: {"model": DatasetOut, "description": "the dataset an earlier request with this "
-          "Idempotency-Key and the same form made (Idempotent-Replayed: true)"},
-    409: {"model": ErrorOut, "description": "the first request with this Idempotency-Key is "
-          "still being handled"},
-    410: {"model": ErrorOut, "description": "the dataset the first request with this "
-          "Idempotency-Key made was deleted since: nothing is made (a new key makes it "
-          "again)"},
+    **idempotency.keyed_answers(DatasetOut, "dataset", "form"),
     503: {"model": ErrorOut, "description": "an Idempotency-Key was sent and Redis, which "
           "keeps them, is not reachable: nothing is made"},
 }
@@ -195,9 +189,7 @@ async def made_before(db: Session, live: redis.Redis, key: str | None, path: Pat
 
 
 async def replayed(db: Session, response: Response, dataset: Dataset) -> DatasetOut:
-    response.status_code = 200
-    response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/api/datasets/{dataset.id}"
+    idempotency.replayed(response, f"/api/datasets/{dataset.id}")
     return await run_in_threadpool(summary, db, dataset)
 
 

@@ -108,13 +108,7 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
 
 
 @router.post("", status_code=201, response_model=ExperimentOut, responses={
-    200: {"model": ExperimentOut, "description": "the experiment an earlier request with this "
-          "Idempotency-Key and body made (Idempotent-Replayed: true)"},
-    409: {"model": ErrorOut, "description": "the first request with this Idempotency-Key is "
-          "still being handled"},
-    410: {"model": ErrorOut, "description": "the experiment the first request with this "
-          "Idempotency-Key made was deleted since: nothing is made (a new key starts it "
-          "again)"},
+    **idempotency.keyed_answers(ExperimentOut, "experiment", "body"),
     422: {"model": FieldErrorsOut, "description": "what to fix in the body (or the "
           "Idempotency-Key, sent before with another body)"},
     503: {"model": ErrorOut, "description": "the queue (Redis) is not reachable: the runs are "
@@ -134,9 +128,7 @@ def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
                 raise unprocessable("Idempotency-Key", exc.message, "header") from None
             raise HTTPException(exc.status_code, detail=exc.message) from None
         if experiment is not None:
-            response.status_code = 200
-            response.headers["Idempotent-Replayed"] = "true"
-            response.headers["Location"] = f"/api/experiments/{experiment.id}"
+            idempotency.replayed(response, f"/api/experiments/{experiment.id}")
             return experiment_out(experiment)
     try:
         try:

@@ -108,6 +108,29 @@ export function labelingForm(datasetId, given, id) {
   return { form, watch };
 }
 
+// An image to label, as a run's Label next and a dataset's page show it: its thumbnail (`src`;
+// clicked, it opens larger: viewer.js), or its path where it has none, a `caption` and its
+// class `choice`.
+export const labelFigure = ({ src, path, alt, title }, caption, choice = null) => h("figure", { class: "thumb", title },
+  src
+    ? h("a", { class: "enlarge", href: `${src}?size=512`, target: "_blank", rel: "noopener" },
+      h("img", { src, alt, loading: "lazy", width: 72, height: 72 }))
+    : h("span", { class: "muted" }, path),
+  h("figcaption", {}, ...caption), choice);
+
+// "Show N more" under images to label (data-more: the larger view presses it too): `showMore`
+// adds the next ones to `box`, at once or once the server sends them, and the keyboard then
+// goes on to the first new image's choice.
+export function showMoreButton(id, box, showMore) {
+  const more = h("button", { type: "button", class: "secondary", id, "data-more": "" });
+  more.addEventListener("click", async () => {
+    const first = box.querySelectorAll("select.give-label").length;
+    await showMore();
+    box.querySelectorAll("select.give-label")[first]?.focus();
+  });
+  return more;
+}
+
 // The dataset page's unlabeled images, in storage order, each with a class to choose (the
 // page shows the first few without it): IMAGES_SHOWN at a time, and the labels chosen make a
 // new dataset. The images a run ranks (Label next) are the ones worth labeling first; this
@@ -117,20 +140,18 @@ export function imageLabeler(datasetId, classNames) {
   if (!box) return; // no unlabeled image
   const given = new Map();
   const { form, watch } = labelingForm(datasetId, given, "label-images-form");
-  const more = h("button", { type: "button", class: "secondary", id: "unlabeled-more", "data-more": "" });
+  const more = showMoreButton("unlabeled-more", box, () => showMore());
   const rest = h("p", { class: "muted", id: "unlabeled-rest" });
   const error = h("p", { class: "field-error", role: "alert", hidden: true });
   let shown = 0;
   let total = Infinity;
   const image = (item) => {
-    const src = `/api/datasets/${datasetId}/images/${item.id}/thumbnail`;
-    const name = item.original_path.split("/").pop();
-    const choice = labelChoice(item.original_path, classNames, given);
-    watch(choice, item.original_path);
-    return h("figure", { class: "thumb", title: item.original_path },
-      h("a", { class: "enlarge", href: `${src}?size=512`, target: "_blank", rel: "noopener" },
-        h("img", { src, alt: name, loading: "lazy", width: 72, height: 72 })),
-      h("figcaption", {}, h("span", { class: "label" }, name)), choice);
+    const path = item.original_path;
+    const name = path.split("/").pop();
+    const choice = labelChoice(path, classNames, given);
+    watch(choice, path);
+    return labelFigure({ src: `/api/datasets/${datasetId}/images/${item.id}/thumbnail`, path, alt: name, title: path },
+      [h("span", { class: "label" }, name)], choice);
   };
   const showMore = async () => {
     if (more.disabled) return; // asked already: the same images would come twice
@@ -152,10 +173,5 @@ export function imageLabeler(datasetId, classNames) {
     rest.replaceChildren(...(left > 0 ? [more] : []), error);
     document.getElementById("unlabeled-note").textContent = `Give some of them a class to make a dataset with those labels (${shown.toLocaleString("en-US")} of ${total.toLocaleString("en-US")} shown).`;
   };
-  more.addEventListener("click", async () => {
-    const first = shown;
-    await showMore();
-    box.querySelectorAll("select.give-label")[first]?.focus(); // on to the first new image
-  });
   showMore();
 }

@@ -3,7 +3,7 @@ import {
   barChart, bytes, count, duration, failure, follow, getJSON, h, handFocus, isNumber, onRestored,
   pageData, pct, setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, tabTitle, TERMINAL,
 } from "/static/charts.js";
-import { labelChoice, labelingForm } from "/static/add_labels.js";
+import { labelChoice, labelFigure, labelingForm, showMoreButton } from "/static/add_labels.js";
 import { onSession } from "/static/session.js";
 import { localTime } from "/static/times.js";
 
@@ -888,7 +888,9 @@ async function drawLabelNext(run, classNames) {
   if (!run.artifacts.some((a) => a.name === "predictions.csv")) return missing();
   const ranking = (order) => `/api/runs/${run.id}/label-next.csv${order === "spread" ? "?order=spread" : ""}`;
   const read = async (order) => {
-    const response = await fetch(`${ranking(order)}${order === "spread" ? "&" : "?"}limit=${LABEL_NEXT_READ}`);
+    const url = new URL(ranking(order), location.href);
+    url.searchParams.set("limit", LABEL_NEXT_READ);
+    const response = await fetch(url);
     if (!response.ok) throw new Error(response.statusText);
     return parseCsv(await response.text());
   };
@@ -907,29 +909,24 @@ async function drawLabelNext(run, classNames) {
       h("option", { value: "spread" }, "the least certain of each predicted class in turn"));
     const orderRow = h("p", { id: "label-next-order-row" }, h("label", { for: "label-next-order" }, "Order: "), order);
     // LABEL_NEXT_SHOWN at first, as many more at each "Show more", each with its choice.
-    let shown = [];
-    const more = h("button", { type: "button", class: "secondary", id: "label-next-more", "data-more": "" });
+    let shown = 0;
+    const more = showMoreButton("label-next-more", box, () => showMore());
     const rest = h("p", { class: "muted", id: "label-next-rest" });
     const showMore = () => {
-      const next = rows.slice(shown.length, shown.length + LABEL_NEXT_SHOWN);
-      shown = shown.concat(next);
+      const next = rows.slice(shown, shown + LABEL_NEXT_SHOWN);
+      shown += next.length;
       rest.before(...next.map((row) => {
         const choice = labelChoice(row.path, classNames, given);
         watch(choice, row.path);
         return thumbnail(run)(row, choice);
       }));
-      const left = rows.length - shown.length;
+      const left = rows.length - shown;
       more.textContent = `Show ${Math.min(left, LABEL_NEXT_SHOWN)} more`;
       // Those past the first LABEL_NEXT_READ are in the CSV only.
       rest.hidden = left === 0 && rows.length < LABEL_NEXT_READ;
-      rest.replaceChildren(...(left ? [more] : [`These are the first ${shown.length}; the rest are in `,
+      rest.replaceChildren(...(left ? [more] : [`These are the first ${shown}; the rest are in `,
         h("a", { href: ranking(order.value) }, "the CSV"), "."]));
     };
-    more.addEventListener("click", () => {
-      const first = shown.length;
-      showMore();
-      box.querySelectorAll("select.give-label")[first]?.focus(); // on to the first new image
-    });
     order.addEventListener("change", async () => {
       order.disabled = true;
       try {
@@ -939,7 +936,7 @@ async function drawLabelNext(run, classNames) {
       }
       order.disabled = false;
       box.querySelectorAll("figure").forEach((figure) => figure.remove());
-      shown = [];
+      shown = 0;
       showMore();
     });
     box.replaceChildren(orderRow, rest, form,
@@ -969,16 +966,13 @@ const marginText = (margin) => (margin === 0 || !(margin < 0.01) ? pct(margin, 0
 // hover), and the `choice` of a label for it where it has none; clicked, the image opens
 // larger (512 px), to tell what it shows. A long label is cut to the thumbnail's width, the
 // margin never: cut, "margin 100%" read "margin 10…".
-const imageUrl = (run, row) => `/api/datasets/${run.dataset_id}/images/${row.image_id}/thumbnail`;
-const thumbnail = (run) => (row, choice = null) => h("figure", { class: "thumb",
+const thumbnail = (run) => (row, choice = null) => labelFigure({
+  src: row.image_id ? `/api/datasets/${run.dataset_id}/images/${row.image_id}/thumbnail` : null,
+  path: row.path, alt: row.path,
   title: `${row.path}: ${row.label}, confidence ${pct(Number(row.confidence), 0)}`
-    + (row.hidden_label ? `; labeled ${row.hidden_label}` : "") },
-  row.image_id
-    ? h("a", { class: "enlarge", href: `${imageUrl(run, row)}?size=512`, target: "_blank", rel: "noopener" },
-      h("img", { src: imageUrl(run, row), alt: row.path, loading: "lazy", width: 72, height: 72 }))
-    : h("span", { class: "muted" }, row.path),
-  h("figcaption", {}, h("span", { class: "label" }, row.label),
-    h("span", { class: "margin" }, `margin ${marginText(Number(row.margin))}`)), choice);
+    + (row.hidden_label ? `; labeled ${row.hidden_label}` : ""),
+}, [h("span", { class: "label" }, row.label),
+  h("span", { class: "margin" }, `margin ${marginText(Number(row.margin))}`)], choice);
 
 async function drawDownloads(run, classNames) {
   const predictions = run.artifacts.find((a) => a.name === "predictions.csv");

@@ -114,7 +114,15 @@ function build() {
     } else return;
     event.preventDefault();
   });
-  return { dialog, state, show };
+  // Opens on `link`, among the thumbnails around it (its .thumbs box).
+  const open = (link) => {
+    state.group = link.closest(".thumbs") ?? document;
+    state.links = linksNow();
+    show(state.links.indexOf(link));
+    if (!dialog.open) dialog.showModal();
+    (next.disabled ? close : next).focus();
+  };
+  return { open };
 }
 
 document.addEventListener("click", (event) => {
@@ -122,9 +130,5 @@ document.addEventListener("click", (event) => {
   if (!link || event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey || event.altKey) return;
   event.preventDefault();
   viewer ??= build();
-  viewer.state.group = link.closest(".thumbs") ?? document;
-  viewer.state.links = [...viewer.state.group.querySelectorAll("a.enlarge")]; // as linksNow
-  viewer.show(viewer.state.links.indexOf(link));
-  if (!viewer.dialog.open) viewer.dialog.showModal();
-  viewer.dialog.querySelector("#viewer-next:not(:disabled), #viewer-close").focus();
+  viewer.open(link);
 });

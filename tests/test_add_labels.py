@@ -248,6 +248,7 @@ def test_add_labels_on_the_dataset_page_opens_the_new_dataset(
         browser.screenshot("made")
         # The first dataset links the datasets made from it.
         page.click("#derived-from a")
+        page.wait_for_url(f"**/datasets/{photos['id']}")
         assert " ".join(page.inner_text("#made-from-this").split()) == (
             "Made from this one with labels added: photos, one more dog (+1).")
         page.click("#made-from-this a")

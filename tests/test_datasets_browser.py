@@ -174,6 +174,7 @@ def test_every_class_of_a_dataset_of_many_has_its_thumbnails_a_click_away(
             "() => [...document.querySelectorAll('#class-150 + .thumbs img')]"
             ".every((img) => img.complete && img.naturalWidth > 0)")
         page.click("#class-thumbnails nav >> nth=0 >> a[rel=next]")
+        page.wait_for_url(f"**/datasets/{dataset_id}?thumbs=3#class-thumbnails")
         assert page.locator(headings).count() == 5
         assert page.inner_text("#class-thumbnails nav").startswith("Classes 201–205 of 205")
         page.goto(f"{server.url}/datasets/{dataset_id}?thumbs=9")

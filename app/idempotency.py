@@ -127,13 +127,19 @@ def made_before(live: redis.Redis, key: str, digest: str, noun: str,
                      "a new key")
 
 
-async def keep_claim(live: redis.Redis, key: str, noun: str) -> None:
+async def keep_claim(live: redis.Redis, key: str, noun: str, stop: asyncio.Event) -> None:
     """Hold the key of a request that takes longer than CLAIM_TTL_S (verifying a large
-    upload takes minutes) until cancelled; a server that stops holding it frees it by
-    itself."""
+    upload takes minutes) until `stop` is set; a server that stops holding it frees it by
+    itself. Awaited once stopped, it has no EXPIRE left on its way (one landing after
+    `remember` would cut the day the key is kept to CLAIM_TTL_S): a cancelled task's thread
+    would still send it."""
     name = _redis_key(key, noun)
     while True:
-        await asyncio.sleep(CLAIM_TTL_S / 4)
+        try:
+            await asyncio.wait_for(stop.wait(), CLAIM_TTL_S / 4)
+            return
+        except TimeoutError:
+            pass
         try:
             # Plain EXPIRE (a missing key stays missing): the bundled Redis 6.2 has no XX.
             await run_in_threadpool(live.expire, name, CLAIM_TTL_S)

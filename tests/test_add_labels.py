@@ -9,6 +9,8 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,7 +21,7 @@ from playwright.sync_api import expect
 from app import idempotency
 from app.db import session_scope
 from app.models import Dataset
-from app.routers.datasets import form_digest
+from app.routers.datasets import form_digest, making
 from tests.browser import open_browser
 from tests.support import LiveServer, app_env, free_port, start_server, wait_for
 from tests.test_datasets_support import (
@@ -425,9 +427,11 @@ def test_a_request_that_takes_long_keeps_its_idempotency_key_claimed(
     assert idempotency.claim(live, key, "digest", "dataset") is None
 
     async def hold_for(seconds: float) -> None:
-        keeping = asyncio.create_task(idempotency.keep_claim(live, key, "dataset"))
+        stop = asyncio.Event()
+        keeping = asyncio.create_task(idempotency.keep_claim(live, key, "dataset", stop))
         await asyncio.sleep(seconds)
-        keeping.cancel()
+        stop.set()
+        await asyncio.wait_for(keeping, 1)  # stops at once when not sending an EXPIRE
 
     asyncio.run(hold_for(2.5))
     with pytest.raises(idempotency.KeyRefused) as still_held:
@@ -436,6 +440,35 @@ def test_a_request_that_takes_long_keeps_its_idempotency_key_claimed(
     time.sleep(1.2)  # no longer kept: it frees itself
     assert idempotency.claim(live, key, "digest", "dataset") is None
     idempotency.release(live, key, "dataset")
+
+
+def test_a_key_made_good_is_not_cut_short_by_its_claim_kept_alive_meanwhile(
+        monkeypatch, bundled_redis: redis.Redis) -> None:
+    """The claim kept alive while a dataset is made (an EXPIRE every CLAIM_TTL_S / 4) could
+    land after the key was remembered for a day and cut it to CLAIM_TTL_S: a retry a few
+    minutes later would then have made a second dataset."""
+    monkeypatch.setattr(idempotency, "CLAIM_TTL_S", 1)  # kept alive every 0.25 s
+    key = f"made-{time.time_ns()}"
+
+    class SlowRedis:  # its EXPIRE takes 0.5 s, so one is on its way when the dataset is made
+        def __getattr__(self, name: str):
+            return getattr(bundled_redis, name)
+
+        def expire(self, *args):
+            time.sleep(0.5)
+            return bundled_redis.expire(*args)
+
+    live = SlowRedis()
+    assert idempotency.claim(live, key, "digest", "dataset") is None
+
+    async def make() -> SimpleNamespace:
+        await asyncio.sleep(0.4)  # the EXPIRE sent at 0.25 s answers at 0.75 s
+        return SimpleNamespace(id=7, created_at=datetime.now(UTC))
+
+    made = asyncio.run(making(live, key, "digest", make))
+    time.sleep(0.6)  # past any EXPIRE still on its way
+    assert bundled_redis.ttl(idempotency._redis_key(key, "dataset")) > 3600
+    assert idempotency.claim(live, key, "digest", "dataset") == (7, idempotency.made_at(made))
 
 
 @pytest.mark.browser

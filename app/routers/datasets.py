@@ -199,15 +199,17 @@ async def making(live: redis.Redis, key: str | None, digest: str, make) -> Datas
     when nothing is."""
     if key is None:
         return await make()
-    keeping = asyncio.create_task(idempotency.keep_claim(live, key, "dataset"))
+    stop = asyncio.Event()
+    keeping = asyncio.create_task(idempotency.keep_claim(live, key, "dataset", stop))
     try:
         dataset = await make()
     except BaseException:
-        keeping.cancel()
+        stop.set()  # an EXPIRE still on its way finds the key gone: no need to wait for it
         with anyio.CancelScope(shield=True):  # also when the server's shutdown cut it
             await run_in_threadpool(idempotency.release, live, key, "dataset")
         raise
-    keeping.cancel()
+    stop.set()
+    await keeping  # its last EXPIRE lands before the key is remembered for a day
     try:
         await run_in_threadpool(idempotency.remember, live, key, digest, dataset, "dataset")
     except (redis.RedisError, OSError) as exc:

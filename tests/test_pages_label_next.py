@@ -83,6 +83,11 @@ def test_label_next_offers_the_withheld_images_only_when_the_budget_hid_some(
             assert link.get_attribute("href") == (
                 f"/api/runs/{run_ids[0]}/label-next.csv?include_withheld=true")
             assert shown == ["cat\nmargin 20%", "cat\nmargin 30%"]
+            # The caption ends each: no choice (they have labels), nor a stray index where it
+            # would be.
+            assert [text.split("\n")[-2:] for text in browser.page.locator(
+                "#label-next-thumbs figure").all_inner_texts()] == [
+                caption.split("\n") for caption in shown]
         else:
             assert link is None and "hid" not in text and shown == []
         browser.screenshot("label-next")

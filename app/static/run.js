@@ -954,7 +954,7 @@ async function drawLabelNext(run, classNames) {
   box.replaceChildren(h("p", { class: "muted" }, "No unlabeled images: every image has a label.",
     withheld.length ? [" The budget only hid some of them, to score the pseudo-labels; ranked the same way, "
       + "these would come first (", h("a", { href: ranked }, "all of them"), ", CSV):"] : []),
-  ...withheld.map(thumbnail(run)));
+  ...withheld.map((row) => thumbnail(run)(row)));
 }
 
 // The images first in line have margins near 0: in whole percents all of them read "margin 0%".

@@ -714,10 +714,18 @@ def test_unlabeled_images_on_the_dataset_page_are_labeled_there(server: LiveServ
         assert page.inner_text("#unlabeled-note") == (
             "Give some of them a class to make a dataset with those labels (24 of 30 shown).")
         page.select_option("select[aria-label='Label of unlabeled/w00.png']", "dog")
-        # Opened larger, the last image shown goes on into those the server sends next.
+        # Opened larger, the last image shown goes on into those the server sends next. A key
+        # pressed before they come is not taken as a second class for the image just labeled.
+        held = []
+        page.route(re.compile(r"/api/datasets/\d+/images\?"), lambda route: held.append(route))
         page.click("#unlabeled-thumbs figure a.enlarge >> nth=23")
-        page.keyboard.press("ArrowRight")
+        page.keyboard.press("2")  # w23 is a dog, and on
+        while not held:  # the next images asked for, and not yet sent
+            page.wait_for_timeout(20)
+        page.keyboard.press("1")
+        held[0].continue_()
         expect(page.locator("#viewer-position")).to_have_text("25 of 30")
+        assert page.input_value("select[aria-label='Label of unlabeled/w23.png']") == "dog"
         assert page.inner_text("#viewer-caption") == "unlabeled/w24.png"
         page.keyboard.press("Escape")
         expect(figures).to_have_count(30)
@@ -729,13 +737,14 @@ def test_unlabeled_images_on_the_dataset_page_are_labeled_there(server: LiveServ
         page.keyboard.press("1")
         page.keyboard.press("Escape")
         assert page.inner_text("#label-images-form span") == (
-            "2 labeled: the new dataset has the same images and test split")
+            "3 labeled: the new dataset has the same images and test split")
         browser.screenshot("labeled")
         page.click("#label-images-form button[type=submit]")
         page.wait_for_selector("#derived-from")
-        assert page.inner_text("h1") == "fresh + 2 labels"
+        assert page.inner_text("h1") == "fresh + 3 labels"
         browser.assert_no_errors()
     view, unlabeled_left = training_view(server, int(page.url.rsplit("/", 1)[1]))
     assert (unlabeled["unlabeled/w00.png"], 1) in view["train"]
+    assert (unlabeled["unlabeled/w23.png"], 1) in view["train"]
     assert (unlabeled["unlabeled/w29.png"], 0) in view["train"]
-    assert len(unlabeled_left) == 28
+    assert len(unlabeled_left) == 27

@@ -26,7 +26,7 @@ function build() {
   dialog.setAttribute("aria-label", "Image, larger");
   document.body.append(dialog);
 
-  const state = { group: document, links: [], index: 0, keys: [] };
+  const state = { group: document, links: [], index: 0, keys: [], waiting: false };
   const choiceOf = (link) => link.closest("figure")?.querySelector("select.give-label") ?? null;
   // A group's "Show more" button (data-more), where it has more thumbnails to show.
   const moreButton = () => [...state.group.querySelectorAll("button[data-more]")]
@@ -82,10 +82,15 @@ function build() {
     }
     watching.observe(state.group, { childList: true, subtree: true });
   });
+  // While the next images are on their way, a key or click is not taken: a digit would
+  // give the image just labeled a second class.
   const go = async (step) => {
+    if (state.waiting) return;
     const index = state.index + step;
     if (index === state.links.length && moreButton()) {
+      state.waiting = true;
       await shownMore(state.links.length);
+      state.waiting = false;
       state.links = linksNow();
     }
     if (index >= 0 && index < state.links.length && dialog.open) show(index);
@@ -104,6 +109,10 @@ function build() {
   dialog.addEventListener("keydown", (event) => {
     if (event.altKey || event.ctrlKey || event.metaKey) return;
     if (event.target.tagName === "SELECT") return; // its arrows change the class
+    if (state.waiting && (event.key.startsWith("Arrow") || DIGITS.includes(event.key))) {
+      event.preventDefault();
+      return;
+    }
     if (event.key === "ArrowLeft") go(-1);
     else if (event.key === "ArrowRight") go(1);
     else if (state.keys[DIGITS.indexOf(event.key)] !== undefined) {

@@ -927,12 +927,14 @@ async function drawLabelNext(run, classNames) {
       rest.replaceChildren(...(left ? [more] : [`These are the first ${shown}; the rest are in `,
         h("a", { href: ranking(order.value) }, "the CSV"), "."]));
     };
+    let ordered = order.value; // the order the images are shown in
     order.addEventListener("change", async () => {
       order.disabled = true;
       try {
         rows = await read(order.value);
+        ordered = order.value;
       } catch {
-        // kept as it was: the next change asks again
+        order.value = ordered; // kept as it was, and says so: the next change asks again
       }
       order.disabled = false;
       box.querySelectorAll("figure").forEach((figure) => figure.remove());

@@ -22,7 +22,7 @@ from app import idempotency
 from app.db import session_scope
 from app.models import Dataset
 from app.routers.datasets import form_digest, making
-from tests.browser import open_browser
+from tests.browser import PHONE, open_browser, wait_until_held
 from tests.support import LiveServer, app_env, free_port, start_server, wait_for
 from tests.test_datasets_support import (
     class_entries,
@@ -533,6 +533,31 @@ def test_images_to_label_open_larger_and_digit_keys_label_them_one_after_another
 
 
 @pytest.mark.browser
+def test_the_larger_view_fits_a_phone_and_leaves_out_the_keys(server: LiveServer, photos: dict,
+                                                               request) -> None:
+    """On a phone its buttons broke inside their words ("Clos e"), and it listed keys to
+    press where there is no keyboard."""
+    run_id, _ = run_ranking_unlabeled(server, photos["id"])
+    with open_browser(request.node.name, viewport=PHONE, touch=True) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/runs/{run_id}")
+        page.tap("#label-next-thumbs figure a.enlarge >> nth=0")
+        expect(page.locator("#viewer-position")).to_have_text("1 of 4")
+        assert page.is_visible("#viewer-label") and page.is_hidden("#viewer-choice small")
+        lines = page.evaluate("""() => [...document.querySelectorAll('.viewer-nav > *')].map(
+            (item) => {
+              const range = document.createRange();
+              range.selectNodeContents(item);
+              return [item.textContent, new Set([...range.getClientRects()].map(
+                (rect) => Math.round(rect.top))).size];
+            })""")
+        assert lines == [["‹ Previous", 1], ["1 of 4", 1], ["Next ›", 1], ["Close", 1]]
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        browser.screenshot("phone")
+        browser.assert_no_errors()
+
+
+@pytest.mark.browser
 def test_the_larger_view_labels_ten_classes_by_key_and_goes_on_into_images_not_yet_shown(
     server: LiveServer, request,
 ) -> None:
@@ -720,8 +745,7 @@ def test_unlabeled_images_on_the_dataset_page_are_labeled_there(server: LiveServ
         page.route(re.compile(r"/api/datasets/\d+/images\?"), lambda route: held.append(route))
         page.click("#unlabeled-thumbs figure a.enlarge >> nth=23")
         page.keyboard.press("2")  # w23 is a dog, and on
-        while not held:  # the next images asked for, and not yet sent
-            page.wait_for_timeout(20)
+        wait_until_held(page, held)  # the next images asked for, and not yet sent
         page.keyboard.press("1")
         held[0].continue_()
         expect(page.locator("#viewer-position")).to_have_text("25 of 30")

@@ -13,6 +13,7 @@ from playwright.sync_api import expect
 from tests.browser import PHONE, open_browser
 from tests.support import add_dataset_row, make_image_archive
 from tests.test_experiments_cancel_delete import mark_running, start_sweep
+from tests.test_pages_accessibility import violations
 from tests.test_pages_fixes import cards_scrolling_sideways, finish, quality
 
 pytestmark = pytest.mark.browser
@@ -229,4 +230,47 @@ def test_a_printed_experiment_keeps_every_column_of_its_results(live_server, req
             "document.getElementById('results').getBoundingClientRect().right")
         assert right <= card
         browser.screenshot("printed")
+        browser.assert_no_errors()
+
+
+def test_the_home_page_shows_the_latest_work_or_where_to_start(live_server, request):
+    """The home page said only whether the database and Redis answered: someone coming back
+    went through the lists to find the sweep they started. It names the newest experiments
+    (how each stands, its best model) and datasets, and before any upload, the steps."""
+    database_url = live_server.database_url
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/")
+        assert page.is_visible("#getting-started") and page.locator("#latest").count() == 0
+        assert page.locator("#getting-started li").count() == 3
+
+        dataset_ids = [add_dataset_row(database_url, name=f"photos {n}") for n in range(6)]
+        page.goto(f"{live_server.url}/")
+        assert page.locator("#getting-started").count() == 0
+        assert page.locator("#latest-experiments").inner_text().endswith(
+            "None yet: start one on a dataset, to compare the methods across label budgets.")
+        datasets = page.locator("#latest-datasets li > a")
+        assert datasets.all_inner_texts() == [f"photos {n}" for n in (5, 4, 3, 2, 1)]
+        assert datasets.first.get_attribute("href") == f"/datasets/{dataset_ids[5]}"
+        assert page.inner_text("#latest-datasets li >> nth=0").startswith(
+            "photos 5\n2 classes, 0 images, 0 unlabeled · 20")  # a row without images
+        assert page.inner_text("#latest-datasets p:last-child") == "All 6 datasets ›"
+
+        with live_server.client() as client:
+            experiment_id, (run_id, *_) = start_sweep(
+                client, dataset_ids[2], seeds=[0], methods=["self-tuning", "fine-tune"],
+                budgets=[0.5], name="the sweep")
+        finish(database_url, redis.Redis.from_url(live_server.redis_url), run_id,
+               {"test_top1": 0.8125})
+        page.goto(f"{live_server.url}/")
+        item = page.locator("#latest-experiments li")
+        assert item.count() == 1
+        assert item.locator("a").first.get_attribute("href") == f"/experiments/{experiment_id}"
+        assert " ".join(item.inner_text().split()) == (
+            "the sweep in progress on photos 2 · 1 queued, 1 succeeded · best 81.3% "
+            "(Self-Tuning, 50%)")
+        assert item.locator("a", has_text="81.3%").get_attribute("href") == f"/runs/{run_id}"
+        assert page.inner_text("#latest-experiments p:last-child") == "All 1 experiment ›"
+        assert violations(page) == []
+        browser.screenshot("latest")
         browser.assert_no_errors()

@@ -29,7 +29,7 @@ from app.routers.experiments import (
     experiment_out,
     get_experiment,
 )
-from app.routers.pages import PageNumber, Pager, page_guard, render
+from app.routers.pages import METHOD_TITLES, PageNumber, Pager, page_guard, render
 from app.routers.runs import read_run
 from app.schemas import ExperimentIn, MethodName, Overrides
 from worker.selftuning.budgets import Budget
@@ -37,7 +37,6 @@ from worker.selftuning.config import PRESETS, RunConfig
 
 router = APIRouter(include_in_schema=False)
 
-METHOD_TITLES = {"self-tuning": "Self-Tuning", "fine-tune": "Fine-tuning", "fixmatch": "FixMatch"}
 # What the form starts with: the comparison the product is about, over the paper's budgets
 # (those the chosen dataset can tell apart: `suggested_budgets`).
 DEFAULT_METHODS = ("self-tuning", "fine-tune")

@@ -14,13 +14,22 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from app import __version__
+from app.db import get_sessionmaker
 from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, token_matches
 from app.experiments import as_shown
-from app.models import MAX_ID
+from app.models import MAX_ID, Dataset
 from app.responses import in_utc, utc_text
+from app.routers.datasets import newest_datasets
+from app.routers.experiments import experiment_items
 from app.routers.health import check_health
+from app.schemas import ExperimentListItem
+
+METHOD_TITLES = {"self-tuning": "Self-Tuning", "fine-tune": "Fine-tuning", "fixmatch": "FixMatch"}
+HOME_SHOWN = 5  # the newest experiments and datasets on the home page
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
@@ -118,11 +127,43 @@ def render(request: Request, template: str, **context) -> HTMLResponse:
     return templates.TemplateResponse(request, template, context)
 
 
+@dataclass
+class Latest:
+    """The newest experiments and datasets, as the home page lists them."""
+
+    experiments: list[ExperimentListItem]
+    experiments_total: int
+    dataset_names: dict[int, str]  # of the datasets the experiments ran on
+    datasets: list[Dataset]
+    datasets_total: int
+
+
+def latest_work(settings) -> Latest:
+    """The newest HOME_SHOWN experiments (how each stands, its best model) and datasets."""
+    with get_sessionmaker(settings.sqlalchemy_url)() as session:
+        experiments_total, experiments = experiment_items(session, None, HOME_SHOWN, 0)
+        datasets_total, datasets = newest_datasets(session, HOME_SHOWN, 0)
+        shown = {e.dataset_id for e in experiments}
+        names = dict(session.execute(select(Dataset.id, Dataset.name)
+                                     .where(Dataset.id.in_(shown))).tuples().all())
+    return Latest(experiments, experiments_total, names, datasets, datasets_total)
+
+
 @router.get("/", response_class=HTMLResponse)
 def home(request: Request, settings: SettingsDep) -> Response:
+    """Where the work stands (the newest experiments and datasets), or where to start, and
+    whether database, Redis and workers answer."""
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
-    return render(request, "home.html", health=check_health(settings))
+    health = check_health(settings)
+    latest = None
+    if health["database"] == "ok":
+        try:
+            latest = latest_work(settings)
+        except SQLAlchemyError as exc:  # gone since the health check: its status says so
+            health["database"] = f"error: {type(exc).__name__}".splitlines()[0]
+    return render(request, "home.html", health=health, latest=latest,
+                  method_titles=METHOD_TITLES)
 
 
 @router.get("/login", response_class=HTMLResponse)

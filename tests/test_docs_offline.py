@@ -149,6 +149,8 @@ def test_the_schema_documents_the_statuses_a_client_must_handle(tmp_path: Path):
         ("/api/runs/{run_id}", "get"): {"200", "404", "422"},
         ("/api/runs/{run_id}/cancel", "post"): {"200", "404", "409", "422"},
         ("/api/runs/{run_id}/requeue", "post"): {"200", "404", "409", "422", "503"},
+        ("/api/experiments/{experiment_id}/requeue", "post"): {
+            "200", "404", "409", "422", "503"},
         ("/api/runs/{run_id}/files/{name}", "get"): {"200", "206", "304", "404", "416", "422"},
         ("/api/runs/{run_id}/checkpoint", "get"): {"200", "206", "304", "404", "416", "422"},
         ("/api/runs/{run_id}/label-next.csv", "get"): {"200", "304", "404", "422"},

@@ -245,6 +245,9 @@ def test_a_model_that_queued_runs_start_from_stays_until_they_end(live_server):
             f"run {user_runs[0]} cannot run again: run {source_runs[0]}, whose model "
             f"runs/{source_runs[0]}/model.safetensors is the backbone, was deleted")
         assert str(data_dir.resolve()) not in requeued.text  # the server's own folders
+        # Its experiment's requeue, the same, and queues none of its runs.
+        all_again = client.post(f"/api/experiments/{user_id}/requeue")
+        assert all_again.status_code == 409 and all_again.json() == requeued.json()
         # A new experiment on it is refused, and the start form's check says so first.
         again = {"dataset_id": other_dataset, **SWEEP, "backbone": backbone}
         checked = client.post("/api/experiments/check", json=again)
@@ -383,6 +386,7 @@ def test_cancel_all_and_delete_need_the_api_token(live_server, settings):
         experiment_id, run_ids = start_sweep(client, dataset_id)
     with httpx.Client(base_url=url, timeout=60) as anonymous:
         for method, path in (("POST", f"/api/experiments/{experiment_id}/cancel"),
+                             ("POST", f"/api/experiments/{experiment_id}/requeue"),
                              ("DELETE", f"/api/experiments/{experiment_id}")):
             response = anonymous.request(method, path)
             assert response.status_code == 401, (method, path, response.text)
@@ -724,3 +728,44 @@ def test_a_weight_file_is_a_runs_model_only_in_a_folder_named_as_runs_are(tmp_pa
     settings = Settings(data_dir=tmp_path)
     path = settings.runs_dir.resolve() / folder / "model.safetensors"
     assert source_run(settings, path) == run_id
+
+
+def test_an_experiments_ended_runs_are_queued_again_in_one_request(live_server):
+    """A sweep whose runs failed (Redis down when they were sent, say) or were cancelled was
+    run again one run page at a time. The experiment's requeue queues each lost, failed or
+    cancelled run again, as its own "Run again" would, and leaves the others alone."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url),
+                                             seeds=[0, 1])
+        assert len(run_ids) == 4
+        client.post(f"/api/experiments/{experiment_id}/cancel")
+        with session_scope(database_url) as session:
+            failed = session.get(Run, run_ids[1])
+            failed.status, failed.error, failed.attempts = "failed", "out of memory", 2
+            session.get(Run, run_ids[2]).status = "succeeded"
+        tasks = task_ids(database_url, run_ids)
+
+        answer = client.post(f"/api/experiments/{experiment_id}/requeue")
+        assert answer.status_code == 200, answer.text
+        assert [run["status"] for run in answer.json()["runs"]] == [
+            "queued", "queued", "succeeded", "queued"]
+        assert answer.json()["status"] == "in progress"
+        again = client.get(f"/api/runs/{run_ids[1]}").json()
+        assert again["error"] is None and again["attempts"] == 0  # afresh, as "Run again"
+        sent = task_ids(database_url, run_ids)
+        assert [sent[id_] != tasks[id_] for id_ in run_ids] == [True, True, False, True]
+        assert live.exists(run_cancel_key(run_ids[0])) == 0  # or it stops at once
+
+        # Nothing ended left to run again: the experiment as it is.
+        assert client.post(f"/api/experiments/{experiment_id}/requeue").json()[
+            "runs"] == client.get(f"/api/experiments/{experiment_id}").json()["runs"]
+        assert task_ids(database_url, run_ids) == sent
+        assert client.post("/api/experiments/999999/requeue").status_code == 404
+
+
+def task_ids(database_url: str, run_ids: list[int]) -> dict[int, str]:
+    """Each run's current Celery task id (a new one each time it is sent)."""
+    with session_scope(database_url) as session:
+        return {run_id: session.get(Run, run_id).celery_task_id for run_id in run_ids}

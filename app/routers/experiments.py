@@ -1,5 +1,5 @@
 """REST for experiments: start a budget sweep, list, read with its budget table, follow live,
-cancel every run, delete."""
+cancel every run, queue the ended ones again, delete."""
 
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ from app.experiments import (
 )
 from app.live import ended, experiment_stream_key, live_workers
 from app.models import MAX_ID, Dataset, Experiment, Run
+from app.reaper import REQUEUEABLE
 from app.responses import csv_download
-from app.routers.runs import SSE_RESPONSES, run_summary
+from app.routers.runs import SSE_RESPONSES, run_again, run_summary
 from app.schemas import (
     RUN_STATUSES,
     UNREADABLE_BODY_OUT,
@@ -368,6 +369,25 @@ def cancel_experiment(experiment_id: ExperimentId, session: DbDep, live: RedisDe
     experiment = get_experiment(session, experiment_id)
     cancel_runs(session, live, experiment.runs)
     return experiment_out(experiment)
+
+
+@router.post("/{experiment_id}/requeue", response_model=ExperimentOut, responses={
+    404: {"model": ErrorOut},
+    409: {"model": ErrorOut, "description": "the model its runs start from was deleted: "
+          "nothing is queued"},
+    503: {"model": ErrorOut, "description": "the queue (Redis) is not reachable: the run it "
+          "could not queue is stored failed with the reason, and those after it stay as they "
+          "were; run them again once Redis is back"}})
+def requeue_experiment(experiment_id: ExperimentId, session: DbDep, settings: SettingsDep,
+                       live: RedisDep):
+    """Queue every lost, failed or cancelled run of the experiment again, in run order; each
+    resumes from its last training checkpoint, as a run's own requeue does. Runs queued,
+    running or succeeded are left alone: with none to run again this is a no-op that answers
+    200 with the experiment as it is."""
+    experiment = get_experiment(session, experiment_id)
+    for run_id in sorted(run.id for run in experiment.runs if run.status in REQUEUEABLE):
+        run_again(session, settings, live, run_id)  # None: queued since by someone else
+    return experiment_out(get_experiment(session, experiment_id))
 
 
 @router.delete(

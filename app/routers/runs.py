@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import redis
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
@@ -278,6 +279,20 @@ def cancel_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redis
 def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: RedisDep):
     """Queue a lost, failed or cancelled run again; it resumes from its last training
     checkpoint (a finished run is never retrained)."""
+    if run_again(session, settings, live, run_id) is None:
+        run = get_run(session, run_id)  # a 404 when it is gone
+        raise HTTPException(
+            409, detail=f"run {run_id} is {run.status}; only lost, failed or cancelled runs "
+            "can be requeued",
+        )
+    return read_run(run_id, session, settings)
+
+
+def run_again(session: Session, settings: Settings, live: redis.Redis, run_id: int
+              ) -> Run | None:
+    """Queue a lost, failed or cancelled run again at a person's request (`requeue`) and tell
+    its pages; None when it is not one of those. A 404 when it is gone, a 409 when the model
+    it starts from was deleted, a 503 when the queue does not take it (it is then failed)."""
     run = get_run(session, run_id)
     if run.status in REQUEUEABLE and (
             missing := hold_weight_source(session, settings, run.config.get("backbone", ""))):
@@ -285,14 +300,9 @@ def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redi
         raise HTTPException(409, detail=f"run {run_id} cannot run again: {missing}; start a "
                             "new experiment from another backbone")
     run = requeue(session, live, run_id, by_person=True)
-    if run is None:
-        run = get_run(session, run_id)  # a 404 when it is gone
-        raise HTTPException(
-            409, detail=f"run {run_id} is {run.status}; only lost, failed or cancelled runs "
-            "can be requeued",
-        )
-    publish_status(live, run)
-    return read_run(run_id, session, settings)
+    if run is not None:
+        publish_status(live, run)
+    return run
 
 
 # Recorded points read at a time to retell the feed of a run whose stream is gone.

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis
 import timm
+from playwright.sync_api import expect
 from safetensors.torch import save_file
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -769,3 +770,49 @@ def task_ids(database_url: str, run_ids: list[int]) -> dict[int, str]:
     """Each run's current Celery task id (a new one each time it is sent)."""
     with session_scope(database_url) as session:
         return {run_id: session.get(Run, run_id).celery_task_id for run_id in run_ids}
+
+
+@pytest.mark.browser
+def test_experiment_page_runs_its_ended_runs_again_in_one_click(live_server, request):
+    """Run again was on each run's page only: a cancelled sweep of 12 runs took 12 pages."""
+    database_url = live_server.database_url
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url))
+        client.post(f"/api/experiments/{experiment_id}/cancel")
+    with session_scope(database_url) as session:
+        session.get(Run, run_ids[3]).status = "failed"
+    badges = "[...document.querySelectorAll('#runs tbody .badge')].map((b) => b.textContent)"
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        again = page.locator("#requeue-all")
+        expect(again).to_have_text("Run 4 runs again")
+        assert again.get_attribute("title") == (
+            "Queue again the runs that ended without finishing (1 failed, 3 cancelled); each "
+            "resumes from its last checkpoint")
+        assert page.is_hidden("#cancel-all") and page.is_visible("#delete-experiment")
+        # Refused (the queue down): said beside it, and it stays to be pressed again.
+        page.route(f"**/api/experiments/{experiment_id}/requeue", lambda route: route.fulfill(
+            status=503, json={"detail": "the queue (Redis) is not reachable: gone"}))
+        again.click()
+        expect(page.locator("#action-error")).to_contain_text(
+            "Could not queue them again: the queue (Redis) is not reachable: gone")
+        expect(again).to_have_text("Run 4 runs again")
+        page.unroute(f"**/api/experiments/{experiment_id}/requeue")
+
+        again.focus()
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#live-state:has-text('live')")  # followed again
+        # The feed tells the runs' history again (cancelled, then queued): the page ends as
+        # the record is, with the keyboard where the queued runs can be stopped again.
+        page.wait_for_function(f"{badges}.every((s) => s === 'queued')")
+        expect(page.locator("#cancel-all")).to_be_focused()
+        expect(again).to_be_hidden()
+        assert page.inner_text("#action-error") == ""
+        assert page.is_hidden("#delete-experiment")
+        browser.screenshot("queued-again")
+        browser.assert_no_errors(expected=("503",))
+    with live_server.client() as client:
+        assert [run["status"] for run in client.get(
+            f"/api/experiments/{experiment_id}").json()["runs"]] == ["queued"] * 4

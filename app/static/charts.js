@@ -126,6 +126,7 @@ export function tabTitle({ state = tab.state, name = tab.name } = {}) {
 
 // "lost" lasts only once a run has used up its automatic requeues.
 export const TERMINAL = new Set(["succeeded", "failed", "cancelled", "lost"]);
+export const RERUNNABLE = new Set(["failed", "cancelled", "lost"]); // what /requeue accepts
 
 // A method has one colour on every chart; other series take the next colour of their chart.
 const PALETTE = ["#2f6fde", "#d9480f", "#2b8a3e", "#ae3ec9", "#0c8599", "#f59f00", "#c2255c",

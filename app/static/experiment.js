@@ -1,9 +1,9 @@
 // The experiment pages: the start form (/experiments/new) and one experiment's live runs
 // table, accuracy-against-budget chart, paper-style table, what more labels would buy, and
-// cancel-all and delete (/experiments/{id}).
+// cancel-all, run-again and delete (/experiments/{id}).
 import {
   badge, budgetChart, count, failure, follow, getJSON, h, handFocus, isNumber, onRestored, pageData,
-  pct, showStatus, signedOutNotice, signInAgain, tabTitle, TERMINAL,
+  pct, RERUNNABLE, showStatus, signedOutNotice, signInAgain, tabTitle, TERMINAL,
 } from "/static/charts.js";
 import { renamer } from "/static/rename.js";
 import { onSession } from "/static/session.js";
@@ -560,13 +560,24 @@ export function experimentPage() {
       ? shownStatus : waiting ? "queued" : `${ended}/${runs.size}` });
   }
 
-  // Cancel all while a run has not ended; delete once every run has.
+  // Cancel all while a run has not ended; delete once every run has. Run again while a run
+  // ended without finishing (failed, cancelled, lost).
   let cancelling = false; // asked to cancel: running runs stop within about one iteration
+  let requeueing = false; // asked to queue the ended runs again, not yet answered
   const active = () => [...runs.values()].filter((run) => !TERMINAL.has(run.status));
+  const rerunnable = () => [...runs.values()].filter((run) => RERUNNABLE.has(run.status));
   function drawActions() {
     const focused = document.activeElement;
     const left = active().length;
     if (left === 0) cancelling = false;
+    const again = rerunnable();
+    const requeueAll = document.getElementById("requeue-all");
+    requeueAll.hidden = again.length === 0;
+    requeueAll.setAttribute("aria-disabled", requeueing); // as Cancel all, below
+    requeueAll.textContent = requeueing ? "Queuing…" : `Run ${plural(again.length, "run")} again`;
+    const kinds = ["failed", "cancelled", "lost"].map((status) => [status, again.filter((run) => run.status === status).length])
+      .filter(([, n]) => n).map(([status, n]) => `${n} ${status}`).join(", ");
+    requeueAll.title = `Queue again the runs that ended without finishing (${kinds}); each resumes from its last checkpoint`;
     const cancelAll = document.getElementById("cancel-all");
     cancelAll.hidden = left === 0;
     // Off while cancelling, but aria-disabled rather than disabled, so that it keeps the
@@ -575,8 +586,11 @@ export function experimentPage() {
     // and left it there when the answer was a refusal.
     cancelAll.setAttribute("aria-disabled", cancelling);
     cancelAll.textContent = cancelling ? "Cancelling…" : "Cancel all runs";
-    document.getElementById("delete-experiment").hidden = left > 0;
-    handFocus(focused, cancelAll, [document.getElementById("delete-experiment")]);
+    const deleteButton = document.getElementById("delete-experiment");
+    deleteButton.hidden = left > 0;
+    handFocus(focused, cancelAll, [deleteButton]);
+    handFocus(focused, deleteButton, [cancelAll]); // a run queued again: it can be cancelled
+    handFocus(focused, requeueAll, [cancelAll]); // the runs it queued can be cancelled there
     drawTitle();
   }
 
@@ -622,11 +636,19 @@ export function experimentPage() {
     idlePoller = setInterval(lookForActivity, IDLE_POLL_MS);
   }
 
-  // How many times the feed has changed a run's status. An answer asked for before the last
-  // change may be older than what the page shows: the cancel's, sent while a run still ran,
-  // can arrive after the feed said the run ended, and drawn it would bring the run back (and
-  // hide Delete with the keyboard on it). Such an answer gives way to a read asked after.
+  // How many times the feed, or an action's answer (Cancel all, Run again), has changed a
+  // run's status. An answer asked for before the last change may be older than what the page
+  // shows: the cancel's, sent while a run still ran, can arrive after the feed said the run
+  // ended, and drawn it would bring the run back (and hide Delete with the keyboard on it); a
+  // read asked before Run again, answered after it, showed the runs cancelled again. Such an
+  // answer gives way to a read asked after.
   let statusNews = 0;
+  // The answer of an action, asked when the page had seen `asked` changes: drawn, it is news
+  // that reads asked before it must give way to.
+  function applyAnswer(fresh, asked) {
+    applyExperiment(fresh, asked);
+    statusNews += 1;
+  }
 
   // Redraw only when a run changed (queued again, or queued and ended again between two
   // looks): an ended experiment's page otherwise stays still.
@@ -718,6 +740,7 @@ export function experimentPage() {
     clearInterval(idlePoller);
     if (feed) feed.stop();
     document.getElementById("cancel-all").hidden = true;
+    document.getElementById("requeue-all").hidden = true;
     document.getElementById("delete-experiment").hidden = true;
     drawStatus("deleted");
     actionError.textContent = `Experiment #${id} no longer exists: it was deleted.`;
@@ -741,13 +764,31 @@ export function experimentPage() {
     drawActions();
     try {
       const asked = statusNews;
-      applyExperiment(await getJSON(`/api/experiments/${id}/cancel`, { method: "POST" }), asked);
+      applyAnswer(await getJSON(`/api/experiments/${id}/cancel`, { method: "POST" }), asked);
     } catch (error) {
       // The buttons come back as the page knows the runs; the refresh corrects them if it can.
       cancelling = false;
       drawActions();
       actionError.replaceChildren(...failure("Could not cancel", error));
       refreshSoon();
+    }
+  });
+
+  document.getElementById("requeue-all").addEventListener("click", async () => {
+    if (requeueing || rerunnable().length === 0) return;
+    actionError.textContent = "";
+    requeueing = true;
+    drawActions();
+    try {
+      const asked = statusNews;
+      const fresh = await getJSON(`/api/experiments/${id}/requeue`, { method: "POST" });
+      requeueing = false;
+      applyAnswer(fresh, asked);
+    } catch (error) {
+      requeueing = false;
+      drawActions();
+      actionError.replaceChildren(...failure("Could not queue them again", error));
+      refreshSoon(); // a 503 failed the run it could not queue: the record says which
     }
   });
 

@@ -1,7 +1,8 @@
 // One run's page: live curves and status while it trains, then its results and downloads.
 import {
   barChart, bytes, count, duration, failure, follow, getJSON, h, handFocus, isNumber, onRestored,
-  pageData, pct, setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, tabTitle, TERMINAL,
+  pageData, pct, RERUNNABLE, setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, tabTitle,
+  TERMINAL,
 } from "/static/charts.js";
 import { labelChoice, labelFigure, labelingForm, showMoreButton } from "/static/add_labels.js";
 import { onSession } from "/static/session.js";
@@ -16,7 +17,6 @@ const HISTORY_PAGE = 5000; // recorded points a read asks for (the API takes up 
 // failure up to the most (as the live feed reconnects).
 const HISTORY_RETRY_MS = 1000;
 const HISTORY_RETRY_MAX_MS = 30000;
-const RERUNNABLE = new Set(["failed", "cancelled", "lost"]); // what /requeue accepts
 // The confusion matrix as the page reads it: its diagonal, row totals and the cells off the
 // diagonal that are not 0, all the page shows.
 // Dense, a 5,000-class run's was 50 MB of JSON, 3.8 s of the page's main thread.

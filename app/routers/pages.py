@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import __version__
+from app.config import Settings
 from app.db import get_sessionmaker
 from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, token_matches
 from app.experiments import as_shown
@@ -138,7 +139,7 @@ class Latest:
     datasets_total: int
 
 
-def latest_work(settings) -> Latest:
+def latest_work(settings: Settings) -> Latest:
     """The newest HOME_SHOWN experiments (how each stands, its best model) and datasets."""
     with get_sessionmaker(settings.sqlalchemy_url)() as session:
         experiments_total, experiments = experiment_items(session, None, HOME_SHOWN, 0)
@@ -161,7 +162,7 @@ def home(request: Request, settings: SettingsDep) -> Response:
         try:
             latest = latest_work(settings)
         except SQLAlchemyError as exc:  # gone since the health check: its status says so
-            health["database"] = f"error: {type(exc).__name__}".splitlines()[0]
+            health["database"] = f"error: {type(exc).__name__}"
     return render(request, "home.html", health=health, latest=latest,
                   method_titles=METHOD_TITLES)
 

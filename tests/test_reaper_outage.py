@@ -26,7 +26,7 @@ from app.experiments import enqueue_runs
 from app.models import Run, utcnow
 from app.reaper import QUEUE, broker_task_ids, reap, requeue_lost_messages
 from tests.support import free_port, wait_for
-from tests.test_worker_lifecycle import add_run, read_run, update_run
+from tests.test_worker_lifecycle import add_run, add_sweep, read_run, update_run
 
 
 def _pings(url: str) -> bool:
@@ -177,3 +177,33 @@ def test_a_run_started_while_redis_is_down_fails_at_once_saying_redis_did_not_an
     enqueue(settings, run_id)
     assert broker_task_ids(redis.Redis.from_url(broker.url)) == {
         read_run(settings, run_id).celery_task_id}
+
+
+def test_an_experiments_requeue_while_redis_is_down_fails_the_first_and_leaves_the_rest(
+    outage_settings: Settings, broker: PrivateRedis, tmp_path: Path
+):
+    """As a run's own requeue: 503 at once, the run it could not send stored failed with the
+    reason; those after it stay cancelled, to run again once Redis is back."""
+    from app.routers.experiments import requeue_experiment
+
+    settings = outage_settings
+    experiment_id, run_ids = add_sweep(settings, tmp_path, seeds=(0, 1, 2))
+    for run_id in run_ids:
+        update_run(settings, run_id, status="cancelled")
+    live = redis.Redis.from_url(broker.url, decode_responses=True)
+    broker.stop()
+    with session_scope(settings.sqlalchemy_url) as session, pytest.raises(
+            HTTPException) as refused:
+        requeue_experiment(experiment_id, session, settings, live)
+    assert refused.value.status_code == 503
+    assert refused.value.detail.startswith("the queue (Redis) is not reachable: ")
+    runs = [read_run(settings, run_id) for run_id in run_ids]
+    assert [run.status for run in runs] == ["failed", "cancelled", "cancelled"]
+    assert runs[0].error.startswith("could not be queued: the queue (Redis) did not answer: ")
+
+    broker.start()
+    with session_scope(settings.sqlalchemy_url) as session:
+        answer = requeue_experiment(experiment_id, session, settings, live)
+    assert [run.status for run in answer.runs] == ["queued"] * 3
+    assert broker_task_ids(redis.Redis.from_url(broker.url)) == {
+        read_run(settings, run_id).celery_task_id for run_id in run_ids}

@@ -363,6 +363,13 @@ def list_datasets(request: Request, response: Response, db: DbDep, limit: PageLi
     return [list_item(dataset) for dataset in datasets]
 
 
+def dataset_names(db: Session, ids: set[int]) -> dict[int, str]:
+    """The names of the datasets of `ids` that exist, by id (as lists of experiments name
+    the datasets they ran on)."""
+    return dict(db.execute(select(Dataset.id, Dataset.name)
+                           .where(Dataset.id.in_(ids))).tuples().all())
+
+
 def newest_datasets(db: Session, limit: int | None, offset: int) -> tuple[int, list[Dataset]]:
     """How many datasets there are, and one page of them, newest first (their skipped-file
     lists, up to 1,000 entries each, left unread)."""

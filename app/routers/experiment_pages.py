@@ -21,6 +21,7 @@ from app.experiments import (
     suggested_budgets,
 )
 from app.models import Dataset, Experiment
+from app.routers.datasets import dataset_names
 from app.routers.experiments import (
     MOST_COMPARED,
     ComparedIds,
@@ -105,9 +106,7 @@ def experiments_page(
         return redirect
     pager, experiments = Pager.fetch(request, page, lambda limit, offset: experiment_items(
         session, dataset_id, limit, offset))
-    shown = {e.dataset_id for e in experiments} | ({dataset_id} - {None})
-    names = dict(session.execute(select(Dataset.id, Dataset.name)
-                                 .where(Dataset.id.in_(shown))).tuples().all())
+    names = dataset_names(session, {e.dataset_id for e in experiments} | ({dataset_id} - {None}))
     return render(request, "experiments.html", experiments=experiments, dataset_names=names,
                   dataset_id=dataset_id, method_titles=METHOD_TITLES,
                   pager=pager, most_compared=MOST_COMPARED)

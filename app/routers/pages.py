@@ -14,7 +14,6 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import __version__
@@ -24,7 +23,7 @@ from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, 
 from app.experiments import as_shown
 from app.models import MAX_ID, Dataset
 from app.responses import in_utc, utc_text
-from app.routers.datasets import newest_datasets
+from app.routers.datasets import dataset_names, newest_datasets
 from app.routers.experiments import experiment_items
 from app.routers.health import check_health
 from app.schemas import ExperimentListItem
@@ -144,9 +143,7 @@ def latest_work(settings: Settings) -> Latest:
     with get_sessionmaker(settings.sqlalchemy_url)() as session:
         experiments_total, experiments = experiment_items(session, None, HOME_SHOWN, 0)
         datasets_total, datasets = newest_datasets(session, HOME_SHOWN, 0)
-        shown = {e.dataset_id for e in experiments}
-        names = dict(session.execute(select(Dataset.id, Dataset.name)
-                                     .where(Dataset.id.in_(shown))).tuples().all())
+        names = dataset_names(session, {e.dataset_id for e in experiments})
     return Latest(experiments, experiments_total, names, datasets, datasets_total)
 
 

@@ -643,12 +643,6 @@ export function experimentPage() {
   // read asked before Run again, answered after it, showed the runs cancelled again. Such an
   // answer gives way to a read asked after.
   let statusNews = 0;
-  // The answer of an action, asked when the page had seen `asked` changes: drawn, it is news
-  // that reads asked before it must give way to.
-  function applyAnswer(fresh, asked) {
-    applyExperiment(fresh, asked);
-    statusNews += 1;
-  }
 
   // Redraw only when a run changed (queued again, or queued and ended again between two
   // looks): an ended experiment's page otherwise stays still.
@@ -749,7 +743,7 @@ export function experimentPage() {
   const actionError = document.getElementById("action-error");
   const plural = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
 
-  document.getElementById("cancel-all").addEventListener("click", async () => {
+  document.getElementById("cancel-all").addEventListener("click", () => {
     const left = active();
     if (left.length === 0 || cancelling) return;
     const queued = left.filter((run) => run.status === "queued").length;
@@ -759,38 +753,37 @@ export function experimentPage() {
       running ? `${running} running ${running === 1 ? "stops" : "stop"} within about one iteration` : null,
     ].filter(Boolean).join("; ");
     if (!window.confirm(`Cancel the ${plural(left.length, "run")} of this experiment not yet ended? ${what[0].toUpperCase()}${what.slice(1)}.`)) return;
-    actionError.textContent = "";
-    cancelling = true;
-    drawActions();
-    try {
-      const asked = statusNews;
-      applyAnswer(await getJSON(`/api/experiments/${id}/cancel`, { method: "POST" }), asked);
-    } catch (error) {
-      // The buttons come back as the page knows the runs; the refresh corrects them if it can.
-      cancelling = false;
-      drawActions();
-      actionError.replaceChildren(...failure("Could not cancel", error));
-      refreshSoon();
-    }
+    cancelling = true; // until the runs have ended, unless refused
+    act("cancel", "Could not cancel", (answered) => { if (!answered) cancelling = false; });
   });
 
-  document.getElementById("requeue-all").addEventListener("click", async () => {
+  document.getElementById("requeue-all").addEventListener("click", () => {
     if (requeueing || rerunnable().length === 0) return;
-    actionError.textContent = "";
     requeueing = true;
+    act("requeue", "Could not queue them again", () => { requeueing = false; });
+  });
+
+  // POST an action of the experiment (cancel, requeue) and draw its answer: news that reads
+  // asked before it give way to (`statusNews`). `settle(answered)` ends the action's own state
+  // first. Refused, the buttons come back as the page knows the runs, the refusal is said
+  // beside them, and the record is read again (a requeue's 503 failed the run it could not
+  // queue: the record says which).
+  async function act(action, refusal, settle) {
+    actionError.textContent = "";
     drawActions();
     try {
       const asked = statusNews;
-      const fresh = await getJSON(`/api/experiments/${id}/requeue`, { method: "POST" });
-      requeueing = false;
-      applyAnswer(fresh, asked);
+      const fresh = await getJSON(`/api/experiments/${id}/${action}`, { method: "POST" });
+      settle(true);
+      applyExperiment(fresh, asked);
+      statusNews += 1;
     } catch (error) {
-      requeueing = false;
+      settle(false);
       drawActions();
-      actionError.replaceChildren(...failure("Could not queue them again", error));
-      refreshSoon(); // a 503 failed the run it could not queue: the record says which
+      actionError.replaceChildren(...failure(refusal, error));
+      refreshSoon();
     }
-  });
+  }
 
   // Off while the delete is under way, as Cancel all while cancelling: aria-disabled, so that
   // the keyboard stays on it, and on it still when a refusal is said.

@@ -27,6 +27,8 @@ RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "lo
 RUN_STATUSES = get_args(RunStatus)  # in the order a run goes through them
 # "lost" stays only once a run has used up its automatic requeues (see app.reaper).
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "lost")
+# A run's error in a list of runs (an experiment's runs, its runs CSV): its first line, cut.
+ERROR_LINE_MAX = 300
 
 
 # JSON's "\ud800" escapes decode to half a character, which UTF-8 (a database, a page) cannot hold.
@@ -355,6 +357,10 @@ class RunSummary(BaseModel):
     queue_position: int | None = Field(
         None, description="for a queued run, 1 when it is the next a free worker takes (runs "
         "are taken in the order they were queued, and one queued again goes to the back)")
+    error_line: str | None = Field(
+        None, description="the first line of the run's `error`, at most "
+        f"{ERROR_LINE_MAX} characters: why a failed or lost run ended, or why a queued one "
+        "waits (the queue is down); the run's own record (`GET /api/runs/{id}`) has all of it")
 
 
 EXPERIMENT_STATUS = (

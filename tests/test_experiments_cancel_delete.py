@@ -27,6 +27,8 @@ from app.experiments import delete_run_rows, source_run
 from app.live import experiment_stream_key, publish_end, run_cancel_key, run_stream_key
 from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
 from app.reaper import reap
+from app.routers.runs import error_line
+from app.schemas import ERROR_LINE_MAX
 from tests.browser import open_browser
 from tests.support import add_dataset_row
 from tests.test_datasets_support import dataset_server
@@ -744,9 +746,14 @@ def test_an_experiments_ended_runs_are_queued_again_in_one_request(live_server):
         client.post(f"/api/experiments/{experiment_id}/cancel")
         with session_scope(database_url) as session:
             failed = session.get(Run, run_ids[1])
-            failed.status, failed.error, failed.attempts = "failed", "out of memory", 2
+            failed.status, failed.attempts = "failed", 2
+            failed.error = "RuntimeError: out of memory\n\n  File \"worker/training.py\", line 1"
             session.get(Run, run_ids[2]).status = "succeeded"
         tasks = task_ids(database_url, run_ids)
+        # Why it failed, in the list of runs: the first line, without where it came from.
+        assert [run["error_line"] for run in client.get(
+            f"/api/experiments/{experiment_id}").json()["runs"]] == [
+            None, "RuntimeError: out of memory", None, None]
 
         answer = client.post(f"/api/experiments/{experiment_id}/requeue")
         assert answer.status_code == 200, answer.text
@@ -755,6 +762,7 @@ def test_an_experiments_ended_runs_are_queued_again_in_one_request(live_server):
         assert answer.json()["status"] == "in progress"
         again = client.get(f"/api/runs/{run_ids[1]}").json()
         assert again["error"] is None and again["attempts"] == 0  # afresh, as "Run again"
+        assert all(run["error_line"] is None for run in answer.json()["runs"])
         sent = task_ids(database_url, run_ids)
         assert [sent[id_] != tasks[id_] for id_ in run_ids] == [True, True, False, True]
         assert live.exists(run_cancel_key(run_ids[0])) == 0  # or it stops at once
@@ -764,6 +772,13 @@ def test_an_experiments_ended_runs_are_queued_again_in_one_request(live_server):
             "runs"] == client.get(f"/api/experiments/{experiment_id}").json()["runs"]
         assert task_ids(database_url, run_ids) == sent
         assert client.post("/api/experiments/999999/requeue").status_code == 404
+
+
+def test_a_runs_error_line_is_its_first_line_cut_to_a_list_cells_length():
+    assert error_line(None) is None and error_line("  \n") is None
+    assert error_line("\n  ValueError: no\n\nTraceback ...") == "ValueError: no"
+    cut = error_line("RuntimeError: " + "x" * 400)
+    assert len(cut) == ERROR_LINE_MAX and cut.endswith("x…")
 
 
 def task_ids(database_url: str, run_ids: list[int]) -> dict[int, str]:
@@ -780,8 +795,11 @@ def test_experiment_page_runs_its_ended_runs_again_in_one_click(live_server, req
         experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url))
         client.post(f"/api/experiments/{experiment_id}/cancel")
     with session_scope(database_url) as session:
-        session.get(Run, run_ids[3]).status = "failed"
+        failed = session.get(Run, run_ids[3])
+        failed.status, failed.error = "failed", "MemoryError: 12 GiB asked for\n\n  File ..."
     badges = "[...document.querySelectorAll('#runs tbody .badge')].map((b) => b.textContent)"
+    reasons = "[...document.querySelectorAll('#runs tbody tr')].map((tr) => " \
+              "tr.querySelector('.run-reason')?.textContent ?? null)"
 
     with open_browser(request.node.name) as browser:
         page = browser.page
@@ -792,6 +810,8 @@ def test_experiment_page_runs_its_ended_runs_again_in_one_click(live_server, req
             "Queue again the runs that ended without finishing (1 failed, 3 cancelled); each "
             "resumes from its last checkpoint")
         assert page.is_hidden("#cancel-all") and page.is_visible("#delete-experiment")
+        # Why the failed run ended, without opening its page (cancelled runs have no reason).
+        assert page.evaluate(reasons) == [None, None, None, "MemoryError: 12 GiB asked for"]
         # Refused (the queue down): said beside it, and it stays to be pressed again.
         page.route(f"**/api/experiments/{experiment_id}/requeue", lambda route: route.fulfill(
             status=503, json={"detail": "the queue (Redis) is not reachable: gone"}))
@@ -809,6 +829,7 @@ def test_experiment_page_runs_its_ended_runs_again_in_one_click(live_server, req
         page.wait_for_function(f"{badges}.every((s) => s === 'queued')")
         expect(page.locator("#cancel-all")).to_be_focused()
         expect(again).to_be_hidden()
+        assert page.evaluate(reasons) == [None] * 4  # queued afresh: the old reason went
         assert page.inner_text("#action-error") == ""
         assert page.is_hidden("#delete-experiment")
         browser.screenshot("queued-again")

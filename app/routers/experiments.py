@@ -51,7 +51,7 @@ from app.live import ended, experiment_stream_key, live_workers
 from app.models import MAX_ID, Dataset, Experiment, Run
 from app.reaper import REQUEUEABLE
 from app.responses import csv_download
-from app.routers.runs import SSE_RESPONSES, run_again, run_summary
+from app.routers.runs import SSE_RESPONSES, error_line, run_again, run_summary
 from app.schemas import (
     RUN_STATUSES,
     UNREADABLE_BODY_OUT,
@@ -329,7 +329,7 @@ def run_rows(experiment: Experiment, session: Session) -> list[dict]:
             "first_started_at": as_utc(run.started_at), "last_queued_at": as_utc(run.queued_at),
             "finished_at": as_utc(run.finished_at),
             "backbone": experiment.backbone, "device": run.device,
-            "error": next(iter((run.error or "").strip().splitlines()), "")[:300],
+            "error": error_line(run.error) or "",
         })
     return rows
 

@@ -54,6 +54,7 @@ from app.reaper import REQUEUEABLE, requeue
 from app.responses import FILE_DELETED, csv_download, send_file
 from app.schemas import (
     CONFUSION_FORMS,
+    ERROR_LINE_MAX,
     ArtifactOut,
     ErrorOut,
     MetricPoint,
@@ -107,6 +108,15 @@ def get_run(session: Session, run_id: int) -> Run:
     return run
 
 
+def error_line(error: str | None) -> str | None:
+    """A run's error in one line: its first, cut at ERROR_LINE_MAX characters (the rest of a
+    failure is where it came from, a traceback)."""
+    line = next(iter((error or "").strip().splitlines()), "").strip()
+    if len(line) > ERROR_LINE_MAX:
+        line = line[:ERROR_LINE_MAX - 1].rstrip() + "…"
+    return line or None
+
+
 def run_summary(run: Run, queue_position: int | None = None) -> RunSummary:
     return RunSummary(
         id=run.id, experiment_id=run.experiment_id, method=run.method, budget=run.budget,
@@ -114,6 +124,7 @@ def run_summary(run: Run, queue_position: int | None = None) -> RunSummary:
         total_steps=run.total_steps, test_top1=run.metrics.get("test_top1"),
         created_at=as_utc(run.created_at), started_at=as_utc(run.started_at),
         finished_at=as_utc(run.finished_at), queue_position=queue_position,
+        error_line=error_line(run.error),
     )
 
 

@@ -407,7 +407,11 @@ export function experimentPage() {
       ? h("small", { class: "muted queue-position", title: "runs are taken in the order they were queued" },
         run.queue_position === 1 ? " next" : ` position ${run.queue_position}`)
       : null;
-    cells.status.replaceChildren(...[badge(run.status), position].filter(Boolean));
+    // Why a run failed or was lost, or why a queued one waits: one line, cut to the column's
+    // width on screen (whole on hover and to a screen reader); its page has the rest.
+    const reason = run.error_line
+      ? h("small", { class: "muted run-reason", title: run.error_line }, run.error_line) : null;
+    cells.status.replaceChildren(...[badge(run.status), position, reason].filter(Boolean));
     const share = run.total_steps ? run.step / run.total_steps : 0;
     cells.progress.replaceChildren(
       h("span", { class: "step" }, `${count(run.step)} / ${count(run.total_steps)}`), " ",
@@ -825,7 +829,10 @@ export function experimentPage() {
       run.status = event.status;
       if (isNumber(event.metrics?.test_top1)) run.test_top1 = event.metrics.test_top1;
     }
-    if (run.status !== before) statusNews += 1;
+    if (run.status !== before) {
+      statusNews += 1;
+      delete run.error_line; // the last attempt's; the record read after has the new one
+    }
     drawRun(run);
     drawActions();
     // A run that starts or ends changes the summary (means, best, the experiment's status).

@@ -26,7 +26,13 @@ from app.estimates import estimate_label_gains
 from app.live import forget_feeds, publish_ends, run_cancel_key
 from app.models import MAX_ID, Artifact, Dataset, Experiment, Run, RunMetric, utcnow
 from app.responses import human_bytes, in_utc
-from app.schemas import TERMINAL_STATUSES, ExperimentIn, LabelEstimate, parse_budget_values
+from app.schemas import (
+    TERMINAL_STATUSES,
+    ExperimentIn,
+    LabelEstimate,
+    TimeLeft,
+    parse_budget_values,
+)
 from app.trash import move_to_trash
 from worker.selftuning.budgets import Budget
 from worker.selftuning.config import RunConfig, backbone_in
@@ -900,6 +906,69 @@ def queue_positions(session: Session, runs: Iterable[Run]) -> dict[int, int]:
             ahead = bisect.bisect_left(stamped, (as_utc(run.queued_at), run.id))
         positions[run.id] = ahead + 1
     return positions
+
+
+def eta_seconds(run: Run, dataset: Dataset | None) -> float | None:
+    """Training time left at the last reported speed (evaluations not counted)."""
+    if run.status != "running" or not run.images_per_s:
+        return None
+    remaining = max(0, run.total_steps - run.step)
+    images = _images_a_step(run, dataset)
+    return remaining * images / run.images_per_s if images else None
+
+
+def _images_a_step(run: Run, dataset: Dataset | None) -> int:
+    """The images one training step of `run` draws: its labeled batch, and its unlabeled one
+    where the budget leaves an unlabeled image (the engine draws none where it does not)."""
+    config = run.config or {}
+    draws_unlabeled = run.method != "fine-tune" and (
+        dataset is None or budget_unlabeled_count(dataset, run.budget) > 0)
+    return config.get("batch_size", 0) + (
+        config.get("unlabeled_batch_size", 0) if draws_unlabeled else 0)
+
+
+def seconds_per_step(runs: list[Run], dataset: Dataset | None) -> dict[str, float]:
+    """What one training step of each method costs in this sweep, by the clock: the median over
+    its finished runs of their time from start to end (evaluations, checkpoints and loading
+    included) by their steps; for a method with none finished yet, its running run's speed
+    (training steps only). A run queued again after it started is left out: its time from
+    start to end holds the wait."""
+    finished: defaultdict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        if (run.status == "succeeded" and run.started_at and run.finished_at
+                and run.total_steps > 0
+                and (run.queued_at is None or as_utc(run.queued_at) <= as_utc(run.started_at))):
+            took = (as_utc(run.finished_at) - as_utc(run.started_at)).total_seconds()
+            finished[run.method].append(max(took, 0.0) / run.total_steps)
+    costs = {method: statistics.median(times) for method, times in finished.items()}
+    for run in runs:
+        if run.method not in costs and run.status == "running" and run.images_per_s:
+            images = _images_a_step(run, dataset)
+            if images:
+                costs[run.method] = images / run.images_per_s
+    return costs
+
+
+def time_left(runs: list[Run], dataset: Dataset | None) -> TimeLeft | None:
+    """How long the sweep's runs still to go train, one after another (as one worker takes
+    them): a running run's own time left at its speed, a queued run's steps at what a step of
+    its method costs in this sweep. None once every run has ended."""
+    going = [run for run in runs if run.status in ("queued", "running")]
+    if not going:
+        return None
+    costs = seconds_per_step(runs, dataset)
+    seconds, untimed = 0.0, []
+    for run in going:
+        left = eta_seconds(run, dataset)
+        if left is None and run.method in costs:
+            left = max(0, run.total_steps - run.step) * costs[run.method]
+        if left is None:
+            untimed.append(run.method)
+        else:
+            seconds += left
+    return TimeLeft(
+        seconds=round(seconds, 1), runs=len(going), untimed_runs=len(untimed),
+        untimed_methods=sorted(set(untimed), key=lambda method: METHOD_ORDER.get(method, 9)))
 
 
 def is_terminal(status: str) -> bool:

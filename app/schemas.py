@@ -413,6 +413,20 @@ class LabelEstimate(BaseModel):
     slope: float = Field(description="b in top-1 = a + b·ln(n)")
 
 
+class TimeLeft(BaseModel):
+    """How long an experiment's runs still to go would train one after another, as one
+    worker takes them (more workers take them side by side; runs of other experiments queued
+    before them come first)."""
+
+    seconds: float = Field(description="the runs' training time left, those that can be "
+                           "timed: a running run at its speed, a queued run at what a step "
+                           "of its method took in this experiment's runs so far")
+    runs: int = Field(description="the runs still to go (queued or running)")
+    untimed_runs: int = Field(description="of those, the runs not counted in `seconds`: no "
+                              "run of their method has trained yet in this experiment")
+    untimed_methods: list[str] = Field(description="the methods of the untimed runs")
+
+
 class ExperimentOut(BaseModel):
     id: int
     name: str
@@ -433,6 +447,9 @@ class ExperimentOut(BaseModel):
         "accuracy-against-budget curve); runs that did not record their labeled count are "
         "left out"
     )
+    time_left: TimeLeft | None = Field(
+        None, description="how long its runs still to go would train; null once every run "
+        "has ended")
     warnings: list[str] = Field(
         default_factory=list,
         description="what to know before comparing its methods, such as Self-Tuning or "

@@ -24,7 +24,13 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import session_scope
 from app.experiments import delete_run_rows, source_run
-from app.live import experiment_stream_key, publish_end, run_cancel_key, run_stream_key
+from app.live import (
+    experiment_stream_key,
+    publish_end,
+    publish_status,
+    run_cancel_key,
+    run_stream_key,
+)
 from app.models import Artifact, Dataset, Experiment, Run, RunMetric, utcnow
 from app.reaper import reap
 from app.routers.runs import error_line
@@ -779,6 +785,57 @@ def test_a_runs_error_line_is_its_first_line_cut_to_a_list_cells_length():
     assert error_line("\n  ValueError: no\n\nTraceback ...") == "ValueError: no"
     cut = error_line("RuntimeError: " + "x" * 400)
     assert len(cut) == ERROR_LINE_MAX and cut.endswith("x…")
+
+
+@pytest.mark.browser
+def test_experiment_page_says_how_long_its_runs_still_to_go_would_train(live_server, request):
+    """A sweep of 18 runs on a CPU takes an evening; its page said which run trained but not
+    when the last would be done. The time left counts each run still to go at what its
+    method's runs took so far; a method not yet timed is said to be."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url))
+    with session_scope(database_url) as session:
+        runs = [session.get(Run, run_id) for run_id in run_ids]
+        assert [run.method for run in runs] == ["fine-tune"] * 2 + ["self-tuning"] * 2
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        expect(page.locator("#time-left")).to_have_text(
+            "4 runs to go: timed once the first has trained a little")
+
+        # The first fine-tuning run took 10 minutes for its 20 steps (queued before that).
+        with session_scope(database_url) as session:
+            run = session.get(Run, run_ids[0])
+            run.queued_at = utcnow() - timedelta(minutes=11)
+            run.started_at, run.step = utcnow() - timedelta(minutes=10), 20
+        end_as_worker(database_url, live, run_ids[0], "succeeded")
+        expect(page.locator("#time-left")).to_have_text(
+            "about 10 min for 1 of the 3 runs to go, one after another; the 2 Self-Tuning "
+            "runs are timed once one has trained a little")
+
+        # A Self-Tuning run trains 8 + 16 images a step at 2.4 a second: 10 s a step; it is
+        # half done.
+        mark_running(database_url, run_ids[2])
+        with session_scope(database_url) as session:
+            run = session.get(Run, run_ids[2])
+            run.step, run.images_per_s = 10, 2.4
+            publish_status(live, run)
+        # 10 min for the fine-tuning run, 100 s and 200 s for the Self-Tuning ones.
+        expect(page.locator("#time-left")).to_have_text(
+            "about 15 min: 3 runs to go, one after another")
+        browser.screenshot("time-left")
+
+        # Every run ended: nothing to time.
+        with live_server.client() as client:
+            client.post(f"/api/experiments/{experiment_id}/cancel")
+        end_as_worker(database_url, live, run_ids[2], "cancelled")
+        expect(page.locator("#time-left-row")).to_be_hidden()
+        browser.assert_no_errors()
+    with live_server.client() as client:
+        assert client.get(f"/api/experiments/{experiment_id}").json()["time_left"] is None
 
 
 def task_ids(database_url: str, run_ids: list[int]) -> dict[int, str]:

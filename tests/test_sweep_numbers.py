@@ -4,12 +4,12 @@ status, a run's time left."""
 from __future__ import annotations
 
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from app.experiments import budget_table, experiment_status
+from app.experiments import budget_table, eta_seconds, experiment_status, time_left
 from app.models import Dataset, Run
-from app.routers.runs import eta_seconds
 
 
 def run(method: str, status: str = "succeeded", top1: float | None = None,
@@ -88,3 +88,38 @@ def test_the_eta_counts_the_unlabeled_batch_only_where_there_are_unlabeled_image
     assert eta("self-tuning", "all") == eta("fine-tune", 0.5) == 500.0  # 16 images a step
     dataset.unlabeled_count = 5  # an unlabeled/ folder: drawn from at every budget
     assert eta("self-tuning", "all") == 1000.0
+
+
+def timed_run(method: str, status: str, steps: int = 100, took_s: float | None = None,
+              resumed: bool = False, **fields) -> Run:
+    start = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    return Run(method=method, budget=0.5, status=status, total_steps=steps,
+               step=fields.pop("step", steps if status == "succeeded" else 0),
+               config={"batch_size": 16, "unlabeled_batch_size": 16},
+               started_at=start if took_s is not None or status == "running" else None,
+               finished_at=start + timedelta(seconds=took_s) if took_s is not None else None,
+               queued_at=start + timedelta(seconds=5) if resumed else start, **fields)
+
+
+def test_a_sweeps_time_left_times_each_queued_run_by_its_methods_runs_so_far():
+    runs = [timed_run("fine-tune", "succeeded", took_s=100.0),
+            timed_run("fine-tune", "succeeded", took_s=300.0),
+            timed_run("fine-tune", "succeeded", took_s=900.0, resumed=True),  # held a wait
+            timed_run("fine-tune", "queued", steps=50),
+            timed_run("fixmatch", "queued"), timed_run("fixmatch", "queued"),
+            timed_run("self-tuning", "failed")]
+    left = time_left(runs, None)
+    # The median of 1 s and 3 s a step (the resumed run left out), for 50 steps.
+    assert left.seconds == 100.0 and left.runs == 3
+    assert (left.untimed_runs, left.untimed_methods) == (2, ["fixmatch"])
+
+    # A running FixMatch run: its own time left at its speed (32 images a step, 64 a
+    # second: 0.5 s a step), and the queued one's steps at that speed.
+    runs[4] = timed_run("fixmatch", "running", step=60, images_per_s=64.0)
+    left = time_left(runs, None)
+    assert left.seconds == 100.0 + 40 * 0.5 + 100 * 0.5 and left.untimed_runs == 0
+
+
+def test_a_sweep_whose_runs_all_ended_has_no_time_left():
+    assert time_left([timed_run("fine-tune", "succeeded", took_s=10.0),
+                      timed_run("fine-tune", "cancelled")], None) is None

@@ -45,6 +45,7 @@ from app.experiments import (
     label_estimates,
     plan_experiment,
     queue_positions,
+    time_left,
     unprocessable,
 )
 from app.live import ended, experiment_stream_key, live_workers
@@ -104,6 +105,7 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
         runs=[run_summary(run, positions.get(run.id)) for run in runs],
         budget_table=budget_table(runs, labeled),
         label_estimates=label_estimates(runs, labeled, dataset),
+        time_left=time_left(runs, dataset),
         warnings=experiment_warnings(dataset, runs, experiment.overrides or {}),
     )
 

@@ -30,8 +30,8 @@ from app.deps import DbDep, LastEventId, RedisDep, RunId, SettingsDep
 from app.events import Outcome, event_stream_response
 from app.experiments import (
     as_utc,
-    budget_unlabeled_count,
     cancel_runs,
+    eta_seconds,
     hold_weight_source,
     is_finishing,
     is_terminal,
@@ -126,21 +126,6 @@ def run_summary(run: Run, queue_position: int | None = None) -> RunSummary:
         finished_at=as_utc(run.finished_at), queue_position=queue_position,
         error_line=error_line(run.error),
     )
-
-
-def eta_seconds(run: Run, dataset: Dataset | None) -> float | None:
-    """Training time left at the last reported speed (evaluations not counted)."""
-    if run.status != "running" or not run.images_per_s:
-        return None
-    config = run.config
-    # The engine draws no unlabeled batch when the budget leaves no unlabeled image.
-    draws_unlabeled = run.method != "fine-tune" and (
-        dataset is None or budget_unlabeled_count(dataset, run.budget) > 0)
-    images_per_step = config.get("batch_size", 0) + (
-        config.get("unlabeled_batch_size", 0) if draws_unlabeled else 0
-    )
-    remaining = max(0, run.total_steps - run.step)
-    return remaining * images_per_step / run.images_per_s if images_per_step else None
 
 
 def silent_seconds(run: Run, settings: Settings) -> float | None:

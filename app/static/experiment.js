@@ -2,7 +2,7 @@
 // table, accuracy-against-budget chart, paper-style table, what more labels would buy, and
 // cancel-all, run-again and delete (/experiments/{id}).
 import {
-  badge, budgetChart, count, failure, follow, getJSON, h, handFocus, isNumber, onRestored, pageData,
+  badge, budgetChart, count, duration, failure, follow, getJSON, h, handFocus, isNumber, onRestored, pageData,
   pct, RERUNNABLE, showStatus, signedOutNotice, signInAgain, tabTitle, TERMINAL,
 } from "/static/charts.js";
 import { renamer } from "/static/rename.js";
@@ -371,6 +371,13 @@ const IDLE_POLL_MS = 5000; // how often a page whose runs all ended looks for a 
 // experiments ahead of them start and end without a word on this page's feed.
 const QUEUE_POLL_MS = 10000;
 
+// A time left as a person says it: "under a minute", "12 min", "3 h 5 min".
+function roughly(seconds) {
+  if (seconds < 60) return "under a minute";
+  if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
+  return duration(Math.round(seconds / 60) * 60);
+}
+
 export function experimentPage() {
   const { experiment: initial, methodTitles } = pageData("experiment-data");
   const id = initial.id;
@@ -547,6 +554,27 @@ export function experimentPage() {
     document.getElementById("estimates-note").hidden = estimates.length > 0;
   }
 
+  // How long the runs still to go would train, one after another: the record's estimate,
+  // counted down between reads (one run trains at a time on one worker).
+  let timeLeft = { left: initial.time_left, readAt: Date.now() };
+  function drawTimeLeft() {
+    const { left, readAt } = timeLeft;
+    document.getElementById("time-left-row").hidden = !left;
+    if (!left) return;
+    const runsToGo = `${count(left.runs)} run${left.runs === 1 ? "" : "s"} to go`;
+    const training = [...runs.values()].some((run) => run.status === "running");
+    const about = `about ${roughly(left.seconds - (training ? (Date.now() - readAt) / 1000 : 0))}`;
+    const methods = left.untimed_methods.map(title).join(" and ");
+    const untimed = left.untimed_runs === 1 ? `the ${methods} run is` : `the ${
+      count(left.untimed_runs)} ${methods} runs are`;
+    const text = left.untimed_runs === 0 ? `${about}: ${runsToGo}, one after another`
+      : left.untimed_runs === left.runs ? `${runsToGo}: timed once the first has trained a little`
+        : `${about} for ${count(left.runs - left.untimed_runs)} of the ${runsToGo}, one after `
+          + `another; ${untimed} timed once one has trained a little`;
+    document.getElementById("time-left").textContent = text;
+  }
+  setInterval(drawTimeLeft, 5000);
+
   let shownStatus = initial.status;
   function drawStatus(status) {
     shownStatus = status;
@@ -680,6 +708,8 @@ export function experimentPage() {
     }
     table = fresh.budget_table;
     estimates = fresh.label_estimates;
+    timeLeft = { left: fresh.time_left, readAt: Date.now() };
+    drawTimeLeft();
     drawStatus(fresh.status);
     markBest();
     drawResults();
@@ -855,6 +885,7 @@ export function experimentPage() {
   }, QUEUE_POLL_MS);
 
   drawStatus(initial.status);
+  drawTimeLeft();
   for (const run of runs.values()) drawRun(run);
   markBest();
   drawResults();

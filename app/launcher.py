@@ -345,21 +345,27 @@ def main() -> int:
         )
         shown_host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
         log(f"open http://{shown_host}:{settings.port}/  (Ctrl-C stops everything)")
-        redis_restarts = Restarts()
+        restarts = {name: Restarts() for name in ("redis", "worker", "web")}
         while not stop_requested:
             if (exited := supervisor.first_exited()) is not None:
                 name, status = exited
                 # The embedded Redis comes back on its port with its append-only file: the
                 # worker and the web reconnect by themselves and training goes on, as with a
-                # Redis of one's own that restarts.
-                if name == "redis" and not settings.redis_url and redis_restarts.allow():
-                    log(f"redis exited with status {status}; starting it again")
-                    supervisor.restart("redis")
-                    try:
-                        wait_for_redis(redis_url, settings)
-                    except RuntimeError as exc:
-                        log(f"{exc}; stopping the rest")
-                        return 1
+                # Redis of one's own that restarts. A worker or web killed by a signal (the
+                # kernel's out-of-memory killer, say) comes back too: the worker's run is
+                # found lost once its heartbeats have stopped for stale_after_s, queued again
+                # and resumed from its last checkpoint, with the pages up meanwhile. One that
+                # exits by itself (it refused to start) or keeps dying stops everything.
+                again = not settings.redis_url if name == "redis" else status < 0
+                if again and restarts[name].allow():
+                    log(f"{name} exited with status {status}; starting it again")
+                    supervisor.restart(name)
+                    if name == "redis":
+                        try:
+                            wait_for_redis(redis_url, settings)
+                        except RuntimeError as exc:
+                            log(f"{exc}; stopping the rest")
+                            return 1
                     continue
                 log(f"{name} exited with status {status}; stopping the rest")
                 return 1

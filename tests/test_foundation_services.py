@@ -291,6 +291,55 @@ def test_the_embedded_redis_dying_is_started_again_and_training_goes_on(tmp_path
         launcher.stop(signal.SIGKILL)
 
 
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_started_again_and_its_run_resumes(tmp_path):
+    """kill -9 of `make run`'s worker mid-run (the kernel's out-of-memory killer, say) stopped
+    the whole app, pages included, and the run waited for a person to launch it again. The
+    launcher starts the worker again; the run is found lost once its heartbeats stop, queued
+    again and resumed from its checkpoint. A worker that exits by itself still stops all."""
+    port = free_port()
+    env = launcher_env(tmp_path / "data", port)
+    env.update(SELFTUNE_HEARTBEAT_INTERVAL_S="1", SELFTUNE_STALE_AFTER_S="6")
+    launcher = start_process([sys.executable, "-m", "app.launcher"], env, tmp_path / "run.log")
+    family = []
+    try:
+        wait_for(lambda: _health(port), timeout=120, message=f"launch:\n{launcher.log()}")
+        family[:] = psutil.Process(launcher.popen.pid).children()
+        worker = next(p for p in family if "celery" in " ".join(p.cmdline()))
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            dataset_id = upload(client, tmp_path)
+            run_id = start_tiny_run(client, dataset_id, iterations=120, checkpoint_interval=10)
+            wait_for_step(client, run_id, 24, "progress before the worker is killed")
+            os.killpg(worker.pid, signal.SIGKILL)  # the worker and its training process
+            assert client.get("/api/health").status_code == 200  # the pages stay up
+            run = wait_for_end(client, run_id, f"the run to finish:\n{launcher.log()}")
+            with client.stream("GET", f"/api/runs/{run_id}/events") as response:
+                events = [json.loads(line[5:]) for line in response.iter_lines()
+                          if line.startswith("data:")]
+        assert "worker exited with status -9; starting it again" in launcher.log()
+        assert run["status"] == "succeeded", run["error"]
+        assert run["attempts"] == 2  # the one killed, and the one that finished
+        resumed = [e["resumed_from_step"] for e in events if e["type"] == "started"]
+        assert resumed[0] is None and resumed[1] >= 20 and len(resumed) == 2
+        assert [e["status"] for e in events if e["type"] == "status"] == [
+            "running", "queued", "running"]  # found lost and queued again in one step
+        assert launcher.popen.poll() is None  # still running
+
+        # Exiting by itself is not a crash: everything stops, as before.
+        family += psutil.Process(launcher.popen.pid).children()
+        worker = next(p for p in psutil.Process(launcher.popen.pid).children()
+                      if "celery" in " ".join(p.cmdline()))
+        worker.send_signal(signal.SIGTERM)  # a clean exit, status 0
+        assert launcher.popen.wait(timeout=90) == 1
+        assert "worker exited with status 0; stopping the rest" in launcher.log()
+        assert not any(_alive(child) for child in family)
+    finally:
+        with contextlib.suppress(psutil.Error):  # the worker started again is a new child
+            family += psutil.Process(launcher.popen.pid).children()
+        kill_groups(family)
+        launcher.stop(signal.SIGKILL)
+
+
 def test_the_launcher_names_the_setting_when_its_port_is_taken(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -564,7 +564,8 @@ export function experimentPage() {
     const runsToGo = `${count(left.runs)} run${left.runs === 1 ? "" : "s"} to go`;
     const training = [...runs.values()].some((run) => run.status === "running");
     const about = `about ${roughly(left.seconds - (training ? (Date.now() - readAt) / 1000 : 0))}`;
-    const methods = left.untimed_methods.map(title).join(" and ");
+    const names = left.untimed_methods.map(title);
+    const methods = names.length > 1 ? `${names.slice(0, -1).join(", ")} and ${names.at(-1)}` : names[0];
     const untimed = left.untimed_runs === 1 ? `the ${methods} run is` : `the ${
       count(left.untimed_runs)} ${methods} runs are`;
     const text = left.untimed_runs === 0 ? `${about}: ${runsToGo}, one after another`

@@ -28,6 +28,7 @@ from app.db import StartupRefused, ping_database, session_scope
 from app.experiments import QueueUnavailable, enqueue_runs, send_tasks, stamp_runs
 from app.live import forget_cancel, get_redis, publish_end, publish_status
 from app.models import Run, utcnow
+from app.responses import utc_text
 from app.startup import DataDirCheck
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ WAITING_FOR_QUEUE = "waiting for the queue (Redis) to come back"
 # held the run's folder (worker/training.py); `requeue_lost_messages` sends it again.
 FOLDER_HELD = ("its message was let go while another process still held its folder: "
                "it is sent again shortly")
+
+
+def last_heartbeat(run: Run) -> str:
+    """When the run's worker last said it trained, for a person: `2026-12-06T19:46:01Z`."""
+    return utc_text(run.heartbeat_at) if run.heartbeat_at else "none"
 
 
 def with_note(error: str | None, note: str) -> str:
@@ -160,7 +166,7 @@ def reap(settings: Settings) -> list[int]:
                     session.commit()
                     publish_end(live, run)
                 continue
-            error = f"worker {run.worker} stopped reporting (last heartbeat {run.heartbeat_at})"
+            error = f"worker {run.worker} stopped reporting (last heartbeat {last_heartbeat(run)})"
             requeued = run.attempts < settings.max_attempts
             if requeued:
                 error += (f"; queued again to resume from its last checkpoint (attempt "

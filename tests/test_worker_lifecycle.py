@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -438,11 +438,13 @@ def test_a_run_the_reaper_queues_again_says_why_until_a_worker_takes_it(settings
     run_id = add_run(settings, tmp_path)
     update_run(settings, run_id, status="running", worker="gone@host", attempts=1,
                started_at=utcnow() - timedelta(hours=1),
-               heartbeat_at=utcnow() - timedelta(hours=1))
+               heartbeat_at=datetime(2026, 12, 6, 18, 46, 1, 181285))
     assert reap(settings) == [run_id]
     run = read_run(settings, run_id)
     assert run.status == "queued" and queue.llen("celery") == 1
-    assert run.error.startswith("worker gone@host stopped reporting (last heartbeat ")
+    # To the second, in UTC, as the pages write times ("2026-12-06 18:46:01.181285" was read).
+    assert run.error.startswith(
+        "worker gone@host stopped reporting (last heartbeat 2026-12-06T18:46:01Z); ")
     assert run.error.endswith(
         f"queued again to resume from its last checkpoint (attempt 2 of {settings.max_attempts})")
     # A worker takes it: the note has done its work.

@@ -21,7 +21,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.ingest import image_cache_dir
 from app.models import Dataset, DatasetImage, Run
-from app.reaper import FOLDER_HELD, is_stale, with_note
+from app.reaper import FOLDER_HELD, is_stale, last_heartbeat, with_note
 from app.schemas import TERMINAL_STATUSES
 from worker.runs import (
     DATABASE_DOWN,
@@ -354,7 +354,7 @@ def _claim(settings: Settings, run_id: int, worker_name: str, task_id: str | Non
         if run.status == "running" and run.attempts >= settings.max_attempts:
             raise _End("lost", (
                 f"worker {run.worker} stopped during attempt {run.attempts} (last heartbeat "
-                f"{run.heartbeat_at}); lost {run.attempts} times, so not started again "
+                f"{last_heartbeat(run)}); lost {run.attempts} times, so not started again "
                 "(requeue it to resume from its last checkpoint)"
             ))
         if isinstance(device, Exception):

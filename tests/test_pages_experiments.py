@@ -174,6 +174,28 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
         assert {"ce", "pgc_labeled", "pgc_unlabeled"} <= set(losses), losses
         assert set(losses.values()) == {10}, losses  # every 3 of 30 iterations
         assert browser.chart_points("#chart-lr") == {"learning rate": 10}
+        # Its axis names both rates the run trained at (x0.1 at 75%): one stepped down once
+        # read "0.001" alone, neither rate.
+        rates, lr_axis = page.evaluate("""() => {
+            const chart = Chart.getChart(document.getElementById('chart-lr'));
+            const points = chart.data.datasets[0].data;
+            return [[points[0].y, points.at(-1).y],
+                    chart.scales.y.ticks.map((t) => t.label).filter((l) => l !== '')];
+        }""")
+        assert rates[1] == pytest.approx(rates[0] / 10) and set(rates) <= set(lr_axis), lr_axis
+        assert page.evaluate("""async () => {  // the same chart for the preset's own rates
+            const { setSeries, stepChart } = await import('/static/charts.js');
+            const box = document.createElement('div');
+            box.style.height = '200px';
+            const canvas = box.appendChild(document.createElement('canvas'));
+            document.querySelector('main').append(box);
+            const chart = stepChart(canvas, { yType: 'logarithmic' });
+            setSeries(chart, new Map([['lr', [{ x: 10, y: 0.002 }, { x: 50, y: 0.0002 }]]]), 60);
+            chart.update();
+            const labels = chart.scales.y.ticks.map((t) => t.label).filter((l) => l !== '');
+            box.remove();
+            return labels;
+        }""") == [0.0002, 0.0005, 0.001, 0.002]
         accuracy = browser.chart_points("#chart-accuracy")
         assert accuracy["top-1"] == 2, accuracy  # evaluations at 15 and 30
         assert "training's pseudo-labels right" in browser.chart_points("#chart-pseudo")

@@ -136,8 +136,14 @@ export function colourFor(name, index = 0) {
   return METHOD_COLOURS[name] ?? PALETTE[index % PALETTE.length];
 }
 
-// Log axes: label the powers of ten only, the in-between ticks crowd each other.
-const powerOfTen = (value) => Math.abs(Math.log10(value) - Math.round(Math.log10(value))) < 1e-9;
+// Log axes label their powers of ten; the in-between ticks crowd each other. An axis that
+// spans under three of them also labels 2 and 5 times each: a learning rate stepped down
+// once (0.002 to 0.0002) read "0.001" alone, neither of the rates it trained at.
+function logTick(value, _index, ticks) {
+  const mantissa = Number((value / 10 ** Math.floor(Math.log10(value) + 1e-9)).toPrecision(3));
+  const decades = Math.log10(ticks.at(-1).value / ticks[0].value);
+  return mantissa === 1 || (decades < 3 && (mantissa === 2 || mantissa === 5)) ? value : "";
+}
 
 // Error bars for line charts: a dataset with `errorBars: [±value per point]` gets a
 // whisker at every point (Chart.js has no built-in error bars).
@@ -187,7 +193,7 @@ function baseOptions({ percent = false, xTitle, yTitle, yType = "linear" } = {})
         type: yType,
         title: { display: Boolean(yTitle), text: yTitle },
         ...(percent ? { min: 0, max: 1, ticks: percentTicks } : {}),
-        ...(yType === "logarithmic" ? { ticks: { callback: (v) => (powerOfTen(v) ? v : "") } } : {}),
+        ...(yType === "logarithmic" ? { ticks: { callback: logTick, autoSkip: false } } : {}),
       },
     },
   };

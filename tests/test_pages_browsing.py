@@ -257,7 +257,7 @@ def test_the_home_page_shows_the_latest_work_or_where_to_start(live_server, requ
         assert page.inner_text("#latest-datasets p:last-child") == "All 6 datasets ›"
 
         with live_server.client() as client:
-            experiment_id, (run_id, *_) = start_sweep(
+            experiment_id, (run_id, other_id) = start_sweep(
                 client, dataset_ids[2], seeds=[0], methods=["self-tuning", "fine-tune"],
                 budgets=[0.5], name="the sweep")
         finish(database_url, redis.Redis.from_url(live_server.redis_url), run_id,
@@ -273,4 +273,30 @@ def test_the_home_page_shows_the_latest_work_or_where_to_start(live_server, requ
         assert page.inner_text("#latest-experiments p:last-child") == "All 1 experiment ›"
         assert violations(page) == []
         browser.screenshot("latest")
+
+        # Left open, the home page and the experiments list follow the sweep until it ends
+        # (read once, they said "in progress" long after it had finished).
+        listing = page.context.new_page()
+        listing.goto(f"{live_server.url}/experiments")
+        expect(listing.locator(f"#status-{experiment_id}")).to_have_text("in progress")
+        reads = []
+        for tab in (page, listing):
+            tab.evaluate("window.sameDocument = true")  # a reload would drop it
+            tab.on("request", lambda asked: reads.append(asked.url)
+                   if asked.resource_type == "fetch" else None)
+        finish(database_url, redis.Redis.from_url(live_server.redis_url), other_id,
+               {"test_top1": 0.9})
+        expect(item.locator(".badge")).to_have_text("finished", timeout=15_000)
+        assert " ".join(item.inner_text().split()) == (
+            "the sweep finished on photos 2 · 2 succeeded · best 90.0% (Fine-tuning, 50%)")
+        expect(listing.locator(f"#status-{experiment_id}")).to_have_text("finished",
+                                                                          timeout=15_000)
+        expect(listing.locator(f"#runs-{experiment_id}")).to_have_text("2 succeeded")
+        expect(listing.locator(f"#best-{experiment_id} a")).to_have_text("90.0%")
+        assert page.evaluate("window.sameDocument") and listing.evaluate("window.sameDocument")
+        # Nothing left to go: they stop reading.
+        page.wait_for_timeout(500)
+        settled = len(reads)
+        page.wait_for_timeout(6_000)
+        assert len(reads) == settled, reads
         browser.assert_no_errors()

@@ -61,6 +61,9 @@ def percent(share: float, unit: str = "%") -> str:
 
 templates.env.filters["moment"] = moment
 templates.env.filters["percent"] = percent
+# An experiment in one of these has runs to go: a list that shows it reads itself again
+# (/static/read_again.js) until it has ended.
+templates.env.globals["going"] = ("queued", "running", "in progress")
 
 router = APIRouter(include_in_schema=False)
 

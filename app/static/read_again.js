@@ -1,3 +1,5 @@
+import { showLocalTimes } from "/static/times.js";
+
 // A page that lists what the database holds (the datasets, the experiments, the system's
 // status, experiments compared) shown again by Back or Forward from the browser's
 // back/forward cache is the page as it was left: an item deleted since, on the page it was
@@ -6,3 +8,34 @@
 window.addEventListener("pageshow", (event) => {
   if (event.persisted) window.location.reload();
 });
+
+// While an experiment a list shows has runs to go (its part is marked data-going), the page
+// reads itself again every few seconds and puts in each of its changing parts (data-live,
+// found by id) the ones that changed: statuses, runs by status, best models. Read once, the
+// home page and the experiments list said "running" long after the sweep had finished. A
+// part that holds the keyboard waits for the next read (put in anew, it would lose it); a
+// read refused (signed out: the sign-in page) stops, as does a page with nothing to go.
+const READ_EVERY_MS = 5000;
+
+async function readAgain() {
+  if (!document.querySelector("[data-going]")) return;
+  if (!document.hidden) {
+    try {
+      const answer = await fetch(window.location.href, { cache: "no-store" });
+      if (!answer.ok || answer.redirected) return;
+      const fresh = new DOMParser().parseFromString(await answer.text(), "text/html");
+      showLocalTimes(fresh);
+      for (const part of document.querySelectorAll("[data-live][id]")) {
+        const next = fresh.getElementById(part.id);
+        if (next && next.outerHTML !== part.outerHTML && !part.contains(document.activeElement)) {
+          part.replaceWith(document.importNode(next, true));
+        }
+      }
+    } catch (error) {
+      console.warn("could not read the page again:", error.message); // the next read may
+    }
+  }
+  setTimeout(readAgain, READ_EVERY_MS);
+}
+
+setTimeout(readAgain, READ_EVERY_MS);

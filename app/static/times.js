@@ -10,9 +10,15 @@ export function localTime(value) {
     `${pad(when.getHours())}:${pad(when.getMinutes())}`;
 }
 
-for (const node of document.querySelectorAll("time[datetime]")) {
-  const local = localTime(node.getAttribute("datetime"));
-  if (local === null) continue;
-  node.title = node.textContent;
-  node.textContent = local;
+// Each server time under `root` in the reader's time zone (a page's own as it loads; a part
+// of it read again, /static/read_again.js, before it is put in).
+export function showLocalTimes(root) {
+  for (const node of root.querySelectorAll("time[datetime]")) {
+    const local = localTime(node.getAttribute("datetime"));
+    if (local === null) continue;
+    node.title = node.textContent;
+    node.textContent = local;
+  }
 }
+
+showLocalTimes(document);

@@ -31,6 +31,26 @@ def experiment_stream_key(experiment_id: int) -> str:
 FEED_KEEP_S = 7 * 24 * 3600
 
 
+# The answer header of a requeue: the last event of the feed the page follows (the run's, or
+# the experiment's) before the requeue's own. A page following again after it names this
+# (`?last_event_id=`) and gets what came since, instead of the whole story again.
+FEED_POSITION_HEADER = "Feed-Last-Event-ID"
+FEED_POSITION_OUT = {"headers": {FEED_POSITION_HEADER: {
+    "description": "the followed feed's last event before the requeue's own (absent when "
+    "Redis has none): give it as `last_event_id` to read on from there",
+    "schema": {"type": "string"}}}}
+
+
+def feed_position(client: redis.Redis, key: str) -> str | None:
+    """The id of the last event of the feed at `key`, or None when it has none in Redis (gone,
+    or Redis does not answer): its story is then told from the start."""
+    try:
+        last = client.xrevrange(key, count=1)
+    except redis.RedisError:
+        return None
+    return last[0][0] if last else None
+
+
 def add_to_feeds(pipe: Any, run_id: int, experiment_id: int, data: dict[str, str],
                  maxlen: int | None = None, *, to_experiment: bool = True) -> None:
     """Queue on `pipe` the event `data` for the run's and (unless not `to_experiment`) its

@@ -756,6 +756,7 @@ def test_an_experiments_ended_runs_are_queued_again_in_one_request(live_server):
             failed.error = "RuntimeError: out of memory\n\n  File \"worker/training.py\", line 1"
             session.get(Run, run_ids[2]).status = "succeeded"
         tasks = task_ids(database_url, run_ids)
+        before = live.xrevrange(experiment_stream_key(experiment_id), count=1)[0][0]
         # Why it failed, in the list of runs: the first line, without where it came from.
         assert [run["error_line"] for run in client.get(
             f"/api/experiments/{experiment_id}").json()["runs"]] == [
@@ -763,6 +764,10 @@ def test_an_experiments_ended_runs_are_queued_again_in_one_request(live_server):
 
         answer = client.post(f"/api/experiments/{experiment_id}/requeue")
         assert answer.status_code == 200, answer.text
+        # Where its page's feed reads on from: the experiment's last event before the requeue.
+        assert answer.headers["Feed-Last-Event-ID"] == before
+        assert [json.loads(data["data"])["status"] for _, data in live.xrange(
+            experiment_stream_key(experiment_id), min=f"({before}")] == ["queued"] * 3
         assert [run["status"] for run in answer.json()["runs"]] == [
             "queued", "queued", "succeeded", "queued"]
         assert answer.json()["status"] == "in progress"
@@ -878,12 +883,22 @@ def test_experiment_page_runs_its_ended_runs_again_in_one_click(live_server, req
         expect(again).to_have_text("Run 4 runs again")
         page.unroute(f"**/api/experiments/{experiment_id}/requeue")
 
+        page.evaluate("""() => {
+            window.shownStatuses = [];
+            new MutationObserver(() => window.shownStatuses.push(
+                [...document.querySelectorAll('#runs tbody .badge')].map((b) => b.textContent)
+            )).observe(document.querySelector('#runs tbody'), {subtree: true, childList: true});
+        }""")
         again.focus()
         page.keyboard.press("Enter")
         page.wait_for_selector("#live-state:has-text('live')")  # followed again
-        # The feed tells the runs' history again (cancelled, then queued): the page ends as
-        # the record is, with the keyboard where the queued runs can be stopped again.
+        # The feed reads on from where it was before the requeue (its answer says where):
+        # it told the runs' whole history again, and they went back through "cancelled" and
+        # "failed" before they settled. The keyboard is where they can be stopped again.
         page.wait_for_function(f"{badges}.every((s) => s === 'queued')")
+        page.wait_for_timeout(1000)  # what a replay would have shown, had there been one
+        shown = page.evaluate("window.shownStatuses")
+        assert shown and all(statuses == ["queued"] * 4 for statuses in shown), shown
         expect(page.locator("#cancel-all")).to_be_focused()
         expect(again).to_be_hidden()
         assert page.evaluate(reasons) == [None] * 4  # queued afresh: the old reason went

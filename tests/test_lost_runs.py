@@ -111,6 +111,11 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
             assert page.inner_text("#device") == "cpu on gone@host"
             # Lost before any step: nothing to resume from, and the page does not claim it.
             assert page.inner_text("#requeue-note") == "starts from the beginning"
+            feeds, answers = [], []
+            page.on("request", lambda asked: feeds.append(asked.url)
+                    if asked.url.split("?")[0].endswith("/events") else None)
+            page.on("response", lambda answer: answers.append(answer.headers)
+                    if answer.url.endswith("/requeue") else None)
             page.click("#requeue")
             page.wait_for_selector("#run-status .badge.queued")
             page.wait_for_selector("#queue-row:not([hidden])")
@@ -122,6 +127,11 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
             assert page.evaluate("window.sameDocument") is True  # no reload
             wait_for(lambda: page.inner_text("#live-state") == "● live", timeout=15,
                      message="the page to follow the run again")
+            # It reads on from the run's last event before the requeue, which the answer
+            # names, instead of being told the run's whole story again (a long run's is
+            # 100,000 points).
+            (before,) = [headers["feed-last-event-id"] for headers in answers]
+            assert feeds == [f"{url}/api/runs/{run_id}/events?last_event_id={before}"], feeds
             browser.screenshot("requeued")
             browser.assert_no_errors()
 

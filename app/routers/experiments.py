@@ -48,7 +48,14 @@ from app.experiments import (
     time_left,
     unprocessable,
 )
-from app.live import ended, experiment_stream_key, live_workers
+from app.live import (
+    FEED_POSITION_HEADER,
+    FEED_POSITION_OUT,
+    ended,
+    experiment_stream_key,
+    feed_position,
+    live_workers,
+)
 from app.models import MAX_ID, Dataset, Experiment, Run
 from app.reaper import REQUEUEABLE
 from app.responses import csv_download
@@ -374,21 +381,26 @@ def cancel_experiment(experiment_id: ExperimentId, session: DbDep, live: RedisDe
 
 
 @router.post("/{experiment_id}/requeue", response_model=ExperimentOut, responses={
-    404: {"model": ErrorOut},
+    200: FEED_POSITION_OUT, 404: {"model": ErrorOut},
     409: {"model": ErrorOut, "description": "the model its runs start from was deleted: "
           "nothing is queued"},
     503: {"model": ErrorOut, "description": "the queue (Redis) is not reachable: the run it "
           "could not queue is stored failed with the reason, and those after it stay as they "
           "were; run them again once Redis is back"}})
 def requeue_experiment(experiment_id: ExperimentId, session: DbDep, settings: SettingsDep,
-                       live: RedisDep):
+                       live: RedisDep, response: Response):
     """Queue every lost, failed or cancelled run of the experiment again, in run order; each
     resumes from its last training checkpoint, as a run's own requeue does. Runs queued,
     running or succeeded are left alone: with none to run again this is a no-op that answers
-    200 with the experiment as it is."""
+    200 with the experiment as it is. The `Feed-Last-Event-ID` header names the
+    experiment's last event before the requeue: its feed read from there
+    (`?last_event_id=`) tells what came since without the rest again."""
     experiment = get_experiment(session, experiment_id)
+    position = feed_position(live, experiment_stream_key(experiment_id))
     for run_id in sorted(run.id for run in experiment.runs if run.status in REQUEUEABLE):
         run_again(session, settings, live, run_id)  # None: queued since by someone else
+    if position is not None:
+        response.headers[FEED_POSITION_HEADER] = position
     return experiment_out(get_experiment(session, experiment_id))
 
 

@@ -38,7 +38,15 @@ from app.experiments import (
     queue_position,
     unprocessable,
 )
-from app.live import ended, publish_status, run_stream_key, timestamp
+from app.live import (
+    FEED_POSITION_HEADER,
+    FEED_POSITION_OUT,
+    ended,
+    feed_position,
+    publish_status,
+    run_stream_key,
+    timestamp,
+)
 from app.models import (
     CONFUSION_KEYS,
     DENSE_CONFUSION,
@@ -268,19 +276,26 @@ def cancel_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redis
 
 
 @router.post("/{run_id}/requeue", response_model=RunOut, responses={
-    **NO_RUN, 409: {"model": ErrorOut, "description": "the run is queued, running or "
-                    "succeeded, or the model it starts from was deleted"},
+    200: FEED_POSITION_OUT, **NO_RUN,
+    409: {"model": ErrorOut, "description": "the run is queued, running or succeeded, or the "
+          "model it starts from was deleted"},
     503: {"model": ErrorOut, "description": "the queue (Redis) is not reachable: the run is "
           "stored failed with the reason; run it again once Redis is back"}})
-def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: RedisDep):
+def requeue_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: RedisDep,
+                response: Response):
     """Queue a lost, failed or cancelled run again; it resumes from its last training
-    checkpoint (a finished run is never retrained)."""
+    checkpoint (a finished run is never retrained). The `Feed-Last-Event-ID` header names
+    the run's last event before the requeue: its feed read from there
+    (`?last_event_id=`) tells what came since without the rest again."""
+    position = feed_position(live, run_stream_key(run_id))
     if run_again(session, settings, live, run_id) is None:
         run = get_run(session, run_id)  # a 404 when it is gone
         raise HTTPException(
             409, detail=f"run {run_id} is {run.status}; only lost, failed or cancelled runs "
             "can be requeued",
         )
+    if position is not None:
+        response.headers[FEED_POSITION_HEADER] = position
     return read_run(run_id, session, settings)
 
 

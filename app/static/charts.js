@@ -45,6 +45,11 @@ export function failure(action, error) {
 }
 
 export async function getJSON(url, options = {}) {
+  return (await fetchJSON(url, options)).body;
+}
+
+// getJSON's answer with its headers: { body, headers }.
+export async function fetchJSON(url, options = {}) {
   const response = await fetch(url, { headers: { Accept: "application/json" }, ...options });
   const body = await response.json().catch(() => null);
   if (!response.ok) {
@@ -53,8 +58,13 @@ export async function getJSON(url, options = {}) {
     error.body = body;
     throw error;
   }
-  return body;
+  return { body, headers: response.headers };
 }
+
+// A requeue's answer names the followed feed's last event before it (app/live.py): a page
+// following again from there gets what came since, not the whole story told again (its
+// statuses flickered through their old values on the way).
+export const feedPosition = (headers) => headers.get("Feed-Last-Event-ID") ?? "";
 
 export const isNumber = (value) => typeof value === "number" && Number.isFinite(value);
 export const pct = (value, digits = 1) => (isNumber(value) ? (value * 100).toFixed(digits) + "%" : "–");
@@ -418,16 +428,18 @@ const HIDDEN_FOR_MS = 10000;
 // expired sign-in, or is down) before the next try: a read of the record tells which.
 // A hidden page's feed rests (HIDDEN_FOR_MS; a page opened in a background tab opens it when
 // first shown). A feed opened anew names the last event it had (`?last_event_id=`: an
-// EventSource cannot send the header itself), so it too gets exactly what it missed.
+// EventSource cannot send the header itself), so it too gets exactly what it missed; `after`
+// names one to start after (that of a feed followed before, say), and `lastId()` tells it.
 export function follow(url, {
   onEvent, isLast = () => false, onResync = () => {}, onState = () => {}, onClosed = () => {},
+  after = "",
 }) {
   let source = null;
   let timer = null;
   let pause = 1000;
   let interrupted = false;
   let stopped = false;
-  let lastId = "";
+  let lastId = after;
   let resting = false;
   let hiddenTimer = null;
 
@@ -489,5 +501,5 @@ export function follow(url, {
   document.addEventListener("visibilitychange", onVisibility);
   if (document.visibilityState === "hidden") resting = true;
   else connect();
-  return { stop };
+  return { stop, lastId: () => lastId };
 }

@@ -2,7 +2,7 @@
 // table, accuracy-against-budget chart, paper-style table, what more labels would buy, and
 // cancel-all, run-again and delete (/experiments/{id}).
 import {
-  badge, budgetChart, count, duration, failure, follow, getJSON, h, handFocus, isNumber, onRestored, pageData,
+  badge, budgetChart, count, duration, failure, feedPosition, fetchJSON, follow, getJSON, h, handFocus, isNumber, onRestored, pageData,
   pct, RERUNNABLE, showStatus, signedOutNotice, signInAgain, tabTitle, TERMINAL,
 } from "/static/charts.js";
 import { renamer } from "/static/rename.js";
@@ -632,6 +632,9 @@ export function experimentPage() {
   // open feed tells this page: look at the record every few seconds while the tab is shown,
   // and at once when it is shown again. A run found active brings the feed back.
   let feed = null;
+  // Where a feed followed again starts: after the last event of the one before, or of the
+  // experiment's before a requeue (its answer says); the page's first feed tells it all.
+  let feedFrom = "";
   let idlePoller = null;
   let deleted = false;
   // This page's delete is under way: it reads nothing more, since a read answered once the
@@ -650,6 +653,7 @@ export function experimentPage() {
     clearInterval(idlePoller);
     idlePoller = null;
     feed = follow(`/api/experiments/${id}/events`, {
+      after: feedFrom,
       onEvent,
       isLast: (event) => event.type === "experiment_end",
       onResync: refreshSoon,
@@ -657,6 +661,7 @@ export function experimentPage() {
       onState: (state) => {
         liveState.textContent = state === "live" ? "● live" : state === "ended" ? "" : "reconnecting…";
         if (state === "ended") {
+          feedFrom = feed?.lastId() || feedFrom;
           feed = null;
           pollWhileIdle(); // also if the read after the end fails
         }
@@ -808,7 +813,9 @@ export function experimentPage() {
     drawActions();
     try {
       const asked = statusNews;
-      const fresh = await getJSON(`/api/experiments/${id}/${action}`, { method: "POST" });
+      const { body: fresh, headers } = await fetchJSON(`/api/experiments/${id}/${action}`,
+        { method: "POST" });
+      feedFrom = feedPosition(headers) || feedFrom;
       settle(true);
       applyExperiment(fresh, asked);
       statusNews += 1;

@@ -1,6 +1,7 @@
 // One run's page: live curves and status while it trains, then its results and downloads.
 import {
-  barChart, bytes, count, duration, failure, follow, getJSON, h, handFocus, isNumber, onRestored,
+  barChart, bytes, count, duration, failure, feedPosition, fetchJSON, follow, getJSON, h, handFocus,
+  isNumber, onRestored,
   pageData, pct, RERUNNABLE, setSeries, shortName, showStatus, signedOutNotice, signInAgain, stepChart, tabTitle,
   TERMINAL,
 } from "/static/charts.js";
@@ -56,6 +57,9 @@ export function runPage() {
   let run = initial;
   let poller = null;
   let feed = null;
+  // Where a feed followed again starts: after the last event of the one before, or of the
+  // run's before a requeue (its answer says); the page's first feed tells it all.
+  let feedFrom = "";
   let deleted = false;
   // Signed out (in another tab, or a read was refused): nothing is followed until a sign-in,
   // which the page hears of from the tab that signs in.
@@ -398,7 +402,9 @@ export function runPage() {
     requeueing = true;
     drawStatus();
     try {
-      run = await getJSON(`/api/runs/${id}/requeue`, { method: "POST" });
+      const { body, headers } = await fetchJSON(`/api/runs/${id}/requeue`, { method: "POST" });
+      run = body;
+      feedFrom = feedPosition(headers) || feedFrom;
     } catch (error) {
       requeueing = false;
       drawStatus();
@@ -420,7 +426,10 @@ export function runPage() {
     finishedDrawn = true;
     clearInterval(poller);
     poller = null;
-    if (feed) feed.stop();
+    if (feed) {
+      feedFrom = feed.lastId() || feedFrom;
+      feed.stop();
+    }
     feed = null;
     drawSoon();
     if (run.status !== "succeeded") return;
@@ -459,6 +468,7 @@ export function runPage() {
     poller = setInterval(refreshRun, POLL_MS);
     const liveState = document.getElementById("live-state");
     feed = follow(`/api/runs/${id}/events`, {
+      after: feedFrom,
       onEvent,
       onResync: () => { loadHistory().catch(() => {}); refreshRun(); },
       onClosed: refreshRun, // a refused feed (an expired sign-in) is said there, and stopped

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from fastapi import HTTPException
+from fastapi import HTTPException, Response
 
 from app.config import Settings, get_settings
 from app.db import session_scope, upgrade_to_head
@@ -194,7 +194,7 @@ def test_an_experiments_requeue_while_redis_is_down_fails_the_first_and_leaves_t
     broker.stop()
     with session_scope(settings.sqlalchemy_url) as session, pytest.raises(
             HTTPException) as refused:
-        requeue_experiment(experiment_id, session, settings, live)
+        requeue_experiment(experiment_id, session, settings, live, Response())
     assert refused.value.status_code == 503
     assert refused.value.detail.startswith("the queue (Redis) is not reachable: ")
     runs = [read_run(settings, run_id) for run_id in run_ids]
@@ -203,7 +203,7 @@ def test_an_experiments_requeue_while_redis_is_down_fails_the_first_and_leaves_t
 
     broker.start()
     with session_scope(settings.sqlalchemy_url) as session:
-        answer = requeue_experiment(experiment_id, session, settings, live)
+        answer = requeue_experiment(experiment_id, session, settings, live, Response())
     assert [run.status for run in answer.runs] == ["queued"] * 3
     assert broker_task_ids(redis.Redis.from_url(broker.url)) == {
         read_run(settings, run_id).celery_task_id for run_id in run_ids}

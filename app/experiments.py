@@ -488,6 +488,10 @@ def run_folders(settings: Settings, run_ids: Iterable[int]) -> list[Path]:
     return [settings.runs_dir / str(run_id) for run_id in run_ids]
 
 
+# The experiment statuses of one with runs to go (experiment_status).
+GOING = ("queued", "running", "in progress")
+
+
 def experiment_status(run_counts: Mapping[str, int]) -> str:
     """An experiment's status from how many of its runs are in each status."""
     counts = Counter(run_counts)

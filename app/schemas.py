@@ -489,6 +489,9 @@ class ExperimentListItem(BaseModel):
     best_run: BestRunOut | None = Field(description=(
         "the succeeded run with the highest test top-1 (of those tied, the first made); "
         "null until a run has succeeded"))
+    time_left: TimeLeft | None = Field(None, description="as an experiment's own: how long "
+                                       "its runs still to go would train; null once every run "
+                                       "has ended")
 
 
 class ArtifactOut(BaseModel):

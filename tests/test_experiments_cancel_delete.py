@@ -832,6 +832,18 @@ def test_experiment_page_says_how_long_its_runs_still_to_go_would_train(live_ser
         expect(page.locator("#time-left")).to_have_text(
             "about 15 min: 3 runs to go, one after another")
         browser.screenshot("time-left")
+        # The lists say it too, beside the experiment's status.
+        lists = page.context.new_page()
+        lists.goto(f"{live_server.url}/experiments")
+        assert lists.inner_text(f"#status-{experiment_id} small") == "about 15 min left"
+        lists.goto(f"{live_server.url}/")
+        assert lists.inner_text("#latest-experiments li").endswith(
+            "· 2 queued, 1 running, 1 succeeded · about 15 min left")
+        lists.close()
+        with live_server.client() as client:
+            (listed,) = client.get("/api/experiments").json()
+        assert listed["time_left"]["runs"] == 3 and listed["time_left"]["untimed_runs"] == 0
+        assert listed["time_left"]["seconds"] == pytest.approx(900, abs=5)
 
         # Every run ended: nothing to time.
         with live_server.client() as client:

@@ -10,6 +10,8 @@ import pytest
 
 from app.experiments import budget_table, eta_seconds, experiment_status, time_left
 from app.models import Dataset, Run
+from app.routers.pages import time_left_text
+from app.schemas import TimeLeft
 
 
 def run(method: str, status: str = "succeeded", top1: float | None = None,
@@ -123,3 +125,18 @@ def test_a_sweeps_time_left_times_each_queued_run_by_its_methods_runs_so_far():
 def test_a_sweep_whose_runs_all_ended_has_no_time_left():
     assert time_left([timed_run("fine-tune", "succeeded", took_s=10.0),
                       timed_run("fine-tune", "cancelled")], None) is None
+
+
+@pytest.mark.parametrize(("seconds", "runs", "untimed", "text"), [
+    (900.0, 3, 0, "about 15 min left"),
+    (30.0, 1, 0, "under a minute left"),
+    (7_500.0, 9, 0, "about 2 h 5 min left"),
+    (900.0, 3, 2, "over 15 min left"),  # the untimed runs come on top
+    (30.0, 2, 1, "a minute or more left"),
+    (0.0, 3, 3, ""),  # nothing timed yet: the lists say nothing
+])
+def test_the_lists_say_an_experiments_time_left_in_a_few_words(seconds, runs, untimed, text):
+    left = TimeLeft(seconds=seconds, runs=runs, untimed_runs=untimed,
+                    untimed_methods=["fixmatch"] if untimed else [])
+    assert time_left_text(left) == text
+    assert time_left_text(None) == ""

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, object_session
+from sqlalchemy.orm import Session, load_only, object_session
 
 from app import idempotency
 from app.db import session_scope
@@ -30,6 +30,7 @@ from app.deps import (
 )
 from app.events import Outcome, event_stream_response
 from app.experiments import (
+    GOING,
     as_utc,
     budget_labeled_counts,
     budget_table,
@@ -71,6 +72,7 @@ from app.schemas import (
     ExperimentOut,
     FieldErrorsOut,
     RenameIn,
+    TimeLeft,
 )
 from app.trash import deleted_answer
 
@@ -248,7 +250,34 @@ def experiment_items(session: Session, dataset_id: int | None, limit: int | None
             created_at=as_utc(experiment.created_at), status=experiment_status(run_counts),
             run_counts=run_counts, best_run=best.get(experiment.id),
         ))
+    lefts = times_left(session, [item.id for item in items if item.status in GOING])
+    for item in items:
+        item.time_left = lefts.get(item.id)
     return total, items
+
+
+# What a step's cost and a run's time left are read from (app.experiments.time_left): not
+# the runs' metrics, which hold confusion matrices.
+TIMING_COLUMNS = (Run.id, Run.experiment_id, Run.dataset_id, Run.method, Run.budget, Run.config,
+                  Run.status, Run.step, Run.total_steps, Run.images_per_s, Run.queued_at,
+                  Run.started_at, Run.finished_at)
+
+
+def times_left(session: Session, experiment_ids: list[int]) -> dict[int, TimeLeft]:
+    """The time left of each of these experiments (those with runs to go, as a list shows
+    them), reading their runs' timings only."""
+    if not experiment_ids:
+        return {}
+    runs: defaultdict[int, list[Run]] = defaultdict(list)
+    for run in session.scalars(select(Run).options(load_only(*TIMING_COLUMNS))
+                               .where(Run.experiment_id.in_(experiment_ids))):
+        runs[run.experiment_id].append(run)
+    dataset_ids = {sweep[0].dataset_id for sweep in runs.values()}
+    datasets = {dataset.id: dataset for dataset in session.scalars(
+        select(Dataset).where(Dataset.id.in_(dataset_ids)))}
+    lefts = {experiment_id: time_left(sweep, datasets.get(sweep[0].dataset_id))
+             for experiment_id, sweep in runs.items()}
+    return {experiment_id: left for experiment_id, left in lefts.items() if left is not None}
 
 
 RUN_COLUMNS = [

@@ -20,13 +20,13 @@ from app import __version__
 from app.config import Settings
 from app.db import get_sessionmaker
 from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, token_matches
-from app.experiments import as_shown
+from app.experiments import GOING, as_shown
 from app.models import MAX_ID, Dataset
 from app.responses import in_utc, utc_text
 from app.routers.datasets import dataset_names, newest_datasets
 from app.routers.experiments import experiment_items
 from app.routers.health import check_health
-from app.schemas import ExperimentListItem
+from app.schemas import ExperimentListItem, TimeLeft
 
 METHOD_TITLES = {"self-tuning": "Self-Tuning", "fine-tune": "Fine-tuning", "fixmatch": "FixMatch"}
 HOME_SHOWN = 5  # the newest experiments and datasets on the home page
@@ -63,7 +63,35 @@ templates.env.filters["moment"] = moment
 templates.env.filters["percent"] = percent
 # An experiment in one of these has runs to go: a list that shows it reads itself again
 # (/static/read_again.js) until it has ended.
-templates.env.globals["going"] = ("queued", "running", "in progress")
+templates.env.globals["going"] = GOING
+
+
+def roughly(seconds: float) -> str:
+    """A time left as a person says it, as the experiment page writes it: "under a minute",
+    "12 min", "3 h 5 min"."""
+    if seconds < 60:
+        return "under a minute"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 2 * 24 * 60:
+        return f"{minutes // 60} h {minutes % 60} min"
+    return f"{minutes // (24 * 60)} d {minutes % (24 * 60) // 60} h"
+
+
+def time_left_text(left: TimeLeft | None) -> str:
+    """A list's word on an experiment's time left: "about 12 min left", "over 12 min left"
+    while some of its runs are not timed yet (their method has not trained), "" before any."""
+    if left is None or left.untimed_runs == left.runs:
+        return ""
+    if left.untimed_runs:
+        return f"over {roughly(left.seconds)} left" if left.seconds >= 60 else \
+            "a minute or more left"
+    return f"about {roughly(left.seconds)} left" if left.seconds >= 60 else \
+        "under a minute left"
+
+
+templates.env.filters["time_left"] = time_left_text
 
 router = APIRouter(include_in_schema=False)
 

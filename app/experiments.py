@@ -931,11 +931,10 @@ def _images_a_step(run: Run, dataset: Dataset | None) -> int:
         config.get("unlabeled_batch_size", 0) if draws_unlabeled else 0)
 
 
-def seconds_per_step(runs: list[Run], dataset: Dataset | None) -> dict[str, float]:
-    """What one training step of each method costs in this sweep, by the clock: the median over
-    its finished runs of their time from start to end (evaluations, checkpoints and loading
-    included) by their steps; for a method with none finished yet, its running run's speed
-    (training steps only). A run queued again after it started is left out: its time from
+def seconds_per_step(runs: list[Run]) -> dict[str, float]:
+    """What one step of each method took in this sweep's finished runs, by the clock: the
+    median of their time from start to end (evaluations, checkpoints, loading and export
+    included) by their steps. A run queued again after it started is left out: its time from
     start to end holds the wait."""
     finished: defaultdict[str, list[float]] = defaultdict(list)
     for run in runs:
@@ -944,32 +943,28 @@ def seconds_per_step(runs: list[Run], dataset: Dataset | None) -> dict[str, floa
                 and (run.queued_at is None or as_utc(run.queued_at) <= as_utc(run.started_at))):
             took = (as_utc(run.finished_at) - as_utc(run.started_at)).total_seconds()
             finished[run.method].append(max(took, 0.0) / run.total_steps)
-    costs = {method: statistics.median(times) for method, times in finished.items()}
-    for run in runs:
-        if run.method not in costs and run.status == "running" and run.images_per_s:
-            images = _images_a_step(run, dataset)
-            if images:
-                costs[run.method] = images / run.images_per_s
-    return costs
+    return {method: statistics.median(times) for method, times in finished.items()}
 
 
 def time_left(runs: list[Run], dataset: Dataset | None) -> TimeLeft | None:
     """How long the sweep's runs still to go train, one after another (as one worker takes
-    them): a running run's own time left at its speed, a queued run's steps at what a step of
-    its method costs in this sweep. None once every run has ended."""
+    them): each run's steps left at what a step of its method took in the sweep's finished
+    runs; for a method with none finished yet, at its running run's speed (training steps
+    only: evaluations and export come on top). None once every run has ended."""
     going = [run for run in runs if run.status in ("queued", "running")]
     if not going:
         return None
-    costs = seconds_per_step(runs, dataset)
+    costs = seconds_per_step(runs)
+    for run in going:  # methods timed by a running run's speed alone
+        images = _images_a_step(run, dataset)
+        if run.method not in costs and run.status == "running" and run.images_per_s and images:
+            costs[run.method] = images / run.images_per_s
     seconds, untimed = 0.0, []
     for run in going:
-        left = eta_seconds(run, dataset)
-        if left is None and run.method in costs:
-            left = max(0, run.total_steps - run.step) * costs[run.method]
-        if left is None:
-            untimed.append(run.method)
+        if run.method in costs:
+            seconds += max(0, run.total_steps - run.step) * costs[run.method]
         else:
-            seconds += left
+            untimed.append(run.method)
     return TimeLeft(
         seconds=round(seconds, 1), runs=len(going), untimed_runs=len(untimed),
         untimed_methods=sorted(set(untimed), key=lambda method: METHOD_ORDER.get(method, 9)))

@@ -121,6 +121,11 @@ def test_a_sweeps_time_left_times_each_queued_run_by_its_methods_runs_so_far():
     left = time_left(runs, None)
     assert left.seconds == 100.0 + 40 * 0.5 + 100 * 0.5 and left.untimed_runs == 0
 
+    # A running fine-tuning run: its steps left at what its method's finished runs took by
+    # the clock (2 s), evaluations and export included, not at its training speed.
+    runs.append(timed_run("fine-tune", "running", step=90, images_per_s=1000.0))
+    assert time_left(runs, None).seconds == 170.0 + 10 * 2.0
+
 
 def test_a_sweep_whose_runs_all_ended_has_no_time_left():
     assert time_left([timed_run("fine-tune", "succeeded", took_s=10.0),

@@ -7,6 +7,7 @@ import re
 
 import httpx
 import pytest
+from playwright.sync_api import expect
 
 from app.db import session_scope
 from app.deps import AUTH_COOKIE
@@ -78,7 +79,15 @@ def test_form_fills_presets_and_shows_api_errors_next_to_their_fields(
         page.check("input[name=methods][value=fine-tune]")
         page.fill("#f-budgets", "30%, 150%")
         page.click("#start")
-        assert "budgets[1]: budget fraction 1.5 must be in (0, 1]" in error_next_to(page, "budgets")
+        # Where the API says budgets[1], the form says which of those typed in.
+        assert "the 2nd budget: budget fraction 1.5 must be in (0, 1]" in error_next_to(
+            page, "budgets")
+        page.fill("#f-budgets", "all, 100%")
+        page.click("#start")
+        expect(page.locator('[data-field="budgets"] .field-error')).to_have_text(
+            "the 2nd budget: the same budget as the 1st (all)")
+        page.fill("#f-budgets", "30%, 150%")
+        page.click("#start")
         assert page.locator('[data-field="overrides.lr"] .field-error').is_hidden()
         assert page.evaluate("document.activeElement.id") == "f-budgets"
 

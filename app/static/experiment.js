@@ -159,6 +159,22 @@ export function experimentForm() {
     (field ?? document.getElementById("form-error")).scrollIntoView({ block: "center" });
   }
 
+  // The API names a list's items by their index ("budgets[1]: the same budget as
+  // budgets[0]"); beside the field a person typed the list in, their places say it ("the 2nd
+  // budget: the same budget as the 1st").
+  function inWords(field, message) {
+    const noun = { budgets: "budget", seeds: "seed", methods: "method" }[field];
+    if (!noun) return message;
+    const place = (i) => {
+      const n = Number(i) + 1;
+      const tens = n % 100;
+      return `${n}${tens >= 11 && tens <= 13 ? "th" : { 1: "st", 2: "nd", 3: "rd" }[n % 10] ?? "th"}`;
+    };
+    return message
+      .replace(new RegExp(`^${field}\\[(\\d+)\\]:`), (_, i) => `the ${place(i)} ${noun}:`)
+      .replace(new RegExp(`\\b${field}\\[(\\d+)\\]`, "g"), (_, i) => `the ${place(i)}`);
+  }
+
   // detail: [{loc: ["body", field, index-or-key, branch?], msg}] -> [{field, message}].
   function apiErrors(detail, sent) {
     if (!Array.isArray(detail)) {
@@ -172,8 +188,8 @@ export function experimentForm() {
         if (branch !== UNION_BRANCH[typeof value]) continue;
       }
       if (field === "overrides" && typeof sub === "string") errors.push({ field: `overrides.${sub}`, message: msg });
-      else if (typeof sub === "number") errors.push({ field, message: `${field}[${sub}]: ${msg}` });
-      else errors.push({ field, message: msg });
+      else if (typeof sub === "number") errors.push({ field, message: inWords(field, `${field}[${sub}]: ${msg}`) });
+      else errors.push({ field, message: inWords(field, msg) });
     }
     return errors;
   }

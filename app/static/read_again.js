@@ -11,10 +11,11 @@ window.addEventListener("pageshow", (event) => {
 
 // While an experiment a list shows has runs to go (its part is marked data-going), the page
 // reads itself again every few seconds and puts in each of its changing parts (data-live,
-// found by id) the ones that changed: statuses, runs by status, best models. Read once, the
-// home page and the experiments list said "running" long after the sweep had finished. A
-// part that holds the keyboard waits for the next read (put in anew, it would lose it); a
-// read refused (signed out: the sign-in page) stops, as does a page with nothing to go.
+// found by id) the ones that changed: statuses, runs by status, times left, best models.
+// Read once, the home page and the experiments list said "running" long after the sweep had
+// finished. A part that holds the keyboard waits for the next read (put in anew, it would
+// lose it); a read refused (signed out: the sign-in page) stops, as does a page with
+// nothing to go.
 const READ_EVERY_MS = 5000;
 
 async function readAgain() {
@@ -22,13 +23,15 @@ async function readAgain() {
   if (!document.hidden) {
     try {
       const answer = await fetch(window.location.href, { cache: "no-store" });
-      if (!answer.ok || answer.redirected) return;
-      const fresh = new DOMParser().parseFromString(await answer.text(), "text/html");
-      showLocalTimes(fresh);
-      for (const part of document.querySelectorAll("[data-live][id]")) {
-        const next = fresh.getElementById(part.id);
-        if (next && next.outerHTML !== part.outerHTML && !part.contains(document.activeElement)) {
-          part.replaceWith(document.importNode(next, true));
+      if (answer.redirected || answer.status === 401) return;
+      if (answer.ok) { // else (a restart's 502, say) the next read may do
+        const fresh = new DOMParser().parseFromString(await answer.text(), "text/html");
+        showLocalTimes(fresh);
+        for (const part of document.querySelectorAll("[data-live][id]")) {
+          const next = fresh.getElementById(part.id);
+          if (next && next.outerHTML !== part.outerHTML && !part.contains(document.activeElement)) {
+            part.replaceWith(document.importNode(next, true));
+          }
         }
       }
     } catch (error) {

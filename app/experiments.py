@@ -914,21 +914,22 @@ def queue_positions(session: Session, runs: Iterable[Run]) -> dict[int, int]:
 
 def eta_seconds(run: Run, dataset: Dataset | None) -> float | None:
     """Training time left at the last reported speed (evaluations not counted)."""
+    step_s = _seconds_a_step_at_speed(run, dataset)
+    return None if step_s is None else max(0, run.total_steps - run.step) * step_s
+
+
+def _seconds_a_step_at_speed(run: Run, dataset: Dataset | None) -> float | None:
+    """What a training step of a running run takes at its last reported speed: the images it
+    draws (its labeled batch, and its unlabeled one where the budget leaves an unlabeled
+    image: the engine draws none where it does not) by its images a second."""
     if run.status != "running" or not run.images_per_s:
         return None
-    remaining = max(0, run.total_steps - run.step)
-    images = _images_a_step(run, dataset)
-    return remaining * images / run.images_per_s if images else None
-
-
-def _images_a_step(run: Run, dataset: Dataset | None) -> int:
-    """The images one training step of `run` draws: its labeled batch, and its unlabeled one
-    where the budget leaves an unlabeled image (the engine draws none where it does not)."""
     config = run.config or {}
     draws_unlabeled = run.method != "fine-tune" and (
         dataset is None or budget_unlabeled_count(dataset, run.budget) > 0)
-    return config.get("batch_size", 0) + (
+    images = config.get("batch_size", 0) + (
         config.get("unlabeled_batch_size", 0) if draws_unlabeled else 0)
+    return images / run.images_per_s if images else None
 
 
 def seconds_per_step(runs: list[Run]) -> dict[str, float]:
@@ -956,9 +957,8 @@ def time_left(runs: list[Run], dataset: Dataset | None) -> TimeLeft | None:
         return None
     costs = seconds_per_step(runs)
     for run in going:  # methods timed by a running run's speed alone
-        images = _images_a_step(run, dataset)
-        if run.method not in costs and run.status == "running" and run.images_per_s and images:
-            costs[run.method] = images / run.images_per_s
+        if run.method not in costs and (step_s := _seconds_a_step_at_speed(run, dataset)):
+            costs[run.method] = step_s
     seconds, untimed = 0.0, []
     for run in going:
         if run.method in costs:

@@ -624,7 +624,7 @@ export function experimentPage() {
     requeueAll.hidden = again.length === 0;
     requeueAll.setAttribute("aria-disabled", requeueing); // as Cancel all, below
     requeueAll.textContent = requeueing ? "Queuing…" : `Run ${plural(again.length, "run")} again`;
-    const kinds = ["failed", "cancelled", "lost"].map((status) => [status, again.filter((run) => run.status === status).length])
+    const kinds = [...RERUNNABLE].map((status) => [status, again.filter((run) => run.status === status).length])
       .filter(([, n]) => n).map(([status, n]) => `${n} ${status}`).join(", ");
     requeueAll.title = `Queue again the runs that ended without finishing (${kinds}); each resumes from its last checkpoint`;
     const cancelAll = document.getElementById("cancel-all");

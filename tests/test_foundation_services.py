@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pty
 import signal
@@ -23,7 +22,16 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Dataset
-from tests.support import PROJECT_ROOT, app_env, free_port, start_process, start_server, wait_for
+from tests.support import (
+    PROJECT_ROOT,
+    Process,
+    app_env,
+    free_port,
+    start_process,
+    start_server,
+    wait_for,
+)
+from tests.test_lost_runs import sse_events
 from tests.test_reliability import start_tiny_run, upload, wait_for_end, wait_for_step
 
 
@@ -235,9 +243,7 @@ def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes
             wait_for(lambda: _health(port), timeout=120, message=f"relaunch:\n{second.log()}")
             run = wait_for_end(client, run_id,
                                f"the run to finish after the relaunch:\n{second.log()}")
-            with client.stream("GET", f"/api/runs/{run_id}/events") as response:
-                events = [json.loads(line[5:]) for line in response.iter_lines()
-                          if line.startswith("data:")]
+            events = sse_events(client, f"/api/runs/{run_id}/events")
         assert run["status"] == "succeeded", run["error"]
         assert run["attempts"] == 1, "the stop counted as a lost attempt"
         resumed = [e["resumed_from_step"] for e in events if e["type"] == "started"]
@@ -248,10 +254,7 @@ def test_a_relaunch_after_the_launcher_was_killed_stops_what_it_left_and_resumes
         assert second.hang_up(timeout=90) == 0, second.log()
         assert not any(_alive(child) for child in family)
     finally:
-        with contextlib.suppress(psutil.Error):  # the first launcher may be gone already
-            left += psutil.Process(first.popen.pid).children()
-        kill_groups(left)
-        first.stop(signal.SIGKILL)
+        stop_launched(first, left)  # the first launcher may be gone already
         if second:
             second.kill()
 
@@ -272,7 +275,7 @@ def test_the_embedded_redis_dying_is_started_again_and_training_goes_on(tmp_path
             dataset_id = upload(client, tmp_path)
             run_id = start_tiny_run(client, dataset_id, iterations=120, checkpoint_interval=1000)
             wait_for_step(client, run_id, 6, "progress before Redis dies")
-            server = next(p for p in family if "redis-server" in " ".join(p.cmdline()))
+            server = launched(family, "redis-server")
             server.kill()
             run = wait_for_end(client, run_id, f"the run to finish:\n{launcher.log()}")
             assert client.get("/api/health").status_code == 200
@@ -285,10 +288,7 @@ def test_the_embedded_redis_dying_is_started_again_and_training_goes_on(tmp_path
         assert launcher.popen.wait(timeout=90) == 0
         assert not any(_alive(child) for child in family)
     finally:
-        with contextlib.suppress(psutil.Error):  # the Redis started again is a new child
-            family += psutil.Process(launcher.popen.pid).children()
-        kill_groups(family)
-        launcher.stop(signal.SIGKILL)
+        stop_launched(launcher, family)  # the Redis started again is a new child
 
 
 @pytest.mark.slow
@@ -305,7 +305,7 @@ def test_a_worker_killed_mid_run_is_started_again_and_its_run_resumes(tmp_path):
     try:
         wait_for(lambda: _health(port), timeout=120, message=f"launch:\n{launcher.log()}")
         family[:] = psutil.Process(launcher.popen.pid).children()
-        worker = next(p for p in family if "celery" in " ".join(p.cmdline()))
+        worker = launched(family, "celery")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             dataset_id = upload(client, tmp_path)
             run_id = start_tiny_run(client, dataset_id, iterations=120, checkpoint_interval=10)
@@ -313,9 +313,7 @@ def test_a_worker_killed_mid_run_is_started_again_and_its_run_resumes(tmp_path):
             os.killpg(worker.pid, signal.SIGKILL)  # the worker and its training process
             assert client.get("/api/health").status_code == 200  # the pages stay up
             run = wait_for_end(client, run_id, f"the run to finish:\n{launcher.log()}")
-            with client.stream("GET", f"/api/runs/{run_id}/events") as response:
-                events = [json.loads(line[5:]) for line in response.iter_lines()
-                          if line.startswith("data:")]
+            events = sse_events(client, f"/api/runs/{run_id}/events")
         assert "worker exited with status -9; starting it again" in launcher.log()
         assert run["status"] == "succeeded", run["error"]
         assert run["attempts"] == 2  # the one killed, and the one that finished
@@ -327,17 +325,13 @@ def test_a_worker_killed_mid_run_is_started_again_and_its_run_resumes(tmp_path):
 
         # Exiting by itself is not a crash: everything stops, as before.
         family += psutil.Process(launcher.popen.pid).children()
-        worker = next(p for p in psutil.Process(launcher.popen.pid).children()
-                      if "celery" in " ".join(p.cmdline()))
+        worker = launched(psutil.Process(launcher.popen.pid).children(), "celery")
         worker.send_signal(signal.SIGTERM)  # a clean exit, status 0
         assert launcher.popen.wait(timeout=90) == 1
         assert "worker exited with status 0; stopping the rest" in launcher.log()
         assert not any(_alive(child) for child in family)
     finally:
-        with contextlib.suppress(psutil.Error):  # the worker started again is a new child
-            family += psutil.Process(launcher.popen.pid).children()
-        kill_groups(family)
-        launcher.stop(signal.SIGKILL)
+        stop_launched(launcher, family)  # the worker started again is a new child
 
 
 def test_the_launcher_names_the_setting_when_its_port_is_taken(tmp_path):
@@ -367,6 +361,20 @@ def test_the_port_check_refuses_what_uvicorn_would_refuse_and_no_more(tmp_path):
             settings = Settings(data_dir=tmp_path, host=host, port=port,
                                 allow_public_without_token=True)
             assert (port_refusal(settings) is not None) == refused, host
+
+
+def launched(children: list[psutil.Process], program: str) -> psutil.Process:
+    """The launcher's child that runs `program` (its command line names it)."""
+    return next(child for child in children if program in " ".join(child.cmdline()))
+
+
+def stop_launched(launcher: Process, family: list[psutil.Process]) -> None:
+    """A launcher and what it started, however the test ended: its children now (one started
+    again is a new child) as well as those of `family`, each with its process group."""
+    with contextlib.suppress(psutil.Error):  # the launcher may be gone already
+        family += psutil.Process(launcher.popen.pid).children()
+    kill_groups(family)
+    launcher.stop(signal.SIGKILL)
 
 
 def kill_groups(processes: list[psutil.Process]) -> None:

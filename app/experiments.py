@@ -4,13 +4,14 @@ per method and budget."""
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 import re
 import statistics
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -947,27 +948,62 @@ def seconds_per_step(runs: list[Run]) -> dict[str, float]:
     return {method: statistics.median(times) for method, times in finished.items()}
 
 
-def time_left(runs: list[Run], dataset: Dataset | None) -> TimeLeft | None:
-    """How long the sweep's runs still to go train, one after another (as one worker takes
-    them): each run's steps left at what a step of its method took in the sweep's finished
-    runs; for a method with none finished yet, at its running run's speed (training steps
-    only: evaluations and export come on top). None once every run has ended."""
-    going = [run for run in runs if run.status in ("queued", "running")]
-    if not going:
-        return None
+def step_costs(runs: list[Run], dataset: Dataset | None) -> dict[str, float]:
+    """What a step of each method costs in one sweep: by the clock in its finished runs
+    (seconds_per_step); for a method with none finished yet, at its running run's speed
+    (training steps only: evaluations and export come on top)."""
     costs = seconds_per_step(runs)
-    for run in going:  # methods timed by a running run's speed alone
-        if run.method not in costs and (step_s := _seconds_a_step_at_speed(run, dataset)):
+    for run in runs:
+        if (run.status == "running" and run.method not in costs
+                and (step_s := _seconds_a_step_at_speed(run, dataset))):
             costs[run.method] = step_s
-    seconds, untimed = 0.0, []
-    for run in going:
-        if run.method in costs:
-            seconds += max(0, run.total_steps - run.step) * costs[run.method]
-        else:
-            untimed.append(run.method)
-    return TimeLeft(
-        seconds=round(seconds, 1), runs=len(going), untimed_runs=len(untimed),
-        untimed_methods=sorted(set(untimed), key=lambda method: METHOD_ORDER.get(method, 9)))
+    return costs
+
+
+EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def queue_order(run: Run) -> tuple[bool, bool, datetime, int]:
+    """Where a run still to go stands in the line workers take runs from: the running ones
+    (taken), then the queued ones in queue order (queue_positions), those not yet stamped last."""
+    return (run.status != "running", run.queued_at is None, as_utc(run.queued_at) or EPOCH,
+            run.id or 0)
+
+
+def times_left(sweeps: Mapping[Any, list[Run]], datasets: Mapping[Any, Dataset | None],
+               workers: int) -> dict[Any, TimeLeft]:
+    """How long until each sweep's last run to go has trained, for `sweeps` (every experiment
+    with runs still to go, by id, each with all its runs): the runs of every sweep are taken
+    in queue order by the first worker free, of `workers` (at least one, and at least as many
+    as train now). Each run takes its steps left at what a step of its method costs in its
+    own sweep (step_costs). A run that cannot be timed yet counts as none, so the time is
+    then at least this; the run is counted in `untimed_runs` or `ahead_untimed_runs`."""
+    line = sorted(((key, run) for key, runs in sweeps.items() for run in runs
+                   if run.status in ("queued", "running")),
+                  key=lambda entry: queue_order(entry[1]))
+    costs = {key: step_costs(runs, datasets.get(key)) for key, runs in sweeps.items()}
+    slots = max(1, workers, sum(run.status == "running" for _, run in line))
+    free = [0.0] * slots  # when each worker is next free: a heap
+    ends = []  # (sweep, when the run has trained, whether it is timed), in line order
+    for key, run in line:
+        cost = costs[key].get(run.method)
+        end = heapq.heappop(free) + (
+            max(0, run.total_steps - run.step) * cost if cost is not None else 0.0)
+        heapq.heappush(free, end)
+        ends.append((key, end, cost is not None))
+    lefts = {}
+    for key in sweeps:
+        mine = [place for place, (sweep, _, _) in enumerate(ends) if sweep == key]
+        if not mine:
+            continue
+        ahead = [timed for sweep, _, timed in ends[:mine[-1]] if sweep != key]
+        untimed = [line[place][1].method for place in mine if not ends[place][2]]
+        lefts[key] = TimeLeft(
+            seconds=round(max(ends[place][1] for place in mine), 1), runs=len(mine),
+            untimed_runs=len(untimed),
+            untimed_methods=sorted(set(untimed), key=lambda method: METHOD_ORDER.get(method, 9)),
+            ahead_runs=len(ahead), ahead_untimed_runs=ahead.count(False), workers=slots)
+    return lefts
 
 
 def is_terminal(status: str) -> bool:

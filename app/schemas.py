@@ -414,17 +414,24 @@ class LabelEstimate(BaseModel):
 
 
 class TimeLeft(BaseModel):
-    """How long an experiment's runs still to go would train one after another, as one
-    worker takes them (more workers take them side by side; runs of other experiments queued
-    before them come first)."""
+    """How long until an experiment's runs still to go have trained: the runs of every
+    experiment are taken in the order they were queued by the first worker free (of the
+    workers that answer now), each timed by what a step of its method took in its own
+    experiment's runs so far."""
 
-    seconds: float = Field(description="the runs' training time left, those that can be "
-                           "timed: a running run at its speed, a queued run at what a step "
-                           "of its method took in this experiment's runs so far")
+    seconds: float = Field(description="until the last of the runs has trained, from now; a "
+                           "run that cannot be timed yet (here or ahead of them) counts as "
+                           "none, so it is then at least this")
     runs: int = Field(description="the runs still to go (queued or running)")
-    untimed_runs: int = Field(description="of those, the runs not counted in `seconds`: no "
-                              "run of their method has trained yet in this experiment")
+    untimed_runs: int = Field(description="of those, the runs not timed: no run of their "
+                              "method has trained yet in this experiment")
     untimed_methods: list[str] = Field(description="the methods of the untimed runs")
+    ahead_runs: int = Field(0, description="runs of other experiments that workers take "
+                            "before the last of these: those training and those queued "
+                            "before it")
+    ahead_untimed_runs: int = Field(0, description="of those, the runs not timed yet")
+    workers: int = Field(1, description="the workers counted on to take them: those that "
+                         "answer now, at least one, and at least as many as runs train now")
 
 
 class ExperimentOut(BaseModel):
@@ -448,8 +455,8 @@ class ExperimentOut(BaseModel):
         "left out"
     )
     time_left: TimeLeft | None = Field(
-        None, description="how long its runs still to go would train; null once every run "
-        "has ended")
+        None, description="how long until its runs still to go have trained, after the runs "
+        "of other experiments queued before them; null once every run has ended")
     warnings: list[str] = Field(
         default_factory=list,
         description="what to know before comparing its methods, such as Self-Tuning or "
@@ -490,8 +497,8 @@ class ExperimentListItem(BaseModel):
         "the succeeded run with the highest test top-1 (of those tied, the first made); "
         "null until a run has succeeded"))
     time_left: TimeLeft | None = Field(None, description="as an experiment's own: how long "
-                                       "its runs still to go would train; null once every run "
-                                       "has ended")
+                                       "until its runs still to go have trained; null once "
+                                       "every run has ended")
 
 
 class ArtifactOut(BaseModel):

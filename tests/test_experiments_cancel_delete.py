@@ -25,6 +25,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.experiments import delete_run_rows, source_run
 from app.live import (
+    WORKER_KEY_PREFIX,
     experiment_stream_key,
     publish_end,
     publish_status,
@@ -799,8 +800,9 @@ def test_experiment_page_says_how_long_its_runs_still_to_go_would_train(live_ser
     method's runs took so far; a method not yet timed is said to be."""
     database_url = live_server.database_url
     live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset_row(database_url)
     with live_server.client() as client:
-        experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url))
+        experiment_id, run_ids = start_sweep(client, dataset_id)
     with session_scope(database_url) as session:
         runs = [session.get(Run, run_id) for run_id in run_ids]
         assert [run.method for run in runs] == ["fine-tune"] * 2 + ["self-tuning"] * 2
@@ -818,8 +820,8 @@ def test_experiment_page_says_how_long_its_runs_still_to_go_would_train(live_ser
             run.started_at, run.step = utcnow() - timedelta(minutes=10), 20
         end_as_worker(database_url, live, run_ids[0], "succeeded")
         expect(page.locator("#time-left")).to_have_text(
-            "about 10 min for 1 of the 3 runs to go, one after another; the 2 Self-Tuning "
-            "runs are timed once one has trained a little")
+            "over 10 min: 3 runs to go, one after another; the 2 Self-Tuning runs are timed "
+            "once one has trained a little")
 
         # A Self-Tuning run trains 8 + 16 images a step at 2.4 a second: 10 s a step; it is
         # half done.
@@ -844,6 +846,33 @@ def test_experiment_page_says_how_long_its_runs_still_to_go_would_train(live_ser
             (listed,) = client.get("/api/experiments").json()
         assert listed["time_left"]["runs"] == 3 and listed["time_left"]["untimed_runs"] == 0
         assert listed["time_left"]["seconds"] == pytest.approx(900, abs=5)
+
+        # A second sweep queued behind this one waits for its 3 runs: 15 min at least, before
+        # its own runs (none of their methods timed in it yet).
+        with live_server.client() as client:
+            second_id, _ = start_sweep(client, dataset_id)
+            left = client.get(f"/api/experiments/{second_id}").json()["time_left"]
+        assert (left["runs"], left["untimed_runs"], left["ahead_runs"]) == (4, 4, 3)
+        assert left["seconds"] == pytest.approx(900, abs=5)
+        second = page.context.new_page()
+        second.goto(f"{live_server.url}/experiments/{second_id}")
+        expect(second.locator("#time-left")).to_have_text(
+            "over 15 min: 4 runs to go, after 3 runs of other experiments, one after another; "
+            "the 4 Fine-tuning and Self-Tuning runs are timed once one has trained a little")
+        second.goto(f"{live_server.url}/experiments")
+        assert second.inner_text(f"#status-{second_id} small") == "over 15 min left"
+        assert second.inner_text(f"#status-{experiment_id} small") == "about 15 min left"
+        second.close()
+        # Two workers answer: the fine-tuning run (10 min) beside the Self-Tuning runs
+        # (100 s, then 200 s).
+        for name in ("one@host", "two@host"):
+            live.set(WORKER_KEY_PREFIX + name, json.dumps(
+                {"name": name, "device": "cpu", "torch_device": "cpu"}), ex=60)
+        with live_server.client() as client:
+            left = client.get(f"/api/experiments/{experiment_id}").json()["time_left"]
+            assert (left["workers"], left["ahead_runs"]) == (2, 0)
+            assert left["seconds"] == pytest.approx(600, abs=5)
+            client.post(f"/api/experiments/{second_id}/cancel")
 
         # Every run ended: nothing to time.
         with live_server.client() as client:

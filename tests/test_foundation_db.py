@@ -398,7 +398,9 @@ def test_a_runs_queue_position_counted_by_the_database_matches_the_whole_queues_
     assert one_by_one == {**ranked, ids[7]: None}
 
 
-def test_the_experiment_list_counts_each_experiments_runs_by_status(database_url: str) -> None:
+def test_the_experiment_list_counts_each_experiments_runs_by_status(database_url: str,
+                                                                    redis_url: str) -> None:
+    from app.live import get_redis
     from app.routers.experiments import experiment_items
     from tests.support import add_dataset_row
 
@@ -418,14 +420,16 @@ def test_the_experiment_list_counts_each_experiments_runs_by_status(database_url
                     session.add(Run(experiment_id=experiment.id, dataset_id=dataset_id,
                                     method="fine-tune", budget=0.5, budget_label="50%",
                                     status=status))
+    live = get_redis(redis_url)
     with session_scope(database_url) as session:
-        total, items = experiment_items(session, None, None, 0)
+        total, items = experiment_items(session, live, None, None, 0)
         listed = [(item.dataset_id, item.run_counts, item.status) for item in items]
-        on_first = [item.run_counts for item in experiment_items(session, first, None, 0)[1]]
+        on_first = [item.run_counts
+                    for item in experiment_items(session, live, first, None, 0)[1]]
         # A page counts every experiment, and its own experiments' runs only.
-        paged = experiment_items(session, None, 2, 1)
-        paged_on_first = experiment_items(session, first, 1, 1)
-        past_the_end = experiment_items(session, second, 5, 2)
+        paged = experiment_items(session, live, None, 2, 1)
+        paged_on_first = experiment_items(session, live, first, 1, 1)
+        past_the_end = experiment_items(session, live, second, 5, 2)
     assert total == 4 and paged[0] == 4 and paged_on_first[0] == 2
     assert [(item.dataset_id, item.run_counts, item.status) for item in paged[1]] == listed[1:3]
     assert [item.run_counts for item in paged_on_first[1]] == [{"succeeded": 2, "failed": 1}]
@@ -442,9 +446,11 @@ def test_the_experiment_list_counts_each_experiments_runs_by_status(database_url
         [], ["succeeded", "cancelled"], ["queued", "running"], ["succeeded", "failed"]]
 
 
-def test_the_experiment_list_names_each_experiments_best_run(database_url: str) -> None:
+def test_the_experiment_list_names_each_experiments_best_run(database_url: str,
+                                                             redis_url: str) -> None:
     """Each listed experiment names its succeeded run with the highest test top-1, read out of
     the runs' stored metrics by the database (SQLite's JSON functions, PostgreSQL's)."""
+    from app.live import get_redis
     from app.routers.experiments import experiment_items
     from tests.support import add_dataset_row
 
@@ -475,10 +481,13 @@ def test_the_experiment_list_names_each_experiments_best_run(database_url: str) 
             session.add_all(made)
             session.flush()
             run_ids.append([run.id for run in made])
+    live = get_redis(redis_url)
     with session_scope(database_url) as session:
-        listed = [item.best_run for item in experiment_items(session, None, None, 0)[1]]
-        on_dataset = [item.best_run for item in experiment_items(session, dataset_id, None, 0)[1]]
-        paged = [item.best_run for item in experiment_items(session, None, 1, 1)[1]]
+        def best_runs(*where) -> list:
+            return [item.best_run for item in experiment_items(session, live, *where)[1]]
+
+        listed, on_dataset, paged = (best_runs(None, None, 0), best_runs(dataset_id, None, 0),
+                                     best_runs(None, 1, 1))
     expected = [  # newest first
         {"id": run_ids[2][0], "method": "self-tuning", "budget_label": "all", "seed": 2,
          "test_top1": 1.0},

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from app.experiments import budget_table, eta_seconds, experiment_status, time_left
+from app.experiments import budget_table, eta_seconds, experiment_status, times_left
 from app.models import Dataset, Run
 from app.routers.pages import time_left_text
 from app.schemas import TimeLeft
@@ -100,7 +100,14 @@ def timed_run(method: str, status: str, steps: int = 100, took_s: float | None =
                config={"batch_size": 16, "unlabeled_batch_size": 16},
                started_at=start if took_s is not None or status == "running" else None,
                finished_at=start + timedelta(seconds=took_s) if took_s is not None else None,
-               queued_at=start + timedelta(seconds=5) if resumed else start, **fields)
+               queued_at=fields.pop("queued_at",
+                                    start + timedelta(seconds=5) if resumed else start),
+               **fields)
+
+
+def time_left(runs: list[Run], workers: int = 1) -> TimeLeft | None:
+    """The time left of one sweep, alone in the queue."""
+    return times_left({1: runs}, {}, workers).get(1)
 
 
 def test_a_sweeps_time_left_times_each_queued_run_by_its_methods_runs_so_far():
@@ -110,7 +117,7 @@ def test_a_sweeps_time_left_times_each_queued_run_by_its_methods_runs_so_far():
             timed_run("fine-tune", "queued", steps=50),
             timed_run("fixmatch", "queued"), timed_run("fixmatch", "queued"),
             timed_run("self-tuning", "failed")]
-    left = time_left(runs, None)
+    left = time_left(runs)
     # The median of 1 s and 3 s a step (the resumed run left out), for 50 steps.
     assert left.seconds == 100.0 and left.runs == 3
     assert (left.untimed_runs, left.untimed_methods) == (2, ["fixmatch"])
@@ -118,18 +125,63 @@ def test_a_sweeps_time_left_times_each_queued_run_by_its_methods_runs_so_far():
     # A running FixMatch run: its own time left at its speed (32 images a step, 64 a
     # second: 0.5 s a step), and the queued one's steps at that speed.
     runs[4] = timed_run("fixmatch", "running", step=60, images_per_s=64.0)
-    left = time_left(runs, None)
+    left = time_left(runs)
     assert left.seconds == 100.0 + 40 * 0.5 + 100 * 0.5 and left.untimed_runs == 0
 
     # A running fine-tuning run: its steps left at what its method's finished runs took by
     # the clock (2 s), evaluations and export included, not at its training speed.
+    # Two runs training: two workers, the queued runs each taken by the first free (20 s in).
     runs.append(timed_run("fine-tune", "running", step=90, images_per_s=1000.0))
-    assert time_left(runs, None).seconds == 170.0 + 10 * 2.0
+    left = time_left(runs)
+    assert left.seconds == 10 * 2.0 + 50 * 2.0 and left.workers == 2
 
 
 def test_a_sweep_whose_runs_all_ended_has_no_time_left():
     assert time_left([timed_run("fine-tune", "succeeded", took_s=10.0),
-                      timed_run("fine-tune", "cancelled")], None) is None
+                      timed_run("fine-tune", "cancelled")]) is None
+
+
+def test_runs_queued_before_a_sweeps_come_first_and_workers_take_them_side_by_side():
+    """One worker takes the runs of every experiment in the order they were queued: a sweep
+    queued behind another waits for it. More workers each take the next run as they come
+    free."""
+    def queued(method: str, minutes: int, **fields) -> Run:
+        return timed_run(method, "queued", queued_at=datetime(2026, 1, 1, 13, minutes, tzinfo=UTC),
+                         **fields)
+
+    first = [timed_run("fine-tune", "succeeded", took_s=100.0), queued("fine-tune", 1),
+             queued("fine-tune", 2), queued("fine-tune", 3)]  # 100 s a run
+    second = [timed_run("fine-tune", "succeeded", took_s=50.0), queued("fine-tune", 4)]
+    assert time_left(second).seconds == 50.0  # alone in the queue
+    lefts = times_left({1: first, 2: second}, {}, 1)
+    assert (lefts[1].seconds, lefts[1].ahead_runs) == (300.0, 0)
+    assert (lefts[2].seconds, lefts[2].ahead_runs, lefts[2].runs) == (350.0, 3, 1)
+    # Two workers: 100 s and 100 s side by side, then 100 s and 50 s.
+    lefts = times_left({1: first, 2: second}, {}, 2)
+    assert (lefts[1].seconds, lefts[2].seconds, lefts[2].workers) == (200.0, 150.0, 2)
+    assert time_left(first, workers=3).seconds == 100.0
+
+    # A run queued again goes to the back: behind the second sweep's.
+    first[1].queued_at = datetime(2026, 1, 1, 13, 5, tzinfo=UTC)
+    lefts = times_left({1: first, 2: second}, {}, 1)
+    assert (lefts[2].seconds, lefts[2].ahead_runs) == (250.0, 2)
+    assert (lefts[1].seconds, lefts[1].ahead_runs) == (350.0, 1)
+
+    # A running run holds its worker whatever its place; one more than the workers that
+    # answer (one that stopped answering) still trains.
+    second[1] = timed_run("fine-tune", "running", step=60)  # 40 steps of 0.5 s left
+    lefts = times_left({1: first, 2: second}, {}, 0)
+    assert (lefts[2].seconds, lefts[2].ahead_runs, lefts[2].workers) == (20.0, 0, 1)
+    assert (lefts[1].seconds, lefts[1].ahead_runs) == (320.0, 1)
+
+    # A run ahead that cannot be timed yet counts as none: the time is then at least that.
+    third = [queued("self-tuning", 6)]
+    lefts = times_left({1: first, 2: second, 3: third}, {}, 1)
+    assert lefts[3].seconds == 320.0
+    assert (lefts[3].untimed_runs, lefts[3].ahead_runs, lefts[3].ahead_untimed_runs) == (1, 4, 0)
+    fourth = [queued("fine-tune", 8)]
+    lefts = times_left({3: third, 4: fourth}, {}, 1)
+    assert (lefts[4].seconds, lefts[4].untimed_runs, lefts[4].ahead_untimed_runs) == (0.0, 1, 1)
 
 
 @pytest.mark.parametrize(("seconds", "runs", "untimed", "text"), [
@@ -139,9 +191,15 @@ def test_a_sweep_whose_runs_all_ended_has_no_time_left():
     (900.0, 3, 2, "over 15 min left"),  # the untimed runs come on top
     (30.0, 2, 1, "a minute or more left"),
     (0.0, 3, 3, ""),  # nothing timed yet: the lists say nothing
+    (600.0, 3, 3, "over 10 min left"),  # the runs ahead of them are timed
 ])
 def test_the_lists_say_an_experiments_time_left_in_a_few_words(seconds, runs, untimed, text):
     left = TimeLeft(seconds=seconds, runs=runs, untimed_runs=untimed,
                     untimed_methods=["fixmatch"] if untimed else [])
+    assert time_left_text(left) == text
+    ahead_untimed = left.model_copy(update={"untimed_runs": 0, "untimed_methods": [],
+                                            "ahead_runs": 2, "ahead_untimed_runs": 1})
+    assert time_left_text(ahead_untimed) == (text.replace("about", "over").replace(
+        "under a minute", "a minute or more") if seconds else "")
     assert time_left_text(left) == text
     assert time_left_text(None) == ""

@@ -621,6 +621,7 @@ def test_the_confusion_matrix_is_kept_apart_and_no_experiment_read_loads_it(sett
     from sqlalchemy import inspect as inspect_row
 
     from app.confusion import sparse_confusion
+    from app.live import get_redis
     from app.routers.experiments import experiment_out, run_rows
     from app.routers.runs import read_run as run_record
 
@@ -630,7 +631,7 @@ def test_the_confusion_matrix_is_kept_apart_and_no_experiment_read_loads_it(sett
         run = session.get(Run, run_id)
         assert "confusion_matrix" not in run.metrics and "test_top1" in run.metrics
         experiment = run.experiment
-        experiment_out(experiment)
+        experiment_out(experiment, get_redis(settings.effective_redis_url))
         run_rows(experiment, session)
         assert "details" in inspect_row(run).unloaded  # neither read loaded it
         assert list(run.details) == ["confusion_sparse"]

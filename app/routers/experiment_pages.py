@@ -14,7 +14,15 @@ from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.deps import DatasetFilter, DbDep, ExperimentFilter, ExperimentId, RunId, SettingsDep
+from app.deps import (
+    DatasetFilter,
+    DbDep,
+    ExperimentFilter,
+    ExperimentId,
+    RedisDep,
+    RunId,
+    SettingsDep,
+)
 from app.experiments import (
     budget_unlabeled_count,
     experiment_status,
@@ -98,14 +106,14 @@ def override_fields() -> list[dict[str, Any]]:
 
 @router.get("/experiments", response_class=HTMLResponse)
 def experiments_page(
-    request: Request, settings: SettingsDep, session: DbDep, dataset_id: DatasetFilter = None,
-    page: PageNumber = 1,
+    request: Request, settings: SettingsDep, session: DbDep, live: RedisDep,
+    dataset_id: DatasetFilter = None, page: PageNumber = 1,
 ) -> Response:
     """All experiments, or with `?dataset_id=` those on one dataset, a page at a time."""
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
     pager, experiments = Pager.fetch(request, page, lambda limit, offset: experiment_items(
-        session, dataset_id, limit, offset))
+        session, live, dataset_id, limit, offset))
     names = dataset_names(session, {e.dataset_id for e in experiments} | ({dataset_id} - {None}))
     return render(request, "experiments.html", experiments=experiments, dataset_names=names,
                   dataset_id=dataset_id, method_titles=METHOD_TITLES,
@@ -251,7 +259,8 @@ def gone_words(ids: list[int]) -> str:
 
 @router.get("/experiments/{experiment_id}", response_class=HTMLResponse)
 def experiment_page(
-    experiment_id: ExperimentId, request: Request, settings: SettingsDep, session: DbDep
+    experiment_id: ExperimentId, request: Request, settings: SettingsDep, session: DbDep,
+    live: RedisDep,
 ) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
@@ -259,7 +268,7 @@ def experiment_page(
     dataset = session.get(Dataset, experiment.dataset_id)
     source, before = before_labels_added(session, experiment, dataset)
     return render(request, "experiment.html",
-                  experiment=experiment_out(experiment).model_dump(mode="json"),
+                  experiment=experiment_out(experiment, live).model_dump(mode="json"),
                   dataset_name=dataset.name if dataset else f"#{experiment.dataset_id}",
                   method_titles=METHOD_TITLES, source=source, labels_added=dataset.labels_added
                   if dataset else 0, before=before,

@@ -46,7 +46,7 @@ from app.experiments import (
     label_estimates,
     plan_experiment,
     queue_positions,
-    time_left,
+    times_left,
     unprocessable,
 )
 from app.live import (
@@ -93,7 +93,7 @@ def experiment_budget_table(session: Session, experiment: Experiment) -> list[di
     return budget_table(runs, budget_labeled_counts(dataset, runs))
 
 
-def experiment_out(experiment: Experiment) -> ExperimentOut:
+def experiment_out(experiment: Experiment, live: redis.Redis) -> ExperimentOut:
     runs = list(experiment.runs)
     session = object_session(experiment)
     dataset = session.get(Dataset, experiment.dataset_id) if session else None
@@ -114,7 +114,8 @@ def experiment_out(experiment: Experiment) -> ExperimentOut:
         runs=[run_summary(run, positions.get(run.id)) for run in runs],
         budget_table=budget_table(runs, labeled),
         label_estimates=label_estimates(runs, labeled, dataset),
-        time_left=time_left(runs, dataset),
+        time_left=queue_times_left(session, live, [experiment.id]).get(experiment.id)
+        if session else None,
         warnings=experiment_warnings(dataset, runs, experiment.overrides or {}),
     )
 
@@ -141,7 +142,7 @@ def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
             raise HTTPException(exc.status_code, detail=exc.message) from None
         if experiment is not None:
             idempotency.replayed(response, f"/api/experiments/{experiment.id}")
-            return experiment_out(experiment)
+            return experiment_out(experiment, live)
     try:
         try:
             experiment = create_experiment(session, settings, payload)
@@ -158,7 +159,7 @@ def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
     if idempotency_key is not None:
         idempotency.remember(live, idempotency_key, digest, experiment)
     response.headers["Location"] = f"/api/experiments/{experiment.id}"
-    started = experiment_out(experiment)
+    started = experiment_out(experiment, live)
     started.warnings += device_warnings(workers_now(live), experiment.runs)
     return started
 
@@ -194,18 +195,18 @@ ListedIds = Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None, Query
 
 
 @router.get("", response_model=list[ExperimentListItem])
-def list_experiments(request: Request, response: Response, session: DbDep,
+def list_experiments(request: Request, response: Response, session: DbDep, live: RedisDep,
                      dataset_id: DatasetFilter = None, ids: ListedIds = None,
                      limit: PageLimit = None, offset: PageOffset = 0):
     """Every experiment, newest first, or with `?dataset_id=` those on one dataset, or with
     `?ids=` those of some ids; a page of them with `limit` and `offset`."""
-    total, items = experiment_items(session, dataset_id, limit, offset, ids)
+    total, items = experiment_items(session, live, dataset_id, limit, offset, ids)
     page_headers(request, response, total, limit, offset)
     return items
 
 
-def experiment_items(session: Session, dataset_id: int | None, limit: int | None,
-                     offset: int, ids: list[int] | None = None
+def experiment_items(session: Session, live: redis.Redis, dataset_id: int | None,
+                     limit: int | None, offset: int, ids: list[int] | None = None
                      ) -> tuple[int, list[ExperimentListItem]]:
     """How many experiments there are (on one dataset, of some ids, or all), and those of one
     page."""
@@ -250,7 +251,8 @@ def experiment_items(session: Session, dataset_id: int | None, limit: int | None
             created_at=as_utc(experiment.created_at), status=experiment_status(run_counts),
             run_counts=run_counts, best_run=best.get(experiment.id),
         ))
-    lefts = times_left(session, [item.id for item in items if item.status in GOING])
+    lefts = queue_times_left(session, live,
+                             [item.id for item in items if item.status in GOING])
     for item in items:
         item.time_left = lefts.get(item.id)
     return total, items
@@ -263,21 +265,27 @@ TIMING_COLUMNS = (Run.id, Run.experiment_id, Run.dataset_id, Run.method, Run.bud
                   Run.started_at, Run.finished_at)
 
 
-def times_left(session: Session, experiment_ids: list[int]) -> dict[int, TimeLeft]:
-    """The time left of each of these experiments (those with runs to go, as a list shows
-    them), reading their runs' timings only."""
+def queue_times_left(session: Session, live: redis.Redis, experiment_ids: list[int]
+                     ) -> dict[int, TimeLeft]:
+    """The time left of each of these experiments with runs to go, in the queue they share
+    with every other experiment's runs to go, on the workers that answer now
+    (app.experiments.times_left). Reads the timings of the runs of every experiment with runs
+    to go."""
     if not experiment_ids:
         return {}
-    runs: defaultdict[int, list[Run]] = defaultdict(list)
+    going = select(Run.experiment_id).where(Run.status.in_(("queued", "running")))
+    sweeps: defaultdict[int, list[Run]] = defaultdict(list)
     for run in session.scalars(select(Run).options(load_only(*TIMING_COLUMNS))
-                               .where(Run.experiment_id.in_(experiment_ids))):
-        runs[run.experiment_id].append(run)
-    dataset_ids = {sweep[0].dataset_id for sweep in runs.values()}
+                               .where(Run.experiment_id.in_(going))):
+        sweeps[run.experiment_id].append(run)
+    dataset_ids = {sweep[0].dataset_id for sweep in sweeps.values()}
     datasets = {dataset.id: dataset for dataset in session.scalars(
         select(Dataset).where(Dataset.id.in_(dataset_ids)))}
-    lefts = {experiment_id: time_left(sweep, datasets.get(sweep[0].dataset_id))
-             for experiment_id, sweep in runs.items()}
-    return {experiment_id: left for experiment_id, left in lefts.items() if left is not None}
+    lefts = times_left(sweeps, {experiment_id: datasets.get(sweep[0].dataset_id)
+                                for experiment_id, sweep in sweeps.items()},
+                       len(workers_now(live)))
+    return {experiment_id: lefts[experiment_id] for experiment_id in experiment_ids
+            if experiment_id in lefts}
 
 
 RUN_COLUMNS = [
@@ -336,18 +344,19 @@ def download_comparison(request: Request, session: DbDep, ids: ComparedIds = Non
 
 @router.get("/{experiment_id}", response_model=ExperimentOut,
             responses={404: {"model": ErrorOut}})
-def read_experiment(experiment_id: ExperimentId, session: DbDep):
-    return experiment_out(get_experiment(session, experiment_id))
+def read_experiment(experiment_id: ExperimentId, session: DbDep, live: RedisDep):
+    return experiment_out(get_experiment(session, experiment_id), live)
 
 
 @router.patch("/{experiment_id}", response_model=ExperimentOut, responses={
     404: {"model": ErrorOut}, 422: {"model": FieldErrorsOut}, **UNREADABLE_BODY_OUT})
-def rename_experiment(experiment_id: ExperimentId, change: RenameIn, session: DbDep):
+def rename_experiment(experiment_id: ExperimentId, change: RenameIn, session: DbDep,
+                      live: RedisDep):
     """Give the experiment another name (its runs and results stay as they are)."""
     experiment = get_experiment(session, experiment_id)
     experiment.name = change.name
     session.commit()
-    return experiment_out(experiment)
+    return experiment_out(experiment, live)
 
 
 def run_rows(experiment: Experiment, session: Session) -> list[dict]:
@@ -406,7 +415,7 @@ def cancel_experiment(experiment_id: ExperimentId, session: DbDep, live: RedisDe
     nothing left to cancel this is a no-op that answers 200 with the experiment as it is."""
     experiment = get_experiment(session, experiment_id)
     cancel_runs(session, live, experiment.runs)
-    return experiment_out(experiment)
+    return experiment_out(experiment, live)
 
 
 @router.post("/{experiment_id}/requeue", response_model=ExperimentOut, responses={
@@ -430,7 +439,7 @@ def requeue_experiment(experiment_id: ExperimentId, session: DbDep, settings: Se
         run_again(session, settings, live, run_id)  # None: queued since by someone else
     if position is not None:
         response.headers[FEED_POSITION_HEADER] = position
-    return experiment_out(get_experiment(session, experiment_id))
+    return experiment_out(get_experiment(session, experiment_id), live)
 
 
 @router.delete(

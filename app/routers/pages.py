@@ -21,6 +21,7 @@ from app.config import Settings
 from app.db import get_sessionmaker
 from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, token_matches
 from app.experiments import GOING, as_shown
+from app.live import get_redis
 from app.models import MAX_ID, Dataset
 from app.responses import in_utc, utc_text
 from app.routers.datasets import dataset_names, newest_datasets
@@ -81,10 +82,13 @@ def roughly(seconds: float) -> str:
 
 def time_left_text(left: TimeLeft | None) -> str:
     """A list's word on an experiment's time left: "about 12 min left", "over 12 min left"
-    while some of its runs are not timed yet (their method has not trained), "" before any."""
-    if left is None or left.untimed_runs == left.runs:
+    while some runs (its own, or those ahead of them) are not timed yet (their method has not
+    trained), "" while none of them is."""
+    if left is None:
         return ""
-    if left.untimed_runs:
+    if left.untimed_runs or left.ahead_untimed_runs:
+        if not left.seconds:
+            return ""
         return f"over {roughly(left.seconds)} left" if left.seconds >= 60 else \
             "a minute or more left"
     return f"about {roughly(left.seconds)} left" if left.seconds >= 60 else \
@@ -172,7 +176,8 @@ class Latest:
 def latest_work(settings: Settings) -> Latest:
     """The newest HOME_SHOWN experiments (how each stands, its best model) and datasets."""
     with get_sessionmaker(settings.sqlalchemy_url)() as session:
-        experiments_total, experiments = experiment_items(session, None, HOME_SHOWN, 0)
+        experiments_total, experiments = experiment_items(
+            session, get_redis(settings.effective_redis_url), None, HOME_SHOWN, 0)
         datasets_total, datasets = newest_datasets(session, HOME_SHOWN, 0)
         names = dataset_names(session, {e.dataset_id for e in experiments})
     return Latest(experiments, experiments_total, names, datasets, datasets_total)

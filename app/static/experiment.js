@@ -570,24 +570,35 @@ export function experimentPage() {
     document.getElementById("estimates-note").hidden = estimates.length > 0;
   }
 
-  // How long the runs still to go would train, one after another: the record's estimate,
-  // counted down between reads (one run trains at a time on one worker).
+  // How long until the runs still to go have trained, after those of other experiments queued
+  // before them, on the workers that answer: the record's estimate, counted down between reads
+  // while runs train (these or those ahead of them).
   let timeLeft = { left: initial.time_left, readAt: Date.now() };
   function drawTimeLeft() {
     const { left, readAt } = timeLeft;
     document.getElementById("time-left-row").hidden = !left;
     if (!left) return;
     const runsToGo = `${count(left.runs)} run${left.runs === 1 ? "" : "s"} to go`;
-    const training = [...runs.values()].some((run) => run.status === "running");
-    const about = `about ${roughly(left.seconds - (training ? (Date.now() - readAt) / 1000 : 0))}`;
+    const ahead = left.ahead_runs === 0 ? "" : `, after ${count(left.ahead_runs)} run${
+      left.ahead_runs === 1 ? "" : "s"} of other experiments`;
+    const training = left.ahead_runs > 0 || [...runs.values()].some((run) => run.status === "running");
+    const seconds = left.seconds - (training ? (Date.now() - readAt) / 1000 : 0);
     const names = left.untimed_methods.map(title);
     const methods = names.length > 1 ? `${names.slice(0, -1).join(", ")} and ${names.at(-1)}` : names[0];
-    const untimed = left.untimed_runs === 1 ? `the ${methods} run is` : `the ${
-      count(left.untimed_runs)} ${methods} runs are`;
-    const text = left.untimed_runs === 0 ? `${about}: ${runsToGo}, one after another`
-      : left.untimed_runs === left.runs ? `${runsToGo}: timed once the first has trained a little`
-        : `${about} for ${count(left.runs - left.untimed_runs)} of the ${runsToGo}, one after `
-          + `another; ${untimed} timed once one has trained a little`;
+    const notes = [];
+    if (left.untimed_runs > 0) {
+      notes.push(`${left.untimed_runs === 1 ? `the ${methods} run is` : `the ${
+        count(left.untimed_runs)} ${methods} runs are`} timed once one has trained a little`);
+    }
+    if (left.ahead_untimed_runs > 0) {
+      notes.push(`${count(left.ahead_untimed_runs)} of those ahead ${
+        left.ahead_untimed_runs === 1 ? "is" : "are"} not timed yet`);
+    }
+    const text = left.untimed_runs === left.runs && left.seconds === 0
+      ? `${runsToGo}${ahead}: timed once the first has trained a little`
+      : [`${notes.length ? "over" : "about"} ${roughly(seconds)}: ${runsToGo}${ahead}, ${
+        left.workers > 1 ? `${count(left.workers)} workers taking them` : "one after another"}`,
+      ...notes].join("; ");
     document.getElementById("time-left").textContent = text;
   }
   setInterval(drawTimeLeft, 5000);

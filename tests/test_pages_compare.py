@@ -99,16 +99,33 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
             (str(first), "first", "all", "20", "fine-tune", "2", "0.9", "True"),
             (str(first), "first", "all", "20", "self-tuning", "1", "0.9", "False"),
         ]
-        # Back from an experiment's page once a run has finished since: read again, not the
-        # page as it was left (the browser's back/forward cache).
-        page.click(f"#budget-table a[href='/experiments/{first}']")
-        page.wait_for_url(re.compile(rf"/experiments/{first}$"))
+        # The first experiment has a run to go: its result comes in without a reload, in the
+        # table and on the chart, and its status with it.
+        assert page.inner_text(f"#compared-status-{first}") == "in progress"
+        assert page.evaluate("Chart.getChart(document.getElementById('budget-chart'))"
+                             ".data.datasets[2].data[2]") == pytest.approx(0.90)
         mark_running(database_url, runs[("first", "self-tuning", "all", 1)])
         finish(database_url, live, runs[("first", "self-tuning", "all", 1)], {"test_top1": 0.8})
-        page.go_back(wait_until="commit")
-        page.wait_for_url(re.compile(r"/experiments/compare\?"), wait_until="commit")
         expect(page.locator("#budget-table tbody tr").nth(2).locator("td").nth(2)).to_have_text(
             "85.0 ± 7.1 20 labels", use_inner_text=True)
+        expect(page.locator(f"#compared-status-{first}")).to_have_text("finished")
+        page.wait_for_function("Chart.getChart(document.getElementById('budget-chart'))"
+                               ".data.datasets[2].data[2] > 0.849")
+        assert "Self-Tuning: highest 85.0% at all (20 labels)" in page.get_attribute(
+            "#budget-chart", "aria-label")
+        assert page.locator("[data-going]").count() == 0  # nothing to go: no more reads
+
+        # Back from an experiment's page once it was renamed since: read again, not the page
+        # as it was left (the browser's back/forward cache).
+        page.click(f"#budget-table a[href='/experiments/{first}']")
+        page.wait_for_url(re.compile(rf"/experiments/{first}$"))
+        with live_server.client() as client:
+            assert client.patch(f"/api/experiments/{first}",
+                                json={"name": "first, renamed"}).status_code == 200
+        page.go_back(wait_until="commit")
+        page.wait_for_url(re.compile(r"/experiments/compare\?"), wait_until="commit")
+        expect(page.locator("#compared tbody a[href^='/experiments/']").nth(1)).to_have_text(
+            "first, renamed")
         browser.assert_no_errors()
 
         # One ticked, or one that does not exist, is said on the page.

@@ -9,11 +9,12 @@ window.addEventListener("pageshow", (event) => {
   if (event.persisted) window.location.reload();
 });
 
-// While an experiment a list shows has runs to go (its part is marked data-going), the page
+// While an experiment a page shows has runs to go (its part is marked data-going), the page
 // reads itself again every few seconds and puts in each of its changing parts (data-live,
-// found by id) the ones that changed: statuses, runs by status, times left, best models.
-// Read once, the home page and the experiments list said "running" long after the sweep had
-// finished. A part that holds the keyboard waits for the next read (put in anew, it would
+// found by id) the ones that changed: statuses, runs by status, times left, best models,
+// results compared. Read once, the home page and the experiments list said "running" long
+// after the sweep had finished. A "read-again" event on the document then names the parts
+// put in (`detail.replaced`, their ids), for a page that draws from them. A part that holds the keyboard waits for the next read (put in anew, it would
 // lose it); a read refused (signed out: the sign-in page) stops, as does a page with
 // nothing to go.
 const READ_EVERY_MS = 5000;
@@ -27,12 +28,15 @@ async function readAgain() {
       if (answer.ok) { // else (a restart's 502, say) the next read may do
         const fresh = new DOMParser().parseFromString(await answer.text(), "text/html");
         showLocalTimes(fresh);
+        const replaced = [];
         for (const part of document.querySelectorAll("[data-live][id]")) {
           const next = fresh.getElementById(part.id);
           if (next && next.outerHTML !== part.outerHTML && !part.contains(document.activeElement)) {
             part.replaceWith(document.importNode(next, true));
+            replaced.push(part.id);
           }
         }
+        if (replaced.length) document.dispatchEvent(new CustomEvent("read-again", { detail: { replaced } }));
       }
     } catch (error) {
       console.warn("could not read the page again:", error.message); // the next read may

@@ -10,9 +10,10 @@ import re
 import statistics
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -933,26 +934,40 @@ def _seconds_a_step_at_speed(run: Run, dataset: Dataset | None) -> float | None:
     return images / run.images_per_s if images else None
 
 
-def seconds_per_step(runs: list[Run]) -> dict[str, float]:
-    """What one step of each method took in this sweep's finished runs, by the clock: the
-    median of their time from start to end (evaluations, checkpoints, loading and export
-    included) by their steps. A run queued again after it started is left out: its time from
-    start to end holds the wait."""
-    finished: defaultdict[str, list[float]] = defaultdict(list)
+def seconds_per_step(runs: Iterable[Run], key: Callable[[Run], Any] = attrgetter("method")
+                     ) -> dict[Any, float]:
+    """What one step of each method (or other `key`) took in these finished runs, by the
+    clock: the median of their time from start to end (evaluations, checkpoints, loading and
+    export included) by their steps. A run queued again after it started is left out: its time
+    from start to end holds the wait."""
+    finished: defaultdict[Any, list[float]] = defaultdict(list)
     for run in runs:
         if (run.status == "succeeded" and run.started_at and run.finished_at
                 and run.total_steps > 0
                 and (run.queued_at is None or as_utc(run.queued_at) <= as_utc(run.started_at))):
             took = (as_utc(run.finished_at) - as_utc(run.started_at)).total_seconds()
-            finished[run.method].append(max(took, 0.0) / run.total_steps)
-    return {method: statistics.median(times) for method, times in finished.items()}
+            finished[key(run)].append(max(took, 0.0) / run.total_steps)
+    return {kind: statistics.median(times) for kind, times in finished.items()}
 
 
-def step_costs(runs: list[Run], dataset: Dataset | None) -> dict[str, float]:
+def run_shape(run: Run) -> tuple[Any, ...]:
+    """What a step's cost depends on most, for timing a run by other experiments' runs: its
+    method, backbone, image size and batches."""
+    config = run.config or {}
+    return (run.method, config.get("backbone"), config.get("image_size"),
+            config.get("batch_size"), config.get("unlabeled_batch_size"))
+
+
+def step_costs(runs: list[Run], dataset: Dataset | None,
+               similar: Mapping[tuple[Any, ...], float]) -> dict[str, float]:
     """What a step of each method costs in one sweep: by the clock in its finished runs
-    (seconds_per_step); for a method with none finished yet, at its running run's speed
+    (seconds_per_step); for a method with none finished yet, by the clock in `similar` runs of
+    other experiments (seconds_per_step by run_shape), else at its running run's speed
     (training steps only: evaluations and export come on top)."""
     costs = seconds_per_step(runs)
+    for run in runs:
+        if run.method not in costs and run_shape(run) in similar:
+            costs[run.method] = similar[run_shape(run)]
     for run in runs:
         if (run.status == "running" and run.method not in costs
                 and (step_s := _seconds_a_step_at_speed(run, dataset))):
@@ -971,17 +986,20 @@ def queue_order(run: Run) -> tuple[bool, bool, datetime, int]:
 
 
 def times_left(sweeps: Mapping[Any, list[Run]], datasets: Mapping[Any, Dataset | None],
-               workers: int) -> dict[Any, TimeLeft]:
+               workers: int, similar: Mapping[tuple[Any, ...], float] | None = None
+               ) -> dict[Any, TimeLeft]:
     """How long until each sweep's last run to go has trained, for `sweeps` (every experiment
     with runs still to go, by id, each with all its runs): the runs of every sweep are taken
     in queue order by the first worker free, of `workers` (at least one, and at least as many
     as train now). Each run takes its steps left at what a step of its method costs in its
-    own sweep (step_costs). A run that cannot be timed yet counts as none, so the time is
-    then at least this; the run is counted in `untimed_runs` or `ahead_untimed_runs`."""
+    own sweep, else in `similar` runs (step_costs). A run that cannot be timed yet counts as
+    none, so the time is then at least this; the run is counted in `untimed_runs` or
+    `ahead_untimed_runs`."""
     line = sorted(((key, run) for key, runs in sweeps.items() for run in runs
                    if run.status in ("queued", "running")),
                   key=lambda entry: queue_order(entry[1]))
-    costs = {key: step_costs(runs, datasets.get(key)) for key, runs in sweeps.items()}
+    costs = {key: step_costs(runs, datasets.get(key), similar or {})
+             for key, runs in sweeps.items()}
     slots = max(1, workers, sum(run.status == "running" for _, run in line))
     free = [0.0] * slots  # when each worker is next free: a heap
     ends = []  # (sweep, when the run has trained, whether it is timed), in line order

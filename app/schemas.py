@@ -417,14 +417,15 @@ class TimeLeft(BaseModel):
     """How long until an experiment's runs still to go have trained: the runs of every
     experiment are taken in the order they were queued by the first worker free (of the
     workers that answer now), each timed by what a step of its method took in its own
-    experiment's runs so far."""
+    experiment's runs so far, or in like runs of other experiments."""
 
     seconds: float = Field(description="until the last of the runs has trained, from now; a "
                            "run that cannot be timed yet (here or ahead of them) counts as "
                            "none, so it is then at least this")
     runs: int = Field(description="the runs still to go (queued or running)")
     untimed_runs: int = Field(description="of those, the runs not timed: no run of their "
-                              "method has trained yet in this experiment")
+                              "method has trained yet in this experiment, nor finished in "
+                              "another with the same backbone, image size and batches")
     untimed_methods: list[str] = Field(description="the methods of the untimed runs")
     ahead_runs: int = Field(0, description="runs of other experiments that workers take "
                             "before the last of these: those training and those queued "

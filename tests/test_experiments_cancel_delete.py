@@ -847,20 +847,21 @@ def test_experiment_page_says_how_long_its_runs_still_to_go_would_train(live_ser
         assert listed["time_left"]["runs"] == 3 and listed["time_left"]["untimed_runs"] == 0
         assert listed["time_left"]["seconds"] == pytest.approx(900, abs=5)
 
-        # A second sweep queued behind this one waits for its 3 runs: 15 min at least, before
-        # its own runs (none of their methods timed in it yet).
+        # A second sweep queued behind this one waits for its 3 runs (15 min), then trains
+        # its own. None has finished yet: its fine-tuning runs are timed by the first's (10 min
+        # each), its Self-Tuning runs not yet (the first's has not finished).
         with live_server.client() as client:
             second_id, _ = start_sweep(client, dataset_id)
             left = client.get(f"/api/experiments/{second_id}").json()["time_left"]
-        assert (left["runs"], left["untimed_runs"], left["ahead_runs"]) == (4, 4, 3)
-        assert left["seconds"] == pytest.approx(900, abs=5)
+        assert (left["runs"], left["untimed_runs"], left["ahead_runs"]) == (4, 2, 3)
+        assert left["seconds"] == pytest.approx(900 + 2 * 600, abs=5)
         second = page.context.new_page()
         second.goto(f"{live_server.url}/experiments/{second_id}")
         expect(second.locator("#time-left")).to_have_text(
-            "over 15 min: 4 runs to go, after 3 runs of other experiments, one after another; "
-            "the 4 Fine-tuning and Self-Tuning runs are timed once one has trained a little")
+            "over 35 min: 4 runs to go, after 3 runs of other experiments, one after another; "
+            "the 2 Self-Tuning runs are timed once one has trained a little")
         second.goto(f"{live_server.url}/experiments")
-        assert second.inner_text(f"#status-{second_id} small") == "over 15 min left"
+        assert second.inner_text(f"#status-{second_id} small") == "over 35 min left"
         assert second.inner_text(f"#status-{experiment_id} small") == "about 15 min left"
         second.close()
         # Two workers answer: the fine-tuning run (10 min) beside the Self-Tuning runs

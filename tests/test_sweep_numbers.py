@@ -8,7 +8,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from app.experiments import budget_table, eta_seconds, experiment_status, times_left
+from app.experiments import (
+    budget_table,
+    eta_seconds,
+    experiment_status,
+    run_shape,
+    seconds_per_step,
+    times_left,
+)
 from app.models import Dataset, Run
 from app.routers.pages import time_left_text
 from app.schemas import TimeLeft
@@ -97,7 +104,7 @@ def timed_run(method: str, status: str, steps: int = 100, took_s: float | None =
     start = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
     return Run(method=method, budget=0.5, status=status, total_steps=steps,
                step=fields.pop("step", steps if status == "succeeded" else 0),
-               config={"batch_size": 16, "unlabeled_batch_size": 16},
+               config=fields.pop("config", {"batch_size": 16, "unlabeled_batch_size": 16}),
                started_at=start if took_s is not None or status == "running" else None,
                finished_at=start + timedelta(seconds=took_s) if took_s is not None else None,
                queued_at=fields.pop("queued_at",
@@ -182,6 +189,28 @@ def test_runs_queued_before_a_sweeps_come_first_and_workers_take_them_side_by_si
     fourth = [queued("fine-tune", 8)]
     lefts = times_left({3: third, 4: fourth}, {}, 1)
     assert (lefts[4].seconds, lefts[4].untimed_runs, lefts[4].ahead_untimed_runs) == (0.0, 1, 1)
+
+
+def test_a_method_not_finished_in_its_sweep_yet_is_timed_by_like_runs_of_other_sweeps():
+    """A sweep started again with another seed knew nothing of what its runs took until one
+    had finished; runs of the same method, backbone, image size and batches did."""
+    earlier = [timed_run("fine-tune", "succeeded", took_s=200.0),
+               timed_run("self-tuning", "succeeded", took_s=600.0),
+               timed_run("fine-tune", "succeeded", took_s=100.0, config={"image_size": 224})]
+    similar = seconds_per_step(earlier, key=run_shape)
+    assert similar == {("fine-tune", None, None, 16, 16): 2.0,
+                       ("self-tuning", None, None, 16, 16): 6.0,
+                       ("fine-tune", None, 224, None, None): 1.0}
+    sweep = [timed_run("fine-tune", "queued"), timed_run("self-tuning", "queued"),
+             timed_run("fixmatch", "queued")]
+    left = times_left({1: sweep}, {}, 1, similar)[1]
+    assert (left.seconds, left.untimed_runs, left.untimed_methods) == (800.0, 1, ["fixmatch"])
+    # Its own finished runs come first; the like runs' clock before a running run's speed
+    # (0.5 s a step here, which leaves out evaluations and export).
+    sweep.append(timed_run("fine-tune", "succeeded", took_s=50.0))
+    sweep[1] = timed_run("self-tuning", "running", step=0, images_per_s=64.0)
+    left = times_left({1: sweep}, {}, 1, similar)[1]
+    assert left.seconds == 50.0 + 600.0 and left.runs == 3
 
 
 @pytest.mark.parametrize(("seconds", "runs", "untimed", "text"), [

@@ -46,6 +46,8 @@ from app.experiments import (
     label_estimates,
     plan_experiment,
     queue_positions,
+    run_shape,
+    seconds_per_step,
     times_left,
     unprocessable,
 )
@@ -265,12 +267,17 @@ TIMING_COLUMNS = (Run.id, Run.experiment_id, Run.dataset_id, Run.method, Run.bud
                   Run.started_at, Run.finished_at)
 
 
+# The runs that succeeded last, those alike (run_shape: the same method, backbone, image size
+# and batches) timing a run whose experiment has not finished one of its method yet.
+SIMILAR_RUNS = 200
+
+
 def queue_times_left(session: Session, live: redis.Redis, experiment_ids: list[int]
                      ) -> dict[int, TimeLeft]:
     """The time left of each of these experiments with runs to go, in the queue they share
     with every other experiment's runs to go, on the workers that answer now
     (app.experiments.times_left). Reads the timings of the runs of every experiment with runs
-    to go."""
+    to go, and of the last SIMILAR_RUNS that succeeded."""
     if not experiment_ids:
         return {}
     going = select(Run.experiment_id).where(Run.status.in_(("queued", "running")))
@@ -281,9 +288,12 @@ def queue_times_left(session: Session, live: redis.Redis, experiment_ids: list[i
     dataset_ids = {sweep[0].dataset_id for sweep in sweeps.values()}
     datasets = {dataset.id: dataset for dataset in session.scalars(
         select(Dataset).where(Dataset.id.in_(dataset_ids)))}
+    similar = seconds_per_step(session.scalars(
+        select(Run).options(load_only(*TIMING_COLUMNS)).where(Run.status == "succeeded")
+        .order_by(Run.finished_at.desc()).limit(SIMILAR_RUNS)), key=run_shape)
     lefts = times_left(sweeps, {experiment_id: datasets.get(sweep[0].dataset_id)
                                 for experiment_id, sweep in sweeps.items()},
-                       len(workers_now(live)))
+                       len(workers_now(live)), similar)
     return {experiment_id: lefts[experiment_id] for experiment_id in experiment_ids
             if experiment_id in lefts}
 

@@ -594,9 +594,13 @@ export function experimentPage() {
       notes.push(`${count(left.ahead_untimed_runs)} of those ahead ${
         left.ahead_untimed_runs === 1 ? "is" : "are"} not timed yet`);
     }
+    // As the lists say it (pages.py's time_left_text): "about 12 min", "over 12 min" while
+    // runs are not timed yet.
+    const lead = notes.length ? (seconds < 60 ? "a minute or more" : `over ${roughly(seconds)}`)
+      : (seconds < 60 ? "under a minute" : `about ${roughly(seconds)}`);
     const text = left.untimed_runs === left.runs && left.seconds === 0
       ? `${runsToGo}${ahead}: timed once the first has trained a little`
-      : [`${notes.length ? "over" : "about"} ${roughly(seconds)}: ${runsToGo}${ahead}, ${
+      : [`${lead}: ${runsToGo}${ahead}, ${
         left.workers > 1 ? `${count(left.workers)} workers taking them` : "one after another"}`,
       ...notes].join("; ");
     document.getElementById("time-left").textContent = text;

@@ -543,7 +543,7 @@ def test_the_larger_view_fits_a_phone_and_leaves_out_the_keys(server: LiveServer
         page.goto(f"{server.url}/runs/{run_id}")
         page.tap("#label-next-thumbs figure a.enlarge >> nth=0")
         expect(page.locator("#viewer-position")).to_have_text("1 of 4")
-        assert page.is_visible("#viewer-label") and page.is_hidden("#viewer-choice small")
+        assert page.is_visible("#viewer-label") and page.is_hidden("#viewer-choice .viewer-keys")
         lines = page.evaluate("""() => [...document.querySelectorAll('.viewer-nav > *')].map(
             (item) => {
               const range = document.createRange();
@@ -590,6 +590,61 @@ def test_the_larger_view_labels_ten_classes_by_key_and_goes_on_into_images_not_y
         assert page.input_value("select[aria-label='Label of unlabeled/v23.png']") == "class9"
         assert page.input_value("select[aria-label='Label of unlabeled/v24.png']") == "class2"
         assert page.is_hidden("#label-next-more")
+        browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_the_larger_view_finds_a_class_by_its_name_where_there_are_too_many_for_keys(
+    server: LiveServer, request,
+) -> None:
+    """Over 10 classes there were no keys: each image took a long list to scroll through. The
+    class is typed instead, as much of its name as only it has, and Enter goes on."""
+    classes = ["ant", "bee", "camel", "cat", "cattle", "cow", "deer", "dog", "eagle", "fox",
+               "goat", "horse"]
+    entries = {**class_entries(classes, per_class=3),
+               **{f"unlabeled/w{n}.png": image_bytes(8_000 + n) for n in range(5)}}
+    with server.client() as client:
+        uploaded = upload(client, zip_bytes(entries), name="twelve")
+    assert uploaded.status_code == 201, uploaded.text
+    run_id, _ = run_ranking_unlabeled(server, uploaded.json()["id"])
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/runs/{run_id}")
+        page.click("#label-next-thumbs figure a.enlarge >> nth=0")
+        expect(page.locator("#viewer-position")).to_have_text("1 of 5")
+        assert page.evaluate("document.activeElement.id") == "viewer-find"  # type at once
+        assert page.locator("#viewer-choice .viewer-keys").count() == 0
+        note = page.locator("#viewer-find-note")
+        page.keyboard.type("ca")
+        expect(note).to_have_text("3 classes: camel, cat, cattle; type more")
+        page.keyboard.press("Enter")  # which one: not chosen
+        assert page.inner_text("#viewer-position") == "1 of 5"
+        page.keyboard.press("ArrowLeft")  # in what is typed, not to another image
+        page.keyboard.press("ArrowRight")
+        assert page.inner_text("#viewer-position") == "1 of 5"
+        page.keyboard.type("t")
+        expect(note).to_have_text("Enter: cat, and on to the next")  # named so, before cattle
+        browser.screenshot("finder")
+        assert violations(page) == []
+        page.keyboard.press("Enter")
+        expect(page.locator("#viewer-position")).to_have_text("2 of 5")
+        assert page.evaluate("document.activeElement.id") == "viewer-find"
+        assert page.input_value("#viewer-find") == ""
+        page.keyboard.type("ORS")  # held in its name, in any case
+        expect(note).to_have_text("Enter: horse, and on to the next")
+        page.keyboard.press("Enter")
+        expect(page.locator("#viewer-position")).to_have_text("3 of 5")
+        page.keyboard.press("ArrowRight")  # nothing typed: on, unlabeled
+        expect(page.locator("#viewer-position")).to_have_text("4 of 5")
+        page.keyboard.type("zebra")
+        expect(note).to_have_text("No class has “zebra”")
+        page.keyboard.press("Enter")
+        assert page.inner_text("#viewer-position") == "4 of 5"
+        page.keyboard.press("Escape")
+        expect(page.locator("#image-viewer")).to_be_hidden()
+        assert [page.input_value(f"select[aria-label='Label of unlabeled/w{n}.png']")
+                for n in range(5)] == ["cat", "horse", "", "", ""]
         browser.assert_no_errors()
 
 

@@ -2,11 +2,31 @@
 // a dialog, where ← and → go through the thumbnails around it and Escape closes. An image to
 // label (under a run's Label next) brings its class choice along: the dialog's choice sets the
 // one under its thumbnail, and a digit key chooses that class and goes on to the next image
-// (past the last one shown, into those its "Show more" shows).
+// (past the last one shown, into those its "Show more" shows). Over 10 classes, no digit for
+// each, a class is found by typing its name instead: Enter chooses the one class found and goes
+// on.
 // A modified click (a new tab, a download) is left to the browser.
 
 let viewer = null; // built on first use
 const DIGITS = [..."1234567890"];
+
+// The classes `typed` finds: those named so (as typed, else in any case), else those whose
+// name starts so, else those whose name holds it.
+export function classesFound(classes, typed) {
+  const wanted = typed.trim();
+  if (!wanted) return [];
+  const folded = wanted.toLocaleLowerCase();
+  const tests = [(name) => name === wanted, (name) => name.toLocaleLowerCase() === folded,
+    (name) => name.toLocaleLowerCase().startsWith(folded), (name) => name.toLocaleLowerCase().includes(folded)];
+  for (const test of tests) {
+    const found = classes.filter(test);
+    if (found.length) return found;
+  }
+  return [];
+}
+
+const MOST_NAMED = 5; // classes a finder's note names, of those found
+const TOUCH = window.matchMedia("(hover: none) and (pointer: coarse)");
 
 function build() {
   const make = (tag, props = {}, ...children) => {
@@ -21,12 +41,19 @@ function build() {
   const previous = make("button", { type: "button", className: "secondary", id: "viewer-previous" }, "‹ Previous");
   const next = make("button", { type: "button", className: "secondary", id: "viewer-next" }, "Next ›");
   const close = make("button", { type: "button", id: "viewer-close" }, "Close");
+  const finder = make("input", { type: "text", id: "viewer-find", autocomplete: "off", spellcheck: false });
+  finder.setAttribute("aria-label", "Find a class by name, Enter to choose it and go on");
+  finder.setAttribute("aria-describedby", "viewer-find-note");
+  const finderNote = make("small", { className: "muted", id: "viewer-find-note" });
+  finderNote.setAttribute("aria-live", "polite");
+  const finderBox = make("span", { className: "viewer-find" },
+    make("label", { htmlFor: "viewer-find" }, " or type one: "), finder, finderNote);
   const dialog = make("dialog", { id: "image-viewer" }, image, caption, choiceBox,
     make("p", { className: "viewer-nav" }, previous, position, next, close));
   dialog.setAttribute("aria-label", "Image, larger");
   document.body.append(dialog);
 
-  const state = { group: document, links: [], index: 0, keys: [], waiting: false };
+  const state = { group: document, links: [], index: 0, keys: [], classes: [], waiting: false };
   const choiceOf = (link) => link.closest("figure")?.querySelector("select.give-label") ?? null;
   // A group's "Show more" button (data-more), where it has more thumbnails to show.
   const moreButton = () => [...state.group.querySelectorAll("button[data-more]")]
@@ -46,8 +73,9 @@ function build() {
       (next.disabled ? close : next).focus(); // the button pressed was the last
     }
     const choice = choiceOf(link);
+    const finding = document.activeElement === finder;
     if (!choice) {
-      state.keys = [];
+      state.keys = state.classes = [];
       choiceBox.replaceChildren();
       return;
     }
@@ -60,12 +88,37 @@ function build() {
       choice.value = copy.value;
       choice.dispatchEvent(new Event("change"));
     });
-    // Keys 1 to 9, then 0, for up to 10 classes (as a keyboard's top row reads).
+    // Keys 1 to 9, then 0, for up to 10 classes (as a keyboard's top row reads); over that,
+    // the finder.
     const classes = [...choice.options].map((option) => option.value).filter(Boolean);
     state.keys = classes.length <= DIGITS.length ? classes : [];
-    choiceBox.replaceChildren(copy, state.keys.length ? make("small", { className: "muted" },
-      `Keys: ${classes.map((name, i) => `${DIGITS[i]}\u00a0${name}`).join(", ")} (and on to the next)`) : "");
+    state.classes = classes;
+    finder.value = "";
+    findNote();
+    choiceBox.replaceChildren(copy, state.keys.length ? make("small", { className: "muted viewer-keys" },
+      `Keys: ${classes.map((name, i) => `${DIGITS[i]}\u00a0${name}`).join(", ")} (and on to the next)`)
+      : finderBox);
+    if (finding) finder.focus(); // put back in place, it lost the keyboard
   }
+  function findNote() {
+    const found = classesFound(state.classes, finder.value);
+    const named = found.slice(0, MOST_NAMED).join(", ") + (found.length > MOST_NAMED ? ", …" : "");
+    finderNote.textContent = !finder.value.trim() ? "Enter chooses the one class found, and goes on"
+      : found.length === 0 ? `No class has “${finder.value.trim()}”`
+        : found.length === 1 ? `Enter: ${found[0]}, and on to the next`
+          : `${found.length} classes: ${named}; type more`;
+  }
+  finder.addEventListener("input", findNote);
+  finder.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || state.waiting) return;
+    event.preventDefault();
+    const found = classesFound(state.classes, finder.value);
+    if (found.length !== 1) return; // the note says why
+    const copy = choiceBox.querySelector("select");
+    copy.value = found[0];
+    copy.dispatchEvent(new Event("change"));
+    go(1);
+  });
   const linksNow = () => [...state.group.querySelectorAll("a.enlarge")];
   // Past the last image shown, "Show more" is pressed, and the images it adds (at once, or
   // once the server sends them) are waited for, 10 s at most.
@@ -109,6 +162,8 @@ function build() {
   dialog.addEventListener("keydown", (event) => {
     if (event.altKey || event.ctrlKey || event.metaKey) return;
     if (event.target.tagName === "SELECT") return; // its arrows change the class
+    // The finder's arrows move in what is typed; with nothing typed, they go on.
+    if (event.target === finder && finder.value !== "") return;
     if (state.waiting && (event.key.startsWith("Arrow") || DIGITS.includes(event.key))) {
       event.preventDefault();
       return;
@@ -129,7 +184,9 @@ function build() {
     state.links = linksNow();
     show(state.links.indexOf(link));
     if (!dialog.open) dialog.showModal();
-    (next.disabled ? close : next).focus();
+    // The finder, to type in at once; not on a touch screen, where it would open a keyboard
+    // over the image.
+    (finder.isConnected && !TOUCH.matches ? finder : next.disabled ? close : next).focus();
   };
   return { open };
 }

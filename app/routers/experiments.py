@@ -117,7 +117,7 @@ def experiment_out(experiment: Experiment, live: redis.Redis) -> ExperimentOut:
         budget_table=budget_table(runs, labeled),
         label_estimates=label_estimates(runs, labeled, dataset),
         time_left=queue_times_left(session, live, [experiment.id]).get(experiment.id)
-        if session else None,
+        if session and any(run.status in ("queued", "running") for run in runs) else None,
         warnings=experiment_warnings(dataset, runs, experiment.overrides or {}),
     )
 

@@ -14,9 +14,9 @@ window.addEventListener("pageshow", (event) => {
 // found by id) the ones that changed: statuses, runs by status, times left, best models,
 // results compared. Read once, the home page and the experiments list said "running" long
 // after the sweep had finished. A "read-again" event on the document then names the parts
-// put in (`detail.replaced`, their ids), for a page that draws from them. A part that holds the keyboard waits for the next read (put in anew, it would
-// lose it); a read refused (signed out: the sign-in page) stops, as does a page with
-// nothing to go.
+// put in (`detail.replaced`, their ids), for a page that draws from them. A part that holds
+// the keyboard waits for the next read (put in anew, it would lose it); a read refused (signed
+// out: the sign-in page) stops, as does a page with nothing to go.
 const READ_EVERY_MS = 5000;
 
 async function readAgain() {

@@ -12,7 +12,7 @@ const DIGITS = [..."1234567890"];
 
 // The classes `typed` finds: those named so (as typed, else in any case), else those whose
 // name starts so, else those whose name holds it.
-export function classesFound(classes, typed) {
+function classesFound(classes, typed) {
   const wanted = typed.trim();
   if (!wanted) return [];
   const folded = wanted.toLocaleLowerCase();

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.db import StartupRefused, claim_data_dir, upgrade_to_head
+from app.live import mark_worker_gone
 
 
 def log(message: str) -> None:
@@ -239,6 +240,23 @@ def wait_for_redis(url: str, settings: Settings, within_s: float = 30) -> None:
         f"embedded Redis did not start; see {settings.data_dir / 'redis' / 'redis.log'}")
 
 
+def say_worker_gone(redis_url: str, name: str, signum: int) -> None:
+    """Tell the web's reaper that every process of the worker `name` is gone, killed by
+    `signum`: its run is lost now, not once its heartbeats have been silent for
+    stale_after_s. Where Redis does not answer, the heartbeats tell it later."""
+    import redis
+
+    try:
+        how = signal.Signals(signum).name
+    except ValueError:
+        how = f"signal {signum}"
+    try:
+        mark_worker_gone(redis.Redis.from_url(redis_url, socket_timeout=5), name, how)
+    except redis.RedisError as exc:
+        log(f"could not tell the web that the worker is gone ({exc}); its run is found lost "
+            "once its heartbeats have stopped")
+
+
 class Restarts:
     """How often a child may be started again: at most `limit` times in `window_s`."""
 
@@ -307,6 +325,7 @@ def main() -> int:
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(project_root), env.get("PYTHONPATH")])
         )
+        worker_name = f"selftune-{os.getpid()}@{socket.gethostname()}"
         supervisor.start(
             "worker",
             [
@@ -321,7 +340,7 @@ def main() -> int:
                 "--concurrency",
                 str(settings.worker_concurrency),
                 "--hostname",
-                f"selftune-{os.getpid()}@{socket.gethostname()}",
+                worker_name,
             ],
             env,
         )
@@ -352,14 +371,17 @@ def main() -> int:
                 # The embedded Redis comes back on its port with its append-only file: the
                 # worker and the web reconnect by themselves and training goes on, as with a
                 # Redis of one's own that restarts. A worker or web killed by a signal (the
-                # kernel's out-of-memory killer, say) comes back too: the worker's run is
-                # found lost once its heartbeats have stopped for stale_after_s, queued again
-                # and resumed from its last checkpoint, with the pages up meanwhile. One that
-                # exits by itself (it refused to start) or keeps dying stops everything.
+                # kernel's out-of-memory killer, say) comes back too, with the pages up
+                # meanwhile: the killed worker's run is said lost at the web's next reaper
+                # pass (its processes are gone: its heartbeats are not waited for), queued
+                # again and resumed from its last checkpoint. One that exits by itself (it
+                # refused to start) or keeps dying stops everything.
                 again = not settings.redis_url if name == "redis" else status < 0
                 if again and restarts[name].allow():
                     log(f"{name} exited with status {status}; starting it again")
-                    supervisor.restart(name)
+                    supervisor.restart(name)  # what was left of the first is killed
+                    if name == "worker":
+                        say_worker_gone(redis_url, worker_name, -status)
                     if name == "redis":
                         try:
                             wait_for_redis(redis_url, settings)

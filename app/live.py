@@ -11,6 +11,29 @@ from typing import Any
 import redis
 
 WORKER_KEY_PREFIX = "selftune:worker:"
+# A worker `make run`'s launcher saw killed (app.launcher), by name: when, and by which signal.
+WORKER_GONE_PREFIX = "selftune:worker-gone:"
+WORKER_GONE_KEEP_S = 24 * 3600
+
+
+def mark_worker_gone(client: redis.Redis, name: str, how: str) -> None:
+    """Say that the worker `name` is gone, every process of it, from now on: its runs need
+    not be waited for (app.reaper)."""
+    client.set(WORKER_GONE_PREFIX + name, json.dumps({"at": time.time(), "how": how}),
+               ex=WORKER_GONE_KEEP_S)
+
+
+def gone_workers(client: redis.Redis) -> dict[str, tuple[datetime, str]]:
+    """The workers said to be gone (mark_worker_gone): when, and how."""
+    gone = {}
+    for key in client.scan_iter(match=WORKER_GONE_PREFIX + "*", count=100):
+        raw = client.get(key)
+        if raw:
+            mark = json.loads(raw)
+            name = key.decode() if isinstance(key, bytes) else key
+            gone[name.removeprefix(WORKER_GONE_PREFIX)] = (
+                datetime.fromtimestamp(mark["at"], UTC), mark["how"])
+    return gone
 
 
 def run_stream_key(run_id: int) -> str:

@@ -2,10 +2,12 @@
 
 A worker killed outright (SIGKILL, power loss) leaves its Celery message unacknowledged
 until the broker's visibility timeout, which must outlast the longest run. The heartbeat is
-the faster signal: a run silent for `stale_after_s` is lost; it is requeued with a new task id
-(the old message, if it ever comes back, is then ignored) and resumes from its last training
-checkpoint, up to `max_attempts` times. A requeue the broker does not take (Redis down) leaves
-the run queued, saying so, and `requeue_lost_messages` sends it once Redis answers.
+the faster signal: a run silent for `stale_after_s` is lost, and so is one silent since its
+worker was seen killed by `make run`'s launcher (app.live.mark_worker_gone). It is requeued
+with a new task id (the old message, if it ever comes back, is then ignored) and resumes from
+its last training checkpoint, up to `max_attempts` times. A requeue the broker does not take
+(Redis down) leaves the run queued, saying so, and `requeue_lost_messages` sends it once Redis
+answers.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Collection
-from datetime import timedelta
+from collections.abc import Collection, Mapping
+from datetime import datetime, timedelta
 
 import redis
 from sqlalchemy import func, or_, select, update
@@ -26,7 +28,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import StartupRefused, ping_database, session_scope
 from app.experiments import QueueUnavailable, enqueue_runs, send_tasks, stamp_runs
-from app.live import forget_cancel, get_redis, publish_end, publish_status
+from app.live import forget_cancel, get_redis, gone_workers, publish_end, publish_status
 from app.models import Run, utcnow
 from app.responses import utc_text
 from app.startup import DataDirCheck
@@ -34,29 +36,47 @@ from app.startup import DataDirCheck
 log = logging.getLogger(__name__)
 
 
-def stale_runs(session: Session, settings: Settings) -> list[Run]:
+def stale_runs(session: Session, settings: Settings,
+               gone: Mapping[str, tuple[datetime, str]] | None = None) -> list[Run]:
+    """The running runs silent for `stale_after_s`, or since their worker is `gone`
+    (app.live.gone_workers)."""
     running = session.scalars(select(Run).where(Run.status == "running")).all()
-    return [run for run in running if is_stale(run, settings)]
+    return [run for run in running if is_stale(run, settings, silent_since(run, gone))]
 
 
-def is_stale(run: Run, settings: Settings) -> bool:
-    """Whether the run's worker has been silent for `stale_after_s` (or never reported)."""
+def silent_since(run: Run, gone: Mapping[str, tuple[datetime, str]] | None) -> datetime | None:
+    """When the run's worker was seen gone, if it was."""
+    return gone[run.worker][0] if gone and run.worker in gone else None
+
+
+def is_stale(run: Run, settings: Settings, gone_at: datetime | None = None) -> bool:
+    """Whether the run's worker has been silent for `stale_after_s` (or never reported), or
+    since it was seen gone at `gone_at`."""
     moment = run.heartbeat_at or run.started_at
     if moment is None:
         return True
-    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    cutoff = silence_cutoff(settings, gone_at)
     if moment.tzinfo is None:  # SQLite returns naive UTC
         cutoff = cutoff.replace(tzinfo=None)
     return moment < cutoff
 
 
-def end_silent_run(session: Session, settings: Settings, run_id: int, **values) -> bool:
-    """Write `values` (lost, or cancelled) on a run that is still running and still silent
-    for `stale_after_s`; returns whether it was. One conditional UPDATE: a heartbeat or an
-    outcome its worker wrote after the reaper read the run keeps the run the worker's, where
-    a plain write would mark lost (and queue again) a run that had just succeeded."""
-    moment = func.coalesce(Run.heartbeat_at, Run.started_at)
+def silence_cutoff(settings: Settings, gone_at: datetime | None = None) -> datetime:
+    """A run whose worker last reported before this is lost: `stale_after_s` ago, or when its
+    worker was seen gone, whichever is later."""
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    return cutoff if gone_at is None else max(cutoff, gone_at)
+
+
+def end_silent_run(session: Session, settings: Settings, run_id: int,
+                   gone_at: datetime | None = None, **values) -> bool:
+    """Write `values` (lost, or cancelled) on a run that is still running and still silent
+    for `stale_after_s` (or since its worker was seen gone at `gone_at`); returns whether it
+    was. One conditional UPDATE: a heartbeat or an outcome its worker wrote after the reaper
+    read the run keeps the run the worker's, where a plain write would mark lost (and queue
+    again) a run that had just succeeded."""
+    moment = func.coalesce(Run.heartbeat_at, Run.started_at)
+    cutoff = silence_cutoff(settings, gone_at)
     return bool(session.execute(
         update(Run)
         .where(Run.id == run_id, Run.status == "running", or_(moment.is_(None), moment < cutoff))
@@ -154,11 +174,16 @@ def reap(settings: Settings) -> list[int]:
     ids."""
     reaped = []
     queue_down = None  # once the broker has failed, the rest of this pass does not wait on it
+    live = get_redis(settings.effective_redis_url)
+    try:
+        gone = gone_workers(live)
+    except redis.RedisError:  # Redis away: the heartbeats alone
+        gone = {}
     with session_scope(settings.sqlalchemy_url) as session:
-        for run in stale_runs(session, settings):
-            live = get_redis(settings.effective_redis_url)
+        for run in stale_runs(session, settings, gone):
+            gone_at = silent_since(run, gone)
             if run.cancel_requested:
-                if end_silent_run(session, settings, run.id, status="cancelled",
+                if end_silent_run(session, settings, run.id, gone_at, status="cancelled",
                                   finished_at=utcnow()):
                     log.warning("run %s lost its worker %s (last heartbeat %s) after a cancel",
                                 run.id, run.worker, run.heartbeat_at)
@@ -166,7 +191,9 @@ def reap(settings: Settings) -> list[int]:
                     session.commit()
                     publish_end(live, run)
                 continue
-            error = f"worker {run.worker} stopped reporting (last heartbeat {last_heartbeat(run)})"
+            error = (f"worker {run.worker} stopped reporting" if gone_at is None else
+                     f"worker {run.worker} was killed ({gone[run.worker][1]}) and started "
+                     "again") + f" (last heartbeat {last_heartbeat(run)})"
             requeued = run.attempts < settings.max_attempts
             if requeued:
                 error += (f"; queued again to resume from its last checkpoint (attempt "
@@ -176,8 +203,8 @@ def reap(settings: Settings) -> list[int]:
                 error += (f"; lost {run.attempts} times, so not requeued again "
                           "(requeue it to resume from its last checkpoint)")
                 ended = {"finished_at": utcnow()}
-            if not end_silent_run(session, settings, run.id, status="lost", error=error,
-                                  **ended):
+            if not end_silent_run(session, settings, run.id, gone_at, status="lost",
+                                  error=error, **ended):
                 continue  # its worker reported after all
             log.warning("run %s lost its worker %s (last heartbeat %s)",
                         run.id, run.worker, run.heartbeat_at)

@@ -295,11 +295,12 @@ def test_the_embedded_redis_dying_is_started_again_and_training_goes_on(tmp_path
 def test_a_worker_killed_mid_run_is_started_again_and_its_run_resumes(tmp_path):
     """kill -9 of `make run`'s worker mid-run (the kernel's out-of-memory killer, say) stopped
     the whole app, pages included, and the run waited for a person to launch it again. The
-    launcher starts the worker again; the run is found lost once its heartbeats stop, queued
+    launcher starts the worker again; the run is found lost at the reaper's next pass (30 s
+    here), without waiting for its heartbeats to have been silent for 10 minutes, queued
     again and resumed from its checkpoint. A worker that exits by itself still stops all."""
     port = free_port()
     env = launcher_env(tmp_path / "data", port)
-    env.update(SELFTUNE_HEARTBEAT_INTERVAL_S="1", SELFTUNE_STALE_AFTER_S="6")
+    env.update(SELFTUNE_HEARTBEAT_INTERVAL_S="1", SELFTUNE_STALE_AFTER_S="600")
     launcher = start_process([sys.executable, "-m", "app.launcher"], env, tmp_path / "run.log")
     family = []
     try:
@@ -312,6 +313,9 @@ def test_a_worker_killed_mid_run_is_started_again_and_its_run_resumes(tmp_path):
             wait_for_step(client, run_id, 24, "progress before the worker is killed")
             os.killpg(worker.pid, signal.SIGKILL)  # the worker and its training process
             assert client.get("/api/health").status_code == 200  # the pages stay up
+            # Well within stale_after_s (600 s): the reaper did not wait for silence.
+            wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["attempts"] == 2,
+                     timeout=90, message=f"the run to start again:\n{launcher.log()}")
             run = wait_for_end(client, run_id, f"the run to finish:\n{launcher.log()}")
             events = sse_events(client, f"/api/runs/{run_id}/events")
         assert "worker exited with status -9; starting it again" in launcher.log()

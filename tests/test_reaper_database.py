@@ -15,6 +15,7 @@ import pytest
 
 from app import reaper as reaper_module
 from app.db import get_engine, upgrade_to_head
+from app.live import WORKER_GONE_PREFIX, get_redis, mark_worker_gone
 from app.models import utcnow
 from app.reaper import Reaper, reap
 from tests.test_worker_lifecycle import add_run, read_run, update_run
@@ -89,8 +90,8 @@ def test_a_worker_that_reports_after_the_reaper_read_its_run_keeps_it(
     values = {name: utcnow() if value == "now" else value for name, value in worker_writes.items()}
     read_silent = reaper_module.stale_runs
 
-    def worker_reports_meanwhile(session, settings):
-        runs = read_silent(session, settings)
+    def worker_reports_meanwhile(session, settings, gone):
+        runs = read_silent(session, settings, gone)
         update_run(settings, run_id, **values)  # another connection: the worker's
         return runs
 
@@ -127,3 +128,31 @@ def test_a_late_data_directory_check_that_fails_unexpectedly_is_tried_again(
     monkeypatch.setattr(ingest, "cleanup_orphans", real_cleanup)
     reaper.run_once()
     assert check.passed
+
+
+def test_a_run_whose_worker_the_launcher_saw_killed_is_lost_without_waiting_for_silence(
+    settings, tmp_path
+):
+    """`make run` started a killed worker again, and its run waited out stale_after_s (2 min)
+    before it was found lost. The launcher knows every process of that worker is gone: its run
+    is lost at the next pass. A run another worker trains, or one the new worker of the same
+    name took since, is not."""
+    upgrade_to_head(settings.sqlalchemy_url)
+    live = get_redis(settings.effective_redis_url)
+    recent = {"heartbeat_at": utcnow() - timedelta(seconds=5), "started_at": utcnow() - SILENT}
+    killed, elsewhere, taken_since = (running_run(settings, tmp_path / name)
+                                      for name in ("a", "b", "c"))
+    update_run(settings, killed, worker="selftune-7@host", **recent)
+    update_run(settings, elsewhere, **recent)
+    mark_worker_gone(live, "selftune-7@host", "SIGKILL")
+    try:
+        update_run(settings, taken_since, worker="selftune-7@host", started_at=utcnow(),
+                   heartbeat_at=utcnow())
+        assert reap(settings) == [killed]
+        assert [read_run(settings, run_id).status
+                for run_id in (killed, elsewhere, taken_since)] == ["lost", "running", "running"]
+        assert read_run(settings, killed).error.startswith(
+            "worker selftune-7@host was killed (SIGKILL) and started again (last heartbeat 20")
+        assert reap(settings) == []
+    finally:
+        live.delete(WORKER_GONE_PREFIX + "selftune-7@host")

@@ -30,6 +30,7 @@ from app.models import MAX_ID, Artifact, Dataset, Experiment, Run, RunMetric, ut
 from app.responses import human_bytes, in_utc
 from app.schemas import (
     TERMINAL_STATUSES,
+    TO_GO_STATUSES,
     ExperimentIn,
     LabelEstimate,
     TimeLeft,
@@ -460,7 +461,7 @@ def weights_in_use(session: Session, settings: Settings, run_ids: Iterable[int],
     if not deleted:
         return None
     active = session.execute(
-        select(Run.id, Run.config).where(Run.status.in_(("queued", "running")))
+        select(Run.id, Run.config).where(Run.status.in_(TO_GO_STATUSES))
     ).all()
     users = sorted(
         run_id for run_id, config in active
@@ -996,7 +997,7 @@ def times_left(sweeps: Mapping[Any, list[Run]], datasets: Mapping[Any, Dataset |
     none, so the time is then at least this; the run is counted in `untimed_runs` or
     `ahead_untimed_runs`."""
     line = sorted(((key, run) for key, runs in sweeps.items() for run in runs
-                   if run.status in ("queued", "running")),
+                   if run.status in TO_GO_STATUSES),
                   key=lambda entry: queue_order(entry[1]))
     costs = {key: step_costs(runs, datasets.get(key), similar or {})
              for key, runs in sweeps.items()}

@@ -40,7 +40,7 @@ from app.config import Settings
 from app.experiments import delete_run_rows, run_folders, weights_in_use
 from app.models import Dataset, DatasetImage, Experiment, Run
 from app.responses import human_bytes
-from app.schemas import CONTROL_CHARACTERS
+from app.schemas import CONTROL_CHARACTERS, TO_GO_STATUSES
 from app.trash import move_to_trash, trash_dir
 from worker.selftuning.budgets import split_holdout
 from worker.selftuning.data import UNLABELED_IN_TEST, zip_entry_name
@@ -1494,7 +1494,7 @@ def thumbnail(settings: Settings, dataset: Dataset, image: DatasetImage,
 def active_run_count(session: Session, dataset_id: int) -> int:
     return session.scalar(
         select(func.count()).select_from(Run)
-        .where(Run.dataset_id == dataset_id, Run.status.in_(("queued", "running")))
+        .where(Run.dataset_id == dataset_id, Run.status.in_(TO_GO_STATUSES))
     ) or 0
 
 

@@ -27,6 +27,7 @@ RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "lo
 RUN_STATUSES = get_args(RunStatus)  # in the order a run goes through them
 # "lost" stays only once a run has used up its automatic requeues (see app.reaper).
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "lost")
+TO_GO_STATUSES = ("queued", "running")  # a run still to train: the rest of RUN_STATUSES
 # A run's error in a list of runs (an experiment's runs, its runs CSV): its first line, cut.
 ERROR_LINE_MAX = 300
 

@@ -65,6 +65,7 @@ from app.responses import csv_download
 from app.routers.runs import SSE_RESPONSES, error_line, run_again, run_summary
 from app.schemas import (
     RUN_STATUSES,
+    TO_GO_STATUSES,
     UNREADABLE_BODY_OUT,
     BestRunOut,
     ErrorOut,
@@ -117,7 +118,7 @@ def experiment_out(experiment: Experiment, live: redis.Redis) -> ExperimentOut:
         budget_table=budget_table(runs, labeled),
         label_estimates=label_estimates(runs, labeled, dataset),
         time_left=queue_times_left(session, live, [experiment.id]).get(experiment.id)
-        if session and any(run.status in ("queued", "running") for run in runs) else None,
+        if session and any(run.status in TO_GO_STATUSES for run in runs) else None,
         warnings=experiment_warnings(dataset, runs, experiment.overrides or {}),
     )
 
@@ -260,7 +261,7 @@ def experiment_items(session: Session, live: redis.Redis, dataset_id: int | None
     return total, items
 
 
-# What a step's cost and a run's time left are read from (app.experiments.time_left): not
+# What a step's cost and a run's time left are read from (app.experiments.times_left): not
 # the runs' metrics, which hold confusion matrices.
 TIMING_COLUMNS = (Run.id, Run.experiment_id, Run.dataset_id, Run.method, Run.budget, Run.config,
                   Run.status, Run.step, Run.total_steps, Run.images_per_s, Run.queued_at,
@@ -280,7 +281,7 @@ def queue_times_left(session: Session, live: redis.Redis, experiment_ids: list[i
     to go, and of the last SIMILAR_RUNS that succeeded."""
     if not experiment_ids:
         return {}
-    going = select(Run.experiment_id).where(Run.status.in_(("queued", "running")))
+    going = select(Run.experiment_id).where(Run.status.in_(TO_GO_STATUSES))
     sweeps: defaultdict[int, list[Run]] = defaultdict(list)
     for run in session.scalars(select(Run).options(load_only(*TIMING_COLUMNS))
                                .where(Run.experiment_id.in_(going))):

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.db import StartupRefused, claim_data_dir, upgrade_to_head
-from app.live import mark_worker_gone
+from app.live import get_redis, mark_worker_gone
 
 
 def log(message: str) -> None:
@@ -251,7 +251,7 @@ def say_worker_gone(redis_url: str, name: str, signum: int) -> None:
     except ValueError:
         how = f"signal {signum}"
     try:
-        mark_worker_gone(redis.Redis.from_url(redis_url, socket_timeout=5), name, how)
+        mark_worker_gone(get_redis(redis_url), name, how)
     except redis.RedisError as exc:
         log(f"could not tell the web that the worker is gone ({exc}); its run is found lost "
             "once its heartbeats have stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -25,15 +26,17 @@ def mark_worker_gone(client: redis.Redis, name: str, how: str) -> None:
 
 def gone_workers(client: redis.Redis) -> dict[str, tuple[datetime, str]]:
     """The workers said to be gone (mark_worker_gone): when, and how."""
-    gone = {}
-    for key in client.scan_iter(match=WORKER_GONE_PREFIX + "*", count=100):
+    return {name: (datetime.fromtimestamp(mark["at"], UTC), mark["how"])
+            for name, mark in _marks(client, WORKER_GONE_PREFIX)}
+
+
+def _marks(client: redis.Redis, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The JSON values of the keys named `prefix` + a name, by name (a key gone meanwhile
+    left out)."""
+    for key in client.scan_iter(match=prefix + "*", count=100):
         raw = client.get(key)
         if raw:
-            mark = json.loads(raw)
-            name = key.decode() if isinstance(key, bytes) else key
-            gone[name.removeprefix(WORKER_GONE_PREFIX)] = (
-                datetime.fromtimestamp(mark["at"], UTC), mark["how"])
-    return gone
+            yield key.removeprefix(prefix), json.loads(raw)
 
 
 def run_stream_key(run_id: int) -> str:
@@ -96,13 +99,9 @@ def get_redis(url: str) -> redis.Redis:
 
 def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     """Workers that refreshed their presence key recently, sorted by name."""
-    workers = []
-    for key in client.scan_iter(match=WORKER_KEY_PREFIX + "*", count=100):
-        raw = client.get(key)
-        if raw:
-            info = json.loads(raw)
-            workers.append({"name": info["name"], "device": info["device"],
-                            "torch_device": info.get("torch_device")})
+    workers = [{"name": info["name"], "device": info["device"],
+                "torch_device": info.get("torch_device")}
+               for _, info in _marks(client, WORKER_KEY_PREFIX)]
     return sorted(workers, key=lambda w: w["name"])
 
 

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import math
+import re
 import shutil
 import signal
 import sqlite3
@@ -90,7 +91,9 @@ class ApiWithoutTrailingSlash:
 # The largest body a request other than an upload may send: an experiment's JSON is a few
 # kB. Parsing a 40 MB one held the whole server for 20 s (health checks included).
 MAX_BODY_BYTES = 1 << 20
-UPLOADS = ("/api/datasets",)
+# The routes that read their body as a stream, each to a limit of its own: a dataset's archive
+# (SELFTUNE_MAX_UPLOAD_BYTES) and the images a run's model is tried on (app.try_model).
+OWN_BODY_LIMITS = re.compile(r"/api/datasets|/api/runs/[0-9]+/predict")
 
 
 class TokenBeforeBody:
@@ -122,15 +125,15 @@ BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 
 class BodyLimit:
-    """413 for a body over MAX_BODY_BYTES on any route but the upload (which has its own
-    limit, SELFTUNE_MAX_UPLOAD_BYTES): by its Content-Length before anything is read, or
-    while it streams in without one."""
+    """413 for a body over MAX_BODY_BYTES on any route but those with a limit of their own
+    (OWN_BODY_LIMITS): by its Content-Length before anything is read, or while it streams in
+    without one."""
 
     def __init__(self, app) -> None:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"].rstrip("/") in UPLOADS:
+        if scope["type"] != "http" or OWN_BODY_LIMITS.fullmatch(scope["path"].rstrip("/")):
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")
@@ -167,7 +170,7 @@ class BodyLimit:
     @staticmethod
     async def _refuse(scope, receive, send) -> None:
         detail = (f"the request body is over {MAX_BODY_BYTES // 1024} KiB, the most this "
-                  "route takes (only dataset uploads are larger)")
+                  "route takes (only dataset uploads and images to try a model on are larger)")
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 

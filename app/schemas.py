@@ -549,6 +549,32 @@ class RunOut(RunSummary):
     artifacts: list[ArtifactOut]
 
 
+class ClassProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class TriedImage(BaseModel):
+    index: int = Field(description="the image's place in the form, from 0")
+    name: str = Field(description="its file name as sent (`image <n>` without one)")
+    label: str | None = Field(description="the most likely class; null when `skipped`")
+    confidence: float | None = Field(description="that class's probability")
+    margin: float | None = Field(description="its lead on the runner-up, as in "
+                                 "predictions.csv")
+    top: list[ClassProbability] = Field(description="the `top` most likely classes, most "
+                                        "likely first; empty when `skipped`")
+    skipped: str | None = Field(description="why the image could not be labeled (not an "
+                                "image this app reads, over the pixel limit, empty); null "
+                                "when it was")
+
+
+class TriedOut(BaseModel):
+    run_id: int
+    images: list[TriedImage] = Field(description="one for each file sent, in their order")
+    seconds: float = Field(description="how long decoding and labeling took (the model's "
+                           "first load from the run's export included)")
+
+
 class MetricPoint(BaseModel):
     step: int
     kind: Literal["progress", "eval"]

@@ -41,6 +41,7 @@ from app.routers.experiments import (
 from app.routers.pages import METHOD_TITLES, PageNumber, Pager, page_guard, render
 from app.routers.runs import read_run
 from app.schemas import ExperimentIn, MethodName, Overrides
+from app.try_model import MAX_IMAGES
 from worker.selftuning.budgets import Budget
 from worker.selftuning.config import PRESETS, RunConfig
 
@@ -336,4 +337,4 @@ def run_page(run_id: RunId, request: Request, settings: SettingsDep, session: Db
                   experiment_name=experiment.name,
                   # None when the dataset is gone (its runs go with it, but a page may race).
                   unlabeled_images=budget_unlabeled_count(dataset, run.budget) if dataset else None,
-                  method_titles=METHOD_TITLES)
+                  method_titles=METHOD_TITLES, try_max_images=MAX_IMAGES)

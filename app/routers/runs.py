@@ -19,6 +19,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
@@ -38,6 +39,7 @@ from app.experiments import (
     queue_position,
     unprocessable,
 )
+from app.ingest import IngestError
 from app.live import (
     FEED_POSITION_HEADER,
     FEED_POSITION_OUT,
@@ -60,16 +62,28 @@ from app.models import (
 )
 from app.reaper import REQUEUEABLE, requeue
 from app.responses import FILE_DELETED, csv_download, send_file
+from app.routers.datasets import MULTIPART_ANSWERS, multipart_body
 from app.schemas import (
     CONFUSION_FORMS,
     ERROR_LINE_MAX,
     ArtifactOut,
+    ClassProbability,
     ErrorOut,
     MetricPoint,
     RunMetricsOut,
     RunOut,
     RunSummary,
+    TriedImage,
+    TriedOut,
     feed_events_description,
+)
+from app.try_model import (
+    MAX_BODY_BYTES,
+    MAX_IMAGES,
+    TOP_DEFAULT,
+    TOP_MAX,
+    label_images,
+    receive_images,
 )
 from worker.selftuning.files import (
     CONFIG_FILE,
@@ -552,3 +566,86 @@ def download_label_next(
         ["rank", *columns],
         f"run-{run_id}-label-next{'-with-withheld' if include_withheld else ''}"
         f"{'-spread' if order == 'spread' else ''}.csv")
+
+
+# --- trying the model ---------------------------------------------------------------------
+
+
+REASONS_SAID = 5  # of the files of a form none of which could be labeled
+
+
+class TryForm(BaseModel):
+    """The multipart form of `POST /api/runs/{id}/predict` (read as a stream)."""
+
+    file: list[Annotated[bytes, Field(json_schema_extra={"format": "binary"})]] = Field(
+        description=f"1 to {MAX_IMAGES} images (JPEG, PNG, WebP, BMP, TIFF or GIF), each in a "
+        f"field named `file`, {MAX_BODY_BYTES // 1024**2} MiB in all")
+
+
+@router.post("/{run_id}/predict", response_model=TriedOut, responses={
+    **NO_RUN, 400: MULTIPART_ANSWERS[400],
+    409: {"model": ErrorOut, "description": "the run has no model: it has not succeeded, or "
+          "its export does not load"},
+    413: {"model": ErrorOut, "description": f"over {MAX_BODY_BYTES // 1024**2} MiB in all"},
+    415: {"model": ErrorOut, "description": "not multipart"},
+    422: {"model": ErrorOut, "description": f"no image, more than {MAX_IMAGES}, or none "
+          "that is an image this app reads"}},
+    openapi_extra=multipart_body(TryForm))
+async def try_model(run_id: RunId, request: Request, session: DbDep, settings: SettingsDep,
+                    top: Annotated[int, Query(ge=1, le=TOP_MAX, description="the most likely "
+                                              "classes answered for each image")] = TOP_DEFAULT
+                    ) -> TriedOut:
+    """Label a few images of your own with the run's model, as plain timm loads its export
+    (the command line's `predict`, for a folder of them): each image's most likely classes
+    with their probabilities, or why it could not be read. The images are not kept; they
+    are labeled on the web server's CPU."""
+    folder = await run_in_threadpool(model_folder, session, settings, run_id)
+    try:
+        images = await receive_images(request.headers, request.stream())
+    except IngestError as exc:
+        raise HTTPException(exc.status_code, exc.detail) from None
+    try:
+        labeled = await run_in_threadpool(label_images, folder, images,
+                                          settings.max_image_pixels, top)
+    except FileNotFoundError:  # the run deleted meanwhile
+        raise HTTPException(404, detail=FILE_DELETED) from None
+    except ValueError as exc:
+        raise HTTPException(409, detail=f"run {run_id}'s model does not load: {exc}") from None
+    if not labeled.top:
+        reasons = "; ".join(f"{images[index].name}: {reason}"
+                            for index, reason in list(labeled.skipped.items())[:REASONS_SAID])
+        more = len(images) - REASONS_SAID
+        raise HTTPException(422, detail=f"none of the {len(images)} file"
+                            f"{'' if len(images) == 1 else 's'} is an image this app can "
+                            f"label: {reasons}" + (f"; and {more} more" if more > 0 else ""))
+    return TriedOut(run_id=run_id, seconds=round(labeled.seconds, 3), images=[
+        tried_image(index, image.name, labeled.top.get(index), labeled.skipped.get(index), top)
+        for index, image in enumerate(images)])
+
+
+def model_folder(session: Session, settings: Settings, run_id: int) -> Path:
+    """The folder of a succeeded run's exported model: a 404 for no such run, a 409 for one
+    that has not succeeded."""
+    run = get_run(session, run_id)
+    if run.status != "succeeded":
+        raise HTTPException(409, detail=f"run {run_id} has no model to try: it is "
+                            f"{run.status}; a run exports its model when it succeeds")
+    model = artifact_path(settings, session, run_id, MODEL_FILE)
+    if artifact_path(settings, session, run_id, CONFIG_FILE).parent != model.parent:
+        raise HTTPException(404, detail=f"run {run_id}'s {CONFIG_FILE} is not beside its "
+                            f"{MODEL_FILE}")
+    return model.parent
+
+
+def tried_image(index: int, name: str, classes: list[tuple[str, float]] | None,
+                skipped: str | None, shown: int) -> TriedImage:
+    """An image's answer: its most likely classes (at least two, for the margin, of which
+    `shown` are answered) or why it was skipped."""
+    if classes is None:
+        return TriedImage(index=index, name=name, label=None, confidence=None, margin=None,
+                          top=[], skipped=skipped)
+    (label, confidence), *others = classes
+    return TriedImage(index=index, name=name, label=label, confidence=confidence,
+                      margin=confidence - others[0][1] if others else confidence, skipped=None,
+                      top=[ClassProbability(label=label, probability=probability)
+                           for label, probability in classes[:shown]])

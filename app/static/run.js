@@ -7,6 +7,7 @@ import {
 } from "/static/charts.js";
 import { labelChoice, labelFigure, labelingForm, showMoreButton } from "/static/add_labels.js";
 import { onSession } from "/static/session.js";
+import { tryModel } from "/static/try_model.js";
 import { localTime } from "/static/times.js";
 
 const META_KEYS = new Set(["type", "step", "total_steps", "run_id", "time"]);
@@ -438,6 +439,7 @@ export function runPage() {
     drawResults(run, classNames);
     drawLabelNext(run, classNames);
     drawDownloads(run, classNames);
+    tryModel(run);
   }
 
   function onEvent(event) {

@@ -11,11 +11,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.engine.helpers import tiny_config
 from worker.selftuning import RunData
 from worker.selftuning.cli import main
+from worker.selftuning.images import open_rgb
 from worker.selftuning.loop import train
+from worker.selftuning.predict import classify, load_exported
 
 CPU = ["--device", "cpu", "--cpu-threads", "1"]
 
@@ -73,6 +76,28 @@ def test_the_checkpoint_zip_of_a_runs_page_labels_files_and_prints_them(
         f"skipped 1 file(s) (e.g. {folder / 'notes.txt'}: not an image (.txt); supported: "
         "JPEG, PNG, WebP, BMP, TIFF or GIF)")
     assert printed.err.splitlines()[1].startswith("labeled 3 image(s) into 3 classes")
+
+
+def test_images_in_memory_get_their_classes_in_order_with_the_files_probabilities(
+        exported: Path, capsys):
+    """`classify` (the web's "Try the model") labels decoded images as `predict` labels the
+    files: the same class, the same probability, the rest of the classes after it."""
+    paths = sorted(answers(exported))[::3]
+    model = load_exported(exported, torch.device("cpu"))
+    top = classify(model, [open_rgb(path) for path in paths], k=5)
+    assert main(["predict", "--model", str(exported), "--images", *paths, *CPU]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    for path, classes, row in zip(paths, top, rows, strict=True):
+        assert len(classes) == 3  # every class, when fewer than asked for
+        assert sorted(label for label, _ in classes) == ["circle", "square", "triangle"]
+        probabilities = [probability for _, probability in classes]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert sum(probabilities) == pytest.approx(1, abs=1e-5)
+        assert classes[0][0] == row["label"] == answers(exported)[path]
+        assert probabilities[0] == pytest.approx(float(row["confidence"]), abs=1e-5)
+        assert probabilities[0] - probabilities[1] == pytest.approx(float(row["margin"]),
+                                                                     abs=1e-5)
+    assert [len(classes) for classes in classify(model, [open_rgb(paths[0])], k=1)] == [1]
 
 
 @pytest.mark.parametrize(("damage", "message"), [

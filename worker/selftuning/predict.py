@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
@@ -132,3 +133,17 @@ def predict(exported: Exported, files: list[Path], device: torch.device, batch_s
             batch = []
     if batch:
         yield from label(batch)
+
+
+@torch.inference_mode()
+def classify(exported: Exported, images: Sequence[Image.Image], k: int
+             ) -> list[list[tuple[str, float]]]:
+    """Each image's `k` most likely classes (every class when there are fewer) with their
+    probabilities, most likely first: the images in one batch, through timm's evaluation
+    transform as `predict` sends files."""
+    device = next(exported.model.parameters()).device
+    batch = torch.stack([exported.transform(image) for image in images]).to(device)
+    top = top_classes(exported.model(batch).float().softmax(dim=1), k)
+    return [[(exported.label_names[index], probability)
+             for probability, index in zip(values, indices, strict=True)]
+            for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)]

@@ -1,0 +1,87 @@
+// A finished run's "Try the model": images chosen or dropped here are labeled by the exported
+// model on the server (POST /api/runs/{id}/predict, app/try_model.py), and each shows beside
+// its most likely classes. Nothing is kept, on the server or here.
+import { count, failure, fetchJSON, h, pct } from "/static/charts.js";
+
+const TOP = 5; // classes shown per image
+
+export function tryModel(run) {
+  const card = document.getElementById("try-model");
+  const exported = new Set(run.artifacts.map((a) => a.name));
+  if (!card || run.status !== "succeeded" || !exported.has("model.safetensors") || !exported.has("config.json")) return;
+  if (card.dataset.ready) return; // the results are drawn again when the run is read again
+  card.dataset.ready = "1";
+  card.hidden = false;
+  const maxImages = Number(card.dataset.maxImages);
+  const input = document.getElementById("try-files");
+  const said = document.getElementById("try-status");
+  const error = document.getElementById("try-error");
+  const results = document.getElementById("try-results");
+  let previews = []; // the object URLs the results show, let go when replaced
+  let busy = false;
+
+  const send = async (chosen) => {
+    const files = [...chosen];
+    if (busy || !files.length) return;
+    const sent = files.slice(0, maxImages);
+    busy = true;
+    input.disabled = true;
+    error.replaceChildren();
+    said.textContent = `Labeling ${sent.length === 1 ? "1 image" : `${count(sent.length)} images`}…`;
+    const form = new FormData();
+    for (const file of sent) form.append("file", file, file.name);
+    try {
+      const { body } = await fetchJSON(`/api/runs/${run.id}/predict?top=${TOP}`, { method: "POST", body: form });
+      for (const url of previews) URL.revokeObjectURL(url);
+      previews = sent.map((file) => URL.createObjectURL(file));
+      results.replaceChildren(...body.images.map((image) => tried(image, previews[image.index])));
+      const skipped = body.images.filter((image) => image.skipped !== null).length;
+      const labeled = body.images.length - skipped;
+      said.textContent = `Labeled ${labeled === 1 ? "1 image" : `${count(labeled)} images`} in ${body.seconds < 0.05 ? "under 0.1" : body.seconds.toFixed(1)} s`
+        + (skipped ? `; ${skipped === 1 ? "1 file" : `${count(skipped)} files`} could not be read` : "")
+        + (files.length > sent.length ? `; the first ${count(sent.length)} of the ${count(files.length)} chosen (at most ${count(maxImages)} at a time)` : "")
+        + ".";
+    } catch (problem) {
+      said.textContent = "";
+      error.replaceChildren(...failure("Could not label the images", problem));
+    } finally {
+      busy = false;
+      input.disabled = false;
+      input.value = ""; // the same files chosen again are sent again
+    }
+  };
+
+  input.addEventListener("change", () => send(input.files));
+  card.addEventListener("dragover", (event) => {
+    if (!event.dataTransfer?.types.includes("Files")) return;
+    event.preventDefault();
+    card.classList.add("over");
+  });
+  card.addEventListener("dragleave", (event) => {
+    if (!card.contains(event.relatedTarget)) card.classList.remove("over");
+  });
+  card.addEventListener("drop", (event) => {
+    if (!event.dataTransfer?.files.length) return;
+    event.preventDefault();
+    card.classList.remove("over");
+    send(event.dataTransfer.files);
+  });
+}
+
+// One image sent: its preview and name, then its classes, most likely first, each with its
+// probability as a bar (the per-class table's); or why it could not be read.
+function tried(image, preview) {
+  const picture = h("img", { src: preview, alt: image.name, width: 96, height: 96 });
+  // A TIFF, say: labeled on the server, but the browser does not show it.
+  picture.addEventListener("error", () => picture.replaceWith(h("span", { class: "no-preview muted" }, "no preview")));
+  const answer = image.skipped !== null
+    ? [h("p", { class: "error" }, image.skipped)]
+    : [h("p", { class: "tried-label" }, h("strong", {}, image.label), ` ${pct(image.confidence, 1)}`),
+      h("table", { class: "tried-top" }, h("tbody", {}, image.top.map((choice) => {
+        const share = h("td", { class: "share" }, pct(choice.probability, 1));
+        share.style.setProperty("--share", `${choice.probability * 100}%`);
+        return h("tr", {}, h("td", { class: "name" }, choice.label), share);
+      })))];
+  return h("figure", { class: "tried", "data-index": image.index }, picture,
+    h("figcaption", {}, h("span", { class: "tried-name" }, image.name), ...answer));
+}

@@ -1,0 +1,204 @@
+"""Trying a finished run's model on images of one's own (`POST /api/runs/{id}/predict` and the
+run page's "Try the model"), against a real uvicorn, Redis and SQLite and, for the page,
+Chromium. The run's export is a real one: a tiny model trained here by the engine, placed
+where a worker writes it (no worker: the run's end is recorded as a worker records it)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from PIL import Image
+from playwright.sync_api import expect
+
+from app.try_model import MAX_BODY_BYTES, MAX_IMAGES
+from tests.browser import open_browser
+from tests.engine.helpers import tiny_config, write_shapes_dataset
+from tests.support import add_dataset_row
+from tests.test_experiments_cancel_delete import start_sweep
+from tests.test_pages_fixes import finish
+from tests.test_run_downloads import record_export
+from worker.selftuning import load_folder_dataset, make_budget_data
+from worker.selftuning.loop import train
+
+EXPORTED = ("model.safetensors", "config.json", "training.json")
+
+
+@dataclass(frozen=True)
+class Tried:
+    run_id: int
+    queued_run_id: int  # a run of the same sweep that has not trained
+    broken_run_id: int  # a run that succeeded, whose model file was damaged since
+    answers: dict[str, str]  # the run's own evaluation: test image path -> predicted class
+    url: str
+
+
+@pytest.fixture(scope="module")
+def tried(server, tmp_path_factory) -> Tried:
+    """A 3-class run trained for 2 iterations, its export recorded as the worker records it."""
+    root = write_shapes_dataset(tmp_path_factory.mktemp("shapes"))
+    class_names, train_items, test_items, unlabeled = load_folder_dataset(root)
+    data, _ = make_budget_data(class_names, train_items, test_items, unlabeled,
+                               {"per_class": 4}, seed=0)
+    out = tmp_path_factory.mktemp("run")
+    train(tiny_config(iterations=2, method="fine-tune"), data, out)
+    counts = {name: {"train": 10, "test": 4} for name in class_names}
+    with server.client() as client:
+        _, run_ids = start_sweep(client, add_dataset_row(server.database_url, counts),
+                                 seeds=[0], methods=["fine-tune"],
+                                 budgets=["15%", "30%", "all"])
+    live = redis.Redis.from_url(server.redis_url, decode_responses=True)
+    for run_id, damaged in ((run_ids[0], {}), (run_ids[2], {"model.safetensors": b"junk"})):
+        record_export(server.data_dir, server.database_url, run_id,
+                      {name: (out / name).read_bytes() for name in EXPORTED} | damaged)
+        finish(server.database_url, live, run_id, {"test_top1": 0.5})
+    answers = {row["path"]: row["predicted"]
+               for row in json.loads((out / "test_predictions.json").read_text())}
+    return Tried(run_ids[0], run_ids[1], run_ids[2], answers, server.url)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (a decompression bomb's look)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def as_jpeg(path: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_images_sent_get_the_classes_the_run_gave_them_and_the_rest_a_reason(tried, client):
+    chosen = sorted(tried.answers)[::2]  # 6 of the 12 test images, PNG as uploaded
+    files = [("file", (Path(path).name, Path(path).read_bytes(), "image/png"))
+             for path in chosen]
+    files[3:3] = [("file", ("notes.txt", b"not an image", "text/plain")),
+                  ("file", ("bomb.png", png_declaring(50_000, 50_000), "image/png")),
+                  ("file", ("", b"", "application/octet-stream"))]  # an empty part, no name
+    answer = client.post(f"/api/runs/{tried.run_id}/predict", files=files,
+                         data={"note": "other fields are left alone"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["run_id"] == tried.run_id and body["seconds"] >= 0
+    images = body["images"]
+    assert [image["index"] for image in images] == list(range(9))  # in the order sent
+    assert [image["name"] for image in images] == [
+        *(Path(path).name for path in chosen[:3]), "notes.txt", "bomb.png", "image 6",
+        *(Path(path).name for path in chosen[3:])]
+    skipped = {image["name"]: image for image in images if image["skipped"] is not None}
+    assert skipped["notes.txt"]["skipped"].startswith("not an image this app reads (unsupported")
+    assert skipped["bomb.png"]["skipped"] == (
+        "50000x50000 = 2,500,000,000 pixels, over the limit of 40,000,000 "
+        "(SELFTUNE_MAX_IMAGE_PIXELS)")
+    assert skipped["image 6"]["skipped"] == "the file is empty"
+    for image in skipped.values():
+        assert image["label"] is None and image["top"] == []
+
+    labeled = [image for image in images if image["skipped"] is None]
+    # The model as plain timm loads the export gives what the run's own evaluation gave.
+    assert [image["label"] for image in labeled] == [tried.answers[path] for path in chosen]
+    for image in labeled:
+        top = image["top"]
+        assert len(top) == 3  # the 5 asked for by default, of 3 classes
+        assert {choice["label"] for choice in top} == {"circle", "square", "triangle"}
+        probabilities = [choice["probability"] for choice in top]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert sum(probabilities) == pytest.approx(1, abs=1e-5)
+        assert top[0]["label"] == image["label"]
+        assert image["confidence"] == pytest.approx(probabilities[0])
+        assert image["margin"] == pytest.approx(probabilities[0] - probabilities[1])
+
+    # JPEG too, and `top` cuts the list; the model loaded once serves the next request.
+    answer = client.post(f"/api/runs/{tried.run_id}/predict?top=1",
+                         files=[("file", ("photo.jpg", as_jpeg(chosen[0]), "image/jpeg"))])
+    assert answer.status_code == 200, answer.text
+    (image,) = answer.json()["images"]
+    assert [choice["label"] for choice in image["top"]] == [image["label"]]
+
+
+def test_what_cannot_be_labeled_is_refused_with_what_to_do(tried, client):
+    image = Path(sorted(tried.answers)[0]).read_bytes()
+    one = [("file", ("a.png", image, "image/png"))]
+    cases = [
+        (client.post(f"/api/runs/{tried.queued_run_id}/predict", files=one), 409,
+         f"run {tried.queued_run_id} has no model to try: it is queued; a run exports its "
+         "model when it succeeds"),
+        (client.post("/api/runs/999999/predict", files=one), 404, "run 999999 does not exist"),
+        (client.post(f"/api/runs/{tried.broken_run_id}/predict", files=one), 409,
+         f"run {tried.broken_run_id}'s model does not load: model.safetensors does not load as "
+         "timm's 'test_efficientnet' with 3 classes: Error while deserializing header: "
+         "header too small"),
+        (client.post(f"/api/runs/{tried.run_id}/predict", json={"file": "a.png"}), 415,
+         "send the images as multipart/form-data, each in a field named 'file' "
+         "(curl -F file=@cat.jpg -F file=@dog.png ...)"),
+        (client.post(f"/api/runs/{tried.run_id}/predict", files=[("image", ("a.png", image))]),
+         422, "no image in the form: send each in a field named 'file' (curl -F file=@cat.jpg "
+         "...)"),
+        (client.post(f"/api/runs/{tried.run_id}/predict",
+                     files=[("file", (f"{n}.png", image))
+                            for n in range(MAX_IMAGES + 1)]), 422,
+         f"send at most {MAX_IMAGES} images at a time (the form has more 'file' fields); "
+         "label a folder with the command line's predict"),
+        (client.post(f"/api/runs/{tried.run_id}/predict",
+                     files=[("file", ("huge.png", b"\0" * (MAX_BODY_BYTES + 1)))]), 413,
+         "the images add up to more than 64.0 MiB: send fewer or smaller ones (the model sees "
+         "them at its own input size)"),
+        (client.post(f"/api/runs/{tried.run_id}/predict",
+                     files=[("file", ("a.txt", b"text")), ("file", ("b.png", b"\x89PNG"))]),
+         422, "none of the 2 files is an image this app can label: a.txt: not an image this "
+         "app reads (unsupported; JPEG, PNG, WebP, BMP, TIFF or GIF); b.png: not an image "
+         "this app reads (unsupported; JPEG, PNG, WebP, BMP, TIFF or GIF)"),
+        (client.post(f"/api/runs/{tried.run_id}/predict",
+                     files=[("file", (f"{n}.png", b"")) for n in range(7)]),
+         422, "none of the 7 files is an image this app can label: "
+         + "; ".join(f"{n}.png: the file is empty" for n in range(5)) + "; and 2 more"),
+    ]
+    for answer, status, detail in cases:
+        assert (answer.status_code, answer.json()["detail"]) == (status, detail)
+    answer = client.post(f"/api/runs/{tried.run_id}/predict?top=0", files=one)
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["query", "top"]
+
+
+def test_the_run_page_labels_the_images_chosen_and_says_which_it_could_not_read(
+        tried, tmp_path, request):
+    chosen = sorted(tried.answers)[1:4]
+    junk = tmp_path / "readme.txt"
+    junk.write_text("not an image")
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{tried.url}/runs/{tried.run_id}")
+        card = page.locator("#try-model")
+        expect(card).to_be_visible()
+        page.set_input_files("#try-files", [*chosen, str(junk)])
+        expect(page.locator("#try-results figure.tried")).to_have_count(4, timeout=30_000)
+        status = page.inner_text("#try-status")
+        assert status.startswith("Labeled 3 images in ") and status.endswith(
+            "; 1 file could not be read."), status
+        figures = page.locator("#try-results figure.tried")
+        for n, path in enumerate(chosen):
+            figure = figures.nth(n)
+            assert figure.locator(".tried-name").inner_text() == Path(path).name
+            assert figure.locator(".tried-label strong").inner_text() == tried.answers[path]
+            assert figure.locator(".tried-top tr").count() == 3
+            # The preview is the file chosen, shown by the browser.
+            assert figure.locator("img").evaluate("(img) => img.naturalWidth") > 0
+        assert figures.nth(3).locator(".error").inner_text().startswith(
+            "not an image this app reads")
+        browser.screenshot("tried")
+
+        # A run that has not trained has no model to try.
+        page.goto(f"{tried.url}/runs/{tried.queued_run_id}")
+        page.wait_for_selector("#run-status .badge")
+        assert page.locator("#try-model").is_hidden()
+        assert browser.errors == []

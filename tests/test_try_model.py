@@ -197,6 +197,31 @@ def test_the_run_page_labels_the_images_chosen_and_says_which_it_could_not_read(
             "not an image this app reads")
         browser.screenshot("tried")
 
+        # Dropped on the card: more than the most at a time sends the first of them.
+        over = page.evaluate("""async (count) => {
+            const canvas = document.createElement("canvas");
+            canvas.width = canvas.height = 40;
+            canvas.getContext("2d").fillRect(10, 10, 20, 20);
+            const blob = await new Promise((done) => canvas.toBlob(done, "image/png"));
+            const data = new DataTransfer();
+            for (let n = 0; n < count; n += 1) {
+                data.items.add(new File([blob], `dropped ${n}.png`, { type: "image/png" }));
+            }
+            const card = document.getElementById("try-model");
+            const options = { dataTransfer: data, bubbles: true, cancelable: true };
+            card.dispatchEvent(new DragEvent("dragover", options));
+            const over = card.classList.contains("over");
+            card.dispatchEvent(new DragEvent("drop", options));
+            return over && !card.classList.contains("over");
+        }""", MAX_IMAGES + 1)
+        assert over
+        expect(page.locator("#try-results figure.tried")).to_have_count(MAX_IMAGES)
+        expect(page.locator("#try-results .tried-name").last).to_have_text(
+            f"dropped {MAX_IMAGES - 1}.png")
+        assert page.inner_text("#try-status").endswith(
+            f"; the first {MAX_IMAGES} of the {MAX_IMAGES + 1} chosen (at most {MAX_IMAGES} "
+            "at a time).")
+
         # A run that has not trained has no model to try.
         page.goto(f"{tried.url}/runs/{tried.queued_run_id}")
         page.wait_for_selector("#run-status .badge")

@@ -182,3 +182,99 @@ def test_every_class_of_a_dataset_of_many_has_its_thumbnails_a_click_away(
         assert "Page 9 is past the last class (205)" in page.inner_text("#class-thumbnails")
         browser.assert_no_errors()
     assert client.delete(f"/api/datasets/{dataset_id}").status_code == 204
+
+
+# A class whose folder name makes paths longer than a tar header's 100 bytes, and not ASCII:
+# the archive the page makes names them in pax headers.
+LONG_CLASS = "chat-très-poilu-" * 7
+
+
+def test_a_folder_chosen_goes_as_one_tar_archive_and_becomes_the_dataset(
+    server: LiveServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Only archives could be uploaded: a person with a folder of images zipped it first."""
+    folder = tmp_path / "Pets été"
+    entries = {**class_entries(("cat", LONG_CLASS), per_class=6, seed=4),
+               "unlabeled/u1.png": image_bytes(901), "cat/notes.txt": b"not an image",
+               ".DS_Store": b"\0\0\0\1"}
+    for path, data in entries.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(data)
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(server.url + "/datasets/new")
+        page.set_input_files("#folder", str(folder))
+        # Each file: a 512-byte header, its bytes to a multiple of 512, and before them a pax
+        # header and record of 512 bytes each (every path starts with "Pets été"); two empty
+        # blocks at the end.
+        tar_bytes = sum(1024 + 512 + -(-len(data) // 512) * 512
+                        for data in entries.values()) + 1024
+        assert page.inner_text("#chosen") == (
+            f"Pets été/: 15 files, {tar_bytes / 1024:.1f} KiB, sent as one tar archive")
+        page.click("#upload-button")
+        page.wait_for_url(DATASET_URL)
+        assert page.inner_text("h1") == "Pets été"  # the folder's name
+        counts = page.inner_text("#class-counts")
+        assert "cat" in counts and LONG_CLASS in counts
+        skipped = page.inner_text("#skipped")
+        assert "Pets été/cat/notes.txt" in skipped and "Pets été/.DS_Store" in skipped
+        browser.assert_no_errors()
+    with server.client() as client:
+        dataset = client.get(page_dataset(client, "Pets été")).json()
+    assert {c["name"]: c["train"] + c["test"] for c in dataset["classes"]} == {
+        "cat": 6, LONG_CLASS: 6}
+    assert dataset["unlabeled"] == 1
+
+
+def page_dataset(client, name: str) -> str:
+    (found,) = [d["id"] for d in client.get("/api/datasets").json() if d["name"] == name]
+    return f"/api/datasets/{found}"
+
+
+def test_a_dropped_folder_is_read_through_and_sent_packed(
+    server: LiveServer, request: pytest.FixtureRequest
+) -> None:
+    """A folder dropped on the page is read entry by entry (FileSystemEntry). Headless
+    Chromium cannot make a drop of a real folder, so the drop's items answer entries made in
+    the page, with the interface the browser gives them (a folder read in batches)."""
+    images = {path: base64.b64encode(data).decode() for path, data in class_entries(
+        ("bird", "fish"), per_class=5, seed=7).items()}
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(server.url + "/datasets/new")
+        page.evaluate(
+            """(images) => {
+                const file = (path, encoded) => ({
+                    isFile: true, isDirectory: false, fullPath: "/aquarium/" + path,
+                    file: (done) => done(new File(
+                        [Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0))],
+                        path.split("/").pop(), { type: "image/png" })),
+                });
+                const folder = (fullPath, children) => ({
+                    isFile: false, isDirectory: true, fullPath,
+                    createReader: () => {
+                        const batches = [children.slice(0, 3), children.slice(3), []];
+                        return { readEntries: (done) => setTimeout(() => done(batches.shift())) };
+                    },
+                });
+                const classes = ["bird", "fish"].map((name) => folder("/aquarium/" + name,
+                    Object.entries(images).filter(([path]) => path.startsWith(name + "/"))
+                        .map(([path, encoded]) => file(path, encoded))));
+                const dropped = folder("/aquarium", classes);
+                const transfer = new DataTransfer();
+                transfer.items.add(new File([], "aquarium"));
+                DataTransferItem.prototype.webkitGetAsEntry = () => dropped;
+                const zone = document.getElementById("dropzone");
+                zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer }));
+                zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer }));
+            }""",
+            images,
+        )
+        page.wait_for_function(
+            "() => document.getElementById('chosen').textContent.startsWith('aquarium/: 10 files')")
+        page.click("#upload-button")
+        page.wait_for_url(DATASET_URL)
+        assert page.inner_text("h1") == "aquarium"
+        counts = page.inner_text("#class-counts")
+        assert "bird" in counts and "fish" in counts
+        browser.assert_no_errors()

@@ -51,6 +51,7 @@
     const progressText = form.querySelector("#progress-text");
     const errorBox = form.querySelector("#upload-error");
     const maxBytes = Number(form.dataset.maxBytes || 0);
+    const folderInput = form.querySelector("#folder");
     let file = null;
 
     // message: a text, or a list of texts and nodes (a link).
@@ -59,17 +60,48 @@
       errorBox.hidden = !message;
     }
 
-    function choose(candidate) {
+    // What the upload sends: an archive, or a folder's files packed into one (`described`).
+    function choose(candidate, described) {
       file = candidate || null;
-      chosen.textContent = file ? file.name + " (" + formatBytes(file.size) + ")" : "";
+      chosen.textContent = !file ? "" : described || file.name + " (" + formatBytes(file.size) + ")";
       showError("");
       if (file && maxBytes && file.size > maxBytes) {
-        showError("This file is " + formatBytes(file.size) + "; the server accepts at most " +
-          formatBytes(maxBytes) + ". Split it into smaller archives.");
+        showError("This " + (described ? "folder is " : "file is ") + formatBytes(file.size) +
+          "; the server accepts at most " + formatBytes(maxBytes) + ". Split it into smaller " +
+          (described ? "folders." : "archives."));
       }
     }
 
-    input.addEventListener("change", function () { choose(input.files[0]); });
+    // A folder's files ({path, file}), sent as one tar archive (folder_tar.js).
+    function chooseFolder(entries) {
+      input.value = ""; // the archive chosen before, if any, is not what goes
+      if (!entries.length) {
+        choose(null);
+        showError("The folder holds no file: choose the folder of your images.");
+        return;
+      }
+      let archive;
+      try {
+        archive = window.folderTar.pack(entries);
+      } catch (err) {
+        choose(null);
+        showError(err.message);
+        return;
+      }
+      const name = window.folderTar.archiveName(entries);
+      const packed = new File([archive], name, { type: "application/x-tar" });
+      choose(packed, name.replace(/\.tar$/, "") + "/: " + entries.length.toLocaleString("en-US") +
+        (entries.length === 1 ? " file, " : " files, ") + formatBytes(packed.size) +
+        ", sent as one tar archive");
+    }
+
+    input.addEventListener("change", function () {
+      folderInput.value = "";
+      choose(input.files[0]);
+    });
+    folderInput.addEventListener("change", function () {
+      chooseFolder(window.folderTar.filesChosen(folderInput.files));
+    });
     ["dragenter", "dragover"].forEach(function (name) {
       dropzone.addEventListener(name, function (event) {
         event.preventDefault();
@@ -83,8 +115,24 @@
       });
     });
     dropzone.addEventListener("drop", function (event) {
+      // A folder among what was dropped: everything dropped goes, packed. The entries are
+      // taken now; the drop's data is gone once its event has been handled.
+      const items = event.dataTransfer ? Array.from(event.dataTransfer.items || []) : [];
+      const entries = items.map(function (item) {
+        return item.kind === "file" && item.webkitGetAsEntry ? item.webkitGetAsEntry() : null;
+      }).filter(Boolean);
+      if (entries.some(function (entry) { return entry.isDirectory; })) {
+        choose(null);
+        chosen.textContent = "Reading the folder…";
+        window.folderTar.filesOf(entries).then(chooseFolder, function (err) {
+          choose(null);
+          showError("The folder could not be read: " + err.message);
+        });
+        return;
+      }
       const files = event.dataTransfer && event.dataTransfer.files;
       if (files && files.length) {
+        folderInput.value = "";
         try {
           input.files = files;  // keeps the native input in step where browsers allow it
         } catch (err) {
@@ -119,7 +167,7 @@
     form.addEventListener("submit", function (event) {
       event.preventDefault();
       if (!file) {
-        showError("Choose or drop an archive first.");
+        showError("Choose or drop a folder or an archive first.");
         return;
       }
       if (maxBytes && file.size > maxBytes) return;

@@ -1,0 +1,106 @@
+// A folder chosen or dropped on the upload page goes to the server as one tar archive, which
+// it takes as it takes a zip. The archive is made of the files' names and sizes only: their
+// bytes are read as the upload sends them, so a folder of gigabytes is packed at once and not
+// held in memory. Paths longer than a tar header holds, or not ASCII, go in a pax header
+// (POSIX.1-2001), as Python's tarfile writes them.
+"use strict";
+
+window.folderTar = (function () {
+  const BLOCK = 512;
+  const NAME_BYTES = 100; // a ustar header's name field
+  const MAX_FILE_BYTES = 8 ** 11 - 1; // what the header's 11 octal digits of size hold
+  const encoder = new TextEncoder();
+  const ZEROS = new Uint8Array(BLOCK);
+  const PLAIN = /^[\x20-\x7e]*$/; // printable ASCII: a name any tar reader reads as written
+
+  function octal(value, width) { // width - 1 digits, then NUL
+    return value.toString(8).padStart(width - 1, "0") + "\0";
+  }
+
+  function put(block, offset, text) {
+    block.set(encoder.encode(text), offset);
+  }
+
+  // One 512-byte ustar header: regular file ("0") or pax record ("x").
+  function header(name, size, mtime, type) {
+    const block = new Uint8Array(BLOCK);
+    put(block, 0, name);
+    put(block, 100, "0000644\0"); // mode
+    put(block, 108, "0000000\0"); // uid
+    put(block, 116, "0000000\0"); // gid
+    put(block, 124, octal(size, 12));
+    put(block, 136, octal(mtime, 12));
+    put(block, 148, "        "); // the checksum counts its own field as spaces
+    put(block, 156, type);
+    put(block, 257, "ustar\0");
+    put(block, 263, "00");
+    const sum = block.reduce((total, byte) => total + byte, 0);
+    put(block, 148, octal(sum, 7) + " ");
+    return block;
+  }
+
+  // The pax record that names a file: "<length> path=<utf-8 path>\n", the length counting
+  // its own digits.
+  function paxPath(path) {
+    const rest = encoder.encode(" path=" + path + "\n").length;
+    let length = rest + String(rest).length;
+    if (String(length).length + rest !== length) length += 1;
+    return encoder.encode(length + " path=" + path + "\n");
+  }
+
+  const padding = (size) => ZEROS.subarray(0, (BLOCK - (size % BLOCK)) % BLOCK);
+
+  // entries: [{ path, file }] -> a Blob of the tar archive holding each file at its path.
+  function pack(entries) {
+    const parts = [];
+    for (const { path, file } of entries) {
+      if (file.size > MAX_FILE_BYTES) {
+        throw new Error(path + " is over 8 GiB, more than a tar archive holds for one file");
+      }
+      const mtime = Math.max(0, Math.floor((file.lastModified || 0) / 1000));
+      let name = path;
+      if (!PLAIN.test(path) || path.length > NAME_BYTES) {
+        const record = paxPath(path);
+        parts.push(header("PaxHeader", record.length, mtime, "x"), record, padding(record.length));
+        name = path.replace(/[^\x20-\x7e]/g, "_").slice(-NAME_BYTES); // for readers without pax
+      }
+      parts.push(header(name, file.size, mtime, "0"), file, padding(file.size));
+    }
+    parts.push(ZEROS, ZEROS); // the end of the archive
+    return new Blob(parts, { type: "application/x-tar" });
+  }
+
+  // The files under the entries of a drop (FileSystemEntry: a folder is read through, its
+  // entries a batch at a time), each with its path from the name of what was dropped.
+  async function filesOf(entries) {
+    const found = [];
+    const walk = async function (entry) {
+      if (entry.isFile) {
+        const file = await new Promise((done, failed) => entry.file(done, failed));
+        found.push({ path: entry.fullPath.replace(/^\/+/, ""), file });
+      } else if (entry.isDirectory) {
+        const reader = entry.createReader();
+        for (;;) {
+          const batch = await new Promise((done, failed) => reader.readEntries(done, failed));
+          if (!batch.length) break;
+          for (const child of batch) await walk(child);
+        }
+      }
+    };
+    for (const entry of entries) await walk(entry);
+    return found;
+  }
+
+  // The files of an <input webkitdirectory>: their paths start with the folder's name.
+  const filesChosen = (files) => Array.from(files, (file) => ({ path: file.webkitRelativePath || file.name, file }));
+
+  // What the archive is called: the folder's name when everything is in one (the dataset's
+  // name unless one is typed), else "folders".
+  function archiveName(entries) {
+    const tops = new Set(entries.map(({ path }) => (path.includes("/") ? path.split("/")[0] : "")));
+    const [top] = tops;
+    return (tops.size === 1 && top ? top : "folders") + ".tar";
+  }
+
+  return { pack, filesOf, filesChosen, archiveName };
+})();

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from app.try_model import MAX_BODY_BYTES, MAX_IMAGES
 from tests.browser import open_browser
 from tests.engine.helpers import tiny_config, write_shapes_dataset
 from tests.support import add_dataset_row
+from tests.test_datasets_support import png_with_declared_size
 from tests.test_experiments_cancel_delete import start_sweep
 from tests.test_pages_fixes import finish
 from tests.test_run_downloads import record_export
@@ -63,16 +62,6 @@ def tried(server, tmp_path_factory) -> Tried:
     return Tried(run_ids[0], run_ids[1], run_ids[2], answers, server.url)
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height (a decompression bomb's look)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-
-
 def as_jpeg(path: str) -> bytes:
     buffer = io.BytesIO()
     Image.open(path).convert("RGB").save(buffer, "JPEG", quality=95)
@@ -84,7 +73,7 @@ def test_images_sent_get_the_classes_the_run_gave_them_and_the_rest_a_reason(tri
     files = [("file", (Path(path).name, Path(path).read_bytes(), "image/png"))
              for path in chosen]
     files[3:3] = [("file", ("notes.txt", b"not an image", "text/plain")),
-                  ("file", ("bomb.png", png_declaring(50_000, 50_000), "image/png")),
+                  ("file", ("bomb.png", png_with_declared_size(50_000, 50_000), "image/png")),
                   ("file", ("", b"", "application/octet-stream"))]  # an empty part, no name
     answer = client.post(f"/api/runs/{tried.run_id}/predict", files=files,
                          data={"note": "other fields are left alone"})

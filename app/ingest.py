@@ -171,26 +171,15 @@ class ReceivedUpload:
     size: int
 
 
-class _MultipartSink:
-    """python-multipart callbacks: the `file` part goes to a buffer flushed to disk by the
-    caller, the `name` part is kept (small), anything else is dropped."""
+class MultipartParts:
+    """python-multipart callbacks of a form read as a stream: each part's Content-Disposition
+    is gathered and its options (`name`, `filename`) handed to `on_part` once its headers are
+    read; a subclass takes the parts' data (`on_part_begin`, `on_part_data`, `on_part_end`)."""
 
-    MAX_FIELD_BYTES = 64 * 1024
-
-    def __init__(self, max_file_bytes: int, upload: UploadOf = ARCHIVE) -> None:
-        self.max_file_bytes = max_file_bytes
-        self.upload = upload
-        self.pending = bytearray()
-        self.file_bytes = 0
-        self.too_large = False
-        self.filename: str | None = None
-        self.file_parts = 0
-        self.name: str | None = None
+    def __init__(self) -> None:
         self._header_name = b""
         self._header_value = b""
         self._disposition = b""
-        self._target: str | None = None
-        self._field = bytearray()
 
     def callbacks(self) -> dict[str, Callable]:
         return {
@@ -204,9 +193,16 @@ class _MultipartSink:
         }
 
     def on_part_begin(self) -> None:
-        self._disposition = b""
-        self._target = None
-        self._field = bytearray()
+        pass
+
+    def on_part(self, options: dict[bytes, bytes]) -> None:
+        raise NotImplementedError
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        pass
+
+    def on_part_end(self) -> None:
+        pass
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -222,6 +218,34 @@ class _MultipartSink:
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
+        self._disposition = b""
+        self.on_part(options)
+
+
+class _MultipartSink(MultipartParts):
+    """The `file` part goes to a buffer flushed to disk by the caller, the `name` part is kept
+    (small), anything else is dropped."""
+
+    MAX_FIELD_BYTES = 64 * 1024
+
+    def __init__(self, max_file_bytes: int, upload: UploadOf = ARCHIVE) -> None:
+        super().__init__()
+        self.max_file_bytes = max_file_bytes
+        self.upload = upload
+        self.pending = bytearray()
+        self.file_bytes = 0
+        self.too_large = False
+        self.filename: str | None = None
+        self.file_parts = 0
+        self.name: str | None = None
+        self._target: str | None = None
+        self._field = bytearray()
+
+    def on_part_begin(self) -> None:
+        self._target = None
+        self._field = bytearray()
+
+    def on_part(self, options: dict[bytes, bytes]) -> None:
         field_name = options.get(b"name", b"").decode("utf-8", "replace")
         if field_name == "file":
             # Without a filename too: `curl -F 'file=<photos.zip'` sends the bytes without one

@@ -13,8 +13,8 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,7 @@ from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.engine_preload import wait_for_preload
-from app.ingest import OPEN_FORMATS, SUPPORTED_TEXT, IngestError
+from app.ingest import OPEN_FORMATS, SUPPORTED_TEXT, IngestError, MultipartParts
 from app.responses import human_bytes
 from worker.selftuning.files import MODEL_FILE
 from worker.selftuning.pixels import to_rgb
@@ -46,40 +46,17 @@ class SentImage:
     data: bytes
 
 
-@dataclass
-class _ImageParts:
-    """python-multipart callbacks: every part in the field `file` is an image, kept in memory
-    (the body is at most MAX_BODY_BYTES); any other field is dropped."""
+class _ImageParts(MultipartParts):
+    """Every part in the field `file` is an image, kept in memory (the body is at most
+    MAX_BODY_BYTES); any other field is dropped."""
 
-    images: list[SentImage] = field(default_factory=list)
-    _header_name: bytes = b""
-    _header_value: bytes = b""
-    _disposition: bytes = b""
-    _name: str | None = None  # the file name of the image part being read, None elsewhere
-    _data: bytearray = field(default_factory=bytearray)
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[SentImage] = []
+        self._name: str | None = None  # the file name of the image part being read
+        self._data = bytearray()
 
-    def callbacks(self) -> dict[str, Callable]:
-        return {"on_part_begin": self.on_part_begin, "on_part_data": self.on_part_data,
-                "on_part_end": self.on_part_end, "on_header_field": self.on_header_field,
-                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
-                "on_headers_finished": self.on_headers_finished}
-
-    def on_part_begin(self) -> None:
-        self._disposition, self._name, self._data = b"", None, bytearray()
-
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def on_header_end(self) -> None:
-        if self._header_name.lower() == b"content-disposition":
-            self._disposition = self._header_value
-        self._header_name, self._header_value = b"", b""
-
-    def on_headers_finished(self) -> None:
-        _, options = parse_options_header(self._disposition)
+    def on_part(self, options: dict[bytes, bytes]) -> None:
         if options.get(b"name", b"") != b"file":
             return
         if len(self.images) == MAX_IMAGES:

@@ -71,13 +71,16 @@ window.folderTar = (function () {
   }
 
   // The files under the entries of a drop (FileSystemEntry: a folder is read through, its
-  // entries a batch at a time), each with its path from the name of what was dropped.
-  async function filesOf(entries) {
+  // entries a batch at a time), each with its path from the name of what was dropped;
+  // `progress` is told how many have been found every READ_STEP files.
+  const READ_STEP = 500;
+  async function filesOf(entries, progress) {
     const found = [];
     const walk = async function (entry) {
       if (entry.isFile) {
         const file = await new Promise((done, failed) => entry.file(done, failed));
         found.push({ path: entry.fullPath.replace(/^\/+/, ""), file });
+        if (progress && found.length % READ_STEP === 0) progress(found.length);
       } else if (entry.isDirectory) {
         const reader = entry.createReader();
         for (;;) {

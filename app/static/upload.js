@@ -61,7 +61,9 @@
     }
 
     // What the upload sends: an archive, or a folder's files packed into one (`described`).
+    let folderReads = 0; // dropped folders being read, the last one counting
     function choose(candidate, described) {
+      folderReads += candidate ? 1 : 0;
       file = candidate || null;
       chosen.textContent = !file ? "" : described || file.name + " (" + formatBytes(file.size) + ")";
       showError("");
@@ -124,7 +126,14 @@
       if (entries.some(function (entry) { return entry.isDirectory; })) {
         choose(null);
         chosen.textContent = "Reading the folder…";
-        window.folderTar.filesOf(entries).then(chooseFolder, function (err) {
+        const read = ++folderReads; // a choice made while it is read wins
+        const reading = function (found) {
+          if (read === folderReads) chosen.textContent = "Reading the folder… " + found.toLocaleString("en-US") + " files";
+        };
+        window.folderTar.filesOf(entries, reading).then(function (found) {
+          if (read === folderReads) chooseFolder(found);
+        }, function (err) {
+          if (read !== folderReads) return;
           choose(null);
           showError("The folder could not be read: " + err.message);
         });

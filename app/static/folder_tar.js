@@ -17,24 +17,29 @@ window.folderTar = (function () {
     return value.toString(8).padStart(width - 1, "0") + "\0";
   }
 
-  function put(block, offset, text) {
-    block.set(encoder.encode(text), offset);
+  function put(block, offset, ascii) {
+    for (let i = 0; i < ascii.length; i += 1) block[offset + i] = ascii.charCodeAt(i);
   }
 
-  // One 512-byte ustar header: regular file ("0") or pax record ("x").
+  // What every header holds: mode, owner and group, the checksum's field counted as spaces,
+  // the ustar magic and version.
+  const TEMPLATE = new Uint8Array(BLOCK);
+  put(TEMPLATE, 100, "0000644\0");
+  put(TEMPLATE, 108, "0000000\0");
+  put(TEMPLATE, 116, "0000000\0");
+  put(TEMPLATE, 148, "        ");
+  put(TEMPLATE, 257, "ustar\0" + "00");
+
+  // One 512-byte ustar header: regular file ("0") or pax record ("x"); `name` is ASCII of at
+  // most NAME_BYTES.
   function header(name, size, mtime, type) {
-    const block = new Uint8Array(BLOCK);
+    const block = TEMPLATE.slice();
     put(block, 0, name);
-    put(block, 100, "0000644\0"); // mode
-    put(block, 108, "0000000\0"); // uid
-    put(block, 116, "0000000\0"); // gid
     put(block, 124, octal(size, 12));
     put(block, 136, octal(mtime, 12));
-    put(block, 148, "        "); // the checksum counts its own field as spaces
     put(block, 156, type);
-    put(block, 257, "ustar\0");
-    put(block, 263, "00");
-    const sum = block.reduce((total, byte) => total + byte, 0);
+    let sum = 0;
+    for (let i = 0; i < BLOCK; i += 1) sum += block[i];
     put(block, 148, octal(sum, 7) + " ");
     return block;
   }
@@ -51,23 +56,33 @@ window.folderTar = (function () {
   const padding = (size) => ZEROS.subarray(0, (BLOCK - (size % BLOCK)) % BLOCK);
 
   // entries: [{ path, file }] -> a Blob of the tar archive holding each file at its path.
-  function pack(entries) {
-    const parts = [];
-    for (const { path, file } of entries) {
-      if (file.size > MAX_FILE_BYTES) {
-        throw new Error(path + " is over 8 GiB, more than a tar archive holds for one file");
+  // A Blob costs Chromium about 40 µs for each file it refers to (1 s at 10,000 files): the
+  // archive is made PACK_STEP files at a time, the page answering between them, and
+  // `progress` is told how many are in.
+  const PACK_STEP = 2000;
+  async function pack(entries, progress) {
+    const pieces = [];
+    for (let start = 0; start < entries.length; start += PACK_STEP) {
+      const parts = [];
+      for (const { path, file } of entries.slice(start, start + PACK_STEP)) {
+        if (file.size > MAX_FILE_BYTES) {
+          throw new Error(path + " is over 8 GiB, more than a tar archive holds for one file");
+        }
+        const mtime = Math.max(0, Math.floor((file.lastModified || 0) / 1000));
+        let name = path;
+        if (!PLAIN.test(path) || path.length > NAME_BYTES) {
+          const record = paxPath(path);
+          parts.push(header("PaxHeader", record.length, mtime, "x"), record, padding(record.length));
+          name = path.replace(/[^\x20-\x7e]/g, "_").slice(-NAME_BYTES); // for readers without pax
+        }
+        parts.push(header(name, file.size, mtime, "0"), file, padding(file.size));
       }
-      const mtime = Math.max(0, Math.floor((file.lastModified || 0) / 1000));
-      let name = path;
-      if (!PLAIN.test(path) || path.length > NAME_BYTES) {
-        const record = paxPath(path);
-        parts.push(header("PaxHeader", record.length, mtime, "x"), record, padding(record.length));
-        name = path.replace(/[^\x20-\x7e]/g, "_").slice(-NAME_BYTES); // for readers without pax
-      }
-      parts.push(header(name, file.size, mtime, "0"), file, padding(file.size));
+      pieces.push(new Blob(parts));
+      if (progress) progress(Math.min(start + PACK_STEP, entries.length));
+      await new Promise((done) => setTimeout(done));
     }
-    parts.push(ZEROS, ZEROS); // the end of the archive
-    return new Blob(parts, { type: "application/x-tar" });
+    pieces.push(ZEROS, ZEROS); // the end of the archive
+    return new Blob(pieces, { type: "application/x-tar" });
   }
 
   // The files under the entries of a drop (FileSystemEntry: a folder is read through, its

@@ -61,9 +61,13 @@
     }
 
     // What the upload sends: an archive, or a folder's files packed into one (`described`).
-    let folderReads = 0; // dropped folders being read, the last one counting
+    // A folder takes a while to read and pack (seconds at 100,000 files): what is chosen
+    // meanwhile wins, and the folder's turn (`folderTurn`) is over.
+    let turns = 0;
+    let folderPending = false; // a folder is being read or packed
     function choose(candidate, described) {
-      folderReads += candidate ? 1 : 0;
+      turns += 1;
+      folderPending = false;
       file = candidate || null;
       chosen.textContent = !file ? "" : described || file.name + " (" + formatBytes(file.size) + ")";
       showError("");
@@ -74,25 +78,47 @@
       }
     }
 
+    // A folder's turn: what is chosen so far is let go; while it is still the folder's turn
+    // (`current()`), `say` tells how it goes and `fail` why it ended without an archive.
+    function folderTurn() {
+      input.value = ""; // an archive chosen before is not what goes
+      choose(null);
+      folderPending = true;
+      const turn = turns;
+      const current = function () { return turn === turns; };
+      return {
+        current,
+        say: function (text) { if (current()) chosen.textContent = text; },
+        fail: function (message) {
+          if (!current()) return;
+          folderPending = false;
+          chosen.textContent = "";
+          showError(message);
+        },
+      };
+    }
+
+    const counted = function (n) { return n.toLocaleString("en-US"); };
+
     // A folder's files ({path, file}), sent as one tar archive (folder_tar.js).
-    function chooseFolder(entries) {
-      input.value = ""; // the archive chosen before, if any, is not what goes
+    async function chooseFolder(entries, turn) {
       if (!entries.length) {
-        choose(null);
-        showError("The folder holds no file: choose the folder of your images.");
+        turn.fail("The folder holds no file: choose the folder of your images.");
         return;
       }
       let archive;
       try {
-        archive = window.folderTar.pack(entries);
+        archive = await window.folderTar.pack(entries, function (packed) {
+          turn.say("Packing the folder… " + counted(packed) + " of " + counted(entries.length) + " files");
+        });
       } catch (err) {
-        choose(null);
-        showError(err.message);
+        turn.fail(err.message);
         return;
       }
+      if (!turn.current()) return;
       const name = window.folderTar.archiveName(entries);
       const packed = new File([archive], name, { type: "application/x-tar" });
-      choose(packed, name.replace(/\.tar$/, "") + "/: " + entries.length.toLocaleString("en-US") +
+      choose(packed, name.replace(/\.tar$/, "") + "/: " + counted(entries.length) +
         (entries.length === 1 ? " file, " : " files, ") + formatBytes(packed.size) +
         ", sent as one tar archive");
     }
@@ -102,7 +128,8 @@
       choose(input.files[0]);
     });
     folderInput.addEventListener("change", function () {
-      chooseFolder(window.folderTar.filesChosen(folderInput.files));
+      const turn = folderTurn();
+      chooseFolder(window.folderTar.filesChosen(folderInput.files), turn);
     });
     ["dragenter", "dragover"].forEach(function (name) {
       dropzone.addEventListener(name, function (event) {
@@ -124,18 +151,15 @@
         return item.kind === "file" && item.webkitGetAsEntry ? item.webkitGetAsEntry() : null;
       }).filter(Boolean);
       if (entries.some(function (entry) { return entry.isDirectory; })) {
-        choose(null);
-        chosen.textContent = "Reading the folder…";
-        const read = ++folderReads; // a choice made while it is read wins
-        const reading = function (found) {
-          if (read === folderReads) chosen.textContent = "Reading the folder… " + found.toLocaleString("en-US") + " files";
-        };
-        window.folderTar.filesOf(entries, reading).then(function (found) {
-          if (read === folderReads) chooseFolder(found);
+        folderInput.value = "";
+        const turn = folderTurn();
+        turn.say("Reading the folder…");
+        window.folderTar.filesOf(entries, function (found) {
+          turn.say("Reading the folder… " + counted(found) + " files");
+        }).then(function (found) {
+          if (turn.current()) chooseFolder(found, turn);
         }, function (err) {
-          if (read !== folderReads) return;
-          choose(null);
-          showError("The folder could not be read: " + err.message);
+          turn.fail("The folder could not be read: " + err.message);
         });
         return;
       }
@@ -176,7 +200,8 @@
     form.addEventListener("submit", function (event) {
       event.preventDefault();
       if (!file) {
-        showError("Choose or drop a folder or an archive first.");
+        showError(folderPending ? "The folder is still being packed: press Upload again once its size shows."
+          : "Choose or drop a folder or an archive first.");
         return;
       }
       if (maxBytes && file.size > maxBytes) return;

@@ -116,11 +116,8 @@ def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
     wait_for_preload()
     import timm  # imported at start (app.engine_preload) or on first use
 
-    from worker.selftuning.backbones import (
-        OFFLINE_WEIGHTS,
-        hub_weights_problem,
-        installed_offline_backbones,
-    )
+    from worker.selftuning.backbones import hub_weights_problem
+    from worker.selftuning.offline_weights import OFFLINE_WEIGHTS, installed_offline_backbones
 
     if not timm.is_model(name):
         raise unprocessable("backbone", f"unknown backbone {name!r}: not a timm architecture")

@@ -292,11 +292,17 @@ class RenameIn(BaseModel):
         return value
 
 
+NO_BACKBONE = ("name a backbone: a timm architecture (tf_efficientnet_lite0 has its weights "
+               "offline) or an earlier run's model, runs/<run id>/model.safetensors")
+
+
 class ExperimentIn(BaseModel):
     model_config = INPUT
     dataset_id: int = Field(ge=1, le=MAX_ID)
     name: Name = Field("", max_length=200)
-    backbone: str = Field("tf_efficientnet_lite0", min_length=1, max_length=200)
+    # minLength in the schema only: `no_control_characters` says it in words a form can show.
+    backbone: str = Field("tf_efficientnet_lite0", max_length=200,
+                          json_schema_extra={"minLength": 1})
     # minItems in the schema only: `not_empty` says it in words a form can show.
     methods: list[MethodName] = Field(max_length=3, json_schema_extra={"minItems": 1,
                                                                        "uniqueItems": True})
@@ -337,7 +343,7 @@ class ExperimentIn(BaseModel):
     def no_control_characters(cls, value: str, info: ValidationInfo) -> str:
         value = plain_text(value)  # a name of spaces is no name: the default one is given
         if info.field_name == "backbone" and not value:
-            raise ValueError("must name a backbone")
+            raise PydanticCustomError("too_short", NO_BACKBONE)
         return value
 
 

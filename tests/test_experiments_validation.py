@@ -111,7 +111,11 @@ def messages(response) -> str:
     ({"budgets": [True]}, 422, "budgets.0.float: Input should be a valid number"),
     ({"seeds": [True]}, 422, "seeds.0: Input should be a valid integer"),
     ({"seeds": ["3"]}, 422, "seeds.0: Input should be a valid integer"),
-    ({"backbone": "   "}, 422, "backbone: Value error, must name a backbone"),
+    ({"backbone": "   "}, 422, "backbone: name a backbone: a timm architecture "
+     "(tf_efficientnet_lite0 has its weights offline) or an earlier run's model, "
+     "runs/<run id>/model.safetensors"),
+    # Not pydantic's "String should have at least 1 character": the form shows it.
+    ({"backbone": ""}, 422, "backbone: name a backbone: a timm architecture"),
     ({"overrides": {"iterations": "400"}}, 422, "overrides.iterations"),
     ({"overrides": {"pretrained": "no"}}, 422, "overrides.pretrained"),
     ({"seeds": [0, 0]}, 422, "a seed is listed twice"),

@@ -1,12 +1,14 @@
 """Trying a finished run's model on images of one's own (`POST /api/runs/{id}/predict` and the
-run page's "Try the model"), against a real uvicorn, Redis and SQLite and, for the page,
-Chromium. The run's export is a real one: a tiny model trained here by the engine, placed
-where a worker writes it (no worker: the run's end is recorded as a worker records it)."""
+run page's "Try the model"), and the start form suggesting it to go on from, against a real
+uvicorn, Redis and SQLite and, for the page, Chromium. The run's export is a real one: a tiny
+model trained here by the engine, placed where a worker writes it (no worker: the run's end is
+recorded as a worker records it)."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from tests.test_pages_fixes import finish
 from tests.test_run_downloads import record_export
 from worker.selftuning import load_folder_dataset, make_budget_data
 from worker.selftuning.loop import train
+from worker.selftuning.offline_weights import installed_offline_backbones
 
 EXPORTED = ("model.safetensors", "config.json", "training.json")
 
@@ -216,3 +219,29 @@ def test_the_run_page_labels_the_images_chosen_and_says_which_it_could_not_read(
         page.wait_for_selector("#run-status .badge")
         assert page.locator("#try-model").is_hidden()
         assert browser.errors == []
+
+
+def test_the_start_form_suggests_the_offline_backbones_and_finished_runs_models(tried, client):
+    """The backbone was a blank text field: which names work offline, and that a run's model
+    can be gone on from, were in the README only."""
+    page = client.get("/experiments/new").text
+    options = re.findall(r'<option value="([^"]*)" label="([^"]*)"></option>', page)
+    offline = installed_offline_backbones()
+    assert offline  # the packages of pyproject.toml
+    assert options[:len(offline)] == [
+        (name, "ImageNet weights installed here: works offline") for name in offline]
+    # The latest finished first; the queued run has no model.
+    assert options[len(offline):] == [
+        (f"runs/{run_id}/model.safetensors",
+         f"run #{run_id}&#39;s model (Fine-tuning, {budget}, shapes: top-1 50.0%)")
+        for run_id, budget in ((tried.broken_run_id, "all"), (tried.run_id, "15%"))]
+    hint = re.search(r'<p class="hint muted" id="backbone-hint">(.*?)</p>', page, re.S)[1]
+    assert all(f"<code>{name}</code>" in hint for name in offline)
+
+    # A suggested model is a backbone an experiment can start from.
+    check = client.post("/api/experiments/check", json={
+        "dataset_id": client.get(f"/api/runs/{tried.run_id}").json()["dataset_id"],
+        "backbone": f"runs/{tried.run_id}/model.safetensors", "methods": ["fine-tune"],
+        "budgets": ["15%"], "seeds": [0],
+        "overrides": {"image_size": 32, "batch_size": 4, "iterations": 2}})
+    assert check.status_code == 200, check.text

@@ -28,7 +28,7 @@ from app.experiments import (
     experiment_status,
     suggested_budgets,
 )
-from app.models import Dataset, Experiment
+from app.models import Artifact, Dataset, Experiment, Run
 from app.routers.datasets import dataset_names
 from app.routers.experiments import (
     MOST_COMPARED,
@@ -44,6 +44,8 @@ from app.schemas import ExperimentIn, MethodName, Overrides
 from app.try_model import MAX_IMAGES
 from worker.selftuning.budgets import Budget
 from worker.selftuning.config import PRESETS, RunConfig
+from worker.selftuning.files import MODEL_FILE
+from worker.selftuning.offline_weights import installed_offline_backbones
 
 router = APIRouter(include_in_schema=False)
 
@@ -87,6 +89,31 @@ def dataset_choices(session: Session) -> list[dict[str, Any]]:
          "unlabeled": d.unlabeled_count, "budgets": suggested_budgets(d)}
         for d in session.scalars(select(Dataset).order_by(Dataset.id.desc()))
     ]
+
+
+# Succeeded runs whose models the backbone field suggests, the latest first.
+BACKBONE_RUNS_SHOWN = 10
+
+
+def backbone_choices(session: Session) -> list[dict[str, str]]:
+    """What the backbone field suggests: the backbones whose ImageNet weights are installed
+    (they train offline), then the models of the latest succeeded runs, to go on from."""
+    offline = [{"value": name, "label": "ImageNet weights installed here: works offline"}
+               for name in installed_offline_backbones()]
+    latest = session.execute(
+        select(Run, Artifact.path, Dataset.name)
+        .join(Artifact, (Artifact.run_id == Run.id) & (Artifact.name == MODEL_FILE))
+        .join(Dataset, Dataset.id == Run.dataset_id)
+        .where(Run.status == "succeeded")
+        .order_by(Run.finished_at.desc(), Run.id.desc()).limit(BACKBONE_RUNS_SHOWN)).tuples()
+    runs = []
+    for run, path, dataset_name in latest:
+        top1 = run.metrics.get("test_top1")
+        scored = f": top-1 {top1:.1%}" if isinstance(top1, int | float) else ""
+        method = METHOD_TITLES.get(run.method, run.method)
+        runs.append({"value": path, "label": f"run #{run.id}'s model ({method}, "
+                     f"{run.budget_label}, {dataset_name}{scored})"})
+    return offline + runs
 
 
 def override_fields() -> list[dict[str, Any]]:
@@ -164,6 +191,8 @@ def new_experiment_page(
         },
         "preset": ExperimentIn.model_fields["preset"].default,
         "backbone": ExperimentIn.model_fields["backbone"].default,
+        "backbone_choices": backbone_choices(session),
+        "offline_backbones": installed_offline_backbones(),
         "methods": [
             {"name": m, "title": METHOD_TITLES.get(m, m), "checked": m in DEFAULT_METHODS}
             for m in get_args(MethodName)

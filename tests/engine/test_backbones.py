@@ -12,14 +12,9 @@ from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 
 from tests.engine.helpers import SHARED_DATASETS
-from worker.selftuning.backbones import (
-    OFFLINE_WEIGHTS,
-    BackboneError,
-    create_backbone,
-    load_in_order,
-    offline_backbones,
-)
+from worker.selftuning.backbones import BackboneError, create_backbone, load_in_order
 from worker.selftuning.images import open_rgb
+from worker.selftuning.offline_weights import OFFLINE_WEIGHTS, offline_backbones
 
 IMAGENET_SAMPLES = SHARED_DATASETS / "imagenet-samples"
 

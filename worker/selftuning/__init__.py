@@ -12,7 +12,7 @@ from typing import Any
 _EXPORTS = {
     "DEFAULT_BACKBONE": "backbones",
     "BackboneError": "backbones",
-    "offline_backbones": "backbones",
+    "offline_backbones": "offline_weights",
     "Budget": "budgets",
     "BudgetError": "budgets",
     "select_labeled": "budgets",

@@ -28,6 +28,8 @@ from worker.selftuning.files import MODEL_FILE
 from worker.selftuning.pixels import to_rgb
 
 if TYPE_CHECKING:
+    import torch
+
     from worker.selftuning.predict import Exported
 
 MAX_IMAGES = 16  # per request: a handful to look at, not a folder (the CLI labels folders)
@@ -171,12 +173,12 @@ class Models:
                 self._loaded.popitem(last=False)
             return model
 
-    def classify(self, exported: Exported, images: list[Image.Image], top: int
+    def classify(self, exported: Exported, pixels: list[torch.Tensor], top: int
                  ) -> list[list[tuple[str, float]]]:
         from worker.selftuning.predict import classify
 
         with self._lock:
-            return classify(exported, images, top)
+            return classify(exported, pixels, top)
 
 
 MODELS = Models()
@@ -197,11 +199,13 @@ def label_images(folder: Path, images: list[SentImage], max_pixels: int, top: in
     """Label the images that decode with the model exported in `folder`."""
     began = time.monotonic()
     exported = models.get(folder)
-    decoded: dict[int, Image.Image] = {}
+    # Each image as the model sees it, made as soon as it is decoded: a few hundred kB, where
+    # the decoded image may be of up to SELFTUNE_MAX_IMAGE_PIXELS (120 MB at 40 M pixels).
+    decoded: dict[int, torch.Tensor] = {}
     skipped: dict[int, str] = {}
     for index, image in enumerate(images):
         try:
-            decoded[index] = decode(image, max_pixels, exported.white_level)
+            decoded[index] = exported.transform(decode(image, max_pixels, exported.white_level))
         except ValueError as exc:
             skipped[index] = str(exc)
     # Two at least: the margin is the lead on the runner-up.

@@ -84,7 +84,7 @@ def test_images_in_memory_get_their_classes_in_order_with_the_files_probabilitie
     files: the same class, the same probability, the rest of the classes after it."""
     paths = sorted(answers(exported))[::3]
     model = load_exported(exported, torch.device("cpu"))
-    top = classify(model, [open_rgb(path) for path in paths], k=5)
+    top = classify(model, [model.transform(open_rgb(path)) for path in paths], k=5)
     assert main(["predict", "--model", str(exported), "--images", *paths, *CPU]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     for path, classes, row in zip(paths, top, rows, strict=True):
@@ -97,7 +97,8 @@ def test_images_in_memory_get_their_classes_in_order_with_the_files_probabilitie
         assert probabilities[0] == pytest.approx(float(row["confidence"]), abs=1e-5)
         assert probabilities[0] - probabilities[1] == pytest.approx(float(row["margin"]),
                                                                      abs=1e-5)
-    assert [len(classes) for classes in classify(model, [open_rgb(paths[0])], k=1)] == [1]
+    assert [len(classes) for classes in classify(
+        model, [model.transform(open_rgb(paths[0]))], k=1)] == [1]
 
 
 @pytest.mark.parametrize(("damage", "message"), [

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import timm
 import torch
-from PIL import Image
 from safetensors import SafetensorError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
@@ -136,13 +135,13 @@ def predict(exported: Exported, files: list[Path], device: torch.device, batch_s
 
 
 @torch.inference_mode()
-def classify(exported: Exported, images: Sequence[Image.Image], k: int
+def classify(exported: Exported, pixels: Sequence[torch.Tensor], k: int
              ) -> list[list[tuple[str, float]]]:
     """Each image's `k` most likely classes (every class when there are fewer) with their
-    probabilities, most likely first: the images in one batch, through timm's evaluation
-    transform as `predict` sends files."""
+    probabilities, most likely first, the images given as the model's evaluation transform
+    makes them (`exported.transform(image)`, as `predict` sends files), in one batch."""
     device = next(exported.model.parameters()).device
-    batch = torch.stack([exported.transform(image) for image in images]).to(device)
+    batch = torch.stack(list(pixels)).to(device)
     top = top_classes(exported.model(batch).float().softmax(dim=1), k)
     return [[(exported.label_names[index], probability)
              for probability, index in zip(values, indices, strict=True)]

@@ -188,6 +188,9 @@ def test_the_run_page_labels_the_images_chosen_and_says_which_it_could_not_read(
         assert figures.nth(3).locator(".error").inner_text().startswith(
             "not an image this app reads")
         browser.screenshot("tried")
+        assert page.inner_text("#snippet-try") == (
+            f"curl -F file=@photo.jpg -F file=@another.png {tried.url}/api/runs/{tried.run_id}"
+            "/predict")
 
         # Dropped on the card: more than the most at a time sends the first of them.
         over = page.evaluate("""async (count) => {

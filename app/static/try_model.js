@@ -17,6 +17,10 @@ export function tryModel(run) {
   const said = document.getElementById("try-status");
   const error = document.getElementById("try-error");
   const results = document.getElementById("try-results");
+  // As the downloads' snippets: with the token when the server asks for one.
+  const auth = document.querySelector(".signout") ? ' -H "Authorization: Bearer $SELFTUNE_API_TOKEN"' : "";
+  document.getElementById("snippet-try").textContent =
+    `curl${auth} -F file=@photo.jpg -F file=@another.png ${location.origin}/api/runs/${run.id}/predict`;
   let previews = []; // the object URLs the results show, let go when replaced
   let busy = false;
 

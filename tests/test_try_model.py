@@ -9,18 +9,22 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from PIL import Image
 from playwright.sync_api import expect
 
+from app.routers.runs import TRYING_AT_ONCE
 from app.try_model import MAX_BODY_BYTES, MAX_IMAGES
 from tests.browser import open_browser
 from tests.engine.helpers import tiny_config, write_shapes_dataset
-from tests.support import add_dataset_row
+from tests.support import add_dataset_row, wait_for
 from tests.test_datasets_support import png_with_declared_size
 from tests.test_experiments_cancel_delete import start_sweep
 from tests.test_pages_fixes import finish
@@ -248,3 +252,43 @@ def test_the_start_form_suggests_the_offline_backbones_and_finished_runs_models(
         "budgets": ["15%"], "seeds": [0],
         "overrides": {"image_size": 32, "batch_size": 4, "iterations": 2}})
     assert check.status_code == 200, check.text
+
+
+def test_forms_past_the_most_at_once_are_asked_to_come_back(tried, client):
+    """Each form is held in memory until it is labeled: four at once, the fifth a 429 that
+    says when to come back. The four are held open by bodies that stop half-way."""
+    image = Path(sorted(tried.answers)[0]).read_bytes()
+    boundary = "held-form"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"'
+            "\r\nContent-Type: image/png\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    go_on = threading.Event()
+
+    def held_body():
+        yield head + image[:20]
+        go_on.wait(60)
+        yield image[20:] + tail
+
+    def held_post():
+        with httpx.Client(base_url=tried.url, timeout=90) as own:
+            return own.post(f"/api/runs/{tried.run_id}/predict", content=held_body(),
+                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    one = [("file", ("a.png", image, "image/png"))]
+    with ThreadPoolExecutor(TRYING_AT_ONCE) as pool:
+        held = [pool.submit(held_post) for _ in range(TRYING_AT_ONCE)]
+        try:
+            # Until all four are in, a form sent meanwhile may be labeled: it is sent again.
+            refused = wait_for(lambda: (answer := client.post(
+                f"/api/runs/{tried.run_id}/predict", files=one)).status_code == 429 and answer,
+                timeout=30, message="a fifth form refused")
+        finally:
+            go_on.set()
+        answers = [future.result() for future in held]
+    assert refused.headers["retry-after"] == "2"
+    assert refused.json()["detail"] == (
+        f"{TRYING_AT_ONCE} forms of images are being labeled already: try again in a moment")
+    assert [answer.status_code for answer in answers] == [200] * TRYING_AT_ONCE
+    assert {answer.json()["images"][0]["label"] for answer in answers} == {
+        tried.answers[sorted(tried.answers)[0]]}
+    assert client.post(f"/api/runs/{tried.run_id}/predict", files=one).status_code == 200

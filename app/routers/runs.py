@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import os
@@ -572,6 +573,10 @@ def download_label_next(
 
 
 REASONS_SAID = 5  # of the files of a form none of which could be labeled
+# Forms of images taken at once: each is held in memory (up to 64 MiB) until it is labeled,
+# one labeling at a time (app.try_model.Models); the next ones are asked to come back.
+TRYING_AT_ONCE = 4
+TRYING = asyncio.Semaphore(TRYING_AT_ONCE)
 
 
 class TryForm(BaseModel):
@@ -589,7 +594,9 @@ class TryForm(BaseModel):
     413: {"model": ErrorOut, "description": f"over {MAX_BODY_BYTES // 1024**2} MiB in all"},
     415: {"model": ErrorOut, "description": "not multipart"},
     422: {"model": ErrorOut, "description": f"no image, more than {MAX_IMAGES}, or none "
-          "that is an image this app reads"}},
+          "that is an image this app reads"},
+    429: {"model": ErrorOut, "description": f"{TRYING_AT_ONCE} forms of images are being "
+          "labeled already: try again after `Retry-After` seconds"}},
     openapi_extra=multipart_body(TryForm))
 async def try_model(run_id: RunId, request: Request, session: DbDep, settings: SettingsDep,
                     top: Annotated[int, Query(ge=1, le=TOP_MAX, description="the most likely "
@@ -600,17 +607,22 @@ async def try_model(run_id: RunId, request: Request, session: DbDep, settings: S
     with their probabilities, or why it could not be read. The images are not kept; they
     are labeled on the web server's CPU."""
     folder = await run_in_threadpool(model_folder, session, settings, run_id)
-    try:
-        images = await receive_images(request.headers, request.stream())
-    except IngestError as exc:
-        raise HTTPException(exc.status_code, exc.detail) from None
-    try:
-        labeled = await run_in_threadpool(label_images, folder, images,
-                                          settings.max_image_pixels, top)
-    except FileNotFoundError:  # the run deleted meanwhile
-        raise HTTPException(404, detail=FILE_DELETED) from None
-    except ValueError as exc:
-        raise HTTPException(409, detail=f"run {run_id}'s model does not load: {exc}") from None
+    if TRYING.locked():
+        raise HTTPException(429, detail=f"{TRYING_AT_ONCE} forms of images are being labeled "
+                            "already: try again in a moment", headers={"Retry-After": "2"})
+    async with TRYING:
+        try:
+            images = await receive_images(request.headers, request.stream())
+        except IngestError as exc:
+            raise HTTPException(exc.status_code, exc.detail) from None
+        try:
+            labeled = await run_in_threadpool(label_images, folder, images,
+                                              settings.max_image_pixels, top)
+        except FileNotFoundError:  # the run deleted meanwhile
+            raise HTTPException(404, detail=FILE_DELETED) from None
+        except ValueError as exc:
+            raise HTTPException(409, detail=f"run {run_id}'s model does not load: {exc}"
+                                ) from None
     if not labeled.top:
         reasons = "; ".join(f"{images[index].name}: {reason}"
                             for index, reason in list(labeled.skipped.items())[:REASONS_SAID])

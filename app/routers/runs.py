@@ -28,7 +28,7 @@ from starlette.background import BackgroundTask
 from app.config import MISSED_HEARTBEATS, Settings
 from app.confusion import sparse_confusion
 from app.db import session_scope
-from app.deps import DbDep, LastEventId, RedisDep, RunId, SettingsDep
+from app.deps import TOKEN_RESPONSES, DbDep, LastEventId, RedisDep, RunId, SettingsDep
 from app.events import Outcome, event_stream_response
 from app.experiments import (
     as_utc,
@@ -595,8 +595,9 @@ class TryForm(BaseModel):
     415: {"model": ErrorOut, "description": "not multipart"},
     422: {"model": ErrorOut, "description": f"no image, more than {MAX_IMAGES}, or none "
           "that is an image this app reads"},
-    429: {"model": ErrorOut, "description": f"{TRYING_AT_ONCE} forms of images are being "
-          "labeled already: try again after `Retry-After` seconds"}},
+    # Besides the token's 429 (TOKEN_RESPONSES), which this one replaces in the schema.
+    429: {**TOKEN_RESPONSES[429], "description": f"{TRYING_AT_ONCE} forms of images are "
+          "being labeled already, or " + TOKEN_RESPONSES[429]["description"]}},
     openapi_extra=multipart_body(TryForm))
 async def try_model(run_id: RunId, request: Request, session: DbDep, settings: SettingsDep,
                     top: Annotated[int, Query(ge=1, le=TOP_MAX, description="the most likely "

@@ -40,14 +40,16 @@ EXPORTED = ("model.safetensors", "config.json", "training.json")
 class Tried:
     run_id: int
     queued_run_id: int  # a run of the same sweep that has not trained
-    broken_run_id: int  # a run that succeeded, whose model file was damaged since
+    other_run_id: int  # another run of the sweep that succeeded, with the same export
+    broken_run_id: int  # a run of another experiment that succeeded, its model damaged since
     answers: dict[str, str]  # the run's own evaluation: test image path -> predicted class
     url: str
 
 
 @pytest.fixture(scope="module")
 def tried(server, tmp_path_factory) -> Tried:
-    """A 3-class run trained for 2 iterations, its export recorded as the worker records it."""
+    """A 3-class run trained for 2 iterations, its export recorded as the worker records it
+    for two runs of a sweep (15% and 50%; 30% queued), and damaged for a run of another."""
     root = write_shapes_dataset(tmp_path_factory.mktemp("shapes"))
     class_names, train_items, test_items, unlabeled = load_folder_dataset(root)
     data, _ = make_budget_data(class_names, train_items, test_items, unlabeled,
@@ -55,18 +57,21 @@ def tried(server, tmp_path_factory) -> Tried:
     out = tmp_path_factory.mktemp("run")
     train(tiny_config(iterations=2, method="fine-tune"), data, out)
     counts = {name: {"train": 10, "test": 4} for name in class_names}
+    dataset_id = add_dataset_row(server.database_url, counts)
     with server.client() as client:
-        _, run_ids = start_sweep(client, add_dataset_row(server.database_url, counts),
-                                 seeds=[0], methods=["fine-tune"],
-                                 budgets=["15%", "30%", "all"])
+        _, run_ids = start_sweep(client, dataset_id, seeds=[0], methods=["fine-tune"],
+                                 budgets=["15%", "30%", "50%"])
+        _, (broken,) = start_sweep(client, dataset_id, seeds=[0], methods=["fine-tune"],
+                                   budgets=["all"])
     live = redis.Redis.from_url(server.redis_url, decode_responses=True)
-    for run_id, damaged in ((run_ids[0], {}), (run_ids[2], {"model.safetensors": b"junk"})):
+    for run_id, damaged in ((run_ids[0], {}), (run_ids[2], {}),
+                            (broken, {"model.safetensors": b"junk"})):
         record_export(server.data_dir, server.database_url, run_id,
                       {name: (out / name).read_bytes() for name in EXPORTED} | damaged)
         finish(server.database_url, live, run_id, {"test_top1": 0.5})
     answers = {row["path"]: row["predicted"]
                for row in json.loads((out / "test_predictions.json").read_text())}
-    return Tried(run_ids[0], run_ids[1], run_ids[2], answers, server.url)
+    return Tried(run_ids[0], run_ids[1], run_ids[2], broken, answers, server.url)
 
 
 def as_jpeg(path: str) -> bytes:
@@ -241,7 +246,8 @@ def test_the_start_form_suggests_the_offline_backbones_and_finished_runs_models(
     assert options[len(offline):] == [
         (f"runs/{run_id}/model.safetensors",
          f"run #{run_id}&#39;s model (Fine-tuning, {budget}, shapes: top-1 50.0%)")
-        for run_id, budget in ((tried.broken_run_id, "all"), (tried.run_id, "15%"))]
+        for run_id, budget in ((tried.broken_run_id, "all"), (tried.other_run_id, "50%"),
+                               (tried.run_id, "15%"))]
     hint = re.search(r'<p class="hint muted" id="backbone-hint">(.*?)</p>', page, re.S)[1]
     assert all(f"<code>{name}</code>" in hint for name in offline)
 
@@ -278,10 +284,11 @@ def test_forms_past_the_most_at_once_are_asked_to_come_back(tried, client):
     with ThreadPoolExecutor(TRYING_AT_ONCE) as pool:
         held = [pool.submit(held_post) for _ in range(TRYING_AT_ONCE)]
         try:
-            # Until all four are in, a form sent meanwhile may be labeled: it is sent again.
+            # Until all four are in, the probe is taken and answered at once (415: not a form),
+            # never holding a place one of them needs; then it is refused.
             refused = wait_for(lambda: (answer := client.post(
-                f"/api/runs/{tried.run_id}/predict", files=one)).status_code == 429 and answer,
-                timeout=30, message="a fifth form refused")
+                f"/api/runs/{tried.run_id}/predict", json={})).status_code == 429 and answer,
+                timeout=30, message="a fifth request refused")
         finally:
             go_on.set()
         answers = [future.result() for future in held]
@@ -292,3 +299,29 @@ def test_forms_past_the_most_at_once_are_asked_to_come_back(tried, client):
     assert {answer.json()["images"][0]["label"] for answer in answers} == {
         tried.answers[sorted(tried.answers)[0]]}
     assert client.post(f"/api/runs/{tried.run_id}/predict", files=one).status_code == 200
+
+
+def test_the_experiment_page_puts_the_same_images_through_each_model(tried, request):
+    """One model per method and budget that has finished, a column each; the queued one has
+    none."""
+    chosen = sorted(tried.answers)[4:7]
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        with httpx.Client(base_url=tried.url) as client:
+            experiment_id = client.get(f"/api/runs/{tried.run_id}").json()["experiment_id"]
+        page.goto(f"{tried.url}/experiments/{experiment_id}")
+        expect(page.locator("#try-models")).to_be_visible()
+        page.set_input_files("#try-models-files", chosen)
+        expect(page.locator("#try-models-status")).to_have_text(
+            "3 images through 2 models.", timeout=30_000)
+        headers = page.locator("#try-models-table thead th").all_inner_texts()
+        assert [" ".join(text.split()) for text in headers] == [
+            "Image", "Fine-tuning 15%, seed 0", "Fine-tuning 50%, seed 0"]
+        rows = page.locator("#try-models-table tbody tr")
+        assert rows.count() == 3
+        for n, path in enumerate(chosen):
+            assert rows.nth(n).locator("th").inner_text().strip() == Path(path).name
+            labels = rows.nth(n).locator("td strong").all_inner_texts()
+            assert labels == [tried.answers[path]] * 2
+        browser.screenshot("tried-models")
+        assert browser.errors == []

@@ -302,7 +302,7 @@ def experiment_page(
                   dataset_name=dataset.name if dataset else f"#{experiment.dataset_id}",
                   method_titles=METHOD_TITLES, source=source, labels_added=dataset.labels_added
                   if dataset else 0, before=before,
-                  after=after_labels_added(session, experiment))
+                  after=after_labels_added(session, experiment), try_max_images=MAX_IMAGES)
 
 
 # Experiments of a dataset's source (the dataset it was made from by adding labels) that an

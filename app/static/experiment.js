@@ -6,6 +6,7 @@ import {
   pct, RERUNNABLE, showStatus, signedOutNotice, signInAgain, tabTitle, TERMINAL,
 } from "/static/charts.js";
 import { renamer } from "/static/rename.js";
+import { tryModels } from "/static/try_model.js";
 import { onSession } from "/static/session.js";
 
 // --- the start form ------------------------------------------------------------------------
@@ -400,6 +401,7 @@ export function experimentPage() {
   renamer(`/api/experiments/${id}`, (name) => { initial.name = name; });
   const title = (method) => methodTitles[method] ?? method;
   const runs = new Map(initial.runs.map((run) => [run.id, { ...run }]));
+  const models = tryModels(() => [...runs.values()], title);
   let table = initial.budget_table;
   let estimates = initial.label_estimates;
   let chart = null;
@@ -440,6 +442,7 @@ export function experimentPage() {
       h("span", { class: "step" }, `${count(run.step)} / ${count(run.total_steps)}`), " ",
       h("progress", { max: 1, value: share, "aria-label": `Training progress of run #${run.id}` }));
     drawAccuracy(run);
+    models.refresh();
   }
 
   // While training, the latest evaluation; once finished, the final score. A run that

@@ -89,3 +89,71 @@ function tried(image, preview) {
   return h("figure", { class: "tried", "data-index": image.index }, picture,
     h("figcaption", {}, h("span", { class: "tried-name" }, image.name), ...answer));
 }
+
+// An experiment's "Try the models": the same images through the model of each method and
+// budget (its first finished seed), one request a run, in a table of an image a row and a
+// model a column. `runsNow()` gives the experiment's runs as the page has them; `refresh()`
+// shows the card once one has succeeded.
+export function tryModels(runsNow, title) {
+  const card = document.getElementById("try-models");
+  const input = document.getElementById("try-models-files");
+  const said = document.getElementById("try-models-status");
+  const error = document.getElementById("try-models-error");
+  const table = document.getElementById("try-models-table");
+  const maxImages = Number(card.dataset.maxImages);
+  let previews = [];
+  // One model per method and budget, the lowest seed that succeeded, in the page's order.
+  const models = () => {
+    const chosen = new Map();
+    for (const run of runsNow()) {
+      if (run.status !== "succeeded") continue;
+      const key = `${run.method} ${run.budget_label}`;
+      if (!chosen.has(key) || chosen.get(key).seed > run.seed) chosen.set(key, run);
+    }
+    return [...chosen.values()];
+  };
+
+  input.addEventListener("change", async () => {
+    const files = [...input.files].slice(0, maxImages);
+    const runs = models();
+    if (!files.length || !runs.length) return;
+    input.disabled = true;
+    error.replaceChildren();
+    const answers = [];
+    try {
+      for (const [n, run] of runs.entries()) {
+        said.textContent = `Labeling ${files.length === 1 ? "1 image" : `${count(files.length)} images`} with model ${n + 1} of ${runs.length}…`;
+        const form = new FormData();
+        for (const file of files) form.append("file", file, file.name);
+        answers.push((await fetchJSON(`/api/runs/${run.id}/predict?top=1`, { method: "POST", body: form })).body);
+      }
+    } catch (problem) {
+      said.textContent = "";
+      error.replaceChildren(...failure("Could not label the images", problem));
+      input.disabled = false;
+      input.value = "";
+      return;
+    }
+    for (const url of previews) URL.revokeObjectURL(url);
+    previews = files.map((file) => URL.createObjectURL(file));
+    const head = h("tr", {}, h("th", {}, "Image"), runs.map((run) => h("th", { scope: "col" },
+      h("a", { href: `/runs/${run.id}` }, title(run.method)), h("br"),
+      h("small", { class: "muted" }, `${run.budget_label}, seed ${run.seed}`))));
+    const rows = files.map((file, index) => h("tr", {},
+      h("th", { scope: "row", class: "name" },
+        h("img", { src: previews[index], alt: "", width: 48, height: 48, class: "tried-thumb" }), " ", file.name),
+      answers.map((answer) => {
+        const image = answer.images[index];
+        return image.skipped !== null ? h("td", { class: "error" }, image.skipped)
+          : h("td", {}, h("strong", {}, image.label), ` ${pct(image.confidence, 0)}`);
+      })));
+    table.replaceChildren(h("thead", {}, head), h("tbody", {}, rows));
+    table.hidden = false;
+    said.textContent = `${files.length === 1 ? "1 image" : `${count(files.length)} images`} through ${runs.length === 1 ? "1 model" : `${count(runs.length)} models`}`
+      + (input.files.length > files.length ? `; the first ${count(files.length)} of the ${count(input.files.length)} chosen` : "") + ".";
+    input.disabled = false;
+    input.value = "";
+  });
+
+  return { refresh: () => { card.hidden = !runsNow().some((run) => run.status === "succeeded"); } };
+}

@@ -172,14 +172,30 @@ class ReceivedUpload:
 
 
 class MultipartParts:
-    """python-multipart callbacks of a form read as a stream: each part's Content-Disposition
-    is gathered and its options (`name`, `filename`) handed to `on_part` once its headers are
-    read; a subclass takes the parts' data (`on_part_begin`, `on_part_data`, `on_part_end`)."""
+    """A form read as a stream (`write` each chunk, then `finalize`) through python-multipart,
+    its framing errors a 400: each part's Content-Disposition is gathered and its options
+    (`name`, `filename`) handed to `on_part` once its headers are read; a subclass takes the
+    parts it wants (`on_part_begin`, `on_part_data`, `on_part_end`), and drops the others."""
 
-    def __init__(self) -> None:
+    def __init__(self, boundary: bytes) -> None:
         self._header_name = b""
         self._header_value = b""
         self._disposition = b""
+        self._parser = MultipartParser(boundary, self.callbacks())
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except IngestError:
+            raise
+        except Exception as exc:  # python-multipart raises several types on bad framing
+            raise IngestError(f"the multipart body is malformed: {exc}", 400) from None
+
+    def finalize(self) -> None:
+        try:
+            self._parser.finalize()
+        except Exception as exc:  # noqa: BLE001 - a truncated body is the client's problem
+            raise IngestError(f"the multipart body is incomplete: {exc}", 400) from None
 
     def callbacks(self) -> dict[str, Callable]:
         return {
@@ -196,7 +212,7 @@ class MultipartParts:
         pass
 
     def on_part(self, options: dict[bytes, bytes]) -> None:
-        raise NotImplementedError
+        pass
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         pass
@@ -228,8 +244,8 @@ class _MultipartSink(MultipartParts):
 
     MAX_FIELD_BYTES = 64 * 1024
 
-    def __init__(self, max_file_bytes: int, upload: UploadOf = ARCHIVE) -> None:
-        super().__init__()
+    def __init__(self, boundary: bytes, max_file_bytes: int, upload: UploadOf = ARCHIVE) -> None:
+        super().__init__(boundary)
         self.max_file_bytes = max_file_bytes
         self.upload = upload
         self.pending = bytearray()
@@ -319,28 +335,19 @@ async def receive_upload(
         await _drain(chunks)
         raise _too_large(max_bytes, upload)
 
-    sink = _MultipartSink(max_bytes, upload)
-    parser = MultipartParser(params[b"boundary"], sink.callbacks())
+    sink = _MultipartSink(params[b"boundary"], max_bytes, upload)
     body_bytes = 0
     with open(destination, "wb") as out:
         async for chunk in chunks:
             body_bytes += len(chunk)
-            try:
-                parser.write(chunk)
-            except IngestError:
-                raise
-            except Exception as exc:  # python-multipart raises several types on bad framing
-                raise IngestError(f"the multipart body is malformed: {exc}", 400) from None
+            sink.write(chunk)
             if sink.too_large or body_bytes > max_body:
                 await _drain(chunks, body_bytes)
                 raise _too_large(max_bytes, upload)
             if len(sink.pending) >= WRITE_BUFFER_BYTES:
                 data, sink.pending = bytes(sink.pending), bytearray()
                 await anyio.to_thread.run_sync(out.write, data)
-        try:
-            parser.finalize()
-        except Exception as exc:  # noqa: BLE001 - a truncated body is the client's problem
-            raise IngestError(f"the multipart body is incomplete: {exc}", 400) from None
+        sink.finalize()
         if sink.pending:
             await anyio.to_thread.run_sync(out.write, bytes(sink.pending))
     if sink.filename is None:

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from PIL import Image
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 
 from app.engine_preload import wait_for_preload
 from app.ingest import OPEN_FORMATS, SUPPORTED_TEXT, IngestError, MultipartParts
@@ -52,8 +52,8 @@ class _ImageParts(MultipartParts):
     """Every part in the field `file` is an image, kept in memory (the body is at most
     MAX_BODY_BYTES); any other field is dropped."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, boundary: bytes) -> None:
+        super().__init__(boundary)
         self.images: list[SentImage] = []
         self._name: str | None = None  # the file name of the image part being read
         self._data = bytearray()
@@ -94,23 +94,14 @@ async def receive_images(headers: Mapping[str, str], chunks: AsyncIterator[bytes
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _too_large()
-    parts = _ImageParts()
-    parser = MultipartParser(params[b"boundary"], parts.callbacks())
+    parts = _ImageParts(params[b"boundary"])
     received = 0
     async for chunk in chunks:
         received += len(chunk)
         if received > MAX_BODY_BYTES:
             raise _too_large()
-        try:
-            parser.write(chunk)
-        except IngestError:
-            raise
-        except Exception as exc:  # python-multipart raises several types on bad framing
-            raise IngestError(f"the multipart body is malformed: {exc}", 400) from None
-    try:
-        parser.finalize()
-    except Exception as exc:  # noqa: BLE001 - a truncated body is the client's problem
-        raise IngestError(f"the multipart body is incomplete: {exc}", 400) from None
+        parts.write(chunk)
+    parts.finalize()
     if not parts.images:
         raise IngestError("no image in the form: send each in a field named 'file' "
                           "(curl -F file=@cat.jpg ...)")

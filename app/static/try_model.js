@@ -4,6 +4,7 @@
 import { count, failure, fetchJSON, h, pct } from "/static/charts.js";
 
 const TOP = 5; // classes shown per image
+const counted = (n, noun) => `${count(n)} ${noun}${n === 1 ? "" : "s"}`; // "1 image", "2 images"
 
 export function tryModel(run) {
   const card = document.getElementById("try-model");
@@ -31,7 +32,7 @@ export function tryModel(run) {
     busy = true;
     input.disabled = true;
     error.replaceChildren();
-    said.textContent = `Labeling ${sent.length === 1 ? "1 image" : `${count(sent.length)} images`}…`;
+    said.textContent = `Labeling ${counted(sent.length, "image")}…`;
     const form = new FormData();
     for (const file of sent) form.append("file", file, file.name);
     try {
@@ -41,8 +42,8 @@ export function tryModel(run) {
       results.replaceChildren(...body.images.map((image) => tried(image, previews[image.index])));
       const skipped = body.images.filter((image) => image.skipped !== null).length;
       const labeled = body.images.length - skipped;
-      said.textContent = `Labeled ${labeled === 1 ? "1 image" : `${count(labeled)} images`} in ${body.seconds < 0.05 ? "under 0.1" : body.seconds.toFixed(1)} s`
-        + (skipped ? `; ${skipped === 1 ? "1 file" : `${count(skipped)} files`} could not be read` : "")
+      said.textContent = `Labeled ${counted(labeled, "image")} in ${body.seconds < 0.05 ? "under 0.1" : body.seconds.toFixed(1)} s`
+        + (skipped ? `; ${counted(skipped, "file")} could not be read` : "")
         + (files.length > sent.length ? `; the first ${count(sent.length)} of the ${count(files.length)} chosen (at most ${count(maxImages)} at a time)` : "")
         + ".";
     } catch (problem) {
@@ -122,7 +123,7 @@ export function tryModels(runsNow, title) {
     const answers = [];
     try {
       for (const [n, run] of runs.entries()) {
-        said.textContent = `Labeling ${files.length === 1 ? "1 image" : `${count(files.length)} images`} with model ${n + 1} of ${runs.length}…`;
+        said.textContent = `Labeling ${counted(files.length, "image")} with model ${n + 1} of ${runs.length}…`;
         const form = new FormData();
         for (const file of files) form.append("file", file, file.name);
         answers.push((await fetchJSON(`/api/runs/${run.id}/predict?top=1`, { method: "POST", body: form })).body);
@@ -149,7 +150,7 @@ export function tryModels(runsNow, title) {
       })));
     table.replaceChildren(h("thead", {}, head), h("tbody", {}, rows));
     table.hidden = false;
-    said.textContent = `${files.length === 1 ? "1 image" : `${count(files.length)} images`} through ${runs.length === 1 ? "1 model" : `${count(runs.length)} models`}`
+    said.textContent = `${counted(files.length, "image")} through ${counted(runs.length, "model")}`
       + (input.files.length > files.length ? `; the first ${count(files.length)} of the ${count(input.files.length)} chosen` : "") + ".";
     input.disabled = false;
     input.value = "";

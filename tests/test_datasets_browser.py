@@ -229,6 +229,43 @@ def test_a_folder_chosen_goes_as_one_tar_archive_and_becomes_the_dataset(
     assert dataset["unlabeled"] == 1
 
 
+@pytest.mark.server_env(SELFTUNE_MAX_ARCHIVE_FILES="4", SELFTUNE_MAX_UPLOAD_BYTES="3000")
+def test_a_folder_over_the_servers_limits_is_refused_before_it_is_packed_and_sent(
+    live_server: LiveServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A folder of more files or bytes than the server takes was packed and sent whole, only
+    to be refused once it had arrived."""
+    many, large, fits = tmp_path / "many", tmp_path / "large", tmp_path / "fits"
+    for i in range(5):
+        (many / "cat").mkdir(parents=True, exist_ok=True)
+        (many / "cat" / f"{i}.png").write_bytes(b"x")
+    for name, size in (("a", 1600), ("b", 1600)):
+        (large / "cat").mkdir(parents=True, exist_ok=True)
+        (large / "cat" / f"{name}.png").write_bytes(b"x" * size)
+    (fits / "cat").mkdir(parents=True)
+    (fits / "cat" / "a.png").write_bytes(b"x" * 10)
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(live_server.url + "/datasets/new")
+        assert "up to 2.9 KiB and 4 files." in page.inner_text(".lead")
+        page.set_input_files("#folder", str(many))
+        expect(page.locator("#upload-error")).to_have_text(
+            "This folder holds 5 files; the server accepts at most 4 in one upload. "
+            "Split it into smaller folders.")
+        assert page.inner_text("#chosen") == ""
+        page.set_input_files("#folder", str(large))
+        expect(page.locator("#upload-error")).to_have_text(
+            "This folder's files are 3.1 KiB; the server accepts at most 2.9 KiB. "
+            "Split it into smaller folders.")
+        page.set_input_files("#folder", str(fits))
+        expect(page.locator("#chosen")).to_have_text(re.compile(r"^fits/: 1 file, "))
+        expect(page.locator("#upload-error")).to_be_hidden()
+        page.click("#upload-button")
+        # Within the limits, it is sent: the server says what it makes of it.
+        expect(page.locator("#upload-error")).to_contain_text("has no usable images")
+        browser.assert_no_errors(expected=("422",))
+
+
 def page_dataset(client, name: str) -> str:
     (found,) = [d["id"] for d in client.get("/api/datasets").json() if d["name"] == name]
     return f"/api/datasets/{found}"

@@ -47,6 +47,7 @@ def new_dataset_page(request: Request, settings: SettingsDep) -> Response:
         return redirect
     return render(request, "dataset_new.html", max_upload=human_bytes(settings.max_upload_bytes),
                   max_upload_bytes=settings.max_upload_bytes,
+                  max_archive_files=settings.max_archive_files,
                   holdout_percent=f"{settings.holdout_fraction * 100:g}")
 
 

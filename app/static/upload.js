@@ -51,6 +51,7 @@
     const progressText = form.querySelector("#progress-text");
     const errorBox = form.querySelector("#upload-error");
     const maxBytes = Number(form.dataset.maxBytes || 0);
+    const maxFiles = Number(form.dataset.maxFiles || 0);
     const folderInput = form.querySelector("#folder");
     let file = null;
 
@@ -104,6 +105,18 @@
     async function chooseFolder(entries, turn) {
       if (!entries.length) {
         turn.fail("The folder holds no file: choose the folder of your images.");
+        return;
+      }
+      // The server's limits, told before the folder is packed and sent, not after.
+      if (maxFiles && entries.length > maxFiles) {
+        turn.fail("This folder holds " + counted(entries.length) + " files; the server accepts " +
+          "at most " + counted(maxFiles) + " in one upload. Split it into smaller folders.");
+        return;
+      }
+      const bytes = entries.reduce(function (sum, entry) { return sum + entry.file.size; }, 0);
+      if (maxBytes && bytes > maxBytes) {
+        turn.fail("This folder's files are " + formatBytes(bytes) + "; the server accepts at " +
+          "most " + formatBytes(maxBytes) + ". Split it into smaller folders.");
         return;
       }
       let archive;

@@ -87,7 +87,9 @@ def _new_labels(source: Dataset, images: list[DatasetImage],
             raise ingest.IngestError(
                 f"{CSV_NAME} line {row.line}: {path!r} is already labeled {held!r} "
                 f"({image.split} split), not {row.label!r}: only unlabeled images take labels "
-                "here; to correct a label, upload the dataset again")
+                "here; to correct a label, download the dataset (its page's Download, or "
+                f"/api/datasets/{source.id}/archive), change the label in its labels.csv and "
+                "upload it again")
     if not added:
         raise ingest.IngestError(f"{CSV_NAME} labels no unlabeled image: each image it names "
                                  "already has that label")

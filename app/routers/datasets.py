@@ -14,18 +14,20 @@ import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 import anyio
 import redis
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 from starlette.requests import ClientDisconnect
 
-from app import add_labels, idempotency, ingest
+from app import add_labels, dataset_export, idempotency, ingest
+from app.config import Settings
 from app.deps import (
     DatasetId,
     DbDep,
@@ -38,7 +40,7 @@ from app.deps import (
 )
 from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
-from app.responses import client_holds, human_bytes, in_utc, send_file
+from app.responses import FILE_DELETED, client_holds, human_bytes, in_utc, send_file
 from app.schemas import UNREADABLE_BODY_OUT, ErrorOut, FieldErrorsOut, RenameIn
 from app.trash import deleted_answer
 
@@ -462,6 +464,56 @@ def image_thumbnail(
         raise HTTPException(404, f"the file of image {image_id} is missing or was replaced"
                             ) from None
     return send_file(request, path, media_type="image/jpeg", headers=headers)
+
+
+def _export_or_404(db: Session, settings: Settings, dataset_id: int
+                   ) -> tuple[Dataset, dataset_export.Export]:
+    dataset = get_dataset_or_404(db, dataset_id)
+    try:
+        return dataset, dataset_export.plan(db, settings, dataset)
+    except FileNotFoundError:
+        raise HTTPException(404, detail=FILE_DELETED) from None
+
+
+@router.get("/{dataset_id}/labels.csv", response_class=Response, responses={
+    200: {"content": {"text/csv": {}}}, 404: {"model": ErrorOut},
+    304: {"description": "not modified: `If-None-Match` holds this list's ETag"}})
+def download_labels(request: Request, dataset_id: DatasetId, db: DbDep,
+                    settings: SettingsDep) -> Response:
+    """Every image's `path,label,split` as an upload reads them: the labels given in the app
+    and the test split included (an unlabeled image's label and split are empty). The paths
+    are the uploaded ones, within the upload's one top folder where it had one (put the file
+    in that folder); the same as in `/archive`."""
+    dataset, export = _export_or_404(db, settings, dataset_id)
+    body = export.labels_csv
+    headers = {"ETag": f'"{hashlib.sha256(body).hexdigest()[:32]}"', "Cache-Control": "no-cache"}
+    if client_holds(request, headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="text/csv", headers={
+        **headers,
+        "Content-Disposition": f'attachment; filename="dataset-{dataset.id}-labels.csv"'})
+
+
+@router.get("/{dataset_id}/archive", response_class=StreamingResponse, responses={
+    200: {"content": {"application/x-tar": {}}}, 404: {"model": ErrorOut}})
+@router.head("/{dataset_id}/archive", include_in_schema=False)
+def download_archive(request: Request, dataset_id: DatasetId, db: DbDep,
+                     settings: SettingsDep) -> Response:
+    """The dataset as a tar archive to upload again, here or elsewhere: one folder holding
+    its images as they were uploaded, at their uploaded paths, and a `labels.csv`
+    (`/labels.csv`) that gives the same classes, labels and test split. Streamed from disk
+    with its Content-Length; a download that breaks off is short of it."""
+    dataset, export = _export_or_404(db, settings, dataset_id)
+    mtime = int(in_utc(dataset.created_at).timestamp())
+    length, chunks = dataset_export.archive(export, mtime)
+    name = f"{export.folder}.tar"
+    disposition = (f'attachment; filename="{name}"' if quote(name) == name
+                   else f"attachment; filename*=utf-8''{quote(name)}")
+    headers = {"Content-Length": str(length), "Content-Disposition": disposition,
+               "Cache-Control": "no-store"}
+    if request.method == "HEAD":  # its length without reading the images
+        return Response(media_type="application/x-tar", headers=headers)
+    return StreamingResponse(chunks, media_type="application/x-tar", headers=headers)
 
 
 @router.delete(

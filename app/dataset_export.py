@@ -1,0 +1,133 @@
+"""A dataset taken back out of the app: its images as they were uploaded, and a `labels.csv`
+(`path,label,split`) that names each one's class and split, in the layout an upload reads.
+
+The labels given in the app (Add labels, the images to label next) and the test split held
+out of the labeled images are in the CSV, so the archive uploaded again (here or to another
+server) gives the same classes, labels and test images. The archive is a plain tar streamed
+as it is read from disk: images barely compress, and nothing is held in memory or written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import ingest
+from app.config import Settings
+from app.models import Dataset, DatasetImage
+from worker.selftuning.labels_csv import LABELS_CSV
+
+CHUNK_BYTES = 1024 * 1024
+BLOCK = tarfile.BLOCKSIZE
+
+
+@dataclass(frozen=True)
+class ExportedImage:
+    path: str  # in the archive and in labels.csv, relative to labels.csv's folder
+    file: Path
+    size: int
+
+
+@dataclass(frozen=True)
+class Export:
+    """What the archive holds: `folder/labels.csv` and each image at `folder/path`."""
+
+    folder: str
+    labels_csv: bytes
+    images: list[ExportedImage]
+
+
+def _folder_and_paths(dataset: Dataset, original_paths: list[str]) -> tuple[str, list[str]]:
+    """The archive's one top folder, and each image's path inside it. An upload of one folder
+    (`photos/cat/1.png`, what a folder chosen on the upload page sends) keeps that folder, and
+    the paths are the images' within it; else the folder is named after the dataset."""
+    tops = {path.split("/", 1)[0] for path in original_paths}
+    if len(tops) == 1 and all("/" in path for path in original_paths):
+        (top,) = tops
+        return top, [path.split("/", 1)[1] for path in original_paths]
+    # A file name: no slash, no control characters, not hidden (an upload skips hidden files).
+    name = "".join(" " if ch == "/" or ord(ch) < 32 or ch == "\x7f" else ch
+                   for ch in dataset.name).strip().lstrip(".").strip()
+    return name or f"dataset-{dataset.id}", original_paths
+
+
+def labels_csv(rows: list[tuple[str, str, str]]) -> bytes:
+    """`path,label,split` lines: a labeled image's class and split (train or test), an
+    unlabeled image's path alone."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", "split"])
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def plan(db: Session, settings: Settings, dataset: Dataset) -> Export:
+    """What the dataset's archive holds. Raises FileNotFoundError for a missing image file."""
+    directory = ingest.dataset_dir(settings, dataset)
+    stored = db.execute(
+        select(DatasetImage.original_path, DatasetImage.path, DatasetImage.split,
+               DatasetImage.label)
+        .where(DatasetImage.dataset_id == dataset.id).order_by(DatasetImage.id)
+    ).all()
+    folder, paths = _folder_and_paths(dataset, [row.original_path for row in stored])
+    rows, images = [], []
+    for path, row in zip(paths, stored, strict=True):
+        if row.label is None:
+            rows.append((path, "", ""))
+        else:
+            rows.append((path, dataset.class_names[row.label], row.split))
+        file = directory / row.path
+        images.append(ExportedImage(path, file, file.stat().st_size))
+    return Export(folder, labels_csv(rows), images)
+
+
+def _header(name: str, size: int, mtime: int) -> bytes:
+    """A tar header for a file (pax, for names over 100 bytes or not ASCII)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, mtime, 0o644
+    return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8")
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % BLOCK)
+
+
+def archive(export: Export, mtime: int) -> tuple[int, Iterator[bytes]]:
+    """The tar's length and its bytes, a chunk at a time. A file that has changed size or gone
+    since `plan` raises OSError partway: the answer breaks off short of its length, so the
+    client knows the download failed (a complete-looking archive would be missing files)."""
+    csv_name = f"{export.folder}/{LABELS_CSV}"
+    headers = [_header(f"{export.folder}/{image.path}", image.size, mtime)
+               for image in export.images]
+    length = (len(_header(csv_name, len(export.labels_csv), mtime))
+              + len(export.labels_csv) + len(_padding(len(export.labels_csv)))
+              + sum(len(header) + image.size + len(_padding(image.size))
+                    for header, image in zip(headers, export.images, strict=True))
+              + 2 * BLOCK)
+
+    def chunks() -> Iterator[bytes]:
+        yield _header(csv_name, len(export.labels_csv), mtime)
+        yield export.labels_csv + _padding(len(export.labels_csv))
+        for header, image in zip(headers, export.images, strict=True):
+            yield header
+            left = image.size
+            with image.file.open("rb") as stream:
+                while left:
+                    chunk = stream.read(min(CHUNK_BYTES, left))
+                    if not chunk:
+                        raise OSError(f"{image.file} is shorter than when the download began")
+                    left -= len(chunk)
+                    yield chunk
+                if stream.read(1):
+                    raise OSError(f"{image.file} is longer than when the download began")
+            yield _padding(image.size)
+        yield b"\0" * (2 * BLOCK)
+
+    return length, chunks()

@@ -1,0 +1,167 @@
+"""A dataset taken back out (`GET /api/datasets/{id}/archive` and `/labels.csv`) over real
+HTTP: the tar holds the uploaded images and a labels.csv with the labels given in the app and
+the held-out test split, and uploaded again it gives the same dataset; the page's links."""
+
+from __future__ import annotations
+
+import csv
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from app.dataset_export import Export, ExportedImage, archive
+from app.responses import FILE_DELETED
+from tests.browser import open_browser
+from tests.support import LiveServer
+from tests.test_add_labels import labels
+from tests.test_datasets_support import (
+    class_entries,
+    image_bytes,
+    stored_files,
+    upload,
+    zip_bytes,
+)
+
+# In one folder, as the upload page sends a folder: three labeled images of each class (one
+# of each held out for testing) and three unlabeled.
+FOLDER = {f"photos/{path}": data for path, data in {
+    **class_entries(("cat", "dog"), per_class=3, seed=31),
+    **{f"unlabeled/u{n}.png": image_bytes(7_000 + n) for n in range(3)}}.items()}
+
+
+def images_by_path(client, dataset_id: int) -> dict[str, tuple[str, str | None]]:
+    """Each image's (split, class name) by its uploaded path."""
+    dataset = client.get(f"/api/datasets/{dataset_id}").json()
+    names = [c["name"] for c in dataset["classes"]]
+    items = client.get(f"/api/datasets/{dataset_id}/images", params={"limit": 1000}).json()
+    return {image["original_path"]: (
+        image["split"], None if image["label"] is None else names[image["label"]])
+        for image in items["items"]}
+
+
+def test_a_dataset_with_labels_added_in_the_app_downloads_and_uploads_again_as_itself(
+    server: LiveServer,
+) -> None:
+    """The labels given in the app stayed in the app, and so did the hold-out: a person who
+    labeled images here could not take them to their own training code or another server."""
+    with server.client() as client:
+        first = upload(client, zip_bytes(FOLDER), name="photos").json()
+        made = labels(client, first["id"], "photos/unlabeled/u1.png,dog")
+        assert made.status_code == 201, made.text
+        dataset_id = made.json()["id"]
+        expected = images_by_path(client, dataset_id)
+        assert expected["photos/unlabeled/u1.png"] == ("train", "dog")
+        assert sorted(split for split, _ in expected.values()).count("test") == 2  # held out
+
+        response = client.get(f"/api/datasets/{dataset_id}/archive")
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/x-tar"
+        assert response.headers["content-disposition"] == 'attachment; filename="photos.tar"'
+        assert int(response.headers["content-length"]) == len(response.content)
+        tar = response.content
+        head = client.head(f"/api/datasets/{dataset_id}/archive")
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["content-length"]) == len(tar)
+
+        csv_answer = client.get(f"/api/datasets/{dataset_id}/labels.csv")
+        assert csv_answer.status_code == 200
+        assert client.get(f"/api/datasets/{dataset_id}/labels.csv", headers={
+            "If-None-Match": csv_answer.headers["etag"]}).status_code == 304
+
+        again = upload(client, tar, filename="photos.tar")
+        assert again.status_code == 201, again.text
+        assert again.json()["name"] == "photos"
+        assert again.json()["test_source"] == "uploaded"
+        assert again.json()["classes"] == made.json()["classes"]
+        assert images_by_path(client, again.json()["id"]) == expected
+
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archived:
+        names = archived.getnames()
+        assert names[0] == "photos/labels.csv"
+        assert sorted(names[1:]) == sorted(FOLDER)
+        for name in names[1:]:
+            assert archived.extractfile(name).read() == FOLDER[name]
+        listed = archived.extractfile("photos/labels.csv").read()
+    assert listed == csv_answer.content
+    rows = list(csv.reader(io.StringIO(listed.decode())))
+    assert rows[0] == ["path", "label", "split"]
+    by_path = {path: (label, split) for path, label, split in rows[1:]}
+    assert len(by_path) == len(FOLDER)
+    assert by_path["unlabeled/u1.png"] == ("dog", "train")
+    assert by_path["unlabeled/u0.png"] == ("", "")
+    for path, (split, name) in expected.items():
+        relative = path.removeprefix("photos/")
+        assert by_path[relative] == (("", "") if split == "unlabeled" else (name, split))
+
+
+def test_an_upload_without_one_top_folder_is_put_in_a_folder_named_after_the_dataset(
+    server: LiveServer,
+) -> None:
+    with server.client() as client:
+        dataset = upload(client, zip_bytes(class_entries(("cat", "dog"), seed=32)),
+                         name="../Chats/été").json()
+        response = client.get(f"/api/datasets/{dataset['id']}/archive")
+    assert response.status_code == 200
+    # Not a path: the slashes and the leading dots go, and the name is UTF-8 (RFC 6266).
+    assert response.headers["content-disposition"] == (
+        "attachment; filename*=utf-8''Chats%20%C3%A9t%C3%A9.tar")
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archived:
+        names = archived.getnames()
+    assert names[0] == "Chats été/labels.csv"
+    assert sorted(names[1:]) == sorted(f"Chats été/{path}" for path in class_entries(
+        ("cat", "dog"), seed=32))
+
+
+def test_a_dataset_whose_file_is_gone_or_that_does_not_exist_answers_404(
+    server: LiveServer,
+) -> None:
+    with server.client() as client:
+        dataset = upload(client, zip_bytes(class_entries(("cat", "dog"), seed=33))).json()
+        stored_files(server, dataset["id"])[0].unlink()
+        for what in ("archive", "labels.csv"):
+            response = client.get(f"/api/datasets/{dataset['id']}/{what}")
+            assert response.status_code == 404
+            assert response.json()["detail"] == FILE_DELETED
+            assert client.get(f"/api/datasets/999999/{what}").status_code == 404
+
+
+def test_a_file_that_changes_while_it_is_sent_breaks_the_archive_off(tmp_path: Path) -> None:
+    """The length was said first: an archive short of it is a failed download, where one
+    that went on would look complete."""
+    file = tmp_path / "a.png"
+    file.write_bytes(b"x" * 3000)
+    export = Export("photos", b"path,label,split\na.png,cat,train\n",
+                    [ExportedImage("a.png", file, 3000)])
+    length, chunks = archive(export, mtime=0)
+    whole = b"".join(chunks)
+    assert len(whole) == length
+    with tarfile.open(fileobj=io.BytesIO(whole)) as archived:
+        assert archived.extractfile("photos/a.png").read() == b"x" * 3000
+    for changed in (b"x" * 2000, b"x" * 4000):
+        file.write_bytes(changed)
+        _, chunks = archive(export, mtime=0)
+        with pytest.raises(OSError, match="than when the download began"):
+            b"".join(chunks)
+
+
+@pytest.mark.browser
+def test_the_dataset_page_downloads_the_dataset_and_its_labels(
+    server: LiveServer, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    with server.client() as client:
+        dataset = upload(client, zip_bytes(FOLDER), name="downloads").json()
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/datasets/{dataset['id']}")
+        with page.expect_download() as tar_download:
+            page.click("#dataset-downloads a:text('the dataset')")
+        assert tar_download.value.suggested_filename == "photos.tar"
+        with tarfile.open(tar_download.value.path()) as archived:
+            assert len(archived.getnames()) == len(FOLDER) + 1
+        with page.expect_download() as csv_download:
+            page.click("#dataset-downloads a:text('labels.csv')")
+        assert csv_download.value.suggested_filename == f"dataset-{dataset['id']}-labels.csv"
+        assert len(Path(csv_download.value.path()).read_text().splitlines()) == len(FOLDER) + 1
+        browser.assert_no_errors()

@@ -28,6 +28,7 @@ from app.routers.datasets import dataset_names, newest_datasets
 from app.routers.experiments import experiment_items
 from app.routers.health import check_health
 from app.schemas import ExperimentListItem, TimeLeft
+from worker.selftuning.pixels import IMAGE_SUFFIXES
 
 METHOD_TITLES = {"self-tuning": "Self-Tuning", "fine-tune": "Fine-tuning", "fixmatch": "FixMatch"}
 HOME_SHOWN = 5  # the newest experiments and datasets on the home page
@@ -35,6 +36,10 @@ HOME_SHOWN = 5  # the newest experiments and datasets on the home page
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
 templates.env.globals["version"] = __version__
+# What a page's image input (Try the model) offers to choose: the images an upload reads.
+templates.env.globals["image_accept"] = ",".join((
+    "image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "image/gif",
+    *IMAGE_SUFFIXES))
 
 
 def signed_in(request: Request) -> bool:

@@ -395,7 +395,7 @@ def _error_page(request: Request, status_code: int, title: str, detail: str) -> 
 
 
 # API answers that are files: a browser sent to sign in would save the sign-in page as one.
-DOWNLOADS = ("/checkpoint", "/events", "/thumbnail", ".csv", "/archive")
+DOWNLOADS = ("/checkpoint", "/events", "/thumbnail", ".csv", "/archive", ".onnx")
 
 
 def is_download(path: str) -> bool:

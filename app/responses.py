@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
@@ -61,6 +62,8 @@ class Download(FileResponse):
 
 
 FILE_DELETED = "the file was deleted (its run or dataset was deleted a moment ago)"
+# A folder the server may read but not write: its permissions, or a read-only mount.
+READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def send_file(request: Request, path: Path, filename: str | None = None,

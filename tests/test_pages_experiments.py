@@ -14,6 +14,8 @@ import sys
 import time
 import zipfile
 
+import numpy as np
+import onnxruntime
 import pytest
 
 from tests.browser import PHONE, open_browser
@@ -255,11 +257,18 @@ def test_upload_start_watch_and_take_the_model_in_the_browser(
         assert loaded.returncode == 0, loaded.stderr
         assert loaded.stdout.split() == ["3", "32"], loaded.stdout  # 3 classes, 32 px
         hrefs = page.eval_on_selector_all("#downloads a", "(links) => links.map((a) => a.href)")
-        assert len(hrefs) == 7  # checkpoint, its 3 files, test and unlabeled predictions,
-        # label next
+        assert len(hrefs) == 8  # checkpoint, ONNX, its 3 files, test and unlabeled
+        # predictions, label next
         for href in hrefs:
             response = page.request.get(href)
             assert response.ok and response.body(), (href, response.status)
+        # The ONNX model of the run the worker trained gives a score for each of its classes.
+        with page.expect_download() as download_info:
+            page.click("#download-onnx")
+        served = onnxruntime.InferenceSession(download_info.value.path(),
+                                              providers=["CPUExecutionProvider"])
+        (scores,) = served.run(["logits"], {"pixels": np.zeros((2, 3, 32, 32), np.float32)})
+        assert scores.shape == (2, 3)
         browser.screenshot("3-run-finished")
 
         # The same pages on a phone, reached by their links: nothing wider than the screen

@@ -32,7 +32,7 @@ def record_export(data_dir, database_url: str, run_id: int,
         "training.json": json.dumps({"metrics": {"test_top1": 0.5}}).encode(),
     }
     folder = data_dir / "runs" / str(run_id)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     with session_scope(database_url) as session:
         for name, data in files.items():
             (folder / name).write_bytes(data)

@@ -133,7 +133,7 @@ def test_what_cannot_be_labeled_is_refused_with_what_to_do(tried, client):
     one = [("file", ("a.png", image, "image/png"))]
     cases = [
         (client.post(f"/api/runs/{tried.queued_run_id}/predict", files=one), 409,
-         f"run {tried.queued_run_id} has no model to try: it is queued; a run exports its "
+         f"run {tried.queued_run_id} has no model: it is queued; a run exports its "
          "model when it succeeds"),
         (client.post("/api/runs/999999/predict", files=one), 404, "run 999999 does not exist"),
         (client.post(f"/api/runs/{tried.broken_run_id}/predict", files=one), 409,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import os
 import re
@@ -50,6 +49,7 @@ from app.live import (
     run_stream_key,
     timestamp,
 )
+from app.model_onnx import onnx_file
 from app.models import (
     CONFUSION_KEYS,
     DENSE_CONFUSION,
@@ -62,7 +62,7 @@ from app.models import (
     utcnow,
 )
 from app.reaper import REQUEUEABLE, requeue
-from app.responses import FILE_DELETED, csv_download, send_file
+from app.responses import FILE_DELETED, READ_ONLY, csv_download, send_file
 from app.routers.datasets import MULTIPART_ANSWERS, multipart_body
 from app.schemas import (
     CONFUSION_FORMS,
@@ -461,8 +461,42 @@ def download_checkpoint(run_id: RunId, request: Request, session: DbDep, setting
     return send_file(request, bundle, bundle.name, "application/zip")
 
 
-# A folder the server may read but not write: its permissions, or a read-only mount.
-READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
+@router.get("/{run_id}/model.onnx", response_class=FileResponse, responses={
+    **file_responses("application/octet-stream"),
+    409: {"model": ErrorOut, "description": "the run has not succeeded, or its model does "
+          "not load or convert (an architecture with an operation ONNX lacks)"}})
+@router.head("/{run_id}/model.onnx", include_in_schema=False)
+def download_onnx(run_id: RunId, request: Request, session: DbDep, settings: SettingsDep
+                  ) -> Response:
+    """The run's model as ONNX (opset 17), for serving without PyTorch: input `pixels`
+    (float32, batch x 3 x the input size of config.json's pretrained_cfg, normalised by its
+    mean and std), output `logits` in the order of `label_names`; both are also in the file's
+    metadata. Made on the first download (seconds), then kept beside the model."""
+    folder = model_folder(session, settings, run_id)
+    try:
+        path, temporary = onnx_file(folder)
+    except FileNotFoundError:
+        raise HTTPException(404, detail=FILE_DELETED) from None
+    except ValueError as exc:
+        raise HTTPException(409, detail=f"run {run_id}'s model cannot be given as ONNX: {exc}"
+                            ) from None
+    if not temporary:
+        return send_file(request, path, f"run-{run_id}-model.onnx", "application/octet-stream")
+    # Made for this request alone (the run's folder cannot be written): tagged by the model it
+    # was made from, so a download resumed with a Range goes on with the same bytes.
+    try:
+        weights = (folder / MODEL_FILE).stat()
+        version = f"onnx:{weights.st_size}:{weights.st_mtime_ns}"
+        response = send_file(request, path, f"run-{run_id}-model.onnx",
+                             "application/octet-stream", headers={
+                                 "ETag": f'"{hashlib.sha256(version.encode()).hexdigest()[:32]}"'})
+    except BaseException as exc:
+        path.unlink(missing_ok=True)
+        if isinstance(exc, FileNotFoundError):  # the run deleted meanwhile
+            raise HTTPException(404, detail=FILE_DELETED) from None
+        raise
+    response.background = BackgroundTask(path.unlink, missing_ok=True)
+    return response
 
 
 def write_checkpoint_zip(paths: list[Path], target: Path) -> None:
@@ -641,7 +675,7 @@ def model_folder(session: Session, settings: Settings, run_id: int) -> Path:
     that has not succeeded."""
     run = get_run(session, run_id)
     if run.status != "succeeded":
-        raise HTTPException(409, detail=f"run {run_id} has no model to try: it is "
+        raise HTTPException(409, detail=f"run {run_id} has no model: it is "
                             f"{run.status}; a run exports its model when it succeeds")
     model = artifact_path(settings, session, run_id, MODEL_FILE)
     if artifact_path(settings, session, run_id, CONFIG_FILE).parent != model.parent:

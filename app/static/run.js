@@ -992,6 +992,7 @@ async function drawDownloads(run, classNames) {
   const predictions = run.artifacts.find((a) => a.name === "predictions.csv");
   const links = [
     { href: `/api/runs/${run.id}/checkpoint`, text: "Checkpoint (zip: model, config, training record)", id: "download-checkpoint" },
+    { href: `/api/runs/${run.id}/model.onnx`, text: "ONNX model, to serve without PyTorch (made at the first download: seconds)", id: "download-onnx" },
     ...run.artifacts.filter((a) => a !== predictions).map((a) => ({ href: a.url, text: a.name, size: a.size_bytes })),
     { href: `/api/runs/${run.id}/predictions.csv`, text: "Predictions for the unlabeled images (CSV)", size: predictions?.size_bytes },
     { href: `/api/runs/${run.id}/label-next.csv`, text: "Label next: smallest margin between the top two classes first (CSV)" },

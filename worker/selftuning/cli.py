@@ -1,5 +1,6 @@
 """Command line: `python -m worker.selftuning train --data PATH --out DIR ...` trains a run;
-`python -m worker.selftuning predict --model DIR --images PATH ...` labels images with one."""
+`python -m worker.selftuning predict --model DIR --images PATH ...` labels images with one;
+`python -m worker.selftuning export-onnx --model DIR --out model.onnx` writes it as ONNX."""
 
 from __future__ import annotations
 
@@ -134,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images per forward pass (default: %(default)s)")
     label.add_argument("--cpu-threads", type=int, default=0,
                        help="torch threads on CPU (0: all cores; default: %(default)s)")
+    onnx = commands.add_parser("export-onnx", help="write a run's exported model as ONNX")
+    onnx.add_argument("--model", required=True, help="a run's --out folder, the checkpoint "
+                      "zip a run's page downloads, or a folder with its config.json and "
+                      "model.safetensors")
+    onnx.add_argument("--out", required=True, help="the .onnx file to write")
     return parser
 
 
@@ -141,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "predict":
         return label_images(args)
+    if args.command == "export-onnx":
+        return write_onnx(args)
     out = Path(args.out)
     try:
         config = RunConfig.from_preset(args.preset, **_overrides(args))
@@ -273,6 +281,28 @@ def label_images(args: argparse.Namespace) -> int:
     print(f"labeled {len(rows):,} image(s) into {len(exported.label_names)} classes in "
           f"{_duration(time.monotonic() - began)}" + (f"; wrote {out}" if out else ""),
           file=sys.stderr)
+    return 0
+
+
+def write_onnx(args: argparse.Namespace) -> int:
+    """`export-onnx`: the model as ONNX at --out (whole or not at all)."""
+    from worker.selftuning.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+
+    out = Path(args.out)
+    temp = out.with_name(f".{out.name}.tmp")
+    try:
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder: give the .onnx file to write")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with exported_files(Path(args.model)) as folder:
+            export_onnx(folder, temp)
+        os.replace(temp, out)
+    except (ValueError, OSError) as exc:
+        return _user_error(exc)
+    finally:
+        temp.unlink(missing_ok=True)
+    print(f"wrote {out}: input {INPUT_NAME!r} (float32 images, batch x 3 x height x width, "
+          f"normalised as config.json says), output {OUTPUT_NAME!r}", file=sys.stderr)
     return 0
 
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-import uuid
 from pathlib import Path
 
 from app.engine_preload import wait_for_preload
 from app.responses import READ_ONLY
-from worker.selftuning.files import MODEL_FILE, new_file_mode
+from worker.selftuning.files import MODEL_FILE, ONNX_FILE, new_file_mode, temporary_path
 
-ONNX_FILE = "model.onnx"  # worker.selftuning.onnx_export.ONNX_FILE, known without torch
 # One conversion at a time: the exporter's state is global, and each takes every core.
 _CONVERTING = threading.Lock()
 
@@ -34,7 +32,7 @@ def onnx_file(folder: Path) -> tuple[Path, bool]:
                 return target, False
         except FileNotFoundError:
             pass
-        temp = folder / f".{ONNX_FILE}.{uuid.uuid4().hex}.tmp"
+        temp = temporary_path(target)  # one conversion at a time: one name a process
         try:
             temp.touch()
         except OSError as exc:

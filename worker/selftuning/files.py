@@ -23,6 +23,8 @@ CONFIG_FILE = "config.json"
 TRAINING_FILE = "training.json"
 PREDICTIONS_FILE = "predictions.csv"
 TEST_PREDICTIONS_FILE = "test_predictions.json"
+# Made from the export when asked for (worker.selftuning.onnx_export).
+ONNX_FILE = "model.onnx"
 # `.<name>.<pid>.<host>.tmp`, or `<...>.<pid>.tmp` as written before the host was added.
 _TEMPORARY = re.compile(r"\.(?P<pid>\d+)(?:\.(?P<host>[A-Za-z0-9_-]+))?\.tmp$")
 

@@ -19,7 +19,6 @@ from timm.data import resolve_data_config
 from worker.selftuning.files import CONFIG_FILE
 from worker.selftuning.predict import load_exported
 
-ONNX_FILE = "model.onnx"
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 # Every runtime in use reads opset 17 (ONNX Runtime since 1.11, TensorRT 8.6, OpenVINO 2022.3).
 OPSET = 17

@@ -40,7 +40,14 @@ from app.deps import (
 )
 from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
-from app.responses import FILE_DELETED, client_holds, human_bytes, in_utc, send_file
+from app.responses import (
+    FILE_DELETED,
+    client_holds,
+    csv_body_download,
+    human_bytes,
+    in_utc,
+    send_file,
+)
 from app.schemas import UNREADABLE_BODY_OUT, ErrorOut, FieldErrorsOut, RenameIn
 from app.trash import deleted_answer
 
@@ -485,13 +492,7 @@ def download_labels(request: Request, dataset_id: DatasetId, db: DbDep,
     are the uploaded ones, within the upload's one top folder where it had one (put the file
     in that folder); the same as in `/archive`."""
     dataset, export = _export_or_404(db, settings, dataset_id)
-    body = export.labels_csv
-    headers = {"ETag": f'"{hashlib.sha256(body).hexdigest()[:32]}"', "Cache-Control": "no-cache"}
-    if client_holds(request, headers["ETag"]):
-        return Response(status_code=304, headers=headers)
-    return Response(body, media_type="text/csv", headers={
-        **headers,
-        "Content-Disposition": f'attachment; filename="dataset-{dataset.id}-labels.csv"'})
+    return csv_body_download(request, export.labels_csv, f"dataset-{dataset.id}-labels.csv")
 
 
 @router.get("/{dataset_id}/archive", response_class=StreamingResponse, responses={

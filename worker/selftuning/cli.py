@@ -85,6 +85,11 @@ def parse_budget(text: str) -> Budget:
         raise BudgetError(f"budget {text!r}: use {BUDGET_FORMS}") from None
 
 
+# What --model takes, for `predict` and `export-onnx`.
+MODEL_HELP = ("a run's --out folder, the checkpoint zip a run's page downloads, or a folder with "
+              "its config.json and model.safetensors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worker.selftuning")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,9 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "none, they are decoded again)")
 
     label = commands.add_parser("predict", help="label images with a run's exported model")
-    label.add_argument("--model", required=True, help="a run's --out folder, the checkpoint "
-                       "zip a run's page downloads, or a folder with its config.json and "
-                       "model.safetensors")
+    label.add_argument("--model", required=True, help=MODEL_HELP)
     label.add_argument("--images", required=True, nargs="+", help="image files, or folders "
                        "whose images (sub-folders' too) are labeled")
     label.add_argument("--out", help="write the CSV (path, label, confidence, margin) here "
@@ -136,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--cpu-threads", type=int, default=0,
                        help="torch threads on CPU (0: all cores; default: %(default)s)")
     onnx = commands.add_parser("export-onnx", help="write a run's exported model as ONNX")
-    onnx.add_argument("--model", required=True, help="a run's --out folder, the checkpoint "
-                      "zip a run's page downloads, or a folder with its config.json and "
-                      "model.safetensors")
+    onnx.add_argument("--model", required=True, help=MODEL_HELP)
     onnx.add_argument("--out", required=True, help="the .onnx file to write")
     return parser
 

@@ -18,7 +18,7 @@ import onnxruntime
 import redis
 import torch
 
-from tests.support import PROJECT_ROOT, add_dataset_row, small_disk
+from tests.support import PROJECT_ROOT, add_dataset_row, small_disk, wait_for
 from tests.test_experiments_cancel_delete import start_sweep
 from tests.test_pages_fixes import finish
 from tests.test_run_downloads import record_export
@@ -130,4 +130,6 @@ def test_the_onnx_of_a_run_folder_the_server_cannot_write_still_downloads(tried,
         part = client.get(url, headers={"Range": "bytes=100-199"})
         assert part.status_code == 206 and part.content == first.content[100:200]
         assert sorted(path.name for path in folder.iterdir()) == sorted(files)
-    assert set(Path(tempfile.gettempdir()).glob("selftune-*.onnx")) == temps_before
+    # Each request's file goes once it has been sent (a task after the answer's last byte).
+    wait_for(lambda: set(Path(tempfile.gettempdir()).glob("selftune-*.onnx")) == temps_before,
+             timeout=10, message="the temporary ONNX files to be deleted")

@@ -16,7 +16,7 @@ import redis
 
 from app.db import session_scope
 from app.models import Artifact, RunMetric
-from tests.support import add_dataset_row
+from tests.support import add_dataset_row, wait_for
 from tests.test_experiments_cancel_delete import end_as_worker, start_sweep
 
 MODEL_BYTES = 48 * 1024 * 1024  # big enough that zipping it takes a while
@@ -221,5 +221,6 @@ def test_a_checkpoint_of_a_run_folder_the_server_cannot_write_still_downloads(li
             held = client.get(url, headers={"If-None-Match": first.headers["etag"]})
             assert held.status_code == 304
             assert sorted(path.name for path in folder.iterdir()) == sorted(files)
-        # Each request's zip went once it was sent.
-        assert set(Path(tempfile.gettempdir()).glob("selftune-checkpoint-*")) == temps_before
+        # Each request's zip went once it was sent (a task after the answer's last byte).
+        wait_for(lambda: set(Path(tempfile.gettempdir()).glob("selftune-checkpoint-*"))
+                 == temps_before, timeout=10, message="the temporary zips to be deleted")

@@ -437,6 +437,7 @@ export function runPage() {
     const results = document.getElementById("results");
     results.hidden = false;
     drawResults(run, classNames);
+    drawMistakes(run);
     drawLabelNext(run, classNames);
     drawDownloads(run, classNames);
     tryModel(run);
@@ -574,7 +575,7 @@ function drawConfusion(confusion, names) {
         class: `num cm${i === j ? " diagonal" : ""}`,
         style: { background: `rgba(47, 111, 222, ${(share * 0.9).toFixed(3)})`, color: share > 0.55 ? "#fff" : "" },
         title: `true ${names[i]}, predicted ${names[j]}: ${count} of ${total} (${pct(share)})`,
-      }, count);
+      }, i !== j && count ? mistakesLink(names[i], names[j], count) : count);
     }));
   });
   document.getElementById("confusion").replaceChildren(h("thead", {}, head), h("tbody", {}, body));
@@ -612,7 +613,8 @@ function drawConfusions({ size, row_totals: totals, cells: sparse }, names) {
     h("th", { class: "num" }, "Test images"), h("th", { class: "num" }, "Share of the class"));
   const listed = cells.slice(0, CONFUSIONS_LISTED);
   const body = listed.map(({ i, j, count, total }) => h("tr", {},
-    h("td", { class: "name" }, names[i]), h("td", { class: "name" }, names[j]), h("td", { class: "num" }, count),
+    h("td", { class: "name" }, names[i]), h("td", { class: "name" }, names[j]),
+    h("td", { class: "num" }, mistakesLink(names[i], names[j], count)),
     h("td", { class: "num" }, pct(count / total))));
   const table = document.getElementById("confusion");
   table.classList.remove("confusion");
@@ -892,6 +894,84 @@ function parseCsv(text) {
   if (field || row.length) { row.push(field); rows.push(row); }
   const [header = [], ...body] = rows;
   return body.map((cells) => Object.fromEntries(header.map((key, i) => [key, cells[i] ?? ""])));
+}
+
+// The test images of a true class taken for another: a count of the confusion matrix (or of
+// its most frequent confusions) links to them under "Test images it got wrong".
+const mistakesLink = (label, predicted, count) => h("a", {
+  href: "#mistakes", class: "mistakes-link", "data-label": label, "data-predicted": predicted,
+  title: `show the ${count} test image${count === 1 ? "" : "s"} of ${label} taken for ${predicted}`,
+}, count);
+
+const MISTAKES_SHOWN = 24; // test images shown at first, and at each "Show more"
+
+// The test images the exported model got wrong (test_predictions.json: each test image's
+// class and the model's answer), those of every pair of a class and an answer or of one pair,
+// the most frequent pair first; each opens larger (viewer.js), to tell a mistake of the model
+// from a wrong label in the test split.
+async function drawMistakes(run) {
+  const box = document.getElementById("mistakes-thumbs");
+  const choice = document.getElementById("mistakes-choice");
+  const pick = document.getElementById("mistakes-pair");
+  const say = (text) => box.replaceChildren(h("p", { class: "muted" }, text));
+  const tested = run.artifacts.find((a) => a.name === "test_predictions.json");
+  if (!tested) return say("No test predictions recorded for this run.");
+  let rows;
+  try {
+    rows = await getJSON(tested.url);
+  } catch (error) {
+    return say(`The test predictions could not be read (${error.message}).`);
+  }
+  const wrong = rows.filter((row) => row.label !== row.predicted);
+  if (!wrong.length) {
+    return say(`None: the model got each of the ${count(rows.length)} test images right.`);
+  }
+  const pairs = new Map(); // "label\0predicted" -> its images, in test order
+  for (const row of wrong) {
+    const key = `${row.label}\0${row.predicted}`;
+    if (!pairs.has(key)) pairs.set(key, []);
+    pairs.get(key).push(row);
+  }
+  const ordered = [...pairs].sort(([a, x], [b, y]) => y.length - x.length || (a < b ? -1 : 1));
+  pick.replaceChildren(
+    h("option", { value: "" }, `every mistake (${count(wrong.length)} of ${count(rows.length)} test images)`),
+    ...ordered.map(([key, images]) => {
+      const [label, predicted] = key.split("\0");
+      return h("option", { value: key }, `${label} taken for ${predicted} (${count(images.length)})`);
+    }));
+  choice.hidden = false;
+
+  let images = wrong;
+  let shown = 0;
+  const more = h("button", { type: "button", class: "secondary", id: "mistakes-more", "data-more": "" });
+  const rest = h("p", { id: "mistakes-rest" }, more);
+  const showMore = () => {
+    const next = images.slice(shown, shown + MISTAKES_SHOWN);
+    shown += next.length;
+    rest.before(...next.map((row) => labelFigure({
+      src: row.image_id ? `/api/datasets/${run.dataset_id}/images/${row.image_id}/thumbnail` : null,
+      path: row.path, alt: row.path, title: `${row.path}: ${row.label}, taken for ${row.predicted}`,
+    }, [h("span", { class: "label" }, row.label), h("span", { class: "label" }, `→ ${row.predicted}`)])));
+    const left = images.length - shown;
+    more.textContent = `Show ${Math.min(left, MISTAKES_SHOWN)} more`;
+    rest.hidden = left === 0;
+  };
+  more.addEventListener("click", showMore);
+  const show = (key) => {
+    pick.value = pairs.has(key) ? key : "";
+    images = pairs.get(pick.value) ?? wrong;
+    shown = 0;
+    box.querySelectorAll("figure").forEach((figure) => figure.remove());
+    showMore();
+  };
+  pick.addEventListener("change", () => show(pick.value));
+  // A count in the matrix: its pair, then the browser goes to #mistakes.
+  document.getElementById("confusion").addEventListener("click", (event) => {
+    const link = event.target.closest("a.mistakes-link");
+    if (link) show(`${link.dataset.label}\0${link.dataset.predicted}`);
+  });
+  box.replaceChildren(rest);
+  show("");
 }
 
 async function drawLabelNext(run, classNames) {

@@ -104,19 +104,31 @@ def archive(export: Export, mtime: int) -> tuple[int, Iterator[bytes]]:
     since `plan` raises OSError partway: the answer breaks off short of its length, so the
     client knows the download failed (a complete-looking archive would be missing files)."""
     csv_name = f"{export.folder}/{LABELS_CSV}"
-    headers = [_header(f"{export.folder}/{image.path}", image.size, mtime)
-               for image in export.images]
+    # The headers are made twice, to count and to send, rather than held: 200,000 images'
+    # are 100 MB or more (15 µs each to make).
     length = (len(_header(csv_name, len(export.labels_csv), mtime))
               + len(export.labels_csv) + len(_padding(len(export.labels_csv)))
-              + sum(len(header) + image.size + len(_padding(image.size))
-                    for header, image in zip(headers, export.images, strict=True))
+              + sum(len(_header(f"{export.folder}/{image.path}", image.size, mtime))
+                    + image.size + len(_padding(image.size)) for image in export.images)
               + 2 * BLOCK)
 
     def chunks() -> Iterator[bytes]:
+        # Gathered into pieces of CHUNK_BYTES: each piece the server sends costs a hop to a
+        # thread and back: animal-mnist (9,716 images, 10.8 MB) took 2.7 s a piece each, 0.6 s so.
+        buffer = bytearray()
+        for piece in pieces():
+            buffer += piece
+            if len(buffer) >= CHUNK_BYTES:
+                yield bytes(buffer)
+                buffer.clear()
+        if buffer:
+            yield bytes(buffer)
+
+    def pieces() -> Iterator[bytes]:
         yield _header(csv_name, len(export.labels_csv), mtime)
         yield export.labels_csv + _padding(len(export.labels_csv))
-        for header, image in zip(headers, export.images, strict=True):
-            yield header
+        for image in export.images:
+            yield _header(f"{export.folder}/{image.path}", image.size, mtime)
             left = image.size
             with image.file.open("rb") as stream:
                 while left:

@@ -64,10 +64,11 @@ def test_the_mistakes_show_by_pair_from_the_matrix_and_open_larger(
 ) -> None:
     with server.client() as client:
         dataset_id, tested = uploaded(client)
-        # 30 of the cats taken for dogs, 2 foxes for cats, the rest right.
-        cats = [row for row in tested if row["label"] == "cat"]
-        foxes = [row for row in tested if row["label"] == "fox"]
-        wrong = {id(row): "dog" for row in cats[:30]} | {id(row): "cat" for row in foxes[:2]}
+        # 30 of the cats taken for dogs, 2 foxes for cats, a dog for a fox, the rest right.
+        cats, dogs, foxes = ([row for row in tested if row["label"] == name]
+                             for name in ("cat", "dog", "fox"))
+        wrong = ({id(row): "dog" for row in cats[:30]} | {id(row): "cat" for row in foxes[:2]}
+                 | {id(dogs[0]): "fox"})
         answers = [{**row, "predicted": wrong.get(id(row), row["label"])} for row in tested]
         run_id = finished_run(server, client, dataset_id, answers)
         right_run = finished_run(server, client, dataset_id,
@@ -78,11 +79,16 @@ def test_the_mistakes_show_by_pair_from_the_matrix_and_open_larger(
         page.wait_for_selector(READY)
         options = page.eval_on_selector_all("#mistakes-pair option",
                                             "(options) => options.map((o) => o.textContent)")
-        assert options == ["every mistake (32 of 40 test images)", "cat taken for dog (30)",
-                           "fox taken for cat (2)"]
-        # In test order, 24 at first, then the 8 left.
+        assert options == ["every mistake (33 of 40 test images)", "cat taken for dog (30)",
+                           "fox taken for cat (2)", "dog taken for fox (1)"]
+        # The most frequent pair's first, each pair's in test order; 24 at first, then the 9
+        # left.
         expect(page.locator("#mistakes-thumbs figure")).to_have_count(24)
         in_order = [row for row in answers if row["predicted"] != row["label"]]
+        in_order = ([row for row in in_order if row["label"] == "cat"]
+                    + [row for row in in_order if row["label"] == "fox"]
+                    + [row for row in in_order if row["label"] == "dog"])
+        assert [row["label"] for row in answers if row["predicted"] != row["label"]][30] == "dog"
         assert [f["src"] for f in figures(page)] == [
             f"/api/datasets/{dataset_id}/images/{row['image_id']}/thumbnail"
             for row in in_order[:24]]
@@ -92,7 +98,10 @@ def test_the_mistakes_show_by_pair_from_the_matrix_and_open_larger(
         assert first["title"] == f"{in_order[0]['path']}: cat, taken for dog"
         assert first["caption"].split("\n") == ["cat", "→ dog"]
         page.click("#mistakes-more")
-        expect(page.locator("#mistakes-thumbs figure")).to_have_count(32)
+        expect(page.locator("#mistakes-thumbs figure")).to_have_count(33)
+        assert [f["src"] for f in figures(page)][24:] == [
+            f"/api/datasets/{dataset_id}/images/{row['image_id']}/thumbnail"
+            for row in in_order[24:]]
         assert page.is_hidden("#mistakes-rest")
 
         page.select_option("#mistakes-pair", label="fox taken for cat (2)")

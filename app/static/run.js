@@ -906,8 +906,8 @@ const mistakesLink = (label, predicted, count) => h("a", {
 const MISTAKES_SHOWN = 24; // test images shown at first, and at each "Show more"
 
 // The test images the exported model got wrong (test_predictions.json: each test image's
-// class and the model's answer), those of every pair of a class and an answer or of one pair,
-// the most frequent pair first; each opens larger (viewer.js), to tell a mistake of the model
+// class and the model's answer), those of one pair of a class and an answer or of every pair,
+// the most frequent pair first (each pair's in test order); each opens larger (viewer.js), to tell a mistake of the model
 // from a wrong label in the test split.
 async function drawMistakes(run) {
   const box = document.getElementById("mistakes-thumbs");
@@ -933,6 +933,8 @@ async function drawMistakes(run) {
     pairs.get(key).push(row);
   }
   const ordered = [...pairs].sort(([a, x], [b, y]) => y.length - x.length || (a < b ? -1 : 1));
+  // Every mistake: those of the most frequent pair first, as the list names them.
+  const every = ordered.flatMap(([, images]) => images);
   pick.replaceChildren(
     h("option", { value: "" }, `every mistake (${count(wrong.length)} of ${count(rows.length)} test images)`),
     ...ordered.map(([key, images]) => {
@@ -941,7 +943,7 @@ async function drawMistakes(run) {
     }));
   choice.hidden = false;
 
-  let images = wrong;
+  let images = every;
   let shown = 0;
   const more = h("button", { type: "button", class: "secondary", id: "mistakes-more", "data-more": "" });
   const rest = h("p", { id: "mistakes-rest" }, more);
@@ -959,7 +961,7 @@ async function drawMistakes(run) {
   more.addEventListener("click", showMore);
   const show = (key) => {
     pick.value = pairs.has(key) ? key : "";
-    images = pairs.get(pick.value) ?? wrong;
+    images = pairs.get(pick.value) ?? every;
     shown = 0;
     box.querySelectorAll("figure").forEach((figure) => figure.remove());
     showMore();

@@ -7,6 +7,7 @@ import {
 } from "/static/charts.js";
 import { renamer } from "/static/rename.js";
 import { tryModels } from "/static/try_model.js";
+import { endNotice } from "/static/notify.js";
 import { onSession } from "/static/session.js";
 
 // --- the start form ------------------------------------------------------------------------
@@ -633,9 +634,25 @@ export function experimentPage() {
   let requeueing = false; // asked to queue the ended runs again, not yet answered
   const active = () => [...runs.values()].filter((run) => !TERMINAL.has(run.status));
   const rerunnable = () => [...runs.values()].filter((run) => RERUNNABLE.has(run.status));
+  // A desktop notification once every run has ended, where asked for (notify.js).
+  const notice = endNotice(document.getElementById("notify-end"),
+    document.getElementById("notify-note"), `notify-experiment-${id}`);
+  let going = active().length > 0;
+  function noticeEnd(left) {
+    notice.update(left > 0);
+    if (going && left === 0) {
+      const ended = [...TERMINAL].map((status) => [status, [...runs.values()]
+        .filter((run) => run.status === status).length]).filter(([, n]) => n)
+        .map(([status, n]) => `${n} ${status}`).join(", ");
+      notice.ended(`${document.getElementById("title-name").textContent}: every run has ended`,
+        `${ended} (experiment #${id})`);
+    }
+    going = left > 0;
+  }
   function drawActions() {
     const focused = document.activeElement;
     const left = active().length;
+    noticeEnd(left);
     if (left === 0) cancelling = false;
     const again = rerunnable();
     const requeueAll = document.getElementById("requeue-all");

@@ -6,6 +6,7 @@ import {
   TERMINAL,
 } from "/static/charts.js";
 import { labelChoice, labelFigure, labelingForm, showMoreButton } from "/static/add_labels.js";
+import { endNotice } from "/static/notify.js";
 import { onSession } from "/static/session.js";
 import { tryModel } from "/static/try_model.js";
 import { localTime } from "/static/times.js";
@@ -65,6 +66,21 @@ export function runPage() {
   // Signed out (in another tab, or a read was refused): nothing is followed until a sign-in,
   // which the page hears of from the tab that signs in.
   let signedOut = false;
+
+  // A desktop notification when the run ends, where asked for (notify.js).
+  const notice = endNotice(document.getElementById("notify-end"),
+    document.getElementById("notify-note"), `notify-run-${id}`);
+  let going = !TERMINAL.has(initial.status);
+  function noticeEnd() {
+    const now = !TERMINAL.has(run.status);
+    notice.update(now);
+    if (going && !now) {
+      const score = isNumber(run.metrics?.test_top1) ? `: test top-1 ${pct(run.metrics.test_top1)}` : "";
+      const text = (where) => document.getElementById(where).textContent.replace(/\s+/g, " ").trim();
+      notice.ended(`Run #${id} ${run.status}${score}`, `${text("method")}, ${text("budget")}, seed ${run.seed}`);
+    }
+    going = now;
+  }
 
   // --- live curves: one point per (kind, step), whichever way it arrived -------------------
   const points = { progress: new Map(), eval: new Map() };
@@ -216,6 +232,7 @@ export function runPage() {
   let requeueing = false;
   function drawStatus() {
     const focused = document.activeElement;
+    noticeEnd();
     showStatus(document.getElementById("run-status"), run.status);
     document.getElementById("step").textContent = `${count(run.step)} / ${count(run.total_steps)}`;
     document.getElementById("step-bar").value = run.total_steps ? run.step / run.total_steps : 0;

@@ -14,6 +14,7 @@ from typing import Any
 import anyio.to_thread
 from fastapi import HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
@@ -82,6 +83,29 @@ def send_file(request: Request, path: Path, filename: str | None = None,
         return Response(status_code=304, headers={
             name: response.headers[name] for name in ("etag", "last-modified", "cache-control")
             if name in response.headers})
+    return response
+
+
+def files_tag(paths: list[Path]) -> str:
+    """An ETag for what is made from `paths` (their sizes and times): a 404 when one is gone."""
+    try:
+        versions = [f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+                    for path, stat in ((path, path.stat()) for path in paths)]
+    except FileNotFoundError:
+        raise HTTPException(404, detail=FILE_DELETED) from None
+    return '"' + hashlib.sha256("|".join(versions).encode()).hexdigest()[:32] + '"'
+
+
+def send_temporary_file(request: Request, path: Path, filename: str, media_type: str,
+                        etag: str) -> Response:
+    """A file made for this request alone (where it could not be kept), sent as `send_file`
+    sends one, tagged `etag`, and deleted once sent, or at once if it is not."""
+    try:
+        response = send_file(request, path, filename, media_type, headers={"ETag": etag})
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    response.background = BackgroundTask(path.unlink, missing_ok=True)
     return response
 
 

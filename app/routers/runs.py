@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import tempfile
@@ -22,7 +21,6 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
-from starlette.background import BackgroundTask
 
 from app.config import MISSED_HEARTBEATS, Settings
 from app.confusion import sparse_confusion
@@ -62,7 +60,14 @@ from app.models import (
     utcnow,
 )
 from app.reaper import REQUEUEABLE, requeue
-from app.responses import FILE_DELETED, READ_ONLY, csv_download, send_file
+from app.responses import (
+    FILE_DELETED,
+    READ_ONLY,
+    csv_download,
+    files_tag,
+    send_file,
+    send_temporary_file,
+)
 from app.routers.datasets import MULTIPART_ANSWERS, multipart_body
 from app.schemas import (
     CONFUSION_FORMS,
@@ -473,6 +478,9 @@ def download_onnx(run_id: RunId, request: Request, session: DbDep, settings: Set
     mean and std), output `logits` in the order of `label_names`; both are also in the file's
     metadata. Made on the first download (seconds), then kept beside the model."""
     folder = model_folder(session, settings, run_id)
+    # Made for a request alone where the run's folder cannot be written: tagged by the model
+    # it is made from, so a download resumed with a Range goes on with the same bytes.
+    etag = files_tag([folder / MODEL_FILE])
     try:
         path, temporary = onnx_file(folder)
     except FileNotFoundError:
@@ -480,23 +488,10 @@ def download_onnx(run_id: RunId, request: Request, session: DbDep, settings: Set
     except ValueError as exc:
         raise HTTPException(409, detail=f"run {run_id}'s model cannot be given as ONNX: {exc}"
                             ) from None
-    if not temporary:
-        return send_file(request, path, f"run-{run_id}-model.onnx", "application/octet-stream")
-    # Made for this request alone (the run's folder cannot be written): tagged by the model it
-    # was made from, so a download resumed with a Range goes on with the same bytes.
-    try:
-        weights = (folder / MODEL_FILE).stat()
-        version = f"onnx:{weights.st_size}:{weights.st_mtime_ns}"
-        response = send_file(request, path, f"run-{run_id}-model.onnx",
-                             "application/octet-stream", headers={
-                                 "ETag": f'"{hashlib.sha256(version.encode()).hexdigest()[:32]}"'})
-    except BaseException as exc:
-        path.unlink(missing_ok=True)
-        if isinstance(exc, FileNotFoundError):  # the run deleted meanwhile
-            raise HTTPException(404, detail=FILE_DELETED) from None
-        raise
-    response.background = BackgroundTask(path.unlink, missing_ok=True)
-    return response
+    name = f"run-{run_id}-model.onnx"
+    if temporary:
+        return send_temporary_file(request, path, name, "application/octet-stream", etag)
+    return send_file(request, path, name, "application/octet-stream")
 
 
 def write_checkpoint_zip(paths: list[Path], target: Path) -> None:
@@ -511,26 +506,18 @@ def write_checkpoint_zip(paths: list[Path], target: Path) -> None:
 def send_checkpoint_zip_once(request: Request, paths: list[Path], filename: str) -> Response:
     """The checkpoint zip built for one request in the temp folder, tagged by the files in it
     (so a download resumed with a Range gets the same bytes from the next request's zip)."""
-    try:
-        versions = [f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
-                    for path, stat in ((path, path.stat()) for path in paths)]
-    except FileNotFoundError:
-        raise HTTPException(404, detail=FILE_DELETED) from None
-    etag = '"' + hashlib.sha256("|".join(versions).encode()).hexdigest()[:32] + '"'
+    etag = files_tag(paths)
     handle, name = tempfile.mkstemp(prefix="selftune-checkpoint-", suffix=".zip")
     os.close(handle)
     temp = Path(name)
     try:
         write_checkpoint_zip(paths, temp)
-        response = send_file(request, temp, filename, "application/zip", headers={"ETag": etag})
-    except FileNotFoundError:
+    except BaseException as exc:
         temp.unlink(missing_ok=True)
-        raise HTTPException(404, detail=FILE_DELETED) from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
+        if isinstance(exc, FileNotFoundError):  # the run deleted while zipping
+            raise HTTPException(404, detail=FILE_DELETED) from None
         raise
-    response.background = BackgroundTask(temp.unlink, missing_ok=True)
-    return response
+    return send_temporary_file(request, temp, filename, "application/zip", etag)
 
 
 @router.get("/{run_id}/predictions.csv", response_class=FileResponse,

@@ -175,9 +175,12 @@ def celery_worker(live_server: LiveServer, tmp_path: Path):
 def server(request: pytest.FixtureRequest, tmp_path_factory, redis_url: str
            ) -> Iterator[LiveServer]:
     """A uvicorn process shared by one test module, on its own data directory; the module's
-    `SERVER_ENV` dict, if any, adds environment settings (upload limits, say)."""
+    `SERVER_ENV` dict, if any, adds environment settings (upload limits, say). Its database
+    is new, so Redis is emptied first, as for each `live_server`: the feeds of an earlier
+    test's experiment or run of the same id would be read as this one's."""
     from tests.test_datasets_support import dataset_server
 
+    reset_redis(redis_url)
     extra_env = getattr(request.module, "SERVER_ENV", {})
     base = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
     with dataset_server(base, redis_url, **extra_env) as live:

@@ -632,6 +632,10 @@ export function experimentPage() {
   // ended without finishing (failed, cancelled, lost).
   let cancelling = false; // asked to cancel: running runs stop within about one iteration
   let requeueing = false; // asked to queue the ended runs again, not yet answered
+  // How many of `list` have each of `statuses`, those with none left out: "2 failed, 1 lost".
+  const tally = (statuses, list) => [...statuses]
+    .map((status) => [status, list.filter((run) => run.status === status).length])
+    .filter(([, n]) => n).map(([status, n]) => `${n} ${status}`).join(", ");
   const active = () => [...runs.values()].filter((run) => !TERMINAL.has(run.status));
   const rerunnable = () => [...runs.values()].filter((run) => RERUNNABLE.has(run.status));
   // A desktop notification once every run has ended, where asked for (notify.js).
@@ -641,9 +645,7 @@ export function experimentPage() {
   function noticeEnd(left) {
     notice.update(left > 0);
     if (going && left === 0) {
-      const ended = [...TERMINAL].map((status) => [status, [...runs.values()]
-        .filter((run) => run.status === status).length]).filter(([, n]) => n)
-        .map(([status, n]) => `${n} ${status}`).join(", ");
+      const ended = tally(TERMINAL, [...runs.values()]);
       notice.ended(`${document.getElementById("title-name").textContent}: every run has ended`,
         `${ended} (experiment #${id})`);
     }
@@ -659,8 +661,7 @@ export function experimentPage() {
     requeueAll.hidden = again.length === 0;
     requeueAll.setAttribute("aria-disabled", requeueing); // as Cancel all, below
     requeueAll.textContent = requeueing ? "Queuing…" : `Run ${plural(again.length, "run")} again`;
-    const kinds = [...RERUNNABLE].map((status) => [status, again.filter((run) => run.status === status).length])
-      .filter(([, n]) => n).map(([status, n]) => `${n} ${status}`).join(", ");
+    const kinds = tally(RERUNNABLE, again);
     requeueAll.title = `Queue again the runs that ended without finishing (${kinds}); each resumes from its last checkpoint`;
     const cancelAll = document.getElementById("cancel-all");
     cancelAll.hidden = left === 0;

@@ -924,8 +924,8 @@ const MISTAKES_SHOWN = 24; // test images shown at first, and at each "Show more
 
 // The test images the exported model got wrong (test_predictions.json: each test image's
 // class and the model's answer), those of one pair of a class and an answer or of every pair,
-// the most frequent pair first (each pair's in test order); each opens larger (viewer.js), to tell a mistake of the model
-// from a wrong label in the test split.
+// the most frequent pair first (each pair's in test order); each opens larger (viewer.js),
+// to tell a mistake of the model from a wrong label in the test split.
 async function drawMistakes(run) {
   const box = document.getElementById("mistakes-thumbs");
   const choice = document.getElementById("mistakes-choice");

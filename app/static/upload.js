@@ -73,10 +73,15 @@
       chosen.textContent = !file ? "" : described || file.name + " (" + formatBytes(file.size) + ")";
       showError("");
       if (file && maxBytes && file.size > maxBytes) {
-        showError("This " + (described ? "folder is " : "file is ") + formatBytes(file.size) +
-          "; the server accepts at most " + formatBytes(maxBytes) + ". Split it into smaller " +
-          (described ? "folders." : "archives."));
+        showError(tooLarge(described ? "This folder is" : "This file is", file.size,
+          described ? "folders" : "archives"));
       }
+    }
+
+    // What is over the server's size limit: "This file is 5.0 GiB; ... smaller archives."
+    function tooLarge(subject, size, pieces) {
+      return subject + " " + formatBytes(size) + "; the server accepts at most " +
+        formatBytes(maxBytes) + ". Split it into smaller " + pieces + ".";
     }
 
     // A folder's turn: what is chosen so far is let go; while it is still the folder's turn
@@ -115,8 +120,7 @@
       }
       const bytes = entries.reduce(function (sum, entry) { return sum + entry.file.size; }, 0);
       if (maxBytes && bytes > maxBytes) {
-        turn.fail("This folder's files are " + formatBytes(bytes) + "; the server accepts at " +
-          "most " + formatBytes(maxBytes) + ". Split it into smaller folders.");
+        turn.fail(tooLarge("This folder's files are", bytes, "folders"));
         return;
       }
       let archive;

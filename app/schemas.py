@@ -142,6 +142,8 @@ class FieldErrorsOut(BaseModel):
 # A JSON body that cannot be read at all (not UTF-8, nested too deeply).
 UNREADABLE_BODY_OUT = {400: {"model": ErrorOut, "description": "the body could not be read "
                              "(not UTF-8, or nested too deeply)"}}
+# A CSV list answered with an ETag (app.responses.csv_download), to a client that holds it.
+CSV_NOT_MODIFIED = {"description": "not modified: `If-None-Match` holds this list's ETag"}
 
 
 class PerClassBudget(BaseModel):

@@ -48,7 +48,13 @@ from app.responses import (
     in_utc,
     send_file,
 )
-from app.schemas import UNREADABLE_BODY_OUT, ErrorOut, FieldErrorsOut, RenameIn
+from app.schemas import (
+    CSV_NOT_MODIFIED,
+    UNREADABLE_BODY_OUT,
+    ErrorOut,
+    FieldErrorsOut,
+    RenameIn,
+)
 from app.trash import deleted_answer
 
 log = logging.getLogger(__name__)
@@ -484,7 +490,7 @@ def _export_or_404(db: Session, settings: Settings, dataset_id: int
 
 @router.get("/{dataset_id}/labels.csv", response_class=Response, responses={
     200: {"content": {"text/csv": {}}}, 404: {"model": ErrorOut},
-    304: {"description": "not modified: `If-None-Match` holds this list's ETag"}})
+    304: CSV_NOT_MODIFIED})
 def download_labels(request: Request, dataset_id: DatasetId, db: DbDep,
                     settings: SettingsDep) -> Response:
     """Every image's `path,label,split` as an upload reads them: the labels given in the app

@@ -71,6 +71,7 @@ from app.responses import (
 from app.routers.datasets import MULTIPART_ANSWERS, multipart_body
 from app.schemas import (
     CONFUSION_FORMS,
+    CSV_NOT_MODIFIED,
     ERROR_LINE_MAX,
     ArtifactOut,
     ClassProbability,
@@ -124,9 +125,6 @@ def file_responses(*media_types: str) -> dict:
               "(it has not finished)"},
         416: {"description": "the byte range asked for lies outside the file"},
     }
-
-
-CSV_NOT_MODIFIED = {"description": "not modified: `If-None-Match` holds this list's ETag"}
 
 
 def get_run(session: Session, run_id: int) -> Run:

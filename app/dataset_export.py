@@ -5,12 +5,17 @@ The labels given in the app (Add labels, the images to label next) and the test 
 out of the labeled images are in the CSV, so the archive uploaded again (here or to another
 server) gives the same classes, labels and test images. The archive is a plain tar streamed
 as it is read from disk: images barely compress, and nothing is held in memory or written.
+Its bytes are the same at each request while the dataset is, so a download that broke off
+resumes from an offset (`Range`) without the images before it being read.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import math
+import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,47 +104,77 @@ def _padding(size: int) -> bytes:
     return b"\0" * (-size % BLOCK)
 
 
-def archive(export: Export, mtime: int) -> tuple[int, Iterator[bytes]]:
-    """The tar's length and its bytes, a chunk at a time. A file that has changed size or gone
-    since `plan` raises OSError partway: the answer breaks off short of its length, so the
-    client knows the download failed (a complete-looking archive would be missing files)."""
-    csv_name = f"{export.folder}/{LABELS_CSV}"
-    # The headers are made twice, to count and to send, rather than held: 200,000 images'
-    # are 100 MB or more (15 µs each to make).
-    length = (len(_header(csv_name, len(export.labels_csv), mtime))
-              + len(export.labels_csv) + len(_padding(len(export.labels_csv)))
-              + sum(len(_header(f"{export.folder}/{image.path}", image.size, mtime))
-                    + image.size + len(_padding(image.size)) for image in export.images)
-              + 2 * BLOCK)
+def tag(export: Export, mtime: int) -> str:
+    """The archive's ETag: its bytes follow from these (an image file is never rewritten), so
+    a download resumed with `If-Range` goes on only if the labels, paths and sizes are the
+    same (a label added in the app since changes labels.csv, and so every offset after it)."""
+    digest = hashlib.sha256(f"{export.folder}\0{mtime}\0".encode() + export.labels_csv)
+    for image in export.images:
+        digest.update(f"\0{image.size}".encode())
+    return '"' + digest.hexdigest()[:32] + '"'
 
-    def chunks() -> Iterator[bytes]:
-        # Gathered into pieces of CHUNK_BYTES: each piece the server sends costs a hop to a
-        # thread and back: animal-mnist (9,716 images, 10.8 MB) took 2.7 s a piece each, 0.6 s so.
-        buffer = bytearray()
-        for piece in pieces():
-            buffer += piece
-            if len(buffer) >= CHUNK_BYTES:
-                yield bytes(buffer)
-                buffer.clear()
-        if buffer:
+
+def size(export: Export, mtime: int) -> int:
+    """The archive's length in bytes. Its headers are made again to send rather than held:
+    200,000 images' are 100 MB or more (15 µs each to make)."""
+    return sum(part.size if isinstance(part, ExportedImage) else len(part)
+               for part in _parts(export, mtime))
+
+
+def archive(export: Export, mtime: int, start: int = 0, end: float = math.inf
+            ) -> Iterator[bytes]:
+    """The tar's bytes from offset `start` to `end` (exclusive), a chunk at a time; an image
+    wholly before `start` is not read. A file that has changed size or gone since `plan`
+    raises OSError partway: the answer breaks off short of its length, so the client knows the
+    download failed (a complete-looking archive would be missing files)."""
+    # Gathered into pieces of CHUNK_BYTES: each piece the server sends costs a hop to a
+    # thread and back: animal-mnist (9,716 images, 10.8 MB) took 2.7 s a piece each, 0.6 s so.
+    buffer = bytearray()
+    for piece in _window(_parts(export, mtime), start, end):
+        buffer += piece
+        if len(buffer) >= CHUNK_BYTES:
             yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)
 
-    def pieces() -> Iterator[bytes]:
-        yield _header(csv_name, len(export.labels_csv), mtime)
-        yield export.labels_csv + _padding(len(export.labels_csv))
-        for image in export.images:
-            yield _header(f"{export.folder}/{image.path}", image.size, mtime)
-            left = image.size
-            with image.file.open("rb") as stream:
-                while left:
-                    chunk = stream.read(min(CHUNK_BYTES, left))
-                    if not chunk:
-                        raise OSError(f"{image.file} is shorter than when the download began")
-                    left -= len(chunk)
-                    yield chunk
-                if stream.read(1):
-                    raise OSError(f"{image.file} is longer than when the download began")
-            yield _padding(image.size)
-        yield b"\0" * (2 * BLOCK)
 
-    return length, chunks()
+def _parts(export: Export, mtime: int) -> Iterator[bytes | ExportedImage]:
+    """The tar in order: headers and padding as bytes, each image's content as the image."""
+    csv_name = f"{export.folder}/{LABELS_CSV}"
+    yield _header(csv_name, len(export.labels_csv), mtime)
+    yield export.labels_csv + _padding(len(export.labels_csv))
+    for image in export.images:
+        yield _header(f"{export.folder}/{image.path}", image.size, mtime)
+        yield image
+        yield _padding(image.size)
+    yield b"\0" * (2 * BLOCK)
+
+
+def _window(parts: Iterator[bytes | ExportedImage], start: int, end: float
+            ) -> Iterator[bytes]:
+    """The bytes of `parts` from offset `start` to `end`."""
+    position = 0
+    for part in parts:
+        size = part.size if isinstance(part, ExportedImage) else len(part)
+        low, high = max(start - position, 0), min(end - position, size)
+        position += size
+        if low < high:
+            yield from (_read(part, low, high) if isinstance(part, ExportedImage)
+                        else (part[low:high],))
+        if position >= end:
+            return
+
+
+def _read(image: ExportedImage, low: int, high: int) -> Iterator[bytes]:
+    with image.file.open("rb") as stream:
+        if os.fstat(stream.fileno()).st_size != image.size:
+            raise OSError(f"{image.file} has changed size since the download began")
+        stream.seek(low)
+        left = high - low
+        while left:
+            chunk = stream.read(min(CHUNK_BYTES, left))
+            if not chunk:
+                raise OSError(f"{image.file} has changed size since the download began")
+            left -= len(chunk)
+            yield chunk

@@ -62,6 +62,24 @@ class Download(FileResponse):
         return True
 
 
+def one_range(request: Request, length: int, etag: str) -> tuple[int, int] | None:
+    """The (start, end) a request's `Range: bytes=...` asks of a made body `length` long and
+    tagged `etag`, as `Download` reads one of a file; None for the whole body: no Range, one
+    it cannot use, several ranges, or an `If-Range` that is not this version. Past the end is
+    a 416 that gives the length."""
+    value = request.headers.get("range")
+    if not value or request.headers.get("if-range", etag) != etag:
+        return None
+    try:
+        ranges = FileResponse._parse_range_header(value, length)
+    except MalformedRangeHeader:
+        return None
+    except RangeNotSatisfiable:
+        raise HTTPException(416, detail=f"the range starts past the end ({length} bytes)",
+                            headers={"Content-Range": f"bytes */{length}"}) from None
+    return ranges[0] if len(ranges) == 1 else None
+
+
 FILE_DELETED = "the file was deleted (its run or dataset was deleted a moment ago)"
 # A folder the server may read but not write: its permissions, or a read-only mount.
 READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from app.dataset_export import Export, ExportedImage, archive
+from app.dataset_export import Export, ExportedImage, archive, size
 from app.responses import FILE_DELETED
 from tests.browser import open_browser
 from tests.support import LiveServer
@@ -134,16 +136,95 @@ def test_a_file_that_changes_while_it_is_sent_breaks_the_archive_off(tmp_path: P
     file.write_bytes(b"x" * 3000)
     export = Export("photos", b"path,label,split\na.png,cat,train\n",
                     [ExportedImage("a.png", file, 3000)])
-    length, chunks = archive(export, mtime=0)
-    whole = b"".join(chunks)
-    assert len(whole) == length
+    whole = b"".join(archive(export, mtime=0))
+    assert len(whole) == size(export, mtime=0)
     with tarfile.open(fileobj=io.BytesIO(whole)) as archived:
         assert archived.extractfile("photos/a.png").read() == b"x" * 3000
     for changed in (b"x" * 2000, b"x" * 4000):
         file.write_bytes(changed)
-        _, chunks = archive(export, mtime=0)
-        with pytest.raises(OSError, match="than when the download began"):
-            b"".join(chunks)
+        with pytest.raises(OSError, match="has changed size since the download began"):
+            b"".join(archive(export, mtime=0))
+
+
+def test_any_part_of_the_archive_is_that_part_of_the_whole_without_reading_what_is_before(
+    tmp_path: Path,
+) -> None:
+    contents = [bytes([n]) * length for n, length in enumerate((700, 512, 1, 3000), start=1)]
+    images = []
+    for n, content in enumerate(contents):
+        (tmp_path / f"{n}.png").write_bytes(content)
+        images.append(ExportedImage(f"c/{n}.png", tmp_path / f"{n}.png", len(content)))
+    export = Export("photos", b"path,label,split\n", images)
+    whole = b"".join(archive(export, mtime=5))
+    length = size(export, mtime=5)
+    assert len(whole) == length
+    for start in range(0, length, 97):
+        for end in (start + 1, start + 511, start + 4000, length):
+            end = min(end, length)
+            assert b"".join(archive(export, 5, start, end)) == whole[start:end], (start, end)
+    # The first image gone: a download resumed after it never opens it.
+    images[0].file.unlink()
+    after_first = whole.index(contents[1])
+    assert b"".join(archive(export, 5, after_first)) == whole[after_first:]
+    with pytest.raises(FileNotFoundError):
+        b"".join(archive(export, 5, after_first - 1600))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="resumes with the curl command")
+def test_a_download_that_broke_off_resumes_where_it_stopped_while_the_dataset_is_the_same(
+    server: LiveServer, tmp_path: Path,
+) -> None:
+    """A dataset of many gigabytes downloaded again from the start each time the connection
+    dropped: the archive had no ranges. `curl -C -` goes on from the bytes it holds."""
+    with server.client() as client:
+        dataset_id = upload(client, zip_bytes(FOLDER), name="photos").json()["id"]
+        url = f"/api/datasets/{dataset_id}/archive"
+        whole = client.get(url)
+        tar, etag = whole.content, whole.headers["etag"]
+        assert whole.headers["accept-ranges"] == "bytes"
+        assert client.head(url).headers["etag"] == etag
+
+        partial = tmp_path / "photos.tar"
+        partial.write_bytes(tar[:len(tar) // 3])
+        subprocess.run(["curl", "-sS", "--fail", "-C", "-", "-o", str(partial),
+                        f"{server.url}{url}"], check=True, timeout=60)
+        assert partial.read_bytes() == tar
+
+        rest = client.get(url, headers={"Range": "bytes=1000-", "If-Range": etag})
+        assert rest.status_code == 206
+        assert rest.headers["content-range"] == f"bytes 1000-{len(tar) - 1}/{len(tar)}"
+        assert rest.content == tar[1000:]
+        assert int(rest.headers["content-length"]) == len(tar) - 1000
+        middle = client.get(url, headers={"Range": "bytes=600-2047"})
+        assert middle.status_code == 206 and middle.content == tar[600:2048]
+        last = client.get(url, headers={"Range": "bytes=-100"})
+        assert last.status_code == 206 and last.content == tar[-100:]
+
+        # What the server cannot use or need not: the whole archive, as RFC 9110 allows.
+        for headers in ({"Range": "bytes=9-0"}, {"Range": "items=0-5"},
+                        {"Range": "bytes=0-9,20-29"}):
+            answer = client.get(url, headers=headers)
+            assert answer.status_code == 200 and answer.content == tar, headers
+        past = client.get(url, headers={"Range": f"bytes={len(tar)}-"})
+        assert past.status_code == 416
+        assert past.headers["content-range"] == f"bytes */{len(tar)}"
+        assert past.json()["detail"] == f"the range starts past the end ({len(tar)} bytes)"
+
+        # Renamed since, a dataset without one top folder is in a folder of its new name:
+        # the archive is another, and a resume gets it whole.
+        loose_id = upload(client, zip_bytes(class_entries(("cat", "dog"), seed=34)),
+                          name="before").json()["id"]
+        url = f"/api/datasets/{loose_id}/archive"
+        etag = client.get(url).headers["etag"]
+        assert client.get(url, headers={"Range": "bytes=10-", "If-Range": etag}
+                          ).status_code == 206
+        assert client.patch(f"/api/datasets/{loose_id}", json={"name": "after"}
+                            ).status_code == 200
+        changed = client.get(url, headers={"Range": "bytes=10-", "If-Range": etag})
+        assert changed.status_code == 200
+        assert changed.headers["etag"] != etag
+        with tarfile.open(fileobj=io.BytesIO(changed.content)) as archived:
+            assert archived.getnames()[0] == "after/labels.csv"
 
 
 @pytest.mark.browser

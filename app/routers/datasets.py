@@ -46,6 +46,7 @@ from app.responses import (
     csv_body_download,
     human_bytes,
     in_utc,
+    one_range,
     send_file,
 )
 from app.schemas import (
@@ -502,25 +503,39 @@ def download_labels(request: Request, dataset_id: DatasetId, db: DbDep,
 
 
 @router.get("/{dataset_id}/archive", response_class=StreamingResponse, responses={
-    200: {"content": {"application/x-tar": {}}}, 404: {"model": ErrorOut}})
+    200: {"content": {"application/x-tar": {}}},
+    206: {"description": "the part a `Range: bytes=...` asked for (one range; `If-Range` "
+          "with the ETag resumes a download only if the archive is still the same)"},
+    404: {"model": ErrorOut}, 416: {"model": ErrorOut, "description": "a range past the end"}})
 @router.head("/{dataset_id}/archive", include_in_schema=False)
 def download_archive(request: Request, dataset_id: DatasetId, db: DbDep,
                      settings: SettingsDep) -> Response:
     """The dataset as a tar archive to upload again, here or elsewhere: one folder holding
     its images as they were uploaded, at their uploaded paths, and a `labels.csv`
     (`/labels.csv`) that gives the same classes, labels and test split. Streamed from disk
-    with its Content-Length; a download that breaks off is short of it."""
+    with its Content-Length; a download that breaks off is short of it, and resumes from
+    where it stopped (`curl -C -`, a browser's resume)."""
     dataset, export = _export_or_404(db, settings, dataset_id)
     mtime = int(in_utc(dataset.created_at).timestamp())
-    length, chunks = dataset_export.archive(export, mtime)
+    etag = dataset_export.tag(export, mtime)
     name = f"{export.folder}.tar"
     disposition = (f'attachment; filename="{name}"' if quote(name) == name
                    else f"attachment; filename*=utf-8''{quote(name)}")
-    headers = {"Content-Length": str(length), "Content-Disposition": disposition,
-               "Cache-Control": "no-store"}
+    headers = {"Content-Disposition": disposition, "Cache-Control": "no-store",
+               "Accept-Ranges": "bytes", "ETag": etag}
+    length = dataset_export.size(export, mtime)
+    part = one_range(request, length, etag) if request.method == "GET" else None
+    if part is not None:
+        start, end = part
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{length}"
+        length = end - start
+    headers["Content-Length"] = str(length)
     if request.method == "HEAD":  # its length without reading the images
         return Response(media_type="application/x-tar", headers=headers)
-    return StreamingResponse(chunks, media_type="application/x-tar", headers=headers)
+    return StreamingResponse(dataset_export.archive(export, mtime, *(part or ())),
+                             status_code=200 if part is None else 206,
+                             media_type="application/x-tar",
+                             headers=headers)
 
 
 @router.delete(

@@ -198,9 +198,13 @@ def test_a_folder_chosen_goes_as_one_tar_archive_and_becomes_the_dataset(
     """Only archives could be uploaded: a person with a folder of images zipped it first."""
     folder = tmp_path / "Pets été"
     entries = {**class_entries(("cat", LONG_CLASS), per_class=6, seed=4),
-               "unlabeled/u1.png": image_bytes(901), "cat/notes.txt": b"not an image",
-               ".DS_Store": b"\0\0\0\1"}
-    for path, data in entries.items():
+               "unlabeled/u1.png": image_bytes(901), "cat/notes.txt": b"not an image"}
+    # What an upload skips by name is left out before it is packed: a project's .git/ held
+    # more files than its images, counted against the server's limit and sent to be skipped.
+    hidden = {".DS_Store": b"\0\0\0\1", "cat/.thumb.png": image_bytes(902),
+              **{f".git/objects/{n}": b"blob" for n in range(30)},
+              "__MACOSX/cat/._1.png": b"fork"}
+    for path, data in {**entries, **hidden}.items():
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
         (folder / path).write_bytes(data)
     with open_browser(request.node.name) as browser:
@@ -212,15 +216,20 @@ def test_a_folder_chosen_goes_as_one_tar_archive_and_becomes_the_dataset(
         # blocks at the end.
         tar_bytes = sum(1024 + 512 + -(-len(data) // 512) * 512
                         for data in entries.values()) + 1024
-        expect(page.locator("#chosen")).to_have_text(
-            f"Pets été/: 15 files, {tar_bytes / 1024:.1f} KiB, sent as one tar archive")
+        expect(page.locator("#chosen")).to_have_text(re.compile(
+            f"^Pets été/: 14 files, {tar_bytes / 1024:.1f} KiB, sent as one tar archive; "
+            "left out, as an upload skips them: (.+) and 1 more$"))
+        left_out = re.search("skips them: (.+) and 1 more$", page.inner_text("#chosen"))[1]
+        assert set(left_out.split(", ")) < {
+            "Pets été/.DS_Store", "Pets été/cat/.thumb.png", "Pets été/.git/",
+            "Pets été/__MACOSX/"}
         page.click("#upload-button")
         page.wait_for_url(DATASET_URL)
         assert page.inner_text("h1") == "Pets été"  # the folder's name
         counts = page.inner_text("#class-counts")
         assert "cat" in counts and LONG_CLASS in counts
         skipped = page.inner_text("#skipped")
-        assert "Pets été/cat/notes.txt" in skipped and "Pets été/.DS_Store" in skipped
+        assert "Pets été/cat/notes.txt" in skipped and ".DS_Store" not in skipped
         browser.assert_no_errors()
     with server.client() as client:
         dataset = client.get(page_dataset(client, "Pets été")).json()
@@ -243,11 +252,19 @@ def test_a_folder_over_the_servers_limits_is_refused_before_it_is_packed_and_sen
         (large / "cat").mkdir(parents=True, exist_ok=True)
         (large / "cat" / f"{name}.png").write_bytes(b"x" * size)
     (fits / "cat").mkdir(parents=True)
+    dotted = tmp_path / "dotted"
+    (dotted / ".cache").mkdir(parents=True)
+    (dotted / ".a.png").write_bytes(b"x")
+    (dotted / ".cache" / "b.png").write_bytes(b"x")
     (fits / "cat" / "a.png").write_bytes(b"x" * 10)
     with open_browser(request.node.name) as browser:
         page = browser.page
         page.goto(live_server.url + "/datasets/new")
         assert "up to 2.9 KiB and 4 files." in page.inner_text(".lead")
+        page.set_input_files("#folder", str(dotted))
+        expect(page.locator("#upload-error")).to_have_text(
+            "The folder holds only hidden files or folders (dotted/.a.png, dotted/.cache/), "
+            "which an upload skips: choose the folder of your images.")
         page.set_input_files("#folder", str(many))
         expect(page.locator("#upload-error")).to_have_text(
             "This folder holds 5 files; the server accepts at most 4 in one upload. "
@@ -301,7 +318,10 @@ def test_a_dropped_folder_is_read_through_and_sent_packed(
                 const classes = ["bird", "fish"].map((name) => folder("/aquarium/" + name,
                     Object.entries(images || {}).filter(([path]) => path.startsWith(name + "/"))
                         .map(([path, encoded]) => file(path, encoded))));
-                const dropped = folder("/aquarium", classes);
+                // A hidden folder is left out unread (a .git/ of many thousand files).
+                const git = { isFile: false, isDirectory: true, fullPath: "/aquarium/.git",
+                              createReader: () => { throw new Error("read .git/"); } };
+                const dropped = folder("/aquarium", [...classes, git]);
                 const transfer = new DataTransfer();
                 transfer.items.add(new File([], "aquarium"));
                 DataTransferItem.prototype.webkitGetAsEntry = () => dropped;
@@ -316,7 +336,8 @@ def test_a_dropped_folder_is_read_through_and_sent_packed(
             "The folder is still being packed: press Upload again once its size shows.")
         page.evaluate(drop, images)  # dropped again: this one goes
         expect(page.locator("#chosen")).to_have_text(re.compile(
-            r"aquarium/: 10 files, [0-9.]+ KiB, sent as one tar archive"))
+            r"^aquarium/: 10 files, [0-9.]+ KiB, sent as one tar archive; "
+            r"left out, as an upload skips them: aquarium/\.git/$"))
         page.click("#upload-button")
         page.wait_for_url(DATASET_URL)
         assert page.inner_text("h1") == "aquarium"

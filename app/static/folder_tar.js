@@ -85,17 +85,41 @@ window.folderTar = (function () {
     return new Blob(pieces, { type: "application/x-tar" });
   }
 
+  // What an upload skips by its name (app/ingest.py, _skip_reason_by_name): a hidden file or
+  // folder (its name starts with ".") and macOS metadata (__MACOSX/). Left out before packing:
+  // a project folder's .git/ can hold more files than its images, all sent to be skipped.
+  const skippedName = (name) => name.startsWith(".") || name.toLowerCase() === "__macosx";
+
+  // The files to send ({path, file}), and what was left out: each skipped file's path, and
+  // each skipped folder's once, with a "/".
+  function withoutSkipped(entries, leftOutFolders) {
+    const files = [];
+    const leftOut = new Set(leftOutFolders || []);
+    for (const entry of entries) {
+      const parts = entry.path.split("/");
+      const at = parts.findIndex(skippedName);
+      if (at < 0) files.push(entry);
+      else leftOut.add(parts.slice(0, at + 1).join("/") + (at < parts.length - 1 ? "/" : ""));
+    }
+    return { files, leftOut: Array.from(leftOut) };
+  }
+
   // The files under the entries of a drop (FileSystemEntry: a folder is read through, its
-  // entries a batch at a time), each with its path from the name of what was dropped;
-  // `progress` is told how many have been found every READ_STEP files.
+  // entries a batch at a time), each with its path from the name of what was dropped, as
+  // `withoutSkipped` gives them (a skipped folder is not read); `progress` is told how many
+  // have been found every READ_STEP files.
   const READ_STEP = 500;
   async function filesOf(entries, progress) {
     const found = [];
+    const skippedFolders = [];
     const walk = async function (entry) {
+      const path = entry.fullPath.replace(/^\/+/, "");
       if (entry.isFile) {
         const file = await new Promise((done, failed) => entry.file(done, failed));
-        found.push({ path: entry.fullPath.replace(/^\/+/, ""), file });
+        found.push({ path, file });
         if (progress && found.length % READ_STEP === 0) progress(found.length);
+      } else if (entry.isDirectory && skippedName(path.split("/").pop())) {
+        skippedFolders.push(path + "/");
       } else if (entry.isDirectory) {
         const reader = entry.createReader();
         for (;;) {
@@ -106,11 +130,13 @@ window.folderTar = (function () {
       }
     };
     for (const entry of entries) await walk(entry);
-    return found;
+    return withoutSkipped(found, skippedFolders);
   }
 
-  // The files of an <input webkitdirectory>: their paths start with the folder's name.
-  const filesChosen = (files) => Array.from(files, (file) => ({ path: file.webkitRelativePath || file.name, file }));
+  // The files of an <input webkitdirectory> (their paths start with the folder's name), as
+  // `withoutSkipped` gives them.
+  const filesChosen = (files) => withoutSkipped(Array.from(files, (file) => ({
+    path: file.webkitRelativePath || file.name, file })));
 
   // What the archive is called: the folder's name when everything is in one (the dataset's
   // name unless one is typed), else "folders".

@@ -106,10 +106,20 @@
 
     const counted = function (n) { return n.toLocaleString("en-US"); };
 
-    // A folder's files ({path, file}), sent as one tar archive (folder_tar.js).
-    async function chooseFolder(entries, turn) {
+    // What an upload skips by name, left out of a folder before packing: the first few.
+    function leftOutText(leftOut) {
+      const shown = leftOut.slice(0, 3).join(", ");
+      return leftOut.length > 3 ? shown + " and " + counted(leftOut.length - 3) + " more" : shown;
+    }
+
+    // A folder's files ({path, file}), sent as one tar archive (folder_tar.js), and what was
+    // left out of it (`leftOut`: hidden files and folders, macOS metadata).
+    async function chooseFolder({ files: entries, leftOut }, turn) {
       if (!entries.length) {
-        turn.fail("The folder holds no file: choose the folder of your images.");
+        turn.fail(leftOut.length
+          ? "The folder holds only hidden files or folders (" + leftOutText(leftOut) +
+            "), which an upload skips: choose the folder of your images."
+          : "The folder holds no file: choose the folder of your images.");
         return;
       }
       // The server's limits, told before the folder is packed and sent, not after.
@@ -137,7 +147,8 @@
       const packed = new File([archive], name, { type: "application/x-tar" });
       choose(packed, name.replace(/\.tar$/, "") + "/: " + counted(entries.length) +
         (entries.length === 1 ? " file, " : " files, ") + formatBytes(packed.size) +
-        ", sent as one tar archive");
+        ", sent as one tar archive" + (leftOut.length
+          ? "; left out, as an upload skips them: " + leftOutText(leftOut) : ""));
     }
 
     input.addEventListener("change", function () {

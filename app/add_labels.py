@@ -134,7 +134,7 @@ def prepare_labeled_copy(settings: Settings, source: Dataset, images: list[Datas
     return ingest.PreparedDataset(
         directory, list(source.class_names), stored, [], source.test_source,
         ingest.dataset_white_level(settings, source), derived_from_id=source.id,
-        labels_added=len(added))
+        labels_added=len(added), upload_warnings=list(source.upload_warnings))
 
 
 def labeled_name(source: Dataset, added: int) -> str:

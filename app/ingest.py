@@ -373,11 +373,28 @@ def class_name_warnings(class_names: list[str]) -> list[str]:
     ]
 
 
+def untested_class_warnings(dataset: Dataset) -> list[str]:
+    """Classes that an uploaded test split has no image of: they are trained but never
+    scored, and test top-1 is over the other classes alone."""
+    if dataset.test_source != "uploaded":
+        return []
+    untested = [name for name in dataset.class_names
+                if not dataset.class_counts.get(name, {}).get("test")]
+    if not untested:
+        return []
+    them, its = ("it", "its") if len(untested) == 1 else ("them", "their")
+    return [_classes_phrase(untested, "has", "have") + f" no images in the uploaded test split: "
+            f"runs train on {them} but never score {them}, and test top-1 is over the other "
+            f"classes alone; add {its} images to test/ (or leave test/ out to hold out a share "
+            "of each class)"]
+
+
 def dataset_warnings(session: Session, dataset: Dataset) -> list[str]:
     """What was stored but looks like a mistake: class names that differ only in letter case
-    (`class_name_warnings`), and the same images, labels and splits as another dataset (an
-    upload sent twice: its runs would compare nothing new and its images take the space
-    again)."""
+    (`class_name_warnings`), what its upload looked wrong in (`Dataset.upload_warnings`),
+    classes the uploaded test split leaves out (`untested_class_warnings`), and the same
+    images, labels and splits as another dataset (an upload sent twice: its runs would
+    compare nothing new and its images take the space again)."""
     twins = session.execute(
         select(Dataset.id, Dataset.name).where(Dataset.fingerprint == dataset.fingerprint,
                                                Dataset.id != dataset.id)
@@ -388,7 +405,8 @@ def dataset_warnings(session: Session, dataset: Dataset) -> list[str]:
         f"{', '.join(f'{twin.id} ({twin.name!r})' for twin in twins[:3])}"
         f"{' and others' if len(twins) > 3 else ''}: delete one of them if it was uploaded "
         "twice by mistake"]
-    return class_name_warnings(dataset.class_names) + same
+    return (class_name_warnings(dataset.class_names) + list(dataset.upload_warnings)
+            + untested_class_warnings(dataset) + same)
 
 
 def dataset_name(requested: str | None, filename: str) -> str:
@@ -1114,6 +1132,27 @@ def _layout_by_csv(
     return placed
 
 
+def folder_disagreements(placed: list[_Placed], csv_path: str) -> list[str]:
+    """A labels.csv that gives images in a class's folder (a folder named as one of its
+    classes) another class, or none: the CSV's labels are used, as the layout says, but a
+    stale or swapped CSV would relabel the images without a word."""
+    classes = {item.class_name for item in placed} - {None}
+    differing = [
+        item for item in placed
+        if (folder := class_name(PurePosixPath(item.image.path).parent.name)) in classes
+        and item.class_name != folder]
+    if not differing:
+        return []
+    examples = ", ".join(
+        f"{quoted(item.image.path)} as "
+        + ("unlabeled" if item.class_name is None else quoted(item.class_name))
+        for item in differing[:3])
+    count = len(differing)
+    return [f"{csv_path} labels {count} image{'' if count == 1 else 's'} in a class's folder "
+            f"as another class or none ({examples}{' and more' if count > 3 else ''}): its "
+            f"labels are used; if the folders are right, remove {csv_path} and upload again"]
+
+
 # --- Planning the stored dataset ------------------------------------------------------------
 
 
@@ -1143,6 +1182,8 @@ class PreparedDataset:
     # A dataset made from another by adding labels (app.add_labels): that one, and how many.
     derived_from_id: int | None = None
     labels_added: int = 0
+    # What the upload looked wrong in (`Dataset.upload_warnings`).
+    upload_warnings: list[str] = field(default_factory=list)
 
     @property
     def class_counts(self) -> dict[str, dict[str, int]]:
@@ -1234,8 +1275,10 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
         csv_path, data = csvs[0]
         placed = _layout_by_csv(extraction.images, extraction.file_paths, csv_path, data, skip,
                                 _not_utf8_hint(extraction))
+        upload_warnings = folder_disagreements(placed, csv_path)
     else:
         placed = _layout_by_folders(extraction.images, skip)
+        upload_warnings = []
 
     # Exact duplicates: a copy with a class stays over an unlabeled one (zip tools list
     # unlabeled/ before zebra/, and the class must not vanish); else the first in archive
@@ -1294,7 +1337,8 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
         ))
     brightest = [item.image.brightest for item in kept if item.image.brightest is not None]
     return PreparedDataset(directory, class_names, stored, skipped, test_source,
-                           white_level_for(max(brightest, default=None)))
+                           white_level_for(max(brightest, default=None)),
+                           upload_warnings=upload_warnings)
 
 
 def _hold_out(kept: list[_Placed], class_names: list[str], settings: Settings) -> list[_Placed]:
@@ -1345,6 +1389,7 @@ def publish_dataset(session: Session, settings: Settings, prepared: PreparedData
         skipped_count=len(prepared.skipped),
         size_bytes=prepared.size_bytes,
         derived_from_id=prepared.derived_from_id, labels_added=prepared.labels_added,
+        upload_warnings=prepared.upload_warnings,
     )
     target = settings.datasets_dir / storage_key
     moved = False

@@ -74,6 +74,9 @@ class Dataset(Base):
     # added. The id stays once that dataset is deleted: ids are never given again.
     derived_from_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     labels_added: Mapped[int] = mapped_column(default=0, server_default="0")
+    # What the upload looked wrong in, known only while its archive was read (a labels.csv
+    # that gives images in a class's folder another class): said with `dataset_warnings`.
+    upload_warnings: Mapped[list[Any]] = mapped_column(default=list, server_default="[]")
 
     images: Mapped[list[DatasetImage]] = relationship(
         back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True

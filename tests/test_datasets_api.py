@@ -369,3 +369,63 @@ def test_an_upload_with_the_same_content_as_another_dataset_is_kept_with_a_warni
     assert client.get(f"/api/datasets/{first['id']}").json()["warnings"] == []
     for item in (first, other):
         assert client.delete(f"/api/datasets/{item['id']}").status_code == 204
+
+
+def test_a_labels_csv_that_relabels_images_in_class_folders_is_used_with_a_warning(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """Class folders and a labels.csv that swapped them (a stale CSV, say): the CSV's labels
+    were taken without a word, and every image trained under the other class."""
+    entries = class_entries(("cat", "dog"), per_class=3, seed=23)
+    swapped = {"cat": "dog", "dog": "cat"}
+    rows = [f"{path},{swapped[path.split('/')[0]]}" for path in sorted(entries)]
+    rows[0] = f"{sorted(entries)[0]},"  # and one left unlabeled
+    archive = zip_bytes({**entries, "labels.csv": ("path,label\n" + "\n".join(rows)).encode()})
+    response = upload(client, archive, name="swapped")
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    first, second, third = sorted(entries)[:3]
+    warning = (f"labels.csv labels 6 images in a class's folder as another class or none "
+               f"({first!r} as unlabeled, {second!r} as 'dog', {third!r} as 'dog' and more): "
+               "its labels are used; if the folders are right, remove labels.csv and upload "
+               "again")
+    assert dataset["warnings"] == [warning]
+    assert client.get(f"/api/datasets/{dataset['id']}").json()["warnings"] == [warning]
+    assert "if the folders are right" in client.get(f"/datasets/{dataset['id']}").text
+    # A dataset made from it by adding labels has the same images under the same labels.
+    made = client.post(f"/api/datasets/{dataset['id']}/labels",
+                       files={"file": ("labels.csv", f"{first},cat")})
+    assert made.status_code == 201, made.text
+    assert made.json()["warnings"] == [warning]
+
+    # A labels.csv that agrees with the folders, and labels images elsewhere (the layout a
+    # dataset downloaded from here has): nothing to say.
+    agreeing = zip_bytes({**entries, "loose/u1.png": image_bytes(24), "labels.csv": (
+        "path,label\n" + "\n".join(f"{path},{path.split('/')[0]}" for path in entries)
+        + "\nloose/u1.png,dog\n").encode()})
+    fine = upload(client, agreeing, name="agreeing").json()
+    assert fine["warnings"] == []
+    for item in (made.json(), dataset, fine):
+        assert client.delete(f"/api/datasets/{item['id']}").status_code == 204
+
+
+def test_an_uploaded_test_split_without_a_class_is_kept_with_a_warning(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """test/ with no images of a class that train/ has: its runs were scored on the other
+    classes alone, and nothing said the class was never tested."""
+    entries = {**{f"train/{path}": data for path, data in class_entries(
+        ("big dog", "cat", "small dog"), per_class=3, seed=25).items()},
+        **{f"test/{path}": data for path, data in class_entries(
+            ("cat",), per_class=2, seed=26).items()}}
+    dataset = upload(client, zip_bytes(entries), name="untested").json()
+    assert dataset["test_source"] == "uploaded"
+    assert dataset["warnings"] == [
+        "classes 'big dog', 'small dog' have no images in the uploaded test split: runs train "
+        "on them but never score them, and test top-1 is over the other classes alone; add "
+        "their images to test/ (or leave test/ out to hold out a share of each class)"]
+    assert "never score them" in client.get(f"/datasets/{dataset['id']}").text
+    held_out = small_dataset(client, "held out", seed=27)  # no test/: every class is held out
+    assert held_out["warnings"] == []
+    for item in (dataset, held_out):
+        assert client.delete(f"/api/datasets/{item['id']}").status_code == 204

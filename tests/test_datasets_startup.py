@@ -207,7 +207,7 @@ def test_a_database_an_older_release_migrated_is_refused_by_the_web_and_the_work
     upgrade_to_head(url)
     command.downgrade(alembic_config(url), "0007")
     env = app_env(tmp_path / "data", url, redis_url)
-    with pytest.raises(RuntimeError, match="is at migration 0007 and this version needs 0011: "
+    with pytest.raises(RuntimeError, match="is at migration 0007 and this version needs 0012: "
                                            "run `alembic upgrade head`"):
         start_server(env, tmp_path / "uvicorn.log")
     assert "is at migration 0007" in refused_worker(env, tmp_path / "worker.log")

@@ -780,7 +780,7 @@ def test_an_ended_run_says_when_it_ran_and_its_mean_speed(live_server, request):
         # No evaluation came before the end, and none will.
         empty = ("getComputedStyle(document.getElementById('chart-accuracy').parentNode, "
                  "'::after').content")
-        assert page.evaluate(empty) == '"none: the run ended before its first"'
+        assert page.evaluate(empty) == '"none: the run ended before its first point"'
         browser.screenshot("ended")
 
         page.goto(f"{live_server.url}/runs/{running}")

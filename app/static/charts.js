@@ -274,7 +274,7 @@ export function setSeries(chart, series, lastStep) {
   chart.update("none");
   const lines = [...series].filter(([, points]) => points.length);
   if (!lines.length) { // what the empty chart shows (app.css)
-    const ended = box.closest(".ended") ? "none: the run ended before its first" : "no points yet";
+    const ended = box.closest(".ended") ? "none: the run ended before its first point" : "no points yet";
     describe(chart.canvas, `${box.dataset.empty ?? ended}.`);
     return;
   }

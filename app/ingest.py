@@ -360,8 +360,9 @@ async def receive_upload(
 
 def class_name_warnings(class_names: list[str]) -> list[str]:
     """Class folders whose names differ only in letter case (`Dog/`, `dog/`): two classes
-    here, one folder on macOS and Windows, so most likely one class split by accident. They
-    are kept as they came (a person may mean them), and said."""
+    here, one folder on macOS and Windows, so most likely one class split by accident; and
+    `unlabelled/`, a class where `unlabeled/` was meant. They are kept as they came (a person
+    may mean them), and said."""
     by_folding: dict[str, list[str]] = {}
     for name in class_names:
         by_folding.setdefault(name.casefold(), []).append(name)
@@ -370,6 +371,11 @@ def class_name_warnings(class_names: list[str]) -> list[str]:
         f"they are {'two' if len(names) == 2 else len(names)} classes here (macOS and Windows "
         "keep one folder for both); if they are one class, merge their folders and upload again"
         for names in by_folding.values() if len(names) > 1
+    ] + [
+        # The British spelling: its images were trained as a class named so.
+        f"class {name!r} is a class here, not the {UNLABELED_FOLDER}/ folder: if its images "
+        f"have no label, rename the folder to {UNLABELED_FOLDER}/ and upload again"
+        for name in class_names if name.casefold() == "unlabelled"
     ]
 
 

@@ -341,7 +341,14 @@ def test_class_folders_that_differ_only_in_case_are_kept_apart_with_a_warning(
     plain = small_dataset(client, "plain", seed=9)
     assert plain["warnings"] == []
     assert "differ only in letter case" not in client.get(f"/datasets/{plain['id']}").text
-    for item in (dataset, plain):
+    # The British spelling of unlabeled/ is a class: its images trained as one, silently.
+    british = upload(client, zip_bytes(class_entries(("cat", "dog", "Unlabelled"), seed=10)),
+                     name="british").json()
+    assert [c["name"] for c in british["classes"]] == ["cat", "dog", "Unlabelled"]
+    assert british["warnings"] == [
+        "class 'Unlabelled' is a class here, not the unlabeled/ folder: if its images have no "
+        "label, rename the folder to unlabeled/ and upload again"]
+    for item in (dataset, plain, british):
         assert client.delete(f"/api/datasets/{item['id']}").status_code == 204
 
 

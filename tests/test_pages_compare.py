@@ -120,12 +120,21 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
         page.click(f"#budget-table a[href='/experiments/{first}']")
         page.wait_for_url(re.compile(rf"/experiments/{first}$"))
         with live_server.client() as client:
-            assert client.patch(f"/api/experiments/{first}",
-                                json={"name": "first, renamed"}).status_code == 200
+            assert client.patch(f"/api/experiments/{first}", json={
+                "name": "first, renamed with a much longer name"}).status_code == 200
         page.go_back(wait_until="commit")
         page.wait_for_url(re.compile(r"/experiments/compare\?"), wait_until="commit")
         expect(page.locator("#compared tbody a[href^='/experiments/']").nth(1)).to_have_text(
-            "first, renamed")
+            "first, renamed with a much longer name")
+        # The legend cuts a long name (four took a phone's chart box); the tooltip has it.
+        page.wait_for_function("Chart.getChart(document.getElementById('budget-chart'))")
+        legend = page.evaluate("Chart.getChart(document.getElementById('budget-chart'))"
+                               ".legend.legendItems.map((item) => item.text)")
+        assert legend == [f"second (#{second}) · Fine-tuning",
+                          f"first, renamed with a much… (#{first}) · Fine-tuning",
+                          f"first, renamed with a much… (#{first}) · Self-Tuning"]
+        assert f"first, renamed with a much longer name (#{first}) · Self-Tuning" in (
+            browser.chart_points("#budget-chart"))
         browser.assert_no_errors()
 
         # One ticked, or one that does not exist, is said on the page.

@@ -9,6 +9,7 @@ units of the server's messages."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import re
@@ -24,7 +25,7 @@ from playwright.sync_api import expect
 from app.db import session_scope
 from app.live import publish_end, run_stream_key
 from app.models import Artifact, Run, RunMetric, utcnow
-from tests.browser import PHONE, open_browser
+from tests.browser import DESKTOP, PHONE, open_browser
 from tests.support import add_dataset_row, app_env, start_server
 from tests.test_experiments_cancel_delete import end_as_worker, mark_running, start_sweep
 from tests.test_run_metrics_pages import record
@@ -929,6 +930,49 @@ def test_budgets_that_keep_as_many_labels_stand_apart_on_the_budget_chart(live_s
             "budgets that keep different numbers of labels.")
         browser.screenshot("same-count-budgets")
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_budget_names_close_on_the_axis_go_on_lines_of_their_own(live_server, request):
+    """6/class and 8/class keep 12 and 16 labels: on a log axis a phone's width wide their
+    tick names were written over each other ("6/class8/class (12)(16)")."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    dataset_id = add_dataset_row(database_url, {"a": {"train": 40, "test": 2},
+                                                "b": {"train": 40, "test": 2}})
+    with live_server.client() as client:
+        experiment_id, _ = start_sweep(client, dataset_id, seeds=[0], methods=["fine-tune"],
+                                       budgets=[{"per_class": 6}, {"per_class": 8}, 0.5,
+                                                "all"])
+        ids = runs_by(client, experiment_id)
+    for run_id in ids.values():
+        finish(database_url, live, run_id, {"test_top1": 0.7})
+    names = """() => {
+        const chart = Chart.getChart(document.getElementById('budget-chart'));
+        const x = chart.scales.x;
+        x.ctx.font = `${Chart.defaults.font.size}px ${Chart.defaults.font.family}`;
+        return x.ticks.map((t) => {
+            const lines = [t.label].flat();
+            const text = lines.at(-1);
+            const half = x.ctx.measureText(text).width / 2;
+            const centre = x.getPixelForValue(t.value);
+            return {text, line: lines.length - 1, left: centre - half, right: centre + half};
+        });
+    }"""
+    for viewport, staggered in ((DESKTOP, False), (PHONE, True)):
+        with open_browser(request.node.name, viewport=viewport) as browser:
+            page = browser.page
+            page.goto(f"{live_server.url}/experiments/{experiment_id}")
+            page.wait_for_selector("#experiment-status .badge:text-is('finished')")
+            ticks = page.evaluate(names)
+            assert [tick["text"] for tick in ticks] == [
+                "6/class (12)", "8/class (16)", "50% (40)", "all (80)"]
+            for one, other in itertools.combinations(ticks, 2):
+                if one["line"] == other["line"]:  # names on one line stand apart
+                    assert one["right"] < other["left"] or other["right"] < one["left"], ticks
+            assert any(tick["line"] for tick in ticks) == staggered, ticks
+            browser.screenshot(f"budget-names-{viewport['width']}")
+            browser.assert_no_errors()
 
 
 @pytest.mark.browser

@@ -223,6 +223,7 @@ def new_experiment_page(
 
 # The line of each compared experiment (its methods keep the colours of the experiment page).
 COMPARED_DASHES = ([], [8, 4], [2, 3], [12, 4, 2, 4], [4, 8], [16, 6])
+LEGEND_NAME_CHARS = 28  # of an experiment's name in the compare chart's legend
 DASH_NAMES = ("solid line", "dashed line", "dotted line", "dash-dot line", "sparse dashes",
               "long dashes")
 
@@ -267,9 +268,13 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
         return [cells[label][key] if label in cells and cells[label]["labeled_count"] == count
                 else None for label, count in points]
 
-    # Named with their ids too: "Start a similar experiment" keeps the name it is given.
+    # Named with their ids too: "Start a similar experiment" keeps the name it is given. The
+    # legend cuts a long name (the table above has it whole): four of 80 characters took a
+    # phone's chart box, leaving the lines a strip of it.
     series = [{"name": method,
                "title": f"{e['name']} (#{e['id']}) · {METHOD_TITLES.get(method, method)}",
+               "key": f"{short(e['name'], LEGEND_NAME_CHARS)} (#{e['id']}) · "
+                      f"{METHOD_TITLES.get(method, method)}",
                "dash": COMPARED_DASHES[index], "spanGaps": True,
                "means": line(cells, "mean_top1"), "spreads": line(cells, "std_top1")}
               for index, e in enumerate(compared) for method, cells in e["cells"].items()]
@@ -278,6 +283,11 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
                   method_titles=METHOD_TITLES, dashes=COMPARED_DASHES, dash_names=DASH_NAMES,
                   chart={"budgets": [{"label": label, "count": count} for label, count in points],
                          "series": series})
+
+
+def short(name: str, chars: int) -> str:
+    """`name`, cut to `chars` characters with an ellipsis where it is longer."""
+    return name if len(name) <= chars else f"{name[:chars - 1].rstrip()}…"
 
 
 def gone_words(ids: list[int]) -> str:

@@ -287,6 +287,32 @@ export function setSeries(chart, series, lastStep) {
 
 // How far apart (a factor on the log axis) budgets with the same labeled count are drawn.
 const SAME_COUNT_STEP = 1.08;
+const TICK_GAP_PX = 8; // between two budget names on one line
+
+// Budgets close together on the log axis (12 and 13 labels, or two datasets' "10%" and
+// "4/class") wrote their names over each other: each name goes on the first line of names
+// where it clears the one before it. Measured on the scale's whole width, as it is when its
+// ticks are built (the y axis takes a little of it later): a little more room than drawn.
+function tickRows(scale, values, text) {
+  const { min, max } = scale.options;
+  const span = Math.log(max / min);
+  const width = scale.width - 50; // about what the y axis and its title take
+  const { ctx } = scale;
+  ctx.save();
+  ctx.font = `${Chart.defaults.font.size}px ${Chart.defaults.font.family}`;
+  const ends = []; // the right end of each line of names so far, in pixels
+  const rows = new Map();
+  for (const value of [...values].sort((a, b) => a - b)) {
+    const half = ctx.measureText(text(value)).width / 2;
+    const centre = (Math.log(value / min) / span) * width;
+    let row = ends.findIndex((end) => centre - half > end + TICK_GAP_PX);
+    if (row < 0) row = ends.push(-Infinity) - 1;
+    ends[row] = centre + half;
+    rows.set(value, row);
+  }
+  ctx.restore();
+  return rows;
+}
 
 // Test accuracy against label budget: one line per method, mean over seeds with error bars.
 // `budgets`: [{label, count}] from fewest labels to most; each method's `means` and `spreads`
@@ -317,12 +343,21 @@ export function budgetChart(canvas, budgets, methods) {
     const names = new Map();
     for (const b of budgets) names.set(b.count, [...(names.get(b.count) ?? []), b.label]);
     const tickName = (count) => `${names.get(count).join(" · ")} (${count.toLocaleString("en")})`;
+    let rows = new Map();
     Object.assign(options.scales.x, {
       type: "logarithmic",
       min: Math.min(...labels) / 1.5, // a margin, so the end points are not on the frame
       max: Math.max(...labels) * 1.5,
-      afterBuildTicks: (scale) => { scale.ticks = [...names.keys()].map((value) => ({ value })); },
-      ticks: { callback: (value) => (names.has(value) ? tickName(value) : "") },
+      afterBuildTicks: (scale) => {
+        scale.ticks = [...names.keys()].map((value) => ({ value }));
+        rows = tickRows(scale, [...names.keys()], tickName);
+      },
+      // A name on its line of names (`tickRows`): a second line's under an empty first.
+      ticks: { maxRotation: 0, callback: (value) => {
+        if (!names.has(value)) return "";
+        const row = rows.get(value) ?? 0;
+        return row ? [...Array(row).fill(""), tickName(value)] : tickName(value);
+      } },
     });
     options.plugins.tooltip.callbacks.title = (items) => {
       const budget = budgets[items[0]?.dataIndex];
@@ -335,8 +370,9 @@ export function budgetChart(canvas, budgets, methods) {
   };
   // A line per method; where experiments are compared, per experiment (`dash`) and method,
   // drawn through the budgets it has no result at (`spanGaps`: the others' budgets).
-  const datasets = methods.map(({ name: method, title, means, spreads, dash = [], spanGaps = false }) => ({
-    label: title, data: means, errorBars: spreads, borderColor: colourFor(method),
+  // `key`: the legend's shorter name, where there is one (the tooltip names the line whole).
+  const datasets = methods.map(({ name: method, title, key, means, spreads, dash = [], spanGaps = false }) => ({
+    label: title, key, data: means, errorBars: spreads, borderColor: colourFor(method),
     backgroundColor: colourFor(method), pointRadius: 4, spanGaps, borderWidth: 2, borderDash: dash,
   }));
   // Lines told apart by their dashes are keyed by a stretch of line each, dashed as theirs
@@ -347,8 +383,10 @@ export function budgetChart(canvas, budgets, methods) {
     const keys = Chart.defaults.plugins.legend.labels.generateLabels;
     Object.assign(options.plugins.legend.labels, {
       usePointStyle: true, pointStyle: "line", pointStyleWidth: 36,
-      generateLabels: (chart) => keys(chart).map((key) => (
-        { ...key, lineDash: chart.data.datasets[key.datasetIndex].borderDash })),
+      generateLabels: (chart) => keys(chart).map((key) => {
+        const line = chart.data.datasets[key.datasetIndex];
+        return { ...key, text: line.key ?? key.text, lineDash: line.borderDash };
+      }),
     });
   }
   // Each method's best budget; the table under the chart has every value.

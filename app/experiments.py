@@ -817,16 +817,20 @@ def budget_table(runs: list[Run], labeled: dict[str, int] | None = None) -> list
     return rows
 
 
-def compare_budget_tables(tables: list[list[dict[str, Any]]]
+def compare_budget_tables(tables: list[list[dict[str, Any]]], datasets: list[int]
                           ) -> tuple[list[str], list[list[dict[str, Any]]]]:
-    """Experiments' budget tables side by side: the budget labels of any of them, fewest labels
-    first, and a copy of each table with `best` flagged per budget label across all of them
-    (`flag_best`), where each alone flagged its own best."""
+    """Experiments' budget tables side by side (`datasets`: each one's dataset): the budget
+    labels of any of them, fewest labels first, and a copy of each table with `best` flagged
+    per budget label across those on the same dataset (`flag_best`), where each alone flagged
+    its own best. Another dataset's test images are others: its top-1 is not comparable."""
     copies = [[{**row, "best": False} for row in table] for table in tables]
     by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in (row for table in copies for row in table):
-        by_label[row["budget_label"]].append(row)
-    for members in by_label.values():
+    by_dataset_label: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    for table, dataset in zip(copies, datasets, strict=True):
+        for row in table:
+            by_label[row["budget_label"]].append(row)
+            by_dataset_label[dataset, row["budget_label"]].append(row)
+    for members in by_dataset_label.values():
         flag_best(members)
 
     def order(label: str) -> tuple[float, tuple[int, float]]:

@@ -254,3 +254,36 @@ def test_ticks_of_deleted_experiments_are_forgotten_and_left_out_of_the_comparis
             f"Experiment {ids['sweep 2']} does not exist: tick another to compare with. It may "
             "have been deleted.")
         browser.assert_no_errors(expected=("404",))
+
+
+def test_experiments_on_different_datasets_each_have_their_best_starred(live_server):
+    """Another dataset's test images are others: its top-1 does not compare, and the star went
+    to 56.7 over 0.0 on two datasets as if one method had won."""
+    database_url, live = live_server.database_url, redis.Redis.from_url(live_server.redis_url)
+    ours, theirs = add_dataset_row(database_url), add_dataset_row(database_url)
+    with live_server.client() as client:
+        first, _ = start_sweep(client, ours, name="ours", budgets=["50%"],
+                               methods=["fine-tune"], seeds=[0])
+        second, _ = start_sweep(client, theirs, name="theirs", budgets=["50%"],
+                                methods=["fine-tune", "self-tuning"], seeds=[0])
+        third, _ = start_sweep(client, ours, name="ours again", budgets=["50%"],
+                               methods=["fine-tune"], seeds=[0])
+    scores = {first: {"fine-tune": 0.9}, second: {"fine-tune": 0.2, "self-tuning": 0.3},
+              third: {"fine-tune": 0.8}}
+    with session_scope(database_url) as session:
+        runs = [(run.id, scores[run.experiment_id][run.method]) for run in
+                session.query(Run).filter(Run.experiment_id.in_(scores))]
+    for run_id, score in runs:
+        mark_running(database_url, run_id)
+        finish(database_url, live, run_id, {"test_top1": score})
+    with live_server.client() as client:
+        answer = client.get("/api/experiments/compare.csv", params={"ids": [first, second, third]})
+        rows = [(int(row["experiment_id"]), row["method"], row["best"])
+                for row in csv.DictReader(io.StringIO(answer.text))]
+        assert rows == [(first, "fine-tune", "True"), (second, "fine-tune", "False"),
+                        (second, "self-tuning", "True"), (third, "fine-tune", "False")]
+        page = client.get("/experiments/compare", params={"ids": [first, second, third]}).text
+        assert "The best at each budget, among the experiments on one dataset (another" in (
+            " ".join(page.split()))
+        same = client.get("/experiments/compare", params={"ids": [first, third]}).text
+        assert "across these experiments, is marked" in " ".join(same.split())

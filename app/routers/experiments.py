@@ -320,15 +320,17 @@ ComparedIds = Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None, Que
 def compared_experiments(session: Session, ids: list[int] | None
                          ) -> tuple[list[Experiment], list[str], list[list[dict]]]:
     """The experiments `ids` names (each once, in its order), the budget labels of any of
-    them and their results tables, with the best of each budget across them flagged
-    (`compare_budget_tables`); a 422 for too few or too many, a 404 for one that is gone."""
+    them and their results tables, with the best of each budget among those on one dataset
+    flagged (`compare_budget_tables`); a 422 for too few or too many, a 404 for one that is
+    gone."""
     chosen = list(dict.fromkeys(ids or []))
     if not 2 <= len(chosen) <= MOST_COMPARED:
         raise HTTPException(422, f"choose 2 to {MOST_COMPARED} experiments to compare: "
                                  f"{len(chosen)} chosen")
     experiments = [get_experiment(session, experiment_id) for experiment_id in chosen]
     labels, tables = compare_budget_tables(
-        [experiment_budget_table(session, experiment) for experiment in experiments])
+        [experiment_budget_table(session, experiment) for experiment in experiments],
+        [experiment.dataset_id for experiment in experiments])
     return experiments, labels, tables
 
 
@@ -344,7 +346,7 @@ def download_comparison(request: Request, session: DbDep, ids: ComparedIds = Non
     """Experiments' results tables in one, as the compare page shows them: per experiment
     (in the order asked), budget (fewest labels first) and method, the mean and sample
     standard deviation of final test top-1 over the succeeded seeds; `best` flags the best
-    of each budget label across them all."""
+    of each budget label across those on the same dataset."""
     experiments, _, tables = compared_experiments(session, ids)
     rows = [{"experiment_id": experiment.id, "experiment_name": experiment.name,
              "dataset_id": experiment.dataset_id, "backbone": experiment.backbone, **row}

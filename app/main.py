@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import math
 import re
@@ -549,11 +550,33 @@ def _echo(value):
     return value
 
 
+# pydantic's "Input should be a valid integer" (of 2.5, of "0.5 0.8"), in words a form can
+# show beside its field: what is wanted, and what came.
+NUMBER_WANTED = {"int_from_float": "a whole number", "int_parsing": "a whole number",
+                 "int_type": "a whole number", "float_parsing": "a number",
+                 "float_type": "a number"}
+# Numbers apart without a comma ("0.5 0.8", "0.5; 0.8"): a list typed another way.
+SEVERAL_NUMBERS = re.compile(r"\d\s*[\s;]\s*[-+.]?\d")
+
+
+def _in_words(error: dict) -> dict:
+    """A validation error with its message in words where pydantic's is about a type."""
+    wanted = NUMBER_WANTED.get(error.get("type", ""))
+    if wanted is None or "input" not in error:
+        return error
+    sent = error["input"]
+    shown = json.dumps(_json_safe(_echo(sent)), ensure_ascii=False)
+    message = f"must be {wanted}, not {shown}"
+    if isinstance(sent, str) and SEVERAL_NUMBERS.search(sent):
+        message += ": separate the values with commas"
+    return {**error, "msg": message}
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     if not _wants_page(request):
         # FastAPI's own handler echoes each bad input, and a NaN sent as JSON made it a 500.
         errors = [{**error, "input": _echo(error["input"])} if "input" in error else error
-                  for error in exc.errors()]
+                  for error in map(_in_words, exc.errors())]
         kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if kind != "application/json" and any(
                 tuple(error.get("loc", ())) == ("body",) for error in errors):
@@ -568,7 +591,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
         # /runs/abc: no such page, whatever the reason.
         return _error_page(request, 404, "Not found", "There is no page at this address.")
     problems = "; ".join(
-        f"{'.'.join(str(part) for part in error.get('loc', ())[1:])}: {error.get('msg')}"
+        f"{'.'.join(str(part) for part in error.get('loc', ())[1:])}: {_in_words(error)['msg']}"
         for error in exc.errors()
     )
     return _error_page(request, 422, "This address has a bad parameter", problems)

@@ -108,9 +108,16 @@ def messages(response) -> str:
     # Two classes of 10 labeled images: both keep one image of each, or every image.
     ({"budgets": [0.01, 0.02]}, 422, "budgets[1]: 2% keeps the same 2 labeled images as 1%"),
     ({"budgets": ["all", {"per_class": 10}]}, 422, "keeps the same 20 labeled images as all"),
-    ({"budgets": [True]}, 422, "budgets.0.float: Input should be a valid number"),
-    ({"seeds": [True]}, 422, "seeds.0: Input should be a valid integer"),
-    ({"seeds": ["3"]}, 422, "seeds.0: Input should be a valid integer"),
+    ({"budgets": [True]}, 422, "budgets.0.float: must be a number, not true"),
+    ({"seeds": [True]}, 422, "seeds.0: must be a whole number, not true"),
+    ({"seeds": ["3"]}, 422, 'seeds.0: must be a whole number, not "3"'),
+    # Not pydantic's "Input should be a valid integer, got a number with a fractional part"
+    # beside the form's field; and a list typed without commas is told so.
+    ({"overrides": {"iterations": 2.5}}, 422,
+     "overrides.iterations: must be a whole number, not 2.5"),
+    ({"overrides": {"lr_milestones": ["0.5 0.8"]}}, 422,
+     'overrides.lr_milestones.0: must be a number, not "0.5 0.8": separate the values with '
+     "commas"),
     ({"backbone": "   "}, 422, "backbone: name a backbone: a timm architecture "
      "(tf_efficientnet_lite0 has its weights offline) or an earlier run's model, "
      "runs/<run id>/model.safetensors"),

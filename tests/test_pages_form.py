@@ -112,6 +112,14 @@ def test_form_fills_presets_and_shows_api_errors_next_to_their_fields(
         page.fill("#f-lr_milestones", "0.9, 0.5")
         page.click("#start")
         assert "must be increasing fractions" in error_next_to(page, "overrides.lr_milestones")
+        # In words beside the field, not pydantic's "Input should be a valid number".
+        page.fill("#f-lr_milestones", "0.5 0.9")
+        page.fill("#f-iterations", "2.5")
+        page.click("#start")
+        expect(page.locator('[data-field="overrides.lr_milestones"] .field-error')).to_have_text(
+            'must be a number, not "0.5 0.9": separate the values with commas')
+        assert error_next_to(page, "overrides.iterations") == "must be a whole number, not 2.5"
+        page.fill("#f-iterations", "400")
         page.fill("#f-lr_milestones", "0.5, 0.9")
         assert "8 runs" in page.inner_text("#run-count")
 

@@ -154,8 +154,8 @@ def test_a_point_recorded_between_two_pages_comes_in_a_later_one(metrics_server)
 REFUSED = [  # (query, the parameter refused, what its message says)
     ({"limit": 0}, "limit", "greater than or equal to 1"),
     ({"limit": -5}, "limit", "greater than or equal to 1"),
-    ({"limit": "ten"}, "limit", "valid integer"),
-    ({"limit": ""}, "limit", "valid integer"),
+    ({"limit": "ten"}, "limit", 'must be a whole number, not "ten"'),
+    ({"limit": ""}, "limit", 'must be a whole number, not ""'),
     ({"limit": PAGE_CAP + 1}, "limit", f"less than or equal to {PAGE_CAP}"),
     ({"limit": 10**30}, "limit", f"less than or equal to {PAGE_CAP}"),
     ({"after": "abc"}, "after", "`next`"),

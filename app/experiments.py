@@ -94,6 +94,10 @@ def parse_budgets(raw: list[Any], dataset: Dataset) -> list[Budget]:
     return budgets
 
 
+# The form's control for `pretrained`, which a refusal names for a person at the form.
+PRETRAINED_LABEL = "Start from pre-trained weights"
+
+
 def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
     """The backbone name the engine gets, or a 422 saying what is wrong with it.
 
@@ -129,15 +133,15 @@ def resolve_backbone(name: str, pretrained: bool, settings: Settings) -> str:
     if pretrained and not has_weights:
         raise unprocessable(
                 "backbone", f"{name!r} has no pre-trained weights; set pretrained to false "
-                "to train it from scratch",
+                f"(on the form, untick “{PRETRAINED_LABEL}”) to train it from scratch",
             )
     installed = installed_offline_backbones()
     if pretrained and name not in installed and (problem := hub_weights_problem(name)):
         raise unprocessable(
             "backbone", f"cannot get the pre-trained weights of {name!r}: {problem}. "
             f"Backbones that work offline here: {', '.join(installed)}; or name a "
-            ".safetensors file in the data directory, or set pretrained to false to train "
-            "from scratch",
+            ".safetensors file in the data directory, or set pretrained to false (on the "
+            f"form, untick “{PRETRAINED_LABEL}”) to train from scratch",
         )
     return name
 

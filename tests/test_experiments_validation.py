@@ -175,6 +175,9 @@ def test_hub_weights_the_server_cannot_get_are_refused_and_cached_ones_accepted(
         assert "cannot get the pre-trained weights of 'resnet18': the model hub " in text
         assert "(http://127.0.0.1:9) cannot be reached from this server" in text
         assert "Backbones that work offline here: tf_efficientnet_lite0" in text
+        # The form's control by its name on the form, not only the API's field.
+        assert text.endswith("or set pretrained to false (on the form, untick “Start from "
+                             "pre-trained weights”) to train from scratch")
 
         # Weights in the server's Hugging Face cache (as a download once left them) do.
         snapshot = live_server.data_dir.parent / "hub" / "models--timm--resnet18.a1_in1k"

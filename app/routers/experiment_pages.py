@@ -24,6 +24,7 @@ from app.deps import (
     SettingsDep,
 )
 from app.experiments import (
+    PRETRAINED_LABEL,
     budget_unlabeled_count,
     experiment_status,
     suggested_budgets,
@@ -74,7 +75,7 @@ OVERRIDE_LABELS = {
     "eval_interval": "Evaluate every",
     "checkpoint_interval": "Checkpoint every",
     "log_interval": "Log every",
-    "pretrained": "Start from pre-trained weights",
+    "pretrained": PRETRAINED_LABEL,
 }
 OVERRIDE_HELP = {
     "pretrained": "Untick to train from random init (tests, models without weights).",

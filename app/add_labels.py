@@ -72,11 +72,16 @@ def _new_labels(source: Dataset, images: list[DatasetImage],
             f"{header_hint(labels[path] for path in missing)}")
     class_index = {name: index for index, name in enumerate(source.class_names)}
     if unknown := sorted({row.label for row in labels.values() if row.label not in class_index}):
+        # 'Cat' for 'cat': said, where it was left to be found in the list of classes.
+        by_folding = {name.casefold(): name for name in source.class_names}
+        cased = [f"{label!r} is {by_folding[label.casefold()]!r}" for label in unknown
+                 if label.casefold() in by_folding]
         raise ingest.IngestError(
             f"{CSV_NAME} uses {len(unknown):,} label(s) that are not classes of dataset "
             f"{source.id}: {ingest.quoted_list(unknown)}; its classes are "
             f"{ingest.quoted_list(source.class_names, limit=20)} (a new class needs an "
-            "upload of its own, with test images of it)")
+            "upload of its own, with test images of it)"
+            + (f"; letter case counts: {', '.join(cased[:5])}" if cased else ""))
     added: dict[int, int] = {}
     for path, row in labels.items():
         image = by_path[path]

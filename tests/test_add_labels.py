@@ -168,7 +168,9 @@ def test_labels_make_a_new_dataset_with_the_same_test_split_and_the_old_one_stay
     ("filename,class\nunlabeled/u0.png,cat\n", 422, "line 1 is read as an image"),
     ("unlabeled/u0.png,lion\nunlabeled/u1.png,cat\n", 422,
      "uses 1 label(s) that are not classes of dataset {id}: 'lion'; its classes are 'cat', "
-     "'dog'"),
+     "'dog' (a new class needs an upload of its own, with test images of it)"),
+    ("unlabeled/u0.png,Cat\nunlabeled/u1.png,DOG\n", 422,
+     "test images of it); letter case counts: 'Cat' is 'cat', 'DOG' is 'dog'"),
     ("cat/0.png,dog\n", 422, "line 1: 'cat/0.png' is already labeled 'cat' ("),
     ("unlabeled/u0.png,cat,test\n", 422, "is put in the test split"),
     ("path,label\nunlabeled/u0.png,\n", 422, "gives no labels"),

@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
@@ -23,7 +24,7 @@ from PIL import Image
 from playwright.sync_api import expect
 
 from app.db import session_scope
-from app.live import publish_end, run_stream_key
+from app.live import publish_end, publish_status, run_stream_key
 from app.models import Artifact, Run, RunMetric, utcnow
 from tests.browser import DESKTOP, PHONE, open_browser
 from tests.support import add_dataset_row, app_env, start_server
@@ -1203,6 +1204,52 @@ def test_a_finishing_run_offers_no_cancel_and_a_silent_cancelled_one_says_how_it
         page.wait_for_selector("#eta:has-text('no word from its worker')")
         assert "(the run ends cancelled if the silence lasts)" in page.inner_text("#eta")
         browser.assert_no_errors(expected=("status of 409",))
+
+
+@pytest.mark.browser
+def test_a_running_experiment_is_not_said_in_progress_in_the_moment_between_two_runs(
+    live_server, request
+):
+    """One worker ends a run and takes the next a second later: the badge flickered running,
+    in progress, running at each run's end."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, (first, second, third) = start_sweep(
+            client, add_dataset_row(database_url), methods=["fine-tune"], budgets=["all"],
+            seeds=[0, 1, 2])
+
+    def take(run_id: int) -> None:  # as a worker takes a run, and pages are told
+        mark_running(database_url, run_id)
+        with session_scope(database_url) as session:
+            publish_status(live, session.get(Run, run_id))
+
+    take(first)
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#experiment-status .badge:text-is('running')")
+        page.evaluate("""() => {
+            window.shown = [];
+            new MutationObserver(() => window.shown.push(
+                document.getElementById('experiment-status').innerText.trim()))
+                .observe(document.getElementById('experiment-status'),
+                         { childList: true, subtree: true, characterData: true });
+        }""")
+        finish(database_url, live, first, {"test_top1": 0.7})
+        page.wait_for_selector(f"#runs tr[data-run-id='{first}'] .badge:text-is('succeeded')")
+        time.sleep(1)
+        take(second)
+        page.wait_for_selector(f"#runs tr[data-run-id='{second}'] .badge:text-is('running')")
+        time.sleep(5)  # past the moment a gap is waited out
+        assert "in progress" not in page.evaluate("window.shown")
+        expect(page.locator("#experiment-status")).to_have_text("running")
+
+        # A gap that lasts (the worker took another experiment's run) is said.
+        finish(database_url, live, second, {"test_top1": 0.7})
+        page.wait_for_selector("#experiment-status .badge:text-is('in progress')",
+                               timeout=15_000)
+        browser.assert_no_errors()
 
 
 @pytest.mark.browser

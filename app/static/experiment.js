@@ -611,8 +611,21 @@ export function experimentPage() {
   }
   setInterval(drawTimeLeft, 5000);
 
+  // Between two of its runs on one worker (one ended, the next not taken yet) a running
+  // experiment is "in progress" for a moment: said once it has lasted BETWEEN_RUNS_MS, so the
+  // badge does not flicker running → in progress → running at each run's end.
+  const BETWEEN_RUNS_MS = 5000;
   let shownStatus = initial.status;
+  let betweenRuns = null;
   function drawStatus(status) {
+    clearTimeout(betweenRuns);
+    if (status === "in progress" && shownStatus === "running") {
+      betweenRuns = setTimeout(() => showNow(status), BETWEEN_RUNS_MS);
+      return;
+    }
+    showNow(status);
+  }
+  function showNow(status) {
     shownStatus = status;
     showStatus(document.getElementById("experiment-status"), status);
     drawTitle();

@@ -183,6 +183,8 @@ def test_a_download_that_broke_off_resumes_where_it_stopped_while_the_dataset_is
         tar, etag = whole.content, whole.headers["etag"]
         assert whole.headers["accept-ranges"] == "bytes"
         assert client.head(url).headers["etag"] == etag
+        held = client.get(url, headers={"If-None-Match": etag})  # as every download answers
+        assert (held.status_code, held.content, held.headers["etag"]) == (304, b"", etag)
 
         partial = tmp_path / "photos.tar"
         partial.write_bytes(tar[:len(tar) // 3])

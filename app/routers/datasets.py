@@ -506,6 +506,7 @@ def download_labels(request: Request, dataset_id: DatasetId, db: DbDep,
     200: {"content": {"application/x-tar": {}}},
     206: {"description": "the part a `Range: bytes=...` asked for (one range; `If-Range` "
           "with the ETag resumes a download only if the archive is still the same)"},
+    304: {"description": "not modified: `If-None-Match` holds this archive's ETag"},
     404: {"model": ErrorOut}, 416: {"model": ErrorOut, "description": "a range past the end"}})
 @router.head("/{dataset_id}/archive", include_in_schema=False)
 def download_archive(request: Request, dataset_id: DatasetId, db: DbDep,
@@ -523,6 +524,8 @@ def download_archive(request: Request, dataset_id: DatasetId, db: DbDep,
                    else f"attachment; filename*=utf-8''{quote(name)}")
     headers = {"Content-Disposition": disposition, "Cache-Control": "no-store",
                "Accept-Ranges": "bytes", "ETag": etag}
+    if client_holds(request, etag):  # as every download answers one who has it already
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-store"})
     length = dataset_export.size(export, mtime)
     part = one_range(request, length, etag) if request.method == "GET" else None
     if part is not None:

@@ -49,6 +49,7 @@ from worker.selftuning.labels_csv import (
     SPLITS,
     LabelsRow,
     class_name,
+    folder_disagreements,
     header_hint,
     natural_key,
     parse_labels_csv,
@@ -1138,27 +1139,6 @@ def _layout_by_csv(
     return placed
 
 
-def folder_disagreements(placed: list[_Placed], csv_path: str) -> list[str]:
-    """A labels.csv that gives images in a class's folder (a folder named as one of its
-    classes) another class, or none: the CSV's labels are used, as the layout says, but a
-    stale or swapped CSV would relabel the images without a word."""
-    classes = {item.class_name for item in placed} - {None}
-    differing = [
-        item for item in placed
-        if (folder := class_name(PurePosixPath(item.image.path).parent.name)) in classes
-        and item.class_name != folder]
-    if not differing:
-        return []
-    examples = ", ".join(
-        f"{quoted(item.image.path)} as "
-        + ("unlabeled" if item.class_name is None else quoted(item.class_name))
-        for item in differing[:3])
-    count = len(differing)
-    return [f"{csv_path} labels {count} image{'' if count == 1 else 's'} in a class's folder "
-            f"as another class or none ({examples}{' and more' if count > 3 else ''}): its "
-            f"labels are used; if the folders are right, remove {csv_path} and upload again"]
-
-
 # --- Planning the stored dataset ------------------------------------------------------------
 
 
@@ -1281,7 +1261,8 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
         csv_path, data = csvs[0]
         placed = _layout_by_csv(extraction.images, extraction.file_paths, csv_path, data, skip,
                                 _not_utf8_hint(extraction))
-        upload_warnings = folder_disagreements(placed, csv_path)
+        upload_warnings = folder_disagreements(
+            ((item.image.path, item.class_name) for item in placed), csv_path)
     else:
         placed = _layout_by_folders(extraction.images, skip)
         upload_warnings = []

@@ -100,13 +100,21 @@ def test_cli_finds_labels_csv_in_a_wrapping_folder_that_also_holds_an_image(tmp_
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(image.read_bytes())
             rows.append(f"images/{target.name},{image.parent.name},{split}")
+    # And an image in a class's folder that the CSV gives another class: read as the CSV
+    # says, with a warning, as an upload says it.
+    first, second = sorted({image.parent.name for image in (data / "train").glob("*/*.png")})[:2]
+    (photos / first).mkdir()
+    (photos / first / "odd.png").write_bytes((data / "unlabeled" / "u_001.png").read_bytes())
+    rows.append(f"{first}/odd.png,{second},train")
     (photos / "labels.csv").write_text("\n".join(rows) + "\n")
     (photos / "extra.png").write_bytes((data / "unlabeled" / "u_000.png").read_bytes())
     code = main(["train", "--data", str(tmp_path / "data"), "--method", "fine-tune",
                  "--budget", "all", *TINY, *TEST_BACKBONE, "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "3 classes, 9 labeled (all)" in printed
+    assert "3 classes, 10 labeled (all)" in printed
+    assert (f"warning: {photos / 'labels.csv'} labels 1 image in a class's folder as another "
+            f"class or none ('{first}/odd.png' as '{second}')") in printed
 
 
 def test_cli_rejects_a_bad_budget_with_a_message(tmp_path: Path, capsys):

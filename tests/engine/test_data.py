@@ -106,6 +106,31 @@ def test_labels_csv_gives_the_classes_not_the_folders(tmp_path: Path):
     assert unlabeled == [str(photos / "batch2" / "d.png")]
 
 
+def test_a_labels_csv_that_relabels_class_folders_is_read_as_it_says_with_a_warning(
+    tmp_path: Path,
+):
+    """As an upload says it: cat/ and dog/ with a labels.csv that swapped them took the CSV's
+    labels without a word."""
+    _write_images(tmp_path, ["cat/a.png", "cat/b.png", "dog/c.png", "dog/d.png", "loose/e.png"])
+    (tmp_path / "labels.csv").write_text(
+        "path,label\ncat/a.png,dog\ncat/b.png,cat\ndog/c.png,cat\ndog/d.png,\nloose/e.png,dog\n")
+    warnings: list[str] = []
+    class_names, train_items, _, unlabeled = load_folder_dataset(tmp_path, warnings=warnings)
+    assert class_names == ["cat", "dog"]
+    assert sorted((Path(path).name, label) for path, label in train_items) == [
+        ("a.png", 1), ("b.png", 0), ("c.png", 0), ("e.png", 1)]  # the CSV's labels
+    assert [Path(path).name for path in unlabeled] == ["d.png"]
+    assert warnings == [
+        f"{tmp_path / 'labels.csv'} labels 3 images in a class's folder as another class or "
+        "none ('cat/a.png' as 'dog', 'dog/c.png' as 'cat', 'dog/d.png' as unlabeled): its "
+        f"labels are used; if the folders are right, remove {tmp_path / 'labels.csv'} and run "
+        "again"]
+    agreeing: list[str] = []
+    (tmp_path / "labels.csv").write_text("path,label\ncat/a.png,cat\ndog/c.png,dog\n")
+    load_folder_dataset(tmp_path, warnings=agreeing)
+    assert agreeing == []
+
+
 def test_labels_csv_without_header_and_with_a_split_column_reads_as_the_web_does(
     tmp_path: Path,
 ):

@@ -161,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         check_forward_batch(config.backbone, config.image_size, config.batch_size)
         check_local_weights(config.backbone)  # a junk or foreign .safetensors file
         skipped: dict[str, str] = {}
-        class_names, train_items, test_items, unlabeled = load_folder_dataset(args.data,
-                                                                              skipped)
+        warnings: list[str] = []
+        class_names, train_items, test_items, unlabeled = load_folder_dataset(
+            args.data, skipped, warnings)
+        for warning in warnings:
+            print(f"warning: {warning}")
         if skipped:
             path, reason = next(iter(skipped.items()))
             print(f"skipped {len(skipped)} file(s), as an upload does (e.g. {path}: {reason})")

@@ -25,6 +25,7 @@ from worker.selftuning.budgets import Budget, BudgetError, select_labeled, split
 from worker.selftuning.labels_csv import (
     LABELS_CSV,
     class_name,
+    folder_disagreements,
     header_hint,
     natural_key,
     parse_labels_csv,
@@ -117,6 +118,7 @@ def _digest(value) -> str:
 
 def load_folder_dataset(
     path: str | os.PathLike, skipped: dict[str, str] | None = None,
+    warnings: list[str] | None = None,
 ) -> tuple[list[str], list[Item], list[Item], list[str]]:
     """Read a dataset folder, or a .zip/.tar/.tar.gz/.tar.bz2/.tar.xz of one, for the
     command line.
@@ -134,6 +136,8 @@ def load_folder_dataset(
     differently (the web by content hash). Files too: images without an image extension are
     known by their content; files that are not images or do not open are left out with the
     reason in `skipped` (path: reason), and hidden files and folders at any depth without.
+    What looks like a mistake but is read as it says goes in `warnings` (a labels.csv that
+    relabels images in class folders: `folder_disagreements`).
     Returns (class_names, train_items, test_items, unlabeled_paths); items are (path, index).
     Archives are unpacked once into the temp folder.
     """
@@ -146,7 +150,7 @@ def load_folder_dataset(
         raise ValueError(f"dataset {path} is neither a folder nor a .zip/.tar archive")
     root = _look_through_wrapper(root)
     if (root / LABELS_CSV).is_file():
-        return read_labels_csv(root / LABELS_CSV, skipped)
+        return read_labels_csv(root / LABELS_CSV, skipped, warnings)
 
     def images(folder: Path, recursive: bool = False) -> list[Path]:
         return _images(folder, recursive, skipped)
@@ -223,7 +227,7 @@ def drop_duplicates(
 
 
 def read_labels_csv(
-    csv_path: Path, skipped: dict[str, str] | None = None,
+    csv_path: Path, skipped: dict[str, str] | None = None, warnings: list[str] | None = None,
 ) -> tuple[list[str], list[Item], list[Item], list[str]]:
     """A labels.csv dataset (`parse_labels_csv`), read as the web reads an upload's: paths
     relative to the CSV's folder; listed files that are not images, or do not open, are left
@@ -249,6 +253,10 @@ def read_labels_csv(
     if skipped is not None:
         skipped.update({str(folder / relative): problem for relative, problem in unusable.items()})
     rows = {relative: row for relative, row in rows.items() if relative not in unusable}
+    if warnings is not None:
+        warnings.extend(folder_disagreements(
+            ((relative, row.label) for relative, row in rows.items()), str(csv_path),
+            "run again"))
 
     class_names = sorted({row.label for row in rows.values() if row.label and row.split == "train"},
                          key=natural_key)

@@ -9,6 +9,7 @@ import io
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
+from pathlib import PurePosixPath
 from typing import NamedTuple
 
 LABELS_CSV = "labels.csv"
@@ -96,3 +97,29 @@ def header_hint(missing: Iterable[LabelsRow]) -> str:
         return ("; line 1 is read as an image and its label: a header line must be "
                 "'path,label' (or 'path,label,split')")
     return ""
+
+
+def folder_disagreements(labels: Iterable[tuple[str, str | None]], csv_name: str,
+                         again: str = "upload again") -> list[str]:
+    """A labels.csv that gives images in a class's folder (a folder named as one of its
+    classes) another class, or none: `labels` are each image's (path, class or None). The
+    CSV's labels are used, as the layout says, but a stale or swapped CSV would relabel the
+    images without a word: said, with a few of them, and what to do (`again`)."""
+    labels = list(labels)
+    classes = {label for _, label in labels} - {None}
+    differing = [(path, label) for path, label in labels
+                 if (folder := class_name(PurePosixPath(path).parent.name)) in classes
+                 and label != folder]
+    if not differing:
+        return []
+    shown = ", ".join(f"{_cut(path)!r} as " + ("unlabeled" if label is None else repr(label))
+                      for path, label in differing[:3])
+    count = len(differing)
+    return [f"{csv_name} labels {count} image{'' if count == 1 else 's'} in a class's folder "
+            f"as another class or none ({shown}{' and more' if count > 3 else ''}): its "
+            f"labels are used; if the folders are right, remove {csv_name} and {again}"]
+
+
+def _cut(path: str, chars: int = 80) -> str:
+    """A long path as a message shows it: its end, where the file's name is."""
+    return path if len(path) <= chars else f"…{path[-(chars - 1):]}"

@@ -47,12 +47,15 @@ from worker.selftuning.data import UNLABELED_IN_TEST, zip_entry_name
 from worker.selftuning.labels_csv import (
     LABELS_CSV,
     SPLITS,
+    UNLABELED_FOLDER,
     LabelsRow,
     class_name,
+    class_name_warnings,
     folder_disagreements,
     header_hint,
     natural_key,
     parse_labels_csv,
+    untested_class_warnings,
 )
 from worker.selftuning.pixels import (
     IMAGE_SUFFIXES,
@@ -95,7 +98,6 @@ MAX_QUOTED_CHARS = 300
 MAX_NAME_CHARS = 255
 # Tar's extended headers (a long name, pax records) are read whole into memory by tarfile.
 MAX_TAR_HEADER_BYTES = 1024**2
-UNLABELED_FOLDER = "unlabeled"
 # Multipart framing and the small `name` field on top of the archive itself.
 MULTIPART_OVERHEAD_BYTES = 1024**2
 # After a 413 the rest of the body is read and dropped, up to this much, so that clients
@@ -359,41 +361,12 @@ async def receive_upload(
     return ReceivedUpload(destination, sink.filename, sink.name, sink.file_bytes)
 
 
-def class_name_warnings(class_names: list[str]) -> list[str]:
-    """Class folders whose names differ only in letter case (`Dog/`, `dog/`): two classes
-    here, one folder on macOS and Windows, so most likely one class split by accident; and
-    `unlabelled/`, a class where `unlabeled/` was meant. They are kept as they came (a person
-    may mean them), and said."""
-    by_folding: dict[str, list[str]] = {}
-    for name in class_names:
-        by_folding.setdefault(name.casefold(), []).append(name)
-    return [
-        f"classes {' and '.join(repr(name) for name in names)} differ only in letter case: "
-        f"they are {'two' if len(names) == 2 else len(names)} classes here (macOS and Windows "
-        "keep one folder for both); if they are one class, merge their folders and upload again"
-        for names in by_folding.values() if len(names) > 1
-    ] + [
-        # The British spelling: its images were trained as a class named so.
-        f"class {name!r} is a class here, not the {UNLABELED_FOLDER}/ folder: if its images "
-        f"have no label, rename the folder to {UNLABELED_FOLDER}/ and upload again"
-        for name in class_names if name.casefold() == "unlabelled"
-    ]
-
-
-def untested_class_warnings(dataset: Dataset) -> list[str]:
-    """Classes that an uploaded test split has no image of: they are trained but never
-    scored, and test top-1 is over the other classes alone."""
+def untested_classes(dataset: Dataset) -> list[str]:
+    """The classes an uploaded test split has no image of (`untested_class_warnings`)."""
     if dataset.test_source != "uploaded":
         return []
-    untested = [name for name in dataset.class_names
-                if not dataset.class_counts.get(name, {}).get("test")]
-    if not untested:
-        return []
-    them, its = ("it", "its") if len(untested) == 1 else ("them", "their")
-    return [_classes_phrase(untested, "has", "have") + f" no images in the uploaded test split: "
-            f"runs train on {them} but never score {them}, and test top-1 is over the other "
-            f"classes alone; add {its} images to test/ (or leave test/ out to hold out a share "
-            "of each class)"]
+    return [name for name in dataset.class_names
+            if not dataset.class_counts.get(name, {}).get("test")]
 
 
 def dataset_warnings(session: Session, dataset: Dataset) -> list[str]:
@@ -413,7 +386,7 @@ def dataset_warnings(session: Session, dataset: Dataset) -> list[str]:
         f"{' and others' if len(twins) > 3 else ''}: delete one of them if it was uploaded "
         "twice by mistake"]
     return (class_name_warnings(dataset.class_names) + list(dataset.upload_warnings)
-            + untested_class_warnings(dataset) + same)
+            + untested_class_warnings(untested_classes(dataset)) + same)
 
 
 def dataset_name(requested: str | None, filename: str) -> str:

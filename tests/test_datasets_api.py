@@ -428,7 +428,7 @@ def test_an_uploaded_test_split_without_a_class_is_kept_with_a_warning(
     dataset = upload(client, zip_bytes(entries), name="untested").json()
     assert dataset["test_source"] == "uploaded"
     assert dataset["warnings"] == [
-        "classes 'big dog', 'small dog' have no images in the uploaded test split: runs train "
+        "classes 'big dog', 'small dog' have no images in the given test split: runs train "
         "on them but never score them, and test top-1 is over the other classes alone; add "
         "their images to test/ (or leave test/ out to hold out a share of each class)"]
     assert "never score them" in client.get(f"/datasets/{dataset['id']}").text

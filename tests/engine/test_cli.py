@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.engine.helpers import write_shapes_dataset
 from worker.selftuning.budgets import BudgetError
@@ -115,6 +116,26 @@ def test_cli_finds_labels_csv_in_a_wrapping_folder_that_also_holds_an_image(tmp_
     assert "3 classes, 10 labeled (all)" in printed
     assert (f"warning: {photos / 'labels.csv'} labels 1 image in a class's folder as another "
             f"class or none ('{first}/odd.png' as '{second}')") in printed
+
+
+def test_cli_warns_of_what_an_upload_warns_of_in_class_folders(tmp_path: Path, capsys):
+    """A test split without a class, and unlabelled/ (the British spelling), which is a class:
+    an upload said so, the command line trained on without a word."""
+    data = write_shapes_dataset(tmp_path / "shapes", train_per_class=3, test_per_class=1)
+    classes = sorted(folder.name for folder in (data / "test").iterdir())
+    shutil.rmtree(data / "test" / classes[0])
+    (data / "train" / "Unlabelled").mkdir()
+    for n in range(3):
+        Image.new("RGB", (32, 32), (40 * n, 90, 200)).save(
+            data / "train" / "Unlabelled" / f"{n}.png")
+    code = main(["train", "--data", str(data), "--method", "fine-tune", "--budget", "all",
+                 *TINY, *TEST_BACKBONE, "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert ("warning: class 'Unlabelled' is a class here, not the unlabeled/ folder: if its "
+            "images have no label, rename the folder to unlabeled/ and run again") in printed
+    assert (f"warning: classes {classes[0]!r}, 'Unlabelled' have no images in the given test "
+            "split: runs train on them but never score them") in printed
 
 
 def test_cli_rejects_a_bad_budget_with_a_message(tmp_path: Path, capsys):

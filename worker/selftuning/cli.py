@@ -46,6 +46,7 @@ from worker.selftuning.files import (
     replace_csv,
     write_json,
 )
+from worker.selftuning.labels_csv import class_name_warnings, untested_class_warnings
 from worker.selftuning.loop import TrainingCancelled, resolve_device, train
 from worker.selftuning.methods import METHODS
 from worker.selftuning.predict import (
@@ -164,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings: list[str] = []
         class_names, train_items, test_items, unlabeled = load_folder_dataset(
             args.data, skipped, warnings)
+        # What an upload of the same would warn of.
+        tested = {label for _, label in test_items}
+        warnings += class_name_warnings(class_names, "run again") + untested_class_warnings(
+            [name for index, name in enumerate(class_names) if test_items and index not in tested])
         for warning in warnings:
             print(f"warning: {warning}")
         if skipped:

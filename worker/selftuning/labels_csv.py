@@ -15,6 +15,8 @@ from typing import NamedTuple
 LABELS_CSV = "labels.csv"
 # The split names a dataset may use (as folders, or in the split column) and what each means.
 SPLITS = {"train": "train", "test": "test", "val": "test"}
+# The folder of images without a label, in any letter case (not a class).
+UNLABELED_FOLDER = "unlabeled"
 # Not in a class name (nor a dataset's name: PostgreSQL text cannot hold a NUL).
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -123,3 +125,38 @@ def folder_disagreements(labels: Iterable[tuple[str, str | None]], csv_name: str
 def _cut(path: str, chars: int = 80) -> str:
     """A long path as a message shows it: its end, where the file's name is."""
     return path if len(path) <= chars else f"…{path[-(chars - 1):]}"
+
+
+def class_name_warnings(class_names: list[str], again: str = "upload again") -> list[str]:
+    """Class folders whose names differ only in letter case (`Dog/`, `dog/`): two classes
+    here, one folder on macOS and Windows, so most likely one class split by accident; and
+    `unlabelled/`, a class where `unlabeled/` was meant. They are kept as they came (a person
+    may mean them), and said, with what to do (`again`)."""
+    by_folding: dict[str, list[str]] = {}
+    for name in class_names:
+        by_folding.setdefault(name.casefold(), []).append(name)
+    return [
+        f"classes {' and '.join(repr(name) for name in names)} differ only in letter case: "
+        f"they are {'two' if len(names) == 2 else len(names)} classes here (macOS and Windows "
+        f"keep one folder for both); if they are one class, merge their folders and {again}"
+        for names in by_folding.values() if len(names) > 1
+    ] + [
+        # The British spelling: its images were trained as a class named so.
+        f"class {name!r} is a class here, not the {UNLABELED_FOLDER}/ folder: if its images "
+        f"have no label, rename the folder to {UNLABELED_FOLDER}/ and {again}"
+        for name in class_names if name.casefold() == "unlabelled"
+    ]
+
+
+def untested_class_warnings(untested: list[str]) -> list[str]:
+    """Classes that a given test split has no image of: they are trained but never scored,
+    and test top-1 is over the other classes alone."""
+    if not untested:
+        return []
+    names = ", ".join(repr(name) for name in untested[:5]) + (
+        f" and {len(untested) - 5} more" if len(untested) > 5 else "")
+    subject = f"class {names} has" if len(untested) == 1 else f"classes {names} have"
+    them, its = ("it", "its") if len(untested) == 1 else ("them", "their")
+    return [f"{subject} no images in the given test split: runs train on {them} but never "
+            f"score {them}, and test top-1 is over the other classes alone; add {its} images "
+            "to test/ (or leave test/ out to hold out a share of each class)"]

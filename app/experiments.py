@@ -39,6 +39,7 @@ from app.schemas import (
 from app.trash import move_to_trash
 from worker.selftuning.budgets import Budget
 from worker.selftuning.config import RunConfig, backbone_in
+from worker.selftuning.labels_csv import untested_class_warnings
 
 TRAIN_TASK = "selftune.train_run"
 CANCEL_FLAG_TTL_S = 7 * 24 * 3600  # outlives any run; the database flag is the record
@@ -560,7 +561,17 @@ def experiment_warnings(dataset: Dataset | None, runs: list[Run],
     image_size = next((run.config.get("image_size") for run in runs if run.config), None)
     return (budget_warnings(dataset, runs) + unlabeled_warnings(dataset, runs, overrides)
             + queue_warnings(dataset, runs) + logging_warnings(dataset, runs)
+            + (untested_class_warnings(untested_classes(dataset)) if dataset else [])
             + (cache_warnings(dataset, image_size) if dataset is not None and image_size else []))
+
+
+def untested_classes(dataset: Dataset) -> list[str]:
+    """The classes an uploaded test split has no image of (`untested_class_warnings`): said
+    on the dataset and on each experiment of it, whose top-1 leaves them out."""
+    if dataset.test_source != "uploaded":
+        return []
+    return [name for name in dataset.class_names
+            if not dataset.class_counts.get(name, {}).get("test")]
 
 
 def budget_warnings(dataset: Dataset | None, runs: list[Run]) -> list[str]:

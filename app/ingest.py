@@ -37,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.experiments import delete_run_rows, run_folders, weights_in_use
+from app.experiments import delete_run_rows, run_folders, untested_classes, weights_in_use
 from app.models import Dataset, DatasetImage, Experiment, Run
 from app.responses import human_bytes
 from app.schemas import CONTROL_CHARACTERS, TO_GO_STATUSES
@@ -359,14 +359,6 @@ async def receive_upload(
             f"(curl -F file=@{upload.example} ...)"
         )
     return ReceivedUpload(destination, sink.filename, sink.name, sink.file_bytes)
-
-
-def untested_classes(dataset: Dataset) -> list[str]:
-    """The classes an uploaded test split has no image of (`untested_class_warnings`)."""
-    if dataset.test_source != "uploaded":
-        return []
-    return [name for name in dataset.class_names
-            if not dataset.class_counts.get(name, {}).get("test")]
 
 
 def dataset_warnings(session: Session, dataset: Dataset) -> list[str]:

@@ -432,6 +432,17 @@ def test_an_uploaded_test_split_without_a_class_is_kept_with_a_warning(
         "on them but never score them, and test top-1 is over the other classes alone; add "
         "their images to test/ (or leave test/ out to hold out a share of each class)"]
     assert "never score them" in client.get(f"/datasets/{dataset['id']}").text
+    # and an experiment on it is told so before it starts, and on its record
+    sweep = {"dataset_id": dataset["id"], "backbone": "test_efficientnet",
+             "methods": ["fine-tune"], "budgets": ["all"], "seeds": [0], "preset": "quick",
+             "overrides": {"pretrained": False}}
+    checked = client.post("/api/experiments/check", json=sweep)
+    assert checked.status_code == 200, checked.text
+    assert dataset["warnings"][0] in checked.json()["warnings"]
+    started = client.post("/api/experiments", json=sweep).json()
+    assert dataset["warnings"][0] in client.get(
+        f"/api/experiments/{started['id']}").json()["warnings"]
+    assert client.post(f"/api/experiments/{started['id']}/cancel").status_code == 200
     held_out = small_dataset(client, "held out", seed=27)  # no test/: every class is held out
     assert held_out["warnings"] == []
     for item in (dataset, held_out):

@@ -392,10 +392,10 @@ def test_a_labels_csv_that_relabels_images_in_class_folders_is_used_with_a_warni
     assert response.status_code == 201, response.text
     dataset = response.json()
     first, second, third = sorted(entries)[:3]
-    warning = (f"labels.csv labels 6 images in a class's folder as another class or none "
-               f"({first!r} as unlabeled, {second!r} as 'dog', {third!r} as 'dog' and more): "
-               "its labels are used; if the folders are right, remove labels.csv and upload "
-               "again")
+    warning = (f"6 images are in a class's folder but labeled another class or none by "
+               f"labels.csv ({first!r} as unlabeled, {second!r} as 'dog', {third!r} as 'dog' "
+               "and more): its labels are used; if the folders are right, remove labels.csv "
+               "and upload again")
     assert dataset["warnings"] == [warning]
     assert client.get(f"/api/datasets/{dataset['id']}").json()["warnings"] == [warning]
     assert "if the folders are right" in client.get(f"/datasets/{dataset['id']}").text

@@ -114,8 +114,8 @@ def test_cli_finds_labels_csv_in_a_wrapping_folder_that_also_holds_an_image(tmp_
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "3 classes, 10 labeled (all)" in printed
-    assert (f"warning: {photos / 'labels.csv'} labels 1 image in a class's folder as another "
-            f"class or none ('{first}/odd.png' as '{second}')") in printed
+    assert (f"warning: 1 image is in a class's folder but labeled another class or none by "
+            f"{photos / 'labels.csv'} ('{first}/odd.png' as '{second}')") in printed
 
 
 def test_cli_warns_of_what_an_upload_warns_of_in_class_folders(tmp_path: Path, capsys):

@@ -121,10 +121,10 @@ def test_a_labels_csv_that_relabels_class_folders_is_read_as_it_says_with_a_warn
         ("a.png", 1), ("b.png", 0), ("c.png", 0), ("e.png", 1)]  # the CSV's labels
     assert [Path(path).name for path in unlabeled] == ["d.png"]
     assert warnings == [
-        f"{tmp_path / 'labels.csv'} labels 3 images in a class's folder as another class or "
-        "none ('cat/a.png' as 'dog', 'dog/c.png' as 'cat', 'dog/d.png' as unlabeled): its "
-        f"labels are used; if the folders are right, remove {tmp_path / 'labels.csv'} and run "
-        "again"]
+        f"3 images are in a class's folder but labeled another class or none by "
+        f"{tmp_path / 'labels.csv'} ('cat/a.png' as 'dog', 'dog/c.png' as 'cat', 'dog/d.png' "
+        f"as unlabeled): its labels are used; if the folders are right, remove "
+        f"{tmp_path / 'labels.csv'} and run again"]
     agreeing: list[str] = []
     (tmp_path / "labels.csv").write_text("path,label\ncat/a.png,cat\ndog/c.png,dog\n")
     load_folder_dataset(tmp_path, warnings=agreeing)

@@ -109,17 +109,19 @@ def folder_disagreements(labels: Iterable[tuple[str, str | None]], csv_name: str
     images without a word: said, with a few of them, and what to do (`again`)."""
     labels = list(labels)
     classes = {label for _, label in labels} - {None}
-    differing = [(path, label) for path, label in labels
-                 if (folder := class_name(PurePosixPath(path).parent.name)) in classes
-                 and label != folder]
+    differing = sorted((path, label) for path, label in labels
+                       if (folder := class_name(PurePosixPath(path).parent.name)) in classes
+                       and label != folder)
     if not differing:
         return []
     shown = ", ".join(f"{_cut(path)!r} as " + ("unlabeled" if label is None else repr(label))
                       for path, label in differing[:3])
     count = len(differing)
-    return [f"{csv_name} labels {count} image{'' if count == 1 else 's'} in a class's folder "
-            f"as another class or none ({shown}{' and more' if count > 3 else ''}): its "
-            f"labels are used; if the folders are right, remove {csv_name} and {again}"]
+    # Begun with the count: a page writes a warning's first letter large, and a file's name
+    # is not to be changed.
+    return [f"{count} image{' is' if count == 1 else 's are'} in a class's folder but labeled "
+            f"another class or none by {csv_name} ({shown}{' and more' if count > 3 else ''}): "
+            f"its labels are used; if the folders are right, remove {csv_name} and {again}"]
 
 
 def _cut(path: str, chars: int = 80) -> str:

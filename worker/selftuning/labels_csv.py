@@ -1,6 +1,6 @@
 """labels.csv, one of the dataset layouts (`path,label[,split]`), read the same way by the
-web's uploads and the command line, and how both name and order classes. Without torch, so
-the web can import it."""
+web's uploads and the command line, how both name and order classes, and what both warn of in
+a dataset's classes and labels. Without torch, so the web can import it."""
 
 from __future__ import annotations
 

@@ -81,6 +81,10 @@ def test_ranges_of_bytes_are_honoured_and_others_ignored(live_server):
         url = f"/api/runs/{run_ids[0]}/files/config.json"
         part = client.get(url, headers={"Range": "bytes=2-9"})
         assert part.status_code == 206 and part.content == files["config.json"][2:10]
+        # Named for its run, as the zip and the ONNX model are: two runs' config.json were
+        # one name in a downloads folder.
+        assert part.headers["content-disposition"] == (
+            f'attachment; filename="run-{run_ids[0]}-config.json"')
         # Another unit, or bytes written wrong (Starlette's bare text/plain 400 before):
         # RFC 9110 (14.2) lets a server ignore a Range it cannot use.
         for header in ("items=0-5", "Pages=1-2", "bytes=9-0", "bytes=abc", "bytes=", "bytes=-"):

@@ -421,10 +421,13 @@ def download_file(run_id: RunId, name: FileName, request: Request, session: DbDe
                   settings: SettingsDep):
     """One exported file: model.safetensors, config.json, training.json, predictions.csv (the
     unlabeled images) or test_predictions.json (each test image's `image_id`, `path` as
-    uploaded, `label` and the exported model's `predicted` class)."""
+    uploaded, `label` and the exported model's `predicted` class). Saved by a browser as
+    `run-<id>-<name>`, as the other downloads of a run are: two runs' files would be one
+    name in a downloads folder (`curl -O` keeps the address's name)."""
     if name not in DOWNLOADABLE:
         raise HTTPException(404, detail=f"no file {name!r}; files are {list(DOWNLOADABLE)}")
-    return send_file(request, artifact_path(settings, session, run_id, name), name)
+    return send_file(request, artifact_path(settings, session, run_id, name),
+                     f"run-{run_id}-{name}")
 
 
 @router.get("/{run_id}/checkpoint", response_class=FileResponse,

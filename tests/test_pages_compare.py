@@ -127,9 +127,11 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
         expect(page.locator("#compared tbody a[href^='/experiments/']").nth(1)).to_have_text(
             "first, renamed with a much longer name")
         # The legend cuts a long name (four took a phone's chart box); the tooltip has it.
-        page.wait_for_function("Chart.getChart(document.getElementById('budget-chart'))")
-        legend = page.evaluate("Chart.getChart(document.getElementById('budget-chart'))"
-                               ".legend.legendItems.map((item) => item.text)")
+        # The chart is drawn again after the table takes the new name (read_again.js).
+        legend_texts = ("Chart.getChart(document.getElementById('budget-chart'))"
+                        "?.legend.legendItems.map((item) => item.text)")
+        page.wait_for_function(f"({legend_texts} ?? []).some((text) => text.includes('much'))")
+        legend = page.evaluate(legend_texts)
         assert legend == [f"second (#{second}) · Fine-tuning",
                           f"first, renamed with a much… (#{first}) · Fine-tuning",
                           f"first, renamed with a much… (#{first}) · Self-Tuning"]

@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 from app import ingest
 from app.config import Settings
 from app.models import Dataset, DatasetImage
-from worker.selftuning.labels_csv import LabelsRow, header_hint, parse_labels_csv
+from app.responses import shortened
+from worker.selftuning.labels_csv import LabelsRow, header_hint, parse_labels_csv, quoted_list
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def _new_labels(source: Dataset, images: list[DatasetImage],
     if missing := [path for path in labels if path not in by_path]:
         raise ingest.IngestError(
             f"{CSV_NAME} names {len(missing):,} image(s) that dataset {source.id} does not have: "
-            f"{ingest.quoted_list(missing)}; use the paths of its predictions.csv or "
+            f"{quoted_list(missing)}; use the paths of its predictions.csv or "
             "label-next.csv (as named in the uploaded archive)"
             f"{header_hint(labels[path] for path in missing)}")
     class_index = {name: index for index, name in enumerate(source.class_names)}
@@ -78,8 +79,8 @@ def _new_labels(source: Dataset, images: list[DatasetImage],
                  if label.casefold() in by_folding]
         raise ingest.IngestError(
             f"{CSV_NAME} uses {len(unknown):,} label(s) that are not classes of dataset "
-            f"{source.id}: {ingest.quoted_list(unknown)}; its classes are "
-            f"{ingest.quoted_list(source.class_names, limit=20)} (a new class needs an "
+            f"{source.id}: {quoted_list(unknown)}; its classes are "
+            f"{quoted_list(source.class_names, limit=20)} (a new class needs an "
             "upload of its own, with test images of it)"
             + (f"; letter case counts: {', '.join(cased[:5])}" if cased else ""))
     added: dict[int, int] = {}
@@ -145,10 +146,7 @@ def prepare_labeled_copy(settings: Settings, source: Dataset, images: list[Datas
 def labeled_name(source: Dataset, added: int) -> str:
     """"pets + 120 labels", cut to fit the 200 characters of a name."""
     suffix = f" + {added:,} label{'s' if added != 1 else ''}"
-    base = source.name
-    if len(base) + len(suffix) > 200:
-        base = f"{base[:199 - len(suffix)].rstrip()}\u2026"
-    return base + suffix
+    return shortened(source.name, 200 - len(suffix)) + suffix
 
 
 def add_labels(session: Session, settings: Settings, source: Dataset, csv_path: Path,

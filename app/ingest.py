@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.experiments import delete_run_rows, run_folders, untested_classes, weights_in_use
 from app.models import Dataset, DatasetImage, Experiment, Run
-from app.responses import human_bytes
+from app.responses import human_bytes, shortened
 from app.schemas import CONTROL_CHARACTERS, TO_GO_STATUSES
 from app.trash import move_to_trash, trash_dir
 from worker.selftuning.budgets import split_holdout
@@ -51,10 +51,12 @@ from worker.selftuning.labels_csv import (
     LabelsRow,
     class_name,
     class_name_warnings,
+    classes_phrase,
     folder_disagreements,
     header_hint,
     natural_key,
     parse_labels_csv,
+    quoted_list,
     untested_class_warnings,
 )
 from worker.selftuning.pixels import (
@@ -134,18 +136,6 @@ class SkippedFile:
 
     def __post_init__(self) -> None:  # kept and shown: a name of megabytes is cut
         object.__setattr__(self, "path", self.path[:MAX_PATH_CHARS])
-
-
-def _classes_phrase(names: list[str], singular: str, plural: str) -> str:
-    """"class 'a' has" or "classes 'a', 'b' have"."""
-    if len(names) == 1:
-        return f"class {names[0]!r} {singular}"
-    return f"classes {quoted_list(names)} {plural}"
-
-
-def quoted_list(items: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(item) for item in items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 # --- Receiving the upload -------------------------------------------------------------------
@@ -394,7 +384,7 @@ def dataset_name(requested: str | None, filename: str) -> str:
         name = CONTROL_CHARACTERS.sub(" ", name).strip() or "dataset"
     name = unicodedata.normalize("NFC", name)
     if len(name) > 200 and not typed:  # a name nobody typed is shortened, not refused
-        name = f"{name[:199].rstrip()}\u2026"
+        name = shortened(name, 200)
     if len(name) > 200:
         raise IngestError("the dataset name is too long (at most 200 characters)")
     return name
@@ -1257,7 +1247,7 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
     test_classes = {item.class_name for item in kept if item.split == "test"} - {None}
     if only_in_test := sorted(test_classes - train_classes, key=natural_key):
         raise IngestError(
-            _classes_phrase(only_in_test, "has", "have") + " test images but no training "
+            classes_phrase(only_in_test, "has", "have") + " test images but no training "
             "images: add training images or remove them from the test split"
         )
     if len(train_classes) < 2:
@@ -1304,7 +1294,7 @@ def _hold_out(kept: list[_Placed], class_names: list[str], settings: Settings) -
     sizes = Counter(item.class_name for item in labeled)
     if too_small := [name for name in class_names if sizes[name] < 2]:
         raise IngestError(
-            _classes_phrase(too_small, "has", "have") + " only one labeled image: without a "
+            classes_phrase(too_small, "has", "have") + " only one labeled image: without a "
             "test/ folder a test split is held out of every class, so give each class at "
             "least two images or upload a test/ folder"
         )

@@ -19,6 +19,11 @@ from starlette.datastructures import Headers
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 
+def shortened(text: str, chars: int) -> str:
+    """`text` cut to `chars` characters where it is longer, the last an ellipsis."""
+    return text if len(text) <= chars else f"{text[:chars - 1].rstrip()}\u2026"
+
+
 def human_bytes(count: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":

@@ -30,6 +30,7 @@ from app.experiments import (
     suggested_budgets,
 )
 from app.models import Artifact, Dataset, Experiment, Run
+from app.responses import shortened
 from app.routers.datasets import dataset_names
 from app.routers.experiments import (
     MOST_COMPARED,
@@ -274,7 +275,7 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
     # phone's chart box, leaving the lines a strip of it.
     series = [{"name": method,
                "title": f"{e['name']} (#{e['id']}) · {METHOD_TITLES.get(method, method)}",
-               "key": f"{short(e['name'], LEGEND_NAME_CHARS)} (#{e['id']}) · "
+               "key": f"{shortened(e['name'], LEGEND_NAME_CHARS)} (#{e['id']}) · "
                       f"{METHOD_TITLES.get(method, method)}",
                "dash": COMPARED_DASHES[index], "spanGaps": True,
                "means": line(cells, "mean_top1"), "spreads": line(cells, "std_top1")}
@@ -284,11 +285,6 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
                   method_titles=METHOD_TITLES, dashes=COMPARED_DASHES, dash_names=DASH_NAMES,
                   chart={"budgets": [{"label": label, "count": count} for label, count in points],
                          "series": series})
-
-
-def short(name: str, chars: int) -> str:
-    """`name`, cut to `chars` characters with an ellipsis where it is longer."""
-    return name if len(name) <= chars else f"{name[:chars - 1].rstrip()}…"
 
 
 def gone_words(ids: list[int]) -> str:

@@ -67,6 +67,7 @@ from app.responses import (
     files_tag,
     send_file,
     send_temporary_file,
+    shortened,
 )
 from app.routers.datasets import MULTIPART_ANSWERS, multipart_body
 from app.schemas import (
@@ -138,9 +139,7 @@ def error_line(error: str | None) -> str | None:
     """A run's error in one line: its first, cut at ERROR_LINE_MAX characters (the rest of a
     failure is where it came from, a traceback)."""
     line = next(iter((error or "").strip().splitlines()), "").strip()
-    if len(line) > ERROR_LINE_MAX:
-        line = line[:ERROR_LINE_MAX - 1].rstrip() + "…"
-    return line or None
+    return shortened(line, ERROR_LINE_MAX) or None
 
 
 def run_summary(run: Run, queue_position: int | None = None) -> RunSummary:

@@ -155,10 +155,21 @@ def untested_class_warnings(untested: list[str]) -> list[str]:
     and test top-1 is over the other classes alone."""
     if not untested:
         return []
-    names = ", ".join(repr(name) for name in untested[:5]) + (
-        f" and {len(untested) - 5} more" if len(untested) > 5 else "")
-    subject = f"class {names} has" if len(untested) == 1 else f"classes {names} have"
     them, its = ("it", "its") if len(untested) == 1 else ("them", "their")
-    return [f"{subject} no images in the given test split: runs train on {them} but never "
-            f"score {them}, and test top-1 is over the other classes alone; add {its} images "
-            "to test/ (or leave test/ out to hold out a share of each class)"]
+    return [f"{classes_phrase(untested, 'has', 'have')} no images in the given test split: "
+            f"runs train on {them} but never score {them}, and test top-1 is over the other "
+            f"classes alone; add {its} images to test/ (or leave test/ out to hold out a share "
+            "of each class)"]
+
+
+def classes_phrase(names: list[str], singular: str, plural: str) -> str:
+    """"class 'a' has" or "classes 'a', 'b' have"."""
+    if len(names) == 1:
+        return f"class {names[0]!r} {singular}"
+    return f"classes {quoted_list(names)} {plural}"
+
+
+def quoted_list(items: list[str], limit: int = 5) -> str:
+    """"'a', 'b', 'c', 'd', 'e' and 2 more"."""
+    shown = ", ".join(repr(item) for item in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -77,6 +77,8 @@ def test_the_mistakes_show_by_pair_from_the_matrix_and_open_larger(
         page = browser.page
         page.goto(f"{server.url}/runs/{run_id}")
         page.wait_for_selector(READY)
+        # Drawn once test_predictions.json has come (run.js, drawMistakes), after the table.
+        page.wait_for_selector("#mistakes-pair option", state="attached")
         options = page.eval_on_selector_all("#mistakes-pair option",
                                             "(options) => options.map((o) => o.textContent)")
         assert options == ["every mistake (33 of 40 test images)", "cat taken for dog (30)",

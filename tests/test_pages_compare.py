@@ -253,8 +253,10 @@ def test_ticks_of_deleted_experiments_are_forgotten_and_left_out_of_the_comparis
                           f"&ids={ids['sweep 2']}")
         assert shown.status == 404
         assert page.inner_text("#error-detail") == (
-            f"Experiment {ids['sweep 2']} does not exist: tick another to compare with. It may "
-            "have been deleted.")
+            f"Experiment {ids['sweep 2']} does not exist (deleted?): tick another experiment to "
+            "compare with.")
+        page.click("text=Open sweep 102")  # the one left is a click away
+        page.wait_for_url(f"{live_server.url}/experiments/{ids['sweep 102']}")
         browser.assert_no_errors(expected=("404",))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Literal, get_args, get_origin
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -243,7 +243,15 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
     gone = [experiment_id for experiment_id in chosen
             if session.get(Experiment, experiment_id) is None]
     if gone and len(chosen) >= 2 and len(chosen) - len(gone) < 2:
-        raise HTTPException(404, detail=f"{gone_words(gone)}: tick another to compare with")
+        # A bookmark of two, one deleted since: the page links to the one left and the list.
+        left = [session.get(Experiment, experiment_id) for experiment_id in chosen
+                if experiment_id not in gone]
+        return render(request, "error.html", status_code=404, title="Not found",
+                      detail=f"{gone_words(gone).capitalize()} (deleted?): tick another "
+                             "experiment to compare with.",
+                      links=[{"href": f"/experiments/{experiment.id}",
+                              "text": f"Open {experiment.name or f'experiment {experiment.id}'}"}
+                             for experiment in left])
     experiments, labels, tables = compared_experiments(
         session, [experiment_id for experiment_id in chosen if experiment_id not in gone])
     compared = []

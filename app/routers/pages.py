@@ -163,8 +163,8 @@ def page_guard(request: Request, settings) -> Response | None:
     return RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
 
 
-def render(request: Request, template: str, **context) -> HTMLResponse:
-    return templates.TemplateResponse(request, template, context)
+def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
+    return templates.TemplateResponse(request, template, context, status_code=status_code)
 
 
 @dataclass

@@ -23,7 +23,13 @@ from app import ingest
 from app.config import Settings
 from app.models import Dataset, DatasetImage
 from app.responses import shortened
-from worker.selftuning.labels_csv import LabelsRow, header_hint, parse_labels_csv, quoted_list
+from worker.selftuning.labels_csv import (
+    LabelsRow,
+    header_hint,
+    parse_labels_csv,
+    quoted_list,
+    spaced_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +39,12 @@ UPLOAD = ingest.UploadOf(
     "split it: each CSV makes a new dataset, and the next one can add its labels to that")
 
 
-def _labels_by_path(data: bytes) -> dict[str, LabelsRow]:
-    """The CSV's rows by image path, but those with an empty label (their images stay
-    unlabeled)."""
+def _labels_by_path(data: bytes, paths: set[str]) -> dict[str, LabelsRow]:
+    """The CSV's rows by image path (the dataset's are `paths`), but those with an empty
+    label (their images stay unlabeled)."""
     try:
-        rows = parse_labels_csv(data, CSV_NAME, str.strip)
+        rows = parse_labels_csv(data, CSV_NAME, lambda written: spaced_path(
+            written, str, paths.__contains__))
     except ValueError as exc:
         message = str(exc)
         if re.search(r"got \d+ columns$", message):  # the app's CSVs have more: which two
@@ -155,10 +162,10 @@ def add_labels(session: Session, settings: Settings, source: Dataset, csv_path: 
     to its unlabeled images, laid out in `work_dir` (which the caller removes). Raises
     IngestError with what to fix; nothing is kept then."""
     started = time.monotonic()
-    labels = _labels_by_path(csv_path.read_bytes())
     images = list(session.scalars(
         select(DatasetImage).where(DatasetImage.dataset_id == source.id)
         .order_by(DatasetImage.id)))
+    labels = _labels_by_path(csv_path.read_bytes(), {image.original_path for image in images})
     added = _new_labels(source, images, labels)
     name = ingest.dataset_name(name, "") if name and name.strip() else labeled_name(
         source, len(added))

@@ -45,6 +45,7 @@ from app.trash import move_to_trash, trash_dir
 from worker.selftuning.budgets import split_holdout
 from worker.selftuning.data import UNLABELED_IN_TEST, zip_entry_name
 from worker.selftuning.labels_csv import (
+    BLANK_CLASS_FOLDER,
     LABELS_CSV,
     SPLITS,
     UNLABELED_FOLDER,
@@ -57,6 +58,7 @@ from worker.selftuning.labels_csv import (
     natural_key,
     parse_labels_csv,
     quoted_list,
+    spaced_path,
     untested_class_warnings,
 )
 from worker.selftuning.pixels import (
@@ -1044,13 +1046,16 @@ def _layout_by_folders(images: list[_Image], skip: Callable[[_Image, str], None]
         elif CONTROL_CHARACTERS.search(parts[0]):
             skip(image, "its class folder's name has a control character (a tab or line "
                  "break): rename the folder")
+        elif not class_name(parts[0]):
+            skip(image, BLANK_CLASS_FOLDER)
         else:
             placed.append(_Placed(image, split, class_name(parts[0])))
     return placed
 
 
-def _parse_labels_csv(csv_path: str, data: bytes) -> dict[str, LabelsRow]:
-    """labels.csv rows by path relative to the csv's folder (`parse_labels_csv`)."""
+def _parse_labels_csv(csv_path: str, data: bytes, present: set[str]) -> dict[str, LabelsRow]:
+    """labels.csv rows by path relative to the csv's folder (`parse_labels_csv`), where the
+    archive's files are `present`."""
 
     def inside_archive(raw: str) -> str:
         try:
@@ -1060,7 +1065,8 @@ def _parse_labels_csv(csv_path: str, data: bytes) -> dict[str, LabelsRow]:
                              "without '..' or a leading '/'") from None
 
     try:
-        return parse_labels_csv(data, csv_path, inside_archive)
+        return parse_labels_csv(data, csv_path, lambda written: spaced_path(
+            written, inside_archive, present.__contains__))
     except ValueError as exc:
         raise IngestError(str(exc)) from None
 
@@ -1071,8 +1077,8 @@ def _layout_by_csv(
 ) -> list[_Placed]:
     folder = str(PurePosixPath(csv_path).parent)
     prefix = "" if folder == "." else folder + "/"
-    rows = _parse_labels_csv(csv_path, data)
     present = {path[len(prefix):] for path in file_paths if path.startswith(prefix)}
+    rows = _parse_labels_csv(csv_path, data, present)
     missing = sorted(path for path in rows if path not in present)
     if missing:
         raise IngestError(

@@ -411,3 +411,39 @@ def test_class_names_of_digit_like_characters_upload_and_number_as_on_the_comman
     archive.write_bytes(data)
     assert load_folder_dataset(archive)[0] == order
     delete(server, client, summary)
+
+
+def test_class_folders_named_with_spaces_around_are_the_classes_without_them(
+    server: LiveServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    """labels.csv's cells are read without the spaces around them, so a class folder `cat `
+    was a class that the app's own download (a labels.csv) gave back as `cat`: uploaded
+    again, the dataset had other classes. A class is named without them wherever it is read;
+    `cat ` beside `cat` is one class, and a folder named with spaces only is skipped."""
+    entries = {**class_entries(("cat ", " dog"), per_class=3),
+               **class_entries(("cat",), per_class=2, seed=1),
+               **class_entries(("   ",), per_class=2, seed=2)}
+    data = zip_bytes(entries)
+    summary = accepted(client, data, "spaces.zip")
+    assert class_totals(summary) == {"cat": 5, "dog": 3}
+    assert summary["skipped"] == [
+        {"path": f"   /{n}.png", "reason": "its class folder's name is blank (spaces only): "
+         "rename the folder"} for n in range(2)]
+    assert_readable_everywhere(client, summary)
+
+    tar = client.get(f"/api/datasets/{summary['id']}/archive")
+    assert tar.status_code == 200, tar.text
+    again = accepted(client, tar.content, "spaces.tar")
+    assert [c["name"] for c in again["classes"]] == ["cat", "dog"]
+    assert {c["name"]: c["train"] + c["test"] for c in again["classes"]} == {"cat": 5, "dog": 3}
+
+    archive = tmp_path / "spaces.zip"  # the command line reads the folders the same way
+    archive.write_bytes(data)
+    skipped: dict[str, str] = {}
+    classes, train, _, _ = load_folder_dataset(archive, skipped)
+    assert classes == ["cat", "dog"] and len(train) == 8
+    assert sorted(Path(path).parent.name for path in skipped) == ["   ", "   "]
+    assert set(skipped.values()) == {"its class folder's name is blank (spaces only): rename "
+                                     "the folder"}
+    assert client.delete(f"/api/datasets/{again['id']}").status_code == 204
+    delete(server, client, summary)

@@ -144,6 +144,20 @@ def test_labels_csv_without_header_and_with_a_split_column_reads_as_the_web_does
     assert unlabeled == [str(tmp_path / "e.png")]
 
 
+def test_labels_csv_paths_keep_their_spaces_where_such_a_file_exists(tmp_path: Path):
+    """A file named with a space around it (this app's download writes its path so) is found
+    as written; a path typed with spaces around it (`b.png ,`) is read without them."""
+    _write_images(tmp_path, [" dog/a.png", "b.png", "d.png"])
+    Image.new("RGB", (8, 8)).save(tmp_path / "c.png ", format="PNG")
+    (tmp_path / "labels.csv").write_text(
+        '" dog/a.png",dog\n  b.png , cat\n"c.png ", dog \nd.png,cat\n')
+    class_names, train_items, _, _ = load_folder_dataset(tmp_path)
+    assert class_names == ["cat", "dog"]
+    assert sorted(train_items) == sorted([
+        (str(tmp_path / " dog" / "a.png"), 1), (str(tmp_path / "b.png"), 0),
+        (str(tmp_path / "c.png "), 1), (str(tmp_path / "d.png"), 0)])
+
+
 def test_labels_csv_written_on_windows_reads_as_the_web_does(tmp_path: Path):
     """Backslashes separate folders, as uploads read them; classes number naturally."""
     _write_images(tmp_path, ["img/a.png", "img/b.png", "img/c.png", "img/d.png"])

@@ -23,12 +23,14 @@ from PIL import Image
 
 from worker.selftuning.budgets import Budget, BudgetError, select_labeled, split_holdout
 from worker.selftuning.labels_csv import (
+    BLANK_CLASS_FOLDER,
     LABELS_CSV,
     class_name,
     folder_disagreements,
     header_hint,
     natural_key,
     parse_labels_csv,
+    spaced_path,
 )
 from worker.selftuning.pixels import (
     IMAGE_SUFFIXES,
@@ -128,7 +130,8 @@ def load_folder_dataset(
     images may sit in folders of their own inside it, and `test/unlabeled/` is skipped. Or
     images anywhere plus a top-level `labels.csv` (see `read_labels_csv`), which then decides
     alone. One wrapping folder is looked through. Folder names are read as uploads read them:
-    split and `unlabeled/` in any letter case, class names in Unicode's composed form,
+    split and `unlabeled/` in any letter case, class names in Unicode's composed form without
+    the spaces around them,
     classes numbered in natural order (`natural_key`) as on the web. Images are listed in
     path order; the web lists them in the archive's order, so a seed draws the same labeled
     subset here and there only from an archive that stores its images in path order (as
@@ -155,12 +158,20 @@ def load_folder_dataset(
     def images(folder: Path, recursive: bool = False) -> list[Path]:
         return _images(folder, recursive, skipped)
 
+    def named(folder: Path, in_folder: list[Path]) -> bool:
+        """Whether a class folder has a name (BLANK_CLASS_FOLDER: its images skipped)."""
+        if class_name(folder.name):
+            return True
+        if skipped is not None:
+            skipped.update((str(p), BLANK_CLASS_FOLDER) for p in in_folder)
+        return False
+
     train_root = _folder(root, "train") or root
     found: dict[str, list[Path]] = {}  # images by class: "café" and "cafe\u0301" are one
     for entry in sorted(train_root.iterdir()):
         if (entry.is_dir() and not _hidden(entry.name)
                 and entry.name.lower() not in SPECIAL_FOLDERS
-                and (in_folder := images(entry, True))):
+                and (in_folder := images(entry, True)) and named(entry, in_folder)):
             found.setdefault(class_name(entry.name), []).extend(in_folder)
     class_names = sorted(found, key=natural_key)
     if len(class_names) < 2:
@@ -180,7 +191,7 @@ def load_folder_dataset(
             if not entry.is_dir() or _hidden(entry.name):
                 continue
             in_folder = images(entry, True)
-            if not in_folder:
+            if not in_folder or not named(entry, in_folder):
                 continue
             if entry.name.lower() == "unlabeled":
                 if skipped is not None:
@@ -243,7 +254,8 @@ def read_labels_csv(
                              "without '..' or a leading '/'")
         return str(relative)
 
-    rows = parse_labels_csv(csv_path.read_bytes(), str(csv_path), inside_folder)
+    rows = parse_labels_csv(csv_path.read_bytes(), str(csv_path), lambda written: spaced_path(
+        written, inside_folder, lambda relative: (folder / relative).is_file()))
     for relative, row in rows.items():
         if not (folder / relative).is_file():
             raise ValueError(f"{csv_path} line {row.line}: {relative!r} does not exist in "

@@ -23,8 +23,15 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 def class_name(raw: str) -> str:
     """A class as named by a folder or a label cell, in Unicode's composed form (NFC): macOS
-    writes "café" as "cafe" plus a combining accent, and those two spellings are one class."""
-    return unicodedata.normalize("NFC", raw)
+    writes "café" as "cafe" plus a combining accent, and those two spellings are one class.
+    Without spaces around it, as labels.csv's cells are read: a folder `cat ` is the class
+    `cat`, so a dataset downloaded from the app (whose labels.csv names it) comes back with
+    the classes it had. Empty for a name of spaces only (BLANK_CLASS_FOLDER)."""
+    return unicodedata.normalize("NFC", raw).strip()
+
+
+# Why the images of a class folder named with spaces only are skipped.
+BLANK_CLASS_FOLDER = "its class folder's name is blank (spaces only): rename the folder"
 
 
 def natural_key(name: str) -> tuple:
@@ -52,16 +59,17 @@ def parse_labels_csv(
 ) -> dict[str, LabelsRow]:
     """The rows of a labels.csv (`path,label[,split]`; a `path,label` header line is
     optional; an empty label for an unlabeled image; split train, test or val) by path,
-    for the web's uploads and the command line alike. `clean_path` gives a path's normal
-    form or a ValueError saying why it is refused. A mistake is a ValueError naming `name`
-    and the line."""
+    for the web's uploads and the command line alike. Cells are read without the spaces
+    around them (`a.png, cat`), but for the path `clean_path` gets the cell as written
+    (`spaced_path`): it gives the path's normal form or a ValueError saying why it is
+    refused. A mistake is a ValueError naming `name` and the line."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ValueError(f"{name} is not UTF-8 text: save it as UTF-8 CSV") from None
     rows: dict[str, LabelsRow] = {}
-    for line_number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        cells = [cell.strip() for cell in row]
+    for line_number, written in enumerate(csv.reader(io.StringIO(text)), start=1):
+        cells = [cell.strip() for cell in written]
         if not any(cells):
             continue
         if line_number == 1 and [cell.lower() for cell in cells[:2]] == ["path", "label"]:
@@ -71,7 +79,7 @@ def parse_labels_csv(
             raise ValueError(f"{where}: expected 'path,label' (or 'path,label,split'), got "
                              f"{len(cells)} columns")
         try:
-            path = clean_path(cells[0])
+            path = clean_path(written[0])
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         split = cells[2].lower() if len(cells) == 3 and cells[2] else "train"
@@ -90,6 +98,16 @@ def parse_labels_csv(
         rows[path] = LabelsRow(class_name(cells[1]) if cells[1] else None, SPLITS[split],
                                line_number)
     return rows
+
+
+def spaced_path(written: str, clean: Callable[[str], str], exists: Callable[[str], bool]
+                ) -> str:
+    """The file a labels.csv's path cell names (`clean` gives a path's normal form): the cell
+    as written where such a file exists (a file or folder's name may begin or end with a
+    space, and this app's download writes it so), else without the spaces around it."""
+    if written != written.strip() and exists(path := clean(written)):
+        return path
+    return clean(written.strip())
 
 
 def header_hint(missing: Iterable[LabelsRow]) -> str:

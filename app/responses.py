@@ -7,9 +7,11 @@ import errno
 import hashlib
 import io
 import os
+import unicodedata
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio.to_thread
 from fastapi import HTTPException, Request
@@ -172,6 +174,19 @@ def csv_download(request: Request, rows: list[dict], columns: list[str], filenam
     return csv_body_download(request, buffer.getvalue().encode("utf-8"), filename)
 
 
+def attachment(filename: str) -> str:
+    """A Content-Disposition that saves as `filename`: quoted as is where it is printable
+    ASCII; else that plus RFC 6266's `filename*` in UTF-8, with an ASCII fallback for clients
+    that read only `filename` (`curl -OJ`, which had saved "loop + 12 labels.tar" as
+    `archive`, the address's last part)."""
+    plain = "".join(ch if " " <= ch <= "~" and ch not in '"\\' else "_"
+                    for ch in unicodedata.normalize("NFKD", filename)
+                    if not unicodedata.combining(ch))
+    if plain == filename:
+        return f'attachment; filename="{filename}"'
+    return f"attachment; filename=\"{plain}\"; filename*=utf-8''{quote(filename)}"
+
+
 def csv_body_download(request: Request, body: bytes, filename: str) -> Response:
     """A CSV file's `body` to save as `filename`, tagged as `csv_download` tags it."""
     headers = {"ETag": f'"{hashlib.sha256(body).hexdigest()[:32]}"',
@@ -179,4 +194,4 @@ def csv_body_download(request: Request, body: bytes, filename: str) -> Response:
     if client_holds(request, headers["ETag"]):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type="text/csv", headers={
-        **headers, "Content-Disposition": f'attachment; filename="{filename}"'})
+        **headers, "Content-Disposition": attachment(filename)})

@@ -99,16 +99,22 @@ def test_a_dataset_with_labels_added_in_the_app_downloads_and_uploads_again_as_i
 
 
 def test_an_upload_without_one_top_folder_is_put_in_a_folder_named_after_the_dataset(
-    server: LiveServer,
+    server: LiveServer, tmp_path: Path,
 ) -> None:
     with server.client() as client:
         dataset = upload(client, zip_bytes(class_entries(("cat", "dog"), seed=32)),
                          name="../Chats/été").json()
         response = client.get(f"/api/datasets/{dataset['id']}/archive")
     assert response.status_code == 200
-    # Not a path: the slashes and the leading dots go, and the name is UTF-8 (RFC 6266).
+    # Not a path: the slashes and the leading dots go, and the name is UTF-8 (RFC 6266),
+    # after an ASCII one for clients that read no other.
     assert response.headers["content-disposition"] == (
-        "attachment; filename*=utf-8''Chats%20%C3%A9t%C3%A9.tar")
+        "attachment; filename=\"Chats ete.tar\"; filename*=utf-8''Chats%20%C3%A9t%C3%A9.tar")
+    # The README's `curl -OJ` saved it as `archive`, the address's last part.
+    subprocess.run(["curl", "-sfOJ", f"{server.url}/api/datasets/{dataset['id']}/archive"],
+                   cwd=tmp_path, check=True, timeout=60)
+    assert [path.name for path in tmp_path.iterdir()] == ["Chats ete.tar"]
+    assert (tmp_path / "Chats ete.tar").read_bytes() == response.content
     with tarfile.open(fileobj=io.BytesIO(response.content)) as archived:
         names = archived.getnames()
     assert names[0] == "Chats été/labels.csv"

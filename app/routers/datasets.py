@@ -14,7 +14,6 @@ import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import quote
 
 import anyio
 import redis
@@ -42,6 +41,7 @@ from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
 from app.responses import (
     FILE_DELETED,
+    attachment,
     client_holds,
     csv_body_download,
     human_bytes,
@@ -520,9 +520,7 @@ def download_archive(request: Request, dataset_id: DatasetId, db: DbDep,
     mtime = int(in_utc(dataset.created_at).timestamp())
     etag = dataset_export.tag(export, mtime)
     name = f"{export.folder}.tar"
-    disposition = (f'attachment; filename="{name}"' if quote(name) == name
-                   else f"attachment; filename*=utf-8''{quote(name)}")
-    headers = {"Content-Disposition": disposition, "Cache-Control": "no-store",
+    headers = {"Content-Disposition": attachment(name), "Cache-Control": "no-store",
                "Accept-Ranges": "bytes", "ETag": etag}
     if client_holds(request, etag):  # as every download answers one who has it already
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-store"})

@@ -43,7 +43,13 @@ from app.responses import human_bytes, shortened
 from app.schemas import CONTROL_CHARACTERS, TO_GO_STATUSES
 from app.trash import move_to_trash, trash_dir
 from worker.selftuning.budgets import split_holdout
-from worker.selftuning.data import UNLABELED_IN_TEST, zip_entry_name
+from worker.selftuning.data import (
+    TAR_CUT_SHORT,
+    UNLABELED_IN_TEST,
+    TarInfoSeeingTheEnd,
+    tar_end_read,
+    zip_entry_name,
+)
 from worker.selftuning.labels_csv import (
     BLANK_CLASS_FOLDER,
     LABELS_CSV,
@@ -176,6 +182,7 @@ class MultipartParts:
         self._header_name = b""
         self._header_value = b""
         self._disposition = b""
+        self._ended = False  # the closing boundary read (`--boundary--`)
         self._parser = MultipartParser(boundary, self.callbacks())
 
     def write(self, chunk: bytes) -> None:
@@ -187,10 +194,16 @@ class MultipartParts:
             raise IngestError(f"the multipart body is malformed: {exc}", 400) from None
 
     def finalize(self) -> None:
+        """The body has ended: a 400 unless its closing boundary came. python-multipart's own
+        finalize checks nothing, and a body cut short between two writes of the file (a
+        client that died, a `tar | curl` whose tar did) was taken as the whole file."""
         try:
             self._parser.finalize()
         except Exception as exc:  # noqa: BLE001 - a truncated body is the client's problem
             raise IngestError(f"the multipart body is incomplete: {exc}", 400) from None
+        if not self._ended:
+            raise IngestError("the multipart body is incomplete: it ends before the form's "
+                              "closing boundary (cut short?): send it again", 400)
 
     def callbacks(self) -> dict[str, Callable]:
         return {
@@ -201,7 +214,11 @@ class MultipartParts:
             "on_header_value": self.on_header_value,
             "on_header_end": self.on_header_end,
             "on_headers_finished": self.on_headers_finished,
+            "on_end": self.on_end,
         }
+
+    def on_end(self) -> None:
+        self._ended = True
 
     def on_part_begin(self) -> None:
         pass
@@ -683,9 +700,9 @@ class _Decompressed(io.RawIOBase):
         return bool(self._input)
 
 
-class _TarInfo(tarfile.TarInfo):
+class _TarInfo(TarInfoSeeingTheEnd):
     """Refuses an extended header (a long name, pax records) over MAX_TAR_HEADER_BYTES
-    before tarfile reads it whole into memory."""
+    before tarfile reads it whole into memory; sees the archive's end (`tar_end_read`)."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in EXTENDED_TAR_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
@@ -758,6 +775,8 @@ def _checked_tar_members(archive: tarfile.TarFile, budget: _ByteBudget, settings
             yield _Member(member_path, "other", 0, _no_content)
             continue
         yield _Member(member_path, "file", info.size, _tar_opener(archive, info))
+    if not tar_end_read(archive):  # it read as a whole one with a class or test/ missing
+        raise _damaged("tar", TAR_CUT_SHORT)
 
 
 def _tar_opener(archive: tarfile.TarFile, info: tarfile.TarInfo) -> Callable[[], IO[bytes]]:

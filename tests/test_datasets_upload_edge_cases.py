@@ -246,6 +246,12 @@ def good_tar(gz: bool) -> bytes:
     return tar_bytes(class_entries(("ant", "zebra"), per_class=6), gz=gz)
 
 
+def entry_offset(tar: bytes, index: int) -> int:
+    """Where the header of a tar's entry `index` begins."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        return archive.getmembers()[index].offset
+
+
 @pytest.mark.parametrize(("build", "filename"), [
     pytest.param(lambda: good_zip()[:-100], "a.zip", id="zip-without-its-last-100-bytes"),
     pytest.param(lambda: good_zip()[:len(good_zip()) // 2], "a.zip", id="zip-cut-in-half"),
@@ -253,6 +259,11 @@ def good_tar(gz: bool) -> bytes:
     pytest.param(lambda: good_tar(gz=True)[:-100], "a.tar.gz",
                  id="tar-gz-without-its-last-100-bytes"),
     pytest.param(lambda: good_tar(gz=False)[:3000], "a.tar", id="tar-cut-inside-an-image"),
+    # Where the 7th entry begins: ant/ whole, zebra/ missing, and tarfile reads no error.
+    pytest.param(lambda: good_tar(gz=False)[:entry_offset(good_tar(gz=False), 6)], "a.tar",
+                 id="tar-cut-where-an-entry-ends"),
+    pytest.param(lambda: good_tar(gz=False)[:entry_offset(good_tar(gz=False), 6) + 200],
+                 "a.tar", id="tar-cut-inside-a-header"),
 ])
 def test_an_archive_cut_short_is_refused_as_damaged_and_leaves_nothing(
     server: LiveServer, client: httpx.Client, build, filename: str
@@ -553,6 +564,26 @@ def test_an_archive_sent_without_a_filename_is_taken_by_its_content(
     summary = response.json()
     assert summary["name"] == "dataset" and totals(summary) == {"cat": 2, "dog": 2}
     delete_all(server, client)
+
+
+@pytest.mark.parametrize("ending", [b"", b"\r\n--selftune-cut\r\n"],
+                         ids=["no-closing-boundary", "a-boundary-that-is-not-the-last"])
+def test_a_form_that_ends_before_its_closing_boundary_is_refused(
+    server: LiveServer, client: httpx.Client, ending: bytes
+) -> None:
+    """A form cut short between two writes of its file (its client died) was taken whole:
+    the closing `--boundary--` is what says the file ended. A tar cut where an entry ends
+    reads well too, and was stored with a class and the test split missing."""
+    archive = good_tar(gz=False)
+    body = (b'--selftune-cut\r\nContent-Disposition: form-data; name="file"; '
+            b'filename="a.tar"\r\n\r\n' + archive[:entry_offset(archive, 6)] + ending)
+    response = client.post("/api/datasets", content=body, headers={
+        "Content-Type": "multipart/form-data; boundary=selftune-cut"})
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == (
+        "the multipart body is incomplete: it ends before the form's closing boundary (cut "
+        "short?): send it again")
+    assert_nothing_left(server)
 
 
 def test_api_addresses_with_a_trailing_slash_are_the_same_addresses(

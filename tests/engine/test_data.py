@@ -228,6 +228,18 @@ def _truncated_zip(shapes_root: Path) -> bytes:
     return buffer.getvalue()[: len(buffer.getvalue()) // 2]
 
 
+def _tar_cut_where_an_entry_ends(shapes_root: Path) -> bytes:
+    """A tar whose second half of entries is gone, cut where one begins: tarfile reads the
+    first half without an error."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as bundle:
+        for file in sorted(shapes_root.rglob("*.png")):
+            bundle.add(file, file.relative_to(shapes_root).as_posix())
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as bundle:
+        members = bundle.getmembers()
+    return buffer.getvalue()[:members[len(members) // 2].offset]
+
+
 def _tar_with_link_out() -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as bundle:
@@ -252,13 +264,16 @@ def _zip_escaping() -> bytes:
         ("photos.zip", _truncated_zip, "not a readable .zip"),
         ("photos.tar.gz", lambda root: gzip.compress(b"garbage"), "not a readable .tar"),
         ("photos.tar.gz", lambda root: _tar_with_link_out()[:40], "not a readable .tar"),
+        ("photos.tar", _tar_cut_where_an_entry_ends, "is damaged or truncated (cut short by "
+         "an incomplete download?): it ends without the end-of-archive block"),
         ("photos.tar.gz", lambda root: _tar_with_link_out(), "link to an absolute path"),
         ("photos.zip", lambda root: _zip_escaping(), "escapes the archive"),
         ("photos.tar.bz2", lambda root: b"BZh9" + b"garbage" * 10, "not a readable .tar"),
         ("photos.tar.xz", lambda root: lzma.compress(_tar_with_link_out())[:60],
          "not a readable .tar"),
     ],
-    ids=["not-a-zip", "truncated-zip", "not-a-tar", "truncated-tar", "link-out", "escaping",
+    ids=["not-a-zip", "truncated-zip", "not-a-tar", "truncated-tar", "tar-cut-between-entries",
+         "link-out", "escaping",
          "not-a-tar-bz2", "truncated-tar-xz"],
 )
 def test_damaged_or_unsafe_archives_are_refused_and_leave_no_staging_folder(

@@ -519,6 +519,30 @@ def _unicode_path(extra: bytes, raw_name: bytes) -> str | None:
 
 
 # As the web's upload takes them (tarfile reads each compression).
+class TarInfoSeeingTheEnd(tarfile.TarInfo):
+    """Marks the archive it reads (`tar_end_read`) when its end-of-archive block (512 zero
+    bytes) comes. tarfile ends its entries without a word where the data ends instead, or
+    where a header is cut: a tar cut where an entry ends (`tar | curl` whose tar died, a copy
+    broken off) reads as a whole one with fewer images."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            tarfile_.selftune_end_read = True  # type: ignore[attr-defined]
+            raise
+
+
+def tar_end_read(archive: tarfile.TarFile) -> bool:
+    """Whether the entries of `archive` (opened with TarInfoSeeingTheEnd) ended at its
+    end-of-archive block, not where its data did."""
+    return getattr(archive, "selftune_end_read", False)
+
+
+# Why a tar that ends without that block is refused, after "damaged or truncated".
+TAR_CUT_SHORT = "it ends without the end-of-archive block that tar writes last"
+
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
@@ -570,10 +594,14 @@ def _extract(archive: Path, destination: Path) -> None:
                     room.take(member.file_size)
                     bundle.extract(member, destination)
         elif name.endswith(TAR_SUFFIXES):
-            with tarfile.open(archive) as bundle:
+            with tarfile.open(archive, tarinfo=TarInfoSeeingTheEnd) as bundle:
                 # The 'data' filter refuses absolute paths, '..', links out and device files.
                 bundle.extractall(destination, filter="data",
                                   members=(room.took(member) for member in bundle))
+                if not tar_end_read(bundle):
+                    raise ValueError(f"{archive} is damaged or truncated (cut short by an "
+                                     f"incomplete download?): {TAR_CUT_SHORT}; make or "
+                                     "download the archive again")
         else:
             raise ValueError(f"{archive}: use a folder, .zip, .tar, .tar.gz, .tar.bz2 or "
                              ".tar.xz")

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import ingest
+from app import dataset_export, ingest
 from app.config import Settings
 from app.models import Dataset, DatasetImage
 from app.responses import shortened
@@ -41,7 +41,8 @@ UPLOAD = ingest.UploadOf(
 
 def _labels_by_path(data: bytes, paths: set[str]) -> dict[str, LabelsRow]:
     """The CSV's rows by image path (the dataset's are `paths`), but those with an empty
-    label (their images stay unlabeled)."""
+    label (their images stay unlabeled): the dataset's own labels.csv, its blanks filled in,
+    is such a CSV."""
     try:
         rows = parse_labels_csv(data, CSV_NAME, lambda written: spaced_path(
             written, str, paths.__contains__))
@@ -52,15 +53,7 @@ def _labels_by_path(data: bytes, paths: set[str]) -> dict[str, LabelsRow]:
                         "and a label column you write (their label column is the model's "
                         "guess)")
         raise ingest.IngestError(message) from None
-    labels: dict[str, LabelsRow] = {}
-    for path, row in rows.items():
-        if row.split == "test":
-            raise ingest.IngestError(
-                f"{CSV_NAME} line {row.line}: {path!r} is put in the test split: added labels "
-                "join the training images, and the test split stays as it is so that results "
-                "compare with the earlier dataset's (leave the split column out)")
-        if row.label is not None:
-            labels[path] = row
+    labels = {path: row for path, row in rows.items() if row.label is not None}
     if not labels:
         raise ingest.IngestError(f"{CSV_NAME} gives no labels: write one 'path,label' line "
                                  "per image, the class name after the image's path")
@@ -76,7 +69,7 @@ def _new_labels(source: Dataset, images: list[DatasetImage],
         raise ingest.IngestError(
             f"{CSV_NAME} names {len(missing):,} image(s) that dataset {source.id} does not have: "
             f"{quoted_list(missing)}; use the paths of its predictions.csv or "
-            "label-next.csv (as named in the uploaded archive)"
+            "label-next.csv (as named in the uploaded archive), or of its labels.csv"
             f"{header_hint(labels[path] for path in missing)}")
     class_index = {name: index for index, name in enumerate(source.class_names)}
     if unknown := sorted({row.label for row in labels.values() if row.label not in class_index}):
@@ -93,6 +86,11 @@ def _new_labels(source: Dataset, images: list[DatasetImage],
     added: dict[int, int] = {}
     for path, row in labels.items():
         image = by_path[path]
+        if row.split == "test" and image.split != "test":
+            raise ingest.IngestError(
+                f"{CSV_NAME} line {row.line}: {path!r} is put in the test split: added labels "
+                "join the training images, and the test split stays as it is so that results "
+                "compare with the earlier dataset's (leave the split column out)")
         if image.split == "unlabeled":
             added[image.id] = class_index[row.label]
         elif image.label != class_index[row.label]:
@@ -165,7 +163,16 @@ def add_labels(session: Session, settings: Settings, source: Dataset, csv_path: 
     images = list(session.scalars(
         select(DatasetImage).where(DatasetImage.dataset_id == source.id)
         .order_by(DatasetImage.id)))
-    labels = _labels_by_path(csv_path.read_bytes(), {image.original_path for image in images})
+    # The paths of the dataset's own labels.csv too (that of its download): without the
+    # one folder that holds every image, where an upload had one (dataset_export).
+    originals = [image.original_path for image in images]
+    _, in_archive = dataset_export.archive_paths(source, originals)
+    aliases = {alias: original for alias, original in zip(in_archive, originals, strict=True)
+               if alias != original} if in_archive != originals else {}
+    for original in originals:
+        aliases.pop(original, None)
+    labels = {aliases.get(path, path): row for path, row in _labels_by_path(
+        csv_path.read_bytes(), {*originals, *aliases}).items()}
     added = _new_labels(source, images, labels)
     name = ingest.dataset_name(name, "") if name and name.strip() else labeled_name(
         source, len(added))

@@ -49,7 +49,7 @@ class Export:
     images: list[ExportedImage]
 
 
-def _folder_and_paths(dataset: Dataset, original_paths: list[str]) -> tuple[str, list[str]]:
+def archive_paths(dataset: Dataset, original_paths: list[str]) -> tuple[str, list[str]]:
     """The archive's one top folder, and each image's path inside it. An upload of one folder
     (`photos/cat/1.png`, what a folder chosen on the upload page sends) keeps that folder, and
     the paths are the images' within it; else the folder is named after the dataset."""
@@ -81,7 +81,7 @@ def plan(db: Session, settings: Settings, dataset: Dataset) -> Export:
                DatasetImage.label)
         .where(DatasetImage.dataset_id == dataset.id).order_by(DatasetImage.id)
     ).all()
-    folder, paths = _folder_and_paths(dataset, [row.original_path for row in stored])
+    folder, paths = archive_paths(dataset, [row.original_path for row in stored])
     rows, images = [], []
     for path, row in zip(paths, stored, strict=True):
         if row.label is None:

@@ -164,7 +164,8 @@ def test_labels_make_a_new_dataset_with_the_same_test_split_and_the_old_one_stay
 @pytest.mark.parametrize(("csv", "status", "message"), [
     ("path,label\nunlabeled/u9.png,cat\n", 422,
      "names 1 image(s) that dataset {id} does not have: 'unlabeled/u9.png'; use the paths of "
-     "its predictions.csv or label-next.csv"),
+     "its predictions.csv or label-next.csv (as named in the uploaded archive), or of its "
+     "labels.csv"),
     ("filename,class\nunlabeled/u0.png,cat\n", 422, "line 1 is read as an image"),
     ("unlabeled/u0.png,lion\nunlabeled/u1.png,cat\n", 422,
      "uses 1 label(s) that are not classes of dataset {id}: 'lion'; its classes are 'cat', "
@@ -191,6 +192,37 @@ def test_labels_a_dataset_cannot_take_are_refused_and_nothing_is_made(
         assert refused.status_code == status, refused.text
         assert message.format(id=photos["id"]) in refused.json()["detail"]
         assert client.get("/api/datasets").json() == datasets
+    assert in_tmp(server) == []
+
+
+def test_the_datasets_own_labels_csv_with_its_blanks_filled_in_adds_those_labels(
+    server: LiveServer,
+) -> None:
+    """An upload of one folder (what zipping a folder makes) downloads a labels.csv whose
+    paths are inside that folder, and with the blanks filled in it was refused as naming
+    images the dataset does not have; its test rows were refused as put in the test split."""
+    with server.client() as client:
+        source = upload(client, zip_bytes({f"photos/{path}": data
+                                           for path, data in ENTRIES.items()})).json()
+        listed = client.get(f"/api/datasets/{source['id']}/labels.csv").text
+        assert "\nunlabeled/u1.png,,\n" in listed and ",test\n" in listed
+        filled = listed.replace("\nunlabeled/u1.png,,\n", "\nunlabeled/u1.png,dog,\n")
+        made = labels(client, source["id"], filled)
+        assert made.status_code == 201, made.text
+        assert (made.json()["labels_added"], made.json()["unlabeled"]) == (1, 3)
+        images = client.get(f"/api/datasets/{made.json()['id']}/images",
+                            params={"label": 1, "split": "train"}).json()["items"]
+        assert "photos/unlabeled/u1.png" in {image["original_path"] for image in images}
+
+        # A test image given another class is still refused, by the path of either CSV.
+        test_row = next(line for line in listed.splitlines() if line.endswith(",test"))
+        path, label, _ = test_row.split(",")
+        other = "dog" if label == "cat" else "cat"
+        for named in (path, f"photos/{path}"):
+            refused = labels(client, source["id"], f"{named},{other},test\n")
+            assert refused.status_code == 422, refused.text
+            assert (f"'photos/{path}' is already labeled {label!r} (test split), not "
+                    f"{other!r}") in refused.json()["detail"]
     assert in_tmp(server) == []
 
 

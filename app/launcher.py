@@ -284,12 +284,17 @@ def main() -> int:
     if (reason := bind_refusal(settings)) is not None:
         log(reason)
         return 2
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    log(f"data directory: {settings.data_dir}")
     try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        log(f"data directory: {settings.data_dir}")
         supervisor = Supervisor(settings.data_dir)
     except AlreadyRunning as exc:
         log(str(exc))
+        return 2
+    except OSError as exc:  # a file there, a read-only disk, no permission: not a traceback
+        log(f"cannot use the data directory {settings.data_dir}: "
+            f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; set "
+            "SELFTUNE_DATA_DIR to a folder this user can create and write")
         return 2
     supervisor.stop_leftovers()
     if (reason := port_refusal(settings)) is not None:

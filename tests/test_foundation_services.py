@@ -349,6 +349,18 @@ def test_the_launcher_names_the_setting_when_its_port_is_taken(tmp_path):
     assert "SELFTUNE_PORT" in result.stdout
 
 
+@pytest.mark.parametrize("where", ["a file", "inside a file"])
+def test_the_launcher_names_the_setting_when_its_data_directory_cannot_be_made(tmp_path, where):
+    """It ended in a traceback (FileExistsError; a read-only disk's OSError likewise)."""
+    (tmp_path / "taken").write_text("not a folder")
+    data_dir = tmp_path / "taken" if where == "a file" else tmp_path / "taken" / "data"
+    result = run_launcher(launcher_env(data_dir, free_port()))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    assert f"cannot use the data directory {data_dir}: " in result.stdout
+    assert "set SELFTUNE_DATA_DIR to a folder this user can create and write" in result.stdout
+
+
 def test_the_port_check_refuses_what_uvicorn_would_refuse_and_no_more(tmp_path):
     """An IPv4 listener on the port blocks an IPv4 launch, not an IPv6 one: uvicorn's IPv6
     socket covers IPv6 only."""

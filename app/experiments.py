@@ -832,12 +832,25 @@ def budget_table(runs: list[Run], labeled: dict[str, int] | None = None) -> list
     return rows
 
 
+def tested_on(session: Session, dataset_id: int) -> int:
+    """The dataset whose test split `dataset_id`'s is: the one it was made from by adding
+    labels (which keeps the test split, app.add_labels), and so on back; a dataset deleted
+    since still names it. Experiments on datasets of one test split compare."""
+    seen = {dataset_id}
+    while (dataset := session.get(Dataset, dataset_id)) is not None and (
+            dataset.derived_from_id is not None and dataset.derived_from_id not in seen):
+        dataset_id = dataset.derived_from_id
+        seen.add(dataset_id)
+    return dataset_id
+
+
 def compare_budget_tables(tables: list[list[dict[str, Any]]], datasets: list[int]
                           ) -> tuple[list[str], list[list[dict[str, Any]]]]:
-    """Experiments' budget tables side by side (`datasets`: each one's dataset): the budget
-    labels of any of them, fewest labels first, and a copy of each table with `best` flagged
-    per budget label across those on the same dataset (`flag_best`), where each alone flagged
-    its own best. Another dataset's test images are others: its top-1 is not comparable."""
+    """Experiments' budget tables side by side (`datasets`: each one's test split,
+    `tested_on`): the budget labels of any of them, fewest labels first, and a copy of
+    each table with `best` flagged per budget label across those scored on the same test
+    split (`flag_best`), where each alone flagged its own best. Another dataset's test images
+    are others: its top-1 is not comparable."""
     copies = [[{**row, "best": False} for row in table] for table in tables]
     by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
     by_dataset_label: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)

@@ -11,7 +11,7 @@ import redis
 from playwright.sync_api import expect
 
 from app.db import session_scope
-from app.models import Experiment, Run
+from app.models import Dataset, Experiment, Run
 from tests.browser import open_browser
 from tests.support import add_dataset_row
 from tests.test_experiments_cancel_delete import mark_running, start_sweep
@@ -262,9 +262,15 @@ def test_ticks_of_deleted_experiments_are_forgotten_and_left_out_of_the_comparis
 
 def test_experiments_on_different_datasets_each_have_their_best_starred(live_server):
     """Another dataset's test images are others: its top-1 does not compare, and the star went
-    to 56.7 over 0.0 on two datasets as if one method had won."""
+    to 56.7 over 0.0 on two datasets as if one method had won. A dataset made from another by
+    adding labels keeps its test split, and compares with it (the link "what the added labels
+    bought" leads here: the page had said they did not compare)."""
     database_url, live = live_server.database_url, redis.Redis.from_url(live_server.redis_url)
     ours, theirs = add_dataset_row(database_url), add_dataset_row(database_url)
+    ours_labeled, ours_labeled_more = add_dataset_row(database_url), add_dataset_row(database_url)
+    with session_scope(database_url) as session:
+        session.get(Dataset, ours_labeled).derived_from_id = ours
+        session.get(Dataset, ours_labeled_more).derived_from_id = ours_labeled
     with live_server.client() as client:
         first, _ = start_sweep(client, ours, name="ours", budgets=["50%"],
                                methods=["fine-tune"], seeds=[0])
@@ -272,8 +278,10 @@ def test_experiments_on_different_datasets_each_have_their_best_starred(live_ser
                                 methods=["fine-tune", "self-tuning"], seeds=[0])
         third, _ = start_sweep(client, ours, name="ours again", budgets=["50%"],
                                methods=["fine-tune"], seeds=[0])
+        fourth, _ = start_sweep(client, ours_labeled_more, name="ours + labels",
+                                budgets=["50%"], methods=["fine-tune"], seeds=[0])
     scores = {first: {"fine-tune": 0.9}, second: {"fine-tune": 0.2, "self-tuning": 0.3},
-              third: {"fine-tune": 0.8}}
+              third: {"fine-tune": 0.8}, fourth: {"fine-tune": 0.95}}
     with session_scope(database_url) as session:
         runs = [(run.id, scores[run.experiment_id][run.method]) for run in
                 session.query(Run).filter(Run.experiment_id.in_(scores))]
@@ -287,7 +295,14 @@ def test_experiments_on_different_datasets_each_have_their_best_starred(live_ser
         assert rows == [(first, "fine-tune", "True"), (second, "fine-tune", "False"),
                         (second, "self-tuning", "True"), (third, "fine-tune", "False")]
         page = client.get("/experiments/compare", params={"ids": [first, second, third]}).text
-        assert "The best at each budget, among the experiments on one dataset (another" in (
+        assert ("The best at each budget, among the experiments scored on one test split (a "
+                "dataset's, shared by those made from it by adding labels; another") in (
             " ".join(page.split()))
         same = client.get("/experiments/compare", params={"ids": [first, third]}).text
         assert "across these experiments, is marked" in " ".join(same.split())
+
+        answer = client.get("/api/experiments/compare.csv", params={"ids": [first, fourth]})
+        assert [(int(row["experiment_id"]), row["best"]) for row in csv.DictReader(
+            io.StringIO(answer.text))] == [(first, "False"), (fourth, "True")]
+        labeled = client.get("/experiments/compare", params={"ids": [first, fourth]}).text
+        assert "across these experiments, is marked" in " ".join(labeled.split())

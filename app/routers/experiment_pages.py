@@ -28,6 +28,7 @@ from app.experiments import (
     budget_unlabeled_count,
     experiment_status,
     suggested_budgets,
+    tested_on,
 )
 from app.models import Artifact, Dataset, Experiment, Run
 from app.responses import shortened
@@ -263,6 +264,7 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
         compared.append({
             "id": experiment.id, "name": experiment.name, "dataset_id": experiment.dataset_id,
             "dataset_name": dataset.name if dataset else f"#{experiment.dataset_id}",
+            "tested_on": tested_on(session, experiment.dataset_id),
             "backbone": experiment.backbone, "preset": experiment.preset,
             "overrides": experiment.overrides or {}, "seeds": experiment.seeds,
             "status": experiment_status(Counter(run.status for run in experiment.runs)),

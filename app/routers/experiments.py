@@ -48,6 +48,7 @@ from app.experiments import (
     queue_positions,
     run_shape,
     seconds_per_step,
+    tested_on,
     times_left,
     unprocessable,
 )
@@ -320,7 +321,7 @@ ComparedIds = Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None, Que
 def compared_experiments(session: Session, ids: list[int] | None
                          ) -> tuple[list[Experiment], list[str], list[list[dict]]]:
     """The experiments `ids` names (each once, in its order), the budget labels of any of
-    them and their results tables, with the best of each budget among those on one dataset
+    them and their results tables, with the best of each budget among those on one test split
     flagged (`compare_budget_tables`); a 422 for too few or too many, a 404 for one that is
     gone."""
     chosen = list(dict.fromkeys(ids or []))
@@ -330,7 +331,7 @@ def compared_experiments(session: Session, ids: list[int] | None
     experiments = [get_experiment(session, experiment_id) for experiment_id in chosen]
     labels, tables = compare_budget_tables(
         [experiment_budget_table(session, experiment) for experiment in experiments],
-        [experiment.dataset_id for experiment in experiments])
+        [tested_on(session, experiment.dataset_id) for experiment in experiments])
     return experiments, labels, tables
 
 

@@ -8,6 +8,7 @@ import {
 import { labelChoice, labelFigure, labelingForm, showMoreButton } from "/static/add_labels.js";
 import { endNotice } from "/static/notify.js";
 import { onSession } from "/static/session.js";
+import { timmSnippet } from "/static/snippet.js";
 import { tryModel } from "/static/try_model.js";
 import { localTime } from "/static/times.js";
 
@@ -1103,12 +1104,14 @@ async function drawDownloads(run, classNames) {
   // The exported config.json names what timm needs; the run's settings are the fallback.
   let architecture = run.config.backbone;
   let numClasses = classNames.length;
+  let whiteLevel = null;
   const config = run.artifacts.find((a) => a.name === "config.json");
   if (config) {
     try {
       const exported = await getJSON(config.url);
       architecture = exported.architecture ?? architecture;
       numClasses = exported.num_classes ?? numClasses;
+      whiteLevel = exported.input_white_level ?? null;
     } catch (error) {
       console.warn("config.json unavailable:", error.message);
     }
@@ -1121,18 +1124,9 @@ async function drawDownloads(run, classNames) {
   document.getElementById("snippet-download").textContent =
     `curl${auth} -o ${zip} ${location.origin}/api/runs/${run.id}/checkpoint\nunzip ${zip}`;
   // Same as the README: the exported pretrained_cfg carries the input size, mean and std the
-  // model was trained with, so timm's transform matches the run's evaluation.
-  document.getElementById("snippet").textContent = [
-    "import json, timm",
-    "",
-    `config = json.load(open("config.json"))  # ${architecture}, ${numClasses} classes`,
-    "model = timm.create_model(",
-    '    config["architecture"], pretrained=True, num_classes=config["num_classes"],',
-    '    pretrained_cfg_overlay=dict(file="model.safetensors", **config["pretrained_cfg"]),',
-    ").eval()",
-    "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
-    'labels = config["label_names"]  # output index -> class',
-  ].join("\n");
+  // model was trained with, so timm's transform matches the run's evaluation; a dataset
+  // with images of more than 8 bits adds how to read them.
+  document.getElementById("snippet").textContent = timmSnippet({ architecture, numClasses, whiteLevel });
   // The command line's `predict` (README) takes the zip as downloaded.
   document.getElementById("snippet-predict").textContent =
     `.venv/bin/python -m worker.selftuning predict --model ${zip} --images new-images/ --out labels.csv`;

@@ -1090,6 +1090,33 @@ def _parse_labels_csv(csv_path: str, data: bytes, present: set[str]) -> dict[str
         raise IngestError(str(exc)) from None
 
 
+def _lost_class_warnings(images: list[_Image], skipped: list[SkippedFile],
+                         classes: set[str]) -> list[str]:
+    """Class folders of the training images none of whose files is kept (each skipped:
+    HEIC photos, files that do not open, duplicates): the class is gone from the dataset
+    without a word but the skipped files' list. Said, with how many files it had."""
+    depth = _strip_wrappers([image.path for image in images])
+    prefix = images[0].path.split("/")[:depth] if images else []
+    lost: Counter[str] = Counter()
+    for entry in skipped:
+        parts = entry.path.split("/")
+        if parts[:depth] != prefix:
+            continue
+        parts = parts[depth:]
+        if len(parts) > 1 and SPLITS.get(parts[0].lower()) == "train":
+            parts = parts[1:]
+        if (len(parts) >= 2 and parts[0].lower() != UNLABELED_FOLDER
+                and parts[0].lower() not in SPLITS and (name := class_name(parts[0]))
+                and name not in classes):
+            lost[name] += 1
+    return [f"{'The' if count == 1 else f'All {count:,}'} file{'' if count == 1 else 's'} "
+            f"in the class folder {name!r} "
+            f"{'was' if count == 1 else 'were'} skipped (the skipped files say why), so "
+            f"{name!r} is not a class of this dataset: fix "
+            f"{'it' if count == 1 else 'them'} and upload again if it should be one"
+            for name, count in sorted(lost.items(), key=lambda item: natural_key(item[0]))]
+
+
 def _layout_by_csv(
     images: list[_Image], file_paths: set[str], csv_path: str, data: bytes,
     skip: Callable[[_Image, str], None], hint: str = "",
@@ -1284,6 +1311,8 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
         )
     class_names = sorted(train_classes, key=natural_key)
     class_index = {name: index for index, name in enumerate(class_names)}
+    if not extraction.labels_csvs:
+        upload_warnings += _lost_class_warnings(extraction.images, skipped, train_classes)
 
     test_source = "uploaded" if test_classes else "holdout"
     if test_source == "holdout":

@@ -416,6 +416,32 @@ def test_a_labels_csv_that_relabels_images_in_class_folders_is_used_with_a_warni
         assert client.delete(f"/api/datasets/{item['id']}").status_code == 204
 
 
+def test_a_class_folder_whose_every_file_is_skipped_is_said_gone(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """A folder of iPhone HEIC photos, or of files that do not open, is no class: it was
+    gone from the classes with a word only in the list of skipped files."""
+    entries = {**class_entries(("cat", "dog"), per_class=3, seed=28),
+               "photos/heic/IMG_1.HEIC": b"\0\0\0\x18ftypheic" + bytes(64),
+               "photos/heic/IMG_2.HEIC": b"\0\0\0\x18ftypheic" + bytes(65),
+               "photos/broken/a.jpg": b"",
+               "photos/unlabeled/u.txt": b"notes", "photos/loose.txt": b"notes"}
+    entries = {(path if path.startswith("photos/") else f"photos/{path}"): data
+               for path, data in entries.items()}
+    dataset = upload(client, zip_bytes(entries), name="lost classes").json()
+    assert [c["name"] for c in dataset["classes"]] == ["cat", "dog"]
+    assert dataset["warnings"] == [
+        "The file in the class folder 'broken' was skipped (the skipped files say why), so "
+        "'broken' is not a class of this dataset: fix it and upload again if it should be one",
+        "All 2 files in the class folder 'heic' were skipped (the skipped files say why), so "
+        "'heic' is not a class of this dataset: fix them and upload again if it should be one"]
+    assert "is not a class of this dataset" in client.get(f"/datasets/{dataset['id']}").text
+    kept = small_dataset(client, "all kept", seed=29)
+    assert kept["warnings"] == []
+    for item in (dataset, kept):
+        assert client.delete(f"/api/datasets/{item['id']}").status_code == 204
+
+
 def test_an_uploaded_test_split_without_a_class_is_kept_with_a_warning(
     server: LiveServer, client: httpx.Client
 ) -> None:

@@ -69,6 +69,9 @@ class KeyRefused(Exception):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
+        # When to ask again, where asking again is the answer: the first request is still
+        # being handled (409), or Redis does not answer (503).
+        self.headers = {"Retry-After": "2"} if status_code in (409, 503) else None
 
 
 def _redis_key(key: str, noun: str) -> str:

@@ -397,6 +397,7 @@ def test_a_retry_with_the_same_idempotency_key_gets_the_dataset_the_first_reques
     assert refused.status_code == 422 and corrected.status_code == 201
     assert corrected.json()["labels_added"] == 1
     assert held.status_code == 409 and "still being handled" in held.json()["detail"]
+    assert held.headers["retry-after"] == "2"
     assert (gone.status_code, gone.json()) == (410, {"detail": (
         f"dataset {first.json()['id']}, which the first request with this Idempotency-Key "
         "made, was deleted since: to make it again, send it with a new key")})

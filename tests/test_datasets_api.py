@@ -187,8 +187,16 @@ def test_a_larger_thumbnail_shows_what_an_image_is_and_is_cached_apart(
                                 params={"size": 512})
     assert Image.open(io.BytesIO(never_enlarged.content)).size == (16, 16)
     refused = client.get(url, params={"size": 300})
-    assert refused.status_code == 422
-    assert refused.json()["detail"] == "size must be 128 or 512, not 300"
+    assert refused.status_code == 422  # in the shape the schema gives a 422
+    assert refused.json()["detail"] == [{"loc": ["query", "size"], "type": "value_error",
+                                         "msg": "must be 128 or 512, not 300"}]
+    schema = client.get("/openapi.json").json()["paths"][
+        "/api/datasets/{dataset_id}/images/{image_id}/thumbnail"]["get"]["parameters"]
+    assert next(p for p in schema if p["name"] == "size")["schema"]["enum"] == [128, 512]
+    no_class = client.get(f"/api/datasets/{dataset['id']}/images", params={"label": 2})
+    assert (no_class.status_code, no_class.json()["detail"]) == (422, [{
+        "loc": ["query", "label"], "type": "value_error",
+        "msg": f"dataset {dataset['id']} has 2 classes: a class index is 0 to 1, not 2"}])
     assert client.delete(f"/api/datasets/{dataset['id']}").status_code == 204
 
 

@@ -783,6 +783,7 @@ def test_a_retry_with_the_same_idempotency_key_gets_the_first_experiment(live_se
     assert refused.status_code == 422 and after_refusal.status_code == 201
     assert bad_key.status_code == 422
     assert held.status_code == 409 and "still being handled" in held.json()["detail"]
+    assert held.headers["retry-after"] == "2"
 
 
 def test_a_retry_whose_experiment_was_deleted_is_a_410_and_starts_nothing(live_server,

@@ -37,6 +37,7 @@ from app.deps import (
     SettingsDep,
     page_headers,
 )
+from app.experiments import unprocessable
 from app.live import forget_feeds
 from app.models import MAX_ID, Dataset, DatasetImage
 from app.responses import (
@@ -201,7 +202,7 @@ async def made_before(db: Session, live: redis.Redis, key: str | None, path: Pat
             idempotency.made_before, live, key, digest, "dataset",
             lambda made: db.get(Dataset, made))
     except idempotency.KeyRefused as exc:
-        raise HTTPException(exc.status_code, exc.message) from None
+        raise HTTPException(exc.status_code, exc.message, headers=exc.headers) from None
 
 
 async def replayed(db: Session, response: Response, dataset: Dataset) -> DatasetOut:
@@ -426,7 +427,11 @@ def list_images(
 ) -> ImagePage:
     """A page of a dataset's images in storage order, optionally of one split or class
     (`total` counts them all; X-Total-Count and Link headers as on the other lists)."""
-    get_dataset_or_404(db, dataset_id)
+    dataset = get_dataset_or_404(db, dataset_id)
+    if label is not None and label >= len(dataset.class_names):  # not an empty page
+        raise unprocessable("label", f"dataset {dataset_id} has {len(dataset.class_names)} "
+                            f"classes: a class index is 0 to {len(dataset.class_names) - 1}, "
+                            f"not {label}", "query")
     conditions = [DatasetImage.dataset_id == dataset_id]
     if split is not None:
         conditions.append(DatasetImage.split == split)
@@ -454,13 +459,14 @@ def image_thumbnail(
     request: Request, dataset_id: DatasetId, image_id: ImageId, db: DbDep,
     settings: SettingsDep,
     size: Annotated[int, Query(
-        description="px a side at most: 128, or 512 to see what the image shows")] = 128,
+        description="px a side at most: 128, or 512 to see what the image shows",
+        json_schema_extra={"enum": [ingest.THUMBNAIL_SIZE, ingest.PREVIEW_SIZE]})] = 128,
 ) -> Response:
     """A JPEG of at most `size` px a side (never enlarged), made on first request and
     cached."""
     if size not in (ingest.THUMBNAIL_SIZE, ingest.PREVIEW_SIZE):  # each size is cached
-        raise HTTPException(422, f"size must be {ingest.THUMBNAIL_SIZE} or "
-                                 f"{ingest.PREVIEW_SIZE}, not {size}")
+        raise unprocessable("size", f"must be {ingest.THUMBNAIL_SIZE} or "
+                            f"{ingest.PREVIEW_SIZE}, not {size}", "query")
     dataset = get_dataset_or_404(db, dataset_id)
     image = db.get(DatasetImage, image_id)
     if image is None or image.dataset_id != dataset.id:

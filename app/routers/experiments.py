@@ -143,7 +143,8 @@ def start_experiment(payload: ExperimentIn, response: Response, session: DbDep,
         except idempotency.KeyRefused as exc:
             if exc.status_code == 422:
                 raise unprocessable("Idempotency-Key", exc.message, "header") from None
-            raise HTTPException(exc.status_code, detail=exc.message) from None
+            raise HTTPException(exc.status_code, detail=exc.message,
+                                headers=exc.headers) from None
         if experiment is not None:
             idempotency.replayed(response, f"/api/experiments/{experiment.id}")
             return experiment_out(experiment, live)

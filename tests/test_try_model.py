@@ -176,16 +176,31 @@ def test_the_run_page_labels_the_images_chosen_and_says_which_it_could_not_read(
     chosen = sorted(tried.answers)[1:4]
     junk = tmp_path / "readme.txt"
     junk.write_text("not an image")
+    # Stored 40 x 20 and marked to be shown turned a quarter (EXIF orientation 6), as phones
+    # store photos: the model sees it as stored, and so should its preview.
+    sideways = tmp_path / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20), (200, 40, 40)).save(sideways, exif=exif)
     with open_browser(request.node.name) as browser:
         page = browser.page
         page.goto(f"{tried.url}/runs/{tried.run_id}")
         card = page.locator("#try-model")
         expect(card).to_be_visible()
-        page.set_input_files("#try-files", [*chosen, str(junk)])
-        expect(page.locator("#try-results figure.tried")).to_have_count(4, timeout=30_000)
+        page.set_input_files("#try-files", [*chosen, str(junk), str(sideways)])
+        expect(page.locator("#try-results figure.tried")).to_have_count(5, timeout=30_000)
         status = page.inner_text("#try-status")
-        assert status.startswith("Labeled 3 images in ") and status.endswith(
+        assert status.startswith("Labeled 4 images in ") and status.endswith(
             "; 1 file could not be read."), status
+        # Drawn in its 96 px box: red 96 wide and 48 high as stored, not 48 x 96 turned.
+        preview = page.locator("#try-results figure.tried").nth(4).locator("img")
+        preview.evaluate("(img) => img.decode()")
+        shot = Image.open(io.BytesIO(preview.screenshot())).convert("RGB")
+        red = Image.eval(shot, lambda value: 255 if value > 150 else 0).split()[0]
+        left, top, right, bottom = Image.composite(
+            red, Image.new("L", shot.size), shot.split()[1].point(lambda v: 255 * (v < 100))
+        ).getbbox()
+        assert right - left > 1.5 * (bottom - top), (left, top, right, bottom)
         figures = page.locator("#try-results figure.tried")
         for n, path in enumerate(chosen):
             figure = figures.nth(n)

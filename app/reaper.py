@@ -3,11 +3,13 @@
 A worker killed outright (SIGKILL, power loss) leaves its Celery message unacknowledged
 until the broker's visibility timeout, which must outlast the longest run. The heartbeat is
 the faster signal: a run silent for `stale_after_s` is lost, and so is one silent since its
-worker was seen killed by `make run`'s launcher (app.live.mark_worker_gone). It is requeued
-with a new task id (the old message, if it ever comes back, is then ignored) and resumes from
-its last training checkpoint, up to `max_attempts` times. A requeue the broker does not take
-(Redis down) leaves the run queued, saying so, and `requeue_lost_messages` sends it once Redis
-answers.
+worker was seen killed by `make run`'s launcher (app.live.mark_worker_gone). A training process
+that dies while its worker lives (the kernel's out-of-memory killer picks it: it holds the
+memory) is not waited for at all: the worker ends its run as the reaper would, at once
+(`Losses`, from worker.tasks.TrainRequest). A lost run is requeued with a new task id (the old
+message, if it ever comes back, is then ignored) and resumes from its last training
+checkpoint, up to `max_attempts` times. A requeue the broker does not take (Redis down) leaves
+the run queued, saying so, and `requeue_lost_messages` sends it once Redis answers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
 
 import redis
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -69,17 +71,19 @@ def silence_cutoff(settings: Settings, gone_at: datetime | None = None) -> datet
 
 
 def end_silent_run(session: Session, settings: Settings, run_id: int,
-                   gone_at: datetime | None = None, **values) -> bool:
+                   gone_at: datetime | None = None, *held: ColumnElement[bool],
+                   **values) -> bool:
     """Write `values` (lost, or cancelled) on a run that is still running and still silent
-    for `stale_after_s` (or since its worker was seen gone at `gone_at`); returns whether it
-    was. One conditional UPDATE: a heartbeat or an outcome its worker wrote after the reaper
-    read the run keeps the run the worker's, where a plain write would mark lost (and queue
-    again) a run that had just succeeded."""
+    for `stale_after_s` (or since its worker was seen gone at `gone_at`), and meets the
+    conditions `held`; returns whether it was. One conditional UPDATE: a heartbeat or an
+    outcome its worker wrote after the reaper read the run keeps the run the worker's, where
+    a plain write would mark lost (and queue again) a run that had just succeeded."""
     moment = func.coalesce(Run.heartbeat_at, Run.started_at)
     cutoff = silence_cutoff(settings, gone_at)
     return bool(session.execute(
         update(Run)
-        .where(Run.id == run_id, Run.status == "running", or_(moment.is_(None), moment < cutoff))
+        .where(Run.id == run_id, Run.status == "running", or_(moment.is_(None), moment < cutoff),
+               *held)
         .values(**values)
         .execution_options(synchronize_session="fetch")
     ).rowcount)
@@ -167,56 +171,76 @@ def send_or_wait(session: Session, runs: list[Run],
     return queue_down
 
 
+class Losses:
+    """Ends, in one session, runs whose training process is gone: each is lost, its note
+    saying why and what happens next, and queued again while it has attempts left (else it
+    stays lost, its feeds ended). A run whose user had asked it to stop ends cancelled
+    instead: its process is gone, so it has stopped. The reaper ends the runs it finds silent
+    (`reap`); a worker whose training process died under it ends that one's run at once
+    (worker.tasks.TrainRequest). Once the broker has failed, the runs after do not wait on it
+    (`send_or_wait`)."""
+
+    def __init__(self, session: Session, settings: Settings, live: redis.Redis) -> None:
+        self.session, self.settings, self.live = session, settings, live
+        self.queue_down: QueueUnavailable | None = None
+
+    def end(self, run: Run, why: str, gone_at: datetime | None = None,
+            *held: ColumnElement[bool]) -> bool:
+        """End `run`, still running and silent for `stale_after_s` (or since its process was
+        seen gone at `gone_at`) and meeting `held` (as its worker claimed it, say), saying
+        `why` it is lost; returns whether it was ended. Commits."""
+        if run.cancel_requested:
+            if not end_silent_run(self.session, self.settings, run.id, gone_at, *held,
+                                  status="cancelled", finished_at=utcnow()):
+                return False
+            log.warning("run %s ended cancelled: %s (last heartbeat %s) after a cancel",
+                        run.id, why, run.heartbeat_at)
+            self.session.commit()
+            publish_end(self.live, run)
+            return True
+        max_attempts = self.settings.max_attempts
+        error = f"{why} (last heartbeat {last_heartbeat(run)})"
+        requeued = run.attempts < max_attempts
+        if requeued:
+            error += (f"; queued again to resume from its last checkpoint (attempt "
+                      f"{run.attempts + 1} of {max_attempts})")
+            ended = {}
+        else:
+            error += (f"; lost {run.attempts} times, so not requeued again "
+                      "(requeue it to resume from its last checkpoint)")
+            ended = {"finished_at": utcnow()}
+        if not end_silent_run(self.session, self.settings, run.id, gone_at, *held,
+                              status="lost", error=error, **ended):
+            return False  # its worker reported after all
+        log.warning("run %s lost: %s (last heartbeat %s)", run.id, why, run.heartbeat_at)
+        if not requeued:
+            self.session.commit()
+            publish_end(self.live, run)
+            return True
+        # "lost", not yet committed, is what the requeue's conditional update claims
+        if claim_for_requeue(self.session, self.live, run.id, by_person=False) is not None:
+            self.queue_down = send_or_wait(self.session, [run], self.queue_down)
+        publish_status(self.live, run)
+        return True
+
+
 def reap(settings: Settings) -> list[int]:
-    """Mark stale running runs lost; requeue those with attempts left (with Redis down they
-    stay queued until it answers, see `send_or_wait`). A stale run whose user had asked it
-    to stop ends cancelled instead: its worker is gone, so it has stopped. Returns their
-    ids."""
-    reaped = []
-    queue_down = None  # once the broker has failed, the rest of this pass does not wait on it
+    """Mark stale running runs lost; requeue those with attempts left (`Losses`). Returns
+    their ids."""
     live = get_redis(settings.effective_redis_url)
     try:
         gone = gone_workers(live)
     except redis.RedisError:  # Redis away: the heartbeats alone
         gone = {}
+    reaped = []
     with session_scope(settings.sqlalchemy_url) as session:
+        losses = Losses(session, settings, live)
         for run in stale_runs(session, settings, gone):
             gone_at = silent_since(run, gone)
-            if run.cancel_requested:
-                if end_silent_run(session, settings, run.id, gone_at, status="cancelled",
-                                  finished_at=utcnow()):
-                    log.warning("run %s lost its worker %s (last heartbeat %s) after a cancel",
-                                run.id, run.worker, run.heartbeat_at)
-                    reaped.append(run.id)
-                    session.commit()
-                    publish_end(live, run)
-                continue
-            error = (f"worker {run.worker} stopped reporting" if gone_at is None else
-                     f"worker {run.worker} was killed ({gone[run.worker][1]}) and started "
-                     "again") + f" (last heartbeat {last_heartbeat(run)})"
-            requeued = run.attempts < settings.max_attempts
-            if requeued:
-                error += (f"; queued again to resume from its last checkpoint (attempt "
-                          f"{run.attempts + 1} of {settings.max_attempts})")
-                ended = {}
-            else:
-                error += (f"; lost {run.attempts} times, so not requeued again "
-                          "(requeue it to resume from its last checkpoint)")
-                ended = {"finished_at": utcnow()}
-            if not end_silent_run(session, settings, run.id, gone_at, status="lost",
-                                  error=error, **ended):
-                continue  # its worker reported after all
-            log.warning("run %s lost its worker %s (last heartbeat %s)",
-                        run.id, run.worker, run.heartbeat_at)
-            reaped.append(run.id)
-            if not requeued:
-                session.commit()
-                publish_end(live, run)
-                continue
-            # "lost", not yet committed, is what the requeue's conditional update claims
-            if claim_for_requeue(session, live, run.id, by_person=False) is not None:
-                queue_down = send_or_wait(session, [run], queue_down)
-            publish_status(live, run)
+            why = (f"worker {run.worker} stopped reporting" if gone_at is None else
+                   f"worker {run.worker} was killed ({gone[run.worker][1]}) and started again")
+            if losses.end(run, why, gone_at):
+                reaped.append(run.id)
     return reaped
 
 

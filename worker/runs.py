@@ -31,6 +31,7 @@ from app.live import (
     run_cancel_key,
 )
 from app.models import Artifact, DatasetImage, Experiment, Run, RunMetric, split_metrics
+from app.reaper import Losses
 from worker.selftuning.files import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -534,6 +535,26 @@ def undo_hand_back(settings: Settings, run_id: int, task_id: str | None) -> bool
             .where(Run.id == run_id, Run.status == "queued", Run.celery_task_id == task_id)
             .values(status="running")
         ).rowcount)
+
+
+def lose_run_of_dead_process(settings: Settings, run_id: int, worker: str,
+                             task_id: str | None, why: str) -> bool:
+    """The pool process that trained the run died while its worker lives on (the kernel's
+    out-of-memory killer picks the process that holds the memory: the training one); `why`
+    says which process and how it ended. The worker's own process learns it at once
+    (Celery's WorkerLostError, worker.tasks.TrainRequest) and takes its next run: the run is
+    lost now and queued again as the reaper does it (app.reaper.Losses), the attempt counted,
+    to resume from its last checkpoint. Left to the reaper, it showed "running" for
+    `stale_after_s` beside the run the worker trained next. Only a run still this worker's
+    under this task is touched (the reaper may have queued it again while the process was
+    paused, and another worker taken it); returns whether it was."""
+    died_by = utcnow()  # whatever the process last wrote, it wrote before this
+    with session_scope(settings.sqlalchemy_url) as session:
+        run = session.get(Run, run_id)
+        if run is None or not holds(run, worker, task_id):
+            return False
+        losses = Losses(session, settings, get_redis(settings.effective_redis_url))
+        return losses.end(run, why, died_by, held_by(worker, task_id))
 
 
 def fail_unstarted_run(settings: Settings, run_id: int, task_id: str | None,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 
-from celery.exceptions import Retry
+from billiard.einfo import ExceptionWithTraceback
+from celery.exceptions import Retry, WorkerLostError
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.state import task_ready
@@ -17,7 +19,12 @@ from app.db import StartupRefused, session_scope
 from app.experiments import TRAIN_TASK
 from app.models import Dataset
 from worker.celery_app import app, check_data_dir, worker_identity
-from worker.runs import DatabaseUnavailable, fail_unstarted_run, undo_hand_back
+from worker.runs import (
+    DatabaseUnavailable,
+    fail_unstarted_run,
+    lose_run_of_dead_process,
+    undo_hand_back,
+)
 from worker.training import not_to_train
 
 log = logging.getLogger(__name__)
@@ -40,12 +47,18 @@ class TrainRequest(Request):
     """A training message, discarded in the worker's own process when its run is not to be
     trained: deleted, ended (a queued run cancelled), or queued again under a newer task. Each
     such message used to take a fresh pool process (one per task) to find that out: after a
-    sweep of 450 queued runs was cancelled, the next run waited 14 minutes behind them."""
+    sweep of 450 queued runs was cancelled, the next run waited 14 minutes behind them. Also
+    where the worker's own process learns that the process training the run died
+    (`on_failure`)."""
+
+    @property
+    def run_id(self) -> object:
+        return self.args[0] if self.args else self.kwargs.get("run_id")
 
     def revoked(self) -> bool:
         if super().revoked():
             return True
-        run_id = self.args[0] if self.args else self.kwargs.get("run_id")
+        run_id = self.run_id
         if not self._may_take_runs(run_id):
             return True
         reason = not_to_train(get_settings(), run_id, self.id)
@@ -54,6 +67,32 @@ class TrainRequest(Request):
         log.info("run %s: task %s not run (%s)", run_id, self.id, reason)
         self._announce_revoked(reason, False, None, False)
         return True
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        """Also where the worker's own process learns that the pool process training the run
+        died (billiard's pool raises WorkerLostError here, celery.worker.request): the run
+        is lost now, and queued again (`lose_run_of_dead_process`), before Celery puts the
+        message back in the queue (acks_late, reject_on_worker_lost) and the worker takes
+        its next run. That message, superseded by the new task, is then dropped (`revoked`).
+        Celery sends no task_failure signal for a message it puts back, hence here. The reaper
+        remains for what this cannot record (the database away)."""
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):  # as billiard hands it over
+            exc = exc.exc
+        if isinstance(exc, WorkerLostError):
+            self._lose_run(exc)
+        return super().on_failure(exc_info, send_failed_event=send_failed_event,
+                                  return_ok=return_ok)
+
+    def _lose_run(self, exc: WorkerLostError) -> None:
+        why = (f"its training process (pid {self.worker_pid}) on worker {self.hostname} "
+               f"{how_it_died(exc)}")
+        try:
+            lose_run_of_dead_process(get_settings(), int(self.run_id), self.hostname, self.id,
+                                     why)
+        except Exception:  # noqa: BLE001 - Celery must still put the message back
+            log.exception("run %s: %s, and this could not be recorded; the reaper finds the "
+                          "run lost once its heartbeats have stopped", self.run_id, why)
 
     def _may_take_runs(self, run_id: object) -> bool:
         """Whether this worker's data directory check (made here, in the worker's own process,
@@ -74,6 +113,15 @@ class TrainRequest(Request):
             worker_state.should_stop = 2  # the worker's loop stops, and the process exits 2
             return False
         return True
+
+
+def how_it_died(exc: WorkerLostError) -> str:
+    """How a pool process ended, as billiard's WorkerLostError says it ("Worker exited
+    prematurely: signal 9 (SIGKILL) Job: 4.", billiard.common.human_status): "was killed
+    (SIGKILL)", or "exited (exitcode 1)"."""
+    said = str(exc).removeprefix("Worker exited prematurely: ").split(" Job:")[0].rstrip(".")
+    killed = re.fullmatch(r"signal \d+ \((\w+)\)", said)
+    return f"was killed ({killed[1]})" if killed else f"exited ({said})"
 
 
 # A run whose database cannot be reached when its task arrives is neither started nor marked

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -852,6 +853,15 @@ def _chunks(head: bytes, stream: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
+# Photos in formats this app does not read, and what to make of them: the usual way a whole
+# class folder goes missing (a folder of iPhone photos).
+_HEIC = ("; an iPhone's HEIC photo: export it as JPEG (or set the iPhone's Camera › Formats "
+         "to Most Compatible)")
+_RAW = "; a camera's raw file: export it as JPEG or TIFF"
+CONVERT_HINTS = {".heic": _HEIC, ".heif": _HEIC, ".dng": _RAW, ".cr2": _RAW, ".cr3": _RAW,
+                 ".nef": _RAW, ".arw": _RAW, ".raf": _RAW, ".orf": _RAW, ".rw2": _RAW}
+
+
 def inspect_image(path: Path, archive_path: str, max_pixels: int
                   ) -> tuple[str, int, int, float | None]:
     """(stored suffix, width, height, brightest value of more than 8 bits or None) of a
@@ -867,6 +877,8 @@ def inspect_image(path: Path, archive_path: str, max_pixels: int
     except IngestError:
         raise
     except UnidentifiedImageError:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty") from None
         raise ValueError(f"corrupt or unsupported image (not {SUPPORTED_TEXT})") from None
     except Exception as exc:  # noqa: BLE001 - decoders raise many types on damaged data
         message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -977,7 +989,8 @@ def _extract_members(
                 head = stream.read(SNIFF_BYTES) if sniff else b""
                 if sniff and not looks_like_image(head):
                     result.skip(order, path, f"not an image ({suffix or 'no extension'}); "
-                                             f"supported: {SUPPORTED_TEXT}")
+                                             f"supported: {SUPPORTED_TEXT}"
+                                             f"{CONVERT_HINTS.get(suffix, '')}")
                     continue
                 limit = MAX_LABELS_CSV_BYTES if is_labels_csv else None
                 sha256, size = _copy_member(stream, temp, budget, limit, head)
@@ -1362,12 +1375,48 @@ def _hold_out(kept: list[_Placed], class_names: list[str], settings: Settings) -
 # --- Publishing, deleting, cleaning up ------------------------------------------------------
 
 
+# In an upload's work directory: a file the process handling the upload holds a lock on
+# (flock) until it removes the directory. The kernel lets go of the lock when the process
+# dies, however it dies, so a directory whose lock is free is a crashed upload's, whatever
+# its age: the next start removes it (`cleanup_orphans`), where it had waited out the grace
+# time (a crashed multi-GiB upload kept twice its size on disk until a later restart).
+HELD_FILE = ".held"
+_HELD: dict[Path, int] = {}  # work directory: the descriptor holding its lock
+
+
 def new_work_dir(settings: Settings) -> Path:
-    """A private directory under tmp/ for one upload (removed by the caller or at startup)."""
+    """A private directory under tmp/ for one upload, held by this process until
+    `remove_work_dir` (or its death: then the next start removes it)."""
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     work_dir = settings.tmp_dir / f"upload-{uuid.uuid4().hex}"
     work_dir.mkdir()
+    handle = os.open(work_dir / HELD_FILE, os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    _HELD[work_dir] = handle
     return work_dir
+
+
+def remove_work_dir(work_dir: Path) -> None:
+    """Remove an upload's work directory, then let go of its lock."""
+    shutil.rmtree(work_dir, ignore_errors=True)
+    if (handle := _HELD.pop(work_dir, None)) is not None:
+        os.close(handle)
+
+
+def _work_dir_abandoned(work_dir: Path) -> bool | None:
+    """Whether no process holds an upload's work directory (`new_work_dir`); None where it
+    has no lock file to tell (one being made, or made by an older version)."""
+    try:
+        handle = os.open(work_dir / HELD_FILE, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(handle)  # lets go of a lock it took: the directory is removed next
+    return True
 
 
 def publish_dataset(session: Session, settings: Settings, prepared: PreparedDataset,
@@ -1657,7 +1706,9 @@ def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] |
 
     if settings.tmp_dir.is_dir():
         for entry in settings.tmp_dir.iterdir():
-            if entry.name.startswith("upload-") and stale(entry):
+            if entry.name.startswith("upload-") and (
+                    abandoned := _work_dir_abandoned(entry)) is not False and (
+                    abandoned or stale(entry)):
                 _remove(entry)
                 removed.append(entry)
     if trash_dir(settings).is_dir():  # deleted already: its removal was cut short

@@ -68,6 +68,42 @@ def test_cleanup_removes_crash_leftovers_but_keeps_datasets_and_recent_work(
         assert path.is_dir()
 
 
+def test_an_upload_whose_process_died_is_removed_at_once_and_one_in_progress_is_kept(
+    settings: Settings,
+) -> None:
+    """A crashed upload (its web killed) was kept for the grace time, however large, and a
+    restart within it kept it until some later one; its process holding no lock on it any
+    more is what tells it is gone."""
+    import signal
+    import subprocess
+
+    crashed = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom app import ingest\n"
+         "from app.config import Settings\n"
+         "work_dir = ingest.new_work_dir(Settings())\n"
+         "(work_dir / 'upload.archive').write_bytes(bytes(1000))\n"
+         "print(work_dir, flush=True)\ntime.sleep(600)"],
+        env={**os.environ, "SELFTUNE_DATA_DIR": str(settings.data_dir),
+             "SELFTUNE_DATABASE_URL": settings.sqlalchemy_url}, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        crashed_dir = Path(crashed.stdout.readline().strip())
+        assert crashed_dir.parent == settings.tmp_dir and crashed_dir.is_dir()
+        assert ingest.cleanup_orphans(settings, grace_s=600) == []  # held: in progress
+    finally:
+        crashed.send_signal(signal.SIGKILL)
+        crashed.wait(timeout=30)
+    in_progress = ingest.new_work_dir(settings)  # held by this process
+    unheld_fresh = make_dir(settings.tmp_dir / "upload-being-made")  # no lock file yet
+
+    assert ingest.cleanup_orphans(settings, grace_s=600) == [crashed_dir]
+    assert not crashed_dir.exists()
+    assert in_progress.is_dir() and unheld_fresh.is_dir()
+    ingest.remove_work_dir(in_progress)
+    assert not in_progress.exists()
+    assert ingest.cleanup_orphans(settings, grace_s=0) == [unheld_fresh]  # once it is old
+
+
 def test_failed_commit_removes_the_moved_directory_and_leaves_no_rows(
     settings: Settings, tmp_path: Path
 ) -> None:

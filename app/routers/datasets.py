@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import shutil
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -291,11 +290,11 @@ async def upload_dataset(request: Request, response: Response, settings: Setting
         # Cut by the server's shutdown (its graceful time ran out): uvicorn exits without
         # waiting for a thread, which left the partial upload in tmp/ (kept 10 minutes by
         # the next start), so it goes now, on the event loop.
-        shutil.rmtree(work_dir, ignore_errors=True)
+        ingest.remove_work_dir(work_dir)
         raise
     finally:
         if work_dir.exists():
-            await run_in_threadpool(shutil.rmtree, work_dir, True)
+            await run_in_threadpool(ingest.remove_work_dir, work_dir)
     response.headers["Location"] = f"/api/datasets/{dataset.id}"
     return await run_in_threadpool(summary, db, dataset)
 
@@ -357,7 +356,7 @@ async def add_labels_to_dataset(dataset_id: DatasetId, request: Request, respons
         raise HTTPException(400, "the connection closed before the labels were received"
                             ) from None
     finally:
-        await run_in_threadpool(shutil.rmtree, work_dir, True)
+        await run_in_threadpool(ingest.remove_work_dir, work_dir)
     response.headers["Location"] = f"/api/datasets/{dataset.id}"
     return await run_in_threadpool(summary, db, dataset)
 

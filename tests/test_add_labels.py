@@ -182,6 +182,10 @@ def test_labels_make_a_new_dataset_with_the_same_test_split_and_the_old_one_stay
      "got 7 columns; keep two: the path column of predictions.csv or label-next.csv and a "
      "label column you write (their label column is the model's guess)"),
     (b"unlabeled/u0.png,caf\xe9\n", 422, "is not UTF-8 text"),
+    ("path;label\nunlabeled/u0.png;cat\n", 422,
+     "line 1: expected 'path,label' (or 'path,label,split'), got 1 column; its columns are "
+     "separated by ';' (a spreadsheet in a language that writes decimal commas saves CSV "
+     "so): separate them with commas"),
 ])
 def test_labels_a_dataset_cannot_take_are_refused_and_nothing_is_made(
     server: LiveServer, photos: dict, csv, status: int, message: str,

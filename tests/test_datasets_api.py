@@ -444,6 +444,11 @@ def test_a_class_folder_whose_every_file_is_skipped_is_said_gone(
         "All 2 files in the class folder 'heic' were skipped (the skipped files say why), so "
         "'heic' is not a class of this dataset: fix them and upload again if it should be one"]
     assert "is not a class of this dataset" in client.get(f"/datasets/{dataset['id']}").text
+    reasons = {entry["path"]: entry["reason"] for entry in dataset["skipped"]}
+    assert reasons["photos/broken/a.jpg"] == "the file is empty"
+    assert reasons["photos/heic/IMG_1.HEIC"].endswith(
+        "; an iPhone's HEIC photo: export it as JPEG (or set the iPhone's Camera › Formats to "
+        "Most Compatible)")
     kept = small_dataset(client, "all kept", seed=29)
     assert kept["warnings"] == []
     for item in (dataset, kept):

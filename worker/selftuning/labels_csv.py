@@ -77,7 +77,10 @@ def parse_labels_csv(
         where = f"{name} line {line_number}"
         if len(cells) not in (2, 3):
             raise ValueError(f"{where}: expected 'path,label' (or 'path,label,split'), got "
-                             f"{len(cells)} columns")
+                             f"{len(cells)} column{'' if len(cells) == 1 else 's'}"
+                             + ("; its columns are separated by ';' (a spreadsheet in a language "
+                                "that writes decimal commas saves CSV so): separate them with "
+                                "commas" if len(cells) == 1 and ";" in cells[0] else ""))
         try:
             path = clean_path(written[0])
         except ValueError as exc:

@@ -609,6 +609,7 @@ def quality(unlabeled: int, queue: bool, withheld: bool = True) -> dict:
                              "accuracy": 0.75 if judged else None}],
         "kept_share_at_095": 0.5 if unlabeled else None,
         "kept_accuracy_at_095": 0.8 if judged else None,
+        "kept_judged_at_095": judged // 2,
         "predicted_distribution": [0.5, 0.5] if unlabeled else None,
         "labeled_distribution": [0.5, 0.5],
         "confidence_histogram": {"edges": [i / 10 for i in range(11)], "counts": counts},
@@ -650,7 +651,7 @@ def test_the_quality_card_shows_queue_rows_for_self_tuning_only_and_says_when_it
             return page.locator("#quality-facts td").all_inner_texts()
 
         assert facts("fine-tune") == ["Images a 0.95 threshold keeps", "Accuracy of what it keeps"]
-        assert values() == ["2 of 4 (50.0%)", "80.0%"]
+        assert values() == ["2 of 4 (50.0%)", "80.0% (of the 2 with a withheld label)"]
         facts("no withheld labels")
         assert values() == ["3 of 6 (50.0%)", "– (none of them has a withheld label)"]
         assert page.is_hidden("#quality-none") and page.is_visible("#quality-details")

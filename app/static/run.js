@@ -855,7 +855,11 @@ function drawQuality(q, names) {
   const facts = [
     ["Images a 0.95 threshold keeps", isNumber(q.kept_share_at_095)
       ? `${count(kept)} of ${count(unlabeled)} (${pct(q.kept_share_at_095)})` : "–"],
-    ["Accuracy of what it keeps", isNumber(q.kept_accuracy_at_095) ? pct(q.kept_accuracy_at_095)
+    // Of those with a withheld label only (the budget's held-back images): said with how
+    // many, where the run recorded it; 20% of 10 is not 20% of 1,000.
+    ["Accuracy of what it keeps", isNumber(q.kept_accuracy_at_095)
+      ? pct(q.kept_accuracy_at_095) + (isNumber(q.kept_judged_at_095)
+        ? ` (of the ${count(q.kept_judged_at_095)} with a withheld label)` : "")
       : kept === 0 ? "– (it keeps none)" : "– (none of them has a withheld label)"],
   ];
   if ("queue_purity" in q) { // Self-Tuning's queue of keys; the other methods have none

@@ -106,7 +106,8 @@ def test_outputs_of_a_run(finished_run, shapes_data: RunData):
     assert sum(b["count"] for b in quality["confidence_bins"]) == len(shapes_data.unlabeled)
     assert sum(b["judged"] for b in quality["confidence_bins"]) == sum(
         label is not None for _, label in shapes_data.unlabeled)  # what the accuracy is of
-    assert set(quality) >= {"kept_share_at_095", "kept_accuracy_at_095", "queue_purity",
+    assert set(quality) >= {"kept_share_at_095", "kept_accuracy_at_095", "kept_judged_at_095",
+                            "queue_purity",
                             "queue_purity_truth", "predicted_distribution",
                             "labeled_distribution", "confidence_histogram"}
 
@@ -551,6 +552,19 @@ def test_quality_without_unlabeled_images_has_no_predicted_distribution():
     assert quality["predicted_distribution"] is None
     assert quality["labeled_distribution"] == [0.25, 0.25, 0.5]
     assert quality["kept_share_at_095"] is None
+
+
+def test_what_a_095_threshold_keeps_is_scored_on_those_kept_with_a_withheld_label():
+    """The run page said "accuracy of what it keeps 20.0%" without of how many: 2 of 10 kept
+    images with a withheld label, the others having none."""
+    probabilities = torch.tensor([[0.97, 0.02, 0.01], [0.96, 0.03, 0.01], [0.99, 0.005, 0.005],
+                                  [0.5, 0.3, 0.2], [0.01, 0.98, 0.01]])
+    hidden = torch.tensor([0, 1, -1, 0, -1])  # -1: no withheld label
+    quality = pseudo_label_quality(top_classes(probabilities), hidden, torch.tensor([0, 1, 2]),
+                                   num_classes=3)
+    assert quality["kept_share_at_095"] == 0.8
+    assert quality["kept_judged_at_095"] == 2  # images 0 and 1: one right, one wrong
+    assert quality["kept_accuracy_at_095"] == 0.5
 
 
 def test_a_cancel_while_the_images_are_decoded_stops_the_decoding_and_keeps_nothing(

@@ -126,6 +126,7 @@ def pseudo_label_quality(
         "confidence_bins": bins,
         "kept_share_at_095": _share(kept),
         "kept_accuracy_at_095": _share(correct[kept_known]),
+        "kept_judged_at_095": int(kept_known.sum()),  # what that accuracy is of
         "predicted_distribution": _distribution(predicted, num_classes),
         "labeled_distribution": _distribution(labeled_targets, num_classes),
         "confidence_histogram": {

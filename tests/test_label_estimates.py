@@ -246,6 +246,10 @@ def test_the_page_shows_what_more_labels_would_buy_and_updates_it_as_runs_finish
         page.wait_for_selector("#live-state:text-is('● live')")
         page.evaluate("window.sameDocument = true")  # a reload would drop this
         assert page.is_hidden("#estimates-note") and page.is_visible("#estimates-caveat")
+        # 2 points on 12 test images said "+10.0 points" with nothing of how few they are.
+        assert " ".join(page.inner_text("#estimates-caveat").split()).endswith(
+            "close to 100%. Each top-1 is over the dataset's 12 test images: one image is 8.3 "
+            "points, so a few images more or less right move it by points.")
         # Two budgets, two points: the line through them, and no standard error.
         assert cells() == ["Self-Tuning", "70.0% at 24 labels", "80.0% at 48 labels (+24)",
                            "+10.0 points"]

@@ -319,7 +319,9 @@ def experiment_page(
                   dataset_name=dataset.name if dataset else f"#{experiment.dataset_id}",
                   method_titles=METHOD_TITLES, source=source, labels_added=dataset.labels_added
                   if dataset else 0, before=before,
-                  after=after_labels_added(session, experiment), try_max_images=MAX_IMAGES)
+                  after=after_labels_added(session, experiment), try_max_images=MAX_IMAGES,
+                  test_images=sum(counts.get("test", 0) for counts in (
+                      dataset.class_counts if dataset else {}).values()))
 
 
 # Experiments of a dataset's source (the dataset it was made from by adding labels) that an

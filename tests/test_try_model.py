@@ -316,10 +316,12 @@ def test_forms_past_the_most_at_once_are_asked_to_come_back(tried, client):
     assert client.post(f"/api/runs/{tried.run_id}/predict", files=one).status_code == 200
 
 
-def test_the_experiment_page_puts_the_same_images_through_each_model(tried, request):
+def test_the_experiment_page_puts_the_same_images_through_each_model(tried, request, tmp_path):
     """One model per method and budget that has finished, a column each; the queued one has
-    none."""
-    chosen = sorted(tried.answers)[4:7]
+    none. A file no model reads says why once, and shows no broken picture."""
+    junk = tmp_path / "notes.png"
+    junk.write_text("not an image")
+    chosen = [*sorted(tried.answers)[4:7], str(junk)]
     with open_browser(request.node.name) as browser:
         page = browser.page
         with httpx.Client(base_url=tried.url) as client:
@@ -328,13 +330,17 @@ def test_the_experiment_page_puts_the_same_images_through_each_model(tried, requ
         expect(page.locator("#try-models")).to_be_visible()
         page.set_input_files("#try-models-files", chosen)
         expect(page.locator("#try-models-status")).to_have_text(
-            "3 images through 2 models.", timeout=30_000)
+            "4 images through 2 models.", timeout=30_000)
         headers = page.locator("#try-models-table thead th").all_inner_texts()
         assert [" ".join(text.split()) for text in headers] == [
             "Image", "Fine-tuning 15%, seed 0", "Fine-tuning 50%, seed 0"]
         rows = page.locator("#try-models-table tbody tr")
-        assert rows.count() == 3
-        for n, path in enumerate(chosen):
+        assert rows.count() == 4
+        unread = rows.nth(3).locator("td")
+        assert unread.count() == 1 and unread.get_attribute("colspan") == "2"
+        assert unread.inner_text().startswith("not an image this app reads")
+        expect(rows.nth(3).locator(".no-preview")).to_have_text("no preview")
+        for n, path in enumerate(chosen[:3]):
             assert rows.nth(n).locator("th").inner_text().strip() == Path(path).name
             labels = rows.nth(n).locator("td strong").all_inner_texts()
             assert labels == [tried.answers[path]] * 2

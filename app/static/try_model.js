@@ -140,14 +140,19 @@ export function tryModels(runsNow, title) {
     const head = h("tr", {}, h("th", {}, "Image"), runs.map((run) => h("th", { scope: "col" },
       h("a", { href: `/runs/${run.id}` }, title(run.method)), h("br"),
       h("small", { class: "muted" }, `${run.budget_label}, seed ${run.seed}`))));
-    const rows = files.map((file, index) => h("tr", {},
-      h("th", { scope: "row", class: "name" },
-        h("img", { src: previews[index], alt: "", width: 48, height: 48, class: "tried-thumb" }), " ", file.name),
-      answers.map((answer) => {
-        const image = answer.images[index];
-        return image.skipped !== null ? h("td", { class: "error" }, image.skipped)
-          : h("td", {}, h("strong", {}, image.label), ` ${pct(image.confidence, 0)}`);
-      })));
+    const rows = files.map((file, index) => {
+      const thumb = h("img", { src: previews[index], alt: "", width: 48, height: 48, class: "tried-thumb" });
+      // A TIFF, say, or a file that is no image: no broken picture (as on the run page).
+      thumb.addEventListener("error", () => thumb.replaceWith(h("span", { class: "no-preview muted" }, "no preview")));
+      const images = answers.map((answer) => answer.images[index]);
+      const reasons = new Set(images.map((image) => image.skipped));
+      // A file no model could read: why, once across the models, not once a column.
+      const cells = reasons.size === 1 && images[0].skipped !== null
+        ? [h("td", { class: "error", colspan: images.length }, images[0].skipped)]
+        : images.map((image) => (image.skipped !== null ? h("td", { class: "error" }, image.skipped)
+          : h("td", {}, h("strong", {}, image.label), ` ${pct(image.confidence, 0)}`)));
+      return h("tr", {}, h("th", { scope: "row", class: "name" }, thumb, " ", file.name), cells);
+    });
     table.replaceChildren(h("thead", {}, head), h("tbody", {}, rows));
     table.hidden = false;
     said.textContent = `${counted(files.length, "image")} through ${counted(runs.length, "model")}`

@@ -390,3 +390,42 @@ def test_the_tar_a_folder_becomes_holds_every_file_at_its_path_for_pythons_tarfi
             assert member.mtime == 1_700_000_000
         assert [archive.extractfile(m).read() for m in members[len(special):]] == [
             str(i).encode() for i in range(4100 - len(special))]
+
+
+def test_every_training_image_of_a_class_can_be_shown_on_the_dataset_page(
+    server: LiveServer, request: pytest.FixtureRequest
+) -> None:
+    """The page showed the first 12 of each class and no way to the rest: an odd image of a
+    class (a mislabeled one, a format read wrong) could not be looked at there."""
+    with server.client() as client:
+        answer = client.post("/api/datasets", files={"file": ("many.zip", zip_bytes(
+            {**class_entries(("cat",), per_class=100, seed=61),
+             **class_entries(("dog",), per_class=5, seed=62)}))}, data={"name": "many"})
+        assert answer.status_code == 201, answer.text
+        dataset = answer.json()
+        listed = [image["original_path"].rsplit("/", 1)[-1] for image in client.get(
+            f"/api/datasets/{dataset['id']}/images",
+            params={"label": 0, "split": "train", "limit": 1000}).json()["items"]]
+    train = {c["name"]: c["train"] for c in dataset["classes"]}
+    assert train["cat"] == len(listed) > 60  # a few are held out for testing
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{server.url}/datasets/{dataset['id']}")
+        cat_box = page.locator("#class-thumbnails .thumbs[data-class='0']")
+        expect(cat_box.locator("img")).to_have_count(12)
+        assert page.locator("[data-more-class='1']").count() == 0  # every dog shown
+        more = page.locator("[data-more-class='0']")
+        expect(more).to_have_text(f"Show 48 more ({train['cat'] - 12} not shown)")
+        more.click()
+        expect(cat_box.locator("img")).to_have_count(60)
+        assert " ".join(page.inner_text("#class-0").split()) == (
+            f"cat ({train['cat']} train: the first 60)")
+        expect(more).to_have_text(f"Show {train['cat'] - 60} more ({train['cat'] - 60} not "
+                                  "shown)")
+        more.click()
+        expect(cat_box.locator("img")).to_have_count(train["cat"])
+        expect(more).to_be_hidden()
+        assert " ".join(page.inner_text("#class-0").split()) == f"cat ({train['cat']} train)"
+        alts = cat_box.locator("img").evaluate_all("(images) => images.map((i) => i.alt)")
+        assert alts == listed  # in order, each once
+        browser.assert_no_errors()

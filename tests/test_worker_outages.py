@@ -126,7 +126,9 @@ def test_a_hung_redis_costs_each_iteration_little_and_a_cancel_still_arrives_by_
             time.sleep(0.02)  # the training step
 
     in_thread(train_for_a_while, timeout=15)
-    assert sum(took) / len(took) < 0.1 and max(took) < 1.5, took
+    # The first step finds Redis away (its short timeout, once: 1.75 s was seen on a loaded
+    # machine); before the fix every step took 10-20 s.
+    assert sum(took) / len(took) < 0.1 and max(took) < 5, took
     assert progress_steps(settings, run_id) == list(range(1, 42))  # the record is complete
     away = [r for r in caplog.records if "Redis is not answering" in r.getMessage()]
     assert len(away) == 1, [r.getMessage() for r in caplog.records]  # once per outage

@@ -28,7 +28,6 @@ from app.experiments import (
     budget_unlabeled_count,
     experiment_status,
     suggested_budgets,
-    tested_on,
 )
 from app.models import Artifact, Dataset, Experiment, Run
 from app.responses import shortened
@@ -253,10 +252,10 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
                       links=[{"href": f"/experiments/{experiment.id}",
                               "text": f"Open {experiment.name or f'experiment {experiment.id}'}"}
                              for experiment in left])
-    experiments, labels, tables = compared_experiments(
+    experiments, splits, labels, tables = compared_experiments(
         session, [experiment_id for experiment_id in chosen if experiment_id not in gone])
     compared = []
-    for experiment, table in zip(experiments, tables, strict=True):
+    for experiment, split, table in zip(experiments, splits, tables, strict=True):
         dataset = session.get(Dataset, experiment.dataset_id)
         cells: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in experiment.methods}
         for row in table:
@@ -264,7 +263,7 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
         compared.append({
             "id": experiment.id, "name": experiment.name, "dataset_id": experiment.dataset_id,
             "dataset_name": dataset.name if dataset else f"#{experiment.dataset_id}",
-            "tested_on": tested_on(session, experiment.dataset_id),
+            "tested_on": split,
             "backbone": experiment.backbone, "preset": experiment.preset,
             "overrides": experiment.overrides or {}, "seeds": experiment.seeds,
             "status": experiment_status(Counter(run.status for run in experiment.runs)),

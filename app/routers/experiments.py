@@ -4,7 +4,7 @@ cancel every run, queue the ended ones again, delete."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import redis
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -319,21 +319,29 @@ ComparedIds = Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None, Que
     description=f"the experiments to compare, 2 to {MOST_COMPARED}: `?ids=3&ids=5`")]
 
 
-def compared_experiments(session: Session, ids: list[int] | None
-                         ) -> tuple[list[Experiment], list[str], list[list[dict]]]:
-    """The experiments `ids` names (each once, in its order), the budget labels of any of
-    them and their results tables, with the best of each budget among those on one test split
-    flagged (`compare_budget_tables`); a 422 for too few or too many, a 404 for one that is
-    gone."""
+class Comparison(NamedTuple):
+    """Experiments side by side: each one's test split (`tested_on`), the budget labels of
+    any of them and their results tables."""
+    experiments: list[Experiment]
+    tested_on: list[int]
+    labels: list[str]
+    tables: list[list[dict]]
+
+
+def compared_experiments(session: Session, ids: list[int] | None) -> Comparison:
+    """The experiments `ids` names (each once, in its order), the test split of each, the
+    budget labels of any of them and their results tables, with the best of each budget among
+    those on one test split flagged (`compare_budget_tables`); a 422 for too few or too many,
+    a 404 for one that is gone."""
     chosen = list(dict.fromkeys(ids or []))
     if not 2 <= len(chosen) <= MOST_COMPARED:
         raise HTTPException(422, f"choose 2 to {MOST_COMPARED} experiments to compare: "
                                  f"{len(chosen)} chosen")
     experiments = [get_experiment(session, experiment_id) for experiment_id in chosen]
+    splits = [tested_on(session, experiment.dataset_id) for experiment in experiments]
     labels, tables = compare_budget_tables(
-        [experiment_budget_table(session, experiment) for experiment in experiments],
-        [tested_on(session, experiment.dataset_id) for experiment in experiments])
-    return experiments, labels, tables
+        [experiment_budget_table(session, experiment) for experiment in experiments], splits)
+    return Comparison(experiments, splits, labels, tables)
 
 
 COMPARE_COLUMNS = ["experiment_id", "experiment_name", "dataset_id", "backbone",
@@ -349,7 +357,7 @@ def download_comparison(request: Request, session: DbDep, ids: ComparedIds = Non
     (in the order asked), budget (fewest labels first) and method, the mean and sample
     standard deviation of final test top-1 over the succeeded seeds; `best` flags the best
     of each budget label across those on the same dataset."""
-    experiments, _, tables = compared_experiments(session, ids)
+    experiments, _, _, tables = compared_experiments(session, ids)
     rows = [{"experiment_id": experiment.id, "experiment_name": experiment.name,
              "dataset_id": experiment.dataset_id, "backbone": experiment.backbone, **row}
             for experiment, table in zip(experiments, tables, strict=True) for row in table]

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, NamedTuple
 
 import anyio.to_thread
 from PIL import Image, UnidentifiedImageError
@@ -1047,41 +1047,70 @@ def _strip_wrappers(paths: list[str]) -> int:
     return depth
 
 
-def _layout_by_folders(images: list[_Image], skip: Callable[[_Image, str], None]):
-    depth = _strip_wrappers([image.path for image in images])
-    relative = {image.order: image.path.split("/")[depth:] for image in images}
-    tops = {parts[0].lower() for parts in relative.values() if len(parts) > 1}
-    if "test" in tops and "val" in tops:
-        raise IngestError(
-            "the archive has both test/ and val/ folders: keep one of them as the test split "
-            "(merge or remove the other)"
-        )
-    has_train = "train" in tops
-    placed: list[_Placed] = []
-    for image in images:
-        parts = relative[image.order]
+class _Where(NamedTuple):
+    split: str  # train | test | unlabeled
+    class_name: str | None  # None: unlabeled, or skipped
+    skip_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class _FolderLayout:
+    """An archive laid out by folders (no labels.csv): below the wrapping folders every image
+    shares (`prefix`, `_strip_wrappers`), an optional split folder, then a class folder or
+    unlabeled/. With a train/ folder, files beside it are outside the dataset."""
+    prefix: tuple[str, ...]
+    has_train: bool
+
+    @classmethod
+    def of(cls, images: list[_Image]) -> _FolderLayout:
+        depth = _strip_wrappers([image.path for image in images])
+        relative = [image.path.split("/")[depth:] for image in images]
+        tops = {parts[0].lower() for parts in relative if len(parts) > 1}
+        if "test" in tops and "val" in tops:
+            raise IngestError(
+                "the archive has both test/ and val/ folders: keep one of them as the test "
+                "split (merge or remove the other)"
+            )
+        prefix = tuple(images[0].path.split("/")[:depth]) if images else ()
+        return cls(prefix, "train" in tops)
+
+    def place(self, path: str) -> _Where:
+        """Where the file at `path` goes: its split and class, or why it is skipped."""
+        parts = path.split("/")
+        if tuple(parts[:len(self.prefix)]) != self.prefix:
+            return _Where("train", None, "outside the folder that holds the images")
+        parts = parts[len(self.prefix):]
         split = "train"
         top = parts[0].lower() if len(parts) > 1 else ""
         if top in SPLITS:
             split = SPLITS[top]
             parts = parts[1:]
-        elif has_train and top != UNLABELED_FOLDER:
-            skip(image, "outside the train/ and test/ folders")
-            continue
+        elif self.has_train and top != UNLABELED_FOLDER:
+            return _Where(split, None, "outside the train/ and test/ folders")
         if len(parts) < 2:
-            skip(image, "not inside a class folder: put it in <class>/ or unlabeled/")
-            continue
+            return _Where(split, None,
+                          "not inside a class folder: put it in <class>/ or unlabeled/")
         if parts[0].lower() == UNLABELED_FOLDER and split == "test":
-            skip(image, UNLABELED_IN_TEST)
-        elif parts[0].lower() == UNLABELED_FOLDER:
-            placed.append(_Placed(image, "unlabeled", None))
-        elif CONTROL_CHARACTERS.search(parts[0]):
-            skip(image, "its class folder's name has a control character (a tab or line "
-                 "break): rename the folder")
-        elif not class_name(parts[0]):
-            skip(image, BLANK_CLASS_FOLDER)
+            return _Where(split, None, UNLABELED_IN_TEST)
+        if parts[0].lower() == UNLABELED_FOLDER:
+            return _Where("unlabeled", None)
+        if CONTROL_CHARACTERS.search(parts[0]):
+            return _Where(split, None, "its class folder's name has a control character (a "
+                                       "tab or line break): rename the folder")
+        if not (name := class_name(parts[0])):
+            return _Where(split, None, BLANK_CLASS_FOLDER)
+        return _Where(split, name)
+
+
+def _layout_by_folders(images: list[_Image], layout: _FolderLayout,
+                       skip: Callable[[_Image, str], None]) -> list[_Placed]:
+    placed: list[_Placed] = []
+    for image in images:
+        where = layout.place(image.path)
+        if where.skip_reason is not None:
+            skip(image, where.skip_reason)
         else:
-            placed.append(_Placed(image, split, class_name(parts[0])))
+            placed.append(_Placed(image, where.split, where.class_name))
     return placed
 
 
@@ -1103,25 +1132,17 @@ def _parse_labels_csv(csv_path: str, data: bytes, present: set[str]) -> dict[str
         raise IngestError(str(exc)) from None
 
 
-def _lost_class_warnings(images: list[_Image], skipped: list[SkippedFile],
+def _lost_class_warnings(layout: _FolderLayout, skipped: list[SkippedFile],
                          classes: set[str]) -> list[str]:
     """Class folders of the training images none of whose files is kept (each skipped:
     HEIC photos, files that do not open, duplicates): the class is gone from the dataset
     without a word but the skipped files' list. Said, with how many files it had."""
-    depth = _strip_wrappers([image.path for image in images])
-    prefix = images[0].path.split("/")[:depth] if images else []
     lost: Counter[str] = Counter()
     for entry in skipped:
-        parts = entry.path.split("/")
-        if parts[:depth] != prefix:
-            continue
-        parts = parts[depth:]
-        if len(parts) > 1 and SPLITS.get(parts[0].lower()) == "train":
-            parts = parts[1:]
-        if (len(parts) >= 2 and parts[0].lower() != UNLABELED_FOLDER
-                and parts[0].lower() not in SPLITS and (name := class_name(parts[0]))
-                and name not in classes):
-            lost[name] += 1
+        where = layout.place(entry.path)
+        if (where.split == "train" and where.skip_reason is None
+                and where.class_name is not None and where.class_name not in classes):
+            lost[where.class_name] += 1
     return [f"{'The' if count == 1 else f'All {count:,}'} file{'' if count == 1 else 's'} "
             f"in the class folder {name!r} "
             f"{'was' if count == 1 else 'were'} skipped (the skipped files say why), so "
@@ -1271,6 +1292,7 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
     def skip(image: _Image, reason: str) -> None:
         skipped_at.append((image.order, SkippedFile(image.path, reason)))
 
+    layout: _FolderLayout | None = None
     if extraction.labels_csvs:
         csvs = sorted(extraction.labels_csvs, key=lambda item: item[0].count("/"))
         if len(csvs) > 1 and csvs[0][0].count("/") == csvs[1][0].count("/"):
@@ -1284,7 +1306,8 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
         upload_warnings = folder_disagreements(
             ((item.image.path, item.class_name) for item in placed), csv_path)
     else:
-        placed = _layout_by_folders(extraction.images, skip)
+        layout = _FolderLayout.of(extraction.images)
+        placed = _layout_by_folders(extraction.images, layout, skip)
         upload_warnings = []
 
     # Exact duplicates: a copy with a class stays over an unlabeled one (zip tools list
@@ -1324,8 +1347,8 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
         )
     class_names = sorted(train_classes, key=natural_key)
     class_index = {name: index for index, name in enumerate(class_names)}
-    if not extraction.labels_csvs:
-        upload_warnings += _lost_class_warnings(extraction.images, skipped, train_classes)
+    if layout is not None:
+        upload_warnings += _lost_class_warnings(layout, skipped, train_classes)
 
     test_source = "uploaded" if test_classes else "holdout"
     if test_source == "holdout":

@@ -164,15 +164,13 @@ def add_labels(session: Session, settings: Settings, source: Dataset, csv_path: 
         select(DatasetImage).where(DatasetImage.dataset_id == source.id)
         .order_by(DatasetImage.id)))
     # The paths of the dataset's own labels.csv too (that of its download): without the
-    # one folder that holds every image, where an upload had one (dataset_export).
+    # one folder that holds every image, where an upload had one (dataset_export). An
+    # original path wins where one reads like another's archive path.
     originals = [image.original_path for image in images]
     _, in_archive = dataset_export.archive_paths(source, originals)
-    aliases = {alias: original for alias, original in zip(in_archive, originals, strict=True)
-               if alias != original} if in_archive != originals else {}
-    for original in originals:
-        aliases.pop(original, None)
-    labels = {aliases.get(path, path): row for path, row in _labels_by_path(
-        csv_path.read_bytes(), {*originals, *aliases}).items()}
+    aliases = dict(zip(in_archive, originals, strict=True)) | {path: path for path in originals}
+    labels = {aliases.get(path, path): row
+              for path, row in _labels_by_path(csv_path.read_bytes(), set(aliases)).items()}
     added = _new_labels(source, images, labels)
     name = ingest.dataset_name(name, "") if name and name.strip() else labeled_name(
         source, len(added))

@@ -62,11 +62,13 @@ def _labels_by_path(data: bytes, paths: set[str]) -> dict[str, LabelsRow]:
 
 def _new_labels(source: Dataset, images: list[DatasetImage],
                 labels: dict[str, LabelsRow]) -> dict[int, int]:
-    """Class index by image id for the unlabeled images the CSV labels; a 4xx for a path
-    that is not in the dataset, a class it does not have or an image labeled otherwise."""
+    """Class index by image id for the unlabeled images the CSV labels; a 4xx for paths
+    that are not in the dataset, classes it does not have and images labeled otherwise,
+    each kind found said in one message (not one kind per try)."""
     by_path = {image.original_path: image for image in images}
+    problems = []
     if missing := [path for path in labels if path not in by_path]:
-        raise ingest.IngestError(
+        problems.append(
             f"{CSV_NAME} names {len(missing):,} image(s) that dataset {source.id} does not have: "
             f"{quoted_list(missing)}; use the paths of its predictions.csv or "
             "label-next.csv (as named in the uploaded archive), or of its labels.csv"
@@ -77,34 +79,53 @@ def _new_labels(source: Dataset, images: list[DatasetImage],
         by_folding = {name.casefold(): name for name in source.class_names}
         cased = [f"{label!r} is {by_folding[label.casefold()]!r}" for label in unknown
                  if label.casefold() in by_folding]
-        raise ingest.IngestError(
+        problems.append(
             f"{CSV_NAME} uses {len(unknown):,} label(s) that are not classes of dataset "
             f"{source.id}: {quoted_list(unknown)}; its classes are "
             f"{quoted_list(source.class_names, limit=20)} (a new class needs an "
             "upload of its own, with test images of it)"
             + (f"; letter case counts: {', '.join(cased[:5])}" if cased else ""))
     added: dict[int, int] = {}
+    to_test, relabeled = [], []
     for path, row in labels.items():
-        image = by_path[path]
+        image = by_path.get(path)
+        if image is None or row.label not in class_index:
+            continue
         if row.split == "test" and image.split != "test":
-            raise ingest.IngestError(
-                f"{CSV_NAME} line {row.line}: {path!r} is put in the test split: added labels "
-                "join the training images, and the test split stays as it is so that results "
-                "compare with the earlier dataset's (leave the split column out)")
-        if image.split == "unlabeled":
+            to_test.append(f"line {row.line}: {path!r}")
+        elif image.split == "unlabeled":
             added[image.id] = class_index[row.label]
         elif image.label != class_index[row.label]:
-            held = source.class_names[image.label]
-            raise ingest.IngestError(
-                f"{CSV_NAME} line {row.line}: {path!r} is already labeled {held!r} "
-                f"({image.split} split), not {row.label!r}: only unlabeled images take labels "
-                "here; to correct a label, download the dataset (its page's Download, or "
-                f"/api/datasets/{source.id}/archive), change the label in its labels.csv and "
-                "upload it again")
+            relabeled.append(f"line {row.line}: {path!r} is already labeled "
+                             f"{source.class_names[image.label]!r} ({image.split} split), not "
+                             f"{row.label!r}")
+    if to_test:
+        problems.append(
+            f"{CSV_NAME} {_some(to_test)} {'is' if len(to_test) == 1 else 'are'} put in the "
+            "test split: added labels join the training images, and the test split stays as "
+            "it is so that results compare with the earlier dataset's (leave the split "
+            "column out)")
+    if relabeled:
+        problems.append(
+            f"{CSV_NAME} {_some(relabeled)}: only unlabeled images take labels here; to "
+            "correct a label, download the dataset (its page's Download, or "
+            f"/api/datasets/{source.id}/archive), change the label in its labels.csv and "
+            "upload it again")
+    if len(problems) > 1:
+        raise ingest.IngestError(" ".join(f"({number}) {problem}." for number, problem
+                                          in enumerate(problems, start=1)))
+    if problems:
+        raise ingest.IngestError(problems[0])
     if not added:
         raise ingest.IngestError(f"{CSV_NAME} labels no unlabeled image: each image it names "
                                  "already has that label")
     return added
+
+
+def _some(lines: list[str], most: int = 3) -> str:
+    """The first `most` of a CSV's problem lines, and how many more."""
+    more = f" (and {len(lines) - most:,} more)" if len(lines) > most else ""
+    return "; ".join(lines[:most]) + more
 
 
 def _place(source_file: Path, target: Path) -> None:

@@ -199,6 +199,28 @@ def test_labels_a_dataset_cannot_take_are_refused_and_nothing_is_made(
     assert in_tmp(server) == []
 
 
+def test_every_kind_of_wrong_row_is_said_at_once(server: LiveServer, photos: dict) -> None:
+    """A CSV with a path the dataset lacks, a class it lacks, labeled images given another
+    class and a row put in the test split: one refusal names them all (it named the first
+    kind alone, and a fixed CSV was refused again for the next)."""
+    rows = ["unlabeled/u9.png,cat", "unlabeled/u0.png,lion", "cat/0.png,dog", "cat/1.png,dog",
+            "cat/2.png,dog", "dog/0.png,cat", "unlabeled/u1.png,cat,test", "unlabeled/u2.png,dog"]
+    with server.client() as client:
+        refused = labels(client, photos["id"], "\n".join(rows) + "\n")
+        assert refused.status_code == 422, refused.text
+        detail = refused.json()["detail"]
+        assert detail.startswith("(1) the labels CSV names 1 image(s) that dataset ")
+        assert " (2) the labels CSV uses 1 label(s) that are not classes of dataset " in detail
+        assert (" (3) the labels CSV line 7: 'unlabeled/u1.png' is put in the test split: "
+                in detail)
+        assert re.search(r" \(4\) the labels CSV line 3: 'cat/0\.png' is already labeled "
+                         r"'cat' \((train|test) split\), not 'dog'; line 4: 'cat/1\.png' is "
+                         r"already .*; line 5: .* \(and 1 more\): only unlabeled images take "
+                         r"labels here", detail)
+        assert "(5)" not in detail
+    assert in_tmp(server) == []
+
+
 def test_the_datasets_own_labels_csv_with_its_blanks_filled_in_adds_those_labels(
     server: LiveServer,
 ) -> None:

@@ -273,6 +273,22 @@ class Restarts:
         return True
 
 
+def after_exit(name: str, status: int, restarts: Restarts) -> tuple[bool, str]:
+    """Whether a child that exited with `status` (negative: killed by that signal) is started
+    again, and what the log says. The embedded Redis comes back, as does a worker or web
+    killed by a signal (the kernel's out-of-memory killer, say), `restarts` allowing; one that
+    exits by itself (it refused to start) or keeps dying stops everything, and the log says
+    which."""
+    again = name == "redis" or status < 0
+    if again and restarts.allow():
+        return True, f"{name} exited with status {status}; starting it again"
+    why = (f"it was started again {restarts.limit} times in the last "
+           f"{restarts.window_s / 60:g} minutes and keeps exiting" if again
+           else "it exited by itself, killed by no signal")
+    return False, (f"{name} exited with status {status}; stopping the rest ({why}: see its "
+                   "log above)")
+
+
 def main() -> int:
     try:
         settings = Settings()
@@ -375,27 +391,23 @@ def main() -> int:
                 name, status = exited
                 # The embedded Redis comes back on its port with its append-only file: the
                 # worker and the web reconnect by themselves and training goes on, as with a
-                # Redis of one's own that restarts. A worker or web killed by a signal (the
-                # kernel's out-of-memory killer, say) comes back too, with the pages up
-                # meanwhile: the killed worker's run is said lost at the web's next reaper
-                # pass (its processes are gone: its heartbeats are not waited for), queued
-                # again and resumed from its last checkpoint. One that exits by itself (it
-                # refused to start) or keeps dying stops everything.
-                again = not settings.redis_url if name == "redis" else status < 0
-                if again and restarts[name].allow():
-                    log(f"{name} exited with status {status}; starting it again")
-                    supervisor.restart(name)  # what was left of the first is killed
-                    if name == "worker":
-                        say_worker_gone(redis_url, worker_name, -status)
-                    if name == "redis":
-                        try:
-                            wait_for_redis(redis_url, settings)
-                        except RuntimeError as exc:
-                            log(f"{exc}; stopping the rest")
-                            return 1
-                    continue
-                log(f"{name} exited with status {status}; stopping the rest")
-                return 1
+                # Redis of one's own that restarts. A killed worker's run is said lost at the
+                # web's next reaper pass (its processes are gone: its heartbeats are not
+                # waited for), queued again and resumed from its last checkpoint.
+                again, message = after_exit(name, status, restarts[name])
+                log(message)
+                if not again:
+                    return 1
+                supervisor.restart(name)  # what was left of the first is killed
+                if name == "worker":
+                    say_worker_gone(redis_url, worker_name, -status)
+                if name == "redis":
+                    try:
+                        wait_for_redis(redis_url, settings)
+                    except RuntimeError as exc:
+                        log(f"{exc}; stopping the rest")
+                        return 1
+                continue
             time.sleep(0.3)
         log("stopping")
         return 0

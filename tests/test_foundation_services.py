@@ -338,6 +338,33 @@ def test_a_worker_killed_mid_run_is_started_again_and_its_run_resumes(tmp_path):
         stop_launched(launcher, family)  # the worker started again is a new child
 
 
+def test_the_launcher_says_why_it_stops_after_a_child_exits(monkeypatch):
+    """A worker or web killed by a signal is started again 3 times in 5 minutes, the embedded
+    Redis whatever its status; the 4th exit within the window, or an exit by itself, stops
+    everything, and the log says which (it said "stopping the rest" alone after three
+    restarts, as if the first exit had stopped it)."""
+    from app import launcher
+
+    now = [1000.0]
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: now[0])
+    worker = launcher.Restarts()
+    for _ in range(3):
+        assert launcher.after_exit("worker", -9, worker) == (
+            True, "worker exited with status -9; starting it again")
+        now[0] += 60
+    assert launcher.after_exit("worker", -9, worker) == (
+        False, "worker exited with status -9; stopping the rest (it was started again 3 times "
+               "in the last 5 minutes and keeps exiting: see its log above)")
+    now[0] += 121  # the first restart is over 5 minutes old: one more is allowed
+    assert launcher.after_exit("worker", -9, worker)[0]
+
+    assert launcher.after_exit("web", 1, launcher.Restarts()) == (
+        False, "web exited with status 1; stopping the rest (it exited by itself, killed by "
+               "no signal: see its log above)")
+    assert launcher.after_exit("redis", 0, launcher.Restarts()) == (
+        True, "redis exited with status 0; starting it again")
+
+
 def test_the_launcher_names_the_setting_when_its_port_is_taken(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

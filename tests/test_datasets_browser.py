@@ -395,8 +395,9 @@ def test_the_tar_a_folder_becomes_holds_every_file_at_its_path_for_pythons_tarfi
 def test_every_training_image_of_a_class_can_be_shown_on_the_dataset_page(
     server: LiveServer, request: pytest.FixtureRequest
 ) -> None:
-    """The page showed the first 12 of each class and no way to the rest: an odd image of a
-    class (a mislabeled one, a format read wrong) could not be looked at there."""
+    """The page showed the first 12 of each class and no way to the rest, nor any test image:
+    an odd image of a class (a mislabeled one, a format read wrong) could not be looked at
+    there."""
     with server.client() as client:
         answer = client.post("/api/datasets", files={"file": ("many.zip", zip_bytes(
             {**class_entries(("cat",), per_class=100, seed=61),
@@ -406,8 +407,13 @@ def test_every_training_image_of_a_class_can_be_shown_on_the_dataset_page(
         listed = [image["original_path"].rsplit("/", 1)[-1] for image in client.get(
             f"/api/datasets/{dataset['id']}/images",
             params={"label": 0, "split": "train", "limit": 1000}).json()["items"]]
+        tested = [image["original_path"].rsplit("/", 1)[-1] for image in client.get(
+            f"/api/datasets/{dataset['id']}/images",
+            params={"label": 0, "split": "test", "limit": 1000}).json()["items"]]
     train = {c["name"]: c["train"] for c in dataset["classes"]}
+    test = {c["name"]: c["test"] for c in dataset["classes"]}
     assert train["cat"] == len(listed) > 60  # a few are held out for testing
+    assert test["cat"] == len(tested) > 1 and test["dog"] >= 1
     with open_browser(request.node.name) as browser:
         page = browser.page
         page.goto(f"{server.url}/datasets/{dataset['id']}")
@@ -428,4 +434,19 @@ def test_every_training_image_of_a_class_can_be_shown_on_the_dataset_page(
         assert " ".join(page.inner_text("#class-0").split()) == f"cat ({train['cat']} train)"
         alts = cat_box.locator("img").evaluate_all("(images) => images.map((i) => i.alt)")
         assert alts == listed  # in order, each once
+
+        # The test images too (the page showed none): those every run is scored on.
+        cat_tests = page.locator("[data-test-of='0']")
+        expect(cat_tests.locator("img")).to_have_count(0)
+        expect(page.get_by_role("heading", name="Test images of cat")).to_be_hidden()
+        show = page.locator("[data-more-test='0']")
+        expect(show).to_have_text(f"Show its {test['cat']} test images")
+        show.click()
+        expect(cat_tests.locator("img")).to_have_count(test["cat"])
+        expect(page.get_by_role("heading", name="Test images of cat")).to_be_visible()
+        expect(show).to_be_hidden()
+        alts = cat_tests.locator("img").evaluate_all("(images) => images.map((i) => i.alt)")
+        assert alts == tested
+        page.locator("[data-more-test='1']").click()
+        expect(page.locator("[data-test-of='1'] img")).to_have_count(test["dog"])
         browser.assert_no_errors()

@@ -196,7 +196,7 @@ def label_images(folder: Path, images: list[SentImage], max_pixels: int, top: in
     skipped: dict[int, str] = {}
     for index, image in enumerate(images):
         try:
-            decoded[index] = exported.transform(decode(image, max_pixels, exported.white_level))
+            decoded[index] = exported.pixels(decode(image, max_pixels, exported.white_level))
         except ValueError as exc:
             skipped[index] = str(exc)
     # Two at least: the margin is the lead on the runner-up.

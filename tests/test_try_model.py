@@ -127,6 +127,17 @@ def test_images_sent_get_the_classes_the_run_gave_them_and_the_rest_a_reason(tri
     (image,) = answer.json()["images"]
     assert [choice["label"] for choice in image["top"]] == [image["label"]]
 
+    # A 4 kB PNG of 4,000,000 x 1 pixels (within the pixel limit) was a 500 for every image
+    # sent with it: timm's resize of the whole needed hundreds of GB (MemoryError).
+    strip = io.BytesIO()
+    Image.new("L", (4_000_000, 1), 128).save(strip, format="PNG")
+    answer = client.post(f"/api/runs/{tried.run_id}/predict", files=[
+        ("file", ("strip.png", strip.getvalue(), "image/png")),
+        ("file", (Path(chosen[0]).name, Path(chosen[0]).read_bytes(), "image/png"))])
+    assert answer.status_code == 200, answer.text
+    assert [(image["skipped"], image["label"] is not None)
+            for image in answer.json()["images"]] == [(None, True), (None, True)]
+
 
 def test_what_cannot_be_labeled_is_refused_with_what_to_do(tried, client):
     image = Path(sorted(tried.answers)[0]).read_bytes()

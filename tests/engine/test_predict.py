@@ -10,6 +10,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,39 @@ def test_images_in_memory_get_their_classes_in_order_with_the_files_probabilitie
                                                                      abs=1e-5)
     assert [len(classes) for classes in classify(
         model, [model.transform(open_rgb(paths[0]))], k=1)] == [1]
+
+
+def test_an_image_far_longer_than_wide_is_labeled_without_resizing_all_of_it(
+        exported: Path, tmp_path: Path, capsys):
+    """A 4 kB PNG of 4,000,000 x 1 pixels (within the upload's pixel limit): timm's resize of
+    the whole scaled it to 292 M pixels (MemoryError, a 500 on "Try the model"); the part its
+    centre crop keeps is resized alone, as the engine's evaluation does. Beyond 64 crops'
+    length only, and near enough to timm's whole resize there."""
+    from PIL import Image
+
+    model = load_exported(exported, torch.device("cpu"))
+    size = model.preprocessing.image_size
+    strip = tmp_path / "strip.png"
+    Image.new("L", (4_000_000, 1), 128).save(strip)
+    gray = tmp_path / "gray.png"
+    Image.new("L", (40, 40), 128).save(gray)
+    assert main(["predict", "--model", str(exported), "--images", str(strip), str(gray),
+                 *CPU]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [row["path"] for row in rows] == [str(strip), str(gray)]
+    assert rows[0]["label"] == rows[1]["label"]  # one grey, cut either way
+    assert model.pixels(open_rgb(strip)).shape == (3, size, size)
+    assert torch.equal(model.pixels(open_rgb(strip)), model.pixels(open_rgb(gray)))
+
+    # Just past 64 crops long: the crop's part resized alone, near the whole resized (noise,
+    # the worst case: a pixel may differ by a few levels where the filter's positions round).
+    rng = np.random.default_rng(3)
+    wide = Image.fromarray(rng.integers(0, 256, (3, 3 * 65 * 2 + 1, 3), dtype=np.uint8))
+    tall = wide.transpose(Image.Transpose.ROTATE_90)
+    for image in (wide, tall):
+        assert (model.pixels(image) - model.transform(image)).abs().mean() < 0.03
+    square = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    assert torch.equal(model.pixels(square), model.transform(square))  # timm's own
 
 
 @pytest.mark.parametrize(("damage", "message"), [

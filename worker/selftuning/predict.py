@@ -18,6 +18,8 @@ from pathlib import Path
 
 import timm
 import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
 from safetensors import SafetensorError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
@@ -25,7 +27,7 @@ from torch import nn
 from worker.selftuning.data import find_images
 from worker.selftuning.export import prediction_row
 from worker.selftuning.files import CONFIG_FILE, MODEL_FILE
-from worker.selftuning.images import open_rgb
+from worker.selftuning.images import MOST_RESIZED_CROPS, Preprocessing, eval_crop, open_rgb
 from worker.selftuning.metrics import top_classes
 
 WHAT_A_MODEL_IS = (f"give a run's --out folder, the checkpoint zip a run's page downloads, or "
@@ -40,6 +42,19 @@ class Exported:
     transform: object  # timm's evaluation transform: resize, centre crop, normalise
     label_names: list[str]
     white_level: int | None  # images of more than 8 bits are scaled by it, as in training
+    preprocessing: Preprocessing  # the same numbers, for the engine's own eval crop
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """What the model is given for `image`: timm's evaluation transform. An image far
+        longer than wide has only the part its centre crop keeps resized, as the engine's
+        evaluation does it (`images.eval_crop`): timm resizes the whole, and a 4 kB PNG of
+        4,000,000 x 1 pixels then needs hundreds of GB."""
+        width, height = image.size
+        if max(width, height) <= MOST_RESIZED_CROPS * min(width, height):
+            return self.transform(image)
+        crop = torch.from_numpy(eval_crop(image, self.preprocessing)).permute(2, 0, 1)
+        return TF.normalize(crop.float().div(255), list(self.preprocessing.mean),
+                            list(self.preprocessing.std))
 
 
 @contextmanager
@@ -85,9 +100,10 @@ def load_exported(folder: Path, device: torch.device) -> Exported:
     except (RuntimeError, SafetensorError) as exc:  # an unknown architecture, other weights
         raise ValueError(f"{MODEL_FILE} does not load as timm's {architecture!r} with "
                          f"{classes} classes: {str(exc).splitlines()[0]}") from None
-    transform = create_transform(**resolve_data_config({}, model=model))
-    return Exported(model.eval().to(device), transform, label_names,
-                    config.get("input_white_level"))
+    data_config = resolve_data_config({}, model=model)
+    return Exported(model.eval().to(device), create_transform(**data_config), label_names,
+                    config.get("input_white_level"),
+                    Preprocessing.from_model(model, data_config["input_size"][-1]))
 
 
 def image_files(paths: list[Path], skipped: dict[str, str]) -> list[Path]:
@@ -126,7 +142,7 @@ def predict(exported: Exported, files: list[Path], device: torch.device, batch_s
         except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for a damaged file
             skipped[str(path)] = f"not an image Pillow can read ({type(exc).__name__})"
             continue
-        batch.append((path, exported.transform(image)))
+        batch.append((path, exported.pixels(image)))
         if len(batch) == batch_size:
             yield from label(batch)
             batch = []
@@ -139,7 +155,7 @@ def classify(exported: Exported, pixels: Sequence[torch.Tensor], k: int
              ) -> list[list[tuple[str, float]]]:
     """Each image's `k` most likely classes (every class when there are fewer) with their
     probabilities, most likely first, the images given as the model's evaluation transform
-    makes them (`exported.transform(image)`, as `predict` sends files), in one batch."""
+    makes them (`exported.pixels(image)`, as `predict` sends files), in one batch."""
     device = next(exported.model.parameters()).device
     batch = torch.stack(list(pixels)).to(device)
     top = top_classes(exported.model(batch).float().softmax(dim=1), k)

@@ -398,7 +398,12 @@ def test_a_finished_run_whose_state_was_deleted_takes_only_the_same_run_again(
         "use a new output folder")
     other = write_shapes_dataset(tmp_path / "other", train_per_class=3, test_per_class=1)
     assert main(["train", "--data", str(other), *command[3:]]) == 2
-    assert "was made with other images or labels" in _last_error(capsys)
+    assert "was made with other images or labels (then " in _last_error(capsys)
+    # Another budget was told as other images too, without a word of the budget.
+    assert main([*command, "--budget", "all"]) == 2
+    assert _last_error(capsys).endswith(
+        "was made with other images or labels (then 3 labeled, 7 unlabeled and 3 test images; "
+        "now 6, 4 and 3: another label budget?); use a new output folder")
     assert (out / "training.json").read_bytes() == finished
     assert (out / "model.safetensors").read_bytes() == model
     assert main(command) == 0  # the same run again exports the same model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -467,7 +468,12 @@ def test_resume_follows_images_whose_folder_moved(tmp_path: Path, shapes_root: P
     with pytest.raises(TrainingCancelled):
         train(tiny_config(), shapes_data, tmp_path / "other", on_event=(started := Recorder()),
               should_cancel=started.has_started)
-    with pytest.raises(ValueError, match="other images or labels"):
+    counts = shapes_data.counts()
+    with pytest.raises(ValueError, match=re.escape(
+            f"other images or labels (then {counts['labeled_count']} labeled, "
+            f"{counts['unlabeled_count']} unlabeled and {counts['test_count']} test images; now "
+            f"{counts['labeled_count'] - 1}, {counts['unlabeled_count']} and "
+            f"{counts['test_count']}); use a new output folder")):
         train(tiny_config(), relabeled, tmp_path / "other")
 
 

@@ -121,11 +121,13 @@ ADDED_SETTINGS = {"labeled_query_view": "strong"}
 
 
 def check_compatible(saved_config: dict, config: dict, saved_fingerprint: str,
-                     fingerprints: Collection[str],
+                     fingerprints: Collection[str], saved_counts: dict | None,
+                     counts: dict[str, int],
                      what: str = "the checkpoint in this run folder") -> None:
     """A checkpoint continues only the same run: same data (one of the fingerprints the data
     answers to) and the same hyper-parameters. Settings are named first: another seed also
-    draws other labeled images."""
+    draws other labeled images. Other data are told by their image counts (`RunData.counts`)
+    where the run recorded them (checkpoints before 2026-12 did not)."""
     saved_config = {**ADDED_SETTINGS, **saved_config}
     changed = sorted(
         key for key in set(saved_config) | set(config)
@@ -135,8 +137,24 @@ def check_compatible(saved_config: dict, config: dict, saved_fingerprint: str,
         raise ValueError(f"{what} was made with other settings ({', '.join(changed)}); use a "
                          "new output folder")
     if saved_fingerprint not in fingerprints:
-        raise ValueError(f"{what} was made with other images or labels; use a new output "
+        raise ValueError(f"{what} was made with other images or labels"
+                         f"{_counts_then_and_now(saved_counts, counts)}; use a new output "
                          "folder")
+
+
+def _counts_then_and_now(saved: dict | None, counts: dict[str, int]) -> str:
+    """" (then 4 labeled, 8 unlabeled and 3 test images; now 8, 4 and 3: another label
+    budget?)", or nothing where the run did not record its counts or they are the same."""
+    keys = ("labeled_count", "unlabeled_count", "test_count")
+    then = [saved.get(key) for key in keys] if isinstance(saved, dict) else [None]
+    now = [counts[key] for key in keys]
+    if None in then or then == now:
+        return ""
+    budget = (then[0] != now[0] and then[0] + then[1] == now[0] + now[1]
+              and then[2] == now[2])
+    return (f" (then {then[0]:,} labeled, {then[1]:,} unlabeled and {then[2]:,} test images; "
+            f"now {now[0]:,}, {now[1]:,} and {now[2]:,}"
+            f"{': another label budget?' if budget else ''})")
 
 
 def capture_rng() -> dict:

@@ -368,9 +368,8 @@ def check_finished_run(out: Path, config: RunConfig, data: RunData) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"--out {out} holds a {TRAINING_FILE} this engine cannot read "
                          f"({type(exc).__name__}): use a new or empty folder") from None
-    check_compatible(saved_config, config.to_dict(), fingerprint,
-                     data.fingerprints(),
-                     what=f"the finished run in --out {out}")
+    check_compatible(saved_config, config.to_dict(), fingerprint, data.fingerprints(),
+                     recorded["data"], data.counts(), what=f"the finished run in --out {out}")
 
 
 def name_images_as_in_the_archive(out: Path, unpacked: Path) -> None:

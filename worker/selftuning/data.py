@@ -90,6 +90,11 @@ class RunData:
                         f"{part} image {path} has label {label}, outside 0..{self.num_classes - 1}"
                     )
 
+    def counts(self) -> dict[str, int]:
+        """How many images each list holds, as training.json and checkpoints record them."""
+        return {"labeled_count": len(self.labeled), "unlabeled_count": len(self.unlabeled),
+                "test_count": len(self.test)}
+
     def fingerprint(self) -> str:
         """A digest of the image lists and labels: a resumed run must see the same data.
         Paths count from the folder that holds every image, so the same images in a moved

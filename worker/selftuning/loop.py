@@ -163,6 +163,7 @@ def train(
                 "step": at_step,
                 "config": config.to_dict(),
                 "data_fingerprint": data.fingerprint(),
+                "data_counts": data.counts(),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": {"milestones": config.milestone_steps(), "gamma": config.lr_gamma},
@@ -236,7 +237,7 @@ def _restore(state_file: Path, config: RunConfig, data: RunData, model: Method,
     and the training time up to it (`_LogWindow.timing`)."""
     state = load_checkpoint(state_file)
     check_compatible(state["config"], config.to_dict(), state["data_fingerprint"],
-                     data.fingerprints())
+                     data.fingerprints(), state.get("data_counts"), data.counts())
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     tracker.load_state_dict(state["tracker"])
@@ -507,10 +508,8 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
         "input_white_level": preprocessing.white_level,  # null: no image of more than 8 bits
         "data": {
             "fingerprint": data.fingerprint(),
-            "labeled_count": len(data.labeled),
-            "unlabeled_count": len(data.unlabeled),
+            **data.counts(),
             "hidden_label_count": int((hidden >= 0).sum()),
-            "test_count": len(data.test),
         },
         "metadata": metadata or {},
         "versions": package_versions(),

@@ -1076,6 +1076,8 @@ class _FolderLayout:
 
     def place(self, path: str) -> _Where:
         """Where the file at `path` goes: its split and class, or why it is skipped."""
+        if (reason := _skip_reason_by_name(path)) is not None:  # __MACOSX/cat/._1.jpg
+            return _Where("train", None, reason)
         parts = path.split("/")
         if tuple(parts[:len(self.prefix)]) != self.prefix:
             return _Where("train", None, "outside the folder that holds the images")

@@ -452,7 +452,17 @@ def test_a_class_folder_whose_every_file_is_skipped_is_said_gone(
         "Most Compatible)")
     kept = small_dataset(client, "all kept", seed=29)
     assert kept["warnings"] == []
-    for item in (dataset, kept):
+
+    # A zip of class folders made on a Mac, and a hidden folder: no class is said gone (the
+    # warnings named '__MACOSX' and '.git' as classes whose files were all skipped).
+    zipped = class_entries(("cat", "dog"), per_class=3, seed=30)
+    mac = upload(client, zip_bytes({
+        **zipped, **{f"__MACOSX/{path.rsplit('/', 1)[0]}/._{path.rsplit('/', 1)[1]}": b"\0\5"
+                     for path in zipped},
+        ".git/objects/ab": b"x"}), name="from a Mac").json()
+    assert [c["name"] for c in mac["classes"]] == ["cat", "dog"]
+    assert len(mac["skipped"]) == 7 and mac["warnings"] == []
+    for item in (dataset, kept, mac):
         assert client.delete(f"/api/datasets/{item['id']}").status_code == 204
 
 

@@ -322,7 +322,7 @@ def test_the_dataset_page_says_when_its_thumbnails_are_the_first_few(
     cat = next(item for item in dataset["classes"] if item["name"] == "cat")
     assert cat["train"] > 12
     headings = [re.sub(r"<[^>]+>", "", heading) for heading in re.findall(
-        r'<h3 id="class-\d+">(.*?)</h3>', page, re.S)]  # as read, without the markup
+        r'<h3 id="class-\d+"[^>]*>(.*?)</h3>', page, re.S)]  # as read, without the markup
     dog = next(item for item in dataset["classes"] if item["name"] == "dog")
     assert headings == [f'cat ({cat["train"]} train: the first 12)', f'dog ({dog["train"]} train)']
     assert re.search(r'Unlabeled images: 14</h2>\s*<p class="muted" id="unlabeled-note">The '

@@ -506,7 +506,8 @@ def experiment_status(run_counts: Mapping[str, int]) -> str:
         # Some runs done and the rest waiting for a worker: under way, though none trains now.
         return "in progress" if counts["queued"] < counts.total() else "queued"
     if counts["failed"] or counts["lost"]:
-        return "finished with failures"
+        # None succeeded: nothing to read but why they failed.
+        return "finished with failures" if counts["succeeded"] else "failed"
     if counts["cancelled"]:
         return "partly cancelled" if counts["succeeded"] else "cancelled"
     return "finished"

@@ -375,7 +375,8 @@ class RunSummary(BaseModel):
 EXPERIMENT_STATUS = (
     "queued (every run waits for a worker), running (a run trains), in progress (some runs "
     "ended, the rest wait for a worker), finished, finished with failures (a run failed or "
-    "was lost), partly cancelled, cancelled"
+    "was lost, another succeeded), failed (runs failed or were lost, none succeeded), partly "
+    "cancelled, cancelled"
 )
 
 

@@ -91,8 +91,7 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
             assert lost["status"] == "lost" and lost["finished_at"] is not None
             assert lost["resumable"] is False  # no training state was ever saved
             assert "gone@host" in lost["error"] and "requeue" in lost["error"]
-            assert client.get(f"/api/experiments/{first}").json()["status"] == (
-                "finished with failures")
+            assert client.get(f"/api/experiments/{first}").json()["status"] == "failed"
             refused = client.post(f"/api/runs/{run_id}/cancel")
             assert refused.status_code == 409 and "lost" in refused.json()["detail"]
 

@@ -75,6 +75,9 @@ def test_each_budget_has_its_own_best():
     (["succeeded", "cancelled"], "partly cancelled"),
     (["cancelled", "cancelled"], "cancelled"),
     (["succeeded", "failed", "cancelled"], "finished with failures"),
+    (["failed", "failed"], "failed"),  # every run failed: not "finished with failures"
+    (["failed", "cancelled"], "failed"),
+    (["lost"], "failed"),
     (["succeeded", "queued"], "in progress"),  # between two runs: not "queued" again
     (["queued", "queued"], "queued"),
     (["running", "queued"], "running"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import sqlite3
 import sys
 import threading
@@ -161,13 +162,22 @@ def _dataset_files_gone(settings: Settings, run_id: int) -> Settings:
     return settings
 
 
-@pytest.mark.parametrize(("break_it", "reason"), [
-    (_no_such_device, "'cuda:99' (SELFTUNE_WORKER_DEVICE)"),
-    (_dataset_row_gone, "no longer exists"),
-    (_dataset_files_gone, "are missing from"),
+def _dataset_folder_gone(settings: Settings, run_id: int) -> Settings:
+    for folder in settings.datasets_dir.glob("*/train"):
+        shutil.rmtree(folder)
+    return settings
+
+
+@pytest.mark.parametrize(("break_it", "reason", "attempts"), [
+    (_no_such_device, "'cuda:99' (SELFTUNE_WORKER_DEVICE)", 0),
+    (_dataset_row_gone, "no longer exists", 0),
+    (_dataset_files_gone, "are missing from", 0),
+    # Some of its files gone: found as training reads them. The reason said
+    # "FileNotFoundError: [Errno 2] No such file or directory: '/data/datasets/...'" alone.
+    (_dataset_folder_gone, "an image of its dataset is missing: train/", 1),
 ])
 def test_a_run_that_cannot_start_ends_failed_with_the_reason(settings, tmp_path, break_it,
-                                                              reason):
+                                                              reason, attempts):
     """Before the fix each of these raised before training began: the message was consumed
     and the run stayed "queued" for ever (the missing files case ended failed, but with a
     traceback from the image loader instead of the reason)."""
@@ -175,7 +185,8 @@ def test_a_run_that_cannot_start_ends_failed_with_the_reason(settings, tmp_path,
     result = execute_run(break_it(settings, run_id), run_id, "me@host", TASK_ID)
     run = read_run(settings, run_id)
     assert result["status"] == run.status == "failed", run.error
-    assert reason in run.error and run.finished_at is not None and run.attempts == 0
+    assert run.error.startswith(reason) if attempts else reason in run.error
+    assert run.finished_at is not None and run.attempts == attempts
     end = feed(settings, run_id)[-1]
     assert end["type"] == "end" and end["status"] == "failed" and reason in end["error"]
 

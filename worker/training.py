@@ -447,7 +447,7 @@ def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
         except Exception as exc:  # noqa: BLE001 - any failure ends the run with its message
             # Unless the run was deleted: its folder went with it, hence the error.
             recorder.check_not_deleted()
-            return _fail(recorder, exc)
+            return _fail(recorder, exc, _missing_image(exc, job))
 
         def rewrite() -> None:
             with session_scope(settings.sqlalchemy_url) as session:
@@ -497,6 +497,17 @@ def _let_go(recorder: RunRecorder) -> dict[str, Any]:
                 "%s): stopped without recording anything more; its folder stays for the "
                 "attempt that has it (%s)", recorder.run_id, recorder.taken_away, saved)
     return {"run_id": recorder.run_id, "status": "taken"}
+
+
+def _missing_image(exc: Exception, job: _Job) -> str:
+    """The reason, in words, for a run stopped by one of its dataset's files gone (removed or
+    moved by hand since the run was queued: the whole folder gone is found before training,
+    in _claim); nothing for any other error."""
+    missing = Path(exc.filename) if isinstance(exc, FileNotFoundError) and exc.filename else None
+    if missing is None or not missing.is_relative_to(job.dataset_root):
+        return ""
+    return (f"an image of its dataset is missing: {missing.relative_to(job.dataset_root)} is "
+            f"not in {job.dataset_root} (deleted or moved by hand?): ")
 
 
 def _fail(recorder: RunRecorder, exc: Exception, context: str = "") -> dict[str, Any]:

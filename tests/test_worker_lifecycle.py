@@ -555,11 +555,19 @@ def test_a_resumed_run_gives_its_eta_from_the_speed_of_this_attempt(settings, tm
 
     recorder = RunRecorder(settings, run_id, read_run(settings, run_id).experiment_id)
     recorder.hold("slow@host", TASK_ID, folder_locked=True)
+    # Back at its checkpoint's step: the time left is from there. The run said step 4 (and a
+    # time left for 2 steps) until the steps re-done passed it.
+    recorder.on_event({"type": "started", "step": 1, "total_steps": 6,
+                       "resumed_from_step": 1})
+    assert read_run(settings, run_id).step == 1
     recorder.on_event({"type": "progress", "step": 2, "total_steps": 6, "loss": 1.5,
                        "images_per_s": 10.0})  # repeated from the last checkpoint
     run = read_run(settings, run_id)
-    assert (run.status, run.images_per_s) == ("running", 10.0)
+    assert (run.status, run.images_per_s, run.step) == ("running", 10.0, 2)
     assert progress_steps(settings, run_id) == [4]  # the series keeps its first copy
+    recorder.on_event({"type": "progress", "step": 5, "total_steps": 6, "loss": 1.4,
+                       "images_per_s": 10.0})
+    assert (read_run(settings, run_id).step, progress_steps(settings, run_id)) == (5, [4, 5])
 
 
 def test_a_succeeded_run_keeps_its_export_but_not_its_training_state(settings, tmp_path,

@@ -346,13 +346,17 @@ class RunRecorder:
             # Where the worker keeps the state is its own business (an absolute path on its
             # file system, gone once the run succeeds): the feed says the step.
             event = {key: value for key, value in event.items() if key != "path"}
+        if kind == "started" and step < max(self.last_recorded.values(), default=0):
+            # Resumed from a checkpoint before the last recorded step (or from the start,
+            # with none): the run is back there, and its time left is from there.
+            self._record_position(step)
         if kind in ("progress", "eval"):
             # After a resume the engine repeats the steps since its last checkpoint; the
             # record and the feed keep their first copy so the series stays continuous, but
-            # the speed is this attempt's, for the ETA.
+            # the step it is at and the speed are this attempt's, for the ETA.
             if step <= self.last_recorded.get(kind, 0):
-                if kind == "progress" and event.get("images_per_s"):
-                    self._record_speed(float(event["images_per_s"]))
+                if kind == "progress":
+                    self._record_position(step, event.get("images_per_s"))
                 return
             values = {k: v for k, v in event.items() if k not in ("type", "step", "total_steps")}
             self._unsaved.append((kind, step, values))
@@ -360,14 +364,17 @@ class RunRecorder:
             self._save_metrics()
         self.publish(event)
 
-    def _record_speed(self, images_per_s: float) -> None:
+    def _record_position(self, step: int, images_per_s: float | None = None) -> None:
+        """The step the run is at, where it re-does steps the record has (after a resume)."""
         try:
             with session_scope(self.url) as session:
                 run = self._own_row(session)
-                run.images_per_s = images_per_s
+                run.step = step
+                if images_per_s:
+                    run.images_per_s = float(images_per_s)
                 run.heartbeat_at = utcnow()
         except SQLAlchemyError as exc:  # a database outage must not stop training
-            log.warning("run %s: speed not recorded (%s)", self.run_id, exc)
+            log.warning("run %s: step not recorded (%s)", self.run_id, exc)
 
     def _save_metrics(self) -> None:
         """Write the points not yet in the database; while it is away they wait for the next."""

@@ -923,7 +923,8 @@ export function experimentPage() {
     const run = runs.get(event.run_id);
     if (!run) return;
     const before = run.status;
-    if (isNumber(event.step)) run.step = Math.max(run.step, event.step);
+    // A resumed attempt starts at its checkpoint's step, perhaps before what the page has.
+    if (isNumber(event.step)) run.step = event.type === "started" ? event.step : Math.max(run.step, event.step);
     if (event.type === "status" && event.status) run.status = event.status;
     if (run.status === "queued") delete run.live_top1; // queued again: a new attempt's numbers
     if (["started", "progress", "eval", "checkpoint"].includes(event.type)) run.status = "running";

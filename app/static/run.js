@@ -474,7 +474,9 @@ export function runPage() {
       addPoint(event.type, event.step, values);
     }
     const before = run.status;
-    if (isNumber(event.step)) run.step = Math.max(run.step, event.step);
+    // A resumed attempt starts at its checkpoint's step (the first at 0), perhaps before
+    // what the page has: it re-does the steps since (the record keeps their first points).
+    if (isNumber(event.step)) run.step = event.type === "started" ? event.step : Math.max(run.step, event.step);
     if (event.type === "status" && event.status) run.status = event.status;
     if (["started", "progress", "eval"].includes(event.type) && run.status === "queued") run.status = "running";
     if (run.status !== before || event.type === "end") statusNews += 1;

@@ -93,8 +93,10 @@ class ApiWithoutTrailingSlash:
 # kB. Parsing a 40 MB one held the whole server for 20 s (health checks included).
 MAX_BODY_BYTES = 1 << 20
 # The routes that read their body as a stream, each to a limit of its own: a dataset's archive
-# (SELFTUNE_MAX_UPLOAD_BYTES) and the images a run's model is tried on (app.try_model).
-OWN_BODY_LIMITS = re.compile(r"/api/datasets|/api/runs/[0-9]+/predict")
+# (SELFTUNE_MAX_UPLOAD_BYTES), the labels CSV added to a dataset (ingest.MAX_LABELS_CSV_BYTES:
+# a dataset's own labels.csv passes 1 MiB at about 30,000 images) and the images a run's model
+# is tried on (app.try_model).
+OWN_BODY_LIMITS = re.compile(r"/api/datasets(/[0-9]+/labels)?|/api/runs/[0-9]+/predict")
 
 
 class TokenBeforeBody:
@@ -171,7 +173,8 @@ class BodyLimit:
     @staticmethod
     async def _refuse(scope, receive, send) -> None:
         detail = (f"the request body is over {MAX_BODY_BYTES // 1024} KiB, the most this "
-                  "route takes (only dataset uploads and images to try a model on are larger)")
+                  "route takes (only dataset uploads, labels CSVs and images to try a model on "
+                  "are larger)")
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 

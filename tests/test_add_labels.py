@@ -199,6 +199,20 @@ def test_labels_a_dataset_cannot_take_are_refused_and_nothing_is_made(
     assert in_tmp(server) == []
 
 
+def test_a_labels_csv_over_a_mebibyte_is_read(server: LiveServer, photos: dict) -> None:
+    """The route takes 64 MiB, but the web's 1 MiB cap on other routes' bodies refused a
+    larger CSV (413): a dataset's own labels.csv, filled in, passes 1 MiB at about 30,000
+    images."""
+    rows = "".join(f"unlabeled/extra{n:06}.png,cat\n" for n in range(60_000))
+    assert len(rows.encode()) > 1.5 * (1 << 20)
+    with server.client() as client:
+        refused = labels(client, photos["id"], rows)
+        assert refused.status_code == 422, refused.text[:300]
+        assert refused.json()["detail"].startswith(
+            "the labels CSV names 60,000 image(s) that dataset ")
+    assert in_tmp(server) == []
+
+
 def test_every_kind_of_wrong_row_is_said_at_once(server: LiveServer, photos: dict) -> None:
     """A CSV with a path the dataset lacks, a class it lacks, labeled images given another
     class and a row put in the test split: one refusal names them all (it named the first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,6 +66,16 @@ class Settings(BaseSettings):
         if value is not None and not all(" " < char < "\x7f" for char in value.get_secret_value()):
             raise ValueError("must be printable ASCII without spaces (letters, digits, "
                              "punctuation)")
+        return value
+
+    @field_validator("worker_device")
+    @classmethod
+    def _a_device_torch_names(cls, value: str) -> str:
+        # Taken, "gpu" failed every run with torch's list of device types, and the health
+        # page showed the device probe's Python source.
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N (N a GPU's index), not "
+                             f"{value!r}")
         return value
 
     @field_validator("stale_after_s")

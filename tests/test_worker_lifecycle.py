@@ -26,6 +26,7 @@ import psutil
 import pytest
 import redis
 from celery import Celery
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
@@ -189,6 +190,20 @@ def test_a_run_that_cannot_start_ends_failed_with_the_reason(settings, tmp_path,
     assert run.finished_at is not None and run.attempts == attempts
     end = feed(settings, run_id)[-1]
     assert end["type"] == "end" and end["status"] == "failed" and reason in end["error"]
+
+
+@pytest.mark.parametrize("device", ["gpu", "CPU", "cuda:", "cuda:x", "cuda 0", ""])
+def test_a_device_torch_cannot_name_is_refused_at_start(device):
+    """SELFTUNE_WORKER_DEVICE=gpu was taken: every run then failed with torch's list of
+    device types, and the health page showed the device probe's Python source."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(worker_device=device)
+    [error] = refused.value.errors()
+    assert error["loc"] == ("worker_device",)
+    assert error["msg"] == ("Value error, must be auto, cpu, cuda or cuda:N (N a GPU's "
+                            f"index), not {device!r}")
+    assert [Settings(worker_device=fine).worker_device for fine in (
+        "auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
 
 
 def test_a_cancelled_run_on_a_worker_with_no_such_device_ends_cancelled(settings, tmp_path):

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, func, make_url, select, text
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -159,8 +160,12 @@ def newer_version(url: str, detail: str, head: str) -> StartupRefused:
 
 
 def shown_url(url: str) -> str:
-    """A database URL fit for a message: without its password."""
-    return make_url(url).render_as_string(hide_password=True)
+    """A database URL fit for a message: without its password (one that does not parse is not
+    shown: it may hold one)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(not a database URL)"
 
 
 def check_revision(connection, url: str) -> None:

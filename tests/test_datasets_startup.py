@@ -222,6 +222,36 @@ def test_a_database_migrated_by_a_newer_version_is_refused_in_one_line(tmp_path:
     assert "Traceback" not in launcher.stdout + launcher.stderr
 
 
+def test_a_refused_launch_leaves_no_database_behind_and_says_why_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """`make run` on a data directory used with another database (SELFTUNE_DATABASE_URL
+    forgotten) refused, saying "Nothing was changed", but left the new SQLite database its
+    migrations made there: a backup then copied it beside the directory's database id. A
+    database that does not answer, or a URL that is none, was a traceback."""
+    data_dir = tmp_path / "data"
+    other_url = f"sqlite:///{tmp_path / 'other.db'}"
+    upgrade_to_head(other_url)
+    claim_data_dir(data_dir, other_url)
+    launcher = run_launcher(launcher_env(data_dir, free_port()))
+    assert launcher.returncode == 2, launcher.stdout + launcher.stderr
+    assert "holds the files of another database" in launcher.stdout
+    # No selftune.db, nor its journal: the lock of the launcher that ran (released).
+    assert sorted(path.name for path in data_dir.iterdir()) == [DATABASE_ID_FILE,
+                                                               "launcher.lock"]
+
+    for url, said in (
+            ("postgresql+psycopg://someone:secret@127.0.0.1:1/nothing",
+             "cannot start: the database postgresql+psycopg://someone:***@127.0.0.1:1/nothing "
+             "does not answer or cannot be used: "),
+            ("not a url", "cannot start: SELFTUNE_DATABASE_URL is not a database URL")):
+        launcher = run_launcher({**launcher_env(tmp_path / "fresh", free_port()),
+                                 "SELFTUNE_DATABASE_URL": url})
+        output = launcher.stdout + launcher.stderr
+        assert launcher.returncode == 2, output
+        assert said in launcher.stdout and "Traceback" not in output and "secret" not in output
+
+
 def test_a_worker_refuses_a_database_that_was_never_migrated(tmp_path: Path,
                                                              redis_url: str) -> None:
     never_migrated = f"sqlite:///{tmp_path / 'empty.db'}"

@@ -63,13 +63,18 @@ def copy_sqlite(source: Path, target: Path) -> None:
         raise BackupRefused(f"no SQLite database at {source}: is SELFTUNE_DATA_DIR (or "
                             "SELFTUNE_DATABASE_URL) the running app's?")
     reading = sqlite3.connect(source, timeout=30)
-    writing = sqlite3.connect(target)
     try:
-        reading.backup(writing)
-        # One file, no write-ahead log beside it to lose (the app turns WAL on again).
-        writing.execute("PRAGMA journal_mode=DELETE")
+        writing = sqlite3.connect(target)
+        try:
+            reading.backup(writing)
+            # One file, no write-ahead log beside it to lose (the app turns WAL on again).
+            writing.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            writing.close()
+    except sqlite3.Error as exc:  # a full disk, a target it may not write
+        raise BackupRefused(f"the database {source} could not be copied to {target}: {exc}; "
+                            "the copy is not whole") from None
     finally:
-        writing.close()
         reading.close()
 
 
@@ -155,7 +160,11 @@ def backup(settings: Settings, destination: Path) -> Backup:
             f"{shown.render_as_string(hide_password=True)} > {destination / DUMP_FILE}` (with "
             "the password the app has), then run this again to copy the files; the files "
             "after the dump, so that every dataset and run it lists has its files")
-    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        destination.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackupRefused(f"cannot make the folder {destination}: "
+                            f"{exc.strerror or exc}") from None
     if not sqlite:
         copy_files(data_dir, destination)
         return Backup(destination, dump=destination / DUMP_FILE)

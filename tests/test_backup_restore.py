@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from app.backup import BackupRefused, backup, copy_files, missing_from
+from app.backup import BackupRefused, backup, copy_files, copy_sqlite, missing_from
 from app.db import DATABASE_ID_FILE, get_engine, session_scope, upgrade_to_head
 from app.models import Artifact, Dataset, Experiment, Run, utcnow
 from tests.support import PROJECT_ROOT, LiveServer, add_dataset_row, app_env, start_server
@@ -285,3 +285,18 @@ def test_a_file_the_backup_cannot_copy_stops_it_naming_the_file(settings, tmp_pa
     with pytest.raises(BackupRefused, match=r"1 file\(s\) could not be copied, the first "
                                             r".*runs/4/predictions.csv.*is not whole"):
         backup(settings, tmp_path / "copy")
+
+
+def test_a_database_or_folder_the_backup_cannot_write_stops_it_in_one_line(settings, tmp_path):
+    """The database's copy on a full disk, or a DEST that cannot be made, was a traceback and
+    exit 1: the code that says a file was deleted during the copy. (A disk cannot be filled
+    in a test: a folder where the copy's file would go refuses it alike.)"""
+    add_dataset_row(settings.sqlalchemy_url)  # a database to copy
+    (settings.data_dir / DATABASE_ID_FILE).write_text("0" * 32)
+    source = Path(settings.sqlalchemy_url.removeprefix("sqlite:///"))
+    with pytest.raises(BackupRefused, match=f"the database {source} could not be copied to "
+                                            f"{tmp_path}: .*; the copy is not whole"):
+        copy_sqlite(source, tmp_path)
+    (tmp_path / "a file").write_bytes(b"")
+    with pytest.raises(BackupRefused, match="cannot make the folder .*a file/copy: "):
+        backup(settings, tmp_path / "a file" / "copy")

@@ -290,6 +290,14 @@ def after_exit(name: str, status: int, restarts: Restarts) -> tuple[bool, str]:
                    "log above)")
 
 
+def address(host: str, port: int) -> str:
+    """The URL to open for a server listening on `host`: localhost for this machine's every
+    address or its IPv4 loopback, an IPv6 address in brackets."""
+    if host in ("127.0.0.1", "0.0.0.0", "::"):
+        host = "localhost"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 # The files SQLite keeps beside a database's own while it is written.
 SQLITE_SIDES = ("-journal", "-wal", "-shm")
 
@@ -409,8 +417,7 @@ def main() -> int:
             ],
             env,
         )
-        shown_host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
-        log(f"open http://{shown_host}:{settings.port}/  (Ctrl-C stops everything)")
+        log(f"open {address(settings.host, settings.port)}  (Ctrl-C stops everything)")
         restarts = {name: Restarts() for name in ("redis", "worker", "web")}
         while not stop_requested:
             if (exited := supervisor.first_exited()) is not None:

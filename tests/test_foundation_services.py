@@ -365,6 +365,16 @@ def test_the_launcher_says_why_it_stops_after_a_child_exits(monkeypatch):
         True, "redis exited with status 0; starting it again")
 
 
+def test_the_launcher_prints_an_address_a_browser_opens():
+    """SELFTUNE_HOST=::1 printed http://::1:8000/, which no browser opens."""
+    from app.launcher import address
+
+    assert [address(host, 8000) for host in ("127.0.0.1", "0.0.0.0", "::1", "::", "10.0.0.5",
+                                             "lab.example")] == [
+        "http://localhost:8000/", "http://localhost:8000/", "http://[::1]:8000/",
+        "http://localhost:8000/", "http://10.0.0.5:8000/", "http://lab.example:8000/"]
+
+
 def test_the_launcher_names_the_setting_when_its_port_is_taken(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -60,14 +60,17 @@ else
   echo "   no unlabeled image to rank (the dataset and budget leave none)"
 fi
 
-echo "5. download the checkpoint and load it with plain timm"
+echo "5. download the checkpoint and load it with plain timm; score the dataset's test split"
 curl -sSf "${AUTH[@]}" -o "$WORK/checkpoint.zip" "$BASE/api/runs/$RUN/checkpoint"
-"$PY" - "$WORK" "$ARCHIVE" <<'PY'
-import io, json, sys, zipfile
+# The test split as the app stores it (the upload's test/ folder, or its hold-out): the
+# dataset's own download, a tar of its images and a labels.csv of their labels and splits.
+curl -sSf "${AUTH[@]}" -o "$WORK/dataset.tar" "$BASE/api/datasets/$DATASET/archive"
+"$PY" - "$WORK" <<'PY'
+import csv, io, json, sys, tarfile, zipfile
 import timm, torch
 from PIL import Image
 
-work, archive = sys.argv[1], sys.argv[2]
+work = sys.argv[1]
 zipfile.ZipFile(f"{work}/checkpoint.zip").extractall(f"{work}/ckpt")
 config = json.load(open(f"{work}/ckpt/config.json"))
 model = timm.create_model(
@@ -77,16 +80,20 @@ model = timm.create_model(
 transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
 names = config["label_names"]
 correct = total = 0
-with zipfile.ZipFile(archive) as source:
-    members = [m for m in source.namelist() if "/test/" in f"/{m}" and not m.endswith("/")]
-    for start in range(0, len(members), 64):
-        chunk = members[start:start + 64]
-        batch = torch.stack([transform(Image.open(io.BytesIO(source.read(m))).convert("RGB"))
-                             for m in chunk])
+with tarfile.open(f"{work}/dataset.tar") as source:
+    listed = next(m for m in source.getmembers() if m.name.endswith("/labels.csv"))
+    folder = listed.name.rsplit("/", 1)[0]
+    rows = csv.DictReader(io.TextIOWrapper(source.extractfile(listed), encoding="utf-8"))
+    tests = [(row["path"], row["label"]) for row in rows if row["split"] == "test"]
+    for start in range(0, len(tests), 64):
+        chunk = tests[start:start + 64]
+        batch = torch.stack([
+            transform(Image.open(source.extractfile(f"{folder}/{path}")).convert("RGB"))
+            for path, _ in chunk])
         with torch.no_grad():
             predicted = model(batch).argmax(1).tolist()
-        for member, index in zip(chunk, predicted):
-            correct += names[index] == member.rstrip("/").split("/")[-2]
+        for (_, label), index in zip(chunk, predicted):
+            correct += names[index] == label
             total += 1
 reported = json.load(open(f"{work}/run.json"))["metrics"]["test_top1"]
 print(f"   plain timm on {total} test images: {correct / total:.4f} (run reported {reported:.4f})")

@@ -79,7 +79,7 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
             with session_scope(settings.sqlalchemy_url) as session:
                 run = session.get(Run, run_id)
                 run.status, run.attempts, run.worker = "running", 1, "gone@host"
-                run.device = "cpu"
+                run.device, run.images_per_s = "cpu", 8.4
                 run.started_at = run.heartbeat_at = utcnow() - timedelta(hours=1)
 
             run_feed = sse_events(client, f"/api/runs/{run_id}/events")
@@ -123,6 +123,8 @@ def test_a_run_lost_for_good_ends_its_feeds_and_can_be_run_again_from_its_page(
             assert page.is_hidden("#run-error")
             # Any free worker takes it now: where it ran is history.
             assert page.inner_text("#device") == "– (last ran on cpu on gone@host)"
+            # Nor does it train at its last attempt's speed (it read "8.4" as though it did).
+            assert page.inner_text("#images-per-s") == "– (8.4 on its last attempt)"
             assert page.evaluate("window.sameDocument") is True  # no reload
             wait_for(lambda: page.inner_text("#live-state") == "● live", timeout=15,
                      message="the page to follow the run again")

@@ -299,6 +299,8 @@ export function runPage() {
     if (TERMINAL.has(run.status) && speed.count) {
       const mean = speed.count / speed.seconds;
       node.textContent = `${mean.toFixed(1)} on average while training`;
+    } else if (run.status === "queued") { // queued again: its last attempt's speed is history
+      node.textContent = isNumber(run.images_per_s) ? `– (${run.images_per_s.toFixed(1)} on its last attempt)` : "–";
     } else if (isNumber(run.images_per_s)) {
       node.textContent = run.images_per_s.toFixed(1);
     }

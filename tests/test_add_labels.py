@@ -306,11 +306,15 @@ def test_add_labels_on_the_dataset_page_opens_the_new_dataset(
 
         page.set_input_files("#labels-file", str(bad))
         with page.expect_response(f"**/api/datasets/{photos['id']}/labels") as answer:
-            page.click("#add-labels-form button[type=submit]")
+            page.focus("#add-labels-form button[type=submit]")
+            page.keyboard.press("Enter")
         assert answer.value.status == 422
         error.wait_for(state="visible")
         assert error.inner_text().startswith(
             "Could not add the labels: the labels CSV uses 1 label(s) that are not classes")
+        # The keyboard is where it was (disabled while the labels were sent, the button
+        # dropped it to the page's start, and the refusal left it there).
+        assert page.evaluate("document.activeElement.textContent") == "Add labels"
         browser.screenshot("refused")
 
         page.set_input_files("#labels-file", str(good))

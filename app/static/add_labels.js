@@ -47,21 +47,24 @@ export function labelAdder(datasetId) {
     error.replaceChildren(...lines);
     error.hidden = false;
   };
+  // Off while the labels are sent: aria-disabled, so that the keyboard stays on the button
+  // (disabled, it dropped the focus to the page's start, and a refusal left it there).
+  const busy = (state) => send.setAttribute("aria-disabled", String(state));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    if (send.disabled) return;
+    if (send.getAttribute("aria-disabled") === "true") return;
     if (!form.elements.file.files.length) {
       refuse(["Choose the CSV file of labels first."]);
       form.elements.file.focus();
       return;
     }
-    send.disabled = true;
+    busy(true);
     error.hidden = true;
     try {
       await makeLabeledDataset(datasetId, new FormData(form), key);
     } catch (problem) {
       refuse(failure("Could not add the labels", problem));
-      send.disabled = false;
+      busy(false);
     }
   });
 }
@@ -91,8 +94,9 @@ export function labelingForm(datasetId, given, id) {
   });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    if (send.disabled) return;
-    send.disabled = true;
+    // Off while sent: aria-disabled keeps the keyboard on the button (see labelAdder).
+    if (send.disabled || send.getAttribute("aria-disabled") === "true") return;
+    send.setAttribute("aria-disabled", "true");
     error.hidden = true;
     const csv = ["path,label", ...[...given].map((cells) => cells.map(csvCell).join(","))].join("\n");
     const body = new FormData();
@@ -102,7 +106,7 @@ export function labelingForm(datasetId, given, id) {
     } catch (problem) {
       error.replaceChildren(...failure("Could not make the dataset", problem));
       error.hidden = false;
-      send.disabled = false;
+      send.setAttribute("aria-disabled", "false");
     }
   });
   return { form, watch };

@@ -53,7 +53,13 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
     with open_browser(request.node.name, back_forward_cache=True) as browser:
         page = browser.page
         page.goto(f"{live_server.url}/experiments")
+        # One ticked is said on the list, the tick kept (it was a bare "Error 422" page).
         page.check("#experiments input[aria-label='Compare first']")
+        page.click("#compare")
+        expect(page.locator("#compare-error")).to_have_text(
+            "Tick one more experiment to compare (2 to 6).")
+        assert page.url == f"{live_server.url}/experiments"
+        assert page.is_checked("#experiments input[aria-label='Compare first']")
         page.check("#experiments input[aria-label='Compare second']")
         page.click("#compare")
         page.wait_for_url(re.compile(r"/experiments/compare\?ids=\d+&ids=\d+$"))

@@ -53,8 +53,20 @@ export function carryTicks() {
       show();
     });
   }
-  // The ticks of other pages go with this page's own.
-  form.addEventListener("submit", () => {
+  // Fewer than two ticked is said here, the ticks kept (the compare page's refusal was a bare
+  // "Error 422" page); else the ticks of other pages go with this page's own.
+  const refusal = Object.assign(document.createElement("p"), { className: "field-error", id: "compare-error" });
+  refusal.setAttribute("role", "alert");
+  refusal.hidden = true;
+  document.getElementById("compare")?.parentNode.after(refusal);
+  form.addEventListener("submit", (event) => {
+    const chosen = boxes.filter((box) => box.checked).length + ticks.filter((tick) => !here.has(tick.id)).length;
+    refusal.hidden = chosen >= 2;
+    if (chosen < 2) {
+      event.preventDefault();
+      refusal.textContent = `Tick ${chosen ? "one more experiment" : "two experiments or more"} to compare (2 to ${form.dataset.most}).`;
+      return;
+    }
     for (const tick of ticks.filter((tick) => !here.has(tick.id))) {
       const carried = Object.assign(document.createElement("input"), { type: "hidden", name: "ids", value: tick.id });
       form.append(carried);

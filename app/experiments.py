@@ -201,10 +201,11 @@ def plan_experiment(session: Session, settings: Settings, payload: ExperimentIn,
     dataset = session.get(Dataset, payload.dataset_id)
     if dataset is None:
         raise unprocessable("dataset_id", f"dataset {payload.dataset_id} does not exist")
-    if len(set(payload.methods)) != len(payload.methods):
-        raise unprocessable("methods", "a method is listed twice")
-    if len(set(payload.seeds)) != len(payload.seeds):
-        raise unprocessable("seeds", "a seed is listed twice")
+    for field, values in (("methods", payload.methods), ("seeds", payload.seeds)):
+        if twice := [str(value) for value in sorted({v for v in values if values.count(v) > 1})]:
+            raise unprocessable(field, f"{field[:-1]} {twice[0]} is listed twice" if len(twice) == 1
+                                else f"{field} {', '.join(twice[:-1])} and {twice[-1]} are listed "
+                                     "twice")
     if any(not 0 <= seed < 2**31 for seed in payload.seeds):
         raise unprocessable("seeds", "seeds must be between 0 and 2147483647")
     budgets = parse_budgets(payload.budgets, dataset)

@@ -202,10 +202,12 @@ def plan_experiment(session: Session, settings: Settings, payload: ExperimentIn,
     if dataset is None:
         raise unprocessable("dataset_id", f"dataset {payload.dataset_id} does not exist")
     for field, values in (("methods", payload.methods), ("seeds", payload.seeds)):
-        if twice := [str(value) for value in sorted({v for v in values if values.count(v) > 1})]:
-            raise unprocessable(field, f"{field[:-1]} {twice[0]} is listed twice" if len(twice) == 1
-                                else f"{field} {', '.join(twice[:-1])} and {twice[-1]} are listed "
-                                     "twice")
+        twice = [str(value) for value in sorted({v for v in values if values.count(v) > 1})]
+        if len(twice) == 1:
+            raise unprocessable(field, f"{field[:-1]} {twice[0]} is listed twice")
+        if twice:
+            raise unprocessable(field, f"{field} {', '.join(twice[:-1])} and {twice[-1]} are "
+                                       "listed twice")
     if any(not 0 <= seed < 2**31 for seed in payload.seeds):
         raise unprocessable("seeds", "seeds must be between 0 and 2147483647")
     budgets = parse_budgets(payload.budgets, dataset)

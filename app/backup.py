@@ -20,7 +20,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from app.config import SQLITE_FILE, Settings, get_settings
-from app.db import DATABASE_ID_FILE
+from app.db import DATABASE_ID_FILE, sqlite_file
 
 DUMP_FILE = "selftune.dump"  # where a PostgreSQL installation's dump goes, before the files
 # What the copy needs; caches, uploads in progress, deletes not finished, the embedded
@@ -146,7 +146,8 @@ def backup(settings: Settings, destination: Path) -> Backup:
     data_dir = settings.data_dir
     destination = destination.expanduser().resolve()
     url = make_url(settings.sqlalchemy_url)
-    sqlite = url.get_backend_name() == "sqlite"
+    database = sqlite_file(settings.sqlalchemy_url)
+    sqlite = database is not None
     # PostgreSQL's dump is taken first, into DEST (see the module's docstring for the order).
     check_destination(destination, data_dir, allowed=() if sqlite else (DUMP_FILE,))
     if not (data_dir / DATABASE_ID_FILE).is_file():
@@ -168,7 +169,7 @@ def backup(settings: Settings, destination: Path) -> Backup:
     if not sqlite:
         copy_files(data_dir, destination)
         return Backup(destination, dump=destination / DUMP_FILE)
-    copy_sqlite(Path(url.database or ""), destination / SQLITE_FILE)
+    copy_sqlite(database, destination / SQLITE_FILE)
     copy_files(data_dir, destination)
     datasets, runs, missing = missing_from(destination)
     return Backup(destination, None, datasets, runs, missing)

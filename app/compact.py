@@ -16,10 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-
 from app.config import get_settings
-from app.db import get_engine
+from app.db import get_engine, sqlite_file
 from app.responses import human_bytes
 
 log = logging.getLogger(__name__)
@@ -28,14 +26,6 @@ INCREMENTAL = 2  # what PRAGMA auto_vacuum answers in incremental mode
 # Free pages given back in one write transaction (8 MiB at SQLite's 4 KiB pages, 20-40 ms
 # here): the web's and the workers' writes wait for one batch at most.
 BATCH_PAGES = 2048
-
-
-def sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite database URL; None for another database (or one in memory)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
 
 
 def release_free_pages(url: str) -> int:

@@ -93,6 +93,18 @@ def _use_wal(cursor: sqlite3.Cursor, wait_s: float = 30.0) -> None:
             time.sleep(0.02)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite database URL (relative to the working directory where the URL's
+    path is); None for another database, one in memory, or a URL that does not parse."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def ping_database(url: str) -> None:
     """Ask the database at `url` something trivial; raises what the driver raises when it
     does not answer."""
@@ -139,8 +151,8 @@ def upgrade_to_head(url: str) -> None:
     from alembic.script import ScriptDirectory
     from alembic.util import CommandError
 
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if (path := sqlite_file(url)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     config = alembic_config(url)
     try:
         command.upgrade(config, "head")

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from app.config import Settings, refusal_lines
-from app.db import StartupRefused, claim_data_dir, shown_url, upgrade_to_head
+from app.db import StartupRefused, claim_data_dir, shown_url, sqlite_file, upgrade_to_head
 from app.live import get_redis, mark_worker_gone
 
 
@@ -305,10 +305,8 @@ SQLITE_SIDES = ("-journal", "-wal", "-shm")
 def new_sqlite_file(url: str) -> Path | None:
     """The file of the SQLite database at `url` where there is none yet (the migrations make
     it); None for one that exists, or another database."""
-    if not url.startswith("sqlite:///"):
-        return None
-    path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
-    return None if path.exists() else path
+    path = sqlite_file(url)
+    return None if path is None or path.exists() else path
 
 
 def main() -> int:

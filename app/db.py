@@ -180,6 +180,14 @@ def shown_url(url: str) -> str:
         return "(not a database URL)"
 
 
+MIGRATE = ("run `alembic upgrade head` (or start `make run` once, which migrates) with this "
+           "SELFTUNE_DATABASE_URL. Nothing was changed.")
+
+
+def not_migrated(url: str, detail: str = "") -> StartupRefused:
+    return StartupRefused(f"the database {shown_url(url)} has not been migrated{detail}: {MIGRATE}")
+
+
 def check_revision(connection, url: str) -> None:
     """Raise StartupRefused unless the database is at this version's migration: one an
     older release left behind lacks columns this code reads (every run page answered 500),
@@ -192,14 +200,12 @@ def check_revision(connection, url: str) -> None:
     head = script.get_current_head()
     if revision == head:
         return
-    migrate = ("run `alembic upgrade head` (or start `make run` once, which migrates) with this "
-               "SELFTUNE_DATABASE_URL. Nothing was changed.")
     if revision is None:
-        raise StartupRefused(f"the database {shown_url(url)} has not been migrated: {migrate}")
+        raise not_migrated(url)
     if revision not in {known.revision for known in script.walk_revisions()}:
         raise newer_version(url, f"to revision {revision}", head)
     raise StartupRefused(f"the database {shown_url(url)} is at migration {revision} and this "
-                         f"version needs {head}: {migrate}")
+                         f"version needs {head}: {MIGRATE}")
 
 
 # Heartbeats are written by each worker's clock and judged by the web's: hosts whose clocks
@@ -238,6 +244,10 @@ def claim_data_dir(data_dir: Path, url: str) -> None:
     empty SQLite database) lost every dataset's files."""
     from app.models import Installation
 
+    # A SQLite file that is not there is not made here (empty, it would no longer say so); one
+    # whose folder is not there either does not answer yet (a volume not mounted yet).
+    if (path := sqlite_file(url)) is not None and path.parent.is_dir() and not path.exists():
+        raise not_migrated(url, f" (there is no file {path})")
     with session_scope(url) as session:
         check_revision(session.connection(), url)
         check_clock(session.connection(), url)

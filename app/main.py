@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
@@ -33,6 +34,7 @@ from starlette.routing import Match
 
 from app import __version__
 from app.config import Settings, get_settings, settings_or_exit
+from app.db import StartupRefused
 from app.deps import (
     TOKEN_RESPONSES,
     WrongTokens,
@@ -52,7 +54,7 @@ from app.routers import (
     pages,
     runs,
 )
-from app.startup import DataDirCheck, refuse_work
+from app.startup import DataDirCheck, check_at_start, refuse_work
 
 log = logging.getLogger(__name__)
 
@@ -301,11 +303,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # this version) changes nothing; the reaper had requeued runs before it. A database
         # that does not answer yet is checked when it does, before the reaper acts on it.
         check = _app.state.data_dir_check
-        try:
-            await run_in_threadpool(check.make)
-        except SQLAlchemyError as exc:
-            log.warning("data directory check and clean-up wait for the database, which does "
-                        "not answer: %s", str(exc).splitlines()[0])
+        if not check.tried:  # app_factory makes it first
+            await run_in_threadpool(check_at_start, check)
         if settings.preload_engine:  # once the start is not refused
             start_preload()
         reaper = asyncio.create_task(reap_forever(settings, check))
@@ -601,5 +600,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 
 
 def app_factory() -> FastAPI:
-    """Entry point for `uvicorn --factory app.main:app_factory`."""
-    return create_app(settings_or_exit("web"))
+    """Entry point for `uvicorn --factory app.main:app_factory`. A start the data directory
+    check refuses (app.startup: an unmigrated database, another database's directory) exits
+    with status 2 and the reason in one line, as a worker does; from the lifespan it was a
+    traceback of 70 lines."""
+    app = create_app(settings_or_exit("web"))
+    try:
+        check_at_start(app.state.data_dir_check)
+    except StartupRefused as exc:
+        print(f"[selftune] web cannot start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return app

@@ -8,6 +8,7 @@ import logging
 import threading
 
 from fastapi import HTTPException, Request
+from sqlalchemy.exc import SQLAlchemyError
 
 from app import ingest
 from app.config import Settings
@@ -26,6 +27,7 @@ class DataDirCheck:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.passed = False
+        self.tried = False  # made at least once
         self.refusal: str | None = None
         self._lock = threading.Lock()  # the start and the reaper's thread may try at once
 
@@ -39,6 +41,7 @@ class DataDirCheck:
         database does not list). Raises StartupRefused, kept in `refusal`, or what the
         driver raises when the database does not answer: then it is tried again later."""
         with self._lock:
+            self.tried = True
             if not self.pending:
                 if self.refusal is not None:
                     raise StartupRefused(self.refusal)
@@ -50,6 +53,16 @@ class DataDirCheck:
                 raise
             ingest.cleanup_orphans(self.settings)
             self.passed = True
+
+
+def check_at_start(check: DataDirCheck) -> None:
+    """The web's first check, before it serves: raises StartupRefused; a database that does
+    not answer yet is only logged (the reaper checks again until it does)."""
+    try:
+        check.make()
+    except SQLAlchemyError as exc:
+        log.warning("data directory check and clean-up wait for the database, which does "
+                    "not answer: %s", str(exc).splitlines()[0])
 
 
 # Still answered after a refusal: they say why (and /healthz, for monitors, that it is down).

@@ -27,7 +27,14 @@ from app.db import (
     upgrade_to_head,
 )
 from app.models import Dataset, DatasetImage, utcnow
-from tests.support import app_env, free_port, start_server, start_worker, wait_for
+from tests.support import (
+    app_env,
+    free_port,
+    start_forked,
+    start_server,
+    start_worker,
+    wait_for,
+)
 from tests.test_datasets_support import class_entries, dataset_server, upload, zip_bytes
 from tests.test_foundation_services import launcher_env, run_launcher
 from tests.test_worker_lifecycle import add_run, read_run, update_run
@@ -183,8 +190,8 @@ def test_a_data_directory_refuses_another_database_and_keeps_its_files(
     other_url = f"sqlite:///{tmp_path / 'other.db'}"
     upgrade_to_head(other_url)
     env = app_env(data_dir, other_url, redis_url)
-    with pytest.raises(RuntimeError, match="holds the files of another database"):
-        start_server(env, tmp_path / "other-uvicorn.log")
+    assert "web cannot start: the data directory" in refused_web(env,
+                                                                tmp_path / "other-uvicorn.log")
     launcher = run_launcher({**launcher_env(data_dir, free_port()),
                              "SELFTUNE_DATABASE_URL": other_url})
     assert launcher.returncode == 2
@@ -252,13 +259,43 @@ def test_a_refused_launch_leaves_no_database_behind_and_says_why_in_one_line(
         assert said in launcher.stdout and "Traceback" not in output and "secret" not in output
 
 
-def test_a_worker_refuses_a_database_that_was_never_migrated(tmp_path: Path,
-                                                             redis_url: str) -> None:
-    never_migrated = f"sqlite:///{tmp_path / 'empty.db'}"
-    refusal = refused_worker(app_env(tmp_path / "data", never_migrated, redis_url),
-                             tmp_path / "worker.log")
-    assert "has not been migrated: run `alembic upgrade head`" in refusal
+def refused_web(env: dict[str, str], log_path: Path) -> str:
+    """Start a web that must refuse to start (uvicorn as compose starts it): waits for it to
+    exit 2; returns its log, which must be the reason in one line."""
+    process = start_forked(["--factory", "app.main:app_factory", "--port", str(free_port())],
+                           env, log_path)
+    try:
+        wait_for(lambda: process.popen.poll() is not None, timeout=60,
+                 message="the web to refuse to start and exit")
+    finally:
+        process.stop()
+    assert process.popen.returncode == 2, process.log()
+    assert "Traceback" not in process.log() and len(process.log().splitlines()) == 1, \
+        process.log()
+    return process.log()
+
+
+def test_the_web_and_a_worker_refuse_a_database_that_was_never_migrated_in_one_line(
+        tmp_path: Path, redis_url: str) -> None:
+    """Started alone on a SQLite database that does not exist (compose without its migrate
+    step, a mistyped path), the web printed a traceback of 70 lines, and both made the empty
+    file, which then no longer said it was missing."""
+    never_migrated = tmp_path / "none.db"
+    env = app_env(tmp_path / "data", f"sqlite:///{never_migrated}", redis_url)
+    said = ("has not been migrated (there is no file "
+            f"{never_migrated}): run `alembic upgrade head`")
+    assert f"web cannot start: the database sqlite:///{never_migrated} {said}" in refused_web(
+        env, tmp_path / "uvicorn.log")
+    assert said in refused_worker(env, tmp_path / "worker.log")
+    assert not never_migrated.exists()
     assert not (tmp_path / "data" / DATABASE_ID_FILE).exists()
+
+    # One that exists, empty: the same refusal, without the file.
+    never_migrated.touch()
+    env = app_env(tmp_path / "data", f"sqlite:///{never_migrated}", redis_url)
+    assert "has not been migrated: run `alembic upgrade head`" in refused_web(
+        env, tmp_path / "uvicorn-empty.log")
+    assert "has not been migrated: run" in refused_worker(env, tmp_path / "worker-empty.log")
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])

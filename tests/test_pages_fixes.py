@@ -446,11 +446,21 @@ def test_a_malformed_hyper_parameter_is_an_error_next_to_it_and_nothing_is_sent(
         assert sent == [] and page.url.endswith(f"/experiments/new?dataset_id={dataset_id}")
         browser.screenshot("lr-not-a-number")
 
-        # Written right, it goes.
+        # A whole-number field is not told to write "1e-3".
         page.fill("#f-lr", "1e-3")
+        page.fill("#f-iterations", "")
+        page.locator("#f-iterations").press_sequentially("3e")
+        page.click("#start")
+        expect(page.locator('[data-field="overrides.iterations"] .field-error')).to_have_text(
+            "Not a whole number: write it like 300.")
+        page.wait_for_timeout(500)
+        assert sent == []
+
+        # Written right, it goes.
+        page.fill("#f-iterations", "1e3")
         with page.expect_request("**/api/experiments") as request_sent:
             page.click("#start")
-        assert request_sent.value.post_data_json["overrides"] == {"lr": 0.001}
+        assert request_sent.value.post_data_json["overrides"] == {"lr": 0.001, "iterations": 1000}
         page.wait_for_url(re.compile(r"/experiments/\d+$"))
         browser.assert_no_errors()
 

@@ -69,6 +69,13 @@ export function experimentForm() {
     }
   }
 
+  // What a field whose number cannot be read says (a whole-number field given 2.5 is the
+  // API's to refuse: "must be a whole number, not 2.5").
+  const NOT_A_NUMBER = {
+    int: "Not a whole number: write it like 300.",
+    float: "Not a number: write it like 0.01 or 1e-3.",
+  };
+
   // Only what differs from the preset is sent, so the experiment records what was changed.
   // A number the browser cannot read ("1e-") is an error: its input's value is "", which
   // would otherwise pass for a cleared field and run with the preset's value.
@@ -88,7 +95,7 @@ export function experimentForm() {
         if (JSON.stringify(value) !== JSON.stringify(values[key])) changed[key] = value;
         continue;
       } else if (input.validity.badInput) {
-        errors.push({ field: input.name, message: "Not a number: write it like 0.01 or 1e-3." });
+        errors.push({ field: input.name, message: NOT_A_NUMBER[input.dataset.kind] });
         continue;
       } else if (input.value.trim() === "") continue; // cleared: the preset's value stands
       else value = Number(input.value);

@@ -172,18 +172,25 @@ def test_labels_csv_written_on_windows_reads_as_the_web_does(tmp_path: Path):
 
 
 def test_labels_csv_rows_that_are_not_images_are_left_out_with_the_reason(tmp_path: Path):
-    """As an upload leaves them out: a listed text file, and an image that does not open."""
+    """As an upload leaves them out: a listed text file, an image that does not open, and
+    one whose data is cut short (its header opened, so it was kept: the run then stopped
+    at decoding it, where an upload skips it)."""
     _write_images(tmp_path / "data", ["a.png", "b.png", "c.png"])
     (tmp_path / "data" / "notes.txt").write_text("not an image")
     (tmp_path / "data" / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n and then nothing")
+    whole = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(whole, "JPEG")
+    (tmp_path / "data" / "e.jpg").write_bytes(whole.getvalue()[:len(whole.getvalue()) // 2])
     (tmp_path / "data" / "labels.csv").write_text(
-        "path,label\na.png,cat\nb.png,dog\nc.png,dog\nnotes.txt,dog\nd.png,cat\n")
+        "path,label\na.png,cat\nb.png,dog\nc.png,dog\nnotes.txt,dog\nd.png,cat\ne.jpg,cat\n")
     skipped: dict[str, str] = {}
     class_names, train, _, _ = load_folder_dataset(tmp_path / "data", skipped)
     assert class_names == ["cat", "dog"]
     assert sorted(Path(path).name for path, _ in train) == ["a.png", "b.png", "c.png"]
     assert {Path(path).name: reason.split(" (")[0] for path, reason in skipped.items()} == {
-        "notes.txt": "not an image", "d.png": "corrupt or unsupported image"}
+        "notes.txt": "not an image", "d.png": "corrupt or unsupported image",
+        "e.jpg": "corrupt or unsupported image"}
+    assert "truncated" in skipped[str(tmp_path / "data" / "e.jpg")]
 
 
 @pytest.mark.parametrize(

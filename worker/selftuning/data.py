@@ -378,7 +378,7 @@ def _file_problem(path: str, _size: int, _mtime_ns: int) -> str | None:
                 return f"not an image ({suffix or 'no extension'}); supported: {SUPPORTED_TEXT}"
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.load()  # a whole decode, as an upload's: verify() let truncated data by
     except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for a damaged file
         return f"corrupt or unsupported image ({str(exc).strip() or type(exc).__name__})"
     return None

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from app import ingest
 from app.config import Settings
 from app.models import Dataset, DatasetImage
-from worker.selftuning.labels_csv import LABELS_CSV
+from worker.selftuning.labels_csv import LABELS_CSV, SPLITS, UNLABELED_FOLDER
 
 CHUNK_BYTES = 1024 * 1024
 BLOCK = tarfile.BLOCKSIZE
@@ -52,11 +52,15 @@ class Export:
 def archive_paths(dataset: Dataset, original_paths: list[str]) -> tuple[str, list[str]]:
     """The archive's one top folder, and each image's path inside it. An upload of one folder
     (`photos/cat/1.png`, what a folder chosen on the upload page sends) keeps that folder, and
-    the paths are the images' within it; else the folder is named after the dataset."""
+    the paths are the images' within it; else the folder is named after the dataset. So is
+    an archive whose one folder was `train/` (or another split's): named so, it read as the
+    train split of a folder with none around it (the command line read it so, and left its
+    labels.csv out)."""
     tops = {path.split("/", 1)[0] for path in original_paths}
     if len(tops) == 1 and all("/" in path for path in original_paths):
         (top,) = tops
-        return top, [path.split("/", 1)[1] for path in original_paths]
+        if top.lower() not in SPLITS and top.lower() != UNLABELED_FOLDER:
+            return top, [path.split("/", 1)[1] for path in original_paths]
     # A file name: no slash, no control characters, not hidden (an upload skips hidden files).
     name = "".join(" " if ch == "/" or ord(ch) < 32 or ch == "\x7f" else ch
                    for ch in dataset.name).strip().lstrip(".").strip()

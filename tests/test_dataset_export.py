@@ -25,6 +25,7 @@ from tests.test_datasets_support import (
     upload,
     zip_bytes,
 )
+from worker.selftuning import load_folder_dataset
 
 # In one folder, as the upload page sends a folder: three labeled images of each class (one
 # of each held out for testing) and three unlabeled.
@@ -41,6 +42,48 @@ def images_by_path(client, dataset_id: int) -> dict[str, tuple[str, str | None]]
     return {image["original_path"]: (
         image["split"], None if image["label"] is None else names[image["label"]])
         for image in items["items"]}
+
+
+def test_an_upload_of_one_train_folder_downloads_named_after_the_dataset_and_the_cli_reads_it(
+    server: LiveServer, tmp_path: Path,
+) -> None:
+    """Uploaded as one `train/` folder (classes and unlabeled/ in it), a dataset downloaded as
+    train.tar holding `train/labels.csv`: a folder that reads as a train split, which the
+    command line did, leaving its labels.csv out (the labels added in the app, the test
+    split held out here). Downloads made so before are read through their labels.csv too."""
+    train_only = {f"train/{path}": data for path, data in {
+        **class_entries(("cat", "dog"), per_class=4, seed=37),
+        **{f"unlabeled/u{n}.png": image_bytes(7_100 + n) for n in range(3)}}.items()}
+    with server.client() as client:
+        first = upload(client, zip_bytes(train_only), name="moths").json()
+        made = labels(client, first["id"], "train/unlabeled/u1.png,dog")
+        assert made.status_code == 201, made.text
+        dataset_id = made.json()["id"]
+        expected = images_by_path(client, dataset_id)
+        response = client.get(f"/api/datasets/{dataset_id}/archive")
+        top = "moths + 1 label"  # the new dataset's name
+        assert response.headers["content-disposition"] == f'attachment; filename="{top}.tar"'
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archived:
+        assert archived.getnames()[0] == f"{top}/labels.csv"
+        assert sorted(archived.getnames()[1:]) == sorted(f"{top}/{path}" for path in train_only)
+        archived.extractall(tmp_path / "download", filter="data")
+
+    def read(folder: Path) -> dict[str, tuple[str, str | None]]:
+        """What the command line reads, as images_by_path gives the app's."""
+        class_names, train, test, unlabeled = load_folder_dataset(folder)
+        return ({path: ("train", class_names[label]) for path, label in train}
+                | {path: ("test", class_names[label]) for path, label in test}
+                | {path: ("unlabeled", None) for path in unlabeled})
+
+    root = tmp_path / "download" / top
+    assert read(tmp_path / "download") == {
+        str(root / path): where for path, where in expected.items()}
+    # The layout downloads had before: the folder train/, its paths without it.
+    old = tmp_path / "old" / "train"
+    shutil.copytree(root / "train", old)
+    (old / "labels.csv").write_text((root / "labels.csv").read_text().replace("train/", ""))
+    assert read(tmp_path / "old") == {
+        str(old / path.removeprefix("train/")): where for path, where in expected.items()}
 
 
 def test_a_dataset_with_labels_added_in_the_app_downloads_and_uploads_again_as_itself(

@@ -391,12 +391,15 @@ def _hidden(name: str) -> bool:
 def _look_through_wrapper(root: Path) -> Path:
     """Step into a single wrapping folder (zips often have one) unless it is `train/` or
     `unlabeled/`. A test split alone (`test/`, `val/`) is one: it would leave nothing to
-    train on, so it is a dataset's val/ folder packed by itself, as uploads read it."""
+    train on, so it is a dataset's val/ folder packed by itself, as uploads read it. One
+    that holds labels.csv is one whatever its name, as an upload reads it (the app's
+    download of a dataset uploaded as one train/ folder was `train/labels.csv`)."""
     while True:
         entries = [e for e in root.iterdir() if not _hidden(e.name)]
-        if (len(entries) == 1 and entries[0].is_dir()
-                and entries[0].name.lower() not in ("train", "unlabeled")
-                and ((entries[0] / LABELS_CSV).is_file() or not _images(entries[0]))):
+        if len(entries) == 1 and entries[0].is_dir() and (
+                (entries[0] / LABELS_CSV).is_file()
+                or (entries[0].name.lower() not in ("train", "unlabeled")
+                    and not _images(entries[0]))):
             root = entries[0]
         else:
             return root

@@ -42,6 +42,12 @@ def test_zip_and_tar_archives_give_the_same_dataset(
         for file in sorted(shapes_root.rglob("*.png")):
             # A wrapping folder, as zips made by file managers have.
             bundle.write(file, f"shapes/{file.relative_to(shapes_root)}")
+    # Some Windows tools write backslashes (the upload reads them as folders; this unpacked
+    # files named 'shapes\\train\\circle\\0.png': "found 0 class folder(s)").
+    windows_zip = tmp_path / "windows.zip"
+    with zipfile.ZipFile(windows_zip, "w") as bundle:
+        for file in sorted(shapes_root.rglob("*.png")):
+            bundle.write(file, "shapes\\" + "\\".join(file.relative_to(shapes_root).parts))
     tars = []
     for suffix, mode in ((".tar.gz", "w:gz"), (".tar.bz2", "w:bz2"), (".tar.xz", "w:xz")):
         tars.append(tmp_path / f"shapes{suffix}")  # every compression the web takes
@@ -49,14 +55,14 @@ def test_zip_and_tar_archives_give_the_same_dataset(
             bundle.add(shapes_root, arcname=".")
 
     expected = load_folder_dataset(shapes_root)
-    for archive in (zip_path, *tars):
+    for archive in (zip_path, windows_zip, *tars):
         class_names, train_items, test_items, unlabeled = load_folder_dataset(archive)
         assert class_names == expected[0]
         assert [(Path(p).name, label) for p, label in train_items] == [
             (Path(p).name, label) for p, label in expected[1]
         ]
         assert len(test_items) == len(expected[2]) and len(unlabeled) == len(expected[3])
-    assert len(list((tmp_path / "selftuning-datasets").iterdir())) == 4  # each unpacked once
+    assert len(list((tmp_path / "selftuning-datasets").iterdir())) == 5  # each unpacked once
 
 
 def test_zip_with_a_path_escaping_the_archive_is_refused(tmp_path: Path):
@@ -64,6 +70,11 @@ def test_zip_with_a_path_escaping_the_archive_is_refused(tmp_path: Path):
     with zipfile.ZipFile(archive, "w") as bundle:
         bundle.writestr("train/a/x.png", b"")
         bundle.writestr("../../escape.png", b"")
+    with pytest.raises(ValueError, match="escapes the archive"):
+        load_folder_dataset(archive)
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("train/a/x.png", b"")
+        bundle.writestr("..\\..\\escape.png", b"")
     with pytest.raises(ValueError, match="escapes the archive"):
         load_folder_dataset(archive)
     assert not (tmp_path.parent / "escape.png").exists()

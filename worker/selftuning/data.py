@@ -592,7 +592,9 @@ def _extract(archive: Path, destination: Path) -> None:
         if name.endswith(".zip"):
             with zipfile.ZipFile(archive) as bundle:
                 for member in bundle.infolist():
-                    member.filename = zip_entry_name(member)  # where extract() writes it
+                    # Where extract() writes it: a backslash is a folder, as an upload reads
+                    # it (some Windows tools write them).
+                    member.filename = zip_entry_name(member).replace("\\", "/")
                     relative = PurePosixPath(member.filename)
                     if relative.is_absolute() or ".." in relative.parts:
                         raise ValueError(

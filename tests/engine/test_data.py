@@ -216,6 +216,14 @@ def test_labels_csv_rows_that_are_not_images_are_left_out_with_the_reason(tmp_pa
         ("file,class\na.png,cat\nb.png,dog\n", "line 1: 'file' does not exist in "),
         ("file,class\na.png,cat\nb.png,dog\n", "a header line must be 'path,label' (or"),
         ("path,label\na.png,cat,dog,x\n", "line 2: expected 'path,label' (or"),
+        # Columns the wrong way round: with the header, and without (was "'cat' is listed
+        # twice" alone).
+        ("Label,Path\ncat,a.png\ndog,b.png\n",
+         "line 1: the columns are 'label,path': write the path first, then the label (each "
+         "line is 'path,label' or 'path,label,split')"),
+        ("cat,a.png\ndog,b.png\ncat,c.png\n",
+         "line 3: 'cat' is listed twice; the label 'c.png' reads like an image's path: are the "
+         "columns swapped? (each line is 'path,label' or 'path,label,split')"),
         ("path,label\na.png,cat\nb.png,dog,holdout\n",
          "line 3: split 'holdout' must be train, test or val"),
         ("path,label\na.png,cat\nb.png,dog\nc.png,,test\n",
@@ -226,7 +234,8 @@ def test_labels_csv_rows_that_are_not_images_are_left_out_with_the_reason(tmp_pa
          "'bird' only in the test split"),
     ],
     ids=["missing", "twice", "escaping", "escaping-backslash", "drive",
-         "other-header", "other-header-hint", "columns", "bad-split", "unlabeled-test", "one-class",
+         "other-header", "other-header-hint", "columns", "swapped-header", "swapped",
+         "bad-split", "unlabeled-test", "one-class",
          "class-only-tested"],
 )
 def test_labels_csv_mistakes_are_refused_with_what_to_fix(tmp_path: Path, csv_text, message):

@@ -12,11 +12,15 @@ from collections.abc import Callable, Iterable
 from pathlib import PurePosixPath
 from typing import NamedTuple
 
+from worker.selftuning.pixels import IMAGE_SUFFIXES
+
 LABELS_CSV = "labels.csv"
 # The split names a dataset may use (as folders, or in the split column) and what each means.
 SPLITS = {"train": "train", "test": "test", "val": "test"}
 # The folder of images without a label, in any letter case (not a class).
 UNLABELED_FOLDER = "unlabeled"
+# How a labels.csv with its columns the wrong way round is put right.
+SWAPPED_FIX = "each line is 'path,label' or 'path,label,split'"
 # Not in a class name (nor a dataset's name: PostgreSQL text cannot hold a NUL).
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -72,9 +76,13 @@ def parse_labels_csv(
         cells = [cell.strip() for cell in written]
         if not any(cells):
             continue
-        if line_number == 1 and [cell.lower() for cell in cells[:2]] == ["path", "label"]:
+        header = [cell.lower() for cell in cells[:2]] if line_number == 1 else []
+        if header == ["path", "label"]:
             continue
         where = f"{name} line {line_number}"
+        if header == ["label", "path"]:
+            raise ValueError(f"{where}: the columns are 'label,path': write the path first, "
+                             f"then the label ({SWAPPED_FIX})")
         if len(cells) not in (2, 3):
             raise ValueError(f"{where}: expected 'path,label' (or 'path,label,split'), got "
                              f"{len(cells)} column{'' if len(cells) == 1 else 's'}"
@@ -89,7 +97,11 @@ def parse_labels_csv(
         if split not in SPLITS:
             raise ValueError(f"{where}: split {cells[2]!r} must be train, test or val")
         if path in rows:
-            raise ValueError(f"{where}: {cells[0]!r} is listed twice")
+            swapped = (PurePosixPath(cells[1]).suffix.lower() in IMAGE_SUFFIXES
+                       and PurePosixPath(cells[0]).suffix.lower() not in IMAGE_SUFFIXES)
+            raise ValueError(f"{where}: {cells[0]!r} is listed twice" + (
+                f"; the label {cells[1]!r} reads like an image's path: are the columns "
+                f"swapped? ({SWAPPED_FIX})" if swapped else ""))
         if CONTROL_CHARACTERS.search(cells[1]):
             raise ValueError(f"{where}: the label {cells[1]!r} has a control character (a tab, "
                              "line break or NUL): class names may not")

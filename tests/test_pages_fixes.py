@@ -774,7 +774,11 @@ def test_an_ended_run_says_when_it_ran_and_its_mean_speed(live_server, request):
             run.status, run.worker, run.device, run.attempts = "running", "w@host", "cpu", 2
             run.started_at, run.heartbeat_at = started, utcnow()
             run.images_per_s, run.step = 30.0, 3
-            for step, speed in ((1, 10.0), (2, 20.0), (3, 30.0)):
+            # The ended run's last stretch is 1 step, not 2 (iterations not a multiple of the
+            # log interval).
+            stretches = ((2, 10.0), (4, 20.0), (5, 30.0)) if run_id == ended else (
+                (1, 10.0), (2, 20.0), (3, 30.0))
+            for step, speed in stretches:
                 session.add(RunMetric(run_id=run_id, kind="progress", step=step,
                                       values={"losses": {"ce": 1.0}, "images_per_s": speed}))
     with session_scope(database_url) as session:
@@ -785,8 +789,9 @@ def test_an_ended_run_says_when_it_ran_and_its_mean_speed(live_server, request):
         page = browser.page
         page.goto(f"{live_server.url}/runs/{ended}")
         page.wait_for_selector("#images-per-s:has-text('on average')")
-        # Over the time taken: 3 / (1/10 + 1/20 + 1/30), not the speeds' mean (20.0).
-        assert page.inner_text("#images-per-s") == "16.4 on average while training"
+        # Over the time taken: 5 / (2/10 + 2/20 + 1/30), not the speeds' mean (20.0), nor
+        # with a weight a point, 3 / (1/10 + 1/20 + 1/30) = 16.4.
+        assert page.inner_text("#images-per-s") == "15.0 on average while training"
         assert page.inner_text("#started") == "2026-03-02 07:30"
         assert page.get_attribute("#started", "title") == "2026-03-01 22:30:00 UTC"
         assert page.inner_text("#ended") == (
@@ -803,9 +808,9 @@ def test_an_ended_run_says_when_it_ran_and_its_mean_speed(live_server, request):
         assert page.inner_text("#started") == "2026-03-02 07:30"
         assert not page.is_visible("#ended-row")
         assert page.evaluate(empty) == '"no points yet"'
-        # A resumed attempt logs step 3 again: its point replaces the first in the mean (the
-        # page keeps a running sum, not a pass over every point at each event). The page has
-        # read the record's first: a read answered after the live point would put it back.
+        # A resumed attempt logs step 3 again: its point replaces the first in the mean. The
+        # page has read the record's first: a read answered after the live point would put
+        # it back.
         losses = page.get_by_role("img", name=re.compile("^loss terms over iterations"))
         expect(losses).to_have_accessible_name(re.compile(r"up to iteration 3 of "))
         live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)

@@ -92,20 +92,35 @@ export function runPage() {
     pseudo: stepChart(document.getElementById("chart-pseudo"), { percent: true, yTitle: "share", extreme: "highest" }),
   };
 
-  // The mean speed over the logged steps: points' steps are as many images each, so it is the
-  // images over the time they took, the sum of 1 / images_per_s (the plain mean of the speeds
-  // weighed a fast stretch above its time: 24.5 for a run that trained at 21.4 images/s). A
-  // running sum: recomputed from every point at each event, it made opening a long run's page
-  // quadratic (20,000 replayed events over 100,000 points froze the tab for most of a minute).
-  const speed = { seconds: 0, count: 0 };
+  // The mean speed over the logged steps: the images over the time they took. A point's
+  // images_per_s is that of the steps since the point before it, so each counts for that
+  // many steps' time (the plain mean of the speeds weighed a fast stretch above its time:
+  // 24.5 for a run that trained at 21.4 images/s; one weight a point was off where the last
+  // stretch is shorter: 83.4 for 82.6). Worked out again only once points have changed, and
+  // only for an ended run: each event redoing it made opening a long run's page quadratic
+  // (20,000 replayed events over 100,000 points froze the tab for most of a minute).
   const timed = (values) => isNumber(values?.images_per_s) && values.images_per_s > 0;
+  const speed = { version: 0, of: -1, mean: null };
+  function meanSpeed() {
+    if (speed.of !== speed.version) {
+      let steps = 0;
+      let seconds = 0;
+      let before = 0;
+      for (const [step, values] of [...points.progress.entries()].sort((a, b) => a[0] - b[0])) {
+        if (timed(values) && step > before) {
+          steps += step - before;
+          seconds += (step - before) / values.images_per_s;
+        }
+        before = step;
+      }
+      speed.of = speed.version;
+      speed.mean = seconds > 0 ? steps / seconds : null;
+    }
+    return speed.mean;
+  }
   function addPoint(kind, step, values) {
     if (!points[kind] || !isNumber(step)) return;
-    if (kind === "progress") {
-      const old = points.progress.get(step);
-      if (timed(old)) { speed.seconds -= 1 / old.images_per_s; speed.count -= 1; }
-      if (timed(values)) { speed.seconds += 1 / values.images_per_s; speed.count += 1; }
-    }
+    if (kind === "progress") speed.version += 1;
     points[kind].set(step, values);
     if (step >= run.step && isNumber(values.images_per_s)) run.images_per_s = values.images_per_s;
     run.step = Math.max(run.step, step);
@@ -296,8 +311,8 @@ export function runPage() {
   // logged steps (the last value says little about the run as a whole).
   function drawSpeed() {
     const node = document.getElementById("images-per-s");
-    if (TERMINAL.has(run.status) && speed.count) {
-      const mean = speed.count / speed.seconds;
+    const mean = TERMINAL.has(run.status) ? meanSpeed() : null;
+    if (mean !== null) {
       node.textContent = `${mean.toFixed(1)} on average while training`;
     } else if (run.status === "queued") { // queued again: its last attempt's speed is history
       node.textContent = isNumber(run.images_per_s) ? `– (${run.images_per_s.toFixed(1)} on its last attempt)` : "–";

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app import dataset_export
 from app.deps import DatasetId, DbDep, SettingsDep
 from app.ingest import dataset_warnings
 from app.models import MAX_ID, Dataset, DatasetImage, Experiment
@@ -134,6 +135,7 @@ def dataset_page(
     # What a delete takes with it is counted when Delete is clicked (upload.js).
     return render(
         request, "dataset.html", dataset=dataset, source=source,
+        archive_size=dataset_export.size_estimate(dataset),
         made_from=made_from[:DERIVED_SHOWN], more_made_from=len(made_from) > DERIVED_SHOWN,
         source_experiments=source_experiments, source_experiments_shown=SOURCE_EXPERIMENTS_SHOWN,
         classes=classes,

@@ -117,8 +117,11 @@ def test_ticked_experiments_are_compared_on_one_chart_and_one_table(live_server,
         expect(page.locator(f"#compared-status-{first}")).to_have_text("finished")
         page.wait_for_function("Chart.getChart(document.getElementById('budget-chart'))"
                                ".data.datasets[2].data[2] > 0.849")
-        assert "Self-Tuning: highest 85.0% at all (20 labels)" in page.get_attribute(
-            "#budget-chart", "aria-label")
+        # Of its own experiment's budgets (2), not the chart's (3: it said "2 of 3").
+        summary = page.get_attribute("#budget-chart", "aria-label")
+        assert "Self-Tuning: highest 85.0% at all (20 labels), 2 of 2 budgets measured" in summary
+        assert (f"second (#{second}) · Fine-tuning: highest 75.0% at 50% (10 labels), 2 of 2 "
+                "budgets measured") in summary
         assert page.locator("[data-going]").count() == 0  # nothing to go: no more reads
 
         # Back from an experiment's page once it was renamed since: read again, not the page

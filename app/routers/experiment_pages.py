@@ -267,7 +267,7 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
             "backbone": experiment.backbone, "preset": experiment.preset,
             "overrides": experiment.overrides or {}, "seeds": experiment.seeds,
             "status": experiment_status(Counter(run.status for run in experiment.runs)),
-            "cells": cells,
+            "cells": cells, "budget_count": len(experiment.budgets),
         })
     # The chart's budgets: each label at each labeled count it keeps (on two datasets, "5%"
     # keeps two), fewest labels first; a line per experiment and method, through its own.
@@ -286,7 +286,7 @@ def compare_page(request: Request, settings: SettingsDep, session: DbDep,
                "title": f"{e['name']} (#{e['id']}) · {METHOD_TITLES.get(method, method)}",
                "key": f"{shortened(e['name'], LEGEND_NAME_CHARS)} (#{e['id']}) · "
                       f"{METHOD_TITLES.get(method, method)}",
-               "dash": COMPARED_DASHES[index], "spanGaps": True,
+               "dash": COMPARED_DASHES[index], "spanGaps": True, "budgetCount": e["budget_count"],
                "means": line(cells, "mean_top1"), "spreads": line(cells, "std_top1")}
               for index, e in enumerate(compared) for method, cells in e["cells"].items()]
     return render(request, "compare.html", compared=compared, labels=labels,

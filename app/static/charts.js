@@ -391,12 +391,14 @@ export function budgetChart(canvas, budgets, methods) {
   }
   // Each method's best budget; the table under the chart has every value.
   const budgetName = (b) => (isNumber(b.count) ? `${b.label} (${count(b.count)} labels)` : b.label);
-  const best = methods.map(({ title, means }) => {
+  // Of the budgets its own experiment has (`budgetCount`, where experiments are compared:
+  // the chart's are all of theirs, and "25%" on two datasets is two of them).
+  const best = methods.map(({ title, means, budgetCount = budgets.length }) => {
     const measured = budgets.map((budget, i) => ({ budget, mean: means[i] })).filter((r) => isNumber(r.mean));
     if (!measured.length) return `${title}: no result`;
     const top = measured.reduce((kept, r) => (r.mean > kept.mean ? r : kept));
     return `${title}: highest ${pct(top.mean)} at ${budgetName(top.budget)}, `
-      + `${measured.length} of ${budgets.length} budget${budgets.length === 1 ? "" : "s"} measured`;
+      + `${measured.length} of ${budgetCount} budget${budgetCount === 1 ? "" : "s"} measured`;
   });
   describe(canvas, `${best.join("; ")}. The table below has every value.`);
   return new Chart(canvas, { type: "line", data: { labels, datasets }, options,

@@ -1318,10 +1318,13 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
     # A copy labeled with another class says so: one of the two labels is wrong.
     first_by_sha: dict[str, _Placed] = {}
     kept: list[_Placed] = []
+    copies: Counter[str] = Counter()  # a class's images skipped as copies of one of its own
     for item in sorted(placed, key=lambda item: (item.class_name is None, item.image.order)):
         if (first := first_by_sha.get(item.image.sha256)) is not None:
             conflict = (item.class_name is not None and first.class_name is not None
                         and item.class_name != first.class_name)
+            if item.class_name is not None and item.class_name == first.class_name:
+                copies[item.class_name] += 1
             skip(item.image, f"duplicate of {first.image.path}" + (
                 f", which is labeled {first.class_name!r}: kept as {first.class_name!r}, "
                 f"not {item.class_name!r} (conflicting labels: check which is right)"
@@ -1354,7 +1357,7 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
 
     test_source = "uploaded" if test_classes else "holdout"
     if test_source == "holdout":
-        kept = _hold_out(kept, class_names, settings)
+        kept = _hold_out(kept, class_names, settings, copies)
 
     directory = work_dir / "dataset"
     directory.mkdir(parents=True)
@@ -1375,8 +1378,12 @@ def prepare_dataset(archive_path: Path, work_dir: Path, settings: Settings,
                            upload_warnings=upload_warnings)
 
 
-def _hold_out(kept: list[_Placed], class_names: list[str], settings: Settings) -> list[_Placed]:
-    """Move a stratified, seeded share of each class to the test split (shared sampler)."""
+def _hold_out(kept: list[_Placed], class_names: list[str], settings: Settings,
+              copies: Counter[str]) -> list[_Placed]:
+    """Move a stratified, seeded share of each class to the test split (shared sampler).
+    `copies`: each class's images skipped as copies of another of its own, which a class
+    left with one image is told of (it had three files: "only one labeled image" alone
+    read as wrong)."""
     class_index = {name: index for index, name in enumerate(class_names)}
     labeled = sorted(
         (item for item in kept if item.split == "train"),
@@ -1385,10 +1392,16 @@ def _hold_out(kept: list[_Placed], class_names: list[str], settings: Settings) -
     )
     sizes = Counter(item.class_name for item in labeled)
     if too_small := [name for name in class_names if sizes[name] < 2]:
+        def copied_in(name: str) -> str:
+            more = f"{copies[name]} more {'is a copy' if copies[name] == 1 else 'are copies'}"
+            return f"{more} of it" if len(too_small) == 1 else f"{name!r}: {more} of its image"
+
+        copied = [copied_in(name) for name in too_small if copies[name]]
         raise IngestError(
-            classes_phrase(too_small, "has", "have") + " only one labeled image: without a "
-            "test/ folder a test split is held out of every class, so give each class at "
-            "least two images or upload a test/ folder"
+            classes_phrase(too_small, "has", "have") + " only one labeled image"
+            + (f" ({'; '.join(copied)}, skipped as duplicates)" if copied else "")
+            + ": without a test/ folder a test split is held out of every class, so give "
+            "each class at least two images or upload a test/ folder"
         )
     labels = [class_index[item.class_name] for item in labeled]
     _, held_out = split_holdout(labels, settings.holdout_fraction, settings.holdout_seed)

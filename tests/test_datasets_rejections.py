@@ -117,6 +117,17 @@ REJECTIONS: list = [
     pytest.param(lambda: zip_bytes({**class_entries(("cat",), per_class=4),
                                     **class_entries(("dog",), per_class=1, seed=1)}),
                  "a.zip", 422, "'dog' has only one labeled image", id="holdout-needs-two"),
+    # Three files, two of them copies of the first: said (it read as a wrong count).
+    pytest.param(lambda: zip_bytes({**class_entries(("cat",), per_class=4),
+                                    **{f"dog/{n}.png": image_bytes(9) for n in range(3)}}),
+                 "a.zip", 422, "class 'dog' has only one labeled image (2 more are copies of "
+                 "it, skipped as duplicates): without a test/ folder", id="holdout-copies"),
+    pytest.param(lambda: zip_bytes({**class_entries(("cat",), per_class=4),
+                                    **{f"dog/{n}.png": image_bytes(9) for n in range(2)},
+                                    "emu/0.png": image_bytes(8)}),
+                 "a.zip", 422, "classes 'dog', 'emu' have only one labeled image ('dog': 1 "
+                 "more is a copy of its image, skipped as duplicates): without",
+                 id="holdout-copies-two-classes"),
     pytest.param(lambda: zip_bytes({**class_entries(("cat", "dog"), prefix="train/"),
                                     **class_entries(("cat", "dog"), prefix="test/", seed=1),
                                     **class_entries(("cat", "dog"), prefix="val/", seed=2)}),

@@ -76,9 +76,11 @@ def _new_labels(source: Dataset, images: list[DatasetImage],
     class_index = {name: index for index, name in enumerate(source.class_names)}
     if unknown := sorted({row.label for row in labels.values() if row.label not in class_index}):
         # 'Cat' for 'cat': said, where it was left to be found in the list of classes.
-        by_folding = {name.casefold(): name for name in source.class_names}
-        cased = [f"{label!r} is {by_folding[label.casefold()]!r}" for label in unknown
-                 if label.casefold() in by_folding]
+        by_folding: dict[str, list[str]] = {}
+        for name in source.class_names:
+            by_folding.setdefault(name.casefold(), []).append(name)
+        cased = [f"{label!r} is {' or '.join(map(repr, by_folding[label.casefold()]))}"
+                 for label in unknown if label.casefold() in by_folding]
         problems.append(
             f"{CSV_NAME} uses {len(unknown):,} label(s) that are not classes of dataset "
             f"{source.id}: {quoted_list(unknown)}; its classes are "

@@ -199,6 +199,16 @@ def test_labels_a_dataset_cannot_take_are_refused_and_nothing_is_made(
     assert in_tmp(server) == []
 
 
+def test_a_label_whose_letter_case_matches_two_classes_names_both(server: LiveServer) -> None:
+    """Classes 'Cat' and 'cat' (warned of at upload): 'CAT' was said to be one of them."""
+    entries = {**class_entries(("Cat", "cat", "dog"), per_class=3, seed=5), **UNLABELED}
+    with server.client() as client:
+        dataset = upload(client, zip_bytes(entries), name="cased").json()
+        refused = labels(client, dataset["id"], "unlabeled/u0.png,CAT\n")
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"].endswith("; letter case counts: 'CAT' is 'Cat' or 'cat'")
+
+
 def test_a_labels_csv_over_a_mebibyte_is_read(server: LiveServer, photos: dict) -> None:
     """The route takes 64 MiB, but the web's 1 MiB cap on other routes' bodies refused a
     larger CSV (413): a dataset's own labels.csv, filled in, passes 1 MiB at about 30,000

@@ -55,6 +55,30 @@ def check_destination(destination: Path, data_dir: Path, allowed: tuple[str, ...
                             "one, so that no earlier backup's files are mixed into this one")
 
 
+def check_database_id(database: Path, data_dir: Path) -> None:
+    """Refuse to copy a SQLite database with a data directory that is not its own (the app
+    would refuse to start on the copy: SELFTUNE_DATABASE_URL forgotten or mistyped, say)."""
+    if not database.is_file():
+        raise BackupRefused(f"no SQLite database at {database}: is SELFTUNE_DATA_DIR (or "
+                            "SELFTUNE_DATABASE_URL) the running app's?")
+    recorded = (data_dir / DATABASE_ID_FILE).read_text().strip()
+    try:
+        reading = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)
+        try:
+            (database_id,) = reading.execute("SELECT database_id FROM installation").fetchone()
+        finally:
+            reading.close()
+    except (sqlite3.Error, TypeError) as exc:  # not the app's database, or an empty table
+        raise BackupRefused(f"{database} is not a database this app has migrated ({exc})"
+                            ) from None
+    if database_id != recorded:
+        raise BackupRefused(
+            f"the data directory {data_dir} holds the files of another database (its "
+            f"{DATABASE_ID_FILE} is {recorded}; {database} is {database_id}), and a copy of "
+            "the two would not start: back up with the SELFTUNE_DATABASE_URL the app runs "
+            "with. Nothing was written.")
+
+
 def copy_sqlite(source: Path, target: Path) -> None:
     """A consistent copy of the SQLite database at `source`, written while the app may be
     writing it: SQLite's online backup reads one snapshot (a file copy could catch a page
@@ -153,6 +177,8 @@ def backup(settings: Settings, destination: Path) -> Backup:
     if not (data_dir / DATABASE_ID_FILE).is_file():
         raise BackupRefused(f"{data_dir} has no {DATABASE_ID_FILE}: it is not a data "
                             "directory the app has started with")
+    if sqlite:
+        check_database_id(database, data_dir)
     if not sqlite and not (destination / DUMP_FILE).is_file():
         shown = url.set(drivername=url.get_backend_name())  # pg_dump names no driver
         raise BackupRefused(

@@ -18,7 +18,13 @@ import pytest
 import redis
 
 from app.backup import BackupRefused, backup, copy_files, copy_sqlite, missing_from
-from app.db import DATABASE_ID_FILE, get_engine, session_scope, upgrade_to_head
+from app.db import (
+    DATABASE_ID_FILE,
+    claim_data_dir,
+    get_engine,
+    session_scope,
+    upgrade_to_head,
+)
 from app.models import Artifact, Dataset, Experiment, Run, utcnow
 from tests.support import PROJECT_ROOT, LiveServer, add_dataset_row, app_env, start_server
 from tests.test_datasets_support import class_entries, upload, zip_bytes
@@ -204,12 +210,31 @@ def test_a_backup_names_what_its_database_lists_and_the_copy_lacks(settings, tmp
     with session_scope(settings.sqlalchemy_url) as session:
         key = session.get(Dataset, dataset_id).storage_key
     (settings.data_dir / "datasets" / key).mkdir(parents=True)
-    (settings.data_dir / DATABASE_ID_FILE).write_text("0" * 32)
+    claim_data_dir(settings.data_dir, settings.sqlalchemy_url)
     destination = tmp_path / "copy"
     assert backup(settings, destination).missing == []
 
     shutil.rmtree(destination / "datasets" / key)  # as a delete during the copy leaves it
     assert missing_from(destination) == (1, 0, [f"datasets/{key}"])
+
+
+def test_a_backup_refuses_a_database_whose_data_directory_is_another_databases(
+        settings, tmp_path):
+    """Run with another SQLite database than the data directory's (SELFTUNE_DATABASE_URL
+    forgotten or mistyped), it copied the two together: a backup the app refuses to start
+    on, found out when it is needed."""
+    claim_data_dir(settings.data_dir, settings.sqlalchemy_url)
+    other = tmp_path / "other.db"
+    upgrade_to_head(f"sqlite:///{other}")
+    wrong = settings.model_copy(update={"database_url": f"sqlite:///{other}"})
+    with pytest.raises(BackupRefused, match=(
+            f"the data directory {settings.data_dir} holds the files of another database .* "
+            "a copy of the two would not start: back up with the SELFTUNE_DATABASE_URL the "
+            "app runs with. Nothing was written.")):
+        backup(wrong, tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    get_engine(f"sqlite:///{other}").dispose()
+    assert backup(settings, tmp_path / "copy").missing == []  # its own database's
 
 
 def test_a_backup_keeps_the_files_datasets_share_as_one(tmp_path):
@@ -232,7 +257,7 @@ def test_a_backup_keeps_the_files_datasets_share_as_one(tmp_path):
 
 
 def test_a_backup_refuses_a_folder_in_use_or_inside_the_data_directory(settings, tmp_path):
-    (settings.data_dir / DATABASE_ID_FILE).write_text("0" * 32)
+    claim_data_dir(settings.data_dir, settings.sqlalchemy_url)
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "selftune.db").write_bytes(b"an earlier backup")
@@ -277,7 +302,7 @@ def test_a_file_the_backup_cannot_copy_stops_it_naming_the_file(settings, tmp_pa
     deleted during the copy: the backup stops and says the copy is not whole. Here the file
     is a named pipe, which copying refuses (a disk cannot be filled in a test)."""
     add_dataset_row(settings.sqlalchemy_url)  # a database to copy
-    (settings.data_dir / DATABASE_ID_FILE).write_text("0" * 32)
+    claim_data_dir(settings.data_dir, settings.sqlalchemy_url)
     folder = settings.data_dir / "runs" / "4"
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"weights")
@@ -292,7 +317,7 @@ def test_a_database_or_folder_the_backup_cannot_write_stops_it_in_one_line(setti
     exit 1: the code that says a file was deleted during the copy. (A disk cannot be filled
     in a test: a folder where the copy's file would go refuses it alike.)"""
     add_dataset_row(settings.sqlalchemy_url)  # a database to copy
-    (settings.data_dir / DATABASE_ID_FILE).write_text("0" * 32)
+    claim_data_dir(settings.data_dir, settings.sqlalchemy_url)
     source = Path(settings.sqlalchemy_url.removeprefix("sqlite:///"))
     with pytest.raises(BackupRefused, match=f"the database {source} could not be copied to "
                                             f"{tmp_path}: .*; the copy is not whole"):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -204,10 +205,25 @@ def start_forked(args: list[str], env: dict[str, str], log_path: Path) -> Proces
     return Process(ForkedPopen(process, ["uvicorn", *args]), log_path)
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the socket listening on TCP `port`."""
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections)
+
+
 def start_server(env: dict[str, str], log_path: Path, timeout: float = 60,
                  port: int | None = None, options: tuple[str, ...] = ()) -> tuple[str, Process]:
     """uvicorn on `port` (a free one by default: give the old one to restart a server), with
-    more of its command-line `options` if given."""
+    more of its command-line `options` if given.
+
+    The server that answers must be this one: a free port can be handed to two test
+    processes at once, and then the other's server answered the health check while this
+    one failed to bind, and the test talked to another database ("dataset 1 does not
+    exist"). A port taken so is given up for another free one."""
+    chosen = port
     port = port or free_port()
     process = start_forked(
         ["--factory", "app.main:app_factory", "--host", "127.0.0.1", "--port", str(port),
@@ -223,10 +239,16 @@ def start_server(env: dict[str, str], log_path: Path, timeout: float = 60,
         if process.popen.poll() is not None:
             raise RuntimeError(f"uvicorn exited early:\n{process.log()}")
         try:
-            if httpx.get(url + "/api/health", headers=headers, timeout=2).status_code in (200, 503):
-                return url, process
+            answered = httpx.get(url + "/api/health", headers=headers, timeout=2).status_code
         except httpx.HTTPError:
-            pass
+            answered = None
+        if answered in (200, 503):
+            if listens_on(process.popen.pid, port):
+                return url, process
+            if chosen is None:  # another process's server on the port: this one cannot bind it
+                process.stop()
+                return start_server(env, log_path, max(1.0, deadline - time.monotonic()),
+                                    None, options)
         time.sleep(0.2)
     process.stop()
     raise RuntimeError(f"uvicorn did not answer in {timeout}s:\n{process.log()}")

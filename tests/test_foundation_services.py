@@ -61,6 +61,30 @@ def test_a_real_worker_runs_a_task_through_redis_and_the_database(live_server, c
         assert session.scalars(select(Dataset.name)).all() == ["d"]
 
 
+def test_a_test_server_given_a_port_another_server_holds_starts_on_another(
+        settings, tmp_path, redis_url, monkeypatch):
+    """Two test processes can be handed one free port: the other's server then answered the
+    health check while this one failed to bind it, and a test talked to another database
+    ("dataset 1 does not exist", seen once in CI)."""
+    import tests.support as support
+
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, redis_url)
+    taken_url, other = start_server(env, tmp_path / "other.log")
+    taken = int(taken_url.rsplit(":", 1)[1])
+    ports = iter([taken])
+    monkeypatch.setattr(support, "free_port", lambda: next(ports, None) or free_port())
+    try:
+        url, process = start_server(env, tmp_path / "uvicorn.log")
+        try:
+            assert url != taken_url
+            assert support.listens_on(process.popen.pid, int(url.rsplit(":", 1)[1]))
+            assert httpx.get(url + "/api/health", timeout=30).status_code == 200
+        finally:
+            process.stop()
+    finally:
+        other.stop()
+
+
 def test_health_is_503_and_names_the_failing_part_when_redis_is_down(settings, tmp_path):
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
     env = app_env(settings.data_dir, settings.sqlalchemy_url, dead_redis)

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.routing import Match
 
-from app import __version__
+from app import __version__, openapi
 from app.config import Settings, get_settings, settings_or_exit
 from app.db import StartupRefused
 from app.deps import (
@@ -353,6 +353,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(experiment_pages.router)
     app.mount("/static", StaticAssets(directory=STATIC_DIR), name="static")
     _add_docs(app)
+    openapi.install(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OSError, _disk_full)

@@ -280,8 +280,10 @@ class RenameIn(BaseModel):
     """A new name for a dataset or an experiment (`PATCH`)."""
 
     model_config = INPUT
+    # minLength and pattern say in the schema what the validator refuses: none, or spaces.
     name: Name = Field(max_length=200, description="1 to 200 characters, spaces around it "
-                      "left out", examples=["camera traps, spring"])
+                       "left out", examples=["camera traps, spring"],
+                       json_schema_extra={"minLength": 1, "pattern": r"\S"})
 
     @field_validator("name")
     @classmethod

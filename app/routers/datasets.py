@@ -452,7 +452,10 @@ def list_images(
 @router.get(
     "/{dataset_id}/images/{image_id}/thumbnail",
     response_class=FileResponse,
-    responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorOut}},
+    responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorOut},
+               206: {"description": "the part a `Range: bytes=...` asked for"},
+               304: {"description": "not modified: `If-None-Match` holds this thumbnail's ETag"},
+               416: {"description": "the byte range asked for lies outside the thumbnail"}},
 )
 def image_thumbnail(
     request: Request, dataset_id: DatasetId, image_id: ImageId, db: DbDep,

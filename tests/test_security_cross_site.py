@@ -4,7 +4,11 @@ localhost (DNS rebinding) get no answer. Real uvicorn, Redis, SQLite and Chromiu
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+
 import httpx
+import psutil
 import pytest
 
 from tests.browser import open_browser
@@ -47,6 +51,31 @@ def test_without_a_token_only_local_host_names_are_served(live_server):
             response = client.get("/", headers={"Host": f"{host}:{port}"})
             assert response.status_code == 403, (host, response.text)
             assert "answers to localhost only" in response.json()["detail"]
+
+
+def test_without_a_token_a_client_on_another_computer_is_refused_whatever_host_it_names(
+        settings, tmp_path):
+    """Started by hand on 0.0.0.0 (or as the image's own command) without a token, the
+    server answered every computer that sent `Host: localhost`: the Host check was all."""
+    addresses = [address.address for addresses in psutil.net_if_addrs().values()
+                 for address in addresses if address.family == socket.AF_INET
+                 and not ipaddress.ip_address(address.address).is_loopback]
+    if not addresses:
+        pytest.skip("this machine has no address but loopback to connect from")
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url)
+    url, process = start_server(env, tmp_path / "uvicorn.log", options=("--host", "0.0.0.0"))
+    port = httpx.URL(url).port
+    try:
+        local = {"Host": f"localhost:{port}"}
+        refused = httpx.get(f"http://{addresses[0]}:{port}/api/datasets", headers=local,
+                            timeout=30)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["detail"] == (
+            f"this server answers to this computer only, not to {addresses[0]}: it runs "
+            "without SELFTUNE_API_TOKEN. Set a token to serve other computers")
+        assert httpx.get(url + "/api/datasets", headers=local, timeout=30).status_code == 200
+    finally:
+        process.stop()
 
 
 def test_with_a_token_other_host_names_are_served(settings, tmp_path):

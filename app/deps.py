@@ -172,20 +172,36 @@ def guessing_address(host: str) -> str:
 def token_accepted(request: Request, settings: Settings, presented: str | None) -> bool:
     """token_matches, counting the wrong tokens a client presents (WrongTokens): a client
     past the limit gets a 429 that says when to try again."""
-    if settings.token is None:
-        return True
-    wrong_tokens: WrongTokens = request.app.state.wrong_tokens
-    address = guessing_address(request.client.host) if request.client else "unknown"
-    if wait_s := wrong_tokens.retry_after(address):
+    if (accepted := token_checked(request, settings, presented)) is None:
+        wrong_tokens: WrongTokens = request.app.state.wrong_tokens
+        wait_s = wrong_tokens.retry_after(client_address(request))
         raise HTTPException(
             status_code=429, headers={"Retry-After": str(wait_s)},
             detail=f"too many wrong tokens from this address ({wrong_tokens.limit} different "
                    f"ones): try again in {wait_s} s")
+    return accepted
+
+
+def token_checked(request: Request, settings: Settings, presented: str | None) -> bool | None:
+    """Whether `presented` is the token, a wrong one counted (WrongTokens); None while the
+    client's address has presented too many wrong ones. Every check of a token a client
+    sends goes through here: the pages' "Sign out" asked token_matches alone, and was a
+    way to guess the token without limit."""
+    if settings.token is None:
+        return True
+    wrong_tokens: WrongTokens = request.app.state.wrong_tokens
+    address = client_address(request)
+    if wrong_tokens.retry_after(address):
+        return None
     if token_matches(settings, presented):
         return True
     if presented:
         wrong_tokens.record(address, presented)
     return False
+
+
+def client_address(request: Request) -> str:
+    return guessing_address(request.client.host) if request.client else "unknown"
 
 
 def presented_token(request: Request) -> str | None:

@@ -59,12 +59,16 @@ def test_every_api_route_in_the_openapi_schema_needs_the_token(guarded_server):
         assert ok.status_code == 200
     # The schema says so: Swagger UI (/docs) offers "Authorize" for the bearer token, and
     # every API operation asks for it (it declared none, so "Try it out" could only fail).
-    assert schema["components"]["securitySchemes"] == {
-        "HTTPBearer": {"type": "http", "scheme": "bearer",
-                       "description": "the server's SELFTUNE_API_TOKEN (when it has one)"}}
+    # Or the login page's cookie, which a browser sends.
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"] == {
+        "type": "http", "scheme": "bearer",
+        "description": "the server's SELFTUNE_API_TOKEN (when it has one)"}
+    assert (schemes["TokenCookie"]["in"], schemes["TokenCookie"]["name"]) == (
+        "cookie", AUTH_COOKIE)
     for path, item in schema["paths"].items():
         for method, operation in item.items():
-            expected = [] if path in PUBLIC else [{"HTTPBearer": []}]
+            expected = [] if path in PUBLIC else [{"HTTPBearer": []}, {"TokenCookie": []}]
             assert operation.get("security", []) == expected, (method, path)
             # ... and the answers the token can bring, for clients generated from it.
             if path not in PUBLIC:
@@ -281,6 +285,26 @@ def test_an_address_guessing_tokens_is_held_off_and_a_stale_cookie_is_not(guarde
     with httpx.Client(base_url=guarded_server, timeout=30,
                       cookies={AUTH_COOKIE: TOKEN}) as signed_in:
         assert signed_in.get("/datasets").status_code == 429
+
+
+def test_the_sign_out_button_is_no_way_to_guess_the_token(guarded_server):
+    """Pages no token guards (/login, error pages) offer "Sign out" to the right cookie: they
+    compared the cookie without counting it, so a client could try tokens there without end
+    (the button said which was right)."""
+    for guess in range(10):
+        with httpx.Client(base_url=guarded_server, timeout=30,
+                          cookies={AUTH_COOKIE: f"guess{guess}"}) as guesser:
+            assert "Sign out" not in guesser.get("/login").text
+    with httpx.Client(base_url=guarded_server, timeout=30, cookies={AUTH_COOKIE: TOKEN}) as tab:
+        login = tab.get("/login")
+        assert login.status_code == 200 and "Sign out" not in login.text  # held off: no tell
+        assert tab.get("/datasets").status_code == 429
+
+
+def test_the_sign_out_button_shows_for_the_right_cookie(guarded_server):
+    with httpx.Client(base_url=guarded_server, timeout=30, cookies={AUTH_COOKIE: TOKEN}) as tab:
+        assert "Sign out" in tab.get("/login").text
+        assert "Sign out" in tab.get("/datasets").text
 
 
 def test_guesses_from_one_ipv6_network_count_together(guarded_server):

@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app import __version__
 from app.config import Settings
 from app.db import get_sessionmaker
-from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, token_matches
+from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, token_checked
 from app.experiments import GOING, as_shown
 from app.live import get_redis
 from app.models import MAX_ID, Dataset
@@ -47,7 +47,8 @@ def signed_in(request: Request) -> bool:
     token changed does not count): then the pages offer to sign out."""
     settings = request.app.state.settings
     cookie = request.cookies.get(AUTH_COOKIE)
-    return settings.token is not None and bool(cookie) and token_matches(settings, cookie)
+    return (settings.token is not None and bool(cookie)
+            and token_checked(request, settings, cookie) is True)
 
 
 templates.env.globals["signed_in"] = signed_in

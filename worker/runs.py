@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -185,9 +186,9 @@ EXPERIMENT_FEED_SHARE = 0.01
 class RunRecorder:
     """Writes what a run does: the database is the record, Redis streams carry the live feed.
 
-    Redis being away (restarting, or hanging) never stops training: events are then only
-    recorded in the database, and the stream picks up again when Redis is back (`LiveFeed`
-    keeps what each iteration asks of it short). Nor does the database being
+    Redis being away (restarting, or hanging) never stops training: events are then kept in
+    memory, and the stream gets them, in order, when Redis is back (`LiveFeed` keeps what each
+    iteration asks of it short). Nor does the database being
     away: events still go to Redis, the metric points wait in memory (the newest
     `MAX_UNSAVED`) and are written with the next point that gets through; only if the database
     is still away at the end, after `finish_retry_s` of trying, are they and the outcome lost.
@@ -222,6 +223,11 @@ class RunRecorder:
         self.taken_away: str | None = None  # what the run had become, once it was taken
         # Per kind of event thinned for the experiment's feed, the step of the last sent there.
         self._sent_to_experiment: dict[str, int] = {}
+        # (event, whether for the experiment's feed too) not in the feeds yet: those Redis did
+        # not take while it was away go with the next that gets through, before it, so the
+        # feed is whole again (a client following it had the points of the outage missing, an
+        # evaluation among them, without a word). As many as a feed keeps.
+        self._unsent: deque[tuple[str, bool]] = deque(maxlen=settings.event_stream_maxlen)
         self.save_when_taken = False  # whether the engine saves its state as it stops then
 
     def hold(self, worker: str, task_id: str | None, *, folder_locked: bool) -> None:
@@ -296,17 +302,19 @@ class RunRecorder:
         if self.taken_away:  # the feed is the new attempt's now
             return
         event = {"run_id": self.run_id, "time": time.time(), **event}
-        data = json.dumps(event, default=float)
         maxlen = self.settings.event_stream_maxlen
-        to_experiment = self._for_experiment(event)
+        self._unsent.append((json.dumps(event, default=float), self._for_experiment(event)))
 
-        def send(client: redis.Redis) -> None:
+        def send(client: redis.Redis) -> bool:
             pipe = client.pipeline(transaction=False)
-            add_to_feeds(pipe, self.run_id, self.experiment_id, {"data": data}, maxlen,
-                         to_experiment=to_experiment)
+            for data, to_experiment in self._unsent:
+                add_to_feeds(pipe, self.run_id, self.experiment_id, {"data": data}, maxlen,
+                             to_experiment=to_experiment)
             pipe.execute()
+            return True
 
-        self.live.call(send, None, now=now)
+        if self.live.call(send, False, now=now):
+            self._unsent.clear()
 
     def _for_experiment(self, event: dict[str, Any]) -> bool:
         """Whether the event goes to the experiment's feed too. Its stream is shared by up to

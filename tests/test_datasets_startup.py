@@ -298,6 +298,20 @@ def test_the_web_and_a_worker_refuse_a_database_that_was_never_migrated_in_one_l
     assert "has not been migrated: run" in refused_worker(env, tmp_path / "worker-empty.log")
 
 
+def test_a_worker_set_to_a_gpu_the_machine_lacks_refuses_to_start_in_one_line(
+        settings, tmp_path: Path) -> None:
+    """It started, showed the device probe's Python source as its device on the health page,
+    and failed every run it took. (GPU 99: no machine this runs on has that many.)"""
+    upgrade_to_head(settings.sqlalchemy_url)
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  SELFTUNE_WORKER_DEVICE="cuda:99")
+    refusal = refused_worker(env, tmp_path / "worker.log")
+    assert ("worker cannot start: this worker is set to train on 'cuda:99' "
+            "(SELFTUNE_WORKER_DEVICE) but has ") in refusal
+    assert "usable CUDA device(s)" in refusal and "import json" not in refusal
+    assert "ready" not in refusal
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_database_an_older_release_migrated_is_refused_by_the_web_and_the_worker(
     tmp_path: Path, redis_url: str, request, database

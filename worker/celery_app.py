@@ -101,15 +101,18 @@ def _on_worker_init(**_kwargs) -> None:
     and write run folders, resume checkpoints included, that belong to the other database's
     runs of the same ids. A database that does not answer yet is not a refusal: the check is
     made when a run arrives (worker.tasks.TrainRequest), and a refusal then stops the worker
-    as it would have stopped here."""
+    as it would have stopped here. Nor on a device it cannot train on (SELFTUNE_WORKER_DEVICE
+    set to a GPU the machine lacks), which would fail every run it took."""
     from sqlalchemy.exc import OperationalError
 
     from app.db import StartupRefused
+    from worker.device import DeviceUnusable, probe_device
 
     settings = get_settings()
     try:
         check_data_dir(settings)
-    except StartupRefused as exc:
+        _worker_info.update(probe_device(settings.worker_device))
+    except (StartupRefused, DeviceUnusable) as exc:
         log.critical("worker cannot start: %s", exc)
         raise SystemExit(2) from None
     except OperationalError as exc:
@@ -135,10 +138,7 @@ def remove_abandoned_caches(settings: Settings) -> None:
 
 @worker_ready.connect
 def _on_worker_ready(sender=None, **_kwargs) -> None:
-    from worker.device import probe_device
-
     hostname = getattr(sender, "hostname", None) or socket.gethostname()
-    _worker_info.update(probe_device(get_settings().worker_device))
     _worker_info["hostname"] = hostname
     threading.Thread(
         target=_heartbeat_loop, args=(hostname, dict(_worker_info)), daemon=True

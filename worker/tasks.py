@@ -169,9 +169,12 @@ def train_run(self, run_id: int) -> dict:
             raise self.retry(countdown=0, max_retries=None)
         except Retry:
             raise
-        except Exception:
-            log.exception("run %s: its task could not go back to the broker; the reaper will "
-                          "queue it again once it finds the run silent", run_id)
+        except Exception as exc:
+            # The broker is away (the cause is known: a traceback of its chained errors was
+            # 40 lines for one line's news).
+            log.error("run %s: its task could not go back to the broker (%s); the reaper "
+                      "will queue it again once it finds the run silent", run_id,
+                      "".join(traceback.format_exception_only(exc)).strip())
             undo_hand_back(settings, run_id, self.request.id)
             raise
     return outcome

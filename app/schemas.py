@@ -99,7 +99,8 @@ FEED_EVENTS: dict[str, tuple[str, dict[str, str]]] = {
                 "`Last-Event-ID`, or reading too slowly, after a long run's oldest were "
                 "trimmed: SELFTUNE_EVENT_STREAM_MAXLEN). The feed goes on with the oldest "
                 "it keeps. Only `type` and these fields.", {
-                    "after": "the id of the last event the client had (0: none)",
+                    "after": "the id of the last event the client had, a string (\"0\": "
+                             "none)",
                     "until": "the id of the event that follows, the oldest kept",
                     "read": "where the whole story is: the run's recorded points "
                             "(/api/runs/{id}/metrics) or the experiment's runs "
@@ -109,12 +110,19 @@ FEED_OWN_EVENTS = ("experiment_end", "dropped")
 FEED_EVENTS["earlier_end"][1].update(FEED_EVENTS["end"][1])
 
 
-def feed_events_description() -> str:
-    """The events, as the OpenAPI description of the feeds' responses."""
-    lines = ["Server-Sent Events; each `data` is a JSON object. Fields of every event "
-             "(not `experiment_end` nor `dropped`): " + "; ".join(
+def feed_events_description(experiment: bool) -> str:
+    """The events, as the OpenAPI description of a run's or an experiment's feed's answer."""
+    own = " nor ".join(f"`{kind}`" for kind in FEED_OWN_EVENTS
+                       if experiment or kind != "experiment_end")
+    lines = ["Server-Sent Events; each `data` is a JSON object. The stream also sends "
+             "`retry: 2000` first, `: heartbeat` comment lines while nothing happens "
+             "(`: live feed unavailable` while Redis does not answer), and an `id:` line "
+             "with every event but `dropped`. Fields of every event "
+             f"(not {own}): " + "; ".join(
                  f"`{name}`: {text}" for name, text in FEED_COMMON_FIELDS.items()) + ".", ""]
     for kind, (text, fields) in FEED_EVENTS.items():
+        if kind == "experiment_end" and not experiment:
+            continue
         extra = "; ".join(f"`{name}`: {about}" for name, about in fields.items())
         lines.append(f"- `{kind}`: {text}" + (f" Fields: {extra}." if extra else ""))
     return "\n".join(lines)

@@ -228,6 +228,12 @@ def test_every_answer_is_as_the_description_says(server: LiveServer, installatio
             ("/api/datasets", 201), ("/api/runs/{run_id}/files/{name}", 206),
             ("/api/runs/{run_id}/checkpoint", 304)} <= seen
     assert schema["components"]["securitySchemes"]["TokenCookie"]["name"] == "selftune_token"
+    # A run's feed is not said to send an experiment's end; an experiment's is.
+    feeds = {path: schema["paths"][path]["get"]["responses"]["200"]["description"]
+             for path in ("/api/runs/{run_id}/events", "/api/experiments/{experiment_id}/events")}
+    assert "experiment_end" not in feeds["/api/runs/{run_id}/events"]
+    assert "`experiment_end`: Every run" in feeds["/api/experiments/{experiment_id}/events"]
+    assert all("`retry: 2000`" in text for text in feeds.values())
     rename = schema["components"]["schemas"]["RenameIn"]["properties"]["name"]
     assert rename["minLength"] == 1 and re.compile(rename["pattern"]).search("   ") is None
 

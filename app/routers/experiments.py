@@ -63,7 +63,7 @@ from app.live import (
 from app.models import MAX_ID, Dataset, Experiment, Run
 from app.reaper import REQUEUEABLE
 from app.responses import csv_download
-from app.routers.runs import SSE_RESPONSES, error_line, run_again, run_summary
+from app.routers.runs import error_line, run_again, run_summary, sse_responses
 from app.schemas import (
     RUN_STATUSES,
     TO_GO_STATUSES,
@@ -485,7 +485,8 @@ def delete_experiment(experiment_id: ExperimentId, session: DbDep, settings: Set
     return deleted_answer(settings, aside)
 
 
-@router.get("/{experiment_id}/events", responses={**SSE_RESPONSES, 404: {"model": ErrorOut}},
+@router.get("/{experiment_id}/events", responses={**sse_responses(True),
+                                                  404: {"model": ErrorOut}},
             response_class=StreamingResponse)
 async def experiment_events(experiment_id: ExperimentId, request: Request,
                             settings: SettingsDep, last_event_id: LastEventId = None):

@@ -107,10 +107,12 @@ router = APIRouter(prefix="/api/runs", tags=["runs"])
 
 CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, TRAINING_FILE)
 DOWNLOADABLE = CHECKPOINT_FILES + (PREDICTIONS_FILE, TEST_PREDICTIONS_FILE)
-SSE_RESPONSES = {200: {"content": {"text/event-stream": {}},
-                       "description": feed_events_description()},
-                 204: {"description": "the Last-Event-ID sent was the end of a feed that is "
-                                      "over: nothing more will come (an EventSource stops)"}}
+def sse_responses(experiment: bool) -> dict:
+    """A run's (or an experiment's) feed's answers."""
+    return {200: {"content": {"text/event-stream": {}},
+                  "description": feed_events_description(experiment)},
+            204: {"description": "the Last-Event-ID sent was the end of a feed that is over: "
+                                 "nothing more will come (an EventSource stops)"}}
 NO_RUN = {404: {"model": ErrorOut, "description": "no such run"}}
 FileName = Annotated[str, PathParam(description="one of " + ", ".join(DOWNLOADABLE),
                                     examples=list(DOWNLOADABLE))]
@@ -366,7 +368,7 @@ def recorded_events(database_url: str, run_id: int,
             return
 
 
-@router.get("/{run_id}/events", responses={**SSE_RESPONSES, **NO_RUN},
+@router.get("/{run_id}/events", responses={**sse_responses(False), **NO_RUN},
             response_class=StreamingResponse)
 async def run_events(run_id: RunId, request: Request, settings: SettingsDep,
                      last_event_id: LastEventId = None):

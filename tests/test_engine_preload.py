@@ -19,7 +19,8 @@ from app.engine_preload import wait_for_preload
 from app.main import create_app
 engine = ("torch", "timm", "worker.selftuning.backbones")
 before = [name for name in engine if name in sys.modules]
-with TestClient(create_app(), base_url="http://localhost") as client:
+# From this computer, as a server without a token requires (app.guard).
+with TestClient(create_app(), base_url="http://localhost", client=("127.0.0.1", 50000)) as client:
     healthy = client.get("/healthz").status_code
     wait_for_preload()
     after = [name for name in engine if name in sys.modules]

@@ -45,8 +45,8 @@ def host_name(host: str) -> str:
 class BrowserGuard:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.local_only = (settings.token is None and settings.is_loopback_host()
-                           and not settings.allow_public_without_token)
+        # Whatever SELFTUNE_HOST says: uvicorn started by hand binds where its --host says.
+        self.local_only = settings.token is None and not settings.allow_public_without_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (reason := self.refusal(scope)):

@@ -53,16 +53,20 @@ def test_without_a_token_only_local_host_names_are_served(live_server):
             assert "answers to localhost only" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("host_setting", [None, "0.0.0.0"])
 def test_without_a_token_a_client_on_another_computer_is_refused_whatever_host_it_names(
-        settings, tmp_path):
+        settings, tmp_path, host_setting):
     """Started by hand on 0.0.0.0 (or as the image's own command) without a token, the
-    server answered every computer that sent `Host: localhost`: the Host check was all."""
+    server answered every computer that sent `Host: localhost`: the Host check was all, and
+    with SELFTUNE_HOST=0.0.0.0 (which only `make run` refuses without a token) not even
+    that."""
     addresses = [address.address for addresses in psutil.net_if_addrs().values()
                  for address in addresses if address.family == socket.AF_INET
                  and not ipaddress.ip_address(address.address).is_loopback]
     if not addresses:
         pytest.skip("this machine has no address but loopback to connect from")
-    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url)
+    env = app_env(settings.data_dir, settings.sqlalchemy_url, settings.effective_redis_url,
+                  **({"SELFTUNE_HOST": host_setting} if host_setting else {}))
     url, process = start_server(env, tmp_path / "uvicorn.log", options=("--host", "0.0.0.0"))
     port = httpx.URL(url).port
     try:

@@ -88,6 +88,38 @@ def test_cli_reads_files_as_uploads_do(tmp_path: Path, capsys):
     assert sorted(training["class_to_idx"]) == classes
 
 
+def test_messages_name_an_archives_files_by_the_archive_not_its_unpacked_copy(
+        tmp_path: Path, capsys, monkeypatch):
+    """They named the copy in the temp folder, which the user never named
+    (/tmp/selftuning-datasets/83f9e94b9aaf6644/cat/trunc.jpg)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # archives unpack here
+    data = write_shapes_dataset(tmp_path / "data", train_per_class=4, test_per_class=1)
+    first = sorted(folder.name for folder in (data / "train").iterdir())[0]
+    (data / "train" / first / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n no more")
+    archive = tmp_path / "shapes.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for file in sorted(data.rglob("*.png")):
+            bundle.write(file, f"shapes/{file.relative_to(data)}")
+    # A budget it refuses after saying what it skipped: nothing trains.
+    code = main(["train", "--data", str(archive), "--budget", "1000/class", *TINY,
+                 *TEST_BACKBONE, "--out", str(tmp_path / "out")])
+    assert code == 2
+    printed = capsys.readouterr()
+    assert (f"(e.g. {archive}: shapes/train/{first}/broken.png: corrupt or unsupported "
+            "image") in printed.out
+    assert "selftuning-datasets" not in printed.out + printed.err
+
+    listed = tmp_path / "listed.zip"
+    with zipfile.ZipFile(listed, "w") as bundle:
+        bundle.write(data / "train" / first / "broken.png", "a.png")
+        bundle.writestr("labels.csv", "path,label\nmissing.png,cat\n")
+    code = main(["train", "--data", str(listed), *TINY, *TEST_BACKBONE,
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert _last_error(capsys).startswith(
+        f"error: {listed}: labels.csv line 2: 'missing.png' does not exist")
+
+
 def test_cli_finds_labels_csv_in_a_wrapping_folder_that_also_holds_an_image(tmp_path: Path,
                                                                            capsys):
     """photos/labels.csv beside photos/extra.png: the upload read the CSV, the command line

@@ -8,9 +8,11 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from worker.selftuning.budgets import PER_CLASS_TEXT, Budget, BudgetError
 from worker.selftuning.checkpoint import check_compatible
 from worker.selftuning.config import PRESETS, RunConfig
 from worker.selftuning.data import (
+    COPIES_FOLDER,
     Item,
     RunData,
     drop_duplicates,
@@ -170,16 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         warnings += class_name_warnings(class_names, "run again") + untested_class_warnings(
             [name for index, name in enumerate(class_names) if test_items and index not in tested])
         for warning in warnings:
-            print(f"warning: {warning}")
+            print(as_in_archive(f"warning: {warning}", args.data))
         if skipped:
             path, reason = next(iter(skipped.items()))
-            print(f"skipped {len(skipped)} file(s), as an upload does (e.g. {path}: {reason})")
+            print(as_in_archive(f"skipped {len(skipped)} file(s), as an upload does (e.g. "
+                                f"{path}: {reason})", args.data))
         train_items, test_items, unlabeled, dropped = drop_duplicates(
             train_items, test_items, unlabeled)
         if dropped:
             path, kept = dropped[0]
-            print(f"left out {len(dropped)} image(s) with the same bytes as another "
-                  f"(e.g. {path}, a copy of {kept})")
+            print(as_in_archive(f"left out {len(dropped)} image(s) with the same bytes as "
+                                f"another (e.g. {path}, a copy of {kept})", args.data))
             check_every_class_trains(class_names, train_items)
         if not test_items:
             check_holdout_possible(class_names, train_items)
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                                              budget, config.seed)
         check_finished_run(out, config, data)
     except ValueError as exc:
-        return _user_error(exc)
+        return _user_error(exc, args.data)
     except KeyboardInterrupt:  # while the dataset was read: --out is not made yet
         print(STOPPED_BEFORE_TRAINING, file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -451,8 +455,18 @@ def _overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def _user_error(exc: ValueError | OSError) -> int:
-    message = str(exc)
+def as_in_archive(text: str, data: str) -> str:
+    """A message that names the files of an archive's unpacked copy (in the temp folder,
+    which the user never named: /tmp/selftuning-datasets/83f9e94b9aaf6644/cat/1.jpg) naming
+    them by the archive and their paths in it: photos.zip: cat/1.jpg."""
+    if not Path(data).is_file():
+        return text
+    copies = Path(tempfile.gettempdir()) / COPIES_FOLDER
+    return re.sub(re.escape(str(copies)) + r"/[0-9a-f]{16}/", lambda _: f"{data}: ", text)
+
+
+def _user_error(exc: ValueError | OSError, data: str | None = None) -> int:
+    message = str(exc) if data is None else as_in_archive(str(exc), data)
     if isinstance(exc, BackboneError):  # the engine's advice names the API's field
         message = message.replace("pretrained=false", "--no-pretrained")
     print(f"error: {message}", file=sys.stderr)

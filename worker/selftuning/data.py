@@ -417,6 +417,7 @@ def unpacked_folder(archive: Path) -> Path:
 # marker as it starts and ends, and has decoded every image it reads by then.
 UNUSED_COPY_S = 7 * 24 * 3600.0
 UNPACKED_MARKER = ".complete"  # holds the identity of the archive the copy came from
+COPIES_FOLDER = "selftuning-datasets"  # in the temp folder: the archives' unpacked copies
 
 
 def _unpack(archive: Path) -> Path:
@@ -428,7 +429,7 @@ def _unpack(archive: Path) -> Path:
     key = hashlib.sha256(
         f"{source['path']}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
     ).hexdigest()[:16]
-    target = Path(tempfile.gettempdir()) / "selftuning-datasets" / key
+    target = Path(tempfile.gettempdir()) / COPIES_FOLDER / key
     if (target / UNPACKED_MARKER).is_file():
         _mark_used(target / UNPACKED_MARKER)
         return target

@@ -244,10 +244,14 @@ def claim_data_dir(data_dir: Path, url: str) -> None:
     empty SQLite database) lost every dataset's files."""
     from app.models import Installation
 
-    # A SQLite file that is not there is not made here (empty, it would no longer say so); one
-    # whose folder is not there either does not answer yet (a volume not mounted yet).
-    if (path := sqlite_file(url)) is not None and path.parent.is_dir() and not path.exists():
-        raise not_migrated(url, f" (there is no file {path})")
+    # A SQLite file that is not there is not made here (empty, it would no longer say so), nor
+    # is an empty one written (a connection makes it a database); one whose folder is not
+    # there either does not answer yet (a volume not mounted yet).
+    if (path := sqlite_file(url)) is not None and path.parent.is_dir():
+        if not path.exists():
+            raise not_migrated(url, f" (there is no file {path})")
+        if path.is_file() and path.stat().st_size == 0:
+            raise not_migrated(url, f" (the file {path} is empty)")
     with session_scope(url) as session:
         check_revision(session.connection(), url)
         check_clock(session.connection(), url)

@@ -290,12 +290,13 @@ def test_the_web_and_a_worker_refuse_a_database_that_was_never_migrated_in_one_l
     assert not never_migrated.exists()
     assert not (tmp_path / "data" / DATABASE_ID_FILE).exists()
 
-    # One that exists, empty: the same refusal, without the file.
+    # One that exists, empty: the same refusal, and the file left as it was (a connection
+    # wrote a database's first page into it, and the refusal said nothing was changed).
     never_migrated.touch()
-    env = app_env(tmp_path / "data", f"sqlite:///{never_migrated}", redis_url)
-    assert "has not been migrated: run `alembic upgrade head`" in refused_web(
-        env, tmp_path / "uvicorn-empty.log")
-    assert "has not been migrated: run" in refused_worker(env, tmp_path / "worker-empty.log")
+    said = f"has not been migrated (the file {never_migrated} is empty): run `alembic upgrade"
+    assert said in refused_web(env, tmp_path / "uvicorn-empty.log")
+    assert said in refused_worker(env, tmp_path / "worker-empty.log")
+    assert never_migrated.stat().st_size == 0
 
 
 def test_a_worker_set_to_a_gpu_the_machine_lacks_refuses_to_start_in_one_line(

@@ -24,10 +24,12 @@ from app.config import Settings
 from app.models import Dataset, DatasetImage
 from app.responses import shortened
 from worker.selftuning.labels_csv import (
+    SWAPPED_FIX,
     LabelsRow,
     header_hint,
     parse_labels_csv,
     quoted_list,
+    reads_like_a_path,
     spaced_path,
 )
 
@@ -87,6 +89,9 @@ def _new_labels(source: Dataset, images: list[DatasetImage],
             f"{quoted_list(source.class_names, limit=20)} (a new class needs an "
             "upload of its own, with test images of it)"
             + (f"; letter case counts: {', '.join(cased[:5])}" if cased else ""))
+        if missing and any(label in by_path or reads_like_a_path(label) for label in unknown):
+            problems.append(f"the labels read like the images' paths: are the columns "
+                            f"swapped? ({SWAPPED_FIX})")
     added: dict[int, int] = {}
     to_test, relabeled = [], []
     for path, row in labels.items():

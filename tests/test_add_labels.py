@@ -172,6 +172,10 @@ def test_labels_make_a_new_dataset_with_the_same_test_split_and_the_old_one_stay
      "'dog' (a new class needs an upload of its own, with test images of it)"),
     ("unlabeled/u0.png,Cat\nunlabeled/u1.png,DOG\n", 422,
      "test images of it); letter case counts: 'Cat' is 'cat', 'DOG' is 'dog'"),
+    # Columns swapped, no label repeated (labels.csv's own check needs a repeat).
+    ("cat,unlabeled/u2.png\ndog,unlabeled/u3.png\n", 422,
+     "(3) the labels read like the images' paths: are the columns swapped? (each line is "
+     "'path,label' or 'path,label,split')"),
     ("cat/0.png,dog\n", 422, "line 1: 'cat/0.png' is already labeled 'cat' ("),
     ("unlabeled/u0.png,cat,test\n", 422, "is put in the test split"),
     ("path,label\nunlabeled/u0.png,\n", 422, "gives no labels"),

@@ -97,8 +97,7 @@ def parse_labels_csv(
         if split not in SPLITS:
             raise ValueError(f"{where}: split {cells[2]!r} must be train, test or val")
         if path in rows:
-            swapped = (PurePosixPath(cells[1]).suffix.lower() in IMAGE_SUFFIXES
-                       and PurePosixPath(cells[0]).suffix.lower() not in IMAGE_SUFFIXES)
+            swapped = reads_like_a_path(cells[1]) and not reads_like_a_path(cells[0])
             raise ValueError(f"{where}: {cells[0]!r} is listed twice" + (
                 f"; the label {cells[1]!r} reads like an image's path: are the columns "
                 f"swapped? ({SWAPPED_FIX})" if swapped else ""))
@@ -113,6 +112,12 @@ def parse_labels_csv(
         rows[path] = LabelsRow(class_name(cells[1]) if cells[1] else None, SPLITS[split],
                                line_number)
     return rows
+
+
+def reads_like_a_path(cell: str) -> bool:
+    """Whether a labels.csv cell names an image file (a label that does was most likely
+    written in the path's column, and the path in the label's)."""
+    return PurePosixPath(cell).suffix.lower() in IMAGE_SUFFIXES
 
 
 def spaced_path(written: str, clean: Callable[[str], str], exists: Callable[[str], bool]

@@ -128,10 +128,14 @@ def size(export: Export, mtime: int) -> int:
 def size_estimate(dataset: Dataset) -> int:
     """About the archive's length, from what the dataset's row says (the page shows it: the
     images' size alone was a third of the tar of 350-byte images): each image has a header
-    and is padded to whole blocks (half a block on average), and labels.csv has a line an
-    image (about as long as a header's name). Names over 100 bytes take a header more."""
-    per_image = BLOCK + BLOCK // 2 + 64
-    return dataset.size_bytes + dataset.image_count * per_image + 4 * BLOCK
+    and is padded to whole blocks (half a block on average; images under a block, to one),
+    and labels.csv has a line an image. Names over 100 bytes take a header more."""
+    if not dataset.image_count:
+        return dataset.size_bytes + 4 * BLOCK
+    mean = dataset.size_bytes / dataset.image_count
+    padding = BLOCK - mean if mean < BLOCK else BLOCK / 2
+    per_image = BLOCK + padding + 48
+    return round(dataset.size_bytes + dataset.image_count * per_image + 4 * BLOCK)
 
 
 def archive(export: Export, mtime: int, start: int = 0, end: float = math.inf

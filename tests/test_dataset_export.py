@@ -112,7 +112,7 @@ def test_a_dataset_with_labels_added_in_the_app_downloads_and_uploads_again_as_i
         page = client.get(f"/datasets/{dataset_id}").text
         number, unit = re.search(r"a tar of about ([\d.]+) (bytes|KiB|MiB):", page).groups()
         shown = float(number) * {"bytes": 1, "KiB": 1024, "MiB": 1024**2}[unit]
-        assert 0.85 < shown / len(tar) < 1.2, (shown, len(tar))
+        assert 0.9 < shown / len(tar) < 1.1, (shown, len(tar))
         head = client.head(f"/api/datasets/{dataset_id}/archive")
         assert head.status_code == 200 and head.content == b""
         assert int(head.headers["content-length"]) == len(tar)

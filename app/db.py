@@ -246,8 +246,13 @@ def claim_data_dir(data_dir: Path, url: str) -> None:
 
     # A SQLite file that is not there is not made here (empty, it would no longer say so), nor
     # is an empty one written (a connection makes it a database); one whose folder is not
-    # there either does not answer yet (a volume not mounted yet).
-    if (path := sqlite_file(url)) is not None and path.parent.is_dir():
+    # there either does not answer yet (a volume not mounted yet), unless that folder is the
+    # data directory (the default database's: a data directory never started with, or
+    # mistyped).
+    path = sqlite_file(url)
+    if path is not None and not data_dir.exists() and path.parent.absolute() == data_dir.absolute():
+        raise not_migrated(url, f" (there is no data directory {data_dir})")
+    if path is not None and path.parent.is_dir():
         if not path.exists():
             raise not_migrated(url, f" (there is no file {path})")
         if path.is_file() and path.stat().st_size == 0:

@@ -290,6 +290,15 @@ def test_the_web_and_a_worker_refuse_a_database_that_was_never_migrated_in_one_l
     assert not never_migrated.exists()
     assert not (tmp_path / "data" / DATABASE_ID_FILE).exists()
 
+    # The default database of a data directory that is not there (mistyped): the same, where
+    # it waited for the database to answer, answering 503 to everything.
+    missing = tmp_path / "mistyped"
+    env_missing = {key: value for key, value in app_env(missing, "", redis_url).items()
+                   if key != "SELFTUNE_DATABASE_URL"}
+    assert (f"has not been migrated (there is no data directory {missing}): run"
+            in refused_web(env_missing, tmp_path / "uvicorn-missing.log"))
+    assert not missing.exists()
+
     # One that exists, empty: the same refusal, and the file left as it was (a connection
     # wrote a database's first page into it, and the refusal said nothing was changed).
     never_migrated.touch()

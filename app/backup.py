@@ -76,7 +76,7 @@ def check_database_id(database: Path, data_dir: Path) -> None:
             f"the data directory {data_dir} holds the files of another database (its "
             f"{DATABASE_ID_FILE} is {recorded}; {database} is {database_id}), and a copy of "
             "the two would not start: back up with the SELFTUNE_DATABASE_URL the app runs "
-            "with. Nothing was written.")
+            "with. Nothing was copied.")
 
 
 def copy_sqlite(source: Path, target: Path) -> None:

@@ -230,7 +230,7 @@ def test_a_backup_refuses_a_database_whose_data_directory_is_another_databases(
     with pytest.raises(BackupRefused, match=(
             f"the data directory {settings.data_dir} holds the files of another database .* "
             "a copy of the two would not start: back up with the SELFTUNE_DATABASE_URL the "
-            "app runs with. Nothing was written.")):
+            "app runs with. Nothing was copied.")):
         backup(wrong, tmp_path / "copy")
     assert not (tmp_path / "copy").exists()
     get_engine(f"sqlite:///{other}").dispose()

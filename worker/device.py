@@ -6,25 +6,35 @@ import json
 import subprocess
 import sys
 
+# In a throwaway interpreter: what the pool processes will make of the setting.
 _PROBE = """
 import json, sys
-want = sys.argv[1]
+from worker.device import resolve_device
 try:
-    import torch
-    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
-        found = {"device": "cpu", "name": "cpu"}
-    else:
-        index = int(want.split(":")[1]) if ":" in want else 0
-        count = torch.cuda.device_count()
-        if index >= count:
-            found = {"error": f"this worker is set to train on {want!r} "
-                              f"(SELFTUNE_WORKER_DEVICE) but has {count} usable CUDA device(s)"}
-        else:
-            found = {"device": f"cuda:{index}", "name": torch.cuda.get_device_name(index)}
+    device, name = resolve_device(sys.argv[1])
+    found = {"device": device, "name": name}
+except RuntimeError as exc:
+    found = {"error": str(exc)}
 except Exception as exc:
     found = {"error": f"{type(exc).__name__}: {exc}".strip()}
 print(json.dumps(found))
 """
+
+
+def resolve_device(setting: str) -> tuple[str, str]:
+    """(torch device, human name). Runs inside the pool process, after the fork (and in the
+    probe's interpreter, `probe_device`)."""
+    import torch
+
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return "cpu", "cpu"
+    device = torch.device("cuda:0" if setting in ("auto", "cuda") else setting)
+    if device.type != "cuda" or (device.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"this worker is set to train on {setting!r} (SELFTUNE_WORKER_DEVICE) but has "
+            f"{torch.cuda.device_count()} usable CUDA device(s)"
+        )
+    return str(device), torch.cuda.get_device_name(device)
 
 
 class DeviceUnusable(RuntimeError):

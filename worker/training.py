@@ -23,6 +23,7 @@ from app.ingest import image_cache_dir
 from app.models import Dataset, DatasetImage, Run
 from app.reaper import FOLDER_HELD, is_stale, last_heartbeat, with_note
 from app.schemas import TERMINAL_STATUSES
+from worker.device import resolve_device
 from worker.runs import (
     DATABASE_DOWN,
     DatabaseUnavailable,
@@ -36,21 +37,6 @@ from worker.runs import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(setting: str) -> tuple[str, str]:
-    """(torch device, human name). Runs inside the pool process, after the fork."""
-    import torch
-
-    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
-        return "cpu", "cpu"
-    device = torch.device("cuda:0" if setting in ("auto", "cuda") else setting)
-    if device.type != "cuda" or (device.index or 0) >= torch.cuda.device_count():
-        raise RuntimeError(
-            f"this worker is set to train on {setting!r} (SELFTUNE_WORKER_DEVICE) but has "
-            f"{torch.cuda.device_count()} usable CUDA device(s)"
-        )
-    return str(device), torch.cuda.get_device_name(device)
 
 
 def dataset_items(session, dataset: Dataset, root: Path):

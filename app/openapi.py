@@ -44,7 +44,7 @@ def _json(description: str, schema: dict[str, Any], **headers: dict[str, Any]) -
     answer: dict[str, Any] = {"description": description,
                               "content": {"application/json": {"schema": schema}}}
     if headers:
-        answer["headers"] = {name.replace("_", "-"): value for name, value in headers.items()}
+        _headers(answer, **headers)
     return answer
 
 

@@ -28,6 +28,7 @@ from app.db import (
 )
 from app.models import Dataset, DatasetImage, utcnow
 from tests.support import (
+    Process,
     app_env,
     free_port,
     start_forked,
@@ -160,16 +161,20 @@ def test_server_start_removes_leftovers_and_dataset_routes_need_the_token(
             assert browser.get("/datasets").status_code == 200
 
 
+def refused(process: Process, what: str) -> str:
+    """Wait for a process that must refuse to start to exit 2; returns its log."""
+    try:
+        wait_for(lambda: process.popen.poll() is not None, timeout=60,
+                 message=f"the {what} to refuse to start and exit")
+    finally:
+        process.stop()
+    assert process.popen.returncode == 2, process.log()
+    return process.log()
+
+
 def refused_worker(env: dict[str, str], log_path: Path) -> str:
     """Start a worker that must refuse to start: waits for it to exit 2; returns its log."""
-    worker = start_worker(env, log_path, name="refused")
-    try:
-        wait_for(lambda: worker.popen.poll() is not None, timeout=60,
-                 message="the worker to refuse to start and exit")
-    finally:
-        worker.stop()
-    assert worker.popen.returncode == 2, worker.log()
-    return worker.log()
+    return refused(start_worker(env, log_path, name="refused"), "worker")
 
 
 def test_a_data_directory_refuses_another_database_and_keeps_its_files(
@@ -262,17 +267,10 @@ def test_a_refused_launch_leaves_no_database_behind_and_says_why_in_one_line(
 def refused_web(env: dict[str, str], log_path: Path) -> str:
     """Start a web that must refuse to start (uvicorn as compose starts it): waits for it to
     exit 2; returns its log, which must be the reason in one line."""
-    process = start_forked(["--factory", "app.main:app_factory", "--port", str(free_port())],
-                           env, log_path)
-    try:
-        wait_for(lambda: process.popen.poll() is not None, timeout=60,
-                 message="the web to refuse to start and exit")
-    finally:
-        process.stop()
-    assert process.popen.returncode == 2, process.log()
-    assert "Traceback" not in process.log() and len(process.log().splitlines()) == 1, \
-        process.log()
-    return process.log()
+    log = refused(start_forked(["--factory", "app.main:app_factory", "--port",
+                                str(free_port())], env, log_path), "web")
+    assert "Traceback" not in log and len(log.splitlines()) == 1, log
+    return log
 
 
 def test_the_web_and_a_worker_refuse_a_database_that_was_never_migrated_in_one_line(

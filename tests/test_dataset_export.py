@@ -45,6 +45,16 @@ def images_by_path(client, dataset_id: int) -> dict[str, tuple[str, str | None]]
         for image in items["items"]}
 
 
+def labeled_upload(client, entries: dict[str, bytes], name: str, line: str
+                   ) -> tuple[dict, dict[str, tuple[str, str | None]]]:
+    """Upload `entries` as `name`, then add the label of the labels CSV `line`: the new
+    dataset, and its images' (split, class name) by uploaded path."""
+    first = upload(client, zip_bytes(entries), name=name).json()
+    made = labels(client, first["id"], line)
+    assert made.status_code == 201, made.text
+    return made.json(), images_by_path(client, made.json()["id"])
+
+
 def test_an_upload_of_one_train_folder_downloads_named_after_the_dataset_and_the_cli_reads_it(
     server: LiveServer, tmp_path: Path,
 ) -> None:
@@ -56,12 +66,8 @@ def test_an_upload_of_one_train_folder_downloads_named_after_the_dataset_and_the
         **class_entries(("cat", "dog"), per_class=4, seed=37),
         **{f"unlabeled/u{n}.png": image_bytes(7_100 + n) for n in range(3)}}.items()}
     with server.client() as client:
-        first = upload(client, zip_bytes(train_only), name="moths").json()
-        made = labels(client, first["id"], "train/unlabeled/u1.png,dog")
-        assert made.status_code == 201, made.text
-        dataset_id = made.json()["id"]
-        expected = images_by_path(client, dataset_id)
-        response = client.get(f"/api/datasets/{dataset_id}/archive")
+        made, expected = labeled_upload(client, train_only, "moths", "train/unlabeled/u1.png,dog")
+        response = client.get(f"/api/datasets/{made['id']}/archive")
         top = "moths + 1 label"  # the new dataset's name
         assert response.headers["content-disposition"] == f'attachment; filename="{top}.tar"'
     with tarfile.open(fileobj=io.BytesIO(response.content)) as archived:
@@ -93,11 +99,8 @@ def test_a_dataset_with_labels_added_in_the_app_downloads_and_uploads_again_as_i
     """The labels given in the app stayed in the app, and so did the hold-out: a person who
     labeled images here could not take them to their own training code or another server."""
     with server.client() as client:
-        first = upload(client, zip_bytes(FOLDER), name="photos").json()
-        made = labels(client, first["id"], "photos/unlabeled/u1.png,dog")
-        assert made.status_code == 201, made.text
-        dataset_id = made.json()["id"]
-        expected = images_by_path(client, dataset_id)
+        made, expected = labeled_upload(client, FOLDER, "photos", "photos/unlabeled/u1.png,dog")
+        dataset_id = made["id"]
         assert expected["photos/unlabeled/u1.png"] == ("train", "dog")
         assert sorted(split for split, _ in expected.values()).count("test") == 2  # held out
 
@@ -126,7 +129,7 @@ def test_a_dataset_with_labels_added_in_the_app_downloads_and_uploads_again_as_i
         assert again.status_code == 201, again.text
         assert again.json()["name"] == "photos"
         assert again.json()["test_source"] == "uploaded"
-        assert again.json()["classes"] == made.json()["classes"]
+        assert again.json()["classes"] == made["classes"]
         assert images_by_path(client, again.json()["id"]) == expected
 
     with tarfile.open(fileobj=io.BytesIO(tar)) as archived:

@@ -26,6 +26,12 @@ def shortened(text: str, chars: int) -> str:
     return text if len(text) <= chars else f"{text[:chars - 1].rstrip()}\u2026"
 
 
+def csp_nonce(request: Request) -> str:
+    """This answer's script nonce (app.main's SecurityHeaders made it and names it in the
+    Content-Security-Policy), for a page's inline scripts."""
+    return request.scope.get("state", {}).get("csp_nonce", "")
+
+
 def human_bytes(count: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":

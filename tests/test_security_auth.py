@@ -195,9 +195,14 @@ def test_no_other_site_may_frame_the_pages_and_answers_carry_hardening_headers(
         answers = [client.get("/login"), client.get("/"), client.get("/api/datasets"),
                    client.get("/static/app.css"), client.get("/healthz"),
                    client.get("/no/such/page")]
+    nonces = set()
     for answer in answers:
         assert answer.headers["x-frame-options"] == "DENY", answer.url
-        assert answer.headers["content-security-policy"] == "frame-ancestors 'none'"
+        policy = answer.headers["content-security-policy"]
+        nonce = re.fullmatch(r"script-src 'self' 'nonce-([\w-]{24})'; object-src 'none'; "
+                             r"base-uri 'none'; frame-ancestors 'none'", policy)
+        assert nonce, policy
+        nonces.add(nonce[1])
         assert answer.headers["x-content-type-options"] == "nosniff"
         assert answer.headers["referrer-policy"] == "same-origin"
     with open_browser(request.node.name) as browser:
@@ -205,6 +210,43 @@ def test_no_other_site_may_frame_the_pages_and_answers_carry_hardening_headers(
         page.set_content(f'<iframe id="f" src="{guarded_server}/login"></iframe>')
         frame = page.frame_locator("#f")
         assert frame.locator("#token").count() == 0  # the sign-in form never showed
+    assert len(nonces) == len(answers)  # a new nonce on every answer
+
+
+INJECT = """(nonce) => {
+    const script = document.createElement("script");
+    if (nonce) script.nonce = nonce;
+    script.textContent = "window.injected = (window.injected || 0) + 1";
+    document.body.append(script);
+    return window.injected || 0;
+}"""
+
+
+def test_only_the_pages_own_scripts_run(guarded_server, request):
+    """A name that slipped past escaping into a page could run a script with the signed-in
+    user's cookie: the policy let any inline script run. Now only scripts from the server's
+    files and inline ones carrying the answer's nonce do."""
+    from tests.browser import open_browser
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{guarded_server}/docs")  # Swagger UI, started by an inline script
+        page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+        own = page.locator("script[nonce]").first.evaluate("(script) => script.nonce")
+        assert page.evaluate(INJECT, "") == 0  # refused
+        assert page.evaluate(INJECT, own) == 1  # the answer's own nonce runs
+        assert page.evaluate(INJECT, "guessed") == 1
+        refused = [e for e in browser.errors if "Content Security Policy" in e]
+        assert len(refused) == 2, browser.errors
+        browser.errors.clear()
+
+        page.goto(f"{guarded_server}/login?next=/experiments")  # pages' inline scripts run
+        page.fill("#token", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{guarded_server}/experiments")
+        assert page.evaluate(INJECT, "") == 0
+        browser.errors = [e for e in browser.errors if "Content Security Policy" not in e]
+        browser.assert_no_errors()
 
 
 def test_wrong_tokens_are_counted_per_address_and_only_different_ones():

@@ -23,7 +23,7 @@ from app.deps import AUTH_COOKIE, SettingsDep, presented_token, token_accepted, 
 from app.experiments import GOING, as_shown
 from app.live import get_redis
 from app.models import MAX_ID, Dataset
-from app.responses import in_utc, utc_text
+from app.responses import csp_nonce, in_utc, utc_text
 from app.routers.datasets import dataset_names, newest_datasets
 from app.routers.experiments import experiment_items
 from app.routers.health import check_health
@@ -34,7 +34,9 @@ METHOD_TITLES = {"self-tuning": "Self-Tuning", "fine-tune": "Fine-tuning", "fixm
 HOME_SHOWN = 5  # the newest experiments and datasets on the home page
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
-templates = Jinja2Templates(directory=TEMPLATES_DIR)
+# Every page's inline scripts carry the answer's nonce, which its Content-Security-Policy names.
+templates = Jinja2Templates(directory=TEMPLATES_DIR,
+                            context_processors=[lambda request: {"csp_nonce": csp_nonce(request)}])
 templates.env.globals["version"] = __version__
 # What a page's image input (Try the model) offers to choose: the images an upload reads.
 templates.env.globals["image_accept"] = ",".join((

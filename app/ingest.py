@@ -176,8 +176,11 @@ class ReceivedUpload:
 class MultipartParts:
     """A form read as a stream (`write` each chunk, then `finalize`) through python-multipart,
     its framing errors a 400: each part's Content-Disposition is gathered and its options
-    (`name`, `filename`) handed to `on_part` once its headers are read; a subclass takes the
-    parts it wants (`on_part_begin`, `on_part_data`, `on_part_end`), and drops the others."""
+    (`name`, `filename`) handed to `on_part` once its headers are read; a subclass takes its
+    parts (`on_part_begin`, `on_part_data`, `on_part_end`). A field it does not name in
+    FIELDS is a 422: a misspelt `-F nmae=cats` was dropped, the dataset named after the file."""
+
+    FIELDS: tuple[str, ...] = ()
 
     def __init__(self, boundary: bytes) -> None:
         self._header_name = b""
@@ -248,13 +251,19 @@ class MultipartParts:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         self._disposition = b""
+        field = options.get(b"name", b"").decode("utf-8", "replace")
+        if field not in self.FIELDS:
+            taken = " and ".join(repr(name) for name in self.FIELDS)
+            raise IngestError(f"the form has a field {quoted(field)}, which this request does "
+                              f"not take: its fields are {taken} (check the spelling)")
         self.on_part(options)
 
 
 class _MultipartSink(MultipartParts):
     """The `file` part goes to a buffer flushed to disk by the caller, the `name` part is kept
-    (small), anything else is dropped."""
+    (small)."""
 
+    FIELDS = ("file", "name")
     MAX_FIELD_BYTES = 64 * 1024
 
     def __init__(self, boundary: bytes, max_file_bytes: int, upload: UploadOf = ARCHIVE) -> None:
@@ -286,10 +295,8 @@ class _MultipartSink(MultipartParts):
             raw_filename = options.get(b"filename", b"").decode("utf-8", "replace")
             self.filename = PurePosixPath(raw_filename.replace("\\", "/")).name
             self._target = "file"
-        elif field_name == "name":
-            self._target = "name"
         else:
-            self._target = None
+            self._target = "name"
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._target == "file":

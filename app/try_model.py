@@ -49,8 +49,10 @@ class SentImage:
 
 
 class _ImageParts(MultipartParts):
-    """Every part in the field `file` is an image, kept in memory (the body is at most
-    MAX_BODY_BYTES); any other field is dropped."""
+    """Every part (each in the field `file`) is an image, kept in memory (the body is at most
+    MAX_BODY_BYTES)."""
+
+    FIELDS = ("file",)
 
     def __init__(self, boundary: bytes) -> None:
         super().__init__(boundary)
@@ -59,8 +61,6 @@ class _ImageParts(MultipartParts):
         self._data = bytearray()
 
     def on_part(self, options: dict[bytes, bytes]) -> None:
-        if options.get(b"name", b"") != b"file":
-            return
         if len(self.images) == MAX_IMAGES:
             raise IngestError(f"send at most {MAX_IMAGES} images at a time (the form has more "
                               "'file' fields); label a folder with the command line's predict")

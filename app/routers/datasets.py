@@ -249,7 +249,8 @@ def multipart_body(form: type[BaseModel]) -> dict:
         **MULTIPART_ANSWERS, **KEYED_ANSWERS,
         413: {"model": ErrorOut, "description": "over a size, expansion or file-count limit"},
         415: {"model": ErrorOut, "description": "not multipart, or not a zip or tar archive"},
-        422: {"model": ErrorOut, "description": "unsafe or unusable content; says what to fix"},
+        422: {"model": ErrorOut, "description": "unsafe or unusable content, or a form field "
+              "other than `file` and `name`; says what to fix"},
     },
     openapi_extra=multipart_body(UploadForm),
 )
@@ -325,8 +326,8 @@ class LabelsForm(BaseModel):
               f"{human_bytes(ingest.MAX_LABELS_CSV_BYTES)}"},
         415: {"model": ErrorOut, "description": "not multipart"},
         422: {"model": ErrorOut, "description": "a line the dataset cannot take (a path it "
-              "does not have, a class it does not have, an image labeled otherwise); says "
-              "which"},
+              "does not have, a class it does not have, an image labeled otherwise), or a "
+              "form field other than `file` and `name`; says which"},
     },
     openapi_extra=multipart_body(LabelsForm),
 )

@@ -616,8 +616,8 @@ class TryForm(BaseModel):
           "its export does not load"},
     413: {"model": ErrorOut, "description": f"over {MAX_BODY_BYTES // 1024**2} MiB in all"},
     415: {"model": ErrorOut, "description": "not multipart"},
-    422: {"model": ErrorOut, "description": f"no image, more than {MAX_IMAGES}, or none "
-          "that is an image this app reads"},
+    422: {"model": ErrorOut, "description": f"no image, more than {MAX_IMAGES}, none "
+          "that is an image this app reads, or a form field other than `file`"},
     # Besides the token's 429 (TOKEN_RESPONSES), which this one replaces in the schema.
     429: {**TOKEN_RESPONSES[429], "description": f"{TRYING_AT_ONCE} forms of images are "
           "being labeled already, or " + TOKEN_RESPONSES[429]["description"]}},

@@ -301,7 +301,8 @@ def _task_id(raw: str | bytes, held: bool) -> str | None:
 def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]:
     """Send again the task of each run queued in the database (for longer than
     `stale_after_s`) whose message the broker no longer has: a Redis that lost its data
-    (restarted without persistence, flushed) left such runs "queued, position 1" for good.
+    (restarted without persistence, flushed) left such runs "queued, position 1" for good,
+    and so did a web killed as it made them, before it sent their tasks.
     A message is looked for twice, `pause_s` apart: a worker taking it moves it from the queue
     to its unacknowledged ones, and may be between the two at the first look. This also sends
     the runs the reaper queued again while Redis was down (`send_or_wait`), and those whose
@@ -311,9 +312,11 @@ def requeue_lost_messages(settings: Settings, pause_s: float = 1.0) -> list[int]
     with session_scope(settings.sqlalchemy_url) as session:
         # Ids and task ids only, at every pass: a sweep queues thousands of runs, whose rows
         # (configs, notes) this does not need unless their message is lost.
+        # A run that has never been sent has no queue time: the web stopped between the
+        # commit that made it and the one that stamps it (`stamp_runs`). Its age counts then.
         waiting = dict(session.execute(
             select(Run.id, Run.celery_task_id)
-            .where(Run.status == "queued", Run.queued_at < cutoff)
+            .where(Run.status == "queued", func.coalesce(Run.queued_at, Run.created_at) < cutoff)
         ).all())
         if not waiting:
             return []

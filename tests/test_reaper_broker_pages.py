@@ -100,6 +100,30 @@ def test_a_run_taken_or_sent_anew_between_the_two_looks_is_not_sent_again(
     live = get_redis(settings.effective_redis_url)
     assert broker_task_ids(live) == {read_run(settings, lost).celery_task_id}
 
+def test_a_run_the_web_made_but_never_sent_is_sent_by_the_reaper(
+    settings: Settings, tmp_path: Path, monkeypatch
+) -> None:
+    """A web killed between the commit that makes an experiment's runs and the one that
+    stamps them left a run queued with no queue time and no task: the reaper looks for runs
+    queued before a moment, and skipped it for good ("queued, position 1", nothing in Redis,
+    its dataset and experiment not deletable)."""
+    monkeypatch.setenv("SELFTUNE_REDIS_URL", settings.effective_redis_url)
+    get_settings.cache_clear()
+    import worker.celery_app
+
+    monkeypatch.setattr(worker.celery_app, "app", worker.celery_app.create_celery(settings))
+    _, (young, old) = add_sweep(settings, tmp_path, seeds=(0, 1))
+    for run_id in (young, old):
+        update_run(settings, run_id, celery_task_id=None, queued_at=None)
+    update_run(settings, old, created_at=utcnow() - timedelta(hours=1))
+    assert requeue_lost_messages(settings, pause_s=0.1) == [old]
+    sent = read_run(settings, old)
+    assert sent.status == "queued" and sent.queued_at is not None
+    live = get_redis(settings.effective_redis_url)
+    assert broker_task_ids(live) == {sent.celery_task_id}
+    assert read_run(settings, young).celery_task_id is None  # still being made, perhaps
+
+
 def test_looking_through_ten_thousand_queued_messages_holds_a_page_of_them_at_a_time(
     settings: Settings,
 ) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.engine_preload import wait_for_preload
 from app.estimates import estimate_label_gains
-from app.live import forget_feeds, publish_ends, run_cancel_key
+from app.live import ANY_ATTEMPT, forget_feeds, publish_ends, run_cancel_key
 from app.models import MAX_ID, Artifact, Dataset, Experiment, Run, RunMetric, utcnow
 from app.responses import human_bytes, in_utc
 from app.schemas import (
@@ -338,18 +338,23 @@ def cancel_runs(session: Session, live: redis.Redis, runs: Iterable[Run]) -> lis
     active = [run for run in runs if not is_terminal(run.status) and not is_finishing(run)]
     if not active:
         return []
+    attempts: dict[int, str | None] = {}  # run id: the task id of the attempt cancelled
     for run in active:
         # Conditional updates: a worker may take a queued run at this very moment, and then
-        # it is running (its flag stops it), not cancelled behind the worker's back.
+        # it is running (its flag stops it), not cancelled behind the worker's back; and a
+        # requeue since the run was read sent another attempt, which this does not cancel.
+        this_attempt = (Run.id == run.id,
+                        Run.celery_task_id.is_not_distinct_from(run.celery_task_id))
         ended = session.execute(
-            update(Run).where(Run.id == run.id, Run.status == "queued")
+            update(Run).where(*this_attempt, Run.status == "queued")
             .values(status="cancelled", finished_at=utcnow(), cancel_requested=True)
             .execution_options(synchronize_session=False)
         ).rowcount
-        if not ended:
-            session.execute(
-                update(Run).where(Run.id == run.id, Run.status.not_in(TERMINAL_STATUSES))
-                .values(cancel_requested=True).execution_options(synchronize_session=False))
+        if ended or session.execute(
+                update(Run).where(*this_attempt, Run.status.not_in(TERMINAL_STATUSES))
+                .values(cancel_requested=True).execution_options(synchronize_session=False)
+        ).rowcount:
+            attempts[run.id] = run.celery_task_id
     session.commit()
     # What the database holds now, for the answer and the feeds; a delete of the experiment
     # may have come in since the commit (a refresh of a row gone was a 500).
@@ -359,10 +364,12 @@ def cancel_runs(session: Session, live: redis.Redis, runs: Iterable[Run]) -> lis
     if gone := sorted(set(ids) - {run.id for run in active}):
         raise HTTPException(404, detail=f"run {gone[0]} was deleted, with its experiment, "
                                         "while it was being cancelled")
+    active = [run for run in active if run.id in attempts]
     try:
         with live.pipeline(transaction=False) as pipe:
             for run in active:
-                pipe.set(run_cancel_key(run.id), "1", ex=CANCEL_FLAG_TTL_S)
+                pipe.set(run_cancel_key(run.id), attempts[run.id] or ANY_ATTEMPT,
+                         ex=CANCEL_FLAG_TTL_S)
             pipe.execute()
     except redis.RedisError:
         pass  # the worker also polls the database flag

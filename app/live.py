@@ -44,7 +44,18 @@ def run_stream_key(run_id: int) -> str:
 
 
 def run_cancel_key(run_id: int) -> str:
+    """A run's cancel flag: its value is the task id of the attempt cancelled (ANY_ATTEMPT for
+    a run that had none), so that a flag set late, after a requeue sent the run again under
+    another task, does not stop the new attempt (`cancels`)."""
     return f"selftune:run:{run_id}:cancel"
+
+
+ANY_ATTEMPT = "*"
+
+
+def cancels(flag: str | None, task_id: str | None) -> bool:
+    """Whether a run's cancel flag (`run_cancel_key`'s value) stops its attempt `task_id`."""
+    return flag is not None and (task_id is None or flag in (ANY_ATTEMPT, task_id))
 
 
 def experiment_stream_key(experiment_id: int) -> str:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
-from app.experiments import delete_run_rows, source_run
+from app.experiments import cancel_runs, delete_run_rows, source_run
 from app.live import (
     WORKER_KEY_PREFIX,
     experiment_stream_key,
@@ -40,6 +40,7 @@ from tests.browser import open_browser
 from tests.support import add_dataset_row
 from tests.test_datasets_support import dataset_server
 from tests.test_lost_runs import sse_events
+from tests.test_worker_lifecycle import read_run, update_run
 from worker.runs import RunRecorder
 
 SWEEP = {
@@ -127,7 +128,7 @@ def test_cancel_all_ends_queued_runs_at_once_and_flags_the_running_one(live_serv
         assert all(runs[run_id].finished_at is not None for run_id in queued)
         assert runs[running].finished_at is None
         # The running run's worker checks this key every iteration.
-        assert live.get(run_cancel_key(running)) == "1"
+        assert live.get(run_cancel_key(running)) == runs[running].celery_task_id
         # Pages learn at once that the queued runs ended.
         for run_id in queued:
             [(_, entry)] = live.xrange(run_stream_key(run_id))
@@ -579,6 +580,40 @@ def test_run_again_after_a_cancel_while_queued_trains_instead_of_stopping_at_onc
     assert RunRecorder(settings, run_ids[1], experiment_id).should_cancel()  # not requeued
 
 
+def test_a_cancel_that_raced_run_again_does_not_stop_the_new_attempt(settings, live_server):
+    """Cancel and "Run again" at once: the cancel set its Redis flag after the requeue had
+    dropped it, and the run, queued again, trained a few seconds and ended cancelled, which
+    nobody had asked of it then. The flag names the attempt (task) it cancels now, and a
+    cancel whose run was sent again meanwhile leaves the new attempt alone."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, [run_id] = start_sweep(client, add_dataset_row(database_url),
+                                              methods=["fine-tune"], seeds=[0])
+        with session_scope(database_url) as session:  # the run as the cancel read it
+            stale = session.get(Run, run_id)
+            session.expunge(stale)
+        client.post(f"/api/runs/{run_id}/cancel")
+        assert live.get(run_cancel_key(run_id)) == stale.celery_task_id
+        assert client.post(f"/api/runs/{run_id}/requeue").json()["status"] == "queued"
+    again = read_run(settings, run_id).celery_task_id
+    assert again != stale.celery_task_id
+
+    with session_scope(database_url) as session:  # a cancel that read the run before
+        assert cancel_runs(session, live, [stale]) == []
+    run = read_run(settings, run_id)
+    assert (run.status, run.cancel_requested) == ("queued", False)
+    assert live.exists(run_cancel_key(run_id)) == 0
+
+    live.set(run_cancel_key(run_id), stale.celery_task_id)  # the racing cancel's late flag
+    update_run(settings, run_id, status="running", worker="w@host", started_at=utcnow())
+    recorder = RunRecorder(settings, run_id, experiment_id)
+    recorder.hold("w@host", again, folder_locked=True)
+    assert not recorder.should_cancel()
+    live.set(run_cancel_key(run_id), again)  # a cancel of this attempt stops it
+    assert recorder.should_cancel()
+
+
 def test_a_cancelled_run_whose_worker_vanished_ends_cancelled_not_requeued(settings, live_server):
     """The user cancelled a running run, then its worker went silent: the reaper ends it
     cancelled (it has stopped, as asked) instead of queueing it again as a lost run."""
@@ -687,7 +722,7 @@ def test_a_cancel_whose_runs_are_deleted_as_it_commits_is_a_404(database_url, re
 
     from app.config import Settings
     from app.db import get_sessionmaker, upgrade_to_head
-    from app.experiments import cancel_runs, delete_experiment_with_runs
+    from app.experiments import delete_experiment_with_runs
 
     upgrade_to_head(database_url)
     settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url,

@@ -24,6 +24,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.live import (
     add_to_feeds,
+    cancels,
     forget_feeds,
     get_redis,
     headline,
@@ -429,7 +430,8 @@ class RunRecorder:
             return self._stop_taken()
         if self._cancelled:
             return True
-        if self.live.call(lambda client: client.exists(run_cancel_key(self.run_id)), 0):
+        if cancels(self.live.call(lambda client: client.get(run_cancel_key(self.run_id)), None),
+                   self.task_id):
             self._cancelled = True
             return True
         now = time.monotonic()

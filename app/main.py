@@ -28,6 +28,7 @@ from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
@@ -370,6 +371,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OSError, _disk_full)
     app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(StaleDataError, _deleted_meanwhile)
+    app.add_exception_handler(ObjectDeletedError, _deleted_meanwhile)
     return app
 
 
@@ -498,6 +501,21 @@ async def _disk_full(request: Request, exc: OSError) -> Response:
     detail = (f"the server's disk is full ({exc.strerror}; {free / 2**20:,.0f} MiB free in its "
               "data directory): nothing was kept; free some space and try again")
     return _insufficient_storage(request, detail)
+
+
+DELETED_MEANWHILE = ("it was deleted by another request while this one was being answered: "
+                     "nothing was changed")
+
+
+async def _deleted_meanwhile(request: Request, exc: StaleDataError | ObjectDeletedError
+                             ) -> Response:
+    """A row another request deleted while this one read or changed it (a rename as its
+    dataset was deleted, its page read as it went): a 404, for it is gone, not a 500."""
+    log.info("%s %s: %s", request.method, request.url.path, exc)
+    if _wants_page(request):
+        return _error_page(request, 404, "Not found", f"{DELETED_MEANWHILE[:1].upper()}"
+                                                      f"{DELETED_MEANWHILE[1:]}.")
+    return JSONResponse(status_code=404, content={"detail": DELETED_MEANWHILE})
 
 
 # SQLite's SQLITE_FULL ("database or disk is full") and PostgreSQL's disk_full.

@@ -113,3 +113,63 @@ def test_rename_under_the_title_shows_the_new_name_at_once(live_server, named, k
         page.reload()
         assert page.inner_text("#title-name") == "camera traps <spring>"
         browser.assert_no_errors(expected=("status of 422",))
+
+
+
+def racing_app(settings, event_name: str, *statements: str):
+    """The app in this process, each request's database session running `statements` (SQL)
+    through another connection, as another request that lands at that moment, the first time
+    the session's `event_name` fires."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy import event, text
+
+    from app.db import get_sessionmaker, session_scope
+    from app.deps import get_db
+    from app.main import create_app
+
+    def racing_session():
+        session = get_sessionmaker(settings.sqlalchemy_url)()
+
+        def other_request(*_args) -> None:
+            with session_scope(settings.sqlalchemy_url) as other:
+                for statement in statements:
+                    other.execute(text(statement))
+
+        event.listen(session, event_name, other_request, once=True)
+        try:
+            yield session
+        finally:
+            session.close()
+
+    app = create_app(settings)
+    app.dependency_overrides[get_db] = racing_session
+    return TestClient(app, base_url="http://localhost", client=("127.0.0.1", 50000))
+
+
+@pytest.mark.parametrize("kind", ["datasets", "experiments"])
+def test_a_rename_as_the_thing_is_deleted_is_a_404_not_a_500(settings, named, kind):
+    """A rename and a delete at once: the rename's UPDATE found no row, and the answer was a
+    500 (StaleDataError) where the thing is simply gone."""
+    dataset_id, experiment_id = named
+    runs = f"DELETE FROM runs WHERE experiment_id = {experiment_id}"
+    experiment = f"DELETE FROM experiments WHERE id = {experiment_id}"
+    deletes = {"datasets": (runs, experiment, f"DELETE FROM datasets WHERE id = {dataset_id}"),
+               "experiments": (runs, experiment)}[kind]
+    thing = dataset_id if kind == "datasets" else experiment_id
+    with racing_app(settings, "before_flush", *deletes) as client:
+        renamed = client.patch(f"/api/{kind}/{thing}", json={"name": "spring"})
+        assert renamed.status_code == 404, renamed.text
+        assert renamed.json() == {"detail": "it was deleted by another request while this one "
+                                            "was being answered: nothing was changed"}
+
+
+def test_a_page_read_as_its_dataset_is_deleted_is_a_404_not_a_500(settings, named):
+    """The dataset page reads some of the row's columns when it needs them: a delete in
+    between was a 500 (ObjectDeletedError)."""
+    dataset_id, experiment_id = named
+    with racing_app(settings, "loaded_as_persistent",
+                    f"DELETE FROM runs WHERE experiment_id = {experiment_id}",
+                    f"DELETE FROM experiments WHERE id = {experiment_id}",
+                    f"DELETE FROM datasets WHERE id = {dataset_id}") as client:
+        page = client.get(f"/datasets/{dataset_id}", headers={"Accept": "text/html"})
+    assert page.status_code == 404

@@ -253,10 +253,13 @@ class MultipartParts:
         self._disposition = b""
         field = options.get(b"name", b"").decode("utf-8", "replace")
         if field not in self.FIELDS:
-            taken = " and ".join(repr(name) for name in self.FIELDS)
             raise IngestError(f"the form has a field {quoted(field)}, which this request does "
-                              f"not take: its fields are {taken} (check the spelling)")
+                              f"not take: {self.fields_hint()}")
         self.on_part(options)
+
+    def fields_hint(self) -> str:
+        """What to send in which field, for a refusal of a field not in FIELDS."""
+        return f"its fields are {' and '.join(repr(name) for name in self.FIELDS)}"
 
 
 class _MultipartSink(MultipartParts):
@@ -278,6 +281,10 @@ class _MultipartSink(MultipartParts):
         self.name: str | None = None
         self._target: str | None = None
         self._field = bytearray()
+
+    def fields_hint(self) -> str:
+        return (f"send the {self.upload.what} in a field named 'file' and, if you like, its "
+                f"name in one named 'name' (curl -F file=@{self.upload.example} -F name=...)")
 
     def on_part_begin(self) -> None:
         self._target = None

@@ -60,6 +60,9 @@ class _ImageParts(MultipartParts):
         self._name: str | None = None  # the file name of the image part being read
         self._data = bytearray()
 
+    def fields_hint(self) -> str:
+        return "send each image in a field named 'file' (curl -F file=@cat.jpg ...)"
+
     def on_part(self, options: dict[bytes, bytes]) -> None:
         if len(self.images) == MAX_IMAGES:
             raise IngestError(f"send at most {MAX_IMAGES} images at a time (the form has more "

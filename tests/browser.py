@@ -72,17 +72,22 @@ class Browser:
 @contextmanager
 def open_browser(test_name: str, viewport: dict[str, int] = DESKTOP,
                  timezone_id: str | None = None,
-                 back_forward_cache: bool = False, touch: bool = False) -> Iterator[Browser]:
+                 back_forward_cache: bool = False, touch: bool = False,
+                 content_security_policy: bool = False) -> Iterator[Browser]:
     """`back_forward_cache`: Back and Forward may show a page as it was left, as Chromium does
     for people (Playwright turns that off unless told). `touch`: a phone's touch screen, with
-    no mouse to hover with (CSS `(hover: none) and (pointer: coarse)`)."""
+    no mouse to hover with (CSS `(hover: none) and (pointer: coarse)`).
+    `content_security_policy`: the browser keeps to the pages' policy. Off, it sets it aside,
+    for Playwright's `wait_for_function` makes its predicate with `new Function`, which the
+    policy refuses; the accessibility audit of every page (test_pages_accessibility) and the
+    policy's own test keep to it, and fail on any script a page has that it refuses."""
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(
             executable_path=CHROMIUM, args=CHROMIUM_ARGS,
             ignore_default_args=["--disable-back-forward-cache"] if back_forward_cache else None)
         context = chromium.new_context(viewport=viewport, accept_downloads=True,
                                        timezone_id=timezone_id, has_touch=touch,
-                                       is_mobile=touch)
+                                       is_mobile=touch, bypass_csp=not content_security_policy)
         context.set_default_timeout(20_000)
         page = context.new_page()
         browser = Browser(page, results_dir(test_name))

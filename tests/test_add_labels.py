@@ -288,7 +288,12 @@ def test_labels_sent_the_wrong_way_are_refused(server: LiveServer, photos: dict)
         assert raw.status_code == 415
         assert raw.json()["detail"] == ("send the labels CSV as multipart/form-data in a field "
                                         "named 'file' (curl -F file=@labels.csv ...)")
-        nothing = client.post(url, files={"other": ("x.csv", b"a,b\n")})
+        other = client.post(url, files={"other": ("x.csv", b"a,b\n")})
+        assert other.status_code == 422
+        assert other.json()["detail"].startswith("the form has a field 'other', which this "
+                                                 "request does not take: send the labels CSV in "
+                                                 "a field named 'file'")
+        nothing = client.post(url, files={"name": (None, "no file")})
         assert nothing.status_code == 422
         assert nothing.json()["detail"].startswith("no labels CSV in the form")
         missing = labels(client, 999999, "unlabeled/u0.png,cat\n")

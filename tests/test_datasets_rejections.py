@@ -187,9 +187,10 @@ def test_upload_without_a_file_field_is_rejected(server: LiveServer,
                                                  client: httpx.Client) -> None:
     response = client.post("/api/datasets", files={"archive": ("a.zip", b"PK")})
     assert response.status_code == 422
-    assert response.json()["detail"] == ("the form has a field 'archive', which this request "
-                                         "does not take: its fields are 'file' and 'name' "
-                                         "(check the spelling)")
+    assert response.json()["detail"] == (
+        "the form has a field 'archive', which this request does not take: send the archive in "
+        "a field named 'file' and, if you like, its name in one named 'name' (curl -F "
+        "file=@photos.zip -F name=...)")
     nameless = client.post("/api/datasets", headers={
         "Content-Type": "multipart/form-data; boundary=b"},
         content=b"--b\r\nContent-Disposition: form-data\r\n\r\nPK\r\n--b--\r\n")

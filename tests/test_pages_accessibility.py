@@ -143,7 +143,8 @@ def many_class_metrics() -> dict:
 def test_every_page_passes_an_accessibility_audit(lab, window, request):
     url, pages = lab
     found: dict[str, list[str]] = {}
-    with open_browser(request.node.name, {"desktop": DESKTOP, "phone": PHONE}[window]) as browser:
+    with open_browser(request.node.name, {"desktop": DESKTOP, "phone": PHONE}[window],
+                      content_security_policy=True) as browser:
         page = browser.page
         page.goto(f"{url}/login?next=/")
         page.fill("#token", "wrong")

@@ -228,7 +228,7 @@ def test_only_the_pages_own_scripts_run(guarded_server, request):
     files and inline ones carrying the answer's nonce do."""
     from tests.browser import open_browser
 
-    with open_browser(request.node.name) as browser:
+    with open_browser(request.node.name, content_security_policy=True) as browser:
         page = browser.page
         page.goto(f"{guarded_server}/docs")  # Swagger UI, started by an inline script
         page.wait_for_selector(".opblock-summary-path", timeout=30_000)

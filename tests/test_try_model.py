@@ -92,8 +92,8 @@ def test_images_sent_get_the_classes_the_run_gave_them_and_the_rest_a_reason(tri
                             data={"top": "2"})
     assert misplaced.status_code == 422
     assert misplaced.json()["detail"] == ("the form has a field 'top', which this request "
-                                          "does not take: its fields are 'file' (check the "
-                                          "spelling)")
+                                          "does not take: send each image in a field named "
+                                          "'file' (curl -F file=@cat.jpg ...)")
     answer = client.post(f"/api/runs/{tried.run_id}/predict", files=files)
     assert answer.status_code == 200, answer.text
     body = answer.json()
@@ -161,6 +161,10 @@ def test_what_cannot_be_labeled_is_refused_with_what_to_do(tried, client):
          "send the images as multipart/form-data, each in a field named 'file' "
          "(curl -F file=@cat.jpg -F file=@dog.png ...)"),
         (client.post(f"/api/runs/{tried.run_id}/predict", files=[("image", ("a.png", image))]),
+         422, "the form has a field 'image', which this request does not take: send each image "
+         "in a field named 'file' (curl -F file=@cat.jpg ...)"),
+        (client.post(f"/api/runs/{tried.run_id}/predict", headers={
+            "Content-Type": "multipart/form-data; boundary=b"}, content=b"--b--\r\n"),
          422, "no image in the form: send each in a field named 'file' (curl -F file=@cat.jpg "
          "...)"),
         (client.post(f"/api/runs/{tried.run_id}/predict",

@@ -350,8 +350,11 @@ def cancel_runs(session: Session, live: redis.Redis, runs: Iterable[Run]) -> lis
             .values(status="cancelled", finished_at=utcnow(), cancel_requested=True)
             .execution_options(synchronize_session=False)
         ).rowcount
+        # Nor a run whose worker has recorded its last step since (`is_finishing`): that one
+        # was not checked for a cancel again, and would end succeeded, flagged cancelled.
+        training = (Run.status != "running") | (Run.step < Run.total_steps)
         if ended or session.execute(
-                update(Run).where(*this_attempt, Run.status.not_in(TERMINAL_STATUSES))
+                update(Run).where(*this_attempt, Run.status.not_in(TERMINAL_STATUSES), training)
                 .values(cancel_requested=True).execution_options(synchronize_session=False)
         ).rowcount:
             attempts[run.id] = run.celery_task_id

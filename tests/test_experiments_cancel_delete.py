@@ -614,6 +614,41 @@ def test_a_cancel_that_raced_run_again_does_not_stop_the_new_attempt(settings, l
     assert recorder.should_cancel()
 
 
+def test_a_cancel_as_the_last_step_is_recorded_is_refused_or_seen(settings, live_server):
+    """A cancel read the run one step short of its last and was accepted, but the engine looked
+    for a cancel before each step only: the run ended succeeded, flagged cancelled. Now a
+    cancel that lands after the worker recorded the last step is refused (409), and one
+    committed before is read from the database by the check after the last step, its Redis
+    flag not set yet."""
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, [run_id] = start_sweep(client, add_dataset_row(database_url),
+                                              methods=["fine-tune"], seeds=[0])
+    mark_running(database_url, run_id)
+    update_run(settings, run_id, step=19, total_steps=20)
+    with session_scope(database_url) as session:  # the run as the cancel read it
+        read = session.get(Run, run_id)
+        session.expunge(read)
+    update_run(settings, run_id, step=20)  # the worker records the last step meanwhile
+    with session_scope(database_url) as session:
+        assert cancel_runs(session, live, [read]) == []
+    assert read_run(settings, run_id).cancel_requested is False
+    assert live.exists(run_cancel_key(run_id)) == 0
+    with live_server.client() as client:
+        refused = client.post(f"/api/runs/{run_id}/cancel")
+    assert refused.status_code == 409 and "has trained all 20 steps" in refused.json()["detail"]
+
+    update_run(settings, run_id, step=19)
+    recorder = RunRecorder(settings, run_id, experiment_id)
+    recorder.hold("test@host", read.celery_task_id, folder_locked=True)
+    recorder.database_check_s = float("inf")  # between the checks that read the database
+    recorder.should_cancel()
+    update_run(settings, run_id, cancel_requested=True)  # committed; its Redis flag not yet
+    recorder.on_event({"type": "progress", "step": 20, "total_steps": 20, "loss": 0.5})
+    assert recorder.should_cancel()
+
+
 def test_a_cancelled_run_whose_worker_vanished_ends_cancelled_not_requeued(settings, live_server):
     """The user cancelled a running run, then its worker went silent: the reaper ends it
     cancelled (it has stopped, as asked) instead of queueing it again as a lost run."""

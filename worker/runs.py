@@ -214,6 +214,7 @@ class RunRecorder:
         self.last_recorded = self._last_recorded_steps()
         self._unsaved: list[tuple[str, int, dict[str, Any]]] = []  # (kind, step, values)
         self._last_cancel_check = 0.0
+        self._read_database_next = False  # the next cancel check reads the database
         self._cancelled = False
         self.deleted = False
         self.saved_step = 0  # the step of the newest training state (a checkpoint event)
@@ -359,6 +360,11 @@ class RunRecorder:
             # Resumed from a checkpoint before the last recorded step (or from the start,
             # with none): the run is back there, and its time left is from there.
             self._record_position(step)
+        if kind == "progress" and step == event.get("total_steps"):
+            # The last step, recorded below: a cancel committed before that was accepted (the
+            # web refuses one after, app.experiments.cancel_runs), its Redis flag perhaps not
+            # set yet. The engine's check after the last step reads the database.
+            self._read_database_next = True
         if kind in ("progress", "eval"):
             # After a resume the engine repeats the steps since its last checkpoint; the
             # record and the feed keep their first copy so the series stays continuous, but
@@ -435,8 +441,8 @@ class RunRecorder:
             self._cancelled = True
             return True
         now = time.monotonic()
-        if now - self._last_cancel_check > self.database_check_s:
-            self._last_cancel_check = now
+        if self._read_database_next or now - self._last_cancel_check > self.database_check_s:
+            self._last_cancel_check, self._read_database_next = now, False
             try:
                 with session_scope(self.url) as session:
                     run = self._row(session, with_for_update=True)

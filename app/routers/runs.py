@@ -282,16 +282,23 @@ def cancel_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redis
     """A queued run ends at once; a running one stops within about one iteration. A run past
     its last training step (scoring and exporting) is not stopped: a 409 says so."""
     run = get_run(session, run_id)
+    _refuse_cancel_of_ended(run)
+    if not cancel_runs(session, live, [run]):
+        # Its worker recorded the last step (or the run ended) after it was read above.
+        _refuse_cancel_of_ended(get_run(session, run_id))
+    return read_run(run_id, session, settings)
+
+
+def _refuse_cancel_of_ended(run: Run) -> None:
+    """A 409 for a run a cancel no longer stops: ended, or past its last training step."""
     if is_terminal(run.status):
-        raise HTTPException(409, detail=f"run {run_id} already ended ({run.status})")
+        raise HTTPException(409, detail=f"run {run.id} already ended ({run.status})")
     if is_finishing(run):
         raise HTTPException(
-            409, detail=f"run {run_id} has trained all {run.total_steps} steps and is scoring "
+            409, detail=f"run {run.id} has trained all {run.total_steps} steps and is scoring "
             "and exporting its model (the final evaluation reads every test and unlabeled "
             "image): it ends when that is done; delete its experiment afterwards if you do "
             "not want it")
-    cancel_runs(session, live, [run])
-    return read_run(run_id, session, settings)
 
 
 @router.post("/{run_id}/requeue", response_model=RunOut, responses={

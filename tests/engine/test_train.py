@@ -257,6 +257,23 @@ def test_resume_after_cancel_gives_bitwise_the_same_weights(tmp_path: Path, shap
     assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 
+def test_a_cancel_during_the_last_step_stops_before_the_export(tmp_path: Path, shapes_data):
+    """The flag was looked at before each step only: a cancel that came during the last one
+    was never seen, and the run scored, exported its model and ended succeeded."""
+    config = tiny_config(iterations=3, log_interval=1)
+    recorder = Recorder(stop_at=3)
+    with pytest.raises(TrainingCancelled) as cancelled:
+        train(config, shapes_data, tmp_path / "run", on_event=recorder,
+              should_cancel=recorder.should_cancel)
+    assert cancelled.value.step == 3
+    assert recorder.of("checkpoint")[-1]["step"] == 3
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    resumed = Recorder()  # run again: nothing left to train, it scores and exports
+    train(config, shapes_data, tmp_path / "run", on_event=resumed)
+    assert resumed.events[0]["resumed_from_step"] == 3 and resumed.of("progress") == []
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path: Path, shapes_data):
     config = tiny_config(iterations=4, checkpoint_interval=2, log_interval=1, num_workers=1)
 

@@ -212,6 +212,10 @@ def train(
                         emit("eval", step, **evaluator.interim(tracker))
                     if step % config.checkpoint_interval == 0 or step == config.iterations:
                         save(step)
+        # Every step is trained (and saved): a cancel that came during the last one stops the
+        # run here, before the final evaluation and the export.
+        if should_cancel is not None and should_cancel():
+            raise TrainingCancelled(step)
         return _finish(out_dir, config, data, model, preprocessing, evaluator, tracker, emit,
                        metadata, window.seconds_per_iteration, cache_dir)
 

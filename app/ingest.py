@@ -51,6 +51,7 @@ from worker.selftuning.data import (
     tar_end_read,
     zip_entry_name,
 )
+from worker.selftuning.files import remove_abandoned_temporaries
 from worker.selftuning.labels_csv import (
     BLANK_CLASS_FOLDER,
     LABELS_CSV,
@@ -1742,7 +1743,9 @@ def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] |
     """Remove what a crash can leave: upload work directories under tmp/, and dataset,
     thumbnail and decoded-image cache directories without a database row (a worker removes
     the abandoned temporary files of the caches it uses), and run folders (runs/<id>) of runs
-    that no longer exist (one a worker that missed the delete made again, say). Anything
+    that no longer exist (one a worker that missed the delete made again, say), and in the
+    others the files a process that died left half-written (a web killed while it made a
+    run's model.onnx or checkpoint zip for a download). Anything
     touched in the last `grace_s` seconds is kept, since another web process may be
     publishing it right now. Only what the database, read now, does not list goes: the web
     calls this once it has checked that the data directory is this database's
@@ -1814,6 +1817,8 @@ def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] |
             if int(entry.name) not in run_ids and stale(entry):
                 _remove(entry)
                 removed.append(entry)
+            elif int(entry.name) in run_ids:  # a model.onnx or checkpoint zip cut short
+                removed.extend(remove_abandoned_temporaries(entry))
     for path in removed:
         log.warning("removed leftover %s", path)
     return removed

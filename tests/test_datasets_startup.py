@@ -112,6 +112,33 @@ def test_an_upload_whose_process_died_is_removed_at_once_and_one_in_progress_is_
     assert ingest.cleanup_orphans(settings, grace_s=0) == [unheld_fresh]  # once it is old
 
 
+def test_a_download_file_a_killed_web_left_half_made_in_a_run_folder_is_removed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A web killed while it made a run's model.onnx (or checkpoint zip) for a download left
+    the half-made file in the run's folder for as long as the run was kept: the next
+    downloads made theirs under other names, and the start's clean-up did not look there."""
+    import subprocess
+
+    from worker.selftuning.files import ONNX_FILE, host_tag, temporary_path
+
+    run_id = add_run(settings, tmp_path)
+    folder = settings.runs_dir / str(run_id)
+    folder.mkdir(parents=True)
+    kept = [folder / "model.safetensors", temporary_path(folder / ONNX_FILE)]  # being made
+    dead = subprocess.Popen([sys.executable, "-c", "print(1)"], stdout=subprocess.DEVNULL)
+    dead.wait(timeout=30)
+    left = [folder / f".{ONNX_FILE}.{dead.pid}.{host_tag()}.tmp",  # its writer is gone
+            folder / f".run-{run_id}-checkpoint.zip.{'0' * 32}.{dead.pid}.{host_tag()}.tmp"]
+    for path in kept + left:
+        path.write_bytes(b"half")
+
+    assert sorted(ingest.cleanup_orphans(settings, grace_s=600)) == sorted(left)
+    assert all(path.exists() for path in kept) and not any(path.exists() for path in left)
+    assert temporary_path(folder / "a.zip", one_of_several=True) != temporary_path(
+        folder / "a.zip", one_of_several=True)
+
+
 def test_failed_commit_removes_the_moved_directory_and_leaves_no_rows(
     settings: Settings, tmp_path: Path
 ) -> None:

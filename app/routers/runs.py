@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Iterator
 from functools import partial
@@ -101,6 +100,7 @@ from worker.selftuning.files import (
     TRAINING_FILE,
     checkpoint_path,
     read_csv,
+    temporary_path,
 )
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
@@ -450,7 +450,7 @@ def download_checkpoint(run_id: RunId, request: Request, session: DbDep, setting
         # got there first: requests arriving together never write into one file, none
         # serves a half-written zip, and all serve the one that stays (one ETag; a rename
         # over it gave each request the tag of its own file).
-        temp = bundle.with_name(f"{bundle.name}.{uuid.uuid4().hex}.tmp")
+        temp = temporary_path(bundle, one_of_several=True)
         try:
             write_checkpoint_zip(paths, temp)
             try:

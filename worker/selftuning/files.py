@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
 
 # A temporary file whose writer cannot be checked (another host, or a name from before the
@@ -40,10 +41,12 @@ def host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "localhost"
 
 
-def temporary_path(target: Path) -> Path:
+def temporary_path(target: Path, *, one_of_several: bool = False) -> Path:
     """Where `target` is written before the rename: names the writing process and host, so
-    a later clean-up can tell an abandoned file from one being written."""
-    return target.with_name(f".{target.name}.{os.getpid()}.{host_tag()}.tmp")
+    a later clean-up can tell an abandoned file from one being written. `one_of_several`:
+    the process may write several at once (a web's requests), each gets a name of its own."""
+    several = f".{uuid.uuid4().hex}" if one_of_several else ""
+    return target.with_name(f".{target.name}{several}.{os.getpid()}.{host_tag()}.tmp")
 
 
 def reserve_disk_space(path: Path, what: str) -> None:

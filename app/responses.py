@@ -8,6 +8,8 @@ import hashlib
 import io
 import os
 import unicodedata
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,22 +48,38 @@ class Download(FileResponse):
       another unit than bytes (`Range: items=0-5`) and a malformed one (`bytes=9-0`,
       `bytes=abc`), which Starlette answered with a bare text 400;
     - a file deleted since the route found it (its run or dataset deleted that moment) is a
-      404 with the API's `detail`, not a 500."""
+      404 with the API's `detail`, not a 500;
+    - the file is opened before the answer's headers go, and read from there: Starlette
+      opened it after them, and a delete in between cut the answer short after its 200 (a
+      thumbnail or a checkpoint asked for as its dataset or run was deleted)."""
+
+    _file: anyio.AsyncFile[bytes]
 
     async def __call__(self, scope, receive, send) -> None:
-        if self.stat_result is None:
-            try:
-                self.stat_result = await anyio.to_thread.run_sync(os.stat, self.path)
-            except FileNotFoundError:
-                await JSONResponse({"detail": FILE_DELETED}, status_code=404)(
-                    scope, receive, send)
-                return
-            self.set_stat_headers(self.stat_result)
-        value = Headers(scope=scope).get("range", "")
-        if value and not self._usable_range(value):
-            scope = {**scope, "headers": [
-                (key, header) for key, header in scope["headers"] if key.lower() != b"range"]}
-        await super().__call__(scope, receive, send)
+        try:
+            self._file = await anyio.open_file(self.path, mode="rb")
+        except FileNotFoundError:
+            await JSONResponse({"detail": FILE_DELETED}, status_code=404)(scope, receive, send)
+            return
+        try:
+            if self.stat_result is None:
+                self.stat_result = await anyio.to_thread.run_sync(
+                    os.fstat, self._file.wrapped.fileno())
+                self.set_stat_headers(self.stat_result)
+            value = Headers(scope=scope).get("range", "")
+            if value and not self._usable_range(value):
+                scope = {**scope, "headers": [
+                    (key, header) for key, header in scope["headers"] if key.lower() != b"range"]}
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):  # closed also when the transfer is cut
+                await self._file.aclose()
+
+    @asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        """The file as `__call__` opened it (Starlette's opens it by its path again)."""
+        await self._file.seek(0)
+        yield self._file
 
     def _usable_range(self, value: str) -> bool:
         if value.partition("=")[0].strip().lower() != "bytes":

@@ -39,3 +39,36 @@ def test_a_file_deleted_before_it_is_sent_is_a_404_with_a_detail(tmp_path: Path)
         response = client.get(url)
         assert response.status_code == 404, (url, response.text)
         assert response.json() == {"detail": FILE_DELETED}
+
+
+def test_a_file_deleted_as_its_answer_starts_is_sent_whole(tmp_path: Path) -> None:
+    """Starlette sent the headers (200, Content-Length), then opened the file by its path: a
+    delete in between (its dataset's, as its thumbnails were asked for) cut the answer off
+    with no body, a traceback in the log. The file is opened before the headers now."""
+    path = tmp_path / "thumb.jpg"
+    body = b"\xff\xd8" + bytes(range(256)) * 300
+    path.write_bytes(body)
+    app = FastAPI()
+
+    @app.get("/download")
+    def download():
+        return Download(path, media_type="image/jpeg")
+
+    def delete_as_headers_go(app):
+        async def wrapped(scope, receive, send):
+            async def sending(message):
+                if message["type"] == "http.response.start":
+                    path.unlink(missing_ok=True)
+                await send(message)
+            await app(scope, receive, sending)
+        return wrapped
+
+    client = TestClient(delete_as_headers_go(app), raise_server_exceptions=False)
+    whole = client.get("/download")
+    assert whole.status_code == 200 and whole.content == body
+    path.write_bytes(body)
+    part = client.get("/download", headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == body[100:200]
+    path.write_bytes(body)
+    parts = client.get("/download", headers={"Range": "bytes=0-1,500-501"})
+    assert parts.status_code == 206 and body[500:502] in parts.content

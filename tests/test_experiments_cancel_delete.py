@@ -647,6 +647,9 @@ def test_a_cancel_as_the_last_step_is_recorded_is_refused_or_seen(settings, live
     update_run(settings, run_id, cancel_requested=True)  # committed; its Redis flag not yet
     recorder.on_event({"type": "progress", "step": 20, "total_steps": 20, "loss": 0.5})
     assert recorder.should_cancel()
+    with live_server.client() as client:  # asked again: the cancel stands, no 409 saying
+        again = client.post(f"/api/runs/{run_id}/cancel")  # the run ends as it would
+    assert again.status_code == 200 and again.json()["status"] == "running"
 
 
 def test_a_cancelled_run_whose_worker_vanished_ends_cancelled_not_requeued(settings, live_server):

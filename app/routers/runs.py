@@ -290,10 +290,11 @@ def cancel_run(run_id: RunId, session: DbDep, settings: SettingsDep, live: Redis
 
 
 def _refuse_cancel_of_ended(run: Run) -> None:
-    """A 409 for a run a cancel no longer stops: ended, or past its last training step."""
+    """A 409 for a run a cancel no longer stops: ended, or past its last training step with
+    no cancel asked before (one asked before stops it there: its worker checks once more)."""
     if is_terminal(run.status):
         raise HTTPException(409, detail=f"run {run.id} already ended ({run.status})")
-    if is_finishing(run):
+    if is_finishing(run) and not run.cancel_requested:
         raise HTTPException(
             409, detail=f"run {run.id} has trained all {run.total_steps} steps and is scoring "
             "and exporting its model (the final evaluation reads every test and unlabeled "

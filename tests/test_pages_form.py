@@ -192,7 +192,30 @@ def test_the_form_counts_distinct_runs_and_reports_every_mistake_at_once(
         assert error_next_to(page, "seeds") == (
             "“x” is not a seed: write whole numbers such as 0, 1, 2")
         assert sent == []  # found in the page: nothing was sent
-        browser.assert_no_errors()
+        # The check of the other fields (POST /api/experiments/check) refuses these too.
+        browser.assert_no_errors(expected=("status of 422",))
+
+
+@pytest.mark.browser
+def test_a_mistake_the_page_finds_does_not_hide_those_the_server_finds(
+    live_server, dataset_id, request
+):
+    """With seeds "x", no method and iterations -5, Start showed the seed's mistake alone;
+    the other two came one press later, once the seed was mended."""
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/experiments/new?dataset_id={dataset_id}")
+        for method in page.locator("input[name=methods]").all():
+            method.uncheck()
+        page.fill("#f-seeds", "x")
+        page.fill("#f-iterations", "-5")
+        page.click("#start")
+        assert error_next_to(page, "seeds") == (
+            "“x” is not a seed: write whole numbers such as 0, 1, 2")
+        assert error_next_to(page, "methods") != ""
+        assert "greater than or equal to 1" in error_next_to(page, "overrides.iterations")
+        assert page.locator(".field.invalid").count() == 3
+        browser.assert_no_errors(expected=("status of 422",))
 
 
 @pytest.mark.browser
@@ -244,7 +267,7 @@ def test_the_form_for_a_dataset_that_is_gone_says_so_and_chooses_none_in_its_pla
         page.click("#start")
         page.wait_for_url(re.compile(r".*/experiments/\d+$"))
         browser.screenshot("started-on-the-chosen-dataset")
-        browser.assert_no_errors()
+        browser.assert_no_errors(expected=("status of 422",))  # the check, without a dataset
 
 
 @pytest.mark.browser

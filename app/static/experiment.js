@@ -240,8 +240,9 @@ export function experimentForm() {
     checksAsked += 1; // a check still on its way answers an older form: Start's answer counts
     clearTimeout(checkTimer);
     const { body, errors } = payload();
-    if (errors.length) {
-      showRefusals(errors, { again: true });
+    if (errors.length) { // with the server's refusals of the other fields, all at once
+      const { refusals } = await askCheck(body, errors);
+      showRefusals(refusals, { again: true });
       focusFirstError();
       return;
     }
@@ -324,26 +325,33 @@ export function experimentForm() {
   const warningsBox = document.getElementById("form-warnings");
   let checksAsked = 0;
   let checkTimer;
+  // The form's own refusals (`errors`) and the server's of the other fields: a seed that is
+  // not a number no longer hid that no method was chosen until it was mended.
+  async function askCheck(body, errors) {
+    try {
+      const response = await fetch("/api/experiments/check", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: JSON.stringify(body),
+      });
+      const answer = await response.json().catch(() => ({}));
+      if (response.ok) return { warnings: errors.length ? [] : answer.warnings, refusals: errors };
+      if (response.status === 422) {
+        const mine = new Set(errors.map(({ field }) => field));
+        const theirs = apiErrors(answer.detail, body).filter(({ field }) => !mine.has(field));
+        return { warnings: [], refusals: [...errors, ...theirs] };
+      }
+      // Anything else (an expired sign-in, the server down) is not the form's: Start says it.
+    } catch (error) {
+      console.warn("could not check the form:", error.message); // Start says it, if it lasts
+    }
+    return { warnings: [], refusals: errors };
+  }
+
   async function checkForm() {
     const { body, errors } = payload();
     const asked = ++checksAsked;
-    let warnings = [];
-    let refusals = errors;
-    if (!errors.length) {
-      try {
-        const response = await fetch("/api/experiments/check", {
-          method: "POST",
-          headers: { "Content-Type": "application/json", Accept: "application/json" },
-          body: JSON.stringify(body),
-        });
-        const answer = await response.json().catch(() => ({}));
-        if (response.ok) ({ warnings } = answer);
-        else if (response.status === 422) refusals = apiErrors(answer.detail, body);
-        // Anything else (an expired sign-in, the server down) is not the form's: Start says it.
-      } catch (error) {
-        console.warn("could not check the form:", error.message); // Start says it, if it lasts
-      }
-    }
+    const { warnings, refusals } = await askCheck(body, errors);
     if (asked !== checksAsked) return;
     warningsBox.replaceChildren(...warnings.map((warning) => h(
       "p", { class: "warning" }, `${warning[0].toUpperCase()}${warning.slice(1)}.`)));

@@ -313,3 +313,36 @@ def test_a_page_opened_in_a_background_tab_opens_its_feed_when_first_shown(live_
         assert page.evaluate("window.feeds.map((feed) => feed.url)") == [
             f"{live_server.url}/api/runs/{run_id}/events"]
         browser.assert_no_errors()
+
+
+@pytest.mark.browser
+def test_an_ended_run_page_follows_its_run_again_when_it_is_run_again_elsewhere(
+    live_server, request
+):
+    """The run cancelled, then run again from its experiment's page: its own page, left open
+    in another tab, kept "cancelled" and its Run again button until it was reloaded. Shown
+    again, it asks, and follows the run anew."""
+    from playwright.sync_api import expect
+
+    from tests.test_pages_accessibility import send_events
+
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, [run_id] = start_sweep(
+            client, add_dataset_row(live_server.database_url), methods=["fine-tune"], seeds=[0])
+        assert client.post(f"/api/runs/{run_id}/cancel").status_code == 200
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        expect(page.locator("#run-status")).to_contain_text("cancelled")
+        expect(page.locator("#requeue")).to_be_visible()
+        with live_server.client() as client:  # "Run again" on the experiment's page
+            assert client.post(f"/api/runs/{run_id}/requeue").status_code == 200
+        page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # shown again
+        expect(page.locator("#run-status")).to_contain_text("queued")
+        expect(page.locator("#requeue")).to_be_hidden()
+        mark_running(live_server.database_url, run_id)
+        send_events(live, experiment_id, run_id, {"type": "started", "step": 0},
+                    {"type": "progress", "step": 4, "loss": 0.9, "lr": 0.01})
+        expect(page.locator("#run-status")).to_contain_text("running")  # its feed again
+        browser.assert_no_errors()

@@ -541,6 +541,21 @@ export function runPage() {
     else watch(); // run again since the page was served
   }
 
+  // Run again from elsewhere (its experiment page, another tab, the API) while this page
+  // showed it ended: the page kept "cancelled" and its Run again button until reloaded. An
+  // ended run's page asks again when its tab is shown or its window comes to the front, and
+  // follows the run anew when it is queued or running again.
+  async function askWhetherRunAgain() {
+    if (!finishedDrawn || deleted || signedOut || requeueing || document.hidden) return;
+    await refreshRun();
+    if (TERMINAL.has(run.status) || deleted || signedOut) return;
+    document.getElementById("results").hidden = true;
+    finishedDrawn = false;
+    watch();
+  }
+  document.addEventListener("visibilitychange", askWhetherRunAgain);
+  window.addEventListener("focus", askWhetherRunAgain);
+
   // Deleted (with its experiment) while the page was kept, it says so (refreshRun: gone());
   // still there, it shows the run as it is now.
   onRestored(async () => {

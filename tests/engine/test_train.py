@@ -229,19 +229,24 @@ def _checkpoint_tensors(out: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(out / "state" / "checkpoint.pt")["model"]
 
 
+def cancel_at(step: int, config, data, out: Path) -> None:
+    """Train with a cancel raised once `step` is trained: the run stops there, its training
+    state saved at that step and no model exported."""
+    recorder = Recorder(stop_at=step)
+    with pytest.raises(TrainingCancelled) as cancelled:
+        train(config, data, out, on_event=recorder, should_cancel=recorder.should_cancel)
+    assert cancelled.value.step == step
+    assert recorder.of("checkpoint")[-1]["step"] == step
+    assert not (out / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("method", ["self-tuning", "fixmatch"])
 def test_resume_after_cancel_gives_bitwise_the_same_weights(tmp_path: Path, shapes_data,
                                                             method):
     config = tiny_config(method=method, iterations=6, checkpoint_interval=100, log_interval=1)
     train(config, shapes_data, tmp_path / "straight")
 
-    recorder = Recorder(stop_at=3)
-    with pytest.raises(TrainingCancelled) as cancelled:
-        train(config, shapes_data, tmp_path / "resumed", on_event=recorder,
-              should_cancel=recorder.should_cancel)
-    assert cancelled.value.step == 3
-    assert recorder.of("checkpoint")[-1]["step"] == 3
-    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    cancel_at(3, config, shapes_data, tmp_path / "resumed")
     resumed = Recorder()
     train(config, shapes_data, tmp_path / "resumed", on_event=resumed)
     assert resumed.events[0]["resumed_from_step"] == 3
@@ -261,13 +266,7 @@ def test_a_cancel_during_the_last_step_stops_before_the_export(tmp_path: Path, s
     """The flag was looked at before each step only: a cancel that came during the last one
     was never seen, and the run scored, exported its model and ended succeeded."""
     config = tiny_config(iterations=3, log_interval=1)
-    recorder = Recorder(stop_at=3)
-    with pytest.raises(TrainingCancelled) as cancelled:
-        train(config, shapes_data, tmp_path / "run", on_event=recorder,
-              should_cancel=recorder.should_cancel)
-    assert cancelled.value.step == 3
-    assert recorder.of("checkpoint")[-1]["step"] == 3
-    assert not (tmp_path / "run" / "model.safetensors").exists()
+    cancel_at(3, config, shapes_data, tmp_path / "run")
     resumed = Recorder()  # run again: nothing left to train, it scores and exports
     train(config, shapes_data, tmp_path / "run", on_event=resumed)
     assert resumed.events[0]["resumed_from_step"] == 3 and resumed.of("progress") == []

@@ -57,7 +57,7 @@ class _ImageParts(MultipartParts):
     def __init__(self, boundary: bytes) -> None:
         super().__init__(boundary)
         self.images: list[SentImage] = []
-        self._name: str | None = None  # the file name of the image part being read
+        self._name = ""  # the file name of the image part being read
         self._data = bytearray()
 
     def fields_hint(self) -> str:
@@ -72,13 +72,11 @@ class _ImageParts(MultipartParts):
         self._name = name or f"image {len(self.images) + 1}"
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._name is not None:
-            self._data += data[start:end]
+        self._data += data[start:end]
 
     def on_part_end(self) -> None:
-        if self._name is not None:
-            self.images.append(SentImage(self._name, bytes(self._data)))
-        self._name, self._data = None, bytearray()
+        self.images.append(SentImage(self._name, bytes(self._data)))
+        self._data = bytearray()
 
 
 def _too_large() -> IngestError:

@@ -1814,11 +1814,11 @@ def cleanup_orphans(settings: Settings, session_factory: Callable[[], Session] |
                 _remove(entry)
                 removed.append(entry)
         for entry in run_folders:
-            if int(entry.name) not in run_ids and stale(entry):
+            if int(entry.name) in run_ids:  # a model.onnx or checkpoint zip cut short
+                removed.extend(remove_abandoned_temporaries(entry))
+            elif stale(entry):
                 _remove(entry)
                 removed.append(entry)
-            elif int(entry.name) in run_ids:  # a model.onnx or checkpoint zip cut short
-                removed.extend(remove_abandoned_temporaries(entry))
     for path in removed:
         log.warning("removed leftover %s", path)
     return removed

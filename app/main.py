@@ -503,8 +503,14 @@ async def _disk_full(request: Request, exc: OSError) -> Response:
     return _insufficient_storage(request, detail)
 
 
-DELETED_MEANWHILE = ("it was deleted by another request while this one was being answered: "
-                     "nothing was changed")
+DELETED_MEANWHILE = "it was deleted by another request while this one was being answered"
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+def _nothing_changed(request: Request) -> str:
+    """What a refused request that would have changed something adds: that it changed nothing
+    (a page read says nothing of changes it never meant to make)."""
+    return "" if request.method in SAFE_METHODS else ": nothing was changed"
 
 
 async def _deleted_meanwhile(request: Request, exc: StaleDataError | ObjectDeletedError
@@ -512,10 +518,10 @@ async def _deleted_meanwhile(request: Request, exc: StaleDataError | ObjectDelet
     """A row another request deleted while this one read or changed it (a rename as its
     dataset was deleted, its page read as it went): a 404, for it is gone, not a 500."""
     log.info("%s %s: %s", request.method, request.url.path, exc)
+    detail = DELETED_MEANWHILE + _nothing_changed(request)
     if _wants_page(request):
-        return _error_page(request, 404, "Not found", f"{DELETED_MEANWHILE[:1].upper()}"
-                                                      f"{DELETED_MEANWHILE[1:]}.")
-    return JSONResponse(status_code=404, content={"detail": DELETED_MEANWHILE})
+        return _error_page(request, 404, "Not found", f"{detail[:1].upper()}{detail[1:]}.")
+    return JSONResponse(status_code=404, content={"detail": detail})
 
 
 # SQLite's SQLITE_FULL ("database or disk is full") and PostgreSQL's disk_full.
@@ -542,8 +548,8 @@ async def _database_error(request: Request, exc: OperationalError) -> Response:
     if not unavailable:
         raise exc
     reason = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else type(cause)
-    detail = (f"the database cannot be reached ({reason}): nothing was changed; try again "
-              "in a moment")
+    detail = (f"the database cannot be reached ({reason}){_nothing_changed(request)}; try "
+              "again in a moment")
     if _wants_page(request):
         return _error_page(request, 503, "Database unavailable", detail)
     return JSONResponse(status_code=503, content={"detail": detail},

@@ -122,6 +122,9 @@ def test_health_is_503_when_the_database_is_down(settings, tmp_path, redis_url):
         assert answer.status_code == 503, answer.text
         assert answer.json()["detail"].startswith("the database cannot be reached (")
         assert answer.headers["retry-after"] == "5"
+    # Only the request that would have changed something says nothing was changed.
+    assert ["): nothing was changed; try again" in answer.json()["detail"]
+            for answer in answers] == [False, False, True]
     assert page.status_code == 503 and "Database unavailable" in page.text
     assert "Traceback" not in process.log()
 

@@ -173,3 +173,6 @@ def test_a_page_read_as_its_dataset_is_deleted_is_a_404_not_a_500(settings, name
                     f"DELETE FROM datasets WHERE id = {dataset_id}") as client:
         page = client.get(f"/datasets/{dataset_id}", headers={"Accept": "text/html"})
     assert page.status_code == 404
+    # A page read changed nothing and meant to change nothing: it says only that it is gone.
+    assert "deleted by another request while this one was being answered." in page.text
+    assert "nothing was changed" not in page.text

@@ -80,6 +80,10 @@ class Supervisor:
         except OSError as exc:  # a file system without locks
             log(f"cannot lock {self._lock.name} ({exc}); a second launch will not be noticed")
 
+    def release(self) -> None:
+        """Let go of the data directory (a refused start)."""
+        self._lock.close()
+
     def stop_leftovers(self, grace_s: float = 30.0) -> None:
         """Stop the children an earlier launcher left running, if any."""
         try:
@@ -309,6 +313,30 @@ def new_sqlite_file(url: str) -> Path | None:
     return None if path is None or path.exists() else path
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders that making `folder` would make, innermost first."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def refused(supervisor: Supervisor, made_dirs: list[Path]) -> int:
+    """A start refused after the data directory was taken: a directory this launch made is
+    removed again (with its lock file), so the refusal leaves nothing behind; one that was
+    there keeps its lock file, which a launch running from it may hold. Exit status 2."""
+    supervisor.release()
+    if made_dirs:
+        (made_dirs[0] / "launcher.lock").unlink(missing_ok=True)
+    for folder in made_dirs:
+        try:
+            folder.rmdir()
+        except OSError:  # something else was put there meanwhile: it stays
+            break
+    return 2
+
+
 def main() -> int:
     try:
         settings = Settings()
@@ -319,6 +347,7 @@ def main() -> int:
     if (reason := bind_refusal(settings)) is not None:
         log(reason)
         return 2
+    made_dirs = missing_folders(settings.data_dir)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         log(f"data directory: {settings.data_dir}")
@@ -334,7 +363,7 @@ def main() -> int:
     supervisor.stop_leftovers()
     if (reason := port_refusal(settings)) is not None:
         log(reason)
-        return 2
+        return refused(supervisor, made_dirs)
     log("applying database migrations")
     made = new_sqlite_file(settings.sqlalchemy_url)
     try:
@@ -353,7 +382,7 @@ def main() -> int:
             f"the database {shown_url(settings.sqlalchemy_url)} does not answer or cannot be "
             f"used: {str(exc).splitlines()[0]} (SELFTUNE_DATABASE_URL)")
         log(f"cannot start: {reason}")
-        return 2
+        return refused(supervisor, made_dirs)
 
     stop_requested = False
 

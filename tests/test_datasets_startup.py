@@ -289,6 +289,7 @@ def test_a_refused_launch_leaves_no_database_behind_and_says_why_in_one_line(
         output = launcher.stdout + launcher.stderr
         assert launcher.returncode == 2, output
         assert said in launcher.stdout and "Traceback" not in output and "secret" not in output
+        assert not (tmp_path / "fresh").exists()  # the refused start made it and removed it
 
 
 def refused_web(env: dict[str, str], log_path: Path) -> str:

@@ -403,14 +403,23 @@ def test_the_launcher_prints_an_address_a_browser_opens():
 
 
 def test_the_launcher_names_the_setting_when_its_port_is_taken(tmp_path):
+    """And leaves nothing behind: the data directory it made for the refused start (two
+    levels here) is removed again. One that was there keeps its files and lock file."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_launcher(launcher_env(tmp_path / "data", port))
-    assert result.returncode == 2
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout
-    assert "SELFTUNE_PORT" in result.stdout
+        result = run_launcher(launcher_env(tmp_path / "new" / "data", port))
+        kept = run_launcher(launcher_env(existing, port))
+    for refusal in (result, kept):
+        assert refusal.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in refusal.stdout
+        assert "SELFTUNE_PORT" in refusal.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["existing"]
+    assert sorted(path.name for path in existing.iterdir()) == ["keep.txt", "launcher.lock"]
 
 
 @pytest.mark.parametrize("where", ["a file", "inside a file"])

@@ -248,12 +248,7 @@ export function experimentForm() {
     }
     start.disabled = true;
     try {
-      const response = await fetch("/api/experiments", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: JSON.stringify(body),
-      });
-      const answer = await response.json().catch(() => ({}));
+      const { response, answer } = await postJson("/api/experiments", body);
       if (response.status === 201) {
         window.location.assign(`/experiments/${answer.id}`);
         return;
@@ -278,6 +273,16 @@ export function experimentForm() {
     }
     focusFirstError();
   });
+
+  // The form's body posted as JSON: the answer, and its JSON (empty when it has none).
+  async function postJson(url, body) {
+    const response = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify(body),
+    });
+    return { response, answer: await response.json().catch(() => ({})) };
+  }
 
   // The form as typed, kept in this tab's sessionStorage across a sign-in: every named input
   // by name (a checkbox by name and value, as the methods share one name).
@@ -329,12 +334,7 @@ export function experimentForm() {
   // not a number no longer hid that no method was chosen until it was mended.
   async function askCheck(body, errors) {
     try {
-      const response = await fetch("/api/experiments/check", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: JSON.stringify(body),
-      });
-      const answer = await response.json().catch(() => ({}));
+      const { response, answer } = await postJson("/api/experiments/check", body);
       if (response.ok) return { warnings: errors.length ? [] : answer.warnings, refusals: errors };
       if (response.status === 422) {
         const mine = new Set(errors.map(({ field }) => field));

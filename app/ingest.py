@@ -63,9 +63,11 @@ from worker.selftuning.labels_csv import (
     classes_phrase,
     folder_disagreements,
     header_hint,
+    lost_class_warnings,
     natural_key,
     parse_labels_csv,
     quoted_list,
+    skip_reason_by_name,
     spaced_path,
     untested_class_warnings,
 )
@@ -835,12 +837,7 @@ class _Extraction:
 
 
 def _skip_reason_by_name(path: str) -> str | None:
-    parts = path.split("/")
-    if any(part.lower() == "__macosx" for part in parts):
-        return "macOS metadata (__MACOSX)"
-    if any(part.startswith(".") for part in parts):
-        return "hidden file or folder"
-    return None
+    return skip_reason_by_name(path.split("/"))
 
 
 def _copy_member(
@@ -1160,12 +1157,7 @@ def _lost_class_warnings(layout: _FolderLayout, skipped: list[SkippedFile],
         if (where.split == "train" and where.skip_reason is None
                 and where.class_name is not None and where.class_name not in classes):
             lost[where.class_name] += 1
-    return [f"{'The' if count == 1 else f'All {count:,}'} file{'' if count == 1 else 's'} "
-            f"in the class folder {name!r} "
-            f"{'was' if count == 1 else 'were'} skipped (the skipped files say why), so "
-            f"{name!r} is not a class of this dataset: fix "
-            f"{'it' if count == 1 else 'them'} and upload again if it should be one"
-            for name, count in sorted(lost.items(), key=lambda item: natural_key(item[0]))]
+    return lost_class_warnings(lost)
 
 
 def _layout_by_csv(

@@ -78,11 +78,35 @@ def test_cli_reads_files_as_uploads_do(tmp_path: Path, capsys):
     broken = data / "train" / classes[1] / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n then nothing that decodes")
     (data / "train" / classes[1] / "notes.txt").write_text("taken on Tuesday")
+    # What an upload also skips and says so: the CLI left these out without a word, and a
+    # class folder whose only file was skipped vanished without a warning.
+    (data / "train" / classes[1] / ".DS_Store").write_bytes(b"\0")
+    (data / "__MACOSX" / "train").mkdir(parents=True)
+    (data / "__MACOSX" / "train" / "._broken.png").write_bytes(b"\0")
+    (data / "train" / "README.txt").write_text("shapes")
+    (data / "train" / "fish").mkdir()
+    (data / "train" / "fish" / "IMG_1.heic").write_bytes(b"\0\0\0\x18ftypheic")
     code = main(["train", "--data", str(data), "--method", "fine-tune", "--budget", "all",
                  *TINY, *TEST_BACKBONE, "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "skipped 2 file(s), as an upload does (e.g. " in printed
+    lines = printed.splitlines()
+    at = lines.index("skipped 6 file(s), as an upload does:")
+    assert sorted(lines[at + 1:at + 7]) == sorted([
+        f"  1 × not an image (.txt); supported: JPEG, PNG, WebP, BMP, TIFF or GIF (e.g. "
+        f"{data / 'train' / classes[1] / 'notes.txt'})",
+        f"  1 × not an image (.heic); supported: JPEG, PNG, WebP, BMP, TIFF or GIF (e.g. "
+        f"{data / 'train' / 'fish' / 'IMG_1.heic'})",
+        next(line for line in lines if line.startswith("  1 × corrupt or unsupported image")),
+        f"  1 × hidden file or folder (e.g. {data / 'train' / classes[1] / '.DS_Store'})",
+        f"  1 × macOS metadata (__MACOSX) (e.g. {data / '__MACOSX' / 'train' / '._broken.png'})",
+        "  1 × not inside a class folder: put it in <class>/ or unlabeled/ (e.g. "
+        f"{data / 'train' / 'README.txt'})"])
+    assert str(broken) in lines[at + 1:at + 7][[line.startswith("  1 × corrupt") for line
+                                                 in lines[at + 1:at + 7]].index(True)]
+    assert ("warning: The file in the class folder 'fish' was skipped (the skipped files say "
+            "why), so 'fish' is not a class of this dataset: fix it and upload again if it "
+            "should be one") in lines
     assert f"{len(classes)} classes, {4 * len(classes)} labeled (all)" in printed
     training = json.loads((tmp_path / "out" / "training.json").read_text())
     assert sorted(training["class_to_idx"]) == classes
@@ -105,8 +129,9 @@ def test_messages_name_an_archives_files_by_the_archive_not_its_unpacked_copy(
                  *TEST_BACKBONE, "--out", str(tmp_path / "out")])
     assert code == 2
     printed = capsys.readouterr()
-    assert (f"(e.g. {archive}: shapes/train/{first}/broken.png: corrupt or unsupported "
-            "image") in printed.out
+    assert printed.out.startswith("skipped 1 file(s), as an upload does:\n  1 × corrupt or "
+                                  "unsupported image (")
+    assert f"(e.g. {archive}: shapes/train/{first}/broken.png)\n" in printed.out
     assert "selftuning-datasets" not in printed.out + printed.err
 
     listed = tmp_path / "listed.zip"

@@ -632,3 +632,21 @@ def test_a_run_on_12_bit_images_trains_on_them_scaled_by_their_white_level(tmp_p
     assert "input_white_level" not in json.loads((tmp_path / "out-8" / "config.json").read_text())
     assert json.loads((tmp_path / "out-8" / "training.json").read_text())[
         "input_white_level"] is None
+
+
+def test_files_a_labels_csv_does_not_list_are_skipped_and_named_as_an_upload_names_them(
+        tmp_path: Path):
+    """With a labels.csv, the images it did not list were left out without a word (an
+    upload skips them and says so), and so were hidden files beside them."""
+    folder = tmp_path / "listed"
+    (folder / "imgs").mkdir(parents=True)
+    for index, name in enumerate(["a.png", "b.png", "c.png", "d.png", "not_listed.png"]):
+        Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(folder / "imgs" / name)
+    (folder / "imgs" / ".thumbs.db").write_bytes(b"\0")
+    (folder / "labels.csv").write_text(
+        "path,label\nimgs/a.png,cat\nimgs/b.png,cat\nimgs/c.png,dog\nimgs/d.png,dog\n")
+    skipped: dict[str, str] = {}
+    class_names, train_items, _, _ = load_folder_dataset(folder, skipped)
+    assert class_names == ["cat", "dog"] and len(train_items) == 4
+    assert skipped == {str(folder / "imgs" / "not_listed.png"): "not listed in labels.csv",
+                       str(folder / "imgs" / ".thumbs.db"): "hidden file or folder"}

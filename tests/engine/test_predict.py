@@ -73,10 +73,10 @@ def test_the_checkpoint_zip_of_a_runs_page_labels_files_and_prints_them(
     assert [row["path"] for row in rows] == [*chosen[1:], str(folder / "photo")]
     assert [row["label"] for row in rows] == [answers(exported)[path]
                                               for path in (*chosen[1:], chosen[0])]
-    assert printed.err.splitlines()[0] == (
-        f"skipped 1 file(s) (e.g. {folder / 'notes.txt'}: not an image (.txt); supported: "
-        "JPEG, PNG, WebP, BMP, TIFF or GIF)")
-    assert printed.err.splitlines()[1].startswith("labeled 3 image(s) into 3 classes")
+    assert printed.err.splitlines()[:2] == [
+        "skipped 1 file(s):", "  1 × not an image (.txt); supported: JPEG, PNG, WebP, BMP, "
+        f"TIFF or GIF (e.g. {folder / 'notes.txt'})"]
+    assert printed.err.splitlines()[2].startswith("labeled 3 image(s) into 3 classes")
 
 
 def test_images_in_memory_get_their_classes_in_order_with_the_files_probabilities(

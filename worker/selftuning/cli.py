@@ -175,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         for warning in warnings:
             print(as_in_archive(f"warning: {warning}", args.data))
         if skipped:
-            path, reason = next(iter(skipped.items()))
-            print(as_in_archive(f"skipped {len(skipped)} file(s), as an upload does (e.g. "
-                                f"{path}: {reason})", args.data))
+            print(as_in_archive(skipped_summary(skipped, ", as an upload does"), args.data))
         train_items, test_items, unlabeled, dropped = drop_duplicates(
             train_items, test_items, unlabeled)
         if dropped:
@@ -289,8 +287,7 @@ def label_images(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     if skipped:
-        path, reason = next(iter(skipped.items()))
-        print(f"skipped {len(skipped)} file(s) (e.g. {path}: {reason})", file=sys.stderr)
+        print(skipped_summary(skipped), file=sys.stderr)
     print(f"labeled {len(rows):,} image(s) into {len(exported.label_names)} classes in "
           f"{_duration(time.monotonic() - began)}" + (f"; wrote {out}" if out else ""),
           file=sys.stderr)
@@ -453,6 +450,25 @@ def _overrides(args: argparse.Namespace) -> dict:
     if args.no_pretrained:
         overrides["pretrained"] = False
     return overrides
+
+
+SKIP_REASONS_SHOWN = 12
+
+
+def skipped_summary(skipped: dict[str, str], how: str = "") -> str:
+    """"skipped N file(s)" and a line per reason, the most files first: how many, why, and
+    one of them (a run's log is where a data scientist looks for what went missing)."""
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(path)
+    reasons = sorted(by_reason.items(), key=lambda item: -len(item[1]))
+    lines = [f"skipped {len(skipped)} file(s){how}:"]
+    lines += [f"  {len(paths)} × {reason} (e.g. {paths[0]})"
+              for reason, paths in reasons[:SKIP_REASONS_SHOWN]]
+    if len(reasons) > SKIP_REASONS_SHOWN:
+        rest = sum(len(paths) for _, paths in reasons[SKIP_REASONS_SHOWN:])
+        lines.append(f"  {rest} more for {len(reasons) - SKIP_REASONS_SHOWN} other reason(s)")
+    return "\n".join(lines)
 
 
 def as_in_archive(text: str, data: str) -> str:

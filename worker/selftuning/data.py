@@ -28,8 +28,10 @@ from worker.selftuning.labels_csv import (
     class_name,
     folder_disagreements,
     header_hint,
+    lost_class_warnings,
     natural_key,
     parse_labels_csv,
+    skip_reason_by_name,
     spaced_path,
 )
 from worker.selftuning.pixels import (
@@ -143,22 +145,64 @@ def load_folder_dataset(
     `zip -r` and `tar` of a folder usually do), and a dataset without `test/` is held out
     differently (the web by content hash). Files too: images without an image extension are
     known by their content; files that are not images or do not open are left out with the
-    reason in `skipped` (path: reason), and hidden files and folders at any depth without.
-    What looks like a mistake but is read as it says goes in `warnings` (a labels.csv that
-    relabels images in class folders: `folder_disagreements`).
+    reason in `skipped` (path: reason), as is every other file that is not read, as an
+    upload says it (a hidden file, macOS metadata, a file outside the class folders or not
+    listed in labels.csv). What looks like a mistake but is read as it says goes in
+    `warnings` (a labels.csv that relabels images in class folders: `folder_disagreements`; a
+    class folder all of whose files were skipped: `lost_class_warnings`).
     Returns (class_names, train_items, test_items, unlabeled_paths); items are (path, index).
     Archives are unpacked once into the temp folder.
     """
-    root = Path(path)
-    if not root.exists():
+    top = Path(path)
+    if not top.exists():
         raise ValueError(f"dataset {path} does not exist")
-    if root.is_file():
-        root = _unpack(root)
-    if not root.is_dir():
+    ours: set[Path] = set()  # what the engine put beside an archive's files: not the user's
+    if top.is_file():
+        top = _unpack(top)
+        ours.add(top / UNPACKED_MARKER)
+    if not top.is_dir():
         raise ValueError(f"dataset {path} is neither a folder nor a .zip/.tar archive")
-    root = _look_through_wrapper(root)
-    if (root / LABELS_CSV).is_file():
-        return read_labels_csv(root / LABELS_CSV, skipped, warnings)
+    root = _look_through_wrapper(top)
+    by_csv = (root / LABELS_CSV).is_file()
+    found = dict(skipped or {})  # noted whether asked for or not: the rest is unread
+    read = (read_labels_csv(root / LABELS_CSV, found, warnings) if by_csv
+            else _read_folders(root, path, found, warnings))
+    if skipped is not None:
+        skipped.update(found)
+        skipped.update(_unread_files(top, root, read, {*found, *map(str, ours)}, by_csv))
+    return read
+
+
+def _unread_files(top: Path, root: Path, read: tuple[list[str], list[Item], list[Item],
+                  list[str]], skipped: set[str], by_csv: bool) -> dict[str, str]:
+    """The files under `top` neither read nor `skipped` (nor the engine's), each with why,
+    in an upload's words: hidden ones and macOS metadata, then those a labels.csv does not
+    list, or those outside the class folders."""
+    _, train_items, test_items, unlabeled = read
+    used = {path for path, _ in train_items} | {path for path, _ in test_items} | set(unlabeled)
+    splits = {root, _folder(root, "train"), _folder(root, "test"), _folder(root, "val")}
+    unread = {}
+    for file in sorted(top.rglob("*")):
+        name = str(file)
+        if name in used or name in skipped or not file.is_file():
+            continue
+        if by_csv and file == root / LABELS_CSV:
+            continue
+        if reason := skip_reason_by_name(file.relative_to(top).parts):
+            unread[name] = reason
+        elif by_csv:
+            unread[name] = f"not listed in {LABELS_CSV}"
+        elif file.parent in splits:
+            unread[name] = "not inside a class folder: put it in <class>/ or unlabeled/"
+        else:
+            unread[name] = "outside the train/ and test/ folders"
+    return unread
+
+
+def _read_folders(root: Path, path: str | os.PathLike, skipped: dict[str, str],
+                  warnings: list[str] | None) -> tuple[list[str], list[Item], list[Item],
+                                                       list[str]]:
+    """A dataset laid out in folders (`load_folder_dataset`), from `root`."""
 
     def images(folder: Path, recursive: bool = False) -> list[Path]:
         return _images(folder, recursive, skipped)
@@ -167,17 +211,25 @@ def load_folder_dataset(
         """Whether a class folder has a name (BLANK_CLASS_FOLDER: its images skipped)."""
         if class_name(folder.name):
             return True
-        if skipped is not None:
-            skipped.update((str(p), BLANK_CLASS_FOLDER) for p in in_folder)
+        skipped.update((str(p), BLANK_CLASS_FOLDER) for p in in_folder)
         return False
 
     train_root = _folder(root, "train") or root
     found: dict[str, list[Path]] = {}  # images by class: "café" and "cafe\u0301" are one
+    lost: Counter[str] = Counter()  # class folders whose files were all skipped
     for entry in sorted(train_root.iterdir()):
-        if (entry.is_dir() and not _hidden(entry.name)
-                and entry.name.lower() not in SPECIAL_FOLDERS
-                and (in_folder := images(entry, True)) and named(entry, in_folder)):
+        if (not entry.is_dir() or _hidden(entry.name)
+                or entry.name.lower() in SPECIAL_FOLDERS):
+            continue
+        before = len(skipped)
+        if (in_folder := images(entry, True)) and named(entry, in_folder):
             found.setdefault(class_name(entry.name), []).extend(in_folder)
+        elif not in_folder and len(skipped) > before and class_name(entry.name):
+            lost[class_name(entry.name)] += len(skipped) - before
+    for name in found:
+        del lost[name]  # its files in another folder of the same name ("café", "cafe\u0301")
+    if warnings is not None:
+        warnings.extend(lost_class_warnings(lost))
     class_names = sorted(found, key=natural_key)
     if len(class_names) < 2:
         raise ValueError(
@@ -199,8 +251,7 @@ def load_folder_dataset(
             if not in_folder or not named(entry, in_folder):
                 continue
             if entry.name.lower() == "unlabeled":
-                if skipped is not None:
-                    skipped.update((str(p), UNLABELED_IN_TEST) for p in in_folder)
+                skipped.update((str(p), UNLABELED_IN_TEST) for p in in_folder)
                 continue
             if class_name(entry.name) not in index:
                 raise ValueError(f"{split_root.name}/{entry.name} is not a class of train/")

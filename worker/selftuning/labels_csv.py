@@ -188,6 +188,28 @@ def class_name_warnings(class_names: list[str], again: str = "upload again") -> 
     ]
 
 
+def skip_reason_by_name(parts: list[str] | tuple[str, ...]) -> str | None:
+    """Why a file is skipped by its path's parts alone: macOS metadata, a hidden file or one
+    in a hidden folder; None for any other."""
+    if any(part.lower() == "__macosx" for part in parts):
+        return "macOS metadata (__MACOSX)"
+    if any(part.startswith(".") for part in parts):
+        return "hidden file or folder"
+    return None
+
+
+def lost_class_warnings(lost: dict[str, int]) -> list[str]:
+    """Class folders of the training images none of whose files is kept (each skipped:
+    HEIC photos, files that do not open), by name with how many files each had: the class is
+    gone without a word but the skipped files' list."""
+    return [f"{'The' if count == 1 else f'All {count:,}'} file{'' if count == 1 else 's'} "
+            f"in the class folder {name!r} "
+            f"{'was' if count == 1 else 'were'} skipped (the skipped files say why), so "
+            f"{name!r} is not a class of this dataset: fix "
+            f"{'it' if count == 1 else 'them'} and upload again if it should be one"
+            for name, count in sorted(lost.items(), key=lambda item: natural_key(item[0]))]
+
+
 def untested_class_warnings(untested: list[str]) -> list[str]:
     """Classes that a given test split has no image of: they are trained but never scored,
     and test top-1 is over the other classes alone."""

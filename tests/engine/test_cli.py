@@ -399,7 +399,10 @@ def test_resuming_with_other_settings_is_a_one_line_error(tmp_path: Path, capsys
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path: Path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path: Path, signum):
+    """SIGTERM too (`timeout`, `docker stop`, a scheduler's time limit), which killed the
+    command without a word or a checkpoint (exit 143, an empty --out left)."""
     data = write_shapes_dataset(tmp_path / "data", train_per_class=4, test_per_class=1)
     out = tmp_path / "out"
     # The quick preset reports progress every 10 steps and checkpoints every 100, so the
@@ -413,13 +416,13 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path: Path):
     try:
         for line in run.stdout:
             if line.startswith("[10/60]"):
-                os.killpg(run.pid, signal.SIGINT)
+                os.killpg(run.pid, signum)
                 break
         printed, errors = run.communicate(timeout=300)
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 130, errors
+    assert run.returncode == 128 + signum, errors
     assert "Traceback" not in errors
     stopped = printed.strip().splitlines()[-1]
     assert stopped.startswith("stopped at step ")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import signal
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -144,6 +145,15 @@ def loader_processes(requested: int, device: torch.device, cores: int | None = N
     return max(1, min(cores - 1, MOST_AUTO_LOADERS))
 
 
+def leave_sigterm_to_the_trainer(_worker_id: int) -> None:
+    """In a loader process: ignore SIGTERM. One sent to the whole process group (`kill` of a
+    job, `timeout`, a batch scheduler's time limit) is the training process's to act on: it
+    saves its state and stops, and its loader processes end with it (torch's worker loop
+    watches its parent). torch's own handler there died of any SIGTERM its parent had not
+    sent, and the training process then failed in the middle of saving."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def start_batches(
     dataset: StepBatches, start: int, num_workers: int, pin_memory: bool
 ) -> Iterator[dict]:
@@ -165,6 +175,7 @@ def start_batches(
         prefetch_factor=4 if num_workers else None,
         # Its own generator, so creating the loader does not draw from the global torch RNG.
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=leave_sigterm_to_the_trainer,
     )
     process = multiprocessing.current_process()
     daemonic = process.daemon

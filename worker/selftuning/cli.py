@@ -221,19 +221,19 @@ def main(argv: list[str] | None = None) -> int:
                 name_images_as_in_the_archive(out, unpacked_folder(Path(args.data)))
         except TrainingCancelled as stopped:
             if ctrl_c.stage == SETUP:  # the images were being decoded
-                return _stopped_before_training(out, created)
+                return _stopped_before_training(out, created, ctrl_c.exit_code)
             print(f"stopped at step {stopped.step} of {config.iterations}; run the same "
                   "command again to resume", flush=True)
-            return EXIT_INTERRUPTED
+            return ctrl_c.exit_code
         except (KeyboardInterrupt, RuntimeError) as exc:
             # Stopped at once: wherever it landed, torch.save too (which reports it as a
             # RuntimeError; the checkpoint being written is then left unfinished, unused).
             if isinstance(exc, RuntimeError) and not ctrl_c.stopped_at_once:
                 raise
             if ctrl_c.stage == SETUP:
-                return _stopped_before_training(out, created)
+                return _stopped_before_training(out, created, ctrl_c.exit_code)
             print(_stopped_at_once(out, ctrl_c.stage, config.iterations), file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return ctrl_c.exit_code
         except (ValueError, OSError) as exc:
             # Set-up (device, backbone, images, checkpoint, folders) reports what the user
             # gave as a ValueError or the file system's OSError; one raised once training
@@ -401,13 +401,14 @@ def _stopped_at_once(out: Path, stage: str, iterations: int) -> str:
     return "stopped at once, before the first checkpoint: the same command starts over"
 
 
-def _stopped_before_training(out: Path, created: Path | None) -> int:
+def _stopped_before_training(out: Path, created: Path | None,
+                             exit_code: int = EXIT_INTERRUPTED) -> int:
     _remove_folders_made_for(out, created)
     message = STOPPED_BEFORE_TRAINING
     if checkpoint_path(out).is_file():
         message += f"; the checkpoint already in {out} is kept: the same command resumes from it"
     print(message, file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return exit_code
 
 
 def _remove_folders_made_for(out: Path, created: Path | None) -> None:
@@ -545,13 +546,18 @@ class _StopOnCtrlC:
     decoding and training never begins. In training the first asks the loop to stop, which
     saves a resumable checkpoint first. Once the last step's state is saved only the final
     evaluation and export are left, which the same command redoes from it: the first stops
-    at once. A second Ctrl-C always stops at once. Data loader workers (forked, so they
-    inherit the handler) leave the decision to the main process."""
+    at once. A second Ctrl-C always stops at once. SIGTERM (`kill`, `timeout`, `docker stop`,
+    a batch scheduler's end of time) does what Ctrl-C does, and the exit status says which
+    came (130 or 143). Data loader workers (forked, so they inherit the handler) leave the
+    decision to the main process."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.stage = SETUP
         self.requested = False
         self.stopped_at_once = False
+        self.exit_code = EXIT_INTERRUPTED
         self.pid = os.getpid()
 
     def follow(self, event: dict) -> None:
@@ -567,25 +573,30 @@ class _StopOnCtrlC:
                 self._stop_at_once()
 
     def __enter__(self) -> _StopOnCtrlC:
-        self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self.previous = {signum: signal.signal(signum, self._on_signal)
+                         for signum in self.SIGNALS}
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def __call__(self) -> bool:
         return self.requested
 
-    def _on_sigint(self, signum: int, frame: object) -> None:
+    def _on_signal(self, signum: int, frame: object) -> None:
         if os.getpid() != self.pid:
             return
+        self.exit_code = 128 + signum  # as shells report it: 130 Ctrl-C, 143 SIGTERM
         if self.requested or self.stage == FINISHING:
             self._stop_at_once()
         self.requested = True
         doing = (b"stopping after this step and saving" if self.stage == TRAINING
                  else b"stopping before training begins, with nothing to save")
+        again = (b"; Ctrl-C again to stop at once\n" if signum == signal.SIGINT
+                 else b" (SIGTERM); a second stops at once\n")
         # os.write: print() here could re-enter a print the signal interrupted.
-        os.write(sys.stderr.fileno(), doing + b"; Ctrl-C again to stop at once\n")
+        os.write(sys.stderr.fileno(), doing + again)
 
     def _stop_at_once(self) -> None:
         self.stopped_at_once = True

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from tests.engine.helpers import write_shapes_dataset
+from worker.selftuning import cli
 from worker.selftuning.budgets import BudgetError
 from worker.selftuning.cli import FINISHING, _Progress, _StopOnCtrlC, main, parse_budget
 
@@ -334,6 +335,28 @@ def test_user_errors_are_one_line_and_leave_no_out_folder(
     assert not any((tmp_path / "selftuning-datasets").glob("*"))
 
 
+@pytest.mark.parametrize("flags", [["--device", "cuda"], ["--cache-dir", "a-file"]],
+                         ids=["cuda-without-gpu", "cache-dir-is-a-file"])
+def test_set_up_mistakes_are_said_before_any_image_is_read(tmp_path: Path, capsys,
+                                                           monkeypatch, flags):
+    """They were said after every image had been read (minutes, for a large dataset)."""
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    monkeypatch.chdir(tmp_path)
+    Path("a-file").write_text("not a folder")
+
+    def read(*_):
+        raise AssertionError("the images were read")
+
+    monkeypatch.setattr(cli, "load_folder_dataset", read)
+    code = main(["train", "--data", str(_shapes(tmp_path)), "--out", str(tmp_path / "out"),
+                 *TINY, *TEST_BACKBONE, *flags])
+    assert code == 2
+    assert _last_error(capsys) in (
+        "error: device 'cuda' was asked for but no CUDA GPU is available",
+        "error: --cache-dir a-file is a file: give a folder")
+
+
 @pytest.mark.parametrize("case", ["junk-weights", "cache-dir-is-a-file", "out-under-a-file"])
 def test_file_system_mistakes_are_one_line_and_leave_no_out_folder(
     tmp_path: Path, capsys, monkeypatch, case
@@ -349,7 +372,8 @@ def test_file_system_mistakes_are_one_line_and_leave_no_out_folder(
     flags, message = {
         "junk-weights": (["--backbone", f"test_efficientnet:{junk}"],
                          f"{junk} is not a readable .safetensors file"),
-        "cache-dir-is-a-file": ([*TEST_BACKBONE, "--cache-dir", str(a_file)], "File exists"),
+        "cache-dir-is-a-file": ([*TEST_BACKBONE, "--cache-dir", str(a_file)],
+                                f"--cache-dir {a_file} is a file: give a folder"),
         "out-under-a-file": (TEST_BACKBONE, f"{a_file} is a file, so the folder cannot be made"),
     }[case]
     if case == "out-under-a-file":

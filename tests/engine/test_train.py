@@ -95,6 +95,7 @@ def test_outputs_of_a_run(finished_run, shapes_data: RunData):
     assert training["class_to_idx"] == {"circle": 0, "square": 1, "triangle": 2}
     assert training["metadata"]["note"] == "test" and training["budget"] == {"per_class": 4}
     assert set(training["versions"]) >= {"torch", "timm"}
+    assert training["device"] == "cpu"  # what it ran on (its config may say "auto")
     assert training["metrics"] == json.loads(json.dumps(metrics))
     assert len(metrics["confusion_matrix"]) == 3
     assert sum(map(sum, metrics["confusion_matrix"])) == len(shapes_data.test)

@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         check_image_size(config.backbone, config.image_size)
         check_forward_batch(config.backbone, config.image_size, config.batch_size)
         check_local_weights(config.backbone)  # a junk or foreign .safetensors file
+        resolve_device(config.device)  # "cuda" on a machine without one
+        if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+            raise ValueError(f"--cache-dir {args.cache_dir} is a file: give a folder")
         skipped: dict[str, str] = {}
         warnings: list[str] = []
         class_names, train_items, test_items, unlabeled = load_folder_dataset(

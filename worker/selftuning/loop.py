@@ -279,6 +279,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def device_name(device: torch.device) -> str:
+    """"cpu", or the GPU by index and name: "cuda:0 (NVIDIA H100 80GB HBM3)"."""
+    if device.type != "cuda":
+        return device.type
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 class _Emitter:
     """Sends JSON-safe event dicts with type, step and total_steps."""
 
@@ -505,6 +513,7 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
         "config": config.to_dict(),
         "method": config.method,
         "seed": config.seed,
+        "device": device_name(next(backbone.parameters()).device),  # config's may be "auto"
         "budget": (metadata or {}).get("budget"),
         "architecture": architecture_of(backbone),
         "class_to_idx": {name: i for i, name in enumerate(data.class_names)},

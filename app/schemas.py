@@ -370,6 +370,9 @@ class RunSummary(BaseModel):
     step: int
     total_steps: int
     test_top1: float | None = None
+    live_top1: float | None = Field(
+        None, description="for a running run, the test top-1 of its latest evaluation so far "
+        "(only in an experiment's answer; `test_top1` is the final one)")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

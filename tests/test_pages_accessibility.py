@@ -632,6 +632,9 @@ def test_progress_bars_say_whose_progress_they_show(live_server, request):
     with live_server.client() as client:
         experiment_id, run_ids = start_sweep(client, add_dataset_row(database_url), seeds=[0])
     mark_running(database_url, run_ids[0])
+    # Step 5 of 20, recorded and then sent, as the worker does.
+    with session_scope(database_url) as session:
+        session.get(Run, run_ids[0]).step = 5
     send_events(live, experiment_id, run_ids[0], {"type": "progress", "step": 5, "lr": 0.01})
     with open_browser(request.node.name) as browser:
         page = browser.page

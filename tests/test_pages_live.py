@@ -13,12 +13,14 @@ from urllib.parse import quote
 import httpx
 import pytest
 import redis
+from playwright.sync_api import expect
 
-from app.live import run_stream_key
+from app.live import experiment_stream_key, run_stream_key
 from tests.browser import open_browser
 from tests.support import add_dataset_row
 from tests.test_experiments_cancel_delete import mark_running, start_sweep
 from tests.test_pages_fixes import TOKEN, guarded, sign_in  # noqa: F401 - a fixture
+from tests.test_run_metrics_pages import record
 
 pytestmark = pytest.mark.browser
 
@@ -254,7 +256,8 @@ def test_hidden_pages_let_their_feeds_go_so_a_seventh_tab_of_the_app_loads(live_
                                                  seeds=[0])
     mark_running(database_url, run_id)
 
-    def progress(step: int) -> None:
+    def progress(step: int) -> None:  # recorded, then sent, as the worker does
+        record(database_url, run_id, "progress", range(step, step + 1))
         live.xadd(run_stream_key(run_id), {"data": json.dumps({
             "type": "progress", "run_id": run_id, "step": step, "total_steps": 20,
             "losses": {"ce": 1.0 / step}, "lr": 0.01, "images_per_s": 30.0})})
@@ -345,4 +348,76 @@ def test_an_ended_run_page_follows_its_run_again_when_it_is_run_again_elsewhere(
         send_events(live, experiment_id, run_id, {"type": "started", "step": 0},
                     {"type": "progress", "step": 4, "loss": 0.9, "lr": 0.01})
         expect(page.locator("#run-status")).to_contain_text("running")  # its feed again
+        browser.assert_no_errors()
+
+
+# Each message the page's feeds have had, by type (`window.feedTypes`).
+COUNT_MESSAGES = """
+    window.feedTypes = [];
+    const Counted = window.EventSource;
+    window.EventSource = class extends Counted {
+        constructor(...args) {
+            super(...args);
+            this.addEventListener("message", (m) => window.feedTypes.push(JSON.parse(m.data).type));
+        }
+    };
+"""
+
+
+def test_pages_opened_late_follow_their_feeds_from_where_they_stood(live_server, request):
+    """A page followed its feed from the start: a run page opened late had each of a long
+    run's events again (20,000, 6 MB) on top of its record, and an experiment page drew its
+    runs once per event of the whole sweep (3-5 s of script for 18,000). A page now follows
+    from the event that was the last when it read the record, which already has their news:
+    the curves from the record, a running run's latest evaluation from the experiment's
+    answer (`live_top1`), and only what comes after from the feeds."""
+    from tests.test_pages_accessibility import send_events
+
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, (run_id, queued_id, *_) = start_sweep(
+            client, add_dataset_row(database_url), seeds=[0])
+    mark_running(database_url, run_id)
+    # 200 steps and an evaluation at step 200, recorded and then sent, as the worker does.
+    record(database_url, run_id, "progress", range(1, 201))
+    record(database_url, run_id, "eval", range(200, 201))  # test_top1 0.2
+    send_events(live, experiment_id, run_id, {"type": "started", "step": 0},
+                *({"type": "progress", "step": step, "losses": {"ce": 1 / step}, "lr": 0.01}
+                  for step in range(1, 201)), {"type": "eval", "step": 200, "test_top1": 0.2})
+    with live_server.client() as client:
+        runs = {run["id"]: run for run in client.get(f"/api/experiments/{experiment_id}")
+                .json()["runs"]}
+    assert runs[run_id]["live_top1"] == 0.2 and runs[queued_id]["live_top1"] is None
+
+    def last(key: str) -> str:
+        return live.xrevrange(key, count=1)[0][0]
+
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.context.add_init_script(TRACK_FEEDS + COUNT_MESSAGES)
+        experiment_from = last(experiment_stream_key(experiment_id))
+        page.goto(f"{live_server.url}/experiments/{experiment_id}")
+        page.wait_for_selector("#live-state:text-is('● live')")
+        accuracy = page.locator(f"tr[data-run-id='{run_id}'] td").nth(6)
+        expect(accuracy).to_have_text("20.0%")  # from the record
+        assert page.evaluate("window.feeds.map((feed) => feed.url)") == [
+            f"{live_server.url}/api/experiments/{experiment_id}/events?last_event_id="
+            f"{experiment_from}"]
+        record(database_url, run_id, "eval", range(400, 401))
+        send_events(live, experiment_id, run_id, {"type": "eval", "step": 400, "test_top1": 0.4})
+        expect(accuracy).to_have_text("40.0%")
+        assert page.evaluate("window.feedTypes") == ["eval"]  # nothing before it again
+
+        run_from = last(run_stream_key(run_id))
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_selector("#live-state:text-is('● live')")
+        losses = ("Chart.getChart(document.querySelector('#chart-losses'))"
+                  ".data.datasets[0].data.length")
+        page.wait_for_function(f"{losses} === 200")
+        assert page.evaluate("window.feeds.map((feed) => feed.url)") == [
+            f"{live_server.url}/api/runs/{run_id}/events?last_event_id="
+            f"{run_from}"]
+        page.wait_for_timeout(300)
+        assert page.evaluate("window.feedTypes") == []
         browser.assert_no_errors()

@@ -29,6 +29,7 @@ from app.experiments import (
     experiment_status,
     suggested_budgets,
 )
+from app.live import experiment_stream_key, feed_position, run_stream_key
 from app.models import Artifact, Dataset, Experiment, Run
 from app.responses import shortened
 from app.routers.datasets import dataset_names
@@ -303,6 +304,11 @@ def gone_words(ids: list[int]) -> str:
     return f"experiments {', '.join(map(str, ids[:-1]))} and {ids[-1]} do not exist"
 
 
+# FEED_FROM: a page follows its feed from the event that was the last before it read the
+# record. What it shows comes from the record, which has each event's news by the time the
+# event is in the feed (the worker and the web write the record first), so the events before
+# are not sent again: replayed from the start, 20,000 of a long run's (6 MB) came again to
+# each run page opened late, and an experiment page drew its runs once for each of 18,000.
 @router.get("/experiments/{experiment_id}", response_class=HTMLResponse)
 def experiment_page(
     experiment_id: ExperimentId, request: Request, settings: SettingsDep, session: DbDep,
@@ -310,11 +316,13 @@ def experiment_page(
 ) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
+    feed_from = feed_position(live, experiment_stream_key(experiment_id))  # FEED_FROM
     experiment = get_experiment(session, experiment_id)
     dataset = session.get(Dataset, experiment.dataset_id)
     source, before = before_labels_added(session, experiment, dataset)
     return render(request, "experiment.html",
                   experiment=experiment_out(experiment, live).model_dump(mode="json"),
+                  feed_from=feed_from,
                   dataset_name=dataset.name if dataset else f"#{experiment.dataset_id}",
                   method_titles=METHOD_TITLES, source=source, labels_added=dataset.labels_added
                   if dataset else 0, before=before,
@@ -367,9 +375,11 @@ def _settings_of(experiment: Experiment) -> tuple:
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
-def run_page(run_id: RunId, request: Request, settings: SettingsDep, session: DbDep) -> Response:
+def run_page(run_id: RunId, request: Request, settings: SettingsDep, session: DbDep,
+             live: RedisDep) -> Response:
     if (redirect := page_guard(request, settings)) is not None:
         return redirect
+    feed_from = feed_position(live, run_stream_key(run_id))  # FEED_FROM
     # The page holds the run without its metrics: run.js reads them from the API
     # (`?confusion=sparse`, as at the end of a run it follows live) while the page paints.
     # Their per-class lists were 0.66 MB of a 5,000-class run's page and put its first paint
@@ -384,4 +394,4 @@ def run_page(run_id: RunId, request: Request, settings: SettingsDep, session: Db
                   experiment_name=experiment.name,
                   # None when the dataset is gone (its runs go with it, but a page may race).
                   unlabeled_images=budget_unlabeled_count(dataset, run.budget) if dataset else None,
-                  method_titles=METHOD_TITLES, try_max_images=MAX_IMAGES)
+                  method_titles=METHOD_TITLES, try_max_images=MAX_IMAGES, feed_from=feed_from)

@@ -60,7 +60,7 @@ from app.live import (
     feed_position,
     live_workers,
 )
-from app.models import MAX_ID, Dataset, Experiment, Run
+from app.models import MAX_ID, Dataset, Experiment, Run, RunMetric
 from app.reaper import REQUEUEABLE
 from app.responses import csv_download
 from app.routers.runs import error_line, run_again, run_summary, sse_responses
@@ -103,6 +103,7 @@ def experiment_out(experiment: Experiment, live: redis.Redis) -> ExperimentOut:
     dataset = session.get(Dataset, experiment.dataset_id) if session else None
     labeled = budget_labeled_counts(dataset, runs)
     positions = queue_positions(session, runs) if session else {}
+    latest = latest_top1(session, runs) if session else {}
     return ExperimentOut(
         id=experiment.id,
         name=experiment.name,
@@ -115,13 +116,28 @@ def experiment_out(experiment: Experiment, live: redis.Redis) -> ExperimentOut:
         overrides=experiment.overrides,
         created_at=as_utc(experiment.created_at),
         status=experiment_status(Counter(run.status for run in runs)),
-        runs=[run_summary(run, positions.get(run.id)) for run in runs],
+        runs=[run_summary(run, positions.get(run.id), latest.get(run.id)) for run in runs],
         budget_table=budget_table(runs, labeled),
         label_estimates=label_estimates(runs, labeled, dataset),
         time_left=queue_times_left(session, live, [experiment.id]).get(experiment.id)
         if session and any(run.status in TO_GO_STATUSES for run in runs) else None,
         warnings=experiment_warnings(dataset, runs, experiment.overrides or {}),
     )
+
+
+def latest_top1(session: Session, runs: list[Run]) -> dict[int, float]:
+    """Each running run's test top-1 at its latest evaluation so far (a page that follows
+    the feed from where it stood when the page was made has no older evaluation to show)."""
+    latest = {}
+    for run in runs:
+        if run.status != "running":
+            continue
+        values = session.scalar(
+            select(RunMetric.values).where(RunMetric.run_id == run.id, RunMetric.kind == "eval")
+            .order_by(RunMetric.step.desc()).limit(1))
+        if values and isinstance(values.get("test_top1"), int | float):
+            latest[run.id] = values["test_top1"]
+    return latest
 
 
 @router.post("", status_code=201, response_model=ExperimentOut, responses={

@@ -144,11 +144,13 @@ def error_line(error: str | None) -> str | None:
     return shortened(line, ERROR_LINE_MAX) or None
 
 
-def run_summary(run: Run, queue_position: int | None = None) -> RunSummary:
+def run_summary(run: Run, queue_position: int | None = None,
+                live_top1: float | None = None) -> RunSummary:
     return RunSummary(
         id=run.id, experiment_id=run.experiment_id, method=run.method, budget=run.budget,
         budget_label=run.budget_label, seed=run.seed, status=run.status, step=run.step,
         total_steps=run.total_steps, test_top1=run.metrics.get("test_top1"),
+        live_top1=live_top1,
         created_at=as_utc(run.created_at), started_at=as_utc(run.started_at),
         finished_at=as_utc(run.finished_at), queue_position=queue_position,
         error_line=error_line(run.error),

@@ -412,7 +412,7 @@ function roughly(seconds) {
 }
 
 export function experimentPage() {
-  const { experiment: initial, methodTitles } = pageData("experiment-data");
+  const { experiment: initial, methodTitles, feedFrom: pageFeedFrom } = pageData("experiment-data");
   const id = initial.id;
   renamer(`/api/experiments/${id}`, (name) => { initial.name = name; });
   const title = (method) => methodTitles[method] ?? method;
@@ -712,9 +712,11 @@ export function experimentPage() {
   // open feed tells this page: look at the record every few seconds while the tab is shown,
   // and at once when it is shown again. A run found active brings the feed back.
   let feed = null;
-  // Where a feed followed again starts: after the last event of the one before, or of the
-  // experiment's before a requeue (its answer says); the page's first feed tells it all.
-  let feedFrom = "";
+  // Where the feed is followed from: the page's first, after the last event before the page
+  // read the experiment (the record has the news of those, the latest evaluations included);
+  // one followed again, after the last event of the one before, or of the experiment's
+  // before a requeue (its answer says). With none in Redis, the feed tells it all.
+  let feedFrom = pageFeedFrom ?? "";
   let idlePoller = null;
   let deleted = false;
   // This page's delete is under way: it reads nothing more, since a read answered once the

@@ -52,7 +52,7 @@ const worthRetrying = (error) => !isNumber(error.status) || error.status >= 500
   || error.status === 408 || error.status === 429;
 
 export function runPage() {
-  const { run: initial, classNames } = pageData("run-data");
+  const { run: initial, classNames, feedFrom: pageFeedFrom } = pageData("run-data");
   const id = initial.id;
   const threshold = keptAbove(initial);
   const pseudoAccuracy = threshold === null ? curveName("pseudo_label_acc")
@@ -60,9 +60,11 @@ export function runPage() {
   let run = initial;
   let poller = null;
   let feed = null;
-  // Where a feed followed again starts: after the last event of the one before, or of the
-  // run's before a requeue (its answer says); the page's first feed tells it all.
-  let feedFrom = "";
+  // Where the feed is followed from: the page's first, after the last event before the page
+  // read the run (the record holds what came before: loadHistory reads its points); one
+  // followed again, after the last event of the one before, or of the run's before a requeue
+  // (its answer says). With none in Redis, the feed tells it all.
+  let feedFrom = pageFeedFrom ?? "";
   let deleted = false;
   // Signed out (in another tab, or a read was refused): nothing is followed until a sign-in,
   // which the page hears of from the tab that signs in.

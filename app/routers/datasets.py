@@ -489,11 +489,11 @@ def image_thumbnail(
     return send_file(request, path, media_type="image/jpeg", headers=headers)
 
 
-def _export_or_404(db: Session, settings: Settings, dataset_id: int
+def _export_or_404(db: Session, settings: Settings, dataset_id: int, *, sizes: bool = True
                    ) -> tuple[Dataset, dataset_export.Export]:
     dataset = get_dataset_or_404(db, dataset_id)
     try:
-        return dataset, dataset_export.plan(db, settings, dataset)
+        return dataset, dataset_export.plan(db, settings, dataset, sizes=sizes)
     except FileNotFoundError:
         raise HTTPException(404, detail=FILE_DELETED) from None
 
@@ -507,7 +507,8 @@ def download_labels(request: Request, dataset_id: DatasetId, db: DbDep,
     and the test split included (an unlabeled image's label and split are empty). The paths
     are the uploaded ones, within the upload's one top folder where it had one (put the file
     in that folder); the same as in `/archive`."""
-    dataset, export = _export_or_404(db, settings, dataset_id)
+    # Its rows alone: the images' files are not looked at (60,000 took 1.4 s).
+    dataset, export = _export_or_404(db, settings, dataset_id, sizes=False)
     return csv_body_download(request, export.labels_csv, f"dataset-{dataset.id}-labels.csv")
 
 

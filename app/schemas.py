@@ -83,6 +83,13 @@ FEED_EVENTS: dict[str, tuple[str, dict[str, str]]] = {
                               "(FixMatch)"}),
     "checkpoint": ("The training state at `step` is saved: a requeue resumes from here.",
                    {}),
+    "stage": ("How far work outside the steps that takes a while is (a run's feed only): "
+              "decoding the images before the first step, then after the last decoding the "
+              "unlabeled images and labeling them for predictions.csv. Sent every 2 s and at "
+              "the end of a stage that has taken that long.", {
+                  "stage": "decoding or labeling",
+                  "done": "images done so far",
+                  "total": "images to do in this stage"}),
     "end": ("The run ended: the last event of its feed.", {
         "status": "succeeded, failed, cancelled or lost",
         "error": "why, for a run that did not succeed (else null)",

@@ -21,6 +21,7 @@ from tests.support import add_dataset_row
 from tests.test_experiments_cancel_delete import mark_running, start_sweep
 from tests.test_pages_fixes import TOKEN, guarded, sign_in  # noqa: F401 - a fixture
 from tests.test_run_metrics_pages import record
+from worker.runs import RunRecorder
 
 pytestmark = pytest.mark.browser
 
@@ -421,3 +422,53 @@ def test_pages_opened_late_follow_their_feeds_from_where_they_stood(live_server,
         page.wait_for_timeout(300)
         assert page.evaluate("window.feedTypes") == []
         browser.assert_no_errors()
+
+
+def test_a_run_page_says_how_far_the_work_before_and_after_the_steps_is(live_server, settings,
+                                                                         request):
+    """Before its first step a run decodes its images, and after its last it labels its
+    unlabeled images: minutes each on a large dataset, while the page said nothing (time
+    left 0 s). Its `stage` events say how far each is, and the page says it with the time
+    left at their pace."""
+    from tests.test_pages_accessibility import send_events
+
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, (run_id, *_) = start_sweep(client, add_dataset_row(database_url),
+                                                  seeds=[0])
+    mark_running(database_url, run_id)
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_selector("#live-state:text-is('● live')")
+        eta = page.locator("#eta")
+        send_events(live, experiment_id, run_id, {"type": "stage", "step": 0, "time": 100.0,
+                                                   "stage": "decoding", "done": 1000,
+                                                   "total": 60000})
+        expect(eta).to_have_text("before the first step: decoding the images, 1,000 of 60,000")
+        send_events(live, experiment_id, run_id, {"type": "stage", "step": 0, "time": 110.0,
+                                                   "stage": "decoding", "done": 2000,
+                                                   "total": 60000})
+        # 100 images a second: 58,000 to go.
+        expect(eta).to_have_text("before the first step: decoding the images, 2,000 of "
+                                 "60,000, about 9 min 40 s left")
+        send_events(live, experiment_id, run_id, {"type": "started", "step": 0},
+                    {"type": "progress", "step": 20, "losses": {"ce": 0.5}, "lr": 0.01},
+                    {"type": "stage", "step": 20, "time": 200.0, "stage": "labeling",
+                     "done": 500, "total": 52000})
+        expect(eta).to_have_text("finishing: labeling the unlabeled images, 500 of 52,000 "
+                                 "(past cancelling: it ends when it is done)")
+        send_events(live, experiment_id, run_id, {"type": "eval", "step": 20, "test_top1": 0.5})
+        expect(eta).to_have_text("finishing: labeling the unlabeled images, 500 of 52,000 "
+                                 "(past cancelling: it ends when it is done)")
+        browser.assert_no_errors()
+    # The worker sends them to the run's feed only: the experiment's page draws each run's
+    # step and score, and its feed is shared by up to 60 runs.
+    before = live.xlen(experiment_stream_key(experiment_id))
+    RunRecorder(settings, run_id, experiment_id).on_event(
+        {"type": "stage", "step": 20, "total_steps": 20, "stage": "labeling", "done": 600,
+         "total": 52000})
+    assert json.loads(live.xrevrange(run_stream_key(run_id), count=1)[0][1]["data"])[
+        "done"] == 600
+    assert live.xlen(experiment_stream_key(experiment_id)) == before

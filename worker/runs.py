@@ -327,6 +327,8 @@ class RunRecorder:
         checkpoint event of a run once per EXPERIMENT_FEED_SHARE of its steps at most (and
         at the last step); the run's own feed has every one."""
         kind, step, total = event.get("type"), event.get("step"), event.get("total_steps")
+        if kind == "stage":  # how far a run's decoding or labeling is: its own page's news
+            return False
         if kind not in THINNED_FOR_EXPERIMENT or not isinstance(step, int) or not total:
             return True
         last = self._sent_to_experiment.get(kind)

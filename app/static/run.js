@@ -259,12 +259,14 @@ export function runPage() {
     document.getElementById("step-bar").value = run.total_steps ? run.step / run.total_steps : 0;
     // After the last step the run still evaluates, predicts every unlabeled image and exports.
     const finishing = run.status === "running" && run.total_steps && run.step >= run.total_steps;
+    const working = run.status === "running" && stage !== null ? stageText() : null;
     // A worker that died leaves its run "running" until the server gives up on it.
     const silent = run.status === "running" && isNumber(run.silent_s);
     document.getElementById("eta").textContent = silent
       ? `no word from its worker for ${duration(run.silent_s)}: it may have stopped (the run `
         + (run.cancel_requested ? "ends cancelled" : "is queued again") + " if the silence lasts)"
-      : finishing ? "finishing: final evaluation and export (past cancelling: it ends when they are done)"
+      : finishing ? `finishing: ${working ?? "final evaluation and export"} (past cancelling: it ends when it is done)`
+      : working ? `before the first step: ${working}`
       : run.status === "running" ? duration(run.eta_s) : "–";
     document.getElementById("eta-row").hidden = TERMINAL.has(run.status);
     document.getElementById("curves").classList.toggle("ended", TERMINAL.has(run.status));
@@ -483,7 +485,26 @@ export function runPage() {
     tryModel(run);
   }
 
+  // The last `stage` event of the work outside the steps (decoding the images before the
+  // first, labeling the unlabeled ones after the last), with its pace from the one before;
+  // null once the steps go on or the run ends.
+  let stage = null;
+  function followStage(event) {
+    if (event.type === "stage") {
+      const before = stage?.stage === event.stage ? stage : null;
+      const pace = before && event.time > before.time
+        ? (event.done - before.done) / (event.time - before.time) : null;
+      stage = { ...event, pace: pace > 0 ? pace : before?.pace ?? null };
+    } else if (["started", "progress", "status", "end"].includes(event.type)) stage = null;
+  }
+  function stageText() {
+    const what = stage.stage === "labeling" ? "labeling the unlabeled images" : "decoding the images";
+    const left = stage.pace ? `, about ${duration((stage.total - stage.done) / stage.pace)} left` : "";
+    return `${what}, ${count(stage.done)} of ${count(stage.total)}${left}`;
+  }
+
   function onEvent(event) {
+    followStage(event);
     // Events Redis no longer kept are missing from the feed: the record has every point. Read
     // on from where the page has it, also for a feed read from the start (after 0): a page
     // opened in a background tab opens its feed only when shown, long after its first read.

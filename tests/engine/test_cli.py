@@ -670,6 +670,16 @@ def test_a_checkpoint_that_could_not_be_read_is_said_when_training_starts_over(c
         "step 0\n")
 
 
+def test_work_before_the_first_step_and_after_the_last_says_how_far_it_is(capsys):
+    """Minutes of decoding and labeling on a large dataset printed nothing."""
+    for stage, step, done, total in (("decoding", 0, 12_000, 60_000),
+                                     ("labeling", 400, 8_000, 52_000)):
+        _Progress()({"type": "stage", "step": step, "total_steps": 400, "stage": stage,
+                     "done": done, "total": total})
+    assert capsys.readouterr().out == ("[0/400] decoding images 12,000/60,000\n"
+                                       "[400/400] labeling images 8,000/52,000\n")
+
+
 def test_a_count_per_class_over_every_class_is_refused_as_on_the_web(tmp_path: Path, capsys):
     """100/class of 8 a class trained as "all" under the label "100/class"."""
     data = write_shapes_dataset(tmp_path / "data", train_per_class=8)

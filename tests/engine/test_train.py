@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 
 from tests.engine.helpers import predicted_classes, tiny_config
-from worker.selftuning import METHODS, RunData, TrainingCancelled, open_rgb, train
+from worker.selftuning import METHODS, RunData, TrainingCancelled, loop, open_rgb, train
 from worker.selftuning.batches import MOST_AUTO_LOADERS, loader_processes
 from worker.selftuning.checkpoint import load_checkpoint, save_checkpoint
 from worker.selftuning.config import AUTO_LOADERS
@@ -57,6 +57,7 @@ def finished_run(tmp_path_factory, shapes_data: RunData):
 
 def test_events_follow_the_contract(finished_run):
     _, recorder, metrics = finished_run
+    # (`stage` events come only from work that takes seconds: none on this tiny dataset.)
     assert recorder.events[0] == {"type": "started", "step": 0, "total_steps": 6,
                                   "resumed_from_step": None, "loader_processes": 0}
     assert all(e["total_steps"] == 6 for e in recorder.events)
@@ -71,6 +72,38 @@ def test_events_follow_the_contract(finished_run):
             assert 0 <= event[key] <= 1
     assert evals[-1]["test_top1"] == metrics["test_top1"]
     assert [e["step"] for e in recorder.of("checkpoint")] == [3, 6]
+
+
+def test_work_outside_the_steps_says_how_far_it_is(tmp_path: Path, shapes_data: RunData,
+                                                   monkeypatch):
+    """Decoding a large dataset before the first step, and decoding and labeling its
+    unlabeled images after the last, took minutes (over 10 for 60,000 images on a CPU)
+    without a word: the run page's time left said 0 s throughout. `stage` events say how far
+    each is; a stage shorter than STAGE_EVERY_S says nothing (0 here: every report)."""
+    monkeypatch.setattr(loop, "STAGE_EVERY_S", 0.0)
+    recorder = Recorder()
+    train(tiny_config(), shapes_data, tmp_path / "out", on_event=recorder,
+          cache_dir=tmp_path / "cache")
+    kinds = [event["type"] for event in recorder.events]
+    stages = recorder.of("stage")
+    decoding = [e for e in stages if e["stage"] == "decoding"]
+    labeling = [e for e in stages if e["stage"] == "labeling"]
+    assert decoding and labeling and len(stages) == len(decoding) + len(labeling)
+    # Set-up's, at step 0 before training starts: the training pool, then the test images.
+    assert kinds.index("started") > kinds.index("stage") and decoding[0]["step"] == 0
+    pool = len(shapes_data.labeled) + len(shapes_data.unlabeled)
+    setup = [e for e in decoding if e["step"] == 0]
+    assert (setup[0]["total"], setup[-1]["done"], setup[-1]["total"]) == (
+        pool, len(shapes_data.test), len(shapes_data.test))
+    assert all(0 < e["done"] <= e["total"] for e in stages)
+    # After the last step: the pool's eval crops (into the cache), then labeling the
+    # unlabeled images, before the final evaluation.
+    after = [e for e in stages if e["step"] == 6]
+    assert after[-1] == {"type": "stage", "step": 6, "total_steps": 6, "stage": "labeling",
+                         "done": len(shapes_data.unlabeled),
+                         "total": len(shapes_data.unlabeled)}
+    last_step = max(index for index, kind in enumerate(kinds) if kind == "progress")
+    assert kinds[last_step + 1:] == ["checkpoint", *["stage"] * len(after), "eval"]
 
 
 def test_outputs_of_a_run(finished_run, shapes_data: RunData):

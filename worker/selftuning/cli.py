@@ -622,6 +622,9 @@ def print_event(event: dict, timing: str = "") -> None:
                  for k, v in shown.items()}
         print(f"{where} eval " + " ".join(f"{k}={_fmt(v)}" for k, v in shown.items()),
               flush=True)
+    elif event["type"] == "stage":  # decoding or labeling many images, before or after
+        print(f"{where} {event['stage']} images {event['done']:,}/{event['total']:,}",
+              flush=True)
     elif event["type"] == "started" and event.get("resumed_from_step") is not None:
         print(f"{where} resumed", flush=True)
     elif event["type"] == "started" and event.get("checkpoint_unreadable"):

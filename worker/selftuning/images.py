@@ -183,6 +183,9 @@ class ImageArray:
         return {"_array": self._array, "path": None, "rows": self.rows}
 
 
+Progress = Callable[[int, int], None]  # (done, total)
+
+
 class DecodingStopped(Exception):
     """`should_stop` answered True while images were being decoded (nothing was kept)."""
 
@@ -193,12 +196,14 @@ def decode_all(
     preprocessing: Preprocessing,
     cache_dir: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_progress: Progress | None = None,
 ) -> ImageArray:
     """Decode every image once into a uint8 array: `kind` is 'train' (squares of scale_size
     for random crops) or 'eval' (timm's centre crop at image_size). With `cache_dir` the
     array is kept as a .npy file keyed by the files and the preprocessing, and reused.
     `should_stop` is asked every few dozen images (decoding a large pool at a large size
-    takes minutes): True raises DecodingStopped."""
+    takes minutes): True raises DecodingStopped. `on_progress(done, total)` hears as often how
+    many are decoded (not called for a cached array)."""
     size = preprocessing.scale_size if kind == "train" else preprocessing.image_size
     shape = (len(paths), size, size, 3)
 
@@ -207,7 +212,7 @@ def decode_all(
 
     if cache_dir is None:
         array = np.empty(shape, dtype=np.uint8)
-        _fill(array, decode, should_stop)
+        _fill(array, decode, should_stop, on_progress)
         return ImageArray(array)
 
     cache_dir = Path(cache_dir)
@@ -221,7 +226,7 @@ def decode_all(
     array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
     try:
         reserve_disk_space(temporary, f"the decoded images of {len(paths):,} files")
-        _fill(array, decode, should_stop)
+        _fill(array, decode, should_stop, on_progress)
         array.flush()
         del array
         with temporary.open("rb+") as handle:  # on disk before the name says it is whole
@@ -239,6 +244,7 @@ def decode_pool(
     preprocessing: Preprocessing,
     cache_dir: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_progress: Progress | None = None,
 ) -> list[ImageArray]:
     """`decode_all` of each subset of one pool of images. With `cache_dir` the pool (every
     path of the subsets, sorted) is decoded once into one cache file and each subset is a
@@ -246,11 +252,19 @@ def decode_pool(
     dataset splits its training images differently) share that file instead of writing
     their own; without one, each subset is decoded in memory on its own."""
     if cache_dir is None:
-        return [decode_all(paths, kind, preprocessing, should_stop=should_stop)
-                for paths in subsets]
+        before = [sum(map(len, subsets[:index])) for index in range(len(subsets))]
+        whole = sum(map(len, subsets))
+
+        def progress_from(offset: int) -> Progress | None:  # over the subsets together
+            return None if on_progress is None else (
+                lambda done, _: on_progress(offset + done, whole))
+
+        return [decode_all(paths, kind, preprocessing, should_stop=should_stop,
+                           on_progress=progress_from(offset))
+                for paths, offset in zip(subsets, before, strict=True)]
     pool = sorted({path for paths in subsets for path in paths})
     position = {path: row for row, path in enumerate(pool)}
-    images = decode_all(pool, kind, preprocessing, cache_dir, should_stop)
+    images = decode_all(pool, kind, preprocessing, cache_dir, should_stop, on_progress)
     return [images.select([position[path] for path in paths]) for paths in subsets]
 
 
@@ -301,7 +315,8 @@ def decoding_threads() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def _fill(array: np.ndarray, decode, should_stop: Callable[[], bool] | None = None) -> None:
+def _fill(array: np.ndarray, decode, should_stop: Callable[[], bool] | None = None,
+          on_progress: Progress | None = None) -> None:
     # PIL releases the GIL while decoding and resizing, so threads overlap real work. Each
     # thread keeps about two images ahead of the one stored next: all of them handed to the
     # pool at once (Executor.map), a stop was seen only once the threads had decoded far past
@@ -318,6 +333,9 @@ def _fill(array: np.ndarray, decode, should_stop: Callable[[], bool] | None = No
             array[index] = pending.popleft().result()
             if should_stop is not None and index % STOP_CHECK_EVERY == 0 and should_stop():
                 raise DecodingStopped
+            if on_progress is not None and (index % STOP_CHECK_EVERY == 0
+                                            or index == len(array) - 1):
+                on_progress(index + 1, len(array))
     finally:
         pool.shutdown(cancel_futures=True)  # a stop or an error: the images not yet begun
 

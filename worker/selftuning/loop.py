@@ -52,6 +52,7 @@ from worker.selftuning.images import (
     DecodingStopped,
     ImageArray,
     Preprocessing,
+    Progress,
     center_crop_array,
     decode_all,
     decode_pool,
@@ -73,6 +74,7 @@ from worker.selftuning.pixels import white_level_of
 EventHandler = Callable[[dict], None]
 # Queue purity re-predicts the queued images; beyond this many keys it uses an even sample.
 PURITY_SAMPLE = 2048
+STAGE_EVERY_S = 2.0  # how often a stage of work outside the steps says how far it is
 
 
 class TrainingCancelled(Exception):
@@ -134,7 +136,8 @@ def train(
                 path for items in (data.labeled, data.unlabeled, data.test) for path, _ in items),
         )
         try:
-            images = _decode(data, preprocessing, cache_dir, should_cancel)
+            images = _decode(data, preprocessing, cache_dir, should_cancel,
+                             _StageReporter(emit, 0, "decoding"))
         except DecodingStopped:
             raise TrainingCancelled(0) from None
         model = build_method(config, backbone, data.num_classes)
@@ -287,6 +290,29 @@ def device_name(device: torch.device) -> str:
     return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
+class _StageReporter:
+    """`stage` events for the work outside the steps that takes minutes on a large dataset:
+    decoding the images before the first step (`decoding`), and after the last decoding the
+    unlabeled images' eval crops and labeling them for predictions.csv (`labeling`). Each
+    says how many of how many images are done, every STAGE_EVERY_S seconds and when all are,
+    once the stage has taken that long (a short one says nothing). The training step is the
+    run's (0 at set-up, the last at the end)."""
+
+    def __init__(self, emit: _Emitter, step: int, stage: str) -> None:
+        self.emit, self.step, self.stage = emit, step, stage
+        self.began = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.began >= STAGE_EVERY_S and (now - self.last >= STAGE_EVERY_S
+                                                  or done == total):
+            self.last = now
+            self.emit("stage", self.step, stage=self.stage, done=done, total=total)
+
+    def to(self, stage: str) -> _StageReporter:
+        return _StageReporter(self.emit, self.step, stage)
+
+
 class _Emitter:
     """Sends JSON-safe event dicts with type, step and total_steps."""
 
@@ -401,16 +427,20 @@ class _Evaluator:
              for start in range(0, len(train_indices), PREDICT_CHUNK)), memory_format)
 
     def predict_unlabeled(self, preprocessing: Preprocessing, cache_dir: Path | None,
-                          memory_format: torch.memory_format | None = None) -> TopClasses:
+                          memory_format: torch.memory_format | None = None,
+                          stages: _StageReporter | None = None) -> TopClasses:
         """The two most probable classes of each unlabeled image file, decoded as timm's
         eval transform decodes them (the training squares' centre crops differ slightly:
         JPEGs drafted, crops rounded twice). With a cache folder the crops of the whole
         training pool are kept there like the test set's, for the other runs on these images,
-        whatever their budget; without one they are decoded a chunk at a time and dropped."""
+        whatever their budget; without one they are decoded a chunk at a time and dropped.
+        `stages` hears how far the decoding (with a cache folder) and the labeling are."""
         paths = [path for path, _ in self.data.unlabeled]
+        labeling = None if stages is None else stages.to("labeling")
         if cache_dir is not None:
             labeled = [path for path, _ in self.data.labeled]
-            crops = decode_pool([labeled, paths], "eval", preprocessing, cache_dir)[1]
+            crops = decode_pool([labeled, paths], "eval", preprocessing, cache_dir,
+                                on_progress=None if stages is None else stages.to("decoding"))[1]
             pixels = (crops[start : start + PREDICT_CHUNK]
                       for start in range(0, len(crops), PREDICT_CHUNK))
         else:
@@ -425,6 +455,8 @@ class _Evaluator:
             top.values[start : start + len(values)] = values
             top.indices[start : start + len(values)] = indices
             start += len(values)
+            if labeling is not None:
+                labeling(start, len(paths))
         return top
 
     def _predict_chunks(self, pixels: Iterator[np.ndarray],
@@ -483,7 +515,8 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
         for (path, label), predicted in zip(data.test, test_predicted.tolist(), strict=True)])
 
     # The exported model's answers for the unlabeled images, as a timm user would get them.
-    top = evaluator.predict_unlabeled(preprocessing, cache_dir, torch.contiguous_format)
+    top = evaluator.predict_unlabeled(preprocessing, cache_dir, torch.contiguous_format,
+                                      _StageReporter(emit, config.iterations, "labeling"))
     hidden_labels = [label for _, label in data.unlabeled]
     hidden = torch.tensor([-1 if label is None else label for label in hidden_labels],
                           dtype=torch.long)
@@ -533,16 +566,18 @@ def _finish(out_dir: Path, config: RunConfig, data: RunData, model: Method,
 
 
 def _decode(data: RunData, preprocessing: Preprocessing, cache_dir: Path | None,
-            should_stop: Callable[[], bool] | None = None) -> RunImages:
+            should_stop: Callable[[], bool] | None = None,
+            on_progress: Progress | None = None) -> RunImages:
     def paths(items: list) -> list[str]:
         return [path for path, _ in items]
 
     labeled, unlabeled = decode_pool([paths(data.labeled), paths(data.unlabeled)], "train",
-                                     preprocessing, cache_dir, should_stop)
+                                     preprocessing, cache_dir, should_stop, on_progress)
     return RunImages(
         labeled=labeled,
         unlabeled=unlabeled,
-        test=decode_all(paths(data.test), "eval", preprocessing, cache_dir, should_stop),
+        test=decode_all(paths(data.test), "eval", preprocessing, cache_dir, should_stop,
+                        on_progress),
         image_size=preprocessing.image_size,
     )
 

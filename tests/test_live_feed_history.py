@@ -344,7 +344,7 @@ def test_a_run_page_says_so_when_its_run_is_deleted_elsewhere(live_server, reque
             run.status, run.step, run.images_per_s = "running", run.total_steps, 50.0
         # No time left to count: the final evaluation and the export are under way.
         expect(page.locator("#eta")).to_have_text(
-            "finishing: final evaluation and export (past cancelling: it ends when they are "
+            "finishing: final evaluation and export (past cancelling: it ends when it is "
             "done)", timeout=15_000)
         expect(page.locator("#cancel")).to_be_hidden()
         with session_scope(database_url) as session:  # another tab deleted it

@@ -91,9 +91,12 @@ def test_the_command_line_writes_the_onnx_of_a_downloaded_checkpoint(tried, clie
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0, done.stderr
-    assert f"wrote {out}: input 'pixels'" in done.stderr
     with zipfile.ZipFile(checkpoint) as archive:
         config = json.loads(archive.read("config.json"))
+    _, height, width = config["pretrained_cfg"]["input_size"]
+    # The size the graph takes, not "height x width", which read as any size.
+    assert f"wrote {out}: input 'pixels' (float32 images, batch x 3 x {height} x {width}, " \
+        in done.stderr
     _, metadata = logits_of(str(out), np.zeros((1, *config["pretrained_cfg"]["input_size"]),
                                                  dtype=np.float32))
     assert json.loads(metadata["label_names"]) == config["label_names"]

@@ -811,7 +811,7 @@ def test_a_semi_supervised_run_with_no_unlabeled_image_is_warned_as_on_the_web(
     code = main(["train", "--data", str(data), "--out", str(tmp_path / "out"), "--method",
                  method, "--budget", "all", *TINY, *TEST_BACKBONE])
     assert code == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines()
+    warnings = [line for line in capsys.readouterr().out.splitlines()  # as the data's
                 if line.startswith("warning: ")]
     expected = ("warning: at budget 'all' no image is unlabeled (the budget keeps every label "
                 f"and the dataset has no unlabeled images): {warning}")

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.method in SEMI_SUPERVISED and budget_info["unlabeled_count"] == 0:
         print(f"warning: at budget {budget.label!r} no image is unlabeled (the budget keeps "
               "every label and the dataset has no unlabeled images): "
-              f"{SEMI_SUPERVISED[config.method]}", file=sys.stderr)
+              f"{SEMI_SUPERVISED[config.method]}")  # with the data's warnings, on stdout
     created = _first_missing(out)
     progress = _Progress()
     ctrl_c = _StopOnCtrlC()
@@ -309,12 +309,15 @@ def write_onnx(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         with exported_files(Path(args.model)) as folder:
             export_onnx(folder, temp)
+            _, height, width = json.loads((folder / "config.json").read_text())[
+                "pretrained_cfg"]["input_size"]
         os.replace(temp, out)
     except (ValueError, OSError) as exc:
         return _user_error(exc)
     finally:
         temp.unlink(missing_ok=True)
-    print(f"wrote {out}: input {INPUT_NAME!r} (float32 images, batch x 3 x height x width, "
+    # The graph takes the size the model was trained at, no other: say which.
+    print(f"wrote {out}: input {INPUT_NAME!r} (float32 images, batch x 3 x {height} x {width}, "
           f"normalised as config.json says), output {OUTPUT_NAME!r}", file=sys.stderr)
     return 0
 

@@ -463,6 +463,29 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path: Path, 
     assert json.loads((out / "training.json").read_text())["metrics"]["steps"] == 60
 
 
+def test_a_run_folder_takes_only_its_own_budget_again_even_one_with_the_same_labels(
+    tmp_path: Path, capsys
+):
+    """1/class draws the same labeled images as the default 5 % of these small classes: the
+    run resumed, or exported again, and recorded itself as the other budget's."""
+    data, out = _shapes(tmp_path), tmp_path / "out"
+    command = ["train", "--data", str(data), "--out", str(out), "--method", "fine-tune",
+               *TINY, *TEST_BACKBONE]
+    assert main(command) == 0
+    recorded = (out / "training.json").read_bytes()
+    label = json.loads(recorded)["budget"]["budget_label"]
+    capsys.readouterr()
+    for state_kept in (True, False):
+        if not state_kept:
+            shutil.rmtree(out / "state")
+        assert main([*command, "--budget", "1/class"]) == 2
+        what = "the checkpoint in this run folder" if state_kept else \
+            f"the finished run in --out {out}"
+        assert _last_error(capsys) == (f"error: {what} was made with budget {label}, not "
+                                       "1/class; use a new output folder")
+        assert (out / "training.json").read_bytes() == recorded
+
+
 def test_a_finished_run_whose_state_was_deleted_takes_only_the_same_run_again(
     tmp_path: Path, capsys
 ):

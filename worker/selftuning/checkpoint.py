@@ -142,6 +142,16 @@ def check_compatible(saved_config: dict, config: dict, saved_fingerprint: str,
                          "folder")
 
 
+def check_same_budget(saved_label: str | None, label: str | None,
+                      what: str = "the checkpoint in this run folder") -> None:
+    """A run folder takes only its own budget again: another that draws the same labeled
+    images (4/class and 5 % of 80 a class) would train the same model and record it under
+    the other's name. Runs that did not record theirs are not checked."""
+    if saved_label is not None and label is not None and saved_label != label:
+        raise ValueError(f"{what} was made with budget {saved_label}, not {label}; use a new "
+                         "output folder")
+
+
 def _counts_then_and_now(saved: dict | None, counts: dict[str, int]) -> str:
     """" (then 4 labeled, 8 unlabeled and 3 test images; now 8, 4 and 3: another label
     budget?)", or nothing where the run did not record its counts or they are the same."""

@@ -27,7 +27,7 @@ from worker.selftuning.backbones import (
     check_local_weights,
 )
 from worker.selftuning.budgets import PER_CLASS_TEXT, Budget, BudgetError
-from worker.selftuning.checkpoint import check_compatible
+from worker.selftuning.checkpoint import check_compatible, check_same_budget
 from worker.selftuning.config import PRESETS, RunConfig
 from worker.selftuning.data import (
     COPIES_FOLDER,
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         check_budget_fits(budget, train_items)
         data, budget_info = make_budget_data(class_names, train_items, test_items, unlabeled,
                                              budget, config.seed)
-        check_finished_run(out, config, data)
+        check_finished_run(out, config, data, budget.label)
     except ValueError as exc:
         return _user_error(exc, args.data)
     except KeyboardInterrupt:  # while the dataset was read: --out is not made yet
@@ -361,7 +361,7 @@ def check_every_class_trains(class_names: list[str], train_items: list[Item]) ->
             "classes' images; remove the copies or the class")
 
 
-def check_finished_run(out: Path, config: RunConfig, data: RunData) -> None:
+def check_finished_run(out: Path, config: RunConfig, data: RunData, budget_label: str) -> None:
     """A finished run's folder whose training state was deleted (as the README suggests)
     takes only the same run again, which exports the same model; another run would replace
     its model and numbers without a word. (With the state, the loop checks the checkpoint.)"""
@@ -375,8 +375,10 @@ def check_finished_run(out: Path, config: RunConfig, data: RunData) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"--out {out} holds a {TRAINING_FILE} this engine cannot read "
                          f"({type(exc).__name__}): use a new or empty folder") from None
+    what = f"the finished run in --out {out}"
     check_compatible(saved_config, config.to_dict(), fingerprint, data.fingerprints(),
-                     recorded["data"], data.counts(), what=f"the finished run in --out {out}")
+                     recorded["data"], data.counts(), what=what)
+    check_same_budget((recorded.get("budget") or {}).get("budget_label"), budget_label, what)
 
 
 def name_images_as_in_the_archive(out: Path, unpacked: Path) -> None:

@@ -29,6 +29,7 @@ from worker.selftuning.batches import (
 from worker.selftuning.checkpoint import (
     CheckpointUnreadable,
     check_compatible,
+    check_same_budget,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -151,9 +152,11 @@ def train(
         tracker = PseudoLabelTracker()
         state_file = checkpoint_path(out_dir)
         step, resumed_from, unreadable, timing = 0, None, None, {}
+        budget_label = ((metadata or {}).get("budget") or {}).get("budget_label")
         if state_file.is_file():
             try:
-                step, timing = _restore(state_file, config, data, model, optimizer, tracker)
+                step, timing = _restore(state_file, config, data, model, optimizer, tracker,
+                                        budget_label)
                 resumed_from = step
             except CheckpointUnreadable as exc:  # set aside, nothing restored: start afresh
                 unreadable = str(exc)
@@ -167,6 +170,7 @@ def train(
                 "config": config.to_dict(),
                 "data_fingerprint": data.fingerprint(),
                 "data_counts": data.counts(),
+                "budget_label": budget_label,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": {"milestones": config.milestone_steps(), "gamma": config.lr_gamma},
@@ -238,13 +242,14 @@ def _make_optimizer(model: Method, config: RunConfig) -> torch.optim.Optimizer:
 
 
 def _restore(state_file: Path, config: RunConfig, data: RunData, model: Method,
-             optimizer: torch.optim.Optimizer, tracker: PseudoLabelTracker
-             ) -> tuple[int, dict]:
+             optimizer: torch.optim.Optimizer, tracker: PseudoLabelTracker,
+             budget_label: str | None) -> tuple[int, dict]:
     """Load a training state into the freshly built run; returns the step it had reached
     and the training time up to it (`_LogWindow.timing`)."""
     state = load_checkpoint(state_file)
     check_compatible(state["config"], config.to_dict(), state["data_fingerprint"],
                      data.fingerprints(), state.get("data_counts"), data.counts())
+    check_same_budget(state.get("budget_label"), budget_label)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     tracker.load_state_dict(state["tracker"])

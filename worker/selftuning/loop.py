@@ -297,8 +297,9 @@ def device_name(device: torch.device) -> str:
 
 class _StageReporter:
     """`stage` events for the work outside the steps that takes minutes on a large dataset:
-    decoding the images before the first step (`decoding`), and after the last decoding the
-    unlabeled images' eval crops and labeling them for predictions.csv (`labeling`). Each
+    decoding the images before the first step (`decoding`), and after the last step the
+    unlabeled images' eval crops (`decoding` again) and labeling them for predictions.csv
+    (`labeling`). Each
     says how many of how many images are done, every STAGE_EVERY_S seconds and when all are,
     once the stage has taken that long (a short one says nothing). The training step is the
     run's (0 at set-up, the last at the end)."""

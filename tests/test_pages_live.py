@@ -472,3 +472,42 @@ def test_a_run_page_says_how_far_the_work_before_and_after_the_steps_is(live_ser
     assert json.loads(live.xrevrange(run_stream_key(run_id), count=1)[0][1]["data"])[
         "done"] == 600
     assert live.xlen(experiment_stream_key(experiment_id)) == before
+
+
+def test_a_run_page_whose_run_ends_while_it_is_hidden_has_every_point(live_server, request):
+    """Hidden, a page lets its feed go after 10 s, and its poller still sees the run end: it
+    drew the results with the curves cut where the feed had stopped (12 of 30 points), and
+    shown again it read nothing more. It reads the rest from the record."""
+    from tests.test_experiments_cancel_delete import end_as_worker
+    from tests.test_pages_accessibility import send_events
+
+    database_url = live_server.database_url
+    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
+    with live_server.client() as client:
+        experiment_id, (run_id, *_) = start_sweep(client, add_dataset_row(database_url),
+                                                  seeds=[0])
+    mark_running(database_url, run_id)
+
+    def train_to(steps: range) -> None:  # recorded, then sent, as the worker does
+        record(database_url, run_id, "progress", steps)
+        send_events(live, experiment_id, run_id, *(
+            {"type": "progress", "step": step, "losses": {"ce": 1 / step}, "lr": 0.01}
+            for step in steps))
+
+    losses = ("(Chart.getChart(document.querySelector('#chart-losses'))"
+              "?.data.datasets[0]?.data.length ?? 0)")
+    with open_browser(request.node.name) as browser:
+        page = browser.page
+        page.context.add_init_script(TRACK_FEEDS + EMULATE_VISIBILITY)
+        page.goto(f"{live_server.url}/runs/{run_id}")
+        page.wait_for_selector("#live-state:text-is('● live')")
+        train_to(range(1, 6))
+        page.wait_for_function(f"{losses} === 5")
+        page.evaluate("window.setShown(false)")
+        page.wait_for_function(f"({OPEN_FEEDS}) === 0", timeout=20_000)
+        train_to(range(6, 21))
+        end_as_worker(database_url, live, run_id, "cancelled")
+        page.wait_for_selector("#run-status .badge.cancelled", timeout=20_000)
+        page.evaluate("window.setShown(true)")
+        page.wait_for_function(f"{losses} === 20")
+        browser.assert_no_errors()

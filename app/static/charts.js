@@ -541,5 +541,8 @@ export function follow(url, {
   document.addEventListener("visibilitychange", onVisibility);
   if (document.visibilityState === "hidden") resting = true;
   else connect();
-  return { stop, lastId: () => lastId };
+  // Whether the feed is open and delivering now (not resting in a hidden tab, nor
+  // reconnecting): one that is not has missed what came meanwhile.
+  const live = () => !stopped && !resting && !interrupted && source?.readyState === EventSource.OPEN;
+  return { stop, lastId: () => lastId, live };
 }

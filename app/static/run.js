@@ -470,6 +470,9 @@ export function runPage() {
     clearInterval(poller);
     poller = null;
     if (feed) {
+      // Ended while its feed rested in a hidden tab, or reconnected (the poller saw the
+      // end): the points since are in the record. The curves stopped where the feed had.
+      if (!feed.live()) loadHistory().catch(() => {});
       feedFrom = feed.lastId() || feedFrom;
       feed.stop();
     }

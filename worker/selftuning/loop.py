@@ -577,13 +577,20 @@ def _decode(data: RunData, preprocessing: Preprocessing, cache_dir: Path | None,
     def paths(items: list) -> list[str]:
         return [path for path, _ in items]
 
+    pool = len(data.labeled) + len(data.unlabeled)
+    whole = pool + len(data.test)  # one count over the training pool and the test images
+
+    def counted_from(offset: int) -> Progress | None:
+        return None if on_progress is None else (
+            lambda done, _: on_progress(offset + done, whole))
+
     labeled, unlabeled = decode_pool([paths(data.labeled), paths(data.unlabeled)], "train",
-                                     preprocessing, cache_dir, should_stop, on_progress)
+                                     preprocessing, cache_dir, should_stop, counted_from(0))
     return RunImages(
         labeled=labeled,
         unlabeled=unlabeled,
         test=decode_all(paths(data.test), "eval", preprocessing, cache_dir, should_stop,
-                        on_progress),
+                        counted_from(pool)),
         image_size=preprocessing.image_size,
     )
 

@@ -84,7 +84,7 @@ def test_cli_reads_files_as_uploads_do(tmp_path: Path, capsys):
     (data / "train" / classes[1] / ".DS_Store").write_bytes(b"\0")
     (data / "__MACOSX" / "train").mkdir(parents=True)
     (data / "__MACOSX" / "train" / "._broken.png").write_bytes(b"\0")
-    (data / "train" / "README.txt").write_text("shapes")
+    Image.new("RGB", (8, 8)).save(data / "train" / "stray.png")  # in no class folder
     (data / "train" / "fish").mkdir()
     (data / "train" / "fish" / "IMG_1.heic").write_bytes(b"\0\0\0\x18ftypheic")
     code = main(["train", "--data", str(data), "--method", "fine-tune", "--budget", "all",
@@ -102,7 +102,7 @@ def test_cli_reads_files_as_uploads_do(tmp_path: Path, capsys):
         f"  1 × hidden file or folder (e.g. {data / 'train' / classes[1] / '.DS_Store'})",
         f"  1 × macOS metadata (__MACOSX) (e.g. {data / '__MACOSX' / 'train' / '._broken.png'})",
         "  1 × not inside a class folder: put it in <class>/ or unlabeled/ (e.g. "
-        f"{data / 'train' / 'README.txt'})"])
+        f"{data / 'train' / 'stray.png'})"])
     assert str(broken) in lines[at + 1:at + 7][[line.startswith("  1 × corrupt") for line
                                                  in lines[at + 1:at + 7]].index(True)]
     assert ("warning: The file in the class folder 'fish' was skipped (the skipped files say "

@@ -650,3 +650,25 @@ def test_files_a_labels_csv_does_not_list_are_skipped_and_named_as_an_upload_nam
     assert class_names == ["cat", "dog"] and len(train_items) == 4
     assert skipped == {str(folder / "imgs" / "not_listed.png"): "not listed in labels.csv",
                        str(folder / "imgs" / ".thumbs.db"): "hidden file or folder"}
+
+
+def test_a_zips_macos_metadata_and_stray_files_are_reported_as_an_upload_reports_them(
+        tmp_path: Path, monkeypatch):
+    """A zip's __MACOSX/ entries were never unpacked, so never reported (an upload lists
+    them), and a stray file that is not an image was said to be outside the class folders
+    (an upload says first that it is not an image)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # archives unpack here
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for name, colour in (("cat/1.png", 0), ("cat/2.png", 60), ("dog/1.png", 120),
+                             ("dog/2.png", 180)):
+            image = io.BytesIO()
+            Image.new("RGB", (8, 8), (colour, 0, 0)).save(image, "PNG")
+            bundle.writestr(f"train/{name}", image.getvalue())
+        bundle.writestr("__MACOSX/train/cat/._1.png", b"\0\5\26\7")
+        bundle.writestr("train/README.txt", "my cats and dogs")
+    skipped: dict[str, str] = {}
+    load_folder_dataset(archive, skipped)
+    assert sorted((Path(path).name, reason) for path, reason in skipped.items()) == [
+        ("._1.png", "macOS metadata (__MACOSX)"),
+        ("README.txt", "not an image (.txt); supported: JPEG, PNG, WebP, BMP, TIFF or GIF")]

@@ -190,6 +190,8 @@ def _unread_files(top: Path, root: Path, read: tuple[list[str], list[Item], list
             continue
         if reason := skip_reason_by_name(file.relative_to(top).parts):
             unread[name] = reason
+        elif problem := _image_problem(name):  # an upload says what a file is first
+            unread[name] = problem
         elif by_csv:
             unread[name] = f"not listed in {LABELS_CSV}"
         elif file.parent in splits:
@@ -651,7 +653,7 @@ def _extract(archive: Path, destination: Path) -> None:
                     if relative.is_absolute() or ".." in relative.parts:
                         raise ValueError(
                             f"{archive}: member {member.filename!r} escapes the archive")
-                    if member.is_dir() or "__MACOSX" in relative.parts:
+                    if member.is_dir():  # (__MACOSX/ too, which the read reports)
                         continue
                     room.take(member.file_size)
                     bundle.extract(member, destination)

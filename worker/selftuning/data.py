@@ -438,7 +438,7 @@ def _file_problem(path: str, _size: int, _mtime_ns: int) -> str | None:
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith(".") or name.lower() == "__macosx"
+    return skip_reason_by_name((name,)) is not None
 
 
 def _look_through_wrapper(root: Path) -> Path:

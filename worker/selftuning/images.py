@@ -186,6 +186,13 @@ class ImageArray:
 Progress = Callable[[int, int], None]  # (done, total)
 
 
+def counted_on(on_progress: Progress | None, offset: int, whole: int) -> Progress | None:
+    """`on_progress` for a part of a larger count: its part's `done` after `offset` images
+    done before it, out of `whole`."""
+    return None if on_progress is None else (
+        lambda done, _: on_progress(offset + done, whole))
+
+
 class DecodingStopped(Exception):
     """`should_stop` answered True while images were being decoded (nothing was kept)."""
 
@@ -253,14 +260,9 @@ def decode_pool(
     their own; without one, each subset is decoded in memory on its own."""
     if cache_dir is None:
         before = [sum(map(len, subsets[:index])) for index in range(len(subsets))]
-        whole = sum(map(len, subsets))
-
-        def progress_from(offset: int) -> Progress | None:  # over the subsets together
-            return None if on_progress is None else (
-                lambda done, _: on_progress(offset + done, whole))
-
+        whole = sum(map(len, subsets))  # one count over the subsets together
         return [decode_all(paths, kind, preprocessing, should_stop=should_stop,
-                           on_progress=progress_from(offset))
+                           on_progress=counted_on(on_progress, offset, whole))
                 for paths, offset in zip(subsets, before, strict=True)]
     pool = sorted({path for paths in subsets for path in paths})
     position = {path: row for row, path in enumerate(pool)}

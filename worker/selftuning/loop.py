@@ -55,6 +55,7 @@ from worker.selftuning.images import (
     Preprocessing,
     Progress,
     center_crop_array,
+    counted_on,
     decode_all,
     decode_pool,
     eval_crops_in_chunks,
@@ -434,19 +435,20 @@ class _Evaluator:
 
     def predict_unlabeled(self, preprocessing: Preprocessing, cache_dir: Path | None,
                           memory_format: torch.memory_format | None = None,
-                          stages: _StageReporter | None = None) -> TopClasses:
+                          labeling: _StageReporter | None = None) -> TopClasses:
         """The two most probable classes of each unlabeled image file, decoded as timm's
         eval transform decodes them (the training squares' centre crops differ slightly:
         JPEGs drafted, crops rounded twice). With a cache folder the crops of the whole
         training pool are kept there like the test set's, for the other runs on these images,
         whatever their budget; without one they are decoded a chunk at a time and dropped.
-        `stages` hears how far the decoding (with a cache folder) and the labeling are."""
+        `labeling` hears how far the labeling is, and (with a cache folder) its `decoding`
+        stage how far the decoding before it is."""
         paths = [path for path, _ in self.data.unlabeled]
-        labeling = None if stages is None else stages.to("labeling")
         if cache_dir is not None:
             labeled = [path for path, _ in self.data.labeled]
             crops = decode_pool([labeled, paths], "eval", preprocessing, cache_dir,
-                                on_progress=None if stages is None else stages.to("decoding"))[1]
+                                on_progress=None if labeling is None
+                                else labeling.to("decoding"))[1]
             pixels = (crops[start : start + PREDICT_CHUNK]
                       for start in range(0, len(crops), PREDICT_CHUNK))
         else:
@@ -579,18 +581,14 @@ def _decode(data: RunData, preprocessing: Preprocessing, cache_dir: Path | None,
 
     pool = len(data.labeled) + len(data.unlabeled)
     whole = pool + len(data.test)  # one count over the training pool and the test images
-
-    def counted_from(offset: int) -> Progress | None:
-        return None if on_progress is None else (
-            lambda done, _: on_progress(offset + done, whole))
-
     labeled, unlabeled = decode_pool([paths(data.labeled), paths(data.unlabeled)], "train",
-                                     preprocessing, cache_dir, should_stop, counted_from(0))
+                                     preprocessing, cache_dir, should_stop,
+                                     counted_on(on_progress, 0, whole))
     return RunImages(
         labeled=labeled,
         unlabeled=unlabeled,
         test=decode_all(paths(data.test), "eval", preprocessing, cache_dir, should_stop,
-                        counted_from(pool)),
+                        counted_on(on_progress, pool, whole)),
         image_size=preprocessing.image_size,
     )
 

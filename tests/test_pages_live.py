@@ -36,6 +36,17 @@ TRACK_FEEDS = """
 OPEN_FEEDS = "window.feeds.filter((f) => f.readyState !== EventSource.CLOSED).length"
 
 
+def running_sweep(live_server) -> tuple[redis.Redis, int, list[int]]:
+    """The Redis of the app's feeds, and a sweep of one seed (its experiment and run ids)
+    whose first run a worker has taken."""
+    with live_server.client() as client:
+        experiment_id, run_ids = start_sweep(client, add_dataset_row(live_server.database_url),
+                                             seeds=[0])
+    mark_running(live_server.database_url, run_ids[0])
+    return (redis.Redis.from_url(live_server.redis_url, decode_responses=True), experiment_id,
+            run_ids)
+
+
 def delete_question(page) -> str:
     """What Delete asks (answered Cancel: nothing is deleted)."""
     asked: list[str] = []
@@ -251,11 +262,7 @@ def test_hidden_pages_let_their_feeds_go_so_a_seventh_tab_of_the_app_loads(live_
     10 s lets its feed go, and takes it up again when shown, from the last event it had: what
     came meanwhile arrives, once."""
     database_url = live_server.database_url
-    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
-    with live_server.client() as client:
-        experiment_id, (run_id, _) = start_sweep(client, add_dataset_row(database_url),
-                                                 seeds=[0])
-    mark_running(database_url, run_id)
+    live, experiment_id, (run_id, _) = running_sweep(live_server)
 
     def progress(step: int) -> None:  # recorded, then sent, as the worker does
         record(database_url, run_id, "progress", range(step, step + 1))
@@ -300,10 +307,7 @@ def test_hidden_pages_let_their_feeds_go_so_a_seventh_tab_of_the_app_loads(live_
 
 def test_a_page_opened_in_a_background_tab_opens_its_feed_when_first_shown(live_server,
                                                                          request):
-    with live_server.client() as client:
-        _, (run_id, _) = start_sweep(client, add_dataset_row(live_server.database_url),
-                                     seeds=[0])
-    mark_running(live_server.database_url, run_id)
+    _, _, (run_id, _) = running_sweep(live_server)
     with open_browser(request.node.name) as browser:
         page = browser.page
         page.context.add_init_script(
@@ -375,11 +379,7 @@ def test_pages_opened_late_follow_their_feeds_from_where_they_stood(live_server,
     from tests.test_pages_accessibility import send_events
 
     database_url = live_server.database_url
-    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
-    with live_server.client() as client:
-        experiment_id, (run_id, queued_id, *_) = start_sweep(
-            client, add_dataset_row(database_url), seeds=[0])
-    mark_running(database_url, run_id)
+    live, experiment_id, (run_id, queued_id) = running_sweep(live_server)
     # 200 steps and an evaluation at step 200, recorded and then sent, as the worker does.
     record(database_url, run_id, "progress", range(1, 201))
     record(database_url, run_id, "eval", range(200, 201))  # test_top1 0.2
@@ -432,12 +432,7 @@ def test_a_run_page_says_how_far_the_work_before_and_after_the_steps_is(live_ser
     left at their pace."""
     from tests.test_pages_accessibility import send_events
 
-    database_url = live_server.database_url
-    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
-    with live_server.client() as client:
-        experiment_id, (run_id, *_) = start_sweep(client, add_dataset_row(database_url),
-                                                  seeds=[0])
-    mark_running(database_url, run_id)
+    live, experiment_id, (run_id, _) = running_sweep(live_server)
     with open_browser(request.node.name) as browser:
         page = browser.page
         page.goto(f"{live_server.url}/runs/{run_id}")
@@ -482,11 +477,7 @@ def test_a_run_page_whose_run_ends_while_it_is_hidden_has_every_point(live_serve
     from tests.test_pages_accessibility import send_events
 
     database_url = live_server.database_url
-    live = redis.Redis.from_url(live_server.redis_url, decode_responses=True)
-    with live_server.client() as client:
-        experiment_id, (run_id, *_) = start_sweep(client, add_dataset_row(database_url),
-                                                  seeds=[0])
-    mark_running(database_url, run_id)
+    live, experiment_id, (run_id, _) = running_sweep(live_server)
 
     def train_to(steps: range) -> None:  # recorded, then sent, as the worker does
         record(database_url, run_id, "progress", steps)
